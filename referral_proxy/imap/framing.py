@@ -1,0 +1,355 @@
+"""Split an IMAP byte stream into line fragments and literals (sans-I/O).
+
+An IMAP "logical line" (a command or a response) is a sequence of fragments, each
+ended by CRLF; every fragment but the last ends with a literal announcement
+(``{n}``, ``{n+}``, ``~{n}``, ``~{n+}``) and is followed by exactly n literal bytes.
+:class:`Framer` turns bytes fed with :meth:`Framer.receive_data` into events
+returned by :meth:`Framer.next_event`, in the style of h11:
+
+* :class:`Line` -- one fragment, with the literal it announces (if any);
+* :class:`LiteralData` -- a chunk (at most 64 KiB) of the current literal;
+* :class:`LiteralEnd` -- the literal is complete; a ``Line(first=False)`` follows;
+* :class:`LineTooLong` -- a fragment exceeded ``max_line``; the rest of its
+  logical line is discarded silently;
+* :data:`NEED_DATA` -- nothing more until more bytes arrive.
+
+Nothing here does I/O, and no literal is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "CHUNK_SIZE",
+    "NEED_DATA",
+    "Event",
+    "Framer",
+    "Line",
+    "LineTooLong",
+    "LiteralData",
+    "LiteralEnd",
+    "LiteralSpec",
+    "NeedData",
+]
+
+#: Largest LiteralData chunk handed out, so a consumer never holds more at once.
+CHUNK_SIZE = 65536
+
+# Longest possible announcement: "~{" + 19 digits + "+}" = 23 bytes.
+_ANNOUNCE_WINDOW = 24
+# What a fragment being discarded keeps of its end: the announcement plus a CR.
+_TAIL = 32
+# Bytes of an overlong fragment reported in LineTooLong.prefix (enough for the tag).
+_PREFIX = 64
+_ANNOUNCE = re.compile(rb"(~?)\{([0-9]{1,19})(\+?)\}\Z")
+_CR = 13
+_RBRACE = 125
+
+
+class NeedData:
+    """Sentinel type: next_event() has nothing to return until more bytes arrive."""
+
+    __slots__ = ()
+    _instance: NeedData | None = None
+
+    def __new__(cls) -> NeedData:
+        # A singleton, so that ``event is NEED_DATA`` is the natural test.
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+    def __reduce__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralSpec:
+    """A literal announced at the end of a fragment."""
+
+    size: int
+    """Number of literal bytes that follow the line end."""
+    sync: bool
+    """False for a non-synchronizing literal ``{n+}`` (RFC 7888): no continuation awaited."""
+    binary: bool = False
+    """True for a literal8 ``~{n}`` (RFC 3516 BINARY), which may contain NUL."""
+
+    def announce(self, sync: bool | None = None) -> bytes:
+        """The announcement bytes, e.g. ``b"~{5+}"``; ``sync`` overrides self.sync (to relay as {n+})."""
+        if sync is None:
+            sync = self.sync
+        return b"%s{%d%s}" % (b"~" if self.binary else b"", self.size, b"" if sync else b"+")
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One line fragment: a whole line, or the part of one up to a literal announcement."""
+
+    data: bytes
+    """Fragment bytes, without the trailing literal announcement and without the line end."""
+    literal: LiteralSpec | None
+    """Literal announced at the end of this fragment; None when it ends the logical line."""
+    first: bool
+    """True if this fragment starts a logical line, False if it continues one after a literal."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralData:
+    """Some bytes of the literal being delivered, so that it never has to be whole in memory."""
+
+    data: bytes
+    """A non-empty chunk of at most CHUNK_SIZE (64 KiB) bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralEnd:
+    """The current literal is complete; the logical line goes on with a Line(first=False)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LineTooLong:
+    """A fragment exceeded max_line; the framer now silently drops the rest of its logical line."""
+
+    prefix: bytes
+    """The first 64 bytes (max_line + 1 if less) of the offending fragment, to find the tag."""
+    first: bool
+    """Whether that fragment started a logical line (else the tag was in an earlier Line)."""
+    limit: int
+    """The max_line in force."""
+
+
+Event = Line | LiteralData | LiteralEnd | LineTooLong
+
+_LITERAL_END = LiteralEnd()
+
+# Framer states.
+_LINE = 0  # expecting (the rest of) a fragment
+_PENDING = 1  # a literal was announced; the consumer must accept or reject it
+_LITERAL = 2  # delivering (or discarding) literal bytes
+
+
+class Framer:
+    """Turns received bytes into Line / LiteralData / LiteralEnd / LineTooLong events.
+
+    ``max_line`` bounds the bytes of one fragment (announcement included, line end
+    excluded). With ``auto_accept`` (for server responses) every literal is
+    accepted without accept_literal(); otherwise the consumer must call
+    accept_literal() or reject_literal() after each Line announcing one.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_max_line",
+        "_auto",
+        "_state",
+        "_first",
+        "_discard",
+        "_scan",
+        "_pending",
+        "_remaining",
+    )
+
+    def __init__(self, max_line: int = 65536, *, auto_accept: bool = False) -> None:
+        if max_line < 1:
+            raise ValueError("max_line must be positive")
+        self._buf = bytearray()
+        self._max_line = max_line
+        self._auto = auto_accept
+        self._state = _LINE
+        # Whether the next fragment starts a logical line.
+        self._first = True
+        # Whether the current logical line is being dropped silently.
+        self._discard = False
+        # Bytes of _buf already searched for LF in vain (so feeding byte by byte is linear).
+        self._scan = 0
+        self._pending: LiteralSpec | None = None
+        self._remaining = 0
+
+    # -- input ---------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Append bytes received from the peer; then call next_event() until NEED_DATA."""
+        self._buf += data
+
+    # -- output --------------------------------------------------------------
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or NEED_DATA; RuntimeError while a literal awaits accept/reject."""
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == _LITERAL:
+                remaining = self._remaining
+                if remaining:
+                    n = len(buf)
+                    if not n:
+                        return NEED_DATA
+                    if self._discard:
+                        if remaining >= n:
+                            buf.clear()
+                            self._remaining = remaining - n
+                        else:
+                            del buf[:remaining]
+                            self._remaining = 0
+                        continue
+                    k = min(remaining, n, CHUNK_SIZE)
+                    self._remaining = remaining - k
+                    return LiteralData(self._take(k))
+                self._state = _LINE
+                self._first = False
+                if self._discard:
+                    continue
+                return _LITERAL_END
+
+            if state == _PENDING:
+                raise RuntimeError(
+                    "call accept_literal() or reject_literal() before next_event()"
+                )
+
+            if self._discard:
+                # Dropping a logical line: only the end of the fragment matters, to
+                # see whether a non-synchronizing literal (to drop too) follows.
+                i = buf.find(b"\n")
+                if i < 0:
+                    if len(buf) > _TAIL:
+                        del buf[:-_TAIL]
+                    return NEED_DATA
+                spec, _ = self._announcement(i - 1 if i and buf[i - 1] == _CR else i)
+                del buf[: i + 1]
+                self._scan = 0
+                if spec is not None and not spec.sync:
+                    self._state = _LITERAL
+                    self._remaining = spec.size
+                else:
+                    # Line end, or a sync literal the peer waits in vain to send.
+                    self._discard = False
+                    self._first = True
+                continue
+
+            # A fragment of at most max_line bytes has its LF within max_line + 2.
+            limit = self._max_line + 2
+            i = buf.find(b"\n", self._scan, limit)
+            if i < 0:
+                n = len(buf)
+                if n >= limit or (n == limit - 1 and buf[-1] != _CR):
+                    return self._too_long()
+                self._scan = n
+                return NEED_DATA
+            end = i - 1 if i and buf[i - 1] == _CR else i
+            if end > self._max_line:
+                return self._too_long()
+            spec, end = self._announcement(end)
+            if spec is None:
+                line = Line(bytes(buf[:end]), None, self._first)
+                self._first = True
+            else:
+                line = Line(bytes(buf[:end]), spec, self._first)
+                self._first = False
+                if self._auto:
+                    self._state = _LITERAL
+                    self._remaining = spec.size
+                else:
+                    self._state = _PENDING
+                    self._pending = spec
+            del buf[: i + 1]
+            self._scan = 0
+            return line
+
+    # -- decisions -----------------------------------------------------------
+
+    def accept_literal(self) -> None:
+        """Take the announced literal: LiteralData chunks, LiteralEnd, then the line goes on."""
+        spec = self._take_pending()
+        self._state = _LITERAL
+        self._remaining = spec.size
+
+    def reject_literal(self) -> None:
+        """Refuse the announced literal and the rest of its command.
+
+        A sync literal is never sent by the peer, so a new logical line comes next;
+        a non-sync one is on its way and is dropped along with the rest of the line.
+        """
+        spec = self._take_pending()
+        if spec.sync:
+            self._state = _LINE
+            self._first = True
+        else:
+            self._state = _LITERAL
+            self._remaining = spec.size
+            self._discard = True
+
+    def discard_line(self) -> None:
+        """Silently drop the rest of the current logical line (literals included).
+
+        Dropping stops at the line end or after a fragment announcing a sync literal.
+        With a literal awaiting a decision this is reject_literal(); between logical
+        lines it does nothing.
+        """
+        if self._state == _PENDING:
+            self.reject_literal()
+        elif self._state == _LITERAL or not self._first:
+            self._discard = True
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in the buffer now.
+
+        Once next_event() has returned NEED_DATA this is at most max_line + 1 (or
+        32 + 1 while dropping a line), so only one receive_data() ever adds to it.
+        """
+        return len(self._buf)
+
+    @property
+    def literal_remaining(self) -> int:
+        """Bytes of the accepted literal still to deliver (0 if none is being delivered)."""
+        if self._state == _LITERAL and not self._discard:
+            return self._remaining
+        return 0
+
+    # -- internals -----------------------------------------------------------
+
+    def _take_pending(self) -> LiteralSpec:
+        spec = self._pending
+        if self._state != _PENDING or spec is None:
+            raise RuntimeError("no literal is waiting for accept_literal()/reject_literal()")
+        self._pending = None
+        return spec
+
+    def _announcement(self, end: int) -> tuple[LiteralSpec | None, int]:
+        """The literal announced by the fragment ending at ``end``, and where its data ends."""
+        buf = self._buf
+        if end and buf[end - 1] == _RBRACE:
+            m = _ANNOUNCE.search(buf, max(0, end - _ANNOUNCE_WINDOW), end)
+            if m is not None:
+                spec = LiteralSpec(int(m.group(2)), not m.group(3), bool(m.group(1)))
+                return spec, m.start()
+        return None, end
+
+    def _too_long(self) -> LineTooLong:
+        # Only max_line + 1 bytes are sure to be there, whatever the split.
+        prefix = bytes(self._buf[: min(_PREFIX, self._max_line + 1)])
+        event = LineTooLong(prefix, self._first, self._max_line)
+        self._discard = True
+        self._scan = 0
+        return event
+
+    def _take(self, k: int) -> bytes:
+        """Remove and return the first k bytes of the buffer, copying them once."""
+        buf = self._buf
+        if k == len(buf):
+            data = bytes(buf)
+            buf.clear()
+            return data
+        with memoryview(buf) as view:
+            data = view[:k].tobytes()
+        del buf[:k]
+        return data

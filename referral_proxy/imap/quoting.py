@@ -1,0 +1,33 @@
+"""Encode values as IMAP atoms, quoted strings or literals, and read capability lists."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["astring", "capability_tokens", "quoted"]
+
+# ATOM-CHAR: printable ASCII except atom-specials ( ) { SP % * " \ ].
+_ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
+# What a quoted string cannot carry: CR, LF, NUL and 8-bit bytes.
+_UNQUOTABLE = re.compile(rb"[\r\n\x00\x80-\xff]")
+
+
+def quoted(value: bytes) -> bytes:
+    """``value`` as a quoted string; ValueError if it holds CR, LF, NUL or non-ASCII bytes."""
+    if _UNQUOTABLE.search(value) is not None:
+        raise ValueError("value cannot be sent as a quoted string")
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def astring(value: bytes) -> bytes:
+    """The shortest safe astring: an atom, else a quoted string, else a {n+} literal."""
+    if _ATOM.fullmatch(value) is not None:
+        return value
+    if _UNQUOTABLE.search(value) is None:
+        return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d+}\r\n" % len(value) + value
+
+
+def capability_tokens(data: bytes) -> list[str]:
+    """Upper-cased capability names: b"IMAP4rev1 AUTH=PLAIN" -> ["IMAP4REV1", "AUTH=PLAIN"]."""
+    return data.decode("ascii", "replace").upper().split()

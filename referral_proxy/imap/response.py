@@ -1,0 +1,150 @@
+"""Parse the heads of IMAP server responses, and rewrite their tags.
+
+The proxy relays responses as raw bytes; it only needs to know what kind of
+response a line starts (tagged completion, untagged data, continuation), its
+status and response code, and to swap the backend's tag for the client's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .command import _TAG, ParseError
+
+__all__ = ["ResponseStart", "parse_response_start", "replace_tag"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStart:
+    """What the first fragment of a server response says."""
+
+    kind: str
+    """"tagged", "untagged" or "continuation"."""
+    tag: bytes | None
+    """The tag of a tagged response, else None."""
+    status: str | None
+    """"OK", "NO", "BAD", "BYE" or "PREAUTH" for status responses, else None."""
+    code: str | None
+    """Upper-cased response code name, e.g. "TRYCREATE", "REFERRAL"; None without a code."""
+    code_args: bytes
+    """Bytes after the code name inside [...], stripped (b"" if none)."""
+    text: bytes
+    """Human text after the code (status responses), or the continuation text."""
+    name: str | None
+    """Upper-cased name of untagged data: "CAPABILITY", "LIST", "EXISTS", "FETCH"..."""
+    number: int | None
+    """The leading number of untagged data like "* 5 EXISTS" or "* 3 FETCH ..."."""
+    rest: bytes
+    """Untagged data bytes after the name and its SP (b"" otherwise)."""
+
+
+_STATUSES = frozenset({"OK", "NO", "BAD", "BYE", "PREAUTH"})
+_TAGGED_STATUSES = frozenset({"OK", "NO", "BAD"})
+_WORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
+_CODE_NAME = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\[\]]+')
+_CODE_SPECIALS = re.compile(rb'[\[\]"]')
+_QUOTED_TAIL = re.compile(rb'(?:[^"\\]|\\.)*"', re.DOTALL)
+_SP = 0x20
+
+
+def _code_end(data: bytes, pos: int) -> int | None:
+    """Offset of the "]" closing the response code that starts at pos (after "["), or None."""
+    depth = 0
+    n = len(data)
+    while pos < n:
+        m = _CODE_SPECIALS.search(data, pos)
+        if m is None:
+            return None
+        c = m.group()
+        pos = m.end()
+        if c == b'"':
+            q = _QUOTED_TAIL.match(data, pos)
+            if q is None:
+                return None
+            pos = q.end()
+        elif c == b"[":
+            depth += 1
+        elif depth:
+            depth -= 1
+        else:
+            return m.start()
+    return None
+
+
+def _status(kind: str, tag: bytes | None, status: str, data: bytes, pos: int) -> ResponseStart:
+    """A status response whose resp-text starts at pos (just after the status word)."""
+    if pos < len(data):
+        if data[pos] != _SP:
+            raise ParseError("missing space after status")
+        pos += 1
+    code: str | None = None
+    args = b""
+    if data[pos : pos + 1] == b"[":
+        close = _code_end(data, pos + 1)
+        name = _CODE_NAME.match(data, pos + 1)
+        # An unterminated or odd "[...": tolerated as plain text, as a relay must be.
+        if close is not None and name is not None and name.end() <= close:
+            after = name.end()
+            if after == close or data[after] == _SP:
+                code = name.group().decode("ascii").upper()
+                args = data[after:close].strip()
+                pos = close + 1
+                if data[pos : pos + 1] == b" ":
+                    pos += 1
+    return ResponseStart(kind, tag, status, code, args, data[pos:], None, None, b"")
+
+
+def parse_response_start(data: bytes) -> ResponseStart:
+    """Classify the first Line.data of a server response; ParseError on garbage."""
+    first = data[:1]
+    if first == b"+":
+        text = data[2:] if data[1:2] == b" " else data[1:]
+        return ResponseStart("continuation", None, None, None, b"", text, None, None, b"")
+    if first == b"*":
+        if data[1:2] != b" ":
+            raise ParseError("missing space after *")
+        word = _WORD.match(data, 2)
+        if word is None:
+            raise ParseError("missing response data")
+        value = word.group()
+        pos = word.end()
+        number: int | None = None
+        if value.isdigit():
+            number = int(value)
+            if data[pos : pos + 1] != b" ":
+                raise ParseError("missing name after number")
+            word = _WORD.match(data, pos + 1)
+            if word is None:
+                raise ParseError("missing name after number")
+            value = word.group()
+            pos = word.end()
+        name = value.decode("ascii").upper()
+        if number is None and name in _STATUSES:
+            return _status("untagged", None, name, data, pos)
+        if pos < len(data):
+            if data[pos] != _SP:
+                raise ParseError("invalid untagged response name")
+            pos += 1
+        return ResponseStart("untagged", None, None, None, b"", b"", name, number, data[pos:])
+    m = _TAG.match(data)
+    if m is None:
+        raise ParseError("missing tag" if not data else "invalid tag")
+    pos = m.end()
+    if data[pos : pos + 1] != b" ":
+        raise ParseError("missing status")
+    word = _WORD.match(data, pos + 1)
+    status = word.group().decode("ascii").upper() if word is not None else ""
+    if word is None or status not in _TAGGED_STATUSES:
+        raise ParseError("invalid status in tagged response")
+    return _status("tagged", m.group(), status, data, word.end())
+
+
+def replace_tag(data: bytes, new_tag: bytes) -> bytes:
+    """The tagged line ``data`` with its tag replaced: b"p7 OK done" -> b"A1 OK done"."""
+    m = _TAG.match(data)
+    if m is None or (m.end() < len(data) and data[m.end()] != _SP):
+        raise ParseError("not a tagged line")
+    if _TAG.fullmatch(new_tag) is None:
+        raise ValueError("invalid tag %r" % (new_tag,))
+    return new_tag + data[m.end() :]

@@ -1,0 +1,114 @@
+"""Tests of referral_proxy.imap.response: response heads and tag rewriting."""
+
+from __future__ import annotations
+
+import pytest
+
+from referral_proxy.imap.command import ParseError
+from referral_proxy.imap.response import ResponseStart, parse_response_start, replace_tag
+
+
+def status(kind, tag, st, code=None, args=b"", text=b""):
+    return ResponseStart(kind, tag, st, code, args, text, None, None, b"")
+
+
+def untagged(name, rest=b"", number=None):
+    return ResponseStart("untagged", None, None, None, b"", b"", name, number, rest)
+
+
+def cont(text):
+    return ResponseStart("continuation", None, None, None, b"", text, None, None, b"")
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"A1 OK LOGIN completed", status("tagged", b"A1", "OK", text=b"LOGIN completed")),
+        (b"p7 no [TRYCREATE] no such mailbox", status("tagged", b"p7", "NO", "TRYCREATE", b"", b"no such mailbox")),
+        (b"A2 BAD", status("tagged", b"A2", "BAD")),
+        (b"A2 OK ", status("tagged", b"A2", "OK")),
+        (
+            b"A3 OK [APPENDUID 38505 3955:3957] APPEND completed",
+            status("tagged", b"A3", "OK", "APPENDUID", b"38505 3955:3957", b"APPEND completed"),
+        ),
+        (
+            b"A4 NO [BADCHARSET (UTF-8 (x))] bad",
+            status("tagged", b"A4", "NO", "BADCHARSET", b"(UTF-8 (x))", b"bad"),
+        ),
+        (
+            b"A5 NO [REFERRAL imap://bob;AUTH=*@[::1]:143/a%5Bb%5D imap://h2/x] go there",
+            status("tagged", b"A5", "NO", "REFERRAL", b"imap://bob;AUTH=*@[::1]:143/a%5Bb%5D imap://h2/x", b"go there"),
+        ),
+        (
+            b'A6 NO [X-ODD "a ] b" c] text]',
+            status("tagged", b"A6", "NO", "X-ODD", b'"a ] b" c', b"text]"),
+        ),
+        (b"A7 OK [READ-WRITE]", status("tagged", b"A7", "OK", "READ-WRITE")),
+        (b"A8 OK [ ALERT ] x", status("tagged", b"A8", "OK", text=b"[ ALERT ] x")),
+        (b"A9 OK [ALERT unterminated", status("tagged", b"A9", "OK", text=b"[ALERT unterminated")),
+        (
+            b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] ready",
+            status("untagged", None, "OK", "CAPABILITY", b"IMAP4rev1 LITERAL+ AUTH=PLAIN", b"ready"),
+        ),
+        (
+            b"* OK [PERMANENTFLAGS (\\Deleted \\Seen \\*)] Limited",
+            status("untagged", None, "OK", "PERMANENTFLAGS", b"(\\Deleted \\Seen \\*)", b"Limited"),
+        ),
+        (b"* BYE logging out", status("untagged", None, "BYE", text=b"logging out")),
+        (b"* preauth [ALERT]  hi", status("untagged", None, "PREAUTH", "ALERT", b"", b" hi")),
+        (b"* CAPABILITY IMAP4rev1 IDLE", untagged("CAPABILITY", b"IMAP4rev1 IDLE")),
+        (b'* LIST (\\HasNoChildren) "/" INBOX', untagged("LIST", b'(\\HasNoChildren) "/" INBOX')),
+        (b"* 5 EXISTS", untagged("EXISTS", number=5)),
+        (b"* 0 recent", untagged("RECENT", number=0)),
+        (b"* 3 FETCH (FLAGS (\\Seen) BODY[] ", untagged("FETCH", b"(FLAGS (\\Seen) BODY[] ", 3)),
+        (b"* SEARCH", untagged("SEARCH")),
+        (b"* SEARCH ", untagged("SEARCH")),
+        (b"* ENABLED UTF8=ACCEPT", untagged("ENABLED", b"UTF8=ACCEPT")),
+        (b"+ Ready for literal", cont(b"Ready for literal")),
+        (b"+ ", cont(b"")),
+        (b"+", cont(b"")),
+        (b"+dGVzdA==", cont(b"dGVzdA==")),
+        (b"+ [ALERT] x", cont(b"[ALERT] x")),
+    ],
+)
+def test_parse_response_start(data, expected):
+    assert parse_response_start(data) == expected
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "missing tag"),
+        (b"*", "missing space after *"),
+        (b"*OK", "missing space after *"),
+        (b"* ", "missing response data"),
+        (b"* (x)", "missing response data"),
+        (b"* 5", "missing name after number"),
+        (b"* 5 ", "missing name after number"),
+        (b"* LIST(x)", "invalid untagged response name"),
+        (b"* OK[ALERT] x", "invalid untagged response name"),
+        (b"A1", "missing status"),
+        (b"A1 ", "invalid status in tagged response"),
+        (b"A1 BYE x", "invalid status in tagged response"),
+        (b"A1 FETCH x", "invalid status in tagged response"),
+        (b"A1 OK[ALERT]", "invalid status in tagged response"),
+        (b"A1 OKx", "invalid status in tagged response"),
+        (b"A1(x OK", "missing status"),
+        (b"(A1 OK", "invalid tag"),
+    ],
+)
+def test_parse_response_start_errors(data, reason):
+    with pytest.raises(ParseError) as info:
+        parse_response_start(data)
+    assert str(info.value) == reason
+
+
+def test_replace_tag():
+    assert replace_tag(b"p7 OK done", b"A1") == b"A1 OK done"
+    assert replace_tag(b"proxy.123 NO [TRYCREATE] x\r\n", b"a") == b"a NO [TRYCREATE] x\r\n"
+    assert replace_tag(b"p7", b"A1") == b"A1"
+    for bad in (b"* OK x", b"+ go", b" OK", b"", b"p(7 OK"):
+        with pytest.raises(ParseError):
+            replace_tag(bad, b"A1")
+    with pytest.raises(ValueError):
+        replace_tag(b"p7 OK", b"A 1")
