@@ -1,0 +1,172 @@
+"""The mailbox map: which backend(s) own a user's mailbox.
+
+Order of authority: a placement written at run time (a moved mailbox) > the first
+matching ``[[map.rules]]`` entry > ``[map].default``. Placements live in a store
+(SQLite here) mirrored in memory, so a lookup never waits on I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from .config import MapConfig
+
+__all__ = ["Route", "MailboxMap", "PlacementStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Backends holding a mailbox, in preference order (replicas after the primary)."""
+
+    backends: tuple[str, ...]
+
+    @property
+    def primary(self) -> str:
+        return self.backends[0]
+
+
+class PlacementStore(Protocol):
+    """Where run-time placements (user, mailbox) -> backends are kept."""
+
+    def load(self) -> dict[tuple[str, str], tuple[str, ...]]: ...
+    def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None: ...
+    def unset(self, user: str, mailbox: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """A store that forgets everything on exit (no ``[map].store`` configured, and tests)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def load(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        return dict(self._rows)
+
+    def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
+        self._rows[(user, mailbox)] = tuple(backends)
+
+    def unset(self, user: str, mailbox: str) -> None:
+        self._rows.pop((user, mailbox), None)
+
+    def close(self) -> None:
+        pass
+
+
+class SQLiteStore:
+    """Placements in an SQLite file; every write is one transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS placements ("
+            " user TEXT NOT NULL, mailbox TEXT NOT NULL, backends TEXT NOT NULL,"
+            " PRIMARY KEY (user, mailbox))"
+        )
+
+    def load(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        rows = self._db.execute("SELECT user, mailbox, backends FROM placements")
+        return {(u, m): tuple(b.split(",")) for u, m, b in rows}
+
+    def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO placements (user, mailbox, backends) VALUES (?, ?, ?)",
+                (user, mailbox, ",".join(backends)),
+            )
+
+    def unset(self, user: str, mailbox: str) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM placements WHERE user = ? AND mailbox = ?", (user, mailbox))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_store(spec: str | None) -> PlacementStore:
+    """Open the store named by ``[map].store`` (already made absolute by the config loader)."""
+    if spec is None:
+        return MemoryStore()
+    scheme, _, rest = spec.partition(":")
+    if scheme == "sqlite":
+        return SQLiteStore(rest)
+    raise ValueError(f"unknown store {spec!r}")
+
+
+@lru_cache(maxsize=1024)
+def _compile(pattern: str, separator: str) -> re.Pattern[str]:
+    parts = []
+    for ch in pattern:
+        if ch == "*":
+            parts.append(".*")
+        elif ch == "%":
+            parts.append(f"[^{re.escape(separator)}]*")
+        else:
+            parts.append(re.escape(ch))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def normalize(mailbox: str, separator: str = "/") -> str:
+    """INBOX is case-insensitive (RFC 3501 5.1); every other name is compared as sent."""
+    head, sep, tail = mailbox.partition(separator)
+    if head.upper() == "INBOX":
+        return "INBOX" + sep + tail
+    return mailbox
+
+
+def pattern_matches(pattern: str, mailbox: str, separator: str = "/") -> bool:
+    """LIST-style match: ``*`` matches anything, ``%`` anything but the separator."""
+    return _compile(normalize(pattern, separator), separator).fullmatch(normalize(mailbox, separator)) is not None
+
+
+class MailboxMap:
+    """lookup(user, mailbox) -> Route, from placements, rules and the default."""
+
+    def __init__(self, config: MapConfig, store: PlacementStore | None = None, *, separator: str = "/") -> None:
+        self.separator = separator
+        self._store = store if store is not None else MemoryStore()
+        self._placements = self._store.load()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: MapConfig) -> None:
+        """Swap in new rules (SIGHUP); placements are kept."""
+        self._config = config
+
+    def lookup(self, user: str, mailbox: str) -> Route:
+        mailbox = normalize(mailbox, self.separator)
+        placed = self._placements.get((user, mailbox))
+        if placed:
+            return Route(placed)
+        for rule in self._config.rules:
+            if rule.user is not None and rule.user != user:
+                continue
+            if rule.mailbox == "*" or pattern_matches(rule.mailbox, mailbox, self.separator):
+                return Route(rule.backends)
+        return Route((self._config.default,))
+
+    def home(self, user: str) -> Route:
+        """The user's home is the route of INBOX."""
+        return self.lookup(user, "INBOX")
+
+    def place(self, user: str, mailbox: str, backends: Iterable[str]) -> None:
+        mailbox = normalize(mailbox, self.separator)
+        backends = tuple(backends)
+        self._store.set(user, mailbox, backends)
+        self._placements[(user, mailbox)] = backends
+
+    def unplace(self, user: str, mailbox: str) -> None:
+        mailbox = normalize(mailbox, self.separator)
+        self._store.unset(user, mailbox)
+        self._placements.pop((user, mailbox), None)
+
+    def placements(self, user: str) -> dict[str, tuple[str, ...]]:
+        return {m: b for (u, m), b in self._placements.items() if u == user}
+
+    def close(self) -> None:
+        self._store.close()
