@@ -1,0 +1,413 @@
+"""Client connections from the proxy to one IMAP backend.
+
+A BackendProtocol speaks IMAP with the proxy's own tags: it reads the greeting,
+runs internal commands (CAPABILITY, STARTTLS, login) and relays commands for a
+session, handing every untagged response to the session's sink as raw bytes so
+that big FETCH literals stream through without being parsed or held whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Protocol as TypingProtocol
+
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .config import BackendConfig
+from .imap.command import ParseError
+from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd
+from .imap.quoting import astring, capability_tokens
+from .imap.response import ResponseStart, parse_response_start
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "AuthenticationFailed",
+    "BackendProtocol",
+    "Credentials",
+    "ResponseSink",
+    "Tagged",
+    "connect_backend",
+]
+
+log = Logger()
+
+# Responses from a backend are trusted more than client input, but a line still
+# has to fit in memory: a SEARCH answer of a mailbox with millions of messages
+# is the longest thing a backend sends without a literal.
+BACKEND_MAX_LINE = 64 * 1024 * 1024
+
+
+class BackendError(Exception):
+    """A backend could not serve the request; str() is safe to show a client."""
+
+
+class BackendUnavailable(BackendError):
+    """Connecting, TLS or the greeting failed: the client gets NO [UNAVAILABLE]."""
+
+
+class AuthenticationFailed(BackendError):
+    """The backend refused the credentials; carries its tagged response."""
+
+    def __init__(self, response: "Tagged") -> None:
+        super().__init__(response.start.text.decode("utf-8", "replace"))
+        self.response = response
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who to log in as. `password` never appears in a log or a repr."""
+
+    user: str
+    password: str = field(repr=False)
+    authzid: str = ""  # SASL PLAIN authorization identity (master-user logins)
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """The completion of one internal command."""
+
+    start: ResponseStart
+    raw: bytes  # the tagged line with the proxy's tag, without CRLF
+    untagged: tuple[ResponseStart, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.start.status == "OK"
+
+
+class ResponseSink(TypingProtocol):
+    """Receives the untagged responses of a backend a session relays."""
+
+    def untagged(self, start: ResponseStart | None, data: bytes, end: bool) -> None:
+        """Raw bytes of an untagged response; *start* is given with its first chunk."""
+
+    def backend_lost(self, backend: "BackendProtocol", reason: Failure) -> None:
+        """The connection is gone."""
+
+
+@dataclass
+class _Pending:
+    on_done: Callable[[ResponseStart, bytes], None]
+    untagged: list[ResponseStart] | None = None  # collected while no sink is attached
+
+
+class BackendProtocol(Protocol):
+    """One IMAP connection to a backend, with the proxy's own command tags."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.capabilities: frozenset[str] = frozenset()
+        self.greeting: defer.Deferred[ResponseStart] = defer.Deferred()
+        self.sink: ResponseSink | None = None
+        self.on_continuation: Callable[[bytes], None] | None = None
+        self.closed = False
+        self.bye_received = False
+        self.lost_reason: Failure | None = None
+        self._framer = Framer(BACKEND_MAX_LINE, auto_accept=True)
+        self._tags = (b"rp%d" % i for i in itertools.count(1))
+        self._pending: dict[bytes, _Pending] = {}
+        self._greeted = False
+        # The response being received: "untagged" (relayed), "tagged" (gathered), or None.
+        self._current: str | None = None
+        self._current_tagged: list[bytes] = []
+        self._current_start: ResponseStart | None = None
+        self._lost_waiters: list[defer.Deferred[None]] = []
+
+    # -- Twisted ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._framer.receive_data(data)
+        while not self.closed:
+            event = self._framer.next_event()
+            if event is NEED_DATA:
+                break
+            self._event(event)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        self.lost_reason = reason
+        if not self._greeted:
+            self._greeted = True
+            self.greeting.errback(BackendUnavailable(f"connection closed before greeting: {reason.getErrorMessage()}"))
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.on_done(_LOST, b"")
+        if self.sink is not None:
+            self.sink.backend_lost(self, reason)
+        for d in self._lost_waiters:
+            d.callback(None)
+        self._lost_waiters.clear()
+
+    # -- reading responses ----------------------------------------------------
+
+    def _event(self, event: object) -> None:
+        if isinstance(event, Line):
+            if event.first:
+                self._begin(event)
+            elif self._current == "untagged":
+                self._relay(event.data + _tail(event), event.literal is None)
+            elif self._current == "tagged":
+                self._current_tagged.append(event.data + _tail(event))
+                if event.literal is None:
+                    self._finish_tagged()
+        elif isinstance(event, LiteralData):
+            if self._current == "untagged":
+                self._relay(event.data, False)
+            elif self._current == "tagged":
+                self._current_tagged.append(event.data)
+        elif isinstance(event, LiteralEnd):
+            pass
+        elif isinstance(event, LineTooLong):
+            log.error("backend {name} sent a line over {limit} bytes; closing", name=self.name, limit=event.limit)
+            self.transport.abortConnection()
+
+    def _begin(self, line: Line) -> None:
+        try:
+            start = parse_response_start(line.data)
+        except ParseError as e:
+            log.warn("backend {name} sent an unparsable response ({why}): {data!r}", name=self.name, why=str(e), data=line.data[:80])
+            self._current = None
+            return
+        if not self._greeted:
+            self._greeted = True
+            if start.code == "CAPABILITY":
+                self.capabilities = frozenset(capability_tokens(start.code_args))
+            self.greeting.callback(start)
+            return
+        if start.kind == "continuation":
+            handler, self.on_continuation = self.on_continuation, None
+            if handler is None:
+                log.warn("backend {name} sent an unexpected continuation", name=self.name)
+            else:
+                handler(start.text)
+            return
+        if start.kind == "tagged":
+            self._current = "tagged"
+            self._current_start = start
+            self._current_tagged = [line.data + _tail(line)]
+            if line.literal is None:
+                self._finish_tagged()
+            return
+        # untagged
+        if start.status == "BYE":
+            self.bye_received = True
+        if start.name == "CAPABILITY":
+            self.capabilities = frozenset(capability_tokens(start.rest))
+        elif start.code == "CAPABILITY":
+            self.capabilities = frozenset(capability_tokens(start.code_args))
+        if self.sink is not None:
+            self._current = "untagged"
+            self.sink.untagged(start, line.data + _tail(line), line.literal is None)
+        else:
+            self._current = None  # collected (heads only) by internal commands
+            for p in self._pending.values():
+                if p.untagged is not None:
+                    p.untagged.append(start)
+
+    def _relay(self, data: bytes, end: bool) -> None:
+        if self.sink is not None:
+            self.sink.untagged(None, data, end)
+
+    def _finish_tagged(self) -> None:
+        start = self._current_start
+        raw = b"".join(self._current_tagged)
+        self._current, self._current_tagged, self._current_start = None, [], None
+        assert start is not None and start.tag is not None
+        pending = self._pending.pop(start.tag, None)
+        if pending is None:
+            log.warn("backend {name} completed an unknown tag {tag!r}", name=self.name, tag=start.tag)
+            return
+        if start.code == "CAPABILITY":
+            self.capabilities = frozenset(capability_tokens(start.code_args))
+        pending.on_done(start, raw)
+
+    # -- writing commands -------------------------------------------------------
+
+    def next_tag(self) -> bytes:
+        return next(self._tags)
+
+    def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None]) -> None:
+        """Register the completion callback of a command the caller writes itself."""
+        self._pending[tag] = _Pending(on_done)
+
+    @property
+    def busy(self) -> bool:
+        """True while any command is awaiting its tagged response."""
+        return bool(self._pending)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None) -> defer.Deferred[Tagged]:
+        """Send an internal command and fire with its Tagged completion (any status)."""
+        if self.closed:
+            return defer.fail(BackendUnavailable(f"backend {self.name} connection is closed"))
+        tag = self.next_tag()
+        d: defer.Deferred[Tagged] = defer.Deferred()
+        collected: list[ResponseStart] = []
+
+        def done(start: ResponseStart, raw: bytes) -> None:
+            if start is _LOST:
+                d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
+            else:
+                d.callback(Tagged(start, raw, tuple(collected)))
+
+        self._pending[tag] = _Pending(done, collected)
+        if on_continuation is not None:
+            self.on_continuation = on_continuation
+        self.transport.write(tag + b" " + text + b"\r\n")
+        return d
+
+    def when_lost(self) -> defer.Deferred[None]:
+        """Fires once the connection is closed."""
+        if self.closed:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._lost_waiters.append(d)
+        return d
+
+    def logout(self) -> None:
+        """Say LOGOUT if the connection is between commands, then close it either way."""
+        if self.closed:
+            return
+        self.sink = None
+        if not self._pending and self._current is None and self._framer.literal_remaining == 0:
+            self.transport.write(b"%s LOGOUT\r\n" % self.next_tag())
+        self.transport.loseConnection()
+
+
+_LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=b"", text=b"connection lost",
+                      name=None, number=None, rest=b"")
+
+
+def _tail(line: Line) -> bytes:
+    """The bytes a fragment ended with on the wire: its literal announcement, or CRLF."""
+    return line.literal.announce() + b"\r\n" if line.literal is not None else b"\r\n"
+
+
+def set_nodelay(transport: object) -> None:
+    """Disable Nagle: IMAP is interactive and every command would wait otherwise."""
+    set_tcp = getattr(transport, "setTcpNoDelay", None)
+    if set_tcp is not None:
+        try:
+            set_tcp(True)
+        except OSError:
+            pass
+
+
+# -- connecting and logging in ----------------------------------------------------
+
+
+def tls_options(config: BackendConfig):  # -> IOpenSSLClientConnectionCreator
+    """Certificate checks against the backend url's host with the configured CA."""
+    trust = Certificate.loadPEM(config.ca.read_bytes()) if config.ca is not None else platformTrust()
+    return optionsForClientTLS(config.url_host, trustRoot=trust)
+
+
+async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials) -> BackendProtocol:
+    """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError."""
+    endpoint = clientFromString(reactor, config.endpoint)
+    if config.tls == "implicit":
+        endpoint = wrapClientTLS(tls_options(config), endpoint)
+    factory = Factory.forProtocol(lambda: BackendProtocol(config))
+    factory.noisy = False
+    try:
+        d = endpoint.connect(factory)
+        d.addTimeout(config.connect_timeout, reactor)
+        proto: BackendProtocol = await d
+    except Exception as e:
+        log.warn("backend {name}: cannot connect: {why}", name=config.name, why=_why(e))
+        raise BackendUnavailable(f"backend {config.name} unreachable") from e
+    try:
+        greeting_d = proto.greeting
+        greeting_d.addTimeout(config.connect_timeout, reactor)
+        greeting = await greeting_d
+        if greeting.status != "OK":
+            raise BackendUnavailable(f"backend {config.name} greeted with {greeting.status}")
+        if config.tls == "starttls":
+            await _starttls(proto, config)
+        if not proto.capabilities:
+            await _ok(proto, b"CAPABILITY")
+        await _login(proto, credentials)
+        if not proto.capabilities or _has_pre_login_only(proto.capabilities):
+            await _ok(proto, b"CAPABILITY")
+        return proto
+    except AuthenticationFailed:
+        proto.logout()
+        raise
+    except BackendError as e:
+        log.warn("backend {name}: {why}", name=config.name, why=str(e))
+        proto.transport.abortConnection()
+        raise
+    except Exception as e:
+        log.warn("backend {name}: {why}", name=config.name, why=_why(e))
+        proto.transport.abortConnection()
+        raise BackendUnavailable(f"backend {config.name} unavailable") from e
+
+
+def _why(e: BaseException) -> str:
+    """A readable reason, including the TLS verification error behind a lost connection."""
+    cause = e.__cause__ or e.__context__
+    text = str(e) or type(e).__name__
+    if isinstance(e, BackendError) and cause is not None:
+        text += f" ({_why(cause)})"
+    return text
+
+
+def _has_pre_login_only(caps: frozenset[str]) -> bool:
+    return "LOGINDISABLED" in caps or "STARTTLS" in caps
+
+
+async def _ok(proto: BackendProtocol, text: bytes) -> Tagged:
+    result = await proto.command(text)
+    if not result.ok:
+        raise BackendUnavailable(f"backend {proto.name}: {text.decode()} failed: {result.start.text.decode('utf-8', 'replace')}")
+    return result
+
+
+async def _starttls(proto: BackendProtocol, config: BackendConfig) -> None:
+    if "STARTTLS" not in proto.capabilities:
+        await _ok(proto, b"CAPABILITY")
+    if "STARTTLS" not in proto.capabilities:
+        raise BackendUnavailable(f"backend {config.name} does not offer STARTTLS")
+    await _ok(proto, b"STARTTLS")
+    proto.transport.startTLS(tls_options(config))
+    proto.capabilities = frozenset()
+    try:
+        await _ok(proto, b"CAPABILITY")  # the first exchange under TLS: a failed verification shows here
+    except BackendUnavailable:
+        why = proto.lost_reason.getErrorMessage() if proto.lost_reason is not None else "no answer"
+        raise BackendUnavailable(f"backend {config.name}: TLS handshake or certificate verification failed: {why}") from None
+
+
+async def _login(proto: BackendProtocol, creds: Credentials) -> None:
+    caps = proto.capabilities
+    if "AUTH=PLAIN" in caps:
+        blob = base64.b64encode(b"\0".join(s.encode("utf-8") for s in (creds.authzid, creds.user, creds.password)))
+        if "SASL-IR" in caps:
+            result = await proto.command(b"AUTHENTICATE PLAIN " + blob)
+        else:
+            result = await proto.command(b"AUTHENTICATE PLAIN", on_continuation=lambda _text: proto.write(blob + b"\r\n"))
+    elif creds.authzid:
+        raise BackendUnavailable(f"backend {proto.name} does not offer AUTH=PLAIN for a master-user login")
+    else:
+        user, password = creds.user.encode("utf-8"), creds.password.encode("utf-8")
+        if "LITERAL+" not in caps and (b"\r" in user + password or b"\n" in user + password or not (user + password).isascii()):
+            raise BackendUnavailable(f"backend {proto.name} cannot take these credentials with LOGIN")
+        result = await proto.command(b"LOGIN " + astring(user) + b" " + astring(password))
+    if not result.ok:
+        raise AuthenticationFailed(result)

@@ -1,0 +1,257 @@
+"""Protocol tests of the client session with in-memory transports and scripted backends."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python.failure import Failure
+
+from referral_proxy.testing.fakes import DOVECOT_CAPS, FakeConnector, SessionHarness, minimal_config
+
+NO_LITERAL_PLUS = [c for c in DOVECOT_CAPS if c != "LITERAL+"]
+
+
+@pytest.fixture(params=[False, True], ids=["whole", "bytewise"])
+def bytewise(request):
+    return request.param
+
+
+def test_greeting_and_nodelay():
+    h = SessionHarness()
+    assert h.client.nodelay
+    assert h.to_client().startswith(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE AUTH=PLAIN] fake.test")
+
+
+def test_login_passes_credentials_and_filters_capabilities(bytewise):
+    h = SessionHarness()
+    h.to_client()
+    h.send(b'L LOGIN alice "se cret"\r\n', one_byte_at_a_time=bytewise)
+    reply = h.to_client()
+    assert reply.startswith(b"L OK [CAPABILITY IMAP4rev1 LITERAL+ ID ")
+    caps = reply.split(b"]")[0].split()[3:]
+    assert b"IDLE" in caps and b"MOVE" in caps and b"UIDPLUS" in caps
+    # Never relayed: framing changes, pre-login things, cross-backend events.
+    assert not {b"COMPRESS=DEFLATE", b"SASL-IR", b"LOGIN-REFERRALS", b"NOTIFY"} & set(caps)
+    assert h.connector.credentials[0].user == "alice"
+    assert h.connector.credentials[0].password == "se cret"
+    assert h.backend.transport.nodelay
+
+
+def test_login_refused():
+    h = SessionHarness(connector=FakeConnector(refuse=True))
+    h.to_client()
+    h.send(b"L LOGIN alice bad\r\n")
+    assert h.to_client() == b"L NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    h.send(b"N NOOP\r\n")
+    assert h.to_client() == b"N OK NOOP completed.\r\n"
+
+
+def test_tag_rewriting_and_raw_relay(bytewise):
+    h = SessionHarness()
+    h.login()
+    h.send(b"a1 SELECT INBOX\r\n", one_byte_at_a_time=bytewise)
+    assert h.to_backend() == b"rp1 SELECT INBOX\r\n"
+    h.from_backend(b"* 3 EXISTS\r\n* FLAGS (\\Seen)\r\nrp1 OK [READ-WRITE] Select completed.\r\n")
+    assert h.to_client() == b"* 3 EXISTS\r\n* FLAGS (\\Seen)\r\na1 OK [READ-WRITE] Select completed.\r\n"
+    # A FETCH literal is relayed byte for byte, however it is split.
+    h.send(b"a2 FETCH 1 BODY[]\r\n")
+    assert h.to_backend() == b"rp2 FETCH 1 BODY[]\r\n"
+    response = b"* 1 FETCH (BODY[] {11}\r\nhello\r\nworld)\r\nrp2 OK Fetch completed.\r\n"
+    for i in range(len(response)):
+        h.from_backend(response[i:i + 1])
+    assert h.to_client() == response.replace(b"rp2", b"a2")
+
+
+def test_capability_after_login_waits_for_earlier_commands():
+    h = SessionHarness()
+    h.login()
+    h.send(b"a1 FETCH 1 BODY[]\r\na2 CAPABILITY\r\n")
+    assert h.to_backend() == b"rp1 FETCH 1 BODY[]\r\n"
+    assert h.to_client() == b""  # CAPABILITY is not answered in the middle of the FETCH
+    h.from_backend(b"* 1 FETCH (BODY[] {3}\r\nabc)\r\n")
+    h.from_backend(b"rp1 OK done\r\n")
+    out = h.to_client()
+    assert out.startswith(b"* 1 FETCH (BODY[] {3}\r\nabc)\r\na1 OK done\r\n* CAPABILITY IMAP4rev1 ")
+    assert out.endswith(b"a2 OK Capability completed.\r\n")
+
+
+def test_collected_literal_to_backend_with_literal_plus():
+    h = SessionHarness()
+    h.login()
+    h.send(b"s1 SEARCH TEXT {5}\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(b"hello\r\n")
+    assert h.to_backend() == b"rp1 SEARCH TEXT {5+}\r\nhello\r\n"
+
+
+def test_collected_literal_to_backend_without_literal_plus():
+    h = SessionHarness(connector=FakeConnector(capabilities=NO_LITERAL_PLUS))
+    h.login()
+    h.send(b"s1 SEARCH TEXT {5+}\r\nhello SUBJECT {2+}\r\nhi\r\nn NOOP\r\n")
+    assert h.to_backend() == b"rp1 SEARCH TEXT {5}\r\n"
+    h.from_backend(b"+ OK\r\n")
+    assert h.to_backend() == b"hello SUBJECT {2}\r\n"
+    h.from_backend(b"+ OK\r\n")
+    assert h.to_backend() == b"hi\r\nrp2 NOOP\r\n"  # the pipelined NOOP waited its turn
+
+
+def test_append_refused_before_literal_without_literal_plus():
+    """The client sees the backend's NO before sending its synchronizing literal."""
+    h = SessionHarness(connector=FakeConnector(capabilities=NO_LITERAL_PLUS))
+    h.login()
+    h.send(b"a1 APPEND Nowhere (\\Seen) {5}\r\n")
+    assert h.to_backend() == b"rp1 APPEND Nowhere (\\Seen) {5}\r\n"
+    assert h.to_client() == b""
+    assert h.client.producerState == "paused"
+    h.from_backend(b"rp1 NO [TRYCREATE] Mailbox doesn't exist: Nowhere\r\n")
+    assert h.to_client() == b"a1 NO [TRYCREATE] Mailbox doesn't exist: Nowhere\r\n"
+    assert h.client.producerState == "producing"
+    h.send(b"a2 NOOP\r\n")
+    assert h.to_backend() == b"rp2 NOOP\r\n"
+
+
+def test_append_nonsync_literal_to_backend_without_literal_plus_is_drained_when_refused():
+    h = SessionHarness(connector=FakeConnector(capabilities=NO_LITERAL_PLUS))
+    h.login()
+    h.send(b"a1 APPEND Nowhere {5+}\r\nhello\r\na2 NOOP\r\n")
+    assert h.to_backend() == b"rp1 APPEND Nowhere {5}\r\n"
+    h.from_backend(b"rp1 NO [TRYCREATE] no\r\n")
+    assert h.to_client() == b"a1 NO [TRYCREATE] no\r\n"
+    assert h.to_backend() == b"rp2 NOOP\r\n"  # "hello" never reached the backend
+
+
+def test_append_streams_with_literal_plus_and_small_sync_literal_saves_a_round_trip(bytewise):
+    h = SessionHarness()
+    h.login()
+    h.send(b"a1 APPEND INBOX {5}\r\n", one_byte_at_a_time=bytewise)
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(b"hello (\\Seen) {3}\r\n", one_byte_at_a_time=bytewise)
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(b"abc\r\n", one_byte_at_a_time=bytewise)
+    assert h.to_backend() == b"rp1 APPEND INBOX {5+}\r\nhello (\\Seen) {3+}\r\nabc\r\n"
+    h.from_backend(b"rp1 OK [APPENDUID 1 1:2] Append completed.\r\n")
+    assert h.to_client() == b"a1 OK [APPENDUID 1 1:2] Append completed.\r\n"
+
+
+def test_large_sync_append_literal_waits_for_the_backend():
+    h = SessionHarness()
+    h.login()
+    h.send(b"a1 APPEND INBOX {100000}\r\n")
+    assert h.to_backend() == b"rp1 APPEND INBOX {100000}\r\n"
+    assert h.to_client() == b""
+    h.from_backend(b"+ OK\r\n")
+    assert h.to_client() == b"+ OK\r\n"
+    h.send(b"x" * 100000 + b"\r\n")
+    assert h.to_backend() == b"x" * 100000 + b"\r\n"
+
+
+def test_too_big_second_message_cancels_the_whole_append():
+    config = minimal_config(max_message=10)
+    h = SessionHarness(config)
+    h.login()
+    h.send(b"a1 APPEND INBOX {5+}\r\nhello {11}\r\n")
+    # The backend is told to append nothing (RFC 3502 zero-length literal).
+    assert h.to_backend() == b"rp1 APPEND INBOX {5+}\r\nhello {0+}\r\n\r\n"
+    assert h.to_client() == b""
+    h.from_backend(b"rp1 NO Zero-length literal\r\n")
+    assert h.to_client() == b"a1 NO [TOOBIG] Message too large (limit 10 bytes)\r\n"
+    h.send(b"a2 NOOP\r\n")
+    assert h.to_backend() == b"rp2 NOOP\r\n"
+
+
+def test_backend_death_mid_response_gives_bye():
+    h = SessionHarness()
+    h.login()
+    h.send(b"a1 FETCH 1 BODY[]\r\n")
+    h.from_backend(b"* 1 FETCH (BODY[] {100}\r\npartial")
+    h.backend.connectionLost(Failure(ConnectionError("gone")))
+    out = h.to_client()
+    assert out.endswith(b"* BYE Mail server connection lost\r\n")
+    assert h.client.disconnecting
+
+
+def test_client_drop_logs_backend_out():
+    h = SessionHarness()
+    h.login()
+    h.session.connectionLost(Failure(ConnectionError("client gone")))
+    assert h.to_backend() == b"rp1 LOGOUT\r\n"
+    assert h.backend.transport.disconnecting
+
+
+def test_client_drop_mid_append_closes_without_logout():
+    h = SessionHarness()
+    h.login()
+    h.send(b"a1 APPEND INBOX {10+}\r\nhalf")
+    assert h.to_backend() == b"rp1 APPEND INBOX {10+}\r\nhalf"
+    h.session.connectionLost(Failure(ConnectionError("client gone")))
+    # No LOGOUT inside a literal: the backend sees the connection close and saves nothing.
+    assert h.to_backend() == b""
+    assert h.backend.transport.disconnecting
+
+
+def test_idle_relay():
+    h = SessionHarness()
+    h.login()
+    h.send(b"i1 IDLE\r\n")
+    assert h.to_backend() == b"rp1 IDLE\r\n"
+    h.from_backend(b"+ idling\r\n* 4 EXISTS\r\n")
+    assert h.to_client() == b"+ idling\r\n* 4 EXISTS\r\n"
+    h.send(b"DONE\r\n")
+    assert h.to_backend() == b"DONE\r\n"
+    h.from_backend(b"rp1 OK Idle completed.\r\n")
+    assert h.to_client() == b"i1 OK Idle completed.\r\n"
+    h.send(b"n NOOP\r\n")
+    assert h.to_backend() == b"rp2 NOOP\r\n"
+
+
+def test_backpressure_pauses_the_other_side():
+    h = SessionHarness()
+    h.login()
+    backend_transport = h.backend.transport
+    # The backend's socket is full: stop reading from the client.
+    backend_transport.producer.pauseProducing()
+    assert h.client.producerState == "paused"
+    backend_transport.producer.resumeProducing()
+    assert h.client.producerState == "producing"
+    # The client is slow: stop reading from the backend.
+    h.client.producer.pauseProducing()
+    assert backend_transport.producerState == "paused"
+    h.client.producer.resumeProducing()
+    assert backend_transport.producerState == "producing"
+
+
+def test_starttls_discards_pipelined_plaintext():
+    h = SessionHarness(minimal_config(), server_tls=object())
+    h.to_client()
+    h.send(b"t STARTTLS\r\nx LOGIN alice secret\r\n")
+    assert h.to_client() == b"t OK Begin TLS negotiation now.\r\n"
+    assert h.client.tls_started is not None
+    assert h.connector.credentials == []  # the injected LOGIN was dropped
+
+
+def test_plaintext_login_refused_without_tls():
+    h = SessionHarness(minimal_config(allow_plaintext_login=False), server_tls=object())
+    greeting = h.to_client()
+    assert b"LOGINDISABLED" in greeting and b"STARTTLS" in greeting and b"AUTH=PLAIN" not in greeting
+    h.send(b"l LOGIN alice secret\r\n")
+    assert h.to_client() == b"l NO [PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first\r\n"
+    assert h.connector.credentials == []
+
+
+def test_login_timeout():
+    h = SessionHarness(minimal_config(login_timeout=5))
+    h.to_client()
+    h.reactor.advance(6)
+    assert h.to_client() == b"* BYE Autologout; no login in time\r\n"
+    assert h.client.disconnecting
+
+
+def test_bad_syntax_and_wrong_state():
+    h = SessionHarness()
+    h.to_client()
+    h.send(b"\r\n+bad NOOP\r\na1 SELECT INBOX\r\na2 LOGIN {5}\r\n")
+    out = h.to_client()
+    assert out.startswith(b"* BAD Invalid command: ")
+    assert b"a1 BAD SELECT is not allowed before login\r\n" in out
+    assert out.endswith(b"+ Ready for literal data\r\n")
+    h.send(b"alice\r\n")
+    assert h.to_client() == b"a2 BAD Invalid arguments: LOGIN takes a user name and a password\r\n"
