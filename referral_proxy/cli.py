@@ -1,0 +1,56 @@
+"""The ``referral-proxy`` command: run the proxy, or a demo with local Dovecot backends."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from .config import ConfigError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="referral-proxy", description="IMAP referral proxy")
+    parser.add_argument("--config", "-c", help="the TOML configuration file (runs the proxy)")
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="start three local Dovecot backends and the proxy in front of them")
+    demo.add_argument("--port", type=int, default=1143, help="the proxy's port on 127.0.0.1 (default 1143)")
+    demo.add_argument("--dir", help="where to keep the demo's files (default: a new temporary folder)")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(port=args.port, directory=args.dir)
+    if not args.config:
+        parser.error("--config is required to run the proxy")
+    return run(args.config)
+
+
+def run(config_path: str) -> int:
+    """Run the proxy in the foreground until SIGINT/SIGTERM."""
+    from twisted.internet import reactor
+
+    from .service import ProxyService, load_and_check
+    from .tap import install_sighup
+
+    try:
+        config = load_and_check(config_path, reactor)
+    except ConfigError as e:
+        sys.stderr.write(f"referral-proxy: configuration error: {e}\n")
+        return 2
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    service = ProxyService(config, reactor)
+    try:
+        service.startService()
+    except Exception as e:
+        sys.stderr.write(f"referral-proxy: cannot start: {e}\n")
+        return 1
+    install_sighup(reactor, service)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 0
