@@ -1,0 +1,71 @@
+"""A tiny raw-socket IMAP client for tests that must see exact bytes on the wire."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+
+class Wire:
+    """Send raw bytes, read raw lines: nothing is interpreted or hidden."""
+
+    def __init__(self, host: str, port: int, timeout: float = 15.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        self.greeting = self.line()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        """One line, CRLF included."""
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed; pending {self.buf[:200]!r}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(max(65536, n - len(self.buf)))
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def until_tagged(self, tag: bytes) -> list[bytes]:
+        """Every line up to and including the tagged completion of *tag*."""
+        lines = []
+        while True:
+            line = self.line()
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                return lines
+
+    def cmd(self, tag: bytes, text: bytes) -> list[bytes]:
+        self.send(tag + b" " + text + b"\r\n")
+        return self.until_tagged(tag)
+
+    def login(self, user: str = "alice", password: str = "secret") -> None:
+        reply = self.cmd(b"L", b'LOGIN "%s" "%s"' % (user.encode(), password.encode()))
+        assert reply[-1].startswith(b"L OK"), reply
+
+    def closed(self, timeout: float = 10.0) -> bool:
+        """True once the peer has closed the connection (rest of the data discarded)."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.5)
+        while time.monotonic() < deadline:
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except socket.timeout:
+                continue
+            except OSError:
+                return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,376 @@
+"""The transparent proxy in front of real Dovecot backends, driven by real clients."""
+
+from __future__ import annotations
+
+import hashlib
+import imaplib
+import os
+import socket
+import threading
+import time
+
+import imapclient
+import psutil
+import pytest
+
+from imapwire import Wire
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+
+def _msg(subject: str, body: bytes = b"hello\r\n") -> bytes:
+    return b"From: a@example.test\r\nTo: b@example.test\r\nSubject: " + subject.encode() + b"\r\n\r\n" + body
+
+
+def test_greeting_and_capabilities_before_login(proxy_factory):
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    assert w.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ ")
+    assert b"proxy.test" in w.greeting
+    reply = w.cmd(b"a1", b"CAPABILITY")
+    caps = reply[0].split()
+    assert caps[:2] == [b"*", b"CAPABILITY"]
+    assert b"AUTH=PLAIN" in caps and b"LITERAL+" in caps and b"SASL-IR" in caps
+    assert reply[1] == b"a1 OK Capability completed.\r\n"
+    assert w.cmd(b"a2", b"NOOP") == [b"a2 OK NOOP completed.\r\n"]
+    assert w.cmd(b"a3", b"SELECT INBOX")[-1].startswith(b"a3 BAD")
+    assert w.cmd(b"a4", b"FROB")[-1] == b"a4 BAD Unknown command FROB\r\n"
+    reply = w.cmd(b"a5", b'ID ("name" "test")')
+    assert reply[0].startswith(b'* ID ("name" "referral-proxy"')
+    assert w.cmd(b"a6", b"LOGOUT") == [b"* BYE Logging out\r\n", b"a6 OK Logout completed.\r\n"]
+    assert w.closed()
+
+
+def test_imaplib_full_session(proxy_factory, fleet):
+    proxy = proxy_factory()
+    m = proxy.imaplib()
+    typ, data = m.login("alice", "secret")
+    assert typ == "OK"
+    typ, data = m.capability()
+    caps = set(data[0].decode().split())
+    # What the proxy relays from Dovecot, and what it must hide.
+    assert {"IDLE", "UIDPLUS", "MOVE", "LITERAL+", "NAMESPACE", "CONDSTORE", "MULTIAPPEND"} <= caps
+    assert not any(c.startswith(("AUTH=", "COMPRESS")) for c in caps)
+    assert "STARTTLS" not in caps and "LOGINDISABLED" not in caps
+    assert m.create("Work")[0] == "OK"
+    assert any(b'"Work"' in line or b" Work" in line for line in m.list()[1])
+    for i in range(3):
+        assert m.append("Work", r"(\Flagged)", None, _msg(f"n{i}"))[0] == "OK"
+    typ, data = m.select("Work")
+    assert typ == "OK" and data == [b"3"]
+    typ, data = m.fetch("1:3", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    subjects = [d[1].strip() for d in data if isinstance(d, tuple)]
+    assert subjects == [b"Subject: n0", b"Subject: n1", b"Subject: n2"]
+    assert m.store("2", "+FLAGS", r"(\Deleted)")[0] == "OK"
+    assert m.search(None, "DELETED") == ("OK", [b"2"])
+    typ, data = m.expunge()
+    assert typ == "OK" and data == [b"2"]
+    typ, data = m.uid("SEARCH", None, "ALL")
+    assert typ == "OK" and len(data[0].split()) == 2
+    assert m.logout()[0] == "BYE"
+    # The backend itself holds what the client did.
+    direct = fleet["b1"].client("alice")
+    direct.select("Work")
+    assert direct.search(None, "ALL")[1] == [b"1 2"]
+    direct.logout()
+
+
+def test_imapclient_session_with_idle(proxy_factory, fleet):
+    proxy = proxy_factory()
+    c = imapclient.IMAPClient(proxy.host, port=proxy.port, ssl=False, timeout=20)
+    c.login("alice", "secret")
+    c.create_folder("Idle")
+    c.select_folder("Idle")
+    c.idle()  # waits for the "+ idling" the proxy relays
+
+    def deliver():
+        time.sleep(0.5)
+        other = fleet["b1"].client("alice")
+        other.append("Idle", "", None, _msg("while idle"))
+        other.logout()
+
+    t = threading.Thread(target=deliver)
+    t.start()
+    responses = c.idle_check(timeout=15)
+    t.join()
+    c.idle_done()
+    assert (1, b"EXISTS") in responses
+    uids = c.search(["SUBJECT", "while idle"])
+    assert len(uids) == 1
+    body = c.fetch(uids, ["RFC822"])[uids[0]][b"RFC822"]
+    assert body == _msg("while idle")
+    c.logout()
+
+
+def test_literals_before_login_sync_and_nonsync(proxy_factory):
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    w.send(b"a1 LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n")
+    assert w.until_tagged(b"a1")[-1].startswith(b"a1 OK [CAPABILITY ")
+    w.close()
+    w = Wire(proxy.host, proxy.port)
+    w.send(b"a1 LOGIN {5}\r\n")
+    assert w.line() == b"+ Ready for literal data\r\n"
+    w.send(b"alice {6}\r\n")
+    assert w.line() == b"+ Ready for literal data\r\n"
+    w.send(b"secret\r\n")
+    assert w.until_tagged(b"a1")[-1].startswith(b"a1 OK ")
+    w.close()
+
+
+def test_awkward_password_through_imaplib_and_sasl(proxy_factory):
+    from referral_proxy.testing.dovecot import DEFAULT_USERS
+
+    proxy = proxy_factory()
+    m = proxy.imaplib()
+    assert m.login("dave", DEFAULT_USERS["dave"])[0] == "OK"
+    m.logout()
+    # AUTHENTICATE PLAIN with an initial response, and without one.
+    import base64
+
+    blob = base64.b64encode(b"\0dave\0" + DEFAULT_USERS["dave"].encode())
+    w = Wire(proxy.host, proxy.port)
+    assert w.cmd(b"a1", b"AUTHENTICATE PLAIN " + blob)[-1].startswith(b"a1 OK [CAPABILITY ")
+    w.close()
+    w = Wire(proxy.host, proxy.port)
+    w.send(b"a1 AUTHENTICATE PLAIN\r\n")
+    assert w.line() == b"+ \r\n"
+    w.send(blob + b"\r\n")
+    assert w.until_tagged(b"a1")[-1].startswith(b"a1 OK ")
+    w.close()
+    w = Wire(proxy.host, proxy.port)
+    w.send(b"a1 AUTHENTICATE PLAIN\r\n")
+    assert w.line() == b"+ \r\n"
+    w.send(b"*\r\n")
+    assert w.line() == b"a1 BAD Authentication cancelled\r\n"
+    w.close()
+
+
+def test_bad_credentials(proxy_factory):
+    proxy = proxy_factory()
+    m = proxy.imaplib()
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        m.login("alice", "wrong")
+    # The session goes on: a second try works.
+    assert m.login("alice", "secret")[0] == "OK"
+    m.logout()
+    stderr = proxy.stderr_text()
+    assert "wrong" not in stderr and "secret" not in stderr, "a password reached the log"
+
+
+def test_home_backend_unreachable(proxy_factory):
+    from referral_proxy.testing.dovecot import free_port
+
+    dead = free_port("127.0.0.5")
+    proxy = proxy_factory({"backends": {"dead": {"endpoint": f"tcp:host=127.0.0.5:port={dead}",
+                                                 "url": f"imap://127.0.0.5:{dead}"}},
+                           "map": {"default": "dead"}})
+    w = Wire(proxy.host, proxy.port)
+    reply = w.cmd(b"a1", b"LOGIN alice secret")
+    assert reply == [b"a1 NO [UNAVAILABLE] Mail server temporarily unavailable\r\n"]
+    assert w.cmd(b"a2", b"NOOP") == [b"a2 OK NOOP completed.\r\n"]
+    w.close()
+
+
+def test_replica_used_when_primary_is_down(proxy_factory):
+    from referral_proxy.testing.dovecot import free_port
+
+    dead = free_port("127.0.0.5")
+    proxy = proxy_factory({"backends": {"dead": {"endpoint": f"tcp:host=127.0.0.5:port={dead}",
+                                                 "url": f"imap://127.0.0.5:{dead}"}},
+                           "map": {"rules": [{"user": "alice", "mailbox": "*", "backend": ["dead", "b1"]}]}})
+    m = proxy.imaplib()
+    assert m.login("alice", "secret")[0] == "OK"
+    m.logout()
+
+
+def test_pipelined_commands_keep_their_tags(proxy_factory):
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"ap", b"APPEND INBOX {5+}\r\nhello")[-1].startswith(b"ap OK")
+    w.send(b"p1 NOOP\r\np2 SELECT INBOX\r\np3 CAPABILITY\r\np4 FETCH 1:* FLAGS\r\np5 NOOP\r\n")
+    lines = w.until_tagged(b"p5")
+    tagged = [line.split()[0] for line in lines if not line.startswith((b"*", b"+"))]
+    assert tagged == [b"p1", b"p2", b"p3", b"p4", b"p5"]
+    assert all(b" OK " in line for line in lines if not line.startswith((b"*", b"+")))
+    w.close()
+
+
+def test_unknown_command_after_login_is_relayed(proxy_factory):
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    reply = w.cmd(b"x1", b"FROBNICATE")
+    assert reply[-1].startswith(b"x1 BAD")
+    assert w.cmd(b"x2", b"NOOP")[-1].startswith(b"x2 OK")
+    assert w.cmd(b"x3", b"LOGIN a b") == [b"x3 BAD LOGIN is not allowed after login\r\n"]
+    w.close()
+
+
+def test_oversized_line_and_literals_leave_the_session_usable(proxy_factory):
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.send(b"big SEARCH TEXT " + b"x" * 70000 + b"\r\n")
+    assert w.line() == b"big BAD Command line too long (limit 65536 bytes)\r\n"
+    assert w.cmd(b"n1", b"NOOP")[-1].startswith(b"n1 OK")
+    # A synchronizing literal over the limit is refused before the client sends it.
+    w.send(b"s1 SELECT INBOX\r\n")
+    w.until_tagged(b"s1")
+    w.send(b"lit SEARCH TEXT {100000}\r\n")
+    assert w.line() == b"lit NO [TOOBIG] Literal too large (limit 65536 bytes)\r\n"
+    assert w.cmd(b"n2", b"NOOP")[-1].startswith(b"n2 OK")
+    # A non-synchronizing one is drained, then refused; what follows still works.
+    w.send(b"lit2 SEARCH TEXT {100000+}\r\n" + b"y" * 100000 + b" OR SEEN {3+}\r\nabc\r\nn3 NOOP\r\n")
+    assert w.line() == b"lit2 NO [TOOBIG] Literal too large (limit 65536 bytes)\r\n"
+    assert w.until_tagged(b"n3")[-1].startswith(b"n3 OK")
+    # An APPEND over the message limit: nothing is appended.
+    w.send(b"ap APPEND INBOX {600000000}\r\n")
+    assert w.line().startswith(b"ap NO [TOOBIG]")
+    assert w.cmd(b"st", b"STATUS INBOX (MESSAGES)")[0] == b"* STATUS INBOX (MESSAGES 0)\r\n"
+    # Garbage gets BAD with a reason.
+    w.send(b"\r\n")
+    assert w.line().startswith(b"* BAD Invalid command")
+    w.close()
+
+
+def test_append_sync_literal_waits_for_backend_trycreate(proxy_factory):
+    """A large synchronizing APPEND literal is announced to Dovecot first: its TRYCREATE arrives before the data."""
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.send(b"a1 APPEND Nowhere {200000}\r\n")
+    reply = w.line()
+    assert reply.startswith(b"a1 NO [TRYCREATE]"), reply
+    assert w.cmd(b"a2", b"NOOP")[-1].startswith(b"a2 OK")
+    w.send(b"a3 APPEND INBOX {200000}\r\n")
+    assert w.line().startswith(b"+ ")
+    w.send(b"Subject: big\r\n\r\n" + b"z" * (200000 - 16) + b"\r\n")
+    assert w.until_tagged(b"a3")[-1].startswith(b"a3 OK [APPENDUID ")
+    w.close()
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    """(current, peak) resident memory of a process in bytes, from the kernel's accounting."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def test_50mb_message_both_ways_with_bounded_memory(proxy_factory, fleet):
+    proxy = proxy_factory()
+    size = 50 * 1024 * 1024
+    body = (b"0123456789abcdef" * 4 + b"\r\n") * (size // 66)
+    message = _msg("big", body)
+    m = proxy.imaplib()
+    m.login("alice", "secret")
+    before, _ = _rss(proxy.pid)
+    assert m.append("INBOX", None, None, message)[0] == "OK"
+    m.select("INBOX", readonly=True)
+    typ, data = m.fetch("1", "(BODY.PEEK[])")
+    assert typ == "OK"
+    fetched = data[0][1]
+    _, peak = _rss(proxy.pid)
+    m.logout()
+    assert hashlib.sha256(fetched).hexdigest() == hashlib.sha256(message).hexdigest()
+    # The message went through the proxy both ways without the proxy holding it.
+    growth = peak - before
+    assert growth < 24 * 1024 * 1024, f"proxy memory grew by {growth / 1e6:.1f} MB for a {size / 1e6:.0f} MB message"
+    direct = fleet["b1"].client("alice")
+    direct.select("INBOX", readonly=True)
+    assert direct.fetch("1", "(RFC822.SIZE)")[1][0] == b"1 (RFC822.SIZE %d)" % len(message)
+    direct.logout()
+
+
+def _backend_connections(proxy_pid: int, port: int) -> int:
+    return sum(
+        1 for c in psutil.Process(proxy_pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_client_drop_closes_backend_connection(proxy_factory, fleet):
+    proxy = proxy_factory()
+    port = fleet["b1"].port
+    clients = []
+    for _ in range(5):
+        w = Wire(proxy.host, proxy.port)
+        w.login()
+        clients.append(w)
+    assert _wait_for(lambda: _backend_connections(proxy.pid, port) == 5)
+    # Dropped mid-command (inside a literal) and between commands alike.
+    clients[0].send(b"a APPEND INBOX {1000+}\r\npartial")
+    for w in clients:
+        w.sock.close()
+    assert _wait_for(lambda: _backend_connections(proxy.pid, port) == 0), "leaked backend connections"
+    direct = fleet["b1"].client("alice")
+    assert direct.status("INBOX", "(MESSAGES)")[1] == [b'INBOX (MESSAGES 0)'], "a partial APPEND was saved"
+    direct.logout()
+
+
+def test_backend_death_gives_bye(proxy_factory, tmp_path_factory):
+    from referral_proxy.testing.dovecot import Dovecot
+
+    from conftest import dovecot_root
+
+    solo = Dovecot("solo", "127.0.0.6", dovecot_root() / "solo")
+    solo.start()
+    try:
+        proxy = proxy_factory({"backends": {"solo": {"endpoint": solo.endpoint, "url": solo.url}},
+                               "map": {"default": "solo"}})
+        w = Wire(proxy.host, proxy.port)
+        w.login()
+        assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        solo.kill()
+        line = w.line()
+        assert line.startswith(b"* BYE"), line
+        assert w.closed()
+        solo.start()
+        w = Wire(proxy.host, proxy.port)
+        w.login()  # the proxy itself is fine
+        w.close()
+    finally:
+        solo.stop()
+
+
+def _socket_option(pid: int, fd: int, level: int, option: int) -> int:
+    """Read a socket option of another process's socket (pidfd_getfd, Linux >= 5.6, root)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        dup = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd
+        if dup < 0:
+            pytest.skip(f"pidfd_getfd not permitted here (errno {ctypes.get_errno()})")
+        with socket.socket(fileno=dup) as s:
+            return s.getsockopt(level, option)
+    finally:
+        os.close(pidfd)
+
+
+def test_tcp_nodelay_on_both_connections(proxy_factory, fleet):
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    conns = [c for c in psutil.Process(proxy.pid).net_connections(kind="tcp")
+             if c.status == psutil.CONN_ESTABLISHED]
+    client_side = [c for c in conns if c.laddr.port == proxy.port]
+    backend_side = [c for c in conns if c.raddr and c.raddr.port == fleet["b1"].port]
+    assert len(client_side) == 1 and len(backend_side) == 1
+    for c in client_side + backend_side:
+        assert _socket_option(proxy.pid, c.fd, socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    w.close()
