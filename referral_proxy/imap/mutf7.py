@@ -1,0 +1,91 @@
+"""Modified UTF-7 mailbox names (RFC 3501 section 5.1.3), sans-I/O.
+
+IMAP4rev1 mailbox names travel as 7-bit "modified UTF-7": printable US-ASCII
+(0x20-0x7e) stands for itself, except "&", which is written "&-"; every other
+character is UTF-16BE, base64-encoded with "," instead of "/" and no "="
+padding, between "&" and "-". The proxy needs the Unicode form to build
+RFC 5092 URLs (which carry UTF-8) and to compare names from different sources.
+
+:func:`decode` is strict: anything an RFC 3501 encoder could not have produced
+(8-bit or control bytes, a bad base64 run, a run that encodes printable
+ASCII, an unpaired surrogate) raises ValueError, so the caller can fall back
+to treating the name as opaque bytes. Two adjacent shifted runs
+("&AOk-&AOk-") are accepted: the RFC does not forbid them and some servers
+write them.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+__all__ = ["decode", "encode"]
+
+_AMP = 0x26
+_DASH = 0x2D
+# The modified base64 alphabet: standard base64 with "," in place of "/".
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,"
+_B64_RUN = re.compile(rb"[A-Za-z0-9+,]*")
+# Runs of characters that are written literally / that must be shifted.
+_RUNS = re.compile(r"[\x20-\x7e]+|[^\x20-\x7e]+")
+_PRINTABLE = re.compile(r"[\x20-\x7e]")
+# Bits left over in the last base64 character, by run length mod 8; lengths
+# not listed cannot come from a whole number of UTF-16 code units.
+_SPARE_BITS = {0: 0, 3: 2, 6: 4}
+
+
+def decode(name: bytes) -> str:
+    """The Unicode form of a modified UTF-7 mailbox name; ValueError if malformed."""
+    out: list[str] = []
+    i = 0
+    size = len(name)
+    while i < size:
+        byte = name[i]
+        if byte == _AMP:
+            run = _B64_RUN.match(name, i + 1)
+            assert run is not None  # "*" always matches
+            end = run.end()
+            if end >= size:
+                raise ValueError(f"unterminated shift at offset {i}")
+            if name[end] != _DASH:
+                raise ValueError(f"invalid modified base64 byte at offset {end}")
+            out.append(_decode_shift(run.group(), i) if end > i + 1 else "&")
+            i = end + 1
+        elif 0x20 <= byte <= 0x7E:
+            start = i
+            while i < size and 0x20 <= name[i] <= 0x7E and name[i] != _AMP:
+                i += 1
+            out.append(name[start:i].decode("ascii"))
+        else:
+            raise ValueError(f"byte 0x{byte:02x} at offset {i} must be shifted")
+    return "".join(out)
+
+
+def _decode_shift(run: bytes, offset: int) -> str:
+    """The characters of one shifted run (between "&" and "-"), checked canonical."""
+    spare = _SPARE_BITS.get(len(run) % 8)
+    if spare is None:
+        raise ValueError(f"shift at offset {offset} has an impossible length")
+    # Python 3.11's base64 ignores non-zero spare bits; an encoder never sets them.
+    if _ALPHABET.index(run[-1]) & ((1 << spare) - 1):
+        raise ValueError(f"shift at offset {offset} has non-zero spare bits")
+    padded = run.replace(b",", b"/") + b"=" * (-len(run) % 4)
+    try:
+        text = base64.b64decode(padded, validate=True).decode("utf-16-be")
+    except UnicodeDecodeError:
+        raise ValueError(f"shift at offset {offset} is not valid UTF-16") from None
+    if _PRINTABLE.search(text) is not None:
+        raise ValueError(f"shift at offset {offset} encodes printable ASCII")
+    return text
+
+
+def encode(name: str) -> bytes:
+    """The modified UTF-7 form of ``name``; ValueError if it holds a lone surrogate."""
+    out = bytearray()
+    for run in _RUNS.findall(name):
+        if _PRINTABLE.match(run) is not None:
+            out += run.replace("&", "&-").encode("ascii")
+        else:
+            data = base64.b64encode(run.encode("utf-16-be"))
+            out += b"&" + data.rstrip(b"=").replace(b"/", b",") + b"-"
+    return bytes(out)
