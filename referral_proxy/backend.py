@@ -72,12 +72,27 @@ class Credentials:
 
 
 @dataclass(frozen=True)
+class UntaggedResponse:
+    """One whole untagged response captured by an internal command."""
+
+    start: ResponseStart
+    fragments: tuple[bytes, ...]  # Line.data of each fragment (the first one includes "* NAME")
+    literals: tuple[bytes, ...]  # the literal after each fragment but the last
+    raw: bytes  # the response exactly as received, CRLF included
+
+    @property
+    def arguments(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """(fragments, literals) with the first fragment cut to what follows the name."""
+        return (self.start.rest,) + self.fragments[1:], self.literals
+
+
+@dataclass(frozen=True)
 class Tagged:
     """The completion of one internal command."""
 
     start: ResponseStart
     raw: bytes  # the tagged line with the proxy's tag, without CRLF
-    untagged: tuple[ResponseStart, ...] = ()
+    responses: tuple[UntaggedResponse, ...] = ()  # untagged responses received meanwhile
 
     @property
     def ok(self) -> bool:
@@ -87,7 +102,7 @@ class Tagged:
 class ResponseSink(TypingProtocol):
     """Receives the untagged responses of a backend a session relays."""
 
-    def untagged(self, start: ResponseStart | None, data: bytes, end: bool) -> None:
+    def untagged(self, backend: "BackendProtocol", start: ResponseStart | None, data: bytes, end: bool) -> None:
         """Raw bytes of an untagged response; *start* is given with its first chunk."""
 
     def backend_lost(self, backend: "BackendProtocol", reason: Failure) -> None:
@@ -97,7 +112,17 @@ class ResponseSink(TypingProtocol):
 @dataclass
 class _Pending:
     on_done: Callable[[ResponseStart, bytes], None]
-    untagged: list[ResponseStart] | None = None  # collected while no sink is attached
+
+
+@dataclass
+class _Capturing:
+    """An untagged response being captured whole."""
+
+    start: ResponseStart
+    fragments: list[bytes]
+    literals: list[bytes]
+    raw: list[bytes]
+    literal: bytearray | None = None
 
 
 class BackendProtocol(Protocol):
@@ -112,12 +137,16 @@ class BackendProtocol(Protocol):
         self.on_continuation: Callable[[bytes], None] | None = None
         self.closed = False
         self.bye_received = False
+        self.enabled: set[bytes] = set()  # extensions ENABLEd on this connection
         self.lost_reason: Failure | None = None
         self._framer = Framer(BACKEND_MAX_LINE, auto_accept=True)
         self._tags = (b"rp%d" % i for i in itertools.count(1))
         self._pending: dict[bytes, _Pending] = {}
         self._greeted = False
-        # The response being received: "untagged" (relayed), "tagged" (gathered), or None.
+        # Untagged responses go to `capture` while an internal command runs, else to the sink.
+        self.capture: list[UntaggedResponse] | None = None
+        self._capturing: _Capturing | None = None
+        # The response being received: "untagged" (relayed), "captured", "tagged", or None.
         self._current: str | None = None
         self._current_tagged: list[bytes] = []
         self._current_start: ResponseStart | None = None
@@ -157,6 +186,8 @@ class BackendProtocol(Protocol):
         if isinstance(event, Line):
             if event.first:
                 self._begin(event)
+            elif self._current == "captured":
+                self._capture_fragment(event)
             elif self._current == "untagged":
                 self._relay(event.data + _tail(event), event.literal is None)
             elif self._current == "tagged":
@@ -164,12 +195,19 @@ class BackendProtocol(Protocol):
                 if event.literal is None:
                     self._finish_tagged()
         elif isinstance(event, LiteralData):
-            if self._current == "untagged":
+            if self._current == "captured":
+                assert self._capturing is not None and self._capturing.literal is not None
+                self._capturing.literal += event.data
+                self._capturing.raw.append(event.data)
+            elif self._current == "untagged":
                 self._relay(event.data, False)
             elif self._current == "tagged":
                 self._current_tagged.append(event.data)
         elif isinstance(event, LiteralEnd):
-            pass
+            if self._current == "captured":
+                assert self._capturing is not None and self._capturing.literal is not None
+                self._capturing.literals.append(bytes(self._capturing.literal))
+                self._capturing.literal = None
         elif isinstance(event, LineTooLong):
             log.error("backend {name} sent a line over {limit} bytes; closing", name=self.name, limit=event.limit)
             self.transport.abortConnection()
@@ -208,18 +246,35 @@ class BackendProtocol(Protocol):
             self.capabilities = frozenset(capability_tokens(start.rest))
         elif start.code == "CAPABILITY":
             self.capabilities = frozenset(capability_tokens(start.code_args))
-        if self.sink is not None:
+        if self.capture is not None:
+            self._current = "captured"
+            self._capturing = _Capturing(start, [], [], [])
+            self._capture_fragment(line)
+        elif self.sink is not None:
             self._current = "untagged"
-            self.sink.untagged(start, line.data + _tail(line), line.literal is None)
+            self.sink.untagged(self, start, line.data + _tail(line), line.literal is None)
         else:
-            self._current = None  # collected (heads only) by internal commands
-            for p in self._pending.values():
-                if p.untagged is not None:
-                    p.untagged.append(start)
+            self._current = None
+            log.debug("backend {name}: dropped an untagged {what}", name=self.name, what=start.name or start.status)
+
+    def _capture_fragment(self, line: Line) -> None:
+        c = self._capturing
+        assert c is not None
+        c.fragments.append(line.data)
+        c.raw.append(line.data + _tail(line))
+        if line.literal is not None:
+            c.literal = bytearray()
+            return
+        self._current, self._capturing = None, None
+        response = UntaggedResponse(c.start, tuple(c.fragments), tuple(c.literals), b"".join(c.raw))
+        if self.capture is not None:
+            self.capture.append(response)
+        elif self.sink is not None:  # the internal command ended meanwhile
+            self.sink.untagged(self, c.start, response.raw, True)
 
     def _relay(self, data: bytes, end: bool) -> None:
         if self.sink is not None:
-            self.sink.untagged(None, data, end)
+            self.sink.untagged(self, None, data, end)
 
     def _finish_tagged(self) -> None:
         start = self._current_start
@@ -253,20 +308,27 @@ class BackendProtocol(Protocol):
             self.transport.write(data)
 
     def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None) -> defer.Deferred[Tagged]:
-        """Send an internal command and fire with its Tagged completion (any status)."""
+        """Send an internal command; fire with its Tagged completion (any status).
+
+        Untagged responses received until then are captured whole in
+        ``Tagged.responses`` (the caller relays what is not its own).
+        Only one internal command runs on a connection at a time.
+        """
         if self.closed:
             return defer.fail(BackendUnavailable(f"backend {self.name} connection is closed"))
         tag = self.next_tag()
         d: defer.Deferred[Tagged] = defer.Deferred()
-        collected: list[ResponseStart] = []
+        captured: list[UntaggedResponse] = []
+        self.capture = captured
 
         def done(start: ResponseStart, raw: bytes) -> None:
+            self.capture = None
             if start is _LOST:
                 d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
             else:
-                d.callback(Tagged(start, raw, tuple(collected)))
+                d.callback(Tagged(start, raw, tuple(captured)))
 
-        self._pending[tag] = _Pending(done, collected)
+        self._pending[tag] = _Pending(done)
         if on_continuation is not None:
             self.on_continuation = on_continuation
         self.transport.write(tag + b" " + text + b"\r\n")

@@ -20,8 +20,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="start three local Dovecot backends and the proxy in front of them")
     demo.add_argument("--port", type=int, default=1143, help="the proxy's port on 127.0.0.1 (default 1143)")
     demo.add_argument("--dir", help="where to keep the demo's files (default: a new temporary folder)")
+    mapp = sub.add_parser("map", help="show or change the mailbox map's run-time placements")
+    mapp.add_argument("--config", "-c", dest="map_config", required=True, help="the proxy's TOML configuration file")
+    map_sub = mapp.add_subparsers(dest="map_command", required=True)
+    show = map_sub.add_parser("show", help="where a user's mailboxes live")
+    show.add_argument("user")
+    set_ = map_sub.add_parser("set", help="place a mailbox on a backend (replicas after it)")
+    set_.add_argument("user")
+    set_.add_argument("mailbox")
+    set_.add_argument("backends", nargs="+", metavar="backend")
+    unset = map_sub.add_parser("unset", help="remove a placement (rules and default apply again)")
+    unset.add_argument("user")
+    unset.add_argument("mailbox")
     args = parser.parse_args(argv)
 
+    if args.command == "map":
+        from .mapcli import run_map
+
+        return run_map(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -88,6 +88,7 @@ class MapConfig:
     default: str
     store: str | None = None  # "sqlite:/abs/path" after loading
     rules: tuple[RuleConfig, ...] = ()
+    separator: str = "/"  # the backends' hierarchy separator, for patterns and listings
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,10 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
 
 
 def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfig]) -> MapConfig:
-    _only(raw, "map", {"default", "store", "rules"})
+    _only(raw, "map", {"default", "store", "rules", "separator"})
+    separator = _get(raw, "map", "separator", str, default="/")
+    if len(separator) != 1:
+        raise ConfigError("map.separator: must be one character")
     default = _get(raw, "map", "default", str, required=True)
     if default not in backends:
         raise ConfigError(f"map.default: unknown backend {default!r}")
@@ -240,7 +244,7 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
             mailbox=_get(r, where, "mailbox", str, default="*"),
             backends=names,
         ))
-    return MapConfig(default=default, store=store, rules=tuple(rules))
+    return MapConfig(default=default, store=store, rules=tuple(rules), separator=separator)
 
 
 # -- small validators -------------------------------------------------------

@@ -34,6 +34,8 @@ class PlacementStore(Protocol):
     """Where run-time placements (user, mailbox) -> backends are kept."""
 
     def load(self) -> dict[tuple[str, str], tuple[str, ...]]: ...
+    def changed(self) -> bool:
+        """True if another process wrote placements since the last load()."""
     def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None: ...
     def unset(self, user: str, mailbox: str) -> None: ...
     def close(self) -> None: ...
@@ -47,6 +49,9 @@ class MemoryStore:
 
     def load(self) -> dict[tuple[str, str], tuple[str, ...]]:
         return dict(self._rows)
+
+    def changed(self) -> bool:
+        return False
 
     def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
         self._rows[(user, mailbox)] = tuple(backends)
@@ -71,8 +76,16 @@ class SQLiteStore:
         )
 
     def load(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        self._version = self._data_version()
         rows = self._db.execute("SELECT user, mailbox, backends FROM placements")
         return {(u, m): tuple(b.split(",")) for u, m, b in rows}
+
+    def _data_version(self) -> int:
+        # Changes when ANOTHER connection commits (a local file read, microseconds).
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def changed(self) -> bool:
+        return self._data_version() != self._version
 
     def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
         with self._db:
@@ -128,8 +141,8 @@ def pattern_matches(pattern: str, mailbox: str, separator: str = "/") -> bool:
 class MailboxMap:
     """lookup(user, mailbox) -> Route, from placements, rules and the default."""
 
-    def __init__(self, config: MapConfig, store: PlacementStore | None = None, *, separator: str = "/") -> None:
-        self.separator = separator
+    def __init__(self, config: MapConfig, store: PlacementStore | None = None) -> None:
+        self.separator = config.separator
         self._store = store if store is not None else MemoryStore()
         self._placements = self._store.load()
         self.reconfigure(config)
@@ -138,7 +151,13 @@ class MailboxMap:
         """Swap in new rules (SIGHUP); placements are kept."""
         self._config = config
 
+    def _refresh(self) -> None:
+        """Pick up placements written by another process (``referral-proxy map set``)."""
+        if self._store.changed():
+            self._placements = self._store.load()
+
     def lookup(self, user: str, mailbox: str) -> Route:
+        self._refresh()
         mailbox = normalize(mailbox, self.separator)
         placed = self._placements.get((user, mailbox))
         if placed:
@@ -149,6 +168,25 @@ class MailboxMap:
             if rule.mailbox == "*" or pattern_matches(rule.mailbox, mailbox, self.separator):
                 return Route(rule.backends)
         return Route((self._config.default,))
+
+    def backends_for(self, user: str) -> list[str]:
+        """Primary backends that may own any of *user*'s mailboxes, home first."""
+        self._refresh()
+        found = [self.home(user).primary]
+        for (u, _m), backends in self._placements.items():
+            if u == user:
+                found.append(backends[0])
+        reaches_default = True
+        for rule in self._config.rules:
+            if rule.user is not None and rule.user != user:
+                continue
+            found.append(rule.backends[0])
+            if rule.mailbox == "*":  # catches everything: later rules and the default are unreachable
+                reaches_default = False
+                break
+        if reaches_default:
+            found.append(self._config.default)
+        return list(dict.fromkeys(found))
 
     def home(self, user: str) -> Route:
         """The user's home is the route of INBOX."""
@@ -166,6 +204,7 @@ class MailboxMap:
         self._placements.pop((user, mailbox), None)
 
     def placements(self, user: str) -> dict[str, tuple[str, ...]]:
+        self._refresh()
         return {m: b for (u, m), b in self._placements.items() if u == user}
 
     def close(self) -> None:

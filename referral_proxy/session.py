@@ -1,10 +1,12 @@
 """One client's IMAP session: the state machine and the dispatch of every command.
 
-Bytes from the client go through the codec's Framer; each command is either
-answered here (CAPABILITY, LOGIN, STARTTLS, LOGOUT ...), collected whole and
-relayed (every small command), or streamed to the backend as it arrives (APPEND,
-whose message literals may be huge). Responses come back from the backend as raw
-bytes and only the tag of the completion is rewritten.
+Bytes from the client go through the codec's Framer. Before login the proxy
+answers everything itself. After login each command is collected whole (small
+commands) or streamed (APPEND), then handled by the entry for its name in
+``_HANDLERS`` below: relayed to the backend that owns its mailbox (opening a
+connection to it on first use), answered with an RFC 2193 referral in a
+referral-aware session, merged across backends (LIST/LSUB), or answered here.
+Responses come back as raw bytes; only the tag of a completion is rewritten.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
@@ -23,20 +26,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__, capabilities
-from .backend import (
-    AuthenticationFailed,
-    BackendError,
-    BackendProtocol,
-    Credentials,
-    set_nodelay,
-)
+from . import __version__, capabilities, listing, referrals
+from .backend import AuthenticationFailed, BackendError, BackendProtocol, BackendUnavailable, Credentials, set_nodelay
 from .config import BackendConfig, Config
-from .imap.command import CommandStart, ParseError, astring_value, parse_arguments, parse_command_start, tag_of
+from .imap.command import (
+    Atom,
+    CommandStart,
+    ParenList,
+    ParseError,
+    String,
+    Token,
+    astring_value,
+    parse_arguments,
+    parse_command_start,
+    tag_of,
+)
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec
-from .imap.quoting import quoted
+from .imap.quoting import astring, quoted
 from .imap.response import ResponseStart
-from .routing import MailboxMap
+from .routing import MailboxMap, Route
 
 __all__ = ["ProxyContext", "ClientSession", "ReadGate"]
 
@@ -77,8 +85,8 @@ class Phase(Enum):
 class ReadGate:
     """Pauses reading from a transport while any reason holds.
 
-    It is registered as the producer of the *other* connection, so a slow peer
-    pauses this one (back-pressure), and the session adds its own reasons.
+    The session adds its own reasons (waiting for a backend); each backend
+    connection pauses it under a reason of its own (back-pressure).
     """
 
     def __init__(self, transport: Any) -> None:
@@ -110,6 +118,88 @@ class ReadGate:
         pass
 
 
+@implementer(IPushProducer)
+class _PeerPause:
+    """The client's ReadGate as seen by one backend connection's transport."""
+
+    def __init__(self, gate: ReadGate, reason: str) -> None:
+        self._gate, self._reason = gate, reason
+
+    def pauseProducing(self) -> None:
+        self._gate.pause(self._reason)
+
+    def resumeProducing(self) -> None:
+        self._gate.resume(self._reason)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class _AllBackends:
+    """Registered on the client's transport: a slow client pauses every backend."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.transports: set[Any] = set()
+
+    def add(self, transport: Any) -> None:
+        self.transports.add(transport)
+        if self.paused:
+            transport.pauseProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        for t in self.transports:
+            t.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        for t in list(self.transports):
+            if not getattr(t, "disconnected", False):
+                t.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Output:
+    """Serializes what several sources write to the client, a whole response at a time."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._owner: object = None  # the source in the middle of a response
+        self._queue: deque[tuple[object, bytes, bool]] = deque()
+
+    def write(self, source: object, data: bytes, end: bool = True) -> None:
+        if self._owner is None or self._owner is source:
+            self._write(data)
+            self._owner = None if end else source
+            if self._owner is None and self._queue:
+                self._flush()
+        else:
+            self._queue.append((source, data, end))
+
+    def _flush(self) -> None:
+        while self._queue:
+            index = 0
+            if self._owner is not None:
+                index = next((i for i, (s, _d, _e) in enumerate(self._queue) if s is self._owner), -1)
+                if index < 0:
+                    return
+            source, data, end = self._queue[index]
+            del self._queue[index]
+            self._write(data)
+            self._owner = None if end else source
+
+    def abandon(self, source: object) -> None:
+        """*source* is gone mid-response: let the others through."""
+        if self._owner is source:
+            self._owner = None
+        self._queue = deque(item for item in self._queue if item[0] is not source)
+        self._flush()
+
+
 @dataclass
 class _Collect:
     """A command gathered whole before it is handled or relayed."""
@@ -119,17 +209,27 @@ class _Collect:
     literals: list[bytes] = field(default_factory=list)
     current: bytearray | None = None  # the literal being received
     size: int = 0
+    append_mailbox: bool = False  # an APPEND whose mailbox name is a literal: stream after it
 
 
 @dataclass
 class _Stream:
-    """An APPEND being streamed to the backend fragment by fragment."""
+    """An APPEND being streamed to a backend fragment by fragment."""
 
     tag: bytes
     ptag: bytes
+    conn: BackendProtocol
     started: bool = False  # something of it has been written to the backend
     waiting: LiteralSpec | None = None  # a literal announced to the backend, awaiting its "+"
     refusal: bytes | None = None  # our answer, when we cancelled the backend's command
+
+
+class _Refused(Exception):
+    """A command answered with a NO before reaching a backend."""
+
+    def __init__(self, response: str) -> None:
+        super().__init__(response)
+        self.response = response
 
 
 class ClientSession(Protocol):
@@ -139,21 +239,27 @@ class ClientSession(Protocol):
         self.ctx = context
         self.config = context.config
         self.limits = context.config.proxy.limits
+        self.map = context.mailbox_map
         self.id = context.next_id()
         self.phase = Phase.NOT_AUTHENTICATED
         self.user: str | None = None
-        self.backend: BackendProtocol | None = None
+        self.home: str | None = None  # name of the backend serving the session
+        self.selected: str | None = None  # backend where a mailbox is selected (or being selected)
+        self.referral_aware = False
+        self._credentials: Credentials | None = None
+        self._conns: dict[str, BackendProtocol] = {}
+        self._connecting: dict[str, defer.Deferred[BackendProtocol]] = {}
+        self._enabled: list[bytes] = []  # what the client ENABLEd, replayed on new connections
         self._framer = Framer(self.limits.max_line)
         self._gate: ReadGate | None = None
-        self._backend_gate: ReadGate | None = None
+        self._backends_producer = _AllBackends()
+        self._out = _Output(self._transport_write)
         self._cmd: _Collect | _Stream | None = None
         self._blocked: str | None = None
-        self._stashed: Line | None = None  # a command waiting for the backend to go idle
         self._pumping = False
         self._sasl_tag: bytes | None = None  # AUTHENTICATE awaiting the client's response line
-        self._idle: bytes | None = None  # client tag of a relayed IDLE
-        self._relay_open = False  # an untagged response is being relayed (mid-literal)
-        self._local_queue: list[bytes] = []
+        self._idle: tuple[bytes, BackendProtocol] | None = None  # a relayed IDLE: client tag, backend
+        self._idle_waiters: list[tuple[BackendProtocol | None, defer.Deferred[None]]] = []
         self._login_timer: Any = None
         self._peer = "?"
 
@@ -178,22 +284,22 @@ class ClientSession(Protocol):
         self.phase = Phase.LOGOUT
         self._cancel_login_timer()
         self.ctx.sessions.discard(self)
-        if self.backend is not None:
-            backend, self.backend = self.backend, None
-            backend.sink = None
-            backend.logout()
+        self._logout_backends()
         log.info("session {id} closed ({user})", id=self.id, user=self.user or "not logged in")
 
     def shutdown(self) -> None:
-        """The proxy is stopping: tell the client, and log its backend out."""
+        """The proxy is stopping: tell the client, and log its backends out."""
         if self.phase is not Phase.LOGOUT:
-            self._relay_open = False
+            self._out = _Output(self._transport_write)
             self._send(b"* BYE Server shutting down\r\n")
-            if self.backend is not None:
-                backend, self.backend = self.backend, None
-                backend.sink = None
-                backend.logout()
+            self._logout_backends()
             self._close()
+
+    def _logout_backends(self) -> None:
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.sink = None
+            conn.logout()
 
     def _close(self) -> None:
         self.phase = Phase.LOGOUT
@@ -201,12 +307,12 @@ class ClientSession(Protocol):
 
     # -- output --------------------------------------------------------------
 
+    def _transport_write(self, data: bytes) -> None:
+        self.transport.write(data)
+
     def _send(self, data: bytes) -> None:
-        """Write a response of the proxy's own, never inside a relayed one."""
-        if self._relay_open:
-            self._local_queue.append(data)
-        else:
-            self.transport.write(data)
+        """A response of the proxy's own: never written inside a relayed one."""
+        self._out.write(self, data)
 
     def _tagged(self, tag: bytes, status: str, text: str) -> None:
         self._send(b"%s %s %s\r\n" % (tag, status.encode(), text.encode("utf-8")))
@@ -230,10 +336,6 @@ class ClientSession(Protocol):
         self._pumping = True
         try:
             while self._blocked is None and self.phase is not Phase.LOGOUT:
-                if self._stashed is not None:
-                    line, self._stashed = self._stashed, None
-                    self._line(line)
-                    continue
                 event = self._framer.next_event()
                 if event is NEED_DATA:
                     break
@@ -254,8 +356,8 @@ class ClientSession(Protocol):
             if isinstance(cmd, _Collect):
                 assert cmd.current is not None
                 cmd.current += event.data
-            elif isinstance(cmd, _Stream) and self.backend is not None:
-                self.backend.write(event.data)
+            elif isinstance(cmd, _Stream):
+                cmd.conn.write(event.data)
         elif isinstance(event, LiteralEnd):
             if isinstance(cmd, _Collect):
                 assert cmd.current is not None
@@ -274,17 +376,37 @@ class ClientSession(Protocol):
         elif isinstance(cmd, _Stream):
             self._cancel_stream(cmd, b"%s BAD %s\r\n" % (cmd.tag, why.encode()))
 
+    def _run(self, tag: bytes, work: Coroutine[Any, Any, None]) -> None:
+        """Handle a command that must wait (a connection, a quiet backend): input pauses meanwhile."""
+        self._block("task")
+
+        def failed(f: Failure) -> None:
+            if f.check(_Refused):
+                self._send(b"%s %s\r\n" % (tag, f.value.response.encode()))
+            elif f.check(BackendError):
+                log.warn("session {id}: {why}", id=self.id, why=f.getErrorMessage())
+                self._tagged(tag, "NO", "[UNAVAILABLE] Mail server temporarily unavailable")
+            else:
+                log.failure("session {id}: command failed", f, id=self.id)
+                self._tagged(tag, "NO", "[SERVERBUG] Internal proxy error")
+
+        def finished(_: object) -> None:
+            if self._blocked == "task":
+                self._unblock()
+
+        defer.ensureDeferred(work).addErrback(failed).addBoth(finished)
+
     # -- a new command line ----------------------------------------------------------
 
     def _line(self, line: Line) -> None:
         if self._sasl_tag is not None:
             self._sasl_response(line)
             return
-        if self._idle is not None and self.backend is not None:
+        if self._idle is not None:
             # DONE (or whatever the client sends) goes to the backend, which ends the IDLE.
             if line.literal is not None:
                 self._framer.reject_literal()
-            self.backend.write(line.data + b"\r\n")
+            self._idle[1].write(line.data + b"\r\n")
             return
         try:
             start = parse_command_start(line.data)
@@ -321,33 +443,27 @@ class ClientSession(Protocol):
 
     def _authenticated(self, line: Line, start: CommandStart) -> None:
         name = start.name
-        if name in ("CAPABILITY", "LOGOUT") and self.backend is not None and self.backend.busy:
-            # Answer in order: after the relayed commands before it are complete.
-            self._stashed = line
-            self._block("drain")
-            return
-        if name == "CAPABILITY" and line.literal is None:
-            self._send(b"* CAPABILITY %s\r\n" % " ".join(self._post_login_caps()).encode())
-            self._tagged(start.tag, "OK", "Capability completed.")
-        elif name == "LOGOUT" and line.literal is None:
-            self._logout(start.tag)
-        elif name in ("LOGIN", "AUTHENTICATE", "STARTTLS"):
+        if name in ("LOGIN", "AUTHENTICATE", "STARTTLS"):
             if line.literal is not None:
                 self._framer.reject_literal()
             self._tagged(start.tag, "BAD", f"{name} is not allowed after login")
         elif name == "APPEND":
-            self._begin_stream(line, start)
+            self._begin_append(line, start)
         else:
             self._begin_collect(line, start)
 
     # -- collected commands ---------------------------------------------------------
 
-    def _begin_collect(self, line: Line, start: CommandStart) -> None:
-        cmd = _Collect(start, [start.rest], size=len(line.data))
+    def _begin_collect(self, line: Line, start: CommandStart, *, append_mailbox: bool = False) -> None:
+        cmd = _Collect(start, [start.rest], size=len(line.data), append_mailbox=append_mailbox)
         self._cmd = cmd
         self._collect_literal_or_finish(cmd, line.literal)
 
     def _collect_fragment(self, cmd: _Collect, line: Line) -> None:
+        if cmd.append_mailbox:  # the mailbox literal of an APPEND is in: stream the rest
+            self._cmd = None
+            self._append(cmd.start, cmd.literals[0], b"APPEND " + astring(cmd.literals[0]) + line.data, line.literal)
+            return
         cmd.fragments.append(line.data)
         cmd.size += len(line.data)
         self._collect_literal_or_finish(cmd, line.literal)
@@ -370,20 +486,20 @@ class ClientSession(Protocol):
             self._send(b"+ Ready for literal data\r\n")
 
     def _dispatch_collected(self, cmd: _Collect) -> None:
-        name = cmd.start.name
+        try:
+            args: list[Token] | None = parse_arguments(cmd.fragments, cmd.literals)
+        except ParseError as e:
+            if self.phase is Phase.NOT_AUTHENTICATED:
+                self._tagged(cmd.start.tag, "BAD", f"Invalid arguments: {e}")
+                return
+            args = None  # relayed as it is: the backend explains what is wrong
         if self.phase is Phase.NOT_AUTHENTICATED:
             try:
-                args = parse_arguments(cmd.fragments, cmd.literals)
-                if name == "LOGIN":
-                    self._login_command(cmd.start.tag, args)
-                elif name == "AUTHENTICATE":
-                    self._authenticate_command(cmd.start.tag, args)
-                elif name == "ID":
-                    self._id_command(cmd.start.tag)
+                _PRE_LOGIN[cmd.start.name](self, cmd.start.tag, args)
             except ParseError as e:
                 self._tagged(cmd.start.tag, "BAD", f"Invalid arguments: {e}")
             return
-        self._relay_collected(cmd)
+        _HANDLERS.get(cmd.start.name, ClientSession._to_selected)(self, cmd, args)
 
     # -- pre-login commands --------------------------------------------------------------
 
@@ -397,8 +513,8 @@ class ClientSession(Protocol):
         )
 
     def _post_login_caps(self) -> list[str]:
-        assert self.backend is not None
-        return capabilities.post_login(sorted(self.backend.capabilities))
+        conn = self._conns.get(self.home or "")
+        return capabilities.post_login(sorted(conn.capabilities) if conn is not None else [])
 
     def _tls_active(self) -> bool:
         return ISSLTransport.providedBy(self.transport)
@@ -406,7 +522,7 @@ class ClientSession(Protocol):
     def _plaintext_ok(self) -> bool:
         return self.config.proxy.allow_plaintext_login or self._tls_active()
 
-    def _id_command(self, tag: bytes) -> None:
+    def _id_command(self, tag: bytes, args: list[Token] | None) -> None:
         self._send(b'* ID ("name" "referral-proxy" "version" %s)\r\n' % quoted(__version__.encode()))
         self._tagged(tag, "OK", "ID completed.")
 
@@ -420,8 +536,8 @@ class ClientSession(Protocol):
         self._framer = Framer(self.limits.max_line)
         self.transport.startTLS(self.ctx.server_tls)
 
-    def _login_command(self, tag: bytes, args: list[Any]) -> None:
-        if len(args) != 2:
+    def _login_command(self, tag: bytes, args: list[Token] | None) -> None:
+        if args is None or len(args) != 2:
             raise ParseError("LOGIN takes a user name and a password")
         if not self._plaintext_ok():
             self._tagged(tag, "NO", "[PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first")
@@ -430,7 +546,7 @@ class ClientSession(Protocol):
         password = astring_value(args[1]).decode("utf-8", "replace")
         self._start_login(tag, Credentials(user=user, password=password))
 
-    def _authenticate_command(self, tag: bytes, args: list[Any]) -> None:
+    def _authenticate_command(self, tag: bytes, args: list[Token] | None) -> None:
         if not args:
             raise ParseError("AUTHENTICATE needs a mechanism")
         mechanism = astring_value(args[0]).upper()
@@ -478,7 +594,7 @@ class ClientSession(Protocol):
 
     async def _login(self, tag: bytes, creds: Credentials) -> None:
         user = creds.authzid or creds.user
-        route = self.ctx.mailbox_map.home(user)
+        route = self.map.home(user)
         proto = None
         failure: BackendError | None = None
         for name in route.backends:
@@ -498,29 +614,30 @@ class ClientSession(Protocol):
             if isinstance(failure, AuthenticationFailed):
                 log.info("session {id}: login of {user} refused by backend", id=self.id, user=user)
                 start = failure.response.start
-                code = f"[{start.code}{' ' if start.code_args else ''}{start.code_args.decode('utf-8', 'replace')}] " if start.code else "[AUTHENTICATIONFAILED] "
+                code = (f"[{start.code}{' ' if start.code_args else ''}{start.code_args.decode('utf-8', 'replace')}] "
+                        if start.code else "[AUTHENTICATIONFAILED] ")
                 self._tagged(tag, "NO", code + (start.text.decode("utf-8", "replace") or "Authentication failed."))
             else:
                 log.warn("session {id}: no backend for {user}: {why}", id=self.id, user=user, why=str(failure))
                 self._tagged(tag, "NO", "[UNAVAILABLE] Mail server temporarily unavailable")
             self._unblock()
             return
+        backend_config = self.config.backends[proto.name]
+        if self.config.proxy.login_referrals and backend_config.login_referral and referrals.referable(self.config, backend_config):
+            proto.logout()  # the credentials are good: send the client to its server (RFC 2221)
+            url = referrals.login_url(self.config, backend_config, user)
+            log.info("session {id}: {user} referred to {url}", id=self.id, user=user, url=url)
+            self._send(referrals.referral(tag, [url], f"Log in to {backend_config.url_host} directly"))
+            self._unblock()
+            return
+        self.user, self._credentials, self.home = user, creds, proto.name
         self._attach(proto)
-        self.user = user
         self.phase = Phase.AUTHENTICATED
+        self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
         log.info("session {id}: {user} logged in on {backend}", id=self.id, user=user, backend=proto.name)
         self._tagged(tag, "OK", f"[CAPABILITY {' '.join(self._post_login_caps())}] Logged in")
         self._unblock()
-
-    def _attach(self, proto: BackendProtocol) -> None:
-        """Make *proto* the session's backend, each side the other's producer."""
-        self.backend = proto
-        proto.sink = self
-        self._backend_gate = ReadGate(proto.transport)
-        self.transport.registerProducer(self._backend_gate, True)
-        assert self._gate is not None
-        proto.transport.registerProducer(self._gate, True)
 
     def _login_timed_out(self) -> None:
         self._login_timer = None
@@ -536,35 +653,125 @@ class ClientSession(Protocol):
     def _logout(self, tag: bytes) -> None:
         self._send(b"* BYE Logging out\r\n")
         self._tagged(tag, "OK", "Logout completed.")
-        if self.backend is not None:
-            backend, self.backend = self.backend, None
-            backend.sink = None
-            backend.logout()
+        self._logout_backends()
         self._close()
+
+    # -- backend connections ----------------------------------------------------------
+
+    def _attach(self, proto: BackendProtocol) -> None:
+        """Add *proto* to the session's connections, each side the other's producer."""
+        self._conns[proto.name] = proto
+        proto.sink = self
+        if not self._backends_producer.transports:
+            self.transport.registerProducer(self._backends_producer, True)
+        self._backends_producer.add(proto.transport)
+        assert self._gate is not None
+        proto.transport.registerProducer(_PeerPause(self._gate, f"backend:{proto.name}"), True)
+
+    def _ready(self, name: str) -> BackendProtocol | None:
+        """The open connection to *name*, if there is one."""
+        conn = self._conns.get(name)
+        return conn if conn is not None and not conn.closed else None
+
+    def _credentials_for(self, backend: BackendConfig) -> Credentials:
+        """The user's own credentials, or the backend's master user acting as the user."""
+        assert self._credentials is not None and self.user is not None
+        if backend.master_user is not None and backend.master_password is not None:
+            return Credentials(user=backend.master_user, password=backend.master_password, authzid=self.user)
+        return self._credentials
+
+    async def _connection(self, route: Route | str) -> BackendProtocol:
+        """An authenticated connection to the route's backend, opened on first use."""
+        names = (route,) if isinstance(route, str) else route.backends
+        last: BackendError | None = None
+        for name in names:
+            conn = self._ready(name)
+            if conn is not None:
+                return conn
+            try:
+                if name not in self._connecting:
+                    cfg = self.config.backends[name]
+                    self._connecting[name] = defer.ensureDeferred(self.ctx.connect(cfg, self._credentials_for(cfg)))
+                try:
+                    conn = await self._connecting[name]
+                finally:
+                    self._connecting.pop(name, None)
+            except AuthenticationFailed as e:
+                raise BackendUnavailable(f"backend {name} refused the login of {self.user}") from e
+            except BackendError as e:
+                last = e
+                continue
+            if self.phase is Phase.LOGOUT:
+                conn.logout()
+                raise BackendUnavailable("session closed")
+            self._attach(conn)
+            log.info("session {id}: {user} also connected to {backend}", id=self.id, user=self.user, backend=name)
+            return conn
+        raise last or BackendUnavailable("no backend")
+
+    def _busy_except(self, conn: BackendProtocol | None) -> bool:
+        return any(c.busy for c in self._conns.values() if c is not conn)
+
+    def _quiet(self, conn: BackendProtocol | None) -> defer.Deferred[None]:
+        """Fires once no backend but *conn* has a command in flight (None: no backend at all).
+
+        Responses of two backends would interleave on the client's connection;
+        commands to one backend may still be pipelined.
+        """
+        def ready() -> bool:
+            return not self._busy_except(conn) and (conn is not None or not any(c.busy for c in self._conns.values()))
+
+        if ready():
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append((conn, d))
+        return d
+
+    def _check_quiet(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for conn, d in waiters:
+            if not self._busy_except(conn) and (conn is not None or not any(c.busy for c in self._conns.values())):
+                d.callback(None)
+            else:
+                self._idle_waiters.append((conn, d))
+
+    async def _prepare(self, conn: BackendProtocol) -> None:
+        """Replay what the client ENABLEd on a connection that has not seen it."""
+        missing = [e for e in self._enabled if e not in conn.enabled]
+        if missing:
+            await conn.command(b"ENABLE " + b" ".join(missing))
+            conn.enabled.update(missing)
+
+    def _fast(self, name: str) -> BackendProtocol | None:
+        """The connection to relay to at once, if nothing has to happen first."""
+        conn = self._ready(name)
+        if conn is None or self._busy_except(conn) or any(e not in conn.enabled for e in self._enabled):
+            return None
+        return conn
 
     # -- relaying ---------------------------------------------------------------------
 
-    def _relay_collected(self, cmd: _Collect) -> None:
-        """Send a whole collected command to the backend under the proxy's tag."""
-        backend = self.backend
-        assert backend is not None
-        ptag = backend.next_tag()
+    def _relay(self, conn: BackendProtocol, cmd: _Collect, after: Callable[[ResponseStart], None] | None = None,
+               name: str | None = None) -> None:
+        """Send a whole collected command to *conn* under the proxy's tag."""
+        ptag = conn.next_tag()
         tag = cmd.start.tag
-        backend.expect(ptag, lambda start, raw: self._relayed_done(tag, ptag, start, raw))
-        head = ptag + b" " + cmd.start.name.encode() + (b" " + cmd.fragments[0] if cmd.fragments[0] else b"")
+        conn.expect(ptag, lambda start, raw: self._relayed_done(conn, tag, ptag, start, raw, after))
+        name = name or cmd.start.name
+        head = ptag + b" " + name.encode() + (b" " + cmd.fragments[0] if cmd.fragments[0] else b"")
         parts = [head] + cmd.fragments[1:]
-        if cmd.start.name == "IDLE":
-            self._idle = tag
-            backend.on_continuation = lambda text: self._send(b"+ " + text + b"\r\n")
+        if name == "IDLE":
+            self._idle = (tag, conn)
+            conn.on_continuation = lambda text: self._send(b"+ " + text + b"\r\n")
         if not cmd.literals:
-            backend.write(head + b"\r\n")
+            conn.write(head + b"\r\n")
             return
-        if "LITERAL+" in backend.capabilities:
+        if "LITERAL+" in conn.capabilities:
             out = []
             for part, lit in zip(parts, cmd.literals):
                 out += [part, b"{%d+}\r\n" % len(lit), lit]
             out += [parts[-1], b"\r\n"]
-            backend.write(b"".join(out))
+            conn.write(b"".join(out))
             return
         # A backend without LITERAL+: announce each literal and wait for its "+".
         self._block("literal")
@@ -572,39 +779,366 @@ class ClientSession(Protocol):
 
         def send_next() -> None:
             if not pending:
-                backend.write(parts[-1] + b"\r\n")
+                conn.write(parts[-1] + b"\r\n")
                 self._unblock()
                 return
             part, lit = pending.pop(0)
-            backend.on_continuation = lambda _text: (backend.write(lit), send_next())
-            backend.write(part + b"{%d}\r\n" % len(lit))
+            conn.on_continuation = lambda _text: (conn.write(lit), send_next())
+            conn.write(part + b"{%d}\r\n" % len(lit))
 
         send_next()
 
-    def _relayed_done(self, tag: bytes, ptag: bytes, start: ResponseStart, raw: bytes) -> None:
-        if start.tag is None:  # connection lost: backend_lost says BYE
-            return
-        if self._idle == tag:
+    def _relayed_done(self, conn: BackendProtocol, tag: bytes, ptag: bytes, start: ResponseStart, raw: bytes,
+                      after: Callable[[ResponseStart], None] | None) -> None:
+        if self._idle is not None and self._idle[0] == tag:
             self._idle = None
-        self._send(tag + raw[len(ptag):])
-        if self._blocked == "literal" and self.backend is not None:
-            self.backend.on_continuation = None
+        if start.tag is None:  # the connection is lost
+            if not self._session_dies_with(conn):
+                self._tagged(tag, "NO", "[UNAVAILABLE] Mail server connection lost")
+        else:
+            self._out.write(conn, tag + raw[len(ptag):])
+            if after is not None:
+                after(start)
+        if self._blocked == "literal":
+            conn.on_continuation = None
             self._unblock()  # the backend refused before all literals were sent
-        if self._blocked == "drain" and self.backend is not None and not self.backend.busy:
-            self._unblock()
+        self._check_quiet()
 
-    # -- streamed APPEND -------------------------------------------------------------------
+    def _relay_to(self, cmd: _Collect, route: Route | str, after: Callable[[ResponseStart], None] | None = None,
+                  name: str | None = None) -> None:
+        """Relay to the route's backend: at once if it is ready, else once it is."""
+        first = route if isinstance(route, str) else route.primary
+        conn = self._fast(first)
+        if conn is not None:
+            self._relay(conn, cmd, after, name)
+            return
 
-    def _begin_stream(self, line: Line, start: CommandStart) -> None:
-        assert self.backend is not None
-        ptag = self.backend.next_tag()
-        cmd = _Stream(tag=start.tag, ptag=ptag)
-        self._cmd = cmd
-        self._stream_fragment(cmd, ptag + line.data[len(start.tag):], line.literal)
+        async def later() -> None:
+            conn = await self._connection(route)
+            await self._quiet(conn)
+            await self._prepare(conn)
+            self._relay(conn, cmd, after, name)
+
+        self._run(cmd.start.tag, later())
+
+    # -- command handlers (post-login) -------------------------------------------------
+
+    def _mailbox(self, args: list[Token] | None, index: int) -> bytes | None:
+        if args is None or len(args) <= index or not isinstance(args[index], (Atom, String)):
+            return None
+        return args[index].value  # type: ignore[union-attr]
+
+    def _route_of(self, mailbox: bytes) -> Route:
+        assert self.user is not None
+        return self.map.lookup(self.user, mailbox.decode("utf-8", "surrogateescape"))
+
+    def _refers(self, route: Route) -> bool:
+        """In a referral-aware session, a mailbox on another backend is referred, not proxied."""
+        return (
+            self.referral_aware
+            and route.primary != self.home
+            and referrals.referable(self.config, self.config.backends[route.primary])
+        )
+
+    def _refer(self, tag: bytes, route: Route, mailbox: bytes) -> None:
+        assert self.user is not None
+        self._send(referrals.referral(tag, referrals.mailbox_urls(self.config, route, self.user, mailbox)))
+
+    def _to_selected(self, cmd: _Collect, args: list[Token] | None = None) -> None:
+        """Commands of the selected mailbox (and anything unknown): where the mailbox is selected."""
+        assert self.home is not None
+        self._relay_to(cmd, self.selected or self.home)
+
+    def _to_home(self, cmd: _Collect, args: list[Token] | None) -> None:
+        assert self.home is not None
+        self._relay_to(cmd, self.home)
+
+    def _by_mailbox(self, cmd: _Collect, args: list[Token] | None) -> None:
+        """CREATE, DELETE, STATUS, SUBSCRIBE ...: to the backend that owns the mailbox."""
+        mailbox = self._mailbox(args, 0)
+        if mailbox is None:
+            return self._to_selected(cmd)
+        route = self._route_of(mailbox)
+        if self._refers(route):
+            return self._refer(cmd.start.tag, route, mailbox)
+        self._relay_to(cmd, route)
+
+    def _select(self, cmd: _Collect, args: list[Token] | None) -> None:
+        """SELECT / EXAMINE: the selected state moves to the mailbox's backend."""
+        mailbox = self._mailbox(args, 0)
+        if mailbox is None:
+            return self._to_selected(cmd)
+        route = self._route_of(mailbox)
+        refer = self._refers(route)
+        conn = self._fast(route.primary)
+        if not refer and conn is not None and self.selected in (None, conn.name):
+            self.selected = conn.name
+            self._relay(conn, cmd, self._select_done(conn))
+            return
+
+        async def switch() -> None:
+            conn = None if refer else await self._connection(route)
+            await self._quiet(None)
+            old = self._ready(self.selected) if self.selected else None
+            if old is not None and old is not conn:
+                # A failed or referred SELECT leaves no mailbox selected (RFC 3501 6.3.1).
+                await self._unselect(old)
+            if refer:
+                self.selected = None
+                return self._refer(cmd.start.tag, route, mailbox)
+            assert conn is not None
+            await self._prepare(conn)
+            self.selected = conn.name
+            self._relay(conn, cmd, self._select_done(conn))
+
+        self._run(cmd.start.tag, switch())
+
+    def _select_done(self, conn: BackendProtocol) -> Callable[[ResponseStart], None]:
+        def done(start: ResponseStart) -> None:
+            if start.status == "NO" and self.selected == conn.name:
+                self.selected = None
+        return done
+
+    async def _unselect(self, conn: BackendProtocol) -> None:
+        """Leave the mailbox selected on *conn* without expunging it (never CLOSE)."""
+        if "UNSELECT" in conn.capabilities:
+            result = await conn.command(b"UNSELECT")
+        else:  # a failed EXAMINE deselects too (RFC 3501 6.3.1)
+            result = await conn.command(b'EXAMINE "referral-proxy/no such mailbox"')
+        for r in result.responses:
+            if r.start.code != "CLOSED":
+                self._out.write(conn, r.raw)
+        if b"QRESYNC" in self._enabled:
+            self._send(b"* OK [CLOSED] Previous mailbox closed.\r\n")
+
+    def _closed_mailbox(self, cmd: _Collect, args: list[Token] | None) -> None:
+        """CLOSE / UNSELECT: relayed where the mailbox is selected; the session is unselected after."""
+        def done(start: ResponseStart) -> None:
+            if start.status == "OK":
+                self.selected = None
+        assert self.home is not None
+        self._relay_to(cmd, self.selected or self.home, done)
+
+    def _copy(self, cmd: _Collect, args: list[Token] | None) -> None:
+        """COPY / MOVE: relayed when the destination lives with the selected mailbox."""
+        mailbox = self._mailbox(args, 1)
+        if mailbox is None:
+            return self._to_selected(cmd)
+        route = self._route_of(mailbox)
+        source = self.selected or self.home
+        if route.primary == source or source in route.backends:
+            return self._relay_to(cmd, source)  # type: ignore[arg-type]
+        if self._refers(route):
+            return self._refer(cmd.start.tag, route, mailbox)
+        self._tagged(cmd.start.tag, "NO", "[CANNOT] Copying between mail servers is not available yet")
+
+    def _rename(self, cmd: _Collect, args: list[Token] | None) -> None:
+        """RENAME on one backend is relayed (placements follow); across backends it is referred."""
+        old, new = self._mailbox(args, 0), self._mailbox(args, 1)
+        if old is None or new is None:
+            return self._to_selected(cmd)
+        old_route, new_route = self._route_of(old), self._route_of(new)
+        if self.referral_aware and (self._refers(old_route) or self._refers(new_route)):
+            assert self.user is not None
+            urls = [referrals.mailbox_urls(self.config, old_route, self.user, old)[0],
+                    referrals.mailbox_urls(self.config, new_route, self.user, new)[0]]
+            self._send(referrals.referral(cmd.start.tag, urls))
+            return
+        if old_route.primary != new_route.primary:
+            self._tagged(cmd.start.tag, "NO", "[CANNOT] Moving a mailbox between mail servers is not available yet")
+            return
+
+        def done(start: ResponseStart) -> None:
+            if start.status == "OK":
+                self._move_placements(old, new)
+
+        self._relay_to(cmd, old_route, done)
+
+    def _move_placements(self, old: bytes, new: bytes) -> None:
+        """Placements under the old name now belong to the new one."""
+        assert self.user is not None
+        sep = self.map.separator
+        old_s, new_s = old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape")
+        for name, backends in self.map.placements(self.user).items():
+            if name == old_s or name.startswith(old_s + sep):
+                self.map.unplace(self.user, name)
+                self.map.place(self.user, new_s + name[len(old_s):], backends)
+
+    def _enable(self, cmd: _Collect, args: list[Token] | None) -> None:
+        """ENABLE: relayed, and remembered for connections opened later."""
+        for a in args or ():
+            if isinstance(a, Atom) and a.value.upper() not in self._enabled:
+                self._enabled.append(a.value.upper())
+        target = self.selected or self.home
+        assert target is not None
+
+        def done(start: ResponseStart) -> None:
+            conn = self._ready(target)
+            if start.status == "OK" and conn is not None:
+                conn.enabled.update(self._enabled)
+
+        # Relayed as it is (not through _fast, which would replay it first).
+        conn = self._ready(target)
+        if conn is not None and not self._busy_except(conn):
+            self._relay(conn, cmd, done)
+        else:
+            self._relay_to(cmd, target, done)
+
+    def _capability(self, cmd: _Collect, args: list[Token] | None) -> None:
+        async def answer() -> None:
+            await self._quiet(None)  # in order, after the relayed commands before it
+            self._send(b"* CAPABILITY %s\r\n" % " ".join(self._post_login_caps()).encode())
+            self._tagged(cmd.start.tag, "OK", "Capability completed.")
+
+        if not any(c.busy for c in self._conns.values()):
+            self._send(b"* CAPABILITY %s\r\n" % " ".join(self._post_login_caps()).encode())
+            self._tagged(cmd.start.tag, "OK", "Capability completed.")
+        else:
+            self._run(cmd.start.tag, answer())
+
+    def _logout_command(self, cmd: _Collect, args: list[Token] | None) -> None:
+        async def answer() -> None:
+            await self._quiet(None)
+            self._logout(cmd.start.tag)
+
+        self._run(cmd.start.tag, answer())
+
+    # -- LIST / LSUB / RLIST / RLSUB --------------------------------------------------------
+
+    def _list(self, cmd: _Collect, args: list[Token] | None) -> None:
+        name = cmd.start.name
+        kind = "LSUB" if name in ("LSUB", "RLSUB") else "LIST"
+        remote_option = (
+            name == "LIST" and args is not None and len(args) > 0 and isinstance(args[0], ParenList)
+            and any(isinstance(t, Atom) and t.value.upper() == b"REMOTE" for t in args[0].items)
+        )
+        if (name in ("RLIST", "RLSUB") or remote_option) and self.config.proxy.referrals == "aware":
+            self.referral_aware = True
+        if args is None:
+            return self._relay_to(cmd, self.home, name=kind)  # type: ignore[arg-type]
+        remote = name in ("RLIST", "RLSUB") or remote_option or not self.referral_aware
+        assert self.user is not None and self.home is not None
+        backends = self.map.backends_for(self.user) if remote else [self.home]
+        if listing.is_basic_list(args):
+            reference, pattern = (astring_value(a) for a in args)
+            if pattern == b"":  # the hierarchy delimiter: any backend knows it
+                return self._relay_to(cmd, self.home, name=kind)
+            self._run(cmd.start.tag, self._merged_list(cmd.start.tag, kind, reference, pattern, backends))
+        else:
+            self._run(cmd.start.tag, self._filtered_list(cmd, kind, backends, remote_option))
+
+    async def _gather(self, backends: list[str], command: bytes) -> list[tuple[str, Any]]:
+        """Run *command* on every backend; their LIST/LSUB/STATUS answers, others relayed."""
+        conns = [await self._connection(b) for b in backends]
+        await self._quiet(None)
+        results = []
+        for conn in conns:
+            result = await conn.command(command)
+            if not result.ok:  # the backend's own answer, BAD or NO, as a direct client would get it
+                raise _Refused(f"{result.start.status} {result.start.text.decode('utf-8', 'replace')}")
+            for r in result.responses:
+                results.append((conn.name, r))
+        return results
+
+    def _owner(self, name: str) -> str:
+        assert self.user is not None
+        return self.map.lookup(self.user, name).primary
+
+    async def _merged_list(self, tag: bytes, kind: str, reference: bytes, pattern: bytes, backends: list[str]) -> None:
+        entries = []
+        for backend, r in await self._gather(backends, kind.encode() + b' "" "*"'):
+            if r.start.name == kind:
+                fragments, literals = r.arguments
+                try:
+                    entries.append(listing.parse_list_entry(fragments, literals, backend))
+                except ParseError:
+                    log.warn("session {id}: unparsable {kind} from {b}", id=self.id, kind=kind, b=backend)
+            else:
+                self._out.write(self._conns.get(backend) or self, r.raw)
+        separator = self.map.separator
+        merged = listing.merge(entries, self._owner, separator, placeholders=(kind == "LIST" or b"%" in pattern))
+        out = [listing.format_entry(kind.encode(), e) for e in listing.select(merged, reference, pattern, separator)]
+        self._send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
+
+    async def _filtered_list(self, cmd: _Collect, kind: str, backends: list[str], remote_option: bool) -> None:
+        """LIST-EXTENDED forms: the command as sent, on every backend, each mailbox from its owner."""
+        text = kind.encode() + b" " + cmd.fragments[0]
+        if cmd.literals:
+            text = kind.encode() + b" " + b"".join(
+                f + b"{%d+}\r\n" % len(lit) + lit for f, lit in zip(cmd.fragments, cmd.literals)) + cmd.fragments[-1]
+        out, seen = [], set()
+        for backend, r in await self._gather(backends, text):
+            fragments, literals = r.arguments
+            if r.start.name in ("LIST", "LSUB"):
+                try:
+                    entry = listing.parse_list_entry(fragments, literals, backend)
+                except ParseError:
+                    continue
+                if self._owner(entry.text) != backend or entry.text in seen:
+                    continue
+                seen.add(entry.text)
+                if remote_option and backend != self.home:
+                    out.append(listing.add_flag(r.raw, b"\\Remote"))
+                else:
+                    out.append(r.raw)
+            elif r.start.name == "STATUS":
+                try:
+                    mailbox = astring_value(parse_arguments(fragments, literals)[0])
+                except (ParseError, IndexError):
+                    continue
+                if self._owner(mailbox.decode("utf-8", "surrogateescape")) == backend:
+                    out.append(r.raw)
+            else:
+                out.append(r.raw)
+        self._send(b"".join(out) + b"%s OK %s completed.\r\n" % (cmd.start.tag, kind.encode()))
+
+    # -- APPEND (streamed) -------------------------------------------------------------------
+
+    def _begin_append(self, line: Line, start: CommandStart) -> None:
+        if not start.rest.strip() and line.literal is not None and line.literal.size <= self.limits.max_line:
+            # The mailbox name itself is a literal: collect it, then stream the messages.
+            self._begin_collect(line, start, append_mailbox=True)
+            return
+        try:
+            args = parse_arguments([start.rest], [])
+            mailbox = astring_value(args[0]) if args else None
+        except ParseError:
+            mailbox = None
+        self._append(start, mailbox, line.data[len(start.tag) + 1:], line.literal)
+
+    def _append(self, start: CommandStart, mailbox: bytes | None, head: bytes, literal: LiteralSpec | None) -> None:
+        """Stream an APPEND to the mailbox's backend; *head* is the first fragment without the tag."""
+        assert self.home is not None
+        route = self._route_of(mailbox) if mailbox is not None else Route((self.home,))
+        if mailbox is not None and self._refers(route):
+            if literal is not None:
+                self._framer.reject_literal()  # refused before the client sends any message
+            return self._refer(start.tag, route, mailbox)
+
+        def go(conn: BackendProtocol) -> None:
+            cmd = _Stream(tag=start.tag, ptag=conn.next_tag(), conn=conn)
+            self._cmd = cmd
+            self._stream_fragment(cmd, cmd.ptag + b" " + head, literal)
+
+        conn = self._fast(route.primary)
+        if conn is not None:
+            return go(conn)
+
+        async def later() -> None:
+            try:
+                conn = await self._connection(route)
+                await self._quiet(conn)
+                await self._prepare(conn)
+            except BaseException:
+                if literal is not None:
+                    self._framer.reject_literal()
+                raise
+            go(conn)
+
+        self._run(start.tag, later())
 
     def _stream_fragment(self, cmd: _Stream, data: bytes, literal: LiteralSpec | None) -> None:
-        backend = self.backend
-        assert backend is not None
+        conn = cmd.conn
         if literal is not None and literal.size > self.limits.max_message:
             self._framer.reject_literal()
             self._cancel_stream(
@@ -613,15 +1147,15 @@ class ClientSession(Protocol):
             return
         if not cmd.started:
             cmd.started = True
-            backend.expect(cmd.ptag, lambda start, raw: self._stream_done(cmd, start, raw))
+            conn.expect(cmd.ptag, lambda start, raw: self._stream_done(cmd, start, raw))
         if literal is None:
             self._cmd = None
-            backend.write(data + b"\r\n")
+            conn.write(data + b"\r\n")
             return
-        caps = backend.capabilities
+        caps = conn.capabilities
         literal_plus = "LITERAL+" in caps or ("LITERAL-" in caps and literal.size <= 4096)
         if literal_plus and (not literal.sync or literal.size <= SMALL_SYNC_LITERAL):
-            backend.write(data + literal.announce(sync=False) + b"\r\n")
+            conn.write(data + literal.announce(sync=False) + b"\r\n")
             self._framer.accept_literal()
             if literal.sync:
                 self._send(b"+ Ready for literal data\r\n")
@@ -629,8 +1163,8 @@ class ClientSession(Protocol):
         # Let the backend decide before the client sends the data.
         cmd.waiting = literal
         self._block("literal")
-        backend.on_continuation = lambda text: self._stream_continue(cmd, text)
-        backend.write(data + literal.announce(sync=True) + b"\r\n")
+        conn.on_continuation = lambda text: self._stream_continue(cmd, text)
+        conn.write(data + literal.announce(sync=True) + b"\r\n")
 
     def _stream_continue(self, cmd: _Stream, text: bytes) -> None:
         literal, cmd.waiting = cmd.waiting, None
@@ -648,58 +1182,111 @@ class ClientSession(Protocol):
             return
         cmd.refusal = answer
         # RFC 3502: a zero-length literal makes the server append nothing and fail.
-        backend = self.backend
-        assert backend is not None
-        if "LITERAL+" in backend.capabilities:
-            backend.write(b" {0+}\r\n\r\n")
+        conn = cmd.conn
+        if "LITERAL+" in conn.capabilities:
+            conn.write(b" {0+}\r\n\r\n")
         else:
-            backend.on_continuation = lambda _text: backend.write(b"\r\n")
-            backend.write(b" {0}\r\n")
+            conn.on_continuation = lambda _text: conn.write(b"\r\n")
+            conn.write(b" {0}\r\n")
 
     def _stream_done(self, cmd: _Stream, start: ResponseStart, raw: bytes) -> None:
-        if start.tag is None:
+        if start.tag is None:  # connection lost
+            if self._cmd is cmd:
+                self._cmd = None
+                self._framer.discard_line()
+            if cmd.waiting is not None:
+                cmd.waiting = None
+                self._framer.reject_literal()
+            if not self._session_dies_with(cmd.conn):
+                self._tagged(cmd.tag, "NO", "[UNAVAILABLE] Mail server connection lost; nothing was appended")
+            if self._blocked == "literal":
+                self._unblock()
+            self._check_quiet()
             return
         if cmd.waiting is not None:
             # Refused before its literal: a sync client never sends it, a non-sync one's is drained.
             cmd.waiting = None
             self._framer.reject_literal()
             self._cmd = None
-            if self.backend is not None:
-                self.backend.on_continuation = None
-            self._send(cmd.tag + raw[len(cmd.ptag):])
+            cmd.conn.on_continuation = None
+            self._out.write(cmd.conn, cmd.tag + raw[len(cmd.ptag):])
             self._unblock()
-            return
-        self._send(cmd.refusal if cmd.refusal is not None else cmd.tag + raw[len(cmd.ptag):])
-        if self._blocked == "drain" and self.backend is not None and not self.backend.busy:
-            self._unblock()
+        else:
+            self._out.write(cmd.conn, cmd.refusal if cmd.refusal is not None else cmd.tag + raw[len(cmd.ptag):])
+        self._check_quiet()
 
-    # -- the backend's side (ResponseSink) ------------------------------------------------
+    # -- the backends' side (ResponseSink) ------------------------------------------------
 
-    def untagged(self, start: ResponseStart | None, data: bytes, end: bool) -> None:
-        self.transport.write(data)
-        self._relay_open = not end
-        if end and self._local_queue:
-            queued, self._local_queue = self._local_queue, []
-            self.transport.write(b"".join(queued))
+    def untagged(self, backend: BackendProtocol, start: ResponseStart | None, data: bytes, end: bool) -> None:
+        self._out.write(backend, data, end)
+
+    def _session_dies_with(self, conn: BackendProtocol) -> bool:
+        """Losing the home backend or the one holding the selected mailbox ends the session."""
+        return conn.name in (self.home, self.selected)
 
     def backend_lost(self, backend: BackendProtocol, reason: Failure) -> None:
-        if backend is not self.backend or self.phase is Phase.LOGOUT:
+        if self._conns.get(backend.name) is backend:
+            del self._conns[backend.name]
+        self._backends_producer.transports.discard(backend.transport)
+        self._out.abandon(backend)
+        if self.phase is Phase.LOGOUT:
             return
-        self.backend = None
         log.warn("session {id}: backend {name} connection lost: {why}", id=self.id, name=backend.name,
                  why=reason.getErrorMessage())
-        self._relay_open = False
-        if not backend.bye_received:
-            self._send(b"* BYE Mail server connection lost\r\n")
-        self._close()
+        if self._idle is not None and self._idle[1] is backend:
+            self._idle = None
+        if self._session_dies_with(backend):
+            if not backend.bye_received:
+                self._send(b"* BYE Mail server connection lost\r\n")
+            self._logout_backends()
+            self._close()
+        else:
+            self._check_quiet()
 
+
+_PRE_LOGIN: dict[str, Callable[[ClientSession, bytes, list[Token] | None], None]] = {
+    "LOGIN": ClientSession._login_command,
+    "AUTHENTICATE": ClientSession._authenticate_command,
+    "ID": ClientSession._id_command,
+}
+
+# Where each command is handled after login; anything else goes to _to_selected.
+_HANDLERS: dict[str, Callable[[ClientSession, _Collect, list[Token] | None], None]] = {
+    "CAPABILITY": ClientSession._capability,
+    "LOGOUT": ClientSession._logout_command,
+    "SELECT": ClientSession._select,
+    "EXAMINE": ClientSession._select,
+    "CLOSE": ClientSession._closed_mailbox,
+    "UNSELECT": ClientSession._closed_mailbox,
+    "CREATE": ClientSession._by_mailbox,
+    "DELETE": ClientSession._by_mailbox,
+    "SUBSCRIBE": ClientSession._by_mailbox,
+    "UNSUBSCRIBE": ClientSession._by_mailbox,
+    "STATUS": ClientSession._by_mailbox,
+    "GETQUOTAROOT": ClientSession._by_mailbox,
+    "GETACL": ClientSession._by_mailbox,
+    "SETACL": ClientSession._by_mailbox,
+    "DELETEACL": ClientSession._by_mailbox,
+    "LISTRIGHTS": ClientSession._by_mailbox,
+    "MYRIGHTS": ClientSession._by_mailbox,
+    "RENAME": ClientSession._rename,
+    "COPY": ClientSession._copy,
+    "MOVE": ClientSession._copy,
+    "UID COPY": ClientSession._copy,
+    "UID MOVE": ClientSession._copy,
+    "LIST": ClientSession._list,
+    "LSUB": ClientSession._list,
+    "RLIST": ClientSession._list,
+    "RLSUB": ClientSession._list,
+    "ENABLE": ClientSession._enable,
+    "NAMESPACE": ClientSession._to_home,
+    "ID": ClientSession._to_home,
+    "GETQUOTA": ClientSession._to_home,
+    "SETQUOTA": ClientSession._to_home,
+}
 
 # Commands that need a logged-in session (answered BAD before login, not "unknown").
-_AUTHENTICATED_COMMANDS = frozenset({
-    "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
-    "STATUS", "APPEND", "CHECK", "CLOSE", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
-    "UID FETCH", "UID STORE", "UID COPY", "UID MOVE", "UID SEARCH", "UID EXPUNGE", "IDLE", "ENABLE",
-    "NAMESPACE", "UNSELECT", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA", "GETACL", "SETACL", "MYRIGHTS",
-    "LISTRIGHTS", "DELETEACL", "GETMETADATA", "SETMETADATA", "SORT", "THREAD", "UID SORT", "UID THREAD",
-    "RLIST", "RLSUB", "ESEARCH",
-})
+_AUTHENTICATED_COMMANDS = frozenset(_HANDLERS) | {
+    "APPEND", "CHECK", "EXPUNGE", "SEARCH", "FETCH", "STORE", "UID FETCH", "UID STORE", "UID SEARCH",
+    "UID EXPUNGE", "IDLE", "GETMETADATA", "SETMETADATA", "SORT", "THREAD", "UID SORT", "UID THREAD", "NOOP",
+} - {"CAPABILITY", "LOGOUT", "ID"}
