@@ -39,9 +39,15 @@ _RELAYED_PREFIXES = (
 
 
 def pre_login(*, tls_available: bool, tls_active: bool, plaintext_allowed: bool,
-              login_referrals: bool = False) -> list[str]:
-    """Capabilities in the greeting and before authentication."""
+              login_referrals: bool = False, mailbox_referrals: bool = True) -> list[str]:
+    """Capabilities in the greeting and before authentication.
+
+    MAILBOX-REFERRALS is announced here too: referral clients such as cyradm
+    read the capabilities only before they log in.
+    """
     caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+    if mailbox_referrals:
+        caps.append("MAILBOX-REFERRALS")
     if login_referrals:
         caps.append("LOGIN-REFERRALS")
     if tls_available and not tls_active:

@@ -164,12 +164,17 @@ class _AllBackends:
 
 
 class _Output:
-    """Serializes what several sources write to the client, a whole response at a time."""
+    """Serializes what several sources write to the client, a whole response at a time.
+
+    A backend whose response must wait is paused meanwhile, so the queue holds
+    at most what it had already read.
+    """
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
         self._owner: object = None  # the source in the middle of a response
         self._queue: deque[tuple[object, bytes, bool]] = deque()
+        self._paused: set[Any] = set()
 
     def write(self, source: object, data: bytes, end: bool = True) -> None:
         if self._owner is None or self._owner is source:
@@ -179,6 +184,10 @@ class _Output:
                 self._flush()
         else:
             self._queue.append((source, data, end))
+            transport = getattr(source, "transport", None)
+            if transport is not None and source not in self._paused:
+                self._paused.add(source)
+                transport.pauseProducing()
 
     def _flush(self) -> None:
         while self._queue:
@@ -191,12 +200,18 @@ class _Output:
             del self._queue[index]
             self._write(data)
             self._owner = None if end else source
+        for source in list(self._paused):
+            if not any(s is source for s, _d, _e in self._queue):
+                self._paused.discard(source)
+                if not getattr(source, "closed", False):
+                    source.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def abandon(self, source: object) -> None:
         """*source* is gone mid-response: let the others through."""
         if self._owner is source:
             self._owner = None
         self._queue = deque(item for item in self._queue if item[0] is not source)
+        self._paused.discard(source)
         self._flush()
 
 
@@ -510,6 +525,7 @@ class ClientSession(Protocol):
             tls_active=self._tls_active(),
             plaintext_allowed=p.allow_plaintext_login,
             login_referrals=p.login_referrals,
+            mailbox_referrals=p.referrals != "never",
         )
 
     def _post_login_caps(self) -> list[str]:

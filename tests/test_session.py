@@ -18,7 +18,7 @@ def bytewise(request):
 def test_greeting_and_nodelay():
     h = SessionHarness()
     assert h.client.nodelay
-    assert h.to_client().startswith(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE AUTH=PLAIN] fake.test")
+    assert h.to_client().startswith(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE MAILBOX-REFERRALS AUTH=PLAIN] fake.test")
 
 
 def test_login_passes_credentials_and_filters_capabilities(bytewise):
@@ -255,3 +255,27 @@ def test_bad_syntax_and_wrong_state():
     assert out.endswith(b"+ Ready for literal data\r\n")
     h.send(b"alice\r\n")
     assert h.to_client() == b"a2 BAD Invalid arguments: LOGIN takes a user name and a password\r\n"
+
+
+class _Source:
+    def __init__(self):
+        from twisted.internet.testing import StringTransport
+
+        self.transport = StringTransport()
+        self.closed = False
+
+
+def test_output_keeps_responses_whole_and_pauses_the_backend_that_waits():
+    from referral_proxy.session import _Output
+
+    written = []
+    out = _Output(written.append)
+    a, b = _Source(), _Source()
+    out.write(a, b"* 1 FETCH (BODY[] {3}\r\n", end=False)
+    out.write(b, b"* 2 EXISTS\r\n")
+    out.write(b, b"* 3 EXISTS\r\n")
+    assert written == [b"* 1 FETCH (BODY[] {3}\r\n"]
+    assert b.transport.producerState == "paused" and a.transport.producerState == "producing"
+    out.write(a, b"abc)\r\n")
+    assert written[1:] == [b"abc)\r\n", b"* 2 EXISTS\r\n", b"* 3 EXISTS\r\n"]
+    assert b.transport.producerState == "producing"
