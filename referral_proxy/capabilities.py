@@ -13,7 +13,7 @@ from typing import Iterable
 __all__ = ["pre_login", "post_login", "PROXY_OWN"]
 
 # Announced by the proxy itself, whatever the backend has.
-PROXY_OWN = ("IMAP4rev1", "LITERAL+", "ID", "MAILBOX-REFERRALS")
+PROXY_OWN = ("IMAP4rev1", "LITERAL+", "ID", "MAILBOX-REFERRALS", "MULTIAPPEND")
 
 # Relayed as the backend announces them (exact names).
 _RELAYED = frozenset({

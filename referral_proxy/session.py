@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import __version__, capabilities, listing, referrals
+from .append import AppendCommand, remove_appended, split_mailbox
 from .backend import AuthenticationFailed, BackendError, BackendProtocol, BackendUnavailable, Credentials, set_nodelay
 from .config import BackendConfig, Config
 from .imap.command import (
@@ -50,9 +51,6 @@ __all__ = ["ProxyContext", "ClientSession", "ReadGate"]
 
 log = Logger()
 
-# Synchronizing APPEND literals up to this size are accepted at once and sent to a
-# LITERAL+ backend as non-synchronizing: one round trip saved per small message.
-SMALL_SYNC_LITERAL = 64 * 1024
 # A collected (non-APPEND) command may not grow past this many bytes in all.
 MAX_COLLECTED = 1024 * 1024
 
@@ -227,18 +225,6 @@ class _Collect:
     append_mailbox: bool = False  # an APPEND whose mailbox name is a literal: stream after it
 
 
-@dataclass
-class _Stream:
-    """An APPEND being streamed to a backend fragment by fragment."""
-
-    tag: bytes
-    ptag: bytes
-    conn: BackendProtocol
-    started: bool = False  # something of it has been written to the backend
-    waiting: LiteralSpec | None = None  # a literal announced to the backend, awaiting its "+"
-    refusal: bytes | None = None  # our answer, when we cancelled the backend's command
-
-
 class _Refused(Exception):
     """A command answered with a NO before reaching a backend."""
 
@@ -269,7 +255,7 @@ class ClientSession(Protocol):
         self._gate: ReadGate | None = None
         self._backends_producer = _AllBackends()
         self._out = _Output(self._transport_write)
-        self._cmd: _Collect | _Stream | None = None
+        self._cmd: _Collect | AppendCommand | None = None
         self._blocked: str | None = None
         self._pumping = False
         self._sasl_tag: bytes | None = None  # AUTHENTICATE awaiting the client's response line
@@ -299,6 +285,10 @@ class ClientSession(Protocol):
         self.phase = Phase.LOGOUT
         self._cancel_login_timer()
         self.ctx.sessions.discard(self)
+        cmd = self._cmd
+        if isinstance(cmd, AppendCommand) and cmd.client_gone():
+            # An emulated MULTIAPPEND removes what it saved, then closes its connection itself.
+            self._conns.pop(cmd.conn.name, None)
         self._logout_backends()
         log.info("session {id} closed ({user})", id=self.id, user=self.user or "not logged in")
 
@@ -365,19 +355,21 @@ class ClientSession(Protocol):
                 self._line(event)
             elif isinstance(cmd, _Collect):
                 self._collect_fragment(cmd, event)
-            elif isinstance(cmd, _Stream):
-                self._stream_fragment(cmd, event.data, event.literal)
+            elif isinstance(cmd, AppendCommand):
+                cmd.fragment(event.data, event.literal)
         elif isinstance(event, LiteralData):
             if isinstance(cmd, _Collect):
                 assert cmd.current is not None
                 cmd.current += event.data
-            elif isinstance(cmd, _Stream):
-                cmd.conn.write(event.data)
+            elif isinstance(cmd, AppendCommand):
+                cmd.data(event.data)
         elif isinstance(event, LiteralEnd):
             if isinstance(cmd, _Collect):
                 assert cmd.current is not None
                 cmd.literals.append(bytes(cmd.current))
                 cmd.current = None
+            elif isinstance(cmd, AppendCommand):
+                cmd.literal_end()
         elif isinstance(event, LineTooLong):
             self._line_too_long(event)
 
@@ -388,8 +380,8 @@ class ClientSession(Protocol):
             self._tagged(tag_of(event.prefix) or b"*", "BAD", why)
         elif isinstance(cmd, _Collect):
             self._tagged(cmd.start.tag, "BAD", why)
-        elif isinstance(cmd, _Stream):
-            self._cancel_stream(cmd, b"%s BAD %s\r\n" % (cmd.tag, why.encode()))
+        elif isinstance(cmd, AppendCommand):
+            cmd.line_too_long(why.encode())
 
     def _run(self, tag: bytes, work: Coroutine[Any, Any, None]) -> None:
         """Handle a command that must wait (a connection, a quiet backend): input pauses meanwhile."""
@@ -477,7 +469,7 @@ class ClientSession(Protocol):
     def _collect_fragment(self, cmd: _Collect, line: Line) -> None:
         if cmd.append_mailbox:  # the mailbox literal of an APPEND is in: stream the rest
             self._cmd = None
-            self._append(cmd.start, cmd.literals[0], b"APPEND " + astring(cmd.literals[0]) + line.data, line.literal)
+            self._append(cmd.start, cmd.literals[0], astring(cmd.literals[0]), line.data, line.literal)
             return
         cmd.fragments.append(line.data)
         cmd.size += len(line.data)
@@ -1108,22 +1100,23 @@ class ClientSession(Protocol):
                 out.append(r.raw)
         self._send(b"".join(out) + b"%s OK %s completed.\r\n" % (cmd.start.tag, kind.encode()))
 
-    # -- APPEND (streamed) -------------------------------------------------------------------
+    # -- APPEND (streamed; the work is in append.py) -------------------------------------
 
     def _begin_append(self, line: Line, start: CommandStart) -> None:
         if not start.rest.strip() and line.literal is not None and line.literal.size <= self.limits.max_line:
             # The mailbox name itself is a literal: collect it, then stream the messages.
             self._begin_collect(line, start, append_mailbox=True)
             return
+        token, rest = split_mailbox(start.rest)
         try:
-            args = parse_arguments([start.rest], [])
-            mailbox = astring_value(args[0]) if args else None
-        except ParseError:
+            mailbox: bytes | None = astring_value(parse_arguments([token], [])[0])
+        except (ParseError, IndexError):
             mailbox = None
-        self._append(start, mailbox, line.data[len(start.tag) + 1:], line.literal)
+        self._append(start, mailbox, token, rest, line.literal)
 
-    def _append(self, start: CommandStart, mailbox: bytes | None, head: bytes, literal: LiteralSpec | None) -> None:
-        """Stream an APPEND to the mailbox's backend; *head* is the first fragment without the tag."""
+    def _append(self, start: CommandStart, mailbox: bytes | None, token: bytes, rest: bytes,
+                literal: LiteralSpec | None) -> None:
+        """Route an APPEND to the mailbox's backend and start streaming it there."""
         assert self.home is not None
         route = self._route_of(mailbox) if mailbox is not None else Route((self.home,))
         if mailbox is not None and self._refers(route):
@@ -1132,9 +1125,9 @@ class ClientSession(Protocol):
             return self._refer(start.tag, route, mailbox)
 
         def go(conn: BackendProtocol) -> None:
-            cmd = _Stream(tag=start.tag, ptag=conn.next_tag(), conn=conn)
+            cmd = AppendCommand(self, start.tag, conn, token)
             self._cmd = cmd
-            self._stream_fragment(cmd, cmd.ptag + b" " + head, literal)
+            cmd.begin(rest, literal)
 
         conn = self._fast(route.primary)
         if conn is not None:
@@ -1153,83 +1146,29 @@ class ClientSession(Protocol):
 
         self._run(start.tag, later())
 
-    def _stream_fragment(self, cmd: _Stream, data: bytes, literal: LiteralSpec | None) -> None:
-        conn = cmd.conn
-        if literal is not None and literal.size > self.limits.max_message:
-            self._framer.reject_literal()
-            self._cancel_stream(
-                cmd, b"%s NO [TOOBIG] Message too large (limit %d bytes)\r\n" % (cmd.tag, self.limits.max_message)
-            )
-            return
-        if not cmd.started:
-            cmd.started = True
-            conn.expect(cmd.ptag, lambda start, raw: self._stream_done(cmd, start, raw))
-        if literal is None:
+    def _append_ended(self, cmd: AppendCommand) -> None:
+        """The client has sent all of *cmd* (or the rest will be drained)."""
+        if self._cmd is cmd:
             self._cmd = None
-            conn.write(data + b"\r\n")
-            return
-        caps = conn.capabilities
-        literal_plus = "LITERAL+" in caps or ("LITERAL-" in caps and literal.size <= 4096)
-        if literal_plus and (not literal.sync or literal.size <= SMALL_SYNC_LITERAL):
-            conn.write(data + literal.announce(sync=False) + b"\r\n")
-            self._framer.accept_literal()
-            if literal.sync:
-                self._send(b"+ Ready for literal data\r\n")
-            return
-        # Let the backend decide before the client sends the data.
-        cmd.waiting = literal
-        self._block("literal")
-        conn.on_continuation = lambda text: self._stream_continue(cmd, text)
-        conn.write(data + literal.announce(sync=True) + b"\r\n")
 
-    def _stream_continue(self, cmd: _Stream, text: bytes) -> None:
-        literal, cmd.waiting = cmd.waiting, None
-        assert literal is not None
-        self._framer.accept_literal()
-        if literal.sync:
-            self._send(b"+ " + (text or b"Ready for literal data") + b"\r\n")
-        self._unblock()
-
-    def _cancel_stream(self, cmd: _Stream, answer: bytes) -> None:
-        """Stop an APPEND the client cannot finish: nothing of it may be saved."""
-        self._cmd = None
-        if not cmd.started:
-            self._send(answer)
-            return
-        cmd.refusal = answer
-        # RFC 3502: a zero-length literal makes the server append nothing and fail.
-        conn = cmd.conn
-        if "LITERAL+" in conn.capabilities:
-            conn.write(b" {0+}\r\n\r\n")
-        else:
-            conn.on_continuation = lambda _text: conn.write(b"\r\n")
-            conn.write(b" {0}\r\n")
-
-    def _stream_done(self, cmd: _Stream, start: ResponseStart, raw: bytes) -> None:
-        if start.tag is None:  # connection lost
-            if self._cmd is cmd:
-                self._cmd = None
-                self._framer.discard_line()
-            if cmd.waiting is not None:
-                cmd.waiting = None
-                self._framer.reject_literal()
-            if not self._session_dies_with(cmd.conn):
-                self._tagged(cmd.tag, "NO", "[UNAVAILABLE] Mail server connection lost; nothing was appended")
-            if self._blocked == "literal":
-                self._unblock()
-            self._check_quiet()
-            return
-        if cmd.waiting is not None:
-            # Refused before its literal: a sync client never sends it, a non-sync one's is drained.
-            cmd.waiting = None
-            self._framer.reject_literal()
-            self._cmd = None
-            cmd.conn.on_continuation = None
-            self._out.write(cmd.conn, cmd.tag + raw[len(cmd.ptag):])
-            self._unblock()
-        else:
-            self._out.write(cmd.conn, cmd.refusal if cmd.refusal is not None else cmd.tag + raw[len(cmd.ptag):])
+    def _append_answered(self, cmd: AppendCommand) -> None:
         self._check_quiet()
+
+    async def _remove_appended(self, backend: str, mailbox_token: bytes, uids: list[int]) -> BaseException | None:
+        """Remove messages an emulated MULTIAPPEND saved, on a connection of its own
+        (the session's may have another mailbox selected). None when done."""
+        cfg = self.config.backends[backend]
+        try:
+            conn = await self.ctx.connect(cfg, self._credentials_for(cfg))
+        except BackendError as e:
+            return e
+        try:
+            await remove_appended(conn, mailbox_token, uids)
+            return None
+        except Exception as e:
+            return e
+        finally:
+            conn.logout()
 
     # -- the backends' side (ResponseSink) ------------------------------------------------
 

@@ -119,15 +119,20 @@ def test_append_nonsync_literal_to_backend_without_literal_plus_is_drained_when_
     assert h.to_backend() == b"rp2 NOOP\r\n"  # "hello" never reached the backend
 
 
-def test_append_streams_with_literal_plus_and_small_sync_literal_saves_a_round_trip(bytewise):
+def test_append_first_sync_literal_asks_the_backend_later_small_ones_are_taken_at_once(bytewise):
     h = SessionHarness()
     h.login()
     h.send(b"a1 APPEND INBOX {5}\r\n", one_byte_at_a_time=bytewise)
+    # The first message: the backend may refuse (TRYCREATE, quota) before the data.
+    assert h.to_backend() == b"rp1 APPEND INBOX {5}\r\n"
+    assert h.to_client() == b""
+    h.from_backend(b"+ OK\r\n")
     assert h.to_client() == b"+ Ready for literal data\r\n"
     h.send(b"hello (\\Seen) {3}\r\n", one_byte_at_a_time=bytewise)
+    # A small later one is accepted at once and sent non-synchronizing.
     assert h.to_client() == b"+ Ready for literal data\r\n"
     h.send(b"abc\r\n", one_byte_at_a_time=bytewise)
-    assert h.to_backend() == b"rp1 APPEND INBOX {5+}\r\nhello (\\Seen) {3+}\r\nabc\r\n"
+    assert h.to_backend() == b"hello (\\Seen) {3+}\r\nabc\r\n"
     h.from_backend(b"rp1 OK [APPENDUID 1 1:2] Append completed.\r\n")
     assert h.to_client() == b"a1 OK [APPENDUID 1 1:2] Append completed.\r\n"
 
@@ -139,7 +144,7 @@ def test_large_sync_append_literal_waits_for_the_backend():
     assert h.to_backend() == b"rp1 APPEND INBOX {100000}\r\n"
     assert h.to_client() == b""
     h.from_backend(b"+ OK\r\n")
-    assert h.to_client() == b"+ OK\r\n"
+    assert h.to_client() == b"+ Ready for literal data\r\n"
     h.send(b"x" * 100000 + b"\r\n")
     assert h.to_backend() == b"x" * 100000 + b"\r\n"
 
@@ -153,7 +158,7 @@ def test_too_big_second_message_cancels_the_whole_append():
     assert h.to_backend() == b"rp1 APPEND INBOX {5+}\r\nhello {0+}\r\n\r\n"
     assert h.to_client() == b""
     h.from_backend(b"rp1 NO Zero-length literal\r\n")
-    assert h.to_client() == b"a1 NO [TOOBIG] Message too large (limit 10 bytes)\r\n"
+    assert h.to_client() == b"a1 NO [TOOBIG] Message too large (limit 10 bytes); nothing was appended\r\n"
     h.send(b"a2 NOOP\r\n")
     assert h.to_backend() == b"rp2 NOOP\r\n"
 
@@ -279,3 +284,12 @@ def test_output_keeps_responses_whole_and_pauses_the_backend_that_waits():
     out.write(a, b"abc)\r\n")
     assert written[1:] == [b"abc)\r\n", b"* 2 EXISTS\r\n", b"* 3 EXISTS\r\n"]
     assert b.transport.producerState == "producing"
+
+
+def test_too_big_first_message_sends_nothing_to_the_backend():
+    h = SessionHarness(minimal_config(max_message=10))
+    h.login()
+    h.send(b"a1 APPEND INBOX {11}\r\na2 NOOP\r\n")
+    assert h.to_client() == b"a1 NO [TOOBIG] Message too large (limit 10 bytes); nothing was appended\r\n"
+    sent = h.to_backend()
+    assert b"APPEND" not in sent and sent.endswith(b" NOOP\r\n")

@@ -62,7 +62,12 @@ DEFAULT_USERS: dict[str, str] = {
     "bob": "secret",
     "carol": "secret",
     "dave": 'p@ss "w0rd" \\x',
+    "quota": "secret",
 }
+
+#: Per-user Dovecot userdb fields: "quota" has a 20 KB storage quota, to see
+#: backends refuse an APPEND before its literal (RFC 3502's example).
+USER_FIELDS: dict[str, str] = {"quota": "userdb_quota_rule=*:storage=20K"}
 
 #: A Dovecot master user: SASL PLAIN with authzid=<user>, authcid=MASTER_USER
 #: and MASTER_PASSWORD logs in as <user>.  (``LOGIN "<user>*proxy-master"
@@ -233,7 +238,7 @@ def _passwd_line(user: str, password: str) -> str:
     for ch in ":\n\r\0":
         if ch in user or ch in password:
             raise ValueError(f"user/password must not contain {ch!r} (passwd-file format)")
-    return f"{user}:{{PLAIN}}{password}::::::\n"
+    return f"{user}:{{PLAIN}}{password}::::::{USER_FIELDS.get(user, '')}\n"
 
 
 def _pdeathsig() -> None:  # runs in the child between fork and exec
@@ -403,6 +408,10 @@ namespace inbox {{
   separator = /
 }}
 mail_fsync = never
+mail_plugins = $mail_plugins quota
+plugin {{
+  quota = maildir:User quota
+}}
 mail_max_userip_connections = 1000
 login_trusted_networks = 127.0.0.0/8
 
