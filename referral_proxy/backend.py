@@ -143,7 +143,9 @@ class BackendProtocol(Protocol):
         self._tags = (b"rp%d" % i for i in itertools.count(1))
         self._pending: dict[bytes, _Pending] = {}
         self._greeted = False
-        # Untagged responses go to `capture` while an internal command runs, else to the sink.
+        # Untagged responses go to `tap` (event by event, for streaming between two
+        # backends), else to `capture` while an internal command runs, else to the sink.
+        self.tap: Callable[[ResponseStart | None, object], None] | None = None
         self.capture: list[UntaggedResponse] | None = None
         self._capturing: _Capturing | None = None
         # The response being received: "untagged" (relayed), "captured", "tagged", or None.
@@ -186,6 +188,10 @@ class BackendProtocol(Protocol):
         if isinstance(event, Line):
             if event.first:
                 self._begin(event)
+            elif self._current == "tapped" and self.tap is not None:
+                self.tap(None, event)
+                if event.literal is None:
+                    self._current = None
             elif self._current == "captured":
                 self._capture_fragment(event)
             elif self._current == "untagged":
@@ -194,6 +200,8 @@ class BackendProtocol(Protocol):
                 self._current_tagged.append(event.data + _tail(event))
                 if event.literal is None:
                     self._finish_tagged()
+        elif isinstance(event, (LiteralData, LiteralEnd)) and self._current == "tapped" and self.tap is not None:
+            self.tap(None, event)
         elif isinstance(event, LiteralData):
             if self._current == "captured":
                 assert self._capturing is not None and self._capturing.literal is not None
@@ -246,7 +254,10 @@ class BackendProtocol(Protocol):
             self.capabilities = frozenset(capability_tokens(start.rest))
         elif start.code == "CAPABILITY":
             self.capabilities = frozenset(capability_tokens(start.code_args))
-        if self.capture is not None:
+        if self.tap is not None:
+            self._current = "tapped" if line.literal is not None else None
+            self.tap(start, line)
+        elif self.capture is not None:
             self._current = "captured"
             self._capturing = _Capturing(start, [], [], [])
             self._capture_fragment(line)

@@ -32,8 +32,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     unset = map_sub.add_parser("unset", help="remove a placement (rules and default apply again)")
     unset.add_argument("user")
     unset.add_argument("mailbox")
+    move = sub.add_parser("move", help="move a mailbox (with its children) to another backend, users online")
+    move.add_argument("--config", "-c", dest="move_config", required=True)
+    move.add_argument("user")
+    move.add_argument("mailbox")
+    move.add_argument("backend")
+    recover = sub.add_parser("recover", help="finish or roll back moves a stopped proxy left half done")
+    recover.add_argument("--config", "-c", dest="move_config", required=True)
     args = parser.parse_args(argv)
 
+    if args.command in ("move", "recover"):
+        from .movecli import run_move, run_recover
+
+        return run_move(args) if args.command == "move" else run_recover(args)
     if args.command == "map":
         from .mapcli import run_map
 

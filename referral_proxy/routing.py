@@ -7,9 +7,11 @@ matching ``[[map.rules]]`` entry > ``[map].default``. Placements live in a store
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -30,6 +32,18 @@ class Route:
         return self.backends[0]
 
 
+@dataclass
+class JournalEntry:
+    """A multi-step operation (a mailbox move) in progress, recorded step by step."""
+
+    id: int
+    user: str
+    op: str
+    data: dict
+    step: str
+    created: float = field(default_factory=time.time)
+
+
 class PlacementStore(Protocol):
     """Where run-time placements (user, mailbox) -> backends are kept."""
 
@@ -39,6 +53,10 @@ class PlacementStore(Protocol):
     def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None: ...
     def unset(self, user: str, mailbox: str) -> None: ...
     def close(self) -> None: ...
+    def journal_begin(self, user: str, op: str, data: dict) -> int: ...
+    def journal_step(self, entry_id: int, step: str, data: dict) -> None: ...
+    def journal_end(self, entry_id: int) -> None: ...
+    def journal(self) -> list[JournalEntry]: ...
 
 
 class MemoryStore:
@@ -46,6 +64,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._rows: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._journal: dict[int, JournalEntry] = {}
+        self._next_id = 1
 
     def load(self) -> dict[tuple[str, str], tuple[str, ...]]:
         return dict(self._rows)
@@ -62,6 +82,21 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
+    def journal_begin(self, user: str, op: str, data: dict) -> int:
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        self._journal[entry_id] = JournalEntry(entry_id, user, op, json.loads(json.dumps(data)), "planned")
+        return entry_id
+
+    def journal_step(self, entry_id: int, step: str, data: dict) -> None:
+        entry = self._journal[entry_id]
+        entry.step, entry.data = step, json.loads(json.dumps(data))
+
+    def journal_end(self, entry_id: int) -> None:
+        self._journal.pop(entry_id, None)
+
+    def journal(self) -> list[JournalEntry]:
+        return list(self._journal.values())
+
 
 class SQLiteStore:
     """Placements in an SQLite file; every write is one transaction."""
@@ -73,6 +108,11 @@ class SQLiteStore:
             "CREATE TABLE IF NOT EXISTS placements ("
             " user TEXT NOT NULL, mailbox TEXT NOT NULL, backends TEXT NOT NULL,"
             " PRIMARY KEY (user, mailbox))"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS journal ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, op TEXT NOT NULL,"
+            " data TEXT NOT NULL, step TEXT NOT NULL, created REAL NOT NULL)"
         )
 
     def load(self) -> dict[tuple[str, str], tuple[str, ...]]:
@@ -100,6 +140,27 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def journal_begin(self, user: str, op: str, data: dict) -> int:
+        with self._db:
+            cur = self._db.execute(
+                "INSERT INTO journal (user, op, data, step, created) VALUES (?, ?, ?, 'planned', ?)",
+                (user, op, json.dumps(data), time.time()),
+            )
+        return int(cur.lastrowid)
+
+    def journal_step(self, entry_id: int, step: str, data: dict) -> None:
+        """One transaction per step: a crash leaves the previous step or this one, never half."""
+        with self._db:
+            self._db.execute("UPDATE journal SET step = ?, data = ? WHERE id = ?", (step, json.dumps(data), entry_id))
+
+    def journal_end(self, entry_id: int) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+
+    def journal(self) -> list[JournalEntry]:
+        rows = self._db.execute("SELECT id, user, op, data, step, created FROM journal ORDER BY id")
+        return [JournalEntry(i, u, o, json.loads(d), st, c) for i, u, o, d, st, c in rows]
 
 
 def open_store(spec: str | None) -> PlacementStore:
@@ -145,6 +206,7 @@ class MailboxMap:
         self.separator = config.separator
         self._store = store if store is not None else MemoryStore()
         self._placements = self._store.load()
+        self._moving = self._load_moving()
         self.reconfigure(config)
 
     def reconfigure(self, config: MapConfig) -> None:
@@ -152,9 +214,31 @@ class MailboxMap:
         self._config = config
 
     def _refresh(self) -> None:
-        """Pick up placements written by another process (``referral-proxy map set``)."""
+        """Pick up placements (and moves) written by another process."""
         if self._store.changed():
             self._placements = self._store.load()
+            self._moving = self._load_moving()
+
+    def _load_moving(self) -> set[tuple[str, str]]:
+        names = set()
+        for entry in self._store.journal():
+            for old, new in entry.data.get("pairs", []):
+                names.add((entry.user, normalize(old, self.separator)))
+                names.add((entry.user, normalize(new, self.separator)))
+        return names
+
+    def moving(self, user: str, mailbox: str) -> bool:
+        """True while a journaled move involves this mailbox (other sessions get NO [INUSE])."""
+        self._refresh()
+        return (user, normalize(mailbox, self.separator)) in self._moving
+
+    @property
+    def store(self) -> PlacementStore:
+        return self._store
+
+    def journal_changed(self) -> None:
+        """This process wrote the journal: refresh what is moving."""
+        self._moving = self._load_moving()
 
     def lookup(self, user: str, mailbox: str) -> Route:
         self._refresh()

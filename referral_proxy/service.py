@@ -100,6 +100,16 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         super().startService()
         log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
+        if self.mailbox_map.store.journal():
+            # Moves a stopped proxy left half done: finish or roll them back now.
+            from .movecli import recover_all
+
+            def report(lines: list[str]) -> None:
+                for line in lines:
+                    log.warn("recovery: {line}", line=line)
+
+            d = defer.ensureDeferred(recover_all(self.reactor, self.config, self.mailbox_map))
+            d.addCallbacks(report, lambda f: log.failure("recovery failed", f))
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[override]

@@ -46,6 +46,7 @@ from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, Lit
 from .imap.quoting import astring, quoted
 from .imap.response import ResponseStart
 from .routing import MailboxMap, Route
+from .transfer import Mover, TransferError, copy_across
 
 __all__ = ["ProxyContext", "ClientSession", "ReadGate"]
 
@@ -67,6 +68,7 @@ class ProxyContext:
     connect: Connect
     server_tls: Any = None  # IOpenSSLServerConnectionCreator for STARTTLS, or None
     sessions: set["ClientSession"] = field(default_factory=set)
+    backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self) -> int:
@@ -246,6 +248,7 @@ class ClientSession(Protocol):
         self.user: str | None = None
         self.home: str | None = None  # name of the backend serving the session
         self.selected: str | None = None  # backend where a mailbox is selected (or being selected)
+        self.selected_mailbox: bytes | None = None
         self.referral_aware = False
         self._credentials: Credentials | None = None
         self._conns: dict[str, BackendProtocol] = {}
@@ -522,7 +525,11 @@ class ClientSession(Protocol):
 
     def _post_login_caps(self) -> list[str]:
         conn = self._conns.get(self.home or "")
-        return capabilities.post_login(sorted(conn.capabilities) if conn is not None else [])
+        caps = capabilities.post_login(sorted(conn.capabilities) if conn is not None else [])
+        # A cross-server MOVE removes the source messages by UID: no MOVE if a backend lacks UIDPLUS.
+        if any("UIDPLUS" not in c for c in self.ctx.backend_caps.values()):
+            caps = [c for c in caps if c.upper() != "MOVE"]
+        return caps
 
     def _tls_active(self) -> bool:
         return ISSLTransport.providedBy(self.transport)
@@ -669,6 +676,7 @@ class ClientSession(Protocol):
     def _attach(self, proto: BackendProtocol) -> None:
         """Add *proto* to the session's connections, each side the other's producer."""
         self._conns[proto.name] = proto
+        self.ctx.backend_caps[proto.name] = proto.capabilities
         proto.sink = self
         if not self._backends_producer.transports:
             self.transport.registerProducer(self._backends_producer, True)
@@ -848,6 +856,15 @@ class ClientSession(Protocol):
             and referrals.referable(self.config, self.config.backends[route.primary])
         )
 
+    def _in_use(self, tag: bytes, *mailboxes: bytes) -> bool:
+        """A mailbox being moved between servers: NO [INUSE] until it is in its new place."""
+        assert self.user is not None
+        for m in mailboxes:
+            if self.map.moving(self.user, m.decode("utf-8", "surrogateescape")):
+                self._tagged(tag, "NO", "[INUSE] Mailbox is being moved to another server; try again shortly")
+                return True
+        return False
+
     def _refer(self, tag: bytes, route: Route, mailbox: bytes) -> None:
         assert self.user is not None
         self._send(referrals.referral(tag, referrals.mailbox_urls(self.config, route, self.user, mailbox)))
@@ -866,6 +883,8 @@ class ClientSession(Protocol):
         mailbox = self._mailbox(args, 0)
         if mailbox is None:
             return self._to_selected(cmd)
+        if self._in_use(cmd.start.tag, mailbox):
+            return
         route = self._route_of(mailbox)
         if self._refers(route):
             return self._refer(cmd.start.tag, route, mailbox)
@@ -876,9 +895,12 @@ class ClientSession(Protocol):
         mailbox = self._mailbox(args, 0)
         if mailbox is None:
             return self._to_selected(cmd)
+        if self._in_use(cmd.start.tag, mailbox):
+            return
         route = self._route_of(mailbox)
         refer = self._refers(route)
         conn = self._fast(route.primary)
+        self.selected_mailbox = None if refer else mailbox
         if not refer and conn is not None and self.selected in (None, conn.name):
             self.selected = conn.name
             self._relay(conn, cmd, self._select_done(conn))
@@ -905,6 +927,7 @@ class ClientSession(Protocol):
         def done(start: ResponseStart) -> None:
             if start.status == "NO" and self.selected == conn.name:
                 self.selected = None
+                self.selected_mailbox = None
         return done
 
     async def _unselect(self, conn: BackendProtocol) -> None:
@@ -924,21 +947,55 @@ class ClientSession(Protocol):
         def done(start: ResponseStart) -> None:
             if start.status == "OK":
                 self.selected = None
+                self.selected_mailbox = None
         assert self.home is not None
         self._relay_to(cmd, self.selected or self.home, done)
 
     def _copy(self, cmd: _Collect, args: list[Token] | None) -> None:
-        """COPY / MOVE: relayed when the destination lives with the selected mailbox."""
+        """COPY / MOVE: relayed when the destination lives with the selected mailbox, else carried out here."""
         mailbox = self._mailbox(args, 1)
-        if mailbox is None:
+        if mailbox is None or args is None:
             return self._to_selected(cmd)
+        if self._in_use(cmd.start.tag, mailbox):
+            return
         route = self._route_of(mailbox)
         source = self.selected or self.home
         if route.primary == source or source in route.backends:
             return self._relay_to(cmd, source)  # type: ignore[arg-type]
         if self._refers(route):
             return self._refer(cmd.start.tag, route, mailbox)
-        self._tagged(cmd.start.tag, "NO", "[CANNOT] Copying between mail servers is not available yet")
+        message_set = args[0].value if isinstance(args[0], Atom) else b""
+        self._run(cmd.start.tag, self._copy_across(cmd, message_set, mailbox, route))
+
+    async def _copy_across(self, cmd: _Collect, message_set: bytes, mailbox: bytes, route: Route) -> None:
+        name = cmd.start.name
+        src = self._ready(self.selected) if self.selected else None
+        if src is None:
+            raise _Refused("BAD No mailbox selected")
+        await self._quiet(None)
+        dst = await self._fresh(route)
+        try:
+            outcome = await copy_across(src, message_set, name.startswith("UID "), dst, mailbox, "MOVE" in name)
+        except TransferError as e:
+            text = str(e)
+            raise _Refused(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
+        finally:
+            dst.logout()
+        for raw in outcome.untagged:
+            self._out.write(src, raw)
+        self._tagged(cmd.start.tag, outcome.status, outcome.text)
+
+    async def _fresh(self, route: Route | str) -> BackendProtocol:
+        """A NEW connection of the session's user, for a transfer (never the session's own)."""
+        names = (route,) if isinstance(route, str) else route.backends
+        last: BackendError | None = None
+        for name in names:
+            cfg = self.config.backends[name]
+            try:
+                return await self.ctx.connect(cfg, self._credentials_for(cfg))
+            except BackendError as e:
+                last = e
+        raise last or BackendUnavailable("no backend")
 
     def _rename(self, cmd: _Collect, args: list[Token] | None) -> None:
         """RENAME on one backend is relayed (placements follow); across backends it is referred."""
@@ -952,15 +1009,36 @@ class ClientSession(Protocol):
                     referrals.mailbox_urls(self.config, new_route, self.user, new)[0]]
             self._send(referrals.referral(cmd.start.tag, urls))
             return
-        if old_route.primary != new_route.primary:
-            self._tagged(cmd.start.tag, "NO", "[CANNOT] Moving a mailbox between mail servers is not available yet")
+        if self._in_use(cmd.start.tag, old, new):
             return
+        if old_route.primary != new_route.primary:
+            return self._run(cmd.start.tag, self._rename_across(cmd, old, new, old_route, new_route))
 
         def done(start: ResponseStart) -> None:
             if start.status == "OK":
                 self._move_placements(old, new)
 
         self._relay_to(cmd, old_route, done)
+
+    async def _rename_across(self, cmd: _Collect, old: bytes, new: bytes, old_route: Route, new_route: Route) -> None:
+        """RENAME to a name another backend owns: the journaled move of transfer.Mover."""
+        assert self.user is not None
+        await self._quiet(None)
+        sep = self.map.separator.encode()
+        if self.selected_mailbox is not None and (
+                self.selected_mailbox == old or self.selected_mailbox.startswith(old + sep)):
+            raise _Refused("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
+        mover = Mover(self.map, self._fresh, self.user)
+        try:
+            result = await mover.rename(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
+                                        old_route.primary, new_route.primary)
+        except TransferError as e:
+            text = str(e)
+            raise _Refused(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
+        log.info("session {id}: {user} moved {old} to {new} on {dst}: {n} mailbox(es), {m} message(s)", id=self.id,
+                 user=self.user, old=old, new=new, dst=new_route.primary, n=result.mailboxes, m=result.messages)
+        self._tagged(cmd.start.tag, "OK", f"Rename completed ({result.mailboxes} mailbox(es), "
+                                          f"{result.messages} message(s) moved to another server).")
 
     def _move_placements(self, old: bytes, new: bytes) -> None:
         """Placements under the old name now belong to the new one."""
@@ -1118,6 +1196,11 @@ class ClientSession(Protocol):
                 literal: LiteralSpec | None) -> None:
         """Route an APPEND to the mailbox's backend and start streaming it there."""
         assert self.home is not None
+        if mailbox is not None and self.map.moving(self.user or "", mailbox.decode("utf-8", "surrogateescape")):
+            if literal is not None:
+                self._framer.reject_literal()
+            self._tagged(start.tag, "NO", "[INUSE] Mailbox is being moved to another server; try again shortly")
+            return
         route = self._route_of(mailbox) if mailbox is not None else Route((self.home,))
         if mailbox is not None and self._refers(route):
             if literal is not None:

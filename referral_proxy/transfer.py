@@ -1,0 +1,545 @@
+"""Moving mail between backends without losing or duplicating a message.
+
+Cross-server COPY / MOVE, RENAME to another backend, and the admin ``move``
+command all come down to: fix the source UIDs, read FLAGS / INTERNALDATE / size,
+then stream each ``BODY.PEEK[]`` literal straight into ONE MULTIAPPEND on the
+destination (atomic there), on a connection of the transfer's own.
+
+A mailbox move (RENAME, ``move``) is journaled in the map store step by step:
+
+    planned -> creating:i / created:i -> copied:i ... -> copied  (commit point)
+            -> subscribed -> placed -> deleted:i ... -> (journal entry removed)
+
+Before ``copied`` a crash is rolled back (the destination copies are deleted:
+the source was never touched); from ``copied`` on it is rolled forward (the
+source is deleted once every message is verified on the destination). Either
+way every message exists exactly once afterwards. ``recover`` does this for
+entries a killed proxy left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .append import uid_set
+from .backend import BackendError, BackendProtocol, UntaggedResponse
+from .imap.command import Atom, ParenList, ParseError, String, parse_arguments
+from .imap.framing import Line, LiteralData, LiteralEnd
+from .imap.quoting import astring
+from .imap.response import ResponseStart
+from .routing import JournalEntry, MailboxMap, normalize
+
+__all__ = [
+    "TransferError",
+    "MessageInfo",
+    "fix_uids",
+    "fetch_infos",
+    "copy_stream",
+    "expunge_uids",
+    "expand_uid_set",
+    "Mover",
+    "Progress",
+]
+
+log = Logger()
+
+BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
+BATCH_BYTES = 256 * 1024 * 1024
+
+
+class TransferError(BackendError):
+    """The transfer stopped; str() is safe to show a client. Nothing was committed
+    on the destination by the failing step."""
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    uid: int
+    flags: tuple[bytes, ...]  # without \Recent
+    internaldate: bytes
+    size: int
+
+
+@implementer(IPushProducer)
+class _Pause:
+    """The source's transport as the producer of the destination's: a slow destination pauses the source."""
+
+    def __init__(self, transport: object) -> None:
+        self._t = transport
+
+    def pauseProducing(self) -> None:
+        self._t.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if not getattr(self._t, "disconnected", False):
+            self._t.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _fetch_items(resp: UntaggedResponse) -> dict[bytes, object]:
+    fragments, literals = resp.arguments
+    args = parse_arguments(fragments, literals)
+    if not args or not isinstance(args[0], ParenList):
+        raise ParseError("malformed FETCH response")
+    items = args[0].items
+    out: dict[bytes, object] = {}
+    for i in range(0, len(items) - 1, 2):
+        key = items[i]
+        if isinstance(key, Atom):
+            out[key.value.upper()] = items[i + 1]
+    return out
+
+
+def expand_uid_set(data: bytes) -> list[int]:
+    """``b"5:7,9"`` -> ``[5, 6, 7, 9]``, in the order given (RFC 4315)."""
+    out: list[int] = []
+    for part in data.split(b","):
+        if b":" in part:
+            a, b = (int(x) for x in part.split(b":"))
+            out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def _others(responses: Sequence[UntaggedResponse], name: str) -> list[bytes]:
+    return [r.raw for r in responses if r.start.name != name]
+
+
+async def _ok(conn: BackendProtocol, command: bytes, what: str):
+    result = await conn.command(command)
+    if not result.ok:
+        raise TransferError(f"{what} failed on {conn.name}: {result.start.text.decode('utf-8', 'replace')}")
+    return result
+
+
+async def fix_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tuple[list[int], list[bytes]]:
+    """The UIDs a (UID) COPY set names now, ascending, so the set cannot shift meanwhile."""
+    result = await conn.command((b"UID SEARCH UID " if uid else b"UID SEARCH ") + message_set)
+    if not result.ok:
+        raise TransferError(f"{result.start.status} {result.start.text.decode('utf-8', 'replace')}")
+    uids: list[int] = []
+    for r in result.responses:
+        if r.start.name == "SEARCH":
+            uids.extend(int(x) for x in r.start.rest.split() if x.isdigit())
+    return sorted(set(uids)), _others(result.responses, "SEARCH")
+
+
+async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[MessageInfo], list[bytes]]:
+    """FLAGS, INTERNALDATE and size of each message, in UID order."""
+    if not uids:
+        return [], []
+    result = await _ok(conn, b"UID FETCH " + uid_set(list(uids)) + b" (UID FLAGS INTERNALDATE RFC822.SIZE)", "FETCH")
+    infos, others = {}, []
+    for r in result.responses:
+        if r.start.name != "FETCH":
+            others.append(r.raw)
+            continue
+        try:
+            items = _fetch_items(r)
+            uid = int(items[b"UID"].value)  # type: ignore[union-attr]
+            flags = tuple(t.value for t in items[b"FLAGS"].items  # type: ignore[union-attr]
+                          if isinstance(t, Atom) and t.value.upper() != b"\\RECENT")
+            date = items[b"INTERNALDATE"].value  # type: ignore[union-attr]
+            size = int(items[b"RFC822.SIZE"].value)  # type: ignore[union-attr]
+        except (KeyError, ParseError, ValueError, AttributeError):
+            others.append(r.raw)  # an unsolicited flag update, say
+            continue
+        infos[uid] = MessageInfo(uid, flags, date, size)
+    missing = [u for u in uids if u not in infos]
+    if missing:
+        raise TransferError(f"message UID {missing[0]} vanished from the source")
+    return [infos[u] for u in uids], others
+
+
+@dataclass
+class Progress:
+    """Counts for progress reports: called after each message."""
+
+    messages: int = 0
+    bytes: int = 0
+    on_message: Callable[["Progress"], None] | None = None
+
+    def add(self, size: int) -> None:
+        self.messages += 1
+        self.bytes += size
+        if self.on_message is not None:
+            self.on_message(self)
+
+
+async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
+                      mailbox: bytes, progress: Progress | None = None) -> tuple[int, list[int]]:
+    """Append *infos*' messages to *mailbox* on *dst* in ONE MULTIAPPEND, bodies streamed
+    from *src*. Returns (uidvalidity, destination UIDs in order). On any failure the
+    destination connection is aborted, so its MULTIAPPEND saves nothing."""
+    if not infos:
+        raise TransferError("nothing to copy")
+    if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
+        raise TransferError(f"backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
+    ptag = dst.next_tag()
+    done: defer.Deferred[tuple[ResponseStart, bytes]] = defer.Deferred()
+    dst.expect(ptag, lambda start, raw: done.callback((start, raw)))
+    dst.transport.registerProducer(_Pause(src.transport), True)
+    try:
+        dst.write(ptag + b" APPEND " + astring(mailbox))
+        for info in infos:
+            if dst.closed:
+                raise TransferError(f"backend {dst.name} closed the connection")
+            await _stream_one(src, info, dst)
+            if progress is not None:
+                progress.add(info.size)
+        dst.write(b"\r\n")
+        start, raw = await done
+    except BaseException:
+        dst.transport.abortConnection()
+        raise
+    finally:
+        if not dst.closed:
+            dst.transport.unregisterProducer()
+    if start.tag is None:
+        raise TransferError(f"backend {dst.name} closed the connection")
+    if start.status != "OK":
+        raise TransferError(f"{start.status} {start.text.decode('utf-8', 'replace')}")
+    if start.code != "APPENDUID":
+        raise TransferError(f"backend {dst.name} gave no APPENDUID")
+    validity, _, uids = start.code_args.partition(b" ")
+    dest = expand_uid_set(uids)
+    if len(dest) != len(infos):
+        raise TransferError(f"backend {dst.name} reported {len(dest)} new messages for {len(infos)}")
+    return int(validity), dest
+
+
+async def _stream_one(src: BackendProtocol, info: MessageInfo, dst: BackendProtocol) -> None:
+    """One message: its BODY.PEEK[] literal goes to *dst* chunk by chunk as it arrives."""
+    state = {"streaming": False, "seen": 0}
+
+    def tap(start: ResponseStart | None, event: object) -> None:
+        if start is not None:
+            if (start.name == "FETCH" and isinstance(event, Line) and event.literal is not None
+                    and event.data.rstrip().upper().endswith(b"BODY[]")):
+                flags = b"(" + b" ".join(info.flags) + b")"
+                dst.write(b" %s \"%s\" {%d+}\r\n" % (flags, info.internaldate, event.literal.size))
+                state["streaming"] = True
+                state["seen"] += 1
+        elif isinstance(event, LiteralData) and state["streaming"]:
+            dst.write(event.data)
+        elif isinstance(event, LiteralEnd):
+            state["streaming"] = False
+
+    src.tap = tap
+    try:
+        result = await src.command(b"UID FETCH %d BODY.PEEK[]" % info.uid)
+    finally:
+        src.tap = None
+    if not result.ok or state["seen"] != 1:
+        raise TransferError(f"message UID {info.uid} could not be read from {src.name}")
+
+
+async def expunge_uids(conn: BackendProtocol, uids: Sequence[int]) -> list[bytes]:
+    """Remove exactly these messages (never a plain EXPUNGE); the EXPUNGE responses, raw."""
+    uids_b = uid_set(sorted(uids))
+    stored = await _ok(conn, b"UID STORE " + uids_b + b" +FLAGS.SILENT (\\Deleted)", "STORE")
+    expunged = await _ok(conn, b"UID EXPUNGE " + uids_b, "UID EXPUNGE")
+    return [r.raw for r in stored.responses] + [r.raw for r in expunged.responses]
+
+
+# -- whole mailboxes: RENAME to another backend, the admin "move" ------------------------------
+
+
+Connect = Callable[[str], Awaitable[BackendProtocol]]
+
+
+@dataclass
+class MoveResult:
+    mailboxes: int = 0
+    messages: int = 0
+    bytes: int = 0
+
+
+def _fault(step: str) -> None:
+    """Fault injection for tests: REFERRAL_PROXY_FAULT=journal:<step> kills the process there."""
+    spec = os.environ.get("REFERRAL_PROXY_FAULT", "")
+    if spec.startswith("journal:") and step == spec[len("journal:"):]:
+        log.warn("fault injection: killed at journal step {step}", step=step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Mover:
+    """Moves mailboxes of one user between backends, journaled so a crash can be recovered."""
+
+    mailbox_map: MailboxMap
+    connect: Connect  # a NEW authenticated connection to a backend, as the user
+    user: str
+    progress: Progress = field(default_factory=Progress)
+
+    def _journal(self, entry: JournalEntry, step: str) -> None:
+        entry.step = step
+        self.mailbox_map.store.journal_step(entry.id, step, entry.data)
+        self.mailbox_map.journal_changed()
+        _fault(step)
+
+    async def plan(self, src: BackendProtocol, old: str, new: str) -> list[tuple[str, str]]:
+        """(old, new) names of the mailbox and its children that *src* owns, parents first."""
+        sep = self.mailbox_map.separator
+        if normalize(old, sep) == "INBOX":
+            return [("INBOX", new)]  # RFC 3501: INBOX's messages move, its children do not
+        pairs = []
+        for pattern in (old, old + sep + "*"):
+            result = await _ok(src, b'LIST "" ' + astring(pattern.encode("utf-8", "surrogateescape")), "LIST")
+            for r in result.responses:
+                if r.start.name != "LIST":
+                    continue
+                fragments, literals = r.arguments
+                args = parse_arguments(fragments, literals)
+                flags = {t.value.upper() for t in args[0].items if isinstance(t, Atom)}  # type: ignore[union-attr]
+                name = args[2].value.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
+                if b"\\NOSELECT" in flags or b"\\NONEXISTENT" in flags:
+                    continue
+                if self.mailbox_map.lookup(self.user, name).primary != src.name:
+                    continue  # a child placed elsewhere stays where it is
+                pairs.append((name, new + name[len(old):]))
+        pairs.sort(key=lambda p: p[0].count(sep))
+        return pairs
+
+    async def rename(self, old: str, new: str, src_name: str, dst_name: str) -> MoveResult:
+        """Move *old* (and its children) on *src_name* to *new* on *dst_name*."""
+        src = await self.connect(src_name)
+        dst = await self.connect(dst_name)
+        try:
+            pairs = await self.plan(src, old, new)
+            if not pairs:
+                raise TransferError(f"[NONEXISTENT] Mailbox doesn't exist: {old}")
+            for _o, n in pairs:
+                if normalize(n, self.mailbox_map.separator) == "INBOX" and _o != "INBOX":
+                    raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
+                if n != "INBOX" and await _exists(dst, n):
+                    raise TransferError(f"[ALREADYEXISTS] Mailbox already exists: {n}")
+            data = {"pairs": pairs, "src": src_name, "dst": dst_name, "created": [], "copied": [], "deleted": []}
+            entry = JournalEntry(self.mailbox_map.store.journal_begin(self.user, "rename", data), self.user,
+                                 "rename", data, "planned")
+            self.mailbox_map.journal_changed()
+            _fault("planned")
+            result = MoveResult()
+            try:
+                for i, (o, n) in enumerate(pairs):
+                    if n != "INBOX":
+                        data["created"].append(n)  # recorded BEFORE it exists: a crash between is rolled back
+                        self._journal(entry, f"creating:{i}")
+                        await _ok(dst, b"CREATE " + astring(n.encode("utf-8", "surrogateescape")), "CREATE")
+                        self._journal(entry, f"created:{i}")
+                    copied = await self._copy_mailbox(src, o, dst, n)
+                    data["copied"].append({"old": o, "uids": uid_set(copied).decode() if copied else ""})
+                    result.messages += len(copied)
+                    self._journal(entry, f"copied:{i}")
+                self._journal(entry, "copied")  # the commit point: every message is on dst, verified
+            except BaseException:
+                await self._roll_back(entry)
+                raise
+            await self._finish(entry, src, dst)
+            result.mailboxes = len(pairs)
+            result.bytes = self.progress.bytes
+            return result
+        finally:
+            src.logout()
+            dst.logout()
+
+    async def _copy_mailbox(self, src: BackendProtocol, old: str, dst: BackendProtocol, new: str,
+                            after_uid: int = 0) -> list[int]:
+        """Every message of *old* (UID > after_uid) into *new*, in bounded batches, then verified."""
+        old_b, new_b = old.encode("utf-8", "surrogateescape"), new.encode("utf-8", "surrogateescape")
+        await _ok(src, b"EXAMINE " + astring(old_b), "EXAMINE")
+        uids, _ = await fix_uids(src, b"%d:*" % (after_uid + 1), uid=True)
+        uids = [u for u in uids if u > after_uid]
+        infos, _ = await fetch_infos(src, uids)
+        batch: list[MessageInfo] = []
+        size = 0
+        for info in infos:
+            batch.append(info)
+            size += info.size
+            if len(batch) >= BATCH_MESSAGES or size >= BATCH_BYTES:
+                await copy_stream(src, batch, dst, new_b, self.progress)
+                batch, size = [], 0
+        if batch:
+            await copy_stream(src, batch, dst, new_b, self.progress)
+        if after_uid == 0:
+            await self._verify(dst, new_b, infos)
+        return uids
+
+    async def _verify(self, dst: BackendProtocol, mailbox: bytes, infos: Sequence[MessageInfo]) -> None:
+        """Count and total size on the destination must match the source before anything is deleted."""
+        await _ok(dst, b"EXAMINE " + astring(mailbox), "EXAMINE")
+        result = await _ok(dst, b"FETCH 1:* (RFC822.SIZE)", "FETCH") if infos else None
+        sizes = []
+        for r in (result.responses if result else ()):
+            if r.start.name == "FETCH":
+                try:
+                    sizes.append(int(_fetch_items(r)[b"RFC822.SIZE"].value))  # type: ignore[union-attr]
+                except (KeyError, ParseError, ValueError, AttributeError):
+                    pass
+        want = (len(infos), sum(i.size for i in infos))
+        if (len(sizes), sum(sizes)) != want:
+            raise TransferError(f"verification failed for {mailbox.decode('utf-8', 'replace')}: "
+                                f"{len(sizes)} messages / {sum(sizes)} bytes on {dst.name}, expected {want[0]} / {want[1]}")
+        await _ok(dst, b"UNSELECT" if "UNSELECT" in dst.capabilities else b"CLOSE", "UNSELECT")
+
+    async def _roll_back(self, entry: JournalEntry) -> None:
+        """Before the commit point: delete what was created on the destination (children first).
+
+        On a connection of its own: the transfer's may have been aborted mid-append."""
+        data = entry.data
+        dst = await self.connect(data["dst"])
+        try:
+            for name in reversed(data["created"]):
+                if await _exists(dst, name):
+                    await _ok(dst, b"DELETE " + astring(name.encode("utf-8", "surrogateescape")), "DELETE")
+        finally:
+            dst.logout()
+        self.mailbox_map.store.journal_end(entry.id)
+        self.mailbox_map.journal_changed()
+        log.info("move of {pairs} rolled back", pairs=data["pairs"])
+
+    async def _finish(self, entry: JournalEntry, src: BackendProtocol | None, dst: BackendProtocol | None) -> None:
+        """From the commit point on: subscriptions, placements, then the sources go (children first)."""
+        data = entry.data
+        opened = []
+        if src is None or src.closed:
+            src = await self.connect(data["src"])
+            opened.append(src)
+        if dst is None or dst.closed:
+            dst = await self.connect(data["dst"])
+            opened.append(dst)
+        try:
+            await self._finish_steps(entry, src, dst)
+        finally:
+            for conn in opened:
+                conn.logout()
+
+    async def _finish_steps(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol) -> None:
+        data = entry.data
+        pairs = [tuple(p) for p in data["pairs"]]
+        copied = {c["old"]: expand_uid_set(c["uids"].encode()) for c in data["copied"]}
+        if entry.step in ("copied",):
+            subscribed = await _subscribed(src)
+            for o, n in pairs:
+                if o in subscribed:
+                    await _ok(dst, b"SUBSCRIBE " + astring(n.encode("utf-8", "surrogateescape")), "SUBSCRIBE")
+            self._journal(entry, "subscribed")
+        if entry.step in ("subscribed",):
+            for o, n in pairs:
+                self.mailbox_map.place(self.user, n, [data["dst"]])
+                if o != n and o in self.mailbox_map.placements(self.user):
+                    self.mailbox_map.unplace(self.user, o)
+            self._journal(entry, "placed")
+        for i in reversed(range(len(pairs))):
+            o, n = pairs[i]
+            if o in data["deleted"]:
+                continue
+            o_b = o.encode("utf-8", "surrogateescape")
+            # Mail that reached the source meanwhile (a delivery) goes along before it is deleted.
+            last = max(copied.get(o) or [0])
+            if await _exists(src, o):
+                delta = await self._copy_mailbox(src, o, dst, n, after_uid=last)
+                if delta:
+                    # Journaled before the source goes: a second recovery must not copy them again.
+                    copied[o] = (copied.get(o) or []) + delta
+                    for c in data["copied"]:
+                        if c["old"] == o:
+                            c["uids"] = uid_set(copied[o]).decode()
+                    self._journal(entry, f"delta:{i}")
+                    log.info("moved {n} message(s) that arrived in {box} during the move", n=len(delta), box=o)
+                if o == "INBOX":
+                    await _ok(src, b"SELECT INBOX", "SELECT")
+                    moved = copied.get(o) or []
+                    if moved:
+                        await expunge_uids(src, moved)
+                    await _ok(src, b"UNSELECT" if "UNSELECT" in src.capabilities else b"CLOSE", "UNSELECT")
+                else:
+                    await _ok(src, b"UNSELECT" if "UNSELECT" in src.capabilities else b"CLOSE", "UNSELECT")
+                    await src.command(b"UNSUBSCRIBE " + astring(o_b))
+                    await _ok(src, b"DELETE " + astring(o_b), "DELETE")
+            data["deleted"].append(o)
+            self._journal(entry, f"deleted:{i}")
+        self.mailbox_map.store.journal_end(entry.id)
+        self.mailbox_map.journal_changed()
+
+    async def recover(self, entry: JournalEntry) -> str:
+        """Finish (after the commit point) or roll back (before it) a move a crash interrupted."""
+        if entry.step == "planned" or entry.step.startswith(("creating:", "created:", "copied:")):
+            await self._roll_back(entry)
+            return "rolled back"
+        await self._finish(entry, None, None)
+        return "finished"
+
+
+async def _exists(conn: BackendProtocol, name: str) -> bool:
+    result = await _ok(conn, b'LIST "" ' + astring(name.encode("utf-8", "surrogateescape")), "LIST")
+    return any(r.start.name == "LIST" for r in result.responses)
+
+
+async def _subscribed(conn: BackendProtocol) -> set[str]:
+    result = await _ok(conn, b'LSUB "" "*"', "LSUB")
+    names = set()
+    for r in result.responses:
+        if r.start.name == "LSUB":
+            fragments, literals = r.arguments
+            try:
+                args = parse_arguments(fragments, literals)
+                if isinstance(args[2], (Atom, String)):
+                    names.add(args[2].value.decode("utf-8", "surrogateescape"))
+            except (ParseError, IndexError):
+                continue
+    return names
+
+
+@dataclass
+class CopyOutcome:
+    """What a cross-server COPY / MOVE answers: untagged lines to relay, then the completion."""
+
+    untagged: list[bytes]
+    status: str
+    text: str
+
+
+async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
+                      mailbox: bytes, move: bool) -> CopyOutcome:
+    """COPY / MOVE from the mailbox selected on *src* to *mailbox* on *dst* (a connection of its own).
+
+    MOVE removes the source messages only after the destination has committed, by
+    UID; if that fails the copies stay and the source flags are restored: the
+    messages are then in both places (duplicated at worst, never lost).
+    """
+    if move and "UIDPLUS" not in src.capabilities:
+        return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
+    uids, untagged = await fix_uids(src, message_set, uid)
+    if not uids:
+        return CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
+    if not await _exists(dst, mailbox.decode("utf-8", "surrogateescape")):
+        return CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist: " + mailbox.decode("utf-8", "replace"))
+    infos, others = await fetch_infos(src, uids)
+    untagged += others
+    validity, dest = await copy_stream(src, infos, dst, mailbox)
+    copyuid = f"[COPYUID {validity} {uid_set(uids).decode()} {uid_set(dest).decode()}]"
+    if not move:
+        return CopyOutcome(untagged, "OK", copyuid + " Copy completed.")
+    untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
+    try:
+        untagged += await expunge_uids(src, uids)
+    except BackendError as e:
+        not_deleted = [i.uid for i in infos if b"\\DELETED" not in {f.upper() for f in i.flags}]
+        if not_deleted and not src.closed:
+            await src.command(b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)")
+        log.error("MOVE: copied to {dst} but not removed from {src}: {why}", dst=dst.name, src=src.name, why=str(e))
+        return CopyOutcome(untagged, "NO", f"{copyuid} The messages were copied but could not be removed from the "
+                                           "source mailbox: they are now in both")
+    return CopyOutcome(untagged, "OK", "Move completed.")

@@ -1,0 +1,341 @@
+"""COPY, MOVE and RENAME across real Dovecot backends: no message lost, none duplicated."""
+
+from __future__ import annotations
+
+import hashlib
+import imaplib
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER, Dovecot
+
+from conftest import dovecot_root
+from imapwire import Wire
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"mailbox": "Archive/*", "backend": "b2"},
+         {"user": "bob", "mailbox": "*", "backend": "b2"}]
+MASTERS = {"backends": {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}}
+
+
+def _body(i: int, size: int = 600) -> bytes:
+    head = b"Message-Id: <m%d@test>\r\nSubject: message %d\r\n\r\n" % (i, i)
+    return head + (b"body %d\r\n" % i) * max(1, (size - len(head)) // 12)
+
+
+FLAGS = [b"(\\Seen)", b"(\\Flagged $Label1)", b"()", b"(\\Answered \\Seen $Work)"]
+
+
+def _seed(backend: Dovecot, mailbox: str, n: int, user: str = "alice", start: int = 0, size: int = 600) -> None:
+    """n messages in one MULTIAPPEND straight to the backend, with varied flags and dates."""
+    with backend.client(user) as m:
+        if mailbox != "INBOX":
+            m.create(mailbox)
+        parts = [b"s APPEND " + mailbox.encode()]
+        for i in range(start, start + n):
+            body = _body(i, size)
+            parts.append(b' %s "%02d-Jan-2020 10:%02d:00 +0000" {%d+}\r\n' % (FLAGS[i % 4], 1 + i % 28, i % 60, len(body)) + body)
+        m.send(b"".join(parts) + b"\r\n")
+        while True:
+            line = m.readline()
+            if line.startswith(b"s "):
+                assert line.startswith(b"s OK"), line
+                break
+
+
+def _contents(backend: Dovecot, mailbox: str, user: str = "alice") -> list[tuple[int, frozenset, tuple, str]]:
+    """(uid, flags, internaldate, sha256) per message, from the backend itself."""
+    with backend.client(user) as m:
+        typ, data = m.select(f'"{mailbox}"', readonly=True)
+        if typ != "OK":
+            return []
+        if data == [b"0"]:
+            return []
+        typ, data = m.uid("FETCH", "1:*", "(UID FLAGS INTERNALDATE BODY.PEEK[])")
+        out = []
+        for item in data:
+            if isinstance(item, tuple):
+                meta, body = item
+                uid = int(re.search(rb"UID (\d+)", meta).group(1))
+                flags = frozenset(re.search(rb"FLAGS \(([^)]*)\)", meta).group(1).split()) - {b"\\Recent"}
+                date = time.mktime(imaplib.Internaldate2tuple(meta))
+                out.append((uid, flags, date, hashlib.sha256(body).hexdigest()))
+        return sorted(out)
+
+
+def _same_messages(a, b) -> bool:
+    return sorted((x[1], x[2], x[3]) for x in a) == sorted((x[1], x[2], x[3]) for x in b)
+
+
+@pytest.mark.parametrize("count", [1, 100, 1000])
+@pytest.mark.parametrize("command", ["COPY", "UID COPY", "MOVE", "UID MOVE"])
+def test_cross_server_copy_and_move(proxy_factory, fleet, command, count):
+    _seed(fleet["b1"], "Work", count)
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/Dest")
+    before = _contents(fleet["b1"], "Work")
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login()
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    reply = w.cmd(b"c", command.encode() + b" 1:* Shared/Dest")
+    after_dest = _contents(fleet["b3"], "Shared/Dest")
+    assert _same_messages(after_dest, before)  # bodies, flags (keywords too), internal dates
+    source_uids = [x[0] for x in before]
+    m = re.search(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", b"".join(reply))
+    assert m, reply
+    from referral_proxy.transfer import expand_uid_set
+    assert expand_uid_set(m.group(2)) == source_uids
+    assert expand_uid_set(m.group(3)) == [x[0] for x in after_dest]  # checked against FETCH UID on b3
+    with fleet["b3"].client("alice") as direct:
+        assert direct.select("Shared/Dest")[0] == "OK"
+        assert direct.response("UIDVALIDITY")[1][0] == m.group(1)
+    if "MOVE" in command:
+        assert reply[-1] == b"c OK Move completed.\r\n"
+        assert sum(1 for line in reply if line.endswith(b" EXPUNGE\r\n")) == count
+        assert _contents(fleet["b1"], "Work") == []
+    else:
+        assert reply[-1].startswith(b"c OK [COPYUID ")
+        assert _contents(fleet["b1"], "Work") == before
+    w.close()
+
+
+def test_partial_set_and_trycreate(proxy_factory, fleet):
+    _seed(fleet["b1"], "INBOX", 6)
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/Dest")
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.cmd(b"s", b"SELECT INBOX")
+    reply = w.cmd(b"c", b"COPY 2,4:5 Shared/Dest")
+    assert re.fullmatch(rb"c OK \[COPYUID \d+ 2,4:5 1:3\] Copy completed.\r\n", reply[-1]), reply
+    assert w.cmd(b"t", b"COPY 1 Shared/Nowhere")[-1].startswith(b"t NO [TRYCREATE]")
+    assert w.cmd(b"u", b"UID COPY 100:200 Shared/Dest")[-1].startswith(b"u OK")
+    w.close()
+    assert len(_contents(fleet["b3"], "Shared/Dest")) == 3
+
+
+def test_rename_hierarchy_to_another_backend(proxy_factory, fleet):
+    _seed(fleet["b1"], "Projects", 3)
+    _seed(fleet["b1"], "Projects/A", 2, start=10)
+    _seed(fleet["b1"], "Projects/A/B", 1, start=20)
+    with fleet["b1"].client("alice") as m:
+        m.subscribe("Projects")
+        m.subscribe("Projects/A/B")
+    before = {name: _contents(fleet["b1"], name) for name in ("Projects", "Projects/A", "Projects/A/B")}
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    reply = w.cmd(b"r", b"RENAME Projects Archive/Projects")
+    assert reply[-1].startswith(b"r OK Rename completed (3 mailbox(es), 6 message(s)"), reply
+    listing = b"".join(w.cmd(b"l", b'LIST "" "*"'))
+    assert b"Archive/Projects/A/B" in listing and b'"Projects"' not in listing
+    w.close()
+    for name, msgs in before.items():
+        assert _same_messages(_contents(fleet["b2"], "Archive/" + name), msgs), name
+    with fleet["b1"].client("alice") as m:
+        assert m.list('""', "Projects*")[1] == [None]
+    with fleet["b2"].client("alice") as m:
+        subs = sorted(line.rsplit(b" ", 1)[1].strip(b'"') for line in m.lsub()[1] if line)
+    assert subs == [b"Archive/Projects", b"Archive/Projects/A/B"]
+    shown = subprocess.run([sys.executable, "-m", "referral_proxy", "map", "--config", str(proxy.config_path),
+                            "show", "alice"], capture_output=True, text=True, check=True).stdout
+    assert "Archive/Projects/A/B -> b2" in shown
+
+
+def test_rename_inbox_to_another_backend(proxy_factory, fleet):
+    _seed(fleet["b1"], "INBOX", 4)
+    before = _contents(fleet["b1"], "INBOX")
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"r", b"RENAME INBOX Archive/Old")[-1].startswith(b"r OK")
+    assert w.cmd(b"s", b"STATUS INBOX (MESSAGES)")[0] == b"* STATUS INBOX (MESSAGES 0)\r\n"
+    w.close()
+    assert _same_messages(_contents(fleet["b2"], "Archive/Old"), before)
+    assert _contents(fleet["b1"], "INBOX") == []
+
+
+def test_same_backend_rename_moves_placements(proxy_factory, fleet):
+    with fleet["b2"].client("alice") as m:
+        m.create("Old")
+        m.create("Old/Sub")
+    proxy = proxy_factory(rules=[{"mailbox": "W*", "backend": "b2"}] + RULES)
+    cli = [sys.executable, "-m", "referral_proxy", "map", "--config", str(proxy.config_path)]
+    subprocess.run(cli + ["set", "alice", "Old", "b2"], check=True, capture_output=True)
+    subprocess.run(cli + ["set", "alice", "Old/Sub", "b2"], check=True, capture_output=True)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"r", b"RENAME Old Work2")[-1].startswith(b"r OK")
+    w.close()
+    shown = subprocess.run(cli + ["show", "alice"], capture_output=True, text=True, check=True).stdout
+    assert "Work2 -> b2" in shown and "Work2/Sub -> b2" in shown and "  Old" not in shown
+
+
+@pytest.fixture
+def far(fleet):
+    """A fourth Dovecot (b4, 127.0.0.6) that tests may kill."""
+    d = Dovecot("far", "127.0.0.6", dovecot_root() / "far")
+    d.start()
+    yield d
+    d.stop()
+
+
+def _far_config(far):
+    return {"backends": {"b4": {"endpoint": far.endpoint, "url": far.url}}}
+
+
+def _wait_for_transfer_connection(proxy_pid: int, backend: Dovecot, already: int) -> None:
+    """Until the proxy has opened its transfer connection to *backend* (the copy is under way)."""
+    import psutil
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        n = sum(1 for c in psutil.Process(proxy_pid).net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == backend.port and c.status == psutil.CONN_ESTABLISHED)
+        if n > already:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the transfer never connected")
+
+
+def test_destination_stopped_mid_copy(proxy_factory, fleet, far):
+    _seed(fleet["b1"], "Work", 600, size=150_000)
+    with far.client("alice") as m:
+        m.create("Far/Dest")
+    before = _contents(fleet["b1"], "Work")
+    proxy = proxy_factory(_far_config(far), rules=[{"mailbox": "Far/*", "backend": "b4"}] + RULES)
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login()
+    w.cmd(b"s", b"SELECT Work")
+    w.send(b"c COPY 1:* Far/Dest\r\n")
+    _wait_for_transfer_connection(proxy.pid, far, 0)
+    far.kill()
+    reply = w.until_tagged(b"c")
+    assert reply[-1].startswith(b"c NO"), reply
+    assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")  # the session goes on
+    w.close()
+    far.start()
+    assert _contents(far, "Far/Dest") == []
+    assert _contents(fleet["b1"], "Work") == before
+
+
+def test_source_stopped_mid_move(proxy_factory, fleet, far):
+    _seed(far, "Far/Src", 600, size=150_000)
+    before = _contents(far, "Far/Src")
+    proxy = proxy_factory(_far_config(far), rules=[{"mailbox": "Far/*", "backend": "b4"}] + RULES)
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login()
+    assert w.cmd(b"s", b"SELECT Far/Src")[-1].startswith(b"s OK")
+    w.send(b"m MOVE 1:* INBOX\r\n")
+    _wait_for_transfer_connection(proxy.pid, fleet["b1"], 1)  # the session's own b1 connection is 1
+    time.sleep(0.05)
+    far.kill()
+    # The MOVE fails, then the session ends: the selected mailbox's server is gone.
+    lines = [w.line()]
+    while not lines[-1].startswith(b"* BYE"):
+        assert lines[-1].startswith(b"m NO "), lines
+        lines.append(w.line())
+    w.close()
+    far.start()
+    assert _contents(far, "Far/Src") == before
+    assert _contents(fleet["b1"], "INBOX") == []
+
+
+RENAME_STEPS = ["planned", "creating:0", "created:0", "copied:0", "creating:1", "created:1", "copied:1",
+                "copied", "subscribed", "placed", "deleted:1", "deleted:0"]
+
+
+@pytest.mark.parametrize("step", RENAME_STEPS)
+def test_proxy_killed_at_each_journal_step_then_recover(proxy_factory, fleet, step):
+    _seed(fleet["b1"], "Projects", 5)
+    _seed(fleet["b1"], "Projects/Sub", 3, start=10)
+    all_before = _contents(fleet["b1"], "Projects") + _contents(fleet["b1"], "Projects/Sub")
+    proxy = proxy_factory(MASTERS, rules=RULES, env={"REFERRAL_PROXY_FAULT": f"journal:{step}"})
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.send(b"r RENAME Projects Archive/Projects\r\n")
+    assert w.closed(15), "the proxy was not killed at " + step
+    proxy.process.wait(10)
+    result = subprocess.run([sys.executable, "-m", "referral_proxy", "recover", "--config", str(proxy.config_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = "rolled back" if step in RENAME_STEPS[:RENAME_STEPS.index("copied")] else "finished"
+    assert expected in result.stdout, result.stdout
+    # Every message exists exactly once, in the old place or in the new one, never both.
+    old = _contents(fleet["b1"], "Projects") + _contents(fleet["b1"], "Projects/Sub")
+    new = _contents(fleet["b2"], "Archive/Projects") + _contents(fleet["b2"], "Archive/Projects/Sub")
+    assert _same_messages(old + new, all_before)
+    assert (old == [] and new != []) if expected == "finished" else (new == [] and old != [])
+    again = subprocess.run([sys.executable, "-m", "referral_proxy", "recover", "--config", str(proxy.config_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert "nothing to recover" in again.stdout
+
+
+def test_admin_move_while_the_user_is_online(proxy_factory, fleet):
+    _seed(fleet["b1"], "Work", 40, size=5000)
+    _seed(fleet["b1"], "Work/Old", 5, start=100)
+    before = _contents(fleet["b1"], "Work")
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()  # alice stays logged in meanwhile
+    result = subprocess.run([sys.executable, "-m", "referral_proxy", "move", "--config", str(proxy.config_path),
+                             "alice", "Work", "b3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "moved alice Work from b1 to b3: 2 mailbox(es), 45 message(s)" in result.stdout
+    assert "45/45 messages" in result.stderr and "MB/s" in result.stderr  # the progress report
+    assert _same_messages(_contents(fleet["b3"], "Work"), before)
+    assert _contents(fleet["b1"], "Work") == []
+    # The online session now reaches Work on b3.
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    assert w.cmd(b"f", b"UID SEARCH ALL")[0].split()[2:] == [str(x[0]).encode() for x in _contents(fleet["b3"], "Work")]
+    w.close()
+
+
+def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
+    _seed(fleet["b1"], "Projects", 4)
+    before = _contents(fleet["b1"], "Projects")
+    proxy = proxy_factory(MASTERS, rules=RULES, env={"REFERRAL_PROXY_FAULT": "journal:placed"})
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.send(b"r RENAME Projects Archive/Projects\r\n")
+    assert w.closed(15)
+    proxy.process.wait(10)
+    # A new proxy on the same map store finishes the move by itself.
+    restarted = subprocess.Popen([sys.executable, "-m", "referral_proxy", "--config", str(proxy.config_path)],
+                                 stderr=subprocess.PIPE, text=True, cwd=proxy.config_path.parent)
+    try:
+        deadline = time.monotonic() + 20
+        while _contents(fleet["b1"], "Projects") and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        restarted.terminate()
+        log = restarted.communicate(timeout=10)[1]
+    assert "recovery:" in log and "finished" in log, log
+    assert _contents(fleet["b1"], "Projects") == []
+    assert _same_messages(_contents(fleet["b2"], "Archive/Projects"), before)
+
+
+def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
+    from referral_proxy.routing import SQLiteStore
+
+    _seed(fleet["b1"], "Work", 1)
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    entry = store.journal_begin("alice", "rename", {"pairs": [["Work", "Archive/Work"]], "src": "b1", "dst": "b2"})
+    for tag, command in [(b"a", b"SELECT Work"), (b"b", b"STATUS Archive/Work (MESSAGES)"), (b"c", b"DELETE Work")]:
+        assert w.cmd(tag, command) == [tag + b" NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n"]
+    w.send(b"d APPEND Work {5}\r\n")
+    assert w.line().startswith(b"d NO [INUSE]")  # before the literal
+    store.journal_end(entry)
+    assert w.cmd(b"e", b"SELECT Work")[-1].startswith(b"e OK")
+    store.close()
+    w.close()
