@@ -878,26 +878,33 @@ class ClientSession(Protocol):
         assert self.home is not None
         self._relay_to(cmd, self.home)
 
+    def _target(self, cmd: _Collect, args: list[Token] | None, index: int) -> tuple[bytes, Route] | None:
+        """The mailbox argument and its route, or None when the command was answered here
+        (no such argument: relayed for the backend to explain; a mailbox being moved: INUSE)."""
+        mailbox = self._mailbox(args, index)
+        if mailbox is None:
+            self._to_selected(cmd)
+            return None
+        if self._in_use(cmd.start.tag, mailbox):
+            return None
+        return mailbox, self._route_of(mailbox)
+
     def _by_mailbox(self, cmd: _Collect, args: list[Token] | None) -> None:
         """CREATE, DELETE, STATUS, SUBSCRIBE ...: to the backend that owns the mailbox."""
-        mailbox = self._mailbox(args, 0)
-        if mailbox is None:
-            return self._to_selected(cmd)
-        if self._in_use(cmd.start.tag, mailbox):
+        target = self._target(cmd, args, 0)
+        if target is None:
             return
-        route = self._route_of(mailbox)
+        mailbox, route = target
         if self._refers(route):
             return self._refer(cmd.start.tag, route, mailbox)
         self._relay_to(cmd, route)
 
     def _select(self, cmd: _Collect, args: list[Token] | None) -> None:
         """SELECT / EXAMINE: the selected state moves to the mailbox's backend."""
-        mailbox = self._mailbox(args, 0)
-        if mailbox is None:
-            return self._to_selected(cmd)
-        if self._in_use(cmd.start.tag, mailbox):
+        target = self._target(cmd, args, 0)
+        if target is None:
             return
-        route = self._route_of(mailbox)
+        mailbox, route = target
         refer = self._refers(route)
         conn = self._fast(route.primary)
         self.selected_mailbox = None if refer else mailbox
@@ -953,12 +960,10 @@ class ClientSession(Protocol):
 
     def _copy(self, cmd: _Collect, args: list[Token] | None) -> None:
         """COPY / MOVE: relayed when the destination lives with the selected mailbox, else carried out here."""
-        mailbox = self._mailbox(args, 1)
-        if mailbox is None or args is None:
-            return self._to_selected(cmd)
-        if self._in_use(cmd.start.tag, mailbox):
+        target = self._target(cmd, args, 1)
+        if target is None or args is None:
             return
-        route = self._route_of(mailbox)
+        mailbox, route = target
         source = self.selected or self.home
         if route.primary == source or source in route.backends:
             return self._relay_to(cmd, source)  # type: ignore[arg-type]

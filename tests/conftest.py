@@ -504,3 +504,14 @@ def pytest_runtest_makereport(item, call):
         text = proxy.stderr_text()
         if text.strip():
             report.sections.append((f"proxy {i} stderr", text[-8000:]))
+
+
+@pytest.fixture
+def spare_backend(fleet):
+    """A fourth real Dovecot (127.0.0.6), not in the default config, that a test may kill."""
+    from referral_proxy.testing.dovecot import Dovecot
+
+    d = Dovecot("spare", "127.0.0.6", dovecot_root() / "spare")
+    d.start()
+    yield d
+    d.stop()

@@ -11,8 +11,9 @@ import pytest
 
 from referral_proxy.testing.dovecot import Dovecot
 
-from conftest import dovecot_root
+from conftest import dovecot_root  # noqa: E402  (the limited backends below)
 from imapwire import Wire
+from mailcheck import contents
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -24,22 +25,7 @@ def _message(i: int, size: int = 300) -> bytes:
 
 
 def _fetch_all(backend: Dovecot, user: str, mailbox: str):
-    """(uid, flags, internaldate, sha256) of every message, straight from the backend."""
-    with backend.client(user) as m:
-        typ, data = m.select(mailbox, readonly=True)
-        assert typ == "OK", data
-        if data == [b"0"]:
-            return []
-        typ, data = m.uid("FETCH", "1:*", "(UID FLAGS INTERNALDATE BODY.PEEK[])")
-        out = []
-        for item in data:
-            if isinstance(item, tuple):
-                meta, body = item
-                uid = int(re.search(rb"UID (\d+)", meta).group(1))
-                flags = set(re.search(rb"FLAGS \(([^)]*)\)", meta).group(1).split())
-                date = re.search(rb'INTERNALDATE "([^"]+)"', meta).group(1)
-                out.append((uid, flags - {b"\\Recent"}, date, hashlib.sha256(body).hexdigest()))
-        return out
+    return contents(backend, user, mailbox)
 
 
 # -- the RFC's example, corrected per the IESG note ---------------------------------
@@ -92,8 +78,7 @@ def test_rfc3502_example_through_the_proxy(proxy_factory, fleet):
     saved = _fetch_all(fleet["b1"], "quota", "saved-messages")
     assert [(s[1], s[3]) for s in saved] == [({b"\\Seen"}, hashlib.sha256(MSG1).hexdigest()),
                                              ({b"\\Seen"}, hashlib.sha256(MSG2).hexdigest())]
-    assert time.mktime(imaplib.Internaldate2tuple(b'INTERNALDATE "' + saved[1][2] + b'"')) == \
-        time.mktime(imaplib.Internaldate2tuple(b'INTERNALDATE " 7-Feb-1994 22:43:04 -0800"'))
+    assert saved[1][2] == time.mktime(imaplib.Internaldate2tuple(b'INTERNALDATE " 7-Feb-1994 22:43:04 -0800"'))
     assert _fetch_all(fleet["b1"], "quota", "test") == []  # A005 is all or nothing
 
 
@@ -119,8 +104,7 @@ def test_500_messages_in_one_command(proxy_factory, fleet):
     for i, (uid, flags, date, digest) in enumerate(stored):
         assert digest == hashlib.sha256(messages[i]).hexdigest(), i
         assert flags == set(flag_sets[i % 4].strip(b"()").split()), i
-        expected = imaplib.Internaldate2tuple(b'INTERNALDATE ' + dates[i])
-        assert imaplib.Internaldate2tuple(b'INTERNALDATE "' + date + b'"') == expected, i
+        assert date == time.mktime(imaplib.Internaldate2tuple(b"INTERNALDATE " + dates[i])), i
 
 
 def test_zero_length_literal_in_the_middle_appends_nothing(proxy_factory, fleet):
@@ -153,24 +137,20 @@ def test_client_disconnect_in_the_middle_appends_nothing(proxy_factory, fleet):
     assert _fetch_all(fleet["b1"], "alice", "INBOX") == []
 
 
-def test_backend_killed_in_the_middle_appends_nothing(proxy_factory):
-    solo = Dovecot("solo-ma", "127.0.0.6", dovecot_root() / "solo-ma")
+def test_backend_killed_in_the_middle_appends_nothing(proxy_factory, spare_backend):
+    solo = spare_backend
+    proxy = proxy_factory({"backends": {"solo": {"endpoint": solo.endpoint, "url": solo.url}},
+                           "map": {"default": "solo"}})
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    body = _message(1, 200_000)
+    w.send(b"k APPEND INBOX {%d+}\r\n" % len(body) + body + b" {%d+}\r\n" % len(body) + body[:50_000])
+    time.sleep(0.5)
+    solo.kill()
+    assert w.line().startswith(b"* BYE")
+    w.close()
     solo.start()
-    try:
-        proxy = proxy_factory({"backends": {"solo": {"endpoint": solo.endpoint, "url": solo.url}},
-                               "map": {"default": "solo"}})
-        w = Wire(proxy.host, proxy.port)
-        w.login()
-        body = _message(1, 200_000)
-        w.send(b"k APPEND INBOX {%d+}\r\n" % len(body) + body + b" {%d+}\r\n" % len(body) + body[:50_000])
-        time.sleep(0.5)
-        solo.kill()
-        assert w.line().startswith(b"* BYE")
-        w.close()
-        solo.start()
-        assert _fetch_all(solo, "alice", "INBOX") == []
-    finally:
-        solo.stop()
+    assert _fetch_all(solo, "alice", "INBOX") == []
 
 
 def test_message_count_limit(proxy_factory, fleet):

@@ -321,29 +321,21 @@ def test_client_drop_closes_backend_connection(proxy_factory, fleet):
     direct.logout()
 
 
-def test_backend_death_gives_bye(proxy_factory, tmp_path_factory):
-    from referral_proxy.testing.dovecot import Dovecot
-
-    from conftest import dovecot_root
-
-    solo = Dovecot("solo", "127.0.0.6", dovecot_root() / "solo")
+def test_backend_death_gives_bye(proxy_factory, spare_backend):
+    solo = spare_backend
+    proxy = proxy_factory({"backends": {"solo": {"endpoint": solo.endpoint, "url": solo.url}},
+                           "map": {"default": "solo"}})
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    solo.kill()
+    line = w.line()
+    assert line.startswith(b"* BYE"), line
+    assert w.closed()
     solo.start()
-    try:
-        proxy = proxy_factory({"backends": {"solo": {"endpoint": solo.endpoint, "url": solo.url}},
-                               "map": {"default": "solo"}})
-        w = Wire(proxy.host, proxy.port)
-        w.login()
-        assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
-        solo.kill()
-        line = w.line()
-        assert line.startswith(b"* BYE"), line
-        assert w.closed()
-        solo.start()
-        w = Wire(proxy.host, proxy.port)
-        w.login()  # the proxy itself is fine
-        w.close()
-    finally:
-        solo.stop()
+    w = Wire(proxy.host, proxy.port)
+    w.login()  # the proxy itself is fine
+    w.close()
 
 
 def _socket_option(pid: int, fd: int, level: int, option: int) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import imaplib
 import re
 import subprocess
 import sys
@@ -13,8 +12,8 @@ import pytest
 
 from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER, Dovecot
 
-from conftest import dovecot_root
 from imapwire import Wire
+from mailcheck import contents, same_messages as _same_messages
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -48,28 +47,8 @@ def _seed(backend: Dovecot, mailbox: str, n: int, user: str = "alice", start: in
                 break
 
 
-def _contents(backend: Dovecot, mailbox: str, user: str = "alice") -> list[tuple[int, frozenset, tuple, str]]:
-    """(uid, flags, internaldate, sha256) per message, from the backend itself."""
-    with backend.client(user) as m:
-        typ, data = m.select(f'"{mailbox}"', readonly=True)
-        if typ != "OK":
-            return []
-        if data == [b"0"]:
-            return []
-        typ, data = m.uid("FETCH", "1:*", "(UID FLAGS INTERNALDATE BODY.PEEK[])")
-        out = []
-        for item in data:
-            if isinstance(item, tuple):
-                meta, body = item
-                uid = int(re.search(rb"UID (\d+)", meta).group(1))
-                flags = frozenset(re.search(rb"FLAGS \(([^)]*)\)", meta).group(1).split()) - {b"\\Recent"}
-                date = time.mktime(imaplib.Internaldate2tuple(meta))
-                out.append((uid, flags, date, hashlib.sha256(body).hexdigest()))
-        return sorted(out)
-
-
-def _same_messages(a, b) -> bool:
-    return sorted((x[1], x[2], x[3]) for x in a) == sorted((x[1], x[2], x[3]) for x in b)
+def _contents(backend: Dovecot, mailbox: str, user: str = "alice"):
+    return contents(backend, user, mailbox)
 
 
 @pytest.mark.parametrize("count", [1, 100, 1000])
@@ -179,12 +158,8 @@ def test_same_backend_rename_moves_placements(proxy_factory, fleet):
 
 
 @pytest.fixture
-def far(fleet):
-    """A fourth Dovecot (b4, 127.0.0.6) that tests may kill."""
-    d = Dovecot("far", "127.0.0.6", dovecot_root() / "far")
-    d.start()
-    yield d
-    d.stop()
+def far(spare_backend):
+    return spare_backend
 
 
 def _far_config(far):
