@@ -20,121 +20,48 @@ is slower).  ``--json FILE`` also writes every number.  Needs root and the
 from __future__ import annotations
 
 import argparse
-import base64
-import ctypes
 import gc
 import json
 import math
-import os
-import platform
 import random
 import re
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from referral_proxy.testing.dovecot import (  # noqa: E402
+from _common import (  # noqa: E402
+    ANNOUNCE,
+    USER,
     Dovecot,
+    Harness,
+    ProtocolError,
+    apply_pin,
     dovecot_available,
-    free_port,
-    make_root,
+    environment,
+    install_signal_handlers,
+    log,
+    make_message,
+    percentile,
+    quote,
+    render_table,
+    run_cli,
+    suspicious_lines,
 )
+from _common import RawIMAP as _RawIMAP  # noqa: E402
 
-BACKEND_HOST = "127.0.0.2"
-PROXY_HOST = "127.0.0.1"
-USER = "alice"
 MAILBOX = "Bench"
-PROXY_START_TIMEOUT = 20.0
-IO_TIMEOUT = 60.0
-
-_ANNOUNCE = re.compile(rb"~?\{([0-9]+)\+?\}\r?\n\Z")
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- raw client
 
 
-class ProtocolError(RuntimeError):
-    pass
+class RawIMAP(_RawIMAP):
+    """The shared raw client plus what this benchmark measures."""
 
-
-class RawIMAP:
-    """A minimal blocking IMAP client on a raw socket: just enough for the benchmark."""
-
-    def __init__(self, host: str, port: int, label: str) -> None:
-        self.label = label
-        self.sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
-        # Both sides of the comparison use the same client settings; the client
-        # only ever sends one small write per command, so this mostly documents intent.
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-        self.recv_buf = bytearray(1 << 20)
-        self.recv_view = memoryview(self.recv_buf)
-        self.n = 0
-        greeting = self._line()
-        if not greeting.startswith(b"* OK"):
-            raise ProtocolError(f"{label}: unexpected greeting {greeting!r}")
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(b"zz LOGOUT\r\n")
-        except OSError:
-            pass
-        self.sock.close()
-
-    def _fill(self) -> None:
-        k = self.sock.recv_into(self.recv_buf)
-        if not k:
-            raise ProtocolError(f"{self.label}: connection closed by the server")
-        self.buf += self.recv_view[:k]
-
-    def _line(self) -> bytes:
-        while True:
-            i = self.buf.find(b"\n")
-            if i >= 0:
-                line = bytes(self.buf[: i + 1])
-                del self.buf[: i + 1]
-                return line
-            self._fill()
-
-    def next_tag(self) -> bytes:
-        self.n += 1
-        return b"t%d" % self.n
-
-    def command(self, text: bytes) -> tuple[bytes, list[bytes]]:
-        """Send a command without literals; (tagged line, untagged lines). Literals in
-        the answer are skipped.  Raises unless the answer is OK."""
-        tag = self.next_tag()
-        self.sock.sendall(tag + b" " + text + b"\r\n")
-        untagged: list[bytes] = []
-        while True:
-            line = self._line()
-            m = _ANNOUNCE.search(line)
-            if m:
-                need = int(m.group(1))
-                while len(self.buf) < need:
-                    self._fill()
-                del self.buf[:need]
-            if line.startswith(tag + b" "):
-                if not line.startswith(tag + b" OK"):
-                    raise ProtocolError(f"{self.label}: {text[:40]!r} failed: {line!r}")
-                return line, untagged
-            untagged.append(line)
-
-    def login_examine(self, user: str, password: str, mailbox: str) -> int:
-        self.command(b"LOGIN %s %s" % (quote(user), quote(password)))
+    def examine(self, mailbox: str) -> int:
         _, untagged = self.command(b"EXAMINE %s" % quote(mailbox))
         for line in untagged:
             m = re.match(rb"\* (\d+) EXISTS", line)
@@ -204,7 +131,7 @@ class RawIMAP:
                 partial = b""
                 pos = i + 1
                 if line.endswith(b"}\r\n"):
-                    m = _ANNOUNCE.search(line)
+                    m = ANNOUNCE.search(line)
                     if m:
                         skip = int(m.group(1))
                         literal_bytes += skip
@@ -219,35 +146,7 @@ class RawIMAP:
                     return t1 - t0, total, literal_bytes, literals
 
 
-def quote(s: str) -> bytes:
-    return b'"' + s.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
 # ----------------------------------------------------------------------------- seeding
-
-
-def make_message(i: int, size: int, rng: random.Random) -> bytes:
-    """A valid RFC 5322 message of exactly *size* bytes (if size allows): fixed
-    headers and a 7bit text body of pseudo-random base64-alphabet lines."""
-    headers = (
-        f"Date: Mon, 01 Jan 2024 00:{i // 60 % 60:02d}:{i % 60:02d} +0000\r\n"
-        f"From: Bench Sender <sender@bench.example>\r\n"
-        f"To: Alice <alice@bench.example>\r\n"
-        f"Subject: bench message {i}\r\n"
-        f"Message-ID: <bench-{i}@bench.example>\r\n"
-        f"MIME-Version: 1.0\r\n"
-        f"Content-Type: text/plain; charset=us-ascii\r\n"
-        f"Content-Transfer-Encoding: 7bit\r\n"
-        f"\r\n"
-    ).encode()
-    body_len = max(0, size - len(headers))
-    n_lines = body_len // 78 + 1
-    text = base64.b64encode(rng.randbytes(n_lines * 57))  # 76 chars per 57 bytes
-    lines = [text[k : k + 76] + b"\r\n" for k in range(0, len(text), 76)]
-    body = b"".join(lines)[:body_len]
-    if body_len >= 2:
-        body = body[:-2] + b"\r\n"  # end on a line break
-    return headers + body
 
 
 def seed(dovecot: Dovecot, messages: int, size: int) -> int:
@@ -279,102 +178,7 @@ def seed(dovecot: Dovecot, messages: int, size: int) -> int:
     return total
 
 
-# ----------------------------------------------------------------------------- proxy
-
-
-def _pdeathsig() -> None:  # in the child: die with the benchmark
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except Exception:
-        pass
-
-
-class ProxyProcess:
-    def __init__(self, workdir: Path, backend: Dovecot) -> None:
-        self.workdir = workdir
-        self.port = free_port(PROXY_HOST)
-        self.config_path = workdir / "proxy.toml"
-        self.stderr_path = workdir / "proxy.stderr"
-        self.config_path.write_text(
-            "[proxy]\n"
-            f'listen = ["tcp:{self.port}:interface={PROXY_HOST}"]\n'
-            'hostname = "bench-proxy"\n'
-            "allow_plaintext_login = true\n"
-            "\n"
-            "[backends.b1]\n"
-            f'endpoint = "{backend.endpoint}"\n'
-            f'url = "{backend.url}"\n'
-            'tls = "none"\n'
-            "\n"
-            "[map]\n"
-            'default = "b1"\n'
-        )
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        with open(self.stderr_path, "ab") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "referral_proxy", "--config", str(self.config_path)],
-                cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                preexec_fn=_pdeathsig,
-            )
-        self._wait_greeting()
-
-    def _wait_greeting(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + PROXY_START_TIMEOUT
-        last: object = None
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the proxy exited with status {self.process.returncode} during "
-                                   f"start-up\n--- stderr ---\n{self.stderr_text()[-4000:]}")
-            try:
-                with socket.create_connection((PROXY_HOST, self.port), timeout=2.0) as s:
-                    data = b""
-                    while b"\n" not in data:
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                if data.startswith(b"* OK"):
-                    return
-                last = data
-            except OSError as e:
-                last = e
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the proxy did not greet within {PROXY_START_TIMEOUT}s "
-                                   f"(last: {last!r})\n--- stderr ---\n{self.stderr_text()[-4000:]}")
-            time.sleep(0.05)
-
-    def stderr_text(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> int | None:
-        p = self.process
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return p.returncode
-
-
 # ----------------------------------------------------------------------------- statistics
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of an already sorted list."""
-    k = max(0, math.ceil(q / 100 * len(sorted_values)) - 1)
-    return sorted_values[k]
 
 
 def noop_stats(samples_ns: list[int]) -> dict:
@@ -459,10 +263,7 @@ def table(results: dict) -> str:
     ]
     head = ("metric", "direct", "proxy", "proxy/direct", "better")
     body = [(m, f"{d:.1f}", f"{p:.1f}", f"{p / d:.2f}" if d else "n/a", f"{b} is better") for m, d, p, b in rows]
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 or i == 4 else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
-    lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)]
+    lines = render_table(head, body, left=(0, 4))
     lines.append("")
     lines.append("ratio proxy/direct: latency > 1 = the proxy adds latency; "
                  "throughput < 1 = the proxy is slower.")
@@ -498,52 +299,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.messages < 1 or args.size < 300 or args.noops < 1 or args.fetches < 1 or args.noop_block < 1:
         ap.error("--messages, --noops, --fetches, --noop-block must be >= 1 and --size >= 300")
 
-    pin: set[int] | None = None
-    if args.pin:
-        try:
-            pin = {int(c) for c in args.pin.split(",")}
-            os.sched_setaffinity(0, pin)  # before anything is started: children inherit it
-        except (ValueError, OSError) as e:
-            ap.error(f"--pin {args.pin!r}: {e}")
+    pin = apply_pin(ap, args.pin)
 
     reason = dovecot_available()
     if reason is not None:
         print(f"bench_relay: cannot run Dovecot here: {reason}", file=sys.stderr)
         return 2
 
-    # SIGTERM/SIGHUP: unwind through the finally below like Ctrl-C does.
-    def _terminate(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
-
-    t_start = time.monotonic()
-    root = make_root("rp-bench-")
-    dovecot: Dovecot | None = None
-    proxy: ProxyProcess | None = None
-    clients: dict[str, RawIMAP] = {}
-    failed = True
-    interrupted = False
-    try:
-        dovecot = Dovecot("bench", BACKEND_HOST, root / "b1")
-        log(f"starting Dovecot on {BACKEND_HOST}:{dovecot.port} (root {root})")
-        dovecot.start()
-        proxy_dir = root / "proxy"
-        proxy_dir.mkdir()
-        proxy = ProxyProcess(proxy_dir, dovecot)
-        log(f"starting the proxy on {PROXY_HOST}:{proxy.port}")
-        proxy.start()
+    install_signal_handlers()
+    with Harness(keep=args.keep) as h:
+        h.start()
+        dovecot, proxy = h.dovecot, h.proxy
+        assert dovecot is not None and proxy is not None
 
         t0 = time.monotonic()
         seeded = seed(dovecot, args.messages, args.size)
         log(f"seeded {args.messages} messages, {seeded / 1e6:.1f} MB in {time.monotonic() - t0:.1f}s")
 
-        password = dovecot.password(USER)
-        clients["direct"] = RawIMAP(dovecot.host, dovecot.port, "direct")
-        clients["proxy"] = RawIMAP(PROXY_HOST, proxy.port, "proxy")
-        for name, c in clients.items():
-            exists = c.login_examine(USER, password, MAILBOX)
+        clients: dict[str, RawIMAP] = {}
+        for name in ("direct", "proxy"):
+            c = clients[name] = h.connect(name, cls=RawIMAP)  # type: ignore[assignment]
+            exists = c.examine(MAILBOX)
             if exists != args.messages:
                 raise ProtocolError(f"{name}: {MAILBOX} has {exists} messages, expected {args.messages}")
 
@@ -567,13 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seeded_bytes": seeded,
                 "pinned_cpus": sorted(pin) if pin else None,
             },
-            "environment": {
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "dovecot": subprocess.run(["dovecot", "--version"], capture_output=True,
-                                          text=True).stdout.strip(),
-            },
+            "environment": environment(),
             "noop": {k: noop_stats(v) for k, v in noop.items()},
             "fetch": {k: fetch_stats(v) for k, v in fetch.items()},
         }
@@ -586,13 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                         "throughput: higher is better (ratio < 1 = proxy slower)",
         }
 
-        for c in clients.values():
-            c.close()
-        clients.clear()
+        h.close_clients()
 
-        err = proxy.stderr_text()
-        suspicious = [l for l in err.splitlines()
-                      if "Traceback" in l or "[-] Unhandled" in l or "CRITICAL" in l or "error" in l.lower()]
+        suspicious = suspicious_lines(proxy.stderr_text())
         results["proxy_log_suspicious_lines"] = suspicious[:20]
 
         print(table(results))
@@ -601,52 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
             log(f"wrote {args.json}")
-        failed = False
-        return 0
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        # Cleanup must not be cut short by a second signal (it takes ~1 s).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for c in clients.values():
-            try:
-                c.sock.close()
-            except OSError:
-                pass
-        if proxy is not None:
-            status = proxy.stop()
-            if failed:
-                tail = proxy.stderr_text()[-3000:]
-                if tail:
-                    log(f"proxy stderr (tail):\n{tail}")
-            if status not in (0, None, -signal.SIGTERM):
-                log(f"the proxy exited with status {status}")
-        if dovecot is not None:
-            try:
-                dovecot.stop()
-            except Exception as e:
-                log(f"stopping Dovecot: {e!r}")
-        if args.keep:
-            log(f"kept {root}")
-        elif failed and not interrupted:
-            # keep the logs and configuration for a post-mortem, not the 20 MB of mail
-            shutil.rmtree(root / "b1" / "mail", ignore_errors=True)
-            log(f"kept {root} (logs: b1/dovecot.log, proxy/proxy.stderr)")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-        log(f"total {time.monotonic() - t_start:.1f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as e:
-        print(f"bench_relay: interrupted ({e or 'SIGINT'})", file=sys.stderr)
-        sys.exit(130)
-    except (ProtocolError, RuntimeError, OSError) as e:
-        # the proxy's / Dovecot's log tails were printed above
-        print(f"bench_relay: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli("bench_relay", main))

@@ -1,0 +1,439 @@
+"""What the benchmarks in bench/ share: a raw-socket IMAP client, test messages, the
+proxy as a subprocess, and one run's life cycle (Dovecot + proxy up, everything
+down again on success, error or signal).  Not a benchmark itself; see README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from referral_proxy.testing.dovecot import (  # noqa: E402
+    Dovecot,
+    dovecot_available,
+    free_port,
+    make_root,
+)
+
+__all__ = [
+    "REPO_ROOT", "BACKEND_HOST", "PROXY_HOST", "USER", "PROXY_START_TIMEOUT", "IO_TIMEOUT",
+    "ANNOUNCE", "log", "ProtocolError", "RawIMAP", "quote", "make_message", "ProxyProcess",
+    "percentile", "render_table", "environment", "suspicious_lines", "apply_pin",
+    "install_signal_handlers", "Harness", "run_cli", "Dovecot", "dovecot_available",
+]
+
+BACKEND_HOST = "127.0.0.2"
+PROXY_HOST = "127.0.0.1"
+USER = "alice"
+PROXY_START_TIMEOUT = 20.0
+IO_TIMEOUT = 60.0
+
+ANNOUNCE = re.compile(rb"~?\{([0-9]+)\+?\}\r?\n\Z")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- raw client
+
+
+class ProtocolError(RuntimeError):
+    pass
+
+
+class RawIMAP:
+    """A minimal blocking IMAP client on a raw socket: just enough for a benchmark.
+    The benchmarks subclass it with their measured operations."""
+
+    def __init__(self, host: str, port: int, label: str) -> None:
+        self.label = label
+        self.sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+        # Both sides of the comparison use the same client settings; the client
+        # only ever sends one small write per command, so this mostly documents intent.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.recv_buf = bytearray(1 << 20)
+        self.recv_view = memoryview(self.recv_buf)
+        self.n = 0
+        greeting = self._line()
+        if not greeting.startswith(b"* OK"):
+            raise ProtocolError(f"{label}: unexpected greeting {greeting!r}")
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"zz LOGOUT\r\n")
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _fill(self) -> None:
+        k = self.sock.recv_into(self.recv_buf)
+        if not k:
+            raise ProtocolError(f"{self.label}: connection closed by the server")
+        self.buf += self.recv_view[:k]
+
+    def _line(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self.buf[: i + 1])
+                del self.buf[: i + 1]
+                return line
+            self._fill()
+
+    def next_tag(self) -> bytes:
+        self.n += 1
+        return b"t%d" % self.n
+
+    def command(self, text: bytes, *, check: bool = True) -> tuple[bytes, list[bytes]]:
+        """Send a command without literals; (tagged line, untagged lines). Literals in
+        the answer are skipped.  Raises unless the answer is OK (with *check*)."""
+        tag = self.next_tag()
+        self.sock.sendall(tag + b" " + text + b"\r\n")
+        untagged: list[bytes] = []
+        while True:
+            line = self._line()
+            m = ANNOUNCE.search(line)
+            if m:
+                need = int(m.group(1))
+                while len(self.buf) < need:
+                    self._fill()
+                del self.buf[:need]
+            if line.startswith(tag + b" "):
+                if check and not line.startswith(tag + b" OK"):
+                    raise ProtocolError(f"{self.label}: {text[:40]!r} failed: {line!r}")
+                return line, untagged
+            untagged.append(line)
+
+    def login(self, user: str, password: str) -> None:
+        self.command(b"LOGIN %s %s" % (quote(user), quote(password)))
+
+    def capabilities(self) -> set[str]:
+        """What CAPABILITY answers (upper case)."""
+        _, untagged = self.command(b"CAPABILITY")
+        caps: set[str] = set()
+        for line in untagged:
+            if line.upper().startswith(b"* CAPABILITY "):
+                caps.update(line[len(b"* CAPABILITY "):].decode("ascii", "replace").upper().split())
+        return caps
+
+
+def quote(s: str) -> bytes:
+    return b'"' + s.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def make_message(i: int, size: int, rng: random.Random) -> bytes:
+    """A valid RFC 5322 message of exactly *size* bytes (if size allows): fixed
+    headers and a 7bit text body of pseudo-random base64-alphabet lines."""
+    headers = (
+        f"Date: Mon, 01 Jan 2024 00:{i // 60 % 60:02d}:{i % 60:02d} +0000\r\n"
+        f"From: Bench Sender <sender@bench.example>\r\n"
+        f"To: Alice <alice@bench.example>\r\n"
+        f"Subject: bench message {i}\r\n"
+        f"Message-ID: <bench-{i}@bench.example>\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain; charset=us-ascii\r\n"
+        f"Content-Transfer-Encoding: 7bit\r\n"
+        f"\r\n"
+    ).encode()
+    body_len = max(0, size - len(headers))
+    n_lines = body_len // 78 + 1
+    text = base64.b64encode(rng.randbytes(n_lines * 57))  # 76 chars per 57 bytes
+    lines = [text[k : k + 76] + b"\r\n" for k in range(0, len(text), 76)]
+    body = b"".join(lines)[:body_len]
+    if body_len >= 2:
+        body = body[:-2] + b"\r\n"  # end on a line break
+    return headers + body
+
+
+# ----------------------------------------------------------------------------- proxy
+
+
+def _pdeathsig() -> None:  # in the child: die with the benchmark
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+class ProxyProcess:
+    def __init__(self, workdir: Path, backend: Dovecot) -> None:
+        self.workdir = workdir
+        self.port = free_port(PROXY_HOST)
+        self.config_path = workdir / "proxy.toml"
+        self.stderr_path = workdir / "proxy.stderr"
+        self.config_path.write_text(
+            "[proxy]\n"
+            f'listen = ["tcp:{self.port}:interface={PROXY_HOST}"]\n'
+            'hostname = "bench-proxy"\n'
+            "allow_plaintext_login = true\n"
+            "\n"
+            "[backends.b1]\n"
+            f'endpoint = "{backend.endpoint}"\n'
+            f'url = "{backend.url}"\n'
+            'tls = "none"\n'
+            "\n"
+            "[map]\n"
+            'default = "b1"\n'
+        )
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        with open(self.stderr_path, "ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "referral_proxy", "--config", str(self.config_path)],
+                cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                preexec_fn=_pdeathsig,
+            )
+        self._wait_greeting()
+
+    def _wait_greeting(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + PROXY_START_TIMEOUT
+        last: object = None
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the proxy exited with status {self.process.returncode} during "
+                                   f"start-up\n--- stderr ---\n{self.stderr_text()[-4000:]}")
+            try:
+                with socket.create_connection((PROXY_HOST, self.port), timeout=2.0) as s:
+                    data = b""
+                    while b"\n" not in data:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                if data.startswith(b"* OK"):
+                    return
+                last = data
+            except OSError as e:
+                last = e
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the proxy did not greet within {PROXY_START_TIMEOUT}s "
+                                   f"(last: {last!r})\n--- stderr ---\n{self.stderr_text()[-4000:]}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None and self.process.poll() is None else None
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int | None:
+        p = self.process
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return p.returncode
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of process *pid* so far (from /proc; 1/CLK_TCK resolution)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- statistics, report
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of an already sorted list."""
+    k = max(0, math.ceil(q / 100 * len(sorted_values)) - 1)
+    return sorted_values[k]
+
+
+def render_table(head: Sequence[str], body: Iterable[Sequence[str]], left: Iterable[int] = (0,)) -> list[str]:
+    """Fixed-width text table: columns in *left* left-aligned, the others right-aligned,
+    two spaces between columns, a dashed line under the head."""
+    body = list(body)
+    left = set(left)
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    return [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)]
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "dovecot": subprocess.run(["dovecot", "--version"], capture_output=True,
+                                  text=True).stdout.strip(),
+    }
+
+
+def suspicious_lines(log_text: str) -> list[str]:
+    """Lines of the proxy's log that deserve a look."""
+    return [l for l in log_text.splitlines()
+            if "Traceback" in l or "[-] Unhandled" in l or "CRITICAL" in l or "error" in l.lower()]
+
+
+# ----------------------------------------------------------------------------- run life cycle
+
+
+def apply_pin(ap: argparse.ArgumentParser, text: str | None) -> set[int] | None:
+    """--pin: pin this process (and so everything it starts later) to these CPUs."""
+    if not text:
+        return None
+    try:
+        pin = {int(c) for c in text.split(",")}
+        os.sched_setaffinity(0, pin)  # before anything is started: children inherit it
+    except (ValueError, OSError) as e:
+        ap.error(f"--pin {text!r}: {e}")
+    return pin
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP: unwind through the cleanup like Ctrl-C does."""
+    def _terminate(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+
+
+class Harness:
+    """One Dovecot (BACKEND_HOST) and the proxy (PROXY_HOST) in front of it, in a new
+    temporary directory; a context manager that stops everything on the way out.
+
+    On success (or Ctrl-C/SIGTERM) the directory is removed; after an error it is kept
+    without its mail, with the logs, and the proxy log's tail is printed; *keep* keeps
+    it whole.  Clients made by :meth:`connect` are closed too.
+    """
+
+    def __init__(self, keep: bool = False) -> None:
+        self.keep = keep
+        self.t_start = time.monotonic()
+        self.root = make_root("rp-bench-")
+        self.dovecot: Dovecot | None = None
+        self.proxy: ProxyProcess | None = None
+        self.clients: list[RawIMAP] = []
+        self.failed = True
+        self.interrupted = False
+
+    def start(self) -> None:
+        self.dovecot = Dovecot("bench", BACKEND_HOST, self.root / "b1")
+        log(f"starting Dovecot on {BACKEND_HOST}:{self.dovecot.port} (root {self.root})")
+        self.dovecot.start()
+        proxy_dir = self.root / "proxy"
+        proxy_dir.mkdir()
+        self.proxy = ProxyProcess(proxy_dir, self.dovecot)
+        log(f"starting the proxy on {PROXY_HOST}:{self.proxy.port}")
+        self.proxy.start()
+
+    def connect(self, target: str, label: str | None = None, cls: type[RawIMAP] = RawIMAP,
+                login: bool = True) -> RawIMAP:
+        """A new client of *target* ("direct" or "proxy"), logged in as USER."""
+        assert self.dovecot is not None and self.proxy is not None
+        host, port = ((self.dovecot.host, self.dovecot.port) if target == "direct"
+                      else (PROXY_HOST, self.proxy.port))
+        client = cls(host, port, label or target)
+        self.clients.append(client)
+        if login:
+            client.login(USER, self.dovecot.password(USER))
+        return client
+
+    def close_clients(self) -> None:
+        """Log every client out and forget it."""
+        for c in self.clients:
+            c.close()
+        self.clients.clear()
+
+    def __enter__(self) -> "Harness":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.failed = False
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.interrupted = True
+        self.stop()
+
+    def stop(self) -> None:
+        # Cleanup must not be cut short by a second signal (it takes ~1 s).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for c in self.clients:
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+        if self.proxy is not None:
+            status = self.proxy.stop()
+            if self.failed:
+                tail = self.proxy.stderr_text()[-3000:]
+                if tail:
+                    log(f"proxy stderr (tail):\n{tail}")
+            if status not in (0, None, -signal.SIGTERM):
+                log(f"the proxy exited with status {status}")
+        if self.dovecot is not None:
+            try:
+                self.dovecot.stop()
+            except Exception as e:
+                log(f"stopping Dovecot: {e!r}")
+        if self.keep:
+            log(f"kept {self.root}")
+        elif self.failed and not self.interrupted:
+            # keep the logs and configuration for a post-mortem, not the mail
+            shutil.rmtree(self.root / "b1" / "mail", ignore_errors=True)
+            log(f"kept {self.root} (logs: b1/dovecot.log, proxy/proxy.stderr)")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+        log(f"total {time.monotonic() - self.t_start:.1f}s")
+
+
+def run_cli(prog: str, main: Callable[[], int]) -> int:
+    """Run *main* as a command: exit statuses and one-line messages for the usual failures."""
+    try:
+        return main()
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted ({e or 'SIGINT'})", file=sys.stderr)
+        return 130
+    except (ProtocolError, RuntimeError, OSError) as e:
+        # the proxy's / Dovecot's log tails were printed above
+        print(f"{prog}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
