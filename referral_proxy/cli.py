@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     move = sub.add_parser("move", help="move a mailbox (with its children) to another backend, users online")
     move.add_argument("--config", "-c", dest="move_config", required=True)
     move.add_argument("user")
-    move.add_argument("mailbox")
+    move.add_argument("mailbox", help='the mailbox (its children go along), or "*" for every mailbox of the user')
     move.add_argument("backend")
     recover = sub.add_parser("recover", help="finish or roll back moves a stopped proxy left half done")
     recover.add_argument("--config", "-c", dest="move_config", required=True)

@@ -142,7 +142,8 @@ def run_move(args: argparse.Namespace) -> int:
 
     async def main(reactor: Any) -> int:
         connect = master_connector(reactor, config, args.user)
-        src_name = mailbox_map.lookup(args.user, args.mailbox).primary
+        # "*" moves a whole user: every mailbox of the user's home backend, INBOX first.
+        src_name = mailbox_map.lookup(args.user, "INBOX" if args.mailbox == "*" else args.mailbox).primary
         if src_name == args.backend:
             print(f"{args.user} {args.mailbox} is on {args.backend} already")
             return 0
@@ -160,6 +161,9 @@ def run_move(args: argparse.Namespace) -> int:
         print(f"moved {args.user} {args.mailbox} from {src_name} to {args.backend}: {result.mailboxes} mailbox(es), "
               f"{result.messages} message(s), {result.bytes / 1e6:.1f} MB in {elapsed:.1f}s "
               f"({result.bytes / 1e6 / max(elapsed, 1e-6):.1f} MB/s)")
+        if args.mailbox == "*":
+            print(f"{args.user}'s home is now {args.backend}; mailboxes created from now on follow the "
+                  f"rules: point {args.user}'s rule (or the default) at {args.backend} too")
         return 0
 
     return _run(main)

@@ -44,7 +44,7 @@ from .imap.command import (
 )
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec
 from .imap.quoting import astring, quoted
-from .imap.response import ResponseStart
+from .imap.response import ResponseStart, completion_text
 from .routing import MailboxMap, Route
 from .transfer import Mover, TransferError, copy_across
 
@@ -629,9 +629,11 @@ class ClientSession(Protocol):
             if isinstance(failure, AuthenticationFailed):
                 log.info("session {id}: login of {user} refused by backend", id=self.id, user=user)
                 start = failure.response.start
-                code = (f"[{start.code}{' ' if start.code_args else ''}{start.code_args.decode('utf-8', 'replace')}] "
-                        if start.code else "[AUTHENTICATIONFAILED] ")
-                self._tagged(tag, "NO", code + (start.text.decode("utf-8", "replace") or "Authentication failed."))
+                if start.code:  # the backend's own reason, e.g. [AUTHENTICATIONFAILED] or [UNAVAILABLE]
+                    self._send(b"%s %s\r\n" % (tag, completion_text(start).encode()))
+                else:
+                    self._tagged(tag, "NO", "[AUTHENTICATIONFAILED] " + (start.text.decode("utf-8", "replace")
+                                                                          or "Authentication failed."))
             else:
                 log.warn("session {id}: no backend for {user}: {why}", id=self.id, user=user, why=str(failure))
                 self._tagged(tag, "NO", "[UNAVAILABLE] Mail server temporarily unavailable")
@@ -1126,7 +1128,7 @@ class ClientSession(Protocol):
         for conn in conns:
             result = await conn.command(command)
             if not result.ok:  # the backend's own answer, BAD or NO, as a direct client would get it
-                raise _Refused(f"{result.start.status} {result.start.text.decode('utf-8', 'replace')}")
+                raise _Refused(completion_text(result.start))
             for r in result.responses:
                 results.append((conn.name, r))
         return results

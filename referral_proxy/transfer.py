@@ -34,7 +34,7 @@ from .backend import BackendError, BackendProtocol, UntaggedResponse
 from .imap.command import Atom, ParenList, ParseError, String, parse_arguments
 from .imap.framing import Line, LiteralData, LiteralEnd
 from .imap.quoting import astring
-from .imap.response import ResponseStart
+from .imap.response import ResponseStart, completion_text
 from .routing import JournalEntry, MailboxMap, normalize
 
 __all__ = [
@@ -127,7 +127,7 @@ async def fix_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tupl
     """The UIDs a (UID) COPY set names now, ascending, so the set cannot shift meanwhile."""
     result = await conn.command((b"UID SEARCH UID " if uid else b"UID SEARCH ") + message_set)
     if not result.ok:
-        raise TransferError(f"{result.start.status} {result.start.text.decode('utf-8', 'replace')}")
+        raise TransferError(completion_text(result.start))
     uids: list[int] = []
     for r in result.responses:
         if r.start.name == "SEARCH":
@@ -209,7 +209,7 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     if start.tag is None:
         raise TransferError(f"backend {dst.name} closed the connection")
     if start.status != "OK":
-        raise TransferError(f"{start.status} {start.text.decode('utf-8', 'replace')}")
+        raise TransferError(completion_text(start))
     if start.code != "APPENDUID":
         raise TransferError(f"backend {dst.name} gave no APPENDUID")
     validity, _, uids = start.code_args.partition(b" ")
@@ -290,12 +290,18 @@ class Mover:
         _fault(step)
 
     async def plan(self, src: BackendProtocol, old: str, new: str) -> list[tuple[str, str]]:
-        """(old, new) names of the mailbox and its children that *src* owns, parents first."""
+        """(old, new) names of the mailbox and its children that *src* owns, parents first.
+
+        ``old == new == "*"``: every mailbox of the user that *src* owns (a whole user)."""
         sep = self.mailbox_map.separator
-        if normalize(old, sep) == "INBOX":
+        if old == new == "*":
+            patterns = ["*"]
+        elif normalize(old, sep) == "INBOX":
             return [("INBOX", new)]  # RFC 3501: INBOX's messages move, its children do not
+        else:
+            patterns = [old, old + sep + "*"]
         pairs = []
-        for pattern in (old, old + sep + "*"):
+        for pattern in patterns:
             result = await _ok(src, b'LIST "" ' + astring(pattern.encode("utf-8", "surrogateescape")), "LIST")
             for r in result.responses:
                 if r.start.name != "LIST":
@@ -308,8 +314,12 @@ class Mover:
                     continue
                 if self.mailbox_map.lookup(self.user, name).primary != src.name:
                     continue  # a child placed elsewhere stays where it is
-                pairs.append((name, new + name[len(old):]))
-        pairs.sort(key=lambda p: p[0].count(sep))
+                if old == "*":
+                    name = normalize(name, sep)
+                    pairs.append((name, name))
+                else:
+                    pairs.append((name, new + name[len(old):]))
+        pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(sep)))
         return pairs
 
     async def rename(self, old: str, new: str, src_name: str, dst_name: str) -> MoveResult:
@@ -325,6 +335,7 @@ class Mover:
                     raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
                 if n != "INBOX" and await _exists(dst, n):
                     raise TransferError(f"[ALREADYEXISTS] Mailbox already exists: {n}")
+            # Every moved name gets a placement; mailboxes created later still follow the rules.
             data = {"pairs": pairs, "src": src_name, "dst": dst_name, "created": [], "copied": [], "deleted": []}
             entry = JournalEntry(self.mailbox_map.store.journal_begin(self.user, "rename", data), self.user,
                                  "rename", data, "planned")

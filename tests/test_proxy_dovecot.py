@@ -366,3 +366,20 @@ def test_tcp_nodelay_on_both_connections(proxy_factory, fleet):
     for c in client_side + backend_side:
         assert _socket_option(proxy.pid, c.fd, socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     w.close()
+
+
+def test_search_with_literals_sync_and_nonsync(proxy_factory, fleet):
+    with fleet["b1"].client("alice") as m:
+        m.append("INBOX", None, None, _msg("needle in a haystack"))
+        m.append("INBOX", None, None, _msg("other"))
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.cmd(b"s", b"SELECT INBOX")
+    w.send(b"f1 SEARCH CHARSET UTF-8 SUBJECT {6}\r\n")
+    assert w.line() == b"+ Ready for literal data\r\n"
+    w.send(b"needle\r\n")
+    assert w.until_tagged(b"f1")[0] == b"* SEARCH 1\r\n"
+    reply = w.cmd(b"f2", b"UID SEARCH OR SUBJECT {5+}\r\nother SUBJECT {8+}\r\nhaystack")
+    assert reply[0].split()[:2] == [b"*", b"SEARCH"] and len(reply[0].split()) == 4
+    w.close()

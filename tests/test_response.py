@@ -112,3 +112,11 @@ def test_replace_tag():
             replace_tag(bad, b"A1")
     with pytest.raises(ValueError):
         replace_tag(b"p7 OK", b"A 1")
+
+
+def test_completion_text_keeps_the_code():
+    from referral_proxy.imap.response import completion_text, parse_response_start
+
+    assert completion_text(parse_response_start(b"t1 NO [OVERQUOTA] Quota exceeded")) == "NO [OVERQUOTA] Quota exceeded"
+    assert completion_text(parse_response_start(b"t1 BAD [BADCHARSET (UTF-8)] no")) == "BAD [BADCHARSET (UTF-8)] no"
+    assert completion_text(parse_response_start(b"t1 NO plain")) == "NO plain"

@@ -314,3 +314,49 @@ def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
     assert w.cmd(b"e", b"SELECT Work")[-1].startswith(b"e OK")
     store.close()
     w.close()
+
+
+def test_admin_move_of_a_whole_user(proxy_factory, fleet):
+    _seed(fleet["b1"], "INBOX", 5)
+    _seed(fleet["b1"], "Work", 3, start=10)
+    _seed(fleet["b1"], "Work/Deep", 2, start=20)
+    _seed(fleet["b3"], "Shared/Team", 2, start=30)  # lives on b3 by rule: stays
+    before = {n: _contents(fleet["b1"], n) for n in ("INBOX", "Work", "Work/Deep")}
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    result = subprocess.run([sys.executable, "-m", "referral_proxy", "move", "--config", str(proxy.config_path),
+                             "alice", "*", "b2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 mailbox(es), 10 message(s)" in result.stdout and "home is now b2" in result.stdout
+    for name, msgs in before.items():
+        assert _same_messages(_contents(fleet["b2"], name), msgs), name
+        assert _contents(fleet["b1"], name) == []
+    assert len(_contents(fleet["b3"], "Shared/Team")) == 2
+    # Logging in now lands on b2, and the session sees everything.
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert b"* 5 EXISTS\r\n" in w.cmd(b"s", b"SELECT INBOX")
+    listing = b"".join(w.cmd(b"l", b'LIST "" "*"'))
+    assert b"Work/Deep" in listing and b"Shared/Team" in listing
+    w.close()
+
+
+def _peak_rss(pid: int) -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def test_cross_server_copy_memory_stays_flat(proxy_factory, fleet):
+    """90 MB copied between backends: the proxy streams, it does not hold the messages."""
+    _seed(fleet["b1"], "Big", 600, size=150_000)
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/Big")
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login()
+    w.cmd(b"s", b"SELECT Big")
+    before, _ = _peak_rss(proxy.pid)
+    assert w.cmd(b"c", b"COPY 1:* Shared/Big")[-1].startswith(b"c OK [COPYUID ")
+    _, peak = _peak_rss(proxy.pid)
+    w.close()
+    assert peak - before < 32 * 1024 * 1024, f"proxy memory grew by {(peak - before) / 1e6:.1f} MB copying 90 MB"
+    assert len(_contents(fleet["b3"], "Shared/Big")) == 600

@@ -148,3 +148,12 @@ def replace_tag(data: bytes, new_tag: bytes) -> bytes:
     if _TAG.fullmatch(new_tag) is None:
         raise ValueError("invalid tag %r" % (new_tag,))
     return new_tag + data[m.end() :]
+
+
+def completion_text(start: ResponseStart) -> str:
+    """``NO [OVERQUOTA] Quota exceeded``: a status response without its tag, code included."""
+    code = ""
+    if start.code:
+        args = start.code_args.decode("utf-8", "replace")
+        code = f"[{start.code}{' ' + args if args else ''}] "
+    return f"{start.status} {code}{start.text.decode('utf-8', 'replace')}"

@@ -1,0 +1,108 @@
+"""Cross-server MOVE corners a real Dovecot will not produce on demand (scripted backends)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from referral_proxy.config import parse_config
+from referral_proxy.referrals import referable
+from referral_proxy.testing.fakes import SessionHarness
+
+
+def _config(**proxy):
+    return parse_config({
+        "proxy": {"listen": ["tcp:1143:interface=127.0.0.1"], **proxy},
+        "backends": {"b1": {"endpoint": "tcp:host=127.0.0.2:port=1", "url": "imap://127.0.0.2:1"},
+                     "b2": {"endpoint": "tcp:host=127.0.0.3:port=1", "url": "imap://127.0.0.3:1"},
+                     "self": {"endpoint": "tcp:host=127.0.0.1:port=1143", "url": "imap://127.0.0.1:1143"}},
+        "map": {"default": "b1", "rules": [{"mailbox": "Shared/*", "backend": "b2"},
+                                           {"mailbox": "Loop/*", "backend": "self"}]},
+    }, base=Path("."))
+
+
+def _take(conn) -> bytes:
+    data = conn.transport.value()
+    conn.transport.clear()
+    return data
+
+
+def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags():
+    h = SessionHarness(_config())
+    h.login()
+    src = h.backend
+    h.send(b"s SELECT INBOX\r\n")
+    _take(src)
+    h.from_backend(b"* 2 EXISTS\r\nrp1 OK [READ-WRITE] Selected\r\n")
+    h.to_client()
+    h.send(b"m MOVE 1:2 Shared/X\r\n")
+    assert _take(src) == b"rp2 UID SEARCH 1:2\r\n"
+    src.dataReceived(b"* SEARCH 7 8\r\nrp2 OK\r\n")
+    dst = h.backend
+    assert dst is not src  # the transfer's own connection
+    assert _take(dst) == b'rp1 LIST "" Shared/X\r\n'
+    dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
+    assert _take(src) == b"rp3 UID FETCH 7:8 (UID FLAGS INTERNALDATE RFC822.SIZE)\r\n"
+    src.dataReceived(b'* 1 FETCH (UID 7 FLAGS (\\Seen \\Recent) INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\n'
+                     b'* 2 FETCH (UID 8 FLAGS (\\Deleted $Work) INTERNALDATE "02-Jan-2020 10:00:00 +0000" RFC822.SIZE 2)\r\n'
+                     b"rp3 OK\r\n")
+    assert _take(src) == b"rp4 UID FETCH 7 BODY.PEEK[]\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 BODY[] {3}\r\nabc)\r\nrp4 OK\r\n")
+    assert _take(src) == b"rp5 UID FETCH 8 BODY.PEEK[]\r\n"
+    src.dataReceived(b"* 2 FETCH (UID 8 BODY[] {2}\r\nde)\r\nrp5 OK\r\n")
+    # One MULTIAPPEND; \Recent is not copied, keywords are.
+    assert _take(dst) == (b'rp2 APPEND Shared/X (\\Seen) "01-Jan-2020 10:00:00 +0000" {3+}\r\nabc'
+                          b' (\\Deleted $Work) "02-Jan-2020 10:00:00 +0000" {2+}\r\nde\r\n')
+    assert h.to_client() == b""
+    dst.dataReceived(b"rp2 OK [APPENDUID 9 5:6] Append completed.\r\n")
+    # Only now the source: exactly these UIDs.
+    assert _take(src) == b"rp6 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\n"
+    src.dataReceived(b"rp6 OK\r\n")
+    assert _take(src) == b"rp7 UID EXPUNGE 7:8\r\n"
+    src.dataReceived(b"rp7 NO [SERVERBUG] Expunge failed\r\n")
+    # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
+    assert _take(src) == b"rp8 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
+    src.dataReceived(b"rp8 OK\r\n")
+    assert h.to_client() == (b"* OK [COPYUID 9 7:8 5:6] Moved\r\n"
+                             b"m NO [COPYUID 9 7:8 5:6] The messages were copied but could not be removed from the "
+                             b"source mailbox: they are now in both\r\n")
+
+
+def test_destination_refusal_aborts_its_connection_and_touches_no_source_message():
+    h = SessionHarness(_config())
+    h.login()
+    src = h.backend
+    h.send(b"s SELECT INBOX\r\n")
+    _take(src)
+    h.from_backend(b"* 1 EXISTS\r\nrp1 OK Selected\r\n")
+    h.to_client()
+    h.send(b"m UID MOVE 4 Shared/X\r\n")
+    assert _take(src) == b"rp2 UID SEARCH UID 4\r\n"
+    src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
+    dst = h.backend
+    _take(dst)
+    dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
+    _take(src)
+    src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\nrp3 OK\r\n')
+    _take(src)
+    src.dataReceived(b"* 1 FETCH (UID 4 BODY[] {3}\r\nabc)\r\nrp4 OK\r\n")
+    dst.dataReceived(b"rp2 NO [OVERQUOTA] Quota exceeded\r\n")
+    assert h.to_client() == b"m NO [OVERQUOTA] Quota exceeded\r\n"
+    assert _take(src) == b""  # no STORE, no EXPUNGE on the source
+    assert dst.transport.disconnecting
+
+
+def test_no_referral_to_the_proxy_itself():
+    config = _config()
+    assert referable(config, config.backends["b2"])
+    assert not referable(config, config.backends["self"])
+    h = SessionHarness(config)
+    h.login()
+    h.send(b'r RLIST "" ""\r\n')  # now referral-aware
+    h.to_backend()
+    h.from_backend(b'* LIST (\\Noselect) "/" ""\r\nrp1 OK\r\n')
+    h.to_client()
+    h.send(b"a SELECT Shared/X\r\n")
+    assert h.to_client() == b"a NO [REFERRAL imap://alice;AUTH=*@127.0.0.3:1/Shared/X] Remote mailbox\r\n"
+    h.send(b"b SELECT Loop/X\r\n")  # "self" is the proxy's own listener: proxied, never referred
+    assert h.to_client() == b""
+    assert h.backend.transport.value() == b"rp1 SELECT Loop/X\r\n"
