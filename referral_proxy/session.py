@@ -28,7 +28,16 @@ from zope.interface import implementer
 
 from . import __version__, capabilities, listing, referrals
 from .append import AppendCommand, remove_appended, split_mailbox
-from .backend import AuthenticationFailed, BackendError, BackendProtocol, BackendUnavailable, Credentials, set_nodelay
+from .backend import (
+    AuthenticationFailed,
+    BackendError,
+    BackendProtocol,
+    BackendUnavailable,
+    Credentials,
+    quick_ack,
+    set_nodelay,
+    tcp_socket,
+)
 from .config import BackendConfig, Config
 from .imap.command import (
     Atom,
@@ -266,11 +275,13 @@ class ClientSession(Protocol):
         self._idle_waiters: list[tuple[BackendProtocol | None, defer.Deferred[None]]] = []
         self._login_timer: Any = None
         self._peer = "?"
+        self._socket: Any = None
 
     # -- connection --------------------------------------------------------
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        self._socket = tcp_socket(self.transport)
         self._gate = ReadGate(self.transport)
         peer = self.transport.getPeer()
         self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
@@ -281,6 +292,7 @@ class ClientSession(Protocol):
         self._send(b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), self.config.proxy.hostname.encode()))
 
     def dataReceived(self, data: bytes) -> None:
+        quick_ack(self._socket)
         self._framer.receive_data(data)
         self._pump()
 
