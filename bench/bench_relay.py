@@ -33,7 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    ANNOUNCE,
     USER,
     Dovecot,
     Harness,
@@ -92,58 +91,6 @@ class RawIMAP(_RawIMAP):
                 if not line.startswith(prefix + b"OK"):
                     raise ProtocolError(f"{self.label}: NOOP failed: {line!r}")
                 return t1 - t0
-
-    def fetch_all(self) -> tuple[int, int, int, int]:
-        """``UID FETCH 1:* BODY.PEEK[]``: (ns, bytes on the wire, literal bytes, literals).
-
-        Reads with recv_into a 1 MiB buffer; lines are only looked at for a literal
-        announcement (whose bytes are then skipped uncopied) or the tag.
-        """
-        if self.buf:
-            raise ProtocolError(f"{self.label}: unexpected pending data {bytes(self.buf[:80])!r}")
-        tag = self.next_tag()
-        prefix = tag + b" "
-        sock = self.sock
-        rbuf = self.recv_buf
-        view = self.recv_view
-        total = literal_bytes = literals = 0
-        skip = 0
-        partial = b""
-        t0 = time.perf_counter_ns()
-        sock.sendall(tag + b" UID FETCH 1:* BODY.PEEK[]\r\n")
-        while True:
-            n = sock.recv_into(rbuf)
-            if not n:
-                raise ProtocolError(f"{self.label}: connection closed during FETCH")
-            total += n
-            pos = 0
-            while pos < n:
-                if skip:
-                    take = skip if skip < n - pos else n - pos
-                    skip -= take
-                    pos += take
-                    continue
-                i = rbuf.find(b"\n", pos, n)
-                if i < 0:
-                    partial += view[pos:n]
-                    break
-                line = partial + view[pos : i + 1] if partial else bytes(view[pos : i + 1])
-                partial = b""
-                pos = i + 1
-                if line.endswith(b"}\r\n"):
-                    m = ANNOUNCE.search(line)
-                    if m:
-                        skip = int(m.group(1))
-                        literal_bytes += skip
-                        literals += 1
-                        continue
-                if line.startswith(prefix):
-                    t1 = time.perf_counter_ns()
-                    if not line.startswith(prefix + b"OK"):
-                        raise ProtocolError(f"{self.label}: FETCH failed: {line!r}")
-                    if pos != n:
-                        raise ProtocolError(f"{self.label}: {n - pos} bytes after the tagged reply")
-                    return t1 - t0, total, literal_bytes, literals
 
 
 # ----------------------------------------------------------------------------- seeding

@@ -4,7 +4,6 @@ proxy, so these tests do not depend on the real proxy)."""
 
 from __future__ import annotations
 
-import base64
 import imaplib
 import socket
 import ssl

@@ -559,7 +559,6 @@ def reconstruct(events):
     """Commands as (list of (fragment, (sync, binary), literal body), last fragment)."""
     commands = []
     parts = []
-    body = None
     for ev in events:
         if isinstance(ev, Line):
             assert ev.first == (not parts)

@@ -75,7 +75,7 @@ def test_client_starttls_required_for_login(proxy_factory, client_tls):
 def test_client_implicit_tls_listener(proxy_factory, client_tls):
     port = free_port("127.0.0.1")
     listen = f"ssl:{port}:interface=127.0.0.1:privateKey={client_tls.key}:certKey={client_tls.cert}"
-    proxy = proxy_factory({"proxy": {"listen": [listen], "allow_plaintext_login": False}})
+    proxy_factory({"proxy": {"listen": [listen], "allow_plaintext_login": False}})
     context = ssl.create_default_context(cafile=str(client_tls.ca_cert))
     m = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=context)
     assert "LOGINDISABLED" not in m.capabilities and "STARTTLS" not in m.capabilities

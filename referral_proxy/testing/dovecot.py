@@ -31,7 +31,6 @@ import pwd
 import shutil
 import signal
 import socket
-import ssl
 import stat
 import subprocess
 import tempfile
