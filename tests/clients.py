@@ -10,7 +10,7 @@ What is here
 * ``RULES`` -- the map of these tests: alice's home on b1, bob's on b2, every
   user's ``Shared/*`` on b3.
 * ``message(i, size)`` -- a distinct RFC 5322 message (CRLF), ``sha(data)``.
-* ``stored(backend, user, mailbox)`` -- ``[Stored(uid, flags, date, sha256, body)]``
+* ``stored(backend, user, mailbox)`` -- ``[Stored(uid, flags, when, sha256, body)]``
   of every message, fetched straight from a Dovecot backend (``\Recent`` dropped);
   ``mailboxes(backend, user)`` -- the names a backend has; ``seed(...)`` --
   messages appended directly on a backend.
@@ -19,13 +19,12 @@ What is here
 * ``write_maildir`` / ``read_maildir`` -- Maildir++ folders with flags in file names.
 * ``Unprivileged`` -- a home directory and ``run(argv, input=...)`` as the user
   ``nobody`` when we are root (UW c-client refuses local mailboxes as root).
-* ``run(argv, ...)`` -- a subprocess with a timeout and its output kept for
-  assertion messages; ``run_in_pty(argv, ...)`` -- the same on a pseudo-terminal
-  (mutt is a curses program and will not start without one).
-* ``CrossServerCopyUnavailable`` -- raised by a test when the proxy answered
-  ``NO [CANNOT] Copying between mail servers is not available yet``; the tests
-  that need cross-server COPY carry ``xfail(raises=CrossServerCopyUnavailable)``
-  so that any OTHER failure still fails.
+* ``run(argv, ...)`` -- a subprocess (clean environment, TZ=UTC, no terminal) with
+  a timeout, its output kept for assertion messages (``Result``); ``start`` /
+  ``finish`` -- the same for several at once; ``run_in_pty(argv, ...)`` -- on a
+  pseudo-terminal (mutt is a curses program and will not start without one).
+* ``appenduids(server_bytes)`` / ``uid_count(uid_set)`` -- the APPENDUID codes a
+  client received (e.g. ``RecordingRelay`` bytes, ``mailutil -v`` output).
 * ``RecordingRelay`` (from tests/cyradm.py) -- a logging TCP relay to see a
   client's exact commands.
 """
@@ -34,7 +33,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import imaplib
+import itertools
 import os
 import pty
 import pwd
@@ -51,25 +50,16 @@ from typing import Iterable, Mapping, Sequence
 
 import pytest
 
-from cyradm import RecordingRelay  # noqa: F401  (re-exported for the client tests)
+from cyradm import RecordingRelay
+
+__all__ = [
+    "RULES", "RecordingRelay", "Mbox", "MboxMessage", "Result", "Stored", "Unprivileged",
+    "appenduids", "finish", "internaldate", "mailboxes", "maildir_flags", "message", "needs",
+    "read_maildir", "require_program", "run", "run_in_pty", "seed", "sha", "start", "stored",
+    "uid_count", "without_header", "write_maildir",
+]
 
 RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"user": "bob", "mailbox": "*", "backend": "b2"}]
-
-CANNOT_COPY = b"[CANNOT] Copying between mail servers is not available yet"
-CANNOT_REASON = ("proxy: cross-server COPY/MOVE not built yet "
-                 "(NO [CANNOT] Copying between mail servers is not available yet)")
-
-
-class CrossServerCopyUnavailable(AssertionError):
-    """The proxy refused a COPY/MOVE between two backends with NO [CANNOT]."""
-
-
-def check_cross_server(output: bytes | str) -> None:
-    """Raise CrossServerCopyUnavailable if *output* shows the proxy's NO [CANNOT]."""
-    if isinstance(output, str):
-        output = output.encode("utf-8", "replace")
-    if CANNOT_COPY in output:
-        raise CrossServerCopyUnavailable(CANNOT_REASON)
 
 
 # ------------------------------------------------------------- availability
@@ -92,16 +82,6 @@ def needs(program: str, package: str):
     def _needs_program():
         return require_program(program, package)
     return _needs_program
-
-
-def version_of(argv: Sequence[str], pattern: str = r"\d+(?:\.\d+)+\S*") -> str:
-    """The first version-looking word in the output of *argv* ('' if none)."""
-    try:
-        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    m = re.search(pattern, (proc.stdout + proc.stderr).decode(errors="replace"))
-    return m.group(0) if m else ""
 
 
 # ------------------------------------------------------------------ messages
@@ -259,6 +239,7 @@ class Mbox:
 # ------------------------------------------------------------------- Maildir
 
 
+_maildir_names = itertools.count()
 _MAILDIR_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen", "T": "\\Deleted"}
 
 
@@ -277,7 +258,8 @@ def write_maildir(root: Path, folder: str, messages: Sequence[tuple[bytes, str]]
     for sub in ("cur", "new", "tmp"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     for i, (body, flags) in enumerate(messages):
-        name = f"{1700000000 + i}.M{i}P{os.getpid()}.test:2,{''.join(sorted(flags))}"
+        n = next(_maildir_names)  # unique names, also when a folder is written twice
+        name = f"{1700000000 + n}.M{n}P{os.getpid()}.test:2,{''.join(sorted(flags))}"
         (d / "cur" / name).write_bytes(body.replace(b"\r\n", b"\n"))
     if old:
         past = time.time() - 10
