@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -127,6 +127,59 @@ class RawIMAP:
     def login(self, user: str, password: str) -> None:
         self.command(b"LOGIN %s %s" % (quote(user), quote(password)))
 
+    def fetch_all(self, command: bytes = b"UID FETCH 1:* BODY.PEEK[]") -> tuple[int, int, int, int]:
+        """*command* (``UID FETCH 1:* BODY.PEEK[]``) on the selected mailbox:
+        (ns, bytes on the wire, literal bytes, literals).
+
+        Reads with recv_into a 1 MiB buffer; lines are only looked at for a literal
+        announcement (whose bytes are then skipped uncopied) or the tag.
+        """
+        if self.buf:
+            raise ProtocolError(f"{self.label}: unexpected pending data {bytes(self.buf[:80])!r}")
+        tag = self.next_tag()
+        prefix = tag + b" "
+        sock = self.sock
+        rbuf = self.recv_buf
+        view = self.recv_view
+        total = literal_bytes = literals = 0
+        skip = 0
+        partial = b""
+        t0 = time.perf_counter_ns()
+        sock.sendall(tag + b" " + command + b"\r\n")
+        while True:
+            n = sock.recv_into(rbuf)
+            if not n:
+                raise ProtocolError(f"{self.label}: connection closed during FETCH")
+            total += n
+            pos = 0
+            while pos < n:
+                if skip:
+                    take = skip if skip < n - pos else n - pos
+                    skip -= take
+                    pos += take
+                    continue
+                i = rbuf.find(b"\n", pos, n)
+                if i < 0:
+                    partial += view[pos:n]
+                    break
+                line = partial + view[pos : i + 1] if partial else bytes(view[pos : i + 1])
+                partial = b""
+                pos = i + 1
+                if line.endswith(b"}\r\n"):
+                    m = ANNOUNCE.search(line)
+                    if m:
+                        skip = int(m.group(1))
+                        literal_bytes += skip
+                        literals += 1
+                        continue
+                if line.startswith(prefix):
+                    t1 = time.perf_counter_ns()
+                    if not line.startswith(prefix + b"OK"):
+                        raise ProtocolError(f"{self.label}: {command[:40]!r} failed: {line!r}")
+                    if pos != n:
+                        raise ProtocolError(f"{self.label}: {n - pos} bytes after the tagged reply")
+                    return t1 - t0, total, literal_bytes, literals
+
     def capabilities(self) -> set[str]:
         """What CAPABILITY answers (upper case)."""
         _, untagged = self.command(b"CAPABILITY")
@@ -179,25 +232,39 @@ def _pdeathsig() -> None:  # in the child: die with the benchmark
 
 
 class ProxyProcess:
-    def __init__(self, workdir: Path, backend: Dovecot) -> None:
+    """The proxy as a subprocess, with a generated TOML configuration.
+
+    *backends*: one Dovecot (it becomes ``b1``) or a mapping name -> Dovecot.
+    *proxy_extra*, *backend_extra*, *map_extra*: TOML lines appended to the
+    ``[proxy]`` section, to every ``[backends.NAME]`` section and after the
+    ``[map]`` section's ``default`` (``[[map.rules]]`` tables may follow there).
+    """
+
+    def __init__(self, workdir: Path, backends: "Dovecot | Mapping[str, Dovecot]", *,
+                 proxy_extra: str = "", backend_extra: str = "", map_extra: str = "") -> None:
         self.workdir = workdir
         self.port = free_port(PROXY_HOST)
         self.config_path = workdir / "proxy.toml"
         self.stderr_path = workdir / "proxy.stderr"
-        self.config_path.write_text(
+        named = {"b1": backends} if isinstance(backends, Dovecot) else dict(backends)
+        text = (
             "[proxy]\n"
             f'listen = ["tcp:{self.port}:interface={PROXY_HOST}"]\n'
             'hostname = "bench-proxy"\n'
             "allow_plaintext_login = true\n"
-            "\n"
-            "[backends.b1]\n"
-            f'endpoint = "{backend.endpoint}"\n'
-            f'url = "{backend.url}"\n'
-            'tls = "none"\n'
-            "\n"
-            "[map]\n"
-            'default = "b1"\n'
+            + proxy_extra
         )
+        for name, backend in named.items():
+            text += (
+                "\n"
+                f"[backends.{name}]\n"
+                f'endpoint = "{backend.endpoint}"\n'
+                f'url = "{backend.url}"\n'
+                'tls = "none"\n'
+                + backend_extra
+            )
+        text += "\n[map]\n" f'default = "{next(iter(named))}"\n' + map_extra
+        self.config_path.write_text(text)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -336,18 +403,26 @@ def install_signal_handlers() -> None:
 
 
 class Harness:
-    """One Dovecot (BACKEND_HOST) and the proxy (PROXY_HOST) in front of it, in a new
+    """Dovecot instances and the proxy (PROXY_HOST) in front of them, in a new
     temporary directory; a context manager that stops everything on the way out.
+
+    *backends*: (name, host) of each Dovecot, by default one, ``b1`` on BACKEND_HOST;
+    the first is the map's default and :attr:`dovecot`, all are in :attr:`dovecots`.
+    *proxy_kw*: extra keyword arguments of :class:`ProxyProcess` (configuration text).
 
     On success (or Ctrl-C/SIGTERM) the directory is removed; after an error it is kept
     without its mail, with the logs, and the proxy log's tail is printed; *keep* keeps
     it whole.  Clients made by :meth:`connect` are closed too.
     """
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, backends: Sequence[tuple[str, str]] = (("b1", BACKEND_HOST),),
+                 proxy_kw: dict | None = None) -> None:
         self.keep = keep
         self.t_start = time.monotonic()
         self.root = make_root("rp-bench-")
+        self.backend_hosts = list(backends)
+        self.proxy_kw = dict(proxy_kw or {})
+        self.dovecots: dict[str, Dovecot] = {}
         self.dovecot: Dovecot | None = None
         self.proxy: ProxyProcess | None = None
         self.clients: list[RawIMAP] = []
@@ -355,21 +430,30 @@ class Harness:
         self.interrupted = False
 
     def start(self) -> None:
-        self.dovecot = Dovecot("bench", BACKEND_HOST, self.root / "b1")
-        log(f"starting Dovecot on {BACKEND_HOST}:{self.dovecot.port} (root {self.root})")
-        self.dovecot.start()
+        single = len(self.backend_hosts) == 1
+        for name, host in self.backend_hosts:
+            d = Dovecot("bench" if single else f"bench-{name}", host, self.root / name)
+            self.dovecots[name] = d
+            if self.dovecot is None:
+                self.dovecot = d
+            log(f"starting Dovecot {name} on {host}:{d.port} (root {self.root})")
+            d.start()
         proxy_dir = self.root / "proxy"
         proxy_dir.mkdir()
-        self.proxy = ProxyProcess(proxy_dir, self.dovecot)
+        self.proxy = ProxyProcess(proxy_dir, self.dovecots, **self.proxy_kw)
         log(f"starting the proxy on {PROXY_HOST}:{self.proxy.port}")
         self.proxy.start()
 
     def connect(self, target: str, label: str | None = None, cls: type[RawIMAP] = RawIMAP,
                 login: bool = True) -> RawIMAP:
-        """A new client of *target* ("direct" or "proxy"), logged in as USER."""
+        """A new client of *target* ("direct" = the first Dovecot, a backend's name,
+        or "proxy"), logged in as USER."""
         assert self.dovecot is not None and self.proxy is not None
-        host, port = ((self.dovecot.host, self.dovecot.port) if target == "direct"
-                      else (PROXY_HOST, self.proxy.port))
+        if target == "proxy":
+            host, port = PROXY_HOST, self.proxy.port
+        else:
+            d = self.dovecot if target == "direct" else self.dovecots[target]
+            host, port = d.host, d.port
         client = cls(host, port, label or target)
         self.clients.append(client)
         if login:
@@ -410,17 +494,19 @@ class Harness:
                     log(f"proxy stderr (tail):\n{tail}")
             if status not in (0, None, -signal.SIGTERM):
                 log(f"the proxy exited with status {status}")
-        if self.dovecot is not None:
+        for name, d in self.dovecots.items():
             try:
-                self.dovecot.stop()
+                d.stop()
             except Exception as e:
-                log(f"stopping Dovecot: {e!r}")
+                log(f"stopping Dovecot {name}: {e!r}")
         if self.keep:
             log(f"kept {self.root}")
         elif self.failed and not self.interrupted:
             # keep the logs and configuration for a post-mortem, not the mail
-            shutil.rmtree(self.root / "b1" / "mail", ignore_errors=True)
-            log(f"kept {self.root} (logs: b1/dovecot.log, proxy/proxy.stderr)")
+            for name in self.dovecots:
+                shutil.rmtree(self.root / name / "mail", ignore_errors=True)
+            logs = ", ".join(f"{name}/dovecot.log" for name in self.dovecots)
+            log(f"kept {self.root} (logs: {logs}, proxy/proxy.stderr)")
         else:
             shutil.rmtree(self.root, ignore_errors=True)
         log(f"total {time.monotonic() - self.t_start:.1f}s")
