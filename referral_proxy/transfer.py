@@ -456,33 +456,50 @@ class Mover:
             o, n = pairs[i]
             if o in data["deleted"]:
                 continue
-            o_b = o.encode("utf-8", "surrogateescape")
-            # Mail that reached the source meanwhile (a delivery) goes along before it is deleted.
-            last = max(copied.get(o) or [0])
             if await _exists(src, o):
-                delta = await self._copy_mailbox(src, o, dst, n, after_uid=last)
-                if delta:
-                    # Journaled before the source goes: a second recovery must not copy them again.
-                    copied[o] = (copied.get(o) or []) + delta
-                    for c in data["copied"]:
-                        if c["old"] == o:
-                            c["uids"] = uid_set(copied[o]).decode()
-                    self._journal(entry, f"delta:{i}")
-                    log.info("moved {n} message(s) that arrived in {box} during the move", n=len(delta), box=o)
-                if o == "INBOX":
-                    await _ok(src, b"SELECT INBOX", "SELECT")
-                    moved = copied.get(o) or []
-                    if moved:
-                        await expunge_uids(src, moved)
-                    await _ok(src, b"UNSELECT" if "UNSELECT" in src.capabilities else b"CLOSE", "UNSELECT")
-                else:
-                    await _ok(src, b"UNSELECT" if "UNSELECT" in src.capabilities else b"CLOSE", "UNSELECT")
-                    await src.command(b"UNSUBSCRIBE " + astring(o_b))
-                    await _ok(src, b"DELETE " + astring(o_b), "DELETE")
+                await self._empty_source(entry, i, src, dst, o, n, copied)
             data["deleted"].append(o)
             self._journal(entry, f"deleted:{i}")
         self.mailbox_map.store.journal_end(entry.id)
         self.mailbox_map.journal_changed()
+
+    async def _empty_source(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
+                            old: str, new: str, copied: dict[str, list[int]]) -> None:
+        """Remove *old* from the source without ever dropping a message that was not copied.
+
+        Mail delivered to the source meanwhile (LMTP, Sieve) goes along first; the
+        copied UIDs are expunged by UID, and only an empty mailbox is deleted (INBOX
+        stays). Each delta is journaled before anything is removed, so a second
+        recovery never copies it again."""
+        data = entry.data
+        old_b = old.encode("utf-8", "surrogateescape")
+        unselect = b"UNSELECT" if "UNSELECT" in src.capabilities else b"CLOSE"
+        for _attempt in range(10):
+            last = max(copied.get(old) or [0])
+            delta = await self._copy_mailbox(src, old, dst, new, after_uid=last)
+            if delta:
+                copied[old] = (copied.get(old) or []) + delta
+                for c in data["copied"]:
+                    if c["old"] == old:
+                        c["uids"] = uid_set(copied[old]).decode()
+                self._journal(entry, f"delta:{i}")
+                log.info("moved {n} message(s) that arrived in {box} during the move", n=len(delta), box=old)
+            await _ok(src, b"SELECT " + astring(old_b), "SELECT")
+            left = -1
+            if "UIDPLUS" in src.capabilities and copied.get(old):
+                await expunge_uids(src, copied[old])
+                status = await _ok(src, b"UID SEARCH ALL", "SEARCH")
+                left = sum(len(r.start.rest.split()) for r in status.responses if r.start.name == "SEARCH")
+            await _ok(src, unselect, "UNSELECT")
+            if left <= 0:
+                break
+            # Something arrived after the last copy: take it along, then try again.
+        else:
+            log.error("{box} on {b} keeps receiving mail: {n} message(s) left there", box=old, b=src.name, n=left)
+            return
+        if old != "INBOX":
+            await src.command(b"UNSUBSCRIBE " + astring(old_b))
+            await _ok(src, b"DELETE " + astring(old_b), "DELETE")
 
     async def recover(self, entry: JournalEntry) -> str:
         """Finish (after the commit point) or roll back (before it) a move a crash interrupted."""

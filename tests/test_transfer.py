@@ -359,3 +359,26 @@ def test_cross_server_copy_memory_stays_flat(proxy_factory, fleet):
     w.close()
     assert peak - before < 32 * 1024 * 1024, f"proxy memory grew by {(peak - before) / 1e6:.1f} MB copying 90 MB"
     assert len(_contents(fleet["b3"], "Shared/Big")) == 600
+
+
+def test_mail_delivered_to_the_source_during_a_move_goes_along(proxy_factory, fleet):
+    _seed(fleet["b1"], "Projects", 3)
+    _seed(fleet["b1"], "Projects/Sub", 2, start=10)
+    proxy = proxy_factory(MASTERS, rules=RULES, env={"REFERRAL_PROXY_FAULT": "journal:placed"})
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.send(b"r RENAME Projects Archive/Projects\r\n")
+    assert w.closed(15)
+    proxy.process.wait(10)
+    # Deliveries straight to the old backend (LMTP, Sieve) after every message was copied.
+    with fleet["b1"].client("alice") as m:
+        m.append("Projects", None, None, _body(90))
+        m.append("Projects/Sub", None, None, _body(91))
+    result = subprocess.run([sys.executable, "-m", "referral_proxy", "recover", "--config", str(proxy.config_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert "finished" in result.stdout, result.stdout + result.stderr
+    assert len(_contents(fleet["b2"], "Archive/Projects")) == 4
+    assert len(_contents(fleet["b2"], "Archive/Projects/Sub")) == 3
+    assert _contents(fleet["b1"], "Projects") == [] and _contents(fleet["b1"], "Projects/Sub") == []
+    with fleet["b1"].client("alice") as m:
+        assert m.list('""', "Projects*")[1] == [None]
