@@ -14,19 +14,18 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
-from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Awaitable, Callable, Coroutine
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from . import __version__, capabilities, listing, referrals
+from .flow import AllBackends, Output, PeerPause, ReadGate
 from .append import AppendCommand, remove_appended, split_mailbox
 from .backend import (
     AuthenticationFailed,
@@ -57,7 +56,7 @@ from .imap.response import ResponseStart, completion_text
 from .routing import MailboxMap, Route
 from .transfer import Mover, TransferError, copy_across
 
-__all__ = ["ProxyContext", "ClientSession", "ReadGate"]
+__all__ = ["ProxyContext", "ClientSession"]
 
 log = Logger()
 
@@ -88,140 +87,6 @@ class Phase(Enum):
     NOT_AUTHENTICATED = "not authenticated"
     AUTHENTICATED = "authenticated"
     LOGOUT = "logout"
-
-
-@implementer(IPushProducer)
-class ReadGate:
-    """Pauses reading from a transport while any reason holds.
-
-    The session adds its own reasons (waiting for a backend); each backend
-    connection pauses it under a reason of its own (back-pressure).
-    """
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self._reasons: set[str] = set()
-
-    def pause(self, reason: str) -> None:
-        if not self._reasons:
-            self._transport.pauseProducing()
-        self._reasons.add(reason)
-
-    def resume(self, reason: str) -> None:
-        if reason in self._reasons:
-            self._reasons.discard(reason)
-            if not self._reasons and not getattr(self._transport, "disconnected", False):
-                self._transport.resumeProducing()
-
-    @property
-    def paused(self) -> bool:
-        return bool(self._reasons)
-
-    def pauseProducing(self) -> None:
-        self.pause("peer")
-
-    def resumeProducing(self) -> None:
-        self.resume("peer")
-
-    def stopProducing(self) -> None:
-        pass
-
-
-@implementer(IPushProducer)
-class _PeerPause:
-    """The client's ReadGate as seen by one backend connection's transport."""
-
-    def __init__(self, gate: ReadGate, reason: str) -> None:
-        self._gate, self._reason = gate, reason
-
-    def pauseProducing(self) -> None:
-        self._gate.pause(self._reason)
-
-    def resumeProducing(self) -> None:
-        self._gate.resume(self._reason)
-
-    def stopProducing(self) -> None:
-        pass
-
-
-@implementer(IPushProducer)
-class _AllBackends:
-    """Registered on the client's transport: a slow client pauses every backend."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.transports: set[Any] = set()
-
-    def add(self, transport: Any) -> None:
-        self.transports.add(transport)
-        if self.paused:
-            transport.pauseProducing()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        for t in self.transports:
-            t.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        for t in list(self.transports):
-            if not getattr(t, "disconnected", False):
-                t.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _Output:
-    """Serializes what several sources write to the client, a whole response at a time.
-
-    A backend whose response must wait is paused meanwhile, so the queue holds
-    at most what it had already read.
-    """
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
-        self._owner: object = None  # the source in the middle of a response
-        self._queue: deque[tuple[object, bytes, bool]] = deque()
-        self._paused: set[Any] = set()
-
-    def write(self, source: object, data: bytes, end: bool = True) -> None:
-        if self._owner is None or self._owner is source:
-            self._write(data)
-            self._owner = None if end else source
-            if self._owner is None and self._queue:
-                self._flush()
-        else:
-            self._queue.append((source, data, end))
-            transport = getattr(source, "transport", None)
-            if transport is not None and source not in self._paused:
-                self._paused.add(source)
-                transport.pauseProducing()
-
-    def _flush(self) -> None:
-        while self._queue:
-            index = 0
-            if self._owner is not None:
-                index = next((i for i, (s, _d, _e) in enumerate(self._queue) if s is self._owner), -1)
-                if index < 0:
-                    return
-            source, data, end = self._queue[index]
-            del self._queue[index]
-            self._write(data)
-            self._owner = None if end else source
-        for source in list(self._paused):
-            if not any(s is source for s, _d, _e in self._queue):
-                self._paused.discard(source)
-                if not getattr(source, "closed", False):
-                    source.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    def abandon(self, source: object) -> None:
-        """*source* is gone mid-response: let the others through."""
-        if self._owner is source:
-            self._owner = None
-        self._queue = deque(item for item in self._queue if item[0] is not source)
-        self._paused.discard(source)
-        self._flush()
 
 
 @dataclass
@@ -265,8 +130,8 @@ class ClientSession(Protocol):
         self._enabled: list[bytes] = []  # what the client ENABLEd, replayed on new connections
         self._framer = Framer(self.limits.max_line)
         self._gate: ReadGate | None = None
-        self._backends_producer = _AllBackends()
-        self._out = _Output(self._transport_write)
+        self._backends_producer = AllBackends()
+        self._out = Output(self._transport_write)
         self._cmd: _Collect | AppendCommand | None = None
         self._blocked: str | None = None
         self._pumping = False
@@ -310,7 +175,7 @@ class ClientSession(Protocol):
     def shutdown(self) -> None:
         """The proxy is stopping: tell the client, and log its backends out."""
         if self.phase is not Phase.LOGOUT:
-            self._out = _Output(self._transport_write)
+            self._out = Output(self._transport_write)
             self._send(b"* BYE Server shutting down\r\n")
             self._logout_backends()
             self._close()
@@ -696,7 +561,7 @@ class ClientSession(Protocol):
             self.transport.registerProducer(self._backends_producer, True)
         self._backends_producer.add(proto.transport)
         assert self._gate is not None
-        proto.transport.registerProducer(_PeerPause(self._gate, f"backend:{proto.name}"), True)
+        proto.transport.registerProducer(PeerPause(self._gate, f"backend:{proto.name}"), True)
 
     def _ready(self, name: str) -> BackendProtocol | None:
         """The open connection to *name*, if there is one."""

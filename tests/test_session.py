@@ -271,7 +271,7 @@ class _Source:
 
 
 def test_output_keeps_responses_whole_and_pauses_the_backend_that_waits():
-    from referral_proxy.session import _Output
+    from referral_proxy.flow import Output as _Output
 
     written = []
     out = _Output(written.append)
