@@ -361,7 +361,7 @@ wrap(transfer, "_exists", "exists")
 wrap(transfer, "fix_uids", "fix_uids")
 wrap(transfer, "fetch_infos", "fetch_infos")
 wrap(transfer, "copy_stream", "copy_stream")
-wrap(transfer, "_stream_one", "stream_one")
+wrap(transfer, "_stream_bodies", "stream_bodies")
 wrap(transfer.Mover, "rename", "rename")
 wrap(transfer.Mover, "plan", "plan")
 wrap(transfer.Mover, "_copy_mailbox", "copy_mailbox")
@@ -417,7 +417,7 @@ def phases(data: dict, wall: float) -> list[tuple[str, float, str]]:
     copy_main = spans("copy_mailbox", ren, fin)
     cm = copy_main[0] if copy_main else (ren[0], ren[0])
     batches = spans("copy_stream", cm)
-    msgs = spans("stream_one", cm)
+    msgs = spans("stream_bodies", cm)
     batch_wait = sum(b - a - tot([m for m in msgs if a <= m[0] and m[1] <= b]) for a, b in batches)
     verify = tot(spans("verify", cm))
     prep = tot(spans("command EXAMINE", (cm[0], batches[0][0] if batches else cm[1]))) \
@@ -436,8 +436,8 @@ def phases(data: dict, wall: float) -> list[tuple[str, float, str]]:
         ("  journal steps (SQLite commits)", tot(journal), f"{len(journal)} steps"),
         ("  CREATE on b2", tot(spans("command CREATE", ren)), ""),
         ("  EXAMINE, UID SEARCH, FETCH (FLAGS INTERNALDATE RFC822.SIZE)", prep, ""),
-        ("  per message: UID FETCH n BODY.PEEK[] streamed to b2", tot(msgs),
-         f"{len(msgs)} x {tot(msgs) / max(len(msgs), 1) * 1e6:.0f} us"),
+        ("  bodies: one UID FETCH per batch, streamed to b2", tot(msgs),
+         f"{len(msgs)} batch(es)"),
         ("  batch ends: waiting for the MULTIAPPEND's OK", batch_wait, f"{len(batches)} batches"),
         ("  verify on b2 (EXAMINE, FETCH 1:* RFC822.SIZE)", verify, ""),
         ("  finish: subscriptions, placements, delta check, DELETE", tot(spans("finish")), ""),
@@ -445,7 +445,7 @@ def phases(data: dict, wall: float) -> list[tuple[str, float, str]]:
     accounted = sum(r[1] for r in rows[4:])
     rows.append(("  other (between the steps above)", (ren[1] - ren[0]) - accounted, ""))
     paused = spans("paused", cm)
-    rows.append(("    (in the per-message time: b1 paused by b2's back-pressure)", tot(paused),
+    rows.append(("    (in the body streaming: b1 paused by b2's back-pressure)", tot(paused),
                  f"{len(paused)} pauses; the rest: round trips + proxy"))
     rows.append(("    (in finish: DELETE of the source on b1)", tot(deletes), "included above"))
     rows.append(("after Mover.rename: log-out, reactor stop", m1 - ren[1], ""))

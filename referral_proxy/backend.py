@@ -199,9 +199,9 @@ class BackendProtocol(Protocol):
             elif self._current == "captured":
                 self._capture_fragment(event)
             elif self._current == "untagged":
-                self._relay(event.data + _tail(event), event.literal is None)
+                self._relay(event.data + wire_tail(event), event.literal is None)
             elif self._current == "tagged":
-                self._current_tagged.append(event.data + _tail(event))
+                self._current_tagged.append(event.data + wire_tail(event))
                 if event.literal is None:
                     self._finish_tagged()
         elif isinstance(event, (LiteralData, LiteralEnd)) and self._current == "tapped" and self.tap is not None:
@@ -247,7 +247,7 @@ class BackendProtocol(Protocol):
         if start.kind == "tagged":
             self._current = "tagged"
             self._current_start = start
-            self._current_tagged = [line.data + _tail(line)]
+            self._current_tagged = [line.data + wire_tail(line)]
             if line.literal is None:
                 self._finish_tagged()
             return
@@ -267,7 +267,7 @@ class BackendProtocol(Protocol):
             self._capture_fragment(line)
         elif self.sink is not None:
             self._current = "untagged"
-            self.sink.untagged(self, start, line.data + _tail(line), line.literal is None)
+            self.sink.untagged(self, start, line.data + wire_tail(line), line.literal is None)
         else:
             self._current = None
             log.debug("backend {name}: dropped an untagged {what}", name=self.name, what=start.name or start.status)
@@ -276,7 +276,7 @@ class BackendProtocol(Protocol):
         c = self._capturing
         assert c is not None
         c.fragments.append(line.data)
-        c.raw.append(line.data + _tail(line))
+        c.raw.append(line.data + wire_tail(line))
         if line.literal is not None:
             c.literal = bytearray()
             return
@@ -371,7 +371,7 @@ _LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args
                       name=None, number=None, rest=b"")
 
 
-def _tail(line: Line) -> bytes:
+def wire_tail(line: Line) -> bytes:
     """The bytes a fragment ended with on the wire: its literal announcement, or CRLF."""
     return line.literal.announce() + b"\r\n" if line.literal is not None else b"\r\n"
 

@@ -20,6 +20,7 @@ entries a killed proxy left behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
@@ -30,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .append import uid_set
-from .backend import BackendError, BackendProtocol, UntaggedResponse
+from .backend import BackendError, BackendProtocol, UntaggedResponse, wire_tail
 from .imap.command import Atom, ParenList, ParseError, String, parse_arguments
 from .imap.framing import Line, LiteralData, LiteralEnd
 from .imap.quoting import astring
@@ -178,10 +179,11 @@ class Progress:
 
 
 async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
-                      mailbox: bytes, progress: Progress | None = None) -> tuple[int, list[int]]:
+                      mailbox: bytes, progress: Progress | None = None) -> tuple[int, list[int], list[bytes]]:
     """Append *infos*' messages to *mailbox* on *dst* in ONE MULTIAPPEND, bodies streamed
-    from *src*. Returns (uidvalidity, destination UIDs in order). On any failure the
-    destination connection is aborted, so its MULTIAPPEND saves nothing."""
+    from *src* by one ``UID FETCH``. Returns (uidvalidity, destination UIDs in order, other
+    untagged responses *src* sent meanwhile, raw, to relay). On any failure the destination
+    connection is aborted, so its MULTIAPPEND saves nothing."""
     if not infos:
         raise TransferError("nothing to copy")
     if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
@@ -192,12 +194,7 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     dst.transport.registerProducer(_Pause(src.transport), True)
     try:
         dst.write(ptag + b" APPEND " + astring(mailbox))
-        for info in infos:
-            if dst.closed:
-                raise TransferError(f"backend {dst.name} closed the connection")
-            await _stream_one(src, info, dst)
-            if progress is not None:
-                progress.add(info.size)
+        others = await _stream_bodies(src, infos, dst, progress)
         dst.write(b"\r\n")
         start, raw = await done
     except BaseException:
@@ -216,33 +213,64 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     dest = expand_uid_set(uids)
     if len(dest) != len(infos):
         raise TransferError(f"backend {dst.name} reported {len(dest)} new messages for {len(infos)}")
-    return int(validity), dest
+    return int(validity), dest, others
 
 
-async def _stream_one(src: BackendProtocol, info: MessageInfo, dst: BackendProtocol) -> None:
-    """One message: its BODY.PEEK[] literal goes to *dst* chunk by chunk as it arrives."""
-    state = {"streaming": False, "seen": 0}
+_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
+
+
+async def _stream_bodies(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
+                         progress: Progress | None) -> list[bytes]:
+    """Every BODY.PEEK[] literal goes to *dst* chunk by chunk as it arrives, in UID order,
+    each behind its flags and date. Anything else *src* says is kept, raw, for the client."""
+    expected = list(infos)
+    state: dict = {"next": 0, "body": None, "error": None, "other": None}
+    others: list[bytes] = []
 
     def tap(start: ResponseStart | None, event: object) -> None:
         if start is not None:
-            if (start.name == "FETCH" and isinstance(event, Line) and event.literal is not None
-                    and event.data.rstrip().upper().endswith(b"BODY[]")):
+            assert isinstance(event, Line)
+            if (start.name == "FETCH" and event.literal is not None
+                    and event.data.rstrip().upper().endswith(b"BODY[]") and state["error"] is None):
+                info = expected[state["next"]] if state["next"] < len(expected) else None
+                m = _UID.search(event.data)
+                if info is None or (m is not None and int(m.group(1)) != info.uid):
+                    state["error"] = f"unexpected message {m.group(1).decode() if m else '?'} from {src.name}"
+                    return
+                state["next"] += 1
+                state["body"] = info
                 flags = b"(" + b" ".join(info.flags) + b")"
                 dst.write(b" %s \"%s\" {%d+}\r\n" % (flags, info.internaldate, event.literal.size))
-                state["streaming"] = True
-                state["seen"] += 1
-        elif isinstance(event, LiteralData) and state["streaming"]:
-            dst.write(event.data)
+                return
+            state["other"] = [event.data + wire_tail(event)]  # not ours: for the client
+            if event.literal is None:
+                others.append(b"".join(state.pop("other")))
+            return
+        if isinstance(event, LiteralData):
+            if state["body"] is not None:
+                dst.write(event.data)
+            elif state.get("other") is not None:
+                state["other"].append(event.data)
         elif isinstance(event, LiteralEnd):
-            state["streaming"] = False
+            if state["body"] is not None and progress is not None:
+                progress.add(state["body"].size)
+            state["body"] = None
+        elif isinstance(event, Line) and state.get("other") is not None:
+            state["other"].append(event.data + wire_tail(event))
+            if event.literal is None:
+                others.append(b"".join(state.pop("other")))
 
     src.tap = tap
     try:
-        result = await src.command(b"UID FETCH %d BODY.PEEK[]" % info.uid)
+        result = await src.command(b"UID FETCH " + uid_set([i.uid for i in infos]) + b" (UID BODY.PEEK[])")
     finally:
         src.tap = None
-    if not result.ok or state["seen"] != 1:
-        raise TransferError(f"message UID {info.uid} could not be read from {src.name}")
+    if state["error"] is not None:
+        raise TransferError(state["error"])
+    if not result.ok or state["next"] != len(expected):
+        missing = expected[state["next"]].uid if state["next"] < len(expected) else "?"
+        raise TransferError(f"message UID {missing} could not be read from {src.name}")
+    return others
 
 
 async def expunge_uids(conn: BackendProtocol, uids: Sequence[int]) -> list[bytes]:
@@ -382,7 +410,7 @@ class Mover:
                 await copy_stream(src, batch, dst, new_b, self.progress)
                 batch, size = [], 0
         if batch:
-            await copy_stream(src, batch, dst, new_b, self.progress)
+            await copy_stream(src, batch, dst, new_b, self.progress)  # (the mover's own connections: nothing to relay)
         if after_uid == 0:
             await self._verify(dst, new_b, infos)
         return uids
@@ -556,7 +584,8 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
         return CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist: " + mailbox.decode("utf-8", "replace"))
     infos, others = await fetch_infos(src, uids)
     untagged += others
-    validity, dest = await copy_stream(src, infos, dst, mailbox)
+    validity, dest, during = await copy_stream(src, infos, dst, mailbox)
+    untagged += during
     copyuid = f"[COPYUID {validity} {uid_set(uids).decode()} {uid_set(dest).decode()}]"
     if not move:
         return CopyOutcome(untagged, "OK", copyuid + " Copy completed.")

@@ -45,24 +45,24 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     src.dataReceived(b'* 1 FETCH (UID 7 FLAGS (\\Seen \\Recent) INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\n'
                      b'* 2 FETCH (UID 8 FLAGS (\\Deleted $Work) INTERNALDATE "02-Jan-2020 10:00:00 +0000" RFC822.SIZE 2)\r\n'
                      b"rp3 OK\r\n")
-    assert _take(src) == b"rp4 UID FETCH 7 BODY.PEEK[]\r\n"
-    src.dataReceived(b"* 1 FETCH (UID 7 BODY[] {3}\r\nabc)\r\nrp4 OK\r\n")
-    assert _take(src) == b"rp5 UID FETCH 8 BODY.PEEK[]\r\n"
-    src.dataReceived(b"* 2 FETCH (UID 8 BODY[] {2}\r\nde)\r\nrp5 OK\r\n")
+    # One FETCH for every body; a delivery meanwhile is kept for the client.
+    assert _take(src) == b"rp4 UID FETCH 7:8 (UID BODY.PEEK[])\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 BODY[] {3}\r\nabc)\r\n* 3 EXISTS\r\n"
+                     b"* 2 FETCH (UID 8 BODY[] {2}\r\nde)\r\nrp4 OK\r\n")
     # One MULTIAPPEND; \Recent is not copied, keywords are.
     assert _take(dst) == (b'rp2 APPEND Shared/X (\\Seen) "01-Jan-2020 10:00:00 +0000" {3+}\r\nabc'
                           b' (\\Deleted $Work) "02-Jan-2020 10:00:00 +0000" {2+}\r\nde\r\n')
     assert h.to_client() == b""
     dst.dataReceived(b"rp2 OK [APPENDUID 9 5:6] Append completed.\r\n")
     # Only now the source: exactly these UIDs.
-    assert _take(src) == b"rp6 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\n"
-    src.dataReceived(b"rp6 OK\r\n")
-    assert _take(src) == b"rp7 UID EXPUNGE 7:8\r\n"
-    src.dataReceived(b"rp7 NO [SERVERBUG] Expunge failed\r\n")
+    assert _take(src) == b"rp5 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\n"
+    src.dataReceived(b"rp5 OK\r\n")
+    assert _take(src) == b"rp6 UID EXPUNGE 7:8\r\n"
+    src.dataReceived(b"rp6 NO [SERVERBUG] Expunge failed\r\n")
     # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
-    assert _take(src) == b"rp8 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
-    src.dataReceived(b"rp8 OK\r\n")
-    assert h.to_client() == (b"* OK [COPYUID 9 7:8 5:6] Moved\r\n"
+    assert _take(src) == b"rp7 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
+    src.dataReceived(b"rp7 OK\r\n")
+    assert h.to_client() == (b"* 3 EXISTS\r\n* OK [COPYUID 9 7:8 5:6] Moved\r\n"
                              b"m NO [COPYUID 9 7:8 5:6] The messages were copied but could not be removed from the "
                              b"source mailbox: they are now in both\r\n")
 
@@ -83,7 +83,7 @@ def test_destination_refusal_aborts_its_connection_and_touches_no_source_message
     dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
     _take(src)
     src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\nrp3 OK\r\n')
-    _take(src)
+    assert _take(src) == b"rp4 UID FETCH 4 (UID BODY.PEEK[])\r\n"
     src.dataReceived(b"* 1 FETCH (UID 4 BODY[] {3}\r\nabc)\r\nrp4 OK\r\n")
     dst.dataReceived(b"rp2 NO [OVERQUOTA] Quota exceeded\r\n")
     assert h.to_client() == b"m NO [OVERQUOTA] Quota exceeded\r\n"
