@@ -13,6 +13,7 @@ from referral_proxy.testing.dovecot import Dovecot
 
 from conftest import dovecot_root  # noqa: E402  (the limited backends below)
 from imapwire import Wire
+from procmem import reset_peak, rss
 from mailcheck import contents
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -164,10 +165,6 @@ def test_message_count_limit(proxy_factory, fleet):
     assert _fetch_all(fleet["b1"], "alice", "INBOX") == []
 
 
-def _rss(pid):
-    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
 
 def test_200mb_message_with_bounded_proxy_memory(proxy_factory, fleet):
     proxy = proxy_factory()
@@ -175,7 +172,8 @@ def test_200mb_message_with_bounded_proxy_memory(proxy_factory, fleet):
     w.login()
     size = 200 * 1024 * 1024
     chunk = (b"x" * 78 + b"\r\n") * 6553  # ~512 KB
-    before, _ = _rss(proxy.pid)
+    reset_peak(proxy.pid)
+    before, _ = rss(proxy.pid)
     w.send(b"big APPEND INBOX {%d}\r\n" % size)
     assert w.line() == b"+ Ready for literal data\r\n"
     digest, sent = hashlib.sha256(), 0
@@ -186,9 +184,10 @@ def test_200mb_message_with_bounded_proxy_memory(proxy_factory, fleet):
         sent += len(piece)
     w.send(b"\r\n")
     assert w.until_tagged(b"big")[-1].startswith(b"big OK [APPENDUID ")
-    _, peak = _rss(proxy.pid)
+    _, peak = rss(proxy.pid)
     w.close()
     growth = peak - before
+    print(f"proxy peak memory growth: {growth / 1e6:.1f} MB")
     assert growth < 32 * 1024 * 1024, f"proxy memory grew by {growth / 1e6:.1f} MB for a 200 MB message"
     with fleet["b1"].client("alice") as m:
         m.select("INBOX", readonly=True)

@@ -12,6 +12,7 @@ import pytest
 from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER, Dovecot
 
 from imapwire import Wire
+from procmem import reset_peak, rss
 from mailcheck import contents, same_messages as _same_messages
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -339,10 +340,6 @@ def test_admin_move_of_a_whole_user(proxy_factory, fleet):
     w.close()
 
 
-def _peak_rss(pid: int) -> tuple[int, int]:
-    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
 
 def test_cross_server_copy_memory_stays_flat(proxy_factory, fleet):
     """90 MB copied between backends: the proxy streams, it does not hold the messages."""
@@ -353,10 +350,12 @@ def test_cross_server_copy_memory_stays_flat(proxy_factory, fleet):
     w = Wire(proxy.host, proxy.port, timeout=120)
     w.login()
     w.cmd(b"s", b"SELECT Big")
-    before, _ = _peak_rss(proxy.pid)
+    reset_peak(proxy.pid)
+    before, _ = rss(proxy.pid)
     assert w.cmd(b"c", b"COPY 1:* Shared/Big")[-1].startswith(b"c OK [COPYUID ")
-    _, peak = _peak_rss(proxy.pid)
+    _, peak = rss(proxy.pid)
     w.close()
+    print(f"proxy peak memory growth: {(peak - before) / 1e6:.1f} MB")
     assert peak - before < 32 * 1024 * 1024, f"proxy memory grew by {(peak - before) / 1e6:.1f} MB copying 90 MB"
     assert len(_contents(fleet["b3"], "Shared/Big")) == 600
 
