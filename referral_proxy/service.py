@@ -25,6 +25,8 @@ __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
 
 log = Logger()
 
+SHUTDOWN_GRACE = 5.0  # seconds clients get to receive their BYE at shutdown
+
 
 def check_endpoints(config: Config, reactor: Any) -> None:
     """Refuse endpoint strings Twisted cannot parse, naming the key (nothing is bound)."""
@@ -113,10 +115,21 @@ class ProxyService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[override]
-        """Stop listening, then say BYE to every client and close its backends."""
+        """Stop listening, say BYE to every client, log the backends out, and wait (a few
+        seconds at most) until the BYEs are really out before the reactor tears down."""
         yield super().stopService()
-        for session in list(self.context.sessions):
+        sessions = list(self.context.sessions)
+        closed = [s.when_closed() for s in sessions]
+        for session in sessions:
             session.shutdown()
+        if closed:
+            everyone = defer.DeferredList(closed)
+            everyone.addTimeout(SHUTDOWN_GRACE, self.reactor)
+            try:
+                yield everyone
+            except defer.TimeoutError:
+                log.warn("{n} client connection(s) still open after {s}s; closing anyway", n=len(self.context.sessions),
+                         s=SHUTDOWN_GRACE)
         self.mailbox_map.close()
 
     def reload(self, path: str | None = None) -> None:

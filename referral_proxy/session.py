@@ -141,6 +141,7 @@ class ClientSession(Protocol):
         self._login_timer: Any = None
         self._peer = "?"
         self._socket: Any = None
+        self._closed_waiters: list[defer.Deferred[None]] = []
 
     # -- connection --------------------------------------------------------
 
@@ -165,12 +166,24 @@ class ClientSession(Protocol):
         self.phase = Phase.LOGOUT
         self._cancel_login_timer()
         self.ctx.sessions.discard(self)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
         cmd = self._cmd
         if isinstance(cmd, AppendCommand) and cmd.client_gone():
             # An emulated MULTIAPPEND removes what it saved, then closes its connection itself.
             self._conns.pop(cmd.conn.name, None)
         self._logout_backends()
         log.info("session {id} closed ({user})", id=self.id, user=self.user or "not logged in")
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """Fires once the client's connection is gone (what was written is flushed)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.transport is None or getattr(self.transport, "disconnected", False):
+            d.callback(None)
+        else:
+            self._closed_waiters.append(d)
+        return d
 
     def shutdown(self) -> None:
         """The proxy is stopping: tell the client, and log its backends out."""

@@ -377,3 +377,40 @@ def test_search_with_literals_sync_and_nonsync(proxy_factory, fleet):
     reply = w.cmd(b"f2", b"UID SEARCH OR SUBJECT {5+}\r\nother SUBJECT {8+}\r\nhaystack")
     assert reply[0].split()[:2] == [b"*", b"SEARCH"] and len(reply[0].split()) == 4
     w.close()
+
+
+def test_runs_under_twistd_and_says_bye_on_sigterm(proxy_factory, fleet, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from referral_proxy.testing.dovecot import free_port
+
+    # The same configuration the fixture writes, served by twistd through the plugin.
+    reference = proxy_factory()
+    port = free_port("127.0.0.1")
+    config = tmp_path / "twistd.toml"
+    config.write_text(reference.config_path.read_text().replace(f"tcp:{reference.port}:", f"tcp:{port}:"))
+    twistd = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+         "-n", "--pidfile=", "--logfile=-", "referral-proxy", "--config", str(config)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                w = Wire("127.0.0.1", port)
+                break
+            except OSError:
+                assert twistd.poll() is None and time.monotonic() < deadline, twistd.stdout.read().decode()
+                time.sleep(0.1)
+        w.login()
+        assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        twistd.send_signal(signal.SIGTERM)
+        assert w.line() == b"* BYE Server shutting down\r\n"
+        assert w.closed()
+        assert twistd.wait(20) in (0, -signal.SIGTERM)  # twistd re-raises the signal it stopped on
+    finally:
+        if twistd.poll() is None:
+            twistd.kill()
+            twistd.wait()
