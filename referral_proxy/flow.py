@@ -68,7 +68,8 @@ class PeerPause:
         self._gate.resume(self._reason)
 
     def stopProducing(self) -> None:
-        pass
+        # The backend connection is gone: its back-pressure on the client goes with it.
+        self._gate.resume(self._reason)
 
 
 @implementer(IPushProducer)

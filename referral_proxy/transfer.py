@@ -84,7 +84,9 @@ class _Pause:
             self._t.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
-        pass
+        # The destination is gone (Twisted calls this on its connectionLost): a pause
+        # it held must not outlive it, or the source, and the client behind it, hang.
+        self.resumeProducing()
 
 
 def _fetch_items(resp: UntaggedResponse) -> dict[bytes, object]:

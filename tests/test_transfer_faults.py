@@ -106,3 +106,41 @@ def test_no_referral_to_the_proxy_itself():
     h.send(b"b SELECT Loop/X\r\n")  # "self" is the proxy's own listener: proxied, never referred
     assert h.to_client() == b""
     assert h.backend.transport.value() == b"rp1 SELECT Loop/X\r\n"
+
+
+def test_destination_lost_while_it_holds_the_source_paused_does_not_hang_the_client():
+    from twisted.python.failure import Failure
+
+    h = SessionHarness(_config())
+    h.login()
+    src = h.backend
+    h.send(b"s SELECT INBOX\r\n")
+    _take(src)
+    h.from_backend(b"* 1 EXISTS\r\nrp1 OK Selected\r\n")
+    h.to_client()
+    h.send(b"c COPY 1 Shared/X\r\n")
+    src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
+    dst = h.backend
+    dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
+    src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\nrp3 OK\r\n')
+    # The destination's socket is full: it pauses the source ...
+    dst.transport.producer.pauseProducing()
+    assert src.transport.producerState == "paused"
+    # ... and dies. Twisted tells the producer of a lost connection to stop.
+    dst.transport.producer.stopProducing()
+    dst.connectionLost(Failure(ConnectionError("destination gone")))
+    assert src.transport.producerState == "producing"  # else the FETCH never ends: a hung client
+    src.dataReceived(b"* 1 FETCH (UID 4 BODY[] {3}\r\nabc)\r\nrp4 OK\r\n")
+    assert h.to_client().startswith(b"c NO ")
+    h.send(b"n NOOP\r\n")
+    assert src.transport.value().endswith(b" NOOP\r\n")
+
+
+def test_a_lost_backend_releases_the_back_pressure_it_put_on_the_client():
+    h = SessionHarness(_config())
+    h.login()
+    producer = h.backend.transport.producer  # what the backend's transport pauses the client with
+    producer.pauseProducing()
+    assert h.client.producerState == "paused"
+    producer.stopProducing()  # the backend's connection is lost
+    assert h.client.producerState == "producing"
