@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import random
+import json
 import re
 import shutil
 import signal
@@ -523,3 +524,15 @@ def run_cli(prog: str, main: Callable[[], int]) -> int:
         # the proxy's / Dovecot's log tails were printed above
         print(f"{prog}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def report(results: dict, table: Callable[[dict], str], proxy_stderr: str, json_path: str | None) -> None:
+    """The end of every benchmark: the table, a warning for suspicious proxy log lines, the JSON."""
+    suspicious = suspicious_lines(proxy_stderr)
+    results["proxy_log_suspicious_lines"] = suspicious[:20]
+    print(table(results))
+    if suspicious:
+        print(f"\nwarning: {len(suspicious)} suspicious line(s) in the proxy's log, e.g.: {suspicious[0]}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {json_path}")

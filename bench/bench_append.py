@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import random
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    report,
     IO_TIMEOUT,
     USER,
     Dovecot,
@@ -56,7 +56,6 @@ from _common import (  # noqa: E402
     make_message,
     render_table,
     run_cli,
-    suspicious_lines,
 )
 
 MAILBOX = b"Bench"
@@ -480,15 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
         h.close_clients()
 
-        suspicious = suspicious_lines(proxy.stderr_text())
-        results["proxy_log_suspicious_lines"] = suspicious[:20]
-
-        print(table(results))
-        if suspicious:
-            print(f"\nwarning: {len(suspicious)} suspicious line(s) in the proxy's log, e.g.: {suspicious[0]}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-            log(f"wrote {args.json}")
+        report(results, table, proxy.stderr_text(), args.json)
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import random
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    report,
     USER,
     Dovecot,
     Harness,
@@ -47,7 +47,6 @@ from _common import (  # noqa: E402
     quote,
     render_table,
     run_cli,
-    suspicious_lines,
 )
 from _common import RawIMAP as _RawIMAP  # noqa: E402
 
@@ -305,15 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
         h.close_clients()
 
-        suspicious = suspicious_lines(proxy.stderr_text())
-        results["proxy_log_suspicious_lines"] = suspicious[:20]
-
-        print(table(results))
-        if suspicious:
-            print(f"\nwarning: {len(suspicious)} suspicious line(s) in the proxy's log, e.g.: {suspicious[0]}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-            log(f"wrote {args.json}")
+        report(results, table, proxy.stderr_text(), args.json)
     return 0
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    report,
     ANNOUNCE,
     REPO_ROOT,
     USER,
@@ -65,7 +66,6 @@ from _common import (  # noqa: E402
     quote,
     render_table,
     run_cli,
-    suspicious_lines,
 )
 
 from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER  # noqa: E402
@@ -912,15 +912,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         h.close_clients()
-        suspicious = suspicious_lines(h.proxy.stderr_text())
-        results["proxy_log_suspicious_lines"] = suspicious[:20]
-
-        print(table(results))
-        if suspicious:
-            print(f"\nwarning: {len(suspicious)} suspicious line(s) in the proxy's log, e.g.: {suspicious[0]}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-            log(f"wrote {args.json}")
+        report(results, table, h.proxy.stderr_text(), args.json)
     return 0
 
 
