@@ -20,6 +20,18 @@ def _config(**proxy):
     }, base=Path("."))
 
 
+def _selected(exists: int) -> tuple[SessionHarness, object]:
+    """A logged-in session with INBOX (of *exists* messages) selected on b1; (harness, b1)."""
+    h = SessionHarness(_config())
+    h.login()
+    src = h.backend
+    h.send(b"s SELECT INBOX\r\n")
+    _take(src)
+    h.from_backend(b"* %d EXISTS\r\nrp1 OK [READ-WRITE] Selected\r\n" % exists)
+    h.to_client()
+    return h, src
+
+
 def _take(conn) -> bytes:
     data = conn.transport.value()
     conn.transport.clear()
@@ -27,13 +39,7 @@ def _take(conn) -> bytes:
 
 
 def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags():
-    h = SessionHarness(_config())
-    h.login()
-    src = h.backend
-    h.send(b"s SELECT INBOX\r\n")
-    _take(src)
-    h.from_backend(b"* 2 EXISTS\r\nrp1 OK [READ-WRITE] Selected\r\n")
-    h.to_client()
+    h, src = _selected(2)
     h.send(b"m MOVE 1:2 Shared/X\r\n")
     assert _take(src) == b"rp2 UID SEARCH 1:2\r\n"
     src.dataReceived(b"* SEARCH 7 8\r\nrp2 OK\r\n")
@@ -68,13 +74,7 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
 
 
 def test_destination_refusal_aborts_its_connection_and_touches_no_source_message():
-    h = SessionHarness(_config())
-    h.login()
-    src = h.backend
-    h.send(b"s SELECT INBOX\r\n")
-    _take(src)
-    h.from_backend(b"* 1 EXISTS\r\nrp1 OK Selected\r\n")
-    h.to_client()
+    h, src = _selected(1)
     h.send(b"m UID MOVE 4 Shared/X\r\n")
     assert _take(src) == b"rp2 UID SEARCH UID 4\r\n"
     src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
@@ -111,13 +111,7 @@ def test_no_referral_to_the_proxy_itself():
 def test_destination_lost_while_it_holds_the_source_paused_does_not_hang_the_client():
     from twisted.python.failure import Failure
 
-    h = SessionHarness(_config())
-    h.login()
-    src = h.backend
-    h.send(b"s SELECT INBOX\r\n")
-    _take(src)
-    h.from_backend(b"* 1 EXISTS\r\nrp1 OK Selected\r\n")
-    h.to_client()
+    h, src = _selected(1)
     h.send(b"c COPY 1 Shared/X\r\n")
     src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
     dst = h.backend
