@@ -159,8 +159,7 @@ class BackendProtocol(Protocol):
     # -- Twisted ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        set_nodelay(self.transport)
-        self._socket = tcp_socket(self.transport)
+        self._socket = tune_socket(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         quick_ack(self._socket)
@@ -376,14 +375,32 @@ def wire_tail(line: Line) -> bytes:
     return line.literal.announce() + b"\r\n" if line.literal is not None else b"\r\n"
 
 
-def set_nodelay(transport: object) -> None:
-    """Disable Nagle: IMAP is interactive and every command would wait otherwise."""
+# TCP keepalive: a peer that vanished (a client behind a NAT that forgot it, a backend
+# host that went down) is found after about KEEPIDLE + KEEPCNT * KEEPINTVL seconds
+# instead of never, so neither its session nor the connections behind it leak.
+KEEPIDLE, KEEPINTVL, KEEPCNT = 120, 20, 4
+
+
+def tune_socket(transport: object) -> socket.socket | None:
+    """TCP_NODELAY (IMAP is interactive: Nagle would hold every command) and keepalive
+    on a connection; its socket, for quick_ack (None for in-memory test transports)."""
     set_tcp = getattr(transport, "setTcpNoDelay", None)
     if set_tcp is not None:
         try:
             set_tcp(True)
         except OSError:
             pass
+    sock = tcp_socket(transport)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # also under TLS
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL), ("TCP_KEEPCNT", KEEPCNT)):
+                if hasattr(socket, option):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        except OSError:
+            pass
+    return sock
 
 
 def tcp_socket(transport: object) -> socket.socket | None:

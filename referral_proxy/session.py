@@ -34,8 +34,7 @@ from .backend import (
     BackendUnavailable,
     Credentials,
     quick_ack,
-    set_nodelay,
-    tcp_socket,
+    tune_socket,
 )
 from .config import BackendConfig, Config
 from .imap.command import (
@@ -146,8 +145,7 @@ class ClientSession(Protocol):
     # -- connection --------------------------------------------------------
 
     def connectionMade(self) -> None:
-        set_nodelay(self.transport)
-        self._socket = tcp_socket(self.transport)
+        self._socket = tune_socket(self.transport)
         self._gate = ReadGate(self.transport)
         peer = self.transport.getPeer()
         self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"

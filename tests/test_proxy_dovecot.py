@@ -348,7 +348,7 @@ def _socket_option(pid: int, fd: int, level: int, option: int) -> int:
         os.close(pidfd)
 
 
-def test_tcp_nodelay_on_both_connections(proxy_factory, fleet):
+def test_tcp_nodelay_and_keepalive_on_both_connections(proxy_factory, fleet):
     proxy = proxy_factory()
     w = Wire(proxy.host, proxy.port)
     w.login()
@@ -357,8 +357,13 @@ def test_tcp_nodelay_on_both_connections(proxy_factory, fleet):
     client_side = [c for c in conns if c.laddr.port == proxy.port]
     backend_side = [c for c in conns if c.raddr and c.raddr.port == fleet["b1"].port]
     assert len(client_side) == 1 and len(backend_side) == 1
+    from referral_proxy.backend import KEEPIDLE
+
     for c in client_side + backend_side:
         assert _socket_option(proxy.pid, c.fd, socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        # keepalive: a vanished peer is found, its session and backends closed
+        assert _socket_option(proxy.pid, c.fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+        assert _socket_option(proxy.pid, c.fd, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPIDLE
     w.close()
 
 
