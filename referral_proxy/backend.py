@@ -45,6 +45,9 @@ log = Logger()
 # has to fit in memory: a SEARCH answer of a mailbox with millions of messages
 # is the longest thing a backend sends without a literal.
 BACKEND_MAX_LINE = 64 * 1024 * 1024
+# Greeting, STARTTLS and login together may take this many connect_timeouts
+# (a refused login alone costs Dovecot's auth delay, up to a few seconds).
+LOGIN_TIMEOUT_FACTOR = 3
 
 
 class BackendError(Exception):
@@ -460,18 +463,11 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
         log.warn("backend {name}: cannot connect: {why}", name=config.name, why=_why(e))
         raise BackendUnavailable(f"backend {config.name} unreachable") from e
     try:
-        greeting_d = proto.greeting
-        greeting_d.addTimeout(config.connect_timeout, reactor)
-        greeting = await greeting_d
-        if greeting.status != "OK":
-            raise BackendUnavailable(f"backend {config.name} greeted with {greeting.status}")
-        if config.tls == "starttls":
-            await _starttls(proto, config)
-        if not proto.capabilities:
-            await _ok(proto, b"CAPABILITY")
-        await _login(proto, credentials)
-        if not proto.capabilities or _has_pre_login_only(proto.capabilities):
-            await _ok(proto, b"CAPABILITY")
+        # The whole conversation up to a logged-in connection is bounded: a backend that
+        # accepts but never answers must not hold the client's LOGIN (or SELECT) forever.
+        setup = defer.ensureDeferred(_set_up(proto, config, credentials))
+        setup.addTimeout(LOGIN_TIMEOUT_FACTOR * config.connect_timeout, reactor)
+        await setup
         return proto
     except AuthenticationFailed:
         proto.logout()
@@ -484,6 +480,20 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
         log.warn("backend {name}: {why}", name=config.name, why=_why(e))
         proto.transport.abortConnection()
         raise BackendUnavailable(f"backend {config.name} unavailable") from e
+
+
+async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials) -> None:
+    """Greeting, STARTTLS, capabilities, login."""
+    greeting = await proto.greeting
+    if greeting.status != "OK":
+        raise BackendUnavailable(f"backend {config.name} greeted with {greeting.status}")
+    if config.tls == "starttls":
+        await _starttls(proto, config)
+    if not proto.capabilities:
+        await _ok(proto, b"CAPABILITY")
+    await _login(proto, credentials)
+    if not proto.capabilities or _has_pre_login_only(proto.capabilities):
+        await _ok(proto, b"CAPABILITY")
 
 
 def _why(e: BaseException) -> str:

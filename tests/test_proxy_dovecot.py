@@ -419,3 +419,40 @@ def test_runs_under_twistd_and_says_bye_on_sigterm(proxy_factory, fleet, tmp_pat
         if twistd.poll() is None:
             twistd.kill()
             twistd.wait()
+
+
+@pytest.mark.parametrize("greets", [False, True], ids=["silent", "greets-then-silent"])
+def test_a_backend_that_never_answers_does_not_hold_the_login(proxy_factory, greets):
+    """A fake backend (Dovecot will not hang on purpose): accepts, maybe greets, then says nothing."""
+    from referral_proxy.testing.dovecot import free_port
+
+    port = free_port("127.0.0.5")
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.5", port))
+    server.listen(8)
+    held = []
+
+    def serve():
+        try:
+            while True:
+                conn, _ = server.accept()
+                held.append(conn)
+                if greets:
+                    conn.sendall(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+] mute\r\n")
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        proxy = proxy_factory({"backends": {"mute": {"endpoint": f"tcp:host=127.0.0.5:port={port}",
+                                                     "url": f"imap://127.0.0.5:{port}", "connect_timeout": 1}},
+                               "map": {"default": "mute"}})
+        w = Wire(proxy.host, proxy.port, timeout=30)
+        assert w.cmd(b"a", b"LOGIN alice secret") == [b"a NO [UNAVAILABLE] Mail server temporarily unavailable\r\n"]
+        assert w.cmd(b"b", b"NOOP") == [b"b OK NOOP completed.\r\n"]
+        w.close()
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
