@@ -172,6 +172,10 @@ class AppendCommand:
             self.conn.write(prefix + b"\r\n")
             return
         self.messages += 1
+        if self.conn.closed:  # lost between two messages: what was saved is rolled back
+            framer.reject_literal()
+            return self._cancel(b"%s NO [UNAVAILABLE] Mail server connection lost; nothing was appended\r\n"
+                                % self.tag)
         if self.messages > self.limits.max_append_messages:
             framer.reject_literal()
             return self._cancel(b"%s NO [LIMIT] Too many messages in one APPEND (limit %d); nothing was appended\r\n"
@@ -237,7 +241,7 @@ class AppendCommand:
         if self.mode == "emulate":
             self._maybe_finish()
             return
-        if not self.started:
+        if not self.started or self.conn.closed:
             self._answer(answer)
             return
         # RFC 3502: a zero-length literal makes the server fail the whole command. A

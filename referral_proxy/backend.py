@@ -312,7 +312,11 @@ class BackendProtocol(Protocol):
         return next(self._tags)
 
     def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None]) -> None:
-        """Register the completion callback of a command the caller writes itself."""
+        """Register the completion callback of a command the caller writes itself.
+
+        On a connection already closed nothing would ever call it back: refuse."""
+        if self.closed:
+            raise BackendUnavailable(f"backend {self.name} closed the connection")
         self._pending[tag] = _Pending(on_done)
 
     @property

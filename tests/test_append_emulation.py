@@ -83,3 +83,18 @@ def test_backend_without_literal_plus_gets_each_message_announced():
     h.from_backend(b"rp1 OK [APPENDUID 3 4] ok\r\n")
     rollback = h.backend
     assert rollback.transport.value() == b"rp1 SELECT Box\r\n"
+
+
+def test_home_backend_lost_mid_emulated_append_rolls_back_what_was_saved():
+    h = SessionHarness(connector=FakeConnector(capabilities=NO_MULTIAPPEND))
+    h.login()
+    conn = h.backend
+    h.send(b"a APPEND Box {3+}\r\nabc")
+    h.from_backend(b"rp1 OK [APPENDUID 7 10] done\r\n")
+    conn.connectionLost(Failure(ConnectionError("gone")))
+    assert h.to_client().endswith(b"* BYE Mail server connection lost\r\n")
+    h.session.connectionLost(Failure(ConnectionError("closed after the BYE")))
+    # The message saved before the loss is removed, by UID, on a connection of its own.
+    rollback = h.backend
+    assert rollback is not conn
+    assert rollback.transport.value() == b"rp1 SELECT Box\r\n"

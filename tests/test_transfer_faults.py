@@ -138,3 +138,18 @@ def test_a_lost_backend_releases_the_back_pressure_it_put_on_the_client():
     assert h.client.producerState == "paused"
     producer.stopProducing()  # the backend's connection is lost
     assert h.client.producerState == "producing"
+
+
+def test_destination_lost_before_the_append_starts_gets_an_answer():
+    from twisted.python.failure import Failure
+
+    h, src = _selected(1)
+    h.send(b"c COPY 1 Shared/X\r\n")
+    src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
+    dst = h.backend
+    dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
+    dst.connectionLost(Failure(ConnectionError("destination gone")))  # before any APPEND
+    src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\nrp3 OK\r\n')
+    assert h.to_client() == b"c NO [UNAVAILABLE] Mail server temporarily unavailable\r\n"
+    h.send(b"n NOOP\r\n")
+    assert src.transport.value().endswith(b" NOOP\r\n")
