@@ -59,9 +59,12 @@ def pre_login(*, tls_available: bool, tls_active: bool, plaintext_allowed: bool,
     return caps
 
 
-def post_login(backend_caps: Iterable[str]) -> list[str]:
-    """The proxy's own capabilities followed by the relayable ones of the home backend."""
-    caps = list(PROXY_OWN)
+def post_login(backend_caps: Iterable[str], *, mailbox_referrals: bool = True) -> list[str]:
+    """The proxy's own capabilities followed by the relayable ones of the home backend.
+
+    Without referrals (``referrals = "never"``) MAILBOX-REFERRALS is not announced:
+    a proxy that never refers should not invite RLIST."""
+    caps = [c for c in PROXY_OWN if mailbox_referrals or c != "MAILBOX-REFERRALS"]
     seen = {c.upper() for c in caps}
     for cap in backend_caps:
         up = cap.upper()

@@ -413,7 +413,8 @@ class ClientSession(Protocol):
 
     def _post_login_caps(self) -> list[str]:
         conn = self._conns.get(self.home or "")
-        caps = capabilities.post_login(sorted(conn.capabilities) if conn is not None else [])
+        caps = capabilities.post_login(sorted(conn.capabilities) if conn is not None else [],
+                                       mailbox_referrals=self.config.proxy.referrals != "never")
         # A cross-server MOVE removes the source messages by UID: no MOVE if a backend lacks UIDPLUS.
         if any("UIDPLUS" not in c for c in self.ctx.backend_caps.values()):
             caps = [c for c in caps if c.upper() != "MOVE"]

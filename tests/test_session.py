@@ -293,3 +293,14 @@ def test_too_big_first_message_sends_nothing_to_the_backend():
     assert h.to_client() == b"a1 NO [TOOBIG] Message too large (limit 10 bytes); nothing was appended\r\n"
     sent = h.to_backend()
     assert b"APPEND" not in sent and sent.endswith(b" NOOP\r\n")
+
+
+def test_never_mode_announces_no_mailbox_referrals():
+    h = SessionHarness(minimal_config(referrals="never"))
+    assert b"MAILBOX-REFERRALS" not in h.to_client()
+    h.send(b"L LOGIN alice secret\r\n")
+    assert b"MAILBOX-REFERRALS" not in h.to_client()
+    h2 = SessionHarness()
+    h2.login()
+    h2.send(b"c CAPABILITY\r\n")
+    assert b" MAILBOX-REFERRALS " in h2.to_client()
