@@ -108,3 +108,22 @@ def test_bad_config_is_one_clear_line(tmp_path, edit, message, runner):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_deploy_example_config_is_valid(tmp_path):
+    """deploy/proxy.toml.example loads, with its files pointed at real (throwaway) ones."""
+    from twisted.internet import reactor
+
+    from referral_proxy.service import check_endpoints
+    from referral_proxy.testing.dovecot import make_tls_material
+
+    tls = make_tls_material(tmp_path / "tls", ["127.0.0.1"])
+    example = (Path(__file__).parent.parent / "deploy" / "proxy.toml.example").read_text()
+    text = (example.replace("/etc/referral-proxy/key.pem", str(tls.key))
+                   .replace("/etc/referral-proxy/cert.pem", str(tls.cert))
+                   .replace("/etc/referral-proxy/backend-ca.pem", str(tls.ca_cert))
+                   .replace("/var/lib/referral-proxy/map.sqlite3", str(tmp_path / "map.sqlite3")))
+    config = load_config(write(tmp_path, text), check_endpoints=lambda c: check_endpoints(c, reactor))
+    assert config.proxy.allow_plaintext_login is False
+    assert config.backends["mail2"].master_user == "proxy-master"
+    assert MailboxMap(config.map).lookup("alice", "Shared/Team").backends == ("mail2",)
