@@ -110,6 +110,13 @@ class RawIMAP:
         the answer are skipped.  Raises unless the answer is OK (with *check*)."""
         tag = self.next_tag()
         self.sock.sendall(tag + b" " + text + b"\r\n")
+        line, untagged = self.read_tagged(tag)
+        if check and not line.startswith(tag + b" OK"):
+            raise ProtocolError(f"{self.label}: {text[:40]!r} failed: {line!r}")
+        return line, untagged
+
+    def read_tagged(self, tag: bytes) -> tuple[bytes, list[bytes]]:
+        """Read to the tagged reply of *tag* (literals in untagged responses skipped)."""
         untagged: list[bytes] = []
         while True:
             line = self._line()
@@ -120,8 +127,6 @@ class RawIMAP:
                     self._fill()
                 del self.buf[:need]
             if line.startswith(tag + b" "):
-                if check and not line.startswith(tag + b" OK"):
-                    raise ProtocolError(f"{self.label}: {text[:40]!r} failed: {line!r}")
                 return line, untagged
             untagged.append(line)
 

@@ -98,21 +98,6 @@ _MOVED = re.compile(r"(\d+) mailbox\(es\), (\d+) message\(s\), ([0-9.]+) MB in (
 class Client(RawIMAP):
     """The shared raw client (bench/_common.py) plus what this benchmark does."""
 
-    def read_tagged(self, tag: bytes) -> tuple[bytes, list[bytes]]:
-        """Read to the tagged reply of *tag* (literals in untagged responses skipped)."""
-        untagged: list[bytes] = []
-        while True:
-            line = self._line()
-            m = ANNOUNCE.search(line)
-            if m:
-                need = int(m.group(1))
-                while len(self.buf) < need:
-                    self._fill()
-                del self.buf[:need]
-            if line.startswith(tag + b" "):
-                return line, untagged
-            untagged.append(line)
-
     def examine(self, mailbox: str) -> int:
         _, untagged = self.command(b"EXAMINE " + quote(mailbox))
         for line in untagged:

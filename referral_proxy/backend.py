@@ -157,7 +157,6 @@ class BackendProtocol(Protocol):
         self._current: str | None = None
         self._current_tagged: list[bytes] = []
         self._current_start: ResponseStart | None = None
-        self._lost_waiters: list[defer.Deferred[None]] = []
 
     # -- Twisted ------------------------------------------------------------
 
@@ -184,9 +183,6 @@ class BackendProtocol(Protocol):
             p.on_done(_LOST, b"")
         if self.sink is not None:
             self.sink.backend_lost(self, reason)
-        for d in self._lost_waiters:
-            d.callback(None)
-        self._lost_waiters.clear()
 
     # -- reading responses ----------------------------------------------------
 
@@ -355,13 +351,12 @@ class BackendProtocol(Protocol):
         self.transport.write(tag + b" " + text + b"\r\n")
         return d
 
-    def when_lost(self) -> defer.Deferred[None]:
-        """Fires once the connection is closed."""
-        if self.closed:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._lost_waiters.append(d)
-        return d
+    def deselect(self) -> defer.Deferred[Tagged]:
+        """Leave the selected mailbox WITHOUT expunging it: UNSELECT, or else a failed
+        EXAMINE (RFC 3501 6.3.1), never CLOSE, which would expunge every \\Deleted message."""
+        if "UNSELECT" in self.capabilities:
+            return self.command(b"UNSELECT")
+        return self.command(b'EXAMINE "referral-proxy/no such mailbox"')
 
     def logout(self) -> None:
         """Say LOGOUT if the connection is between commands, then close it either way."""

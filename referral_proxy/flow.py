@@ -40,10 +40,6 @@ class ReadGate:
             if not self._reasons and not getattr(self._transport, "disconnected", False):
                 self._transport.resumeProducing()
 
-    @property
-    def paused(self) -> bool:
-        return bool(self._reasons)
-
     def pauseProducing(self) -> None:
         self.pause("peer")
 

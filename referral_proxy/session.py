@@ -830,10 +830,7 @@ class ClientSession(Protocol):
 
     async def _unselect(self, conn: BackendProtocol) -> None:
         """Leave the mailbox selected on *conn* without expunging it (never CLOSE)."""
-        if "UNSELECT" in conn.capabilities:
-            result = await conn.command(b"UNSELECT")
-        else:  # a failed EXAMINE deselects too (RFC 3501 6.3.1)
-            result = await conn.command(b'EXAMINE "referral-proxy/no such mailbox"')
+        result = await conn.deselect()
         for r in result.responses:
             if r.start.code != "CLOSED":
                 self._out.write(conn, r.raw)

@@ -432,7 +432,7 @@ class Mover:
         if (len(sizes), sum(sizes)) != want:
             raise TransferError(f"verification failed for {mailbox.decode('utf-8', 'replace')}: "
                                 f"{len(sizes)} messages / {sum(sizes)} bytes on {dst.name}, expected {want[0]} / {want[1]}")
-        await _ok(dst, b"UNSELECT" if "UNSELECT" in dst.capabilities else b"CLOSE", "UNSELECT")
+        await dst.deselect()
 
     async def _roll_back(self, entry: JournalEntry) -> None:
         """Before the commit point: delete what was created on the destination (children first).
@@ -503,7 +503,6 @@ class Mover:
         recovery never copies it again."""
         data = entry.data
         old_b = old.encode("utf-8", "surrogateescape")
-        unselect = b"UNSELECT" if "UNSELECT" in src.capabilities else b"CLOSE"
         for _attempt in range(10):
             last = max(copied.get(old) or [0])
             delta = await self._copy_mailbox(src, old, dst, new, after_uid=last)
@@ -520,7 +519,7 @@ class Mover:
                 await expunge_uids(src, copied[old])
                 status = await _ok(src, b"UID SEARCH ALL", "SEARCH")
                 left = sum(len(r.start.rest.split()) for r in status.responses if r.start.name == "SEARCH")
-            await _ok(src, unselect, "UNSELECT")
+            await src.deselect()  # never CLOSE: it would expunge \Deleted mail that was not copied
             if left <= 0:
                 break
             # Something arrived after the last copy: take it along, then try again.
