@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import base64
 import ctypes
+import json
 import math
 import os
 import platform
 import random
-import json
 import re
 import shutil
 import signal
@@ -20,8 +20,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -246,7 +246,7 @@ class ProxyProcess:
     ``[map]`` section's ``default`` (``[[map.rules]]`` tables may follow there).
     """
 
-    def __init__(self, workdir: Path, backends: "Dovecot | Mapping[str, Dovecot]", *,
+    def __init__(self, workdir: Path, backends: Dovecot | Mapping[str, Dovecot], *,
                  proxy_extra: str = "", backend_extra: str = "", map_extra: str = "") -> None:
         self.workdir = workdir
         self.port = free_port(PROXY_HOST)
@@ -380,8 +380,8 @@ def environment() -> dict:
 
 def suspicious_lines(log_text: str) -> list[str]:
     """Lines of the proxy's log that deserve a look."""
-    return [l for l in log_text.splitlines()
-            if "Traceback" in l or "[-] Unhandled" in l or "CRITICAL" in l or "error" in l.lower()]
+    return [line for line in log_text.splitlines()
+            if "Traceback" in line or "[-] Unhandled" in line or "CRITICAL" in line or "error" in line.lower()]
 
 
 # ----------------------------------------------------------------------------- run life cycle
@@ -472,7 +472,7 @@ class Harness:
             c.close()
         self.clients.clear()
 
-    def __enter__(self) -> "Harness":
+    def __enter__(self) -> Harness:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -40,7 +40,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    report,
     IO_TIMEOUT,
     USER,
     Dovecot,
@@ -55,6 +54,7 @@ from _common import (  # noqa: E402
     log,
     make_message,
     render_table,
+    report,
     run_cli,
 )
 

@@ -32,7 +32,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    report,
     USER,
     Dovecot,
     Harness,
@@ -46,6 +45,7 @@ from _common import (  # noqa: E402
     percentile,
     quote,
     render_table,
+    report,
     run_cli,
 )
 from _common import RawIMAP as _RawIMAP  # noqa: E402

@@ -47,7 +47,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    report,
     ANNOUNCE,
     REPO_ROOT,
     USER,
@@ -65,12 +64,12 @@ from _common import (  # noqa: E402
     make_message,
     quote,
     render_table,
+    report,
     run_cli,
 )
 
 from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER  # noqa: E402
 from referral_proxy.transfer import BATCH_MESSAGES  # noqa: E402
-
 
 BACKENDS = (("b1", "127.0.0.2"), ("b2", "127.0.0.3"))
 SOURCE = "Big"

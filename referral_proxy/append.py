@@ -89,7 +89,7 @@ class _Part:
 class AppendCommand:
     """One APPEND from the client, from its first fragment to the client's answer."""
 
-    session: "ClientSession"
+    session: ClientSession
     tag: bytes
     conn: BackendProtocol
     mailbox_token: bytes  # as the client sent it (atom, quoted or re-quoted literal)

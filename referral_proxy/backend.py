@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import itertools
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol as TypingProtocol
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
@@ -61,7 +62,7 @@ class BackendUnavailable(BackendError):
 class AuthenticationFailed(BackendError):
     """The backend refused the credentials; carries its tagged response."""
 
-    def __init__(self, response: "Tagged") -> None:
+    def __init__(self, response: Tagged) -> None:
         super().__init__(response.start.text.decode("utf-8", "replace"))
         self.response = response
 
@@ -106,10 +107,10 @@ class Tagged:
 class ResponseSink(TypingProtocol):
     """Receives the untagged responses of a backend a session relays."""
 
-    def untagged(self, backend: "BackendProtocol", start: ResponseStart | None, data: bytes, end: bool) -> None:
+    def untagged(self, backend: BackendProtocol, start: ResponseStart | None, data: bytes, end: bool) -> None:
         """Raw bytes of an untagged response; *start* is given with its first chunk."""
 
-    def backend_lost(self, backend: "BackendProtocol", reason: Failure) -> None:
+    def backend_lost(self, backend: BackendProtocol, reason: Failure) -> None:
         """The connection is gone."""
 
 

@@ -8,7 +8,7 @@ behind the proxy's back (UNAUTHENTICATE), or is answered by the proxy itself.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["pre_login", "post_login", "PROXY_OWN"]
 

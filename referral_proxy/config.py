@@ -7,9 +7,10 @@ can print a single clear line and exit non-zero instead of a traceback.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -184,7 +185,7 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
     if parts.scheme != "imap" or not parts.hostname:
         raise ConfigError(f"{where}.url: must look like imap://host[:port], not {url!r}")
     try:
-        parts.port
+        _ = parts.port  # raises on a bad port
     except ValueError:
         raise ConfigError(f"{where}.url: bad port in {url!r}") from None
     tls = _get(raw, where, "tls", str, default="none")

@@ -9,7 +9,8 @@ when several backends and the proxy itself write to it.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer

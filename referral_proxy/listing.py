@@ -9,8 +9,8 @@ here, to the merged names.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Sequence
 
 from .imap.command import Atom, ParenList, ParseError, String, parse_arguments
 from .imap.quoting import quoted

@@ -13,8 +13,8 @@ import time
 from typing import Any, TextIO
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config, ConfigError, load_config

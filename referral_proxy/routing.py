@@ -11,10 +11,11 @@ import json
 import re
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from .config import MapConfig
 

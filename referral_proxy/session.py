@@ -14,9 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
@@ -25,7 +26,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import __version__, capabilities, listing, referrals
-from .flow import AllBackends, Output, PeerPause, ReadGate
 from .append import AppendCommand, remove_appended, split_mailbox
 from .backend import (
     AuthenticationFailed,
@@ -37,6 +37,7 @@ from .backend import (
     tune_socket,
 )
 from .config import BackendConfig, Config
+from .flow import AllBackends, Output, PeerPause, ReadGate
 from .imap.command import (
     Atom,
     CommandStart,
@@ -74,7 +75,7 @@ class ProxyContext:
     reactor: Any
     connect: Connect
     server_tls: Any = None  # IOpenSSLServerConnectionCreator for STARTTLS, or None
-    sessions: set["ClientSession"] = field(default_factory=set)
+    sessions: set[ClientSession] = field(default_factory=set)
     backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 

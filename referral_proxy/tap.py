@@ -26,7 +26,7 @@ class Options(usage.Options):
         except ConfigError as e:
             # One clear line and a non-zero exit, not twistd's usage text or a traceback.
             sys.stderr.write(f"referral-proxy: configuration error: {e}\n")
-            raise SystemExit(2)
+            raise SystemExit(2) from None
 
 
 def makeService(options: Options) -> ProxyService:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -171,7 +171,7 @@ class Progress:
 
     messages: int = 0
     bytes: int = 0
-    on_message: Callable[["Progress"], None] | None = None
+    on_message: Callable[[Progress], None] | None = None
 
     def add(self, size: int) -> None:
         self.messages += 1

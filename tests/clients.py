@@ -44,12 +44,11 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import pytest
-
 from cyradm import RecordingRelay
 
 __all__ = [
@@ -257,7 +256,7 @@ def write_maildir(root: Path, folder: str, messages: Sequence[tuple[bytes, str]]
     d = root / folder if sep == "/" else root / ("." + folder.replace("/", "."))
     for sub in ("cur", "new", "tmp"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    for i, (body, flags) in enumerate(messages):
+    for _i, (body, flags) in enumerate(messages):
         n = next(_maildir_names)  # unique names, also when a folder is written twice
         name = f"{1700000000 + n}.M{n}P{os.getpid()}.test:2,{''.join(sorted(flags))}"
         (d / "cur" / name).write_bytes(body.replace(b"\r\n", b"\n"))
@@ -351,7 +350,7 @@ def finish(proc: subprocess.Popen, argv: Sequence[str], *, timeout: float = 60.0
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise AssertionError(f"timeout after {timeout}s: {' '.join(argv)}\n{out[-2000:]!r}\n{err[-2000:]!r}")
+        raise AssertionError(f"timeout after {timeout}s: {' '.join(argv)}\n{out[-2000:]!r}\n{err[-2000:]!r}") from None
     return Result(list(argv), proc.returncode, out, err, time.monotonic() - t0)
 
 
@@ -434,7 +433,7 @@ class Unprivileged:
     def own(self) -> None:
         """Give everything under the home to the unprivileged user."""
         if self.as_root:
-            for dirpath, dirnames, filenames in os.walk(self.home):
+            for dirpath, _dirnames, filenames in os.walk(self.home):
                 os.chown(dirpath, self.uid, self.gid)
                 for n in filenames:
                     os.chown(os.path.join(dirpath, n), self.uid, self.gid)

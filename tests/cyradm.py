@@ -136,8 +136,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 __all__ = [
     "CYRADM",
@@ -281,7 +281,7 @@ def run_cyradm(host: str, port: int, user: str, password: str, commands: Iterabl
             out = (e.stdout or b"").decode(errors="replace")
             err = (e.stderr or b"").decode(errors="replace")
             raise CyradmTimeout(f"cyradm did not finish within {timeout}s: {argv[:3]}... "
-                                f"{host}:{port}\n--- stdout ---\n{out}\n--- stderr ---\n{err}")
+                                f"{host}:{port}\n--- stdout ---\n{out}\n--- stderr ---\n{err}") from None
     return CyradmResult(proc.returncode, proc.stdout.decode(errors="replace"),
                         proc.stderr.decode(errors="replace"), argv)
 
@@ -316,7 +316,7 @@ _COMMAND = re.compile(rb"^([^\s(){%*\"\\\]+]+) ([A-Za-z][A-Za-z0-9-]*)")
 class RelayConnection:
     """One client connection through the relay and its backend connection."""
 
-    def __init__(self, relay: "RecordingRelay", client: socket.socket, server: socket.socket,
+    def __init__(self, relay: RecordingRelay, client: socket.socket, server: socket.socket,
                  number: int) -> None:
         self.relay = relay
         self.number = number
@@ -492,7 +492,7 @@ class RecordingRelay:
         while not self._stopped:
             try:
                 client, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -564,7 +564,7 @@ class RecordingRelay:
         for c in list(self.connections):
             c.close()
 
-    def __enter__(self) -> "RecordingRelay":
+    def __enter__(self) -> RecordingRelay:
         return self
 
     def __exit__(self, *exc) -> None:

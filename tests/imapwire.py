@@ -61,7 +61,7 @@ class Wire:
             try:
                 if not self.sock.recv(65536):
                     return True
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return True

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from clients import RULES, RecordingRelay, mailboxes, message, needs, seed, sha, stored
 
 _needs_alpine = needs("alpine", "alpine")

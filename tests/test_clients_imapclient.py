@@ -11,7 +11,6 @@ import datetime
 
 import imapclient
 import pytest
-
 from clients import RULES, RecordingRelay, appenduids, mailboxes, message, sha, stored, uid_count
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -20,7 +19,7 @@ FLAGS = [(), (b"\\Seen",), (b"\\Flagged", b"\\Seen"), (b"\\Answered",), (b"$Labe
 
 
 def _messages(n: int = 50):
-    base = datetime.datetime(2025, 3, 1, 8, 0, 0, tzinfo=datetime.timezone.utc)
+    base = datetime.datetime(2025, 3, 1, 8, 0, 0, tzinfo=datetime.UTC)
     return [{"msg": message(i, 200 + 97 * i), "flags": FLAGS[i % len(FLAGS)],
              "date": base + datetime.timedelta(minutes=17 * i)} for i in range(n)]
 

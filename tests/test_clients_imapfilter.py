@@ -14,7 +14,6 @@ password with a backslash cannot log in through the proxy (nor, correctly, at Do
 from __future__ import annotations
 
 import pytest
-
 from clients import (
     RULES,
     RecordingRelay,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from clients import (
     RULES,
     Mbox,

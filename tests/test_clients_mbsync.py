@@ -12,7 +12,6 @@ ends, so contents are compared without X-TUID and line-end differences.
 from __future__ import annotations
 
 import pytest
-
 from clients import (
     RULES,
     RecordingRelay,

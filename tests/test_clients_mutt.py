@@ -17,7 +17,6 @@ BODY.PEEK[HEADER.FIELDS (...)])``; saving or copying to another mailbox is
 from __future__ import annotations
 
 import pytest
-
 from clients import RULES, RecordingRelay, mailboxes, message, needs, run_in_pty, seed, sha, stored
 
 _needs = needs("mutt", "mutt")

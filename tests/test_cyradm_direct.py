@@ -13,7 +13,6 @@ import base64
 import os
 
 import pytest
-
 from cyradm import (
     RecordingRelay,
     ReferralRewriter,

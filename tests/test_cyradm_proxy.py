@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from cyradm import RecordingRelay, cyradm_available, parse_lm, run_cyradm
 
 RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"user": "bob", "mailbox": "*", "backend": "b2"}]

@@ -12,6 +12,7 @@ import time
 import tomllib
 
 import pytest
+from conftest import ProxyStartError, deep_merge, dovecot_root, parse_listen, toml_dumps
 
 from referral_proxy.testing.dovecot import (
     DEFAULT_USERS,
@@ -21,8 +22,6 @@ from referral_proxy.testing.dovecot import (
     DovecotError,
     make_tls_material,
 )
-
-from conftest import ProxyStartError, deep_merge, dovecot_root, parse_listen, toml_dumps
 
 MESSAGE = b"From: a@example.test\r\nSubject: fleet test\r\n\r\nHello.\r\n"
 

@@ -8,13 +8,12 @@ import re
 import time
 
 import pytest
-
-from referral_proxy.testing.dovecot import Dovecot
-
 from conftest import dovecot_root  # noqa: E402  (the limited backends below)
 from imapwire import Wire
-from procmem import reset_peak, rss
 from mailcheck import contents
+from procmem import reset_peak, rss
+
+from referral_proxy.testing.dovecot import Dovecot
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -102,7 +101,7 @@ def test_500_messages_in_one_command(proxy_factory, fleet):
     w.close()
     stored = _fetch_all(fleet["b1"], "alice", "Bulk")
     assert [s[0] for s in stored] == list(range(1, 501))
-    for i, (uid, flags, date, digest) in enumerate(stored):
+    for i, (_uid, flags, date, digest) in enumerate(stored):
         assert digest == hashlib.sha256(messages[i]).hexdigest(), i
         assert flags == set(flag_sets[i % 4].strip(b"()").split()), i
         assert date == time.mktime(imaplib.Internaldate2tuple(b"INTERNALDATE " + dates[i])), i

@@ -12,7 +12,6 @@ import time
 import imapclient
 import psutil
 import pytest
-
 from imapwire import Wire
 from procmem import reset_peak, rss
 

@@ -6,7 +6,6 @@ The map: everyone's Shared/* lives on b3, bob's home is b2, everything else on b
 from __future__ import annotations
 
 import pytest
-
 from imapwire import Wire
 
 pytestmark = pytest.mark.usefixtures("clean_mail")

@@ -6,10 +6,9 @@ import imaplib
 import ssl
 
 import pytest
+from imapwire import Wire
 
 from referral_proxy.testing.dovecot import free_port, make_tls_material
-
-from imapwire import Wire
 
 
 def test_backend_starttls_verified(proxy_factory, fleet):

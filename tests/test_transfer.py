@@ -8,12 +8,12 @@ import sys
 import time
 
 import pytest
+from imapwire import Wire
+from mailcheck import contents
+from mailcheck import same_messages as _same_messages
+from procmem import reset_peak, rss
 
 from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER, Dovecot
-
-from imapwire import Wire
-from procmem import reset_peak, rss
-from mailcheck import contents, same_messages as _same_messages
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 

@@ -8,10 +8,9 @@ import time
 
 import imapclient
 import pytest
+from imapwire import Wire
 
 from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER, free_port
-
-from imapwire import Wire
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 

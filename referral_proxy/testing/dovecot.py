@@ -36,9 +36,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 __all__ = [
     "DEFAULT_USERS",
@@ -115,7 +115,7 @@ def make_tls_material(directory: Path, ips: Sequence[str], *, dns_names: Sequenc
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_before = now - datetime.timedelta(hours=1)
     not_after = now + datetime.timedelta(days=days)
 
@@ -276,7 +276,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-_live: "set[Dovecot]" = set()  # started and not stopped: stopped at exit
+_live: set[Dovecot] = set()  # started and not stopped: stopped at exit
 
 
 @atexit.register
@@ -650,7 +650,7 @@ service anvil {{
                 raise DovecotError(f"Dovecot processes would not die: {left}")
             time.sleep(0.02)
 
-    def __enter__(self) -> "Dovecot":
+    def __enter__(self) -> Dovecot:
         self.start()
         return self
 
@@ -760,7 +760,7 @@ class Fleet:
 
     @classmethod
     def create(cls, root: Path, names_hosts: Sequence[tuple[str, str]] = DEFAULT_NAMES_HOSTS,
-               **dovecot_kw) -> "Fleet":
+               **dovecot_kw) -> Fleet:
         """Make the instances (not started)."""
         root = Path(root).absolute()
         root.mkdir(parents=True, exist_ok=True)
@@ -774,7 +774,7 @@ class Fleet:
 
     @classmethod
     def start_default(cls, root: Path, names_hosts: Sequence[tuple[str, str]] = DEFAULT_NAMES_HOSTS,
-                      **dovecot_kw) -> "Fleet":
+                      **dovecot_kw) -> Fleet:
         """Make and start the instances (b1 on 127.0.0.2, b2 on .3, b3 on .4 by default)."""
         fleet = cls.create(root, names_hosts, **dovecot_kw)
         try:
@@ -820,7 +820,7 @@ class Fleet:
     def __len__(self) -> int:
         return len(self.backends)
 
-    def __enter__(self) -> "Fleet":
+    def __enter__(self) -> Fleet:
         return self
 
     def __exit__(self, *exc) -> None:

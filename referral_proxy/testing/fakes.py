@@ -6,9 +6,10 @@ literal, death mid-response). Everything else is tested against real Dovecot.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
