@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = [
     "Atom",
     "CommandStart",
+    "MAX_DEPTH",
     "ParenList",
     "ParseError",
     "String",
@@ -116,6 +117,8 @@ class String:
     """The string contents, unescaped."""
     literal: bool = False
     """True if it was sent as a literal (so may hold any bytes)."""
+    binary: bool = False
+    """True if it was sent as a literal8 ``~{n}`` (RFC 3516), which may hold NUL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +187,18 @@ def _quoted(frag: bytes, pos: int) -> tuple[bytes, int]:
         pos += 2
 
 
-def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes]) -> list[Token]:
+#: Parenthesized lists nested deeper than this are refused (a line of "(((((" must not
+#: cost a stack frame per byte in whoever walks the tokens).
+MAX_DEPTH = 32
+
+
+def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes], *,
+                    binary: Sequence[bool] = ()) -> list[Token]:
     """Tokens of a collected command: fragments[i] is followed by literals[i].
 
     fragments[0] is CommandStart.rest, then each continuation Line.data;
-    len(fragments) must be len(literals) + 1.
+    len(fragments) must be len(literals) + 1. ``binary[i]`` marks literals[i] as a
+    literal8. Lists may nest MAX_DEPTH deep.
     """
     if len(fragments) != len(literals) + 1:
         raise ValueError("need exactly one more fragment than literals")
@@ -214,6 +224,8 @@ def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes]) -> li
             elif c == _LPAREN:
                 if adjacent:
                     raise ParseError("missing space between arguments")
+                if len(stack) > MAX_DEPTH:
+                    raise ParseError("lists nested too deeply")
                 stack.append([])
                 pos += 1
             elif c == _DQUOTE:
@@ -234,7 +246,8 @@ def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes]) -> li
         if index < last:
             if adjacent:
                 raise ParseError("missing space before literal")
-            stack[-1].append(String(literals[index], literal=True))
+            stack[-1].append(String(literals[index], literal=True,
+                                    binary=index < len(binary) and binary[index]))
             adjacent = True
     if len(stack) != 1:
         raise ParseError("unbalanced parentheses")
