@@ -117,6 +117,7 @@ class ResponseSink(TypingProtocol):
 @dataclass
 class _Pending:
     on_done: Callable[[ResponseStart, bytes], None]
+    on_lost: Callable[[Failure], None] | None  # None: told by on_done(LOST) (the old convention)
 
 
 @dataclass
@@ -181,7 +182,10 @@ class BackendProtocol(Protocol):
             self.greeting.errback(BackendUnavailable(f"connection closed before greeting: {reason.getErrorMessage()}"))
         pending, self._pending = self._pending, {}
         for p in pending.values():
-            p.on_done(_LOST, b"")
+            if p.on_lost is not None:
+                p.on_lost(reason)
+            else:
+                p.on_done(LOST, b"")
         if self.sink is not None:
             self.sink.backend_lost(self, reason)
 
@@ -308,13 +312,16 @@ class BackendProtocol(Protocol):
     def next_tag(self) -> bytes:
         return next(self._tags)
 
-    def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None]) -> None:
-        """Register the completion callback of a command the caller writes itself.
+    def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None],
+               on_lost: Callable[[Failure], None] | None = None) -> None:
+        """Register the callbacks of a command the caller writes itself: its tagged
+        completion (start, raw line with the proxy's tag), or the connection's loss.
+        Without *on_lost*, a loss calls on_done(LOST, b"") (the older convention).
 
-        On a connection already closed nothing would ever call it back: refuse."""
+        On a connection already closed nothing would ever call back: refuse."""
         if self.closed:
             raise BackendUnavailable(f"backend {self.name} closed the connection")
-        self._pending[tag] = _Pending(on_done)
+        self._pending[tag] = _Pending(on_done, on_lost)
 
     @property
     def busy(self) -> bool:
@@ -341,12 +348,13 @@ class BackendProtocol(Protocol):
 
         def done(start: ResponseStart, raw: bytes) -> None:
             self.capture = None
-            if start is _LOST:
-                d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
-            else:
-                d.callback(Tagged(start, raw, tuple(captured)))
+            d.callback(Tagged(start, raw, tuple(captured)))
 
-        self._pending[tag] = _Pending(done)
+        def lost(_reason: Failure) -> None:
+            self.capture = None
+            d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
+
+        self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
             self.on_continuation = on_continuation
         self.transport.write(tag + b" " + text + b"\r\n")
@@ -369,8 +377,9 @@ class BackendProtocol(Protocol):
         self.transport.loseConnection()
 
 
-_LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=b"", text=b"connection lost",
-                      name=None, number=None, rest=b"")
+# What on_done receives, for callers that registered no on_lost, when the connection is lost.
+LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=b"", text=b"connection lost",
+                     name=None, number=None, rest=b"")
 
 
 def wire_tail(line: Line) -> bytes:

@@ -18,8 +18,9 @@ from twisted.logger import Logger
 
 from .backend import Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
+from .context import ProxyContext
 from .routing import MailboxMap, open_store
-from .session import ClientSession, ProxyContext
+from .session import ClientSession
 
 __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
 
@@ -133,7 +134,8 @@ class ProxyService(MultiService):
         self.mailbox_map.close()
 
     def reload(self, path: str | None = None) -> None:
-        """SIGHUP: read the file again and apply the map rules; a bad file changes nothing."""
+        """SIGHUP: read the file again; backends and map rules change together, for new
+        commands of every session (its own connections stay). A bad file changes nothing."""
         path = path or (str(self.config.path) if self.config.path else None)
         if path is None:
             return
@@ -142,5 +144,9 @@ class ProxyService(MultiService):
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: {why}", why=str(e))
             return
-        self.mailbox_map.reconfigure(config.map)
-        log.info("reloaded map rules from {path}", path=path)
+        if config.proxy.listen != self.config.proxy.listen:
+            log.warn("reload: [proxy] listen changes need a restart; still listening on {listen}",
+                     listen=", ".join(self.config.proxy.listen))
+        self.context.reload(config)
+        self.config = config
+        log.info("reloaded backends and map rules from {path}", path=path)
