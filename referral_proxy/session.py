@@ -276,13 +276,13 @@ class ClientSession(Protocol):
         spec = COMMANDS.get(start.name)
         if spec is None:
             return Refusal("BAD", f"Unknown command {start.name}")
-        if self.phase is Phase.NOT_AUTHENTICATED:
-            if State.NOT_AUTHENTICATED in spec.states:
-                return spec.grammar
-            return Refusal("BAD", f"{start.name} is not allowed before login")
-        if spec.states == PRE:
-            return Refusal("BAD", f"{start.name} is not allowed after login")
-        return STREAMED if spec.routing is Routing.STREAMED else spec.grammar
+        if self.phase is not Phase.NOT_AUTHENTICATED:
+            if spec.states is PRE:
+                return Refusal("BAD", f"{start.name} is not allowed after login")
+            return STREAMED if spec.routing is Routing.STREAMED else spec.grammar
+        if State.NOT_AUTHENTICATED in spec.states:
+            return spec.grammar
+        return Refusal("BAD", f"{start.name} is not allowed before login")
 
     def run(self, tag: bytes, work: Coroutine[Any, Any, None]) -> None:
         """Handle a command that must wait (a connection, a quiet backend): input pauses meanwhile."""

@@ -131,11 +131,12 @@ class ParenList:
 
 Token = Atom | String | ParenList
 
-# An atom-like run stops at SP ( ) DQUOTE CR LF NUL, and at "[" to take a section whole.
-_ATOM_RUN = re.compile(rb'[^ ()"\r\n\x00\[]*')
-_BRACKETS = re.compile(rb"[\[\]\r\n\x00]")
+# An atom-like run stops at SP ( ) DQUOTE and control characters, and at "[" to take a
+# section whole; a control character is in no atom (CR, LF, NUL could end a line).
+_ATOM_RUN = re.compile(rb'[^ ()"\x00-\x1f\x7f\[]*')
+_BRACKETS = re.compile(rb"[\[\]\x00-\x1f\x7f]")
 _QUOTED_RUN = re.compile(rb'[^"\\\r\n\x00]*')
-_LPAREN, _RPAREN, _DQUOTE, _BACKSLASH, _LBRACKET = b'()"\\['
+_LPAREN, _RPAREN, _DQUOTE, _BACKSLASH, _LBRACKET, _LBRACE = b'()"\\[{'
 
 
 def _atom_end(frag: bytes, pos: int) -> int:
@@ -159,7 +160,7 @@ def _atom_end(frag: bytes, pos: int) -> int:
                     pos = m.end()
                     break
             else:
-                pos += 1  # CR, LF or NUL before the "]": the "[" matches nothing
+                pos += 1  # a control character before the "]": the "[" matches nothing
                 break
         else:
             pos += 1
@@ -238,6 +239,8 @@ def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes], *,
                 end = _atom_end(frag, pos)
                 if end == pos:
                     raise ParseError("invalid character in arguments")
+                if c == _LBRACE:  # "{5}" mid-line: never an atom, never a literal
+                    raise ParseError("invalid atom")
                 if adjacent:
                     raise ParseError("missing space between arguments")
                 stack[-1].append(Atom(frag[pos:end]))

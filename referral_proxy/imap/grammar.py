@@ -45,6 +45,8 @@ class Grammar:
 
     slots: tuple[tuple[Slot, str], ...]
     text: str
+    takes_arguments: bool
+    names: bool  # some argument is a name (re-encoded as a canonical astring)
 
     @classmethod
     def parse(cls, text: str) -> Grammar:
@@ -52,11 +54,7 @@ class Grammar:
         for word in text.split():
             repeat = word[-1] if word[-1] in "?*+" else ""
             slots.append((Slot(word.rstrip("?*+")), repeat))
-        return cls(tuple(slots), text)
-
-    @property
-    def takes_arguments(self) -> bool:
-        return bool(self.slots)
+        return cls(tuple(slots), text, bool(slots), any(s in NAMES for s, _ in slots))
 
     def has(self, slot: Slot) -> bool:
         return any(s is slot for s, _ in self.slots)
@@ -68,6 +66,7 @@ class Arguments:
 
     tokens: tuple[Token, ...]
     slots: tuple[Slot, ...]
+    text: bytes | None = None  # the client's text, when it is byte for byte the canonical encoding
 
     def value(self, slot: Slot) -> bytes | None:
         """The value of the first argument in *slot* (an astring), or None."""
@@ -81,7 +80,6 @@ class Arguments:
 
 
 _SEQSET = re.compile(rb"\$|[0-9*]+(?::[0-9*]+)?(?:,[0-9*]+(?::[0-9*]+)?)*")
-_CTL = re.compile(rb"[\x00-\x1f\x7f]")
 _ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f()"]')
 
 
@@ -106,8 +104,12 @@ def _is_astring(tok: Token) -> bool:
     return isinstance(tok, Atom) and _ASTRING_ATOM_BAD.search(tok.value) is None
 
 
-def match(grammar: Grammar, tokens: Sequence[Token]) -> Arguments:
-    """The tokens bound to the grammar's slots; ParseError (for ``tag BAD``) if they do not fit."""
+def match(grammar: Grammar, tokens: Sequence[Token], text: bytes | None = None) -> Arguments:
+    """The tokens bound to the grammar's slots; ParseError (for ``tag BAD``) if they do not fit.
+
+    *text*: what the tokens were parsed from (no literals). When no argument is a name
+    and it is spaced canonically, it IS the canonical encoding (atoms are written as
+    they are, a quoted string has one form): encode() then reuses it."""
     kinds: list[Slot] = []
     i, n = 0, len(tokens)
     for slot, repeat in grammar.slots:
@@ -119,6 +121,9 @@ def match(grammar: Grammar, tokens: Sequence[Token]) -> Arguments:
             kinds.append(slot)
             i += 1
         if repeat in ("*", "+"):
+            if slot is Slot.ANY:  # takes the rest, whatever it is (SEARCH keys, FETCH items)
+                kinds.extend([slot] * (n - i))
+                i = n
             while i < n and _fits(tokens[i], slot):
                 kinds.append(slot)
                 i += 1
@@ -127,21 +132,15 @@ def match(grammar: Grammar, tokens: Sequence[Token]) -> Arguments:
             i += 1
     if i != n:
         raise ParseError("too many arguments" if grammar.slots else "no arguments expected")
-    _check_atoms(tokens)
-    return Arguments(tuple(tokens), tuple(kinds))
+    if text is not None and (grammar.names or not _canonical_spacing(text)):
+        text = None
+    return Arguments(tuple(tokens), tuple(kinds), text)
 
 
-def _check_atoms(tokens: Sequence[Token]) -> None:
-    """Atoms carry no control characters and never start like a literal."""
-    stack = [iter(tokens)]
-    while stack:
-        tok = next(stack[-1], None)
-        if tok is None:
-            stack.pop()
-        elif isinstance(tok, ParenList):
-            stack.append(iter(tok.items))
-        elif isinstance(tok, Atom) and (tok.value[:1] == b"{" or _CTL.search(tok.value) is not None):
-            raise ParseError("invalid atom")
+def _canonical_spacing(text: bytes) -> bool:
+    """One space between tokens, none inside parentheses' edges (quoted text may fail it: no harm)."""
+    return (b"  " not in text and b"( " not in text and b" )" not in text
+            and text[:1] != b" " and text[-1:] != b" ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,35 +177,41 @@ def encode_astring(value: bytes) -> bytes | None:
 
 def encode(args: Arguments) -> Encoded:
     """Write the arguments again from their tokens, canonically: names as astrings,
-    atoms as they are, strings quoted or as literals (as the client sent them)."""
+    atoms as they are (the parser lets no control character or "{" start into one),
+    strings quoted or as literals (as the client sent them)."""
+    if args.text is not None:  # already canonical (see match)
+        return Encoded((args.text,), ())
+    tokens = args.tokens
     fragments: list[bytes] = []
     literals: list[String] = []
     out = bytearray()
-
-    def emit(tok: Token, name: bool) -> None:
-        if isinstance(tok, Atom) and not name:
-            out.extend(tok.value)
-        elif isinstance(tok, ParenList):
-            out.extend(b"(")
-            for k, item in enumerate(tok.items):
-                if k:
-                    out.extend(b" ")
-                emit(item, name)
-            out.extend(b")")
-        else:
-            value = tok.value
-            text = encode_astring(value) if name else (
-                encode_quoted(value) if isinstance(tok, String) and not tok.literal else None)
-            if text is not None:
-                out.extend(text)
-            else:
-                fragments.append(bytes(out))
-                out.clear()
-                literals.append(tok if isinstance(tok, String) and tok.literal else String(value, literal=True))
-
-    for k, (tok, slot) in enumerate(zip(args.tokens, args.slots)):
+    for k, (tok, slot) in enumerate(zip(tokens, args.slots)):
         if k:
-            out.extend(b" ")
-        emit(tok, slot in NAMES)
+            out += b" "
+        _emit(tok, slot in NAMES, out, fragments, literals)
     fragments.append(bytes(out))
     return Encoded(tuple(fragments), tuple(literals))
+
+
+def _emit(tok: Token, name: bool, out: bytearray, fragments: list[bytes], literals: list[String]) -> None:
+    if type(tok) is Atom and not name:
+        out += tok.value
+    elif type(tok) is ParenList:
+        out += b"("
+        for k, item in enumerate(tok.items):
+            if k:
+                out += b" "
+            _emit(item, name, out, fragments, literals)
+        out += b")"
+    else:
+        value = tok.value  # type: ignore[union-attr]
+        if name:
+            text = encode_astring(value)
+        else:
+            text = encode_quoted(value) if not tok.literal else None  # type: ignore[union-attr]
+        if text is not None:
+            out += text
+        else:
+            fragments.append(bytes(out))
+            out.clear()
+            literals.append(tok if isinstance(tok, String) and tok.literal else String(value, literal=True))

@@ -309,6 +309,13 @@ class CommandReader:
                 return self._refuse(line.literal, start.tag, "BAD", f"{start.name} takes no arguments")
             self._start = None
             return Command(start.tag, start.name, _NO_ARGUMENTS)
+        if line.literal is None:  # the whole command in one line: the common case
+            self._start = None
+            try:
+                args = match(admission, parse_arguments([start.rest], []), start.rest)
+            except ParseError as e:
+                return Refused(start.tag, "BAD", f"Invalid arguments: {e}")
+            return Command(start.tag, start.name, args)
         self._grammar = admission
         self._state = _COLLECT
         self._size = len(line.data)
@@ -355,7 +362,8 @@ class CommandReader:
         self._reset_command()
         assert grammar is not None
         try:
-            args = match(grammar, parse_arguments(fragments, literals, binary=binary))
+            args = match(grammar, parse_arguments(fragments, literals, binary=binary),
+                         None if literals else fragments[0])
         except ParseError as e:
             return Refused(start.tag, "BAD", f"Invalid arguments: {e}")
         return Command(start.tag, start.name, args)

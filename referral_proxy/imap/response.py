@@ -143,12 +143,14 @@ def parse_response_start(data: bytes) -> ResponseStart:
 
 def replace_tag(data: bytes, new_tag: bytes) -> bytes:
     """The tagged line ``data`` with its tag replaced: b"p7 OK done" -> b"A1 OK done"."""
-    m = _TAG.match(data)
-    if m is None or (m.end() < len(data) and data[m.end()] != _SP):
+    end = data.find(b" ")
+    if end < 0:
+        end = len(data)
+    if not end or _TAG.fullmatch(data, 0, end) is None:
         raise ParseError("not a tagged line")
     if _TAG.fullmatch(new_tag) is None:
         raise ValueError("invalid tag %r" % (new_tag,))
-    return new_tag + data[m.end() :]
+    return new_tag + data[end:]
 
 
 def completion_text(start: ResponseStart) -> str:
