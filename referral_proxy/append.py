@@ -29,6 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -37,10 +38,21 @@ from twisted.python.failure import Failure
 
 from .backend import BackendError, BackendProtocol
 from .imap.grammar import encode_astring, encode_quoted
-from .imap.reader import AppendMessage
+from .imap.reader import (
+    AppendAbort,
+    AppendData,
+    AppendEnd,
+    AppendMessage,
+    AppendMessageEnd,
+    AppendStart,
+    CommandReader,
+)
 from .imap.response import ResponseStart, replace_tag
+from .pool import BackendPool
+from .routing import Route
 
-__all__ = ["AppendCommand", "AppendHost", "AppendState", "Mode", "remove_appended", "uid_set"]
+__all__ = ["AppendCommand", "AppendHost", "AppendState", "Appends", "AppendsHost", "Mode", "remove_appended",
+           "uid_set"]
 
 log = Logger()
 
@@ -51,16 +63,13 @@ _APPENDUID = re.compile(rb"^(\d+) (\d+)$")
 def uid_set(uids: list[int]) -> bytes:
     """``[5, 6, 7, 9]`` -> ``b"5:7,9"``, order kept (RFC 4315 lists UIDs in append order)."""
     out: list[bytes] = []
-    start = prev = None
-    for uid in uids:
-        if prev is not None and uid == prev + 1:
-            prev = uid
-            continue
-        if start is not None:
-            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-        start = prev = uid
-    if start is not None:
-        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
+    i, n = 0, len(uids)
+    while i < n:
+        j = i
+        while j + 1 < n and uids[j + 1] == uids[j] + 1:
+            j += 1
+        out.append(b"%d" % uids[i] if i == j else b"%d:%d" % (uids[i], uids[j]))
+        i = j + 1
     return b",".join(out)
 
 
@@ -159,8 +168,7 @@ class AppendCommand:
         if self.mode is Mode.EMULATE:
             part = _Part(self.conn.next_tag())
             self.parts.append(part)
-            self.conn.expect(part.ptag, lambda start, raw, part=part: self._part_done(part, start, raw),
-                             lambda _reason, part=part: self._part_done(part, None, b""))
+            self.conn.expect(part.ptag, partial(self._part_done, part), partial(self._part_lost, part))
             prefix = part.ptag + b" APPEND " + head
         elif not self.ptag:
             self.ptag = self.conn.next_tag()
@@ -288,6 +296,9 @@ class AppendCommand:
         self._backend_answered_early()
         self._settle()
 
+    def _part_lost(self, part: _Part, _reason: Failure) -> None:
+        self._part_done(part, None, b"")
+
     def _part_done(self, part: _Part, start: ResponseStart | None, raw: bytes) -> None:
         if start is None:
             part.status = "LOST"
@@ -372,6 +383,134 @@ def _message_prefix(msg: AppendMessage) -> bytes:
     if msg.date is not None:
         out += b" " + encode_quoted(msg.date)
     return out + b" "
+
+
+# -- the session's APPENDs ------------------------------------------------------------------
+
+
+class AppendsHost(Protocol):
+    """What the APPENDs of a session need of it."""
+
+    reader: CommandReader
+    pool: BackendPool | None
+
+    def send(self, data: bytes) -> None: ...
+
+    def write_from(self, source: object, data: bytes, end: bool = True) -> None: ...
+
+    def run(self, tag: bytes, work: Any) -> None: ...
+
+    def decided(self) -> None:
+        """The reader's pending decision was taken: go on reading."""
+
+    def dies_with(self, conn: BackendProtocol) -> bool: ...
+
+    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
+        """The answer refusing an APPEND to *mailbox* before any message (INUSE, a referral), if any."""
+
+    def route_of(self, mailbox: bytes) -> Route: ...
+
+
+class Appends:
+    """The APPENDs of one session: the one the client is sending, and those not answered
+    yet. It is the host of each AppendCommand (AppendHost)."""
+
+    def __init__(self, host: AppendsHost) -> None:
+        self.host = host
+        self.current: AppendCommand | None = None
+        self.unanswered: set[AppendCommand] = set()
+
+    def start(self, event: AppendStart) -> None:
+        """Route an APPEND to its mailbox's backend and start streaming it there."""
+        host = self.host
+        assert host.pool is not None
+        refusal = host.append_refusal(event.tag, event.mailbox)
+        if refusal is not None:
+            host.reader.drop()  # refused before the client sends any message
+            return host.send(refusal)
+        pool, route = host.pool, host.route_of(event.mailbox)
+        conn = pool.fast(route.primary)
+        if conn is not None:
+            return self._begin(event, conn)
+
+        async def later() -> None:
+            try:
+                conn = await pool.ready_for(route)
+            except BaseException:
+                host.reader.drop()
+                raise
+            self._begin(event, conn)
+
+        host.run(event.tag, later())
+
+    def _begin(self, event: AppendStart, conn: BackendProtocol) -> None:
+        self.current = AppendCommand(self, event.tag, conn, event.mailbox)
+        self.unanswered.add(self.current)
+
+    def event(self, event: object) -> None:
+        """A reader event of the APPEND being read."""
+        cmd = self.current
+        if cmd is None:
+            if isinstance(event, AppendMessage):
+                self.host.reader.drop()
+        elif isinstance(event, AppendData):
+            cmd.data(event.data)
+        elif isinstance(event, AppendMessage):
+            cmd.message(event)
+        elif isinstance(event, AppendMessageEnd):
+            cmd.message_end()
+        elif isinstance(event, AppendEnd):
+            cmd.end()
+        elif isinstance(event, AppendAbort):
+            cmd.abort(event.status, event.text)
+
+    def client_gone(self) -> list[BackendProtocol]:
+        """The client left: the connections that APPENDs now own (they close them themselves)."""
+        return [cmd.conn for cmd in list(self.unanswered) if cmd.client_gone()]
+
+    # -- AppendHost ---------------------------------------------------------------------------
+
+    def accept_literal(self) -> None:
+        self.host.reader.accept()
+        self.host.decided()
+
+    def drop_command(self) -> None:
+        self.host.reader.drop()
+        self.host.decided()
+
+    def send(self, data: bytes) -> None:
+        self.host.send(data)
+
+    def write_from(self, source: object, data: bytes, end: bool = True) -> None:
+        self.host.write_from(source, data, end)
+
+    def append_input_over(self, cmd: AppendCommand) -> None:
+        if self.current is cmd:
+            self.current = None
+
+    def append_answered(self, cmd: AppendCommand) -> None:
+        self.unanswered.discard(cmd)
+        if self.host.pool is not None:
+            self.host.pool.check_quiet()
+
+    def dies_with(self, conn: BackendProtocol) -> bool:
+        return self.host.dies_with(conn)
+
+    async def remove_appended(self, backend: str, mailbox: bytes, uids: list[int]) -> BaseException | None:
+        """Remove messages an emulated MULTIAPPEND saved, on a connection of its own
+        (the session's may have another mailbox selected). None when done."""
+        assert self.host.pool is not None
+        try:
+            conn = await self.host.pool.open(backend)
+        except BackendError as e:
+            return e
+        try:
+            await remove_appended(conn, mailbox, uids)
+            return None
+        except Exception as e:
+            return e
+        finally:
+            conn.logout()
 
 
 async def remove_appended(conn: BackendProtocol, mailbox: bytes, uids: Sequence[int]) -> None:

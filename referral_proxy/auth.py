@@ -12,18 +12,22 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from typing import Protocol
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from . import referrals
 from .backend import AuthenticationFailed, BackendError, BackendProtocol, Credentials
 from .context import ProxyContext
+from .flow import Block
 from .imap.command import ParseError
 from .imap.grammar import Arguments
+from .imap.reader import Command, CommandReader, TextLine
 from .imap.response import completion_text
 from .pool import backend_config, connect_first
 
-__all__ = ["LoginOutcome", "login_credentials", "sasl_plain", "log_in"]
+__all__ = ["Authenticator", "AuthHost", "LoginOutcome", "login_credentials", "sasl_plain", "log_in"]
 
 log = Logger()
 
@@ -78,3 +82,95 @@ async def log_in(ctx: ProxyContext, creds: Credentials, session_id: int) -> Logi
         log.info("session {id}: {user} referred to {url}", id=session_id, user=user, url=url)
         return LoginOutcome(user, None, f"NO [REFERRAL {url}] Log in to {backend.url_host} directly")
     return LoginOutcome(user, conn)
+
+
+class AuthHost(Protocol):
+    """What authentication needs of its session."""
+
+    ctx: ProxyContext
+    id: int
+    reader: CommandReader
+
+    @property
+    def closed(self) -> bool:
+        """The client has gone (a login finishing late logs its backend out)."""
+
+    def plaintext_ok(self) -> bool: ...
+
+    def send(self, data: bytes) -> None: ...
+
+    def tagged(self, tag: bytes, status: str, text: str) -> None: ...
+
+    def answer(self, tag: bytes, response: str) -> None: ...
+
+    def block(self, reason: Block) -> None: ...
+
+    def unblock(self, reason: Block) -> None: ...
+
+    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol) -> None:
+        """The login succeeded on *conn*, the user's home backend."""
+
+
+class Authenticator:
+    """LOGIN and AUTHENTICATE PLAIN of one session, with the SASL exchange in between."""
+
+    def __init__(self, host: AuthHost) -> None:
+        self.host = host
+        self._sasl_tag: bytes | None = None  # AUTHENTICATE awaiting the client's response line
+
+    def login(self, cmd: Command) -> None:
+        if not self.host.plaintext_ok():
+            return self.host.tagged(cmd.tag, "NO", "[PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first")
+        self._start(cmd.tag, login_credentials(cmd.args))
+
+    def authenticate(self, cmd: Command) -> None:
+        host = self.host
+        mechanism, *initial = (t.value for t in cmd.args.tokens)  # type: ignore[union-attr]
+        if mechanism.upper() != b"PLAIN":
+            return host.tagged(cmd.tag, "NO", "Unsupported authentication mechanism")
+        if not host.plaintext_ok():
+            return host.tagged(cmd.tag, "NO", "[PRIVACYREQUIRED] Plaintext authentication is disabled; use STARTTLS first")
+        if initial:  # SASL-IR (RFC 4959)
+            return self._sasl_plain(cmd.tag, initial[0])
+        self._sasl_tag = cmd.tag
+        host.reader.expect_line()
+        host.send(b"+ \r\n")
+
+    def sasl_response(self, line: TextLine) -> bool:
+        """The client's SASL response line, if one was awaited (True: taken)."""
+        tag, self._sasl_tag = self._sasl_tag, None
+        if tag is None:
+            return False
+        if not line.clean:
+            self.host.tagged(tag, "BAD", "Invalid SASL response")
+        elif line.data.strip() == b"*":
+            self.host.tagged(tag, "BAD", "Authentication cancelled")
+        else:
+            self._sasl_plain(tag, line.data.strip())
+        return True
+
+    def _sasl_plain(self, tag: bytes, blob: bytes) -> None:
+        try:
+            creds = sasl_plain(blob)
+        except ParseError as e:
+            return self.host.tagged(tag, "BAD", str(e))
+        self._start(tag, creds)
+
+    def _start(self, tag: bytes, creds: Credentials) -> None:
+        self.host.block(Block.LOGIN)
+        d = defer.ensureDeferred(self._log_in(tag, creds))
+        d.addErrback(lambda f: log.failure("session {id}: login crashed", f, id=self.host.id))
+
+    async def _log_in(self, tag: bytes, creds: Credentials) -> None:
+        host = self.host
+        outcome = await log_in(host.ctx, creds, host.id)
+        conn = outcome.conn
+        if host.closed:  # the client left meanwhile
+            if conn is not None:
+                conn.logout()
+            return
+        if conn is None:
+            host.answer(tag, outcome.answer)
+        else:
+            host.logged_in(tag, outcome.user, creds, conn)
+        host.unblock(Block.LOGIN)

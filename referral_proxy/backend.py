@@ -13,6 +13,7 @@ import itertools
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
@@ -133,6 +134,10 @@ class _Capturing:
 
 class BackendProtocol(Protocol):
     """One IMAP connection to a backend, with the proxy's own command tags."""
+
+    # Connected: a TCP (or TLS) transport. Twisted declares it with zope interfaces,
+    # which mypy cannot follow without a plugin; what is used of it is plain.
+    transport: Any
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config

@@ -53,12 +53,12 @@ class CommandSpec:
     grammar: Grammar
     routing: Routing
     capability: str
-    handler: str  # ClientSession method that carries it out
+    handler: str  # what carries it out: "x" is ClientSession.cmd_x, "mailboxes.x" session.mailboxes.x
     tag_refs: bool = False  # its responses name its tag: ESEARCH (TAG "...") (RFC 4731, 5267)
     tag_args: bool = False  # its arguments are tags of earlier commands (CANCELUPDATE)
 
 
-_DEFAULT_HANDLER = {Routing.HOME: "to_home", Routing.SELECTED: "to_selected", Routing.MAILBOX: "by_mailbox"}
+_DEFAULT_HANDLER = {Routing.HOME: "to_home", Routing.SELECTED: "to_selected", Routing.MAILBOX: "mailboxes.by_mailbox"}
 
 
 def _spec(name: str, states: frozenset[State], grammar: str, routing: Routing, capability: str = "IMAP4rev1",
@@ -75,14 +75,14 @@ _ROWS = [
     _spec("ID", ANY, "any", Routing.HOME, "ID", handler="id"),
     # -- not authenticated ------------------------------------------------------------
     _spec("STARTTLS", PRE, "", Routing.PROXY, handler="starttls"),
-    _spec("LOGIN", PRE, "astring astring", Routing.PROXY, handler="login"),
-    _spec("AUTHENTICATE", PRE, "atom astring?", Routing.PROXY, handler="authenticate"),
+    _spec("LOGIN", PRE, "astring astring", Routing.PROXY, handler="auth.login"),
+    _spec("AUTHENTICATE", PRE, "atom astring?", Routing.PROXY, handler="auth.authenticate"),
     # -- authenticated ----------------------------------------------------------------
-    _spec("SELECT", AUTH, "mailbox list?", Routing.MAILBOX, handler="select"),
-    _spec("EXAMINE", AUTH, "mailbox list?", Routing.MAILBOX, handler="select"),
+    _spec("SELECT", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select"),
+    _spec("EXAMINE", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select"),
     _spec("CREATE", AUTH, "mailbox list?", Routing.MAILBOX),  # the list: CREATE-SPECIAL-USE
     _spec("DELETE", AUTH, "mailbox", Routing.MAILBOX),
-    _spec("RENAME", AUTH, "mailbox dest", Routing.EACH, handler="rename"),
+    _spec("RENAME", AUTH, "mailbox dest", Routing.EACH, handler="mailboxes.rename"),
     _spec("SUBSCRIBE", AUTH, "mailbox", Routing.MAILBOX),
     _spec("UNSUBSCRIBE", AUTH, "mailbox", Routing.MAILBOX),
     _spec("LIST", AUTH, "list? reference pattern any*", Routing.MERGED, handler="list"),  # LIST-EXTENDED
@@ -106,8 +106,8 @@ _ROWS = [
     _spec("SETMETADATA", AUTH, "mailbox list", Routing.MAILBOX, "METADATA"),
     # -- selected ----------------------------------------------------------------------
     _spec("CHECK", SEL, "", Routing.SELECTED),
-    _spec("CLOSE", SEL, "", Routing.SELECTED, handler="close_mailbox"),
-    _spec("UNSELECT", SEL, "", Routing.SELECTED, "UNSELECT", handler="close_mailbox"),
+    _spec("CLOSE", SEL, "", Routing.SELECTED, handler="mailboxes.close"),
+    _spec("UNSELECT", SEL, "", Routing.SELECTED, "UNSELECT", handler="mailboxes.close"),
     _spec("EXPUNGE", SEL, "", Routing.SELECTED),
     _spec("UID EXPUNGE", SEL, "seqset", Routing.SELECTED, "UIDPLUS"),
     _spec("SEARCH", SEL, "any+", Routing.SELECTED, tag_refs=True),
@@ -116,10 +116,10 @@ _ROWS = [
     _spec("UID FETCH", SEL, "seqset any+", Routing.SELECTED),
     _spec("STORE", SEL, "seqset any+", Routing.SELECTED),
     _spec("UID STORE", SEL, "seqset any+", Routing.SELECTED),
-    _spec("COPY", SEL, "seqset dest", Routing.TRANSFER, handler="copy"),
-    _spec("UID COPY", SEL, "seqset dest", Routing.TRANSFER, handler="copy"),
-    _spec("MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="copy"),
-    _spec("UID MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="copy"),
+    _spec("COPY", SEL, "seqset dest", Routing.TRANSFER, handler="mailboxes.copy"),
+    _spec("UID COPY", SEL, "seqset dest", Routing.TRANSFER, handler="mailboxes.copy"),
+    _spec("MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="mailboxes.copy"),
+    _spec("UID MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="mailboxes.copy"),
     _spec("SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
     _spec("UID SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
     _spec("THREAD", SEL, "atom astring any+", Routing.SELECTED, "THREAD="),

@@ -9,14 +9,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .backend import BackendProtocol, Credentials
 from .config import BackendConfig, Config
 from .routing import MailboxMap
-
-if TYPE_CHECKING:  # only for annotations: the session imports this module, never the reverse
-    from twisted.internet.interfaces import IProtocol
 
 __all__ = ["Connect", "ProxyContext"]
 
@@ -32,7 +29,7 @@ class ProxyContext:
     reactor: Any
     connect: Connect
     server_tls: Any = None  # IOpenSSLServerConnectionCreator for STARTTLS, or None
-    sessions: set[IProtocol] = field(default_factory=set)
+    sessions: set[Any] = field(default_factory=set)  # the ClientSessions open now
     backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 

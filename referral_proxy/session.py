@@ -26,30 +26,26 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import __version__, capabilities, listing
-from .append import AppendCommand, remove_appended
-from .auth import log_in, login_credentials, sasl_plain
+from .append import Appends
+from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse, quick_ack, tune_socket
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
 from .context import ProxyContext
 from .flow import AllBackends, Block, Output, PeerPause, ReadGate
-from .imap.command import CommandStart, ParseError
+from .imap.command import CommandStart
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
 from .imap.quoting import quoted
 from .imap.reader import (
     NEED_DECISION,
     STREAMED,
-    AppendAbort,
-    AppendData,
-    AppendEnd,
-    AppendMessage,
-    AppendMessageEnd,
     AppendStart,
     Command,
     CommandReader,
     Continue,
     Refusal,
     Refused,
+    Sentinel,
     TextLine,
 )
 from .imap.response import ResponseStart, completion_text
@@ -91,6 +87,10 @@ def safe_text(text: str) -> str:
 class ClientSession(Protocol):
     """The server side of one client connection."""
 
+    # Connected: a TCP (or TLS) transport. Twisted declares it with zope interfaces,
+    # which mypy cannot follow without a plugin; what is used of it is plain.
+    transport: Any
+
     def __init__(self, context: ProxyContext) -> None:
         self.ctx = context
         self.id = context.next_id()
@@ -103,15 +103,14 @@ class ClientSession(Protocol):
         self.pool: BackendPool | None = None
         self.relay = Relay(self)
         self.mailboxes = MailboxCommands(self)
+        self.auth = Authenticator(self)
+        self.appends = Appends(self)
         self.reader = CommandReader(context.config.proxy.limits, self._admit)
         self._gate: ReadGate | None = None
         self._backends_producer = AllBackends()
         self._out = Output(self._transport_write)
         self._blocked: set[Block] = set()
         self._pumping = False
-        self._append: AppendCommand | None = None  # the APPEND the client is sending
-        self._appending: set[AppendCommand] = set()  # APPENDs not answered yet
-        self._sasl_tag: bytes | None = None  # AUTHENTICATE awaiting the client's response line
         self._idle: _Idle | None = None
         self._login_timer: Any = None
         self._peer = "?"
@@ -129,6 +128,10 @@ class ClientSession(Protocol):
     @property
     def referrals_mode(self) -> str:
         return str(self.ctx.config.proxy.referrals)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.LOGOUT
 
     # -- connection --------------------------------------------------------------
 
@@ -155,10 +158,10 @@ class ClientSession(Protocol):
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
             d.callback(None)
-        for cmd in list(self._appending):
-            if cmd.client_gone() and self.pool is not None:
+        for conn in self.appends.client_gone():
+            if self.pool is not None:
                 # An emulated MULTIAPPEND removes what it saved, then closes its connection itself.
-                self.pool.conns.pop(cmd.conn.name, None)
+                self.pool.conns.pop(conn.name, None)
         self._logout_backends()
         log.info("session {id} closed ({user})", id=self.id, user=self.user or "not logged in")
 
@@ -237,7 +240,8 @@ class ClientSession(Protocol):
         finally:
             self._pumping = False
 
-    def _decided(self) -> None:
+    def decided(self) -> None:
+        """A message literal's decision was taken: read on."""
         if self._gate is not None:
             self._gate.resume(Block.DECISION)
         self._pump()
@@ -245,33 +249,18 @@ class ClientSession(Protocol):
     def _event(self, event: object) -> None:
         if isinstance(event, Command):
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
-        elif isinstance(event, AppendData):
-            if self._append is not None:
-                self._append.data(event.data)
         elif isinstance(event, Refused):
             self.tagged(event.tag, event.status, event.text)
         elif isinstance(event, Continue):
             self.send(b"+ Ready for literal data\r\n")
-        elif isinstance(event, AppendMessage):
-            if self._append is not None:
-                self._append.message(event)
-            else:
-                self.reader.drop()
-        elif isinstance(event, AppendMessageEnd):
-            if self._append is not None:
-                self._append.message_end()
-        elif isinstance(event, AppendEnd):
-            if self._append is not None:
-                self._append.end()
-        elif isinstance(event, AppendAbort):
-            if self._append is not None:
-                self._append.abort(event.status, event.text)
         elif isinstance(event, AppendStart):
-            self._append_start(event)
+            self.appends.start(event)
         elif isinstance(event, TextLine):
             self._text_line(event)
+        else:
+            self.appends.event(event)
 
-    def _admit(self, start: CommandStart) -> Grammar | Refusal | object:
+    def _admit(self, start: CommandStart) -> Grammar | Refusal | Sentinel:
         """Whether the command is read, and how: by the table and the session's state."""
         spec = COMMANDS.get(start.name)
         if spec is None:
@@ -301,15 +290,9 @@ class ClientSession(Protocol):
         defer.ensureDeferred(work).addErrback(failed).addBoth(lambda _: self.unblock(Block.TASK))
 
     def _text_line(self, line: TextLine) -> None:
-        if self._sasl_tag is not None:
-            tag, self._sasl_tag = self._sasl_tag, None
-            if not line.clean:
-                self.tagged(tag, "BAD", "Invalid SASL response")
-            elif line.data.strip() == b"*":
-                self.tagged(tag, "BAD", "Authentication cancelled")
-            else:
-                self._sasl_plain(tag, line.data.strip())
-        elif self._idle is not None and not self._idle.done_sent:
+        if self.auth.sasl_response(line):
+            return
+        if self._idle is not None and not self._idle.done_sent:
             idle = self._idle
             idle.done_sent = True
             idle.bad = not (line.clean and line.data.upper() == b"DONE")
@@ -339,7 +322,7 @@ class ClientSession(Protocol):
     def _tls_active(self) -> bool:
         return ISSLTransport.providedBy(self.transport)
 
-    def _plaintext_ok(self) -> bool:
+    def plaintext_ok(self) -> bool:
         return bool(self.config.proxy.allow_plaintext_login) or self._tls_active()
 
     def cmd_capability(self, cmd: Command, spec: CommandSpec) -> None:
@@ -395,54 +378,15 @@ class ClientSession(Protocol):
         self.reader = CommandReader(self.config.proxy.limits, self._admit)
         self.transport.startTLS(self.ctx.server_tls)
 
-    def cmd_login(self, cmd: Command, spec: CommandSpec) -> None:
-        if not self._plaintext_ok():
-            return self.tagged(cmd.tag, "NO", "[PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first")
-        self._start_login(cmd.tag, login_credentials(cmd.args))
-
-    def cmd_authenticate(self, cmd: Command, spec: CommandSpec) -> None:
-        mechanism, *initial = (t.value for t in cmd.args.tokens)  # type: ignore[union-attr]
-        if mechanism.upper() != b"PLAIN":
-            return self.tagged(cmd.tag, "NO", "Unsupported authentication mechanism")
-        if not self._plaintext_ok():
-            return self.tagged(cmd.tag, "NO", "[PRIVACYREQUIRED] Plaintext authentication is disabled; use STARTTLS first")
-        if initial:
-            return self._sasl_plain(cmd.tag, initial[0])
-        self._sasl_tag = cmd.tag
-        self.reader.expect_line()
-        self.send(b"+ \r\n")
-
-    def _sasl_plain(self, tag: bytes, blob: bytes) -> None:
-        try:
-            creds = sasl_plain(blob)
-        except ParseError as e:
-            return self.tagged(tag, "BAD", str(e))
-        self._start_login(tag, creds)
-
-    def _start_login(self, tag: bytes, creds: Credentials) -> None:
-        self.block(Block.LOGIN)
-        d = defer.ensureDeferred(self._login(tag, creds))
-        d.addErrback(lambda f: log.failure("session {id}: login crashed", f, id=self.id))
-
-    async def _login(self, tag: bytes, creds: Credentials) -> None:
-        outcome = await log_in(self.ctx, creds, self.id)
-        conn = outcome.conn
-        if self.phase is Phase.LOGOUT:  # the client left meanwhile
-            if conn is not None:
-                conn.logout()
-            return
-        if conn is None:
-            self.answer(tag, outcome.answer)
-            return self.unblock(Block.LOGIN)
-        self.user, self.home = outcome.user, conn.name
-        self.pool = BackendPool(self.ctx, outcome.user, creds, self.id, self._attach)
+    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol) -> None:
+        self.user, self.home = user, conn.name
+        self.pool = BackendPool(self.ctx, user, credentials, self.id, self._attach)
         self.pool.add(conn)
         self.phase = Phase.AUTHENTICATED
         self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
-        log.info("session {id}: {user} logged in on {backend}", id=self.id, user=self.user, backend=conn.name)
+        log.info("session {id}: {user} logged in on {backend}", id=self.id, user=user, backend=conn.name)
         self.tagged(tag, "OK", f"[CAPABILITY {' '.join(self._post_login_caps())}] Logged in")
-        self.unblock(Block.LOGIN)
 
     def _login_timed_out(self) -> None:
         self._login_timer = None
@@ -489,7 +433,7 @@ class ClientSession(Protocol):
         assert self.pool is not None
         conns = [await self.pool.connection(b) for b in backends]
         await self.pool.quiet(None)
-        results = []
+        results: list[tuple[BackendProtocol, UntaggedResponse]] = []
         for conn in conns:
             result = await conn.command(command)
             if not result.ok:  # the backend's own answer, BAD or NO, as a direct client would get it
@@ -498,21 +442,6 @@ class ClientSession(Protocol):
         return results
 
     # -- commands with their own handling ------------------------------------------------------
-
-    def cmd_by_mailbox(self, cmd: Command, spec: CommandSpec) -> None:
-        self.mailboxes.by_mailbox(cmd)
-
-    def cmd_select(self, cmd: Command, spec: CommandSpec) -> None:
-        self.mailboxes.select(cmd)
-
-    def cmd_close_mailbox(self, cmd: Command, spec: CommandSpec) -> None:
-        self.mailboxes.close(cmd)
-
-    def cmd_copy(self, cmd: Command, spec: CommandSpec) -> None:
-        self.mailboxes.copy(cmd)
-
-    def cmd_rename(self, cmd: Command, spec: CommandSpec) -> None:
-        self.mailboxes.rename(cmd)
 
     def cmd_list(self, cmd: Command, spec: CommandSpec) -> None:
         listing.list_command(self, cmd.tag, cmd.name, cmd.args)  # type: ignore[arg-type]
@@ -569,69 +498,14 @@ class ClientSession(Protocol):
     def cmd_cancel_update(self, cmd: Command, spec: CommandSpec) -> None:
         self.cmd_to_selected(cmd, spec)  # the relay gives the client's tags back as the proxy's
 
-    # -- APPEND (streamed; the work is in append.py) -------------------------------------------
-
-    def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: see _append_start
+    def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: the reader streams it
         self.tagged(cmd.tag, "BAD", "APPEND is streamed")
 
-    def _append_start(self, event: AppendStart) -> None:
-        """Route an APPEND to its mailbox's backend and start streaming it there."""
-        assert self.pool is not None
-        refusal = self.mailboxes.append_refusal(event.tag, event.mailbox)
-        if refusal is not None:
-            self.reader.drop()  # refused before the client sends any message
-            return self.send(refusal)
-        pool, route = self.pool, self.mailboxes.route_of(event.mailbox)
-        conn = pool.fast(route.primary)
-        if conn is not None:
-            return self._begin_append(event, conn)
+    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
+        return self.mailboxes.append_refusal(tag, mailbox)
 
-        async def later() -> None:
-            try:
-                conn = await pool.ready_for(route)
-            except BaseException:
-                self.reader.drop()
-                raise
-            self._begin_append(event, conn)
-
-        self.run(event.tag, later())
-
-    def _begin_append(self, event: AppendStart, conn: BackendProtocol) -> None:
-        self._append = AppendCommand(self, event.tag, conn, event.mailbox)
-        self._appending.add(self._append)
-
-    def accept_literal(self) -> None:
-        self.reader.accept()
-        self._decided()
-
-    def drop_command(self) -> None:
-        self.reader.drop()
-        self._decided()
-
-    def append_input_over(self, cmd: AppendCommand) -> None:
-        if self._append is cmd:
-            self._append = None
-
-    def append_answered(self, cmd: AppendCommand) -> None:
-        self._appending.discard(cmd)
-        if self.pool is not None:
-            self.pool.check_quiet()
-
-    async def remove_appended(self, backend: str, mailbox: bytes, uids: list[int]) -> BaseException | None:
-        """Remove messages an emulated MULTIAPPEND saved, on a connection of its own
-        (the session's may have another mailbox selected). None when done."""
-        assert self.pool is not None
-        try:
-            conn = await self.pool.open(backend)
-        except BackendError as e:
-            return e
-        try:
-            await remove_appended(conn, mailbox, uids)
-            return None
-        except Exception as e:
-            return e
-        finally:
-            conn.logout()
+    def route_of(self, mailbox: bytes) -> Route:
+        return self.mailboxes.route_of(mailbox)
 
     # -- the backends' side (ResponseSink, RelayHost) --------------------------------------------
 
@@ -682,9 +556,16 @@ class ClientSession(Protocol):
             self._close()
 
 
-def _dispatch_table() -> dict[str, Callable[[ClientSession, Command, CommandSpec], None]]:
-    """Each declared command's handler (a missing one fails at import, not at run time)."""
-    return {spec.name: getattr(ClientSession, "cmd_" + spec.handler) for spec in COMMANDS.values()}
+_COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}
 
 
-_DISPATCH = _dispatch_table()
+def _handler(name: str) -> Callable[[ClientSession, Command, CommandSpec], None]:
+    """``select`` -> ClientSession.cmd_select; ``mailboxes.select`` -> session.mailboxes.select(cmd)."""
+    owner, _, method = name.rpartition(".")
+    if not owner:
+        return getattr(ClientSession, "cmd_" + method)  # type: ignore[no-any-return]
+    getattr(_COLLABORATORS[owner], method)  # a missing one fails at import, not at run time
+    return lambda session, cmd, spec: getattr(getattr(session, owner), method)(cmd)
+
+
+_DISPATCH = {spec.name: _handler(spec.handler) for spec in COMMANDS.values()}

@@ -35,7 +35,7 @@ from .grammar import Arguments, Grammar, match
 
 __all__ = [
     "Limits", "CommandReader", "Refusal", "STREAMED", "NEED_DECISION", "Command", "Refused", "Continue",
-    "TextLine", "AppendStart", "AppendMessage", "AppendData", "AppendMessageEnd", "AppendEnd", "AppendAbort",
+    "TextLine", "Sentinel", "AppendStart", "AppendMessage", "AppendData", "AppendMessageEnd", "AppendEnd", "AppendAbort",
     "ReaderEvent",
 ]
 
@@ -63,7 +63,7 @@ class Refusal:
     text: str
 
 
-class _Sentinel:
+class Sentinel:
     __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
@@ -73,13 +73,13 @@ class _Sentinel:
         return self._name
 
 
-STREAMED = _Sentinel("STREAMED")
+STREAMED = Sentinel("STREAMED")
 """Admit answer: stream the command (APPEND) instead of collecting it."""
 
-NEED_DECISION = _Sentinel("NEED_DECISION")
+NEED_DECISION = Sentinel("NEED_DECISION")
 """next_event(): a message literal waits for accept() or drop()."""
 
-Admit = Callable[[CommandStart], "Grammar | Refusal | _Sentinel"]
+Admit = Callable[[CommandStart], "Grammar | Refusal | Sentinel"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +192,7 @@ class CommandReader:
     def receive_data(self, data: bytes) -> None:
         self._framer.receive_data(data)
 
-    def next_event(self) -> ReaderEvent | NeedData | _Sentinel:
+    def next_event(self) -> ReaderEvent | NeedData | Sentinel:
         if self._queue:
             return self._queue.popleft()
         if self._deciding:
@@ -440,8 +440,10 @@ class CommandReader:
         date: bytes | None = None
         if tokens and isinstance(tokens[0], ParenList):
             flags = _flags(tokens.pop(0))
-        if tokens and isinstance(tokens[0], String) and not tokens[0].literal:
-            date = tokens.pop(0).value
+        first_token = tokens[0] if tokens else None
+        if isinstance(first_token, String) and not first_token.literal:
+            date = first_token.value
+            tokens.pop(0)
             if _DATE_TIME.fullmatch(date) is None:
                 raise ParseError("invalid date-time")
         if tokens:
