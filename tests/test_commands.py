@@ -64,3 +64,18 @@ def test_announced_capabilities_derive_from_the_table():
                  "SORT=DISPLAY", "THREAD=REFS", "SPECIAL-USE", "LIST-STATUS", "BINARY", "UNSELECT", "IDLE"):
         assert name in caps, name
     assert len(caps) == len({c.upper() for c in caps})
+
+
+def test_the_design_document_shows_the_table_as_built():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in COMMANDS:
+            rows[cells[0]] = cells
+    assert set(rows) == set(COMMANDS)
+    for name, spec in COMMANDS.items():
+        assert rows[name][2] == f"`{spec.grammar.text or '(none)'}`", name
+        assert rows[name][4] == spec.capability, name
