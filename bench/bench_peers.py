@@ -197,12 +197,20 @@ def measure_memory(t: Target, backend: Dovecot, sessions: int) -> float | None:
         wait_sessions_gone(backend, USER, before_sessions)
 
 
-def measure_noop(c: PeerClient, count: int) -> float:
-    """Median NOOP round trip in microseconds over *count* (after 100 unmeasured)."""
-    for _ in range(100):
-        c.noop_rtt_ns()
-    samples = sorted(c.noop_rtt_ns() for _ in range(count))
-    return statistics.median(samples) / 1000
+def measure_noop(clients: list[PeerClient], count: int, block: int = 100) -> list[float]:
+    """Median NOOP round trip in microseconds of each client over *count* (after 100
+    unmeasured), in blocks of *block* taking the clients in turn (the order rotated
+    every block), so that every target sees the same scheduler weather."""
+    for c in clients:
+        for _ in range(100):
+            c.noop_rtt_ns()
+    samples: list[list[int]] = [[] for _ in clients]
+    for b in range(-(-count // block)):
+        n = min(block, count - b * block)
+        for i in range(len(clients)):
+            j = (i + b) % len(clients)
+            samples[j] += [clients[j].noop_rtt_ns() for _ in range(n)]
+    return [statistics.median(s) / 1000 for s in samples]
 
 
 def measure_append(mode: str, c: PeerClient, control: Control, messages: list[bytes],
@@ -232,10 +240,11 @@ def measure_stress(t: Target, backend: Dovecot, args) -> dict:
     samples: list[tuple] = []
 
     def boundary(_i: int) -> None:
-        samples.append((tree_cpu_seconds(t.cpu_root), tree_cpu_seconds(backend.pid), machine_busy_seconds()))
+        samples.append((tree_cpu_seconds(t.cpu_root), tree_cpu_seconds(backend.pid), machine_busy_seconds(),
+                        tree_cpu_seconds(os.getpid())))
 
     res = run_load(cfg, boundary)
-    (p0, b0, (m0, tot0)), (p1, b1, (m1, tot1)) = samples
+    (p0, b0, (m0, tot0), o0), (p1, b1, (m1, tot1), o1) = samples
     ops = res.interval_ops[0]
     out = {
         "ops_s": res.ops_per_second[0], "ops": ops, "errors": res.error_count, "errors_by": res.errors,
@@ -243,6 +252,8 @@ def measure_stress(t: Target, backend: Dovecot, args) -> dict:
         "proxy_cpu_s": None if p0 is None else p1 - p0,
         "backend_cpu_s": b1 - b0,
         "machine_busy": (m1 - m0) / (tot1 - tot0) if tot1 > tot0 else None,
+        # CPU share of the machine used by processes that are not this benchmark's (other work)
+        "foreign_share": ((m1 - m0) - (o1 - o0)) / (tot1 - tot0) if tot1 > tot0 else None,
     }
     out["proxy_cpu_per_1000"] = None if p0 is None or not ops else (p1 - p0) / ops * 1000
     out["backend_cpu_per_1000"] = (b1 - b0) / ops * 1000 if ops else None
@@ -319,8 +330,10 @@ def notes(results: dict, targets: list[Target]) -> str:
         errs = sum(s["errors"] for s in st)
         busy = med([s["machine_busy"] for s in st])
         be = med([s["backend_cpu_per_1000"] for s in st])
+        foreign = ", ".join(f"{max(0.0, s['foreign_share']):.0%}" for s in st)
         out.append(f"- {t.label}: stress ops/s per round {', '.join(f'{v:.0f}' for v in ops)}; "
-                   f"errors {errs}; machine busy {busy:.0%}; backend Dovecot CPU-s per 1000 ops {be:.3f}")
+                   f"errors {errs}; machine busy {busy:.0%}; backend Dovecot CPU-s per 1000 ops {be:.3f}; "
+                   f"CPU taken by other work on the machine, per round: {foreign}")
     for metric in ("fetch", "append_sync", "multi_sync", "multi_plus", "noop_pinned", "noop"):
         spread = []
         for k in keys:
@@ -578,14 +591,15 @@ def run_rounds(args, backend: Dovecot, targets: list[Target], skip: set[str]) ->
                 roots = [os.getpid()] + ([backend.pid] if backend.pid else [])
                 for t in targets:
                     roots += t.roots()
+                noop_clients = [clients[t.key] for t in order]
                 try:
                     set_affinity(roots, {min(all_cpus)})
-                    for t in order:
-                        rec[t.key]["noop_pinned"] = measure_noop(clients[t.key], args.noops)
+                    for t, v in zip(order, measure_noop(noop_clients, args.noops)):
+                        rec[t.key]["noop_pinned"] = v
                 finally:
                     set_affinity(roots, all_cpus)
-                for t in order:
-                    rec[t.key]["noop"] = measure_noop(clients[t.key], args.noops)
+                for t, v in zip(order, measure_noop(noop_clients, args.noops)):
+                    rec[t.key]["noop"] = v
                 log("  NOOP us pinned/unpinned: " + ", ".join(
                     f"{t.key} {rec[t.key]['noop_pinned']:.0f}/{rec[t.key]['noop']:.0f}" for t in order))
             results["rounds"].append(rec)
