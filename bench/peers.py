@@ -74,17 +74,23 @@ def descendants(root: int) -> list[int]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(root: int | None) -> float | None:
-    """CPU seconds (user + system) of *root*'s process tree so far, the children it
-    reaped included (cutime/cstime): a delta of two calls is the tree's CPU in between."""
-    if root is None:
-        return None
-    total = 0
+def tree_cpu_user_system(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of *root*'s process tree so far, the children it reaped
+    included (cutime/cstime): a delta of two calls is the tree's CPU in between."""
+    user = system = 0
     for pid in descendants(root):
         f = _stat_fields(pid)
         if f is not None:
-            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return total / _TICK
+            user += int(f[11]) + int(f[13])
+            system += int(f[12]) + int(f[14])
+    return user / _TICK, system / _TICK
+
+
+def tree_cpu_seconds(root: int | None) -> float | None:
+    """User + system CPU seconds of *root*'s process tree so far (None for no root)."""
+    if root is None:
+        return None
+    return sum(tree_cpu_user_system(root))
 
 
 def tree_pss_bytes(root: int) -> int:

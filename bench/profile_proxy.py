@@ -7,9 +7,11 @@ front of it (bench/peers.py), then for each workload:
 * ``noop``: 10 connections (one process each) sending NOOPs back to back;
 * ``stress``: bench/loadgen.py's imaptest-like mix (100 users, 20 clients);
 
-1. unprofiled: ops/s and the proxy's CPU microseconds per op (from /proc);
-2. ``strace -c -f`` on the proxy: system calls per op, by name (epoll_ctl, setsockopt,
-   recvfrom, sendto, epoll_wait...) -- exact counts, the time column is strace's;
+1. unprofiled: ops/s and the proxy's CPU microseconds per op, user and system (/proc);
+2. ``strace -c -f`` on the proxy's whole tree: system calls per op, by name (epoll_ctl,
+   setsockopt, recvfrom, sendto, epoll_wait...) -- exact counts;
+   1 and 2 also for each peer of ``--compare`` (Dovecot proxy, Perdition, nginx mail,
+   those installed), the same load: what the C proxies spend on the same command;
 3. ``py-spy record --idle --native`` on the proxy: every sample's stack, written as
    ``<workload>.collapsed.txt`` (Brendan Gregg's format: flamegraph.pl or speedscope
    open it) and ``<workload>.speedscope.json`` (https://www.speedscope.app), and
@@ -48,7 +50,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import USER, dovecot_available, install_signal_handlers, log, run_cli  # noqa: E402
 from bench_peers import STRESS_PASSWORD, bench_root  # noqa: E402
 from loadgen import LoadConfig, numbered_users, run_load  # noqa: E402
-from peers import ReferralProxyTarget, tree_cpu_seconds  # noqa: E402
+from peers import (  # noqa: E402
+    DovecotProxyTarget,
+    NginxTarget,
+    PerditionTarget,
+    ReferralProxyTarget,
+    Target,
+    descendants,
+    missing_peers,
+    stop_all,
+    tree_cpu_user_system,
+)
+
+PEERS = {"dovecot-proxy": DovecotProxyTarget, "perdition": PerditionTarget, "nginx": NginxTarget}
 
 from referral_proxy.testing.dovecot import DEFAULT_USERS, Dovecot  # noqa: E402
 
@@ -138,7 +152,7 @@ def noop_load(host: str, port: int, password: str, seconds: float, connections: 
     return total
 
 
-def run_workload(name: str, proxy: ReferralProxyTarget, backend: Dovecot, seconds: float) -> int:
+def run_workload(name: str, proxy: Target, backend: Dovecot, seconds: float) -> int:
     """Run workload *name* against the proxy for about *seconds*; the ops done."""
     if name == "noop":
         return noop_load(proxy.host, proxy.port, backend.password(USER), seconds, 10)
@@ -207,12 +221,13 @@ def to_speedscope(stacks: list[tuple[list[str], int]], name: str) -> dict:
     }
 
 
-def strace_counts(pid: int, seconds: float, load, out: Path) -> dict[str, int] | None:
-    """Run *load()* while ``strace -c -f`` watches *pid*; {syscall: calls}."""
+def strace_counts(pid: int, load, out: Path) -> dict | None:
+    """Run *load()* while ``strace -c -f`` watches *pid*'s whole tree; {"ops", "calls": {syscall: n}}."""
     if shutil.which("strace") is None:
         log("strace is not installed (apt-get install -y strace): no system call counts")
         return None
-    p = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(pid)],
+    attach = [a for p in descendants(pid) for a in ("-p", str(p))]
+    p = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), *attach],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(0.5)
@@ -257,16 +272,38 @@ def py_spy(pid: int, seconds: float, rate: int, load, out: Path) -> int:
 # ----------------------------------------------------------------------------- report
 
 
-def report(name: str, base: dict, sys_counts: dict | None, prof: dict) -> str:
-    lines = [f"## {name}", ""]
+def measure_base(name: str, t: Target, backend: Dovecot, seconds: float) -> dict:
+    """Unprofiled: ops, ops/s and the target tree's user/system CPU per op."""
+    pid = t.cpu_root
+    assert pid is not None
+    (u0, s0), t0 = tree_cpu_user_system(pid), time.monotonic()
+    ops = run_workload(name, t, backend, seconds)
+    (u1, s1), t1 = tree_cpu_user_system(pid), time.monotonic()
+    n = max(ops, 1)
+    return {"ops": ops, "seconds": t1 - t0, "ops_s": ops / seconds, "cpu_us_per_op": (u1 - u0 + s1 - s0) / n * 1e6,
+            "user_us_per_op": (u1 - u0) / n * 1e6, "system_us_per_op": (s1 - s0) / n * 1e6}
+
+
+def comparison(name: str, rows: list[tuple[str, dict, dict | None]]) -> str:
+    """One line per target: ops/s, CPU per op split user/system, system calls per op."""
+    lines = [f"## {name}: every proxy, unprofiled", "",
+             "| target | ops/s | CPU us/op | user | system | system calls per op (strace -c -f) |",
+             "|---|---|---|---|---|---|"]
+    for label, base, sc in rows:
+        calls = ""
+        if sc:
+            ops = sc["ops"] or 1
+            top = sorted(sc["calls"].items(), key=lambda kv: -kv[1])[:7]
+            calls = f"{sum(sc['calls'].values()) / ops:.1f}: " + ", ".join(f"{k} {v / ops:.2f}" for k, v in top)
+        lines.append(f"| {label} | {base['ops_s']:.0f} | {base['cpu_us_per_op']:.1f} | "
+                     f"{base['user_us_per_op']:.1f} | {base['system_us_per_op']:.1f} | {calls} |")
+    return "\n".join(lines)
+
+
+def report(name: str, base: dict, prof: dict) -> str:
+    lines = [f"## {name}: referral-proxy under py-spy", ""]
     lines.append(f"Unprofiled: {base['ops_s']:.0f} ops/s, proxy CPU {base['cpu_us_per_op']:.1f} us per op "
-                 f"({base['ops']} ops in {base['seconds']:.1f} s).")
-    if sys_counts:
-        ops = sys_counts["ops"] or 1
-        calls = sorted(sys_counts["calls"].items(), key=lambda kv: -kv[1])
-        lines.append("")
-        lines.append(f"System calls per op (strace -c -f, {sys_counts['ops']} ops): "
-                     + ", ".join(f"{k} {v / ops:.2f}" for k, v in calls[:12]))
+                 f"(user {base['user_us_per_op']:.1f}, system {base['system_us_per_op']:.1f}).")
     total, idle = prof["samples"], prof["idle_samples"]
     busy = max(1, total - idle)
     lines += ["", f"py-spy: {total} samples, {idle / total:.0%} idle (waiting in epoll). "
@@ -292,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=12.0, help="seconds of each phase (12)")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second (250)")
     ap.add_argument("--no-strace", action="store_true", help="skip the system call counts")
+    ap.add_argument("--compare", default="dovecot-proxy,perdition,nginx",
+                    help="peers measured the same way, unprofiled + strace (installed ones of "
+                         "dovecot-proxy,perdition,nginx; '' = none)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "profiles"),
                     help="directory for the profiles and summary.md (bench/profiles)")
     args = ap.parse_args(argv)
@@ -312,41 +352,45 @@ def main(argv: list[str] | None = None) -> int:
     users = dict(DEFAULT_USERS)
     users.update({f"user{i}": STRESS_PASSWORD for i in range(1, 101)})
     backend = Dovecot("prof-backend", "127.0.0.2", root / "backend", users=users)
-    proxy = None
+    compare = [c for c in args.compare.split(",") if c]
+    if set(compare) - set(PEERS):
+        ap.error(f"--compare: a subset of {','.join(PEERS)}")
+    for name, why in missing_peers(compare).items():
+        log(f"not compared: {name}: {why}")
+        compare.remove(name)
+    targets: list[Target] = []
     sections = []
     try:
         backend.start()
         proxy = ReferralProxyTarget(root, backend)
-        proxy.start()
-        pid = proxy.cpu_root
-        assert pid is not None
+        targets = [proxy] + [PEERS[c](root, backend) for c in compare]
+        for t in targets:
+            t.start()
         run_workload("stress", proxy, backend, 3.0)  # fill the mailboxes, warm up
         for name in workloads:
-            log(f"{name}: unprofiled")
-            c0, t0 = tree_cpu_seconds(pid), time.monotonic()
-            ops = run_workload(name, proxy, backend, args.seconds)
-            c1, t1 = tree_cpu_seconds(pid), time.monotonic()
-            base = {"ops": ops, "seconds": t1 - t0, "ops_s": ops / args.seconds,
-                    "cpu_us_per_op": (c1 - c0) / max(ops, 1) * 1e6}
-            sys_counts = None
-            if not args.no_strace:
-                log(f"{name}: strace")
-                sys_counts = strace_counts(pid, args.seconds,
-                                           lambda n=name: run_workload(n, proxy, backend, args.seconds),
-                                           out / f"{name}.strace.txt")
+            rows = []
+            for t in targets:
+                log(f"{name}: {t.label} unprofiled")
+                base = measure_base(name, t, backend, args.seconds)
+                sys_counts = None
+                if not args.no_strace:
+                    log(f"{name}: {t.label} strace")
+                    sys_counts = strace_counts(t.cpu_root, lambda n=name, t=t: run_workload(n, t, backend, args.seconds),
+                                               out / f"{name}.{t.key}.strace.txt")
+                rows.append((t.label, base, sys_counts))
+            sections.append(comparison(name, rows))
             log(f"{name}: py-spy")
             raw = out / f"{name}.collapsed.txt"
-            py_spy(pid, args.seconds, args.rate, lambda n=name: run_workload(n, proxy, backend, args.seconds), raw)
+            py_spy(proxy.cpu_root, args.seconds, args.rate,
+                   lambda n=name: run_workload(n, proxy, backend, args.seconds), raw)
             stacks = read_collapsed(raw)
             (out / f"{name}.speedscope.json").write_text(json.dumps(to_speedscope(stacks, f"referral-proxy {name}")))
             prof = analyse(stacks)
-            (out / f"{name}.json").write_text(json.dumps({"unprofiled": base, "strace": sys_counts,
-                                                          "py_spy": prof}, indent=2))
-            sections.append(report(name, base, sys_counts, prof))
+            (out / f"{name}.json").write_text(json.dumps({"targets": rows, "py_spy": prof}, indent=2))
+            sections.append(report(name, rows[0][1], prof))
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if proxy is not None:
-            proxy.stop()
+        stop_all(targets)
         backend.stop()
         shutil.rmtree(root, ignore_errors=True)
     text = "\n\n".join(sections)
