@@ -89,6 +89,10 @@ CATEGORIES = [
     ("Twisted: reactor loop, dispatch, context", r"twisted/"),
 ]
 _COMPILED = [(name, re.compile(rx)) for name, rx in CATEGORIES]
+# a sample whose innermost frame is a system call wrapper: kernel time, or waiting for the
+# CPU (loopback send() wakes the peer, which may take the CPU): not Python's user time
+_SYSCALL_LEAF = re.compile(r"^(send|sendto|sendmsg|recv|recvfrom|recvmsg|epoll_wait|epoll_ctl|setsockopt|"
+                           r"getsockopt|connect|shutdown|close|accept4?|read|write|ioctl|fcntl|__\w+) \(libc")
 
 
 def category(names: list[str]) -> str:
@@ -193,6 +197,7 @@ def analyse(stacks: list[tuple[list[str], int]]) -> dict:
     self_time: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     cats: Counter[str] = Counter()
+    user_cats: Counter[str] = Counter()  # samples in user space only (leaf not a system call)
     for frames, n in stacks:
         names = [short(f) for f in frames[1:]]  # frames[0] is the process
         if not names:
@@ -200,10 +205,14 @@ def analyse(stacks: list[tuple[list[str], int]]) -> dict:
         self_time[names[-1]] += n
         for f in set(names):
             incl[f] += n
-        cats[category(names)] += n
+        cat = category(names)
+        cats[cat] += n
+        if not _SYSCALL_LEAF.match(names[-1]):
+            user_cats[cat] += n
     idle = cats.get(CATEGORIES[0][0], 0)
     return {"samples": total, "idle_samples": idle, "self": self_time.most_common(20),
-            "inclusive": incl.most_common(20), "categories": cats.most_common()}
+            "inclusive": incl.most_common(20), "categories": cats.most_common(),
+            "user_categories": user_cats.most_common()}
 
 
 def to_speedscope(stacks: list[tuple[list[str], int]], name: str) -> dict:
@@ -312,6 +321,13 @@ def report(name: str, base: dict, prof: dict) -> str:
     for cat, n in prof["categories"]:
         b = "" if cat.startswith("waiting") else f"{n / busy:.1%}"
         lines.append(f"| {cat} | {n / total:.1%} | {b} |")
+    user = prof.get("user_categories") or []
+    nuser = sum(n for _, n in user) or 1
+    lines += ["", f"User-space samples only (innermost frame not a system call; {nuser} samples), "
+              f"apportioning the unprofiled user CPU of {base['user_us_per_op']:.1f} us per op:", "",
+              "| category | share | us per op |", "|---|---|---|"]
+    for cat, n in user:
+        lines.append(f"| {cat} | {n / nuser:.1%} | {n / nuser * base['user_us_per_op']:.1f} |")
     lines += ["", "Top 20 by self time:", "", "| function | all | busy |", "|---|---|---|"]
     for f, n in prof["self"]:
         b = "-" if f.startswith("epoll_wait ") else f"{n / busy:.1%}"
