@@ -87,6 +87,7 @@ METRICS = {
     "noop_pinned": ("NOOP round trip added, all on 1 CPU", "us"),
     "noop": ("NOOP round trip added, unpinned", "us"),
     "memory": ("memory per idle authenticated session", "mem"),
+    "foreign": ("CPU share taken by other work during the stress", "pct"),
 }
 
 
@@ -284,6 +285,8 @@ def summarize(results: dict, keys: list[str]) -> dict:
                 vals = [r[k]["stress"]["proxy_cpu_per_1000"] for r in rounds if k in r and "stress" in r[k]]
             elif metric == "stress":
                 vals = [r[k]["stress"]["ops_s"] for r in rounds if k in r and "stress" in r[k]]
+            elif metric == "foreign":
+                vals = [r[k]["stress"].get("foreign_share") for r in rounds if k in r and "stress" in r[k]]
             else:
                 vals = [r[k].get(metric) for r in rounds if k in r]
             out[metric][k] = med(vals)
@@ -311,6 +314,8 @@ def markdown_table(summary: dict, targets: list[Target], params: dict) -> str:
                 row.append(f"{v:.1f} us" if k == "direct" else (f"{v - d:+.0f} us" if d is not None else f"{v:.0f}"))
             elif kind == "cpu":
                 row.append(f"{v:.3f}")
+            elif kind == "pct":
+                row.append(f"{max(0.0, v):.0%}")
             else:
                 row.append(f"{v / 1024:.1f} KB")
         lines.append("| " + " | ".join(row) + " |")
