@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     users.update({f"user{i}": STRESS_PASSWORD for i in range(1, args.users + 1)})
     backend = Dovecot("bench-backend", BACKEND_HOST, root / "backend", users=users)
     targets: list[Target] = []
-    ok = False
+    ok = interrupted = False
     try:
         log(f"root {root} ({'tmpfs' if str(root).startswith('/dev/shm') else 'NOT tmpfs'})")
         backend.start()
@@ -479,10 +479,13 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
         results = run_rounds(args, backend, targets, skip)
         ok = True
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if not ok:
+        if not ok and not interrupted:
             for t in targets:
                 tail = t.log_text()[-1500:]
                 if tail.strip():
@@ -492,10 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             backend.stop()
         except Exception as e:
             log(f"stopping the backend: {e!r}")
-        if args.keep or not ok:
-            for p in (root / "backend" / "mail",):
-                if not args.keep:
-                    shutil.rmtree(p, ignore_errors=True)
+        if args.keep or (not ok and not interrupted):
+            if not args.keep:  # a failure: the logs and configurations for a post-mortem, not the mail
+                shutil.rmtree(root / "backend" / "mail", ignore_errors=True)
             log(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)

@@ -376,6 +376,7 @@ class Client:
 def _worker(cfg: LoadConfig, first: int, count: int, t_measure: float, conn) -> None:
     """One process: *count* clients as threads; sends its totals through *conn*."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: terminate() ends it
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # die with the parent
     rng = random.Random(cfg.seed)
