@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import socket
@@ -27,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from referral_proxy.imap.framing import announced_literal  # noqa: E402
 from referral_proxy.testing.dovecot import (  # noqa: E402
     Dovecot,
     dovecot_available,
@@ -36,7 +36,7 @@ from referral_proxy.testing.dovecot import (  # noqa: E402
 
 __all__ = [
     "REPO_ROOT", "BACKEND_HOST", "PROXY_HOST", "USER", "PROXY_START_TIMEOUT", "IO_TIMEOUT",
-    "ANNOUNCE", "log", "ProtocolError", "RawIMAP", "quote", "make_message", "ProxyProcess",
+    "announced_literal", "log", "ProtocolError", "RawIMAP", "quote", "make_message", "ProxyProcess",
     "percentile", "render_table", "wait_greeting", "environment", "suspicious_lines", "apply_pin",
     "install_signal_handlers", "Harness", "run_cli", "Dovecot", "dovecot_available",
 ]
@@ -47,7 +47,6 @@ USER = "alice"
 PROXY_START_TIMEOUT = 20.0
 IO_TIMEOUT = 60.0
 
-ANNOUNCE = re.compile(rb"~?\{([0-9]+)\+?\}\r?\n\Z")
 
 
 def log(msg: str) -> None:
@@ -120,9 +119,9 @@ class RawIMAP:
         untagged: list[bytes] = []
         while True:
             line = self._line()
-            m = ANNOUNCE.search(line)
-            if m:
-                need = int(m.group(1))
+            spec = announced_literal(line)  # the codec's own reading of "{n}" / "{n+}" / "~{n}"
+            if spec is not None:
+                need = spec.size
                 while len(self.buf) < need:
                     self._fill()
                 del self.buf[:need]
@@ -172,9 +171,9 @@ class RawIMAP:
                 partial = b""
                 pos = i + 1
                 if line.endswith(b"}\r\n"):
-                    m = ANNOUNCE.search(line)
-                    if m:
-                        skip = int(m.group(1))
+                    spec = announced_literal(line)
+                    if spec is not None:
+                        skip = spec.size
                         literal_bytes += skip
                         literals += 1
                         continue
