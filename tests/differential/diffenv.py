@@ -1,0 +1,124 @@
+"""The differential test's environment: one proxy per test module in front of the
+session's Dovecot fleet, direct Dovecot beside it, and the seeded stores to restore.
+
+Direct Dovecot is b2; the proxy's side is b1 (mode "single") or b1 plus b3 for
+``Shared/*`` (mode "split", the user's mailboxes over two backends). The same user
+(carol) on both sides, the same configuration on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+from conftest import REPO_ROOT, RunningProxy, _wait_for_greeting, default_proxy_config, toml_dumps
+from diffharness import (
+    Conversation,
+    Side,
+    Snapshot,
+    compare,
+    deliverer,
+    load_corpus,
+    report,
+    run,
+    seed,
+    split_owner,
+)
+
+from referral_proxy.testing.dovecot import Fleet, free_port
+
+USER, PASSWORD = "carol", "secret"
+SPLIT_RULES = [{"mailbox": "Shared/*", "backend": "b3"}]
+
+
+@dataclass
+class Env:
+    mode: str
+    fleet: Fleet
+    proxy: RunningProxy
+    direct: Side
+    proxied: Side
+    snapshots: list[Snapshot]
+
+    def check(self, conv: Conversation) -> None:
+        """Run *conv* on both sides from the seeded state; fail on an unexplained difference."""
+        for s in self.snapshots:
+            s.restore()
+        direct = run(conv, self.direct, USER, PASSWORD)
+        for s in self.snapshots[1:]:
+            s.restore()  # direct Dovecot's store is not touched by the proxy's run
+        proxied = run(conv, self.proxied, USER, PASSWORD)
+        cmp = compare(conv, self.mode, direct, proxied)
+        if os.environ.get("RP_DIFF_SHOW"):
+            print(report(conv, self.mode, cmp))
+        assert not cmp.differences, report(conv, self.mode, cmp)
+        stale = sorted(a for a in conv.allow if a not in cmp.explained and _applies(a, self.mode))
+        assert not stale, (f"{conv.path}:{conv.line} {conv.name} ({self.mode}): @allow {' '.join(stale)} "
+                           f"explains nothing any more: remove it (and its row if no conversation needs it)\n"
+                           + cmp.text)
+
+
+def _applies(diff_id: str, mode: str) -> bool:
+    from diffharness import DIFFERENCES
+    return DIFFERENCES[diff_id].scope in ("both", mode)
+
+
+def params(mode: str) -> list:
+    """The corpus as pytest parameters for *mode*, proxy bugs marked strict xfail."""
+    out = []
+    for conv in load_corpus():
+        if conv.only not in (None, mode):
+            continue
+        reason = conv.xfail_reason(mode)
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        out.append(pytest.param(conv, id=conv.name, marks=marks))
+    return out
+
+
+@contextmanager
+def differential_env(fleet: Fleet, tmp_path_factory, mode: str) -> Iterator[Env]:
+    """Seed the stores, snapshot them, start the module's proxy."""
+    work = tmp_path_factory.mktemp(f"differential-{mode}")
+    b1, b2, b3 = fleet["b1"], fleet["b2"], fleet["b3"]
+    uv_direct = seed(b2, USER, lambda m: True)
+    snapshots = [Snapshot.take(b2, USER, work / "b2")]
+    if mode == "single":
+        uv_proxy = seed(b1, USER, lambda m: True)
+        snapshots.append(Snapshot.take(b1, USER, work / "b1"))
+        owner = {"b1": b1}
+        rules: list = []
+    else:
+        uv_proxy = seed(b1, USER, lambda m: split_owner(m) == "b1")
+        uv_proxy.update(seed(b3, USER, lambda m: split_owner(m) == "b3"))
+        snapshots += [Snapshot.take(b1, USER, work / "b1"), Snapshot.take(b3, USER, work / "b3")]
+        owner = {"b1": b1, "b3": b3}
+        rules = SPLIT_RULES
+    config = default_proxy_config(fleet, free_port("127.0.0.1"), rules)
+    proxy_dir = work / "proxy"
+    proxy_dir.mkdir()
+    config_path = proxy_dir / "proxy.toml"
+    config_path.write_text(toml_dumps(config))
+    env = {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    child_env = dict(os.environ, **env)
+    out, err = proxy_dir / "stdout.log", proxy_dir / "stderr.log"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        process = subprocess.Popen([sys.executable, "-m", "referral_proxy", "--config", str(config_path)],
+                                   stdin=subprocess.DEVNULL, stdout=o, stderr=e, cwd=proxy_dir, env=child_env)
+    host, port = "127.0.0.1", int(config["proxy"]["listen"][0].split(":")[1])
+    proxy = RunningProxy(host=host, port=port, config_path=config_path, workdir=proxy_dir, process=process,
+                         stdout_path=out, stderr_path=err, config=config)
+    try:
+        _wait_for_greeting(proxy, 20.0)
+        direct = Side("direct", b2.host, b2.port, deliverer(lambda m: b2, USER), uv_direct)
+        proxied = Side("proxy", host, port,
+                       deliverer(lambda m: owner["b1" if mode == "single" else split_owner(m)], USER), uv_proxy)
+        yield Env(mode, fleet, proxy, direct, proxied, snapshots)
+    finally:
+        proxy.stop()
+        for s in snapshots:
+            s.backend.reset_mail(USER)
