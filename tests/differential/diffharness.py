@@ -36,7 +36,7 @@ Corpus format (one file holds several conversations)::
     X: append MAILBOX            a message delivered to MAILBOX by another session
     W: regex                     read until a response matches
 
-In ``C:`` text: ``\\r \\n \\t \\\\ \\xHH`` escapes; ``{{text}}`` a synchronizing literal
+In ``C:`` text: ``\\r \\n \\t \\0 \\xHH`` escapes (any other backslash is sent as it is); ``{{text}}`` a synchronizing literal
 (``{n}``, then the harness waits for the continuation), ``{{+text}}`` a LITERAL+ one;
 ``${USER}``, ``${PASS}`` (a quoted string), ``${PLAIN}`` (SASL PLAIN, base64),
 ``${UV:mailbox}`` (that seeded mailbox's UIDVALIDITY on the side being run).
@@ -245,21 +245,22 @@ def parse_corpus(text: str, path: str = "<corpus>") -> list[Conversation]:
 
 # ------------------------------------------------------------------ expanding C: lines
 
-_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.)")
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|[rnt0])")
 _LITERAL_MACRO = re.compile(r"\{\{(\+?)(.*?)\}\}")
 
 
 def _unescape(text: str) -> bytes:
-    """Escapes to bytes (``\\xHH`` one byte); other characters as UTF-8."""
+    """``\\r \\n \\t \\0 \\xHH`` to bytes; every other backslash is sent as it is
+    (IMAP's own ``\\"`` and ``\\\\`` in quoted strings, ``\\Seen``); the rest as UTF-8."""
     out = bytearray()
     pos = 0
     for m in _ESCAPE.finditer(text):
         out += text[pos:m.start()].encode("utf-8")
         e = m.group(1)
-        if e.startswith("x") and len(e) == 3:
+        if e.startswith("x"):
             out.append(int(e[1:], 16))
         else:
-            out += {"r": "\r", "n": "\n", "t": "\t", "0": "\0"}.get(e, e).encode("utf-8")
+            out += {"r": b"\r", "n": b"\n", "t": b"\t", "0": b"\0"}[e]
         pos = m.end()
     out += text[pos:].encode("utf-8")
     return bytes(out)
@@ -271,7 +272,7 @@ def expand(text: str, subst: dict[str, str]) -> list[bytes]:
         text = text.replace("${" + key + "}", value)
     if "${" in text:
         raise ValueError(f"unknown substitution in {text!r}")
-    no_crlf = text.endswith("\\") and not text.endswith("\\\\")
+    no_crlf = text.endswith("\\")
     if no_crlf:
         text = text[:-1]
     writes: list[bytes] = []
@@ -587,6 +588,7 @@ class Context:
     conv: Conversation
     sent: bytes  # the client's write these responses answer
     verbs: dict[bytes, bytes] = field(default_factory=dict)  # tag -> command name, of everything sent so far
+    proxy: tuple[bytes, ...] = ()  # the proxy's (normalised) responses in this exchange
 
 
 @dataclass(frozen=True)
@@ -734,6 +736,26 @@ def _prelogin_enable_missing(direct: bytes, ctx: Context) -> bool:
     return b" OK ENABLE ignored in non-authenticated state" in direct
 
 
+def _referral_pair(direct: bytes, proxy: bytes, ctx: Context) -> bool:
+    tag = _status_word(direct)[0] or _status_word(proxy)[0]
+    verb = ctx.verbs.get(tag) or ctx.verbs.get(_status_word(proxy)[0])
+    if b"[REFERRAL " in proxy:
+        return True
+    return verb in (b"RLIST", b"RLSUB") or any(v in (b"RLIST", b"RLSUB") for v in _verbs_in(ctx.sent))
+
+
+def _verbs_in(sent: bytes) -> list[bytes]:
+    return [m.group(2).upper() for m in _COMMAND_HEAD.finditer(sent)]
+
+
+def _referral_extra(proxy: bytes, ctx: Context) -> bool:
+    return any(v in (b"RLIST", b"RLSUB") for v in _verbs_in(ctx.sent))
+
+
+def _referral_missing(direct: bytes, ctx: Context) -> bool:
+    return any(b"[REFERRAL " in r for r in ctx.proxy)
+
+
 def _anything(*_args) -> bool:
     return True
 
@@ -748,7 +770,8 @@ DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
                default=True),
     Difference("capabilities", "the CAPABILITY list (response and [CAPABILITY] code)",
                "the proxy adds its own (IMAP4rev1 LITERAL+ ID MAILBOX-REFERRALS MULTIAPPEND, and SASL-IR AUTH=PLAIN "
-               "before login) and does not relay STARTTLS, AUTH=LOGIN, LOGIN-REFERRALS, NOTIFY (see the README)",
+               "before login) and does not relay STARTTLS, AUTH=LOGIN, LOGIN-REFERRALS, NOTIFY (events of other "
+               "backends cannot be merged yet: a client polls with NOOP/IDLE and STATUS instead)",
                pair=_capabilities, default=True),
     Difference("literal-continuation", "the text of the continuation request for a synchronizing literal",
                "the proxy collects the command before relaying it and sends its own `+ Ready for literal data`",
@@ -770,6 +793,10 @@ DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
     Difference("prelogin-enable", "ENABLE before login: Dovecot says `* ENABLED` and OK (ignored); the proxy BAD",
                "RFC 5161 3.1: ENABLE is valid in the authenticated state only", pair=_prelogin_enable,
                missing=_prelogin_enable_missing),
+    Difference("referrals", "RLIST/RLSUB (RFC 2193) are answered (Dovecot: BAD); after them the session is "
+               "referral-aware and a mailbox on another backend gets `NO [REFERRAL imap://...]`",
+               "MAILBOX-REFERRALS is the proxy's own; a client that never sends RLIST/RLSUB is never referred",
+               pair=_referral_pair, extra=_referral_extra, missing=_referral_missing),
     Difference("rename-across", "RENAME to a mailbox another backend owns: the text says what moved, "
                "the mailbox has a new UIDVALIDITY", "it is a new mailbox on the other backend", pair=_same_status,
                uidvalidity=True, scope="split"),
@@ -835,11 +862,11 @@ def compare(conv: Conversation, mode: str, direct: list[Exchange], proxy: list[E
         lines.append(f"C: {label}")
         for m in _COMMAND_HEAD.finditer(ed.sent):
             verbs[m.group(1)] = m.group(2).upper()
-        ctx = Context(conv, ed.sent, verbs)
-        if ed.end != ep.end and not explain("end", ed.end, ep.end):
-            unexplained.append(f"after {label!r}: Dovecot {ed.end or 'answered'}, proxy {ep.end or 'answered'}")
         na, nb = norm.exchange(ed.received), norm.exchange(ep.received)
         a, b = [x for x, _ in na], [y for y, _ in nb]
+        ctx = Context(conv, ed.sent, verbs, tuple(b))
+        if ed.end != ep.end and not explain("end", ed.end, ep.end):
+            unexplained.append(f"after {label!r}: Dovecot {ed.end or 'answered'}, proxy {ep.end or 'answered'}")
         for r in a:
             lines.append("  D: " + r.decode("latin-1")[:300])
         for r in b:
