@@ -425,7 +425,7 @@ protocol imap {{
 }}
 plugin {{
   quota = maildir:User quota
-  quota_rule = *:storage=100M
+  quota_rule = *:storage=10G
   acl = vfile
   # a master-user login (the proxy's) has the rights of the user it acts for
   acl_user = %u

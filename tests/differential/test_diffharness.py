@@ -131,8 +131,8 @@ def test_own_text_only_where_allowed():
 
 
 def test_split_only_differences_do_not_apply_in_single_mode():
-    d = [b'* QUOTA "User quota" (STORAGE 5 102400)', b"a1 OK q"]
-    p = [b'* QUOTA "User quota" (STORAGE 4 102400)', b"a1 OK q"]
+    d = [b'* QUOTA "User quota" (STORAGE 5 10485760)', b"a1 OK q"]
+    p = [b'* QUOTA "User quota" (STORAGE 4 10485760)', b"a1 OK q"]
     assert _cmp(d, p, b"a1 GETQUOTA x\r\n", "@allow quota-share\n", "split").differences == []
     assert _cmp(d, p, b"a1 GETQUOTA x\r\n", "@allow quota-share\n", "single").differences
     limit = [b'* QUOTA "User quota" (STORAGE 4 999)', b"a1 OK q"]
