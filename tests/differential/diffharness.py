@@ -893,6 +893,8 @@ def compare(conv: Conversation, mode: str, direct: list[Exchange], proxy: list[E
         na, nb = norm.exchange(ed.received), norm.exchange(ep.received)
         a, b = [x for x, _ in na], [y for y, _ in nb]
         ctx = Context(conv, ed.sent, verbs, tuple(b))
+        if ed.end == "timeout":  # the corpus waits for what never comes: nothing after it is compared
+            unexplained.append(f"after {label!r}: Dovecot did not answer within {READ_TIMEOUT:.0f} s")
         if ed.end != ep.end and not explain("end", ed.end, ep.end):
             unexplained.append(f"after {label!r}: Dovecot {ed.end or 'answered'}, proxy {ep.end or 'answered'}")
         for r in a:
