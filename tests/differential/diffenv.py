@@ -1,5 +1,5 @@
-"""The differential test's environment: one proxy per test module in front of the
-session's Dovecot fleet, direct Dovecot beside it, and the seeded stores to restore.
+"""The differential test's environment: one proxy per mode in front of the session's
+Dovecot fleet, direct Dovecot beside it, and the seeded stores to restore.
 
 Direct Dovecot is b2; the proxy's side is b1 (mode "single") or b1 plus b3 for
 ``Shared/*`` (mode "split", the user's mailboxes over two backends). The same user
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from conftest import REPO_ROOT, RunningProxy, _wait_for_greeting, default_proxy_config, toml_dumps
 from diffharness import (
+    DIFFERENCES,
     Conversation,
     Side,
     Snapshot,
@@ -73,7 +74,6 @@ class Env:
 
 
 def _applies(diff_id: str, mode: str) -> bool:
-    from diffharness import DIFFERENCES
     return DIFFERENCES[diff_id].scope in ("both", mode)
 
 
