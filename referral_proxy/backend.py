@@ -142,7 +142,8 @@ class BackendProtocol(Protocol):
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.name
-        self.capabilities: frozenset[str] = frozenset()
+        self.capabilities: frozenset[str] = frozenset()  # upper-cased, for membership tests
+        self.capability_names: tuple[str, ...] = ()
         self.greeting: defer.Deferred[ResponseStart] = defer.Deferred()
         self.sink: ResponseSink | None = None
         self.on_continuation: Callable[[bytes], None] | None = None
@@ -242,7 +243,7 @@ class BackendProtocol(Protocol):
         if not self._greeted:
             self._greeted = True
             if start.code == "CAPABILITY":
-                self.capabilities = frozenset(capability_tokens(start.code_args))
+                self._set_capabilities(start.code_args)
             self.greeting.callback(start)
             return
         if start.kind == "continuation":
@@ -263,9 +264,9 @@ class BackendProtocol(Protocol):
         if start.status == "BYE":
             self.bye_received = True
         if start.name == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.rest))
+            self._set_capabilities(start.rest)
         elif start.code == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.code_args))
+            self._set_capabilities(start.code_args)
         if self.tap is not None:
             self._current = "tapped" if line.literal is not None else None
             self.tap(start, line)
@@ -309,10 +310,14 @@ class BackendProtocol(Protocol):
             log.warn("backend {name} completed an unknown tag {tag!r}", name=self.name, tag=start.tag)
             return
         if start.code == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.code_args))
+            self._set_capabilities(start.code_args)
         pending.on_done(start, raw)
 
     # -- writing commands -------------------------------------------------------
+
+    def _set_capabilities(self, data: bytes) -> None:
+        self.capabilities = frozenset(capability_tokens(data))
+        self.capability_names = tuple(data.decode("ascii", "replace").split())  # as announced: RIGHTS=texk
 
     def next_tag(self) -> bytes:
         return next(self._tags)

@@ -91,7 +91,7 @@ _ROWS = [
     _spec("APPEND", AUTH, "mailbox any+", Routing.STREAMED, handler="append"),  # read by imap.reader
     _spec("RLIST", AUTH, "reference pattern", Routing.MERGED, "MAILBOX-REFERRALS", handler="list"),
     _spec("RLSUB", AUTH, "reference pattern", Routing.MERGED, "MAILBOX-REFERRALS", handler="list"),
-    _spec("ENABLE", AUTH, "atom+", Routing.HOME, "ENABLE", handler="enable"),
+    _spec("ENABLE", AUTH, "atom*", Routing.HOME, "ENABLE", handler="enable"),
     _spec("NAMESPACE", AUTH, "", Routing.HOME, "NAMESPACE"),
     _spec("IDLE", AUTH, "", Routing.SELECTED, "IDLE", handler="idle"),
     _spec("GETQUOTA", AUTH, "astring", Routing.HOME, "QUOTA"),

@@ -312,7 +312,7 @@ class ClientSession(Protocol):
 
     def _post_login_caps(self) -> list[str]:
         conn = self.pool.ready(self.home or "") if self.pool is not None else None
-        caps = capabilities.post_login(sorted(conn.capabilities) if conn is not None else [],
+        caps = capabilities.post_login(conn.capability_names if conn is not None else (),
                                        mailbox_referrals=self.config.proxy.referrals != "never")
         # A cross-server MOVE removes the source messages by UID: no MOVE if a backend lacks UIDPLUS.
         if any("UIDPLUS" not in c for c in self.ctx.backend_caps.values()):

@@ -80,7 +80,7 @@ class Arguments:
 
 
 _SEQSET = re.compile(rb"\$|[0-9*]+(?::[0-9*]+)?(?:,[0-9*]+(?::[0-9*]+)?)*")
-_ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f()"]')
+_ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f-\xff()"]')  # 8-bit: a quoted string or a literal
 
 
 def _fits(tok: Token, slot: Slot) -> bool:
@@ -93,7 +93,7 @@ def _fits(tok: Token, slot: Slot) -> bool:
     if slot is Slot.SEQSET:
         return isinstance(tok, Atom) and _SEQSET.fullmatch(tok.value) is not None
     if slot is Slot.PATTERN and isinstance(tok, ParenList):
-        return bool(tok.items) and all(_is_astring(t) for t in tok.items)
+        return all(_is_astring(t) for t in tok.items)
     return _is_astring(tok)
 
 
