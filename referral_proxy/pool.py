@@ -145,8 +145,13 @@ class BackendPool:
 
     def fast(self, name: str) -> BackendProtocol | None:
         """The connection to relay to at once, if nothing has to happen first."""
-        conn = self.ready(name)
-        if conn is None or self.busy_except(conn) or any(e not in conn.enabled for e in self.enabled):
+        conn = self.conns.get(name)
+        if conn is None or conn.closed:
+            return None
+        for other in self.conns.values():
+            if other is not conn and other.busy:
+                return None
+        if self.enabled and any(e not in conn.enabled for e in self.enabled):
             return None
         return conn
 

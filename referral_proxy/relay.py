@@ -212,7 +212,8 @@ class _Op:
         data = replace_tag(raw, self.tag)
         if start.code == "NOUPDATE":
             data = relay.translate(conn, data)
-        relay._completed(conn, self.ptag, self.keep, start.status == "OK")
+        if self.keep is not None:
+            relay._completed(conn, self.ptag, self.keep, start.status == "OK")
         if self.cancels and start.status == "OK":
             relay.cancel_updates(conn, self.cancels)
         if self.answer is not None:
@@ -220,7 +221,8 @@ class _Op:
         relay.host.write_from(conn, data)
         if self.after is not None:
             self.after(start)
-        self._release()
+        if self.blocking:
+            self._release()
         relay.host.relay_finished(conn)
 
     def lost(self, _reason: Failure) -> None:

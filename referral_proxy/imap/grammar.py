@@ -83,16 +83,20 @@ _SEQSET = re.compile(rb"\$|[0-9*]+(?::[0-9*]+)?(?:,[0-9*]+(?::[0-9*]+)?)*")
 _ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f-\xff()"]')  # 8-bit: a quoted string or a literal
 
 
+# Enum members are slow to look up on their class: the slots as module constants.
+_ANY, _LIST, _ATOM_SLOT, _SEQSET_SLOT, _PATTERN = Slot.ANY, Slot.LIST, Slot.ATOM, Slot.SEQSET, Slot.PATTERN
+
+
 def _fits(tok: Token, slot: Slot) -> bool:
-    if slot is Slot.ANY:
+    if slot is _ANY:
         return True
-    if slot is Slot.LIST:
-        return isinstance(tok, ParenList)
-    if slot is Slot.ATOM:
-        return isinstance(tok, Atom)
-    if slot is Slot.SEQSET:
-        return isinstance(tok, Atom) and _SEQSET.fullmatch(tok.value) is not None
-    if slot is Slot.PATTERN and isinstance(tok, ParenList):
+    if slot is _LIST:
+        return type(tok) is ParenList
+    if slot is _ATOM_SLOT:
+        return type(tok) is Atom
+    if slot is _SEQSET_SLOT:
+        return type(tok) is Atom and _SEQSET.fullmatch(tok.value) is not None
+    if slot is _PATTERN and type(tok) is ParenList:
         return all(_is_astring(t) for t in tok.items)
     return _is_astring(tok)
 
@@ -121,7 +125,7 @@ def match(grammar: Grammar, tokens: Sequence[Token], text: bytes | None = None) 
             kinds.append(slot)
             i += 1
         if repeat in ("*", "+"):
-            if slot is Slot.ANY:  # takes the rest, whatever it is (SEARCH keys, FETCH items)
+            if slot is _ANY:  # takes the rest, whatever it is (SEARCH keys, FETCH items)
                 kinds.extend([slot] * (n - i))
                 i = n
             while i < n and _fits(tokens[i], slot):
