@@ -107,3 +107,46 @@ def test_bad_metrics_endpoint_is_refused_at_load(tmp_path):
                     'url = "imap://h"\n[map]\ndefault = "b1"\n[metrics]\nlisten = "tcp:nope"\n')
     with pytest.raises(ConfigError, match="metrics.listen: bad endpoint 'tcp:nope'"):
         load_config(path, check_endpoints=lambda c: check_endpoints(c, reactor))
+
+
+def test_twistd_writes_the_configured_json_log(tmp_path):
+    """Under ``twistd -n`` too, [log] format applies: every line on stdout is one JSON event."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from referral_proxy.fleet import free_port
+
+    port = free_port()
+    path = tmp_path / "p.toml"
+    path.write_text(f'[proxy]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n[backends.b1]\n'
+                    'endpoint = "tcp:host=127.0.0.2:port=1"\nurl = "imap://127.0.0.2:1"\n[map]\ndefault = "b1"\n'
+                    '[log]\nformat = "json"\n')
+    env = dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    twistd = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+         "--pidfile=", "-n", "referral-proxy", "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    assert s.recv(100).startswith(b"* OK")
+                    s.sendall(b"a LOGOUT\r\n")
+                    while s.recv(100):
+                        pass
+                break
+            except ConnectionRefusedError:
+                assert twistd.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        twistd.send_signal(signal.SIGTERM)
+        out, err = twistd.communicate(timeout=30)
+    events = [json.loads(line) for line in out.decode().splitlines()]
+    assert any(e["event"] == "session_start" and e["client"].startswith("127.0.0.1:") for e in events), events
+    assert any(e["event"] == "session_end" and e["outcome"] == "logout" for e in events), events
+    assert not err.strip(), err
