@@ -49,10 +49,12 @@ KNOWN_COMMANDS = frozenset({
 })
 LOGIN_RESULTS = ("ok", "failed", "referred", "unavailable")
 TRANSFER_KINDS = ("copy", "move", "rename", "admin_move")
-_RESULTS = {b"OK": "ok", b"NO": "no", b"BAD": "bad"}
-# What the proxy said last with "* BYE", to how the session ended.
-_BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_timeout"),
-                 (b"* BYE Server shutting down", "shutdown"))
+_RESULTS = {b"OK": "ok", b"NO": "no", b"BAD": "bad", b"OK ": "ok", b"NO ": "no"}
+# What the proxy said last with "* BYE", to how the session ended (any other BYE: one
+# relayed from a backend that went away).
+_BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_timeout"))
+# Commands awaiting their answer, per session: more are not timed (a bound, whatever happens).
+MAX_PENDING = 1000
 
 
 @dataclass(eq=False)
@@ -102,6 +104,7 @@ class Observer:
         self._backends: set[Any] = set()
         # command -> ([count per bucket, +Inf last], sum of seconds)
         self.command_seconds: dict[str, tuple[list[int], list[float]]] = {}
+        self.stopping = False  # the service is shutting down: sessions end with outcome "shutdown"
 
     # -- sessions -------------------------------------------------------------
 
@@ -123,7 +126,7 @@ class Observer:
         if rec is None:
             return
         outcome = next((o for prefix, o in _BYE_OUTCOMES if rec.bye.startswith(prefix)),
-                       "backend_lost" if rec.bye else "client_closed")
+                       "shutdown" if self.stopping else "backend_lost" if rec.bye else "client_closed")
         self.sessions_total[outcome] = self.sessions_total.get(outcome, 0) + 1
         self._event("session_end", rec, "session end", outcome=outcome,
                     seconds=round(self.clock() - rec.started, 3), bytes_in=rec.bytes_in, bytes_out=rec.bytes_out)
@@ -162,28 +165,35 @@ class Observer:
     def command(self, session: Any, start: CommandStart) -> None:
         """A command line was read: its completion will be timed and counted."""
         rec = self._live.get(session)
-        if rec is not None:
+        if rec is not None and len(rec.pending) < MAX_PENDING:
             name = start.name if start.name in KNOWN_COMMANDS else "OTHER"
             rec.pending.append((start.tag, name, self.clock()))
 
     def _completion(self, rec: SessionRecord, data: bytes) -> None:
         end = len(data) - 2
         line = data[data.rfind(b"\n", 0, end) + 1:end]
-        for i, (tag, name, started) in enumerate(rec.pending):
-            if line[:len(tag)] == tag and line[len(tag):len(tag) + 1] == b" ":
-                status = line[len(tag) + 1:len(tag) + 5].split(b" ", 1)[0].upper()
-                result = _RESULTS.get(status)
-                if result is None:
-                    continue
-                del rec.pending[i]
-                key = (name, result)
-                self.commands_total[key] = self.commands_total.get(key, 0) + 1
-                self._observe_seconds(name, self.clock() - started)
-                if result == "no" and line[len(tag) + 1:len(tag) + 14].upper() == b"NO [REFERRAL ":
-                    self.referrals_total[name] = self.referrals_total.get(name, 0) + 1
-                    urls = line[len(tag) + 14:].split(b"]", 1)[0].decode("ascii", "replace").split()
-                    self._event("referral", rec, "referral", command=name, urls=urls)
-                return
+        space = line.find(b" ")
+        if space <= 0:
+            return
+        tag = line[:space]
+        pending = rec.pending
+        for i in range(len(pending)):
+            if pending[i][0] == tag:
+                break
+        else:
+            return
+        result = _RESULTS.get(line[space + 1:space + 4].rstrip(b" ").upper())
+        if result is None:
+            return
+        _, name, started = pending.pop(i)
+        key = (name, result)
+        counts = self.commands_total
+        counts[key] = counts.get(key, 0) + 1
+        self._observe_seconds(name, self.clock() - started)
+        if result == "no" and line[space + 4:space + 14].upper() == b"[REFERRAL ":
+            self.referrals_total[name] = self.referrals_total.get(name, 0) + 1
+            urls = line[space + 14:].split(b"]", 1)[0].decode("ascii", "replace").split()
+            self._event("referral", rec, "referral", command=name, urls=urls)
 
     def _observe_seconds(self, name: str, seconds: float) -> None:
         entry = self.command_seconds.get(name)

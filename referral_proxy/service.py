@@ -185,6 +185,7 @@ class ProxyService(MultiService):
         seconds at most) until the BYEs are really out before the reactor tears down."""
         if self.health is not None:
             self.health.stop()
+        self.observer.stopping = True
         yield super().stopService()
         sessions = list(self.context.sessions)
         closed = [s.when_closed() for s in sessions]

@@ -346,3 +346,25 @@ def test_two_proxies_pointed_at_each_other_stop_by_ttl_or_session_id(proxy_facto
     starts = a.stderr_text().count("session start") + b.stderr_text().count("session start") - probes
     # untrusted: 5 hops (ttl 5 .. 0) + the client's = 6 sessions; trusted: A's id comes back on the 2nd hop
     assert starts == (3 if trusted else 6), (a.stderr_text(), b.stderr_text())
+
+
+def test_session_outcomes_backend_lost_and_shutdown(proxy_factory, spare_backend):
+    metrics_port = free_port()
+    proxy = proxy_factory({
+        "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"},
+        "backends": {"spare": {"endpoint": spare_backend.endpoint, "url": spare_backend.url}},
+    }, rules=[{"user": "carol", "mailbox": "*", "backend": "spare"}])
+    lost = Counted(proxy.host, proxy.port)
+    lost.login("carol")
+    stays = Counted(proxy.host, proxy.port)
+    stays.login("alice")
+    spare_backend.kill()
+    assert lost.line() == b"* BYE Mail server connection lost\r\n"
+    lost.finish()
+    samples = wait_for(lambda: (s := scrape(metrics_port)) and value(s, "referral_proxy_sessions") == 1 and s,
+                       "carol's session to end")
+    assert value(samples, "referral_proxy_sessions_total", outcome="backend_lost") == 1
+    proxy.stop()
+    assert stays.line() == b"* BYE Server shutting down\r\n"
+    ends = [line for line in proxy.stderr_text().splitlines() if "session end" in line and "user=alice" in line]
+    assert len(ends) == 1 and "outcome=shutdown" in ends[0], proxy.stderr_text()
