@@ -151,3 +151,22 @@ def test_no_header_or_a_slow_one_is_dropped_without_a_word():
     reactor.advance(11)
     assert made == [] and transport.value() == b""
 
+
+
+def test_starttls_on_a_proxied_connection_is_seen_as_tls():
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import alsoProvides
+
+    class TLSCapable(StringTransport):
+        def startTLS(self, options, normal=True):
+            self.tls = options
+            alsoProvides(self, ISSLTransport)
+
+    factory = HeaderFirstFactory(Factory.forProtocol(Protocol), MemoryReactorClock(), 10.0)
+    proto = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+    transport = TLSCapable()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"PROXY TCP4 192.0.2.1 127.0.0.1 1 2\r\n")
+    assert not ISSLTransport.providedBy(proto)
+    proto.startTLS("options")
+    assert transport.tls == "options" and ISSLTransport.providedBy(proto)
