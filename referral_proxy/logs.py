@@ -96,7 +96,8 @@ class LogWriter:
         if _LEVELS.get(level.name, 1) < self.level:
             return
         try:
-            line = self._line(event, level)
+            # lone surrogates (names decoded with surrogateescape) written as \udcXX, not lost
+            line = self._line(event, level).encode("utf-8", "backslashreplace").decode("utf-8")
         except Exception as e:  # a log line must never take the proxy down
             line = json.dumps({"level": "error", "message": f"unformattable log event: {type(e).__name__}"})
         try:

@@ -90,7 +90,9 @@ class _SessionFactory(ServerFactory):
 
 
 class ProxyService(MultiService):
-    """The proxy: one listener service per ``[proxy].listen`` endpoint."""
+    """The proxy: one listener service per ``[proxy].listen`` endpoint (and /metrics)."""
+
+    log_observer: Any = None  # set by tap.py: given to twistd's application as its log observer
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
@@ -153,8 +155,6 @@ class ProxyService(MultiService):
             raise
         self.observer.backend_opened(proto)
         return proto
-
-    log_observer: Any = None  # set by tap.py: given to twistd's application as its log observer
 
     def setServiceParent(self, parent: Any) -> Any:
         result = super().setServiceParent(parent)

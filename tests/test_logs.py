@@ -59,6 +59,16 @@ def test_text_lines_decode_names_and_escape_control_characters():
     assert lines[1].endswith('login session=1 user="a b\\nc" client=192.0.2.7:1 backend=b1 result=ok')
 
 
+def test_undecodable_text_is_written_not_lost():
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8")  # as stderr: a lone surrogate cannot be encoded
+    w = LogWriter(LogConfig(format="json"), stream)
+    Logger(namespace="referral_proxy.session", observer=w).info(
+        "moved {old}", old=b"\xff\xfe".decode("utf-8", "surrogateescape"))
+    line = raw.getvalue().decode("utf-8")
+    assert json.loads(line)["message"] == "moved \udcff\udcfe"  # the same text, escaped in JSON
+
+
 def test_level_filters_and_failures_keep_their_traceback():
     w, out, log = writer("json", "warn")
     log.info("not shown")
