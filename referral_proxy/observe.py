@@ -49,7 +49,6 @@ KNOWN_COMMANDS = frozenset({
 })
 LOGIN_RESULTS = ("ok", "failed", "referred", "unavailable")
 TRANSFER_KINDS = ("copy", "move", "rename", "admin_move")
-_RESULTS = {b"OK": "ok", b"NO": "no", b"BAD": "bad", b"OK ": "ok", b"NO ": "no"}
 # What the proxy said last with "* BYE", to how the session ended (any other BYE: one
 # relayed from a backend that went away).
 _BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_timeout"))
@@ -67,7 +66,7 @@ class SessionRecord:
     origin: Origin
     bytes_in: int = 0
     bytes_out: int = 0
-    pending: list[tuple[bytes, str, float]] = field(default_factory=list)  # (tag, command, started)
+    pending: list[tuple[bytes, str, float]] = field(default_factory=list)  # (tag + b" ", command, started)
     bye: bytes = b""
 
     def context(self) -> dict[str, Any]:
@@ -167,32 +166,40 @@ class Observer:
         rec = self._live.get(session)
         if rec is not None and len(rec.pending) < MAX_PENDING:
             name = start.name if start.name in KNOWN_COMMANDS else "OTHER"
-            rec.pending.append((start.tag, name, self.clock()))
+            rec.pending.append((start.tag + b" ", name, self.clock()))
 
     def _completion(self, rec: SessionRecord, data: bytes) -> None:
-        end = len(data) - 2
-        line = data[data.rfind(b"\n", 0, end) + 1:end]
-        space = line.find(b" ")
-        if space <= 0:
-            return
-        tag = line[:space]
+        """Count the command whose tagged answer ends *data*, if one does.
+
+        A tagged answer is a write of its own (it starts with the tag) or the last line of
+        a longer one (a merged LIST); literal data that happens to end a line is looked
+        at no further back than 512 bytes."""
         pending = rec.pending
         for i in range(len(pending)):
-            if pending[i][0] == tag:
-                break
-        else:
+            if data.startswith(pending[i][0]):
+                return self._answered(rec, i, data, len(pending[i][0]))
+        end = len(data) - 2
+        start = data.rfind(b"\n", max(0, end - 512), end) + 1
+        if start == 0:
             return
-        result = _RESULTS.get(line[space + 1:space + 4].rstrip(b" ").upper())
+        for i in range(len(pending)):
+            if data.startswith(pending[i][0], start):
+                return self._answered(rec, i, data, start + len(pending[i][0]))
+
+    def _answered(self, rec: SessionRecord, i: int, data: bytes, pos: int) -> None:
+        """*data*[pos:] is the status of the answer to rec.pending[i]."""
+        status = data[pos:pos + 3].upper()
+        result = "ok" if status[:2] == b"OK" else "no" if status[:2] == b"NO" else "bad" if status == b"BAD" else None
         if result is None:
             return
-        _, name, started = pending.pop(i)
+        _, name, started = rec.pending.pop(i)
         key = (name, result)
         counts = self.commands_total
         counts[key] = counts.get(key, 0) + 1
         self._observe_seconds(name, self.clock() - started)
-        if result == "no" and line[space + 4:space + 14].upper() == b"[REFERRAL ":
+        if result == "no" and data[pos + 3:pos + 13].upper() == b"[REFERRAL ":
             self.referrals_total[name] = self.referrals_total.get(name, 0) + 1
-            urls = line[space + 14:].split(b"]", 1)[0].decode("ascii", "replace").split()
+            urls = data[pos + 13:data.find(b"]", pos)].decode("ascii", "replace").split()
             self._event("referral", rec, "referral", command=name, urls=urls)
 
     def _observe_seconds(self, name: str, seconds: float) -> None:
