@@ -49,6 +49,7 @@ KNOWN_COMMANDS = frozenset({
 })
 LOGIN_RESULTS = ("ok", "failed", "referred", "unavailable")
 TRANSFER_KINDS = ("copy", "move", "rename", "admin_move")
+_STATUSES = {b"OK": "ok", b"NO": "no"}
 # What the proxy said last with "* BYE", to how the session ended (any other BYE: one
 # relayed from a backend that went away).
 _BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_timeout"))
@@ -92,7 +93,8 @@ class Observer:
         self._by_id: dict[int, SessionRecord] = {}
         self.sessions_total: dict[str, int] = {}
         self.logins_total: dict[str, int] = dict.fromkeys(LOGIN_RESULTS, 0)
-        self.commands_total: dict[tuple[str, str], int] = {}
+        self._commands_total: dict[tuple[str, str], int] = {}
+        self._answers: list[tuple[str, str, float]] = []  # (command, result, seconds) not yet counted
         self.referrals_total: dict[str, int] = {}
         self.connect_failures: dict[str, int] = dict.fromkeys(backends, 0)
         self.transfers_total: dict[tuple[str, str], int] = {}
@@ -101,8 +103,7 @@ class Observer:
         self.bytes_client_out = 0
         self._backend_bytes_closed = [0, 0]  # (in, out) of backend connections already closed
         self._backends: set[Any] = set()
-        # command -> ([count per bucket, +Inf last], sum of seconds)
-        self.command_seconds: dict[str, tuple[list[int], list[float]]] = {}
+        self._command_seconds: dict[str, tuple[list[int], list[float]]] = {}
         self.stopping = False  # the service is shutting down: sessions end with outcome "shutdown"
 
     # -- sessions -------------------------------------------------------------
@@ -188,26 +189,48 @@ class Observer:
 
     def _answered(self, rec: SessionRecord, i: int, data: bytes, pos: int) -> None:
         """*data*[pos:] is the status of the answer to rec.pending[i]."""
-        status = data[pos:pos + 3].upper()
-        result = "ok" if status[:2] == b"OK" else "no" if status[:2] == b"NO" else "bad" if status == b"BAD" else None
-        if result is None:
-            return
+        status = data[pos:pos + 2]
+        if status not in _STATUSES:
+            status = data[pos:pos + 3].upper()
+            if status[:2] in _STATUSES:
+                status = status[:2]
+            elif status != b"BAD":
+                return
+        result = _STATUSES.get(status, "bad")
         _, name, started = rec.pending.pop(i)
-        key = (name, result)
-        counts = self.commands_total
-        counts[key] = counts.get(key, 0) + 1
-        self._observe_seconds(name, self.clock() - started)
+        done = self._answers
+        done.append((name, result, self.clock() - started))
+        if len(done) >= 4096:
+            self.flush()
         if result == "no" and data[pos + 3:pos + 13].upper() == b"[REFERRAL ":
             self.referrals_total[name] = self.referrals_total.get(name, 0) + 1
             urls = data[pos + 13:data.find(b"]", pos)].decode("ascii", "replace").split()
             self._event("referral", rec, "referral", command=name, urls=urls)
 
-    def _observe_seconds(self, name: str, seconds: float) -> None:
-        entry = self.command_seconds.get(name)
-        if entry is None:
-            entry = self.command_seconds[name] = ([0] * (len(COMMAND_BUCKETS) + 1), [0.0])
-        entry[0][bisect.bisect_left(COMMAND_BUCKETS, seconds)] += 1
-        entry[1][0] += seconds
+    def flush(self) -> None:
+        """Fold the answers seen since the last call into the counts and the histogram
+        (answering a command only appends a tuple: the hot path stays short)."""
+        done, self._answers = self._answers, []
+        counts, seconds = self._commands_total, self._command_seconds
+        for name, result, took in done:
+            key = (name, result)
+            counts[key] = counts.get(key, 0) + 1
+            entry = seconds.get(name)
+            if entry is None:
+                entry = seconds[name] = ([0] * (len(COMMAND_BUCKETS) + 1), [0.0])
+            entry[0][bisect.bisect_left(COMMAND_BUCKETS, took)] += 1
+            entry[1][0] += took
+
+    @property
+    def commands_total(self) -> dict[tuple[str, str], int]:
+        self.flush()
+        return self._commands_total
+
+    @property
+    def command_seconds(self) -> dict[str, tuple[list[int], list[float]]]:
+        """command -> ([count per bucket of COMMAND_BUCKETS, +Inf last], [sum of seconds])."""
+        self.flush()
+        return self._command_seconds
 
     # -- logins, the loop guard -------------------------------------------------------------
 
