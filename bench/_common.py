@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from referral_proxy.testing.dovecot import (  # noqa: E402
+from referral_proxy.fleet import (  # noqa: E402
     Dovecot,
     dovecot_available,
     free_port,

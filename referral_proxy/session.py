@@ -53,8 +53,9 @@ from .imap.command import (
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec
 from .imap.quoting import astring, quoted
 from .imap.response import ResponseStart, completion_text
+from .observe import Observer
 from .routing import MailboxMap, Route
-from .transfer import Mover, TransferError, copy_across
+from .transfer import CopyOutcome, Mover, MoveResult, TransferError, copy_across
 
 __all__ = ["ProxyContext", "ClientSession"]
 
@@ -77,6 +78,7 @@ class ProxyContext:
     server_tls: Any = None  # IOpenSSLServerConnectionCreator for STARTTLS, or None
     sessions: set[ClientSession] = field(default_factory=set)
     backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
+    observer: Observer = field(default_factory=Observer)  # counts (metrics) and events (logs)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self) -> int:
@@ -152,12 +154,13 @@ class ClientSession(Protocol):
         self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
-        log.info("session {id} from {peer}", id=self.id, peer=self._peer)
+        self.ctx.observer.session_started(self)
         caps = " ".join(self._pre_login_caps())
         self._send(b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), self.config.proxy.hostname.encode()))
 
     def dataReceived(self, data: bytes) -> None:
         quick_ack(self._socket)
+        self.ctx.observer.client_in(self, data)
         self._framer.receive_data(data)
         self._pump()
 
@@ -173,7 +176,7 @@ class ClientSession(Protocol):
             # An emulated MULTIAPPEND removes what it saved, then closes its connection itself.
             self._conns.pop(cmd.conn.name, None)
         self._logout_backends()
-        log.info("session {id} closed ({user})", id=self.id, user=self.user or "not logged in")
+        self.ctx.observer.session_ended(self)
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the client's connection is gone (what was written is flushed)."""
@@ -205,6 +208,7 @@ class ClientSession(Protocol):
     # -- output --------------------------------------------------------------
 
     def _transport_write(self, data: bytes) -> None:
+        self.ctx.observer.client_out(self, data)
         self.transport.write(data)
 
     def _send(self, data: bytes) -> None:
@@ -314,6 +318,7 @@ class ClientSession(Protocol):
                 self._framer.reject_literal()
             self._tagged(tag_of(line.data) or b"*", "BAD", f"Invalid command: {e}")
             return
+        self.ctx.observer.command(self, start)
         if self.phase is Phase.NOT_AUTHENTICATED:
             self._not_authenticated(line, start)
         else:
@@ -428,6 +433,7 @@ class ClientSession(Protocol):
         return self.config.proxy.allow_plaintext_login or self._tls_active()
 
     def _id_command(self, tag: bytes, args: list[Token] | None) -> None:
+        self.ctx.observer.client_id(self, args)
         self._send(b'* ID ("name" "referral-proxy" "version" %s)\r\n' % quoted(__version__.encode()))
         self._tagged(tag, "OK", "ID completed.")
 
@@ -493,6 +499,8 @@ class ClientSession(Protocol):
         self._start_login(tag, creds)
 
     def _start_login(self, tag: bytes, creds: Credentials) -> None:
+        if self.ctx.observer.refuses_login(self, tag, creds.authzid or creds.user):
+            return
         self._block("login")
         d = defer.ensureDeferred(self._login(tag, creds))
         d.addErrback(lambda f: log.failure("session {id}: login crashed", f, id=self.id))
@@ -517,7 +525,7 @@ class ClientSession(Protocol):
             return
         if proto is None:
             if isinstance(failure, AuthenticationFailed):
-                log.info("session {id}: login of {user} refused by backend", id=self.id, user=user)
+                self.ctx.observer.login(self, user, route.primary, "failed")
                 start = failure.response.start
                 if start.code:  # the backend's own reason, e.g. [AUTHENTICATIONFAILED] or [UNAVAILABLE]
                     self._send(b"%s %s\r\n" % (tag, completion_text(start).encode()))
@@ -525,7 +533,7 @@ class ClientSession(Protocol):
                     self._tagged(tag, "NO", "[AUTHENTICATIONFAILED] " + (start.text.decode("utf-8", "replace")
                                                                           or "Authentication failed."))
             else:
-                log.warn("session {id}: no backend for {user}: {why}", id=self.id, user=user, why=str(failure))
+                self.ctx.observer.login(self, user, route.primary, "unavailable", why=str(failure))
                 self._tagged(tag, "NO", "[UNAVAILABLE] Mail server temporarily unavailable")
             self._unblock()
             return
@@ -533,7 +541,7 @@ class ClientSession(Protocol):
         if self.config.proxy.login_referrals and backend_config.login_referral and referrals.referable(self.config, backend_config):
             proto.logout()  # the credentials are good: send the client to its server (RFC 2221)
             url = referrals.login_url(self.config, backend_config, user)
-            log.info("session {id}: {user} referred to {url}", id=self.id, user=user, url=url)
+            self.ctx.observer.login(self, user, proto.name, "referred", url=url)
             self._send(referrals.referral(tag, [url], f"Log in to {backend_config.url_host} directly"))
             self._unblock()
             return
@@ -542,7 +550,7 @@ class ClientSession(Protocol):
         self.phase = Phase.AUTHENTICATED
         self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
-        log.info("session {id}: {user} logged in on {backend}", id=self.id, user=user, backend=proto.name)
+        self.ctx.observer.login(self, user, proto.name, "ok")
         self._tagged(tag, "OK", f"[CAPABILITY {' '.join(self._post_login_caps())}] Logged in")
         self._unblock()
 
@@ -859,9 +867,10 @@ class ClientSession(Protocol):
         if self._refers(route):
             return self._refer(cmd.start.tag, route, mailbox)
         message_set = args[0].value if isinstance(args[0], Atom) else b""
-        self._run(cmd.start.tag, self._copy_across(cmd, message_set, mailbox, route))
+        self._run(cmd.start.tag, self.ctx.observer.transfer(self, cmd.start.name, self._copy_across(
+            cmd, message_set, mailbox, route), src=source, dst=route.primary, mailbox=mailbox))
 
-    async def _copy_across(self, cmd: _Collect, message_set: bytes, mailbox: bytes, route: Route) -> None:
+    async def _copy_across(self, cmd: _Collect, message_set: bytes, mailbox: bytes, route: Route) -> CopyOutcome:
         name = cmd.start.name
         src = self._ready(self.selected) if self.selected else None
         if src is None:
@@ -878,6 +887,7 @@ class ClientSession(Protocol):
         for raw in outcome.untagged:
             self._out.write(src, raw)
         self._tagged(cmd.start.tag, outcome.status, outcome.text)
+        return outcome
 
     async def _fresh(self, route: Route | str) -> BackendProtocol:
         """A NEW connection of the session's user, for a transfer (never the session's own)."""
@@ -906,7 +916,8 @@ class ClientSession(Protocol):
         if self._in_use(cmd.start.tag, old, new):
             return
         if old_route.primary != new_route.primary:
-            return self._run(cmd.start.tag, self._rename_across(cmd, old, new, old_route, new_route))
+            return self._run(cmd.start.tag, self.ctx.observer.transfer(self, "rename", self._rename_across(
+                cmd, old, new, old_route, new_route), src=old_route.primary, dst=new_route.primary, mailbox=old, to=new))
 
         def done(start: ResponseStart) -> None:
             if start.status == "OK":
@@ -914,7 +925,7 @@ class ClientSession(Protocol):
 
         self._relay_to(cmd, old_route, done)
 
-    async def _rename_across(self, cmd: _Collect, old: bytes, new: bytes, old_route: Route, new_route: Route) -> None:
+    async def _rename_across(self, cmd: _Collect, old: bytes, new: bytes, old_route: Route, new_route: Route) -> MoveResult:
         """RENAME to a name another backend owns: the journaled move of transfer.Mover."""
         assert self.user is not None
         await self._quiet(None)
@@ -929,10 +940,9 @@ class ClientSession(Protocol):
         except TransferError as e:
             text = str(e)
             raise _Refused(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
-        log.info("session {id}: {user} moved {old} to {new} on {dst}: {n} mailbox(es), {m} message(s)", id=self.id,
-                 user=self.user, old=old, new=new, dst=new_route.primary, n=result.mailboxes, m=result.messages)
         self._tagged(cmd.start.tag, "OK", f"Rename completed ({result.mailboxes} mailbox(es), "
                                           f"{result.messages} message(s) moved to another server).")
+        return result
 
     def _move_placements(self, old: bytes, new: bytes) -> None:
         """Placements under the old name now belong to the new one."""
