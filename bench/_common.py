@@ -25,13 +25,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from referral_proxy.imap.framing import announced_literal  # noqa: E402
-from referral_proxy.testing.dovecot import (  # noqa: E402
+from referral_proxy.fleet import (  # noqa: E402
     Dovecot,
     dovecot_available,
     free_port,
     make_root,
 )
+from referral_proxy.imap.framing import announced_literal  # noqa: E402
 from referral_proxy.testing.proxyproc import ProxyProcess as _ProxyProcess  # noqa: E402
 from referral_proxy.testing.proxyproc import die_with_parent as _pdeathsig  # noqa: E402, F401 (peers.py)
 from referral_proxy.testing.proxyproc import wait_greeting  # noqa: E402

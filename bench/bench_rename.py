@@ -68,7 +68,7 @@ from _common import (  # noqa: E402
     run_cli,
 )
 
-from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER  # noqa: E402
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
 from referral_proxy.transfer import BATCH_MESSAGES  # noqa: E402
 
 BACKENDS = (("b1", "127.0.0.2"), ("b2", "127.0.0.3"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from twisted.internet import defer
@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from . import referrals
 from .backend import AuthenticationFailed, BackendError, BackendProtocol, Credentials
-from .context import ProxyContext
+from .context import Connect, ProxyContext
 from .flow import Block
 from .imap.command import ParseError
 from .imap.grammar import Arguments
@@ -34,11 +34,14 @@ log = Logger()
 
 @dataclass(frozen=True)
 class LoginOutcome:
-    """A logged-in home connection, or the tagged answer refusing the login."""
+    """A logged-in home connection, or the tagged answer refusing the login, and what to log."""
 
     user: str
     conn: BackendProtocol | None
     answer: str = ""  # "NO [AUTHENTICATIONFAILED] ..." when conn is None
+    result: str = "ok"  # ok | failed | unavailable | referred
+    backend: str | None = None
+    details: dict[str, str] = field(default_factory=dict)  # why, url
 
 
 def login_credentials(args: Arguments) -> Credentials:
@@ -58,30 +61,30 @@ def sasl_plain(blob: bytes) -> Credentials:
         raise ParseError("Invalid SASL PLAIN response") from None
 
 
-async def log_in(ctx: ProxyContext, creds: Credentials, session_id: int) -> LoginOutcome:
+async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> LoginOutcome:
     """Log in to the user's home backend (replicas in order) with the client's credentials."""
     user = creds.authzid or creds.user
     route = ctx.mailbox_map.home(user)
     try:
-        conn = await connect_first(route.backends, lambda name: ctx.connect(backend_config(ctx, name), creds))
+        conn = await connect_first(route.backends, lambda name: connect(backend_config(ctx, name), creds))
     except AuthenticationFailed as e:
-        log.info("session {id}: login of {user} refused by backend", id=session_id, user=user)
         start = e.response.start
         if start.code:  # the backend's own reason, e.g. [AUTHENTICATIONFAILED] or [UNAVAILABLE]
-            return LoginOutcome(user, None, completion_text(start))
-        return LoginOutcome(user, None, "NO [AUTHENTICATIONFAILED] "
-                                        + (start.text.decode("utf-8", "replace") or "Authentication failed."))
+            answer = completion_text(start)
+        else:
+            answer = "NO [AUTHENTICATIONFAILED] " + (start.text.decode("utf-8", "replace") or "Authentication failed.")
+        return LoginOutcome(user, None, answer, "failed", route.primary)
     except BackendError as e:
-        log.warn("session {id}: no backend for {user}: {why}", id=session_id, user=user, why=str(e))
-        return LoginOutcome(user, None, "NO [UNAVAILABLE] Mail server temporarily unavailable")
+        return LoginOutcome(user, None, "NO [UNAVAILABLE] Mail server temporarily unavailable", "unavailable",
+                            route.primary, {"why": str(e)})
     backend = ctx.config.backends.get(conn.name)
     if (backend is not None and ctx.config.proxy.login_referrals and backend.login_referral
             and referrals.referable(ctx.config, backend)):
         conn.logout()  # the credentials are good: send the client to its server (RFC 2221)
         url = referrals.login_url(ctx.config, backend, user)
-        log.info("session {id}: {user} referred to {url}", id=session_id, user=user, url=url)
-        return LoginOutcome(user, None, f"NO [REFERRAL {url}] Log in to {backend.url_host} directly")
-    return LoginOutcome(user, conn)
+        return LoginOutcome(user, None, f"NO [REFERRAL {url}] Log in to {backend.url_host} directly", "referred",
+                            conn.name, {"url": url})
+    return LoginOutcome(user, conn, backend=conn.name)
 
 
 class AuthHost(Protocol):
@@ -90,6 +93,7 @@ class AuthHost(Protocol):
     ctx: ProxyContext
     id: int
     reader: CommandReader
+    connect: Connect  # how this session reaches backends
 
     @property
     def closed(self) -> bool:
@@ -157,19 +161,22 @@ class Authenticator:
         self._start(tag, creds)
 
     def _start(self, tag: bytes, creds: Credentials) -> None:
+        if self.host.ctx.observer.refuses_login(self.host, tag, creds.authzid or creds.user):
+            return  # a proxy loop: answered
         self.host.block(Block.LOGIN)
         d = defer.ensureDeferred(self._log_in(tag, creds))
         d.addErrback(lambda f: log.failure("session {id}: login crashed", f, id=self.host.id))
 
     async def _log_in(self, tag: bytes, creds: Credentials) -> None:
         host = self.host
-        outcome = await log_in(host.ctx, creds, host.id)
+        outcome = await log_in(host.ctx, host.connect, creds)
         conn = outcome.conn
         if host.closed:  # the client left meanwhile
             if conn is not None:
                 conn.logout()
             return
         if conn is None:
+            host.ctx.observer.login(host, outcome.user, outcome.backend, outcome.result, **outcome.details)
             host.answer(tag, outcome.answer)
         else:
             host.logged_in(tag, outcome.user, creds, conn)

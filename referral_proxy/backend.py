@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -165,6 +165,7 @@ class BackendProtocol(Protocol):
         self._current: str | None = None
         self._current_tagged: list[bytes] = []
         self._current_start: ResponseStart | None = None
+        self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
 
     # -- Twisted ------------------------------------------------------------
 
@@ -173,6 +174,7 @@ class BackendProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         quick_ack(self._socket)
+        self.bytes_in += len(data)
         self._framer.receive_data(data)
         while not self.closed:
             event = self._framer.next_event()
@@ -340,6 +342,7 @@ class BackendProtocol(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed:
+            self.bytes_out += len(data)
             self.transport.write(data)
 
     def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None) -> defer.Deferred[Tagged]:
@@ -367,7 +370,7 @@ class BackendProtocol(Protocol):
         self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
             self.on_continuation = on_continuation
-        self.transport.write(tag + b" " + text + b"\r\n")
+        self.write(tag + b" " + text + b"\r\n")
         return d
 
     def deselect(self) -> defer.Deferred[Tagged]:
@@ -383,7 +386,7 @@ class BackendProtocol(Protocol):
             return
         self.sink = None
         if not self._pending and self._current is None and self._framer.literal_remaining == 0:
-            self.transport.write(b"%s LOGOUT\r\n" % self.next_tag())
+            self.write(b"%s LOGOUT\r\n" % self.next_tag())
         self.transport.loseConnection()
 
 
@@ -467,8 +470,15 @@ def tls_options(config: BackendConfig):  # -> IOpenSSLClientConnectionCreator
     return optionsForClientTLS(config.url_host, trustRoot=trust)
 
 
-async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials) -> BackendProtocol:
-    """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError."""
+BeforeLogin = Callable[[BackendProtocol], Awaitable[None]]
+
+
+async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials,
+                          before_login: BeforeLogin | None = None) -> BackendProtocol:
+    """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError.
+
+    *before_login* runs on the secured connection just before the login (the ID that
+    tells the backend who the client is)."""
     endpoint = clientFromString(reactor, config.endpoint)
     if config.tls == "implicit":
         endpoint = wrapClientTLS(tls_options(config), endpoint)
@@ -484,7 +494,7 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
     try:
         # The whole conversation up to a logged-in connection is bounded: a backend that
         # accepts but never answers must not hold the client's LOGIN (or SELECT) forever.
-        setup = defer.ensureDeferred(_set_up(proto, config, credentials))
+        setup = defer.ensureDeferred(_set_up(proto, config, credentials, before_login))
         setup.addTimeout(LOGIN_TIMEOUT_FACTOR * config.connect_timeout, reactor)
         await setup
         return proto
@@ -501,8 +511,9 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
         raise BackendUnavailable(f"backend {config.name} unavailable") from e
 
 
-async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials) -> None:
-    """Greeting, STARTTLS, capabilities, login."""
+async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials,
+                  before_login: BeforeLogin | None = None) -> None:
+    """Greeting, STARTTLS, capabilities, (ID), login."""
     greeting = await proto.greeting
     if greeting.status != "OK":
         raise BackendUnavailable(f"backend {config.name} greeted with {greeting.status}")
@@ -510,6 +521,8 @@ async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Cr
         await _starttls(proto, config)
     if not proto.capabilities:
         await _ok(proto, b"CAPABILITY")
+    if before_login is not None:
+        await before_login(proto)
     await _login(proto, credentials)
     if not proto.capabilities or _has_pre_login_only(proto.capabilities):
         await _ok(proto, b"CAPABILITY")

@@ -13,11 +13,15 @@ from typing import Any
 
 from .backend import BackendProtocol, Credentials
 from .config import BackendConfig, Config
+from .observe import Observer
 from .routing import MailboxMap
 
-__all__ = ["Connect", "ProxyContext"]
+__all__ = ["Connect", "ConnectFor", "ProxyContext"]
 
 Connect = Callable[[BackendConfig, Credentials], Awaitable[BackendProtocol]]
+# connect_for(session, backend, credentials): a connection made for a session (its backends
+# are told who the real client is, ID x-originating-ip); the service provides it.
+ConnectFor = Callable[[Any, BackendConfig, Credentials], Awaitable[BackendProtocol]]
 
 
 @dataclass
@@ -31,10 +35,23 @@ class ProxyContext:
     server_tls: Any = None  # IOpenSSLServerConnectionCreator for STARTTLS, or None
     sessions: set[Any] = field(default_factory=set)  # the ClientSessions open now
     backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
+    observer: Observer = field(default_factory=Observer)  # counts (metrics) and events (logs)
+    connect_for: ConnectFor | None = None
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self) -> int:
         return next(self._ids)
+
+    def connector(self, session: Any) -> Connect:
+        """How *session* connects to backends: for it (connect_for), else the plain connect."""
+        connect_for = self.connect_for
+        if connect_for is None:
+            return self.connect
+
+        async def connect(backend: BackendConfig, credentials: Credentials) -> BackendProtocol:
+            return await connect_for(session, backend, credentials)
+
+        return connect
 
     def reload(self, config: Config) -> None:
         """Backends and rules change together: no command sees one without the other."""

@@ -17,13 +17,14 @@ from twisted.logger import Logger
 
 from . import referrals
 from .backend import BackendProtocol
+from .context import ProxyContext
 from .imap.grammar import Slot
 from .imap.reader import Command
 from .imap.response import ResponseStart
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
-from .transfer import Mover, TransferError, copy_across
+from .transfer import CopyOutcome, Mover, MoveResult, TransferError, copy_across
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
 
@@ -42,6 +43,7 @@ class MailboxHost(Protocol):
     """What the mailbox commands need of their session."""
 
     id: int
+    ctx: ProxyContext
     user: str | None
     home: str | None
     selected: str | None
@@ -227,9 +229,10 @@ class MailboxCommands:
         if self.refers(route):
             return host.send(self.referral(cmd.tag, route, mailbox))
         message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
-        host.run(cmd.tag, self._copy_across(cmd, message_set, mailbox, route))
+        host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
+                                                     src=source, dst=route.primary, mailbox=mailbox))
 
-    async def _copy_across(self, cmd: Command, message_set: bytes, mailbox: bytes, route: Route) -> None:
+    async def _copy_across(self, cmd: Command, message_set: bytes, mailbox: bytes, route: Route) -> CopyOutcome:
         host = self.host
         assert host.pool is not None
         src = host.pool.ready(host.selected) if host.selected else None
@@ -248,6 +251,7 @@ class MailboxCommands:
         for raw in outcome.untagged:
             host.write_from(src, raw)
         host.tagged(cmd.tag, outcome.status, outcome.text)
+        return outcome
 
     # -- RENAME ------------------------------------------------------------------------------------
 
@@ -268,7 +272,9 @@ class MailboxCommands:
             if self.moving(name):
                 return host.tagged(cmd.tag, "NO", _INUSE)
         if old_route.primary != new_route.primary:
-            return host.run(cmd.tag, self._rename_across(cmd, old, new, old_route, new_route))
+            return host.run(cmd.tag, host.ctx.observer.transfer(
+                host, "rename", self._rename_across(cmd, old, new, old_route, new_route),
+                src=old_route.primary, dst=new_route.primary, mailbox=old, to=new))
 
         def done(start: ResponseStart) -> None:
             if start.status == "OK":
@@ -276,7 +282,8 @@ class MailboxCommands:
 
         host.relay_cmd(cmd, old_route, done)
 
-    async def _rename_across(self, cmd: Command, old: bytes, new: bytes, old_route: Route, new_route: Route) -> None:
+    async def _rename_across(self, cmd: Command, old: bytes, new: bytes, old_route: Route,
+                             new_route: Route) -> MoveResult:
         """RENAME to a name another backend owns: the journaled move of transfer.Mover."""
         host = self.host
         assert host.user is not None and host.pool is not None
@@ -292,10 +299,9 @@ class MailboxCommands:
         except TransferError as e:
             text = str(e)
             raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
-        log.info("session {id}: {user} moved {old} to {new} on {dst}: {n} mailbox(es), {m} message(s)", id=host.id,
-                 user=host.user, old=old, new=new, dst=new_route.primary, n=result.mailboxes, m=result.messages)
         host.tagged(cmd.tag, "OK", f"Rename completed ({result.mailboxes} mailbox(es), "
                                    f"{result.messages} message(s) moved to another server).")
+        return result
 
     def _move_placements(self, old: bytes, new: bytes) -> None:
         """Placements under the old name now belong to the new one."""

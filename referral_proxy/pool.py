@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from .backend import AuthenticationFailed, BackendError, BackendProtocol, BackendUnavailable, Credentials
 from .config import BackendConfig
-from .context import ProxyContext
+from .context import Connect, ProxyContext
 from .routing import Route
 
 __all__ = ["BackendPool", "connect_first"]
@@ -49,9 +49,10 @@ def backend_config(ctx: ProxyContext, name: str) -> BackendConfig:
 class BackendPool:
     """Connections per backend for one user, with the ENABLEd extensions replayed."""
 
-    def __init__(self, ctx: ProxyContext, user: str, credentials: Credentials, session_id: int,
+    def __init__(self, ctx: ProxyContext, connect: Connect, user: str, credentials: Credentials, session_id: int,
                  attach: Callable[[BackendProtocol], None]) -> None:
         self.ctx = ctx
+        self._connect = connect
         self.user = user
         self._credentials = credentials
         self._id = session_id
@@ -73,7 +74,7 @@ class BackendPool:
     async def open(self, name: str) -> BackendProtocol:
         """A new logged-in connection to *name*, not added to the pool."""
         cfg = backend_config(self.ctx, name)
-        return await self.ctx.connect(cfg, self.credentials_for(cfg))
+        return await self._connect(cfg, self.credentials_for(cfg))
 
     def add(self, conn: BackendProtocol) -> None:
         self.conns[conn.name] = conn

@@ -14,11 +14,17 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.ssl import PrivateCertificate
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
-from .backend import Credentials, connect_backend
+from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
+from .health import HealthChecker
+from .metrics import make_registry, metrics_site
+from .observe import Observer
+from .origin import LoopGuard
+from .proxyproto import listen_endpoint
 from .routing import MailboxMap, open_store
 from .session import ClientSession
 
@@ -41,6 +47,11 @@ def check_endpoints(config: Config, reactor: Any) -> None:
             clientFromString(reactor, backend.endpoint)
         except Exception as e:
             raise ConfigError(f"backends.{name}.endpoint: bad endpoint {backend.endpoint!r}: {e or type(e).__name__}") from None
+    if config.metrics.listen is not None:
+        try:
+            serverFromString(reactor, config.metrics.listen)
+        except Exception as e:
+            raise ConfigError(f"metrics.listen: bad endpoint {config.metrics.listen!r}: {e or type(e).__name__}") from None
     if config.proxy.tls_cert is not None:
         try:
             server_tls_options(config)
@@ -67,22 +78,28 @@ class _SessionFactory(ServerFactory):
         self.context = context
 
     def buildProtocol(self, addr: Any) -> ClientSession:
+        # One context shared by every session (a reload swaps its configuration for all);
+        # a session connects through context.connect_for, which knows the session.
         session = ClientSession(self.context)
         session.factory = self
         return session
 
 
 class ProxyService(MultiService):
-    """The proxy: one listener service per ``[proxy].listen`` endpoint."""
+    """The proxy: one listener service per ``[proxy].listen`` endpoint (and /metrics)."""
+
+    log_observer: Any = None  # set by tap.py: given to twistd's application as its log observer
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.mailbox_map = MailboxMap(config.map, open_store(config.map.store))
+        self.guard = LoopGuard(config)
+        self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
 
         async def connect(backend: BackendConfig, credentials: Credentials):
-            return await connect_backend(reactor, backend, credentials)
+            return await self.connect_for(None, backend, credentials)
 
         self.context = ProxyContext(
             config=config,
@@ -90,18 +107,63 @@ class ProxyService(MultiService):
             reactor=reactor,
             connect=connect,
             server_tls=server_tls_options(config) if config.proxy.tls_cert else None,
+            observer=self.observer,
+            connect_for=self.connect_for,
         )
         factory = _SessionFactory(self.context)
+        self.health: HealthChecker | None = None
+        if config.metrics.listen is not None:
+            self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
+            site = metrics_site(make_registry(self.observer, self.health), self.health)
+            svc = StreamServerEndpointService(serverFromString(reactor, config.metrics.listen), site)
+            svc._raiseSynchronously = True
+            svc.setName("metrics")
+            svc.setServiceParent(self)
+        for name, backend in config.backends.items():
+            if self.guard.is_self(backend):
+                log.warn("backend {name} ({endpoint}) is one of this proxy's own listeners: logins routed to it "
+                         "are refused (proxy loop)", name=name, endpoint=backend.endpoint)
         self.listeners = []
         for spec in config.proxy.listen:
-            svc = StreamServerEndpointService(serverFromString(reactor, spec), factory)
+            endpoint = listen_endpoint(reactor, spec, config.proxy.login_timeout)
+            svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True  # a port in use stops start-up with that error
             svc.setName(spec)
             svc.setServiceParent(self)
             self.listeners.append(svc)
 
+    async def connect_for(self, session: ClientSession | None, backend: BackendConfig,
+                          credentials: Credentials) -> BackendProtocol:
+        """A logged-in connection to *backend* for *session*: told who the client is (ID before
+        login, to backends that announce ID), counted; never one to this proxy itself."""
+        if self.guard.is_self(backend):
+            raise BackendUnavailable(f"backend {backend.name} ({backend.endpoint}) is this proxy's own listener "
+                                     "(proxy loop)")
+        id_line = self.observer.id_for_backend(session) if session is not None else None
+
+        async def before_login(proto: BackendProtocol) -> None:
+            if id_line is not None and "ID" in proto.capabilities:
+                await proto.command(id_line)  # the backend's answer does not matter
+
+        try:
+            proto = await connect_backend(self.reactor, backend, credentials, before_login=before_login)
+        except BackendUnavailable:
+            self.observer.connect_failed(backend.name)
+            raise
+        self.observer.backend_opened(proto)
+        return proto
+
+    def setServiceParent(self, parent: Any) -> Any:
+        result = super().setServiceParent(parent)
+        if (self.log_observer is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver, None) is None):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return result
+
     def startService(self) -> None:
         super().startService()
+        if self.health is not None:
+            self.health.start()
         log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
         if self.mailbox_map.store.journal():
             # Moves a stopped proxy left half done: finish or roll them back now.
@@ -118,6 +180,9 @@ class ProxyService(MultiService):
     def stopService(self):  # type: ignore[override]
         """Stop listening, say BYE to every client, log the backends out, and wait (a few
         seconds at most) until the BYEs are really out before the reactor tears down."""
+        if self.health is not None:
+            self.health.stop()
+        self.observer.stopping = True
         yield super().stopService()
         sessions = list(self.context.sessions)
         closed = [s.when_closed() for s in sessions]

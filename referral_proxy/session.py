@@ -94,6 +94,7 @@ class ClientSession(Protocol):
     def __init__(self, context: ProxyContext) -> None:
         self.ctx = context
         self.id = context.next_id()
+        self.connect = context.connector(self)  # how this session reaches its backends
         self.phase = Phase.NOT_AUTHENTICATED
         self.user: str | None = None
         self.home: str | None = None  # the backend of the user's INBOX
@@ -142,12 +143,13 @@ class ClientSession(Protocol):
         self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
-        log.info("session {id} from {peer}", id=self.id, peer=self._peer)
+        self.ctx.observer.session_started(self)
         caps = " ".join(self._pre_login_caps())
         self.send(b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), self.config.proxy.hostname.encode()))
 
     def dataReceived(self, data: bytes) -> None:
         quick_ack(self._socket)
+        self.ctx.observer.client_in(self, data)
         self.reader.receive_data(data)
         self._pump()
 
@@ -163,7 +165,7 @@ class ClientSession(Protocol):
                 # An emulated MULTIAPPEND removes what it saved, then closes its connection itself.
                 self.pool.conns.pop(conn.name, None)
         self._logout_backends()
-        log.info("session {id} closed ({user})", id=self.id, user=self.user or "not logged in")
+        self.ctx.observer.session_ended(self)
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the client's connection is gone (what was written is flushed)."""
@@ -193,6 +195,7 @@ class ClientSession(Protocol):
     # -- output --------------------------------------------------------------------
 
     def _transport_write(self, data: bytes) -> None:
+        self.ctx.observer.client_out(self, data)
         self.transport.write(data)
 
     def send(self, data: bytes) -> None:
@@ -262,6 +265,7 @@ class ClientSession(Protocol):
 
     def _admit(self, start: CommandStart) -> Grammar | Refusal | Sentinel:
         """Whether the command is read, and how: by the table and the session's state."""
+        self.ctx.observer.command(self, start)
         spec = COMMANDS.get(start.name)
         if spec is None:
             return Refusal("BAD", f"Unknown command {start.name}")
@@ -366,6 +370,7 @@ class ClientSession(Protocol):
     def cmd_id(self, cmd: Command, spec: CommandSpec) -> None:
         if self.phase is not Phase.NOT_AUTHENTICATED:
             return self.cmd_to_home(cmd, spec)
+        self.ctx.observer.client_id(self, list(cmd.args.tokens))
         self.send(b'* ID ("name" "referral-proxy" "version" %s)\r\n' % quoted(__version__.encode()))
         self.tagged(cmd.tag, "OK", "ID completed.")
 
@@ -380,12 +385,12 @@ class ClientSession(Protocol):
 
     def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol) -> None:
         self.user, self.home = user, conn.name
-        self.pool = BackendPool(self.ctx, user, credentials, self.id, self._attach)
+        self.pool = BackendPool(self.ctx, self.connect, user, credentials, self.id, self._attach)
         self.pool.add(conn)
         self.phase = Phase.AUTHENTICATED
         self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
-        log.info("session {id}: {user} logged in on {backend}", id=self.id, user=user, backend=conn.name)
+        self.ctx.observer.login(self, user, conn.name, "ok")
         self.tagged(tag, "OK", f"[CAPABILITY {' '.join(self._post_login_caps())}] Logged in")
 
     def _login_timed_out(self) -> None:

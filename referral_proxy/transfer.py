@@ -566,6 +566,7 @@ class CopyOutcome:
     untagged: list[bytes]
     status: str
     text: str
+    bytes: int = 0  # message bytes carried to the destination
 
 
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
@@ -588,8 +589,9 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     validity, dest, during = await copy_stream(src, infos, dst, mailbox)
     untagged += during
     copyuid = f"[COPYUID {validity} {uid_set(uids).decode()} {uid_set(dest).decode()}]"
+    size = sum(i.size for i in infos)
     if not move:
-        return CopyOutcome(untagged, "OK", copyuid + " Copy completed.")
+        return CopyOutcome(untagged, "OK", copyuid + " Copy completed.", size)
     untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
     try:
         untagged += await expunge_uids(src, uids)
@@ -599,5 +601,5 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
             await src.command(b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)")
         log.error("MOVE: copied to {dst} but not removed from {src}: {why}", dst=dst.name, src=src.name, why=str(e))
         return CopyOutcome(untagged, "NO", f"{copyuid} The messages were copied but could not be removed from the "
-                                           "source mailbox: they are now in both")
-    return CopyOutcome(untagged, "OK", "Move completed.")
+                                           "source mailbox: they are now in both", size)
+    return CopyOutcome(untagged, "OK", "Move completed.", size)

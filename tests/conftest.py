@@ -1,7 +1,7 @@
 """Shared pytest fixtures: real Dovecot backends and the proxy as a subprocess.
 
 * ``fleet`` (session): three real Dovecot instances, b1 on 127.0.0.2, b2 on
-  127.0.0.3, b3 on 127.0.0.4 (see referral_proxy.testing.dovecot), with one
+  127.0.0.3, b3 on 127.0.0.4 (see referral_proxy.fleet), with one
   throwaway CA; plain IMAP with STARTTLS on ``.port``, IMAPS on ``.imaps_port``.
 * ``clean_mail`` (function, opt-in): every user's mail deleted on every backend.
 * ``proxy_factory`` (function): starts ``python -m referral_proxy --config
@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from referral_proxy.testing.dovecot import (
+from referral_proxy.fleet import (
     DEFAULT_USERS,
     Fleet,
     dovecot_available,
@@ -402,7 +402,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def spare_backend(fleet):
     """A fourth real Dovecot (127.0.0.6), not in the default config, that a test may kill."""
-    from referral_proxy.testing.dovecot import Dovecot
+    from referral_proxy.fleet import Dovecot
 
     d = Dovecot("spare", "127.0.0.6", dovecot_root() / "spare")
     d.start()

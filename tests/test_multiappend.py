@@ -13,7 +13,7 @@ from imapwire import Wire
 from mailcheck import contents
 from procmem import reset_peak, rss
 
-from referral_proxy.testing.dovecot import Dovecot
+from referral_proxy.fleet import Dovecot
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 

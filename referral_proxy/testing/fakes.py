@@ -84,7 +84,7 @@ class SessionHarness:
     """A ClientSession on a StringTransport, with a FakeConnector behind it."""
 
     def __init__(self, config: Config | None = None, *, connector: FakeConnector | None = None,
-                 server_tls: Any = None) -> None:
+                 server_tls: Any = None, observer: Any = None) -> None:
         self.config = config or minimal_config()
         self.reactor = MemoryReactorClock()
         self.connector = connector or FakeConnector()
@@ -95,6 +95,8 @@ class SessionHarness:
             connect=self.connector,
             server_tls=server_tls,
         )
+        if observer is not None:
+            self.context.observer = observer
         self.session = ClientSession(self.context)
         self.client = NoDelayTransport()
         self.session.makeConnection(self.client)

@@ -28,7 +28,7 @@ from diffharness import (
     split_owner,
 )
 
-from referral_proxy.testing.dovecot import Fleet, free_port
+from referral_proxy.fleet import Fleet, free_port
 
 USER, PASSWORD = "carol", "secret"
 SPLIT_RULES = [{"mailbox": "Shared/*", "backend": "b3"}]

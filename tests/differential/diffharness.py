@@ -62,9 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from referral_proxy.commands import relayable
+from referral_proxy.fleet import Dovecot
 from referral_proxy.imap.framing import NEED_DATA, Framer, Line, LiteralData
 from referral_proxy.imap.response import parse_response_start
-from referral_proxy.testing.dovecot import Dovecot
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 READ_TIMEOUT = 20.0
