@@ -34,7 +34,7 @@ from referral_proxy.fleet import (
     free_port,
     make_root,
 )
-from referral_proxy.testing.proxyproc import ProxyProcess, StartError
+from referral_proxy.testing.proxyproc import REPO_ROOT, ProxyProcess, StartError  # noqa: F401 (REPO_ROOT: for tests)
 
 PROXY_START_TIMEOUT = 20.0
 
