@@ -13,6 +13,7 @@ import itertools
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
@@ -117,6 +118,7 @@ class ResponseSink(TypingProtocol):
 @dataclass
 class _Pending:
     on_done: Callable[[ResponseStart, bytes], None]
+    on_lost: Callable[[Failure], None] | None  # None: told by on_done(LOST) (the old convention)
 
 
 @dataclass
@@ -133,10 +135,15 @@ class _Capturing:
 class BackendProtocol(Protocol):
     """One IMAP connection to a backend, with the proxy's own command tags."""
 
+    # Connected: a TCP (or TLS) transport. Twisted declares it with zope interfaces,
+    # which mypy cannot follow without a plugin; what is used of it is plain.
+    transport: Any
+
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.name
-        self.capabilities: frozenset[str] = frozenset()
+        self.capabilities: frozenset[str] = frozenset()  # upper-cased, for membership tests
+        self.capability_names: tuple[str, ...] = ()
         self.greeting: defer.Deferred[ResponseStart] = defer.Deferred()
         self.sink: ResponseSink | None = None
         self.on_continuation: Callable[[bytes], None] | None = None
@@ -183,7 +190,10 @@ class BackendProtocol(Protocol):
             self.greeting.errback(BackendUnavailable(f"connection closed before greeting: {reason.getErrorMessage()}"))
         pending, self._pending = self._pending, {}
         for p in pending.values():
-            p.on_done(_LOST, b"")
+            if p.on_lost is not None:
+                p.on_lost(reason)
+            else:
+                p.on_done(LOST, b"")
         if self.sink is not None:
             self.sink.backend_lost(self, reason)
 
@@ -235,7 +245,7 @@ class BackendProtocol(Protocol):
         if not self._greeted:
             self._greeted = True
             if start.code == "CAPABILITY":
-                self.capabilities = frozenset(capability_tokens(start.code_args))
+                self._set_capabilities(start.code_args)
             self.greeting.callback(start)
             return
         if start.kind == "continuation":
@@ -256,9 +266,9 @@ class BackendProtocol(Protocol):
         if start.status == "BYE":
             self.bye_received = True
         if start.name == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.rest))
+            self._set_capabilities(start.rest)
         elif start.code == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.code_args))
+            self._set_capabilities(start.code_args)
         if self.tap is not None:
             self._current = "tapped" if line.literal is not None else None
             self.tap(start, line)
@@ -302,21 +312,28 @@ class BackendProtocol(Protocol):
             log.warn("backend {name} completed an unknown tag {tag!r}", name=self.name, tag=start.tag)
             return
         if start.code == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.code_args))
+            self._set_capabilities(start.code_args)
         pending.on_done(start, raw)
 
     # -- writing commands -------------------------------------------------------
 
+    def _set_capabilities(self, data: bytes) -> None:
+        self.capabilities = frozenset(capability_tokens(data))
+        self.capability_names = tuple(data.decode("ascii", "replace").split())  # as announced: RIGHTS=texk
+
     def next_tag(self) -> bytes:
         return next(self._tags)
 
-    def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None]) -> None:
-        """Register the completion callback of a command the caller writes itself.
+    def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None],
+               on_lost: Callable[[Failure], None] | None = None) -> None:
+        """Register the callbacks of a command the caller writes itself: its tagged
+        completion (start, raw line with the proxy's tag), or the connection's loss.
+        Without *on_lost*, a loss calls on_done(LOST, b"") (the older convention).
 
-        On a connection already closed nothing would ever call it back: refuse."""
+        On a connection already closed nothing would ever call back: refuse."""
         if self.closed:
             raise BackendUnavailable(f"backend {self.name} closed the connection")
-        self._pending[tag] = _Pending(on_done)
+        self._pending[tag] = _Pending(on_done, on_lost)
 
     @property
     def busy(self) -> bool:
@@ -344,12 +361,13 @@ class BackendProtocol(Protocol):
 
         def done(start: ResponseStart, raw: bytes) -> None:
             self.capture = None
-            if start is _LOST:
-                d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
-            else:
-                d.callback(Tagged(start, raw, tuple(captured)))
+            d.callback(Tagged(start, raw, tuple(captured)))
 
-        self._pending[tag] = _Pending(done)
+        def lost(_reason: Failure) -> None:
+            self.capture = None
+            d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
+
+        self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
             self.on_continuation = on_continuation
         self.write(tag + b" " + text + b"\r\n")
@@ -372,8 +390,9 @@ class BackendProtocol(Protocol):
         self.transport.loseConnection()
 
 
-_LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=b"", text=b"connection lost",
-                      name=None, number=None, rest=b"")
+# What on_done receives, for callers that registered no on_lost, when the connection is lost.
+LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=b"", text=b"connection lost",
+                     name=None, number=None, rest=b"")
 
 
 def wire_tail(line: Line) -> bytes:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .imap.reader import Limits
+
 __all__ = [
     "BackendConfig",
     "Config",
@@ -28,10 +30,10 @@ __all__ = [
     "parse_config",
 ]
 
-KiB = 1024
-MiB = 1024 * KiB
 
 REFERRAL_MODES = ("aware", "always", "never")
+# Every client limit is a field of imap.reader.Limits and a [proxy] key of the same name.
+_LIMIT_KEYS = ("max_line", "max_literal", "max_command", "max_literals", "max_message", "max_append_messages")
 TLS_MODES = ("none", "starttls", "implicit")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -39,16 +41,6 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 class ConfigError(ValueError):
     """A configuration mistake; str() is one line naming the key."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size limits enforced on what clients send (documented defaults)."""
-
-    max_line: int = 64 * KiB  # one command line (fragment between literals)
-    max_literal: int = 64 * KiB  # a literal outside APPEND
-    max_message: int = 512 * MiB  # one APPEND message literal
-    max_append_messages: int = 10_000  # messages in one (MULTI)APPEND
 
 
 @dataclass(frozen=True)
@@ -163,8 +155,7 @@ def parse_config(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
 def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
     keys = {
         "listen", "hostname", "tls_cert", "tls_key", "allow_plaintext_login",
-        "referrals", "login_referrals", "login_timeout", "max_line", "max_literal",
-        "max_message", "max_append_messages", "trusted_networks", "proxy_ttl",
+        "referrals", "login_referrals", "login_timeout", *_LIMIT_KEYS, "trusted_networks", "proxy_ttl",
     }
     _only(raw, "proxy", keys)
     listen = _get(raw, "proxy", "listen", list, required=True)
@@ -177,12 +168,7 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
     key = _path(raw, "proxy", "tls_key", base)
     if (cert is None) != (key is None):
         raise ConfigError("proxy.tls_cert: tls_cert and tls_key go together")
-    limits = Limits(
-        max_line=_positive(raw, "proxy", "max_line", Limits.max_line),
-        max_literal=_positive(raw, "proxy", "max_literal", Limits.max_literal),
-        max_message=_positive(raw, "proxy", "max_message", Limits.max_message),
-        max_append_messages=_positive(raw, "proxy", "max_append_messages", Limits.max_append_messages),
-    )
+    limits = Limits(**{key: _positive(raw, "proxy", key, getattr(Limits, key)) for key in _LIMIT_KEYS})
     timeout = _get(raw, "proxy", "login_timeout", (int, float), default=60.0)
     if timeout <= 0:
         raise ConfigError("proxy.login_timeout: must be positive")

@@ -249,12 +249,13 @@ class Observer:
             return False
         why = rec.origin.loop
         if why is None:
-            home = [session.config.backends[n] for n in session.map.home(user).backends]
+            home = [session.config.backends[n] for n in session.mailbox_map.home(user).backends
+                    if n in session.config.backends]
             if home and all(self.guard.is_self(b) for b in home):
                 why = f"backend {home[0].name} ({home[0].endpoint}) is this proxy's own listener"
         if why is None:
             return False
-        session._tagged(tag, "NO", f"[UNAVAILABLE] Proxy loop detected: {why}; login refused")
+        session.tagged(tag, "NO", f"[UNAVAILABLE] Proxy loop detected: {why}; login refused")
         self.login(session, user, None, "unavailable", why="proxy loop")
         return True
 

@@ -6,8 +6,6 @@ the CLI and the tests all start.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from functools import partial
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -21,13 +19,14 @@ from twisted.python.components import Componentized
 
 from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
+from .context import ProxyContext
 from .health import HealthChecker
 from .metrics import make_registry, metrics_site
 from .observe import Observer
 from .origin import LoopGuard
 from .proxyproto import listen_endpoint
 from .routing import MailboxMap, open_store
-from .session import ClientSession, ProxyContext
+from .session import ClientSession
 
 __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
 
@@ -75,16 +74,13 @@ def server_tls_options(config: Config) -> Any:
 class _SessionFactory(ServerFactory):
     noisy = False
 
-    def __init__(self, context: ProxyContext, connect: Any) -> None:
+    def __init__(self, context: ProxyContext) -> None:
         self.context = context
-        self.connect = connect  # connect(session, backend, credentials)
 
     def buildProtocol(self, addr: Any) -> ClientSession:
-        # Each session gets a context of its own (sharing everything else) whose connect
-        # knows the session: its backends are told who the real client is (ID x-originating-ip).
-        context = replace(self.context)
-        session = ClientSession(context)
-        context.connect = partial(self.connect, session)
+        # One context shared by every session (a reload swaps its configuration for all);
+        # a session connects through context.connect_for, which knows the session.
+        session = ClientSession(self.context)
         session.factory = self
         return session
 
@@ -112,8 +108,9 @@ class ProxyService(MultiService):
             connect=connect,
             server_tls=server_tls_options(config) if config.proxy.tls_cert else None,
             observer=self.observer,
+            connect_for=self.connect_for,
         )
-        factory = _SessionFactory(self.context, self.connect_for)
+        factory = _SessionFactory(self.context)
         self.health: HealthChecker | None = None
         if config.metrics.listen is not None:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
@@ -202,7 +199,8 @@ class ProxyService(MultiService):
         self.mailbox_map.close()
 
     def reload(self, path: str | None = None) -> None:
-        """SIGHUP: read the file again and apply the map rules; a bad file changes nothing."""
+        """SIGHUP: read the file again; backends and map rules change together, for new
+        commands of every session (its own connections stay). A bad file changes nothing."""
         path = path or (str(self.config.path) if self.config.path else None)
         if path is None:
             return
@@ -211,5 +209,9 @@ class ProxyService(MultiService):
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: {why}", why=str(e))
             return
-        self.mailbox_map.reconfigure(config.map)
-        log.info("reloaded map rules from {path}", path=path)
+        if config.proxy.listen != self.config.proxy.listen:
+            log.warn("reload: [proxy] listen changes need a restart; still listening on {listen}",
+                     listen=", ".join(self.config.proxy.listen))
+        self.context.reload(config)
+        self.config = config
+        log.info("reloaded backends and map rules from {path}", path=path)

@@ -15,8 +15,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from ..backend import BackendProtocol, Credentials
 from ..config import BackendConfig, Config, parse_config
+from ..context import ProxyContext
 from ..routing import MailboxMap
-from ..session import ClientSession, ProxyContext
+from ..session import ClientSession
 
 __all__ = ["FakeConnector", "NoDelayTransport", "SessionHarness", "DOVECOT_CAPS", "minimal_config"]
 
