@@ -16,7 +16,6 @@ import time
 import pytest
 from conftest import dovecot_root
 from imapwire import Wire
-
 from referral_proxy.testing.dovecot import Dovecot
 
 EXTRA = """
