@@ -170,6 +170,8 @@ class LoopGuard:
         return origin
 
     def trusts(self, ip: str) -> bool:
+        if not self._trusted:  # the usual case: no address needs parsing
+            return False
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:

@@ -6,6 +6,7 @@ the CLI and the tests all start.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -17,6 +18,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from . import netio
 from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
@@ -69,6 +71,21 @@ def server_tls_options(config: Config) -> Any:
     assert config.proxy.tls_cert is not None and config.proxy.tls_key is not None
     pem = config.proxy.tls_cert.read_bytes() + b"\n" + config.proxy.tls_key.read_bytes()
     return PrivateCertificate.loadPEM(pem).options()
+
+
+# Allocations between two young collections (Python's default: 700). A session makes a
+# few hundred objects that live for its length, so at 700 the collector runs every few
+# commands under load; higher lets most of them die by reference count first.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """What start-up made lives for the whole process: frozen, never scanned again, and
+    young collections less often (~18 us per stress op at the defaults)."""
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(_young, GC_YOUNG_THRESHOLD), middle, old)
 
 
 class _SessionFactory(ServerFactory):
@@ -143,7 +160,7 @@ class ProxyService(MultiService):
 
         async def before_login(proto: BackendProtocol) -> None:
             if id_line is not None and "ID" in proto.capabilities:
-                await proto.command(id_line)  # the backend's answer does not matter
+                proto.send_unanswered(id_line)  # its answer does not matter: the login goes right behind it
 
         try:
             proto = await connect_backend(self.reactor, backend, credentials, before_login=before_login)
@@ -161,6 +178,8 @@ class ProxyService(MultiService):
         return result
 
     def startService(self) -> None:
+        netio.install(self.reactor)  # before the first connection: writes sent at the end of each loop pass
+        tune_gc()
         super().startService()
         if self.health is not None:
             self.health.start()

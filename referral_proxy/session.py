@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from . import __version__, capabilities, listing
 from .append import Appends
 from .auth import Authenticator
-from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse, quick_ack, tune_socket
+from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
 from .context import ProxyContext
 from .flow import AllBackends, Block, Output, PeerPause, ReadGate
@@ -50,6 +50,7 @@ from .imap.reader import (
 )
 from .imap.response import ResponseStart, completion_text
 from .mailboxes import MailboxCommands, Refusing
+from .netio import quick_ack, tune_socket
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
@@ -148,10 +149,11 @@ class ClientSession(Protocol):
         self.send(b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), self.config.proxy.hostname.encode()))
 
     def dataReceived(self, data: bytes) -> None:
-        quick_ack(self._socket)
         self.ctx.observer.client_in(self, data)
         self.reader.receive_data(data)
         self._pump()
+        if self.reader.mid_command:  # the rest may wait for our ACK (Nagle): send it now
+            quick_ack(self._socket)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.phase = Phase.LOGOUT

@@ -323,6 +323,12 @@ class Framer:
         return len(self._buf)
 
     @property
+    def mid_line(self) -> bool:
+        """True while the peer is in the middle of a logical line: part of a fragment is
+        buffered, a literal is announced or being read, or the line goes on after one."""
+        return bool(self._buf) or self._state != _LINE or not self._first
+
+    @property
     def literal_remaining(self) -> int:
         """Bytes of the accepted literal still to deliver (0 if none is being delivered)."""
         if self._state == _LITERAL and not self._discard:
