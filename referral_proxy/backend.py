@@ -17,9 +17,9 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,12 +34,15 @@ from .netio import quick_ack, tune_socket
 __all__ = [
     "BackendError",
     "BackendUnavailable",
+    "NotConnected",
     "AuthenticationFailed",
     "BackendProtocol",
     "Credentials",
     "ResponseSink",
     "Tagged",
     "connect_backend",
+    "open_connection",
+    "drop",
 ]
 
 log = Logger()
@@ -177,11 +180,39 @@ class BackendProtocol(Protocol):
         self.bytes_in += len(data)
         framer = self._framer
         framer.receive_data(data)
+        # Message data ("* 12 FETCH ...", its literals and the rest of its line) relayed to
+        # the sink goes in one write per read, without parsing: FETCH answers are mostly that.
+        batch: list[bytes] = []
+        end = True
         while not self.closed:
             event = framer.next_event()
             if event is NEED_DATA:
                 break
+            if self._current == "untagged":
+                if isinstance(event, LiteralData):
+                    batch.append(event.data)
+                    continue
+                if isinstance(event, Line) and not event.first:
+                    batch.append(event.data + wire_tail(event))
+                    end = event.literal is None
+                    if end:
+                        self._current = None
+                    continue
+                if isinstance(event, LiteralEnd):
+                    continue
+            elif (isinstance(event, Line) and event.first and event.data[:2] == b"* " and event.data[2:3].isdigit()
+                  and self._greeted and self.tap is None and self.capture is None and self.sink is not None):
+                batch.append(event.data + wire_tail(event))
+                end = event.literal is None
+                if not end:
+                    self._current = "untagged"
+                continue
+            if batch:
+                self._relay(b"".join(batch), end)
+                batch = []
             self._event(event)
+        if batch:
+            self._relay(b"".join(batch), end)
         if framer.mid_line and not self.closed:  # the rest may wait for our ACK (Nagle): send it now
             quick_ack(self._socket)
 
@@ -445,13 +476,20 @@ def _endpoint(reactor: Any, spec: str) -> Any:
     return endpoint
 
 
-async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials,
-                          before_login: BeforeLogin | None = None) -> BackendProtocol:
-    """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError.
+async def open_connection(reactor: Any, config: BackendConfig) -> tuple[BackendProtocol, Any]:
+    """A connection to *config*'s backend, its greeting not read yet: (protocol, connector).
 
-    *before_login* runs on the secured connection just before the login (the ID that
-    tells the backend who the client is)."""
+    Plain TCP goes through the reactor's own connect (no endpoint wrapper in every later
+    read); its failure fails the greeting with NotConnected. Anything else (implicit TLS)
+    goes through its endpoint: NotConnected at once."""
     endpoint = _endpoint(reactor, config.endpoint)
+    target = _tcp_target(endpoint) if config.tls != "implicit" else None
+    if target is not None:
+        proto = BackendProtocol(config)
+        host, port, timeout, bind = target
+        connector = reactor.connectTCP(host, port, _OneConnection(proto), timeout=min(timeout, config.connect_timeout),
+                                       bindAddress=bind)
+        return proto, connector
     if config.tls == "implicit":
         endpoint = wrapClientTLS(tls_options(config), endpoint)
     factory = Factory.forProtocol(lambda: BackendProtocol(config))
@@ -459,9 +497,21 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
     try:
         d = endpoint.connect(factory)
         d.addTimeout(config.connect_timeout, reactor)
-        proto: BackendProtocol = await d
+        return await d, None
     except Exception as e:
-        log.warn("backend {name}: cannot connect: {why}", name=config.name, why=_why(e))
+        raise NotConnected(_why(e)) from e
+
+
+async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials,
+                          before_login: BeforeLogin | None = None) -> BackendProtocol:
+    """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError.
+
+    *before_login* runs on the secured connection just before the login (the ID that
+    tells the backend who the client is)."""
+    try:
+        proto, connector = await open_connection(reactor, config)
+    except NotConnected as e:
+        log.warn("backend {name}: cannot connect: {why}", name=config.name, why=str(e))
         raise BackendUnavailable(f"backend {config.name} unreachable") from e
     try:
         # The whole conversation up to a logged-in connection is bounded: a backend that
@@ -470,17 +520,60 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
         setup.addTimeout(LOGIN_TIMEOUT_FACTOR * config.connect_timeout, reactor)
         await setup
         return proto
+    except NotConnected as e:
+        log.warn("backend {name}: cannot connect: {why}", name=config.name, why=str(e))
+        raise BackendUnavailable(f"backend {config.name} unreachable") from e
     except AuthenticationFailed:
         proto.logout()
         raise
     except BackendError as e:
         log.warn("backend {name}: {why}", name=config.name, why=str(e))
-        proto.transport.abortConnection()
+        drop(proto, connector)
         raise
     except Exception as e:
         log.warn("backend {name}: {why}", name=config.name, why=_why(e))
-        proto.transport.abortConnection()
+        drop(proto, connector)
         raise BackendUnavailable(f"backend {config.name} unavailable") from e
+
+
+class NotConnected(BackendUnavailable):
+    """The connection to the backend could not be made (str: why)."""
+
+
+class _OneConnection(ClientFactory):
+    """The factory of one connection attempt: its BackendProtocol, or a failed greeting."""
+
+    noisy = False
+
+    def __init__(self, proto: BackendProtocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> BackendProtocol:
+        return self.proto
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        proto = self.proto
+        if not proto._greeted:
+            proto._greeted = True
+            proto.greeting.errback(NotConnected(reason.getErrorMessage()))
+
+
+def _tcp_target(endpoint: Any) -> tuple[str, int, float, Any] | None:
+    """(host, port, timeout, bind address) of a plain TCP client endpoint, else None."""
+    if type(endpoint) in (TCP4ClientEndpoint, TCP6ClientEndpoint):
+        return endpoint._host, endpoint._port, endpoint._timeout, endpoint._bindAddress
+    return None
+
+
+def drop(proto: BackendProtocol, connector: Any) -> None:
+    """Drop a connection at once, whether it is made or still being made."""
+    if proto.transport is not None:
+        proto.transport.abortConnection()
+    elif connector is not None:
+        try:
+            connector.stopConnecting()
+        except Exception:  # already connected or failed meanwhile
+            pass
 
 
 async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials,

@@ -28,6 +28,7 @@ def run(config_path: str) -> int:
     writer = LogWriter(config.log, sys.stderr)
     globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
     service = ProxyService(config, reactor)
+    service.log_stream = sys.stderr
     writer.context = service.observer.context
     try:
         service.startService()

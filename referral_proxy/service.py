@@ -29,6 +29,15 @@ from .origin import LoopGuard
 from .proxyproto import listen_endpoint
 from .routing import MailboxMap, open_store
 from .session import ClientSession
+from .workers import (
+    WorkerPool,
+    bind_listeners,
+    check_shareable,
+    inherited_endpoint,
+    metrics_listen,
+    watch_master,
+    worker_role,
+)
 
 __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
 
@@ -59,6 +68,8 @@ def check_endpoints(config: Config, reactor: Any) -> None:
             server_tls_options(config)
         except Exception as e:
             raise ConfigError(f"proxy.tls_cert: cannot load certificate and key: {e}") from None
+    if config.proxy.workers > 1:
+        check_shareable(reactor, config.proxy.listen)
 
 
 def load_and_check(path: str, reactor: Any) -> Config:
@@ -103,14 +114,24 @@ class _SessionFactory(ServerFactory):
 
 
 class ProxyService(MultiService):
-    """The proxy: one listener service per ``[proxy].listen`` endpoint (and /metrics)."""
+    """The proxy: one listener service per ``[proxy].listen`` endpoint (and /metrics).
+
+    With ``[proxy] workers`` above 1 this process is the master of that many workers
+    (workers.py): it binds the listeners, starts the workers and recovers moves, and
+    serves no client itself; a worker (started by a master) listens on the sockets it
+    inherited and serves /metrics on the configured port plus its index."""
 
     log_observer: Any = None  # set by tap.py: given to twistd's application as its log observer
+    log_stream: Any = None  # where this process's log goes (a master writes its workers' lines there)
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.role = worker_role()  # set when a master started this process
+        self.is_master = config.proxy.workers > 1 and self.role is None
+        self.workers: WorkerPool | None = None
+        self._ports: list[Any] = []
         self.mailbox_map = MailboxMap(config.map, open_store(config.map.store))
         self.guard = LoopGuard(config)
         self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
@@ -127,12 +148,13 @@ class ProxyService(MultiService):
             observer=self.observer,
             connect_for=self.connect_for,
         )
-        factory = _SessionFactory(self.context)
+        factory = self._factory = _SessionFactory(self.context)
         self.health: HealthChecker | None = None
-        if config.metrics.listen is not None:
+        if config.metrics.listen is not None and not self.is_master:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
             site = metrics_site(make_registry(self.observer, self.health), self.health)
-            svc = StreamServerEndpointService(serverFromString(reactor, config.metrics.listen), site)
+            listen = config.metrics.listen if self.role is None else metrics_listen(config.metrics.listen, self.role.index)
+            svc = StreamServerEndpointService(serverFromString(reactor, listen), site)
             svc._raiseSynchronously = True
             svc.setName("metrics")
             svc.setServiceParent(self)
@@ -141,8 +163,14 @@ class ProxyService(MultiService):
                 log.warn("backend {name} ({endpoint}) is one of this proxy's own listeners: logins routed to it "
                          "are refused (proxy loop)", name=name, endpoint=backend.endpoint)
         self.listeners = []
-        for spec in config.proxy.listen:
-            endpoint = listen_endpoint(reactor, spec, config.proxy.login_timeout)
+        if self.role is not None and len(self.role.listeners) != len(config.proxy.listen):
+            raise RuntimeError("[proxy] listen changed since the master started: restart the service")
+        for i, spec in enumerate(() if self.is_master else config.proxy.listen):
+            if self.role is not None:
+                fd, family = self.role.listeners[i]
+                endpoint = inherited_endpoint(reactor, spec, fd, family, config.proxy.login_timeout)
+            else:
+                endpoint = listen_endpoint(reactor, spec, config.proxy.login_timeout)
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True  # a port in use stops start-up with that error
             svc.setName(spec)
@@ -180,10 +208,27 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         netio.install(self.reactor)  # before the first connection: writes sent at the end of each loop pass
         tune_gc()
+        if self.is_master:
+            # bound here, before any worker starts (an address in use stops start-up)
+            self._ports = bind_listeners(self.reactor, self.config.proxy.listen, self._factory,
+                                         self.config.proxy.login_timeout)
         super().startService()
         if self.health is not None:
             self.health.start()
-        log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
+        if self.is_master:
+            assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
+            self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
+                                      self.log_stream)
+            self.workers.start()
+            log.info("referral-proxy listening on {listen} with {n} workers", listen=", ".join(self.config.proxy.listen),
+                     n=self.config.proxy.workers)
+        elif self.role is not None:
+            watch_master(self.reactor, self._master_gone)
+            log.info("worker {index} of {n} serving {listen}", index=self.role.index, n=self.role.count,
+                     listen=", ".join(self.config.proxy.listen))
+            return  # moves are recovered by the master alone
+        else:
+            log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
         if self.mailbox_map.store.journal():
             # Moves a stopped proxy left half done: finish or roll them back now.
             from .movecli import recover_all
@@ -202,6 +247,10 @@ class ProxyService(MultiService):
         if self.health is not None:
             self.health.stop()
         self.observer.stopping = True
+        if self.workers is not None:
+            yield self.workers.stop()  # each says BYE to its own clients
+            for port in self._ports:
+                yield port.stopListening()
         yield super().stopService()
         sessions = list(self.context.sessions)
         closed = [s.when_closed() for s in sessions]
@@ -231,6 +280,18 @@ class ProxyService(MultiService):
         if config.proxy.listen != self.config.proxy.listen:
             log.warn("reload: [proxy] listen changes need a restart; still listening on {listen}",
                      listen=", ".join(self.config.proxy.listen))
+        if config.proxy.workers != self.config.proxy.workers and (self.is_master or self.role is not None):
+            log.warn("reload: [proxy] workers changes need a restart; still {n}", n=self.config.proxy.workers)
         self.context.reload(config)
         self.config = config
+        if self.workers is not None:
+            self.workers.reload()  # each worker reads the file again itself
+            log.info("reloaded map rules from {path}; workers told to reload", path=path)
+            return
         log.info("reloaded backends and map rules from {path}", path=path)
+
+    def _master_gone(self) -> None:
+        if not self.running:  # this worker is stopping anyway (the reactor drops every reader)
+            return
+        log.warn("worker {index}: the master process is gone; stopping", index=self.role.index if self.role else "?")
+        self.reactor.stop()

@@ -353,7 +353,7 @@ class ClientSession(Protocol):
         self.cmd_to_selected(cmd, spec)
 
     def cmd_logout(self, cmd: Command, spec: CommandSpec) -> None:
-        if self.pool is None:
+        if self.pool is None or not self.pool.busy:
             return self._logout(cmd.tag)
 
         async def answer() -> None:
