@@ -17,9 +17,9 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,7 +29,7 @@ from .imap.command import ParseError
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd
 from .imap.quoting import astring, capability_tokens
 from .imap.response import ResponseStart, parse_response_start
-from .netio import quick_ack, tune_socket
+from .netio import client_endpoint, connect_tcp, drop, quick_ack, tune_socket
 
 __all__ = [
     "BackendError",
@@ -42,7 +42,6 @@ __all__ = [
     "Tagged",
     "connect_backend",
     "open_connection",
-    "drop",
 ]
 
 log = Logger()
@@ -407,6 +406,12 @@ class BackendProtocol(Protocol):
         self.write(tag + b" " + text + b"\r\n")
         return d
 
+    def not_connected(self, why: str) -> None:
+        """The connection could not be made: the greeting awaited fails."""
+        if not self._greeted:
+            self._greeted = True
+            self.greeting.errback(NotConnected(why))
+
     def send_unanswered(self, text: bytes) -> None:
         """An internal command whose answer nobody waits for, pipelined before the next one
         (the ID before a login: one round trip fewer per backend connection)."""
@@ -462,39 +467,23 @@ def tls_options(config: BackendConfig):  # -> IOpenSSLClientConnectionCreator
 
 BeforeLogin = Callable[[BackendProtocol], Awaitable[None]]
 
-_ENDPOINTS: dict[tuple[int, str], Any] = {}
-
-
-def _endpoint(reactor: Any, spec: str) -> Any:
-    """The client endpoint of *spec*, parsed once (Twisted's parser costs ~100 us a call)."""
-    key = (id(reactor), spec)
-    endpoint = _ENDPOINTS.get(key)
-    if endpoint is None:
-        if len(_ENDPOINTS) >= 256:  # reloads may name ever new endpoints: stay bounded
-            _ENDPOINTS.clear()
-        endpoint = _ENDPOINTS[key] = clientFromString(reactor, spec)
-    return endpoint
-
-
 async def open_connection(reactor: Any, config: BackendConfig) -> tuple[BackendProtocol, Any]:
     """A connection to *config*'s backend, its greeting not read yet: (protocol, connector).
 
-    Plain TCP goes through the reactor's own connect (no endpoint wrapper in every later
-    read); its failure fails the greeting with NotConnected. Anything else (implicit TLS)
-    goes through its endpoint: NotConnected at once."""
-    endpoint = _endpoint(reactor, config.endpoint)
-    target = _tcp_target(endpoint) if config.tls != "implicit" else None
-    if target is not None:
-        proto = BackendProtocol(config)
-        host, port, timeout, bind = target
-        connector = reactor.connectTCP(host, port, _OneConnection(proto), timeout=min(timeout, config.connect_timeout),
-                                       bindAddress=bind)
-        return proto, connector
+    Plain TCP goes through the reactor's own connect (netio.connect_tcp); its failure
+    fails the greeting with NotConnected. Anything else (implicit TLS) goes through its
+    endpoint: NotConnected at once."""
+    proto = BackendProtocol(config)
+    if config.tls != "implicit":
+        connector = connect_tcp(reactor, config.endpoint, proto, config.connect_timeout, proto.not_connected)
+        if connector is not None:
+            return proto, connector
+    endpoint = client_endpoint(reactor, config.endpoint)
     if config.tls == "implicit":
         endpoint = wrapClientTLS(tls_options(config), endpoint)
-    factory = Factory.forProtocol(lambda: BackendProtocol(config))
-    factory.noisy = False
     try:
+        factory = Factory.forProtocol(lambda: proto)
+        factory.noisy = False
         d = endpoint.connect(factory)
         d.addTimeout(config.connect_timeout, reactor)
         return await d, None
@@ -538,42 +527,6 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
 
 class NotConnected(BackendUnavailable):
     """The connection to the backend could not be made (str: why)."""
-
-
-class _OneConnection(ClientFactory):
-    """The factory of one connection attempt: its BackendProtocol, or a failed greeting."""
-
-    noisy = False
-
-    def __init__(self, proto: BackendProtocol) -> None:
-        self.proto = proto
-
-    def buildProtocol(self, addr: Any) -> BackendProtocol:
-        return self.proto
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        proto = self.proto
-        if not proto._greeted:
-            proto._greeted = True
-            proto.greeting.errback(NotConnected(reason.getErrorMessage()))
-
-
-def _tcp_target(endpoint: Any) -> tuple[str, int, float, Any] | None:
-    """(host, port, timeout, bind address) of a plain TCP client endpoint, else None."""
-    if type(endpoint) in (TCP4ClientEndpoint, TCP6ClientEndpoint):
-        return endpoint._host, endpoint._port, endpoint._timeout, endpoint._bindAddress
-    return None
-
-
-def drop(proto: BackendProtocol, connector: Any) -> None:
-    """Drop a connection at once, whether it is made or still being made."""
-    if proto.transport is not None:
-        proto.transport.abortConnection()
-    elif connector is not None:
-        try:
-            connector.stopConnecting()
-        except Exception:  # already connected or failed meanwhile
-            pass
 
 
 async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials,

@@ -16,8 +16,9 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .backend import NotConnected, drop, open_connection
+from .backend import NotConnected, open_connection
 from .config import BackendConfig
+from .netio import drop
 
 __all__ = ["BackendHealth", "HealthChecker", "check_greeting"]
 

@@ -22,9 +22,12 @@ import socket
 from typing import Any
 
 from twisted.internet import abstract, tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
-__all__ = ["install", "installed", "attach", "FastLoop", "tune_socket", "tcp_socket", "quick_ack"]
+__all__ = ["install", "installed", "attach", "FastLoop", "tune_socket", "tcp_socket", "quick_ack", "client_endpoint",
+           "connect_tcp", "drop"]
 
 log = Logger()
 
@@ -222,3 +225,56 @@ def quick_ack(sock: socket.socket | None) -> None:
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+# -- outgoing connections --------------------------------------------------------------
+
+_ENDPOINTS: dict[tuple[int, str], Any] = {}
+
+
+def client_endpoint(reactor: Any, spec: str) -> Any:
+    """The client endpoint of *spec*, parsed once (Twisted's parser costs ~100 us a call)."""
+    key = (id(reactor), spec)
+    endpoint = _ENDPOINTS.get(key)
+    if endpoint is None:
+        if len(_ENDPOINTS) >= 256:  # reloads may name ever new endpoints: stay bounded
+            _ENDPOINTS.clear()
+        endpoint = _ENDPOINTS[key] = clientFromString(reactor, spec)
+    return endpoint
+
+
+class _OneConnection(ClientFactory):
+    """The factory of one connection attempt: its protocol, or *failed(why)*."""
+
+    noisy = False
+
+    def __init__(self, protocol: Any, failed: Any) -> None:
+        self.protocol_, self.failed = protocol, failed
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.protocol_
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        self.failed(reason.getErrorMessage())
+
+
+def connect_tcp(reactor: Any, spec: str, protocol: Any, timeout: float, failed: Any) -> Any:
+    """Connect *protocol* with the reactor's own connectTCP if *spec* is a plain TCP client
+    endpoint (no endpoint wrapper in every later read), *failed(why)* if that fails; the
+    connector, or None for any other endpoint (the caller uses the endpoint itself)."""
+    endpoint = client_endpoint(reactor, spec)
+    if type(endpoint) not in (TCP4ClientEndpoint, TCP6ClientEndpoint):
+        return None
+    return reactor.connectTCP(endpoint._host, endpoint._port, _OneConnection(protocol, failed),
+                              timeout=min(endpoint._timeout, timeout), bindAddress=endpoint._bindAddress)
+
+
+def drop(proto: Any, connector: Any) -> None:
+    """Drop a connection at once, whether it is made or still being made."""
+    if proto.transport is not None:
+        proto.transport.abortConnection()
+    elif connector is not None:
+        try:
+            connector.stopConnecting()
+        except Exception:  # already connected or failed meanwhile
+            pass
