@@ -18,7 +18,6 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
@@ -32,16 +31,8 @@ from .imap.response import ResponseStart, parse_response_start
 from .netio import client_endpoint, connect_tcp, drop, quick_ack, tune_socket
 
 __all__ = [
-    "BackendError",
-    "BackendUnavailable",
-    "NotConnected",
-    "AuthenticationFailed",
-    "BackendProtocol",
-    "Credentials",
-    "ResponseSink",
-    "Tagged",
-    "connect_backend",
-    "open_connection",
+    "BackendError", "BackendUnavailable", "NotConnected", "AuthenticationFailed", "BackendProtocol",
+    "Credentials", "ResponseSink", "Tagged", "connect_backend", "open_connection"
 ]
 
 log = Logger()
@@ -491,38 +482,47 @@ async def open_connection(reactor: Any, config: BackendConfig) -> tuple[BackendP
         raise NotConnected(_why(e)) from e
 
 
-async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials,
+async def connect_backend(reactor: Any, config: BackendConfig, credentials: Credentials,
                           before_login: BeforeLogin | None = None) -> BackendProtocol:
     """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError.
 
     *before_login* runs on the secured connection just before the login (the ID that
-    tells the backend who the client is)."""
+    tells the backend who the client is). The whole conversation is bounded: a backend that
+    accepts but never answers must not hold the client's LOGIN (or SELECT) forever; at the
+    limit the connection is dropped, which fails whatever the conversation awaits."""
     try:
         proto, connector = await open_connection(reactor, config)
     except NotConnected as e:
         log.warn("backend {name}: cannot connect: {why}", name=config.name, why=str(e))
         raise BackendUnavailable(f"backend {config.name} unreachable") from e
+    limit, late = LOGIN_TIMEOUT_FACTOR * config.connect_timeout, []
+
+    def too_late() -> None:
+        late.append(True)
+        drop(proto, connector)
+
+    timer = reactor.callLater(limit, too_late)
     try:
-        # The whole conversation up to a logged-in connection is bounded: a backend that
-        # accepts but never answers must not hold the client's LOGIN (or SELECT) forever.
-        setup = defer.ensureDeferred(_set_up(proto, config, credentials, before_login))
-        setup.addTimeout(LOGIN_TIMEOUT_FACTOR * config.connect_timeout, reactor)
-        await setup
+        await _set_up(proto, config, credentials, before_login)
         return proto
-    except NotConnected as e:
-        log.warn("backend {name}: cannot connect: {why}", name=config.name, why=str(e))
-        raise BackendUnavailable(f"backend {config.name} unreachable") from e
     except AuthenticationFailed:
         proto.logout()
         raise
-    except BackendError as e:
-        log.warn("backend {name}: {why}", name=config.name, why=str(e))
+    except BackendError as e:  # NotConnected too: a failed greeting
+        refused = isinstance(e, NotConnected)
+        why = f"no answer within {limit:g}s" if late else f"cannot connect: {e}" if refused else str(e)
+        log.warn("backend {name}: {why}", name=config.name, why=why)
         drop(proto, connector)
+        if late or refused:
+            raise BackendUnavailable(f"backend {config.name} unreachable" if refused else why) from e
         raise
     except Exception as e:
         log.warn("backend {name}: {why}", name=config.name, why=_why(e))
         drop(proto, connector)
         raise BackendUnavailable(f"backend {config.name} unavailable") from e
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 class NotConnected(BackendUnavailable):

@@ -145,13 +145,23 @@ class LogWriter:
                 record["error"] = failure.getErrorMessage()
                 record["traceback"] = failure.getTraceback()
             return json.dumps(record, ensure_ascii=False)
-        pairs = " ".join(f"{k}={text_value(v)}" for k, v in _ordered(fields) if v is not None)
+        pairs = " ".join([f"{k}={_text(v)}" for k, v in _ordered(fields) if v is not None])
         line = f"{_iso(when)} [{event.get('log_namespace', '-')}#{level.name}] {message}"
         if pairs:
             line += f" [{pairs}]" if name in ("log", "error") and "rp_fields" not in event else f" {pairs}"
         if failure is not None:
             line += "\n" + failure.getTraceback().rstrip("\n")
         return line
+
+
+def _text(value: Any) -> str:
+    """text_value, with the common plain values first."""
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is str and _SIMPLE.fullmatch(value) is not None:
+        return value  # type: ignore[no-any-return]
+    return text_value(value)
 
 
 def _ordered(fields: dict[str, Any]) -> list[tuple[str, Any]]:

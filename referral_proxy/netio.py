@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import abstract, tcp
@@ -153,15 +154,9 @@ def installed(reactor: Any) -> bool:
 def attach(transport: Any) -> None:
     """Let the TCP connection under *transport* (under a TLS wrapper too) write at the end of
     the pass, if its reactor has :func:`install`\\ ed; anything else is left as it is."""
-    seen = 0
-    while transport is not None and seen < 4:
-        if isinstance(transport, tcp.Connection):
-            cls = type(transport)
-            if installed(getattr(transport, "reactor", None)) and not issubclass(cls, _EndOfPassWrite):
-                transport.__class__ = _fast_class(cls)
-            return
-        transport = getattr(transport, "transport", None)
-        seen += 1
+    conn = _tcp_connection(transport)
+    if conn is not None and installed(getattr(conn, "reactor", None)) and not isinstance(conn, _EndOfPassWrite):
+        conn.__class__ = _fast_class(type(conn))
 
 
 # TCP keepalive: a peer that vanished (a client behind a NAT that forgot it, a backend
@@ -172,25 +167,51 @@ KEEPIDLE, KEEPINTVL, KEEPCNT = 120, 20, 4
 
 def tune_socket(transport: object) -> socket.socket | None:
     """TCP_NODELAY (IMAP is interactive: Nagle would hold every command) and keepalive
-    on a connection; its socket, for quick_ack (None for in-memory test transports)."""
+    on a connection; its socket, for quick_ack (None for in-memory test transports).
+
+    An accepted connection inherits these options from its listening socket (Linux), so
+    the listener is given them once, with its first connection, and later ones skip the
+    five system calls."""
     attach(transport)
     sock = tcp_socket(transport)
-    set_tcp = getattr(transport, "setTcpNoDelay", None) if sock is None else None
-    if set_tcp is not None:
-        try:
-            set_tcp(True)
-        except OSError:
-            pass
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # also under TLS
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            for option, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL), ("TCP_KEEPCNT", KEEPCNT)):
-                if hasattr(socket, option):
-                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        except OSError:
-            pass
+    if sock is None:
+        set_tcp = getattr(transport, "setTcpNoDelay", None)
+        if set_tcp is not None:
+            try:
+                set_tcp(True)
+            except OSError:
+                pass
+        return None
+    port = getattr(_tcp_connection(transport), "server", None)
+    if getattr(port, "_rp_tuned", False):
+        return sock
+    _set_options(sock)
+    if isinstance(port, tcp.Port) and sys.platform.startswith("linux"):
+        _set_options(port.socket)
+        port._rp_tuned = True  # type: ignore[attr-defined]
     return sock
+
+
+def _set_options(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # also under TLS
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL), ("TCP_KEEPCNT", KEEPCNT)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except OSError:
+        pass
+
+
+def _tcp_connection(transport: Any) -> tcp.Connection | None:
+    """The TCP connection under *transport* (a TLS or PROXY-protocol wrapper's, too)."""
+    seen = 0
+    while transport is not None and seen < 4:
+        if isinstance(transport, tcp.Connection):
+            return transport
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return None
 
 
 def tcp_socket(transport: object) -> socket.socket | None:

@@ -115,7 +115,6 @@ class ClientSession(Protocol):
         self._pumping = False
         self._idle: _Idle | None = None
         self._login_timer: Any = None
-        self._peer = "?"
         self._socket: Any = None
         self._closed_waiters: list[defer.Deferred[None]] = []
 
@@ -140,8 +139,6 @@ class ClientSession(Protocol):
     def connectionMade(self) -> None:
         self._socket = tune_socket(self.transport)
         self._gate = ReadGate(self.transport)
-        peer = self.transport.getPeer()
-        self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
         self.ctx.observer.session_started(self)

@@ -195,3 +195,82 @@ def test_quick_ack_only_after_a_read_that_left_a_command_unfinished(monkeypatch)
     assert len(calls) == 3
     h.send(b"\r\n")
     assert len(calls) == 3
+
+
+def test_every_accepted_connection_has_nodelay_and_keepalive(loop) -> None:
+    """The first connection tunes its listener; later ones inherit the options (no calls)."""
+    reactor, first, client, added = loop
+    port = first.transport.server
+    box: list[Any] = []
+    port.factory = Factory.forProtocol(lambda: _Server(box))
+    for _ in range(3):
+        assert netio.tune_socket(first.transport) is not None  # as the session does, again: no harm
+    assert getattr(port, "_rp_tuned", False)
+    others = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(2)]
+    try:
+        spin(reactor, lambda: len(box) == 2)
+        for server in box:
+            sock = server.transport.socket
+            netio.tune_socket(server.transport)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == netio.KEEPIDLE
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == netio.KEEPCNT
+    finally:
+        for s in others:
+            s.close()
+
+
+def _backend(port: int, timeout: float):
+    from referral_proxy.config import BackendConfig
+
+    return BackendConfig(name="b9", endpoint=f"tcp:host=127.0.0.1:port={port}", url=f"imap://127.0.0.1:{port}",
+                         connect_timeout=timeout)
+
+
+def _outcome(reactor: Any, config: Any) -> Any:
+    from twisted.internet import defer
+
+    from referral_proxy.backend import Credentials, connect_backend
+
+    d = defer.ensureDeferred(connect_backend(reactor, config, Credentials("u", "p")))
+    result: list[Any] = []
+    d.addBoth(result.append)
+    spin(reactor, lambda: result, timeout=20)
+    return result[0]
+
+
+def test_a_backend_that_accepts_and_never_greets_is_dropped_at_the_limit() -> None:
+    from referral_proxy.backend import LOGIN_TIMEOUT_FACTOR, BackendUnavailable
+
+    reactor = EPollReactor()
+    netio.install(reactor)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        failure = _outcome(reactor, _backend(silent.getsockname()[1], 0.1))
+        assert failure.check(BackendUnavailable), failure
+        assert f"no answer within {LOGIN_TIMEOUT_FACTOR * 0.1:g}s" in str(failure.value)
+        conn, _ = silent.accept()
+        conn.settimeout(5)
+        try:
+            assert conn.recv(100) == b""  # the proxy dropped it
+        except ConnectionResetError:
+            pass
+        conn.close()
+    finally:
+        silent.close()
+
+
+def test_a_refused_connection_is_unreachable() -> None:
+    from referral_proxy.backend import BackendUnavailable
+
+    reactor = EPollReactor()
+    netio.install(reactor)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    failure = _outcome(reactor, _backend(port, 5))
+    assert failure.check(BackendUnavailable) and "b9 unreachable" in str(failure.value), failure
