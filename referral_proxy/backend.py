@@ -27,7 +27,7 @@ from .config import BackendConfig
 from .imap.command import ParseError
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd
 from .imap.quoting import astring, capability_tokens
-from .imap.response import ResponseStart, parse_response_start
+from .imap.response import ResponseStart, parse_response_start, plain_untagged
 from .netio import client_endpoint, connect_tcp, drop, quick_ack, tune_socket
 
 __all__ = [
@@ -170,8 +170,8 @@ class BackendProtocol(Protocol):
         self.bytes_in += len(data)
         framer = self._framer
         framer.receive_data(data)
-        # Message data ("* 12 FETCH ...", its literals and the rest of its line) relayed to
-        # the sink goes in one write per read, without parsing: FETCH answers are mostly that.
+        # Untagged data no one here looks at ("* 12 FETCH ...", "* FLAGS ...", "* OK [UIDNEXT 9]",
+        # their literals and the rest of their line) goes to the sink in one write per read.
         batch: list[bytes] = []
         end = True
         while not self.closed:
@@ -190,7 +190,7 @@ class BackendProtocol(Protocol):
                     continue
                 if isinstance(event, LiteralEnd):
                     continue
-            elif (isinstance(event, Line) and event.first and event.data[:2] == b"* " and event.data[2:3].isdigit()
+            elif (isinstance(event, Line) and event.first and plain_untagged(event.data)
                   and self._greeted and self.tap is None and self.capture is None and self.sink is not None):
                 batch.append(event.data + wire_tail(event))
                 end = event.literal is None
