@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from .backend import BackendError, BackendProtocol
 from .imap.framing import LiteralSpec
 from .imap.response import ResponseStart
+from .imap.uidset import uid_set
 
 if TYPE_CHECKING:
     from .session import ClientSession
@@ -57,22 +58,6 @@ def split_mailbox(rest: bytes) -> tuple[bytes, bytes]:
         return rest, b""
     token, _, after = rest.partition(b" ")
     return token, after
-
-
-def uid_set(uids: list[int]) -> bytes:
-    """``[5, 6, 7, 9]`` -> ``b"5:7,9"``, order kept (RFC 4315 lists UIDs in append order)."""
-    out: list[bytes] = []
-    start = prev = None
-    for uid in uids:
-        if prev is not None and uid == prev + 1:
-            prev = uid
-            continue
-        if start is not None:
-            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-        start = prev = uid
-    if start is not None:
-        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-    return b",".join(out)
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
@@ -13,7 +14,8 @@ from .config import ConfigError
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | None = None) -> int:
+    """*on_step*: a hook called after each journal step of a move (tests inject faults with it)."""
     parser = argparse.ArgumentParser(prog="referral-proxy", description="IMAP referral proxy")
     parser.add_argument("--config", "-c", help="the TOML configuration file (runs the proxy)")
     sub = parser.add_subparsers(dest="command")
@@ -44,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("move", "recover"):
         from .movecli import run_move, run_recover
 
-        return run_move(args) if args.command == "move" else run_recover(args)
+        return run_move(args, on_step=on_step) if args.command == "move" else run_recover(args, on_step=on_step)
     if args.command == "map":
         from .mapcli import run_map
 
@@ -55,10 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(port=args.port, directory=args.dir)
     if not args.config:
         parser.error("--config is required to run the proxy")
-    return run(args.config)
+    return run(args.config, on_step=on_step)
 
 
-def run(config_path: str) -> int:
+def run(config_path: str, *, on_step: Callable[[Any], None] | None = None) -> int:
     """Run the proxy in the foreground until SIGINT/SIGTERM."""
     from twisted.internet import reactor
 
@@ -71,7 +73,7 @@ def run(config_path: str) -> int:
         sys.stderr.write(f"referral-proxy: configuration error: {e}\n")
         return 2
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    service = ProxyService(config, reactor)
+    service = ProxyService(config, reactor, on_step=on_step)
     try:
         service.startService()
     except Exception as e:

@@ -18,7 +18,8 @@ from twisted.logger import Logger
 
 from .backend import Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
-from .routing import MailboxMap, open_store
+from .recovery import RecoverySweep
+from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession, ProxyContext
 
 __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
@@ -74,11 +75,13 @@ class _SessionFactory(ServerFactory):
 class ProxyService(MultiService):
     """The proxy: one listener service per ``[proxy].listen`` endpoint."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, *, on_step: StepHook | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store))
+        # on_step: called after each journal step (tests inject faults there; None in production)
+        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
+        self.recovery = RecoverySweep(reactor, config, self.mailbox_map)
 
         async def connect(backend: BackendConfig, credentials: Credentials):
             return await connect_backend(reactor, backend, credentials)
@@ -102,22 +105,16 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         super().startService()
         log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
-        if self.mailbox_map.store.journal():
-            # Moves a stopped proxy left half done: finish or roll them back now.
-            from .movecli import recover_all
-
-            def report(lines: list[str]) -> None:
-                for line in lines:
-                    log.warn("recovery: {line}", line=line)
-
-            d = defer.ensureDeferred(recover_all(self.reactor, self.config, self.mailbox_map))
-            d.addCallbacks(report, lambda f: log.failure("recovery failed", f))
+        # Moves a stopped proxy left half done are finished or rolled back now, and any
+        # this process gives up on later are retried every few seconds.
+        self.recovery.start()
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[override]
         """Stop listening, say BYE to every client, log the backends out, and wait (a few
         seconds at most) until the BYEs are really out before the reactor tears down."""
         yield super().stopService()
+        self.recovery.stop()
         sessions = list(self.context.sessions)
         closed = [s.when_closed() for s in sessions]
         for session in sessions:

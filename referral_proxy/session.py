@@ -53,8 +53,10 @@ from .imap.command import (
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec
 from .imap.quoting import astring, quoted
 from .imap.response import ResponseStart, completion_text
+from .mailops import TransferError
+from .mover import MoveIncomplete, Mover, rename_here
 from .routing import MailboxMap, Route
-from .transfer import Mover, TransferError, copy_across
+from .transfer import copy_across
 
 __all__ = ["ProxyContext", "ClientSession"]
 
@@ -498,7 +500,7 @@ class ClientSession(Protocol):
         d.addErrback(lambda f: log.failure("session {id}: login crashed", f, id=self.id))
 
     async def _login(self, tag: bytes, creds: Credentials) -> None:
-        user = creds.authzid or creds.user
+        user = self.map.canonical(creds.authzid or creds.user)  # routing, placements, INUSE, logs: one name
         route = self.map.home(user)
         proto = None
         failure: BackendError | None = None
@@ -752,7 +754,7 @@ class ClientSession(Protocol):
         """A mailbox being moved between servers: NO [INUSE] until it is in its new place."""
         assert self.user is not None
         for m in mailboxes:
-            if self.map.moving(self.user, m.decode("utf-8", "surrogateescape")):
+            if self.map.reserved(self.user, m.decode("utf-8", "surrogateescape")):
                 self._tagged(tag, "NO", "[INUSE] Mailbox is being moved to another server; try again shortly")
                 return True
         return False
@@ -869,7 +871,9 @@ class ClientSession(Protocol):
         await self._quiet(None)
         dst = await self._fresh(route)
         try:
-            outcome = await copy_across(src, message_set, name.startswith("UID "), dst, mailbox, "MOVE" in name)
+            outcome = await copy_across(src, message_set, name.startswith("UID "), dst, mailbox, "MOVE" in name,
+                                        mailbox_map=self.map, user=self.user or "",
+                                        source_mailbox=self.selected_mailbox or b"")
         except TransferError as e:
             text = str(e)
             raise _Refused(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
@@ -907,12 +911,17 @@ class ClientSession(Protocol):
             return
         if old_route.primary != new_route.primary:
             return self._run(cmd.start.tag, self._rename_across(cmd, old, new, old_route, new_route))
+        self._run(cmd.start.tag, self._rename_here(cmd, old, new, old_route))
 
-        def done(start: ResponseStart) -> None:
-            if start.status == "OK":
-                self._move_placements(old, new)
-
-        self._relay_to(cmd, old_route, done)
+    async def _rename_here(self, cmd: _Collect, old: bytes, new: bytes, route: Route) -> None:
+        """RENAME on one backend: mover.rename_here holds the names and lets placements follow."""
+        conn = await self._connection(route)
+        await self._quiet(None)
+        outcome = await rename_here(self.map, self.user or "", conn, old.decode("utf-8", "surrogateescape"),
+                                    new.decode("utf-8", "surrogateescape"))
+        for raw in outcome.untagged:
+            self._out.write(conn, raw)
+        self._send(b"%s %s\r\n" % (cmd.start.tag, outcome.completion.encode("utf-8", "replace")))
 
     async def _rename_across(self, cmd: _Collect, old: bytes, new: bytes, old_route: Route, new_route: Route) -> None:
         """RENAME to a name another backend owns: the journaled move of transfer.Mover."""
@@ -926,6 +935,11 @@ class ClientSession(Protocol):
         try:
             result = await mover.rename(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                                         old_route.primary, new_route.primary)
+        except MoveIncomplete as e:
+            log.warn("session {id}: {user} RENAME {old} {new}: {why}", id=self.id, user=self.user, old=old, new=new,
+                     why=str(e))
+            self._tagged(cmd.start.tag, "OK", "Rename completed; the old mailbox is still being emptied.")
+            return
         except TransferError as e:
             text = str(e)
             raise _Refused(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
@@ -933,16 +947,6 @@ class ClientSession(Protocol):
                  user=self.user, old=old, new=new, dst=new_route.primary, n=result.mailboxes, m=result.messages)
         self._tagged(cmd.start.tag, "OK", f"Rename completed ({result.mailboxes} mailbox(es), "
                                           f"{result.messages} message(s) moved to another server).")
-
-    def _move_placements(self, old: bytes, new: bytes) -> None:
-        """Placements under the old name now belong to the new one."""
-        assert self.user is not None
-        sep = self.map.separator
-        old_s, new_s = old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape")
-        for name, backends in self.map.placements(self.user).items():
-            if name == old_s or name.startswith(old_s + sep):
-                self.map.unplace(self.user, name)
-                self.map.place(self.user, new_s + name[len(old_s):], backends)
 
     def _enable(self, cmd: _Collect, args: list[Token] | None) -> None:
         """ENABLE: relayed, and remembered for connections opened later."""
@@ -1090,7 +1094,7 @@ class ClientSession(Protocol):
                 literal: LiteralSpec | None) -> None:
         """Route an APPEND to the mailbox's backend and start streaming it there."""
         assert self.home is not None
-        if mailbox is not None and self.map.moving(self.user or "", mailbox.decode("utf-8", "surrogateescape")):
+        if mailbox is not None and self.map.reserved(self.user or "", mailbox.decode("utf-8", "surrogateescape")):
             if literal is not None:
                 self._framer.reject_literal()
             self._tagged(start.tag, "NO", "[INUSE] Mailbox is being moved to another server; try again shortly")

@@ -385,9 +385,11 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
     Keywords: ``rules=[{"user": "bob", "mailbox": "*", "backend": "b2"}, ...]``
     (the ``[[map.rules]]``), ``args=[...]`` (extra command-line arguments),
     ``env={...}``, ``timeout=20.0`` (start-up), ``wait=True`` (wait for the
-    greeting); any other keyword goes into the ``[proxy]`` table, e.g.
-    ``referrals="aware"``.  Each proxy runs in its own directory (its cwd,
-    where the config file and a relative sqlite store live).
+    greeting), ``command=[...]`` (instead of ``python -m referral_proxy``, e.g.
+    ``tests/faultproxy.py`` with its options and ``--``); any other keyword
+    goes into the ``[proxy]`` table, e.g. ``referrals="aware"``.  Each proxy
+    runs in its own directory (its cwd, where the config file and a relative
+    sqlite store live).
     """
     started: list[RunningProxy] = []
     counter = [0]
@@ -395,7 +397,7 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
     def factory(config_text_or_dict: str | Mapping[str, Any] | None = None, *,
                 rules=(), args=(), env: Mapping[str, str] | None = None,
                 timeout: float = PROXY_START_TIMEOUT, wait: bool = True,
-                **proxy_options) -> RunningProxy:
+                command: list[str] | None = None, **proxy_options) -> RunningProxy:
         counter[0] += 1
         workdir = tmp_path / f"proxy-{counter[0]}"
         workdir.mkdir()
@@ -433,7 +435,7 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
         stdout_path, stderr_path = workdir / "stdout.log", workdir / "stderr.log"
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "referral_proxy", "--config", str(config_path), *args],
+                [*(command or [sys.executable, "-m", "referral_proxy"]), "--config", str(config_path), *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=child_env,
             )
         proxy = RunningProxy(host=host, port=port, config_path=config_path, workdir=workdir,

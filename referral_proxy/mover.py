@@ -1,0 +1,463 @@
+"""Moving whole mailboxes between backends (cross-server RENAME, the admin ``move``), and RENAME on one backend.
+
+A mailbox move, journaled step by step (journal.py has the table):
+
+1. Reserve the source and destination subtrees with the journal entry, in one store
+   transaction, before reading anything (``NO [INUSE]`` for anyone else meanwhile).
+2. Plan: the mailbox and its children that the source owns, found by exact name and
+   prefix (a name is never a LIST pattern). Refuse before anything changes if a
+   destination name exists.
+3. Create each destination mailbox (journaled before and after), copy its messages in
+   bounded MULTIAPPEND batches, each verified by content (sha256 streamed through,
+   compared with the copy read back by its APPENDUID) before it is journaled.
+4. COMMITTED: every first-pass message is verified. From here on the move is only
+   ever finished, never undone: subscriptions, then placements (the map now routes
+   the new names to the destination).
+5. Each source, deepest first, is RENAMEd to a private name on the source backend
+   (deliveries to the old name now fail, and Dovecot's LDA/LMTP delivers to INBOX
+   instead), what arrived meanwhile is copied and verified, exactly the verified
+   UIDs are expunged, and the private mailbox is deleted once it is seen empty.
+   INBOX cannot be renamed aside: its verified UIDs are expunged in rounds until a
+   round finds nothing new, and INBOX is never deleted.
+
+Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs
+this move appended (recorded, or -- for a batch in flight -- found by content from
+the UIDNEXT recorded before it) are expunged, and the mailboxes it created are
+deleted only if nothing else is in them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+from .backend import BackendProtocol
+from .imap.response import completion_text
+from .imap.uidset import expand_uid_set, uid_set
+from .journal import InUse, JournalEntry, Reservation, Step
+from .mailops import (
+    MessageInfo,
+    TransferError,
+    delete_if_empty,
+    exists,
+    expunge_uids,
+    fetch_infos,
+    list_mailboxes,
+    name_arg,
+    open_mailbox,
+    run_ok,
+    search_uids,
+    status,
+    subscribed,
+    subtree,
+)
+from .routing import MailboxMap, normalize
+from .transfer import Progress, copy_stream, find_batch, hashes_present, verify_copies
+
+__all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "rename_here", "LocalRename", "reconcile_local",
+           "BATCH_MESSAGES", "BATCH_BYTES"]
+
+log = Logger()
+
+BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
+BATCH_BYTES = 256 * 1024 * 1024
+DRAIN_ROUNDS = 10  # INBOX: rounds of "copy what is new, expunge what is verified" before giving up
+ASIDE = "referral-proxy-aside-"
+
+Connect = Callable[[str], Awaitable[BackendProtocol]]
+
+
+class MoveIncomplete(TransferError):
+    """Past the commit point the move could not finish now; its entry stays for recovery.
+
+    The new mailboxes hold every message already: this is not a failure to report as one."""
+
+
+@dataclass
+class MoveResult:
+    mailboxes: int = 0
+    messages: int = 0
+    bytes: int = 0
+
+
+def _b(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _batches(infos: list[MessageInfo]) -> list[list[MessageInfo]]:
+    out: list[list[MessageInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if out[-1] and (len(out[-1]) >= BATCH_MESSAGES or size + info.size > BATCH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(info)
+        size += info.size
+    return out if out[0] else []
+
+
+@dataclass
+class Mover:
+    """Moves mailboxes of one user between backends, journaled so that a crash can be recovered."""
+
+    mailbox_map: MailboxMap
+    connect: Connect  # a NEW authenticated connection to a backend, as the user
+    user: str
+    progress: Progress = field(default_factory=Progress)
+
+    def __post_init__(self) -> None:
+        self.user = self.mailbox_map.canonical(self.user)
+        self.sep = self.mailbox_map.separator
+
+    # -- planning -----------------------------------------------------------------------
+
+    async def plan(self, src: BackendProtocol, old: str, new: str) -> list[tuple[str, str]]:
+        """(old, new) names of the mailbox and its children that *src* owns, parents first.
+
+        ``old == new == "*"``: every mailbox of the user that *src* owns (a whole user)."""
+        if old == new == "*":
+            names = [e.name.decode("utf-8", "surrogateescape") for e in await list_mailboxes(src) if e.selectable]
+        elif normalize(old, self.sep) == "INBOX":
+            return [("INBOX", new)]  # RFC 3501: INBOX's messages move, its children do not
+        else:
+            names = await subtree(src, old, self.sep)
+        pairs = []
+        for name in names:
+            if self.mailbox_map.lookup(self.user, name).primary != src.name:
+                continue  # a child placed elsewhere stays where it is
+            name = normalize(name, self.sep)
+            pairs.append((name, name if old == "*" else new + name[len(old):]))
+        pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(self.sep), p[0]))
+        return pairs
+
+    def _reservations(self, old: str, new: str) -> list[Reservation]:
+        if old == "*":
+            return [Reservation(None)]
+        first = Reservation(old, subtree=normalize(old, self.sep) != "INBOX")
+        return [first] if new == old else [first, Reservation(new)]
+
+    async def _check(self, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None:
+        if not pairs:
+            raise TransferError("[NONEXISTENT] Mailbox doesn't exist")
+        for o, n in pairs:
+            if normalize(n, self.sep) == "INBOX" and o != "INBOX":
+                raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
+            if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
+                raise TransferError("[ALREADYEXISTS] Mailbox already exists")
+
+    # -- the move ------------------------------------------------------------------------
+
+    async def rename(self, old: str, new: str, src_name: str, dst_name: str) -> MoveResult:
+        """Move *old* (and its children) on *src_name* to *new* on *dst_name*."""
+        data = {"src": src_name, "dst": dst_name, "old": old, "new": new, "token": secrets.token_hex(4),
+                "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
+                "drained": []}
+        try:
+            entry = self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new), data)
+        except InUse:
+            raise TransferError("[INUSE] Mailbox is being moved or renamed by another command; try again shortly") from None
+        conns: list[BackendProtocol] = []
+        result = MoveResult()
+        try:
+            src = await self.connect(src_name)
+            conns.append(src)
+            dst = await self.connect(dst_name)
+            conns.append(dst)
+            pairs = await self.plan(src, old, new)
+            await self._check(dst, pairs)
+            data["pairs"] = [list(p) for p in pairs]
+            self.mailbox_map.step(entry, Step.PLANNED)
+            for i, (o, n) in enumerate(pairs):
+                if normalize(n, self.sep) != "INBOX":
+                    data["at"] = i
+                    self.mailbox_map.step(entry, Step.CREATING)
+                    await run_ok(dst, b"CREATE " + name_arg(n), "CREATE")
+                    data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
+                    self.mailbox_map.step(entry, Step.CREATED)
+                result.messages += await self._copy(entry, i, src, dst, o, delta=False)
+            self.mailbox_map.step(entry, Step.COMMITTED)
+        except BaseException as e:
+            for conn in conns:
+                conn.logout()
+            await self._undo(entry, e)
+            raise
+        try:
+            await self._finish(entry, src, dst)
+        except BaseException as e:
+            self.mailbox_map.disown(entry)
+            log.error("move {id} of {user} {old} -> {new}: committed, but finishing failed: {why}; "
+                      "recovery will finish it", id=entry.id, user=self.user, old=old, new=new, why=str(e))
+            raise MoveIncomplete(f"the mailboxes are in their new place; emptying the old ones failed ({e}) "
+                                 "and will be finished by recovery") from e
+        finally:
+            for conn in conns:
+                conn.logout()
+        result.mailboxes = len(pairs)
+        result.bytes = self.progress.bytes
+        return result
+
+    async def _undo(self, entry: JournalEntry, why: BaseException) -> None:
+        """A failure before the commit point: roll back, or leave the entry to recovery."""
+        try:
+            await self.roll_back(entry)
+        except BaseException as e:
+            self.mailbox_map.disown(entry)
+            log.error("move {id} of {user}: failed ({why}) and could not be rolled back now ({how}); "
+                      "recovery will", id=entry.id, user=self.user, why=str(why), how=str(e))
+
+    def _copied(self, entry: JournalEntry, i: int) -> set[int]:
+        return {u for rec in entry.data["batches"] if rec["pair"] == i for u in expand_uid_set(rec["src"])}
+
+    async def _copy(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol, box: str,
+                    *, delta: bool) -> int:
+        """Copy every message of *box* on *src* not copied yet to pair *i*'s destination, in verified batches."""
+        data = entry.data
+        new = data["pairs"][i][1]
+        state = await open_mailbox(src, box, readonly=True)
+        known = data["validity"].setdefault(str(i), state.uidvalidity)
+        if known != state.uidvalidity:
+            raise TransferError(f"the source of {new!r} was replaced during the move (UIDVALIDITY changed)")
+        uids, _ = await search_uids(src, b"ALL")
+        done = self._copied(entry, i)
+        infos, _ = await fetch_infos(src, [u for u in uids if u not in done])
+        if not infos:
+            return 0
+        target = await status(dst, new)
+        lower = target.uidnext
+        for batch in _batches(infos):
+            rec = {"pair": i, "src": uid_set(info.uid for info in batch).decode(), "validity": target.uidvalidity,
+                   "uidnext": lower}
+            data["pending"] = rec
+            self.mailbox_map.step(entry, Step.DELTA_COPYING if delta else Step.COPYING)
+            copied = await copy_stream(src, batch, dst, _b(new), self.progress)
+            rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
+            if copied.uidvalidity != target.uidvalidity:
+                raise TransferError(f"the destination {new!r} was replaced during the move")
+            await verify_copies(dst, new, copied)
+            data["batches"].append(rec)
+            data["pending"] = None
+            self.mailbox_map.step(entry, Step.DELTA_COPIED if delta else Step.COPIED)
+            lower = max(copied.uids) + 1
+        return len(infos)
+
+    # -- before the commit point: roll back ------------------------------------------------------
+
+    async def roll_back(self, entry: JournalEntry) -> None:
+        """Remove exactly what this move appended (by UID) and created (if nothing else is in it)."""
+        data = entry.data
+        if entry.step in (Step.RESERVED, Step.PLANNED):
+            self.mailbox_map.end_move(entry)
+            return
+        pairs = data["pairs"]
+        dst = await self.connect(data["dst"])
+        src: BackendProtocol | None = None
+        try:
+            records = list(data["batches"]) + ([data["pending"]] if data.get("pending") else [])
+            for rec in records:
+                new = pairs[rec["pair"]][1]
+                if rec.get("dst"):
+                    appended = expand_uid_set(rec["dst"])
+                else:  # a batch in flight at the crash: did it commit? Look for it by content.
+                    src = src or await self.connect(data["src"])
+                    appended = await self._find_pending(src, dst, pairs[rec["pair"]][0], new, rec) or []
+                if appended and await exists(dst, new):
+                    state = await open_mailbox(dst, new, readonly=False)
+                    if state.uidvalidity == rec["validity"]:
+                        await expunge_uids(dst, appended)
+                    await dst.deselect()
+            created = set(data["created"]) | ({data["at"]} if entry.step is Step.CREATING else set())
+            for i in sorted(created, reverse=True):  # children first
+                name = pairs[i][1]
+                if not await delete_if_empty(dst, name, f"{ASIDE}{data['token']}-undo-{i}", self.sep):
+                    log.warn("roll-back of move {id}: {name} on {b} holds mail that is not this move's: kept",
+                             id=entry.id, name=name, b=dst.name)
+        finally:
+            dst.logout()
+            if src is not None:
+                src.logout()
+        self.mailbox_map.end_move(entry)
+        log.info("move {id} of {user} ({old} -> {new}) rolled back", id=entry.id, user=self.user, old=data["old"],
+                 new=data["new"])
+
+    async def _find_pending(self, src: BackendProtocol, dst: BackendProtocol, box: str, new: str,
+                            rec: dict) -> list[int] | None:
+        """The destination UIDs of an in-flight batch, if it committed (found by its bodies' hashes)."""
+        if not await exists(src, box):
+            return None
+        await open_mailbox(src, box, readonly=True)
+        wanted = expand_uid_set(rec["src"])
+        sources = await hashes_present(src, wanted)
+        if len(sources) != len(wanted):
+            return None  # cannot tell: leave it (a duplicate at worst, never a loss)
+        return await find_batch(dst, new, rec["validity"], rec["uidnext"], [sources[u] for u in wanted])
+
+    # -- after the commit point: finish ------------------------------------------------------
+
+    async def finish(self, entry: JournalEntry) -> None:
+        """Recovery: finish a committed move on fresh connections."""
+        src = await self.connect(entry.data["src"])
+        try:
+            dst = await self.connect(entry.data["dst"])
+            try:
+                await self._finish(entry, src, dst)
+            finally:
+                dst.logout()
+        finally:
+            src.logout()
+
+    async def _finish(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol) -> None:
+        data = entry.data
+        pairs = [tuple(p) for p in data["pairs"]]
+        if entry.step is Step.COMMITTED:
+            subs = await subscribed(src)
+            for o, n in pairs:
+                if o in subs:
+                    await run_ok(dst, b"SUBSCRIBE " + name_arg(n), "SUBSCRIBE")
+            self.mailbox_map.step(entry, Step.SUBSCRIBED)
+        if entry.step is Step.SUBSCRIBED:
+            for o, n in pairs:
+                self.mailbox_map.place(self.user, n, [data["dst"]])
+                if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
+                    self.mailbox_map.unplace(self.user, o)
+            self.mailbox_map.step(entry, Step.PLACED)
+        for i in reversed(range(len(pairs))):
+            if i not in data["drained"]:
+                await self._drain(entry, i, src, dst)
+        self.mailbox_map.end_move(entry)
+
+    async def _drain(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol) -> None:
+        """Carry what reached source *i* during the move, expunge exactly the verified UIDs, delete it."""
+        data = entry.data
+        old, _new = data["pairs"][i]
+        box = old
+        if old != "INBOX":
+            box = f"{ASIDE}{data['token']}-{i}"
+            if i not in data["aside"]:
+                await src.deselect()  # a mailbox selected on this connection cannot be renamed
+                if not await exists(src, box):
+                    if not await exists(src, old):
+                        return self._drained(entry, i)  # nothing left at the source
+                    await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(box), "RENAME")
+                data["aside"].append(i)
+                data["at"] = i
+                self.mailbox_map.step(entry, Step.ASIDE)
+            if not await exists(src, box):
+                return self._drained(entry, i)
+        if data.get("pending") and data["pending"]["pair"] == i:
+            await self._settle(entry, src, dst, box)
+        left: list[int] = []
+        for _round in range(DRAIN_ROUNDS):
+            carried = await self._copy(entry, i, src, dst, box, delta=True)
+            if carried:
+                log.info("move {id}: carried {n} message(s) that reached {box} during the move", id=entry.id,
+                         n=carried, box=old)
+            state = await open_mailbox(src, box, readonly=False)
+            if state.uidvalidity != data["validity"].get(str(i), state.uidvalidity):
+                raise TransferError(f"the source {old!r} was replaced during the move (UIDVALIDITY changed)")
+            present, _ = await search_uids(src, b"ALL")
+            copied = self._copied(entry, i)
+            await expunge_uids(src, [u for u in present if u in copied])
+            left = [u for u in present if u not in copied]
+            await src.deselect()  # never CLOSE: it would expunge \Deleted mail that was not copied
+            if not left:
+                break
+        if left:
+            log.error("move {id}: {box} on {b} keeps receiving mail: {n} message(s) left there", id=entry.id,
+                      box=old, b=src.name, n=len(left))
+        elif box != old:
+            children = await list_mailboxes(src, name_arg(box + self.sep + "*"))
+            if children:
+                log.error("move {id}: mailboxes appeared under {box} during the move: kept on {b} as {aside}",
+                          id=entry.id, box=old, b=src.name, aside=box)
+            else:
+                await run_ok(src, b"DELETE " + name_arg(box), "DELETE")  # a private name, seen empty just now
+        if old != "INBOX":
+            await src.command(b"UNSUBSCRIBE " + name_arg(old))  # the name is gone from this backend
+        self._drained(entry, i)
+
+    def _drained(self, entry: JournalEntry, i: int) -> None:
+        entry.data["drained"].append(i)
+        self.mailbox_map.step(entry, Step.DRAINED)
+
+    async def _settle(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol, box: str) -> None:
+        """A delta batch a crash interrupted: recorded if it committed (found by content), else dropped."""
+        data = entry.data
+        rec = data["pending"]
+        found = await self._find_pending(src, dst, box, data["pairs"][rec["pair"]][1], rec)
+        if found:
+            rec["dst"] = uid_set(found).decode()
+            data["batches"].append(rec)
+        data["pending"] = None
+        self.mailbox_map.step(entry, Step.DELTA_COPIED)
+
+
+# -- RENAME on one backend --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalRename:
+    """What the backend said to a RENAME (its untagged responses raw, its completion without tag)."""
+
+    untagged: tuple[bytes, ...]
+    completion: str
+
+
+def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> None:
+    """Placements of the renamed mailboxes (those on *backend*) now belong to the new names."""
+    sep = mailbox_map.separator
+    for name, backends in mailbox_map.placements(user).items():
+        if backends[0] == backend and (name == old or name.startswith(old + sep)):
+            mailbox_map.unplace(user, name)
+            mailbox_map.place(user, new + name[len(old):], backends)
+
+
+async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str) -> LocalRename:
+    """RENAME on the backend that owns both names, holding both subtrees meanwhile.
+
+    Refused before anything changes if a child would get a name the map sends to
+    another backend (Dovecot renames children along: it would become unreachable)."""
+    sep = mailbox_map.separator
+    inbox = normalize(old, sep) == "INBOX"
+    reservations = [Reservation(old, subtree=not inbox), Reservation(new)]
+    try:
+        entry = mailbox_map.begin_move(user, "rename-local", reservations, {"backend": conn.name, "old": old, "new": new})
+    except InUse:
+        return LocalRename((), "NO [INUSE] Mailbox is being moved or renamed by another command; try again shortly")
+    try:
+        if not inbox:
+            placed = mailbox_map.placements(user)
+            for child in await subtree(conn, old, sep):
+                if mailbox_map.lookup(user, child).primary != conn.name:
+                    continue  # a stray copy the map hides: it stays hidden
+                target = new + child[len(old):]
+                if normalize(child, sep) not in placed and mailbox_map.lookup(user, target).primary != conn.name:
+                    mailbox_map.end_move(entry)
+                    return LocalRename((), "NO [CANNOT] A mailbox inside would get a name that lives on another "
+                                           "server; rename or move it first")
+        mailbox_map.step(entry, Step.RENAMING)
+        result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
+        if result.ok and not inbox:
+            _follow_placements(mailbox_map, user, conn.name, old, new)
+        mailbox_map.end_move(entry)
+        return LocalRename(tuple(r.raw for r in result.responses), completion_text(result.start))
+    except BaseException:
+        if not entry.ended:
+            if entry.step is Step.RESERVED:
+                mailbox_map.end_move(entry)
+            else:
+                mailbox_map.disown(entry)
+        raise
+
+
+async def reconcile_local(mailbox_map: MailboxMap, entry: JournalEntry, conn: BackendProtocol) -> str:
+    """Recovery of a RENAME on one backend: placements follow if the backend did rename."""
+    data = entry.data
+    renamed = not await exists(conn, data["old"]) and await exists(conn, data["new"])
+    if renamed and normalize(data["old"], mailbox_map.separator) != "INBOX":
+        _follow_placements(mailbox_map, entry.user, data["backend"], data["old"], data["new"])
+    mailbox_map.end_move(entry)
+    return "renamed: placements follow" if renamed else "not renamed: nothing to do"
+
