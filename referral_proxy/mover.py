@@ -31,7 +31,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
@@ -64,6 +66,7 @@ log = Logger()
 
 BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
 BATCH_BYTES = 256 * 1024 * 1024
+ANSWER_WITHIN = 10.0  # seconds a client waits past the commit point before it is answered
 DRAIN_ROUNDS = 10  # INBOX: rounds of "copy what is new, expunge what is verified" before giving up
 ASIDE = "referral-proxy-aside-"
 
@@ -81,6 +84,7 @@ class MoveResult:
     mailboxes: int = 0
     messages: int = 0
     bytes: int = 0
+    pending: bool = False  # committed; the old mailboxes are still being emptied (in the background)
 
 
 def _b(name: str) -> bytes:
@@ -107,6 +111,8 @@ class Mover:
     connect: Connect  # a NEW authenticated connection to a backend, as the user
     user: str
     progress: Progress = field(default_factory=Progress)
+    clock: Any = None  # IReactorTime: answer within answer_within seconds past the commit point (None: wait)
+    answer_within: float = ANSWER_WITHIN
 
     def __post_init__(self) -> None:
         self.user = self.mailbox_map.canonical(self.user)
@@ -184,20 +190,42 @@ class Mover:
                 conn.logout()
             await self._undo(entry, e)
             raise
+        finishing = defer.ensureDeferred(self._finish_and_close(entry, conns))
+        result.mailboxes = len(pairs)
+        if self.clock is None:
+            await finishing
+        else:  # a client waits for the answer: past the commit point it need not wait long
+            waiter: defer.Deferred[bool | None] = defer.Deferred()
+            timer = self.clock.callLater(self.answer_within, lambda: waiter.called or waiter.callback(None))
+
+            def settled(outcome: object) -> None:
+                if timer.active():
+                    timer.cancel()
+                if not waiter.called:
+                    waiter.callback(outcome)  # a Failure fails the waiter: it is raised below
+                # else: answered already; a failure was logged and the entry left to recovery
+
+            finishing.addBoth(settled)
+            result.pending = await waiter is None
+        result.bytes = self.progress.bytes
+        return result
+
+    async def _finish_and_close(self, entry: JournalEntry, conns: list[BackendProtocol]) -> bool:
+        """Past the commit point: finish on the move's connections; a failure leaves the entry to recovery."""
         try:
-            await self._finish(entry, src, dst)
+            await self._finish(entry, conns[0], conns[1])
+            return True
         except BaseException as e:
             self.mailbox_map.disown(entry)
+            data = entry.data
             log.error("move {id} of {user} {old} -> {new}: committed, but finishing failed: {why}; "
-                      "recovery will finish it", id=entry.id, user=self.user, old=old, new=new, why=str(e))
+                      "recovery will finish it", id=entry.id, user=self.user, old=data["old"], new=data["new"],
+                      why=str(e))
             raise MoveIncomplete(f"the mailboxes are in their new place; emptying the old ones failed ({e}) "
                                  "and will be finished by recovery") from e
         finally:
             for conn in conns:
                 conn.logout()
-        result.mailboxes = len(pairs)
-        result.bytes = self.progress.bytes
-        return result
 
     async def _undo(self, entry: JournalEntry, why: BaseException) -> None:
         """A failure before the commit point: roll back, or leave the entry to recovery."""
@@ -329,23 +357,49 @@ class Mover:
         self.mailbox_map.end_move(entry)
 
     async def _drain(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol) -> None:
-        """Carry what reached source *i* during the move, expunge exactly the verified UIDs, delete it."""
+        """Carry what reached source *i* during the move, expunge exactly the verified UIDs, delete it.
+
+        First in place, until a round finds nothing new; then (not INBOX) the source is renamed
+        to a private name that no delivery reaches, emptied the same way, and deleted. Emptying
+        in place first matters: a delivery caught by the RENAME leaves its lock inside the renamed
+        maildir, and Dovecot then waits up to two minutes before it calls the lock stale."""
         data = entry.data
-        old, _new = data["pairs"][i]
-        box = old
-        if old != "INBOX":
-            box = f"{ASIDE}{data['token']}-{i}"
-            if i not in data["aside"]:
+        old = data["pairs"][i][0]
+        aside = f"{ASIDE}{data['token']}-{i}"
+        if i not in data["aside"]:
+            if await exists(src, old):
+                left = await self._empty(entry, i, src, dst, old)
+                if old == "INBOX":
+                    if left:
+                        log.error("move {id}: INBOX on {b} keeps receiving mail: {n} message(s) left there "
+                                  "(deliver {user}'s mail to {dst})", id=entry.id, b=src.name, n=len(left),
+                                  user=self.user, dst=data["dst"])
+                    return self._drained(entry, i)
                 await src.deselect()  # a mailbox selected on this connection cannot be renamed
-                if not await exists(src, box):
-                    if not await exists(src, old):
-                        return self._drained(entry, i)  # nothing left at the source
-                    await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(box), "RENAME")
-                data["aside"].append(i)
-                data["at"] = i
-                self.mailbox_map.step(entry, Step.ASIDE)
-            if not await exists(src, box):
-                return self._drained(entry, i)
+                await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
+            elif old == "INBOX" or not await exists(src, aside):
+                return self._drained(entry, i)  # nothing left at the source
+            data["aside"].append(i)
+            data["at"] = i
+            self.mailbox_map.step(entry, Step.ASIDE)
+        if not await exists(src, aside):
+            return self._drained(entry, i)  # deleted just before a crash
+        if await self._empty(entry, i, src, dst, aside):
+            log.error("move {id}: mail kept arriving in {box} on {b}: left there as {aside}", id=entry.id,
+                      box=old, b=src.name, aside=aside)
+        elif await list_mailboxes(src, name_arg(aside + self.sep + "*")):
+            log.error("move {id}: mailboxes appeared under {box} during the move: kept on {b} under {aside}",
+                      id=entry.id, box=old, b=src.name, aside=aside)
+        else:
+            await run_ok(src, b"DELETE " + name_arg(aside), "DELETE")  # a private name, seen empty just now
+        await src.command(b"UNSUBSCRIBE " + name_arg(old))  # the name is gone from this backend
+        self._drained(entry, i)
+
+    async def _empty(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
+                     box: str) -> list[int]:
+        """Rounds of: copy (and verify) what *box* holds that is not copied yet, expunge exactly the
+        verified UIDs; until a round leaves nothing. The UIDs still left after the last round."""
+        data = entry.data
         if data.get("pending") and data["pending"]["pair"] == i:
             await self._settle(entry, src, dst, box)
         left: list[int] = []
@@ -353,10 +407,10 @@ class Mover:
             carried = await self._copy(entry, i, src, dst, box, delta=True)
             if carried:
                 log.info("move {id}: carried {n} message(s) that reached {box} during the move", id=entry.id,
-                         n=carried, box=old)
+                         n=carried, box=data["pairs"][i][0])
             state = await open_mailbox(src, box, readonly=False)
             if state.uidvalidity != data["validity"].get(str(i), state.uidvalidity):
-                raise TransferError(f"the source {old!r} was replaced during the move (UIDVALIDITY changed)")
+                raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
             present, _ = await search_uids(src, b"ALL")
             copied = self._copied(entry, i)
             await expunge_uids(src, [u for u in present if u in copied])
@@ -364,19 +418,7 @@ class Mover:
             await src.deselect()  # never CLOSE: it would expunge \Deleted mail that was not copied
             if not left:
                 break
-        if left:
-            log.error("move {id}: {box} on {b} keeps receiving mail: {n} message(s) left there", id=entry.id,
-                      box=old, b=src.name, n=len(left))
-        elif box != old:
-            children = await list_mailboxes(src, name_arg(box + self.sep + "*"))
-            if children:
-                log.error("move {id}: mailboxes appeared under {box} during the move: kept on {b} as {aside}",
-                          id=entry.id, box=old, b=src.name, aside=box)
-            else:
-                await run_ok(src, b"DELETE " + name_arg(box), "DELETE")  # a private name, seen empty just now
-        if old != "INBOX":
-            await src.command(b"UNSUBSCRIBE " + name_arg(old))  # the name is gone from this backend
-        self._drained(entry, i)
+        return left
 
     def _drained(self, entry: JournalEntry, i: int) -> None:
         entry.data["drained"].append(i)

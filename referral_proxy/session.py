@@ -931,7 +931,7 @@ class ClientSession(Protocol):
         if self.selected_mailbox is not None and (
                 self.selected_mailbox == old or self.selected_mailbox.startswith(old + sep)):
             raise _Refused("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
-        mover = Mover(self.map, self._fresh, self.user)
+        mover = Mover(self.map, self._fresh, self.user, clock=self.ctx.reactor)
         try:
             result = await mover.rename(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                                         old_route.primary, new_route.primary)
@@ -946,7 +946,8 @@ class ClientSession(Protocol):
         log.info("session {id}: {user} moved {old} to {new} on {dst}: {n} mailbox(es), {m} message(s)", id=self.id,
                  user=self.user, old=old, new=new, dst=new_route.primary, n=result.mailboxes, m=result.messages)
         self._tagged(cmd.start.tag, "OK", f"Rename completed ({result.mailboxes} mailbox(es), "
-                                          f"{result.messages} message(s) moved to another server).")
+                                          f"{result.messages} message(s) moved to another server"
+                                          f"{'; the old mailbox is still being emptied' if result.pending else ''}).")
 
     def _enable(self, cmd: _Collect, args: list[Token] | None) -> None:
         """ENABLE: relayed, and remembered for connections opened later."""

@@ -4,7 +4,7 @@
     python tests/faultproxy.py --pause-at aside:1 --pause-dir DIR -- move --config C alice Work b3
 
 ``--kill-at STEP[:N]``: SIGKILL this process right after the N-th (default 1st) journal
-write of STEP (journal.Step values). ``--pause-at STEP[:N]``: there, write DIR/paused
+write of STEP (journal.Step values). ``--pause-at STEP[:N]`` (repeatable): there, write DIR/paused
 (holding the step name), then wait until DIR/resume appears (the whole process stops
 meanwhile, as a slow backend would stop it), remove it and go on. The hook is given to
 the production code as ``on_step`` (cli.main); nothing in the package reads this file.
@@ -25,10 +25,10 @@ def _point(spec: str) -> tuple[str, int]:
     return step, int(n or 1)
 
 
-def make_hook(kill_at: str | None, pause_at: str | None, pause_dir: str | None):
+def make_hook(kill_at: str | None, pause_at: list[str], pause_dir: str | None):
     seen: dict[str, int] = {}
     kill = _point(kill_at) if kill_at else None
-    pause = _point(pause_at) if pause_at else None
+    pauses = {_point(p) for p in pause_at}
 
     def hook(entry) -> None:
         step = entry.step.value
@@ -37,9 +37,10 @@ def make_hook(kill_at: str | None, pause_at: str | None, pause_dir: str | None):
             sys.stderr.write(f"faultproxy: killed at {step}:{seen[step]}\n")
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        if pause == (step, seen[step]):
+        if (step, seen[step]) in pauses:
             d = Path(pause_dir or ".")
-            (d / "paused").write_text(f"{step}:{seen[step]}")
+            (d / "paused.tmp").write_text(f"{step}:{seen[step]}")
+            (d / "paused.tmp").rename(d / "paused")  # whole, or not there
             deadline = time.monotonic() + 120
             while not (d / "resume").exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -53,7 +54,7 @@ def main() -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(prog="faultproxy")
     parser.add_argument("--kill-at")
-    parser.add_argument("--pause-at")
+    parser.add_argument("--pause-at", action="append", default=[])
     parser.add_argument("--pause-dir")
     opts = parser.parse_args(argv[:split])
     from referral_proxy.cli import main as cli_main
