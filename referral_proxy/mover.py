@@ -57,7 +57,7 @@ from .mailops import (
     subtree,
 )
 from .routing import MailboxMap, normalize
-from .transfer import Progress, copy_stream, find_batch, hashes_present, verify_copies
+from .transfer import Progress, copy_stream, find_copies, hashes_present, verify_copies
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "rename_here", "LocalRename", "reconcile_local",
            "BATCH_MESSAGES", "BATCH_BYTES"]
@@ -290,7 +290,7 @@ class Mover:
                     appended = expand_uid_set(rec["dst"])
                 else:  # a batch in flight at the crash: did it commit? Look for it by content.
                     src = src or await self.connect(data["src"])
-                    appended = await self._find_pending(src, dst, pairs[rec["pair"]][0], new, rec) or []
+                    appended = [d for _s, d in await self._find_pending(src, dst, pairs[rec["pair"]][0], new, rec)]
                 if appended and await exists(dst, new):
                     state = await open_mailbox(dst, new, readonly=False)
                     if state.uidvalidity == rec["validity"]:
@@ -311,16 +311,16 @@ class Mover:
                  new=data["new"])
 
     async def _find_pending(self, src: BackendProtocol, dst: BackendProtocol, box: str, new: str,
-                            rec: dict) -> list[int] | None:
-        """The destination UIDs of an in-flight batch, if it committed (found by its bodies' hashes)."""
+                            rec: dict) -> list[tuple[int, int]]:
+        """(source UID, destination UID) of the messages of an in-flight batch that the destination
+        holds (all if it committed, none if not), found by their bodies' hashes."""
         if not await exists(src, box):
-            return None
+            return []
         await open_mailbox(src, box, readonly=True)
-        wanted = expand_uid_set(rec["src"])
-        sources = await hashes_present(src, wanted)
-        if len(sources) != len(wanted):
-            return None  # cannot tell: leave it (a duplicate at worst, never a loss)
-        return await find_batch(dst, new, rec["validity"], rec["uidnext"], [sources[u] for u in wanted])
+        sources = await hashes_present(src, expand_uid_set(rec["src"]))
+        known = sorted(sources)  # a source message that is gone cannot be told apart: left alone
+        found = await find_copies(dst, new, rec["validity"], rec["uidnext"], [sources[u] for u in known])
+        return [(known[i], uid) for i, uid in sorted(found.items())]
 
     # -- after the commit point: finish ------------------------------------------------------
 
@@ -429,8 +429,9 @@ class Mover:
         data = entry.data
         rec = data["pending"]
         found = await self._find_pending(src, dst, box, data["pairs"][rec["pair"]][1], rec)
-        if found:
-            rec["dst"] = uid_set(found).decode()
+        if found:  # what is there is recorded as copied; the rest is copied again
+            rec["src"] = uid_set(s for s, _d in found).decode()
+            rec["dst"] = uid_set(d for _s, d in found).decode()
             data["batches"].append(rec)
         data["pending"] = None
         self.mailbox_map.step(entry, Step.DELTA_COPIED)

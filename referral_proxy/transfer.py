@@ -46,7 +46,7 @@ from .mailops import (
 from .routing import MailboxMap
 
 __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", "hash_messages", "verify_copies",
-           "find_batch", "hashes_present", "copy_across", "CopyOutcome", "finish_message_move", "CommitUnknown"]
+           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "finish_message_move", "CommitUnknown"]
 
 log = Logger()
 
@@ -249,26 +249,29 @@ async def verify_copies(dst: BackendProtocol, mailbox: str, copied: Copied) -> N
         raise TransferError(f"verification failed on {dst.name}: message UID {bad[0]} differs from its source")
 
 
-async def find_batch(dst: BackendProtocol, mailbox: str, uidvalidity: int, uidnext: int,
-                     hashes: Sequence[str]) -> list[int] | None:
-    """After a crash: the UIDs of a MULTIAPPEND of bodies *hashes* made when the mailbox's UIDNEXT
-    was *uidnext* -- the run of consecutive new messages with exactly those bodies -- or None
-    (it never committed, or the mailbox is not the one it went to)."""
-    if not await exists(dst, mailbox):
-        return None
+async def find_copies(dst: BackendProtocol, mailbox: str, uidvalidity: int, uidnext: int,
+                      hashes: Sequence[str]) -> dict[int, int]:
+    """After a crash: which messages of a MULTIAPPEND of bodies *hashes*, made when the mailbox's
+    UIDNEXT was *uidnext*, the destination holds -- {index in *hashes*: destination UID}.
+
+    The new messages (UID >= uidnext) are matched by content, in order: all of them if the
+    MULTIAPPEND committed, none if it did not, a part if the backend itself died while saving.
+    Empty if the mailbox is gone or was replaced (another UIDVALIDITY)."""
+    if not hashes or not await exists(dst, mailbox):
+        return {}
     state = await open_mailbox(dst, mailbox, readonly=True)
-    if state.uidvalidity != uidvalidity or not hashes:
-        return None
+    if state.uidvalidity != uidvalidity:
+        return {}
     uids, _ = await search_uids(dst, b"UID %d:*" % uidnext)
     uids = [u for u in uids if u >= uidnext]
-    if len(uids) < len(hashes):
-        return None
-    found = await hash_messages(dst, uids)
-    want = list(hashes)
-    for i in range(len(uids) - len(want) + 1):
-        if found[i:i + len(want)] == want:
-            return uids[i:i + len(want)]
-    return None
+    waiting: dict[str, list[int]] = {}
+    for index, h in enumerate(hashes):
+        waiting.setdefault(h, []).append(index)
+    found = {}
+    for uid, h in zip(uids, await hash_messages(dst, uids)):
+        if waiting.get(h):
+            found[waiting[h].pop(0)] = uid
+    return found
 
 
 # -- COPY / MOVE of messages to a mailbox on another backend ----------------------------------
@@ -384,22 +387,22 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
         mailbox_map.end_move(entry)
         return "source mailbox replaced (UIDVALIDITY): nothing removed"
     sources = await hashes_present(src, src_uids)
-    dst_uids = expand_uid_set(data["dst_uids"]) if "dst_uids" in data else None
-    if dst_uids is None:
-        if len(sources) != len(src_uids):
-            mailbox_map.end_move(entry)
-            return "some source messages are gone: nothing removed"
-        dst_uids = await find_batch(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
-                                    [sources[u] for u in src_uids])
-        if dst_uids is None:
+    if "dst_uids" in data:
+        pairs = list(zip(src_uids, expand_uid_set(data["dst_uids"])))
+    else:  # the journal does not know whether the MULTIAPPEND committed: look for the copies by content
+        known = [u for u in src_uids if u in sources]
+        found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
+                                  [sources[u] for u in known])
+        if not found:
             mailbox_map.end_move(entry)
             return "the destination never committed: nothing moved"
+        pairs = [(known[i], uid) for i, uid in sorted(found.items())]
     if not await exists(dst, data["dst_mailbox"]):
         mailbox_map.end_move(entry)
         return "destination mailbox gone: the source is left as it is"
     dst_state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
-    copies = await hashes_present(dst, dst_uids) if dst_state.uidvalidity == data["dst_validity"] else {}
-    verified = [s for s, d in zip(src_uids, dst_uids) if s in sources and copies.get(d) == sources[s]]
+    copies = await hashes_present(dst, [d for _s, d in pairs]) if dst_state.uidvalidity == data["dst_validity"] else {}
+    verified = [s for s, d in pairs if s in sources and copies.get(d) == sources[s]]
     await expunge_uids(src, verified)
     mailbox_map.end_move(entry)
     return f"finished: {len(verified)} message(s) removed from the source"

@@ -69,10 +69,11 @@ def deliver(backend: Dovecot, user: str, mailbox: str, mid: str) -> str | None:
     """One message straight to the backend, as LDA would: into *mailbox*, or INBOX if it is
     missing. Where it was acknowledged, or None (refused: not delivered, may not count)."""
     with backend.client(user) as m:
-        return _deliver(m, mailbox, mid)
+        return deliver_on(m, mailbox, mid)
 
 
-def _deliver(m: imaplib.IMAP4, mailbox: str, mid: str) -> str | None:
+def deliver_on(m: imaplib.IMAP4, mailbox: str, mid: str) -> str | None:
+    """deliver() on a connection of the caller's."""
     typ, data = m.append(quote(mailbox), None, None, body(mid, 300))
     if typ == "OK":
         return mailbox
@@ -100,7 +101,7 @@ class Deliverer(threading.Thread):
             i += 1
             mid = f"{self.prefix}-{i}@live"
             try:
-                where = _deliver(m, self.mailbox, mid)
+                where = deliver_on(m, self.mailbox, mid)
             except (imaplib.IMAP4.error, OSError):
                 self.refused.append(mid)
                 m = self.backend.client(self.user)

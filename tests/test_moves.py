@@ -12,7 +12,7 @@ import time
 
 import pytest
 from imapwire import Wire
-from movecheck import Deliverer, census, cli, deliver, faulty, judge, quote, seed, through_proxy
+from movecheck import Deliverer, census, cli, deliver, faulty, judge, multiappend, quote, seed, through_proxy
 
 from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER
 
@@ -55,13 +55,15 @@ def _no_entries(proxy) -> bool:
         return db.execute("SELECT count(*) FROM journal").fetchone()[0] == 0
 
 
-def _exactly_once(fleet, proxy, user: str, must, may=()) -> None:
+def _exactly_once(fleet, proxy, user: str, must, may=(), hidden=()) -> None:
+    """Every *must* message once on the backends (*may* ones at most once), nothing else; and each
+    reachable through the proxy (but *hidden* ones, which were out of its sight from the start)."""
     counts, where = census(fleet, user)
     lost, duplicated = judge(counts, must, may)
     assert not lost and not duplicated, (f"lost {lost[:5]} ({len(lost)}), duplicated "
                                          f"{[(d, where[d]) for d in duplicated[:5]]} ({len(duplicated)})")
     reached = through_proxy(proxy, user)
-    unreachable = [i for i in counts if reached[i] != 1]
+    unreachable = [i for i in counts if reached[i] != 1 and i not in hidden]
     assert not unreachable, f"unreachable through the proxy: {[(i, where[i]) for i in unreachable[:5]]}"
 
 
@@ -333,3 +335,77 @@ def test_cross_server_move_killed_midway_is_finished_by_recover(proxy_factory, f
     boxes = {where[i][0] for i in work}
     assert boxes == ({("b3", "Shared/Dest")} if outcome == "finished" else {("b1", "Work")})
     assert "nothing to recover" in cli("recover", "--config", str(proxy.config_path)).stdout
+
+
+# -- the hard case: killed after the destination committed a MULTIAPPEND, before its APPENDUID was journaled ----------
+
+
+def _copy_directly(fleet, src: str, src_box: str, dst: str, dst_box: str, uids: str) -> None:
+    """What the proxy's MULTIAPPEND would have saved: the same bodies, in UID order, straight to *dst*."""
+    with fleet[src].client("carol") as m:
+        m.select(quote(src_box), readonly=True)
+        typ, data = m.uid("FETCH", uids, "(BODY.PEEK[])")
+        bodies = [item[1] for item in data if isinstance(item, tuple)]
+    with fleet[dst].client("carol") as m:
+        multiappend(m, [b"s APPEND " + quote(dst_box).encode()] + [b" () {%d+}\r\n" % len(b) + b for b in bodies])
+
+
+def _state(backend, mailbox: str) -> tuple[int, int]:
+    with backend.client("carol") as m:
+        typ, data = m.status(quote(mailbox), "(UIDVALIDITY UIDNEXT)")
+        words = data[0].decode().replace("(", " ").replace(")", " ").split()
+        return int(words[words.index("UIDVALIDITY") + 1]), int(words[words.index("UIDNEXT") + 1])
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fleet, committed):
+    from referral_proxy.journal import Reservation, Step
+    from referral_proxy.routing import SQLiteStore
+
+    inbox, stray = ids("inbox", 10), ids("stray", 1)
+    seed(fleet["b1"], "carol", "INBOX", inbox)
+    seed(fleet["b2"], "carol", "INBOX", stray)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    before_b2, _ = census(fleet, "carol", [fleet["b2"]])
+    validity, uidnext = _state(fleet["b2"], "INBOX")
+    if committed:
+        _copy_directly(fleet, "b1", "INBOX", "b2", "INBOX", "1:10")
+    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    data = {"src": "b1", "dst": "b2", "old": "*", "new": "*", "token": "t0", "pairs": [["INBOX", "INBOX"]],
+            "created": [], "validity": {"0": _state(fleet["b1"], "INBOX")[0]}, "batches": [],
+            "pending": {"pair": 0, "src": "1:10", "validity": validity, "uidnext": uidnext}, "aside": [], "drained": []}
+    entry = store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/")
+    store.journal_step(entry, Step.COPYING, data)
+    store.claim(entry, None, "gone.example:1:1")  # its process is gone
+    store.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
+    assert census(fleet, "carol", [fleet["b2"]])[0] == before_b2  # exactly as it was: the stray, alone
+    _exactly_once(fleet, proxy, "carol", inbox + stray, hidden=stray)
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet, committed):
+    from referral_proxy.journal import Reservation, Step
+    from referral_proxy.routing import SQLiteStore
+
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    validity, uidnext = _state(fleet["b3"], "Shared/Dest")
+    if committed:
+        _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
+    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
+            "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext}
+    entry = store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
+                                                        Reservation("Shared/Dest", False, True)], data, None, "/")
+    store.journal_step(entry, Step.MOVE_APPENDING, data)
+    store.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert ("3 message(s) removed" if committed else "never committed") in recovered.stdout, recovered.stdout
+    _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Dest") if committed else ("b1", "Work")}
