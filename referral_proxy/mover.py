@@ -139,11 +139,16 @@ class Mover:
         pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(self.sep), p[0]))
         return pairs
 
-    def _reservations(self, old: str, new: str) -> list[Reservation]:
+    def _reservations(self, old: str, new: str, token: str) -> list[Reservation]:
+        """The source and destination subtrees, and the private names the move renames sources to."""
         if old == "*":
             return [Reservation(None)]
-        first = Reservation(old, subtree=normalize(old, self.sep) != "INBOX")
-        return [first] if new == old else [first, Reservation(new)]
+        names = [Reservation(old, subtree=normalize(old, self.sep) != "INBOX"), Reservation(ASIDE + token)]
+        return names if new == old else names + [Reservation(new)]
+
+    def _aside(self, data: dict, tag: str) -> str:
+        """A private name on a backend, reserved with the move: no client of the proxy reaches it."""
+        return ASIDE + data["token"] + self.sep + tag
 
     async def _check(self, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None:
         if not pairs:
@@ -162,7 +167,7 @@ class Mover:
                 "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
                 "drained": []}
         try:
-            entry = self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new), data)
+            entry = self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new, data["token"]), data)
         except InUse:
             raise TransferError("[INUSE] Mailbox is being moved or renamed by another command; try again shortly") from None
         conns: list[BackendProtocol] = []
@@ -299,7 +304,7 @@ class Mover:
             created = set(data["created"]) | ({data["at"]} if entry.step is Step.CREATING else set())
             for i in sorted(created, reverse=True):  # children first
                 name = pairs[i][1]
-                if not await delete_if_empty(dst, name, f"{ASIDE}{data['token']}-undo-{i}", self.sep):
+                if not await delete_if_empty(dst, name, self._aside(data, f"undo-{i}"), self.sep):
                     log.warn("roll-back of move {id}: {name} on {b} holds mail that is not this move's: kept",
                              id=entry.id, name=name, b=dst.name)
         finally:
@@ -365,7 +370,7 @@ class Mover:
         maildir, and Dovecot then waits up to two minutes before it calls the lock stale."""
         data = entry.data
         old = data["pairs"][i][0]
-        aside = f"{ASIDE}{data['token']}-{i}"
+        aside = self._aside(data, str(i))
         if i not in data["aside"]:
             if await exists(src, old):
                 left = await self._empty(entry, i, src, dst, old)

@@ -107,11 +107,24 @@ class Ledger:
     copies_acked: collections.Counter = field(default_factory=collections.Counter)
     copies_maybe: collections.Counter = field(default_factory=collections.Counter)
     ops: collections.Counter = field(default_factory=collections.Counter)
+    errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
+    history: list = field(default_factory=list)  # (time, client, what) of every RENAME, MOVE and COPY
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, kind: str, outcome: str) -> None:
         with self.lock:
             self.ops[f"{kind} {outcome}"] += 1
+
+    def backend_died(self, mid: str, since: float) -> None:
+        """A MOVE or COPY of *mid* that a backend kill overlapped: Dovecot's own MOVE/COPY is not
+        crash-atomic (a maildir MOVE is a copy, then an expunge), so a second copy may exist."""
+        with self.lock:
+            if any(since <= t for t, who, what in self.history if who == -1 and what.startswith("KILL b")):
+                self.copies_maybe[mid] += 1
+
+    def tell(self, who: int, what: str) -> None:
+        with self.lock:
+            self.history.append((round(time.monotonic(), 3), who, what))
 
 
 class Client(threading.Thread):
@@ -139,8 +152,10 @@ class Client(threading.Thread):
                 self.ledger.note(op, "connection lost")
                 self.m = None
                 self.stop_event.wait(0.2)
-            except imaplib.IMAP4.error:
+            except imaplib.IMAP4.error as e:
                 self.ledger.note(op, "error")
+                with self.ledger.lock:
+                    self.ledger.errors[str(e)[:90]] += 1
                 self.m = None
 
     def _mailboxes(self, m: imaplib.IMAP4) -> list[str]:
@@ -161,11 +176,14 @@ class Client(threading.Thread):
         if not boxes:
             return
         old, new = self.rng.choice(boxes), self.rng.choice(TARGETS)
+        self.ledger.tell(self.k, f"RENAME {old} {new}")
         try:
             typ, data = m.rename(quote(old), quote(new))
         except imaplib.IMAP4.abort:
             self.ledger.note("rename", "lost")
+            self.ledger.tell(self.k, f"RENAME {old} {new}: lost")
             raise
+        self.ledger.tell(self.k, f"RENAME {old} {new}: {typ} {data}")
         self.ledger.note("rename", typ + (" " + data[0].split(b"]")[0].decode(errors="replace") + "]"
                                           if typ != "OK" and data and data[0].startswith(b"[") else ""))
 
@@ -192,11 +210,17 @@ class Client(threading.Thread):
         picked = self._pick(m)
         if picked is None:
             return
-        box, uid, _mid = picked
+        box, uid, mid = picked
         target = self.rng.choice([b for b in self._mailboxes(m) if b != box] or [box])
         m.response("COPYUID")  # (forget any earlier one)
-        typ, data = m.uid("MOVE", uid, quote(target))
+        self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}")
+        since = time.monotonic()
+        try:
+            typ, data = m.uid("MOVE", uid, quote(target))
+        finally:
+            self.ledger.backend_died(mid, since)
         self.ledger.note("move", typ)
+        self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}: {typ} {data}")
         m.unselect()
 
     def copy(self, m: imaplib.IMAP4) -> None:
@@ -206,13 +230,18 @@ class Client(threading.Thread):
         box, uid, mid = picked
         target = self.rng.choice(self._mailboxes(m) or [box])
         m.response("COPYUID")  # (forget any earlier one)
+        self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}")
+        since = time.monotonic()
         try:
             typ, data = m.uid("COPY", uid, quote(target))
         except (imaplib.IMAP4.abort, OSError):
             with self.ledger.lock:
                 self.ledger.copies_maybe[mid] += 1
             raise
+        if typ != "OK":
+            self.ledger.backend_died(mid, since)
         copyuid = m.response("COPYUID")[1][0]  # imaplib keeps the tagged answer's code there
+        self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}: {typ} {data} {copyuid}")
         with self.ledger.lock:
             if typ == "OK" and copyuid:
                 self.ledger.copies_acked[mid] += 1
@@ -275,12 +304,14 @@ def chaos(fleet, proxy: ProxyProcess, rng: random.Random, ledger: Ledger, until:
         if not backends or rng.random() < 0.6:
             proxy.kill()
             ledger.note("kill", "proxy")
+            ledger.tell(-1, "KILL proxy")
             time.sleep(rng.uniform(0.0, 0.5))
             proxy.start()
         else:
             name = rng.choice(["b1", "b2", "b3"])
             fleet[name].kill()
             ledger.note("kill", name)
+            ledger.tell(-1, f"KILL {name}")
             time.sleep(rng.uniform(0.2, 1.0))
             fleet[name].start()
 
@@ -353,6 +384,10 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         detail = {i: (where.get(i), ledger.copies_acked[i], ledger.copies_maybe[i], i in ledger.must)
                   for i in (lost + duplicated + unreachable)[:10]}
         print(f"seed {seed_}: details {detail}; recover: {done.stdout[-2000:]}", file=sys.stderr)
+        with open(workdir / "history.txt", "w") as f:
+            f.writelines(f"{t} c{k} {what}\n" for t, k, what in ledger.history)
+        print(f"seed {seed_}: history in {workdir / 'history.txt'}, proxy log in {workdir / 'proxy.log'}",
+              file=sys.stderr)
     return figures
 
 
