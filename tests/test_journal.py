@@ -188,3 +188,13 @@ def test_owner_gone():
     assert owner_gone(f"{host}:{child.pid}:123")
     assert not owner_gone(f"elsewhere.example:{child.pid}:123")  # another host: never taken for gone
     assert owner_gone(f"{host}:{os.getpid()}:not-my-start-time")  # a reused pid is not its owner
+
+
+def test_the_design_document_shows_the_table():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0][1:-1] in {s.value for s in Step}:
+            rows[Step(cells[0][1:-1])] = ({None if a == "start" else Step(a) for a in cells[1].split(", ")}, cells[2])
+    assert rows == {step: (set(rule.after), rule.recovery.value) for step, rule in TABLE.items()}
