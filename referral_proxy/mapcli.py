@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
+from .recovery import describe
 from .routing import MailboxMap, open_store
 
 __all__ = ["run_map"]
@@ -60,4 +61,8 @@ def show(mailbox_map: MailboxMap, config, user: str) -> str:
         lines.append(f"  {r.mailbox} -> {', '.join(r.backends)}" + ("" if r.user is None else f"   (user {r.user})"))
     lines.append(f"default -> {config.map.default}")
     lines.append(f"backends holding mail: {', '.join(mailbox_map.backends_for(user))}")
+    moves = [e for e in mailbox_map.entries() if e.user == user]
+    lines.append("moves in progress:" if moves else "moves in progress: none")
+    for entry in moves:
+        lines.append(f"  {describe(entry)}" + ("" if entry.owner else " (waiting for recovery)"))
     return "\n".join(lines)

@@ -20,7 +20,8 @@ from .mover import Connect, Mover, reconcile_local
 from .routing import MailboxMap
 from .transfer import finish_message_move
 
-__all__ = ["NoMasterUser", "master_connector", "recover_entry", "recover_all", "RecoverySweep", "SWEEP_SECONDS"]
+__all__ = ["NoMasterUser", "master_connector", "describe", "recover_entry", "recover_all", "RecoverySweep",
+           "SWEEP_SECONDS"]
 
 log = Logger()
 

@@ -70,7 +70,7 @@ def _exactly_once(fleet, proxy, user: str, must, may=(), hidden=()) -> None:
 # -- 1. two overlapping RENAMEs ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("run", range(3))
+@pytest.mark.parametrize("run", range(4))
 def test_overlapping_renames_one_wins_the_other_is_untouched(proxy_factory, fleet, run):
     big, child, small = ids("big", 1500), ids("bigc", 10), ids("small", 5)
     seed(fleet["b1"], "carol", "Big", big, size=400)
@@ -209,13 +209,17 @@ def test_odd_names_move_across_servers(proxy_factory, fleet, name):
     seed(fleet["b1"], "carol", name, mail)
     seed(fleet["b1"], "carol", name + "/kid", child)
     seed(fleet["b1"], "carol", name + "x", ids("near", 1))  # a prefix is not a parent
+    if "%" in name or "*" in name:  # what the name would match as a LIST pattern stays where it is
+        seed(fleet["b1"], "carol", name.replace("%", "x").replace("*", "yy"), ids("alike", 2))
     proxy = proxy_factory(MASTERS, rules=RULES)
     w = _logged_in(proxy)
     reply = w.cmd(b"r", b"RENAME " + quote(name).encode() + b" " + quote("Shared/" + name).encode())
     assert reply[-1].startswith(b"r OK"), reply
     w.close()
-    _exactly_once(fleet, proxy, "carol", mail + child + ids("near", 1))
+    alike = ids("alike", 2) if "%" in name or "*" in name else []
+    _exactly_once(fleet, proxy, "carol", mail + child + ids("near", 1) + alike)
     counts, where = census(fleet, "carol")
+    assert all(where[i][0][0] == "b1" for i in alike)
     assert {where[i][0] for i in mail} == {("b3", "Shared/" + name)}
     assert {where[i][0] for i in child} == {("b3", "Shared/" + name + "/kid")}
     assert where[ids("near", 1)[0]] == [("b1", name + "x")]
