@@ -45,6 +45,7 @@ class Step(Enum):
     # a cross-server MOVE of messages
     MOVE_APPENDING = "move-appending"  # the destination's UIDVALIDITY/UIDNEXT recorded; MULTIAPPEND sent
     MOVE_APPENDED = "move-appended"  # the copies are on the destination, verified; the source UIDs go next
+    MOVE_EXPUNGING = "move-expunging"  # the source UIDs still there are flagged \Deleted (recorded): expunge them
     # a RENAME on one backend
     RENAMING = "renaming"  # RENAME sent to the backend; placements follow once it is done
 
@@ -86,6 +87,7 @@ TABLE: dict[Step, Rule] = {
     S.DRAINED: _rule({S.PLACED, S.ASIDE, S.DELTA_COPIED, S.DRAINED}, Recovery.FINISH),
     S.MOVE_APPENDING: _rule({S.RESERVED}, Recovery.FINISH_IF_COMMITTED),
     S.MOVE_APPENDED: _rule({S.MOVE_APPENDING}, Recovery.FINISH),
+    S.MOVE_EXPUNGING: _rule({S.MOVE_APPENDED}, Recovery.FINISH),
     S.RENAMING: _rule({S.RESERVED}, Recovery.RECONCILE),
 }
 del S
@@ -126,7 +128,11 @@ def conflicts(a: Reservation, b: Reservation, separator: str) -> bool:
 
 
 class InUse(Exception):
-    """Another operation holds one of the names (``NO [INUSE]``)."""
+    """Another operation holds one of the names (``NO [INUSE]``); *held*: the reservations in the way."""
+
+    def __init__(self, held: list[Reservation]) -> None:
+        super().__init__(f"held: {', '.join(str(r.name) for r in held)}")
+        self.held = held
 
 
 @dataclass

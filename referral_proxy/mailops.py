@@ -16,7 +16,7 @@ from .backend import BackendError, BackendProtocol, Tagged
 from .imap.command import ParseError
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
 from .imap.quoting import astring
-from .imap.response import completion_text
+from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
 
 __all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
@@ -58,8 +58,14 @@ async def run_ok(conn: BackendProtocol, command: bytes, what: str) -> Tagged:
     """Run *command*; its result if OK, else TransferError naming *what* and the backend."""
     result = await conn.command(command)
     if not result.ok:
-        raise TransferError(f"{what} failed on {conn.name}: {completion_text(result.start)}")
+        raise TransferError(_failed(what, conn, result.start))
     return result
+
+
+def _failed(what: str, conn: BackendProtocol, start: ResponseStart) -> str:
+    """``[ALREADYEXISTS] CREATE failed on b3: ...``: the backend's response code first, for the client."""
+    code = f"[{start.code}] " if start.code and start.code.isalpha() else ""
+    return f"{code}{what} failed on {conn.name}: {start.text.decode('utf-8', 'replace')}"
 
 
 def _wild(name: str) -> bool:
@@ -210,7 +216,7 @@ async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separato
     if not renamed.ok:
         if not await exists(conn, name):
             return True  # nothing there (any more)
-        raise TransferError(f"RENAME failed on {conn.name}: {completion_text(renamed.start)}")
+        raise TransferError(_failed("RENAME", conn, renamed.start))
     state = await open_mailbox(conn, aside, readonly=True)
     await conn.deselect()
     children = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard

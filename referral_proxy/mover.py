@@ -252,7 +252,7 @@ class Mover:
         state = await open_mailbox(src, box, readonly=True)
         known = data["validity"].setdefault(str(i), state.uidvalidity)
         if known != state.uidvalidity:
-            raise TransferError(f"the source of {new!r} was replaced during the move (UIDVALIDITY changed)")
+            raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
         uids, _ = await search_uids(src, b"ALL")
         done = self._copied(entry, i)
         infos, _ = await fetch_infos(src, [u for u in uids if u not in done])
@@ -268,7 +268,7 @@ class Mover:
             copied = await copy_stream(src, batch, dst, _b(new), self.progress)
             rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
             if copied.uidvalidity != target.uidvalidity:
-                raise TransferError(f"the destination {new!r} was replaced during the move")
+                raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
             await verify_copies(dst, new, copied)
             data["batches"].append(rec)
             data["pending"] = None

@@ -99,10 +99,10 @@ class MemoryStore:
 
     def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, owner: str,
                    separator: str) -> int:
-        for entry_id, held in self._held.items():
-            if self._journal[entry_id].user == user and any(
-                    conflicts(a, b, separator) for a in held for b in reservations):
-                raise InUse(f"held by move {entry_id}")
+        clash = [a for entry_id, held in self._held.items() if self._journal[entry_id].user == user
+                 for a in held if any(conflicts(a, b, separator) for b in reservations)]
+        if clash:
+            raise InUse(clash)
         entry_id, self._next_id = self._next_id, self._next_id + 1
         self._journal[entry_id] = JournalEntry(entry_id, user, op, json.loads(json.dumps(data)), Step.RESERVED, owner)
         self._held[entry_id] = list(reservations)
@@ -191,11 +191,11 @@ class SQLiteStore:
                    separator: str) -> int:
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            rows = self._db.execute("SELECT entry, name, subtree, shared FROM reservations WHERE user = ?", (user,))
-            for entry, name, subtree, shared in rows.fetchall():
-                held = Reservation(name, bool(subtree), bool(shared))
-                if any(conflicts(held, r, separator) for r in reservations):
-                    raise InUse(f"held by move {entry}")
+            rows = self._db.execute("SELECT name, subtree, shared FROM reservations WHERE user = ?", (user,))
+            held = [Reservation(name, bool(subtree), bool(shared)) for name, subtree, shared in rows.fetchall()]
+            clash = [h for h in held if any(conflicts(h, r, separator) for r in reservations)]
+            if clash:
+                raise InUse(clash)
             cur = self._db.execute(
                 "INSERT INTO journal (user, op, data, step, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
                 (user, op, json.dumps(data), Step.RESERVED.value, time.time(), owner),

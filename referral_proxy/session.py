@@ -855,6 +855,8 @@ class ClientSession(Protocol):
         if target is None or args is None:
             return
         mailbox, route = target
+        if "MOVE" in cmd.start.name and self.selected_mailbox and self._in_use(cmd.start.tag, self.selected_mailbox):
+            return  # a message moved out of a mailbox being moved would exist twice
         source = self.selected or self.home
         if route.primary == source or source in route.backends:
             return self._relay_to(cmd, source)  # type: ignore[arg-type]
@@ -873,7 +875,7 @@ class ClientSession(Protocol):
         try:
             outcome = await copy_across(src, message_set, name.startswith("UID "), dst, mailbox, "MOVE" in name,
                                         mailbox_map=self.map, user=self.user or "",
-                                        source_mailbox=self.selected_mailbox or b"")
+                                        source_mailbox=self.selected_mailbox or b"", clock=self.ctx.reactor)
         except TransferError as e:
             text = str(e)
             raise _Refused(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None

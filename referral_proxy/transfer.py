@@ -19,15 +19,16 @@ import hashlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from .backend import BackendError, BackendProtocol, wire_tail
 from .imap.command import ParseError
-from .imap.data import parse_uid_code
+from .imap.data import parse_fetch, parse_uid_code
 from .imap.framing import Line, LiteralData, LiteralEnd
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
@@ -40,10 +41,11 @@ from .mailops import (
     expunge_uids,
     fetch_infos,
     open_mailbox,
+    run_ok,
     search_uids,
     status,
 )
-from .routing import MailboxMap
+from .routing import MailboxMap, normalize
 
 __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", "hash_messages", "verify_copies",
            "find_copies", "hashes_present", "copy_across", "CopyOutcome", "finish_message_move", "CommitUnknown"]
@@ -286,45 +288,73 @@ class CopyOutcome:
     text: str
 
 
+MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see _hold)
+MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the same mailbox
+
+
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
                       mailbox: bytes, move: bool, *, mailbox_map: MailboxMap, user: str,
-                      source_mailbox: bytes) -> CopyOutcome:
+                      source_mailbox: bytes, clock: Any = None) -> CopyOutcome:
     """COPY / MOVE from *source_mailbox*, selected on *src*, to *mailbox* on *dst* (a connection of its own).
 
-    MOVE pins both mailboxes in the journal, records the destination's UIDNEXT before
-    its MULTIAPPEND, verifies every copy by content, records the new UIDs, and only
-    then removes exactly the source UIDs; a crash anywhere in between is finished (or,
-    if the destination never committed, released) by recovery.
+    MOVE pins both mailboxes in the journal and waits its turn after any other cross-server
+    MOVE from the same mailbox (two of them would each copy a message both name); then it
+    records the destination's UIDNEXT before its MULTIAPPEND, verifies every copy by
+    content, records the new UIDs, and only then removes the source UIDs that are still
+    there (a copy of one that someone else moved or expunged meanwhile is taken back). A
+    crash anywhere in between is finished (or, if the destination never committed,
+    released) by recovery.
     """
     if move and "UIDPLUS" not in src.capabilities:
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
-    uids, untagged = await search_uids(src, (b"UID " if uid else b"") + message_set)
-    if not uids:
-        return CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
-    dst_name, src_name = mailbox.decode("utf-8", "surrogateescape"), source_mailbox.decode("utf-8", "surrogateescape")
-    if not await exists(dst, dst_name):
-        return CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist")
-    infos, others = await fetch_infos(src, uids)
-    untagged += others
-    if not move:
-        copied = await copy_stream(src, infos, dst, mailbox)
-        untagged += copied.others
-        return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
-                                           f"{uid_set(copied.uids).decode()}] Copy completed.")
+    dst_name = mailbox.decode("utf-8", "surrogateescape")
+    src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
+    entry = await _hold(mailbox_map, user, src_name, dst_name, clock) if move else None
+    if move and entry is None:
+        return CopyOutcome([], "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
     try:
-        entry = mailbox_map.begin_move(user, "move-messages", [Reservation(src_name, False, True),
-                                                                Reservation(dst_name, False, True)], {})
-    except InUse:
-        return CopyOutcome(untagged, "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
-    try:
-        return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
+        uids, untagged = await search_uids(src, (b"UID " if uid else b"") + message_set)
+        if not uids:
+            outcome = CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
+        elif not await exists(dst, dst_name):
+            outcome = CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist")
+        else:
+            infos, others = await fetch_infos(src, uids)
+            untagged += others
+            if entry is not None:
+                return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
+            copied = await copy_stream(src, infos, dst, mailbox)
+            untagged += copied.others
+            return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
+                                               f"{uid_set(copied.uids).decode()}] Copy completed.")
+        if entry is not None:
+            mailbox_map.end_move(entry)
+        return outcome
     except BaseException:
-        if not entry.ended:
+        if entry is not None and not entry.ended:
             if entry.step is Step.RESERVED:
                 mailbox_map.end_move(entry)  # nothing was sent to the destination
             else:
                 mailbox_map.disown(entry)  # the copies may be there: recovery finishes or releases it
         raise
+
+
+async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any) -> JournalEntry | None:
+    """Begin a MOVE's entry: its two mailboxes pinned, and the source's MOVE_LOCK name, which only
+    cross-server MOVEs take, held. Another MOVE from that mailbox holding it: wait (up to MOVE_WAIT
+    seconds, if there is a clock). None: a move or RENAME holds one of the mailboxes (INUSE)."""
+    lock = Reservation(MOVE_LOCK + src_name, subtree=False)
+    reservations = [Reservation(src_name, False, True), Reservation(dst_name, False, True), lock]
+    delay, waited = 0.02, 0.0
+    while True:
+        try:
+            return mailbox_map.begin_move(user, "move-messages", reservations, {})
+        except InUse as e:
+            if clock is None or waited >= MOVE_WAIT or any(h.name != lock.name for h in e.held):
+                return None
+        await task.deferLater(clock, delay, lambda: None)
+        waited += delay
+        delay = min(delay * 2, 0.5)
 
 
 async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, src_mailbox: str,
@@ -347,10 +377,19 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     entry.data["dst_uids"] = uid_set(copied.uids).decode()
     await verify_copies(dst, dst_mailbox, copied)
     mailbox_map.step(entry, Step.MOVE_APPENDED)
-    copyuid = f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} {uid_set(copied.uids).decode()}]"
-    untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
+    copy_of = dict(zip(uids, copied.uids))
     try:
-        untagged += await expunge_uids(src, uids)
+        present, others = await _mark_deleted(src, uids)
+        untagged += others
+        entry.data["present"] = uid_set(present).decode()
+        entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in present).decode()
+        mailbox_map.step(entry, Step.MOVE_EXPUNGING)
+        if present:
+            copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "
+                       f"{uid_set(copy_of[u] for u in present).decode()}]")
+            untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
+            expunged = await run_ok(src, b"UID EXPUNGE " + uid_set(present), "UID EXPUNGE")
+            untagged += [r.raw for r in expunged.responses]
     except BackendError as e:
         not_deleted = [i.uid for i in infos if b"\\DELETED" not in {f.upper() for f in i.flags}]
         if not_deleted and not src.closed:
@@ -358,10 +397,34 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         mailbox_map.disown(entry)
         log.error("MOVE: copied to {dst} but not yet removed from {src} ({why}); recovery will finish it",
                   dst=dst.name, src=src.name, why=str(e))
+        copyuid = f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} {uid_set(copied.uids).decode()}]"
         return CopyOutcome(untagged, "NO", f"{copyuid} The messages were copied; removing them from the source "
                                            "failed and will be retried")
+    gone = expand_uid_set(entry.data["vanished_dst"])
+    if gone:  # moved or expunged by someone else while we copied: our copies would be extra ones
+        await open_mailbox(dst, dst_mailbox, readonly=False)
+        await expunge_uids(dst, gone)
     mailbox_map.end_move(entry)
-    return CopyOutcome(untagged, "OK", "Move completed.")
+    return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).")
+
+
+async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[list[int], list[bytes]]:
+    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are still there (the answer
+    names each), and the other untagged responses, raw."""
+    result = await run_ok(src, b"UID STORE " + uid_set(uids) + b" +FLAGS (\\Deleted)", "STORE")
+    wanted, present, others = set(uids), set(), []
+    for r in result.responses:
+        uid = None
+        if r.start.name == "FETCH":
+            try:
+                uid = parse_fetch(*r.arguments).uid
+            except ParseError:
+                uid = None
+        if uid in wanted:
+            present.add(uid)
+        else:
+            others.append(r.raw)
+    return sorted(present), others
 
 
 async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, str]:
@@ -375,10 +438,10 @@ async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int
 
 async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
                               dst: BackendProtocol) -> str:
-    """Recovery of a MOVE: if the destination committed (recorded, or found by content), verify
-    the copies and expunge exactly the recorded source UIDs whose copy is verified; else nothing moved."""
+    """Recovery of a cross-server MOVE. If the destination committed (recorded, or found by content)
+    the copies are verified and exactly the recorded source UIDs whose copy is verified are expunged;
+    a copy whose source someone else moved or expunged meanwhile is taken back. Else nothing moved."""
     data = entry.data
-    src_uids = expand_uid_set(data["src_uids"])
     if not await exists(src, data["src_mailbox"]):
         mailbox_map.end_move(entry)
         return "source mailbox gone: nothing to remove"
@@ -386,6 +449,13 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     if state.uidvalidity != data["src_validity"]:
         mailbox_map.end_move(entry)
         return "source mailbox replaced (UIDVALIDITY): nothing removed"
+    if entry.step is Step.MOVE_EXPUNGING:  # which source UIDs go and which copies come back was decided
+        present, _ = await search_uids(src, b"UID " + data["present"].encode()) if data["present"] else ([], [])
+        await expunge_uids(src, present)
+        await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))
+        mailbox_map.end_move(entry)
+        return f"finished: {len(present)} message(s) removed from the source"
+    src_uids = expand_uid_set(data["src_uids"])
     sources = await hashes_present(src, src_uids)
     if "dst_uids" in data:
         pairs = list(zip(src_uids, expand_uid_set(data["dst_uids"])))
@@ -404,5 +474,14 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     copies = await hashes_present(dst, [d for _s, d in pairs]) if dst_state.uidvalidity == data["dst_validity"] else {}
     verified = [s for s, d in pairs if s in sources and copies.get(d) == sources[s]]
     await expunge_uids(src, verified)
+    await _take_back(dst, data, [d for s, d in pairs if s not in sources and d in copies])
     mailbox_map.end_move(entry)
     return f"finished: {len(verified)} message(s) removed from the source"
+
+
+async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:
+    """Expunge copies whose source was moved or expunged by someone else while the MOVE ran."""
+    if uids and await exists(dst, data["dst_mailbox"]):
+        state = await open_mailbox(dst, data["dst_mailbox"], readonly=False)
+        if state.uidvalidity == data["dst_validity"]:
+            await expunge_uids(dst, uids)

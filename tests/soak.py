@@ -349,30 +349,35 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         seed(fleet["b1"], USER, box, mids, size=rng.choice([500, 5000]))
         ledger.must.update(mids)
     proxy = ProxyProcess(config_path, port)
-    proxy.start()
     stop = threading.Event()
-    actors = [Client(k, port, random.Random(rng.random()), ledger, stop) for k in range(clients)]
-    actors.append(Deliverer(fleet, random.Random(rng.random()), ledger, stop))
-    for a in actors:
-        a.start()
-    chaos(fleet, proxy, random.Random(rng.random()), ledger, time.monotonic() + seconds, backend_kills)
-    stop.set()
-    for a in actors:
-        a.join(180)
-    for d in fleet.backends.values():
-        d.start()  # (a no-op for those running)
-    if proxy.process is None or proxy.process.poll() is not None:
+    actors: list[threading.Thread] = []
+    try:
         proxy.start()
-    runs = 0
-    while True:  # the running proxy recovers what is left, `recover` what it does not own
-        runs += 1
-        done = cli("recover", "--config", str(config_path), timeout=300)
-        if "nothing to recover" in done.stdout or runs > 20:
-            break
-        time.sleep(1)
-    counts, where = census(fleet, USER)
-    reached = through_proxy(proxy, USER)
-    proxy.stop()
+        actors = [Client(k, port, random.Random(rng.random()), ledger, stop) for k in range(clients)]
+        actors.append(Deliverer(fleet, random.Random(rng.random()), ledger, stop))
+        for a in actors:
+            a.start()
+        chaos(fleet, proxy, random.Random(rng.random()), ledger, time.monotonic() + seconds, backend_kills)
+    finally:
+        stop.set()
+        for a in actors:
+            a.join(180)
+        for d in fleet.backends.values():
+            d.start()  # (a no-op for those running)
+    try:
+        if proxy.process is None or proxy.process.poll() is not None:
+            proxy.start()
+        runs = 0
+        while True:  # the running proxy recovers what is left, `recover` what it does not own
+            runs += 1
+            done = cli("recover", "--config", str(config_path), timeout=300)
+            if "nothing to recover" in done.stdout or runs > 20:
+                break
+            time.sleep(1)
+        counts, where = census(fleet, USER)
+        reached = through_proxy(proxy, USER)
+    finally:
+        proxy.stop()
     with ledger.lock:
         lost = sorted(i for i in ledger.must if counts[i] < 1 + ledger.copies_acked[i])
         duplicated = sorted(i for i, n in counts.items()

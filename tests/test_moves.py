@@ -413,3 +413,27 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
     _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
     counts, where = census(fleet, "carol")
     assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Dest") if committed else ("b1", "Work")}
+
+
+def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
+    from referral_proxy.journal import Reservation
+    from referral_proxy.routing import SQLiteStore
+
+    work = ids("work", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Other", [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # selected before the move began
+    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    entry = store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/")
+    for command in (b"UID MOVE 1 Other", b"MOVE 1 Shared/X", b"UID COPY 2 Shared/W"):
+        assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command
+    assert w.cmd(b"c", b"UID COPY 1 Other")[-1].startswith(b"c OK")  # a copy out takes nothing away
+    store.end_move(entry)
+    store.close()
+    assert w.cmd(b"n", b"UID MOVE 2 Other")[-1].startswith(b"n OK")
+    w.close()
+    counts, where = census(fleet, "carol")
+    assert counts == {work[0]: 2, work[1]: 1, work[2]: 1}, where  # the copy, and nothing else
+    assert where[work[1]] == [("b1", "Other")]

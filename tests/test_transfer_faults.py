@@ -73,9 +73,10 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     assert _take(dst) == b"rp5 UID FETCH 5:6 (UID BODY.PEEK[])\r\n"
     dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\n* 6 FETCH (UID 6 BODY[] {2}\r\nde)\r\nrp5 OK\r\n")
     assert h.context.mailbox_map.entries()[0].step.value == "move-appended"
-    # Only now the source: exactly these UIDs.
-    assert _take(src) == b"rp6 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\n"
-    src.dataReceived(b"rp6 OK\r\n")
+    # Only now the source: exactly these UIDs, those that are still there.
+    assert _take(src) == b"rp6 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
+    assert h.context.mailbox_map.entries()[0].data["present"] == "7:8"
     assert _take(src) == b"rp7 UID EXPUNGE 7:8\r\n"
     src.dataReceived(b"rp7 NO [SERVERBUG] Expunge failed\r\n")
     # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
@@ -85,7 +86,26 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
                              b"m NO [COPYUID 9 7:8 5:6] The messages were copied; removing them from the source "
                              b"failed and will be retried\r\n")
     (entry,) = h.context.mailbox_map.entries()  # left, unowned, for recovery to finish
-    assert entry.owner is None and entry.data["src_uids"] == "7:8" and entry.data["dst_uids"] == "5:6"
+    assert entry.owner is None and entry.step.value == "move-expunging" and entry.data["dst_uids"] == "5:6"
+
+
+def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
+    h, src = _selected(1)
+    dst = _uid_move_of_one(h, src)
+    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
+    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
+    assert _take(src).endswith(b"rp6 UID STORE 4 +FLAGS (\\Deleted)\r\n")
+    src.dataReceived(b"* 1 EXPUNGE\r\nrp6 OK\r\n")  # another session moved it away meanwhile
+    assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")  # so this copy would be a second one
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
+    assert _take(dst) == b"rp7 UID STORE 5 +FLAGS.SILENT (\\Deleted)\r\n"
+    dst.dataReceived(b"rp7 OK\r\n")
+    assert _take(dst) == b"rp8 UID EXPUNGE 5\r\n"
+    dst.dataReceived(b"* 5 EXPUNGE\r\nrp8 OK\r\n")
+    assert h.to_client() == b"* 1 EXPUNGE\r\nm OK No messages moved (they were gone).\r\n"
+    assert _take(src) == b""
+    assert h.context.mailbox_map.entries() == []
 
 
 def _uid_move_of_one(h, src) -> object:
