@@ -37,7 +37,7 @@ from referral_proxy.testing.dovecot import (  # noqa: E402
 __all__ = [
     "REPO_ROOT", "BACKEND_HOST", "PROXY_HOST", "USER", "PROXY_START_TIMEOUT", "IO_TIMEOUT",
     "ANNOUNCE", "log", "ProtocolError", "RawIMAP", "quote", "make_message", "ProxyProcess",
-    "percentile", "render_table", "environment", "suspicious_lines", "apply_pin",
+    "percentile", "render_table", "wait_greeting", "environment", "suspicious_lines", "apply_pin",
     "install_signal_handlers", "Harness", "run_cli", "Dovecot", "dovecot_available",
 ]
 
@@ -237,6 +237,34 @@ def _pdeathsig() -> None:  # in the child: die with the benchmark
         pass
 
 
+def wait_greeting(host: str, port: int, proc: subprocess.Popen | None, what: str,
+                  diagnostics: Callable[[], str], timeout: float) -> None:
+    """Until *host*:*port* sends an IMAP greeting; a clear error (with *diagnostics()*,
+    e.g. a log's tail) if *proc* exits first or nothing greets within *timeout* s."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} during start-up{diagnostics()}")
+        try:
+            with socket.create_connection((host, port), timeout=2.0) as s:
+                data = b""
+                while b"\n" not in data:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            if data.startswith(b"* OK"):
+                return
+            last = data
+        except OSError as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not greet on {host}:{port} within {timeout}s (last: {last!r})"
+                               f"{diagnostics()}")
+        time.sleep(0.05)
+
+
 class ProxyProcess:
     """The proxy as a subprocess, with a generated TOML configuration.
 
@@ -280,35 +308,14 @@ class ProxyProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "referral_proxy", "--config", str(self.config_path)],
                 cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                preexec_fn=_pdeathsig,
+                preexec_fn=_pdeathsig, start_new_session=True,  # its own group: stopped with its workers
             )
         self._wait_greeting()
 
     def _wait_greeting(self) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + PROXY_START_TIMEOUT
-        last: object = None
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the proxy exited with status {self.process.returncode} during "
-                                   f"start-up\n--- stderr ---\n{self.stderr_text()[-4000:]}")
-            try:
-                with socket.create_connection((PROXY_HOST, self.port), timeout=2.0) as s:
-                    data = b""
-                    while b"\n" not in data:
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                if data.startswith(b"* OK"):
-                    return
-                last = data
-            except OSError as e:
-                last = e
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the proxy did not greet within {PROXY_START_TIMEOUT}s "
-                                   f"(last: {last!r})\n--- stderr ---\n{self.stderr_text()[-4000:]}")
-            time.sleep(0.05)
+        wait_greeting(PROXY_HOST, self.port, self.process, "the proxy",
+                      lambda: f"\n--- stderr ---\n{self.stderr_text()[-4000:]}", PROXY_START_TIMEOUT)
 
     @property
     def pid(self) -> int | None:
@@ -331,6 +338,10 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        try:  # whatever it forked (workers) goes with it
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         return p.returncode
 
 

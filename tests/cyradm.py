@@ -33,9 +33,13 @@ What cyradm does (cyrus-admin 3.6.1, Debian bookworm), as recorded with the rela
 
 Invocation: ``cyradm --norc --user U -w PASSWORD --port P --auth PLAIN --notls HOST``
 (``-w``/``--password`` exists but is not in ``--help``; without it cyradm asks on
-/dev/tty).  No TTY needed: it reads commands from stdin (Term::ReadLine's stub;
-Term::ReadLine::Gnu is only a Recommends) and ends at EOF.  Before reading each
-line it prints the prompt ``HOST> `` (no newline) on stdout, and once more at EOF.
+/dev/tty).  No TTY needed: it reads commands from stdin and ends at EOF.  Before
+reading each line it prints the prompt ``HOST> `` (no newline) on stdout, and once
+more at EOF.  Its line editor is Term::ReadLine: with Term::ReadLine::Gnu (Debian
+``libterm-readline-gnu-perl``, a Recommends that many desktops have) each command
+line is echoed after its prompt (``HOST> lm\nINBOX ...``); with the Stub
+(``PERL_RL=Stub``, or the module absent) it is not.  ``CyradmResult.outputs``
+strips the echo when ``readline_implementation()`` says Gnu.
 SASL is libsasl2 on the client side, no config file needed; the PLAIN mechanism
 is libplain.so from libsasl2-modules.
 
@@ -149,6 +153,7 @@ __all__ = [
     "cyradm_available",
     "parse_lm",
     "quote",
+    "readline_implementation",
     "run_cyradm",
     "sasl_plain_available",
 ]
@@ -212,6 +217,10 @@ class CyradmResult:
     stdout: str
     stderr: str
     argv: Sequence[str] = ()
+    commands: Sequence[str] = ()
+    #: cyradm's line editor: "Term::ReadLine::Gnu" echoes each command line after
+    #: its prompt on stdout; "Term::ReadLine::Stub" does not.
+    readline: str = "Term::ReadLine::Stub"
 
     @property
     def prompt(self) -> str | None:
@@ -222,11 +231,22 @@ class CyradmResult:
     @property
     def outputs(self) -> list[str]:
         """What each input line printed on stdout, in order (the text between
-        two prompts)."""
+        two prompts), without the echo of the command that Term::ReadLine::Gnu
+        prints after the prompt (so a mailbox named like the command is kept)."""
         p = self.prompt
         if p is None:
             return []
-        return self.stdout.split(p)[1:-1]
+        chunks = self.stdout.split(p)[1:-1]
+        if self.readline != "Term::ReadLine::Gnu":
+            return chunks
+        out = []
+        for i, chunk in enumerate(chunks):
+            echo = (self.commands[i] if i < len(self.commands) else "") + "\n"
+            if not chunk.startswith(echo):
+                raise AssertionError(f"cyradm with {self.readline} did not echo command {i} "
+                                     f"({echo!r}) before its output {chunk[:200]!r}")
+            out.append(chunk[len(echo):])
+        return out
 
     @property
     def errors(self) -> list[str]:
@@ -271,6 +291,8 @@ def run_cyradm(host: str, port: int, user: str, password: str, commands: Iterabl
             "TERM": "dumb",
             "COLUMNS": "1",          # lm: one mailbox per line
         }
+        if os.environ.get("PERL_RL"):  # PERL_RL=Stub pytest ...: the other line editor
+            child_env["PERL_RL"] = os.environ["PERL_RL"]
         if env:
             child_env.update(env)
         stdin = "".join(c + "\n" for c in commands)
@@ -283,7 +305,26 @@ def run_cyradm(host: str, port: int, user: str, password: str, commands: Iterabl
             raise CyradmTimeout(f"cyradm did not finish within {timeout}s: {argv[:3]}... "
                                 f"{host}:{port}\n--- stdout ---\n{out}\n--- stderr ---\n{err}") from None
     return CyradmResult(proc.returncode, proc.stdout.decode(errors="replace"),
-                        proc.stderr.decode(errors="replace"), argv)
+                        proc.stderr.decode(errors="replace"), argv, commands,
+                        readline_implementation(child_env))
+
+
+_readline_cache: dict[str | None, str] = {}
+
+
+def readline_implementation(env: dict[str, str] | None = None) -> str:
+    """The Term::ReadLine implementation cyradm gets in *env*: "Term::ReadLine::Gnu"
+    (Debian libterm-readline-gnu-perl installed, and PERL_RL not set otherwise) or
+    "Term::ReadLine::Stub" (``PERL_RL=Stub``, or the module absent)."""
+    key = (env or {}).get("PERL_RL")
+    if key not in _readline_cache:
+        child_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "dumb"}
+        if key is not None:
+            child_env["PERL_RL"] = key
+        proc = subprocess.run(["perl", "-MTerm::ReadLine", "-e", 'print Term::ReadLine->new("rp")->ReadLine'],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=child_env, timeout=30)
+        _readline_cache[key] = proc.stdout.decode(errors="replace").strip() or "Term::ReadLine::Stub"
+    return _readline_cache[key]
 
 
 _LM_LINE = re.compile(r"^(?P<name>.*?)(?: \((?P<attrs>[^()]*)\))?(?: \((?P<ext>.*)\))?$")

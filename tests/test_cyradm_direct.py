@@ -19,6 +19,7 @@ from cyradm import (
     cyradm_available,
     parse_lm,
     quote,
+    readline_implementation,
     run_cyradm,
 )
 
@@ -128,6 +129,31 @@ def test_lm_lists_alices_mailboxes(clean_mail, relays):
     c2s = relay.client_to_server
     assert b"\r\n" + PLAIN_RESPONSE + b"\r\n" in c2s  # SASL PLAIN, authzid empty
     assert b"LOGOUT" not in c2s  # at EOF it just closes the connection
+
+
+@pytest.mark.parametrize("perl_rl", ["Stub", "Gnu"])
+def test_outputs_with_either_line_editor(clean_mail, perl_rl):
+    """cyradm's Term::ReadLine::Gnu echoes every command after its prompt, the Stub
+    does not: the outputs read the same either way, even for a mailbox named like
+    the command it lists (what 7 tests mistook for a mailbox before)."""
+    implementation = readline_implementation({"PERL_RL": perl_rl})
+    if implementation != f"Term::ReadLine::{perl_rl}":
+        if os.environ.get("CI"):
+            pytest.fail(f"Term::ReadLine::{perl_rl} needed in CI (Debian libterm-readline-gnu-perl)")
+        pytest.skip(f"Term::ReadLine::{perl_rl} is not installed (got {implementation})")
+    b1 = clean_mail["b1"]
+    create(b1, "lm", "Work")
+    commands = ["lm", "cm cm", "lm lm", "lm"]
+    result = run_cyradm(b1.host, b1.port, USER, PASSWORD, commands, env={"PERL_RL": perl_rl})
+    assert result.returncode == 0 and not result.errors, str(result)
+    assert result.readline == implementation
+    echoed = all(f"> {c}\n" in result.stdout for c in commands)
+    assert echoed == (perl_rl == "Gnu"), str(result)
+    assert len(result.outputs) == 4, str(result)
+    assert set(parse_lm(result.outputs[0])) == {"INBOX", "lm", "Work"}
+    assert result.outputs[1] == ""
+    assert set(parse_lm(result.outputs[2])) == {"lm"}
+    assert set(parse_lm(result.outputs[3])) == {"INBOX", "lm", "cm", "Work"}
 
 
 def test_cm_creates_a_mailbox_on_the_backend(clean_mail, relays):

@@ -405,12 +405,33 @@ mail_location = maildir:{self.mail_dir}/%u
 namespace inbox {{
   inbox = yes
   separator = /
+  # special-use mailboxes (RFC 6154), so that SPECIAL-USE is announced and exercised
+  mailbox Sent {{
+    special_use = \\Sent
+  }}
+  mailbox Drafts {{
+    special_use = \\Drafts
+  }}
+  mailbox Trash {{
+    special_use = \\Trash
+  }}
 }}
 mail_fsync = never
-mail_plugins = $mail_plugins quota
+# Every extension Dovecot 2.3 in Debian offers without extra services, so that the
+# proxy relays them for real: QUOTA (RFC 9208), ACL (RFC 4314), METADATA (RFC 5464).
+mail_plugins = $mail_plugins quota acl
+protocol imap {{
+  mail_plugins = $mail_plugins imap_quota imap_acl
+}}
 plugin {{
   quota = maildir:User quota
+  quota_rule = *:storage=10G
+  acl = vfile
+  # a master-user login (the proxy's) has the rights of the user it acts for
+  acl_user = %u
 }}
+imap_metadata = yes
+mail_attribute_dict = file:%h/dovecot-attributes
 mail_max_userip_connections = 1000
 login_trusted_networks = 127.0.0.0/8
 
