@@ -477,7 +477,11 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
     try:
         if not inbox:
             placed = mailbox_map.placements(user)
-            for child in await subtree(conn, old, sep):
+            try:
+                children = await subtree(conn, old, sep)
+            except TransferError:
+                children = []  # the backend refuses the name itself: its answer to the RENAME says why
+            for child in children:
                 if mailbox_map.lookup(user, child).primary != conn.name:
                     continue  # a stray copy the map hides: it stays hidden
                 target = new + child[len(old):]

@@ -157,9 +157,9 @@ class SQLiteStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(journal)")}
         if "owner" not in columns:  # a store written by an older version
             self._db.execute("ALTER TABLE journal ADD COLUMN owner TEXT")
-        self._db.execute(
+        self._db.execute(  # name: the mailbox name's bytes (a client may send any), NULL: every mailbox
             "CREATE TABLE IF NOT EXISTS reservations ("
-            " entry INTEGER NOT NULL, user TEXT NOT NULL, name TEXT, subtree INTEGER NOT NULL,"
+            " entry INTEGER NOT NULL, user TEXT NOT NULL, name BLOB, subtree INTEGER NOT NULL,"
             " shared INTEGER NOT NULL)"
         )
         self._version = -1
@@ -192,7 +192,7 @@ class SQLiteStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             rows = self._db.execute("SELECT name, subtree, shared FROM reservations WHERE user = ?", (user,))
-            held = [Reservation(name, bool(subtree), bool(shared)) for name, subtree, shared in rows.fetchall()]
+            held = [Reservation(_name(n), bool(subtree), bool(shared)) for n, subtree, shared in rows.fetchall()]
             clash = [h for h in held if any(conflicts(h, r, separator) for r in reservations)]
             if clash:
                 raise InUse(clash)
@@ -203,7 +203,8 @@ class SQLiteStore:
             entry_id = int(cur.lastrowid)  # type: ignore[arg-type]
             self._db.executemany(
                 "INSERT INTO reservations (entry, user, name, subtree, shared) VALUES (?, ?, ?, ?, ?)",
-                [(entry_id, user, r.name, int(r.subtree), int(r.shared)) for r in reservations],
+                [(entry_id, user, None if r.name is None else r.name.encode("utf-8", "surrogateescape"),
+                  int(r.subtree), int(r.shared)) for r in reservations],
             )
             self._db.execute("COMMIT")
         except BaseException:
@@ -238,10 +239,14 @@ class SQLiteStore:
 
     def reservations(self) -> list[tuple[str, Reservation]]:
         rows = self._db.execute("SELECT user, name, subtree, shared FROM reservations")
-        return [(u, Reservation(n, bool(s), bool(sh))) for u, n, s, sh in rows]
+        return [(u, Reservation(_name(n), bool(s), bool(sh))) for u, n, s, sh in rows]
 
     def close(self) -> None:
         self._db.close()
+
+
+def _name(stored: bytes | None) -> str | None:
+    return None if stored is None else bytes(stored).decode("utf-8", "surrogateescape")
 
 
 def open_store(spec: str | None) -> MapStore:

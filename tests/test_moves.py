@@ -437,3 +437,23 @@ def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, f
     counts, where = census(fleet, "carol")
     assert counts == {work[0]: 2, work[1]: 1, work[2]: 1}, where  # the copy, and nothing else
     assert where[work[1]] == [("b1", "Other")]
+
+
+def test_names_no_backend_accepts_get_its_answer_and_change_nothing(proxy_factory, fleet):
+    work = ids("work", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = _logged_in(proxy)
+    direct = Wire(fleet["b1"].host, fleet["b1"].port)
+    direct.login("carol")
+    for cmd in (b"RENAME {4+}\r\na\r\nb Other", b"RENAME Work {4+}\r\na\r\nb", b"RENAME {3+}\r\n\xe9t\xe9 Other",
+                b"RENAME Work {3+}\r\nx\xe9y", b"RENAME Work {10+}\r\nShared/\xe9\r\n", b"RENAME {4+}\r\nW\x00rk Shared/N"):
+        reply, theirs = w.cmd(b"r", cmd)[-1], direct.cmd(b"r", cmd)[-1]
+        assert reply.split()[1] == theirs.split()[1] == b"NO", (cmd, reply, theirs)
+        assert b"UNAVAILABLE" not in reply and b"SERVERBUG" not in reply and b"\xe9" not in reply, (cmd, reply)
+    assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+    w.close()
+    direct.close()
+    _exactly_once(fleet, proxy, "carol", work)
+    assert census(fleet, "carol")[1][work[0]] == [("b1", "Work")]
+    assert _no_entries(proxy)
