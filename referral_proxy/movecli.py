@@ -82,7 +82,7 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
     config, mailbox_map = loaded
 
     async def main(reactor: Any) -> int:
-        lines = await recover_all(mailbox_map, lambda user: master_connector(reactor, config, user))
+        lines = await recover_all(mailbox_map, lambda user: master_connector(reactor, config, user), reactor)
         for line in lines:
             print(line, flush=True)
         left = len(mailbox_map.entries())
@@ -137,7 +137,7 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         if src_name == args.backend:
             print(f"{user} {args.mailbox} is on {args.backend} already")
             return 0
-        mover = Mover(mailbox_map, connect, user)
+        mover = Mover(mailbox_map, connect, user, clock=reactor)
         try:
             totals = await _totals(connect, src_name, mover, args.mailbox)
             mover.progress.on_message = ProgressBar(*totals)

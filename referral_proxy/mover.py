@@ -111,8 +111,8 @@ class Mover:
     connect: Connect  # a NEW authenticated connection to a backend, as the user
     user: str
     progress: Progress = field(default_factory=Progress)
-    clock: Any = None  # IReactorTime: answer within answer_within seconds past the commit point (None: wait)
-    answer_within: float = ANSWER_WITHIN
+    clock: Any = None  # IReactorTime, for the waits below (None: none)
+    answer_within: float | None = None  # return this many seconds past the commit point, finishing behind (None: wait)
 
     def __post_init__(self) -> None:
         self.user = self.mailbox_map.canonical(self.user)
@@ -197,7 +197,7 @@ class Mover:
             raise
         finishing = defer.ensureDeferred(self._finish_and_close(entry, conns))
         result.mailboxes = len(pairs)
-        if self.clock is None:
+        if self.clock is None or self.answer_within is None:
             await finishing
         else:  # a client waits for the answer: past the commit point it need not wait long
             waiter: defer.Deferred[bool | None] = defer.Deferred()
@@ -324,7 +324,8 @@ class Mover:
         await open_mailbox(src, box, readonly=True)
         sources = await hashes_present(src, expand_uid_set(rec["src"]))
         known = sorted(sources)  # a source message that is gone cannot be told apart: left alone
-        found = await find_copies(dst, new, rec["validity"], rec["uidnext"], [sources[u] for u in known])
+        found = await find_copies(dst, new, rec["validity"], rec["uidnext"], [sources[u] for u in known],
+                                  clock=self.clock)
         return [(known[i], uid) for i, uid in sorted(found.items())]
 
     # -- after the commit point: finish ------------------------------------------------------

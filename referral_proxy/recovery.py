@@ -53,7 +53,7 @@ def describe(entry: JournalEntry) -> str:
     return f"{entry.user}: {what}, at {entry.step.value if entry.step else 'an unknown step'}"
 
 
-async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: Connect) -> str:
+async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: Connect, clock: Any = None) -> str:
     """Finish, roll back or release one claimed entry, as journal.TABLE says for its step."""
     if entry.step is None:
         raise BackendError("written by another version of referral-proxy: not recovered")
@@ -62,7 +62,7 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
         mailbox_map.end_move(entry)
         return "released (nothing was changed)"
     if entry.op == "move":
-        mover = Mover(mailbox_map, connect, entry.user)
+        mover = Mover(mailbox_map, connect, entry.user, clock=clock)
         if how is Recovery.ROLL_BACK:
             await mover.roll_back(entry)
             return "rolled back"
@@ -72,7 +72,7 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
     try:
         if entry.op == "move-messages":
             conns = [await connect(entry.data["src"]), await connect(entry.data["dst"])]
-            return await finish_message_move(entry, mailbox_map, conns[0], conns[1])
+            return await finish_message_move(entry, mailbox_map, conns[0], conns[1], clock)
         conns = [await connect(entry.data["backend"])]
         return await reconcile_local(mailbox_map, entry, conns[0])
     finally:
@@ -80,16 +80,17 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
             conn.logout()
 
 
-async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connect]) -> list[str]:
+async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any = None) -> list[str]:
     """Every entry whose owner is gone: claimed, then recovered; one line per entry.
 
-    *connector(user)* gives the connect function for that user's backends."""
+    *connector(user)* gives the connect function for that user's backends; *clock* lets
+    recovery wait for a dead connection's last command to settle (transfer.SETTLE)."""
     lines = []
     for entry in mailbox_map.entries():
         if not owner_gone(entry.owner) or not mailbox_map.claim(entry):
             continue  # running in a live process, or another recoverer was first
         try:
-            outcome = await recover_entry(mailbox_map, entry, connector(entry.user))
+            outcome = await recover_entry(mailbox_map, entry, connector(entry.user), clock)
             lines.append(f"{describe(entry)}: {outcome}")
         except Exception as e:
             mailbox_map.disown(entry)
@@ -122,7 +123,8 @@ class RecoverySweep:
 
     async def _recover(self) -> None:
         try:
-            lines = await recover_all(self.map, lambda user: master_connector(self.reactor, self.config, user))
+            lines = await recover_all(self.map, lambda user: master_connector(self.reactor, self.config, user),
+                                      self.reactor)
         except Exception:
             log.failure("recovery failed")
             return

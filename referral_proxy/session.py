@@ -54,7 +54,7 @@ from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, Lit
 from .imap.quoting import astring, quoted
 from .imap.response import ResponseStart, completion_text
 from .mailops import TransferError
-from .mover import MoveIncomplete, Mover, rename_here
+from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, rename_here
 from .routing import MailboxMap, Route
 from .transfer import copy_across
 
@@ -933,7 +933,7 @@ class ClientSession(Protocol):
         if self.selected_mailbox is not None and (
                 self.selected_mailbox == old or self.selected_mailbox.startswith(old + sep)):
             raise _Refused("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
-        mover = Mover(self.map, self._fresh, self.user, clock=self.ctx.reactor)
+        mover = Mover(self.map, self._fresh, self.user, clock=self.ctx.reactor, answer_within=ANSWER_WITHIN)
         try:
             result = await mover.rename(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                                         old_route.primary, new_route.primary)

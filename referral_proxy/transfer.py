@@ -252,13 +252,25 @@ async def verify_copies(dst: BackendProtocol, mailbox: str, copied: Copied) -> N
 
 
 async def find_copies(dst: BackendProtocol, mailbox: str, uidvalidity: int, uidnext: int,
-                      hashes: Sequence[str]) -> dict[int, int]:
+                      hashes: Sequence[str], *, clock: Any = None) -> dict[int, int]:
     """After a crash: which messages of a MULTIAPPEND of bodies *hashes*, made when the mailbox's
     UIDNEXT was *uidnext*, the destination holds -- {index in *hashes*: destination UID}.
 
     The new messages (UID >= uidnext) are matched by content, in order: all of them if the
     MULTIAPPEND committed, none if it did not, a part if the backend itself died while saving.
-    Empty if the mailbox is gone or was replaced (another UIDVALIDITY)."""
+    Empty if the mailbox is gone or was replaced (another UIDVALIDITY).
+
+    A MULTIAPPEND whose sender died right after its last byte may still be committing on a
+    busy backend: with a *clock*, what is not found is looked for again SETTLE seconds later."""
+    found = await _find_copies(dst, mailbox, uidvalidity, uidnext, hashes)
+    if clock is not None and len(found) < len(hashes):
+        await task.deferLater(clock, SETTLE, lambda: None)
+        found = await _find_copies(dst, mailbox, uidvalidity, uidnext, hashes)
+    return found
+
+
+async def _find_copies(dst: BackendProtocol, mailbox: str, uidvalidity: int, uidnext: int,
+                       hashes: Sequence[str]) -> dict[int, int]:
     if not hashes or not await exists(dst, mailbox):
         return {}
     state = await open_mailbox(dst, mailbox, readonly=True)
@@ -288,6 +300,7 @@ class CopyOutcome:
     text: str
 
 
+SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to commit before it looks again
 MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see _hold)
 MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the same mailbox
 
@@ -437,7 +450,7 @@ async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int
 
 
 async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
-                              dst: BackendProtocol) -> str:
+                              dst: BackendProtocol, clock: Any = None) -> str:
     """Recovery of a cross-server MOVE. If the destination committed (recorded, or found by content)
     the copies are verified and exactly the recorded source UIDs whose copy is verified are expunged;
     a copy whose source someone else moved or expunged meanwhile is taken back. Else nothing moved."""
@@ -462,7 +475,7 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     else:  # the journal does not know whether the MULTIAPPEND committed: look for the copies by content
         known = [u for u in src_uids if u in sources]
         found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
-                                  [sources[u] for u in known])
+                                  [sources[u] for u in known], clock=clock)
         if not found:
             mailbox_map.end_move(entry)
             return "the destination never committed: nothing moved"

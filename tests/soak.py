@@ -364,16 +364,15 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
             a.join(180)
         for d in fleet.backends.values():
             d.start()  # (a no-op for those running)
+    proxy.stop()  # what it was still doing is left in the journal, for `recover`
+    runs = 0
+    while True:
+        runs += 1
+        done = cli("recover", "--config", str(config_path), timeout=600)
+        if "nothing to recover" in done.stdout or runs > 5:
+            break
     try:
-        if proxy.process is None or proxy.process.poll() is not None:
-            proxy.start()
-        runs = 0
-        while True:  # the running proxy recovers what is left, `recover` what it does not own
-            runs += 1
-            done = cli("recover", "--config", str(config_path), timeout=300)
-            if "nothing to recover" in done.stdout or runs > 20:
-                break
-            time.sleep(1)
+        proxy.start()
         counts, where = census(fleet, USER)
         reached = through_proxy(proxy, USER)
     finally:
