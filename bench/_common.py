@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ctypes
 import json
 import math
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import socket
@@ -27,16 +25,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from referral_proxy.testing.dovecot import (  # noqa: E402
+from referral_proxy.fleet import (  # noqa: E402
     Dovecot,
     dovecot_available,
     free_port,
     make_root,
 )
+from referral_proxy.imap.framing import announced_literal  # noqa: E402
+from referral_proxy.testing.proxyproc import ProxyProcess as _ProxyProcess  # noqa: E402
+from referral_proxy.testing.proxyproc import die_with_parent as _pdeathsig  # noqa: E402, F401 (peers.py)
+from referral_proxy.testing.proxyproc import wait_greeting  # noqa: E402
 
 __all__ = [
     "REPO_ROOT", "BACKEND_HOST", "PROXY_HOST", "USER", "PROXY_START_TIMEOUT", "IO_TIMEOUT",
-    "ANNOUNCE", "log", "ProtocolError", "RawIMAP", "quote", "make_message", "ProxyProcess",
+    "announced_literal", "log", "ProtocolError", "RawIMAP", "quote", "make_message", "ProxyProcess",
     "percentile", "render_table", "wait_greeting", "environment", "suspicious_lines", "apply_pin",
     "install_signal_handlers", "Harness", "run_cli", "Dovecot", "dovecot_available",
 ]
@@ -47,7 +49,6 @@ USER = "alice"
 PROXY_START_TIMEOUT = 20.0
 IO_TIMEOUT = 60.0
 
-ANNOUNCE = re.compile(rb"~?\{([0-9]+)\+?\}\r?\n\Z")
 
 
 def log(msg: str) -> None:
@@ -120,9 +121,9 @@ class RawIMAP:
         untagged: list[bytes] = []
         while True:
             line = self._line()
-            m = ANNOUNCE.search(line)
-            if m:
-                need = int(m.group(1))
+            spec = announced_literal(line)  # the codec's own reading of "{n}" / "{n+}" / "~{n}"
+            if spec is not None:
+                need = spec.size
                 while len(self.buf) < need:
                     self._fill()
                 del self.buf[:need]
@@ -172,9 +173,9 @@ class RawIMAP:
                 partial = b""
                 pos = i + 1
                 if line.endswith(b"}\r\n"):
-                    m = ANNOUNCE.search(line)
-                    if m:
-                        skip = int(m.group(1))
+                    spec = announced_literal(line)
+                    if spec is not None:
+                        skip = spec.size
                         literal_bytes += skip
                         literals += 1
                         continue
@@ -230,43 +231,10 @@ def make_message(i: int, size: int, rng: random.Random) -> bytes:
 # ----------------------------------------------------------------------------- proxy
 
 
-def _pdeathsig() -> None:  # in the child: die with the benchmark
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except Exception:
-        pass
-
-
-def wait_greeting(host: str, port: int, proc: subprocess.Popen | None, what: str,
-                  diagnostics: Callable[[], str], timeout: float) -> None:
-    """Until *host*:*port* sends an IMAP greeting; a clear error (with *diagnostics()*,
-    e.g. a log's tail) if *proc* exits first or nothing greets within *timeout* s."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} during start-up{diagnostics()}")
-        try:
-            with socket.create_connection((host, port), timeout=2.0) as s:
-                data = b""
-                while b"\n" not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            if data.startswith(b"* OK"):
-                return
-            last = data
-        except OSError as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not greet on {host}:{port} within {timeout}s (last: {last!r})"
-                               f"{diagnostics()}")
-        time.sleep(0.05)
-
-
-class ProxyProcess:
-    """The proxy as a subprocess, with a generated TOML configuration.
+class ProxyProcess(_ProxyProcess):
+    """The proxy as a subprocess (the tests' runner, referral_proxy.testing.proxyproc),
+    with a generated TOML configuration, in a process group of its own that dies with
+    the benchmark.
 
     *backends*: one Dovecot (it becomes ``b1``) or a mapping name -> Dovecot.
     *proxy_extra*, *backend_extra*, *map_extra*: TOML lines appended to the
@@ -276,10 +244,10 @@ class ProxyProcess:
 
     def __init__(self, workdir: Path, backends: Dovecot | Mapping[str, Dovecot], *,
                  proxy_extra: str = "", backend_extra: str = "", map_extra: str = "") -> None:
-        self.workdir = workdir
-        self.port = free_port(PROXY_HOST)
-        self.config_path = workdir / "proxy.toml"
-        self.stderr_path = workdir / "proxy.stderr"
+        port = free_port(PROXY_HOST)
+        log_path = workdir / "proxy.stderr"
+        super().__init__(workdir / "proxy.toml", host=PROXY_HOST, port=port, workdir=workdir,
+                         stdout_path=log_path, stderr_path=log_path)
         named = {"b1": backends} if isinstance(backends, Dovecot) else dict(backends)
         text = (
             "[proxy]\n"
@@ -299,50 +267,23 @@ class ProxyProcess:
             )
         text += "\n[map]\n" f'default = "{next(iter(named))}"\n' + map_extra
         self.config_path.write_text(text)
-        self.process: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        with open(self.stderr_path, "ab") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "referral_proxy", "--config", str(self.config_path)],
-                cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                preexec_fn=_pdeathsig, start_new_session=True,  # its own group: stopped with its workers
-            )
-        self._wait_greeting()
-
-    def _wait_greeting(self) -> None:
-        assert self.process is not None
-        wait_greeting(PROXY_HOST, self.port, self.process, "the proxy",
-                      lambda: f"\n--- stderr ---\n{self.stderr_text()[-4000:]}", PROXY_START_TIMEOUT)
+    def start(self) -> None:  # type: ignore[override]
+        # its own group: stopped with its workers; it dies with the benchmark
+        super().start(timeout=PROXY_START_TIMEOUT, new_group=True, tied_to_parent=True)
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> int | None:  # type: ignore[override]
         return self.process.pid if self.process is not None and self.process.poll() is None else None
 
-    def stderr_text(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> int | None:
-        p = self.process
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        try:  # whatever it forked (workers) goes with it
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return p.returncode
+    def stop(self) -> int | None:  # type: ignore[override]
+        status = super().stop()
+        if self.process is not None:
+            try:  # whatever it forked (workers) goes with it
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return status
 
 
 def cpu_seconds(pid: int | None) -> float | None:

@@ -69,7 +69,7 @@ from peers import (  # noqa: E402
     tree_pss_bytes,
 )
 
-from referral_proxy.testing.dovecot import DEFAULT_USERS, Dovecot, _check_traversable  # noqa: E402
+from referral_proxy.fleet import DEFAULT_USERS, Dovecot, _check_traversable  # noqa: E402
 
 BACKEND_HOST = "127.0.0.2"
 FETCH_BOX = "Fetch"

@@ -47,7 +47,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    ANNOUNCE,
     REPO_ROOT,
     USER,
     Dovecot,
@@ -55,6 +54,7 @@ from _common import (  # noqa: E402
     ProtocolError,
     RawIMAP,
     _pdeathsig,
+    announced_literal,
     apply_pin,
     cpu_seconds,
     dovecot_available,
@@ -68,8 +68,8 @@ from _common import (  # noqa: E402
     run_cli,
 )
 
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
 from referral_proxy.mover import BATCH_MESSAGES  # noqa: E402
-from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER  # noqa: E402
 
 BACKENDS = (("b1", "127.0.0.2"), ("b2", "127.0.0.3"))
 SOURCE = "Big"
@@ -274,9 +274,9 @@ def stream_copy(src: Client, dst: Client, mailbox: str, n: int, per_message: boo
                 line = partial + view[pos:i + 1] if partial else bytes(view[pos:i + 1])
                 partial = b""
                 pos = i + 1
-                m = ANNOUNCE.search(line) if line.endswith(b"}\r\n") else None
-                if m:
-                    size = int(m.group(1))
+                spec = announced_literal(line) if line.endswith(b"}\r\n") else None
+                if spec is not None:
+                    size = spec.size
                     if st["open"] is None:
                         st["open"] = dst.next_tag()
                         dsock.sendall(st["open"] + b" APPEND " + quote(mailbox))

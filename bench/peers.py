@@ -23,7 +23,7 @@ from pathlib import Path
 
 from _common import PROXY_HOST, REPO_ROOT, ProxyProcess, _pdeathsig, log, wait_greeting
 
-from referral_proxy.testing.dovecot import Dovecot, _process_group, free_port
+from referral_proxy.fleet import Dovecot, _process_group, free_port
 
 NGINX_MAIL_MODULE = Path("/usr/lib/nginx/modules/ngx_mail_module.so")
 PERDITION = "perdition.imap4"

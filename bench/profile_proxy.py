@@ -64,7 +64,7 @@ from peers import (  # noqa: E402
 
 PEERS = {"dovecot-proxy": DovecotProxyTarget, "perdition": PerditionTarget, "nginx": NginxTarget}
 
-from referral_proxy.testing.dovecot import DEFAULT_USERS, Dovecot  # noqa: E402
+from referral_proxy.fleet import DEFAULT_USERS, Dovecot  # noqa: E402
 
 # category -> regex on one frame. A sample belongs to the category of its innermost
 # frame that matches one (frames matching none, e.g. the interpreter's own, are skipped).

@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import itertools
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
@@ -117,6 +118,7 @@ class ResponseSink(TypingProtocol):
 @dataclass
 class _Pending:
     on_done: Callable[[ResponseStart, bytes], None]
+    on_lost: Callable[[Failure], None] | None  # None: told by on_done(LOST) (the old convention)
 
 
 @dataclass
@@ -133,10 +135,15 @@ class _Capturing:
 class BackendProtocol(Protocol):
     """One IMAP connection to a backend, with the proxy's own command tags."""
 
+    # Connected: a TCP (or TLS) transport. Twisted declares it with zope interfaces,
+    # which mypy cannot follow without a plugin; what is used of it is plain.
+    transport: Any
+
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.name
-        self.capabilities: frozenset[str] = frozenset()
+        self.capabilities: frozenset[str] = frozenset()  # upper-cased, for membership tests
+        self.capability_names: tuple[str, ...] = ()
         self.greeting: defer.Deferred[ResponseStart] = defer.Deferred()
         self.sink: ResponseSink | None = None
         self.on_continuation: Callable[[bytes], None] | None = None
@@ -158,6 +165,7 @@ class BackendProtocol(Protocol):
         self._current: str | None = None
         self._current_tagged: list[bytes] = []
         self._current_start: ResponseStart | None = None
+        self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
 
     # -- Twisted ------------------------------------------------------------
 
@@ -166,6 +174,7 @@ class BackendProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         quick_ack(self._socket)
+        self.bytes_in += len(data)
         self._framer.receive_data(data)
         while not self.closed:
             event = self._framer.next_event()
@@ -181,7 +190,10 @@ class BackendProtocol(Protocol):
             self.greeting.errback(BackendUnavailable(f"connection closed before greeting: {reason.getErrorMessage()}"))
         pending, self._pending = self._pending, {}
         for p in pending.values():
-            p.on_done(_LOST, b"")
+            if p.on_lost is not None:
+                p.on_lost(reason)
+            else:
+                p.on_done(LOST, b"")
         if self.sink is not None:
             self.sink.backend_lost(self, reason)
 
@@ -233,7 +245,7 @@ class BackendProtocol(Protocol):
         if not self._greeted:
             self._greeted = True
             if start.code == "CAPABILITY":
-                self.capabilities = frozenset(capability_tokens(start.code_args))
+                self._set_capabilities(start.code_args)
             self.greeting.callback(start)
             return
         if start.kind == "continuation":
@@ -254,9 +266,9 @@ class BackendProtocol(Protocol):
         if start.status == "BYE":
             self.bye_received = True
         if start.name == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.rest))
+            self._set_capabilities(start.rest)
         elif start.code == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.code_args))
+            self._set_capabilities(start.code_args)
         if self.tap is not None:
             self._current = "tapped" if line.literal is not None else None
             self.tap(start, line)
@@ -300,21 +312,28 @@ class BackendProtocol(Protocol):
             log.warn("backend {name} completed an unknown tag {tag!r}", name=self.name, tag=start.tag)
             return
         if start.code == "CAPABILITY":
-            self.capabilities = frozenset(capability_tokens(start.code_args))
+            self._set_capabilities(start.code_args)
         pending.on_done(start, raw)
 
     # -- writing commands -------------------------------------------------------
 
+    def _set_capabilities(self, data: bytes) -> None:
+        self.capabilities = frozenset(capability_tokens(data))
+        self.capability_names = tuple(data.decode("ascii", "replace").split())  # as announced: RIGHTS=texk
+
     def next_tag(self) -> bytes:
         return next(self._tags)
 
-    def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None]) -> None:
-        """Register the completion callback of a command the caller writes itself.
+    def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None],
+               on_lost: Callable[[Failure], None] | None = None) -> None:
+        """Register the callbacks of a command the caller writes itself: its tagged
+        completion (start, raw line with the proxy's tag), or the connection's loss.
+        Without *on_lost*, a loss calls on_done(LOST, b"") (the older convention).
 
-        On a connection already closed nothing would ever call it back: refuse."""
+        On a connection already closed nothing would ever call back: refuse."""
         if self.closed:
             raise BackendUnavailable(f"backend {self.name} closed the connection")
-        self._pending[tag] = _Pending(on_done)
+        self._pending[tag] = _Pending(on_done, on_lost)
 
     @property
     def busy(self) -> bool:
@@ -323,6 +342,7 @@ class BackendProtocol(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed:
+            self.bytes_out += len(data)
             self.transport.write(data)
 
     def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None) -> defer.Deferred[Tagged]:
@@ -341,15 +361,16 @@ class BackendProtocol(Protocol):
 
         def done(start: ResponseStart, raw: bytes) -> None:
             self.capture = None
-            if start is _LOST:
-                d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
-            else:
-                d.callback(Tagged(start, raw, tuple(captured)))
+            d.callback(Tagged(start, raw, tuple(captured)))
 
-        self._pending[tag] = _Pending(done)
+        def lost(_reason: Failure) -> None:
+            self.capture = None
+            d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
+
+        self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
             self.on_continuation = on_continuation
-        self.transport.write(tag + b" " + text + b"\r\n")
+        self.write(tag + b" " + text + b"\r\n")
         return d
 
     def deselect(self) -> defer.Deferred[Tagged]:
@@ -365,12 +386,13 @@ class BackendProtocol(Protocol):
             return
         self.sink = None
         if not self._pending and self._current is None and self._framer.literal_remaining == 0:
-            self.transport.write(b"%s LOGOUT\r\n" % self.next_tag())
+            self.write(b"%s LOGOUT\r\n" % self.next_tag())
         self.transport.loseConnection()
 
 
-_LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=b"", text=b"connection lost",
-                      name=None, number=None, rest=b"")
+# What on_done receives, for callers that registered no on_lost, when the connection is lost.
+LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=b"", text=b"connection lost",
+                     name=None, number=None, rest=b"")
 
 
 def wire_tail(line: Line) -> bytes:
@@ -448,8 +470,15 @@ def tls_options(config: BackendConfig):  # -> IOpenSSLClientConnectionCreator
     return optionsForClientTLS(config.url_host, trustRoot=trust)
 
 
-async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials) -> BackendProtocol:
-    """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError."""
+BeforeLogin = Callable[[BackendProtocol], Awaitable[None]]
+
+
+async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials,
+                          before_login: BeforeLogin | None = None) -> BackendProtocol:
+    """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError.
+
+    *before_login* runs on the secured connection just before the login (the ID that
+    tells the backend who the client is)."""
     endpoint = clientFromString(reactor, config.endpoint)
     if config.tls == "implicit":
         endpoint = wrapClientTLS(tls_options(config), endpoint)
@@ -465,7 +494,7 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
     try:
         # The whole conversation up to a logged-in connection is bounded: a backend that
         # accepts but never answers must not hold the client's LOGIN (or SELECT) forever.
-        setup = defer.ensureDeferred(_set_up(proto, config, credentials))
+        setup = defer.ensureDeferred(_set_up(proto, config, credentials, before_login))
         setup.addTimeout(LOGIN_TIMEOUT_FACTOR * config.connect_timeout, reactor)
         await setup
         return proto
@@ -482,8 +511,9 @@ async def connect_backend(reactor: IReactorTime, config: BackendConfig, credenti
         raise BackendUnavailable(f"backend {config.name} unavailable") from e
 
 
-async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials) -> None:
-    """Greeting, STARTTLS, capabilities, login."""
+async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials,
+                  before_login: BeforeLogin | None = None) -> None:
+    """Greeting, STARTTLS, capabilities, (ID), login."""
     greeting = await proto.greeting
     if greeting.status != "OK":
         raise BackendUnavailable(f"backend {config.name} greeted with {greeting.status}")
@@ -491,6 +521,8 @@ async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Cr
         await _starttls(proto, config)
     if not proto.capabilities:
         await _ok(proto, b"CAPABILITY")
+    if before_login is not None:
+        await before_login(proto)
     await _login(proto, credentials)
     if not proto.capabilities or _has_pre_login_only(proto.capabilities):
         await _ok(proto, b"CAPABILITY")

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
-
-from twisted.logger import globalLogBeginner, textFileLogObserver
-
-from .config import ConfigError
 
 __all__ = ["main"]
 
@@ -22,6 +17,8 @@ def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | 
     demo = sub.add_parser("demo", help="start three local Dovecot backends and the proxy in front of them")
     demo.add_argument("--port", type=int, default=1143, help="the proxy's port on 127.0.0.1 (default 1143)")
     demo.add_argument("--dir", help="where to keep the demo's files (default: a new temporary folder)")
+    demo.add_argument("--metrics-port", type=int, default=9143,
+                      help="the proxy's /metrics and /health on 127.0.0.1 (default 9143; 0 = off)")
     mapp = sub.add_parser("map", help="show or change the mailbox map's run-time placements")
     mapp.add_argument("--config", "-c", dest="map_config", required=True, help="the proxy's TOML configuration file")
     map_sub = mapp.add_subparsers(dest="map_command", required=True)
@@ -54,32 +51,9 @@ def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | 
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(port=args.port, directory=args.dir)
+        return run_demo(port=args.port, directory=args.dir, metrics_port=args.metrics_port)
     if not args.config:
         parser.error("--config is required to run the proxy")
+    from .runner import run
+
     return run(args.config, on_step=on_step)
-
-
-def run(config_path: str, *, on_step: Callable[[Any], None] | None = None) -> int:
-    """Run the proxy in the foreground until SIGINT/SIGTERM."""
-    from twisted.internet import reactor
-
-    from .service import ProxyService, load_and_check
-    from .tap import install_sighup
-
-    try:
-        config = load_and_check(config_path, reactor)
-    except ConfigError as e:
-        sys.stderr.write(f"referral-proxy: configuration error: {e}\n")
-        return 2
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    service = ProxyService(config, reactor, on_step=on_step)
-    try:
-        service.startService()
-    except Exception as e:
-        sys.stderr.write(f"referral-proxy: cannot start: {e}\n")
-        return 1
-    install_sighup(reactor, service)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-    return 0

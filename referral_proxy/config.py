@@ -6,6 +6,7 @@ can print a single clear line and exit non-zero instead of a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,11 +14,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .imap.reader import Limits
+
 __all__ = [
     "BackendConfig",
     "Config",
     "ConfigError",
     "Limits",
+    "LogConfig",
+    "MetricsConfig",
     "ProxyConfig",
     "RuleConfig",
     "MapConfig",
@@ -25,27 +30,19 @@ __all__ = [
     "parse_config",
 ]
 
-KiB = 1024
-MiB = 1024 * KiB
 
 REFERRAL_MODES = ("aware", "always", "never")
 # "lower": ASCII letters lower-cased, like Dovecot's default %Lu; "as-is": like %u.
 USERNAME_FORMATS = ("lower", "as-is")
+# Every client limit is a field of imap.reader.Limits and a [proxy] key of the same name.
+_LIMIT_KEYS = ("max_line", "max_literal", "max_command", "max_literals", "max_message", "max_append_messages")
 TLS_MODES = ("none", "starttls", "implicit")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
 class ConfigError(ValueError):
     """A configuration mistake; str() is one line naming the key."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size limits enforced on what clients send (documented defaults)."""
-
-    max_line: int = 64 * KiB  # one command line (fragment between literals)
-    max_literal: int = 64 * KiB  # a literal outside APPEND
-    max_message: int = 512 * MiB  # one APPEND message literal
-    max_append_messages: int = 10_000  # messages in one (MULTI)APPEND
 
 
 @dataclass(frozen=True)
@@ -59,6 +56,9 @@ class ProxyConfig:
     login_referrals: bool = False
     login_timeout: float = 60.0  # seconds a client may stay unauthenticated
     limits: Limits = field(default_factory=Limits)
+    # Upstreams (a load balancer, another proxy) whose ID x-originating-ip/port is believed.
+    trusted_networks: tuple[str, ...] = ()
+    proxy_ttl: int = 5  # hops a login may still take; sent on to backends as x-proxy-ttl minus one
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,29 @@ class MapConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: how events are written (to stderr, or twistd's log file)."""
+
+    format: str = "text"  # text: one readable line an event; json: one JSON object a line
+    level: str = "info"  # the least severe level written
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint; off without ``listen``."""
+
+    listen: str | None = None  # Twisted server endpoint string: /metrics and /health
+    health_interval: float = 10.0  # seconds between two checks (connect + greeting) of every backend
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig
     backends: dict[str, BackendConfig]
     map: MapConfig
     path: Path | None = None
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def load_config(path: str | Path, *, check_endpoints: Callable[[Config], None] | None = None) -> Config:
@@ -122,7 +140,7 @@ def load_config(path: str | Path, *, check_endpoints: Callable[[Config], None] |
 
 def parse_config(raw: dict[str, Any], *, base: Path, path: Path | None = None) -> Config:
     """Validate an already-decoded TOML document."""
-    _only(raw, "", {"proxy", "backends", "map"})
+    _only(raw, "", {"proxy", "backends", "map", "log", "metrics"})
     proxy_raw = _table(raw, "proxy", required=True)
     backends_raw = _table(raw, "backends", required=True)
     map_raw = _table(raw, "map", required=True)
@@ -132,14 +150,15 @@ def parse_config(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
         raise ConfigError("backends: at least one backend is required")
     backends = {name: _parse_backend(name, b, base) for name, b in backends_raw.items()}
     map_ = _parse_map(map_raw, base, backends)
-    return Config(proxy=proxy, backends=backends, map=map_, path=path)
+    log = _parse_log(_table(raw, "log", required=False))
+    metrics = _parse_metrics(_table(raw, "metrics", required=False))
+    return Config(proxy=proxy, backends=backends, map=map_, path=path, log=log, metrics=metrics)
 
 
 def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
     keys = {
         "listen", "hostname", "tls_cert", "tls_key", "allow_plaintext_login",
-        "referrals", "login_referrals", "login_timeout", "max_line", "max_literal",
-        "max_message", "max_append_messages",
+        "referrals", "login_referrals", "login_timeout", *_LIMIT_KEYS, "trusted_networks", "proxy_ttl",
     }
     _only(raw, "proxy", keys)
     listen = _get(raw, "proxy", "listen", list, required=True)
@@ -152,15 +171,18 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
     key = _path(raw, "proxy", "tls_key", base)
     if (cert is None) != (key is None):
         raise ConfigError("proxy.tls_cert: tls_cert and tls_key go together")
-    limits = Limits(
-        max_line=_positive(raw, "proxy", "max_line", Limits.max_line),
-        max_literal=_positive(raw, "proxy", "max_literal", Limits.max_literal),
-        max_message=_positive(raw, "proxy", "max_message", Limits.max_message),
-        max_append_messages=_positive(raw, "proxy", "max_append_messages", Limits.max_append_messages),
-    )
+    limits = Limits(**{key: _positive(raw, "proxy", key, getattr(Limits, key)) for key in _LIMIT_KEYS})
     timeout = _get(raw, "proxy", "login_timeout", (int, float), default=60.0)
     if timeout <= 0:
         raise ConfigError("proxy.login_timeout: must be positive")
+    trusted = _get(raw, "proxy", "trusted_networks", list, default=[])
+    for i, net in enumerate(trusted):
+        try:
+            if not isinstance(net, str):
+                raise TypeError(net)
+            ipaddress.ip_network(net, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(f"proxy.trusted_networks[{i}]: not a network (like 10.0.0.0/8 or 192.0.2.1): {net!r}") from None
     return ProxyConfig(
         listen=tuple(listen),
         hostname=_get(raw, "proxy", "hostname", str, default="referral-proxy"),
@@ -171,6 +193,8 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
         login_referrals=_get(raw, "proxy", "login_referrals", bool, default=False),
         login_timeout=float(timeout),
         limits=limits,
+        trusted_networks=tuple(trusted),
+        proxy_ttl=_positive(raw, "proxy", "proxy_ttl", 5),
     )
 
 
@@ -253,6 +277,29 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
         ))
     return MapConfig(default=default, store=store, rules=tuple(rules), separator=separator,
                      username_format=username_format)
+
+
+def _parse_log(raw: dict[str, Any]) -> LogConfig:
+    _only(raw, "log", {"format", "level"})
+    fmt = _get(raw, "log", "format", str, default="text")
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"log.format: must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
+    level = _get(raw, "log", "level", str, default="info").lower()
+    level = "warn" if level == "warning" else level
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log.level: must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    return LogConfig(format=fmt, level=level)
+
+
+def _parse_metrics(raw: dict[str, Any]) -> MetricsConfig:
+    _only(raw, "metrics", {"listen", "health_interval"})
+    listen = _get(raw, "metrics", "listen", str, default=None)
+    if listen is not None and not listen:
+        raise ConfigError("metrics.listen: must be an endpoint string like \"tcp:9143:interface=127.0.0.1\"")
+    interval = _get(raw, "metrics", "health_interval", (int, float), default=10.0)
+    if interval <= 0:
+        raise ConfigError("metrics.health_interval: must be positive")
+    return MetricsConfig(listen=listen, health_interval=float(interval))
 
 
 # -- small validators -------------------------------------------------------

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["ReadGate", "PeerPause", "AllBackends", "Output"]
+__all__ = ["Block", "ReadGate", "PeerPause", "AllBackends", "Output"]
+
+
+class Block(Enum):
+    """Why a session stops reading commands from its client (several may hold at once)."""
+
+    TASK = "a command waits for a connection or a quiet backend"
+    LOGIN = "a login is being checked"
+    BACKEND_LITERAL = "a relayed command waits for the backend's + before its next literal"
+    DECISION = "a message literal of an APPEND waits for the backend's + (or refusal)"
 
 
 @implementer(IPushProducer)
@@ -28,14 +38,14 @@ class ReadGate:
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
-        self._reasons: set[str] = set()
+        self._reasons: set[object] = set()
 
-    def pause(self, reason: str) -> None:
+    def pause(self, reason: object) -> None:
         if not self._reasons:
             self._transport.pauseProducing()
         self._reasons.add(reason)
 
-    def resume(self, reason: str) -> None:
+    def resume(self, reason: object) -> None:
         if reason in self._reasons:
             self._reasons.discard(reason)
             if not self._reasons and not getattr(self._transport, "disconnected", False):

@@ -1,22 +1,31 @@
-"""LIST / LSUB across backends: one mail store out of several partial ones.
+"""LIST / LSUB / RLIST / RLSUB across backends: one mail store out of several partial ones.
 
 Each backend contributes only the mailboxes the map gives to it (a stray copy
 elsewhere is hidden, INBOX comes once from home), missing parents are shown as
 ``\\Noselect`` placeholders, and ``\\HasChildren`` / ``\\HasNoChildren`` are
 recomputed over the merged tree. The client's reference and pattern are applied
-here, to the merged names.
+here, to the merged names. :func:`list_command` carries out the command for a
+session, through the narrow :class:`ListHost`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
-from .imap.command import Atom, ParenList, ParseError, String, parse_arguments
+from twisted.logger import Logger
+
+from .backend import BackendProtocol, UntaggedResponse
+from .imap.command import Atom, ParenList, ParseError, String, astring_value, parse_arguments
+from .imap.grammar import Arguments, Slot, encode
 from .imap.quoting import quoted
-from .routing import normalize, pattern_matches
+from .routing import MailboxMap, normalize, pattern_matches
 
-__all__ = ["ListEntry", "parse_list_entry", "merge", "select", "format_entry", "add_flag", "is_basic_list"]
+__all__ = ["ListEntry", "ListHost", "list_command", "parse_list_entry", "merge", "select", "format_entry",
+           "add_flag", "is_basic_list"]
+
+log = Logger()
 
 _CHILD_FLAGS = {b"\\HASCHILDREN", b"\\HASNOCHILDREN"}
 
@@ -110,3 +119,106 @@ def add_flag(raw: bytes, flag: bytes) -> bytes:
 def is_basic_list(args: Sequence[object]) -> bool:
     """``LIST reference pattern`` with two plain strings: what the proxy evaluates itself."""
     return len(args) == 2 and all(isinstance(a, (Atom, String)) for a in args)
+
+
+# -- the command, for a session ---------------------------------------------------------------
+
+
+class ListHost(Protocol):
+    """What a LIST needs of its session."""
+
+    user: str
+    home: str
+    referral_aware: bool
+    referrals_mode: str  # [proxy].referrals: aware | always | never
+    mailbox_map: MailboxMap
+
+    def relay_to(self, tag: bytes, name: str, args: Arguments, backend: str) -> None:
+        """Relay the command, as *name*, to *backend* (its answer goes straight to the client)."""
+
+    def run(self, tag: bytes, work: Coroutine[Any, Any, None]) -> None:
+        """Carry out *work* with the client's input paused; failures answered for *tag*."""
+
+    async def gather(self, backends: Sequence[str], command: bytes) -> list[tuple[BackendProtocol, UntaggedResponse]]:
+        """Run *command* on every backend, once all are quiet: their untagged responses."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def write_from(self, source: object, data: bytes, end: bool = True) -> None: ...
+
+
+def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None:
+    """LIST, LSUB, RLIST, RLSUB (and LIST-EXTENDED forms) for one session."""
+    kind = "LSUB" if name in ("LSUB", "RLSUB") else "LIST"
+    options = args.values(Slot.LIST)
+    remote_option = name == "LIST" and bool(options) and isinstance(options[0], ParenList) and any(
+        isinstance(t, Atom) and t.value.upper() == b"REMOTE" for t in options[0].items)
+    if (name in ("RLIST", "RLSUB") or remote_option) and host.referrals_mode == "aware":
+        host.referral_aware = True
+    remote = name in ("RLIST", "RLSUB") or remote_option or not host.referral_aware
+    backends = host.mailbox_map.backends_for(host.user) if remote else [host.home]
+    if is_basic_list(args.tokens):
+        reference, pattern = (astring_value(a) for a in args.tokens)
+        if pattern == b"":  # the hierarchy delimiter: any backend knows it
+            return host.relay_to(tag, kind, args, host.home)
+        host.run(tag, _merged(host, tag, kind, reference, pattern, backends))
+    else:
+        host.run(tag, _filtered(host, tag, kind, args, backends, remote_option))
+
+
+def _owner(host: ListHost, name: str) -> str:
+    return host.mailbox_map.lookup(host.user, name).primary
+
+
+async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
+                  backends: list[str]) -> None:
+    entries = []
+    for conn, r in await host.gather(backends, kind.encode() + b' "" "*"'):
+        if r.start.name == kind:
+            fragments, literals = r.arguments
+            try:
+                entries.append(parse_list_entry(fragments, literals, conn.name))
+            except ParseError:
+                log.warn("unparsable {kind} from {b}", kind=kind, b=conn.name)
+        else:
+            host.write_from(conn, r.raw)
+    separator = host.mailbox_map.separator
+    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST" or b"%" in pattern))
+    out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator)]
+    host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
+
+
+# Untagged responses a LIST-EXTENDED command may bring whose first argument is a mailbox:
+# each is shown only from the backend that owns that mailbox.
+_PER_MAILBOX = frozenset({"STATUS", "MYRIGHTS", "METADATA"})
+
+
+async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, backends: list[str],
+                    remote_option: bool) -> None:
+    """LIST-EXTENDED forms: the command, re-encoded, on every backend; each mailbox from its owner."""
+    encoded = encode(args)
+    text = kind.encode() + b" " + b"".join(
+        f + b"{%d+}\r\n" % len(lit.value) + lit.value for f, lit in zip(encoded.fragments, encoded.literals)
+    ) + encoded.fragments[-1]
+    out, seen = [], set()
+    for conn, r in await host.gather(backends, text):
+        fragments, literals = r.arguments
+        if r.start.name in ("LIST", "LSUB"):
+            try:
+                entry = parse_list_entry(fragments, literals, conn.name)
+            except ParseError:
+                continue
+            if _owner(host, entry.text) != conn.name or entry.text in seen:
+                continue
+            seen.add(entry.text)
+            out.append(add_flag(r.raw, b"\\Remote") if remote_option and conn.name != host.home else r.raw)
+        elif r.start.name in _PER_MAILBOX:
+            try:
+                mailbox = astring_value(parse_arguments(fragments, literals)[0])
+            except (ParseError, IndexError):
+                continue
+            if _owner(host, mailbox.decode("utf-8", "surrogateescape")) == conn.name:
+                out.append(r.raw)
+        else:
+            out.append(r.raw)
+    host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))

@@ -101,7 +101,7 @@ async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connec
 class RecoverySweep:
     """In a running proxy: recover at start-up, then every SWEEP_SECONDS while entries remain."""
 
-    def __init__(self, reactor: Any, config: Config, mailbox_map: MailboxMap) -> None:
+    def __init__(self, reactor: Any, config: Callable[[], Config], mailbox_map: MailboxMap) -> None:
         self.reactor, self.config, self.map = reactor, config, mailbox_map
         self._loop = task.LoopingCall(self._sweep)
         self._loop.clock = reactor
@@ -123,7 +123,8 @@ class RecoverySweep:
 
     async def _recover(self) -> None:
         try:
-            lines = await recover_all(self.map, lambda user: master_connector(self.reactor, self.config, user),
+            config = self.config()
+            lines = await recover_all(self.map, lambda user: master_connector(self.reactor, config, user),
                                       self.reactor)
         except Exception:
             log.failure("recovery failed")

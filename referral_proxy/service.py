@@ -14,13 +14,20 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.ssl import PrivateCertificate
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
-from .backend import Credentials, connect_backend
+from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
+from .context import ProxyContext
+from .health import HealthChecker
+from .metrics import make_registry, metrics_site
+from .observe import Observer
+from .origin import LoopGuard
+from .proxyproto import listen_endpoint
 from .recovery import RecoverySweep
 from .routing import MailboxMap, StepHook, open_store
-from .session import ClientSession, ProxyContext
+from .session import ClientSession
 
 __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
 
@@ -41,6 +48,11 @@ def check_endpoints(config: Config, reactor: Any) -> None:
             clientFromString(reactor, backend.endpoint)
         except Exception as e:
             raise ConfigError(f"backends.{name}.endpoint: bad endpoint {backend.endpoint!r}: {e or type(e).__name__}") from None
+    if config.metrics.listen is not None:
+        try:
+            serverFromString(reactor, config.metrics.listen)
+        except Exception as e:
+            raise ConfigError(f"metrics.listen: bad endpoint {config.metrics.listen!r}: {e or type(e).__name__}") from None
     if config.proxy.tls_cert is not None:
         try:
             server_tls_options(config)
@@ -67,13 +79,17 @@ class _SessionFactory(ServerFactory):
         self.context = context
 
     def buildProtocol(self, addr: Any) -> ClientSession:
+        # One context shared by every session (a reload swaps its configuration for all);
+        # a session connects through context.connect_for, which knows the session.
         session = ClientSession(self.context)
         session.factory = self
         return session
 
 
 class ProxyService(MultiService):
-    """The proxy: one listener service per ``[proxy].listen`` endpoint."""
+    """The proxy: one listener service per ``[proxy].listen`` endpoint (and /metrics)."""
+
+    log_observer: Any = None  # set by tap.py: given to twistd's application as its log observer
 
     def __init__(self, config: Config, reactor: Any, *, on_step: StepHook | None = None) -> None:
         super().__init__()
@@ -81,10 +97,12 @@ class ProxyService(MultiService):
         self.reactor = reactor
         # on_step: called after each journal step (tests inject faults there; None in production)
         self.mailbox_map = MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
-        self.recovery = RecoverySweep(reactor, config, self.mailbox_map)
+        self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded
+        self.guard = LoopGuard(config)
+        self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
 
         async def connect(backend: BackendConfig, credentials: Credentials):
-            return await connect_backend(reactor, backend, credentials)
+            return await self.connect_for(None, backend, credentials)
 
         self.context = ProxyContext(
             config=config,
@@ -92,18 +110,63 @@ class ProxyService(MultiService):
             reactor=reactor,
             connect=connect,
             server_tls=server_tls_options(config) if config.proxy.tls_cert else None,
+            observer=self.observer,
+            connect_for=self.connect_for,
         )
         factory = _SessionFactory(self.context)
+        self.health: HealthChecker | None = None
+        if config.metrics.listen is not None:
+            self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
+            site = metrics_site(make_registry(self.observer, self.health), self.health)
+            svc = StreamServerEndpointService(serverFromString(reactor, config.metrics.listen), site)
+            svc._raiseSynchronously = True
+            svc.setName("metrics")
+            svc.setServiceParent(self)
+        for name, backend in config.backends.items():
+            if self.guard.is_self(backend):
+                log.warn("backend {name} ({endpoint}) is one of this proxy's own listeners: logins routed to it "
+                         "are refused (proxy loop)", name=name, endpoint=backend.endpoint)
         self.listeners = []
         for spec in config.proxy.listen:
-            svc = StreamServerEndpointService(serverFromString(reactor, spec), factory)
+            endpoint = listen_endpoint(reactor, spec, config.proxy.login_timeout)
+            svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True  # a port in use stops start-up with that error
             svc.setName(spec)
             svc.setServiceParent(self)
             self.listeners.append(svc)
 
+    async def connect_for(self, session: ClientSession | None, backend: BackendConfig,
+                          credentials: Credentials) -> BackendProtocol:
+        """A logged-in connection to *backend* for *session*: told who the client is (ID before
+        login, to backends that announce ID), counted; never one to this proxy itself."""
+        if self.guard.is_self(backend):
+            raise BackendUnavailable(f"backend {backend.name} ({backend.endpoint}) is this proxy's own listener "
+                                     "(proxy loop)")
+        id_line = self.observer.id_for_backend(session) if session is not None else None
+
+        async def before_login(proto: BackendProtocol) -> None:
+            if id_line is not None and "ID" in proto.capabilities:
+                await proto.command(id_line)  # the backend's answer does not matter
+
+        try:
+            proto = await connect_backend(self.reactor, backend, credentials, before_login=before_login)
+        except BackendUnavailable:
+            self.observer.connect_failed(backend.name)
+            raise
+        self.observer.backend_opened(proto)
+        return proto
+
+    def setServiceParent(self, parent: Any) -> Any:
+        result = super().setServiceParent(parent)
+        if (self.log_observer is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver, None) is None):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return result
+
     def startService(self) -> None:
         super().startService()
+        if self.health is not None:
+            self.health.start()
         log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
         # Moves a stopped proxy left half done are finished or rolled back now, and any
         # this process gives up on later are retried every few seconds.
@@ -113,6 +176,9 @@ class ProxyService(MultiService):
     def stopService(self):  # type: ignore[override]
         """Stop listening, say BYE to every client, log the backends out, and wait (a few
         seconds at most) until the BYEs are really out before the reactor tears down."""
+        if self.health is not None:
+            self.health.stop()
+        self.observer.stopping = True
         yield super().stopService()
         self.recovery.stop()
         sessions = list(self.context.sessions)
@@ -130,7 +196,8 @@ class ProxyService(MultiService):
         self.mailbox_map.close()
 
     def reload(self, path: str | None = None) -> None:
-        """SIGHUP: read the file again and apply the map rules; a bad file changes nothing."""
+        """SIGHUP: read the file again; backends and map rules change together, for new
+        commands of every session (its own connections stay). A bad file changes nothing."""
         path = path or (str(self.config.path) if self.config.path else None)
         if path is None:
             return
@@ -139,5 +206,9 @@ class ProxyService(MultiService):
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: {why}", why=str(e))
             return
-        self.mailbox_map.reconfigure(config.map)
-        log.info("reloaded map rules from {path}", path=path)
+        if config.proxy.listen != self.config.proxy.listen:
+            log.warn("reload: [proxy] listen changes need a restart; still listening on {listen}",
+                     listen=", ".join(self.config.proxy.listen))
+        self.context.reload(config)
+        self.config = config
+        log.info("reloaded backends and map rules from {path}", path=path)

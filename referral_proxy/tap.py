@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import IO, Any
 
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from .config import ConfigError
+from .logs import LogWriter
 from .service import ProxyService, load_and_check
 
 __all__ = ["Options", "makeService"]
@@ -34,7 +37,24 @@ def makeService(options: Options) -> ProxyService:
 
     service = ProxyService(options.config, reactor)
     install_sighup(reactor, service)
+    stream = _twistd_log_stream(getattr(options, "parent", None))
+    if stream is not None:
+        # twistd takes the application's ILogObserver: [log] format and level apply under twistd too.
+        service.log_observer = LogWriter(options.config.log, stream, context=service.observer.context)
     return service
+
+
+def _twistd_log_stream(twistd: Any) -> IO[str] | None:
+    """Where twistd would write its log (stdout with -n, else --logfile or twistd.log);
+    None where twistd must decide itself (syslog, or a daemon told to log to stdout)."""
+    if twistd is None or twistd.get("syslog"):
+        return None
+    name, nodaemon = twistd.get("logfile"), twistd.get("nodaemon")
+    if name == "-" and not nodaemon:
+        return None
+    if name == "-" or (nodaemon and not name):
+        return sys.stdout
+    return LogFile.fromFullPath(name or "twistd.log")
 
 
 def install_sighup(reactor, service: ProxyService) -> None:

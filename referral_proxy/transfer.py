@@ -298,6 +298,7 @@ class CopyOutcome:
     untagged: list[bytes]
     status: str
     text: str
+    bytes: int = 0  # message bytes carried to the destination
 
 
 SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to commit before it looks again
@@ -339,7 +340,8 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
             copied = await copy_stream(src, infos, dst, mailbox)
             untagged += copied.others
             return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
-                                               f"{uid_set(copied.uids).decode()}] Copy completed.")
+                                               f"{uid_set(copied.uids).decode()}] Copy completed.",
+                               sum(i.size for i in infos))
         if entry is not None:
             mailbox_map.end_move(entry)
         return outcome
@@ -412,13 +414,14 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
                   dst=dst.name, src=src.name, why=str(e))
         copyuid = f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} {uid_set(copied.uids).decode()}]"
         return CopyOutcome(untagged, "NO", f"{copyuid} The messages were copied; removing them from the source "
-                                           "failed and will be retried")
+                                           "failed and will be retried", sum(i.size for i in infos))
     gone = expand_uid_set(entry.data["vanished_dst"])
     if gone:  # moved or expunged by someone else while we copied: our copies would be extra ones
         await open_mailbox(dst, dst_mailbox, readonly=False)
         await expunge_uids(dst, gone)
     mailbox_map.end_move(entry)
-    return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).")
+    moved = sum(i.size for i in infos if i.uid in set(present))
+    return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
 
 
 async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[list[int], list[bytes]]:

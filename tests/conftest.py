@@ -1,7 +1,7 @@
 """Shared pytest fixtures: real Dovecot backends and the proxy as a subprocess.
 
 * ``fleet`` (session): three real Dovecot instances, b1 on 127.0.0.2, b2 on
-  127.0.0.3, b3 on 127.0.0.4 (see referral_proxy.testing.dovecot), with one
+  127.0.0.3, b3 on 127.0.0.4 (see referral_proxy.fleet), with one
   throwaway CA; plain IMAP with STARTTLS on ``.port``, IMAPS on ``.imaps_port``.
 * ``clean_mail`` (function, opt-in): every user's mail deleted on every backend.
 * ``proxy_factory`` (function): starts ``python -m referral_proxy --config
@@ -19,32 +19,24 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
-import ssl
-import subprocess
-import sys
 import tempfile
-import time
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from referral_proxy.testing.dovecot import (
+from referral_proxy.fleet import (
     DEFAULT_USERS,
     Fleet,
     dovecot_available,
     free_port,
     make_root,
 )
+from referral_proxy.testing.proxyproc import REPO_ROOT, ProxyProcess, StartError  # noqa: F401 (REPO_ROOT: for tests)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PROXY_START_TIMEOUT = 20.0
-PROXY_STOP_TIMEOUT = 10.0
 
 
 # --------------------------------------------------------------------------- TOML
@@ -227,26 +219,19 @@ def clean_mail(fleet):
 # ----------------------------------------------------------------------- proxy
 
 
-class ProxyStartError(RuntimeError):
-    pass
+ProxyStartError = StartError  # the proxy did not come up (its stderr's tail in the message)
 
 
-@dataclass
-class RunningProxy:
-    host: str
-    port: int
-    config_path: Path
-    workdir: Path
-    process: subprocess.Popen
-    stdout_path: Path
-    stderr_path: Path
-    config: dict[str, Any] | None = None  # None when raw text was given
-    users: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_USERS))
-    implicit_tls: bool = False  # the first listener is "ssl:"
+class RunningProxy(ProxyProcess):
+    """A proxy subprocess of a test, with the configuration it was given and helpers to reach it."""
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    def __init__(self, *, host: str, port: int, config_path: Path, workdir: Path, stdout_path: Path,
+                 stderr_path: Path, config: dict[str, Any] | None = None, users: dict[str, str] | None = None,
+                 implicit_tls: bool = False) -> None:
+        super().__init__(config_path, host=host, port=port, workdir=workdir, stdout_path=stdout_path,
+                         stderr_path=stderr_path, implicit_tls=implicit_tls)
+        self.config = config  # None when raw text was given
+        self.users = dict(users if users is not None else DEFAULT_USERS)
 
     @property
     def endpoint(self) -> str:
@@ -255,10 +240,6 @@ class RunningProxy:
     @property
     def url(self) -> str:
         return f"imap://{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None
 
     def imaplib(self, timeout: float | None = 30.0) -> imaplib.IMAP4:
         """A new imaplib connection to the proxy (greeted, not logged in)."""
@@ -276,77 +257,6 @@ class RunningProxy:
         kw.setdefault("ssl", False)
         kw.setdefault("timeout", 30)
         return imapclient.IMAPClient(self.host, port=self.port, **kw)
-
-    def stderr_text(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stdout_text(self) -> str:
-        try:
-            return self.stdout_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def send_signal(self, sig: int) -> None:
-        self.process.send_signal(sig)
-
-    def stop(self, timeout: float = PROXY_STOP_TIMEOUT) -> int:
-        """SIGTERM, then SIGKILL after *timeout* s; returns the exit status. Idempotent."""
-        if self.process.poll() is None:
-            try:
-                self.process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def kill(self) -> int:
-        if self.process.poll() is None:
-            self.process.kill()
-        return self.process.wait()
-
-
-def _wait_for_greeting(proxy: RunningProxy, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        if proxy.process.poll() is not None:
-            raise ProxyStartError(
-                f"the proxy exited with status {proxy.process.returncode} during start-up "
-                f"(config {proxy.config_path})\n--- stderr ---\n{proxy.stderr_text()[-8000:]}"
-                f"\n--- stdout ---\n{proxy.stdout_text()[-2000:]}")
-        try:
-            with socket.create_connection((proxy.host, proxy.port), timeout=2.0) as raw:
-                s = raw
-                if proxy.implicit_tls:  # only readiness is checked here, not the certificate
-                    ctx = ssl.create_default_context()
-                    ctx.check_hostname = False
-                    ctx.verify_mode = ssl.CERT_NONE
-                    s = ctx.wrap_socket(raw)
-                s.settimeout(max(0.5, min(5.0, deadline - time.monotonic())))
-                data = b""
-                while b"\n" not in data and len(data) < 8192:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            if data.startswith(b"* OK"):
-                return
-            last = data
-        except OSError as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise ProxyStartError(
-                f"the proxy did not greet with '* OK' on {proxy.host}:{proxy.port} within "
-                f"{timeout}s (last: {last!r}; config {proxy.config_path})\n"
-                f"--- stderr ---\n{proxy.stderr_text()[-8000:]}")
-        time.sleep(0.05)
 
 
 def default_proxy_config(fleet: Fleet, port: int, rules=()) -> dict[str, Any]:
@@ -425,29 +335,11 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
         config_path = workdir / "proxy.toml"
         config_path.write_text(text)
 
-        child_env = dict(os.environ)
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else []))
-        child_env["PYTHONUNBUFFERED"] = "1"
-        child_env.setdefault("PYTHONFAULTHANDLER", "1")
-        if env:
-            child_env.update(env)
-        stdout_path, stderr_path = workdir / "stdout.log", workdir / "stderr.log"
-        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            process = subprocess.Popen(
-                [*(command or [sys.executable, "-m", "referral_proxy"]), "--config", str(config_path), *args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=child_env,
-            )
         proxy = RunningProxy(host=host, port=port, config_path=config_path, workdir=workdir,
-                             process=process, stdout_path=stdout_path, stderr_path=stderr_path,
+                             stdout_path=workdir / "stdout.log", stderr_path=workdir / "stderr.log",
                              config=config, implicit_tls=listen[0].startswith("ssl:"))
         started.append(proxy)
-        if wait:
-            try:
-                _wait_for_greeting(proxy, timeout)
-            except BaseException:
-                proxy.kill()
-                raise
+        proxy.start(args=args, env=env, timeout=timeout, wait=wait, command=command)
         return proxy
 
     factory.default_config = lambda rules=(): default_proxy_config(  # type: ignore[attr-defined]
@@ -512,7 +404,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def spare_backend(fleet):
     """A fourth real Dovecot (127.0.0.6), not in the default config, that a test may kill."""
-    from referral_proxy.testing.dovecot import Dovecot
+    from referral_proxy.fleet import Dovecot
 
     d = Dovecot("spare", "127.0.0.6", dovecot_root() / "spare")
     d.start()

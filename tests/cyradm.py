@@ -143,6 +143,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from referral_proxy.imap.framing import announced_literal
+
 __all__ = [
     "CYRADM",
     "CyradmResult",
@@ -350,7 +352,6 @@ def parse_lm(text: str) -> dict[str, str]:
 Rewrite = Callable[[bytes, "bytes | None"], "bytes | None"]
 RewriteClient = Callable[[bytes], "bytes | None"]
 
-_LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r?\n\Z")
 _COMMAND = re.compile(rb"^([^\s(){%*\"\\\]+]+) ([A-Za-z][A-Za-z0-9-]*)")
 
 
@@ -432,16 +433,16 @@ class RelayConnection:
                     if nl < 0:
                         break
                     line, buf = buf[:nl + 1], buf[nl + 1:]
-                    m = _LITERAL_AT_END.search(line)
+                    literal = announced_literal(line)  # the codec's reading of {n} / {n+}
                     if direction == "C":  # recorded as the client sent it
                         self._record(direction, line)
                         new = self._client_line(line, continuation)
-                        continuation = m is not None
+                        continuation = literal is not None
                     else:  # recorded as the client received it
                         new = self._server_line(line)
                         self._record(direction, new)
-                    if m:
-                        literal_left = int(m.group(1))
+                    if literal is not None:
+                        literal_left = literal.size
                     out.append(new)
                 if out:
                     dst.sendall(b"".join(out))
@@ -656,7 +657,7 @@ class ReferralRewriter:
             return None
         tag, name = parts[0], parts[1].upper()
         # a command with a literal cannot be swapped for a NOOP: never referred
-        answer = None if _LITERAL_AT_END.search(line) else self.refer(stripped)
+        answer = None if announced_literal(line) is not None else self.refer(stripped)
         if answer is not None:
             with self._lock:
                 self._answers[tag] = answer

@@ -7,7 +7,7 @@ import imaplib
 import re
 import time
 
-from referral_proxy.testing.dovecot import Dovecot
+from referral_proxy.fleet import Dovecot
 
 
 def contents(backend: Dovecot, user: str, mailbox: str) -> list[tuple[int, frozenset, float, str]]:

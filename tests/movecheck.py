@@ -23,8 +23,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from referral_proxy.fleet import Dovecot
 from referral_proxy.imap.data import parse_list
-from referral_proxy.testing.dovecot import Dovecot
 
 _ID = re.compile(rb"Message-Id: <([^>]+)>", re.IGNORECASE)
 REPO = Path(__file__).resolve().parent.parent

@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import collections
 import imaplib
-import os
 import random
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,9 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from movecheck import REPO, body, census, cli, deliver_on, quote, seed, through_proxy  # noqa: E402
+from movecheck import body, census, cli, deliver_on, quote, seed, through_proxy  # noqa: E402
 
-from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER  # noqa: E402
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
+from referral_proxy.testing.proxyproc import ProxyProcess  # noqa: E402
 
 USER = "carol"
 RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"mailbox": "Archive/*", "backend": "b2"}]
@@ -55,43 +53,9 @@ def proxy_config(fleet, port: int) -> dict:
             "backends": backends, "map": {"default": "b1", "store": "sqlite:map.sqlite3", "rules": RULES}}
 
 
-class ProxyProcess:
-    """The proxy as a child process that can be SIGKILLed and started again on the same store."""
+class SoakProxy(ProxyProcess):
+    """The proxy (the one runner of testing/proxyproc.py), with what a census needs of it."""
 
-    def __init__(self, config_path: Path, port: int) -> None:
-        self.config_path, self.port = config_path, port
-        self.process: subprocess.Popen | None = None
-        self.log = open(config_path.parent / "proxy.log", "ab")
-
-    def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen([sys.executable, "-m", "referral_proxy", "--config", str(self.config_path)],
-                                        cwd=self.config_path.parent, env=env, stdout=self.log, stderr=self.log,
-                                        stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    if s.recv(100).startswith(b"* OK"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("the proxy did not start")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    # what a test's census needs from a "proxy"
     def login(self, user: str) -> imaplib.IMAP4:
         m = imaplib.IMAP4("127.0.0.1", self.port, timeout=60)
         m.login(user, "secret")
@@ -348,7 +312,8 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         mids = [f"o-{box}-{i}@soak" for i in range(n)]
         seed(fleet["b1"], USER, box, mids, size=rng.choice([500, 5000]))
         ledger.must.update(mids)
-    proxy = ProxyProcess(config_path, port)
+    proxy = SoakProxy(config_path, host="127.0.0.1", port=port, stdout_path=workdir / "proxy.log",
+                      stderr_path=workdir / "proxy.log")
     stop = threading.Event()
     actors: list[threading.Thread] = []
     try:
@@ -409,7 +374,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--no-backend-kills", action="store_true")
     args = parser.parse_args()
-    from referral_proxy.testing.dovecot import Fleet, make_root
+    from referral_proxy.fleet import Fleet, make_root
 
     root = make_root("rp-soak-")
     fleet = Fleet.start_default(root / "fleet")

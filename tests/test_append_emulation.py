@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from twisted.python.failure import Failure
 
-from referral_proxy.append import split_mailbox, uid_set
+from referral_proxy.append import uid_set
 from referral_proxy.testing.fakes import DOVECOT_CAPS, FakeConnector, SessionHarness
 
 NO_MULTIAPPEND = [c for c in DOVECOT_CAPS if c != "MULTIAPPEND"]
 
 
-def test_uid_set_and_split_mailbox():
+def test_uid_set():
     assert uid_set([5, 6, 7, 9, 3, 4]) == b"5:7,9,3:4"
     assert uid_set([1]) == b"1"
-    assert split_mailbox(b'"My \\"box\\"" (\\Seen) ') == (b'"My \\"box\\""', b"(\\Seen) ")
-    assert split_mailbox(b"INBOX ") == (b"INBOX", b"")
 
 
 def test_each_message_is_its_own_append_and_uids_are_joined():

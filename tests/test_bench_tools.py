@@ -26,7 +26,7 @@ sys.path.insert(0, str(BENCH))
 import loadgen  # noqa: E402
 import peers  # noqa: E402
 
-from referral_proxy.testing.dovecot import make_root  # noqa: E402
+from referral_proxy.fleet import make_root  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from clients import RULES, needs, run, sha, stored
 
-from referral_proxy.testing.dovecot import MAIL_USER, Dovecot, make_root
+from referral_proxy.fleet import MAIL_USER, Dovecot, make_root
 
 _needs = needs("doveadm", "dovecot-core")
 pytestmark = pytest.mark.usefixtures("clean_mail")

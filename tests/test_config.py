@@ -114,8 +114,8 @@ def test_deploy_example_config_is_valid(tmp_path):
     """deploy/proxy.toml.example loads, with its files pointed at real (throwaway) ones."""
     from twisted.internet import reactor
 
+    from referral_proxy.fleet import make_tls_material
     from referral_proxy.service import check_endpoints
-    from referral_proxy.testing.dovecot import make_tls_material
 
     tls = make_tls_material(tmp_path / "tls", ["127.0.0.1"])
     example = (Path(__file__).parent.parent / "deploy" / "proxy.toml.example").read_text()

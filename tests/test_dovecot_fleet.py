@@ -14,7 +14,7 @@ import tomllib
 import pytest
 from conftest import ProxyStartError, deep_merge, dovecot_root, parse_listen, toml_dumps
 
-from referral_proxy.testing.dovecot import (
+from referral_proxy.fleet import (
     DEFAULT_USERS,
     MASTER_PASSWORD,
     MASTER_USER,
@@ -339,7 +339,7 @@ def test_proxy_factory_reports_stderr(proxy_factory, stub_env):
 
 
 def test_proxy_factory_raw_text(proxy_factory, stub_env):
-    from referral_proxy.testing.dovecot import free_port
+    from referral_proxy.fleet import free_port
     port = free_port("127.0.0.1")
     text = f'[proxy]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n[backends]\n'
     proxy = proxy_factory(text, env=stub_env)

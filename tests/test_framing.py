@@ -608,3 +608,13 @@ def test_garbage_is_split_invariant(wire, max_line, actions, auto_accept, data):
         if isinstance(ev, Line):
             assert b"\n" not in ev.data
             assert len(ev.data) + (len(ev.literal.announce()) if ev.literal else 0) <= max_line
+
+
+def test_announced_literal_of_a_whole_line():
+    from referral_proxy.imap.framing import LiteralSpec, announced_literal
+
+    assert announced_literal(b"* 1 FETCH (BODY[] {12}\r\n") == LiteralSpec(12, True)
+    assert announced_literal(b"a APPEND x ~{3+}\n") == LiteralSpec(3, False, True)
+    assert announced_literal(b"a SEARCH {5+}") == LiteralSpec(5, False)
+    for line in (b"* OK done\r\n", b"* OK {x}\r\n", b"}\r\n", b"", b"{12} text\r\n"):
+        assert announced_literal(line) is None, line

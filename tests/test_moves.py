@@ -14,7 +14,7 @@ import pytest
 from imapwire import Wire
 from movecheck import Deliverer, census, cli, deliver, faulty, judge, multiappend, quote, seed, through_proxy
 
-from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 

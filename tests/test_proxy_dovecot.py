@@ -119,7 +119,7 @@ def test_literals_before_login_sync_and_nonsync(proxy_factory):
 
 
 def test_awkward_password_through_imaplib_and_sasl(proxy_factory):
-    from referral_proxy.testing.dovecot import DEFAULT_USERS
+    from referral_proxy.fleet import DEFAULT_USERS
 
     proxy = proxy_factory()
     m = proxy.imaplib()
@@ -159,7 +159,7 @@ def test_bad_credentials(proxy_factory):
 
 
 def test_home_backend_unreachable(proxy_factory):
-    from referral_proxy.testing.dovecot import free_port
+    from referral_proxy.fleet import free_port
 
     dead = free_port("127.0.0.5")
     proxy = proxy_factory({"backends": {"dead": {"endpoint": f"tcp:host=127.0.0.5:port={dead}",
@@ -173,7 +173,7 @@ def test_home_backend_unreachable(proxy_factory):
 
 
 def test_replica_used_when_primary_is_down(proxy_factory):
-    from referral_proxy.testing.dovecot import free_port
+    from referral_proxy.fleet import free_port
 
     dead = free_port("127.0.0.5")
     proxy = proxy_factory({"backends": {"dead": {"endpoint": f"tcp:host=127.0.0.5:port={dead}",
@@ -197,12 +197,12 @@ def test_pipelined_commands_keep_their_tags(proxy_factory):
     w.close()
 
 
-def test_unknown_command_after_login_is_relayed(proxy_factory):
+def test_unknown_command_after_login_is_refused_not_relayed(proxy_factory):
     proxy = proxy_factory()
     w = Wire(proxy.host, proxy.port)
     w.login()
     reply = w.cmd(b"x1", b"FROBNICATE")
-    assert reply[-1].startswith(b"x1 BAD")
+    assert reply == [b"x1 BAD Unknown command FROBNICATE\r\n"]  # the proxy's own: no backend saw it
     assert w.cmd(b"x2", b"NOOP")[-1].startswith(b"x2 OK")
     assert w.cmd(b"x3", b"LOGIN a b") == [b"x3 BAD LOGIN is not allowed after login\r\n"]
     w.close()
@@ -388,7 +388,7 @@ def test_runs_under_twistd_and_says_bye_on_sigterm(proxy_factory, fleet, tmp_pat
     import subprocess
     import sys
 
-    from referral_proxy.testing.dovecot import free_port
+    from referral_proxy.fleet import free_port
 
     # The same configuration the fixture writes, served by twistd through the plugin.
     reference = proxy_factory()
@@ -423,7 +423,7 @@ def test_runs_under_twistd_and_says_bye_on_sigterm(proxy_factory, fleet, tmp_pat
 @pytest.mark.parametrize("greets", [False, True], ids=["silent", "greets-then-silent"])
 def test_a_backend_that_never_answers_does_not_hold_the_login(proxy_factory, greets):
     """A fake backend (Dovecot will not hang on purpose): accepts, maybe greets, then says nothing."""
-    from referral_proxy.testing.dovecot import free_port
+    from referral_proxy.fleet import free_port
 
     port = free_port("127.0.0.5")
     server = socket.socket()

@@ -259,7 +259,7 @@ def test_bad_syntax_and_wrong_state():
     assert b"a1 BAD SELECT is not allowed before login\r\n" in out
     assert out.endswith(b"+ Ready for literal data\r\n")
     h.send(b"alice\r\n")
-    assert h.to_client() == b"a2 BAD Invalid arguments: LOGIN takes a user name and a password\r\n"
+    assert h.to_client() == b"a2 BAD Invalid arguments: missing astring argument\r\n"
 
 
 class _Source:

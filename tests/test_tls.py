@@ -8,7 +8,7 @@ import ssl
 import pytest
 from imapwire import Wire
 
-from referral_proxy.testing.dovecot import free_port, make_tls_material
+from referral_proxy.fleet import free_port, make_tls_material
 
 
 def test_backend_starttls_verified(proxy_factory, fleet):

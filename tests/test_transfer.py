@@ -16,7 +16,7 @@ from mailcheck import same_messages as _same_messages
 from movecheck import cli, faulty, multiappend
 from procmem import reset_peak, rss
 
-from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER, Dovecot
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 

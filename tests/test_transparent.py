@@ -10,7 +10,7 @@ import imapclient
 import pytest
 from imapwire import Wire
 
-from referral_proxy.testing.dovecot import MASTER_PASSWORD, MASTER_USER, free_port
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, free_port
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 

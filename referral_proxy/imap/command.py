@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = [
     "Atom",
     "CommandStart",
+    "MAX_DEPTH",
     "ParenList",
     "ParseError",
     "String",
@@ -116,6 +117,8 @@ class String:
     """The string contents, unescaped."""
     literal: bool = False
     """True if it was sent as a literal (so may hold any bytes)."""
+    binary: bool = False
+    """True if it was sent as a literal8 ``~{n}`` (RFC 3516), which may hold NUL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +131,12 @@ class ParenList:
 
 Token = Atom | String | ParenList
 
-# An atom-like run stops at SP ( ) DQUOTE CR LF NUL, and at "[" to take a section whole.
-_ATOM_RUN = re.compile(rb'[^ ()"\r\n\x00\[]*')
-_BRACKETS = re.compile(rb"[\[\]\r\n\x00]")
+# An atom-like run stops at SP ( ) DQUOTE and control characters, and at "[" to take a
+# section whole; a control character is in no atom (CR, LF, NUL could end a line).
+_ATOM_RUN = re.compile(rb'[^ ()"\x00-\x1f\x7f\[]*')
+_BRACKETS = re.compile(rb"[\[\]\x00-\x1f\x7f]")
 _QUOTED_RUN = re.compile(rb'[^"\\\r\n\x00]*')
-_LPAREN, _RPAREN, _DQUOTE, _BACKSLASH, _LBRACKET = b'()"\\['
+_LPAREN, _RPAREN, _DQUOTE, _BACKSLASH, _LBRACKET, _LBRACE = b'()"\\[{'
 
 
 def _atom_end(frag: bytes, pos: int) -> int:
@@ -156,7 +160,7 @@ def _atom_end(frag: bytes, pos: int) -> int:
                     pos = m.end()
                     break
             else:
-                pos += 1  # CR, LF or NUL before the "]": the "[" matches nothing
+                pos += 1  # a control character before the "]": the "[" matches nothing
                 break
         else:
             pos += 1
@@ -184,11 +188,18 @@ def _quoted(frag: bytes, pos: int) -> tuple[bytes, int]:
         pos += 2
 
 
-def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes]) -> list[Token]:
+#: Parenthesized lists nested deeper than this are refused (a line of "(((((" must not
+#: cost a stack frame per byte in whoever walks the tokens).
+MAX_DEPTH = 32
+
+
+def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes], *,
+                    binary: Sequence[bool] = ()) -> list[Token]:
     """Tokens of a collected command: fragments[i] is followed by literals[i].
 
     fragments[0] is CommandStart.rest, then each continuation Line.data;
-    len(fragments) must be len(literals) + 1.
+    len(fragments) must be len(literals) + 1. ``binary[i]`` marks literals[i] as a
+    literal8. Lists may nest MAX_DEPTH deep.
     """
     if len(fragments) != len(literals) + 1:
         raise ValueError("need exactly one more fragment than literals")
@@ -214,6 +225,8 @@ def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes]) -> li
             elif c == _LPAREN:
                 if adjacent:
                     raise ParseError("missing space between arguments")
+                if len(stack) > MAX_DEPTH:
+                    raise ParseError("lists nested too deeply")
                 stack.append([])
                 pos += 1
             elif c == _DQUOTE:
@@ -226,6 +239,8 @@ def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes]) -> li
                 end = _atom_end(frag, pos)
                 if end == pos:
                     raise ParseError("invalid character in arguments")
+                if c == _LBRACE:  # "{5}" mid-line: never an atom, never a literal
+                    raise ParseError("invalid atom")
                 if adjacent:
                     raise ParseError("missing space between arguments")
                 stack[-1].append(Atom(frag[pos:end]))
@@ -234,7 +249,8 @@ def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes]) -> li
         if index < last:
             if adjacent:
                 raise ParseError("missing space before literal")
-            stack[-1].append(String(literals[index], literal=True))
+            stack[-1].append(String(literals[index], literal=True,
+                                    binary=index < len(binary) and binary[index]))
             adjacent = True
     if len(stack) != 1:
         raise ParseError("unbalanced parentheses")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from .command import _TAG, ParseError
 
-__all__ = ["ResponseStart", "parse_response_start", "replace_tag"]
+__all__ = ["ResponseStart", "parse_response_start", "replace_tag", "completion_text", "tag_references",
+           "replace_tag_references"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +143,14 @@ def parse_response_start(data: bytes) -> ResponseStart:
 
 def replace_tag(data: bytes, new_tag: bytes) -> bytes:
     """The tagged line ``data`` with its tag replaced: b"p7 OK done" -> b"A1 OK done"."""
-    m = _TAG.match(data)
-    if m is None or (m.end() < len(data) and data[m.end()] != _SP):
+    end = data.find(b" ")
+    if end < 0:
+        end = len(data)
+    if not end or _TAG.fullmatch(data, 0, end) is None:
         raise ParseError("not a tagged line")
     if _TAG.fullmatch(new_tag) is None:
         raise ValueError("invalid tag %r" % (new_tag,))
-    return new_tag + data[m.end() :]
+    return new_tag + data[end:]
 
 
 def completion_text(start: ResponseStart) -> str:
@@ -157,3 +160,31 @@ def completion_text(start: ResponseStart) -> str:
         args = start.code_args.decode("utf-8", "replace")
         code = f"[{start.code}{' ' + args if args else ''}] "
     return f"{start.status} {code}{start.text.decode('utf-8', 'replace')}"
+
+
+# Where a response names a command's tag inside its data: ESEARCH's correlator (RFC 4731,
+# also ESORT, CONTEXT=SEARCH updates, PARTIAL) and the NOUPDATE response code (RFC 5267).
+_ESEARCH_TAG = re.compile(rb'\* ESEARCH \(TAG "([^"\\\r\n]*)"', re.IGNORECASE)
+_NOUPDATE = re.compile(rb'\[NOUPDATE "([^"\\\r\n]*)"\]', re.IGNORECASE)
+
+
+def tag_references(data: bytes) -> list[bytes]:
+    """The tags a response line names: ``* ESEARCH (TAG "a1") ...`` -> [b"a1"]."""
+    m = _ESEARCH_TAG.match(data)
+    out = [m.group(1)] if m is not None else []
+    out.extend(n.group(1) for n in _NOUPDATE.finditer(data))
+    return out
+
+
+def replace_tag_references(data: bytes, mapping: dict[bytes, bytes]) -> bytes:
+    """*data* with every tag it names that *mapping* knows replaced (tags need no escaping)."""
+    def swap(m: re.Match[bytes]) -> bytes:
+        new = mapping.get(m.group(1))
+        if new is None:
+            return m.group(0)
+        return m.group(0)[:m.start(1) - m.start(0)] + new + m.group(0)[m.end(1) - m.start(0):]
+
+    m = _ESEARCH_TAG.match(data)
+    if m is not None:
+        data = swap(m) + data[m.end():]
+    return _NOUPDATE.sub(swap, data)

@@ -15,8 +15,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from ..backend import BackendProtocol, Credentials
 from ..config import BackendConfig, Config, parse_config
+from ..context import ProxyContext
 from ..routing import MailboxMap
-from ..session import ClientSession, ProxyContext
+from ..session import ClientSession
 
 __all__ = ["FakeConnector", "NoDelayTransport", "SessionHarness", "DOVECOT_CAPS", "minimal_config"]
 
@@ -83,7 +84,7 @@ class SessionHarness:
     """A ClientSession on a StringTransport, with a FakeConnector behind it."""
 
     def __init__(self, config: Config | None = None, *, connector: FakeConnector | None = None,
-                 server_tls: Any = None) -> None:
+                 server_tls: Any = None, observer: Any = None) -> None:
         self.config = config or minimal_config()
         self.reactor = MemoryReactorClock()
         self.connector = connector or FakeConnector()
@@ -94,6 +95,8 @@ class SessionHarness:
             connect=self.connector,
             server_tls=server_tls,
         )
+        if observer is not None:
+            self.context.observer = observer
         self.session = ClientSession(self.context)
         self.client = NoDelayTransport()
         self.session.makeConnection(self.client)

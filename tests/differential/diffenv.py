@@ -9,14 +9,12 @@ Direct Dovecot is b2; the proxy's side is b1 (mode "single") or b1 plus b3 for
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from conftest import REPO_ROOT, RunningProxy, _wait_for_greeting, default_proxy_config, toml_dumps
+from conftest import RunningProxy, default_proxy_config, toml_dumps
 from diffharness import (
     DIFFERENCES,
     Conversation,
@@ -30,7 +28,7 @@ from diffharness import (
     split_owner,
 )
 
-from referral_proxy.testing.dovecot import Fleet, free_port
+from referral_proxy.fleet import Fleet, free_port
 
 USER, PASSWORD = "carol", "secret"
 SPLIT_RULES = [{"mailbox": "Shared/*", "backend": "b3"}]
@@ -100,17 +98,11 @@ def differential_env(fleet: Fleet, tmp_path_factory, mode: str) -> Iterator[Env]
     proxy_dir.mkdir()
     config_path = proxy_dir / "proxy.toml"
     config_path.write_text(toml_dumps(config))
-    env = {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-    child_env = dict(os.environ, **env)
-    out, err = proxy_dir / "stdout.log", proxy_dir / "stderr.log"
-    with open(out, "wb") as o, open(err, "wb") as e:
-        process = subprocess.Popen([sys.executable, "-m", "referral_proxy", "--config", str(config_path)],
-                                   stdin=subprocess.DEVNULL, stdout=o, stderr=e, cwd=proxy_dir, env=child_env)
     host, port = "127.0.0.1", int(config["proxy"]["listen"][0].split(":")[1])
-    proxy = RunningProxy(host=host, port=port, config_path=config_path, workdir=proxy_dir, process=process,
-                         stdout_path=out, stderr_path=err, config=config)
+    proxy = RunningProxy(host=host, port=port, config_path=config_path, workdir=proxy_dir,
+                         stdout_path=proxy_dir / "stdout.log", stderr_path=proxy_dir / "stderr.log", config=config)
     try:
-        _wait_for_greeting(proxy, 20.0)
+        proxy.start()
         direct = Side("direct", b2.host, b2.port, deliverer(lambda m: b2, USER), uv_direct)
         proxied = Side("proxy", host, port,
                        deliverer(lambda m: owner["b1" if mode == "single" else split_owner(m)], USER), uv_proxy)

@@ -34,6 +34,8 @@ Corpus format (one file holds several conversations)::
     @exact-capabilities          capability names compared with their case (else without)
     @xfail MODE reason...        a proxy bug, marked strict xfail (MODE: single, split, all)
     @only MODE                   run only in this mode
+    @relayed CAP [CAP ...]       run only if the proxy relays these capabilities (a client that is
+                                 not offered one does not use it: see referral_proxy/commands.py)
     C: text                      one write; CRLF appended unless the text ends with "\\"
     X: append MAILBOX            a message delivered to MAILBOX by another session
     W: regex                     read until a response matches
@@ -59,9 +61,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from referral_proxy.commands import relayable
+from referral_proxy.fleet import Dovecot
 from referral_proxy.imap.framing import NEED_DATA, Framer, Line, LiteralData
 from referral_proxy.imap.response import parse_response_start
-from referral_proxy.testing.dovecot import Dovecot
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 READ_TIMEOUT = 20.0
@@ -161,6 +164,7 @@ class Conversation:
     xfail: tuple[tuple[str, str], ...] = ()  # (mode or "all", reason)
     only: str | None = None
     exact_capabilities: bool = False  # capability names compared with their case
+    relayed: tuple[str, ...] = ()  # capabilities the proxy must relay for it to be run
 
     @property
     def commands(self) -> int:
@@ -199,7 +203,8 @@ def parse_corpus(text: str, path: str = "<corpus>") -> list[Conversation]:
             if not cur["steps"]:
                 raise ValueError(f"{path}:{cur['line']}: conversation {cur['name']!r} has no steps")
             convs.append(Conversation(cur["name"], path, cur["line"], tuple(cur["steps"]), cur["login"],
-                                      frozenset(cur["allow"]), tuple(cur["xfail"]), cur["only"], cur["exact"]))
+                                      frozenset(cur["allow"]), tuple(cur["xfail"]), cur["only"], cur["exact"],
+                                      tuple(cur["relayed"])))
 
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.rstrip("\n")
@@ -208,7 +213,7 @@ def parse_corpus(text: str, path: str = "<corpus>") -> list[Conversation]:
         if line.startswith("=== "):
             finish()
             cur = {"name": line[4:].strip(), "line": n, "steps": [], "login": True, "allow": set(),
-                   "xfail": [], "only": None, "exact": False}
+                   "xfail": [], "only": None, "exact": False, "relayed": []}
             continue
         if cur is None:
             raise ValueError(f"{path}:{n}: text before the first '=== name'")
@@ -228,6 +233,8 @@ def parse_corpus(text: str, path: str = "<corpus>") -> list[Conversation]:
                 if mode not in MODES + ("all",) or not reason.strip():
                     raise ValueError(f"{path}:{n}: @xfail MODE reason")
                 cur["xfail"].append((mode, reason.strip()))
+            elif word == "relayed":
+                cur["relayed"].extend(rest.split())
             elif word == "only":
                 if rest.strip() not in MODES:
                     raise ValueError(f"{path}:{n}: @only {MODES}")
@@ -633,7 +640,8 @@ def _caps_of(r: bytes, exact: bool = False) -> set[bytes] | None:
     return {c if exact else c.upper() for c in m.group(2).split()} if m else None
 
 
-#: Capabilities the proxy never relays (see referral_proxy/capabilities.py and the README).
+#: Capabilities the proxy never relays before login (after login: whatever the declared
+#: command table, referral_proxy/commands.py, does not call relayable).
 NOT_RELAYED = {b"STARTTLS", b"LOGINDISABLED", b"SASL-IR", b"LOGIN-REFERRALS", b"NOTIFY", b"UNAUTHENTICATE",
                b"IMAP4REV2", b"LITERAL-", b"COMPRESS=DEFLATE", b"AUTH=LOGIN"}
 
@@ -649,10 +657,11 @@ def _capabilities(direct: bytes, proxy: bytes, ctx: Context | None = None) -> bo
     if _CAPS.sub(b"", direct) != _CAPS.sub(b"", proxy) and not (
             direct.startswith(b"* OK") and proxy.startswith(b"* OK")):
         return False
-    d = {c for c in d if c.upper() not in NOT_RELAYED}
     if b"AUTH=PLAIN" in d:  # before login
+        d = {c for c in d if c.upper() not in NOT_RELAYED}
         own = {b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"MAILBOX-REFERRALS"}
     else:
+        d = {c for c in d if relayable(c.decode("ascii", "replace"))}
         own = {b"IMAP4rev1", b"LITERAL+", b"ID", b"MAILBOX-REFERRALS", b"MULTIAPPEND"}
     if not exact:
         own = {c.upper() for c in own}
@@ -783,6 +792,37 @@ def _anything(*_args) -> bool:
     return True
 
 
+# The proxy's own refusals (referral_proxy/imap/reader.py and the session): a command it
+# does not know, arguments that do not parse against the command's grammar (an escape
+# RFC 3501 does not allow, an argument to a command that takes none ...), a limit. Such a
+# command reaches no backend; Dovecot may have run it. Whatever Dovecot alone says in
+# that exchange (the data of the command it ran, the lines of a refused APPEND's literal
+# it read as commands) is explained by the refusal.
+_OWN_REFUSAL = re.compile(
+    rb"(\S+) (?:BAD|NO) (?:Unknown command |Invalid arguments: |Invalid command: |[A-Z ]+ takes no arguments"
+    rb"|Command line too long|[A-Z ]+ is not allowed |\[LIMIT\] Too many literals|\[TOOBIG\] (?:Literal|Command) too)")
+
+
+def _refused_tags(ctx: Context) -> set[bytes]:
+    return {m.group(1) for r in ctx.proxy for m in [_OWN_REFUSAL.match(r)] if m}
+
+
+def _own_refusal(direct: bytes, proxy: bytes, ctx: Context) -> bool:
+    m = _OWN_REFUSAL.match(proxy)
+    return m is not None and direct.split(b" ", 1)[0] in (m.group(1), b"*", b"+")
+
+
+def _after_own_refusal(direct: bytes, ctx: Context) -> bool:
+    tags = _refused_tags(ctx)
+    return bool(tags) and direct.split(b" ", 1)[0] in tags | {b"*", b"+"}
+
+
+def _proxy_alone(proxy: bytes, ctx: Context) -> bool:
+    """The proxy's own refusal standing apart (Dovecot's answer to that command came in
+    another order), or anything after a LOGOUT with arguments, which only Dovecot ran."""
+    return _OWN_REFUSAL.match(proxy) is not None or any(verb.upper() == b"LOGOUT" for verb in ctx.verbs.values())
+
+
 def _bye_too_many(direct: bytes, proxy: bytes, ctx: Context) -> bool:
     return direct.startswith(b"* BYE ") and b" BAD " in proxy
 
@@ -837,6 +877,13 @@ DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
     Difference("catenate-across", "CATENATE with a URL of a mailbox on another backend than the destination "
                "gets `NO [BADURL ...]`", "the destination's backend cannot read the other backend's mailbox",
                pair=_catenate_across, missing=_catenate_across_missing, scope="split"),
+    Difference("refused-by-proxy", "a command the proxy refuses with BAD before any backend sees it where "
+               "Dovecot runs it: arguments to a command that takes none (`NOOP now`, `LOGOUT later`), an escape "
+               "RFC 3501 does not allow (`\"IN\\BOX\"`), a command the proxy does not relay (NOTIFY); a refused "
+               "APPEND's literal that Dovecot reads as commands is never read so",
+               "what the proxy relays it parses completely and writes again; what it cannot check reaches no "
+               "backend (issue 10)", pair=_own_refusal, missing=_after_own_refusal, end=_dovecot_closed,
+               extra=_proxy_alone),
 )}
 
 

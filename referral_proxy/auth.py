@@ -1,0 +1,183 @@
+"""Authentication: LOGIN, AUTHENTICATE PLAIN (with SASL-IR), and the login itself.
+
+The proxy checks credentials by logging in to the user's home backend (the route
+of INBOX) with them, trying replicas in order when one cannot be reached. A
+backend's refusal is passed on (its response code kept); with login referrals
+(RFC 2221) a user whose backend asks for it is referred there once the
+credentials are known to be good. Passwords never reach a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from . import referrals
+from .backend import AuthenticationFailed, BackendError, BackendProtocol, Credentials
+from .context import Connect, ProxyContext
+from .flow import Block
+from .imap.command import ParseError
+from .imap.grammar import Arguments
+from .imap.reader import Command, CommandReader, TextLine
+from .imap.response import completion_text
+from .pool import backend_config, connect_first
+
+__all__ = ["Authenticator", "AuthHost", "LoginOutcome", "login_credentials", "sasl_plain", "log_in"]
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    """A logged-in home connection, or the tagged answer refusing the login, and what to log."""
+
+    user: str
+    conn: BackendProtocol | None
+    answer: str = ""  # "NO [AUTHENTICATIONFAILED] ..." when conn is None
+    result: str = "ok"  # ok | failed | unavailable | referred
+    backend: str | None = None
+    details: dict[str, str] = field(default_factory=dict)  # why, url
+
+
+def login_credentials(args: Arguments) -> Credentials:
+    """``LOGIN user password`` (both astrings, already parsed)."""
+    user, password = (t.value for t in args.tokens)  # type: ignore[union-attr]
+    return Credentials(user=user.decode("utf-8", "replace"), password=password.decode("utf-8", "replace"))
+
+
+def sasl_plain(blob: bytes) -> Credentials:
+    """The credentials of a SASL PLAIN response (RFC 4616); ParseError if it is not one."""
+    try:
+        decoded = base64.b64decode(b"" if blob == b"=" else blob, validate=True)
+        authzid, authcid, password = decoded.split(b"\0")
+        return Credentials(user=authcid.decode("utf-8"), password=password.decode("utf-8"),
+                           authzid=authzid.decode("utf-8"))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise ParseError("Invalid SASL PLAIN response") from None
+
+
+async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> LoginOutcome:
+    """Log in to the user's home backend (replicas in order) with the client's credentials."""
+    user = ctx.mailbox_map.canonical(creds.authzid or creds.user)  # routing, placements, INUSE, logs: one name
+    route = ctx.mailbox_map.home(user)
+    try:
+        conn = await connect_first(route.backends, lambda name: connect(backend_config(ctx, name), creds))
+    except AuthenticationFailed as e:
+        start = e.response.start
+        if start.code:  # the backend's own reason, e.g. [AUTHENTICATIONFAILED] or [UNAVAILABLE]
+            answer = completion_text(start)
+        else:
+            answer = "NO [AUTHENTICATIONFAILED] " + (start.text.decode("utf-8", "replace") or "Authentication failed.")
+        return LoginOutcome(user, None, answer, "failed", route.primary)
+    except BackendError as e:
+        return LoginOutcome(user, None, "NO [UNAVAILABLE] Mail server temporarily unavailable", "unavailable",
+                            route.primary, {"why": str(e)})
+    backend = ctx.config.backends.get(conn.name)
+    if (backend is not None and ctx.config.proxy.login_referrals and backend.login_referral
+            and referrals.referable(ctx.config, backend)):
+        conn.logout()  # the credentials are good: send the client to its server (RFC 2221)
+        url = referrals.login_url(ctx.config, backend, user)
+        return LoginOutcome(user, None, f"NO [REFERRAL {url}] Log in to {backend.url_host} directly", "referred",
+                            conn.name, {"url": url})
+    return LoginOutcome(user, conn, backend=conn.name)
+
+
+class AuthHost(Protocol):
+    """What authentication needs of its session."""
+
+    ctx: ProxyContext
+    id: int
+    reader: CommandReader
+    connect: Connect  # how this session reaches backends
+
+    @property
+    def closed(self) -> bool:
+        """The client has gone (a login finishing late logs its backend out)."""
+
+    def plaintext_ok(self) -> bool: ...
+
+    def send(self, data: bytes) -> None: ...
+
+    def tagged(self, tag: bytes, status: str, text: str) -> None: ...
+
+    def answer(self, tag: bytes, response: str) -> None: ...
+
+    def block(self, reason: Block) -> None: ...
+
+    def unblock(self, reason: Block) -> None: ...
+
+    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol) -> None:
+        """The login succeeded on *conn*, the user's home backend."""
+
+
+class Authenticator:
+    """LOGIN and AUTHENTICATE PLAIN of one session, with the SASL exchange in between."""
+
+    def __init__(self, host: AuthHost) -> None:
+        self.host = host
+        self._sasl_tag: bytes | None = None  # AUTHENTICATE awaiting the client's response line
+
+    def login(self, cmd: Command) -> None:
+        if not self.host.plaintext_ok():
+            return self.host.tagged(cmd.tag, "NO", "[PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first")
+        self._start(cmd.tag, login_credentials(cmd.args))
+
+    def authenticate(self, cmd: Command) -> None:
+        host = self.host
+        mechanism, *initial = (t.value for t in cmd.args.tokens)  # type: ignore[union-attr]
+        if mechanism.upper() != b"PLAIN":
+            return host.tagged(cmd.tag, "NO", "Unsupported authentication mechanism")
+        if not host.plaintext_ok():
+            return host.tagged(cmd.tag, "NO", "[PRIVACYREQUIRED] Plaintext authentication is disabled; use STARTTLS first")
+        if initial:  # SASL-IR (RFC 4959)
+            return self._sasl_plain(cmd.tag, initial[0])
+        self._sasl_tag = cmd.tag
+        host.reader.expect_line()
+        host.send(b"+ \r\n")
+
+    def sasl_response(self, line: TextLine) -> bool:
+        """The client's SASL response line, if one was awaited (True: taken)."""
+        tag, self._sasl_tag = self._sasl_tag, None
+        if tag is None:
+            return False
+        if not line.clean:
+            self.host.tagged(tag, "BAD", "Invalid SASL response")
+        elif line.data.strip() == b"*":
+            self.host.tagged(tag, "BAD", "Authentication cancelled")
+        else:
+            self._sasl_plain(tag, line.data.strip())
+        return True
+
+    def _sasl_plain(self, tag: bytes, blob: bytes) -> None:
+        try:
+            creds = sasl_plain(blob)
+        except ParseError as e:
+            return self.host.tagged(tag, "BAD", str(e))
+        self._start(tag, creds)
+
+    def _start(self, tag: bytes, creds: Credentials) -> None:
+        if self.host.ctx.observer.refuses_login(self.host, tag, creds.authzid or creds.user):
+            return  # a proxy loop: answered
+        self.host.block(Block.LOGIN)
+        d = defer.ensureDeferred(self._log_in(tag, creds))
+        d.addErrback(lambda f: log.failure("session {id}: login crashed", f, id=self.host.id))
+
+    async def _log_in(self, tag: bytes, creds: Credentials) -> None:
+        host = self.host
+        outcome = await log_in(host.ctx, host.connect, creds)
+        conn = outcome.conn
+        if host.closed:  # the client left meanwhile
+            if conn is not None:
+                conn.logout()
+            return
+        if conn is None:
+            host.ctx.observer.login(host, outcome.user, outcome.backend, outcome.result, **outcome.details)
+            host.answer(tag, outcome.answer)
+        else:
+            host.logged_in(tag, outcome.user, creds, conn)
+        host.unblock(Block.LOGIN)

@@ -1,0 +1,59 @@
+"""What every client session shares: configuration, mailbox map, reactor, backend connector.
+
+A reload (SIGHUP) replaces the configuration and the map's rules in one step, so a
+session never routes by a rule that names a backend its configuration lacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import BackendProtocol, Credentials
+from .config import BackendConfig, Config
+from .observe import Observer
+from .routing import MailboxMap
+
+__all__ = ["Connect", "ConnectFor", "ProxyContext"]
+
+Connect = Callable[[BackendConfig, Credentials], Awaitable[BackendProtocol]]
+# connect_for(session, backend, credentials): a connection made for a session (its backends
+# are told who the real client is, ID x-originating-ip); the service provides it.
+ConnectFor = Callable[[Any, BackendConfig, Credentials], Awaitable[BackendProtocol]]
+
+
+@dataclass
+class ProxyContext:
+    """Shared by every session of one proxy process."""
+
+    config: Config
+    mailbox_map: MailboxMap
+    reactor: Any
+    connect: Connect
+    server_tls: Any = None  # IOpenSSLServerConnectionCreator for STARTTLS, or None
+    sessions: set[Any] = field(default_factory=set)  # the ClientSessions open now
+    backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
+    observer: Observer = field(default_factory=Observer)  # counts (metrics) and events (logs)
+    connect_for: ConnectFor | None = None
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def connector(self, session: Any) -> Connect:
+        """How *session* connects to backends: for it (connect_for), else the plain connect."""
+        connect_for = self.connect_for
+        if connect_for is None:
+            return self.connect
+
+        async def connect(backend: BackendConfig, credentials: Credentials) -> BackendProtocol:
+            return await connect_for(session, backend, credentials)
+
+        return connect
+
+    def reload(self, config: Config) -> None:
+        """Backends and rules change together: no command sees one without the other."""
+        self.mailbox_map.reconfigure(config.map)
+        self.config = config

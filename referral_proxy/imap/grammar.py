@@ -1,0 +1,221 @@
+"""Argument grammars of commands, checked on parsed tokens, and their canonical encoding.
+
+The proxy never relays a client's raw bytes for an argument: a command is parsed
+into tokens (command.parse_arguments), matched against its declared grammar (which
+arguments are mailboxes, patterns, sequence sets ...), and written again from the
+tokens. So the backend reads exactly the values the proxy routed by, and nothing
+after them. A grammar is a line of slots, e.g. ``"seqset dest"`` or
+``"mailbox list?"``; ``?`` marks an optional slot, ``*`` zero or more, ``+`` one
+or more. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from .command import Atom, ParenList, ParseError, String, Token
+
+__all__ = ["Slot", "Grammar", "Arguments", "Encoded", "match", "encode", "encode_astring", "encode_quoted"]
+
+
+class Slot(Enum):
+    """What a top-level argument is."""
+
+    MAILBOX = "mailbox"  # a mailbox the command acts on: routed by it
+    DEST = "dest"  # a destination mailbox (COPY, MOVE, RENAME's new name)
+    REFERENCE = "reference"  # LIST's reference name
+    PATTERN = "pattern"  # a LIST pattern, or a list of them (LIST-EXTENDED)
+    SEQSET = "seqset"  # a sequence set, or "$" (SEARCHRES)
+    ASTRING = "astring"  # any other string: charset, user, rights, tag ...
+    ATOM = "atom"
+    LIST = "list"  # a parenthesized list
+    ANY = "any"
+
+
+#: Slots whose values the proxy routes by: re-encoded as canonical astrings.
+NAMES = frozenset({Slot.MAILBOX, Slot.DEST, Slot.REFERENCE, Slot.PATTERN})
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """The arguments of one command, as slots with their repetition."""
+
+    slots: tuple[tuple[Slot, str], ...]
+    text: str
+    takes_arguments: bool
+    names: bool  # some argument is a name (re-encoded as a canonical astring)
+
+    @classmethod
+    def parse(cls, text: str) -> Grammar:
+        slots = []
+        for word in text.split():
+            repeat = word[-1] if word[-1] in "?*+" else ""
+            slots.append((Slot(word.rstrip("?*+")), repeat))
+        return cls(tuple(slots), text, bool(slots), any(s in NAMES for s, _ in slots))
+
+    def has(self, slot: Slot) -> bool:
+        return any(s is slot for s, _ in self.slots)
+
+
+@dataclass(frozen=True, slots=True)
+class Arguments:
+    """A command's tokens and the slot each top-level token filled."""
+
+    tokens: tuple[Token, ...]
+    slots: tuple[Slot, ...]
+    text: bytes | None = None  # the client's text, when it is byte for byte the canonical encoding
+
+    def value(self, slot: Slot) -> bytes | None:
+        """The value of the first argument in *slot* (an astring), or None."""
+        for tok, s in zip(self.tokens, self.slots):
+            if s is slot and isinstance(tok, (Atom, String)):
+                return tok.value
+        return None
+
+    def values(self, slot: Slot) -> list[Token]:
+        return [tok for tok, s in zip(self.tokens, self.slots) if s is slot]
+
+
+_SEQSET = re.compile(rb"\$|[0-9*]+(?::[0-9*]+)?(?:,[0-9*]+(?::[0-9*]+)?)*")
+_ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f-\xff()"]')  # 8-bit: a quoted string or a literal
+
+
+# Enum members are slow to look up on their class: the slots as module constants.
+_ANY, _LIST, _ATOM_SLOT, _SEQSET_SLOT, _PATTERN = Slot.ANY, Slot.LIST, Slot.ATOM, Slot.SEQSET, Slot.PATTERN
+
+
+def _fits(tok: Token, slot: Slot) -> bool:
+    if slot is _ANY:
+        return True
+    if slot is _LIST:
+        return type(tok) is ParenList
+    if slot is _ATOM_SLOT:
+        return type(tok) is Atom
+    if slot is _SEQSET_SLOT:
+        return type(tok) is Atom and _SEQSET.fullmatch(tok.value) is not None
+    if slot is _PATTERN and type(tok) is ParenList:
+        return all(_is_astring(t) for t in tok.items)
+    return _is_astring(tok)
+
+
+def _is_astring(tok: Token) -> bool:
+    if isinstance(tok, String):
+        return True
+    # An atom may not carry what a section "[...]" lets through (spaces, parentheses, quotes).
+    return isinstance(tok, Atom) and _ASTRING_ATOM_BAD.search(tok.value) is None
+
+
+def match(grammar: Grammar, tokens: Sequence[Token], text: bytes | None = None) -> Arguments:
+    """The tokens bound to the grammar's slots; ParseError (for ``tag BAD``) if they do not fit.
+
+    *text*: what the tokens were parsed from (no literals). When no argument is a name
+    and it is spaced canonically, it IS the canonical encoding (atoms are written as
+    they are, a quoted string has one form): encode() then reuses it."""
+    kinds: list[Slot] = []
+    i, n = 0, len(tokens)
+    for slot, repeat in grammar.slots:
+        if repeat in ("", "+"):
+            if i >= n:
+                raise ParseError(f"missing {slot.value} argument")
+            if not _fits(tokens[i], slot):
+                raise ParseError(f"invalid {slot.value} argument")
+            kinds.append(slot)
+            i += 1
+        if repeat in ("*", "+"):
+            if slot is _ANY:  # takes the rest, whatever it is (SEARCH keys, FETCH items)
+                kinds.extend([slot] * (n - i))
+                i = n
+            while i < n and _fits(tokens[i], slot):
+                kinds.append(slot)
+                i += 1
+        elif repeat == "?" and i < n and _fits(tokens[i], slot):
+            kinds.append(slot)  # greedy: every optional slot is a list, the slot after it is not
+            i += 1
+    if i != n:
+        raise ParseError("too many arguments" if grammar.slots else "no arguments expected")
+    if text is not None and (grammar.names or not _canonical_spacing(text)):
+        text = None
+    return Arguments(tuple(tokens), tuple(kinds), text)
+
+
+def _canonical_spacing(text: bytes) -> bool:
+    """One space between tokens, none inside parentheses' edges (quoted text may fail it: no harm)."""
+    return (b"  " not in text and b"( " not in text and b" )" not in text
+            and text[:1] != b" " and text[-1:] != b" ")
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A command's arguments as bytes: fragments[i] is followed by literals[i] (each
+    announced by the writer, ``{n+}`` or ``{n}``); one more fragment than literals."""
+
+    fragments: tuple[bytes, ...]
+    literals: tuple[String, ...]
+
+    @property
+    def text(self) -> bytes | None:
+        """The whole argument text when there is no literal."""
+        return self.fragments[0] if not self.literals else None
+
+
+_ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
+_UNQUOTABLE = re.compile(rb"[\r\n\x00]")
+
+
+def encode_quoted(value: bytes) -> bytes:
+    """A quoted string (8-bit bytes kept, as UTF8=ACCEPT allows); value has no CR, LF, NUL."""
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def encode_astring(value: bytes) -> bytes | None:
+    """The canonical astring: an atom, else a quoted string; None if it needs a literal."""
+    if _ATOM.fullmatch(value) is not None:
+        return value
+    if _UNQUOTABLE.search(value) is None and value.isascii():
+        return encode_quoted(value)
+    return None
+
+
+def encode(args: Arguments) -> Encoded:
+    """Write the arguments again from their tokens, canonically: names as astrings,
+    atoms as they are (the parser lets no control character or "{" start into one),
+    strings quoted or as literals (as the client sent them)."""
+    if args.text is not None:  # already canonical (see match)
+        return Encoded((args.text,), ())
+    tokens = args.tokens
+    fragments: list[bytes] = []
+    literals: list[String] = []
+    out = bytearray()
+    for k, (tok, slot) in enumerate(zip(tokens, args.slots)):
+        if k:
+            out += b" "
+        _emit(tok, slot in NAMES, out, fragments, literals)
+    fragments.append(bytes(out))
+    return Encoded(tuple(fragments), tuple(literals))
+
+
+def _emit(tok: Token, name: bool, out: bytearray, fragments: list[bytes], literals: list[String]) -> None:
+    if type(tok) is Atom and not name:
+        out += tok.value
+    elif type(tok) is ParenList:
+        out += b"("
+        for k, item in enumerate(tok.items):
+            if k:
+                out += b" "
+            _emit(item, name, out, fragments, literals)
+        out += b")"
+    else:
+        value = tok.value  # type: ignore[union-attr]
+        if name:
+            text = encode_astring(value)
+        else:
+            text = encode_quoted(value) if not tok.literal else None  # type: ignore[union-attr]
+        if text is not None:
+            out += text
+        else:
+            fragments.append(bytes(out))
+            out.clear()
+            literals.append(tok if isinstance(tok, String) and tok.literal else String(value, literal=True))

@@ -1,0 +1,156 @@
+"""The proxy's log: every Twisted log event, as one readable line or one JSON object.
+
+``[log] format = "text" | "json"`` and ``level``. The Observer's own events (session
+start and end, login, referral, transfer) carry their fields in ``rp_fields``; any other
+event of a session that names it by ``id`` gets that session's user, client address
+and backend added, and an event at warn or above is an ``error`` event. Values are
+made safe on the way out: mailbox names (bytes) are decoded from modified UTF-7 to
+UTF-8 (never a Python ``b'...'`` repr), and control characters are escaped, so a
+client cannot write lines of its own into the log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from zope.interface import implementer
+
+from .config import LogConfig
+from .imap import mutf7
+
+__all__ = ["LogWriter", "text_value"]
+
+_LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3, "critical": 4}
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_CONTEXT_KEYS = ("session", "user", "client", "backend")
+_SIMPLE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.:-_/[]@+,*%&")
+
+
+def _name(data: bytes) -> str:
+    """A mailbox name (or other protocol bytes) as text: modified UTF-7 decoded if it is
+    that, else UTF-8 (8-bit names of UTF8=ACCEPT clients), else escaped."""
+    try:
+        return mutf7.decode(data)
+    except ValueError:
+        return data.decode("utf-8", "backslashreplace")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: bytes decoded, containers walked, anything else as str()."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _name(bytes(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def text_value(value: Any) -> str:
+    """One value of a text line: as is when plain, JSON-quoted otherwise (spaces, quotes,
+    control characters, empty)."""
+    value = _plain(value)
+    if isinstance(value, list):
+        value = ",".join(text_value(v) for v in value)
+        return value
+    text = "" if value is None else str(value)
+    if text and all(c in _SIMPLE for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _safe_event(event: dict[str, Any]) -> dict[str, Any]:
+    """A copy whose bytes are decoded names and whose strings have no control characters,
+    for formatting the message."""
+    out = dict(event)
+    for key, value in event.items():
+        if key.startswith("log_") or key in ("rp_fields", "rp_event", "format"):
+            continue
+        if isinstance(value, (bytes, bytearray)):
+            value = _name(bytes(value))
+        if isinstance(value, str):
+            out[key] = value.translate(_CONTROL)
+    return out
+
+
+@implementer(ILogObserver)
+class LogWriter:
+    """An ILogObserver writing events at or above ``level`` to *stream*, one a line."""
+
+    def __init__(self, config: LogConfig, stream: IO[str], *, context: Callable[[int], dict | None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.json = config.format == "json"
+        self.level = _LEVELS[config.level]
+        self.stream = stream
+        self.context = context  # session id -> its fields (set by the service once it exists)
+        self.clock = clock
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        if _LEVELS.get(level.name, 1) < self.level:
+            return
+        try:
+            # lone surrogates (names decoded with surrogateescape) written as \udcXX, not lost
+            line = self._line(event, level).encode("utf-8", "backslashreplace").decode("utf-8")
+        except Exception as e:  # a log line must never take the proxy down
+            line = json.dumps({"level": "error", "message": f"unformattable log event: {type(e).__name__}"})
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _fields(self, event: dict[str, Any], level: LogLevel) -> tuple[str, dict[str, Any]]:
+        """(event name, its fields) of any event."""
+        fields = event.get("rp_fields")
+        if fields is not None:
+            return event.get("rp_event", "log"), dict(fields)
+        name = "error" if level.name in ("warn", "error", "critical") else "log"
+        found: dict[str, Any] = {}
+        session = event.get("id")
+        if self.context is not None and isinstance(session, int) and event.get("log_namespace", "").startswith(
+                "referral_proxy"):
+            found = self.context(session) or {}
+        return name, found
+
+    def _line(self, event: dict[str, Any], level: LogLevel) -> str:
+        name, fields = self._fields(event, level)
+        message = formatEvent(_safe_event(event)).translate(_CONTROL)
+        failure = event.get("log_failure")
+        when = event.get("log_time") or self.clock()
+        if self.json:
+            record: dict[str, Any] = {
+                "time": _iso(when),
+                "level": level.name,
+                "event": name,
+                "namespace": event.get("log_namespace", ""),
+                "message": message,
+            }
+            for key, value in fields.items():
+                record.setdefault(key, _plain(value))
+            if failure is not None:
+                record["error"] = failure.getErrorMessage()
+                record["traceback"] = failure.getTraceback()
+            return json.dumps(record, ensure_ascii=False)
+        pairs = " ".join(f"{k}={text_value(v)}" for k, v in _ordered(fields) if v is not None)
+        line = f"{_iso(when)} [{event.get('log_namespace', '-')}#{level.name}] {message}"
+        if pairs:
+            line += f" [{pairs}]" if name in ("log", "error") and "rp_fields" not in event else f" {pairs}"
+        if failure is not None:
+            line += "\n" + failure.getTraceback().rstrip("\n")
+        return line
+
+
+def _ordered(fields: dict[str, Any]) -> list[tuple[str, Any]]:
+    first = [(k, fields[k]) for k in _CONTEXT_KEYS if k in fields]
+    return first + [(k, v) for k, v in fields.items() if k not in _CONTEXT_KEYS]
+
+
+def _iso(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when * 1000) % 1000:03d}Z"

@@ -1,0 +1,324 @@
+"""Commands routed by their mailbox arguments: to the owner, referred, or carried across.
+
+CREATE, DELETE, STATUS, SUBSCRIBE, ACL, QUOTA and METADATA commands go to the
+backend that owns their mailbox; SELECT/EXAMINE move the selected state there;
+COPY/MOVE and RENAME are relayed when both mailboxes live on one backend and
+carried out by transfer.py when they do not. In a referral-aware session a
+mailbox on another backend is answered with an RFC 2193 referral instead. The
+session is reached only through :class:`MailboxHost`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from . import referrals
+from .backend import BackendProtocol
+from .context import ProxyContext
+from .imap.grammar import Slot
+from .imap.reader import Command
+from .imap.response import ResponseStart
+from .mailops import TransferError
+from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult, rename_here
+from .pool import BackendPool
+from .relay import Relay
+from .routing import MailboxMap, Route
+from .transfer import CopyOutcome, copy_across
+
+__all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
+
+log = Logger()
+
+
+class Refusing(Exception):
+    """A command answered with a status response before (or instead of) reaching a backend."""
+
+    def __init__(self, response: str) -> None:
+        super().__init__(response)
+        self.response = response
+
+
+class MailboxHost(Protocol):
+    """What the mailbox commands need of their session."""
+
+    id: int
+    ctx: ProxyContext
+    user: str | None
+    home: str | None
+    selected: str | None
+    selected_mailbox: bytes | None
+    referral_aware: bool
+    pool: BackendPool | None
+    relay: Relay
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def mailbox_map(self) -> MailboxMap: ...
+
+    def relay_cmd(self, cmd: Command, route: Route | str, after: Callable[[ResponseStart], None] | None = None,
+                  name: str | None = None) -> None: ...
+
+    def run(self, tag: bytes, work: Coroutine[Any, Any, None]) -> None: ...
+
+    def send(self, data: bytes) -> None: ...
+
+    def write_from(self, source: object, data: bytes, end: bool = True) -> None: ...
+
+    def tagged(self, tag: bytes, status: str, text: str) -> None: ...
+
+    def answer(self, tag: bytes, response: str) -> None:
+        """``tag`` + a status response of the proxy's own or a backend's (``NO [CODE] text``)."""
+
+
+_INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
+
+
+class MailboxCommands:
+    """The mailbox-routed commands of one session."""
+
+    def __init__(self, host: MailboxHost) -> None:
+        self.host = host
+
+    # -- routes and referrals ----------------------------------------------------------------
+
+    def route_of(self, mailbox: bytes) -> Route:
+        """The backends of *mailbox*; the empty name (server METADATA, a CREATE "" the
+        backend refuses) is nobody's mailbox: the home backend answers it."""
+        host = self.host
+        assert host.user is not None and host.home is not None
+        if not mailbox:
+            return Route((host.home,))
+        return host.mailbox_map.lookup(host.user, mailbox.decode("utf-8", "surrogateescape"))
+
+    def refers(self, route: Route) -> bool:
+        """In a referral-aware session, a mailbox on another backend is referred, not proxied."""
+        host = self.host
+        if not host.referral_aware or route.primary == host.home:
+            return False
+        backend = host.config.backends.get(route.primary)
+        return backend is not None and referrals.referable(host.config, backend)
+
+    def referral(self, tag: bytes, route: Route, mailbox: bytes) -> bytes:
+        host = self.host
+        assert host.user is not None
+        try:
+            urls = referrals.mailbox_urls(host.config, route, host.user, mailbox)
+        except (ValueError, KeyError):
+            return b"%s NO [CANNOT] This mailbox name cannot be referred to another server\r\n" % tag
+        return referrals.referral(tag, urls)
+
+    def moving(self, mailbox: bytes) -> bool:
+        """A mailbox a move holds (mover.py, journal.py): NO [INUSE] until the move ends."""
+        assert self.host.user is not None
+        return self.host.mailbox_map.reserved(self.host.user, mailbox.decode("utf-8", "surrogateescape"))
+
+    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
+        """Why an APPEND to *mailbox* is answered before any message is read, if it is."""
+        if self.moving(mailbox):
+            return b"%s NO %s\r\n" % (tag, _INUSE.encode())
+        route = self.route_of(mailbox)
+        return self.referral(tag, route, mailbox) if self.refers(route) else None
+
+    def _target(self, cmd: Command, slot: Slot) -> tuple[bytes, Route] | None:
+        """The mailbox argument and its route, or None when a move holds it (answered INUSE)."""
+        mailbox = cmd.args.value(slot)
+        assert mailbox is not None  # the grammar has it
+        if self.moving(mailbox):
+            self.host.tagged(cmd.tag, "NO", _INUSE)
+            return None
+        return mailbox, self.route_of(mailbox)
+
+    # -- by mailbox -------------------------------------------------------------------------
+
+    def by_mailbox(self, cmd: Command) -> None:
+        """CREATE, DELETE, STATUS, SUBSCRIBE ...: to the backend that owns the mailbox."""
+        target = self._target(cmd, Slot.MAILBOX)
+        if target is None:
+            return
+        mailbox, route = target
+        if self.refers(route):
+            return self.host.send(self.referral(cmd.tag, route, mailbox))
+        self.host.relay_cmd(cmd, route)
+
+    def select(self, cmd: Command) -> None:
+        """SELECT / EXAMINE: the selected state moves to the mailbox's backend."""
+        host = self.host
+        assert host.pool is not None
+        pool = host.pool
+        target = self._target(cmd, Slot.MAILBOX)
+        if target is None:
+            return
+        mailbox, route = target
+        refer = self.refers(route)
+        conn = pool.fast(route.primary)
+        host.selected_mailbox = None if refer else mailbox
+        if not refer and conn is not None and host.selected in (None, conn.name):
+            host.selected = conn.name
+            host.relay.end_updates(conn)
+            host.relay.send(conn, cmd.tag, cmd.name, cmd.args, after=self._select_done(conn))
+            return
+
+        async def switch() -> None:
+            conn = None if refer else await pool.connection(route)
+            await pool.quiet(None)
+            old = pool.ready(host.selected) if host.selected else None
+            if old is not None and old is not conn:
+                # A failed or referred SELECT leaves no mailbox selected (RFC 3501 6.3.1).
+                await self._unselect(old)
+            if refer:
+                host.selected = None
+                return host.send(self.referral(cmd.tag, route, mailbox))
+            assert conn is not None
+            await pool.prepare(conn)
+            host.selected = conn.name
+            host.relay.end_updates(conn)
+            host.relay.send(conn, cmd.tag, cmd.name, cmd.args, after=self._select_done(conn))
+
+        host.run(cmd.tag, switch())
+
+    def _select_done(self, conn: BackendProtocol) -> Callable[[ResponseStart], None]:
+        def done(start: ResponseStart) -> None:
+            if start.status == "NO" and self.host.selected == conn.name:
+                self.host.selected = None
+                self.host.selected_mailbox = None
+        return done
+
+    async def _unselect(self, conn: BackendProtocol) -> None:
+        """Leave the mailbox selected on *conn* without expunging it (never CLOSE)."""
+        host = self.host
+        assert host.pool is not None
+        host.relay.end_updates(conn)
+        result = await conn.deselect()
+        for r in result.responses:
+            if r.start.code != "CLOSED":
+                host.write_from(conn, r.raw)
+        if b"QRESYNC" in host.pool.enabled:
+            host.send(b"* OK [CLOSED] Previous mailbox closed.\r\n")
+
+    def close(self, cmd: Command) -> None:
+        """CLOSE / UNSELECT: relayed where the mailbox is selected; the session is unselected after."""
+        host = self.host
+        assert host.home is not None
+        target = host.selected or host.home
+
+        def done(start: ResponseStart) -> None:
+            if start.status == "OK":
+                host.selected = None
+                host.selected_mailbox = None
+                conn = host.pool.ready(target) if host.pool is not None else None
+                if conn is not None:
+                    host.relay.end_updates(conn)
+
+        host.relay_cmd(cmd, target, done)
+
+    # -- COPY / MOVE -------------------------------------------------------------------------------
+
+    def copy(self, cmd: Command) -> None:
+        """COPY / MOVE: relayed when the destination lives with the selected mailbox, else carried out here."""
+        host = self.host
+        assert host.home is not None
+        if host.selected is None:  # nothing selected: the backend says so, as it would directly
+            return host.relay_cmd(cmd, host.home)
+        target = self._target(cmd, Slot.DEST)
+        if target is None:
+            return
+        if "MOVE" in cmd.name and host.selected_mailbox and self.moving(host.selected_mailbox):
+            return host.tagged(cmd.tag, "NO", _INUSE)  # a message moved out of a mailbox being moved: twice
+        mailbox, route = target
+        source = host.selected
+        if route.primary == source or source in route.backends:
+            return host.relay_cmd(cmd, source)
+        if self.refers(route):
+            return host.send(self.referral(cmd.tag, route, mailbox))
+        message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
+        host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
+                                                     src=source, dst=route.primary, mailbox=mailbox))
+
+    async def _copy_across(self, cmd: Command, message_set: bytes, mailbox: bytes, route: Route) -> CopyOutcome:
+        host = self.host
+        assert host.pool is not None
+        src = host.pool.ready(host.selected) if host.selected else None
+        if src is None:
+            raise Refusing("BAD No mailbox selected")
+        await host.pool.quiet(None)
+        dst = await host.pool.fresh(route)
+        try:
+            outcome = await copy_across(src, message_set, cmd.name.startswith("UID "), dst, mailbox,
+                                        "MOVE" in cmd.name, mailbox_map=host.mailbox_map, user=host.user or "",
+                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor)
+        except TransferError as e:
+            text = str(e)
+            raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
+        finally:
+            dst.logout()
+        for raw in outcome.untagged:
+            host.write_from(src, raw)
+        host.tagged(cmd.tag, outcome.status, outcome.text)
+        return outcome
+
+    # -- RENAME ------------------------------------------------------------------------------------
+
+    def rename(self, cmd: Command) -> None:
+        """RENAME on one backend is relayed (placements follow); across backends the proxy moves it."""
+        host = self.host
+        old, new = cmd.args.value(Slot.MAILBOX), cmd.args.value(Slot.DEST)
+        assert old is not None and new is not None and host.user is not None
+        old_route, new_route = self.route_of(old), self.route_of(new)
+        if host.referral_aware and (self.refers(old_route) or self.refers(new_route)):
+            try:
+                urls = [referrals.mailbox_urls(host.config, old_route, host.user, old)[0],
+                        referrals.mailbox_urls(host.config, new_route, host.user, new)[0]]
+            except (ValueError, KeyError):
+                return host.tagged(cmd.tag, "NO", "[CANNOT] This mailbox name cannot be referred to another server")
+            return host.send(referrals.referral(cmd.tag, urls))
+        for name in (old, new):
+            if self.moving(name):
+                return host.tagged(cmd.tag, "NO", _INUSE)
+        if old_route.primary != new_route.primary:
+            return host.run(cmd.tag, host.ctx.observer.transfer(
+                host, "rename", self._rename_across(cmd, old, new, old_route, new_route),
+                src=old_route.primary, dst=new_route.primary, mailbox=old, to=new))
+        host.run(cmd.tag, self._rename_here(cmd, old, new, old_route))
+
+    async def _rename_here(self, cmd: Command, old: bytes, new: bytes, route: Route) -> None:
+        """RENAME on one backend: mover.rename_here holds both names meanwhile and lets placements follow."""
+        host = self.host
+        assert host.pool is not None
+        conn = await host.pool.connection(route)
+        await host.pool.quiet(None)
+        outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
+                                    new.decode("utf-8", "surrogateescape"))
+        for raw in outcome.untagged:
+            host.write_from(conn, raw)
+        host.answer(cmd.tag, outcome.completion)
+
+    async def _rename_across(self, cmd: Command, old: bytes, new: bytes, old_route: Route,
+                             new_route: Route) -> MoveResult:
+        """RENAME to a name another backend owns: the journaled move of mover.Mover."""
+        host = self.host
+        assert host.user is not None and host.pool is not None
+        await host.pool.quiet(None)
+        sep = host.mailbox_map.separator.encode()
+        if host.selected_mailbox is not None and (
+                host.selected_mailbox == old or host.selected_mailbox.startswith(old + sep)):
+            raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
+        mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
+                      answer_within=ANSWER_WITHIN)
+        try:
+            result = await mover.rename(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
+                                        old_route.primary, new_route.primary)
+        except MoveIncomplete as e:  # past its commit point: the mailbox is in its new place
+            log.warn("session {id}: RENAME committed, not finished: {why}", id=host.id, why=str(e))
+            result = MoveResult(pending=True)
+        except TransferError as e:
+            text = str(e)
+            raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
+        host.tagged(cmd.tag, "OK", f"Rename completed ({result.mailboxes} mailbox(es), "
+                                   f"{result.messages} message(s) moved to another server"
+                                   f"{'; the old mailbox is still being emptied' if result.pending else ''}).")
+        return result

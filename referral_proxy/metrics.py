@@ -1,0 +1,155 @@
+"""``[metrics].listen``: Prometheus families at ``/metrics``, backend health at ``/health``.
+
+The families are built at scrape time from the Observer's plain counters (one custom
+collector; the hot path takes no lock) and served from the reactor thread, so a scrape
+sees a consistent picture. Exposition is the Prometheus text format 0.0.4, where the
+gauge ``referral_proxy_sessions`` and the counter ``referral_proxy_sessions_total`` are
+two distinct families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import exposition
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from .health import HealthChecker
+from .observe import COMMAND_BUCKETS, TRANSFER_KINDS, Observer
+
+__all__ = ["ProxyCollector", "make_registry", "metrics_site"]
+
+log = Logger()
+
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
+_BOUNDS = [f"{b:g}" for b in COMMAND_BUCKETS] + ["+Inf"]
+
+
+class ProxyCollector:
+    """The referral_proxy_* families, read from an Observer (and a HealthChecker)."""
+
+    def __init__(self, observer: Observer, health: HealthChecker | None = None) -> None:
+        self.observer = observer
+        self.health = health
+
+    def describe(self) -> list[Metric]:
+        return []  # built at every scrape
+
+    def collect(self) -> Iterator[Metric]:
+        o = self.observer
+        backend_in, backend_out = o.backend_bytes()
+        yield GaugeMetricFamily("referral_proxy_sessions", "Client sessions open now.", value=o.sessions)
+        yield _counter("referral_proxy_sessions", "Client sessions ended, by how they ended.", ["outcome"],
+                       o.sessions_total)
+        yield _counter("referral_proxy_logins", "Logins, by result.", ["result"], o.logins_total)
+        yield _counter("referral_proxy_commands", "Client commands answered, by command and result.",
+                       ["command", "result"], o.commands_total)
+        yield _counter("referral_proxy_referrals", "RFC 2193/2221 referrals sent, by command.", ["command"],
+                       o.referrals_total)
+        yield GaugeMetricFamily("referral_proxy_backend_connections", "Backend connections open for clients now.",
+                                value=o.backend_connections())
+        yield _counter("referral_proxy_backend_connect_failures",
+                       "Backend connections that could not be made (connect, TLS, greeting).", ["backend"],
+                       o.connect_failures)
+        yield _counter("referral_proxy_bytes", "IMAP bytes relayed, by direction.", ["direction"], {
+            "client_in": o.bytes_client_in, "client_out": o.bytes_client_out,
+            "backend_in": backend_in, "backend_out": backend_out})
+        yield _counter("referral_proxy_transfers", "Cross-server COPY, MOVE, RENAME and admin moves.",
+                       ["kind", "result"], o.transfers_total)
+        yield _counter("referral_proxy_transfer_bytes", "Message bytes carried between backends.", ["kind"],
+                       {kind: o.transfer_bytes.get(kind, 0) for kind in TRANSFER_KINDS})
+        family = HistogramMetricFamily("referral_proxy_command_seconds",
+                                       "Time from a command's line to its tagged answer, by command.",
+                                       labels=["command"])
+        for command, (counts, total) in sorted(o.command_seconds.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip(_BOUNDS, counts):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            family.add_metric([command], buckets, total[0])
+        yield family
+        if self.health is not None:
+            family = GaugeMetricFamily("referral_proxy_backend_up",
+                                       "1 when the backend answered its last health check with a greeting.",
+                                       labels=["backend"])
+            for name in self.health.backends:
+                state = self.health.state.get(name)
+                family.add_metric([name], 1 if state is not None and state.ok else 0)
+            yield family
+
+
+def _counter(name: str, doc: str, labels: list[str], values: dict[Any, int]) -> CounterMetricFamily:
+    """A counter family from {label value (or tuple of them): count}, in label order."""
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], n)
+    return family
+
+
+def make_registry(observer: Observer, health: HealthChecker | None = None) -> CollectorRegistry:
+    """A registry of its own: the proxy's families plus the process, platform and GC ones."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(observer, health))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
+        return exposition.generate_latest(self.registry)
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def __init__(self, health: HealthChecker | None) -> None:
+        super().__init__()
+        self.health = health
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        if self.health is None:
+            return b"ok\n"
+        ok, lines = self.health.healthy()
+        if not ok:
+            request.setResponseCode(503)
+        return ("\n".join(["ok" if ok else "unhealthy", *lines]) + "\n").encode()
+
+
+class _Site(Site):
+    def log(self, request: Any) -> None:
+        """Scrapes every few seconds would drown the log: at debug level only."""
+        log.debug("{method} {path} {code}", method=request.method, path=request.uri, code=request.code)
+
+
+def metrics_site(registry: CollectorRegistry, health: HealthChecker | None) -> Site:
+    """The HTTP site: /metrics and /health (anything else: 404)."""
+    root = Resource()
+    root.putChild(b"metrics", _Metrics(registry))
+    root.putChild(b"health", _Health(health))
+    site = _Site(root)
+    site.noisy = False
+    site.displayTracebacks = False
+    return site

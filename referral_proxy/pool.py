@@ -1,0 +1,193 @@
+"""The backend connections of one client session, and the one place replicas are tried.
+
+A session holds at most one connection per backend, opened on first use as its
+user (own credentials, or the backend's master user acting as the user). What the
+client ENABLEd is replayed on connections opened later. Responses of two backends
+must not interleave on the client's connection, so a command for one backend
+waits until every other is quiet (:meth:`BackendPool.quiet`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .backend import AuthenticationFailed, BackendError, BackendProtocol, BackendUnavailable, Credentials
+from .config import BackendConfig
+from .context import Connect, ProxyContext
+from .routing import Route
+
+__all__ = ["BackendPool", "connect_first"]
+
+log = Logger()
+
+
+async def connect_first(names: Sequence[str], open_one: Callable[[str], Awaitable[BackendProtocol]]) -> BackendProtocol:
+    """A connection to the first of *names* (a route's backends, in preference order)
+    that answers. A refused login is final: replicas share the user's credentials."""
+    last: BackendError | None = None
+    for name in names:
+        try:
+            return await open_one(name)
+        except AuthenticationFailed:
+            raise
+        except BackendError as e:
+            last = e
+    raise last or BackendUnavailable("no backend")
+
+
+def backend_config(ctx: ProxyContext, name: str) -> BackendConfig:
+    """The running configuration of *name* (a placement may name a backend a reload removed)."""
+    cfg = ctx.config.backends.get(name)
+    if cfg is None:
+        raise BackendUnavailable(f"backend {name} is not configured")
+    return cfg
+
+
+class BackendPool:
+    """Connections per backend for one user, with the ENABLEd extensions replayed."""
+
+    def __init__(self, ctx: ProxyContext, connect: Connect, user: str, credentials: Credentials, session_id: int,
+                 attach: Callable[[BackendProtocol], None]) -> None:
+        self.ctx = ctx
+        self._connect = connect
+        self.user = user
+        self._credentials = credentials
+        self._id = session_id
+        self._attach = attach  # wires a new connection to the session (sink, back-pressure)
+        self.conns: dict[str, BackendProtocol] = {}
+        self.enabled: list[bytes] = []  # what the client ENABLEd, in order
+        self.closed = False
+        self._connecting: dict[str, defer.Deferred[BackendProtocol]] = {}
+        self._waiters: list[tuple[BackendProtocol | None, defer.Deferred[None]]] = []
+
+    # -- connections ----------------------------------------------------------------
+
+    def credentials_for(self, backend: BackendConfig) -> Credentials:
+        """The user's own credentials, or the backend's master user acting as the user."""
+        if backend.master_user is not None and backend.master_password is not None:
+            return Credentials(user=backend.master_user, password=backend.master_password, authzid=self.user)
+        return self._credentials
+
+    async def open(self, name: str) -> BackendProtocol:
+        """A new logged-in connection to *name*, not added to the pool."""
+        cfg = backend_config(self.ctx, name)
+        return await self._connect(cfg, self.credentials_for(cfg))
+
+    def add(self, conn: BackendProtocol) -> None:
+        self.conns[conn.name] = conn
+        self.ctx.backend_caps[conn.name] = conn.capabilities
+        self._attach(conn)
+
+    def ready(self, name: str) -> BackendProtocol | None:
+        """The open connection to *name*, if there is one."""
+        conn = self.conns.get(name)
+        return conn if conn is not None and not conn.closed else None
+
+    async def connection(self, route: Route | str) -> BackendProtocol:
+        """The session's connection to the route's backend (replicas in order), opened on first use."""
+        names = (route,) if isinstance(route, str) else route.backends
+        try:
+            return await connect_first(names, self._open_shared)
+        except AuthenticationFailed as e:
+            raise BackendUnavailable(f"a backend refused the login of {self.user}") from e
+
+    async def _open_shared(self, name: str) -> BackendProtocol:
+        """One opening per backend even when several commands ask at once."""
+        conn = self.ready(name)
+        if conn is not None:
+            return conn
+        if name not in self._connecting:
+            self._connecting[name] = defer.ensureDeferred(self.open(name))
+        try:
+            conn = await self._connecting[name]
+        finally:
+            self._connecting.pop(name, None)
+        if self.closed:
+            conn.logout()
+            raise BackendUnavailable("session closed")
+        if self.ready(name) is not conn:
+            self.add(conn)
+            log.info("session {id}: {user} also connected to {backend}", id=self._id, user=self.user, backend=name)
+        return conn
+
+    async def fresh(self, route: Route | str) -> BackendProtocol:
+        """A NEW connection of the user to the route's backend (a transfer's own, never the session's)."""
+        names = (route,) if isinstance(route, str) else route.backends
+        return await connect_first(names, self.open)
+
+    def forget(self, conn: BackendProtocol) -> None:
+        if self.conns.get(conn.name) is conn:
+            del self.conns[conn.name]
+        self.check_quiet()
+
+    def logout_all(self) -> None:
+        self.closed = True
+        conns, self.conns = list(self.conns.values()), {}
+        for conn in conns:
+            conn.sink = None
+            conn.logout()
+
+    # -- ENABLE ---------------------------------------------------------------------
+
+    def remember_enabled(self, names: Sequence[bytes]) -> None:
+        for name in names:
+            if name.upper() not in self.enabled:
+                self.enabled.append(name.upper())
+
+    async def prepare(self, conn: BackendProtocol) -> None:
+        """Replay what the client ENABLEd on a connection that has not seen it."""
+        missing = [e for e in self.enabled if e not in conn.enabled]
+        if missing:
+            await conn.command(b"ENABLE " + b" ".join(missing))
+            conn.enabled.update(missing)
+
+    def fast(self, name: str) -> BackendProtocol | None:
+        """The connection to relay to at once, if nothing has to happen first."""
+        conn = self.conns.get(name)
+        if conn is None or conn.closed:
+            return None
+        for other in self.conns.values():
+            if other is not conn and other.busy:
+                return None
+        if self.enabled and any(e not in conn.enabled for e in self.enabled):
+            return None
+        return conn
+
+    async def ready_for(self, route: Route | str) -> BackendProtocol:
+        """A connection to relay to: open, every other backend quiet, ENABLEs replayed."""
+        conn = await self.connection(route)
+        await self.quiet(conn)
+        await self.prepare(conn)
+        return conn
+
+    # -- quiet ------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return any(c.busy for c in self.conns.values())
+
+    def busy_except(self, conn: BackendProtocol | None) -> bool:
+        return any(c.busy for c in self.conns.values() if c is not conn)
+
+    def _is_quiet(self, conn: BackendProtocol | None) -> bool:
+        return not (self.busy_except(conn) if conn is not None else self.busy)
+
+    def quiet(self, conn: BackendProtocol | None) -> defer.Deferred[None]:
+        """Fires once no backend but *conn* has a command in flight (None: no backend at all)."""
+        if self._is_quiet(conn):
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append((conn, d))
+        return d
+
+    def check_quiet(self) -> None:
+        """A command completed somewhere: wake whoever waited for quiet."""
+        waiters, self._waiters = self._waiters, []
+        for conn, d in waiters:
+            if self._is_quiet(conn):
+                d.callback(None)
+            else:
+                self._waiters.append((conn, d))

@@ -1,0 +1,236 @@
+"""Relaying one parsed client command to one backend, and its answer back.
+
+The command is written again from its parsed arguments (imap.grammar.encode) under
+the proxy's own tag; its literals go as ``{n+}`` to a backend with LITERAL+ (or
+LITERAL- for small ones), else each is announced and its ``+`` awaited. The tagged
+completion comes back with the client's tag; responses that name a command's tag
+inside their data (ESEARCH ``(TAG "...")``, ``[NOUPDATE "..."]``) are translated
+too, including CONTEXT=SEARCH updates that arrive long after their command.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.python.failure import Failure
+
+from .backend import BackendProtocol
+from .commands import COMMANDS
+from .flow import Block
+from .imap.command import Atom, ParenList, String, Token
+from .imap.grammar import Arguments, Encoded, encode
+from .imap.response import ResponseStart, replace_tag, replace_tag_references
+
+__all__ = ["Relay", "RelayHost", "wants_updates"]
+
+SMALL_LITERAL = 4096  # LITERAL- (RFC 7888): non-synchronizing up to this size
+MAX_UPDATES = 64  # live CONTEXT=SEARCH/SORT updates remembered per connection
+
+
+class RelayHost(Protocol):
+    """What the relay needs of its session."""
+
+    def write_from(self, source: object, data: bytes, end: bool = True) -> None:
+        """Write a response (or part of one) of *source* to the client, in order."""
+
+    def send(self, data: bytes) -> None:
+        """Write a response of the proxy's own."""
+
+    def block(self, reason: Block) -> None: ...
+
+    def unblock(self, reason: Block) -> None: ...
+
+    def relay_finished(self, conn: BackendProtocol) -> None:
+        """A relayed command of *conn* has its completion (or its connection is gone)."""
+
+    def relay_lost(self, conn: BackendProtocol, tag: bytes) -> None:
+        """*conn* went away before the command tagged *tag* completed."""
+
+
+def _returns(args: Arguments) -> bool:
+    toks = args.tokens
+    return bool(toks) and isinstance(toks[0], Atom) and toks[0].value.upper() == b"RETURN"
+
+
+def wants_updates(args: Arguments) -> bool:
+    """``SEARCH RETURN (... UPDATE ...)``: its ESEARCH responses go on after it completes."""
+    toks = args.tokens
+    return (len(toks) > 1 and isinstance(toks[0], Atom) and toks[0].value.upper() == b"RETURN"
+            and isinstance(toks[1], ParenList)
+            and any(isinstance(t, Atom) and t.value.upper() == b"UPDATE" for t in toks[1].items))
+
+
+@dataclass
+class _Refs:
+    """The proxy's tags on one connection whose responses name them, with the client's tags."""
+
+    live: OrderedDict[bytes, bytes] = field(default_factory=OrderedDict)  # proxy tag -> client tag
+
+    def proxy_tag(self, client_tag: bytes) -> bytes | None:
+        for ptag, ctag in reversed(self.live.items()):
+            if ctag == client_tag:
+                return ptag
+        return None
+
+
+class Relay:
+    """The relaying side of one session."""
+
+    def __init__(self, host: RelayHost) -> None:
+        self.host = host
+        self._refs: dict[BackendProtocol, _Refs] = {}
+
+    def send(self, conn: BackendProtocol, tag: bytes, name: str, args: Arguments, *,
+             after: Callable[[ResponseStart], None] | None = None,
+             on_continuation: Callable[[bytes], None] | None = None,
+             answer: Callable[[ResponseStart, bytes], bytes] | None = None) -> None:
+        """Relay a parsed command to *conn* under the proxy's tag. *after* sees its
+        completion; *answer* may replace the completion the client gets."""
+        ptag = conn.next_tag()
+        keep: bool | None = None
+        cancels: list[bytes] = []
+        spec = COMMANDS.get(name)
+        if spec is not None and spec.tag_refs and _returns(args):  # ESEARCH / ESORT: (TAG "...")
+            refs = self._refs.setdefault(conn, _Refs())
+            refs.live[ptag] = tag
+            keep = wants_updates(args)
+            while len(refs.live) > MAX_UPDATES:
+                refs.live.popitem(last=False)
+        elif spec is not None and spec.tag_args:  # CANCELUPDATE "tag" ...: the proxy's tags
+            tokens = self.client_tags_to_proxy(conn, args.tokens)
+            cancels = [t.value for t in tokens if isinstance(t, String)]
+            args = Arguments(tokens, args.slots)
+        op = _Op(self, conn, tag, ptag, after, keep, answer, cancels)
+        op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens else None, on_continuation)
+
+    # -- tags inside responses -------------------------------------------------------------
+
+    def translate(self, conn: BackendProtocol, data: bytes) -> bytes:
+        """A response of *conn* with the proxy's tags it names given back as the client's."""
+        refs = self._refs.get(conn)
+        if refs is None or not refs.live:
+            return data
+        return replace_tag_references(data, refs.live)
+
+    def client_tags_to_proxy(self, conn: BackendProtocol, tokens: tuple[Token, ...]) -> tuple[Token, ...]:
+        """CANCELUPDATE's arguments: the client's tags as the proxy's tags on *conn*."""
+        refs = self._refs.get(conn) or _Refs()
+        out: list[Token] = []
+        for tok in tokens:
+            ptag = refs.proxy_tag(tok.value) if isinstance(tok, (Atom, String)) else None
+            out.append(String(ptag) if ptag is not None else tok)
+        return tuple(out)
+
+    def cancel_updates(self, conn: BackendProtocol, ptags: list[bytes]) -> None:
+        refs = self._refs.get(conn)
+        if refs is not None:
+            for ptag in ptags:
+                refs.live.pop(ptag, None)
+
+    def end_updates(self, conn: BackendProtocol) -> None:
+        """The mailbox of *conn* changed: its updates are over (RFC 5267)."""
+        self._refs.pop(conn, None)
+
+    def _completed(self, conn: BackendProtocol, ptag: bytes, keep: bool | None, ok: bool) -> None:
+        if keep is None or (keep and ok):
+            return
+        refs = self._refs.get(conn)
+        if refs is not None:
+            refs.live.pop(ptag, None)
+
+
+class _Op:
+    """One relayed command: its writing, and its completion or loss."""
+
+    __slots__ = ("relay", "conn", "tag", "ptag", "after", "keep", "answer", "cancels", "pending", "blocking")
+
+    def __init__(self, relay: Relay, conn: BackendProtocol, tag: bytes, ptag: bytes,
+                 after: Callable[[ResponseStart], None] | None, keep: bool | None,
+                 answer: Callable[[ResponseStart, bytes], bytes] | None, cancels: list[bytes]) -> None:
+        self.relay, self.conn, self.tag, self.ptag, self.after, self.keep = relay, conn, tag, ptag, after, keep
+        self.answer, self.cancels = answer, cancels
+        self.pending: list[tuple[bytes, String]] = []
+        self.blocking = False
+
+    def start(self, head: bytes, encoded: Encoded | None, on_continuation: Callable[[bytes], None] | None) -> None:
+        conn = self.conn
+        conn.expect(self.ptag, self.done, self.lost)
+        if on_continuation is not None:
+            conn.on_continuation = on_continuation
+        if encoded is None:
+            conn.write(head + b"\r\n")
+            return
+        fragments, literals = encoded.fragments, encoded.literals
+        if not literals:
+            conn.write(head + b" " + fragments[0] + b"\r\n")
+            return
+        caps = conn.capabilities
+        parts = [head + b" " + fragments[0], *fragments[1:]]
+        out: list[bytes] = []
+        for i, lit in enumerate(literals):
+            size = len(lit.value)
+            if "LITERAL+" in caps or ("LITERAL-" in caps and size <= SMALL_LITERAL):
+                out += [parts[i], _announce(lit, sync=False), lit.value]
+            else:  # announce it and wait for the backend's "+" before the data
+                conn.write(b"".join(out) + parts[i] + _announce(lit, sync=True))
+                self.pending = [(part, later) for part, later in zip(parts[i + 1:], literals[i + 1:])]
+                self.pending.insert(0, (b"", lit))
+                self._wait(parts[-1])
+                return
+        conn.write(b"".join(out) + parts[-1] + b"\r\n")
+
+    def _wait(self, last: bytes) -> None:
+        """Input pauses until every literal went (a backend that refuses early ends it too)."""
+        self.blocking = True
+        self.relay.host.block(Block.BACKEND_LITERAL)
+        conn = self.conn
+
+        def go_on(_text: bytes) -> None:
+            _part, lit = self.pending.pop(0)
+            if not self.pending:
+                conn.write(lit.value + last + b"\r\n")
+                self._release()
+                return
+            part, nxt = self.pending[0]
+            conn.on_continuation = go_on
+            conn.write(lit.value + part + _announce(nxt, sync=True))
+
+        conn.on_continuation = go_on
+
+    def _release(self) -> None:
+        if self.blocking:
+            self.blocking = False
+            self.relay.host.unblock(Block.BACKEND_LITERAL)
+
+    def done(self, start: ResponseStart, raw: bytes) -> None:
+        relay, conn = self.relay, self.conn
+        if self.blocking:  # refused before all literals were sent
+            conn.on_continuation = None
+        data = replace_tag(raw, self.tag)
+        if start.code == "NOUPDATE":
+            data = relay.translate(conn, data)
+        if self.keep is not None:
+            relay._completed(conn, self.ptag, self.keep, start.status == "OK")
+        if self.cancels and start.status == "OK":
+            relay.cancel_updates(conn, self.cancels)
+        if self.answer is not None:
+            data = self.answer(start, data)
+        relay.host.write_from(conn, data)
+        if self.after is not None:
+            self.after(start)
+        if self.blocking:
+            self._release()
+        relay.host.relay_finished(conn)
+
+    def lost(self, _reason: Failure) -> None:
+        relay = self.relay
+        relay.host.relay_lost(self.conn, self.tag)
+        self._release()
+        relay.host.relay_finished(self.conn)
+
+
+def _announce(lit: String, *, sync: bool) -> bytes:
+    return b"%s{%d%s}\r\n" % (b"~" if lit.binary else b"", len(lit.value), b"" if sync else b"+")

@@ -1,0 +1,114 @@
+"""Argument grammars and the canonical re-encoding of parsed arguments (sans-I/O)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from referral_proxy.imap.command import Atom, ParenList, ParseError, String, parse_arguments
+from referral_proxy.imap.grammar import Grammar, Slot, encode, encode_astring, match
+
+
+def tokens(text: bytes, *literals: bytes):
+    fragments = text.split(b"{}")
+    return parse_arguments(fragments, list(literals))
+
+
+def test_slots_are_bound():
+    args = match(Grammar.parse("seqset dest"), tokens(b'1:3,5 "Shared/X"'))
+    assert args.slots == (Slot.SEQSET, Slot.DEST)
+    assert args.value(Slot.DEST) == b"Shared/X"
+    args = match(Grammar.parse("list? reference pattern any*"), tokens(b'(SUBSCRIBED) "" ("a*" b) RETURN (CHILDREN)'))
+    assert args.slots == (Slot.LIST, Slot.REFERENCE, Slot.PATTERN, Slot.ANY, Slot.ANY)
+    args = match(Grammar.parse("list? reference pattern any*"), tokens(b'"" *'))
+    assert args.slots == (Slot.REFERENCE, Slot.PATTERN)
+
+
+@pytest.mark.parametrize("grammar, text, reason", [
+    ("", b"x", "no arguments expected"),
+    ("mailbox", b"", "missing mailbox"),
+    ("mailbox", b"a b", "too many arguments"),
+    ("mailbox list", b"INBOX MESSAGES", "invalid list"),
+    ("seqset any+", b"1:2:3 FLAGS", "invalid seqset"),
+    ("mailbox", b"(a)", "invalid mailbox"),
+    ("seqset any+", b"1 {5}", "invalid atom"),
+    ("seqset any+", b"1 a\x01b", "invalid character"),
+])
+def test_what_does_not_fit_is_a_parse_error(grammar, text, reason):
+    with pytest.raises(ParseError, match=reason):
+        match(Grammar.parse(grammar), tokens(text))
+
+
+def test_names_are_written_as_canonical_astrings():
+    args = match(Grammar.parse("mailbox dest"), tokens(b'"INBOX" {}', b"a*b"))
+    enc = encode(args)
+    assert enc.text == b'INBOX "a*b"'  # a literal a quoted string can carry goes quoted
+    args = match(Grammar.parse("mailbox"), tokens(b"{}", b"Evil\r\nX9 CREATE Injected"))
+    enc = encode(args)
+    assert enc.fragments == (b"", b"") and enc.literals[0].value == b"Evil\r\nX9 CREATE Injected"
+    assert encode_astring("Café".encode()) is None  # 8-bit: a literal
+    assert encode_astring(b'a"b\\c') == b'"a\\"b\\\\c"'
+
+
+def test_other_strings_keep_their_form():
+    args = match(Grammar.parse("any+"), tokens(b'TEXT "a\\"b" SUBJECT {}', b"hi"))
+    enc = encode(args)
+    assert enc.fragments == (b'TEXT "a\\"b" SUBJECT ', b"")
+    assert enc.literals == (String(b"hi", literal=True),)
+
+
+def test_literal8_stays_binary():
+    args = match(Grammar.parse("any+"), parse_arguments([b"X ", b""], [b"\x00\x01"], binary=[True]))
+    assert encode(args).literals == (String(b"\x00\x01", literal=True, binary=True),)
+
+
+# -- round trip: what the backend reads is what the proxy parsed ------------------------------
+
+_atom = st.from_regex(rb"\A[A-Za-z0-9.:*,$\\-]{1,8}\Z")
+_text = st.binary(max_size=12)
+
+
+def _token():
+    return st.recursive(
+        st.one_of(_atom.map(Atom), _text.map(lambda v: String(v, literal=True)),
+                  _text.filter(lambda v: b"\r" not in v and b"\n" not in v and b"\0" not in v).map(String)),
+        lambda inner: st.lists(inner, max_size=4).map(lambda items: ParenList(tuple(items))),
+        max_leaves=10,
+    )
+
+
+def _reparse(enc):
+    return parse_arguments(list(enc.fragments), [lit.value for lit in enc.literals],
+                           binary=[lit.binary for lit in enc.literals])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_token(), min_size=1, max_size=6))
+def test_any_arguments_survive_encoding(toks):
+    args = match(Grammar.parse("any+"), toks)
+    assert tuple(_reparse(encode(args))) == tuple(toks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=20))
+def test_any_mailbox_name_survives_encoding(name):
+    args = match(Grammar.parse("mailbox"), [String(name, literal=True)])
+    (tok,) = _reparse(encode(args))
+    assert tok.value == name
+
+
+_piece = st.sampled_from([b"a", b"1:*", b"BODY[HEADER.FIELDS (X Y)]", b'"q"', b'"a\\"b"', b'"s p"', b"(", b")",
+                          b" ", b"  ", b"\\Seen", b'""', b"( ", b" )"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_piece, min_size=1, max_size=12))
+def test_reused_client_text_is_exactly_the_canonical_encoding(pieces):
+    text = b"".join(pieces)
+    try:
+        toks = parse_arguments([text], [])
+        args = match(Grammar.parse("any*"), toks, text)
+    except ParseError:
+        return
+    assert encode(args).text == encode(match(Grammar.parse("any*"), toks)).text

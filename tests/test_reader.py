@@ -1,0 +1,233 @@
+"""The sans-I/O command reader: whole commands out of bytes, every client limit in one place."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from referral_proxy.commands import COMMANDS
+from referral_proxy.imap.command import Atom, ParenList, String
+from referral_proxy.imap.framing import NEED_DATA
+from referral_proxy.imap.reader import (
+    NEED_DECISION,
+    STREAMED,
+    AppendAbort,
+    AppendData,
+    AppendEnd,
+    AppendMessage,
+    AppendMessageEnd,
+    AppendStart,
+    Command,
+    CommandReader,
+    Continue,
+    Limits,
+    Refusal,
+    Refused,
+    TextLine,
+)
+
+
+def _admit(start):
+    spec = COMMANDS.get(start.name)
+    if spec is None:
+        return Refusal("BAD", f"Unknown command {start.name}")
+    return STREAMED if start.name == "APPEND" else spec.grammar
+
+
+def reader(**limits) -> CommandReader:
+    return CommandReader(Limits(**limits), _admit)
+
+
+def events(r: CommandReader, data: bytes = b"", *, accept: bool = True) -> list:
+    """Everything the reader yields for *data*; message literals accepted (or not)."""
+    r.receive_data(data)
+    out = []
+    while True:
+        ev = r.next_event()
+        if ev is NEED_DATA:
+            return out
+        if ev is NEED_DECISION:
+            if not accept:
+                out.append(ev)
+                return out
+            r.accept()
+            continue
+        out.append(ev)
+
+
+def test_pipelined_commands_come_out_whole_and_parsed():
+    out = events(reader(), b'a NOOP\r\nb SELECT "My box"\r\nc FETCH 1:* (FLAGS BODY[HEADER.FIELDS (SUBJECT)])\r\n')
+    assert [type(e) for e in out] == [Command, Command, Command]
+    assert out[0].name == "NOOP" and out[0].args.tokens == ()
+    assert out[1].args.tokens == (String(b"My box"),)
+    assert out[2].args.tokens == (Atom(b"1:*"), ParenList((Atom(b"FLAGS"), Atom(b"BODY[HEADER.FIELDS (SUBJECT)]"))))
+
+
+def test_sync_literal_asks_for_continuation_and_keeps_its_space():
+    r = reader()
+    assert events(r, b"t CREATE {5}\r\n") == [Continue()]
+    out = events(r, b"Hello\r\n")
+    assert out == [Command(b"t", "CREATE", out[0].args)]
+    assert out[0].args.tokens == (String(b"Hello", literal=True),)
+
+
+def test_unknown_command_and_arguments_where_none_belong_are_refused_unread():
+    r = reader()
+    out = events(r, b"x FROB {5+}\r\nhello\r\nn NOOP {6+}\r\n\r\nS1 CREATE Shared/Ghost\r\nm NOOP\r\n")
+    assert out[0] == Refused(b"x", "BAD", "Unknown command FROB")
+    assert out[1] == Refused(b"n", "BAD", "NOOP takes no arguments")
+    # Whatever rode in the refused literals is never a command: the next one is m.
+    assert [e.tag for e in out[2:]] == [b"m"]
+
+
+def test_a_sync_literal_of_a_refused_command_is_never_announced():
+    out = events(reader(), b"n NOOP {6}\r\nm NOOP\r\n")
+    assert out == [Refused(b"n", "BAD", "NOOP takes no arguments"), Command(b"m", "NOOP", out[1].args)]
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'c CREATE "Wor\\k"\r\n', "invalid escape"),
+    (b"c CREATE\r\n", "missing"),
+    (b"c CREATE a b\r\n", "too many arguments"),
+    (b"c COPY 1 (x)\r\n", "invalid dest"),
+    (b"c FETCH 1:x FLAGS\r\n", "invalid seqset"),
+    (b"c STATUS INBOX MESSAGES\r\n", "invalid list"),
+    (b"c SELECT a[b c]\r\n", "invalid mailbox"),
+])
+def test_arguments_that_do_not_parse_against_the_grammar_are_refused(line, reason):
+    (ev,) = events(reader(), line)
+    assert isinstance(ev, Refused) and ev.status == "BAD" and reason in ev.text, ev
+
+
+def test_literals_are_counted_as_objects_not_only_bytes():
+    """ID {0+}{0+}... and one-byte literals: bounded by max_literals, whatever their size."""
+    r = reader(max_literals=10)
+    out = events(r, b"i ID (" + b"{0+}\r\n" * 50 + b")\r\nn NOOP\r\n")
+    assert out[0] == Refused(b"i", "NO", "[LIMIT] Too many literals in one command (limit 10)")
+    assert out[1].name == "NOOP"
+    assert r.buffered == 0
+
+
+def test_collected_bytes_are_bounded_and_drained():
+    r = reader(max_literal=100, max_command=250)
+    out = events(r, b"s SEARCH TEXT {90+}\r\n" + b"x" * 90 + b" TEXT {90+}\r\n" + b"y" * 90
+                 + b" TEXT {90+}\r\n" + b"z" * 90 + b"\r\nn NOOP\r\n")
+    assert out[0] == Refused(b"s", "NO", "[TOOBIG] Command too large (limit 250 bytes)")
+    assert out[1].name == "NOOP"
+
+
+def test_literal_over_the_limit_refused_before_it_is_sent():
+    out = events(reader(max_literal=10), b"s SEARCH TEXT {11}\r\n")
+    assert out == [Refused(b"s", "NO", "[TOOBIG] Literal too large (limit 10 bytes)")]
+
+
+def test_line_too_long_then_the_session_goes_on():
+    out = events(reader(max_line=20), b"a SEARCH " + b"x" * 40 + b"\r\nn NOOP\r\n")
+    assert out[0] == Refused(b"a", "BAD", "Command line too long (limit 20 bytes)")
+    assert out[1].name == "NOOP"
+
+
+def test_deep_nesting_is_refused():
+    (ev,) = events(reader(), b"f FETCH 1 " + b"(" * 100 + b")" * 100 + b"\r\n")
+    assert isinstance(ev, Refused) and "nested" in ev.text
+
+
+def test_append_streams_each_message_and_asks_before_each_literal():
+    r = reader()
+    out = events(r, b'a APPEND "My box" (\\Seen) " 7-Feb-1994 22:43:04 -0800" {5}\r\n', accept=False)
+    assert out == [AppendStart(b"a", "APPEND", b"My box"), out[1], NEED_DECISION]
+    msg = out[1]
+    assert msg.flags == (b"\\Seen",) and msg.date == b" 7-Feb-1994 22:43:04 -0800" and msg.literal.size == 5
+    r.accept()
+    out = events(r, b"hello {3+}\r\nabc\r\nn NOOP\r\n")
+    assert out[:3] == [AppendData(b"hello"), AppendMessageEnd(), AppendMessage(None, None, out[2].literal)]
+    assert out[3:6] == [AppendData(b"abc"), AppendMessageEnd(), AppendEnd()]
+    assert out[6].name == "NOOP"
+
+
+def test_append_mailbox_as_a_literal():
+    r = reader()
+    assert events(r, b"a APPEND {6}\r\n") == [Continue()]
+    out = events(r, b"A\r\nB C {2+}\r\nhi\r\n")
+    assert out[0] == AppendStart(b"a", "APPEND", b"A\r\nB C")
+    assert out[-1] == AppendEnd()
+
+
+@pytest.mark.parametrize("line", [
+    b"a APPEND INBOX (\\Seen {5}\r\n",  # the flag list never closed (issue 10)
+    b"a APPEND INBOX (\\Recent) {5}\r\n",
+    b"a APPEND INBOX (\\Bogus) {5}\r\n",
+    b'a APPEND INBOX "7-Fbr-1994 22:43:04 -0800" {5}\r\n',
+    b"a APPEND INBOX\r\n",
+    b"a APPEND INBOX junk {5}\r\n",
+])
+def test_bad_append_refused_before_anything_is_read(line):
+    r = reader()
+    out = events(r, line + b"hello\r\nn NOOP\r\n")
+    assert isinstance(out[0], Refused) and out[0].status == "BAD", out
+    # A sync literal was never announced: what follows is read as the client's next commands.
+    assert all(not isinstance(e, (AppendStart, AppendData)) for e in out)
+
+
+def test_bad_second_message_aborts_and_drops_the_rest():
+    r = reader()
+    out = events(r, b"a APPEND INBOX {1+}\r\nx (\\Recent) {5+}\r\nhello\r\nn NOOP\r\n")
+    assert isinstance(out[-2], AppendAbort) and out[-2].status == "BAD"
+    assert out[-1].name == "NOOP"
+
+
+def test_append_limits():
+    out = events(reader(max_append_messages=2), b"a APPEND INBOX" + b" {1+}\r\nx" * 3 + b"\r\nn NOOP\r\n")
+    assert out[-2] == AppendAbort("NO", "[LIMIT] Too many messages in one APPEND (limit 2); nothing was appended")
+    out = events(reader(max_message=3), b"a APPEND INBOX {4}\r\nn NOOP\r\n")
+    assert out[0] == Refused(b"a", "NO", "[TOOBIG] Message too large (limit 3 bytes); nothing was appended")
+    assert out[1].name == "NOOP"
+
+
+def test_drop_refuses_the_rest_of_an_append():
+    r = reader()
+    out = events(r, b"a APPEND INBOX {5+}\r\nhello {3+}\r\nabc\r\nn NOOP\r\n", accept=False)
+    assert out[-1] is NEED_DECISION
+    r.drop()
+    assert [e.name for e in events(r)] == ["NOOP"]
+
+
+def test_line_mode_reads_one_line_as_text():
+    r = reader()
+    r.expect_line()
+    out = events(r, b"DONE\r\nx2 NOOP\r\n")
+    assert out[0] == TextLine(b"DONE", clean=True) and out[1].name == "NOOP"
+    r.expect_line()
+    out = events(r, b"x3 NOOP {5}\r\ny NOOP\r\n")
+    assert out[0] == TextLine(b"x3 NOOP ", clean=False) and out[1].name == "NOOP"
+
+
+def test_reader_never_raises_while_a_decision_is_pending():
+    r = reader()
+    out = events(r, b"b APPEND INBOX {5}\r\n", accept=False)
+    assert out[-1] is NEED_DECISION
+    r.receive_data(b"c NOOP\r\n")
+    assert r.next_event() is NEED_DECISION  # nothing read meanwhile
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([
+    b"a NOOP\r\n", b"b APPEND INBOX {3+}\r\nabc\r\n", b'c SELECT "x"\r\n', b"d ID {0+}\r\n\r\n",
+    b"e CREATE {2+}\r\nab\r\n", b"f FROB {2+}\r\nxy\r\n", b"g NOOP {1+}\r\nz\r\n", b"\r\n",
+    b"h APPEND INBOX (\\Seen {1+}\r\nq\r\n", b"i SEARCH " + b"x" * 100 + b"\r\n",
+]), max_size=12), st.integers(1, 7))
+def test_any_split_gives_the_same_events(commands, step):
+    data = b"".join(commands)
+    whole = events(reader(max_line=64), data)
+    r = reader(max_line=64)
+    pieces = []
+    for i in range(0, len(data), step):
+        pieces += events(r, data[i:i + step])
+    merged = []
+    for e in pieces:  # literal chunks may be cut differently
+        if isinstance(e, AppendData) and merged and isinstance(merged[-1], AppendData):
+            merged[-1] = AppendData(merged[-1].data + e.data)
+        else:
+            merged.append(e)
+    assert merged == whole

@@ -1,0 +1,205 @@
+"""The declared command table against real Dovecot: every mailbox argument routes its command,
+tags inside responses are the client's, nothing the proxy did not check reaches a backend.
+
+Two Dovecots of their own with METADATA, QUOTA and ACL enabled: r1 (alice's home) and
+r3 (everyone's ``Shared/*``). Each routed command names a mailbox on r3 while a mailbox
+on r1 is selected; r1 holds a stray ``Shared/X`` that answers differently, so a command
+that went to the selected backend shows.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+from conftest import dovecot_root
+from imapwire import Wire
+from referral_proxy.testing.dovecot import Dovecot
+
+EXTRA = """
+mail_plugins = $mail_plugins quota acl
+protocol imap {
+  mail_plugins = $mail_plugins imap_quota imap_acl
+  imap_metadata = yes
+}
+mail_attribute_dict = file:%h/dovecot-attributes
+plugin {
+  acl = vfile
+  quota_rule = *:storage=100M
+}
+"""
+
+RULES = [{"mailbox": "Shared/*", "backend": "r3"}]
+BIG = b"Subject: big\r\n\r\n" + b"x" * 30000 + b"\r\n"
+
+
+@pytest.fixture(scope="module")
+def rich(fleet):  # the fleet only for its session-wide set-up (users, checks)
+    r1 = Dovecot("rich1", "127.0.0.11", dovecot_root() / "rich1", extra_config=EXTRA)
+    r3 = Dovecot("rich3", "127.0.0.12", dovecot_root() / "rich3", extra_config=EXTRA)
+    r1.start()
+    r3.start()
+    yield {"r1": r1, "r3": r3}
+    r1.stop()
+    r3.stop()
+
+
+@pytest.fixture
+def seeded(rich):
+    r1, r3 = rich["r1"], rich["r3"]
+    r1.reset_mail("alice")
+    r3.reset_mail("alice")
+    with r1.client("alice") as m:
+        m.append("INBOX", "", None, b"Subject: home\r\n\r\nhome\r\n")
+        m.create("Shared/X")  # a stray copy the map gives to r3: must never answer
+    with r3.client("alice") as m:
+        m.create("Shared/X")
+        m.create("Shared/Only")
+        m.append("Shared/X", "", None, BIG)
+        m.append("Shared/X", "", None, BIG)
+    for d, text in ((r1, b"stray on r1"), (r3, b"on r3")):
+        w = _direct(d)
+        assert w.cmd(b"m", b'SETMETADATA Shared/X (/private/comment "%s")' % text)[-1].startswith(b"m OK")
+        w.close()
+    return rich
+
+
+def _direct(d: Dovecot) -> Wire:
+    w = Wire(d.host, d.port)
+    w.login("alice", d.password("alice"))
+    return w
+
+
+def _comment(d: Dovecot) -> bytes:
+    w = _direct(d)
+    reply = b"".join(w.cmd(b"g", b"GETMETADATA Shared/X /private/comment"))
+    w.close()
+    return reply
+
+
+def _proxy(proxy_factory, rich, **kw):
+    backends = {name: {"endpoint": d.endpoint, "url": d.url} for name, d in rich.items()}
+    return proxy_factory({"backends": backends, "map": {"default": "r1"}}, rules=RULES, **kw)
+
+
+def test_mailbox_commands_go_where_the_mailbox_is_while_another_backend_is_selected(proxy_factory, seeded):
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    assert w.cmd(b"a", b"STATUS Shared/X (MESSAGES)")[0] == b"* STATUS Shared/X (MESSAGES 2)\r\n"
+    reply = w.cmd(b"b", b"GETMETADATA Shared/X /private/comment")
+    assert b"on r3" in b"".join(reply) and reply[-1].startswith(b"b OK"), reply
+    assert w.cmd(b"c", b'SETMETADATA Shared/X (/private/comment "set through the proxy")')[-1].startswith(b"c OK")
+    reply = w.cmd(b"d", b"GETQUOTAROOT Shared/X")
+    usage = [int(m.group(1)) for line in reply for m in [re.search(rb"STORAGE (\d+) ", line)] if m]
+    assert usage and usage[0] >= 58, reply  # r3's two 30 KB messages, not r1's one small one
+    for tag, command in [(b"e", b"MYRIGHTS Shared/Only"), (b"f", b"GETACL Shared/Only"),
+                         (b"g", b"LISTRIGHTS Shared/Only bob"), (b"h", b"SETACL Shared/Only bob lr"),
+                         (b"i", b"DELETEACL Shared/Only bob")]:
+        reply = w.cmd(tag, command)
+        assert reply[-1].startswith(tag + b" OK"), reply  # r1 has no Shared/Only: it would say NO
+    # The selected mailbox on r1 is untouched by all of that.
+    assert b"BODY[TEXT] {6}\r\n" in w.cmd(b"j", b"FETCH 1 BODY[TEXT]")[0]
+    w.close()
+    assert b"set through the proxy" in _comment(seeded["r3"])
+    assert b"stray on r1" in _comment(seeded["r1"])
+
+
+def test_esearch_and_context_updates_carry_the_clients_tags(proxy_factory, seeded):
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"s", b"SELECT Shared/X")[-1].startswith(b"s OK")
+    assert w.cmd(b"a1", b"SEARCH RETURN (ALL) ALL")[0] == b'* ESEARCH (TAG "a1") ALL 1:2\r\n'
+    assert w.cmd(b"a2", b"UID SEARCH RETURN (MIN MAX) ALL")[0] == b'* ESEARCH (TAG "a2") UID MIN 1 MAX 2\r\n'
+    assert w.cmd(b"a5", b"SORT RETURN (COUNT) (DATE) UTF-8 ALL")[0] == b'* ESEARCH (TAG "a5") COUNT 2\r\n'
+    assert w.cmd(b"a3", b"SEARCH RETURN (UPDATE COUNT) ALL")[0] == b'* ESEARCH (TAG "a3") COUNT 2\r\n'
+    with seeded["r3"].client("alice") as m:
+        m.append("Shared/X", "", None, b"Subject: new\r\n\r\nnew\r\n")
+    reply = w.cmd(b"n", b"NOOP")
+    assert b'* ESEARCH (TAG "a3") ADDTO (0 3)\r\n' in reply, reply
+    assert w.cmd(b"a4", b'CANCELUPDATE "a3"')[-1].startswith(b"a4 OK Updates cancelled")  # not "Unknown tag"
+    assert w.cmd(b"a6", b'CANCELUPDATE "a3"')[-1].startswith(b"a6 NO")  # cancelled already
+    w.close()
+
+
+def test_searchres_dollar_goes_to_the_backend_that_holds_the_result(proxy_factory, seeded):
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"s", b"SELECT Shared/X")[-1].startswith(b"s OK")
+    assert w.cmd(b"r", b"SEARCH RETURN (SAVE) 2")[-1].startswith(b"r OK")
+    assert w.cmd(b"f", b"FETCH $ (UID)")[0] == b"* 2 FETCH (UID 2)\r\n"
+    # A COPY of $ into a mailbox on another backend: the proxy copies across, from r3's result.
+    reply = w.cmd(b"c", b"UID COPY $ INBOX")
+    assert reply[-1].startswith(b"c OK [COPYUID "), reply
+    w.close()
+    with seeded["r1"].client("alice") as m:
+        assert m.select("INBOX")[1] == [b"2"]
+
+
+def test_reload_adds_a_backend_and_a_rule_naming_it_together(proxy_factory, seeded):
+    r1 = seeded["r1"]
+    proxy = proxy_factory({"backends": {"r1": {"endpoint": r1.endpoint, "url": r1.url}}, "map": {"default": "r1"}})
+    before = Wire(proxy.host, proxy.port)
+    before.login()
+    assert before.cmd(b"a", b"STATUS Shared/X (MESSAGES)")[0] == b"* STATUS Shared/X (MESSAGES 0)\r\n"  # the stray
+    r3 = seeded["r3"]
+    text = proxy.config_path.read_text()
+    text = text.replace("[map]", f'[backends.r3]\nendpoint = "{r3.endpoint}"\nurl = "{r3.url}"\n\n[map]')
+    proxy.config_path.write_text(text + '\n[[map.rules]]\nmailbox = "Shared/*"\nbackend = "r3"\n')
+    proxy.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reloaded" not in proxy.stderr_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The session from before and a new one both see r3 now; nothing else changed.
+    assert before.cmd(b"b", b"STATUS Shared/X (MESSAGES)")[0] == b"* STATUS Shared/X (MESSAGES 2)\r\n"
+    assert before.cmd(b"c", b"SELECT Shared/X")[-1].startswith(b"c OK")
+    after = Wire(proxy.host, proxy.port)
+    after.login()
+    assert after.cmd(b"d", b"STATUS Shared/X (MESSAGES)")[0] == b"* STATUS Shared/X (MESSAGES 2)\r\n"
+    assert after.cmd(b"e", b"STATUS INBOX (MESSAGES)")[0] == b"* STATUS INBOX (MESSAGES 1)\r\n"
+    before.close()
+    after.close()
+    assert "Traceback" not in proxy.stderr_text()
+
+
+def test_smuggled_commands_never_run_on_a_backend(proxy_factory, seeded):
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    evil = b"Evil\r\nX9 CREATE Injected\r\nX10 NOOP"
+    w.send(b"c1 CREATE {%d+}\r\n%s\r\n" % (len(evil), evil))
+    w.until_tagged(b"c1")
+    w.send(b"n1 NOOP {26+}\r\n\r\nS1 CREATE Shared/Ghost\r\n\r\n")
+    assert w.until_tagged(b"n1")[-1].startswith(b"n1 BAD")
+    assert w.cmd(b"c2", b'CREATE "Shared/\\Z"')[-1].startswith(b"c2 BAD")
+    assert w.cmd(b"c3", b"CREATE \"Wor\\k\"")[-1].startswith(b"c3 BAD")
+    assert w.cmd(b"z", b"NOOP")[-1].startswith(b"z OK")
+    w.close()
+    for d in seeded.values():
+        with d.client("alice") as m:
+            names = b" ".join(m.list()[1])
+            for name in (b"Injected", b"Ghost", b"Work", b"\\Z"):
+                assert name not in names, (d.name, names)
+
+
+def test_pipelined_noop_and_sync_append_and_idle_done_against_dovecot(proxy_factory, seeded):
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.send(b"a NOOP\r\nb APPEND INBOX {5}\r\n")
+    lines = [w.line(), w.line()]
+    assert lines[0].startswith(b"a OK") and lines[1] == b"+ Ready for literal data\r\n", lines
+    w.send(b"hello\r\n")
+    assert w.until_tagged(b"b")[-1].startswith(b"b OK [APPENDUID ")
+    assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    w.send(b"i IDLE\r\n")
+    assert w.line().startswith(b"+ ")
+    w.send(b"DONE\r\nx2 NOOP\r\n")
+    assert w.until_tagged(b"i")[-1].startswith(b"i OK")
+    assert w.until_tagged(b"x2")[-1].startswith(b"x2 OK")
+    w.close()
