@@ -57,7 +57,7 @@ from .mailops import (
     subtree,
 )
 from .routing import MailboxMap, normalize
-from .transfer import Progress, copy_stream, find_copies, hashes_present, verify_copies
+from .transfer import Progress, copy_stream, find_copies, verify_copies
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "rename_here", "LocalRename", "reconcile_local",
            "BATCH_MESSAGES", "BATCH_BYTES"]
@@ -265,11 +265,17 @@ class Mover:
                    "uidnext": lower}
             data["pending"] = rec
             self.mailbox_map.step(entry, Step.DELTA_COPYING if delta else Step.COPYING)
-            copied = await copy_stream(src, batch, dst, _b(new), self.progress)
+
+            def record(hashes: tuple[str, ...], rec: dict = rec) -> None:
+                rec["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
+                self.mailbox_map.record(entry)
+
+            copied = await copy_stream(src, batch, dst, _b(new), self.progress, before_commit=record)
             rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
             if copied.uidvalidity != target.uidvalidity:
                 raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
             await verify_copies(dst, new, copied)
+            del rec["hashes"]  # verified: the UIDs say it all from now on
             data["batches"].append(rec)
             data["pending"] = None
             self.mailbox_map.step(entry, Step.DELTA_COPIED if delta else Step.COPIED)
@@ -286,7 +292,6 @@ class Mover:
             return
         pairs = data["pairs"]
         dst = await self.connect(data["dst"])
-        src: BackendProtocol | None = None
         try:
             records = list(data["batches"]) + ([data["pending"]] if data.get("pending") else [])
             for rec in records:
@@ -294,8 +299,7 @@ class Mover:
                 if rec.get("dst"):
                     appended = expand_uid_set(rec["dst"])
                 else:  # a batch in flight at the crash: did it commit? Look for it by content.
-                    src = src or await self.connect(data["src"])
-                    appended = [d for _s, d in await self._find_pending(src, dst, pairs[rec["pair"]][0], new, rec)]
+                    appended = [d for _s, d in await self._find_pending(dst, new, rec)]
                 if appended and await exists(dst, new):
                     state = await open_mailbox(dst, new, readonly=False)
                     if state.uidvalidity == rec["validity"]:
@@ -309,24 +313,18 @@ class Mover:
                              id=entry.id, name=name, b=dst.name)
         finally:
             dst.logout()
-            if src is not None:
-                src.logout()
         self.mailbox_map.end_move(entry)
         log.info("move {id} of {user} ({old} -> {new}) rolled back", id=entry.id, user=self.user, old=data["old"],
                  new=data["new"])
 
-    async def _find_pending(self, src: BackendProtocol, dst: BackendProtocol, box: str, new: str,
-                            rec: dict) -> list[tuple[int, int]]:
+    async def _find_pending(self, dst: BackendProtocol, new: str, rec: dict) -> list[tuple[int, int]]:
         """(source UID, destination UID) of the messages of an in-flight batch that the destination
-        holds (all if it committed, none if not), found by their bodies' hashes."""
-        if not await exists(src, box):
-            return []
-        await open_mailbox(src, box, readonly=True)
-        sources = await hashes_present(src, expand_uid_set(rec["src"]))
-        known = sorted(sources)  # a source message that is gone cannot be told apart: left alone
-        found = await find_copies(dst, new, rec["validity"], rec["uidnext"], [sources[u] for u in known],
-                                  clock=self.clock)
-        return [(known[i], uid) for i, uid in sorted(found.items())]
+        holds: all if it committed, none if not (its hashes were journaled before its last byte)."""
+        if "hashes" not in rec:
+            return []  # the MULTIAPPEND's last byte was never sent: nothing can have been saved
+        found = await find_copies(dst, new, rec["validity"], rec["uidnext"], rec["hashes"], clock=self.clock)
+        uids = expand_uid_set(rec["src"])
+        return [(uids[i], uid) for i, uid in sorted(found.items())]
 
     # -- after the commit point: finish ------------------------------------------------------
 
@@ -407,7 +405,7 @@ class Mover:
         verified UIDs; until a round leaves nothing. The UIDs still left after the last round."""
         data = entry.data
         if data.get("pending") and data["pending"]["pair"] == i:
-            await self._settle(entry, src, dst, box)
+            await self._settle(entry, dst)
         left: list[int] = []
         for _round in range(DRAIN_ROUNDS):
             carried = await self._copy(entry, i, src, dst, box, delta=True)
@@ -430,11 +428,12 @@ class Mover:
         entry.data["drained"].append(i)
         self.mailbox_map.step(entry, Step.DRAINED)
 
-    async def _settle(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol, box: str) -> None:
+    async def _settle(self, entry: JournalEntry, dst: BackendProtocol) -> None:
         """A delta batch a crash interrupted: recorded if it committed (found by content), else dropped."""
         data = entry.data
         rec = data["pending"]
-        found = await self._find_pending(src, dst, box, data["pairs"][rec["pair"]][1], rec)
+        found = await self._find_pending(dst, data["pairs"][rec["pair"]][1], rec)
+        rec.pop("hashes", None)
         if found:  # what is there is recorded as copied; the rest is copied again
             rec["src"] = uid_set(s for s, _d in found).decode()
             rec["dst"] = uid_set(d for _s, d in found).decode()

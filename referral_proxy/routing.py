@@ -420,6 +420,12 @@ class MailboxMap:
         if self.on_step is not None:
             self.on_step(entry)
 
+    def record(self, entry: JournalEntry) -> None:
+        """Write *entry*'s data as it is now, at the step it is at (more of that step is known)."""
+        self._store.journal_step(entry.id, entry.step, entry.data)
+        if self.on_step is not None:
+            self.on_step(entry)
+
     def end_move(self, entry: JournalEntry) -> None:
         """The operation is over (done or undone): the entry and its reservations go together."""
         self._store.end_move(entry.id)

@@ -174,10 +174,14 @@ class _Bodies:
 
 
 async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
-                      mailbox: bytes, progress: Progress | None = None) -> Copied:
+                      mailbox: bytes, progress: Progress | None = None,
+                      before_commit: Callable[[tuple[str, ...]], None] | None = None) -> Copied:
     """Append *infos*' messages (of the mailbox selected on *src*) to *mailbox* on *dst* in ONE
     MULTIAPPEND, bodies streamed by one ``UID FETCH`` and hashed on the way. On any failure
-    the destination connection is aborted, so its MULTIAPPEND saves nothing."""
+    the destination connection is aborted, so its MULTIAPPEND saves nothing.
+
+    *before_commit(hashes)* runs once every body is sent and before the command's last CRLF,
+    the byte that lets the backend commit: what it journals, a recovery can rely on."""
     if not infos:
         raise TransferError("nothing to copy")
     if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
@@ -207,6 +211,8 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     try:
         dst.write(ptag + b" APPEND " + astring(mailbox))
         others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
+        if before_commit is not None:
+            before_commit(tuple(hashes))
         dst.write(b"\r\n")
         start, _raw = await done
     except BaseException:
@@ -381,8 +387,13 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
                        "src_uids": uid_set(uids).decode(), "dst": dst.name, "dst_mailbox": dst_mailbox,
                        "dst_validity": dst_state.uidvalidity, "dst_uidnext": dst_state.uidnext})
     mailbox_map.step(entry, Step.MOVE_APPENDING)
+    def record(hashes: tuple[str, ...]) -> None:
+        entry.data["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
+        mailbox_map.record(entry)
+
     try:
-        copied = await copy_stream(src, infos, dst, dst_mailbox.encode("utf-8", "surrogateescape"))
+        copied = await copy_stream(src, infos, dst, dst_mailbox.encode("utf-8", "surrogateescape"),
+                                   before_commit=record)
     except CommitUnknown:
         raise
     except BaseException:
@@ -472,27 +483,30 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
         mailbox_map.end_move(entry)
         return f"finished: {len(present)} message(s) removed from the source"
     src_uids = expand_uid_set(data["src_uids"])
-    sources = await hashes_present(src, src_uids)
+    if "hashes" not in data:  # the MULTIAPPEND's last byte was never sent: it cannot have committed
+        mailbox_map.end_move(entry)
+        return "the destination never committed: nothing moved"
+    sent = dict(zip(src_uids, data["hashes"]))
     if "dst_uids" in data:
         pairs = list(zip(src_uids, expand_uid_set(data["dst_uids"])))
     else:  # the journal does not know whether the MULTIAPPEND committed: look for the copies by content
-        known = [u for u in src_uids if u in sources]
         found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
-                                  [sources[u] for u in known], clock=clock)
+                                  data["hashes"], clock=clock)
         if not found:
             mailbox_map.end_move(entry)
             return "the destination never committed: nothing moved"
-        pairs = [(known[i], uid) for i, uid in sorted(found.items())]
+        pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
     if not await exists(dst, data["dst_mailbox"]):
         mailbox_map.end_move(entry)
         return "destination mailbox gone: the source is left as it is"
     dst_state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
     copies = await hashes_present(dst, [d for _s, d in pairs]) if dst_state.uidvalidity == data["dst_validity"] else {}
-    verified = [s for s, d in pairs if s in sources and copies.get(d) == sources[s]]
-    await expunge_uids(src, verified)
-    await _take_back(dst, data, [d for s, d in pairs if s not in sources and d in copies])
+    verified = [(s, d) for s, d in pairs if copies.get(d) == sent[s]]
+    present, _ = await search_uids(src, b"UID " + uid_set(s for s, _d in verified)) if verified else ([], [])
+    await expunge_uids(src, present)
+    await _take_back(dst, data, [d for s, d in verified if s not in present])  # its source went elsewhere
     mailbox_map.end_move(entry)
-    return f"finished: {len(verified)} message(s) removed from the source"
+    return f"finished: {len(present)} message(s) removed from the source"
 
 
 async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:

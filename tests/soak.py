@@ -334,6 +334,8 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
     while True:
         runs += 1
         done = cli("recover", "--config", str(config_path), timeout=600)
+        with open(workdir / "recover.log", "a") as f:
+            f.write(done.stdout + done.stderr)
         if "nothing to recover" in done.stdout or runs > 5:
             break
     try:
@@ -355,8 +357,8 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         print(f"seed {seed_}: details {detail}; recover: {done.stdout[-2000:]}", file=sys.stderr)
         with open(workdir / "history.txt", "w") as f:
             f.writelines(f"{t} c{k} {what}\n" for t, k, what in ledger.history)
-        print(f"seed {seed_}: history in {workdir / 'history.txt'}, proxy log in {workdir / 'proxy.log'}",
-              file=sys.stderr)
+        print(f"seed {seed_}: history in {workdir / 'history.txt'}, proxy log in {workdir / 'proxy.log'}, "
+              f"recover's output in {workdir / 'recover.log'}", file=sys.stderr)
     return figures
 
 

@@ -133,8 +133,10 @@ def test_mail_delivered_during_an_admin_move_is_never_lost(proxy_factory, fleet,
     assert _no_entries(proxy)
 
 
-MOVE_STEPS = ["reserved:1", "planned:1", "creating:1", "created:1", "copying:1", "copied:1", "committed:1",
-              "subscribed:1", "placed:1", "aside:1", "delta-copying:1", "delta-copied:1", "drained:1"]
+# copying:2, delta-copying:2: the batch's hashes journaled, its MULTIAPPEND open before its last byte.
+MOVE_STEPS = ["reserved:1", "planned:1", "creating:1", "created:1", "copying:1", "copying:2", "copied:1",
+              "committed:1", "subscribed:1", "placed:1", "aside:1", "delta-copying:1", "delta-copying:2",
+              "delta-copied:1", "drained:1"]
 
 
 def _wait_paused(pause, what: str) -> str:
@@ -241,8 +243,8 @@ def test_whole_user_move_into_a_backend_that_already_has_mail(proxy_factory, fle
     assert {where[i][0] for i in inbox + stray} == {("b2", "INBOX")}
 
 
-@pytest.mark.parametrize("step", ["copying:1", "copied:1", "creating:1", "created:1", "copied:2", "committed:1",
-                                  "placed:1", "drained:1", "delta-copying:1"])
+@pytest.mark.parametrize("step", ["copying:1", "copying:2", "copied:1", "creating:1", "created:1", "copied:2",
+                                  "committed:1", "placed:1", "drained:1", "delta-copying:1", "delta-copying:2"])
 def test_whole_user_move_killed_recovered_and_retried_multiplies_nothing(proxy_factory, fleet, step):
     inbox, work, stray = ids("inbox", 50), ids("work", 20), ids("stray", 1)
     seed(fleet["b1"], "carol", "INBOX", inbox)
@@ -251,7 +253,7 @@ def test_whole_user_move_killed_recovered_and_retried_multiplies_nothing(proxy_f
     proxy = proxy_factory(MASTERS, rules=RULES)
     before_b2, _ = census(fleet, "carol", [fleet["b2"]])
     config = str(proxy.config_path)
-    if step == "delta-copying:1":  # something new to carry at the end: delivered while paused
+    if step.startswith("delta-copying"):  # something new to carry at the end: delivered while stopped
         killed = cli("move", "--config", config, "carol", "*", "b2",
                      command=faulty("--kill-at", "placed:1"))
         deliver(fleet["b1"], "carol", "INBOX", "late@t")
@@ -262,7 +264,7 @@ def test_whole_user_move_killed_recovered_and_retried_multiplies_nothing(proxy_f
     assert killed.returncode == -9, killed.stdout + killed.stderr
     recovered = cli("recover", "--config", config)
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
-    committed = step in ("committed:1", "placed:1", "drained:1", "delta-copying:1")
+    committed = step in ("committed:1", "placed:1", "drained:1", "delta-copying:1", "delta-copying:2")
     assert ("finished" if committed else "rolled back") in recovered.stdout, recovered.stdout
     if not committed:  # the destination is exactly as it was
         assert census(fleet, "carol", [fleet["b2"]])[0] == before_b2
@@ -321,7 +323,8 @@ def test_a_login_in_capitals_is_routed_by_the_users_rules(proxy_factory, fleet):
 # -- 8. a cross-server MOVE killed between the destination's commit and the source's expunge -----------------------
 
 
-@pytest.mark.parametrize("step, outcome", [("move-appending:1", "nothing moved"), ("move-appended:1", "finished")])
+@pytest.mark.parametrize("step, outcome", [("move-appending:1", "nothing moved"), ("move-appending:2", "nothing moved"),
+                                           ("move-appended:1", "finished"), ("move-expunging:1", "finished")])
 def test_cross_server_move_killed_midway_is_finished_by_recover(proxy_factory, fleet, step, outcome):
     work = ids("work", 30)
     seed(fleet["b1"], "carol", "Work", work)
@@ -354,6 +357,16 @@ def _copy_directly(fleet, src: str, src_box: str, dst: str, dst_box: str, uids: 
         multiappend(m, [b"s APPEND " + quote(dst_box).encode()] + [b" () {%d+}\r\n" % len(b) + b for b in bodies])
 
 
+def _hashes(backend, mailbox: str, uids: str) -> list[str]:
+    """sha256 of the bodies of *uids* in *mailbox*, in UID order (what the proxy journals)."""
+    import hashlib
+
+    with backend.client("carol") as m:
+        m.select(quote(mailbox), readonly=True)
+        typ, data = m.uid("FETCH", uids, "(BODY.PEEK[])")
+        return [hashlib.sha256(item[1]).hexdigest() for item in data if isinstance(item, tuple)]
+
+
 def _state(backend, mailbox: str) -> tuple[int, int]:
     with backend.client("carol") as m:
         typ, data = m.status(quote(mailbox), "(UIDVALIDITY UIDNEXT)")
@@ -377,7 +390,8 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
     store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
     data = {"src": "b1", "dst": "b2", "old": "*", "new": "*", "token": "t0", "pairs": [["INBOX", "INBOX"]],
             "created": [], "validity": {"0": _state(fleet["b1"], "INBOX")[0]}, "batches": [],
-            "pending": {"pair": 0, "src": "1:10", "validity": validity, "uidnext": uidnext}, "aside": [], "drained": []}
+            "pending": {"pair": 0, "src": "1:10", "validity": validity, "uidnext": uidnext,
+                        "hashes": _hashes(fleet["b1"], "INBOX", "1:10")}, "aside": [], "drained": []}
     entry = store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/")
     store.journal_step(entry, Step.COPYING, data)
     store.claim(entry, None, "gone.example:1:1")  # its process is gone
@@ -402,7 +416,8 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
     store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
     data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
-            "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext}
+            "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
+            "hashes": _hashes(fleet["b1"], "Work", "2:4")}
     entry = store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
                                                         Reservation("Shared/Dest", False, True)], data, None, "/")
     store.journal_step(entry, Step.MOVE_APPENDING, data)
