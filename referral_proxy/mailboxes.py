@@ -314,7 +314,7 @@ class MailboxCommands:
                                         old_route.primary, new_route.primary)
         except MoveIncomplete as e:  # past its commit point: the mailbox is in its new place
             log.warn("session {id}: RENAME committed, not finished: {why}", id=host.id, why=str(e))
-            result = MoveResult(pending=True)
+            result = e.result or MoveResult(pending=True)
         except TransferError as e:
             text = str(e)
             raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None

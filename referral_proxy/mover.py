@@ -76,7 +76,10 @@ Connect = Callable[[str], Awaitable[BackendProtocol]]
 class MoveIncomplete(TransferError):
     """Past the commit point the move could not finish now; its entry stays for recovery.
 
-    The new mailboxes hold every message already: this is not a failure to report as one."""
+    The new mailboxes hold every message already: this is not a failure to report as one.
+    *result*: what was moved (``pending`` set)."""
+
+    result: MoveResult | None = None
 
 
 @dataclass
@@ -197,6 +200,18 @@ class Mover:
             raise
         finishing = defer.ensureDeferred(self._finish_and_close(entry, conns))
         result.mailboxes = len(pairs)
+        result.bytes = self.progress.bytes
+        try:
+            await self._answer_when_due(finishing, result)
+        except MoveIncomplete as e:
+            result.pending = True
+            e.result = result
+            raise
+        result.bytes = self.progress.bytes  # with what the end carried, if it is over
+        return result
+
+    async def _answer_when_due(self, finishing: defer.Deferred, result: MoveResult) -> None:
+        """Wait for the end of the move, or (with answer_within) at most that long: pending then."""
         if self.clock is None or self.answer_within is None:
             await finishing
         else:  # a client waits for the answer: past the commit point it need not wait long
@@ -212,8 +227,6 @@ class Mover:
 
             finishing.addBoth(settled)
             result.pending = await waiter is None
-        result.bytes = self.progress.bytes
-        return result
 
     async def _finish_and_close(self, entry: JournalEntry, conns: list[BackendProtocol]) -> bool:
         """Past the commit point: finish on the move's connections; a failure leaves the entry to recovery."""
