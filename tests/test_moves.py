@@ -402,7 +402,7 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
     _exactly_once(fleet, proxy, "carol", inbox + stray, hidden=stray)
 
 
-@pytest.mark.parametrize("committed", [True, False])
+@pytest.mark.parametrize("committed", [True, False, "moved meanwhile"])
 def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet, committed):
     from referral_proxy.journal import Reservation, Step
     from referral_proxy.routing import SQLiteStore
@@ -418,16 +418,26 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
     data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
             "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
             "hashes": _hashes(fleet["b1"], "Work", "2:4")}
+    if committed == "moved meanwhile":  # another client moved one of them away before the crash
+        with fleet["b1"].client("carol") as m:
+            m.create("Other")
+            m.select("Work")
+            assert m.uid("MOVE", "3", "Other")[0] == "OK"
     entry = store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
                                                         Reservation("Shared/Dest", False, True)], data, None, "/")
     store.journal_step(entry, Step.MOVE_APPENDING, data)
     store.close()
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
-    assert ("3 message(s) removed" if committed else "never committed") in recovered.stdout, recovered.stdout
+    removed = {True: "3 message(s) removed", False: "never committed", "moved meanwhile": "2 message(s) removed"}
+    assert removed[committed] in recovered.stdout, recovered.stdout
     _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
     counts, where = census(fleet, "carol")
-    assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Dest") if committed else ("b1", "Work")}
+    if committed == "moved meanwhile":  # its copy was taken back: it is where the other client put it
+        assert where[work[2]] == [("b1", "Other")]
+        assert {where[i][0] for i in (work[1], work[3])} == {("b3", "Shared/Dest")}
+    else:
+        assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Dest") if committed else ("b1", "Work")}
 
 
 def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
