@@ -29,11 +29,11 @@ deleted only if nothing else is in them.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
@@ -67,6 +67,9 @@ log = Logger()
 BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
 BATCH_BYTES = 256 * 1024 * 1024
 ANSWER_WITHIN = 10.0  # seconds a client waits past the commit point before it is answered
+QUIET = 0.3  # seconds without a new message in a source before it is renamed aside
+QUIET_BUDGET = 15.0  # seconds spent waiting for that quiet at most (then it is renamed anyway)
+ASIDE_TIMEOUT = 30.0  # seconds the renamed source may take to be emptied and deleted
 DRAIN_ROUNDS = 10  # INBOX: rounds of "copy what is new, expunge what is verified" before giving up
 ASIDE = "referral-proxy-aside-"
 
@@ -264,6 +267,7 @@ class Mover:
         new = data["pairs"][i][1]
         state = await open_mailbox(src, box, readonly=True)
         known = data["validity"].setdefault(str(i), state.uidvalidity)
+        data.setdefault("uidnext", {}).setdefault(str(i), state.uidnext)  # no delivery since: no need to wait
         if known != state.uidvalidity:
             raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
         uids, _ = await search_uids(src, b"ALL")
@@ -376,16 +380,18 @@ class Mover:
     async def _drain(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol) -> None:
         """Carry what reached source *i* during the move, expunge exactly the verified UIDs, delete it.
 
-        First in place, until a round finds nothing new; then (not INBOX) the source is renamed
-        to a private name that no delivery reaches, emptied the same way, and deleted. Emptying
-        in place first matters: a delivery caught by the RENAME leaves its lock inside the renamed
-        maildir, and Dovecot then waits up to two minutes before it calls the lock stale."""
+        First in place, until it is quiet (nothing uncopied, and no new UID for QUIET seconds);
+        then (not INBOX) the source is renamed to a private name that no delivery reaches,
+        emptied the same way, and deleted. The quiet matters: a delivery committing at the
+        moment of the RENAME leaves its lock inside the renamed maildir, and Dovecot waits for
+        it as long as the delivering process lives; so the private mailbox is only ever
+        looked at within ASIDE_TIMEOUT seconds, else the move is left to recovery to retry."""
         data = entry.data
         old = data["pairs"][i][0]
         aside = self._aside(data, str(i))
         if i not in data["aside"]:
             if await exists(src, old):
-                left = await self._empty(entry, i, src, dst, old)
+                left = await self._empty_until_quiet(entry, i, src, dst, old)
                 if old == "INBOX":
                     if left:
                         log.error("move {id}: INBOX on {b} keeps receiving mail: {n} message(s) left there "
@@ -399,8 +405,15 @@ class Mover:
             data["aside"].append(i)
             data["at"] = i
             self.mailbox_map.step(entry, Step.ASIDE)
+        await self._bounded(src, self._delete_aside(entry, i, src, dst, aside))
+        await src.command(b"UNSUBSCRIBE " + name_arg(old))  # the name is gone from this backend
+        self._drained(entry, i)
+
+    async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
+                            aside: str) -> None:
+        old = entry.data["pairs"][i][0]
         if not await exists(src, aside):
-            return self._drained(entry, i)  # deleted just before a crash
+            return  # deleted just before a crash
         if await self._empty(entry, i, src, dst, aside):
             log.error("move {id}: mail kept arriving in {box} on {b}: left there as {aside}", id=entry.id,
                       box=old, b=src.name, aside=aside)
@@ -409,8 +422,39 @@ class Mover:
                       id=entry.id, box=old, b=src.name, aside=aside)
         else:
             await run_ok(src, b"DELETE " + name_arg(aside), "DELETE")  # a private name, seen empty just now
-        await src.command(b"UNSUBSCRIBE " + name_arg(old))  # the name is gone from this backend
-        self._drained(entry, i)
+
+    async def _bounded(self, conn: BackendProtocol, work: Coroutine[Any, Any, None]) -> None:
+        """*work* on *conn*, given up after ASIDE_TIMEOUT seconds (with a clock): the connection is
+        dropped, and a TransferError leaves the move to recovery (its sweep tries again)."""
+        d = defer.ensureDeferred(work)
+
+        def given_up(_result: object, _timeout: float) -> None:
+            conn.transport.abortConnection()
+            raise TransferError(f"backend {conn.name} kept a moved mailbox locked (a delivery in flight at the "
+                                "RENAME); it is tried again later")
+
+        if self.clock is not None:
+            d.addTimeout(ASIDE_TIMEOUT, self.clock, onTimeoutCancel=given_up)
+        await d
+
+    async def _empty_until_quiet(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
+                                 box: str) -> list[int]:
+        """_empty() until a round leaves nothing uncopied and no new UID shows for QUIET seconds, for
+        at most QUIET_BUDGET seconds (INBOX, never renamed, needs no quiet). The UIDs left uncopied."""
+        started = self.clock.seconds() if self.clock is not None else 0.0
+        while True:
+            left = await self._empty(entry, i, src, dst, box)
+            if self.clock is None or box == "INBOX":
+                return left
+            if not left:
+                before = await status(src, box)
+                if before.uidnext == entry.data.get("uidnext", {}).get(str(i)):
+                    return []  # nothing was delivered to it during the whole move
+                await task.deferLater(self.clock, QUIET, lambda: None)
+                if (await status(src, box)).uidnext == before.uidnext:
+                    return []
+            if self.clock.seconds() - started > QUIET_BUDGET:
+                return left
 
     async def _empty(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                      box: str) -> list[int]:

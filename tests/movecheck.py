@@ -86,10 +86,12 @@ def deliver_on(m: imaplib.IMAP4, mailbox: str, mid: str) -> str | None:
 class Deliverer(threading.Thread):
     """Delivers to *mailbox* on *backend* until stopped; ``acked``: the ids Dovecot acknowledged."""
 
-    def __init__(self, backend: Dovecot, user: str, mailbox: str, prefix: str, pause: float = 0.0) -> None:
+    def __init__(self, backend: Dovecot, user: str, mailbox: str, prefix: str, pause: float = 0.0,
+                 burst: int = 0) -> None:
         super().__init__(daemon=True)
         self.backend, self.user, self.mailbox, self.prefix = backend, user, mailbox, prefix
         self.pause = pause
+        self.burst = burst  # after this many deliveries, half a second without (as mail arrives in bursts)
         self.acked: list[str] = []
         self.refused: list[str] = []
         self._stop_event = threading.Event()
@@ -107,7 +109,7 @@ class Deliverer(threading.Thread):
                 m = self.backend.client(self.user)
                 continue
             (self.acked if where else self.refused).append(mid)
-            self._stop_event.wait(self.pause)
+            self._stop_event.wait(0.5 if self.burst and i % self.burst == 0 else self.pause)
         m.logout()
 
     def stop(self) -> None:
@@ -152,7 +154,7 @@ def census(fleet, user: str, backends: Iterable[Dovecot] | None = None) -> tuple
     counts: collections.Counter = collections.Counter()
     where: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
     for backend in backends or fleet.backends.values():
-        with backend.client(user) as m:
+        with backend.client(user, timeout=300) as m:  # a lock a killed process left may take minutes
             for name in _names(m):
                 for mid in _ids_in(m, name):
                     counts[mid] += 1

@@ -253,7 +253,8 @@ class Deliverer(threading.Thread):
             with self.ledger.lock:
                 (self.ledger.must if where else self.ledger.may).add(mid)
             self.ledger.note("deliver", "OK" if where else "NO")
-            self.stop_event.wait(self.rng.uniform(0.0, 0.05))
+            # bursts: mostly a few ms apart, now and then a second of nothing
+            self.stop_event.wait(self.rng.uniform(0.5, 1.0) if self.rng.random() < 0.05 else self.rng.uniform(0.0, 0.05))
 
 
 def chaos(fleet, proxy: ProxyProcess, rng: random.Random, ledger: Ledger, until: float, backends: bool) -> None:
