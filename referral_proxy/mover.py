@@ -169,7 +169,7 @@ class Mover:
 
     async def rename(self, old: str, new: str, src_name: str, dst_name: str) -> MoveResult:
         """Move *old* (and its children) on *src_name* to *new* on *dst_name*."""
-        data = {"src": src_name, "dst": dst_name, "old": old, "new": new, "token": secrets.token_hex(4),
+        data: dict[str, Any] = {"src": src_name, "dst": dst_name, "old": old, "new": new, "token": secrets.token_hex(4),
                 "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
                 "drained": []}
         try:
@@ -218,8 +218,12 @@ class Mover:
         if self.clock is None or self.answer_within is None:
             await finishing
         else:  # a client waits for the answer: past the commit point it need not wait long
-            waiter: defer.Deferred[bool | None] = defer.Deferred()
-            timer = self.clock.callLater(self.answer_within, lambda: waiter.called or waiter.callback(None))
+            waiter: defer.Deferred[object] = defer.Deferred()
+            def expire() -> None:
+                if not waiter.called:
+                    waiter.callback(None)
+
+            timer = self.clock.callLater(self.answer_within, expire)
 
             def settled(outcome: object) -> None:
                 if timer.active():

@@ -19,17 +19,18 @@ _PART = re.compile(rb"([1-9][0-9]{0,9})(?::([1-9][0-9]{0,9}))?")
 def uid_set(uids: Iterable[int]) -> bytes:
     """``[5, 6, 7, 9]`` -> ``b"5:7,9"``; the order is kept (``[3, 2]`` -> ``b"3,2"``)."""
     out: list[bytes] = []
-    start = prev = None
+    start: int | None = None
+    prev: int | None = None
     for uid in uids:
         if uid < 1:
             raise ValueError(f"not a UID: {uid}")
         if prev is not None and uid == prev + 1:
             prev = uid
             continue
-        if start is not None:
+        if start is not None and prev is not None:
             out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
         start = prev = uid
-    if start is not None:
+    if start is not None and prev is not None:
         out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
     return b",".join(out)
 
