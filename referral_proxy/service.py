@@ -27,7 +27,8 @@ from .metrics import make_registry, metrics_site
 from .observe import Observer
 from .origin import LoopGuard
 from .proxyproto import listen_endpoint
-from .routing import MailboxMap, open_store
+from .recovery import RecoverySweep
+from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession
 from .workers import (
     WorkerPool,
@@ -124,7 +125,7 @@ class ProxyService(MultiService):
     log_observer: Any = None  # set by tap.py: given to twistd's application as its log observer
     log_stream: Any = None  # where this process's log goes (a master writes its workers' lines there)
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, *, on_step: StepHook | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -132,7 +133,11 @@ class ProxyService(MultiService):
         self.is_master = config.proxy.workers > 1 and self.role is None
         self.workers: WorkerPool | None = None
         self._ports: list[Any] = []
-        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store))
+        # on_step: called after each journal step (tests inject faults there; None in production)
+        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
+        # Run by the master (or the only process): entries are claimed by owner, so a worker's
+        # move is recovered once that worker is gone, never while it runs.
+        self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded
         self.guard = LoopGuard(config)
         self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
 
@@ -229,16 +234,9 @@ class ProxyService(MultiService):
             return  # moves are recovered by the master alone
         else:
             log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
-        if self.mailbox_map.store.journal():
-            # Moves a stopped proxy left half done: finish or roll them back now.
-            from .movecli import recover_all
-
-            def report(lines: list[str]) -> None:
-                for line in lines:
-                    log.warn("recovery: {line}", line=line)
-
-            d = defer.ensureDeferred(recover_all(self.reactor, self.config, self.mailbox_map))
-            d.addCallbacks(report, lambda f: log.failure("recovery failed", f))
+        # Moves a stopped proxy (or a dead worker) left half done are finished or rolled back
+        # now, and any given up on later are retried periodically (recovery.SWEEP_SECONDS).
+        self.recovery.start()
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[override]
@@ -252,6 +250,7 @@ class ProxyService(MultiService):
             for port in self._ports:
                 yield port.stopListening()
         yield super().stopService()
+        self.recovery.stop()
         sessions = list(self.context.sessions)
         closed = [s.when_closed() for s in sessions]
         for session in sessions:
