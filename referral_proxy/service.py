@@ -223,7 +223,7 @@ class ProxyService(MultiService):
         if self.is_master:
             assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
             self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
-                                      self.log_stream)
+                                      self.log_stream, on_death=self.recovery.now)
             self.workers.start()
             log.info("referral-proxy listening on {listen} with {n} workers", listen=", ".join(self.config.proxy.listen),
                      n=self.config.proxy.workers)

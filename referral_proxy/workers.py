@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -217,8 +218,10 @@ class _Worker(ProcessProtocol):
 class WorkerPool:
     """The master's side: starts N workers on the shared sockets, restarts, signals, stops them."""
 
-    def __init__(self, reactor: Any, config_path: str, count: int, ports: list[Any], log_stream: IO[str] | None) -> None:
+    def __init__(self, reactor: Any, config_path: str, count: int, ports: list[Any], log_stream: IO[str] | None,
+                 on_death: Callable[[], None] | None = None) -> None:
         self.reactor, self.config_path, self.count = reactor, config_path, count
+        self.on_death = on_death  # called when a worker ended unasked (the master recovers its moves)
         self.log_stream = log_stream  # None: twistd logs (syslog ...): the lines go through the logger
         self._fds = [(port.fileno(), port.socket.family) for port in ports]
         self.workers: dict[int, _Worker] = {}
@@ -251,6 +254,8 @@ class WorkerPool:
             del self.workers[worker.index]
         if self.stopping:
             return
+        if self.on_death is not None:
+            self.on_death()
         lived = time.monotonic() - worker.started
         delay = self._delay[worker.index]
         delay = 0.0 if lived >= QUICK_DEATH else min(MAX_DELAY, max(0.5, delay * 2))

@@ -2,24 +2,30 @@
 accept on them (referral_proxy.workers), against the real Dovecot fleet: both workers
 serve and the master none, SIGHUP and SIGTERM reach every worker, a worker that dies is
 started again while the others serve on, workers end with their master, per-worker
-metrics ports, the same under twistd; the configuration key."""
+metrics ports, the same under twistd; the configuration key.  Mail handling as with one
+process: two RENAMEs of one mailbox on two workers at once (one wins, census exact), a
+worker killed in a move (the master recovers it, census exact)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 from imapwire import Wire, wait_for
+from movecheck import census, judge, seed, through_proxy
 
 from referral_proxy.config import ConfigError, parse_config
-from referral_proxy.fleet import free_port
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, free_port
 from referral_proxy.workers import ENV, metrics_listen, worker_role
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,6 +132,68 @@ def test_a_worker_that_dies_is_started_again_and_all_end_with_the_master(two_wor
     proxy.kill()  # SIGKILL: the master tells no one; its workers see their pipe from it end
     wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids),
              "workers gone")
+
+
+# -- mail handling is the same as with one process: the journal and its reservations are in the store --------
+
+MOVES = {"backends": {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}}
+SHARED_ON_B3 = [{"mailbox": "Shared/*", "backend": "b3"}]
+
+
+def _journal(proxy) -> int:
+    with sqlite3.connect(proxy.config_path.parent / "map.sqlite3") as db:
+        return db.execute("SELECT count(*) FROM journal").fetchone()[0]
+
+
+def _exactly_once_reachable(fleet, proxy, user: str, must: list[str]) -> dict:
+    counts, where = census(fleet, user)
+    assert judge(counts, must) == ([], []), (counts, where)
+    reached = through_proxy(proxy, user)
+    assert all(reached[i] == 1 for i in must), reached
+    return where
+
+
+def test_two_workers_rename_the_same_mailbox_at_once_one_wins(proxy_factory, fleet, clean_mail):
+    work = [f"work-{i}@t" for i in range(300)]
+    seed(fleet["b1"], "carol", "Work", work)
+    proxy = proxy_factory(MOVES, rules=SHARED_ON_B3, workers=2)
+    wires = list(one_on_each(proxy, proxy.pid, "carol").values())  # one RENAME in each worker
+    start, answers = threading.Barrier(2), [b"", b""]
+
+    def run(i: int) -> None:
+        wires[i].sock.settimeout(120)
+        start.wait()
+        answers[i] = wires[i].cmd(b"r%d" % i, b"RENAME Work Shared/%s" % b"AB"[i:i + 1])[-1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert sum(a.split()[1:2] == [b"OK"] for a in answers) == 1, answers
+    assert any(b"NO [INUSE]" in a or b"NO [NONEXISTENT]" in a for a in answers), answers
+    where = _exactly_once_reachable(fleet, proxy, "carol", work)
+    assert len({where[i][0] for i in work}) == 1 and where[work[0]][0][0] == "b3", where[work[0]]
+    assert _journal(proxy) == 0
+
+
+def test_a_worker_killed_in_a_move_has_it_recovered_by_the_master(proxy_factory, fleet, clean_mail):
+    big = [f"big-{i}@t" for i in range(1500)]
+    seed(fleet["b1"], "carol", "Big", big, size=400)
+    proxy = proxy_factory(MOVES, rules=SHARED_ON_B3, workers=2)
+    wires = one_on_each(proxy, proxy.pid, "carol")
+    victim, w = next(iter(wires.items()))
+    w.send(b"r RENAME Big Shared/Big\r\n")
+    deadline = time.monotonic() + 60
+    while _journal(proxy) == 0:  # the move's entry, written by the victim (it owns it)
+        assert time.monotonic() < deadline, "no journal entry"
+        time.sleep(0.002)
+    os.kill(victim, signal.SIGKILL)
+    assert w.closed(30)
+    wait_for(lambda: _journal(proxy) == 0, "the master recovered the dead worker's move", timeout=120)
+    assert "recovery: carol: Big -> Shared/Big" in proxy.stderr_text(), proxy.stderr_text()[-3000:]
+    where = _exactly_once_reachable(fleet, proxy, "carol", big)
+    assert len({where[i][0] for i in big}) == 1, "the mailbox was split"
 
 
 def test_each_worker_serves_metrics_on_the_port_plus_its_index(proxy_factory, clean_mail):
