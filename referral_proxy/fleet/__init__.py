@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from .certs import TLSMaterial, make_tls_material
@@ -430,24 +430,19 @@ class Dovecot:
 
     def client(self, user: str, *, timeout: float | None = 30.0) -> imaplib.IMAP4:
         """A new imaplib connection to this instance, logged in as *user*."""
-        conn = imaplib.IMAP4(self.host, self.port, timeout=timeout)
-        try:
-            conn.login(user, self.users[user])
-        except BaseException:
-            try:
-                conn.shutdown()
-            except OSError:
-                pass
-            raise
-        return conn
+        return self._logged_in(timeout, lambda conn: conn.login(user, self.users[user]))
 
     def master_client(self, user: str, *, timeout: float | None = 30.0) -> imaplib.IMAP4:
         """A new imaplib connection logged in as *user* through the master user
         (SASL PLAIN, authzid=user, authcid=MASTER_USER)."""
-        conn = imaplib.IMAP4(self.host, self.port, timeout=timeout)
         token = f"{user}\0{MASTER_USER}\0{MASTER_PASSWORD}".encode()
+        return self._logged_in(timeout, lambda conn: conn.authenticate("PLAIN", lambda _challenge: token))
+
+    def _logged_in(self, timeout: float | None, login: Callable[[imaplib.IMAP4], object]) -> imaplib.IMAP4:
+        """A new imaplib connection on which *login* succeeded (closed if it did not)."""
+        conn = imaplib.IMAP4(self.host, self.port, timeout=timeout)
         try:
-            conn.authenticate("PLAIN", lambda _challenge: token)
+            login(conn)
         except BaseException:
             try:
                 conn.shutdown()
