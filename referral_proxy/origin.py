@@ -28,7 +28,7 @@ __all__ = ["Origin", "LoopGuard", "address_text", "id_arguments", "id_command"]
 # Fields a trusted upstream may set; x-proxy-ttl and x-session-id count from anyone
 # (a lower TTL or a looping session id can only make that client's own login fail).
 _ADDRESS_FIELDS = ("x-originating-ip", "x-originating-port", "x-connected-ip", "x-connected-port")
-_SESSION_ID = re.compile(r"^[A-Za-z0-9+/=._:-]{1,80}$")
+_SESSION_ID = re.compile(r"^[A-Za-z0-9+/=._:-]{1,80}\Z")
 
 
 def address_text(host: str, port: int | str | None) -> str:

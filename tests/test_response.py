@@ -142,7 +142,7 @@ def _needs_a_look(start: ResponseStart) -> bool:
     (b"* OK [CAPABILITY IMAP4rev1 IDLE] x", False), (b"* ok [Capability x]", False), (b"* BYE bye", False),
     (b"* bye", False), (b"* CAPABILITY IMAP4rev1", False), (b'* ESEARCH (TAG "a") ALL 1', False),
     (b'* OK [NOUPDATE "a"] x', False), (b"* 12", False), (b"* \x00x", False), (b"* PREAUTH hi", False),
-    (b"+ go", False), (b"a1 OK done", False),
+    (b"+ go", False), (b"a1 OK done", False), (b"* !\n", False), (b"* OK\n", False),
 ])
 def test_plain_untagged_examples(data, plain):
     assert plain_untagged(data) is plain

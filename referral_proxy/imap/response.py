@@ -141,11 +141,11 @@ def parse_response_start(data: bytes) -> ResponseStart:
     return _status("tagged", m.group(), status, data, word.end())
 
 
-_WORD_RUN = rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+(?: |$)'
+_WORD_RUN = rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+(?: |\Z)'
 _PLAIN_UNTAGGED = re.compile(
     rb"\* (?:[0-9]+ " + _WORD_RUN
     + rb"|(?![0-9]|BYE|CAPABILITY|ESEARCH|OK|NO|BAD|PREAUTH)" + _WORD_RUN
-    + rb"|(?:OK|NO|BAD)(?:$| (?!\[(?:CAPABILITY|NOUPDATE)[] ])))", re.IGNORECASE)
+    + rb"|(?:OK|NO|BAD)(?:\Z| (?!\[(?:CAPABILITY|NOUPDATE)[] ])))", re.IGNORECASE)
 
 
 def plain_untagged(data: bytes) -> bool:
