@@ -13,6 +13,7 @@ import time
 import pytest
 from imapwire import Wire
 from movecheck import Deliverer, census, cli, deliver, faulty, judge, multiappend, quote, seed, through_proxy
+from storehelp import now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -395,10 +396,10 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
             "created": [], "validity": {"0": _state(fleet["b1"], "INBOX")[0]}, "batches": [],
             "pending": {"pair": 0, "src": "1:10", "validity": validity, "uidnext": uidnext,
                         "hashes": _hashes(fleet["b1"], "INBOX", "1:10")}, "aside": [], "drained": []}
-    entry = store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/")
-    store.journal_step(entry, Step.COPYING, data)
-    store.claim(entry, None, "gone.example:1:1")  # its process is gone
-    store.close()
+    entry = now(store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/"))
+    now(store.journal_step(entry, Step.COPYING, data, "gone.example:1:1"))
+    now(store.disown(entry, "gone.example:1:1"))  # its process is gone
+    now(store.close())
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
     assert census(fleet, "carol", [fleet["b2"]])[0] == before_b2  # exactly as it was: the stray, alone
@@ -426,10 +427,10 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
             m.create("Other")
             m.select("Work")
             assert m.uid("MOVE", "3", "Other")[0] == "OK"
-    entry = store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
-                                                        Reservation("Shared/Dest", False, True)], data, None, "/")
-    store.journal_step(entry, Step.MOVE_APPENDING, data)
-    store.close()
+    entry = now(store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
+                                                            Reservation("Shared/Dest", False, True)], data, None, "/"))
+    now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
+    now(store.close())
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     removed = {True: "3 message(s) removed", False: "never committed", "moved meanwhile": "2 message(s) removed"}
@@ -454,12 +455,12 @@ def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, f
     w = _logged_in(proxy)
     assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # selected before the move began
     store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
-    entry = store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/")
+    entry = now(store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/"))
     for command in (b"UID MOVE 1 Other", b"MOVE 1 Shared/X", b"UID COPY 2 Shared/W"):
         assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command
     assert w.cmd(b"c", b"UID COPY 1 Other")[-1].startswith(b"c OK")  # a copy out takes nothing away
-    store.end_move(entry)
-    store.close()
+    now(store.end_move(entry))
+    now(store.close())
     assert w.cmd(b"n", b"UID MOVE 2 Other")[-1].startswith(b"n OK")
     w.close()
     counts, where = census(fleet, "carol")
