@@ -410,3 +410,37 @@ def spare_backend(fleet):
     d.start()
     yield d
     d.stop()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of its own (initdb + pg_ctl, Unix socket, trust), for the whole session."""
+    from referral_proxy.testing.pg import PostgresServer
+
+    root = Path(tempfile.mkdtemp(prefix="rp-pg-"))
+    server = PostgresServer(root)
+    server.init()
+    server.start()
+    yield server
+    try:
+        server.stop()
+    except Exception:
+        pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_PG_DBS = [0]
+
+
+@pytest.fixture
+def pg_dsn(postgres):
+    """A fresh, migrated database on the session's server: its URI."""
+    from referral_proxy.pgstore import migrate
+
+    _PG_DBS[0] += 1
+    dsn = postgres.create_db(f"map{_PG_DBS[0]}")
+    migrate(dsn)
+    return dsn
