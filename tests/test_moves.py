@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 
 import pytest
 from imapwire import Wire
-from movecheck import Deliverer, census, cli, deliver, faulty, judge, multiappend, quote, seed, through_proxy
+from movecheck import (
+    Deliverer,
+    census,
+    cli,
+    deliver,
+    faulty,
+    judge,
+    multiappend,
+    quote,
+    seed,
+    through_proxy,
+    wait_paused,
+)
 from storehelp import now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
@@ -143,16 +154,6 @@ MOVE_STEPS = ["reserved:1", "planned:1", "creating:1", "created:1", "copying:1",
               "delta-copied:1", "drained:1"]
 
 
-def _wait_paused(pause, what: str) -> str:
-    deadline = time.monotonic() + 60
-    while not (pause / "paused").exists():
-        assert time.monotonic() < deadline, "the move never reached " + what
-        time.sleep(0.01)
-    step = (pause / "paused").read_text()
-    (pause / "paused").unlink()
-    return step
-
-
 @pytest.mark.parametrize("step", MOVE_STEPS)
 def test_delivery_at_each_step_of_a_rename_is_carried_or_left_reachable(proxy_factory, fleet, tmp_path, step):
     work = ids("work", 20)
@@ -167,7 +168,7 @@ def test_delivery_at_each_step_of_a_rename_is_carried_or_left_reachable(proxy_fa
     w.send(b"r RENAME Work Shared/W\r\n")
     delivered = {"early@t": deliver(fleet["b1"], "carol", "Work", "early@t")}  # before or while it starts
     for point in points:
-        assert _wait_paused(pause, point) == point
+        assert wait_paused(pause, point) == point
         # The proxy is stopped at this step: deliveries straight to the source backend.
         for k in range(3):
             mid = f"at-{point}-{k}@t"
