@@ -89,6 +89,7 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
     config, mailbox_map = loaded
 
     async def main(reactor: Any) -> int:
+        mailbox_map.start_leases(reactor, config.map.lease_seconds / 4)  # what it takes over stays its own
         lines = await recover_all(mailbox_map, lambda user: master_connector(reactor, config, user), reactor)
         for line in lines:
             print(line, flush=True)
