@@ -473,12 +473,12 @@ class PostgresStore:
 
         return await self._run(work) == 1
 
-    async def renew(self, owner: str) -> int:
-        lease = self.lease_seconds
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
+        lease, ids = self.lease_seconds, list(entry_ids)
 
         def work(conn: psycopg.Connection[Any]) -> int:
-            return conn.execute("UPDATE journal SET lease_until = now() + make_interval(secs => %s) WHERE owner = %s",
-                                (lease, owner)).rowcount
+            return conn.execute("UPDATE journal SET lease_until = now() + make_interval(secs => %s)"
+                                " WHERE owner = %s AND id = ANY(%s)", (lease, owner, ids)).rowcount
 
         return await self._run(work)
 

@@ -99,6 +99,7 @@ class MailboxMap:
         self._placements: dict[tuple[str, str], tuple[str, ...]] = {}
         self._held: dict[str, list[tuple[int, Reservation]]] = {}
         self._renewal: task.LoopingCall | None = None
+        self._working: set[int] = set()  # entries this process works on now: the only leases it renews
         first = self._store.poll()
         if first is not None:
             self._apply(first)
@@ -222,6 +223,7 @@ class MailboxMap:
         names = [Reservation(None if r.name is None else normalize(r.name, self.separator), r.subtree, r.shared)
                  for r in reservations]
         entry_id = await self._store.begin_move(user, op, names, data, self._owner, self.separator)
+        self._working.add(entry_id)
         self._held.setdefault(user, []).extend((entry_id, r) for r in names)
         entry = JournalEntry(entry_id, user, op, data, Step.RESERVED, self._owner)
         if self.on_step is not None:
@@ -245,6 +247,7 @@ class MailboxMap:
     async def end_move(self, entry: JournalEntry) -> None:
         """The operation is over (done or undone): the entry and its reservations go together."""
         await self._store.end_move(entry.id)
+        self._working.discard(entry.id)
         entry.ended = True
         held = self._held.get(entry.user)
         if held:
@@ -259,6 +262,7 @@ class MailboxMap:
         """Take over an entry (recovery): only if its owner is still what we read, and gone."""
         if await self._store.claim(entry.id, self._owner, entry.owner, dead=owner_gone(entry.owner)):
             entry.owner = self._owner
+            self._working.add(entry.id)
             return True
         return False
 
@@ -266,7 +270,9 @@ class MailboxMap:
         """Leave an unfinished entry to whoever recovers next (this process gave up on it).
 
         Never raises: called on the way out of a failure (the store may be the failure);
-        an entry that could not be disowned is recovered once its owner's lease runs out."""
+        an entry that could not be disowned is recovered once its owner's lease runs out
+        (this process stops renewing it either way)."""
+        self._working.discard(entry.id)
         try:
             if await self._store.disown(entry.id, self._owner):
                 entry.owner = None
@@ -287,7 +293,8 @@ class MailboxMap:
 
     async def _renew(self) -> None:
         try:
-            await self._store.renew(self._owner)
+            if self._working:
+                await self._store.renew(self._owner, sorted(self._working))
         except Exception as e:  # StoreUnavailable, mostly: the loop goes on
             log.warn("map store: could not renew this process's move leases: {why}", why=str(e))
 

@@ -66,8 +66,8 @@ class MapStore(Protocol):
     async def end_move(self, entry_id: int) -> None: ...
     async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool: ...
     async def disown(self, entry_id: int, owner: str) -> bool: ...
-    async def renew(self, owner: str) -> int:
-        """Extend the lease of every entry *owner* holds; how many (0 for stores without leases)."""
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
+        """Extend the lease of those of *entry_ids* that *owner* holds; how many (0 for stores without leases)."""
     async def journal(self) -> list[JournalEntry]: ...
     async def settle(self) -> None:
         """Return once the other processes have (as good as surely) learnt of this one's last write."""
@@ -150,7 +150,7 @@ class MemoryStore:
         entry.owner = None
         return True
 
-    async def renew(self, owner: str) -> int:
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
         return 0
 
     async def settle(self) -> None:
@@ -287,7 +287,7 @@ class SQLiteStore:
             cur = self._db.execute("UPDATE journal SET owner = NULL WHERE id = ? AND owner = ?", (entry_id, owner))
         return cur.rowcount == 1
 
-    async def renew(self, owner: str) -> int:
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
         return 0
 
     async def settle(self) -> None:

@@ -173,7 +173,7 @@ def test_a_live_owner_is_never_taken_over_but_a_lapsed_lease_is(make_store, kind
     (seen,) = now(m.entries())
     assert not m.abandoned(seen) and not now(m.claim(seen))  # its owner renews: hands off
     for _ in range(100):
-        if now(store.renew(FAR)) == 1:  # the owner renewing
+        if now(store.renew(FAR, [entry])) == 1:  # the owner renewing
             break
     for _ in range(600):  # the owner stops renewing (a dead host): its lease runs out
         (seen,) = now(m.entries())
