@@ -212,6 +212,9 @@ class PostgresStore:
         except psycopg.Error as e:
             conn.close()
             raise StoreUnavailable(f"PostgreSQL: {_why(e)}") from None
+        except BaseException:
+            conn.close()
+            raise
         self._release(conn)
         self._publish(change, snapshot)
         self._started = True
