@@ -11,10 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from conftest import deep_merge
 from imapwire import Wire
 from movecheck import census, cli, faulty, judge, seed, through_proxy, wait_paused
+from test_ops_dovecot import scrape, value, wait_for
 
-from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, free_port
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -159,13 +161,17 @@ def test_postgresql_stopped_mid_session(proxy_factory, fleet, postgres, pg_dsn):
     work, other = ids("work", 10), ids("other", 3)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Old", other)
-    a = proxy_factory(_config(pg_dsn), rules=RULES)
+    metrics_port = free_port()
+    a = proxy_factory(deep_merge(_config(pg_dsn), {"metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}}),
+                      rules=RULES)
+    assert value(scrape(metrics_port), "referral_proxy_map_store_up") == 1
     setup = _logged_in(a)
     assert setup.cmd(b"r", b"RENAME Work Archive/Work")[-1].startswith(b"r OK")  # a placement: b1 -> b2
     setup.close()
     on_a = _logged_in(a)
     postgres.stop()
     try:
+        wait_for(lambda: value(scrape(metrics_port), "referral_proxy_map_store_up") == 0, "the metric of the outage")
         selected = on_a.cmd(b"s", b"SELECT Archive/Work")  # placed: known only from the map's cache
         assert selected[-1].startswith(b"s OK") and b"* 10 EXISTS\r\n" in selected, selected
         fetched = on_a.cmd(b"f", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
@@ -190,6 +196,9 @@ def test_postgresql_stopped_mid_session(proxy_factory, fleet, postgres, pg_dsn):
     counts, where = census(fleet, "carol")
     assert {where[i][0] for i in work} == {("b3", "Shared/Work")}
     _exactly_once(fleet, [a], "carol", work + other)
+    samples = scrape(metrics_port)
+    assert value(samples, "referral_proxy_map_store_up") == 1
+    assert value(samples, "referral_proxy_map_store_outages_total") == 1
     log = a.stderr_path.read_text()
     assert "PostgreSQL unreachable" in log and "reachable again" in log, log[-2000:]
 
