@@ -6,7 +6,6 @@ and by what a client of the proxy can reach, never by the proxy's own answers.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 
 import pytest
@@ -24,7 +23,7 @@ from movecheck import (
     through_proxy,
     wait_paused,
 )
-from storehelp import now
+from storehelp import REACTOR, now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -62,9 +61,22 @@ def _at_once(wires: list[Wire], commands: list[bytes]) -> list[bytes]:
     return answers
 
 
+def _store(proxy):
+    """The proxy's map store (SQLite, or PostgreSQL with RP_TEST_STORE), opened as another process would."""
+    from referral_proxy.config import load_config
+    from referral_proxy.store import open_store
+
+    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
+    store.start()
+    return store
+
+
 def _no_entries(proxy) -> bool:
-    with sqlite3.connect(proxy.config_path.parent / "map.sqlite3") as db:
-        return db.execute("SELECT count(*) FROM journal").fetchone()[0] == 0
+    store = _store(proxy)
+    try:
+        return now(store.journal()) == []
+    finally:
+        now(store.close())
 
 
 def _exactly_once(fleet, proxy, user: str, must, may=(), hidden=()) -> None:
@@ -382,7 +394,6 @@ def _state(backend, mailbox: str) -> tuple[int, int]:
 @pytest.mark.parametrize("committed", [True, False])
 def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fleet, committed):
     from referral_proxy.journal import Reservation, Step
-    from referral_proxy.routing import SQLiteStore
 
     inbox, stray = ids("inbox", 10), ids("stray", 1)
     seed(fleet["b1"], "carol", "INBOX", inbox)
@@ -392,7 +403,7 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
     validity, uidnext = _state(fleet["b2"], "INBOX")
     if committed:
         _copy_directly(fleet, "b1", "INBOX", "b2", "INBOX", "1:10")
-    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    store = _store(proxy)
     data = {"src": "b1", "dst": "b2", "old": "*", "new": "*", "token": "t0", "pairs": [["INBOX", "INBOX"]],
             "created": [], "validity": {"0": _state(fleet["b1"], "INBOX")[0]}, "batches": [],
             "pending": {"pair": 0, "src": "1:10", "validity": validity, "uidnext": uidnext,
@@ -410,7 +421,6 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
 @pytest.mark.parametrize("committed", [True, False, "moved meanwhile"])
 def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet, committed):
     from referral_proxy.journal import Reservation, Step
-    from referral_proxy.routing import SQLiteStore
 
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
@@ -419,7 +429,7 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
     validity, uidnext = _state(fleet["b3"], "Shared/Dest")
     if committed:
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
-    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    store = _store(proxy)
     data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
             "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
             "hashes": _hashes(fleet["b1"], "Work", "2:4")}
@@ -447,7 +457,6 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
 
 def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
     from referral_proxy.journal import Reservation
-    from referral_proxy.routing import SQLiteStore
 
     work = ids("work", 3)
     seed(fleet["b1"], "carol", "Work", work)
@@ -455,7 +464,7 @@ def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, f
     proxy = proxy_factory(MASTERS, rules=RULES)
     w = _logged_in(proxy)
     assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # selected before the move began
-    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    store = _store(proxy)
     entry = now(store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/"))
     for command in (b"UID MOVE 1 Other", b"MOVE 1 Shared/X", b"UID COPY 2 Shared/W"):
         assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command
