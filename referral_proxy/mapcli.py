@@ -76,12 +76,14 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
             sys.stderr.write(f"referral-proxy: map set: unknown backend {unknown[0]!r}\n")
             return 2
         await mailbox_map.place(args.user, args.mailbox, args.backends)
+        await mailbox_map.store.settle()  # the running proxies have it when this command returns
         print(f"{args.user} {args.mailbox} -> {', '.join(args.backends)}")
     elif args.map_command == "unset":
         if args.mailbox not in mailbox_map.placements(args.user):
             sys.stderr.write(f"referral-proxy: map unset: {args.user} {args.mailbox} has no placement\n")
             return 1
         await mailbox_map.unplace(args.user, args.mailbox)
+        await mailbox_map.store.settle()
         print(f"{args.user} {args.mailbox}: placement removed -> "
               f"{', '.join(mailbox_map.lookup(args.user, args.mailbox).backends)}")
     return 0
