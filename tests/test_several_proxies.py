@@ -237,3 +237,15 @@ def test_postgresql_stopped_in_the_middle_of_a_move(proxy_factory, fleet, postgr
     assert judge(counts, work) == ([], [])
     assert {where[i][0] for i in work} == {("b1", "Work")}
     _exactly_once(fleet, [a, b], "carol", work)
+
+
+def test_map_set_reaches_a_running_proxy_at_once(proxy_factory, fleet, pg_dsn):
+    seed(fleet["b2"], "carol", "Elsewhere", ids("far", 4))
+    a = proxy_factory(_config(pg_dsn), rules=RULES)
+    w = _logged_in(a)
+    assert w.cmd(b"s", b"SELECT Elsewhere")[-1].startswith(b"s NO")  # the default sends it to b1
+    placed = cli("map", "--config", str(a.config_path), "set", "CAROL", "Elsewhere", "b2")
+    assert placed.returncode == 0, placed.stderr
+    selected = w.cmd(b"t", b"SELECT Elsewhere")  # the same session's next command
+    assert selected[-1].startswith(b"t OK") and b"* 4 EXISTS\r\n" in selected, selected
+    w.close()
