@@ -12,6 +12,16 @@ from twisted.python.failure import Failure
 T = TypeVar("T")
 
 
+class _Never:
+    """A timer that never fires (ThreadedReactor.callLater)."""
+
+    def active(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        pass
+
+
 class ThreadedReactor:
     """Just enough reactor for the stores: calls made from other threads run when the test waits."""
 
@@ -26,14 +36,6 @@ class ThreadedReactor:
 
     def callLater(self, delay: float, f: Any, *args: Any, **kw: Any) -> _Never:
         return _Never()  # timeouts: the test's own wait() bounds everything
-
-
-class _Never:
-    def active(self) -> bool:
-        return True
-
-    def cancel(self) -> None:
-        pass
 
     def wait(self, aw: Awaitable[T], timeout: float = 60.0) -> T:
         d = defer.ensureDeferred(aw)  # type: ignore[arg-type]
