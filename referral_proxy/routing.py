@@ -225,6 +225,8 @@ class MailboxMap:
         entry_id = await self._store.begin_move(user, op, names, data, self._owner, self.separator)
         self._working.add(entry_id)
         self._held.setdefault(user, []).extend((entry_id, r) for r in names)
+        # Other proxies answer NO [INUSE] from their caches: the move reads nothing before they have it.
+        await self._store.settle()
         entry = JournalEntry(entry_id, user, op, data, Step.RESERVED, self._owner)
         if self.on_step is not None:
             self.on_step(entry)
