@@ -37,12 +37,13 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts
-from .store import SCHEMA_VERSION, Snapshot
+from .store import Snapshot
 
-__all__ = ["PostgresStore", "SchemaError", "migrate", "CHANNEL", "POOL_SIZE"]
+__all__ = ["PostgresStore", "SchemaError", "migrate", "SCHEMA_VERSION", "CHANNEL", "POOL_SIZE"]
 
 log = Logger()
 
+SCHEMA_VERSION = 1  # `referral-proxy map migrate` brings a database to it; a proxy checks it at start-up
 CHANNEL = "referral_proxy_map"
 POOL_SIZE = 4  # threads (and connections) of one process; writes are short transactions
 CONNECT_TIMEOUT = 5  # seconds

@@ -2,7 +2,7 @@
 
 Order of authority: a placement written at run time (a moved mailbox) > the first
 matching ``[[map.rules]]`` entry > ``[map].default``. Placements, the move journal
-and its reservations live in a store (store.py: SQLite, PostgreSQL) mirrored in
+and its reservations live in a store (store.py, pgstore.py; opened by open_store below) mirrored in
 memory, so a lookup never waits on I/O; writes are coroutines. User names are canonical (``[map].username_format``) in every
 method of MailboxMap: routing, placements, reservations and the journal agree.
 """
@@ -28,7 +28,7 @@ from .journal import (
     owner_gone,
     process_owner,
 )
-from .store import MapStore, MemoryStore, Snapshot, SQLiteStore, open_store
+from .store import MapStore, MemoryStore, Snapshot, SQLiteStore
 
 __all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches",
            "normalize", "canonical_user", "StepHook"]
@@ -45,6 +45,26 @@ class Route:
     @property
     def primary(self) -> str:
         return self.backends[0]
+
+
+def open_store(spec: str | None, reactor: Any = None, *, lease_seconds: float = 60.0) -> MapStore:
+    """Open the store named by ``[map].store`` (already made absolute by the config loader).
+
+    A PostgreSQL store needs the *reactor* (its thread pool answers there); it is not
+    connected yet: ``await store.load()`` (or ``check()``) is the first to reach it."""
+    if spec is None:
+        return MemoryStore()
+    scheme, _, rest = spec.partition(":")
+    if scheme == "sqlite":
+        return SQLiteStore(rest)
+    if scheme in ("postgresql", "postgres"):
+        from .pgstore import PostgresStore  # psycopg only where it is used
+
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        return PostgresStore(spec, reactor, lease_seconds=lease_seconds)
+    raise ValueError(f"unknown store {spec!r}")
 
 
 @lru_cache(maxsize=1024)

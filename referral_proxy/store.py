@@ -15,13 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, conflicts
 
-__all__ = ["Snapshot", "MapStore", "MemoryStore", "SQLiteStore", "open_store", "SCHEMA_VERSION"]
-
-SCHEMA_VERSION = 1  # of the PostgreSQL schema (pgstore.py); `referral-proxy map migrate` brings a database to it
+__all__ = ["Snapshot", "MapStore", "MemoryStore", "SQLiteStore"]
 
 
 @dataclass(frozen=True)
@@ -321,23 +319,3 @@ def _blob(name: str | None) -> bytes | None:
 
 def _name(stored: bytes | None) -> str | None:
     return None if stored is None else bytes(stored).decode("utf-8", "surrogateescape")
-
-
-def open_store(spec: str | None, reactor: Any = None, *, lease_seconds: float = 60.0) -> MapStore:
-    """Open the store named by ``[map].store`` (already made absolute by the config loader).
-
-    A PostgreSQL store needs the *reactor* (its thread pool answers there); it is not
-    connected yet: ``await store.load()`` (or ``check()``) is the first to reach it."""
-    if spec is None:
-        return MemoryStore()
-    scheme, _, rest = spec.partition(":")
-    if scheme == "sqlite":
-        return SQLiteStore(rest)
-    if scheme in ("postgresql", "postgres"):
-        from .pgstore import PostgresStore  # psycopg only where it is used
-
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
-        return PostgresStore(spec, reactor, lease_seconds=lease_seconds)
-    raise ValueError(f"unknown store {spec!r}")

@@ -64,7 +64,7 @@ def _at_once(wires: list[Wire], commands: list[bytes]) -> list[bytes]:
 def _store(proxy):
     """The proxy's map store (SQLite, or PostgreSQL with RP_TEST_STORE), opened as another process would."""
     from referral_proxy.config import load_config
-    from referral_proxy.store import open_store
+    from referral_proxy.routing import open_store
 
     store = open_store(load_config(proxy.config_path).map.store, REACTOR)
     store.start()
