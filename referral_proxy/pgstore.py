@@ -12,7 +12,9 @@ How it keeps store.MapStore's contract:
 * a listener thread, on its own connection, LISTENs, and on each notification (and
   after each reconnect) re-reads placements and reservations in one REPEATABLE READ
   transaction; ``poll()`` hands the newest to the reactor thread without I/O, never one
-  older than this process's own last write (its ``change``);
+  older than this process's own last write (its ``change``); it writes the change it
+  has read in ``listeners`` (and a heartbeat every HEALTH_SECONDS), and ``settle()``
+  waits until every live listener has read this process's last write;
 * a move's owner holds a lease (``lease_until``, the database's clock), renewed by its
   process; recovery takes an entry over only when the lease has run out (or its owner,
   on this host, is dead), by compare-and-set; each journal step is written only while
@@ -23,7 +25,10 @@ How it keeps store.MapStore's contract:
 from __future__ import annotations
 
 import json
+import os
 import queue
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +36,6 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import make_conninfo
-from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -50,7 +54,8 @@ CONNECT_TIMEOUT = 5  # seconds
 STATEMENT_TIMEOUT_MS = 10_000  # a statement (or a lock wait) longer than this fails: StoreUnavailable
 IDLE_CHECK_SECONDS = 1.0  # a pooled connection idle longer is checked (SELECT 1) before a write uses it
 HEALTH_SECONDS = 2.0
-SETTLE_SECONDS = 2.0  # a move's end waits at most this long for its release to reach the listeners  # the listener checks its connection this often when nothing is notified
+SETTLE_SECONDS = 2.0  # a move's begin and end wait at most this long for every live proxy to have read them
+LIVE_SECONDS = 3 * HEALTH_SECONDS  # a listener silent longer is taken for gone (settle does not wait for it)  # the listener checks its connection this often when nothing is notified
 _OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS} " \
            f"-c idle_in_transaction_session_timeout=60000"
 
@@ -72,6 +77,8 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS reservations (entry bigint NOT NULL REFERENCES journal (id) ON DELETE CASCADE,"
     " username bytea NOT NULL, name bytea, subtree boolean NOT NULL, shared boolean NOT NULL)",
     "CREATE INDEX IF NOT EXISTS reservations_user ON reservations (username)",
+    # each running proxy's listener: the newest change it has read, and when it last said so
+    "CREATE TABLE IF NOT EXISTS listeners (id text PRIMARY KEY, seen bigint NOT NULL, beat timestamptz NOT NULL)",
 ]
 
 T = TypeVar("T")
@@ -94,11 +101,6 @@ def _step(value: str) -> Step | None:
         return Step(value)
     except ValueError:
         return None
-
-
-def _fire(d: defer.Deferred[None]) -> None:
-    if not d.called:
-        d.callback(None)
 
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
@@ -192,7 +194,7 @@ class PostgresStore:
         self._pending_change = -1
         self._floor = -1  # the change of this process's own last write: no older snapshot is handed out
         self._seen = -1  # the newest change the listener has read
-        self._waiters: list[tuple[int, defer.Deferred[None]]] = []
+        self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # this listener in `listeners`
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
         self._started = False
@@ -229,10 +231,6 @@ class PostgresStore:
             if change >= self._floor and change >= self._pending_change:
                 self._pending, self._pending_change = snapshot, change
             self._seen = max(self._seen, change)
-            due = [d for c, d in self._waiters if c <= self._seen]
-            self._waiters = [(c, d) for c, d in self._waiters if c > self._seen]
-        for d in due:
-            self._reactor.callFromThread(_fire, d)
 
     def _set_available(self, up: bool) -> None:
         if up == self.available:
@@ -248,6 +246,17 @@ class PostgresStore:
         if self.on_availability is not None:
             self.on_availability(up)
 
+    def _read_and_tell(self, conn: psycopg.Connection[Any]) -> None:
+        change, snapshot = _read_snapshot(conn)
+        self._publish(change, snapshot)
+        self._beat(conn)
+
+    def _beat(self, conn: psycopg.Connection[Any]) -> None:
+        """Say which change this proxy has read (settle() of every proxy waits for the live ones)."""
+        conn.execute("INSERT INTO listeners (id, seen, beat) VALUES (%s, %s, clock_timestamp())"
+                     " ON CONFLICT (id) DO UPDATE SET seen = EXCLUDED.seen, beat = EXCLUDED.beat",
+                     (self._id, self._seen))
+
     def _listen(self) -> None:
         delay = 0.2
         while not self._stopping.is_set():
@@ -255,7 +264,7 @@ class PostgresStore:
             try:
                 conn = psycopg.connect(_conninfo(self.dsn, "referral-proxy listener"), autocommit=True)
                 conn.execute(f"LISTEN {CHANNEL}")
-                self._publish(*_read_snapshot(conn))  # after a reconnect: everything again
+                self._read_and_tell(conn)  # after a reconnect: everything again
                 self._set_available(True)
                 delay = 0.2
                 while not self._stopping.is_set():
@@ -265,16 +274,17 @@ class PostgresStore:
                     if notified:
                         for _n in conn.notifies(timeout=0.001):  # the rest of a burst: one re-read
                             pass
-                        self._publish(*_read_snapshot(conn))
+                        self._read_and_tell(conn)
                     else:
-                        conn.execute("SELECT 1")  # a server gone quiet is noticed
+                        self._beat(conn)  # alive (and a server gone quiet is noticed)
+                conn.execute("DELETE FROM listeners WHERE id = %s", (self._id,))
             except Exception as e:
                 if self._stopping.is_set():
                     break
                 self._set_available(False)
                 log.debug("map store listener: {why}", why=_why(e))
                 self._stopping.wait(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
             finally:
                 if conn is not None:
                     try:
@@ -349,22 +359,36 @@ class PostgresStore:
     # -- the contract -------------------------------------------------------------------------
 
     async def settle(self) -> None:
-        """Wait (SETTLE_SECONDS at most) until this process's listener has read its own last write.
+        """Wait (SETTLE_SECONDS at most) until every live proxy's listener has read this process's
+        last write (live: it said so in ``listeners`` within LIVE_SECONDS). Never raises.
 
-        Every proxy's listener is told of a commit at the same moment and reads it the same
-        way: once ours has, the others have as good as surely too. A move's end waits for
-        this before its client is answered, so the client's next command, through any proxy,
-        finds the names free."""
+        A move's begin waits for this before it reads anything, and its end before its client
+        is answered: the next command of any client, through any proxy, finds the names held,
+        then free. A proxy cut from the database is not waited for (it routes from its cache)."""
         with self._lock:
-            if self._seen >= self._floor or not self.available or self._listener is None:
+            floor = self._floor
+            if floor < 0 or not self.available or self._listener is None:
                 return
-            d: defer.Deferred[None] = defer.Deferred()
-            self._waiters.append((self._floor, d))
-        d.addTimeout(SETTLE_SECONDS, self._reactor)
+        deadline = time.monotonic() + SETTLE_SECONDS
+
+        def wait_all(conn: psycopg.Connection[Any]) -> int:
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM listeners WHERE seen < %s"
+                    " AND beat > clock_timestamp() - make_interval(secs => %s)", (floor, LIVE_SECONDS)).fetchone()
+                behind = int(row[0]) if row else 0
+                if behind == 0 or time.monotonic() > deadline:
+                    return behind
+                time.sleep(0.002)
+
         try:
-            await d
-        except defer.TimeoutError:
-            log.warn("map store: this proxy's listener did not see its own change within {s}s", s=SETTLE_SECONDS)
+            behind = await self._run(wait_all)
+        except Exception as e:
+            log.warn("map store: could not check that the other proxies have change {c}: {why}", c=floor, why=str(e))
+            return
+        if behind:
+            log.warn("map store: {n} proxy listener(s) had not read change {c} after {s}s", n=behind, c=floor,
+                     s=SETTLE_SECONDS)
 
     def poll(self) -> Snapshot | None:
         with self._lock:

@@ -196,8 +196,9 @@ def test_postgresql_stopped_mid_session(proxy_factory, fleet, postgres, pg_dsn):
     counts, where = census(fleet, "carol")
     assert {where[i][0] for i in work} == {("b3", "Shared/Work")}
     _exactly_once(fleet, [a], "carol", work + other)
-    samples = scrape(metrics_port)
-    assert value(samples, "referral_proxy_map_store_up") == 1
+    # the listener reconnects on its own schedule (backoff up to 2 s): then the metric is back
+    samples = wait_for(lambda: (s := scrape(metrics_port)) and value(s, "referral_proxy_map_store_up") == 1 and s,
+                       "the metric back at 1")
     assert value(samples, "referral_proxy_map_store_outages_total") == 1
     log = a.stderr_path.read_text()
     assert "PostgreSQL unreachable" in log and "reachable again" in log, log[-2000:]
