@@ -134,7 +134,8 @@ class ProxyService(MultiService):
         self.workers: WorkerPool | None = None
         self._ports: list[Any] = []
         # on_step: called after each journal step (tests inject faults there; None in production)
-        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
+        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store, reactor,
+                                                             lease_seconds=config.map.lease_seconds), on_step=on_step)
         # Run by the master (or the only process): entries are claimed by owner, so a worker's
         # move is recovered once that worker is gone, never while it runs.
         self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded
@@ -213,6 +214,13 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         netio.install(self.reactor)  # before the first connection: writes sent at the end of each loop pass
         tune_gc()
+        # The map first: a PostgreSQL store that is unreachable or has no (or an old) schema
+        # stops start-up with one line (runner.py prints it) before anything listens.
+        self.mailbox_map.start()
+        self.mailbox_map.start_leases(self.reactor, self.config.map.lease_seconds / 4)
+        store = self.mailbox_map.store
+        if hasattr(store, "on_availability"):
+            store.on_availability = self.observer.map_store_available
         if self.is_master:
             # bound here, before any worker starts (an address in use stops start-up)
             self._ports = bind_listeners(self.reactor, self.config.proxy.listen, self._factory,
@@ -263,7 +271,7 @@ class ProxyService(MultiService):
             except defer.TimeoutError:
                 log.warn("{n} client connection(s) still open after {s}s; closing anyway", n=len(self.context.sessions),
                          s=SHUTDOWN_GRACE)
-        self.mailbox_map.close()
+        yield defer.ensureDeferred(self.mailbox_map.close())
 
     def reload(self, path: str | None = None) -> None:
         """SIGHUP: read the file again; backends and map rules change together, for new
