@@ -144,12 +144,19 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
             started = time.monotonic()
             result = await mover.rename(args.mailbox, args.mailbox, src_name, args.backend)
         except MoveIncomplete as e:
+            _count(mailbox_map, "ok", mover.progress.bytes)  # committed: the mail is in its new place
             sys.stderr.write(f"\nreferral-proxy: move committed but not finished: {e}\n"
                              "run `referral-proxy recover` (or a running proxy will) to finish it\n")
             return 1
         except (TransferError, BackendError) as e:
-            sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
+            _count(mailbox_map, "failed", mover.progress.bytes)
+            if mover.left_to_recovery:
+                sys.stderr.write(f"\nreferral-proxy: move failed: {e}; its roll-back failed too and is left to "
+                                 "`referral-proxy recover` (or a running proxy): the source is untouched\n")
+            else:
+                sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
             return 1
+        _count(mailbox_map, "ok", result.bytes)
         elapsed = time.monotonic() - started
         sys.stderr.write("\n")
         print(f"moved {user} {args.mailbox} from {src_name} to {args.backend}: {result.mailboxes} mailbox(es), "
@@ -162,6 +169,14 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         return 0
 
     return _run(main)
+
+
+def _count(mailbox_map: MailboxMap, result: str, nbytes: int) -> None:
+    """Count the move in the map store, where the proxies' metrics read it (kind admin_move)."""
+    try:
+        mailbox_map.store.count_transfer("admin_move", result, nbytes)
+    except Exception as e:  # the move's outcome stands; only its count is missing
+        sys.stderr.write(f"referral-proxy: warning: the move could not be counted in the map store: {e}\n")
 
 
 async def _totals(connect: Connect, src_name: str, mover: Mover, mailbox: str) -> tuple[int, int]:

@@ -52,7 +52,9 @@ class MapStore(Protocol):
     The contract a PostgreSQL store must keep too: ``begin_move`` checks the
     reservations of every live entry and writes the new entry with its own in ONE
     transaction (or raises InUse, writing nothing); ``end_move`` removes an entry and
-    its reservations in one transaction; ``claim`` is a compare-and-set of the owner."""
+    its reservations in one transaction; ``claim`` is a compare-and-set of the owner.
+    ``count_transfer`` adds to the store's transfer counters (admin moves run in their
+    own process: the proxies' metrics read them with ``transfer_counts``)."""
 
     def load(self) -> dict[tuple[str, str], tuple[str, ...]]: ...
     def changed(self) -> bool:
@@ -66,6 +68,8 @@ class MapStore(Protocol):
     def claim(self, entry_id: int, owner: str | None, expected: str | None) -> bool: ...
     def journal(self) -> list[JournalEntry]: ...
     def reservations(self) -> list[tuple[str, Reservation]]: ...
+    def count_transfer(self, kind: str, result: str, nbytes: int) -> None: ...
+    def transfer_counts(self) -> dict[tuple[str, str], tuple[int, int]]: ...
     def close(self) -> None: ...
 
 
@@ -83,6 +87,7 @@ class MemoryStore:
         self._rows: dict[tuple[str, str], tuple[str, ...]] = {}
         self._journal: dict[int, JournalEntry] = {}
         self._held: dict[int, list[Reservation]] = {}
+        self._counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._next_id = 1
 
     def load(self) -> dict[tuple[str, str], tuple[str, ...]]:
@@ -130,6 +135,13 @@ class MemoryStore:
     def reservations(self) -> list[tuple[str, Reservation]]:
         return [(self._journal[i].user, r) for i, held in self._held.items() for r in held]
 
+    def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
+        n, total = self._counts.get((kind, result), (0, 0))
+        self._counts[(kind, result)] = (n + 1, total + nbytes)
+
+    def transfer_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        return dict(self._counts)
+
     def close(self) -> None:
         pass
 
@@ -161,6 +173,11 @@ class SQLiteStore:
             "CREATE TABLE IF NOT EXISTS reservations ("
             " entry INTEGER NOT NULL, user TEXT NOT NULL, name BLOB, subtree INTEGER NOT NULL,"
             " shared INTEGER NOT NULL)"
+        )
+        self._db.execute(  # transfers run by other processes than the proxies (the admin move)
+            "CREATE TABLE IF NOT EXISTS transfer_counts ("
+            " kind TEXT NOT NULL, result TEXT NOT NULL, n INTEGER NOT NULL, bytes INTEGER NOT NULL,"
+            " PRIMARY KEY (kind, result))"
         )
         self._version = -1
 
@@ -240,6 +257,18 @@ class SQLiteStore:
     def reservations(self) -> list[tuple[str, Reservation]]:
         rows = self._db.execute("SELECT user, name, subtree, shared FROM reservations")
         return [(u, Reservation(_name(n), bool(s), bool(sh))) for u, n, s, sh in rows]
+
+    def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO transfer_counts (kind, result, n, bytes) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (kind, result) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes",
+                (kind, result, nbytes),
+            )
+
+    def transfer_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        rows = self._db.execute("SELECT kind, result, n, bytes FROM transfer_counts")
+        return {(k, r): (n, b) for k, r, n, b in rows}
 
     def close(self) -> None:
         self._db.close()

@@ -117,7 +117,8 @@ class ProxyService(MultiService):
         self.health: HealthChecker | None = None
         if config.metrics.listen is not None:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
-            site = metrics_site(make_registry(self.observer, self.health), self.health)
+            site = metrics_site(make_registry(self.observer, self.health, self.mailbox_map.store.transfer_counts),
+                                self.health)
             svc = StreamServerEndpointService(serverFromString(reactor, config.metrics.listen), site)
             svc._raiseSynchronously = True
             svc.setName("metrics")

@@ -97,6 +97,11 @@ def test_store_contract(store):
     assert [e.id for e in store.journal()] == [other]
     assert [(u, r.name) for u, r in store.reservations()] == [("dave", "Big")]
     store.begin_move("carol", "move", [Reservation("Small"), Reservation("Shared/Z/c")], {}, "me", "/")
+    assert store.transfer_counts() == {}
+    store.count_transfer("admin_move", "ok", 100)
+    store.count_transfer("admin_move", "ok", 23)
+    store.count_transfer("admin_move", "failed", 0)
+    assert store.transfer_counts() == {("admin_move", "ok"): (2, 123), ("admin_move", "failed"): (1, 0)}
 
 
 def test_map_reservations_use_canonical_names(store):

@@ -277,6 +277,48 @@ def test_whole_user_move_killed_recovered_and_retried_multiplies_nothing(proxy_f
     assert _no_entries(proxy)
 
 
+def test_admin_move_whose_roll_back_fails_says_so_and_recover_undoes_it(proxy_factory, fleet, spare_backend, tmp_path):
+    """The destination dies mid-copy: the roll-back cannot reach it either. `move` must not say
+    "nothing changed" (copies and a created mailbox are there); `recover` then undoes it exactly."""
+    work, child = ids("work", 20), ids("child", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Work/c", child)
+    far = {"endpoint": spare_backend.endpoint, "url": spare_backend.url,
+           "master_user": MASTER_USER, "master_password": MASTER_PASSWORD}
+    proxy = proxy_factory({**MASTERS, "backends": {**MASTERS["backends"], "b4": far}}, rules=RULES)
+    config = str(proxy.config_path)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    outcome: list = []
+    mover = threading.Thread(target=lambda: outcome.append(cli(
+        "move", "--config", config, "carol", "Work", "b4",
+        command=faulty("--pause-at", "created:2", "--pause-dir", str(pause)))))
+    mover.start()
+    try:
+        _wait_paused(pause, "created:2")  # Work copied to b4, Work/c created there
+        spare_backend.kill()
+        (pause / "resume").touch()
+        mover.join(180)
+    finally:
+        spare_backend.start()
+    (result,) = outcome
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "nothing changed" not in result.stderr and "left to `referral-proxy recover`" in result.stderr, result.stderr
+    assert census(fleet, "carol", [spare_backend])[0], "the copies this test is about are not there"
+    recovered = cli("recover", "--config", config)
+    assert recovered.returncode == 0 and "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
+    assert not census(fleet, "carol", [spare_backend])[0]  # the destination exactly as it was: empty
+    with spare_backend.client("carol") as m:
+        assert [n for n in (m.list()[1] or []) if n and b"Work" in n] == []
+    _exactly_once(fleet, proxy, "carol", work + child)
+    again = cli("move", "--config", config, "carol", "Work", "b4")
+    assert again.returncode == 0, again.stdout + again.stderr
+    counts, where = census(fleet, "carol", [*fleet.backends.values(), spare_backend])
+    assert {i: n for i, n in counts.items() if n != 1} == {} and set(counts) == set(work + child)
+    assert {where[i][0] for i in work} == {("spare", "Work")} and {where[i][0] for i in child} == {("spare", "Work/c")}
+    assert _no_entries(proxy)
+
+
 # -- 6. a RENAME on one backend whose children the map routes elsewhere ----------------------------------------
 
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from mailcheck import same_messages as _same_messages
 from movecheck import cli, faulty, multiappend
 from procmem import reset_peak, rss
 
-from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot, free_port
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -327,11 +328,17 @@ def test_admin_move_of_a_whole_user(proxy_factory, fleet):
     _seed(fleet["b1"], "Work/Deep", 2, start=20)
     _seed(fleet["b3"], "Shared/Team", 2, start=30)  # lives on b3 by rule: stays
     before = {n: _contents(fleet["b1"], n) for n in ("INBOX", "Work", "Work/Deep")}
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    metrics_port = free_port()
+    proxy = proxy_factory({**MASTERS, "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}}, rules=RULES)
     result = subprocess.run([sys.executable, "-m", "referral_proxy", "move", "--config", str(proxy.config_path),
                              "alice", "*", "b2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 mailbox(es), 10 message(s)" in result.stdout and "home is now b2" in result.stdout
+    # The move ran in its own process; the running proxy's metrics count it (from the map store).
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    carried = sum(len(_body(i)) for i in [*range(0, 5), *range(10, 13), *range(20, 22)])
+    assert 'referral_proxy_transfers_total{kind="admin_move",result="ok"} 1.0' in metrics.splitlines()
+    assert f'referral_proxy_transfer_bytes_total{{kind="admin_move"}} {carried:.1f}' in metrics.splitlines()
     for name, msgs in before.items():
         assert _same_messages(_contents(fleet["b2"], name), msgs), name
         assert _contents(fleet["b1"], name) == []
