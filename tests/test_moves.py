@@ -106,6 +106,25 @@ def test_the_same_mailbox_renamed_twice_at_once_moves_once(proxy_factory, fleet)
     _exactly_once(fleet, proxy, "carol", work)
 
 
+def test_two_proxy_processes_sharing_the_store_rename_the_same_mailbox_once(proxy_factory, fleet, tmp_path):
+    work, child = ids("work", 300), ids("workc", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Work/c", child)
+    store = tmp_path / "shared.sqlite3"
+    shared = {**MASTERS, "map": {"store": f"sqlite:{store}"}}
+    p1, p2 = proxy_factory(shared, rules=RULES), proxy_factory(shared, rules=RULES)
+    answers = _at_once([_logged_in(p1), _logged_in(p2)], [b"RENAME Work Shared/A", b"RENAME Work Archive/B"])
+    assert sum(a.split()[1] == b"OK" for a in answers) == 1, answers
+    assert any(b"NO [INUSE]" in a or b"NO [NONEXISTENT]" in a for a in answers), answers
+    _exactly_once(fleet, p1, "carol", work + child)
+    _exactly_once(fleet, p2, "carol", work + child)
+    counts, where = census(fleet, "carol")
+    to = ("b3", "Shared/A") if answers[0].split()[1] == b"OK" else ("b2", "Archive/B")
+    assert {where[i][0] for i in work} == {to} and {where[i][0] for i in child} == {(to[0], to[1] + "/c")}
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT count(*) FROM journal").fetchone()[0] == 0
+
+
 # -- 3. mail delivered to the source during a move -------------------------------------------------------------
 
 

@@ -306,6 +306,8 @@ def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
     from referral_proxy.routing import SQLiteStore
 
     _seed(fleet["b1"], "Work", 1)
+    _seed(fleet["b1"], "INBOX", 2, start=5)
+    inbox = _contents(fleet["b1"], "INBOX")
     proxy = proxy_factory(rules=RULES)
     w = Wire(proxy.host, proxy.port)
     w.login()
@@ -316,6 +318,10 @@ def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
         assert w.cmd(tag, command) == [tag + b" NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n"]
     w.send(b"d APPEND Work {5}\r\n")
     assert w.line().startswith(b"d NO [INUSE]")  # before the literal
+    assert w.cmd(b"h", b"SELECT INBOX")[-1].startswith(b"h OK")
+    for tag, command in [(b"i", b"COPY 1 Archive/Work"), (b"j", b"UID MOVE 1:* Work"), (b"k", b"MOVE 1 Archive/Work/x")]:
+        assert w.cmd(tag, command) == [tag + b" NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n"]
+    assert [m[3] for m in _contents(fleet["b1"], "INBOX")] == [m[3] for m in inbox]  # nothing left it
     store.end_move(entry)
     assert w.cmd(b"e", b"SELECT Work")[-1].startswith(b"e OK")
     store.close()
