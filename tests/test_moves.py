@@ -227,6 +227,26 @@ def test_a_wildcard_is_a_name_not_a_pattern(proxy_factory, fleet):
     assert {where[i][0] for i in inbox} == {("b1", "INBOX")}
 
 
+def test_admin_move_takes_names_as_names_and_users_canonically(proxy_factory, fleet):
+    work, pct, xx = ids("work", 3), ids("pct", 4), ids("xx", 2)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "50% off", pct)
+    seed(fleet["b1"], "carol", "50xx off", xx)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    config = str(proxy.config_path)
+    for pattern in ("%", "Wor%", "50*"):
+        refused = cli("move", "--config", config, "carol", pattern, "b3")
+        assert refused.returncode != 0 and "NONEXISTENT" in refused.stderr, (pattern, refused.stdout + refused.stderr)
+    assert sum(census(fleet, "carol", [fleet["b1"]])[0].values()) == 9  # nothing moved
+    moved = cli("move", "--config", config, "CAROL", "50% off", "b3")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    _exactly_once(fleet, proxy, "carol", work + pct + xx)
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in pct} == {("b3", "50% off")}
+    assert {where[i][0] for i in work + xx} == {("b1", "Work"), ("b1", "50xx off")}
+    assert _no_entries(proxy)
+
+
 @pytest.mark.parametrize("name", ['q"uo\\te', "a*b", "Caf&AOk-", "with space/and % sign"])
 def test_odd_names_move_across_servers(proxy_factory, fleet, name):
     mail, child = ids("odd", 4), ids("oddchild", 2)
