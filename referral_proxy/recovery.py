@@ -126,7 +126,10 @@ class RecoverySweep:
             config = self.config()
             lines = await recover_all(self.map, lambda user: master_connector(self.reactor, config, user),
                                       self.reactor)
-        except Exception:
+        except Exception as e:
+            if not self._loop.running:  # the proxy is stopping (its store closed under the recovery)
+                log.info("recovery interrupted by shutdown ({why}); it goes on at the next start", why=str(e))
+                return
             log.failure("recovery failed")
             return
         for line in lines:

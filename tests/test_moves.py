@@ -428,6 +428,38 @@ def test_cross_server_move_killed_midway_is_finished_by_recover(proxy_factory, f
     assert "nothing to recover" in cli("recover", "--config", str(proxy.config_path)).stdout
 
 
+@pytest.mark.parametrize("back", [True, False])
+def test_a_killed_moves_copy_moved_back_before_recover_is_not_duplicated(proxy_factory, fleet, back):
+    """Killed after the destination committed: the user sees the message in both places and moves the
+    copy back before recovery runs. Recovery must not keep the original beside the returned copy; and
+    when the copy is just gone (expunged), the original stays: nothing is verified anywhere."""
+    work = ids("work", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:* Shared/Dest\r\n")
+    assert w.closed(30), "the proxy was not killed at move-appended"
+    proxy.process.wait(10)
+    with fleet["b3"].client("carol") as m:  # a client moves the copy of work-1 back (as Dovecot would: copy, expunge)
+        m.select(quote("Shared/Dest"))
+        (uid,) = m.uid("SEARCH", "HEADER", "Message-Id", "work-1@t")[1][0].split()
+        copy = [item[1] for item in m.uid("FETCH", uid, "(BODY.PEEK[])")[1] if isinstance(item, tuple)][0]
+        if back:
+            with fleet["b1"].client("carol") as b1:
+                assert b1.append(quote("Work"), None, None, copy)[0] == "OK"
+        m.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
+        m.uid("EXPUNGE", uid)
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    removed = "finished: 3 message(s)" if back else "finished: 2 message(s)"
+    assert recovered.returncode == 0 and removed in recovered.stdout, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], []), where
+    assert {where[i][0] for i in ("work-0@t", "work-2@t")} == {("b3", "Shared/Dest")}
+    assert where["work-1@t"] == [("b1", "Work")]
+
+
 # -- the hard case: killed after the destination committed a MULTIAPPEND, before its APPENDUID was journaled ----------
 
 
