@@ -9,7 +9,7 @@ two distinct families.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import exposition
@@ -38,21 +38,12 @@ CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTEN
 _BOUNDS = [f"{b:g}" for b in COMMAND_BUCKETS] + ["+Inf"]
 
 
-SharedCounts = Callable[[], dict[tuple[str, str], tuple[int, int]]]
-
-
 class ProxyCollector:
-    """The referral_proxy_* families, read from an Observer (and a HealthChecker).
+    """The referral_proxy_* families, read from an Observer (and a HealthChecker)."""
 
-    *shared*: transfers other processes ran, from the map store ((kind, result) -> (count,
-    bytes)): the admin ``move``. Every proxy sharing the store shows the same totals of
-    those (aggregate them across proxies with max, not sum)."""
-
-    def __init__(self, observer: Observer, health: HealthChecker | None = None,
-                 shared: SharedCounts | None = None) -> None:
+    def __init__(self, observer: Observer, health: HealthChecker | None = None) -> None:
         self.observer = observer
         self.health = health
-        self.shared = shared
 
     def describe(self) -> list[Metric]:
         return []  # built at every scrape
@@ -76,14 +67,10 @@ class ProxyCollector:
         yield _counter("referral_proxy_bytes", "IMAP bytes relayed, by direction.", ["direction"], {
             "client_in": o.bytes_client_in, "client_out": o.bytes_client_out,
             "backend_in": backend_in, "backend_out": backend_out})
-        transfers, transfer_bytes = dict(o.transfers_total), {kind: o.transfer_bytes.get(kind, 0) for kind in TRANSFER_KINDS}
-        for (kind, result), (n, nbytes) in self._shared().items():
-            transfers[(kind, result)] = transfers.get((kind, result), 0) + n
-            transfer_bytes[kind] = transfer_bytes.get(kind, 0) + nbytes
         yield _counter("referral_proxy_transfers", "Cross-server COPY, MOVE, RENAME and admin moves.",
-                       ["kind", "result"], transfers)
+                       ["kind", "result"], o.transfers_total)
         yield _counter("referral_proxy_transfer_bytes", "Message bytes carried between backends.", ["kind"],
-                       transfer_bytes)
+                       {kind: o.transfer_bytes.get(kind, 0) for kind in TRANSFER_KINDS})
         family = HistogramMetricFamily("referral_proxy_command_seconds",
                                        "Time from a command's line to its tagged answer, by command.",
                                        labels=["command"])
@@ -94,6 +81,11 @@ class ProxyCollector:
                 buckets.append((bound, cumulative))
             family.add_metric([command], buckets, total[0])
         yield family
+        yield GaugeMetricFamily("referral_proxy_map_store_up",
+                                "1 while the map store is reachable (0: routing from the cached map, moves refused).",
+                                value=1 if o.map_store_up else 0)
+        yield _counter("referral_proxy_map_store_outages", "Times the map store became unreachable.", [],
+                       {(): o.map_store_outages})
         if self.health is not None:
             family = GaugeMetricFamily("referral_proxy_backend_up",
                                        "1 when the backend answered its last health check with a greeting.",
@@ -102,15 +94,6 @@ class ProxyCollector:
                 state = self.health.state.get(name)
                 family.add_metric([name], 1 if state is not None and state.ok else 0)
             yield family
-
-    def _shared(self) -> dict[tuple[str, str], tuple[int, int]]:
-        if self.shared is None:
-            return {}
-        try:
-            return self.shared()
-        except Exception as e:  # a store that cannot be read now: the proxy's own counts still go out
-            log.warn("metrics: the map store's transfer counts could not be read: {why}", why=str(e))
-            return {}
 
 
 def _counter(name: str, doc: str, labels: list[str], values: dict[Any, int]) -> CounterMetricFamily:
@@ -121,11 +104,10 @@ def _counter(name: str, doc: str, labels: list[str], values: dict[Any, int]) -> 
     return family
 
 
-def make_registry(observer: Observer, health: HealthChecker | None = None,
-                  shared: SharedCounts | None = None) -> CollectorRegistry:
+def make_registry(observer: Observer, health: HealthChecker | None = None) -> CollectorRegistry:
     """A registry of its own: the proxy's families plus the process, platform and GC ones."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(observer, health, shared))
+    registry.register(ProxyCollector(observer, health))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

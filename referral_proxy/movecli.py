@@ -72,7 +72,14 @@ def _load(path: str, on_step: StepHook | None) -> tuple[Config, MailboxMap] | No
     if config.map.store is None:
         sys.stderr.write("referral-proxy: [map].store is not set: moves need a journal\n")
         return None
-    return config, MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
+    mailbox_map = MailboxMap(config.map, open_store(config.map.store, lease_seconds=config.map.lease_seconds),
+                             on_step=on_step)
+    try:
+        mailbox_map.start()
+    except Exception as e:  # the store unreachable, or its schema missing: one line
+        sys.stderr.write(f"referral-proxy: {e}\n")
+        return None
+    return config, mailbox_map
 
 
 def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) -> int:
@@ -82,10 +89,12 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
     config, mailbox_map = loaded
 
     async def main(reactor: Any) -> int:
+        mailbox_map.start_leases(reactor, config.map.lease_seconds / 4)  # what it takes over stays its own
         lines = await recover_all(mailbox_map, lambda user: master_connector(reactor, config, user), reactor)
         for line in lines:
             print(line, flush=True)
-        left = len(mailbox_map.entries())
+        left = len(await mailbox_map.entries())
+        await mailbox_map.close()
         if not lines and not left:
             print("nothing to recover")
         elif left:
@@ -131,6 +140,13 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
     user = mailbox_map.canonical(args.user)
 
     async def main(reactor: Any) -> int:
+        mailbox_map.start_leases(reactor, config.map.lease_seconds / 4)
+        try:
+            return await _move(reactor)
+        finally:
+            await mailbox_map.close()
+
+    async def _move(reactor: Any) -> int:
         connect = master_connector(reactor, config, user)
         # "*" moves a whole user: every mailbox of the user's home backend, INBOX first.
         src_name = mailbox_map.lookup(user, "INBOX" if args.mailbox == "*" else args.mailbox).primary
@@ -144,19 +160,16 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
             started = time.monotonic()
             result = await mover.rename(args.mailbox, args.mailbox, src_name, args.backend)
         except MoveIncomplete as e:
-            _count(mailbox_map, "ok", mover.progress.bytes)  # committed: the mail is in its new place
             sys.stderr.write(f"\nreferral-proxy: move committed but not finished: {e}\n"
                              "run `referral-proxy recover` (or a running proxy will) to finish it\n")
             return 1
         except (TransferError, BackendError) as e:
-            _count(mailbox_map, "failed", mover.progress.bytes)
             if mover.left_to_recovery:
                 sys.stderr.write(f"\nreferral-proxy: move failed: {e}; its roll-back failed too and is left to "
                                  "`referral-proxy recover` (or a running proxy): the source is untouched\n")
             else:
                 sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
             return 1
-        _count(mailbox_map, "ok", result.bytes)
         elapsed = time.monotonic() - started
         sys.stderr.write("\n")
         print(f"moved {user} {args.mailbox} from {src_name} to {args.backend}: {result.mailboxes} mailbox(es), "
@@ -169,14 +182,6 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         return 0
 
     return _run(main)
-
-
-def _count(mailbox_map: MailboxMap, result: str, nbytes: int) -> None:
-    """Count the move in the map store, where the proxies' metrics read it (kind admin_move)."""
-    try:
-        mailbox_map.store.count_transfer("admin_move", result, nbytes)
-    except Exception as e:  # the move's outcome stands; only its count is missing
-        sys.stderr.write(f"referral-proxy: warning: the move could not be counted in the map store: {e}\n")
 
 
 async def _totals(connect: Connect, src_name: str, mover: Mover, mailbox: str) -> tuple[int, int]:
