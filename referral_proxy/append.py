@@ -58,7 +58,7 @@ __all__ = ["AppendCommand", "AppendHost", "AppendState", "Appends", "AppendsHost
 log = Logger()
 
 SMALL_SYNC_LITERAL = 4096  # the LITERAL- bound (RFC 7888): small enough to take at once
-_APPENDUID = re.compile(rb"^(\d+) (\d+)$")
+_APPENDUID = re.compile(rb"^(\d+) (\d+)\Z")
 
 
 class Mode(Enum):

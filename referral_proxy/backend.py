@@ -17,8 +17,7 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
@@ -28,17 +27,12 @@ from .config import BackendConfig
 from .imap.command import ParseError
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd
 from .imap.quoting import astring, capability_tokens
-from .imap.response import ResponseStart, parse_response_start
+from .imap.response import ResponseStart, parse_response_start, plain_untagged
+from .netio import client_endpoint, connect_tcp, drop, quick_ack, tune_socket
 
 __all__ = [
-    "BackendError",
-    "BackendUnavailable",
-    "AuthenticationFailed",
-    "BackendProtocol",
-    "Credentials",
-    "ResponseSink",
-    "Tagged",
-    "connect_backend",
+    "BackendError", "BackendUnavailable", "NotConnected", "AuthenticationFailed", "BackendProtocol",
+    "Credentials", "ResponseSink", "Tagged", "connect_backend", "open_connection"
 ]
 
 log = Logger()
@@ -173,14 +167,44 @@ class BackendProtocol(Protocol):
         self._socket = tune_socket(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        quick_ack(self._socket)
         self.bytes_in += len(data)
-        self._framer.receive_data(data)
+        framer = self._framer
+        framer.receive_data(data)
+        # Untagged data no one here looks at ("* 12 FETCH ...", "* FLAGS ...", "* OK [UIDNEXT 9]",
+        # their literals and the rest of their line) goes to the sink in one write per read.
+        batch: list[bytes] = []
+        end = True
         while not self.closed:
-            event = self._framer.next_event()
+            event = framer.next_event()
             if event is NEED_DATA:
                 break
+            if self._current == "untagged":
+                if isinstance(event, LiteralData):
+                    batch.append(event.data)
+                    continue
+                if isinstance(event, Line) and not event.first:
+                    batch.append(event.data + wire_tail(event))
+                    end = event.literal is None
+                    if end:
+                        self._current = None
+                    continue
+                if isinstance(event, LiteralEnd):
+                    continue
+            elif (isinstance(event, Line) and event.first and plain_untagged(event.data)
+                  and self._greeted and self.tap is None and self.capture is None and self.sink is not None):
+                batch.append(event.data + wire_tail(event))
+                end = event.literal is None
+                if not end:
+                    self._current = "untagged"
+                continue
+            if batch:
+                self._relay(b"".join(batch), end)
+                batch = []
             self._event(event)
+        if batch:
+            self._relay(b"".join(batch), end)
+        if framer.mid_line and not self.closed:  # the rest may wait for our ACK (Nagle): send it now
+            quick_ack(self._socket)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
@@ -373,6 +397,21 @@ class BackendProtocol(Protocol):
         self.write(tag + b" " + text + b"\r\n")
         return d
 
+    def not_connected(self, why: str) -> None:
+        """The connection could not be made: the greeting awaited fails."""
+        if not self._greeted:
+            self._greeted = True
+            self.greeting.errback(NotConnected(why))
+
+    def send_unanswered(self, text: bytes) -> None:
+        """An internal command whose answer nobody waits for, pipelined before the next one
+        (the ID before a login: one round trip fewer per backend connection)."""
+        if self.closed:
+            return
+        tag = self.next_tag()
+        self._pending[tag] = _Pending(_ignore_answer, _ignore_loss)
+        self.write(tag + b" " + text + b"\r\n")
+
     def deselect(self) -> defer.Deferred[Tagged]:
         """Leave the selected mailbox WITHOUT expunging it: UNSELECT, or else a failed
         EXAMINE (RFC 3501 6.3.1), never CLOSE, which would expunge every \\Deleted message."""
@@ -390,6 +429,14 @@ class BackendProtocol(Protocol):
         self.transport.loseConnection()
 
 
+def _ignore_answer(_start: ResponseStart, _raw: bytes) -> None:
+    pass
+
+
+def _ignore_loss(_reason: Failure) -> None:
+    pass
+
+
 # What on_done receives, for callers that registered no on_lost, when the connection is lost.
 LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=b"", text=b"connection lost",
                      name=None, number=None, rest=b"")
@@ -398,67 +445,6 @@ LOST = ResponseStart(kind="tagged", tag=None, status=None, code=None, code_args=
 def wire_tail(line: Line) -> bytes:
     """The bytes a fragment ended with on the wire: its literal announcement, or CRLF."""
     return line.literal.announce() + b"\r\n" if line.literal is not None else b"\r\n"
-
-
-# TCP keepalive: a peer that vanished (a client behind a NAT that forgot it, a backend
-# host that went down) is found after about KEEPIDLE + KEEPCNT * KEEPINTVL seconds
-# instead of never, so neither its session nor the connections behind it leak.
-KEEPIDLE, KEEPINTVL, KEEPCNT = 120, 20, 4
-
-
-def tune_socket(transport: object) -> socket.socket | None:
-    """TCP_NODELAY (IMAP is interactive: Nagle would hold every command) and keepalive
-    on a connection; its socket, for quick_ack (None for in-memory test transports)."""
-    set_tcp = getattr(transport, "setTcpNoDelay", None)
-    if set_tcp is not None:
-        try:
-            set_tcp(True)
-        except OSError:
-            pass
-    sock = tcp_socket(transport)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # also under TLS
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            for option, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL), ("TCP_KEEPCNT", KEEPCNT)):
-                if hasattr(socket, option):
-                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        except OSError:
-            pass
-    return sock
-
-
-def tcp_socket(transport: object) -> socket.socket | None:
-    """The TCP socket under a transport (under TLS too), or None (tests' in-memory ones)."""
-    seen = 0
-    while transport is not None and seen < 4:
-        handle = getattr(transport, "getHandle", None)
-        if handle is not None:
-            try:
-                sock = handle()
-            except Exception:
-                sock = None
-            if isinstance(sock, socket.socket):
-                return sock
-        transport = getattr(transport, "transport", None)
-        seen += 1
-    return None
-
-
-def quick_ack(sock: socket.socket | None) -> None:
-    """Acknowledge at once what was just read (Linux turns quick-ack off again by itself).
-
-    A peer that writes a command in two pieces with Nagle on (c-client does, for
-    each literal) otherwise waits for our delayed ACK, 40 ms, every time; Dovecot
-    sets TCP_QUICKACK after each read for the same reason."""
-    if sock is not None and _QUICKACK is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        except OSError:
-            pass
-
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 # -- connecting and logging in ----------------------------------------------------
@@ -472,43 +458,75 @@ def tls_options(config: BackendConfig):  # -> IOpenSSLClientConnectionCreator
 
 BeforeLogin = Callable[[BackendProtocol], Awaitable[None]]
 
+async def open_connection(reactor: Any, config: BackendConfig) -> tuple[BackendProtocol, Any]:
+    """A connection to *config*'s backend, its greeting not read yet: (protocol, connector).
 
-async def connect_backend(reactor: IReactorTime, config: BackendConfig, credentials: Credentials,
+    Plain TCP goes through the reactor's own connect (netio.connect_tcp); its failure
+    fails the greeting with NotConnected. Anything else (implicit TLS) goes through its
+    endpoint: NotConnected at once."""
+    proto = BackendProtocol(config)
+    if config.tls != "implicit":
+        connector = connect_tcp(reactor, config.endpoint, proto, config.connect_timeout, proto.not_connected)
+        if connector is not None:
+            return proto, connector
+    endpoint = client_endpoint(reactor, config.endpoint)
+    if config.tls == "implicit":
+        endpoint = wrapClientTLS(tls_options(config), endpoint)
+    try:
+        factory = Factory.forProtocol(lambda: proto)
+        factory.noisy = False
+        d = endpoint.connect(factory)
+        d.addTimeout(config.connect_timeout, reactor)
+        return await d, None
+    except Exception as e:
+        raise NotConnected(_why(e)) from e
+
+
+async def connect_backend(reactor: Any, config: BackendConfig, credentials: Credentials,
                           before_login: BeforeLogin | None = None) -> BackendProtocol:
     """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError.
 
     *before_login* runs on the secured connection just before the login (the ID that
-    tells the backend who the client is)."""
-    endpoint = clientFromString(reactor, config.endpoint)
-    if config.tls == "implicit":
-        endpoint = wrapClientTLS(tls_options(config), endpoint)
-    factory = Factory.forProtocol(lambda: BackendProtocol(config))
-    factory.noisy = False
+    tells the backend who the client is). The whole conversation is bounded: a backend that
+    accepts but never answers must not hold the client's LOGIN (or SELECT) forever; at the
+    limit the connection is dropped, which fails whatever the conversation awaits."""
     try:
-        d = endpoint.connect(factory)
-        d.addTimeout(config.connect_timeout, reactor)
-        proto: BackendProtocol = await d
-    except Exception as e:
-        log.warn("backend {name}: cannot connect: {why}", name=config.name, why=_why(e))
+        proto, connector = await open_connection(reactor, config)
+    except NotConnected as e:
+        log.warn("backend {name}: cannot connect: {why}", name=config.name, why=str(e))
         raise BackendUnavailable(f"backend {config.name} unreachable") from e
+    limit, late = LOGIN_TIMEOUT_FACTOR * config.connect_timeout, []
+
+    def too_late() -> None:
+        late.append(True)
+        drop(proto, connector)
+
+    timer = reactor.callLater(limit, too_late)
     try:
-        # The whole conversation up to a logged-in connection is bounded: a backend that
-        # accepts but never answers must not hold the client's LOGIN (or SELECT) forever.
-        setup = defer.ensureDeferred(_set_up(proto, config, credentials, before_login))
-        setup.addTimeout(LOGIN_TIMEOUT_FACTOR * config.connect_timeout, reactor)
-        await setup
+        await _set_up(proto, config, credentials, before_login)
         return proto
     except AuthenticationFailed:
         proto.logout()
         raise
-    except BackendError as e:
-        log.warn("backend {name}: {why}", name=config.name, why=str(e))
-        proto.transport.abortConnection()
+    except BackendError as e:  # NotConnected too: a failed greeting
+        refused = isinstance(e, NotConnected)
+        why = f"no answer within {limit:g}s" if late else f"cannot connect: {e}" if refused else str(e)
+        log.warn("backend {name}: {why}", name=config.name, why=why)
+        drop(proto, connector)
+        if late or refused:
+            raise BackendUnavailable(f"backend {config.name} unreachable" if refused else why) from e
         raise
     except Exception as e:
         log.warn("backend {name}: {why}", name=config.name, why=_why(e))
-        proto.transport.abortConnection()
+        drop(proto, connector)
         raise BackendUnavailable(f"backend {config.name} unavailable") from e
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+class NotConnected(BackendUnavailable):
+    """The connection to the backend could not be made (str: why)."""
 
 
 async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 from .imap.grammar import Grammar
 
@@ -196,6 +197,7 @@ def _capability(name: str) -> Capability | None:
     return CAPABILITIES.get(family) if family else None
 
 
+@lru_cache(maxsize=1024)
 def relayable(name: str) -> bool:
     """True if *name*, as a backend announces it, is relayed: declared, and all its commands too."""
     up = name.upper()
@@ -210,6 +212,12 @@ def post_login_capabilities(backend_caps: Iterable[str], *, mailbox_referrals: b
 
     Without referrals (``referrals = "never"``) MAILBOX-REFERRALS is not announced:
     a proxy that never refers should not invite RLIST."""
+    return list(_post_login(tuple(backend_caps), mailbox_referrals))
+
+
+@lru_cache(maxsize=64)
+def _post_login(backend_caps: tuple[str, ...], mailbox_referrals: bool) -> tuple[str, ...]:
+    """Computed once per backend capability list (every login and CAPABILITY asks)."""
     caps = [c for c in PROXY_OWN if mailbox_referrals or c != "MAILBOX-REFERRALS"]
     seen = {c.upper() for c in caps}
     for cap in backend_caps:
@@ -217,4 +225,4 @@ def post_login_capabilities(backend_caps: Iterable[str], *, mailbox_referrals: b
         if up not in seen and relayable(up):
             caps.append(cap)
             seen.add(up)
-    return caps
+    return tuple(caps)

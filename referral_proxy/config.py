@@ -7,6 +7,7 @@ can print a single clear line and exit non-zero instead of a traceback.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class ProxyConfig:
     # Upstreams (a load balancer, another proxy) whose ID x-originating-ip/port is believed.
     trusted_networks: tuple[str, ...] = ()
     proxy_ttl: int = 5  # hops a login may still take; sent on to backends as x-proxy-ttl minus one
+    workers: int = 1  # proxy processes sharing the listeners ("auto" in the file: one per CPU)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
     keys = {
         "listen", "hostname", "tls_cert", "tls_key", "allow_plaintext_login",
         "referrals", "login_referrals", "login_timeout", *_LIMIT_KEYS, "trusted_networks", "proxy_ttl",
+        "workers",
     }
     _only(raw, "proxy", keys)
     listen = _get(raw, "proxy", "listen", list, required=True)
@@ -196,7 +199,24 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
         limits=limits,
         trusted_networks=tuple(trusted),
         proxy_ttl=_positive(raw, "proxy", "proxy_ttl", 5),
+        workers=_workers(raw),
     )
+
+
+MAX_WORKERS = 256
+
+
+def _workers(raw: dict[str, Any]) -> int:
+    """``workers = N`` (1..256) or ``"auto"`` (one per CPU this process may run on)."""
+    value = raw.get("workers", 1)
+    if value == "auto":
+        try:
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        except AttributeError:  # not Linux
+            return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f'proxy.workers: must be a number of processes from 1 to {MAX_WORKERS}, or "auto"')
+    return value
 
 
 def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString, wrapClientTLS
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .backend import BackendProtocol, tls_options
+from .backend import NotConnected, open_connection
 from .config import BackendConfig
+from .netio import drop
 
 __all__ = ["BackendHealth", "HealthChecker", "check_greeting"]
 
@@ -37,17 +36,10 @@ class BackendHealth:
 
 async def check_greeting(reactor: Any, backend: BackendConfig) -> str | None:
     """Connect and read the greeting: None when it is ``* OK``, else why not."""
-    endpoint = clientFromString(reactor, backend.endpoint)
-    if backend.tls == "implicit":
-        endpoint = wrapClientTLS(tls_options(backend), endpoint)
-    factory = Factory.forProtocol(lambda: BackendProtocol(backend))
-    factory.noisy = False
     try:
-        d = endpoint.connect(factory)
-        d.addTimeout(backend.connect_timeout, reactor)
-        proto: BackendProtocol = await d
-    except Exception as e:
-        return f"cannot connect: {e or type(e).__name__}"
+        proto, connector = await open_connection(reactor, backend)
+    except NotConnected as e:
+        return f"cannot connect: {e}"
     try:
         greeting = proto.greeting
         greeting.addTimeout(backend.connect_timeout, reactor)
@@ -55,12 +47,17 @@ async def check_greeting(reactor: Any, backend: BackendConfig) -> str | None:
         if start.status != "OK":
             return f"greeted with {start.status}"
         return None
+    except NotConnected as e:
+        return f"cannot connect: {e}"
     except defer.TimeoutError:
         return f"no greeting within {backend.connect_timeout:g}s"
     except Exception as e:
         return f"no greeting: {e or type(e).__name__}"
     finally:
-        proto.logout()
+        if proto.transport is None:
+            drop(proto, connector)
+        else:
+            proto.logout()
 
 
 class HealthChecker:

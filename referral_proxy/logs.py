@@ -12,6 +12,7 @@ client cannot write lines of its own into the log.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -27,7 +28,7 @@ __all__ = ["LogWriter", "text_value"]
 _LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3, "critical": 4}
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 _CONTEXT_KEYS = ("session", "user", "client", "backend")
-_SIMPLE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.:-_/[]@+,*%&")
+_SIMPLE = re.compile(r"[a-zA-Z0-9.:\-_/\[\]@+,*%&]+")
 
 
 def _name(data: bytes) -> str:
@@ -55,12 +56,14 @@ def _plain(value: Any) -> Any:
 def text_value(value: Any) -> str:
     """One value of a text line: as is when plain, JSON-quoted otherwise (spaces, quotes,
     control characters, empty)."""
+    if type(value) is int:
+        return str(value)
     value = _plain(value)
     if isinstance(value, list):
         value = ",".join(text_value(v) for v in value)
         return value
     text = "" if value is None else str(value)
-    if text and all(c in _SIMPLE for c in text):
+    if _SIMPLE.fullmatch(text) is not None:
         return text
     return json.dumps(text, ensure_ascii=False)
 
@@ -121,7 +124,11 @@ class LogWriter:
 
     def _line(self, event: dict[str, Any], level: LogLevel) -> str:
         name, fields = self._fields(event, level)
-        message = formatEvent(_safe_event(event)).translate(_CONTROL)
+        fmt = event.get("log_format")
+        if type(fmt) is str and "{" not in fmt and "}" not in fmt:  # a fixed text: nothing to format
+            message = fmt.translate(_CONTROL)
+        else:
+            message = formatEvent(_safe_event(event)).translate(_CONTROL)
         failure = event.get("log_failure")
         when = event.get("log_time") or self.clock()
         if self.json:
@@ -138,7 +145,7 @@ class LogWriter:
                 record["error"] = failure.getErrorMessage()
                 record["traceback"] = failure.getTraceback()
             return json.dumps(record, ensure_ascii=False)
-        pairs = " ".join(f"{k}={text_value(v)}" for k, v in _ordered(fields) if v is not None)
+        pairs = " ".join([f"{k}={_text(v)}" for k, v in _ordered(fields) if v is not None])
         line = f"{_iso(when)} [{event.get('log_namespace', '-')}#{level.name}] {message}"
         if pairs:
             line += f" [{pairs}]" if name in ("log", "error") and "rp_fields" not in event else f" {pairs}"
@@ -147,10 +154,26 @@ class LogWriter:
         return line
 
 
+def _text(value: Any) -> str:
+    """text_value, with the common plain values first."""
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is str and _SIMPLE.fullmatch(value) is not None:
+        return value  # type: ignore[no-any-return]
+    return text_value(value)
+
+
 def _ordered(fields: dict[str, Any]) -> list[tuple[str, Any]]:
     first = [(k, fields[k]) for k in _CONTEXT_KEYS if k in fields]
     return first + [(k, v) for k, v in fields.items() if k not in _CONTEXT_KEYS]
 
 
+_SECOND: list[Any] = [None, ""]  # the last second formatted, and its text
+
+
 def _iso(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when * 1000) % 1000:03d}Z"
+    second = int(when)
+    if _SECOND[0] != second:
+        _SECOND[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_SECOND[1]}.{int(when * 1000) % 1000:03d}Z"

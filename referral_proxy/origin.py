@@ -28,7 +28,7 @@ __all__ = ["Origin", "LoopGuard", "address_text", "id_arguments", "id_command"]
 # Fields a trusted upstream may set; x-proxy-ttl and x-session-id count from anyone
 # (a lower TTL or a looping session id can only make that client's own login fail).
 _ADDRESS_FIELDS = ("x-originating-ip", "x-originating-port", "x-connected-ip", "x-connected-port")
-_SESSION_ID = re.compile(r"^[A-Za-z0-9+/=._:-]{1,80}$")
+_SESSION_ID = re.compile(r"^[A-Za-z0-9+/=._:-]{1,80}\Z")
 
 
 def address_text(host: str, port: int | str | None) -> str:
@@ -162,6 +162,7 @@ class LoopGuard:
     def __post_init__(self) -> None:
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in self.config.proxy.trusted_networks]
         self._listening = [a for a in (_listen_addresses(s) for s in self.config.proxy.listen) if a is not None]
+        self._self: dict[str, bool] = {}
 
     def origin(self, transport: Any, session_number: int) -> Origin:
         """The Origin of a new connection, and whether its peer is a trusted upstream."""
@@ -170,6 +171,8 @@ class LoopGuard:
         return origin
 
     def trusts(self, ip: str) -> bool:
+        if not self._trusted:  # the usual case: no address needs parsing
+            return False
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
@@ -202,8 +205,15 @@ class LoopGuard:
             origin.session_id = upstream_id  # one id along the whole chain, as Dovecot does
 
     def is_self(self, backend: BackendConfig) -> bool:
-        """The backend's endpoint is one of this proxy's own listeners."""
-        target = _client_address(backend.endpoint)
+        """The backend's endpoint is one of this proxy's own listeners (asked at every backend
+        connection: the answer per endpoint string is kept)."""
+        known = self._self.get(backend.endpoint)
+        if known is None:
+            known = self._self[backend.endpoint] = self._is_self(backend.endpoint)
+        return known
+
+    def _is_self(self, endpoint: str) -> bool:
+        target = _client_address(endpoint)
         if target is None:
             return False
         host, port = target

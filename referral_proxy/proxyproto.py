@@ -112,8 +112,11 @@ class _HeaderFirstEndpoint:
         return self.inner.listen(HeaderFirstFactory(factory, self.reactor, self.timeout))
 
 
-def listen_endpoint(reactor: Any, spec: str, header_timeout: float) -> Any:
-    """The server endpoint of a ``[proxy] listen`` string; ``haproxy:...`` wraps the rest."""
+def listen_endpoint(reactor: Any, spec: str, header_timeout: float, *, inner: Any = None) -> Any:
+    """The server endpoint of a ``[proxy] listen`` string; ``haproxy:...`` wraps the rest
+    (or *inner*, the endpoint to use for the rest: a socket inherited from a master)."""
     if spec.startswith(PREFIX):
-        return _HeaderFirstEndpoint(serverFromString(reactor, spec[len(PREFIX):]), reactor, header_timeout)
-    return serverFromString(reactor, spec)
+        if inner is None:
+            inner = serverFromString(reactor, spec[len(PREFIX):])
+        return _HeaderFirstEndpoint(inner, reactor, header_timeout)
+    return inner if inner is not None else serverFromString(reactor, spec)

@@ -115,6 +115,11 @@ class RecoverySweep:
         if self._loop.running:
             self._loop.stop()
 
+    def now(self) -> None:
+        """Sweep at once, not at the next tick (a worker died: its moves have no owner now)."""
+        if self._loop.running:
+            self._sweep()
+
     def _sweep(self) -> defer.Deferred[None] | None:
         if self._running is not None:
             return None

@@ -32,6 +32,7 @@ def run(config_path: str, *, on_step: Callable[[Any], None] | None = None) -> in
     writer = LogWriter(config.log, sys.stderr)
     globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
     service = ProxyService(config, reactor, on_step=on_step)
+    service.log_stream = sys.stderr
     writer.context = service.observer.context
     try:
         service.startService()

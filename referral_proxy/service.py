@@ -6,6 +6,7 @@ the CLI and the tests all start.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -17,6 +18,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from . import netio
 from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
@@ -28,6 +30,15 @@ from .proxyproto import listen_endpoint
 from .recovery import RecoverySweep
 from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession
+from .workers import (
+    WorkerPool,
+    bind_listeners,
+    check_shareable,
+    inherited_endpoint,
+    metrics_listen,
+    watch_master,
+    worker_role,
+)
 
 __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
 
@@ -58,6 +69,8 @@ def check_endpoints(config: Config, reactor: Any) -> None:
             server_tls_options(config)
         except Exception as e:
             raise ConfigError(f"proxy.tls_cert: cannot load certificate and key: {e}") from None
+    if config.proxy.workers > 1:
+        check_shareable(reactor, config.proxy.listen)
 
 
 def load_and_check(path: str, reactor: Any) -> Config:
@@ -70,6 +83,21 @@ def server_tls_options(config: Config) -> Any:
     assert config.proxy.tls_cert is not None and config.proxy.tls_key is not None
     pem = config.proxy.tls_cert.read_bytes() + b"\n" + config.proxy.tls_key.read_bytes()
     return PrivateCertificate.loadPEM(pem).options()
+
+
+# Allocations between two young collections (Python's default: 700). A session makes a
+# few hundred objects that live for its length, so at 700 the collector runs every few
+# commands under load; higher lets most of them die by reference count first.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """What start-up made lives for the whole process: frozen, never scanned again, and
+    young collections less often (~18 us per stress op at the defaults)."""
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(_young, GC_YOUNG_THRESHOLD), middle, old)
 
 
 class _SessionFactory(ServerFactory):
@@ -87,17 +115,29 @@ class _SessionFactory(ServerFactory):
 
 
 class ProxyService(MultiService):
-    """The proxy: one listener service per ``[proxy].listen`` endpoint (and /metrics)."""
+    """The proxy: one listener service per ``[proxy].listen`` endpoint (and /metrics).
+
+    With ``[proxy] workers`` above 1 this process is the master of that many workers
+    (workers.py): it binds the listeners, starts the workers and recovers moves, and
+    serves no client itself; a worker (started by a master) listens on the sockets it
+    inherited and serves /metrics on the configured port plus its index."""
 
     log_observer: Any = None  # set by tap.py: given to twistd's application as its log observer
+    log_stream: Any = None  # where this process's log goes (a master writes its workers' lines there)
 
     def __init__(self, config: Config, reactor: Any, *, on_step: StepHook | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.role = worker_role()  # set when a master started this process
+        self.is_master = config.proxy.workers > 1 and self.role is None
+        self.workers: WorkerPool | None = None
+        self._ports: list[Any] = []
         # on_step: called after each journal step (tests inject faults there; None in production)
         self.mailbox_map = MailboxMap(config.map, open_store(config.map.store, reactor,
                                                              lease_seconds=config.map.lease_seconds), on_step=on_step)
+        # Run by the master (or the only process): entries are claimed by owner, so a worker's
+        # move is recovered once that worker is gone, never while it runs.
         self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded
         self.guard = LoopGuard(config)
         self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
@@ -114,12 +154,13 @@ class ProxyService(MultiService):
             observer=self.observer,
             connect_for=self.connect_for,
         )
-        factory = _SessionFactory(self.context)
+        factory = self._factory = _SessionFactory(self.context)
         self.health: HealthChecker | None = None
-        if config.metrics.listen is not None:
+        if config.metrics.listen is not None and not self.is_master:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
             site = metrics_site(make_registry(self.observer, self.health), self.health)
-            svc = StreamServerEndpointService(serverFromString(reactor, config.metrics.listen), site)
+            listen = config.metrics.listen if self.role is None else metrics_listen(config.metrics.listen, self.role.index)
+            svc = StreamServerEndpointService(serverFromString(reactor, listen), site)
             svc._raiseSynchronously = True
             svc.setName("metrics")
             svc.setServiceParent(self)
@@ -128,8 +169,14 @@ class ProxyService(MultiService):
                 log.warn("backend {name} ({endpoint}) is one of this proxy's own listeners: logins routed to it "
                          "are refused (proxy loop)", name=name, endpoint=backend.endpoint)
         self.listeners = []
-        for spec in config.proxy.listen:
-            endpoint = listen_endpoint(reactor, spec, config.proxy.login_timeout)
+        if self.role is not None and len(self.role.listeners) != len(config.proxy.listen):
+            raise RuntimeError("[proxy] listen changed since the master started: restart the service")
+        for i, spec in enumerate(() if self.is_master else config.proxy.listen):
+            if self.role is not None:
+                fd, family = self.role.listeners[i]
+                endpoint = inherited_endpoint(reactor, spec, fd, family, config.proxy.login_timeout)
+            else:
+                endpoint = listen_endpoint(reactor, spec, config.proxy.login_timeout)
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True  # a port in use stops start-up with that error
             svc.setName(spec)
@@ -147,7 +194,7 @@ class ProxyService(MultiService):
 
         async def before_login(proto: BackendProtocol) -> None:
             if id_line is not None and "ID" in proto.capabilities:
-                await proto.command(id_line)  # the backend's answer does not matter
+                proto.send_unanswered(id_line)  # its answer does not matter: the login goes right behind it
 
         try:
             proto = await connect_backend(self.reactor, backend, credentials, before_login=before_login)
@@ -165,6 +212,8 @@ class ProxyService(MultiService):
         return result
 
     def startService(self) -> None:
+        netio.install(self.reactor)  # before the first connection: writes sent at the end of each loop pass
+        tune_gc()
         # The map first: a PostgreSQL store that is unreachable or has no (or an old) schema
         # stops start-up with one line (runner.py prints it) before anything listens.
         self.mailbox_map.start()
@@ -172,12 +221,29 @@ class ProxyService(MultiService):
         store = self.mailbox_map.store
         if hasattr(store, "on_availability"):
             store.on_availability = self.observer.map_store_available
+        if self.is_master:
+            # bound here, before any worker starts (an address in use stops start-up)
+            self._ports = bind_listeners(self.reactor, self.config.proxy.listen, self._factory,
+                                         self.config.proxy.login_timeout)
         super().startService()
         if self.health is not None:
             self.health.start()
-        log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
-        # Moves a stopped proxy left half done are finished or rolled back now, and any
-        # this process gives up on later are retried every few seconds.
+        if self.is_master:
+            assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
+            self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
+                                      self.log_stream, on_death=self.recovery.now)
+            self.workers.start()
+            log.info("referral-proxy listening on {listen} with {n} workers", listen=", ".join(self.config.proxy.listen),
+                     n=self.config.proxy.workers)
+        elif self.role is not None:
+            watch_master(self.reactor, self._master_gone)
+            log.info("worker {index} of {n} serving {listen}", index=self.role.index, n=self.role.count,
+                     listen=", ".join(self.config.proxy.listen))
+            return  # moves are recovered by the master alone
+        else:
+            log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
+        # Moves a stopped proxy (or a dead worker) left half done are finished or rolled back
+        # now, and any given up on later are retried periodically (recovery.SWEEP_SECONDS).
         self.recovery.start()
 
     @defer.inlineCallbacks
@@ -187,6 +253,10 @@ class ProxyService(MultiService):
         if self.health is not None:
             self.health.stop()
         self.observer.stopping = True
+        if self.workers is not None:
+            yield self.workers.stop()  # each says BYE to its own clients
+            for port in self._ports:
+                yield port.stopListening()
         yield super().stopService()
         self.recovery.stop()
         sessions = list(self.context.sessions)
@@ -217,6 +287,18 @@ class ProxyService(MultiService):
         if config.proxy.listen != self.config.proxy.listen:
             log.warn("reload: [proxy] listen changes need a restart; still listening on {listen}",
                      listen=", ".join(self.config.proxy.listen))
+        if config.proxy.workers != self.config.proxy.workers and (self.is_master or self.role is not None):
+            log.warn("reload: [proxy] workers changes need a restart; still {n}", n=self.config.proxy.workers)
         self.context.reload(config)
         self.config = config
+        if self.workers is not None:
+            self.workers.reload()  # each worker reads the file again itself
+            log.info("reloaded map rules from {path}; workers told to reload", path=path)
+            return
         log.info("reloaded backends and map rules from {path}", path=path)
+
+    def _master_gone(self) -> None:
+        if not self.running:  # this worker is stopping anyway (the reactor drops every reader)
+            return
+        log.warn("worker {index}: the master process is gone; stopping", index=self.role.index if self.role else "?")
+        self.reactor.stop()

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from . import __version__, capabilities, listing
 from .append import Appends
 from .auth import Authenticator
-from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse, quick_ack, tune_socket
+from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
 from .context import ProxyContext
 from .flow import AllBackends, Block, Output, PeerPause, ReadGate
@@ -51,6 +51,7 @@ from .imap.reader import (
 from .imap.response import ResponseStart, completion_text
 from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
 from .mailboxes import MailboxCommands, Refusing
+from .netio import quick_ack, tune_socket
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
@@ -115,7 +116,6 @@ class ClientSession(Protocol):
         self._pumping = False
         self._idle: _Idle | None = None
         self._login_timer: Any = None
-        self._peer = "?"
         self._socket: Any = None
         self._closed_waiters: list[defer.Deferred[None]] = []
 
@@ -140,8 +140,6 @@ class ClientSession(Protocol):
     def connectionMade(self) -> None:
         self._socket = tune_socket(self.transport)
         self._gate = ReadGate(self.transport)
-        peer = self.transport.getPeer()
-        self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
         self.ctx.observer.session_started(self)
@@ -149,10 +147,11 @@ class ClientSession(Protocol):
         self.send(b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), self.config.proxy.hostname.encode()))
 
     def dataReceived(self, data: bytes) -> None:
-        quick_ack(self._socket)
         self.ctx.observer.client_in(self, data)
         self.reader.receive_data(data)
         self._pump()
+        if self.reader.mid_command:  # the rest may wait for our ACK (Nagle): send it now
+            quick_ack(self._socket)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.phase = Phase.LOGOUT
@@ -355,7 +354,7 @@ class ClientSession(Protocol):
         self.cmd_to_selected(cmd, spec)
 
     def cmd_logout(self, cmd: Command, spec: CommandSpec) -> None:
-        if self.pool is None:
+        if self.pool is None or not self.pool.busy:
             return self._logout(cmd.tag)
 
         async def answer() -> None:

@@ -41,6 +41,7 @@ def makeService(options: Options) -> ProxyService:
     if stream is not None:
         # twistd takes the application's ILogObserver: [log] format and level apply under twistd too.
         service.log_observer = LogWriter(options.config.log, stream, context=service.observer.context)
+        service.log_stream = stream
     return service
 
 

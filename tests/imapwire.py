@@ -69,3 +69,14 @@ class Wire:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    """*predicate()*'s first true value, polled; fails the test after *timeout* s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
+        time.sleep(0.05)

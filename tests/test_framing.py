@@ -491,6 +491,28 @@ def test_big_literal_fed_at_once_is_chunked():
     assert tail == [E, L(b")", None, False)]
 
 
+def test_a_read_inside_a_literal_is_handed_out_as_it_is():
+    """A relay's 64 KiB reads in the middle of a big literal are not copied by the framer."""
+    framer = Framer(1024, auto_accept=True)
+    framer.receive_data(b"* 1 FETCH (BODY[] {200000}\r\n" + b"a" * 100)
+    assert isinstance(framer.next_event(), Line)
+    assert framer.next_event() == LiteralData(b"a" * 100)
+    assert framer.next_event() is NEED_DATA
+    piece = b"b" * CHUNK_SIZE
+    framer.receive_data(piece)
+    assert framer.buffered == CHUNK_SIZE and framer.literal_remaining == 200000 - 100
+    event = framer.next_event()
+    assert isinstance(event, LiteralData) and event.data is piece
+    rest = 200000 - 100 - CHUNK_SIZE
+    framer.receive_data(b"c" * (rest - 10))
+    framer.receive_data(b"c" * 10 + b")\r\n")  # two reads before next_event: in order, whole
+    got = b""
+    while (event := framer.next_event()) is not NEED_DATA and isinstance(event, LiteralData):
+        got += event.data
+    assert got == b"c" * rest and event == E
+    assert framer.next_event() == L(b")", None, False)
+
+
 @settings(max_examples=10, deadline=None)
 @given(st.integers(100, 300_000))
 def test_big_literal_random_piece_size(step):

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from imapwire import Wire
+from imapwire import Wire, wait_for
 from mailcheck import contents
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -78,16 +78,6 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 def value(samples, name, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
-        time.sleep(0.05)
 
 
 def v2_header(src: str, sport: int, dst: str, dport: int) -> bytes:

@@ -356,7 +356,7 @@ def test_tcp_nodelay_and_keepalive_on_both_connections(proxy_factory, fleet):
     client_side = [c for c in conns if c.laddr.port == proxy.port]
     backend_side = [c for c in conns if c.raddr and c.raddr.port == fleet["b1"].port]
     assert len(client_side) == 1 and len(backend_side) == 1
-    from referral_proxy.backend import KEEPIDLE
+    from referral_proxy.netio import KEEPIDLE
 
     for c in client_side + backend_side:
         assert _socket_option(proxy.pid, c.fd, socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

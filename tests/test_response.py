@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from referral_proxy.imap.command import ParseError
-from referral_proxy.imap.response import ResponseStart, parse_response_start, replace_tag
+from referral_proxy.imap.response import ResponseStart, parse_response_start, plain_untagged, replace_tag
 
 
 def status(kind, tag, st, code=None, args=b"", text=b""):
@@ -120,3 +122,43 @@ def test_completion_text_keeps_the_code():
     assert completion_text(parse_response_start(b"t1 NO [OVERQUOTA] Quota exceeded")) == "NO [OVERQUOTA] Quota exceeded"
     assert completion_text(parse_response_start(b"t1 BAD [BADCHARSET (UTF-8)] no")) == "BAD [BADCHARSET (UTF-8)] no"
     assert completion_text(parse_response_start(b"t1 NO plain")) == "NO plain"
+
+
+# -- plain_untagged: what a relay may pass on without parsing --------------------------------
+
+_SPECIAL_NAMES = {"CAPABILITY", "ESEARCH"}
+
+
+def _needs_a_look(start: ResponseStart) -> bool:
+    """What the backend connection and the session do something with (backend._begin,
+    session.untagged)."""
+    return (start.kind != "untagged" or start.status in ("BYE", "PREAUTH") or start.name in _SPECIAL_NAMES
+            or start.code in ("CAPABILITY", "NOUPDATE"))
+
+
+@pytest.mark.parametrize("data, plain", [
+    (b"* 12 FETCH (UID 3 FLAGS (\\Seen))", True), (b"* 3 EXPUNGE", True), (b"* FLAGS (\\Seen)", True),
+    (b"* OK [UIDNEXT 9] Predicted next UID", True), (b"* NO [ALERT] careful", True), (b'* LIST () "/" x', True),
+    (b"* OK [CAPABILITY IMAP4rev1 IDLE] x", False), (b"* ok [Capability x]", False), (b"* BYE bye", False),
+    (b"* bye", False), (b"* CAPABILITY IMAP4rev1", False), (b'* ESEARCH (TAG "a") ALL 1', False),
+    (b'* OK [NOUPDATE "a"] x', False), (b"* 12", False), (b"* \x00x", False), (b"* PREAUTH hi", False),
+    (b"+ go", False), (b"a1 OK done", False), (b"* !\n", False), (b"* OK\n", False),
+])
+def test_plain_untagged_examples(data, plain):
+    assert plain_untagged(data) is plain
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=40).map(lambda b: b"* " + b),
+    st.tuples(st.sampled_from([b"OK", b"ok", b"NO", b"BAD", b"BYE", b"bye", b"PREAUTH", b"CAPABILITY", b"ESEARCH",
+                               b"FLAGS", b"12", b"3 FETCH", b"7", b"capabilityX", b"LIST"]),
+              st.sampled_from([b"", b" ", b" [", b" [CAPABILITY", b" [capability ", b" [NOUPDATE]", b" [NOUPDATE ",
+                               b" [ALERT] x", b" x", b"\t", b"x", b" [CAPABILITYX] y", b"]", b" (x"]),
+              st.binary(max_size=12)).map(lambda t: b"* " + b"".join(t)),
+))
+def test_plain_untagged_lines_parse_and_need_nothing(data):
+    """What plain_untagged passes parses, and is nothing the relay acts on."""
+    if plain_untagged(data):
+        start = parse_response_start(data)
+        assert not _needs_a_look(start), (data, start)

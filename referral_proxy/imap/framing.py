@@ -168,6 +168,7 @@ class Framer:
         "_scan",
         "_pending",
         "_remaining",
+        "_direct",
     )
 
     def __init__(self, max_line: int = 65536, *, auto_accept: bool = False) -> None:
@@ -185,11 +186,21 @@ class Framer:
         self._scan = 0
         self._pending: LiteralSpec | None = None
         self._remaining = 0
+        # Bytes received mid-literal with nothing buffered before them, all of them literal
+        # data: handed out as they are (a 50 MB FETCH is copied once less per read).
+        self._direct: bytes | None = None
 
     # -- input ---------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
         """Append bytes received from the peer; then call next_event() until NEED_DATA."""
+        if self._direct is not None:
+            self._buf += self._direct
+            self._direct = None
+        elif (self._state == _LITERAL and not self._buf and not self._discard and type(data) is bytes
+              and 0 < len(data) <= min(self._remaining, CHUNK_SIZE)):
+            self._direct = data
+            return
         self._buf += data
 
     # -- output --------------------------------------------------------------
@@ -201,6 +212,11 @@ class Framer:
             state = self._state
             if state == _LITERAL:
                 remaining = self._remaining
+                direct = self._direct
+                if direct is not None:
+                    self._direct = None
+                    self._remaining = remaining - len(direct)
+                    return LiteralData(direct)
                 if remaining:
                     n = len(buf)
                     if not n:
@@ -320,7 +336,13 @@ class Framer:
         Once next_event() has returned NEED_DATA this is at most max_line + 1 (or
         32 + 1 while dropping a line), so only one receive_data() ever adds to it.
         """
-        return len(self._buf)
+        return len(self._buf) + (len(self._direct) if self._direct is not None else 0)
+
+    @property
+    def mid_line(self) -> bool:
+        """True while the peer is in the middle of a logical line: part of a fragment is
+        buffered, a literal is announced or being read, or the line goes on after one."""
+        return bool(self._buf) or self._direct is not None or self._state != _LINE or not self._first
 
     @property
     def literal_remaining(self) -> int:

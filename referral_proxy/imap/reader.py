@@ -244,6 +244,11 @@ class CommandReader:
     def buffered(self) -> int:
         return self._framer.buffered
 
+    @property
+    def mid_command(self) -> bool:
+        """True while the client is in the middle of a command (or more is buffered)."""
+        return self._state != _IDLE or self._framer.mid_line
+
     # -- framer events -----------------------------------------------------------------
 
     def _event(self, event: Line | LiteralData | LiteralEnd | LineTooLong) -> ReaderEvent | None:

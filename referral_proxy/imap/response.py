@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from .command import _TAG, ParseError
 
-__all__ = ["ResponseStart", "parse_response_start", "replace_tag", "completion_text", "tag_references",
-           "replace_tag_references"]
+__all__ = ["ResponseStart", "parse_response_start", "plain_untagged", "replace_tag", "completion_text",
+           "tag_references", "replace_tag_references"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +139,20 @@ def parse_response_start(data: bytes) -> ResponseStart:
     if word is None or status not in _TAGGED_STATUSES:
         raise ParseError("invalid status in tagged response")
     return _status("tagged", m.group(), status, data, word.end())
+
+
+_WORD_RUN = rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+(?: |\Z)'
+_PLAIN_UNTAGGED = re.compile(
+    rb"\* (?:[0-9]+ " + _WORD_RUN
+    + rb"|(?![0-9]|BYE|CAPABILITY|ESEARCH|OK|NO|BAD|PREAUTH)" + _WORD_RUN
+    + rb"|(?:OK|NO|BAD)(?:\Z| (?!\[(?:CAPABILITY|NOUPDATE)[] ])))", re.IGNORECASE)
+
+
+def plain_untagged(data: bytes) -> bool:
+    """True if the first Line.data of a response is untagged data a relay need not parse:
+    it parses, and it is not BYE, PREAUTH, CAPABILITY, ESEARCH (its tag is translated) nor
+    a status with a CAPABILITY or NOUPDATE code. (False may still be plain: it is parsed.)"""
+    return _PLAIN_UNTAGGED.match(data) is not None
 
 
 def replace_tag(data: bytes, new_tag: bytes) -> bytes:

@@ -1,0 +1,301 @@
+"""The proxy's TCP connections, both sides: socket options, and writes sent at the end of the loop pass.
+
+Twisted's TCP transport buffers every write, registers the socket for writing
+(``epoll_ctl``), sends on the NEXT loop pass and unregisters once drained: per
+relayed command two more ``epoll_ctl`` and one more event dispatch on each side.
+Here a write to a connection with nothing queued is collected and sent with one
+``send()`` when the current loop pass ends (so the responses one read produced go
+in one system call, as before); only what the kernel does not take goes through
+Twisted's buffer and write events, with its producer back-pressure unchanged. The
+loop pass itself dispatches events without Twisted's per-event log context
+(``callWithLogger``/``callWithContext``), which the proxy's log does not use.
+
+Only Twisted's epoll reactor is sped up (:func:`install`); on any other reactor, and
+for in-memory test transports, :func:`attach` changes nothing. :func:`tune_socket` sets
+TCP_NODELAY and keepalive on a new connection, :func:`quick_ack` acknowledges at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import abstract, tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+
+__all__ = ["install", "installed", "attach", "FastLoop", "tune_socket", "tcp_socket", "quick_ack", "client_endpoint",
+           "connect_tcp", "drop"]
+
+log = Logger()
+
+_FD_WRITE = abstract.FileDescriptor.write  # the raw buffered write (what TLS itself uses)
+
+
+class _EndOfPassWrite:
+    """Mixed into a TCP connection's class: :meth:`write` collects, :meth:`_rp_flush` sends."""
+
+    _rp_out: list[bytes] | None = None  # written this pass, not yet sent (instance attribute when set)
+
+    def write(self, data: bytes) -> None:
+        out = self._rp_out
+        if out is not None:  # keep the order of what this pass already wrote
+            if type(data) is not bytes:
+                abstract._dataMustBeBytes(data)
+            if data:
+                out.append(data)
+            return
+        if (self.TLS or not self.connected or self.disconnecting or self._writeDisconnected  # type: ignore[attr-defined]
+                or self._tempDataLen or len(self.dataBuffer) > self.offset or type(data) is not bytes):  # type: ignore[attr-defined]
+            super().write(data)  # type: ignore[misc]
+            return
+        if data:
+            self._rp_out = [data]
+            self.reactor._rp_loop.dirty.append(self)  # type: ignore[attr-defined]
+
+    def startTLS(self, ctx: Any, normal: bool = True) -> None:
+        self._rp_flush()  # what was written in clear text goes first
+        super().startTLS(ctx, normal)  # type: ignore[misc]
+
+    def _rp_flush(self) -> None:
+        out = self._rp_out
+        if out is None:
+            return
+        self._rp_out = None
+        if not self.connected or self._writeDisconnected or self._aborting:  # type: ignore[attr-defined]
+            return  # dropped, as Twisted drops its buffer on a lost or aborted connection
+        data = out[0] if len(out) == 1 else b"".join(out)
+        if not (self._tempDataLen or len(self.dataBuffer) > self.offset):  # type: ignore[attr-defined]
+            try:
+                sent = self.socket.send(data)  # type: ignore[attr-defined]
+            except OSError as e:
+                # Would block: buffered below. A real error: buffered too, and the write
+                # event that follows finds it and loses the connection the usual way.
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS):
+                    log.debug("send failed: {why}", why=e)
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        _FD_WRITE(self, data)  # type: ignore[arg-type]  # the rest waits for a write event
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _fast_class(cls: type) -> type:
+    fast = _CLASSES.get(cls)
+    if fast is None:
+        fast = _CLASSES[cls] = type("EndOfPass" + cls.__name__, (_EndOfPassWrite, cls), {})
+    return fast
+
+
+class FastLoop:
+    """The reactor's loop pass: send what was written before and after the events."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.dirty: list[_EndOfPassWrite] = []
+        self._poller = reactor._poller
+        self._selectables = reactor._selectables
+        self._dispatch = reactor._doReadOrWrite
+
+    def flush(self) -> None:
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                conn._rp_flush()
+
+    def iterate(self, timeout: float | None) -> None:
+        """EPollReactor.doPoll, with writes flushed and no log context per event."""
+        if self.dirty:
+            self.flush()  # written by timed calls or Deferreds since the last pass
+        try:
+            events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return
+            raise
+        selectables, dispatch = self._selectables, self._dispatch
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    dispatch(selectable, fd, event)
+                except Exception:
+                    log.failure("reactor dispatch failed for {selectable!r}", selectable=selectable)
+        if self.dirty:
+            self.flush()
+
+
+def install(reactor: Any) -> bool:
+    """Use the end-of-pass writes on *reactor* if it is Twisted's epoll reactor; True if so."""
+    if getattr(reactor, "_rp_loop", None) is not None:
+        return True
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # not Linux
+        return False
+    if type(reactor) is not EPollReactor:
+        return False
+    loop = FastLoop(reactor)
+    setattr(reactor, "_rp_loop", loop)  # noqa: B010 (an attribute of our own on Twisted's object)
+    setattr(reactor, "doIteration", loop.iterate)  # noqa: B010 (mainLoop calls it once a pass)
+    return True
+
+
+def installed(reactor: Any) -> bool:
+    return getattr(reactor, "_rp_loop", None) is not None
+
+
+def attach(transport: Any) -> None:
+    """Let the TCP connection under *transport* (under a TLS wrapper too) write at the end of
+    the pass, if its reactor has :func:`install`\\ ed; anything else is left as it is."""
+    conn = _tcp_connection(transport)
+    if conn is not None and installed(getattr(conn, "reactor", None)) and not isinstance(conn, _EndOfPassWrite):
+        conn.__class__ = _fast_class(type(conn))
+
+
+# TCP keepalive: a peer that vanished (a client behind a NAT that forgot it, a backend
+# host that went down) is found after about KEEPIDLE + KEEPCNT * KEEPINTVL seconds
+# instead of never, so neither its session nor the connections behind it leak.
+KEEPIDLE, KEEPINTVL, KEEPCNT = 120, 20, 4
+
+
+def tune_socket(transport: object) -> socket.socket | None:
+    """TCP_NODELAY (IMAP is interactive: Nagle would hold every command) and keepalive
+    on a connection; its socket, for quick_ack (None for in-memory test transports).
+
+    An accepted connection inherits these options from its listening socket (Linux), so
+    the listener is given them once, with its first connection, and later ones skip the
+    five system calls."""
+    attach(transport)
+    sock = tcp_socket(transport)
+    if sock is None:
+        set_tcp = getattr(transport, "setTcpNoDelay", None)
+        if set_tcp is not None:
+            try:
+                set_tcp(True)
+            except OSError:
+                pass
+        return None
+    port = getattr(_tcp_connection(transport), "server", None)
+    if getattr(port, "_rp_tuned", False):
+        return sock
+    _set_options(sock)
+    if isinstance(port, tcp.Port) and sys.platform.startswith("linux"):
+        _set_options(port.socket)
+        port._rp_tuned = True  # type: ignore[attr-defined]
+    return sock
+
+
+def _set_options(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # also under TLS
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL), ("TCP_KEEPCNT", KEEPCNT)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except OSError:
+        pass
+
+
+def _tcp_connection(transport: Any) -> tcp.Connection | None:
+    """The TCP connection under *transport* (a TLS or PROXY-protocol wrapper's, too)."""
+    seen = 0
+    while transport is not None and seen < 4:
+        if isinstance(transport, tcp.Connection):
+            return transport
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return None
+
+
+def tcp_socket(transport: object) -> socket.socket | None:
+    """The TCP socket under a transport (under TLS too), or None (tests' in-memory ones)."""
+    seen = 0
+    while transport is not None and seen < 4:
+        handle = getattr(transport, "getHandle", None)
+        if handle is not None:
+            try:
+                sock = handle()
+            except Exception:
+                sock = None
+            if isinstance(sock, socket.socket):
+                return sock
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return None
+
+
+def quick_ack(sock: socket.socket | None) -> None:
+    """Acknowledge at once what was just read (Linux turns quick-ack off again by itself).
+
+    A peer that writes a command in two pieces with Nagle on (c-client does, for
+    each literal) otherwise waits for our delayed ACK, 40 ms, every time. Called
+    only after a read that left a command or response unfinished: a whole one is
+    acknowledged by our answer, and a system call per read would cost ~2.5 us."""
+    if sock is not None and _QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
+            pass
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+# -- outgoing connections --------------------------------------------------------------
+
+_ENDPOINTS: dict[tuple[int, str], Any] = {}
+
+
+def client_endpoint(reactor: Any, spec: str) -> Any:
+    """The client endpoint of *spec*, parsed once (Twisted's parser costs ~100 us a call)."""
+    key = (id(reactor), spec)
+    endpoint = _ENDPOINTS.get(key)
+    if endpoint is None:
+        if len(_ENDPOINTS) >= 256:  # reloads may name ever new endpoints: stay bounded
+            _ENDPOINTS.clear()
+        endpoint = _ENDPOINTS[key] = clientFromString(reactor, spec)
+    return endpoint
+
+
+class _OneConnection(ClientFactory):
+    """The factory of one connection attempt: its protocol, or *failed(why)*."""
+
+    noisy = False
+
+    def __init__(self, protocol: Any, failed: Any) -> None:
+        self.protocol_, self.failed = protocol, failed
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.protocol_
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        self.failed(reason.getErrorMessage())
+
+
+def connect_tcp(reactor: Any, spec: str, protocol: Any, timeout: float, failed: Any) -> Any:
+    """Connect *protocol* with the reactor's own connectTCP if *spec* is a plain TCP client
+    endpoint (no endpoint wrapper in every later read), *failed(why)* if that fails; the
+    connector, or None for any other endpoint (the caller uses the endpoint itself)."""
+    endpoint = client_endpoint(reactor, spec)
+    if type(endpoint) not in (TCP4ClientEndpoint, TCP6ClientEndpoint):
+        return None
+    return reactor.connectTCP(endpoint._host, endpoint._port, _OneConnection(protocol, failed),
+                              timeout=min(endpoint._timeout, timeout), bindAddress=endpoint._bindAddress)
+
+
+def drop(proto: Any, connector: Any) -> None:
+    """Drop a connection at once, whether it is made or still being made."""
+    if proto.transport is not None:
+        proto.transport.abortConnection()
+    elif connector is not None:
+        try:
+            connector.stopConnecting()
+        except Exception:  # already connected or failed meanwhile
+            pass
