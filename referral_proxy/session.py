@@ -383,15 +383,21 @@ class ClientSession(Protocol):
         self.reader = CommandReader(self.config.proxy.limits, self._admit)
         self.transport.startTLS(self.ctx.server_tls)
 
-    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol) -> None:
+    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol,
+                  answer: str = "", **details: str) -> None:
         self.user, self.home = user, conn.name
         self.pool = BackendPool(self.ctx, self.connect, user, credentials, self.id, self._attach)
         self.pool.add(conn)
         self.phase = Phase.AUTHENTICATED
         self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
+        caps = " ".join(self._post_login_caps())
+        if answer:  # RFC 2221 OK [REFERRAL ...]: one response code only, so CAPABILITY goes untagged
+            self.ctx.observer.login(self, user, conn.name, "referred", **details)
+            self.send(b"* CAPABILITY %s\r\n" % caps.encode())
+            return self.answer(tag, answer)
         self.ctx.observer.login(self, user, conn.name, "ok")
-        self.tagged(tag, "OK", f"[CAPABILITY {' '.join(self._post_login_caps())}] Logged in")
+        self.tagged(tag, "OK", f"[CAPABILITY {caps}] Logged in")
 
     def _login_timed_out(self) -> None:
         self._login_timer = None
