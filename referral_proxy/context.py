@@ -15,6 +15,7 @@ from .backend import BackendProtocol, Credentials
 from .config import BackendConfig, Config
 from .observe import Observer
 from .routing import MailboxMap
+from .staging import NoJournal, StagingJournal
 
 __all__ = ["Connect", "ConnectFor", "ProxyContext"]
 
@@ -37,6 +38,7 @@ class ProxyContext:
     backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
     observer: Observer = field(default_factory=Observer)  # counts (metrics) and events (logs)
     connect_for: ConnectFor | None = None
+    staging_journal: StagingJournal = field(default_factory=NoJournal)  # staging mailboxes (append.py)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self) -> int:

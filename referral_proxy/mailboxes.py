@@ -25,6 +25,7 @@ from .imap.response import ResponseStart
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
+from .staging import is_staging_name
 from .transfer import CopyOutcome, Mover, MoveResult, TransferError, copy_across
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
@@ -72,6 +73,7 @@ class MailboxHost(Protocol):
 
 
 _INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
+_RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- are reserved"
 
 
 class MailboxCommands:
@@ -135,6 +137,8 @@ class MailboxCommands:
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
         """Why an APPEND to *mailbox* is answered before any message is read, if it is."""
+        if is_staging_name(mailbox):
+            return b"%s NO %s\r\n" % (tag, _RESERVED.encode())
         if self.moving(mailbox):
             return b"%s NO %s\r\n" % (tag, _INUSE.encode())
         route = self.route_of(mailbox)
@@ -144,6 +148,9 @@ class MailboxCommands:
         """The mailbox argument and its route, or None when a move holds it (answered INUSE)."""
         mailbox = cmd.args.value(slot)
         assert mailbox is not None  # the grammar has it
+        if is_staging_name(mailbox):  # the proxy's own (append.py): never a client's
+            self.host.tagged(cmd.tag, "NO", _RESERVED)
+            return None
         if self.moving(mailbox):
             self.host.tagged(cmd.tag, "NO", _INUSE)
             return None
@@ -281,6 +288,8 @@ class MailboxCommands:
         host = self.host
         old, new = cmd.args.value(Slot.MAILBOX), cmd.args.value(Slot.DEST)
         assert old is not None and new is not None and host.user is not None
+        if is_staging_name(old) or is_staging_name(new):
+            return host.tagged(cmd.tag, "NO", _RESERVED)
         old_route, new_route = self.route_of(old), self.route_of(new)
         if host.referral_aware and (self.refers(old_route, old) or self.refers(new_route, new)):
             urls = self._rename_pair(old, new, old_route, new_route)

@@ -53,6 +53,7 @@ from .mailboxes import MailboxCommands, Refusing
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
+from .staging import StagingJournal
 
 __all__ = ["ProxyContext", "ClientSession", "Phase"]
 
@@ -253,7 +254,8 @@ class ClientSession(Protocol):
         if isinstance(event, Command):
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
         elif isinstance(event, Refused):
-            self.tagged(event.tag, event.status, event.text)
+            line = b"%s %s %s\r\n" % (event.tag, event.status.encode(), safe_text(event.text).encode("utf-8"))
+            self.appends.after_answers(line)  # in order: after an APPEND still awaiting its answer
         elif isinstance(event, Continue):
             self.send(b"+ Ready for literal data\r\n")
         elif isinstance(event, AppendStart):
@@ -511,6 +513,17 @@ class ClientSession(Protocol):
 
     def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: the reader streams it
         self.tagged(cmd.tag, "BAD", "APPEND is streamed")
+
+    def hold_input(self, on: bool) -> None:
+        """An emulated MULTIAPPEND commits: no further command is read until it is answered."""
+        if on:
+            self.block(Block.STAGING)
+        else:
+            self.unblock(Block.STAGING)
+
+    @property
+    def staging_journal(self) -> StagingJournal:
+        return self.ctx.staging_journal
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
         return self.mailboxes.append_refusal(tag, mailbox)
