@@ -33,29 +33,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .backend import BackendError, BackendProtocol
+from .backend import BackendError, BackendProtocol, Tagged
+from .imap.command import ParseError
 from .imap.grammar import encode_quoted
-from .imap.reader import (
-    AppendAbort,
-    AppendData,
-    AppendEnd,
-    AppendMessage,
-    AppendMessageEnd,
-    AppendStart,
-    CommandReader,
-)
+from .imap.quota import quota_resources, room_left
+from .imap.reader import AppendMessage
 from .imap.response import ResponseStart, replace_tag
-from .pool import BackendPool
-from .routing import Route
-from .staging import Staging, StagingHost, StagingJournal, mailbox_argument
+from .staging import Staging, StagingHost, mailbox_argument, run_captured
 
-__all__ = ["AppendCommand", "AppendHost", "AppendState", "Appends", "AppendsHost", "Mode", "uid_set"]
+__all__ = ["AppendCommand", "AppendHost", "AppendState", "Mode", "uid_set"]
 
 log = Logger()
 
@@ -150,6 +142,8 @@ class AppendCommand:
     holding: bool = False  # the session's input is held (STAGE, from the client's last byte to the answer)
     staging: Staging | None = None  # STAGE: the staging mailbox, once the first message came
     owns_conn: bool = False  # the client left: this command closes the connection when it is done
+    room: tuple[int | None, int | None] | None = None  # PASS: (bytes, messages) the quota leaves, if known
+    taken: tuple[int, int] = (0, 0)  # bytes and messages of this command sent on so far
 
     def __post_init__(self) -> None:
         self.mode = Mode.PASS if "MULTIAPPEND" in self.conn.capabilities else Mode.STAGE
@@ -176,6 +170,9 @@ class AppendCommand:
     def _send(self, msg: AppendMessage) -> None:
         """The message's arguments to the backend; its literal taken now or once the backend says +."""
         conn = self.conn
+        if self.mode is Mode.PASS and not self.parts and msg.literal.sync and "QUOTA" in conn.capabilities \
+                and not conn.busy:
+            self._probe_quota()
         if self.mode is Mode.STAGE or not self.parts:
             part = _Part(conn.next_tag())
             self.parts.append(part)
@@ -191,13 +188,45 @@ class AppendCommand:
         caps = conn.capabilities
         plus = "LITERAL+" in caps or ("LITERAL-" in caps and literal.size <= SMALL_SYNC_LITERAL)
         known = self.mode is Mode.STAGE or self.messages > 1  # the target was found to take messages
-        if plus and (not literal.sync or (known and literal.size <= SMALL_SYNC_LITERAL)):
+        fits = literal.size <= SMALL_SYNC_LITERAL or self._fits(literal.size)
+        self.taken = (self.taken[0] + literal.size, self.taken[1] + 1)
+        if plus and (not literal.sync or (known and fits)):
             conn.write(prefix + literal.announce(sync=False) + b"\r\n")
             return self._stream(msg)
         # Let the backend decide before the client sends the data.
         self.state, self.waiting = AppendState.ANNOUNCED, msg
         conn.on_continuation = self._continue
         conn.write(prefix + literal.announce(sync=True) + b"\r\n")
+
+    def _probe_quota(self) -> None:
+        """GETQUOTAROOT ahead of the APPEND, on a quiet connection: with the room the quota leaves
+        known, a later synchronizing literal that fits is taken at once (no round trip to the
+        backend per message), one that may not is still announced (OVERQUOTA before the data)."""
+        conn, head = self.conn, mailbox_argument(self.conn, self.mailbox)
+        assert head is not None
+
+        def known(results: list[Tagged]) -> None:
+            self.host.backend_idle()
+            (done,) = results
+            try:
+                roots = [quota_resources(*r.arguments) for r in done.responses if r.start.name == "QUOTA"]
+            except ParseError:
+                roots = []
+            if done.ok and roots:
+                self.room = room_left(roots)
+            for r in done.responses:
+                if r.start.name not in ("QUOTA", "QUOTAROOT"):
+                    self.host.write_from(conn, r.raw)
+
+        run_captured(conn, [b"GETQUOTAROOT " + head]).addCallbacks(known, lambda _f: None)
+
+    def _fits(self, size: int) -> bool:
+        """The quota surely takes this message too (the room known, this command's messages counted)."""
+        if self.room is None:
+            return False
+        room_bytes, room_messages = self.room
+        return ((room_bytes is None or self.taken[0] + size <= room_bytes)
+                and (room_messages is None or self.taken[1] + 1 <= room_messages))
 
     def _stream(self, msg: AppendMessage) -> None:
         self.state = AppendState.STREAMING
@@ -430,163 +459,3 @@ def _message_prefix(msg: AppendMessage) -> bytes:
     if msg.date is not None:
         out += b" " + encode_quoted(msg.date)
     return out + b" "
-
-
-# -- the session's APPENDs ------------------------------------------------------------------
-
-
-class AppendsHost(Protocol):
-    """What the APPENDs of a session need of it."""
-
-    reader: CommandReader
-    pool: BackendPool | None
-    user: str | None
-    selected: str | None
-    selected_mailbox: bytes | None
-
-    def send(self, data: bytes) -> None: ...
-
-    def write_from(self, source: object, data: bytes, end: bool = True) -> None: ...
-
-    def run(self, tag: bytes, work: Any) -> None: ...
-
-    def decided(self) -> None:
-        """The reader's pending decision was taken: go on reading."""
-
-    def dies_with(self, conn: BackendProtocol) -> bool: ...
-
-    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
-        """The answer refusing an APPEND to *mailbox* before any message (INUSE, a referral), if any."""
-
-    def route_of(self, mailbox: bytes) -> Route: ...
-
-    def hold_input(self, on: bool) -> None: ...
-
-    @property
-    def staging_journal(self) -> StagingJournal: ...
-
-
-class Appends:
-    """The APPENDs of one session: the one the client is sending, and those not answered
-    yet. It is the host of each AppendCommand (AppendHost)."""
-
-    def __init__(self, host: AppendsHost) -> None:
-        self.host = host
-        self.current: AppendCommand | None = None
-        self.unanswered: set[AppendCommand] = set()
-        self._after: list[bytes] = []  # the proxy's own refusals of later commands, held until those are answered
-
-    def after_answers(self, line: bytes) -> None:
-        """Send *line* (the proxy's refusal of a command read after an APPEND) once every APPEND
-        is answered, as a server that runs commands one after the other would."""
-        if self.unanswered:
-            self._after.append(line)
-        else:
-            self.host.send(line)
-
-    def start(self, event: AppendStart) -> None:
-        """Route an APPEND to its mailbox's backend and start streaming it there."""
-        host = self.host
-        assert host.pool is not None
-        refusal = host.append_refusal(event.tag, event.mailbox)
-        if refusal is not None:
-            host.reader.drop()  # refused before the client sends any message
-            return host.send(refusal)
-        pool, route = host.pool, host.route_of(event.mailbox)
-        conn = pool.fast(route.primary)
-        if conn is not None:
-            return self._begin(event, conn)
-
-        async def later() -> None:
-            try:
-                conn = await pool.ready_for(route)
-            except BaseException:
-                host.reader.drop()
-                raise
-            self._begin(event, conn)
-
-        host.run(event.tag, later())
-
-    def _begin(self, event: AppendStart, conn: BackendProtocol) -> None:
-        self.current = AppendCommand(self, event.tag, conn, event.mailbox)
-        self.unanswered.add(self.current)
-
-    def event(self, event: object) -> None:
-        """A reader event of the APPEND being read."""
-        cmd = self.current
-        if cmd is None:
-            if isinstance(event, AppendMessage):
-                self.host.reader.drop()
-        elif isinstance(event, AppendData):
-            cmd.data(event.data)
-        elif isinstance(event, AppendMessage):
-            cmd.message(event)
-        elif isinstance(event, AppendMessageEnd):
-            cmd.message_end()
-        elif isinstance(event, AppendEnd):
-            cmd.end()
-        elif isinstance(event, AppendAbort):
-            cmd.abort(event.status, event.text)
-
-    def client_gone(self) -> list[BackendProtocol]:
-        """The client left: the connections that APPENDs now own (they close them themselves)."""
-        return [cmd.conn for cmd in list(self.unanswered) if cmd.client_gone()]
-
-    # -- AppendHost ---------------------------------------------------------------------------
-
-    @property
-    def user(self) -> str:  # type: ignore[override]
-        return self.host.user or ""
-
-    @property
-    def journal(self) -> StagingJournal:  # type: ignore[override]
-        return self.host.staging_journal
-
-    def accept_literal(self) -> None:
-        self.host.reader.accept()
-        self.host.decided()
-
-    def drop_command(self) -> None:
-        self.host.reader.drop()
-        self.host.decided()
-
-    def send(self, data: bytes) -> None:
-        self.host.send(data)
-
-    def write_from(self, source: object, data: bytes, end: bool = True) -> None:
-        self.host.write_from(source, data, end)
-
-    def append_input_over(self, cmd: AppendCommand) -> None:
-        if self.current is cmd:
-            self.current = None
-
-    def append_answered(self, cmd: AppendCommand) -> None:
-        self.unanswered.discard(cmd)
-        if not self.unanswered and self._after:
-            lines, self._after = self._after, []
-            self.host.send(b"".join(lines))
-        self.backend_idle()
-
-    def dies_with(self, conn: BackendProtocol) -> bool:
-        return self.host.dies_with(conn)
-
-    def hold_input(self, on: bool) -> None:
-        self.host.hold_input(on)
-
-    def quiet(self) -> defer.Deferred[None]:
-        assert self.host.pool is not None
-        return self.host.pool.quiet(None)
-
-    def backend_idle(self) -> None:
-        if self.host.pool is not None:
-            self.host.pool.check_quiet()
-
-    def selected_on(self, conn: BackendProtocol) -> bytes | None:
-        if self.host.selected != conn.name:
-            return None
-        return self.host.selected_mailbox or b""
-
-    async def open_backend(self, name: str) -> BackendProtocol:
-        assert self.host.pool is not None
-        return await self.host.pool.open(name)
-

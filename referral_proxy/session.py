@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import __version__, capabilities, listing
-from .append import Appends
+from .appends import Appends
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse, quick_ack, tune_socket
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State

@@ -9,6 +9,8 @@ from twisted.python.failure import Failure
 
 from referral_proxy import staging
 from referral_proxy.append import uid_set
+from referral_proxy.imap.command import ParseError
+from referral_proxy.imap.quota import quota_resources, room_left
 from referral_proxy.imap.response import parse_response_start
 from referral_proxy.staging import appenduid_from_copyuid, is_staging_name, new_staging_name
 from referral_proxy.testing.fakes import DOVECOT_CAPS, FakeConnector, SessionHarness
@@ -247,3 +249,28 @@ def test_a_small_sync_literal_is_announced_to_the_backend_once_it_has_answered()
     assert h.to_client() == b"a NO [OVERQUOTA] Quota exceeded\r\n"  # and never a "+" for this literal
     h.send(b"n NOOP\r\n")
     assert h.to_backend() == b"rp1 APPEND INBOX {3}\r\nabc\r\nrp2 NOOP\r\n"
+
+
+def test_quota_room_parsing():
+    assert quota_resources([b'"" (STORAGE 10 512 MESSAGE 3 1000)'], []) == {"STORAGE": (10, 512), "MESSAGE": (3, 1000)}
+    assert room_left([{"STORAGE": (10, 512)}, {"MESSAGE": (3, 5)}]) == ((512 - 10 - 1) * 1024, 2)
+    assert room_left([]) == (None, None)
+    with pytest.raises(ParseError):
+        quota_resources([b'"" (STORAGE 10)'], [])
+
+
+def test_large_sync_literals_that_fit_the_quota_are_taken_at_once():
+    h = SessionHarness(connector=FakeConnector(capabilities=list(DOVECOT_CAPS) + ["QUOTA"]))
+    h.login()
+    h.send(b"a APPEND INBOX {3}\r\n")
+    assert h.to_backend() == b"rp1 GETQUOTAROOT INBOX\r\nrp2 APPEND INBOX {3}\r\n"
+    h.from_backend(b'* QUOTAROOT INBOX ""\r\n* QUOTA "" (STORAGE 10 100)\r\nrp1 OK quota\r\n+ OK\r\n')
+    assert h.to_client() == b"+ Ready for literal data\r\n"  # the quota's answer is the proxy's own
+    h.send(b"abc {50000}\r\n")  # 50 KB fit in the 89 KB left: "+" without asking the backend
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    assert h.to_backend() == b"abc {50000+}\r\n"
+    h.send(b"x" * 50000 + b" {50000}\r\n")  # the next 50 KB may not: the backend decides first
+    assert h.to_client() == b""
+    assert h.to_backend().endswith(b"x {50000}\r\n")
+    h.from_backend(b"rp2 NO [OVERQUOTA] Quota exceeded\r\n")
+    assert h.to_client() == b"a NO [OVERQUOTA] Quota exceeded\r\n"
