@@ -176,3 +176,16 @@ def test_login_referral_is_a_tagged_ok_and_the_session_goes_on(proxy_factory, fl
     w = Wire(proxy.host, proxy.port)
     assert w.cmd(b"m", b"LOGIN bob wrong")[0].startswith(b"m NO [AUTHENTICATIONFAILED]")  # never referred
     w.close()
+
+
+def test_no_login_referral_to_the_proxy_itself(proxy_factory, fleet):
+    """RFC 2221 3: a referral SHOULD NOT lead to a server that refers again: never the proxy itself."""
+    config = proxy_factory.default_config(rules=[{"user": "bob", "mailbox": "*", "backend": "b2"}])
+    port = int(config["proxy"]["listen"][0].split(":")[1])
+    config["proxy"]["login_referrals"] = True
+    config["backends"]["b2"].update(url=f"imap://127.0.0.1:{port}", login_referral=True)
+    proxy = proxy_factory(proxy_factory.toml(config))
+    w = Wire(proxy.host, proxy.port)
+    reply = w.cmd(b"l", b"LOGIN bob secret")
+    assert reply[-1].startswith(b"l OK [CAPABILITY ") and b"[REFERRAL" not in b"".join(reply), reply
+    w.close()
