@@ -105,19 +105,8 @@ class MailboxCommands:
 
     def valid_name(self, mailbox: bytes) -> bool:
         """A name an IMAP URL can carry: modified UTF-7, or UTF-8 once the client enabled UTF8=ACCEPT."""
-        try:
-            mutf7.decode(mailbox)
-            return True
-        except ValueError:
-            pass
         pool = self.host.pool
-        if pool is None or b"UTF8=ACCEPT" not in pool.enabled:
-            return False
-        try:
-            mailbox.decode("utf-8")
-        except UnicodeDecodeError:
-            return False
-        return b"&" not in mailbox  # "&" still starts a modified UTF-7 shift
+        return mutf7.valid_name(mailbox, utf8=pool is not None and b"UTF8=ACCEPT" in pool.enabled)
 
     def referral(self, tag: bytes, route: Route, mailbox: bytes) -> bytes:
         host = self.host

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .backend import BackendError, BackendProtocol, BackendUnavailable, Tagged, UntaggedResponse
+from .imap import mutf7
 from .imap.grammar import encode_astring
 from .imap.response import ResponseStart, completion_text, replace_tag
 
@@ -141,12 +142,14 @@ def appenduid_from_copyuid(start: ResponseStart) -> bytes | None:
     return b"APPENDUID " + start.code_args.split(b" ", 1)[0] + b" " + m.group(2)
 
 
-def probe_answer(tag: bytes, status: Tagged) -> bytes:
+def probe_answer(tag: bytes, status: Tagged, name: bytes) -> bytes:
     """The answer to an APPEND whose target the ``STATUS`` probe did not find, as the backend
     would give it for the APPEND itself: RFC 3502 asks for TRYCREATE unless the mailbox
-    certainly cannot be created (another code, such as NOPERM, or a BAD says so)."""
+    certainly cannot be created. Dovecot says NONEXISTENT for a missing one; a NO without a
+    code is taken for one too, unless *name* is not a valid name (then creation would fail)."""
     start = status.start
-    if start.status == "NO" and start.code in (None, "NONEXISTENT", "TRYCREATE"):
+    missing = start.code in ("NONEXISTENT", "TRYCREATE") or (start.code is None and mutf7.valid_name(name, utf8=True))
+    if start.status == "NO" and missing:
         return b"%s NO [TRYCREATE] %s\r\n" % (tag, start.text or b"Mailbox does not exist")
     return b"%s %s\r\n" % (tag, completion_text(start).encode("utf-8", "replace"))
 
@@ -205,7 +208,7 @@ class Staging:
             if r.start.name != "STATUS":
                 host.write_from(conn, r.raw)
         if not status.ok:
-            return probe_answer(tag, status)
+            return probe_answer(tag, status, self.target)
         if not created.ok:
             return (b"%s NO [CANNOT] This mail server cannot stage the messages (%s); nothing was appended\r\n"
                     % (tag, created.start.text))

@@ -457,3 +457,18 @@ def test_staging_near_the_quota_moves_where_it_can(proxy_factory, no_multiappend
         assert out.answer.startswith(b"a OK" if fits else b"a NO [OVERQUOTA]"), out
         assert len(contents(backend, "quota", "INBOX")) == (2 if fits else 0)
         assert not any(STAGING_PREFIX in name for name in _mailboxes(backend, "quota"))
+
+
+_NAMES = [b'"a%b"', b'"a*b"', b'"Caf\xe9"', b'"&Jjo"', b'"a\\"q"', b'"back\\\\slash"', b"{3+}\r\nx\ry", b'""']
+
+
+@pytest.mark.parametrize("staging", [False, True], ids=["multiappend", "staging"])
+def test_hostile_target_names_are_answered_as_dovecot_answers_them(proxy_factory, fleet, no_multiappend, staging):
+    backend = no_multiappend if staging else fleet["b1"]
+    backend.reset_mail("alice")
+    proxy = _proxy_to(proxy_factory, backend)
+    for name in _NAMES:
+        answers = [_TIMING.sub(b"", run_append(host, port, "alice", name, [Message(b"hello")]).answer)
+                   for host, port in ((backend.host, backend.port), (proxy.host, proxy.port))]
+        assert answers[1] == answers[0], name
+    assert not any(STAGING_PREFIX in n for n in _mailboxes(backend, "alice"))
