@@ -70,6 +70,7 @@ def uid_set(uids: list[int]) -> bytes:
 class Mode(Enum):
     PASS = "the backend has MULTIAPPEND: one command, atomic in the backend's transaction"
     STAGE = "no MULTIAPPEND: each message into a private staging mailbox, then ONE COPY into the target"
+    SINGLE = "no MULTIAPPEND and no staging mailbox could be made: one message, a second cancels the command"
 
 
 class AppendState(Enum):
@@ -107,6 +108,10 @@ class AppendHost(StagingHost, Protocol):
 
     def hold_input(self, on: bool) -> None:
         """Read no further command from the client while on (a STAGE commit uses the connection)."""
+
+    @property
+    def no_staging(self) -> set[str]:
+        """The backends of the session that refused to create a staging mailbox."""
 
 
 @dataclass
@@ -146,7 +151,10 @@ class AppendCommand:
     taken: tuple[int, int] = (0, 0)  # bytes and messages of this command sent on so far
 
     def __post_init__(self) -> None:
-        self.mode = Mode.PASS if "MULTIAPPEND" in self.conn.capabilities else Mode.STAGE
+        if "MULTIAPPEND" in self.conn.capabilities:
+            self.mode = Mode.PASS
+        else:
+            self.mode = Mode.SINGLE if self.conn.name in self.host.no_staging else Mode.STAGE
 
     # -- what the client sends ------------------------------------------------------------
 
@@ -161,6 +169,9 @@ class AppendCommand:
             return self._cancel(b"%s NO Zero-length message: nothing was appended (RFC 3502)\r\n" % self.tag)
         if mailbox_argument(self.conn, self.mailbox) is None:
             return self._cancel(b"%s NO [CANNOT] This mail server cannot take that mailbox name here\r\n" % self.tag)
+        if self.messages > 1 and self.mode is Mode.SINGLE:
+            return self._cancel(b"%s NO [CANNOT] This mail server cannot append several messages in one command; "
+                                b"nothing was appended\r\n" % self.tag)
         if self.mode is Mode.STAGE and self.staging is None:
             self.state, self.waiting = AppendState.PREPARING, msg
             defer.ensureDeferred(self._prepare()).addErrback(self._crashed)
@@ -170,14 +181,14 @@ class AppendCommand:
     def _send(self, msg: AppendMessage) -> None:
         """The message's arguments to the backend; its literal taken now or once the backend says +."""
         conn = self.conn
-        if self.mode is Mode.PASS and not self.parts and msg.literal.sync and "QUOTA" in conn.capabilities \
+        if self.mode is not Mode.STAGE and not self.parts and msg.literal.sync and "QUOTA" in conn.capabilities \
                 and not conn.busy:
             self._probe_quota()
         if self.mode is Mode.STAGE or not self.parts:
             part = _Part(conn.next_tag())
             self.parts.append(part)
             conn.expect(part.ptag, partial(self._part_done, part), partial(self._part_lost, part))
-            target = self.staging.name if self.staging is not None else self.mailbox
+            target = self.staging.name if self.mode is Mode.STAGE and self.staging is not None else self.mailbox
             head = mailbox_argument(conn, target)
             assert head is not None
             prefix = part.ptag + b" APPEND " + head
@@ -251,7 +262,7 @@ class AppendCommand:
             self.conn.write(b"\r\n")  # each message is an APPEND of its own
         if self.finishing:  # the backend failed the command meanwhile: the literal is through, stop here
             self.finishing = False
-            if self.mode is Mode.PASS:
+            if self.mode is not Mode.STAGE:
                 self.conn.write(b"\r\n")  # ends the command the backend already answered
             self._stop_reading()
             self._settle()
@@ -261,7 +272,7 @@ class AppendCommand:
         if self.refusal is not None or self.input_over:
             return
         self._input_over()
-        if self.mode is Mode.PASS:
+        if self.mode is not Mode.STAGE:
             self.conn.write(b"\r\n")
         else:  # the commit uses the connection: the client's next command waits for the answer
             self.holding = True
@@ -277,7 +288,7 @@ class AppendCommand:
         """The client left mid-command. True if this command now owns the connection (it
         closes it when done): a STAGE command whose staging mailbox must go, with no literal
         of it cut off at the backend. Otherwise closing the connection aborts what is open."""
-        if self.mode is Mode.PASS or self.state is AppendState.ANSWERED and (
+        if self.mode is not Mode.STAGE or self.state is AppendState.ANSWERED and (
                 self.staging is None or self.staging.cleaned):
             return False
         cut = self.state in (AppendState.ANNOUNCED, AppendState.STREAMING)
@@ -312,7 +323,7 @@ class AppendCommand:
         state, self.refusal = self.state, answer
         self._stop_reading()
         part = self.parts[0] if self.parts else None
-        if (self.mode is Mode.PASS and part is not None and part.status is None and not self.conn.closed
+        if (self.mode is not Mode.STAGE and part is not None and part.status is None and not self.conn.closed
                 and state is not AppendState.ANNOUNCED):
             # RFC 3502: a zero-length literal makes the server fail the whole command.
             conn = self.conn
@@ -333,7 +344,7 @@ class AppendCommand:
 
     def _part_done(self, part: _Part, start: ResponseStart, raw: bytes) -> None:
         part.status, part.raw, part.start = start.status, raw, start
-        if not self.input_over and (self.mode is Mode.PASS or part.status != "OK"):
+        if not self.input_over and (self.mode is not Mode.STAGE or part.status != "OK"):
             self._fail_fast(part)
         self._settle()
 
@@ -349,7 +360,7 @@ class AppendCommand:
         if state is AppendState.ANNOUNCED:
             self.conn.on_continuation = None  # refused instead of "+": the backend ended that command
             self.waiting = None
-        elif state is AppendState.BETWEEN and self.mode is Mode.PASS and part.status != "LOST":
+        elif state is AppendState.BETWEEN and self.mode is not Mode.STAGE and part.status != "LOST":
             self.conn.write(b"\r\n")  # ends the command the backend already answered
         self._stop_reading()
 
@@ -360,7 +371,7 @@ class AppendCommand:
         if (self.state in (AppendState.PREPARING, AppendState.COMMITTING, AppendState.ANSWERED)
                 or not self.input_over or self.finishing or any(p.status is None for p in self.parts)):
             return
-        if self.mode is Mode.PASS:
+        if self.mode is not Mode.STAGE:
             return self._answer(self._pass_answer())
         failure = self._stage_failure()
         if failure is not None:
@@ -428,6 +439,10 @@ class AppendCommand:
             return self._settle()
         if refused is not None:
             return self._cancel(refused)
+        if not staging.staged:  # no staging mailbox here (a namespace that refuses it): one message at most
+            self.mode = Mode.SINGLE
+            self.host.no_staging.add(self.conn.name)  # for the session's later APPENDs there too
+            await staging.cleanup()
         assert msg is not None
         self._send(msg)
 

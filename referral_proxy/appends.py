@@ -71,6 +71,7 @@ class Appends:
         self.current: AppendCommand | None = None
         self.unanswered: set[AppendCommand] = set()
         self._after: list[bytes] = []  # the proxy's own refusals of later commands, held until those are answered
+        self.no_staging: set[str] = set()  # backends that refused a staging mailbox: one message per APPEND there
 
     def after_answers(self, line: bytes) -> None:
         """Send *line* (the proxy's refusal of a command read after an APPEND) once every APPEND

@@ -192,7 +192,8 @@ class Staging:
 
     async def prepare(self, tag: bytes) -> bytes | None:
         """Record it, check the target (``STATUS``: TRYCREATE before any data, as the backend
-        gives it for an APPEND), create it. None when messages may come; else the answer."""
+        gives it for an APPEND), create it. None when messages may come (``staged`` says
+        whether into it: False if the backend refused to create it); else the answer."""
         host, conn = self.host, self.conn
         await host.quiet()  # what is captured meanwhile must be ours
         self.entry = host.journal.begin(host.user, conn.name, self.name)
@@ -210,8 +211,8 @@ class Staging:
         if not status.ok:
             return probe_answer(tag, status, self.target)
         if not created.ok:
-            return (b"%s NO [CANNOT] This mail server cannot stage the messages (%s); nothing was appended\r\n"
-                    % (tag, created.start.text))
+            log.warn("no staging mailbox on {b}: {why}; one message per APPEND there", b=conn.name,
+                     why=created.start.text)
         return None
 
     async def commit(self, tag: bytes) -> bytes:

@@ -101,6 +101,23 @@ def test_a_missing_target_is_trycreate_before_the_literal():
     assert h.to_backend() == b"rp4 NOOP\r\n"
 
 
+def test_without_a_staging_mailbox_one_message_goes_straight_and_a_second_cancels():
+    h = _staging_harness()
+    h.send(b"a APPEND Box {3+}\r\nabc")
+    assert h.to_backend() == b"rp1 STATUS Box (UIDVALIDITY)\r\nrp2 CREATE " + STAGE + b"\r\n"
+    h.from_backend(b"* STATUS Box (UIDVALIDITY 7)\r\nrp1 OK status\r\nrp2 NO [NOPERM] Not allowed here\r\n")
+    assert h.to_backend() == b"rp3 APPEND Box {3+}\r\nabc"  # a single message is atomic by itself
+    h.send(b" {2+}\r\nde\r\n")
+    assert h.to_backend() == b" {0+}\r\n\r\n"  # a second one: the command is failed, nothing saved
+    h.from_backend(b"rp3 BAD Invalid arguments\r\n")
+    assert h.to_client() == (b"a NO [CANNOT] This mail server cannot append several messages in one command; "
+                             b"nothing was appended\r\n")
+    h.send(b"o APPEND Box {3+}\r\nxyz\r\n")  # the session knows now: straight, no second CREATE
+    assert h.to_backend() == b"rp4 APPEND Box {3+}\r\nxyz\r\n"
+    h.from_backend(b"rp4 OK [APPENDUID 7 1] done\r\n")
+    assert h.to_client() == b"o OK [APPENDUID 7 1] done\r\n"
+
+
 def test_a_refused_message_fails_the_whole_and_the_target_is_never_touched():
     h = _staging_harness()
     h.send(b"a APPEND Box {3+}\r\nabc {2+}\r\nde {1+}\r\nf\r\n")
