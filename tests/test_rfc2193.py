@@ -109,7 +109,8 @@ def test_copy_with_nothing_selected_is_bad_as_with_dovecot(proxy_factory, fleet)
     assert answers[0][0] == b"c BAD No mailbox selected.\r\n"
 
 
-_BAD_NAMES = [b'"Shared/&Jjo"', b'"Shared/Caf\xe9"', b'"Shared/Caf\xc3\xa9"', b'"Shared/&AOk"', b'"Shared/&AGE-"']
+_BAD_NAMES = [b'"Shared/&Jjo"', b'"Shared/Caf\xe9"', b'"Shared/Caf\xc3\xa9"', b'"Shared/&AOk"', b'"Shared/&AGE-"',
+              b"{10+}\r\nShared/x\ry"]
 
 
 def _commands(name: bytes) -> list[tuple[bytes, bytes]]:
