@@ -47,24 +47,11 @@ from .imap.reader import AppendMessage
 from .imap.response import ResponseStart, replace_tag
 from .staging import Staging, StagingHost, mailbox_argument, run_captured
 
-__all__ = ["AppendCommand", "AppendHost", "AppendState", "Mode", "uid_set"]
+__all__ = ["AppendCommand", "AppendHost", "AppendState", "Mode"]
 
 log = Logger()
 
 SMALL_SYNC_LITERAL = 4096  # the LITERAL- bound (RFC 7888): small enough to take at once
-
-
-def uid_set(uids: list[int]) -> bytes:
-    """``[5, 6, 7, 9]`` -> ``b"5:7,9"``, order kept (RFC 4315 lists UIDs in append order)."""
-    out: list[bytes] = []
-    i, n = 0, len(uids)
-    while i < n:
-        j = i
-        while j + 1 < n and uids[j + 1] == uids[j] + 1:
-            j += 1
-        out.append(b"%d" % uids[i] if i == j else b"%d:%d" % (uids[i], uids[j]))
-        i = j + 1
-    return b",".join(out)
 
 
 class Mode(Enum):
@@ -448,6 +435,7 @@ class AppendCommand:
 
     async def _commit(self) -> None:
         assert self.staging is not None
+        answer: bytes | None
         try:
             answer = await self.staging.commit(self.tag)
         except BackendError as e:

@@ -132,11 +132,11 @@ class Appends:
     # -- AppendHost ---------------------------------------------------------------------------
 
     @property
-    def user(self) -> str:  # type: ignore[override]
+    def user(self) -> str:
         return self.host.user or ""
 
     @property
-    def journal(self) -> StagingJournal:  # type: ignore[override]
+    def journal(self) -> StagingJournal:
         return self.host.staging_journal
 
     def accept_literal(self) -> None:

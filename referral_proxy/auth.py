@@ -63,7 +63,7 @@ def sasl_plain(blob: bytes) -> Credentials:
 
 async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> LoginOutcome:
     """Log in to the user's home backend (replicas in order) with the client's credentials."""
-    user = creds.authzid or creds.user
+    user = ctx.mailbox_map.canonical(creds.authzid or creds.user)  # routing, placements, INUSE, logs: one name
     route = ctx.mailbox_map.home(user)
     try:
         conn = await connect_first(route.backends, lambda name: connect(backend_config(ctx, name), creds))

@@ -157,8 +157,13 @@ def probe_answer(tag: bytes, status: Tagged, name: bytes) -> bytes:
 class StagingHost(Protocol):
     """What a staging mailbox needs of the session whose APPEND it serves."""
 
-    user: str
-    journal: StagingJournal
+    @property
+    def user(self) -> str:
+        """The session's (canonical) user."""
+
+    @property
+    def journal(self) -> StagingJournal:
+        """Where staging mailboxes are recorded."""
 
     def write_from(self, source: object, data: bytes, end: bool = True) -> None:
         """Relay an untagged response that is not the staging's own."""

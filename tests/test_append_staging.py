@@ -8,10 +8,10 @@ import pytest
 from twisted.python.failure import Failure
 
 from referral_proxy import staging
-from referral_proxy.append import uid_set
 from referral_proxy.imap.command import ParseError
 from referral_proxy.imap.quota import quota_resources, room_left
 from referral_proxy.imap.response import parse_response_start
+from referral_proxy.imap.uidset import uid_set
 from referral_proxy.staging import appenduid_from_copyuid, is_staging_name, new_staging_name
 from referral_proxy.testing.fakes import DOVECOT_CAPS, FakeConnector, SessionHarness
 

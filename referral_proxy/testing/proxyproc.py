@@ -89,8 +89,10 @@ class ProxyProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, *, args: Sequence[str] = (), env: Mapping[str, str] | None = None, timeout: float = 20.0,
-              wait: bool = True, new_group: bool = False, tied_to_parent: bool = False) -> None:
-        """Start it; with *wait*, return once it greets (else StartError, the process killed)."""
+              wait: bool = True, new_group: bool = False, tied_to_parent: bool = False,
+              command: Sequence[str] | None = None) -> None:
+        """Start it; with *wait*, return once it greets (else StartError, the process killed).
+        *command*: what runs instead of ``python -m referral_proxy`` (e.g. tests/faultproxy.py ... --)."""
         child_env = dict(os.environ)
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         child_env["PYTHONUNBUFFERED"] = "1"
@@ -100,7 +102,7 @@ class ProxyProcess:
             out = files.enter_context(open(self.stdout_path, "ab"))
             err = out if self.stderr_path == self.stdout_path else files.enter_context(open(self.stderr_path, "ab"))
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "referral_proxy", "--config", str(self.config_path), *args],
+                [*(command or [sys.executable, "-m", "referral_proxy"]), "--config", str(self.config_path), *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.workdir, env=child_env,
                 preexec_fn=die_with_parent if tied_to_parent else None, start_new_session=new_group)
         if wait:
