@@ -523,6 +523,7 @@ class ClientSession(Protocol):
 
     @property
     def staging_journal(self) -> StagingJournal:
+        assert self.ctx.staging_journal is not None  # set by ProxyContext
         return self.ctx.staging_journal
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:

@@ -29,8 +29,11 @@ from .backend import BackendError, BackendProtocol, BackendUnavailable, Tagged, 
 from .imap import mutf7
 from .imap.grammar import encode_astring
 from .imap.response import ResponseStart, completion_text, replace_tag
+from .journal import InUse, JournalEntry, Reservation, Step
+from .routing import MailboxMap
 
-__all__ = ["STAGING_PREFIX", "new_staging_name", "is_staging_name", "StagingJournal", "NoJournal", "Staging",
+__all__ = ["STAGING_PREFIX", "new_staging_name", "is_staging_name", "StagingJournal", "NoJournal", "MapJournal",
+           "drop_staging", "Staging",
            "StagingHost", "mailbox_argument", "run_captured", "send_command", "appenduid_from_copyuid",
            "probe_answer"]
 
@@ -54,11 +57,12 @@ def is_staging_name(name: bytes) -> bool:
 class StagingJournal(Protocol):
     """Where a staging mailbox is recorded before it is created, so recovery can remove it."""
 
-    def begin(self, user: str, backend: str, name: bytes) -> object:
-        """Record the staging mailbox *name* of *user* on *backend*; the entry is returned."""
+    def begin(self, user: str, backend: str, name: bytes, target: bytes) -> object:
+        """Record the staging mailbox *name* of *user* on *backend* for an APPEND to *target*,
+        before its CREATE; the entry is returned. InUse if a move holds *target*."""
 
     def end(self, entry: object) -> None:
-        """The staging mailbox is gone: forget it."""
+        """The staging mailbox is gone (or was never made): forget it."""
 
     def give_up(self, entry: object) -> None:
         """This process could not remove it: leave it to recovery."""
@@ -67,7 +71,7 @@ class StagingJournal(Protocol):
 class NoJournal:
     """No store: a staging mailbox a crash leaves behind stays hidden, and nothing removes it."""
 
-    def begin(self, user: str, backend: str, name: bytes) -> object:
+    def begin(self, user: str, backend: str, name: bytes, target: bytes) -> object:
         return None
 
     def end(self, entry: object) -> None:
@@ -75,6 +79,50 @@ class NoJournal:
 
     def give_up(self, entry: object) -> None:
         pass
+
+
+class MapJournal:
+    """Staging mailboxes in the map store's journal (op ``"staging"``, journal.Step.STAGING),
+    beside the moves: start-up recovery, the sweep and ``recover`` delete what a crash left."""
+
+    def __init__(self, mailbox_map: MailboxMap) -> None:
+        self.map = mailbox_map
+
+    def begin(self, user: str, backend: str, name: bytes, target: bytes) -> JournalEntry:
+        box = target.decode("utf-8", "surrogateescape")
+        entry = self.map.begin_move(user, "staging", [Reservation(box, subtree=False, shared=True)],
+                                    {"backend": backend, "mailbox": name.decode("ascii"), "target": box})
+        try:
+            self.map.step(entry, Step.STAGING)  # from here on it may exist
+        except BaseException:
+            self.map.end_move(entry)
+            raise
+        return entry
+
+    def end(self, entry: object) -> None:
+        if isinstance(entry, JournalEntry) and not entry.ended:
+            self.map.end_move(entry)
+
+    def give_up(self, entry: object) -> None:
+        if isinstance(entry, JournalEntry) and not entry.ended:
+            self.map.disown(entry)
+
+
+async def drop_staging(mailbox_map: MailboxMap, entry: JournalEntry, conn: BackendProtocol) -> str:
+    """Recovery of a ``staging`` entry: DELETE its staging mailbox on *conn* (its backend, the
+    user's), then end the entry. Only a name in the staging space is ever deleted."""
+    name = str(entry.data.get("mailbox", "")).encode("ascii", "replace")
+    if not is_staging_name(name) or encode_astring(name) != name:
+        raise BackendError(f"journal entry {entry.id} names no staging mailbox: {name!r}")
+    deleted = await conn.command(b"DELETE " + name)
+    if deleted.ok:
+        outcome = "staging mailbox deleted (nothing was appended to the target by it)"
+    elif deleted.start.code == "NONEXISTENT":
+        outcome = "no staging mailbox was left"
+    else:
+        raise BackendError(f"DELETE {name.decode()} failed on {conn.name}: {completion_text(deleted.start)}")
+    mailbox_map.end_move(entry)
+    return outcome
 
 
 def mailbox_argument(conn: BackendProtocol, name: bytes) -> bytes | None:
@@ -201,21 +249,36 @@ class Staging:
         whether into it: False if the backend refused to create it); else the answer."""
         host, conn = self.host, self.conn
         await host.quiet()  # what is captured meanwhile must be ours
-        self.entry = host.journal.begin(host.user, conn.name, self.name)
-        self.staged = None
         target = mailbox_argument(conn, self.target)
         assert target is not None
-        try:
-            status, created = await run_captured(conn, [b"STATUS " + target + b" (UIDVALIDITY)", b"CREATE " + self.name])
-        finally:
-            host.backend_idle()
-        self.staged = created.ok
-        for r in created.responses:
-            if r.start.name != "STATUS":
-                host.write_from(conn, r.raw)
+        status: Tagged | None = None
+        for _attempt in range(3):  # a name that exists is not ours: never used, never deleted; a new one
+            try:
+                self.entry = host.journal.begin(host.user, conn.name, self.name, self.target)
+            except InUse:
+                return b"%s NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n" % tag
+            self.staged = None
+            commands = [b"CREATE " + self.name]
+            try:
+                *checked, created = await run_captured(
+                    conn, ([b"STATUS " + target + b" (UIDVALIDITY)"] if status is None else []) + commands)
+            finally:
+                host.backend_idle()
+            status = checked[0] if checked else status
+            self.staged = created.ok
+            for r in created.responses:
+                if r.start.name != "STATUS":
+                    host.write_from(conn, r.raw)
+            assert status is not None
+            if created.ok or created.start.code != "ALREADYEXISTS" or not status.ok:
+                break
+            log.warn("staging mailbox {box} on {b} already exists: another name", box=self.name, b=conn.name)
+            host.journal.end(self.entry)
+            self.staged, self.name = False, new_staging_name()
+        assert status is not None
         if not status.ok:
             return probe_answer(tag, status, self.target)
-        if not created.ok:
+        if not self.staged:
             log.warn("no staging mailbox on {b}: {why}; one message per APPEND there", b=conn.name,
                      why=created.start.text)
         return None

@@ -12,6 +12,7 @@ from referral_proxy.imap.command import ParseError
 from referral_proxy.imap.quota import quota_resources, room_left
 from referral_proxy.imap.response import parse_response_start
 from referral_proxy.imap.uidset import uid_set
+from referral_proxy.journal import Reservation, Step
 from referral_proxy.staging import appenduid_from_copyuid, is_staging_name, new_staging_name
 from referral_proxy.testing.fakes import DOVECOT_CAPS, FakeConnector, SessionHarness
 
@@ -126,6 +127,57 @@ def test_a_refused_message_fails_the_whole_and_the_target_is_never_touched():
     h.from_backend(b"rp3 OK [APPENDUID 99 1] done\r\nrp4 NO [OVERQUOTA] Quota exceeded\r\nrp5 OK [APPENDUID 99 2] x\r\n")
     assert h.to_client() == b"a NO [OVERQUOTA] Quota exceeded\r\n"
     assert h.to_backend() == b"rp6 DELETE " + STAGE + b"\r\n"  # no COPY ever
+
+
+def _staging_entries(h: SessionHarness) -> list:
+    return [e for e in h.context.mailbox_map.entries() if e.op == "staging"]
+
+
+@pytest.mark.parametrize("deleted", [True, False])
+def test_a_staging_mailbox_is_in_the_journal_from_before_its_create_until_it_is_deleted(deleted):
+    h = _staging_harness()
+    h.send(b"a APPEND Box {3+}\r\nabc {2+}\r\nde {1+}\r\nf\r\n")
+    (entry,) = _staging_entries(h)  # written before the CREATE is sent
+    assert entry.step is Step.STAGING and entry.owner is not None
+    assert entry.data == {"backend": "b1", "mailbox": STAGE.decode(), "target": "Box"}
+    assert h.context.mailbox_map.store.reservations() == [("alice", Reservation("Box", subtree=False, shared=True))]
+    assert not h.context.mailbox_map.reserved("alice", "Box")  # shared: other APPENDs to Box go on
+    _prepared(h)
+    h.to_backend()
+    h.from_backend(b"rp3 OK done\r\nrp4 NO [OVERQUOTA] Quota exceeded\r\nrp5 OK done\r\n")
+    assert h.to_backend() == b"rp6 DELETE " + STAGE + b"\r\n"
+    assert len(_staging_entries(h)) == 1
+    h.from_backend(b"rp6 OK deleted\r\n" if deleted else b"rp6 NO [INUSE] Try again later\r\n")
+    left = _staging_entries(h)
+    if deleted:
+        assert left == [] and h.context.mailbox_map.store.reservations() == []
+    else:  # left to recovery: disowned, so the sweep of this very process takes it
+        assert [(e.id, e.owner) for e in left] == [(entry.id, None)]
+
+
+def test_a_staging_name_that_exists_is_never_used_nor_deleted(monkeypatch):
+    names = iter([STAGE, STAGE + b"b"])
+    monkeypatch.setattr(staging, "new_staging_name", lambda: next(names))
+    h = _staging_harness()
+    h.send(b"a APPEND Box {3+}\r\nabc {2+}\r\nde\r\n")
+    assert h.to_backend() == b"rp1 STATUS Box (UIDVALIDITY)\r\nrp2 CREATE " + STAGE + b"\r\n"
+    h.from_backend(b"* STATUS Box (UIDVALIDITY 7)\r\nrp1 OK status\r\nrp2 NO [ALREADYEXISTS] Mailbox already exists\r\n")
+    assert [e.data["mailbox"] for e in _staging_entries(h)] == [STAGE.decode() + "b"]  # the other one is forgotten
+    assert h.to_backend() == b"rp3 CREATE " + STAGE + b"b\r\n"
+    h.from_backend(b"rp3 OK created\r\n")
+    assert h.to_backend() == (b"rp4 APPEND " + STAGE + b"b {3+}\r\nabc\r\nrp5 APPEND " + STAGE + b"b {2+}\r\nde\r\n")
+    h.from_backend(b"rp4 OK done\r\nrp5 NO [OVERQUOTA] Quota\r\n")
+    assert h.to_client() == b"a NO [OVERQUOTA] Quota\r\n"
+    assert h.to_backend() == b"rp6 DELETE " + STAGE + b"b\r\n"  # only its own
+
+
+def test_a_target_a_move_holds_is_never_staged_into():
+    h = _staging_harness()
+    h.context.mailbox_map.begin_move("alice", "move", [Reservation(None)], {})  # a whole-user move begins
+    h.send(b"a APPEND Box {3+}\r\nabc\r\n")
+    assert h.to_client().startswith(b"a NO [INUSE] ")
+    assert h.to_backend() == b""  # no STATUS, no staging mailbox
+    assert _staging_entries(h) == []
 
 
 def test_a_refusal_while_a_later_literal_streams_lets_that_literal_through_then_stops():

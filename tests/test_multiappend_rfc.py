@@ -472,3 +472,76 @@ def test_hostile_target_names_are_answered_as_dovecot_answers_them(proxy_factory
                    for host, port in ((backend.host, backend.port), (proxy.host, proxy.port))]
         assert answers[1] == answers[0], name
     assert not any(STAGING_PREFIX in n for n in _mailboxes(backend, "alice"))
+
+
+# -- a crash mid-staging: only a staging mailbox is left, and recovery removes it ------------------
+
+
+def _staged(backend: Dovecot, user: str) -> dict[bytes, int]:
+    """The staging mailboxes on *backend* (seen directly) and how many messages each holds."""
+    out = {}
+    with backend.client(user) as m:
+        for name in _mailboxes(backend, user):
+            if STAGING_PREFIX in name:
+                typ, data = m.status(name.decode(), "(MESSAGES)")
+                found = re.search(rb"MESSAGES (\d+)", data[0] or b"") if typ == "OK" else None
+                out[name] = int(found.group(1)) if found else -1
+    return out
+
+
+def _wait_for(check, what: str, seconds: float = 40.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"never: {what}")
+
+
+@pytest.mark.parametrize("how", ["recover", "start-up", "before-create"])
+def test_a_proxy_killed_mid_staging_leaves_only_a_staging_mailbox_that_recovery_removes(
+        proxy_factory, no_multiappend, tmp_path, how):
+    """SIGKILL while two messages are staged (or right after the journal entry, before the
+    CREATE): the target never shows a message, and ``recover`` or the next proxy's start-up
+    deletes the staging mailbox the journal names (op "staging"), and nothing else."""
+    from movecheck import cli, faulty
+
+    from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+
+    backend = no_multiappend
+    backend.reset_mail("alice")
+    with backend.client("alice") as m:
+        m.create("Target")
+        m.create("Kept")
+    config = {"backends": {"x": {"endpoint": backend.endpoint, "url": backend.url, "master_user": MASTER_USER,
+                                 "master_password": MASTER_PASSWORD}},
+              "map": {"default": "x", "store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}}
+    command = faulty("--kill-at", "staging:1") if how == "before-create" else None
+    proxy = proxy_factory(config, command=command)
+    bodies = [b"Subject: crash %d\r\n\r\n%s\r\n" % (i, b"c" * 3000) for i in range(2)]
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.send(b"a APPEND Target {%d+}\r\n" % len(bodies[0]) + bodies[0] + b" {%d+}\r\n" % len(bodies[1]) + bodies[1])
+    if how == "before-create":
+        assert proxy.process.wait(timeout=30) != 0  # killed by its own hook, the entry written
+        assert _staged(backend, "alice") == {}
+    else:
+        _wait_for(lambda: list(_staged(backend, "alice").values()) == [2], "two messages staged")
+        proxy.kill()
+    w.close()
+    assert contents(backend, "alice", "Target") == []
+    if how == "start-up":
+        again = proxy_factory(config)  # the same store: its start-up recovery deletes it
+        _wait_for(lambda: _staged(backend, "alice") == {}, "the staging mailbox removed at start-up")
+        again.stop()
+    else:
+        recovered = cli("recover", "--config", str(proxy.config_path))
+        assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+        said = "no staging mailbox was left" if how == "before-create" else "staging mailbox deleted"
+        assert "APPEND to Target staged in referral-proxy-staging-" in recovered.stdout and said in recovered.stdout, \
+            recovered.stdout
+        assert _staged(backend, "alice") == {}
+    assert "nothing to recover" in cli("recover", "--config", str(proxy.config_path)).stdout
+    assert contents(backend, "alice", "Target") == []
+    assert {b"INBOX", b"Target", b"Kept"} == _mailboxes(backend, "alice")  # nothing else deleted
