@@ -343,3 +343,47 @@ def test_large_sync_literals_that_fit_the_quota_are_taken_at_once():
     assert h.to_backend().endswith(b"x {50000}\r\n")
     h.from_backend(b"rp2 NO [OVERQUOTA] Quota exceeded\r\n")
     assert h.to_client() == b"a NO [OVERQUOTA] Quota exceeded\r\n"
+
+
+class _Deleter:
+    """A backend connection that answers DELETE as told and records what it was sent."""
+
+    name = "b1"
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer, self.sent = answer, []
+
+    async def command(self, text: bytes):
+        from referral_proxy.backend import Tagged
+        self.sent.append(text)
+        return Tagged(parse_response_start(b"rp1 " + self.answer), b"rp1 " + self.answer)
+
+
+@pytest.mark.parametrize("answer, outcome", [(b"OK deleted", "staging mailbox deleted"),
+                                             (b"NO [NONEXISTENT] Mailbox doesn't exist", "no staging mailbox was left"),
+                                             (b"NO [SERVERBUG] broken", None)])
+def test_recovery_deletes_the_staging_mailbox_the_entry_names_and_only_that(answer, outcome):
+    import asyncio
+
+    from referral_proxy.backend import BackendError
+    from referral_proxy.config import MapConfig
+    from referral_proxy.recovery import describe
+    from referral_proxy.routing import MailboxMap
+
+    mailbox_map = MailboxMap(MapConfig(default="b1"))
+    entry = staging.MapJournal(mailbox_map).begin("Alice", "b1", STAGE, b"Caf\xe9")
+    assert describe(entry) == f"alice: APPEND to Caf\udce9 staged in {STAGE.decode()} on b1, at staging"
+    conn = _Deleter(answer)
+    if outcome is None:
+        with pytest.raises(BackendError):
+            asyncio.run(staging.drop_staging(mailbox_map, entry, conn))
+        assert len(mailbox_map.entries()) == 1  # left for the next try
+    else:
+        assert outcome in asyncio.run(staging.drop_staging(mailbox_map, entry, conn))
+        assert mailbox_map.entries() == []
+    assert conn.sent == [b"DELETE " + STAGE]
+    entry.data["mailbox"] = "INBOX"  # a corrupted or hostile entry: nothing else is ever deleted
+    other = _Deleter(b"OK deleted")
+    with pytest.raises(BackendError):
+        asyncio.run(staging.drop_staging(mailbox_map, entry, other))
+    assert other.sent == []
