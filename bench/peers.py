@@ -23,7 +23,8 @@ from pathlib import Path
 
 from _common import PROXY_HOST, REPO_ROOT, ProxyProcess, _pdeathsig, log, wait_greeting
 
-from referral_proxy.fleet import Dovecot, _process_group, free_port
+from referral_proxy.fleet import Dovecot, free_port
+from referral_proxy.fleet.procs import process_group as _process_group
 
 NGINX_MAIL_MODULE = Path("/usr/lib/nginx/modules/ngx_mail_module.so")
 PERDITION = "perdition.imap4"
