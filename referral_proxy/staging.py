@@ -32,7 +32,7 @@ from .imap.response import ResponseStart, completion_text, replace_tag
 from .journal import InUse, JournalEntry, Reservation, Step
 from .routing import MailboxMap
 
-__all__ = ["STAGING_PREFIX", "new_staging_name", "is_staging_name", "StagingJournal", "NoJournal", "MapJournal",
+__all__ = ["STAGING_PREFIX", "new_staging_name", "is_staging_name", "StagingJournal", "MapJournal",
            "drop_staging", "Staging",
            "StagingHost", "mailbox_argument", "run_captured", "send_command", "appenduid_from_copyuid",
            "probe_answer"]
@@ -66,19 +66,6 @@ class StagingJournal(Protocol):
 
     def give_up(self, entry: object) -> None:
         """This process could not remove it: leave it to recovery."""
-
-
-class NoJournal:
-    """No store: a staging mailbox a crash leaves behind stays hidden, and nothing removes it."""
-
-    def begin(self, user: str, backend: str, name: bytes, target: bytes) -> object:
-        return None
-
-    def end(self, entry: object) -> None:
-        pass
-
-    def give_up(self, entry: object) -> None:
-        pass
 
 
 class MapJournal:
