@@ -105,6 +105,8 @@ class Observer:
         self._backends: set[Any] = set()
         self._command_seconds: dict[str, tuple[list[int], list[float]]] = {}
         self.stopping = False  # the service is shutting down: sessions end with outcome "shutdown"
+        self.map_store_up = True  # the map store (PostgreSQL) reachable; routing goes on from the cache if not
+        self.map_store_outages = 0
 
     # -- sessions -------------------------------------------------------------
 
@@ -273,6 +275,12 @@ class Observer:
         return id_command(rec.origin) if rec is not None else None
 
     # -- backend connections ----------------------------------------------------------------
+
+    def map_store_available(self, up: bool) -> None:
+        """The map store went away (routing continues from the cache) or came back."""
+        if self.map_store_up and not up:
+            self.map_store_outages += 1
+        self.map_store_up = up
 
     def backend_opened(self, proto: Any) -> None:
         self._backends.add(proto)
