@@ -29,7 +29,7 @@ from .backend import BackendError, BackendProtocol, BackendUnavailable, Tagged, 
 from .imap import mutf7
 from .imap.grammar import encode_astring
 from .imap.response import ResponseStart, completion_text, replace_tag
-from .journal import InUse, JournalEntry, Reservation, Step
+from .journal import InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .routing import MailboxMap
 
 __all__ = ["STAGING_PREFIX", "new_staging_name", "is_staging_name", "StagingJournal", "MapJournal",
@@ -57,14 +57,14 @@ def is_staging_name(name: bytes) -> bool:
 class StagingJournal(Protocol):
     """Where a staging mailbox is recorded before it is created, so recovery can remove it."""
 
-    def begin(self, user: str, backend: str, name: bytes, target: bytes) -> object:
+    async def begin(self, user: str, backend: str, name: bytes, target: bytes) -> object:
         """Record the staging mailbox *name* of *user* on *backend* for an APPEND to *target*,
         before its CREATE; the entry is returned. InUse if a move holds *target*."""
 
-    def end(self, entry: object) -> None:
+    async def end(self, entry: object) -> None:
         """The staging mailbox is gone (or was never made): forget it."""
 
-    def give_up(self, entry: object) -> None:
+    async def give_up(self, entry: object) -> None:
         """This process could not remove it: leave it to recovery."""
 
 
@@ -75,24 +75,24 @@ class MapJournal:
     def __init__(self, mailbox_map: MailboxMap) -> None:
         self.map = mailbox_map
 
-    def begin(self, user: str, backend: str, name: bytes, target: bytes) -> JournalEntry:
+    async def begin(self, user: str, backend: str, name: bytes, target: bytes) -> JournalEntry:
         box = target.decode("utf-8", "surrogateescape")
-        entry = self.map.begin_move(user, "staging", [Reservation(box, subtree=False, shared=True)],
-                                    {"backend": backend, "mailbox": name.decode("ascii"), "target": box})
+        entry = await self.map.begin_move(user, "staging", [Reservation(box, subtree=False, shared=True)],
+                                          {"backend": backend, "mailbox": name.decode("ascii"), "target": box})
         try:
-            self.map.step(entry, Step.STAGING)  # from here on it may exist
+            await self.map.step(entry, Step.STAGING)  # from here on it may exist
         except BaseException:
-            self.map.end_move(entry)
+            await self.map.end_move(entry)
             raise
         return entry
 
-    def end(self, entry: object) -> None:
+    async def end(self, entry: object) -> None:
         if isinstance(entry, JournalEntry) and not entry.ended:
-            self.map.end_move(entry)
+            await self.map.end_move(entry)
 
-    def give_up(self, entry: object) -> None:
+    async def give_up(self, entry: object) -> None:
         if isinstance(entry, JournalEntry) and not entry.ended:
-            self.map.disown(entry)
+            await self.map.disown(entry)
 
 
 async def drop_staging(mailbox_map: MailboxMap, entry: JournalEntry, conn: BackendProtocol) -> str:
@@ -108,7 +108,7 @@ async def drop_staging(mailbox_map: MailboxMap, entry: JournalEntry, conn: Backe
         outcome = "no staging mailbox was left"
     else:
         raise BackendError(f"DELETE {name.decode()} failed on {conn.name}: {completion_text(deleted.start)}")
-    mailbox_map.end_move(entry)
+    await mailbox_map.end_move(entry)
     return outcome
 
 
@@ -241,9 +241,12 @@ class Staging:
         status: Tagged | None = None
         for _attempt in range(3):  # a name that exists is not ours: never used, never deleted; a new one
             try:
-                self.entry = host.journal.begin(host.user, conn.name, self.name, self.target)
+                self.entry = await host.journal.begin(host.user, conn.name, self.name, self.target)
             except InUse:
                 return b"%s NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n" % tag
+            except StoreUnavailable:  # no staging mailbox without its journal entry
+                return (b"%s NO [UNAVAILABLE] The mailbox map is unreachable; appending several messages here "
+                        b"waits until it is back\r\n" % tag)
             self.staged = None
             commands = [b"CREATE " + self.name]
             try:
@@ -260,7 +263,7 @@ class Staging:
             if created.ok or created.start.code != "ALREADYEXISTS" or not status.ok:
                 break
             log.warn("staging mailbox {box} on {b} already exists: another name", box=self.name, b=conn.name)
-            host.journal.end(self.entry)
+            await host.journal.end(self.entry)
             self.staged, self.name = False, new_staging_name()
         assert status is not None
         if not status.ok:
@@ -318,7 +321,7 @@ class Staging:
         fresh: BackendProtocol | None = None
         try:
             if self.staged is False:
-                host.journal.end(self.entry)
+                await host.journal.end(self.entry)
                 return
             conn = next((c for c in (via, self.conn) if c is not None and not c.closed), None)
             if conn is None:
@@ -328,14 +331,14 @@ class Staging:
             finally:
                 host.backend_idle()
             if deleted.status == "OK":
-                host.journal.end(self.entry)
+                await host.journal.end(self.entry)
             else:
                 log.warn("staging mailbox {box} on {b} not deleted: {why}", box=self.name, b=conn.name,
                          why=deleted.text)
-                host.journal.give_up(self.entry)
+                await host.journal.give_up(self.entry)
         except BackendError as e:
             log.warn("staging mailbox {box} on {b} left to recovery: {why}", box=self.name, b=self.conn.name, why=str(e))
-            host.journal.give_up(self.entry)
+            await host.journal.give_up(self.entry)
         finally:
             self.cleaned = True
             for c in (fresh, via):

@@ -5,6 +5,7 @@ command (issue 15). The real-Dovecot side is tests/test_multiappend_rfc.py."""
 from __future__ import annotations
 
 import pytest
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from referral_proxy import staging
@@ -129,8 +130,23 @@ def test_a_refused_message_fails_the_whole_and_the_target_is_never_touched():
     assert h.to_backend() == b"rp6 DELETE " + STAGE + b"\r\n"  # no COPY ever
 
 
+def _now(coro):
+    """The result of a map-store coroutine that the memory store completes at once."""
+    d = defer.ensureDeferred(coro)
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "the store did not answer at once"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
 def _staging_entries(h: SessionHarness) -> list:
-    return [e for e in h.context.mailbox_map.entries() if e.op == "staging"]
+    return [e for e in _now(h.context.mailbox_map.entries()) if e.op == "staging"]
+
+
+def _reservations(h: SessionHarness) -> list:
+    return [(user, r) for _id, user, r in _now(h.context.mailbox_map.store.load()).reservations]
 
 
 @pytest.mark.parametrize("deleted", [True, False])
@@ -140,7 +156,7 @@ def test_a_staging_mailbox_is_in_the_journal_from_before_its_create_until_it_is_
     (entry,) = _staging_entries(h)  # written before the CREATE is sent
     assert entry.step is Step.STAGING and entry.owner is not None
     assert entry.data == {"backend": "b1", "mailbox": STAGE.decode(), "target": "Box"}
-    assert h.context.mailbox_map.store.reservations() == [("alice", Reservation("Box", subtree=False, shared=True))]
+    assert _reservations(h) == [("alice", Reservation("Box", subtree=False, shared=True))]
     assert not h.context.mailbox_map.reserved("alice", "Box")  # shared: other APPENDs to Box go on
     _prepared(h)
     h.to_backend()
@@ -150,7 +166,7 @@ def test_a_staging_mailbox_is_in_the_journal_from_before_its_create_until_it_is_
     h.from_backend(b"rp6 OK deleted\r\n" if deleted else b"rp6 NO [INUSE] Try again later\r\n")
     left = _staging_entries(h)
     if deleted:
-        assert left == [] and h.context.mailbox_map.store.reservations() == []
+        assert left == [] and _reservations(h) == []
     else:  # left to recovery: disowned, so the sweep of this very process takes it
         assert [(e.id, e.owner) for e in left] == [(entry.id, None)]
 
@@ -173,7 +189,7 @@ def test_a_staging_name_that_exists_is_never_used_nor_deleted(monkeypatch):
 
 def test_a_target_a_move_holds_is_never_staged_into():
     h = _staging_harness()
-    h.context.mailbox_map.begin_move("alice", "move", [Reservation(None)], {})  # a whole-user move begins
+    _now(h.context.mailbox_map.begin_move("alice", "move", [Reservation(None)], {}))  # a whole-user move begins
     h.send(b"a APPEND Box {3+}\r\nabc\r\n")
     assert h.to_client().startswith(b"a NO [INUSE] ")
     assert h.to_backend() == b""  # no STATUS, no staging mailbox
@@ -371,16 +387,16 @@ def test_recovery_deletes_the_staging_mailbox_the_entry_names_and_only_that(answ
     from referral_proxy.routing import MailboxMap
 
     mailbox_map = MailboxMap(MapConfig(default="b1"))
-    entry = staging.MapJournal(mailbox_map).begin("Alice", "b1", STAGE, b"Caf\xe9")
+    entry = _now(staging.MapJournal(mailbox_map).begin("Alice", "b1", STAGE, b"Caf\xe9"))
     assert describe(entry) == f"alice: APPEND to Caf\udce9 staged in {STAGE.decode()} on b1, at staging"
     conn = _Deleter(answer)
     if outcome is None:
         with pytest.raises(BackendError):
             asyncio.run(staging.drop_staging(mailbox_map, entry, conn))
-        assert len(mailbox_map.entries()) == 1  # left for the next try
+        assert len(_now(mailbox_map.entries())) == 1  # left for the next try
     else:
         assert outcome in asyncio.run(staging.drop_staging(mailbox_map, entry, conn))
-        assert mailbox_map.entries() == []
+        assert _now(mailbox_map.entries()) == []
     assert conn.sent == [b"DELETE " + STAGE]
     entry.data["mailbox"] = "INBOX"  # a corrupted or hostile entry: nothing else is ever deleted
     other = _Deleter(b"OK deleted")
