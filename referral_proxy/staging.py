@@ -238,34 +238,25 @@ class Staging:
         await host.quiet()  # what is captured meanwhile must be ours
         target = mailbox_argument(conn, self.target)
         assert target is not None
-        status: Tagged | None = None
-        for _attempt in range(3):  # a name that exists is not ours: never used, never deleted; a new one
-            try:
-                self.entry = await host.journal.begin(host.user, conn.name, self.name, self.target)
-            except InUse:
-                return b"%s NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n" % tag
-            except StoreUnavailable:  # no staging mailbox without its journal entry
-                return (b"%s NO [UNAVAILABLE] The mailbox map is unreachable; appending several messages here "
-                        b"waits until it is back\r\n" % tag)
-            self.staged = None
-            commands = [b"CREATE " + self.name]
-            try:
-                *checked, created = await run_captured(
-                    conn, ([b"STATUS " + target + b" (UIDVALIDITY)"] if status is None else []) + commands)
-            finally:
-                host.backend_idle()
-            status = checked[0] if checked else status
-            self.staged = created.ok
-            for r in created.responses:
-                if r.start.name != "STATUS":
-                    host.write_from(conn, r.raw)
-            assert status is not None
-            if created.ok or created.start.code != "ALREADYEXISTS" or not status.ok:
-                break
-            log.warn("staging mailbox {box} on {b} already exists: another name", box=self.name, b=conn.name)
-            await host.journal.end(self.entry)
-            self.staged, self.name = False, new_staging_name()
-        assert status is not None
+        try:
+            self.entry = await host.journal.begin(host.user, conn.name, self.name, self.target)
+        except InUse:
+            return b"%s NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n" % tag
+        except StoreUnavailable:  # no staging mailbox without its journal entry
+            return (b"%s NO [UNAVAILABLE] The mailbox map is unreachable; appending several messages here "
+                    b"waits until it is back\r\n" % tag)
+        self.staged = None
+        try:
+            status, created = await run_captured(conn, [b"STATUS " + target + b" (UIDVALIDITY)", b"CREATE " + self.name])
+        finally:
+            host.backend_idle()
+        # Dovecot (maildir) answers concurrent CREATEs of different names now and then with
+        # ALREADYEXISTS, having made the mailbox: a name of 128 random bits is nobody else's,
+        # so it is taken as made (and deleted at the end, its entry kept until then).
+        self.staged = created.ok or created.start.code == "ALREADYEXISTS"
+        for r in created.responses:
+            if r.start.name != "STATUS":
+                host.write_from(conn, r.raw)
         if not status.ok:
             return probe_answer(tag, status, self.target)
         if not self.staged:
