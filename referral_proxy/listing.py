@@ -21,6 +21,7 @@ from .imap.command import Atom, ParenList, ParseError, String, astring_value, pa
 from .imap.grammar import Arguments, Slot, encode
 from .imap.quoting import quoted
 from .routing import MailboxMap, normalize, pattern_matches
+from .staging import is_staging_name
 
 __all__ = ["ListEntry", "ListHost", "list_command", "parse_list_entry", "merge", "select", "format_entry",
            "add_flag", "is_basic_list"]
@@ -64,9 +65,12 @@ def merge(
     *,
     placeholders: bool = True,
 ) -> list[ListEntry]:
-    """Keep each mailbox from its owner only; add missing parents; fix child flags."""
+    """Keep each mailbox from its owner only; add missing parents; fix child flags. The proxy's
+    staging mailboxes (staging.py) are never shown."""
     kept: dict[str, ListEntry] = {}
     for e in entries:
+        if is_staging_name(e.name):
+            continue
         name = normalize(e.text, separator)
         if owner(name) != e.backend or name in kept:
             continue
@@ -208,7 +212,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 entry = parse_list_entry(fragments, literals, conn.name)
             except ParseError:
                 continue
-            if _owner(host, entry.text) != conn.name or entry.text in seen:
+            if _owner(host, entry.text) != conn.name or entry.text in seen or is_staging_name(entry.name):
                 continue
             seen.add(entry.text)
             out.append(add_flag(r.raw, b"\\Remote") if remote_option and conn.name != host.home else r.raw)
@@ -217,7 +221,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 mailbox = astring_value(parse_arguments(fragments, literals)[0])
             except (ParseError, IndexError):
                 continue
-            if _owner(host, mailbox.decode("utf-8", "surrogateescape")) == conn.name:
+            if _owner(host, mailbox.decode("utf-8", "surrogateescape")) == conn.name and not is_staging_name(mailbox):
                 out.append(r.raw)
         else:
             out.append(r.raw)
