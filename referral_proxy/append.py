@@ -403,6 +403,9 @@ class AppendsHost(Protocol):
     def decided(self) -> None:
         """The reader's pending decision was taken: go on reading."""
 
+    def command_done(self) -> None:
+        """A command in flight has its answer (the session caps them)."""
+
     def dies_with(self, conn: BackendProtocol) -> bool: ...
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
@@ -492,6 +495,7 @@ class Appends:
         self.unanswered.discard(cmd)
         if self.host.pool is not None:
             self.host.pool.check_quiet()
+        self.host.command_done()
 
     def dies_with(self, conn: BackendProtocol) -> bool:
         return self.host.dies_with(conn)

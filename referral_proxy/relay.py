@@ -44,7 +44,8 @@ class RelayHost(Protocol):
     def unblock(self, reason: Block) -> None: ...
 
     def relay_finished(self, conn: BackendProtocol) -> None:
-        """A relayed command of *conn* has its completion (or its connection is gone)."""
+        """A relayed command of *conn* has its completion (or its connection is gone):
+        the other backends may be quiet now, and the cap on commands in flight less full."""
 
     def relay_lost(self, conn: BackendProtocol, tag: bytes) -> None:
         """*conn* went away before the command tagged *tag* completed."""
@@ -82,6 +83,7 @@ class Relay:
     def __init__(self, host: RelayHost) -> None:
         self.host = host
         self._refs: dict[BackendProtocol, _Refs] = {}
+        self.in_flight = 0  # commands sent and not completed (the session caps them)
 
     def send(self, conn: BackendProtocol, tag: bytes, name: str, args: Arguments, *,
              after: Callable[[ResponseStart], None] | None = None,
@@ -104,6 +106,7 @@ class Relay:
             cancels = [t.value for t in tokens if isinstance(t, String)]
             args = Arguments(tokens, args.slots)
         op = _Op(self, conn, tag, ptag, after, keep, answer, cancels)
+        self.in_flight += 1
         op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens else None, on_continuation)
 
     # -- tags inside responses -------------------------------------------------------------
@@ -207,6 +210,7 @@ class _Op:
 
     def done(self, start: ResponseStart, raw: bytes) -> None:
         relay, conn = self.relay, self.conn
+        relay.in_flight -= 1
         if self.blocking:  # refused before all literals were sent
             conn.on_continuation = None
         data = replace_tag(raw, self.tag)
@@ -227,6 +231,7 @@ class _Op:
 
     def lost(self, _reason: Failure) -> None:
         relay = self.relay
+        relay.in_flight -= 1
         relay.host.relay_lost(self.conn, self.tag)
         self._release()
         relay.host.relay_finished(self.conn)

@@ -17,6 +17,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
 from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
@@ -71,6 +72,19 @@ def server_tls_options(config: Config) -> Any:
     return PrivateCertificate.loadPEM(pem).options()
 
 
+def admission_for(config: Config) -> Admission:
+    """The process's Admission, its sessions bounded by the file descriptors it may open
+    (the soft limit is raised first as far as the hard one allows)."""
+    wanted = config.proxy.connections.max_connections * FDS_PER_SESSION + FD_RESERVE
+    fds = file_descriptors(wanted)
+    admission = Admission(sessions_for(fds))
+    if admission.max_connections(config.proxy.connections) < config.proxy.connections.max_connections:
+        log.warn("max_connections {configured} lowered to {allowed}: this process may open {fds} file descriptors "
+                 "(ulimit -n), {per} per session and a reserve", configured=config.proxy.connections.max_connections,
+                 allowed=admission.fd_sessions, fds=fds, per=FDS_PER_SESSION)
+    return admission
+
+
 class _SessionFactory(ServerFactory):
     noisy = False
 
@@ -97,6 +111,7 @@ class ProxyService(MultiService):
         self.mailbox_map = MailboxMap(config.map, open_store(config.map.store))
         self.guard = LoopGuard(config)
         self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
+        self.admission = admission_for(config)
 
         async def connect(backend: BackendConfig, credentials: Credentials):
             return await self.connect_for(None, backend, credentials)
@@ -108,13 +123,14 @@ class ProxyService(MultiService):
             connect=connect,
             server_tls=server_tls_options(config) if config.proxy.tls_cert else None,
             observer=self.observer,
+            admission=self.admission,
             connect_for=self.connect_for,
         )
         factory = _SessionFactory(self.context)
         self.health: HealthChecker | None = None
         if config.metrics.listen is not None:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
-            site = metrics_site(make_registry(self.observer, self.health), self.health)
+            site = metrics_site(make_registry(self.observer, self.health, self.admission), self.health)
             svc = StreamServerEndpointService(serverFromString(reactor, config.metrics.listen), site)
             svc._raiseSynchronously = True
             svc.setName("metrics")

@@ -31,7 +31,7 @@ from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse, quick_ack, tune_socket
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
 from .context import ProxyContext
-from .flow import AllBackends, Block, Output, PeerPause, ReadGate
+from .flow import Block, ClientFlow
 from .imap.command import CommandStart
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
@@ -50,6 +50,7 @@ from .imap.reader import (
 )
 from .imap.response import ResponseStart, completion_text
 from .mailboxes import MailboxCommands, Refusing
+from .origin import peer_ip
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
@@ -57,6 +58,10 @@ from .routing import MailboxMap, Route
 __all__ = ["ProxyContext", "ClientSession", "Phase"]
 
 log = Logger()
+
+# Seconds a closing connection may take to drain what it was last sent (a BYE, the end
+# of a response) before it is aborted: a client that does not read holds nothing longer.
+CLOSE_GRACE = 30.0
 
 
 class Phase(Enum):
@@ -107,14 +112,10 @@ class ClientSession(Protocol):
         self.auth = Authenticator(self)
         self.appends = Appends(self)
         self.reader = CommandReader(context.config.proxy.limits, self._admit)
-        self._gate: ReadGate | None = None
-        self._backends_producer = AllBackends()
-        self._out = Output(self._transport_write)
-        self._blocked: set[Block] = set()
+        self.flow = ClientFlow(self, self._transport_write, self._pump)
         self._pumping = False
         self._idle: _Idle | None = None
         self._login_timer: Any = None
-        self._peer = "?"
         self._socket: Any = None
         self._closed_waiters: list[defer.Deferred[None]] = []
 
@@ -138,9 +139,12 @@ class ClientSession(Protocol):
 
     def connectionMade(self) -> None:
         self._socket = tune_socket(self.transport)
-        self._gate = ReadGate(self.transport)
-        peer = self.transport.getPeer()
-        self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        refusal = self.ctx.admission.connect(self, peer_ip(self.transport), self.config.proxy.connections)
+        if refusal is not None:
+            self.ctx.observer.refused(self.transport, refusal.reason)
+            self.transport.write(b"* BYE [UNAVAILABLE] %s\r\n" % safe_text(refusal.text).encode())
+            return self._close()
+        self.flow.connect(self.transport)
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
         self.ctx.observer.session_started(self)
@@ -156,6 +160,8 @@ class ClientSession(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.phase = Phase.LOGOUT
         self._cancel_login_timer()
+        self.flow.closed()
+        self.ctx.admission.gone(self)
         self.ctx.sessions.discard(self)
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
@@ -179,7 +185,7 @@ class ClientSession(Protocol):
     def shutdown(self) -> None:
         """The proxy is stopping: tell the client, and log its backends out."""
         if self.phase is not Phase.LOGOUT:
-            self._out = Output(self._transport_write)
+            self.flow.unqueued()
             self.send(b"* BYE Server shutting down\r\n")
             self._logout_backends()
             self._close()
@@ -189,8 +195,9 @@ class ClientSession(Protocol):
             self.pool.logout_all()
 
     def _close(self) -> None:
+        """Close once what was written is out (aborted after CLOSE_GRACE seconds if it is not)."""
         self.phase = Phase.LOGOUT
-        self.transport.loseConnection()
+        self.flow.close(self.transport, self.ctx.reactor, CLOSE_GRACE)
 
     # -- output --------------------------------------------------------------------
 
@@ -200,11 +207,11 @@ class ClientSession(Protocol):
 
     def send(self, data: bytes) -> None:
         """A response of the proxy's own: never written inside a relayed one."""
-        self._out.write(self, data)
+        self.flow.out.write(self, data)
 
     def write_from(self, source: object, data: bytes, end: bool = True) -> None:
         """A relayed response (or part of one), kept whole on the client's connection."""
-        self._out.write(source, data, end)
+        self.flow.out.write(source, data, end)
 
     def tagged(self, tag: bytes, status: str, text: str) -> None:
         self.send(b"%s %s %s\r\n" % (tag, status.encode(), safe_text(text).encode("utf-8")))
@@ -216,37 +223,44 @@ class ClientSession(Protocol):
     # -- input ------------------------------------------------------------------------
 
     def block(self, reason: Block) -> None:
-        self._blocked.add(reason)
-        if self._gate is not None:
-            self._gate.pause(reason)
+        self.flow.block(reason)
 
     def unblock(self, reason: Block) -> None:
-        self._blocked.discard(reason)
-        if self._gate is not None:
-            self._gate.resume(reason)
-        self._pump()
+        self.flow.unblock(reason)
 
     def _pump(self) -> None:
         if self._pumping:
             return
         self._pumping = True
         try:
-            while not self._blocked and self.phase is not Phase.LOGOUT:
+            most = self.config.proxy.connections.max_commands_in_flight
+            blocked = self.flow.blocked
+            while not blocked and self.phase is not Phase.LOGOUT:
+                if self.relay.in_flight + len(self.appends.unanswered) >= most and self.reader.between_commands:
+                    self.block(Block.IN_FLIGHT)  # released when one is answered (command_done)
+                    break
                 event = self.reader.next_event()
                 if event is NEED_DATA:
                     break
                 if event is NEED_DECISION:  # a message literal waits for the backend
-                    if self._gate is not None:
-                        self._gate.pause(Block.DECISION)
+                    self.flow.pause_reading(Block.DECISION)
                     break
                 self._event(event)
         finally:
             self._pumping = False
 
+    def in_flight(self) -> int:
+        """Commands relayed or appended and not answered yet."""
+        return self.relay.in_flight + len(self.appends.unanswered)
+
+    def command_done(self) -> None:
+        """A relayed command or an APPEND has its answer: read on if the cap held reading."""
+        if Block.IN_FLIGHT in self.flow.blocked:
+            self.unblock(Block.IN_FLIGHT)
+
     def decided(self) -> None:
         """A message literal's decision was taken: read on."""
-        if self._gate is not None:
-            self._gate.resume(Block.DECISION)
+        self.flow.resume_reading(Block.DECISION)
         self._pump()
 
     def _event(self, event: object) -> None:
@@ -396,13 +410,15 @@ class ClientSession(Protocol):
     def _login_timed_out(self) -> None:
         self._login_timer = None
         if self.phase is Phase.NOT_AUTHENTICATED:
+            self.ctx.observer.timed_out(self)
+            if self.flow.output_backed_up:  # it reads nothing: a BYE would never leave
+                self.phase = Phase.LOGOUT
+                return self.flow.abort(self.transport)
             self.send(b"* BYE Autologout; no login in time\r\n")
             self._close()
 
     def _cancel_login_timer(self) -> None:
-        if self._login_timer is not None and self._login_timer.active():
-            self._login_timer.cancel()
-        self._login_timer = None
+        self._login_timer = _cancel(self._login_timer)
 
     # -- relaying --------------------------------------------------------------------------
 
@@ -517,16 +533,12 @@ class ClientSession(Protocol):
     def _attach(self, proto: BackendProtocol) -> None:
         """A new backend connection: it reports here, and each side is the other's producer."""
         proto.sink = self
-        if not self._backends_producer.transports:
-            self.transport.registerProducer(self._backends_producer, True)
-        self._backends_producer.add(proto.transport)
-        assert self._gate is not None
-        proto.transport.registerProducer(PeerPause(self._gate, f"backend:{proto.name}"), True)
+        self.flow.attach(proto)
 
     def untagged(self, backend: BackendProtocol, start: ResponseStart | None, data: bytes, end: bool) -> None:
         if start is not None and (start.name == "ESEARCH" or start.code == "NOUPDATE"):
             data = self.relay.translate(backend, data)
-        self._out.write(backend, data, end)
+        self.flow.out.write(backend, data, end)
 
     def dies_with(self, conn: BackendProtocol) -> bool:
         """Losing the home backend or the one holding the selected mailbox ends the session."""
@@ -535,6 +547,7 @@ class ClientSession(Protocol):
     def relay_finished(self, conn: BackendProtocol) -> None:
         if self.pool is not None:
             self.pool.check_quiet()
+        self.command_done()
 
     def relay_lost(self, conn: BackendProtocol, tag: bytes) -> None:
         if self._idle is not None and self._idle.conn is conn:
@@ -546,8 +559,7 @@ class ClientSession(Protocol):
         if self.pool is not None:
             self.pool.forget(backend)
         self.relay.end_updates(backend)
-        self._backends_producer.transports.discard(backend.transport)
-        self._out.abandon(backend)
+        self.flow.detach(backend)
         if self.phase is Phase.LOGOUT:
             return
         log.warn("session {id}: backend {name} connection lost: {why}", id=self.id, name=backend.name,
@@ -559,6 +571,13 @@ class ClientSession(Protocol):
                 self.send(b"* BYE Mail server connection lost\r\n")
             self._logout_backends()
             self._close()
+
+
+def _cancel(timer: Any) -> Any:
+    """Cancel a reactor call if it is still to come; None, to store in its place."""
+    if timer is not None and timer.active():
+        timer.cancel()
+    return None
 
 
 _COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}

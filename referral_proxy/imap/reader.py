@@ -236,6 +236,11 @@ class CommandReader:
         return self._line_mode
 
     @property
+    def between_commands(self) -> bool:
+        """True when the next thing read starts a new command (no line mode, nothing half read)."""
+        return self._state == _IDLE and not self._line_mode and not self._queue and not self._deciding
+
+    @property
     def streaming(self) -> bool:
         """True between AppendStart and the end of that command."""
         return self._state in (_APPEND_DATA, _APPEND_NEXT) or self._deciding
