@@ -11,9 +11,11 @@ connections and logins.
 The login penalty imitates Dovecot's auth penalty (``src/auth/auth-penalty.c`` and
 ``src/anvil/penalty.c``): each failed login raises a penalty (0 to 4) of the
 client's address (an IPv6 one by its /48) and, here also, of the user name; a login
-waits ``2 * 2**penalty`` seconds (at most ``login_penalty``) before its credentials
-are checked; a penalty falls by one for each doubling of the time since the last
-failure, a success resets it, and it is forgotten 29 s after its last change.
+waits ``2 * 2**penalty`` seconds (at most ``login_penalty``, 15 by default as in
+Dovecot) before its credentials are checked; a penalty falls by one step for each
+step's delay passed since the last failure (with the cap that is all of it once the
+cap has passed), a success resets it, and it is forgotten 14 s + the cap after its
+last change.
 Failing again with the same user name and password does not raise it (a client with
 an old password retrying). The user's penalty makes a password-guessing botnet of
 many addresses wait as much as one address would, at the cost of the same wait (at
@@ -45,7 +47,7 @@ FD_RESERVE = 128
 
 PENALTY_INIT_SECS = 2.0
 MAX_PENALTY = 4
-PENALTY_EXPIRE_SECS = 2 + 4 + 8 + 15  # Dovecot's AUTH_PENALTY_TIMEOUT
+PENALTY_EXPIRE_SECS = 2 + 4 + 8  # plus the cap: Dovecot's AUTH_PENALTY_TIMEOUT (29 s with its 15 s cap)
 _CHECKSUMS = 10  # user+password checksums remembered per address or user
 _MAX_RECORDS = 100_000  # penalties remembered at most (the oldest go first): bounded memory
 
@@ -185,14 +187,17 @@ class LoginPenalty:
         """Seconds a login of *user* from *ip* waits before its credentials are checked."""
         if cap <= 0:
             return 0.0
-        self._expire(now)
-        return max(penalty_seconds(self._current(ident, now), cap) for ident in _idents(ip, user))
+        self._expire(now, cap)
+        return max(penalty_seconds(self._current(ident, now, cap), cap) for ident in _idents(ip, user))
 
-    def failed(self, ip: str, user: str, password: str, now: float) -> None:
-        self._expire(now)
+    def failed(self, ip: str, user: str, password: str, cap: float, now: float) -> None:
+        """A login failed (wrong credentials): both penalties rise, unless it was the same password again."""
+        if cap <= 0:
+            return
+        self._expire(now, cap)
         checksum = zlib.crc32(user.encode("utf-8", "replace"), zlib.crc32(password.encode("utf-8", "replace"))) or 1
         for ident in _idents(ip, user):
-            value = min(self._current(ident, now) + 1, MAX_PENALTY)
+            value = min(self._current(ident, now, cap) + 1, MAX_PENALTY)
             rec = self._record(ident, now)
             if checksum in rec.checksums:  # the same wrong password again: no higher
                 rec.checksums.remove(checksum)
@@ -208,14 +213,14 @@ class LoginPenalty:
         for ident in _idents(ip, user):
             self._records.pop(ident, None)
 
-    def _current(self, ident: str, now: float) -> int:
-        """The penalty now: one step lower for each doubling of the time since the last raise."""
+    def _current(self, ident: str, now: float, cap: float) -> int:
+        """The penalty now: as Dovecot lowers it, a step for each step's delay since the last raise."""
         rec = self._records.get(ident)
         if rec is None:
             return 0
         penalty, drop = rec.penalty, MAX_PENALTY
         since = now - min(rec.last, now)
-        while penalty > 0 and since >= penalty_seconds(drop, float("inf")):
+        while penalty > 0 and since >= penalty_seconds(drop, cap):
             drop -= 1
             penalty -= 1
         return penalty
@@ -230,11 +235,11 @@ class LoginPenalty:
         self._records[ident] = rec  # now the newest
         return rec
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, cap: float) -> None:
         records = self._records
         while records:
             ident, rec = next(iter(records.items()))
-            if now - rec.updated < PENALTY_EXPIRE_SECS:
+            if now - rec.updated < PENALTY_EXPIRE_SECS + cap:
                 break
             del records[ident]
 

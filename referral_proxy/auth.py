@@ -183,7 +183,7 @@ class Authenticator:
                 return
         outcome = await log_in(ctx, host.connect, creds)
         if outcome.result == "failed":
-            penalty.failed(ip, who, creds.password, clock())
+            penalty.failed(ip, who, creds.password, limits.login_penalty, clock())
         elif outcome.result in ("ok", "referred"):
             penalty.succeeded(ip, who)
         conn = outcome.conn

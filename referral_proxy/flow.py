@@ -203,6 +203,11 @@ class Output:
                 self._paused.discard(source)
                 self._release(source)
 
+    @property
+    def queued(self) -> int:
+        """Writes waiting for another source's response to end."""
+        return len(self._queue)
+
     def holds(self, source: object) -> bool:
         """Whether *source* is held because its output waits in the queue."""
         return source in self._paused

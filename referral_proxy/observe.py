@@ -107,6 +107,7 @@ class Observer:
         self.bytes_client_out = 0
         self._backend_bytes_closed = [0, 0]  # (in, out) of backend connections already closed
         self._backends: set[Any] = set()
+        self._prune_at = 64  # closed connections are dropped from _backends when it grows this big
         self._command_seconds: dict[str, tuple[list[int], list[float]]] = {}
         self.stopping = False  # the service is shutting down: sessions end with outcome "shutdown"
         self.refusals_total: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
@@ -304,6 +305,9 @@ class Observer:
 
     def backend_opened(self, proto: Any) -> None:
         self._backends.add(proto)
+        if len(self._backends) >= self._prune_at:  # without scrapes too: closed ones must not pile up
+            self._prune()
+            self._prune_at = 2 * len(self._backends) + 64
 
     def connect_failed(self, backend: str) -> None:
         self.connect_failures[backend] = self.connect_failures.get(backend, 0) + 1
