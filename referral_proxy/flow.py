@@ -32,6 +32,7 @@ class Block(Enum):
     OUTPUT = "the client's output is backed up: it must read its answers before it may send more"
     QUEUED = "an answer of the proxy's own waits behind a backend's response"
     IN_FLIGHT = "as many commands as allowed are waiting for their answers"
+    IDLE_ENDING = "DONE went before the backend's +: the IDLE's own + and answer come first"
 
 
 @implementer(IPushProducer)
@@ -237,10 +238,12 @@ class ClientFlow:
         self._write = write
         self._pump = pump
         self._abort_timer: Any = None
+        self._registered = False  # client_output is the transport's producer
 
     def connect(self, transport: Any) -> None:
         """The client connected: from now on its full output stops the commands."""
         transport.registerProducer(self.client_output, True)
+        self._registered = True
         self.gate = ReadGate(transport)
 
     @property
@@ -284,6 +287,11 @@ class ClientFlow:
     def close(self, transport: Any, reactor: Any, grace: float) -> None:
         """Close once what was written is out; abort if that takes over *grace* seconds
         (a client that does not read holds its memory no longer)."""
+        if self._registered:
+            # Twisted closes only once no producer is registered: a paused one, resumed when
+            # the output drains, would keep the connection open.
+            self._registered = False
+            transport.unregisterProducer()
         transport.loseConnection()
         if self._abort_timer is None:
             self._abort_timer = reactor.callLater(grace, self.abort, transport)

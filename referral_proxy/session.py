@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -32,6 +31,7 @@ from .backend import BackendError, BackendProtocol, Credentials, UntaggedRespons
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
 from .context import ProxyContext
 from .flow import Block, ClientFlow
+from .idle import Idle
 from .imap.command import CommandStart
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
@@ -70,17 +70,6 @@ class Phase(Enum):
     LOGOUT = "logout"
 
 
-@dataclass
-class _Idle:
-    """A relayed IDLE: only DONE is read from the client until it ends."""
-
-    tag: bytes
-    conn: BackendProtocol
-    continued: bool = False  # the backend said "+"
-    done_sent: bool = False
-    bad: bool = False  # the client sent something else than DONE
-
-
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -111,13 +100,14 @@ class ClientSession(Protocol):
         self.mailboxes = MailboxCommands(self)
         self.auth = Authenticator(self)
         self.appends = Appends(self)
+        self.idle = Idle(self)
         self.reader = CommandReader(context.config.proxy.limits, self._admit)
         self.flow = ClientFlow(self, self._transport_write, self._pump)
         self._pumping = False
-        self._idle: _Idle | None = None
         self._login_timer: Any = None
         self._socket: Any = None
         self._closed_waiters: list[defer.Deferred[None]] = []
+        self._byes: set[BackendProtocol] = set()  # backends whose own BYE the client was sent
 
     @property
     def config(self) -> Any:
@@ -308,13 +298,8 @@ class ClientSession(Protocol):
         defer.ensureDeferred(work).addErrback(failed).addBoth(lambda _: self.unblock(Block.TASK))
 
     def _text_line(self, line: TextLine) -> None:
-        if self.auth.sasl_response(line):
-            return
-        if self._idle is not None and not self._idle.done_sent:
-            idle = self._idle
-            idle.done_sent = True
-            idle.bad = not (line.clean and line.data.upper() == b"DONE")
-            idle.conn.write(b"DONE\r\n")
+        if not self.auth.sasl_response(line):
+            self.idle.line(line)
 
     # -- not authenticated ----------------------------------------------------------------
 
@@ -485,36 +470,8 @@ class ClientSession(Protocol):
             self.relay_cmd(cmd, target, done)
 
     def cmd_idle(self, cmd: Command, spec: CommandSpec) -> None:
-        """IDLE: relayed; until it ends only DONE is read, and sent on (anything else: BAD)."""
-        assert self.pool is not None and self.home is not None
-        pool, target = self.pool, self.selected or self.home
-        conn = pool.fast(target)
-        if conn is not None:
-            return self._start_idle(conn, cmd)
-
-        async def later() -> None:
-            self._start_idle(await pool.ready_for(target), cmd)
-
-        self.run(cmd.tag, later())
-
-    def _start_idle(self, conn: BackendProtocol, cmd: Command) -> None:
-        idle = self._idle = _Idle(cmd.tag, conn)
-        self.reader.expect_line()
-
-        def continued(text: bytes) -> None:
-            idle.continued = True
-            self.send(b"+ " + text + b"\r\n")
-
-        def done(start: ResponseStart) -> None:
-            if self._idle is idle:
-                self._idle = None
-                if not idle.continued and not idle.done_sent:
-                    self.reader.expect_line(False)  # refused at once: the client sends no DONE
-
-        def answer(start: ResponseStart, data: bytes) -> bytes:
-            return b"%s BAD Expected DONE.\r\n" % idle.tag if idle.bad and start.status == "OK" else data
-
-        self.relay.send(conn, cmd.tag, cmd.name, cmd.args, after=done, on_continuation=continued, answer=answer)
+        """IDLE: relayed; until it ends only DONE is read, and sent on (idle.py)."""
+        self.idle.start(cmd)
 
     def cmd_cancel_update(self, cmd: Command, spec: CommandSpec) -> None:
         self.cmd_to_selected(cmd, spec)  # the relay gives the client's tags back as the proxy's
@@ -536,8 +493,11 @@ class ClientSession(Protocol):
         self.flow.attach(proto)
 
     def untagged(self, backend: BackendProtocol, start: ResponseStart | None, data: bytes, end: bool) -> None:
-        if start is not None and (start.name == "ESEARCH" or start.code == "NOUPDATE"):
-            data = self.relay.translate(backend, data)
+        if start is not None:
+            if start.name == "ESEARCH" or start.code == "NOUPDATE":
+                data = self.relay.translate(backend, data)
+            elif start.status == "BYE":
+                self._byes.add(backend)  # the client has its reason (a BYE captured by a transfer is not)
         self.flow.out.write(backend, data, end)
 
     def dies_with(self, conn: BackendProtocol) -> bool:
@@ -550,8 +510,7 @@ class ClientSession(Protocol):
         self.command_done()
 
     def relay_lost(self, conn: BackendProtocol, tag: bytes) -> None:
-        if self._idle is not None and self._idle.conn is conn:
-            self._idle = None
+        self.idle.lost(conn)
         if not self.dies_with(conn) and self.phase is not Phase.LOGOUT:
             self.tagged(tag, "NO", "[UNAVAILABLE] Mail server connection lost")
 
@@ -559,15 +518,15 @@ class ClientSession(Protocol):
         if self.pool is not None:
             self.pool.forget(backend)
         self.relay.end_updates(backend)
+        told = backend in self._byes and not self.flow.out.holds(backend)  # its BYE written, not queued
         self.flow.detach(backend)
         if self.phase is Phase.LOGOUT:
             return
         log.warn("session {id}: backend {name} connection lost: {why}", id=self.id, name=backend.name,
                  why=reason.getErrorMessage())
-        if self._idle is not None and self._idle.conn is backend:
-            self._idle = None
+        self.idle.lost(backend)
         if self.dies_with(backend):
-            if not backend.bye_received:
+            if not told:
                 self.send(b"* BYE Mail server connection lost\r\n")
             self._logout_backends()
             self._close()

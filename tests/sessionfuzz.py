@@ -313,6 +313,7 @@ def run_stream(host: str, port: int, seed: int, index: int, patience: float = 20
     data, writes = stream_bytes(seed, index)
     with socket.create_connection((host, port), timeout=patience) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = "%s:%d" % sock.getsockname()[:2]  # as the proxy's log names it
         received = bytearray()
         done = threading.Event()
 
@@ -346,12 +347,14 @@ def run_stream(host: str, port: int, seed: int, index: int, patience: float = 20
         done.set()
     text = bytes(received)
     if b"[SERVERBUG]" in text:
-        return Outcome(index, "serverbug", _excerpt(text, b"[SERVERBUG]"))
+        return Outcome(index, "serverbug", f"client={client} " + _excerpt(text, b"[SERVERBUG]"))
     if _answered(text):
         return Outcome(index, "answered")
-    if b"* BYE" in text:
+    if hung:  # still open, the sentinel unanswered (a BYE that does not close is no BYE)
+        return Outcome(index, "hang", f"client={client} " + _tail(text))
+    if b"\r\n* BYE " in b"\r\n" + text:
         return Outcome(index, "bye")
-    return Outcome(index, "hang" if hung else "unclean-close", _tail(text))
+    return Outcome(index, "unclean-close", f"client={client} " + _tail(text))
 
 
 def _answered(text: bytes) -> bool:
@@ -424,6 +427,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--first", type=int, default=0, help="index of the first stream")
     ap.add_argument("--only", type=int, default=None, help="replay the stream of this index and print it")
+    ap.add_argument("--keep", action="store_true", help="keep the directory (the proxy's and Dovecot's logs)")
     args = ap.parse_args()
     if args.only is not None:
         data, writes = stream_bytes(args.seed, args.only)
@@ -467,7 +471,10 @@ def main() -> int:
         if proxy is not None:
             proxy.stop()
         fleet.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def proxy_config(fleet, port: int) -> str:

@@ -153,6 +153,18 @@ def test_a_login_timeout_says_bye_and_aborts_after_a_grace():
     assert h.client.disconnected
 
 
+def test_a_logout_after_a_full_output_closes_once_the_client_has_read_it():
+    """Twisted closes only once no producer is registered: a paused one, resumed by the
+    drain, kept the connection open (the fuzzer found it: a hang after * BYE)."""
+    client = SlowReaderTransport(buffer_size=40)  # the BYE and the OK fill it again
+    h = SessionHarness(client=client)
+    h.send(b"a CAPABILITY\r\n" * 50 + b"z LOGOUT\r\n")
+    assert client.producer_paused
+    out = drain_all(client)
+    assert out.endswith(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+    assert client.closed
+
+
 def test_a_logout_that_is_not_read_is_aborted_after_a_grace():
     h = SessionHarness()
     h.send(b"a LOGOUT\r\n")
@@ -342,3 +354,81 @@ def test_connection_limit_defaults():
     assert limits == ConnectionLimits(max_connections=1000, max_connections_per_ip=100, max_unauthenticated_per_ip=20,
                                       max_connections_per_user=50, max_commands_in_flight=64, login_penalty=15.0)
     assert minimal_config(login_penalty=0).proxy.connections.login_penalty == 0.0
+
+
+def test_behind_a_load_balancer_the_proxy_header_address_is_counted():
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.protocol import Factory
+
+    from referral_proxy.proxyproto import HeaderFirstFactory
+
+    h = SessionHarness(minimal_config(max_unauthenticated_per_ip=1))
+
+    class Sessions(Factory):
+        def buildProtocol(self, addr):
+            return ClientSession(h.context)
+
+    factory = HeaderFirstFactory(Sessions(), h.reactor, 10.0)
+
+    def via_balancer(client: str) -> NoDelayTransport:
+        proto = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+        transport = NoDelayTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))  # the balancer
+        proto.makeConnection(transport)
+        proto.dataReceived(b"PROXY TCP4 %s 127.0.0.1 40001 143\r\n" % client.encode())
+        return transport
+
+    assert via_balancer("198.51.100.1").value().startswith(b"* OK ")
+    assert via_balancer("198.51.100.2").value().startswith(b"* OK ")  # the balancer's address is not what counts
+    assert via_balancer("198.51.100.1").value().startswith(b"* BYE [UNAVAILABLE] Too many connections")
+    assert h.context.admission.counts("198.51.100.1") == (1, 1)
+    assert h.context.admission.counts("10.0.0.1") == (0, 0)
+
+
+# -- found by the session fuzzer ----------------------------------------------------------------------------
+
+
+def test_a_backend_bye_the_client_never_saw_still_gets_a_bye():
+    """Dovecot says BYE (its mailbox deleted under it) during a transfer's own FETCH: that
+    BYE is captured, not relayed, so the proxy must say its own (it said none: a close
+    without a word)."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    h = SessionHarness()
+    h.login()
+    h.backend.command(b"UID FETCH 1 BODY.PEEK[]")  # a transfer's internal command captures the untagged
+    h.from_backend(b"* BYE Mailbox was deleted under us\r\n")
+    h.backend.connectionLost(Failure(ConnectionDone()))
+    assert h.to_client() == b"* BYE Mail server connection lost\r\n"
+    assert h.client.disconnecting
+
+
+def test_a_relayed_backend_bye_is_the_only_bye():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    h = SessionHarness()
+    h.login()
+    h.send(b"a NOOP\r\n")
+    h.from_backend(b"* BYE Server shutting down\r\n")
+    h.backend.connectionLost(Failure(ConnectionDone()))
+    assert h.to_client() == b"* BYE Server shutting down\r\n"
+
+
+def test_a_done_before_the_backends_plus_keeps_that_plus_from_the_next_command():
+    """IDLE and DONE pipelined: the backend's + for the IDLE, arriving late, was taken as
+    the + of the APPEND read after it, whose message then went to the backend before it
+    said yes; refused (TRYCREATE), the backend would read the message as commands."""
+    h = SessionHarness()
+    h.login()
+    h.send(b"i IDLE\r\nDONE\r\na APPEND Nowhere {5}\r\n")
+    assert h.to_backend() == b"rp1 IDLE\r\nDONE\r\n"  # the APPEND waits for the IDLE's own + and answer
+    h.from_backend(b"+ idling\r\n")
+    assert h.to_client() == b"+ idling\r\n" and h.to_backend() == b""
+    h.from_backend(b"rp1 OK Idle completed\r\n")
+    assert h.to_client() == b"i OK Idle completed\r\n"
+    assert h.to_backend() == b"rp2 APPEND Nowhere {5}\r\n"  # now: its literal waits for its own +
+    h.from_backend(b"rp2 NO [TRYCREATE] Mailbox does not exist\r\n")
+    assert h.to_client() == b"a NO [TRYCREATE] Mailbox does not exist\r\n"
+    h.send(b"x CREATE Evil\r\n")  # what the client sends now is a command of its own, checked
+    assert h.to_backend() == b"rp3 CREATE Evil\r\n"

@@ -58,30 +58,44 @@ class NoDelayTransport(StringTransport):
 
 
 class SlowReaderTransport(NoDelayTransport):
-    """A client's transport whose peer reads only when told (:meth:`drain`): like Twisted's
-    TCP transport, it pauses its streaming producer once more than *buffer_size* bytes wait,
-    and resumes it when they are gone."""
+    """A client's transport whose peer reads only when told (:meth:`drain`), as Twisted's TCP
+    transport behaves: it pauses its streaming producer once more than *buffer_size* bytes
+    wait; when they are gone it resumes a paused producer, or else, after loseConnection,
+    closes (so a producer left registered and paused keeps it open)."""
 
     def __init__(self, buffer_size: int = 1024) -> None:
         super().__init__()
         self.buffer_size = buffer_size
         self.producer_paused = False
         self.drained = b""  # everything the peer has read so far
+        self.closed = False  # loseConnection has completed
+        self._writing = False  # a write (or loseConnection) is waiting for the socket
 
     def write(self, data: bytes) -> None:
         super().write(data)
+        self._writing = True
         if self.producer is not None and self.streaming and len(self.value()) > self.buffer_size:
             self.producer_paused = True
             self.producer.pauseProducing()
 
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        self._writing = True
+
     def drain(self) -> bytes:
-        """The peer reads everything waiting; the producer resumes (and may write more)."""
+        """The peer reads everything waiting (Twisted's doWrite): the producer resumes (and may
+        write more), or a connection being lost closes."""
+        if not self._writing:
+            return b""
+        self._writing = False
         data = self.value()
         self.drained += data
         self.clear()
         if self.producer is not None and self.producer_paused:
             self.producer_paused = False
             self.producer.resumeProducing()
+        elif self.disconnecting:
+            self.closed = True
         return data
 
 
