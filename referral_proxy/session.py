@@ -226,6 +226,7 @@ class ClientSession(Protocol):
             most = self.config.proxy.connections.max_commands_in_flight
             blocked = self.flow.blocked
             while not blocked and self.phase is not Phase.LOGOUT:
+                # Commands relayed or appended and not answered yet: at most `most`.
                 if self.relay.in_flight + len(self.appends.unanswered) >= most and self.reader.between_commands:
                     self.block(Block.IN_FLIGHT)  # released when one is answered (command_done)
                     break
@@ -238,10 +239,6 @@ class ClientSession(Protocol):
                 self._event(event)
         finally:
             self._pumping = False
-
-    def in_flight(self) -> int:
-        """Commands relayed or appended and not answered yet."""
-        return self.relay.in_flight + len(self.appends.unanswered)
 
     def command_done(self) -> None:
         """A relayed command or an APPEND has its answer: read on if the cap held reading."""

@@ -231,7 +231,10 @@ INTERESTING = [b"{", b"}", b'"', b"\\", b"\r", b"\n", b"(", b")", b" ", b"+", b"
 TOKENS = [b"{5}\r\n", b"{0+}\r\n", b"{3+}\r\nabc", b"~{4+}\r\n\0\0\0\0", b"\r\n", b'"', b"DONE\r\n", b"x IDLE\r\n",
           b"y APPEND INBOX {5+}\r\nhello\r\n", b"z NOOP\r\n", b" {1}\r\n", b"w CREATE {4+}\r\nFz/q\r\n", b"((((",
           b"))", b"\r\nq LOGOUT\r\n", b"u AUTHENTICATE PLAIN\r\n", b"v SELECT INBOX\r\n", b"\\Seen", b"NIL",
-          b"s UID FETCH 1:* BODY[]\r\n", b"{18446744073709551615}\r\n", b"{4096+}\r\n", b"%", b"*"]
+          b"s UID FETCH 1:* BODY[]\r\n", b"{18446744073709551615}\r\n", b"{4096+}\r\n", b"%", b"*",
+          # issue 10's smuggling attempts: a census after the run finds what got past the routing
+          b"n NOOP {4+}\r\n\r\nS1 CREATE Far/Ghost\r\n", b'c CREATE "F\\ar/Ghost"\r\n',
+          b"c CREATE {28}\r\nEvil\r\nX9 CREATE Far/Injected\r\n", b'c CREATE ""\r\n', b"d DONE\r\n"]
 
 
 def mutate(data: bytes, rng: random.Random, protect: int = 0) -> bytes:
@@ -371,6 +374,39 @@ def _tail(text: bytes) -> str:
     return text[-300:].decode("latin-1")
 
 
+def census(fleet) -> dict[str, set[bytes]]:
+    """The fuzzing user's mailboxes on each backend, asked of each Dovecot directly."""
+    out = {}
+    for name, d in fleet.backends.items():
+        m = d.client(USER)
+        try:
+            typ, data = m.list('""', "*")
+            assert typ == "OK", data
+            out[name] = {_list_name(line) for line in data if line}
+        finally:
+            m.logout()
+    return out
+
+
+def _list_name(line) -> bytes:
+    if isinstance(line, tuple):  # a literal name: (b'(\\HasNoChildren) "/" {5}', b'a"b c')
+        return line[1]
+    name = line.split(b") ", 1)[1].split(b" ", 1)[1]
+    return name[1:-1].replace(b'\\"', b'"').replace(b"\\\\", b"\\") if name.startswith(b'"') else name
+
+
+def misplaced(before: dict[str, set[bytes]], after: dict[str, set[bytes]]) -> list[str]:
+    """Mailboxes made where the map does not put them: the map gives Far* to b2, the rest to
+    b1 (so a new one on b3, a Far* one on b1 or another one on b2 got past the routing)."""
+    out = []
+    for backend, names in after.items():
+        for name in sorted(names - before.get(backend, set())):
+            far = name.startswith(b"Far")
+            if backend == "b3" or (backend == "b1" and far) or (backend == "b2" and not far):
+                out.append(f"{backend}: {name!r}")
+    return out
+
+
 def proxy_problems(log_text: str) -> list[str]:
     """Lines of the proxy's log that mean a crash."""
     bad = ("Traceback", "Unhandled", "[SERVERBUG]", "command failed", "login crashed", "CRITICAL")
@@ -456,6 +492,7 @@ def main() -> int:
         def show(stats: Stats) -> None:
             print(f"... {stats.streams} streams: {stats.verdicts}", file=sys.stderr, flush=True)
 
+        before = census(fleet)
         t0 = time.monotonic()
         stats, memory, problems = run(proxy.host, proxy.port, args.seed, args.streams, args.workers, args.minutes,
                                       rss=lambda: proc_rss(proxy.pid)[0], log_text=proxy.stderr_text,
@@ -466,7 +503,10 @@ def main() -> int:
             print(f"FAILED stream {f.index}: {f.verdict}: {f.detail!r}")
         for line in problems[:20]:
             print(f"proxy log: {line}")
-        return 1 if stats.failures or problems else 0
+        wrong = misplaced(before, census(fleet))
+        for line in wrong:
+            print(f"misplaced mailbox: {line}")
+        return 1 if stats.failures or problems or wrong else 0
     finally:
         if proxy is not None:
             proxy.stop()

@@ -1,7 +1,7 @@
 """The session fuzzer (tests/sessionfuzz.py) with fixed seeds, against the real proxy in
 front of three real Dovecot backends: every mutated session gets its sentinel NOOP
-answered or a clean BYE, no traceback reaches the proxy's log, and the proxy's memory
-does not grow with the streams. ``python tests/sessionfuzz.py --seed S --streams N``
+answered or a clean BYE, no traceback reaches the proxy's log, the proxy's memory
+does not grow with the streams, and every mailbox made is on the backend the map says. ``python tests/sessionfuzz.py --seed S --streams N``
 runs longer; ``--only I`` replays one stream.
 """
 
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.usefixtures("clean_mail")
 STREAMS = 2500  # ~1 minute on two busy cores
 
 
-def test_mutated_sessions_are_answered_or_end_with_a_clean_bye(proxy_factory):
+def test_mutated_sessions_are_answered_or_end_with_a_clean_bye(proxy_factory, fleet):
     proxy = proxy_factory(rules=sessionfuzz.RULES, **sessionfuzz.LIMITS)
+    before = sessionfuzz.census(fleet)
     stats, memory, problems = sessionfuzz.run(proxy.host, proxy.port, seed=10, streams=STREAMS, workers=8,
                                               rss=lambda: rss(proxy.pid)[0], log_text=proxy.stderr_text)
     assert stats.streams == STREAMS
@@ -29,6 +30,9 @@ def test_mutated_sessions_are_answered_or_end_with_a_clean_bye(proxy_factory):
     # Bounded: what thousands of sessions leave behind is not kept (a closed backend
     # connection per logged-in session was, 9 KB each, until the fuzzer showed it).
     assert max(memory) - memory[0] < 8 * 1024 * 1024, [round(m / 1e6, 1) for m in memory]
+    # A census of the backends: every mailbox made is where the map puts it (nothing
+    # smuggled past the routing: a literal's bytes, a command after NOOP's arguments).
+    assert sessionfuzz.misplaced(before, sessionfuzz.census(fleet)) == []
 
 
 def test_closed_backend_connections_are_not_kept_without_a_scrape():
