@@ -93,7 +93,9 @@ def drive(kind: str, port: int, count: int, sources: list[str], password: str, c
     crowd = Crowd(KINDS[kind], PROXY_HOST, port, count, sources, password=password)
     blocked = crowd.push_until_blocked(most=60.0) if KINDS[kind].stream and not KINDS[kind].reads else None
     accepted = crowd.accepted
+    closed = sum(1 for m in accepted if not m.alive())
     conn.send({
+        "closed": closed,
         "accepted": len(accepted),
         "refused": len(crowd.refusals),
         "refusal": crowd.refusals[0].decode(errors="replace").strip() if crowd.refusals else "",
@@ -111,7 +113,7 @@ def drive(kind: str, port: int, count: int, sources: list[str], password: str, c
 def run_kind(h: Harness, kind: str, args: argparse.Namespace, password: str) -> dict:
     workdir = h.root / f"proxy-{kind}"
     workdir.mkdir()
-    extra = "" if args.defaults else RAISED
+    extra = ("" if args.defaults else RAISED) + "".join(f"{line}\n" for line in args.set)
     if kind != "login-flood":
         extra += "login_penalty = 0\n" if not args.defaults else ""
     proxy = ProxyProcess(workdir, h.dovecots, proxy_extra=extra)
@@ -160,15 +162,22 @@ def run_kind(h: Harness, kind: str, args: argparse.Namespace, password: str) -> 
         proxy.stop()
 
 
+def _then(r: dict) -> str:
+    """What the proxy did with the crowd: closed it, stopped reading it, or neither."""
+    if r["accepted"] and r["closed"] == r["accepted"]:
+        return "closed"
+    return {True: "not read", False: "READ ON", None: "-"}[r["stopped_reading"]]
+
+
 def table(results: list[dict]) -> str:
-    head = ["kind", "accepted", "pushed/conn", "stopped reading", "RSS/conn", "peak/conn", "NOOP quiet -> now",
+    head = ["kind", "accepted", "pushed/conn", "then", "RSS/conn", "peak/conn", "NOOP quiet -> now",
             "LOGIN quiet -> now"]
     rows = []
     for r in results:
         login = f"{r['login_ms']:.1f} ms" if r["login_ms"] is not None else "; ".join(r["login_failures"])[:40]
         rows.append([
             r["kind"], f"{r['accepted']}/{r['connections']}", f"{r['pushed_per_conn'] / 1024:.0f} KiB",
-            {True: "yes", False: "NO", None: "-"}[r["stopped_reading"]],
+            _then(r),
             f"{r['kb_per_conn']:.1f} KiB", f"{r['peak_kb_per_conn']:.1f} KiB",
             f"{r['noop_quiet_ms']:.2f} -> {r['noop_ms']:.2f} ms", f"{r['login_quiet_ms']:.1f} -> {login}",
         ])
@@ -182,6 +191,8 @@ def main() -> int:
     ap.add_argument("--hold", type=float, default=2.0, help="seconds the crowd is held before measuring")
     ap.add_argument("--noops", type=int, default=200, help="NOOP round trips per latency sample")
     ap.add_argument("--defaults", action="store_true", help="the default connection limits instead of raised ones")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [proxy] line for every proxy, e.g. --set max_commands_in_flight=16")
     ap.add_argument("--json", help="also write every number to this file")
     ap.add_argument("--keep", action="store_true", help="keep the run's directory")
     args = ap.parse_args()

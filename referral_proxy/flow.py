@@ -33,6 +33,7 @@ class Block(Enum):
     QUEUED = "an answer of the proxy's own waits behind a backend's response"
     IN_FLIGHT = "as many commands as allowed are waiting for their answers"
     IDLE_ENDING = "DONE went before the backend's +: the IDLE's own + and answer come first"
+    TURN = "this session had its turn: the other connections ready go first"
 
 
 @implementer(IPushProducer)
@@ -55,8 +56,10 @@ class ReadGate:
     def resume(self, reason: object) -> None:
         if reason in self._reasons:
             self._reasons.discard(reason)
-            if not self._reasons and not getattr(self._transport, "disconnected", False):
-                self._transport.resumeProducing()
+            transport = self._transport
+            if not self._reasons and not (getattr(transport, "disconnected", False)
+                                          or getattr(transport, "disconnecting", False)):
+                transport.resumeProducing()
 
     def pauseProducing(self) -> None:
         self.pause("peer")
@@ -262,6 +265,12 @@ class ClientFlow:
         if self.gate is not None:
             self.gate.resume(reason)
         self._pump()
+
+    def next_turn(self, reactor: Any) -> None:
+        """Read on once the reactor has served every other connection ready now."""
+        if Block.TURN not in self.blocked:
+            self.block(Block.TURN)
+            reactor.callLater(0, self.unblock, Block.TURN)
 
     def pause_reading(self, reason: Block) -> None:
         """Stop reading the socket only (the reader itself said why: a pending decision)."""

@@ -62,6 +62,15 @@ log = Logger()
 # Seconds a closing connection may take to drain what it was last sent (a BYE, the end
 # of a response) before it is aborted: a client that does not read holds nothing longer.
 CLOSE_GRACE = 30.0
+# Commands one session reads in one go; then every other connection ready gets its turn
+# first: clients pipelining thousands of commands cannot keep the others waiting longer
+# than their share (50 such sessions: a NOOP of another client waits ~0.1 s, not ~1 s).
+TURN = 16
+_COMMAND_STARTS = (Command, Refused, AppendStart)
+# Commands a client may send before it is logged in (a client logs in within a handful; a
+# flood of them, answered by the proxy itself, would cost its CPU for nothing): then
+# * BYE, as Dovecot's imap-login ends a client after a few invalid ones.
+PRE_LOGIN_COMMANDS = 32
 
 
 class Phase(Enum):
@@ -108,6 +117,7 @@ class ClientSession(Protocol):
         self._socket: Any = None
         self._closed_waiters: list[defer.Deferred[None]] = []
         self._byes: set[BackendProtocol] = set()  # backends whose own BYE the client was sent
+        self._before_login = 0  # commands read before the login
 
     @property
     def config(self) -> Any:
@@ -224,7 +234,7 @@ class ClientSession(Protocol):
         self._pumping = True
         try:
             most = self.config.proxy.connections.max_commands_in_flight
-            blocked = self.flow.blocked
+            blocked, turn = self.flow.blocked, TURN
             while not blocked and self.phase is not Phase.LOGOUT:
                 # Commands relayed or appended and not answered yet: at most `most`.
                 if self.relay.in_flight + len(self.appends.unanswered) >= most and self.reader.between_commands:
@@ -237,6 +247,11 @@ class ClientSession(Protocol):
                     self.flow.pause_reading(Block.DECISION)
                     break
                 self._event(event)
+                if isinstance(event, _COMMAND_STARTS):
+                    turn -= 1
+                if not turn:  # the other connections' turn: the rest after them
+                    self.flow.next_turn(self.ctx.reactor)
+                    break
         finally:
             self._pumping = False
 
@@ -251,6 +266,11 @@ class ClientSession(Protocol):
         self._pump()
 
     def _event(self, event: object) -> None:
+        if self.phase is Phase.NOT_AUTHENTICATED and isinstance(event, (Command, Refused)):
+            self._before_login += 1
+            if self._before_login > PRE_LOGIN_COMMANDS:
+                self.send(b"* BYE Too many commands before login\r\n")
+                return self._close()
         if isinstance(event, Command):
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
         elif isinstance(event, Refused):

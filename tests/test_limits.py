@@ -25,7 +25,7 @@ from referral_proxy.admission import (
     sessions_for,
 )
 from referral_proxy.config import ConfigError, ConnectionLimits
-from referral_proxy.session import CLOSE_GRACE, ClientSession
+from referral_proxy.session import CLOSE_GRACE, TURN, ClientSession
 from referral_proxy.testing.fakes import (
     FakeConnector,
     NoDelayTransport,
@@ -37,12 +37,16 @@ from referral_proxy.testing.fakes import (
 CAPABILITY_OK = b"a OK Capability completed."
 
 
-def drain_all(client: SlowReaderTransport) -> bytes:
-    """The peer reads until nothing more comes (each read may let the session write more)."""
+def drain_all(h: SessionHarness) -> bytes:
+    """The client reads until nothing more comes (each read may let the session write more,
+    now or in its next turn)."""
+    client = h.client
+    assert isinstance(client, SlowReaderTransport)
     out = b""
     while True:
         data = client.drain()
-        if not data:
+        h.turns()
+        if not data and not client.value():
             return out
         out += data
 
@@ -53,13 +57,13 @@ def drain_all(client: SlowReaderTransport) -> bytes:
 def test_before_login_a_client_that_does_not_read_is_not_read():
     client = SlowReaderTransport(buffer_size=1024)
     h = SessionHarness(client=client)
-    h.send(b"a CAPABILITY\r\n" * 2000)
+    h.send(b"a CAPABILITY\r\n" * 30)
     # The proxy's own answers fill the output: it stops there, and stops reading the socket.
     assert len(client.value()) < 1024 + 400
     assert client.producerState == "paused"
     assert h.session.reader.buffered > 0  # the rest waits, unread, in the reader (one read at most)
     # Once the client reads, every command is answered, in order.
-    assert drain_all(client).count(CAPABILITY_OK) == 2000
+    assert drain_all(h).count(CAPABILITY_OK) == 30
     assert client.producerState == "producing"
 
 
@@ -77,10 +81,35 @@ def test_after_login_a_full_output_pauses_the_backends_and_stops_relaying():
     assert h.backend.transport.producerState == "paused"  # ... nor the backend
     h.send(b"m NOOP\r\n" * 100)
     assert h.to_backend() == b""  # nothing more is relayed meanwhile
-    out = drain_all(client)
+    out = drain_all(h)
     assert out.count(b"n OK NOOP done") == 500
     assert h.to_backend().count(b" NOOP\r\n") == 100
     assert h.backend.transport.producerState == "producing"
+
+
+def test_a_session_handles_a_turn_of_commands_then_lets_the_others_go_first():
+    h = SessionHarness(minimal_config(max_commands_in_flight=10_000))
+    h.login()
+    h.session.dataReceived(b"a NOOP\r\n" * 1000)  # as the reactor delivers one read
+    assert h.to_backend().count(b" NOOP\r\n") == TURN
+    assert h.client.producerState == "paused"  # the socket is not read meanwhile
+    h.turns()  # the reactor's next passes
+    assert h.to_backend().count(b" NOOP\r\n") == 1000 - TURN
+    assert h.client.producerState == "producing"
+
+
+def test_a_client_that_does_not_log_in_gets_a_bye_after_a_few_dozen_commands():
+    h = SessionHarness()
+    h.to_client()
+    h.send(b"a CAPABILITY\r\n" * 10 + b"b FROB\r\n" * 10 + b"\r\n" * 12 + b"c NOOP\r\n" * 100)
+    out = h.to_client()
+    assert out.count(b"a OK") == 10 and out.count(b"b BAD") == 10 and out.count(b"* BAD") == 12
+    assert out.endswith(b"* BYE Too many commands before login\r\n") and b"c OK" not in out
+    assert h.client.disconnecting
+    h2 = SessionHarness()
+    h2.send(b"a NOOP\r\n" * 31 + b"L LOGIN alice secret\r\n" + b"n NOOP\r\n" * 100)
+    assert h2.to_client().count(b"L OK") == 1  # the 32nd logs in: after it, no such limit
+    assert h2.to_backend().count(b" NOOP\r\n") == 64  # (the cap on commands in flight, not this)
 
 
 def test_commands_in_flight_are_capped():
@@ -158,9 +187,9 @@ def test_a_logout_after_a_full_output_closes_once_the_client_has_read_it():
     drain, kept the connection open (the fuzzer found it: a hang after * BYE)."""
     client = SlowReaderTransport(buffer_size=40)  # the BYE and the OK fill it again
     h = SessionHarness(client=client)
-    h.send(b"a CAPABILITY\r\n" * 50 + b"z LOGOUT\r\n")
+    h.send(b"a CAPABILITY\r\n" * 20 + b"z LOGOUT\r\n")
     assert client.producer_paused
-    out = drain_all(client)
+    out = drain_all(h)
     assert out.endswith(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
     assert client.closed
 

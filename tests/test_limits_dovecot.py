@@ -47,23 +47,35 @@ def wait_closed(conns: list[Hostile], most: float = 30.0) -> list[Hostile]:
     return open_
 
 
-@pytest.mark.parametrize("kind", ["pipeline-pre", "unknown-pre", "pipeline-post", "id-literals"])
-def test_clients_that_never_read_are_no_longer_read_and_hold_bounded_memory(proxy_factory, kind):
+@pytest.mark.parametrize("kind,then", [
+    ("pipeline-pre", "bye"),  # 32 commands without a login: * BYE, closed
+    ("unknown-pre", "bye"),
+    ("pipeline-post", "not read"),  # its output full: no longer read
+    ("id-literals", "drained"),  # one command without end: refused, the rest drained for nothing
+])
+def test_clients_that_never_read_hold_bounded_memory(proxy_factory, kind, then):
     proxy = proxy_factory(**RAISED)
     base, _ = rss(proxy.pid)
     reset_peak(proxy.pid)
     crowd = Crowd(KINDS[kind], proxy.host, proxy.port, 20, source_addresses(4), password=proxy.users["alice"])
     try:
         assert len(crowd.accepted) == 20, crowd.refusals or crowd.errors
-        # The proxy stops reading each of them: its sockets fill and nothing more goes out,
-        # long before 16 MiB a connection (the landed code read on without end).
-        assert crowd.push_until_blocked(limit=16 * MiB, quiet=0.5), [m.sent for m in crowd.members]
+        blocked = crowd.push_until_blocked(limit=(4 if then == "drained" else 16) * MiB, quiet=0.5)
+        if then == "bye":
+            assert wait_closed(crowd.members) == []
+        elif then == "not read":
+            # The proxy stops reading each of them: its sockets fill and nothing more goes out,
+            # long before 16 MiB a connection (the landed code read on without end).
+            assert blocked, [m.sent for m in crowd.members]
         now, peak = rss(proxy.pid)
         assert (peak - base) / 20 < 1 * MiB, f"{(peak - base) / 20 / 1024:.0f} KiB a connection"
         assert served(proxy) == b"OK"
     finally:
         crowd.close()
-    assert "Traceback" not in proxy.stderr_text()
+    log = proxy.stderr_text()
+    assert "Traceback" not in log
+    if then == "bye":
+        assert log.count("outcome=too_many_commands") == 20
 
 
 @pytest.mark.parametrize("kind", ["one-byte-literals", "big-command"])
@@ -82,16 +94,17 @@ def test_a_command_held_under_its_limits_costs_what_the_limits_say(proxy_factory
         crowd.close()
 
 
-def test_a_login_timeout_aborts_a_client_that_does_not_read(proxy_factory):
-    proxy = proxy_factory(login_timeout=1, **RAISED)
-    crowd = Crowd(KINDS["pipeline-pre"], proxy.host, proxy.port, 3, source_addresses(1))
+def test_slowloris_clients_are_closed_at_the_login_timeout(proxy_factory):
+    """A byte a tick of a LOGIN line that never ends: the login timeout ends it (an aborted
+    close when its output is backed up: tests/test_limits.py)."""
+    proxy = proxy_factory(login_timeout=2, **RAISED)
+    crowd = Crowd(KINDS["slowloris"], proxy.host, proxy.port, 5, source_addresses(1))
     try:
-        crowd.push_until_blocked(limit=16 * MiB, quiet=0.5)  # it may be over before they block
-        # loseConnection would wait for the client to read its answers, for ever (issue 10)
+        crowd.keep_busy(1.0)
         assert wait_closed(crowd.members) == []
     finally:
         crowd.close()
-    assert proxy.stderr_text().count("outcome=login_timeout") == 3
+    assert proxy.stderr_text().count("outcome=login_timeout") == 5
 
 
 def test_connection_limits_say_bye_unavailable_and_a_legitimate_client_is_served(proxy_factory):

@@ -157,9 +157,17 @@ class SessionHarness:
                 self.session.dataReceived(data[i:i + 1])
         else:
             self.session.dataReceived(data)
+        self.turns()
 
     def from_backend(self, data: bytes) -> None:
         self.backend.dataReceived(data)
+        self.turns()
+
+    def turns(self) -> None:
+        """Run what the reactor runs next without time passing (a session's next turn)."""
+        now = self.reactor.seconds()
+        while any(c.getTime() <= now for c in self.reactor.getDelayedCalls()):
+            self.reactor.advance(0)
 
     def to_client(self) -> bytes:
         """What the session wrote to the client since the last call."""
