@@ -69,7 +69,7 @@ from _common import (  # noqa: E402
 )
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
-from referral_proxy.transfer import BATCH_MESSAGES  # noqa: E402
+from referral_proxy.mover import BATCH_MESSAGES  # noqa: E402
 
 BACKENDS = (("b1", "127.0.0.2"), ("b2", "127.0.0.3"))
 SOURCE = "Big"
@@ -314,7 +314,7 @@ def stream_copy(src: Client, dst: Client, mailbox: str, n: int, per_message: boo
 # code serves the proxy's RENAME.  argv: OUT-JSON, then the move command's arguments.
 PHASES_CHILD = r"""
 import json, sys, time
-from referral_proxy import movecli, transfer
+from referral_proxy import mailops, movecli, mover, recovery, routing, transfer
 from referral_proxy.cli import main
 pc = time.perf_counter
 events = []
@@ -338,20 +338,21 @@ def wrap(owner, name, label, verb=False, is_async=True):
                 events.append((label, t0, pc()))
     setattr(owner, name, w)
 
-wrap(movecli, "connect_backend", "connect")
+wrap(recovery, "connect_backend", "connect")
 wrap(movecli, "_totals", "totals")
-wrap(transfer, "_ok", None, verb=True)
-wrap(transfer, "_exists", "exists")
-wrap(transfer, "fix_uids", "fix_uids")
-wrap(transfer, "fetch_infos", "fetch_infos")
-wrap(transfer, "copy_stream", "copy_stream")
-wrap(transfer, "_stream_bodies", "stream_bodies")
-wrap(transfer.Mover, "rename", "rename")
-wrap(transfer.Mover, "plan", "plan")
-wrap(transfer.Mover, "_copy_mailbox", "copy_mailbox")
-wrap(transfer.Mover, "_verify", "verify")
-wrap(transfer.Mover, "_finish_steps", "finish")
-wrap(transfer.Mover, "_journal", "journal", is_async=False)
+wrap(mover, "run_ok", None, verb=True)
+wrap(mailops, "run_ok", None, verb=True)
+wrap(mover, "exists", "exists")
+wrap(mover, "search_uids", "fix_uids")
+wrap(mover, "fetch_infos", "fetch_infos")
+wrap(mover, "copy_stream", "copy_stream")
+wrap(transfer._Bodies, "run", "stream_bodies")
+wrap(mover.Mover, "rename", "rename")
+wrap(mover.Mover, "plan", "plan")
+wrap(mover.Mover, "_copy", "copy_mailbox")
+wrap(mover, "verify_copies", "verify")
+wrap(mover.Mover, "_finish", "finish")
+wrap(routing.MailboxMap, "step", "journal", is_async=False)
 
 # b2's back-pressure: how long the source connection was paused (b2 not reading fast enough)
 _paused = {}
@@ -401,7 +402,7 @@ def phases(data: dict, wall: float) -> list[tuple[str, float, str]]:
     copy_main = spans("copy_mailbox", ren, fin)
     cm = copy_main[0] if copy_main else (ren[0], ren[0])
     batches = spans("copy_stream", cm)
-    msgs = spans("stream_bodies", cm)
+    msgs = [m for m in spans("stream_bodies", cm) if any(a <= m[0] and m[1] <= b for a, b in batches)]
     batch_wait = sum(b - a - tot([m for m in msgs if a <= m[0] and m[1] <= b]) for a, b in batches)
     verify = tot(spans("verify", cm))
     prep = tot(spans("command EXAMINE", (cm[0], batches[0][0] if batches else cm[1]))) \
@@ -423,8 +424,8 @@ def phases(data: dict, wall: float) -> list[tuple[str, float, str]]:
         ("  bodies: one UID FETCH per batch, streamed to b2", tot(msgs),
          f"{len(msgs)} batch(es)"),
         ("  batch ends: waiting for the MULTIAPPEND's OK", batch_wait, f"{len(batches)} batches"),
-        ("  verify on b2 (EXAMINE, FETCH 1:* RFC822.SIZE)", verify, ""),
-        ("  finish: subscriptions, placements, delta check, DELETE", tot(spans("finish")), ""),
+        ("  verify on b2 (EXAMINE, bodies read back and hashed)", verify, ""),
+        ("  finish: subscriptions, placements, empty in place, RENAME aside, DELETE", tot(spans("finish")), ""),
     ]
     accounted = sum(r[1] for r in rows[4:])
     rows.append(("  other (between the steps above)", (ren[1] - ren[0]) - accounted, ""))

@@ -48,6 +48,7 @@ from .imap.reader import (
     CommandReader,
 )
 from .imap.response import ResponseStart, replace_tag
+from .imap.uidset import uid_set
 from .pool import BackendPool
 from .routing import Route
 
@@ -58,19 +59,6 @@ log = Logger()
 
 SMALL_SYNC_LITERAL = 4096  # the LITERAL- bound (RFC 7888): small enough to take at once
 _APPENDUID = re.compile(rb"^(\d+) (\d+)$")
-
-
-def uid_set(uids: list[int]) -> bytes:
-    """``[5, 6, 7, 9]`` -> ``b"5:7,9"``, order kept (RFC 4315 lists UIDs in append order)."""
-    out: list[bytes] = []
-    i, n = 0, len(uids)
-    while i < n:
-        j = i
-        while j + 1 < n and uids[j + 1] == uids[j] + 1:
-            j += 1
-        out.append(b"%d" % uids[i] if i == j else b"%d:%d" % (uids[i], uids[j]))
-        i = j + 1
-    return b",".join(out)
 
 
 class Mode(Enum):

@@ -64,7 +64,7 @@ def sasl_plain(blob: bytes) -> Credentials:
 
 async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> LoginOutcome:
     """Log in to the user's home backend (replicas in order) with the client's credentials."""
-    user = creds.authzid or creds.user
+    user = ctx.mailbox_map.canonical(creds.authzid or creds.user)  # routing, placements, INUSE, logs: one name
     route = ctx.mailbox_map.home(user)
     try:
         conn = await connect_first(route.backends, lambda name: connect(backend_config(ctx, name), creds))
@@ -174,7 +174,7 @@ class Authenticator:
         ctx = host.ctx
         limits = ctx.config.proxy.connections
         penalty, clock = ctx.admission.penalty, ctx.reactor.seconds
-        ip, who = self._client_ip(), creds.user.lower()  # whose password is tried (a master user's too)
+        ip, who = self._client_ip(), ctx.mailbox_map.canonical(creds.user)  # whose password is tried (a master user's too)
         delay = penalty.delay(ip, who, limits.login_penalty, clock())
         if delay > 0:
             ctx.observer.login_delayed(host, creds.user, delay)
@@ -192,7 +192,7 @@ class Authenticator:
                 conn.logout()
             return
         if conn is not None:
-            refusal = ctx.admission.logged_in(host, outcome.user.lower(), limits)
+            refusal = ctx.admission.logged_in(host, outcome.user, limits)  # canonical already
             if refusal is not None:
                 conn.logout()
                 outcome = LoginOutcome(outcome.user, None, f"NO [LIMIT] {refusal.text}", "limit", conn.name,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | None = None) -> int:
+    """*on_step*: a hook called after each journal step of a move (tests inject faults with it)."""
     parser = argparse.ArgumentParser(prog="referral-proxy", description="IMAP referral proxy")
     parser.add_argument("--config", "-c", help="the TOML configuration file (runs the proxy)")
     sub = parser.add_subparsers(dest="command")
@@ -41,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("move", "recover"):
         from .movecli import run_move, run_recover
 
-        return run_move(args) if args.command == "move" else run_recover(args)
+        return run_move(args, on_step=on_step) if args.command == "move" else run_recover(args, on_step=on_step)
     if args.command == "map":
         from .mapcli import run_map
 
@@ -54,4 +56,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--config is required to run the proxy")
     from .runner import run
 
-    return run(args.config)
+    return run(args.config, on_step=on_step)

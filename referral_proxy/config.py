@@ -33,6 +33,8 @@ __all__ = [
 
 
 REFERRAL_MODES = ("aware", "always", "never")
+# "lower": ASCII letters lower-cased, like Dovecot's default %Lu; "as-is": like %u.
+USERNAME_FORMATS = ("lower", "as-is")
 # Every client limit is a field of imap.reader.Limits and a [proxy] key of the same name.
 _LIMIT_KEYS = ("max_line", "max_literal", "max_command", "max_literals", "max_message", "max_append_messages")
 # Every connection limit is a field of ConnectionLimits and a [proxy] key of the same name.
@@ -109,6 +111,7 @@ class MapConfig:
     store: str | None = None  # "sqlite:/abs/path" after loading
     rules: tuple[RuleConfig, ...] = ()
     separator: str = "/"  # the backends' hierarchy separator, for patterns and listings
+    username_format: str = "lower"  # how a login name becomes the map's user name (USERNAME_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -264,10 +267,13 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
 
 
 def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfig]) -> MapConfig:
-    _only(raw, "map", {"default", "store", "rules", "separator"})
+    _only(raw, "map", {"default", "store", "rules", "separator", "username_format"})
     separator = _get(raw, "map", "separator", str, default="/")
     if len(separator) != 1:
         raise ConfigError("map.separator: must be one character")
+    username_format = _get(raw, "map", "username_format", str, default="lower")
+    if username_format not in USERNAME_FORMATS:
+        raise ConfigError(f"map.username_format: must be one of {', '.join(USERNAME_FORMATS)}, not {username_format!r}")
     default = _get(raw, "map", "default", str, required=True)
     if default not in backends:
         raise ConfigError(f"map.default: unknown backend {default!r}")
@@ -299,7 +305,8 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
             mailbox=_get(r, where, "mailbox", str, default="*"),
             backends=names,
         ))
-    return MapConfig(default=default, store=store, rules=tuple(rules), separator=separator)
+    return MapConfig(default=default, store=store, rules=tuple(rules), separator=separator,
+                     username_format=username_format)
 
 
 def _parse_log(raw: dict[str, Any]) -> LogConfig:

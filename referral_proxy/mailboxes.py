@@ -21,10 +21,12 @@ from .context import ProxyContext
 from .imap.grammar import Slot
 from .imap.reader import Command
 from .imap.response import ResponseStart
+from .mailops import TransferError
+from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult, rename_here
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
-from .transfer import CopyOutcome, Mover, MoveResult, TransferError, copy_across
+from .transfer import CopyOutcome, copy_across
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
 
@@ -69,6 +71,9 @@ class MailboxHost(Protocol):
 
     def tagged(self, tag: bytes, status: str, text: str) -> None: ...
 
+    def answer(self, tag: bytes, response: str) -> None:
+        """``tag`` + a status response of the proxy's own or a backend's (``NO [CODE] text``)."""
+
 
 _INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
 
@@ -108,9 +113,9 @@ class MailboxCommands:
         return referrals.referral(tag, urls)
 
     def moving(self, mailbox: bytes) -> bool:
-        """A mailbox being moved between servers: NO [INUSE] until it is in its new place."""
+        """A mailbox a move holds (mover.py, journal.py): NO [INUSE] until the move ends."""
         assert self.host.user is not None
-        return self.host.mailbox_map.moving(self.host.user, mailbox.decode("utf-8", "surrogateescape"))
+        return self.host.mailbox_map.reserved(self.host.user, mailbox.decode("utf-8", "surrogateescape"))
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
         """Why an APPEND to *mailbox* is answered before any message is read, if it is."""
@@ -222,6 +227,8 @@ class MailboxCommands:
         target = self._target(cmd, Slot.DEST)
         if target is None:
             return
+        if "MOVE" in cmd.name and host.selected_mailbox and self.moving(host.selected_mailbox):
+            return host.tagged(cmd.tag, "NO", _INUSE)  # a message moved out of a mailbox being moved: twice
         mailbox, route = target
         source = host.selected
         if route.primary == source or source in route.backends:
@@ -242,7 +249,8 @@ class MailboxCommands:
         dst = await host.pool.fresh(route)
         try:
             outcome = await copy_across(src, message_set, cmd.name.startswith("UID "), dst, mailbox,
-                                        "MOVE" in cmd.name)
+                                        "MOVE" in cmd.name, mailbox_map=host.mailbox_map, user=host.user or "",
+                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor)
         except TransferError as e:
             text = str(e)
             raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
@@ -275,16 +283,23 @@ class MailboxCommands:
             return host.run(cmd.tag, host.ctx.observer.transfer(
                 host, "rename", self._rename_across(cmd, old, new, old_route, new_route),
                 src=old_route.primary, dst=new_route.primary, mailbox=old, to=new))
+        host.run(cmd.tag, self._rename_here(cmd, old, new, old_route))
 
-        def done(start: ResponseStart) -> None:
-            if start.status == "OK":
-                self._move_placements(old, new)
-
-        host.relay_cmd(cmd, old_route, done)
+    async def _rename_here(self, cmd: Command, old: bytes, new: bytes, route: Route) -> None:
+        """RENAME on one backend: mover.rename_here holds both names meanwhile and lets placements follow."""
+        host = self.host
+        assert host.pool is not None
+        conn = await host.pool.connection(route)
+        await host.pool.quiet(None)
+        outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
+                                    new.decode("utf-8", "surrogateescape"))
+        for raw in outcome.untagged:
+            host.write_from(conn, raw)
+        host.answer(cmd.tag, outcome.completion)
 
     async def _rename_across(self, cmd: Command, old: bytes, new: bytes, old_route: Route,
                              new_route: Route) -> MoveResult:
-        """RENAME to a name another backend owns: the journaled move of transfer.Mover."""
+        """RENAME to a name another backend owns: the journaled move of mover.Mover."""
         host = self.host
         assert host.user is not None and host.pool is not None
         await host.pool.quiet(None)
@@ -292,24 +307,18 @@ class MailboxCommands:
         if host.selected_mailbox is not None and (
                 host.selected_mailbox == old or host.selected_mailbox.startswith(old + sep)):
             raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
-        mover = Mover(host.mailbox_map, host.pool.fresh, host.user)
+        mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
+                      answer_within=ANSWER_WITHIN)
         try:
             result = await mover.rename(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                                         old_route.primary, new_route.primary)
+        except MoveIncomplete as e:  # past its commit point: the mailbox is in its new place
+            log.warn("session {id}: RENAME committed, not finished: {why}", id=host.id, why=str(e))
+            result = e.result or MoveResult(pending=True)
         except TransferError as e:
             text = str(e)
             raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
         host.tagged(cmd.tag, "OK", f"Rename completed ({result.mailboxes} mailbox(es), "
-                                   f"{result.messages} message(s) moved to another server).")
+                                   f"{result.messages} message(s) moved to another server"
+                                   f"{'; the old mailbox is still being emptied' if result.pending else ''}).")
         return result
-
-    def _move_placements(self, old: bytes, new: bytes) -> None:
-        """Placements under the old name now belong to the new one."""
-        host = self.host
-        assert host.user is not None
-        sep = host.mailbox_map.separator
-        old_s, new_s = old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape")
-        for name, backends in host.mailbox_map.placements(host.user).items():
-            if name == old_s or name.startswith(old_s + sep):
-                host.mailbox_map.unplace(host.user, name)
-                host.mailbox_map.place(host.user, new_s + name[len(old_s):], backends)

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
+from .recovery import describe
 from .routing import MailboxMap, open_store
 
 __all__ = ["run_map"]
@@ -25,6 +26,7 @@ def run_map(args: argparse.Namespace) -> int:
         sys.stderr.write("referral-proxy: map: [map].store is not set: there is nowhere to keep placements\n")
         return 2
     mailbox_map = MailboxMap(config.map, open_store(config.map.store))
+    args.user = mailbox_map.canonical(args.user)  # the name the proxy keys everything by
     try:
         if args.map_command == "show":
             print(show(mailbox_map, config, args.user))
@@ -53,10 +55,14 @@ def show(mailbox_map: MailboxMap, config, user: str) -> str:
     lines.append("placements:" if placements else "placements: none")
     for mailbox, backends in sorted(placements.items()):
         lines.append(f"  {mailbox} -> {', '.join(backends)}")
-    rules = [r for r in config.map.rules if r.user in (None, user)]
+    rules = [r for r in config.map.rules if r.user is None or mailbox_map.canonical(r.user) == user]
     lines.append("rules:" if rules else "rules: none")
     for r in rules:
         lines.append(f"  {r.mailbox} -> {', '.join(r.backends)}" + ("" if r.user is None else f"   (user {r.user})"))
     lines.append(f"default -> {config.map.default}")
     lines.append(f"backends holding mail: {', '.join(mailbox_map.backends_for(user))}")
+    moves = [e for e in mailbox_map.entries() if e.user == user]
+    lines.append("moves in progress:" if moves else "moves in progress: none")
+    for entry in moves:
+        lines.append(f"  {describe(entry)}" + ("" if entry.owner else " (waiting for recovery)"))
     return "\n".join(lines)

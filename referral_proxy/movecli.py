@@ -2,7 +2,8 @@
 
 Both log in to the backends with each backend's master user (``master_user`` /
 ``master_password``) acting as the mail user: the proxy never keeps users'
-passwords, and a move must be finishable after a crash.
+passwords, and a move must be finishable after a crash. Warnings and errors of
+the move are logged to stderr.
 """
 
 from __future__ import annotations
@@ -10,55 +11,40 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
 
-from .backend import BackendError, BackendProtocol, Credentials, connect_backend
+from .backend import BackendError
 from .config import Config, ConfigError, load_config
-from .routing import MailboxMap, open_store
-from .transfer import Mover, Progress, TransferError
+from .imap.command import ParseError
+from .imap.data import parse_status
+from .mailops import TransferError, name_arg
+from .mover import Connect, MoveIncomplete, Mover
+from .recovery import master_connector, recover_all
+from .routing import MailboxMap, StepHook, open_store
+from .transfer import Progress
 
-__all__ = ["run_move", "run_recover", "recover_all", "master_connector"]
-
-log = Logger()
-
-
-class NoMasterUser(BackendError):
-    pass
-
-
-def master_connector(reactor: Any, config: Config, user: str):
-    """connect(backend name) -> a new connection logged in as *user* through the master user."""
-    async def connect(name: str) -> BackendProtocol:
-        cfg = config.backends[name]
-        if cfg.master_user is None or cfg.master_password is None:
-            raise NoMasterUser(f"backend {name} has no master_user: an administrator's move needs one")
-        return await connect_backend(reactor, cfg, Credentials(cfg.master_user, cfg.master_password, authzid=user))
-    return connect
+__all__ = ["run_move", "run_recover"]
 
 
-async def recover_all(reactor: Any, config: Config, mailbox_map: MailboxMap) -> list[str]:
-    """Finish or roll back every journaled move; one line per entry."""
-    lines = []
-    for entry in mailbox_map.store.journal():
-        mover = Mover(mailbox_map, master_connector(reactor, config, entry.user), entry.user)
-        pairs = ", ".join(f"{o} -> {n}" for o, n in entry.data.get("pairs", []))
-        try:
-            outcome = await mover.recover(entry)
-            lines.append(f"{entry.user}: {pairs} ({entry.data['src']} -> {entry.data['dst']}, at {entry.step}): {outcome}")
-        except BackendError as e:
-            lines.append(f"{entry.user}: {pairs} (at {entry.step}): NOT recovered: {e}")
-    return lines
-
-
-def _run(main) -> int:
+def _run(main: Callable[[Any], Any]) -> int:
     """Run ``await main(reactor) -> exit status`` on the reactor, and return the status."""
     from twisted.internet import reactor
 
     status = [1]
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+                                     redirectStandardIO=False)
 
     def start() -> None:
         d = defer.ensureDeferred(main(reactor))
@@ -77,7 +63,7 @@ def _run(main) -> int:
     return status[0]
 
 
-def _load(path: str) -> tuple[Config, MailboxMap] | None:
+def _load(path: str, on_step: StepHook | None) -> tuple[Config, MailboxMap] | None:
     try:
         config = load_config(path)
     except ConfigError as e:
@@ -86,21 +72,24 @@ def _load(path: str) -> tuple[Config, MailboxMap] | None:
     if config.map.store is None:
         sys.stderr.write("referral-proxy: [map].store is not set: moves need a journal\n")
         return None
-    return config, MailboxMap(config.map, open_store(config.map.store))
+    return config, MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
 
 
-def run_recover(args: argparse.Namespace) -> int:
-    loaded = _load(args.move_config)
+def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) -> int:
+    loaded = _load(args.move_config, on_step)
     if loaded is None:
         return 2
     config, mailbox_map = loaded
 
     async def main(reactor: Any) -> int:
-        lines = await recover_all(reactor, config, mailbox_map)
+        lines = await recover_all(mailbox_map, lambda user: master_connector(reactor, config, user), reactor)
         for line in lines:
             print(line, flush=True)
-        if not lines:
+        left = len(mailbox_map.entries())
+        if not lines and not left:
             print("nothing to recover")
+        elif left:
+            print(f"{left} entr{'y' if left == 1 else 'ies'} left in the journal (running elsewhere, or not recovered)")
         return 1 if any("NOT recovered" in line for line in lines) else 0
 
     return _run(main)
@@ -131,61 +120,66 @@ class ProgressBar:
         self.out.flush()
 
 
-def run_move(args: argparse.Namespace) -> int:
-    loaded = _load(args.move_config)
+def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> int:
+    loaded = _load(args.move_config, on_step)
     if loaded is None:
         return 2
     config, mailbox_map = loaded
     if args.backend not in config.backends:
         sys.stderr.write(f"referral-proxy: move: unknown backend {args.backend!r}\n")
         return 2
+    user = mailbox_map.canonical(args.user)
 
     async def main(reactor: Any) -> int:
-        connect = master_connector(reactor, config, args.user)
+        connect = master_connector(reactor, config, user)
         # "*" moves a whole user: every mailbox of the user's home backend, INBOX first.
-        src_name = mailbox_map.lookup(args.user, "INBOX" if args.mailbox == "*" else args.mailbox).primary
+        src_name = mailbox_map.lookup(user, "INBOX" if args.mailbox == "*" else args.mailbox).primary
         if src_name == args.backend:
-            print(f"{args.user} {args.mailbox} is on {args.backend} already")
+            print(f"{user} {args.mailbox} is on {args.backend} already")
             return 0
-        mover = Mover(mailbox_map, connect, args.user)
+        mover = Mover(mailbox_map, connect, user, clock=reactor)
         try:
             totals = await _totals(connect, src_name, mover, args.mailbox)
             mover.progress.on_message = ProgressBar(*totals)
             started = time.monotonic()
             result = await mover.rename(args.mailbox, args.mailbox, src_name, args.backend)
+        except MoveIncomplete as e:
+            sys.stderr.write(f"\nreferral-proxy: move committed but not finished: {e}\n"
+                             "run `referral-proxy recover` (or a running proxy will) to finish it\n")
+            return 1
         except (TransferError, BackendError) as e:
             sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
             return 1
         elapsed = time.monotonic() - started
         sys.stderr.write("\n")
-        print(f"moved {args.user} {args.mailbox} from {src_name} to {args.backend}: {result.mailboxes} mailbox(es), "
+        print(f"moved {user} {args.mailbox} from {src_name} to {args.backend}: {result.mailboxes} mailbox(es), "
               f"{result.messages} message(s), {result.bytes / 1e6:.1f} MB in {elapsed:.1f}s "
               f"({result.bytes / 1e6 / max(elapsed, 1e-6):.1f} MB/s)")
         if args.mailbox == "*":
-            print(f"{args.user}'s home is now {args.backend}; mailboxes created from now on follow the "
-                  f"rules: point {args.user}'s rule (or the default) at {args.backend} too")
+            print(f"{user}'s home is now {args.backend}; mailboxes created from now on follow the "
+                  f"rules: point {user}'s rule (or the default) at {args.backend} too, and deliver "
+                  f"{user}'s mail there")
         return 0
 
     return _run(main)
 
 
-async def _totals(connect, src_name: str, mover: Mover, mailbox: str) -> tuple[int, int]:
+async def _totals(connect: Connect, src_name: str, mover: Mover, mailbox: str) -> tuple[int, int]:
     """Messages and bytes the move will carry (for the progress bar)."""
     conn = await connect(src_name)
     try:
         messages = size = 0
+        items = b" (MESSAGES SIZE)" if "STATUS=SIZE" in conn.capabilities else b" (MESSAGES)"
         for old, _new in await mover.plan(conn, mailbox, mailbox):
-            result = await conn.command(b"STATUS " + old.encode().join([b'"', b'"']) + b" (MESSAGES SIZE)"
-                                        if "STATUS=SIZE" in conn.capabilities else
-                                        b"STATUS " + old.encode().join([b'"', b'"']) + b" (MESSAGES)")
+            result = await conn.command(b"STATUS " + name_arg(old) + items)
             for r in result.responses:
                 if r.start.name == "STATUS":
-                    words = r.start.rest.replace(b"(", b" ").replace(b")", b" ").split()
-                    for key, value in zip(words, words[1:]):
-                        if key.upper() == b"MESSAGES":
-                            messages += int(value)
-                        elif key.upper() == b"SIZE":
-                            size += int(value)
+                    try:
+                        values = parse_status(*r.arguments).values
+                    except ParseError:
+                        continue
+                    messages += values.get(b"MESSAGES", 0)
+                    size += values.get(b"SIZE", 0)
         return messages, size
     finally:
         conn.logout()

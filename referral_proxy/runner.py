@@ -4,6 +4,8 @@ command and the demo (twistd has its own runner, ``tap.py``)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from twisted.logger import globalLogBeginner
 
@@ -13,8 +15,10 @@ from .logs import LogWriter
 __all__ = ["run"]
 
 
-def run(config_path: str) -> int:
-    """Load, check, listen, serve; 2 for a configuration error, 1 if it cannot start."""
+def run(config_path: str, *, on_step: Callable[[Any], None] | None = None) -> int:
+    """Load, check, listen, serve; 2 for a configuration error, 1 if it cannot start.
+
+    *on_step*: called after each journal step of a move (tests inject faults with it)."""
     from twisted.internet import reactor
 
     from .service import ProxyService, load_and_check
@@ -27,7 +31,7 @@ def run(config_path: str) -> int:
         return 2
     writer = LogWriter(config.log, sys.stderr)
     globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
-    service = ProxyService(config, reactor)
+    service = ProxyService(config, reactor, on_step=on_step)
     writer.context = service.observer.context
     try:
         service.startService()

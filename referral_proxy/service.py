@@ -26,7 +26,8 @@ from .metrics import make_registry, metrics_site
 from .observe import Observer
 from .origin import LoopGuard
 from .proxyproto import listen_endpoint
-from .routing import MailboxMap, open_store
+from .recovery import RecoverySweep
+from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession
 
 __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
@@ -104,11 +105,13 @@ class ProxyService(MultiService):
 
     log_observer: Any = None  # set by tap.py: given to twistd's application as its log observer
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, *, on_step: StepHook | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store))
+        # on_step: called after each journal step (tests inject faults there; None in production)
+        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
+        self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded
         self.guard = LoopGuard(config)
         self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
         self.admission = admission_for(config)
@@ -181,16 +184,9 @@ class ProxyService(MultiService):
         if self.health is not None:
             self.health.start()
         log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
-        if self.mailbox_map.store.journal():
-            # Moves a stopped proxy left half done: finish or roll them back now.
-            from .movecli import recover_all
-
-            def report(lines: list[str]) -> None:
-                for line in lines:
-                    log.warn("recovery: {line}", line=line)
-
-            d = defer.ensureDeferred(recover_all(self.reactor, self.config, self.mailbox_map))
-            d.addCallbacks(report, lambda f: log.failure("recovery failed", f))
+        # Moves a stopped proxy left half done are finished or rolled back now, and any
+        # this process gives up on later are retried every few seconds.
+        self.recovery.start()
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[override]
@@ -200,6 +196,7 @@ class ProxyService(MultiService):
             self.health.stop()
         self.observer.stopping = True
         yield super().stopService()
+        self.recovery.stop()
         sessions = list(self.context.sessions)
         closed = [s.when_closed() for s in sessions]
         for session in sessions:

@@ -1,72 +1,56 @@
-"""Moving mail between backends without losing or duplicating a message.
+"""Moving messages between backends without losing or duplicating one.
 
-Cross-server COPY / MOVE, RENAME to another backend, and the admin ``move``
-command all come down to: fix the source UIDs, read FLAGS / INTERNALDATE / size,
-then stream each ``BODY.PEEK[]`` literal straight into ONE MULTIAPPEND on the
-destination (atomic there), on a connection of the transfer's own.
+Cross-server COPY / MOVE, and every batch of a mailbox move (mover.py), come down
+to: fix the source UIDs, read FLAGS / INTERNALDATE / size, then stream each
+``BODY.PEEK[]`` literal straight into ONE MULTIAPPEND on the destination (atomic
+there), on a connection of the transfer's own, hashing each body (sha256) on its
+way through. Before a source message may be removed, its copy is read back from
+the destination by the UID APPENDUID gave and must hash the same: verification
+by content, never by count.
 
-A mailbox move (RENAME, ``move``) is journaled in the map store step by step:
-
-    planned -> creating:i / created:i -> copied:i ... -> copied  (commit point)
-            -> subscribed -> placed -> deleted:i ... -> (journal entry removed)
-
-Before ``copied`` a crash is rolled back (the destination copies are deleted:
-the source was never touched); from ``copied`` on it is rolled forward (the
-source is deleted once every message is verified on the destination). Either
-way every message exists exactly once afterwards. ``recover`` does this for
-entries a killed proxy left behind.
+A cross-server MOVE is journaled (journal.py: MOVE_APPENDING, MOVE_APPENDED) from
+before the destination's commit until the source's expunge, and pins its two
+mailboxes, so ``recover`` can finish it after a crash.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import re
-import signal
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .append import uid_set
-from .backend import BackendError, BackendProtocol, UntaggedResponse, wire_tail
-from .imap.command import Atom, ParenList, ParseError, String, parse_arguments
+from .backend import BackendError, BackendProtocol, wire_tail
+from .imap.command import ParseError
+from .imap.data import parse_fetch, parse_uid_code
 from .imap.framing import Line, LiteralData, LiteralEnd
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
-from .routing import JournalEntry, MailboxMap, normalize
+from .imap.uidset import expand_uid_set, uid_set
+from .journal import InUse, JournalEntry, Reservation, Step
+from .mailops import (
+    MessageInfo,
+    TransferError,
+    exists,
+    expunge_uids,
+    fetch_infos,
+    open_mailbox,
+    run_ok,
+    search_uids,
+    status,
+)
+from .routing import MailboxMap, normalize
 
-__all__ = [
-    "TransferError",
-    "MessageInfo",
-    "fix_uids",
-    "fetch_infos",
-    "copy_stream",
-    "expunge_uids",
-    "expand_uid_set",
-    "Mover",
-    "Progress",
-]
+__all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", "hash_messages", "verify_copies",
+           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "finish_message_move", "CommitUnknown"]
 
 log = Logger()
-
-BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
-BATCH_BYTES = 256 * 1024 * 1024
-
-
-class TransferError(BackendError):
-    """The transfer stopped; str() is safe to show a client. Nothing was committed
-    on the destination by the failing step."""
-
-
-@dataclass(frozen=True)
-class MessageInfo:
-    uid: int
-    flags: tuple[bytes, ...]  # without \Recent
-    internaldate: bytes
-    size: int
 
 
 @implementer(IPushProducer)
@@ -89,82 +73,6 @@ class _Pause:
         self.resumeProducing()
 
 
-def _fetch_items(resp: UntaggedResponse) -> dict[bytes, object]:
-    fragments, literals = resp.arguments
-    args = parse_arguments(fragments, literals)
-    if not args or not isinstance(args[0], ParenList):
-        raise ParseError("malformed FETCH response")
-    items = args[0].items
-    out: dict[bytes, object] = {}
-    for i in range(0, len(items) - 1, 2):
-        key = items[i]
-        if isinstance(key, Atom):
-            out[key.value.upper()] = items[i + 1]
-    return out
-
-
-def expand_uid_set(data: bytes) -> list[int]:
-    """``b"5:7,9"`` -> ``[5, 6, 7, 9]``, in the order given (RFC 4315)."""
-    out: list[int] = []
-    for part in data.split(b","):
-        if b":" in part:
-            a, b = (int(x) for x in part.split(b":"))
-            out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
-        elif part:
-            out.append(int(part))
-    return out
-
-
-def _others(responses: Sequence[UntaggedResponse], name: str) -> list[bytes]:
-    return [r.raw for r in responses if r.start.name != name]
-
-
-async def _ok(conn: BackendProtocol, command: bytes, what: str):
-    result = await conn.command(command)
-    if not result.ok:
-        raise TransferError(f"{what} failed on {conn.name}: {result.start.text.decode('utf-8', 'replace')}")
-    return result
-
-
-async def fix_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tuple[list[int], list[bytes]]:
-    """The UIDs a (UID) COPY set names now, ascending, so the set cannot shift meanwhile."""
-    result = await conn.command((b"UID SEARCH UID " if uid else b"UID SEARCH ") + message_set)
-    if not result.ok:
-        raise TransferError(completion_text(result.start))
-    uids: list[int] = []
-    for r in result.responses:
-        if r.start.name == "SEARCH":
-            uids.extend(int(x) for x in r.start.rest.split() if x.isdigit())
-    return sorted(set(uids)), _others(result.responses, "SEARCH")
-
-
-async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[MessageInfo], list[bytes]]:
-    """FLAGS, INTERNALDATE and size of each message, in UID order."""
-    if not uids:
-        return [], []
-    result = await _ok(conn, b"UID FETCH " + uid_set(list(uids)) + b" (UID FLAGS INTERNALDATE RFC822.SIZE)", "FETCH")
-    infos, others = {}, []
-    for r in result.responses:
-        if r.start.name != "FETCH":
-            others.append(r.raw)
-            continue
-        try:
-            items = _fetch_items(r)
-            uid = int(items[b"UID"].value)  # type: ignore[union-attr]
-            flags = tuple(t.value for t in items[b"FLAGS"].items  # type: ignore[union-attr]
-                          if isinstance(t, Atom) and t.value.upper() != b"\\RECENT")
-            date = items[b"INTERNALDATE"].value  # type: ignore[union-attr]
-            size = int(items[b"RFC822.SIZE"].value)  # type: ignore[union-attr]
-        except (KeyError, ParseError, ValueError, AttributeError):
-            others.append(r.raw)  # an unsolicited flag update, say
-            continue
-        infos[uid] = MessageInfo(uid, flags, date, size)
-    missing = [u for u in uids if u not in infos]
-    if missing:
-        raise TransferError(f"message UID {missing[0]} vanished from the source")
-    return [infos[u] for u in uids], others
-
-
 @dataclass
 class Progress:
     """Counts for progress reports: called after each message."""
@@ -180,25 +88,133 @@ class Progress:
             self.on_message(self)
 
 
+@dataclass(frozen=True)
+class Copied:
+    """A committed MULTIAPPEND: where the messages went, and the sha256 of each body sent."""
+
+    uidvalidity: int
+    uids: tuple[int, ...]  # destination UIDs, in the order of the source messages
+    hashes: tuple[str, ...]
+    others: tuple[bytes, ...]  # other untagged responses the source sent meanwhile, raw, to relay
+
+
+class CommitUnknown(TransferError):
+    """The whole MULTIAPPEND was sent but its answer never came: it may have been saved."""
+
+
+_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
+
+
+class _Bodies:
+    """Reads the ``BODY[]`` literals of one ``UID FETCH`` as they stream, in the expected UID order.
+
+    *begin(uid, size)*, *chunk(data)* and *end()* see each body; every other untagged
+    response (a delivery's EXISTS, a flag update) is kept raw for the client."""
+
+    def __init__(self, conn: BackendProtocol, uids: Sequence[int], begin: Callable[[int, int], None],
+                 chunk: Callable[[bytes], None], end: Callable[[], None]) -> None:
+        self.conn, self.expected = conn, list(uids)
+        self.begin, self.chunk, self.end = begin, chunk, end
+        self.next = 0
+        self.in_body = False
+        self.error: str | None = None
+        self.other: list[bytes] | None = None
+        self.others: list[bytes] = []
+
+    def tap(self, start: ResponseStart | None, event: object) -> None:
+        if start is not None:
+            assert isinstance(event, Line)
+            if (start.name == "FETCH" and event.literal is not None
+                    and event.data.rstrip().upper().endswith(b"BODY[]") and self.error is None):
+                m = _UID.search(event.data)
+                uid = self.expected[self.next] if self.next < len(self.expected) else None
+                if uid is None or m is None or int(m.group(1)) != uid:
+                    self.error = f"unexpected message {m.group(1).decode() if m else '?'} from {self.conn.name}"
+                    self.other = []  # swallowed: it is not for the client either
+                    return
+                self.next += 1
+                self.in_body = True
+                self.begin(uid, event.literal.size)
+                return
+            self.other = [event.data + wire_tail(event)]  # not ours: for the client
+            if event.literal is None:
+                self._other_done()
+            return
+        if isinstance(event, LiteralData):
+            if self.in_body:
+                self.chunk(event.data)
+            elif self.other is not None:
+                self.other.append(event.data)
+        elif isinstance(event, LiteralEnd):
+            if self.in_body:
+                self.in_body = False
+                self.end()
+        elif isinstance(event, Line) and self.other is not None:
+            self.other.append(event.data + wire_tail(event))
+            if event.literal is None:
+                self._other_done()
+
+    def _other_done(self) -> None:
+        if self.other and self.error is None:
+            self.others.append(b"".join(self.other))
+        self.other = None
+
+    async def run(self) -> list[bytes]:
+        self.conn.tap = self.tap
+        try:
+            result = await self.conn.command(b"UID FETCH " + uid_set(self.expected) + b" (UID BODY.PEEK[])")
+        finally:
+            self.conn.tap = None
+        if self.error is not None:
+            raise TransferError(self.error)
+        if not result.ok or self.next != len(self.expected):
+            missing = self.expected[self.next] if self.next < len(self.expected) else "?"
+            raise TransferError(f"message UID {missing} could not be read from {self.conn.name}")
+        return self.others
+
+
 async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
-                      mailbox: bytes, progress: Progress | None = None) -> tuple[int, list[int], list[bytes]]:
-    """Append *infos*' messages to *mailbox* on *dst* in ONE MULTIAPPEND, bodies streamed
-    from *src* by one ``UID FETCH``. Returns (uidvalidity, destination UIDs in order, other
-    untagged responses *src* sent meanwhile, raw, to relay). On any failure the destination
-    connection is aborted, so its MULTIAPPEND saves nothing."""
+                      mailbox: bytes, progress: Progress | None = None,
+                      before_commit: Callable[[tuple[str, ...]], None] | None = None) -> Copied:
+    """Append *infos*' messages (of the mailbox selected on *src*) to *mailbox* on *dst* in ONE
+    MULTIAPPEND, bodies streamed by one ``UID FETCH`` and hashed on the way. On any failure
+    the destination connection is aborted, so its MULTIAPPEND saves nothing.
+
+    *before_commit(hashes)* runs once every body is sent and before the command's last CRLF,
+    the byte that lets the backend commit: what it journals, a recovery can rely on."""
     if not infos:
         raise TransferError("nothing to copy")
     if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
         raise TransferError(f"backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
+    by_uid = {i.uid: i for i in infos}
+    hashes: list[str] = []
+    current: list = [None, None]  # hash object, info
+
+    def begin(uid: int, size: int) -> None:
+        info = by_uid[uid]
+        current[0], current[1] = hashlib.sha256(), info
+        dst.write(b" (%s) \"%s\" {%d+}\r\n" % (b" ".join(info.flags), info.internaldate, size))
+
+    def chunk(data: bytes) -> None:
+        current[0].update(data)
+        dst.write(data)
+
+    def end() -> None:
+        hashes.append(current[0].hexdigest())
+        if progress is not None:
+            progress.add(current[1].size)
+
     ptag = dst.next_tag()
     done: defer.Deferred[tuple[ResponseStart, bytes]] = defer.Deferred()
     dst.expect(ptag, lambda start, raw: done.callback((start, raw)))
     dst.transport.registerProducer(_Pause(src.transport), True)
     try:
         dst.write(ptag + b" APPEND " + astring(mailbox))
-        others = await _stream_bodies(src, infos, dst, progress)
+        others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
+        if before_commit is not None:
+            before_commit(tuple(hashes))
         dst.write(b"\r\n")
-        start, raw = await done
+        start, _raw = await done
     except BaseException:
         dst.transport.abortConnection()
         raise
@@ -206,357 +222,79 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
         if not dst.closed:
             dst.transport.unregisterProducer()
     if start.tag is None:
-        raise TransferError(f"backend {dst.name} closed the connection")
+        raise CommitUnknown(f"backend {dst.name} closed the connection")
     if start.status != "OK":
         raise TransferError(completion_text(start))
-    if start.code != "APPENDUID":
-        raise TransferError(f"backend {dst.name} gave no APPENDUID")
-    validity, _, uids = start.code_args.partition(b" ")
-    dest = expand_uid_set(uids)
-    if len(dest) != len(infos):
-        raise TransferError(f"backend {dst.name} reported {len(dest)} new messages for {len(infos)}")
-    return int(validity), dest, others
-
-
-_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
-
-
-async def _stream_bodies(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
-                         progress: Progress | None) -> list[bytes]:
-    """Every BODY.PEEK[] literal goes to *dst* chunk by chunk as it arrives, in UID order,
-    each behind its flags and date. Anything else *src* says is kept, raw, for the client."""
-    expected = list(infos)
-    state: dict = {"next": 0, "body": None, "error": None, "other": None}
-    others: list[bytes] = []
-
-    def tap(start: ResponseStart | None, event: object) -> None:
-        if start is not None:
-            assert isinstance(event, Line)
-            if (start.name == "FETCH" and event.literal is not None
-                    and event.data.rstrip().upper().endswith(b"BODY[]") and state["error"] is None):
-                info = expected[state["next"]] if state["next"] < len(expected) else None
-                m = _UID.search(event.data)
-                if info is None or (m is not None and int(m.group(1)) != info.uid):
-                    state["error"] = f"unexpected message {m.group(1).decode() if m else '?'} from {src.name}"
-                    return
-                state["next"] += 1
-                state["body"] = info
-                flags = b"(" + b" ".join(info.flags) + b")"
-                dst.write(b" %s \"%s\" {%d+}\r\n" % (flags, info.internaldate, event.literal.size))
-                return
-            state["other"] = [event.data + wire_tail(event)]  # not ours: for the client
-            if event.literal is None:
-                others.append(b"".join(state.pop("other")))
-            return
-        if isinstance(event, LiteralData):
-            if state["body"] is not None:
-                dst.write(event.data)
-            elif state.get("other") is not None:
-                state["other"].append(event.data)
-        elif isinstance(event, LiteralEnd):
-            if state["body"] is not None and progress is not None:
-                progress.add(state["body"].size)
-            state["body"] = None
-        elif isinstance(event, Line) and state.get("other") is not None:
-            state["other"].append(event.data + wire_tail(event))
-            if event.literal is None:
-                others.append(b"".join(state.pop("other")))
-
-    src.tap = tap
     try:
-        result = await src.command(b"UID FETCH " + uid_set([i.uid for i in infos]) + b" (UID BODY.PEEK[])")
-    finally:
-        src.tap = None
-    if state["error"] is not None:
-        raise TransferError(state["error"])
-    if not result.ok or state["next"] != len(expected):
-        missing = expected[state["next"]].uid if state["next"] < len(expected) else "?"
-        raise TransferError(f"message UID {missing} could not be read from {src.name}")
-    return others
+        code = parse_uid_code(start.code, start.code_args)
+    except ParseError:
+        raise TransferError(f"backend {dst.name} gave no usable APPENDUID") from None
+    if len(code.uids) != len(infos):
+        raise TransferError(f"backend {dst.name} reported {len(code.uids)} new messages for {len(infos)}")
+    return Copied(code.uidvalidity, code.uids, tuple(hashes), tuple(others))
 
 
-async def expunge_uids(conn: BackendProtocol, uids: Sequence[int]) -> list[bytes]:
-    """Remove exactly these messages (never a plain EXPUNGE); the EXPUNGE responses, raw."""
-    uids_b = uid_set(sorted(uids))
-    stored = await _ok(conn, b"UID STORE " + uids_b + b" +FLAGS.SILENT (\\Deleted)", "STORE")
-    expunged = await _ok(conn, b"UID EXPUNGE " + uids_b, "UID EXPUNGE")
-    return [r.raw for r in stored.responses] + [r.raw for r in expunged.responses]
+async def hash_messages(conn: BackendProtocol, uids: Sequence[int]) -> list[str]:
+    """sha256 of each message of the selected mailbox, in the order of *uids*, streamed (never held)."""
+    if not uids:
+        return []
+    hashes: list[str] = []
+    h: list = [None]
+    await _Bodies(conn, sorted(uids), lambda _uid, _size: h.__setitem__(0, hashlib.sha256()),
+                  lambda data: h[0].update(data), lambda: hashes.append(h[0].hexdigest())).run()
+    by_uid = dict(zip(sorted(uids), hashes))
+    return [by_uid[u] for u in uids]
 
 
-# -- whole mailboxes: RENAME to another backend, the admin "move" ------------------------------
+async def verify_copies(dst: BackendProtocol, mailbox: str, copied: Copied) -> None:
+    """The destination holds, under the UIDs APPENDUID gave, exactly the bodies that were sent."""
+    state = await open_mailbox(dst, mailbox, readonly=True)
+    if state.uidvalidity != copied.uidvalidity:
+        raise TransferError(f"verification failed on {dst.name}: the mailbox changed (UIDVALIDITY)")
+    found = await hash_messages(dst, copied.uids)
+    bad = [u for u, a, b in zip(copied.uids, found, copied.hashes) if a != b]
+    if bad:
+        raise TransferError(f"verification failed on {dst.name}: message UID {bad[0]} differs from its source")
 
 
-Connect = Callable[[str], Awaitable[BackendProtocol]]
+async def find_copies(dst: BackendProtocol, mailbox: str, uidvalidity: int, uidnext: int,
+                      hashes: Sequence[str], *, clock: Any = None) -> dict[int, int]:
+    """After a crash: which messages of a MULTIAPPEND of bodies *hashes*, made when the mailbox's
+    UIDNEXT was *uidnext*, the destination holds -- {index in *hashes*: destination UID}.
+
+    The new messages (UID >= uidnext) are matched by content, in order: all of them if the
+    MULTIAPPEND committed, none if it did not, a part if the backend itself died while saving.
+    Empty if the mailbox is gone or was replaced (another UIDVALIDITY).
+
+    A MULTIAPPEND whose sender died right after its last byte may still be committing on a
+    busy backend: with a *clock*, what is not found is looked for again SETTLE seconds later."""
+    found = await _find_copies(dst, mailbox, uidvalidity, uidnext, hashes)
+    if clock is not None and len(found) < len(hashes):
+        await task.deferLater(clock, SETTLE, lambda: None)
+        found = await _find_copies(dst, mailbox, uidvalidity, uidnext, hashes)
+    return found
 
 
-@dataclass
-class MoveResult:
-    mailboxes: int = 0
-    messages: int = 0
-    bytes: int = 0
+async def _find_copies(dst: BackendProtocol, mailbox: str, uidvalidity: int, uidnext: int,
+                       hashes: Sequence[str]) -> dict[int, int]:
+    if not hashes or not await exists(dst, mailbox):
+        return {}
+    state = await open_mailbox(dst, mailbox, readonly=True)
+    if state.uidvalidity != uidvalidity:
+        return {}
+    uids, _ = await search_uids(dst, b"UID %d:*" % uidnext)
+    uids = [u for u in uids if u >= uidnext]
+    waiting: dict[str, list[int]] = {}
+    for index, h in enumerate(hashes):
+        waiting.setdefault(h, []).append(index)
+    found = {}
+    for uid, h in zip(uids, await hash_messages(dst, uids)):
+        if waiting.get(h):
+            found[waiting[h].pop(0)] = uid
+    return found
 
 
-def _fault(step: str) -> None:
-    """Fault injection for tests: REFERRAL_PROXY_FAULT=journal:<step> kills the process there."""
-    spec = os.environ.get("REFERRAL_PROXY_FAULT", "")
-    if spec.startswith("journal:") and step == spec[len("journal:"):]:
-        log.warn("fault injection: killed at journal step {step}", step=step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class Mover:
-    """Moves mailboxes of one user between backends, journaled so a crash can be recovered."""
-
-    mailbox_map: MailboxMap
-    connect: Connect  # a NEW authenticated connection to a backend, as the user
-    user: str
-    progress: Progress = field(default_factory=Progress)
-
-    def _journal(self, entry: JournalEntry, step: str) -> None:
-        entry.step = step
-        self.mailbox_map.store.journal_step(entry.id, step, entry.data)
-        self.mailbox_map.journal_changed()
-        _fault(step)
-
-    async def plan(self, src: BackendProtocol, old: str, new: str) -> list[tuple[str, str]]:
-        """(old, new) names of the mailbox and its children that *src* owns, parents first.
-
-        ``old == new == "*"``: every mailbox of the user that *src* owns (a whole user)."""
-        sep = self.mailbox_map.separator
-        if old == new == "*":
-            patterns = ["*"]
-        elif normalize(old, sep) == "INBOX":
-            return [("INBOX", new)]  # RFC 3501: INBOX's messages move, its children do not
-        else:
-            patterns = [old, old + sep + "*"]
-        pairs = []
-        for pattern in patterns:
-            result = await _ok(src, b'LIST "" ' + astring(pattern.encode("utf-8", "surrogateescape")), "LIST")
-            for r in result.responses:
-                if r.start.name != "LIST":
-                    continue
-                fragments, literals = r.arguments
-                args = parse_arguments(fragments, literals)
-                flags = {t.value.upper() for t in args[0].items if isinstance(t, Atom)}  # type: ignore[union-attr]
-                name = args[2].value.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
-                if b"\\NOSELECT" in flags or b"\\NONEXISTENT" in flags:
-                    continue
-                if self.mailbox_map.lookup(self.user, name).primary != src.name:
-                    continue  # a child placed elsewhere stays where it is
-                if old == "*":
-                    name = normalize(name, sep)
-                    pairs.append((name, name))
-                else:
-                    pairs.append((name, new + name[len(old):]))
-        pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(sep)))
-        return pairs
-
-    async def rename(self, old: str, new: str, src_name: str, dst_name: str) -> MoveResult:
-        """Move *old* (and its children) on *src_name* to *new* on *dst_name*."""
-        src = await self.connect(src_name)
-        dst = await self.connect(dst_name)
-        try:
-            pairs = await self.plan(src, old, new)
-            if not pairs:
-                raise TransferError(f"[NONEXISTENT] Mailbox doesn't exist: {old}")
-            for _o, n in pairs:
-                if normalize(n, self.mailbox_map.separator) == "INBOX" and _o != "INBOX":
-                    raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
-                if n != "INBOX" and await _exists(dst, n):
-                    raise TransferError(f"[ALREADYEXISTS] Mailbox already exists: {n}")
-            # Every moved name gets a placement; mailboxes created later still follow the rules.
-            data = {"pairs": pairs, "src": src_name, "dst": dst_name, "created": [], "copied": [], "deleted": []}
-            entry = JournalEntry(self.mailbox_map.store.journal_begin(self.user, "rename", data), self.user,
-                                 "rename", data, "planned")
-            self.mailbox_map.journal_changed()
-            _fault("planned")
-            result = MoveResult()
-            try:
-                for i, (o, n) in enumerate(pairs):
-                    if n != "INBOX":
-                        data["created"].append(n)  # recorded BEFORE it exists: a crash between is rolled back
-                        self._journal(entry, f"creating:{i}")
-                        await _ok(dst, b"CREATE " + astring(n.encode("utf-8", "surrogateescape")), "CREATE")
-                        self._journal(entry, f"created:{i}")
-                    copied = await self._copy_mailbox(src, o, dst, n)
-                    data["copied"].append({"old": o, "uids": uid_set(copied).decode() if copied else ""})
-                    result.messages += len(copied)
-                    self._journal(entry, f"copied:{i}")
-                self._journal(entry, "copied")  # the commit point: every message is on dst, verified
-            except BaseException:
-                await self._roll_back(entry)
-                raise
-            await self._finish(entry, src, dst)
-            result.mailboxes = len(pairs)
-            result.bytes = self.progress.bytes
-            return result
-        finally:
-            src.logout()
-            dst.logout()
-
-    async def _copy_mailbox(self, src: BackendProtocol, old: str, dst: BackendProtocol, new: str,
-                            after_uid: int = 0) -> list[int]:
-        """Every message of *old* (UID > after_uid) into *new*, in bounded batches, then verified."""
-        old_b, new_b = old.encode("utf-8", "surrogateescape"), new.encode("utf-8", "surrogateescape")
-        await _ok(src, b"EXAMINE " + astring(old_b), "EXAMINE")
-        uids, _ = await fix_uids(src, b"%d:*" % (after_uid + 1), uid=True)
-        uids = [u for u in uids if u > after_uid]
-        infos, _ = await fetch_infos(src, uids)
-        batch: list[MessageInfo] = []
-        size = 0
-        for info in infos:
-            batch.append(info)
-            size += info.size
-            if len(batch) >= BATCH_MESSAGES or size >= BATCH_BYTES:
-                await copy_stream(src, batch, dst, new_b, self.progress)
-                batch, size = [], 0
-        if batch:
-            await copy_stream(src, batch, dst, new_b, self.progress)  # (the mover's own connections: nothing to relay)
-        if after_uid == 0:
-            await self._verify(dst, new_b, infos)
-        return uids
-
-    async def _verify(self, dst: BackendProtocol, mailbox: bytes, infos: Sequence[MessageInfo]) -> None:
-        """Count and total size on the destination must match the source before anything is deleted."""
-        await _ok(dst, b"EXAMINE " + astring(mailbox), "EXAMINE")
-        result = await _ok(dst, b"FETCH 1:* (RFC822.SIZE)", "FETCH") if infos else None
-        sizes = []
-        for r in (result.responses if result else ()):
-            if r.start.name == "FETCH":
-                try:
-                    sizes.append(int(_fetch_items(r)[b"RFC822.SIZE"].value))  # type: ignore[union-attr]
-                except (KeyError, ParseError, ValueError, AttributeError):
-                    pass
-        want = (len(infos), sum(i.size for i in infos))
-        if (len(sizes), sum(sizes)) != want:
-            raise TransferError(f"verification failed for {mailbox.decode('utf-8', 'replace')}: "
-                                f"{len(sizes)} messages / {sum(sizes)} bytes on {dst.name}, expected {want[0]} / {want[1]}")
-        await dst.deselect()
-
-    async def _roll_back(self, entry: JournalEntry) -> None:
-        """Before the commit point: delete what was created on the destination (children first).
-
-        On a connection of its own: the transfer's may have been aborted mid-append."""
-        data = entry.data
-        dst = await self.connect(data["dst"])
-        try:
-            for name in reversed(data["created"]):
-                if await _exists(dst, name):
-                    await _ok(dst, b"DELETE " + astring(name.encode("utf-8", "surrogateescape")), "DELETE")
-        finally:
-            dst.logout()
-        self.mailbox_map.store.journal_end(entry.id)
-        self.mailbox_map.journal_changed()
-        log.info("move of {pairs} rolled back", pairs=data["pairs"])
-
-    async def _finish(self, entry: JournalEntry, src: BackendProtocol | None, dst: BackendProtocol | None) -> None:
-        """From the commit point on: subscriptions, placements, then the sources go (children first)."""
-        data = entry.data
-        opened = []
-        if src is None or src.closed:
-            src = await self.connect(data["src"])
-            opened.append(src)
-        if dst is None or dst.closed:
-            dst = await self.connect(data["dst"])
-            opened.append(dst)
-        try:
-            await self._finish_steps(entry, src, dst)
-        finally:
-            for conn in opened:
-                conn.logout()
-
-    async def _finish_steps(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol) -> None:
-        data = entry.data
-        pairs = [tuple(p) for p in data["pairs"]]
-        copied = {c["old"]: expand_uid_set(c["uids"].encode()) for c in data["copied"]}
-        if entry.step in ("copied",):
-            subscribed = await _subscribed(src)
-            for o, n in pairs:
-                if o in subscribed:
-                    await _ok(dst, b"SUBSCRIBE " + astring(n.encode("utf-8", "surrogateescape")), "SUBSCRIBE")
-            self._journal(entry, "subscribed")
-        if entry.step in ("subscribed",):
-            for o, n in pairs:
-                self.mailbox_map.place(self.user, n, [data["dst"]])
-                if o != n and o in self.mailbox_map.placements(self.user):
-                    self.mailbox_map.unplace(self.user, o)
-            self._journal(entry, "placed")
-        for i in reversed(range(len(pairs))):
-            o, n = pairs[i]
-            if o in data["deleted"]:
-                continue
-            if await _exists(src, o):
-                await self._empty_source(entry, i, src, dst, o, n, copied)
-            data["deleted"].append(o)
-            self._journal(entry, f"deleted:{i}")
-        self.mailbox_map.store.journal_end(entry.id)
-        self.mailbox_map.journal_changed()
-
-    async def _empty_source(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
-                            old: str, new: str, copied: dict[str, list[int]]) -> None:
-        """Remove *old* from the source without ever dropping a message that was not copied.
-
-        Mail delivered to the source meanwhile (LMTP, Sieve) goes along first; the
-        copied UIDs are expunged by UID, and only an empty mailbox is deleted (INBOX
-        stays). Each delta is journaled before anything is removed, so a second
-        recovery never copies it again."""
-        data = entry.data
-        old_b = old.encode("utf-8", "surrogateescape")
-        for _attempt in range(10):
-            last = max(copied.get(old) or [0])
-            delta = await self._copy_mailbox(src, old, dst, new, after_uid=last)
-            if delta:
-                copied[old] = (copied.get(old) or []) + delta
-                for c in data["copied"]:
-                    if c["old"] == old:
-                        c["uids"] = uid_set(copied[old]).decode()
-                self._journal(entry, f"delta:{i}")
-                log.info("moved {n} message(s) that arrived in {box} during the move", n=len(delta), box=old)
-            await _ok(src, b"SELECT " + astring(old_b), "SELECT")
-            left = -1
-            if "UIDPLUS" in src.capabilities and copied.get(old):
-                await expunge_uids(src, copied[old])
-                status = await _ok(src, b"UID SEARCH ALL", "SEARCH")
-                left = sum(len(r.start.rest.split()) for r in status.responses if r.start.name == "SEARCH")
-            await src.deselect()  # never CLOSE: it would expunge \Deleted mail that was not copied
-            if left <= 0:
-                break
-            # Something arrived after the last copy: take it along, then try again.
-        else:
-            log.error("{box} on {b} keeps receiving mail: {n} message(s) left there", box=old, b=src.name, n=left)
-            return
-        if old != "INBOX":
-            await src.command(b"UNSUBSCRIBE " + astring(old_b))
-            await _ok(src, b"DELETE " + astring(old_b), "DELETE")
-
-    async def recover(self, entry: JournalEntry) -> str:
-        """Finish (after the commit point) or roll back (before it) a move a crash interrupted."""
-        if entry.step == "planned" or entry.step.startswith(("creating:", "created:", "copied:")):
-            await self._roll_back(entry)
-            return "rolled back"
-        await self._finish(entry, None, None)
-        return "finished"
-
-
-async def _exists(conn: BackendProtocol, name: str) -> bool:
-    result = await _ok(conn, b'LIST "" ' + astring(name.encode("utf-8", "surrogateescape")), "LIST")
-    return any(r.start.name == "LIST" for r in result.responses)
-
-
-async def _subscribed(conn: BackendProtocol) -> set[str]:
-    result = await _ok(conn, b'LSUB "" "*"', "LSUB")
-    names = set()
-    for r in result.responses:
-        if r.start.name == "LSUB":
-            fragments, literals = r.arguments
-            try:
-                args = parse_arguments(fragments, literals)
-                if isinstance(args[2], (Atom, String)):
-                    names.add(args[2].value.decode("utf-8", "surrogateescape"))
-            except (ParseError, IndexError):
-                continue
-    return names
+# -- COPY / MOVE of messages to a mailbox on another backend ----------------------------------
 
 
 @dataclass
@@ -569,37 +307,211 @@ class CopyOutcome:
     bytes: int = 0  # message bytes carried to the destination
 
 
-async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
-                      mailbox: bytes, move: bool) -> CopyOutcome:
-    """COPY / MOVE from the mailbox selected on *src* to *mailbox* on *dst* (a connection of its own).
+SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to commit before it looks again
+MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see _hold)
+MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the same mailbox
 
-    MOVE removes the source messages only after the destination has committed, by
-    UID; if that fails the copies stay and the source flags are restored: the
-    messages are then in both places (duplicated at worst, never lost).
+
+async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
+                      mailbox: bytes, move: bool, *, mailbox_map: MailboxMap, user: str,
+                      source_mailbox: bytes, clock: Any = None) -> CopyOutcome:
+    """COPY / MOVE from *source_mailbox*, selected on *src*, to *mailbox* on *dst* (a connection of its own).
+
+    MOVE pins both mailboxes in the journal and waits its turn after any other cross-server
+    MOVE from the same mailbox (two of them would each copy a message both name); then it
+    records the destination's UIDNEXT before its MULTIAPPEND, verifies every copy by
+    content, records the new UIDs, and only then removes the source UIDs that are still
+    there (a copy of one that someone else moved or expunged meanwhile is taken back). A
+    crash anywhere in between is finished (or, if the destination never committed,
+    released) by recovery.
     """
     if move and "UIDPLUS" not in src.capabilities:
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
-    uids, untagged = await fix_uids(src, message_set, uid)
-    if not uids:
-        return CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
-    if not await _exists(dst, mailbox.decode("utf-8", "surrogateescape")):
-        return CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist: " + mailbox.decode("utf-8", "replace"))
-    infos, others = await fetch_infos(src, uids)
-    untagged += others
-    validity, dest, during = await copy_stream(src, infos, dst, mailbox)
-    untagged += during
-    copyuid = f"[COPYUID {validity} {uid_set(uids).decode()} {uid_set(dest).decode()}]"
-    size = sum(i.size for i in infos)
-    if not move:
-        return CopyOutcome(untagged, "OK", copyuid + " Copy completed.", size)
-    untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
+    dst_name = mailbox.decode("utf-8", "surrogateescape")
+    src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
+    entry = await _hold(mailbox_map, user, src_name, dst_name, clock) if move else None
+    if move and entry is None:
+        return CopyOutcome([], "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
     try:
-        untagged += await expunge_uids(src, uids)
+        uids, untagged = await search_uids(src, (b"UID " if uid else b"") + message_set)
+        if not uids:
+            outcome = CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
+        elif not await exists(dst, dst_name):
+            outcome = CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist")
+        else:
+            infos, others = await fetch_infos(src, uids)
+            untagged += others
+            if entry is not None:
+                return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
+            copied = await copy_stream(src, infos, dst, mailbox)
+            untagged += copied.others
+            return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
+                                               f"{uid_set(copied.uids).decode()}] Copy completed.",
+                               sum(i.size for i in infos))
+        if entry is not None:
+            mailbox_map.end_move(entry)
+        return outcome
+    except BaseException:
+        if entry is not None and not entry.ended:
+            if entry.step is Step.RESERVED:
+                mailbox_map.end_move(entry)  # nothing was sent to the destination
+            else:
+                mailbox_map.disown(entry)  # the copies may be there: recovery finishes or releases it
+        raise
+
+
+async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any) -> JournalEntry | None:
+    """Begin a MOVE's entry: its two mailboxes pinned, and the source's MOVE_LOCK name, which only
+    cross-server MOVEs take, held. Another MOVE from that mailbox holding it: wait (up to MOVE_WAIT
+    seconds, if there is a clock). None: a move or RENAME holds one of the mailboxes (INUSE)."""
+    lock = Reservation(MOVE_LOCK + src_name, subtree=False)
+    reservations = [Reservation(src_name, False, True), Reservation(dst_name, False, True), lock]
+    delay, waited = 0.02, 0.0
+    while True:
+        try:
+            return mailbox_map.begin_move(user, "move-messages", reservations, {})
+        except InUse as e:
+            if clock is None or waited >= MOVE_WAIT or any(h.name != lock.name for h in e.held):
+                return None
+        await task.deferLater(clock, delay, lambda: None)
+        waited += delay
+        delay = min(delay * 2, 0.5)
+
+
+async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, src_mailbox: str,
+                infos: list[MessageInfo], dst: BackendProtocol, dst_mailbox: str, untagged: list[bytes]) -> CopyOutcome:
+    src_state = await status(src, src_mailbox)
+    dst_state = await status(dst, dst_mailbox)
+    uids = [i.uid for i in infos]
+    entry.data.update({"src": src.name, "src_mailbox": src_mailbox, "src_validity": src_state.uidvalidity,
+                       "src_uids": uid_set(uids).decode(), "dst": dst.name, "dst_mailbox": dst_mailbox,
+                       "dst_validity": dst_state.uidvalidity, "dst_uidnext": dst_state.uidnext})
+    mailbox_map.step(entry, Step.MOVE_APPENDING)
+    def record(hashes: tuple[str, ...]) -> None:
+        entry.data["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
+        mailbox_map.record(entry)
+
+    try:
+        copied = await copy_stream(src, infos, dst, dst_mailbox.encode("utf-8", "surrogateescape"),
+                                   before_commit=record)
+    except CommitUnknown:
+        raise
+    except BaseException:
+        mailbox_map.end_move(entry)  # the MULTIAPPEND was refused or never completed: nothing saved
+        raise
+    untagged += copied.others
+    entry.data["dst_uids"] = uid_set(copied.uids).decode()
+    await verify_copies(dst, dst_mailbox, copied)
+    mailbox_map.step(entry, Step.MOVE_APPENDED)
+    copy_of = dict(zip(uids, copied.uids))
+    try:
+        present, others = await _mark_deleted(src, uids)
+        untagged += others
+        entry.data["present"] = uid_set(present).decode()
+        entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in present).decode()
+        mailbox_map.step(entry, Step.MOVE_EXPUNGING)
+        if present:
+            copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "
+                       f"{uid_set(copy_of[u] for u in present).decode()}]")
+            untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
+            expunged = await run_ok(src, b"UID EXPUNGE " + uid_set(present), "UID EXPUNGE")
+            untagged += [r.raw for r in expunged.responses]
     except BackendError as e:
         not_deleted = [i.uid for i in infos if b"\\DELETED" not in {f.upper() for f in i.flags}]
         if not_deleted and not src.closed:
             await src.command(b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)")
-        log.error("MOVE: copied to {dst} but not removed from {src}: {why}", dst=dst.name, src=src.name, why=str(e))
-        return CopyOutcome(untagged, "NO", f"{copyuid} The messages were copied but could not be removed from the "
-                                           "source mailbox: they are now in both", size)
-    return CopyOutcome(untagged, "OK", "Move completed.", size)
+        mailbox_map.disown(entry)
+        log.error("MOVE: copied to {dst} but not yet removed from {src} ({why}); recovery will finish it",
+                  dst=dst.name, src=src.name, why=str(e))
+        copyuid = f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} {uid_set(copied.uids).decode()}]"
+        return CopyOutcome(untagged, "NO", f"{copyuid} The messages were copied; removing them from the source "
+                                           "failed and will be retried", sum(i.size for i in infos))
+    gone = expand_uid_set(entry.data["vanished_dst"])
+    if gone:  # moved or expunged by someone else while we copied: our copies would be extra ones
+        await open_mailbox(dst, dst_mailbox, readonly=False)
+        await expunge_uids(dst, gone)
+    mailbox_map.end_move(entry)
+    moved = sum(i.size for i in infos if i.uid in set(present))
+    return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
+
+
+async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[list[int], list[bytes]]:
+    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are still there (the answer
+    names each), and the other untagged responses, raw."""
+    result = await run_ok(src, b"UID STORE " + uid_set(uids) + b" +FLAGS (\\Deleted)", "STORE")
+    wanted, present, others = set(uids), set(), []
+    for r in result.responses:
+        uid = None
+        if r.start.name == "FETCH":
+            try:
+                uid = parse_fetch(*r.arguments).uid
+            except ParseError:
+                uid = None
+        if uid in wanted:
+            present.add(uid)
+        else:
+            others.append(r.raw)
+    return sorted(present), others
+
+
+async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, str]:
+    """sha256 of those of *uids* still in the selected mailbox (recovery: some may be gone)."""
+    if not uids:
+        return {}
+    present, _ = await search_uids(conn, b"UID " + uid_set(sorted(uids)))
+    present = [u for u in present if u in set(uids)]
+    return dict(zip(present, await hash_messages(conn, present)))
+
+
+async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
+                              dst: BackendProtocol, clock: Any = None) -> str:
+    """Recovery of a cross-server MOVE. If the destination committed (recorded, or found by content)
+    the copies are verified and exactly the recorded source UIDs whose copy is verified are expunged;
+    a copy whose source someone else moved or expunged meanwhile is taken back. Else nothing moved."""
+    data = entry.data
+    if not await exists(src, data["src_mailbox"]):
+        mailbox_map.end_move(entry)
+        return "source mailbox gone: nothing to remove"
+    state = await open_mailbox(src, data["src_mailbox"], readonly=False)
+    if state.uidvalidity != data["src_validity"]:
+        mailbox_map.end_move(entry)
+        return "source mailbox replaced (UIDVALIDITY): nothing removed"
+    if entry.step is Step.MOVE_EXPUNGING:  # which source UIDs go and which copies come back was decided
+        present, _ = await search_uids(src, b"UID " + data["present"].encode()) if data["present"] else ([], [])
+        await expunge_uids(src, present)
+        await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))
+        mailbox_map.end_move(entry)
+        return f"finished: {len(present)} message(s) removed from the source"
+    src_uids = expand_uid_set(data["src_uids"])
+    if "hashes" not in data:  # the MULTIAPPEND's last byte was never sent: it cannot have committed
+        mailbox_map.end_move(entry)
+        return "the destination never committed: nothing moved"
+    sent = dict(zip(src_uids, data["hashes"]))
+    if "dst_uids" in data:
+        pairs = list(zip(src_uids, expand_uid_set(data["dst_uids"])))
+    else:  # the journal does not know whether the MULTIAPPEND committed: look for the copies by content
+        found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
+                                  data["hashes"], clock=clock)
+        if not found:
+            mailbox_map.end_move(entry)
+            return "the destination never committed: nothing moved"
+        pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
+    if not await exists(dst, data["dst_mailbox"]):
+        mailbox_map.end_move(entry)
+        return "destination mailbox gone: the source is left as it is"
+    dst_state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
+    copies = await hashes_present(dst, [d for _s, d in pairs]) if dst_state.uidvalidity == data["dst_validity"] else {}
+    verified = [(s, d) for s, d in pairs if copies.get(d) == sent[s]]
+    present, _ = await search_uids(src, b"UID " + uid_set(s for s, _d in verified)) if verified else ([], [])
+    await expunge_uids(src, present)
+    await _take_back(dst, data, [d for s, d in verified if s not in present])  # its source went elsewhere
+    mailbox_map.end_move(entry)
+    return f"finished: {len(present)} message(s) removed from the source"
+
+
+async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:
+    """Expunge copies whose source was moved or expunged by someone else while the MOVE ran."""
+    if uids and await exists(dst, data["dst_mailbox"]):
+        state = await open_mailbox(dst, data["dst_mailbox"], readonly=False)
+        if state.uidvalidity == data["dst_validity"]:
+            await expunge_uids(dst, uids)

@@ -295,18 +295,19 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
     Keywords: ``rules=[{"user": "bob", "mailbox": "*", "backend": "b2"}, ...]``
     (the ``[[map.rules]]``), ``args=[...]`` (extra command-line arguments),
     ``env={...}``, ``timeout=20.0`` (start-up), ``wait=True`` (wait for the
-    greeting), ``preexec=f`` (run in the child before its exec: resource
-    limits); any other keyword goes into the ``[proxy]`` table, e.g.
-    ``referrals="aware"``.  Each proxy runs in its own directory (its cwd,
-    where the config file and a relative sqlite store live).
+    greeting), ``command=[...]`` (instead of ``python -m referral_proxy``, e.g.
+    ``tests/faultproxy.py`` with its options and ``--``), ``preexec=f`` (run in
+    the child before its exec: resource limits); any other keyword goes into the
+    ``[proxy]`` table, e.g. ``referrals="aware"``.  Each proxy runs in its own
+    directory (its cwd, where the config file and a relative sqlite store live).
     """
     started: list[RunningProxy] = []
     counter = [0]
 
     def factory(config_text_or_dict: str | Mapping[str, Any] | None = None, *,
                 rules=(), args=(), env: Mapping[str, str] | None = None,
-                timeout: float = PROXY_START_TIMEOUT, wait: bool = True, preexec=None,
-                **proxy_options) -> RunningProxy:
+                timeout: float = PROXY_START_TIMEOUT, wait: bool = True,
+                command: list[str] | None = None, preexec=None, **proxy_options) -> RunningProxy:
         counter[0] += 1
         workdir = tmp_path / f"proxy-{counter[0]}"
         workdir.mkdir()
@@ -338,7 +339,7 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
                              stdout_path=workdir / "stdout.log", stderr_path=workdir / "stderr.log",
                              config=config, implicit_tls=listen[0].startswith("ssl:"))
         started.append(proxy)
-        proxy.start(args=args, env=env, timeout=timeout, wait=wait, preexec=preexec)
+        proxy.start(args=args, env=env, timeout=timeout, wait=wait, command=command, preexec=preexec)
         return proxy
 
     factory.default_config = lambda rules=(): default_proxy_config(  # type: ignore[attr-defined]

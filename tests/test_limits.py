@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -461,3 +462,18 @@ def test_a_done_before_the_backends_plus_keeps_that_plus_from_the_next_command()
     assert h.to_client() == b"a NO [TRYCREATE] Mailbox does not exist\r\n"
     h.send(b"x CREATE Evil\r\n")  # what the client sends now is a command of its own, checked
     assert h.to_backend() == b"rp3 CREATE Evil\r\n"
+
+
+@pytest.mark.parametrize("username_format,same", [("lower", True), ("as-is", False)])
+def test_the_penalty_counts_the_maps_user_name(username_format, same):
+    """BOB and bob are one user for the penalty exactly when they are one for the map."""
+    config = minimal_config(login_penalty=15)
+    config = replace(config, map=replace(config.map, username_format=username_format))
+    h = SessionHarness(config, connector=FakeConnector(refuse=True))
+    h.to_client()
+    h.send(b"a LOGIN ALICE wrong\r\n")
+    assert h.to_client() == b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    elsewhere = "203.0.113.9"  # not the client's address: only the user's penalty counts
+    penalty, now = h.context.admission.penalty, h.reactor.seconds()
+    assert penalty.delay(elsewhere, "alice", 15, now) == (4.0 if same else 0.0)
+    assert penalty.delay(elsewhere, "ALICE", 15, now) == (0.0 if same else 4.0)

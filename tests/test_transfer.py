@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from imapwire import Wire
 from mailcheck import contents
 from mailcheck import same_messages as _same_messages
+from movecheck import cli, faulty, multiappend
 from procmem import reset_peak, rss
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot
@@ -39,12 +42,7 @@ def _seed(backend: Dovecot, mailbox: str, n: int, user: str = "alice", start: in
         for i in range(start, start + n):
             body = _body(i, size)
             parts.append(b' %s "%02d-Jan-2020 10:%02d:00 +0000" {%d+}\r\n' % (FLAGS[i % 4], 1 + i % 28, i % 60, len(body)) + body)
-        m.send(b"".join(parts) + b"\r\n")
-        while True:
-            line = m.readline()
-            if line.startswith(b"s "):
-                assert line.startswith(b"s OK"), line
-                break
+        multiappend(m, parts)
 
 
 def _contents(backend: Dovecot, mailbox: str, user: str = "alice"):
@@ -68,7 +66,7 @@ def test_cross_server_copy_and_move(proxy_factory, fleet, command, count):
     source_uids = [x[0] for x in before]
     m = re.search(rb"\[COPYUID (\d+) ([\d:,]+) ([\d:,]+)\]", b"".join(reply))
     assert m, reply
-    from referral_proxy.transfer import expand_uid_set
+    from referral_proxy.imap.uidset import expand_uid_set
     assert expand_uid_set(m.group(2)) == source_uids
     assert expand_uid_set(m.group(3)) == [x[0] for x in after_dest]  # checked against FETCH UID on b3
     with fleet["b3"].client("alice") as direct:
@@ -223,8 +221,10 @@ def test_source_stopped_mid_move(proxy_factory, fleet, far):
     assert _contents(fleet["b1"], "INBOX") == []
 
 
-RENAME_STEPS = ["planned", "creating:0", "created:0", "copied:0", "creating:1", "created:1", "copied:1",
-                "copied", "subscribed", "placed", "deleted:1", "deleted:0"]
+# copying:N counts two writes a batch: before its first byte, and its hashes before its last byte.
+RENAME_STEPS = ["reserved:1", "planned:1", "creating:1", "created:1", "copying:1", "copying:2", "copied:1",
+                "creating:2", "created:2", "copying:3", "copying:4", "copied:2", "committed:1", "subscribed:1",
+                "placed:1", "aside:1", "drained:1", "aside:2", "drained:2"]
 
 
 @pytest.mark.parametrize("step", RENAME_STEPS)
@@ -232,24 +232,26 @@ def test_proxy_killed_at_each_journal_step_then_recover(proxy_factory, fleet, st
     _seed(fleet["b1"], "Projects", 5)
     _seed(fleet["b1"], "Projects/Sub", 3, start=10)
     all_before = _contents(fleet["b1"], "Projects") + _contents(fleet["b1"], "Projects/Sub")
-    proxy = proxy_factory(MASTERS, rules=RULES, env={"REFERRAL_PROXY_FAULT": f"journal:{step}"})
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", step))
     w = Wire(proxy.host, proxy.port)
     w.login()
     w.send(b"r RENAME Projects Archive/Projects\r\n")
     assert w.closed(15), "the proxy was not killed at " + step
     proxy.process.wait(10)
-    result = subprocess.run([sys.executable, "-m", "referral_proxy", "recover", "--config", str(proxy.config_path)],
-                            capture_output=True, text=True, timeout=60)
+    result = cli("recover", "--config", str(proxy.config_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = "rolled back" if step in RENAME_STEPS[:RENAME_STEPS.index("copied")] else "finished"
+    at = RENAME_STEPS.index(step)
+    expected = ("released" if at < RENAME_STEPS.index("creating:1") else
+                "rolled back" if at < RENAME_STEPS.index("committed:1") else "finished")
     assert expected in result.stdout, result.stdout
     # Every message exists exactly once, in the old place or in the new one, never both.
     old = _contents(fleet["b1"], "Projects") + _contents(fleet["b1"], "Projects/Sub")
     new = _contents(fleet["b2"], "Archive/Projects") + _contents(fleet["b2"], "Archive/Projects/Sub")
     assert _same_messages(old + new, all_before)
     assert (old == [] and new != []) if expected == "finished" else (new == [] and old != [])
-    again = subprocess.run([sys.executable, "-m", "referral_proxy", "recover", "--config", str(proxy.config_path)],
-                           capture_output=True, text=True, timeout=60)
+    with fleet["b2"].client("alice") as m:  # a roll-back leaves no mailbox behind either
+        assert (m.list('""', "Archive*")[1] == [None]) is (expected != "finished")
+    again = cli("recover", "--config", str(proxy.config_path))
     assert "nothing to recover" in again.stdout
 
 
@@ -276,7 +278,7 @@ def test_admin_move_while_the_user_is_online(proxy_factory, fleet):
 def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
     _seed(fleet["b1"], "Projects", 4)
     before = _contents(fleet["b1"], "Projects")
-    proxy = proxy_factory(MASTERS, rules=RULES, env={"REFERRAL_PROXY_FAULT": "journal:placed"})
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "placed:1"))
     w = Wire(proxy.host, proxy.port)
     w.login()
     w.send(b"r RENAME Projects Archive/Projects\r\n")
@@ -284,7 +286,8 @@ def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
     proxy.process.wait(10)
     # A new proxy on the same map store finishes the move by itself.
     restarted = subprocess.Popen([sys.executable, "-m", "referral_proxy", "--config", str(proxy.config_path)],
-                                 stderr=subprocess.PIPE, text=True, cwd=proxy.config_path.parent)
+                                 stderr=subprocess.PIPE, text=True, cwd=proxy.config_path.parent,
+                                 env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     try:
         deadline = time.monotonic() + 20
         while _contents(fleet["b1"], "Projects") and time.monotonic() < deadline:
@@ -298,19 +301,21 @@ def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
 
 
 def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
+    from referral_proxy.journal import Reservation
     from referral_proxy.routing import SQLiteStore
 
     _seed(fleet["b1"], "Work", 1)
     proxy = proxy_factory(rules=RULES)
     w = Wire(proxy.host, proxy.port)
     w.login()
-    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
-    entry = store.journal_begin("alice", "rename", {"pairs": [["Work", "Archive/Work"]], "src": "b1", "dst": "b2"})
-    for tag, command in [(b"a", b"SELECT Work"), (b"b", b"STATUS Archive/Work (MESSAGES)"), (b"c", b"DELETE Work")]:
+    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")  # another process: as the admin move would
+    entry = store.begin_move("alice", "move", [Reservation("Work"), Reservation("Archive/Work")], {}, "x", "/")
+    for tag, command in [(b"a", b"SELECT Work"), (b"b", b"STATUS Archive/Work (MESSAGES)"), (b"c", b"DELETE Work"),
+                         (b"f", b"CREATE Work/New"), (b"g", b"RENAME Other Archive/Work/x")]:
         assert w.cmd(tag, command) == [tag + b" NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n"]
     w.send(b"d APPEND Work {5}\r\n")
     assert w.line().startswith(b"d NO [INUSE]")  # before the literal
-    store.journal_end(entry)
+    store.end_move(entry)
     assert w.cmd(b"e", b"SELECT Work")[-1].startswith(b"e OK")
     store.close()
     w.close()
@@ -363,7 +368,7 @@ def test_cross_server_copy_memory_stays_flat(proxy_factory, fleet):
 def test_mail_delivered_to_the_source_during_a_move_goes_along(proxy_factory, fleet):
     _seed(fleet["b1"], "Projects", 3)
     _seed(fleet["b1"], "Projects/Sub", 2, start=10)
-    proxy = proxy_factory(MASTERS, rules=RULES, env={"REFERRAL_PROXY_FAULT": "journal:placed"})
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "placed:1"))
     w = Wire(proxy.host, proxy.port)
     w.login()
     w.send(b"r RENAME Projects Archive/Projects\r\n")

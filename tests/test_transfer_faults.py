@@ -51,44 +51,100 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     src.dataReceived(b'* 1 FETCH (UID 7 FLAGS (\\Seen \\Recent) INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\n'
                      b'* 2 FETCH (UID 8 FLAGS (\\Deleted $Work) INTERNALDATE "02-Jan-2020 10:00:00 +0000" RFC822.SIZE 2)\r\n'
                      b"rp3 OK\r\n")
+    # Journaled before the destination can commit: both mailboxes' UIDVALIDITY, the destination's UIDNEXT.
+    assert _take(src) == b"rp4 STATUS INBOX (UIDVALIDITY UIDNEXT MESSAGES)\r\n"
+    src.dataReceived(b"* STATUS INBOX (UIDVALIDITY 3 UIDNEXT 9 MESSAGES 2)\r\nrp4 OK\r\n")
+    assert _take(dst) == b"rp2 STATUS Shared/X (UIDVALIDITY UIDNEXT MESSAGES)\r\n"
+    dst.dataReceived(b"* STATUS Shared/X (UIDVALIDITY 9 UIDNEXT 5 MESSAGES 4)\r\nrp2 OK\r\n")
+    (entry,) = h.context.mailbox_map.entries()
+    assert entry.step.value == "move-appending" and entry.data["dst_uidnext"] == 5
     # One FETCH for every body; a delivery meanwhile is kept for the client.
-    assert _take(src) == b"rp4 UID FETCH 7:8 (UID BODY.PEEK[])\r\n"
+    assert _take(src) == b"rp5 UID FETCH 7:8 (UID BODY.PEEK[])\r\n"
     src.dataReceived(b"* 1 FETCH (UID 7 BODY[] {3}\r\nabc)\r\n* 3 EXISTS\r\n"
-                     b"* 2 FETCH (UID 8 BODY[] {2}\r\nde)\r\nrp4 OK\r\n")
+                     b"* 2 FETCH (UID 8 BODY[] {2}\r\nde)\r\nrp5 OK\r\n")
     # One MULTIAPPEND; \Recent is not copied, keywords are.
-    assert _take(dst) == (b'rp2 APPEND Shared/X (\\Seen) "01-Jan-2020 10:00:00 +0000" {3+}\r\nabc'
+    assert _take(dst) == (b'rp3 APPEND Shared/X (\\Seen) "01-Jan-2020 10:00:00 +0000" {3+}\r\nabc'
                           b' (\\Deleted $Work) "02-Jan-2020 10:00:00 +0000" {2+}\r\nde\r\n')
     assert h.to_client() == b""
-    dst.dataReceived(b"rp2 OK [APPENDUID 9 5:6] Append completed.\r\n")
-    # Only now the source: exactly these UIDs.
-    assert _take(src) == b"rp5 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\n"
-    src.dataReceived(b"rp5 OK\r\n")
-    assert _take(src) == b"rp6 UID EXPUNGE 7:8\r\n"
-    src.dataReceived(b"rp6 NO [SERVERBUG] Expunge failed\r\n")
+    dst.dataReceived(b"rp3 OK [APPENDUID 9 5:6] Append completed.\r\n")
+    # The copies are read back and compared by content before the source is touched.
+    assert _take(dst) == b"rp4 EXAMINE Shared/X\r\n"
+    dst.dataReceived(b"* 6 EXISTS\r\n* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
+    assert _take(dst) == b"rp5 UID FETCH 5:6 (UID BODY.PEEK[])\r\n"
+    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\n* 6 FETCH (UID 6 BODY[] {2}\r\nde)\r\nrp5 OK\r\n")
+    assert h.context.mailbox_map.entries()[0].step.value == "move-appended"
+    # Only now the source: exactly these UIDs, those that are still there.
+    assert _take(src) == b"rp6 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
+    assert h.context.mailbox_map.entries()[0].data["present"] == "7:8"
+    assert _take(src) == b"rp7 UID EXPUNGE 7:8\r\n"
+    src.dataReceived(b"rp7 NO [SERVERBUG] Expunge failed\r\n")
     # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
-    assert _take(src) == b"rp7 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
-    src.dataReceived(b"rp7 OK\r\n")
+    assert _take(src) == b"rp8 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
+    src.dataReceived(b"rp8 OK\r\n")
     assert h.to_client() == (b"* 3 EXISTS\r\n* OK [COPYUID 9 7:8 5:6] Moved\r\n"
-                             b"m NO [COPYUID 9 7:8 5:6] The messages were copied but could not be removed from the "
-                             b"source mailbox: they are now in both\r\n")
+                             b"m NO [COPYUID 9 7:8 5:6] The messages were copied; removing them from the source "
+                             b"failed and will be retried\r\n")
+    (entry,) = h.context.mailbox_map.entries()  # left, unowned, for recovery to finish
+    assert entry.owner is None and entry.step.value == "move-expunging" and entry.data["dst_uids"] == "5:6"
 
 
-def test_destination_refusal_aborts_its_connection_and_touches_no_source_message():
+def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     h, src = _selected(1)
+    dst = _uid_move_of_one(h, src)
+    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
+    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
+    assert _take(src).endswith(b"rp6 UID STORE 4 +FLAGS (\\Deleted)\r\n")
+    src.dataReceived(b"* 1 EXPUNGE\r\nrp6 OK\r\n")  # another session moved it away meanwhile
+    assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")  # so this copy would be a second one
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
+    assert _take(dst) == b"rp7 UID STORE 5 +FLAGS.SILENT (\\Deleted)\r\n"
+    dst.dataReceived(b"rp7 OK\r\n")
+    assert _take(dst) == b"rp8 UID EXPUNGE 5\r\n"
+    dst.dataReceived(b"* 5 EXPUNGE\r\nrp8 OK\r\n")
+    assert h.to_client() == b"* 1 EXPUNGE\r\nm OK No messages moved (they were gone).\r\n"
+    assert _take(src) == b""
+    assert h.context.mailbox_map.entries() == []
+
+
+def _uid_move_of_one(h, src) -> object:
+    """``UID MOVE 4 Shared/X`` answered up to the body FETCH (journaled at MOVE_APPENDING); the destination."""
     h.send(b"m UID MOVE 4 Shared/X\r\n")
     assert _take(src) == b"rp2 UID SEARCH UID 4\r\n"
     src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
     dst = h.backend
     _take(dst)
     dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
-    _take(src)
     src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\nrp3 OK\r\n')
-    assert _take(src) == b"rp4 UID FETCH 4 (UID BODY.PEEK[])\r\n"
-    src.dataReceived(b"* 1 FETCH (UID 4 BODY[] {3}\r\nabc)\r\nrp4 OK\r\n")
-    dst.dataReceived(b"rp2 NO [OVERQUOTA] Quota exceeded\r\n")
+    src.dataReceived(b"* STATUS INBOX (UIDVALIDITY 3 UIDNEXT 9 MESSAGES 2)\r\nrp4 OK\r\n")
+    dst.dataReceived(b"* STATUS Shared/X (UIDVALIDITY 9 UIDNEXT 5 MESSAGES 4)\r\nrp2 OK\r\n")
+    assert _take(src).endswith(b"rp5 UID FETCH 4 (UID BODY.PEEK[])\r\n")
+    src.dataReceived(b"* 1 FETCH (UID 4 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
+    return dst
+
+
+def test_a_copy_that_reads_back_differently_is_not_removed_from_the_source():
+    h, src = _selected(1)
+    dst = _uid_move_of_one(h, src)
+    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
+    _take(src)
+    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabd)\r\nrp5 OK\r\n")  # not what was sent
+    assert h.to_client().startswith(b"m NO verification failed")
+    assert _take(src) == b""  # no STORE, no EXPUNGE on the source
+    (entry,) = h.context.mailbox_map.entries()
+    assert entry.step.value == "move-appending" and entry.owner is None  # recovery decides, by content
+
+
+def test_destination_refusal_aborts_its_connection_and_touches_no_source_message():
+    h, src = _selected(1)
+    dst = _uid_move_of_one(h, src)
+    dst.dataReceived(b"rp3 NO [OVERQUOTA] Quota exceeded\r\n")
     assert h.to_client() == b"m NO [OVERQUOTA] Quota exceeded\r\n"
     assert _take(src) == b""  # no STORE, no EXPUNGE on the source
     assert dst.transport.disconnecting
+    assert h.context.mailbox_map.entries() == []  # refused: nothing was saved, nothing to recover
 
 
 def test_no_referral_to_the_proxy_itself():

@@ -103,8 +103,9 @@ class ProxyProcess:
 
     def start(self, *, args: Sequence[str] = (), env: Mapping[str, str] | None = None, timeout: float = 20.0,
               wait: bool = True, new_group: bool = False, tied_to_parent: bool = False,
-              preexec: Callable[[], None] | None = None) -> None:
+              command: Sequence[str] | None = None, preexec: Callable[[], None] | None = None) -> None:
         """Start it; with *wait*, return once it greets (else StartError, the process killed).
+        *command*: what runs instead of ``python -m referral_proxy`` (e.g. tests/faultproxy.py ... --).
         *preexec* runs in the child before the exec (resource limits: ``ulimit -n``)."""
         child_env = dict(os.environ)
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
@@ -115,7 +116,7 @@ class ProxyProcess:
             out = files.enter_context(open(self.stdout_path, "ab"))
             err = out if self.stderr_path == self.stdout_path else files.enter_context(open(self.stderr_path, "ab"))
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "referral_proxy", "--config", str(self.config_path), *args],
+                [*(command or [sys.executable, "-m", "referral_proxy"]), "--config", str(self.config_path), *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.workdir, env=child_env,
                 preexec_fn=_preexec(tied_to_parent, preexec), start_new_session=new_group)
         if wait:

@@ -1,0 +1,57 @@
+"""UID sets (RFC 3501 sequence-set, RFC 4315 uid-set): built from UIDs and expanded back.
+
+``APPENDUID`` and ``COPYUID`` list UIDs in the order the messages were saved, so both
+directions keep the order they are given. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = ["uid_set", "expand_uid_set", "MAX_EXPANDED"]
+
+# A backend's APPENDUID could name "1:4294967295"; expanding that would eat memory.
+MAX_EXPANDED = 10_000_000
+_PART = re.compile(rb"([1-9][0-9]{0,9})(?::([1-9][0-9]{0,9}))?")
+
+
+def uid_set(uids: Iterable[int]) -> bytes:
+    """``[5, 6, 7, 9]`` -> ``b"5:7,9"``; the order is kept (``[3, 2]`` -> ``b"3,2"``)."""
+    out: list[bytes] = []
+    start: int | None = None
+    prev: int | None = None
+    for uid in uids:
+        if uid < 1:
+            raise ValueError(f"not a UID: {uid}")
+        if prev is not None and uid == prev + 1:
+            prev = uid
+            continue
+        if start is not None and prev is not None:
+            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
+        start = prev = uid
+    if start is not None and prev is not None:
+        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
+    return b",".join(out)
+
+
+def expand_uid_set(data: bytes | str, limit: int = MAX_EXPANDED) -> list[int]:
+    """``b"5:7,9"`` -> ``[5, 6, 7, 9]``, in the order given; ``b"7:5"`` -> ``[7, 6, 5]``.
+
+    ``b""`` is the empty set. ValueError for anything else than numbers, ``:`` and ``,``
+    (no ``*``: a saved message's UID is always known), or more than *limit* UIDs."""
+    if isinstance(data, str):
+        data = data.encode("ascii")
+    if not data:
+        return []
+    out: list[int] = []
+    for part in data.split(b","):
+        m = _PART.fullmatch(part)
+        if m is None:
+            raise ValueError(f"malformed uid-set {data[:40]!r}")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) else a
+        if len(out) + abs(b - a) + 1 > limit:
+            raise ValueError(f"uid-set of more than {limit} UIDs")
+        out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
+    return out

@@ -1,0 +1,185 @@
+"""The move journal as data: its steps, the one table of transitions and recoveries, reservations.
+
+Every operation that removes mail from one backend after putting it on another is
+recorded in the map store before it touches anything, step by step, so that a
+proxy killed at any point leaves an entry that ``recover`` can finish or undo:
+
+* a mailbox move (cross-server RENAME, the admin ``move``), op ``"move"``;
+* a cross-server MOVE / UID MOVE of messages, op ``"move-messages"``;
+* a RENAME on one backend, op ``"rename-local"`` (only to hold its names).
+
+Each step names what is done when the entry reaches it, which steps may come right
+before it, and what recovery does with an entry a crash left there: ``TABLE``
+below (docs/design.md shows it). A move's names are *reserved* in the same store
+transaction that creates its entry, and released with the entry's end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = ["Step", "Recovery", "Rule", "TABLE", "Reservation", "InUse", "JournalEntry", "check_transition",
+           "conflicts", "covers",
+           "process_owner", "owner_gone"]
+
+
+class Step(Enum):
+    # a mailbox move
+    RESERVED = "reserved"  # the entry exists, its names are reserved; nothing read yet
+    PLANNED = "planned"  # the (old, new) pairs are known; nothing created
+    CREATING = "creating"  # CREATE of pair `at` on the destination sent
+    CREATED = "created"  # pair `at`'s mailbox exists on the destination, made by this move
+    COPYING = "copying"  # a batch is being appended; the destination's UIDVALIDITY/UIDNEXT before it recorded
+    COPIED = "copied"  # that batch is on the destination (UIDs recorded) and verified by content
+    COMMITTED = "committed"  # every message of the first pass is verified: the commit point
+    SUBSCRIBED = "subscribed"  # subscriptions carried to the destination
+    PLACED = "placed"  # the map sends the new names to the destination
+    ASIDE = "aside"  # pair `at`'s source renamed to a private name (no delivery reaches it)
+    DELTA_COPYING = "delta-copying"  # mail that reached the source during the move: a batch being appended
+    DELTA_COPIED = "delta-copied"  # that batch verified on the destination
+    DRAINED = "drained"  # pair `at`'s source holds nothing uncopied; expunged, and deleted unless INBOX
+    # a cross-server MOVE of messages
+    MOVE_APPENDING = "move-appending"  # the destination's UIDVALIDITY/UIDNEXT recorded; MULTIAPPEND sent
+    MOVE_APPENDED = "move-appended"  # the copies are on the destination, verified; the source UIDs go next
+    MOVE_EXPUNGING = "move-expunging"  # the source UIDs still there are flagged \Deleted (recorded): expunge them
+    # a RENAME on one backend
+    RENAMING = "renaming"  # RENAME sent to the backend; placements follow once it is done
+
+
+class Recovery(Enum):
+    RELEASE = "release"  # nothing was changed: end the entry, freeing its names
+    ROLL_BACK = "roll back"  # remove what this move appended (by UID) and created (if it holds nothing else)
+    FINISH = "finish"  # past the commit point: carry what is left, verify, empty and delete the sources
+    FINISH_IF_COMMITTED = "finish if the destination committed"  # the batch found by content: finish, else release
+    RECONCILE = "reconcile"  # look which name the backend has, let placements follow, release
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What may come right before a step, and what recovery does with an entry left at it."""
+
+    after: frozenset[Step | None]  # None: the step that begins an entry
+    recovery: Recovery
+
+
+def _rule(after: set[Step | None], recovery: Recovery) -> Rule:
+    return Rule(frozenset(after), recovery)
+
+
+S = Step
+TABLE: dict[Step, Rule] = {
+    S.RESERVED: _rule({None}, Recovery.RELEASE),
+    S.PLANNED: _rule({S.RESERVED}, Recovery.RELEASE),
+    S.CREATING: _rule({S.PLANNED, S.CREATED, S.COPIED}, Recovery.ROLL_BACK),
+    S.CREATED: _rule({S.CREATING}, Recovery.ROLL_BACK),
+    S.COPYING: _rule({S.PLANNED, S.CREATED, S.COPIED}, Recovery.ROLL_BACK),
+    S.COPIED: _rule({S.COPYING}, Recovery.ROLL_BACK),
+    S.COMMITTED: _rule({S.PLANNED, S.CREATED, S.COPIED}, Recovery.FINISH),
+    S.SUBSCRIBED: _rule({S.COMMITTED}, Recovery.FINISH),
+    S.PLACED: _rule({S.SUBSCRIBED}, Recovery.FINISH),
+    S.ASIDE: _rule({S.PLACED, S.DELTA_COPIED, S.DRAINED}, Recovery.FINISH),
+    S.DELTA_COPYING: _rule({S.PLACED, S.ASIDE, S.DELTA_COPYING, S.DELTA_COPIED, S.DRAINED}, Recovery.FINISH),
+    S.DELTA_COPIED: _rule({S.DELTA_COPYING}, Recovery.FINISH),
+    S.DRAINED: _rule({S.PLACED, S.ASIDE, S.DELTA_COPIED, S.DRAINED}, Recovery.FINISH),
+    S.MOVE_APPENDING: _rule({S.RESERVED}, Recovery.FINISH_IF_COMMITTED),
+    S.MOVE_APPENDED: _rule({S.MOVE_APPENDING}, Recovery.FINISH),
+    S.MOVE_EXPUNGING: _rule({S.MOVE_APPENDED}, Recovery.FINISH),
+    S.RENAMING: _rule({S.RESERVED}, Recovery.RECONCILE),
+}
+del S
+
+
+def check_transition(before: Step | None, after: Step) -> None:
+    """Raise if the table does not allow *after* right after *before* (a programming error)."""
+    if before not in TABLE[after].after:
+        raise ValueError(f"journal: {after.value} cannot follow {before.value if before else 'the start'}")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A name a move holds. *subtree*: its children too. *name* None: every mailbox of the user.
+
+    A *shared* reservation (a cross-server MOVE pins its two mailboxes) conflicts only with
+    exclusive ones; only exclusive ones make other commands answer ``NO [INUSE]``."""
+
+    name: str | None
+    subtree: bool = True
+    shared: bool = False
+
+
+def covers(r: Reservation, name: str, separator: str) -> bool:
+    """Is the (canonical) mailbox *name* inside *r*?"""
+    if r.name is None:
+        return True
+    return name == r.name or (r.subtree and name.startswith(r.name + separator))
+
+
+def conflicts(a: Reservation, b: Reservation, separator: str) -> bool:
+    """Two reservations of one user that cannot be held at once."""
+    if a.shared and b.shared:
+        return False
+    if a.name is None or b.name is None:
+        return True
+    return covers(a, b.name, separator) or covers(b, a.name, separator)
+
+
+class InUse(Exception):
+    """Another operation holds one of the names (``NO [INUSE]``); *held*: the reservations in the way."""
+
+    def __init__(self, held: list[Reservation]) -> None:
+        super().__init__(f"held: {', '.join(str(r.name) for r in held)}")
+        self.held = held
+
+
+@dataclass
+class JournalEntry:
+    """An operation in progress, as the store keeps it: *data* is JSON, rewritten at each step."""
+
+    id: int
+    user: str
+    op: str
+    data: dict
+    step: Step
+    owner: str | None = None  # "host:pid:start" of the process running it; None: anyone may recover it
+    created: float = field(default_factory=time.time)
+    ended: bool = False  # removed from the store (done or undone)
+
+
+def _start_time(pid: int) -> str:
+    """The kernel's start time of *pid* (Linux), so a reused pid is not taken for its owner."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return "?"
+
+
+def process_owner() -> str:
+    """``host:pid:start``: who runs an entry (a move in this process)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True if the process that owned an entry no longer runs (on this host): it may be recovered.
+
+    An owner on another host is never taken for gone (a shared store across hosts needs
+    leases: the PostgreSQL store's business)."""
+    if owner is None:
+        return True
+    host, _, rest = owner.partition(":")
+    pid_s, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_s.isdigit():
+        return False
+    pid = int(pid_s)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return start not in ("?", _start_time(pid))

@@ -1,0 +1,227 @@
+"""Mail operations on one authenticated backend connection: the moves', the admin commands' and recovery's.
+
+Each is one or a few commands with its answer read into values. Mailbox arguments
+are names, never LIST patterns: ``%`` and ``*`` are legal in names ("50% off"), and
+LIST has no escape for them, so a name with a wildcard is looked up by listing
+everything and comparing. Names are ``str`` (modified UTF-7 as the client sent
+it, bytes beyond ASCII kept with surrogateescape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .backend import BackendError, BackendProtocol, Tagged
+from .imap.command import ParseError
+from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
+from .imap.quoting import astring
+from .imap.response import ResponseStart, completion_text
+from .imap.uidset import uid_set
+
+__all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
+           "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
+           "delete_if_empty"]
+
+
+class TransferError(BackendError):
+    """A mail operation stopped; str() is safe to show a client (no client bytes in it)."""
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    uid: int
+    flags: tuple[bytes, ...]  # without \Recent
+    internaldate: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class MailboxState:
+    """What SELECT / EXAMINE / STATUS told about a mailbox."""
+
+    uidvalidity: int
+    uidnext: int
+    messages: int
+
+
+def name_arg(name: str) -> bytes:
+    """A mailbox name as a command argument: atom, quoted string or literal, as it needs."""
+    return astring(name.encode("utf-8", "surrogateescape"))
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+async def run_ok(conn: BackendProtocol, command: bytes, what: str) -> Tagged:
+    """Run *command*; its result if OK, else TransferError naming *what* and the backend."""
+    result = await conn.command(command)
+    if not result.ok:
+        raise TransferError(_failed(what, conn, result.start))
+    return result
+
+
+def _failed(what: str, conn: BackendProtocol, start: ResponseStart) -> str:
+    """``[ALREADYEXISTS] CREATE failed on b3: ...``: the backend's response code first, for the client."""
+    code = f"[{start.code}] " if start.code and start.code.isalpha() else ""
+    return f"{code}{what} failed on {conn.name}: {start.text.decode('utf-8', 'replace')}"
+
+
+def _wild(name: str) -> bool:
+    return "%" in name or "*" in name
+
+
+async def list_mailboxes(conn: BackendProtocol, pattern: bytes = b"*") -> list[ListData]:
+    """``LIST "" <pattern>``: every entry, placeholders included (see ListData.selectable)."""
+    result = await run_ok(conn, b'LIST "" ' + pattern, "LIST")
+    out = []
+    for r in result.responses:
+        if r.start.name == "LIST":
+            try:
+                out.append(parse_list(*r.arguments))
+            except ParseError:
+                continue
+    return out
+
+
+def _same(a: str, b: str) -> bool:
+    """Names compare exactly, INBOX (and only INBOX) without regard to case."""
+    return a == b or (a.upper() == "INBOX" and b.upper() == "INBOX")
+
+
+async def exists(conn: BackendProtocol, name: str) -> bool:
+    """Is there a selectable mailbox of exactly this name?"""
+    entries = await list_mailboxes(conn, b"*" if _wild(name) else name_arg(name))
+    return any(e.selectable and _same(_text(e.name), name) for e in entries)
+
+
+async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]:
+    """The selectable mailboxes *name* and *name*/..., by exact name and prefix (parents first)."""
+    if _wild(name):
+        entries = await list_mailboxes(conn)
+    else:
+        entries = await list_mailboxes(conn, name_arg(name)) + await list_mailboxes(conn, name_arg(name + separator + "*"))
+    prefix = name + separator
+    names = {_text(e.name) for e in entries if e.selectable}
+    found = [n for n in names if _same(n, name) or n.startswith(prefix)]
+    return sorted(found, key=lambda n: (n.count(separator), n))
+
+
+async def status(conn: BackendProtocol, name: str) -> MailboxState:
+    """UIDVALIDITY, UIDNEXT and MESSAGES of a mailbox, without selecting it."""
+    result = await run_ok(conn, b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)", "STATUS")
+    for r in result.responses:
+        if r.start.name == "STATUS":
+            try:
+                v = parse_status(*r.arguments).values
+                return MailboxState(v[b"UIDVALIDITY"], v[b"UIDNEXT"], v[b"MESSAGES"])
+            except (ParseError, KeyError):
+                break
+    raise TransferError(f"STATUS failed on {conn.name}: no usable answer")
+
+
+async def open_mailbox(conn: BackendProtocol, name: str, *, readonly: bool) -> MailboxState:
+    """SELECT (or EXAMINE) a mailbox; what it said about UIDs and messages."""
+    verb = b"EXAMINE " if readonly else b"SELECT "
+    result = await run_ok(conn, verb + name_arg(name), verb.strip().decode())
+    validity = uidnext = messages = 0
+    for r in result.responses:
+        if r.start.name == "EXISTS" and r.start.number is not None:
+            messages = r.start.number
+        elif r.start.code == "UIDVALIDITY" and r.start.code_args.isdigit():
+            validity = int(r.start.code_args)
+        elif r.start.code == "UIDNEXT" and r.start.code_args.isdigit():
+            uidnext = int(r.start.code_args)
+    if not validity:
+        raise TransferError(f"{verb.strip().decode()} on {conn.name} gave no UIDVALIDITY")
+    return MailboxState(validity, uidnext, messages)
+
+
+async def search_uids(conn: BackendProtocol, criteria: bytes) -> tuple[list[int], list[bytes]]:
+    """``UID SEARCH <criteria>`` in the selected mailbox: the UIDs ascending, and the other
+    untagged responses (raw, for a client to see)."""
+    result = await conn.command(b"UID SEARCH " + criteria)
+    if not result.ok:
+        raise TransferError(completion_text(result.start))
+    uids: set[int] = set()
+    others = []
+    for r in result.responses:
+        if r.start.name == "SEARCH":
+            try:
+                uids.update(parse_search(r.start.rest))
+            except ParseError:
+                raise TransferError(f"unreadable SEARCH answer from {conn.name}") from None
+        else:
+            others.append(r.raw)
+    return sorted(uids), others
+
+
+async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[MessageInfo], list[bytes]]:
+    """FLAGS, INTERNALDATE and size of each message of the selected mailbox, in UID order."""
+    if not uids:
+        return [], []
+    result = await run_ok(conn, b"UID FETCH " + uid_set(uids) + b" (UID FLAGS INTERNALDATE RFC822.SIZE)", "FETCH")
+    infos: dict[int, MessageInfo] = {}
+    others = []
+    for r in result.responses:
+        try:
+            if r.start.name != "FETCH":
+                raise ParseError("not a FETCH")
+            data = parse_fetch(*r.arguments)
+            uid, flags, date, size = data.uid, data.flags, data.internaldate, data.size
+            if uid is None or flags is None or date is None or size is None:
+                raise ParseError("incomplete")  # an unsolicited flag update, say
+        except ParseError:
+            others.append(r.raw)
+            continue
+        infos[uid] = MessageInfo(uid, flags, date, size)
+    missing = [u for u in uids if u not in infos]
+    if missing:
+        raise TransferError(f"message UID {missing[0]} vanished from the source")
+    return [infos[u] for u in uids], others
+
+
+async def expunge_uids(conn: BackendProtocol, uids: Sequence[int]) -> list[bytes]:
+    """Remove exactly these messages of the selected mailbox (never a plain EXPUNGE, never CLOSE);
+    the untagged responses, raw."""
+    if not uids:
+        return []
+    uids_b = uid_set(sorted(uids))
+    stored = await run_ok(conn, b"UID STORE " + uids_b + b" +FLAGS.SILENT (\\Deleted)", "STORE")
+    expunged = await run_ok(conn, b"UID EXPUNGE " + uids_b, "UID EXPUNGE")
+    return [r.raw for r in stored.responses] + [r.raw for r in expunged.responses]
+
+
+async def subscribed(conn: BackendProtocol) -> set[str]:
+    result = await run_ok(conn, b'LSUB "" "*"', "LSUB")
+    names = set()
+    for r in result.responses:
+        if r.start.name == "LSUB":
+            try:
+                names.add(_text(parse_list(*r.arguments).name))
+            except ParseError:
+                continue
+    return names
+
+
+async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separator: str) -> bool:
+    """Delete *name* only if it holds no message and no child; True if it is gone.
+
+    Dovecot's DELETE expunges whatever the mailbox holds, also mail delivered a moment
+    after we looked. So the mailbox is first renamed to *aside*, a name nobody delivers
+    to (a delivery racing the RENAME either lands before it, and is seen below, or
+    fails); only that is checked and deleted. Not empty: renamed back, and False."""
+    renamed = await conn.command(b"RENAME " + name_arg(name) + b" " + name_arg(aside))
+    if not renamed.ok:
+        if not await exists(conn, name):
+            return True  # nothing there (any more)
+        raise TransferError(_failed("RENAME", conn, renamed.start))
+    state = await open_mailbox(conn, aside, readonly=True)
+    await conn.deselect()
+    children = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
+    if state.messages == 0 and not children:
+        await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
+        return True
+    await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
+    return False

@@ -1,0 +1,576 @@
+"""Moving whole mailboxes between backends (cross-server RENAME, the admin ``move``), and RENAME on one backend.
+
+A mailbox move, journaled step by step (journal.py has the table):
+
+1. Reserve the source and destination subtrees with the journal entry, in one store
+   transaction, before reading anything (``NO [INUSE]`` for anyone else meanwhile).
+2. Plan: the mailbox and its children that the source owns, found by exact name and
+   prefix (a name is never a LIST pattern). Refuse before anything changes if a
+   destination name exists.
+3. Create each destination mailbox (journaled before and after), copy its messages in
+   bounded MULTIAPPEND batches, each verified by content (sha256 streamed through,
+   compared with the copy read back by its APPENDUID) before it is journaled.
+4. COMMITTED: every first-pass message is verified. From here on the move is only
+   ever finished, never undone: subscriptions, then placements (the map now routes
+   the new names to the destination).
+5. Each source, deepest first, is RENAMEd to a private name on the source backend
+   (deliveries to the old name now fail, and Dovecot's LDA/LMTP delivers to INBOX
+   instead), what arrived meanwhile is copied and verified, exactly the verified
+   UIDs are expunged, and the private mailbox is deleted once it is seen empty.
+   INBOX cannot be renamed aside: its verified UIDs are expunged in rounds until a
+   round finds nothing new, and INBOX is never deleted.
+
+Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs
+this move appended (recorded, or -- for a batch in flight -- found by content from
+the UIDNEXT recorded before it) are expunged, and the mailboxes it created are
+deleted only if nothing else is in them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from .backend import BackendProtocol
+from .imap.response import completion_text
+from .imap.uidset import expand_uid_set, uid_set
+from .journal import InUse, JournalEntry, Reservation, Step
+from .mailops import (
+    MessageInfo,
+    TransferError,
+    delete_if_empty,
+    exists,
+    expunge_uids,
+    fetch_infos,
+    list_mailboxes,
+    name_arg,
+    open_mailbox,
+    run_ok,
+    search_uids,
+    status,
+    subscribed,
+    subtree,
+)
+from .routing import MailboxMap, normalize
+from .transfer import Progress, copy_stream, find_copies, verify_copies
+
+__all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "rename_here", "LocalRename", "reconcile_local",
+           "BATCH_MESSAGES", "BATCH_BYTES"]
+
+log = Logger()
+
+BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
+BATCH_BYTES = 256 * 1024 * 1024
+ANSWER_WITHIN = 10.0  # seconds a client waits past the commit point before it is answered
+QUIET = 0.3  # seconds without a new message in a source before it is renamed aside
+QUIET_BUDGET = 15.0  # seconds spent waiting for that quiet at most (then it is renamed anyway)
+ASIDE_TIMEOUT = 30.0  # seconds the renamed source may take to be emptied and deleted
+DRAIN_ROUNDS = 10  # INBOX: rounds of "copy what is new, expunge what is verified" before giving up
+ASIDE = "referral-proxy-aside-"
+
+Connect = Callable[[str], Awaitable[BackendProtocol]]
+
+
+class MoveIncomplete(TransferError):
+    """Past the commit point the move could not finish now; its entry stays for recovery.
+
+    The new mailboxes hold every message already: this is not a failure to report as one.
+    *result*: what was moved (``pending`` set)."""
+
+    result: MoveResult | None = None
+
+
+@dataclass
+class MoveResult:
+    mailboxes: int = 0
+    messages: int = 0
+    bytes: int = 0
+    pending: bool = False  # committed; the old mailboxes are still being emptied (in the background)
+
+
+def _b(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _batches(infos: list[MessageInfo]) -> list[list[MessageInfo]]:
+    out: list[list[MessageInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if out[-1] and (len(out[-1]) >= BATCH_MESSAGES or size + info.size > BATCH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(info)
+        size += info.size
+    return out if out[0] else []
+
+
+@dataclass
+class Mover:
+    """Moves mailboxes of one user between backends, journaled so that a crash can be recovered."""
+
+    mailbox_map: MailboxMap
+    connect: Connect  # a NEW authenticated connection to a backend, as the user
+    user: str
+    progress: Progress = field(default_factory=Progress)
+    clock: Any = None  # IReactorTime, for the waits below (None: none)
+    answer_within: float | None = None  # return this many seconds past the commit point, finishing behind (None: wait)
+
+    def __post_init__(self) -> None:
+        self.user = self.mailbox_map.canonical(self.user)
+        self.sep = self.mailbox_map.separator
+
+    # -- planning -----------------------------------------------------------------------
+
+    async def plan(self, src: BackendProtocol, old: str, new: str) -> list[tuple[str, str]]:
+        """(old, new) names of the mailbox and its children that *src* owns, parents first.
+
+        ``old == new == "*"``: every mailbox of the user that *src* owns (a whole user)."""
+        if old == new == "*":
+            names = [e.name.decode("utf-8", "surrogateescape") for e in await list_mailboxes(src) if e.selectable]
+        elif normalize(old, self.sep) == "INBOX":
+            return [("INBOX", new)]  # RFC 3501: INBOX's messages move, its children do not
+        else:
+            names = await subtree(src, old, self.sep)
+        pairs = []
+        for name in names:
+            if self.mailbox_map.lookup(self.user, name).primary != src.name:
+                continue  # a child placed elsewhere stays where it is
+            name = normalize(name, self.sep)
+            pairs.append((name, name if old == "*" else new + name[len(old):]))
+        pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(self.sep), p[0]))
+        return pairs
+
+    def _reservations(self, old: str, new: str, token: str) -> list[Reservation]:
+        """The source and destination subtrees, and the private names the move renames sources to."""
+        if old == "*":
+            return [Reservation(None)]
+        names = [Reservation(old, subtree=normalize(old, self.sep) != "INBOX"), Reservation(ASIDE + token)]
+        return names if new == old else names + [Reservation(new)]
+
+    def _aside(self, data: dict, tag: str) -> str:
+        """A private name on a backend, reserved with the move: no client of the proxy reaches it."""
+        return ASIDE + data["token"] + self.sep + tag
+
+    async def _check(self, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None:
+        if not pairs:
+            raise TransferError("[NONEXISTENT] Mailbox doesn't exist")
+        for o, n in pairs:
+            if normalize(n, self.sep) == "INBOX" and o != "INBOX":
+                raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
+            if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
+                raise TransferError("[ALREADYEXISTS] Mailbox already exists")
+
+    # -- the move ------------------------------------------------------------------------
+
+    async def rename(self, old: str, new: str, src_name: str, dst_name: str) -> MoveResult:
+        """Move *old* (and its children) on *src_name* to *new* on *dst_name*."""
+        data: dict[str, Any] = {"src": src_name, "dst": dst_name, "old": old, "new": new, "token": secrets.token_hex(4),
+                "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
+                "drained": []}
+        try:
+            entry = self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new, data["token"]), data)
+        except InUse:
+            raise TransferError("[INUSE] Mailbox is being moved or renamed by another command; try again shortly") from None
+        conns: list[BackendProtocol] = []
+        result = MoveResult()
+        try:
+            src = await self.connect(src_name)
+            conns.append(src)
+            dst = await self.connect(dst_name)
+            conns.append(dst)
+            pairs = await self.plan(src, old, new)
+            await self._check(dst, pairs)
+            data["pairs"] = [list(p) for p in pairs]
+            self.mailbox_map.step(entry, Step.PLANNED)
+            for i, (o, n) in enumerate(pairs):
+                if normalize(n, self.sep) != "INBOX":
+                    data["at"] = i
+                    self.mailbox_map.step(entry, Step.CREATING)
+                    await run_ok(dst, b"CREATE " + name_arg(n), "CREATE")
+                    data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
+                    self.mailbox_map.step(entry, Step.CREATED)
+                result.messages += await self._copy(entry, i, src, dst, o, delta=False)
+            self.mailbox_map.step(entry, Step.COMMITTED)
+        except BaseException as e:
+            for conn in conns:
+                conn.logout()
+            await self._undo(entry, e)
+            raise
+        finishing = defer.ensureDeferred(self._finish_and_close(entry, conns))
+        result.mailboxes = len(pairs)
+        result.bytes = self.progress.bytes
+        try:
+            await self._answer_when_due(finishing, result)
+        except MoveIncomplete as e:
+            result.pending = True
+            e.result = result
+            raise
+        result.bytes = self.progress.bytes  # with what the end carried, if it is over
+        return result
+
+    async def _answer_when_due(self, finishing: defer.Deferred, result: MoveResult) -> None:
+        """Wait for the end of the move, or (with answer_within) at most that long: pending then."""
+        if self.clock is None or self.answer_within is None:
+            await finishing
+        else:  # a client waits for the answer: past the commit point it need not wait long
+            waiter: defer.Deferred[object] = defer.Deferred()
+            def expire() -> None:
+                if not waiter.called:
+                    waiter.callback(None)
+
+            timer = self.clock.callLater(self.answer_within, expire)
+
+            def settled(outcome: object) -> None:
+                if timer.active():
+                    timer.cancel()
+                if not waiter.called:
+                    waiter.callback(outcome)  # a Failure fails the waiter: it is raised below
+                # else: answered already; a failure was logged and the entry left to recovery
+
+            finishing.addBoth(settled)
+            result.pending = await waiter is None
+
+    async def _finish_and_close(self, entry: JournalEntry, conns: list[BackendProtocol]) -> bool:
+        """Past the commit point: finish on the move's connections; a failure leaves the entry to recovery."""
+        try:
+            await self._finish(entry, conns[0], conns[1])
+            return True
+        except BaseException as e:
+            self.mailbox_map.disown(entry)
+            data = entry.data
+            log.error("move {id} of {user} {old} -> {new}: committed, but finishing failed: {why}; "
+                      "recovery will finish it", id=entry.id, user=self.user, old=data["old"], new=data["new"],
+                      why=str(e))
+            raise MoveIncomplete(f"the mailboxes are in their new place; emptying the old ones failed ({e}) "
+                                 "and will be finished by recovery") from e
+        finally:
+            for conn in conns:
+                conn.logout()
+
+    async def _undo(self, entry: JournalEntry, why: BaseException) -> None:
+        """A failure before the commit point: roll back, or leave the entry to recovery."""
+        try:
+            await self.roll_back(entry)
+        except BaseException as e:
+            self.mailbox_map.disown(entry)
+            log.error("move {id} of {user}: failed ({why}) and could not be rolled back now ({how}); "
+                      "recovery will", id=entry.id, user=self.user, why=str(why), how=str(e))
+
+    def _copied(self, entry: JournalEntry, i: int) -> set[int]:
+        return {u for rec in entry.data["batches"] if rec["pair"] == i for u in expand_uid_set(rec["src"])}
+
+    async def _copy(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol, box: str,
+                    *, delta: bool) -> int:
+        """Copy every message of *box* on *src* not copied yet to pair *i*'s destination, in verified batches."""
+        data = entry.data
+        new = data["pairs"][i][1]
+        state = await open_mailbox(src, box, readonly=True)
+        known = data["validity"].setdefault(str(i), state.uidvalidity)
+        data.setdefault("uidnext", {}).setdefault(str(i), state.uidnext)  # no delivery since: no need to wait
+        if known != state.uidvalidity:
+            raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
+        uids, _ = await search_uids(src, b"ALL")
+        done = self._copied(entry, i)
+        infos, _ = await fetch_infos(src, [u for u in uids if u not in done])
+        if not infos:
+            return 0
+        target = await status(dst, new)
+        lower = target.uidnext
+        for batch in _batches(infos):
+            rec = {"pair": i, "src": uid_set(info.uid for info in batch).decode(), "validity": target.uidvalidity,
+                   "uidnext": lower}
+            data["pending"] = rec
+            self.mailbox_map.step(entry, Step.DELTA_COPYING if delta else Step.COPYING)
+
+            def record(hashes: tuple[str, ...], rec: dict = rec) -> None:
+                rec["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
+                self.mailbox_map.record(entry)
+
+            copied = await copy_stream(src, batch, dst, _b(new), self.progress, before_commit=record)
+            rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
+            if copied.uidvalidity != target.uidvalidity:
+                raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
+            await verify_copies(dst, new, copied)
+            del rec["hashes"]  # verified: the UIDs say it all from now on
+            data["batches"].append(rec)
+            data["pending"] = None
+            self.mailbox_map.step(entry, Step.DELTA_COPIED if delta else Step.COPIED)
+            lower = max(copied.uids) + 1
+        return len(infos)
+
+    # -- before the commit point: roll back ------------------------------------------------------
+
+    async def roll_back(self, entry: JournalEntry) -> None:
+        """Remove exactly what this move appended (by UID) and created (if nothing else is in it)."""
+        data = entry.data
+        if entry.step in (Step.RESERVED, Step.PLANNED):
+            self.mailbox_map.end_move(entry)
+            return
+        pairs = data["pairs"]
+        dst = await self.connect(data["dst"])
+        try:
+            records = list(data["batches"]) + ([data["pending"]] if data.get("pending") else [])
+            for rec in records:
+                new = pairs[rec["pair"]][1]
+                if rec.get("dst"):
+                    appended = expand_uid_set(rec["dst"])
+                else:  # a batch in flight at the crash: did it commit? Look for it by content.
+                    appended = [d for _s, d in await self._find_pending(dst, new, rec)]
+                if appended and await exists(dst, new):
+                    state = await open_mailbox(dst, new, readonly=False)
+                    if state.uidvalidity == rec["validity"]:
+                        await expunge_uids(dst, appended)
+                    await dst.deselect()
+            created = set(data["created"]) | ({data["at"]} if entry.step is Step.CREATING else set())
+            for i in sorted(created, reverse=True):  # children first
+                name = pairs[i][1]
+                if not await delete_if_empty(dst, name, self._aside(data, f"undo-{i}"), self.sep):
+                    log.warn("roll-back of move {id}: {name} on {b} holds mail that is not this move's: kept",
+                             id=entry.id, name=name, b=dst.name)
+        finally:
+            dst.logout()
+        self.mailbox_map.end_move(entry)
+        log.info("move {id} of {user} ({old} -> {new}) rolled back", id=entry.id, user=self.user, old=data["old"],
+                 new=data["new"])
+
+    async def _find_pending(self, dst: BackendProtocol, new: str, rec: dict) -> list[tuple[int, int]]:
+        """(source UID, destination UID) of the messages of an in-flight batch that the destination
+        holds: all if it committed, none if not (its hashes were journaled before its last byte)."""
+        if "hashes" not in rec:
+            return []  # the MULTIAPPEND's last byte was never sent: nothing can have been saved
+        found = await find_copies(dst, new, rec["validity"], rec["uidnext"], rec["hashes"], clock=self.clock)
+        uids = expand_uid_set(rec["src"])
+        return [(uids[i], uid) for i, uid in sorted(found.items())]
+
+    # -- after the commit point: finish ------------------------------------------------------
+
+    async def finish(self, entry: JournalEntry) -> None:
+        """Recovery: finish a committed move on fresh connections."""
+        src = await self.connect(entry.data["src"])
+        try:
+            dst = await self.connect(entry.data["dst"])
+            try:
+                await self._finish(entry, src, dst)
+            finally:
+                dst.logout()
+        finally:
+            src.logout()
+
+    async def _finish(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol) -> None:
+        data = entry.data
+        pairs = [tuple(p) for p in data["pairs"]]
+        if entry.step is Step.COMMITTED:
+            subs = await subscribed(src)
+            for o, n in pairs:
+                if o in subs:
+                    await run_ok(dst, b"SUBSCRIBE " + name_arg(n), "SUBSCRIBE")
+            self.mailbox_map.step(entry, Step.SUBSCRIBED)
+        if entry.step is Step.SUBSCRIBED:
+            for o, n in pairs:
+                self.mailbox_map.place(self.user, n, [data["dst"]])
+                if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
+                    self.mailbox_map.unplace(self.user, o)
+            self.mailbox_map.step(entry, Step.PLACED)
+        for i in reversed(range(len(pairs))):
+            if i not in data["drained"]:
+                await self._drain(entry, i, src, dst)
+        self.mailbox_map.end_move(entry)
+
+    async def _drain(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol) -> None:
+        """Carry what reached source *i* during the move, expunge exactly the verified UIDs, delete it.
+
+        First in place, until it is quiet (nothing uncopied, and no new UID for QUIET seconds);
+        then (not INBOX) the source is renamed to a private name that no delivery reaches,
+        emptied the same way, and deleted. The quiet matters: a delivery committing at the
+        moment of the RENAME leaves its lock inside the renamed maildir, and Dovecot waits for
+        it as long as the delivering process lives; so the private mailbox is only ever
+        looked at within ASIDE_TIMEOUT seconds, else the move is left to recovery to retry."""
+        data = entry.data
+        old = data["pairs"][i][0]
+        aside = self._aside(data, str(i))
+        if i not in data["aside"]:
+            if await exists(src, old):
+                left = await self._empty_until_quiet(entry, i, src, dst, old)
+                if old == "INBOX":
+                    if left:
+                        log.error("move {id}: INBOX on {b} keeps receiving mail: {n} message(s) left there "
+                                  "(deliver {user}'s mail to {dst})", id=entry.id, b=src.name, n=len(left),
+                                  user=self.user, dst=data["dst"])
+                    return self._drained(entry, i)
+                await src.deselect()  # a mailbox selected on this connection cannot be renamed
+                await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
+            elif old == "INBOX" or not await exists(src, aside):
+                return self._drained(entry, i)  # nothing left at the source
+            data["aside"].append(i)
+            data["at"] = i
+            self.mailbox_map.step(entry, Step.ASIDE)
+        await self._bounded(src, self._delete_aside(entry, i, src, dst, aside))
+        await src.command(b"UNSUBSCRIBE " + name_arg(old))  # the name is gone from this backend
+        self._drained(entry, i)
+
+    async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
+                            aside: str) -> None:
+        old = entry.data["pairs"][i][0]
+        if not await exists(src, aside):
+            return  # deleted just before a crash
+        if await self._empty(entry, i, src, dst, aside):
+            log.error("move {id}: mail kept arriving in {box} on {b}: left there as {aside}", id=entry.id,
+                      box=old, b=src.name, aside=aside)
+        elif await list_mailboxes(src, name_arg(aside + self.sep + "*")):
+            log.error("move {id}: mailboxes appeared under {box} during the move: kept on {b} under {aside}",
+                      id=entry.id, box=old, b=src.name, aside=aside)
+        else:
+            await run_ok(src, b"DELETE " + name_arg(aside), "DELETE")  # a private name, seen empty just now
+
+    async def _bounded(self, conn: BackendProtocol, work: Coroutine[Any, Any, None]) -> None:
+        """*work* on *conn*, given up after ASIDE_TIMEOUT seconds (with a clock): the connection is
+        dropped, and a TransferError leaves the move to recovery (its sweep tries again)."""
+        d = defer.ensureDeferred(work)
+
+        def given_up(_result: object, _timeout: float) -> None:
+            conn.transport.abortConnection()
+            raise TransferError(f"backend {conn.name} kept a moved mailbox locked (a delivery in flight at the "
+                                "RENAME); it is tried again later")
+
+        if self.clock is not None:
+            d.addTimeout(ASIDE_TIMEOUT, self.clock, onTimeoutCancel=given_up)
+        await d
+
+    async def _empty_until_quiet(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
+                                 box: str) -> list[int]:
+        """_empty() until a round leaves nothing uncopied and no new UID shows for QUIET seconds, for
+        at most QUIET_BUDGET seconds (INBOX, never renamed, needs no quiet). The UIDs left uncopied."""
+        started = self.clock.seconds() if self.clock is not None else 0.0
+        while True:
+            left = await self._empty(entry, i, src, dst, box)
+            if self.clock is None or box == "INBOX":
+                return left
+            if not left:
+                before = await status(src, box)
+                if before.uidnext == entry.data.get("uidnext", {}).get(str(i)):
+                    return []  # nothing was delivered to it during the whole move
+                await task.deferLater(self.clock, QUIET, lambda: None)
+                if (await status(src, box)).uidnext == before.uidnext:
+                    return []
+            if self.clock.seconds() - started > QUIET_BUDGET:
+                return left
+
+    async def _empty(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
+                     box: str) -> list[int]:
+        """Rounds of: copy (and verify) what *box* holds that is not copied yet, expunge exactly the
+        verified UIDs; until a round leaves nothing. The UIDs still left after the last round."""
+        data = entry.data
+        if data.get("pending") and data["pending"]["pair"] == i:
+            await self._settle(entry, dst)
+        left: list[int] = []
+        for _round in range(DRAIN_ROUNDS):
+            carried = await self._copy(entry, i, src, dst, box, delta=True)
+            if carried:
+                log.info("move {id}: carried {n} message(s) that reached {box} during the move", id=entry.id,
+                         n=carried, box=data["pairs"][i][0])
+            state = await open_mailbox(src, box, readonly=False)
+            if state.uidvalidity != data["validity"].get(str(i), state.uidvalidity):
+                raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
+            present, _ = await search_uids(src, b"ALL")
+            copied = self._copied(entry, i)
+            await expunge_uids(src, [u for u in present if u in copied])
+            left = [u for u in present if u not in copied]
+            await src.deselect()  # never CLOSE: it would expunge \Deleted mail that was not copied
+            if not left:
+                break
+        return left
+
+    def _drained(self, entry: JournalEntry, i: int) -> None:
+        entry.data["drained"].append(i)
+        self.mailbox_map.step(entry, Step.DRAINED)
+
+    async def _settle(self, entry: JournalEntry, dst: BackendProtocol) -> None:
+        """A delta batch a crash interrupted: recorded if it committed (found by content), else dropped."""
+        data = entry.data
+        rec = data["pending"]
+        found = await self._find_pending(dst, data["pairs"][rec["pair"]][1], rec)
+        rec.pop("hashes", None)
+        if found:  # what is there is recorded as copied; the rest is copied again
+            rec["src"] = uid_set(s for s, _d in found).decode()
+            rec["dst"] = uid_set(d for _s, d in found).decode()
+            data["batches"].append(rec)
+        data["pending"] = None
+        self.mailbox_map.step(entry, Step.DELTA_COPIED)
+
+
+# -- RENAME on one backend --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalRename:
+    """What the backend said to a RENAME (its untagged responses raw, its completion without tag)."""
+
+    untagged: tuple[bytes, ...]
+    completion: str
+
+
+def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> None:
+    """Placements of the renamed mailboxes (those on *backend*) now belong to the new names."""
+    sep = mailbox_map.separator
+    for name, backends in mailbox_map.placements(user).items():
+        if backends[0] == backend and (name == old or name.startswith(old + sep)):
+            mailbox_map.unplace(user, name)
+            mailbox_map.place(user, new + name[len(old):], backends)
+
+
+async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str) -> LocalRename:
+    """RENAME on the backend that owns both names, holding both subtrees meanwhile.
+
+    Refused before anything changes if a child would get a name the map sends to
+    another backend (Dovecot renames children along: it would become unreachable)."""
+    sep = mailbox_map.separator
+    inbox = normalize(old, sep) == "INBOX"
+    reservations = [Reservation(old, subtree=not inbox), Reservation(new)]
+    try:
+        entry = mailbox_map.begin_move(user, "rename-local", reservations, {"backend": conn.name, "old": old, "new": new})
+    except InUse:
+        return LocalRename((), "NO [INUSE] Mailbox is being moved or renamed by another command; try again shortly")
+    try:
+        if not inbox:
+            placed = mailbox_map.placements(user)
+            try:
+                children = await subtree(conn, old, sep)
+            except TransferError:
+                children = []  # the backend refuses the name itself: its answer to the RENAME says why
+            for child in children:
+                if mailbox_map.lookup(user, child).primary != conn.name:
+                    continue  # a stray copy the map hides: it stays hidden
+                target = new + child[len(old):]
+                if normalize(child, sep) not in placed and mailbox_map.lookup(user, target).primary != conn.name:
+                    mailbox_map.end_move(entry)
+                    return LocalRename((), "NO [CANNOT] A mailbox inside would get a name that lives on another "
+                                           "server; rename or move it first")
+        mailbox_map.step(entry, Step.RENAMING)
+        result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
+        if result.ok and not inbox:
+            _follow_placements(mailbox_map, user, conn.name, old, new)
+        mailbox_map.end_move(entry)
+        return LocalRename(tuple(r.raw for r in result.responses), completion_text(result.start))
+    except BaseException:
+        if not entry.ended:
+            if entry.step is Step.RESERVED:
+                mailbox_map.end_move(entry)
+            else:
+                mailbox_map.disown(entry)
+        raise
+
+
+async def reconcile_local(mailbox_map: MailboxMap, entry: JournalEntry, conn: BackendProtocol) -> str:
+    """Recovery of a RENAME on one backend: placements follow if the backend did rename."""
+    data = entry.data
+    renamed = not await exists(conn, data["old"]) and await exists(conn, data["new"])
+    if renamed and normalize(data["old"], mailbox_map.separator) != "INBOX":
+        _follow_placements(mailbox_map, entry.user, data["backend"], data["old"], data["new"])
+    mailbox_map.end_move(entry)
+    return "renamed: placements follow" if renamed else "not renamed: nothing to do"
+

@@ -1,0 +1,133 @@
+"""Recovery of journaled operations a crash (or a failure) left unfinished: start-up, a timer, ``recover``.
+
+Each entry is claimed first (a compare-and-set of its owner in the store), and only
+if the process that ran it is gone or gave it up: a move still running in another
+process is never touched. What is done with it follows journal.TABLE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from .backend import BackendError, BackendProtocol, Credentials, connect_backend
+from .config import Config
+from .journal import TABLE, JournalEntry, Recovery, owner_gone
+from .mover import Connect, Mover, reconcile_local
+from .routing import MailboxMap
+from .transfer import finish_message_move
+
+__all__ = ["NoMasterUser", "master_connector", "describe", "recover_entry", "recover_all", "RecoverySweep",
+           "SWEEP_SECONDS"]
+
+log = Logger()
+
+SWEEP_SECONDS = 30.0  # how often a running proxy looks for entries nobody is finishing
+
+
+class NoMasterUser(BackendError):
+    pass
+
+
+def master_connector(reactor: Any, config: Config, user: str) -> Connect:
+    """connect(backend name) -> a new connection logged in as *user* through the master user."""
+    async def connect(name: str) -> BackendProtocol:
+        cfg = config.backends[name]
+        if cfg.master_user is None or cfg.master_password is None:
+            raise NoMasterUser(f"backend {name} has no master_user: moves and their recovery need one")
+        return await connect_backend(reactor, cfg, Credentials(cfg.master_user, cfg.master_password, authzid=user))
+    return connect
+
+
+def describe(entry: JournalEntry) -> str:
+    d = entry.data
+    if entry.op == "move":
+        what = f"{d.get('old')} -> {d.get('new')} ({d.get('src')} -> {d.get('dst')})"
+    elif entry.op == "move-messages":
+        what = f"MOVE {d.get('src_mailbox')} -> {d.get('dst_mailbox')} ({d.get('src')} -> {d.get('dst')})"
+    else:
+        what = f"RENAME {d.get('old')} {d.get('new')} on {d.get('backend')}"
+    return f"{entry.user}: {what}, at {entry.step.value if entry.step else 'an unknown step'}"
+
+
+async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: Connect, clock: Any = None) -> str:
+    """Finish, roll back or release one claimed entry, as journal.TABLE says for its step."""
+    if entry.step is None:
+        raise BackendError("written by another version of referral-proxy: not recovered")
+    how = TABLE[entry.step].recovery
+    if how is Recovery.RELEASE:
+        mailbox_map.end_move(entry)
+        return "released (nothing was changed)"
+    if entry.op == "move":
+        mover = Mover(mailbox_map, connect, entry.user, clock=clock)
+        if how is Recovery.ROLL_BACK:
+            await mover.roll_back(entry)
+            return "rolled back"
+        await mover.finish(entry)
+        return "finished"
+    conns: list[BackendProtocol] = []
+    try:
+        if entry.op == "move-messages":
+            conns = [await connect(entry.data["src"]), await connect(entry.data["dst"])]
+            return await finish_message_move(entry, mailbox_map, conns[0], conns[1], clock)
+        conns = [await connect(entry.data["backend"])]
+        return await reconcile_local(mailbox_map, entry, conns[0])
+    finally:
+        for conn in conns:
+            conn.logout()
+
+
+async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any = None) -> list[str]:
+    """Every entry whose owner is gone: claimed, then recovered; one line per entry.
+
+    *connector(user)* gives the connect function for that user's backends; *clock* lets
+    recovery wait for a dead connection's last command to settle (transfer.SETTLE)."""
+    lines = []
+    for entry in mailbox_map.entries():
+        if not owner_gone(entry.owner) or not mailbox_map.claim(entry):
+            continue  # running in a live process, or another recoverer was first
+        try:
+            outcome = await recover_entry(mailbox_map, entry, connector(entry.user), clock)
+            lines.append(f"{describe(entry)}: {outcome}")
+        except Exception as e:
+            mailbox_map.disown(entry)
+            lines.append(f"{describe(entry)}: NOT recovered: {e}")
+    return lines
+
+
+class RecoverySweep:
+    """In a running proxy: recover at start-up, then every SWEEP_SECONDS while entries remain."""
+
+    def __init__(self, reactor: Any, config: Callable[[], Config], mailbox_map: MailboxMap) -> None:
+        self.reactor, self.config, self.map = reactor, config, mailbox_map
+        self._loop = task.LoopingCall(self._sweep)
+        self._loop.clock = reactor
+        self._running: defer.Deferred[None] | None = None
+
+    def start(self) -> None:
+        self._loop.start(SWEEP_SECONDS, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def _sweep(self) -> defer.Deferred[None] | None:
+        if self._running is not None or not self.map.entries():
+            return None
+        self._running = defer.ensureDeferred(self._recover())
+        self._running.addBoth(lambda _: setattr(self, "_running", None))
+        return None  # the loop never waits for (nor dies with) a slow recovery
+
+    async def _recover(self) -> None:
+        try:
+            config = self.config()
+            lines = await recover_all(self.map, lambda user: master_connector(self.reactor, config, user),
+                                      self.reactor)
+        except Exception:
+            log.failure("recovery failed")
+            return
+        for line in lines:
+            log.warn("recovery: {line}", line=line)

@@ -1,0 +1,196 @@
+"""What the move tests judge by: every message, by its Message-Id, counted on the backends themselves.
+
+* ``census(fleet, user)`` -- every mailbox of *user* on every backend (LIST "*" straight
+  on each Dovecot), each message's Message-Id: a Counter, and where each one is.
+* ``through_proxy(proxy, user)`` -- the same as a client of the proxy sees it (its LIST,
+  then EXAMINE of each mailbox): mail that the census finds but this does not is
+  unreachable.
+* ``seed`` / ``deliver`` -- messages with unique ids, MULTIAPPENDed or APPENDed straight
+  to a backend (as LMTP would deliver them), never through the proxy.
+* ``Deliverer`` -- a thread that keeps delivering to a backend mailbox, as LDA/LMTP does:
+  when the mailbox is missing (TRYCREATE) it delivers to INBOX instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import imaplib
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from referral_proxy.fleet import Dovecot
+from referral_proxy.imap.data import parse_list
+
+_ID = re.compile(rb"Message-Id: <([^>]+)>", re.IGNORECASE)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def body(mid: str, size: int = 600) -> bytes:
+    head = b"Message-Id: <%s>\r\nSubject: %s\r\n\r\n" % (mid.encode(), mid.encode())
+    return head + (b"body of %s\r\n" % mid.encode()) * max(1, (size - len(head)) // (len(mid) + 10))
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def seed(backend: Dovecot, user: str, mailbox: str, ids: Iterable[str], size: int = 600, create: bool = True) -> None:
+    """The messages in ONE MULTIAPPEND straight to the backend (the mailbox created first)."""
+    ids = list(ids)
+    with backend.client(user) as m:
+        if create and mailbox.upper() != "INBOX":
+            m.create(quote(mailbox))
+        if not ids:
+            return
+        parts = [b"s APPEND " + quote(mailbox).encode()]
+        for i, mid in enumerate(ids):
+            data = body(mid, size)
+            parts.append(b' (%s) "%02d-Jan-2020 10:00:00 +0000" {%d+}\r\n' % (
+                [b"\\Seen", b"", b"\\Flagged $Work"][i % 3], 1 + i % 28, len(data)) + data)
+        multiappend(m, parts)
+
+
+def multiappend(m: imaplib.IMAP4, parts: list[bytes]) -> None:
+    """Send ``s APPEND box`` + message parts (each `` flags date {n+}\\r\\nbody``) at once; it must be OK."""
+    m.send(b"".join(parts) + b"\r\n")
+    while True:
+        line = m.readline()
+        if line.startswith(b"s "):
+            assert line.startswith(b"s OK"), line
+            return
+
+
+def deliver(backend: Dovecot, user: str, mailbox: str, mid: str) -> str | None:
+    """One message straight to the backend, as LDA would: into *mailbox*, or INBOX if it is
+    missing. Where it was acknowledged, or None (refused: not delivered, may not count)."""
+    with backend.client(user) as m:
+        return deliver_on(m, mailbox, mid)
+
+
+def deliver_on(m: imaplib.IMAP4, mailbox: str, mid: str) -> str | None:
+    """deliver() on a connection of the caller's."""
+    typ, data = m.append(quote(mailbox), None, None, body(mid, 300))
+    if typ == "OK":
+        return mailbox
+    if b"TRYCREATE" in b"".join(d for d in data if isinstance(d, bytes)):
+        typ, _ = m.append("INBOX", None, None, body(mid, 300))
+        return "INBOX" if typ == "OK" else None
+    return None
+
+
+class Deliverer(threading.Thread):
+    """Delivers to *mailbox* on *backend* until stopped; ``acked``: the ids Dovecot acknowledged."""
+
+    def __init__(self, backend: Dovecot, user: str, mailbox: str, prefix: str, pause: float = 0.0,
+                 burst: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.backend, self.user, self.mailbox, self.prefix = backend, user, mailbox, prefix
+        self.pause = pause
+        self.burst = burst  # after this many deliveries, half a second without (as mail arrives in bursts)
+        self.acked: list[str] = []
+        self.refused: list[str] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        m = self.backend.client(self.user)
+        i = 0
+        while not self._stop_event.is_set():
+            i += 1
+            mid = f"{self.prefix}-{i}@live"
+            try:
+                where = deliver_on(m, self.mailbox, mid)
+            except (imaplib.IMAP4.error, OSError):
+                self.refused.append(mid)
+                m = self.backend.client(self.user)
+                continue
+            (self.acked if where else self.refused).append(mid)
+            self._stop_event.wait(0.5 if self.burst and i % self.burst == 0 else self.pause)
+        m.logout()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(30)
+
+
+def _names(m: imaplib.IMAP4) -> list[str]:
+    typ, data = m.list('""', '"*"')
+    assert typ == "OK", data
+    out = []
+    for item in data:
+        if not item:
+            continue
+        if isinstance(item, tuple):  # a name sent as a literal
+            entry = parse_list([item[0].rsplit(b"{", 1)[0], b""], [item[1]])
+        else:
+            entry = parse_list([item], [])
+        if entry.selectable:
+            out.append(entry.name.decode("utf-8", "surrogateescape"))
+    return out
+
+
+def _ids_in(m: imaplib.IMAP4, name: str) -> list[str]:
+    typ, data = m.select(quote(name), readonly=True)
+    if typ != "OK":
+        raise AssertionError(f"cannot EXAMINE {name!r}: {data}")
+    if data == [b"0"]:
+        return []
+    typ, data = m.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+    assert typ == "OK", data
+    found = []
+    for item in data:
+        if isinstance(item, tuple):
+            m_id = _ID.search(item[1])
+            found.append(m_id.group(1).decode() if m_id else "?")
+    return found
+
+
+def census(fleet, user: str, backends: Iterable[Dovecot] | None = None) -> tuple[collections.Counter, dict]:
+    """Every message of *user* on every backend: Counter of ids, and id -> [(backend, mailbox)]."""
+    counts: collections.Counter = collections.Counter()
+    where: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for backend in backends or fleet.backends.values():
+        with backend.client(user, timeout=300) as m:  # a lock a killed process left may take minutes
+            for name in _names(m):
+                for mid in _ids_in(m, name):
+                    counts[mid] += 1
+                    where[mid].append((backend.name, name))
+    return counts, where
+
+
+def through_proxy(proxy, user: str) -> collections.Counter:
+    """Every message *user* reaches through the proxy (its merged LIST, then each mailbox)."""
+    counts: collections.Counter = collections.Counter()
+    m = proxy.login(user)
+    try:
+        for name in _names(m):
+            counts.update(_ids_in(m, name))
+    finally:
+        m.logout()
+    return counts
+
+
+def judge(counts: collections.Counter, must: Iterable[str], may: Iterable[str] = ()) -> tuple[list, list]:
+    """(lost, duplicated): *must* ids have to be there exactly once, *may* ids at most once;
+    anything else found is duplicated too (it should not exist)."""
+    must, may = set(must), set(may)
+    lost = sorted(i for i in must if counts[i] < 1)
+    duplicated = sorted(i for i, n in counts.items() if n > 1 or (i not in must and i not in may))
+    return lost, duplicated
+
+
+def cli(*args: str, timeout: float = 120.0, command: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``referral-proxy ARGS`` (or *command* + ARGS) as a child process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + (
+        [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    return subprocess.run([*(command or [sys.executable, "-m", "referral_proxy"]), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def faulty(*options: str) -> list[str]:
+    """The command prefix of tests/faultproxy.py with *options* (then ``--``)."""
+    return [sys.executable, str(REPO / "tests" / "faultproxy.py"), *options, "--"]

@@ -1,0 +1,410 @@
+#!/usr/bin/env python3
+"""Randomized soak of cross-server moves: several clients, live delivery, kills; then a census.
+
+One run (a seed): carol's mail is seeded on b1; for ``seconds`` seconds, clients of the proxy
+RENAME mailboxes across backends (to names that often collide), MOVE / UID MOVE and UID COPY
+single messages across backends, APPEND new ones; a deliverer APPENDs straight to b1 (as
+LMTP would, falling back to INBOX when the mailbox is gone); a chaos thread SIGKILLs the
+proxy (restarted at once: its start-up recovery runs) or a backend (restarted a moment
+later). Then everything is stopped, ``referral-proxy recover`` runs until the journal is
+empty, and every message is counted on every backend by its Message-Id:
+
+* lost: a message some backend acknowledged (seeded, delivered, APPENDed with OK, or an OK
+  COPY's copy) that is found fewer times than it must be;
+* duplicated: found more times than the COPYs that may have made copies of it allow;
+* unreachable: found on a backend, but not through the proxy's LIST + EXAMINE.
+
+    python tests/soak.py --runs 20 --seed 1000 --seconds 30     # the long form
+    (tests/test_moves_soak.py runs a bounded form in CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import imaplib
+import random
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from movecheck import body, census, cli, deliver_on, quote, seed, through_proxy  # noqa: E402
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
+from referral_proxy.testing.proxyproc import ProxyProcess  # noqa: E402
+
+USER = "carol"
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"mailbox": "Archive/*", "backend": "b2"}]
+TARGETS = ["Shared/A", "Shared/B", "Shared/Z", "Shared/Z/c", "Archive/A", "Archive/B", "Work", "Work/c", "Proj",
+           "50% off", "Shared/50% off"]
+
+
+def proxy_config(fleet, port: int) -> dict:
+    backends = {name: {"endpoint": d.endpoint, "url": d.url, "tls": "none", "master_user": MASTER_USER,
+                       "master_password": MASTER_PASSWORD} for name, d in fleet.backends.items()}
+    return {"proxy": {"listen": [f"tcp:{port}:interface=127.0.0.1"], "hostname": "soak.test"},
+            "backends": backends, "map": {"default": "b1", "store": "sqlite:map.sqlite3", "rules": RULES}}
+
+
+class SoakProxy(ProxyProcess):
+    """The proxy (the one runner of testing/proxyproc.py), with what a census needs of it."""
+
+    def login(self, user: str) -> imaplib.IMAP4:
+        m = imaplib.IMAP4("127.0.0.1", self.port, timeout=60)
+        m.login(user, "secret")
+        return m
+
+
+@dataclass
+class Ledger:
+    """What the clients were told, message by message (thread-safe)."""
+
+    must: set = field(default_factory=set)  # acknowledged by a backend
+    may: set = field(default_factory=set)  # answer lost (a kill) or refused: it may exist, once
+    copies_acked: collections.Counter = field(default_factory=collections.Counter)
+    copies_maybe: collections.Counter = field(default_factory=collections.Counter)
+    ops: collections.Counter = field(default_factory=collections.Counter)
+    errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
+    history: list = field(default_factory=list)  # (time, client, what) of every RENAME, MOVE and COPY
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note(self, kind: str, outcome: str) -> None:
+        with self.lock:
+            self.ops[f"{kind} {outcome}"] += 1
+
+    def backend_died(self, mid: str, since: float) -> None:
+        """A MOVE or COPY of *mid* that a backend kill overlapped: Dovecot's own MOVE/COPY is not
+        crash-atomic (a maildir MOVE is a copy, then an expunge), so a second copy may exist."""
+        with self.lock:
+            if any(since <= t for t, who, what in self.history if who == -1 and what.startswith("KILL b")):
+                self.copies_maybe[mid] += 1
+
+    def tell(self, who: int, what: str) -> None:
+        with self.lock:
+            self.history.append((round(time.monotonic(), 3), who, what))
+
+
+class Client(threading.Thread):
+    """One IMAP client of the proxy doing random operations until stopped."""
+
+    def __init__(self, k: int, port: int, rng: random.Random, ledger: Ledger, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.k, self.port, self.rng, self.ledger, self.stop_event = k, port, rng, ledger, stop
+        self.n = 0
+        self.m: imaplib.IMAP4 | None = None
+
+    def _conn(self) -> imaplib.IMAP4:
+        if self.m is None:
+            m = imaplib.IMAP4("127.0.0.1", self.port, timeout=60)
+            m.login(USER, "secret")
+            self.m = m
+        return self.m
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            op = self.rng.choice(["rename", "move", "move", "copy", "append", "append"])
+            try:
+                getattr(self, op)(self._conn())
+            except (imaplib.IMAP4.abort, OSError, EOFError):
+                self.ledger.note(op, "connection lost")
+                self.m = None
+                self.stop_event.wait(0.2)
+            except imaplib.IMAP4.error as e:
+                self.ledger.note(op, "error")
+                with self.ledger.lock:
+                    self.ledger.errors[str(e)[:90]] += 1
+                self.m = None
+
+    def _mailboxes(self, m: imaplib.IMAP4) -> list[str]:
+        typ, data = m.list('""', '"*"')
+        if typ != "OK":
+            return []
+        from referral_proxy.imap.data import parse_list
+        out = []
+        for item in data:
+            if isinstance(item, bytes) and item:
+                entry = parse_list([item], [])
+                if entry.selectable:
+                    out.append(entry.name.decode())
+        return out
+
+    def rename(self, m: imaplib.IMAP4) -> None:
+        boxes = [b for b in self._mailboxes(m) if b != "INBOX" and not b.startswith("referral-proxy-")]
+        if not boxes:
+            return
+        old, new = self.rng.choice(boxes), self.rng.choice(TARGETS)
+        self.ledger.tell(self.k, f"RENAME {old} {new}")
+        try:
+            typ, data = m.rename(quote(old), quote(new))
+        except imaplib.IMAP4.abort:
+            self.ledger.note("rename", "lost")
+            self.ledger.tell(self.k, f"RENAME {old} {new}: lost")
+            raise
+        self.ledger.tell(self.k, f"RENAME {old} {new}: {typ} {data}")
+        self.ledger.note("rename", typ + (" " + data[0].split(b"]")[0].decode(errors="replace") + "]"
+                                          if typ != "OK" and data and data[0].startswith(b"[") else ""))
+
+    def _pick(self, m: imaplib.IMAP4) -> tuple[str, bytes, str] | None:
+        """A random message: (mailbox, its UID, its Message-Id), with the mailbox selected."""
+        boxes = self._mailboxes(m)
+        if not boxes:
+            return None
+        box = self.rng.choice(boxes)
+        typ, data = m.select(quote(box))
+        if typ != "OK":
+            return None
+        typ, data = m.uid("SEARCH", "ALL")
+        uids = data[0].split() if typ == "OK" and data and data[0] else []
+        if not uids:
+            return None
+        uid = self.rng.choice(uids)
+        typ, data = m.uid("FETCH", uid, "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        header = b"".join(x[1] for x in data if isinstance(x, tuple))
+        mid = header.split(b"<", 1)[-1].split(b">", 1)[0].decode(errors="replace") if b"<" in header else "?"
+        return box, uid, mid
+
+    def move(self, m: imaplib.IMAP4) -> None:
+        picked = self._pick(m)
+        if picked is None:
+            return
+        box, uid, mid = picked
+        target = self.rng.choice([b for b in self._mailboxes(m) if b != box] or [box])
+        m.response("COPYUID")  # (forget any earlier one)
+        self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}")
+        since = time.monotonic()
+        try:
+            typ, data = m.uid("MOVE", uid, quote(target))
+        finally:
+            self.ledger.backend_died(mid, since)
+        self.ledger.note("move", typ)
+        self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}: {typ} {data}")
+        m.unselect()
+
+    def copy(self, m: imaplib.IMAP4) -> None:
+        picked = self._pick(m)
+        if picked is None:
+            return
+        box, uid, mid = picked
+        target = self.rng.choice(self._mailboxes(m) or [box])
+        m.response("COPYUID")  # (forget any earlier one)
+        self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}")
+        since = time.monotonic()
+        try:
+            typ, data = m.uid("COPY", uid, quote(target))
+        except (imaplib.IMAP4.abort, OSError):
+            with self.ledger.lock:
+                self.ledger.copies_maybe[mid] += 1
+            raise
+        if typ != "OK":
+            self.ledger.backend_died(mid, since)
+        copyuid = m.response("COPYUID")[1][0]  # imaplib keeps the tagged answer's code there
+        self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}: {typ} {data} {copyuid}")
+        with self.ledger.lock:
+            if typ == "OK" and copyuid:
+                self.ledger.copies_acked[mid] += 1
+            # (OK without COPYUID: the UID was gone, moved meanwhile: nothing copied)
+        self.ledger.note("copy", typ)
+
+    def append(self, m: imaplib.IMAP4) -> None:
+        self.n += 1
+        mid = f"c{self.k}-{self.n}@soak"
+        box = self.rng.choice(self._mailboxes(m) or ["INBOX"])
+        try:
+            typ, data = m.append(quote(box), None, None, body(mid, self.rng.choice([300, 3000, 30000])))
+        except (imaplib.IMAP4.abort, OSError):
+            with self.ledger.lock:
+                self.ledger.may.add(mid)
+            raise
+        with self.ledger.lock:
+            (self.ledger.must if typ == "OK" else self.ledger.may).add(mid)
+        self.ledger.note("append", typ)
+
+
+class Deliverer(threading.Thread):
+    """Delivers straight to b1 (as LMTP would), to mailboxes that come and go."""
+
+    def __init__(self, fleet, rng: random.Random, ledger: Ledger, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.fleet, self.rng, self.ledger, self.stop_event = fleet, rng, ledger, stop
+
+    def run(self) -> None:
+        n = 0
+        m = None
+        while not self.stop_event.is_set():
+            n += 1
+            mid = f"d-{n}@soak"
+            try:
+                if m is None:
+                    m = self.fleet["b1"].client(USER)
+                where = deliver_on(m, self.rng.choice(["Work", "Proj", "INBOX", "50% off", "Work/c"]), mid)
+            except (imaplib.IMAP4.error, OSError, EOFError):
+                with self.ledger.lock:
+                    self.ledger.may.add(mid)
+                m = None
+                self.stop_event.wait(0.3)
+                continue
+            with self.ledger.lock:
+                (self.ledger.must if where else self.ledger.may).add(mid)
+            self.ledger.note("deliver", "OK" if where else "NO")
+            # bursts: mostly a few ms apart, now and then a second of nothing
+            self.stop_event.wait(self.rng.uniform(0.5, 1.0) if self.rng.random() < 0.05 else self.rng.uniform(0.0, 0.05))
+
+
+def chaos(fleet, proxy: ProxyProcess, rng: random.Random, ledger: Ledger, until: float, backends: bool) -> None:
+    """Kill the proxy or a backend at random moments, and bring it back, until *until*.
+
+    Runs in the caller's (main) thread: a Dovecot started from a thread that then ends would
+    be sent SIGTERM (its parent-death signal follows the thread that forked it)."""
+    while time.monotonic() + 0.5 < until:
+        time.sleep(min(rng.uniform(0.5, 2.5), max(0.0, until - time.monotonic())))
+        if time.monotonic() >= until:
+            break
+        if not backends or rng.random() < 0.6:
+            proxy.kill()
+            ledger.note("kill", "proxy")
+            ledger.tell(-1, "KILL proxy")
+            time.sleep(rng.uniform(0.0, 0.5))
+            proxy.start()
+        else:
+            name = rng.choice(["b1", "b2", "b3"])
+            fleet[name].kill()
+            ledger.note("kill", name)
+            ledger.tell(-1, f"KILL {name}")
+            time.sleep(rng.uniform(0.2, 1.0))
+            fleet[name].start()
+
+
+@dataclass
+class Figures:
+    seed: int
+    ops: collections.Counter
+    lost: list
+    duplicated: list
+    unreachable: list
+    messages: int
+    recover_runs: int
+
+    def line(self) -> str:
+        ops = sum(n for k, n in self.ops.items() if not k.startswith("kill"))
+        kills = sum(n for k, n in self.ops.items() if k.startswith("kill"))
+        return (f"seed {self.seed}: {ops} operations, {kills} kills, {self.messages} messages counted; "
+                f"lost {len(self.lost)}, duplicated {len(self.duplicated)}, unreachable {len(self.unreachable)}")
+
+
+def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, backend_kills: bool = True) -> Figures:
+    """One seeded run against a running *fleet*; the caller has cleared carol's mail."""
+    rng = random.Random(seed_)
+    port = _free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "proxy.toml"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import toml_dumps
+    config_path.write_text(toml_dumps(proxy_config(fleet, port)))
+    ledger = Ledger()
+    originals = {"Work": 60, "Work/c": 10, "Proj": 30, "50% off": 5, "INBOX": 40}
+    for box, n in originals.items():
+        mids = [f"o-{box}-{i}@soak" for i in range(n)]
+        seed(fleet["b1"], USER, box, mids, size=rng.choice([500, 5000]))
+        ledger.must.update(mids)
+    proxy = SoakProxy(config_path, host="127.0.0.1", port=port, stdout_path=workdir / "proxy.log",
+                      stderr_path=workdir / "proxy.log")
+    stop = threading.Event()
+    actors: list[threading.Thread] = []
+    try:
+        proxy.start()
+        actors = [Client(k, port, random.Random(rng.random()), ledger, stop) for k in range(clients)]
+        actors.append(Deliverer(fleet, random.Random(rng.random()), ledger, stop))
+        for a in actors:
+            a.start()
+        chaos(fleet, proxy, random.Random(rng.random()), ledger, time.monotonic() + seconds, backend_kills)
+    finally:
+        stop.set()
+        for a in actors:
+            a.join(180)
+        for d in fleet.backends.values():
+            d.start()  # (a no-op for those running)
+    proxy.stop()  # what it was still doing is left in the journal, for `recover`
+    runs = 0
+    while True:
+        runs += 1
+        done = cli("recover", "--config", str(config_path), timeout=600)
+        with open(workdir / "recover.log", "a") as f:
+            f.write(done.stdout + done.stderr)
+        if "nothing to recover" in done.stdout or runs > 5:
+            break
+    try:
+        proxy.start()
+        counts, where = census(fleet, USER)
+        reached = through_proxy(proxy, USER)
+    finally:
+        proxy.stop()
+    with ledger.lock:
+        lost = sorted(i for i in ledger.must if counts[i] < 1 + ledger.copies_acked[i])
+        duplicated = sorted(i for i, n in counts.items()
+                            if (i not in ledger.must and i not in ledger.may)
+                            or n > 1 + ledger.copies_acked[i] + ledger.copies_maybe[i])
+    unreachable = sorted(i for i in counts if reached[i] != counts[i])
+    figures = Figures(seed_, ledger.ops, lost, duplicated, unreachable, sum(counts.values()), runs)
+    if lost or duplicated or unreachable:
+        detail = {i: (where.get(i), ledger.copies_acked[i], ledger.copies_maybe[i], i in ledger.must)
+                  for i in (lost + duplicated + unreachable)[:10]}
+        print(f"seed {seed_}: details {detail}; recover: {done.stdout[-2000:]}", file=sys.stderr)
+        with open(workdir / "history.txt", "w") as f:
+            f.writelines(f"{t} c{k} {what}\n" for t, k, what in ledger.history)
+        print(f"seed {seed_}: history in {workdir / 'history.txt'}, proxy log in {workdir / 'proxy.log'}, "
+              f"recover's output in {workdir / 'recover.log'}", file=sys.stderr)
+    return figures
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1000, help="first seed; run i uses seed + i")
+    parser.add_argument("--seconds", type=float, default=30.0, help="seconds of random operations per run")
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--no-backend-kills", action="store_true")
+    args = parser.parse_args()
+    from referral_proxy.fleet import Fleet, make_root
+
+    root = make_root("rp-soak-")
+    fleet = Fleet.start_default(root / "fleet")
+    totals = collections.Counter()
+    bad = 0
+    try:
+        for i in range(args.runs):
+            fleet.reset_mail()
+            f = one_run(fleet, Path(tempfile.mkdtemp(dir=root)), args.seed + i, args.seconds, args.clients,
+                        not args.no_backend_kills)
+            print(f.line(), flush=True)
+            totals.update(f.ops)
+            totals["lost"] += len(f.lost)
+            totals["duplicated"] += len(f.duplicated)
+            totals["unreachable"] += len(f.unreachable)
+            totals["messages"] += f.messages
+            bad += bool(f.lost or f.duplicated or f.unreachable)
+    finally:
+        fleet.stop()
+    ops = sum(n for k, n in totals.items() if " " in k and not k.startswith("kill"))
+    kills = sum(n for k, n in totals.items() if k.startswith("kill"))
+    print(f"{args.runs} runs, {ops} operations, {kills} kills ({', '.join(f'{k}: {n}' for k, n in sorted(totals.items()) if k.startswith('kill'))}), "
+          f"{totals['messages']} messages counted: lost {totals['lost']}, duplicated {totals['duplicated']}, "
+          f"unreachable {totals['unreachable']}")
+    print("operations: " + ", ".join(f"{k} {n}" for k, n in sorted(totals.items()) if " " in k))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

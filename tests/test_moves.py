@@ -1,0 +1,487 @@
+"""Cross-server moves never lose or duplicate mail (issue 9): one test per case, against real Dovecot.
+
+Judged by a census of the backends (every message by its Message-Id, movecheck.py),
+and by what a client of the proxy can reach, never by the proxy's own answers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from imapwire import Wire
+from movecheck import Deliverer, census, cli, deliver, faulty, judge, multiappend, quote, seed, through_proxy
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"mailbox": "Archive/*", "backend": "b2"},
+         {"user": "bob", "mailbox": "*", "backend": "b2"}]
+MASTERS = {"backends": {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}}
+
+
+def ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i}@t" for i in range(n)]
+
+
+def _logged_in(proxy, user: str = "carol") -> Wire:
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login(user)
+    return w
+
+
+def _at_once(wires: list[Wire], commands: list[bytes]) -> list[bytes]:
+    """Send each command on its own connection at the same moment; each one's tagged answer."""
+    start = threading.Barrier(len(wires))
+    answers: list[bytes] = [b""] * len(wires)
+
+    def run(i: int) -> None:
+        start.wait()
+        answers[i] = wires[i].cmd(b"r%d" % i, commands[i])[-1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(wires))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return answers
+
+
+def _no_entries(proxy) -> bool:
+    with sqlite3.connect(proxy.config_path.parent / "map.sqlite3") as db:
+        return db.execute("SELECT count(*) FROM journal").fetchone()[0] == 0
+
+
+def _exactly_once(fleet, proxy, user: str, must, may=(), hidden=()) -> None:
+    """Every *must* message once on the backends (*may* ones at most once), nothing else; and each
+    reachable through the proxy (but *hidden* ones, which were out of its sight from the start)."""
+    counts, where = census(fleet, user)
+    lost, duplicated = judge(counts, must, may)
+    assert not lost and not duplicated, (f"lost {lost[:5]} ({len(lost)}), duplicated "
+                                         f"{[(d, where[d]) for d in duplicated[:5]]} ({len(duplicated)})")
+    reached = through_proxy(proxy, user)
+    unreachable = [i for i in counts if reached[i] != 1 and i not in hidden]
+    assert not unreachable, f"unreachable through the proxy: {[(i, where[i]) for i in unreachable[:5]]}"
+
+
+# -- 1. two overlapping RENAMEs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", range(4))
+def test_overlapping_renames_one_wins_the_other_is_untouched(proxy_factory, fleet, run):
+    big, child, small = ids("big", 1500), ids("bigc", 10), ids("small", 5)
+    seed(fleet["b1"], "carol", "Big", big, size=400)
+    seed(fleet["b1"], "carol", "Big/c", child)
+    seed(fleet["b1"], "carol", "Small", small)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w1, w2 = _logged_in(proxy), _logged_in(proxy)
+    a1, a2 = _at_once([w1, w2], [b"RENAME Big Shared/Z", b"RENAME Small Shared/Z/c"])
+    assert [a1.startswith(b"r0 OK"), a2.startswith(b"r1 OK")].count(True) == 1, (a1, a2)
+    loser = a2 if a1.startswith(b"r0 OK") else a1
+    assert b" NO [INUSE]" in loser or b" NO [ALREADYEXISTS]" in loser, loser
+    _exactly_once(fleet, proxy, "carol", big + child + small)
+    counts, where = census(fleet, "carol")
+    if a1.startswith(b"r0 OK"):  # the loser's mailbox is where it was, whole
+        assert {where[i][0] for i in small} == {("b1", "Small")}
+        assert {where[i][0] for i in child} == {("b3", "Shared/Z/c")}
+    else:
+        assert {where[i][0] for i in small} == {("b3", "Shared/Z/c")}
+        assert {where[i][0] for i in big} == {("b1", "Big")}
+    assert _no_entries(proxy)
+
+
+# -- 2. the same mailbox renamed twice at once -----------------------------------------------------------
+
+
+def test_the_same_mailbox_renamed_twice_at_once_moves_once(proxy_factory, fleet):
+    work = ids("work", 300)
+    seed(fleet["b1"], "carol", "Work", work)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    answers = _at_once([_logged_in(proxy), _logged_in(proxy)], [b"RENAME Work Shared/A", b"RENAME Work Shared/B"])
+    assert sum(a.split()[1] == b"OK" for a in answers) == 1, answers
+    assert any(b"NO [INUSE]" in a or b"NO [NONEXISTENT]" in a for a in answers), answers
+    _exactly_once(fleet, proxy, "carol", work)
+
+
+# -- 3. mail delivered to the source during a move -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", range(2))
+def test_mail_delivered_during_an_admin_move_is_never_lost(proxy_factory, fleet, run):
+    work = ids("work", 400)
+    seed(fleet["b1"], "carol", "Work", work, size=3000)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    # Bursts of deliveries 20 ms apart. (One that commits at the very moment the source is renamed
+    # aside leaves its lock in the renamed maildir: the move then leaves its end to recovery.)
+    deliverers = [Deliverer(fleet["b1"], "carol", "Work", f"live{run}{k}", pause=0.02, burst=25) for k in range(2)]
+    for d in deliverers:
+        d.start()
+    try:
+        result = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3", timeout=600)
+    finally:
+        for d in deliverers:
+            d.stop()
+    assert "nothing changed" not in result.stderr
+    if result.returncode != 0:  # committed, its end left to recovery: deliveries are over now
+        assert "move committed but not finished" in result.stderr, result.stdout + result.stderr
+        recovered = cli("recover", "--config", str(proxy.config_path), timeout=600)
+        assert "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+    acked = [i for d in deliverers for i in d.acked]
+    refused = [i for d in deliverers for i in d.refused]
+    assert len(acked) > 20, "the deliveries did not overlap the move"
+    _exactly_once(fleet, proxy, "carol", work + acked, may=refused)
+    assert _no_entries(proxy)
+
+
+# copying:2, delta-copying:2: the batch's hashes journaled, its MULTIAPPEND open before its last byte.
+MOVE_STEPS = ["reserved:1", "planned:1", "creating:1", "created:1", "copying:1", "copying:2", "copied:1",
+              "committed:1", "subscribed:1", "placed:1", "aside:1", "delta-copying:1", "delta-copying:2",
+              "delta-copied:1", "drained:1"]
+
+
+def _wait_paused(pause, what: str) -> str:
+    deadline = time.monotonic() + 60
+    while not (pause / "paused").exists():
+        assert time.monotonic() < deadline, "the move never reached " + what
+        time.sleep(0.01)
+    step = (pause / "paused").read_text()
+    (pause / "paused").unlink()
+    return step
+
+
+@pytest.mark.parametrize("step", MOVE_STEPS)
+def test_delivery_at_each_step_of_a_rename_is_carried_or_left_reachable(proxy_factory, fleet, tmp_path, step):
+    work = ids("work", 20)
+    seed(fleet["b1"], "carol", "Work", work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    # A delta step is reached only if something arrived after the first pass: deliver at COMMITTED too.
+    points = (["committed:1"] if step.startswith("delta") else []) + [step]
+    options = [o for p in points for o in ("--pause-at", p)]
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty(*options, "--pause-dir", str(pause)))
+    w = _logged_in(proxy)
+    w.send(b"r RENAME Work Shared/W\r\n")
+    delivered = {"early@t": deliver(fleet["b1"], "carol", "Work", "early@t")}  # before or while it starts
+    for point in points:
+        assert _wait_paused(pause, point) == point
+        # The proxy is stopped at this step: deliveries straight to the source backend.
+        for k in range(3):
+            mid = f"at-{point}-{k}@t"
+            delivered[mid] = deliver(fleet["b1"], "carol", "Work", mid)
+        (pause / "resume").touch()
+    reply = w.until_tagged(b"r")
+    w.close()
+    delivered["late@t"] = deliver(fleet["b1"], "carol", "Work", "late@t")
+    assert reply[-1].startswith(b"r OK"), reply
+    acked = [i for i, where in delivered.items() if where]
+    assert len(acked) == len(delivered)
+    _exactly_once(fleet, proxy, "carol", work + acked)
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in work} == {("b3", "Shared/W")}
+    assert _no_entries(proxy)
+
+
+# -- 4. names are names ------------------------------------------------------------------------------
+
+
+def test_a_wildcard_is_a_name_not_a_pattern(proxy_factory, fleet):
+    inbox, work, pct = ids("inbox", 5), ids("work", 3), ids("pct", 4)
+    seed(fleet["b1"], "carol", "INBOX", inbox)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "50% off", pct)
+    seed(fleet["b1"], "carol", "50xx off", ids("xx", 2))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = _logged_in(proxy)
+    for cmd in (b'RENAME "%" Shared/Y', b'RENAME "*" Shared/Y', b'RENAME "Wor%" Shared/Y'):
+        reply = w.cmd(b"r", cmd)
+        assert reply[-1].startswith(b"r NO [NONEXISTENT]"), (cmd, reply)
+    assert sum(census(fleet, "carol", [fleet["b1"]])[0].values()) == 14  # nothing moved
+    assert w.cmd(b"p", b'RENAME "50% off" "Shared/50% off"')[-1].startswith(b"p OK")
+    w.close()
+    _exactly_once(fleet, proxy, "carol", inbox + work + pct + ids("xx", 2))
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in pct} == {("b3", "Shared/50% off")}
+    assert {where[i][0] for i in ids("xx", 2)} == {("b1", "50xx off")}
+    assert {where[i][0] for i in inbox} == {("b1", "INBOX")}
+
+
+@pytest.mark.parametrize("name", ['q"uo\\te', "a*b", "Caf&AOk-", "with space/and % sign"])
+def test_odd_names_move_across_servers(proxy_factory, fleet, name):
+    mail, child = ids("odd", 4), ids("oddchild", 2)
+    seed(fleet["b1"], "carol", name, mail)
+    seed(fleet["b1"], "carol", name + "/kid", child)
+    seed(fleet["b1"], "carol", name + "x", ids("near", 1))  # a prefix is not a parent
+    if "%" in name or "*" in name:  # what the name would match as a LIST pattern stays where it is
+        seed(fleet["b1"], "carol", name.replace("%", "x").replace("*", "yy"), ids("alike", 2))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = _logged_in(proxy)
+    reply = w.cmd(b"r", b"RENAME " + quote(name).encode() + b" " + quote("Shared/" + name).encode())
+    assert reply[-1].startswith(b"r OK"), reply
+    w.close()
+    alike = ids("alike", 2) if "%" in name or "*" in name else []
+    _exactly_once(fleet, proxy, "carol", mail + child + ids("near", 1) + alike)
+    counts, where = census(fleet, "carol")
+    assert all(where[i][0][0] == "b1" for i in alike)
+    assert {where[i][0] for i in mail} == {("b3", "Shared/" + name)}
+    assert {where[i][0] for i in child} == {("b3", "Shared/" + name + "/kid")}
+    assert where[ids("near", 1)[0]] == [("b1", name + "x")]
+
+
+# -- 5. whole-user moves, pre-existing destinations, retries ---------------------------------------------------
+
+
+def test_whole_user_move_into_a_backend_that_already_has_mail(proxy_factory, fleet):
+    inbox, work, stray = ids("inbox", 50), ids("work", 20), ids("stray", 1)
+    seed(fleet["b1"], "carol", "INBOX", inbox)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b2"], "carol", "INBOX", stray)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    result = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    _exactly_once(fleet, proxy, "carol", inbox + work + stray)
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in inbox + stray} == {("b2", "INBOX")}
+
+
+@pytest.mark.parametrize("step", ["copying:1", "copying:2", "copied:1", "creating:1", "created:1", "copied:2",
+                                  "committed:1", "placed:1", "drained:1", "delta-copying:1", "delta-copying:2"])
+def test_whole_user_move_killed_recovered_and_retried_multiplies_nothing(proxy_factory, fleet, step):
+    inbox, work, stray = ids("inbox", 50), ids("work", 20), ids("stray", 1)
+    seed(fleet["b1"], "carol", "INBOX", inbox)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b2"], "carol", "INBOX", stray)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    before_b2, _ = census(fleet, "carol", [fleet["b2"]])
+    config = str(proxy.config_path)
+    if step.startswith("delta-copying"):  # something new to carry at the end: delivered while stopped
+        killed = cli("move", "--config", config, "carol", "*", "b2",
+                     command=faulty("--kill-at", "placed:1"))
+        deliver(fleet["b1"], "carol", "INBOX", "late@t")
+        inbox = inbox + ["late@t"]
+        killed = cli("recover", "--config", config, command=faulty("--kill-at", step))
+    else:
+        killed = cli("move", "--config", config, "carol", "*", "b2", command=faulty("--kill-at", step))
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    recovered = cli("recover", "--config", config)
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    committed = step in ("committed:1", "placed:1", "drained:1", "delta-copying:1", "delta-copying:2")
+    assert ("finished" if committed else "rolled back") in recovered.stdout, recovered.stdout
+    if not committed:  # the destination is exactly as it was
+        assert census(fleet, "carol", [fleet["b2"]])[0] == before_b2
+        again = cli("move", "--config", config, "carol", "*", "b2")
+        assert again.returncode == 0, again.stdout + again.stderr
+    _exactly_once(fleet, proxy, "carol", inbox + work + stray)
+    assert _no_entries(proxy)
+
+
+# -- 6. a RENAME on one backend whose children the map routes elsewhere ----------------------------------------
+
+
+def test_same_backend_rename_that_would_strand_children_is_refused(proxy_factory, fleet):
+    proj, docs = ids("proj", 3), ids("docs", 4)
+    seed(fleet["b1"], "carol", "Proj", proj)
+    seed(fleet["b1"], "carol", "Proj/Docs", docs)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = _logged_in(proxy)
+    reply = w.cmd(b"r", b"RENAME Proj Shared")  # "Shared" is on b1, "Shared/Docs" would be b3's
+    assert reply[-1].startswith(b"r NO [CANNOT]"), reply
+    assert w.cmd(b"s", b"RENAME Proj Project")[-1].startswith(b"s OK")  # children stay on b1: fine
+    w.close()
+    _exactly_once(fleet, proxy, "carol", proj + docs)
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in docs} == {("b1", "Project/Docs")}
+
+
+def test_placements_follow_only_what_the_backend_renamed(proxy_factory, fleet):
+    proj, remote = ids("proj", 3), ids("remote", 2)
+    seed(fleet["b1"], "carol", "Proj", proj)
+    seed(fleet["b3"], "carol", "Proj/Remote", remote)  # placed on b3 below
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    assert cli("map", "--config", str(proxy.config_path), "set", "carol", "Proj/Remote", "b3").returncode == 0
+    w = _logged_in(proxy)
+    assert w.cmd(b"r", b"RENAME Proj Proj2")[-1].startswith(b"r OK")
+    w.close()
+    _exactly_once(fleet, proxy, "carol", proj + remote)  # Proj/Remote keeps its name and its placement
+
+
+# -- 7. user names are canonical ----------------------------------------------------------------------------
+
+
+def test_a_login_in_capitals_is_routed_by_the_users_rules(proxy_factory, fleet):
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    m = proxy.imaplib()
+    m.login("BOB", "secret")
+    assert m.append("INBOX", None, None, b"Message-Id: <upper@t>\r\n\r\nhi\r\n")[0] == "OK"
+    m.logout()
+    counts, where = census(fleet, "bob")
+    assert where["upper@t"] == [("b2", "INBOX")]
+    assert cli("map", "--config", str(proxy.config_path), "set", "BOB", "Notes", "b3").returncode == 0
+    shown = cli("map", "--config", str(proxy.config_path), "show", "Bob").stdout
+    assert "user bob: home b2" in shown and "Notes -> b3" in shown and "*" in shown
+
+
+# -- 8. a cross-server MOVE killed between the destination's commit and the source's expunge -----------------------
+
+
+@pytest.mark.parametrize("step, outcome", [("move-appending:1", "nothing moved"), ("move-appending:2", "nothing moved"),
+                                           ("move-appended:1", "finished"), ("move-expunging:1", "finished")])
+def test_cross_server_move_killed_midway_is_finished_by_recover(proxy_factory, fleet, step, outcome):
+    work = ids("work", 30)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", step))
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:* Shared/Dest\r\n")
+    assert w.closed(30), "the proxy was not killed at " + step
+    proxy.process.wait(10)
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and outcome in recovered.stdout, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    boxes = {where[i][0] for i in work}
+    assert boxes == ({("b3", "Shared/Dest")} if outcome == "finished" else {("b1", "Work")})
+    assert "nothing to recover" in cli("recover", "--config", str(proxy.config_path)).stdout
+
+
+# -- the hard case: killed after the destination committed a MULTIAPPEND, before its APPENDUID was journaled ----------
+
+
+def _copy_directly(fleet, src: str, src_box: str, dst: str, dst_box: str, uids: str) -> None:
+    """What the proxy's MULTIAPPEND would have saved: the same bodies, in UID order, straight to *dst*."""
+    with fleet[src].client("carol") as m:
+        m.select(quote(src_box), readonly=True)
+        typ, data = m.uid("FETCH", uids, "(BODY.PEEK[])")
+        bodies = [item[1] for item in data if isinstance(item, tuple)]
+    with fleet[dst].client("carol") as m:
+        multiappend(m, [b"s APPEND " + quote(dst_box).encode()] + [b" () {%d+}\r\n" % len(b) + b for b in bodies])
+
+
+def _hashes(backend, mailbox: str, uids: str) -> list[str]:
+    """sha256 of the bodies of *uids* in *mailbox*, in UID order (what the proxy journals)."""
+    import hashlib
+
+    with backend.client("carol") as m:
+        m.select(quote(mailbox), readonly=True)
+        typ, data = m.uid("FETCH", uids, "(BODY.PEEK[])")
+        return [hashlib.sha256(item[1]).hexdigest() for item in data if isinstance(item, tuple)]
+
+
+def _state(backend, mailbox: str) -> tuple[int, int]:
+    with backend.client("carol") as m:
+        typ, data = m.status(quote(mailbox), "(UIDVALIDITY UIDNEXT)")
+        words = data[0].decode().replace("(", " ").replace(")", " ").split()
+        return int(words[words.index("UIDVALIDITY") + 1]), int(words[words.index("UIDNEXT") + 1])
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fleet, committed):
+    from referral_proxy.journal import Reservation, Step
+    from referral_proxy.routing import SQLiteStore
+
+    inbox, stray = ids("inbox", 10), ids("stray", 1)
+    seed(fleet["b1"], "carol", "INBOX", inbox)
+    seed(fleet["b2"], "carol", "INBOX", stray)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    before_b2, _ = census(fleet, "carol", [fleet["b2"]])
+    validity, uidnext = _state(fleet["b2"], "INBOX")
+    if committed:
+        _copy_directly(fleet, "b1", "INBOX", "b2", "INBOX", "1:10")
+    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    data = {"src": "b1", "dst": "b2", "old": "*", "new": "*", "token": "t0", "pairs": [["INBOX", "INBOX"]],
+            "created": [], "validity": {"0": _state(fleet["b1"], "INBOX")[0]}, "batches": [],
+            "pending": {"pair": 0, "src": "1:10", "validity": validity, "uidnext": uidnext,
+                        "hashes": _hashes(fleet["b1"], "INBOX", "1:10")}, "aside": [], "drained": []}
+    entry = store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/")
+    store.journal_step(entry, Step.COPYING, data)
+    store.claim(entry, None, "gone.example:1:1")  # its process is gone
+    store.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
+    assert census(fleet, "carol", [fleet["b2"]])[0] == before_b2  # exactly as it was: the stray, alone
+    _exactly_once(fleet, proxy, "carol", inbox + stray, hidden=stray)
+
+
+@pytest.mark.parametrize("committed", [True, False, "moved meanwhile"])
+def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet, committed):
+    from referral_proxy.journal import Reservation, Step
+    from referral_proxy.routing import SQLiteStore
+
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    validity, uidnext = _state(fleet["b3"], "Shared/Dest")
+    if committed:
+        _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
+    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
+            "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
+            "hashes": _hashes(fleet["b1"], "Work", "2:4")}
+    if committed == "moved meanwhile":  # another client moved one of them away before the crash
+        with fleet["b1"].client("carol") as m:
+            m.create("Other")
+            m.select("Work")
+            assert m.uid("MOVE", "3", "Other")[0] == "OK"
+    entry = store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
+                                                        Reservation("Shared/Dest", False, True)], data, None, "/")
+    store.journal_step(entry, Step.MOVE_APPENDING, data)
+    store.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    removed = {True: "3 message(s) removed", False: "never committed", "moved meanwhile": "2 message(s) removed"}
+    assert removed[committed] in recovered.stdout, recovered.stdout
+    _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+    counts, where = census(fleet, "carol")
+    if committed == "moved meanwhile":  # its copy was taken back: it is where the other client put it
+        assert where[work[2]] == [("b1", "Other")]
+        assert {where[i][0] for i in (work[1], work[3])} == {("b3", "Shared/Dest")}
+    else:
+        assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Dest") if committed else ("b1", "Work")}
+
+
+def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
+    from referral_proxy.journal import Reservation
+    from referral_proxy.routing import SQLiteStore
+
+    work = ids("work", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Other", [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # selected before the move began
+    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    entry = store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/")
+    for command in (b"UID MOVE 1 Other", b"MOVE 1 Shared/X", b"UID COPY 2 Shared/W"):
+        assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command
+    assert w.cmd(b"c", b"UID COPY 1 Other")[-1].startswith(b"c OK")  # a copy out takes nothing away
+    store.end_move(entry)
+    store.close()
+    assert w.cmd(b"n", b"UID MOVE 2 Other")[-1].startswith(b"n OK")
+    w.close()
+    counts, where = census(fleet, "carol")
+    assert counts == {work[0]: 2, work[1]: 1, work[2]: 1}, where  # the copy, and nothing else
+    assert where[work[1]] == [("b1", "Other")]
+
+
+def test_names_no_backend_accepts_get_its_answer_and_change_nothing(proxy_factory, fleet):
+    work = ids("work", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = _logged_in(proxy)
+    direct = Wire(fleet["b1"].host, fleet["b1"].port)
+    direct.login("carol")
+    for cmd in (b"RENAME {4+}\r\na\r\nb Other", b"RENAME Work {4+}\r\na\r\nb", b"RENAME {3+}\r\n\xe9t\xe9 Other",
+                b"RENAME Work {3+}\r\nx\xe9y", b"RENAME Work {10+}\r\nShared/\xe9\r\n", b"RENAME {4+}\r\nW\x00rk Shared/N"):
+        reply, theirs = w.cmd(b"r", cmd)[-1], direct.cmd(b"r", cmd)[-1]
+        assert reply.split()[1] == theirs.split()[1] == b"NO", (cmd, reply, theirs)
+        assert b"UNAVAILABLE" not in reply and b"SERVERBUG" not in reply and b"\xe9" not in reply, (cmd, reply)
+    assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+    w.close()
+    direct.close()
+    _exactly_once(fleet, proxy, "carol", work)
+    assert census(fleet, "carol")[1][work[0]] == [("b1", "Work")]
+    assert _no_entries(proxy)
