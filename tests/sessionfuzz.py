@@ -11,7 +11,10 @@ it the client finishes whatever the stream left open (the rest of an announced l
 a line too long for anything), sends a sentinel ``ZZZZ NOOP`` and waits: the sentinel
 must be answered, or the session end with a clean ``* BYE``. A stream that gets neither
 within the patience is a hang; a ``[SERVERBUG]`` answer or a traceback in the proxy's log
-is a crash; the proxy's resident memory is read every so many streams.
+is a crash; a line that is no IMAP response is a forged one (client bytes with a CR or LF
+echoed); the proxy's resident memory is read every so many streams. A census of the
+backends (each Dovecot asked directly) finds mailboxes made where the map does not put
+them (a command smuggled past the routing).
 
 Every stream is a function of (seed, index): ``--seed S --only I`` replays one.
 
@@ -35,7 +38,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from referral_proxy.imap.framing import NEED_DATA, Framer  # noqa: E402
+from referral_proxy.imap.command import ParseError  # noqa: E402
+from referral_proxy.imap.framing import NEED_DATA, Framer, Line  # noqa: E402
+from referral_proxy.imap.response import parse_response_start  # noqa: E402
 
 USER, PASSWORD = "carol", "secret"
 # The fuzzing proxy's client limits: small, so that any literal a stream leaves open can be
@@ -282,7 +287,7 @@ def open_literal(data: bytes) -> int:
 @dataclass
 class Outcome:
     index: int
-    verdict: str  # answered | bye | hang | unclean-close | serverbug | skipped
+    verdict: str  # answered | bye | hang | unclean-close | serverbug | malformed | skipped
     detail: str = ""
 
 
@@ -297,7 +302,7 @@ class Stats:
         with self.lock:
             self.streams += 1
             self.verdicts[outcome.verdict] = self.verdicts.get(outcome.verdict, 0) + 1
-            if outcome.verdict in ("hang", "unclean-close", "serverbug"):
+            if outcome.verdict in ("hang", "unclean-close", "serverbug", "malformed"):
                 self.failures.append(outcome)
 
 
@@ -351,6 +356,9 @@ def run_stream(host: str, port: int, seed: int, index: int, patience: float = 20
     text = bytes(received)
     if b"[SERVERBUG]" in text:
         return Outcome(index, "serverbug", f"client={client} " + _excerpt(text, b"[SERVERBUG]"))
+    bad = malformed(text)
+    if bad is not None:
+        return Outcome(index, "malformed", f"client={client} {bad!r}")
     if _answered(text):
         return Outcome(index, "answered")
     if hung:  # still open, the sentinel unanswered (a BYE that does not close is no BYE)
@@ -358,6 +366,24 @@ def run_stream(host: str, port: int, seed: int, index: int, patience: float = 20
     if b"\r\n* BYE " in b"\r\n" + text:
         return Outcome(index, "bye")
     return Outcome(index, "unclean-close", f"client={client} " + _tail(text))
+
+
+def malformed(text: bytes) -> bytes | None:
+    """The first response line the client got that is no IMAP response (a tagged line whose
+    second word is no status, a tag with characters a tag cannot hold, a bare line): what a
+    client's bytes echoed with a CR or LF into the proxy's text would forge. None if all are."""
+    framer = Framer(1 << 30, auto_accept=True)
+    framer.receive_data(text)
+    first = True  # the next Line is the first fragment of a response
+    while (ev := framer.next_event()) is not NEED_DATA:
+        if isinstance(ev, Line):
+            if first:
+                try:
+                    parse_response_start(ev.data)
+                except ParseError:
+                    return ev.data[:200]
+            first = ev.literal is None
+    return None
 
 
 def _answered(text: bytes) -> bool:

@@ -1,8 +1,9 @@
 """The session fuzzer (tests/sessionfuzz.py) with fixed seeds, against the real proxy in
 front of three real Dovecot backends: every mutated session gets its sentinel NOOP
-answered or a clean BYE, no traceback reaches the proxy's log, the proxy's memory
-does not grow with the streams, and every mailbox made is on the backend the map says. ``python tests/sessionfuzz.py --seed S --streams N``
-runs longer; ``--only I`` replays one stream.
+answered or a clean BYE, every line it gets is an IMAP response (none forged), no
+traceback reaches the proxy's log, the proxy's memory does not grow with the streams,
+and every mailbox made is on the backend the map says. ``python tests/sessionfuzz.py
+--seed S --streams N`` runs longer; ``--only I`` replays one stream.
 """
 
 from __future__ import annotations
@@ -50,3 +51,12 @@ def test_closed_backend_connections_are_not_kept_without_a_scrape():
             live.pop(0).closed = True
     assert len(o._backends) < 200  # noqa: SLF001 (what is held is the point)
     assert o.backend_connections() == 5 and o.backend_bytes() == (100_000, 100_000)
+
+
+def test_a_forged_line_is_found():
+    """What the fuzzer calls forged: issue 10's CRLF echoed into NO [TRYCREATE], a bad tag echoed."""
+    ok = b"* OK hi\r\n* 1 FETCH (BODY[] {9}\r\nt1 OK x\r\n)\r\n+ Ready\r\nt1 NO [TRYCREATE] no\r\nt2 OK"
+    assert sessionfuzz.malformed(ok) is None
+    forged = b"t1 NO [TRYCREATE] Mailbox doesn't exist: Evil\r\nX9 CREATE Far/Injected\r\n"
+    assert sessionfuzz.malformed(forged) == b"X9 CREATE Far/Injected"
+    assert sessionfuzz.malformed(b't"1 BAD Error\r\n') == b't"1 BAD Error'
