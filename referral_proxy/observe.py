@@ -56,7 +56,8 @@ _STATUSES = {b"OK": "ok", b"NO": "no"}
 # What the proxy said last with "* BYE", to how the session ended (any other BYE: one
 # relayed from a backend that went away).
 _BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_timeout"),
-                 (b"* BYE Too many commands before login", "too_many_commands"))
+                 (b"* BYE Too many commands before login", "too_many_commands"),
+                 (b"* BYE Too long command", "too_long_command"))
 # Commands awaiting their answer, per session: more are not timed (a bound, whatever happens).
 MAX_PENDING = 1000
 

@@ -43,6 +43,7 @@ from .imap.reader import (
     Command,
     CommandReader,
     Continue,
+    Ended,
     Refusal,
     Refused,
     Sentinel,
@@ -281,6 +282,10 @@ class ClientSession(Protocol):
             self.appends.start(event)
         elif isinstance(event, TextLine):
             self._text_line(event)
+        elif isinstance(event, Ended):
+            self.send(b"* BYE " + event.text.encode("ascii") + b"\r\n")
+            self._logout_backends()
+            self._close()
         else:
             self.appends.event(event)
 

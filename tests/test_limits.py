@@ -113,6 +113,25 @@ def test_a_client_that_does_not_log_in_gets_a_bye_after_a_few_dozen_commands():
     assert h2.to_backend().count(b" NOOP\r\n") == 64  # (the cap on commands in flight, not this)
 
 
+@pytest.mark.parametrize("logged_in", [False, True])
+def test_a_refused_command_without_end_ends_the_session(logged_in):
+    """`ID ({0+}{0+}...` for ever: refused, then dropped unread only as far as a command may
+    go; then * BYE (the drop had cost a line's work per 6 bytes, for ever, with no output
+    to stop it: 50 such clients made another client's NOOP wait 7 s)."""
+    h = SessionHarness(minimal_config(max_literals=5, max_append_messages=5))
+    if logged_in:
+        h.login()
+    h.to_client()
+    h.send(b"i ID (" + b"{0+}\r\n" * 12)  # the 6th refused: 6 more parts dropped, as a command may have
+    assert h.to_client() == b"i NO [LIMIT] Too many literals in one command (limit 5)\r\n"
+    assert not h.client.disconnecting
+    h.send(b"{0+}\r\n" * 100 + b"n NOOP\r\n")
+    assert h.to_client() == b"* BYE Too long command (more than 6 parts)\r\n"
+    assert h.client.disconnecting
+    if logged_in:
+        assert h.to_backend().endswith(b" LOGOUT\r\n")
+
+
 def test_commands_in_flight_are_capped():
     h = SessionHarness(minimal_config(max_commands_in_flight=3))
     h.login()
