@@ -14,7 +14,7 @@ then measures against both, alternating the two so they share the machine's nois
 Prints a table with the ratio proxy/direct: for latency lower is better (ratio > 1
 = the proxy adds latency), for throughput higher is better (ratio < 1 = the proxy
 is slower).  ``--json FILE`` also writes every number.  Needs root and the
-``dovecot`` binary (see referral_proxy/fleet.py).  See bench/README.md.
+``dovecot`` binary (see referral_proxy/fleet/).  See bench/README.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from _common import PROXY_HOST, REPO_ROOT, ProxyProcess, _pdeathsig, log, wait_greeting
 
-from referral_proxy.fleet import Dovecot, _process_group, free_port
+from referral_proxy.fleet import Dovecot, free_port
+from referral_proxy.fleet.procs import process_group
 
 NGINX_MAIL_MODULE = Path("/usr/lib/nginx/modules/ngx_mail_module.so")
 PERDITION = "perdition.imap4"
@@ -148,7 +149,7 @@ def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if proc.poll() is not None and not _process_group(pgid):
+        if proc.poll() is not None and not process_group(pgid):
             return
         time.sleep(0.05)
     deadline = time.monotonic() + 10.0
@@ -157,7 +158,7 @@ def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(0.05)
-        left = _process_group(pgid)
+        left = process_group(pgid)
         if proc.poll() is not None and not left:
             return
         if time.monotonic() > deadline:

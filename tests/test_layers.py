@@ -11,12 +11,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "referral_proxy"
 MAX_LINES = 600
 
-# Known, and to leave this list with the work that removes them (nothing may join it):
-# fleet.py, the throwaway Dovecot fleet the demo, the tests and the benchmarks run,
-# came out of testing/ whole.
+# Known, and to leave this list with the work that removes them (nothing may join it).
 KNOWN_CIRCLES: set[frozenset[str]] = set()
 KNOWN_TESTING_IMPORTS: set[str] = set()
-KNOWN_LONG = {"referral_proxy.fleet"}
+KNOWN_LONG: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -22,10 +22,7 @@ listen on 127.0.0.2, 127.0.0.3, ... with no network setup.
 from __future__ import annotations
 
 import atexit
-import ctypes
-import datetime
 import imaplib
-import ipaddress
 import os
 import pwd
 import shutil
@@ -36,9 +33,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+
+from .certs import TLSMaterial, make_tls_material
+from .conf import INTERNAL_USER, LOGIN_USER, MAIL_USER, config_text
+from .procs import cmdline, pdeathsig, process_group
 
 __all__ = [
     "DEFAULT_USERS",
@@ -75,9 +75,6 @@ MASTER_USER = "proxy-master"
 MASTER_PASSWORD = "master-secret"
 
 DOVECOT_BINARY = "dovecot"
-MAIL_USER = "dovecot"
-LOGIN_USER = "dovenull"
-INTERNAL_USER = "dovecot"
 
 # Unix socket paths are limited to 108 bytes; Dovecot's longest names under
 # base_dir are ~30 bytes ("login/imap-urlauth", "auth-master", "stats-writer"...).
@@ -86,101 +83,6 @@ _MAX_BASE_DIR_LEN = 70
 
 class DovecotError(RuntimeError):
     """A Dovecot instance could not be started or used."""
-
-
-# --------------------------------------------------------------------------- TLS
-
-
-@dataclass
-class TLSMaterial:
-    """A throwaway CA and a server certificate (PEM files)."""
-
-    ca_cert: Path
-    cert: Path
-    key: Path
-
-
-def make_tls_material(directory: Path, ips: Sequence[str], *, dns_names: Sequence[str] = ("localhost",),
-                      days: int = 30) -> TLSMaterial:
-    """Create a CA and a server certificate for *ips* (SAN iPAddress entries,
-    plus SAN dNSName entries for *dns_names*) in *directory*.
-
-    Files: ``ca.pem`` (CA certificate), ``server.pem`` (server certificate),
-    ``server.key`` (unencrypted PKCS#8 key).  EC P-256 keys: fast to make.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    not_before = now - datetime.timedelta(hours=1)
-    not_after = now + datetime.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "referral-proxy tests"),
-        x509.NameAttribute(NameOID.COMMON_NAME, "referral-proxy test CA"),
-    ])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True,
-            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    sans += [x509.DNSName(name) for name in dns_names]
-    cn = ips[0] if ips else (dns_names[0] if dns_names else "server")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "referral-proxy tests"),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        ]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=True, key_cert_sign=False,
-            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    material = TLSMaterial(ca_cert=directory / "ca.pem", cert=directory / "server.pem",
-                           key=directory / "server.key")
-    material.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    material.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    material.key.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    os.chmod(material.key, 0o600)  # read by Dovecot's config process, which runs as root
-    for p in (material.ca_cert, material.cert):
-        os.chmod(p, 0o644)
-    return material
 
 
 # ------------------------------------------------------------------- helpers
@@ -238,42 +140,6 @@ def _passwd_line(user: str, password: str) -> str:
         if ch in user or ch in password:
             raise ValueError(f"user/password must not contain {ch!r} (passwd-file format)")
     return f"{user}:{{PLAIN}}{password}::::::{USER_FIELDS.get(user, '')}\n"
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _process_group(pgid: int) -> list[tuple[int, str, str]]:
-    """(pid, comm, state) of the non-zombie processes in process group *pgid* (/proc)."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                data = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        lpar, rpar = data.find("("), data.rfind(")")
-        fields = data[rpar + 2:].split()
-        # fields: state ppid pgrp ...
-        if len(fields) < 3 or int(fields[2]) != pgid or fields[0] in ("Z", "X"):
-            continue
-        found.append((int(entry.name), data[lpar + 1:rpar], fields[0]))
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 _live: set[Dovecot] = set()  # started and not stopped: stopped at exit
@@ -364,127 +230,6 @@ class Dovecot:
 
     # -- configuration
 
-    def _config_text(self) -> str:
-        pw_mail = pwd.getpwnam(MAIL_USER)
-        min_uid = min(pw_mail.pw_uid, 500)
-        min_gid = min(pw_mail.pw_gid, 500)
-        if self.tls is not None:
-            ssl_block = (
-                "ssl = yes\n"
-                f"ssl_cert = <{self.tls.cert}\n"
-                f"ssl_key = <{self.tls.key}\n"
-                "ssl_min_protocol = TLSv1.2\n"
-            )
-            imaps = f"  inet_listener imaps {{\n    address = {self.host}\n    port = {self.imaps_port}\n    ssl = yes\n  }}\n"
-        else:
-            ssl_block = "ssl = no\n"
-            imaps = "  inet_listener imaps {\n    port = 0\n  }\n"
-        return f"""\
-# Generated by referral_proxy.fleet for instance {self.name!r}.
-# Self-contained: nothing from /etc/dovecot is read.
-instance_name = rp-{self.name}-{self.port}
-base_dir = {self.base_dir}
-state_dir = {self.state_dir}
-log_path = {self.log_path}
-info_log_path = {self.log_path}
-debug_log_path = {self.log_path}
-listen = {self.host}
-protocols = imap
-shutdown_clients = yes
-version_ignore = yes
-verbose_proctitle = yes
-
-default_login_user = {LOGIN_USER}
-default_internal_user = {INTERNAL_USER}
-first_valid_uid = {min_uid}
-first_valid_gid = {min_gid}
-mail_uid = {MAIL_USER}
-mail_gid = {MAIL_USER}
-mail_location = maildir:{self.mail_dir}/%u
-# "/" as the hierarchy separator, as most sites configure it (Maildir's own is ".").
-namespace inbox {{
-  inbox = yes
-  separator = /
-  # special-use mailboxes (RFC 6154), so that SPECIAL-USE is announced and exercised
-  mailbox Sent {{
-    special_use = \\Sent
-  }}
-  mailbox Drafts {{
-    special_use = \\Drafts
-  }}
-  mailbox Trash {{
-    special_use = \\Trash
-  }}
-}}
-mail_fsync = never
-# Every extension Dovecot 2.3 in Debian offers without extra services, so that the
-# proxy relays them for real: QUOTA (RFC 9208), ACL (RFC 4314), METADATA (RFC 5464).
-mail_plugins = $mail_plugins quota acl
-protocol imap {{
-  mail_plugins = $mail_plugins imap_quota imap_acl
-}}
-plugin {{
-  quota = maildir:User quota
-  quota_rule = *:storage=10G
-  acl = vfile
-  # a master-user login (the proxy's) has the rights of the user it acts for
-  acl_user = %u
-}}
-imap_metadata = yes
-mail_attribute_dict = file:%h/dovecot-attributes
-mail_max_userip_connections = 1000
-login_trusted_networks = 127.0.0.0/8
-
-{ssl_block}
-disable_plaintext_auth = no
-auth_mechanisms = plain login
-auth_master_user_separator = *
-auth_failure_delay = 0
-auth_verbose = yes
-
-passdb {{
-  driver = passwd-file
-  master = yes
-  args = scheme=PLAIN username_format=%u {self.master_passwd_path}
-  # the target user must also exist in the ordinary passdb below
-  pass = yes
-}}
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {self.passwd_path}
-}}
-userdb {{
-  driver = static
-  args = uid={MAIL_USER} gid={MAIL_USER} home={self.home_dir}/%u
-}}
-
-service imap-login {{
-  inet_listener imap {{
-    address = {self.host}
-    port = {self.port}
-  }}
-{imaps}  # high-performance mode: long-lived login processes, many clients each
-  service_count = 0
-  process_min_avail = 1
-  client_limit = 1000
-}}
-service imap {{
-  process_limit = 1024
-}}
-service auth {{
-  client_limit = 4096
-}}
-service anvil {{
-  client_limit = 4096
-  # no auth penalty: repeated failed logins from 127.0.0.1 (all our tests and
-  # the proxy) would otherwise be delayed by up to 15 s each
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
-{self.extra_config}
-"""
-
     def _prepare(self) -> None:
         _check_conf_path(self.root)
         _check_conf_path(self.base_dir)
@@ -509,7 +254,7 @@ service anvil {{
             path.write_text("".join(_passwd_line(u, p) for u, p in entries.items()))
             os.chown(path, 0, auth_gid)
             os.chmod(path, 0o640)
-        self.conf_path.write_text(self._config_text())
+        self.conf_path.write_text(config_text(self))
 
     # -- life cycle
 
@@ -535,7 +280,7 @@ service anvil {{
                     [DOVECOT_BINARY, "-F", "-c", str(self.conf_path)],
                     stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
                     cwd=self.root, start_new_session=True,
-                    preexec_fn=_pdeathsig if self.die_with_parent else None,
+                    preexec_fn=pdeathsig if self.die_with_parent else None,
                 )
             finally:
                 stderr.close()
@@ -612,7 +357,7 @@ service anvil {{
         and every child it forked (they all stay in the master's process group)."""
         if self.process is None:
             return []
-        return _process_group(self.process.pid)
+        return process_group(self.process.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop Dovecot (SIGTERM, then SIGKILL after *timeout*) and wait until
@@ -651,7 +396,7 @@ service anvil {{
         machine's init process."""
         pgid = proc.pid
         deadline = time.monotonic() + grace
-        while _process_group(pgid) and time.monotonic() < deadline:
+        while process_group(pgid) and time.monotonic() < deadline:
             time.sleep(0.02)
         deadline = time.monotonic() + 10.0
         while True:
@@ -664,7 +409,7 @@ service anvil {{
                     proc.wait(0.05)
                 except subprocess.TimeoutExpired:
                     pass
-            left = _process_group(pgid)
+            left = process_group(pgid)
             if not left and proc.poll() is not None:
                 return
             if time.monotonic() > deadline:
@@ -685,24 +430,19 @@ service anvil {{
 
     def client(self, user: str, *, timeout: float | None = 30.0) -> imaplib.IMAP4:
         """A new imaplib connection to this instance, logged in as *user*."""
-        conn = imaplib.IMAP4(self.host, self.port, timeout=timeout)
-        try:
-            conn.login(user, self.users[user])
-        except BaseException:
-            try:
-                conn.shutdown()
-            except OSError:
-                pass
-            raise
-        return conn
+        return self._logged_in(timeout, lambda conn: conn.login(user, self.users[user]))
 
     def master_client(self, user: str, *, timeout: float | None = 30.0) -> imaplib.IMAP4:
         """A new imaplib connection logged in as *user* through the master user
         (SASL PLAIN, authzid=user, authcid=MASTER_USER)."""
-        conn = imaplib.IMAP4(self.host, self.port, timeout=timeout)
         token = f"{user}\0{MASTER_USER}\0{MASTER_PASSWORD}".encode()
+        return self._logged_in(timeout, lambda conn: conn.authenticate("PLAIN", lambda _challenge: token))
+
+    def _logged_in(self, timeout: float | None, login: Callable[[imaplib.IMAP4], object]) -> imaplib.IMAP4:
+        """A new imaplib connection on which *login* succeeded (closed if it did not)."""
+        conn = imaplib.IMAP4(self.host, self.port, timeout=timeout)
         try:
-            conn.authenticate("PLAIN", lambda _challenge: token)
+            login(conn)
         except BaseException:
             try:
                 conn.shutdown()
@@ -721,7 +461,7 @@ service anvil {{
             if comm != "imap":
                 continue
             # verbose_proctitle: "dovecot-<instance>/imap [user ip command]"
-            title = _cmdline(pid)
+            title = cmdline(pid)
             if user is None or f"[{user} " in title:
                 found.append(pid)
         return found
