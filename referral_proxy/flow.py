@@ -243,11 +243,21 @@ class ClientFlow:
         self._abort_timer: Any = None
         self._registered = False  # client_output is the transport's producer
 
-    def connect(self, transport: Any) -> None:
-        """The client connected: from now on its full output stops the commands."""
-        transport.registerProducer(self.client_output, True)
-        self._registered = True
+    def connect(self, transport: Any, *, produce: bool = True) -> None:
+        """The client connected: from now on its full output stops the commands (with
+        *produce* false, only once ``produce`` is called: see ``produce``)."""
         self.gate = ReadGate(transport)
+        if produce:
+            self.produce(transport)
+
+    def produce(self, transport: Any) -> None:
+        """Register the client's output as the transport's producer, once. A TLS transport
+        pauses its producer while it buffers what is written before the handshake: the
+        greeting would stop the reading, and with it the handshake (a TLS listener's
+        session registers once the handshake is done)."""
+        if not self._registered:
+            transport.registerProducer(self.client_output, True)
+            self._registered = True
 
     @property
     def output_backed_up(self) -> bool:

@@ -19,10 +19,11 @@ from enum import Enum
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import __version__, capabilities, listing
 from .append import Appends
@@ -88,6 +89,7 @@ def safe_text(text: str) -> str:
     return _UNSAFE.sub("?", text)
 
 
+@implementer(IHandshakeListener)
 class ClientSession(Protocol):
     """The server side of one client connection."""
 
@@ -145,12 +147,17 @@ class ClientSession(Protocol):
             self.ctx.observer.refused(self.transport, refusal.reason)
             self.transport.write(b"* BYE [UNAVAILABLE] %s\r\n" % safe_text(refusal.text).encode())
             return self._close()
-        self.flow.connect(self.transport)
+        # A TLS listener's client output is its producer once the handshake is done.
+        self.flow.connect(self.transport, produce=not ISSLTransport.providedBy(self.transport))
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
         self.ctx.observer.session_started(self)
         caps = " ".join(self._pre_login_caps())
         self.send(b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), self.config.proxy.hostname.encode()))
+
+    def handshakeCompleted(self) -> None:
+        if not self.closed:
+            self.flow.produce(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         quick_ack(self._socket)
