@@ -352,7 +352,7 @@ wrap(mover.Mover, "plan", "plan")
 wrap(mover.Mover, "_copy", "copy_mailbox")
 wrap(mover, "verify_copies", "verify")
 wrap(mover.Mover, "_finish", "finish")
-wrap(routing.MailboxMap, "step", "journal", is_async=False)
+wrap(routing.MailboxMap, "step", "journal")
 
 # b2's back-pressure: how long the source connection was paused (b2 not reading fast enough)
 _paused = {}

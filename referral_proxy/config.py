@@ -108,10 +108,11 @@ class RuleConfig:
 @dataclass(frozen=True)
 class MapConfig:
     default: str
-    store: str | None = None  # "sqlite:/abs/path" after loading
+    store: str | None = None  # "sqlite:/abs/path" after loading, or a postgresql:// URI
     rules: tuple[RuleConfig, ...] = ()
     separator: str = "/"  # the backends' hierarchy separator, for patterns and listings
     username_format: str = "lower"  # how a login name becomes the map's user name (USERNAME_FORMATS)
+    lease_seconds: float = 60.0  # PostgreSQL: a move whose owner stopped renewing this long is recovered elsewhere
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
 
 
 def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfig]) -> MapConfig:
-    _only(raw, "map", {"default", "store", "rules", "separator", "username_format"})
+    _only(raw, "map", {"default", "store", "rules", "separator", "username_format", "lease_seconds"})
     separator = _get(raw, "map", "separator", str, default="/")
     if len(separator) != 1:
         raise ConfigError("map.separator: must be one character")
@@ -280,10 +281,16 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
     store = _get(raw, "map", "store", str, default=None)
     if store is not None:
         scheme, sep, rest = store.partition(":")
-        if scheme != "sqlite" or not sep or not rest:
-            raise ConfigError(f"map.store: must look like sqlite:PATH, not {store!r}")
-        p = Path(rest)
-        store = f"sqlite:{p if p.is_absolute() or rest == ':memory:' else base / p}"
+        if scheme in ("postgresql", "postgres") and rest.startswith("//"):
+            pass  # a libpq URI: postgresql://user@host/db, postgresql:///db?host=/socket/dir
+        elif scheme != "sqlite" or not sep or not rest:
+            raise ConfigError(f"map.store: must look like sqlite:PATH or postgresql://USER@HOST/DB, not {store!r}")
+        else:
+            p = Path(rest)
+            store = f"sqlite:{p if p.is_absolute() or rest == ':memory:' else base / p}"
+    lease_seconds = _get(raw, "map", "lease_seconds", (int, float), default=60)
+    if not 1 <= lease_seconds <= 3600:
+        raise ConfigError("map.lease_seconds: must be between 1 and 3600")
     rules_raw = raw.get("rules", [])
     if not isinstance(rules_raw, list):
         raise ConfigError("map.rules: must be an array of tables ([[map.rules]])")
@@ -306,7 +313,7 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
             backends=names,
         ))
     return MapConfig(default=default, store=store, rules=tuple(rules), separator=separator,
-                     username_format=username_format)
+                     username_format=username_format, lease_seconds=float(lease_seconds))
 
 
 def _parse_log(raw: dict[str, Any]) -> LogConfig:

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["Step", "Recovery", "Rule", "TABLE", "Reservation", "InUse", "JournalEntry", "check_transition",
+__all__ = ["Step", "Recovery", "Rule", "TABLE", "Reservation", "InUse", "StoreUnavailable", "LostEntry", "UNAVAILABLE",
+           "JournalEntry", "check_transition",
            "conflicts", "covers",
            "process_owner", "owner_gone"]
 
@@ -135,6 +136,20 @@ class InUse(Exception):
         self.held = held
 
 
+class StoreUnavailable(Exception):
+    """The map store cannot be reached (PostgreSQL down, a timeout): nothing was written.
+
+    Routing goes on from the cache; moves and ``map set`` are refused until it is back."""
+
+
+UNAVAILABLE = "[UNAVAILABLE] The mailbox map is unreachable; moves and renames across servers wait until it is back"
+
+
+class LostEntry(Exception):
+    """A journal write found the entry owned by another process (its lease ran out and it was
+    taken over by recovery) or gone: this process must stop working on it."""
+
+
 @dataclass
 class JournalEntry:
     """An operation in progress, as the store keeps it: *data* is JSON, rewritten at each step."""
@@ -147,6 +162,7 @@ class JournalEntry:
     owner: str | None = None  # "host:pid:start" of the process running it; None: anyone may recover it
     created: float = field(default_factory=time.time)
     ended: bool = False  # removed from the store (done or undone)
+    lease_expired: bool | None = None  # stores with leases: the owner stopped renewing it (None: no leases)
 
 
 def _start_time(pid: int) -> str:
@@ -167,8 +183,8 @@ def process_owner() -> str:
 def owner_gone(owner: str | None) -> bool:
     """True if the process that owned an entry no longer runs (on this host): it may be recovered.
 
-    An owner on another host is never taken for gone (a shared store across hosts needs
-    leases: the PostgreSQL store's business)."""
+    An owner on another host is never taken for gone by this test (a shared store across
+    hosts has leases: JournalEntry.lease_expired)."""
     if owner is None:
         return True
     host, _, rest = owner.partition(":")

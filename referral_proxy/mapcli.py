@@ -1,15 +1,19 @@
-"""``referral-proxy map``: read and write the placements of the running proxies' map.
+"""``referral-proxy map``: read and write the placements of the running proxies' map; migrate its schema.
 
-A running proxy notices a change at its next lookup (SQLite's data_version), so
-``map set`` takes effect for new commands without a restart.
+A running proxy learns of a change at once (PostgreSQL: LISTEN/NOTIFY; SQLite: its
+data_version, at the next lookup), so ``map set`` takes effect for new commands
+without a restart. With the store unreachable, ``set``/``unset`` fail and change nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .config import ConfigError, load_config
+from .journal import StoreUnavailable
+from .movecli import _run
 from .recovery import describe
 from .routing import MailboxMap, open_store
 
@@ -25,30 +29,67 @@ def run_map(args: argparse.Namespace) -> int:
     if config.map.store is None:
         sys.stderr.write("referral-proxy: map: [map].store is not set: there is nowhere to keep placements\n")
         return 2
-    mailbox_map = MailboxMap(config.map, open_store(config.map.store))
-    args.user = mailbox_map.canonical(args.user)  # the name the proxy keys everything by
+    if args.map_command == "migrate":
+        return _migrate(config.map.store)
+    store = open_store(config.map.store, lease_seconds=config.map.lease_seconds)
+    mailbox_map = MailboxMap(config.map, store)
     try:
-        if args.map_command == "show":
-            print(show(mailbox_map, config, args.user))
-        elif args.map_command == "set":
-            unknown = [b for b in args.backends if b not in config.backends]
-            if unknown:
-                sys.stderr.write(f"referral-proxy: map set: unknown backend {unknown[0]!r}\n")
-                return 2
-            mailbox_map.place(args.user, args.mailbox, args.backends)
-            print(f"{args.user} {args.mailbox} -> {', '.join(args.backends)}")
-        elif args.map_command == "unset":
-            if args.mailbox not in mailbox_map.placements(args.user):
-                sys.stderr.write(f"referral-proxy: map unset: {args.user} {args.mailbox} has no placement\n")
-                return 1
-            mailbox_map.unplace(args.user, args.mailbox)
-            print(f"{args.user} {args.mailbox}: placement removed -> {', '.join(mailbox_map.lookup(args.user, args.mailbox).backends)}")
-    finally:
-        mailbox_map.close()
+        mailbox_map.start()
+    except Exception as e:  # StoreUnavailable, SchemaError: one line
+        sys.stderr.write(f"referral-proxy: map: {e}\n")
+        return 1
+    args.user = mailbox_map.canonical(args.user)  # the name the proxy keys everything by
+
+    async def main(reactor: Any) -> int:
+        try:
+            return await _command(args, config, mailbox_map)
+        except StoreUnavailable as e:
+            sys.stderr.write(f"referral-proxy: map {args.map_command}: the map store is unreachable, nothing "
+                             f"changed: {e}\n")
+            return 1
+        finally:
+            await mailbox_map.close()
+
+    return _run(main)
+
+
+def _migrate(spec: str) -> int:
+    if not spec.startswith(("postgresql:", "postgres:")):
+        print("an SQLite store creates its tables itself: nothing to migrate")
+        return 0
+    from .pgstore import migrate
+
+    try:
+        print(migrate(spec))
+    except Exception as e:
+        sys.stderr.write(f"referral-proxy: map migrate: {e}\n")
+        return 1
     return 0
 
 
-def show(mailbox_map: MailboxMap, config, user: str) -> str:
+async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMap) -> int:
+    if args.map_command == "show":
+        print(await show(mailbox_map, config, args.user))
+    elif args.map_command == "set":
+        unknown = [b for b in args.backends if b not in config.backends]
+        if unknown:
+            sys.stderr.write(f"referral-proxy: map set: unknown backend {unknown[0]!r}\n")
+            return 2
+        await mailbox_map.place(args.user, args.mailbox, args.backends)
+        await mailbox_map.store.settle()  # the running proxies have it when this command returns
+        print(f"{args.user} {args.mailbox} -> {', '.join(args.backends)}")
+    elif args.map_command == "unset":
+        if args.mailbox not in mailbox_map.placements(args.user):
+            sys.stderr.write(f"referral-proxy: map unset: {args.user} {args.mailbox} has no placement\n")
+            return 1
+        await mailbox_map.unplace(args.user, args.mailbox)
+        await mailbox_map.store.settle()
+        print(f"{args.user} {args.mailbox}: placement removed -> "
+              f"{', '.join(mailbox_map.lookup(args.user, args.mailbox).backends)}")
+    return 0
+
+
+async def show(mailbox_map: MailboxMap, config: Any, user: str) -> str:
     """A readable account of where *user*'s mailboxes live, in order of authority."""
     lines = [f"user {user}: home {', '.join(mailbox_map.home(user).backends)}"]
     placements = mailbox_map.placements(user)
@@ -61,7 +102,7 @@ def show(mailbox_map: MailboxMap, config, user: str) -> str:
         lines.append(f"  {r.mailbox} -> {', '.join(r.backends)}" + ("" if r.user is None else f"   (user {r.user})"))
     lines.append(f"default -> {config.map.default}")
     lines.append(f"backends holding mail: {', '.join(mailbox_map.backends_for(user))}")
-    moves = [e for e in mailbox_map.entries() if e.user == user]
+    moves = [e for e in await mailbox_map.entries() if e.user == user]
     lines.append("moves in progress:" if moves else "moves in progress: none")
     for entry in moves:
         lines.append(f"  {describe(entry)}" + ("" if entry.owner else " (waiting for recovery)"))

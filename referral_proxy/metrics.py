@@ -94,6 +94,11 @@ class ProxyCollector:
                 buckets.append((bound, cumulative))
             family.add_metric([command], buckets, total[0])
         yield family
+        yield GaugeMetricFamily("referral_proxy_map_store_up",
+                                "1 while the map store is reachable (0: routing from the cached map, moves refused).",
+                                value=1 if o.map_store_up else 0)
+        yield _counter("referral_proxy_map_store_outages", "Times the map store became unreachable.", [],
+                       {(): o.map_store_outages})
         if self.health is not None:
             family = GaugeMetricFamily("referral_proxy_backend_up",
                                        "1 when the backend answered its last health check with a greeting.",

@@ -72,7 +72,14 @@ def _load(path: str, on_step: StepHook | None) -> tuple[Config, MailboxMap] | No
     if config.map.store is None:
         sys.stderr.write("referral-proxy: [map].store is not set: moves need a journal\n")
         return None
-    return config, MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
+    mailbox_map = MailboxMap(config.map, open_store(config.map.store, lease_seconds=config.map.lease_seconds),
+                             on_step=on_step)
+    try:
+        mailbox_map.start()
+    except Exception as e:  # the store unreachable, or its schema missing: one line
+        sys.stderr.write(f"referral-proxy: {e}\n")
+        return None
+    return config, mailbox_map
 
 
 def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) -> int:
@@ -82,10 +89,12 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
     config, mailbox_map = loaded
 
     async def main(reactor: Any) -> int:
+        mailbox_map.start_leases(reactor, config.map.lease_seconds / 4)  # what it takes over stays its own
         lines = await recover_all(mailbox_map, lambda user: master_connector(reactor, config, user), reactor)
         for line in lines:
             print(line, flush=True)
-        left = len(mailbox_map.entries())
+        left = len(await mailbox_map.entries())
+        await mailbox_map.close()
         if not lines and not left:
             print("nothing to recover")
         elif left:
@@ -131,6 +140,13 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
     user = mailbox_map.canonical(args.user)
 
     async def main(reactor: Any) -> int:
+        mailbox_map.start_leases(reactor, config.map.lease_seconds / 4)
+        try:
+            return await _move(reactor)
+        finally:
+            await mailbox_map.close()
+
+    async def _move(reactor: Any) -> int:
         connect = master_connector(reactor, config, user)
         # "*" moves a whole user: every mailbox of the user's home backend, INBOX first.
         src_name = mailbox_map.lookup(user, "INBOX" if args.mailbox == "*" else args.mailbox).primary

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from .backend import BackendProtocol
 from .imap.response import completion_text
 from .imap.uidset import expand_uid_set, uid_set
-from .journal import InUse, JournalEntry, Reservation, Step
+from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
     MessageInfo,
     TransferError,
@@ -173,9 +173,11 @@ class Mover:
                 "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
                 "drained": []}
         try:
-            entry = self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new, data["token"]), data)
+            entry = await self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new, data["token"]), data)
         except InUse:
             raise TransferError("[INUSE] Mailbox is being moved or renamed by another command; try again shortly") from None
+        except StoreUnavailable:
+            raise TransferError(UNAVAILABLE) from None
         conns: list[BackendProtocol] = []
         result = MoveResult()
         try:
@@ -186,16 +188,16 @@ class Mover:
             pairs = await self.plan(src, old, new)
             await self._check(dst, pairs)
             data["pairs"] = [list(p) for p in pairs]
-            self.mailbox_map.step(entry, Step.PLANNED)
+            await self.mailbox_map.step(entry, Step.PLANNED)
             for i, (o, n) in enumerate(pairs):
                 if normalize(n, self.sep) != "INBOX":
                     data["at"] = i
-                    self.mailbox_map.step(entry, Step.CREATING)
+                    await self.mailbox_map.step(entry, Step.CREATING)
                     await run_ok(dst, b"CREATE " + name_arg(n), "CREATE")
                     data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
-                    self.mailbox_map.step(entry, Step.CREATED)
+                    await self.mailbox_map.step(entry, Step.CREATED)
                 result.messages += await self._copy(entry, i, src, dst, o, delta=False)
-            self.mailbox_map.step(entry, Step.COMMITTED)
+            await self.mailbox_map.step(entry, Step.COMMITTED)
         except BaseException as e:
             for conn in conns:
                 conn.logout()
@@ -241,7 +243,7 @@ class Mover:
             await self._finish(entry, conns[0], conns[1])
             return True
         except BaseException as e:
-            self.mailbox_map.disown(entry)
+            await self.mailbox_map.disown(entry)
             data = entry.data
             log.error("move {id} of {user} {old} -> {new}: committed, but finishing failed: {why}; "
                       "recovery will finish it", id=entry.id, user=self.user, old=data["old"], new=data["new"],
@@ -257,7 +259,7 @@ class Mover:
         try:
             await self.roll_back(entry)
         except BaseException as e:
-            self.mailbox_map.disown(entry)
+            await self.mailbox_map.disown(entry)
             log.error("move {id} of {user}: failed ({why}) and could not be rolled back now ({how}); "
                       "recovery will", id=entry.id, user=self.user, why=str(why), how=str(e))
 
@@ -285,11 +287,11 @@ class Mover:
             rec = {"pair": i, "src": uid_set(info.uid for info in batch).decode(), "validity": target.uidvalidity,
                    "uidnext": lower}
             data["pending"] = rec
-            self.mailbox_map.step(entry, Step.DELTA_COPYING if delta else Step.COPYING)
+            await self.mailbox_map.step(entry, Step.DELTA_COPYING if delta else Step.COPYING)
 
-            def record(hashes: tuple[str, ...], rec: dict = rec) -> None:
+            async def record(hashes: tuple[str, ...], rec: dict = rec) -> None:
                 rec["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
-                self.mailbox_map.record(entry)
+                await self.mailbox_map.record(entry)
 
             copied = await copy_stream(src, batch, dst, _b(new), self.progress, before_commit=record)
             rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
@@ -299,7 +301,7 @@ class Mover:
             del rec["hashes"]  # verified: the UIDs say it all from now on
             data["batches"].append(rec)
             data["pending"] = None
-            self.mailbox_map.step(entry, Step.DELTA_COPIED if delta else Step.COPIED)
+            await self.mailbox_map.step(entry, Step.DELTA_COPIED if delta else Step.COPIED)
             lower = max(copied.uids) + 1
         return len(infos)
 
@@ -309,7 +311,7 @@ class Mover:
         """Remove exactly what this move appended (by UID) and created (if nothing else is in it)."""
         data = entry.data
         if entry.step in (Step.RESERVED, Step.PLANNED):
-            self.mailbox_map.end_move(entry)
+            await self.mailbox_map.end_move(entry)
             return
         pairs = data["pairs"]
         dst = await self.connect(data["dst"])
@@ -334,7 +336,7 @@ class Mover:
                              id=entry.id, name=name, b=dst.name)
         finally:
             dst.logout()
-        self.mailbox_map.end_move(entry)
+        await self.mailbox_map.end_move(entry)
         log.info("move {id} of {user} ({old} -> {new}) rolled back", id=entry.id, user=self.user, old=data["old"],
                  new=data["new"])
 
@@ -369,17 +371,17 @@ class Mover:
             for o, n in pairs:
                 if o in subs:
                     await run_ok(dst, b"SUBSCRIBE " + name_arg(n), "SUBSCRIBE")
-            self.mailbox_map.step(entry, Step.SUBSCRIBED)
+            await self.mailbox_map.step(entry, Step.SUBSCRIBED)
         if entry.step is Step.SUBSCRIBED:
             for o, n in pairs:
-                self.mailbox_map.place(self.user, n, [data["dst"]])
+                await self.mailbox_map.place(self.user, n, [data["dst"]])
                 if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
-                    self.mailbox_map.unplace(self.user, o)
-            self.mailbox_map.step(entry, Step.PLACED)
+                    await self.mailbox_map.unplace(self.user, o)
+            await self.mailbox_map.step(entry, Step.PLACED)
         for i in reversed(range(len(pairs))):
             if i not in data["drained"]:
                 await self._drain(entry, i, src, dst)
-        self.mailbox_map.end_move(entry)
+        await self.mailbox_map.end_move(entry)
 
     async def _drain(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol) -> None:
         """Carry what reached source *i* during the move, expunge exactly the verified UIDs, delete it.
@@ -401,17 +403,17 @@ class Mover:
                         log.error("move {id}: INBOX on {b} keeps receiving mail: {n} message(s) left there "
                                   "(deliver {user}'s mail to {dst})", id=entry.id, b=src.name, n=len(left),
                                   user=self.user, dst=data["dst"])
-                    return self._drained(entry, i)
+                    return await self._drained(entry, i)
                 await src.deselect()  # a mailbox selected on this connection cannot be renamed
                 await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
             elif old == "INBOX" or not await exists(src, aside):
-                return self._drained(entry, i)  # nothing left at the source
+                return await self._drained(entry, i)  # nothing left at the source
             data["aside"].append(i)
             data["at"] = i
-            self.mailbox_map.step(entry, Step.ASIDE)
+            await self.mailbox_map.step(entry, Step.ASIDE)
         await self._bounded(src, self._delete_aside(entry, i, src, dst, aside))
         await src.command(b"UNSUBSCRIBE " + name_arg(old))  # the name is gone from this backend
-        self._drained(entry, i)
+        await self._drained(entry, i)
 
     async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                             aside: str) -> None:
@@ -485,9 +487,9 @@ class Mover:
                 break
         return left
 
-    def _drained(self, entry: JournalEntry, i: int) -> None:
+    async def _drained(self, entry: JournalEntry, i: int) -> None:
         entry.data["drained"].append(i)
-        self.mailbox_map.step(entry, Step.DRAINED)
+        await self.mailbox_map.step(entry, Step.DRAINED)
 
     async def _settle(self, entry: JournalEntry, dst: BackendProtocol) -> None:
         """A delta batch a crash interrupted: recorded if it committed (found by content), else dropped."""
@@ -500,7 +502,7 @@ class Mover:
             rec["dst"] = uid_set(d for _s, d in found).decode()
             data["batches"].append(rec)
         data["pending"] = None
-        self.mailbox_map.step(entry, Step.DELTA_COPIED)
+        await self.mailbox_map.step(entry, Step.DELTA_COPIED)
 
 
 # -- RENAME on one backend --------------------------------------------------------------------------
@@ -514,13 +516,13 @@ class LocalRename:
     completion: str
 
 
-def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> None:
+async def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> None:
     """Placements of the renamed mailboxes (those on *backend*) now belong to the new names."""
     sep = mailbox_map.separator
     for name, backends in mailbox_map.placements(user).items():
         if backends[0] == backend and (name == old or name.startswith(old + sep)):
-            mailbox_map.unplace(user, name)
-            mailbox_map.place(user, new + name[len(old):], backends)
+            await mailbox_map.unplace(user, name)
+            await mailbox_map.place(user, new + name[len(old):], backends)
 
 
 async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str) -> LocalRename:
@@ -532,9 +534,11 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
     inbox = normalize(old, sep) == "INBOX"
     reservations = [Reservation(old, subtree=not inbox), Reservation(new)]
     try:
-        entry = mailbox_map.begin_move(user, "rename-local", reservations, {"backend": conn.name, "old": old, "new": new})
+        entry = await mailbox_map.begin_move(user, "rename-local", reservations, {"backend": conn.name, "old": old, "new": new})
     except InUse:
         return LocalRename((), "NO [INUSE] Mailbox is being moved or renamed by another command; try again shortly")
+    except StoreUnavailable:
+        return LocalRename((), "NO " + UNAVAILABLE)
     try:
         if not inbox:
             placed = mailbox_map.placements(user)
@@ -547,21 +551,21 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
                     continue  # a stray copy the map hides: it stays hidden
                 target = new + child[len(old):]
                 if normalize(child, sep) not in placed and mailbox_map.lookup(user, target).primary != conn.name:
-                    mailbox_map.end_move(entry)
+                    await mailbox_map.end_move(entry)
                     return LocalRename((), "NO [CANNOT] A mailbox inside would get a name that lives on another "
                                            "server; rename or move it first")
-        mailbox_map.step(entry, Step.RENAMING)
+        await mailbox_map.step(entry, Step.RENAMING)
         result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
         if result.ok and not inbox:
-            _follow_placements(mailbox_map, user, conn.name, old, new)
-        mailbox_map.end_move(entry)
+            await _follow_placements(mailbox_map, user, conn.name, old, new)
+        await mailbox_map.end_move(entry)
         return LocalRename(tuple(r.raw for r in result.responses), completion_text(result.start))
     except BaseException:
         if not entry.ended:
             if entry.step is Step.RESERVED:
-                mailbox_map.end_move(entry)
+                await mailbox_map.end_move(entry)
             else:
-                mailbox_map.disown(entry)
+                await mailbox_map.disown(entry)
         raise
 
 
@@ -570,7 +574,7 @@ async def reconcile_local(mailbox_map: MailboxMap, entry: JournalEntry, conn: Ba
     data = entry.data
     renamed = not await exists(conn, data["old"]) and await exists(conn, data["new"])
     if renamed and normalize(data["old"], mailbox_map.separator) != "INBOX":
-        _follow_placements(mailbox_map, entry.user, data["backend"], data["old"], data["new"])
-    mailbox_map.end_move(entry)
+        await _follow_placements(mailbox_map, entry.user, data["backend"], data["old"], data["new"])
+    await mailbox_map.end_move(entry)
     return "renamed: placements follow" if renamed else "not renamed: nothing to do"
 

@@ -115,6 +115,8 @@ class Observer:
         self.refusals_total: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.login_delays_total = 0
         self.login_delay_seconds = 0.0
+        self.map_store_up = True  # the map store (PostgreSQL) reachable; routing goes on from the cache if not
+        self.map_store_outages = 0
 
     # -- sessions -------------------------------------------------------------
 
@@ -304,6 +306,12 @@ class Observer:
         return id_command(rec.origin) if rec is not None else None
 
     # -- backend connections ----------------------------------------------------------------
+
+    def map_store_available(self, up: bool) -> None:
+        """The map store went away (routing continues from the cache) or came back."""
+        if self.map_store_up and not up:
+            self.map_store_outages += 1
+        self.map_store_up = up
 
     def backend_opened(self, proto: Any) -> None:
         self._backends.add(proto)

@@ -1,8 +1,9 @@
 """Recovery of journaled operations a crash (or a failure) left unfinished: start-up, a timer, ``recover``.
 
 Each entry is claimed first (a compare-and-set of its owner in the store), and only
-if the process that ran it is gone or gave it up: a move still running in another
-process is never touched. What is done with it follows journal.TABLE.
+if the process that ran it is gone, gave it up, or (PostgreSQL) let its lease run out:
+a move still running in another process is never touched, and of two recoverers
+only one wins the claim. What is done with it follows journal.TABLE.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from twisted.logger import Logger
 
 from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
-from .journal import TABLE, JournalEntry, Recovery, owner_gone
+from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .mover import Connect, Mover, reconcile_local
 from .routing import MailboxMap
 from .transfer import finish_message_move
@@ -59,7 +60,7 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
         raise BackendError("written by another version of referral-proxy: not recovered")
     how = TABLE[entry.step].recovery
     if how is Recovery.RELEASE:
-        mailbox_map.end_move(entry)
+        await mailbox_map.end_move(entry)
         return "released (nothing was changed)"
     if entry.op == "move":
         mover = Mover(mailbox_map, connect, entry.user, clock=clock)
@@ -86,14 +87,14 @@ async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connec
     *connector(user)* gives the connect function for that user's backends; *clock* lets
     recovery wait for a dead connection's last command to settle (transfer.SETTLE)."""
     lines = []
-    for entry in mailbox_map.entries():
-        if not owner_gone(entry.owner) or not mailbox_map.claim(entry):
+    for entry in await mailbox_map.entries():
+        if not mailbox_map.abandoned(entry) or not await mailbox_map.claim(entry):
             continue  # running in a live process, or another recoverer was first
         try:
             outcome = await recover_entry(mailbox_map, entry, connector(entry.user), clock)
             lines.append(f"{describe(entry)}: {outcome}")
         except Exception as e:
-            mailbox_map.disown(entry)
+            await mailbox_map.disown(entry)
             lines.append(f"{describe(entry)}: NOT recovered: {e}")
     return lines
 
@@ -115,7 +116,7 @@ class RecoverySweep:
             self._loop.stop()
 
     def _sweep(self) -> defer.Deferred[None] | None:
-        if self._running is not None or not self.map.entries():
+        if self._running is not None:
             return None
         self._running = defer.ensureDeferred(self._recover())
         self._running.addBoth(lambda _: setattr(self, "_running", None))
@@ -126,6 +127,10 @@ class RecoverySweep:
             config = self.config()
             lines = await recover_all(self.map, lambda user: master_connector(self.reactor, config, user),
                                       self.reactor)
+        except StoreUnavailable as e:
+            log.warn("recovery: the map store is unreachable ({why}); trying again in {s}s", why=str(e),
+                     s=SWEEP_SECONDS)
+            return
         except Exception:
             log.failure("recovery failed")
             return

@@ -110,7 +110,8 @@ class ProxyService(MultiService):
         self.config = config
         self.reactor = reactor
         # on_step: called after each journal step (tests inject faults there; None in production)
-        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store), on_step=on_step)
+        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store, reactor,
+                                                             lease_seconds=config.map.lease_seconds), on_step=on_step)
         self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded
         self.guard = LoopGuard(config)
         self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
@@ -180,6 +181,13 @@ class ProxyService(MultiService):
         return result
 
     def startService(self) -> None:
+        # The map first: a PostgreSQL store that is unreachable or has no (or an old) schema
+        # stops start-up with one line (runner.py prints it) before anything listens.
+        self.mailbox_map.start()
+        self.mailbox_map.start_leases(self.reactor, self.config.map.lease_seconds / 4)
+        store = self.mailbox_map.store
+        if hasattr(store, "on_availability"):
+            store.on_availability = self.observer.map_store_available
         super().startService()
         if self.health is not None:
             self.health.start()
@@ -209,7 +217,7 @@ class ProxyService(MultiService):
             except defer.TimeoutError:
                 log.warn("{n} client connection(s) still open after {s}s; closing anyway", n=len(self.context.sessions),
                          s=SHUTDOWN_GRACE)
-        self.mailbox_map.close()
+        yield defer.ensureDeferred(self.mailbox_map.close())
 
     def reload(self, path: str | None = None) -> None:
         """SIGHUP: read the file again; backends and map rules change together, for new

@@ -51,6 +51,7 @@ from .imap.reader import (
     TextLine,
 )
 from .imap.response import ResponseStart, completion_text
+from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
 from .mailboxes import MailboxCommands, Refusing
 from .origin import peer_ip
 from .pool import BackendPool
@@ -320,6 +321,9 @@ class ClientSession(Protocol):
             elif f.check(BackendError):
                 log.warn("session {id}: {why}", id=self.id, why=f.getErrorMessage())
                 self.tagged(tag, "NO", "[UNAVAILABLE] Mail server temporarily unavailable")
+            elif f.check(StoreUnavailable, LostEntry):  # the map store went away mid-command: recovery finishes it
+                log.warn("session {id}: {why}", id=self.id, why=f.getErrorMessage())
+                self.tagged(tag, "NO", UNAVAILABLE)
             else:
                 log.failure("session {id}: command failed", f, id=self.id)
                 self.tagged(tag, "NO", "[SERVERBUG] Internal proxy error")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from .imap.framing import Line, LiteralData, LiteralEnd
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
 from .imap.uidset import expand_uid_set, uid_set
-from .journal import InUse, JournalEntry, Reservation, Step
+from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
     MessageInfo,
     TransferError,
@@ -175,7 +175,7 @@ class _Bodies:
 
 async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
                       mailbox: bytes, progress: Progress | None = None,
-                      before_commit: Callable[[tuple[str, ...]], None] | None = None) -> Copied:
+                      before_commit: Callable[[tuple[str, ...]], Awaitable[None]] | None = None) -> Copied:
     """Append *infos*' messages (of the mailbox selected on *src*) to *mailbox* on *dst* in ONE
     MULTIAPPEND, bodies streamed by one ``UID FETCH`` and hashed on the way. On any failure
     the destination connection is aborted, so its MULTIAPPEND saves nothing.
@@ -212,7 +212,7 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
         dst.write(ptag + b" APPEND " + astring(mailbox))
         others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
         if before_commit is not None:
-            before_commit(tuple(hashes))
+            await before_commit(tuple(hashes))
         dst.write(b"\r\n")
         start, _raw = await done
     except BaseException:
@@ -329,7 +329,10 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
-    entry = await _hold(mailbox_map, user, src_name, dst_name, clock) if move else None
+    try:
+        entry = await _hold(mailbox_map, user, src_name, dst_name, clock) if move else None
+    except StoreUnavailable:
+        return CopyOutcome([], "NO", UNAVAILABLE)
     if move and entry is None:
         return CopyOutcome([], "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
     try:
@@ -349,14 +352,14 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
                                                f"{uid_set(copied.uids).decode()}] Copy completed.",
                                sum(i.size for i in infos))
         if entry is not None:
-            mailbox_map.end_move(entry)
+            await mailbox_map.end_move(entry)
         return outcome
     except BaseException:
         if entry is not None and not entry.ended:
             if entry.step is Step.RESERVED:
-                mailbox_map.end_move(entry)  # nothing was sent to the destination
+                await mailbox_map.end_move(entry)  # nothing was sent to the destination
             else:
-                mailbox_map.disown(entry)  # the copies may be there: recovery finishes or releases it
+                await mailbox_map.disown(entry)  # the copies may be there: recovery finishes or releases it
         raise
 
 
@@ -369,7 +372,7 @@ async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str
     delay, waited = 0.02, 0.0
     while True:
         try:
-            return mailbox_map.begin_move(user, "move-messages", reservations, {})
+            return await mailbox_map.begin_move(user, "move-messages", reservations, {})
         except InUse as e:
             if clock is None or waited >= MOVE_WAIT or any(h.name != lock.name for h in e.held):
                 return None
@@ -386,10 +389,10 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     entry.data.update({"src": src.name, "src_mailbox": src_mailbox, "src_validity": src_state.uidvalidity,
                        "src_uids": uid_set(uids).decode(), "dst": dst.name, "dst_mailbox": dst_mailbox,
                        "dst_validity": dst_state.uidvalidity, "dst_uidnext": dst_state.uidnext})
-    mailbox_map.step(entry, Step.MOVE_APPENDING)
-    def record(hashes: tuple[str, ...]) -> None:
+    await mailbox_map.step(entry, Step.MOVE_APPENDING)
+    async def record(hashes: tuple[str, ...]) -> None:
         entry.data["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
-        mailbox_map.record(entry)
+        await mailbox_map.record(entry)
 
     try:
         copied = await copy_stream(src, infos, dst, dst_mailbox.encode("utf-8", "surrogateescape"),
@@ -397,19 +400,19 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     except CommitUnknown:
         raise
     except BaseException:
-        mailbox_map.end_move(entry)  # the MULTIAPPEND was refused or never completed: nothing saved
+        await mailbox_map.end_move(entry)  # the MULTIAPPEND was refused or never completed: nothing saved
         raise
     untagged += copied.others
     entry.data["dst_uids"] = uid_set(copied.uids).decode()
     await verify_copies(dst, dst_mailbox, copied)
-    mailbox_map.step(entry, Step.MOVE_APPENDED)
+    await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:
         present, others = await _mark_deleted(src, uids)
         untagged += others
         entry.data["present"] = uid_set(present).decode()
         entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in present).decode()
-        mailbox_map.step(entry, Step.MOVE_EXPUNGING)
+        await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
         if present:
             copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "
                        f"{uid_set(copy_of[u] for u in present).decode()}]")
@@ -420,7 +423,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         not_deleted = [i.uid for i in infos if b"\\DELETED" not in {f.upper() for f in i.flags}]
         if not_deleted and not src.closed:
             await src.command(b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)")
-        mailbox_map.disown(entry)
+        await mailbox_map.disown(entry)
         log.error("MOVE: copied to {dst} but not yet removed from {src} ({why}); recovery will finish it",
                   dst=dst.name, src=src.name, why=str(e))
         copyuid = f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} {uid_set(copied.uids).decode()}]"
@@ -430,7 +433,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     if gone:  # moved or expunged by someone else while we copied: our copies would be extra ones
         await open_mailbox(dst, dst_mailbox, readonly=False)
         await expunge_uids(dst, gone)
-    mailbox_map.end_move(entry)
+    await mailbox_map.end_move(entry)
     moved = sum(i.size for i in infos if i.uid in set(present))
     return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
 
@@ -470,21 +473,21 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     a copy whose source someone else moved or expunged meanwhile is taken back. Else nothing moved."""
     data = entry.data
     if not await exists(src, data["src_mailbox"]):
-        mailbox_map.end_move(entry)
+        await mailbox_map.end_move(entry)
         return "source mailbox gone: nothing to remove"
     state = await open_mailbox(src, data["src_mailbox"], readonly=False)
     if state.uidvalidity != data["src_validity"]:
-        mailbox_map.end_move(entry)
+        await mailbox_map.end_move(entry)
         return "source mailbox replaced (UIDVALIDITY): nothing removed"
     if entry.step is Step.MOVE_EXPUNGING:  # which source UIDs go and which copies come back was decided
         present, _ = await search_uids(src, b"UID " + data["present"].encode()) if data["present"] else ([], [])
         await expunge_uids(src, present)
         await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))
-        mailbox_map.end_move(entry)
+        await mailbox_map.end_move(entry)
         return f"finished: {len(present)} message(s) removed from the source"
     src_uids = expand_uid_set(data["src_uids"])
     if "hashes" not in data:  # the MULTIAPPEND's last byte was never sent: it cannot have committed
-        mailbox_map.end_move(entry)
+        await mailbox_map.end_move(entry)
         return "the destination never committed: nothing moved"
     sent = dict(zip(src_uids, data["hashes"]))
     if "dst_uids" in data:
@@ -493,11 +496,11 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
         found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
                                   data["hashes"], clock=clock)
         if not found:
-            mailbox_map.end_move(entry)
+            await mailbox_map.end_move(entry)
             return "the destination never committed: nothing moved"
         pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
     if not await exists(dst, data["dst_mailbox"]):
-        mailbox_map.end_move(entry)
+        await mailbox_map.end_move(entry)
         return "destination mailbox gone: the source is left as it is"
     dst_state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
     copies = await hashes_present(dst, [d for _s, d in pairs]) if dst_state.uidvalidity == data["dst_validity"] else {}
@@ -505,7 +508,7 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     present, _ = await search_uids(src, b"UID " + uid_set(s for s, _d in verified)) if verified else ([], [])
     await expunge_uids(src, present)
     await _take_back(dst, data, [d for s, d in verified if s not in present])  # its source went elsewhere
-    mailbox_map.end_move(entry)
+    await mailbox_map.end_move(entry)
     return f"finished: {len(present)} message(s) removed from the source"
 
 

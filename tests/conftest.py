@@ -300,6 +300,9 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
     the child before its exec: resource limits); any other keyword goes into the
     ``[proxy]`` table, e.g. ``referrals="aware"``.  Each proxy runs in its own
     directory (its cwd, where the config file and a relative sqlite store live).
+    ``RP_TEST_STORE=postgresql`` puts the default store in a PostgreSQL database of
+    the test's own instead (tests that open the SQLite file themselves then fail:
+    they read the wrong store).
     """
     started: list[RunningProxy] = []
     counter = [0]
@@ -331,6 +334,11 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
             listen = [listen]
         if not listen:
             raise ValueError("the proxy config has no [proxy] listen endpoint")
+        if (config is not None and os.environ.get("RP_TEST_STORE") == "postgresql"
+                and config.get("map", {}).get("store") == "sqlite:map.sqlite3"):
+            # the same tests on the shared store: one database per test (its proxies share it)
+            config["map"]["store"] = request.getfixturevalue("pg_dsn")
+            text = toml_dumps(config)
         host, port = parse_listen(listen[0])
         config_path = workdir / "proxy.toml"
         config_path.write_text(text)
@@ -410,3 +418,37 @@ def spare_backend(fleet):
     d.start()
     yield d
     d.stop()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of its own (initdb + pg_ctl, Unix socket, trust), for the whole session."""
+    from referral_proxy.testing.pg import PostgresServer
+
+    root = Path(tempfile.mkdtemp(prefix="rp-pg-"))
+    server = PostgresServer(root)
+    server.init()
+    server.start()
+    yield server
+    try:
+        server.stop()
+    except Exception:
+        pass
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_PG_DBS = [0]
+
+
+@pytest.fixture
+def pg_dsn(postgres):
+    """A fresh, migrated database on the session's server: its URI."""
+    from referral_proxy.pgstore import migrate
+
+    _PG_DBS[0] += 1
+    dsn = postgres.create_db(f"map{_PG_DBS[0]}")
+    migrate(dsn)
+    return dsn

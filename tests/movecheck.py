@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -194,3 +195,14 @@ def cli(*args: str, timeout: float = 120.0, command: list[str] | None = None) ->
 def faulty(*options: str) -> list[str]:
     """The command prefix of tests/faultproxy.py with *options* (then ``--``)."""
     return [sys.executable, str(REPO / "tests" / "faultproxy.py"), *options, "--"]
+
+
+def wait_paused(pause: Path, what: str) -> str:
+    """Wait until a faultproxy.py --pause-at point is reached (DIR/paused), take it, say which."""
+    deadline = time.monotonic() + 60
+    while not (pause / "paused").exists():
+        assert time.monotonic() < deadline, "the move never reached " + what
+        time.sleep(0.01)
+    step = (pause / "paused").read_text()
+    (pause / "paused").unlink()
+    return step

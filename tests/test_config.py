@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from storehelp import now
 
 from referral_proxy.config import ConfigError, load_config
 from referral_proxy.routing import MailboxMap, SQLiteStore
@@ -64,13 +65,13 @@ def test_good_config_and_map(tmp_path):
     assert m.lookup("alice", "Shared/Projects").backends == ("b3",)
     assert m.lookup("bob", "Shared/Projects").backends == ("b3",)  # first matching rule wins
     assert m.lookup("alice", "Shared").backends == ("b1",)
-    m.place("alice", "inbox/Archive", ["b2"])  # INBOX is case-insensitive
+    now(m.place("alice", "inbox/Archive", ["b2"]))  # INBOX is case-insensitive
     assert m.lookup("alice", "INBOX/Archive").backends == ("b2",)
-    m.close()
+    now(m.close())
     # Placements survive a restart.
     again = MailboxMap(config.map, SQLiteStore(tmp_path / "map.sqlite3"))
     assert again.lookup("alice", "INBOX/Archive").backends == ("b2",)
-    again.close()
+    now(again.close())
 
 
 @pytest.mark.parametrize("edit, message", [

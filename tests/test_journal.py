@@ -1,4 +1,4 @@
-"""The journal's table, reservations and the map store's contract (both stores), without backends."""
+"""The journal's table, reservations, canonical names, SQLite across processes (the contract: test_store_contract)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from storehelp import now
 
 from referral_proxy.config import MapConfig, RuleConfig
 from referral_proxy.journal import (
@@ -22,7 +23,7 @@ from referral_proxy.journal import (
     owner_gone,
     process_owner,
 )
-from referral_proxy.routing import MailboxMap, MemoryStore, SQLiteStore, canonical_user
+from referral_proxy.routing import MailboxMap, SQLiteStore, canonical_user
 
 CONFIG = MapConfig(default="b1", rules=(RuleConfig("*", ("b2",), user="Bob"), RuleConfig("Shared/*", ("b3",))))
 
@@ -73,64 +74,12 @@ def test_conflicts(a, b, clash):
     assert conflicts(b, a, "/") is clash
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "map.sqlite3")
-    yield s
-    s.close()
-
-
-def test_store_contract(store):
-    first = store.begin_move("carol", "move", [Reservation("Big"), Reservation("Shared/Z")], {"n": 1}, "me", "/")
-    with pytest.raises(InUse):
-        store.begin_move("carol", "move", [Reservation("Small"), Reservation("Shared/Z/c")], {"n": 2}, "me", "/")
-    assert [e.id for e in store.journal()] == [first]  # the refused one wrote nothing
-    assert sorted(r.name for u, r in store.reservations()) == ["Big", "Shared/Z"]
-    other = store.begin_move("dave", "move", [Reservation("Big")], {}, "me", "/")  # another user: no clash
-    store.journal_step(first, Step.PLANNED, {"n": 3})
-    (entry,) = [e for e in store.journal() if e.id == first]
-    assert (entry.step, entry.data, entry.owner, entry.user, entry.op) == (Step.PLANNED, {"n": 3}, "me", "carol", "move")
-    assert not store.claim(first, "you", "somebody else")
-    assert store.claim(first, None, "me") and store.claim(first, "you", None)
-    assert [e.owner for e in store.journal() if e.id == first] == ["you"]
-    store.end_move(first)
-    assert [e.id for e in store.journal()] == [other]
-    assert [(u, r.name) for u, r in store.reservations()] == [("dave", "Big")]
-    store.begin_move("carol", "move", [Reservation("Small"), Reservation("Shared/Z/c")], {}, "me", "/")
-
-
-def test_map_reservations_use_canonical_names(store):
-    m = MailboxMap(CONFIG, store)
-    entry = m.begin_move("Carol", "move", [Reservation("inbox", subtree=False), Reservation("Work")], {})
-    assert entry.user == "carol"
-    assert m.reserved("CAROL", "INBOX") and m.reserved("carol", "Work/Deep") and not m.reserved("carol", "Workshop")
-    assert not m.reserved("carol", "INBOX/child") and not m.reserved("dave", "Work")
-    with pytest.raises(InUse):
-        m.begin_move("carol", "move", [Reservation("Inbox", subtree=False)], {})
-    pin = m.begin_move("carol", "move-messages", [Reservation("Other", False, True)], {})
-    assert not m.reserved("carol", "Other")  # a MOVE's pins keep RENAMEs out, not the user
-    m.end_move(entry)
-    m.end_move(pin)
-    assert not m.reserved("carol", "Work")
-
-
-def test_steps_follow_the_table_and_reach_the_hook():
-    seen = []
-    m = MailboxMap(CONFIG, MemoryStore(), on_step=lambda e: seen.append(e.step))
-    entry = m.begin_move("carol", "move", [Reservation("Work")], {"x": 1})
-    m.step(entry, Step.PLANNED)
-    with pytest.raises(ValueError):
-        m.step(entry, Step.PLACED)
-    assert seen == [Step.RESERVED, Step.PLANNED]
-    assert m.entries()[0].step is Step.PLANNED
-
-
 def test_user_names_are_canonical_in_routing():
     assert canonical_user("BoB") == "bob" and canonical_user("BoB", "as-is") == "BoB"
     assert canonical_user("ÉRIC") == "Éric"  # ASCII only, as Dovecot's %L
     m = MailboxMap(CONFIG)
     assert m.home("BOB").backends == m.home("bob").backends == ("b2",)
-    m.place("Alice", "Archive", ["b3"])
+    now(m.place("Alice", "Archive", ["b3"]))
     assert m.lookup("alice", "Archive").backends == ("b3",)
     assert m.placements("ALICE") == {"Archive": ("b3",)}
     as_is = MailboxMap(MapConfig(default="b1", rules=CONFIG.rules, username_format="as-is"))
@@ -141,16 +90,16 @@ def _race(path: str, name: str, barrier, out) -> None:
     store = SQLiteStore(path)
     barrier.wait()
     try:
-        store.begin_move("carol", "move", [Reservation("Work"), Reservation(name)], {}, f"p{os.getpid()}", "/")
+        now(store.begin_move("carol", "move", [Reservation("Work"), Reservation(name)], {}, f"p{os.getpid()}", "/"))
         out.put("won")
     except InUse:
         out.put("in use")
-    store.close()
+    now(store.close())
 
 
 def test_two_processes_cannot_both_reserve(tmp_path):
     path = str(tmp_path / "map.sqlite3")
-    SQLiteStore(path).close()
+    now(SQLiteStore(path).close())
     ctx = multiprocessing.get_context("fork")
     for round_ in range(5):
         barrier, out = ctx.Barrier(4), ctx.Queue()
@@ -162,9 +111,9 @@ def test_two_processes_cannot_both_reserve(tmp_path):
         results = sorted(out.get(timeout=5) for _ in procs)
         assert results == ["in use"] * 3 + ["won"], results
         store = SQLiteStore(path)
-        for e in store.journal():
-            store.end_move(e.id)
-        store.close()
+        for e in now(store.journal()):
+            now(store.end_move(e.id))
+        now(store.close())
 
 
 def test_another_process_sees_a_reservation_at_once(tmp_path):
@@ -172,7 +121,8 @@ def test_another_process_sees_a_reservation_at_once(tmp_path):
     m = MailboxMap(CONFIG, SQLiteStore(path))
     assert not m.reserved("carol", "Work")
     code = ("from referral_proxy.routing import SQLiteStore; from referral_proxy.journal import Reservation; "
-            f"SQLiteStore({str(path)!r}).begin_move('carol', 'move', [Reservation('Work')], {{}}, 'x', '/')")
+            f"c = SQLiteStore({str(path)!r}).begin_move('carol', 'move', [Reservation('Work')], {{}}, 'x', '/')\n"
+            "try:\n    c.send(None)\nexcept StopIteration:\n    pass")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
     assert m.reserved("carol", "Work/A")
     assert m.lookup("carol", "Work").backends == ("b1",)

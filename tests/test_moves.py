@@ -6,13 +6,24 @@ and by what a client of the proxy can reach, never by the proxy's own answers.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
-import time
 
 import pytest
 from imapwire import Wire
-from movecheck import Deliverer, census, cli, deliver, faulty, judge, multiappend, quote, seed, through_proxy
+from movecheck import (
+    Deliverer,
+    census,
+    cli,
+    deliver,
+    faulty,
+    judge,
+    multiappend,
+    quote,
+    seed,
+    through_proxy,
+    wait_paused,
+)
+from storehelp import REACTOR, now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -50,9 +61,22 @@ def _at_once(wires: list[Wire], commands: list[bytes]) -> list[bytes]:
     return answers
 
 
+def _store(proxy):
+    """The proxy's map store (SQLite, or PostgreSQL with RP_TEST_STORE), opened as another process would."""
+    from referral_proxy.config import load_config
+    from referral_proxy.routing import open_store
+
+    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
+    store.start()
+    return store
+
+
 def _no_entries(proxy) -> bool:
-    with sqlite3.connect(proxy.config_path.parent / "map.sqlite3") as db:
-        return db.execute("SELECT count(*) FROM journal").fetchone()[0] == 0
+    store = _store(proxy)
+    try:
+        return now(store.journal()) == []
+    finally:
+        now(store.close())
 
 
 def _exactly_once(fleet, proxy, user: str, must, may=(), hidden=()) -> None:
@@ -142,16 +166,6 @@ MOVE_STEPS = ["reserved:1", "planned:1", "creating:1", "created:1", "copying:1",
               "delta-copied:1", "drained:1"]
 
 
-def _wait_paused(pause, what: str) -> str:
-    deadline = time.monotonic() + 60
-    while not (pause / "paused").exists():
-        assert time.monotonic() < deadline, "the move never reached " + what
-        time.sleep(0.01)
-    step = (pause / "paused").read_text()
-    (pause / "paused").unlink()
-    return step
-
-
 @pytest.mark.parametrize("step", MOVE_STEPS)
 def test_delivery_at_each_step_of_a_rename_is_carried_or_left_reachable(proxy_factory, fleet, tmp_path, step):
     work = ids("work", 20)
@@ -166,7 +180,7 @@ def test_delivery_at_each_step_of_a_rename_is_carried_or_left_reachable(proxy_fa
     w.send(b"r RENAME Work Shared/W\r\n")
     delivered = {"early@t": deliver(fleet["b1"], "carol", "Work", "early@t")}  # before or while it starts
     for point in points:
-        assert _wait_paused(pause, point) == point
+        assert wait_paused(pause, point) == point
         # The proxy is stopped at this step: deliveries straight to the source backend.
         for k in range(3):
             mid = f"at-{point}-{k}@t"
@@ -380,7 +394,6 @@ def _state(backend, mailbox: str) -> tuple[int, int]:
 @pytest.mark.parametrize("committed", [True, False])
 def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fleet, committed):
     from referral_proxy.journal import Reservation, Step
-    from referral_proxy.routing import SQLiteStore
 
     inbox, stray = ids("inbox", 10), ids("stray", 1)
     seed(fleet["b1"], "carol", "INBOX", inbox)
@@ -390,15 +403,15 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
     validity, uidnext = _state(fleet["b2"], "INBOX")
     if committed:
         _copy_directly(fleet, "b1", "INBOX", "b2", "INBOX", "1:10")
-    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    store = _store(proxy)
     data = {"src": "b1", "dst": "b2", "old": "*", "new": "*", "token": "t0", "pairs": [["INBOX", "INBOX"]],
             "created": [], "validity": {"0": _state(fleet["b1"], "INBOX")[0]}, "batches": [],
             "pending": {"pair": 0, "src": "1:10", "validity": validity, "uidnext": uidnext,
                         "hashes": _hashes(fleet["b1"], "INBOX", "1:10")}, "aside": [], "drained": []}
-    entry = store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/")
-    store.journal_step(entry, Step.COPYING, data)
-    store.claim(entry, None, "gone.example:1:1")  # its process is gone
-    store.close()
+    entry = now(store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/"))
+    now(store.journal_step(entry, Step.COPYING, data, "gone.example:1:1"))
+    now(store.disown(entry, "gone.example:1:1"))  # its process is gone
+    now(store.close())
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
     assert census(fleet, "carol", [fleet["b2"]])[0] == before_b2  # exactly as it was: the stray, alone
@@ -408,7 +421,6 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
 @pytest.mark.parametrize("committed", [True, False, "moved meanwhile"])
 def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet, committed):
     from referral_proxy.journal import Reservation, Step
-    from referral_proxy.routing import SQLiteStore
 
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
@@ -417,7 +429,7 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
     validity, uidnext = _state(fleet["b3"], "Shared/Dest")
     if committed:
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
-    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
+    store = _store(proxy)
     data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
             "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
             "hashes": _hashes(fleet["b1"], "Work", "2:4")}
@@ -426,10 +438,10 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
             m.create("Other")
             m.select("Work")
             assert m.uid("MOVE", "3", "Other")[0] == "OK"
-    entry = store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
-                                                        Reservation("Shared/Dest", False, True)], data, None, "/")
-    store.journal_step(entry, Step.MOVE_APPENDING, data)
-    store.close()
+    entry = now(store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
+                                                            Reservation("Shared/Dest", False, True)], data, None, "/"))
+    now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
+    now(store.close())
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     removed = {True: "3 message(s) removed", False: "never committed", "moved meanwhile": "2 message(s) removed"}
@@ -445,7 +457,6 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
 
 def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
     from referral_proxy.journal import Reservation
-    from referral_proxy.routing import SQLiteStore
 
     work = ids("work", 3)
     seed(fleet["b1"], "carol", "Work", work)
@@ -453,13 +464,15 @@ def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, f
     proxy = proxy_factory(MASTERS, rules=RULES)
     w = _logged_in(proxy)
     assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # selected before the move began
-    store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")
-    entry = store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/")
+    store = _store(proxy)
+    entry = now(store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/"))
+    now(store.settle())  # as MailboxMap.begin_move does (PostgreSQL: the proxy has the reservation)
     for command in (b"UID MOVE 1 Other", b"MOVE 1 Shared/X", b"UID COPY 2 Shared/W"):
         assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command
     assert w.cmd(b"c", b"UID COPY 1 Other")[-1].startswith(b"c OK")  # a copy out takes nothing away
-    store.end_move(entry)
-    store.close()
+    now(store.end_move(entry))
+    now(store.settle())
+    now(store.close())
     assert w.cmd(b"n", b"UID MOVE 2 Other")[-1].startswith(b"n OK")
     w.close()
     counts, where = census(fleet, "carol")

@@ -16,6 +16,7 @@ from mailcheck import contents
 from mailcheck import same_messages as _same_messages
 from movecheck import cli, faulty, multiappend
 from procmem import reset_peak, rss
+from storehelp import now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot
 
@@ -319,15 +320,15 @@ def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
     w = Wire(proxy.host, proxy.port)
     w.login()
     store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")  # another process: as the admin move would
-    entry = store.begin_move("alice", "move", [Reservation("Work"), Reservation("Archive/Work")], {}, "x", "/")
+    entry = now(store.begin_move("alice", "move", [Reservation("Work"), Reservation("Archive/Work")], {}, "x", "/"))
     for tag, command in [(b"a", b"SELECT Work"), (b"b", b"STATUS Archive/Work (MESSAGES)"), (b"c", b"DELETE Work"),
                          (b"f", b"CREATE Work/New"), (b"g", b"RENAME Other Archive/Work/x")]:
         assert w.cmd(tag, command) == [tag + b" NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n"]
     w.send(b"d APPEND Work {5}\r\n")
     assert w.line().startswith(b"d NO [INUSE]")  # before the literal
-    store.end_move(entry)
+    now(store.end_move(entry))
     assert w.cmd(b"e", b"SELECT Work")[-1].startswith(b"e OK")
-    store.close()
+    now(store.close())
     w.close()
 
 

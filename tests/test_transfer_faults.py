@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from storehelp import now
+
 from referral_proxy.config import parse_config
 from referral_proxy.referrals import referable
 from referral_proxy.testing.fakes import SessionHarness
@@ -56,7 +58,7 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     src.dataReceived(b"* STATUS INBOX (UIDVALIDITY 3 UIDNEXT 9 MESSAGES 2)\r\nrp4 OK\r\n")
     assert _take(dst) == b"rp2 STATUS Shared/X (UIDVALIDITY UIDNEXT MESSAGES)\r\n"
     dst.dataReceived(b"* STATUS Shared/X (UIDVALIDITY 9 UIDNEXT 5 MESSAGES 4)\r\nrp2 OK\r\n")
-    (entry,) = h.context.mailbox_map.entries()
+    (entry,) = now(h.context.mailbox_map.entries())
     assert entry.step.value == "move-appending" and entry.data["dst_uidnext"] == 5
     # One FETCH for every body; a delivery meanwhile is kept for the client.
     assert _take(src) == b"rp5 UID FETCH 7:8 (UID BODY.PEEK[])\r\n"
@@ -72,11 +74,11 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     dst.dataReceived(b"* 6 EXISTS\r\n* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
     assert _take(dst) == b"rp5 UID FETCH 5:6 (UID BODY.PEEK[])\r\n"
     dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\n* 6 FETCH (UID 6 BODY[] {2}\r\nde)\r\nrp5 OK\r\n")
-    assert h.context.mailbox_map.entries()[0].step.value == "move-appended"
+    assert now(h.context.mailbox_map.entries())[0].step.value == "move-appended"
     # Only now the source: exactly these UIDs, those that are still there.
     assert _take(src) == b"rp6 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
-    assert h.context.mailbox_map.entries()[0].data["present"] == "7:8"
+    assert now(h.context.mailbox_map.entries())[0].data["present"] == "7:8"
     assert _take(src) == b"rp7 UID EXPUNGE 7:8\r\n"
     src.dataReceived(b"rp7 NO [SERVERBUG] Expunge failed\r\n")
     # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
@@ -85,7 +87,7 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     assert h.to_client() == (b"* 3 EXISTS\r\n* OK [COPYUID 9 7:8 5:6] Moved\r\n"
                              b"m NO [COPYUID 9 7:8 5:6] The messages were copied; removing them from the source "
                              b"failed and will be retried\r\n")
-    (entry,) = h.context.mailbox_map.entries()  # left, unowned, for recovery to finish
+    (entry,) = now(h.context.mailbox_map.entries())  # left, unowned, for recovery to finish
     assert entry.owner is None and entry.step.value == "move-expunging" and entry.data["dst_uids"] == "5:6"
 
 
@@ -105,7 +107,7 @@ def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     dst.dataReceived(b"* 5 EXPUNGE\r\nrp8 OK\r\n")
     assert h.to_client() == b"* 1 EXPUNGE\r\nm OK No messages moved (they were gone).\r\n"
     assert _take(src) == b""
-    assert h.context.mailbox_map.entries() == []
+    assert now(h.context.mailbox_map.entries()) == []
 
 
 def _uid_move_of_one(h, src) -> object:
@@ -133,7 +135,7 @@ def test_a_copy_that_reads_back_differently_is_not_removed_from_the_source():
     dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabd)\r\nrp5 OK\r\n")  # not what was sent
     assert h.to_client().startswith(b"m NO verification failed")
     assert _take(src) == b""  # no STORE, no EXPUNGE on the source
-    (entry,) = h.context.mailbox_map.entries()
+    (entry,) = now(h.context.mailbox_map.entries())
     assert entry.step.value == "move-appending" and entry.owner is None  # recovery decides, by content
 
 
@@ -144,7 +146,7 @@ def test_destination_refusal_aborts_its_connection_and_touches_no_source_message
     assert h.to_client() == b"m NO [OVERQUOTA] Quota exceeded\r\n"
     assert _take(src) == b""  # no STORE, no EXPUNGE on the source
     assert dst.transport.disconnecting
-    assert h.context.mailbox_map.entries() == []  # refused: nothing was saved, nothing to recover
+    assert now(h.context.mailbox_map.entries()) == []  # refused: nothing was saved, nothing to recover
 
 
 def test_no_referral_to_the_proxy_itself():

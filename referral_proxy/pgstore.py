@@ -1,0 +1,524 @@
+"""The map store in PostgreSQL: several proxies (and hosts) share placements, reservations, the journal.
+
+How it keeps store.MapStore's contract:
+
+* the reactor never waits: every statement runs in a bounded thread pool (POOL_SIZE
+  threads, each with its own connection) through ``deferToThreadPool``, with a connect
+  timeout, a statement and lock timeout, and TCP keepalives;
+* every write that changes what routing reads (placements, a move's begin and end)
+  updates the one row of ``map_state`` (its ``change`` counter, which also serializes
+  those writes: two overlapping moves can never both begin) and sends ``NOTIFY
+  referral_proxy_map`` in the same transaction;
+* a listener thread, on its own connection, LISTENs, and on each notification (and
+  after each reconnect) re-reads placements and reservations in one REPEATABLE READ
+  transaction; ``poll()`` hands the newest to the reactor thread without I/O, never one
+  older than this process's own last write (its ``change``); it writes the change it
+  has read in ``listeners`` (and a heartbeat every HEALTH_SECONDS), and ``settle()``
+  waits until every live listener has read this process's last write;
+* a move's owner holds a lease (``lease_until``, the database's clock), renewed by its
+  process; recovery takes an entry over only when the lease has run out (or its owner,
+  on this host, is dead), by compare-and-set; each journal step is written only while
+  the writer still owns the entry (LostEntry otherwise);
+* a connection error or timeout raises StoreUnavailable: nothing was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts
+from .store import Snapshot
+
+__all__ = ["PostgresStore", "SchemaError", "migrate", "SCHEMA_VERSION", "CHANNEL", "POOL_SIZE"]
+
+log = Logger()
+
+SCHEMA_VERSION = 1  # `referral-proxy map migrate` brings a database to it; a proxy checks it at start-up
+CHANNEL = "referral_proxy_map"
+POOL_SIZE = 4  # threads (and connections) of one process; writes are short transactions
+CONNECT_TIMEOUT = 5  # seconds
+STATEMENT_TIMEOUT_MS = 10_000  # a statement (or a lock wait) longer than this fails: StoreUnavailable
+IDLE_CHECK_SECONDS = 1.0  # a pooled connection idle longer is checked (SELECT 1) before a write uses it
+HEALTH_SECONDS = 2.0
+SETTLE_SECONDS = 2.0  # a move's begin and end wait at most this long for every live proxy to have read them
+LIVE_SECONDS = 3 * HEALTH_SECONDS  # a listener silent longer is taken for gone (settle does not wait for it)  # the listener checks its connection this often when nothing is notified
+_OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS} " \
+           f"-c idle_in_transaction_session_timeout=60000"
+
+
+def _conninfo(dsn: str, name: str) -> str:
+    """The configured URI with the timeouts and keepalives every connection of ours has."""
+    return make_conninfo(dsn, connect_timeout=CONNECT_TIMEOUT, options=_OPTIONS, application_name=name,
+                         keepalives=1, keepalives_idle=10, keepalives_interval=3, keepalives_count=3)
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS map_state (one boolean PRIMARY KEY DEFAULT true CHECK (one),"
+    " schema_version integer NOT NULL, change bigint NOT NULL DEFAULT 0)",
+    # names are the bytes a client sent (any, even invalid UTF-8): bytea
+    "CREATE TABLE IF NOT EXISTS placements (username bytea NOT NULL, mailbox bytea NOT NULL,"
+    " backends text NOT NULL, PRIMARY KEY (username, mailbox))",
+    "CREATE TABLE IF NOT EXISTS journal (id bigserial PRIMARY KEY, username bytea NOT NULL, op text NOT NULL,"
+    " data text NOT NULL, step text NOT NULL, created double precision NOT NULL, owner text,"
+    " lease_until timestamptz)",
+    "CREATE TABLE IF NOT EXISTS reservations (entry bigint NOT NULL REFERENCES journal (id) ON DELETE CASCADE,"
+    " username bytea NOT NULL, name bytea, subtree boolean NOT NULL, shared boolean NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS reservations_user ON reservations (username)",
+    # each running proxy's listener: the newest change it has read, and when it last said so
+    "CREATE TABLE IF NOT EXISTS listeners (id text PRIMARY KEY, seen bigint NOT NULL, beat timestamptz NOT NULL)",
+]
+
+T = TypeVar("T")
+
+
+class SchemaError(Exception):
+    """The database has no schema, or one of another version: `referral-proxy map migrate`."""
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else s.encode("utf-8", "surrogateescape")
+
+
+def _s(b: bytes | None) -> str | None:
+    return None if b is None else bytes(b).decode("utf-8", "surrogateescape")
+
+
+def _step(value: str) -> Step | None:
+    try:
+        return Step(value)
+    except ValueError:
+        return None
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(_conninfo(dsn, "referral-proxy"), autocommit=True)
+    except psycopg.Error as e:
+        raise StoreUnavailable(f"PostgreSQL: {_why(e)}") from None
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def migrate(dsn: str) -> str:
+    """Create or bring the schema to SCHEMA_VERSION (idempotent); what was done, one line."""
+    conn = _connect(dsn)
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(7118511)")  # two migrations at once wait for each other
+            before = _schema_version(conn)
+            if before is not None and before > SCHEMA_VERSION:
+                raise SchemaError(f"the database's schema is version {before}, newer than this referral-proxy "
+                                  f"({SCHEMA_VERSION})")
+            for statement in SCHEMA:
+                conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute("INSERT INTO map_state (schema_version) VALUES (%s) ON CONFLICT (one) DO UPDATE"
+                         " SET schema_version = EXCLUDED.schema_version", (SCHEMA_VERSION,))
+    finally:
+        conn.close()
+    if before == SCHEMA_VERSION:
+        return f"schema is up to date (version {SCHEMA_VERSION})"
+    return f"schema {'created' if before is None else f'migrated from version {before}'} (version {SCHEMA_VERSION})"
+
+
+def _schema_version(conn: psycopg.Connection[Any]) -> int | None:
+    exists = conn.execute("SELECT to_regclass('map_state') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute("SELECT schema_version FROM map_state").fetchone()
+    return None if row is None else int(row[0])
+
+
+def check_schema(conn: psycopg.Connection[Any]) -> None:
+    version = _schema_version(conn)
+    if version is None:
+        raise SchemaError("the PostgreSQL map store has no schema: run `referral-proxy map --config FILE migrate`")
+    if version < SCHEMA_VERSION:
+        raise SchemaError(f"the PostgreSQL map store's schema is version {version}, older than this "
+                          f"referral-proxy's ({SCHEMA_VERSION}): run `referral-proxy map --config FILE migrate`")
+    if version > SCHEMA_VERSION:
+        raise SchemaError(f"the PostgreSQL map store's schema is version {version}, newer than this "
+                          f"referral-proxy's ({SCHEMA_VERSION}): upgrade referral-proxy")
+
+
+def _read_snapshot(conn: psycopg.Connection[Any]) -> tuple[int, Snapshot]:
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        row = conn.execute("SELECT change FROM map_state").fetchone()
+        change = int(row[0]) if row else 0
+        placements = conn.execute("SELECT username, mailbox, backends FROM placements").fetchall()
+        held = conn.execute("SELECT entry, username, name, subtree, shared FROM reservations").fetchall()
+    return change, Snapshot(
+        {(_s(u), _s(m)): tuple(b.split(",")) for u, m, b in placements},  # type: ignore[misc]
+        tuple((int(e), _s(u), Reservation(_s(n), bool(st), bool(sh))) for e, u, n, st, sh in held),  # type: ignore[misc]
+    )
+
+
+def _bump(conn: psycopg.Connection[Any]) -> int:
+    """Count a change routing must learn of, tell every listener at commit; the row lock serializes."""
+    row = conn.execute("UPDATE map_state SET change = change + 1 RETURNING change").fetchone()
+    if row is None:
+        raise SchemaError("the PostgreSQL map store has no schema: run `referral-proxy map --config FILE migrate`")
+    conn.execute(f"NOTIFY {CHANNEL}")
+    return int(row[0])
+
+
+class PostgresStore:
+    """store.MapStore in PostgreSQL (see the module's docstring)."""
+
+    leases = True
+
+    def __init__(self, dsn: str, reactor: Any, *, lease_seconds: float = 60.0, pool_size: int = POOL_SIZE) -> None:
+        self.dsn = dsn
+        self.lease_seconds = float(lease_seconds)
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=0, maxthreads=pool_size, name="map-store")
+        self._idle: queue.LifoQueue[tuple[psycopg.Connection[Any], float]] = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self._pending: Snapshot | None = None
+        self._pending_change = -1
+        self._floor = -1  # the change of this process's own last write: no older snapshot is handed out
+        self._seen = -1  # the newest change the listener has read
+        self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # this listener in `listeners`
+        self._stopping = threading.Event()
+        self._listener: threading.Thread | None = None
+        self._started = False
+        self.available = True
+        self.on_availability: Callable[[bool], None] | None = None  # called in the reactor thread
+
+    # -- start-up and the listener ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Before serving (blocking, the reactor not yet needed): connect, check the schema,
+        read everything, start the listener and the pool. StoreUnavailable / SchemaError say why not."""
+        if self._started:
+            return
+        conn = _connect(self.dsn)
+        try:
+            check_schema(conn)
+            change, snapshot = _read_snapshot(conn)
+        except psycopg.Error as e:
+            conn.close()
+            raise StoreUnavailable(f"PostgreSQL: {_why(e)}") from None
+        except BaseException:
+            conn.close()
+            raise
+        self._release(conn)
+        self._publish(change, snapshot)
+        self._started = True
+        self._pool.start()
+        self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
+        self._listener = threading.Thread(target=self._listen, name="map-store-listener", daemon=True)
+        self._listener.start()
+
+    def _publish(self, change: int, snapshot: Snapshot) -> None:
+        with self._lock:
+            if change >= self._floor and change >= self._pending_change:
+                self._pending, self._pending_change = snapshot, change
+            self._seen = max(self._seen, change)
+
+    def _set_available(self, up: bool) -> None:
+        if up == self.available:
+            return
+        self.available = up
+        self._reactor.callFromThread(self._availability_changed, up)
+
+    def _availability_changed(self, up: bool) -> None:
+        if up:
+            log.info("map store: PostgreSQL reachable again; placements re-read")
+        else:
+            log.warn("map store: PostgreSQL unreachable; routing from the cached map, moves refused until it is back")
+        if self.on_availability is not None:
+            self.on_availability(up)
+
+    def _read_and_tell(self, conn: psycopg.Connection[Any]) -> None:
+        change, snapshot = _read_snapshot(conn)
+        self._publish(change, snapshot)
+        self._beat(conn)
+
+    def _beat(self, conn: psycopg.Connection[Any]) -> None:
+        """Say which change this proxy has read (settle() of every proxy waits for the live ones)."""
+        conn.execute("INSERT INTO listeners (id, seen, beat) VALUES (%s, %s, clock_timestamp())"
+                     " ON CONFLICT (id) DO UPDATE SET seen = EXCLUDED.seen, beat = EXCLUDED.beat",
+                     (self._id, self._seen))
+
+    def _listen(self) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            conn = None
+            try:
+                conn = psycopg.connect(_conninfo(self.dsn, "referral-proxy listener"), autocommit=True)
+                conn.execute(f"LISTEN {CHANNEL}")
+                self._read_and_tell(conn)  # after a reconnect: everything again
+                self._set_available(True)
+                delay = 0.2
+                while not self._stopping.is_set():
+                    notified = False
+                    for _n in conn.notifies(timeout=HEALTH_SECONDS, stop_after=1):
+                        notified = True
+                    if notified:
+                        for _n in conn.notifies(timeout=0.001):  # the rest of a burst: one re-read
+                            pass
+                        self._read_and_tell(conn)
+                    else:
+                        self._beat(conn)  # alive (and a server gone quiet is noticed)
+                conn.execute("DELETE FROM listeners WHERE id = %s", (self._id,))
+            except Exception as e:
+                if self._stopping.is_set():
+                    break
+                self._set_available(False)
+                log.debug("map store listener: {why}", why=_why(e))
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
+
+    def _stop_threads(self) -> None:
+        self._stopping.set()
+        if self._pool.started:
+            self._pool.stop()
+        while True:
+            try:
+                self._idle.get_nowait()[0].close()
+            except queue.Empty:
+                break
+
+    # -- running statements ----------------------------------------------------------------------
+
+    def _checked_out(self) -> psycopg.Connection[Any]:
+        """An idle connection that still answers (one idle a while is asked first: a server
+        restarted meanwhile cut it, and a write must not fail for that), or a new one."""
+        while True:
+            try:
+                conn, last = self._idle.get_nowait()
+            except queue.Empty:
+                return _connect(self.dsn)
+            if time.monotonic() - last < IDLE_CHECK_SECONDS:
+                return conn
+            try:
+                conn.execute("SELECT 1")
+                return conn
+            except psycopg.Error:
+                conn.close()
+
+    def _release(self, conn: psycopg.Connection[Any]) -> None:
+        if not conn.closed:
+            self._idle.put((conn, time.monotonic()))
+
+    def _in_thread(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        conn = self._checked_out()
+        try:
+            with conn.transaction():
+                result = work(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            conn.close()
+            raise StoreUnavailable(f"PostgreSQL: {_why(e)}") from None
+        except BaseException:
+            self._release(conn)
+            raise
+        self._release(conn)
+        return result
+
+    async def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        if not self._started:
+            self.start_in_reactor()
+        return await deferToThreadPool(self._reactor, self._pool, self._in_thread, work)  # type: ignore[no-any-return]
+
+    def start_in_reactor(self) -> None:
+        """The pool alone (a CLI that skipped start(): migrate, tests)."""
+        if not self._pool.started:
+            self._pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
+        self._started = True
+
+    def _wrote(self, change: int) -> None:
+        with self._lock:
+            self._floor = max(self._floor, change)
+            if self._pending_change < self._floor:
+                self._pending = None
+
+    # -- the contract -------------------------------------------------------------------------
+
+    async def settle(self) -> None:
+        """Wait (SETTLE_SECONDS at most) until every live proxy's listener has read this process's
+        last write (live: it said so in ``listeners`` within LIVE_SECONDS). Never raises.
+
+        A move's begin waits for this before it reads anything, and its end before its client
+        is answered: the next command of any client, through any proxy, finds the names held,
+        then free. A proxy cut from the database is not waited for (it routes from its cache)."""
+        with self._lock:
+            floor = self._floor
+            if floor < 0 or not self.available or self._listener is None:
+                return
+        deadline = time.monotonic() + SETTLE_SECONDS
+
+        def wait_all(conn: psycopg.Connection[Any]) -> int:
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM listeners WHERE seen < %s"
+                    " AND beat > clock_timestamp() - make_interval(secs => %s)", (floor, LIVE_SECONDS)).fetchone()
+                behind = int(row[0]) if row else 0
+                if behind == 0 or time.monotonic() > deadline:
+                    return behind
+                time.sleep(0.002)
+
+        try:
+            behind = await self._run(wait_all)
+        except Exception as e:
+            log.warn("map store: could not check that the other proxies have change {c}: {why}", c=floor, why=str(e))
+            return
+        if behind:
+            log.warn("map store: {n} proxy listener(s) had not read change {c} after {s}s", n=behind, c=floor,
+                     s=SETTLE_SECONDS)
+
+    def poll(self) -> Snapshot | None:
+        with self._lock:
+            snapshot, self._pending = self._pending, None
+        return snapshot
+
+    async def load(self) -> Snapshot:
+        def work(conn: psycopg.Connection[Any]) -> tuple[int, Snapshot]:
+            check_schema(conn)
+            row = conn.execute("SELECT change FROM map_state").fetchone()
+            placements = conn.execute("SELECT username, mailbox, backends FROM placements").fetchall()
+            held = conn.execute("SELECT entry, username, name, subtree, shared FROM reservations").fetchall()
+            return int(row[0]) if row else 0, Snapshot(
+                {(_s(u), _s(m)): tuple(b.split(",")) for u, m, b in placements},  # type: ignore[misc]
+                tuple((int(e), _s(u), Reservation(_s(n), bool(st), bool(sh)))  # type: ignore[misc]
+                      for e, u, n, st, sh in held))
+
+        change, snapshot = await self._run(work)
+        self._wrote(change)
+        with self._lock:
+            self._pending = None
+        return snapshot
+
+    async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
+        def work(conn: psycopg.Connection[Any]) -> int:
+            change = _bump(conn)
+            conn.execute("INSERT INTO placements (username, mailbox, backends) VALUES (%s, %s, %s)"
+                         " ON CONFLICT (username, mailbox) DO UPDATE SET backends = EXCLUDED.backends",
+                         (_b(user), _b(mailbox), ",".join(backends)))
+            return change
+
+        self._wrote(await self._run(work))
+
+    async def unset(self, user: str, mailbox: str) -> None:
+        def work(conn: psycopg.Connection[Any]) -> int:
+            change = _bump(conn)
+            conn.execute("DELETE FROM placements WHERE username = %s AND mailbox = %s", (_b(user), _b(mailbox)))
+            return change
+
+        self._wrote(await self._run(work))
+
+    async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, owner: str,
+                         separator: str) -> int:
+        lease = self.lease_seconds
+
+        def work(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+            change = _bump(conn)  # the row lock: every other begin/end waits until this one commits
+            rows = conn.execute("SELECT name, subtree, shared FROM reservations WHERE username = %s",
+                                (_b(user),)).fetchall()
+            held = [Reservation(_s(n), bool(st), bool(sh)) for n, st, sh in rows]
+            clash = [h for h in held if any(conflicts(h, r, separator) for r in reservations)]
+            if clash:
+                raise InUse(clash)
+            row = conn.execute(
+                "INSERT INTO journal (username, op, data, step, created, owner, lease_until)"
+                " VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s)) RETURNING id",
+                (_b(user), op, json.dumps(data), Step.RESERVED.value, time.time(), owner, lease)).fetchone()
+            assert row is not None
+            entry_id = int(row[0])
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO reservations (entry, username, name, subtree, shared) VALUES (%s, %s, %s, %s, %s)",
+                    [(entry_id, _b(user), _b(r.name), r.subtree, r.shared) for r in reservations])
+            return entry_id, change
+
+        entry_id, change = await self._run(work)
+        self._wrote(change)
+        return entry_id
+
+    async def journal_step(self, entry_id: int, step: Step, data: dict, owner: str | None) -> None:
+        lease = self.lease_seconds
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            cur = conn.execute(
+                "UPDATE journal SET step = %s, data = %s,"
+                " lease_until = CASE WHEN owner IS NULL THEN NULL ELSE now() + make_interval(secs => %s) END"
+                " WHERE id = %s AND owner IS NOT DISTINCT FROM %s::text",
+                (step.value, json.dumps(data), lease, entry_id, owner))
+            return cur.rowcount
+
+        if await self._run(work) != 1:
+            raise LostEntry(f"journal entry {entry_id} is no longer ours (taken over by recovery, or gone)")
+
+    async def end_move(self, entry_id: int) -> None:
+        def work(conn: psycopg.Connection[Any]) -> int:
+            change = _bump(conn)
+            conn.execute("DELETE FROM reservations WHERE entry = %s", (entry_id,))
+            conn.execute("DELETE FROM journal WHERE id = %s", (entry_id,))
+            return change
+
+        self._wrote(await self._run(work))
+
+    async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool:
+        lease, free = self.lease_seconds, expected is None or dead
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            cur = conn.execute(
+                "UPDATE journal SET owner = %s, lease_until = now() + make_interval(secs => %s)"
+                " WHERE id = %s AND owner IS NOT DISTINCT FROM %s::text"
+                " AND (%s::boolean OR lease_until IS NULL OR lease_until < now())",
+                (owner, lease, entry_id, expected, free))
+            return cur.rowcount
+
+        return await self._run(work) == 1
+
+    async def disown(self, entry_id: int, owner: str) -> bool:
+        def work(conn: psycopg.Connection[Any]) -> int:
+            return conn.execute("UPDATE journal SET owner = NULL, lease_until = NULL WHERE id = %s AND owner = %s",
+                                (entry_id, owner)).rowcount
+
+        return await self._run(work) == 1
+
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
+        lease, ids = self.lease_seconds, list(entry_ids)
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            return conn.execute("UPDATE journal SET lease_until = now() + make_interval(secs => %s)"
+                                " WHERE owner = %s AND id = ANY(%s)", (lease, owner, ids)).rowcount
+
+        return await self._run(work)
+
+    async def journal(self) -> list[JournalEntry]:
+        def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT id, username, op, data, step, created, owner,"
+                " coalesce(lease_until < now(), false) FROM journal ORDER BY id").fetchall()
+
+        rows = await self._run(work)
+        return [JournalEntry(int(i), _s(u), o, json.loads(d), _step(st), ow, c, lease_expired=bool(x))  # type: ignore[arg-type]
+                for i, u, o, d, st, c, ow, x in rows]
+
+    async def close(self) -> None:
+        self._stop_threads()  # idle threads end at once; a statement in flight ends within its timeout

@@ -1,0 +1,321 @@
+"""Where the map's run-time state is kept: placements, the move journal and its reservations.
+
+One contract (``MapStore``), three stores: ``MemoryStore`` (no ``[map].store``: forgotten on
+exit), ``SQLiteStore`` (one host, the embedded default) and ``PostgresStore`` (several
+proxies on several hosts, pgstore.py). Every write is a coroutine (the PostgreSQL store
+waits on the network, never in the reactor thread); reads for routing never wait: the
+proxy keeps a ``Snapshot`` in memory and ``poll()`` hands it the newest one a store knows of.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, conflicts
+
+__all__ = ["Snapshot", "MapStore", "MemoryStore", "SQLiteStore"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything routing needs, as of one moment: placements and the reservations of live moves.
+
+    *reservations*: (journal entry id, user, reservation)."""
+
+    placements: dict[tuple[str, str], tuple[str, ...]]
+    reservations: tuple[tuple[int, str, Reservation], ...]
+
+
+class MapStore(Protocol):
+    """The contract every store keeps (tests/test_store_contract.py runs one suite on each):
+
+    * ``begin_move`` checks the reservations of every live entry of the user and writes the
+      new entry with its own in ONE transaction, or raises InUse writing nothing; two
+      processes (or hosts) can never both begin overlapping moves;
+    * ``journal_step`` writes an entry's step and data only while *owner* owns it (else
+      LostEntry): a process whose entry was taken over stops at its next step;
+    * ``end_move`` removes an entry and its reservations in one transaction;
+    * ``claim`` takes an entry over from *expected* (compare-and-set), and only if
+      *expected* is None, known *dead* by the caller, or (stores with ``leases``) its lease
+      ran out: two recoverers never both win; ``disown`` gives it up;
+    * ``poll`` never waits on I/O across a network; after a write of this process returns,
+      no older snapshot is ever handed out;
+    * an unreachable store raises StoreUnavailable (and writes nothing).
+    """
+
+    leases: bool  # entries carry a lease the owner renews (JournalEntry.lease_expired is set)
+
+    def start(self) -> None:
+        """Before serving, blocking: connect and check (PostgreSQL: schema, first read, listener)."""
+    def poll(self) -> Snapshot | None:
+        """The newest state if it changed since the last load/poll (None: unchanged)."""
+    async def load(self) -> Snapshot: ...
+    async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None: ...
+    async def unset(self, user: str, mailbox: str) -> None: ...
+    async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, owner: str,
+                         separator: str) -> int: ...
+    async def journal_step(self, entry_id: int, step: Step, data: dict, owner: str | None) -> None: ...
+    async def end_move(self, entry_id: int) -> None: ...
+    async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool: ...
+    async def disown(self, entry_id: int, owner: str) -> bool: ...
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
+        """Extend the lease of those of *entry_ids* that *owner* holds; how many (0 for stores without leases)."""
+    async def journal(self) -> list[JournalEntry]: ...
+    async def settle(self) -> None:
+        """Return once the other processes have (as good as surely) learnt of this one's last write."""
+    async def close(self) -> None: ...
+
+
+def _step(value: str) -> Step | None:
+    try:
+        return Step(value)
+    except ValueError:
+        return None  # written by an older version: recovery reports it, never guesses
+
+
+def _copy(data: dict) -> dict:
+    return json.loads(json.dumps(data))
+
+
+class MemoryStore:
+    """A store that forgets everything on exit (no ``[map].store`` configured, and tests)."""
+
+    leases = False
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._journal: dict[int, JournalEntry] = {}
+        self._held: dict[int, list[Reservation]] = {}
+        self._next_id = 1
+
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(dict(self._rows), tuple((i, self._journal[i].user, r)
+                                                for i, held in self._held.items() for r in held))
+
+    def start(self) -> None:
+        pass
+
+    def poll(self) -> Snapshot | None:
+        return None  # only this process writes it, and it keeps its cache itself
+
+    async def load(self) -> Snapshot:
+        return self._snapshot()
+
+    async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
+        self._rows[(user, mailbox)] = tuple(backends)
+
+    async def unset(self, user: str, mailbox: str) -> None:
+        self._rows.pop((user, mailbox), None)
+
+    async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, owner: str,
+                         separator: str) -> int:
+        clash = [a for entry_id, held in self._held.items() if self._journal[entry_id].user == user
+                 for a in held if any(conflicts(a, b, separator) for b in reservations)]
+        if clash:
+            raise InUse(clash)
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        self._journal[entry_id] = JournalEntry(entry_id, user, op, _copy(data), Step.RESERVED, owner)
+        self._held[entry_id] = list(reservations)
+        return entry_id
+
+    async def journal_step(self, entry_id: int, step: Step, data: dict, owner: str | None) -> None:
+        entry = self._journal.get(entry_id)
+        if entry is None or entry.owner != owner:
+            raise LostEntry(f"journal entry {entry_id} is no longer ours")
+        entry.step, entry.data = step, _copy(data)
+
+    async def end_move(self, entry_id: int) -> None:
+        self._journal.pop(entry_id, None)
+        self._held.pop(entry_id, None)
+
+    async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool:
+        entry = self._journal.get(entry_id)
+        if entry is None or entry.owner != expected:
+            return False
+        entry.owner = owner
+        return True
+
+    async def disown(self, entry_id: int, owner: str) -> bool:
+        entry = self._journal.get(entry_id)
+        if entry is None or entry.owner != owner:
+            return False
+        entry.owner = None
+        return True
+
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
+        return 0
+
+    async def settle(self) -> None:
+        pass  # SQLite: another process reads the file at its next lookup
+
+    async def journal(self) -> list[JournalEntry]:
+        return [JournalEntry(e.id, e.user, e.op, _copy(e.data), e.step, e.owner, e.created)
+                for e in self._journal.values()]
+
+    async def close(self) -> None:
+        pass
+
+
+class SQLiteStore:
+    """Placements, journal and reservations in an SQLite file; every write is one transaction.
+
+    Several processes on one host (proxies, the admin commands) share the file: a move's
+    entry and its reservations are written under ``BEGIN IMMEDIATE`` (SQLite's write
+    lock), so two moves of overlapping names can never both begin. A local file: its
+    coroutines never wait (each statement takes microseconds), and ``poll`` reads
+    SQLite's data_version to see another process's commits."""
+
+    leases = False
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS placements ("
+            " user TEXT NOT NULL, mailbox TEXT NOT NULL, backends TEXT NOT NULL,"
+            " PRIMARY KEY (user, mailbox))"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS journal ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, op TEXT NOT NULL,"
+            " data TEXT NOT NULL, step TEXT NOT NULL, created REAL NOT NULL, owner TEXT)"
+        )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(journal)")}
+        if "owner" not in columns:  # a store written by an older version
+            self._db.execute("ALTER TABLE journal ADD COLUMN owner TEXT")
+        self._db.execute(  # name: the mailbox name's bytes (a client may send any), NULL: every mailbox
+            "CREATE TABLE IF NOT EXISTS reservations ("
+            " entry INTEGER NOT NULL, user TEXT NOT NULL, name BLOB, subtree INTEGER NOT NULL,"
+            " shared INTEGER NOT NULL)"
+        )
+        self._version = -1
+
+    def _data_version(self) -> int:
+        # Changes when ANOTHER connection commits (a local file read, microseconds).
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _read(self) -> Snapshot:
+        self._db.execute("BEGIN")
+        try:
+            self._version = self._data_version()
+            rows = self._db.execute("SELECT user, mailbox, backends FROM placements").fetchall()
+            held = self._db.execute("SELECT entry, user, name, subtree, shared FROM reservations").fetchall()
+        finally:
+            self._db.execute("COMMIT")
+        return Snapshot({(_text(u), _text(m)): tuple(b.split(",")) for u, m, b in rows},
+                        tuple((e, _text(u), Reservation(_name(n), bool(s), bool(sh))) for e, u, n, s, sh in held))
+
+    def start(self) -> None:
+        pass
+
+    def poll(self) -> Snapshot | None:
+        if self._data_version() == self._version:
+            return None
+        return self._read()
+
+    async def load(self) -> Snapshot:
+        return self._read()
+
+    async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO placements (user, mailbox, backends) VALUES (?, ?, ?)",
+                (_key(user), _key(mailbox), ",".join(backends)),
+            )
+
+    async def unset(self, user: str, mailbox: str) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM placements WHERE user = ? AND mailbox = ?", (_key(user), _key(mailbox)))
+
+    async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, owner: str,
+                         separator: str) -> int:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self._db.execute("SELECT name, subtree, shared FROM reservations WHERE user = ?", (_key(user),))
+            held = [Reservation(_name(n), bool(subtree), bool(shared)) for n, subtree, shared in rows.fetchall()]
+            clash = [h for h in held if any(conflicts(h, r, separator) for r in reservations)]
+            if clash:
+                raise InUse(clash)
+            cur = self._db.execute(
+                "INSERT INTO journal (user, op, data, step, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                (_key(user), op, json.dumps(data), Step.RESERVED.value, time.time(), owner),
+            )
+            entry_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            self._db.executemany(
+                "INSERT INTO reservations (entry, user, name, subtree, shared) VALUES (?, ?, ?, ?, ?)",
+                [(entry_id, _key(user), _blob(r.name), int(r.subtree), int(r.shared)) for r in reservations],
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return entry_id
+
+    async def journal_step(self, entry_id: int, step: Step, data: dict, owner: str | None) -> None:
+        """One transaction per step: a crash leaves the previous step or this one, never half."""
+        with self._db:
+            cur = self._db.execute("UPDATE journal SET step = ?, data = ? WHERE id = ? AND owner IS ?",
+                                   (step.value, json.dumps(data), entry_id, owner))
+        if cur.rowcount != 1:
+            raise LostEntry(f"journal entry {entry_id} is no longer ours")
+
+    async def end_move(self, entry_id: int) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("DELETE FROM reservations WHERE entry = ?", (entry_id,))
+            self._db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool:
+        with self._db:
+            cur = self._db.execute("UPDATE journal SET owner = ? WHERE id = ? AND owner IS ?", (owner, entry_id, expected))
+        return cur.rowcount == 1
+
+    async def disown(self, entry_id: int, owner: str) -> bool:
+        with self._db:
+            cur = self._db.execute("UPDATE journal SET owner = NULL WHERE id = ? AND owner = ?", (entry_id, owner))
+        return cur.rowcount == 1
+
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
+        return 0
+
+    async def settle(self) -> None:
+        pass  # SQLite: another process reads the file at its next lookup
+
+    async def journal(self) -> list[JournalEntry]:
+        rows = self._db.execute("SELECT id, user, op, data, step, created, owner FROM journal ORDER BY id")
+        return [JournalEntry(i, _text(u), o, json.loads(d), _step(st), ow, c)  # type: ignore[arg-type]
+                for i, u, o, d, st, c, ow in rows]
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+def _key(name: str) -> str | bytes:
+    """A name as SQLite keeps it: text if it is UTF-8, else its bytes (a client may send any)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape")
+
+
+def _text(stored: str | bytes) -> str:
+    return stored if isinstance(stored, str) else bytes(stored).decode("utf-8", "surrogateescape")
+
+
+def _blob(name: str | None) -> bytes | None:
+    return None if name is None else name.encode("utf-8", "surrogateescape")
+
+
+def _name(stored: bytes | None) -> str | None:
+    return None if stored is None else bytes(stored).decode("utf-8", "surrogateescape")

@@ -1,0 +1,252 @@
+"""Two proxy processes sharing one PostgreSQL map in front of the three Dovecot backends (issue 11).
+
+Judged by a census of the backends (movecheck.py) and by what clients of either proxy
+reach, never by the proxies' own answers alone.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+from conftest import deep_merge
+from imapwire import Wire
+from movecheck import census, cli, faulty, judge, seed, through_proxy, wait_paused
+from test_ops_dovecot import scrape, value, wait_for
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, free_port
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"mailbox": "Archive/*", "backend": "b2"}]
+
+
+def ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i}@t" for i in range(n)]
+
+
+def _config(dsn: str) -> dict:
+    masters = {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}
+    return {"backends": masters, "map": {"store": dsn}}
+
+
+def _logged_in(proxy, user: str = "carol") -> Wire:
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login(user)
+    return w
+
+
+def _entries(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM journal").fetchone()
+        return int(row[0]) if row else -1
+
+
+def _exactly_once(fleet, proxies, user: str, must) -> None:
+    counts, where = census(fleet, user)
+    lost, duplicated = judge(counts, must)
+    assert not lost and not duplicated, (f"lost {lost[:5]} ({len(lost)}), duplicated "
+                                         f"{[(d, where[d]) for d in duplicated[:5]]} ({len(duplicated)})")
+    for proxy in proxies:  # every proxy reaches every message once
+        reached = through_proxy(proxy, user)
+        assert [i for i in counts if reached[i] != 1] == [], proxy.port
+
+
+def test_a_rename_through_a_is_routed_by_b_at_its_next_command(proxy_factory, fleet, pg_dsn):
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    a, b = proxy_factory(_config(pg_dsn), rules=RULES), proxy_factory(_config(pg_dsn), rules=RULES)
+    on_b = _logged_in(b)  # a session of B open before the move, idle during it
+    assert on_b.cmd(b"l", b'LIST "" Work')[-1].startswith(b"l OK")
+    on_a = _logged_in(a)
+    reply = on_a.cmd(b"r", b"RENAME Work Shared/Work")
+    assert reply[-1].startswith(b"r OK"), reply
+    selected = on_b.cmd(b"s", b"SELECT Shared/Work")  # B's very next command
+    assert selected[-1].startswith(b"s OK"), selected
+    assert b"* 5 EXISTS\r\n" in selected
+    assert on_b.cmd(b"t", b"SELECT Work")[-1].startswith(b"t NO")
+    on_a.close()
+    on_b.close()
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in work} == {("b3", "Shared/Work")}
+    _exactly_once(fleet, [a, b], "carol", work)
+    assert _entries(pg_dsn) == 0
+
+
+def test_b_is_refused_while_a_moves_the_mailbox(proxy_factory, fleet, pg_dsn, tmp_path):
+    """A's move holds its names in PostgreSQL: B's RENAME of the same mailbox gets NO [INUSE], surely."""
+    work = ids("work", 20)
+    seed(fleet["b1"], "carol", "Work", work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    a = proxy_factory(_config(pg_dsn), rules=RULES, command=faulty("--pause-at", "planned:1", "--pause-dir", str(pause)))
+    b = proxy_factory(_config(pg_dsn), rules=RULES)
+    on_a, on_b = _logged_in(a), _logged_in(b)
+    on_a.send(b"r RENAME Work Shared/A\r\n")
+    assert wait_paused(pause, "planned:1") == "planned:1"  # A stopped, holding Work and Shared/A
+    for tag, command in [(b"x", b"RENAME Work Shared/B"), (b"y", b"RENAME Work Archive/W"),
+                         (b"z", b"CREATE Shared/A/c"), (b"w", b"DELETE Work")]:
+        reply = on_b.cmd(tag, command)
+        assert reply[-1].startswith(tag + b" NO [INUSE]"), (command, reply)
+    (pause / "resume").touch()
+    assert on_a.until_tagged(b"r")[-1].startswith(b"r OK")
+    on_a.close()
+    on_b.close()
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in work} == {("b3", "Shared/A")}
+    _exactly_once(fleet, [a, b], "carol", work)
+
+
+def test_the_same_mailbox_renamed_through_a_and_b_at_once_moves_once(proxy_factory, fleet, pg_dsn):
+    import threading
+
+    work = ids("work", 300)
+    seed(fleet["b1"], "carol", "Work", work)
+    a, b = proxy_factory(_config(pg_dsn), rules=RULES), proxy_factory(_config(pg_dsn), rules=RULES)
+    wires = [_logged_in(a), _logged_in(b)]
+    commands = [b"RENAME Work Shared/A", b"RENAME Work Archive/B"]  # to b3 and to b2
+    start = threading.Barrier(2)
+    answers = [b"", b""]
+
+    def run(i: int) -> None:
+        start.wait()
+        answers[i] = wires[i].cmd(b"r%d" % i, commands[i])[-1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert sum(x.split()[1] == b"OK" for x in answers) == 1, answers
+    # the loser overlapped the winner (INUSE), or came after it was done (the name was gone)
+    assert any(b"NO [INUSE]" in x or b"NO [NONEXISTENT]" in x for x in answers), answers
+    for w in wires:
+        w.close()
+    _exactly_once(fleet, [a, b], "carol", work)
+    assert _entries(pg_dsn) == 0
+
+
+@pytest.mark.parametrize("step", ["copied:1", "placed:1"])
+def test_a_killed_mid_move_is_recovered_from_b(proxy_factory, fleet, pg_dsn, step):
+    work = ids("work", 40)
+    seed(fleet["b1"], "carol", "Work", work)
+    a = proxy_factory(_config(pg_dsn), rules=RULES, command=faulty("--kill-at", step))
+    b = proxy_factory(_config(pg_dsn), rules=RULES)
+    on_a = _logged_in(a)
+    on_a.send(b"r RENAME Work Shared/Work\r\n")
+    assert on_a.closed(60), "proxy A was not killed at " + step
+    a.process.wait(10)
+    assert _entries(pg_dsn) == 1  # A's entry, its names still reserved
+    on_b = _logged_in(b)
+    assert on_b.cmd(b"x", b"RENAME Work Shared/Other")[-1].startswith(b"x NO [INUSE]")  # B respects them
+    on_b.close()
+    # two recoverers at once (B's configuration): exactly one takes the move over
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: cli("recover", "--config", str(b.config_path)), range(2)))
+    outcome = "rolled back" if step == "copied:1" else "finished"
+    assert [r.returncode for r in runs] == [0, 0], [r.stdout + r.stderr for r in runs]
+    assert sorted(outcome in r.stdout for r in runs) == [False, True], [r.stdout for r in runs]
+    assert _entries(pg_dsn) == 0
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work} == {("b1", "Work") if step == "copied:1" else ("b3", "Shared/Work")}
+    reached = through_proxy(b, "carol")
+    assert [i for i in work if reached[i] != 1] == []
+
+
+def test_postgresql_stopped_mid_session(proxy_factory, fleet, postgres, pg_dsn):
+    """Routes keep working from the cache, a move is refused with NO, and works again once it is back."""
+    work, other = ids("work", 10), ids("other", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Old", other)
+    metrics_port = free_port()
+    a = proxy_factory(deep_merge(_config(pg_dsn), {"metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"}}),
+                      rules=RULES)
+    assert value(scrape(metrics_port), "referral_proxy_map_store_up") == 1
+    setup = _logged_in(a)
+    assert setup.cmd(b"r", b"RENAME Work Archive/Work")[-1].startswith(b"r OK")  # a placement: b1 -> b2
+    setup.close()
+    on_a = _logged_in(a)
+    postgres.stop()
+    try:
+        wait_for(lambda: value(scrape(metrics_port), "referral_proxy_map_store_up") == 0, "the metric of the outage")
+        selected = on_a.cmd(b"s", b"SELECT Archive/Work")  # placed: known only from the map's cache
+        assert selected[-1].startswith(b"s OK") and b"* 10 EXISTS\r\n" in selected, selected
+        fetched = on_a.cmd(b"f", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        assert fetched[-1].startswith(b"f OK") and sum(b"Message-Id" in x or b"Message-ID" in x for x in fetched) >= 1
+        assert on_a.cmd(b"c", b"CLOSE")[-1].startswith(b"c OK")
+        refused = on_a.cmd(b"n", b"RENAME Archive/Work Shared/Work")
+        assert refused[-1].startswith(b"n NO [UNAVAILABLE]"), refused
+        assert on_a.cmd(b"m", b"SELECT Shared/Old")[-1].startswith(b"m OK")  # rules need no database
+        fresh = _logged_in(a)  # a new login is routed too
+        assert fresh.cmd(b"s", b"STATUS Archive/Work (MESSAGES)")[0] == b'* STATUS Archive/Work (MESSAGES 10)\r\n'
+        fresh.close()
+    finally:
+        postgres.start()
+    # the proxy reconnects by itself: the same RENAME now succeeds (a few tries while it notices)
+    for _ in range(100):
+        reply = on_a.cmd(b"again", b"RENAME Archive/Work Shared/Work")
+        if not reply[-1].startswith(b"again NO [UNAVAILABLE]"):
+            break
+        time.sleep(0.1)
+    assert reply[-1].startswith(b"again OK"), reply
+    on_a.close()
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in work} == {("b3", "Shared/Work")}
+    _exactly_once(fleet, [a], "carol", work + other)
+    # the listener reconnects on its own schedule (backoff up to 2 s): then the metric is back
+    samples = wait_for(lambda: (s := scrape(metrics_port)) and value(s, "referral_proxy_map_store_up") == 1 and s,
+                       "the metric back at 1")
+    assert value(samples, "referral_proxy_map_store_outages_total") == 1
+    log = a.stderr_path.read_text()
+    assert "PostgreSQL unreachable" in log and "reachable again" in log, log[-2000:]
+
+
+def test_postgresql_stopped_in_the_middle_of_a_move(proxy_factory, fleet, postgres, pg_dsn, tmp_path):
+    """The move stops at its next journal write (NO, nothing lost); once the database is back and the
+    lease has run out, recovery from the other proxy undoes it: every message once, where it was."""
+    work = ids("work", 30)
+    seed(fleet["b1"], "carol", "Work", work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    config = _config(pg_dsn)
+    config["map"]["lease_seconds"] = 2
+    a = proxy_factory(config, rules=RULES, command=faulty("--pause-at", "copied:1", "--pause-dir", str(pause)))
+    b = proxy_factory(config, rules=RULES)
+    on_a = _logged_in(a)
+    on_a.send(b"r RENAME Work Shared/Work\r\n")
+    assert wait_paused(pause, "copied:1") == "copied:1"  # a batch copied and verified on b3
+    postgres.stop()
+    try:
+        (pause / "resume").touch()
+        reply = on_a.until_tagged(b"r")
+        assert reply[-1].startswith(b"r NO"), reply
+        on_a.close()
+        counts, _where = census(fleet, "carol")
+        assert judge(counts, work)[0] == []  # nothing lost while the database is away
+    finally:
+        postgres.start()
+    for _ in range(300):  # the lease runs out (2 s); then B's side may take the move over
+        recovered = cli("recover", "--config", str(b.config_path))
+        if _entries(pg_dsn) == 0:
+            break
+        time.sleep(0.1)
+    assert _entries(pg_dsn) == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work} == {("b1", "Work")}
+    _exactly_once(fleet, [a, b], "carol", work)
+
+
+def test_map_set_reaches_a_running_proxy_at_once(proxy_factory, fleet, pg_dsn):
+    seed(fleet["b2"], "carol", "Elsewhere", ids("far", 4))
+    a = proxy_factory(_config(pg_dsn), rules=RULES)
+    w = _logged_in(a)
+    assert w.cmd(b"s", b"SELECT Elsewhere")[-1].startswith(b"s NO")  # the default sends it to b1
+    placed = cli("map", "--config", str(a.config_path), "set", "CAROL", "Elsewhere", "b2")
+    assert placed.returncode == 0, placed.stderr
+    selected = w.cmd(b"t", b"SELECT Elsewhere")  # the same session's next command
+    assert selected[-1].startswith(b"t OK") and b"* 4 EXISTS\r\n" in selected, selected
+    w.close()
