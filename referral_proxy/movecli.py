@@ -164,7 +164,11 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
                              "run `referral-proxy recover` (or a running proxy will) to finish it\n")
             return 1
         except (TransferError, BackendError) as e:
-            sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
+            if mover.left_to_recovery:
+                sys.stderr.write(f"\nreferral-proxy: move failed: {e}; its roll-back failed too and is left to "
+                                 "`referral-proxy recover` (or a running proxy): the source is untouched\n")
+            else:
+                sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
             return 1
         elapsed = time.monotonic() - started
         sys.stderr.write("\n")

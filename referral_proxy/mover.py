@@ -119,6 +119,7 @@ class Mover:
     progress: Progress = field(default_factory=Progress)
     clock: Any = None  # IReactorTime, for the waits below (None: none)
     answer_within: float | None = None  # return this many seconds past the commit point, finishing behind (None: wait)
+    left_to_recovery: bool = field(default=False, init=False)  # a failure whose roll-back failed too (journaled)
 
     def __post_init__(self) -> None:
         self.user = self.mailbox_map.canonical(self.user)
@@ -259,6 +260,7 @@ class Mover:
         try:
             await self.roll_back(entry)
         except BaseException as e:
+            self.left_to_recovery = True
             await self.mailbox_map.disown(entry)
             log.error("move {id} of {user}: failed ({why}) and could not be rolled back now ({how}); "
                       "recovery will", id=entry.id, user=self.user, why=str(why), how=str(e))

@@ -131,7 +131,10 @@ class RecoverySweep:
             log.warn("recovery: the map store is unreachable ({why}); trying again in {s}s", why=str(e),
                      s=SWEEP_SECONDS)
             return
-        except Exception:
+        except Exception as e:
+            if not self._loop.running:  # the proxy is stopping (its store closed under the recovery)
+                log.info("recovery interrupted by shutdown ({why}); it goes on at the next start", why=str(e))
+                return
             log.failure("recovery failed")
             return
         for line in lines:

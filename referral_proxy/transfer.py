@@ -15,6 +15,7 @@ mailboxes, so ``recover`` can finish it after a crash.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -503,13 +504,39 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
         await mailbox_map.end_move(entry)
         return "destination mailbox gone: the source is left as it is"
     dst_state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
-    copies = await hashes_present(dst, [d for _s, d in pairs]) if dst_state.uidvalidity == data["dst_validity"] else {}
+    same_dst = dst_state.uidvalidity == data["dst_validity"]
+    copies = await hashes_present(dst, [d for _s, d in pairs]) if same_dst else {}
     verified = [(s, d) for s, d in pairs if copies.get(d) == sent[s]]
-    present, _ = await search_uids(src, b"UID " + uid_set(s for s, _d in verified)) if verified else ([], [])
+    gone = [s for s, d in pairs if d not in copies] if same_dst else []
+    back = await came_back(src, gone, sent, max(src_uids)) if gone else []
+    keep = [s for s, _d in verified] + back
+    present, _ = await search_uids(src, b"UID " + uid_set(sorted(keep))) if keep else ([], [])
     await expunge_uids(src, present)
     await _take_back(dst, data, [d for s, d in verified if s not in present])  # its source went elsewhere
     await mailbox_map.end_move(entry)
     return f"finished: {len(present)} message(s) removed from the source"
+
+
+async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int) -> list[int]:
+    """Of source *uids* whose copy left the destination before recovery, those whose same content
+    (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
+    the message is there once without them. Each newer message vouches for one source UID."""
+    still, _ = await search_uids(src, b"UID " + uid_set(sorted(uids)))
+    still = [u for u in still if u in set(uids)]
+    newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
+    newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
+    if not still or not newer:
+        return []
+    mine, _ = await fetch_infos(src, still)
+    sizes = {i.size for i in mine}
+    others, _ = await fetch_infos(src, newer)
+    found = collections.Counter((await hashes_present(src, [i.uid for i in others if i.size in sizes])).values())
+    out = []
+    for info in mine:
+        if found[sent[info.uid]] > 0:
+            found[sent[info.uid]] -= 1
+            out.append(info.uid)
+    return out
 
 
 async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:

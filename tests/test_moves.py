@@ -130,6 +130,24 @@ def test_the_same_mailbox_renamed_twice_at_once_moves_once(proxy_factory, fleet)
     _exactly_once(fleet, proxy, "carol", work)
 
 
+def test_two_proxy_processes_sharing_the_store_rename_the_same_mailbox_once(proxy_factory, fleet, tmp_path):
+    work, child = ids("work", 300), ids("workc", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Work/c", child)
+    store = tmp_path / "shared.sqlite3"
+    shared = {**MASTERS, "map": {"store": f"sqlite:{store}"}}
+    p1, p2 = proxy_factory(shared, rules=RULES), proxy_factory(shared, rules=RULES)
+    answers = _at_once([_logged_in(p1), _logged_in(p2)], [b"RENAME Work Shared/A", b"RENAME Work Archive/B"])
+    assert sum(a.split()[1] == b"OK" for a in answers) == 1, answers
+    assert any(b"NO [INUSE]" in a or b"NO [NONEXISTENT]" in a for a in answers), answers
+    _exactly_once(fleet, p1, "carol", work + child)
+    _exactly_once(fleet, p2, "carol", work + child)
+    counts, where = census(fleet, "carol")
+    to = ("b3", "Shared/A") if answers[0].split()[1] == b"OK" else ("b2", "Archive/B")
+    assert {where[i][0] for i in work} == {to} and {where[i][0] for i in child} == {(to[0], to[1] + "/c")}
+    assert _no_entries(p1) and _no_entries(p2)
+
+
 # -- 3. mail delivered to the source during a move -------------------------------------------------------------
 
 
@@ -222,6 +240,26 @@ def test_a_wildcard_is_a_name_not_a_pattern(proxy_factory, fleet):
     assert {where[i][0] for i in inbox} == {("b1", "INBOX")}
 
 
+def test_admin_move_takes_names_as_names_and_users_canonically(proxy_factory, fleet):
+    work, pct, xx = ids("work", 3), ids("pct", 4), ids("xx", 2)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "50% off", pct)
+    seed(fleet["b1"], "carol", "50xx off", xx)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    config = str(proxy.config_path)
+    for pattern in ("%", "Wor%", "50*"):
+        refused = cli("move", "--config", config, "carol", pattern, "b3")
+        assert refused.returncode != 0 and "NONEXISTENT" in refused.stderr, (pattern, refused.stdout + refused.stderr)
+    assert sum(census(fleet, "carol", [fleet["b1"]])[0].values()) == 9  # nothing moved
+    moved = cli("move", "--config", config, "CAROL", "50% off", "b3")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    _exactly_once(fleet, proxy, "carol", work + pct + xx)
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in pct} == {("b3", "50% off")}
+    assert {where[i][0] for i in work + xx} == {("b1", "Work"), ("b1", "50xx off")}
+    assert _no_entries(proxy)
+
+
 @pytest.mark.parametrize("name", ['q"uo\\te', "a*b", "Caf&AOk-", "with space/and % sign"])
 def test_odd_names_move_across_servers(proxy_factory, fleet, name):
     mail, child = ids("odd", 4), ids("oddchild", 2)
@@ -288,6 +326,48 @@ def test_whole_user_move_killed_recovered_and_retried_multiplies_nothing(proxy_f
         again = cli("move", "--config", config, "carol", "*", "b2")
         assert again.returncode == 0, again.stdout + again.stderr
     _exactly_once(fleet, proxy, "carol", inbox + work + stray)
+    assert _no_entries(proxy)
+
+
+def test_admin_move_whose_roll_back_fails_says_so_and_recover_undoes_it(proxy_factory, fleet, spare_backend, tmp_path):
+    """The destination dies mid-copy: the roll-back cannot reach it either. `move` must not say
+    "nothing changed" (copies and a created mailbox are there); `recover` then undoes it exactly."""
+    work, child = ids("work", 20), ids("child", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Work/c", child)
+    far = {"endpoint": spare_backend.endpoint, "url": spare_backend.url,
+           "master_user": MASTER_USER, "master_password": MASTER_PASSWORD}
+    proxy = proxy_factory({**MASTERS, "backends": {**MASTERS["backends"], "b4": far}}, rules=RULES)
+    config = str(proxy.config_path)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    outcome: list = []
+    mover = threading.Thread(target=lambda: outcome.append(cli(
+        "move", "--config", config, "carol", "Work", "b4",
+        command=faulty("--pause-at", "created:2", "--pause-dir", str(pause)))))
+    mover.start()
+    try:
+        wait_paused(pause, "created:2")  # Work copied to b4, Work/c created there
+        spare_backend.kill()
+        (pause / "resume").touch()
+        mover.join(180)
+    finally:
+        spare_backend.start()
+    (result,) = outcome
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "nothing changed" not in result.stderr and "left to `referral-proxy recover`" in result.stderr, result.stderr
+    assert census(fleet, "carol", [spare_backend])[0], "the copies this test is about are not there"
+    recovered = cli("recover", "--config", config)
+    assert recovered.returncode == 0 and "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
+    assert not census(fleet, "carol", [spare_backend])[0]  # the destination exactly as it was: empty
+    with spare_backend.client("carol") as m:
+        assert [n for n in (m.list()[1] or []) if n and b"Work" in n] == []
+    _exactly_once(fleet, proxy, "carol", work + child)
+    again = cli("move", "--config", config, "carol", "Work", "b4")
+    assert again.returncode == 0, again.stdout + again.stderr
+    counts, where = census(fleet, "carol", [*fleet.backends.values(), spare_backend])
+    assert {i: n for i, n in counts.items() if n != 1} == {} and set(counts) == set(work + child)
+    assert {where[i][0] for i in work} == {("spare", "Work")} and {where[i][0] for i in child} == {("spare", "Work/c")}
     assert _no_entries(proxy)
 
 
@@ -359,6 +439,38 @@ def test_cross_server_move_killed_midway_is_finished_by_recover(proxy_factory, f
     boxes = {where[i][0] for i in work}
     assert boxes == ({("b3", "Shared/Dest")} if outcome == "finished" else {("b1", "Work")})
     assert "nothing to recover" in cli("recover", "--config", str(proxy.config_path)).stdout
+
+
+@pytest.mark.parametrize("back", [True, False])
+def test_a_killed_moves_copy_moved_back_before_recover_is_not_duplicated(proxy_factory, fleet, back):
+    """Killed after the destination committed: the user sees the message in both places and moves the
+    copy back before recovery runs. Recovery must not keep the original beside the returned copy; and
+    when the copy is just gone (expunged), the original stays: nothing is verified anywhere."""
+    work = ids("work", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:* Shared/Dest\r\n")
+    assert w.closed(30), "the proxy was not killed at move-appended"
+    proxy.process.wait(10)
+    with fleet["b3"].client("carol") as m:  # a client moves the copy of work-1 back (as Dovecot would: copy, expunge)
+        m.select(quote("Shared/Dest"))
+        (uid,) = m.uid("SEARCH", "HEADER", "Message-Id", "work-1@t")[1][0].split()
+        copy = [item[1] for item in m.uid("FETCH", uid, "(BODY.PEEK[])")[1] if isinstance(item, tuple)][0]
+        if back:
+            with fleet["b1"].client("carol") as b1:
+                assert b1.append(quote("Work"), None, None, copy)[0] == "OK"
+        m.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
+        m.uid("EXPUNGE", uid)
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    removed = "finished: 3 message(s)" if back else "finished: 2 message(s)"
+    assert recovered.returncode == 0 and removed in recovered.stdout, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], []), where
+    assert {where[i][0] for i in ("work-0@t", "work-2@t")} == {("b3", "Shared/Dest")}
+    assert where["work-1@t"] == [("b1", "Work")]
 
 
 # -- the hard case: killed after the destination committed a MULTIAPPEND, before its APPENDUID was journaled ----------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import imaplib
 import os
 import re
 import subprocess
@@ -16,7 +15,7 @@ from mailcheck import contents
 from mailcheck import same_messages as _same_messages
 from movecheck import cli, faulty, multiappend
 from procmem import reset_peak, rss
-from storehelp import now
+from storehelp import REACTOR, now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot
 
@@ -49,15 +48,6 @@ def _seed(backend: Dovecot, mailbox: str, n: int, user: str = "alice", start: in
 
 def _contents(backend: Dovecot, mailbox: str, user: str = "alice"):
     return contents(backend, user, mailbox)
-
-
-def _still_there(backend: Dovecot, mailbox: str) -> bool:
-    """Whether *mailbox* still holds messages; a poll the move's own DELETE cuts short
-    (Dovecot: BYE Mailbox was deleted under us) is polled again."""
-    try:
-        return bool(_contents(backend, mailbox))
-    except imaplib.IMAP4.abort:
-        return True
 
 
 @pytest.mark.parametrize("count", [1, 100, 1000])
@@ -286,6 +276,18 @@ def test_admin_move_while_the_user_is_online(proxy_factory, fleet):
     w.close()
 
 
+def _journal_empty(proxy) -> bool:
+    from referral_proxy.config import load_config
+    from referral_proxy.routing import open_store
+
+    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
+    store.start()
+    try:
+        return now(store.journal()) == []
+    finally:
+        now(store.close())
+
+
 def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
     _seed(fleet["b1"], "Projects", 4)
     before = _contents(fleet["b1"], "Projects")
@@ -300,8 +302,8 @@ def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
                                  stderr=subprocess.PIPE, text=True, cwd=proxy.config_path.parent,
                                  env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     try:
-        deadline = time.monotonic() + 20
-        while _still_there(fleet["b1"], "Projects") and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20  # until the entry is gone (Projects empties when renamed aside: earlier)
+        while not _journal_empty(proxy) and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
         restarted.terminate()
@@ -316,6 +318,8 @@ def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
     from referral_proxy.routing import SQLiteStore
 
     _seed(fleet["b1"], "Work", 1)
+    _seed(fleet["b1"], "INBOX", 2, start=5)
+    inbox = _contents(fleet["b1"], "INBOX")
     proxy = proxy_factory(rules=RULES)
     w = Wire(proxy.host, proxy.port)
     w.login()
@@ -326,6 +330,10 @@ def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
         assert w.cmd(tag, command) == [tag + b" NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n"]
     w.send(b"d APPEND Work {5}\r\n")
     assert w.line().startswith(b"d NO [INUSE]")  # before the literal
+    assert w.cmd(b"h", b"SELECT INBOX")[-1].startswith(b"h OK")
+    for tag, command in [(b"i", b"COPY 1 Archive/Work"), (b"j", b"UID MOVE 1:* Work"), (b"k", b"MOVE 1 Archive/Work/x")]:
+        assert w.cmd(tag, command) == [tag + b" NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n"]
+    assert [m[3] for m in _contents(fleet["b1"], "INBOX")] == [m[3] for m in inbox]  # nothing left it
     now(store.end_move(entry))
     assert w.cmd(b"e", b"SELECT Work")[-1].startswith(b"e OK")
     now(store.close())
