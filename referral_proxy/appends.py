@@ -49,6 +49,9 @@ class AppendsHost(Protocol):
     def decided(self) -> None:
         """The reader's pending decision was taken: go on reading."""
 
+    def command_done(self) -> None:
+        """A command in flight has its answer (the session caps them)."""
+
     def dies_with(self, conn: BackendProtocol) -> bool: ...
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
@@ -163,6 +166,7 @@ class Appends:
             lines, self._after = self._after, []
             self.host.send(b"".join(lines))
         self.backend_idle()
+        self.host.command_done()
 
     def dies_with(self, conn: BackendProtocol) -> bool:
         return self.host.dies_with(conn)
