@@ -58,7 +58,6 @@ from .origin import peer_ip
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
-from .staging import StagingJournal
 
 __all__ = ["ProxyContext", "ClientSession", "Phase"]
 
@@ -114,7 +113,8 @@ class ClientSession(Protocol):
         self.relay = Relay(self)
         self.mailboxes = MailboxCommands(self)
         self.auth = Authenticator(self)
-        self.appends = Appends(self)
+        assert context.staging_journal is not None  # set by ProxyContext
+        self.appends = Appends(self, context.staging_journal)
         self.idle = Idle(self)
         self.reader = CommandReader(context.config.proxy.limits, self._admit)
         self.flow = ClientFlow(self, self._transport_write, self._pump)
@@ -521,18 +521,6 @@ class ClientSession(Protocol):
 
     def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: the reader streams it
         self.tagged(cmd.tag, "BAD", "APPEND is streamed")
-
-    def hold_input(self, on: bool) -> None:
-        """An emulated MULTIAPPEND commits: no further command is read until it is answered."""
-        if on:
-            self.block(Block.STAGING)
-        else:
-            self.unblock(Block.STAGING)
-
-    @property
-    def staging_journal(self) -> StagingJournal:
-        assert self.ctx.staging_journal is not None  # set by ProxyContext
-        return self.ctx.staging_journal
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
         return self.mailboxes.append_refusal(tag, mailbox)
