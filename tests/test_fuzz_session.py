@@ -29,8 +29,15 @@ def test_mutated_sessions_are_answered_or_end_with_a_clean_bye(proxy_factory, fl
     assert problems == []
     assert stats.verdicts.get("answered", 0) > STREAMS // 2  # most streams reach their sentinel
     # Bounded: what thousands of sessions leave behind is not kept (a closed backend
-    # connection per logged-in session was, 9 KB each, until the fuzzer showed it).
-    assert max(memory) - memory[0] < 8 * 1024 * 1024, [round(m / 1e6, 1) for m in memory]
+    # connection per logged-in session was, 9 KB each, until the fuzzer showed it). The
+    # first streams warm the process up (allocator arenas, caches, young objects that the
+    # tuned collector keeps longer: ~10 MB, flat after ~3,000 streams of 7,500 measured),
+    # so the leak check is the growth over the second half: 1,250 sessions at 9 KB would
+    # be 11 MB there.
+    mb = [round(m / 1e6, 1) for m in memory]
+    half = len(memory) // 2
+    assert max(memory[half:]) - memory[half] < 6 * 1024 * 1024, mb
+    assert max(memory) - memory[0] < 24 * 1024 * 1024, mb
     # A census of the backends: every mailbox made is where the map puts it (nothing
     # smuggled past the routing: a literal's bytes, a command after NOOP's arguments).
     assert sessionfuzz.misplaced(before, sessionfuzz.census(fleet)) == []
