@@ -63,8 +63,10 @@ def merge(
     separator: str,
     *,
     placeholders: bool = True,
+    list_flags: bool = True,
 ) -> list[ListEntry]:
-    """Keep each mailbox from its owner only; add missing parents; fix child flags."""
+    """Keep each mailbox from its owner only; add missing parents (with child flags when
+    *list_flags*: LIST's, not LSUB's); fix child flags."""
     kept: dict[str, ListEntry] = {}
     for e in entries:
         name = normalize(e.text, separator)
@@ -73,13 +75,14 @@ def merge(
         kept[name] = e
     if placeholders:
         sep_b = separator.encode()
+        # LIST placeholders take child flags (recomputed below); LSUB's carry none, as Dovecot's
+        placeholder = (b"\\Noselect", b"\\HasChildren") if list_flags else (b"\\Noselect",)
         for name in list(kept):
             parts = name.split(separator)
             for i in range(1, len(parts)):
                 parent = separator.join(parts[:i])
                 if parent and parent not in kept:
-                    kept[parent] = ListEntry((b"\\Noselect", b"\\HasChildren"), sep_b, parent.encode("utf-8", "surrogateescape"),
-                                             owner(parent))
+                    kept[parent] = ListEntry(placeholder, sep_b, parent.encode("utf-8", "surrogateescape"), owner(parent))
     names = set(kept)
     merged = []
     for name, e in kept.items():
@@ -183,7 +186,8 @@ async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, patte
         else:
             host.write_from(conn, r.raw)
     separator = host.mailbox_map.separator
-    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST" or b"%" in pattern))
+    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST" or b"%" in pattern),
+                   list_flags=(kind == "LIST"))
     out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator)]
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
 
