@@ -95,34 +95,8 @@ METRICS = {
 
 
 class PeerClient(RawIMAP, AppendClient):
-    """bench_relay's NOOP and EXAMINE, bench_append's APPENDs, plus a MULTIAPPEND whose
-    literals are all synchronizing (wait for "+" before each message)."""
-
-    def multiappend_sync(self, messages: list[bytes]) -> tuple[int, list[bytes], int]:
-        if self.buf:
-            raise ProtocolError(f"{self.label}: unexpected pending data {bytes(self.buf[:80])!r}")
-        tag = self.next_tag()
-        heads = [tag + b" APPEND " + APPEND_BOX + b" {%d}\r\n" % len(messages[0])]
-        heads += [b" {%d}\r\n" % len(m) for m in messages[1:]]
-        sock, line_of = self.sock, self._line
-        sent = 0
-        t0 = time.perf_counter_ns()
-        for i, msg in enumerate(messages):
-            sock.sendall(heads[i])
-            line = line_of()
-            if not line.startswith(b"+"):
-                raise ProtocolError(f"{self.label}: expected '+' for message {i + 1}, got {line[:120]!r}")
-            sock.sendall(msg)
-            sent += len(heads[i]) + len(msg)
-        sock.sendall(b"\r\n")
-        while True:
-            line = line_of()
-            if line.startswith(tag + b" "):
-                break
-            if not line.startswith(b"* "):
-                raise ProtocolError(f"{self.label}: unexpected {line[:80]!r} after the last message")
-        t1 = time.perf_counter_ns()
-        return t1 - t0, [line], sent + 2
+    """bench_relay's NOOP and EXAMINE, bench_append's APPENDs (its MULTIAPPEND whose literals
+    are all synchronizing included)."""
 
 
 # ----------------------------------------------------------------------------- set-up

@@ -1,82 +1,76 @@
-"""APPEND and MULTIAPPEND (RFC 3502), streamed to the mailbox's backend, all or nothing.
+"""APPEND and MULTIAPPEND (RFC 3502): streamed to the mailbox's backend, all or nothing for everyone.
 
-Each message literal goes to the backend chunk by chunk as it arrives; flags and
-dates are written again from what the command reader parsed. How the command
-reaches the backend depends on what the backend can do (:class:`Mode`):
+Each message literal goes to the backend chunk by chunk as it arrives; flags and dates are
+written again from what the command reader parsed and checked. How the command reaches the
+backend depends on what the backend can do (:class:`Mode`):
 
-* ``PASS``: it has MULTIAPPEND. The command is streamed as one; the backend's
-  transaction makes it atomic, and a zero-length literal (RFC 3502) cancels it.
-* ``EMULATE``: no MULTIAPPEND but UIDPLUS. Each message becomes an APPEND of its
-  own; if any fails, the ones already saved are removed by UID (``UID STORE
-  +FLAGS.SILENT (\\Deleted)`` + ``UID EXPUNGE`` on a connection of their own), so
-  the client still sees all or nothing; the APPENDUIDs are joined.
-* ``SINGLE``: neither. One message goes through; a second one cancels the
-  command before anything is saved, with a clear NO.
+* ``PASS``: it has MULTIAPPEND. The command is streamed as one; the backend's transaction
+  makes it atomic, and a zero-length literal (RFC 3502) cancels it.
+* ``STAGE``: it has not. The target is checked (``STATUS``), a private staging mailbox is
+  created, each message is APPENDed there, then ONE ``COPY`` puts them all into the target
+  (RFC 3501: a failed COPY leaves the destination unchanged) and the staging mailbox is
+  deleted (staging.py): other sessions see every message at once or none, and the
+  APPENDUID comes from the COPYUID where the backend has UIDPLUS.
 
-Synchronizing literals: the first message's is announced to the backend before
-the client may send it, so TRYCREATE, over-quota or a refusal arrive before the
-data (the RFC's own example); later ones up to 4 KiB are accepted at once and
-sent non-synchronizing, saving a round trip each. Once the backend has answered,
-nothing more of the command is read from the client (never taken for commands).
+No message body ever runs as a command. The reader (imap/reader.py) checks, before any
+literal, everything Dovecot answers with BAD (and then reads the rest as commands): the
+flag list (atoms, no ``\\Recent``, only RFC 3501's system flags), the date-time, the
+syntax, the sizes. The proxy answers ``+`` itself only for such a checked literal whose
+target is known to take messages (a sync literal of at most 4 KiB after the first message;
+with STAGE after the check); any other synchronizing literal is announced to the backend
+and its ``+`` awaited, so TRYCREATE or OVERQUOTA come before the data. If the backend
+answers while a literal streams, the rest of that literal still goes to it (the backend,
+having failed the command, drains it) and the backend's command is ended with CRLF before
+the client is answered; a backend that answered between two messages gets the CRLF at once.
+Nothing more of a command the backend answered is read from the client (never as commands).
 
-The command's life is one :class:`AppendState` at a time; the answer (commit, or
-roll back then answer) is decided in one place, :meth:`AppendCommand._settle`.
+The command's life is one :class:`AppendState` at a time; the answer (commit, or refuse) is
+decided in one place, :meth:`AppendCommand._settle`.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .backend import BackendError, BackendProtocol
-from .imap.grammar import encode_astring, encode_quoted
-from .imap.reader import (
-    AppendAbort,
-    AppendData,
-    AppendEnd,
-    AppendMessage,
-    AppendMessageEnd,
-    AppendStart,
-    CommandReader,
-)
+from .backend import BackendError, BackendProtocol, Tagged
+from .imap.command import ParseError
+from .imap.grammar import encode_quoted
+from .imap.quota import quota_resources, room_left
+from .imap.reader import AppendMessage
 from .imap.response import ResponseStart, replace_tag
-from .imap.uidset import uid_set
-from .pool import BackendPool
-from .routing import Route
+from .staging import Staging, StagingHost, mailbox_argument, run_captured
 
-__all__ = ["AppendCommand", "AppendHost", "AppendState", "Appends", "AppendsHost", "Mode", "remove_appended",
-           "uid_set"]
+__all__ = ["AppendCommand", "AppendHost", "AppendState", "Mode"]
 
 log = Logger()
 
 SMALL_SYNC_LITERAL = 4096  # the LITERAL- bound (RFC 7888): small enough to take at once
-_APPENDUID = re.compile(rb"^(\d+) (\d+)\Z")
 
 
 class Mode(Enum):
-    PASS = "the backend has MULTIAPPEND: one command"
-    EMULATE = "no MULTIAPPEND but UIDPLUS: one APPEND per message, removed again on failure"
-    SINGLE = "neither: one message only"
+    PASS = "the backend has MULTIAPPEND: one command, atomic in the backend's transaction"
+    STAGE = "no MULTIAPPEND: each message into a private staging mailbox, then ONE COPY into the target"
+    SINGLE = "no MULTIAPPEND and no staging mailbox could be made: one message, a second cancels the command"
 
 
 class AppendState(Enum):
+    PREPARING = "STAGE: the target is checked and the staging mailbox created; the first literal waits"
     BETWEEN = "waiting for the client's next message or the end of the command"
     ANNOUNCED = "a message literal was announced to the backend; waiting for its +"
     STREAMING = "a message literal flows from the client to the backend"
     SENT = "the client sent the whole command (or the rest is dropped); waiting for the backend"
-    ROLLING_BACK = "removing what an emulated MULTIAPPEND saved"
+    COMMITTING = "STAGE: the staged messages are copied into the target"
     ANSWERED = "the client has its answer"
 
 
-class AppendHost(Protocol):
+class AppendHost(StagingHost, Protocol):
     """What an APPEND needs of its session."""
 
     def accept_literal(self) -> None:
@@ -99,18 +93,26 @@ class AppendHost(Protocol):
     def dies_with(self, conn: BackendProtocol) -> bool:
         """True if losing *conn* ends the session (no answer needed then)."""
 
-    async def remove_appended(self, backend: str, mailbox: bytes, uids: list[int]) -> BaseException | None:
-        """Remove these UIDs on a connection of its own; None when done."""
+    def hold_input(self, on: bool) -> None:
+        """Read no further command from the client while on (a STAGE commit uses the connection)."""
+
+    @property
+    def no_staging(self) -> set[str]:
+        """The backends of the session that refused to create a staging mailbox."""
 
 
 @dataclass
 class _Part:
-    """One message of an emulated MULTIAPPEND: its own APPEND on the backend."""
+    """One APPEND command on the backend: the whole MULTIAPPEND (PASS), or one message (STAGE)."""
 
     ptag: bytes
-    status: str | None = None  # OK / NO / BAD once answered; LOST, ABORTED
+    status: str | None = None  # OK / NO / BAD once answered; LOST
     raw: bytes = b""
-    uid: tuple[int, int] | None = None  # (uidvalidity, uid) from APPENDUID
+    start: ResponseStart | None = None
+
+
+def _lost_answer(tag: bytes) -> bytes:
+    return b"%s NO [UNAVAILABLE] Mail server connection lost; nothing was appended\r\n" % tag
 
 
 @dataclass(eq=False)  # compared (and hashed) by identity: a session keeps the unanswered ones
@@ -125,96 +127,143 @@ class AppendCommand:
     state: AppendState = AppendState.BETWEEN
     input_over: bool = False  # nothing more of the command will come from the client
     refusal: bytes | None = None  # the proxy's own answer once it cancelled (b"": nobody to tell)
-    ptag: bytes = b""  # PASS / SINGLE: the one backend command, once begun
-    result: tuple[ResponseStart, bytes] | None = None  # PASS / SINGLE: its completion
-    lost: bool = False
     messages: int = 0
     parts: list[_Part] = field(default_factory=list)
-    waiting: AppendMessage | None = None  # ANNOUNCED: the message whose + is awaited
+    waiting: AppendMessage | None = None  # ANNOUNCED / PREPARING: the message whose literal waits
+    finishing: bool = False  # failed while a literal streams: that literal goes on, then the rest is dropped
+    holding: bool = False  # the session's input is held (STAGE, from the client's last byte to the answer)
+    staging: Staging | None = None  # STAGE: the staging mailbox, once the first message came
+    owns_conn: bool = False  # the client left: this command closes the connection when it is done
+    room: tuple[int | None, int | None] | None = None  # PASS: (bytes, messages) the quota leaves, if known
+    taken: tuple[int, int] = (0, 0)  # bytes and messages of this command sent on so far
 
     def __post_init__(self) -> None:
-        caps = self.conn.capabilities
-        self.mode = Mode.PASS if "MULTIAPPEND" in caps else Mode.EMULATE if "UIDPLUS" in caps else Mode.SINGLE
+        if "MULTIAPPEND" in self.conn.capabilities:
+            self.mode = Mode.PASS
+        else:
+            self.mode = Mode.SINGLE if self.conn.name in self.host.no_staging else Mode.STAGE
 
     # -- what the client sends ------------------------------------------------------------
 
     def message(self, msg: AppendMessage) -> None:
         """A message whose literal the client announced: the reader awaits our decision."""
-        if self.refusal is not None:
+        if self.refusal is not None or self.input_over:
             return self.host.drop_command()
         self.messages += 1
-        if self.conn.closed:  # lost between two messages: what was saved is rolled back
-            return self._cancel(b"%s NO [UNAVAILABLE] Mail server connection lost; nothing was appended\r\n" % self.tag)
+        if self.conn.closed:
+            return self._cancel(_lost_answer(self.tag))
         if msg.literal.size == 0:
             return self._cancel(b"%s NO Zero-length message: nothing was appended (RFC 3502)\r\n" % self.tag)
+        if mailbox_argument(self.conn, self.mailbox) is None:
+            return self._cancel(b"%s NO [CANNOT] This mail server cannot take that mailbox name here\r\n" % self.tag)
         if self.messages > 1 and self.mode is Mode.SINGLE:
             return self._cancel(b"%s NO [CANNOT] This mail server cannot append several messages in one command; "
                                 b"nothing was appended\r\n" % self.tag)
-        head = self._head()
-        if head is None:
-            return self._cancel(b"%s NO [CANNOT] This mail server cannot take that mailbox name here\r\n" % self.tag)
-        if self.mode is Mode.EMULATE:
-            part = _Part(self.conn.next_tag())
+        if self.mode is Mode.STAGE and self.staging is None:
+            self.state, self.waiting = AppendState.PREPARING, msg
+            defer.ensureDeferred(self._prepare()).addErrback(self._crashed)
+            return
+        self._send(msg)
+
+    def _send(self, msg: AppendMessage) -> None:
+        """The message's arguments to the backend; its literal taken now or once the backend says +."""
+        conn = self.conn
+        if self.mode is not Mode.STAGE and not self.parts and msg.literal.sync and "QUOTA" in conn.capabilities \
+                and not conn.busy:
+            self._probe_quota()
+        if self.mode is Mode.STAGE or not self.parts:
+            part = _Part(conn.next_tag())
             self.parts.append(part)
-            self.conn.expect(part.ptag, partial(self._part_done, part), partial(self._part_lost, part))
+            conn.expect(part.ptag, partial(self._part_done, part), partial(self._part_lost, part))
+            target = self.staging.name if self.mode is Mode.STAGE and self.staging is not None else self.mailbox
+            head = mailbox_argument(conn, target)
+            assert head is not None
             prefix = part.ptag + b" APPEND " + head
-        elif not self.ptag:
-            self.ptag = self.conn.next_tag()
-            self.conn.expect(self.ptag, self._done, self._lost)
-            prefix = self.ptag + b" APPEND " + head
         else:
             prefix = b""
         prefix += _message_prefix(msg)
         literal = msg.literal
-        caps = self.conn.capabilities
-        literal_plus = "LITERAL+" in caps or ("LITERAL-" in caps and literal.size <= SMALL_SYNC_LITERAL)
-        take_now = not literal.sync or (self.messages > 1 and literal.size <= SMALL_SYNC_LITERAL)
-        if literal_plus and take_now:
-            self.conn.write(prefix + literal.announce(sync=False) + b"\r\n")
-            self._stream(msg)
-            return
+        caps = conn.capabilities
+        plus = "LITERAL+" in caps or ("LITERAL-" in caps and literal.size <= SMALL_SYNC_LITERAL)
+        known = self.mode is Mode.STAGE or self.messages > 1  # the target was found to take messages
+        fits = literal.size <= SMALL_SYNC_LITERAL or self._fits(literal.size)
+        self.taken = (self.taken[0] + literal.size, self.taken[1] + 1)
+        if plus and (not literal.sync or (known and fits)):
+            conn.write(prefix + literal.announce(sync=False) + b"\r\n")
+            return self._stream(msg)
         # Let the backend decide before the client sends the data.
         self.state, self.waiting = AppendState.ANNOUNCED, msg
-        self.conn.on_continuation = self._continue
-        self.conn.write(prefix + literal.announce(sync=True) + b"\r\n")
+        conn.on_continuation = self._continue
+        conn.write(prefix + literal.announce(sync=True) + b"\r\n")
 
-    def _head(self) -> bytes | None:
-        """The mailbox as the backend must read it (a literal only where LITERAL+ allows)."""
-        name = encode_astring(self.mailbox)
-        if name is not None:
-            return name
-        if "LITERAL+" not in self.conn.capabilities:
-            return None
-        return b"{%d+}\r\n" % len(self.mailbox) + self.mailbox
+    def _probe_quota(self) -> None:
+        """GETQUOTAROOT ahead of the APPEND, on a quiet connection: with the room the quota leaves
+        known, a later synchronizing literal that fits is taken at once (no round trip to the
+        backend per message), one that may not is still announced (OVERQUOTA before the data)."""
+        conn, head = self.conn, mailbox_argument(self.conn, self.mailbox)
+        assert head is not None
+
+        def known(results: list[Tagged]) -> None:
+            self.host.backend_idle()
+            (done,) = results
+            try:
+                roots = [quota_resources(*r.arguments) for r in done.responses if r.start.name == "QUOTA"]
+            except ParseError:
+                roots = []
+            if done.ok and roots:
+                self.room = room_left(roots)
+            for r in done.responses:
+                if r.start.name not in ("QUOTA", "QUOTAROOT"):
+                    self.host.write_from(conn, r.raw)
+
+        run_captured(conn, [b"GETQUOTAROOT " + head]).addCallbacks(known, lambda _f: None)
+
+    def _fits(self, size: int) -> bool:
+        """The quota surely takes this message too (the room known, this command's messages counted)."""
+        if self.room is None:
+            return False
+        room_bytes, room_messages = self.room
+        return ((room_bytes is None or self.taken[0] + size <= room_bytes)
+                and (room_messages is None or self.taken[1] + 1 <= room_messages))
 
     def _stream(self, msg: AppendMessage) -> None:
         self.state = AppendState.STREAMING
-        self.host.accept_literal()
-        if msg.literal.sync:
+        if msg.literal.sync:  # before the literal is let in: reading it may run the rest of the command
             self.host.send(b"+ Ready for literal data\r\n")
+        self.host.accept_literal()
 
     def _continue(self, _text: bytes) -> None:
         msg, self.waiting = self.waiting, None
-        assert msg is not None
-        self._stream(msg)
+        if msg is not None and self.state is AppendState.ANNOUNCED:
+            self._stream(msg)
 
     def data(self, chunk: bytes) -> None:
         if self.state is AppendState.STREAMING:
             self.conn.write(chunk)
 
     def message_end(self) -> None:
-        if self.state is AppendState.STREAMING:
-            self.state = AppendState.BETWEEN
-            if self.mode is Mode.EMULATE:
-                self.conn.write(b"\r\n")  # each message is a command of its own
+        if self.state is not AppendState.STREAMING:
+            return
+        self.state = AppendState.BETWEEN
+        if self.mode is Mode.STAGE:
+            self.conn.write(b"\r\n")  # each message is an APPEND of its own
+        if self.finishing:  # the backend failed the command meanwhile: the literal is through, stop here
+            self.finishing = False
+            if self.mode is not Mode.STAGE:
+                self.conn.write(b"\r\n")  # ends the command the backend already answered
+            self._stop_reading()
+            self._settle()
 
     def end(self) -> None:
         """The client's final CRLF."""
-        if self.refusal is not None:
+        if self.refusal is not None or self.input_over:
             return
         self._input_over()
-        if self.mode is not Mode.EMULATE:
+        if self.mode is not Mode.STAGE:
             self.conn.write(b"\r\n")
+        else:  # the commit uses the connection: the client's next command waits for the answer
+            self.holding = True
+            self.host.hold_input(True)
         self._settle()
 
     def abort(self, status: str, text: str) -> None:
@@ -223,14 +272,20 @@ class AppendCommand:
         self._cancel(b"%s %s %s\r\n" % (self.tag, status.encode(), text.encode()))
 
     def client_gone(self) -> bool:
-        """The client left mid-command. True if this command now owns the connection
-        (EMULATE: earlier messages must be answered, then removed, before it closes)."""
-        if self.mode is not Mode.EMULATE or self.state is AppendState.ANSWERED or not self.parts:
+        """The client left mid-command. True if this command now owns the connection (it
+        closes it when done): a STAGE command whose staging mailbox must go, with no literal
+        of it cut off at the backend. Otherwise closing the connection aborts what is open."""
+        if self.mode is not Mode.STAGE or self.state is AppendState.ANSWERED and (
+                self.staging is None or self.staging.cleaned):
             return False
-        self.refusal = self.refusal if self.refusal is not None else b""  # nobody is listening
-        if self.state is AppendState.STREAMING and self.parts[-1].status is None:
-            self.parts[-1].status = "ABORTED"  # its literal never completes: closing aborts it
-        self._input_over()
+        cut = self.state in (AppendState.ANNOUNCED, AppendState.STREAMING)
+        if not self.input_over:
+            self.refusal = b""  # incomplete: nothing may be appended, and nobody is listening
+            self._input_over()
+        if cut:
+            self._settle()
+            return False  # that APPEND is cut off by closing; the staging mailbox goes over a new connection
+        self.owns_conn = True
         self._settle()
         return True
 
@@ -243,17 +298,21 @@ class AppendCommand:
                 self.state = AppendState.SENT
             self.host.append_input_over(self)
 
+    def _stop_reading(self) -> None:
+        if not self.input_over:
+            self.host.drop_command()
+            self._input_over()
+
     def _cancel(self, answer: bytes) -> None:
         """Nothing of the command may be saved; the client gets *answer*."""
         if self.refusal is not None:
             return
-        self.refusal = answer
-        if not self.input_over:
-            self.host.drop_command()
-            self._input_over()
-        if self.mode is not Mode.EMULATE and self.ptag and not self.conn.closed and self.result is None:
-            # RFC 3502: a zero-length literal makes the server fail the whole command. A
-            # server without MULTIAPPEND fails it too: anything but CRLF is a syntax error.
+        state, self.refusal = self.state, answer
+        self._stop_reading()
+        part = self.parts[0] if self.parts else None
+        if (self.mode is not Mode.STAGE and part is not None and part.status is None and not self.conn.closed
+                and state is not AppendState.ANNOUNCED):
+            # RFC 3502: a zero-length literal makes the server fail the whole command.
             conn = self.conn
             if "LITERAL+" in conn.capabilities:
                 conn.write(b" {0+}\r\n\r\n")
@@ -264,95 +323,71 @@ class AppendCommand:
 
     # -- what the backend answers ----------------------------------------------------------------
 
-    def _backend_answered_early(self) -> None:
-        """The backend answered while the client still sends: the rest is never relayed."""
-        if self.state is AppendState.ANNOUNCED:
-            self.conn.on_continuation = None
-            self.waiting = None
-        if not self.input_over:
-            self.host.drop_command()
-            self._input_over()
-
-    def _done(self, start: ResponseStart, raw: bytes) -> None:
-        """PASS / SINGLE: the backend's completion of the whole command."""
-        self.result = (start, raw)
-        self._backend_answered_early()
-        self._settle()
-
-    def _lost(self, _reason: Failure) -> None:
-        self.lost = True
-        self._backend_answered_early()
-        self._settle()
-
     def _part_lost(self, part: _Part, _reason: Failure) -> None:
-        self._part_done(part, None, b"")
-
-    def _part_done(self, part: _Part, start: ResponseStart | None, raw: bytes) -> None:
-        if start is None:
-            part.status = "LOST"
-        else:
-            part.status, part.raw = start.status, raw
-            if start.code == "APPENDUID":
-                m = _APPENDUID.match(start.code_args)
-                if m:
-                    part.uid = (int(m.group(1)), int(m.group(2)))
-        if self.state is AppendState.ANNOUNCED and part is self.parts[-1]:
-            self._backend_answered_early()  # refused before its literal
+        part.status = "LOST"
+        if not self.input_over:
+            self._fail_fast(part)
         self._settle()
 
-    # -- the answer: commit, or roll back first -----------------------------------------------------
+    def _part_done(self, part: _Part, start: ResponseStart, raw: bytes) -> None:
+        part.status, part.raw, part.start = start.status, raw, start
+        if not self.input_over and (self.mode is not Mode.STAGE or part.status != "OK"):
+            self._fail_fast(part)
+        self._settle()
+
+    def _fail_fast(self, part: _Part) -> None:
+        """The backend answered (PASS) or refused a message (STAGE) while the client still sends:
+        leave the backend with no command half sent, and read nothing more of this one."""
+        state = self.state
+        if state in (AppendState.ANNOUNCED, AppendState.STREAMING) and part.status != "LOST" and not (
+                state is AppendState.ANNOUNCED and part is self.parts[-1]):
+            self.finishing = True  # the backend drains the literal (or still says +): it ends at message_end
+            return
+        self.finishing = False
+        if state is AppendState.ANNOUNCED:
+            self.conn.on_continuation = None  # refused instead of "+": the backend ended that command
+            self.waiting = None
+        elif state is AppendState.BETWEEN and self.mode is not Mode.STAGE and part.status != "LOST":
+            self.conn.write(b"\r\n")  # ends the command the backend already answered
+        self._stop_reading()
+
+    # -- the answer: commit, or refuse -----------------------------------------------------------------
 
     def _settle(self) -> None:
-        """Once the client is done and every backend answer is in: answer, removing first
-        whatever an emulated MULTIAPPEND saved if the whole did not succeed."""
-        if self.state in (AppendState.ROLLING_BACK, AppendState.ANSWERED) or not self.input_over:
+        """Once the client is done and every backend answer is in: answer (STAGE: commit first)."""
+        if (self.state in (AppendState.PREPARING, AppendState.COMMITTING, AppendState.ANSWERED)
+                or not self.input_over or self.finishing or any(p.status is None for p in self.parts)):
             return
-        if self.mode is not Mode.EMULATE:
-            if self.lost:
-                return self._answer(None if self.host.dies_with(self.conn) else
-                                    b"%s NO [UNAVAILABLE] Mail server connection lost; nothing was appended\r\n"
-                                    % self.tag)
-            if self.ptag and self.result is None:
-                return  # the backend has yet to answer
-            if self.refusal is not None:
-                return self._answer(self.refusal)
-            assert self.result is not None
-            return self._answer(replace_tag(self.result[1], self.tag))
-        if any(p.status is None for p in self.parts):
+        if self.mode is not Mode.STAGE:
+            return self._answer(self._pass_answer())
+        failure = self._stage_failure()
+        if failure is not None:
+            self._answer(failure[0])
+            defer.ensureDeferred(self._cleanup()).addErrback(self._crashed)
             return
-        saved = [p.uid for p in self.parts if p.status == "OK" and p.uid is not None]
-        validities = {uid[0] for uid in saved}
-        if not self.parts:
-            return self._answer(self.refusal)
-        if self.refusal is None and len(saved) == len(self.parts) and len(validities) == 1:
-            return self._answer(b"%s OK [APPENDUID %d %s] Append completed.\r\n"
-                                % (self.tag, validities.pop(), uid_set([u for _v, u in saved])))
-        answer = self.refusal if self.refusal is not None else self._first_failure()
-        if self.refusal == b"":
-            self.conn.logout()  # the client left: abort a message still being received
-        if not saved:
-            return self._answer(answer)
-        self.state = AppendState.ROLLING_BACK
-        d = defer.ensureDeferred(self.host.remove_appended(self.conn.name, self.mailbox, [u for _v, u in saved]))
-        d.addBoth(lambda result: self._rolled_back(result, answer, len(saved)))
+        self.state = AppendState.COMMITTING
+        defer.ensureDeferred(self._commit()).addErrback(self._crashed)
 
-    def _first_failure(self) -> bytes:
-        first = next((p for p in self.parts if p.status != "OK"), None)
-        if first is None:  # every part OK but without a usable APPENDUID
-            return b"%s NO [SERVERBUG] The mail server gave no usable APPENDUID\r\n" % self.tag
-        if first.status == "LOST":
-            return b"%s NO [UNAVAILABLE] Mail server connection lost\r\n" % self.tag
-        return replace_tag(first.raw, self.tag)
+    def _pass_answer(self) -> bytes | None:
+        part = self.parts[0] if self.parts else None
+        if part is not None and part.status == "LOST":
+            return None if self.host.dies_with(self.conn) else _lost_answer(self.tag)
+        if self.refusal is not None:
+            return self.refusal
+        assert part is not None
+        return replace_tag(part.raw, self.tag)
 
-    def _rolled_back(self, result: Any, answer: bytes, count: int) -> None:
-        if result is None:
-            log.info("APPEND failed: removed the {n} message(s) already saved", n=count)
-        else:
-            log.error("APPEND rollback of {n} messages in {box} on {b} failed: {why}", n=count,
-                      box=self.mailbox, b=self.conn.name, why=str(result))
-            answer = (b"%s NO [SERVERBUG] The append failed and %d message(s) already saved could "
-                      b"not be removed\r\n" % (self.tag, count))
-        self._answer(answer)
+    def _stage_failure(self) -> tuple[bytes | None] | None:
+        """STAGE: the answer if the command failed (a 1-tuple, its answer None when nobody is to
+        be told), None if every message is staged and the commit may go."""
+        if self.refusal is not None:
+            return (self.refusal,)
+        for part in self.parts:
+            if part.status == "LOST":
+                return (None if self.host.dies_with(self.conn) else _lost_answer(self.tag),)
+            if part.status != "OK":
+                return (replace_tag(part.raw, self.tag),)
+        return None if self.parts else (b"",)
 
     def _answer(self, data: bytes | None) -> None:
         if self.state is AppendState.ANSWERED:
@@ -360,7 +395,63 @@ class AppendCommand:
         self.state = AppendState.ANSWERED
         if data:
             self.host.write_from(self.conn, data)
+        if self.holding:
+            self.holding = False
+            self.host.hold_input(False)
         self.host.append_answered(self)
+
+    def _crashed(self, failure: Failure) -> None:
+        log.failure("APPEND to {box} on {b} failed", failure, box=self.mailbox, b=self.conn.name)
+        self.finishing = False
+        self._stop_reading()
+        self._answer(b"%s NO [SERVERBUG] Internal proxy error; nothing was appended\r\n" % self.tag)
+        if self.staging is not None and not self.staging.cleaned:
+            self.staging.cleaned = True  # once: a second failure is only logged
+            d = defer.ensureDeferred(self._cleanup())
+            d.addErrback(lambda f: log.failure("staging mailbox cleanup failed", f))
+        elif self.owns_conn:
+            self.conn.logout()
+
+    # -- STAGE: the staging mailbox (staging.py) ---------------------------------------------------
+
+    async def _prepare(self) -> None:
+        """The journal entry, the target's check and the staging mailbox; then the first message."""
+        staging = self.staging = Staging(self.host, self.conn, self.mailbox)
+        try:
+            refused = await staging.prepare(self.tag)
+        except BackendError:
+            refused = b"" if self.refusal == b"" else _lost_answer(self.tag)
+        msg, self.waiting, self.state = self.waiting, None, AppendState.BETWEEN
+        if self.refusal is not None:  # the client left meanwhile
+            return self._settle()
+        if refused is not None:
+            return self._cancel(refused)
+        if not staging.staged:  # no staging mailbox here (a namespace that refuses it): one message at most
+            self.mode = Mode.SINGLE
+            self.host.no_staging.add(self.conn.name)  # for the session's later APPENDs there too
+            await staging.cleanup()
+        assert msg is not None
+        self._send(msg)
+
+    async def _commit(self) -> None:
+        assert self.staging is not None
+        answer: bytes | None
+        try:
+            answer = await self.staging.commit(self.tag)
+        except BackendError as e:
+            log.warn("APPEND to {box} on {b}: the commit was cut off: {why}", box=self.mailbox, b=self.conn.name,
+                     why=str(e))
+            gone = self.conn.closed and self.host.dies_with(self.conn)
+            answer = None if gone else (b"%s NO [UNAVAILABLE] Mail server connection lost while appending; the "
+                                        b"messages may or may not be there\r\n" % self.tag)
+        self._answer(b"" if self.refusal == b"" else answer)
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self.staging is not None:
+            await self.staging.cleanup()
+        if self.owns_conn:
+            self.conn.logout()
 
 
 def _message_prefix(msg: AppendMessage) -> bytes:
@@ -371,146 +462,3 @@ def _message_prefix(msg: AppendMessage) -> bytes:
     if msg.date is not None:
         out += b" " + encode_quoted(msg.date)
     return out + b" "
-
-
-# -- the session's APPENDs ------------------------------------------------------------------
-
-
-class AppendsHost(Protocol):
-    """What the APPENDs of a session need of it."""
-
-    reader: CommandReader
-    pool: BackendPool | None
-
-    def send(self, data: bytes) -> None: ...
-
-    def write_from(self, source: object, data: bytes, end: bool = True) -> None: ...
-
-    def run(self, tag: bytes, work: Any) -> None: ...
-
-    def decided(self) -> None:
-        """The reader's pending decision was taken: go on reading."""
-
-    def dies_with(self, conn: BackendProtocol) -> bool: ...
-
-    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
-        """The answer refusing an APPEND to *mailbox* before any message (INUSE, a referral), if any."""
-
-    def route_of(self, mailbox: bytes) -> Route: ...
-
-
-class Appends:
-    """The APPENDs of one session: the one the client is sending, and those not answered
-    yet. It is the host of each AppendCommand (AppendHost)."""
-
-    def __init__(self, host: AppendsHost) -> None:
-        self.host = host
-        self.current: AppendCommand | None = None
-        self.unanswered: set[AppendCommand] = set()
-
-    def start(self, event: AppendStart) -> None:
-        """Route an APPEND to its mailbox's backend and start streaming it there."""
-        host = self.host
-        assert host.pool is not None
-        refusal = host.append_refusal(event.tag, event.mailbox)
-        if refusal is not None:
-            host.reader.drop()  # refused before the client sends any message
-            return host.send(refusal)
-        pool, route = host.pool, host.route_of(event.mailbox)
-        conn = pool.fast(route.primary)
-        if conn is not None:
-            return self._begin(event, conn)
-
-        async def later() -> None:
-            try:
-                conn = await pool.ready_for(route)
-            except BaseException:
-                host.reader.drop()
-                raise
-            self._begin(event, conn)
-
-        host.run(event.tag, later())
-
-    def _begin(self, event: AppendStart, conn: BackendProtocol) -> None:
-        self.current = AppendCommand(self, event.tag, conn, event.mailbox)
-        self.unanswered.add(self.current)
-
-    def event(self, event: object) -> None:
-        """A reader event of the APPEND being read."""
-        cmd = self.current
-        if cmd is None:
-            if isinstance(event, AppendMessage):
-                self.host.reader.drop()
-        elif isinstance(event, AppendData):
-            cmd.data(event.data)
-        elif isinstance(event, AppendMessage):
-            cmd.message(event)
-        elif isinstance(event, AppendMessageEnd):
-            cmd.message_end()
-        elif isinstance(event, AppendEnd):
-            cmd.end()
-        elif isinstance(event, AppendAbort):
-            cmd.abort(event.status, event.text)
-
-    def client_gone(self) -> list[BackendProtocol]:
-        """The client left: the connections that APPENDs now own (they close them themselves)."""
-        return [cmd.conn for cmd in list(self.unanswered) if cmd.client_gone()]
-
-    # -- AppendHost ---------------------------------------------------------------------------
-
-    def accept_literal(self) -> None:
-        self.host.reader.accept()
-        self.host.decided()
-
-    def drop_command(self) -> None:
-        self.host.reader.drop()
-        self.host.decided()
-
-    def send(self, data: bytes) -> None:
-        self.host.send(data)
-
-    def write_from(self, source: object, data: bytes, end: bool = True) -> None:
-        self.host.write_from(source, data, end)
-
-    def append_input_over(self, cmd: AppendCommand) -> None:
-        if self.current is cmd:
-            self.current = None
-
-    def append_answered(self, cmd: AppendCommand) -> None:
-        self.unanswered.discard(cmd)
-        if self.host.pool is not None:
-            self.host.pool.check_quiet()
-
-    def dies_with(self, conn: BackendProtocol) -> bool:
-        return self.host.dies_with(conn)
-
-    async def remove_appended(self, backend: str, mailbox: bytes, uids: list[int]) -> BaseException | None:
-        """Remove messages an emulated MULTIAPPEND saved, on a connection of its own
-        (the session's may have another mailbox selected). None when done."""
-        assert self.host.pool is not None
-        try:
-            conn = await self.host.pool.open(backend)
-        except BackendError as e:
-            return e
-        try:
-            await remove_appended(conn, mailbox, uids)
-            return None
-        except Exception as e:
-            return e
-        finally:
-            conn.logout()
-
-
-async def remove_appended(conn: BackendProtocol, mailbox: bytes, uids: Sequence[int]) -> None:
-    """Remove exactly these UIDs (never a plain EXPUNGE, which would take other \\Deleted mail)."""
-    name = encode_astring(mailbox) or b"{%d+}\r\n" % len(mailbox) + mailbox
-    selected = await conn.command(b"SELECT " + name)
-    if not selected.ok:
-        raise BackendError(f"SELECT for rollback failed: {selected.start.text!r}")
-    uids_b = uid_set(list(uids))
-    stored = await conn.command(b"UID STORE " + uids_b + b" +FLAGS.SILENT (\\Deleted)")
-    if not stored.ok:
-        raise BackendError(f"UID STORE for rollback failed: {stored.start.text!r}")
-    expunged = await conn.command(b"UID EXPUNGE " + uids_b)
-    if not expunged.ok:
-        raise BackendError(f"UID EXPUNGE for rollback failed: {expunged.start.text!r}")

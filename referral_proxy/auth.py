@@ -38,7 +38,7 @@ class LoginOutcome:
 
     user: str
     conn: BackendProtocol | None
-    answer: str = ""  # "NO [AUTHENTICATIONFAILED] ..." when conn is None
+    answer: str = ""  # "NO [AUTHENTICATIONFAILED] ..." when conn is None; "OK [REFERRAL ...] ..." (RFC 2221)
     result: str = "ok"  # ok | failed | unavailable | referred
     backend: str | None = None
     details: dict[str, str] = field(default_factory=dict)  # why, url
@@ -80,10 +80,12 @@ async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> Log
     backend = ctx.config.backends.get(conn.name)
     if (backend is not None and ctx.config.proxy.login_referrals and backend.login_referral
             and referrals.referable(ctx.config, backend)):
-        conn.logout()  # the credentials are good: send the client to its server (RFC 2221)
+        # RFC 2221 4: a tagged NO would say this server holds no mailbox the user can reach,
+        # which is false (the proxy serves every one of them); a tagged OK says the user's
+        # mailboxes are elsewhere and logs the user in all the same. The credentials were good.
         url = referrals.login_url(ctx.config, backend, user)
-        return LoginOutcome(user, None, f"NO [REFERRAL {url}] Log in to {backend.url_host} directly", "referred",
-                            conn.name, {"url": url})
+        return LoginOutcome(user, conn, f"OK [REFERRAL {url}] Logged in; your mail server is {backend.url_host}",
+                            "referred", conn.name, {"url": url})
     return LoginOutcome(user, conn, backend=conn.name)
 
 
@@ -111,8 +113,10 @@ class AuthHost(Protocol):
 
     def unblock(self, reason: Block) -> None: ...
 
-    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol) -> None:
-        """The login succeeded on *conn*, the user's home backend."""
+    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol,
+                  answer: str = "", **details: str) -> None:
+        """The login succeeded on *conn*, the user's home backend (*answer*: an RFC 2221
+        ``OK [REFERRAL ...]`` to give instead of the plain OK)."""
 
 
 class Authenticator:
@@ -179,5 +183,5 @@ class Authenticator:
             host.ctx.observer.login(host, outcome.user, outcome.backend, outcome.result, **outcome.details)
             host.answer(tag, outcome.answer)
         else:
-            host.logged_in(tag, outcome.user, creds, conn)
+            host.logged_in(tag, outcome.user, creds, conn, outcome.answer, **outcome.details)
         host.unblock(Block.LOGIN)

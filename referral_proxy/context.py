@@ -15,6 +15,7 @@ from .backend import BackendProtocol, Credentials
 from .config import BackendConfig, Config
 from .observe import Observer
 from .routing import MailboxMap
+from .staging import MapJournal, StagingJournal
 
 __all__ = ["Connect", "ConnectFor", "ProxyContext"]
 
@@ -37,7 +38,12 @@ class ProxyContext:
     backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
     observer: Observer = field(default_factory=Observer)  # counts (metrics) and events (logs)
     connect_for: ConnectFor | None = None
+    staging_journal: StagingJournal | None = None  # staging mailboxes (staging.py); None: the map store's journal
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        if self.staging_journal is None:
+            self.staging_journal = MapJournal(self.mailbox_map)
 
     def next_id(self) -> int:
         return next(self._ids)

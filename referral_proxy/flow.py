@@ -26,6 +26,7 @@ class Block(Enum):
     LOGIN = "a login is being checked"
     BACKEND_LITERAL = "a relayed command waits for the backend's + before its next literal"
     DECISION = "a message literal of an APPEND waits for the backend's + (or refusal)"
+    STAGING = "an emulated MULTIAPPEND commits through the session's connection: the next command waits"
 
 
 @implementer(IPushProducer)

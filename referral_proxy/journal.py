@@ -6,7 +6,9 @@ proxy killed at any point leaves an entry that ``recover`` can finish or undo:
 
 * a mailbox move (cross-server RENAME, the admin ``move``), op ``"move"``;
 * a cross-server MOVE / UID MOVE of messages, op ``"move-messages"``;
-* a RENAME on one backend, op ``"rename-local"`` (only to hold its names).
+* a RENAME on one backend, op ``"rename-local"`` (only to hold its names);
+* a MULTIAPPEND staged on a backend without MULTIAPPEND, op ``"staging"`` (staging.py):
+  its private staging mailbox, which recovery deletes.
 
 Each step names what is done when the entry reaches it, which steps may come right
 before it, and what recovery does with an entry a crash left there: ``TABLE``
@@ -49,6 +51,8 @@ class Step(Enum):
     MOVE_EXPUNGING = "move-expunging"  # the source UIDs still there are flagged \Deleted (recorded): expunge them
     # a RENAME on one backend
     RENAMING = "renaming"  # RENAME sent to the backend; placements follow once it is done
+    # a MULTIAPPEND staged (staging.py)
+    STAGING = "staging"  # CREATE of the staging mailbox sent: it may exist; the target holds all its messages or none
 
 
 class Recovery(Enum):
@@ -57,6 +61,7 @@ class Recovery(Enum):
     FINISH = "finish"  # past the commit point: carry what is left, verify, empty and delete the sources
     FINISH_IF_COMMITTED = "finish if the destination committed"  # the batch found by content: finish, else release
     RECONCILE = "reconcile"  # look which name the backend has, let placements follow, release
+    DROP_STAGING = "delete the staging mailbox"  # the target is whole either way (one COPY): only it is left
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ TABLE: dict[Step, Rule] = {
     S.MOVE_APPENDED: _rule({S.MOVE_APPENDING}, Recovery.FINISH),
     S.MOVE_EXPUNGING: _rule({S.MOVE_APPENDED}, Recovery.FINISH),
     S.RENAMING: _rule({S.RESERVED}, Recovery.RECONCILE),
+    S.STAGING: _rule({S.RESERVED}, Recovery.DROP_STAGING),
 }
 del S
 

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from . import referrals
 from .backend import BackendProtocol
 from .context import ProxyContext
+from .imap import mutf7
 from .imap.grammar import Slot
 from .imap.reader import Command
 from .imap.response import ResponseStart
@@ -26,6 +27,7 @@ from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult, rename_here
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
+from .staging import is_staging_name
 from .transfer import CopyOutcome, copy_across
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
@@ -76,6 +78,7 @@ class MailboxHost(Protocol):
 
 
 _INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
+_RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- are reserved"
 
 
 class MailboxCommands:
@@ -95,13 +98,20 @@ class MailboxCommands:
             return Route((host.home,))
         return host.mailbox_map.lookup(host.user, mailbox.decode("utf-8", "surrogateescape"))
 
-    def refers(self, route: Route) -> bool:
-        """In a referral-aware session, a mailbox on another backend is referred, not proxied."""
+    def refers(self, route: Route, mailbox: bytes) -> bool:
+        """In a referral-aware session, a mailbox on another backend is referred, not proxied:
+        unless no member of its replica set may be named (each is the proxy itself: a loop), or
+        the name is not one a client may send (not modified UTF-7, nor UTF-8 after ENABLE
+        UTF8=ACCEPT): then it is proxied, and the backend refuses it as it would directly."""
         host = self.host
         if not host.referral_aware or route.primary == host.home:
             return False
-        backend = host.config.backends.get(route.primary)
-        return backend is not None and referrals.referable(host.config, backend)
+        return self.valid_name(mailbox) and bool(referrals.referable_members(host.config, route))
+
+    def valid_name(self, mailbox: bytes) -> bool:
+        """A name an IMAP URL can carry: modified UTF-7, or UTF-8 once the client enabled UTF8=ACCEPT."""
+        pool = self.host.pool
+        return mutf7.valid_name(mailbox, utf8=pool is not None and b"UTF8=ACCEPT" in pool.enabled)
 
     def referral(self, tag: bytes, route: Route, mailbox: bytes) -> bytes:
         host = self.host
@@ -109,6 +119,8 @@ class MailboxCommands:
         try:
             urls = referrals.mailbox_urls(host.config, route, host.user, mailbox)
         except (ValueError, KeyError):
+            urls = []
+        if not urls:
             return b"%s NO [CANNOT] This mailbox name cannot be referred to another server\r\n" % tag
         return referrals.referral(tag, urls)
 
@@ -119,15 +131,20 @@ class MailboxCommands:
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
         """Why an APPEND to *mailbox* is answered before any message is read, if it is."""
+        if is_staging_name(mailbox):
+            return b"%s NO %s\r\n" % (tag, _RESERVED.encode())
         if self.moving(mailbox):
             return b"%s NO %s\r\n" % (tag, _INUSE.encode())
         route = self.route_of(mailbox)
-        return self.referral(tag, route, mailbox) if self.refers(route) else None
+        return self.referral(tag, route, mailbox) if self.refers(route, mailbox) else None
 
     def _target(self, cmd: Command, slot: Slot) -> tuple[bytes, Route] | None:
         """The mailbox argument and its route, or None when a move holds it (answered INUSE)."""
         mailbox = cmd.args.value(slot)
         assert mailbox is not None  # the grammar has it
+        if is_staging_name(mailbox):  # the proxy's own (append.py): never a client's
+            self.host.tagged(cmd.tag, "NO", _RESERVED)
+            return None
         if self.moving(mailbox):
             self.host.tagged(cmd.tag, "NO", _INUSE)
             return None
@@ -141,7 +158,7 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
-        if self.refers(route):
+        if self.refers(route, mailbox):
             return self.host.send(self.referral(cmd.tag, route, mailbox))
         self.host.relay_cmd(cmd, route)
 
@@ -154,7 +171,7 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
-        refer = self.refers(route)
+        refer = self.refers(route, mailbox)
         conn = pool.fast(route.primary)
         host.selected_mailbox = None if refer else mailbox
         if not refer and conn is not None and host.selected in (None, conn.name):
@@ -233,7 +250,7 @@ class MailboxCommands:
         source = host.selected
         if route.primary == source or source in route.backends:
             return host.relay_cmd(cmd, source)
-        if self.refers(route):
+        if self.refers(route, mailbox):
             return host.send(self.referral(cmd.tag, route, mailbox))
         message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
         host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
@@ -268,17 +285,19 @@ class MailboxCommands:
         host = self.host
         old, new = cmd.args.value(Slot.MAILBOX), cmd.args.value(Slot.DEST)
         assert old is not None and new is not None and host.user is not None
+        if is_staging_name(old) or is_staging_name(new):
+            return host.tagged(cmd.tag, "NO", _RESERVED)
         old_route, new_route = self.route_of(old), self.route_of(new)
-        if host.referral_aware and (self.refers(old_route) or self.refers(new_route)):
-            try:
-                urls = [referrals.mailbox_urls(host.config, old_route, host.user, old)[0],
-                        referrals.mailbox_urls(host.config, new_route, host.user, new)[0]]
-            except (ValueError, KeyError):
-                return host.tagged(cmd.tag, "NO", "[CANNOT] This mailbox name cannot be referred to another server")
-            return host.send(referrals.referral(cmd.tag, urls))
+        if host.referral_aware and (self.refers(old_route, old) or self.refers(new_route, new)):
+            urls = self._rename_pair(old, new, old_route, new_route)
+            if urls is not None:
+                return host.send(referrals.referral(cmd.tag, urls))
         for name in (old, new):
             if self.moving(name):
                 return host.tagged(cmd.tag, "NO", _INUSE)
+        if old_route.primary != new_route.primary and not (self.valid_name(old) and self.valid_name(new)):
+            # Never moved across: the backend of the name that is not a valid one refuses it, as directly.
+            return host.relay_cmd(cmd, old_route if not self.valid_name(old) else new_route)
         if old_route.primary != new_route.primary:
             return host.run(cmd.tag, host.ctx.observer.transfer(
                 host, "rename", self._rename_across(cmd, old, new, old_route, new_route),
@@ -296,6 +315,22 @@ class MailboxCommands:
         for raw in outcome.untagged:
             host.write_from(conn, raw)
         host.answer(cmd.tag, outcome.completion)
+
+    def _rename_pair(self, old: bytes, new: bytes, old_route: Route, new_route: Route) -> list[str] | None:
+        """RFC 2193 4.3: the pair of urls (where the mailbox is, where it would go), or None when
+        either name cannot be referred (invalid, or only the proxy holds it): then it is proxied."""
+        host = self.host
+        assert host.user is not None
+        if not (self.valid_name(old) and self.valid_name(new)):
+            return None
+        try:
+            old_urls = referrals.mailbox_urls(host.config, old_route, host.user, old)
+            new_urls = referrals.mailbox_urls(host.config, new_route, host.user, new)
+        except (ValueError, KeyError):
+            return None
+        if not old_urls or not new_urls:
+            return None
+        return [old_urls[0], new_urls[0]]
 
     async def _rename_across(self, cmd: Command, old: bytes, new: bytes, old_route: Route,
                              new_route: Route) -> MoveResult:

@@ -57,6 +57,7 @@ from .mailops import (
     subtree,
 )
 from .routing import MailboxMap, normalize
+from .staging import is_staging_name
 from .transfer import Progress, copy_stream, find_copies, verify_copies
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "rename_here", "LocalRename", "reconcile_local",
@@ -132,7 +133,8 @@ class Mover:
 
         ``old == new == "*"``: every mailbox of the user that *src* owns (a whole user)."""
         if old == new == "*":
-            names = [e.name.decode("utf-8", "surrogateescape") for e in await list_mailboxes(src) if e.selectable]
+            names = [e.name.decode("utf-8", "surrogateescape") for e in await list_mailboxes(src)
+                     if e.selectable and not is_staging_name(e.name)]  # a staging mailbox is recovery's
         elif normalize(old, self.sep) == "INBOX":
             return [("INBOX", new)]  # RFC 3501: INBOX's messages move, its children do not
         else:

@@ -19,6 +19,7 @@ from .config import Config
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .mover import Connect, Mover, reconcile_local
 from .routing import MailboxMap
+from .staging import drop_staging
 from .transfer import finish_message_move
 
 __all__ = ["NoMasterUser", "master_connector", "describe", "recover_entry", "recover_all", "RecoverySweep",
@@ -49,6 +50,8 @@ def describe(entry: JournalEntry) -> str:
         what = f"{d.get('old')} -> {d.get('new')} ({d.get('src')} -> {d.get('dst')})"
     elif entry.op == "move-messages":
         what = f"MOVE {d.get('src_mailbox')} -> {d.get('dst_mailbox')} ({d.get('src')} -> {d.get('dst')})"
+    elif entry.op == "staging":
+        what = f"APPEND to {d.get('target')} staged in {d.get('mailbox')} on {d.get('backend')}"
     else:
         what = f"RENAME {d.get('old')} {d.get('new')} on {d.get('backend')}"
     return f"{entry.user}: {what}, at {entry.step.value if entry.step else 'an unknown step'}"
@@ -74,6 +77,9 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
         if entry.op == "move-messages":
             conns = [await connect(entry.data["src"]), await connect(entry.data["dst"])]
             return await finish_message_move(entry, mailbox_map, conns[0], conns[1], clock)
+        if how is Recovery.DROP_STAGING:
+            conns = [await connect(entry.data["backend"])]
+            return await drop_staging(mailbox_map, entry, conns[0])
         conns = [await connect(entry.data["backend"])]
         return await reconcile_local(mailbox_map, entry, conns[0])
     finally:

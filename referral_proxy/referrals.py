@@ -1,4 +1,9 @@
-"""RFC 2193 / RFC 2221 referral responses built from routes and backend urls."""
+"""RFC 2193 / RFC 2221 referral responses built from routes and backend urls.
+
+A referral never names the proxy itself (RFC 2193: a server MUST NOT return
+referrals that loop): a backend whose url reaches one of the proxy's own
+listeners is left out of every referral, at whatever position of a replica set.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ from urllib.parse import urlsplit
 
 from .config import BackendConfig, Config
 from .imap.url import imap_url
+from .origin import _is_loopback, _listen_addresses
 from .routing import Route
 
-__all__ = ["mailbox_urls", "login_url", "referral", "referable"]
+__all__ = ["mailbox_urls", "login_url", "referral", "referable", "referable_members"]
+
+_WILDCARD = ("", "0.0.0.0", "::")
 
 
 def _host_port(backend: BackendConfig) -> tuple[str, int | None]:
@@ -18,27 +26,40 @@ def _host_port(backend: BackendConfig) -> tuple[str, int | None]:
 
 
 def referable(config: Config, backend: BackendConfig) -> bool:
-    """False when the backend's url is one of the proxy's own listeners: a referral would loop."""
+    """False when the backend's url reaches one of the proxy's own listeners (``haproxy:``
+    ones too): a client following the referral would come back here, a loop."""
     host, port = _host_port(backend)
     port = port or 143
+    own_names = {config.proxy.hostname.lower()}
     for spec in config.proxy.listen:
-        fields = spec.split(":")
-        if fields[0] not in ("tcp", "ssl", "tcp6") or len(fields) < 2:
+        address = _listen_addresses(spec)
+        if address is None or address[1] != port:
             continue
-        try:
-            listen_port = int(fields[1].removeprefix("port="))
-        except ValueError:
-            continue
-        interface = next((f.removeprefix("interface=") for f in fields[2:] if f.startswith("interface=")), "")
-        if listen_port == port and interface in ("", "0.0.0.0", "::", host):
+        interface = address[0]
+        if host == interface or host.lower() in own_names:
+            return False
+        if interface in _WILDCARD and _is_loopback(host):
+            return False
+        if _is_loopback(interface) and host == "localhost":
             return False
     return True
 
 
-def mailbox_urls(config: Config, route: Route, user: str, mailbox: bytes) -> list[str]:
-    """One IMAP URL per backend of the route, in preference order."""
-    urls = []
+def referable_members(config: Config, route: Route) -> tuple[str, ...]:
+    """The backends of *route* a referral may name, in preference order (never the proxy)."""
+    out = []
     for name in route.backends:
+        backend = config.backends.get(name)
+        if backend is not None and referable(config, backend):
+            out.append(name)
+    return tuple(out)
+
+
+def mailbox_urls(config: Config, route: Route, user: str, mailbox: bytes) -> list[str]:
+    """One IMAP URL per backend of the route a referral may name, in preference order
+    (empty: every member is the proxy itself, so the mailbox must be proxied)."""
+    urls = []
+    for name in referable_members(config, route):
         host, port = _host_port(config.backends[name])
         urls.append(imap_url(host, port, user, mailbox))
     return urls

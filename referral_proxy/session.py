@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import __version__, capabilities, listing
-from .append import Appends
+from .appends import Appends
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
@@ -55,6 +55,7 @@ from .netio import quick_ack, tune_socket
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
+from .staging import StagingJournal
 
 __all__ = ["ProxyContext", "ClientSession", "Phase"]
 
@@ -253,7 +254,8 @@ class ClientSession(Protocol):
         if isinstance(event, Command):
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
         elif isinstance(event, Refused):
-            self.tagged(event.tag, event.status, event.text)
+            line = b"%s %s %s\r\n" % (event.tag, event.status.encode(), safe_text(event.text).encode("utf-8"))
+            self.appends.after_answers(line)  # in order: after an APPEND still awaiting its answer
         elif isinstance(event, Continue):
             self.send(b"+ Ready for literal data\r\n")
         elif isinstance(event, AppendStart):
@@ -386,15 +388,21 @@ class ClientSession(Protocol):
         self.reader = CommandReader(self.config.proxy.limits, self._admit)
         self.transport.startTLS(self.ctx.server_tls)
 
-    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol) -> None:
+    def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol,
+                  answer: str = "", **details: str) -> None:
         self.user, self.home = user, conn.name
         self.pool = BackendPool(self.ctx, self.connect, user, credentials, self.id, self._attach)
         self.pool.add(conn)
         self.phase = Phase.AUTHENTICATED
         self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
+        caps = " ".join(self._post_login_caps())
+        if answer:  # RFC 2221 OK [REFERRAL ...]: one response code only, so CAPABILITY goes untagged
+            self.ctx.observer.login(self, user, conn.name, "referred", **details)
+            self.send(b"* CAPABILITY %s\r\n" % caps.encode())
+            return self.answer(tag, answer)
         self.ctx.observer.login(self, user, conn.name, "ok")
-        self.tagged(tag, "OK", f"[CAPABILITY {' '.join(self._post_login_caps())}] Logged in")
+        self.tagged(tag, "OK", f"[CAPABILITY {caps}] Logged in")
 
     def _login_timed_out(self) -> None:
         self._login_timer = None
@@ -508,6 +516,18 @@ class ClientSession(Protocol):
 
     def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: the reader streams it
         self.tagged(cmd.tag, "BAD", "APPEND is streamed")
+
+    def hold_input(self, on: bool) -> None:
+        """An emulated MULTIAPPEND commits: no further command is read until it is answered."""
+        if on:
+            self.block(Block.STAGING)
+        else:
+            self.unblock(Block.STAGING)
+
+    @property
+    def staging_journal(self) -> StagingJournal:
+        assert self.ctx.staging_journal is not None  # set by ProxyContext
+        return self.ctx.staging_journal
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
         return self.mailboxes.append_refusal(tag, mailbox)

@@ -146,8 +146,11 @@ def test_login_referral(proxy_factory, fleet):
     w = Wire(proxy.host, proxy.port)
     assert b"LOGIN-REFERRALS" in w.greeting
     b2 = fleet["b2"]
-    assert w.cmd(b"l", b"LOGIN bob secret") == [
-        b"l NO [REFERRAL imap://bob;AUTH=*@%s:%d/] Log in to %s directly\r\n" % (b2.host.encode(), b2.port, b2.host.encode())]
+    # RFC 2221: a tagged OK (the proxy serves bob's mailboxes all the same), not a NO.
+    assert w.cmd(b"l", b"LOGIN bob secret")[-1] == (
+        b"l OK [REFERRAL imap://bob;AUTH=*@%s:%d/] Logged in; your mail server is %s\r\n" % (b2.host.encode(), b2.port, b2.host.encode()))
+    w.close()
+    w = Wire(proxy.host, proxy.port)
     # Bad credentials are not referred.
     assert w.cmd(b"m", b"LOGIN bob wrong")[0].startswith(b"m NO [AUTHENTICATIONFAILED]")
     w.login("alice")  # alice's home b1 is proxied as usual

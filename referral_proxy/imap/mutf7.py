@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import re
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "valid_name"]
 
 _AMP = 0x26
 _DASH = 0x2D
@@ -89,3 +89,20 @@ def encode(name: str) -> bytes:
             data = base64.b64encode(run.encode("utf-16-be"))
             out += b"&" + data.rstrip(b"=").replace(b"/", b",") + b"-"
     return bytes(out)
+
+
+def valid_name(name: bytes, *, utf8: bool = False) -> bool:
+    """A mailbox name a server takes: modified UTF-7, or, with *utf8* (a client that enabled
+    UTF8=ACCEPT, RFC 6855), UTF-8 without control characters nor "&" (which starts a shift)."""
+    try:
+        decode(name)
+        return True
+    except ValueError:
+        pass
+    if not utf8 or b"&" in name or any(c < 0x20 or c == 0x7F for c in name):
+        return False
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

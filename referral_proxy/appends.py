@@ -1,0 +1,189 @@
+"""The APPENDs of one session: routed to their mailbox's backend, fed the reader's events.
+
+An :class:`~.append.AppendCommand` is one APPEND from its first message to its answer;
+:class:`Appends` starts each (a referral or INUSE refuses it before any message),
+passes it the command reader's events, is the host every command reaches its session
+through (``AppendHost``), and keeps the proxy's refusals of later commands until the
+APPENDs before them are answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet import defer
+
+from .append import AppendCommand
+from .backend import BackendProtocol
+from .imap.reader import (
+    AppendAbort,
+    AppendData,
+    AppendEnd,
+    AppendMessage,
+    AppendMessageEnd,
+    AppendStart,
+    CommandReader,
+)
+from .pool import BackendPool
+from .routing import Route
+from .staging import StagingJournal
+
+__all__ = ["Appends", "AppendsHost"]
+
+
+class AppendsHost(Protocol):
+    """What the APPENDs of a session need of it."""
+
+    reader: CommandReader
+    pool: BackendPool | None
+    user: str | None
+    selected: str | None
+    selected_mailbox: bytes | None
+
+    def send(self, data: bytes) -> None: ...
+
+    def write_from(self, source: object, data: bytes, end: bool = True) -> None: ...
+
+    def run(self, tag: bytes, work: Any) -> None: ...
+
+    def decided(self) -> None:
+        """The reader's pending decision was taken: go on reading."""
+
+    def dies_with(self, conn: BackendProtocol) -> bool: ...
+
+    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
+        """The answer refusing an APPEND to *mailbox* before any message (INUSE, a referral), if any."""
+
+    def route_of(self, mailbox: bytes) -> Route: ...
+
+    def hold_input(self, on: bool) -> None: ...
+
+    @property
+    def staging_journal(self) -> StagingJournal: ...
+
+
+class Appends:
+    """The APPENDs of one session: the one the client is sending, and those not answered
+    yet. It is the host of each AppendCommand (AppendHost)."""
+
+    def __init__(self, host: AppendsHost) -> None:
+        self.host = host
+        self.current: AppendCommand | None = None
+        self.unanswered: set[AppendCommand] = set()
+        self._after: list[bytes] = []  # the proxy's own refusals of later commands, held until those are answered
+        self.no_staging: set[str] = set()  # backends that refused a staging mailbox: one message per APPEND there
+
+    def after_answers(self, line: bytes) -> None:
+        """Send *line* (the proxy's refusal of a command read after an APPEND) once every APPEND
+        is answered, as a server that runs commands one after the other would."""
+        if self.unanswered:
+            self._after.append(line)
+        else:
+            self.host.send(line)
+
+    def start(self, event: AppendStart) -> None:
+        """Route an APPEND to its mailbox's backend and start streaming it there."""
+        host = self.host
+        assert host.pool is not None
+        refusal = host.append_refusal(event.tag, event.mailbox)
+        if refusal is not None:
+            host.reader.drop()  # refused before the client sends any message
+            return host.send(refusal)
+        pool, route = host.pool, host.route_of(event.mailbox)
+        conn = pool.fast(route.primary)
+        if conn is not None:
+            return self._begin(event, conn)
+
+        async def later() -> None:
+            try:
+                conn = await pool.ready_for(route)
+            except BaseException:
+                host.reader.drop()
+                raise
+            self._begin(event, conn)
+
+        host.run(event.tag, later())
+
+    def _begin(self, event: AppendStart, conn: BackendProtocol) -> None:
+        self.current = AppendCommand(self, event.tag, conn, event.mailbox)
+        self.unanswered.add(self.current)
+
+    def event(self, event: object) -> None:
+        """A reader event of the APPEND being read."""
+        cmd = self.current
+        if cmd is None:
+            if isinstance(event, AppendMessage):
+                self.host.reader.drop()
+        elif isinstance(event, AppendData):
+            cmd.data(event.data)
+        elif isinstance(event, AppendMessage):
+            cmd.message(event)
+        elif isinstance(event, AppendMessageEnd):
+            cmd.message_end()
+        elif isinstance(event, AppendEnd):
+            cmd.end()
+        elif isinstance(event, AppendAbort):
+            cmd.abort(event.status, event.text)
+
+    def client_gone(self) -> list[BackendProtocol]:
+        """The client left: the connections that APPENDs now own (they close them themselves)."""
+        return [cmd.conn for cmd in list(self.unanswered) if cmd.client_gone()]
+
+    # -- AppendHost ---------------------------------------------------------------------------
+
+    @property
+    def user(self) -> str:
+        return self.host.user or ""
+
+    @property
+    def journal(self) -> StagingJournal:
+        return self.host.staging_journal
+
+    def accept_literal(self) -> None:
+        self.host.reader.accept()
+        self.host.decided()
+
+    def drop_command(self) -> None:
+        self.host.reader.drop()
+        self.host.decided()
+
+    def send(self, data: bytes) -> None:
+        self.host.send(data)
+
+    def write_from(self, source: object, data: bytes, end: bool = True) -> None:
+        self.host.write_from(source, data, end)
+
+    def append_input_over(self, cmd: AppendCommand) -> None:
+        if self.current is cmd:
+            self.current = None
+
+    def append_answered(self, cmd: AppendCommand) -> None:
+        self.unanswered.discard(cmd)
+        if not self.unanswered and self._after:
+            lines, self._after = self._after, []
+            self.host.send(b"".join(lines))
+        self.backend_idle()
+
+    def dies_with(self, conn: BackendProtocol) -> bool:
+        return self.host.dies_with(conn)
+
+    def hold_input(self, on: bool) -> None:
+        self.host.hold_input(on)
+
+    def quiet(self) -> defer.Deferred[None]:
+        assert self.host.pool is not None
+        return self.host.pool.quiet(None)
+
+    def backend_idle(self) -> None:
+        if self.host.pool is not None:
+            self.host.pool.check_quiet()
+
+    def selected_on(self, conn: BackendProtocol) -> bytes | None:
+        if self.host.selected != conn.name:
+            return None
+        return self.host.selected_mailbox or b""
+
+    async def open_backend(self, name: str) -> BackendProtocol:
+        assert self.host.pool is not None
+        return await self.host.pool.open(name)
+

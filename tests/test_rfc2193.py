@@ -1,0 +1,192 @@
+"""RFC 2193 / RFC 2221 to the letter (issue 15): no referral loops, invalid names refused as
+Dovecot refuses them (never referred with raw bytes), COPY with nothing selected, login
+referrals as a tagged OK. Against real Dovecot; the proxy is compared with direct Dovecot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from imapwire import Wire
+
+from referral_proxy.config import parse_config
+from referral_proxy.imap.url import parse_imap_url
+from referral_proxy.referrals import mailbox_urls, referable
+from referral_proxy.routing import Route
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}]
+
+
+def _same(line: bytes) -> bytes:
+    """A server line without Dovecot's timing text."""
+    return re.sub(rb" \(\d+\.\d+ \+ \d+\.\d+(?: \+ \d+\.\d+)? secs\)", b"", line)
+
+
+# -- no referral loops: the proxy is never named, at any position of a replica set -------------
+
+
+def _config(listen: list[str], urls: dict[str, str], hostname: str = "proxy.test"):
+    raw = {"proxy": {"listen": listen, "hostname": hostname},
+           "backends": {n: {"endpoint": "tcp:host=127.0.0.9:port=1143", "url": u} for n, u in urls.items()},
+           "map": {"default": next(iter(urls))}}
+    return parse_config(raw, base=Path("/tmp"))
+
+
+@pytest.mark.parametrize("listen, url", [
+    ("tcp:1143:interface=127.0.0.1", "imap://127.0.0.1:1143"),
+    ("tcp:port=1143:interface=127.0.0.1", "imap://localhost:1143"),
+    ("tcp:1143", "imap://127.0.0.5:1143"),  # every interface: any loopback address reaches it
+    ("tcp:1143", "imap://proxy.test:1143"),  # the proxy's own host name
+    ("haproxy:tcp:1143:interface=10.0.0.1", "imap://10.0.0.1:1143"),  # behind a load balancer too
+    ("tcp:143:interface=10.0.0.1", "imap://10.0.0.1"),  # the default port
+])
+def test_a_url_that_reaches_a_listener_of_the_proxy_is_never_referred_to(listen, url):
+    config = _config([listen], {"self": url, "b3": "imap://10.9.9.9:143"})
+    assert not referable(config, config.backends["self"])
+    assert referable(config, config.backends["b3"])
+    for members in (("self", "b3"), ("b3", "self"), ("self", "b3", "self")):
+        assert mailbox_urls(config, Route(members), "alice", b"Loop/Box") == ["imap://alice;AUTH=*@10.9.9.9:143/Loop/Box"]
+    assert mailbox_urls(config, Route(("self",)), "alice", b"Loop/Box") == []
+
+
+def _loop_proxy(proxy_factory, fleet, members: list[str]):
+    """A proxy whose backend "loop" is b3 reached by its endpoint, but whose url is the proxy's own."""
+    config = proxy_factory.default_config(rules=[{"mailbox": "Loop/*", "backend": members}])
+    port = int(config["proxy"]["listen"][0].split(":")[1])
+    config["backends"]["loop"] = {"endpoint": fleet["b3"].endpoint, "url": f"imap://127.0.0.1:{port}", "tls": "none"}
+    return proxy_factory(proxy_factory.toml(config))
+
+
+@pytest.mark.parametrize("members", [["b3", "loop"], ["loop", "b3"]])
+def test_replica_set_with_the_proxy_as_a_member_refers_only_to_the_others(proxy_factory, fleet, members):
+    with fleet["b3"].client("alice") as m:
+        m.create("Loop/Box")
+    proxy = _loop_proxy(proxy_factory, fleet, members)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.cmd(b"r", b'RLIST "" "*"')
+    b3 = fleet["b3"]
+    url = b"imap://alice;AUTH=*@%s:%d/Loop/Box" % (b3.host.encode(), b3.port)
+    for tag, command in [(b"s", b"SELECT Loop/Box"), (b"t", b"STATUS Loop/Box (MESSAGES)"), (b"c", b"CREATE Loop/New")]:
+        reply = w.cmd(tag, command)
+        assert reply == [tag + b" NO [REFERRAL " + url.replace(b"Loop/Box", command.split()[1]) + b"] Remote mailbox\r\n"]
+        assert b":%d/" % proxy.port not in reply[0]
+    w.close()
+
+
+def test_a_mailbox_only_the_proxy_itself_would_be_named_for_is_proxied(proxy_factory, fleet):
+    with fleet["b3"].client("alice") as m:
+        m.create("Loop/Box")
+        m.append("Loop/Box", "", None, b"Subject: looped\r\n\r\nhere\r\n")
+    proxy = _loop_proxy(proxy_factory, fleet, ["loop"])
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.cmd(b"r", b'RLIST "" "*"')  # referral-aware: still no referral to itself
+    reply = w.cmd(b"s", b"SELECT Loop/Box")
+    assert reply[-1].startswith(b"s OK") and b"* 1 EXISTS\r\n" in reply, reply
+    assert w.cmd(b"n", b"RENAME Loop/Box Loop/Other")[-1].startswith(b"n OK")  # no pair naming the proxy either
+    w.close()
+
+
+# -- COPY with nothing selected; names that are not valid modified UTF-7 ----------------------
+
+
+def test_copy_with_nothing_selected_is_bad_as_with_dovecot(proxy_factory, fleet):
+    proxy = proxy_factory(rules=RULES)
+    answers = []
+    for host, port in ((fleet["b1"].host, fleet["b1"].port), (proxy.host, proxy.port)):
+        w = Wire(host, port)
+        w.login()
+        w.send(b'r RLIST "" "*"\r\n')  # aware through the proxy; BAD from Dovecot, ignored
+        w.until_tagged(b"r")
+        answers.append([_same(line) for tag in (b"c", b"u", b"m") for line in
+                        w.cmd(tag, b"%s 1 Shared/X" % {b"c": b"COPY", b"u": b"UID COPY", b"m": b"MOVE"}[tag])])
+        w.close()
+    assert answers[1] == answers[0]
+    assert answers[0][0] == b"c BAD No mailbox selected.\r\n"
+
+
+_BAD_NAMES = [b'"Shared/&Jjo"', b'"Shared/Caf\xe9"', b'"Shared/Caf\xc3\xa9"', b'"Shared/&AOk"', b'"Shared/&AGE-"',
+              b"{10+}\r\nShared/x\ry"]
+
+
+def _commands(name: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"s", b"SELECT " + name), (b"e", b"EXAMINE " + name), (b"t", b"STATUS %s (MESSAGES)" % name),
+            (b"c", b"CREATE " + name), (b"d", b"DELETE " + name), (b"b", b"SUBSCRIBE " + name),
+            (b"u", b"UNSUBSCRIBE " + name), (b"n", b"RENAME Work " + name), (b"a", b"APPEND %s {5+}\r\nhello" % name),
+            (b"i", b"SELECT INBOX"), (b"k", b"COPY 1 " + name)]
+
+
+@pytest.mark.parametrize("name", _BAD_NAMES)
+def test_invalid_names_are_refused_as_dovecot_refuses_them_never_referred(proxy_factory, fleet, name):
+    for backend in ("b1", "b3"):
+        with fleet[backend].client("alice") as m:
+            m.create("Work")
+            m.append("INBOX", "", None, b"Subject: one\r\n\r\none\r\n")
+    proxy = proxy_factory(rules=RULES)
+    answers = []
+    for host, port in ((fleet["b3"].host, fleet["b3"].port), (proxy.host, proxy.port)):
+        w = Wire(host, port)
+        w.login()
+        w.cmd(b"r", b'RLIST "" "*"')
+        answers.append([_same(w.cmd(tag, command)[-1]) for tag, command in _commands(name)])
+        w.close()
+    direct, through = answers
+    assert not any(b"REFERRAL" in line for line in through), through
+    for d, t in zip(direct, through):
+        if t.startswith((b"i ", b"k ")):
+            assert t.split()[:2] == d.split()[:2], (d, t)  # SELECT INBOX; the COPY is the proxy's own
+        else:
+            assert t == d, (d, t)
+
+
+def test_utf8_names_after_enable_utf8_accept_are_referred_as_utf8(proxy_factory, fleet):
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"e", b"ENABLE UTF8=ACCEPT")[-1].startswith(b"e OK")
+    w.cmd(b"r", b'RLIST "" "*"')
+    reply = w.cmd(b"s", b'SELECT "Shared/Caf\xc3\xa9"')
+    m = re.fullmatch(rb"s NO \[REFERRAL (\S+)\] Remote mailbox\r\n", reply[0])
+    assert m, reply
+    assert parse_imap_url(m.group(1).decode())[3] == "Shared/Café"
+    w.close()
+
+
+# -- RFC 2221: a login referral is a tagged OK: the proxy serves the user all the same ----------
+
+
+def test_login_referral_is_a_tagged_ok_and_the_session_goes_on(proxy_factory, fleet):
+    with fleet["b2"].client("bob") as m:
+        m.append("INBOX", "", None, b"Subject: bob's\r\n\r\nhere\r\n")
+    proxy = proxy_factory({"proxy": {"login_referrals": True}, "backends": {"b2": {"login_referral": True}}},
+                          rules=[{"user": "bob", "mailbox": "*", "backend": "b2"}])
+    w = Wire(proxy.host, proxy.port)
+    assert b"LOGIN-REFERRALS" in w.greeting
+    b2 = fleet["b2"]
+    reply = w.cmd(b"l", b"LOGIN bob secret")
+    assert reply[0].startswith(b"* CAPABILITY IMAP4rev1 ")
+    assert reply[1] == b"l OK [REFERRAL imap://bob;AUTH=*@%s:%d/] Logged in; your mail server is %s\r\n" % (
+        b2.host.encode(), b2.port, b2.host.encode())
+    select = w.cmd(b"s", b"SELECT INBOX")
+    assert select[-1].startswith(b"s OK") and b"* 1 EXISTS\r\n" in select
+    w.close()
+    w = Wire(proxy.host, proxy.port)
+    assert w.cmd(b"m", b"LOGIN bob wrong")[0].startswith(b"m NO [AUTHENTICATIONFAILED]")  # never referred
+    w.close()
+
+
+def test_no_login_referral_to_the_proxy_itself(proxy_factory, fleet):
+    """RFC 2221 3: a referral SHOULD NOT lead to a server that refers again: never the proxy itself."""
+    config = proxy_factory.default_config(rules=[{"user": "bob", "mailbox": "*", "backend": "b2"}])
+    port = int(config["proxy"]["listen"][0].split(":")[1])
+    config["proxy"]["login_referrals"] = True
+    config["backends"]["b2"].update(url=f"imap://127.0.0.1:{port}", login_referral=True)
+    proxy = proxy_factory(proxy_factory.toml(config))
+    w = Wire(proxy.host, proxy.port)
+    reply = w.cmd(b"l", b"LOGIN bob secret")
+    assert reply[-1].startswith(b"l OK [CAPABILITY ") and b"[REFERRAL" not in b"".join(reply), reply
+    w.close()
