@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from .append import AppendCommand
 from .backend import BackendProtocol
+from .flow import Block
 from .imap.reader import (
     AppendAbort,
     AppendData,
@@ -49,6 +50,9 @@ class AppendsHost(Protocol):
     def decided(self) -> None:
         """The reader's pending decision was taken: go on reading."""
 
+    def command_done(self) -> None:
+        """A command in flight has its answer (the session caps them)."""
+
     def dies_with(self, conn: BackendProtocol) -> bool: ...
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
@@ -56,18 +60,18 @@ class AppendsHost(Protocol):
 
     def route_of(self, mailbox: bytes) -> Route: ...
 
-    def hold_input(self, on: bool) -> None: ...
+    def block(self, reason: Block) -> None: ...
 
-    @property
-    def staging_journal(self) -> StagingJournal: ...
+    def unblock(self, reason: Block) -> None: ...
 
 
 class Appends:
     """The APPENDs of one session: the one the client is sending, and those not answered
     yet. It is the host of each AppendCommand (AppendHost)."""
 
-    def __init__(self, host: AppendsHost) -> None:
+    def __init__(self, host: AppendsHost, journal: StagingJournal) -> None:
         self.host = host
+        self._journal = journal  # the staging mailboxes' (ProxyContext.staging_journal)
         self.current: AppendCommand | None = None
         self.unanswered: set[AppendCommand] = set()
         self._after: list[bytes] = []  # the proxy's own refusals of later commands, held until those are answered
@@ -137,7 +141,7 @@ class Appends:
 
     @property
     def journal(self) -> StagingJournal:
-        return self.host.staging_journal
+        return self._journal
 
     def accept_literal(self) -> None:
         self.host.reader.accept()
@@ -163,12 +167,14 @@ class Appends:
             lines, self._after = self._after, []
             self.host.send(b"".join(lines))
         self.backend_idle()
+        self.host.command_done()
 
     def dies_with(self, conn: BackendProtocol) -> bool:
         return self.host.dies_with(conn)
 
     def hold_input(self, on: bool) -> None:
-        self.host.hold_input(on)
+        """An emulated MULTIAPPEND commits: no further command is read until it is answered."""
+        (self.host.block if on else self.host.unblock)(Block.STAGING)
 
     def quiet(self) -> defer.Deferred[None]:
         assert self.host.pool is not None

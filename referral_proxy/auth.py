@@ -12,9 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from . import referrals
@@ -25,6 +25,7 @@ from .imap.command import ParseError
 from .imap.grammar import Arguments
 from .imap.reader import Command, CommandReader, TextLine
 from .imap.response import completion_text
+from .origin import peer_ip
 from .pool import backend_config, connect_first
 
 __all__ = ["Authenticator", "AuthHost", "LoginOutcome", "login_credentials", "sasl_plain", "log_in"]
@@ -96,6 +97,7 @@ class AuthHost(Protocol):
     id: int
     reader: CommandReader
     connect: Connect  # how this session reaches backends
+    transport: Any
 
     @property
     def closed(self) -> bool:
@@ -173,15 +175,40 @@ class Authenticator:
 
     async def _log_in(self, tag: bytes, creds: Credentials) -> None:
         host = self.host
-        outcome = await log_in(host.ctx, host.connect, creds)
+        ctx = host.ctx
+        limits = ctx.config.proxy.connections
+        penalty, clock = ctx.admission.penalty, ctx.reactor.seconds
+        ip, who = self._client_ip(), ctx.mailbox_map.canonical(creds.user)  # whose password is tried (a master user's too)
+        delay = penalty.delay(ip, who, limits.login_penalty, clock())
+        if delay > 0:
+            ctx.observer.login_delayed(host, creds.user, delay)
+            await task.deferLater(ctx.reactor, delay)
+            if host.closed:
+                return
+        outcome = await log_in(ctx, host.connect, creds)
+        if outcome.result == "failed":
+            penalty.failed(ip, who, creds.password, limits.login_penalty, clock())
+        elif outcome.result in ("ok", "referred"):
+            penalty.succeeded(ip, who)
         conn = outcome.conn
         if host.closed:  # the client left meanwhile
             if conn is not None:
                 conn.logout()
             return
-        if conn is None:
-            host.ctx.observer.login(host, outcome.user, outcome.backend, outcome.result, **outcome.details)
+        if conn is not None:
+            refusal = ctx.admission.logged_in(host, outcome.user, limits)  # canonical already
+            if refusal is not None:
+                conn.logout()
+                outcome = LoginOutcome(outcome.user, None, f"NO [LIMIT] {refusal.text}", "limit", conn.name,
+                                       {"why": refusal.reason})
+        if outcome.conn is None:
+            ctx.observer.login(host, outcome.user, outcome.backend, outcome.result, **outcome.details)
             host.answer(tag, outcome.answer)
         else:
-            host.logged_in(tag, outcome.user, creds, conn, outcome.answer, **outcome.details)
+            host.logged_in(tag, outcome.user, creds, outcome.conn, outcome.answer, **outcome.details)
         host.unblock(Block.LOGIN)
+
+    def _client_ip(self) -> str:
+        """The client's address: the PROXY header's, or the one a trusted upstream's ID said."""
+        origin = self.host.ctx.observer.origin(self.host)
+        return origin.client_ip if origin is not None else peer_ip(self.host.transport)

@@ -21,6 +21,7 @@ __all__ = [
     "BackendConfig",
     "Config",
     "ConfigError",
+    "ConnectionLimits",
     "Limits",
     "LogConfig",
     "MetricsConfig",
@@ -37,6 +38,9 @@ REFERRAL_MODES = ("aware", "always", "never")
 USERNAME_FORMATS = ("lower", "as-is")
 # Every client limit is a field of imap.reader.Limits and a [proxy] key of the same name.
 _LIMIT_KEYS = ("max_line", "max_literal", "max_command", "max_literals", "max_message", "max_append_messages")
+# Every connection limit is a field of ConnectionLimits and a [proxy] key of the same name.
+_CONNECTION_KEYS = ("max_connections", "max_connections_per_ip", "max_unauthenticated_per_ip",
+                    "max_connections_per_user", "max_commands_in_flight")
 TLS_MODES = ("none", "starttls", "implicit")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -44,6 +48,20 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 class ConfigError(ValueError):
     """A configuration mistake; str() is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What clients may hold of the proxy together: connections, logins, commands in flight.
+
+    Each field is a ``[proxy]`` key of the same name (defaults for one small server)."""
+
+    max_connections: int = 1000  # client connections of the whole process (lowered to fit `ulimit -n`)
+    max_connections_per_ip: int = 100  # from one address (an IPv6 client is its /64)
+    max_unauthenticated_per_ip: int = 20  # of those, not logged in yet
+    max_connections_per_user: int = 50  # logged-in sessions of one user, wherever from
+    max_commands_in_flight: int = 64  # commands of one session relayed and not answered yet
+    login_penalty: float = 15.0  # longest delay (s) before a login after failures (Dovecot's auth penalty); 0 = off
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,7 @@ class ProxyConfig:
     login_referrals: bool = False
     login_timeout: float = 60.0  # seconds a client may stay unauthenticated
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     # Upstreams (a load balancer, another proxy) whose ID x-originating-ip/port is believed.
     trusted_networks: tuple[str, ...] = ()
     proxy_ttl: int = 5  # hops a login may still take; sent on to backends as x-proxy-ttl minus one
@@ -163,6 +182,7 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
         "listen", "hostname", "tls_cert", "tls_key", "allow_plaintext_login",
         "referrals", "login_referrals", "login_timeout", *_LIMIT_KEYS, "trusted_networks", "proxy_ttl",
         "workers",
+        *_CONNECTION_KEYS, "login_penalty",
     }
     _only(raw, "proxy", keys)
     listen = _get(raw, "proxy", "listen", list, required=True)
@@ -179,6 +199,7 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
     timeout = _get(raw, "proxy", "login_timeout", (int, float), default=60.0)
     if timeout <= 0:
         raise ConfigError("proxy.login_timeout: must be positive")
+    connections = _connection_limits(raw)
     trusted = _get(raw, "proxy", "trusted_networks", list, default=[])
     for i, net in enumerate(trusted):
         try:
@@ -197,6 +218,7 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
         login_referrals=_get(raw, "proxy", "login_referrals", bool, default=False),
         login_timeout=float(timeout),
         limits=limits,
+        connections=connections,
         trusted_networks=tuple(trusted),
         proxy_ttl=_positive(raw, "proxy", "proxy_ttl", 5),
         workers=_workers(raw),
@@ -217,6 +239,14 @@ def _workers(raw: dict[str, Any]) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise ConfigError(f'proxy.workers: must be a number of processes from 1 to {MAX_WORKERS}, or "auto"')
     return value
+
+
+def _connection_limits(raw: dict[str, Any]) -> ConnectionLimits:
+    counts = {key: _positive(raw, "proxy", key, getattr(ConnectionLimits, key)) for key in _CONNECTION_KEYS}
+    penalty = _get(raw, "proxy", "login_penalty", (int, float), default=ConnectionLimits.login_penalty)
+    if not 0 <= penalty <= 3600:
+        raise ConfigError("proxy.login_penalty: must be between 0 (off) and 3600 seconds")
+    return ConnectionLimits(**counts, login_penalty=float(penalty))
 
 
 def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .admission import Admission
 from .backend import BackendProtocol, Credentials
 from .config import BackendConfig, Config
 from .observe import Observer
@@ -37,6 +38,7 @@ class ProxyContext:
     sessions: set[Any] = field(default_factory=set)  # the ClientSessions open now
     backend_caps: dict[str, frozenset[str]] = field(default_factory=dict)  # as last seen after login
     observer: Observer = field(default_factory=Observer)  # counts (metrics) and events (logs)
+    admission: Admission = field(default_factory=Admission)  # connection limits, the login penalty
     connect_for: ConnectFor | None = None
     staging_journal: StagingJournal | None = None  # staging mailboxes (staging.py); None: the map store's journal
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))

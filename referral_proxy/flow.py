@@ -1,9 +1,12 @@
 """Flow control between a client and its backends: who may read, and in what order output goes.
 
 A ReadGate pauses reading from a transport while any reason holds (the session
-waiting for a backend; a backend's full socket); _AllBackends lets a slow client
-pause every backend; Output keeps each response whole on the client's connection
-when several backends and the proxy itself write to it.
+waiting for a backend; a backend's full socket); ClientOutput, registered on the
+client's transport from its first moment, stops reading commands and pauses every
+backend (AllBackends) while the client's own output is backed up, so a client that
+never reads its answers holds a bounded amount of memory; Output keeps each
+response whole on the client's connection when several backends and the proxy
+itself write to it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["Block", "ReadGate", "PeerPause", "AllBackends", "Output"]
+__all__ = ["Block", "ReadGate", "PeerPause", "AllBackends", "ClientOutput", "Output", "ClientFlow"]
 
 
 class Block(Enum):
@@ -27,6 +30,11 @@ class Block(Enum):
     BACKEND_LITERAL = "a relayed command waits for the backend's + before its next literal"
     DECISION = "a message literal of an APPEND waits for the backend's + (or refusal)"
     STAGING = "an emulated MULTIAPPEND commits through the session's connection: the next command waits"
+    OUTPUT = "the client's output is backed up: it must read its answers before it may send more"
+    QUEUED = "an answer of the proxy's own waits behind a backend's response"
+    IN_FLIGHT = "as many commands as allowed are waiting for their answers"
+    IDLE_ENDING = "DONE went before the backend's +: the IDLE's own + and answer come first"
+    TURN = "this session had its turn: the other connections ready go first"
 
 
 @implementer(IPushProducer)
@@ -49,8 +57,10 @@ class ReadGate:
     def resume(self, reason: object) -> None:
         if reason in self._reasons:
             self._reasons.discard(reason)
-            if not self._reasons and not getattr(self._transport, "disconnected", False):
-                self._transport.resumeProducing()
+            transport = self._transport
+            if not self._reasons and not (getattr(transport, "disconnected", False)
+                                          or getattr(transport, "disconnecting", False)):
+                transport.resumeProducing()
 
     def pauseProducing(self) -> None:
         self.pause("peer")
@@ -87,6 +97,7 @@ class AllBackends:
     def __init__(self) -> None:
         self.paused = False
         self.transports: set[Any] = set()
+        self.held: set[Any] = set()  # paused for another reason (Output's queue): left paused
 
     def add(self, transport: Any) -> None:
         self.transports.add(transport)
@@ -101,22 +112,69 @@ class AllBackends:
     def resumeProducing(self) -> None:
         self.paused = False
         for t in list(self.transports):
-            if not getattr(t, "disconnected", False):
+            if t not in self.held and not getattr(t, "disconnected", False):
                 t.resumeProducing()
+
+    def hold(self, transport: Any) -> None:
+        self.held.add(transport)
+        transport.pauseProducing()
+
+    def release(self, transport: Any) -> None:
+        self.held.discard(transport)
+        if not self.paused and not getattr(transport, "disconnected", False):
+            transport.resumeProducing()
 
     def stopProducing(self) -> None:
         pass
 
 
+@implementer(IPushProducer)
+class ClientOutput:
+    """Registered on the client's transport when it connects: while the transport's
+    buffer is over its size, no command is read (*hold*) and every backend is paused."""
+
+    def __init__(self, backends: AllBackends, hold: Callable[[], None], release: Callable[[], None]) -> None:
+        self.backends = backends
+        self._hold, self._release = hold, release
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._hold()
+        self.backends.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.backends.resumeProducing()
+        self._release()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _pause_transport(source: object) -> None:
+    transport = getattr(source, "transport", None)
+    if transport is not None:
+        transport.pauseProducing()
+
+
+def _resume_transport(source: object) -> None:
+    if not getattr(source, "closed", False):
+        source.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
 class Output:
     """Serializes what several sources write to the client, a whole response at a time.
 
-    A backend whose response must wait is paused meanwhile, so the queue holds
-    at most what it had already read.
+    A source whose response must wait is held meanwhile (*hold*: a backend's transport
+    is paused, the session stops reading commands), so the queue holds at most what
+    it had already produced; *release* lets it go on once its queue is written.
     """
 
-    def __init__(self, write: Callable[[bytes], None]) -> None:
+    def __init__(self, write: Callable[[bytes], None], hold: Callable[[object], None] = _pause_transport,
+                 release: Callable[[object], None] = _resume_transport) -> None:
         self._write = write
+        self._hold, self._release = hold, release
         self._owner: object = None  # the source in the middle of a response
         self._queue: deque[tuple[object, bytes, bool]] = deque()
         self._paused: set[Any] = set()
@@ -129,10 +187,10 @@ class Output:
                 self._flush()
         else:
             self._queue.append((source, data, end))
-            transport = getattr(source, "transport", None)
-            if transport is not None and source not in self._paused:
-                self._paused.add(source)
-                transport.pauseProducing()
+            # Held again each time: another producer (the client's drained output) may
+            # have resumed it meanwhile, and its queue must not grow past one read.
+            self._paused.add(source)
+            self._hold(source)
 
     def _flush(self) -> None:
         while self._queue:
@@ -148,8 +206,16 @@ class Output:
         for source in list(self._paused):
             if not any(s is source for s, _d, _e in self._queue):
                 self._paused.discard(source)
-                if not getattr(source, "closed", False):
-                    source.transport.resumeProducing()  # type: ignore[attr-defined]
+                self._release(source)
+
+    @property
+    def queued(self) -> int:
+        """Writes waiting for another source's response to end."""
+        return len(self._queue)
+
+    def holds(self, source: object) -> bool:
+        """Whether *source* is held because its output waits in the queue."""
+        return source in self._paused
 
     def abandon(self, source: object) -> None:
         """*source* is gone mid-response: let the others through."""
@@ -158,3 +224,124 @@ class Output:
         self._queue = deque(item for item in self._queue if item[0] is not source)
         self._paused.discard(source)
         self._flush()
+
+
+class ClientFlow:
+    """One client connection's flow: the reasons it is not read (each released by its owner
+    only), its serialized output, and back-pressure both ways (a backend's full socket
+    pauses the client; the client's full output pauses every backend and the commands)."""
+
+    def __init__(self, own: object, write: Callable[[bytes], None], pump: Callable[[], None]) -> None:
+        self.own = own  # the source of the proxy's own answers (the session)
+        self.blocked: set[Block] = set()
+        self.gate: ReadGate | None = None
+        self.backends = AllBackends()
+        self.client_output = ClientOutput(self.backends, lambda: self.block(Block.OUTPUT),
+                                          lambda: self.unblock(Block.OUTPUT))
+        self.out = Output(write, self._hold, self._release)
+        self._write = write
+        self._pump = pump
+        self._abort_timer: Any = None
+        self._registered = False  # client_output is the transport's producer
+
+    def connect(self, transport: Any, *, produce: bool = True) -> None:
+        """The client connected: from now on its full output stops the commands (with
+        *produce* false, only once ``produce`` is called: see ``produce``)."""
+        self.gate = ReadGate(transport)
+        if produce:
+            self.produce(transport)
+
+    def produce(self, transport: Any) -> None:
+        """Register the client's output as the transport's producer, once. A TLS transport
+        pauses its producer while it buffers what is written before the handshake: the
+        greeting would stop the reading, and with it the handshake (a TLS listener's
+        session registers once the handshake is done)."""
+        if not self._registered:
+            transport.registerProducer(self.client_output, True)
+            self._registered = True
+
+    @property
+    def output_backed_up(self) -> bool:
+        """The client has not read what it was sent (its transport's buffer is full)."""
+        return self.client_output.paused
+
+    def block(self, reason: Block) -> None:
+        self.blocked.add(reason)
+        if self.gate is not None:
+            self.gate.pause(reason)
+
+    def unblock(self, reason: Block) -> None:
+        """*reason* is over: read on (the session's pump) if no other holds."""
+        self.blocked.discard(reason)
+        if self.gate is not None:
+            self.gate.resume(reason)
+        self._pump()
+
+    def next_turn(self, reactor: Any) -> None:
+        """Read on once the reactor has served every other connection ready now."""
+        if Block.TURN not in self.blocked:
+            self.block(Block.TURN)
+            reactor.callLater(0, self.unblock, Block.TURN)
+
+    def pause_reading(self, reason: Block) -> None:
+        """Stop reading the socket only (the reader itself said why: a pending decision)."""
+        if self.gate is not None:
+            self.gate.pause(reason)
+
+    def resume_reading(self, reason: Block) -> None:
+        if self.gate is not None:
+            self.gate.resume(reason)
+
+    def attach(self, proto: Any) -> None:
+        """A new backend connection: each side becomes the other's producer."""
+        self.backends.add(proto.transport)
+        assert self.gate is not None
+        proto.transport.registerProducer(PeerPause(self.gate, f"backend:{proto.name}"), True)
+
+    def detach(self, proto: Any) -> None:
+        """A backend connection is gone (mid-response too): the others' output goes on."""
+        self.backends.transports.discard(proto.transport)
+        self.backends.held.discard(proto.transport)
+        self.out.abandon(proto)
+
+    def close(self, transport: Any, reactor: Any, grace: float) -> None:
+        """Close once what was written is out; abort if that takes over *grace* seconds
+        (a client that does not read holds its memory no longer)."""
+        if self._registered:
+            # Twisted closes only once no producer is registered: a paused one, resumed when
+            # the output drains, would keep the connection open.
+            self._registered = False
+            transport.unregisterProducer()
+        transport.loseConnection()
+        if self._abort_timer is None:
+            self._abort_timer = reactor.callLater(grace, self.abort, transport)
+
+    def abort(self, transport: Any) -> None:
+        """Drop the connection now, unsent output and all."""
+        self.closed()
+        if transport is not None and not getattr(transport, "disconnected", False):
+            transport.abortConnection()
+
+    def closed(self) -> None:
+        """The connection is gone: nothing left to abort."""
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
+
+    def unqueued(self) -> None:
+        """From now on the proxy's own output goes out at once (shutdown: a BYE must not wait)."""
+        self.out = Output(self._write)
+
+    def _hold(self, source: object) -> None:
+        """*source*'s output must wait behind another's response: it produces no more meanwhile
+        (a backend is paused; the session itself reads no command)."""
+        if source is self.own:
+            self.block(Block.QUEUED)
+        else:
+            self.backends.hold(source.transport)  # type: ignore[attr-defined]
+
+    def _release(self, source: object) -> None:
+        if source is self.own:
+            self.unblock(Block.QUEUED)
+        elif not getattr(source, "closed", False):
+            self.backends.release(source.transport)  # type: ignore[attr-defined]

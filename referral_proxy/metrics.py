@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from .admission import Admission
 from .health import HealthChecker
 from .observe import COMMAND_BUCKETS, TRANSFER_KINDS, Observer
 
@@ -41,9 +42,10 @@ _BOUNDS = [f"{b:g}" for b in COMMAND_BUCKETS] + ["+Inf"]
 class ProxyCollector:
     """The referral_proxy_* families, read from an Observer (and a HealthChecker)."""
 
-    def __init__(self, observer: Observer, health: HealthChecker | None = None) -> None:
+    def __init__(self, observer: Observer, health: HealthChecker | None = None, admission: Admission | None = None) -> None:
         self.observer = observer
         self.health = health
+        self.admission = admission
 
     def describe(self) -> list[Metric]:
         return []  # built at every scrape
@@ -55,6 +57,17 @@ class ProxyCollector:
         yield _counter("referral_proxy_sessions", "Client sessions ended, by how they ended.", ["outcome"],
                        o.sessions_total)
         yield _counter("referral_proxy_logins", "Logins, by result.", ["result"], o.logins_total)
+        yield _counter("referral_proxy_refused_connections",
+                       "Connections refused with * BYE [UNAVAILABLE] before a session started, by the limit they hit.",
+                       ["reason"], o.refusals_total)
+        yield CounterMetricFamily("referral_proxy_login_delays", "Logins held by the failed-login penalty.",
+                                  value=o.login_delays_total)
+        yield CounterMetricFamily("referral_proxy_login_delay_seconds",
+                                  "Seconds logins were held by the failed-login penalty.", value=o.login_delay_seconds)
+        if self.admission is not None and self.admission.fd_sessions is not None:
+            yield GaugeMetricFamily("referral_proxy_fd_sessions",
+                                    "Sessions the process's file descriptors allow (max_connections is lowered to it).",
+                                    value=self.admission.fd_sessions)
         yield _counter("referral_proxy_commands", "Client commands answered, by command and result.",
                        ["command", "result"], o.commands_total)
         yield _counter("referral_proxy_referrals", "RFC 2193/2221 referrals sent, by command.", ["command"],
@@ -104,10 +117,11 @@ def _counter(name: str, doc: str, labels: list[str], values: dict[Any, int]) -> 
     return family
 
 
-def make_registry(observer: Observer, health: HealthChecker | None = None) -> CollectorRegistry:
+def make_registry(observer: Observer, health: HealthChecker | None = None,
+                  admission: Admission | None = None) -> CollectorRegistry:
     """A registry of its own: the proxy's families plus the process, platform and GC ones."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(observer, health))
+    registry.register(ProxyCollector(observer, health, admission))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

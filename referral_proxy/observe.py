@@ -27,6 +27,7 @@ __all__ = [
     "COMMAND_BUCKETS",
     "KNOWN_COMMANDS",
     "LOGIN_RESULTS",
+    "REFUSAL_REASONS",
     "TRANSFER_KINDS",
     "Observer",
     "SessionRecord",
@@ -47,12 +48,16 @@ KNOWN_COMMANDS = frozenset({
     "STARTTLS", "STATUS", "STORE", "SUBSCRIBE", "THREAD", "UID COPY", "UID EXPUNGE", "UID FETCH",
     "UID MOVE", "UID SEARCH", "UID SORT", "UID STORE", "UID THREAD", "UNSELECT", "UNSUBSCRIBE",
 })
-LOGIN_RESULTS = ("ok", "failed", "referred", "unavailable")
+LOGIN_RESULTS = ("ok", "failed", "referred", "unavailable", "limit")
+# Why connections are refused before their session starts (admission.Admission).
+REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "max_unauthenticated_per_ip")
 TRANSFER_KINDS = ("copy", "move", "rename", "admin_move")
 _STATUSES = {b"OK": "ok", b"NO": "no"}
 # What the proxy said last with "* BYE", to how the session ended (any other BYE: one
 # relayed from a backend that went away).
-_BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_timeout"))
+_BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_timeout"),
+                 (b"* BYE Too many commands before login", "too_many_commands"),
+                 (b"* BYE Too long command", "too_long_command"))
 # Commands awaiting their answer, per session: more are not timed (a bound, whatever happens).
 MAX_PENDING = 1000
 
@@ -69,6 +74,7 @@ class SessionRecord:
     bytes_out: int = 0
     pending: list[tuple[bytes, str, float]] = field(default_factory=list)  # (tag + b" ", command, started)
     bye: bytes = b""
+    outcome: str | None = None  # set when the proxy ended it without a BYE (an aborted login timeout)
 
     def context(self) -> dict[str, Any]:
         """session, user, client, backend: the fields every event of this session carries."""
@@ -103,8 +109,12 @@ class Observer:
         self.bytes_client_out = 0
         self._backend_bytes_closed = [0, 0]  # (in, out) of backend connections already closed
         self._backends: set[Any] = set()
+        self._prune_at = 64  # closed connections are dropped from _backends when it grows this big
         self._command_seconds: dict[str, tuple[list[int], list[float]]] = {}
         self.stopping = False  # the service is shutting down: sessions end with outcome "shutdown"
+        self.refusals_total: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        self.login_delays_total = 0
+        self.login_delay_seconds = 0.0
         self.map_store_up = True  # the map store (PostgreSQL) reachable; routing goes on from the cache if not
         self.map_store_outages = 0
 
@@ -127,12 +137,33 @@ class Observer:
         rec = self._live.pop(session, None)
         if rec is None:
             return
-        outcome = next((o for prefix, o in _BYE_OUTCOMES if rec.bye.startswith(prefix)),
-                       "shutdown" if self.stopping else "backend_lost" if rec.bye else "client_closed")
+        outcome = rec.outcome or next((o for prefix, o in _BYE_OUTCOMES if rec.bye.startswith(prefix)),
+                                      "shutdown" if self.stopping else "backend_lost" if rec.bye else "client_closed")
         self.sessions_total[outcome] = self.sessions_total.get(outcome, 0) + 1
         self._event("session_end", rec, "session end", outcome=outcome,
                     seconds=round(self.clock() - rec.started, 3), bytes_in=rec.bytes_in, bytes_out=rec.bytes_out)
         self._by_id.pop(rec.id, None)
+
+    def refused(self, transport: Any, reason: str) -> None:
+        """A connection refused before its session started (too many): counted and logged."""
+        self.refusals_total[reason] = self.refusals_total.get(reason, 0) + 1
+        origin = Origin.of(transport, "", 0)
+        self.log.emit(LogLevel.warn, "connection refused", rp_event="refused",
+                      rp_fields={"client": origin.client, "reason": reason})
+
+    def timed_out(self, session: Any) -> None:
+        """The proxy ends *session* for want of a login in time (with or without a BYE)."""
+        rec = self._live.get(session)
+        if rec is not None:
+            rec.outcome = "login_timeout"
+
+    def login_delayed(self, session: Any, user: str, seconds: float) -> None:
+        """A login waits for the failed-login penalty of its address or user."""
+        self.login_delays_total += 1
+        self.login_delay_seconds += seconds
+        rec = self._live.get(session)
+        if rec is not None:
+            self._event("login_delay", rec, "login delayed", user=user, seconds=seconds)
 
     def origin(self, session: Any) -> Origin | None:
         rec = self._live.get(session)
@@ -284,6 +315,9 @@ class Observer:
 
     def backend_opened(self, proto: Any) -> None:
         self._backends.add(proto)
+        if len(self._backends) >= self._prune_at:  # without scrapes too: closed ones must not pile up
+            self._prune()
+            self._prune_at = 2 * len(self._backends) + 64
 
     def connect_failed(self, backend: str) -> None:
         self.connect_failures[backend] = self.connect_failures.get(backend, 0) + 1

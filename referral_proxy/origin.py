@@ -23,7 +23,7 @@ from .config import BackendConfig, Config
 from .imap.command import Atom, ParenList, String, Token
 from .imap.quoting import quoted
 
-__all__ = ["Origin", "LoopGuard", "address_text", "id_arguments", "id_command"]
+__all__ = ["Origin", "LoopGuard", "address_text", "id_arguments", "id_command", "peer_ip"]
 
 # Fields a trusted upstream may set; x-proxy-ttl and x-session-id count from anyone
 # (a lower TTL or a looping session id can only make that client's own login fail).
@@ -36,6 +36,11 @@ def address_text(host: str, port: int | str | None) -> str:
     if port is None or port == "":
         return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_ip(transport: Any) -> str:
+    """The client's address of a new connection (the PROXY header's on a ``haproxy:`` listener)."""
+    return _host_port(transport.getPeer())[0]
 
 
 def _host_port(addr: Any) -> tuple[str, int | None]:

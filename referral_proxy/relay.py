@@ -1,8 +1,11 @@
 """Relaying one parsed client command to one backend, and its answer back.
 
 The command is written again from its parsed arguments (imap.grammar.encode) under
-the proxy's own tag; its literals go as ``{n+}`` to a backend with LITERAL+ (or
-LITERAL- for small ones), else each is announced and its ``+`` awaited. The tagged
+the proxy's own tag; each of its literals is announced synchronizing and its ``+``
+awaited, even from a backend with LITERAL+: a backend reads a literal only once it has
+tokenized everything before it, and one whose tokenizer refuses what the proxy's grammar
+let through (Dovecot: ``{`` or 8-bit bytes in an atom, a quote inside ``BODY[...]``)
+would then read a ``{n+}`` literal's bytes as commands of their own. The tagged
 completion comes back with the client's tag; responses that name a command's tag
 inside their data (ESEARCH ``(TAG "...")``, ``[NOUPDATE "..."]``) are translated
 too, including CONTEXT=SEARCH updates that arrive long after their command.
@@ -26,7 +29,6 @@ from .imap.response import ResponseStart, replace_tag, replace_tag_references
 
 __all__ = ["Relay", "RelayHost", "wants_updates"]
 
-SMALL_LITERAL = 4096  # LITERAL- (RFC 7888): non-synchronizing up to this size
 MAX_UPDATES = 64  # live CONTEXT=SEARCH/SORT updates remembered per connection
 
 
@@ -44,7 +46,8 @@ class RelayHost(Protocol):
     def unblock(self, reason: Block) -> None: ...
 
     def relay_finished(self, conn: BackendProtocol) -> None:
-        """A relayed command of *conn* has its completion (or its connection is gone)."""
+        """A relayed command of *conn* has its completion (or its connection is gone):
+        the other backends may be quiet now, and the cap on commands in flight less full."""
 
     def relay_lost(self, conn: BackendProtocol, tag: bytes) -> None:
         """*conn* went away before the command tagged *tag* completed."""
@@ -82,6 +85,7 @@ class Relay:
     def __init__(self, host: RelayHost) -> None:
         self.host = host
         self._refs: dict[BackendProtocol, _Refs] = {}
+        self.in_flight = 0  # commands sent and not completed (the session caps them)
 
     def send(self, conn: BackendProtocol, tag: bytes, name: str, args: Arguments, *,
              after: Callable[[ResponseStart], None] | None = None,
@@ -104,6 +108,7 @@ class Relay:
             cancels = [t.value for t in tokens if isinstance(t, String)]
             args = Arguments(tokens, args.slots)
         op = _Op(self, conn, tag, ptag, after, keep, answer, cancels)
+        self.in_flight += 1
         op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens else None, on_continuation)
 
     # -- tags inside responses -------------------------------------------------------------
@@ -167,20 +172,11 @@ class _Op:
         if not literals:
             conn.write(head + b" " + fragments[0] + b"\r\n")
             return
-        caps = conn.capabilities
+        # Each literal is announced and its "+" awaited (see the module docstring).
         parts = [head + b" " + fragments[0], *fragments[1:]]
-        out: list[bytes] = []
-        for i, lit in enumerate(literals):
-            size = len(lit.value)
-            if "LITERAL+" in caps or ("LITERAL-" in caps and size <= SMALL_LITERAL):
-                out += [parts[i], _announce(lit, sync=False), lit.value]
-            else:  # announce it and wait for the backend's "+" before the data
-                conn.write(b"".join(out) + parts[i] + _announce(lit, sync=True))
-                self.pending = [(part, later) for part, later in zip(parts[i + 1:], literals[i + 1:])]
-                self.pending.insert(0, (b"", lit))
-                self._wait(parts[-1])
-                return
-        conn.write(b"".join(out) + parts[-1] + b"\r\n")
+        conn.write(parts[0] + _announce(literals[0], sync=True))
+        self.pending = [(b"", literals[0]), *zip(parts[1:], literals[1:])]
+        self._wait(parts[-1])
 
     def _wait(self, last: bytes) -> None:
         """Input pauses until every literal went (a backend that refuses early ends it too)."""
@@ -207,6 +203,7 @@ class _Op:
 
     def done(self, start: ResponseStart, raw: bytes) -> None:
         relay, conn = self.relay, self.conn
+        relay.in_flight -= 1
         if self.blocking:  # refused before all literals were sent
             conn.on_continuation = None
         data = replace_tag(raw, self.tag)
@@ -227,6 +224,7 @@ class _Op:
 
     def lost(self, _reason: Failure) -> None:
         relay = self.relay
+        relay.in_flight -= 1
         relay.host.relay_lost(self.conn, self.tag)
         self._release()
         relay.host.relay_finished(self.conn)

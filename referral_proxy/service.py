@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from . import netio
+from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
 from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
@@ -100,6 +101,19 @@ def tune_gc() -> None:
     gc.set_threshold(max(_young, GC_YOUNG_THRESHOLD), middle, old)
 
 
+def admission_for(config: Config) -> Admission:
+    """The process's Admission, its sessions bounded by the file descriptors it may open
+    (the soft limit is raised first as far as the hard one allows)."""
+    wanted = config.proxy.connections.max_connections * FDS_PER_SESSION + FD_RESERVE
+    fds = file_descriptors(wanted)
+    admission = Admission(sessions_for(fds))
+    if admission.max_connections(config.proxy.connections) < config.proxy.connections.max_connections:
+        log.warn("max_connections {configured} lowered to {allowed}: this process may open {fds} file descriptors "
+                 "(ulimit -n), {per} per session and a reserve", configured=config.proxy.connections.max_connections,
+                 allowed=admission.fd_sessions, fds=fds, per=FDS_PER_SESSION)
+    return admission
+
+
 class _SessionFactory(ServerFactory):
     noisy = False
 
@@ -141,6 +155,7 @@ class ProxyService(MultiService):
         self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded
         self.guard = LoopGuard(config)
         self.observer = Observer(self.guard, clock=reactor.seconds, backends=tuple(config.backends))
+        self.admission = admission_for(config)
 
         async def connect(backend: BackendConfig, credentials: Credentials):
             return await self.connect_for(None, backend, credentials)
@@ -152,13 +167,14 @@ class ProxyService(MultiService):
             connect=connect,
             server_tls=server_tls_options(config) if config.proxy.tls_cert else None,
             observer=self.observer,
+            admission=self.admission,
             connect_for=self.connect_for,
         )
         factory = self._factory = _SessionFactory(self.context)
         self.health: HealthChecker | None = None
         if config.metrics.listen is not None and not self.is_master:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
-            site = metrics_site(make_registry(self.observer, self.health), self.health)
+            site = metrics_site(make_registry(self.observer, self.health, self.admission), self.health)
             listen = config.metrics.listen if self.role is None else metrics_listen(config.metrics.listen, self.role.index)
             svc = StreamServerEndpointService(serverFromString(reactor, listen), site)
             svc._raiseSynchronously = True

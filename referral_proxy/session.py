@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import __version__, capabilities, listing
 from .appends import Appends
@@ -31,7 +31,8 @@ from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
 from .context import ProxyContext
-from .flow import AllBackends, Block, Output, PeerPause, ReadGate
+from .flow import Block, ClientFlow
+from .idle import Idle
 from .imap.command import CommandStart
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
@@ -43,6 +44,7 @@ from .imap.reader import (
     Command,
     CommandReader,
     Continue,
+    Ended,
     Refusal,
     Refused,
     Sentinel,
@@ -52,31 +54,33 @@ from .imap.response import ResponseStart, completion_text
 from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
 from .mailboxes import MailboxCommands, Refusing
 from .netio import quick_ack, tune_socket
+from .origin import peer_ip
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
-from .staging import StagingJournal
 
 __all__ = ["ProxyContext", "ClientSession", "Phase"]
 
 log = Logger()
+
+# Seconds a closing connection may take to drain what it was last sent (a BYE, the end
+# of a response) before it is aborted: a client that does not read holds nothing longer.
+CLOSE_GRACE = 30.0
+# Commands one session reads in one go; then every other connection ready gets its turn
+# first: clients pipelining thousands of commands cannot keep the others waiting longer
+# than their share (50 such sessions: a NOOP of another client waits ~0.1 s, not ~1 s).
+TURN = 16
+_COMMAND_STARTS = (Command, Refused, AppendStart)
+# Commands a client may send before it is logged in (a client logs in within a handful; a
+# flood of them, answered by the proxy itself, would cost its CPU for nothing): then
+# * BYE, as Dovecot's imap-login ends a client after a few invalid ones.
+PRE_LOGIN_COMMANDS = 32
 
 
 class Phase(Enum):
     NOT_AUTHENTICATED = "not authenticated"
     AUTHENTICATED = "authenticated"
     LOGOUT = "logout"
-
-
-@dataclass
-class _Idle:
-    """A relayed IDLE: only DONE is read from the client until it ends."""
-
-    tag: bytes
-    conn: BackendProtocol
-    continued: bool = False  # the backend said "+"
-    done_sent: bool = False
-    bad: bool = False  # the client sent something else than DONE
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
@@ -87,6 +91,7 @@ def safe_text(text: str) -> str:
     return _UNSAFE.sub("?", text)
 
 
+@implementer(IHandshakeListener)
 class ClientSession(Protocol):
     """The server side of one client connection."""
 
@@ -108,17 +113,17 @@ class ClientSession(Protocol):
         self.relay = Relay(self)
         self.mailboxes = MailboxCommands(self)
         self.auth = Authenticator(self)
-        self.appends = Appends(self)
+        assert context.staging_journal is not None  # set by ProxyContext
+        self.appends = Appends(self, context.staging_journal)
+        self.idle = Idle(self)
         self.reader = CommandReader(context.config.proxy.limits, self._admit)
-        self._gate: ReadGate | None = None
-        self._backends_producer = AllBackends()
-        self._out = Output(self._transport_write)
-        self._blocked: set[Block] = set()
+        self.flow = ClientFlow(self, self._transport_write, self._pump)
         self._pumping = False
-        self._idle: _Idle | None = None
         self._login_timer: Any = None
         self._socket: Any = None
         self._closed_waiters: list[defer.Deferred[None]] = []
+        self._byes: set[BackendProtocol] = set()  # backends whose own BYE the client was sent
+        self._before_login = 0  # commands read before the login
 
     @property
     def config(self) -> Any:
@@ -140,12 +145,22 @@ class ClientSession(Protocol):
 
     def connectionMade(self) -> None:
         self._socket = tune_socket(self.transport)
-        self._gate = ReadGate(self.transport)
+        refusal = self.ctx.admission.connect(self, peer_ip(self.transport), self.config.proxy.connections)
+        if refusal is not None:
+            self.ctx.observer.refused(self.transport, refusal.reason)
+            self.transport.write(b"* BYE [UNAVAILABLE] %s\r\n" % safe_text(refusal.text).encode())
+            return self._close()
+        # A TLS listener's client output is its producer once the handshake is done.
+        self.flow.connect(self.transport, produce=not ISSLTransport.providedBy(self.transport))
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
         self.ctx.observer.session_started(self)
         caps = " ".join(self._pre_login_caps())
         self.send(b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), self.config.proxy.hostname.encode()))
+
+    def handshakeCompleted(self) -> None:
+        if not self.closed:
+            self.flow.produce(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.ctx.observer.client_in(self, data)
@@ -157,6 +172,8 @@ class ClientSession(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.phase = Phase.LOGOUT
         self._cancel_login_timer()
+        self.flow.closed()
+        self.ctx.admission.gone(self)
         self.ctx.sessions.discard(self)
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
@@ -180,7 +197,7 @@ class ClientSession(Protocol):
     def shutdown(self) -> None:
         """The proxy is stopping: tell the client, and log its backends out."""
         if self.phase is not Phase.LOGOUT:
-            self._out = Output(self._transport_write)
+            self.flow.unqueued()
             self.send(b"* BYE Server shutting down\r\n")
             self._logout_backends()
             self._close()
@@ -190,8 +207,9 @@ class ClientSession(Protocol):
             self.pool.logout_all()
 
     def _close(self) -> None:
+        """Close once what was written is out (aborted after CLOSE_GRACE seconds if it is not)."""
         self.phase = Phase.LOGOUT
-        self.transport.loseConnection()
+        self.flow.close(self.transport, self.ctx.reactor, CLOSE_GRACE)
 
     # -- output --------------------------------------------------------------------
 
@@ -201,11 +219,11 @@ class ClientSession(Protocol):
 
     def send(self, data: bytes) -> None:
         """A response of the proxy's own: never written inside a relayed one."""
-        self._out.write(self, data)
+        self.flow.out.write(self, data)
 
     def write_from(self, source: object, data: bytes, end: bool = True) -> None:
         """A relayed response (or part of one), kept whole on the client's connection."""
-        self._out.write(source, data, end)
+        self.flow.out.write(source, data, end)
 
     def tagged(self, tag: bytes, status: str, text: str) -> None:
         self.send(b"%s %s %s\r\n" % (tag, status.encode(), safe_text(text).encode("utf-8")))
@@ -217,40 +235,54 @@ class ClientSession(Protocol):
     # -- input ------------------------------------------------------------------------
 
     def block(self, reason: Block) -> None:
-        self._blocked.add(reason)
-        if self._gate is not None:
-            self._gate.pause(reason)
+        self.flow.block(reason)
 
     def unblock(self, reason: Block) -> None:
-        self._blocked.discard(reason)
-        if self._gate is not None:
-            self._gate.resume(reason)
-        self._pump()
+        self.flow.unblock(reason)
 
     def _pump(self) -> None:
         if self._pumping:
             return
         self._pumping = True
         try:
-            while not self._blocked and self.phase is not Phase.LOGOUT:
+            most = self.config.proxy.connections.max_commands_in_flight
+            blocked, turn = self.flow.blocked, TURN
+            while not blocked and self.phase is not Phase.LOGOUT:
+                # Commands relayed or appended and not answered yet: at most `most`.
+                if self.relay.in_flight + len(self.appends.unanswered) >= most and self.reader.between_commands:
+                    self.block(Block.IN_FLIGHT)  # released when one is answered (command_done)
+                    break
                 event = self.reader.next_event()
                 if event is NEED_DATA:
                     break
                 if event is NEED_DECISION:  # a message literal waits for the backend
-                    if self._gate is not None:
-                        self._gate.pause(Block.DECISION)
+                    self.flow.pause_reading(Block.DECISION)
                     break
                 self._event(event)
+                if isinstance(event, _COMMAND_STARTS):
+                    turn -= 1
+                if not turn:  # the other connections' turn: the rest after them
+                    self.flow.next_turn(self.ctx.reactor)
+                    break
         finally:
             self._pumping = False
 
+    def command_done(self) -> None:
+        """A relayed command or an APPEND has its answer: read on if the cap held reading."""
+        if Block.IN_FLIGHT in self.flow.blocked:
+            self.unblock(Block.IN_FLIGHT)
+
     def decided(self) -> None:
         """A message literal's decision was taken: read on."""
-        if self._gate is not None:
-            self._gate.resume(Block.DECISION)
+        self.flow.resume_reading(Block.DECISION)
         self._pump()
 
     def _event(self, event: object) -> None:
+        if self.phase is Phase.NOT_AUTHENTICATED and isinstance(event, (Command, Refused)):
+            self._before_login += 1
+            if self._before_login > PRE_LOGIN_COMMANDS:
+                self.send(b"* BYE Too many commands before login\r\n")
+                return self._close()
         if isinstance(event, Command):
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
         elif isinstance(event, Refused):
@@ -262,6 +294,10 @@ class ClientSession(Protocol):
             self.appends.start(event)
         elif isinstance(event, TextLine):
             self._text_line(event)
+        elif isinstance(event, Ended):
+            self.send(b"* BYE " + event.text.encode("ascii") + b"\r\n")
+            self._logout_backends()
+            self._close()
         else:
             self.appends.event(event)
 
@@ -299,13 +335,8 @@ class ClientSession(Protocol):
         defer.ensureDeferred(work).addErrback(failed).addBoth(lambda _: self.unblock(Block.TASK))
 
     def _text_line(self, line: TextLine) -> None:
-        if self.auth.sasl_response(line):
-            return
-        if self._idle is not None and not self._idle.done_sent:
-            idle = self._idle
-            idle.done_sent = True
-            idle.bad = not (line.clean and line.data.upper() == b"DONE")
-            idle.conn.write(b"DONE\r\n")
+        if not self.auth.sasl_response(line):
+            self.idle.line(line)
 
     # -- not authenticated ----------------------------------------------------------------
 
@@ -407,13 +438,15 @@ class ClientSession(Protocol):
     def _login_timed_out(self) -> None:
         self._login_timer = None
         if self.phase is Phase.NOT_AUTHENTICATED:
+            self.ctx.observer.timed_out(self)
+            if self.flow.output_backed_up:  # it reads nothing: a BYE would never leave
+                self.phase = Phase.LOGOUT
+                return self.flow.abort(self.transport)
             self.send(b"* BYE Autologout; no login in time\r\n")
             self._close()
 
     def _cancel_login_timer(self) -> None:
-        if self._login_timer is not None and self._login_timer.active():
-            self._login_timer.cancel()
-        self._login_timer = None
+        self._login_timer = _cancel(self._login_timer)
 
     # -- relaying --------------------------------------------------------------------------
 
@@ -480,54 +513,14 @@ class ClientSession(Protocol):
             self.relay_cmd(cmd, target, done)
 
     def cmd_idle(self, cmd: Command, spec: CommandSpec) -> None:
-        """IDLE: relayed; until it ends only DONE is read, and sent on (anything else: BAD)."""
-        assert self.pool is not None and self.home is not None
-        pool, target = self.pool, self.selected or self.home
-        conn = pool.fast(target)
-        if conn is not None:
-            return self._start_idle(conn, cmd)
-
-        async def later() -> None:
-            self._start_idle(await pool.ready_for(target), cmd)
-
-        self.run(cmd.tag, later())
-
-    def _start_idle(self, conn: BackendProtocol, cmd: Command) -> None:
-        idle = self._idle = _Idle(cmd.tag, conn)
-        self.reader.expect_line()
-
-        def continued(text: bytes) -> None:
-            idle.continued = True
-            self.send(b"+ " + text + b"\r\n")
-
-        def done(start: ResponseStart) -> None:
-            if self._idle is idle:
-                self._idle = None
-                if not idle.continued and not idle.done_sent:
-                    self.reader.expect_line(False)  # refused at once: the client sends no DONE
-
-        def answer(start: ResponseStart, data: bytes) -> bytes:
-            return b"%s BAD Expected DONE.\r\n" % idle.tag if idle.bad and start.status == "OK" else data
-
-        self.relay.send(conn, cmd.tag, cmd.name, cmd.args, after=done, on_continuation=continued, answer=answer)
+        """IDLE: relayed; until it ends only DONE is read, and sent on (idle.py)."""
+        self.idle.start(cmd)
 
     def cmd_cancel_update(self, cmd: Command, spec: CommandSpec) -> None:
         self.cmd_to_selected(cmd, spec)  # the relay gives the client's tags back as the proxy's
 
     def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: the reader streams it
         self.tagged(cmd.tag, "BAD", "APPEND is streamed")
-
-    def hold_input(self, on: bool) -> None:
-        """An emulated MULTIAPPEND commits: no further command is read until it is answered."""
-        if on:
-            self.block(Block.STAGING)
-        else:
-            self.unblock(Block.STAGING)
-
-    @property
-    def staging_journal(self) -> StagingJournal:
-        assert self.ctx.staging_journal is not None  # set by ProxyContext
-        return self.ctx.staging_journal
 
     def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
         return self.mailboxes.append_refusal(tag, mailbox)
@@ -540,16 +533,15 @@ class ClientSession(Protocol):
     def _attach(self, proto: BackendProtocol) -> None:
         """A new backend connection: it reports here, and each side is the other's producer."""
         proto.sink = self
-        if not self._backends_producer.transports:
-            self.transport.registerProducer(self._backends_producer, True)
-        self._backends_producer.add(proto.transport)
-        assert self._gate is not None
-        proto.transport.registerProducer(PeerPause(self._gate, f"backend:{proto.name}"), True)
+        self.flow.attach(proto)
 
     def untagged(self, backend: BackendProtocol, start: ResponseStart | None, data: bytes, end: bool) -> None:
-        if start is not None and (start.name == "ESEARCH" or start.code == "NOUPDATE"):
-            data = self.relay.translate(backend, data)
-        self._out.write(backend, data, end)
+        if start is not None:
+            if start.name == "ESEARCH" or start.code == "NOUPDATE":
+                data = self.relay.translate(backend, data)
+            elif start.status == "BYE":
+                self._byes.add(backend)  # the client has its reason (a BYE captured by a transfer is not)
+        self.flow.out.write(backend, data, end)
 
     def dies_with(self, conn: BackendProtocol) -> bool:
         """Losing the home backend or the one holding the selected mailbox ends the session."""
@@ -558,10 +550,10 @@ class ClientSession(Protocol):
     def relay_finished(self, conn: BackendProtocol) -> None:
         if self.pool is not None:
             self.pool.check_quiet()
+        self.command_done()
 
     def relay_lost(self, conn: BackendProtocol, tag: bytes) -> None:
-        if self._idle is not None and self._idle.conn is conn:
-            self._idle = None
+        self.idle.lost(conn)
         if not self.dies_with(conn) and self.phase is not Phase.LOGOUT:
             self.tagged(tag, "NO", "[UNAVAILABLE] Mail server connection lost")
 
@@ -569,19 +561,25 @@ class ClientSession(Protocol):
         if self.pool is not None:
             self.pool.forget(backend)
         self.relay.end_updates(backend)
-        self._backends_producer.transports.discard(backend.transport)
-        self._out.abandon(backend)
+        told = backend in self._byes and not self.flow.out.holds(backend)  # its BYE written, not queued
+        self.flow.detach(backend)
         if self.phase is Phase.LOGOUT:
             return
         log.warn("session {id}: backend {name} connection lost: {why}", id=self.id, name=backend.name,
                  why=reason.getErrorMessage())
-        if self._idle is not None and self._idle.conn is backend:
-            self._idle = None
+        self.idle.lost(backend)
         if self.dies_with(backend):
-            if not backend.bye_received:
+            if not told:
                 self.send(b"* BYE Mail server connection lost\r\n")
             self._logout_backends()
             self._close()
+
+
+def _cancel(timer: Any) -> Any:
+    """Cancel a reactor call if it is still to come; None, to store in its place."""
+    if timer is not None and timer.active():
+        timer.cancel()
+    return None
 
 
 _COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}

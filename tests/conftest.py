@@ -296,12 +296,13 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
     (the ``[[map.rules]]``), ``args=[...]`` (extra command-line arguments),
     ``env={...}``, ``timeout=20.0`` (start-up), ``wait=True`` (wait for the
     greeting), ``command=[...]`` (instead of ``python -m referral_proxy``, e.g.
-    ``tests/faultproxy.py`` with its options and ``--``); any other keyword
-    goes into the ``[proxy]`` table, e.g. ``referrals="aware"``.  Each proxy
-    runs in its own directory (its cwd, where the config file and a relative
-    sqlite store live). ``RP_TEST_STORE=postgresql`` puts the default store in a
-    PostgreSQL database of the test's own instead (tests that open the SQLite file
-    themselves then fail: they read the wrong store).
+    ``tests/faultproxy.py`` with its options and ``--``), ``preexec=f`` (run in
+    the child before its exec: resource limits); any other keyword goes into the
+    ``[proxy]`` table, e.g. ``referrals="aware"``.  Each proxy runs in its own
+    directory (its cwd, where the config file and a relative sqlite store live).
+    ``RP_TEST_STORE=postgresql`` puts the default store in a PostgreSQL database of
+    the test's own instead (tests that open the SQLite file themselves then fail:
+    they read the wrong store).
     """
     started: list[RunningProxy] = []
     counter = [0]
@@ -309,7 +310,7 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
     def factory(config_text_or_dict: str | Mapping[str, Any] | None = None, *,
                 rules=(), args=(), env: Mapping[str, str] | None = None,
                 timeout: float = PROXY_START_TIMEOUT, wait: bool = True,
-                command: list[str] | None = None, **proxy_options) -> RunningProxy:
+                command: list[str] | None = None, preexec=None, **proxy_options) -> RunningProxy:
         counter[0] += 1
         workdir = tmp_path / f"proxy-{counter[0]}"
         workdir.mkdir()
@@ -346,7 +347,7 @@ def proxy_factory(fleet, tmp_path, request) -> Callable[..., RunningProxy]:
                              stdout_path=workdir / "stdout.log", stderr_path=workdir / "stderr.log",
                              config=config, implicit_tls=listen[0].startswith("ssl:"))
         started.append(proxy)
-        proxy.start(args=args, env=env, timeout=timeout, wait=wait, command=command)
+        proxy.start(args=args, env=env, timeout=timeout, wait=wait, command=command, preexec=preexec)
         return proxy
 
     factory.default_config = lambda rules=(): default_proxy_config(  # type: ignore[attr-defined]

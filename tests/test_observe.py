@@ -53,7 +53,7 @@ def test_commands_bytes_and_durations_are_exact():
                                 ("OTHER", "bad"): 1}
     assert o.bytes_client_in == len(sent)
     assert o.bytes_client_out == len(received)
-    assert o.logins_total == {"ok": 1, "failed": 0, "referred": 0, "unavailable": 0}
+    assert o.logins_total == {"ok": 1, "failed": 0, "referred": 0, "unavailable": 0, "limit": 0}
     counts, total = o.command_seconds["FETCH"]
     assert sum(counts) == 1 and total[0] == 2.5
     assert sum(o.command_seconds["SELECT"][0]) == 1 and o.command_seconds["SELECT"][1][0] == 0.0

@@ -22,6 +22,7 @@ from referral_proxy.imap.reader import (
     Command,
     CommandReader,
     Continue,
+    Ended,
     Limits,
     Refusal,
     Refused,
@@ -132,6 +133,23 @@ def test_literals_are_counted_as_objects_not_only_bytes():
     assert out[0] == Refused(b"i", "NO", "[LIMIT] Too many literals in one command (limit 10)")
     assert out[1].name == "NOOP"
     assert r.buffered == 0
+
+
+def test_a_refused_commands_rest_is_not_dropped_for_ever():
+    """ID ({0+}{0+}... without end: once refused, its rest is dropped, but only for as many
+    parts as a command may have: then the reader ends (it had cost a line's work each, for
+    ever: 50 such clients made another client's NOOP wait 7 s)."""
+    r = reader(max_literals=10, max_append_messages=20)
+    out = events(r, b"i ID (" + b"{0+}\r\n" * 32)  # the 11th refused, 21 dropped
+    assert out == [Refused(b"i", "NO", "[LIMIT] Too many literals in one command (limit 10)")]
+    assert events(r, b"{0+}\r\n") == [Ended("Too long command (more than 21 parts)")]
+    # As many parts as the biggest command may have are dropped without an end: a refused
+    # MULTIAPPEND of max_append_messages LITERAL+ messages.
+    r = reader(max_literals=10, max_append_messages=20)
+    out = events(r, b"a APPEND INBOX" + b" {1+}\r\nx" * 20 + b"\r\nn NOOP\r\n", accept=False)
+    assert out[0] == AppendStart(b"a", "APPEND", b"INBOX") and out[-1] is NEED_DECISION
+    r.drop()
+    assert [e.name for e in events(r)] == ["NOOP"]
 
 
 def test_collected_bytes_are_bounded_and_drained():

@@ -187,6 +187,29 @@ def test_smuggled_commands_never_run_on_a_backend(proxy_factory, seeded):
                 assert name not in names, (d.name, names)
 
 
+# Arguments the proxy's grammar lets through but Dovecot's tokenizer refuses ("Invalid
+# characters in atom", "8bit data in atom"): Dovecot then skips the line only, so the bytes
+# of a {n+} literal after them would run as commands. Found by tests/sessionfuzz.py.
+TOKENIZER_REFUSES = [b"UID STORE 1:* -FLAGS.S{409n NOOP", b"SEARCH \xffx", b'FETCH 1 BODY[a"b]',
+                     b"FETCH 1 BINARY[1]<0.{5}>", b"FETCH 1 BODY[(]", b"SEARCH HEADER a\x7fb"]
+
+
+def test_literals_after_arguments_a_backend_refuses_never_run_as_commands(proxy_factory, seeded):
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    for i, head in enumerate(TOKENIZER_REFUSES):
+        smuggled = b"\r\nS%d CREATE Ghost%d\r\n" % (i, i)
+        w.send(b"t%d %s {%d+}\r\n%s\r\n" % (i, head, len(smuggled), smuggled))
+        assert w.until_tagged(b"t%d" % i)[-1].startswith(b"t%d BAD" % i)
+    assert w.cmd(b"z", b"NOOP")[-1].startswith(b"z OK")
+    w.close()
+    for d in seeded.values():
+        with d.client("alice") as m:
+            assert b"Ghost" not in b" ".join(m.list()[1]), d.name
+
+
 def test_pipelined_noop_and_sync_append_and_idle_done_against_dovecot(proxy_factory, seeded):
     proxy = _proxy(proxy_factory, seeded)
     w = Wire(proxy.host, proxy.port)

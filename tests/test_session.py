@@ -75,12 +75,27 @@ def test_capability_after_login_waits_for_earlier_commands():
 
 
 def test_collected_literal_to_backend_with_literal_plus():
+    """Synchronizing even so: a backend that refuses what comes before the literal (its
+    tokenizer stricter than the proxy's grammar) must never read the literal as commands."""
     h = SessionHarness()
     h.login()
     h.send(b"s1 SEARCH TEXT {5}\r\n")
     assert h.to_client() == b"+ Ready for literal data\r\n"
-    h.send(b"hello\r\n")
-    assert h.to_backend() == b"rp1 SEARCH TEXT {5+}\r\nhello\r\n"
+    h.send(b"hello\r\nn NOOP\r\n")
+    assert h.to_backend() == b"rp1 SEARCH TEXT {5}\r\n"
+    h.from_backend(b"+ OK\r\n")
+    assert h.to_backend() == b"hello\r\nrp2 NOOP\r\n"
+
+
+def test_a_literal_the_backend_refuses_before_is_never_sent():
+    h = SessionHarness()
+    h.login()
+    smuggled = b"\r\nS1 CREATE Ghost\r\n"
+    h.send(b"t SEARCH \xffx {%d+}\r\n%s\r\nn NOOP\r\n" % (len(smuggled), smuggled))
+    assert h.to_backend() == b"rp1 SEARCH \xffx {%d}\r\n" % len(smuggled)
+    h.from_backend(b"rp1 BAD Error in IMAP command SEARCH: 8bit data in atom\r\n")
+    assert h.to_backend() == b"rp2 NOOP\r\n"  # the literal's bytes never went
+    assert h.to_client() == b"t BAD Error in IMAP command SEARCH: 8bit data in atom\r\n"
 
 
 def test_collected_literal_to_backend_without_literal_plus():

@@ -32,6 +32,7 @@ __all__ = [
     "LiteralEnd",
     "LiteralSpec",
     "NeedData",
+    "Overrun",
     "announced_literal",
 ]
 
@@ -126,7 +127,16 @@ class LineTooLong:
     """The max_line in force."""
 
 
-Event = Line | LiteralData | LiteralEnd | LineTooLong
+@dataclass(frozen=True, slots=True)
+class Overrun:
+    """A logical line being dropped went on for more than max_dropped fragments (a refused
+    command's endless ``{0+}`` literals: each costs the reader a line's work for nothing)."""
+
+    fragments: int
+    """The max_dropped in force."""
+
+
+Event = Line | LiteralData | LiteralEnd | LineTooLong | Overrun
 
 _LITERAL_END = LiteralEnd()
 
@@ -155,7 +165,9 @@ class Framer:
     ``max_line`` bounds the bytes of one fragment (announcement included, line end
     excluded). With ``auto_accept`` (for server responses) every literal is
     accepted without accept_literal(); otherwise the consumer must call
-    accept_literal() or reject_literal() after each Line announcing one.
+    accept_literal() or reject_literal() after each Line announcing one. With
+    ``max_dropped``, a logical line being dropped that goes on for more fragments
+    gives an Overrun event (dropping is silent and would otherwise never end).
     """
 
     __slots__ = (
@@ -169,9 +181,11 @@ class Framer:
         "_pending",
         "_remaining",
         "_direct",
+        "_max_dropped",
+        "_dropped",
     )
 
-    def __init__(self, max_line: int = 65536, *, auto_accept: bool = False) -> None:
+    def __init__(self, max_line: int = 65536, *, auto_accept: bool = False, max_dropped: int | None = None) -> None:
         if max_line < 1:
             raise ValueError("max_line must be positive")
         self._buf = bytearray()
@@ -189,6 +203,9 @@ class Framer:
         # Bytes received mid-literal with nothing buffered before them, all of them literal
         # data: handed out as they are (a 50 MB FETCH is copied once less per read).
         self._direct: bytes | None = None
+        # Fragments of the logical line being dropped; over max_dropped: an Overrun event.
+        self._max_dropped = max_dropped
+        self._dropped = 0
 
     # -- input ---------------------------------------------------------------
 
@@ -257,10 +274,15 @@ class Framer:
                 if spec is not None and not spec.sync:
                     self._state = _LITERAL
                     self._remaining = spec.size
+                    self._dropped += 1
+                    if self._max_dropped is not None and self._dropped > self._max_dropped:
+                        self._dropped = 0
+                        return Overrun(self._max_dropped)
                 else:
                     # Line end, or a sync literal the peer waits in vain to send.
                     self._discard = False
                     self._first = True
+                    self._dropped = 0
                 continue
 
             # A fragment of at most max_line bytes has its LF within max_line + 2.

@@ -31,13 +31,13 @@ from .command import (
     splice_section_literals,
     tag_of,
 )
-from .framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec, NeedData
+from .framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec, NeedData, Overrun
 from .grammar import Arguments, Grammar, match
 
 __all__ = [
     "Limits", "CommandReader", "Refusal", "STREAMED", "NEED_DECISION", "Command", "Refused", "Continue",
     "TextLine", "Sentinel", "AppendStart", "AppendMessage", "AppendData", "AppendMessageEnd", "AppendEnd", "AppendAbort",
-    "ReaderEvent",
+    "Ended", "ReaderEvent",
 ]
 
 KiB = 1024
@@ -100,6 +100,14 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
+class Ended:
+    """Nothing more is read: a refused command's rest went on past what any command may hold
+    (``{0+}`` after ``{0+}``, dropped unread for ever). The session says ``* BYE text``."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Continue:
     """A synchronizing literal was accepted: the client waits for ``+``."""
 
@@ -153,7 +161,7 @@ class AppendAbort:
 
 
 ReaderEvent = (Command | Refused | Continue | TextLine | AppendStart | AppendMessage | AppendData
-               | AppendMessageEnd | AppendEnd | AppendAbort)
+               | AppendMessageEnd | AppendEnd | AppendAbort | Ended)
 
 _CONTINUE = Continue()
 _MESSAGE_END = AppendMessageEnd()
@@ -174,7 +182,9 @@ class CommandReader:
     def __init__(self, limits: Limits, admit: Admit) -> None:
         self.limits = limits
         self._admit = admit
-        self._framer = Framer(limits.max_line)
+        # A refused command's rest is dropped unread, but not for more fragments than an
+        # accepted one may have (a literal each, a message each for a MULTIAPPEND).
+        self._framer = Framer(limits.max_line, max_dropped=max(limits.max_literals, limits.max_append_messages) + 1)
         self._queue: deque[ReaderEvent] = deque()
         self._state = _IDLE
         self._line_mode = False
@@ -237,6 +247,11 @@ class CommandReader:
         return self._line_mode
 
     @property
+    def between_commands(self) -> bool:
+        """True when the next thing read starts a new command (no line mode, nothing half read)."""
+        return self._state == _IDLE and not self._line_mode and not self._queue and not self._deciding
+
+    @property
     def streaming(self) -> bool:
         """True between AppendStart and the end of that command."""
         return self._state in (_APPEND_DATA, _APPEND_NEXT) or self._deciding
@@ -252,7 +267,7 @@ class CommandReader:
 
     # -- framer events -----------------------------------------------------------------
 
-    def _event(self, event: Line | LiteralData | LiteralEnd | LineTooLong) -> ReaderEvent | None:
+    def _event(self, event: Line | LiteralData | LiteralEnd | LineTooLong | Overrun) -> ReaderEvent | None:
         state = self._state
         if isinstance(event, Line):
             if event.first:
@@ -278,6 +293,8 @@ class CommandReader:
                 self._literals.append(bytes(self._current))
                 self._current = None
             return None
+        if isinstance(event, Overrun):
+            return Ended(f"Too long command (more than {event.fragments} parts)")
         return self._too_long(event)
 
     def _too_long(self, event: LineTooLong) -> ReaderEvent:

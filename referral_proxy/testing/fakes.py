@@ -19,7 +19,8 @@ from ..context import ProxyContext
 from ..routing import MailboxMap
 from ..session import ClientSession
 
-__all__ = ["FakeConnector", "NoDelayTransport", "SessionHarness", "DOVECOT_CAPS", "minimal_config"]
+__all__ = ["FakeConnector", "NoDelayTransport", "SlowReaderTransport", "SessionHarness", "DOVECOT_CAPS",
+           "minimal_config"]
 
 DOVECOT_CAPS = (
     "IMAP4REV1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT THREAD=REFERENCES MULTIAPPEND UNSELECT "
@@ -56,6 +57,48 @@ class NoDelayTransport(StringTransport):
         self.tls_started = context
 
 
+class SlowReaderTransport(NoDelayTransport):
+    """A client's transport whose peer reads only when told (:meth:`drain`), as Twisted's TCP
+    transport behaves: it pauses its streaming producer once more than *buffer_size* bytes
+    wait; when they are gone it resumes a paused producer, or else, after loseConnection,
+    closes (so a producer left registered and paused keeps it open)."""
+
+    def __init__(self, buffer_size: int = 1024) -> None:
+        super().__init__()
+        self.buffer_size = buffer_size
+        self.producer_paused = False
+        self.drained = b""  # everything the peer has read so far
+        self.closed = False  # loseConnection has completed
+        self._writing = False  # a write (or loseConnection) is waiting for the socket
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._writing = True
+        if self.producer is not None and self.streaming and len(self.value()) > self.buffer_size:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        self._writing = True
+
+    def drain(self) -> bytes:
+        """The peer reads everything waiting (Twisted's doWrite): the producer resumes (and may
+        write more), or a connection being lost closes."""
+        if not self._writing:
+            return b""
+        self._writing = False
+        data = self.value()
+        self.drained += data
+        self.clear()
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        elif self.disconnecting:
+            self.closed = True
+        return data
+
+
 @dataclass
 class FakeConnector:
     """The session's ``connect``: returns scripted BackendProtocols on StringTransports."""
@@ -84,7 +127,8 @@ class SessionHarness:
     """A ClientSession on a StringTransport, with a FakeConnector behind it."""
 
     def __init__(self, config: Config | None = None, *, connector: FakeConnector | None = None,
-                 server_tls: Any = None, observer: Any = None) -> None:
+                 server_tls: Any = None, observer: Any = None, client: NoDelayTransport | None = None,
+                 admission: Any = None) -> None:
         self.config = config or minimal_config()
         self.reactor = MemoryReactorClock()
         self.connector = connector or FakeConnector()
@@ -97,8 +141,10 @@ class SessionHarness:
         )
         if observer is not None:
             self.context.observer = observer
+        if admission is not None:
+            self.context.admission = admission
         self.session = ClientSession(self.context)
-        self.client = NoDelayTransport()
+        self.client = client if client is not None else NoDelayTransport()
         self.session.makeConnection(self.client)
 
     @property
@@ -111,9 +157,17 @@ class SessionHarness:
                 self.session.dataReceived(data[i:i + 1])
         else:
             self.session.dataReceived(data)
+        self.turns()
 
     def from_backend(self, data: bytes) -> None:
         self.backend.dataReceived(data)
+        self.turns()
+
+    def turns(self) -> None:
+        """Run what the reactor runs next without time passing (a session's next turn)."""
+        now = self.reactor.seconds()
+        while any(c.getTime() <= now for c in self.reactor.getDelayedCalls()):
+            self.reactor.advance(0)
 
     def to_client(self) -> bytes:
         """What the session wrote to the client since the last call."""

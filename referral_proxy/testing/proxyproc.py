@@ -73,6 +73,19 @@ def wait_greeting(host: str, port: int, proc: subprocess.Popen | None, what: str
         time.sleep(0.05)
 
 
+def _preexec(tied_to_parent: bool, preexec: Callable[[], None] | None) -> Callable[[], None] | None:
+    if not tied_to_parent:
+        return preexec
+    if preexec is None:
+        return die_with_parent
+
+    def both() -> None:
+        die_with_parent()
+        preexec()
+
+    return both
+
+
 class ProxyProcess:
     """``python -m referral_proxy --config CONFIG_PATH`` in *workdir* (its cwd)."""
 
@@ -90,9 +103,10 @@ class ProxyProcess:
 
     def start(self, *, args: Sequence[str] = (), env: Mapping[str, str] | None = None, timeout: float = 20.0,
               wait: bool = True, new_group: bool = False, tied_to_parent: bool = False,
-              command: Sequence[str] | None = None) -> None:
+              command: Sequence[str] | None = None, preexec: Callable[[], None] | None = None) -> None:
         """Start it; with *wait*, return once it greets (else StartError, the process killed).
-        *command*: what runs instead of ``python -m referral_proxy`` (e.g. tests/faultproxy.py ... --)."""
+        *command*: what runs instead of ``python -m referral_proxy`` (e.g. tests/faultproxy.py ... --).
+        *preexec* runs in the child before the exec (resource limits: ``ulimit -n``)."""
         child_env = dict(os.environ)
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH")]))
         child_env["PYTHONUNBUFFERED"] = "1"
@@ -104,7 +118,7 @@ class ProxyProcess:
             self.process = subprocess.Popen(
                 [*(command or [sys.executable, "-m", "referral_proxy"]), "--config", str(self.config_path), *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.workdir, env=child_env,
-                preexec_fn=die_with_parent if tied_to_parent else None, start_new_session=new_group)
+                preexec_fn=_preexec(tied_to_parent, preexec), start_new_session=new_group)
         if wait:
             try:
                 self.wait_greeting(timeout)
