@@ -64,9 +64,11 @@ def merge(
     separator: str,
     *,
     placeholders: bool = True,
+    list_flags: bool = True,
 ) -> list[ListEntry]:
-    """Keep each mailbox from its owner only; add missing parents; fix child flags. The proxy's
-    staging mailboxes (staging.py) are never shown."""
+    """Keep each mailbox from its owner only; add missing parents (with child flags when
+    *list_flags*: LIST's, not LSUB's); fix child flags. The proxy's staging mailboxes
+    (staging.py) are never shown."""
     kept: dict[str, ListEntry] = {}
     for e in entries:
         if is_staging_name(e.name):
@@ -77,13 +79,14 @@ def merge(
         kept[name] = e
     if placeholders:
         sep_b = separator.encode()
+        # LIST placeholders take child flags (recomputed below); LSUB's carry none, as Dovecot's
+        placeholder = (b"\\Noselect", b"\\HasChildren") if list_flags else (b"\\Noselect",)
         for name in list(kept):
             parts = name.split(separator)
             for i in range(1, len(parts)):
                 parent = separator.join(parts[:i])
                 if parent and parent not in kept:
-                    kept[parent] = ListEntry((b"\\Noselect", b"\\HasChildren"), sep_b, parent.encode("utf-8", "surrogateescape"),
-                                             owner(parent))
+                    kept[parent] = ListEntry(placeholder, sep_b, parent.encode("utf-8", "surrogateescape"), owner(parent))
     names = set(kept)
     merged = []
     for name, e in kept.items():
@@ -187,7 +190,8 @@ async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, patte
         else:
             host.write_from(conn, r.raw)
     separator = host.mailbox_map.separator
-    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST" or b"%" in pattern))
+    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST" or b"%" in pattern),
+                   list_flags=(kind == "LIST"))
     out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator)]
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
 
@@ -204,7 +208,11 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     text = kind.encode() + b" " + b"".join(
         f + b"{%d+}\r\n" % len(lit.value) + lit.value for f, lit in zip(encoded.fragments, encoded.literals)
     ) + encoded.fragments[-1]
-    out, seen = [], set()
+    out: list[bytes] = []
+    seen: set[str] = set()
+    # A \NonExistent parent (RFC 5258 3.4) said by a backend that holds its children but not the
+    # parent's name: shown unless the parent's owner lists the name itself. Its index in *out*.
+    parents: dict[str, int] = {}
     for conn, r in await host.gather(backends, text):
         fragments, literals = r.arguments
         if r.start.name in ("LIST", "LSUB"):
@@ -212,7 +220,14 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 entry = parse_list_entry(fragments, literals, conn.name)
             except ParseError:
                 continue
-            if _owner(host, entry.text) != conn.name or entry.text in seen or is_staging_name(entry.name):
+            if is_staging_name(entry.name):
+                continue
+            if _owner(host, entry.text) != conn.name:
+                if _NONEXISTENT in (f.upper() for f in entry.flags) and entry.text not in parents:
+                    parents[entry.text] = len(out)
+                    out.append(r.raw)
+                continue
+            if entry.text in seen:
                 continue
             seen.add(entry.text)
             out.append(add_flag(r.raw, b"\\Remote") if remote_option and conn.name != host.home else r.raw)
@@ -225,4 +240,38 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 out.append(r.raw)
         else:
             out.append(r.raw)
+    for name, i in parents.items():
+        if name in seen:  # the owner said it
+            out[i] = b""
+        elif await _exists(host, name):  # there, but not selected (SUBSCRIBED): not \NonExistent
+            out[i] = _drop_flag(out[i], _NONEXISTENT)
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
+
+
+_NONEXISTENT = b"\\NONEXISTENT"
+
+
+async def _exists(host: ListHost, name: str) -> bool:
+    """Whether *name* is a mailbox (neither \\NonExistent nor \\Noselect) on the backend that owns it."""
+    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        arg = quoted(raw)
+    except ValueError:
+        arg = b"{%d+}\r\n" % len(raw) + raw
+    for conn, r in await host.gather([_owner(host, name)], b'LIST "" ' + arg):
+        if r.start.name != "LIST":
+            continue
+        try:
+            entry = parse_list_entry(*r.arguments, conn.name)
+        except ParseError:
+            continue
+        if normalize(entry.text, host.mailbox_map.separator) == normalize(name, host.mailbox_map.separator):
+            return not {f.upper() for f in entry.flags} & {_NONEXISTENT, b"\\NOSELECT"}
+    return False
+
+
+def _drop_flag(raw: bytes, flag: bytes) -> bytes:
+    """*raw* ``* LIST (...)`` without *flag* (any case) in its attribute list."""
+    i, j = raw.index(b"(") + 1, raw.index(b")")
+    kept = [f for f in raw[i:j].split() if f.upper() != flag]
+    return raw[:i] + b" ".join(kept) + raw[j:]

@@ -206,7 +206,8 @@ class MailboxCommands:
         return done
 
     async def _unselect(self, conn: BackendProtocol) -> None:
-        """Leave the mailbox selected on *conn* without expunging it (never CLOSE)."""
+        """Leave the mailbox selected on *conn* without expunging it (never CLOSE), and say
+        ``[CLOSED]`` as Dovecot does on every SELECT/EXAMINE over another mailbox (RFC 7162 3.2.11)."""
         host = self.host
         assert host.pool is not None
         host.relay.end_updates(conn)
@@ -214,8 +215,7 @@ class MailboxCommands:
         for r in result.responses:
             if r.start.code != "CLOSED":
                 host.write_from(conn, r.raw)
-        if b"QRESYNC" in host.pool.enabled:
-            host.send(b"* OK [CLOSED] Previous mailbox closed.\r\n")
+        host.send(b"* OK [CLOSED] Previous mailbox closed.\r\n")
 
     def close(self, cmd: Command) -> None:
         """CLOSE / UNSELECT: relayed where the mailbox is selected; the session is unselected after."""

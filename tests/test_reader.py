@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from referral_proxy.commands import COMMANDS
 from referral_proxy.imap.command import Atom, ParenList, String
 from referral_proxy.imap.framing import NEED_DATA
+from referral_proxy.imap.grammar import encode
 from referral_proxy.imap.reader import (
     NEED_DECISION,
     STREAMED,
@@ -71,6 +72,30 @@ def test_sync_literal_asks_for_continuation_and_keeps_its_space():
     out = events(r, b"Hello\r\n")
     assert out == [Command(b"t", "CREATE", out[0].args)]
     assert out[0].args.tokens == (String(b"Hello", literal=True),)
+
+
+def test_a_header_name_sent_as_a_literal_in_a_fetch_section_becomes_a_quoted_one():
+    """The section is one atom again, as if quoted: the backend reads no literal there."""
+    r = reader()
+    assert events(r, b"f FETCH 1 BODY.PEEK[HEADER.FIELDS ({7}\r\n") == [Continue()]
+    (cmd,) = events(r, b"Subject)]\r\n")
+    assert cmd.args.tokens == (Atom(b"1"), Atom(b'BODY.PEEK[HEADER.FIELDS ("Subject")]'))
+    assert encode(cmd.args).fragments == (b'1 BODY.PEEK[HEADER.FIELDS ("Subject")]',)
+    (cmd,) = events(reader(), b"f UID FETCH 1:* (UID BODY[1.HEADER.FIELDS.NOT (From {7+}\r\nSubject {2+}\r\nTo)])\r\n")
+    assert cmd.args.tokens[1] == ParenList((Atom(b"UID"), Atom(b'BODY[1.HEADER.FIELDS.NOT (From "Subject" "To")]')))
+
+
+@pytest.mark.parametrize("data", [
+    b"f FETCH 1 BODY[HEADER.FIELDS ({24+}\r\nX\r\nS1 CREATE Shared/Ghost)]\r\nm NOOP\r\n",  # a line break
+    b'f FETCH 1 BODY[HEADER.FIELDS ({3+}\r\nX"Y)]\r\nm NOOP\r\n',  # a quote
+    b"f FETCH 1 BODY[HEADER.FIELDS ({3+}\r\nX]Y)]\r\nm NOOP\r\n",  # the section's end
+    b"f FETCH 1 BODY[HEADER.FIELDS (~{7+}\r\nSubject)]\r\nm NOOP\r\n",  # a literal8
+    b"f FETCH 1 BODY[TEXT {7+}\r\nSubject]\r\nm NOOP\r\n",  # not a header list
+])
+def test_other_literals_in_a_fetch_section_are_refused_and_never_commands(data):
+    out = events(reader(), data)
+    assert isinstance(out[0], Refused) and out[0].tag == b"f" and out[0].status == "BAD", out
+    assert [e.tag for e in out[1:]] == [b"m"]
 
 
 def test_unknown_command_and_arguments_where_none_belong_are_refused_unread():

@@ -195,3 +195,21 @@ def test_pipelined_commands_across_backends_keep_order(proxy_factory, fleet):
     text = b"".join(lines)
     assert text.index(b"project 2") < text.index(b"* STATUS INBOX (MESSAGES 1)") < text.index(b"home\r\n")
     w.close()
+
+
+def test_list_extended_parent_of_remote_mailboxes(proxy_factory, fleet):
+    """A parent whose children live on another backend: \\NonExistent when its owner lacks it
+    (as one Dovecot says it), a plain entry when its owner has it but the selection skipped it."""
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/Projects")
+        m.subscribe("Shared/Projects")
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert b'* LIST (\\NonExistent) "/" Shared (CHILDINFO ("SUBSCRIBED"))\r\n' in w.cmd(
+        b"a1", b'LIST (SUBSCRIBED RECURSIVEMATCH) "" %')
+    assert b'* LIST (\\NonExistent \\HasChildren) "/" Shared\r\n' in w.cmd(b"a2", b'LIST "" * RETURN (CHILDREN)')
+    assert w.cmd(b"a3", b"CREATE Shared")[-1].startswith(b"a3 OK")  # on b1, its owner, unsubscribed
+    assert b'* LIST () "/" Shared (CHILDINFO ("SUBSCRIBED"))\r\n' in w.cmd(
+        b"a4", b'LIST (SUBSCRIBED RECURSIVEMATCH) "" %')
+    w.close()

@@ -23,6 +23,7 @@ __all__ = [
     "astring_value",
     "parse_arguments",
     "parse_command_start",
+    "splice_section_literals",
     "tag_of",
 ]
 
@@ -255,6 +256,42 @@ def parse_arguments(fragments: Sequence[bytes], literals: Sequence[bytes], *,
     if len(stack) != 1:
         raise ParseError("unbalanced parentheses")
     return stack[0]
+
+
+# The open end of a FETCH section whose header list a literal continues: ``BODY[HEADER.FIELDS (``
+# then header names (atoms or quoted, each followed by SP). A header name (RFC 5322 field-name)
+# spliced in must be printable ASCII without ``:``, and without what would end a quoted string,
+# a section or a list: ``" \ ( ) [ ] { }``.
+_FIELD = rb"[!#-'*-9;-Z^-z|~]+"
+_OPEN_SECTION = re.compile(rb'(?i)\[(?:[0-9]+\.)*HEADER\.FIELDS(?:\.NOT)? \((?:(?:%s|"%s") )*' % (_FIELD, _FIELD))
+_FIELD_NAME = re.compile(_FIELD)
+_SECTION_HEAD = re.compile(rb"(?i)(?:\A|[ (])BODY(?:\.PEEK)?\Z")
+
+
+def splice_section_literals(fragments: Sequence[bytes], literals: Sequence[bytes],
+                            binary: Sequence[bool] = ()) -> tuple[list[bytes], list[bytes], list[bool]]:
+    """FETCH arguments with each literal that is a header name inside ``BODY[HEADER.FIELDS (...)]``
+    written into the section as a quoted string, so that the section is one atom again.
+
+    Only a plain header name is spliced (no CR, LF or quote can reach the line); any other
+    literal is left where it is, for the parser to refuse."""
+    out_f: list[bytes] = []
+    out_l: list[bytes] = []
+    out_b: list[bool] = []
+    acc = fragments[0]
+    for i, lit in enumerate(literals):
+        is_binary = i < len(binary) and binary[i]
+        start = acc.rfind(b"[")
+        if (not is_binary and start >= 0 and _OPEN_SECTION.fullmatch(acc, start) is not None
+                and _SECTION_HEAD.search(acc, 0, start) is not None and _FIELD_NAME.fullmatch(lit) is not None):
+            acc += b'"' + lit + b'"' + fragments[i + 1]
+            continue
+        out_f.append(acc)
+        out_l.append(lit)
+        out_b.append(is_binary)
+        acc = fragments[i + 1]
+    out_f.append(acc)
+    return out_f, out_l, out_b
 
 
 def astring_value(tok: Token) -> bytes:

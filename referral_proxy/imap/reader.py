@@ -28,6 +28,7 @@ from .command import (
     Token,
     parse_arguments,
     parse_command_start,
+    splice_section_literals,
     tag_of,
 )
 from .framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec, NeedData, Overrun
@@ -383,6 +384,8 @@ class CommandReader:
         fragments, literals, binary = self._fragments, self._literals, self._binary
         self._reset_command()
         assert grammar is not None
+        if literals and start.name in ("FETCH", "UID FETCH"):  # a header name sent as a literal
+            fragments, literals, binary = splice_section_literals(fragments, literals, binary)
         try:
             args = match(grammar, parse_arguments(fragments, literals, binary=binary),
                          None if literals else fragments[0])
