@@ -17,7 +17,9 @@ import argparse
 import gc
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 COMMANDS = [
     ("NOOP", b"NOOP", b"rp%d OK NOOP completed.\r\n"),
@@ -27,7 +29,8 @@ COMMANDS = [
 ]
 
 
-def measure(count: int, command: bytes, response: bytes) -> float:
+def measure(count: int, command: bytes, response: bytes, check: Callable[[Any], None] | None = None) -> float:
+    """CPU microseconds per command; *check(harness)* is called at the end (bench_metrics_cost.py)."""
     from referral_proxy.testing.fakes import SessionHarness
 
     h = SessionHarness()
@@ -46,6 +49,8 @@ def measure(count: int, command: bytes, response: bytes) -> float:
         backend.transport.clear()
     t1 = time.process_time()
     gc.enable()
+    if check is not None:
+        check(h)
     return (t1 - t0) / count * 1e6
 
 
