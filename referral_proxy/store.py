@@ -348,13 +348,14 @@ def sqlite_migrate(db: sqlite3.Connection) -> str:
     processes opening an old file at once: one migrates, the other finds it done); one line.
 
     A file of version 1 (user_version 0: placements, journal, reservations) keeps everything.
-    SchemaError for a file of a newer version (it is left untouched)."""
+    A file already at SCHEMA_VERSION is only read (no write lock taken). SchemaError for a
+    file of a newer version (it is left untouched)."""
+    version = _user_version(db)
+    if version == SCHEMA_VERSION:
+        return f"schema is up to date (version {SCHEMA_VERSION})"
     db.execute("BEGIN IMMEDIATE")
     try:
-        version = int(db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise SchemaError(f"the SQLite map store's schema is version {version}, newer than this "
-                              f"referral-proxy's ({SCHEMA_VERSION}): upgrade referral-proxy")
+        version = _user_version(db)  # another process may have migrated it meanwhile
         fresh = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'placements'").fetchone()[0] == 0
         if version < SCHEMA_VERSION:
             for statement in _SQLITE_SCHEMA:
@@ -367,9 +368,16 @@ def sqlite_migrate(db: sqlite3.Connection) -> str:
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    if version > SCHEMA_VERSION:
+        raise SchemaError(f"the SQLite map store's schema is version {version}, newer than this "
+                          f"referral-proxy's ({SCHEMA_VERSION}): upgrade referral-proxy")
     if version == SCHEMA_VERSION:
         return f"schema is up to date (version {SCHEMA_VERSION})"
     return f"schema {'created' if fresh else f'migrated from version {max(version, 1)}'} (version {SCHEMA_VERSION})"
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _key(name: str) -> str | bytes:
