@@ -336,3 +336,25 @@ def test_a_postgresql_database_of_the_previous_schema_is_refused_until_migrated(
     now(store.count_transfer("admin_move", "failed", 0))
     assert now(store.transfer_counts()) == {("admin_move", "failed"): (1, 0)}
     now(store.close())
+
+
+def test_map_migrate_on_an_sqlite_file_says_what_it_did(tmp_path, capsys):
+    from referral_proxy.cli import main
+
+    path = tmp_path / "map.sqlite3"
+    _v1_file(path)
+    config = tmp_path / "proxy.toml"
+    config.write_text('[proxy]\nlisten = ["tcp:1143:interface=127.0.0.1"]\n[backends.b1]\nendpoint = "tcp:127.0.0.2:143"\n'
+                      f'url = "imap://127.0.0.2"\n[map]\ndefault = "b1"\nstore = "sqlite:{path}"\n')
+    assert main(["map", "--config", str(config), "migrate"]) == 0
+    assert capsys.readouterr().out == "schema migrated from version 1 (version 2)\n"
+    assert main(["map", "--config", str(config), "migrate"]) == 0
+    assert capsys.readouterr().out == "schema is up to date (version 2)\n"
+    import sqlite3
+
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+    assert main(["map", "--config", str(config), "migrate"]) == 1
+    assert "version 3, newer" in capsys.readouterr().err
