@@ -140,7 +140,9 @@ TREE = [str(REPO_ROOT)]  # the checkout the in-memory measurements import (--tre
 
 
 def _child(command: str, count: int, counting: bool) -> list[str]:
+    # the tree's package imported first: bench/_common.py puts this checkout on sys.path too
     code = (f"import sys; sys.path[:0] = [{TREE[0]!r}, {str(Path(__file__).resolve().parent)!r}]; "
+            "import referral_proxy.testing.fakes, referral_proxy.observe; "
             f"from bench_metrics_cost import in_memory; print(in_memory({command!r}, {count}, {counting}))")
     return [sys.executable, "-c", code]
 
