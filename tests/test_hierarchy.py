@@ -248,3 +248,32 @@ def test_a_backend_that_cannot_be_asked_about_children_refuses_the_rename(proxy_
     assert judge(counts, far + near) == ([], [])
     assert {where[i][0] for i in far} == {("b1", "Far")} and {where[i][0] for i in near} == {("b1", "Near2")}
     assert _no_entries(proxy)
+
+
+@pytest.mark.parametrize("name", ['q"uo\\te', "a*b", "50% off", "Caf&AOk-"])
+def test_odd_names_find_their_children_elsewhere_by_name(proxy_factory, fleet, name):
+    """A name with a wildcard, a quote, a backslash or mUTF-7 is listed as a name on the other
+    backend: its own child there refuses the RENAME; what the name would match as a pattern does not."""
+    from movecheck import quote
+
+    mail, child, alike = ids("odd", 2), ids("oddkid", 2), ids("alike", 2)
+    seed(fleet["b1"], "carol", name, mail)
+    seed(fleet["b3"], "carol", name + "/kid", child)
+    other = name.replace("%", "x").replace("*", "yy") if "%" in name or "*" in name else name + "x"
+    seed(fleet["b3"], "carol", other + "/kid", alike)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    config = str(proxy.config_path)
+    for placed in (name + "/kid", other + "/kid", other, name + "/ghost"):  # ghost: b3 is asked to the end
+        assert cli("map", "--config", config, "set", "carol", placed, "b3").returncode == 0
+    w = _logged_in(proxy)
+    reply = w.cmd(b"r", b"RENAME " + quote(name).encode() + b" " + quote("Moved " + name).encode())
+    assert reply[-1].startswith(b"r " + ELSEWHERE), reply
+    assert w.cmd(b"k", b"RENAME " + quote(name + "/kid").encode() + b" Kid")[-1].startswith(b"k OK")
+    reply = w.cmd(b"s", b"RENAME " + quote(name).encode() + b" " + quote("Moved " + name).encode())
+    assert reply[-1].startswith(b"s OK"), reply  # only the look-alike is left on b3: not a child
+    w.close()
+    _exactly_once(fleet, proxy, "carol", mail + child + alike)
+    _counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in mail} == {("b1", "Moved " + name)}
+    assert {where[i][0] for i in child} == {("b1", "Kid")}
+    assert {where[i][0] for i in alike} == {("b3", other + "/kid")}
