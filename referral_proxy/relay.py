@@ -109,7 +109,8 @@ class Relay:
             args = Arguments(tokens, args.slots)
         op = _Op(self, conn, tag, ptag, after, keep, answer, cancels)
         self.in_flight += 1
-        op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens else None, on_continuation)
+        op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens or args.text else None,
+                 on_continuation)
 
     # -- tags inside responses -------------------------------------------------------------
 
