@@ -1,25 +1,83 @@
-"""Which commands take the fast path: relayed as the client wrote them, unparsed.
+"""The fast path: a plain relayed command goes to its backend as the client wrote it.
 
 A command the declared table (commands.py) relays to the selected or home backend
 through the plain relay handler, whose arguments nothing reads but the relay (no
 mailbox to route by, no tag inside them, no state it changes), is passed on as its
 line when the line is plain (imap.plain: its canonical re-encoding is the line
-itself). Its admission is unchanged: the session's table and state decide first,
-and every client limit holds, as for any command (imap.reader).
+itself, proved in tests/test_plain.py). Two levels:
+
+* the reader (:data:`PLAIN_COMMANDS`): such a command is admitted as any other (table,
+  state, limits), then its arguments are not parsed;
+* :func:`relay_plain`: a read that is exactly one such line, arriving while the
+  session reads nothing else (no command half read, no literal or dropped rest
+  pending, no IDLE or SASL line awaited, nothing blocking its input, below the cap
+  on commands in flight, its backend ready at once) is relayed from the bytes: its
+  tag swapped, no framer event, no Command. Anything else takes the long way,
+  which would do the same with that line.
 """
 
 from __future__ import annotations
 
-from .commands import COMMANDS
+import re
+from typing import Any
+
+from .commands import COMMANDS, PRE
+from .flow import Block
+from .imap.command import CommandStart
 from .imap.plain import PLAIN_GRAMMARS
 
-__all__ = ["PLAIN_COMMANDS"]
+__all__ = ["PLAIN_COMMANDS", "relay_plain"]
 
-# The handlers that only relay: to the selected mailbox's backend (home if none), or home.
-_RELAY_ONLY = frozenset({"to_selected", "to_home"})
+# The handlers that only relay: to the selected mailbox's backend (home if none), or home;
+# NOOP's after login is to_selected.
+_RELAY_ONLY = {"to_selected": False, "to_home": True, "noop": False}
 
 #: FETCH, STORE, UID EXPUNGE ... (CHECK, EXPUNGE: no arguments, never parsed anyway).
 PLAIN_COMMANDS: frozenset[str] = frozenset(
     spec.name for spec in COMMANDS.values()
     if spec.handler in _RELAY_ONLY and not spec.tag_refs and not spec.tag_args and spec.grammar.text in PLAIN_GRAMMARS
 )
+
+# name -> (grammar text, to home): every command relay_plain takes; after login the table
+# admits each whatever the line (not a PRE-login command, collected, not STREAMED: session._admit).
+_FAST: dict[str, tuple[str, bool]] = {
+    spec.name: (spec.grammar.text, _RELAY_ONLY[spec.handler]) for spec in COMMANDS.values()
+    if spec.handler in _RELAY_ONLY and not spec.tag_refs and not spec.tag_args
+    and (spec.name in PLAIN_COMMANDS or not spec.grammar.takes_arguments) and spec.states != PRE
+}
+
+# One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only.
+_LINE = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) ((?:UID )?[A-Z]+)(?: ([^\r\n]+))?\r\n')
+_AUTHENTICATED = "authenticated"  # session.Phase.AUTHENTICATED's value (no import of the session)
+
+
+def relay_plain(session: Any, data: bytes) -> bool:
+    """Relay *data* if it is one plain command line the session would relay at once as it
+    is; False (nothing done) if it must take the long way through the reader."""
+    if session.flow.blocked or session.phase.value != _AUTHENTICATED or not session.reader.idle:
+        return False
+    m = _LINE.fullmatch(data)
+    if m is None or len(data) - 2 > session.reader.limits.max_line:
+        return False
+    tag, name, rest = m.group(1), m.group(2).decode("ascii"), m.group(3)
+    fast = _FAST.get(name)
+    if fast is None:
+        return False
+    grammar, to_home = fast
+    if rest is None:
+        if grammar:
+            return False
+    elif not grammar or PLAIN_GRAMMARS[grammar].fullmatch(rest) is None:
+        return False
+    relay, pool = session.relay, session.pool
+    most = session.config.proxy.connections.max_commands_in_flight
+    if relay.in_flight + len(session.appends.unanswered) >= most:
+        return False
+    conn = pool.fast(session.home if to_home else session.selected or session.home)
+    if conn is None:
+        return False
+    session.ctx.observer.command(session, CommandStart(tag, name, rest or b""))
+    relay.send_line(conn, tag, data[len(tag):])
+    if relay.in_flight + len(session.appends.unanswered) >= most:
+        session.block(Block.IN_FLIGHT)  # as the reader's loop would, before its next command
+    return True

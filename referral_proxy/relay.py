@@ -30,6 +30,7 @@ from .imap.response import ResponseStart, replace_tag, replace_tag_references
 __all__ = ["Relay", "RelayHost", "wants_updates"]
 
 MAX_UPDATES = 64  # live CONTEXT=SEARCH/SORT updates remembered per connection
+_NO_CANCELS: list[bytes] = []  # never changed: _Op only reads it
 
 
 class RelayHost(Protocol):
@@ -111,6 +112,15 @@ class Relay:
         self.in_flight += 1
         op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens or args.text else None,
                  on_continuation)
+
+    def send_line(self, conn: BackendProtocol, tag: bytes, tail: bytes) -> None:
+        """Relay a plain command line (fastpath.py) under the proxy's tag: *tail* is the
+        client's line after its tag, CRLF included, already its canonical encoding."""
+        ptag = conn.next_tag()
+        op = _Op(self, conn, tag, ptag, None, None, None, _NO_CANCELS)
+        self.in_flight += 1
+        conn.expect(ptag, op.done, op.lost)
+        conn.write(ptag + tail)
 
     # -- tags inside responses -------------------------------------------------------------
 

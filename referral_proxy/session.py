@@ -31,7 +31,7 @@ from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
 from .context import ProxyContext
-from .fastpath import PLAIN_COMMANDS
+from .fastpath import PLAIN_COMMANDS, relay_plain
 from .flow import Block, ClientFlow
 from .idle import Idle
 from .imap.command import CommandStart
@@ -165,6 +165,8 @@ class ClientSession(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.ctx.observer.client_in(self, data)
+        if relay_plain(self, data):
+            return
         self.reader.receive_data(data)
         self._pump()
         if self.reader.mid_command:  # the rest may wait for our ACK (Nagle): send it now

@@ -256,6 +256,12 @@ class CommandReader:
         return self._state == _IDLE and not self._line_mode and not self._queue and not self._deciding
 
     @property
+    def idle(self) -> bool:
+        """True when the next bytes received start a new command and nothing is held:
+        what a whole command line received now would be read as (see fastpath.py)."""
+        return self.between_commands and self._framer.idle
+
+    @property
     def streaming(self) -> bool:
         """True between AppendStart and the end of that command."""
         return self._state in (_APPEND_DATA, _APPEND_NEXT) or self._deciding
