@@ -13,7 +13,10 @@ itself, proved in tests/test_plain.py). Two levels:
   pending, no IDLE or SASL line awaited, nothing blocking its input, below the cap
   on commands in flight, its backend ready at once) is relayed from the bytes: its
   tag swapped, no framer event, no Command. Anything else takes the long way,
-  which would do the same with that line.
+  which would do the same with that line;
+* :func:`completed_plain`: a backend's read that is exactly one tagged completion
+  without a response code (``rp7 OK NOOP completed.``) completes its command from
+  the bytes (relay.py swaps the tag back).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from .commands import COMMANDS, PRE
 from .flow import Block
 from .imap.command import CommandStart
 from .imap.plain import PLAIN_GRAMMARS
+from .imap.response import plain_completion
 
-__all__ = ["PLAIN_COMMANDS", "relay_plain"]
+__all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
 
 # The handlers that only relay: to the selected mailbox's backend (home if none), or home;
 # NOOP's after login is to_selected.
@@ -80,4 +84,18 @@ def relay_plain(session: Any, data: bytes) -> bool:
     relay.send_line(conn, tag, data[len(tag):])
     if relay.in_flight + len(session.appends.unanswered) >= most:
         session.block(Block.IN_FLIGHT)  # as the reader's loop would, before its next command
+    return True
+
+
+def completed_plain(conn: Any, data: bytes) -> bool:
+    """Complete a command of *conn* (a BackendProtocol between responses) if *data* is
+    exactly its tagged completion without a response code: what the framer, the
+    response parser and the tagged-response path would do with it, from the bytes."""
+    start = plain_completion(data)
+    if start is None or not conn._greeted or conn.closed or not conn._framer.idle:
+        return False
+    pending = conn._pending.pop(start.tag, None)
+    if pending is None:
+        return False  # the long way says so in the log
+    pending.on_done(start, data)
     return True

@@ -129,3 +129,26 @@ def test_a_fetch_waits_for_a_select_on_another_backend():
     assert h.to_backend() == b""
     h.session.unblock(Block.TASK)
     assert h.to_backend() == b"rp1 FETCH 1 FLAGS\r\n"
+
+
+def test_a_completion_inside_a_literal_is_literal_data():
+    """A backend's read that looks like the tagged completion but is a literal's data (or
+    the rest of an untagged line) completes nothing."""
+    h, long_way = harness()
+    h.send(b"f FETCH 1 BODY[]\r\n")
+    h.to_backend()
+    h.from_backend(b"* 1 FETCH (BODY[] {13}\r\n")
+    h.from_backend(b"rp1 OK done\r\n")  # 13 bytes: the message
+    assert h.session.relay.in_flight == 1
+    h.from_backend(b")\r\n")
+    h.from_backend(b"rp1 OK done\r\n")
+    assert h.to_client() == b"* 1 FETCH (BODY[] {13}\r\nrp1 OK done\r\n)\r\nf OK done\r\n"
+    assert h.session.relay.in_flight == 0
+
+
+def test_a_completion_with_a_response_code_is_parsed():
+    h, long_way = harness()
+    h.send(b"n NOOP\r\n")
+    h.from_backend(b"rp1 OK [CAPABILITY IMAP4rev1 X-NEW] done\r\n")
+    assert "X-NEW" in h.backend.capabilities
+    assert h.to_client() == b"n OK [CAPABILITY IMAP4rev1 X-NEW] done\r\n"

@@ -20,7 +20,7 @@ from referral_proxy.imap.framing import NEED_DATA
 from referral_proxy.imap.grammar import Encoded, Grammar, encode, match
 from referral_proxy.imap.plain import PLAIN_GRAMMARS, plain_arguments
 from referral_proxy.imap.reader import Command, CommandReader, Limits, Refusal, Refused
-from referral_proxy.imap.response import _parse_response_start, parse_response_start
+from referral_proxy.imap.response import _parse_response_start, parse_response_start, plain_completion
 
 # Pieces a client's FETCH/STORE/SEARCH lines are made of, and what breaks them.
 PIECES = [b"1", b"1:*", b"2,4:6", b"$", b"*", b"FLAGS", b"UID", b"BODY.PEEK[]", b"BODY[1.MIME]",
@@ -104,6 +104,21 @@ def test_the_one_match_command_head_is_the_full_parsers(data):
     st.binary(max_size=30)))
 def test_the_one_match_completion_is_the_full_parsers(data):
     assert _or_none(parse_response_start, data) == _or_none(_parse_response_start, data)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(data=st.one_of(
+    st.tuples(st.sampled_from([b"rp1", b"a", b"*", b"+", b"", b"a(b"]),
+              st.sampled_from([b" ", b"", b"  "]),
+              st.sampled_from([b"OK", b"ok", b"NO", b"BAD", b"BYE", b"OKAY"]),
+              st.sampled_from([b"", b" ", b" done", b" [READ-WRITE] x", b" [", b"  x", b" a\rb", b" x\r\ny"]),
+              st.sampled_from([b"\r\n", b"\n", b"", b"\r\n\r\n", b"\r\n* 1 EXISTS\r\n"])).map(b"".join),
+    st.binary(max_size=30)))
+def test_a_whole_plain_completion_is_what_the_parser_says_of_its_line(data):
+    start = plain_completion(data)
+    if start is not None:
+        assert data.endswith(b"\r\n") and b"\n" not in data[:-2] and b"\r" not in data[:-2]
+        assert start == parse_response_start(data[:-2]) and start.code is None
 
 
 def test_the_fast_commands_are_relay_only_and_route_by_nothing():

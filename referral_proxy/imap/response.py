@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .command import _TAG, ParseError
 
-__all__ = ["ResponseStart", "parse_response_start", "plain_untagged", "replace_tag", "completion_text",
+__all__ = ["ResponseStart", "parse_response_start", "plain_completion", "plain_untagged", "replace_tag", "completion_text",
            "tag_references", "replace_tag_references"]
 
 
@@ -107,6 +107,19 @@ def parse_response_start(data: bytes) -> ResponseStart:
     if m is not None:
         return ResponseStart("tagged", m.group(1), _STATUS_NAMES[m.group(2)], None, b"", data[m.end():], None, None, b"")
     return _parse_response_start(data)
+
+
+# One whole read that is one such completion, CRLF included (the text has no "[" first).
+_PLAIN_COMPLETION = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) (OK|NO|BAD)(?: ([^\[\r\n][^\r\n]*))?\r\n')
+
+
+def plain_completion(data: bytes) -> ResponseStart | None:
+    """What parse_response_start says of *data* without its CRLF, if *data* is exactly one
+    tagged completion line without a response code; else None (nothing said)."""
+    m = _PLAIN_COMPLETION.fullmatch(data)
+    if m is None:
+        return None
+    return ResponseStart("tagged", m.group(1), _STATUS_NAMES[m.group(2)], None, b"", m.group(3) or b"", None, None, b"")
 
 
 def _parse_response_start(data: bytes) -> ResponseStart:
