@@ -110,7 +110,7 @@ class ResponseSink(TypingProtocol):
         """The connection is gone."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     on_done: Callable[[ResponseStart, bytes], None]
     on_lost: Callable[[Failure], None] | None  # None: told by on_done(LOST) (the old convention)

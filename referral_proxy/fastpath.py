@@ -26,7 +26,6 @@ from typing import Any
 
 from .commands import COMMANDS, PRE
 from .flow import Block
-from .imap.command import CommandStart
 from .imap.plain import PLAIN_GRAMMARS
 from .imap.response import plain_completion
 
@@ -52,13 +51,12 @@ _FAST: dict[str, tuple[str, bool]] = {
 
 # One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only.
 _LINE = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) ((?:UID )?[A-Z]+)(?: ([^\r\n]+))?\r\n')
-_AUTHENTICATED = "authenticated"  # session.Phase.AUTHENTICATED's value (no import of the session)
 
 
 def relay_plain(session: Any, data: bytes) -> bool:
-    """Relay *data* if it is one plain command line the session would relay at once as it
-    is; False (nothing done) if it must take the long way through the reader."""
-    if session.flow.blocked or session.phase.value != _AUTHENTICATED or not session.reader.idle:
+    """Relay *data* if it is one plain command line the session (logged in: its caller
+    checks) would relay at once as it is; False (nothing done) to take the long way."""
+    if session.flow.blocked or not session.reader.idle:
         return False
     m = _LINE.fullmatch(data)
     if m is None or len(data) - 2 > session.reader.limits.max_line:
@@ -80,7 +78,7 @@ def relay_plain(session: Any, data: bytes) -> bool:
     conn = pool.fast(session.home if to_home else session.selected or session.home)
     if conn is None:
         return False
-    session.ctx.observer.command(session, CommandStart(tag, name, rest or b""))
+    session.ctx.observer.command_named(session, tag, name)
     relay.send_line(conn, tag, data[len(tag):])
     if relay.in_flight + len(session.appends.unanswered) >= most:
         session.block(Block.IN_FLIGHT)  # as the reader's loop would, before its next command

@@ -165,7 +165,7 @@ class ClientSession(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.ctx.observer.client_in(self, data)
-        if relay_plain(self, data):
+        if self.phase is Phase.AUTHENTICATED and relay_plain(self, data):
             return
         self.reader.receive_data(data)
         self._pump()
