@@ -15,8 +15,9 @@ itself, proved in tests/test_plain.py). Two levels:
   tag swapped, no framer event, no Command. Anything else takes the long way,
   which would do the same with that line;
 * :func:`completed_plain`: a backend's read that is exactly one tagged completion
-  without a response code (``rp7 OK NOOP completed.``) completes its command from
-  the bytes (relay.py swaps the tag back).
+  without a response code (``rp7 OK NOOP completed.``), after untagged lines relayed
+  unparsed anyway (``* 3 FETCH (FLAGS (\\Seen))``, ``* 4 EXPUNGE``), relays those and
+  completes its command from the bytes (relay.py swaps the tag back).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from .commands import COMMANDS, PRE
 from .flow import Block
 from .imap.plain import PLAIN_GRAMMARS
-from .imap.response import plain_completion
+from .imap.response import plain_completion, plain_untagged
 
 __all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
 
@@ -87,13 +88,24 @@ def relay_plain(session: Any, data: bytes) -> bool:
 
 def completed_plain(conn: Any, data: bytes) -> bool:
     """Complete a command of *conn* (a BackendProtocol between responses) if *data* is
-    exactly its tagged completion without a response code: what the framer, the
-    response parser and the tagged-response path would do with it, from the bytes."""
-    start = plain_completion(data)
-    if start is None or not conn._greeted or conn.closed or not conn._framer.idle:
+    exactly its tagged completion without a response code, after whole untagged lines
+    nobody acts on (imap.response.plain_untagged, no literal): what the framer, the
+    response parser and the backend's relay would do with them, from the bytes."""
+    if not conn._greeted or conn.closed or not conn._framer.idle:
+        return False
+    cut = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line starts
+    start = plain_completion(data[cut:] if cut else data)
+    if start is None:
+        return False
+    head = data[:cut]
+    if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None or b"}\r\n" in head
+                or head.count(b"\n") != head.count(b"\r\n")
+                or not all(plain_untagged(line) for line in head[:-2].split(b"\r\n"))):
         return False
     pending = conn._pending.pop(start.tag, None)
     if pending is None:
         return False  # the long way says so in the log
-    pending.on_done(start, data)
+    if cut:
+        conn.sink.untagged(conn, None, head, True)
+    pending.on_done(start, data[cut:] if cut else data)
     return True

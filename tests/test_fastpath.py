@@ -5,8 +5,13 @@ command's literal never run, only DONE during IDLE, nothing read while input is 
 
 from __future__ import annotations
 
-import pytest
+from unittest.mock import patch
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from referral_proxy.fastpath import completed_plain
 from referral_proxy.flow import Block
 from referral_proxy.testing.fakes import SessionHarness, minimal_config
 
@@ -152,3 +157,40 @@ def test_a_completion_with_a_response_code_is_parsed():
     h.from_backend(b"rp1 OK [CAPABILITY IMAP4rev1 X-NEW] done\r\n")
     assert "X-NEW" in h.backend.capabilities
     assert h.to_client() == b"n OK [CAPABILITY IMAP4rev1 X-NEW] done\r\n"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def untagged(self, _backend, *args) -> None:
+        self.calls.append(args)
+
+    def backend_lost(self, _backend, _reason) -> None:
+        pass
+
+
+RESPONSE_LINES = [b"* 1 FETCH (FLAGS ())", b"* 3 EXPUNGE", b"* OK [CAPABILITY IMAP4rev1 X]", b"* BYE going",
+                  b"* 1 FETCH (BODY[] {3}", b"abc)", b'* ESEARCH (TAG "rp1") ALL 1', b"* OK [UIDNEXT 4] x",
+                  b"rp1 OK done", b"rp1 OK [READ-WRITE] x", b"rp1 NO no", b"rp9 OK other", b"+ go", b"* 2 EXISTS"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.tuples(st.sampled_from(RESPONSE_LINES), st.sampled_from([b"\r\n", b"\n", b"\r\n", b""])),
+                      min_size=1, max_size=5))
+def test_a_backends_read_completes_as_the_long_way_would(parts):
+    """The same reads into two connections, one without the fast path: the same relayed
+    bytes, the same completions, the same state after."""
+    data = b"".join(line + end for line, end in parts)
+    seen = []
+    for fast in (True, False):
+        h, _ = harness()
+        h.send(b"a NOOP\r\n")
+        h.to_backend()
+        conn, sink = h.backend, _Sink()
+        conn.sink = sink
+        with patch("referral_proxy.backend.completed_plain", completed_plain if fast else lambda c, d: False):
+            conn.dataReceived(data)
+            conn.dataReceived(b"* 5 EXISTS\r\n")
+        seen.append((sink.calls, h.session.relay.in_flight, h.to_client(), conn.capabilities, conn.bye_received))
+    assert seen[0] == seen[1]
