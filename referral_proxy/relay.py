@@ -25,7 +25,7 @@ from .commands import COMMANDS
 from .flow import Block
 from .imap.command import Atom, ParenList, String, Token
 from .imap.grammar import Arguments, Encoded, encode
-from .imap.response import ResponseStart, replace_tag, replace_tag_references
+from .imap.response import ResponseStart, replace_tag_references
 
 __all__ = ["Relay", "RelayHost", "wants_updates"]
 
@@ -217,7 +217,7 @@ class _Op:
         relay.in_flight -= 1
         if self.blocking:  # refused before all literals were sent
             conn.on_continuation = None
-        data = replace_tag(raw, self.tag)
+        data = self.tag + raw[len(self.ptag):]  # raw starts with the proxy's tag: its completion was found by it
         if start.code == "NOUPDATE":
             data = relay.translate(conn, data)
         if self.keep is not None:

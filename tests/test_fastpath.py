@@ -175,7 +175,7 @@ RESPONSE_LINES = [b"* 1 FETCH (FLAGS ())", b"* 3 EXPUNGE", b"* OK [CAPABILITY IM
                   b"rp1 OK done", b"rp1 OK [READ-WRITE] x", b"rp1 NO no", b"rp9 OK other", b"+ go", b"* 2 EXISTS"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(parts=st.lists(st.tuples(st.sampled_from(RESPONSE_LINES), st.sampled_from([b"\r\n", b"\n", b"\r\n", b""])),
                       min_size=1, max_size=5))
 def test_a_backends_read_completes_as_the_long_way_would(parts):
