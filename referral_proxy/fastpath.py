@@ -27,7 +27,7 @@ from typing import Any
 
 from .commands import COMMANDS, PRE
 from .flow import Block
-from .imap.plain import PLAIN_GRAMMARS
+from .imap.plain import PLAIN_GRAMMARS, plain_arguments
 from .imap.response import plain_completion, plain_untagged
 
 __all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
@@ -70,7 +70,7 @@ def relay_plain(session: Any, data: bytes) -> bool:
     if rest is None:
         if grammar:
             return False
-    elif not grammar or PLAIN_GRAMMARS[grammar].fullmatch(rest) is None:
+    elif not grammar or not plain_arguments(grammar, rest):
         return False
     relay, pool = session.relay, session.pool
     most = session.config.proxy.connections.max_commands_in_flight

@@ -24,19 +24,21 @@ _LIST1 = rb"\((?:" + _FLAT + rb"(?: " + _FLAT + rb")*+)?+\)"
 _ITEM = rb"(?:" + _ATOM + rb"|" + _QUOTED + rb"|" + _LIST1 + rb")"
 _LIST2 = rb"\((?:" + _ITEM + rb"(?: " + _ITEM + rb")*+)?+\)"
 _TOKEN = rb"(?:" + _ATOM + rb"|" + _QUOTED + rb"|" + _LIST2 + rb")"
-_TOKENS = _TOKEN + rb"(?: " + _TOKEN + rb")*+"
-# grammar.py's sequence set, followed by SP or the end.
-_SEQSET = rb"(?:\$|[0-9*]++(?::[0-9*]++)?+(?:,[0-9*]++(?::[0-9*]++)?+)*+)"
+# One or more tokens, one space apart (the token pattern once: it is compiled at import).
+_TOKENS = re.compile(rb"(?:" + _TOKEN + rb"(?:\Z| (?!\Z)))++")
+# grammar.py's sequence set.
+_SEQSET = re.compile(rb"\$|[0-9*]++(?::[0-9*]++)?+(?:,[0-9*]++(?::[0-9*]++)?+)*+")
 
-#: Grammar texts (commands.py) whose arguments may skip the parse, and the whole-line pattern.
-PLAIN_GRAMMARS: dict[str, re.Pattern[bytes]] = {
-    "seqset": re.compile(_SEQSET),
-    "seqset any+": re.compile(_SEQSET + rb" " + _TOKENS),
-    "any+": re.compile(_TOKENS),
-}
+#: Grammar texts (commands.py) whose arguments may skip the parse.
+PLAIN_GRAMMARS = frozenset({"seqset", "seqset any+", "any+"})
 
 
 def plain_arguments(grammar: str, rest: bytes) -> bool:
     """True if *rest*, the arguments of a command of *grammar*, is its own canonical encoding."""
-    pattern = PLAIN_GRAMMARS.get(grammar)
-    return pattern is not None and pattern.fullmatch(rest) is not None
+    if grammar == "seqset any+":
+        m = _SEQSET.match(rest)
+        return (m is not None and rest[m.end():m.end() + 1] == b" "
+                and _TOKENS.fullmatch(rest, m.end() + 1) is not None)
+    if grammar == "any+":
+        return _TOKENS.fullmatch(rest) is not None
+    return grammar == "seqset" and _SEQSET.fullmatch(rest) is not None
