@@ -56,7 +56,7 @@ def measure(count: int, command: bytes, response: bytes) -> float:
         backend.transport.clear()
     t1 = time.process_time()
     gc.enable()
-    return (t1 - t0) / count * 1e6
+    return (t1 - t0) / max(count, 1) * 1e6
 
 
 def instructions(tree: str, count: int, index: int) -> int:
