@@ -8,7 +8,7 @@ from __future__ import annotations
 from unittest.mock import patch
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from referral_proxy.fastpath import completed_plain
@@ -142,8 +142,7 @@ def test_a_completion_inside_a_literal_is_literal_data():
     h, long_way = harness()
     h.send(b"f FETCH 1 BODY[]\r\n")
     h.to_backend()
-    h.from_backend(b"* 1 FETCH (BODY[] {13}\r\n")
-    h.from_backend(b"rp1 OK done\r\n")  # 13 bytes: the message
+    h.from_backend(b"* 1 FETCH (BODY[] {13}\r\nrp1 OK done\r\n")  # 13 bytes: the message, in the same read
     assert h.session.relay.in_flight == 1
     h.from_backend(b")\r\n")
     h.from_backend(b"rp1 OK done\r\n")
@@ -171,11 +170,13 @@ class _Sink:
 
 
 RESPONSE_LINES = [b"* 1 FETCH (FLAGS ())", b"* 3 EXPUNGE", b"* OK [CAPABILITY IMAP4rev1 X]", b"* BYE going",
-                  b"* 1 FETCH (BODY[] {3}", b"abc)", b'* ESEARCH (TAG "rp1") ALL 1', b"* OK [UIDNEXT 4] x",
+                  b"* 1 FETCH (BODY[] {3}", b"abc)", b"* 1 FETCH (BODY[] {13}", b'* ESEARCH (TAG "rp1") ALL 1', b"* OK [UIDNEXT 4] x",
                   b"rp1 OK done", b"rp1 OK [READ-WRITE] x", b"rp1 NO no", b"rp9 OK other", b"+ go", b"* 2 EXISTS"]
 
 
 @settings(max_examples=150, deadline=None)
+@example(parts=[(b"* 1 FETCH (BODY[] {13}", b"\r\n"), (b"rp1 OK done", b"\r\n")])  # the completion is literal data
+@example(parts=[(b"* 3 EXPUNGE", b"\r\n"), (b"* 1 FETCH (FLAGS ())", b"\r\n"), (b"rp1 OK done", b"\r\n")])
 @given(parts=st.lists(st.tuples(st.sampled_from(RESPONSE_LINES), st.sampled_from([b"\r\n", b"\n", b"\r\n", b""])),
                       min_size=1, max_size=5))
 def test_a_backends_read_completes_as_the_long_way_would(parts):
