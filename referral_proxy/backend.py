@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .config import BackendConfig
+from .fastpath import completed_plain
 from .imap.command import ParseError
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd
 from .imap.quoting import astring, capability_tokens
@@ -109,7 +110,7 @@ class ResponseSink(TypingProtocol):
         """The connection is gone."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     on_done: Callable[[ResponseStart, bytes], None]
     on_lost: Callable[[Failure], None] | None  # None: told by on_done(LOST) (the old convention)
@@ -168,6 +169,8 @@ class BackendProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self._current is None and completed_plain(self, data):
+            return
         framer = self._framer
         framer.receive_data(data)
         # Untagged data no one here looks at ("* 12 FETCH ...", "* FLAGS ...", "* OK [UIDNEXT 9]",
@@ -409,7 +412,7 @@ class BackendProtocol(Protocol):
         if self.closed:
             return
         tag = self.next_tag()
-        self._pending[tag] = _Pending(_ignore_answer, _ignore_loss)
+        self._pending[tag] = _Pending(_ignore, _ignore)
         self.write(tag + b" " + text + b"\r\n")
 
     def deselect(self) -> defer.Deferred[Tagged]:
@@ -429,12 +432,8 @@ class BackendProtocol(Protocol):
         self.transport.loseConnection()
 
 
-def _ignore_answer(_start: ResponseStart, _raw: bytes) -> None:
-    pass
-
-
-def _ignore_loss(_reason: Failure) -> None:
-    pass
+def _ignore(*_args: object) -> None:
+    """The answer (or the loss) of a command nobody waits for."""
 
 
 # What on_done receives, for callers that registered no on_lost, when the connection is lost.

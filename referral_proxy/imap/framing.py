@@ -367,6 +367,13 @@ class Framer:
         return bool(self._buf) or self._direct is not None or self._state != _LINE or not self._first
 
     @property
+    def idle(self) -> bool:
+        """True between logical lines with nothing buffered, announced or being dropped:
+        the next byte received starts a new line."""
+        return (not self._buf and self._direct is None and self._state == _LINE and self._first
+                and not self._discard)
+
+    @property
     def literal_remaining(self) -> int:
         """Bytes of the accepted literal still to deliver (0 if none is being delivered)."""
         if self._state == _LITERAL and not self._discard:
