@@ -177,6 +177,7 @@ RESPONSE_LINES = [b"* 1 FETCH (FLAGS ())", b"* 3 EXPUNGE", b"* OK [CAPABILITY IM
 @settings(max_examples=150, deadline=None)
 @example(parts=[(b"* 1 FETCH (BODY[] {13}", b"\r\n"), (b"rp1 OK done", b"\r\n")])  # the completion is literal data
 @example(parts=[(b"* 3 EXPUNGE", b"\r\n"), (b"* 1 FETCH (FLAGS ())", b"\r\n"), (b"rp1 OK done", b"\r\n")])
+@example(parts=[(b"rp1 OK done", b""), (b"* 1 FETCH (BODY[] {3}", b"\r\n")])  # a completion that ends as a literal's announce
 @given(parts=st.lists(st.tuples(st.sampled_from(RESPONSE_LINES), st.sampled_from([b"\r\n", b"\n", b"\r\n", b""])),
                       min_size=1, max_size=5))
 def test_a_backends_read_completes_as_the_long_way_would(parts):

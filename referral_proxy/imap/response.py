@@ -115,9 +115,10 @@ _PLAIN_COMPLETION = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) (OK|NO|BAD)(
 
 def plain_completion(data: bytes) -> ResponseStart | None:
     """What parse_response_start says of *data* without its CRLF, if *data* is exactly one
-    tagged completion line without a response code; else None (nothing said)."""
+    tagged completion line without a response code; else None (nothing said). A line ending
+    in ``}`` is left to the framer, which reads ``{n}`` there as a literal announced."""
     m = _PLAIN_COMPLETION.fullmatch(data)
-    if m is None:
+    if m is None or data.endswith(b"}\r\n"):
         return None
     return ResponseStart("tagged", m.group(1), _STATUS_NAMES[m.group(2)], None, b"", m.group(3) or b"", None, None, b"")
 
