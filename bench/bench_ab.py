@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 top = sorted(row_calls.items(), key=lambda kv: -kv[1])[:6]
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in top)
                 body.append((TESTS[test] if t == "direct" else "", t, f"{med:.1f}", f"x{med / direct:.2f}",
-                             f"{statistics.median(cpu[(t, test)]):.0f}" if cpu[(t, test)] else "-",
+                             f"{statistics.fmean(cpu[(t, test)]):.0f}" if cpu[(t, test)] else "-",
                              f"{sum(row_calls.values()):.1f}: {shown}" if row_calls else "-"))
         print("\n".join(render_table(("test", "target", "median", "/direct", "proxy CPU us/op",
                                       "proxy system calls per op"), body, left=(0, 1, 5))))
