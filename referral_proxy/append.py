@@ -16,9 +16,15 @@ No message body ever runs as a command. The reader (imap/reader.py) checks, befo
 literal, everything Dovecot answers with BAD (and then reads the rest as commands): the
 flag list (atoms, no ``\\Recent``, only RFC 3501's system flags), the date-time, the
 syntax, the sizes. The proxy answers ``+`` itself only for such a checked literal whose
-target is known to take messages (a sync literal of at most 4 KiB after the first message;
-with STAGE after the check); any other synchronizing literal is announced to the backend
-and its ``+`` awaited, so TRYCREATE or OVERQUOTA come before the data. If the backend
+target is known to take messages: after the first message, a sync literal of at most 4 KiB
+or one the quota's known room surely takes; with STAGE after the check; and (PASS) the first
+literal of an APPEND to the target that took this session's last APPEND there less than
+``appends.TAKER_SECONDS`` ago, when the room its quota left takes it (one backend command
+and one round trip per message for clients that APPEND one by one). Any other synchronizing
+literal is announced to the backend and its ``+`` awaited, so TRYCREATE or OVERQUOTA come
+before the data. What the proxy cannot foresee (the target deleted meanwhile, another
+session's mail filling the quota, an I/O error) is refused after the literal, which RFC 3501
+allows: the backend, sent the literal as LITERAL+, drains it, and nothing of it runs. If the backend
 answers while a literal streams, the rest of that literal still goes to it (the backend,
 having failed the command, drains it) and the backend's command is ended with CRLF before
 the client is answered; a backend that answered between two messages gets the CRLF at once.
