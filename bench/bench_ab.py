@@ -7,6 +7,7 @@ checkout). Each round takes direct, before and after in a rotated order, for eac
 
 * ``fetch``: ``UID FETCH 1:* BODY.PEEK[]`` of 500 x 100 KB (EXAMINEd, bench_relay's reader);
 * ``c``: N APPEND commands one by one, each literal synchronizing (bench_append's (c));
+* ``d``: the same as c-client writes it (Nagle on, each literal and its CRLF in two writes);
 * ``e``: one MULTIAPPEND of N messages, each literal synchronizing (bench_append's (e));
 * ``a``: one MULTIAPPEND of N messages with LITERAL+ (bench_append's (a)).
 
@@ -48,7 +49,8 @@ from bench_append import AppendClient, Control, check_replies, one_run  # noqa: 
 
 FETCH_BOX = b"Fetch"
 TESTS = {"fetch": "FETCH 1:* BODY.PEEK[] MB/s", "c": "APPENDs one by one, sync, msg/s",
-         "e": "MULTIAPPEND sync, msg/s", "a": "MULTIAPPEND LITERAL+, msg/s"}
+         "d": "APPENDs one by one, sync, 2 writes, Nagle on, msg/s", "e": "MULTIAPPEND sync, msg/s",
+         "a": "MULTIAPPEND LITERAL+, msg/s"}
 
 
 def seed(d: Dovecot, n: int, size: int) -> int:
@@ -86,7 +88,7 @@ def strace_counts(p: subprocess.Popen, out: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", required=True, help="a source tree holding the 'before' referral_proxy package")
-    ap.add_argument("--tests", default="fetch,c,e,a", help="comma-separated subset of fetch,c,e,a")
+    ap.add_argument("--tests", default="fetch,c,e,a", help="comma-separated subset of fetch,c,d,e,a")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--messages", type=int, default=1000, help="messages per APPEND test (1000)")
     ap.add_argument("--size", type=int, default=20480, help="bytes per appended message (20480)")
