@@ -39,6 +39,7 @@ class _EndOfPassWrite:
     """Mixed into a TCP connection's class: :meth:`write` collects, :meth:`_rp_flush` sends."""
 
     _rp_out: list[bytes] | None = None  # written this pass, not yet sent (instance attribute when set)
+    _rp_early = False  # a client's connection: sent before the backends' in a pass
 
     def write(self, data: bytes) -> None:
         out = self._rp_out
@@ -89,7 +90,8 @@ _CLASSES: dict[type, type] = {}
 def _fast_class(cls: type) -> type:
     fast = _CLASSES.get(cls)
     if fast is None:
-        fast = _CLASSES[cls] = type("EndOfPass" + cls.__name__, (_EndOfPassWrite, cls), {})
+        fast = _CLASSES[cls] = type("EndOfPass" + cls.__name__, (_EndOfPassWrite, cls),
+                                    {"_rp_early": issubclass(cls, tcp.Server)})
     return fast
 
 
@@ -106,8 +108,15 @@ class FastLoop:
     def flush(self) -> None:
         while self.dirty:
             dirty, self.dirty = self.dirty, []
+            if len(dirty) == 1:
+                dirty[0]._rp_flush()
+                continue
             for conn in dirty:
-                conn._rp_flush()
+                if conn._rp_early:
+                    conn._rp_flush()
+            for conn in dirty:
+                if not conn._rp_early:
+                    conn._rp_flush()
 
     def iterate(self, timeout: float | None) -> None:
         """EPollReactor.doPoll, with writes flushed and no log context per event."""
