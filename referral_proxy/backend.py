@@ -41,11 +41,6 @@ log = Logger()
 # has to fit in memory: a SEARCH answer of a mailbox with millions of messages
 # is the longest thing a backend sends without a literal.
 BACKEND_MAX_LINE = 64 * 1024 * 1024
-# Twisted's read size, and the one a backend connection grows to while a bulk answer
-# streams: 4 x fewer reads per MB; what one read holds (a client that does not read gets
-# at most this much more queued before the backend is paused).
-READ_SIZE = 64 * 1024
-BIG_READ = 256 * 1024
 # Greeting, STARTTLS and login together may take this many connect_timeouts
 # (a refused login alone costs Dovecot's auth delay, up to a few seconds).
 LOGIN_TIMEOUT_FACTOR = 3
@@ -165,7 +160,6 @@ class BackendProtocol(Protocol):
         self._current_tagged: list[bytes] = []
         self._current_start: ResponseStart | None = None
         self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
-        self._reads_big = False  # the transport reads BIG_READ bytes at once (see _read_size)
 
     # -- Twisted ------------------------------------------------------------
 
@@ -174,50 +168,28 @@ class BackendProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if len(data) >= READ_SIZE or self._reads_big:
-            self._read_size(len(data))
         framer = self._framer
-        current = self._current
-        if ((current is None or current == "untagged") and self._greeted and self.tap is None
-                and self.capture is None and self.sink is not None and not self.closed):
-            # Untagged data no one here looks at, relayed in the bytes it was read in.
-            k = framer.pass_through(data, plain_untagged, current == "untagged")
+        # Untagged data nobody here looks at ("* 12 FETCH ...", literals): to the sink as read, else one write.
+        if (self._current is None or self._current == "untagged") and self._relays:
+            k = framer.pass_through(data, plain_untagged, self._current == "untagged")
             if k:
-                end = not framer.mid_line
-                self._current = None if end else "untagged"
-                self._relay(data if k == len(data) else data[:k], end)
-                if k == len(data):
-                    if not end:  # the rest may wait for our ACK (Nagle): send it now
-                        quick_ack(self._socket)
-                    return
+                self._current = "untagged" if framer.mid_line else None
+                self._relay(data[:k], self._current is None)  # (the whole read: data itself)
                 data = data[k:]
         framer.receive_data(data)
-        # Untagged data no one here looks at ("* 12 FETCH ...", "* FLAGS ...", "* OK [UIDNEXT 9]",
-        # their literals and the rest of their line) goes to the sink in one write per read.
         batch: list[bytes] = []
         end = True
-        while not self.closed:
-            event = framer.next_event()
-            if event is NEED_DATA:
-                break
-            if self._current == "untagged":
+        while not self.closed and (event := framer.next_event()) is not NEED_DATA:
+            current = self._current
+            if current == "untagged" and isinstance(event, (LiteralData, LiteralEnd)):
                 if isinstance(event, LiteralData):
                     batch.append(event.data)
-                    continue
-                if isinstance(event, Line) and not event.first:
-                    batch.append(event.data + wire_tail(event))
-                    end = event.literal is None
-                    if end:
-                        self._current = None
-                    continue
-                if isinstance(event, LiteralEnd):
-                    continue
-            elif (isinstance(event, Line) and event.first and plain_untagged(event.data)
-                  and self._greeted and self.tap is None and self.capture is None and self.sink is not None):
+                continue
+            if isinstance(event, Line) and (not event.first if current == "untagged"
+                                            else event.first and plain_untagged(event.data) and self._relays):
                 batch.append(event.data + wire_tail(event))
                 end = event.literal is None
-                if not end:
-                    self._current = "untagged"
+                self._current = None if end else "untagged"
                 continue
             if batch:
                 self._relay(b"".join(batch), end)
@@ -227,6 +199,10 @@ class BackendProtocol(Protocol):
             self._relay(b"".join(batch), end)
         if framer.mid_line and not self.closed:  # the rest may wait for our ACK (Nagle): send it now
             quick_ack(self._socket)
+
+    @property
+    def _relays(self) -> bool:  # untagged responses go to the session as they are (nothing captures them)
+        return self._greeted and self.tap is None and self.capture is None and self.sink is not None
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
@@ -242,18 +218,6 @@ class BackendProtocol(Protocol):
                 p.on_done(LOST, b"")
         if self.sink is not None:
             self.sink.backend_lost(self, reason)
-
-    def _read_size(self, n: int) -> None:
-        """A read that filled Twisted's 64 KiB buffer: a bulk answer streams (a big FETCH),
-        read up to BIG_READ at once (fewer reads, loop passes, framer and relay calls per
-        MB); back to 64 KiB at the first read that did not fill it. Plain TCP only."""
-        conn = self.transport
-        if type(getattr(conn, "bufferSize", None)) is not int or getattr(conn, "TLS", True):
-            return
-        if n >= conn.bufferSize and conn.bufferSize < BIG_READ:
-            conn.bufferSize, self._reads_big = BIG_READ, True
-        elif n < READ_SIZE and self._reads_big:
-            conn.bufferSize, self._reads_big = READ_SIZE, False
 
     # -- reading responses ----------------------------------------------------
 
