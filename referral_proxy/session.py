@@ -115,7 +115,7 @@ class ClientSession(Protocol):
         self.mailboxes = MailboxCommands(self)
         self.auth = Authenticator(self)
         assert context.staging_journal is not None  # set by ProxyContext
-        self.appends = Appends(self, context.staging_journal)
+        self.appends = Appends(self, context.staging_journal, context.reactor)
         self.idle = Idle(self)
         self.reader = CommandReader(context.config.proxy.limits, self._admit, PLAIN_COMMANDS)
         self.flow = ClientFlow(self, self._transport_write, self._pump)
