@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
 
 from .append import AppendCommand
 from .backend import BackendProtocol
@@ -86,7 +85,7 @@ class Appends:
     """The APPENDs of one session: the one the client is sending, and those not answered
     yet. It is the host of each AppendCommand (AppendHost)."""
 
-    def __init__(self, host: AppendsHost, journal: StagingJournal, clock: IReactorTime) -> None:
+    def __init__(self, host: AppendsHost, journal: StagingJournal, clock: Any) -> None:  # an IReactorTime
         self.host = host
         self._journal = journal  # the staging mailboxes' (ProxyContext.staging_journal)
         self._clock = clock

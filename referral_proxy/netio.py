@@ -97,7 +97,7 @@ class _BulkReads:
     fill the buffer, 64 KiB again from the first read that does not."""
 
     def _dataReceived(self, data: bytes) -> Any:
-        n, size = len(data), self.bufferSize  # type: ignore[attr-defined]
+        n, size = len(data), self.bufferSize  # type: ignore[attr-defined,has-type]
         if n >= size and size < BIG_READ:
             self.bufferSize = BIG_READ
         elif n < READ_SIZE < size:
