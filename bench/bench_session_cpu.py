@@ -26,7 +26,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 COMMANDS = [
     ("NOOP", b"NOOP", b"rp%d OK NOOP completed.\r\n"),
@@ -37,7 +39,8 @@ COMMANDS = [
 ]
 
 
-def measure(count: int, command: bytes, response: bytes) -> float:
+def measure(count: int, command: bytes, response: bytes, check: Callable[[Any], None] | None = None) -> float:
+    """CPU microseconds per command; *check(harness)* is called at the end (bench_metrics_cost.py)."""
     from referral_proxy.testing.fakes import SessionHarness
 
     h = SessionHarness()
@@ -56,6 +59,8 @@ def measure(count: int, command: bytes, response: bytes) -> float:
         backend.transport.clear()
     t1 = time.process_time()
     gc.enable()
+    if check is not None:
+        check(h)
     return (t1 - t0) / max(count, 1) * 1e6
 
 

@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | 
     mapp = sub.add_parser("map", help="show or change the mailbox map's run-time placements")
     mapp.add_argument("--config", "-c", dest="map_config", required=True, help="the proxy's TOML configuration file")
     map_sub = mapp.add_subparsers(dest="map_command", required=True)
-    map_sub.add_parser("migrate", help="create or update the map store's schema (PostgreSQL; SQLite needs none)")
+    map_sub.add_parser("migrate", help="create or update the map store's schema (SQLite files are also brought up to date when opened)")
     show = map_sub.add_parser("show", help="where a user's mailboxes live")
     show.add_argument("user")
     set_ = map_sub.add_parser("set", help="place a mailbox on a backend (replicas after it)")

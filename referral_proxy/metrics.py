@@ -5,11 +5,17 @@ collector; the hot path takes no lock) and served from the reactor thread, so a 
 sees a consistent picture. Exposition is the Prometheus text format 0.0.4, where the
 gauge ``referral_proxy_sessions`` and the counter ``referral_proxy_sessions_total`` are
 two distinct families.
+
+Transfers run by other processes (the admin ``move``) are counted in the map store
+(``count_transfer``); a scrape first reads those totals through the store's asynchronous
+contract (PostgreSQL: in its thread pool; the reactor never waits), at most
+STORE_WAIT seconds, else it serves the last totals read (a store away: none at all
+until one read succeeds, never a counter that seems to go back to zero).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client import exposition
@@ -23,29 +29,88 @@ from prometheus_client.core import (
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from .admission import Admission
 from .health import HealthChecker
 from .observe import COMMAND_BUCKETS, TRANSFER_KINDS, Observer
+from .store import TransferCounts
 
-__all__ = ["ProxyCollector", "make_registry", "metrics_site"]
+__all__ = ["ProxyCollector", "StoreTotals", "make_registry", "metrics_site", "STORE_WAIT"]
 
 log = Logger()
 
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 _BOUNDS = [f"{b:g}" for b in COMMAND_BUCKETS] + ["+Inf"]
+STORE_WAIT = 2.0  # seconds a scrape waits for the map store's totals before it serves the last ones read
+
+
+class StoreTotals:
+    """The map store's transfer counters as of the last read; ``refresh()`` reads them again.
+
+    One read at a time (scrapes meanwhile share it, so a store that hangs never piles up
+    reads); ``latest`` is None until a read has succeeded."""
+
+    def __init__(self, read: Callable[[], Awaitable[TransferCounts]], clock: Any, wait: float = STORE_WAIT) -> None:
+        self._read, self._clock, self.wait = read, clock, wait
+        self.latest: TransferCounts | None = None
+        self._reading: defer.Deferred[None] | None = None
+        self._failing = False
+
+    def refresh(self) -> defer.Deferred[None]:
+        """Fires (never fails) when a read is done, or after ``wait`` seconds, whichever is first."""
+        reading = self._reading
+        if reading is None:
+            reading = defer.ensureDeferred(self._once())
+            if reading.called:  # a local store (SQLite, memory) answers at once
+                return defer.succeed(None)
+            self._reading = reading
+
+            def clear(result: object) -> object:
+                self._reading = None
+                return result
+
+            reading.addBoth(clear)
+        answered: defer.Deferred[None] = defer.Deferred()
+
+        def done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not answered.called:
+                answered.callback(None)
+
+        timer = self._clock.callLater(self.wait, done, None)
+        reading.addBoth(done)
+        return answered
+
+    async def _once(self) -> None:
+        try:
+            self.latest = dict(await self._read())
+            if self._failing:
+                log.info("metrics: the map store's transfer totals can be read again")
+            self._failing = False
+        except Exception as e:  # StoreUnavailable mostly: the last totals read are served
+            if not self._failing:
+                log.warn("metrics: the map store's transfer totals (admin_move) cannot be read: {why}",
+                         why=str(e) or type(e).__name__)
+            self._failing = True
 
 
 class ProxyCollector:
-    """The referral_proxy_* families, read from an Observer (and a HealthChecker)."""
+    """The referral_proxy_* families, read from an Observer (and a HealthChecker).
 
-    def __init__(self, observer: Observer, health: HealthChecker | None = None, admission: Admission | None = None) -> None:
+    *store*: the transfers other processes counted in the map store (the admin move),
+    added to the Observer's; every proxy sharing the store shows the same totals of them."""
+
+    def __init__(self, observer: Observer, health: HealthChecker | None = None, admission: Admission | None = None,
+                 store: StoreTotals | None = None) -> None:
         self.observer = observer
         self.health = health
         self.admission = admission
+        self.store = store
 
     def describe(self) -> list[Metric]:
         return []  # built at every scrape
@@ -80,10 +145,20 @@ class ProxyCollector:
         yield _counter("referral_proxy_bytes", "IMAP bytes relayed, by direction.", ["direction"], {
             "client_in": o.bytes_client_in, "client_out": o.bytes_client_out,
             "backend_in": backend_in, "backend_out": backend_out})
-        yield _counter("referral_proxy_transfers", "Cross-server COPY, MOVE, RENAME and admin moves.",
-                       ["kind", "result"], o.transfers_total)
+        transfers = dict(o.transfers_total)
+        transfer_bytes = {kind: o.transfer_bytes.get(kind, 0) for kind in TRANSFER_KINDS}
+        if self.store is not None:
+            shared = self.store.latest
+            if shared is None:  # not read yet (the store away): absent rather than a false 0
+                transfer_bytes.pop("admin_move", None)
+            for (kind, result), (n, nbytes) in (shared or {}).items():
+                transfers[(kind, result)] = transfers.get((kind, result), 0) + n
+                transfer_bytes[kind] = transfer_bytes.get(kind, 0) + nbytes
+        yield _counter("referral_proxy_transfers", "Cross-server COPY, MOVE, RENAME and admin moves "
+                       "(admin_move: from the map store, the same in every proxy sharing it).",
+                       ["kind", "result"], transfers)
         yield _counter("referral_proxy_transfer_bytes", "Message bytes carried between backends.", ["kind"],
-                       {kind: o.transfer_bytes.get(kind, 0) for kind in TRANSFER_KINDS})
+                       transfer_bytes)
         family = HistogramMetricFamily("referral_proxy_command_seconds",
                                        "Time from a command's line to its tagged answer, by command.",
                                        labels=["command"])
@@ -118,10 +193,10 @@ def _counter(name: str, doc: str, labels: list[str], values: dict[Any, int]) -> 
 
 
 def make_registry(observer: Observer, health: HealthChecker | None = None,
-                  admission: Admission | None = None) -> CollectorRegistry:
+                  admission: Admission | None = None, store: StoreTotals | None = None) -> CollectorRegistry:
     """A registry of its own: the proxy's families plus the process, platform and GC ones."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(observer, health, admission))
+    registry.register(ProxyCollector(observer, health, admission, store))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -131,13 +206,32 @@ def make_registry(observer: Observer, health: HealthChecker | None = None,
 class _Metrics(Resource):
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, store: StoreTotals | None) -> None:
         super().__init__()
         self.registry = registry
+        self.store = store
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> Any:
         request.setHeader(b"Content-Type", CONTENT_TYPE.encode())
-        return exposition.generate_latest(self.registry)
+        if self.store is None:
+            return exposition.generate_latest(self.registry)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))  # the scraper hung up meanwhile
+
+        def answer(_: object) -> None:
+            if gone:
+                return
+            try:
+                body = exposition.generate_latest(self.registry)
+            except Exception:
+                log.failure("metrics: a scrape failed")
+                request.setResponseCode(500)
+                body = b"metrics could not be collected\n"
+            request.write(body)
+            request.finish()
+
+        self.store.refresh().addCallback(answer)
+        return NOT_DONE_YET
 
 
 class _Health(Resource):
@@ -163,10 +257,11 @@ class _Site(Site):
         log.debug("{method} {path} {code}", method=request.method, path=request.uri, code=request.code)
 
 
-def metrics_site(registry: CollectorRegistry, health: HealthChecker | None) -> Site:
-    """The HTTP site: /metrics and /health (anything else: 404)."""
+def metrics_site(registry: CollectorRegistry, health: HealthChecker | None, store: StoreTotals | None = None) -> Site:
+    """The HTTP site: /metrics and /health (anything else: 404); with *store*, each scrape
+    reads the map store's totals first (asynchronously, STORE_WAIT seconds at most)."""
     root = Resource()
-    root.putChild(b"metrics", _Metrics(registry))
+    root.putChild(b"metrics", _Metrics(registry, store))
     root.putChild(b"health", _Health(health))
     site = _Site(root)
     site.noisy = False

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from twisted.internet import defer
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
@@ -35,6 +36,8 @@ from .routing import MailboxMap, StepHook, open_store
 from .transfer import Progress
 
 __all__ = ["run_move", "run_recover"]
+
+log = Logger()
 
 
 def _run(main: Callable[[Any], Any]) -> int:
@@ -152,7 +155,7 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         src_name = mailbox_map.lookup(user, "INBOX" if args.mailbox == "*" else args.mailbox).primary
         if src_name == args.backend:
             print(f"{user} {args.mailbox} is on {args.backend} already")
-            return 0
+            return 0  # nothing to carry: not a transfer, not counted
         mover = Mover(mailbox_map, connect, user, clock=reactor)
         try:
             totals = await _totals(connect, src_name, mover, args.mailbox)
@@ -160,16 +163,22 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
             started = time.monotonic()
             result = await mover.rename(args.mailbox, args.mailbox, src_name, args.backend)
         except MoveIncomplete as e:
+            await _count(mailbox_map, "ok", mover.progress.bytes)  # committed: the mail is in its new place
             sys.stderr.write(f"\nreferral-proxy: move committed but not finished: {e}\n"
                              "run `referral-proxy recover` (or a running proxy will) to finish it\n")
             return 1
         except (TransferError, BackendError) as e:
+            await _count(mailbox_map, "failed", 0)
             if mover.left_to_recovery:
                 sys.stderr.write(f"\nreferral-proxy: move failed: {e}; its roll-back failed too and is left to "
                                  "`referral-proxy recover` (or a running proxy): the source is untouched\n")
             else:
                 sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
             return 1
+        except BaseException:
+            await _count(mailbox_map, "failed", 0)  # anything else (the store lost mid-move...): said by _run
+            raise
+        await _count(mailbox_map, "ok", result.bytes)
         elapsed = time.monotonic() - started
         sys.stderr.write("\n")
         print(f"moved {user} {args.mailbox} from {src_name} to {args.backend}: {result.mailboxes} mailbox(es), "
@@ -182,6 +191,17 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         return 0
 
     return _run(main)
+
+
+async def _count(mailbox_map: MailboxMap, result: str, nbytes: int) -> None:
+    """Count the move (kind ``admin_move``) in the map store, where every proxy's /metrics reads it.
+
+    Never raises: the move's outcome stands whether or not it could be counted (the store away)."""
+    try:
+        await mailbox_map.store.count_transfer("admin_move", result, nbytes)
+    except Exception as e:
+        log.warn("the move ({result}) could not be counted in the map store's admin_move metrics: {why}",
+                 result=result, why=str(e) or type(e).__name__)
 
 
 async def _totals(connect: Connect, src_name: str, mover: Mover, mailbox: str) -> tuple[int, int]:

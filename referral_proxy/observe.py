@@ -179,8 +179,9 @@ class Observer:
     def client_in(self, session: Any, data: bytes) -> None:
         rec = self._live.get(session)
         if rec is not None:
-            rec.bytes_in += len(data)
-            self.bytes_client_in += len(data)
+            n = len(data)
+            rec.bytes_in += n
+            self.bytes_client_in += n
 
     def client_out(self, session: Any, data: bytes) -> None:
         """Everything written to the client: counted, and the completion of a command
@@ -188,11 +189,22 @@ class Observer:
         rec = self._live.get(session)
         if rec is None:
             return
-        rec.bytes_out += len(data)
-        self.bytes_client_out += len(data)
-        if rec.pending and data[-2:] == b"\r\n":
-            self._completion(rec, data)
-        if data[:5] == b"* BYE":
+        n = len(data)
+        rec.bytes_out += n
+        self.bytes_client_out += n
+        pending = rec.pending
+        if pending and data.endswith(b"\r\n"):  # no slices: nothing allocated per write
+            tag = pending[0][0]
+            if data.startswith(tag) and data.startswith(b"OK ", len(tag)):
+                # the usual answer, inline: the oldest command's OK in a write of its own
+                _, name, started = pending.pop(0)
+                done = self._answers
+                done.append((name, "ok", self.clock() - started))
+                if len(done) >= 4096:
+                    self.flush()
+            else:
+                self._completion(rec, data)
+        if data.startswith(b"* BYE"):
             rec.bye = data
 
     def command(self, session: Any, start: CommandStart) -> None:
@@ -212,7 +224,10 @@ class Observer:
         a longer one (a merged LIST); literal data that happens to end a line is looked
         at no further back than 512 bytes."""
         pending = rec.pending
-        for i in range(len(pending)):
+        oldest = pending[0][0]
+        if data.startswith(oldest):  # the usual case: the oldest command answered, in a write of its own
+            return self._answered(rec, 0, data, len(oldest))
+        for i in range(1, len(pending)):
             if data.startswith(pending[i][0]):
                 return self._answered(rec, i, data, len(pending[i][0]))
         end = len(data) - 2
@@ -225,14 +240,18 @@ class Observer:
 
     def _answered(self, rec: SessionRecord, i: int, data: bytes, pos: int) -> None:
         """*data*[pos:] is the status of the answer to rec.pending[i]."""
-        status = data[pos:pos + 2]
-        if status not in _STATUSES:
+        if data.startswith(b"OK", pos):  # the usual cases first, without a slice
+            result = "ok"
+        elif data.startswith(b"NO", pos):
+            result = "no"
+        else:
             status = data[pos:pos + 3].upper()
             if status[:2] in _STATUSES:
-                status = status[:2]
-            elif status != b"BAD":
+                result = _STATUSES[status[:2]]
+            elif status == b"BAD":
+                result = "bad"
+            else:
                 return
-        result = _STATUSES.get(status, "bad")
         _, name, started = rec.pending.pop(i)
         done = self._answers
         done.append((name, result, self.clock() - started))

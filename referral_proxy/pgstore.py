@@ -41,13 +41,13 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts
-from .store import Snapshot
+from .store import SCHEMA_VERSION, SchemaError, Snapshot, TransferCounts
 
 __all__ = ["PostgresStore", "SchemaError", "migrate", "SCHEMA_VERSION", "CHANNEL", "POOL_SIZE"]
 
 log = Logger()
 
-SCHEMA_VERSION = 1  # `referral-proxy map migrate` brings a database to it; a proxy checks it at start-up
+# SCHEMA_VERSION (store.py): `referral-proxy map migrate` brings a database to it; a proxy checks it at start-up
 CHANNEL = "referral_proxy_map"
 POOL_SIZE = 4  # threads (and connections) of one process; writes are short transactions
 CONNECT_TIMEOUT = 5  # seconds
@@ -79,13 +79,12 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS reservations_user ON reservations (username)",
     # each running proxy's listener: the newest change it has read, and when it last said so
     "CREATE TABLE IF NOT EXISTS listeners (id text PRIMARY KEY, seen bigint NOT NULL, beat timestamptz NOT NULL)",
+    # version 2: transfers counted by processes other than the proxies (the admin move)
+    "CREATE TABLE IF NOT EXISTS transfer_counts (kind text NOT NULL, result text NOT NULL, n bigint NOT NULL,"
+    " bytes bigint NOT NULL, PRIMARY KEY (kind, result))",
 ]
 
 T = TypeVar("T")
-
-
-class SchemaError(Exception):
-    """The database has no schema, or one of another version: `referral-proxy map migrate`."""
 
 
 def _b(s: str | None) -> bytes | None:
@@ -519,6 +518,20 @@ class PostgresStore:
         rows = await self._run(work)
         return [JournalEntry(int(i), _s(u), o, json.loads(d), _step(st), ow, c, lease_expired=bool(x))  # type: ignore[arg-type]
                 for i, u, o, d, st, c, ow, x in rows]
+
+    async def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
+        def work(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("INSERT INTO transfer_counts (kind, result, n, bytes) VALUES (%s, %s, 1, %s)"
+                         " ON CONFLICT (kind, result) DO UPDATE SET n = transfer_counts.n + 1,"
+                         " bytes = transfer_counts.bytes + EXCLUDED.bytes", (kind, result, int(nbytes)))
+
+        await self._run(work)
+
+    async def transfer_counts(self) -> TransferCounts:
+        def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute("SELECT kind, result, n, bytes FROM transfer_counts").fetchall()
+
+        return {(k, r): (int(n), int(b)) for k, r, n, b in await self._run(work)}
 
     async def close(self) -> None:
         self._stop_threads()  # idle threads end at once; a statement in flight ends within its timeout

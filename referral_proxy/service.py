@@ -24,7 +24,7 @@ from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_b
 from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
 from .health import HealthChecker
-from .metrics import make_registry, metrics_site
+from .metrics import StoreTotals, make_registry, metrics_site
 from .observe import Observer
 from .origin import LoopGuard
 from .proxyproto import listen_endpoint
@@ -174,7 +174,9 @@ class ProxyService(MultiService):
         self.health: HealthChecker | None = None
         if config.metrics.listen is not None and not self.is_master:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
-            site = metrics_site(make_registry(self.observer, self.health, self.admission), self.health)
+            # the admin moves' totals, counted in the map store by `referral-proxy move`
+            totals = StoreTotals(self.mailbox_map.store.transfer_counts, reactor)
+            site = metrics_site(make_registry(self.observer, self.health, self.admission, totals), self.health, totals)
             listen = config.metrics.listen if self.role is None else metrics_listen(config.metrics.listen, self.role.index)
             svc = StreamServerEndpointService(serverFromString(reactor, listen), site)
             svc._raiseSynchronously = True

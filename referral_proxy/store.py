@@ -19,7 +19,21 @@ from typing import Protocol
 
 from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, conflicts
 
-__all__ = ["Snapshot", "MapStore", "MemoryStore", "SQLiteStore"]
+__all__ = ["Snapshot", "MapStore", "MemoryStore", "SQLiteStore", "SchemaError", "SCHEMA_VERSION", "TransferCounts",
+           "sqlite_migrate"]
+
+# The map store's schema (SQLite: ``PRAGMA user_version``, 0 in files older than version 2;
+# PostgreSQL: map_state.schema_version). 2: the transfer counters (transfer_counts).
+SCHEMA_VERSION = 2
+
+# (kind, result) -> (transfers, message bytes): counted in the store by processes other than
+# the proxies (the admin ``move``), read by every proxy's /metrics.
+TransferCounts = dict[tuple[str, str], tuple[int, int]]
+
+
+class SchemaError(Exception):
+    """The store has no schema, or one of another version: `referral-proxy map --config FILE migrate`
+    (or a newer referral-proxy)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,10 @@ class MapStore(Protocol):
       ran out: two recoverers never both win; ``disown`` gives it up;
     * ``poll`` never waits on I/O across a network; after a write of this process returns,
       no older snapshot is ever handed out;
+    * ``count_transfer`` adds one transfer and its bytes to the store's persistent counter of
+      (kind, result), in one statement (two processes counting at once both count);
+      ``transfer_counts`` reads every counter: transfers run outside the proxies (the
+      admin move) reach every proxy's /metrics that way;
     * an unreachable store raises StoreUnavailable (and writes nothing).
     """
 
@@ -69,6 +87,8 @@ class MapStore(Protocol):
     async def journal(self) -> list[JournalEntry]: ...
     async def settle(self) -> None:
         """Return once the other processes have (as good as surely) learnt of this one's last write."""
+    async def count_transfer(self, kind: str, result: str, nbytes: int) -> None: ...
+    async def transfer_counts(self) -> TransferCounts: ...
     async def close(self) -> None: ...
 
 
@@ -92,6 +112,7 @@ class MemoryStore:
         self._rows: dict[tuple[str, str], tuple[str, ...]] = {}
         self._journal: dict[int, JournalEntry] = {}
         self._held: dict[int, list[Reservation]] = {}
+        self._counts: TransferCounts = {}
         self._next_id = 1
 
     def _snapshot(self) -> Snapshot:
@@ -158,6 +179,13 @@ class MemoryStore:
         return [JournalEntry(e.id, e.user, e.op, _copy(e.data), e.step, e.owner, e.created)
                 for e in self._journal.values()]
 
+    async def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
+        n, total = self._counts.get((kind, result), (0, 0))
+        self._counts[(kind, result)] = (n + 1, total + nbytes)
+
+    async def transfer_counts(self) -> TransferCounts:
+        return dict(self._counts)
+
     async def close(self) -> None:
         pass
 
@@ -176,24 +204,11 @@ class SQLiteStore:
     def __init__(self, path: str | Path) -> None:
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS placements ("
-            " user TEXT NOT NULL, mailbox TEXT NOT NULL, backends TEXT NOT NULL,"
-            " PRIMARY KEY (user, mailbox))"
-        )
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS journal ("
-            " id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, op TEXT NOT NULL,"
-            " data TEXT NOT NULL, step TEXT NOT NULL, created REAL NOT NULL, owner TEXT)"
-        )
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(journal)")}
-        if "owner" not in columns:  # a store written by an older version
-            self._db.execute("ALTER TABLE journal ADD COLUMN owner TEXT")
-        self._db.execute(  # name: the mailbox name's bytes (a client may send any), NULL: every mailbox
-            "CREATE TABLE IF NOT EXISTS reservations ("
-            " entry INTEGER NOT NULL, user TEXT NOT NULL, name BLOB, subtree INTEGER NOT NULL,"
-            " shared INTEGER NOT NULL)"
-        )
+        self._refusal: str | None = None
+        try:
+            self.migrated = sqlite_migrate(self._db)  # a file of an older version is brought up to date here
+        except SchemaError as e:
+            self._refusal = str(e)  # start() says it; nothing is read or written
         self._version = -1
 
     def _data_version(self) -> int:
@@ -212,10 +227,11 @@ class SQLiteStore:
                         tuple((e, _text(u), Reservation(_name(n), bool(s), bool(sh))) for e, u, n, s, sh in held))
 
     def start(self) -> None:
-        pass
+        if self._refusal is not None:
+            raise SchemaError(self._refusal)
 
     def poll(self) -> Snapshot | None:
-        if self._data_version() == self._version:
+        if self._refusal is not None or self._data_version() == self._version:
             return None
         return self._read()
 
@@ -296,8 +312,72 @@ class SQLiteStore:
         return [JournalEntry(i, _text(u), o, json.loads(d), _step(st), ow, c)  # type: ignore[arg-type]
                 for i, u, o, d, st, c, ow in rows]
 
+    async def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO transfer_counts (kind, result, n, bytes) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (kind, result) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes",
+                (kind, result, int(nbytes)))
+
+    async def transfer_counts(self) -> TransferCounts:
+        rows = self._db.execute("SELECT kind, result, n, bytes FROM transfer_counts").fetchall()
+        return {(k, r): (int(n), int(b)) for k, r, n, b in rows}
+
     async def close(self) -> None:
         self._db.close()
+
+
+_SQLITE_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS placements ("
+    " user TEXT NOT NULL, mailbox TEXT NOT NULL, backends TEXT NOT NULL, PRIMARY KEY (user, mailbox))",
+    "CREATE TABLE IF NOT EXISTS journal ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, op TEXT NOT NULL,"
+    " data TEXT NOT NULL, step TEXT NOT NULL, created REAL NOT NULL, owner TEXT)",
+    # name: the mailbox name's bytes (a client may send any), NULL: every mailbox
+    "CREATE TABLE IF NOT EXISTS reservations ("
+    " entry INTEGER NOT NULL, user TEXT NOT NULL, name BLOB, subtree INTEGER NOT NULL, shared INTEGER NOT NULL)",
+    # version 2: transfers counted by processes other than the proxies (the admin move)
+    "CREATE TABLE IF NOT EXISTS transfer_counts ("
+    " kind TEXT NOT NULL, result TEXT NOT NULL, n INTEGER NOT NULL, bytes INTEGER NOT NULL,"
+    " PRIMARY KEY (kind, result))",
+]
+
+
+def sqlite_migrate(db: sqlite3.Connection) -> str:
+    """Create or bring an SQLite map file's schema to SCHEMA_VERSION, in one transaction (two
+    processes opening an old file at once: one migrates, the other finds it done); one line.
+
+    A file of version 1 (user_version 0: placements, journal, reservations) keeps everything.
+    A file already at SCHEMA_VERSION is only read (no write lock taken). SchemaError for a
+    file of a newer version (it is left untouched)."""
+    version = _user_version(db)
+    if version == SCHEMA_VERSION:
+        return f"schema is up to date (version {SCHEMA_VERSION})"
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = _user_version(db)  # another process may have migrated it meanwhile
+        fresh = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'placements'").fetchone()[0] == 0
+        if version < SCHEMA_VERSION:
+            for statement in _SQLITE_SCHEMA:
+                db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(journal)")}
+            if "owner" not in columns:  # a journal written before moves had owners
+                db.execute("ALTER TABLE journal ADD COLUMN owner TEXT")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    if version > SCHEMA_VERSION:
+        raise SchemaError(f"the SQLite map store's schema is version {version}, newer than this "
+                          f"referral-proxy's ({SCHEMA_VERSION}): upgrade referral-proxy")
+    if version == SCHEMA_VERSION:
+        return f"schema is up to date (version {SCHEMA_VERSION})"
+    return f"schema {'created' if fresh else f'migrated from version {max(version, 1)}'} (version {SCHEMA_VERSION})"
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _key(name: str) -> str | bytes:

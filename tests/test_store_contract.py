@@ -15,7 +15,7 @@ from storehelp import REACTOR, now
 from referral_proxy.config import MapConfig, RuleConfig
 from referral_proxy.journal import InUse, LostEntry, Reservation, Step, StoreUnavailable
 from referral_proxy.routing import MailboxMap
-from referral_proxy.store import MemoryStore, SQLiteStore
+from referral_proxy.store import MemoryStore, SchemaError, SQLiteStore
 
 CONFIG = MapConfig(default="b1", rules=(RuleConfig("*", ("b2",), user="Bob"), RuleConfig("Shared/*", ("b3",))))
 FAR = "elsewhere.example:1:1"  # an owner on another host: never taken for dead by a pid check
@@ -211,3 +211,150 @@ def test_a_database_without_schema_is_refused_in_one_line(postgres, kind):
     assert "created" in migrate(dsn) and "up to date" in migrate(dsn)
     store.start()
     now(store.close())
+
+
+# -- the transfer counters (admin moves run in their own process; every proxy's /metrics reads them) ------
+
+
+def test_transfer_counters_add_up_across_processes(make_store, kind):
+    a, b = make_store(), make_store()  # two processes on one store (memory: the same object)
+    assert now(a.transfer_counts()) == {}
+    now(a.count_transfer("admin_move", "ok", 100))
+    now(b.count_transfer("admin_move", "ok", 23))
+    now(b.count_transfer("admin_move", "failed", 0))
+    expected = {("admin_move", "ok"): (2, 123), ("admin_move", "failed"): (1, 0)}
+    assert now(a.transfer_counts()) == expected and now(b.transfer_counts()) == expected
+    if kind == "memory":
+        return
+    from twisted.internet import defer
+
+    # many processes counting at the same moment: none is lost (one statement each, no read-modify-write)
+    stores = [make_store() for _ in range(4)]
+    REACTOR.wait(defer.gatherResults([defer.ensureDeferred(s.count_transfer("admin_move", "ok", 1 << 33))
+                                      for s in stores for _ in range(5)]))
+    assert now(a.transfer_counts())[("admin_move", "ok")] == (22, 123 + 20 * (1 << 33))  # past 32 bits
+    again = make_store()  # persistent: a process started later reads the same totals
+    assert now(again.transfer_counts()) == now(a.transfer_counts())
+
+
+# The schema of the SQLite map file as the previous version (schema 1, user_version 0) wrote it.
+SQLITE_V1 = [
+    "CREATE TABLE placements ( user TEXT NOT NULL, mailbox TEXT NOT NULL, backends TEXT NOT NULL,"
+    " PRIMARY KEY (user, mailbox))",
+    "CREATE TABLE journal ( id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, op TEXT NOT NULL,"
+    " data TEXT NOT NULL, step TEXT NOT NULL, created REAL NOT NULL, owner TEXT)",
+    "CREATE TABLE reservations ( entry INTEGER NOT NULL, user TEXT NOT NULL, name BLOB, subtree INTEGER NOT NULL,"
+    " shared INTEGER NOT NULL)",
+    "INSERT INTO placements VALUES ('carol', 'Work', 'b3')",
+    "INSERT INTO journal (user, op, data, step, created, owner) VALUES ('carol', 'move', '{\"old\": \"Work\"}',"
+    " 'planned', 0, 'elsewhere.example:1:1')",
+    "INSERT INTO reservations VALUES (1, 'carol', X'576F726B', 1, 0)",
+]
+
+
+def _v1_file(path, *, owner_column=True):
+    import sqlite3
+
+    db = sqlite3.connect(str(path))
+    for statement in SQLITE_V1:
+        if not owner_column:
+            statement = statement.replace(", owner TEXT)", ")").replace(", owner)", ")").replace(
+                ", 'elsewhere.example:1:1')", ")")
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
+def _user_version(path) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(str(path))
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("owner_column", [True, False], ids=["version-1", "before-owners"])
+def test_an_sqlite_map_file_of_the_previous_schema_opens_and_counts(tmp_path, owner_column):
+    """SQLite is the embedded default nobody migrates by hand: opening the file migrates it, keeping everything."""
+    path = tmp_path / "map.sqlite3"
+    _v1_file(path, owner_column=owner_column)
+    assert _user_version(path) == 0
+    store = SQLiteStore(path)
+    store.start()
+    assert "migrated from version 1" in store.migrated and _user_version(path) == 2
+    m = MailboxMap(CONFIG, store)
+    m.start()
+    assert m.lookup("carol", "Work").backends == ("b3",) and m.reserved("carol", "Work/Deep")
+    (entry,) = now(store.journal())
+    assert (entry.user, entry.step, entry.data) == ("carol", Step.PLANNED, {"old": "Work"})
+    now(store.count_transfer("admin_move", "ok", 42))
+    assert now(store.transfer_counts()) == {("admin_move", "ok"): (1, 42)}
+    assert SQLiteStore(path).migrated == "schema is up to date (version 2)"  # the next process: nothing to do
+    now(store.close())
+
+
+def test_an_sqlite_map_file_of_a_newer_schema_is_refused_untouched(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "map.sqlite3"
+    SQLiteStore(path)
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA user_version = 99")
+    db.execute("DROP TABLE transfer_counts")
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    with pytest.raises(SchemaError, match="newer .*upgrade referral-proxy"):
+        store.start()
+    db = sqlite3.connect(str(path))
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'transfer_counts'").fetchone()[0] == 0
+    db.close()
+    assert _user_version(path) == 99
+
+
+def test_a_postgresql_database_of_the_previous_schema_is_refused_until_migrated(postgres, kind):
+    if kind != "postgresql":
+        pytest.skip("PostgreSQL only")
+    import psycopg
+
+    from referral_proxy.pgstore import PostgresStore, migrate
+
+    dsn = postgres.create_db("previous")
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # as the previous version left it: schema 1
+        conn.execute("DROP TABLE transfer_counts")
+        conn.execute("UPDATE map_state SET schema_version = 1")
+        conn.execute("INSERT INTO placements VALUES ('carol', 'Work', 'b3')")
+    store = PostgresStore(dsn, REACTOR)
+    with pytest.raises(SchemaError, match="version 1, older .*map --config FILE migrate"):
+        store.start()
+    assert migrate(dsn) == "schema migrated from version 1 (version 2)"
+    store.start()
+    assert MailboxMap(CONFIG, store).lookup("carol", "Work").backends == ("b3",)
+    now(store.count_transfer("admin_move", "failed", 0))
+    assert now(store.transfer_counts()) == {("admin_move", "failed"): (1, 0)}
+    now(store.close())
+
+
+def test_map_migrate_on_an_sqlite_file_says_what_it_did(tmp_path, capsys):
+    from referral_proxy.cli import main
+
+    path = tmp_path / "map.sqlite3"
+    _v1_file(path)
+    config = tmp_path / "proxy.toml"
+    config.write_text('[proxy]\nlisten = ["tcp:1143:interface=127.0.0.1"]\n[backends.b1]\nendpoint = "tcp:127.0.0.2:143"\n'
+                      f'url = "imap://127.0.0.2"\n[map]\ndefault = "b1"\nstore = "sqlite:{path}"\n')
+    assert main(["map", "--config", str(config), "migrate"]) == 0
+    assert capsys.readouterr().out == "schema migrated from version 1 (version 2)\n"
+    assert main(["map", "--config", str(config), "migrate"]) == 0
+    assert capsys.readouterr().out == "schema is up to date (version 2)\n"
+    import sqlite3
+
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+    assert main(["map", "--config", str(config), "migrate"]) == 1
+    assert "version 3, newer" in capsys.readouterr().err
