@@ -26,8 +26,9 @@ from twisted.python.failure import Failure
 from .config import BackendConfig
 from .imap.command import ParseError
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd
-from .imap.quoting import astring, capability_tokens
+from .imap.quoting import astring, capability_sets
 from .imap.response import ResponseStart, parse_response_start, plain_untagged
+from .lean import SmallSet
 from .netio import client_endpoint, connect_tcp, drop, quick_ack, tune_socket
 
 __all__ = [
@@ -143,11 +144,11 @@ class BackendProtocol(Protocol):
         self.on_continuation: Callable[[bytes], None] | None = None
         self.closed = False
         self.bye_received = False
-        self.enabled: set[bytes] = set()  # extensions ENABLEd on this connection
+        self.enabled: SmallSet = SmallSet()  # extensions ENABLEd on this connection
         self.lost_reason: Failure | None = None
         self._socket: socket.socket | None = None
         self._framer = Framer(BACKEND_MAX_LINE, auto_accept=True)
-        self._tags = (b"rp%d" % i for i in itertools.count(1))
+        self._tags = itertools.count(1)  # not a generator: 56 bytes, not 416
         self._pending: dict[bytes, _Pending] = {}
         self._greeted = False
         # Untagged responses go to `tap` (event by event, for streaming between two
@@ -342,11 +343,10 @@ class BackendProtocol(Protocol):
     # -- writing commands -------------------------------------------------------
 
     def _set_capabilities(self, data: bytes) -> None:
-        self.capabilities = frozenset(capability_tokens(data))
-        self.capability_names = tuple(data.decode("ascii", "replace").split())  # as announced: RIGHTS=texk
+        self.capabilities, self.capability_names = capability_sets(bytes(data))  # names as announced: RIGHTS=texk
 
     def next_tag(self) -> bytes:
-        return next(self._tags)
+        return b"rp%d" % next(self._tags)
 
     def expect(self, tag: bytes, on_done: Callable[[ResponseStart, bytes], None],
                on_lost: Callable[[Failure], None] | None = None) -> None:

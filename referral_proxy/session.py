@@ -52,6 +52,7 @@ from .imap.reader import (
 )
 from .imap.response import ResponseStart, completion_text
 from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
+from .lean import SmallSet
 from .mailboxes import MailboxCommands, Refusing
 from .netio import quick_ack, tune_socket
 from .origin import peer_ip
@@ -121,8 +122,8 @@ class ClientSession(Protocol):
         self._pumping = False
         self._login_timer: Any = None
         self._socket: Any = None
-        self._closed_waiters: list[defer.Deferred[None]] = []
-        self._byes: set[BackendProtocol] = set()  # backends whose own BYE the client was sent
+        self._closed_waiters: tuple[defer.Deferred[None], ...] = ()  # rare: no list kept per session
+        self._byes: SmallSet = SmallSet()  # backends whose own BYE the client was sent
         self._before_login = 0  # commands read before the login
 
     @property
@@ -175,7 +176,7 @@ class ClientSession(Protocol):
         self.flow.closed()
         self.ctx.admission.gone(self)
         self.ctx.sessions.discard(self)
-        waiters, self._closed_waiters = self._closed_waiters, []
+        waiters, self._closed_waiters = self._closed_waiters, ()
         for d in waiters:
             d.callback(None)
         for conn in self.appends.client_gone():
@@ -191,7 +192,7 @@ class ClientSession(Protocol):
         if self.transport is None or getattr(self.transport, "disconnected", False):
             d.callback(None)
         else:
-            self._closed_waiters.append(d)
+            self._closed_waiters += (d,)
         return d
 
     def shutdown(self) -> None:
