@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,34 +53,8 @@ RAISED = "".join(f"{k} = 100000\n" for k in (
 RAISED += "login_penalty = 0\n"
 
 
-class Idle:
-    """One logged-in client that then says nothing (a bare socket: no buffers of its own)."""
-
-    def __init__(self, port: int, password: str) -> None:
-        self.sock = socket.create_connection((PROXY_HOST, port), timeout=60)
-        self._until(b"* OK", b"")
-        self.sock.sendall(b'a LOGIN %s "%s"\r\nb NOOP\r\n' % (USER.encode(), password.encode()))
-        self._until(b"b OK", b"")
-
-    def _until(self, start: bytes, data: bytes) -> None:
-        while not any(line.startswith(start) for line in data.split(b"\r\n")):
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise RuntimeError(f"closed before {start!r}: {data[-200:]!r}")
-            data += chunk
-            if b" NO " in data or b" BAD " in data:
-                raise RuntimeError(f"refused: {data[-200:]!r}")
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(b"z LOGOUT\r\n")
-        except OSError:
-            pass
-        self.sock.close()
-
-
-def open_sessions(port: int, password: str, n: int) -> list[Idle]:
-    return [Idle(port, password) for _ in range(n)]
+def open_sessions(port: int, password: str, n: int) -> list[memtrace.IdleClient]:
+    return [memtrace.IdleClient(PROXY_HOST, port, USER, password) for _ in range(n)]
 
 
 def wait_backend_idle(h: Harness, keep: int = 0, timeout: float = 60.0) -> None:
@@ -104,7 +77,7 @@ def measure_traced(h: Harness, name: str, tree: Path, args: argparse.Namespace, 
     trace_dir = h.root / f"{name}-trace"
     trace_dir.mkdir()
     proxy = start_proxy(h, name, tree, trace_dir)
-    clients: list[Idle] = []
+    clients: list[memtrace.IdleClient] = []
     try:
         clients += open_sessions(proxy.port, password, args.warm)
         time.sleep(0.5)
@@ -127,7 +100,7 @@ def measure_traced(h: Harness, name: str, tree: Path, args: argparse.Namespace, 
 
 def measure_pss(h: Harness, name: str, tree: Path, args: argparse.Namespace, password: str) -> float:
     proxy = start_proxy(h, name, tree, None)
-    clients: list[Idle] = []
+    clients: list[memtrace.IdleClient] = []
     try:
         samples = []
         for _ in range(2):

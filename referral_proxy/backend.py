@@ -63,7 +63,7 @@ class AuthenticationFailed(BackendError):
         self.response = response
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Credentials:
     """Who to log in as. `password` never appears in a log or a repr."""
 
@@ -110,7 +110,7 @@ class ResponseSink(TypingProtocol):
         """The connection is gone."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     on_done: Callable[[ResponseStart, bytes], None]
     on_lost: Callable[[Failure], None] | None  # None: told by on_done(LOST) (the old convention)
@@ -151,8 +151,7 @@ class BackendProtocol(Protocol):
         self._tags = itertools.count(1)  # not a generator: 56 bytes, not 416
         self._pending: dict[bytes, _Pending] = {}
         self._greeted = False
-        # Untagged responses go to `tap` (event by event, for streaming between two
-        # backends), else to `capture` while an internal command runs, else to the sink.
+        # Untagged responses go to `tap` (event by event: streaming), else `capture` (internal commands), else the sink.
         self.tap: Callable[[ResponseStart | None, object], None] | None = None
         self.capture: list[UntaggedResponse] | None = None
         self._capturing: _Capturing | None = None
@@ -333,6 +332,8 @@ class BackendProtocol(Protocol):
         self._current, self._current_tagged, self._current_start = None, [], None
         assert start is not None and start.tag is not None
         pending = self._pending.pop(start.tag, None)
+        if not self._pending:  # an emptied dict keeps its table (160 B a connection): let it go
+            self._pending.clear()
         if pending is None:
             log.warn("backend {name} completed an unknown tag {tag!r}", name=self.name, tag=start.tag)
             return
@@ -352,9 +353,8 @@ class BackendProtocol(Protocol):
                on_lost: Callable[[Failure], None] | None = None) -> None:
         """Register the callbacks of a command the caller writes itself: its tagged
         completion (start, raw line with the proxy's tag), or the connection's loss.
-        Without *on_lost*, a loss calls on_done(LOST, b"") (the older convention).
-
-        On a connection already closed nothing would ever call back: refuse."""
+        Without *on_lost*, a loss calls on_done(LOST, b"") (the older convention). Refused
+        on a connection already closed (nothing would ever call back)."""
         if self.closed:
             raise BackendUnavailable(f"backend {self.name} closed the connection")
         self._pending[tag] = _Pending(on_done, on_lost)

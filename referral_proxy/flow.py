@@ -138,24 +138,24 @@ class AllBackends:
 @implementer(IPushProducer)
 class ClientOutput:
     """Registered on the client's transport when it connects: while the transport's
-    buffer is over its size, no command is read (*hold*) and every backend is paused."""
+    buffer is over its size, no command is read (Block.OUTPUT) and every backend is paused."""
 
-    __slots__ = ("backends", "_hold", "_release", "paused")  # no per-instance dict
+    __slots__ = ("backends", "_flow", "paused")  # no per-instance dict
 
-    def __init__(self, backends: AllBackends, hold: Callable[[], None], release: Callable[[], None]) -> None:
+    def __init__(self, backends: AllBackends, flow: ClientFlow) -> None:
         self.backends = backends
-        self._hold, self._release = hold, release
+        self._flow = flow  # not two bound methods of it: less kept per session
         self.paused = False
 
     def pauseProducing(self) -> None:
         self.paused = True
-        self._hold()
+        self._flow.block(Block.OUTPUT)
         self.backends.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.paused = False
         self.backends.resumeProducing()
-        self._release()
+        self._flow.unblock(Block.OUTPUT)
 
     def stopProducing(self) -> None:
         pass
@@ -252,18 +252,12 @@ class ClientFlow:
         self.blocked: SmallSet = SmallSet()
         self.gate: ReadGate | None = None
         self.backends = AllBackends()
-        self.client_output = ClientOutput(self.backends, self._output_full, self._output_drained)
+        self.client_output = ClientOutput(self.backends, self)
         self.out = Output(write, self._hold, self._release)
         self._write = write
         self._pump = pump
         self._abort_timer: Any = None
         self._registered = False  # client_output is the transport's producer
-
-    def _output_full(self) -> None:  # methods, not closures: less kept per session
-        self.block(Block.OUTPUT)
-
-    def _output_drained(self) -> None:
-        self.unblock(Block.OUTPUT)
 
     def connect(self, transport: Any, *, produce: bool = True) -> None:
         """The client connected: from now on its full output stops the commands (with
