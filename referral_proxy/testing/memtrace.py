@@ -12,6 +12,7 @@ in the package imports this file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import pickle
@@ -55,10 +56,8 @@ class IdleClient:
                 raise RuntimeError(f"refused: {data[-200:]!r}")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(b"z LOGOUT\r\n")
-        except OSError:
-            pass
         self.sock.close()
 
 
