@@ -6,7 +6,6 @@ session never routes by a rule that names a backend its configuration lacks.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,7 +55,11 @@ class ProxyContext:
         connect_for = self.connect_for
         if connect_for is None:
             return self.connect
-        return functools.partial(connect_for, session)  # not a closure: less kept per session
+
+        async def connect(backend: BackendConfig, credentials: Credentials) -> BackendProtocol:
+            return await connect_for(session, backend, credentials)
+
+        return connect
 
     def reload(self, config: Config) -> None:
         """Backends and rules change together: no command sees one without the other."""
