@@ -298,15 +298,21 @@ class Figures:
                 f"lost {len(self.lost)}, duplicated {len(self.duplicated)}, unreachable {len(self.unreachable)}")
 
 
-def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, backend_kills: bool = True) -> Figures:
-    """One seeded run against a running *fleet*; the caller has cleared carol's mail."""
+def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, backend_kills: bool = True,
+            store: str | None = None) -> Figures:
+    """One seeded run against a running *fleet*; the caller has cleared carol's mail.
+
+    *store*: the map store's URI (a fresh, migrated PostgreSQL database); None: SQLite in *workdir*."""
     rng = random.Random(seed_)
     port = _free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "proxy.toml"
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from conftest import toml_dumps
-    config_path.write_text(toml_dumps(proxy_config(fleet, port)))
+    config = proxy_config(fleet, port)
+    if store is not None:
+        config["map"]["store"] = store
+    config_path.write_text(toml_dumps(config))
     ledger = Ledger()
     originals = {"Work": 60, "Work/c": 10, "Proj": 30, "50% off": 5, "INBOX": 40}
     for box, n in originals.items():
@@ -376,18 +382,32 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="seconds of random operations per run")
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--no-backend-kills", action="store_true")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the map store: SQLite (the default) or a PostgreSQL server of the soak's own")
     args = parser.parse_args()
     from referral_proxy.fleet import Fleet, make_root
 
     root = make_root("rp-soak-")
     fleet = Fleet.start_default(root / "fleet")
+    pg = None
+    if args.store == "postgresql":
+        from referral_proxy.pgstore import migrate
+        from referral_proxy.testing.pg import PostgresServer
+
+        pg = PostgresServer(root / "pg")
+        pg.init()
+        pg.start()
     totals = collections.Counter()
     bad = 0
     try:
         for i in range(args.runs):
             fleet.reset_mail()
+            store = None
+            if pg is not None:
+                store = pg.create_db(f"soak{i}")
+                migrate(store)
             f = one_run(fleet, Path(tempfile.mkdtemp(dir=root)), args.seed + i, args.seconds, args.clients,
-                        not args.no_backend_kills)
+                        not args.no_backend_kills, store)
             print(f.line(), flush=True)
             totals.update(f.ops)
             totals["lost"] += len(f.lost)
@@ -397,6 +417,8 @@ def main() -> int:
             bad += bool(f.lost or f.duplicated or f.unreachable)
     finally:
         fleet.stop()
+        if pg is not None:
+            pg.stop()
     ops = sum(n for k, n in totals.items() if " " in k and not k.startswith("kill"))
     kills = sum(n for k, n in totals.items() if k.startswith("kill"))
     print(f"{args.runs} runs, {ops} operations, {kills} kills ({', '.join(f'{k}: {n}' for k, n in sorted(totals.items()) if k.startswith('kill'))}), "
