@@ -52,7 +52,6 @@ from .imap.reader import (
 )
 from .imap.response import ResponseStart, completion_text
 from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
-from .lean import SmallSet
 from .mailboxes import MailboxCommands, Refusing
 from .netio import quick_ack, tune_socket
 from .origin import peer_ip
@@ -123,7 +122,7 @@ class ClientSession(Protocol):
         self._login_timer: Any = None
         self._socket: Any = None
         self._closed_waiters: tuple[defer.Deferred[None], ...] = ()  # rare: no list kept per session
-        self._byes: SmallSet = SmallSet()  # backends whose own BYE the client was sent
+        self._byes: tuple[BackendProtocol, ...] = ()  # backends whose own BYE the client was sent (few)
         self._before_login = 0  # commands read before the login
 
     @property
@@ -541,7 +540,7 @@ class ClientSession(Protocol):
             if start.name == "ESEARCH" or start.code == "NOUPDATE":
                 data = self.relay.translate(backend, data)
             elif start.status == "BYE":
-                self._byes.add(backend)  # the client has its reason (a BYE captured by a transfer is not)
+                self._byes += (backend,)  # the client has its reason (a BYE captured by a transfer is not)
         self.flow.out.write(backend, data, end)
 
     def dies_with(self, conn: BackendProtocol) -> bool:
