@@ -178,11 +178,6 @@ _DATE_TIME = re.compile(rb"(?: [1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|
 class CommandReader:
     """Turns a client's bytes into commands, within :class:`Limits`."""
 
-    __slots__ = (  # no per-instance dict: a proxy holds thousands of idle sessions
-        "limits", "_admit", "_framer", "_queue", "_state", "_line_mode", "_deciding", "_start", "_grammar",
-        "_fragments", "_literals", "_binary", "_current", "_size", "_messages",
-    )
-
     def __init__(self, limits: Limits, admit: Admit) -> None:
         self.limits = limits
         self._admit = admit
