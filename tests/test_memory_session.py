@@ -36,9 +36,10 @@ def test_an_idle_logged_in_session_costs_a_bounded_python_heap(proxy_factory, tm
     finally:
         for c in clients:
             c.close()
-    # the snapshots saw the sessions (each logged in: IdleClient waits for the NOOP's OK)
-    assert after.objects.get("ClientSession", 0) - before.objects.get("ClientSession", 0) == SESSIONS
-    assert after.objects.get("BackendProtocol", 0) - before.objects.get("BackendProtocol", 0) == SESSIONS
+    # The snapshots saw the sessions (each logged in: IdleClient waits for the NOOP's OK), give
+    # or take one in passing: the start-up's greeting probe, a health check's connection.
+    for kind in ("ClientSession", "BackendProtocol"):
+        assert abs(after.objects.get(kind, 0) - before.objects.get(kind, 0) - SESSIONS) <= 2, kind
     per_session = memtrace.per_session(before, after, SESSIONS)
     assert 1024 < per_session < BOUND, "\n".join([f"{per_session:.0f} B per session; the growth per session:",
                                                   *memtrace.top_lines(before, after, SESSIONS, 25)])
