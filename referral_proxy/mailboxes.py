@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from . import referrals
 from .backend import BackendProtocol
 from .context import ProxyContext
+from .hierarchy import UNDER_ITSELF, under_itself
 from .imap import mutf7
 from .imap.grammar import Slot
 from .imap.reader import Command
@@ -289,6 +290,9 @@ class MailboxCommands:
         assert old is not None and new is not None and host.user is not None
         if is_staging_name(old) or is_staging_name(new):
             return host.tagged(cmd.tag, "NO", _RESERVED)
+        if under_itself(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
+                        host.mailbox_map.separator):
+            return host.tagged(cmd.tag, "NO", UNDER_ITSELF)  # as Dovecot, whichever backends own the names
         old_route, new_route = self.route_of(old), self.route_of(new)
         if host.referral_aware and (self.refers(old_route, old) or self.refers(new_route, new)):
             urls = self._rename_pair(old, new, old_route, new_route)
@@ -313,7 +317,7 @@ class MailboxCommands:
         conn = await host.pool.connection(route)
         await host.pool.quiet(None)
         outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
-                                    new.decode("utf-8", "surrogateescape"))
+                                    new.decode("utf-8", "surrogateescape"), others=host.pool.fresh)
         for raw in outcome.untagged:
             host.write_from(conn, raw)
         host.answer(cmd.tag, outcome.completion)

@@ -37,6 +37,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
+from .hierarchy import UNDER_ITSELF, refusal, under_itself
 from .imap.response import completion_text
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
@@ -142,7 +143,7 @@ class Mover:
         pairs = []
         for name in names:
             if self.mailbox_map.lookup(self.user, name).primary != src.name:
-                continue  # a child placed elsewhere stays where it is
+                continue  # a child placed elsewhere: an admin move leaves it (a RENAME was refused: hierarchy.py)
             name = normalize(name, self.sep)
             pairs.append((name, name if old == "*" else new + name[len(old):]))
         pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(self.sep), p[0]))
@@ -171,7 +172,12 @@ class Mover:
     # -- the move ------------------------------------------------------------------------
 
     async def rename(self, old: str, new: str, src_name: str, dst_name: str) -> MoveResult:
-        """Move *old* (and its children) on *src_name* to *new* on *dst_name*."""
+        """Move *old* (and its children) on *src_name* to *new* on *dst_name*.
+
+        A RENAME (*new* not *old*) with a child on another backend is refused before anything
+        changes (hierarchy.py), as is one under its own subtree."""
+        if new != old and under_itself(old, new, self.sep):
+            raise TransferError(UNDER_ITSELF)
         data: dict[str, Any] = {"src": src_name, "dst": dst_name, "old": old, "new": new, "token": secrets.token_hex(4),
                 "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
                 "drained": []}
@@ -188,6 +194,9 @@ class Mover:
             conns.append(src)
             dst = await self.connect(dst_name)
             conns.append(dst)
+            refused = await refusal(self.mailbox_map, self.user, old, src_name, self.connect) if new != old else None
+            if refused:
+                raise TransferError(refused)
             pairs = await self.plan(src, old, new)
             await self._check(dst, pairs)
             data["pairs"] = [list(p) for p in pairs]
@@ -529,11 +538,13 @@ async def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, o
             await mailbox_map.place(user, new + name[len(old):], backends)
 
 
-async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str) -> LocalRename:
+async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,
+                      others: Connect) -> LocalRename:
     """RENAME on the backend that owns both names, holding both subtrees meanwhile.
 
     Refused before anything changes if a child would get a name the map sends to
-    another backend (Dovecot renames children along: it would become unreachable)."""
+    another backend (Dovecot renames children along: it would become unreachable), or if
+    a child lives on another backend (found over *others*: it would keep its old name)."""
     sep = mailbox_map.separator
     inbox = normalize(old, sep) == "INBOX"
     reservations = [Reservation(old, subtree=not inbox), Reservation(new)]
@@ -558,6 +569,10 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
                     await mailbox_map.end_move(entry)
                     return LocalRename((), "NO [CANNOT] A mailbox inside would get a name that lives on another "
                                            "server; rename or move it first")
+            refused = await refusal(mailbox_map, user, old, conn.name, others)
+            if refused:
+                await mailbox_map.end_move(entry)
+                return LocalRename((), refused)
         await mailbox_map.step(entry, Step.RENAMING)
         result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
         if result.ok and not inbox:

@@ -93,6 +93,15 @@ def pattern_matches(pattern: str, mailbox: str, separator: str = "/") -> bool:
     return _compile(normalize(pattern, separator), separator).fullmatch(normalize(mailbox, separator)) is not None
 
 
+def _may_match_under(pattern: str, prefix: str) -> bool:
+    """May the LIST-style *pattern* match some name beginning with *prefix*? (Its text before
+    the first wildcard and *prefix* agree; without a wildcard, it begins with *prefix*.)"""
+    cut = min((i for i in (pattern.find("*"), pattern.find("%")) if i >= 0), default=-1)
+    if cut < 0:
+        return pattern.startswith(prefix)
+    return pattern[:cut].startswith(prefix) or prefix.startswith(pattern[:cut])
+
+
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -206,6 +215,25 @@ class MailboxMap:
                 reaches_default = False
                 break
         if reaches_default:
+            found.append(self._config.default)
+        return list(dict.fromkeys(found))
+
+    def backends_under(self, user: str, mailbox: str) -> list[str]:
+        """Primary backends that may own a mailbox inside *mailbox* (``mailbox/...``): those of the
+        placements there, of the rules whose pattern may match such a name, and the default if
+        no earlier catch-all rule hides it. Over-approximated: a backend listed may own none."""
+        self._refresh()
+        user = self.canonical(user)
+        prefix = normalize(mailbox, self.separator) + self.separator
+        found = [b[0] for (u, m), b in self._placements.items() if u == user and m.startswith(prefix)]
+        for rule_user, rule in self._rules:
+            if rule_user is not None and rule_user != user:
+                continue
+            if _may_match_under(normalize(rule.mailbox, self.separator), prefix):
+                found.append(rule.backends[0])
+            if rule.mailbox == "*":
+                break  # catches everything: later rules and the default are unreachable
+        else:
             found.append(self._config.default)
         return list(dict.fromkeys(found))
 

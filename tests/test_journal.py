@@ -148,3 +148,22 @@ def test_the_design_document_shows_the_table():
         if len(cells) == 3 and cells[0].startswith("`") and cells[0][1:-1] in {s.value for s in Step}:
             rows[Step(cells[0][1:-1])] = ({None if a == "start" else Step(a) for a in cells[1].split(", ")}, cells[2])
     assert rows == {step: (set(rule.after), rule.recovery.value) for step, rule in TABLE.items()}
+
+
+def test_backends_under_lists_every_backend_that_may_own_a_child():
+    """hierarchy.members_elsewhere lists a subtree only where a child may live: the placements under
+    it, the rules whose pattern may match a name under it, the default unless a catch-all hides it."""
+    rules = (RuleConfig("Shared/*", ("b3", "b3r")), RuleConfig("Arch%", ("b2",)), RuleConfig("Exact/Name", ("b4",)),
+             RuleConfig("inbox/*", ("b5",)), RuleConfig("*", ("b6",), user="bob"), RuleConfig("Work/*", ("b7",)))
+    m = MailboxMap(MapConfig(default="b1", rules=rules))
+    assert m.backends_under("carol", "Work") == ["b7", "b1"]
+    assert m.backends_under("carol", "Shared") == ["b3", "b1"]  # the primary, not its replica
+    assert m.backends_under("carol", "Shared/A") == ["b3", "b1"]
+    assert m.backends_under("carol", "Sha") == ["b1"]  # "Sha/x" is no "Shared/..." name
+    assert m.backends_under("carol", "Archive") == ["b2", "b1"]  # over-approximated: % stops at "/"
+    assert m.backends_under("carol", "Exact") == ["b4", "b1"] and m.backends_under("carol", "Exac") == ["b1"]
+    assert m.backends_under("carol", "INBOX") == ["b5", "b1"] == m.backends_under("carol", "Inbox")
+    assert m.backends_under("bob", "Work") == ["b6"]  # his catch-all: later rules and the default unreachable
+    now(m.place("carol", "Work/Far", ["b9"]))
+    now(m.place("carol", "Workshop/Far", ["b8"]))
+    assert m.backends_under("CAROL", "Work") == ["b9", "b7", "b1"]

@@ -389,16 +389,21 @@ def test_same_backend_rename_that_would_strand_children_is_refused(proxy_factory
     assert {where[i][0] for i in docs} == {("b1", "Project/Docs")}
 
 
-def test_placements_follow_only_what_the_backend_renamed(proxy_factory, fleet):
+def test_a_rename_is_refused_when_a_child_is_placed_on_another_backend(proxy_factory, fleet):
+    """Proj/Remote lives on b3 (map set): b1 would rename Proj alone and Proj/Remote keep its old
+    name, half the hierarchy renamed. Refused before anything changes (more: tests/test_hierarchy.py)."""
     proj, remote = ids("proj", 3), ids("remote", 2)
     seed(fleet["b1"], "carol", "Proj", proj)
     seed(fleet["b3"], "carol", "Proj/Remote", remote)  # placed on b3 below
     proxy = proxy_factory(MASTERS, rules=RULES)
     assert cli("map", "--config", str(proxy.config_path), "set", "carol", "Proj/Remote", "b3").returncode == 0
     w = _logged_in(proxy)
-    assert w.cmd(b"r", b"RENAME Proj Proj2")[-1].startswith(b"r OK")
+    reply = w.cmd(b"r", b"RENAME Proj Proj2")
+    assert reply[-1].startswith(b"r NO [CANNOT] A mailbox inside lives on another server"), reply
     w.close()
-    _exactly_once(fleet, proxy, "carol", proj + remote)  # Proj/Remote keeps its name and its placement
+    _exactly_once(fleet, proxy, "carol", proj + remote)
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in proj} == {("b1", "Proj")} and {where[i][0] for i in remote} == {("b3", "Proj/Remote")}
 
 
 # -- 7. user names are canonical ----------------------------------------------------------------------------
