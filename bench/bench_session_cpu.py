@@ -9,12 +9,21 @@ change) the same way, so two trees can be compared in turns on one machine:
 
     python bench/bench_session_cpu.py --tree /path/to/old/checkout
     python bench/bench_session_cpu.py
+
+``--instructions`` counts instead, exactly, what the CPU time measures noisily: the
+instructions per command under valgrind (callgrind), ``(Ir(count) - Ir(0)) / count``,
+so that start-up and imports cancel out (valgrind installed; ~2 min per command):
+
+    python bench/bench_session_cpu.py --instructions --count 2000 [--tree ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +33,7 @@ COMMANDS = [
     ("UID FETCH", b"UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])",
      b"* 1 FETCH (FLAGS (\\Seen) UID 1)\r\nrp%d OK done\r\n"),
     ("SEARCH literal", b"SEARCH TEXT {5+}\r\nhello", b"* SEARCH 1\r\nrp%d OK done\r\n"),
+    ("UID STORE", b"UID STORE 5 +FLAGS.SILENT (\\Deleted)", b"rp%d OK Store completed.\r\n"),
 ]
 
 
@@ -46,7 +56,18 @@ def measure(count: int, command: bytes, response: bytes) -> float:
         backend.transport.clear()
     t1 = time.process_time()
     gc.enable()
-    return (t1 - t0) / count * 1e6
+    return (t1 - t0) / max(count, 1) * 1e6
+
+
+def instructions(tree: str, count: int, index: int) -> int:
+    """Instructions callgrind counts for this script running *count* commands of COMMANDS[index]."""
+    out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", os.path.realpath(sys.executable),
+                          __file__, "--tree", tree, "--count", str(count), "--only", str(index)],
+                         capture_output=True, text=True, check=True).stderr
+    m = re.search(r"Collected : (\d+)", out)
+    if m is None:
+        raise SystemExit(f"no instruction count from valgrind: {out[-500:]}")
+    return int(m.group(1))
 
 
 def main() -> int:
@@ -54,8 +75,20 @@ def main() -> int:
     ap.add_argument("--tree", default=str(Path(__file__).resolve().parent.parent), help="checkout to measure")
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--instructions", action="store_true", help="instructions per command (valgrind)")
+    ap.add_argument("--only", type=int, help=argparse.SUPPRESS)  # one run of COMMANDS[i], under valgrind
     args = ap.parse_args()
+    if args.instructions:
+        base = instructions(args.tree, 0, 0)
+        for i, (name, _command, _response) in enumerate(COMMANDS):
+            per = (instructions(args.tree, args.count, i) - base) / args.count
+            print(f"{name:16s} {per / 1000:7.1f}k instructions per command")
+        return 0
     sys.path.insert(0, args.tree)
+    if args.only is not None:
+        _name, command, response = COMMANDS[args.only]
+        measure(args.count, command, response)
+        return 0
     for name, command, response in COMMANDS:
         best = min(measure(args.count, command, response) for _ in range(args.rounds))
         print(f"{name:16s} {best:7.2f} us CPU per command")

@@ -16,9 +16,15 @@ No message body ever runs as a command. The reader (imap/reader.py) checks, befo
 literal, everything Dovecot answers with BAD (and then reads the rest as commands): the
 flag list (atoms, no ``\\Recent``, only RFC 3501's system flags), the date-time, the
 syntax, the sizes. The proxy answers ``+`` itself only for such a checked literal whose
-target is known to take messages (a sync literal of at most 4 KiB after the first message;
-with STAGE after the check); any other synchronizing literal is announced to the backend
-and its ``+`` awaited, so TRYCREATE or OVERQUOTA come before the data. If the backend
+target is known to take messages: after the first message, a sync literal of at most 4 KiB
+or one the quota's known room surely takes; with STAGE after the check; and (PASS) the first
+literal of an APPEND to the target that took this session's last APPEND there less than
+``appends.TAKER_SECONDS`` ago, when the room its quota left takes it (one backend command
+and one round trip per message for clients that APPEND one by one). Any other synchronizing
+literal is announced to the backend and its ``+`` awaited, so TRYCREATE or OVERQUOTA come
+before the data. What the proxy cannot foresee (the target deleted meanwhile, another
+session's mail filling the quota, an I/O error) is refused after the literal, which RFC 3501
+allows: the backend, sent the literal as LITERAL+, drains it, and nothing of it runs. If the backend
 answers while a literal streams, the rest of that literal still goes to it (the backend,
 having failed the command, drains it) and the backend's command is ended with CRLF before
 the client is answered; a backend that answered between two messages gets the CRLF at once.
@@ -101,6 +107,13 @@ class AppendHost(StagingHost, Protocol):
     def no_staging(self) -> SmallSet:
         """The backends of the session that refused to create a staging mailbox."""
 
+    def room_of(self, backend: str, mailbox: bytes) -> tuple[int | None, int | None] | None:
+        """The room (bytes, messages) the quota left a target that took this session's
+        messages a moment ago; None if there is none such."""
+
+    def took(self, backend: str, mailbox: bytes, room: tuple[int | None, int | None] | None) -> None:
+        """A target took this session's messages and its quota left *room*; None: it refused them."""
+
 
 @dataclass
 class _Part:
@@ -168,10 +181,15 @@ class AppendCommand:
 
     def _send(self, msg: AppendMessage) -> None:
         """The message's arguments to the backend; its literal taken now or once the backend says +."""
-        conn = self.conn
-        if self.mode is not Mode.STAGE and not self.parts and msg.literal.sync and "QUOTA" in conn.capabilities \
-                and not conn.busy:
-            self._probe_quota()
+        conn, literal = self.conn, msg.literal
+        taker = False  # the target took this session's messages a moment ago, and has room for this one
+        if self.mode is not Mode.STAGE and not self.parts and literal.sync:
+            self.room = self.host.room_of(conn.name, self.mailbox) if self.mode is Mode.PASS else None
+            taker = self.room is not None and self._fits(literal.size)
+            if not taker:
+                self.room = None
+                if "QUOTA" in conn.capabilities and not conn.busy:
+                    self._probe_quota()
         if self.mode is Mode.STAGE or not self.parts:
             part = _Part(conn.next_tag())
             self.parts.append(part)
@@ -183,10 +201,9 @@ class AppendCommand:
         else:
             prefix = b""
         prefix += _message_prefix(msg)
-        literal = msg.literal
         caps = conn.capabilities
         plus = "LITERAL+" in caps or ("LITERAL-" in caps and literal.size <= SMALL_SYNC_LITERAL)
-        known = self.mode is Mode.STAGE or self.messages > 1  # the target was found to take messages
+        known = self.mode is Mode.STAGE or self.messages > 1 or taker  # the target was found to take messages
         fits = literal.size <= SMALL_SYNC_LITERAL or self._fits(literal.size)
         self.taken = (self.taken[0] + literal.size, self.taken[1] + 1)
         if plus and (not literal.sync or (known and fits)):
@@ -360,6 +377,7 @@ class AppendCommand:
                 or not self.input_over or self.finishing or any(p.status is None for p in self.parts)):
             return
         if self.mode is not Mode.STAGE:
+            self._learn()
             return self._answer(self._pass_answer())
         failure = self._stage_failure()
         if failure is not None:
@@ -368,6 +386,18 @@ class AppendCommand:
             return
         self.state = AppendState.COMMITTING
         defer.ensureDeferred(self._commit()).addErrback(self._crashed)
+
+    def _learn(self) -> None:
+        """PASS: tell the session whether the target took the messages, and the room left."""
+        part = self.parts[0] if self.parts else None
+        if self.mode is not Mode.PASS or part is None or part.status == "LOST":
+            return
+        if part.status != "OK" or self.refusal is not None:
+            return self.host.took(self.conn.name, self.mailbox, None)
+        if self.room is not None:  # else nothing was learned of the quota (a LITERAL+ client's APPEND)
+            (size, count), (sent, messages) = self.room, self.taken
+            room = (None if size is None else size - sent, None if count is None else count - messages)
+            self.host.took(self.conn.name, self.mailbox, room)
 
     def _pass_answer(self) -> bytes | None:
         part = self.parts[0] if self.parts else None

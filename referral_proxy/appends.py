@@ -9,6 +9,7 @@ APPENDs before them are answered.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -66,15 +67,32 @@ class AppendsHost(Protocol):
     def unblock(self, reason: Block) -> None: ...
 
 
+@dataclass(frozen=True)
+class Taker:
+    """A target that took this session's messages a moment ago (RFC 3501 lets a server
+    refuse an APPEND after its literal): the next APPEND there is answered ``+`` by the
+    proxy itself when the room its quota left surely takes the message (append.py)."""
+
+    backend: str
+    mailbox: bytes
+    room: tuple[int | None, int | None]  # (bytes, messages) the quota left after those messages
+    until: float  # the clock's time after which it is not trusted any more
+
+
+TAKER_SECONDS = 10.0  # how long a target that took messages is trusted to take the next
+
+
 class Appends:
     """The APPENDs of one session: the one the client is sending, and those not answered
     yet. It is the host of each AppendCommand (AppendHost)."""
 
-    __slots__ = ("host", "_journal", "current", "unanswered", "_after", "no_staging")  # no per-instance dict
+    __slots__ = ("host", "_journal", "_clock", "_taker", "current", "unanswered", "_after", "no_staging")  # no dict
 
-    def __init__(self, host: AppendsHost, journal: StagingJournal) -> None:
+    def __init__(self, host: AppendsHost, journal: StagingJournal, clock: Any) -> None:  # an IReactorTime
         self.host = host
         self._journal = journal  # the staging mailboxes' (ProxyContext.staging_journal)
+        self._clock = clock
+        self._taker: Taker | None = None  # the last target that took this session's messages
         self.current: AppendCommand | None = None
         self.unanswered: SmallSet = SmallSet()
         self._after: list[bytes] = []  # the proxy's own refusals of later commands, held until those are answered
@@ -174,6 +192,18 @@ class Appends:
 
     def dies_with(self, conn: BackendProtocol) -> bool:
         return self.host.dies_with(conn)
+
+    def room_of(self, backend: str, mailbox: bytes) -> tuple[int | None, int | None] | None:
+        t = self._taker
+        if t is None or t.backend != backend or t.mailbox != mailbox or self._clock.seconds() > t.until:
+            return None
+        return t.room
+
+    def took(self, backend: str, mailbox: bytes, room: tuple[int | None, int | None] | None) -> None:
+        if room is not None:
+            self._taker = Taker(backend, mailbox, room, self._clock.seconds() + TAKER_SECONDS)
+        elif self._taker is not None and (self._taker.backend, self._taker.mailbox) == (backend, mailbox):
+            self._taker = None
 
     def hold_input(self, on: bool) -> None:
         """An emulated MULTIAPPEND commits: no further command is read until it is answered."""

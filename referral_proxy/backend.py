@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .config import BackendConfig
+from .fastpath import completed_plain
 from .imap.command import ParseError
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd
 from .imap.quoting import astring, capability_sets
@@ -168,34 +169,30 @@ class BackendProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self._current is None and completed_plain(self, data):
+            return
         framer = self._framer
+        # Untagged data nobody here looks at ("* 12 FETCH ...", literals): to the sink as read, else one write.
+        if (self._current is None or self._current == "untagged") and self._relays:
+            k = framer.pass_through(data, plain_untagged, self._current == "untagged")
+            if k:
+                self._current = "untagged" if framer.mid_line else None
+                self._relay(data[:k], self._current is None)  # (the whole read: data itself)
+                data = data[k:]
         framer.receive_data(data)
-        # Untagged data no one here looks at ("* 12 FETCH ...", "* FLAGS ...", "* OK [UIDNEXT 9]",
-        # their literals and the rest of their line) goes to the sink in one write per read.
         batch: list[bytes] = []
         end = True
-        while not self.closed:
-            event = framer.next_event()
-            if event is NEED_DATA:
-                break
-            if self._current == "untagged":
+        while not self.closed and (event := framer.next_event()) is not NEED_DATA:
+            current = self._current
+            if current == "untagged" and isinstance(event, (LiteralData, LiteralEnd)):
                 if isinstance(event, LiteralData):
                     batch.append(event.data)
-                    continue
-                if isinstance(event, Line) and not event.first:
-                    batch.append(event.data + wire_tail(event))
-                    end = event.literal is None
-                    if end:
-                        self._current = None
-                    continue
-                if isinstance(event, LiteralEnd):
-                    continue
-            elif (isinstance(event, Line) and event.first and plain_untagged(event.data)
-                  and self._greeted and self.tap is None and self.capture is None and self.sink is not None):
+                continue
+            if isinstance(event, Line) and (not event.first if current == "untagged"
+                                            else event.first and plain_untagged(event.data) and self._relays):
                 batch.append(event.data + wire_tail(event))
                 end = event.literal is None
-                if not end:
-                    self._current = "untagged"
+                self._current = None if end else "untagged"
                 continue
             if batch:
                 self._relay(b"".join(batch), end)
@@ -205,6 +202,10 @@ class BackendProtocol(Protocol):
             self._relay(b"".join(batch), end)
         if framer.mid_line and not self.closed:  # the rest may wait for our ACK (Nagle): send it now
             quick_ack(self._socket)
+
+    @property
+    def _relays(self) -> bool:  # untagged responses go to the session as they are (nothing captures them)
+        return self._greeted and self.tap is None and self.capture is None and self.sink is not None
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
@@ -409,7 +410,7 @@ class BackendProtocol(Protocol):
         if self.closed:
             return
         tag = self.next_tag()
-        self._pending[tag] = _Pending(_ignore_answer, _ignore_loss)
+        self._pending[tag] = _Pending(_ignore, _ignore)
         self.write(tag + b" " + text + b"\r\n")
 
     def deselect(self) -> defer.Deferred[Tagged]:
@@ -429,12 +430,8 @@ class BackendProtocol(Protocol):
         self.transport.loseConnection()
 
 
-def _ignore_answer(_start: ResponseStart, _raw: bytes) -> None:
-    pass
-
-
-def _ignore_loss(_reason: Failure) -> None:
-    pass
+def _ignore(*_args: object) -> None:
+    """The answer (or the loss) of a command nobody waits for."""
 
 
 # What on_done receives, for callers that registered no on_lost, when the connection is lost.

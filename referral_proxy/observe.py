@@ -197,10 +197,13 @@ class Observer:
 
     def command(self, session: Any, start: CommandStart) -> None:
         """A command line was read: its completion will be timed and counted."""
+        self.command_named(session, start.tag, start.name)
+
+    def command_named(self, session: Any, tag: bytes, name: str) -> None:
+        """The same, from the tag and the name (the fast path has no CommandStart)."""
         rec = self._live.get(session)
         if rec is not None and len(rec.pending) < MAX_PENDING:
-            name = start.name if start.name in KNOWN_COMMANDS else "OTHER"
-            rec.pending.append((start.tag + b" ", name, self.clock()))
+            rec.pending.append((tag + b" ", name if name in KNOWN_COMMANDS else "OTHER", self.clock()))
 
     def _completion(self, rec: SessionRecord, data: bytes) -> None:
         """Count the command whose tagged answer ends *data*, if one does.

@@ -25,11 +25,12 @@ from .commands import COMMANDS
 from .flow import Block
 from .imap.command import Atom, ParenList, String, Token
 from .imap.grammar import Arguments, Encoded, encode
-from .imap.response import ResponseStart, replace_tag, replace_tag_references
+from .imap.response import ResponseStart, replace_tag_references
 
 __all__ = ["Relay", "RelayHost", "wants_updates"]
 
 MAX_UPDATES = 64  # live CONTEXT=SEARCH/SORT updates remembered per connection
+_NO_CANCELS: list[bytes] = []  # never changed: _Op only reads it
 
 
 class RelayHost(Protocol):
@@ -111,7 +112,17 @@ class Relay:
             args = Arguments(tokens, args.slots)
         op = _Op(self, conn, tag, ptag, after, keep, answer, cancels)
         self.in_flight += 1
-        op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens else None, on_continuation)
+        op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens or args.text else None,
+                 on_continuation)
+
+    def send_line(self, conn: BackendProtocol, tag: bytes, tail: bytes) -> None:
+        """Relay a plain command line (fastpath.py) under the proxy's tag: *tail* is the
+        client's line after its tag, CRLF included, already its canonical encoding."""
+        ptag = conn.next_tag()
+        op = _Op(self, conn, tag, ptag, None, None, None, _NO_CANCELS)
+        self.in_flight += 1
+        conn.expect(ptag, op.done, op.lost)
+        conn.write(ptag + tail)
 
     # -- tags inside responses -------------------------------------------------------------
 
@@ -208,7 +219,7 @@ class _Op:
         relay.in_flight -= 1
         if self.blocking:  # refused before all literals were sent
             conn.on_continuation = None
-        data = replace_tag(raw, self.tag)
+        data = self.tag + raw[len(self.ptag):]  # raw starts with the proxy's tag: its completion was found by it
         if start.code == "NOUPDATE":
             data = relay.translate(conn, data)
         if self.keep is not None:

@@ -31,6 +31,7 @@ from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State
 from .context import ProxyContext
+from .fastpath import PLAIN_COMMANDS, relay_plain
 from .flow import Block, ClientFlow
 from .idle import Idle
 from .imap.command import CommandStart
@@ -114,9 +115,9 @@ class ClientSession(Protocol):
         self.mailboxes = MailboxCommands(self)
         self.auth = Authenticator(self)
         assert context.staging_journal is not None  # set by ProxyContext
-        self.appends = Appends(self, context.staging_journal)
+        self.appends = Appends(self, context.staging_journal, context.reactor)
         self.idle = Idle(self)
-        self.reader = CommandReader(context.config.proxy.limits, self._admit)
+        self.reader = CommandReader(context.config.proxy.limits, self._admit, PLAIN_COMMANDS)
         self.flow = ClientFlow(self, self._transport_write, self._pump)
         self._pumping = False
         self._login_timer: Any = None
@@ -164,6 +165,8 @@ class ClientSession(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.ctx.observer.client_in(self, data)
+        if self.phase is Phase.AUTHENTICATED and relay_plain(self, data):
+            return
         self.reader.receive_data(data)
         self._pump()
         if self.reader.mid_command:  # the rest may wait for our ACK (Nagle): send it now
@@ -416,7 +419,7 @@ class ClientSession(Protocol):
         # Anything the client pipelined after STARTTLS was sent in clear text and
         # could be an injection: drop it (the same defence as Dovecot's and Postfix's).
         self.tagged(cmd.tag, "OK", "Begin TLS negotiation now.")
-        self.reader = CommandReader(self.config.proxy.limits, self._admit)
+        self.reader = CommandReader(self.config.proxy.limits, self._admit, PLAIN_COMMANDS)
         self.transport.startTLS(self.ctx.server_tls)
 
     def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol,

@@ -404,3 +404,76 @@ def test_recovery_deletes_the_staging_mailbox_the_entry_names_and_only_that(answ
     with pytest.raises(BackendError):
         asyncio.run(staging.drop_staging(mailbox_map, entry, other))
     assert other.sent == []
+
+
+def _quota_harness() -> SessionHarness:
+    h = SessionHarness(connector=FakeConnector(capabilities=list(DOVECOT_CAPS) + ["QUOTA"]))
+    h.login()
+    return h
+
+
+def _first_append(h: SessionHarness, box: bytes = b"INBOX", quota: bytes | None = b"STORAGE 10 100") -> None:
+    """One sync APPEND of 3 bytes to *box*, announced to the backend and taken (the quota's
+    resources known, or None: GETQUOTAROOT refused)."""
+    h.send(b"a APPEND " + box + b" {3}\r\n")
+    assert h.to_backend() == b"rp1 GETQUOTAROOT " + box + b"\r\nrp2 APPEND " + box + b" {3}\r\n"
+    h.from_backend((b'* QUOTAROOT ' + box + b' ""\r\n* QUOTA "" (' + quota + b')\r\nrp1 OK quota\r\n'
+                    if quota is not None else b"rp1 NO no quota\r\n") + b"+ OK\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(b"abc\r\n")
+    assert h.to_backend() == b"abc\r\n"
+    h.from_backend(b"rp2 OK [APPENDUID 7 1] done\r\n")
+    assert h.to_client() == b"a OK [APPENDUID 7 1] done\r\n"
+
+
+def test_the_next_sync_append_to_a_target_that_took_one_is_answered_by_the_proxy():
+    """One APPEND per message (imaplib, offlineimap, doveadm import): the target took the
+    last one and its quota's room is known, so "+" comes at once, the backend gets the message
+    as LITERAL+ and no GETQUOTAROOT: one backend command and one round trip per message."""
+    h = _quota_harness()
+    _first_append(h)
+    h.send(b"b APPEND INBOX (\\Seen) {50000}\r\n")  # 50 KB fit in the 89 KB the quota left
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    assert h.to_backend() == b"rp3 APPEND INBOX (\\Seen) {50000+}\r\n"
+    h.send(b"x" * 50000 + b"\r\n")
+    assert h.to_backend() == b"x" * 50000 + b"\r\n"
+    h.from_backend(b"rp3 OK [APPENDUID 7 2] done\r\n")
+    assert h.to_client() == b"b OK [APPENDUID 7 2] done\r\n"
+    h.send(b"c APPEND INBOX {50000}\r\n")  # the room left (~39 KB) may not take 50 KB: asked again
+    assert h.to_client() == b""
+    assert h.to_backend() == b"rp4 GETQUOTAROOT INBOX\r\nrp5 APPEND INBOX {50000}\r\n"
+    h.from_backend(b'* QUOTAROOT INBOX ""\r\n* QUOTA "" (STORAGE 60 100)\r\nrp4 OK quota\r\n'
+                   b"rp5 NO [OVERQUOTA] Quota exceeded\r\n")
+    assert h.to_client() == b"c NO [OVERQUOTA] Quota exceeded\r\n"  # before the data, as before
+    h.send(b"d APPEND INBOX {3}\r\n")  # refused last time: the backend decides first again
+    assert h.to_client() == b""
+    assert h.to_backend() == b"rp6 GETQUOTAROOT INBOX\r\nrp7 APPEND INBOX {3}\r\n"
+
+
+@pytest.mark.parametrize("later", ["other mailbox", "10 s later", "no quota known"])
+def test_an_unknown_or_stale_target_is_still_asked_before_the_data(later):
+    h = _quota_harness()
+    _first_append(h, quota=b"STORAGE 10 100" if later != "no quota known" else None)
+    box = b"Other" if later == "other mailbox" else b"INBOX"
+    if later == "10 s later":
+        h.reactor.advance(10.5)
+    h.send(b"b APPEND " + box + b" {5000}\r\n")
+    assert h.to_client() == b""  # no "+" of the proxy's own
+    assert h.to_backend() == b"rp3 GETQUOTAROOT " + box + b"\r\nrp4 APPEND " + box + b" {5000}\r\n"
+    h.from_backend(b"rp3 OK quota\r\nrp4 NO [TRYCREATE] Mailbox doesn't exist\r\n")
+    assert h.to_client() == b"b NO [TRYCREATE] Mailbox doesn't exist\r\n"
+
+
+def test_a_target_gone_since_refuses_after_the_literal_and_nothing_of_it_runs():
+    """The trade-off: the target was deleted after it took a message. The proxy said "+", the
+    backend refuses the LITERAL+ command and drains the literal; the client gets the NO after
+    its data (RFC 3501 allows it), and nothing of the body reaches the backend as a command."""
+    h = _quota_harness()
+    _first_append(h)
+    h.send(b"b APPEND INBOX {20}\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    assert h.to_backend() == b"rp3 APPEND INBOX {20+}\r\n"
+    h.from_backend(b"rp3 NO [TRYCREATE] Mailbox doesn't exist\r\n")
+    h.send(b"x LOGOUT\r\nx DELETE\r\n\r\ny NOOP\r\n")
+    assert h.to_backend() == b"x LOGOUT\r\nx DELETE\r\n\r\n" + b"rp4 NOOP\r\n"
+    assert h.to_client() == b"b NO [TRYCREATE] Mailbox doesn't exist\r\n"

@@ -640,3 +640,76 @@ def test_announced_literal_of_a_whole_line():
     assert announced_literal(b"a SEARCH {5+}") == LiteralSpec(5, False)
     for line in (b"* OK done\r\n", b"* OK {x}\r\n", b"}\r\n", b"", b"{12} text\r\n"):
         assert announced_literal(line) is None, line
+
+
+# -- pass_through: bulk responses relayed in the bytes they were read in ------------------
+
+_RESPONSES = st.one_of(
+    st.builds(lambda n, body: b"* %d FETCH (UID %d BODY[] {%d}\r\n" % (n, n, len(body)) + body + b")\r\n",
+              st.integers(1, 99), st.binary(max_size=300)),
+    st.builds(lambda n: b"* %d EXISTS\r\n" % n, st.integers(0, 99)),
+    st.builds(lambda body: b"* BYE {%d}\r\n" % len(body) + body + b"\r\n", st.binary(max_size=50)),  # not plain
+    st.builds(lambda n: b"rp%d OK done\r\n" % n, st.integers(1, 9)),  # tagged: never passed through
+    st.just(b"* 3 FETCH (BODY[1] {2}\r\nab BODY[2] {0}\r\n)\r\n"),
+    st.just(b"* " + b"x" * 63 + b"\r\n"),  # one byte over max_line: the usual LineTooLong
+)
+
+
+def _plain(data: bytes) -> bool:
+    return data.startswith(b"* ") and not data.startswith(b"* BYE")
+
+
+def _wire(event) -> bytes:
+    if isinstance(event, Line):
+        return event.data + (event.literal.announce() if event.literal is not None else b"") + b"\r\n"
+    return event.data if isinstance(event, LiteralData) else b""
+
+
+@given(st.lists(_RESPONSES, max_size=12), st.data())
+@settings(max_examples=200, deadline=None)
+def test_pass_through_takes_exactly_the_accepted_responses_in_any_split(responses, data):
+    """Every byte comes out once, in order; what pass_through takes belongs to responses whose
+    first fragment *plain* accepts; every other first fragment (a tagged line, a BYE) and an
+    overlong line still reach next_event as before."""
+    stream = b"".join(responses)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    framer, out, inside, firsts = Framer(64, auto_accept=True), [], False, []
+    for chunk in chunks:
+        k = framer.pass_through(chunk, _plain, inside)
+        if k:
+            out.append(chunk[:k])
+            inside = framer.mid_line
+        framer.receive_data(chunk[k:])
+        while (event := framer.next_event()) is not NEED_DATA:
+            if isinstance(event, LineTooLong):
+                out.append(b"<too long>")
+                inside = False
+                continue
+            if isinstance(event, Line):
+                if event.first:
+                    firsts.append(event.data)
+                    inside = _plain(event.data)
+                inside = inside and event.literal is not None
+            out.append(_wire(event))
+    expected = Framer(64, auto_accept=True)
+    expected.receive_data(stream)
+    whole, want_firsts = [], []
+    while (event := expected.next_event()) is not NEED_DATA:
+        if isinstance(event, LineTooLong):
+            whole.append(b"<too long>")
+            continue
+        if isinstance(event, Line) and event.first and not _plain(event.data):
+            want_firsts.append(event.data)
+        whole.append(_wire(event))
+    assert b"".join(out) == b"".join(whole)
+    assert [f for f in firsts if not _plain(f)] == want_firsts  # none of them passed through
+
+
+def test_pass_through_refuses_what_it_must_not_take():
+    f = Framer(64, auto_accept=True)
+    assert f.pass_through(b"rp1 OK done\r\n", _plain) == 0
+    assert f.pass_through(b"* 1 FETCH (BODY[] {5}\r\nab", _plain) == len(b"* 1 FETCH (BODY[] {5}\r\nab")
+    assert f.pass_through(b"cde)\r\n* 2 EXISTS\r\nrp2 OK x\r\n", _plain, True) == len(b"cde)\r\n* 2 EXISTS\r\n")
+    g = Framer(64)  # a command reader decides on each literal: never
+    assert g.pass_through(b"* 1 EXISTS\r\n", _plain) == 0

@@ -545,3 +545,38 @@ def test_a_proxy_killed_mid_staging_leaves_only_a_staging_mailbox_that_recovery_
     assert "nothing to recover" in cli("recover", "--config", str(proxy.config_path)).stdout
     assert contents(backend, "alice", "Target") == []
     assert {b"INBOX", b"Target", b"Kept"} == _mailboxes(backend, "alice")  # nothing else deleted
+
+
+# -- one APPEND per message: the proxy's own "+" for a target that just took one -------------------
+
+
+def test_an_append_to_a_target_deleted_since_it_took_one_is_refused_after_its_body_and_nothing_runs(
+        proxy_factory, fleet):
+    """The next sync APPEND to the mailbox that took the last one is answered "+" by the proxy
+    (appends.Taker). Deleted meanwhile by another client, the backend refuses it after the
+    body: the client gets NO [TRYCREATE], nothing is appended, no line of the body runs."""
+    backend = fleet["b1"]
+    backend.reset_mail("alice")
+    with backend.client("alice") as m:
+        m.create("Box")
+    proxy = proxy_factory()
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    first = b"Subject: one\r\n\r\nhello\r\n"
+    w.send(b"a APPEND Box {%d}\r\n" % len(first))
+    assert w.line() == b"+ Ready for literal data\r\n"
+    w.send(first + b"\r\n")
+    assert w.until_tagged(b"a")[-1].startswith(b"a OK [APPENDUID ")
+    with backend.client("alice") as m:
+        m.delete("Box")
+    body = b"Subject: two\r\n\r\n" + b"x1 CREATE Smuggled\r\nx2 DELETE INBOX\r\n" * 200
+    w.send(b"b APPEND Box (\\Seen) {%d}\r\n" % len(body))
+    assert w.line() == b"+ Ready for literal data\r\n"  # the proxy's own: the backend was not asked
+    w.send(body + b"\r\n")
+    assert w.until_tagged(b"b")[-1].startswith(b"b NO [TRYCREATE] ")
+    assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+    w.send(b"c APPEND Box {%d}\r\n" % len(first))  # refused last time: the backend decides first again
+    assert w.line().startswith(b"c NO [TRYCREATE] ")
+    w.close()
+    assert b"Smuggled" not in _mailboxes(backend, "alice") and b"Box" not in _mailboxes(backend, "alice")
+    assert contents(backend, "alice", "INBOX") == []

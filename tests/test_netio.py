@@ -274,3 +274,35 @@ def test_a_refused_connection_is_unreachable() -> None:
     closed.close()  # nothing listens there
     failure = _outcome(reactor, _backend(port, 5))
     assert failure.check(BackendUnavailable) and "b9 unreachable" in str(failure.value), failure
+
+
+def test_a_pass_sends_to_clients_before_backends(loop, monkeypatch) -> None:
+    """The proxy's own "+" to a client goes out before the message data that read sent on to
+    the backend: the client's next literal overlaps the backend's work on the last one."""
+    reactor, server, client, added = loop
+    outgoing: list[Any] = []
+
+    class _Out(Protocol):
+        def connectionMade(self) -> None:
+            netio.attach(self.transport)
+            outgoing.append(self)
+
+    from twisted.internet.protocol import ClientFactory
+    factory = ClientFactory.forProtocol(_Out)
+    reactor.connectTCP("127.0.0.1", server.transport.getHost().port, factory)
+    spin(reactor, lambda: outgoing and len(server.box) == 2)
+    sent: list[Any] = []
+    real = netio._EndOfPassWrite._rp_flush
+
+    def recording(self: Any) -> None:
+        sent.append(self)
+        real(self)
+
+    monkeypatch.setattr(netio._EndOfPassWrite, "_rp_flush", recording)
+    backend, accepted = outgoing[0].transport, server.transport
+    reactor.callLater(0, lambda: [backend.write(b"message data"), accepted.write(b"+ Ready for literal data\r\n")])
+    reactor.iterate(0)
+    reactor.iterate(0)
+    assert sent == [accepted, backend]
+    client.settimeout(5)
+    assert client.recv(4096) == b"+ Ready for literal data\r\n"

@@ -80,8 +80,21 @@ def _command_name(data: bytes, pos: int, missing: str) -> tuple[str, int]:
     return m.group().decode("ascii").upper(), end
 
 
+# The common head, in one match: a tag, an upper-case name (UID and its command), SP or the end.
+# Whatever it does not take (lower case, digits or "-" in a name, a bare UID) goes the long way.
+_PLAIN_START = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) ((?:UID )?[A-Z]+)(?: |\Z)')
+
+
 def parse_command_start(data: bytes) -> CommandStart:
     """Split the first fragment of a command into tag, name and the rest."""
+    m = _PLAIN_START.match(data)
+    if m is not None and m.group(2) != b"UID":
+        return CommandStart(m.group(1), m.group(2).decode("ascii"), data[m.end():])
+    return _parse_command_start(data)
+
+
+def _parse_command_start(data: bytes) -> CommandStart:
+    """Every head the one match does not take (and the reference it is tested against)."""
     m = _TAG.match(data)
     if m is None:
         if not data or data[0] == _SP:

@@ -19,6 +19,7 @@ Nothing here does I/O, and no literal is ever held whole in memory.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
@@ -220,6 +221,44 @@ class Framer:
             return
         self._buf += data
 
+    def pass_through(self, data: bytes, plain: Callable[[bytes], bool], mid_response: bool = False) -> int:
+        """Take from the start of *data* (instead of receive_data) whole fragments and literal
+        bytes of responses that *plain* accepts by their first fragment's data, as next_event
+        would deliver them: how many bytes, which the caller passes on as they are (a 50 MB
+        FETCH is relayed in the bytes it was read in, never copied); ``data[k:]`` then goes to
+        receive_data. *mid_response*: the caller is inside an accepted response. Only for an
+        ``auto_accept`` framer with nothing buffered; 0 otherwise."""
+        state, remaining, first = self._state, self._remaining, self._first
+        if (self._buf or self._direct is not None or self._discard or not self._auto or state == _PENDING
+                or not mid_response and (state != _LINE or not first)):
+            return 0
+        pos, n, most = 0, len(data), self._max_line
+        while pos < n:
+            if state == _LITERAL:
+                if remaining:
+                    take = remaining if remaining < n - pos else n - pos
+                    pos += take
+                    remaining -= take
+                    continue
+                state, first = _LINE, False
+            i = data.find(b"\n", pos, pos + most + 2)
+            if i < 0:
+                break
+            end = i - 1 if i > pos and data[i - 1] == _CR else i
+            if end - pos > most:
+                break
+            m = (_ANNOUNCE.search(data, max(pos, end - _ANNOUNCE_WINDOW), end)
+                 if end > pos and data[end - 1] == _RBRACE else None)
+            if first and not plain(data[pos:m.start() if m is not None else end]):
+                break
+            pos = i + 1
+            if m is not None:
+                state, remaining, first = _LITERAL, int(m.group(2)), False
+            else:
+                first = True
+        self._state, self._remaining, self._first = state, remaining, first
+        return pos
+
     # -- output --------------------------------------------------------------
 
     def next_event(self) -> Event | NeedData:
@@ -365,6 +404,13 @@ class Framer:
         """True while the peer is in the middle of a logical line: part of a fragment is
         buffered, a literal is announced or being read, or the line goes on after one."""
         return bool(self._buf) or self._direct is not None or self._state != _LINE or not self._first
+
+    @property
+    def idle(self) -> bool:
+        """True between logical lines with nothing buffered, announced or being dropped:
+        the next byte received starts a new line."""
+        return (not self._buf and self._direct is None and self._state == _LINE and self._first
+                and not self._discard)
 
     @property
     def literal_remaining(self) -> int:

@@ -32,6 +32,7 @@ from .command import (
 )
 from .framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec, NeedData, Overrun
 from .grammar import Arguments, Grammar, match
+from .plain import plain_arguments
 
 __all__ = [
     "Limits", "CommandReader", "Refusal", "STREAMED", "NEED_DECISION", "Command", "Refused", "Continue",
@@ -178,9 +179,12 @@ _DATE_TIME = re.compile(rb"(?: [1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|
 class CommandReader:
     """Turns a client's bytes into commands, within :class:`Limits`."""
 
-    def __init__(self, limits: Limits, admit: Admit) -> None:
+    def __init__(self, limits: Limits, admit: Admit, plain: frozenset[str] = frozenset()) -> None:
         self.limits = limits
         self._admit = admit
+        # Commands whose arguments nothing reads but the relay: a plain line (imap.plain)
+        # is passed on as it is, unparsed (Arguments with its text and no tokens).
+        self._plain = plain
         # A refused command's rest is dropped unread, but not for more fragments than an
         # accepted one may have (a literal each, a message each for a MULTIAPPEND).
         self._framer = Framer(limits.max_line, max_dropped=max(limits.max_literals, limits.max_append_messages) + 1)
@@ -249,6 +253,12 @@ class CommandReader:
     def between_commands(self) -> bool:
         """True when the next thing read starts a new command (no line mode, nothing half read)."""
         return self._state == _IDLE and not self._line_mode and not self._queue and not self._deciding
+
+    @property
+    def idle(self) -> bool:
+        """True when the next bytes received start a new command and nothing is held:
+        what a whole command line received now would be read as (see fastpath.py)."""
+        return self.between_commands and self._framer.idle
 
     @property
     def streaming(self) -> bool:
@@ -333,6 +343,8 @@ class CommandReader:
             return Command(start.tag, start.name, _NO_ARGUMENTS)
         if line.literal is None:  # the whole command in one line: the common case
             self._start = None
+            if start.name in self._plain and plain_arguments(admission.text, start.rest):
+                return Command(start.tag, start.name, Arguments((), (), start.rest))
             try:
                 args = match(admission, parse_arguments([start.rest], []), start.rest)
             except ParseError as e:

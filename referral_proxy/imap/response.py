@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .command import _TAG, ParseError
 
-__all__ = ["ResponseStart", "parse_response_start", "plain_untagged", "replace_tag", "completion_text",
+__all__ = ["ResponseStart", "parse_response_start", "plain_completion", "plain_untagged", "replace_tag", "completion_text",
            "tag_references", "replace_tag_references"]
 
 
@@ -96,8 +96,35 @@ def _status(kind: str, tag: bytes | None, status: str, data: bytes, pos: int) ->
     return ResponseStart(kind, tag, status, code, args, data[pos:], None, None, b"")
 
 
+# A tagged completion without a response code (``rp7 OK NOOP completed.``), in one match.
+_PLAIN_TAGGED = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) (OK|NO|BAD)(?:\Z| (?!\[))')
+_STATUS_NAMES = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
+
+
 def parse_response_start(data: bytes) -> ResponseStart:
     """Classify the first Line.data of a server response; ParseError on garbage."""
+    m = _PLAIN_TAGGED.match(data)
+    if m is not None:
+        return ResponseStart("tagged", m.group(1), _STATUS_NAMES[m.group(2)], None, b"", data[m.end():], None, None, b"")
+    return _parse_response_start(data)
+
+
+# One whole read that is one such completion, CRLF included (the text has no "[" first).
+_PLAIN_COMPLETION = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) (OK|NO|BAD)(?: ([^\[\r\n][^\r\n]*))?\r\n')
+
+
+def plain_completion(data: bytes) -> ResponseStart | None:
+    """What parse_response_start says of *data* without its CRLF, if *data* is exactly one
+    tagged completion line without a response code; else None (nothing said). A line ending
+    in ``}`` is left to the framer, which reads ``{n}`` there as a literal announced."""
+    m = _PLAIN_COMPLETION.fullmatch(data)
+    if m is None or data.endswith(b"}\r\n"):
+        return None
+    return ResponseStart("tagged", m.group(1), _STATUS_NAMES[m.group(2)], None, b"", m.group(3) or b"", None, None, b"")
+
+
+def _parse_response_start(data: bytes) -> ResponseStart:
+    """Every response the one match does not take (and the reference it is tested against)."""
     first = data[:1]
     if first == b"+":
         text = data[2:] if data[1:2] == b" " else data[1:]

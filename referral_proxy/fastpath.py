@@ -1,0 +1,111 @@
+"""The fast path: a plain relayed command goes to its backend as the client wrote it.
+
+A command the declared table (commands.py) relays to the selected or home backend
+through the plain relay handler, whose arguments nothing reads but the relay (no
+mailbox to route by, no tag inside them, no state it changes), is passed on as its
+line when the line is plain (imap.plain: its canonical re-encoding is the line
+itself, proved in tests/test_plain.py). Two levels:
+
+* the reader (:data:`PLAIN_COMMANDS`): such a command is admitted as any other (table,
+  state, limits), then its arguments are not parsed;
+* :func:`relay_plain`: a read that is exactly one such line, arriving while the
+  session reads nothing else (no command half read, no literal or dropped rest
+  pending, no IDLE or SASL line awaited, nothing blocking its input, below the cap
+  on commands in flight, its backend ready at once) is relayed from the bytes: its
+  tag swapped, no framer event, no Command. Anything else takes the long way,
+  which would do the same with that line;
+* :func:`completed_plain`: a backend's read that is exactly one tagged completion
+  without a response code (``rp7 OK NOOP completed.``), after untagged lines relayed
+  unparsed anyway (``* 3 FETCH (FLAGS (\\Seen))``, ``* 4 EXPUNGE``), relays those and
+  completes its command from the bytes (relay.py swaps the tag back).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .commands import COMMANDS, PRE
+from .flow import Block
+from .imap.plain import PLAIN_GRAMMARS, plain_arguments
+from .imap.response import plain_completion, plain_untagged
+
+__all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
+
+# The handlers that only relay: to the selected mailbox's backend (home if none), or home;
+# NOOP's after login is to_selected.
+_RELAY_ONLY = {"to_selected": False, "to_home": True, "noop": False}
+
+#: FETCH, STORE, UID EXPUNGE ... (CHECK, EXPUNGE: no arguments, never parsed anyway).
+PLAIN_COMMANDS: frozenset[str] = frozenset(
+    spec.name for spec in COMMANDS.values()
+    if spec.handler in _RELAY_ONLY and not spec.tag_refs and not spec.tag_args and spec.grammar.text in PLAIN_GRAMMARS
+)
+
+# name -> (grammar text, to home): every command relay_plain takes; after login the table
+# admits each whatever the line (not a PRE-login command, collected, not STREAMED: session._admit).
+_FAST: dict[str, tuple[str, bool]] = {
+    spec.name: (spec.grammar.text, _RELAY_ONLY[spec.handler]) for spec in COMMANDS.values()
+    if spec.handler in _RELAY_ONLY and not spec.tag_refs and not spec.tag_args
+    and (spec.name in PLAIN_COMMANDS or not spec.grammar.takes_arguments) and spec.states != PRE
+}
+
+# One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only.
+_LINE = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) ((?:UID )?[A-Z]+)(?: ([^\r\n]+))?\r\n')
+
+
+def relay_plain(session: Any, data: bytes) -> bool:
+    """Relay *data* if it is one plain command line the session (logged in: its caller
+    checks) would relay at once as it is; False (nothing done) to take the long way."""
+    if session.flow.blocked or not session.reader.idle:
+        return False
+    m = _LINE.fullmatch(data)
+    if m is None or len(data) - 2 > session.reader.limits.max_line:
+        return False
+    tag, name, rest = m.group(1), m.group(2).decode("ascii"), m.group(3)
+    fast = _FAST.get(name)
+    if fast is None:
+        return False
+    grammar, to_home = fast
+    if rest is None:
+        if grammar:
+            return False
+    elif not grammar or not plain_arguments(grammar, rest):
+        return False
+    relay, pool = session.relay, session.pool
+    most = session.config.proxy.connections.max_commands_in_flight
+    if relay.in_flight + len(session.appends.unanswered) >= most:
+        return False
+    conn = pool.fast(session.home if to_home else session.selected or session.home)
+    if conn is None:
+        return False
+    session.ctx.observer.command_named(session, tag, name)
+    relay.send_line(conn, tag, data[len(tag):])
+    if relay.in_flight + len(session.appends.unanswered) >= most:
+        session.block(Block.IN_FLIGHT)  # as the reader's loop would, before its next command
+    return True
+
+
+def completed_plain(conn: Any, data: bytes) -> bool:
+    """Complete a command of *conn* (a BackendProtocol between responses) if *data* is
+    exactly its tagged completion without a response code, after whole untagged lines
+    nobody acts on (imap.response.plain_untagged, no literal): what the framer, the
+    response parser and the backend's relay would do with them, from the bytes."""
+    if not conn._greeted or conn.closed or not conn._framer.idle:
+        return False
+    cut = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line starts
+    start = plain_completion(data[cut:] if cut else data)
+    if start is None:
+        return False
+    head = data[:cut]
+    if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None or b"}\r\n" in head
+                or head.count(b"\n") != head.count(b"\r\n")
+                or not all(plain_untagged(line) for line in head[:-2].split(b"\r\n"))):
+        return False
+    pending = conn._pending.pop(start.tag, None)
+    if pending is None:
+        return False  # the long way says so in the log
+    if cut:
+        conn.sink.untagged(conn, None, head, True)
+    pending.on_done(start, data[cut:] if cut else data)
+    return True

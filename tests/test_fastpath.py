@@ -1,0 +1,198 @@
+"""The session's fast path (fastpath.relay_plain): a read that is one plain relayed
+command line goes to the backend from the bytes, and every guarantee of the long way
+holds: admission by table and state, the cap on commands in flight, a refused
+command's literal never run, only DONE during IDLE, nothing read while input is blocked."""
+
+from __future__ import annotations
+
+from unittest.mock import patch
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from referral_proxy.fastpath import completed_plain
+from referral_proxy.flow import Block
+from referral_proxy.testing.fakes import SessionHarness, minimal_config
+
+
+def harness(**proxy) -> tuple[SessionHarness, list[bytes]]:
+    """A logged-in session, and the reads that went the long way (through the reader)."""
+    h = SessionHarness(minimal_config(**proxy))
+    h.login()
+    long_way: list[bytes] = []
+    reader = h.session.reader
+    receive = reader.receive_data
+
+    def spy(data: bytes) -> None:
+        long_way.append(data)
+        receive(data)
+
+    reader.receive_data = spy  # type: ignore[method-assign]
+    return h, long_way
+
+
+@pytest.mark.parametrize("name, line, relayed", [
+    ("NOOP", b"a1 NOOP\r\n", b"rp1 NOOP\r\n"),
+    ("UID FETCH", b"a.2 UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])\r\n",
+     b"rp1 UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])\r\n"),
+    ("STORE", b'x STORE 3,5:7 +FLAGS.SILENT (\\Deleted "a")\r\n', b'rp1 STORE 3,5:7 +FLAGS.SILENT (\\Deleted "a")\r\n'),
+    ("EXPUNGE", b"e EXPUNGE\r\n", b"rp1 EXPUNGE\r\n"),
+])
+def test_a_plain_line_is_relayed_from_its_bytes(name, line, relayed):
+    h, long_way = harness()
+    h.send(line)
+    assert h.to_backend() == relayed
+    assert long_way == []  # the reader never saw it
+    tag = line.split(b" ")[0]
+    h.from_backend(b"* 1 FETCH (FLAGS ())\r\nrp1 OK done\r\n")
+    assert h.to_client() == b"* 1 FETCH (FLAGS ())\r\n" + tag + b" OK done\r\n"
+    assert h.context.observer.commands_total[(name, "ok")] == 1
+
+
+@pytest.mark.parametrize("line, relayed", [
+    (b"a1 noop\r\n", b"rp1 NOOP\r\n"),  # lower case: parsed, and written canonically
+    (b"a1 NOOP \r\n", b"rp1 NOOP\r\n"),
+    (b"a1 FETCH 1  FLAGS\r\n", b"rp1 FETCH 1 FLAGS\r\n"),
+    (b"a1 FETCH 1 FLAGS\n", b"rp1 FETCH 1 FLAGS\r\n"),
+    (b"a1 SEARCH RETURN (ALL) UNSEEN\r\n", b"rp1 SEARCH RETURN (ALL) UNSEEN\r\n"),  # its tag is in answers
+    (b"a1 NOOP\r\na2 NOOP\r\n", b"rp1 NOOP\r\nrp2 NOOP\r\n"),  # two commands in one read
+])
+def test_what_is_not_one_plain_line_takes_the_long_way(line, relayed):
+    h, long_way = harness()
+    h.send(line)
+    assert h.to_backend() == relayed
+    assert long_way == [line]
+
+
+def test_before_login_nothing_is_relayed():
+    h = SessionHarness()
+    h.to_client()
+    h.send(b"a1 NOOP\r\n")
+    h.send(b"a2 FETCH 1 FLAGS\r\n")
+    assert h.to_client() == b"a1 OK NOOP completed.\r\na2 BAD FETCH is not allowed before login\r\n"
+    assert h.connector.backends == []
+
+
+def test_a_refused_commands_literal_is_never_run():
+    h, long_way = harness()
+    h.send(b"a0 FROB {9+}\r\n")  # refused: its literal (the next read) is dropped unread
+    h.send(b"a1 NOOP\r\n")  # 9 bytes: the literal
+    h.send(b"a1b NOOP\r\n")  # the rest of a0's line after its literal: dropped too
+    h.send(b"a2 NOOP\r\n")
+    assert h.to_backend() == b"rp1 NOOP\r\n"
+    assert h.to_client() == b"a0 BAD Unknown command FROB\r\n"
+    h.from_backend(b"rp1 OK done\r\n")
+    assert h.to_client() == b"a2 OK done\r\n"
+    assert long_way == [b"a0 FROB {9+}\r\n", b"a1 NOOP\r\n", b"a1b NOOP\r\n"]
+
+
+def test_a_command_after_a_literal_of_its_own_is_not_taken_for_a_new_one():
+    h, long_way = harness()
+    h.send(b"a0 UID FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT {7+}\r\n")
+    h.send(b"a1 NOOP\r\n")  # the rest of a0's line and literal, not a command
+    h.send(b")])\r\n")
+    assert b"NOOP" not in h.to_backend()
+
+
+def test_only_done_is_read_during_idle():
+    h, long_way = harness()
+    h.send(b"i IDLE\r\n")
+    h.from_backend(b"+ idling\r\n")
+    h.to_client()
+    h.send(b"a1 NOOP\r\n")  # not DONE: ends the IDLE, never relayed as a command
+    assert b"NOOP" not in h.to_backend()
+    assert long_way[-1] == b"a1 NOOP\r\n"
+
+
+def test_the_cap_on_commands_in_flight_holds():
+    h, long_way = harness(max_commands_in_flight=2)
+    for i in range(4):
+        h.send(b"a%d NOOP\r\n" % i)
+    assert h.to_backend() == b"rp1 NOOP\r\nrp2 NOOP\r\n"
+    assert Block.IN_FLIGHT in h.session.flow.blocked
+    h.from_backend(b"rp1 OK done\r\nrp2 OK done\r\n")
+    assert h.to_backend() == b"rp3 NOOP\r\nrp4 NOOP\r\n"
+    h.from_backend(b"rp3 OK done\r\nrp4 OK done\r\n")
+    assert h.to_client() == b"a0 OK done\r\na1 OK done\r\na2 OK done\r\na3 OK done\r\n"
+
+
+def test_nothing_is_relayed_while_input_is_blocked():
+    h, long_way = harness()
+    h.session.block(Block.OUTPUT)  # the client reads nothing of what it is sent
+    h.send(b"a1 NOOP\r\n")
+    assert h.to_backend() == b""
+    h.session.unblock(Block.OUTPUT)
+    assert h.to_backend() == b"rp1 NOOP\r\n"
+
+
+def test_a_fetch_waits_for_a_select_on_another_backend():
+    """Input is held while a command waits (Block.TASK): the FETCH goes after, where it belongs."""
+    h, long_way = harness()
+    h.session.block(Block.TASK)
+    h.send(b"f FETCH 1 FLAGS\r\n")
+    assert h.to_backend() == b""
+    h.session.unblock(Block.TASK)
+    assert h.to_backend() == b"rp1 FETCH 1 FLAGS\r\n"
+
+
+def test_a_completion_inside_a_literal_is_literal_data():
+    """A backend's read that looks like the tagged completion but is a literal's data (or
+    the rest of an untagged line) completes nothing."""
+    h, long_way = harness()
+    h.send(b"f FETCH 1 BODY[]\r\n")
+    h.to_backend()
+    h.from_backend(b"* 1 FETCH (BODY[] {13}\r\nrp1 OK done\r\n")  # 13 bytes: the message, in the same read
+    assert h.session.relay.in_flight == 1
+    h.from_backend(b")\r\n")
+    h.from_backend(b"rp1 OK done\r\n")
+    assert h.to_client() == b"* 1 FETCH (BODY[] {13}\r\nrp1 OK done\r\n)\r\nf OK done\r\n"
+    assert h.session.relay.in_flight == 0
+
+
+def test_a_completion_with_a_response_code_is_parsed():
+    h, long_way = harness()
+    h.send(b"n NOOP\r\n")
+    h.from_backend(b"rp1 OK [CAPABILITY IMAP4rev1 X-NEW] done\r\n")
+    assert "X-NEW" in h.backend.capabilities
+    assert h.to_client() == b"n OK [CAPABILITY IMAP4rev1 X-NEW] done\r\n"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def untagged(self, _backend, *args) -> None:
+        self.calls.append(args)
+
+    def backend_lost(self, _backend, _reason) -> None:
+        pass
+
+
+RESPONSE_LINES = [b"* 1 FETCH (FLAGS ())", b"* 3 EXPUNGE", b"* OK [CAPABILITY IMAP4rev1 X]", b"* BYE going",
+                  b"* 1 FETCH (BODY[] {3}", b"abc)", b"* 1 FETCH (BODY[] {13}", b'* ESEARCH (TAG "rp1") ALL 1', b"* OK [UIDNEXT 4] x",
+                  b"rp1 OK done", b"rp1 OK [READ-WRITE] x", b"rp1 NO no", b"rp9 OK other", b"+ go", b"* 2 EXISTS"]
+
+
+@settings(max_examples=150, deadline=None)
+@example(parts=[(b"* 1 FETCH (BODY[] {13}", b"\r\n"), (b"rp1 OK done", b"\r\n")])  # the completion is literal data
+@example(parts=[(b"* 3 EXPUNGE", b"\r\n"), (b"* 1 FETCH (FLAGS ())", b"\r\n"), (b"rp1 OK done", b"\r\n")])
+@example(parts=[(b"rp1 OK done", b""), (b"* 1 FETCH (BODY[] {3}", b"\r\n")])  # a completion that ends as a literal's announce
+@given(parts=st.lists(st.tuples(st.sampled_from(RESPONSE_LINES), st.sampled_from([b"\r\n", b"\n", b"\r\n", b""])),
+                      min_size=1, max_size=5))
+def test_a_backends_read_completes_as_the_long_way_would(parts):
+    """The same reads into two connections, one without the fast path: the same relayed
+    bytes, the same completions, the same state after."""
+    data = b"".join(line + end for line, end in parts)
+    seen = []
+    for fast in (True, False):
+        h, _ = harness()
+        h.send(b"a NOOP\r\n")
+        h.to_backend()
+        conn, sink = h.backend, _Sink()
+        conn.sink = sink
+        with patch("referral_proxy.backend.completed_plain", completed_plain if fast else lambda c, d: False):
+            conn.dataReceived(data)
+            conn.dataReceived(b"* 5 EXISTS\r\n")
+        seen.append((sink.calls, h.session.relay.in_flight, h.to_client(), conn.capabilities, conn.bye_received))
+    assert seen[0] == seen[1]
