@@ -248,6 +248,11 @@ class ReferralProxyTarget(Target):
         self.workdir = root / ("proxy" if workers is None else f"proxy-w{workers}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         extra = "" if workers is None else f"workers = {workers}\n"
+        # Every benchmark client is alice or user1..100 from 127.0.0.1 (2 x 100 idle sessions
+        # for the memory row): the per-address and per-user limits (hostile clients, issue 10)
+        # raised out of the way, as no peer here has them by default.
+        extra += "".join(f"{k} = 100000\n" for k in ("max_connections_per_ip", "max_unauthenticated_per_ip",
+                                                     "max_connections_per_user"))
         if workers is not None:
             self.key = f"referral-proxy-w{workers}"
             self.label = f"referral-proxy w={workers}"

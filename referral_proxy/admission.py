@@ -74,7 +74,7 @@ def address_key(ip: str, v6_prefix: int = 64) -> str:
     return ip
 
 
-@dataclass
+@dataclass(slots=True)
 class _Connection:
     ip: str
     user: str | None = None

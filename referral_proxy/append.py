@@ -51,6 +51,7 @@ from .imap.grammar import encode_quoted
 from .imap.quota import quota_resources, room_left
 from .imap.reader import AppendMessage
 from .imap.response import ResponseStart, replace_tag
+from .lean import SmallSet
 from .staging import Staging, StagingHost, mailbox_argument, run_captured
 
 __all__ = ["AppendCommand", "AppendHost", "AppendState", "Mode"]
@@ -103,7 +104,7 @@ class AppendHost(StagingHost, Protocol):
         """Read no further command from the client while on (a STAGE commit uses the connection)."""
 
     @property
-    def no_staging(self) -> set[str]:
+    def no_staging(self) -> SmallSet:
         """The backends of the session that refused to create a staging mailbox."""
 
     def room_of(self, backend: str, mailbox: bytes) -> tuple[int | None, int | None] | None:

@@ -26,6 +26,7 @@ from .imap.reader import (
     AppendStart,
     CommandReader,
 )
+from .lean import SmallSet
 from .pool import BackendPool
 from .routing import Route
 from .staging import StagingJournal
@@ -85,15 +86,17 @@ class Appends:
     """The APPENDs of one session: the one the client is sending, and those not answered
     yet. It is the host of each AppendCommand (AppendHost)."""
 
+    __slots__ = ("host", "_journal", "_clock", "_taker", "current", "unanswered", "_after", "no_staging")  # no dict
+
     def __init__(self, host: AppendsHost, journal: StagingJournal, clock: Any) -> None:  # an IReactorTime
         self.host = host
         self._journal = journal  # the staging mailboxes' (ProxyContext.staging_journal)
         self._clock = clock
         self._taker: Taker | None = None  # the last target that took this session's messages
         self.current: AppendCommand | None = None
-        self.unanswered: set[AppendCommand] = set()
+        self.unanswered: SmallSet = SmallSet()
         self._after: list[bytes] = []  # the proxy's own refusals of later commands, held until those are answered
-        self.no_staging: set[str] = set()  # backends that refused a staging mailbox: one message per APPEND there
+        self.no_staging: SmallSet = SmallSet()  # backends that refused a staging mailbox: one message per APPEND there
 
     def after_answers(self, line: bytes) -> None:
         """Send *line* (the proxy's refusal of a command read after an APPEND) once every APPEND

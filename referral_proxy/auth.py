@@ -124,6 +124,8 @@ class AuthHost(Protocol):
 class Authenticator:
     """LOGIN and AUTHENTICATE PLAIN of one session, with the SASL exchange in between."""
 
+    __slots__ = ("host", "_sasl_tag")  # no per-instance dict
+
     def __init__(self, host: AuthHost) -> None:
         self.host = host
         self._sasl_tag: bytes | None = None  # AUTHENTICATE awaiting the client's response line

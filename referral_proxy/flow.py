@@ -11,13 +11,14 @@ itself write to it.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
+
+from .lean import SmallSet
 
 __all__ = ["Block", "ReadGate", "PeerPause", "AllBackends", "ClientOutput", "Output", "ClientFlow"]
 
@@ -45,9 +46,11 @@ class ReadGate:
     connection pauses it under a reason of its own (back-pressure).
     """
 
+    __slots__ = ("_transport", "_reasons")  # no per-instance dict
+
     def __init__(self, transport: Any) -> None:
         self._transport = transport
-        self._reasons: set[object] = set()
+        self._reasons: SmallSet = SmallSet()
 
     def pause(self, reason: object) -> None:
         if not self._reasons:
@@ -76,6 +79,8 @@ class ReadGate:
 class PeerPause:
     """The client's ReadGate as seen by one backend connection's transport."""
 
+    __slots__ = ("_gate", "_reason")  # no per-instance dict
+
     def __init__(self, gate: ReadGate, reason: str) -> None:
         self._gate, self._reason = gate, reason
 
@@ -94,10 +99,12 @@ class PeerPause:
 class AllBackends:
     """Registered on the client's transport: a slow client pauses every backend."""
 
+    __slots__ = ("paused", "transports", "held")  # no per-instance dict
+
     def __init__(self) -> None:
         self.paused = False
-        self.transports: set[Any] = set()
-        self.held: set[Any] = set()  # paused for another reason (Output's queue): left paused
+        self.transports: SmallSet = SmallSet()
+        self.held: SmallSet = SmallSet()  # paused for another reason (Output's queue): left paused
 
     def add(self, transport: Any) -> None:
         self.transports.add(transport)
@@ -131,22 +138,24 @@ class AllBackends:
 @implementer(IPushProducer)
 class ClientOutput:
     """Registered on the client's transport when it connects: while the transport's
-    buffer is over its size, no command is read (*hold*) and every backend is paused."""
+    buffer is over its size, no command is read (Block.OUTPUT) and every backend is paused."""
 
-    def __init__(self, backends: AllBackends, hold: Callable[[], None], release: Callable[[], None]) -> None:
+    __slots__ = ("backends", "_flow", "paused")  # no per-instance dict
+
+    def __init__(self, backends: AllBackends, flow: ClientFlow) -> None:
         self.backends = backends
-        self._hold, self._release = hold, release
+        self._flow = flow  # not two bound methods of it: less kept per session
         self.paused = False
 
     def pauseProducing(self) -> None:
         self.paused = True
-        self._hold()
+        self._flow.block(Block.OUTPUT)
         self.backends.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.paused = False
         self.backends.resumeProducing()
-        self._release()
+        self._flow.unblock(Block.OUTPUT)
 
     def stopProducing(self) -> None:
         pass
@@ -171,13 +180,15 @@ class Output:
     it had already produced; *release* lets it go on once its queue is written.
     """
 
+    __slots__ = ("_write", "_hold", "_release", "_owner", "_queue", "_paused")  # no per-instance dict
+
     def __init__(self, write: Callable[[bytes], None], hold: Callable[[object], None] = _pause_transport,
                  release: Callable[[object], None] = _resume_transport) -> None:
         self._write = write
         self._hold, self._release = hold, release
         self._owner: object = None  # the source in the middle of a response
-        self._queue: deque[tuple[object, bytes, bool]] = deque()
-        self._paused: set[Any] = set()
+        self._queue: list[tuple[object, bytes, bool]] = []  # a deque is 760 bytes empty
+        self._paused: SmallSet = SmallSet()
 
     def write(self, source: object, data: bytes, end: bool = True) -> None:
         if self._owner is None or self._owner is source:
@@ -221,7 +232,7 @@ class Output:
         """*source* is gone mid-response: let the others through."""
         if self._owner is source:
             self._owner = None
-        self._queue = deque(item for item in self._queue if item[0] is not source)
+        self._queue = [item for item in self._queue if item[0] is not source]
         self._paused.discard(source)
         self._flush()
 
@@ -231,13 +242,17 @@ class ClientFlow:
     only), its serialized output, and back-pressure both ways (a backend's full socket
     pauses the client; the client's full output pauses every backend and the commands)."""
 
+    __slots__ = (  # no per-instance dict: a proxy holds thousands of idle sessions
+        "own", "blocked", "gate", "backends", "client_output", "out", "_write", "_pump", "_abort_timer",
+        "_registered",
+    )
+
     def __init__(self, own: object, write: Callable[[bytes], None], pump: Callable[[], None]) -> None:
         self.own = own  # the source of the proxy's own answers (the session)
-        self.blocked: set[Block] = set()
+        self.blocked: SmallSet = SmallSet()
         self.gate: ReadGate | None = None
         self.backends = AllBackends()
-        self.client_output = ClientOutput(self.backends, lambda: self.block(Block.OUTPUT),
-                                          lambda: self.unblock(Block.OUTPUT))
+        self.client_output = ClientOutput(self.backends, self)
         self.out = Output(write, self._hold, self._release)
         self._write = write
         self._pump = pump

@@ -54,6 +54,8 @@ class _Idling:
 class Idle:
     """The IDLE of one session, if one runs."""
 
+    __slots__ = ("host", "current")  # no per-instance dict
+
     def __init__(self, host: IdleHost) -> None:
         self.host = host
         self.current: _Idling | None = None

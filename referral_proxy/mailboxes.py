@@ -85,6 +85,8 @@ _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- are r
 class MailboxCommands:
     """The mailbox-routed commands of one session."""
 
+    __slots__ = ("host",)  # no per-instance dict
+
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
 

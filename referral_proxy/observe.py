@@ -62,7 +62,7 @@ _BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_
 MAX_PENDING = 1000
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SessionRecord:
     """What the Observer keeps of one live client session."""
 

@@ -51,7 +51,7 @@ def _host_port(addr: Any) -> tuple[str, int | None]:
     return str(host), getattr(addr, "port", None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Origin:
     """One client session's real addresses, its session id toward backends, and its TTL."""
 

@@ -49,6 +49,11 @@ def backend_config(ctx: ProxyContext, name: str) -> BackendConfig:
 class BackendPool:
     """Connections per backend for one user, with the ENABLEd extensions replayed."""
 
+    __slots__ = (  # no per-instance dict: a proxy holds thousands of idle sessions
+        "ctx", "_connect", "user", "_credentials", "_id", "_attach", "conns", "enabled", "closed", "_connecting",
+        "_waiters",
+    )
+
     def __init__(self, ctx: ProxyContext, connect: Connect, user: str, credentials: Credentials, session_id: int,
                  attach: Callable[[BackendProtocol], None]) -> None:
         self.ctx = ctx
@@ -58,10 +63,10 @@ class BackendPool:
         self._id = session_id
         self._attach = attach  # wires a new connection to the session (sink, back-pressure)
         self.conns: dict[str, BackendProtocol] = {}
-        self.enabled: list[bytes] = []  # what the client ENABLEd, in order
+        self.enabled: tuple[bytes, ...] = ()  # what the client ENABLEd, in order
         self.closed = False
         self._connecting: dict[str, defer.Deferred[BackendProtocol]] = {}
-        self._waiters: list[tuple[BackendProtocol | None, defer.Deferred[None]]] = []
+        self._waiters: tuple[tuple[BackendProtocol | None, defer.Deferred[None]], ...] = ()  # mostly none
 
     # -- connections ----------------------------------------------------------------
 
@@ -135,7 +140,7 @@ class BackendPool:
     def remember_enabled(self, names: Sequence[bytes]) -> None:
         for name in names:
             if name.upper() not in self.enabled:
-                self.enabled.append(name.upper())
+                self.enabled += (name.upper(),)
 
     async def prepare(self, conn: BackendProtocol) -> None:
         """Replay what the client ENABLEd on a connection that has not seen it."""
@@ -180,14 +185,14 @@ class BackendPool:
         if self._is_quiet(conn):
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
-        self._waiters.append((conn, d))
+        self._waiters += ((conn, d),)
         return d
 
     def check_quiet(self) -> None:
         """A command completed somewhere: wake whoever waited for quiet."""
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters, ()
         for conn, d in waiters:
             if self._is_quiet(conn):
                 d.callback(None)
             else:
-                self._waiters.append((conn, d))
+                self._waiters += ((conn, d),)

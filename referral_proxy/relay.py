@@ -83,6 +83,8 @@ class _Refs:
 class Relay:
     """The relaying side of one session."""
 
+    __slots__ = ("host", "_refs", "in_flight")  # no per-instance dict
+
     def __init__(self, host: RelayHost) -> None:
         self.host = host
         self._refs: dict[BackendProtocol, _Refs] = {}

@@ -122,8 +122,8 @@ class ClientSession(Protocol):
         self._pumping = False
         self._login_timer: Any = None
         self._socket: Any = None
-        self._closed_waiters: list[defer.Deferred[None]] = []
-        self._byes: set[BackendProtocol] = set()  # backends whose own BYE the client was sent
+        self._closed_waiters: tuple[defer.Deferred[None], ...] = ()  # rare: no list kept per session
+        self._byes: tuple[BackendProtocol, ...] = ()  # backends whose own BYE the client was sent (few)
         self._before_login = 0  # commands read before the login
 
     @property
@@ -178,7 +178,7 @@ class ClientSession(Protocol):
         self.flow.closed()
         self.ctx.admission.gone(self)
         self.ctx.sessions.discard(self)
-        waiters, self._closed_waiters = self._closed_waiters, []
+        waiters, self._closed_waiters = self._closed_waiters, ()
         for d in waiters:
             d.callback(None)
         for conn in self.appends.client_gone():
@@ -194,7 +194,7 @@ class ClientSession(Protocol):
         if self.transport is None or getattr(self.transport, "disconnected", False):
             d.callback(None)
         else:
-            self._closed_waiters.append(d)
+            self._closed_waiters += (d,)
         return d
 
     def shutdown(self) -> None:
@@ -543,7 +543,7 @@ class ClientSession(Protocol):
             if start.name == "ESEARCH" or start.code == "NOUPDATE":
                 data = self.relay.translate(backend, data)
             elif start.status == "BYE":
-                self._byes.add(backend)  # the client has its reason (a BYE captured by a transfer is not)
+                self._byes += (backend,)  # the client has its reason (a BYE captured by a transfer is not)
         self.flow.out.write(backend, data, end)
 
     def dies_with(self, conn: BackendProtocol) -> bool:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
-__all__ = ["astring", "capability_tokens", "quoted"]
+__all__ = ["astring", "capability_sets", "capability_tokens", "quoted"]
 
 # ATOM-CHAR: printable ASCII except atom-specials ( ) { SP % * " \ ].
 _ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
@@ -31,3 +32,10 @@ def astring(value: bytes) -> bytes:
 def capability_tokens(data: bytes) -> list[str]:
     """Upper-cased capability names: b"IMAP4rev1 AUTH=PLAIN" -> ["IMAP4REV1", "AUTH=PLAIN"]."""
     return data.decode("ascii", "replace").upper().split()
+
+
+@lru_cache(maxsize=64)
+def capability_sets(data: bytes) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(upper-cased names for membership tests, names as announced): one shared pair per
+    distinct list, not ~7 KB of strings per backend connection (a fleet announces few lists)."""
+    return frozenset(capability_tokens(data)), tuple(data.decode("ascii", "replace").split())

@@ -15,7 +15,6 @@ decision, next_event() returns :data:`NEED_DECISION`: nothing is read meanwhile.
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -189,7 +188,7 @@ class CommandReader:
         # A refused command's rest is dropped unread, but not for more fragments than an
         # accepted one may have (a literal each, a message each for a MULTIAPPEND).
         self._framer = Framer(limits.max_line, max_dropped=max(limits.max_literals, limits.max_append_messages) + 1)
-        self._queue: deque[ReaderEvent] = deque()
+        self._queue: list[ReaderEvent] = []  # at most an APPEND's first message (a deque is 760 bytes)
         self._state = _IDLE
         self._line_mode = False
         self._deciding = False  # an AppendMessage awaits accept() / drop()
@@ -209,7 +208,7 @@ class CommandReader:
 
     def next_event(self) -> ReaderEvent | NeedData | Sentinel:
         if self._queue:
-            return self._queue.popleft()
+            return self._queue.pop(0)
         if self._deciding:
             return NEED_DECISION
         framer = self._framer
@@ -221,7 +220,7 @@ class CommandReader:
             if out is not None:
                 return out
             if self._queue:
-                return self._queue.popleft()
+                return self._queue.pop(0)
 
     # -- the consumer's decisions -------------------------------------------------------
 
