@@ -73,18 +73,30 @@ class Ledger:
     ops: collections.Counter = field(default_factory=collections.Counter)
     errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
     history: list = field(default_factory=list)  # (time, client, what) of every RENAME, MOVE and COPY
+    overlaps: list = field(default_factory=list)  # (message, start, end) of MOVEs/COPYs not answered OK
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, kind: str, outcome: str) -> None:
         with self.lock:
             self.ops[f"{kind} {outcome}"] += 1
 
-    def backend_died(self, mid: str, since: float) -> None:
-        """A MOVE or COPY of *mid* that a backend kill overlapped: Dovecot's own MOVE/COPY is not
-        crash-atomic (a maildir MOVE is a copy, then an expunge), so a second copy may exist."""
+    def backend_died(self, mid: str, since: float, answered: bool = False) -> None:
+        """A MOVE or COPY of *mid* that a backend kill may have overlapped: Dovecot's own MOVE/COPY
+        is not crash-atomic (a maildir MOVE is a copy, then an expunge), so a second copy may exist.
+        Judged at the end (:meth:`settle`): the client can see its connection drop before the
+        chaos thread has written its "KILL b" line."""
         with self.lock:
-            if any(since <= t for t, who, what in self.history if who == -1 and what.startswith("KILL b")):
-                self.copies_maybe[mid] += 1
+            self.overlaps.append((mid, since, time.monotonic() + (0.0 if answered else 1.0)))
+
+    def settle(self) -> None:
+        """Count a possible copy for each MOVE/COPY that a backend kill overlapped (one not answered
+        OK: up to 1 s after its end)."""
+        with self.lock:
+            kills = [t for t, who, what in self.history if who == -1 and what.startswith("KILL b")]
+            for mid, since, ended in self.overlaps:
+                if any(since <= t <= ended for t in kills):
+                    self.copies_maybe[mid] += 1
+            self.overlaps.clear()
 
     def tell(self, who: int, what: str) -> None:
         with self.lock:
@@ -179,10 +191,11 @@ class Client(threading.Thread):
         m.response("COPYUID")  # (forget any earlier one)
         self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}")
         since = time.monotonic()
+        typ = None
         try:
             typ, data = m.uid("MOVE", uid, quote(target))
         finally:
-            self.ledger.backend_died(mid, since)
+            self.ledger.backend_died(mid, since, answered=typ == "OK")
         self.ledger.note("move", typ)
         self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}: {typ} {data}")
         m.unselect()
@@ -351,6 +364,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         reached = through_proxy(proxy, USER)
     finally:
         proxy.stop()
+    ledger.settle()
     with ledger.lock:
         lost = sorted(i for i in ledger.must if counts[i] < 1 + ledger.copies_acked[i])
         duplicated = sorted(i for i, n in counts.items()
