@@ -88,6 +88,14 @@ class Ledger:
         with self.lock:
             self.overlaps.append((mid, since, time.monotonic() + (0.0 if answered else 1.0)))
 
+    def dovecot_partial(self, mid: str, answer: list) -> None:
+        """Dovecot's own NO to a same-backend COPY/MOVE whose selected source was renamed or deleted
+        by another session meanwhile ("Mailbox was deleted under us") may come after the copy was
+        saved: a second copy may exist (Dovecot's behaviour; the proxy relays it)."""
+        if any(b"deleted under us" in a for a in answer if isinstance(a, bytes)):
+            with self.lock:
+                self.copies_maybe[mid] += 1
+
     def settle(self) -> None:
         """Count a possible copy for each MOVE/COPY that a backend kill overlapped (one not answered
         OK: up to 1 s after its end)."""
@@ -196,6 +204,8 @@ class Client(threading.Thread):
             typ, data = m.uid("MOVE", uid, quote(target))
         finally:
             self.ledger.backend_died(mid, since, answered=typ == "OK")
+        if typ != "OK":
+            self.ledger.dovecot_partial(mid, data)
         self.ledger.note("move", typ)
         self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}: {typ} {data}")
         m.unselect()
@@ -217,6 +227,7 @@ class Client(threading.Thread):
             raise
         if typ != "OK":
             self.ledger.backend_died(mid, since)
+            self.ledger.dovecot_partial(mid, data)
         copyuid = m.response("COPYUID")[1][0]  # imaplib keeps the tagged answer's code there
         self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}: {typ} {data} {copyuid}")
         with self.ledger.lock:
