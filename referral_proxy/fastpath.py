@@ -27,6 +27,7 @@ from typing import Any
 
 from .commands import COMMANDS, PRE
 from .flow import Block
+from .imap.command import _TAG as TAG
 from .imap.plain import PLAIN_GRAMMARS, plain_arguments
 from .imap.response import plain_completion, plain_untagged
 
@@ -51,7 +52,7 @@ _FAST: dict[str, tuple[str, bool]] = {
 }
 
 # One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only.
-_LINE = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) ((?:UID )?[A-Z]+)(?: ([^\r\n]+))?\r\n')
+_LINE = re.compile(rb"(%s) ((?:UID )?[A-Z]+)(?: ([^\r\n]+))?\r\n" % TAG.pattern)
 
 
 def relay_plain(session: Any, data: bytes) -> bool:

@@ -82,7 +82,7 @@ def _command_name(data: bytes, pos: int, missing: str) -> tuple[str, int]:
 
 # The common head, in one match: a tag, an upper-case name (UID and its command), SP or the end.
 # Whatever it does not take (lower case, digits or "-" in a name, a bare UID) goes the long way.
-_PLAIN_START = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) ((?:UID )?[A-Z]+)(?: |\Z)')
+_PLAIN_START = re.compile(rb"(%s) ((?:UID )?[A-Z]+)(?: |\Z)" % _TAG.pattern)
 
 
 def parse_command_start(data: bytes) -> CommandStart:

@@ -110,7 +110,7 @@ def parse_response_start(data: bytes) -> ResponseStart:
 
 
 # One whole read that is one such completion, CRLF included (the text has no "[" first).
-_PLAIN_COMPLETION = re.compile(rb'([^\x00-\x20\x7f-\xff(){%*"\\+]+) (OK|NO|BAD)(?: ([^\[\r\n][^\r\n]*))?\r\n')
+_PLAIN_COMPLETION = re.compile(rb"(%s) (OK|NO|BAD)(?: ([^\[\r\n][^\r\n]*))?\r\n" % _TAG.pattern)
 
 
 def plain_completion(data: bytes) -> ResponseStart | None:
