@@ -161,6 +161,7 @@ class BackendProtocol(Protocol):
         self._current_tagged: list[bytes] = []
         self._current_start: ResponseStart | None = None
         self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
+        self.reuse_key: Any = None  # keepalive.ReuseKey: how it logged in, for a session's connection
 
     # -- Twisted ------------------------------------------------------------
 
