@@ -176,7 +176,8 @@ class ProxyService(MultiService):
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
             # the admin moves' totals, counted in the map store by `referral-proxy move`
             totals = StoreTotals(self.mailbox_map.store.transfer_counts, reactor)
-            site = metrics_site(make_registry(self.observer, self.health, self.admission, totals), self.health, totals)
+            site = metrics_site(make_registry(self.observer, self.health, self.admission, totals,
+                                              self.context.keepalive), self.health, totals)
             listen = config.metrics.listen if self.role is None else metrics_listen(config.metrics.listen, self.role.index)
             svc = StreamServerEndpointService(serverFromString(reactor, listen), site)
             svc._raiseSynchronously = True

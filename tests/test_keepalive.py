@@ -12,11 +12,12 @@ import base64
 import re
 import socket
 import time
+import urllib.request
 
 import pytest
 from imapwire import Wire
 
-from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, free_port
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -74,7 +75,14 @@ def proxy(proxy_factory):
     return proxy_factory(backend_keepalive=30)
 
 
-def test_the_next_login_takes_the_parked_connection_and_is_answered_the_same(proxy, fleet):
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(re.search(r"^%s (\S+)$" % re.escape(name), text, re.M).group(1))
+
+
+def test_the_next_login_takes_the_parked_connection_and_is_answered_the_same(proxy_factory, fleet):
+    port = free_port()
+    proxy = proxy_factory({"metrics": {"listen": f"tcp:{port}:interface=127.0.0.1"}}, backend_keepalive=30)
     b1 = fleet.backends["b1"]
     before = logins(b1, "alice")
     w, first = session(proxy)
@@ -89,6 +97,9 @@ def test_the_next_login_takes_the_parked_connection_and_is_answered_the_same(pro
     logout(w)
     time.sleep(0.3)
     assert logins(b1, "alice") == before + 1  # one backend login for both sessions
+    assert metric(port, "referral_proxy_backend_reused_total") == 1
+    assert metric(port, "referral_proxy_backend_parked") == 1
+    assert metric(port, 'referral_proxy_logins_total{result="ok"}') == 2  # both client logins counted
 
 
 def test_another_user_with_the_same_password_never_gets_it(proxy, fleet):
