@@ -202,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         if "stress" in tests:
             print("Dovecot logins per stress session (median): "
                   + ", ".join(f"{t} {statistics.median(logins[t]):.2f}" for t in targets if logins[t]))
-        print(f"{args.rounds} rounds; stress op = one command; fetch op = one whole FETCH of {fetch_bytes / 1e6:.0f} MB; "
-              f"APPEND op = one message of {args.size} bytes")
+        ops = {"stress": "stress op = one command", "fetch": f"fetch op = one whole FETCH of {fetch_bytes / 1e6:.0f} MB",
+               "append": f"APPEND op = one message of {args.size} bytes"}
+        used = [ops[k] for k in ops if k in tests or (k == "append" and set(tests) & set("cdea"))]
+        print(f"{args.rounds} rounds; " + "; ".join(used))
         return 0
     finally:
         for p in proxies.values():
