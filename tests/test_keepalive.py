@@ -4,7 +4,7 @@ address, never to two sessions, never with the last session's mailbox or its new
 session that leaves state behind (ENABLE, CONDSTORE) or ends mid-command parks nothing.
 
 Whether a login took a parked connection is read from Dovecot's own log: each backend
-login writes one ``imap-login: Login: user=<...>`` line."""
+login writes one ``imap-login: Login: user=<...>`` line, with the proxy's session id when the proxy logged in."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ MESSAGE = b"From: a@example.test\r\nSubject: %s\r\n\r\nbody %s\r\n"
 
 
 def logins(dovecot, user: str) -> int:
-    """Backend logins of *user* Dovecot has logged so far."""
-    return len(re.findall(r"imap-login: (?:Info: )?Login: user=<%s>" % re.escape(user), dovecot.log_text()))
+    """Backend logins of *user* through a proxy (its ID's session id: rp...) Dovecot has logged so far."""
+    pattern = r"imap-login: (?:Info: )?Login: user=<%s>, .*session=<rp" % re.escape(user)
+    return len(re.findall(pattern, dovecot.log_text()))
 
 
 def settle(dovecot, user: str, count: int, timeout: float = 10.0) -> int:
@@ -302,3 +303,20 @@ def test_off_when_zero(proxy_factory, fleet):
         w, _ = session(proxy)
         logout(w)
     assert settle(b1, "alice", before + 2) == before + 2
+
+
+def test_whole_sessions_pipelined_in_one_write_with_deliveries_between(proxy, fleet):
+    b1 = fleet.backends["b1"]
+    before = logins(b1, "alice")
+    for i in range(1, 6):
+        append_direct(b1, "alice", "INBOX", b"delivery %d" % i)
+        w = Wire(proxy.host, proxy.port)
+        w.send(b"L LOGIN alice secret\r\nN NOOP\r\nS SELECT INBOX\r\nF FETCH 1:* (FLAGS)\r\nZ LOGOUT\r\n")
+        lines = w.until_tagged(b"Z")
+        w.sock.close()
+        noop = lines[lines.index(next(x for x in lines if x.startswith(b"L OK"))) + 1:]
+        assert noop[0].startswith(b"N OK NOOP completed"), lines  # nothing of the last session's mailbox
+        assert b"* %d EXISTS\r\n" % i in lines, lines
+        assert sum(b" FETCH (FLAGS" in x for x in lines) == i, lines
+        time.sleep(0.3)
+    assert logins(b1, "alice") - before <= 2  # mostly one backend login for all five
