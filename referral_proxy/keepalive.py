@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from .backend import BackendProtocol, Credentials, Tagged
 from .commands import CONDSTORE_WORDS
 from .config import BackendConfig
+from .flow import Block
 from .imap.command import Atom, ParenList, String, Token
 from .imap.grammar import Arguments
 from .imap.response import ResponseStart
@@ -51,6 +52,9 @@ REUSABLE = frozenset({
     "STORE", "UID STORE", "SORT", "UID SORT", "THREAD", "UID THREAD",
 })  # APPEND is not dispatched as a command (streamed): it changes no connection state either
 
+
+# What may hold a session's input when it ends without anything still to reach a backend.
+_HARMLESS = frozenset({Block.OUTPUT, Block.QUEUED, Block.TURN})
 
 PER_USER = 4  # connections parked per user (canonical login name), all backends and addresses
 IN_ALL = 500  # connections parked in one proxy process
@@ -146,7 +150,9 @@ class KeepAlive:
         """Park the clean backend connections of an ending *session* (taken out of its pool)."""
         pool = session.pool
         if (pool is None or self._stopped or not pool.reusable or pool.enabled or self._seconds() <= 0
-                or session.reader.mid_command or session.relay.in_flight or session.appends.unanswered):
+                or session.reader.mid_command or session.relay.in_flight or session.appends.unanswered
+                or pool.busy or pool._waiters or pool._connecting  # a command may still go to any of them
+                or any(reason not in _HARMLESS for reason in session.flow.blocked)):  # a task or a login under way
             return
         for name, conn in list(pool.conns.items()):
             if self._clean(conn) and not session.flow.out.holds(conn) and self._room(conn.reuse_key):

@@ -171,3 +171,19 @@ def test_bounds_per_user():
 
 def test_every_fast_path_command_is_whitelisted():
     assert set(_FAST) <= keepalive.REUSABLE
+
+
+def test_a_session_gone_with_a_task_under_way_or_another_backend_busy_parks_nothing():
+    from referral_proxy.flow import Block
+
+    h = harness()
+    h.login()
+    h.session.block(Block.TASK)  # a command waiting for a connection or a quiet backend
+    h.session.connectionLost(None)
+    assert len(h.context.keepalive) == 0
+    assert h.to_backend().endswith(b" LOGOUT\r\n")
+    h = harness()
+    h.login()
+    h.send(b"A UID FETCH 1 (FLAGS)\r\n")  # in flight on the home backend
+    h.session.connectionLost(None)
+    assert len(h.context.keepalive) == 0
