@@ -102,6 +102,7 @@ class KeepAlive:
         self._parked: dict[ReuseKey, list[BackendProtocol]] = {}
         self._timers: dict[BackendProtocol, Any] = {}  # parked or being cleaned -> its expiry
         self._per_user: dict[str, int] = {}
+        self._sent: dict[BackendProtocol, int] = {}  # parked -> its bytes_out then: anything written since, not reused
         self.reused = 0  # logins that took a parked connection (metrics, tests)
         self.parked_total = 0
         self._stopped = False
@@ -135,8 +136,9 @@ class KeepAlive:
         conns = self._parked.get(key)
         while conns:
             conn = conns.pop()
+            sent = self._sent.get(conn)
             self._forget(conn, key)
-            if conn.closed or conn.bye_received or conn.busy:
+            if conn.closed or conn.bye_received or conn.busy or conn.bytes_out != sent:
                 conn.logout()
                 continue
             conn.sink = None
@@ -187,6 +189,7 @@ class KeepAlive:
             return  # dropped meanwhile
         if result.start.status not in ("OK", "BAD") or conn.closed or conn.busy:
             return self._drop(conn)
+        self._sent[conn] = conn.bytes_out
         self._parked.setdefault(key, []).append(conn)
 
     # -- while parked (ResponseSink) -----------------------------------------------------------
@@ -213,6 +216,7 @@ class KeepAlive:
         conn.logout()
 
     def _forget(self, conn: BackendProtocol, key: ReuseKey) -> None:
+        self._sent.pop(conn, None)
         timer = self._timers.pop(conn, None)
         if timer is None:
             return

@@ -187,3 +187,13 @@ def test_a_session_gone_with_a_task_under_way_or_another_backend_busy_parks_noth
     h.send(b"A UID FETCH 1 (FLAGS)\r\n")  # in flight on the home backend
     h.session.connectionLost(None)
     assert len(h.context.keepalive) == 0
+
+
+def test_a_parked_connection_written_to_after_it_was_parked_is_not_reused():
+    h = harness()
+    conn = end_first_session(h)
+    conn.dataReceived(b"%s OK Unselect completed.\r\n" % unselect_tag(h))
+    conn.write(b"x1 SELECT INBOX\r\n")  # a stale reference of the old session's, say
+    second_session(h)
+    assert len(h.connector.backends) == 2
+    assert conn.transport.disconnecting
