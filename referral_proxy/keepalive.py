@@ -55,6 +55,7 @@ REUSABLE = frozenset({
 
 # What may hold a session's input when it ends without anything still to reach a backend.
 _HARMLESS = frozenset({Block.OUTPUT, Block.QUEUED, Block.TURN})
+_HARMLESS_AT_LOGOUT = _HARMLESS | {Block.TASK}
 
 PER_USER = 4  # connections parked per user (canonical login name), all backends and addresses
 IN_ALL = 500  # connections parked in one proxy process
@@ -148,13 +149,16 @@ class KeepAlive:
 
     # -- a session's end -------------------------------------------------------------------
 
-    def release(self, session: Any) -> None:
-        """Park the clean backend connections of an ending *session* (taken out of its pool)."""
+    def release(self, session: Any, by_logout: bool = False) -> None:
+        """Park the clean backend connections of an ending *session* (taken out of its pool).
+        *by_logout*: its LOGOUT, which may hold Block.TASK itself (it waited for quiet backends;
+        no other task runs meanwhile: a task holds the session's input)."""
         pool = session.pool
+        harmless = _HARMLESS_AT_LOGOUT if by_logout else _HARMLESS
         if (pool is None or self._stopped or not pool.reusable or pool.enabled or self._seconds() <= 0
                 or session.reader.mid_command or session.relay.in_flight or session.appends.unanswered
                 or pool.busy or pool._waiters or pool._connecting  # a command may still go to any of them
-                or any(reason not in _HARMLESS for reason in session.flow.blocked)):  # a task or a login under way
+                or any(reason not in harmless for reason in session.flow.blocked)):  # a task or a login under way
             return
         for name, conn in list(pool.conns.items()):
             if self._clean(conn) and not session.flow.out.holds(conn) and self._room(conn.reuse_key):

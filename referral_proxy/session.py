@@ -186,7 +186,7 @@ class ClientSession(Protocol):
             if self.pool is not None:
                 # An emulated MULTIAPPEND removes what it saved, then closes its connection itself.
                 self.pool.conns.pop(conn.name, None)
-        self._logout_backends(park=True)
+        self._logout_backends(park="lost")
         self.ctx.observer.session_ended(self)
 
     def when_closed(self) -> defer.Deferred[None]:
@@ -206,10 +206,10 @@ class ClientSession(Protocol):
             self._logout_backends()
             self._close()
 
-    def _logout_backends(self, park: bool = False) -> None:
+    def _logout_backends(self, park: str = "") -> None:
         if self.pool is not None:
             if park:  # the clean ones wait for the user's next login (keepalive.py)
-                self.ctx.keepalive.release(self)
+                self.ctx.keepalive.release(self, by_logout=park == "logout")
             self.pool.logout_all()
 
     def _close(self) -> None:
@@ -408,7 +408,7 @@ class ClientSession(Protocol):
     def _logout(self, tag: bytes) -> None:
         self.send(b"* BYE Logging out\r\n")
         self.tagged(tag, "OK", "Logout completed.")
-        self._logout_backends(park=True)
+        self._logout_backends(park="logout")
         self._close()
 
     def cmd_id(self, cmd: Command, spec: CommandSpec) -> None:
