@@ -150,6 +150,7 @@ class AppendCommand:
     owns_conn: bool = False  # the client left: this command closes the connection when it is done
     room: tuple[int | None, int | None] | None = None  # PASS: (bytes, messages) the quota leaves, if known
     taken: tuple[int, int] = (0, 0)  # bytes and messages of this command sent on so far
+    held: bytes = b""  # the message's arguments, sent to the backend with its literal's first bytes
 
     def __post_init__(self) -> None:
         if "MULTIAPPEND" in self.conn.capabilities:
@@ -207,7 +208,9 @@ class AppendCommand:
         fits = literal.size <= SMALL_SYNC_LITERAL or self._fits(literal.size)
         self.taken = (self.taken[0] + literal.size, self.taken[1] + 1)
         if plus and (not literal.sync or (known and fits)):
-            conn.write(prefix + literal.announce(sync=False) + b"\r\n")
+            # Sent with the literal's first bytes, in one send() (one wake-up of the backend,
+            # and nothing at all there if the client leaves before its data).
+            self.held = prefix + literal.announce(sync=False) + b"\r\n"
             return self._stream(msg)
         # Let the backend decide before the client sends the data.
         self.state, self.waiting = AppendState.ANNOUNCED, msg
@@ -257,11 +260,20 @@ class AppendCommand:
 
     def data(self, chunk: bytes) -> None:
         if self.state is AppendState.STREAMING:
+            if self.held:
+                self._send_held()
             self.conn.write(chunk)
+
+    def _send_held(self) -> None:
+        """The message's arguments held back for its literal's first bytes: on their way now."""
+        held, self.held = self.held, b""
+        self.conn.write(held)
 
     def message_end(self) -> None:
         if self.state is not AppendState.STREAMING:
             return
+        if self.held:  # (a literal has bytes: they came first)
+            self._send_held()
         self.state = AppendState.BETWEEN
         if self.mode is Mode.STAGE:
             self.conn.write(b"\r\n")  # each message is an APPEND of its own
@@ -326,6 +338,8 @@ class AppendCommand:
         if self.refusal is not None:
             return
         state, self.refusal = self.state, answer
+        if self.held:
+            self._send_held()  # the zero-length literal below ends what the backend was sent
         self._stop_reading()
         part = self.parts[0] if self.parts else None
         if (self.mode is not Mode.STAGE and part is not None and part.status is None and not self.conn.closed

@@ -28,7 +28,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 __all__ = ["install", "installed", "attach", "FastLoop", "tune_socket", "tcp_socket", "quick_ack", "client_endpoint",
-           "connect_tcp", "drop"]
+           "connect_tcp", "drop", "sending"]
 
 log = Logger()
 
@@ -276,6 +276,12 @@ def quick_ack(sock: socket.socket | None) -> None:
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def sending(transport: Any) -> bool:
+    """True if *transport* sends when this loop pass ends: that segment carries the ACK of
+    what was read (Linux drops its delayed ACK then), so no :func:`quick_ack` is needed."""
+    return getattr(transport, "_rp_out", None) is not None
 
 
 # -- outgoing connections --------------------------------------------------------------

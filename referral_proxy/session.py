@@ -54,7 +54,7 @@ from .imap.reader import (
 from .imap.response import ResponseStart, completion_text
 from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
 from .mailboxes import MailboxCommands, Refusing
-from .netio import quick_ack, tune_socket
+from .netio import quick_ack, sending, tune_socket
 from .origin import peer_ip
 from .pool import BackendPool
 from .relay import Relay
@@ -169,8 +169,8 @@ class ClientSession(Protocol):
             return
         self.reader.receive_data(data)
         self._pump()
-        if self.reader.mid_command:  # the rest may wait for our ACK (Nagle): send it now
-            quick_ack(self._socket)
+        if self.reader.mid_command and not sending(self.transport):  # the rest may wait for our ACK (Nagle)
+            quick_ack(self._socket)  # unless our "+" or answer, sent at the pass's end, carries it
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.phase = Phase.LOGOUT
@@ -525,11 +525,8 @@ class ClientSession(Protocol):
     def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: the reader streams it
         self.tagged(cmd.tag, "BAD", "APPEND is streamed")
 
-    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
-        return self.mailboxes.append_refusal(tag, mailbox)
-
-    def route_of(self, mailbox: bytes) -> Route:
-        return self.mailboxes.route_of(mailbox)
+    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
+        return self.mailboxes.append_target(tag, mailbox)
 
     # -- the backends' side (ResponseSink, RelayHost) --------------------------------------------
 
