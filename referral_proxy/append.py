@@ -20,7 +20,8 @@ target is known to take messages: after the first message, a sync literal of at 
 or one the quota's known room surely takes; with STAGE after the check; and (PASS) the first
 literal of an APPEND to the target that took this session's last APPEND there less than
 ``appends.TAKER_SECONDS`` ago, when the room its quota left takes it (one backend command
-and one round trip per message for clients that APPEND one by one). Any other synchronizing
+and one round trip per message for clients that APPEND one by one; the command reaches the
+backend with the literal's first bytes, in one send). Any other synchronizing
 literal is announced to the backend and its ``+`` awaited, so TRYCREATE or OVERQUOTA come
 before the data. What the proxy cannot foresee (the target deleted meanwhile, another
 session's mail filling the quota, an I/O error) is refused after the literal, which RFC 3501
