@@ -33,6 +33,8 @@ __all__ = ["install", "installed", "attach", "FastLoop", "tune_socket", "tcp_soc
 log = Logger()
 
 _FD_WRITE = abstract.FileDescriptor.write  # the raw buffered write (what TLS itself uses)
+_IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
+_GATHER_FROM = 16 * 1024  # bytes a pass wrote to one connection from which they are sent unjoined
 
 
 class _EndOfPassWrite:
@@ -68,19 +70,30 @@ class _EndOfPassWrite:
         self._rp_out = None
         if not self.connected or self._writeDisconnected or self._aborting:  # type: ignore[attr-defined]
             return  # dropped, as Twisted drops its buffer on a lost or aborted connection
-        data = out[0] if len(out) == 1 else b"".join(out)
+        # Several writes holding a literal's chunk or more: sendmsg(), no copy into one joined buffer.
+        total = 0 if len(out) == 1 else sum(map(len, out))
+        data = None if total > _GATHER_FROM else out[0] if len(out) == 1 else b"".join(out)
         if not (self._tempDataLen or len(self.dataBuffer) > self.offset):  # type: ignore[attr-defined]
             try:
-                sent = self.socket.send(data)  # type: ignore[attr-defined]
+                if data is not None:
+                    sent = self.socket.send(data)  # type: ignore[attr-defined]
+                else:
+                    sent = self.socket.sendmsg(out if len(out) <= _IOV_MAX else out[:_IOV_MAX])  # type: ignore[attr-defined]
             except OSError as e:
                 # Would block: buffered below. A real error: buffered too, and the write
                 # event that follows finds it and loses the connection the usual way.
                 if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS):
                     log.debug("send failed: {why}", why=e)
                 sent = 0
-            if sent == len(data):
+            if data is None:
+                if sent == total:
+                    return
+                data = b"".join(out)  # (rare: the kernel took only part)
+            elif sent == len(data):
                 return
             data = data[sent:]
+        elif data is None:
+            data = b"".join(out)
         _FD_WRITE(self, data)  # type: ignore[arg-type]  # the rest waits for a write event
 
 

@@ -131,6 +131,40 @@ def test_what_the_kernel_does_not_take_keeps_its_order_and_pauses_the_producer(l
     spin(reactor, lambda: producer.events[-1:] == ["resume"])
 
 
+def test_a_pass_of_several_big_writes_goes_by_sendmsg_in_order_and_what_is_left_waits(loop, monkeypatch) -> None:
+    """Several writes over _GATHER_FROM bytes: one sendmsg(), no joined copy; what the
+    kernel does not take (a 4 MiB pass) goes to Twisted's buffer in order."""
+    reactor, server, client, added = loop
+    calls: list[int] = []
+    sock = server.transport.socket
+    monkeypatch.setattr(server.transport, "socket", _Counting(sock, calls))
+    head, body = b"rp3 APPEND INBOX {20480+}\r\n", bytes(range(256)) * 80
+    reactor.callLater(0, lambda: [server.transport.write(head), server.transport.write(body)])
+    reactor.iterate(0)
+    reactor.iterate(0)
+    assert recv_exactly(client, len(head) + len(body), reactor) == head + body
+    assert calls == [2]  # one sendmsg of the two buffers
+    big = [bytes([i]) * 1_000_000 for i in range(4)]
+    reactor.callLater(0, lambda: [server.transport.write(b) for b in big])
+    reactor.iterate(0)
+    assert server.transport in added  # the kernel took only part
+    assert recv_exactly(client, 4_000_000, reactor) == b"".join(big)
+
+
+class _Counting:
+    """A socket whose sendmsg() calls are recorded (the number of buffers each)."""
+
+    def __init__(self, sock: socket.socket, calls: list[int]) -> None:
+        self._sock, self._calls = sock, calls
+
+    def sendmsg(self, buffers: list[bytes]) -> int:
+        self._calls.append(len(buffers))
+        return self._sock.sendmsg(buffers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 def test_an_aborted_connection_sends_nothing_written_in_its_pass(loop) -> None:
     reactor, server, client, added = loop
 
