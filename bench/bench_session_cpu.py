@@ -30,12 +30,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+_HEADER = (b"Return-Path: <alice@example.org>\r\nFrom: Alice <alice@example.org>\r\nTo: bob@example.org\r\n"
+           b"Subject: the quarterly figures\r\nDate: Mon, 30 Nov 2026 12:00:00 +0000\r\n"
+           b"Message-ID: <20261130120000.1@example.org>\r\n\r\n")
+
 COMMANDS = [
     ("NOOP", b"NOOP", b"rp%d OK NOOP completed.\r\n"),
     ("UID FETCH", b"UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])",
      b"* 1 FETCH (FLAGS (\\Seen) UID 1)\r\nrp%d OK done\r\n"),
     ("SEARCH literal", b"SEARCH TEXT {5+}\r\nhello", b"* SEARCH 1\r\nrp%d OK done\r\n"),
     ("UID STORE", b"UID STORE 5 +FLAGS.SILENT (\\Deleted)", b"rp%d OK Store completed.\r\n"),
+    # An answer with a literal (imaptest's FETCH2): the untagged FETCH and its body, then OK, in one read.
+    ("FETCH literal", b"FETCH 3 (UID BODY.PEEK[HEADER])",
+     b"* 3 FETCH (UID 3 BODY[HEADER] {%d}\r\n" % len(_HEADER) + _HEADER.replace(b"%", b"%%")
+     + b")\r\nrp%d OK Fetch completed (0.001 + 0.000 secs).\r\n"),
+    # Dovecot's SELECT answer: untagged data with response codes, a completion with [READ-WRITE].
+    ("SELECT", b"SELECT INBOX",
+     b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n"
+     b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags permitted.\r\n"
+     b"* 30 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 1764500000] UIDs valid\r\n"
+     b"* OK [UIDNEXT 31] Predicted next UID\r\n"
+     b"rp%d OK [READ-WRITE] Select completed (0.001 + 0.000 secs).\r\n"),
 ]
 
 

@@ -179,6 +179,8 @@ class BackendProtocol(Protocol):
                 self._current = "untagged" if framer.mid_line else None
                 self._relay(data[:k], self._current is None)  # (the whole read: data itself)
                 data = data[k:]
+                if self._current is None and data and completed_plain(self, data):
+                    return  # the completion after them (a FETCH's literals), from its bytes too
         framer.receive_data(data)
         batch: list[bytes] = []
         end = True

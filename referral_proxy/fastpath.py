@@ -17,7 +17,9 @@ itself, proved in tests/test_plain.py). Two levels:
 * :func:`completed_plain`: a backend's read that is exactly one tagged completion
   without a response code (``rp7 OK NOOP completed.``), after untagged lines relayed
   unparsed anyway (``* 3 FETCH (FLAGS (\\Seen))``, ``* 4 EXPUNGE``), relays those and
-  completes its command from the bytes (relay.py swaps the tag back).
+  completes its command from the bytes (relay.py swaps the tag back). After untagged
+  responses with literals (a FETCH's bodies), the backend's framer passes those through
+  first (``Framer.pass_through``, the long way's own step) and this completes the rest.
 """
 
 from __future__ import annotations
@@ -95,11 +97,13 @@ def completed_plain(conn: Any, data: bytes) -> bool:
     if not conn._greeted or conn.closed or not conn._framer.idle:
         return False
     cut = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line starts
+    if cut and b"}\r\n" in data:  # a literal: the caller's framer passes it through first
+        return False
     start = plain_completion(data[cut:] if cut else data)
     if start is None:
         return False
     head = data[:cut]
-    if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None or b"}\r\n" in head
+    if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None
                 or head.count(b"\n") != head.count(b"\r\n")
                 or not all(plain_untagged(line) for line in head[:-2].split(b"\r\n"))):
         return False
