@@ -174,6 +174,7 @@ class BackendProtocol(Protocol):
         framer = self._framer
         # Untagged data nobody here looks at ("* 12 FETCH ...", literals): to the sink as read, else one write.
         if (self._current is None or self._current == "untagged") and self._relays:
+            data = framer.take_partial(data)  # a line the last read ended in: whole again
             k = framer.pass_through(data, plain_untagged, self._current == "untagged")
             if k:
                 self._current = "untagged" if framer.mid_line else None
