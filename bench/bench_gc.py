@@ -2,7 +2,7 @@
 """What the garbage collector costs the proxy under the stress mix, per collector setting.
 
 One Dovecot (tmpfs) and one proxy per setting of ``gc.set_threshold`` (``--thresholds``;
-``""`` = as shipped, ``service.tune_gc``), each started with ``bench/gc_site`` on its
+``""`` = as shipped, ``service.tune_gc``) and per checkout (``--trees``), each started with ``bench/gc_site`` on its
 PYTHONPATH (its sitecustomize times every collection and applies the setting); the stress
 mix (loadgen.py: 100 users, 20 clients) against each in turn, the order rotated every
 round.  Per setting, medians of the rounds: proxy CPU per op (user + system, /proc),
@@ -11,6 +11,7 @@ Python heap's growth is left to bench_memory.py (the threshold bounds how many y
 objects wait for a collection, not what a session keeps).
 
     python bench/bench_gc.py --rounds 3 --seconds 8 --thresholds ",700:10:10,100000:20:20"
+    python bench/bench_gc.py --trees ",/work/main" --thresholds ""    # two builds, interleaved
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def measure(target: ReferralProxyTarget, stats_dir: Path, seconds: float) -> dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--thresholds", default=",700:10:10", help="comma-separated a:b:c settings; empty = as shipped")
+    ap.add_argument("--trees", default="", help="comma-separated checkouts whose package the proxy runs; empty = this one")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8.0)
     args = ap.parse_args(argv)
@@ -81,21 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"bench_gc: cannot run Dovecot here: {reason}", file=sys.stderr)
         return 2
-    settings = args.thresholds.split(",")
+    settings = [f"{t}@{tree}" if tree else t for tree in args.trees.split(",") for t in args.thresholds.split(",")]
     install_signal_handlers()
     root = bench_root()
     users = {f"user{i}": STRESS_PASSWORD for i in range(1, 101)}
     backend = Dovecot("gc-backend", "127.0.0.2", root / "backend", users=users)
     targets: list[ReferralProxyTarget] = []
     results: dict[str, list[dict]] = {s: [] for s in settings}
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "GC_STATS", "GC_THRESHOLD")}
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "GC_STATS", "GC_THRESHOLD", "RP_TREE")}
     try:
         backend.start()
         for i, setting in enumerate(settings):
             stats_dir = root / f"gc{i}"
             stats_dir.mkdir()
+            threshold, _, tree = setting.partition("@")
             os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SITE), saved["PYTHONPATH"]])),
-                              GC_STATS=str(stats_dir), GC_THRESHOLD=setting.replace(":", ","))
+                              GC_STATS=str(stats_dir), GC_THRESHOLD=threshold.replace(":", ","), RP_TREE=tree)
             t = ReferralProxyTarget(root / f"p{i}", backend)
             t.start()
             t.stats_dir = stats_dir  # type: ignore[attr-defined]
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_all(targets)
         backend.stop()
         shutil.rmtree(root, ignore_errors=True)
-    print("| gc.set_threshold | proxy CPU us/op | collector CPU us/op | collections per 1000 ops (gen 0/1/2) "
+    print("| gc.set_threshold [@tree] | proxy CPU us/op | collector CPU us/op | collections per 1000 ops (gen 0/1/2) "
           "| CPU ms per collection | objects collected per op | longest pause ms (wall) |")
     print("|---|---|---|---|---|---|---|")
     for s, rows in results.items():

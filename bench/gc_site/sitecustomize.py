@@ -3,13 +3,18 @@
 ``DIR/gc.<pid>.json`` at most once a second and on SIGUSR2 (per generation: collections, their
 wall and CPU seconds, the longest pause, the objects collected; the process's CPU times; with
 ``GC_GARBAGE=1`` the types of what was collected, which is then kept: not for timing); ``GC_THRESHOLD=a,b,c`` replaces every
-``gc.set_threshold`` the process makes (the proxy's own tune_gc included)."""
+``gc.set_threshold`` the process makes (the proxy's own tune_gc included); ``RP_TREE=DIR`` imports
+the referral_proxy package of the checkout DIR (a build before a change)."""
 
 import gc
 import json
 import os
 import signal
+import sys
 import time
+
+if os.environ.get("RP_TREE"):  # another checkout's referral_proxy, before the one PYTHONPATH names
+    sys.path.insert(0, os.environ["RP_TREE"])
 
 _threshold = os.environ.get("GC_THRESHOLD")
 if _threshold:
