@@ -57,6 +57,10 @@ COMMANDS = [
      b"* 30 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 1764500000] UIDs valid\r\n"
      b"* OK [UIDNEXT 31] Predicted next UID\r\n"
      b"rp%d OK [READ-WRITE] Select completed (0.001 + 0.000 secs).\r\n"),
+    # imaptest's STORE without .SILENT: 30 untagged FETCH lines and the completion in one read.
+    ("STORE 30, 1 read", b"STORE 1:30 +FLAGS (\\Seen)",
+     b"".join(b"* %d FETCH (FLAGS (\\Seen \\Deleted))\r\n" % i for i in range(1, 31)).replace(b"%", b"%%")
+     + b"rp%d OK Store completed.\r\n"),
     # imaptest's FETCH: 30 messages' ENVELOPEs (8 KB), the backend's answer in three reads cut mid-line.
     ("FETCH 30, 3 reads", b"FETCH 1:30 (UID FLAGS ENVELOPE)", _ENVELOPES + b"rp%d OK Fetch completed.\r\n",
      (len(_ENVELOPES) // 3 + 7, 2 * len(_ENVELOPES) // 3 + 11)),

@@ -31,7 +31,7 @@ from .commands import COMMANDS, PRE
 from .flow import Block
 from .imap.command import _TAG as TAG
 from .imap.plain import PLAIN_GRAMMARS, plain_arguments
-from .imap.response import plain_completion, plain_untagged
+from .imap.response import plain_completion, plain_untagged_lines
 
 __all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
 
@@ -103,9 +103,7 @@ def completed_plain(conn: Any, data: bytes) -> bool:
     if start is None:
         return False
     head = data[:cut]
-    if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None
-                or head.count(b"\n") != head.count(b"\r\n")
-                or not all(plain_untagged(line) for line in head[:-2].split(b"\r\n"))):
+    if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None or not plain_untagged_lines(head)):
         return False
     pending = conn._pending.pop(start.tag, None)
     if pending is None:
