@@ -57,10 +57,9 @@ class AppendsHost(Protocol):
 
     def dies_with(self, conn: BackendProtocol) -> bool: ...
 
-    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
-        """The answer refusing an APPEND to *mailbox* before any message (INUSE, a referral), if any."""
-
-    def route_of(self, mailbox: bytes) -> Route: ...
+    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
+        """The route of an APPEND to *mailbox*, or the answer refusing it before any message
+        (INUSE, a referral)."""
 
     def block(self, reason: Block) -> None: ...
 
@@ -110,11 +109,12 @@ class Appends:
         """Route an APPEND to its mailbox's backend and start streaming it there."""
         host = self.host
         assert host.pool is not None
-        refusal = host.append_refusal(event.tag, event.mailbox)
-        if refusal is not None:
+        route = host.append_target(event.tag, event.mailbox)
+        if type(route) is bytes:
             host.reader.drop()  # refused before the client sends any message
-            return host.send(refusal)
-        pool, route = host.pool, host.route_of(event.mailbox)
+            return host.send(route)
+        assert isinstance(route, Route)
+        pool = host.pool
         conn = pool.fast(route.primary)
         if conn is not None:
             return self._begin(event, conn)

@@ -15,7 +15,8 @@ itself, proved in tests/test_plain.py). Two levels:
   tag swapped, no framer event, no Command. Anything else takes the long way,
   which would do the same with that line;
 * :func:`completed_plain`: a backend's read that is exactly one tagged completion
-  without a response code (``rp7 OK NOOP completed.``), after untagged lines relayed
+  (``rp7 OK NOOP completed.``, ``rp8 OK [APPENDUID 7 12] Append completed.``; not
+  ``[CAPABILITY ...]``, nor a code with brackets or quotes inside), after untagged lines relayed
   unparsed anyway (``* 3 FETCH (FLAGS (\\Seen))``, ``* 4 EXPUNGE``), relays those and
   completes its command from the bytes (relay.py swaps the tag back). After untagged
   responses with literals (a FETCH's bodies), the backend's framer passes those through
@@ -91,7 +92,7 @@ def relay_plain(session: Any, data: bytes) -> bool:
 
 def completed_plain(conn: Any, data: bytes) -> bool:
     """Complete a command of *conn* (a BackendProtocol between responses) if *data* is
-    exactly its tagged completion without a response code, after whole untagged lines
+    exactly its tagged completion (imap.response.plain_completion), after whole untagged lines
     nobody acts on (imap.response.plain_untagged, no literal): what the framer, the
     response parser and the backend's relay would do with them, from the bytes."""
     if not conn._greeted or conn.closed or not conn._framer.idle:
@@ -100,7 +101,7 @@ def completed_plain(conn: Any, data: bytes) -> bool:
     if cut and b"}\r\n" in data:  # a literal: the caller's framer passes it through first
         return False
     start = plain_completion(data[cut:] if cut else data)
-    if start is None:
+    if start is None or start.code == "CAPABILITY":  # (the long way learns the capabilities)
         return False
     head = data[:cut]
     if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None or not plain_untagged_lines(head)):

@@ -132,14 +132,15 @@ class MailboxCommands:
         assert self.host.user is not None
         return self.host.mailbox_map.reserved(self.host.user, mailbox.decode("utf-8", "surrogateescape"))
 
-    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
-        """Why an APPEND to *mailbox* is answered before any message is read, if it is."""
+    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
+        """Where an APPEND to *mailbox* goes (its route, looked up once), or the answer
+        refusing it before any message is read (bytes)."""
         if is_staging_name(mailbox):
             return b"%s NO %s\r\n" % (tag, _RESERVED.encode())
         if self.moving(mailbox):
             return b"%s NO %s\r\n" % (tag, _INUSE.encode())
         route = self.route_of(mailbox)
-        return self.referral(tag, route, mailbox) if self.refers(route, mailbox) else None
+        return self.referral(tag, route, mailbox) if self.refers(route, mailbox) else route
 
     def _target(self, cmd: Command, slot: Slot) -> tuple[bytes, Route] | None:
         """The mailbox argument and its route, or None when a move holds it (answered INUSE)."""

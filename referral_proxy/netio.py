@@ -28,11 +28,13 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 __all__ = ["install", "installed", "attach", "FastLoop", "tune_socket", "tcp_socket", "quick_ack", "client_endpoint",
-           "connect_tcp", "drop"]
+           "connect_tcp", "drop", "sending"]
 
 log = Logger()
 
 _FD_WRITE = abstract.FileDescriptor.write  # the raw buffered write (what TLS itself uses)
+_IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
+_GATHER_FROM = 16 * 1024  # bytes a pass wrote to one connection from which they are sent unjoined
 
 
 class _EndOfPassWrite:
@@ -68,19 +70,30 @@ class _EndOfPassWrite:
         self._rp_out = None
         if not self.connected or self._writeDisconnected or self._aborting:  # type: ignore[attr-defined]
             return  # dropped, as Twisted drops its buffer on a lost or aborted connection
-        data = out[0] if len(out) == 1 else b"".join(out)
+        # Several writes holding a literal's chunk or more: sendmsg(), no copy into one joined buffer.
+        total = 0 if len(out) == 1 else sum(map(len, out))
+        data = None if total > _GATHER_FROM else out[0] if len(out) == 1 else b"".join(out)
         if not (self._tempDataLen or len(self.dataBuffer) > self.offset):  # type: ignore[attr-defined]
             try:
-                sent = self.socket.send(data)  # type: ignore[attr-defined]
+                if data is not None:
+                    sent = self.socket.send(data)  # type: ignore[attr-defined]
+                else:
+                    sent = self.socket.sendmsg(out if len(out) <= _IOV_MAX else out[:_IOV_MAX])  # type: ignore[attr-defined]
             except OSError as e:
                 # Would block: buffered below. A real error: buffered too, and the write
                 # event that follows finds it and loses the connection the usual way.
                 if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS):
                     log.debug("send failed: {why}", why=e)
                 sent = 0
-            if sent == len(data):
+            if data is None:
+                if sent == total:
+                    return
+                data = b"".join(out)  # (rare: the kernel took only part)
+            elif sent == len(data):
                 return
             data = data[sent:]
+        elif data is None:
+            data = b"".join(out)
         _FD_WRITE(self, data)  # type: ignore[arg-type]  # the rest waits for a write event
 
 
@@ -276,6 +289,12 @@ def quick_ack(sock: socket.socket | None) -> None:
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def sending(transport: Any) -> bool:
+    """True if *transport* sends when this loop pass ends: that segment carries the ACK of
+    what was read (Linux drops its delayed ACK then), so no :func:`quick_ack` is needed."""
+    return getattr(transport, "_rp_out", None) is not None
 
 
 # -- outgoing connections --------------------------------------------------------------

@@ -108,7 +108,9 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 def canonical_user(user: str, username_format: str = "lower") -> str:
     """The map's name for a login name: ``"lower"`` lower-cases ASCII letters only, as Dovecot's
     ``%Lu`` does (so ``BOB`` is ``bob`` everywhere); ``"as-is"`` keeps it (``%u``)."""
-    return user.translate(_ASCII_LOWER) if username_format == "lower" else user
+    if username_format != "lower":
+        return user
+    return user.lower() if user.isascii() else user.translate(_ASCII_LOWER)  # the same; lower() is faster
 
 
 StepHook = Callable[[JournalEntry], None]
@@ -186,11 +188,14 @@ class MailboxMap:
         placed = self._placements.get((user, mailbox))
         if placed:
             return Route(placed)
-        return self.rule_route(user, mailbox)
+        return self._rule_route(user, mailbox)
 
     def rule_route(self, user: str, mailbox: str) -> Route:
         """Where the rules and the default (not the placements) send a mailbox."""
-        user, mailbox = self.canonical(user), normalize(mailbox, self.separator)
+        return self._rule_route(self.canonical(user), normalize(mailbox, self.separator))
+
+    def _rule_route(self, user: str, mailbox: str) -> Route:
+        """rule_route of a canonical user name and a normalized mailbox name."""
         for rule_user, rule in self._rules:
             if rule_user is not None and rule_user != user:
                 continue

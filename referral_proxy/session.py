@@ -54,7 +54,7 @@ from .imap.reader import (
 from .imap.response import ResponseStart, completion_text
 from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
 from .mailboxes import MailboxCommands, Refusing
-from .netio import quick_ack, tune_socket
+from .netio import quick_ack, sending, tune_socket
 from .origin import peer_ip
 from .pool import BackendPool
 from .relay import Relay
@@ -84,6 +84,9 @@ class Phase(Enum):
     LOGOUT = "logout"
 
 
+# Python 3.11's EnumType has a __getattr__ (each ``Phase.X`` ~110 ns): the hot paths use these.
+_NOT_AUTHENTICATED, _AUTHENTICATED, _LOGOUT = Phase.NOT_AUTHENTICATED, Phase.AUTHENTICATED, Phase.LOGOUT
+_IN_FLIGHT, _DECISION = Block.IN_FLIGHT, Block.DECISION
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -165,12 +168,12 @@ class ClientSession(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.ctx.observer.client_in(self, data)
-        if self.phase is Phase.AUTHENTICATED and relay_plain(self, data):
+        if self.phase is _AUTHENTICATED and relay_plain(self, data):
             return
         self.reader.receive_data(data)
         self._pump()
-        if self.reader.mid_command:  # the rest may wait for our ACK (Nagle): send it now
-            quick_ack(self._socket)
+        if self.reader.mid_command and not sending(self.transport):  # the rest may wait for our ACK (Nagle)
+            quick_ack(self._socket)  # unless our "+" or answer, sent at the pass's end, carries it
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.phase = Phase.LOGOUT
@@ -250,16 +253,16 @@ class ClientSession(Protocol):
         try:
             most = self.config.proxy.connections.max_commands_in_flight
             blocked, turn = self.flow.blocked, TURN
-            while not blocked and self.phase is not Phase.LOGOUT:
+            while not blocked and self.phase is not _LOGOUT:
                 # Commands relayed or appended and not answered yet: at most `most`.
                 if self.relay.in_flight + len(self.appends.unanswered) >= most and self.reader.between_commands:
-                    self.block(Block.IN_FLIGHT)  # released when one is answered (command_done)
+                    self.block(_IN_FLIGHT)  # released when one is answered (command_done)
                     break
                 event = self.reader.next_event()
                 if event is NEED_DATA:
                     break
                 if event is NEED_DECISION:  # a message literal waits for the backend
-                    self.flow.pause_reading(Block.DECISION)
+                    self.flow.pause_reading(_DECISION)
                     break
                 self._event(event)
                 if isinstance(event, _COMMAND_STARTS):
@@ -272,16 +275,16 @@ class ClientSession(Protocol):
 
     def command_done(self) -> None:
         """A relayed command or an APPEND has its answer: read on if the cap held reading."""
-        if Block.IN_FLIGHT in self.flow.blocked:
-            self.unblock(Block.IN_FLIGHT)
+        if _IN_FLIGHT in self.flow.blocked:
+            self.unblock(_IN_FLIGHT)
 
     def decided(self) -> None:
         """A message literal's decision was taken: read on."""
-        self.flow.resume_reading(Block.DECISION)
+        self.flow.resume_reading(_DECISION)
         self._pump()
 
     def _event(self, event: object) -> None:
-        if self.phase is Phase.NOT_AUTHENTICATED and isinstance(event, (Command, Refused)):
+        if self.phase is _NOT_AUTHENTICATED and isinstance(event, (Command, Refused)):
             self._before_login += 1
             if self._before_login > PRE_LOGIN_COMMANDS:
                 self.send(b"* BYE Too many commands before login\r\n")
@@ -310,7 +313,7 @@ class ClientSession(Protocol):
         spec = COMMANDS.get(start.name)
         if spec is None:
             return Refusal("BAD", f"Unknown command {start.name}")
-        if self.phase is not Phase.NOT_AUTHENTICATED:
+        if self.phase is not _NOT_AUTHENTICATED:
             if spec.states is PRE:
                 return Refusal("BAD", f"{start.name} is not allowed after login")
             return STREAMED if spec.routing is Routing.STREAMED else spec.grammar
@@ -525,11 +528,8 @@ class ClientSession(Protocol):
     def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: the reader streams it
         self.tagged(cmd.tag, "BAD", "APPEND is streamed")
 
-    def append_refusal(self, tag: bytes, mailbox: bytes) -> bytes | None:
-        return self.mailboxes.append_refusal(tag, mailbox)
-
-    def route_of(self, mailbox: bytes) -> Route:
-        return self.mailboxes.route_of(mailbox)
+    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
+        return self.mailboxes.append_target(tag, mailbox)
 
     # -- the backends' side (ResponseSink, RelayHost) --------------------------------------------
 

@@ -354,10 +354,10 @@ def test_large_sync_literals_that_fit_the_quota_are_taken_at_once():
     assert h.to_client() == b"+ Ready for literal data\r\n"  # the quota's answer is the proxy's own
     h.send(b"abc {50000}\r\n")  # 50 KB fit in the 89 KB left: "+" without asking the backend
     assert h.to_client() == b"+ Ready for literal data\r\n"
-    assert h.to_backend() == b"abc {50000+}\r\n"
+    assert h.to_backend() == b"abc"  # the next message's arguments go with its first bytes
     h.send(b"x" * 50000 + b" {50000}\r\n")  # the next 50 KB may not: the backend decides first
     assert h.to_client() == b""
-    assert h.to_backend().endswith(b"x {50000}\r\n")
+    assert h.to_backend() == b" {50000+}\r\n" + b"x" * 50000 + b" {50000}\r\n"
     h.from_backend(b"rp2 NO [OVERQUOTA] Quota exceeded\r\n")
     assert h.to_client() == b"a NO [OVERQUOTA] Quota exceeded\r\n"
 
@@ -434,9 +434,9 @@ def test_the_next_sync_append_to_a_target_that_took_one_is_answered_by_the_proxy
     _first_append(h)
     h.send(b"b APPEND INBOX (\\Seen) {50000}\r\n")  # 50 KB fit in the 89 KB the quota left
     assert h.to_client() == b"+ Ready for literal data\r\n"
-    assert h.to_backend() == b"rp3 APPEND INBOX (\\Seen) {50000+}\r\n"
+    assert h.to_backend() == b""  # the command goes with the literal's first bytes: one send, one wake-up
     h.send(b"x" * 50000 + b"\r\n")
-    assert h.to_backend() == b"x" * 50000 + b"\r\n"
+    assert h.to_backend() == b"rp3 APPEND INBOX (\\Seen) {50000+}\r\n" + b"x" * 50000 + b"\r\n"
     h.from_backend(b"rp3 OK [APPENDUID 7 2] done\r\n")
     assert h.to_client() == b"b OK [APPENDUID 7 2] done\r\n"
     h.send(b"c APPEND INBOX {50000}\r\n")  # the room left (~39 KB) may not take 50 KB: asked again
@@ -464,6 +464,26 @@ def test_an_unknown_or_stale_target_is_still_asked_before_the_data(later):
     assert h.to_client() == b"b NO [TRYCREATE] Mailbox doesn't exist\r\n"
 
 
+@pytest.mark.parametrize("sent", [b"", b"x" * 10])
+def test_a_client_gone_after_the_proxys_plus_leaves_the_backend_no_half_command(sent):
+    """The command to the backend goes with the literal's first bytes: a client that leaves
+    before them left nothing on the backend; one that leaves mid-literal cut it off there
+    (the backend connection closes: Dovecot saves nothing of an unfinished literal)."""
+    h = _quota_harness()
+    _first_append(h)
+    backend = h.backend
+    h.send(b"b APPEND INBOX {20}\r\n")
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(sent)
+    h.session.connectionLost(None)
+    h.turns()
+    out = h.to_backend()
+    assert (b"rp3 APPEND" in out) == bool(sent)
+    if sent:
+        assert out.startswith(b"rp3 APPEND INBOX {20+}\r\n" + sent)
+        assert backend.transport.disconnecting  # cut off: never completed with bytes of ours
+
+
 def test_a_target_gone_since_refuses_after_the_literal_and_nothing_of_it_runs():
     """The trade-off: the target was deleted after it took a message. The proxy said "+", the
     backend refuses the LITERAL+ command and drains the literal; the client gets the NO after
@@ -472,8 +492,10 @@ def test_a_target_gone_since_refuses_after_the_literal_and_nothing_of_it_runs():
     _first_append(h)
     h.send(b"b APPEND INBOX {20}\r\n")
     assert h.to_client() == b"+ Ready for literal data\r\n"
-    assert h.to_backend() == b"rp3 APPEND INBOX {20+}\r\n"
-    h.from_backend(b"rp3 NO [TRYCREATE] Mailbox doesn't exist\r\n")
-    h.send(b"x LOGOUT\r\nx DELETE\r\n\r\ny NOOP\r\n")
-    assert h.to_backend() == b"x LOGOUT\r\nx DELETE\r\n\r\n" + b"rp4 NOOP\r\n"
+    assert h.to_backend() == b""  # sent with the literal's first bytes
+    h.send(b"x LOGOUT\r\nx DEL")
+    assert h.to_backend() == b"rp3 APPEND INBOX {20+}\r\nx LOGOUT\r\nx DEL"
+    h.from_backend(b"rp3 NO [TRYCREATE] Mailbox doesn't exist\r\n")  # mid-literal: it drains the rest
+    h.send(b"ETE\r\n\r\ny NOOP\r\n")
+    assert h.to_backend() == b"ETE\r\n\r\n" + b"rp4 NOOP\r\n"
     assert h.to_client() == b"b NO [TRYCREATE] Mailbox doesn't exist\r\n"

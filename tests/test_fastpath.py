@@ -174,7 +174,9 @@ class _Sink:
 
 RESPONSE_LINES = [b"* 1 FETCH (FLAGS ())", b"* 3 EXPUNGE", b"* OK [CAPABILITY IMAP4rev1 X]", b"* BYE going",
                   b"* 1 FETCH (BODY[] {3}", b"abc)", b"* 1 FETCH (BODY[] {13}", b'* ESEARCH (TAG "rp1") ALL 1', b"* OK [UIDNEXT 4] x",
-                  b"rp1 OK done", b"rp1 OK [READ-WRITE] x", b"rp1 NO no", b"rp9 OK other", b"+ go", b"* 2 EXISTS"]
+                  b"rp1 OK done", b"rp1 OK [READ-WRITE] x", b"rp1 NO no", b"rp9 OK other", b"+ go", b"* 2 EXISTS",
+                  b"rp1 OK [APPENDUID 7 1:3] done", b"rp1 NO [TRYCREATE] x", b"rp1 OK [CAPABILITY IMAP4rev1 Y] x",
+                  b'rp1 NO [BADCHARSET ("x")] y']
 
 
 # Lines for reads split anywhere: literals (a tagged line as a literal's body, an empty one), the
@@ -255,6 +257,8 @@ def test_a_fetch_with_a_literal_completes_from_the_bytes():
 
 
 @settings(max_examples=150, deadline=None)
+@example(parts=[(b"rp1 OK [CAPABILITY IMAP4rev1 Y] x", b"\r\n")])  # the fast path leaves it: capabilities learned
+@example(parts=[(b"* 3 EXPUNGE", b"\r\n"), (b"rp1 OK [APPENDUID 7 1:3] done", b"\r\n")])
 @example(parts=[(b"* 1 FETCH (BODY[] {13}", b"\r\n"), (b"rp1 OK done", b"\r\n")])  # the completion is literal data
 @example(parts=[(b"* 3 EXPUNGE", b"\r\n"), (b"* 1 FETCH (FLAGS ())", b"\r\n"), (b"rp1 OK done", b"\r\n")])
 @example(parts=[(b"rp1 OK done", b""), (b"* 1 FETCH (BODY[] {3}", b"\r\n")])  # a completion that ends as a literal's announce

@@ -17,7 +17,7 @@ from twisted.internet.selectreactor import SelectReactor
 from zope.interface import implementer
 
 from referral_proxy import netio
-from referral_proxy.testing.fakes import SessionHarness
+from referral_proxy.testing.fakes import NoDelayTransport, SessionHarness
 
 
 class _Server(Protocol):
@@ -131,6 +131,40 @@ def test_what_the_kernel_does_not_take_keeps_its_order_and_pauses_the_producer(l
     spin(reactor, lambda: producer.events[-1:] == ["resume"])
 
 
+def test_a_pass_of_several_big_writes_goes_by_sendmsg_in_order_and_what_is_left_waits(loop, monkeypatch) -> None:
+    """Several writes over _GATHER_FROM bytes: one sendmsg(), no joined copy; what the
+    kernel does not take (a 4 MiB pass) goes to Twisted's buffer in order."""
+    reactor, server, client, added = loop
+    calls: list[int] = []
+    sock = server.transport.socket
+    monkeypatch.setattr(server.transport, "socket", _Counting(sock, calls))
+    head, body = b"rp3 APPEND INBOX {20480+}\r\n", bytes(range(256)) * 80
+    reactor.callLater(0, lambda: [server.transport.write(head), server.transport.write(body)])
+    reactor.iterate(0)
+    reactor.iterate(0)
+    assert recv_exactly(client, len(head) + len(body), reactor) == head + body
+    assert calls == [2]  # one sendmsg of the two buffers
+    big = [bytes([i]) * 1_000_000 for i in range(4)]
+    reactor.callLater(0, lambda: [server.transport.write(b) for b in big])
+    reactor.iterate(0)
+    assert server.transport in added  # the kernel took only part
+    assert recv_exactly(client, 4_000_000, reactor) == b"".join(big)
+
+
+class _Counting:
+    """A socket whose sendmsg() calls are recorded (the number of buffers each)."""
+
+    def __init__(self, sock: socket.socket, calls: list[int]) -> None:
+        self._sock, self._calls = sock, calls
+
+    def sendmsg(self, buffers: list[bytes]) -> int:
+        self._calls.append(len(buffers))
+        return self._sock.sendmsg(buffers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 def test_an_aborted_connection_sends_nothing_written_in_its_pass(loop) -> None:
     reactor, server, client, added = loop
 
@@ -195,6 +229,42 @@ def test_quick_ack_only_after_a_read_that_left_a_command_unfinished(monkeypatch)
     assert len(calls) == 3
     h.send(b"\r\n")
     assert len(calls) == 3
+
+
+class _PassTransport(NoDelayTransport):
+    """In memory, what netio's end-of-pass write marks: written this pass, not sent yet."""
+
+    _rp_out: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        self._rp_out = (self._rp_out or []) + [data]
+        super().write(data)
+
+
+def test_no_quick_ack_when_our_answer_at_the_passs_end_carries_the_ack(monkeypatch) -> None:
+    """A sync literal the proxy says "+" to itself: that segment acknowledges the command
+    line (one setsockopt fewer per APPEND); nothing written: the ACK is sent at once."""
+    calls: list[int] = []
+    monkeypatch.setattr("referral_proxy.session.quick_ack", lambda sock: calls.append(1))
+    client = _PassTransport()
+    h = SessionHarness(client=client)
+    h.login()
+    client._rp_out, calls[:] = None, []
+    h.send(b"a4 SEARCH TEXT {5}\r\n")  # "+" written this pass
+    assert h.to_client() == b"+ Ready for literal data\r\n" and calls == []
+    client._rp_out = None  # the pass ended: sent
+    h.send(b"hello")  # nothing to send: the client may wait for our ACK (Nagle)
+    assert calls == [1]
+
+
+def test_sending_from_a_write_to_the_end_of_the_pass(loop) -> None:
+    reactor, server, client, _added = loop
+    assert not netio.sending(server.transport)
+    server.transport.write(b"+ Ready\r\n")
+    assert netio.sending(server.transport)
+    reactor.iterate(0)
+    assert not netio.sending(server.transport)
+    assert client.recv(100) == b"+ Ready\r\n"
 
 
 def test_every_accepted_connection_has_nodelay_and_keepalive(loop) -> None:

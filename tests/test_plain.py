@@ -111,14 +111,24 @@ def test_the_one_match_completion_is_the_full_parsers(data):
     st.tuples(st.sampled_from([b"rp1", b"a", b"*", b"+", b"", b"a(b"]),
               st.sampled_from([b" ", b"", b"  "]),
               st.sampled_from([b"OK", b"ok", b"NO", b"BAD", b"BYE", b"OKAY"]),
-              st.sampled_from([b"", b" ", b" done", b" [READ-WRITE] x", b" [", b"  x", b" a\rb", b" x\r\ny"]),
+              st.sampled_from([b"", b" ", b" done", b" [READ-WRITE] x", b" [", b"  x", b" a\rb", b" x\r\ny",
+                               b" [APPENDUID 7 1] Append completed.", b" [appenduid 7 1]", b" [A]", b" [A] ", b" [A]x",
+                               b" [A  \t1 \x0b] y", b" [A ]", b" []", b" [ A]", b" [A(b)] c", b" [A]] b", b" [[A] b",
+                               b' [A "]"] b', b" [A [B]] c", b" [A\tB] c", b" [\xe9] c", b" [A] }", b"  [A] b"]),
               st.sampled_from([b"\r\n", b"\n", b"", b"\r\n\r\n", b"\r\n* 1 EXISTS\r\n"])).map(b"".join),
     st.binary(max_size=30)))
 def test_a_whole_plain_completion_is_what_the_parser_says_of_its_line(data):
     start = plain_completion(data)
     if start is not None:
         assert data.endswith(b"\r\n") and b"\n" not in data[:-2] and b"\r" not in data[:-2]
-        assert start == parse_response_start(data[:-2]) and start.code is None
+        assert start == parse_response_start(data[:-2])
+
+
+def test_a_completion_with_a_code_is_taken_whole():
+    start = plain_completion(b"rp8 OK [APPENDUID 7 12] Append completed.\r\n")
+    assert start is not None and (start.tag, start.code, start.code_args, start.text) == (
+        b"rp8", "APPENDUID", b"7 12", b"Append completed.")
+    assert plain_completion(b'rp8 NO [BADCHARSET ("x")] no\r\n') is None  # quotes: the long way
 
 
 def test_the_fast_commands_are_relay_only_and_route_by_nothing():

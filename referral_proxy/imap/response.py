@@ -110,18 +110,27 @@ def parse_response_start(data: bytes) -> ResponseStart:
     return _parse_response_start(data)
 
 
-# One whole read that is one such completion, CRLF included (the text has no "[" first).
-_PLAIN_COMPLETION = re.compile(rb"(%s) (OK|NO|BAD)(?: ([^\[\r\n][^\r\n]*))?\r\n" % _TAG.pattern)
+# One whole read that is one tagged completion, CRLF included: a code without "[", "]" or '"' inside,
+# or a text that does not begin with "[".
+_PLAIN_COMPLETION = re.compile(
+    rb'(%s) (OK|NO|BAD)(?: \[(%s)(?: ([^\[\]"\r\n]*))?\](?: ?([^\r\n]*))?| ([^\[\r\n][^\r\n]*))?\r\n'
+    % (_TAG.pattern, _CODE_NAME.pattern))
 
 
 def plain_completion(data: bytes) -> ResponseStart | None:
     """What parse_response_start says of *data* without its CRLF, if *data* is exactly one
-    tagged completion line without a response code; else None (nothing said). A line ending
-    in ``}`` is left to the framer, which reads ``{n}`` there as a literal announced."""
+    tagged completion line, its response code (if any) without brackets or quotes inside
+    (``[APPENDUID 7 12]``); else None (nothing said). A line ending in ``}`` is left to the
+    framer, which reads ``{n}`` there as a literal announced."""
     m = _PLAIN_COMPLETION.fullmatch(data)
     if m is None or data.endswith(b"}\r\n"):
         return None
-    return ResponseStart("tagged", m.group(1), _STATUS_NAMES[m.group(2)], None, b"", m.group(3) or b"", None, None, b"")
+    code = m.group(3)
+    if code is None:
+        return ResponseStart("tagged", m.group(1), _STATUS_NAMES[m.group(2)], None, b"", m.group(6) or b"", None, None,
+                             b"")
+    return ResponseStart("tagged", m.group(1), _STATUS_NAMES[m.group(2)], code.decode("ascii").upper(),
+                         (m.group(4) or b"").strip(), m.group(5) or b"", None, None, b"")
 
 
 def _parse_response_start(data: bytes) -> ResponseStart:
