@@ -30,17 +30,47 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+_HEADER = (b"Return-Path: <alice@example.org>\r\nFrom: Alice <alice@example.org>\r\nTo: bob@example.org\r\n"
+           b"Subject: the quarterly figures\r\nDate: Mon, 30 Nov 2026 12:00:00 +0000\r\n"
+           b"Message-ID: <20261130120000.1@example.org>\r\n\r\n")
+
+_ENVELOPE = (b'* %d FETCH (UID %d FLAGS (\\Seen) ENVELOPE ("Mon, 30 Nov 2026 12:00:00 +0000" "the quarterly figures" '
+             b'(("Alice" NIL "alice" "example.org")) (("Alice" NIL "alice" "example.org")) '
+             b'(("Alice" NIL "alice" "example.org")) ((NIL NIL "bob" "example.org")) NIL NIL NIL '
+             b'"<20261130120000.%d@example.org>"))\r\n')
+_ENVELOPES = b"".join(_ENVELOPE % (i, i, i) for i in range(1, 31)).replace(b"%", b"%%")
+
 COMMANDS = [
     ("NOOP", b"NOOP", b"rp%d OK NOOP completed.\r\n"),
     ("UID FETCH", b"UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])",
      b"* 1 FETCH (FLAGS (\\Seen) UID 1)\r\nrp%d OK done\r\n"),
     ("SEARCH literal", b"SEARCH TEXT {5+}\r\nhello", b"* SEARCH 1\r\nrp%d OK done\r\n"),
     ("UID STORE", b"UID STORE 5 +FLAGS.SILENT (\\Deleted)", b"rp%d OK Store completed.\r\n"),
+    # An answer with a literal (imaptest's FETCH2): the untagged FETCH and its body, then OK, in one read.
+    ("FETCH literal", b"FETCH 3 (UID BODY.PEEK[HEADER])",
+     b"* 3 FETCH (UID 3 BODY[HEADER] {%d}\r\n" % len(_HEADER) + _HEADER.replace(b"%", b"%%")
+     + b")\r\nrp%d OK Fetch completed (0.001 + 0.000 secs).\r\n"),
+    # Dovecot's SELECT answer: untagged data with response codes, a completion with [READ-WRITE].
+    ("SELECT", b"SELECT INBOX",
+     b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n"
+     b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags permitted.\r\n"
+     b"* 30 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 1764500000] UIDs valid\r\n"
+     b"* OK [UIDNEXT 31] Predicted next UID\r\n"
+     b"rp%d OK [READ-WRITE] Select completed (0.001 + 0.000 secs).\r\n"),
+    # imaptest's STORE without .SILENT: 30 untagged FETCH lines and the completion in one read.
+    ("STORE 30, 1 read", b"STORE 1:30 +FLAGS (\\Seen)",
+     b"".join(b"* %d FETCH (FLAGS (\\Seen \\Deleted))\r\n" % i for i in range(1, 31)).replace(b"%", b"%%")
+     + b"rp%d OK Store completed.\r\n"),
+    # imaptest's FETCH: 30 messages' ENVELOPEs (8 KB), the backend's answer in three reads cut mid-line.
+    ("FETCH 30, 3 reads", b"FETCH 1:30 (UID FLAGS ENVELOPE)", _ENVELOPES + b"rp%d OK Fetch completed.\r\n",
+     (len(_ENVELOPES) // 3 + 7, 2 * len(_ENVELOPES) // 3 + 11)),
 ]
 
 
-def measure(count: int, command: bytes, response: bytes, check: Callable[[Any], None] | None = None) -> float:
-    """CPU microseconds per command; *check(harness)* is called at the end (bench_metrics_cost.py)."""
+def measure(count: int, command: bytes, response: bytes, check: Callable[[Any], None] | None = None,
+            cuts: tuple[int, ...] = ()) -> float:
+    """CPU microseconds per command; *check(harness)* is called at the end (bench_metrics_cost.py);
+    *cuts*: where the backend's answer is cut into reads."""
     from referral_proxy.testing.fakes import SessionHarness
 
     h = SessionHarness()
@@ -54,7 +84,12 @@ def measure(count: int, command: bytes, response: bytes, check: Callable[[Any], 
     t0 = time.process_time()
     for i in range(count):
         h.session.dataReceived(b"a%d %s\r\n" % (i, command))
-        backend.dataReceived(response % (i + 2))
+        answer = response % (i + 2)
+        if cuts:
+            for a, b in zip((0, *cuts), (*cuts, len(answer))):
+                backend.dataReceived(answer[a:b])
+        else:
+            backend.dataReceived(answer)
         h.client.clear()
         backend.transport.clear()
     t1 = time.process_time()
@@ -85,17 +120,17 @@ def main() -> int:
     args = ap.parse_args()
     if args.instructions:
         base = instructions(args.tree, 0, 0)
-        for i, (name, _command, _response) in enumerate(COMMANDS):
+        for i, (name, *_rest) in enumerate(COMMANDS):
             per = (instructions(args.tree, args.count, i) - base) / args.count
             print(f"{name:16s} {per / 1000:7.1f}k instructions per command")
         return 0
     sys.path.insert(0, args.tree)
     if args.only is not None:
-        _name, command, response = COMMANDS[args.only]
-        measure(args.count, command, response)
+        _name, command, response, *cuts = COMMANDS[args.only]
+        measure(args.count, command, response, None, *cuts)
         return 0
-    for name, command, response in COMMANDS:
-        best = min(measure(args.count, command, response) for _ in range(args.rounds))
+    for name, command, response, *cuts in COMMANDS:
+        best = min(measure(args.count, command, response, None, *cuts) for _ in range(args.rounds))
         print(f"{name:16s} {best:7.2f} us CPU per command")
     return 0
 

@@ -143,8 +143,7 @@ class BackendProtocol(Protocol):
         self.greeting: defer.Deferred[ResponseStart] = defer.Deferred()
         self.sink: ResponseSink | None = None
         self.on_continuation: Callable[[bytes], None] | None = None
-        self.closed = False
-        self.bye_received = False
+        self.closed = self.bye_received = False
         self.enabled: SmallSet = SmallSet()  # extensions ENABLEd on this connection
         self.lost_reason: Failure | None = None
         self._socket: socket.socket | None = None
@@ -175,11 +174,14 @@ class BackendProtocol(Protocol):
         framer = self._framer
         # Untagged data nobody here looks at ("* 12 FETCH ...", literals): to the sink as read, else one write.
         if (self._current is None or self._current == "untagged") and self._relays:
+            data = framer.take_partial(data)  # a line the last read ended in: whole again
             k = framer.pass_through(data, plain_untagged, self._current == "untagged")
             if k:
                 self._current = "untagged" if framer.mid_line else None
                 self._relay(data[:k], self._current is None)  # (the whole read: data itself)
                 data = data[k:]
+                if self._current is None and data and completed_plain(self, data):
+                    return  # the completion after them (a FETCH's literals), from its bytes too
         framer.receive_data(data)
         batch: list[bytes] = []
         end = True

@@ -18,7 +18,9 @@ itself, proved in tests/test_plain.py). Two levels:
   (``rp7 OK NOOP completed.``, ``rp8 OK [APPENDUID 7 12] Append completed.``; not
   ``[CAPABILITY ...]``, nor a code with brackets or quotes inside), after untagged lines relayed
   unparsed anyway (``* 3 FETCH (FLAGS (\\Seen))``, ``* 4 EXPUNGE``), relays those and
-  completes its command from the bytes (relay.py swaps the tag back).
+  completes its command from the bytes (relay.py swaps the tag back). After untagged
+  responses with literals (a FETCH's bodies), the backend's framer passes those through
+  first (``Framer.pass_through``, the long way's own step) and this completes the rest.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .commands import COMMANDS, CONDSTORE_WORDS, PRE
 from .flow import Block
 from .imap.command import _TAG as TAG
 from .imap.plain import PLAIN_GRAMMARS, plain_arguments
-from .imap.response import plain_completion, plain_untagged
+from .imap.response import plain_completion, plain_untagged_lines
 
 __all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
 
@@ -98,13 +100,13 @@ def completed_plain(conn: Any, data: bytes) -> bool:
     if not conn._greeted or conn.closed or not conn._framer.idle:
         return False
     cut = data.rfind(b"\n", 0, len(data) - 1) + 1  # where the last line starts
+    if cut and b"}\r\n" in data:  # a literal: the caller's framer passes it through first
+        return False
     start = plain_completion(data[cut:] if cut else data)
     if start is None or start.code == "CAPABILITY":  # (the long way learns the capabilities)
         return False
     head = data[:cut]
-    if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None or b"}\r\n" in head
-                or head.count(b"\n") != head.count(b"\r\n")
-                or not all(plain_untagged(line) for line in head[:-2].split(b"\r\n"))):
+    if cut and (conn.tap is not None or conn.capture is not None or conn.sink is None or not plain_untagged_lines(head)):
         return False
     pending = conn._pending.pop(start.tag, None)
     if pending is None:

@@ -5,6 +5,7 @@ command's literal never run, only DONE during IDLE, nothing read while input is 
 
 from __future__ import annotations
 
+import re
 from unittest.mock import patch
 
 import pytest
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from referral_proxy.fastpath import completed_plain
 from referral_proxy.flow import Block
+from referral_proxy.imap.framing import Framer
+from referral_proxy.imap.response import plain_untagged
 from referral_proxy.testing.fakes import SessionHarness, minimal_config
 
 
@@ -176,6 +179,83 @@ RESPONSE_LINES = [b"* 1 FETCH (FLAGS ())", b"* 3 EXPUNGE", b"* OK [CAPABILITY IM
                   b'rp1 NO [BADCHARSET ("x")] y']
 
 
+# Lines for reads split anywhere: literals (a tagged line as a literal's body, an empty one), the
+# response codes the session must see on a completion, BYE, a completion announcing a literal.
+LITERAL_LINES = RESPONSE_LINES + [b"* 2 FETCH (UID 2 BODY[HEADER] {11}", b"* 1 FETCH (UID 1 BODY[] {0}", b")",
+                                  b"rp1 OK [READ-ONLY] x", b"rp1 OK [CLOSED] x", b"* OK [UIDVALIDITY 7] x", b"* BYE",
+                                  b"rp1 NO x {3}", b"rp1 OK Fetch completed (0.001 + 0.000 secs).", b"* 4 FETCH (UID 4)"]
+
+
+def _reads_into(fast: bool, reads: list[bytes], whole_lines: bool = True) -> tuple:
+    """What a connection that got *reads* relayed, completed and kept, with or without the fast
+    path; *whole_lines* False: a line cut by a read is left to the framer (Framer.take_partial off)."""
+    h, _ = harness()
+    h.send(b"a NOOP\r\n")
+    h.to_backend()
+    conn, sink = h.backend, _Sink()
+    conn.sink = sink
+    with (patch("referral_proxy.backend.completed_plain", completed_plain if fast else lambda c, d: False),
+          patch.object(Framer, "take_partial", Framer.take_partial if whole_lines else lambda self, d: d)):
+        for data in reads:
+            conn.dataReceived(data)
+        conn.dataReceived(b"* 5 EXISTS\r\n")
+    return (sink.calls, h.session.relay.in_flight, h.to_client(), conn.capabilities, conn.bye_received,
+            sorted(conn._pending), conn._current, conn._framer.idle)
+
+
+def _crlf(data: bytes) -> bytes:
+    return re.sub(rb"\r*\n", b"\r\n", data)
+
+
+def _parsed(call: tuple) -> bool:
+    """A sink call with a parsed response the session may act on (not plain untagged data)."""
+    first = re.sub(rb"~?\{[0-9]+\+?\}$", b"", call[1].split(b"\n")[0].rstrip(b"\r"))
+    return call[0] is not None and not plain_untagged(first)
+
+
+@settings(max_examples=400, deadline=None)
+@example(lines=[b"* 2 FETCH (UID 2 BODY[HEADER] {11}", b"rp1 OK done", b")", b"rp1 OK done"], cuts=[])
+@example(lines=[b"* 2 FETCH (UID 2 BODY[HEADER] {11}", b"rp1 OK done", b")", b"rp1 OK [READ-ONLY] x"], cuts=[])
+@example(lines=[b"* 1 FETCH (UID 1 BODY[] {0}", b")", b"rp1 OK [CLOSED] x"], cuts=[30])
+@example(lines=[b"* 1 FETCH (BODY[] {3}", b"abc)", b"* BYE", b"rp1 OK done"], cuts=[])
+@example(lines=[b"* 1 FETCH (BODY[] {3}", b"abc)", b"rp1 NO x {3}", b"abc"], cuts=[])
+@example(lines=[b"* 1 FETCH (BODY[] {13}", b"rp9 OK other"], cuts=[1])  # the literal ends between CR and LF
+@given(lines=st.lists(st.sampled_from(LITERAL_LINES), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=3))
+def test_reads_with_literals_complete_as_the_long_way_would(lines, cuts):
+    """A FETCH answer's literals passed through, then the completion from its bytes: the same
+    bytes relayed in the same order, the same completions and state as the long way, however
+    the answer is cut into reads."""
+    data = b"".join(line + b"\r\n" for line in lines)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    reads = [data[a:b] for a, b in zip(points, points[1:]) if b > a]
+    fast = _reads_into(True, reads)
+    assert fast == _reads_into(False, reads)
+    # Framer.take_partial: the same bytes relayed in the same order, the same state after, as
+    # without it; only the pieces they are handed on in differ, and a plain untagged line (one
+    # the session does nothing with: imap.response.plain_untagged) may come unparsed.
+    # (The long way writes a bare LF ending a line as CRLF, pass_through relays it as read: a
+    # literal here may end between CR and LF. Dovecot never ends a line with a bare LF.)
+    old = _reads_into(False, reads, whole_lines=False)
+    assert _crlf(b"".join(c[1] for c in fast[0])) == _crlf(b"".join(c[1] for c in old[0]))
+    assert [c for c in fast[0] if _parsed(c)] == [c for c in old[0] if _parsed(c)]
+    assert fast[0][-1][2] == old[0][-1][2] if fast[0] and old[0] else fast[0] == old[0]
+    assert fast[1:] == old[1:]
+
+
+def test_a_fetch_with_a_literal_completes_from_the_bytes():
+    """The untagged FETCH with its literal and the completion in one read: relayed, completed,
+    and the completion never parsed as a framer Line (it fails on the old code: _begin parsed it)."""
+    h, _ = harness()
+    h.send(b"f FETCH 2 (UID BODY.PEEK[HEADER])\r\n")
+    assert h.to_backend() == b"rp1 FETCH 2 (UID BODY.PEEK[HEADER])\r\n"
+    answer = b"* 2 FETCH (UID 2 BODY[HEADER] {11}\r\nrp1 OK done)\r\n"
+    with patch.object(h.backend, "_begin", side_effect=AssertionError("the long way")):
+        h.from_backend(answer + b"rp1 OK Fetch completed.\r\n")
+    assert h.to_client() == answer + b"f OK Fetch completed.\r\n"
+    assert h.session.relay.in_flight == 0
+
+
 @settings(max_examples=150, deadline=None)
 @example(parts=[(b"rp1 OK [CAPABILITY IMAP4rev1 Y] x", b"\r\n")])  # the fast path leaves it: capabilities learned
 @example(parts=[(b"* 3 EXPUNGE", b"\r\n"), (b"rp1 OK [APPENDUID 7 1:3] done", b"\r\n")])
@@ -188,15 +268,4 @@ def test_a_backends_read_completes_as_the_long_way_would(parts):
     """The same reads into two connections, one without the fast path: the same relayed
     bytes, the same completions, the same state after."""
     data = b"".join(line + end for line, end in parts)
-    seen = []
-    for fast in (True, False):
-        h, _ = harness()
-        h.send(b"a NOOP\r\n")
-        h.to_backend()
-        conn, sink = h.backend, _Sink()
-        conn.sink = sink
-        with patch("referral_proxy.backend.completed_plain", completed_plain if fast else lambda c, d: False):
-            conn.dataReceived(data)
-            conn.dataReceived(b"* 5 EXISTS\r\n")
-        seen.append((sink.calls, h.session.relay.in_flight, h.to_client(), conn.capabilities, conn.bye_received))
-    assert seen[0] == seen[1]
+    assert _reads_into(True, [data]) == _reads_into(False, [data])

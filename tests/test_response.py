@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from referral_proxy.imap.command import ParseError
-from referral_proxy.imap.response import ResponseStart, parse_response_start, plain_untagged, replace_tag
+from referral_proxy.imap.response import (
+    ResponseStart,
+    parse_response_start,
+    plain_untagged,
+    plain_untagged_lines,
+    replace_tag,
+)
 
 
 def status(kind, tag, st, code=None, args=b"", text=b""):
@@ -162,3 +168,34 @@ def test_plain_untagged_lines_parse_and_need_nothing(data):
     if plain_untagged(data):
         start = parse_response_start(data)
         assert not _needs_a_look(start), (data, start)
+
+
+# -- plain_untagged_lines: the fast completion's check of the lines before it, in one match -----
+
+_PIECES = [b"* ", b"*", b"1 ", b"12 ", b"FETCH", b"fetch ", b"EXISTS", b"OK", b"ok", b"NO ", b"BAD", b"BYE", b"PREAUTH",
+           b"CAPABILITY", b"ESEARCH ", b"[", b"]", b"NOUPDATE", b"CAPABILITY]", b"[UIDNEXT 4]", b" ", b"(", b")",
+           b"{3}", b'"', b"\\", b"x", b"\r", b"\n", b"\r\n", b"\x80", b"\x00", b"%", b"rp1 "]
+
+
+def _old_head_check(head: bytes) -> bool:
+    """What fastpath.completed_plain checked of the lines before the completion, line by line."""
+    return head.count(b"\n") == head.count(b"\r\n") and all(plain_untagged(line) for line in head[:-2].split(b"\r\n"))
+
+
+@settings(max_examples=3000, deadline=None)
+@example(head=b"* 1 FETCH (FLAGS ())\r\n* OK [CAPABILITY IMAP4rev1] x\r\n")
+@example(head=b"* OK\r\r\n")
+@example(head=b"* 3 EXPUNGE\r\n* 4 EXISTS\n")
+@example(head=b"* SEARCH\r\n\r\n")
+@given(head=st.lists(st.sampled_from(_PIECES), max_size=14).map(b"".join).map(lambda b: b + b"\r\n")
+       | st.lists(st.sampled_from(_PIECES), max_size=14).map(b"".join).map(lambda b: b + b"\n"))
+def test_plain_untagged_lines_is_plain_untagged_line_by_line(head):
+    assert plain_untagged_lines(head) == _old_head_check(head)
+
+
+def test_plain_untagged_lines():
+    assert plain_untagged_lines(b"* 1 FETCH (FLAGS (\\Seen))\r\n* 2 EXPUNGE\r\n* OK [UIDNEXT 4] x\r\n")
+    assert plain_untagged_lines(b"")  # no lines: nothing to parse
+    for head in (b"* 1 FETCH (FLAGS ())\r\n* BYE\r\n", b"* CAPABILITY IMAP4rev1\r\n", b"* 1 EXISTS\n",
+                 b"* OK [NOUPDATE \"a\"] x\r\n", b"* 1 FETCH (FLAGS ())", b'* ESEARCH (TAG "a") ALL 1\r\n'):
+        assert not plain_untagged_lines(head), head

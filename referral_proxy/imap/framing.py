@@ -221,6 +221,19 @@ class Framer:
             return
         self._buf += data
 
+    def take_partial(self, data: bytes) -> bytes:
+        """*data* after the start of a fragment this framer holds from an earlier read, which it
+        then forgets (as if never received: only _buf and _scan held it), so that pass_through
+        sees the whole line; *data* itself if it has no line end or the framer holds anything else."""
+        buf = self._buf
+        if (not buf or self._state != _LINE or self._discard or self._direct is not None or not self._auto
+                or data.find(b"\n") < 0):
+            return data
+        data = bytes(buf) + data
+        buf.clear()
+        self._scan = 0
+        return data
+
     def pass_through(self, data: bytes, plain: Callable[[bytes], bool], mid_response: bool = False) -> int:
         """Take from the start of *data* (instead of receive_data) whole fragments and literal
         bytes of responses that *plain* accepts by their first fragment's data, as next_event

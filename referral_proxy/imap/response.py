@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from .command import _TAG, ParseError
 
-__all__ = ["ResponseStart", "parse_response_start", "plain_completion", "plain_untagged", "replace_tag", "completion_text",
+__all__ = ["ResponseStart", "parse_response_start", "plain_completion", "plain_untagged", "plain_untagged_lines",
+           "replace_tag", "completion_text",
            "tag_references", "replace_tag_references"]
 
 
@@ -177,11 +178,17 @@ def _parse_response_start(data: bytes) -> ResponseStart:
     return _status("tagged", m.group(), status, data, word.end())
 
 
-_WORD_RUN = rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+(?: |\Z)'
-_PLAIN_UNTAGGED = re.compile(
-    rb"\* (?:[0-9]+ " + _WORD_RUN
-    + rb"|(?![0-9]|BYE|CAPABILITY|ESEARCH|OK|NO|BAD|PREAUTH)" + _WORD_RUN
-    + rb"|(?:OK|NO|BAD)(?:\Z| (?!\[(?:CAPABILITY|NOUPDATE)[] ])))", re.IGNORECASE)
+def _plain_untagged_start(end: bytes) -> bytes:
+    """The pattern of a plain untagged line's start; *end*: what matches where the line ends."""
+    run = rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+(?: |' + end + rb")"
+    return (rb"\* (?:[0-9]+ " + run + rb"|(?![0-9]|BYE|CAPABILITY|ESEARCH|OK|NO|BAD|PREAUTH)" + run
+            + rb"|(?:OK|NO|BAD)(?:" + end + rb"| (?!\[(?:CAPABILITY|NOUPDATE)[] ])))")
+
+
+_PLAIN_UNTAGGED = re.compile(_plain_untagged_start(rb"\Z"), re.IGNORECASE)
+# Whole lines, each one plain_untagged accepts and ending in CRLF (a bare LF fails), a CR alone inside allowed.
+_PLAIN_UNTAGGED_LINES = re.compile(
+    rb"(?:" + _plain_untagged_start(rb"(?=\r\n)") + rb"[^\n]*(?<=\r)\n)*", re.IGNORECASE)
 
 
 def plain_untagged(data: bytes) -> bool:
@@ -189,6 +196,12 @@ def plain_untagged(data: bytes) -> bool:
     it parses, and it is not BYE, PREAUTH, CAPABILITY, ESEARCH (its tag is translated) nor
     a status with a CAPABILITY or NOUPDATE code. (False may still be plain: it is parsed.)"""
     return _PLAIN_UNTAGGED.match(data) is not None
+
+
+def plain_untagged_lines(data: bytes) -> bool:
+    """True if *data* is whole lines, each ending in CRLF (no other LF), each of which
+    plain_untagged accepts without its CRLF: one regex match, not one call per line."""
+    return _PLAIN_UNTAGGED_LINES.fullmatch(data) is not None
 
 
 def replace_tag(data: bytes, new_tag: bytes) -> bytes:
