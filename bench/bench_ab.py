@@ -9,7 +9,11 @@ checkout). Each round takes direct, before and after in a rotated order, for eac
 * ``c``: N APPEND commands one by one, each literal synchronizing (bench_append's (c));
 * ``d``: the same as c-client writes it (Nagle on, each literal and its CRLF in two writes);
 * ``e``: one MULTIAPPEND of N messages, each literal synchronizing (bench_append's (e));
-* ``a``: one MULTIAPPEND of N messages with LITERAL+ (bench_append's (a)).
+* ``a``: one MULTIAPPEND of N messages with LITERAL+ (bench_append's (a));
+* ``stress``: bench/loadgen.py's imaptest-like mix (100 users, 20 clients, a session of
+  about ten commands each, then a new connection) for ``--stress-seconds``; an op is one
+  command, its proxy CPU and system calls per command, and the Dovecot logins per session
+  (a login's cost on both sides).
 
 It prints per test and target the median rate, the ratio to direct, the proxy's CPU per
 op (from /proc) and, with ``--strace``, its system calls per op (``strace -c -f -p``
@@ -46,11 +50,13 @@ from _common import (  # noqa: E402
     run_cli,
 )
 from bench_append import AppendClient, Control, check_replies, one_run  # noqa: E402
+from bench_peers import STRESS_PASSWORD  # noqa: E402
+from loadgen import LoadConfig, numbered_users, run_load  # noqa: E402
 
 FETCH_BOX = b"Fetch"
 TESTS = {"fetch": "FETCH 1:* BODY.PEEK[] MB/s", "c": "APPENDs one by one, sync, msg/s",
          "d": "APPENDs one by one, sync, 2 writes, Nagle on, msg/s", "e": "MULTIAPPEND sync, msg/s",
-         "a": "MULTIAPPEND LITERAL+, msg/s"}
+         "a": "MULTIAPPEND LITERAL+, msg/s", "stress": "stress mix, ops/s"}
 
 
 def seed(d: Dovecot, n: int, size: int) -> int:
@@ -88,12 +94,13 @@ def strace_counts(p: subprocess.Popen, out: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", required=True, help="a source tree holding the 'before' referral_proxy package")
-    ap.add_argument("--tests", default="fetch,c,e,a", help="comma-separated subset of fetch,c,d,e,a")
+    ap.add_argument("--tests", default="fetch,c,e,a", help="comma-separated subset of fetch,c,d,e,a,stress")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--messages", type=int, default=1000, help="messages per APPEND test (1000)")
     ap.add_argument("--size", type=int, default=20480, help="bytes per appended message (20480)")
     ap.add_argument("--fetch-messages", type=int, default=500)
     ap.add_argument("--fetch-size", type=int, default=100000)
+    ap.add_argument("--stress-seconds", type=float, default=15.0)
     ap.add_argument("--strace", action="store_true", help="also count each proxy's system calls per op")
     args = ap.parse_args(argv)
     tests = [t for t in args.tests.split(",") if t]
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--tests: a subset of {','.join(TESTS)}")
     install_signal_handlers()
     root = make_root("rp-ab-")
-    d = Dovecot("ab", "127.0.0.2", root / "b1")
+    d = Dovecot("ab", "127.0.0.2", root / "b1", users={USER: "secret", **{f"user{i}": STRESS_PASSWORD for i in range(1, 101)}})
     proxies: dict[str, ProxyProcess] = {}
     try:
         d.start()
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         rates: dict = {(t, k): [] for t in targets for k in tests}
         cpu: dict = {(t, k): [] for t in targets for k in tests}
         calls: dict = {(t, k): {} for t in targets for k in tests}
+        logins: dict = {t: [] for t in targets}  # Dovecot logins per stress session
         passes = [(r, targets[r % 3:] + targets[:r % 3], False) for r in range(args.rounds)]
         if args.strace:  # counted apart: strace slows the traced proxy down several times
             passes.append((args.rounds, ["before", "after"], True))
@@ -128,6 +136,27 @@ def main(argv: list[str] | None = None) -> int:
                 for t in order:
                     host, port = (d.host, d.port) if t == "direct" else (PROXY_HOST, proxies[t].port)
                     pid = None if t == "direct" else proxies[t].pid
+                    if test == "stress":
+                        logged = d.log_text().count("Login: user=<user")
+                        tracer = strace_start(pid, root / f"{t}.strace") if traced and pid else None
+                        c0 = cpu_seconds(pid)
+                        res = run_load(LoadConfig(host=host, port=port, clients=20, processes=4, intervals=1,
+                                                  users=numbered_users("user%d", 100, STRESS_PASSWORD),
+                                                  seconds=args.stress_seconds, warmup=0.5))
+                        c1 = cpu_seconds(pid)
+                        ops = max(1, res.interval_ops[0])
+                        if tracer is not None:
+                            for k, v in strace_counts(tracer, root / f"{t}.strace").items():
+                                calls[(t, test)][k] = calls[(t, test)].get(k, 0) + v / ops
+                        if traced:
+                            continue
+                        logins[t].append((d.log_text().count("Login: user=<user") - logged) / max(1, res.sessions))
+                        rates[(t, test)].append(res.interval_ops[0] / args.stress_seconds)
+                        if c0 is not None and c1 is not None:
+                            cpu[(t, test)].append((c1 - c0) / ops * 1e6)
+                        log(f"round {r + 1} {test} {t}: {rates[(t, test)][-1]:.1f} ops/s, "
+                            f"{logins[t][-1]:.2f} Dovecot logins a session, {res.error_count} errors")
+                        continue
                     c = AppendClient(host, port, t)
                     c.login(USER, d.password(USER))
                     if test == "fetch":
@@ -170,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"{sum(row_calls.values()):.1f}: {shown}" if row_calls else "-"))
         print("\n".join(render_table(("test", "target", "median", "/direct", "proxy CPU us/op",
                                       "proxy system calls per op"), body, left=(0, 1, 5))))
-        print(f"{args.rounds} rounds; fetch op = one whole FETCH of {fetch_bytes / 1e6:.0f} MB; "
-              f"APPEND op = one message of {args.size} bytes")
+        if "stress" in tests:
+            print("Dovecot logins per stress session (median): "
+                  + ", ".join(f"{t} {statistics.median(logins[t]):.2f}" for t in targets if logins[t]))
+        ops = {"stress": "stress op = one command", "fetch": f"fetch op = one whole FETCH of {fetch_bytes / 1e6:.0f} MB",
+               "append": f"APPEND op = one message of {args.size} bytes"}
+        used = [ops[k] for k in ops if k in tests or (k == "append" and set(tests) & set("cdea"))]
+        print(f"{args.rounds} rounds; " + "; ".join(used))
         return 0
     finally:
         for p in proxies.values():

@@ -143,8 +143,7 @@ class BackendProtocol(Protocol):
         self.greeting: defer.Deferred[ResponseStart] = defer.Deferred()
         self.sink: ResponseSink | None = None
         self.on_continuation: Callable[[bytes], None] | None = None
-        self.closed = False
-        self.bye_received = False
+        self.closed = self.bye_received = False
         self.enabled: SmallSet = SmallSet()  # extensions ENABLEd on this connection
         self.lost_reason: Failure | None = None
         self._socket: socket.socket | None = None
@@ -161,6 +160,7 @@ class BackendProtocol(Protocol):
         self._current_tagged: list[bytes] = []
         self._current_start: ResponseStart | None = None
         self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
+        self.reuse_key: Any = None  # keepalive.ReuseKey: how it logged in, for a session's connection
 
     # -- Twisted ------------------------------------------------------------
 

@@ -11,6 +11,7 @@ command it brings is declared here (:data:`CAPABILITIES`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -130,6 +131,11 @@ _ROWS = [
 ]
 
 COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in _ROWS}
+
+#: Words whose use enables CONDSTORE on a connection for good (RFC 7162 3.1: SELECT (CONDSTORE),
+#: STATUS (HIGHESTMODSEQ), FETCH/SEARCH MODSEQ, FETCH CHANGEDSINCE, STORE UNCHANGEDSINCE) or QRESYNC,
+#: anywhere in a command's arguments (a match in a string too: keepalive.py only loses a reuse).
+CONDSTORE_WORDS = re.compile(rb"(?i)modseq|changedsince|condstore|qresync")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ class ProxyConfig:
     trusted_networks: tuple[str, ...] = ()
     proxy_ttl: int = 5  # hops a login may still take; sent on to backends as x-proxy-ttl minus one
     workers: int = 1  # proxy processes sharing the listeners ("auto" in the file: one per CPU)
+    backend_keepalive: float = 10.0  # seconds a clean backend connection waits for its user's next login; 0 = off
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
     keys = {
         "listen", "hostname", "tls_cert", "tls_key", "allow_plaintext_login",
         "referrals", "login_referrals", "login_timeout", *_LIMIT_KEYS, "trusted_networks", "proxy_ttl",
-        "workers",
+        "workers", "backend_keepalive",
         *_CONNECTION_KEYS, "login_penalty",
     }
     _only(raw, "proxy", keys)
@@ -200,6 +201,9 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
     if timeout <= 0:
         raise ConfigError("proxy.login_timeout: must be positive")
     connections = _connection_limits(raw)
+    keepalive = _get(raw, "proxy", "backend_keepalive", (int, float), default=10.0)
+    if isinstance(keepalive, bool) or not 0 <= keepalive <= 3600:
+        raise ConfigError("proxy.backend_keepalive: must be seconds from 0 (off) to 3600")
     trusted = _get(raw, "proxy", "trusted_networks", list, default=[])
     for i, net in enumerate(trusted):
         try:
@@ -222,6 +226,7 @@ def _parse_proxy(raw: dict[str, Any], base: Path) -> ProxyConfig:
         trusted_networks=tuple(trusted),
         proxy_ttl=_positive(raw, "proxy", "proxy_ttl", 5),
         workers=_workers(raw),
+        backend_keepalive=float(keepalive),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from .admission import Admission
 from .backend import BackendProtocol, Credentials
 from .config import BackendConfig, Config
+from .keepalive import KeepAlive
 from .observe import Observer
 from .routing import MailboxMap
 from .staging import MapJournal, StagingJournal
@@ -41,11 +42,13 @@ class ProxyContext:
     admission: Admission = field(default_factory=Admission)  # connection limits, the login penalty
     connect_for: ConnectFor | None = None
     staging_journal: StagingJournal | None = None  # staging mailboxes (staging.py); None: the map store's journal
+    keepalive: KeepAlive = field(init=False)  # backend connections parked between a user's sessions
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
         if self.staging_journal is None:
             self.staging_journal = MapJournal(self.mailbox_map)
+        self.keepalive = KeepAlive(self.reactor, lambda: self.config.proxy.backend_keepalive)
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .commands import COMMANDS, PRE
+from .commands import COMMANDS, CONDSTORE_WORDS, PRE
 from .flow import Block
 from .imap.command import _TAG as TAG
 from .imap.plain import PLAIN_GRAMMARS, plain_arguments
@@ -83,6 +83,8 @@ def relay_plain(session: Any, data: bytes) -> bool:
     conn = pool.fast(session.home if to_home else session.selected or session.home)
     if conn is None:
         return False
+    if rest is not None and pool.reusable and CONDSTORE_WORDS.search(rest):  # never reused (keepalive.py)
+        pool.reusable = False
     session.ctx.observer.command_named(session, tag, name)
     relay.send_line(conn, tag, data[len(tag):])
     if relay.in_flight + len(session.appends.unanswered) >= most:

@@ -106,11 +106,12 @@ class ProxyCollector:
     added to the Observer's; every proxy sharing the store shows the same totals of them."""
 
     def __init__(self, observer: Observer, health: HealthChecker | None = None, admission: Admission | None = None,
-                 store: StoreTotals | None = None) -> None:
+                 store: StoreTotals | None = None, keepalive: Any = None) -> None:
         self.observer = observer
         self.health = health
         self.admission = admission
         self.store = store
+        self.keepalive = keepalive  # keepalive.KeepAlive, or None
 
     def describe(self) -> list[Metric]:
         return []  # built at every scrape
@@ -139,6 +140,13 @@ class ProxyCollector:
                        o.referrals_total)
         yield GaugeMetricFamily("referral_proxy_backend_connections", "Backend connections open for clients now.",
                                 value=o.backend_connections())
+        if self.keepalive is not None:
+            yield GaugeMetricFamily("referral_proxy_backend_parked",
+                                    "Backend connections parked for their user's next login now (backend_keepalive; "
+                                    "counted in referral_proxy_backend_connections too).", value=len(self.keepalive))
+            yield CounterMetricFamily("referral_proxy_backend_reused",
+                                      "Logins that took a parked backend connection instead of logging in to the backend.",
+                                      value=self.keepalive.reused)
         yield _counter("referral_proxy_backend_connect_failures",
                        "Backend connections that could not be made (connect, TLS, greeting).", ["backend"],
                        o.connect_failures)
@@ -192,11 +200,11 @@ def _counter(name: str, doc: str, labels: list[str], values: dict[Any, int]) -> 
     return family
 
 
-def make_registry(observer: Observer, health: HealthChecker | None = None,
-                  admission: Admission | None = None, store: StoreTotals | None = None) -> CollectorRegistry:
+def make_registry(observer: Observer, health: HealthChecker | None = None, admission: Admission | None = None,
+                  store: StoreTotals | None = None, keepalive: Any = None) -> CollectorRegistry:
     """A registry of its own: the proxy's families plus the process, platform and GC ones."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(observer, health, admission, store))
+    registry.register(ProxyCollector(observer, health, admission, store, keepalive))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

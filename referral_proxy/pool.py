@@ -51,7 +51,7 @@ class BackendPool:
 
     __slots__ = (  # no per-instance dict: a proxy holds thousands of idle sessions
         "ctx", "_connect", "user", "_credentials", "_id", "_attach", "conns", "enabled", "closed", "_connecting",
-        "_waiters",
+        "_waiters", "reusable",
     )
 
     def __init__(self, ctx: ProxyContext, connect: Connect, user: str, credentials: Credentials, session_id: int,
@@ -67,6 +67,7 @@ class BackendPool:
         self.closed = False
         self._connecting: dict[str, defer.Deferred[BackendProtocol]] = {}
         self._waiters: tuple[tuple[BackendProtocol | None, defer.Deferred[None]], ...] = ()  # mostly none
+        self.reusable = True  # no command left state keepalive.py cannot undo on these connections
 
     # -- connections ----------------------------------------------------------------
 

@@ -176,7 +176,8 @@ class ProxyService(MultiService):
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
             # the admin moves' totals, counted in the map store by `referral-proxy move`
             totals = StoreTotals(self.mailbox_map.store.transfer_counts, reactor)
-            site = metrics_site(make_registry(self.observer, self.health, self.admission, totals), self.health, totals)
+            site = metrics_site(make_registry(self.observer, self.health, self.admission, totals,
+                                              self.context.keepalive), self.health, totals)
             listen = config.metrics.listen if self.role is None else metrics_listen(config.metrics.listen, self.role.index)
             svc = StreamServerEndpointService(serverFromString(reactor, listen), site)
             svc._raiseSynchronously = True
@@ -214,13 +215,19 @@ class ProxyService(MultiService):
             if id_line is not None and "ID" in proto.capabilities:
                 proto.send_unanswered(id_line)  # its answer does not matter: the login goes right behind it
 
-        try:
-            proto = await connect_backend(self.reactor, backend, credentials, before_login=before_login)
-        except BackendUnavailable:
-            self.observer.connect_failed(backend.name)
-            raise
-        self.observer.backend_opened(proto)
-        return proto
+        async def opened() -> BackendProtocol:
+            try:
+                proto = await connect_backend(self.reactor, backend, credentials, before_login=before_login)
+            except BackendUnavailable:
+                self.observer.connect_failed(backend.name)
+                raise
+            self.observer.backend_opened(proto)
+            return proto
+
+        if session is None:  # the proxy's own (recovery, admin moves): never parked, never a parked one
+            return await opened()
+        # A session's: one parked by a session of exactly these credentials and client address, if any.
+        return await self.context.keepalive.connect(backend, credentials, self.observer.origin(session), opened)
 
     def setServiceParent(self, parent: Any) -> Any:
         result = super().setServiceParent(parent)
@@ -277,6 +284,7 @@ class ProxyService(MultiService):
                 yield port.stopListening()
         yield super().stopService()
         self.recovery.stop()
+        self.context.keepalive.close()
         sessions = list(self.context.sessions)
         closed = [s.when_closed() for s in sessions]
         for session in sessions:

@@ -53,6 +53,7 @@ from .imap.reader import (
 )
 from .imap.response import ResponseStart, completion_text
 from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
+from .keepalive import taints
 from .mailboxes import MailboxCommands, Refusing
 from .netio import quick_ack, sending, tune_socket
 from .origin import peer_ip
@@ -188,7 +189,7 @@ class ClientSession(Protocol):
             if self.pool is not None:
                 # An emulated MULTIAPPEND removes what it saved, then closes its connection itself.
                 self.pool.conns.pop(conn.name, None)
-        self._logout_backends()
+        self._logout_backends(park="lost")
         self.ctx.observer.session_ended(self)
 
     def when_closed(self) -> defer.Deferred[None]:
@@ -208,8 +209,10 @@ class ClientSession(Protocol):
             self._logout_backends()
             self._close()
 
-    def _logout_backends(self) -> None:
+    def _logout_backends(self, park: str = "") -> None:
         if self.pool is not None:
+            if park:  # the clean ones wait for the user's next login (keepalive.py)
+                self.ctx.keepalive.release(self, by_logout=park == "logout")
             self.pool.logout_all()
 
     def _close(self) -> None:
@@ -290,6 +293,8 @@ class ClientSession(Protocol):
                 self.send(b"* BYE Too many commands before login\r\n")
                 return self._close()
         if isinstance(event, Command):
+            if self.pool is not None and taints(event.name, event.args):  # keepalive.py
+                self.pool.reusable = False
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
         elif isinstance(event, Refused):
             line = b"%s %s %s\r\n" % (event.tag, event.status.encode(), safe_text(event.text).encode("utf-8"))
@@ -406,7 +411,7 @@ class ClientSession(Protocol):
     def _logout(self, tag: bytes) -> None:
         self.send(b"* BYE Logging out\r\n")
         self.tagged(tag, "OK", "Logout completed.")
-        self._logout_backends()
+        self._logout_backends(park="logout")
         self._close()
 
     def cmd_id(self, cmd: Command, spec: CommandSpec) -> None:
@@ -452,7 +457,9 @@ class ClientSession(Protocol):
             self._close()
 
     def _cancel_login_timer(self) -> None:
-        self._login_timer = _cancel(self._login_timer)
+        timer, self._login_timer = self._login_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # -- relaying --------------------------------------------------------------------------
 
@@ -576,13 +583,6 @@ class ClientSession(Protocol):
                 self.send(b"* BYE Mail server connection lost\r\n")
             self._logout_backends()
             self._close()
-
-
-def _cancel(timer: Any) -> Any:
-    """Cancel a reactor call if it is still to come; None, to store in its place."""
-    if timer is not None and timer.active():
-        timer.cancel()
-    return None
 
 
 _COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}

@@ -94,6 +94,9 @@ def differential_env(fleet: Fleet, tmp_path_factory, mode: str) -> Iterator[Env]
         owner = {"b1": b1, "b3": b3}
         rules = SPLIT_RULES
     config = default_proxy_config(fleet, free_port("127.0.0.1"), rules)
+    # Each conversation starts from the restored maildir, which needs every imap process of the
+    # user gone: a parked backend connection (keepalive.py) would wait out reset_mail's grace each time.
+    config["proxy"]["backend_keepalive"] = 0
     proxy_dir = work / "proxy"
     proxy_dir.mkdir()
     config_path = proxy_dir / "proxy.toml"

@@ -1,0 +1,199 @@
+"""keepalive.py's corners a real Dovecot cannot produce, on scripted backends: a backend
+without UNSELECT, an UNSELECT refused, a parked connection that speaks (BYE, EXISTS) or
+closes, the old mailbox's news arriving before UNSELECT's answer, expiry, the bounds."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from referral_proxy import keepalive
+from referral_proxy.backend import BackendProtocol, Credentials
+from referral_proxy.config import BackendConfig
+from referral_proxy.fastpath import _FAST
+from referral_proxy.session import ClientSession
+from referral_proxy.testing.fakes import DOVECOT_CAPS, FakeConnector, NoDelayTransport, SessionHarness, minimal_config
+
+
+@dataclass
+class Reusing(FakeConnector):
+    """Connections made through the context's KeepAlive, as service.connect_for does."""
+
+    keep: Any = None
+
+    async def __call__(self, config: BackendConfig, credentials: Credentials) -> BackendProtocol:
+        return await self.keep.connect(config, credentials, None,
+                                       lambda: FakeConnector.__call__(self, config, credentials))
+
+
+def harness(caps=DOVECOT_CAPS) -> SessionHarness:
+    h = SessionHarness(minimal_config(backend_keepalive=10), connector=Reusing(capabilities=tuple(caps)))
+    h.connector.keep = h.context.keepalive
+    return h
+
+
+def end_first_session(h: SessionHarness) -> BackendProtocol:
+    h.login()
+    h.send(b"S SELECT INBOX\r\n")
+    sent = h.to_backend()
+    tag = re.match(rb"(rp\d+) SELECT", sent).group(1)
+    h.from_backend(b"* 3 EXISTS\r\n%s OK [READ-WRITE] Select completed.\r\n" % tag)
+    h.to_client()
+    h.send(b"Z LOGOUT\r\n")
+    assert h.to_client().endswith(b"Z OK Logout completed.\r\n")
+    return h.backend
+
+
+def unselect_tag(h: SessionHarness) -> bytes:
+    m = re.fullmatch(rb"(rp\d+) UNSELECT\r\n", h.to_backend())
+    assert m is not None
+    return m.group(1)
+
+
+def second_session(h: SessionHarness) -> tuple[ClientSession, NoDelayTransport]:
+    s, t = ClientSession(h.context), NoDelayTransport()
+    s.makeConnection(t)
+    t.clear()
+    s.dataReceived(b"L LOGIN alice secret\r\n")
+    h.turns()
+    return s, t
+
+
+def test_a_clean_connection_is_unselected_parked_and_taken_without_the_old_news():
+    h = harness()
+    conn = end_first_session(h)
+    tag = unselect_tag(h)
+    assert len(h.context.keepalive) == 1
+    s, t = second_session(h)  # before UNSELECT is answered: not offered yet
+    assert len(h.connector.backends) == 2
+    s.dataReceived(b"Z LOGOUT\r\n")
+    h.turns()
+    conn.dataReceived(b"* 4 EXISTS\r\n* 1 EXPUNGE\r\n%s OK Unselect completed.\r\n" % tag)  # the old mailbox's
+    s, t = second_session(h)
+    assert len(h.connector.backends) == 2  # the first one taken
+    assert t.value().startswith(b"L OK [CAPABILITY ")
+    assert b"EXISTS" not in t.value() and b"EXPUNGE" not in t.value()
+    t.clear()
+    conn.transport.clear()
+    s.dataReceived(b"N NOOP\r\n")
+    h.turns()
+    tag = re.match(rb"(rp\d+) NOOP", conn.transport.value()).group(1)
+    conn.dataReceived(b"%s OK NOOP completed.\r\n" % tag)
+    h.turns()
+    assert t.value() == b"N OK NOOP completed.\r\n"
+    assert h.context.keepalive.reused == 1
+
+
+def test_without_unselect_nothing_is_parked():
+    h = harness([c for c in DOVECOT_CAPS if c != "UNSELECT"])
+    end_first_session(h)
+    assert h.to_backend().endswith(b" LOGOUT\r\n")
+    assert len(h.context.keepalive) == 0
+    second_session(h)
+    assert len(h.connector.backends) == 2
+
+
+def test_an_unselect_refused_drops_it():
+    h = harness()
+    conn = end_first_session(h)
+    tag = unselect_tag(h)
+    conn.dataReceived(b"%s NO No.\r\n" % tag)
+    assert len(h.context.keepalive) == 0
+    assert conn.transport.value().endswith(b" LOGOUT\r\n")
+    second_session(h)
+    assert len(h.connector.backends) == 2
+
+
+def test_a_parked_connection_that_speaks_or_closes_is_dropped():
+    for news in (b"* BYE Server shutting down.\r\n", b"* 5 EXISTS\r\n", b"* OK [ALERT] hello\r\n", None):
+        h = harness()
+        conn = end_first_session(h)
+        conn.dataReceived(b"%s OK Unselect completed.\r\n" % unselect_tag(h))
+        assert len(h.context.keepalive) == 1
+        if news is None:
+            conn.transport.loseConnection()
+            conn.connectionLost(None)
+        else:
+            conn.dataReceived(news)
+        assert len(h.context.keepalive) == 0
+        s, t = second_session(h)
+        assert len(h.connector.backends) == 2, news
+        assert t.value().startswith(b"L OK")
+
+
+def test_it_expires_with_a_logout():
+    h = harness()
+    conn = end_first_session(h)
+    conn.dataReceived(b"%s BAD No mailbox selected.\r\n" % unselect_tag(h))  # RFC 3691: not selected
+    assert len(h.context.keepalive) == 1
+    conn.transport.clear()
+    h.reactor.advance(10)
+    assert conn.transport.value().endswith(b" LOGOUT\r\n")
+    assert len(h.context.keepalive) == 0
+
+
+def test_enable_or_condstore_or_a_half_read_command_parks_nothing():
+    for rest in (b"E ENABLE UTF8=ACCEPT\r\n", b"C UID FETCH 1 (FLAGS) (CHANGEDSINCE 4)\r\n",
+                 b"T STATUS INBOX (MESSAGES HIGHESTMODSEQ)\r\n", b"X SELECT INBOX (CONDSTORE)\r\n",
+                 b"I ID NIL\r\n", b"P FETCH 1 (BODY[]"):
+        h = harness()
+        h.login()
+        h.send(rest)
+        sent = h.to_backend()
+        if rest.startswith(b"P"):
+            h.session.connectionLost(None)
+        else:
+            h.from_backend(re.match(rb"rp\d+", sent).group(0) + b" OK done\r\n")
+            h.send(b"Z LOGOUT\r\n")
+            assert h.to_client().endswith(b"Z OK Logout completed.\r\n")
+        assert len(h.context.keepalive) == 0, rest
+    h = harness()  # and the same without them: parked
+    h.login()
+    h.send(b"Z LOGOUT\r\n")
+    assert len(h.context.keepalive) == 1
+
+
+def test_bounds_per_user():
+    h = harness()
+    sessions = []
+    for _ in range(keepalive.PER_USER + 2):
+        s, t = ClientSession(h.context), NoDelayTransport()
+        s.makeConnection(t)
+        s.dataReceived(b"L LOGIN alice secret\r\n")
+        h.turns()
+        sessions.append(s)
+    for s in sessions:
+        s.dataReceived(b"Z LOGOUT\r\n")
+        h.turns()
+    assert len(h.context.keepalive) == keepalive.PER_USER
+
+
+def test_every_fast_path_command_is_whitelisted():
+    assert set(_FAST) <= keepalive.REUSABLE
+
+
+def test_a_session_gone_with_a_task_under_way_or_another_backend_busy_parks_nothing():
+    from referral_proxy.flow import Block
+
+    h = harness()
+    h.login()
+    h.session.block(Block.TASK)  # a command waiting for a connection or a quiet backend
+    h.session.connectionLost(None)
+    assert len(h.context.keepalive) == 0
+    assert h.to_backend().endswith(b" LOGOUT\r\n")
+    h = harness()
+    h.login()
+    h.send(b"A UID FETCH 1 (FLAGS)\r\n")  # in flight on the home backend
+    h.session.connectionLost(None)
+    assert len(h.context.keepalive) == 0
+
+
+def test_a_parked_connection_written_to_after_it_was_parked_is_not_reused():
+    h = harness()
+    conn = end_first_session(h)
+    conn.dataReceived(b"%s OK Unselect completed.\r\n" % unselect_tag(h))
+    conn.write(b"x1 SELECT INBOX\r\n")  # a stale reference of the old session's, say
+    second_session(h)
+    assert len(h.connector.backends) == 2
+    assert conn.transport.disconnecting
