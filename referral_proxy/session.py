@@ -293,7 +293,7 @@ class ClientSession(Protocol):
                 self.send(b"* BYE Too many commands before login\r\n")
                 return self._close()
         if isinstance(event, Command):
-            if self.pool is not None and taints(event.name, event.args):  # keepalive.py
+            if self.pool is not None and self.pool.reusable and taints(event.name, event.args):  # keepalive.py
                 self.pool.reusable = False
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
         elif isinstance(event, Refused):
