@@ -8,7 +8,10 @@ else (no parsing, no literals, no routing, no counting):
 
 * ``epoll``: a raw ``select.epoll`` loop, non-blocking sockets, a ``send`` per read;
 * ``asyncio``: the same on asyncio's Protocol API (its default selector loop, epoll);
-* ``twisted``: bare Twisted Protocols on the epoll reactor, ``transport.write`` per read.
+* ``twisted``: bare Twisted Protocols on the epoll reactor, ``transport.write`` per read;
+* ``netio``: the same with referral-proxy's own loop pass and end-of-pass writes
+  (``referral_proxy.netio.install``/``attach``): the floor of the proxy's I/O layer,
+  so that referral-proxy minus this is what the proxy's own per-command work costs.
 
 The measuring mode starts one backend Dovecot, these three relays and referral-proxy
 (and, with ``--targets``, nginx's mail proxy) in front of it, logs one client in to
@@ -34,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 HERE = Path(__file__).resolve()
-KINDS = ("epoll", "asyncio", "twisted")
+KINDS = ("epoll", "asyncio", "twisted", "netio")
 
 
 # ----------------------------------------------------------------------------- tag swap
@@ -240,12 +243,22 @@ def serve_asyncio(listen: tuple[str, int], backend: tuple[str, int]) -> None:
 # ----------------------------------------------------------------------------- (c) Twisted
 
 
-def serve_twisted(listen: tuple[str, int], backend: tuple[str, int]) -> None:
-    """Bare Twisted Protocols on the epoll reactor: dataReceived -> swap -> transport.write."""
+def serve_twisted(listen: tuple[str, int], backend: tuple[str, int], fast: bool = False) -> None:
+    """Bare Twisted Protocols on the epoll reactor: dataReceived -> swap -> transport.write
+    (with *fast*, through referral_proxy.netio's loop pass and end-of-pass writes)."""
     from twisted.internet import epollreactor
 
     epollreactor.install()
     from twisted.internet import protocol, reactor
+
+    attach = lambda transport: None  # noqa: E731
+    if fast:
+        sys.path.insert(0, str(HERE.parent.parent))
+        from referral_proxy import netio
+
+        if not netio.install(reactor):
+            raise SystemExit("netio.install: not the epoll reactor")
+        attach = netio.attach
 
     class BackendSide(protocol.Protocol):
         def __init__(self, client: ClientSide) -> None:
@@ -254,6 +267,7 @@ def serve_twisted(listen: tuple[str, int], backend: tuple[str, int]) -> None:
 
         def connectionMade(self) -> None:
             self.transport.setTcpNoDelay(True)
+            attach(self.transport)
             self.client.backend = self.transport
             self.client.transport.resumeProducing()
 
@@ -270,6 +284,7 @@ def serve_twisted(listen: tuple[str, int], backend: tuple[str, int]) -> None:
 
         def connectionMade(self) -> None:
             self.transport.setTcpNoDelay(True)
+            attach(self.transport)
             self.swap = Swap()
             self.out = self.swap.out
             self.transport.pauseProducing()
@@ -290,7 +305,8 @@ def serve_twisted(listen: tuple[str, int], backend: tuple[str, int]) -> None:
     reactor.run()
 
 
-SERVE = {"epoll": serve_epoll, "asyncio": serve_asyncio, "twisted": serve_twisted}
+SERVE = {"epoll": serve_epoll, "asyncio": serve_asyncio, "twisted": serve_twisted,
+         "netio": lambda listen, backend: serve_twisted(listen, backend, fast=True)}
 
 
 # ----------------------------------------------------------------------------- measuring
