@@ -333,7 +333,7 @@ def tree_cpu_ns(root: int) -> int:
 
 
 def measure(argv: list[str]) -> int:
-    from _common import USER, dovecot_available, install_signal_handlers, log
+    from _common import PROXY_START_TIMEOUT, USER, dovecot_available, install_signal_handlers, log
     from bench_peers import PeerClient, bench_root, environment_text, measure_noop
     from peers import (
         Daemon,
@@ -348,6 +348,7 @@ def measure(argv: list[str]) -> int:
     )
 
     from referral_proxy.fleet import DEFAULT_USERS, Dovecot, free_port
+    from referral_proxy.testing.proxyproc import ProxyProcess as _ProxyProcess
 
     class FloorTarget(_DaemonTarget):
         def __init__(self, root: Path, backend: Dovecot, kind: str) -> None:
@@ -360,12 +361,25 @@ def measure(argv: list[str]) -> int:
             self.daemon = Daemon(self.key, argv, d / "relay.log", d)
             self.greeting_log = self.daemon.log_path
 
+    class BeforeTarget(ReferralProxyTarget):
+        def __init__(self, root: Path, backend: Dovecot, tree: Path) -> None:
+            super().__init__(root / "before", backend)
+            self.key = self.label = "referral-proxy-before"
+            self.tree = tree
+
+        def start(self) -> None:
+            _ProxyProcess.start(self.proxy, timeout=PROXY_START_TIMEOUT, new_group=True, tied_to_parent=True,
+                                env={"PYTHONPATH": str(self.tree)})
+
     ap = argparse.ArgumentParser(prog="floor_relay.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--noops", type=int, default=2000, help="NOOPs per round, target and placement (2000)")
     ap.add_argument("--cpu-noops", type=int, default=5000, help="NOOPs in a row for the CPU figure (5000)")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--targets", default="referral-proxy", help="also: nginx (comma-separated)")
+    ap.add_argument("--before", metavar="DIR",
+                    help="also referral-proxy from the package in DIR (e.g. git archive main | tar -x -C DIR), "
+                         "as target 'referral-proxy-before'")
     ap.add_argument("--markdown", metavar="FILE")
     args = ap.parse_args(argv)
     reason = dovecot_available()
@@ -384,6 +398,8 @@ def measure(argv: list[str]) -> int:
         targets = [DirectTarget(backend)] + [FloorTarget(root, backend, k) for k in args.kinds.split(",") if k]
         if "nginx" in names:
             targets.append(NginxTarget(root, backend))
+        if args.before:
+            targets.append(BeforeTarget(root, backend, Path(args.before).resolve()))
         if "referral-proxy" in names:
             targets.append(ReferralProxyTarget(root, backend))
         for t in targets:
