@@ -380,6 +380,9 @@ def measure(argv: list[str]) -> int:
     ap.add_argument("--before", metavar="DIR",
                     help="also referral-proxy from the package in DIR (e.g. git archive main | tar -x -C DIR), "
                          "as target 'referral-proxy-before'")
+    ap.add_argument("--instructions", type=int, metavar="N",
+                    help="instead: each relay of --kinds under callgrind, instructions per NOOP "
+                         "((N NOOPs - N/5 NOOPs) / (N - N/5); bench_append_cpu.py --tests n gives the proxy's)")
     ap.add_argument("--markdown", metavar="FILE")
     args = ap.parse_args(argv)
     reason = dovecot_available()
@@ -393,6 +396,8 @@ def measure(argv: list[str]) -> int:
     all_cpus = set(range(os.cpu_count() or 1))
     names = [n for n in args.targets.split(",") if n]
     rows: dict[str, dict[str, list[float]]] = {}
+    if args.instructions:
+        return instructions(args, root, backend)
     try:
         backend.start()
         targets = [DirectTarget(backend)] + [FloorTarget(root, backend, k) for k in args.kinds.split(",") if k]
@@ -490,6 +495,59 @@ def measure(argv: list[str]) -> int:
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+def instructions(args: argparse.Namespace, root: Path, backend) -> int:
+    """Each relay under valgrind's callgrind: user-space instructions per NOOP, exactly."""
+    import subprocess
+
+    from _common import USER
+    from bench_append_cpu import _counted
+    from bench_peers import PeerClient
+    from peers import Daemon
+
+    from referral_proxy.fleet import free_port
+    from referral_proxy.testing.proxyproc import wait_greeting
+
+    n = args.instructions
+    python = os.path.realpath(sys.executable)
+    results = {}
+    try:
+        backend.start()
+        for kind in [k for k in args.kinds.split(",") if k]:
+            d = root / f"cg-{kind}"
+            d.mkdir()
+            out = d / "callgrind.out"
+            port = free_port("127.0.0.1")
+            daemon = Daemon(kind, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python, str(HERE),
+                                   "serve", kind, "--listen", f"127.0.0.1:{port}",
+                                   "--backend", f"{backend.host}:{backend.port}"], d / "relay.log", d)
+            daemon.start()
+            try:
+                wait_greeting("127.0.0.1", port, daemon.process, kind, lambda: "", 300)
+                c = PeerClient("127.0.0.1", port, kind)
+                c.login(USER, backend.password(USER))
+                counts = []
+                for k, count in enumerate((n // 5, n)):
+                    for _ in range(20):
+                        c.noop_rtt_ns()
+                    subprocess.run(["callgrind_control", "-z", str(daemon.process.pid)], capture_output=True,
+                                   check=True)
+                    for _ in range(count):
+                        c.noop_rtt_ns()
+                    counts.append(_counted(daemon.process.pid, out, f"{kind}{k}"))
+                c.close()
+            finally:
+                daemon.stop()
+            results[kind] = (counts[1] - counts[0]) / (n - n // 5)
+            print(f"floor-{kind}: {results[kind] / 1000:.1f}k instructions per NOOP", flush=True)
+    finally:
+        try:
+            backend.stop()
+        except Exception as e:
+            print(f"stopping the backend: {e!r}", file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
