@@ -132,7 +132,7 @@ def _fast_class(cls: type) -> type:
     if fast is None:
         bases = (_BulkReads, _EndOfPassWrite, cls) if issubclass(cls, tcp.Client) else (_EndOfPassWrite, cls)
         fast = _CLASSES[cls] = type("EndOfPass" + cls.__name__, bases, {"_rp_early": issubclass(cls, tcp.Server)})
-        if fast.doRead is tcp.Connection.doRead:
+        if getattr(fast, "doRead", None) is tcp.Connection.doRead:
             _READ_HERE.add(fast)
     return fast
 
@@ -178,17 +178,18 @@ class FastLoop:
             if event == _EPOLLIN and selectable.__class__ in _READ_HERE:
                 # PosixReactorBase._doReadOrWrite + tcp.Connection.doRead for a read event alone
                 why: Any = None
+                conn: Any = selectable  # a tcp.Connection (its class is in _READ_HERE)
                 try:
-                    if selectable.fileno() == -1:
+                    if conn.fileno() == -1:
                         why = _NO_FILEDESC
                     else:
                         try:
-                            data = selectable.socket.recv(selectable.bufferSize)
+                            data = conn.socket.recv(conn.bufferSize)
                         except OSError as se:
                             if se.args[0] not in _WOULD_BLOCK:
                                 why = CONNECTION_LOST
                         else:
-                            why = selectable._dataReceived(data)  # b"": CONNECTION_DONE
+                            why = conn._dataReceived(data)  # b"": CONNECTION_DONE
                 except BaseException:  # as Twisted: the application's error logged, the connection lost
                     why = sys.exc_info()[1]
                     legacy_log.err()
