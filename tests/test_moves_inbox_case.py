@@ -12,6 +12,8 @@ import pytest
 from movecheck import census, cli, seed
 from test_moves import MASTERS, RULES, _exactly_once, _logged_in, _no_entries, ids
 
+from referral_proxy.routing import normalize
+
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
 
@@ -128,3 +130,22 @@ def test_the_sessions_own_selected_mailbox_is_not_moved_whatever_its_case(proxy_
     _exactly_once(fleet, proxy, "carol", sub + kid + inbox)
     counts, where = census(fleet, "carol")
     assert all(where[i][0][0] == "b1" for i in sub + kid + inbox)
+
+
+def test_inbox_is_case_insensitive_in_ascii_only():
+    assert normalize("iNbOx/sub") == "INBOX/sub" and normalize("Inbox") == "INBOX"
+    for name in ("\u0131nbox", "\u0131NBOX/sub", "INBO\u0058\u0307"):  # dotless i; X + a combining dot
+        assert normalize(name) == name
+
+
+def test_a_name_python_upper_cases_to_inbox_is_not_inbox(proxy_factory, fleet):
+    """U+0131 (dotless i) upper-cases to "I" in Python: "\u0131nbox" was taken for INBOX, and a UTF8=ACCEPT
+    client's RENAME of that (nonexistent) name carried INBOX's mail to another server."""
+    sub, kid, inbox, proxy, w = _with_inbox(proxy_factory, fleet)
+    assert w.cmd(b"e", b"ENABLE UTF8=ACCEPT")[-1].startswith(b"e OK")
+    reply = w.cmd(b"r", 'RENAME "\u0131nbox" Shared/X'.encode())
+    assert reply[-1].startswith(b"r NO"), reply
+    w.close()
+    _exactly_once(fleet, proxy, "carol", sub + kid + inbox)
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in inbox} == {("b1", "INBOX")}
