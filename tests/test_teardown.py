@@ -1,0 +1,170 @@
+"""A session that ends with nothing under way is freed by reference counting, no cycle left
+to the collector (referral_proxy.teardown); one that ends mid-command keeps working for
+what still answers it. And the local address of a connection without a getsockname()
+per accept (origin.local_address)."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from referral_proxy.origin import local_address
+from referral_proxy.session import ClientSession
+from referral_proxy.testing.fakes import NoDelayTransport, SessionHarness
+
+DONE = Failure(ConnectionDone())
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    """Only reference counting frees objects while the test runs; what is left over is
+    counted by the collection at its end."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def _new_session(h: SessionHarness) -> weakref.ref[ClientSession]:
+    h.session = ClientSession(h.context)
+    h.client = NoDelayTransport()
+    h.session.makeConnection(h.client)
+    return weakref.ref(h.session)
+
+
+def _forget(h: SessionHarness) -> None:
+    h.connector.backends.clear()
+    h.session = None  # type: ignore[assignment]
+    h.client = None  # type: ignore[assignment]
+
+
+def _lose(h: SessionHarness) -> None:
+    """The client's connection lost, as Twisted's TCP transport tells it (its producer let go first)."""
+    if h.client.producer is not None:
+        h.client.unregisterProducer()
+    h.session.connectionLost(DONE)
+
+
+def _cyclic_garbage() -> list[str]:
+    gc.collect()
+    names = sorted({type(o).__name__ for o in gc.garbage})
+    gc.garbage.clear()
+    return names
+
+
+def _login_select(h: SessionHarness) -> None:
+    h.login()
+    h.send(b"s SELECT INBOX\r\n")
+    tag = h.to_backend().split(b" ", 1)[0]
+    h.from_backend(b"* 3 EXISTS\r\n%s OK [READ-WRITE] Select completed.\r\n" % tag)
+    assert h.to_client().endswith(b"s OK [READ-WRITE] Select completed.\r\n")
+
+
+def test_a_session_ended_by_logout_leaves_no_cycle(no_collector: None) -> None:
+    h = SessionHarness()
+    _forget(h)  # the harness's own first session is left as it is: not part of the count
+    _cyclic_garbage()
+    for _ in range(3):  # the second and third: nothing cached by the first counts
+        ref = _new_session(h)
+        _login_select(h)
+        h.send(b"o LOGOUT\r\n")
+        assert h.to_client() == b"* BYE Logging out\r\no OK Logout completed.\r\n"
+        backend = h.backend
+        h.session.connectionLost(DONE)
+        backend.connectionLost(DONE)
+        h.turns()
+        _forget(h)
+        del backend
+        assert ref() is None, "the session outlived its last reference"
+        assert _cyclic_garbage() == []
+
+
+def test_a_client_gone_before_login_or_between_commands_leaves_no_cycle(no_collector: None) -> None:
+    h = SessionHarness()
+    _forget(h)
+    _cyclic_garbage()
+    ref = _new_session(h)  # connected, never logged in
+    _lose(h)
+    _forget(h)
+    assert ref() is None
+    ref = _new_session(h)  # logged in, a mailbox selected, then the client is killed
+    _login_select(h)
+    backend = h.backend
+    _lose(h)
+    h.turns()
+    assert b"LOGOUT" in backend.transport.value()
+    backend.connectionLost(DONE)
+    _forget(h)
+    del backend
+    assert ref() is None
+    assert _cyclic_garbage() == []
+
+
+def test_a_client_killed_mid_command_is_left_to_the_collector_and_the_late_answer_is_harmless(
+        no_collector: None) -> None:
+    """A command in flight: the session is not unlinked (its answer still comes back to it)."""
+    h = SessionHarness()
+    _forget(h)
+    _cyclic_garbage()
+    ref = _new_session(h)
+    _login_select(h)
+    h.send(b"f FETCH 1 (FLAGS)\r\n")
+    tag = h.to_backend().split(b" ", 1)[0]
+    session = h.session
+    session.connectionLost(DONE)
+    backend = h.backend
+    backend.dataReceived(b"* 1 FETCH (FLAGS (\\Seen))\r\n%s OK Fetch completed.\r\n" % tag)  # no error
+    h.turns()
+    assert session.relay is not None and session.relay.in_flight == 0
+    backend.connectionLost(DONE)
+    _forget(h)
+    del session, backend
+    assert ref() is not None  # a cycle: the collector's, as before
+    assert "ClientSession" in _cyclic_garbage()
+
+
+class _Record(Protocol):
+    def __init__(self, box: list[Any]) -> None:
+        self.box = box
+
+    def connectionMade(self) -> None:
+        self.box.append((local_address(self.transport), self.transport.getHost()))
+
+
+@pytest.mark.parametrize("interface", ["127.0.0.1", "0.0.0.0"])
+def test_local_address_is_getHost(interface: str) -> None:
+    reactor = EPollReactor()
+    box: list[Any] = []
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Record(box)), interface=interface)
+    clients = []
+    try:
+        for _ in range(2):
+            clients.append(socket.create_connection(("127.0.0.1", port.getHost().port)))
+            for _ in range(100):
+                if len(box) == len(clients):
+                    break
+                reactor.iterate(0.01)
+        assert [mine for mine, _ in box] == [theirs for _, theirs in box]
+        assert [mine.port for mine, _ in box] == [port.getHost().port] * 2
+        assert port._rp_host == (False if interface == "0.0.0.0" else port.getHost())
+    finally:
+        for c in clients:
+            c.close()
+        port.stopListening()
+        for selectable in list(reactor.getReaders()) + list(reactor.getWriters()):
+            reactor.removeReader(selectable)
+            reactor.removeWriter(selectable)
