@@ -173,10 +173,14 @@ class ClientSession(Protocol):
             return
         self.reader.receive_data(data)
         self._pump()
+        if self.flow.blocked and not self.reader.idle:  # more came while it waits: a lazy pause holds (flow.LAZY)
+            self.flow.arrived()
         if self.reader.mid_command and not sending(self.transport):  # the rest may wait for our ACK (Nagle)
             quick_ack(self._socket)  # unless our "+" or answer, sent at the pass's end, carries it
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.flow is None:  # unlinked (teardown.py): it ended already
+            return
         quiet, self.phase = teardown.quiet(self), Phase.LOGOUT  # quiet: freed at once (teardown.py)
         self._cancel_login_timer()
         self.flow.closed()
@@ -353,13 +357,9 @@ class ClientSession(Protocol):
 
     def _pre_login_caps(self) -> list[str]:
         p = self.config.proxy
-        return capabilities.pre_login(
-            tls_available=self.ctx.server_tls is not None,
-            tls_active=self._tls_active(),
-            plaintext_allowed=p.allow_plaintext_login,
-            login_referrals=p.login_referrals,
-            mailbox_referrals=p.referrals != "never",
-        )
+        return capabilities.pre_login(tls_available=self.ctx.server_tls is not None, tls_active=self._tls_active(),
+                                      plaintext_allowed=p.allow_plaintext_login, login_referrals=p.login_referrals,
+                                      mailbox_referrals=p.referrals != "never")
 
     def _post_login_caps(self) -> list[str]:
         conn = self.pool.ready(self.home or "") if self.pool is not None else None

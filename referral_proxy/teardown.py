@@ -25,8 +25,6 @@ def quiet(session: Any) -> bool:
     """Nothing of *session* under way that could call back into it (before its backends
     are logged out: a busy backend connection counts)."""
     pool = session.pool
-    if session.flow is None:  # unlinked already
-        return False
     return not (session.flow.blocked or session.reader.mid_command or session.relay.in_flight
                 or session.appends.unanswered or session.idle.current is not None
                 or pool is not None and (pool.busy or pool._waiters or pool._connecting))
