@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
@@ -19,7 +20,7 @@ from twisted.python.failure import Failure
 
 from referral_proxy.origin import local_address
 from referral_proxy.session import ClientSession
-from referral_proxy.testing.fakes import NoDelayTransport, SessionHarness
+from referral_proxy.testing.fakes import FakeConnector, NoDelayTransport, SessionHarness
 
 DONE = Failure(ConnectionDone())
 
@@ -168,3 +169,135 @@ def test_local_address_is_getHost(interface: str) -> None:
         for selectable in list(reactor.getReaders()) + list(reactor.getWriters()):
             reactor.removeReader(selectable)
             reactor.removeWriter(selectable)
+
+
+class _HeldConnector(FakeConnector):
+    """Backend connections made only when the test lets them: a login under way meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[defer.Deferred[None]] = []
+
+    async def __call__(self, config: Any, credentials: Any) -> Any:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.held.append(d)
+        await d
+        return await super().__call__(config, credentials)
+
+
+def _script(h: SessionHarness, connector: _HeldConnector) -> Iterator[str]:
+    """One session, step by step (a name per step): the client may be killed after each."""
+    yield "connected"
+    h.send(b"L LOGIN alice secret\r\n")
+    yield "login under way"
+    h.send(b"x NOOP\r\n")
+    yield "a command sent during the login"
+    connector.held.pop().callback(None)
+    h.turns()
+    yield "logged in"
+    h.to_backend()
+    backend = h.backend
+    backend.dataReceived(b"rp1 OK NOOP completed.\r\n")
+    h.turns()
+    yield "the pipelined NOOP answered"
+    h.send(b"s SELECT INBOX\r\n")
+    yield "SELECT sent"
+    tag = h.to_backend().split(b" ", 1)[0]
+    backend.dataReceived(b"* 3 EXISTS\r\n")
+    yield "SELECT half answered"
+    backend.dataReceived(b"%s OK [READ-WRITE] Select completed.\r\n" % tag)
+    h.turns()
+    yield "SELECT answered"
+    h.send(b"f FETCH 1:* (FLAGS)\r\ns2 STATUS INBOX (MESSAGES)\r\n")  # pipelined in one write
+    yield "FETCH and STATUS sent"
+    for line in h.to_backend().split(b"\r\n")[:-1]:
+        tag = line.split(b" ", 1)[0]
+        backend.dataReceived(b"%s OK done\r\n" % tag)
+    h.turns()
+    yield "FETCH and STATUS answered"
+    h.send(b"o LOGOUT\r\n")
+    yield "LOGOUT sent"
+
+
+@pytest.mark.parametrize("kill_after", range(11))
+def test_a_client_killed_at_every_step_ends_cleanly(kill_after: int) -> None:
+    """Killed after each step, then every backend answers what it still owed and goes away:
+    no error logged, nothing counted as still connected, the session not kept alive."""
+    from twisted.logger import globalLogPublisher
+
+    errors: list[dict] = []
+
+    def watch(event: dict) -> None:
+        if event.get("log_failure") is not None or getattr(event.get("log_level"), "name", "") in ("error", "critical"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(watch)
+    try:
+        connector = _HeldConnector()
+        h = SessionHarness(connector=connector)
+        h.to_client()
+        ref = weakref.ref(h.session)
+        steps = _script(h, connector)
+        for _ in range(kill_after + 1):
+            assert next(steps, None) is not None
+        _lose(h)
+        h.turns()
+        for held in connector.held:  # a login still connecting: its connection is made after all
+            held.callback(None)
+        h.turns()
+        for backend in list(connector.backends):
+            sent = backend.transport.value()
+            for line in sent.split(b"\r\n")[:-1]:  # every command it was sent, answered late
+                backend.dataReceived(b"%s OK late\r\n" % line.split(b" ", 1)[0])
+            backend.connectionLost(DONE)
+        h.turns()
+        assert errors == []
+        assert h.context.admission.connections == 0
+        assert h.context.observer.sessions == 0
+        _forget(h)
+        gc.collect()
+        assert ref() is None
+    finally:
+        globalLogPublisher.removeObserver(watch)
+
+
+def test_200_short_sessions_each_pipelined_in_one_write(no_collector: None) -> None:
+    """LOGIN, SELECT and LOGOUT in one write, 200 sessions, 10 logins under way together (the
+    unauthenticated-per-address limit): each socket is paused for the bytes waiting behind
+    its login, every session gets its three answers in order, and all are freed without the
+    collector."""
+    connector = _HeldConnector()
+    h = SessionHarness(connector=connector)
+    _forget(h)
+    _cyclic_garbage()
+    refs = []
+    for wave in range(20):
+        sessions = []
+        for i in range(wave * 10, wave * 10 + 10):
+            refs.append(_new_session(h))
+            h.to_client()
+            h.send(b"a%d LOGIN alice secret\r\nb%d SELECT INBOX\r\nc%d LOGOUT\r\n" % (i, i, i))
+            assert h.client.producerState == "paused"
+            sessions.append((i, h.session, h.client))
+        for held in connector.held:
+            held.callback(None)
+        connector.held.clear()
+        h.turns()
+        for (i, session, client), backend in zip(sessions, connector.backends):
+            select = backend.transport.value().split(b"\r\n")[-2]
+            assert select.endswith(b" SELECT INBOX"), select
+            backend.dataReceived(b"%s OK [READ-WRITE] Select completed.\r\n" % select.split(b" ", 1)[0])
+            h.turns()
+            lines = client.value().split(b"\r\n")
+            assert [line.split(b" ", 1)[0] for line in lines if line and not line.startswith(b"*")] == [
+                b"a%d" % i, b"b%d" % i, b"c%d" % i], lines
+            assert client.disconnecting
+            if client.producer is not None:
+                client.unregisterProducer()
+            session.connectionLost(DONE)
+            backend.connectionLost(DONE)
+        h.turns()
+        del sessions, session, client, backend
+        _forget(h)
+    assert [r for r in refs if r() is not None] == []
+    assert _cyclic_garbage() == []
