@@ -7,26 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
-
-from referral_proxy.backend import BackendProtocol, Credentials
-from referral_proxy.config import BackendConfig
 from referral_proxy.flow import Block
-from referral_proxy.testing.fakes import FakeConnector, NoDelayTransport, SessionHarness
-
-
-class _HeldConnector(FakeConnector):
-    """Connections made only once the test lets them (a login under way meanwhile)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[defer.Deferred[None]] = []
-
-    async def __call__(self, config: BackendConfig, credentials: Credentials) -> BackendProtocol:
-        d: defer.Deferred[None] = defer.Deferred()
-        self.held.append(d)
-        await d
-        return await super().__call__(config, credentials)
+from referral_proxy.testing.fakes import HeldConnector, NoDelayTransport, SessionHarness
 
 
 class _Counting(NoDelayTransport):
@@ -39,8 +21,8 @@ class _Counting(NoDelayTransport):
         super().pauseProducing()
 
 
-def _harness() -> tuple[SessionHarness, _HeldConnector, Any]:
-    connector = _HeldConnector()
+def _harness() -> tuple[SessionHarness, HeldConnector, Any]:
+    connector = HeldConnector()
     client = _Counting()
     h = SessionHarness(connector=connector, client=client)
     h.to_client()

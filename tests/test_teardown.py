@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
@@ -20,7 +19,7 @@ from twisted.python.failure import Failure
 
 from referral_proxy.origin import local_address
 from referral_proxy.session import ClientSession
-from referral_proxy.testing.fakes import FakeConnector, NoDelayTransport, SessionHarness
+from referral_proxy.testing.fakes import HeldConnector, NoDelayTransport, SessionHarness
 
 DONE = Failure(ConnectionDone())
 
@@ -171,21 +170,8 @@ def test_local_address_is_getHost(interface: str) -> None:
             reactor.removeWriter(selectable)
 
 
-class _HeldConnector(FakeConnector):
-    """Backend connections made only when the test lets them: a login under way meanwhile."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[defer.Deferred[None]] = []
-
-    async def __call__(self, config: Any, credentials: Any) -> Any:
-        d: defer.Deferred[None] = defer.Deferred()
-        self.held.append(d)
-        await d
-        return await super().__call__(config, credentials)
-
-
-def _script(h: SessionHarness, connector: _HeldConnector) -> Iterator[str]:
+def _script(h: SessionHarness, connector: HeldConnector) -> Iterator[str]:
     """One session, step by step (a name per step): the client may be killed after each."""
     yield "connected"
     h.send(b"L LOGIN alice secret\r\n")
@@ -233,7 +219,7 @@ def test_a_client_killed_at_every_step_ends_cleanly(kill_after: int) -> None:
 
     globalLogPublisher.addObserver(watch)
     try:
-        connector = _HeldConnector()
+        connector = HeldConnector()
         h = SessionHarness(connector=connector)
         h.to_client()
         ref = weakref.ref(h.session)
@@ -266,7 +252,7 @@ def test_200_short_sessions_each_pipelined_in_one_write(no_collector: None) -> N
     unauthenticated-per-address limit): each socket is paused for the bytes waiting behind
     its login, every session gets its three answers in order, and all are freed without the
     collector."""
-    connector = _HeldConnector()
+    connector = HeldConnector()
     h = SessionHarness(connector=connector)
     _forget(h)
     _cyclic_garbage()
