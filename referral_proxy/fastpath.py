@@ -37,8 +37,10 @@ from .imap.response import plain_completion, plain_untagged_lines
 __all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
 
 # The handlers that only relay: to the selected mailbox's backend (home if none), or home;
-# NOOP's after login is to_selected.
-_RELAY_ONLY = {"to_selected": False, "to_home": True, "noop": False}
+# NOOP's after login is to_selected; mailboxes.change (STORE, EXPUNGE) relays unless a move holds
+# the selected mailbox (relay_plain leaves that case to it: NO [INUSE]).
+_RELAY_ONLY = {"to_selected": False, "to_home": True, "noop": False, "mailboxes.change": False}
+_CHANGES = frozenset(spec.name for spec in COMMANDS.values() if spec.handler == "mailboxes.change")
 
 #: FETCH, STORE, UID EXPUNGE ... (CHECK, EXPUNGE: no arguments, never parsed anyway).
 PLAIN_COMMANDS: frozenset[str] = frozenset(
@@ -75,6 +77,8 @@ def relay_plain(session: Any, data: bytes) -> bool:
         if grammar:
             return False
     elif not grammar or not plain_arguments(grammar, rest):
+        return False
+    if name in _CHANGES and session.mailboxes.selected_held():
         return False
     relay, pool = session.relay, session.pool
     most = session.config.proxy.connections.max_commands_in_flight

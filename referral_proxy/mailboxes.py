@@ -132,6 +132,11 @@ class MailboxCommands:
         assert self.host.user is not None
         return self.host.mailbox_map.reserved(self.host.user, mailbox.decode("utf-8", "surrogateescape"))
 
+    def selected_held(self) -> bool:
+        """The selected mailbox is held by a move to another server (or its parent's, or the user's)."""
+        mailbox = self.host.selected_mailbox
+        return mailbox is not None and self.moving(mailbox)
+
     def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
         """Where an APPEND to *mailbox* goes (its route, looked up once), or the answer
         refusing it before any message is read (bytes)."""
@@ -221,10 +226,22 @@ class MailboxCommands:
                 host.write_from(conn, r.raw)
         host.send(b"* OK [CLOSED] Previous mailbox closed.\r\n")
 
+    def change(self, cmd: Command) -> None:
+        """STORE, EXPUNGE, UID EXPUNGE: relayed where the mailbox is selected; NO [INUSE] while a move
+        to another server holds it, since what they changed in the copy being moved would be lost at
+        its new place (flags) or come back there (an expunged message). CLOSE too (close below)."""
+        host = self.host
+        assert host.home is not None
+        if self.selected_held():
+            return host.tagged(cmd.tag, "NO", _INUSE)
+        host.relay_cmd(cmd, host.selected or host.home)
+
     def close(self, cmd: Command) -> None:
         """CLOSE / UNSELECT: relayed where the mailbox is selected; the session is unselected after."""
         host = self.host
         assert host.home is not None
+        if cmd.name == "CLOSE" and self.selected_held():  # it expunges (change above); UNSELECT does not
+            return host.tagged(cmd.tag, "NO", _INUSE)
         target = host.selected or host.home
 
         def done(start: ResponseStart) -> None:

@@ -129,7 +129,7 @@ class Client(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            op = self.rng.choice(["rename", "move", "move", "copy", "append", "append"])
+            op = self.rng.choice(["rename", "move", "move", "copy", "append", "append", "oldmove"])
             try:
                 getattr(self, op)(self._conn())
             except (imaplib.IMAP4.abort, OSError, EOFError):
@@ -235,6 +235,48 @@ class Client(threading.Thread):
                 self.ledger.copies_acked[mid] += 1
             # (OK without COPYUID: the UID was gone, moved meanwhile: nothing copied)
         self.ledger.note("copy", typ)
+
+    def oldmove(self, m: imaplib.IMAP4) -> None:
+        """A move the RFC 3501 way (UID COPY, UID STORE \\Deleted, UID EXPUNGE), in a session that
+        keeps its mailbox selected while other clients rename it."""
+        picked = self._pick(m)
+        if picked is None:
+            return
+        box, uid, mid = picked
+        target = self.rng.choice([b for b in self._mailboxes(m) if b != box] or [box])
+        m.response("COPYUID")
+        self.ledger.tell(self.k, f"OLDMOVE {mid} {box} -> {target}")
+        since = time.monotonic()
+        try:
+            typ, data = m.uid("COPY", uid, quote(target))
+        except (imaplib.IMAP4.abort, OSError):
+            with self.ledger.lock:
+                self.ledger.copies_maybe[mid] += 1
+            raise
+        copyuid = m.response("COPYUID")[1][0]
+        if typ != "OK":
+            self.ledger.backend_died(mid, since)
+            self.ledger.dovecot_partial(mid, data)
+        if typ != "OK" or not copyuid:
+            self.ledger.note("oldmove", f"copy {typ}")
+            return
+        with self.ledger.lock:
+            self.ledger.copies_acked[mid] += 1
+        try:
+            typ, data = m.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
+            if typ == "OK":
+                typ, data = m.uid("EXPUNGE", uid)
+        except (imaplib.IMAP4.abort, OSError):
+            with self.ledger.lock:  # the original may be gone, or not
+                self.ledger.copies_acked[mid] -= 1
+                self.ledger.copies_maybe[mid] += 1
+            raise
+        if typ == "OK":
+            with self.ledger.lock:
+                self.ledger.copies_acked[mid] -= 1
+        self.ledger.tell(self.k, f"OLDMOVE {mid} {box} -> {target}: {typ} {data}")
+        self.ledger.note("oldmove", typ)
+        m.unselect()
 
     def append(self, m: imaplib.IMAP4) -> None:
         self.n += 1

@@ -597,6 +597,73 @@ def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, f
     assert where[work[1]] == [("b1", "Other")]
 
 
+def test_changes_in_a_selected_mailbox_being_moved_are_in_use(proxy_factory, fleet):
+    """A STORE or EXPUNGE in the copy being moved would be lost at its new place (flags) or come
+    back there (an expunged message): refused while the move holds it, on the fast path (one
+    command per read) and the long way (pipelined); reading goes on."""
+    from referral_proxy.journal import Reservation
+
+    work = ids("work", 4)
+    seed(fleet["b1"], "carol", "Proj", [])
+    seed(fleet["b1"], "carol", "Proj/Work", work)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Proj/Work")[-1].startswith(b"s OK")
+    store = _store(proxy)
+    entry = now(store.begin_move("carol", "rename", [Reservation("Proj", subtree=True)], {}, "x", "/"))
+    now(store.settle())
+    changes = (b"STORE 1 +FLAGS (\\Deleted)", b"UID STORE 2 +FLAGS.SILENT (\\Deleted)", b"EXPUNGE",
+               b"UID EXPUNGE 1:*", b"CLOSE")
+    for command in changes:
+        assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command
+    w.send(b"".join(b"p%d %s\r\n" % (i, c) for i, c in enumerate(changes)) + b"f FETCH 1:* FLAGS\r\n")
+    lines = w.until_tagged(b"f")
+    for i in range(len(changes)):
+        assert any(line.startswith(b"p%d NO [INUSE]" % i) for line in lines), (i, lines)
+    assert lines[-1].startswith(b"f OK") and not any(b"Deleted" in line for line in lines), lines
+    now(store.end_move(entry))
+    now(store.settle())
+    now(store.close())
+    assert w.cmd(b"d", b"STORE 1 +FLAGS (\\Deleted)")[-1].startswith(b"d OK")
+    assert w.cmd(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    w.close()
+    counts, where = census(fleet, "carol")
+    assert counts == {m: 1 for m in work[1:]}, where
+
+
+def test_a_mailbox_renamed_away_while_another_session_moves_its_mail_out(proxy_factory, fleet):
+    """While a RENAME carries Proj to another server, a second session that has Proj selected
+    moves messages out the RFC 3501 way (COPY, STORE \\Deleted, EXPUNGE): each message ends up
+    where the answers say, once: never both moved out and carried along, never lost."""
+    big = ids("big", 3000)
+    seed(fleet["b1"], "carol", "Proj", big, size=300)
+    seed(fleet["b1"], "carol", "Other", [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    a, b = _logged_in(proxy), _logged_in(proxy)
+    assert a.cmd(b"s", b"SELECT Proj")[-1].startswith(b"s OK")
+    renamed: list[bytes] = []
+    mover = threading.Thread(target=lambda: renamed.append(b.cmd(b"r", b"RENAME Proj Shared/Proj")[-1]))
+    mover.start()
+    copied, flagged, expunged = [], [], False
+    try:
+        for k in range(1, 61):
+            if a.cmd(b"c", b"UID COPY %d Other" % k)[-1].startswith(b"c OK"):
+                copied.append(big[k - 1])
+                if a.cmd(b"d", b"UID STORE %d +FLAGS.SILENT (\\Deleted)" % k)[-1].startswith(b"d OK"):
+                    flagged.append(big[k - 1])
+        expunged = a.cmd(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    except ConnectionError:
+        pass  # the moved mailbox's session ends (Dovecot: BYE): nothing answered OK after that
+    mover.join(180)
+    assert renamed and renamed[0].startswith(b"r OK"), renamed
+    counts, where = census(fleet, "carol")
+    gone = set(flagged) if expunged else set()  # expunged from Proj, before or instead of being carried
+    expected = {m: (m not in gone) + (m in copied) for m in big}
+    wrong = {m: (expected[m], where.get(m)) for m in big if counts[m] != expected[m]}
+    assert not wrong, (len(wrong), list(wrong.items())[:5])
+    assert set(counts) == set(big), "something else appeared"
+
+
 def test_names_no_backend_accepts_get_its_answer_and_change_nothing(proxy_factory, fleet):
     work = ids("work", 3)
     seed(fleet["b1"], "carol", "Work", work)
