@@ -15,6 +15,10 @@ instructions per command under valgrind (callgrind), ``(Ir(count) - Ir(0)) / cou
 so that start-up and imports cancel out (valgrind installed; ~2 min per command):
 
     python bench/bench_session_cpu.py --instructions --count 2000 [--tree ...]
+
+The last case is a whole session instead of one command (accept, greeting, LOGIN, SELECT,
+LOGOUT, both sides closed, its three log lines written; the collector on, since what a
+session leaves to it is part of its cost), run ``--count / 10`` times.
 """
 
 from __future__ import annotations
