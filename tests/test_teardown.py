@@ -31,9 +31,11 @@ def no_collector() -> Iterator[None]:
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
+    _MINE.clear()
     try:
         yield
     finally:
+        _MINE.clear()
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
@@ -56,12 +58,26 @@ def _lose(h: SessionHarness) -> None:
     """The client's connection lost, as Twisted's TCP transport tells it (its producer let go first)."""
     if h.client.producer is not None:
         h.client.unregisterProducer()
+    _track(h.session)
     h.session.connectionLost(DONE)
 
 
+_MINE: set[tuple[int, type]] = set()  # the objects of the sessions a test ended (id, type)
+
+
+def _track(session: ClientSession) -> None:
+    """Remember *session* and its collaborators, to find them among the garbage: other tests'
+    objects may become garbage meanwhile (Twisted's log buffer letting old events go)."""
+    flow = session.flow
+    parts = [session, session.relay, session.mailboxes, session.auth, session.appends, session.idle,
+             session.reader, session.pool, flow, flow.out, flow.client_output, flow.gate, flow.backends]
+    _MINE.update((id(o), type(o)) for o in parts if o is not None)
+
+
 def _cyclic_garbage() -> list[str]:
+    """The tracked objects only a collection frees (each type named once)."""
     gc.collect()
-    names = sorted({type(o).__name__ for o in gc.garbage})
+    names = sorted({type(o).__name__ for o in gc.garbage if (id(o), type(o)) in _MINE})
     gc.garbage.clear()
     return names
 
@@ -84,6 +100,7 @@ def test_a_session_ended_by_logout_leaves_no_cycle(no_collector: None) -> None:
         h.send(b"o LOGOUT\r\n")
         assert h.to_client() == b"* BYE Logging out\r\no OK Logout completed.\r\n"
         backend = h.backend
+        _track(h.session)
         h.session.connectionLost(DONE)
         backend.connectionLost(DONE)
         h.turns()
@@ -125,6 +142,7 @@ def test_a_client_killed_mid_command_is_left_to_the_collector_and_the_late_answe
     h.send(b"f FETCH 1 (FLAGS)\r\n")
     tag = h.to_backend().split(b" ", 1)[0]
     session = h.session
+    _track(session)
     session.connectionLost(DONE)
     backend = h.backend
     backend.dataReceived(b"* 1 FETCH (FLAGS (\\Seen))\r\n%s OK Fetch completed.\r\n" % tag)  # no error
@@ -280,6 +298,7 @@ def test_200_short_sessions_each_pipelined_in_one_write(no_collector: None) -> N
             assert client.disconnecting
             if client.producer is not None:
                 client.unregisterProducer()
+            _track(session)
             session.connectionLost(DONE)
             backend.connectionLost(DONE)
         h.turns()
