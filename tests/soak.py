@@ -74,6 +74,7 @@ class Ledger:
     errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
     history: list = field(default_factory=list)  # (time, client, what) of every RENAME, MOVE and COPY
     overlaps: list = field(default_factory=list)  # (message, start, end) of MOVEs/COPYs not answered OK
+    moved: list = field(default_factory=list)  # (message, start, end, client) of MOVEs answered OK
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, kind: str, outcome: str) -> None:
@@ -96,10 +97,21 @@ class Ledger:
             with self.lock:
                 self.copies_maybe[mid] += 1
 
+    def moved_ok(self, mid: str, since: float, client: int) -> None:
+        with self.lock:
+            self.moved.append((mid, since, time.monotonic(), client))
+
     def settle(self) -> None:
         """Count a possible copy for each MOVE/COPY that a backend kill overlapped (one not answered
-        OK: up to 1 s after its end)."""
+        OK: up to 1 s after its end); and for two clients' MOVEs of one message at once, both answered
+        OK: Dovecot's own MOVE copies, then expunges, so a same-backend MOVE that had the message in
+        hand (seen: one waiting 110 s on a lock a killed Dovecot left) copies it even though the
+        other MOVE took it meanwhile -- two copies, as two clients of Dovecot itself would leave."""
         with self.lock:
+            for i, (mid, start, end, who) in enumerate(self.moved):
+                if any(m == mid and w != who and s < end and start < e for m, s, e, w in self.moved[i + 1:]):
+                    self.copies_maybe[mid] += 1
+            self.moved.clear()
             kills = [t for t, who, what in self.history if who == -1 and what.startswith("KILL b")]
             for mid, since, ended in self.overlaps:
                 if any(since <= t <= ended for t in kills):
@@ -207,6 +219,8 @@ class Client(threading.Thread):
         if typ != "OK":
             self.ledger.dovecot_partial(mid, data)
         self.ledger.note("move", typ)
+        if typ == "OK":
+            self.ledger.moved_ok(mid, since, self.k)
         self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}: {typ} {data}")
         m.unselect()
 
@@ -274,6 +288,7 @@ class Client(threading.Thread):
         if typ == "OK":
             with self.ledger.lock:
                 self.ledger.copies_acked[mid] -= 1
+            self.ledger.moved_ok(mid, since, self.k)
         self.ledger.tell(self.k, f"OLDMOVE {mid} {box} -> {target}: {typ} {data}")
         self.ledger.note("oldmove", typ)
         m.unselect()
