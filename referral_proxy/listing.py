@@ -21,7 +21,7 @@ from .imap.command import Atom, ParenList, ParseError, String, astring_value, pa
 from .imap.grammar import Arguments, Slot, encode
 from .imap.quoting import quoted
 from .routing import MailboxMap, normalize, pattern_matches
-from .staging import is_staging_name
+from .staging import is_private_name
 
 __all__ = ["ListEntry", "ListHost", "list_command", "parse_list_entry", "merge", "select", "format_entry",
            "add_flag", "is_basic_list"]
@@ -71,7 +71,7 @@ def merge(
     (staging.py) are never shown."""
     kept: dict[str, ListEntry] = {}
     for e in entries:
-        if is_staging_name(e.name):
+        if is_private_name(e.name):
             continue
         name = normalize(e.text, separator)
         if owner(name) != e.backend or name in kept:
@@ -220,7 +220,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 entry = parse_list_entry(fragments, literals, conn.name)
             except ParseError:
                 continue
-            if is_staging_name(entry.name):
+            if is_private_name(entry.name):
                 continue
             if _owner(host, entry.text) != conn.name:
                 if _NONEXISTENT in (f.upper() for f in entry.flags) and entry.text not in parents:
@@ -236,7 +236,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 mailbox = astring_value(parse_arguments(fragments, literals)[0])
             except (ParseError, IndexError):
                 continue
-            if _owner(host, mailbox.decode("utf-8", "surrogateescape")) == conn.name and not is_staging_name(mailbox):
+            if _owner(host, mailbox.decode("utf-8", "surrogateescape")) == conn.name and not is_private_name(mailbox):
                 out.append(r.raw)
         else:
             out.append(r.raw)

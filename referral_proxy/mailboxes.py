@@ -28,7 +28,7 @@ from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult, rename_here
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
-from .staging import is_staging_name
+from .staging import is_private_name
 from .transfer import CopyOutcome, copy_across
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
@@ -79,7 +79,7 @@ class MailboxHost(Protocol):
 
 
 _INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
-_RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- are reserved"
+_RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or referral-proxy-aside- are reserved"
 
 
 class MailboxCommands:
@@ -140,7 +140,7 @@ class MailboxCommands:
     def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
         """Where an APPEND to *mailbox* goes (its route, looked up once), or the answer
         refusing it before any message is read (bytes)."""
-        if is_staging_name(mailbox):
+        if is_private_name(mailbox):
             return b"%s NO %s\r\n" % (tag, _RESERVED.encode())
         if self.moving(mailbox):
             return b"%s NO %s\r\n" % (tag, _INUSE.encode())
@@ -151,7 +151,7 @@ class MailboxCommands:
         """The mailbox argument and its route, or None when a move holds it (answered INUSE)."""
         mailbox = cmd.args.value(slot)
         assert mailbox is not None  # the grammar has it
-        if is_staging_name(mailbox):  # the proxy's own (append.py): never a client's
+        if is_private_name(mailbox):  # the proxy's own (append.py): never a client's
             self.host.tagged(cmd.tag, "NO", _RESERVED)
             return None
         if self.moving(mailbox):
@@ -306,7 +306,7 @@ class MailboxCommands:
         host = self.host
         old, new = cmd.args.value(Slot.MAILBOX), cmd.args.value(Slot.DEST)
         assert old is not None and new is not None and host.user is not None
-        if is_staging_name(old) or is_staging_name(new):
+        if is_private_name(old) or is_private_name(new):
             return host.tagged(cmd.tag, "NO", _RESERVED)
         if under_itself(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                         host.mailbox_map.separator):

@@ -58,7 +58,7 @@ from .mailops import (
     subtree,
 )
 from .routing import MailboxMap, normalize
-from .staging import is_staging_name
+from .staging import ASIDE_PREFIX, is_staging_name
 from .transfer import Progress, copy_stream, find_copies, verify_copies
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "rename_here", "LocalRename", "reconcile_local",
@@ -73,7 +73,7 @@ QUIET = 0.3  # seconds without a new message in a source before it is renamed as
 QUIET_BUDGET = 15.0  # seconds spent waiting for that quiet at most (then it is renamed anyway)
 ASIDE_TIMEOUT = 30.0  # seconds the renamed source may take to be emptied and deleted
 DRAIN_ROUNDS = 10  # INBOX: rounds of "copy what is new, expunge what is verified" before giving up
-ASIDE = "referral-proxy-aside-"
+ASIDE = ASIDE_PREFIX.decode()  # staging.is_private_name: never listed to a client nor taken from one
 
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 

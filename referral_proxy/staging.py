@@ -10,7 +10,8 @@ that lets recovery remove a staging mailbox a crash left behind, and the command
 
 A staging name is ``STAGING_PREFIX`` + 128 random bits: unguessable (no other
 session, of this user or another proxy process, can open it) and never colliding.
-The proxy hides such names from every LIST/LSUB/RLIST and refuses them as arguments.
+The proxy hides such names (and RENAME's set-aside sources, mover.py) from every
+LIST/LSUB/RLIST and refuses them as arguments (is_private_name).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .imap.response import ResponseStart, completion_text, replace_tag
 from .journal import InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .routing import MailboxMap
 
-__all__ = ["STAGING_PREFIX", "new_staging_name", "is_staging_name", "StagingJournal", "MapJournal",
+__all__ = ["STAGING_PREFIX", "new_staging_name", "is_staging_name", "is_private_name", "ASIDE_PREFIX", "StagingJournal", "MapJournal",
            "drop_staging", "Staging",
            "StagingHost", "mailbox_argument", "run_captured", "send_command", "appenduid_from_copyuid",
            "probe_answer"]
@@ -40,6 +41,7 @@ __all__ = ["STAGING_PREFIX", "new_staging_name", "is_staging_name", "StagingJour
 log = Logger()
 
 STAGING_PREFIX = b"referral-proxy-staging-"
+ASIDE_PREFIX = b"referral-proxy-aside-"  # mover.ASIDE
 _PREFIX_LOWER = STAGING_PREFIX.lower()
 _COPYUID = re.compile(rb"^(\d+) \S+ (\S+)\Z")
 
@@ -52,6 +54,13 @@ def new_staging_name() -> bytes:
 def is_staging_name(name: bytes) -> bool:
     """True for a name in the proxy's staging space (any case: some backends fold it)."""
     return name[: len(STAGING_PREFIX)].lower() == _PREFIX_LOWER
+
+
+def is_private_name(name: bytes) -> bool:
+    """A staging mailbox, or a source a cross-server RENAME set aside (mover.ASIDE) while it is
+    emptied: the proxy's own, never listed to a client nor taken from one (any case)."""
+    head = name[:len(STAGING_PREFIX)].lower()
+    return head == _PREFIX_LOWER or head.startswith(ASIDE_PREFIX)
 
 
 class StagingJournal(Protocol):

@@ -284,7 +284,7 @@ def test_staging_names_are_refused_and_hidden():
     for command in (b"SELECT " + STAGE, b"CREATE Referral-Proxy-Staging-x", b"RENAME Box " + STAGE,
                     b"STATUS " + STAGE + b" (MESSAGES)", b"APPEND " + STAGE + b" {1}"):
         h.send(b"r " + command + b"\r\n")
-        assert h.to_client() == b"r NO [CANNOT] Mailbox names beginning with referral-proxy-staging- are reserved\r\n"
+        assert h.to_client() == b"r NO [CANNOT] Mailbox names beginning with referral-proxy-staging- or referral-proxy-aside- are reserved\r\n"
     assert h.to_backend() == b""
     h.send(b'l LIST "" "*"\r\n')
     sent = h.to_backend()

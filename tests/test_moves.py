@@ -664,6 +664,39 @@ def test_a_mailbox_renamed_away_while_another_session_moves_its_mail_out(proxy_f
     assert set(counts) == set(big), "something else appeared"
 
 
+def test_a_source_set_aside_is_never_shown_nor_taken_from_a_client(proxy_factory, fleet):
+    """While a move empties the source it renamed aside (here: the move killed there, until
+    recover), a client neither sees that name in LIST/LSUB nor can open, rename or fill it."""
+    work = ids("work", 6)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Work/c", ids("workc", 2))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    config = str(proxy.config_path)
+    killed = cli("move", "--config", config, "carol", "Work", "b3", command=faulty("--kill-at", "aside:1"))
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    direct = Wire(fleet["b1"].host, fleet["b1"].port)
+    direct.login("carol")
+    aside = [line.rsplit(b" ", 1)[-1].strip(b'"\r\n') for line in direct.cmd(b"l", b'LIST "" "*"')
+             if b"referral-proxy-aside-" in line]
+    direct.close()
+    assert aside, "the move was killed before it set the source aside"
+    w = _logged_in(proxy)
+    for command in (b'LIST "" "*"', b'LIST "" "referral-proxy-*"', b'LIST "" "%"', b'LSUB "" "*"',
+                    b'RLIST "" "*"', b'LIST (SUBSCRIBED) "" "*"'):
+        reply = w.cmd(b"l", command)
+        assert reply[-1].startswith(b"l OK") and not any(b"aside" in line.lower() for line in reply), (command, reply)
+    for name in aside + [aside[0].upper()]:
+        for command in (b"SELECT ", b"EXAMINE ", b"STATUS %s (MESSAGES)", b"DELETE ", b"RENAME %s Other",
+                        b"RENAME Other %s", b"CREATE %s/x", b"APPEND %s {1+}\r\nx", b"SUBSCRIBE "):
+            text = command % name if b"%s" in command else command + name
+            assert w.cmd(b"c", text)[-1].startswith(b"c NO [CANNOT]"), text
+    w.close()
+    recovered = cli("recover", "--config", config)
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    _exactly_once(fleet, proxy, "carol", work + ids("workc", 2))
+    assert _no_entries(proxy)
+
+
 def test_names_no_backend_accepts_get_its_answer_and_change_nothing(proxy_factory, fleet):
     work = ids("work", 3)
     seed(fleet["b1"], "carol", "Work", work)
