@@ -286,6 +286,17 @@ class ProxyProcess(_ProxyProcess):
         return status
 
 
+def signalled_json(path: Path, pid: int) -> dict:
+    """The JSON a process rewrites at *path* when sent SIGUSR2 (a bench site's figures), once rewritten."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    os.kill(pid, signal.SIGUSR2)
+    for _ in range(300):
+        if path.exists() and path.stat().st_mtime_ns != before:
+            break
+        time.sleep(0.01)
+    return json.loads(path.read_text())
+
+
 def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU time of process *pid* so far (from /proc; 1/CLK_TCK resolution)."""
     if pid is None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Two builds of the proxy side by side on the bulk rows: before/after a change, in one run.
 
-Starts one Dovecot (127.0.0.2) and two proxies in front of it: ``before`` (the package
-found in ``--before DIR``, e.g. ``git archive main | tar -x -C DIR``) and ``after`` (this
-checkout). Each round takes direct, before and after in a rotated order, for each test:
+Starts one Dovecot (127.0.0.2, maildirs on tmpfs in /dev/shm when there is one) and two
+proxies in front of it: ``before`` (the package found in ``--before DIR``, e.g. ``git archive
+main | tar -x -C DIR``) and ``after`` (this checkout). Each round takes direct, before and after in a rotated order, for each test:
 
 * ``fetch``: ``UID FETCH 1:* BODY.PEEK[]`` of 500 x 100 KB (EXAMINEd, bench_relay's reader);
 * ``c``: N APPEND commands one by one, each literal synchronizing (bench_append's (c));
@@ -45,12 +45,11 @@ from _common import (  # noqa: E402
     install_signal_handlers,
     log,
     make_message,
-    make_root,
     render_table,
     run_cli,
 )
 from bench_append import AppendClient, Control, check_replies, one_run  # noqa: E402
-from bench_peers import STRESS_PASSWORD  # noqa: E402
+from bench_peers import STRESS_PASSWORD, bench_root  # noqa: E402
 from loadgen import LoadConfig, numbered_users, run_load  # noqa: E402
 
 FETCH_BOX = b"Fetch"
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(tests) - set(TESTS):
         ap.error(f"--tests: a subset of {','.join(TESTS)}")
     install_signal_handlers()
-    root = make_root("rp-ab-")
+    root = bench_root()  # maildirs on tmpfs, as bench_peers: on disk an APPEND waits for fsync
     d = Dovecot("ab", "127.0.0.2", root / "b1", users={USER: "secret", **{f"user{i}": STRESS_PASSWORD for i in range(1, 101)}})
     proxies: dict[str, ProxyProcess] = {}
     try:

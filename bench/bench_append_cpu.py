@@ -13,7 +13,9 @@ on a shared machine, this does not depend on the load (it moves by well under 1 
     python bench/bench_append_cpu.py --tree /tmp/before --tests c
 
 Tests as in bench_ab.py: ``c`` APPENDs one by one with sync literals, ``d`` the same in
-two writes (c-client), ``e`` one MULTIAPPEND with sync literals, ``a`` with LITERAL+.
+two writes (c-client), ``e`` one MULTIAPPEND with sync literals, ``a`` with LITERAL+;
+and ``n``: N NOOPs one after the other (per NOOP: the fast path, the reactor's loop
+passes, the end-of-pass writes; ``--messages`` NOOPs).
 About a minute per test (valgrind slows the proxy ~50 times).
 """
 
@@ -42,6 +44,17 @@ from _common import (  # noqa: E402
     make_root,
 )
 from bench_append import AppendClient, Control, check_replies, one_run  # noqa: E402
+from bench_relay import RawIMAP  # noqa: E402
+
+
+class Client(RawIMAP, AppendClient):
+    """bench_append's APPENDs and bench_relay's NOOP round trip."""
+
+
+def noops(c: Client, count: int) -> tuple[int, list[bytes], int]:
+    for _ in range(count):
+        c.noop_rtt_ns()
+    return 0, [], 0
 
 
 def _counted(pid: int, out: Path, label: str) -> int:
@@ -86,8 +99,15 @@ def main() -> int:
             counts = []
             for k, count in enumerate((n // 5, n)):
                 control.reset()
-                c = AppendClient(PROXY_HOST, p.port, "proxy")
+                c = Client(PROXY_HOST, p.port, "proxy")
                 c.login(USER, d.password(USER))
+                if test == "n":
+                    noops(c, 20)
+                    subprocess.run(["callgrind_control", "-z", str(p.process.pid)], capture_output=True, check=True)
+                    noops(c, count)
+                    counts.append(_counted(p.process.pid, out, f"{test}{k}"))
+                    c.close()
+                    continue
                 one_run(test, c, msgs[:20], crlf[:20])
                 control.reset()
                 subprocess.run(["callgrind_control", "-z", str(p.process.pid)], capture_output=True, check=True)
@@ -97,7 +117,8 @@ def main() -> int:
                 assert control.count() == count
                 c.close()
             per = (counts[1] - counts[0]) / (n - n // 5)
-            print(f"{test}: {per / 1000:.1f}k instructions per message ({args.tree})", flush=True)
+            what = "NOOP" if test == "n" else "message"
+            print(f"{test}: {per / 1000:.1f}k instructions per {what} ({args.tree})", flush=True)
     finally:
         if p is not None:
             p.stop()

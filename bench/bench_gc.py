@@ -17,18 +17,16 @@ objects wait for a collection, not what a session keeps).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import dovecot_available, install_signal_handlers, log  # noqa: E402
+from _common import dovecot_available, install_signal_handlers, log, signalled_json  # noqa: E402
 from bench_peers import STRESS_PASSWORD, bench_root  # noqa: E402
 from loadgen import LoadConfig, numbered_users, run_load  # noqa: E402
 from peers import ReferralProxyTarget, stop_all, tree_cpu_user_system  # noqa: E402
@@ -40,14 +38,7 @@ SITE = Path(__file__).resolve().parent / "gc_site"
 
 def _gc_stats(stats_dir: Path, pid: int) -> dict:
     """The proxy's collector figures now (it rewrites them on SIGUSR2)."""
-    path = stats_dir / f"gc.{pid}.json"
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    os.kill(pid, signal.SIGUSR2)
-    for _ in range(200):
-        if path.exists() and path.stat().st_mtime_ns != before:
-            break
-        time.sleep(0.01)
-    return json.loads(path.read_text())
+    return signalled_json(stats_dir / f"gc.{pid}.json", pid)
 
 
 def _stress(target: ReferralProxyTarget, seconds: float) -> int:

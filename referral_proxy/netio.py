@@ -24,8 +24,11 @@ from typing import Any
 
 from twisted.internet import abstract, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString
+from twisted.internet.main import CONNECTION_LOST
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
+from twisted.python import log as legacy_log
 
 __all__ = ["install", "installed", "attach", "FastLoop", "tune_socket", "tcp_socket", "quick_ack", "client_endpoint",
            "connect_tcp", "drop", "sending"]
@@ -119,6 +122,9 @@ class _BulkReads:
 
 
 _CLASSES: dict[type, type] = {}
+_READ_HERE: set[type] = set()  # the classes FastLoop reads itself (tcp.Connection.doRead's)
+_EPOLLIN = 1  # select.EPOLLIN, alone (no EPOLLOUT, EPOLLHUP, EPOLLERR with it)
+_WOULD_BLOCK = (errno.EWOULDBLOCK, errno.EAGAIN)
 
 
 def _fast_class(cls: type) -> type:
@@ -126,6 +132,8 @@ def _fast_class(cls: type) -> type:
     if fast is None:
         bases = (_BulkReads, _EndOfPassWrite, cls) if issubclass(cls, tcp.Client) else (_EndOfPassWrite, cls)
         fast = _CLASSES[cls] = type("EndOfPass" + cls.__name__, bases, {"_rp_early": issubclass(cls, tcp.Server)})
+        if getattr(fast, "doRead", None) is tcp.Connection.doRead:
+            _READ_HERE.add(fast)
     return fast
 
 
@@ -165,11 +173,36 @@ class FastLoop:
         selectables, dispatch = self._selectables, self._dispatch
         for fd, event in events:
             selectable = selectables.get(fd)
-            if selectable is not None:
+            if selectable is None:
+                continue
+            if event == _EPOLLIN and selectable.__class__ in _READ_HERE:
+                # PosixReactorBase._doReadOrWrite + tcp.Connection.doRead for a read event alone
+                why: Any = None
+                conn: Any = selectable  # a tcp.Connection (its class is in _READ_HERE)
                 try:
-                    dispatch(selectable, fd, event)
-                except Exception:
-                    log.failure("reactor dispatch failed for {selectable!r}", selectable=selectable)
+                    if conn.fileno() == -1:
+                        why = _NO_FILEDESC
+                    else:
+                        try:
+                            data = conn.socket.recv(conn.bufferSize)
+                        except OSError as se:
+                            if se.args[0] not in _WOULD_BLOCK:
+                                why = CONNECTION_LOST
+                        else:
+                            why = conn._dataReceived(data)  # b"": CONNECTION_DONE
+                except BaseException:  # as Twisted: the application's error logged, the connection lost
+                    why = sys.exc_info()[1]
+                    legacy_log.err()
+                if why:
+                    try:
+                        self.reactor._disconnectSelectable(selectable, why, True)
+                    except Exception:
+                        log.failure("reactor dispatch failed for {selectable!r}", selectable=selectable)
+                continue
+            try:
+                dispatch(selectable, fd, event)
+            except Exception:
+                log.failure("reactor dispatch failed for {selectable!r}", selectable=selectable)
         if self.dirty:
             self.flush()
 

@@ -62,6 +62,21 @@ _BYE_OUTCOMES = ((b"* BYE Logging out", "logout"), (b"* BYE Autologout", "login_
 MAX_PENDING = 1000
 
 
+class _Meter:
+    """One command name's answers: the count, the latency histogram and its sum, folded
+    as each answer comes (a command's pending entry holds its meter: no lookup then).
+    Answers that are not OK are also counted by result in Observer._commands_total."""
+
+    __slots__ = ("name", "n", "buckets", "seconds", "not_ok")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.n = 0  # answers of every result (the histogram's count)
+        self.buckets = [0] * (len(COMMAND_BUCKETS) + 1)  # +Inf last
+        self.seconds = 0.0
+        self.not_ok = 0  # answers NO or BAD
+
+
 @dataclass(eq=False, slots=True)
 class SessionRecord:
     """What the Observer keeps of one live client session."""
@@ -72,7 +87,7 @@ class SessionRecord:
     origin: Origin
     bytes_in: int = 0
     bytes_out: int = 0
-    pending: list[tuple[bytes, str, float]] = field(default_factory=list)  # (tag + b" ", command, started)
+    pending: list[tuple[bytes, _Meter, float]] = field(default_factory=list)  # (tag + b" ", its meter, started)
     bye: bytes = b""
     outcome: str | None = None  # set when the proxy ended it without a BYE (an aborted login timeout)
 
@@ -99,8 +114,8 @@ class Observer:
         self._by_id: dict[int, SessionRecord] = {}
         self.sessions_total: dict[str, int] = {}
         self.logins_total: dict[str, int] = dict.fromkeys(LOGIN_RESULTS, 0)
-        self._commands_total: dict[tuple[str, str], int] = {}
-        self._answers: list[tuple[str, str, float]] = []  # (command, result, seconds) not yet counted
+        self._commands_total: dict[tuple[str, str], int] = {}  # answers NO and BAD (OK ones: the meters)
+        self._meters: dict[str, _Meter] = {"OTHER": _Meter("OTHER")}  # KNOWN_COMMANDS and OTHER
         self.referrals_total: dict[str, int] = {}
         self.connect_failures: dict[str, int] = dict.fromkeys(backends, 0)
         self.transfers_total: dict[tuple[str, str], int] = {}
@@ -110,7 +125,6 @@ class Observer:
         self._backend_bytes_closed = [0, 0]  # (in, out) of backend connections already closed
         self._backends: set[Any] = set()
         self._prune_at = 64  # closed connections are dropped from _backends when it grows this big
-        self._command_seconds: dict[str, tuple[list[int], list[float]]] = {}
         self.stopping = False  # the service is shutting down: sessions end with outcome "shutdown"
         self.refusals_total: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.login_delays_total = 0
@@ -197,11 +211,11 @@ class Observer:
             tag = pending[0][0]
             if data.startswith(tag) and data.startswith(b"OK ", len(tag)):
                 # the usual answer, inline: the oldest command's OK in a write of its own
-                _, name, started = pending.pop(0)
-                done = self._answers
-                done.append((name, "ok", self.clock() - started))
-                if len(done) >= 4096:
-                    self.flush()
+                _, meter, started = pending.pop(0)
+                took = self.clock() - started
+                meter.n += 1
+                meter.buckets[bisect.bisect_left(COMMAND_BUCKETS, took)] += 1
+                meter.seconds += took
             else:
                 self._completion(rec, data)
         if data.startswith(b"* BYE"):
@@ -215,7 +229,10 @@ class Observer:
         """The same, from the tag and the name (the fast path has no CommandStart)."""
         rec = self._live.get(session)
         if rec is not None and len(rec.pending) < MAX_PENDING:
-            rec.pending.append((tag + b" ", name if name in KNOWN_COMMANDS else "OTHER", self.clock()))
+            meter = self._meters.get(name)
+            if meter is None:  # the first of a known name, or a name counted as OTHER (never kept)
+                meter = self._meters["OTHER"] if name not in KNOWN_COMMANDS else self._meters.setdefault(name, _Meter(name))
+            rec.pending.append((tag + b" ", meter, self.clock()))
 
     def _completion(self, rec: SessionRecord, data: bytes) -> None:
         """Count the command whose tagged answer ends *data*, if one does.
@@ -252,40 +269,38 @@ class Observer:
                 result = "bad"
             else:
                 return
-        _, name, started = rec.pending.pop(i)
-        done = self._answers
-        done.append((name, result, self.clock() - started))
-        if len(done) >= 4096:
-            self.flush()
+        _, meter, started = rec.pending.pop(i)
+        took = self.clock() - started
+        meter.n += 1
+        meter.buckets[bisect.bisect_left(COMMAND_BUCKETS, took)] += 1
+        meter.seconds += took
+        name = meter.name
+        if result != "ok":
+            meter.not_ok += 1
+            key = (name, result)
+            self._commands_total[key] = self._commands_total.get(key, 0) + 1
         if result == "no" and data[pos + 3:pos + 13].upper() == b"[REFERRAL ":
             self.referrals_total[name] = self.referrals_total.get(name, 0) + 1
             urls = data[pos + 13:data.find(b"]", pos)].decode("ascii", "replace").split()
             self._event("referral", rec, "referral", command=name, urls=urls)
 
     def flush(self) -> None:
-        """Fold the answers seen since the last call into the counts and the histogram
-        (answering a command only appends a tuple: the hot path stays short)."""
-        done, self._answers = self._answers, []
-        counts, seconds = self._commands_total, self._command_seconds
-        for name, result, took in done:
-            key = (name, result)
-            counts[key] = counts.get(key, 0) + 1
-            entry = seconds.get(name)
-            if entry is None:
-                entry = seconds[name] = ([0] * (len(COMMAND_BUCKETS) + 1), [0.0])
-            entry[0][bisect.bisect_left(COMMAND_BUCKETS, took)] += 1
-            entry[1][0] += took
+        """Nothing is buffered any more (each answer is folded into its meter as it comes);
+        kept for callers that made sure of the counts (testing/memtrace.py)."""
 
     @property
     def commands_total(self) -> dict[tuple[str, str], int]:
-        self.flush()
-        return self._commands_total
+        """(command, result) -> answers, for the commands answered at least once."""
+        out = dict(self._commands_total)
+        for name, m in self._meters.items():
+            if m.n > m.not_ok:
+                out[(name, "ok")] = m.n - m.not_ok
+        return out
 
     @property
     def command_seconds(self) -> dict[str, tuple[list[int], list[float]]]:
         """command -> ([count per bucket of COMMAND_BUCKETS, +Inf last], [sum of seconds])."""
-        self.flush()
-        return self._command_seconds
+        return {name: (list(m.buckets), [m.seconds]) for name, m in self._meters.items() if m.n}
 
     # -- logins, the loop guard -------------------------------------------------------------
 

@@ -148,6 +148,7 @@ class MailboxMap:
     def reconfigure(self, config: MapConfig) -> None:
         """Swap in new rules (SIGHUP); placements are kept."""
         self._config = config
+        self._default = Route((config.default,))  # one value, shared by every lookup the rules leave to it
         self._rules = [(None if r.user is None else canonical_user(r.user, config.username_format), r)
                        for r in config.rules]
 
@@ -201,7 +202,7 @@ class MailboxMap:
                 continue
             if rule.mailbox == "*" or pattern_matches(rule.mailbox, mailbox, self.separator):
                 return Route(rule.backends)
-        return Route((self._config.default,))
+        return self._default
 
     def backends_for(self, user: str) -> list[str]:
         """Primary backends that may own any of *user*'s mailboxes, home first."""
@@ -267,6 +268,8 @@ class MailboxMap:
     def reserved(self, user: str, mailbox: str) -> bool:
         """True while a move holds this mailbox (other commands on it get ``NO [INUSE]``)."""
         self._refresh()
+        if not self._held:  # no move holds anything (nearly always): no names to canonicalize
+            return False
         name = normalize(mailbox, self.separator)
         return any(not r.shared and covers(r, name, self.separator) for _i, r in self._held.get(self.canonical(user), ()))
 
@@ -306,7 +309,11 @@ class MailboxMap:
         entry.ended = True
         held = self._held.get(entry.user)
         if held:
-            self._held[entry.user] = [(i, r) for i, r in held if i != entry.id]
+            rest = [(i, r) for i, r in held if i != entry.id]
+            if rest:
+                self._held[entry.user] = rest
+            else:  # none left: reserved() answers from the empty dict again
+                del self._held[entry.user]
         await self._store.settle()  # the names are free for the client's next command, through any proxy
 
     def abandoned(self, entry: JournalEntry) -> bool:

@@ -224,14 +224,10 @@ class Client(threading.Thread):
         self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}: {typ} {data}")
         m.unselect()
 
-    def copy(self, m: imaplib.IMAP4) -> None:
-        picked = self._pick(m)
-        if picked is None:
-            return
-        box, uid, mid = picked
-        target = self.rng.choice(self._mailboxes(m) or [box])
+    def _copy(self, m: imaplib.IMAP4, uid: bytes, mid: str, target: str) -> tuple[str, list, bytes | None]:
+        """UID COPY of one message, the ledger told what it may have left: a copy counted when
+        answered OK with COPYUID (OK without: the UID was gone, moved meanwhile: nothing copied)."""
         m.response("COPYUID")  # (forget any earlier one)
-        self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}")
         since = time.monotonic()
         try:
             typ, data = m.uid("COPY", uid, quote(target))
@@ -243,11 +239,20 @@ class Client(threading.Thread):
             self.ledger.backend_died(mid, since)
             self.ledger.dovecot_partial(mid, data)
         copyuid = m.response("COPYUID")[1][0]  # imaplib keeps the tagged answer's code there
-        self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}: {typ} {data} {copyuid}")
-        with self.ledger.lock:
-            if typ == "OK" and copyuid:
+        if typ == "OK" and copyuid:
+            with self.ledger.lock:
                 self.ledger.copies_acked[mid] += 1
-            # (OK without COPYUID: the UID was gone, moved meanwhile: nothing copied)
+        return typ, data, copyuid
+
+    def copy(self, m: imaplib.IMAP4) -> None:
+        picked = self._pick(m)
+        if picked is None:
+            return
+        box, uid, mid = picked
+        target = self.rng.choice(self._mailboxes(m) or [box])
+        self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}")
+        typ, data, copyuid = self._copy(m, uid, mid, target)
+        self.ledger.tell(self.k, f"COPY {mid} {box} -> {target}: {typ} {data} {copyuid}")
         self.ledger.note("copy", typ)
 
     def oldmove(self, m: imaplib.IMAP4) -> None:
@@ -258,24 +263,12 @@ class Client(threading.Thread):
             return
         box, uid, mid = picked
         target = self.rng.choice([b for b in self._mailboxes(m) if b != box] or [box])
-        m.response("COPYUID")
         self.ledger.tell(self.k, f"OLDMOVE {mid} {box} -> {target}")
         since = time.monotonic()
-        try:
-            typ, data = m.uid("COPY", uid, quote(target))
-        except (imaplib.IMAP4.abort, OSError):
-            with self.ledger.lock:
-                self.ledger.copies_maybe[mid] += 1
-            raise
-        copyuid = m.response("COPYUID")[1][0]
-        if typ != "OK":
-            self.ledger.backend_died(mid, since)
-            self.ledger.dovecot_partial(mid, data)
+        typ, data, copyuid = self._copy(m, uid, mid, target)
         if typ != "OK" or not copyuid:
             self.ledger.note("oldmove", f"copy {typ}")
             return
-        with self.ledger.lock:
-            self.ledger.copies_acked[mid] += 1
         try:
             typ, data = m.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
             if typ == "OK":

@@ -167,3 +167,23 @@ def test_backends_under_lists_every_backend_that_may_own_a_child():
     now(m.place("carol", "Work/Far", ["b9"]))
     now(m.place("carol", "Workshop/Far", ["b8"]))
     assert m.backends_under("CAROL", "Work") == ["b9", "b7", "b1"]
+
+
+def test_a_reservation_holds_until_its_move_ends_and_no_longer():
+    """reserved() answers from an empty table once the last move ends (its fast way out):
+    ending one of a user's two moves keeps the other's names held, in any spelling of the user."""
+    m = MailboxMap(CONFIG)
+    assert not m.reserved("carol", "Work")
+    first = now(m.begin_move("Carol", "move", [Reservation("Work")], {}))
+    second = now(m.begin_move("carol", "move", [Reservation("INBOX/Old", subtree=False)], {}))
+    assert m.reserved("CAROL", "Work/A") and m.reserved("carol", "inbox/Old")
+    assert not m.reserved("carol", "Other") and not m.reserved("dave", "Work")
+    now(m.end_move(first))
+    assert not m.reserved("carol", "Work") and m.reserved("carol", "INBOX/Old")
+    now(m.end_move(second))
+    assert not m.reserved("carol", "INBOX/Old")
+    third = now(m.begin_move("carol", "move", [Reservation("Work")], {}))  # held again after the table emptied
+    assert m.reserved("carol", "Work")
+    now(m.end_move(third))
+    assert not m.reserved("carol", "Work")
+    assert m.lookup("carol", "Anything").backends == ("b1",) and m.lookup("bob", "x").backends == ("b2",)

@@ -376,3 +376,62 @@ def test_a_pass_sends_to_clients_before_backends(loop, monkeypatch) -> None:
     assert sent == [accepted, backend]
     client.settimeout(5)
     assert client.recv(4096) == b"+ Ready for literal data\r\n"
+
+
+def test_a_readable_connection_is_read_by_the_loop_pass_itself(loop, monkeypatch) -> None:
+    """A read event alone on a connection of ours: the loop reads it without Twisted's
+    dispatch and doRead (old code: doRead raised here, the connection was lost)."""
+    reactor, server, client, added = loop
+    got: list[bytes] = []
+    lost: list[Any] = []
+    server.dataReceived = got.append  # type: ignore[method-assign]
+    server.connectionLost = lost.append  # type: ignore[method-assign]
+
+    def boom(self: Any) -> None:
+        raise AssertionError("Twisted's doRead called")
+
+    monkeypatch.setattr(type(server.transport), "doRead", boom)
+    client.sendall(b"a1 NOOP\r\n")
+    spin(reactor, lambda: got or lost)
+    client.sendall(b"a2 NOOP\r\na3 NOOP\r\n")
+    spin(reactor, lambda: b"".join(got).endswith(b"a3 NOOP\r\n") or lost)
+    assert not lost and b"".join(got) == b"a1 NOOP\r\na2 NOOP\r\na3 NOOP\r\n"
+
+
+def test_the_loops_own_read_ends_on_eof_and_on_an_error_as_twisted_does(loop) -> None:
+    """The peer's FIN: connectionLost(ConnectionDone); an exception from dataReceived:
+    logged, the connection lost with it (what _doReadOrWrite does)."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python import log as legacy_log
+
+    reactor, server, client, added = loop
+    lost: list[Any] = []
+    server.connectionLost = lost.append  # type: ignore[method-assign]
+    client.shutdown(socket.SHUT_WR)
+    spin(reactor, lambda: lost)
+    assert lost[0].check(ConnectionDone)
+
+    errors: list[Any] = []
+    observer = errors.append
+    legacy_log.addObserver(observer)
+    try:
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Server(box)), interface="127.0.0.1")
+        box: list[Any] = []
+        other = socket.create_connection(("127.0.0.1", port.getHost().port))
+        spin(reactor, lambda: box)
+        failing = box[0]
+        gone: list[Any] = []
+
+        def fail(data: bytes) -> None:
+            raise ValueError("the application failed")
+
+        failing.dataReceived = fail  # type: ignore[method-assign]
+        failing.connectionLost = gone.append  # type: ignore[method-assign]
+        other.sendall(b"a1 NOOP\r\n")
+        spin(reactor, lambda: gone)
+        assert gone[0].check(ValueError)
+        assert any(e.get("isError") for e in errors)
+        other.close()
+        port.stopListening()
+    finally:
+        legacy_log.removeObserver(observer)

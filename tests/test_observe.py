@@ -104,6 +104,30 @@ def test_a_client_cannot_grow_the_label_set():
         h.from_backend(b"rp%d BAD no\r\n" % (i + 1))
     assert {k[0] for k in o.commands_total} == {"LOGIN", "OTHER"}
     assert o.commands_total[("OTHER", "bad")] == 50
+    assert set(o.command_seconds) == {"LOGIN", "OTHER"} and sum(o.command_seconds["OTHER"][0]) == 50
+
+
+def test_the_histogram_counts_every_answer_and_the_counts_each_result():
+    """OK, NO and BAD answers of one command, pipelined and one by one: the histogram's
+    count is their sum, its sum their seconds; a command never answered is in neither."""
+    h, o, clock, _ = observed()
+    h.login()
+    h.send(b"a1 NOOP\r\na2 NOOP\r\na3 NOOP\r\n")
+    clock.advance(0.003)
+    h.from_backend(b"rp1 OK done\r\nrp2 NO [ALERT] not now\r\n")
+    clock.advance(0.5)
+    h.from_backend(b"rp3 BAD what\r\n")
+    h.send(b"a4 NOOP\r\n")
+    clock.advance(100.0)
+    h.from_backend(b"rp4 OK done\r\n")
+    h.send(b"a5 CHECK\r\n")  # never answered
+    totals = o.commands_total
+    assert {k: v for k, v in totals.items() if k[0] == "NOOP"} == {("NOOP", "ok"): 2, ("NOOP", "no"): 1,
+                                                                      ("NOOP", "bad"): 1}
+    assert "CHECK" not in {k[0] for k in totals} and "CHECK" not in o.command_seconds
+    counts, total = o.command_seconds["NOOP"]
+    assert sum(counts) == 4 and abs(total[0] - (0.003 + 0.003 + 0.503 + 100.0)) < 1e-9
+    assert counts[3] == 2 and counts[10] == 1 and counts[-1] == 1  # <= 5 ms twice, <= 1 s, +Inf
 
 
 def test_id_from_an_untrusted_client_can_only_lower_the_ttl():
