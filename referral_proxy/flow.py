@@ -38,14 +38,6 @@ class Block(Enum):
     TURN = "this session had its turn: the other connections ready go first"
 
 
-# Reasons the session holds around one command of its own (a login; a task waiting for a
-# connection or a quiet backend) that pause the socket only once the client sends more
-# meanwhile (ReadGate.arrived): a client waits for the answer, so the two epoll_ctl calls
-# of a pause and a resume are usually saved. Every other reason (back-pressure, a backed-up
-# output, a turn, the in-flight cap ...) pauses it at once.
-LAZY = frozenset({Block.LOGIN, Block.TASK})
-
-
 @implementer(IPushProducer)
 class ReadGate:
     """Pauses reading from a transport while any reason holds.
@@ -54,16 +46,14 @@ class ReadGate:
     connection pauses it under a reason of its own (back-pressure).
     """
 
-    __slots__ = ("_transport", "_reasons", "_paused")  # no per-instance dict
+    __slots__ = ("_transport", "_reasons")  # no per-instance dict
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
         self._reasons: SmallSet = SmallSet()
-        self._paused = False  # the transport is paused (by this gate)
 
     def pause(self, reason: object) -> None:
-        if not self._paused and reason not in LAZY:
-            self._paused = True
+        if not self._reasons:
             self._transport.pauseProducing()
         self._reasons.add(reason)
 
@@ -71,17 +61,9 @@ class ReadGate:
         if reason in self._reasons:
             self._reasons.discard(reason)
             transport = self._transport
-            if not self._reasons and self._paused:
-                self._paused = False
-                if not (getattr(transport, "disconnected", False) or getattr(transport, "disconnecting", False)):
-                    transport.resumeProducing()
-
-    def arrived(self) -> None:
-        """Bytes were read while a reason holds: if only lazy ones did, the socket is read no
-        more from now on (at most one read waits in the reader, as one read could before)."""
-        if self._reasons and not self._paused:
-            self._paused = True
-            self._transport.pauseProducing()
+            if not self._reasons and not (getattr(transport, "disconnected", False)
+                                          or getattr(transport, "disconnecting", False)):
+                transport.resumeProducing()
 
     def pauseProducing(self) -> None:
         self.pause("peer")
@@ -315,11 +297,6 @@ class ClientFlow:
         if Block.TURN not in self.blocked:
             self.block(Block.TURN)
             reactor.callLater(0, self.unblock, Block.TURN)
-
-    def arrived(self) -> None:
-        """The client sent bytes while the session is blocked (see ReadGate.arrived)."""
-        if self.gate is not None:
-            self.gate.arrived()
 
     def pause_reading(self, reason: Block) -> None:
         """Stop reading the socket only (the reader itself said why: a pending decision)."""

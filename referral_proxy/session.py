@@ -173,8 +173,6 @@ class ClientSession(Protocol):
             return
         self.reader.receive_data(data)
         self._pump()
-        if self.flow.blocked and not self.reader.idle:  # more came while it waits: a lazy pause holds (flow.LAZY)
-            self.flow.arrived()
         if self.reader.mid_command and not sending(self.transport):  # the rest may wait for our ACK (Nagle)
             quick_ack(self._socket)  # unless our "+" or answer, sent at the pass's end, carries it
 
