@@ -419,6 +419,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
             f.write(done.stdout + done.stderr)
         if "nothing to recover" in done.stdout or runs > 5:
             break
+    quiet_backends(fleet)
     try:
         proxy.start()
         counts, where = census(fleet, USER)
@@ -452,6 +453,17 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         print(f"seed {seed_}: history in {workdir / 'history.txt'}, proxy log in {workdir / 'proxy.log'}, "
               f"recover's output in {workdir / 'recover.log'}", file=sys.stderr)
     return figures
+
+
+def quiet_backends(fleet, timeout: float = 240.0) -> None:
+    """Wait until no imap process of any backend is left: a command of a connection long gone may
+    still be waiting for a lock a SIGKILLed Dovecot left (up to ~120 s, then it commits), and
+    must not commit between the census and the look through the proxy (seen: a UID COPY)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(comm == "imap" for d in fleet.backends.values() for _pid, comm, _state in d._group()):
+            return
+        time.sleep(0.2)
 
 
 def files_on_disk(fleet, user: str, ids: list[str]) -> collections.Counter:
