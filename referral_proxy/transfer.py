@@ -538,12 +538,7 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
     sizes = {i.size for i in mine}
     others, _ = await fetch_infos(src, newer)
     found = collections.Counter((await hashes_present(src, [i.uid for i in others if i.size in sizes])).values())
-    out = []
-    for info in mine:
-        if found[sent[info.uid]] > 0:
-            found[sent[info.uid]] -= 1
-            out.append(info.uid)
-    return out
+    return _vouched(mine, sent, found)
 
 
 async def moved_on(conns: Sequence[BackendProtocol], src_mailbox: str, mine: Sequence[MessageInfo],
@@ -568,6 +563,11 @@ async def moved_on(conns: Sequence[BackendProtocol], src_mailbox: str, mine: Seq
                 found.update((await hashes_present(conn, [i.uid for i in infos if i.size in sizes])).values())
             await conn.deselect()
     found.subtract(kept)
+    return _vouched(mine, sent, found)
+
+
+def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[str]) -> list[int]:
+    """The UIDs of *mine* whose content (*sent*: uid -> sha256) *found* holds, each found copy vouching for one."""
     out = []
     for info in mine:
         if found[sent[info.uid]] > 0:
