@@ -56,7 +56,8 @@ async def members_elsewhere(mailbox_map: MailboxMap, user: str, old: str, here: 
             raise TransferError(UNREACHABLE.format(backend)) from None
         finally:
             conn.logout()
-        found += [(backend, n) for n in names if n != old and mailbox_map.lookup(user, n).primary == backend]
+        found += [(backend, n) for n in names if normalize(n, mailbox_map.separator) != normalize(old, mailbox_map.separator)
+                  and mailbox_map.lookup(user, n).primary == backend]
     return found
 
 

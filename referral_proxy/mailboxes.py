@@ -362,14 +362,15 @@ class MailboxCommands:
         host = self.host
         assert host.user is not None and host.pool is not None
         await host.pool.quiet(None)
-        sep = host.mailbox_map.separator.encode()
-        if host.selected_mailbox is not None and (
-                host.selected_mailbox == old or host.selected_mailbox.startswith(old + sep)):
+        sep = host.mailbox_map.separator
+        text = old.decode("utf-8", "surrogateescape")  # "inbox/sub" is INBOX/sub, selected in any case
+        if host.selected_mailbox is not None and under_itself(text, host.selected_mailbox.decode(
+                "utf-8", "surrogateescape") + sep + "x", sep):  # it, or one under it
             raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
                       answer_within=ANSWER_WITHIN)
         try:
-            result = await mover.rename(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
+            result = await mover.rename(text, new.decode("utf-8", "surrogateescape"),
                                         old_route.primary, new_route.primary)
         except MoveIncomplete as e:  # past its commit point: the mailbox is in its new place
             log.warn("session {id}: RENAME committed, not finished: {why}", id=host.id, why=str(e))

@@ -18,6 +18,7 @@ from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_st
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
+from .routing import normalize
 
 __all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
            "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
@@ -85,9 +86,9 @@ async def list_mailboxes(conn: BackendProtocol, pattern: bytes = b"*") -> list[L
     return out
 
 
-def _same(a: str, b: str) -> bool:
-    """Names compare exactly, INBOX (and only INBOX) without regard to case."""
-    return a == b or (a.upper() == "INBOX" and b.upper() == "INBOX")
+def _same(a: str, b: str, separator: str = "/") -> bool:
+    """Names compare exactly, but INBOX (and the INBOX of ``inbox/sub``) without regard to case."""
+    return a == b or normalize(a, separator) == normalize(b, separator)
 
 
 async def exists(conn: BackendProtocol, name: str) -> bool:
@@ -102,9 +103,9 @@ async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]
         entries = await list_mailboxes(conn)
     else:
         entries = await list_mailboxes(conn, name_arg(name)) + await list_mailboxes(conn, name_arg(name + separator + "*"))
-    prefix = name + separator
+    prefix = normalize(name, separator) + separator  # Dovecot lists inbox/sub as INBOX/sub
     names = {_text(e.name) for e in entries if e.selectable}
-    found = [n for n in names if _same(n, name) or n.startswith(prefix)]
+    found = [n for n in names if _same(n, name, separator) or normalize(n, separator).startswith(prefix)]
     return sorted(found, key=lambda n: (n.count(separator), n))
 
 

@@ -146,13 +146,13 @@ class Mover:
             if self.mailbox_map.lookup(self.user, name).primary != src.name:
                 continue  # a child placed elsewhere: an admin move leaves it (a RENAME was refused: hierarchy.py)
             name = normalize(name, self.sep)
-            pairs.append((name, name if old == "*" else new + name[len(old):]))
+            pairs.append((name, name if old == new == "*" else normalize(new + name[len(old):], self.sep)))
         pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(self.sep), p[0]))
         return pairs
 
     def _reservations(self, old: str, new: str, token: str) -> list[Reservation]:
         """The source and destination subtrees, and the private names the move renames sources to."""
-        if old == "*":
+        if old == new == "*":  # a whole user; a client's RENAME "*" x is a mailbox named "*"
             return [Reservation(None)]
         names = [Reservation(old, subtree=normalize(old, self.sep) != "INBOX"), Reservation(ASIDE + token)]
         return names if new == old else names + [Reservation(new)]
@@ -532,7 +532,7 @@ class LocalRename:
 
 async def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> None:
     """Placements of the renamed mailboxes (those on *backend*) now belong to the new names."""
-    sep = mailbox_map.separator
+    sep, old, new = mailbox_map.separator, normalize(old, mailbox_map.separator), normalize(new, mailbox_map.separator)
     for name, backends in mailbox_map.placements(user).items():
         if backends[0] == backend and (name == old or name.startswith(old + sep)):
             await mailbox_map.unplace(user, name)

@@ -81,9 +81,10 @@ def _compile(pattern: str, separator: str) -> re.Pattern[str]:
 
 
 def normalize(mailbox: str, separator: str = "/") -> str:
-    """INBOX is case-insensitive (RFC 3501 5.1); every other name is compared as sent."""
+    """INBOX is case-insensitive (RFC 3501 5.1), in ASCII ("\u0131nbox".upper() is "INBOX" in
+    Python, not in IMAP: Dovecot refuses that name); every other name is compared as sent."""
     head, sep, tail = mailbox.partition(separator)
-    if head.upper() == "INBOX":
+    if head.upper() == "INBOX" and head.isascii():
         return "INBOX" + sep + tail
     return mailbox
 

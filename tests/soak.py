@@ -44,6 +44,11 @@ USER = "carol"
 RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"mailbox": "Archive/*", "backend": "b2"}]
 TARGETS = ["Shared/A", "Shared/B", "Shared/Z", "Shared/Z/c", "Archive/A", "Archive/B", "Work", "Work/c", "Proj",
            "50% off", "Shared/50% off"]
+# --odd-names: INBOX's children (renamed as inbox/..., Inbox/...), a mailbox named "*", wildcards in new names,
+# parents of the rules' subtrees (a child renamed into Shared/... lives elsewhere)
+ODD_TARGETS = ["inbox/Sub", "INBOX/Sub/x", "*", "Inbox/Sub/*", "Shared/*", "Shared", "Archive"]
+ODD_ORIGINALS = {"INBOX/Sub": 12, "INBOX/Sub/k": 4, "*": 6}
+OPTIONS = {"odd_names": False}
 
 
 def proxy_config(fleet, port: int) -> dict:
@@ -171,7 +176,10 @@ class Client(threading.Thread):
         boxes = [b for b in self._mailboxes(m) if b != "INBOX" and not b.startswith("referral-proxy-")]
         if not boxes:
             return
-        old, new = self.rng.choice(boxes), self.rng.choice(TARGETS)
+        odd = OPTIONS["odd_names"]
+        old, new = self.rng.choice(boxes), self.rng.choice(TARGETS + ODD_TARGETS if odd else TARGETS)
+        if odd and old.startswith("INBOX/") and self.rng.random() < 0.7:
+            old = self.rng.choice(["inbox", "Inbox", "iNBOX"]) + old[5:]
         self.ledger.tell(self.k, f"RENAME {old} {new}")
         try:
             typ, data = m.rename(quote(old), quote(new))
@@ -388,7 +396,8 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         config["map"]["store"] = store
     config_path.write_text(toml_dumps(config))
     ledger = Ledger()
-    originals = {"Work": 60, "Work/c": 10, "Proj": 30, "50% off": 5, "INBOX": 40}
+    originals = {"Work": 60, "Work/c": 10, "Proj": 30, "50% off": 5, "INBOX": 40} | (
+        ODD_ORIGINALS if OPTIONS["odd_names"] else {})
     for box, n in originals.items():
         mids = [f"o-{box}-{i}@soak" for i in range(n)]
         seed(fleet["b1"], USER, box, mids, size=rng.choice([500, 5000]))
@@ -495,9 +504,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="seconds of random operations per run")
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--no-backend-kills", action="store_true")
+    parser.add_argument("--odd-names", action="store_true",
+                        help="also inbox/... spelled in other cases, a mailbox named '*', wildcards in new names")
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
                         help="the map store: SQLite (the default) or a PostgreSQL server of the soak's own")
     args = parser.parse_args()
+    OPTIONS["odd_names"] = args.odd_names
     from referral_proxy.fleet import Fleet, make_root
 
     root = make_root("rp-soak-")
