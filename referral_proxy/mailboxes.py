@@ -151,6 +151,8 @@ class MailboxCommands:
         """The mailbox argument and its route, or None when a move holds it (answered INUSE)."""
         mailbox = cmd.args.value(slot)
         assert mailbox is not None  # the grammar has it
+        if cmd.name == "CREATE":
+            mailbox = self.created(mailbox)
         if is_private_name(mailbox):  # the proxy's own (append.py): never a client's
             self.host.tagged(cmd.tag, "NO", _RESERVED)
             return None
@@ -158,6 +160,19 @@ class MailboxCommands:
             self.host.tagged(cmd.tag, "NO", _INUSE)
             return None
         return mailbox, self.route_of(mailbox)
+
+    def created(self, mailbox: bytes) -> bytes:
+        """The mailbox a CREATE makes: the backend drops one trailing separator (RFC 3501 6.3.3,
+        Dovecot), so ``CREATE Shared/`` makes ``Shared``, and goes where the map puts ``Shared``."""
+        sep = self.host.mailbox_map.separator.encode()
+        return mailbox[:-len(sep)] if len(mailbox) > len(sep) and mailbox.endswith(sep) else mailbox
+
+    def renamable(self, mailbox: bytes) -> bool:
+        """Not a name every backend's RENAME refuses (Dovecot: a separator at either end or two
+        together): one that is goes to a backend to be refused, never into a move across, whose
+        CREATE would drop a trailing separator and leave a mailbox its roll-back cannot name."""
+        sep = self.host.mailbox_map.separator.encode()
+        return bool(mailbox) and not (mailbox.startswith(sep) or mailbox.endswith(sep) or sep + sep in mailbox)
 
     # -- by mailbox -------------------------------------------------------------------------
 
@@ -319,6 +334,8 @@ class MailboxCommands:
         for name in (old, new):
             if self.moving(name):
                 return host.tagged(cmd.tag, "NO", _INUSE)
+        if old_route.primary != new_route.primary and not (self.renamable(old) and self.renamable(new)):
+            return host.relay_cmd(cmd, old_route)  # refused there, as directly (the old name checked first)
         if old_route.primary != new_route.primary and not (self.valid_name(old) and self.valid_name(new)):
             # Never moved across: the backend of the name that is not a valid one refuses it, as directly.
             return host.relay_cmd(cmd, old_route if not self.valid_name(old) else new_route)
