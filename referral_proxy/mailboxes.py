@@ -79,16 +79,19 @@ class MailboxHost(Protocol):
 
 
 _INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
+_READ_ONLY = ("[READ-ONLY] The mailbox was opened with EXAMINE: nothing was moved; SELECT it to move "
+              "messages to another server")
 _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or referral-proxy-aside- are reserved"
 
 
 class MailboxCommands:
     """The mailbox-routed commands of one session."""
 
-    __slots__ = ("host",)  # no per-instance dict
+    __slots__ = ("host", "examined")  # no per-instance dict
 
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
+        self.examined = False  # the selected mailbox was opened with EXAMINE (read-only)
 
     # -- routes and referrals ----------------------------------------------------------------
 
@@ -195,6 +198,7 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
+        self.examined = cmd.name == "EXAMINE"
         refer = self.refers(route, mailbox)
         conn = pool.fast(route.primary)
         host.selected_mailbox = None if refer else mailbox
@@ -288,6 +292,10 @@ class MailboxCommands:
             return host.relay_cmd(cmd, source)
         if self.refers(route, mailbox):
             return host.send(self.referral(cmd.tag, route, mailbox))
+        if "MOVE" in cmd.name and self.examined:
+            # Its \Deleted would be ignored: the copies made, then taken back as "gone", and OK said
+            # with nothing moved. Refused before anything is copied.
+            return host.tagged(cmd.tag, "NO", _READ_ONLY)
         message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
         host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
                                                      src=source, dst=route.primary, mailbox=mailbox))
