@@ -171,9 +171,10 @@ class MailboxCommands:
         return mailbox[:-len(sep)] if len(mailbox) > len(sep) and mailbox.endswith(sep) else mailbox
 
     def renamable(self, mailbox: bytes) -> bool:
-        """Not a name every backend's RENAME refuses (Dovecot: a separator at either end or two
-        together): one that is goes to a backend to be refused, never into a move across, whose
-        CREATE would drop a trailing separator and leave a mailbox its roll-back cannot name."""
+        """Not a name every backend's RENAME, COPY and MOVE refuse (Dovecot: a separator at either
+        end or two together): one that is goes to a backend to be refused, never into a move across
+        (whose CREATE would drop a trailing separator and leave a mailbox its roll-back cannot name;
+        a COPY across said TRYCREATE, and CREATE then COPY again would loop)."""
         sep = self.host.mailbox_map.separator.encode()
         return bool(mailbox) and not (mailbox.startswith(sep) or mailbox.endswith(sep) or sep + sep in mailbox)
 
@@ -288,8 +289,8 @@ class MailboxCommands:
             return host.tagged(cmd.tag, "NO", _INUSE)  # a message moved out of a mailbox being moved: twice
         mailbox, route = target
         source = host.selected
-        if route.primary == source or source in route.backends:
-            return host.relay_cmd(cmd, source)
+        if route.primary == source or source in route.backends or not self.renamable(mailbox):
+            return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
         if self.refers(route, mailbox):
             return host.send(self.referral(cmd.tag, route, mailbox))
         if "MOVE" in cmd.name and self.examined:

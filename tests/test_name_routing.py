@@ -124,3 +124,26 @@ def test_a_rename_across_to_a_name_ending_in_the_separator_is_refused_as_directl
     assert _census(fleet) == {"b1": {b"Work"}, "b2": set(), "b3": set()}
     with fleet["b1"].client("alice") as m:
         assert m.select("Work", readonly=True) == ("OK", [b"1"])
+
+
+@pytest.mark.parametrize("command", [b'COPY 1 "Shared/y/"', b'MOVE 1 "Shared/y/"', b'UID COPY 1 "Shared//y"'])
+def test_a_copy_across_to_a_name_no_backend_takes_is_refused_as_directly(proxy_factory, fleet, command):
+    """The old code answered NO [TRYCREATE] (a client then CREATEs "Shared/y/", which makes
+    "Shared/y", and COPYs to "Shared/y/" again: TRYCREATE again)."""
+    direct = Wire(fleet["b1"].host, fleet["b1"].port)
+    direct.login()
+    direct.send(b"a APPEND INBOX {%d+}\r\n" % len(MSG) + MSG + b"\r\n")
+    direct.until_tagged(b"a")
+    direct.cmd(b"s", b"SELECT INBOX")
+    expected = [_plain(x) for x in direct.cmd(b"c", command)]
+    direct.close()
+    assert expected[-1].startswith(b"c NO [CANNOT] Invalid mailbox name"), expected
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.cmd(b"s", b"SELECT INBOX")
+    assert [_plain(x) for x in w.cmd(b"c", command)] == expected
+    w.close()
+    assert _census(fleet) == {"b1": set(), "b2": set(), "b3": set()}
+    with fleet["b1"].client("alice") as m:
+        assert m.select("INBOX", readonly=True) == ("OK", [b"1"])
