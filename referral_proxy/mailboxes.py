@@ -170,6 +170,13 @@ class MailboxCommands:
         sep = self.host.mailbox_map.separator.encode()
         return mailbox[:-len(sep)] if len(mailbox) > len(sep) and mailbox.endswith(sep) else mailbox
 
+    def inbox_cased(self, mailbox: bytes) -> bytes:
+        """``inbox/kid`` as ``INBOX/kid``, the name a backend lists: a RENAME's own look-ups of the
+        mailbox and its children (exact names and prefixes) found nothing under ``inbox/``."""
+        sep = self.host.mailbox_map.separator.encode()
+        head, s, tail = mailbox.partition(sep)
+        return b"INBOX" + s + tail if head.upper() == b"INBOX" and head != b"INBOX" else mailbox
+
     def renamable(self, mailbox: bytes) -> bool:
         """Not a name every backend's RENAME, COPY and MOVE refuse (Dovecot: a separator at either
         end or two together): one that is goes to a backend to be refused, never into a move across
@@ -330,6 +337,7 @@ class MailboxCommands:
         host = self.host
         old, new = cmd.args.value(Slot.MAILBOX), cmd.args.value(Slot.DEST)
         assert old is not None and new is not None and host.user is not None
+        old, new = self.inbox_cased(old), self.inbox_cased(new)
         if is_private_name(old) or is_private_name(new):
             return host.tagged(cmd.tag, "NO", _RESERVED)
         if under_itself(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
@@ -389,8 +397,8 @@ class MailboxCommands:
         assert host.user is not None and host.pool is not None
         await host.pool.quiet(None)
         sep = host.mailbox_map.separator.encode()
-        if host.selected_mailbox is not None and (
-                host.selected_mailbox == old or host.selected_mailbox.startswith(old + sep)):
+        selected = None if host.selected_mailbox is None else self.inbox_cased(host.selected_mailbox)
+        if selected is not None and (selected == old or selected.startswith(old + sep)):
             raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
                       answer_within=ANSWER_WITHIN)

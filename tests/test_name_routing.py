@@ -147,3 +147,34 @@ def test_a_copy_across_to_a_name_no_backend_takes_is_refused_as_directly(proxy_f
     assert _census(fleet) == {"b1": set(), "b2": set(), "b3": set()}
     with fleet["b1"].client("alice") as m:
         assert m.select("INBOX", readonly=True) == ("OK", [b"1"])
+
+
+def _append(w: Wire, tag: bytes, mailbox: bytes, body: bytes) -> None:
+    w.send(tag + b" APPEND " + mailbox + b" {%d+}\r\n" % len(body) + body + b"\r\n")
+    assert w.until_tagged(tag)[-1].startswith(tag + b" OK")
+
+
+def test_a_rename_across_of_inbox_child_in_lower_case_moves_it_and_its_children(proxy_factory, fleet):
+    """``inbox/kid`` is ``INBOX/kid`` (RFC 3501 5.1): the old code looked for the mailbox and its
+    children by the name as sent, found none and answered NO [NONEXISTENT]; Dovecot renames it."""
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    for tag, name in ((b"a", b"INBOX/kid"), (b"b", b"INBOX/kid/gk")):
+        assert w.cmd(tag, b"CREATE " + name)[-1].startswith(tag + b" OK")
+    _append(w, b"c", b"inbox/kid", MSG)
+    _append(w, b"d", b"INBOX/kid/gk", MSG + b"2")
+    # Selected under another case, it is still the selected mailbox: not moved from under it.
+    assert w.cmd(b"e", b"SELECT inbox/KID")[-1].startswith(b"e NO")  # (only INBOX is case-blind)
+    assert w.cmd(b"f", b"SELECT inbox/kid")[-1].startswith(b"f OK")
+    reply = w.cmd(b"g", b"RENAME INBOX/kid Shared/kid")
+    assert reply[-1].startswith(b"g NO [INUSE] "), reply
+    assert w.cmd(b"h", b"UNSELECT")[-1].startswith(b"h OK")
+    reply = w.cmd(b"r", b"RENAME inbox/kid Shared/kid")
+    assert reply[-1].startswith(b"r OK"), reply
+    w.close()
+    assert _census(fleet) == {"b1": set(), "b2": set(), "b3": {b"Shared/kid", b"Shared/kid/gk"}}
+    for name, body in (("Shared/kid", MSG), ("Shared/kid/gk", MSG + b"2")):
+        with fleet["b3"].client("alice") as m:
+            assert m.select(name, readonly=True) == ("OK", [b"1"])
+            assert m.fetch("1", "(BODY.PEEK[])")[1][0][1] == body
