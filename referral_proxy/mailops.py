@@ -211,17 +211,30 @@ async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separato
     Dovecot's DELETE expunges whatever the mailbox holds, also mail delivered a moment
     after we looked. So the mailbox is first renamed to *aside*, a name nobody delivers
     to (a delivery racing the RENAME either lands before it, and is seen below, or
-    fails); only that is checked and deleted. Not empty: renamed back, and False."""
+    fails); only that is checked and deleted. Not empty: renamed back, and False.
+    *aside* is the same name at every attempt: one cut off between its RENAMEs (a kill, a
+    backend gone) left it, and it is settled first, or its mail would stay out of sight."""
+    if await exists(conn, aside):
+        if not await _gone_if_empty(conn, aside, separator):
+            await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
+            return False
     renamed = await conn.command(b"RENAME " + name_arg(name) + b" " + name_arg(aside))
     if not renamed.ok:
         if not await exists(conn, name):
             return True  # nothing there (any more)
         raise TransferError(_failed("RENAME", conn, renamed.start))
+    if await _gone_if_empty(conn, aside, separator):
+        return True
+    await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
+    return False
+
+
+async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> bool:
+    """DELETE the private *aside* if it holds no message and no child; True if deleted."""
     state = await open_mailbox(conn, aside, readonly=True)
     await conn.deselect()
     children = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
     if state.messages == 0 and not children:
         await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
         return True
-    await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
     return False

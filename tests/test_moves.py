@@ -15,6 +15,7 @@ from movecheck import (
     census,
     cli,
     deliver,
+    deliver_on,
     faulty,
     judge,
     multiappend,
@@ -694,6 +695,43 @@ def test_a_source_set_aside_is_never_shown_nor_taken_from_a_client(proxy_factory
     recovered = cli("recover", "--config", config)
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     _exactly_once(fleet, proxy, "carol", work + ids("workc", 2))
+    assert _no_entries(proxy)
+
+
+@pytest.mark.parametrize("delivered", [True, False])
+def test_a_roll_back_cut_off_between_its_renames_is_finished_by_the_next(proxy_factory, fleet, delivered):
+    """Rolling back a RENAME that had created its destination renames it aside, looks, then deletes it
+    or (a delivery reached it) renames it back. A roll-back cut off between those RENAMEs (recovery
+    stopped with the proxy, a backend killed: seen in the soak) leaves the destination under the
+    private aside name: the next roll-back must settle that, not find the name gone and call it done
+    (the delivered mail then out of every client's sight)."""
+    shared = ids("shared", 5)
+    seed(fleet["b3"], "carol", "Shared/X", shared)
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "created:1"))
+    w = _logged_in(proxy)
+    w.send(b"r RENAME Shared/X Proj\r\n")
+    assert w.closed(30), "the proxy was not killed with Proj created on b1"
+    proxy.process.wait(10)
+    store = _store(proxy)
+    try:
+        (entry,) = now(store.journal())
+    finally:
+        now(store.close())
+    aside = f"referral-proxy-aside-{entry.data['token']}/undo-0"
+    late = ids("late", 1)
+    with fleet["b1"].client("carol") as m:
+        if delivered:
+            assert deliver_on(m, "Proj", late[0]) == "Proj"
+        assert m.rename("Proj", aside)[0] == "OK"  # where the cut-off roll-back left it
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
+    with fleet["b1"].client("carol") as m:
+        names = [n for n in (m.list()[1] or []) if n]
+    assert not [n for n in names if b"referral-proxy-aside-" in n and b"undo" in n], names
+    assert any(n.endswith(b"Proj") for n in names) == delivered, names
+    proxy.start()
+    _exactly_once(fleet, proxy, "carol", shared + (late if delivered else []))
+    assert census(fleet, "carol")[1][shared[0]] == [("b3", "Shared/X")]
     assert _no_entries(proxy)
 
 
