@@ -85,7 +85,6 @@ _ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f-\xff()"]')  # 8-bit: a quoted s
 
 # Enum members are slow to look up on their class: the slots as module constants.
 _ANY, _LIST, _ATOM_SLOT, _SEQSET_SLOT, _PATTERN = Slot.ANY, Slot.LIST, Slot.ATOM, Slot.SEQSET, Slot.PATTERN
-_MAILBOX, _DEST, _REFERENCE = Slot.MAILBOX, Slot.DEST, Slot.REFERENCE
 
 
 def _fits(tok: Token, slot: Slot) -> bool:
@@ -98,21 +97,15 @@ def _fits(tok: Token, slot: Slot) -> bool:
     if slot is _SEQSET_SLOT:
         return type(tok) is Atom and _SEQSET.fullmatch(tok.value) is not None
     if slot is _PATTERN and type(tok) is ParenList:
-        return all(_is_name(t) for t in tok.items)
-    if slot is _MAILBOX or slot is _DEST or slot is _PATTERN or slot is _REFERENCE:
-        return _is_name(tok)
+        return all(_is_astring(t) for t in tok.items)
     return _is_astring(tok)
-
-
-def _is_name(tok: Token) -> bool:
-    """An astring without NUL: RFC 3501 allows none in a literal, and Dovecot acts on a name only up
-    to its first NUL (``Proj\\0x`` is ``Proj``), which the proxy would have routed as another name."""
-    return _is_astring(tok) and b"\x00" not in tok.value  # type: ignore[union-attr]
 
 
 def _is_astring(tok: Token) -> bool:
     if isinstance(tok, String):
-        return True
+        # No NUL: RFC 3501 allows none in a literal, and Dovecot acts on a name only up to its first
+        # NUL ("Proj<NUL>x" is "Proj"), which the proxy would have routed as another name.
+        return not tok.literal or b"\x00" not in tok.value  # (a quoted string holds none)
     # An atom may not carry what a section "[...]" lets through (spaces, parentheses, quotes).
     return isinstance(tok, Atom) and _ASTRING_ATOM_BAD.search(tok.value) is None
 
