@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in targets:
                 med = statistics.median(rates[(t, test)])
                 row_calls = calls[(t, test)]
-                top = sorted(row_calls.items(), key=lambda kv: -kv[1])[:6]
+                top = sorted(row_calls.items(), key=lambda kv: -kv[1])[:10]
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in top)
                 body.append((TESTS[test] if t == "direct" else "", t, f"{med:.1f}", f"x{med / direct:.2f}",
                              f"{statistics.fmean(cpu[(t, test)]):.0f}" if cpu[(t, test)] else "-",

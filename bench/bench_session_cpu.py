@@ -15,6 +15,10 @@ instructions per command under valgrind (callgrind), ``(Ir(count) - Ir(0)) / cou
 so that start-up and imports cancel out (valgrind installed; ~2 min per command):
 
     python bench/bench_session_cpu.py --instructions --count 2000 [--tree ...]
+
+The last case is a whole session instead of one command (accept, greeting, LOGIN, SELECT,
+LOGOUT, both sides closed, its three log lines written; the collector on, since what a
+session leaves to it is part of its cost), run ``--count / 10`` times.
 """
 
 from __future__ import annotations
@@ -67,6 +71,19 @@ COMMANDS = [
 ]
 
 
+_SELECTED = (b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n* 30 EXISTS\r\n* 0 RECENT\r\n"
+             b"* OK [UIDVALIDITY 1764500000] UIDs valid\r\n%s OK [READ-WRITE] Select completed.\r\n")
+
+
+def _address(port: int) -> Any:
+    from twisted.internet.address import IPv4Address
+
+    return IPv4Address("TCP", "127.0.0.1", port)
+
+
+_PEER, _HOST = _address(40000), _address(1143)
+
+
 def measure(count: int, command: bytes, response: bytes, check: Callable[[Any], None] | None = None,
             cuts: tuple[int, ...] = ()) -> float:
     """CPU microseconds per command; *check(harness)* is called at the end (bench_metrics_cost.py);
@@ -99,6 +116,55 @@ def measure(count: int, command: bytes, response: bytes, check: Callable[[Any], 
     return (t1 - t0) / max(count, 1) * 1e6
 
 
+SESSION = "whole session"  # accept, greeting, LOGIN, SELECT, LOGOUT, both sides closed; log lines written
+
+
+def measure_session(count: int) -> float:
+    """CPU microseconds per whole session on one context (the collector on, as in the proxy:
+    what a session leaves to it is part of its cost), its log lines written to memory."""
+    import io
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.logger import globalLogBeginner, globalLogPublisher
+    from twisted.python.failure import Failure
+
+    from referral_proxy.logs import LogWriter
+    from referral_proxy.session import ClientSession
+    from referral_proxy.testing.fakes import NoDelayTransport, SessionHarness
+
+    h = SessionHarness()
+    sink = io.StringIO()
+    globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)  # once a process: no-op after
+    writer = LogWriter(h.config.log, sink, context=h.context.observer.context)
+    globalLogPublisher.addObserver(writer)
+    done = Failure(ConnectionDone())
+
+    def one() -> None:
+        h.session = ClientSession(h.context)
+        h.client = NoDelayTransport(peerAddress=_PEER, hostAddress=_HOST)
+        h.session.makeConnection(h.client)
+        h.login()
+        h.send(b"s SELECT INBOX\r\n")
+        tag = h.to_backend().split(b" ", 1)[0]
+        h.from_backend(_SELECTED % tag)
+        h.send(b"o LOGOUT\r\n")  # the backend's LOGOUT is not waited for
+        h.session.connectionLost(done)
+        h.backend.connectionLost(done)
+        h.turns()
+        h.connector.backends.clear()
+        h.connector.credentials.clear()
+        sink.seek(0)
+        sink.truncate()
+
+    one()
+    t0 = time.process_time()
+    for _ in range(count):
+        one()
+    t1 = time.process_time()
+    globalLogPublisher.removeObserver(writer)
+    return (t1 - t0) / max(count, 1) * 1e6
+
+
 def instructions(tree: str, count: int, index: int) -> int:
     """Instructions callgrind counts for this script running *count* commands of COMMANDS[index]."""
     out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", os.path.realpath(sys.executable),
@@ -123,8 +189,15 @@ def main() -> int:
         for i, (name, *_rest) in enumerate(COMMANDS):
             per = (instructions(args.tree, args.count, i) - base) / args.count
             print(f"{name:16s} {per / 1000:7.1f}k instructions per command")
+        count = max(args.count // 10, 1)  # a session is ~30 commands' worth
+        base = instructions(args.tree, 0, len(COMMANDS))
+        per = (instructions(args.tree, count, len(COMMANDS)) - base) / count
+        print(f"{SESSION:16s} {per / 1000:7.1f}k instructions per session")
         return 0
     sys.path.insert(0, args.tree)
+    if args.only == len(COMMANDS):
+        measure_session(args.count)
+        return 0
     if args.only is not None:
         _name, command, response, *cuts = COMMANDS[args.only]
         measure(args.count, command, response, None, *cuts)
@@ -132,6 +205,8 @@ def main() -> int:
     for name, command, response, *cuts in COMMANDS:
         best = min(measure(args.count, command, response, None, *cuts) for _ in range(args.rounds))
         print(f"{name:16s} {best:7.2f} us CPU per command")
+    best = min(measure_session(max(args.count // 10, 1)) for _ in range(args.rounds))
+    print(f"{SESSION:16s} {best:7.2f} us CPU per session")
     return 0
 
 

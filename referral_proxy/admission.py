@@ -63,6 +63,8 @@ class Refusal:
 def address_key(ip: str, v6_prefix: int = 64) -> str:
     """An address as it is counted: IPv4 whole, IPv6 by its first *v6_prefix* bits (one
     client holds a whole /64), an IPv4-mapped IPv6 address as IPv4."""
+    if ":" not in ip:  # IPv4, or not an address: itself, without parsing it (three times a session)
+        return ip
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:

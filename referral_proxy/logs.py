@@ -100,7 +100,9 @@ class LogWriter:
             return
         try:
             # lone surrogates (names decoded with surrogateescape) written as \udcXX, not lost
-            line = self._line(event, level).encode("utf-8", "backslashreplace").decode("utf-8")
+            line = self._line(event, level)
+            if not line.isascii():
+                line = line.encode("utf-8", "backslashreplace").decode("utf-8")
         except Exception as e:  # a log line must never take the proxy down
             line = json.dumps({"level": "error", "message": f"unformattable log event: {type(e).__name__}"})
         try:
@@ -112,8 +114,8 @@ class LogWriter:
     def _fields(self, event: dict[str, Any], level: LogLevel) -> tuple[str, dict[str, Any]]:
         """(event name, its fields) of any event."""
         fields = event.get("rp_fields")
-        if fields is not None:
-            return event.get("rp_event", "log"), dict(fields)
+        if fields is not None:  # only read: not copied
+            return event.get("rp_event", "log"), fields
         name = "error" if level.name in ("warn", "error", "critical") else "log"
         found: dict[str, Any] = {}
         session = event.get("id")
@@ -145,7 +147,7 @@ class LogWriter:
                 record["error"] = failure.getErrorMessage()
                 record["traceback"] = failure.getTraceback()
             return json.dumps(record, ensure_ascii=False)
-        pairs = " ".join([f"{k}={_text(v)}" for k, v in _ordered(fields) if v is not None])
+        pairs = _pairs(fields)
         line = f"{_iso(when)} [{event.get('log_namespace', '-')}#{level.name}] {message}"
         if pairs:
             line += f" [{pairs}]" if name in ("log", "error") and "rp_fields" not in event else f" {pairs}"
@@ -155,18 +157,28 @@ class LogWriter:
 
 
 def _text(value: Any) -> str:
-    """text_value, with the common plain values first."""
+    """text_value, with the common plain values first (a float's str() is always plain)."""
     kind = type(value)
-    if kind is int:
+    if kind is int or kind is float:
         return str(value)
     if kind is str and _SIMPLE.fullmatch(value) is not None:
         return value  # type: ignore[no-any-return]
     return text_value(value)
 
 
-def _ordered(fields: dict[str, Any]) -> list[tuple[str, Any]]:
-    first = [(k, fields[k]) for k in _CONTEXT_KEYS if k in fields]
-    return first + [(k, v) for k, v in fields.items() if k not in _CONTEXT_KEYS]
+def _pairs(fields: dict[str, Any]) -> str:
+    """The ``key=value`` pairs of a text line, the context keys first, None left out
+    (three lines a session: one loop, no intermediate lists of pairs)."""
+    parts = []
+    get = fields.get
+    for key in _CONTEXT_KEYS:
+        value = get(key)
+        if value is not None:
+            parts.append(f"{key}={_text(value)}")
+    for key, value in fields.items():
+        if value is not None and key not in _CONTEXT_KEYS:
+            parts.append(f"{key}={_text(value)}")
+    return " ".join(parts)
 
 
 _SECOND: list[Any] = [None, ""]  # the last second formatted, and its text

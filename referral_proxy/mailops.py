@@ -21,7 +21,7 @@ from .imap.uidset import uid_set
 
 __all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
            "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
-           "delete_if_empty"]
+           "delete_if_empty", "finish_cut_delete"]
 
 
 class TransferError(BackendError):
@@ -229,8 +229,23 @@ async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separato
     return False
 
 
+async def finish_cut_delete(conn: BackendProtocol, aside: str) -> bool:
+    """DELETE again a private *aside* whose DELETE a killed Dovecot cut off; True if it was one.
+
+    Dovecot marks the mailbox's index deleted, then removes its files: killed in between, it
+    lists the mailbox but opens it no more ("Mailbox was deleted under us"), forever. Only the
+    mover deletes an aside, and only once it saw it empty: finishing that DELETE is safe."""
+    answer = await conn.command(b"STATUS " + name_arg(aside) + b" (MESSAGES)")
+    if answer.ok or b"deleted under us" not in answer.start.text:
+        return False
+    await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
+    return True
+
+
 async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> bool:
     """DELETE the private *aside* if it holds no message and no child; True if deleted."""
+    if await finish_cut_delete(conn, aside):
+        return True
     state = await open_mailbox(conn, aside, readonly=True)
     await conn.deselect()
     children = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard

@@ -48,6 +48,7 @@ from .mailops import (
     exists,
     expunge_uids,
     fetch_infos,
+    finish_cut_delete,
     list_mailboxes,
     name_arg,
     open_mailbox,
@@ -431,8 +432,8 @@ class Mover:
     async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                             aside: str) -> None:
         old = entry.data["pairs"][i][0]
-        if not await exists(src, aside):
-            return  # deleted just before a crash
+        if not await exists(src, aside) or await finish_cut_delete(src, aside):
+            return  # deleted just before a crash (or half: Dovecot killed mid-DELETE)
         if await self._empty(entry, i, src, dst, aside):
             log.error("move {id}: mail kept arriving in {box} on {b}: left there as {aside}", id=entry.id,
                       box=old, b=src.name, aside=aside)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet import tcp
+
 from .config import BackendConfig, Config
 from .imap.command import Atom, ParenList, String, Token
 from .imap.quoting import quoted
@@ -51,6 +53,25 @@ def _host_port(addr: Any) -> tuple[str, int | None]:
     return str(host), getattr(addr, "port", None)
 
 
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def local_address(transport: Any) -> Any:
+    """The local address of a new connection (``getHost()``): of a plain TCP connection
+    whose listener is bound to one address, that listener's address, asked of the kernel
+    once per listener, not by a getsockname() per accept; otherwise its own ``getHost()``
+    (a wildcard listener, a ``haproxy:`` or TLS wrapper's own answer)."""
+    if type(transport).getHost is not tcp.Server.getHost:
+        return transport.getHost()
+    port = transport.server  # None: a connection adopted without its listener
+    host = getattr(port, "_rp_host", None) if port is not None else False
+    if host is None:
+        bound = port.getHost()
+        host = False if getattr(bound, "host", "") in _WILDCARDS else bound
+        port._rp_host = host  # an attribute of our own on Twisted's listening port
+    return host or transport.getHost()
+
+
 @dataclass(slots=True)
 class Origin:
     """One client session's real addresses, its session id toward backends, and its TTL."""
@@ -68,7 +89,7 @@ class Origin:
     def of(cls, transport: Any, session_id: str, ttl: int) -> Origin:
         """From a new connection: its peer (PROXY-protocol aware) is the client."""
         client_ip, client_port = _host_port(transport.getPeer())
-        local_ip, local_port = _host_port(transport.getHost())
+        local_ip, local_port = _host_port(local_address(transport))
         return cls(client_ip, client_port, local_ip, local_port, session_id=session_id, ttl=ttl)
 
     @property

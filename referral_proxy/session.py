@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__, capabilities, listing
+from . import __version__, capabilities, listing, teardown
 from .appends import Appends
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
@@ -177,7 +177,9 @@ class ClientSession(Protocol):
             quick_ack(self._socket)  # unless our "+" or answer, sent at the pass's end, carries it
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.phase = Phase.LOGOUT
+        if self.flow is None:  # unlinked (teardown.py): it ended already
+            return
+        quiet, self.phase = teardown.quiet(self), Phase.LOGOUT  # quiet: freed at once (teardown.py)
         self._cancel_login_timer()
         self.flow.closed()
         self.ctx.admission.gone(self)
@@ -186,11 +188,11 @@ class ClientSession(Protocol):
         for d in waiters:
             d.callback(None)
         for conn in self.appends.client_gone():
-            if self.pool is not None:
-                # An emulated MULTIAPPEND removes what it saved, then closes its connection itself.
+            if self.pool is not None:  # an emulated MULTIAPPEND removes what it saved, then closes its connection
                 self.pool.conns.pop(conn.name, None)
         self._logout_backends(park="lost")
         self.ctx.observer.session_ended(self)
+        teardown.ended(self, quiet)
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the client's connection is gone (what was written is flushed)."""
@@ -353,13 +355,9 @@ class ClientSession(Protocol):
 
     def _pre_login_caps(self) -> list[str]:
         p = self.config.proxy
-        return capabilities.pre_login(
-            tls_available=self.ctx.server_tls is not None,
-            tls_active=self._tls_active(),
-            plaintext_allowed=p.allow_plaintext_login,
-            login_referrals=p.login_referrals,
-            mailbox_referrals=p.referrals != "never",
-        )
+        return capabilities.pre_login(tls_available=self.ctx.server_tls is not None, tls_active=self._tls_active(),
+                                      plaintext_allowed=p.allow_plaintext_login, login_referrals=p.login_referrals,
+                                      mailbox_referrals=p.referrals != "never")
 
     def _post_login_caps(self) -> list[str]:
         conn = self.pool.ready(self.home or "") if self.pool is not None else None

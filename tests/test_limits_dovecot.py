@@ -175,18 +175,24 @@ def test_failed_logins_make_the_next_ones_wait(proxy_factory):
     proxy = proxy_factory(login_penalty=1)  # each wait: min(2 * 2**penalty, 1) = 1 s
     with socket.create_connection((proxy.host, proxy.port), timeout=30) as s:
         f = s.makefile("rb")
-        f.readline()
+        greeting = f.readline()
+        assert greeting.startswith(b"* OK"), greeting
         s.sendall(b"a LOGIN alice wrong1\r\nb LOGIN alice wrong2\r\nc LOGIN alice \"%s\"\r\n"
                   % proxy.users["alice"].encode())
-        answers = _tagged(f, 3)
-    assert [a.split()[:2] for a in answers] == [[b"a", b"NO"], [b"b", b"NO"], [b"c", b"OK"]]
+        seen: list[bytes] = []
+        answers = _tagged(f, 3, seen)
+    # On a failure: every line the client got (a BYE says who closed) and the proxy's own log.
+    assert [a.split()[:2] for a in answers] == [[b"a", b"NO"], [b"b", b"NO"], [b"c", b"OK"]], (
+        seen, proxy.running, proxy.stderr_text()[-3000:])
     assert proxy.stderr_text().count("login delayed") == 2  # b and c waited; a did not
 
 
-def _tagged(f, n: int) -> list[bytes]:
+def _tagged(f, n: int, seen: list[bytes]) -> list[bytes]:
+    """The next *n* tagged lines (fewer at EOF); *seen* gets every line read."""
     out = []
     while len(out) < n:
         line = f.readline()
+        seen.append(line)
         if not line:
             break
         if not line.startswith((b"*", b"+")):

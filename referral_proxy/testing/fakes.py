@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from ..backend import BackendProtocol, Credentials
@@ -19,7 +20,7 @@ from ..context import ProxyContext
 from ..routing import MailboxMap
 from ..session import ClientSession
 
-__all__ = ["FakeConnector", "NoDelayTransport", "SlowReaderTransport", "SessionHarness", "DOVECOT_CAPS",
+__all__ = ["FakeConnector", "HeldConnector", "NoDelayTransport", "SlowReaderTransport", "SessionHarness", "DOVECOT_CAPS",
            "minimal_config"]
 
 DOVECOT_CAPS = (
@@ -121,6 +122,21 @@ class FakeConnector:
         proto.dataReceived(b"* OK [CAPABILITY " + " ".join(self.capabilities).encode() + b"] fake ready\r\n")
         self.backends.append(proto)
         return proto
+
+
+class HeldConnector(FakeConnector):
+    """A FakeConnector whose connections are made only once the test fires its Deferred in
+    ``held`` (a login or a connection under way meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[defer.Deferred[None]] = []
+
+    async def __call__(self, config: BackendConfig, credentials: Credentials) -> BackendProtocol:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.held.append(d)
+        await d
+        return await super().__call__(config, credentials)
 
 
 class SessionHarness:
