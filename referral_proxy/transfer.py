@@ -41,6 +41,7 @@ from .mailops import (
     exists,
     expunge_uids,
     fetch_infos,
+    list_mailboxes,
     open_mailbox,
     run_ok,
     search_uids,
@@ -509,6 +510,12 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     verified = [(s, d) for s, d in pairs if copies.get(d) == sent[s]]
     gone = [s for s, d in pairs if d not in copies] if same_dst else []
     back = await came_back(src, gone, sent, max(src_uids)) if gone else []
+    if rest := [s for s in gone if s not in back]:
+        mine, _ = await fetch_infos(src, rest)
+        kept = collections.Counter(sent[s] for s, _d in verified)  # still at the destination: found there
+        back += await moved_on([dst, src], data["src_mailbox"], mine, sent, kept)
+        if (await open_mailbox(src, data["src_mailbox"], readonly=False)).uidvalidity != data["src_validity"]:
+            raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
     keep = [s for s, _d in verified] + back
     present, _ = await search_uids(src, b"UID " + uid_set(sorted(keep))) if keep else ([], [])
     await expunge_uids(src, present)
@@ -531,12 +538,46 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
     sizes = {i.size for i in mine}
     others, _ = await fetch_infos(src, newer)
     found = collections.Counter((await hashes_present(src, [i.uid for i in others if i.size in sizes])).values())
+    return _vouched(mine, sent, found)
+
+
+async def moved_on(conns: Sequence[BackendProtocol], src_mailbox: str, mine: Sequence[MessageInfo],
+                   sent: dict[int, str], kept: collections.Counter[str]) -> list[int]:
+    """Of source messages (*mine*) whose committed copy left the destination before recovery, those
+    whose content (size, then sha256) is in some other mailbox of the destination's or the source's
+    backend: a client moved the copy on, so the source's message goes (else it is there twice). A
+    copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
+    *kept*: the hashes of the copies still at the destination (found there, they vouch for none)."""
+    sizes = {i.size for i in mine}
+    if not sizes:
+        return []
+    found: collections.Counter[str] = collections.Counter()
+    for k, conn in enumerate(conns):
+        for entry in await list_mailboxes(conn):
+            name = entry.name.decode("utf-8", "surrogateescape")
+            if not entry.selectable or name.startswith("referral-proxy-") or (k == len(conns) - 1 and _same_name(name, src_mailbox)):
+                continue
+            if (await open_mailbox(conn, name, readonly=True)).messages:
+                uids, _ = await search_uids(conn, b"LARGER %d SMALLER %d" % (min(sizes) - 1, max(sizes) + 1))
+                infos, _ = await fetch_infos(conn, uids)
+                found.update((await hashes_present(conn, [i.uid for i in infos if i.size in sizes])).values())
+            await conn.deselect()
+    found.subtract(kept)
+    return _vouched(mine, sent, found)
+
+
+def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[str]) -> list[int]:
+    """The UIDs of *mine* whose content (*sent*: uid -> sha256) *found* holds, each found copy vouching for one."""
     out = []
     for info in mine:
         if found[sent[info.uid]] > 0:
             found[sent[info.uid]] -= 1
             out.append(info.uid)
     return out
+
+
+def _same_name(a: str, b: str) -> bool:
+    return a == b or a.upper() == b.upper() == "INBOX"
 
 
 async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:

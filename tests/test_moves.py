@@ -447,6 +447,39 @@ def test_cross_server_move_killed_midway_is_finished_by_recover(proxy_factory, f
     assert "nothing to recover" in cli("recover", "--config", str(proxy.config_path)).stdout
 
 
+@pytest.mark.parametrize("then", ["moved on", "expunged"])
+def test_a_killed_moves_copy_moved_on_before_recover_is_not_duplicated(proxy_factory, fleet, then):
+    """A MOVE to another server killed after the destination committed, before the source's
+    expunge; before recovery another client moves the copies on (same backend: Dovecot's own MOVE)
+    or expunges them. Seen in the soak (seed 7): recovery found the copies gone from the
+    destination and kept the source, so a message moved on was there twice. Moved on: the source
+    goes; expunged (found nowhere): the source stays (never lose)."""
+    work = ids("work", 4)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    seed(fleet["b3"], "carol", "Shared/Next", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:2 Shared/Dest\r\n")
+    assert w.closed(30), "the proxy was not killed at move-appended"
+    proxy.process.wait(10)
+    with fleet["b3"].client("carol") as m:
+        assert m.select("Shared/Dest")[1] == [b"2"]
+        if then == "moved on":
+            assert m.uid("MOVE", "1:*", "Shared/Next")[0] == "OK"
+        else:
+            m.store("1:*", "+FLAGS", "(\\Deleted)")
+            assert m.expunge()[0] == "OK"
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    moved = {("b3", "Shared/Next")} if then == "moved on" else {("b1", "Work")}
+    assert {where[i][0] for i in work[:2]} == moved and {where[i][0] for i in work[2:]} == {("b1", "Work")}
+    assert _no_entries(proxy)
+
+
 @pytest.mark.parametrize("back", [True, False])
 def test_a_killed_moves_copy_moved_back_before_recover_is_not_duplicated(proxy_factory, fleet, back):
     """Killed after the destination committed: the user sees the message in both places and moves the
