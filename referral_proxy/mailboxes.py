@@ -79,16 +79,19 @@ class MailboxHost(Protocol):
 
 
 _INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
+_READ_ONLY = ("[READ-ONLY] The mailbox was opened with EXAMINE: nothing was moved; SELECT it to move "
+              "messages to another server")
 _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or referral-proxy-aside- are reserved"
 
 
 class MailboxCommands:
     """The mailbox-routed commands of one session."""
 
-    __slots__ = ("host",)  # no per-instance dict
+    __slots__ = ("host", "examined")  # no per-instance dict
 
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
+        self.examined = False  # the selected mailbox was opened with EXAMINE (read-only)
 
     # -- routes and referrals ----------------------------------------------------------------
 
@@ -151,6 +154,8 @@ class MailboxCommands:
         """The mailbox argument and its route, or None when a move holds it (answered INUSE)."""
         mailbox = cmd.args.value(slot)
         assert mailbox is not None  # the grammar has it
+        if cmd.name == "CREATE":
+            mailbox = self.created(mailbox)
         if is_private_name(mailbox):  # the proxy's own (append.py): never a client's
             self.host.tagged(cmd.tag, "NO", _RESERVED)
             return None
@@ -158,6 +163,27 @@ class MailboxCommands:
             self.host.tagged(cmd.tag, "NO", _INUSE)
             return None
         return mailbox, self.route_of(mailbox)
+
+    def created(self, mailbox: bytes) -> bytes:
+        """The mailbox a CREATE makes: the backend drops one trailing separator (RFC 3501 6.3.3,
+        Dovecot), so ``CREATE Shared/`` makes ``Shared``, and goes where the map puts ``Shared``."""
+        sep = self.host.mailbox_map.separator.encode()
+        return mailbox[:-len(sep)] if len(mailbox) > len(sep) and mailbox.endswith(sep) else mailbox
+
+    def inbox_cased(self, mailbox: bytes) -> bytes:
+        """``inbox/kid`` as ``INBOX/kid``, the name a backend lists: a RENAME's own look-ups of the
+        mailbox and its children (exact names and prefixes) found nothing under ``inbox/``."""
+        sep = self.host.mailbox_map.separator.encode()
+        head, s, tail = mailbox.partition(sep)
+        return b"INBOX" + s + tail if head.upper() == b"INBOX" and head != b"INBOX" else mailbox
+
+    def renamable(self, mailbox: bytes) -> bool:
+        """Not a name every backend's RENAME, COPY and MOVE refuse (Dovecot: a separator at either
+        end or two together): one that is goes to a backend to be refused, never into a move across
+        (whose CREATE would drop a trailing separator and leave a mailbox its roll-back cannot name;
+        a COPY across said TRYCREATE, and CREATE then COPY again would loop)."""
+        sep = self.host.mailbox_map.separator.encode()
+        return bool(mailbox) and not (mailbox.startswith(sep) or mailbox.endswith(sep) or sep + sep in mailbox)
 
     # -- by mailbox -------------------------------------------------------------------------
 
@@ -180,6 +206,7 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
+        self.examined = cmd.name == "EXAMINE"
         refer = self.refers(route, mailbox)
         conn = pool.fast(route.primary)
         host.selected_mailbox = None if refer else mailbox
@@ -269,10 +296,14 @@ class MailboxCommands:
             return host.tagged(cmd.tag, "NO", _INUSE)  # a message moved out of a mailbox being moved: twice
         mailbox, route = target
         source = host.selected
-        if route.primary == source or source in route.backends:
-            return host.relay_cmd(cmd, source)
+        if route.primary == source or source in route.backends or not self.renamable(mailbox):
+            return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
         if self.refers(route, mailbox):
             return host.send(self.referral(cmd.tag, route, mailbox))
+        if "MOVE" in cmd.name and self.examined:
+            # Its \Deleted would be ignored: the copies made, then taken back as "gone", and OK said
+            # with nothing moved. Refused before anything is copied.
+            return host.tagged(cmd.tag, "NO", _READ_ONLY)
         message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
         host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
                                                      src=source, dst=route.primary, mailbox=mailbox))
@@ -306,6 +337,7 @@ class MailboxCommands:
         host = self.host
         old, new = cmd.args.value(Slot.MAILBOX), cmd.args.value(Slot.DEST)
         assert old is not None and new is not None and host.user is not None
+        old, new = self.inbox_cased(old), self.inbox_cased(new)
         if is_private_name(old) or is_private_name(new):
             return host.tagged(cmd.tag, "NO", _RESERVED)
         if under_itself(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
@@ -319,6 +351,8 @@ class MailboxCommands:
         for name in (old, new):
             if self.moving(name):
                 return host.tagged(cmd.tag, "NO", _INUSE)
+        if old_route.primary != new_route.primary and not (self.renamable(old) and self.renamable(new)):
+            return host.relay_cmd(cmd, old_route)  # refused there, as directly (the old name checked first)
         if old_route.primary != new_route.primary and not (self.valid_name(old) and self.valid_name(new)):
             # Never moved across: the backend of the name that is not a valid one refuses it, as directly.
             return host.relay_cmd(cmd, old_route if not self.valid_name(old) else new_route)

@@ -93,6 +93,10 @@ def test_any_arguments_survive_encoding(toks):
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=20))
 def test_any_mailbox_name_survives_encoding(name):
+    if b"\x00" in name:  # Dovecot would act on the name up to the NUL, not the one routed by
+        with pytest.raises(ParseError):
+            match(Grammar.parse("mailbox"), [String(name, literal=True)])
+        return
     args = match(Grammar.parse("mailbox"), [String(name, literal=True)])
     (tok,) = _reparse(encode(args))
     assert tok.value == name

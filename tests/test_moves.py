@@ -778,7 +778,9 @@ def test_names_no_backend_accepts_get_its_answer_and_change_nothing(proxy_factor
     for cmd in (b"RENAME {4+}\r\na\r\nb Other", b"RENAME Work {4+}\r\na\r\nb", b"RENAME {3+}\r\n\xe9t\xe9 Other",
                 b"RENAME Work {3+}\r\nx\xe9y", b"RENAME Work {10+}\r\nShared/\xe9\r\n", b"RENAME {4+}\r\nW\x00rk Shared/N"):
         reply, theirs = w.cmd(b"r", cmd)[-1], direct.cmd(b"r", cmd)[-1]
-        assert reply.split()[1] == theirs.split()[1] == b"NO", (cmd, reply, theirs)
+        # NUL: Dovecot looks for "W" (NO); the proxy refuses the name it would not route by (BAD)
+        assert reply.split()[1] == (b"BAD" if b"\x00" in cmd else theirs.split()[1]), (cmd, reply, theirs)
+        assert theirs.split()[1] == b"NO", (cmd, theirs)
         assert b"UNAVAILABLE" not in reply and b"SERVERBUG" not in reply and b"\xe9" not in reply, (cmd, reply)
     assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
     w.close()

@@ -47,6 +47,7 @@ _TAIL = 32
 # Bytes of an overlong fragment reported in LineTooLong.prefix (enough for the tag).
 _PREFIX = 64
 _ANNOUNCE = re.compile(rb"(~?)\{([0-9]{1,19})(\+?)\}\Z")
+_ANNOUNCE_LONG = re.compile(rb"(~?)\{([0-9]+)(\+?)\}\Z")
 _CR = 13
 _RBRACE = 125
 
@@ -446,10 +447,21 @@ class Framer:
         buf = self._buf
         if end and buf[end - 1] == _RBRACE:
             m = _ANNOUNCE.search(buf, max(0, end - _ANNOUNCE_WINDOW), end)
+            if m is None and end > _ANNOUNCE_WINDOW and (48 <= buf[end - 2] <= 57 or buf[end - 2] == 43):
+                m = self._long_announcement(end)  # 20 digits or more: a literal no limit takes, not text
             if m is not None:
                 spec = LiteralSpec(int(m.group(2)), not m.group(3), bool(m.group(1)))
                 return spec, m.start()
         return None, end
+
+    def _long_announcement(self, end: int) -> re.Match[bytes] | None:
+        """``{18446744073709551616+}``: read as the literal it announces (refused by every limit,
+        its bytes dropped), never as a line's text whose "literal" then runs as commands."""
+        buf = self._buf
+        start = buf.rfind(b"{", 0, end)
+        if start < 0:
+            return None
+        return _ANNOUNCE_LONG.match(buf, start - 1 if start and buf[start - 1] == 126 else start, end)
 
     def _too_long(self) -> LineTooLong:
         # Only max_line + 1 bytes are sure to be there, whatever the split.

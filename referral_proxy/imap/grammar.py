@@ -103,7 +103,9 @@ def _fits(tok: Token, slot: Slot) -> bool:
 
 def _is_astring(tok: Token) -> bool:
     if isinstance(tok, String):
-        return True
+        # No NUL: RFC 3501 allows none in a literal, and Dovecot acts on a name only up to its first
+        # NUL ("Proj<NUL>x" is "Proj"), which the proxy would have routed as another name.
+        return not tok.literal or b"\x00" not in tok.value  # (a quoted string holds none)
     # An atom may not carry what a section "[...]" lets through (spaces, parentheses, quotes).
     return isinstance(tok, Atom) and _ASTRING_ATOM_BAD.search(tok.value) is None
 

@@ -449,6 +449,8 @@ class CommandReader:
                  literal: LiteralSpec | None) -> ReaderEvent:
         if isinstance(message, AppendAbort):  # a limit broken by the first message: refused whole
             return self._refuse(literal, start.tag, message.status, message.text)
+        if b"\x00" in mailbox:  # Dovecot would append to the name up to the NUL: not the one routed
+            return self._refuse(literal, start.tag, "BAD", "Invalid arguments: invalid mailbox argument")
         self._queue.append(message)
         self._deciding = True
         self._state = _APPEND_NEXT
