@@ -93,7 +93,7 @@ TABLE: dict[Step, Rule] = {
     S.DRAINED: _rule({S.PLACED, S.ASIDE, S.DELTA_COPIED, S.DRAINED}, Recovery.FINISH),
     S.MOVE_APPENDING: _rule({S.RESERVED}, Recovery.FINISH_IF_COMMITTED),
     S.MOVE_APPENDED: _rule({S.MOVE_APPENDING}, Recovery.FINISH),
-    S.MOVE_EXPUNGING: _rule({S.MOVE_APPENDED}, Recovery.FINISH),
+    S.MOVE_EXPUNGING: _rule({S.MOVE_APPENDED, S.MOVE_APPENDING}, Recovery.FINISH),  # APPENDING: recovery found the copies
     S.RENAMING: _rule({S.RESERVED}, Recovery.RECONCILE),
     S.STAGING: _rule({S.RESERVED}, Recovery.DROP_STAGING),
 }

@@ -518,8 +518,13 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
             raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
     keep = [s for s, _d in verified] + back
     present, _ = await search_uids(src, b"UID " + uid_set(sorted(keep))) if keep else ([], [])
+    # Decided, and journaled before acting: a recovery cut off after the expunge must not find the
+    # sources gone and take their copies back as if someone else had moved them (both gone).
+    data["present"] = uid_set(present).decode()
+    data["vanished_dst"] = uid_set(d for s, d in verified if s not in present).decode()
+    await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
     await expunge_uids(src, present)
-    await _take_back(dst, data, [d for s, d in verified if s not in present])  # its source went elsewhere
+    await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))  # their source went elsewhere
     await mailbox_map.end_move(entry)
     return f"finished: {len(present)} message(s) removed from the source"
 

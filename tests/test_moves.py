@@ -6,11 +6,14 @@ and by what a client of the proxy can reach, never by the proxy's own answers.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 
 import pytest
 from imapwire import Wire
 from movecheck import (
+    REPO,
     Deliverer,
     census,
     cli,
@@ -477,6 +480,43 @@ def test_a_killed_moves_copy_moved_on_before_recover_is_not_duplicated(proxy_fac
     assert judge(counts, work) == ([], [])
     moved = {("b3", "Shared/Next")} if then == "moved on" else {("b1", "Work")}
     assert {where[i][0] for i in work[:2]} == moved and {where[i][0] for i in work[2:]} == {("b1", "Work")}
+    assert _no_entries(proxy)
+
+
+def test_a_recovery_of_a_move_cut_off_after_its_expunge_keeps_the_copies(proxy_factory, fleet, tmp_path):
+    """Recovering a killed MOVE to another server expunges the sources, then ends the entry. Cut
+    off in between (seen in the soak, seed 7: the proxy stopped during its start-up recovery), the
+    next recovery found the sources gone, took that for another client's doing and took the copies
+    back: the messages were nowhere. Now the recovery journals what it will expunge first."""
+    work = ids("work", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:2 Shared/Dest\r\n")
+    assert w.closed(30), "the proxy was not killed at move-appended"
+    proxy.process.wait(10)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    recovering = subprocess.Popen([*faulty("--pause-at", "move-expunging:1", "--pause-dir", str(pause)), "recover",
+                                   "--config", str(proxy.config_path)], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_paused(pause, "move-expunging:1")
+        with fleet["b1"].client("carol") as m:  # what the recovery does next: the sources go
+            m.select("Work")
+            m.uid("STORE", "1:2", "+FLAGS.SILENT", "(\\Deleted)")
+            assert m.uid("EXPUNGE", "1:2")[0] == "OK"
+    finally:
+        recovering.kill()  # cut off before it ended the entry
+        recovering.wait(30)
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work[:2]} == {("b3", "Shared/Dest")} and where[work[2]] == [("b1", "Work")]
     assert _no_entries(proxy)
 
 
