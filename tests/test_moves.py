@@ -450,6 +450,19 @@ def test_cross_server_move_killed_midway_is_finished_by_recover(proxy_factory, f
     assert "nothing to recover" in cli("recover", "--config", str(proxy.config_path)).stdout
 
 
+def _move_killed_after_the_commit(proxy_factory, fleet, work: list[str], uids: bytes):
+    """*work* in Work on b1; UID MOVE *uids* to Shared/Dest (b3) killed once b3 committed the copies."""
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE " + uids + b" Shared/Dest\r\n")
+    assert w.closed(30), "the proxy was not killed at move-appended"
+    proxy.process.wait(10)
+    return proxy
+
+
 @pytest.mark.parametrize("then", ["moved on", "expunged"])
 def test_a_killed_moves_copy_moved_on_before_recover_is_not_duplicated(proxy_factory, fleet, then):
     """A MOVE to another server killed after the destination committed, before the source's
@@ -458,15 +471,8 @@ def test_a_killed_moves_copy_moved_on_before_recover_is_not_duplicated(proxy_fac
     destination and kept the source, so a message moved on was there twice. Moved on: the source
     goes; expunged (found nowhere): the source stays (never lose)."""
     work = ids("work", 4)
-    seed(fleet["b1"], "carol", "Work", work)
-    seed(fleet["b3"], "carol", "Shared/Dest", [])
     seed(fleet["b3"], "carol", "Shared/Next", [])
-    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
-    w = _logged_in(proxy)
-    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
-    w.send(b"m UID MOVE 1:2 Shared/Dest\r\n")
-    assert w.closed(30), "the proxy was not killed at move-appended"
-    proxy.process.wait(10)
+    proxy = _move_killed_after_the_commit(proxy_factory, fleet, work, b"1:2")
     with fleet["b3"].client("carol") as m:
         assert m.select("Shared/Dest")[1] == [b"2"]
         if then == "moved on":
@@ -489,14 +495,7 @@ def test_a_recovery_of_a_move_cut_off_after_its_expunge_keeps_the_copies(proxy_f
     next recovery found the sources gone, took that for another client's doing and took the copies
     back: the messages were nowhere. Now the recovery journals what it will expunge first."""
     work = ids("work", 3)
-    seed(fleet["b1"], "carol", "Work", work)
-    seed(fleet["b3"], "carol", "Shared/Dest", [])
-    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
-    w = _logged_in(proxy)
-    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
-    w.send(b"m UID MOVE 1:2 Shared/Dest\r\n")
-    assert w.closed(30), "the proxy was not killed at move-appended"
-    proxy.process.wait(10)
+    proxy = _move_killed_after_the_commit(proxy_factory, fleet, work, b"1:2")
     pause = tmp_path / "pause"
     pause.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -526,14 +525,7 @@ def test_a_killed_moves_copy_moved_back_before_recover_is_not_duplicated(proxy_f
     copy back before recovery runs. Recovery must not keep the original beside the returned copy; and
     when the copy is just gone (expunged), the original stays: nothing is verified anywhere."""
     work = ids("work", 3)
-    seed(fleet["b1"], "carol", "Work", work)
-    seed(fleet["b3"], "carol", "Shared/Dest", [])
-    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
-    w = _logged_in(proxy)
-    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
-    w.send(b"m UID MOVE 1:* Shared/Dest\r\n")
-    assert w.closed(30), "the proxy was not killed at move-appended"
-    proxy.process.wait(10)
+    proxy = _move_killed_after_the_commit(proxy_factory, fleet, work, b"1:*")
     with fleet["b3"].client("carol") as m:  # a client moves the copy of work-1 back (as Dovecot would: copy, expunge)
         m.select(quote("Shared/Dest"))
         (uid,) = m.uid("SEARCH", "HEADER", "Message-Id", "work-1@t")[1][0].split()
