@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from twisted.logger import Logger
+
 from .backend import BackendError, BackendProtocol, Tagged
 from .imap.command import ParseError
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
@@ -23,6 +25,8 @@ from .routing import normalize
 __all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
            "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
            "delete_if_empty", "finish_cut_delete"]
+
+log = Logger()
 
 
 class TransferError(BackendError):
@@ -235,11 +239,17 @@ async def finish_cut_delete(conn: BackendProtocol, aside: str) -> bool:
 
     Dovecot marks the mailbox's index deleted, then removes its files: killed in between, it
     lists the mailbox but opens it no more ("Mailbox was deleted under us"), forever. Only the
-    mover deletes an aside, and only once it saw it empty: finishing that DELETE is safe."""
+    mover deletes an aside, and only once it saw it empty: finishing that DELETE is safe. A
+    Dovecot that refuses that DELETE too (seen: "Mailbox exists", until it was restarted) holds
+    nothing there for anyone: the aside is left, said in the log, rather than the move kept
+    from ending (its reservations would keep the user's names in use)."""
     answer = await conn.command(b"STATUS " + name_arg(aside) + b" (MESSAGES)")
     if answer.ok or b"deleted under us" not in answer.start.text:
         return False
-    await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
+    deleted = await conn.command(b"DELETE " + name_arg(aside))
+    if not deleted.ok:
+        log.warn("{b}: {aside} was half deleted by a killed Dovecot and cannot be deleted now ({why}); "
+                 "it holds no mail and is left as it is", b=conn.name, aside=aside, why=_failed("DELETE", conn, deleted.start))
     return True
 
 

@@ -67,3 +67,14 @@ def test_a_roll_back_finds_its_aside_half_deleted_and_finishes():
     _exchange(conn, b"RENAME Proj %s" % ASIDE.encode(), b"TAG NO Mailbox doesn't exist: Proj\r\n")
     _exchange(conn, b'LIST "" Proj', b"TAG OK\r\n")
     assert _result(d) is True
+
+
+def test_a_half_deleted_aside_dovecot_will_not_delete_is_left_and_the_move_goes_on():
+    """Seen in the soak: the second DELETE answered 'Mailbox exists' (until Dovecot restarted). It
+    holds no mail for anyone: left as it is (and logged), not an error that keeps the move's
+    reservations for good."""
+    conn = _backend()
+    d = defer.ensureDeferred(finish_cut_delete(conn, ASIDE))
+    _exchange(conn, b"STATUS %s (MESSAGES)" % ASIDE.encode(), b"TAG " + HALF + b"\r\n")
+    _exchange(conn, b"DELETE %s" % ASIDE.encode(), b"TAG NO Mailbox exists (0.001 + 0.000 secs).\r\n")
+    assert _result(d) is True
