@@ -1,0 +1,55 @@
+"""Mail delivered to a user's old INBOX after a move took INBOX (the user's home) elsewhere.
+
+Delivery agents (LMTP, LDA, Sieve) are not the proxy's: until the administrator points them
+at the new home -- and for any delivery racing the move's last round -- mail keeps reaching the
+old backend's INBOX, where no client of the proxy would ever see it. So a move that takes INBOX
+to another backend leaves a record in the map (a private placement, routing.OLD_HOME_PREFIX),
+and every running proxy's recovery sweep (and ``referral-proxy recover``) carries whatever that
+INBOX holds to the user's INBOX, as a journaled move: exactly once, crash-safe, for
+routing.OLD_HOME_WATCH seconds (MailboxMap.watch_old_home writes the record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .journal import StoreUnavailable
+from .mailops import status
+from .mover import Connect, Mover
+from .routing import MailboxMap
+
+__all__ = ["carry_old_homes"]
+
+
+async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any) -> list[str]:
+    """Carry what each watched old INBOX holds to the user's INBOX; drop records that expired or
+    whose backend is the home again. One line per carry or failure (a record's failure does
+    not keep the others from being looked at)."""
+    lines = []
+    now = clock.seconds()
+    for old in mailbox_map.old_homes():
+        home = mailbox_map.home(old.user).primary
+        if old.until <= now or home == old.backend:
+            await mailbox_map.unplace(old.user, old.record)
+            continue
+        if mailbox_map.reserved(old.user, "INBOX"):
+            continue  # a move holds it (perhaps the one that wrote the record): the next sweep
+        connect = connector(old.user)
+        try:
+            conn = await connect(old.backend)
+            try:
+                waiting = (await status(conn, "INBOX")).messages
+            finally:
+                conn.logout()
+            if not waiting:
+                continue
+            result = await Mover(mailbox_map, connect, old.user, clock=clock).rename("INBOX", "INBOX", old.backend, home)
+        except StoreUnavailable:
+            raise
+        except Exception as e:  # a backend away, the move refused (INUSE) or left to recovery: said, tried again
+            lines.append(f"{old.user}: mail delivered to the old INBOX on {old.backend} not carried to {home} now: {e}")
+            continue
+        lines.append(f"{old.user}: carried {result.messages} message(s) delivered to the old INBOX on {old.backend} "
+                     f"to {home}")
+    return lines
