@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .journal import StoreUnavailable
-from .mailops import status
+from .mailops import TransferError, status
 from .mover import Connect, Mover
 from .routing import MailboxMap
 
@@ -47,8 +47,10 @@ async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Co
             result = await Mover(mailbox_map, connect, old.user, clock=clock).rename("INBOX", "INBOX", old.backend, home)
         except StoreUnavailable:
             raise
-        except Exception as e:  # a backend away, the move refused (INUSE) or left to recovery: said, tried again
-            lines.append(f"{old.user}: mail delivered to the old INBOX on {old.backend} not carried to {home} now: {e}")
+        except Exception as e:  # a backend away, a move left to recovery: said, and tried at the next sweep
+            if not (isinstance(e, TransferError) and "[INUSE]" in str(e)):  # INUSE: another sweep or a move was first
+                lines.append(f"{old.user}: mail delivered to the old INBOX on {old.backend} not carried to {home} "
+                             f"now: {e}")
             continue
         lines.append(f"{old.user}: carried {result.messages} message(s) delivered to the old INBOX on {old.backend} "
                      f"to {home}")
