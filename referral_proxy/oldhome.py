@@ -12,14 +12,30 @@ routing.OLD_HOME_WATCH seconds (MailboxMap.watch_old_home writes the record).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from .journal import StoreUnavailable
+from .journal import Reservation, StoreUnavailable
 from .mailops import TransferError, status
-from .mover import Connect, Mover
-from .routing import MailboxMap
+from .mover import ASIDE, Connect, Mover
+from .routing import OLD_HOME_PREFIX, MailboxMap
 
 __all__ = ["carry_old_homes"]
+
+
+@dataclass
+class _Carry(Mover):
+    """A move of an old home's INBOX to the user's INBOX that keeps no client out of INBOX.
+
+    Clients never reach the old INBOX (the map routes INBOX to the home), and the home's INBOX
+    always exists: so it is pinned as a cross-server MOVE pins its mailboxes (shared: SELECT,
+    APPEND, STORE go on; a RENAME of INBOX or a whole-user move waits), and carries of one old
+    home take turns by a private name of their own."""
+
+    old_home: str = ""  # the backend carried from
+
+    def _reservations(self, old: str, new: str, token: str) -> list[Reservation]:
+        return [Reservation("INBOX", shared=True), Reservation(OLD_HOME_PREFIX + self.old_home), Reservation(ASIDE + token)]
 
 
 async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any) -> list[str]:
@@ -44,7 +60,8 @@ async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Co
                 conn.logout()
             if not waiting:
                 continue
-            result = await Mover(mailbox_map, connect, old.user, clock=clock).rename("INBOX", "INBOX", old.backend, home)
+            carry = _Carry(mailbox_map, connect, old.user, clock=clock, old_home=old.backend)
+            result = await carry.rename("INBOX", "INBOX", old.backend, home)
         except StoreUnavailable:
             raise
         except Exception as e:  # a backend away, a move left to recovery: said, and tried at the next sweep

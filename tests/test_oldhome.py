@@ -7,10 +7,12 @@ delivery racing the move's last round, mail keeps reaching the old backend's INB
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import pytest
-from movecheck import Deliverer, census, cli, deliver, faulty, seed
+from movecheck import REPO, Deliverer, body, census, cli, deliver, faulty, seed, wait_paused
 from test_moves import MASTERS, RULES, _exactly_once, _no_entries, ids
 
 from referral_proxy.config import MapConfig
@@ -104,6 +106,40 @@ def test_a_carry_killed_at_any_step_is_recovered_exactly_once(proxy_factory, fle
     _exactly_once(fleet, proxy, "carol", inbox + late)
     assert {census(fleet, "carol")[1][i][0] for i in late} == {("b2", "INBOX")}
     assert _no_entries(proxy)
+
+
+def test_a_carry_keeps_no_client_out_of_inbox(proxy_factory, fleet, tmp_path):
+    """While a carry runs (paused mid-copy), a client SELECTs INBOX, APPENDs to it, STOREs and EXPUNGEs
+    there (a whole-user move or RENAME INBOX would wait: INUSE); the carry then ends, every message once."""
+    inbox, late = ids("inbox", 10), ids("late", 20)
+    seed(fleet["b1"], "carol", "INBOX", inbox)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    assert _move(proxy, "carol", "*", "b2").returncode == 0
+    seed(fleet["b1"], "carol", "INBOX", late)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    carrying = subprocess.Popen([*faulty("--pause-at", "copying:1", "--pause-dir", str(pause)), "recover",
+                                 "--config", str(proxy.config_path)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_paused(pause, "copying:1")
+        m = proxy.login("carol")
+        assert m.select("INBOX")[0] == "OK"
+        assert m.append("INBOX", None, None, body("during@t", 300))[0] == "OK"
+        typ, found = m.search(None, "HEADER", "Message-Id", inbox[0])
+        assert typ == "OK" and len(found[0].split()) == 1, found
+        assert m.store(found[0], "+FLAGS", "(\\Deleted)")[0] == "OK"
+        assert m.expunge()[0] == "OK"
+        typ, data = m.rename("INBOX", "Shared/Old")
+        assert typ == "NO" and b"[INUSE]" in data[0], data
+        m.logout()
+        (pause / "resume").touch()
+        out, _ = carrying.communicate(timeout=300)
+    finally:
+        carrying.kill()
+    assert b"carried 20 message(s)" in out, out
+    _exactly_once(fleet, proxy, "carol", inbox[1:] + late + ["during@t"])
 
 
 def test_renaming_inbox_across_servers_does_not_watch_it(proxy_factory, fleet):
