@@ -7,12 +7,10 @@ delivery racing the move's last round, mail keeps reaching the old backend's INB
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 
 import pytest
-from movecheck import REPO, Deliverer, body, census, cli, deliver, faulty, seed, wait_paused
+from movecheck import Deliverer, body, census, cli, deliver, faulty, seed, start_paused, wait_paused
 from test_moves import MASTERS, RULES, _exactly_once, _no_entries, ids
 
 from referral_proxy.config import MapConfig
@@ -117,11 +115,7 @@ def test_a_carry_keeps_no_client_out_of_inbox(proxy_factory, fleet, tmp_path):
     assert _move(proxy, "carol", "*", "b2").returncode == 0
     seed(fleet["b1"], "carol", "INBOX", late)
     pause = tmp_path / "pause"
-    pause.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    carrying = subprocess.Popen([*faulty("--pause-at", "copying:1", "--pause-dir", str(pause)), "recover",
-                                 "--config", str(proxy.config_path)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    carrying = start_paused(pause, "copying:1", "recover", "--config", str(proxy.config_path))
     try:
         wait_paused(pause, "copying:1")
         m = proxy.login("carol")
