@@ -146,6 +146,7 @@ class MailboxMap:
         self.on_step = on_step  # called after each journal write (tests inject faults here)
         self._owner = process_owner()
         self._placements: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._changes = 0
         self._held: dict[str, list[tuple[int, Reservation]]] = {}
         self._renewal: task.LoopingCall | None = None
         self._working: set[int] = set()  # entries this process works on now: the only leases it renews
@@ -173,7 +174,15 @@ class MailboxMap:
     def canonical(self, user: str) -> str:
         return canonical_user(user, self._config.username_format)
 
+    @property
+    def changes(self) -> int:
+        """A count of the placements' changes seen (the store's, picked up now, and this process's own)."""
+        self._refresh()
+        return self._changes
+
     def _apply(self, snapshot: Snapshot) -> None:
+        if snapshot.placements != self._placements:
+            self._changes += 1
         self._placements = dict(snapshot.placements)
         held: dict[str, list[tuple[int, Reservation]]] = {}
         for entry_id, user, r in snapshot.reservations:
@@ -270,11 +279,13 @@ class MailboxMap:
         backends = tuple(backends)
         await self._store.set(user, mailbox, backends)
         self._placements[(user, mailbox)] = backends
+        self._changes += 1
 
     async def unplace(self, user: str, mailbox: str) -> None:
         user, mailbox = self.canonical(user), normalize(mailbox, self.separator)
         await self._store.unset(user, mailbox)
         self._placements.pop((user, mailbox), None)
+        self._changes += 1
 
     def placements(self, user: str) -> dict[str, tuple[str, ...]]:
         """*user*'s mailboxes placed by name (not the old homes' records: :meth:`old_homes`)."""

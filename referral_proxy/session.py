@@ -203,11 +203,11 @@ class ClientSession(Protocol):
             self._closed_waiters += (d,)
         return d
 
-    def shutdown(self) -> None:
-        """The proxy is stopping: tell the client, and log its backends out."""
+    def shutdown(self, why: bytes = b"Server shutting down") -> None:
+        """The proxy is stopping (or the user's mail moved: relocation.py): tell the client, log its backends out."""
         if self.phase is not Phase.LOGOUT:
             self.flow.unqueued()
-            self.send(b"* BYE Server shutting down\r\n")
+            self.send(b"* BYE " + why + b"\r\n")
             self._logout_backends()
             self._close()
 
