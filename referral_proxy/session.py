@@ -84,6 +84,8 @@ class Phase(Enum):
     AUTHENTICATED = "authenticated"
     LOGOUT = "logout"
 
+    __hash__ = object.__hash__  # identity, in C (see flow.Block)
+
 
 # Python 3.11's EnumType has a __getattr__ (each ``Phase.X`` ~110 ns): the hot paths use these.
 _NOT_AUTHENTICATED, _AUTHENTICATED, _LOGOUT = Phase.NOT_AUTHENTICATED, Phase.AUTHENTICATED, Phase.LOGOUT
