@@ -23,8 +23,9 @@ from .imap import mutf7
 from .imap.grammar import Slot
 from .imap.reader import Command
 from .imap.response import ResponseStart
+from .localrename import rename_here
 from .mailops import TransferError
-from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult, rename_here
+from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route

@@ -17,7 +17,8 @@ from twisted.logger import Logger
 from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
-from .mover import Connect, Mover, reconcile_local
+from .localrename import reconcile_local
+from .mover import Connect, Mover
 from .oldhome import carry_old_homes
 from .routing import MailboxMap
 from .staging import drop_staging
