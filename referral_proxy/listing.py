@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from .backend import BackendProtocol, UntaggedResponse
+from .imap import mutf7
 from .imap.command import Atom, ParenList, ParseError, String, astring_value, parse_arguments
 from .imap.grammar import Arguments, Slot, encode
 from .imap.quoting import quoted
@@ -99,11 +100,26 @@ def merge(
 
 
 def select(entries: Iterable[ListEntry], reference: bytes, pattern: bytes, separator: str) -> list[ListEntry]:
-    """The entries the client's reference and pattern ask for (RFC 3501 6.3.8)."""
-    ref = reference.decode("utf-8", "surrogateescape")
-    pat = pattern.decode("utf-8", "surrogateescape")
-    out = [e for e in entries if pattern_matches(ref + pat, e.text, separator)]
+    """The entries the client's reference and pattern ask for (RFC 3501 6.3.8), matched as
+    Dovecot matches them: on the names' characters, not on their modified UTF-7 (``*O*`` does
+    not match ``Caf&AOk-``; ``*&AOk-`` and the same in 8-bit UTF-8 do); a pattern that is not
+    modified UTF-7 (nor 8-bit UTF-8 without "&") is matched as it is (``a&*`` matches ``a&-b``)."""
+    try:
+        wanted = mutf7.decode_pattern(reference + pattern)
+    except ValueError:
+        wanted = (reference + pattern).decode("utf-8", "surrogateescape")
+    out = [e for e in entries if pattern_matches(wanted, _characters(e), separator)]
     return sorted(out, key=lambda e: (normalize(e.text, separator) != "INBOX", e.text))
+
+
+def _characters(entry: ListEntry) -> str:
+    """The name's characters: decoded from modified UTF-7 (a backend's UTF-8 name as it is)."""
+    if b"&" not in entry.name:
+        return entry.text
+    try:
+        return mutf7.decode(entry.name)
+    except ValueError:
+        return entry.text
 
 
 def format_entry(kind: bytes, entry: ListEntry, extra_flags: tuple[bytes, ...] = ()) -> bytes:

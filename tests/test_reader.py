@@ -171,6 +171,31 @@ def test_line_too_long_then_the_session_goes_on():
     assert out[1].name == "NOOP"
 
 
+def test_a_tag_cut_by_the_line_limit_is_not_answered_as_the_clients():
+    """Only the first 64 bytes of a too long line are kept: a tag that fills them may be cut, and
+    an answer tagged with its first 64 bytes names a command the client never sent (Dovecot: `*`)."""
+    out = events(reader(max_line=100), b"t" * 200 + b" NOOP\r\nn NOOP\r\n")
+    assert out[0] == Refused(b"*", "BAD", "Command line too long (limit 100 bytes)")
+    assert out[1].name == "NOOP"
+    out = events(reader(max_line=100), b"t" * 63 + b" SEARCH " + b"x" * 200 + b"\r\n")
+    assert out[0].tag == b"t" * 63  # whole: followed by its space inside the 64 bytes
+
+
+@pytest.mark.parametrize("data", [
+    b"s SELECT ~{5}\r\n",  # never answered "+"
+    b"s SELECT ~{5+}\r\nINBOX\r\n",  # drained, never a command
+    b"s STATUS INBOX (~{8+}\r\nMESSAGES)\r\n",
+    b"s APPEND ~{5}\r\n",  # the mailbox name, not the message
+    b"s APPEND ~{5+}\r\nINBOX {3+}\r\nabc\r\n",
+])
+def test_a_literal8_outside_an_appends_message_is_refused(data):
+    """RFC 3516: literal8 is for APPEND's message data; Dovecot refuses it anywhere else (through
+    the proxy a SELECT ~{5} was relayed as SELECT INBOX before)."""
+    out = events(reader(), data + b"n NOOP\r\n")
+    assert out[0] == Refused(b"s", "BAD", "Invalid arguments: literal8 not allowed here"), out
+    assert [e.name for e in out[1:]] == ["NOOP"]
+
+
 def test_deep_nesting_is_refused():
     (ev,) = events(reader(), b"f FETCH 1 " + b"(" * 100 + b")" * 100 + b"\r\n")
     assert isinstance(ev, Refused) and "nested" in ev.text

@@ -314,7 +314,8 @@ class CommandReader:
         state, start = self._state, self._start
         self._reset_command()
         if event.first or start is None:
-            return Refused(tag_of(event.prefix) or b"*", "BAD", text)
+            tag = tag_of(event.prefix)  # one that fills the prefix may be cut: not the client's tag
+            return Refused(tag if tag is not None and len(tag) < len(event.prefix) else b"*", "BAD", text)
         if state in (_APPEND_DATA, _APPEND_NEXT):
             return AppendAbort("BAD", text)
         return Refused(start.tag, "BAD", text)
@@ -376,6 +377,8 @@ class CommandReader:
         assert start is not None
         if literal is None:
             return self._finish(start)
+        if literal.binary:  # RFC 3516: a literal8 is an APPEND's message only (Dovecot: BAD here too)
+            return self._refuse(literal, start.tag, "BAD", "Invalid arguments: literal8 not allowed here")
         limits = self.limits
         self._size += literal.size
         if literal.size > limits.max_literal:
@@ -418,6 +421,8 @@ class CommandReader:
     def _append_first(self, start: CommandStart, line: Line) -> ReaderEvent | None:
         if not start.rest.strip() and line.literal is not None:
             # The mailbox name is a literal: collect it first.
+            if line.literal.binary:
+                return self._refuse(line.literal, start.tag, "BAD", "Invalid arguments: literal8 not allowed here")
             if line.literal.size > self.limits.max_literal:
                 return self._refuse(line.literal, start.tag, "NO",
                                     f"[TOOBIG] Literal too large (limit {self.limits.max_literal} bytes)")
