@@ -34,7 +34,7 @@ from .context import ProxyContext
 from .fastpath import PLAIN_COMMANDS, relay_plain
 from .flow import Block, ClientFlow
 from .idle import Idle
-from .imap.command import CommandStart
+from .imap.command import CommandStart, nil_or_list
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
 from .imap.quoting import quoted
@@ -415,6 +415,8 @@ class ClientSession(Protocol):
     def cmd_id(self, cmd: Command, spec: CommandSpec) -> None:
         if self.phase is not Phase.NOT_AUTHENTICATED:
             return self.cmd_to_home(cmd, spec)
+        if not nil_or_list(cmd.args.tokens[0]):  # RFC 2971; Dovecot refuses `ID x` too
+            return self.tagged(cmd.tag, "BAD", "Invalid ID parameters")
         self.ctx.observer.client_id(self, list(cmd.args.tokens))
         self.send(b'* ID ("name" "referral-proxy" "version" %s)\r\n' % quoted(__version__.encode()))
         self.tagged(cmd.tag, "OK", "ID completed.")
