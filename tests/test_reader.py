@@ -196,6 +196,11 @@ def test_a_literal8_outside_an_appends_message_is_refused(data):
     assert [e.name for e in out[1:]] == ["NOOP"]
 
 
+def test_a_literal8_is_a_setmetadata_value():  # RFC 5464: value = nstring / literal8
+    (cmd,) = events(reader(), b"s SETMETADATA INBOX (/private/comment ~{3+}\r\nabc)\r\n")
+    assert cmd.name == "SETMETADATA" and encode(cmd.args).literals[0].binary  # relayed as a literal8
+
+
 def test_deep_nesting_is_refused():
     (ev,) = events(reader(), b"f FETCH 1 " + b"(" * 100 + b")" * 100 + b"\r\n")
     assert isinstance(ev, Refused) and "nested" in ev.text

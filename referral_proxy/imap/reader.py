@@ -44,6 +44,10 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
+#: Collected commands whose arguments may hold a literal8 (``~{n}``): SETMETADATA's values (RFC 5464).
+#: Elsewhere it is refused: RFC 3516 gives literal8 to an APPEND's message (streamed, not collected).
+_LITERAL8 = frozenset({"SETMETADATA"})
+
 @dataclass(frozen=True)
 class Limits:
     """What one client command may cost the proxy, whatever the client sends."""
@@ -377,7 +381,7 @@ class CommandReader:
         assert start is not None
         if literal is None:
             return self._finish(start)
-        if literal.binary:  # RFC 3516: a literal8 is an APPEND's message only (Dovecot: BAD here too)
+        if literal.binary and start.name not in _LITERAL8:  # Dovecot: BAD too, and the literal not read
             return self._refuse(literal, start.tag, "BAD", "Invalid arguments: literal8 not allowed here")
         limits = self.limits
         self._size += literal.size
