@@ -124,8 +124,8 @@ _ROWS = [
     _spec("UID MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="mailboxes.copy"),
     _spec("SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
     _spec("UID SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
-    _spec("THREAD", SEL, "atom astring any+", Routing.SELECTED, "THREAD="),
-    _spec("UID THREAD", SEL, "atom astring any+", Routing.SELECTED, "THREAD="),
+    _spec("THREAD", SEL, "astring astring any+", Routing.SELECTED, "THREAD="),
+    _spec("UID THREAD", SEL, "astring astring any+", Routing.SELECTED, "THREAD="),
     _spec("CANCELUPDATE", SEL, "astring+", Routing.SELECTED, "CONTEXT=SEARCH", handler="cancel_update",
           tag_args=True),
 ]
