@@ -219,6 +219,24 @@ def test_append_streams_each_message_and_asks_before_each_literal():
     assert out[6].name == "NOOP"
 
 
+@pytest.mark.parametrize("date, relayed", [
+    (b"7-Feb-1994 22:43:04 -0800", b" 7-Feb-1994 22:43:04 -0800"),  # Dovecot takes a day of one digit
+    (b" 7-Feb-1994 22:43:04 -0800", b" 7-Feb-1994 22:43:04 -0800"),
+    (b"07-feb-1994 22:43:04 -0800", b"07-feb-1994 22:43:04 -0800"),
+])
+def test_append_date_as_dovecot_takes_it_relayed_as_rfc_3501_writes_it(date, relayed):
+    out = events(reader(), b'a APPEND INBOX "%s" {5}\r\n' % date, accept=False)
+    assert out[1].date == relayed, out
+
+
+@pytest.mark.parametrize("date", [b"01-Jan-20 00:00:00 +0000", b"01-Jan-2020 0:00:00 +0000", b"  1-Jan-2020 00:00:00 +0000",
+                                  b"001-Jan-2020 00:00:00 +0000", b"01-Jan-2020  00:00:00 +0000"])
+def test_append_date_dovecot_refuses_is_refused(date):  # else a LITERAL+ message would run as commands
+    out = events(reader(), b'a APPEND INBOX "%s" {3+}\r\nabc\r\nn NOOP\r\n' % date)
+    assert out[0] == Refused(b"a", "BAD", "Invalid arguments: invalid date-time")
+    assert [e.name for e in out[1:]] == ["NOOP"]
+
+
 def test_append_mailbox_as_a_literal():
     r = reader()
     assert events(r, b"a APPEND {6}\r\n") == [Continue()]

@@ -176,7 +176,7 @@ _IDLE, _COLLECT, _APPEND_MAILBOX, _APPEND_DATA, _APPEND_NEXT = range(5)
 
 _SYSTEM_FLAGS = frozenset({b"\\ANSWERED", b"\\FLAGGED", b"\\DELETED", b"\\SEEN", b"\\DRAFT"})
 _KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
-_DATE_TIME = re.compile(rb"(?: [1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
+_DATE_TIME = re.compile(rb"(?: ?[1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
                         rb"[0-2][0-9]:[0-5][0-9]:[0-6][0-9] [+-][0-9]{4}", re.IGNORECASE)
 
 
@@ -493,6 +493,8 @@ class CommandReader:
             tokens.pop(0)
             if _DATE_TIME.fullmatch(date) is None:
                 raise ParseError("invalid date-time")
+            if date[1:2] == b"-":  # "1-Jan-2020 ...": Dovecot takes it; relayed as RFC 3501's " 1-Jan-2020 ..."
+                date = b" " + date
         if tokens:
             raise ParseError("unexpected message argument")
         if literal is None:
