@@ -237,6 +237,16 @@ def test_append_date_dovecot_refuses_is_refused(date):  # else a LITERAL+ messag
     assert [e.name for e in out[1:]] == ["NOOP"]
 
 
+@pytest.mark.parametrize("flag", [b"a]b", b"a%b", b"a*b", b"a\\b"])
+def test_append_keyword_dovecot_reads_but_refuses_is_answered_no_before_its_literal(flag):
+    """An atom to Dovecot's parser but no keyword: Dovecot answers NO [CANNOT] (not BAD)."""
+    out = events(reader(), b"a APPEND INBOX (\\Seen %s) {3+}\r\nabc\r\nn NOOP\r\n" % flag)
+    assert out[0] == Refused(b"a", "NO", "[CANNOT] Invalid characters in keyword.")
+    assert [e.name for e in out[1:]] == ["NOOP"]
+    out = events(reader(), b'a APPEND INBOX (%s) "x" {3+}\r\nabc\r\nn NOOP\r\n' % flag)
+    assert out[0].status == "BAD"  # the syntax is checked first, as Dovecot does
+
+
 def test_append_mailbox_as_a_literal():
     r = reader()
     assert events(r, b"a APPEND {6}\r\n") == [Continue()]

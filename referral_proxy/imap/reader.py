@@ -176,6 +176,7 @@ _IDLE, _COLLECT, _APPEND_MAILBOX, _APPEND_DATA, _APPEND_NEXT = range(5)
 
 _SYSTEM_FLAGS = frozenset({b"\\ANSWERED", b"\\FLAGGED", b"\\DELETED", b"\\SEEN", b"\\DRAFT"})
 _KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
+_ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){"]+')  # what Dovecot's parser reads as an atom
 _DATE_TIME = re.compile(rb"(?: ?[1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
                         rb"[0-2][0-9]:[0-5][0-9]:[0-6][0-9] [+-][0-9]{4}", re.IGNORECASE)
 
@@ -487,6 +488,7 @@ class CommandReader:
         date: bytes | None = None
         if tokens and isinstance(tokens[0], ParenList):
             flags = _flags(tokens.pop(0))
+        unstorable = flags is not None and any(_KEYWORD.fullmatch(f) is None for f in flags if f[:1] != b"\\")
         first_token = tokens[0] if tokens else None
         if isinstance(first_token, String) and not first_token.literal:
             date = first_token.value
@@ -499,6 +501,8 @@ class CommandReader:
             raise ParseError("unexpected message argument")
         if literal is None:
             raise ParseError("missing message literal")
+        if unstorable:  # an atom to Dovecot's parser, not a keyword: it says NO once the syntax is checked
+            return AppendAbort("NO", "[CANNOT] Invalid characters in keyword.")
         limits = self.limits
         self._messages += 1
         if self._messages > limits.max_append_messages:
@@ -524,7 +528,7 @@ def _flags(tok: Token) -> tuple[bytes, ...]:
         if value[:1] == b"\\":
             if value.upper() not in _SYSTEM_FLAGS:
                 raise ParseError("invalid system flag")
-        elif _KEYWORD.fullmatch(value) is None:
+        elif _ATOM.fullmatch(value) is None:  # "a{b": Dovecot's parser refuses it (BAD)
             raise ParseError("invalid keyword")
         out.append(value)
     return tuple(out)
