@@ -147,7 +147,7 @@ class Authenticator:
         host = self.host
         mechanism, *initial = (t.value for t in cmd.args.tokens)  # type: ignore[union-attr]
         if mechanism.upper() != b"PLAIN":
-            return host.tagged(cmd.tag, "NO", "Unsupported authentication mechanism")
+            return host.tagged(cmd.tag, "NO", "[ALERT] Unsupported authentication mechanism.")  # Dovecot's words
         if not host.plaintext_ok():
             return host.tagged(cmd.tag, "NO", "[PRIVACYREQUIRED] Plaintext authentication is disabled; use STARTTLS first")
         if initial:  # SASL-IR (RFC 4959): "=" is the empty response there (only there)
