@@ -29,7 +29,7 @@ from . import __version__, capabilities, listing, teardown
 from .appends import Appends
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
-from .commands import COMMANDS, PRE, CommandSpec, Routing, State
+from .commands import COMMANDS, PRE, CommandSpec, Routing, State, enabling
 from .context import ProxyContext
 from .fastpath import PLAIN_COMMANDS, relay_plain
 from .flow import Block, ClientFlow
@@ -511,7 +511,7 @@ class ClientSession(Protocol):
     def cmd_enable(self, cmd: Command, spec: CommandSpec) -> None:
         """ENABLE: relayed, and remembered for connections opened later."""
         assert self.pool is not None and self.home is not None
-        pool, target = self.pool, self.selected or self.home
+        pool, target, cmd = self.pool, self.selected or self.home, enabling(cmd)  # what the proxy announces only
         pool.remember_enabled([t.value for t in cmd.args.tokens])  # type: ignore[union-attr]
 
         def done(start: ResponseStart) -> None:
