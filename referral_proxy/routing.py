@@ -10,6 +10,7 @@ method of MailboxMap: routing, placements, reservations and the journal agree.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,7 +32,7 @@ from .journal import (
 from .store import MapStore, MemoryStore, Snapshot, SQLiteStore
 
 __all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches",
-           "normalize", "canonical_user", "StepHook"]
+           "normalize", "canonical_user", "StepHook", "OLD_HOME_PREFIX", "OLD_HOME_WATCH", "OldHome"]
 
 log = Logger()
 
@@ -115,6 +116,22 @@ def canonical_user(user: str, username_format: str = "lower") -> str:
 
 
 StepHook = Callable[[JournalEntry], None]
+
+
+# A private name (staging.is_private_name: under the aside prefix), never a client's mailbox: placed
+# with the backend whose INBOX a move took elsewhere, until a time (oldhome.py)
+OLD_HOME_PREFIX = "referral-proxy-aside-oldhome/"
+OLD_HOME_WATCH = 3 * 24 * 3600  # seconds mail reaching an old home is carried (a weekend, and some)
+
+
+@dataclass(frozen=True)
+class OldHome:
+    """A backend whose INBOX of *user* a move took elsewhere: mail reaching it is carried until *until*."""
+
+    user: str
+    backend: str
+    until: int  # seconds since the epoch
+    record: str  # the record's name in the map (a private placement)
 
 
 class MailboxMap:
@@ -210,8 +227,8 @@ class MailboxMap:
         self._refresh()
         user = self.canonical(user)
         found = [self.home(user).primary]
-        for (u, _m), backends in self._placements.items():
-            if u == user:
+        for (u, m), backends in self._placements.items():
+            if u == user and not m.startswith(OLD_HOME_PREFIX):
                 found.append(backends[0])
         reaches_default = True
         for rule_user, rule in self._rules:
@@ -260,9 +277,33 @@ class MailboxMap:
         self._placements.pop((user, mailbox), None)
 
     def placements(self, user: str) -> dict[str, tuple[str, ...]]:
+        """*user*'s mailboxes placed by name (not the old homes' records: :meth:`old_homes`)."""
         self._refresh()
         user = self.canonical(user)
-        return {m: b for (u, m), b in self._placements.items() if u == user}
+        return {m: b for (u, m), b in self._placements.items() if u == user and not m.startswith(OLD_HOME_PREFIX)}
+
+    async def watch_old_home(self, user: str, backend: str, clock: Any = None) -> None:
+        """*backend*'s INBOX is no longer *user*'s: watch it from now (*clock*'s, else the wall clock) for
+        OLD_HOME_WATCH seconds (the new record written first, then older ones of that backend
+        dropped: a crash between leaves two)."""
+        now = clock.seconds() if clock is not None else time.time()
+        name = f"{OLD_HOME_PREFIX}{backend}/{int(now) + OLD_HOME_WATCH}"
+        await self.place(user, name, [backend])
+        for old in self.old_homes(user):
+            if old.backend == backend and old.record != name:
+                await self.unplace(user, old.record)
+
+    def old_homes(self, user: str | None = None) -> list[OldHome]:
+        """The backends whose INBOX a move took elsewhere, still watched (oldhome.py); all users' by default."""
+        self._refresh()
+        user = None if user is None else self.canonical(user)
+        found = []
+        for (u, m), _b in self._placements.items():
+            if m.startswith(OLD_HOME_PREFIX) and (user is None or u == user):
+                backend, _, until = m[len(OLD_HOME_PREFIX):].rpartition("/")
+                if backend and until.isdigit():
+                    found.append(OldHome(u, backend, int(until), m))
+        return sorted(found, key=lambda h: (h.user, h.backend, h.until))
 
     # -- moves: the journal and its reservations -------------------------------------------
 
