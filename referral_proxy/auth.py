@@ -51,15 +51,23 @@ def login_credentials(args: Arguments) -> Credentials:
     return Credentials(user=user.decode("utf-8", "replace"), password=password.decode("utf-8", "replace"))
 
 
+class NotPlain(ValueError):
+    """Base64 that is no SASL PLAIN message: a failed authentication (Dovecot: NO), not a BAD."""
+
+
 def sasl_plain(blob: bytes) -> Credentials:
-    """The credentials of a SASL PLAIN response (RFC 4616); ParseError if it is not one."""
+    """The credentials of a SASL PLAIN response (RFC 4616): ParseError if it is not base64,
+    NotPlain if it decodes to no PLAIN message (the empty response is one of those)."""
     try:
-        decoded = base64.b64decode(b"" if blob == b"=" else blob, validate=True)
+        decoded = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        raise ParseError("Invalid SASL PLAIN response") from None
+    try:
         authzid, authcid, password = decoded.split(b"\0")
         return Credentials(user=authcid.decode("utf-8"), password=password.decode("utf-8"),
                            authzid=authzid.decode("utf-8"))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise ParseError("Invalid SASL PLAIN response") from None
+    except ValueError:  # UnicodeDecodeError too
+        raise NotPlain("Authentication failed.") from None
 
 
 async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> LoginOutcome:
@@ -139,11 +147,11 @@ class Authenticator:
         host = self.host
         mechanism, *initial = (t.value for t in cmd.args.tokens)  # type: ignore[union-attr]
         if mechanism.upper() != b"PLAIN":
-            return host.tagged(cmd.tag, "NO", "Unsupported authentication mechanism")
+            return host.tagged(cmd.tag, "NO", "[ALERT] Unsupported authentication mechanism.")  # Dovecot's words
         if not host.plaintext_ok():
             return host.tagged(cmd.tag, "NO", "[PRIVACYREQUIRED] Plaintext authentication is disabled; use STARTTLS first")
-        if initial:  # SASL-IR (RFC 4959)
-            return self._sasl_plain(cmd.tag, initial[0])
+        if initial:  # SASL-IR (RFC 4959): "=" is the empty response there (only there)
+            return self._sasl_plain(cmd.tag, b"" if initial[0] == b"=" else initial[0])
         self._sasl_tag = cmd.tag
         host.reader.expect_line()
         host.send(b"+ \r\n")
@@ -166,6 +174,8 @@ class Authenticator:
             creds = sasl_plain(blob)
         except ParseError as e:
             return self.host.tagged(tag, "BAD", str(e))
+        except NotPlain as e:
+            return self.host.tagged(tag, "NO", f"[AUTHENTICATIONFAILED] {e}")
         self._start(tag, creds)
 
     def _start(self, tag: bytes, creds: Credentials) -> None:

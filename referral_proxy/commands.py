@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import lru_cache
 
-from .imap.grammar import Grammar
+from .imap.command import Atom
+from .imap.grammar import Arguments, Grammar
+from .imap.reader import Command
 
 __all__ = ["State", "Routing", "CommandSpec", "COMMANDS", "Capability", "CAPABILITIES", "NOT_RELAYED",
-           "PROXY_OWN", "relayable", "post_login_capabilities"]
+           "PROXY_OWN", "relayable", "post_login_capabilities", "enabling"]
 
 
 class State(Enum):
@@ -128,8 +130,8 @@ _ROWS = [
     _spec("UID MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="mailboxes.copy"),
     _spec("SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
     _spec("UID SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
-    _spec("THREAD", SEL, "atom astring any+", Routing.SELECTED, "THREAD="),
-    _spec("UID THREAD", SEL, "atom astring any+", Routing.SELECTED, "THREAD="),
+    _spec("THREAD", SEL, "astring astring any+", Routing.SELECTED, "THREAD="),
+    _spec("UID THREAD", SEL, "astring astring any+", Routing.SELECTED, "THREAD="),
     _spec("CANCELUPDATE", SEL, "astring+", Routing.SELECTED, "CONTEXT=SEARCH", handler="cancel_update",
           tag_args=True),
 ]
@@ -236,3 +238,13 @@ def _post_login(backend_caps: tuple[str, ...], mailbox_referrals: bool) -> tuple
             caps.append(cap)
             seen.add(up)
     return tuple(caps)
+
+
+def enabling(cmd: Command) -> Command:
+    """An ENABLE with only the capabilities the proxy relays (RFC 5161: a server ignores names
+    it does not know): ``* ENABLED`` never names one the proxy does not announce, and a backend
+    is never switched into a mode the proxy does not speak (ENABLE IMAP4rev2, UTF8=ONLY)."""
+    kept = tuple(t for t in cmd.args.tokens if isinstance(t, Atom) and relayable(t.value.decode("ascii", "replace")))
+    if len(kept) == len(cmd.args.tokens):
+        return cmd
+    return replace(cmd, args=Arguments(kept, cmd.args.slots[:len(kept)]))

@@ -21,7 +21,7 @@ from .routing import MailboxMap, normalize
 
 __all__ = ["UNDER_ITSELF", "ELSEWHERE", "under_itself", "members_elsewhere", "refusal"]
 
-UNDER_ITSELF = "Can't rename mailbox under its own child"  # Dovecot's words (no response code)
+UNDER_ITSELF = "Can't rename mailbox under its own child."  # Dovecot's words, to the period (no response code)
 ELSEWHERE = "[CANNOT] A mailbox inside lives on another server; rename or move it first"
 UNREACHABLE = "[UNAVAILABLE] Server {} could not be asked which mailboxes inside live there; nothing was renamed"
 

@@ -100,7 +100,7 @@ class Idle:
         if idle is None or idle.done_sent:
             return False
         idle.done_sent = True
-        idle.bad = not (line.clean and line.data.upper() == b"DONE")
+        idle.bad = not (line.clean and line.data.split(b"\0", 1)[0].upper() == b"DONE")  # Dovecot reads up to a NUL
         idle.conn.write(b"DONE\r\n")
         if not idle.continued:
             idle.holding = True

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from .backend import BackendProtocol, UntaggedResponse
+from .imap import mutf7
 from .imap.command import Atom, ParenList, ParseError, String, astring_value, parse_arguments
 from .imap.grammar import Arguments, Slot, encode
 from .imap.quoting import quoted
@@ -99,11 +100,80 @@ def merge(
 
 
 def select(entries: Iterable[ListEntry], reference: bytes, pattern: bytes, separator: str) -> list[ListEntry]:
-    """The entries the client's reference and pattern ask for (RFC 3501 6.3.8)."""
-    ref = reference.decode("utf-8", "surrogateescape")
-    pat = pattern.decode("utf-8", "surrogateescape")
-    out = [e for e in entries if pattern_matches(ref + pat, e.text, separator)]
+    """The entries the client's reference and pattern ask for (RFC 3501 6.3.8), matched as
+    Dovecot matches them: on the names' characters, not on their modified UTF-7 (``*O*`` does
+    not match ``Caf&AOk-``; ``*&AOk-`` and the same in 8-bit UTF-8 do); a pattern that is not
+    modified UTF-7 (nor 8-bit UTF-8 without "&") is matched as it is (``a&*`` matches ``a&-b``)."""
+    wanted = _pattern_characters(reference) + _pattern_characters(pattern)  # each read on its own, as Dovecot
+    fold = 5 if _inboxcase(wanted, separator) else 0
+    out = [e for e in entries if _matches(wanted, _characters(e), separator, fold)]
     return sorted(out, key=lambda e: (normalize(e.text, separator) != "INBOX", e.text))
+
+
+def _inboxcase(pattern: str, sep: str) -> bool:
+    """Whether *pattern* may match INBOX, whose letters it then matches in any case: Dovecot's
+    rule (imap-match.c), so "inbox*", "i*", "*n*" and "I%B%X" list INBOX and "inbox/x" INBOX/x."""
+    p, i, end = 0, 0, len(pattern)
+    while i < 5 and p < end and pattern[p].upper() == "INBOX"[i]:
+        p, i = p + 1, i + 1
+    if p == end or pattern[p] != "%":
+        return (p < end and pattern[p] in ("*", sep)) or (i == 5 and p == end)
+    while p < end and pattern[p] not in ("*", sep):  # "I%B%X": INBOX's letters in order, % between
+        if pattern[p] != "%":
+            i = "INBOX".find(pattern[p].upper(), i) + 1
+            if i == 0:
+                return False
+            if i == 5:
+                p += 2 if pattern[p + 1:p + 2] == "%" else 1
+                return p == end or pattern[p] in ("*", sep)
+        p += 1
+    return True
+
+
+def _matches(pattern: str, name: str, sep: str, fold: int) -> bool:
+    """LIST matching, the first *fold* characters of an INBOX name compared without case."""
+    if not fold or name[:5].upper() != "INBOX" or name[5:6] not in ("", sep):
+        return pattern_matches(pattern, name, sep)
+    memo: dict[tuple[int, int], bool] = {}
+
+    def at(p: int, n: int) -> bool:
+        if (p, n) not in memo:
+            memo[p, n] = _at(p, n)
+        return memo[p, n]
+
+    def _at(p: int, n: int) -> bool:
+        if p == len(pattern):
+            return n == len(name)
+        c = pattern[p]
+        if c == "*":
+            return any(at(p + 1, k) for k in range(n, len(name) + 1))
+        if c == "%":
+            k = n
+            while not at(p + 1, k):
+                if k == len(name) or name[k] == sep:
+                    return False
+                k += 1
+            return True
+        return n < len(name) and (name[n] == c or (n < fold and name[n].upper() == c.upper())) and at(p + 1, n + 1)
+
+    return at(0, 0)
+
+
+def _pattern_characters(text: bytes) -> str:
+    try:
+        return mutf7.decode_pattern(text)
+    except ValueError:
+        return text.decode("utf-8", "surrogateescape")
+
+
+def _characters(entry: ListEntry) -> str:
+    """The name's characters: decoded from modified UTF-7 (a backend's UTF-8 name as it is)."""
+    if b"&" not in entry.name:
+        return entry.text
+    try:
+        return mutf7.decode(entry.name)
+    except ValueError:
+        return entry.text
 
 
 def format_entry(kind: bytes, entry: ListEntry, extra_flags: tuple[bytes, ...] = ()) -> bytes:

@@ -29,12 +29,12 @@ from . import __version__, capabilities, listing, teardown
 from .appends import Appends
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
-from .commands import COMMANDS, PRE, CommandSpec, Routing, State
+from .commands import COMMANDS, PRE, CommandSpec, Routing, State, enabling
 from .context import ProxyContext
 from .fastpath import PLAIN_COMMANDS, relay_plain
 from .flow import Block, ClientFlow
 from .idle import Idle
-from .imap.command import CommandStart
+from .imap.command import CommandStart, nil_or_list
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
 from .imap.quoting import quoted
@@ -417,6 +417,8 @@ class ClientSession(Protocol):
     def cmd_id(self, cmd: Command, spec: CommandSpec) -> None:
         if self.phase is not Phase.NOT_AUTHENTICATED:
             return self.cmd_to_home(cmd, spec)
+        if not nil_or_list(cmd.args.tokens[0]):  # RFC 2971; Dovecot refuses `ID x` too
+            return self.tagged(cmd.tag, "BAD", "Invalid ID parameters")
         self.ctx.observer.client_id(self, list(cmd.args.tokens))
         self.send(b'* ID ("name" "referral-proxy" "version" %s)\r\n' % quoted(__version__.encode()))
         self.tagged(cmd.tag, "OK", "ID completed.")
@@ -511,7 +513,7 @@ class ClientSession(Protocol):
     def cmd_enable(self, cmd: Command, spec: CommandSpec) -> None:
         """ENABLE: relayed, and remembered for connections opened later."""
         assert self.pool is not None and self.home is not None
-        pool, target = self.pool, self.selected or self.home
+        pool, target, cmd = self.pool, self.selected or self.home, enabling(cmd)  # what the proxy announces only
         pool.remember_enabled([t.value for t in cmd.args.tokens])  # type: ignore[union-attr]
 
         def done(start: ResponseStart) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from referral_proxy.imap.mutf7 import decode, encode
+from referral_proxy.imap.mutf7 import decode, decode_pattern, encode
 
 EXAMPLES = [
     ("", b""),
@@ -118,3 +118,25 @@ def test_decode_only_raises_value_error(wire):
     except ValueError:
         return
     assert decode(encode(text)) == text
+
+
+@pytest.mark.parametrize("pattern, text", [
+    (b"*O*", "*O*"),
+    (b"Caf&AOk-*", "Café*"),
+    (b"Caf\xc3\xa9%", "Café%"),  # 8-bit UTF-8 as it is, as Dovecot reads a LIST pattern
+    (b"a&-*", "a&*"),
+])
+def test_decode_pattern(pattern, text):
+    assert decode_pattern(pattern) == text
+
+
+@pytest.mark.parametrize("pattern", [
+    b"Caf&*",  # an unterminated shift
+    b"&AOk-&AOk-",  # a shift right after another: "&AOkA6Q-" is how an encoder writes it
+    b"&AOk-\xc3\xa9",  # a shift and 8-bit bytes: Dovecot reads neither way
+    b"Caf\xe9",  # not UTF-8
+])
+def test_decode_pattern_refuses_what_dovecot_matches_as_bytes(pattern):
+    with pytest.raises(ValueError):
+        decode_pattern(pattern)
+

@@ -171,6 +171,36 @@ def test_line_too_long_then_the_session_goes_on():
     assert out[1].name == "NOOP"
 
 
+def test_a_tag_cut_by_the_line_limit_is_not_answered_as_the_clients():
+    """Only the first 64 bytes of a too long line are kept: a tag that fills them may be cut, and
+    an answer tagged with its first 64 bytes names a command the client never sent (Dovecot: `*`)."""
+    out = events(reader(max_line=100), b"t" * 200 + b" NOOP\r\nn NOOP\r\n")
+    assert out[0] == Refused(b"*", "BAD", "Command line too long (limit 100 bytes)")
+    assert out[1].name == "NOOP"
+    out = events(reader(max_line=100), b"t" * 63 + b" SEARCH " + b"x" * 200 + b"\r\n")
+    assert out[0].tag == b"t" * 63  # whole: followed by its space inside the 64 bytes
+
+
+@pytest.mark.parametrize("data", [
+    b"s SELECT ~{5}\r\n",  # never answered "+"
+    b"s SELECT ~{5+}\r\nINBOX\r\n",  # drained, never a command
+    b"s STATUS INBOX (~{8+}\r\nMESSAGES)\r\n",
+    b"s APPEND ~{5}\r\n",  # the mailbox name, not the message
+    b"s APPEND ~{5+}\r\nINBOX {3+}\r\nabc\r\n",
+])
+def test_a_literal8_outside_an_appends_message_is_refused(data):
+    """RFC 3516: literal8 is for APPEND's message data; Dovecot refuses it anywhere else (through
+    the proxy a SELECT ~{5} was relayed as SELECT INBOX before)."""
+    out = events(reader(), data + b"n NOOP\r\n")
+    assert out[0] == Refused(b"s", "BAD", "Invalid arguments: literal8 not allowed here"), out
+    assert [e.name for e in out[1:]] == ["NOOP"]
+
+
+def test_a_literal8_is_a_setmetadata_value():  # RFC 5464: value = nstring / literal8
+    (cmd,) = events(reader(), b"s SETMETADATA INBOX (/private/comment ~{3+}\r\nabc)\r\n")
+    assert cmd.name == "SETMETADATA" and encode(cmd.args).literals[0].binary  # relayed as a literal8
+
+
 def test_deep_nesting_is_refused():
     (ev,) = events(reader(), b"f FETCH 1 " + b"(" * 100 + b")" * 100 + b"\r\n")
     assert isinstance(ev, Refused) and "nested" in ev.text
@@ -187,6 +217,34 @@ def test_append_streams_each_message_and_asks_before_each_literal():
     assert out[:3] == [AppendData(b"hello"), AppendMessageEnd(), AppendMessage(None, None, out[2].literal)]
     assert out[3:6] == [AppendData(b"abc"), AppendMessageEnd(), AppendEnd()]
     assert out[6].name == "NOOP"
+
+
+@pytest.mark.parametrize("date, relayed", [
+    (b"7-Feb-1994 22:43:04 -0800", b" 7-Feb-1994 22:43:04 -0800"),  # Dovecot takes a day of one digit
+    (b" 7-Feb-1994 22:43:04 -0800", b" 7-Feb-1994 22:43:04 -0800"),
+    (b"07-feb-1994 22:43:04 -0800", b"07-feb-1994 22:43:04 -0800"),
+])
+def test_append_date_as_dovecot_takes_it_relayed_as_rfc_3501_writes_it(date, relayed):
+    out = events(reader(), b'a APPEND INBOX "%s" {5}\r\n' % date, accept=False)
+    assert out[1].date == relayed, out
+
+
+@pytest.mark.parametrize("date", [b"01-Jan-20 00:00:00 +0000", b"01-Jan-2020 0:00:00 +0000", b"  1-Jan-2020 00:00:00 +0000",
+                                  b"001-Jan-2020 00:00:00 +0000", b"01-Jan-2020  00:00:00 +0000"])
+def test_append_date_dovecot_refuses_is_refused(date):  # else a LITERAL+ message would run as commands
+    out = events(reader(), b'a APPEND INBOX "%s" {3+}\r\nabc\r\nn NOOP\r\n' % date)
+    assert out[0] == Refused(b"a", "BAD", "Invalid arguments: invalid date-time")
+    assert [e.name for e in out[1:]] == ["NOOP"]
+
+
+@pytest.mark.parametrize("flag", [b"a]b", b"a%b", b"a*b", b"a\\b"])
+def test_append_keyword_dovecot_reads_but_refuses_is_answered_no_before_its_literal(flag):
+    """An atom to Dovecot's parser but no keyword: Dovecot answers NO [CANNOT] (not BAD)."""
+    out = events(reader(), b"a APPEND INBOX (\\Seen %s) {3+}\r\nabc\r\nn NOOP\r\n" % flag)
+    assert out[0] == Refused(b"a", "NO", "[CANNOT] Invalid characters in keyword.")
+    assert [e.name for e in out[1:]] == ["NOOP"]
+    out = events(reader(), b'a APPEND INBOX (%s) "x" {3+}\r\nabc\r\nn NOOP\r\n' % flag)
+    assert out[0].status == "BAD"  # the syntax is checked first, as Dovecot does
 
 
 def test_append_mailbox_as_a_literal():

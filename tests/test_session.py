@@ -319,3 +319,18 @@ def test_never_mode_announces_no_mailbox_referrals():
     h2.login()
     h2.send(b"c CAPABILITY\r\n")
     assert b" MAILBOX-REFERRALS " in h2.to_client()
+
+
+def test_enable_relays_only_what_the_proxy_announces():
+    """ENABLE IMAP4rev2 would switch a backend that has it (Dovecot 2.4) into a protocol the proxy
+    does not speak, and its `* ENABLED` would name a capability the proxy never announced."""
+    h = SessionHarness()
+    h.login()
+    h.send(b"E ENABLE IMAP4rev2 CONDSTORE UTF8=ONLY NOTIFY X-FOO\r\n")
+    sent = h.to_backend()
+    assert sent.endswith(b" ENABLE CONDSTORE\r\n"), sent
+    h.from_backend(b"* ENABLED CONDSTORE\r\n" + sent.split()[0] + b" OK Enabled.\r\n")
+    assert h.to_client() == b"* ENABLED CONDSTORE\r\nE OK Enabled.\r\n"
+    h.send(b"F ENABLE IMAP4rev2\r\n")
+    sent = h.to_backend()
+    assert sent.endswith(b" ENABLE\r\n"), sent  # RFC 5161 ignores what it does not know: so does the proxy

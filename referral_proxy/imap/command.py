@@ -21,6 +21,7 @@ __all__ = [
     "String",
     "Token",
     "astring_value",
+    "nil_or_list",
     "parse_arguments",
     "parse_command_start",
     "splice_section_literals",
@@ -312,3 +313,8 @@ def astring_value(tok: Token) -> bytes:
     if isinstance(tok, (Atom, String)):
         return tok.value
     raise ParseError("expected a string")
+
+
+def nil_or_list(tok: Token) -> bool:
+    """A parenthesized list or NIL: what ID's parameters are (RFC 2971)."""
+    return isinstance(tok, ParenList) or (isinstance(tok, Atom) and tok.value.upper() == b"NIL")

@@ -19,13 +19,14 @@ from __future__ import annotations
 import base64
 import re
 
-__all__ = ["decode", "encode", "valid_name"]
+__all__ = ["decode", "decode_pattern", "encode", "valid_name"]
 
 _AMP = 0x26
 _DASH = 0x2D
 # The modified base64 alphabet: standard base64 with "," in place of "/".
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,"
 _B64_RUN = re.compile(rb"[A-Za-z0-9+,]*")
+_ADJACENT_SHIFTS = re.compile(rb"&[A-Za-z0-9+,]+-&[A-Za-z0-9+,]")
 # Runs of characters that are written literally / that must be shifted.
 _RUNS = re.compile(r"[\x20-\x7e]+|[^\x20-\x7e]+")
 _PRINTABLE = re.compile(r"[\x20-\x7e]")
@@ -77,6 +78,18 @@ def _decode_shift(run: bytes, offset: int) -> str:
     if _PRINTABLE.search(text) is not None:
         raise ValueError(f"shift at offset {offset} encodes printable ASCII")
     return text
+
+
+def decode_pattern(pattern: bytes) -> str:
+    """*pattern* read as Dovecot reads a LIST reference and pattern: 8-bit UTF-8 as it is if it
+    holds no "&", else strict modified UTF-7 with no shift right after another (what an encoder
+    never writes: "&AOk-&AOk-" is "&AOkA6Q-"); ValueError otherwise (Dovecot then matches the
+    bytes as they are)."""
+    if b"&" not in pattern:
+        return pattern.decode("utf-8")
+    if _ADJACENT_SHIFTS.search(pattern) is not None:
+        raise ValueError("a shift right after another")
+    return decode(pattern)
 
 
 def encode(name: str) -> bytes:

@@ -44,6 +44,10 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
+#: Collected commands whose arguments may hold a literal8 (``~{n}``): SETMETADATA's values (RFC 5464).
+#: Elsewhere it is refused: RFC 3516 gives literal8 to an APPEND's message (streamed, not collected).
+_LITERAL8 = frozenset({"SETMETADATA"})
+
 @dataclass(frozen=True)
 class Limits:
     """What one client command may cost the proxy, whatever the client sends."""
@@ -172,7 +176,8 @@ _IDLE, _COLLECT, _APPEND_MAILBOX, _APPEND_DATA, _APPEND_NEXT = range(5)
 
 _SYSTEM_FLAGS = frozenset({b"\\ANSWERED", b"\\FLAGGED", b"\\DELETED", b"\\SEEN", b"\\DRAFT"})
 _KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
-_DATE_TIME = re.compile(rb"(?: [1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
+_ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){"]+')  # what Dovecot's parser reads as an atom
+_DATE_TIME = re.compile(rb"(?: ?[1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
                         rb"[0-2][0-9]:[0-5][0-9]:[0-6][0-9] [+-][0-9]{4}", re.IGNORECASE)
 
 
@@ -314,7 +319,8 @@ class CommandReader:
         state, start = self._state, self._start
         self._reset_command()
         if event.first or start is None:
-            return Refused(tag_of(event.prefix) or b"*", "BAD", text)
+            tag = tag_of(event.prefix)  # one that fills the prefix may be cut: not the client's tag
+            return Refused(tag if tag is not None and len(tag) < len(event.prefix) else b"*", "BAD", text)
         if state in (_APPEND_DATA, _APPEND_NEXT):
             return AppendAbort("BAD", text)
         return Refused(start.tag, "BAD", text)
@@ -376,6 +382,8 @@ class CommandReader:
         assert start is not None
         if literal is None:
             return self._finish(start)
+        if literal.binary and start.name not in _LITERAL8:  # Dovecot: BAD too, and the literal not read
+            return self._refuse(literal, start.tag, "BAD", "Invalid arguments: literal8 not allowed here")
         limits = self.limits
         self._size += literal.size
         if literal.size > limits.max_literal:
@@ -418,6 +426,8 @@ class CommandReader:
     def _append_first(self, start: CommandStart, line: Line) -> ReaderEvent | None:
         if not start.rest.strip() and line.literal is not None:
             # The mailbox name is a literal: collect it first.
+            if line.literal.binary:
+                return self._refuse(line.literal, start.tag, "BAD", "Invalid arguments: literal8 not allowed here")
             if line.literal.size > self.limits.max_literal:
                 return self._refuse(line.literal, start.tag, "NO",
                                     f"[TOOBIG] Literal too large (limit {self.limits.max_literal} bytes)")
@@ -478,16 +488,21 @@ class CommandReader:
         date: bytes | None = None
         if tokens and isinstance(tokens[0], ParenList):
             flags = _flags(tokens.pop(0))
+        unstorable = flags is not None and any(_KEYWORD.fullmatch(f) is None for f in flags if f[:1] != b"\\")
         first_token = tokens[0] if tokens else None
         if isinstance(first_token, String) and not first_token.literal:
             date = first_token.value
             tokens.pop(0)
             if _DATE_TIME.fullmatch(date) is None:
                 raise ParseError("invalid date-time")
+            if date[1:2] == b"-":  # "1-Jan-2020 ...": Dovecot takes it; relayed as RFC 3501's " 1-Jan-2020 ..."
+                date = b" " + date
         if tokens:
             raise ParseError("unexpected message argument")
         if literal is None:
             raise ParseError("missing message literal")
+        if unstorable:  # an atom to Dovecot's parser, not a keyword: it says NO once the syntax is checked
+            return AppendAbort("NO", "[CANNOT] Invalid characters in keyword.")
         limits = self.limits
         self._messages += 1
         if self._messages > limits.max_append_messages:
@@ -513,7 +528,7 @@ def _flags(tok: Token) -> tuple[bytes, ...]:
         if value[:1] == b"\\":
             if value.upper() not in _SYSTEM_FLAGS:
                 raise ParseError("invalid system flag")
-        elif _KEYWORD.fullmatch(value) is None:
+        elif _ATOM.fullmatch(value) is None:  # "a{b": Dovecot's parser refuses it (BAD)
             raise ParseError("invalid keyword")
         out.append(value)
     return tuple(out)

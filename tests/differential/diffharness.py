@@ -508,8 +508,9 @@ def run(conv: Conversation, side: Side, user: str, password: str) -> list[Exchan
                 ex.end = read_until()
                 if ex.end:
                     break
-                if literal and t.sync_literal is False and t.current is None and i < len(writes) - 1:
-                    # the literal was refused: the rest of this command is not sent
+                if literal and t.sync_literal is False and t.current is None:
+                    # the literal was refused: the rest of this command is not sent (the next
+                    # write starts a new line, also when this step ended at the announcement)
                     t.refused()
                     for rest in writes[i + 1:]:
                         out.append(Exchange(rest, [], "skipped"))
