@@ -65,17 +65,15 @@ __all__ = ["ProxyContext", "ClientSession", "Phase"]
 
 log = Logger()
 
-# Seconds a closing connection may take to drain what it was last sent (a BYE, the end
-# of a response) before it is aborted: a client that does not read holds nothing longer.
+# Seconds a closing connection may take to drain what it was last sent (a BYE, the end of a
+# response) before it is aborted: a client that does not read holds nothing longer.
 CLOSE_GRACE = 30.0
-# Commands one session reads in one go; then every other connection ready gets its turn
-# first: clients pipelining thousands of commands cannot keep the others waiting longer
-# than their share (50 such sessions: a NOOP of another client waits ~0.1 s, not ~1 s).
+# Commands one session reads in one go; then every other ready connection gets its turn first:
+# thousands pipelined cannot keep others waiting past their share (50 such: a NOOP waits ~0.1 s).
 TURN = 16
 _COMMAND_STARTS = (Command, Refused, AppendStart)
-# Commands a client may send before it is logged in (a client logs in within a handful; a
-# flood of them, answered by the proxy itself, would cost its CPU for nothing): then
-# * BYE, as Dovecot's imap-login ends a client after a few invalid ones.
+# Commands a client may send before it is logged in (it logs in within a handful; a flood, answered
+# by the proxy itself, costs CPU for nothing): then * BYE, as Dovecot's imap-login does.
 PRE_LOGIN_COMMANDS = 32
 
 
