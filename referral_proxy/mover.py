@@ -206,6 +206,7 @@ class Mover:
                     data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
                     await self.mailbox_map.step(entry, Step.CREATED)
                 result.messages += await self._copy(entry, i, src, dst, o, delta=False)
+            await self._take_back_vanished(entry, src, dst)
             await self.mailbox_map.step(entry, Step.COMMITTED)
         except BaseException as e:
             for conn in conns:
@@ -272,6 +273,37 @@ class Mover:
             await self.mailbox_map.disown(entry)
             log.error("move {id} of {user}: failed ({why}) and could not be rolled back now ({how}); "
                       "recovery will", id=entry.id, user=self.user, why=str(why), how=str(e))
+
+    async def _take_back_vanished(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol) -> None:
+        """Before the commit point: a message copied from a source that has left it since -- a client's
+        command already on its way to the backend when the reservation landed (a MOVE, an EXPUNGE) --
+        is taken back from the destination; kept, it would be there twice (or, expunged, come back).
+        The destination first, then the journal: a crash between rolls back what is still recorded."""
+        data = entry.data
+        for i, (old, new) in enumerate(data["pairs"]):
+            copied = self._copied(entry, i)
+            if not copied:
+                continue
+            await open_mailbox(src, old, readonly=True)
+            present, _ = await search_uids(src, b"ALL")
+            await src.deselect()
+            gone = copied - set(present)
+            if not gone:
+                continue
+            back: list[int] = []
+            for rec in data["batches"]:
+                if rec["pair"] == i:  # source and destination UIDs, both ascending, in the same order
+                    both = list(zip(expand_uid_set(rec["src"]), expand_uid_set(rec["dst"]), strict=True))
+                    back += [d for s, d in both if s in gone]
+                    rec["src"] = uid_set(s for s, _d in both if s not in gone).decode()
+                    rec["dst"] = uid_set(d for s, d in both if s not in gone).decode()
+            await open_mailbox(dst, new, readonly=False)
+            await expunge_uids(dst, back)
+            await dst.deselect()  # never CLOSE
+            data["batches"] = [rec for rec in data["batches"] if rec["src"]]
+            await self.mailbox_map.record(entry)
+            log.warn("move {id}: {n} message(s) left {box} on {b} while it was copied (a command under way when "
+                     "the move began): their copies taken back", id=entry.id, n=len(back), box=old, b=src.name)
 
     def _copied(self, entry: JournalEntry, i: int) -> set[int]:
         return {u for rec in entry.data["batches"] if rec["pair"] == i for u in expand_uid_set(rec["src"])}
