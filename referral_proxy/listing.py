@@ -20,7 +20,8 @@ from .backend import BackendProtocol, UntaggedResponse
 from .imap.command import Atom, ParenList, ParseError, String, astring_value, parse_arguments
 from .imap.grammar import Arguments, Slot, encode
 from .imap.quoting import quoted
-from .routing import MailboxMap, normalize, pattern_matches
+from .listmatch import list_matcher
+from .routing import MailboxMap, normalize
 from .staging import is_private_name
 
 __all__ = ["ListEntry", "ListHost", "list_command", "parse_list_entry", "merge", "select", "format_entry",
@@ -98,11 +99,30 @@ def merge(
     return merged
 
 
-def select(entries: Iterable[ListEntry], reference: bytes, pattern: bytes, separator: str) -> list[ListEntry]:
-    """The entries the client's reference and pattern ask for (RFC 3501 6.3.8)."""
-    ref = reference.decode("utf-8", "surrogateescape")
-    pat = pattern.decode("utf-8", "surrogateescape")
-    out = [e for e in entries if pattern_matches(ref + pat, e.text, separator)]
+def select(entries: Iterable[ListEntry], reference: bytes, pattern: bytes, separator: str, *,
+           lsub_parents: bool = False) -> list[ListEntry]:
+    """The entries the client's reference and pattern ask for (RFC 3501 6.3.8), matched as one
+    server matches them (listmatch.py). *lsub_parents* (LSUB with ``%``, RFC 3501 6.3.9): a
+    subscribed name the pattern does not match brings its nearest parent that it does match,
+    as ``\\Noselect`` unless that parent is subscribed itself; as Dovecot, no other parent."""
+    matches = list_matcher(reference + pattern, separator)
+    entries = list(entries)
+    out = [e for e in entries if matches(e.name)]
+    if lsub_parents:
+        shown = {normalize(e.text, separator) for e in out}
+        sep_b = separator.encode()
+        for e in entries:
+            if e in out:
+                continue
+            parts = e.text.split(separator)
+            for i in range(len(parts) - 1, 0, -1):
+                parent = separator.join(parts[:i]).encode("utf-8", "surrogateescape")
+                if parent and matches(parent):
+                    key = normalize(parent.decode("utf-8", "surrogateescape"), separator)
+                    if key not in shown:
+                        shown.add(key)
+                        out.append(ListEntry((b"\\Noselect",), sep_b, parent, e.backend))
+                    break
     return sorted(out, key=lambda e: (normalize(e.text, separator) != "INBOX", e.text))
 
 
@@ -190,9 +210,11 @@ async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, patte
         else:
             host.write_from(conn, r.raw)
     separator = host.mailbox_map.separator
-    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST" or b"%" in pattern),
+    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST"),
                    list_flags=(kind == "LIST"))
-    out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator)]
+    lsub_parents = kind == "LSUB" and b"%" in pattern
+    out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator,
+                                                          lsub_parents=lsub_parents)]
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
 
 
