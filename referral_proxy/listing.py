@@ -106,14 +106,14 @@ def select(entries: Iterable[ListEntry], reference: bytes, pattern: bytes, separ
     subscribed name the pattern does not match brings its nearest parent that it does match,
     as ``\\Noselect`` unless that parent is subscribed itself; as Dovecot, no other parent."""
     matches = list_matcher(reference + pattern, separator)
-    entries = list(entries)
-    out = [e for e in entries if matches(e.name)]
+    out: list[ListEntry] = []
+    unmatched: list[ListEntry] = []
+    for e in entries:
+        (out if matches(e.name) else unmatched).append(e)
     if lsub_parents:
         shown = {normalize(e.text, separator) for e in out}
         sep_b = separator.encode()
-        for e in entries:
-            if e in out:
-                continue
+        for e in unmatched:
             parts = e.text.split(separator)
             for i in range(len(parts) - 1, 0, -1):
                 parent = separator.join(parts[:i]).encode("utf-8", "surrogateescape")
