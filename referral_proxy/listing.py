@@ -235,6 +235,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     # A \NonExistent parent (RFC 5258 3.4) said by a backend that holds its children but not the
     # parent's name: shown unless the parent's owner lists the name itself. Its index in *out*.
     parents: dict[str, int] = {}
+    child_flagged: dict[int, str] = {}  # an entry with \\HasChildren or \\HasNoChildren: its index, its name
     for conn, r in await host.gather(backends, text):
         fragments, literals = r.arguments
         if r.start.name in ("LIST", "LSUB"):
@@ -252,6 +253,8 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             if entry.text in seen:
                 continue
             seen.add(entry.text)
+            if any(f.upper() in _CHILD_FLAGS for f in entry.flags):
+                child_flagged[len(out)] = entry.text
             out.append(add_flag(r.raw, b"\\Remote") if remote_option and conn.name != host.home else r.raw)
         elif r.start.name in _PER_MAILBOX:
             try:
@@ -267,7 +270,39 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             out[i] = b""
         elif await _exists(host, name):  # there, but not selected (SUBSCRIBED): not \NonExistent
             out[i] = _drop_flag(out[i], _NONEXISTENT)
+    if child_flagged and len(backends) > 1:
+        # Each backend knows only its own children (Shared on b1, Shared/Projects on b3): the
+        # child flags said over every backend's mailboxes, as in the merged LIST.
+        with_children = await _parents(host, backends)
+        sep = host.mailbox_map.separator
+        for i, name in child_flagged.items():
+            flag = b"\\HasChildren" if normalize(name, sep) in with_children else b"\\HasNoChildren"
+            out[i] = add_flag(_drop_flag(_drop_flag(out[i], b"\\HASCHILDREN"), b"\\HASNOCHILDREN"), flag)
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
+
+
+async def _parents(host: ListHost, backends: list[str]) -> set[str]:
+    """Every name (normalized) that has a mailbox under it on the backend that owns that mailbox."""
+    sep = host.mailbox_map.separator
+    found: set[str] = set()
+    for entry in await _listed(host, backends, b'LIST "" "*"'):
+        if is_private_name(entry.name) or _owner(host, entry.text) != entry.backend:
+            continue
+        parts = normalize(entry.text, sep).split(sep)
+        found.update(sep.join(parts[:i]) for i in range(1, len(parts)))
+    return found
+
+
+async def _listed(host: ListHost, backends: list[str], command: bytes) -> list[ListEntry]:
+    """The ``* LIST`` entries *command* brings from *backends* (an unparsable one left out)."""
+    out = []
+    for conn, r in await host.gather(backends, command):
+        if r.start.name == "LIST":
+            try:
+                out.append(parse_list_entry(*r.arguments, conn.name))
+            except ParseError:
+                continue
+    return out
 
 
 _NONEXISTENT = b"\\NONEXISTENT"
@@ -280,13 +315,7 @@ async def _exists(host: ListHost, name: str) -> bool:
         arg = quoted(raw)
     except ValueError:
         arg = b"{%d+}\r\n" % len(raw) + raw
-    for conn, r in await host.gather([_owner(host, name)], b'LIST "" ' + arg):
-        if r.start.name != "LIST":
-            continue
-        try:
-            entry = parse_list_entry(*r.arguments, conn.name)
-        except ParseError:
-            continue
+    for entry in await _listed(host, [_owner(host, name)], b'LIST "" ' + arg):
         if normalize(entry.text, host.mailbox_map.separator) == normalize(name, host.mailbox_map.separator):
             return not {f.upper() for f in entry.flags} & {_NONEXISTENT, b"\\NOSELECT"}
     return False
