@@ -177,9 +177,7 @@ class ListHost(Protocol):
 def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None:
     """LIST, LSUB, RLIST, RLSUB (and LIST-EXTENDED forms) for one session."""
     kind = "LSUB" if name in ("LSUB", "RLSUB") else "LIST"
-    options = args.values(Slot.LIST)
-    remote_option = name == "LIST" and bool(options) and isinstance(options[0], ParenList) and any(
-        isinstance(t, Atom) and t.value.upper() == b"REMOTE" for t in options[0].items)
+    remote_option = name == "LIST" and b"REMOTE" in _selection(args)
     if (name in ("RLIST", "RLSUB") or remote_option) and host.referrals_mode == "aware":
         host.referral_aware = True
     remote = name in ("RLIST", "RLSUB") or remote_option or not host.referral_aware
@@ -191,6 +189,14 @@ def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None
         host.run(tag, _merged(host, tag, kind, reference, pattern, backends))
     else:
         host.run(tag, _filtered(host, tag, kind, args, backends, remote_option))
+
+
+def _selection(args: Arguments) -> set[bytes]:
+    """The LIST-EXTENDED selection options (RFC 5258), upper-cased."""
+    options = args.values(Slot.LIST)
+    if not options or not isinstance(options[0], ParenList):
+        return set()
+    return {t.value.upper() for t in options[0].items if isinstance(t, Atom)}
 
 
 def _owner(host: ListHost, name: str) -> str:
@@ -236,6 +242,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     # parent's name: shown unless the parent's owner lists the name itself. Its index in *out*.
     parents: dict[str, int] = {}
     child_flagged: dict[int, str] = {}  # an entry with \\HasChildren or \\HasNoChildren: its index, its name
+    owned: dict[int, str] = {}  # every entry from its owner: its index, its name
     for conn, r in await host.gather(backends, text):
         fragments, literals = r.arguments
         if r.start.name in ("LIST", "LSUB"):
@@ -253,6 +260,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             if entry.text in seen:
                 continue
             seen.add(entry.text)
+            owned[len(out)] = entry.text
             if any(f.upper() in _CHILD_FLAGS for f in entry.flags):
                 child_flagged[len(out)] = entry.text
             out.append(add_flag(r.raw, b"\\Remote") if remote_option and conn.name != host.home else r.raw)
@@ -278,14 +286,22 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
         for i, name in child_flagged.items():
             flag = b"\\HasChildren" if normalize(name, sep) in with_children else b"\\HasNoChildren"
             out[i] = add_flag(_drop_flag(_drop_flag(out[i], b"\\HASCHILDREN"), b"\\HASNOCHILDREN"), flag)
+    if owned and len(backends) > 1 and b"RECURSIVEMATCH" in _selection(args):
+        # RFC 5258 3.5: CHILDINFO for a subscribed descendant, wherever it is kept
+        sep = host.mailbox_map.separator
+        with_subscribed = await _parents(host, backends, b'LSUB "" "*"')
+        for i, name in owned.items():
+            if normalize(name, sep) in with_subscribed:
+                out[i] = _with_childinfo(out[i])
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
 
 
-async def _parents(host: ListHost, backends: list[str]) -> set[str]:
-    """Every name (normalized) that has a mailbox under it on the backend that owns that mailbox."""
+async def _parents(host: ListHost, backends: list[str], command: bytes = b'LIST "" "*"') -> set[str]:
+    """Every name (normalized) that has a mailbox (LSUB: a subscription) under it on the backend
+    that owns that mailbox."""
     sep = host.mailbox_map.separator
     found: set[str] = set()
-    for entry in await _listed(host, backends, b'LIST "" "*"'):
+    for entry in await _listed(host, backends, command):
         if is_private_name(entry.name) or _owner(host, entry.text) != entry.backend:
             continue
         parts = normalize(entry.text, sep).split(sep)
@@ -294,10 +310,10 @@ async def _parents(host: ListHost, backends: list[str]) -> set[str]:
 
 
 async def _listed(host: ListHost, backends: list[str], command: bytes) -> list[ListEntry]:
-    """The ``* LIST`` entries *command* brings from *backends* (an unparsable one left out)."""
+    """The ``* LIST``/``* LSUB`` entries *command* brings from *backends* (an unparsable one left out)."""
     out = []
     for conn, r in await host.gather(backends, command):
-        if r.start.name == "LIST":
+        if r.start.name in ("LIST", "LSUB"):
             try:
                 out.append(parse_list_entry(*r.arguments, conn.name))
             except ParseError:
@@ -306,6 +322,14 @@ async def _listed(host: ListHost, backends: list[str], command: bytes) -> list[L
 
 
 _NONEXISTENT = b"\\NONEXISTENT"
+_CHILDINFO = b" (CHILDINFO "
+
+
+def _with_childinfo(raw: bytes) -> bytes:
+    """*raw* ``* LIST`` with ``(CHILDINFO ("SUBSCRIBED"))`` (RFC 5258 3.5) unless it has one."""
+    if _CHILDINFO in raw.upper():
+        return raw
+    return raw[:-2] + b' (CHILDINFO ("SUBSCRIBED"))\r\n'
 
 
 async def _exists(host: ListHost, name: str) -> bool:
