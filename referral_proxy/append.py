@@ -138,6 +138,12 @@ def _lost_answer(tag: bytes) -> bytes:
     return b"%s NO [UNAVAILABLE] Mail server connection lost; nothing was appended\r\n" % tag
 
 
+def _unknown_answer(tag: bytes) -> bytes:
+    """Lost after the command's last byte: the backend may have committed it before its answer was cut."""
+    return (b"%s NO [UNAVAILABLE] Mail server connection lost after the whole command was sent; "
+            b"the messages may or may not be there\r\n" % tag)
+
+
 @dataclass(eq=False)  # compared (and hashed) by identity: a session keeps the unanswered ones
 class AppendCommand:
     """One APPEND from the client, from its first message to the client's answer."""
@@ -160,6 +166,7 @@ class AppendCommand:
     room: tuple[int | None, int | None] | None = None  # PASS: (bytes, messages) the quota leaves, if known
     taken: tuple[int, int] = (0, 0)  # bytes and messages of this command sent on so far
     held: bytes = b""  # the message's arguments, sent to the backend with its literal's first bytes
+    sent_whole: bool = False  # PASS/SINGLE: the final CRLF went to the backend (it may commit from then on)
 
     def __post_init__(self) -> None:
         if "MULTIAPPEND" in self.conn.capabilities:
@@ -299,6 +306,7 @@ class AppendCommand:
             return
         self._input_over()
         if self.mode is not _STAGE:
+            self.sent_whole = True
             self.conn.write(b"\r\n")
         else:  # the commit uses the connection: the client's next command waits for the answer
             self.holding = True
@@ -425,7 +433,9 @@ class AppendCommand:
     def _pass_answer(self) -> bytes | None:
         part = self.parts[0] if self.parts else None
         if part is not None and part.status == "LOST":
-            return None if self.host.dies_with(self.conn) else _lost_answer(self.tag)
+            if self.host.dies_with(self.conn):
+                return None
+            return _unknown_answer(self.tag) if self.sent_whole else _lost_answer(self.tag)
         if self.refusal is not None:
             return self.refusal
         assert part is not None
