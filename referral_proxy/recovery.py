@@ -18,6 +18,7 @@ from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .mover import Connect, Mover, reconcile_local
+from .oldhome import carry_old_homes
 from .routing import MailboxMap
 from .staging import drop_staging
 from .transfer import finish_message_move
@@ -136,8 +137,12 @@ class RecoverySweep:
     async def _recover(self) -> None:
         try:
             config = self.config()
-            lines = await recover_all(self.map, lambda user: master_connector(self.reactor, config, user),
-                                      self.reactor)
+
+            def connector(user: str) -> Connect:
+                return master_connector(self.reactor, config, user)
+
+            lines = await recover_all(self.map, connector, self.reactor)
+            lines += await carry_old_homes(self.map, connector, self.reactor)
         except StoreUnavailable as e:
             log.warn("recovery: the map store is unreachable ({why}); trying again in {s}s", why=str(e),
                      s=SWEEP_SECONDS)
