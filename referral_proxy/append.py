@@ -142,6 +142,12 @@ def _lost_answer(tag: bytes) -> bytes:
     return b"%s NO [UNAVAILABLE] Mail server connection lost; nothing was appended\r\n" % tag
 
 
+def _unknown_answer(tag: bytes) -> bytes:
+    """Lost after the command's last byte: the backend may have committed it before its answer was cut."""
+    return (b"%s NO [UNAVAILABLE] Mail server connection lost after the whole command was sent; "
+            b"the messages may or may not be there\r\n" % tag)
+
+
 @dataclass(eq=False)  # compared (and hashed) by identity: a session keeps the unanswered ones
 class AppendCommand:
     """One APPEND from the client, from its first message to the client's answer."""
@@ -158,12 +164,13 @@ class AppendCommand:
     parts: list[_Part] = field(default_factory=list)
     waiting: AppendMessage | None = None  # ANNOUNCED / PREPARING: the message whose literal waits
     finishing: bool = False  # failed while a literal streams: that literal goes on, then the rest is dropped
-    holding: bool = False  # the session's input is held (STAGE, from the client's last byte to the answer)
+    holding: bool = False  # the session's input is held (STAGE, from the client's last byte to the cleanup)
     staging: Staging | None = None  # STAGE: the staging mailbox, once the first message came
     owns_conn: bool = False  # the client left: this command closes the connection when it is done
     room: tuple[int | None, int | None] | None = None  # PASS: (bytes, messages) the quota leaves, if known
     taken: tuple[int, int] = (0, 0)  # bytes and messages of this command sent on so far
     held: bytes = b""  # the message's arguments, sent to the backend with its literal's first bytes
+    sent_whole: bool = False  # PASS/SINGLE: the final CRLF went to the backend (it may commit from then on)
 
     def __post_init__(self) -> None:
         if "MULTIAPPEND" in self.conn.capabilities:
@@ -301,12 +308,10 @@ class AppendCommand:
         """The client's final CRLF."""
         if self.refusal is not None or self.input_over:
             return
-        self._input_over()
+        self._input_over()  # STAGE: the client's next command waits (the commit uses the connection)
         if self.mode is not _STAGE:
+            self.sent_whole = True
             self.conn.write(b"\r\n")
-        else:  # the commit uses the connection: the client's next command waits for the answer
-            self.holding = True
-            self.host.hold_input(True)
         self._settle()
 
     def abort(self, status: str, text: str) -> None:
@@ -337,6 +342,11 @@ class AppendCommand:
     def _input_over(self) -> None:
         if not self.input_over:
             self.input_over = True
+            if self.mode is _STAGE and not self.holding and self.refusal != b"":  # (b"": the client left)
+                # The client's next command waits for the answer and the cleanup: until the staging
+                # mailbox is gone its journal entry holds the target (a RENAME of it: INUSE).
+                self.holding = True
+                self.host.hold_input(True)
             if self.state in (_BETWEEN, _STREAMING, _ANNOUNCED):
                 self.state = _SENT
             self.host.append_input_over(self)
@@ -410,8 +420,10 @@ class AppendCommand:
             return self._answer(self._pass_answer())
         failure = self._stage_failure()
         if failure is not None:
-            self._answer(failure[0])
-            defer.ensureDeferred(self._cleanup()).addErrback(self._crashed)
+            self._answer(failure[0], keep_held=True)  # input held since _input_over, until the cleanup
+            d = defer.ensureDeferred(self._cleanup())
+            d.addBoth(self._released)
+            d.addErrback(self._crashed)
             return
         self.state = _COMMITTING
         defer.ensureDeferred(self._commit()).addErrback(self._crashed)
@@ -431,7 +443,9 @@ class AppendCommand:
     def _pass_answer(self) -> bytes | None:
         part = self.parts[0] if self.parts else None
         if part is not None and part.status == "LOST":
-            return None if self.host.dies_with(self.conn) else _lost_answer(self.tag)
+            if self.host.dies_with(self.conn):
+                return None
+            return _unknown_answer(self.tag) if self.sent_whole else _lost_answer(self.tag)
         if self.refusal is not None:
             return self.refusal
         assert part is not None
@@ -449,16 +463,24 @@ class AppendCommand:
                 return (replace_tag(part.raw, self.tag),)
         return None if self.parts else (b"",)
 
-    def _answer(self, data: bytes | None) -> None:
+    def _answer(self, data: bytes | None, *, keep_held: bool = False) -> None:
         if self.state is _ANSWERED:
             return
         self.state = _ANSWERED
         if data:
             self.host.write_from(self.conn, data)
+        if not keep_held:
+            self._release_input()
+        self.host.append_answered(self)
+
+    def _release_input(self) -> None:
         if self.holding:
             self.holding = False
             self.host.hold_input(False)
-        self.host.append_answered(self)
+
+    def _released(self, result: object) -> object:
+        self._release_input()
+        return result
 
     def _crashed(self, failure: Failure) -> None:
         log.failure("APPEND to {box} on {b} failed", failure, box=self.mailbox, b=self.conn.name)
@@ -504,8 +526,11 @@ class AppendCommand:
             gone = self.conn.closed and self.host.dies_with(self.conn)
             answer = None if gone else (b"%s NO [UNAVAILABLE] Mail server connection lost while appending; the "
                                         b"messages may or may not be there\r\n" % self.tag)
-        self._answer(b"" if self.refusal == b"" else answer)
-        await self._cleanup()
+        self._answer(b"" if self.refusal == b"" else answer, keep_held=True)  # held until the cleanup
+        try:
+            await self._cleanup()
+        finally:
+            self._release_input()
 
     async def _cleanup(self) -> None:
         if self.staging is not None:

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from .backend import BackendProtocol, UntaggedResponse
-from .imap import mutf7
 from .imap.command import Atom, ParenList, ParseError, String, astring_value, parse_arguments
 from .imap.grammar import Arguments, Slot, encode
 from .imap.quoting import quoted
-from .routing import MailboxMap, normalize, pattern_matches
+from .listmatch import list_matcher
+from .routing import MailboxMap, normalize
 from .staging import is_private_name
 
 __all__ = ["ListEntry", "ListHost", "list_command", "parse_list_entry", "merge", "select", "format_entry",
@@ -99,81 +99,31 @@ def merge(
     return merged
 
 
-def select(entries: Iterable[ListEntry], reference: bytes, pattern: bytes, separator: str) -> list[ListEntry]:
-    """The entries the client's reference and pattern ask for (RFC 3501 6.3.8), matched as
-    Dovecot matches them: on the names' characters, not on their modified UTF-7 (``*O*`` does
-    not match ``Caf&AOk-``; ``*&AOk-`` and the same in 8-bit UTF-8 do); a pattern that is not
-    modified UTF-7 (nor 8-bit UTF-8 without "&") is matched as it is (``a&*`` matches ``a&-b``)."""
-    wanted = _pattern_characters(reference) + _pattern_characters(pattern)  # each read on its own, as Dovecot
-    fold = 5 if _inboxcase(wanted, separator) else 0
-    out = [e for e in entries if _matches(wanted, _characters(e), separator, fold)]
+def select(entries: Iterable[ListEntry], reference: bytes, pattern: bytes, separator: str, *,
+           lsub_parents: bool = False) -> list[ListEntry]:
+    """The entries the client's reference and pattern ask for (RFC 3501 6.3.8), matched as one
+    server matches them (listmatch.py). *lsub_parents* (LSUB with ``%``, RFC 3501 6.3.9): a
+    subscribed name the pattern does not match brings its nearest parent that it does match,
+    as ``\\Noselect`` unless that parent is subscribed itself; as Dovecot, no other parent."""
+    matches = list_matcher(pattern, separator, reference)
+    out: list[ListEntry] = []
+    unmatched: list[ListEntry] = []
+    for e in entries:
+        (out if matches(e.name) else unmatched).append(e)
+    if lsub_parents:
+        shown = {normalize(e.text, separator) for e in out}
+        sep_b = separator.encode()
+        for e in unmatched:
+            parts = e.text.split(separator)
+            for i in range(len(parts) - 1, 0, -1):
+                parent = separator.join(parts[:i]).encode("utf-8", "surrogateescape")
+                if parent and matches(parent):
+                    key = normalize(parent.decode("utf-8", "surrogateescape"), separator)
+                    if key not in shown:
+                        shown.add(key)
+                        out.append(ListEntry((b"\\Noselect",), sep_b, parent, e.backend))
+                    break
     return sorted(out, key=lambda e: (normalize(e.text, separator) != "INBOX", e.text))
-
-
-def _inboxcase(pattern: str, sep: str) -> bool:
-    """Whether *pattern* may match INBOX, whose letters it then matches in any case: Dovecot's
-    rule (imap-match.c), so "inbox*", "i*", "*n*" and "I%B%X" list INBOX and "inbox/x" INBOX/x."""
-    p, i, end = 0, 0, len(pattern)
-    while i < 5 and p < end and pattern[p].upper() == "INBOX"[i]:
-        p, i = p + 1, i + 1
-    if p == end or pattern[p] != "%":
-        return (p < end and pattern[p] in ("*", sep)) or (i == 5 and p == end)
-    while p < end and pattern[p] not in ("*", sep):  # "I%B%X": INBOX's letters in order, % between
-        if pattern[p] != "%":
-            i = "INBOX".find(pattern[p].upper(), i) + 1
-            if i == 0:
-                return False
-            if i == 5:
-                p += 2 if pattern[p + 1:p + 2] == "%" else 1
-                return p == end or pattern[p] in ("*", sep)
-        p += 1
-    return True
-
-
-def _matches(pattern: str, name: str, sep: str, fold: int) -> bool:
-    """LIST matching, the first *fold* characters of an INBOX name compared without case."""
-    if not fold or name[:5].upper() != "INBOX" or name[5:6] not in ("", sep):
-        return pattern_matches(pattern, name, sep)
-    memo: dict[tuple[int, int], bool] = {}
-
-    def at(p: int, n: int) -> bool:
-        if (p, n) not in memo:
-            memo[p, n] = _at(p, n)
-        return memo[p, n]
-
-    def _at(p: int, n: int) -> bool:
-        if p == len(pattern):
-            return n == len(name)
-        c = pattern[p]
-        if c == "*":
-            return any(at(p + 1, k) for k in range(n, len(name) + 1))
-        if c == "%":
-            k = n
-            while not at(p + 1, k):
-                if k == len(name) or name[k] == sep:
-                    return False
-                k += 1
-            return True
-        return n < len(name) and (name[n] == c or (n < fold and name[n].upper() == c.upper())) and at(p + 1, n + 1)
-
-    return at(0, 0)
-
-
-def _pattern_characters(text: bytes) -> str:
-    try:
-        return mutf7.decode_pattern(text)
-    except ValueError:
-        return text.decode("utf-8", "surrogateescape")
-
-
-def _characters(entry: ListEntry) -> str:
-    """The name's characters: decoded from modified UTF-7 (a backend's UTF-8 name as it is)."""
-    if b"&" not in entry.name:
-        return entry.text
-    try:
-        return mutf7.decode(entry.name)
-    except ValueError:
-        return entry.text
 
 
 def format_entry(kind: bytes, entry: ListEntry, extra_flags: tuple[bytes, ...] = ()) -> bytes:
@@ -227,9 +177,7 @@ class ListHost(Protocol):
 def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None:
     """LIST, LSUB, RLIST, RLSUB (and LIST-EXTENDED forms) for one session."""
     kind = "LSUB" if name in ("LSUB", "RLSUB") else "LIST"
-    options = args.values(Slot.LIST)
-    remote_option = name == "LIST" and bool(options) and isinstance(options[0], ParenList) and any(
-        isinstance(t, Atom) and t.value.upper() == b"REMOTE" for t in options[0].items)
+    remote_option = name == "LIST" and b"REMOTE" in _selection(args)
     if (name in ("RLIST", "RLSUB") or remote_option) and host.referrals_mode == "aware":
         host.referral_aware = True
     remote = name in ("RLIST", "RLSUB") or remote_option or not host.referral_aware
@@ -241,6 +189,14 @@ def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None
         host.run(tag, _merged(host, tag, kind, reference, pattern, backends))
     else:
         host.run(tag, _filtered(host, tag, kind, args, backends, remote_option))
+
+
+def _selection(args: Arguments) -> set[bytes]:
+    """The LIST-EXTENDED selection options (RFC 5258), upper-cased."""
+    options = args.values(Slot.LIST)
+    if not options or not isinstance(options[0], ParenList):
+        return set()
+    return {t.value.upper() for t in options[0].items if isinstance(t, Atom)}
 
 
 def _owner(host: ListHost, name: str) -> str:
@@ -260,9 +216,11 @@ async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, patte
         else:
             host.write_from(conn, r.raw)
     separator = host.mailbox_map.separator
-    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST" or b"%" in pattern),
+    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST"),
                    list_flags=(kind == "LIST"))
-    out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator)]
+    lsub_parents = kind == "LSUB" and b"%" in pattern
+    out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator,
+                                                          lsub_parents=lsub_parents)]
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
 
 
@@ -283,6 +241,8 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     # A \NonExistent parent (RFC 5258 3.4) said by a backend that holds its children but not the
     # parent's name: shown unless the parent's owner lists the name itself. Its index in *out*.
     parents: dict[str, int] = {}
+    child_flagged: dict[int, str] = {}  # an entry with \\HasChildren or \\HasNoChildren: its index, its name
+    owned: dict[int, str] = {}  # every entry from its owner: its index, its name
     for conn, r in await host.gather(backends, text):
         fragments, literals = r.arguments
         if r.start.name in ("LIST", "LSUB"):
@@ -300,6 +260,9 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             if entry.text in seen:
                 continue
             seen.add(entry.text)
+            owned[len(out)] = entry.text
+            if any(f.upper() in _CHILD_FLAGS for f in entry.flags):
+                child_flagged[len(out)] = entry.text
             out.append(add_flag(r.raw, b"\\Remote") if remote_option and conn.name != host.home else r.raw)
         elif r.start.name in _PER_MAILBOX:
             try:
@@ -315,10 +278,58 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             out[i] = b""
         elif await _exists(host, name):  # there, but not selected (SUBSCRIBED): not \NonExistent
             out[i] = _drop_flag(out[i], _NONEXISTENT)
+    if child_flagged and len(backends) > 1:
+        # Each backend knows only its own children (Shared on b1, Shared/Projects on b3): the
+        # child flags said over every backend's mailboxes, as in the merged LIST.
+        with_children = await _parents(host, backends)
+        sep = host.mailbox_map.separator
+        for i, name in child_flagged.items():
+            flag = b"\\HasChildren" if normalize(name, sep) in with_children else b"\\HasNoChildren"
+            out[i] = add_flag(_drop_flag(_drop_flag(out[i], b"\\HASCHILDREN"), b"\\HASNOCHILDREN"), flag)
+    if owned and len(backends) > 1 and b"RECURSIVEMATCH" in _selection(args):
+        # RFC 5258 3.5: CHILDINFO for a subscribed descendant, wherever it is kept
+        sep = host.mailbox_map.separator
+        with_subscribed = await _parents(host, backends, b'LSUB "" "*"')
+        for i, name in owned.items():
+            if normalize(name, sep) in with_subscribed:
+                out[i] = _with_childinfo(out[i])
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
 
 
+async def _parents(host: ListHost, backends: list[str], command: bytes = b'LIST "" "*"') -> set[str]:
+    """Every name (normalized) that has a mailbox (LSUB: a subscription) under it on the backend
+    that owns that mailbox."""
+    sep = host.mailbox_map.separator
+    found: set[str] = set()
+    for entry in await _listed(host, backends, command):
+        if is_private_name(entry.name) or _owner(host, entry.text) != entry.backend:
+            continue
+        parts = normalize(entry.text, sep).split(sep)
+        found.update(sep.join(parts[:i]) for i in range(1, len(parts)))
+    return found
+
+
+async def _listed(host: ListHost, backends: list[str], command: bytes) -> list[ListEntry]:
+    """The ``* LIST``/``* LSUB`` entries *command* brings from *backends* (an unparsable one left out)."""
+    out = []
+    for conn, r in await host.gather(backends, command):
+        if r.start.name in ("LIST", "LSUB"):
+            try:
+                out.append(parse_list_entry(*r.arguments, conn.name))
+            except ParseError:
+                continue
+    return out
+
+
 _NONEXISTENT = b"\\NONEXISTENT"
+_CHILDINFO = b" (CHILDINFO "
+
+
+def _with_childinfo(raw: bytes) -> bytes:
+    """*raw* ``* LIST`` with ``(CHILDINFO ("SUBSCRIBED"))`` (RFC 5258 3.5) unless it has one."""
+    if _CHILDINFO in raw.upper():
+        return raw
+    return raw[:-2] + b' (CHILDINFO ("SUBSCRIBED"))\r\n'
 
 
 async def _exists(host: ListHost, name: str) -> bool:
@@ -328,13 +339,7 @@ async def _exists(host: ListHost, name: str) -> bool:
         arg = quoted(raw)
     except ValueError:
         arg = b"{%d+}\r\n" % len(raw) + raw
-    for conn, r in await host.gather([_owner(host, name)], b'LIST "" ' + arg):
-        if r.start.name != "LIST":
-            continue
-        try:
-            entry = parse_list_entry(*r.arguments, conn.name)
-        except ParseError:
-            continue
+    for entry in await _listed(host, [_owner(host, name)], b'LIST "" ' + arg):
         if normalize(entry.text, host.mailbox_map.separator) == normalize(name, host.mailbox_map.separator):
             return not {f.upper() for f in entry.flags} & {_NONEXISTENT, b"\\NOSELECT"}
     return False

@@ -344,14 +344,14 @@ class MailboxCommands:
         if under_itself(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                         host.mailbox_map.separator):
             return host.tagged(cmd.tag, "NO", UNDER_ITSELF)  # as Dovecot, whichever backends own the names
+        for name in (old, new):  # before any referral: the client would rename it under the move
+            if self.moving(name):
+                return host.tagged(cmd.tag, "NO", _INUSE)
         old_route, new_route = self.route_of(old), self.route_of(new)
         if host.referral_aware and (self.refers(old_route, old) or self.refers(new_route, new)):
             urls = self._rename_pair(old, new, old_route, new_route)
             if urls is not None:
                 return host.send(referrals.referral(cmd.tag, urls))
-        for name in (old, new):
-            if self.moving(name):
-                return host.tagged(cmd.tag, "NO", _INUSE)
         if old_route.primary != new_route.primary and not (self.renamable(old) and self.renamable(new)):
             return host.relay_cmd(cmd, old_route)  # refused there, as directly (the old name checked first)
         if old_route.primary != new_route.primary and not (self.valid_name(old) and self.valid_name(new)):

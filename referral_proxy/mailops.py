@@ -19,11 +19,11 @@ from .imap.command import ParseError
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
-from .imap.uidset import uid_set
+from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
 __all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
-           "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
+           "subtree", "status", "open_mailbox", "search_uids", "named_uids", "fetch_infos", "expunge_uids", "subscribed",
            "delete_if_empty", "finish_cut_delete"]
 
 log = Logger()
@@ -160,6 +160,19 @@ async def search_uids(conn: BackendProtocol, criteria: bytes) -> tuple[list[int]
         else:
             others.append(r.raw)
     return sorted(uids), others
+
+
+async def named_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tuple[list[int], list[bytes]]:
+    """The UIDs a client's COPY/MOVE *message_set* names in the selected mailbox (ascending), and
+    the other untagged responses. A sequence set naming a message past the last is refused whole
+    (TransferError BAD), as the backend refuses that COPY (Dovecot: BAD Invalid messageset):
+    ``UID SEARCH`` finds the messages that exist, and a MOVE 6:7 of six moved one, said OK."""
+    uids, others = await search_uids(conn, (b"UID " if uid else b"") + message_set)
+    if not uid:
+        size = sequence_set_size(message_set)  # None: with "*", which names the last message if any
+        if (len(uids) < size) if size is not None else not uids:
+            raise TransferError("BAD Invalid messageset: it names a message past the last one")
+    return uids, others
 
 
 async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[MessageInfo], list[bytes]]:

@@ -42,6 +42,7 @@ from .mailops import (
     expunge_uids,
     fetch_infos,
     list_mailboxes,
+    named_uids,
     open_mailbox,
     run_ok,
     search_uids,
@@ -338,7 +339,7 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     if move and entry is None:
         return CopyOutcome([], "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
     try:
-        uids, untagged = await search_uids(src, (b"UID " if uid else b"") + message_set)
+        uids, untagged = await named_uids(src, message_set, uid)
         if not uids:
             outcome = CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
         elif not await exists(dst, dst_name):

@@ -99,3 +99,10 @@ def test_uid_codes():
 
 def test_tokens_are_the_commands_own():
     assert isinstance(parse_fetch([b"(X 1)"], []).items[b"X"], Atom)
+
+
+def test_sequence_set_size_counts_distinct_numbers_and_knows_nothing_of_star():
+    from referral_proxy.imap.uidset import sequence_set_size
+    assert [sequence_set_size(s) for s in (b"1", b"1:5,3:7", b"9:6", b"1,1", b"1:2,8:9,3")] == [1, 7, 4, 1, 5]
+    assert sequence_set_size(b"*") is None and sequence_set_size(b"6:*") is None
+    assert sequence_set_size(b"1:4294967295") == 4294967295  # counted, never expanded

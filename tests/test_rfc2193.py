@@ -190,3 +190,39 @@ def test_no_login_referral_to_the_proxy_itself(proxy_factory, fleet):
     reply = w.cmd(b"l", b"LOGIN bob secret")
     assert reply[-1].startswith(b"l OK [CAPABILITY ") and b"[REFERRAL" not in b"".join(reply), reply
     w.close()
+
+
+# -- a mailbox a move holds is never referred ---------------------------------------------------
+
+
+def test_a_mailbox_a_move_holds_is_in_use_not_referred(proxy_factory, fleet):
+    """main answered a referral-aware client's RENAME of a mailbox a move holds (either name) with the
+    pair of urls before it looked at the hold: the client would rename it on the backend itself
+    while the move reads it. SELECT, STATUS, DELETE, APPEND, COPY said NO [INUSE] already."""
+    from storehelp import REACTOR, now
+
+    from referral_proxy.config import load_config
+    from referral_proxy.journal import Reservation
+    from referral_proxy.routing import open_store
+
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/W")
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.cmd(b"r", b'RLIST "" "*"')
+    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
+    store.start()
+    entry = now(store.begin_move("alice", "rename", [Reservation("Shared/W", subtree=True)], {}, "x", "/"))
+    now(store.settle())
+    for command in (b"RENAME Shared/W Shared/Z", b"RENAME Shared/W Local", b"RENAME Shared/Y Shared/W/kid",
+                    b"SELECT Shared/W", b"STATUS Shared/W (MESSAGES)", b"DELETE Shared/W",
+                    b"APPEND Shared/W {5+}\r\nhello"):
+        assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command
+    now(store.end_move(entry))
+    now(store.settle())
+    now(store.close())
+    assert w.cmd(b"n", b"RENAME Shared/W Shared/Z")[-1].startswith(b"n NO [REFERRAL imap://alice;AUTH=*@")
+    w.close()
+    with fleet["b3"].client("alice") as m:
+        assert m.select("Shared/W")[0] == "OK"  # nothing renamed it

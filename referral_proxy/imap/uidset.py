@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["uid_set", "expand_uid_set", "MAX_EXPANDED"]
+__all__ = ["uid_set", "expand_uid_set", "sequence_set_size", "MAX_EXPANDED"]
 
 # A backend's APPENDUID could name "1:4294967295"; expanding that would eat memory.
 MAX_EXPANDED = 10_000_000
@@ -55,3 +55,22 @@ def expand_uid_set(data: bytes | str, limit: int = MAX_EXPANDED) -> list[int]:
             raise ValueError(f"uid-set of more than {limit} UIDs")
         out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
     return out
+
+
+def sequence_set_size(data: bytes) -> int | None:
+    """How many distinct numbers a sequence set names (``b"1:5,3:7"``: 7, ``b"9:6"``: 4); None
+    when it has ``*`` (or is not a set of numbers), whose extent only the server knows."""
+    spans = []
+    for part in data.split(b","):
+        m = _PART.fullmatch(part)
+        if m is None:
+            return None
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) else a
+        spans.append((min(a, b), max(a, b)))
+    total = end = 0
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end + 1) + 1
+            end = b
+    return total
