@@ -17,10 +17,10 @@ from twisted.logger import Logger
 from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
+from .movefinish import finish_message_move
 from .mover import Connect, Mover, reconcile_local
 from .routing import MailboxMap
 from .staging import drop_staging
-from .transfer import finish_message_move
 
 __all__ = ["NoMasterUser", "master_connector", "describe", "recover_entry", "recover_all", "RecoverySweep",
            "SWEEP_SECONDS"]
