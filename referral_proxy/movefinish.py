@@ -10,7 +10,7 @@ another mailbox (``moved_on``); what is found vouches for its source, which then
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .backend import BackendProtocol
@@ -29,14 +29,18 @@ from .mailops import (
 from .routing import MailboxMap
 from .transfer import find_copies, hashes_present
 
+Connect = Callable[[str], Awaitable[BackendProtocol]]
+
 __all__ = ["finish_message_move", "came_back", "moved_on"]
 
 
 async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
-                              dst: BackendProtocol, clock: Any = None) -> str:
+                              dst: BackendProtocol, clock: Any = None, connect: Connect | None = None) -> str:
     """Recovery of a cross-server MOVE. If the destination committed (recorded, or found by content)
     the copies are verified and exactly the recorded source UIDs whose copy is verified are expunged;
-    a copy whose source someone else moved or expunged meanwhile is taken back. Else nothing moved."""
+    a copy whose source someone else moved or expunged meanwhile is taken back. Else nothing moved.
+    *connect(backend)*: a new connection to another backend of the user's, to look for copies a
+    client moved on there before recovery (see moved_on); without it only *src* and *dst* are searched."""
     data = entry.data
     if not await exists(src, data["src_mailbox"]):
         await mailbox_map.end_move(entry)
@@ -77,7 +81,7 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     if rest := [s for s in gone if s not in back]:
         mine, _ = await fetch_infos(src, rest)
         kept = collections.Counter(sent[s] for s, _d in verified)  # still at the destination: found there
-        back += await moved_on([dst, src], data["src_mailbox"], mine, sent, kept)
+        back += await _moved_on_anywhere(entry, mailbox_map, src, dst, connect, mine, sent, kept)
         if (await open_mailbox(src, data["src_mailbox"], readonly=False)).uidvalidity != data["src_validity"]:
             raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
     keep = [s for s, _d in verified] + back
@@ -91,6 +95,27 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))  # their source went elsewhere
     await mailbox_map.end_move(entry)
     return f"finished: {len(present)} message(s) removed from the source"
+
+
+async def _moved_on_anywhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,
+                             connect: Connect | None, mine: Sequence[MessageInfo], sent: dict[int, str],
+                             kept: collections.Counter[str]) -> list[int]:
+    """moved_on over the source's, the destination's and every other backend the user's mailboxes may
+    live on (a copy moved on by a cross-server MOVE of its own lands on a third one)."""
+    others = [b for b in mailbox_map.backends_for(entry.user) if b not in (src.name, dst.name)] if connect else []
+    conns: list[BackendProtocol] = []
+    try:
+        for name in others:
+            assert connect is not None
+            conns.append(await connect(name))
+
+        def routed(backend: str, mailbox: str) -> bool:
+            return mailbox_map.lookup(entry.user, mailbox).primary == backend
+
+        return await moved_on([dst, src, *conns], src, entry.data["src_mailbox"], mine, sent, kept, routed)
+    finally:
+        for conn in conns:
+            conn.logout()
 
 
 async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int) -> list[int]:
@@ -110,21 +135,25 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
     return _vouched(mine, sent, found)
 
 
-async def moved_on(conns: Sequence[BackendProtocol], src_mailbox: str, mine: Sequence[MessageInfo],
-                   sent: dict[int, str], kept: collections.Counter[str]) -> list[int]:
+async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_mailbox: str,
+                   mine: Sequence[MessageInfo], sent: dict[int, str], kept: collections.Counter[str],
+                   routed: Callable[[str, str], bool] = lambda _backend, _name: True) -> list[int]:
     """Of source messages (*mine*) whose committed copy left the destination before recovery, those
-    whose content (size, then sha256) is in some other mailbox of the destination's or the source's
-    backend: a client moved the copy on, so the source's message goes (else it is there twice). A
-    copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
+    whose content (size, then sha256) is in some other mailbox of *conns*' backends (the source's,
+    the destination's, and every other backend the user's mailboxes may live on), one that
+    *routed(backend, name)* says the map sends there (a copy out of every client's sight vouches
+    for nothing): a client moved the copy on, so the source's message goes (else it is there twice).
+    A copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
     *kept*: the hashes of the copies still at the destination (found there, they vouch for none)."""
     sizes = {i.size for i in mine}
     if not sizes:
         return []
     found: collections.Counter[str] = collections.Counter()
-    for k, conn in enumerate(conns):
+    for conn in conns:
         for entry in await list_mailboxes(conn):
             name = entry.name.decode("utf-8", "surrogateescape")
-            if not entry.selectable or name.startswith("referral-proxy-") or (k == len(conns) - 1 and _same_name(name, src_mailbox)):
+            if (not entry.selectable or name.startswith("referral-proxy-") or not routed(conn.name, name)
+                    or (conn is src and _same_name(name, src_mailbox))):
                 continue
             if (await open_mailbox(conn, name, readonly=True)).messages:
                 uids, _ = await search_uids(conn, b"LARGER %d SMALLER %d" % (min(sizes) - 1, max(sizes) + 1))

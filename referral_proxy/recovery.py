@@ -76,7 +76,7 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
     try:
         if entry.op == "move-messages":
             conns = [await connect(entry.data["src"]), await connect(entry.data["dst"])]
-            return await finish_message_move(entry, mailbox_map, conns[0], conns[1], clock)
+            return await finish_message_move(entry, mailbox_map, conns[0], conns[1], clock, connect)
         if how is Recovery.DROP_STAGING:
             conns = [await connect(entry.data["backend"])]
             return await drop_staging(mailbox_map, entry, conns[0])
