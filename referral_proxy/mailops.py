@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from .backend import BackendError, BackendProtocol, Tagged
-from .imap.command import ParseError
+from .imap.command import Atom, ParseError, String, parse_arguments
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
@@ -24,7 +24,7 @@ from .routing import normalize
 
 __all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
            "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
-           "delete_if_empty", "finish_cut_delete"]
+           "delete_if_empty", "finish_cut_delete", "may_expunge"]
 
 log = Logger()
 
@@ -185,6 +185,32 @@ async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[
     if missing:
         raise TransferError(f"message UID {missing[0]} vanished from the source")
     return [infos[u] for u in uids], others
+
+
+async def may_expunge(conn: BackendProtocol, name: str) -> tuple[bool, list[bytes]]:
+    """May this login flag messages of *name* \\Deleted and expunge them (RFC 4314 ``t`` and ``e``;
+    ``d`` on a server that announces no RIGHTS= with them)? True if the backend has no ACL, or
+    does not say (MYRIGHTS refused or unreadable). And the other untagged responses, raw (on the
+    selected mailbox's connection: a client must see them)."""
+    if "ACL" not in conn.capabilities:
+        return True, []
+    result = await conn.command(b"MYRIGHTS " + name_arg(name))
+    allowed, others = True, []
+    for r in result.responses:
+        if r.start.name != "MYRIGHTS":
+            others.append(r.raw)
+            continue
+        try:
+            args = parse_arguments(*r.arguments)
+        except ParseError:
+            continue
+        if result.ok and len(args) == 2 and isinstance(args[1], (Atom, String)):
+            rights = args[1].value.decode("ascii", "replace")
+            if any(c.startswith("RIGHTS=") and "T" in c and "E" in c for c in conn.capabilities):
+                allowed = "t" in rights and "e" in rights
+            else:
+                allowed = "d" in rights or ("t" in rights and "e" in rights)
+    return allowed, others
 
 
 async def expunge_uids(conn: BackendProtocol, uids: Sequence[int]) -> list[bytes]:

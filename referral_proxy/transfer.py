@@ -15,6 +15,7 @@ mailboxes, so ``recover`` can finish it after a crash.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,7 @@ from .mailops import (
     exists,
     expunge_uids,
     fetch_infos,
+    may_expunge,
     open_mailbox,
     run_ok,
     search_uids,
@@ -337,8 +339,15 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
         return CopyOutcome([], "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
     try:
         uids, untagged = await search_uids(src, (b"UID " if uid else b"") + message_set)
+        allowed = True
+        if move and uids:  # asked once the client's message numbers are UIDs: its answer may hold an EXPUNGE
+            allowed, seen = await may_expunge(src, src_name)
+            untagged += seen
         if not uids:
             outcome = CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
+        elif not allowed:  # Dovecot's own MOVE: NO, nothing copied
+            outcome = CopyOutcome(untagged, "NO", "[NOPERM] Permission denied: the messages cannot be expunged "
+                                                  "here (rights t and e needed); nothing was moved")
         elif not await exists(dst, dst_name):
             outcome = CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist")
         else:
@@ -408,8 +417,14 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:
-        present, others = await _mark_deleted(src, uids)
+        flags_now, others = await _mark_deleted(src, uids)
         untagged += others
+        present = sorted(flags_now)
+        try:  # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
+            await _carry_flags(dst, dst_mailbox, copied.uidvalidity, _changes(infos, flags_now, copy_of))
+        except BackendError as e:
+            log.warn("MOVE: flags changed on {src} during the move not carried to {dst} ({why})",
+                     src=src.name, dst=dst.name, why=str(e))
         entry.data["present"] = uid_set(present).decode()
         entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in present).decode()
         await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
@@ -438,23 +453,75 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
 
 
-async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[list[int], list[bytes]]:
-    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are still there (the answer
-    names each), and the other untagged responses, raw."""
+async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[dict[int, frozenset[bytes] | None], list[bytes]]:
+    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are still there, each with its
+    flags now (None: not said), and the other untagged responses, raw. Dovecot's answer names each
+    message whose flags changed, so not one that was \\Deleted already: those are asked for again."""
     result = await run_ok(src, b"UID STORE " + uid_set(uids) + b" +FLAGS (\\Deleted)", "STORE")
-    wanted, present, others = set(uids), set(), []
-    for r in result.responses:
-        uid = None
+    present: dict[int, frozenset[bytes] | None] = {}
+    others = _fetched(result.responses, set(uids), present)
+    if quiet := [u for u in uids if u not in present]:
+        others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
+                           set(quiet), present)
+    # One still without the flag (the STORE ignored: no right to set it) cannot be expunged: its copy goes back.
+    return {u: f for u, f in present.items() if f is None or b"\\DELETED" in {_flag_key(x) for x in f}}, others
+
+
+def _fetched(responses: Sequence[Any], wanted: set[int], present: dict[int, frozenset[bytes] | None]) -> list[bytes]:
+    """Into *present*: the *wanted* UIDs FETCH responses name, with their flags; the other responses, raw."""
+    others = []
+    for r in responses:
+        data = None
         if r.start.name == "FETCH":
             try:
-                uid = parse_fetch(*r.arguments).uid
+                data = parse_fetch(*r.arguments)
             except ParseError:
-                uid = None
-        if uid in wanted:
-            present.add(uid)
+                data = None
+        if data is not None and data.uid in wanted:
+            present[data.uid] = None if data.flags is None else frozenset(data.flags)
         else:
             others.append(r.raw)
-    return sorted(present), others
+    return others
+
+
+def _flag_key(flag: bytes) -> bytes:
+    return flag.upper() if flag.startswith(b"\\") else flag
+
+
+async def _carry_flags(dst: BackendProtocol, mailbox: str, validity: int, changes: dict[int, tuple[set[bytes], set[bytes]]]) -> None:
+    """Flags set or cleared on the source while the MOVE ran, onto the copies: {copy UID: (added,
+    removed)}, added and cleared, never replaced (a client may be flagging the copy already)."""
+    if not changes:
+        return
+    if (await open_mailbox(dst, mailbox, readonly=False)).uidvalidity != validity:
+        return
+    by_change: dict[tuple[str, bytes], list[int]] = collections.defaultdict(list)
+    for uid, (added, removed) in changes.items():
+        if added:
+            by_change[("+", b" ".join(sorted(added)))].append(uid)
+        if removed:
+            by_change[("-", b" ".join(sorted(removed)))].append(uid)
+    for (sign, flags), uids in sorted(by_change.items()):
+        await run_ok(dst, b"UID STORE " + uid_set(uids) + b" " + sign.encode() + b"FLAGS.SILENT (" + flags + b")", "STORE")
+
+
+def _changes(infos: Sequence[MessageInfo], now: dict[int, frozenset[bytes] | None],
+             copy_of: dict[int, int]) -> dict[int, tuple[set[bytes], set[bytes]]]:
+    """{copy UID: (flags added, flags cleared)} of each source message whose flags changed since they
+    were read and copied (\\Deleted as copied: this MOVE set it; \\Recent is no flag to set)."""
+    out = {}
+    for info in infos:
+        flags = now.get(info.uid)
+        if flags is None:
+            continue
+        ignore = {b"\\DELETED", b"\\RECENT"}
+        before = {_flag_key(f): f for f in info.flags if _flag_key(f) not in ignore}
+        after = {_flag_key(f): f for f in flags if _flag_key(f) not in ignore}
+        added = {after[k] for k in after.keys() - before.keys()}
+        removed = {before[k] for k in before.keys() - after.keys()}
+        if added or removed:
+            out[copy_of[info.uid]] = (added, removed)
+    return out
 
 
 async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, str]:

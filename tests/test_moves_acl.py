@@ -1,0 +1,46 @@
+"""MOVE to another server out of a mailbox the user may not expunge from (RFC 4314 rights, Dovecot's
+ACL plugin, on in every test Dovecot), against real Dovecot.
+
+Dovecot's own MOVE there says ``NO [NOPERM] Permission denied`` and copies nothing. Its STORE of
+\\Deleted without the ``t`` right, and its UID EXPUNGE without ``e``, answer OK and change nothing:
+the proxy copied the messages, found them "expunged" and answered OK (without ``t``: "No
+messages moved", the copies taken back), or, with ``t`` but no ``e``, OK "Move completed" with
+every message now on both servers."""
+
+from __future__ import annotations
+
+import pytest
+from imapwire import Wire
+from movecheck import census, judge, seed
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}]
+MASTERS = {"backends": {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}}
+
+
+@pytest.mark.parametrize("rights", ["lr", "lrs", "lrstw", "lrswie"])
+def test_a_move_across_without_the_right_to_expunge_is_refused_and_copies_nothing(proxy_factory, fleet, rights):
+    work = ["work-0@t", "work-1@t", "work-2@t"]
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    with fleet["b1"].client("carol") as m:  # carol's own rights on her mailbox (she keeps 'a')
+        assert m._simple_command("SETACL", "Work", "carol", rights)[0] == "OK"
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    selected = w.cmd(b"s", b"SELECT Work")[-1]
+    assert selected.startswith(b"s OK [READ-ONLY]" if rights == "lr" else b"s OK [READ-WRITE]"), selected
+    for tag, move in ((b"m", b"UID MOVE 1:* Shared/Dest"), (b"n", b"MOVE 2 Shared/Dest")):
+        answer = w.cmd(tag, move)[-1]
+        assert answer.startswith(tag + b" NO [NOPERM] "), answer
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work} == {("b1", "Work")}
+    with fleet["b1"].client("carol") as m:  # no \Deleted left behind
+        m.select("Work", readonly=True)
+        assert b"Deleted" not in b" ".join(m.uid("FETCH", "1:*", "(FLAGS)")[1])
+    assert w.cmd(b"c", b"UID COPY 1 Shared/Dest")[-1].startswith(b"c OK")  # reading is allowed: COPY copies
+    assert census(fleet, "carol")[0]["work-0@t"] == 2

@@ -1,0 +1,90 @@
+"""A MOVE to another server carries each message's flags as they are when it leaves the source,
+as Dovecot's own MOVE does: flags a second session sets or clears while the move runs (a STORE,
+the \\Seen of a non-PEEK FETCH), keywords, and \\Deleted (a message already \\Deleted moves too,
+keeping the flag). Judged by a census of the backends and the flags read there."""
+
+from __future__ import annotations
+
+import pytest
+from imapwire import Wire
+from movecheck import census, faulty, judge, quote, seed, wait_paused
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"mailbox": "Archive/*", "backend": "b2"}]
+MASTERS = {"backends": {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}}
+
+
+def _flags(backend, mailbox: str) -> dict[str, set[str]]:
+    """Message-Id -> its flags (without \\Recent), in *mailbox* on *backend*."""
+    with backend.client("carol") as m:
+        m.select(quote(mailbox), readonly=True)
+        flags, ids = {}, {}
+        for item in m.uid("FETCH", "1:*", "(UID FLAGS)")[1]:
+            uid, rest = item.decode().split("UID ", 1)[1].split(" ", 1)
+            flags[uid] = {f for f in rest.split("FLAGS (", 1)[1].split(")", 1)[0].split() if f != "\\Recent"}
+        for item in m.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")[1]:
+            if isinstance(item, tuple):
+                ids[item[0].decode().split("UID ", 1)[1].split(" ", 1)[0]] = item[1].decode().split(":", 1)[1].strip().strip("<>")
+    return {ids[u]: f for u, f in flags.items()}
+
+
+def test_a_deleted_message_moves_across_with_its_flag(proxy_factory, fleet):
+    """Dovecot's STORE +FLAGS (\\Deleted) names no message that had the flag already: the MOVE took
+    such a message for one another client had expunged, took its copy back and left it in the source
+    ("No messages moved"), where Dovecot's own MOVE moves it, \\Deleted and all."""
+    work = ["work-0@t", "work-1@t", "work-2@t"]
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    with fleet["b1"].client("carol") as m:
+        m.select("Work")
+        m.uid("STORE", "1", "+FLAGS", "(\\Deleted $Later)")
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    answer = w.cmd(b"m", b"UID MOVE 1:* Shared/Dest")
+    assert answer[-1].startswith(b"m OK"), answer
+    assert any(b"[COPYUID " in line and b" 1:3 " in line for line in answer), answer
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work} == {("b3", "Shared/Dest")}
+    assert _flags(fleet["b3"], "Shared/Dest")["work-0@t"] == {"\\Seen", "\\Deleted", "$Later"}
+
+
+def test_flags_changed_by_another_session_while_a_move_runs_are_carried(proxy_factory, fleet, tmp_path):
+    """The MOVE read the flags, then (stopped at move-appending, its MULTIAPPEND not yet sent)
+    another session flags one message, clears a flag of another and reads a third without PEEK
+    (\\Seen): the copies must carry the flags the messages had when they left the source."""
+    work = ["work-0@t", "work-1@t", "work-2@t", "work-3@t"]
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    with fleet["b1"].client("carol") as m:
+        m.select("Work")
+        m.uid("STORE", "2", "+FLAGS", "(\\Answered $Work)")
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--pause-at", "move-appending:1",
+                                                               "--pause-dir", str(pause)))
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:* Shared/Dest\r\n")
+    wait_paused(pause, "move-appending:1")
+    with fleet["b1"].client("carol") as m:  # a second session, while the proxy is stopped
+        m.select("Work")
+        m.uid("STORE", "1", "+FLAGS", "(\\Flagged $Urgent)")
+        m.uid("STORE", "2", "-FLAGS", "($Work)")
+        m.uid("FETCH", "3", "(BODY[])")  # sets \Seen
+    (pause / "resume").touch()
+    answer = w.until_tagged(b"m")
+    assert answer[-1].startswith(b"m OK"), answer
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work} == {("b3", "Shared/Dest")}
+    flags = _flags(fleet["b3"], "Shared/Dest")
+    # seeded: \Seen, (none), \Flagged $Work, \Seen (movecheck.seed); then the second session's changes
+    assert flags == {"work-0@t": {"\\Seen", "\\Flagged", "$Urgent"}, "work-1@t": {"\\Answered"},
+                     "work-2@t": {"\\Flagged", "$Work", "\\Seen"}, "work-3@t": {"\\Seen"}}, flags
