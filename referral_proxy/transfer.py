@@ -413,6 +413,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         raise
     untagged += copied.others
     entry.data["dst_uids"] = uid_set(copied.uids).decode()
+    entry.data["dst_validity"] = copied.uidvalidity  # the copies' (a destination made anew meanwhile has another)
     await verify_copies(dst, dst_mailbox, copied)
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))

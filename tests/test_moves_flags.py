@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from imapwire import Wire
-from movecheck import census, faulty, judge, quote, seed, wait_paused
+from movecheck import census, cli, faulty, judge, quote, seed, wait_paused
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -88,3 +88,33 @@ def test_flags_changed_by_another_session_while_a_move_runs_are_carried(proxy_fa
     # seeded: \Seen, (none), \Flagged $Work, \Seen (movecheck.seed); then the second session's changes
     assert flags == {"work-0@t": {"\\Seen", "\\Flagged", "$Urgent"}, "work-1@t": {"\\Answered"},
                      "work-2@t": {"\\Flagged", "$Work", "\\Seen"}, "work-3@t": {"\\Seen"}}, flags
+
+
+def test_a_destination_made_anew_during_a_killed_move_is_not_taken_for_another(proxy_factory, fleet, tmp_path):
+    """Stopped at move-appending (the destination's UIDVALIDITY recorded), another session DELETEs
+    and CREATEs the destination again; the MULTIAPPEND goes into the new mailbox, is verified there,
+    and the proxy is killed at move-appended. Recovery compared the copies' mailbox with the
+    UIDVALIDITY recorded before, found "another mailbox", and kept the sources: every message twice."""
+    work = ["work-0@t", "work-1@t", "work-2@t"]
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--pause-at", "move-appending:1", "--pause-dir",
+                                                               str(pause), "--kill-at", "move-appended:1"))
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:2 Shared/Dest\r\n")
+    wait_paused(pause, "move-appending:1")
+    with fleet["b3"].client("carol") as m:
+        assert m.delete(quote("Shared/Dest"))[0] == "OK"
+        assert m.create(quote("Shared/Dest"))[0] == "OK"
+    (pause / "resume").touch()
+    assert w.closed(30), "the proxy was not killed at move-appended"
+    proxy.process.wait(10)
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work[:2]} == {("b3", "Shared/Dest")} and where[work[2]] == [("b1", "Work")]
