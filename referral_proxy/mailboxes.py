@@ -23,8 +23,9 @@ from .imap import mutf7
 from .imap.grammar import Slot
 from .imap.reader import Command
 from .imap.response import ResponseStart
+from .localrename import rename_here
 from .mailops import TransferError
-from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult, rename_here
+from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
@@ -363,7 +364,7 @@ class MailboxCommands:
         host.run(cmd.tag, self._rename_here(cmd, old, new, old_route))
 
     async def _rename_here(self, cmd: Command, old: bytes, new: bytes, route: Route) -> None:
-        """RENAME on one backend: mover.rename_here holds both names meanwhile and lets placements follow."""
+        """RENAME on one backend: localrename.rename_here holds both names meanwhile and lets placements follow."""
         host = self.host
         assert host.pool is not None
         conn = await host.pool.connection(route)

@@ -1,4 +1,4 @@
-"""Moving whole mailboxes between backends (cross-server RENAME, the admin ``move``), and RENAME on one backend.
+"""Moving whole mailboxes between backends (cross-server RENAME, the admin ``move``); RENAME on one backend is localrename.py.
 
 A mailbox move, journaled step by step (journal.py has the table):
 
@@ -38,7 +38,6 @@ from twisted.logger import Logger
 
 from .backend import BackendProtocol
 from .hierarchy import UNDER_ITSELF, refusal, under_itself
-from .imap.response import completion_text
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
@@ -62,8 +61,7 @@ from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
 from .transfer import Progress, copy_stream, find_copies, verify_copies
 
-__all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "rename_here", "LocalRename", "reconcile_local",
-           "BATCH_MESSAGES", "BATCH_BYTES"]
+__all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "BATCH_MESSAGES", "BATCH_BYTES"]
 
 log = Logger()
 
@@ -520,81 +518,3 @@ class Mover:
 
 
 # -- RENAME on one backend --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LocalRename:
-    """What the backend said to a RENAME (its untagged responses raw, its completion without tag)."""
-
-    untagged: tuple[bytes, ...]
-    completion: str
-
-
-async def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> None:
-    """Placements of the renamed mailboxes (those on *backend*) now belong to the new names."""
-    sep, old, new = mailbox_map.separator, normalize(old, mailbox_map.separator), normalize(new, mailbox_map.separator)
-    for name, backends in mailbox_map.placements(user).items():
-        if backends[0] == backend and (name == old or name.startswith(old + sep)):
-            await mailbox_map.unplace(user, name)
-            await mailbox_map.place(user, new + name[len(old):], backends)
-
-
-async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,
-                      others: Connect) -> LocalRename:
-    """RENAME on the backend that owns both names, holding both subtrees meanwhile.
-
-    Refused before anything changes if a child would get a name the map sends to
-    another backend (Dovecot renames children along: it would become unreachable), or if
-    a child lives on another backend (found over *others*: it would keep its old name)."""
-    sep = mailbox_map.separator
-    inbox = normalize(old, sep) == "INBOX"
-    reservations = [Reservation(old, subtree=not inbox), Reservation(new)]
-    try:
-        entry = await mailbox_map.begin_move(user, "rename-local", reservations, {"backend": conn.name, "old": old, "new": new})
-    except InUse:
-        return LocalRename((), "NO [INUSE] Mailbox is being moved or renamed by another command; try again shortly")
-    except StoreUnavailable:
-        return LocalRename((), "NO " + UNAVAILABLE)
-    try:
-        if not inbox:
-            placed = mailbox_map.placements(user)
-            try:
-                children = await subtree(conn, old, sep)
-            except TransferError:
-                children = []  # the backend refuses the name itself: its answer to the RENAME says why
-            for child in children:
-                if mailbox_map.lookup(user, child).primary != conn.name:
-                    continue  # a stray copy the map hides: it stays hidden
-                target = new + child[len(old):]
-                if normalize(child, sep) not in placed and mailbox_map.lookup(user, target).primary != conn.name:
-                    await mailbox_map.end_move(entry)
-                    return LocalRename((), "NO [CANNOT] A mailbox inside would get a name that lives on another "
-                                           "server; rename or move it first")
-            refused = await refusal(mailbox_map, user, old, conn.name, others)
-            if refused:
-                await mailbox_map.end_move(entry)
-                return LocalRename((), refused)
-        await mailbox_map.step(entry, Step.RENAMING)
-        result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
-        if result.ok and not inbox:
-            await _follow_placements(mailbox_map, user, conn.name, old, new)
-        await mailbox_map.end_move(entry)
-        return LocalRename(tuple(r.raw for r in result.responses), completion_text(result.start))
-    except BaseException:
-        if not entry.ended:
-            if entry.step is Step.RESERVED:
-                await mailbox_map.end_move(entry)
-            else:
-                await mailbox_map.disown(entry)
-        raise
-
-
-async def reconcile_local(mailbox_map: MailboxMap, entry: JournalEntry, conn: BackendProtocol) -> str:
-    """Recovery of a RENAME on one backend: placements follow if the backend did rename."""
-    data = entry.data
-    renamed = not await exists(conn, data["old"]) and await exists(conn, data["new"])
-    if renamed and normalize(data["old"], mailbox_map.separator) != "INBOX":
-        await _follow_placements(mailbox_map, entry.user, data["backend"], data["old"], data["new"])
-    await mailbox_map.end_move(entry)
-    return "renamed: placements follow" if renamed else "not renamed: nothing to do"
-

@@ -17,8 +17,9 @@ from twisted.logger import Logger
 from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
+from .localrename import reconcile_local
 from .movefinish import finish_message_move
-from .mover import Connect, Mover, reconcile_local
+from .mover import Connect, Mover
 from .routing import MailboxMap
 from .staging import drop_staging
 

@@ -1,0 +1,98 @@
+"""RENAME on the backend that owns both names, journaled only to hold its names; its recovery.
+
+A RENAME on one backend is Dovecot's own (atomic there); the proxy reserves both subtrees
+meanwhile (``rename-local``), refuses one that would strand a child (a name the map sends
+elsewhere, or a child on another backend: hierarchy.py), and lets placements follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backend import BackendProtocol
+from .hierarchy import refusal
+from .imap.response import completion_text
+from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
+from .mailops import TransferError, exists, name_arg, subtree
+from .mover import Connect
+from .routing import MailboxMap, normalize
+
+__all__ = ["rename_here", "LocalRename", "reconcile_local"]
+
+
+@dataclass(frozen=True)
+class LocalRename:
+    """What the backend said to a RENAME (its untagged responses raw, its completion without tag)."""
+
+    untagged: tuple[bytes, ...]
+    completion: str
+
+
+async def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> None:
+    """Placements of the renamed mailboxes (those on *backend*) now belong to the new names."""
+    sep, old, new = mailbox_map.separator, normalize(old, mailbox_map.separator), normalize(new, mailbox_map.separator)
+    for name, backends in mailbox_map.placements(user).items():
+        if backends[0] == backend and (name == old or name.startswith(old + sep)):
+            await mailbox_map.unplace(user, name)
+            await mailbox_map.place(user, new + name[len(old):], backends)
+
+
+async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,
+                      others: Connect) -> LocalRename:
+    """RENAME on the backend that owns both names, holding both subtrees meanwhile.
+
+    Refused before anything changes if a child would get a name the map sends to
+    another backend (Dovecot renames children along: it would become unreachable), or if
+    a child lives on another backend (found over *others*: it would keep its old name)."""
+    sep = mailbox_map.separator
+    inbox = normalize(old, sep) == "INBOX"
+    reservations = [Reservation(old, subtree=not inbox), Reservation(new)]
+    try:
+        entry = await mailbox_map.begin_move(user, "rename-local", reservations, {"backend": conn.name, "old": old, "new": new})
+    except InUse:
+        return LocalRename((), "NO [INUSE] Mailbox is being moved or renamed by another command; try again shortly")
+    except StoreUnavailable:
+        return LocalRename((), "NO " + UNAVAILABLE)
+    try:
+        if not inbox:
+            placed = mailbox_map.placements(user)
+            try:
+                children = await subtree(conn, old, sep)
+            except TransferError:
+                children = []  # the backend refuses the name itself: its answer to the RENAME says why
+            for child in children:
+                if mailbox_map.lookup(user, child).primary != conn.name:
+                    continue  # a stray copy the map hides: it stays hidden
+                target = new + child[len(old):]
+                if normalize(child, sep) not in placed and mailbox_map.lookup(user, target).primary != conn.name:
+                    await mailbox_map.end_move(entry)
+                    return LocalRename((), "NO [CANNOT] A mailbox inside would get a name that lives on another "
+                                           "server; rename or move it first")
+            refused = await refusal(mailbox_map, user, old, conn.name, others)
+            if refused:
+                await mailbox_map.end_move(entry)
+                return LocalRename((), refused)
+        await mailbox_map.step(entry, Step.RENAMING)
+        result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
+        if result.ok and not inbox:
+            await _follow_placements(mailbox_map, user, conn.name, old, new)
+        await mailbox_map.end_move(entry)
+        return LocalRename(tuple(r.raw for r in result.responses), completion_text(result.start))
+    except BaseException:
+        if not entry.ended:
+            if entry.step is Step.RESERVED:
+                await mailbox_map.end_move(entry)
+            else:
+                await mailbox_map.disown(entry)
+        raise
+
+
+async def reconcile_local(mailbox_map: MailboxMap, entry: JournalEntry, conn: BackendProtocol) -> str:
+    """Recovery of a RENAME on one backend: placements follow if the backend did rename."""
+    data = entry.data
+    renamed = not await exists(conn, data["old"]) and await exists(conn, data["new"])
+    if renamed and normalize(data["old"], mailbox_map.separator) != "INBOX":
+        await _follow_placements(mailbox_map, entry.user, data["backend"], data["old"], data["new"])
+    await mailbox_map.end_move(entry)
+    return "renamed: placements follow" if renamed else "not renamed: nothing to do"
+
