@@ -24,7 +24,7 @@ from .routing import normalize
 
 __all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
            "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
-           "delete_if_empty", "finish_cut_delete", "may_expunge"]
+           "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -188,14 +188,19 @@ async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[
 
 
 async def may_expunge(conn: BackendProtocol, name: str) -> tuple[bool, list[bytes]]:
-    """May this login flag messages of *name* \\Deleted and expunge them (RFC 4314 ``t`` and ``e``;
-    ``d`` on a server that announces no RIGHTS= with them)? True if the backend has no ACL, or
-    does not say (MYRIGHTS refused or unreadable). And the other untagged responses, raw (on the
-    selected mailbox's connection: a client must see them)."""
+    """May this login flag messages of *name* \\Deleted and expunge them (RFC 4314 ``t`` and ``e``)?
+    And the other untagged responses, raw (on the selected mailbox's connection: a client must see them)."""
+    rights, others = await myrights(conn, name)
+    return grants(conn, rights, "te"), others
+
+
+async def myrights(conn: BackendProtocol, name: str) -> tuple[str | None, list[bytes]]:
+    """The RFC 4314 rights of this login on *name* (``MYRIGHTS``): None if the backend has no ACL, or
+    does not say (refused, unreadable); and the other untagged responses, raw."""
     if "ACL" not in conn.capabilities:
-        return True, []
+        return None, []
     result = await conn.command(b"MYRIGHTS " + name_arg(name))
-    allowed, others = True, []
+    rights, others = None, []
     for r in result.responses:
         if r.start.name != "MYRIGHTS":
             others.append(r.raw)
@@ -206,11 +211,23 @@ async def may_expunge(conn: BackendProtocol, name: str) -> tuple[bool, list[byte
             continue
         if result.ok and len(args) == 2 and isinstance(args[1], (Atom, String)):
             rights = args[1].value.decode("ascii", "replace")
-            if any(c.startswith("RIGHTS=") and "T" in c and "E" in c for c in conn.capabilities):
-                allowed = "t" in rights and "e" in rights
-            else:
-                allowed = "d" in rights or ("t" in rights and "e" in rights)
-    return allowed, others
+    return rights, others
+
+
+def grants(conn: BackendProtocol, rights: str | None, needed: str) -> bool:
+    """Do *rights* hold every right of *needed* (of ``t e x``)? Unknown rights (None) are granted (the
+    operation then finds out). On a server without ``RIGHTS=`` naming them (RFC 2086), ``d`` stands for
+    ``t`` and ``e``, and ``x`` is not known."""
+    if rights is None:
+        return True
+    announced = "".join(c[7:].lower() for c in conn.capabilities if c.startswith("RIGHTS="))
+    for right in needed:
+        if right in announced or right in rights:
+            if right not in rights:
+                return False
+        elif right in "te" and "d" not in rights:
+            return False
+    return True
 
 
 async def expunge_uids(conn: BackendProtocol, uids: Sequence[int]) -> list[bytes]:

@@ -212,3 +212,18 @@ def wait_paused(pause: Path, what: str) -> str:
     step = (pause / "paused").read_text()
     (pause / "paused").unlink()
     return step
+
+
+def journal_empty(proxy) -> bool:
+    """No move journal entry left in *proxy*'s map store (opened as another process would)."""
+    from storehelp import REACTOR, now
+
+    from referral_proxy.config import load_config
+    from referral_proxy.routing import open_store
+
+    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
+    store.start()
+    try:
+        return now(store.journal()) == []
+    finally:
+        now(store.close())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from imapwire import Wire
-from movecheck import census, judge, seed
+from movecheck import census, cli, journal_empty, judge, seed
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -44,3 +44,32 @@ def test_a_move_across_without_the_right_to_expunge_is_refused_and_copies_nothin
         assert b"Deleted" not in b" ".join(m.uid("FETCH", "1:*", "(FLAGS)")[1])
     assert w.cmd(b"c", b"UID COPY 1 Shared/Dest")[-1].startswith(b"c OK")  # reading is allowed: COPY copies
     assert census(fleet, "carol")[0]["work-0@t"] == 2
+
+
+@pytest.mark.parametrize("rights", ["lrswi", "lrswite", "lrswitek"])
+def test_a_rename_across_without_the_rights_to_empty_and_delete_the_source_is_refused(proxy_factory, fleet, rights):
+    """Dovecot's RENAME needs the right x on the mailbox (and says NO [NOPERM]); a move across also
+    needs t and e to empty the source. Without them the proxy copied everything, committed, and
+    then could not expunge (no t, e: every message twice, the source hidden on b1) or rename the
+    source aside (no x: an empty Work left on b1), its entry retried by every sweep, the names held
+    (NO [INUSE]) for good. Now: NO [NOPERM] before anything changes, for the admin move too."""
+    work, child = ["work-0@t", "work-1@t"], ["kid-0@t"]
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Work/c", child)
+    with fleet["b1"].client("carol") as m:
+        assert m._simple_command("SETACL", "Work/c", "carol", rights)[0] == "OK"
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    answer = w.cmd(b"r", b"RENAME Work Shared/W")[-1]
+    assert answer.startswith(b"r NO [NOPERM] "), answer
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3")
+    assert moved.returncode != 0 and "NOPERM" in moved.stdout + moved.stderr, moved.stdout + moved.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work + child) == ([], [])
+    assert {where[i][0] for i in work} == {("b1", "Work")} and where[child[0]] == [("b1", "Work/c")]
+    with fleet["b3"].client("carol") as m:  # nothing made there
+        assert [x for x in m.list()[1] if x and b"Shared" in x] == []
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # nothing held
+    assert journal_empty(proxy)
+
