@@ -22,7 +22,7 @@ from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
 from .routing import normalize
 
-__all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
+__all__ = ["TransferError", "Vanished", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
            "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
            "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
@@ -31,6 +31,10 @@ log = Logger()
 
 class TransferError(BackendError):
     """A mail operation stopped; str() is safe to show a client (no client bytes in it)."""
+
+
+class Vanished(TransferError):
+    """A source message could not be read: another session expunged it meanwhile (nothing was saved)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,7 @@ async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[
         infos[uid] = MessageInfo(uid, flags, date, size)
     missing = [u for u in uids if u not in infos]
     if missing:
-        raise TransferError(f"message UID {missing[0]} vanished from the source")
+        raise Vanished(f"message UID {missing[0]} vanished from the source")
     return [infos[u] for u in uids], others
 
 

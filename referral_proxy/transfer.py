@@ -38,6 +38,7 @@ from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreU
 from .mailops import (
     MessageInfo,
     TransferError,
+    Vanished,
     exists,
     expunge_uids,
     fetch_infos,
@@ -212,7 +213,12 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     dst.transport.registerProducer(_Pause(src.transport), True)
     try:
         dst.write(ptag + b" APPEND " + astring(mailbox))
-        others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
+        try:
+            others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
+        except TransferError as e:
+            if src.closed:
+                raise
+            raise Vanished(str(e)) from None  # expunged by another session after it was named
         if before_commit is not None:
             await before_commit(tuple(hashes))
         dst.write(b"\r\n")
@@ -316,8 +322,13 @@ MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the s
 
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
                       mailbox: bytes, move: bool, *, mailbox_map: MailboxMap, user: str,
-                      source_mailbox: bytes, clock: Any = None) -> CopyOutcome:
+                      source_mailbox: bytes, clock: Any = None,
+                      reconnect: Callable[[], Awaitable[BackendProtocol]] | None = None) -> CopyOutcome:
     """COPY / MOVE from *source_mailbox*, selected on *src*, to *mailbox* on *dst* (a connection of its own).
+
+    A source message another session expunged while the messages were read aborts the MULTIAPPEND
+    (nothing saved); with *reconnect* (a new connection to the destination's backend) the rest are
+    then copied or moved once more, as Dovecot's own COPY/MOVE skips such a message.
 
     MOVE pins both mailboxes in the journal and waits its turn after any other cross-server
     MOVE from the same mailbox (two of them would each copy a message both name); then it
@@ -329,6 +340,32 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     """
     if move and "UIDPLUS" not in src.capabilities:
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
+    args = (mailbox, move, mailbox_map, user, source_mailbox, clock)
+    try:
+        return await _copy_once(src, message_set, uid, dst, *args, first=True)
+    except _Again as again:  # nothing was saved: once more, with what is still there
+        if reconnect is None:
+            raise TransferError(str(again.why)) from None
+        fresh = await reconnect()
+        try:
+            outcome = await _copy_once(src, uid_set(again.uids), True, fresh, *args, first=False)
+        finally:
+            fresh.logout()
+        outcome.untagged[:0] = again.untagged
+        return outcome
+
+
+class _Again(Exception):
+    """A source message vanished while the messages were read: nothing was saved; *uids* were named."""
+
+    def __init__(self, uids: list[int], untagged: list[bytes], why: Vanished) -> None:
+        super().__init__("a source message vanished")
+        self.uids, self.untagged, self.why = uids, untagged, why
+
+
+async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol, mailbox: bytes,
+                     move: bool, mailbox_map: MailboxMap, user: str, source_mailbox: bytes, clock: Any, *,
+                     first: bool) -> CopyOutcome:
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
     try:
@@ -351,11 +388,18 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
         elif not await exists(dst, dst_name):
             outcome = CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist")
         else:
-            infos, others = await fetch_infos(src, uids)
-            untagged += others
-            if entry is not None:
-                return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
-            copied = await copy_stream(src, infos, dst, mailbox)
+            try:
+                infos, others = await fetch_infos(src, uids)
+                untagged += others
+                if entry is not None:
+                    return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
+                copied = await copy_stream(src, infos, dst, mailbox)
+            except Vanished as e:
+                if not first:
+                    raise  # the second time: said as it is
+                if entry is not None and not entry.ended:
+                    await mailbox_map.end_move(entry)  # at reserved, or its MULTIAPPEND aborted: nothing saved
+                raise _Again(uids, untagged, e) from None
             untagged += copied.others
             return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
                                                f"{uid_set(copied.uids).decode()}] Copy completed.",

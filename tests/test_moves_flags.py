@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, faulty, judge, quote, seed, wait_paused
+from movecheck import census, cli, faulty, journal_empty, judge, quote, seed, wait_paused
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -118,3 +118,35 @@ def test_a_destination_made_anew_during_a_killed_move_is_not_taken_for_another(p
     counts, where = census(fleet, "carol")
     assert judge(counts, work) == ([], [])
     assert {where[i][0] for i in work[:2]} == {("b3", "Shared/Dest")} and where[work[2]] == [("b1", "Work")]
+
+
+@pytest.mark.parametrize("step", ["reserved:1", "move-appending:1"])
+def test_a_source_message_expunged_while_a_move_reads_it_is_skipped_as_dovecot_does(proxy_factory, fleet, tmp_path,
+                                                                                     step):
+    """Another session expunges one of the messages after the MOVE named it, before its body is
+    read: the MULTIAPPEND is aborted (nothing saved) and the MOVE answered "NO unexpected message 2"
+    where Dovecot's own MOVE moves the rest. Now the rest are moved, once more from the start."""
+    work = ["work-0@t", "work-1@t", "work-2@t"]
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--pause-at", step, "--pause-dir", str(pause)))
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:2 Shared/Dest\r\n")
+    wait_paused(pause, step)
+    with fleet["b1"].client("carol") as m:
+        m.select("Work")
+        m.uid("STORE", "1", "+FLAGS.SILENT", "(\\Deleted)")
+        assert m.uid("EXPUNGE", "1")[0] == "OK"
+    (pause / "resume").touch()
+    answer = w.until_tagged(b"m")
+    assert answer[-1].startswith(b"m OK"), answer
+    assert any(b"[COPYUID " in line and b" 2 " in line for line in answer), answer
+    assert w.cmd(b"n", b"UID SEARCH ALL")[0].startswith(b"* SEARCH 3"), "the client's view is the backend's"
+    counts, where = census(fleet, "carol")
+    assert dict(counts) == {"work-1@t": 1, "work-2@t": 1}, where
+    assert where["work-1@t"] == [("b3", "Shared/Dest")] and where["work-2@t"] == [("b1", "Work")]
+    assert journal_empty(proxy)
