@@ -341,45 +341,52 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     if move and "UIDPLUS" not in src.capabilities:
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
     args = (mailbox, move, mailbox_map, user, source_mailbox, clock)
+    seen: list[bytes] = []  # the source's untagged responses: the client sees them whatever the answer
     try:
-        return await _copy_once(src, message_set, uid, dst, *args, first=True)
-    except _Again as again:  # nothing was saved: once more, with what is still there
-        if reconnect is None:
-            raise TransferError(str(again.why)) from None
-        fresh = await reconnect()
         try:
-            outcome = await _copy_once(src, uid_set(again.uids), True, fresh, *args, first=False)
-        finally:
-            fresh.logout()
-        outcome.untagged[:0] = again.untagged
-        return outcome
+            return await _copy_once(src, message_set, uid, dst, *args, seen=seen, first=True)
+        except _Again as again:  # nothing was saved: once more, with what is still there
+            if reconnect is None:
+                raise TransferError(str(again.why)) from None
+            fresh = await reconnect()
+            try:
+                return await _copy_once(src, uid_set(again.uids), True, fresh, *args, seen=seen, first=False)
+            finally:
+                fresh.logout()
+    except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
+        text = str(e)
+        status, _, rest = text.partition(" ")
+        return CopyOutcome(seen, status, rest) if status in ("NO", "BAD") else CopyOutcome(seen, "NO", text)
 
 
 class _Again(Exception):
     """A source message vanished while the messages were read: nothing was saved; *uids* were named."""
 
-    def __init__(self, uids: list[int], untagged: list[bytes], why: Vanished) -> None:
+    def __init__(self, uids: list[int], why: Vanished) -> None:
         super().__init__("a source message vanished")
-        self.uids, self.untagged, self.why = uids, untagged, why
+        self.uids, self.why = uids, why
 
 
 async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol, mailbox: bytes,
                      move: bool, mailbox_map: MailboxMap, user: str, source_mailbox: bytes, clock: Any, *,
-                     first: bool) -> CopyOutcome:
+                     seen: list[bytes], first: bool) -> CopyOutcome:
+    """One attempt of copy_across; the source's untagged responses are collected in *seen* as they come."""
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
     try:
         entry = await _hold(mailbox_map, user, src_name, dst_name, clock) if move else None
     except StoreUnavailable:
-        return CopyOutcome([], "NO", UNAVAILABLE)
+        return CopyOutcome(seen, "NO", UNAVAILABLE)
     if move and entry is None:
-        return CopyOutcome([], "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
+        return CopyOutcome(seen, "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
     try:
-        uids, untagged = await search_uids(src, (b"UID " if uid else b"") + message_set)
+        uids, found = await search_uids(src, (b"UID " if uid else b"") + message_set)
+        untagged = seen
+        untagged += found
         allowed = True
         if move and uids:  # asked once the client's message numbers are UIDs: its answer may hold an EXPUNGE
-            allowed, seen = await may_expunge(src, src_name)
-            untagged += seen
+            allowed, also = await may_expunge(src, src_name)
+            untagged += also
         if not uids:
             outcome = CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
         elif not allowed:  # Dovecot's own MOVE: NO, nothing copied
@@ -399,7 +406,7 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
                     raise  # the second time: said as it is
                 if entry is not None and not entry.ended:
                     await mailbox_map.end_move(entry)  # at reserved, or its MULTIAPPEND aborted: nothing saved
-                raise _Again(uids, untagged, e) from None
+                raise _Again(uids, e) from None
             untagged += copied.others
             return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
                                                f"{uid_set(copied.uids).decode()}] Copy completed.",

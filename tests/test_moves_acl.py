@@ -73,3 +73,30 @@ def test_a_rename_across_without_the_rights_to_empty_and_delete_the_source_is_re
     assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # nothing held
     assert journal_empty(proxy)
 
+
+
+@pytest.mark.parametrize("cmd", [b"UID MOVE 3 Shared/Dest", b"UID COPY 3 Shared/Dest"])
+def test_a_refused_copy_across_still_shows_the_expunges_the_source_announced(proxy_factory, fleet, cmd):
+    """Another session expunged message 1; the COPY/MOVE's UID SEARCH on the source got Dovecot's
+    ``* 1 EXPUNGE``, then the destination refused the APPEND (no right i). The refusal was raised and
+    the EXPUNGE never reached the client: its message numbers were one off from the backend's for
+    the rest of the session (a STORE 2 +FLAGS (\\Deleted), EXPUNGE would remove another message)."""
+    seed(fleet["b1"], "carol", "Work", ["work-0@t", "work-1@t", "work-2@t"])
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    with fleet["b3"].client("carol") as m:
+        assert m._simple_command("SETACL", '"Shared/Dest"', "carol", "lr")[0] == "OK"
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    with fleet["b1"].client("carol") as m:
+        m.select("Work")
+        m.uid("STORE", "1", "+FLAGS.SILENT", "(\\Deleted)")
+        assert m.uid("EXPUNGE", "1")[0] == "OK"
+    answer = w.cmd(b"m", cmd)
+    assert answer[-1].startswith(b"m NO [NOPERM] "), answer
+    assert b"* 1 EXPUNGE\r\n" in answer, answer
+    w.cmd(b"d", b"STORE 1 +FLAGS.SILENT (\\Deleted)")  # the client's message 1 is now work-1
+    assert w.cmd(b"e", b"EXPUNGE")[-1].startswith(b"e OK")
+    counts, where = census(fleet, "carol")
+    assert dict(counts) == {"work-2@t": 1}, where
