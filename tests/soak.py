@@ -23,8 +23,11 @@ from __future__ import annotations
 import argparse
 import collections
 import imaplib
+import os
 import random
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from movecheck import body, census, cli, deliver_on, quote, seed, through_proxy  # noqa: E402
+from movecheck import REPO, body, census, cli, deliver_on, quote, seed, through_proxy  # noqa: E402
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
 from referral_proxy.testing.proxyproc import ProxyProcess  # noqa: E402
@@ -48,7 +51,7 @@ TARGETS = ["Shared/A", "Shared/B", "Shared/Z", "Shared/Z/c", "Archive/A", "Archi
 # parents of the rules' subtrees (a child renamed into Shared/... lives elsewhere)
 ODD_TARGETS = ["inbox/Sub", "INBOX/Sub/x", "*", "Inbox/Sub/*", "Shared/*", "Shared", "Archive"]
 ODD_ORIGINALS = {"INBOX/Sub": 12, "INBOX/Sub/k": 4, "*": 6}
-OPTIONS = {"odd_names": False}
+OPTIONS = {"odd_names": False, "admin": False}
 
 
 def proxy_config(fleet, port: int) -> dict:
@@ -159,7 +162,8 @@ class Client(threading.Thread):
                     self.ledger.errors[str(e)[:90]] += 1
                 self.m = None
 
-    def _mailboxes(self, m: imaplib.IMAP4) -> list[str]:
+    @staticmethod
+    def _mailboxes(m: imaplib.IMAP4) -> list[str]:
         typ, data = m.list('""', '"*"')
         if typ != "OK":
             return []
@@ -339,6 +343,52 @@ class Deliverer(threading.Thread):
             self.stop_event.wait(self.rng.uniform(0.5, 1.0) if self.rng.random() < 0.05 else self.rng.uniform(0.0, 0.05))
 
 
+class Admin(threading.Thread):
+    """An administrator moving carol's mailboxes (with their children) with `referral-proxy move`
+    while the clients work; a third of the moves SIGKILLed at a random moment (the journal
+    entry is left for the proxy's start-up recovery or `recover`). An admin move makes no copy:
+    the census allows none for it."""
+
+    def __init__(self, port: int, config: Path, rng: random.Random, ledger: Ledger, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.port, self.config, self.rng, self.ledger, self.stop_event = port, config, rng, ledger, stop
+
+    def _names(self) -> list[str]:
+        try:
+            m = imaplib.IMAP4("127.0.0.1", self.port, timeout=60)
+            m.login(USER, "secret")
+            names = Client._mailboxes(m)
+            m.logout()
+        except (imaplib.IMAP4.error, OSError, EOFError):
+            return []
+        # not INBOX (nor "*", the whole user): the deliverer delivers to b1 as the user's home, and mail
+        # reaching the old home after such a move stays there by design (README: point delivery at the new home)
+        return [n for n in names if not n.startswith("referral-proxy-") and n.upper() != "INBOX" and n != "*"]
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.rng.uniform(0.5, 2.0)):
+            names = self._names()
+            if not names:
+                continue
+            box = self.rng.choice(names)
+            to = self.rng.choice(["b1", "b2", "b3"])
+            kill_after = self.rng.uniform(0.0, 1.5) if self.rng.random() < 0.33 else None
+            self.ledger.tell(-2, f"ADMIN MOVE {box} -> {to}" + (f" (kill at {kill_after:.2f} s)" if kill_after else ""))
+            env = dict(os.environ, PYTHONPATH=str(REPO))
+            proc = subprocess.Popen([sys.executable, "-m", "referral_proxy", "move", "--config", str(self.config),
+                                     USER, box, to], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=REPO, env=env)
+            try:
+                out, _ = proc.communicate(timeout=kill_after if kill_after is not None else 300)
+                outcome = f"rc={proc.returncode}"
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                out, _ = proc.communicate()
+                outcome = "killed"
+            self.ledger.note("admin move", outcome if outcome == "killed" or proc.returncode == 0 else "refused")
+            self.ledger.tell(-2, f"ADMIN MOVE {box} -> {to}: {outcome} {out.strip()[-300:]!r}")
+
+
 def chaos(fleet, proxy: ProxyProcess, rng: random.Random, ledger: Ledger, until: float, backends: bool) -> None:
     """Kill the proxy or a backend at random moments, and bring it back, until *until*.
 
@@ -410,6 +460,8 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         proxy.start()
         actors = [Client(k, port, random.Random(rng.random()), ledger, stop) for k in range(clients)]
         actors.append(Deliverer(fleet, random.Random(rng.random()), ledger, stop))
+        if OPTIONS["admin"]:  # (its own generator: the seeds' runs without it are unchanged)
+            actors.append(Admin(port, config_path, random.Random(seed_ * 7919 + 1), ledger, stop))
         for a in actors:
             a.start()
         chaos(fleet, proxy, random.Random(rng.random()), ledger, time.monotonic() + seconds, backend_kills)
@@ -506,10 +558,13 @@ def main() -> int:
     parser.add_argument("--no-backend-kills", action="store_true")
     parser.add_argument("--odd-names", action="store_true",
                         help="also inbox/... spelled in other cases, a mailbox named '*', wildcards in new names")
+    parser.add_argument("--admin", action="store_true",
+                        help="also an administrator's `referral-proxy move` of a mailbox or the whole user, some killed")
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
                         help="the map store: SQLite (the default) or a PostgreSQL server of the soak's own")
     args = parser.parse_args()
     OPTIONS["odd_names"] = args.odd_names
+    OPTIONS["admin"] = args.admin
     from referral_proxy.fleet import Fleet, make_root
 
     root = make_root("rp-soak-")
