@@ -22,7 +22,7 @@ from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
 from .routing import normalize
 
-__all__ = ["TransferError", "Vanished", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
+__all__ = ["TransferError", "Vanished", "NoMasterUser", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
            "subtree", "status", "open_mailbox", "search_uids", "fetch_infos", "expunge_uids", "subscribed",
            "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
@@ -31,6 +31,10 @@ log = Logger()
 
 class TransferError(BackendError):
     """A mail operation stopped; str() is safe to show a client (no client bytes in it)."""
+
+
+class NoMasterUser(BackendError):
+    """A backend without ``master_user``: the proxy cannot act there for a user (moves, recovery)."""
 
 
 class Vanished(TransferError):

@@ -13,11 +13,14 @@ import collections
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from twisted.logger import Logger
+
 from .backend import BackendProtocol
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import JournalEntry, Step
 from .mailops import (
     MessageInfo,
+    NoMasterUser,
     TransferError,
     exists,
     expunge_uids,
@@ -30,6 +33,7 @@ from .routing import MailboxMap
 from .transfer import find_copies, hashes_present
 
 Connect = Callable[[str], Awaitable[BackendProtocol]]
+log = Logger()
 
 __all__ = ["finish_message_move", "came_back", "moved_on"]
 
@@ -107,7 +111,10 @@ async def _moved_on_anywhere(entry: JournalEntry, mailbox_map: MailboxMap, src: 
     try:
         for name in others:
             assert connect is not None
-            conns.append(await connect(name))
+            try:
+                conns.append(await connect(name))
+            except NoMasterUser as e:  # never reachable: looked at nowhere (a copy there leaves the source)
+                log.warn("recovery: a copy moved on to {backend} cannot be looked for ({why})", backend=name, why=str(e))
 
         def routed(backend: str, mailbox: str) -> bool:
             return mailbox_map.lookup(entry.user, mailbox).primary == backend

@@ -18,6 +18,7 @@ from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .localrename import reconcile_local
+from .mailops import NoMasterUser
 from .movefinish import finish_message_move
 from .mover import Connect, Mover
 from .routing import MailboxMap
@@ -29,10 +30,6 @@ __all__ = ["NoMasterUser", "master_connector", "describe", "recover_entry", "rec
 log = Logger()
 
 SWEEP_SECONDS = 30.0  # how often a running proxy looks for entries nobody is finishing
-
-
-class NoMasterUser(BackendError):
-    pass
 
 
 def master_connector(reactor: Any, config: Config, user: str) -> Connect:
