@@ -30,7 +30,7 @@ from .mailops import (
     search_uids,
 )
 from .routing import MailboxMap
-from .transfer import find_copies, hashes_present
+from .transfer import find_copies, hash_messages, hashes_present
 
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 log = Logger()
@@ -68,7 +68,7 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
         pairs = list(zip(src_uids, expand_uid_set(data["dst_uids"])))
     else:  # the journal does not know whether the MULTIAPPEND committed: look for the copies by content
         found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
-                                  data["hashes"], clock=clock)
+                                  data["hashes"], clock=clock) or await _made_anew(dst, data)
         if not found:
             await mailbox_map.end_move(entry)
             return "the destination never committed: nothing moved"
@@ -99,6 +99,24 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))  # their source went elsewhere
     await mailbox_map.end_move(entry)
     return f"finished: {len(present)} message(s) removed from the source"
+
+
+async def _made_anew(dst: BackendProtocol, data: dict) -> dict[int, int]:
+    """The destination deleted and made again after the MOVE's STATUS (another UIDVALIDITY): a
+    MULTIAPPEND that committed is there whole, every body in order on consecutive UIDs (it saves
+    all or nothing). Found: {index: UID}, and that UIDVALIDITY recorded as the copies'."""
+    if not await exists(dst, data["dst_mailbox"]):
+        return {}
+    state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
+    if state.uidvalidity == data["dst_validity"]:
+        return {}
+    uids, _ = await search_uids(dst, b"ALL")
+    hashes, n = await hash_messages(dst, uids), len(data["hashes"])
+    for k in range(len(uids) - n + 1):
+        if hashes[k:k + n] == data["hashes"] and uids[k + n - 1] - uids[k] == n - 1:
+            data["dst_validity"] = state.uidvalidity
+            return {i: uids[k + i] for i in range(n)}
+    return {}
 
 
 async def _moved_on_anywhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,

@@ -214,15 +214,23 @@ def wait_paused(pause: Path, what: str) -> str:
     return step
 
 
-def journal_empty(proxy) -> bool:
-    """No move journal entry left in *proxy*'s map store (opened as another process would)."""
-    from storehelp import REACTOR, now
+def journal_store(proxy):
+    """*proxy*'s map store, opened as another process would (started; close it)."""
+    from storehelp import REACTOR
 
     from referral_proxy.config import load_config
     from referral_proxy.routing import open_store
 
     store = open_store(load_config(proxy.config_path).map.store, REACTOR)
     store.start()
+    return store
+
+
+def journal_empty(proxy) -> bool:
+    """No move journal entry left in *proxy*'s map store."""
+    from storehelp import now
+
+    store = journal_store(proxy)
     try:
         return now(store.journal()) == []
     finally:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, faulty, journal_empty, judge, quote, seed, wait_paused
+from movecheck import census, cli, faulty, journal_empty, journal_store, judge, multiappend, quote, seed, wait_paused
+from storehelp import now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -149,4 +150,50 @@ def test_a_source_message_expunged_while_a_move_reads_it_is_skipped_as_dovecot_d
     counts, where = census(fleet, "carol")
     assert dict(counts) == {"work-1@t": 1, "work-2@t": 1}, where
     assert where["work-1@t"] == [("b3", "Shared/Dest")] and where["work-2@t"] == [("b1", "Work")]
+    assert journal_empty(proxy)
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_move_in_flight_into_a_destination_made_anew_is_found_and_finished(proxy_factory, fleet, committed):
+    """Killed after its MULTIAPPEND's last byte, before move-appended (made here by hand: no journal
+    step lies between), while another session had deleted and made the destination again after the
+    MOVE's STATUS: recovery looked for the copies under the UIDVALIDITY recorded before, found
+    "another mailbox", took the MULTIAPPEND for one that never committed and kept the sources: every
+    message twice. Now a new destination holding the whole MULTIAPPEND, in order on consecutive
+    UIDs, is taken for the one the copies went to."""
+    import hashlib
+
+    from referral_proxy.journal import Reservation, Step
+
+    work = ["work-0@t", "work-1@t", "work-2@t", "work-3@t"]
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ["old-0@t"])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    with fleet["b3"].client("carol") as m:
+        typ, answer = m.status(quote("Shared/Dest"), "(UIDVALIDITY UIDNEXT)")
+        words = answer[0].decode().replace("(", " ").replace(")", " ").split()
+        validity, uidnext = int(words[words.index("UIDVALIDITY") + 1]), int(words[words.index("UIDNEXT") + 1])
+        assert m.delete(quote("Shared/Dest"))[0] == "OK"  # with old-0: the other session's doing
+    seed(fleet["b3"], "carol", "Shared/Dest", ["new-0@t"])  # made anew; a delivery there first
+    with fleet["b1"].client("carol") as m:
+        m.select("Work", readonly=True)
+        bodies = [item[1] for item in m.uid("FETCH", "2:3", "(BODY.PEEK[])")[1] if isinstance(item, tuple)]
+        src_validity = int(m.response("UIDVALIDITY")[1][0])
+    if committed:
+        with fleet["b3"].client("carol") as m:
+            multiappend(m, [b"s APPEND " + quote("Shared/Dest").encode()] + [b" () {%d+}\r\n" % len(b) + b for b in bodies])
+    store = journal_store(proxy)
+    data = {"src": "b1", "src_mailbox": "Work", "src_validity": src_validity, "src_uids": "2:3", "dst": "b3",
+            "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
+            "hashes": [hashlib.sha256(b).hexdigest() for b in bodies]}
+    entry = now(store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
+                                                            Reservation("Shared/Dest", False, True)], data, None, "/"))
+    now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
+    now(store.close())
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert ("2 message(s) removed" if committed else "never committed") in recovered.stdout, recovered.stdout
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work + ["new-0@t"]) == ([], []), where
+    assert {where[i][0] for i in work[1:3]} == {("b3", "Shared/Dest") if committed else ("b1", "Work")}
     assert journal_empty(proxy)
