@@ -235,3 +235,19 @@ def journal_empty(proxy) -> bool:
         return now(store.journal()) == []
     finally:
         now(store.close())
+
+
+def journal_killed_move(proxy, data: dict) -> None:
+    """A cross-server MOVE's entry as a proxy killed at move-appending leaves it (unowned): Work on b1
+    to Shared/Dest on b3, *data* its journal data (hashes journaled: the MULTIAPPEND may have committed)."""
+    from storehelp import now
+
+    from referral_proxy.journal import Reservation, Step
+
+    store = journal_store(proxy)
+    try:
+        held = [Reservation(data["src_mailbox"], False, True), Reservation(data["dst_mailbox"], False, True)]
+        entry = now(store.begin_move("carol", "move-messages", held, data, None, "/"))
+        now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
+    finally:
+        now(store.close())

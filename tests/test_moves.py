@@ -20,6 +20,7 @@ from movecheck import (
     deliver,
     deliver_on,
     faulty,
+    journal_killed_move,
     judge,
     multiappend,
     quote,
@@ -608,8 +609,6 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
 
 @pytest.mark.parametrize("committed", [True, False, "moved meanwhile"])
 def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet, committed):
-    from referral_proxy.journal import Reservation, Step
-
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
@@ -617,7 +616,6 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
     validity, uidnext = _state(fleet["b3"], "Shared/Dest")
     if committed:
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
-    store = _store(proxy)
     data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
             "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
             "hashes": _hashes(fleet["b1"], "Work", "2:4")}
@@ -626,10 +624,7 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
             m.create("Other")
             m.select("Work")
             assert m.uid("MOVE", "3", "Other")[0] == "OK"
-    entry = now(store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
-                                                            Reservation("Shared/Dest", False, True)], data, None, "/"))
-    now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
-    now(store.close())
+    journal_killed_move(proxy, data)
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     removed = {True: "3 message(s) removed", False: "never committed", "moved meanwhile": "2 message(s) removed"}

@@ -7,8 +7,18 @@ from __future__ import annotations
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, faulty, journal_empty, journal_store, judge, multiappend, quote, seed, wait_paused
-from storehelp import now
+from movecheck import (
+    census,
+    cli,
+    faulty,
+    journal_empty,
+    journal_killed_move,
+    judge,
+    multiappend,
+    quote,
+    seed,
+    wait_paused,
+)
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -163,8 +173,6 @@ def test_a_move_in_flight_into_a_destination_made_anew_is_found_and_finished(pro
     UIDs, is taken for the one the copies went to."""
     import hashlib
 
-    from referral_proxy.journal import Reservation, Step
-
     work = ["work-0@t", "work-1@t", "work-2@t", "work-3@t"]
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ["old-0@t"])
@@ -182,14 +190,10 @@ def test_a_move_in_flight_into_a_destination_made_anew_is_found_and_finished(pro
     if committed:
         with fleet["b3"].client("carol") as m:
             multiappend(m, [b"s APPEND " + quote("Shared/Dest").encode()] + [b" () {%d+}\r\n" % len(b) + b for b in bodies])
-    store = journal_store(proxy)
     data = {"src": "b1", "src_mailbox": "Work", "src_validity": src_validity, "src_uids": "2:3", "dst": "b3",
             "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
             "hashes": [hashlib.sha256(b).hexdigest() for b in bodies]}
-    entry = now(store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
-                                                            Reservation("Shared/Dest", False, True)], data, None, "/"))
-    now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
-    now(store.close())
+    journal_killed_move(proxy, data)
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     assert ("2 message(s) removed" if committed else "never committed") in recovered.stdout, recovered.stdout
