@@ -1,7 +1,10 @@
-"""A MOVE to another server carries each message's flags as they are when it leaves the source,
-as Dovecot's own MOVE does: flags a second session sets or clears while the move runs (a STORE,
-the \\Seen of a non-PEEK FETCH), keywords, and \\Deleted (a message already \\Deleted moves too,
-keeping the flag). Judged by a census of the backends and the flags read there."""
+"""A MOVE to another server while other sessions change its mailboxes, against real Dovecot.
+
+Flags: each message's flags as they are when it leaves the source, as Dovecot's own MOVE does:
+flags a second session sets or clears while the move runs (a STORE, the \\Seen of a non-PEEK
+FETCH), keywords, and \\Deleted (a message already \\Deleted moves too, keeping the flag).
+Then a source message expunged while the MOVE reads it, and a destination deleted and made anew
+while it runs (killed, recovered). Judged by a census of the backends and the flags read there."""
 
 from __future__ import annotations
 
