@@ -67,6 +67,8 @@ class Mode(Enum):
     STAGE = "no MULTIAPPEND: each message into a private staging mailbox, then ONE COPY into the target"
     SINGLE = "no MULTIAPPEND and no staging mailbox could be made: one message, a second cancels the command"
 
+    __hash__ = object.__hash__  # identity, in C (see flow.Block)
+
 
 class AppendState(Enum):
     PREPARING = "STAGE: the target is checked and the staging mailbox created; the first literal waits"
@@ -76,6 +78,8 @@ class AppendState(Enum):
     SENT = "the client sent the whole command (or the rest is dropped); waiting for the backend"
     COMMITTING = "STAGE: the staged messages are copied into the target"
     ANSWERED = "the client has its answer"
+
+    __hash__ = object.__hash__  # identity, in C (see flow.Block)
 
 
 # Python 3.11's EnumType has a __getattr__, which makes every ``AppendState.X`` a slow
@@ -396,9 +400,11 @@ class AppendCommand:
 
     def _settle(self) -> None:
         """Once the client is done and every backend answer is in: answer (STAGE: commit first)."""
-        if (self.state in (_PREPARING, _COMMITTING, _ANSWERED)
-                or not self.input_over or self.finishing or any(p.status is None for p in self.parts)):
+        if self.state in (_PREPARING, _COMMITTING, _ANSWERED) or not self.input_over or self.finishing:
             return
+        for part in self.parts:  # (a loop: no generator per call, twice a message)
+            if part.status is None:
+                return
         if self.mode is not _STAGE:
             self._learn()
             return self._answer(self._pass_answer())

@@ -28,6 +28,8 @@ class State(Enum):
     AUTHENTICATED = "authenticated"
     SELECTED = "selected"
 
+    __hash__ = object.__hash__  # identity, in C (see flow.Block)
+
 
 class Routing(Enum):
     """Where a command goes (after login; before it the proxy answers everything itself)."""
@@ -40,6 +42,8 @@ class Routing(Enum):
     EACH = "each mailbox's backend: relayed if both live on one, moved across by the proxy if not"
     MERGED = "every backend that holds the user's mailboxes, merged"
     STREAMED = "streamed to its mailbox's backend, message by message"
+
+    __hash__ = object.__hash__  # identity, in C (see flow.Block)
 
 
 PRE = frozenset({State.NOT_AUTHENTICATED})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from .config import ConfigError, load_config
@@ -111,6 +112,9 @@ async def show(mailbox_map: MailboxMap, config: Any, user: str) -> str:
         lines.append(f"  {r.mailbox} -> {', '.join(r.backends)}" + ("" if r.user is None else f"   (user {r.user})"))
     lines.append(f"default -> {config.map.default}")
     lines.append(f"backends holding mail: {', '.join(mailbox_map.backends_for(user))}")
+    for old in mailbox_map.old_homes(user):  # oldhome.py
+        lines.append(f"old home {old.backend}: mail delivered to its INBOX is carried to the home until "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(old.until))}")
     moves = [e for e in await mailbox_map.entries() if e.user == user]
     lines.append("moves in progress:" if moves else "moves in progress: none")
     for entry in moves:

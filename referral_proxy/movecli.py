@@ -31,8 +31,9 @@ from .imap.command import ParseError
 from .imap.data import parse_status
 from .mailops import TransferError, name_arg
 from .mover import Connect, MoveIncomplete, Mover
-from .recovery import master_connector, recover_all
-from .routing import MailboxMap, StepHook, open_store
+from .oldhome import carry_old_homes
+from .recovery import SWEEP_SECONDS, master_connector, recover_all
+from .routing import OLD_HOME_WATCH, MailboxMap, StepHook, normalize, open_store
 from .transfer import Progress
 
 __all__ = ["run_move", "run_recover"]
@@ -93,7 +94,11 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
 
     async def main(reactor: Any) -> int:
         mailbox_map.start_leases(reactor, config.map.lease_seconds / 4)  # what it takes over stays its own
-        lines = await recover_all(mailbox_map, lambda user: master_connector(reactor, config, user), reactor)
+        def connector(user: str) -> Connect:
+            return master_connector(reactor, config, user)
+
+        lines = await recover_all(mailbox_map, connector, reactor)
+        lines += await carry_old_homes(mailbox_map, connector, reactor)  # mail that reached an old INBOX since
         for line in lines:
             print(line, flush=True)
         left = len(await mailbox_map.entries())
@@ -188,6 +193,9 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
             print(f"{user}'s home is now {args.backend}; mailboxes created from now on follow the "
                   f"rules: point {user}'s rule (or the default) at {args.backend} too, and deliver "
                   f"{user}'s mail there")
+        if normalize(args.mailbox, mailbox_map.separator) in ("*", "INBOX"):
+            print(f"mail still delivered to {user}'s INBOX on {src_name} is carried to {args.backend} for "
+                  f"{OLD_HOME_WATCH // 3600} h (by every running proxy, within {SWEEP_SECONDS:.0f} s, and by `recover`)")
         return 0
 
     return _run(main)

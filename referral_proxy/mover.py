@@ -4,9 +4,8 @@ A mailbox move, journaled step by step (journal.py has the table):
 
 1. Reserve the source and destination subtrees with the journal entry, in one store
    transaction, before reading anything (``NO [INUSE]`` for anyone else meanwhile).
-2. Plan: the mailbox and its children that the source owns, found by exact name and
-   prefix (a name is never a LIST pattern). Refuse before anything changes if a
-   destination name exists.
+2. Plan: the mailbox and its children that the source owns, by exact name and prefix
+   (a name is never a LIST pattern); a destination name that exists refuses the move.
 3. Create each destination mailbox (journaled before and after), copy its messages in
    bounded MULTIAPPEND batches, each verified by content (sha256 streamed through,
    compared with the copy read back by its APPENDUID) before it is journaled.
@@ -17,8 +16,7 @@ A mailbox move, journaled step by step (journal.py has the table):
    (deliveries to the old name now fail, and Dovecot's LDA/LMTP delivers to INBOX
    instead), what arrived meanwhile is copied and verified, exactly the verified
    UIDs are expunged, and the private mailbox is deleted once it is seen empty.
-   INBOX cannot be renamed aside: its verified UIDs are expunged in rounds until a
-   round finds nothing new, and INBOX is never deleted.
+   INBOX is emptied in place in rounds, never deleted; its old backend is watched (oldhome.py).
 
 Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs
 this move appended (recorded, or -- for a batch in flight -- found by content from
@@ -392,6 +390,8 @@ class Mover:
         if entry.step is Step.SUBSCRIBED:
             for o, n in pairs:
                 await self.mailbox_map.place(self.user, n, [data["dst"]])
+                if n == "INBOX":  # the user's home moved: what still reaches the old one is carried
+                    await self.mailbox_map.watch_old_home(self.user, data["src"], self.clock)
                 if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
                     await self.mailbox_map.unplace(self.user, o)
             await self.mailbox_map.step(entry, Step.PLACED)
@@ -417,9 +417,9 @@ class Mover:
                 left = await self._empty_until_quiet(entry, i, src, dst, old)
                 if old == "INBOX":
                     if left:
-                        log.error("move {id}: INBOX on {b} keeps receiving mail: {n} message(s) left there "
-                                  "(deliver {user}'s mail to {dst})", id=entry.id, b=src.name, n=len(left),
-                                  user=self.user, dst=data["dst"])
+                        log.warn("move {id}: INBOX on {b} keeps receiving mail: {n} message(s) left there (if INBOX "
+                                 "moved to {dst}, carried there later: oldhome.py)", id=entry.id, b=src.name,
+                                 n=len(left), dst=data["dst"])
                     return await self._drained(entry, i)
                 await src.deselect()  # a mailbox selected on this connection cannot be renamed
                 await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
@@ -463,11 +463,11 @@ class Mover:
     async def _empty_until_quiet(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                                  box: str) -> list[int]:
         """_empty() until a round leaves nothing uncopied and no new UID shows for QUIET seconds, for
-        at most QUIET_BUDGET seconds (INBOX, never renamed, needs no quiet). The UIDs left uncopied."""
+        at most QUIET_BUDGET seconds (INBOX too: the fewer deliveries left to its old home). The UIDs left."""
         started = self.clock.seconds() if self.clock is not None else 0.0
         while True:
             left = await self._empty(entry, i, src, dst, box)
-            if self.clock is None or box == "INBOX":
+            if self.clock is None:
                 return left
             if not left:
                 before = await status(src, box)

@@ -21,6 +21,7 @@ from .localrename import reconcile_local
 from .mailops import NoMasterUser
 from .movefinish import finish_message_move
 from .mover import Connect, Mover
+from .oldhome import carry_old_homes
 from .routing import MailboxMap
 from .staging import drop_staging
 
@@ -134,8 +135,12 @@ class RecoverySweep:
     async def _recover(self) -> None:
         try:
             config = self.config()
-            lines = await recover_all(self.map, lambda user: master_connector(self.reactor, config, user),
-                                      self.reactor)
+
+            def connector(user: str) -> Connect:
+                return master_connector(self.reactor, config, user)
+
+            lines = await recover_all(self.map, connector, self.reactor)
+            lines += await carry_old_homes(self.map, connector, self.reactor)
         except StoreUnavailable as e:
             log.warn("recovery: the map store is unreachable ({why}); trying again in {s}s", why=str(e),
                      s=SWEEP_SECONDS)

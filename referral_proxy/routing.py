@@ -10,6 +10,7 @@ method of MailboxMap: routing, placements, reservations and the journal agree.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,7 +32,7 @@ from .journal import (
 from .store import MapStore, MemoryStore, Snapshot, SQLiteStore
 
 __all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches",
-           "normalize", "canonical_user", "StepHook"]
+           "normalize", "canonical_user", "StepHook", "OLD_HOME_PREFIX", "OLD_HOME_WATCH", "OldHome"]
 
 log = Logger()
 
@@ -117,6 +118,22 @@ def canonical_user(user: str, username_format: str = "lower") -> str:
 StepHook = Callable[[JournalEntry], None]
 
 
+# A private name (staging.is_private_name: under the aside prefix), never a client's mailbox: placed
+# with the backend whose INBOX a move took elsewhere, until a time (oldhome.py)
+OLD_HOME_PREFIX = "referral-proxy-aside-oldhome/"
+OLD_HOME_WATCH = 3 * 24 * 3600  # seconds mail reaching an old home is carried (a weekend, and some)
+
+
+@dataclass(frozen=True)
+class OldHome:
+    """A backend whose INBOX of *user* a move took elsewhere: mail reaching it is carried until *until*."""
+
+    user: str
+    backend: str
+    until: int  # seconds since the epoch
+    record: str  # the record's name in the map (a private placement)
+
+
 class MailboxMap:
     """lookup(user, mailbox) -> Route, from placements, rules and the default; and the moves' entries.
 
@@ -129,6 +146,7 @@ class MailboxMap:
         self.on_step = on_step  # called after each journal write (tests inject faults here)
         self._owner = process_owner()
         self._placements: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._changes = 0
         self._held: dict[str, list[tuple[int, Reservation]]] = {}
         self._renewal: task.LoopingCall | None = None
         self._working: set[int] = set()  # entries this process works on now: the only leases it renews
@@ -156,7 +174,15 @@ class MailboxMap:
     def canonical(self, user: str) -> str:
         return canonical_user(user, self._config.username_format)
 
+    @property
+    def changes(self) -> int:
+        """A count of the placements' changes seen (the store's, picked up now, and this process's own)."""
+        self._refresh()
+        return self._changes
+
     def _apply(self, snapshot: Snapshot) -> None:
+        if snapshot.placements != self._placements:
+            self._changes += 1
         self._placements = dict(snapshot.placements)
         held: dict[str, list[tuple[int, Reservation]]] = {}
         for entry_id, user, r in snapshot.reservations:
@@ -210,8 +236,8 @@ class MailboxMap:
         self._refresh()
         user = self.canonical(user)
         found = [self.home(user).primary]
-        for (u, _m), backends in self._placements.items():
-            if u == user:
+        for (u, m), backends in self._placements.items():
+            if u == user and not m.startswith(OLD_HOME_PREFIX):
                 found.append(backends[0])
         reaches_default = True
         for rule_user, rule in self._rules:
@@ -253,16 +279,42 @@ class MailboxMap:
         backends = tuple(backends)
         await self._store.set(user, mailbox, backends)
         self._placements[(user, mailbox)] = backends
+        self._changes += 1
 
     async def unplace(self, user: str, mailbox: str) -> None:
         user, mailbox = self.canonical(user), normalize(mailbox, self.separator)
         await self._store.unset(user, mailbox)
         self._placements.pop((user, mailbox), None)
+        self._changes += 1
 
     def placements(self, user: str) -> dict[str, tuple[str, ...]]:
+        """*user*'s mailboxes placed by name (not the old homes' records: :meth:`old_homes`)."""
         self._refresh()
         user = self.canonical(user)
-        return {m: b for (u, m), b in self._placements.items() if u == user}
+        return {m: b for (u, m), b in self._placements.items() if u == user and not m.startswith(OLD_HOME_PREFIX)}
+
+    async def watch_old_home(self, user: str, backend: str, clock: Any = None) -> None:
+        """*backend*'s INBOX is no longer *user*'s: watch it from now (*clock*'s, else the wall clock) for
+        OLD_HOME_WATCH seconds (the new record written first, then older ones of that backend
+        dropped: a crash between leaves two)."""
+        now = clock.seconds() if clock is not None else time.time()
+        name = f"{OLD_HOME_PREFIX}{backend}/{int(now) + OLD_HOME_WATCH}"
+        await self.place(user, name, [backend])
+        for old in self.old_homes(user):
+            if old.backend == backend and old.record != name:
+                await self.unplace(user, old.record)
+
+    def old_homes(self, user: str | None = None) -> list[OldHome]:
+        """The backends whose INBOX a move took elsewhere, still watched (oldhome.py); all users' by default."""
+        self._refresh()
+        user = None if user is None else self.canonical(user)
+        found = []
+        for (u, m), _b in self._placements.items():
+            if m.startswith(OLD_HOME_PREFIX) and (user is None or u == user):
+                backend, _, until = m[len(OLD_HOME_PREFIX):].rpartition("/")
+                if backend and until.isdigit():
+                    found.append(OldHome(u, backend, int(until), m))
+        return sorted(found, key=lambda h: (h.user, h.backend, h.until))
 
     # -- moves: the journal and its reservations -------------------------------------------
 

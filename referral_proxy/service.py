@@ -29,6 +29,7 @@ from .observe import Observer
 from .origin import LoopGuard
 from .proxyproto import listen_endpoint
 from .recovery import RecoverySweep
+from .relocation import RelocationWatch
 from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession
 from .workers import (
@@ -171,6 +172,7 @@ class ProxyService(MultiService):
             connect_for=self.connect_for,
         )
         factory = self._factory = _SessionFactory(self.context)
+        self.relocation = RelocationWatch(reactor, self.mailbox_map, self.context.sessions)
         self.health: HealthChecker | None = None
         if config.metrics.listen is not None and not self.is_master:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
@@ -253,6 +255,7 @@ class ProxyService(MultiService):
         super().startService()
         if self.health is not None:
             self.health.start()
+        self.relocation.start()  # every process with sessions: those whose mail moved away end
         if self.is_master:
             assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
             self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
@@ -284,6 +287,7 @@ class ProxyService(MultiService):
                 yield port.stopListening()
         yield super().stopService()
         self.recovery.stop()
+        self.relocation.stop()
         self.context.keepalive.close()
         sessions = list(self.context.sessions)
         closed = [s.when_closed() for s in sessions]

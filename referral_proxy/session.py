@@ -84,6 +84,8 @@ class Phase(Enum):
     AUTHENTICATED = "authenticated"
     LOGOUT = "logout"
 
+    __hash__ = object.__hash__  # identity, in C (see flow.Block)
+
 
 # Python 3.11's EnumType has a __getattr__ (each ``Phase.X`` ~110 ns): the hot paths use these.
 _NOT_AUTHENTICATED, _AUTHENTICATED, _LOGOUT = Phase.NOT_AUTHENTICATED, Phase.AUTHENTICATED, Phase.LOGOUT
@@ -203,11 +205,11 @@ class ClientSession(Protocol):
             self._closed_waiters += (d,)
         return d
 
-    def shutdown(self) -> None:
-        """The proxy is stopping: tell the client, and log its backends out."""
+    def shutdown(self, why: bytes = b"Server shutting down") -> None:
+        """The proxy is stopping (or the user's mail moved: relocation.py): tell the client, log its backends out."""
         if self.phase is not Phase.LOGOUT:
             self.flow.unqueued()
-            self.send(b"* BYE Server shutting down\r\n")
+            self.send(b"* BYE " + why + b"\r\n")
             self._logout_backends()
             self._close()
 

@@ -203,6 +203,15 @@ def faulty(*options: str) -> list[str]:
     return [sys.executable, str(REPO / "tests" / "faultproxy.py"), *options, "--"]
 
 
+def start_paused(pause: Path, point: str, *args: str) -> subprocess.Popen:
+    """``referral-proxy ARGS`` started as a child process that stops at journal step *point*
+    (faultproxy.py --pause-at; DIR *pause* is made): take the stop with :func:`wait_paused`."""
+    pause.mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([*faulty("--pause-at", point, "--pause-dir", str(pause)), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def wait_paused(pause: Path, what: str) -> str:
     """Wait until a faultproxy.py --pause-at point is reached (DIR/paused), take it, say which."""
     deadline = time.monotonic() + 60

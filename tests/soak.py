@@ -344,8 +344,8 @@ class Deliverer(threading.Thread):
 
 
 class Admin(threading.Thread):
-    """An administrator moving carol's mailboxes (with their children) with `referral-proxy move`
-    while the clients work; a third of the moves SIGKILLed at a random moment (the journal
+    """An administrator moving carol's mailboxes (with their children; INBOX; all of them) with
+    `referral-proxy move` while the clients work; a third of the moves SIGKILLed at a random moment (the journal
     entry is left for the proxy's start-up recovery or `recover`). An admin move makes no copy:
     the census allows none for it."""
 
@@ -361,16 +361,16 @@ class Admin(threading.Thread):
             m.logout()
         except (imaplib.IMAP4.error, OSError, EOFError):
             return []
-        # not INBOX (nor "*", the whole user): the deliverer delivers to b1 as the user's home, and mail
-        # reaching the old home after such a move stays there by design (README: point delivery at the new home)
-        return [n for n in names if not n.startswith("referral-proxy-") and n.upper() != "INBOX" and n != "*"]
+        return [n for n in names if not n.startswith("referral-proxy-")]
 
     def run(self) -> None:
         while not self.stop_event.wait(self.rng.uniform(0.5, 2.0)):
             names = self._names()
             if not names:
                 continue
-            box = self.rng.choice(names)
+            # INBOX or the whole user too: the deliverer keeps delivering to b1, the old home then
+            # (its mail is carried to the new one: oldhome.py)
+            box = "*" if self.rng.random() < 0.15 else self.rng.choice(names)
             to = self.rng.choice(["b1", "b2", "b3"])
             kill_after = self.rng.uniform(0.0, 1.5) if self.rng.random() < 0.33 else None
             self.ledger.tell(-2, f"ADMIN MOVE {box} -> {to}" + (f" (kill at {kill_after:.2f} s)" if kill_after else ""))

@@ -6,14 +6,11 @@ and by what a client of the proxy can reach, never by the proxy's own answers.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 
 import pytest
 from imapwire import Wire
 from movecheck import (
-    REPO,
     Deliverer,
     census,
     cli,
@@ -25,6 +22,7 @@ from movecheck import (
     multiappend,
     quote,
     seed,
+    start_paused,
     through_proxy,
     wait_paused,
 )
@@ -503,11 +501,7 @@ def test_a_recovery_of_a_move_cut_off_after_its_expunge_keeps_the_copies(proxy_f
     work = ids("work", 3)
     proxy = _move_killed_after_the_commit(proxy_factory, fleet, work, b"1:2")
     pause = tmp_path / "pause"
-    pause.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    recovering = subprocess.Popen([*faulty("--pause-at", "move-expunging:1", "--pause-dir", str(pause)), "recover",
-                                   "--config", str(proxy.config_path)], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    recovering = start_paused(pause, "move-expunging:1", "recover", "--config", str(proxy.config_path))
     try:
         wait_paused(pause, "move-expunging:1")
         with fleet["b1"].client("carol") as m:  # what the recovery does next: the sources go

@@ -34,6 +34,8 @@ class Slot(Enum):
     LIST = "list"  # a parenthesized list
     ANY = "any"
 
+    __hash__ = object.__hash__  # identity, in C (see flow.Block)
+
 
 #: Slots whose values the proxy routes by: re-encoded as canonical astrings.
 NAMES = frozenset({Slot.MAILBOX, Slot.DEST, Slot.REFERENCE, Slot.PATTERN})

@@ -1,0 +1,125 @@
+"""A session whose user's home, or whose selected mailbox, a move took elsewhere ends with BYE (relocation.py).
+
+Real Dovecot for what a client sees; the watch's own rules (when a session is left to finish
+its command first) in memory. Without it, a client IDLE in INBOX while its user moved saw every
+message expunged and then nothing: new mail went to the new home, the session stayed on the old.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+from movecheck import cli, deliver, seed
+from test_moves import MASTERS, RULES, ids
+from twisted.internet.defer import ensureDeferred
+
+from referral_proxy.config import MapConfig
+from referral_proxy.relocation import BYE, RelocationWatch
+from referral_proxy.routing import MailboxMap
+from referral_proxy.store import MemoryStore
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+
+def _idle(proxy, user: str, mailbox: bytes) -> socket.socket:
+    s = socket.create_connection((proxy.host, proxy.port), timeout=30)
+    s.sendall(b"a LOGIN %s secret\r\nb SELECT %s\r\nc IDLE\r\n" % (user.encode(), mailbox))
+    got = b""
+    while b"+ " not in got:
+        chunk = s.recv(65536)
+        assert chunk, got
+        got += chunk
+    return s
+
+
+def _until_closed(s: socket.socket, seconds: float = 30.0) -> bytes:
+    """Everything the proxy sends until it closes the connection (or *seconds* pass: then what came)."""
+    got = b""
+    deadline = time.monotonic() + seconds
+    s.settimeout(0.5)
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    return got
+
+
+@pytest.mark.parametrize("what", ["*", "INBOX"])
+def test_a_session_idle_in_inbox_while_its_user_moves_is_told_bye(proxy_factory, fleet, what):
+    inbox = ids("inbox", 5)
+    seed(fleet["b1"], "carol", "INBOX", inbox)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    carol = _idle(proxy, "carol", b"INBOX")
+    bob = _idle(proxy, "bob", b"INBOX")  # another user: untouched
+    moved = cli("move", "--config", str(proxy.config_path), "carol", what, "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    got = _until_closed(carol)
+    assert b"* BYE " + BYE + b"\r\n" in got, got
+    bob.sendall(b"DONE\r\nd LOGOUT\r\n")
+    bye = _until_closed(bob)
+    assert b"c OK" in bye and b"d OK" in bye and BYE not in bye, bye
+    assert deliver(fleet["b2"], "carol", "INBOX", "new@t") == "INBOX"
+    m = proxy.login("carol")  # the client logs in again: the new home, all of it
+    typ, data = m.select("INBOX")
+    assert typ == "OK" and int(data[0]) == len(inbox) + 1, data
+    m.logout()
+
+
+def test_a_session_with_a_moved_mailbox_selected_is_told_bye(proxy_factory, fleet):
+    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    carol = _idle(proxy, "carol", b"Work")
+    other = _idle(proxy, "carol", b"INBOX")  # the same user, a mailbox that stays: untouched
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert b"* BYE " in _until_closed(carol)  # Dovecot's own, at the RENAME aside, or ours
+    other.sendall(b"DONE\r\nd NOOP\r\ne LOGOUT\r\n")
+    got = _until_closed(other)
+    assert b"d OK" in got and BYE not in got, got
+
+
+# -- the watch, in memory -----------------------------------------------------------------------
+
+
+class _Session(SimpleNamespace):
+    def shutdown(self, why: bytes) -> None:
+        self.told = why
+
+
+def _session(home: str, selected: str | None = None, mailbox: bytes | None = None, *, in_flight: int = 0,
+             idle: object = None) -> _Session:
+    return _Session(id=1, user="carol", home=home, selected=selected, selected_mailbox=mailbox, told=None,
+                    idle=SimpleNamespace(current=idle), relay=SimpleNamespace(in_flight=in_flight),
+                    flow=SimpleNamespace(blocked=()), reader=SimpleNamespace(between_commands=True),
+                    appends=SimpleNamespace(unanswered=()))
+
+
+def test_the_watch_waits_for_a_command_under_way_and_ignores_what_stays():
+    mailbox_map = MailboxMap(MapConfig(default="b1"), MemoryStore())
+    busy = _session("b1", in_flight=1)
+    idle = _session("b1", "b1", b"INBOX", in_flight=1, idle=SimpleNamespace(done_sent=False))
+    stays = _session("b1", "b3", b"Work")
+    elsewhere = _session("b1", "b1", b"Work")
+    sessions = {id(s): s for s in (busy, idle, stays, elsewhere)}
+    watch = RelocationWatch(None, mailbox_map, sessions.values())
+    ensureDeferred(mailbox_map.place("carol", "Work", ["b3"]))
+    watch.check()
+    assert (busy.told, idle.told, stays.told, elsewhere.told) == (None, None, None, BYE)
+    ensureDeferred(mailbox_map.place("carol", "INBOX", ["b2"]))
+    watch.check()
+    assert (busy.told, idle.told, stays.told) == (None, BYE, BYE)  # the busy one finishes its command first
+    busy.relay.in_flight = 0
+    watch.check()  # the map did not change since, but a session was left waiting
+    assert busy.told == BYE
+    again = _session("b2")
+    watch.sessions = [again]
+    watch.check()
+    assert again.told is None  # nothing changed: nobody is looked at
