@@ -1,9 +1,9 @@
-"""RENAME on one backend (both names live there): the names held meanwhile, placements follow.
+"""RENAME on the backend that owns both names, journaled only to hold its names; its recovery.
 
-Dovecot renames the children along; the map must agree on where every renamed name lives,
-and a child placed on another backend would keep its old name: both are refused before
-anything changes. A crash mid-RENAME is reconciled by recovery (the backend says whether it
-renamed)."""
+A RENAME on one backend is Dovecot's own (atomic there); the proxy reserves both subtrees
+meanwhile (``rename-local``), refuses one that would strand a child (a name the map sends
+elsewhere, or a child on another backend: hierarchy.py), and lets placements follow.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .mailops import TransferError, exists, name_arg, subtree
 from .mover import Connect
 from .routing import MailboxMap, normalize
 
-__all__ = ["LocalRename", "rename_here", "reconcile_local"]
+__all__ = ["rename_here", "LocalRename", "reconcile_local"]
 
 
 @dataclass(frozen=True)

@@ -320,7 +320,8 @@ class MailboxCommands:
         try:
             outcome = await copy_across(src, message_set, cmd.name.startswith("UID "), dst, mailbox,
                                         "MOVE" in cmd.name, mailbox_map=host.mailbox_map, user=host.user or "",
-                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor)
+                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor,
+                                        reconnect=lambda: host.pool.fresh(route))  # type: ignore[union-attr]
         except TransferError as e:
             text = str(e)
             raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
@@ -364,7 +365,7 @@ class MailboxCommands:
         host.run(cmd.tag, self._rename_here(cmd, old, new, old_route))
 
     async def _rename_here(self, cmd: Command, old: bytes, new: bytes, route: Route) -> None:
-        """RENAME on one backend: mover.rename_here holds both names meanwhile and lets placements follow."""
+        """RENAME on one backend: localrename.rename_here holds both names meanwhile and lets placements follow."""
         host = self.host
         assert host.pool is not None
         conn = await host.pool.connection(route)

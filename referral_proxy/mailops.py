@@ -15,22 +15,30 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from .backend import BackendError, BackendProtocol, Tagged
-from .imap.command import ParseError
+from .imap.command import Atom, ParseError, String, parse_arguments
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
 from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
-__all__ = ["TransferError", "MessageInfo", "MailboxState", "name_arg", "run_ok", "list_mailboxes", "exists",
-           "subtree", "status", "open_mailbox", "search_uids", "named_uids", "fetch_infos", "expunge_uids", "subscribed",
-           "delete_if_empty", "finish_cut_delete"]
+__all__ = ["TransferError", "Vanished", "NoMasterUser", "MessageInfo", "MailboxState", "name_arg", "run_ok",
+           "list_mailboxes", "exists", "subtree", "status", "open_mailbox", "search_uids", "named_uids", "fetch_infos",
+           "expunge_uids", "subscribed", "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
 
 class TransferError(BackendError):
     """A mail operation stopped; str() is safe to show a client (no client bytes in it)."""
+
+
+class NoMasterUser(BackendError):
+    """A backend without ``master_user``: the proxy cannot act there for a user (moves, recovery)."""
+
+
+class Vanished(TransferError):
+    """A source message could not be read: another session expunged it meanwhile (nothing was saved)."""
 
 
 @dataclass(frozen=True)
@@ -196,8 +204,51 @@ async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[
         infos[uid] = MessageInfo(uid, flags, date, size)
     missing = [u for u in uids if u not in infos]
     if missing:
-        raise TransferError(f"message UID {missing[0]} vanished from the source")
+        raise Vanished(f"message UID {missing[0]} vanished from the source")
     return [infos[u] for u in uids], others
+
+
+async def may_expunge(conn: BackendProtocol, name: str) -> tuple[bool, list[bytes]]:
+    """May this login flag messages of *name* \\Deleted and expunge them (RFC 4314 ``t`` and ``e``)?
+    And the other untagged responses, raw (on the selected mailbox's connection: a client must see them)."""
+    rights, others = await myrights(conn, name)
+    return grants(conn, rights, "te"), others
+
+
+async def myrights(conn: BackendProtocol, name: str) -> tuple[str | None, list[bytes]]:
+    """The RFC 4314 rights of this login on *name* (``MYRIGHTS``): None if the backend has no ACL, or
+    does not say (refused, unreadable); and the other untagged responses, raw."""
+    if "ACL" not in conn.capabilities:
+        return None, []
+    result = await conn.command(b"MYRIGHTS " + name_arg(name))
+    rights, others = None, []
+    for r in result.responses:
+        if r.start.name != "MYRIGHTS":
+            others.append(r.raw)
+            continue
+        try:
+            args = parse_arguments(*r.arguments)
+        except ParseError:
+            continue
+        if result.ok and len(args) == 2 and isinstance(args[1], (Atom, String)):
+            rights = args[1].value.decode("ascii", "replace")
+    return rights, others
+
+
+def grants(conn: BackendProtocol, rights: str | None, needed: str) -> bool:
+    """Do *rights* hold every right of *needed* (of ``t e x``)? Unknown rights (None) are granted (the
+    operation then finds out). On a server without ``RIGHTS=`` naming them (RFC 2086), ``d`` stands for
+    ``t`` and ``e``, and ``x`` is not known."""
+    if rights is None:
+        return True
+    announced = "".join(c[7:].lower() for c in conn.capabilities if c.startswith("RIGHTS="))
+    for right in needed:
+        if right in announced or right in rights:
+            if right not in rights:
+                return False
+        elif right in "te" and "d" not in rights:
+            return False
+    return True
 
 
 async def expunge_uids(conn: BackendProtocol, uids: Sequence[int]) -> list[bytes]:

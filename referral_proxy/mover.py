@@ -46,7 +46,9 @@ from .mailops import (
     expunge_uids,
     fetch_infos,
     finish_cut_delete,
+    grants,
     list_mailboxes,
+    myrights,
     name_arg,
     open_mailbox,
     run_ok,
@@ -157,10 +159,13 @@ class Mover:
         """A private name on a backend, reserved with the move: no client of the proxy reaches it."""
         return ASIDE + data["token"] + self.sep + tag
 
-    async def _check(self, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None:
+    async def _check(self, src: BackendProtocol, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None:
         if not pairs:
             raise TransferError("[NONEXISTENT] Mailbox doesn't exist")
-        for o, n in pairs:
+        for o, n in pairs:  # each source is emptied (t, e), then renamed aside and deleted (x), as Dovecot's RENAME needs x
+            if not grants(src, (await myrights(src, o))[0], "te" if o == "INBOX" else "xte"):
+                raise TransferError("[NOPERM] Permission denied: a mailbox to move cannot be emptied and deleted "
+                                    "there (rights x, t and e needed); nothing was moved")
             if normalize(n, self.sep) == "INBOX" and o != "INBOX":
                 raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
             if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
@@ -195,7 +200,7 @@ class Mover:
             if refused:
                 raise TransferError(refused)
             pairs = await self.plan(src, old, new)
-            await self._check(dst, pairs)
+            await self._check(src, dst, pairs)
             data["pairs"] = [list(p) for p in pairs]
             await self.mailbox_map.step(entry, Step.PLANNED)
             for i, (o, n) in enumerate(pairs):

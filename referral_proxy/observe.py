@@ -390,8 +390,9 @@ class Observer:
             self.transferred(session, kind, "failed", 0, started, why=str(e) or type(e).__name__, **details)
             raise
         result = "ok" if getattr(outcome, "status", "OK") == "OK" else "failed"
+        why = None if result == "ok" else getattr(outcome, "text", None)  # a refusal answered, not raised
         self.transferred(session, kind, result, getattr(outcome, "bytes", 0), started,
-                         messages=getattr(outcome, "messages", None), **details)
+                         messages=getattr(outcome, "messages", None), why=why, **details)
         return outcome
 
     def transferred(self, session: Any, kind: str, result: str, nbytes: int, started: float, **details: Any) -> None:

@@ -18,11 +18,12 @@ from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .localrename import reconcile_local
+from .mailops import NoMasterUser
+from .movefinish import finish_message_move
 from .mover import Connect, Mover
 from .oldhome import carry_old_homes
 from .routing import MailboxMap
 from .staging import drop_staging
-from .transfer import finish_message_move
 
 __all__ = ["NoMasterUser", "master_connector", "describe", "recover_entry", "recover_all", "RecoverySweep",
            "SWEEP_SECONDS"]
@@ -30,10 +31,6 @@ __all__ = ["NoMasterUser", "master_connector", "describe", "recover_entry", "rec
 log = Logger()
 
 SWEEP_SECONDS = 30.0  # how often a running proxy looks for entries nobody is finishing
-
-
-class NoMasterUser(BackendError):
-    pass
 
 
 def master_connector(reactor: Any, config: Config, user: str) -> Connect:
@@ -78,7 +75,7 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
     try:
         if entry.op == "move-messages":
             conns = [await connect(entry.data["src"]), await connect(entry.data["dst"])]
-            return await finish_message_move(entry, mailbox_map, conns[0], conns[1], clock)
+            return await finish_message_move(entry, mailbox_map, conns[0], conns[1], clock, connect)
         if how is Recovery.DROP_STAGING:
             conns = [await connect(entry.data["backend"])]
             return await drop_staging(mailbox_map, entry, conns[0])

@@ -38,10 +38,11 @@ from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreU
 from .mailops import (
     MessageInfo,
     TransferError,
+    Vanished,
     exists,
     expunge_uids,
     fetch_infos,
-    list_mailboxes,
+    may_expunge,
     named_uids,
     open_mailbox,
     run_ok,
@@ -51,7 +52,7 @@ from .mailops import (
 from .routing import MailboxMap, normalize
 
 __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", "hash_messages", "verify_copies",
-           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "finish_message_move", "CommitUnknown"]
+           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown"]
 
 log = Logger()
 
@@ -213,7 +214,12 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     dst.transport.registerProducer(_Pause(src.transport), True)
     try:
         dst.write(ptag + b" APPEND " + astring(mailbox))
-        others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
+        try:
+            others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
+        except TransferError as e:
+            if src.closed:
+                raise
+            raise Vanished(str(e)) from None  # expunged by another session after it was named
         if before_commit is not None:
             await before_commit(tuple(hashes))
         dst.write(b"\r\n")
@@ -317,8 +323,13 @@ MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the s
 
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
                       mailbox: bytes, move: bool, *, mailbox_map: MailboxMap, user: str,
-                      source_mailbox: bytes, clock: Any = None) -> CopyOutcome:
+                      source_mailbox: bytes, clock: Any = None,
+                      reconnect: Callable[[], Awaitable[BackendProtocol]] | None = None) -> CopyOutcome:
     """COPY / MOVE from *source_mailbox*, selected on *src*, to *mailbox* on *dst* (a connection of its own).
+
+    A source message another session expunged while the messages were read aborts the MULTIAPPEND
+    (nothing saved); with *reconnect* (a new connection to the destination's backend) the rest are
+    then copied or moved once more, as Dovecot's own COPY/MOVE skips such a message.
 
     MOVE pins both mailboxes in the journal and waits its turn after any other cross-server
     MOVE from the same mailbox (two of them would each copy a message both name); then it
@@ -330,26 +341,73 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     """
     if move and "UIDPLUS" not in src.capabilities:
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
+    args = (mailbox, move, mailbox_map, user, source_mailbox, clock)
+    seen: list[bytes] = []  # the source's untagged responses: the client sees them whatever the answer
+    try:
+        try:
+            return await _copy_once(src, message_set, uid, dst, *args, seen=seen, first=True)
+        except _Again as again:  # nothing was saved: once more, with what is still there
+            if reconnect is None:
+                raise TransferError(str(again.why)) from None
+            fresh = await reconnect()
+            try:
+                return await _copy_once(src, uid_set(again.uids), True, fresh, *args, seen=seen, first=False)
+            finally:
+                fresh.logout()
+    except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
+        text = str(e)
+        status, _, rest = text.partition(" ")
+        return CopyOutcome(seen, status, rest) if status in ("NO", "BAD") else CopyOutcome(seen, "NO", text)
+
+
+class _Again(Exception):
+    """A source message vanished while the messages were read: nothing was saved; *uids* were named."""
+
+    def __init__(self, uids: list[int], why: Vanished) -> None:
+        super().__init__("a source message vanished")
+        self.uids, self.why = uids, why
+
+
+async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol, mailbox: bytes,
+                     move: bool, mailbox_map: MailboxMap, user: str, source_mailbox: bytes, clock: Any, *,
+                     seen: list[bytes], first: bool) -> CopyOutcome:
+    """One attempt of copy_across; the source's untagged responses are collected in *seen* as they come."""
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
     try:
         entry = await _hold(mailbox_map, user, src_name, dst_name, clock) if move else None
     except StoreUnavailable:
-        return CopyOutcome([], "NO", UNAVAILABLE)
+        return CopyOutcome(seen, "NO", UNAVAILABLE)
     if move and entry is None:
-        return CopyOutcome([], "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
+        return CopyOutcome(seen, "NO", "[INUSE] A mailbox involved is being moved; try again shortly")
     try:
-        uids, untagged = await named_uids(src, message_set, uid)
+        uids, found = await named_uids(src, message_set, uid)  # BAD: a sequence set past the last message
+        untagged = seen
+        untagged += found
+        allowed = True
+        if move and uids:  # asked once the client's message numbers are UIDs: its answer may hold an EXPUNGE
+            allowed, also = await may_expunge(src, src_name)
+            untagged += also
         if not uids:
             outcome = CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
+        elif not allowed:  # Dovecot's own MOVE: NO, nothing copied
+            outcome = CopyOutcome(untagged, "NO", "[NOPERM] Permission denied: the messages cannot be expunged "
+                                                  "here (rights t and e needed); nothing was moved")
         elif not await exists(dst, dst_name):
             outcome = CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist")
         else:
-            infos, others = await fetch_infos(src, uids)
-            untagged += others
-            if entry is not None:
-                return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
-            copied = await copy_stream(src, infos, dst, mailbox)
+            try:
+                infos, others = await fetch_infos(src, uids)
+                untagged += others
+                if entry is not None:
+                    return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
+                copied = await copy_stream(src, infos, dst, mailbox)
+            except Vanished as e:
+                if not first:
+                    raise  # the second time: said as it is
+                if entry is not None and not entry.ended:
+                    await mailbox_map.end_move(entry)  # at reserved, or its MULTIAPPEND aborted: nothing saved
+                raise _Again(uids, e) from None
             untagged += copied.others
             return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
                                                f"{uid_set(copied.uids).decode()}] Copy completed.",
@@ -407,12 +465,19 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         raise
     untagged += copied.others
     entry.data["dst_uids"] = uid_set(copied.uids).decode()
+    entry.data["dst_validity"] = copied.uidvalidity  # the copies' (a destination made anew meanwhile has another)
     await verify_copies(dst, dst_mailbox, copied)
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:
-        present, others = await _mark_deleted(src, uids)
+        flags_now, others = await _mark_deleted(src, uids)
         untagged += others
+        present = sorted(flags_now)
+        try:  # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
+            await _carry_flags(dst, dst_mailbox, copied.uidvalidity, _changes(infos, flags_now, copy_of))
+        except BackendError as e:
+            log.warn("MOVE: flags changed on {src} during the move not carried to {dst} ({why})",
+                     src=src.name, dst=dst.name, why=str(e))
         entry.data["present"] = uid_set(present).decode()
         entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in present).decode()
         await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
@@ -441,23 +506,75 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
 
 
-async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[list[int], list[bytes]]:
-    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are still there (the answer
-    names each), and the other untagged responses, raw."""
+async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[dict[int, frozenset[bytes] | None], list[bytes]]:
+    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are still there, each with its
+    flags now (None: not said), and the other untagged responses, raw. Dovecot's answer names each
+    message whose flags changed, so not one that was \\Deleted already: those are asked for again."""
     result = await run_ok(src, b"UID STORE " + uid_set(uids) + b" +FLAGS (\\Deleted)", "STORE")
-    wanted, present, others = set(uids), set(), []
-    for r in result.responses:
-        uid = None
+    present: dict[int, frozenset[bytes] | None] = {}
+    others = _fetched(result.responses, set(uids), present)
+    if quiet := [u for u in uids if u not in present]:
+        others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
+                           set(quiet), present)
+    # One still without the flag (the STORE ignored: no right to set it) cannot be expunged: its copy goes back.
+    return {u: f for u, f in present.items() if f is None or b"\\DELETED" in {_flag_key(x) for x in f}}, others
+
+
+def _fetched(responses: Sequence[Any], wanted: set[int], present: dict[int, frozenset[bytes] | None]) -> list[bytes]:
+    """Into *present*: the *wanted* UIDs FETCH responses name, with their flags; the other responses, raw."""
+    others = []
+    for r in responses:
+        data = None
         if r.start.name == "FETCH":
             try:
-                uid = parse_fetch(*r.arguments).uid
+                data = parse_fetch(*r.arguments)
             except ParseError:
-                uid = None
-        if uid in wanted:
-            present.add(uid)
+                data = None
+        if data is not None and data.uid in wanted:
+            present[data.uid] = None if data.flags is None else frozenset(data.flags)
         else:
             others.append(r.raw)
-    return sorted(present), others
+    return others
+
+
+def _flag_key(flag: bytes) -> bytes:
+    return flag.upper() if flag.startswith(b"\\") else flag
+
+
+async def _carry_flags(dst: BackendProtocol, mailbox: str, validity: int, changes: dict[int, tuple[set[bytes], set[bytes]]]) -> None:
+    """Flags set or cleared on the source while the MOVE ran, onto the copies: {copy UID: (added,
+    removed)}, added and cleared, never replaced (a client may be flagging the copy already)."""
+    if not changes:
+        return
+    if (await open_mailbox(dst, mailbox, readonly=False)).uidvalidity != validity:
+        return
+    by_change: dict[tuple[str, bytes], list[int]] = collections.defaultdict(list)
+    for uid, (added, removed) in changes.items():
+        if added:
+            by_change[("+", b" ".join(sorted(added)))].append(uid)
+        if removed:
+            by_change[("-", b" ".join(sorted(removed)))].append(uid)
+    for (sign, flags), uids in sorted(by_change.items()):
+        await run_ok(dst, b"UID STORE " + uid_set(uids) + b" " + sign.encode() + b"FLAGS.SILENT (" + flags + b")", "STORE")
+
+
+def _changes(infos: Sequence[MessageInfo], now: dict[int, frozenset[bytes] | None],
+             copy_of: dict[int, int]) -> dict[int, tuple[set[bytes], set[bytes]]]:
+    """{copy UID: (flags added, flags cleared)} of each source message whose flags changed since they
+    were read and copied (\\Deleted as copied: this MOVE set it; \\Recent is no flag to set)."""
+    out = {}
+    for info in infos:
+        flags = now.get(info.uid)
+        if flags is None:
+            continue
+        ignore = {b"\\DELETED", b"\\RECENT"}
+        before = {_flag_key(f): f for f in info.flags if _flag_key(f) not in ignore}
+        after = {_flag_key(f): f for f in flags if _flag_key(f) not in ignore}
+        added = {after[k] for k in after.keys() - before.keys()}
+        removed = {before[k] for k in before.keys() - after.keys()}
+        if added or removed:
+            out[copy_of[info.uid]] = (added, removed)
+    return out
 
 
 async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, str]:
@@ -467,128 +584,3 @@ async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int
     present, _ = await search_uids(conn, b"UID " + uid_set(sorted(uids)))
     present = [u for u in present if u in set(uids)]
     return dict(zip(present, await hash_messages(conn, present)))
-
-
-async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
-                              dst: BackendProtocol, clock: Any = None) -> str:
-    """Recovery of a cross-server MOVE. If the destination committed (recorded, or found by content)
-    the copies are verified and exactly the recorded source UIDs whose copy is verified are expunged;
-    a copy whose source someone else moved or expunged meanwhile is taken back. Else nothing moved."""
-    data = entry.data
-    if not await exists(src, data["src_mailbox"]):
-        await mailbox_map.end_move(entry)
-        return "source mailbox gone: nothing to remove"
-    state = await open_mailbox(src, data["src_mailbox"], readonly=False)
-    if state.uidvalidity != data["src_validity"]:
-        await mailbox_map.end_move(entry)
-        return "source mailbox replaced (UIDVALIDITY): nothing removed"
-    if entry.step is Step.MOVE_EXPUNGING:  # which source UIDs go and which copies come back was decided
-        present, _ = await search_uids(src, b"UID " + data["present"].encode()) if data["present"] else ([], [])
-        await expunge_uids(src, present)
-        await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))
-        await mailbox_map.end_move(entry)
-        return f"finished: {len(present)} message(s) removed from the source"
-    src_uids = expand_uid_set(data["src_uids"])
-    if "hashes" not in data:  # the MULTIAPPEND's last byte was never sent: it cannot have committed
-        await mailbox_map.end_move(entry)
-        return "the destination never committed: nothing moved"
-    sent = dict(zip(src_uids, data["hashes"]))
-    if "dst_uids" in data:
-        pairs = list(zip(src_uids, expand_uid_set(data["dst_uids"])))
-    else:  # the journal does not know whether the MULTIAPPEND committed: look for the copies by content
-        found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
-                                  data["hashes"], clock=clock)
-        if not found:
-            await mailbox_map.end_move(entry)
-            return "the destination never committed: nothing moved"
-        pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
-    if not await exists(dst, data["dst_mailbox"]):
-        await mailbox_map.end_move(entry)
-        return "destination mailbox gone: the source is left as it is"
-    dst_state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
-    same_dst = dst_state.uidvalidity == data["dst_validity"]
-    copies = await hashes_present(dst, [d for _s, d in pairs]) if same_dst else {}
-    verified = [(s, d) for s, d in pairs if copies.get(d) == sent[s]]
-    gone = [s for s, d in pairs if d not in copies] if same_dst else []
-    back = await came_back(src, gone, sent, max(src_uids)) if gone else []
-    if rest := [s for s in gone if s not in back]:
-        mine, _ = await fetch_infos(src, rest)
-        kept = collections.Counter(sent[s] for s, _d in verified)  # still at the destination: found there
-        back += await moved_on([dst, src], data["src_mailbox"], mine, sent, kept)
-        if (await open_mailbox(src, data["src_mailbox"], readonly=False)).uidvalidity != data["src_validity"]:
-            raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
-    keep = [s for s, _d in verified] + back
-    present, _ = await search_uids(src, b"UID " + uid_set(sorted(keep))) if keep else ([], [])
-    # Decided, and journaled before acting: a recovery cut off after the expunge must not find the
-    # sources gone and take their copies back as if someone else had moved them (both gone).
-    data["present"] = uid_set(present).decode()
-    data["vanished_dst"] = uid_set(d for s, d in verified if s not in present).decode()
-    await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
-    await expunge_uids(src, present)
-    await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))  # their source went elsewhere
-    await mailbox_map.end_move(entry)
-    return f"finished: {len(present)} message(s) removed from the source"
-
-
-async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int) -> list[int]:
-    """Of source *uids* whose copy left the destination before recovery, those whose same content
-    (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
-    the message is there once without them. Each newer message vouches for one source UID."""
-    still, _ = await search_uids(src, b"UID " + uid_set(sorted(uids)))
-    still = [u for u in still if u in set(uids)]
-    newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
-    newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
-    if not still or not newer:
-        return []
-    mine, _ = await fetch_infos(src, still)
-    sizes = {i.size for i in mine}
-    others, _ = await fetch_infos(src, newer)
-    found = collections.Counter((await hashes_present(src, [i.uid for i in others if i.size in sizes])).values())
-    return _vouched(mine, sent, found)
-
-
-async def moved_on(conns: Sequence[BackendProtocol], src_mailbox: str, mine: Sequence[MessageInfo],
-                   sent: dict[int, str], kept: collections.Counter[str]) -> list[int]:
-    """Of source messages (*mine*) whose committed copy left the destination before recovery, those
-    whose content (size, then sha256) is in some other mailbox of the destination's or the source's
-    backend: a client moved the copy on, so the source's message goes (else it is there twice). A
-    copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
-    *kept*: the hashes of the copies still at the destination (found there, they vouch for none)."""
-    sizes = {i.size for i in mine}
-    if not sizes:
-        return []
-    found: collections.Counter[str] = collections.Counter()
-    for k, conn in enumerate(conns):
-        for entry in await list_mailboxes(conn):
-            name = entry.name.decode("utf-8", "surrogateescape")
-            if not entry.selectable or name.startswith("referral-proxy-") or (k == len(conns) - 1 and _same_name(name, src_mailbox)):
-                continue
-            if (await open_mailbox(conn, name, readonly=True)).messages:
-                uids, _ = await search_uids(conn, b"LARGER %d SMALLER %d" % (min(sizes) - 1, max(sizes) + 1))
-                infos, _ = await fetch_infos(conn, uids)
-                found.update((await hashes_present(conn, [i.uid for i in infos if i.size in sizes])).values())
-            await conn.deselect()
-    found.subtract(kept)
-    return _vouched(mine, sent, found)
-
-
-def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[str]) -> list[int]:
-    """The UIDs of *mine* whose content (*sent*: uid -> sha256) *found* holds, each found copy vouching for one."""
-    out = []
-    for info in mine:
-        if found[sent[info.uid]] > 0:
-            found[sent[info.uid]] -= 1
-            out.append(info.uid)
-    return out
-
-
-def _same_name(a: str, b: str) -> bool:
-    return a == b or a.upper() == b.upper() == "INBOX"
-
-
-async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:
-    """Expunge copies whose source was moved or expunged by someone else while the MOVE ran."""
-    if uids and await exists(dst, data["dst_mailbox"]):
-        state = await open_mailbox(dst, data["dst_mailbox"], readonly=False)
-        if state.uidvalidity == data["dst_validity"]:
-            await expunge_uids(dst, uids)

@@ -221,3 +221,42 @@ def wait_paused(pause: Path, what: str) -> str:
     step = (pause / "paused").read_text()
     (pause / "paused").unlink()
     return step
+
+
+def journal_store(proxy):
+    """*proxy*'s map store, opened as another process would (started; close it)."""
+    from storehelp import REACTOR
+
+    from referral_proxy.config import load_config
+    from referral_proxy.routing import open_store
+
+    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
+    store.start()
+    return store
+
+
+def journal_empty(proxy) -> bool:
+    """No move journal entry left in *proxy*'s map store."""
+    from storehelp import now
+
+    store = journal_store(proxy)
+    try:
+        return now(store.journal()) == []
+    finally:
+        now(store.close())
+
+
+def journal_killed_move(proxy, data: dict) -> None:
+    """A cross-server MOVE's entry as a proxy killed at move-appending leaves it (unowned): Work on b1
+    to Shared/Dest on b3, *data* its journal data (hashes journaled: the MULTIAPPEND may have committed)."""
+    from storehelp import now
+
+    from referral_proxy.journal import Reservation, Step
+
+    store = journal_store(proxy)
+    try:
+        held = [Reservation(data["src_mailbox"], False, True), Reservation(data["dst_mailbox"], False, True)]
+        entry = now(store.begin_move("carol", "move-messages", held, data, None, "/"))
+        now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
+    finally:
+        now(store.close())

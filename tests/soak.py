@@ -422,6 +422,7 @@ class Figures:
     unreachable: list
     messages: int
     recover_runs: int
+    errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
 
     def line(self) -> str:
         ops = sum(n for k, n in self.ops.items() if not k.startswith("kill"))
@@ -504,7 +505,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
               f"{[(i, where.get(i), files[i]) for i in indexed[:5]]}", file=sys.stderr)
         duplicated = [i for i in duplicated if i not in indexed]
     unreachable = sorted(i for i in counts if reached[i] != counts[i])
-    figures = Figures(seed_, ledger.ops, lost, duplicated, unreachable, sum(counts.values()), runs)
+    figures = Figures(seed_, ledger.ops, lost, duplicated, unreachable, sum(counts.values()), runs, ledger.errors)
     if lost or duplicated or unreachable:
         detail = {i: (where.get(i), ledger.copies_acked[i], ledger.copies_maybe[i], i in ledger.must)
                   for i in (lost + duplicated + unreachable)[:10]}
@@ -589,6 +590,8 @@ def main() -> int:
             f = one_run(fleet, Path(tempfile.mkdtemp(dir=root)), args.seed + i, args.seconds, args.clients,
                         not args.no_backend_kills, store)
             print(f.line(), flush=True)
+            if f.errors:  # the answers imaplib raised on (a BAD, an unexpected response): worth a look
+                print("  errors: " + "; ".join(f"{n}x {text}" for text, n in f.errors.most_common(8)), flush=True)
             totals.update(f.ops)
             totals["lost"] += len(f.lost)
             totals["duplicated"] += len(f.duplicated)

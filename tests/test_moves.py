@@ -17,6 +17,7 @@ from movecheck import (
     deliver,
     deliver_on,
     faulty,
+    journal_killed_move,
     judge,
     multiappend,
     quote,
@@ -461,28 +462,33 @@ def _move_killed_after_the_commit(proxy_factory, fleet, work: list[str], uids: b
     return proxy
 
 
-@pytest.mark.parametrize("then", ["moved on", "expunged"])
+@pytest.mark.parametrize("then", ["moved on", "moved to a third backend", "expunged"])
 def test_a_killed_moves_copy_moved_on_before_recover_is_not_duplicated(proxy_factory, fleet, then):
     """A MOVE to another server killed after the destination committed, before the source's
-    expunge; before recovery another client moves the copies on (same backend: Dovecot's own MOVE)
-    or expunges them. Seen in the soak (seed 7): recovery found the copies gone from the
-    destination and kept the source, so a message moved on was there twice. Moved on: the source
-    goes; expunged (found nowhere): the source stays (never lose)."""
+    expunge; before recovery another client moves the copies on (same backend: Dovecot's own MOVE;
+    to a third backend: as the proxy's MOVE across does, append there and expunge) or expunges
+    them. Seen in the soak (seed 7): recovery found the copies gone from the destination and kept
+    the source, so a message moved on was there twice (to a third backend, b2, until attack6).
+    Moved on: the source goes; expunged (found nowhere): the source stays (never lose)."""
     work = ids("work", 4)
     seed(fleet["b3"], "carol", "Shared/Next", [])
+    seed(fleet["b2"], "carol", "Archive/Next", [])
     proxy = _move_killed_after_the_commit(proxy_factory, fleet, work, b"1:2")
     with fleet["b3"].client("carol") as m:
         assert m.select("Shared/Dest")[1] == [b"2"]
         if then == "moved on":
             assert m.uid("MOVE", "1:*", "Shared/Next")[0] == "OK"
         else:
+            if then == "moved to a third backend":
+                _copy_directly(fleet, "b3", "Shared/Dest", "b2", "Archive/Next", "1:*")
             m.store("1:*", "+FLAGS", "(\\Deleted)")
             assert m.expunge()[0] == "OK"
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
     counts, where = census(fleet, "carol")
     assert judge(counts, work) == ([], [])
-    moved = {("b3", "Shared/Next")} if then == "moved on" else {("b1", "Work")}
+    moved = {"moved on": {("b3", "Shared/Next")}, "moved to a third backend": {("b2", "Archive/Next")},
+             "expunged": {("b1", "Work")}}[then]
     assert {where[i][0] for i in work[:2]} == moved and {where[i][0] for i in work[2:]} == {("b1", "Work")}
     assert _no_entries(proxy)
 
@@ -597,8 +603,6 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
 
 @pytest.mark.parametrize("committed", [True, False, "moved meanwhile"])
 def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet, committed):
-    from referral_proxy.journal import Reservation, Step
-
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
@@ -606,7 +610,6 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
     validity, uidnext = _state(fleet["b3"], "Shared/Dest")
     if committed:
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
-    store = _store(proxy)
     data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
             "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
             "hashes": _hashes(fleet["b1"], "Work", "2:4")}
@@ -615,10 +618,7 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
             m.create("Other")
             m.select("Work")
             assert m.uid("MOVE", "3", "Other")[0] == "OK"
-    entry = now(store.begin_move("carol", "move-messages", [Reservation("Work", False, True),
-                                                            Reservation("Shared/Dest", False, True)], data, None, "/"))
-    now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
-    now(store.close())
+    journal_killed_move(proxy, data)
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     removed = {True: "3 message(s) removed", False: "never committed", "moved meanwhile": "2 message(s) removed"}

@@ -13,9 +13,9 @@ import pytest
 from imapwire import Wire
 from mailcheck import contents
 from mailcheck import same_messages as _same_messages
-from movecheck import cli, faulty, multiappend
+from movecheck import cli, faulty, journal_empty, multiappend
 from procmem import reset_peak, rss
-from storehelp import REACTOR, now
+from storehelp import now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot
 
@@ -276,18 +276,6 @@ def test_admin_move_while_the_user_is_online(proxy_factory, fleet):
     w.close()
 
 
-def _journal_empty(proxy) -> bool:
-    from referral_proxy.config import load_config
-    from referral_proxy.routing import open_store
-
-    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
-    store.start()
-    try:
-        return now(store.journal()) == []
-    finally:
-        now(store.close())
-
-
 def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
     _seed(fleet["b1"], "Projects", 4)
     before = _contents(fleet["b1"], "Projects")
@@ -303,7 +291,7 @@ def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
                                  env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     try:
         deadline = time.monotonic() + 20  # until the entry is gone (Projects empties when renamed aside: earlier)
-        while not _journal_empty(proxy) and time.monotonic() < deadline:
+        while not journal_empty(proxy) and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
         restarted.terminate()

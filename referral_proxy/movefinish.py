@@ -1,0 +1,211 @@
+"""Recovery of a cross-server MOVE of messages (op ``move-messages``) a crash left unfinished.
+
+transfer.py journals the MOVE (MOVE_APPENDING, MOVE_APPENDED, MOVE_EXPUNGING); here
+``recover`` finishes it: the copies are found (recorded, or by content), verified, and
+exactly the source UIDs whose copy is verified are expunged. A copy another client moved
+away before recovery is looked for by content: back in the source (``came_back``), or in
+another mailbox (``moved_on``); what is found vouches for its source, which then goes.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from twisted.logger import Logger
+
+from .backend import BackendProtocol
+from .imap.uidset import expand_uid_set, uid_set
+from .journal import JournalEntry, Step
+from .mailops import (
+    MessageInfo,
+    NoMasterUser,
+    TransferError,
+    exists,
+    expunge_uids,
+    fetch_infos,
+    list_mailboxes,
+    open_mailbox,
+    search_uids,
+)
+from .routing import MailboxMap
+from .transfer import find_copies, hash_messages, hashes_present
+
+Connect = Callable[[str], Awaitable[BackendProtocol]]
+log = Logger()
+
+__all__ = ["finish_message_move", "came_back", "moved_on"]
+
+
+async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
+                              dst: BackendProtocol, clock: Any = None, connect: Connect | None = None) -> str:
+    """Recovery of a cross-server MOVE. If the destination committed (recorded, or found by content)
+    the copies are verified and exactly the recorded source UIDs whose copy is verified are expunged;
+    a copy whose source someone else moved or expunged meanwhile is taken back. Else nothing moved.
+    *connect(backend)*: a new connection to another backend of the user's, to look for copies a
+    client moved on there before recovery (see moved_on); without it only *src* and *dst* are searched."""
+    data = entry.data
+    if not await exists(src, data["src_mailbox"]):
+        await mailbox_map.end_move(entry)
+        return "source mailbox gone: nothing to remove"
+    state = await open_mailbox(src, data["src_mailbox"], readonly=False)
+    if state.uidvalidity != data["src_validity"]:
+        await mailbox_map.end_move(entry)
+        return "source mailbox replaced (UIDVALIDITY): nothing removed"
+    if entry.step is Step.MOVE_EXPUNGING:  # which source UIDs go and which copies come back was decided
+        present, _ = await search_uids(src, b"UID " + data["present"].encode()) if data["present"] else ([], [])
+        await expunge_uids(src, present)
+        await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))
+        await mailbox_map.end_move(entry)
+        return f"finished: {len(present)} message(s) removed from the source"
+    src_uids = expand_uid_set(data["src_uids"])
+    if "hashes" not in data:  # the MULTIAPPEND's last byte was never sent: it cannot have committed
+        await mailbox_map.end_move(entry)
+        return "the destination never committed: nothing moved"
+    sent = dict(zip(src_uids, data["hashes"]))
+    if "dst_uids" in data:
+        pairs = list(zip(src_uids, expand_uid_set(data["dst_uids"])))
+    else:  # the journal does not know whether the MULTIAPPEND committed: look for the copies by content
+        found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
+                                  data["hashes"], clock=clock) or await _made_anew(dst, data)
+        if not found:
+            await mailbox_map.end_move(entry)
+            return "the destination never committed: nothing moved"
+        pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
+    if not await exists(dst, data["dst_mailbox"]):
+        await mailbox_map.end_move(entry)
+        return "destination mailbox gone: the source is left as it is"
+    dst_state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
+    same_dst = dst_state.uidvalidity == data["dst_validity"]
+    copies = await hashes_present(dst, [d for _s, d in pairs]) if same_dst else {}
+    verified = [(s, d) for s, d in pairs if copies.get(d) == sent[s]]
+    gone = [s for s, d in pairs if d not in copies] if same_dst else []
+    back = await came_back(src, gone, sent, max(src_uids)) if gone else []
+    if rest := [s for s in gone if s not in back]:
+        mine, _ = await fetch_infos(src, rest)
+        kept = collections.Counter(sent[s] for s, _d in verified)  # still at the destination: found there
+        back += await _moved_on_anywhere(entry, mailbox_map, src, dst, connect, mine, sent, kept)
+        if (await open_mailbox(src, data["src_mailbox"], readonly=False)).uidvalidity != data["src_validity"]:
+            raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
+    keep = [s for s, _d in verified] + back
+    present, _ = await search_uids(src, b"UID " + uid_set(sorted(keep))) if keep else ([], [])
+    # Decided, and journaled before acting: a recovery cut off after the expunge must not find the
+    # sources gone and take their copies back as if someone else had moved them (both gone).
+    data["present"] = uid_set(present).decode()
+    data["vanished_dst"] = uid_set(d for s, d in verified if s not in present).decode()
+    await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
+    await expunge_uids(src, present)
+    await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))  # their source went elsewhere
+    await mailbox_map.end_move(entry)
+    return f"finished: {len(present)} message(s) removed from the source"
+
+
+async def _made_anew(dst: BackendProtocol, data: dict) -> dict[int, int]:
+    """The destination deleted and made again after the MOVE's STATUS (another UIDVALIDITY): a
+    MULTIAPPEND that committed is there whole, every body in order on consecutive UIDs (it saves
+    all or nothing). Found: {index: UID}, and that UIDVALIDITY recorded as the copies'."""
+    if not await exists(dst, data["dst_mailbox"]):
+        return {}
+    state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
+    if state.uidvalidity == data["dst_validity"]:
+        return {}
+    uids, _ = await search_uids(dst, b"ALL")
+    hashes, n = await hash_messages(dst, uids), len(data["hashes"])
+    for k in range(len(uids) - n + 1):
+        if hashes[k:k + n] == data["hashes"] and uids[k + n - 1] - uids[k] == n - 1:
+            data["dst_validity"] = state.uidvalidity
+            return {i: uids[k + i] for i in range(n)}
+    return {}
+
+
+async def _moved_on_anywhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,
+                             connect: Connect | None, mine: Sequence[MessageInfo], sent: dict[int, str],
+                             kept: collections.Counter[str]) -> list[int]:
+    """moved_on over the source's, the destination's and every other backend the user's mailboxes may
+    live on (a copy moved on by a cross-server MOVE of its own lands on a third one)."""
+    others = [b for b in mailbox_map.backends_for(entry.user) if b not in (src.name, dst.name)] if connect else []
+    conns: list[BackendProtocol] = []
+    try:
+        for name in others:
+            assert connect is not None
+            try:
+                conns.append(await connect(name))
+            except NoMasterUser as e:  # never reachable: looked at nowhere (a copy there leaves the source)
+                log.warn("recovery: a copy moved on to {backend} cannot be looked for ({why})", backend=name, why=str(e))
+
+        def routed(backend: str, mailbox: str) -> bool:
+            return mailbox_map.lookup(entry.user, mailbox).primary == backend
+
+        return await moved_on([dst, src, *conns], src, entry.data["src_mailbox"], mine, sent, kept, routed)
+    finally:
+        for conn in conns:
+            conn.logout()
+
+
+async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int) -> list[int]:
+    """Of source *uids* whose copy left the destination before recovery, those whose same content
+    (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
+    the message is there once without them. Each newer message vouches for one source UID."""
+    still, _ = await search_uids(src, b"UID " + uid_set(sorted(uids)))
+    still = [u for u in still if u in set(uids)]
+    newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
+    newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
+    if not still or not newer:
+        return []
+    mine, _ = await fetch_infos(src, still)
+    sizes = {i.size for i in mine}
+    others, _ = await fetch_infos(src, newer)
+    found = collections.Counter((await hashes_present(src, [i.uid for i in others if i.size in sizes])).values())
+    return _vouched(mine, sent, found)
+
+
+async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_mailbox: str,
+                   mine: Sequence[MessageInfo], sent: dict[int, str], kept: collections.Counter[str],
+                   routed: Callable[[str, str], bool] = lambda _backend, _name: True) -> list[int]:
+    """Of source messages (*mine*) whose committed copy left the destination before recovery, those
+    whose content (size, then sha256) is in some other mailbox of *conns*' backends (the source's,
+    the destination's, and every other backend the user's mailboxes may live on), one that
+    *routed(backend, name)* says the map sends there (a copy out of every client's sight vouches
+    for nothing): a client moved the copy on, so the source's message goes (else it is there twice).
+    A copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
+    *kept*: the hashes of the copies still at the destination (found there, they vouch for none)."""
+    sizes = {i.size for i in mine}
+    if not sizes:
+        return []
+    found: collections.Counter[str] = collections.Counter()
+    for conn in conns:
+        for entry in await list_mailboxes(conn):
+            name = entry.name.decode("utf-8", "surrogateescape")
+            if (not entry.selectable or name.startswith("referral-proxy-") or not routed(conn.name, name)
+                    or (conn is src and _same_name(name, src_mailbox))):
+                continue
+            if (await open_mailbox(conn, name, readonly=True)).messages:
+                uids, _ = await search_uids(conn, b"LARGER %d SMALLER %d" % (min(sizes) - 1, max(sizes) + 1))
+                infos, _ = await fetch_infos(conn, uids)
+                found.update((await hashes_present(conn, [i.uid for i in infos if i.size in sizes])).values())
+            await conn.deselect()
+    found.subtract(kept)
+    return _vouched(mine, sent, found)
+
+
+def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[str]) -> list[int]:
+    """The UIDs of *mine* whose content (*sent*: uid -> sha256) *found* holds, each found copy vouching for one."""
+    out = []
+    for info in mine:
+        if found[sent[info.uid]] > 0:
+            found[sent[info.uid]] -= 1
+            out.append(info.uid)
+    return out
+
+
+def _same_name(a: str, b: str) -> bool:
+    return a == b or a.upper() == b.upper() == "INBOX"
+
+
+async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:
+    """Expunge copies whose source was moved or expunged by someone else while the MOVE ran."""
+    if uids and await exists(dst, data["dst_mailbox"]):
+        state = await open_mailbox(dst, data["dst_mailbox"], readonly=False)
+        if state.uidvalidity == data["dst_validity"]:
+            await expunge_uids(dst, uids)
