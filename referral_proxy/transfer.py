@@ -466,6 +466,9 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     untagged += copied.others
     entry.data["dst_uids"] = uid_set(copied.uids).decode()
     entry.data["dst_validity"] = copied.uidvalidity  # the copies' (a destination made anew meanwhile has another)
+    # Committed (APPENDUID): journaled before anything can fail, or a copy another client moves on
+    # before our verification reads it would be "never committed" to recovery, its source kept (twice)
+    await mailbox_map.record(entry)
     await verify_copies(dst, dst_mailbox, copied)
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))

@@ -12,7 +12,8 @@ Judged by a census of the backends.
 from __future__ import annotations
 
 import pytest
-from movecheck import census, seed, start_paused, wait_paused
+from imapwire import Wire
+from movecheck import census, cli, faulty, seed, start_paused, wait_paused
 from test_moves import MASTERS, RULES, _exactly_once, ids
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -74,3 +75,36 @@ def test_a_message_expunged_in_the_source_while_it_was_copied_does_not_come_back
     counts, where = census(fleet, "carol")
     assert counts[work[0]] == 0, where[work[0]]
     assert {where[i][0] for i in work[1:]} == {("b3", "Work")}
+
+
+def test_a_moves_copy_moved_on_before_it_was_verified_leaves_no_duplicate(proxy_factory, fleet, tmp_path):
+    """Seen in the soak (--admin, seed 806): a client's MOVE Work/c -> Shared/B/c (b1 -> b3) had its
+    copy committed on b3, where another client saw it and moved it to INBOX before the MOVE read it
+    back ("NO message UID 93 could not be read from b3"); the entry, not yet knowing the copies'
+    UIDs, was recovered as "the destination never committed": the source kept, the message twice.
+    Here the proxy is paused between the commit and the verification (the journal write of the
+    copies' UIDs) and the copy moved on straight at b3."""
+    work = ids("work", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    seed(fleet["b3"], "carol", "Shared/Next", [])
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proxy = proxy_factory(MASTERS, rules=RULES,
+                          command=faulty("--pause-at", "move-appending:3", "--pause-dir", str(pause)))
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1 Shared/Dest\r\n")
+    assert wait_paused(pause, "move-appending:3") == "move-appending:3"
+    with fleet["b3"].client("carol") as m:  # another client sees the copy and moves it on
+        assert m.select("Shared/Dest")[1] == [b"1"]
+        assert m.uid("MOVE", "1:*", "Shared/Next")[0] == "OK"
+    (pause / "resume").touch()
+    w.until_tagged(b"m")  # NO (its verification found the copy gone), or OK: the census judges
+    w.close()
+    proxy.stop()
+    assert cli("recover", "--config", str(proxy.config_path)).returncode == 0
+    proxy.start()
+    _exactly_once(fleet, proxy, "carol", work)
+    assert census(fleet, "carol")[1][work[0]] == [("b3", "Shared/Next")]
