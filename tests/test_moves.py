@@ -17,7 +17,9 @@ from movecheck import (
     deliver,
     deliver_on,
     faulty,
+    journal_empty,
     journal_killed_move,
+    journal_store,
     judge,
     multiappend,
     quote,
@@ -26,7 +28,7 @@ from movecheck import (
     through_proxy,
     wait_paused,
 )
-from storehelp import REACTOR, now
+from storehelp import now
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -64,22 +66,8 @@ def _at_once(wires: list[Wire], commands: list[bytes]) -> list[bytes]:
     return answers
 
 
-def _store(proxy):
-    """The proxy's map store (SQLite, or PostgreSQL with RP_TEST_STORE), opened as another process would."""
-    from referral_proxy.config import load_config
-    from referral_proxy.routing import open_store
-
-    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
-    store.start()
-    return store
-
-
-def _no_entries(proxy) -> bool:
-    store = _store(proxy)
-    try:
-        return now(store.journal()) == []
-    finally:
-        now(store.close())
+_store = journal_store  # the proxy's map store (SQLite, or PostgreSQL with RP_TEST_STORE), as another process opens it
+_no_entries = journal_empty
 
 
 def _exactly_once(fleet, proxy, user: str, must, may=(), hidden=()) -> None:
