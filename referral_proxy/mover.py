@@ -70,6 +70,9 @@ BATCH_BYTES = 256 * 1024 * 1024
 ANSWER_WITHIN = 10.0  # seconds a client waits past the commit point before it is answered
 QUIET = 0.3  # seconds without a new message in a source before it is renamed aside
 QUIET_BUDGET = 15.0  # seconds spent waiting for that quiet at most (then it is renamed anyway)
+# INBOX's (never renamed): what still comes is carried by the old-home watch (oldhome.py), while a
+# whole-user move holding every name of the user's (NO [INUSE]) should not last longer for it
+INBOX_QUIET_BUDGET = 3.0
 ASIDE_TIMEOUT = 30.0  # seconds the renamed source may take to be emptied and deleted
 DRAIN_ROUNDS = 10  # INBOX: rounds of "copy what is new, expunge what is verified" before giving up
 ASIDE = ASIDE_PREFIX.decode()  # staging.is_private_name: never listed to a client nor taken from one
@@ -495,7 +498,7 @@ class Mover:
     async def _empty_until_quiet(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                                  box: str) -> list[int]:
         """_empty() until a round leaves nothing uncopied and no new UID shows for QUIET seconds, for
-        at most QUIET_BUDGET seconds (INBOX too: the fewer deliveries left to its old home). The UIDs left."""
+        at most QUIET_BUDGET seconds (INBOX: INBOX_QUIET_BUDGET). The UIDs left uncopied."""
         started = self.clock.seconds() if self.clock is not None else 0.0
         while True:
             left = await self._empty(entry, i, src, dst, box)
@@ -508,7 +511,7 @@ class Mover:
                 await task.deferLater(self.clock, QUIET, lambda: None)
                 if (await status(src, box)).uidnext == before.uidnext:
                     return []
-            if self.clock.seconds() - started > QUIET_BUDGET:
+            if self.clock.seconds() - started > (INBOX_QUIET_BUDGET if box == "INBOX" else QUIET_BUDGET):
                 return left
 
     async def _empty(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
