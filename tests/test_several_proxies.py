@@ -250,3 +250,20 @@ def test_map_set_reaches_a_running_proxy_at_once(proxy_factory, fleet, pg_dsn):
     selected = w.cmd(b"t", b"SELECT Elsewhere")  # the same session's next command
     assert selected[-1].startswith(b"t OK") and b"* 4 EXISTS\r\n" in selected, selected
     w.close()
+
+
+def test_a_move_does_not_wait_for_a_proxy_killed_on_this_host(proxy_factory, fleet, pg_dsn):
+    """A SIGKILLed proxy leaves its row in `listeners`, beating as of its death: every move's begin and
+    end through the others waited 2 s for it (SETTLE_SECONDS), for as long as the row looked live
+    (LIVE_SECONDS). Seen in the soak with two proxies: 'had not read change' after nearly every kill."""
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    a, b = proxy_factory(_config(pg_dsn), rules=RULES), proxy_factory(_config(pg_dsn), rules=RULES)
+    on_b = _logged_in(b)
+    assert on_b.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+    a.kill()
+    reply = on_b.cmd(b"r", b"RENAME Work Shared/Work")
+    assert reply[-1].startswith(b"r OK"), reply
+    on_b.close()
+    assert "had not read change" not in b.stderr_text(), b.stderr_text()[-3000:]
+    _exactly_once(fleet, [b], "carol", work)
