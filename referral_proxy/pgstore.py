@@ -225,6 +225,11 @@ class PostgresStore:
         conn = _connect(self.dsn)
         try:
             check_schema(conn)
+            # In `listeners` before the snapshot is read (seen: nothing yet): a move that begins from
+            # here on waits in settle() until this proxy's listener has read it; one that began before
+            # this row is in the snapshot. (Row after snapshot: a move begun in between, while the
+            # listener was still connecting, went ahead with this proxy routing from a map without it.)
+            self._beat(conn)
             change, snapshot = _read_snapshot(conn)
         except psycopg.Error as e:
             conn.close()
@@ -553,4 +558,10 @@ class PostgresStore:
         return {(k, r): (int(n), int(b)) for k, r, n, b in await self._run(work)}
 
     async def close(self) -> None:
+        if self._started and self.available:  # out of `listeners` now: no settle() waits for a closed store
+            self._stopping.set()  # (its own DELETE at the end comes only once notifies() returns)
+            try:
+                await self._run(lambda conn: conn.execute("DELETE FROM listeners WHERE id = %s", (self._id,)))
+            except Exception as e:
+                log.debug("map store: could not leave `listeners` ({why})", why=_why(e))
         self._stop_threads()  # idle threads end at once; a statement in flight ends within its timeout
