@@ -35,7 +35,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
-from .hierarchy import UNDER_ITSELF, refusal, under_itself
+from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, refusal, under_itself
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
@@ -173,6 +173,8 @@ class Mover:
                 raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
             if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
                 raise TransferError("[ALREADYEXISTS] Mailbox already exists")
+            if o != n and placed_elsewhere(self.mailbox_map, self.user, n, dst.name):  # a child's new name
+                raise TransferError(TAKEN)
 
     # -- the move ------------------------------------------------------------------------
 
