@@ -55,6 +55,7 @@ ODD_TARGETS = ["inbox/Sub", "INBOX/Sub/x", "*", "Inbox/Sub/*", "Shared/*", "Shar
 ODD_ORIGINALS = {"INBOX/Sub": 12, "INBOX/Sub/k": 4, "*": 6}
 OPTIONS = {"odd_names": False, "admin": False, "proxies": 1, "workers": 1, "capitals": False}
 LOGINS = ["carol", "CAROL", "Carol"]  # --capitals: each session's login spelled one of these ways (one user)
+START_TIMEOUT = 90.0  # seconds a (re)started proxy may take to greet: a master and its workers under a loaded machine
 
 
 def proxy_config(fleet, port: int) -> dict:
@@ -429,7 +430,7 @@ def chaos(fleet, proxies: list[ProxyProcess], rng: random.Random, ledger: Ledger
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(rng.uniform(0.0, 0.5))
-            proxy.start()
+            proxy.start(timeout=START_TIMEOUT)
         else:
             name = rng.choice(["b1", "b2", "b3"])
             fleet[name].kill()
@@ -500,7 +501,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
     actors: list[threading.Thread] = []
     try:
         for p in procs:
-            p.start()
+            p.start(timeout=START_TIMEOUT)
         actors = [Client(k, ports, random.Random(rng.random()), ledger, stop, random.Random(seed_ * 104729 + k))
                   for k in range(clients)]
         actors.append(Deliverer(fleet, random.Random(rng.random()), ledger, stop))
@@ -528,7 +529,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
     quiet_backends(fleet)
     try:
         for p in procs:
-            p.start()
+            p.start(timeout=START_TIMEOUT)
         counts, where = census(fleet, USER)
         reaches = [through_proxy(p, USER) for p in procs]  # every proxy must reach every message
     finally:
