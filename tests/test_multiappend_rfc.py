@@ -580,3 +580,37 @@ def test_an_append_to_a_target_deleted_since_it_took_one_is_refused_after_its_bo
     w.close()
     assert b"Smuggled" not in _mailboxes(backend, "alice") and b"Box" not in _mailboxes(backend, "alice")
     assert contents(backend, "alice", "INBOX") == []
+
+
+# -- spaces before the command's final CRLF: Dovecot takes them (it skips spaces between arguments) --
+
+
+@pytest.mark.parametrize("staging", [False, True], ids=["multiappend", "staging"])
+def test_spaces_after_the_last_literal_end_the_command_as_with_dovecot(proxy_factory, fleet, no_multiappend, staging):
+    """``a APPEND box (\\Seen) {n}`` + body + ``" \\r\\n"``: Dovecot appends (OK), the proxy said BAD
+    ``missing message literal`` and appended nothing. Both messages of a MULTIAPPEND ending so, and
+    a pipelined NOOP in the same write, answered as directly; the census has the same messages."""
+    backend = no_multiappend if staging else fleet["b1"]
+    proxy = _proxy_to(proxy_factory, backend)
+    backend.reset_mail("alice")
+    bodies = [b"Subject: trailing %d\r\n\r\nx1 CREATE Inj\r\n" % i for i in range(2)]
+    stored = {}
+    for side, (host, port) in (("direct", (backend.host, backend.port)), ("proxy", (proxy.host, proxy.port))):
+        box = b"Sp" + side.encode()
+        with backend.client("alice") as m:
+            m.create(box.decode())
+        w = Wire(host, port)
+        w.login()
+        answers = []
+        for tag, tail in ((b"a", b" \r\n"), (b"b", b"   \r\n")):
+            w.send(b"%s APPEND %s (\\Seen) {%d+}\r\n%s {%d+}\r\n%s%sn NOOP\r\n" % (
+                tag, box, len(bodies[0]), bodies[0], len(bodies[1]), bodies[1], tail))
+            reply = w.until_tagged(b"n")
+            answers.append([_TIMING.sub(b"", line).split(b" [APPENDUID")[0].split(b" Append")[0] for line in reply])
+        w.close()
+        stored[side] = (answers, contents(backend, "alice", box.decode()))
+    assert stored["proxy"][0] == stored["direct"][0] == [[b"a OK", b"n OK NOOP completed.\r\n"],
+                                                         [b"b OK", b"n OK NOOP completed.\r\n"]]
+    census = {side: sorted((s[1], s[3]) for s in stored[side][1]) for side in stored}  # dated on arrival
+    assert census["proxy"] == census["direct"] and len(census["proxy"]) == 4
+    assert b"Inj" not in _mailboxes(backend, "alice")

@@ -278,6 +278,14 @@ def test_bad_second_message_aborts_and_drops_the_rest():
     assert out[-1].name == "NOOP"
 
 
+@pytest.mark.parametrize("tail", [b" ", b"   "])
+def test_spaces_before_an_appends_final_crlf_end_it_as_dovecot_takes_them(tail):
+    out = events(reader(), b"a APPEND INBOX {3+}\r\nabc {2+}\r\nhi%s\r\nn NOOP\r\n" % tail)
+    assert out[-2:] == [AppendEnd(), out[-1]] and out[-1].name == "NOOP", out
+    out = events(reader(), b"a APPEND INBOX {3+}\r\nabc \t\r\nn NOOP\r\n")  # a tab is no space: BAD there too
+    assert isinstance(out[-2], AppendAbort) and out[-2].status == "BAD", out
+
+
 def test_append_limits():
     out = events(reader(max_append_messages=2), b"a APPEND INBOX" + b" {1+}\r\nx" * 3 + b"\r\nn NOOP\r\n")
     assert out[-2] == AppendAbort("NO", "[LIMIT] Too many messages in one APPEND (limit 2); nothing was appended")

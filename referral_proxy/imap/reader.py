@@ -467,7 +467,9 @@ class CommandReader:
         return AppendStart(start.tag, start.name, mailbox)
 
     def _append_next(self, line: Line) -> ReaderEvent:
-        if line.data == b"" and line.literal is None:
+        if line.literal is None and not line.data.strip(b" "):
+            # The command's end. Dovecot takes spaces before the final CRLF (``{3}abc \r\n``:
+            # OK, the message appended) as it skips them between any two arguments.
             self._reset_command()
             return _END
         try:
