@@ -111,7 +111,9 @@ def test_copy_with_nothing_selected_is_bad_as_with_dovecot(proxy_factory, fleet)
 
 
 _BAD_NAMES = [b'"Shared/&Jjo"', b'"Shared/Caf\xe9"', b'"Shared/Caf\xc3\xa9"', b'"Shared/&AOk"', b'"Shared/&AGE-"',
-              b"{10+}\r\nShared/x\ry"]
+              b"{10+}\r\nShared/x\ry",
+              # A "." or ".." segment: its URL resolves elsewhere (imap://h/Shared/x/.. is imap://h/Shared/)
+              b'"Shared/x/.."', b'"Shared/./x"', b'"Shared/.."']
 
 
 def _commands(name: bytes) -> list[tuple[bytes, bytes]]:
