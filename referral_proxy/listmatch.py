@@ -24,7 +24,7 @@ from functools import lru_cache
 
 from .imap import mutf7
 
-__all__ = ["list_matcher", "unicode_name"]
+__all__ = ["list_matcher", "unicode_name", "wildcard_match"]
 
 _INBOX = "INBOX"
 _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -150,3 +150,15 @@ def list_matcher(pattern: bytes, separator: str, reference: bytes = b"") -> Call
         return automaton.matches(chars, under_inbox)
 
     return matches
+
+
+@lru_cache(maxsize=1024)
+def _wildcards(pattern: str, separator: str) -> _Automaton:
+    return _Automaton(_compress(pattern), separator)
+
+
+def wildcard_match(pattern: str, name: str, separator: str) -> bool:
+    """``*`` and ``%`` of *pattern* against *name*, character for character as given (no decoding,
+    case kept), in time linear in the name's length: the map's rules (routing.py) are matched
+    against names a client chooses, where a backtracking regex would let one command stop the process."""
+    return _wildcards(pattern, separator).matches(name, False)
