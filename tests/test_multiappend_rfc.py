@@ -614,3 +614,26 @@ def test_spaces_after_the_last_literal_end_the_command_as_with_dovecot(proxy_fac
     census = {side: sorted((s[1], s[3]) for s in stored[side][1]) for side in stored}  # dated on arrival
     assert census["proxy"] == census["direct"] and len(census["proxy"]) == 4
     assert b"Inj" not in _mailboxes(backend, "alice")
+
+
+@pytest.mark.parametrize("staging", [False, True], ids=["multiappend", "staging"])
+def test_rfc_6855_utf8_message_data_answered_as_dovecot_without_utf8_accept(proxy_factory, fleet, no_multiappend, staging):
+    """``UTF8 (~{n}...)`` to Dovecot 2.3 (no UTF8=ACCEPT): BAD before the literal, as directly (main:
+    BAD too, from the proxy's parser); a second message so: the whole command BAD, nothing appended."""
+    backend = no_multiappend if staging else fleet["b1"]
+    proxy = _proxy_to(proxy_factory, backend)
+    backend.reset_mail("alice")
+    answers = {}
+    for side, (host, port) in (("direct", (backend.host, backend.port)), ("proxy", (proxy.host, proxy.port))):
+        got = []
+        for tag, command in ((b"a", b"APPEND INBOX UTF8 (~{5+}\r\nworld)"),
+                             (b"b", b"APPEND INBOX {5+}\r\nhello UTF8 (~{5+}\r\nworld)")):
+            w = Wire(host, port)
+            w.login()
+            got.append(_status(w.cmd(tag, command)[-1]))
+            got.append(w.cmd(b"n", b"NOOP")[-1][:4])
+            w.close()
+        answers[side] = got
+    assert answers["proxy"] == answers["direct"] == [b"a BAD", b"n OK", b"b BAD", b"n OK"], answers
+    assert contents(backend, "alice", "INBOX") == []
+
