@@ -637,3 +637,40 @@ def test_rfc_6855_utf8_message_data_answered_as_dovecot_without_utf8_accept(prox
     assert answers["proxy"] == answers["direct"] == [b"a BAD", b"n OK", b"b BAD", b"n OK"], answers
     assert contents(backend, "alice", "INBOX") == []
 
+
+
+@pytest.mark.parametrize("staging", [False, True], ids=["multiappend", "staging"])
+@pytest.mark.parametrize("meanwhile", ["DELETE Target", "RENAME Target Elsewhere"])
+def test_a_target_deleted_or_renamed_by_another_session_mid_multiappend_gets_none(
+        proxy_factory, fleet, no_multiappend, staging, meanwhile):
+    """Two messages sent, the target deleted (or renamed) by another session straight on the
+    backend, then the third and the command's end: NO as directly, and the census finds none of
+    the three anywhere (not in the target, not under its new name, no staging mailbox left)."""
+    backend = no_multiappend if staging else fleet["b1"]
+    proxy = _proxy_to(proxy_factory, backend)
+    bodies = [b"Subject: mid %d\r\n\r\n%s\r\n" % (i, b"m" * 300) for i in range(3)]
+    answers = {}
+    for side, (host, port) in (("direct", (backend.host, backend.port)), ("proxy", (proxy.host, proxy.port))):
+        backend.reset_mail("alice")
+        with backend.client("alice") as m:
+            m.create("Target")
+        w = Wire(host, port)
+        w.login()
+        w.send(b"a APPEND Target (\\Seen) {%d+}\r\n%s {%d+}\r\n%s" % (len(bodies[0]), bodies[0], len(bodies[1]), bodies[1]))
+        if staging and side == "proxy":
+            _wait_for(lambda: list(_staged(backend, "alice").values()) == [2], "two messages staged")
+        else:
+            time.sleep(0.3)
+        with backend.client("alice") as m:
+            assert m._simple_command(*meanwhile.split(" ", 1))[0] == "OK"
+        w.send(b" {%d+}\r\n%s\r\n" % (len(bodies[2]), bodies[2]))
+        answers[side] = _status(w.until_tagged(b"a")[-1])[:4]
+        assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+        w.close()
+        if staging and side == "proxy":
+            _wait_for(lambda: _staged(backend, "alice") == {}, "the staging mailbox removed")
+        names = _mailboxes(backend, "alice")
+        assert not any(STAGING_PREFIX in n for n in names), names
+        for box in names:
+            assert contents(backend, "alice", box.decode()) == [], (side, box)
+    assert answers["proxy"] == answers["direct"] == b"a NO", answers

@@ -229,3 +229,54 @@ def test_a_mailbox_a_move_holds_is_in_use_not_referred(proxy_factory, fleet):
     w.close()
     with fleet["b3"].client("alice") as m:
         assert m.select("Shared/W")[0] == "OK"  # nothing renamed it
+
+
+# -- a referral-aware client following the URL lands on the mailbox it asked for ------------------
+
+_ODD = ["Shared/a%b", "Shared/a*b", 'Shared/q"x', "Shared/b\\s", "Shared/semi;UID=3", "Shared/q?x", "Shared/h#x",
+        "Shared/sp ace", "Shared/Café", "Shared/☺/kid", "Shared/a&b", "Shared/%2F", "Shared/{x}", "Shared/]",
+        "Shared/a,b=c+d!$'()~", "Shared/tab@at:colon"]
+
+
+def _astring(name: bytes) -> bytes:
+    from referral_proxy.imap.grammar import encode_astring
+
+    return encode_astring(name) or b"{%d+}\r\n" % len(name) + name
+
+
+@pytest.mark.parametrize("login", ["alice", "ALICE"])
+def test_following_each_referral_url_opens_the_mailbox_referred(proxy_factory, fleet, login):
+    """Every command that refers (SELECT, EXAMINE, STATUS, CREATE's sibling DELETE, SUBSCRIBE, APPEND)
+    names a URL that, parsed back (imap/url.py) and followed on the backend it names (LOGIN as its
+    user, the name encoded to modified UTF-7 again), opens that very mailbox: the same UIDVALIDITY
+    as on b3 directly. Names with every byte RFC 5092 escapes, a login in upper case."""
+    from referral_proxy.imap import mutf7
+
+    b3 = fleet["b3"]
+    direct = {}
+    with b3.client("alice") as m:
+        for name in _ODD:
+            wire = mutf7.encode(name)
+            assert m._simple_command("CREATE", _astring(wire).decode("ascii", "surrogateescape"))[0] == "OK", name
+            typ, data = m._simple_command("STATUS", _astring(wire).decode("ascii", "surrogateescape"), "(UIDVALIDITY)")
+            direct[name] = re.search(rb"UIDVALIDITY (\d+)", m.untagged_responses.pop("STATUS")[-1]).group(1)
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login(login)
+    w.cmd(b"r", b'RLIST "" "*"')
+    for name in _ODD:
+        box = _astring(mutf7.encode(name))
+        for tag, command in ((b"s", b"SELECT " + box), (b"e", b"EXAMINE " + box), (b"t", b"STATUS %s (MESSAGES)" % box),
+                             (b"d", b"DELETE " + box), (b"b", b"SUBSCRIBE " + box), (b"a", b"APPEND %s {1}" % box)):
+            line = w.cmd(tag, command)[-1]
+            m = re.fullmatch(rb"%s NO \[REFERRAL (\S+)\] Remote mailbox\r\n" % tag, line)
+            assert m, (name, line)
+            user, host, port, mailbox = parse_imap_url(m.group(1).decode("ascii"))
+            assert (user, host, port, mailbox) == ("alice", b3.host, b3.port, name), m.group(1)
+        followed = Wire(host, port)
+        followed.login(user)
+        reply = followed.cmd(b"x", b"EXAMINE " + _astring(mutf7.encode(mailbox)))
+        followed.close()
+        assert reply[-1].startswith(b"x OK"), (name, reply)
+        assert b"[UIDVALIDITY %s]" % direct[name] in b"".join(reply), (name, reply)
+    w.close()
