@@ -280,3 +280,56 @@ def test_following_each_referral_url_opens_the_mailbox_referred(proxy_factory, f
         assert reply[-1].startswith(b"x OK"), (name, reply)
         assert b"[UIDVALIDITY %s]" % direct[name] in b"".join(reply), (name, reply)
     w.close()
+
+
+# -- users whose names RFC 5092 escapes in the URL's iuserinfo -------------------------------------
+
+_ODD_USERS = {"o@x.example": "pw1", "p%q": "pw2", "s;t": "pw3", "mixed": "pw4", "a b+c": "pw5"}
+
+
+@pytest.fixture(scope="module")
+def odd_user_fleet():
+    """Two Dovecots (home, and Shared/* elsewhere) whose users have "@", "%", ";", a space in
+    their names (``auth_username_chars`` emptied: Dovecot's default refuses "%" and ";")."""
+    from conftest import dovecot_root
+
+    from referral_proxy.fleet import Dovecot
+
+    pair = [Dovecot(f"oddusers{i}", f"127.0.0.{11 + i}", dovecot_root() / f"oddusers{i}", users=_ODD_USERS,
+                    extra_config="auth_username_chars =\n") for i in range(2)]
+    for d in pair:
+        d.start()
+    yield pair
+    for d in pair:
+        d.stop()
+
+
+@pytest.mark.parametrize("login, user", [("o@x.example", "o@x.example"), ("p%q", "p%q"), ("s;t", "s;t"),
+                                         ("MiXeD", "mixed"), ("a b+c", "a b+c")])
+def test_users_with_odd_characters_follow_their_referrals_and_login_referrals(proxy_factory, odd_user_fleet,
+                                                                             login, user):
+    home, remote = odd_user_fleet
+    direct = Wire(remote.host, remote.port)  # imaplib sends a user name with a space unquoted
+    direct.cmd(b"L", b'LOGIN "%s" "%s"' % (user.encode(), _ODD_USERS[user].encode()))
+    direct.cmd(b"c", b"CREATE Shared/Box")
+    direct.close()
+    config = {"backends": {"h": {"endpoint": home.endpoint, "url": home.url, "login_referral": True},
+                           "r": {"endpoint": remote.endpoint, "url": remote.url}},
+              "map": {"default": "h", "rules": [{"mailbox": "Shared/*", "backend": "r"}]}}
+    proxy = proxy_factory(config, login_referrals=True)
+    w = Wire(proxy.host, proxy.port)
+    reply = w.cmd(b"L", b'LOGIN "%s" "%s"' % (login.encode(), _ODD_USERS[user].encode()))
+    m = re.match(rb"L OK \[REFERRAL (\S+)\]", reply[-1])
+    assert m, reply
+    assert parse_imap_url(m.group(1).decode())[:3] == (user, home.host, home.port), m.group(1)
+    w.cmd(b"r", b'RLIST "" "*"')
+    reply = w.cmd(b"s", b"SELECT Shared/Box")
+    w.close()
+    m = re.fullmatch(rb"s NO \[REFERRAL (\S+)\] Remote mailbox\r\n", reply[-1])
+    assert m, reply
+    url_user, host, port, mailbox = parse_imap_url(m.group(1).decode("ascii"))
+    assert (url_user, host, port, mailbox) == (user, remote.host, remote.port, "Shared/Box"), m.group(1)
+    followed = Wire(host, port)
+    assert followed.cmd(b"L", b'LOGIN "%s" "%s"' % (url_user.encode(), _ODD_USERS[user].encode()))[-1].startswith(b"L OK")
+    assert followed.cmd(b"x", b"EXAMINE Shared/Box")[-1].startswith(b"x OK")
+    followed.close()
