@@ -153,12 +153,22 @@ def list_matcher(pattern: bytes, separator: str, reference: bytes = b"") -> Call
 
 
 @lru_cache(maxsize=1024)
-def _wildcards(pattern: str, separator: str) -> _Automaton:
-    return _Automaton(_compress(pattern), separator)
+def _wildcards(pattern: str, separator: str) -> _Automaton | str:
+    """The automaton of *pattern*; the text before its one trailing ``*`` (the common rule
+    ``Shared/*``: a prefix test), or the pattern itself without a wildcard (equality), as a str."""
+    pattern = _compress(pattern)
+    head = pattern[:-1] if pattern.endswith("*") else pattern
+    if "*" not in head and "%" not in head:
+        return pattern
+    return _Automaton(pattern, separator)
 
 
 def wildcard_match(pattern: str, name: str, separator: str) -> bool:
     """``*`` and ``%`` of *pattern* against *name*, character for character as given (no decoding,
     case kept), in time linear in the name's length: the map's rules (routing.py) are matched
     against names a client chooses, where a backtracking regex would let one command stop the process."""
-    return _wildcards(pattern, separator).matches(name, False)
+    matcher = _wildcards(pattern, separator)
+    if type(matcher) is str:
+        return name.startswith(matcher[:-1]) if matcher.endswith("*") else name == matcher
+    assert isinstance(matcher, _Automaton)
+    return matcher.matches(name, False)
