@@ -56,6 +56,7 @@ ODD_ORIGINALS = {"INBOX/Sub": 12, "INBOX/Sub/k": 4, "*": 6}
 OPTIONS = {"odd_names": False, "admin": False, "multiappend": False, "proxies": 1, "workers": 1, "capitals": False}
 LOGINS = ["carol", "CAROL", "Carol"]  # --capitals: each session's login spelled one of these ways (one user)
 START_TIMEOUT = 90.0  # seconds a (re)started proxy may take to greet: a master and its workers under a loaded machine
+# (proxies are started tied to the soak: SIGTERM when it exits, however it ends)
 
 
 def proxy_config(fleet, port: int) -> dict:
@@ -460,7 +461,7 @@ def chaos(fleet, proxies: list[ProxyProcess], rng: random.Random, ledger: Ledger
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(rng.uniform(0.0, 0.5))
-            proxy.start(timeout=START_TIMEOUT)
+            proxy.start(timeout=START_TIMEOUT, tied_to_parent=True)
         else:
             name = rng.choice(["b1", "b2", "b3"])
             fleet[name].kill()
@@ -531,7 +532,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
     actors: list[threading.Thread] = []
     try:
         for p in procs:
-            p.start(timeout=START_TIMEOUT)
+            p.start(timeout=START_TIMEOUT, tied_to_parent=True)
         actors = [Client(k, ports, random.Random(rng.random()), ledger, stop, random.Random(seed_ * 104729 + k))
                   for k in range(clients)]
         actors.append(Deliverer(fleet, random.Random(rng.random()), ledger, stop))
@@ -559,7 +560,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
     quiet_backends(fleet)
     try:
         for p in procs:
-            p.start(timeout=START_TIMEOUT)
+            p.start(timeout=START_TIMEOUT, tied_to_parent=True)
         counts, where = census(fleet, USER)
         reaches = [through_proxy(p, USER) for p in procs]  # every proxy must reach every message
     finally:
