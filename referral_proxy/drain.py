@@ -52,8 +52,8 @@ def settled(data: dict, i: int) -> set[int]:
 
 
 def _settle(data: dict, i: int, uids: Sequence[int]) -> None:
-    done = data.setdefault("settled", {})
-    done[str(i)] = uid_set(settled(data, i) | set(uids)).decode()
+    if "settled" in data:  # else an older version's entry: it stays one (remove_verified)
+        data["settled"][str(i)] = uid_set(settled(data, i) | set(uids)).decode()
 
 
 def _copies(data: dict, i: int) -> dict[int, tuple[int, dict]]:
@@ -71,7 +71,9 @@ async def remove_verified(journal: MailboxMap, entry: JournalEntry, i: int, src:
     """*box* selected read-write on *src*, holding *present*: remove those of them whose copy is
     verified (*copied*); take back the copies of the copied UIDs someone else took away."""
     data = entry.data
-    theirs = sorted(copied - set(present) - settled(data, i))
+    # An entry an older version wrote (recovered after an upgrade) does not say which UIDs its drain
+    # expunged: none is taken for someone else's (their copies are the only ones left).
+    theirs = sorted(copied - set(present) - settled(data, i)) if "settled" in data else []
     mine = [u for u in present if u in copied]
     for _attempt in range(ATTEMPTS):
         if not mine:

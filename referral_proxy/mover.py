@@ -187,7 +187,7 @@ class Mover:
             raise TransferError(UNDER_ITSELF)
         data: dict[str, Any] = {"src": src_name, "dst": dst_name, "old": old, "new": new, "token": secrets.token_hex(4),
                 "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
-                "drained": []}
+                "drained": [], "settled": {}}  # settled: drain.py (an entry without it is an older version's)
         try:
             entry = await self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new, data["token"]), data)
         except InUse:

@@ -268,3 +268,26 @@ def test_a_copy_a_client_changed_at_the_destination_is_never_taken_back(proxy_fa
     assert sorted(where[work[1]]) == [("b1", "INBOX"), ("b3", "Work" if then == "flagged" else "Later")], out
     assert all(where[i] == [("b3", "Work")] for i in work if i != work[1])
     assert _no_entries(proxy)
+
+
+def test_an_older_versions_entry_past_its_expunges_is_finished_without_taking_anything_back(proxy_factory, fleet):
+    """An entry written before drain.py (no `settled`: which UIDs its drain expunged is not known),
+    recovered after an upgrade: the copies of the UIDs gone are the only ones left, never taken back."""
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    killed = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3",
+                 command=faulty("--kill-at", "aside:1"))  # the source emptied in place, then set aside
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    store = journal_store(proxy)
+    try:
+        (entry,) = now(store.journal())
+        del entry.data["settled"]
+        now(store.journal_step(entry.id, entry.step, entry.data, entry.owner))
+    finally:
+        now(store.close())
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+    where = _once(fleet, proxy, work)
+    assert all(where[i] == [("b3", "Work")] for i in work), where
+    assert _no_entries(proxy)
