@@ -53,7 +53,7 @@ def settled(data: dict, i: int) -> set[int]:
 
 def _settle(data: dict, i: int, uids: Sequence[int]) -> None:
     if "settled" in data:  # else an older version's entry: it stays one (remove_verified)
-        data["settled"][str(i)] = uid_set(settled(data, i) | set(uids)).decode()
+        data["settled"][str(i)] = uid_set(sorted(settled(data, i) | set(uids))).decode()
 
 
 def _copies(data: dict, i: int) -> dict[int, tuple[int, dict]]:
@@ -159,8 +159,10 @@ async def _take_back(journal: MailboxMap, entry: JournalEntry, i: int, dst: Back
     copies = _copies(data, i)
     take: list[int] = []
     changed: list[int] = []
+    validity = None
     if await exists(dst, new):
         state = await open_mailbox(dst, new, readonly=True)
+        validity = state.uidvalidity
         mine = [copies[s] for s in theirs if s in copies and copies[s][1]["validity"] == state.uidvalidity]
         found, _ = await search_uids(dst, b"UID " + uid_set(d for d, _r in mine)) if mine else ([], [])
         take = [d for d, _r in mine if d in set(found)]
@@ -173,7 +175,7 @@ async def _take_back(journal: MailboxMap, entry: JournalEntry, i: int, dst: Back
         await dst.deselect()
     take = [d for d in take if d not in set(changed)]
     _settle(data, i, theirs)
-    data["taking"] = {"pair": i, "uids": uid_set(take).decode()}
+    data["taking"] = {"pair": i, "uids": uid_set(sorted(take)).decode(), "validity": validity}
     await journal.step(entry, Step.TAKING_BACK)
     left = len(theirs) - len(take)
     log.warn("move {id}: {n} message(s) left {box} on {b} after the move's commit point (a client's command under "
@@ -190,11 +192,12 @@ async def _finish_taking(journal: MailboxMap, entry: JournalEntry, dst: BackendP
     uids = expand_uid_set(taking["uids"])
     if uids and await exists(dst, new):
         await _fresh(dst, drop, keep=True)
-        await open_mailbox(dst, new, readonly=False)
-        for _attempt in range(ATTEMPTS):  # one a client moved on meanwhile is not moved: left, never lost
-            if await _move_to(dst, uids, drop) is not None:
-                break
-            uids = [u for u in (await search_uids(dst, b"UID " + uid_set(uids)))[0] if u in set(uids)]
+        # made anew by a client since (another UIDVALIDITY): these UIDs are not the copies
+        if (await open_mailbox(dst, new, readonly=False)).uidvalidity == taking["validity"]:
+            for _attempt in range(ATTEMPTS):  # one a client moved on meanwhile is not moved: left, never lost
+                if not uids or await _move_to(dst, uids, drop) is not None:
+                    break
+                uids = [u for u in (await search_uids(dst, b"UID " + uid_set(uids)))[0] if u in set(uids)]
         await dst.deselect()
         await _gone(dst, drop)
     data["taking"] = None
