@@ -35,7 +35,16 @@ from .imap.command import ParseError
 from .imap.data import parse_status
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import JournalEntry, Step
-from .mailops import TransferError, exists, expunge_uids, name_arg, open_mailbox, run_ok, search_uids
+from .mailops import (
+    TransferError,
+    exists,
+    expunge_uids,
+    finish_cut_delete,
+    name_arg,
+    open_mailbox,
+    run_ok,
+    search_uids,
+)
 from .routing import MailboxMap
 from .transfer import hash_messages, hashes_present
 
@@ -251,6 +260,7 @@ async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False) -> Non
 
 
 async def _gone(conn: BackendProtocol, drop: str) -> None:
-    """Delete the drop (what is in it: the copies of messages that are elsewhere)."""
-    if await exists(conn, drop):
+    """Delete the drop (what is in it: the copies of messages that are elsewhere); one a killed
+    Dovecot half deleted is finished, or left if it refuses (mailops.finish_cut_delete)."""
+    if await exists(conn, drop) and not await finish_cut_delete(conn, drop):
         await run_ok(conn, b"DELETE " + name_arg(drop), "DELETE")
