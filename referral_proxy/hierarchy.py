@@ -19,11 +19,12 @@ from .backend import BackendProtocol
 from .mailops import TransferError, subtree
 from .routing import MailboxMap, normalize
 
-__all__ = ["UNDER_ITSELF", "ELSEWHERE", "under_itself", "members_elsewhere", "refusal"]
+__all__ = ["UNDER_ITSELF", "ELSEWHERE", "TAKEN", "under_itself", "placed_elsewhere", "members_elsewhere", "refusal"]
 
 UNDER_ITSELF = "Can't rename mailbox under its own child."  # Dovecot's words, to the period (no response code)
 ELSEWHERE = "[CANNOT] A mailbox inside lives on another server; rename or move it first"
 UNREACHABLE = "[UNAVAILABLE] Server {} could not be asked which mailboxes inside live there; nothing was renamed"
+TAKEN = "[CANNOT] A mailbox inside would get a name that lives on another server; rename or move it first"
 
 log = Logger()
 
@@ -32,6 +33,14 @@ def under_itself(old: str, new: str, separator: str) -> bool:
     """Would *new* be inside *old*'s own subtree? (Dovecot refuses it, INBOX included.)"""
     old, new = normalize(old, separator), normalize(new, separator)
     return new.startswith(old + separator)
+
+
+def placed_elsewhere(mailbox_map: MailboxMap, user: str, name: str, backend: str) -> bool:
+    """Is *name* placed (a move put it there) on a backend other than *backend*? A RENAME giving that
+    name to a mailbox on *backend* would write its placement over that one: the mailbox there,
+    with its mail, then reachable by nobody."""
+    placed = mailbox_map.placements(user).get(normalize(name, mailbox_map.separator))
+    return placed is not None and placed[0] != backend
 
 
 async def members_elsewhere(mailbox_map: MailboxMap, user: str, old: str, here: str,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .backend import BackendProtocol
-from .hierarchy import refusal
+from .hierarchy import TAKEN, placed_elsewhere, refusal
 from .imap.response import completion_text
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import TransferError, exists, name_arg, subtree
@@ -64,10 +64,10 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
                 if mailbox_map.lookup(user, child).primary != conn.name:
                     continue  # a stray copy the map hides: it stays hidden
                 target = new + child[len(old):]
-                if normalize(child, sep) not in placed and mailbox_map.lookup(user, target).primary != conn.name:
+                if ((normalize(child, sep) not in placed and mailbox_map.lookup(user, target).primary != conn.name)
+                        or placed_elsewhere(mailbox_map, user, target, conn.name)):  # (its placement would follow)
                     await mailbox_map.end_move(entry)
-                    return LocalRename((), "NO [CANNOT] A mailbox inside would get a name that lives on another "
-                                           "server; rename or move it first")
+                    return LocalRename((), "NO " + TAKEN)
             refused = await refusal(mailbox_map, user, old, conn.name, others)
             if refused:
                 await mailbox_map.end_move(entry)

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 
 from .backend import BackendProtocol
 from .drain import highest_modseq, remove_verified, resume
-from .hierarchy import UNDER_ITSELF, refusal, under_itself
+from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, refusal, under_itself
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
@@ -175,6 +175,8 @@ class Mover:
                 raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
             if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
                 raise TransferError("[ALREADYEXISTS] Mailbox already exists")
+            if o != n and placed_elsewhere(self.mailbox_map, self.user, n, dst.name):  # a child's new name
+                raise TransferError(TAKEN)
 
     # -- the move ------------------------------------------------------------------------
 

@@ -25,10 +25,8 @@ How it keeps store.MapStore's contract:
 from __future__ import annotations
 
 import json
-import os
 import queue
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +38,17 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts
+from .journal import (
+    InUse,
+    JournalEntry,
+    LostEntry,
+    Reservation,
+    Step,
+    StoreUnavailable,
+    conflicts,
+    owner_gone,
+    process_owner,
+)
 from .store import SCHEMA_VERSION, SchemaError, Snapshot, TransferCounts
 
 __all__ = ["PostgresStore", "SchemaError", "migrate", "SCHEMA_VERSION", "CHANNEL", "POOL_SIZE"]
@@ -168,6 +176,13 @@ def _read_snapshot(conn: psycopg.Connection[Any]) -> tuple[int, Snapshot]:
     )
 
 
+def _listener_gone(listener: str) -> bool:
+    """A listener row (``host:pid:start/token``) of a process on this host that no longer runs: a proxy
+    SIGKILLed left it (a listener of another host, or of an older version, is never taken for gone)."""
+    owner, slash, _token = listener.rpartition("/")
+    return bool(slash) and owner_gone(owner)
+
+
 def _bump(conn: psycopg.Connection[Any]) -> int:
     """Count a change routing must learn of, tell every listener at commit; the row lock serializes."""
     row = conn.execute("UPDATE map_state SET change = change + 1 RETURNING change").fetchone()
@@ -193,7 +208,7 @@ class PostgresStore:
         self._pending_change = -1
         self._floor = -1  # the change of this process's own last write: no older snapshot is handed out
         self._seen = -1  # the newest change the listener has read
-        self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # this listener in `listeners`
+        self._id = f"{process_owner()}/{secrets.token_hex(4)}"  # this listener in `listeners` (_listener_gone)
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
         self._started = False
@@ -210,6 +225,11 @@ class PostgresStore:
         conn = _connect(self.dsn)
         try:
             check_schema(conn)
+            # In `listeners` before the snapshot is read (seen: nothing yet): a move that begins from
+            # here on waits in settle() until this proxy's listener has read it; one that began before
+            # this row is in the snapshot. (Row after snapshot: a move begun in between, while the
+            # listener was still connecting, went ahead with this proxy routing from a map without it.)
+            self._beat(conn)
             change, snapshot = _read_snapshot(conn)
         except psycopg.Error as e:
             conn.close()
@@ -370,13 +390,17 @@ class PostgresStore:
                 return
         deadline = time.monotonic() + SETTLE_SECONDS
 
-        def wait_all(conn: psycopg.Connection[Any]) -> int:
+        def wait_all(conn: psycopg.Connection[Any]) -> list[str]:
             while True:
-                row = conn.execute(
-                    "SELECT count(*) FROM listeners WHERE seen < %s"
-                    " AND beat > clock_timestamp() - make_interval(secs => %s)", (floor, LIVE_SECONDS)).fetchone()
-                behind = int(row[0]) if row else 0
-                if behind == 0 or time.monotonic() > deadline:
+                rows = conn.execute(
+                    "SELECT id FROM listeners WHERE seen < %s"
+                    " AND beat > clock_timestamp() - make_interval(secs => %s)", (floor, LIVE_SECONDS)).fetchall()
+                behind = [str(r[0]) for r in rows]
+                gone = [i for i in behind if _listener_gone(i)]
+                if gone:  # a proxy killed on this host: nobody to wait for (its row would count as live for seconds)
+                    conn.execute("DELETE FROM listeners WHERE id = ANY(%s)", (gone,))
+                    behind = [i for i in behind if i not in gone]
+                if not behind or time.monotonic() > deadline:
                     return behind
                 time.sleep(0.002)
 
@@ -386,8 +410,8 @@ class PostgresStore:
             log.warn("map store: could not check that the other proxies have change {c}: {why}", c=floor, why=str(e))
             return
         if behind:
-            log.warn("map store: {n} proxy listener(s) had not read change {c} after {s}s", n=behind, c=floor,
-                     s=SETTLE_SECONDS)
+            log.warn("map store: {n} proxy listener(s) had not read change {c} after {s}s: {ids}", n=len(behind),
+                     c=floor, s=SETTLE_SECONDS, ids=", ".join(behind))
 
     def poll(self) -> Snapshot | None:
         with self._lock:
@@ -534,4 +558,10 @@ class PostgresStore:
         return {(k, r): (int(n), int(b)) for k, r, n, b in await self._run(work)}
 
     async def close(self) -> None:
+        if self._started and self.available:  # out of `listeners` now: no settle() waits for a closed store
+            self._stopping.set()  # (its own DELETE at the end comes only once notifies() returns)
+            try:
+                await self._run(lambda conn: conn.execute("DELETE FROM listeners WHERE id = %s", (self._id,)))
+            except Exception as e:
+                log.debug("map store: could not leave `listeners` ({why})", why=_why(e))
         self._stop_threads()  # idle threads end at once; a statement in flight ends within its timeout

@@ -15,6 +15,7 @@ empty, and every message is counted on every backend by its Message-Id:
 * unreachable: found on a backend, but not through the proxy's LIST + EXAMINE.
 
     python tests/soak.py --runs 20 --seed 1000 --seconds 30     # the long form
+    python tests/soak.py --proxies 2 --store postgresql --admin # several proxies on one map store
     (tests/test_moves_soak.py runs a bounded form in CI)
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import imaplib
 import os
 import random
@@ -51,7 +53,10 @@ TARGETS = ["Shared/A", "Shared/B", "Shared/Z", "Shared/Z/c", "Archive/A", "Archi
 # parents of the rules' subtrees (a child renamed into Shared/... lives elsewhere)
 ODD_TARGETS = ["inbox/Sub", "INBOX/Sub/x", "*", "Inbox/Sub/*", "Shared/*", "Shared", "Archive"]
 ODD_ORIGINALS = {"INBOX/Sub": 12, "INBOX/Sub/k": 4, "*": 6}
-OPTIONS = {"odd_names": False, "admin": False, "multiappend": False}
+OPTIONS = {"odd_names": False, "admin": False, "multiappend": False, "proxies": 1, "workers": 1, "capitals": False}
+LOGINS = ["carol", "CAROL", "Carol"]  # --capitals: each session's login spelled one of these ways (one user)
+START_TIMEOUT = 90.0  # seconds a (re)started proxy may take to greet: a master and its workers under a loaded machine
+# (proxies are started tied to the soak: SIGTERM when it exits, however it ends)
 
 
 def proxy_config(fleet, port: int) -> dict:
@@ -134,16 +139,19 @@ class Ledger:
 class Client(threading.Thread):
     """One IMAP client of the proxy doing random operations until stopped."""
 
-    def __init__(self, k: int, port: int, rng: random.Random, ledger: Ledger, stop: threading.Event) -> None:
+    def __init__(self, k: int, ports: list[int], rng: random.Random, ledger: Ledger, stop: threading.Event,
+                 pick: random.Random | None = None) -> None:
         super().__init__(daemon=True)
-        self.k, self.port, self.rng, self.ledger, self.stop_event = k, port, rng, ledger, stop
+        self.k, self.ports, self.rng, self.ledger, self.stop_event = k, ports, rng, ledger, stop
+        self.pick = pick or random.Random(k)  # which proxy each session goes to (its own: one proxy draws nothing)
         self.n = 0
         self.m: imaplib.IMAP4 | None = None
 
     def _conn(self) -> imaplib.IMAP4:
         if self.m is None:
-            m = imaplib.IMAP4("127.0.0.1", self.port, timeout=60)
-            m.login(USER, "secret")
+            port = self.ports[0] if len(self.ports) == 1 else self.pick.choice(self.ports)
+            m = imaplib.IMAP4("127.0.0.1", port, timeout=60)
+            m.login(self.pick.choice(LOGINS) if OPTIONS["capitals"] else USER, "secret")
             self.m = m
         return self.m
 
@@ -379,13 +387,15 @@ class Admin(threading.Thread):
     entry is left for the proxy's start-up recovery or `recover`). An admin move makes no copy:
     the census allows none for it."""
 
-    def __init__(self, port: int, config: Path, rng: random.Random, ledger: Ledger, stop: threading.Event) -> None:
+    def __init__(self, ports: list[int], config: Path, rng: random.Random, ledger: Ledger,
+                 stop: threading.Event) -> None:
         super().__init__(daemon=True)
-        self.port, self.config, self.rng, self.ledger, self.stop_event = port, config, rng, ledger, stop
+        self.ports, self.config, self.rng, self.ledger, self.stop_event = ports, config, rng, ledger, stop
 
     def _names(self) -> list[str]:
         try:
-            m = imaplib.IMAP4("127.0.0.1", self.port, timeout=60)
+            port = self.ports[0] if len(self.ports) == 1 else self.rng.choice(self.ports)
+            m = imaplib.IMAP4("127.0.0.1", port, timeout=60)
             m.login(USER, "secret")
             names = Client._mailboxes(m)
             m.logout()
@@ -405,8 +415,9 @@ class Admin(threading.Thread):
             kill_after = self.rng.uniform(0.0, 1.5) if self.rng.random() < 0.33 else None
             self.ledger.tell(-2, f"ADMIN MOVE {box} -> {to}" + (f" (kill at {kill_after:.2f} s)" if kill_after else ""))
             env = dict(os.environ, PYTHONPATH=str(REPO))
+            user = self.rng.choice(LOGINS) if OPTIONS["capitals"] else USER
             proc = subprocess.Popen([sys.executable, "-m", "referral_proxy", "move", "--config", str(self.config),
-                                     USER, box, to], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     user, box, to], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     cwd=REPO, env=env)
             try:
                 out, _ = proc.communicate(timeout=kill_after if kill_after is not None else 300)
@@ -419,21 +430,38 @@ class Admin(threading.Thread):
             self.ledger.tell(-2, f"ADMIN MOVE {box} -> {to}: {outcome} {out.strip()[-300:]!r}")
 
 
-def chaos(fleet, proxy: ProxyProcess, rng: random.Random, ledger: Ledger, until: float, backends: bool) -> None:
-    """Kill the proxy or a backend at random moments, and bring it back, until *until*.
+def chaos(fleet, proxies: list[ProxyProcess], rng: random.Random, ledger: Ledger, until: float,
+          backends: bool) -> None:
+    """Kill a proxy (one of *proxies*, or one of its workers) or a backend at random moments,
+    and bring it back, until *until*.
 
     Runs in the caller's (main) thread: a Dovecot started from a thread that then ends would
     be sent SIGTERM (its parent-death signal follows the thread that forked it)."""
+    pick = random.Random(rng.random()) if len(proxies) > 1 or OPTIONS["workers"] > 1 else None
     while time.monotonic() + 0.5 < until:
         time.sleep(min(rng.uniform(0.5, 2.5), max(0.0, until - time.monotonic())))
         if time.monotonic() >= until:
             break
         if not backends or rng.random() < 0.6:
+            i = pick.randrange(len(proxies)) if pick is not None else 0
+            proxy = proxies[i]
+            what = f"proxy{i}" if len(proxies) > 1 else "proxy"
+            workers = _children(proxy.pid) if pick is not None and OPTIONS["workers"] > 1 else []
+            if workers and pick is not None and pick.random() < 0.7:  # one worker: its master starts it again
+                victim = pick.choice(workers)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+                ledger.note("kill", "worker")
+                ledger.tell(-1, f"KILL {what} worker {victim}")
+                continue
             proxy.kill()
             ledger.note("kill", "proxy")
-            ledger.tell(-1, "KILL proxy")
+            ledger.tell(-1, f"KILL {what}")
+            for pid in workers:  # (they stop by themselves once their master is gone; the port must be free)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             time.sleep(rng.uniform(0.0, 0.5))
-            proxy.start()
+            proxy.start(timeout=START_TIMEOUT, tied_to_parent=True)
         else:
             name = rng.choice(["b1", "b2", "b3"])
             fleet[name].kill()
@@ -441,6 +469,14 @@ def chaos(fleet, proxy: ProxyProcess, rng: random.Random, ledger: Ledger, until:
             ledger.tell(-1, f"KILL {name}")
             time.sleep(rng.uniform(0.2, 1.0))
             fleet[name].start()
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of *pid* (a master's workers)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 @dataclass
@@ -462,20 +498,27 @@ class Figures:
 
 
 def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, backend_kills: bool = True,
-            store: str | None = None) -> Figures:
+            store: str | None = None, proxies: int | None = None) -> Figures:
     """One seeded run against a running *fleet*; the caller has cleared carol's mail.
 
-    *store*: the map store's URI (a fresh, migrated PostgreSQL database); None: SQLite in *workdir*."""
+    *store*: the map store's URI (a fresh, migrated PostgreSQL database); None: SQLite in *workdir*.
+    *proxies*: how many proxy processes share that store (OPTIONS["proxies"] if None), each
+    with ``workers = OPTIONS["workers"]``; each client session goes to one of them at random."""
     rng = random.Random(seed_)
-    port = _free_port()
+    n_proxies = proxies if proxies is not None else OPTIONS["proxies"]
+    ports = [_free_port() for _ in range(n_proxies)]
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "proxy.toml"
+    names = ["proxy"] if n_proxies == 1 else [f"proxy{i}" for i in range(n_proxies)]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from conftest import toml_dumps
-    config = proxy_config(fleet, port)
-    if store is not None:
-        config["map"]["store"] = store
-    config_path.write_text(toml_dumps(config))
+    for name, port in zip(names, ports):
+        config = proxy_config(fleet, port)
+        if store is not None:
+            config["map"]["store"] = store
+        if OPTIONS["workers"] > 1:
+            config["proxy"]["workers"] = OPTIONS["workers"]
+        (workdir / f"{name}.toml").write_text(toml_dumps(config))  # (SQLite: one file, relative to workdir)
+    config_path = workdir / f"{names[0]}.toml"
     ledger = Ledger()
     originals = {"Work": 60, "Work/c": 10, "Proj": 30, "50% off": 5, "INBOX": 40} | (
         ODD_ORIGINALS if OPTIONS["odd_names"] else {})
@@ -483,26 +526,29 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         mids = [f"o-{box}-{i}@soak" for i in range(n)]
         seed(fleet["b1"], USER, box, mids, size=rng.choice([500, 5000]))
         ledger.must.update(mids)
-    proxy = SoakProxy(config_path, host="127.0.0.1", port=port, stdout_path=workdir / "proxy.log",
-                      stderr_path=workdir / "proxy.log")
+    procs = [SoakProxy(workdir / f"{name}.toml", host="127.0.0.1", port=port, stdout_path=workdir / f"{name}.log",
+                       stderr_path=workdir / f"{name}.log") for name, port in zip(names, ports)]
     stop = threading.Event()
     actors: list[threading.Thread] = []
     try:
-        proxy.start()
-        actors = [Client(k, port, random.Random(rng.random()), ledger, stop) for k in range(clients)]
+        for p in procs:
+            p.start(timeout=START_TIMEOUT, tied_to_parent=True)
+        actors = [Client(k, ports, random.Random(rng.random()), ledger, stop, random.Random(seed_ * 104729 + k))
+                  for k in range(clients)]
         actors.append(Deliverer(fleet, random.Random(rng.random()), ledger, stop))
         if OPTIONS["admin"]:  # (its own generator: the seeds' runs without it are unchanged)
-            actors.append(Admin(port, config_path, random.Random(seed_ * 7919 + 1), ledger, stop))
+            actors.append(Admin(ports, config_path, random.Random(seed_ * 7919 + 1), ledger, stop))
         for a in actors:
             a.start()
-        chaos(fleet, proxy, random.Random(rng.random()), ledger, time.monotonic() + seconds, backend_kills)
+        chaos(fleet, procs, random.Random(rng.random()), ledger, time.monotonic() + seconds, backend_kills)
     finally:
         stop.set()
         for a in actors:
             a.join(180)
         for d in fleet.backends.values():
             d.start()  # (a no-op for those running)
-    proxy.stop()  # what it was still doing is left in the journal, for `recover`
+    for p in procs:
+        p.stop()  # what it was still doing is left in the journal, for `recover`
     runs = 0
     while True:
         runs += 1
@@ -513,11 +559,13 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
             break
     quiet_backends(fleet)
     try:
-        proxy.start()
+        for p in procs:
+            p.start(timeout=START_TIMEOUT, tied_to_parent=True)
         counts, where = census(fleet, USER)
-        reached = through_proxy(proxy, USER)
+        reaches = [through_proxy(p, USER) for p in procs]  # every proxy must reach every message
     finally:
-        proxy.stop()
+        for p in procs:
+            p.stop()
     ledger.settle()
     with ledger.lock:
         lost = sorted(i for i in ledger.must if counts[i] < 1 + ledger.copies_acked[i])
@@ -534,7 +582,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         print(f"seed {seed_}: Dovecot's index shows one file more than once (not a copy): "
               f"{[(i, where.get(i), files[i]) for i in indexed[:5]]}", file=sys.stderr)
         duplicated = [i for i in duplicated if i not in indexed]
-    unreachable = sorted(i for i in counts if reached[i] != counts[i])
+    unreachable = sorted(i for i in counts if any(r[i] != counts[i] for r in reaches))
     figures = Figures(seed_, ledger.ops, lost, duplicated, unreachable, sum(counts.values()), runs, ledger.errors)
     if lost or duplicated or unreachable:
         detail = {i: (where.get(i), ledger.copies_acked[i], ledger.copies_maybe[i], i in ledger.must)
@@ -542,7 +590,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         print(f"seed {seed_}: details {detail}; recover: {done.stdout[-2000:]}", file=sys.stderr)
         with open(workdir / "history.txt", "w") as f:
             f.writelines(f"{t} c{k} {what}\n" for t, k, what in ledger.history)
-        print(f"seed {seed_}: history in {workdir / 'history.txt'}, proxy log in {workdir / 'proxy.log'}, "
+        print(f"seed {seed_}: history in {workdir / 'history.txt'}, proxy logs {names} in {workdir}, "
               f"recover's output in {workdir / 'recover.log'}", file=sys.stderr)
     return figures
 
@@ -595,10 +643,18 @@ def main() -> int:
                         help="APPENDs of 1-3 messages in one command (RFC 3502); a refused one must leave none")
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
                         help="the map store: SQLite (the default) or a PostgreSQL server of the soak's own")
+    parser.add_argument("--proxies", type=int, default=1,
+                        help="proxy processes on the one map store, each client session to one of them at random")
+    parser.add_argument("--workers", type=int, default=1, help="[proxy] workers of each proxy")
+    parser.add_argument("--capitals", action="store_true",
+                        help="sessions (and admin moves) name carol as carol, CAROL or Carol at random")
     args = parser.parse_args()
     OPTIONS["odd_names"] = args.odd_names
     OPTIONS["admin"] = args.admin
     OPTIONS["multiappend"] = args.multiappend
+    OPTIONS["proxies"] = args.proxies
+    OPTIONS["workers"] = args.workers
+    OPTIONS["capitals"] = args.capitals
     from referral_proxy.fleet import Fleet, make_root
 
     root = make_root("rp-soak-")

@@ -128,9 +128,9 @@ def test_the_same_mailbox_renamed_through_a_and_b_at_once_moves_once(proxy_facto
     assert _entries(pg_dsn) == 0
 
 
-@pytest.mark.parametrize("step", ["copied:1", "placed:1"])
-def test_a_killed_mid_move_is_recovered_from_b(proxy_factory, fleet, pg_dsn, step):
-    work = ids("work", 40)
+def killed_mid_rename(proxy_factory, fleet, pg_dsn, step: str, n: int):
+    """Work (*n* messages) on b1; A SIGKILLed at *step* of RENAME Work Shared/Work, B running: (ids, A, B)."""
+    work = ids("work", n)
     seed(fleet["b1"], "carol", "Work", work)
     a = proxy_factory(_config(pg_dsn), rules=RULES, command=faulty("--kill-at", step))
     b = proxy_factory(_config(pg_dsn), rules=RULES)
@@ -139,6 +139,12 @@ def test_a_killed_mid_move_is_recovered_from_b(proxy_factory, fleet, pg_dsn, ste
     assert on_a.closed(60), "proxy A was not killed at " + step
     a.process.wait(10)
     assert _entries(pg_dsn) == 1  # A's entry, its names still reserved
+    return work, a, b
+
+
+@pytest.mark.parametrize("step", ["copied:1", "placed:1"])
+def test_a_killed_mid_move_is_recovered_from_b(proxy_factory, fleet, pg_dsn, step):
+    work, a, b = killed_mid_rename(proxy_factory, fleet, pg_dsn, step, 40)
     on_b = _logged_in(b)
     assert on_b.cmd(b"x", b"RENAME Work Shared/Other")[-1].startswith(b"x NO [INUSE]")  # B respects them
     on_b.close()
@@ -250,3 +256,48 @@ def test_map_set_reaches_a_running_proxy_at_once(proxy_factory, fleet, pg_dsn):
     selected = w.cmd(b"t", b"SELECT Elsewhere")  # the same session's next command
     assert selected[-1].startswith(b"t OK") and b"* 4 EXISTS\r\n" in selected, selected
     w.close()
+
+
+def test_a_move_does_not_wait_for_a_proxy_killed_on_this_host(proxy_factory, fleet, pg_dsn):
+    """A SIGKILLed proxy leaves its row in `listeners`, beating as of its death: every move's begin and
+    end through the others waited 2 s for it (SETTLE_SECONDS), for as long as the row looked live
+    (LIVE_SECONDS). Seen in the soak with two proxies: 'had not read change' after nearly every kill."""
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    a, b = proxy_factory(_config(pg_dsn), rules=RULES), proxy_factory(_config(pg_dsn), rules=RULES)
+    on_b = _logged_in(b)
+    assert on_b.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+    a.kill()
+    reply = on_b.cmd(b"r", b"RENAME Work Shared/Work")
+    assert reply[-1].startswith(b"r OK"), reply
+    on_b.close()
+    assert "had not read change" not in b.stderr_text(), b.stderr_text()[-3000:]
+    _exactly_once(fleet, [b], "carol", work)
+
+
+@pytest.mark.parametrize("how", ["here", "across"])
+def test_a_rename_never_takes_over_the_name_of_a_mailbox_placed_elsewhere(proxy_factory, fleet, pg_dsn, how):
+    """Shared/Z/c was moved to b2 by an administrator (placed there); a RENAME whose child would be called
+    Shared/Z/c -- on b3 (here: Shared/B, itself placed there by a move; across: Work from b1) -- would
+    write its own placement over b2's: b2's Shared/Z/c reachable by nobody. Seen in the soak
+    (--proxies 2 --workers 2 --admin --capitals, seed 800: 38 messages unreachable on b2 Shared/Z/c)."""
+    work, child, far = ids("work", 5), ids("child", 3), ids("far", 4)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Work/c", child)
+    seed(fleet["b3"], "carol", "Shared/Z/c", far)
+    a, b = proxy_factory(_config(pg_dsn), rules=RULES), proxy_factory(_config(pg_dsn), rules=RULES)
+    moved = cli("move", "--config", str(a.config_path), "carol", "Shared/Z/c", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    on_a, on_b = _logged_in(a), _logged_in(b)
+    if how == "here":
+        assert on_a.cmd(b"r", b"RENAME Work Shared/B")[-1].startswith(b"r OK")  # Shared/B, Shared/B/c placed on b3
+        reply = on_b.cmd(b"s", b"RENAME Shared/B Shared/Z")
+    else:
+        reply = on_b.cmd(b"s", b"RENAME Work Shared/Z")
+    assert reply[-1].startswith(b"s NO"), reply
+    on_a.close()
+    on_b.close()
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in far} == {("b2", "Shared/Z/c")}
+    _exactly_once(fleet, [a, b], "carol", work + child + far)
+    assert _entries(pg_dsn) == 0

@@ -358,3 +358,36 @@ def test_map_migrate_on_an_sqlite_file_says_what_it_did(tmp_path, capsys):
     db.close()
     assert main(["map", "--config", str(config), "migrate"]) == 1
     assert "version 3, newer" in capsys.readouterr().err
+
+
+def test_a_proxy_starting_as_another_begins_a_move_is_waited_for(pg_dsn):
+    """B reads its map at start-up, its listener still connecting; A begins a move then: A's settle()
+    must not return before B has the reservation (main: B had no row in `listeners` yet, A went
+    ahead, B answered from a map without it until its listener's first read)."""
+    import threading
+
+    import psycopg
+
+    from referral_proxy.pgstore import PostgresStore
+
+    a = PostgresStore(pg_dsn, REACTOR)
+    a.start()
+    b = PostgresStore(pg_dsn, REACTOR)
+    gate = threading.Event()
+    listen = b._listen
+    b._listen = lambda: (gate.wait(60), listen())  # B's listener comes late
+    b.start()
+    try:
+        assert b.poll() is not None  # B's map as it read it at start-up: nothing held
+        now(a.begin_move("carol", "move", [Reservation("Work", True)], {}, "x:1:1", "/"))
+        with psycopg.connect(pg_dsn) as conn:  # what A's settle() waits for: B is among them
+            waited = [r[0] for r in conn.execute("SELECT id FROM listeners WHERE seen < (SELECT change FROM map_state)")]
+        assert b._id in waited, waited
+        gate.set()
+        now(a.settle())
+        snapshot = b.poll()
+        assert snapshot is not None and [r.name for _e, u, r in snapshot.reservations if u == "carol"] == ["Work"], snapshot
+    finally:
+        gate.set()
+        now(a.close())
+        now(b.close())
