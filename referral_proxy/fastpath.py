@@ -21,6 +21,11 @@ itself, proved in tests/test_plain.py). Two levels:
   completes its command from the bytes (relay.py swaps the tag back). After untagged
   responses with literals (a FETCH's bodies), the backend's framer passes those through
   first (``Framer.pass_through``, the long way's own step) and this completes the rest.
+* :func:`append_line`: a read that is exactly the APPEND line a client sends before a message's
+  synchronizing literal (``a APPEND INBOX (\\Seen) {310}``), arriving as for relay_plain, is read
+  by imap.reader.CommandReader.append_line (the same checks, no framer, no general parse) and its
+  command started as the long way starts it: routed by the same look-ups (appends.Appends.start:
+  reserved names, moves, the map, referrals), its message then decided by the session's pump.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from .imap.command import _TAG as TAG
 from .imap.plain import PLAIN_GRAMMARS, plain_arguments
 from .imap.response import plain_completion, plain_untagged_lines
 
-__all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
+__all__ = ["PLAIN_COMMANDS", "relay_plain", "append_line", "completed_plain"]
 
 # The handlers that only relay: to the selected mailbox's backend (home if none), or home;
 # NOOP's after login is to_selected; mailboxes.change (STORE, EXPUNGE) relays unless a move holds
@@ -93,6 +98,23 @@ def relay_plain(session: Any, data: bytes) -> bool:
     relay.send_line(conn, tag, data[len(tag):])
     if relay.in_flight + len(session.appends.unanswered) >= most:
         session.block(Block.IN_FLIGHT)  # as the reader's loop would, before its next command
+    return True
+
+
+def append_line(session: Any, data: bytes) -> bool:
+    """Start the APPEND *data* is the line of (the session logged in: its caller checks), as the
+    reader's pump would with nothing else to read; False (nothing done) to take the long way.
+    The caller pumps the reader next (the message is decided there)."""
+    if session.flow.blocked or session._pumping:
+        return False
+    appends = session.appends
+    if session.relay.in_flight + len(appends.unanswered) >= session.config.proxy.connections.max_commands_in_flight:
+        return False  # the pump reads nothing now
+    event = session.reader.append_line(data)
+    if event is None:
+        return False
+    session.ctx.observer.command_named(session, event.tag, "APPEND")
+    appends.start(event)
     return True
 
 

@@ -375,6 +375,16 @@ class Framer:
         self._state = _LITERAL
         self._remaining = spec.size
 
+    def announced(self, spec: LiteralSpec) -> None:
+        """A whole first fragment announcing *spec* was read by the consumer itself, from bytes
+        never given to receive_data (the command reader's APPEND line): await the decision on
+        its literal as after that fragment's Line. Only between logical lines, nothing held."""
+        if not self.idle or self._auto:
+            raise RuntimeError("a fragment is read here already")
+        self._first = False
+        self._state = _PENDING
+        self._pending = spec
+
     def reject_literal(self) -> None:
         """Refuse the announced literal and the rest of its command.
 

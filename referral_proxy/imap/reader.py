@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .command import (
+    _TAG,
     Atom,
     CommandStart,
     ParenList,
@@ -177,6 +178,16 @@ _IDLE, _COLLECT, _APPEND_MAILBOX, _APPEND_DATA, _APPEND_NEXT = range(5)
 _SYSTEM_FLAGS = frozenset({b"\\ANSWERED", b"\\FLAGGED", b"\\DELETED", b"\\SEEN", b"\\DRAFT"})
 _KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
 _ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){"]+')  # what Dovecot's parser reads as an atom
+# The APPEND line clients send, one message with a synchronizing literal, read without the
+# framer or the general parse (CommandReader.append_line): an upper-case APPEND, the mailbox a
+# plain atom or a quoted string without escapes (no wildcard, 8-bit or control character), flags
+# of plain atoms, a quoted date-time, ``{n}`` or ``~{n}``, nothing after the CRLF. Each piece's
+# characters are a subset of what the long way takes for it (_flags, _KEYWORD, _DATE_TIME): any
+# other line (and a system flag RFC 3501 does not name) goes the long way.
+_PLAIN = rb"[A-Za-z0-9.:,$<>+_\-!#&'/=?@^~|]+"
+_APPEND_LINE = re.compile(
+    rb'(%s) APPEND (?:(%s)|"([ !#$&-)+-\[\]-~]*)")(?: \(((?:\\?%s(?: \\?%s)*)?)\))?(?: "([ !#-\[\]-~]*)")? '
+    rb"(~?)\{([0-9]{1,19})\}\r\n" % (_TAG.pattern, _PLAIN, _PLAIN, _PLAIN))
 _DATE_TIME = re.compile(rb"(?: ?[1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
                         rb"[0-2][0-9]:[0-5][0-9]:[0-6][0-9] [+-][0-9]{4}", re.IGNORECASE)
 
@@ -226,6 +237,39 @@ class CommandReader:
                 return out
             if self._queue:
                 return self._queue.pop(0)
+
+    def append_line(self, data: bytes) -> AppendStart | None:
+        """*data*, the whole of a read while :attr:`idle`, taken as an APPEND line of the form
+        clients send (_APPEND_LINE) without the framer or the general parse: the AppendStart
+        next_event would return for it, its AppendMessage queued and the literal awaiting the
+        decision, as the long way leaves them. The caller admitted APPEND (STREAMED) itself.
+        None, and nothing read, for any other bytes."""
+        m = _APPEND_LINE.fullmatch(data)
+        limits = self.limits
+        if m is None or len(data) - 2 > limits.max_line or limits.max_append_messages < 1 or not self.idle:
+            return None
+        tag, atom, quoted, flag_list, date, binary, size = m.groups()
+        flags: tuple[bytes, ...] | None = None
+        if flag_list is not None:
+            flags = tuple(flag_list.split(b" ")) if flag_list else ()
+            for flag in flags:
+                if flag[:1] == b"\\" and flag.upper() not in _SYSTEM_FLAGS:
+                    return None  # BAD, the long way's
+        if date is not None:
+            if _DATE_TIME.fullmatch(date) is None:
+                return None
+            if date[1:2] == b"-":  # as _message relays it
+                date = b" " + date
+        literal = LiteralSpec(int(size), True, bool(binary))
+        if literal.size > limits.max_message:
+            return None
+        self._framer.announced(literal)
+        self._start = CommandStart(tag, "APPEND", data[len(tag) + 8:m.start(6)])
+        self._messages = 1
+        self._queue.append(AppendMessage(flags, date, literal))
+        self._deciding = True
+        self._state = _APPEND_NEXT
+        return AppendStart(tag, "APPEND", atom if atom is not None else quoted)
 
     # -- the consumer's decisions -------------------------------------------------------
 
