@@ -61,8 +61,9 @@ _FAST: dict[str, tuple[str, bool]] = {
     and (spec.name in PLAIN_COMMANDS or not spec.grammar.takes_arguments) and spec.states != PRE
 }
 
-# One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only.
-_LINE = re.compile(rb"(%s) ((?:UID )?[A-Z]+)(?: ([^\r\n]+))?\r\n" % TAG.pattern)
+# One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only. Possessive
+# runs: a read of 64 KiB without a space is refused at once, not after 64 Ki steps back (~4 ms).
+_LINE = re.compile(rb"(%s+) ((?:UID )?[A-Z]++)(?: ([^\r\n]++))?\r\n" % TAG.pattern)
 
 
 def relay_plain(session: Any, data: bytes) -> bool:
