@@ -25,7 +25,9 @@ itself, proved in tests/test_plain.py). Two levels:
   synchronizing literal (``a APPEND INBOX (\\Seen) {310}``), arriving as for relay_plain, is read
   by imap.reader.CommandReader.append_line (the same checks, no framer, no general parse) and its
   command started as the long way starts it: routed by the same look-ups (appends.Appends.start:
-  reserved names, moves, the map, referrals), its message then decided by the session's pump.
+  reserved names, moves, the map, referrals), its message then decided by the session's pump;
+  a read that is exactly the rest of that message's literal and the command's CRLF is queued
+  as the reader's events for it (CommandReader.message_rest), not framed.
 """
 
 from __future__ import annotations
@@ -104,8 +106,11 @@ def relay_plain(session: Any, data: bytes) -> bool:
 
 def append_line(session: Any, data: bytes) -> bool:
     """Start the APPEND *data* is the line of (the session logged in: its caller checks), as the
-    reader's pump would with nothing else to read; False (nothing done) to take the long way.
-    The caller pumps the reader next (the message is decided there)."""
+    reader's pump would with nothing else to read; or take *data* as the rest of a message and the
+    command's end (CommandReader.message_rest). False (nothing done) to take the long way. The
+    caller pumps the reader next (the message is decided there, or the rest's events handled)."""
+    if not data.endswith(b"}\r\n"):
+        return session.reader.message_rest(data)  # type: ignore[no-any-return]
     if session.flow.blocked or session._pumping:
         return False
     appends = session.appends

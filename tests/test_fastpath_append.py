@@ -15,13 +15,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from referral_proxy.config import parse_config
+from referral_proxy.flow import Block
 from referral_proxy.imap.framing import NEED_DATA
-from referral_proxy.imap.reader import NEED_DECISION, STREAMED, CommandReader, Limits
+from referral_proxy.imap.reader import NEED_DECISION, STREAMED, AppendData, AppendStart, CommandReader, Limits
 from referral_proxy.testing.fakes import DOVECOT_CAPS, FakeConnector, SessionHarness
 
 # -- the reader: append_line gives what next_event gives ------------------------------------------
 
-_LIMITS = Limits(max_line=120, max_message=5000, max_append_messages=3)
+_LIMITS = Limits(max_line=120, max_message=100000, max_append_messages=3)
 
 
 def _reader() -> CommandReader:
@@ -63,7 +64,7 @@ _FLAGS = _mostly([b"", b" ()", b" (\\Seen)", b" (\\seen $Junk)", b" (\\Draft \\F
 _DATES = _mostly([b"", b' "30-Nov-2026 12:00:00 +0000"', b' " 1-Jan-2020 00:00:00 -0130"', b' "1-Jan-2020 00:00:00 +0000"'],
                  [b' "31-Foo-2020 00:00:00 +0000"', b' "x"', b" NIL", b' "30-Nov-2026 12:00:00 +0000" "x"'])
 _LITERALS = _mostly([b" {5}", b" ~{5}", b" {0005}"],
-                    [b" {5+}", b" {0}", b" {5001}", b"{5}", b" {99999999999999999999}", b" ~{5+}", b" {}"])
+                    [b" {5+}", b" {0}", b" {100001}", b"{5}", b" {99999999999999999999}", b" ~{5+}", b" {}"])
 _ENDS = _mostly([b"\r\n"], [b"\n", b"\r\na NOOP\r\n", b"\r\nhel", b" \r\n"])
 
 
@@ -91,6 +92,58 @@ def test_an_append_line_is_read_as_the_long_way_reads_it(tag, name, box, flags, 
     clean = (tag, name, box, flags, date, literal, end)
     if all(part in strategy_good for part, strategy_good in zip(clean, _GOOD)) and len(line) - 2 <= _LIMITS.max_line:
         assert start is not None  # the forms clients send are taken
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(1, 70000), cuts=st.lists(st.integers(0, 70000), max_size=3),
+       end=st.sampled_from([b"\r\n", b"\n", b"\r\nb NOOP\r\n", b" {3}\r\n", b"\r", b""]),
+       pull=st.integers(0, 4))
+@example(size=5, cuts=[], end=b"\r\n", pull=4)
+@example(size=65536, cuts=[], end=b"\r\n", pull=4)
+@example(size=65537, cuts=[], end=b"\r\n", pull=4)
+def test_the_rest_of_a_message_is_read_as_the_long_way_reads_it(size, cuts, end, pull):
+    """The message literal cut into reads, the last with what follows it: each read the fast way
+    takes gives the long way's events, however many of them the consumer pulls before the next read."""
+    fast, slow = _reader(), _reader()
+    line = b"a APPEND INBOX {%d}\r\n" % size
+    assert fast.append_line(line) is not None
+    slow.receive_data(line)
+    assert [slow.next_event(), slow.next_event()][0] == AppendStart(b"a", "APPEND", b"INBOX")
+    fast.next_event()
+    fast.accept()
+    slow.accept()
+    body = bytes(range(256)) * (size // 256 + 1)
+    data = body[:size] + end
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    took = False
+    for a, b in zip([0, *points], [*points, len(data)]):
+        read = data[a:b]
+        if fast.message_rest(read):
+            took = True
+        else:
+            fast.receive_data(read)
+        slow.receive_data(read)
+        got_fast, got_slow = [], []
+        for _ in range(pull):  # a consumer stopped (its input blocked) pulls only some
+            got_fast.append(fast.next_event())
+            got_slow.append(slow.next_event())
+        assert _joined(got_fast) == _joined(got_slow)
+        assert fast.mid_command == slow.mid_command
+    assert _joined(_events(fast)) == _joined(_events(slow))
+    assert fast.between_commands == slow.between_commands and fast.mid_command == slow.mid_command
+    if not points and end == b"\r\n" and size <= 65536:
+        assert took
+
+
+def _joined(events: list[object]) -> list[object]:
+    """AppendData chunks as one (the long way hands out a literal cut where its reads were)."""
+    out: list[object] = []
+    for event in events:
+        if isinstance(event, AppendData) and out and isinstance(out[-1], AppendData):
+            out[-1] = AppendData(out[-1].data + event.data)
+        else:
+            out.append(event)
+    return out
 
 
 def test_the_line_limit_holds():
@@ -153,10 +206,24 @@ SCRIPTS = {
         ("c", b"a APPEND Shared/x {3}\r\n"), ("b", _QUOTA % (b"Shared/x", 1) + b"+ OK\r\n"), ("c", b"abc\r\n"),
         ("b", b"rp2 NO [TRYCREATE] no such mailbox\r\n"), ("c", b"b APPEND Shared/x {3}\r\n"),
     ],
+    "input blocked mid-message": [
+        ("c", b"a APPEND Bench {3}\r\n"), ("b", _QUOTA % (b"Bench", 1) + b"+ OK\r\n"), ("c", b"abc\r\n"),
+        ("b", b"rp2 OK [APPENDUID 7 1] done\r\n"), ("c", b"b APPEND Bench {4}\r\n"), ("c", b"ab"),
+        ("block", b""), ("c", b"cd\r\n"), ("unblock", b""), ("b", b"rp3 OK [APPENDUID 7 2] done\r\n"),
+        ("c", b"c APPEND Bench {4}\r\n"), ("block", b""), ("c", b"abcd\r\n"), ("b", b"rp4 NO [OVERQUOTA] full\r\n"),
+        ("unblock", b""), ("c", b"d NOOP\r\n"),
+    ],
     "the cap on commands in flight": [
         ("c", b"a FETCH 1:* FLAGS\r\n" * 8), ("c", b"b APPEND Bench {3}\r\n"),
     ],
 }
+
+
+def _step(h: SessionHarness, who: str, data: bytes) -> None:
+    if who in ("block", "unblock"):
+        getattr(h.session, who)(Block.OUTPUT)  # the client reads nothing: its input is not read meanwhile
+    else:
+        (h.send if who == "c" else h.from_backend)(data)
 
 
 @pytest.mark.parametrize("referrals", ["never", "always"])
@@ -165,9 +232,9 @@ def test_a_session_appends_as_the_long_way_does(script, referrals):
     fast, fast_long = _harness(referrals)
     slow, _ = _harness(referrals)
     for who, data in SCRIPTS[script]:
-        (fast.send if who == "c" else fast.from_backend)(data)
+        _step(fast, who, data)
         with patch("referral_proxy.session.append_line", lambda session, data: False):
-            (slow.send if who == "c" else slow.from_backend)(data)
+            _step(slow, who, data)
         assert (fast.to_client(), fast.to_backend()) == (slow.to_client(), slow.to_backend()), (who, data)
         assert len(fast.connector.backends) == len(slow.connector.backends)
     assert fast.context.observer.commands_total == slow.context.observer.commands_total
