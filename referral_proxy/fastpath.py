@@ -109,8 +109,8 @@ def append_line(session: Any, data: bytes) -> bool:
     reader's pump would with nothing else to read; or take *data* as the rest of a message and the
     command's end (CommandReader.message_rest). False (nothing done) to take the long way. The
     caller pumps the reader next (the message is decided there, or the rest's events handled)."""
-    if not data.endswith(b"}\r\n"):
-        return session.reader.message_rest(data)  # type: ignore[no-any-return]
+    if not data.endswith(b"}\r\n"):  # (no APPEND being read: at once)
+        return session.appends.current is not None and session.reader.message_rest(data)  # type: ignore[no-any-return]
     if session.flow.blocked or session._pumping:
         return False
     appends = session.appends
