@@ -171,6 +171,7 @@ class AppendCommand:
     taken: tuple[int, int] = (0, 0)  # bytes and messages of this command sent on so far
     held: bytes = b""  # the message's arguments, sent to the backend with its literal's first bytes
     sent_whole: bool = False  # PASS/SINGLE: the final CRLF went to the backend (it may commit from then on)
+    closing: bytes = b""  # after the streaming literal: b")" of an RFC 6855 ``UTF8 (~{n}...)``
 
     def __post_init__(self) -> None:
         if "MULTIAPPEND" in self.conn.capabilities:
@@ -189,6 +190,9 @@ class AppendCommand:
             return self._cancel(_lost_answer(self.tag))
         if msg.literal.size == 0:
             return self._cancel(b"%s NO Zero-length message: nothing was appended (RFC 3502)\r\n" % self.tag)
+        if msg.utf8 and "UTF8=ACCEPT" not in self.conn.capabilities:  # as such a server answers it
+            return self._cancel(b"%s BAD Invalid arguments: UTF8 message data (RFC 6855) is not taken by "
+                                b"this mail server\r\n" % self.tag)
         if mailbox_argument(self.conn, self.mailbox) is None:
             return self._cancel(b"%s NO [CANNOT] This mail server cannot take that mailbox name here\r\n" % self.tag)
         if self.messages > 1 and self.mode is _SINGLE:
@@ -222,6 +226,9 @@ class AppendCommand:
         else:
             prefix = b""
         prefix += _message_prefix(msg)
+        if msg.utf8:
+            prefix += b"UTF8 ("
+        self.closing = b")" if msg.utf8 else b""
         caps = conn.capabilities
         plus = "LITERAL+" in caps or ("LITERAL-" in caps and literal.size <= SMALL_SYNC_LITERAL)
         known = self.mode is _STAGE or self.messages > 1 or taker  # the target was found to take messages
@@ -294,6 +301,8 @@ class AppendCommand:
             return
         if self.held:  # (a literal has bytes: they came first)
             self._send_held()
+        if self.closing:
+            self.conn.write(self.closing)
         self.state = _BETWEEN
         if self.mode is _STAGE:
             self.conn.write(b"\r\n")  # each message is an APPEND of its own

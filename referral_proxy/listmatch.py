@@ -24,7 +24,7 @@ from functools import lru_cache
 
 from .imap import mutf7
 
-__all__ = ["list_matcher", "unicode_name"]
+__all__ = ["list_matcher", "unicode_name", "wildcard_match"]
 
 _INBOX = "INBOX"
 _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -150,3 +150,25 @@ def list_matcher(pattern: bytes, separator: str, reference: bytes = b"") -> Call
         return automaton.matches(chars, under_inbox)
 
     return matches
+
+
+@lru_cache(maxsize=1024)
+def _wildcards(pattern: str, separator: str) -> _Automaton | str:
+    """The automaton of *pattern*; the text before its one trailing ``*`` (the common rule
+    ``Shared/*``: a prefix test), or the pattern itself without a wildcard (equality), as a str."""
+    pattern = _compress(pattern)
+    head = pattern[:-1] if pattern.endswith("*") else pattern
+    if "*" not in head and "%" not in head:
+        return pattern
+    return _Automaton(pattern, separator)
+
+
+def wildcard_match(pattern: str, name: str, separator: str) -> bool:
+    """``*`` and ``%`` of *pattern* against *name*, character for character as given (no decoding,
+    case kept), in time linear in the name's length: the map's rules (routing.py) are matched
+    against names a client chooses, where a backtracking regex would let one command stop the process."""
+    matcher = _wildcards(pattern, separator)
+    if type(matcher) is str:
+        return name.startswith(matcher[:-1]) if matcher.endswith("*") else name == matcher
+    assert isinstance(matcher, _Automaton)
+    return matcher.matches(name, False)

@@ -23,6 +23,7 @@ from .imap import mutf7
 from .imap.grammar import Slot
 from .imap.reader import Command
 from .imap.response import ResponseStart
+from .imap.url import has_dot_segment
 from .localrename import rename_here
 from .mailops import TransferError
 from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
@@ -116,9 +117,11 @@ class MailboxCommands:
         return self.valid_name(mailbox) and bool(referrals.referable_members(host.config, route))
 
     def valid_name(self, mailbox: bytes) -> bool:
-        """A name an IMAP URL can carry: modified UTF-7, or UTF-8 once the client enabled UTF8=ACCEPT."""
+        """A name an IMAP URL can carry: modified UTF-7, or UTF-8 once the client enabled UTF8=ACCEPT,
+        with no ``.`` or ``..`` segment (a client resolving the URL would land elsewhere)."""
         pool = self.host.pool
-        return mutf7.valid_name(mailbox, utf8=pool is not None and b"UTF8=ACCEPT" in pool.enabled)
+        return (mutf7.valid_name(mailbox, utf8=pool is not None and b"UTF8=ACCEPT" in pool.enabled)
+                and not has_dot_segment(mailbox))
 
     def referral(self, tag: bytes, route: Route, mailbox: bytes) -> bytes:
         host = self.host

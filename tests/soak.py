@@ -51,7 +51,7 @@ TARGETS = ["Shared/A", "Shared/B", "Shared/Z", "Shared/Z/c", "Archive/A", "Archi
 # parents of the rules' subtrees (a child renamed into Shared/... lives elsewhere)
 ODD_TARGETS = ["inbox/Sub", "INBOX/Sub/x", "*", "Inbox/Sub/*", "Shared/*", "Shared", "Archive"]
 ODD_ORIGINALS = {"INBOX/Sub": 12, "INBOX/Sub/k": 4, "*": 6}
-OPTIONS = {"odd_names": False, "admin": False}
+OPTIONS = {"odd_names": False, "admin": False, "multiappend": False}
 
 
 def proxy_config(fleet, port: int) -> dict:
@@ -299,6 +299,8 @@ class Client(threading.Thread):
         m.unselect()
 
     def append(self, m: imaplib.IMAP4) -> None:
+        if OPTIONS["multiappend"]:
+            return self.multiappend(m)
         self.n += 1
         mid = f"c{self.k}-{self.n}@soak"
         box = self.rng.choice(self._mailboxes(m) or ["INBOX"])
@@ -311,6 +313,34 @@ class Client(threading.Thread):
         with self.ledger.lock:
             (self.ledger.must if typ == "OK" else self.ledger.may).add(mid)
         self.ledger.note("append", typ)
+
+
+    def multiappend(self, m: imaplib.IMAP4) -> None:
+        """One to three messages in ONE APPEND (RFC 3502, LITERAL+), which is all or nothing: OK, every one
+        must be there; NO, none may be -- unless the answer says the outcome is unknown."""
+        mids = [f"c{self.k}-{self.n + j + 1}@soak" for j in range(self.rng.randint(1, 3))]
+        self.n += len(mids)
+        box = self.rng.choice(self._mailboxes(m) or ["INBOX"])
+        parts = []
+        for mid in mids:
+            data = body(mid, self.rng.choice([300, 3000, 30000]))
+            parts.append(b"{%d+}\r\n" % len(data) + data)
+        try:
+            tag = m._command("APPEND", quote(box), b" ".join(parts))
+            typ, data = m._command_complete("APPEND", tag)
+        except (imaplib.IMAP4.abort, OSError):
+            with self.ledger.lock:
+                self.ledger.may.update(mids)
+            raise
+        unknown = any(b"may or may not" in d for d in data if isinstance(d, bytes))
+        with self.ledger.lock:
+            if typ == "OK":
+                self.ledger.must.update(mids)
+            elif unknown:
+                self.ledger.may.update(mids)
+            # else refused: none of them may exist (found, it counts as a duplicate)
+        self.ledger.tell(self.k, f"APPEND {mids} -> {box}: {typ} {data}")
+        self.ledger.note("multiappend", f"{typ} (outcome unknown)" if unknown else typ)
 
 
 class Deliverer(threading.Thread):
@@ -561,11 +591,14 @@ def main() -> int:
                         help="also inbox/... spelled in other cases, a mailbox named '*', wildcards in new names")
     parser.add_argument("--admin", action="store_true",
                         help="also an administrator's `referral-proxy move` of a mailbox or the whole user, some killed")
+    parser.add_argument("--multiappend", action="store_true",
+                        help="APPENDs of 1-3 messages in one command (RFC 3502); a refused one must leave none")
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
                         help="the map store: SQLite (the default) or a PostgreSQL server of the soak's own")
     args = parser.parse_args()
     OPTIONS["odd_names"] = args.odd_names
     OPTIONS["admin"] = args.admin
+    OPTIONS["multiappend"] = args.multiappend
     from referral_proxy.fleet import Fleet, make_root
 
     root = make_root("rp-soak-")

@@ -509,3 +509,13 @@ def test_a_target_gone_since_refuses_after_the_literal_and_nothing_of_it_runs():
     h.send(b"ETE\r\n\r\ny NOOP\r\n")
     assert h.to_backend() == b"ETE\r\n\r\n" + b"rp4 NOOP\r\n"
     assert h.to_client() == b"b NO [TRYCREATE] Mailbox doesn't exist\r\n"
+
+
+def test_a_staged_utf8_message_keeps_its_wrapping():
+    """RFC 6855's ``UTF8 (~{n}...)`` to a backend with UTF8=ACCEPT and no MULTIAPPEND: each staged
+    APPEND carries its message's wrapping, the ")" before the staged command's CRLF."""
+    h = _staging_harness([*NO_MULTIAPPEND, "UTF8=ACCEPT"])
+    h.send(b"a APPEND Box UTF8 (~{4+}\r\nh\xc3\xa9!) (\\Seen) {2+}\r\nde\r\n")
+    _prepared(h)
+    assert h.to_backend() == (b"rp3 APPEND " + STAGE + b" UTF8 (~{4+}\r\nh\xc3\xa9!)\r\n"
+                              b"rp4 APPEND " + STAGE + b" (\\Seen) {2+}\r\nde\r\n")

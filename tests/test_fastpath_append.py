@@ -146,6 +146,21 @@ def _joined(events: list[object]) -> list[object]:
     return out
 
 
+@pytest.mark.parametrize("rest", [b"hello\r\n", b"hello)\r\n", b"hello \r\n", b"hello) \r\n"])
+def test_a_utf8_message_s_rest_is_read_the_long_way(rest):
+    """RFC 6855 ``UTF8 (~{n}``: its ")" is due after the literal, so a bare CRLF there is BAD, not the end."""
+    fast, slow = _reader(), _reader()
+    line = b"a APPEND INBOX UTF8 (~{5}\r\n"
+    assert fast.append_line(line) is None  # (not the common form)
+    for reader in (fast, slow):
+        reader.receive_data(line)
+    assert _events(fast) == _events(slow)
+    assert not fast.message_rest(rest)
+    for reader in (fast, slow):
+        reader.receive_data(rest)
+    assert _events(fast) == _events(slow)
+
+
 def test_the_line_limit_holds():
     line = b"a APPEND " + b"x" * 200 + b" {5}\r\n"
     assert _reader().append_line(line) is None

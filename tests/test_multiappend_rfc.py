@@ -580,3 +580,97 @@ def test_an_append_to_a_target_deleted_since_it_took_one_is_refused_after_its_bo
     w.close()
     assert b"Smuggled" not in _mailboxes(backend, "alice") and b"Box" not in _mailboxes(backend, "alice")
     assert contents(backend, "alice", "INBOX") == []
+
+
+# -- spaces before the command's final CRLF: Dovecot takes them (it skips spaces between arguments) --
+
+
+@pytest.mark.parametrize("staging", [False, True], ids=["multiappend", "staging"])
+def test_spaces_after_the_last_literal_end_the_command_as_with_dovecot(proxy_factory, fleet, no_multiappend, staging):
+    """``a APPEND box (\\Seen) {n}`` + body + ``" \\r\\n"``: Dovecot appends (OK), the proxy said BAD
+    ``missing message literal`` and appended nothing. Both messages of a MULTIAPPEND ending so, and
+    a pipelined NOOP in the same write, answered as directly; the census has the same messages."""
+    backend = no_multiappend if staging else fleet["b1"]
+    proxy = _proxy_to(proxy_factory, backend)
+    backend.reset_mail("alice")
+    bodies = [b"Subject: trailing %d\r\n\r\nx1 CREATE Inj\r\n" % i for i in range(2)]
+    stored = {}
+    for side, (host, port) in (("direct", (backend.host, backend.port)), ("proxy", (proxy.host, proxy.port))):
+        box = b"Sp" + side.encode()
+        with backend.client("alice") as m:
+            m.create(box.decode())
+        w = Wire(host, port)
+        w.login()
+        answers = []
+        for tag, tail in ((b"a", b" \r\n"), (b"b", b"   \r\n")):
+            w.send(b"%s APPEND %s (\\Seen) {%d+}\r\n%s {%d+}\r\n%s%sn NOOP\r\n" % (
+                tag, box, len(bodies[0]), bodies[0], len(bodies[1]), bodies[1], tail))
+            reply = w.until_tagged(b"n")
+            answers.append([_TIMING.sub(b"", line).split(b" [APPENDUID")[0].split(b" Append")[0] for line in reply])
+        w.close()
+        stored[side] = (answers, contents(backend, "alice", box.decode()))
+    assert stored["proxy"][0] == stored["direct"][0] == [[b"a OK", b"n OK NOOP completed.\r\n"],
+                                                         [b"b OK", b"n OK NOOP completed.\r\n"]]
+    census = {side: sorted((s[1], s[3]) for s in stored[side][1]) for side in stored}  # dated on arrival
+    assert census["proxy"] == census["direct"] and len(census["proxy"]) == 4
+    assert b"Inj" not in _mailboxes(backend, "alice")
+
+
+@pytest.mark.parametrize("staging", [False, True], ids=["multiappend", "staging"])
+def test_rfc_6855_utf8_message_data_answered_as_dovecot_without_utf8_accept(proxy_factory, fleet, no_multiappend, staging):
+    """``UTF8 (~{n}...)`` to Dovecot 2.3 (no UTF8=ACCEPT): BAD before the literal, as directly (main:
+    BAD too, from the proxy's parser); a second message so: the whole command BAD, nothing appended."""
+    backend = no_multiappend if staging else fleet["b1"]
+    proxy = _proxy_to(proxy_factory, backend)
+    backend.reset_mail("alice")
+    answers = {}
+    for side, (host, port) in (("direct", (backend.host, backend.port)), ("proxy", (proxy.host, proxy.port))):
+        got = []
+        for tag, command in ((b"a", b"APPEND INBOX UTF8 (~{5+}\r\nworld)"),
+                             (b"b", b"APPEND INBOX {5+}\r\nhello UTF8 (~{5+}\r\nworld)")):
+            w = Wire(host, port)
+            w.login()
+            got.append(_status(w.cmd(tag, command)[-1]))
+            got.append(w.cmd(b"n", b"NOOP")[-1][:4])
+            w.close()
+        answers[side] = got
+    assert answers["proxy"] == answers["direct"] == [b"a BAD", b"n OK", b"b BAD", b"n OK"], answers
+    assert contents(backend, "alice", "INBOX") == []
+
+
+
+@pytest.mark.parametrize("staging", [False, True], ids=["multiappend", "staging"])
+@pytest.mark.parametrize("meanwhile", ["DELETE Target", "RENAME Target Elsewhere"])
+def test_a_target_deleted_or_renamed_by_another_session_mid_multiappend_gets_none(
+        proxy_factory, fleet, no_multiappend, staging, meanwhile):
+    """Two messages sent, the target deleted (or renamed) by another session straight on the
+    backend, then the third and the command's end: NO as directly, and the census finds none of
+    the three anywhere (not in the target, not under its new name, no staging mailbox left)."""
+    backend = no_multiappend if staging else fleet["b1"]
+    proxy = _proxy_to(proxy_factory, backend)
+    bodies = [b"Subject: mid %d\r\n\r\n%s\r\n" % (i, b"m" * 300) for i in range(3)]
+    answers = {}
+    for side, (host, port) in (("direct", (backend.host, backend.port)), ("proxy", (proxy.host, proxy.port))):
+        backend.reset_mail("alice")
+        with backend.client("alice") as m:
+            m.create("Target")
+        w = Wire(host, port)
+        w.login()
+        w.send(b"a APPEND Target (\\Seen) {%d+}\r\n%s {%d+}\r\n%s" % (len(bodies[0]), bodies[0], len(bodies[1]), bodies[1]))
+        if staging and side == "proxy":
+            _wait_for(lambda: list(_staged(backend, "alice").values()) == [2], "two messages staged")
+        else:
+            time.sleep(0.3)
+        with backend.client("alice") as m:
+            assert m._simple_command(*meanwhile.split(" ", 1))[0] == "OK"
+        w.send(b" {%d+}\r\n%s\r\n" % (len(bodies[2]), bodies[2]))
+        answers[side] = _status(w.until_tagged(b"a")[-1])[:4]
+        assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+        w.close()
+        if staging and side == "proxy":
+            _wait_for(lambda: _staged(backend, "alice") == {}, "the staging mailbox removed")
+        names = _mailboxes(backend, "alice")
+        assert not any(STAGING_PREFIX in n for n in names), names
+        for box in names:
+            assert contents(backend, "alice", box.decode()) == [], (side, box)
+    assert answers["proxy"] == answers["direct"] == b"a NO", answers

@@ -278,6 +278,39 @@ def test_bad_second_message_aborts_and_drops_the_rest():
     assert out[-1].name == "NOOP"
 
 
+@pytest.mark.parametrize("tail", [b" ", b"   "])
+def test_spaces_before_an_appends_final_crlf_end_it_as_dovecot_takes_them(tail):
+    out = events(reader(), b"a APPEND INBOX {3+}\r\nabc {2+}\r\nhi%s\r\nn NOOP\r\n" % tail)
+    assert out[-2:] == [AppendEnd(), out[-1]] and out[-1].name == "NOOP", out
+    out = events(reader(), b"a APPEND INBOX {3+}\r\nabc \t\r\nn NOOP\r\n")  # a tab is no space: BAD there too
+    assert isinstance(out[-2], AppendAbort) and out[-2].status == "BAD", out
+
+
+def test_an_rfc_6855_utf8_message_is_streamed_with_its_wrapping():
+    """``APPEND box UTF8 (~{n}...)`` (RFC 6855; Python's imaplib sends it once UTF8=ACCEPT is
+    enabled): the message's literal8 with ``utf8``; main answered BAD "unbalanced parentheses"."""
+    out = events(reader(), b"a APPEND INBOX (\\Seen) UTF8 (~{3+}\r\nabc) utf8 (~{2+}\r\nhi) {1+}\r\nx)\r\nn NOOP\r\n")
+    starts = [e for e in out if isinstance(e, AppendMessage)]
+    assert [(m.flags, m.utf8, m.literal.binary) for m in starts] == [((b"\\Seen",), True, True), (None, True, True),
+                                                                      (None, False, False)][:len(starts)]
+    assert isinstance(out[-2], AppendAbort) and out[-2].status == "BAD"  # ")" after a message that is not UTF8
+    out = events(reader(), b"a APPEND INBOX UTF8 (~{3+}\r\nabc)  \r\nn NOOP\r\n")
+    assert [type(e) for e in out] == [AppendStart, AppendMessage, AppendData, AppendMessageEnd, AppendEnd, Command]
+    out = events(reader(), b"a APPEND {5}\r\nINBOX UTF8 (~{3+}\r\nabc)\r\n")
+    assert out[1] == AppendStart(b"a", "APPEND", b"INBOX") and out[2].utf8 and out[-1] == AppendEnd()
+
+
+@pytest.mark.parametrize("data", [
+    b"a APPEND INBOX UTF8 ({3+}\r\nabc)\r\nn NOOP\r\n",  # RFC 6855: a literal8 only
+    b"a APPEND INBOX UTF8 (~{3+}\r\nabc\r\nn NOOP\r\n",  # never closed
+    b"a APPEND INBOX UTF8 (~{3+}\r\nabc) UTF8 {2+}\r\nhi\r\nn NOOP\r\n",
+])
+def test_a_broken_utf8_message_is_bad_and_nothing_of_it_runs(data):
+    out = events(reader(), data)
+    assert any(isinstance(e, (Refused, AppendAbort)) and e.status == "BAD" for e in out), out
+    assert [e.name for e in out if isinstance(e, Command)] == ["NOOP"]
+
+
 def test_append_limits():
     out = events(reader(max_append_messages=2), b"a APPEND INBOX" + b" {1+}\r\nx" * 3 + b"\r\nn NOOP\r\n")
     assert out[-2] == AppendAbort("NO", "[LIMIT] Too many messages in one APPEND (limit 2); nothing was appended")

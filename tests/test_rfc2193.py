@@ -111,7 +111,9 @@ def test_copy_with_nothing_selected_is_bad_as_with_dovecot(proxy_factory, fleet)
 
 
 _BAD_NAMES = [b'"Shared/&Jjo"', b'"Shared/Caf\xe9"', b'"Shared/Caf\xc3\xa9"', b'"Shared/&AOk"', b'"Shared/&AGE-"',
-              b"{10+}\r\nShared/x\ry"]
+              b"{10+}\r\nShared/x\ry",
+              # A "." or ".." segment: its URL resolves elsewhere (imap://h/Shared/x/.. is imap://h/Shared/)
+              b'"Shared/x/.."', b'"Shared/./x"', b'"Shared/.."']
 
 
 def _commands(name: bytes) -> list[tuple[bytes, bytes]]:
@@ -227,3 +229,107 @@ def test_a_mailbox_a_move_holds_is_in_use_not_referred(proxy_factory, fleet):
     w.close()
     with fleet["b3"].client("alice") as m:
         assert m.select("Shared/W")[0] == "OK"  # nothing renamed it
+
+
+# -- a referral-aware client following the URL lands on the mailbox it asked for ------------------
+
+_ODD = ["Shared/a%b", "Shared/a*b", 'Shared/q"x', "Shared/b\\s", "Shared/semi;UID=3", "Shared/q?x", "Shared/h#x",
+        "Shared/sp ace", "Shared/Café", "Shared/☺/kid", "Shared/a&b", "Shared/%2F", "Shared/{x}", "Shared/]",
+        "Shared/a,b=c+d!$'()~", "Shared/tab@at:colon"]
+
+
+def _astring(name: bytes) -> bytes:
+    from referral_proxy.imap.grammar import encode_astring
+
+    return encode_astring(name) or b"{%d+}\r\n" % len(name) + name
+
+
+@pytest.mark.parametrize("login", ["alice", "ALICE"])
+def test_following_each_referral_url_opens_the_mailbox_referred(proxy_factory, fleet, login):
+    """Every command that refers (SELECT, EXAMINE, STATUS, CREATE's sibling DELETE, SUBSCRIBE, APPEND)
+    names a URL that, parsed back (imap/url.py) and followed on the backend it names (LOGIN as its
+    user, the name encoded to modified UTF-7 again), opens that very mailbox: the same UIDVALIDITY
+    as on b3 directly. Names with every byte RFC 5092 escapes, a login in upper case."""
+    from referral_proxy.imap import mutf7
+
+    b3 = fleet["b3"]
+    direct = {}
+    with b3.client("alice") as m:
+        for name in _ODD:
+            wire = mutf7.encode(name)
+            assert m._simple_command("CREATE", _astring(wire).decode("ascii", "surrogateescape"))[0] == "OK", name
+            typ, data = m._simple_command("STATUS", _astring(wire).decode("ascii", "surrogateescape"), "(UIDVALIDITY)")
+            direct[name] = re.search(rb"UIDVALIDITY (\d+)", m.untagged_responses.pop("STATUS")[-1]).group(1)
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login(login)
+    w.cmd(b"r", b'RLIST "" "*"')
+    for name in _ODD:
+        box = _astring(mutf7.encode(name))
+        for tag, command in ((b"s", b"SELECT " + box), (b"e", b"EXAMINE " + box), (b"t", b"STATUS %s (MESSAGES)" % box),
+                             (b"d", b"DELETE " + box), (b"b", b"SUBSCRIBE " + box), (b"a", b"APPEND %s {1}" % box)):
+            line = w.cmd(tag, command)[-1]
+            m = re.fullmatch(rb"%s NO \[REFERRAL (\S+)\] Remote mailbox\r\n" % tag, line)
+            assert m, (name, line)
+            user, host, port, mailbox = parse_imap_url(m.group(1).decode("ascii"))
+            assert (user, host, port, mailbox) == ("alice", b3.host, b3.port, name), m.group(1)
+        followed = Wire(host, port)
+        followed.login(user)
+        reply = followed.cmd(b"x", b"EXAMINE " + _astring(mutf7.encode(mailbox)))
+        followed.close()
+        assert reply[-1].startswith(b"x OK"), (name, reply)
+        assert b"[UIDVALIDITY %s]" % direct[name] in b"".join(reply), (name, reply)
+    w.close()
+
+
+# -- users whose names RFC 5092 escapes in the URL's iuserinfo -------------------------------------
+
+_ODD_USERS = {"o@x.example": "pw1", "p%q": "pw2", "s;t": "pw3", "mixed": "pw4", "a b+c": "pw5"}
+
+
+@pytest.fixture(scope="module")
+def odd_user_fleet():
+    """Two Dovecots (home, and Shared/* elsewhere) whose users have "@", "%", ";", a space in
+    their names (``auth_username_chars`` emptied: Dovecot's default refuses "%" and ";")."""
+    from conftest import dovecot_root
+
+    from referral_proxy.fleet import Dovecot
+
+    pair = [Dovecot(f"oddusers{i}", f"127.0.0.{11 + i}", dovecot_root() / f"oddusers{i}", users=_ODD_USERS,
+                    extra_config="auth_username_chars =\n") for i in range(2)]
+    for d in pair:
+        d.start()
+    yield pair
+    for d in pair:
+        d.stop()
+
+
+@pytest.mark.parametrize("login, user", [("o@x.example", "o@x.example"), ("p%q", "p%q"), ("s;t", "s;t"),
+                                         ("MiXeD", "mixed"), ("a b+c", "a b+c")])
+def test_users_with_odd_characters_follow_their_referrals_and_login_referrals(proxy_factory, odd_user_fleet,
+                                                                             login, user):
+    home, remote = odd_user_fleet
+    direct = Wire(remote.host, remote.port)  # imaplib sends a user name with a space unquoted
+    direct.cmd(b"L", b'LOGIN "%s" "%s"' % (user.encode(), _ODD_USERS[user].encode()))
+    direct.cmd(b"c", b"CREATE Shared/Box")
+    direct.close()
+    config = {"backends": {"h": {"endpoint": home.endpoint, "url": home.url, "login_referral": True},
+                           "r": {"endpoint": remote.endpoint, "url": remote.url}},
+              "map": {"default": "h", "rules": [{"mailbox": "Shared/*", "backend": "r"}]}}
+    proxy = proxy_factory(config, login_referrals=True)
+    w = Wire(proxy.host, proxy.port)
+    reply = w.cmd(b"L", b'LOGIN "%s" "%s"' % (login.encode(), _ODD_USERS[user].encode()))
+    m = re.match(rb"L OK \[REFERRAL (\S+)\]", reply[-1])
+    assert m, reply
+    assert parse_imap_url(m.group(1).decode())[:3] == (user, home.host, home.port), m.group(1)
+    w.cmd(b"r", b'RLIST "" "*"')
+    reply = w.cmd(b"s", b"SELECT Shared/Box")
+    w.close()
+    m = re.fullmatch(rb"s NO \[REFERRAL (\S+)\] Remote mailbox\r\n", reply[-1])
+    assert m, reply
+    url_user, host, port, mailbox = parse_imap_url(m.group(1).decode("ascii"))
+    assert (url_user, host, port, mailbox) == (user, remote.host, remote.port, "Shared/Box"), m.group(1)
+    followed = Wire(host, port)
+    assert followed.cmd(b"L", b'LOGIN "%s" "%s"' % (url_user.encode(), _ODD_USERS[user].encode()))[-1].startswith(b"L OK")
+    assert followed.cmd(b"x", b"EXAMINE Shared/Box")[-1].startswith(b"x OK")
+    followed.close()

@@ -334,3 +334,37 @@ def test_enable_relays_only_what_the_proxy_announces():
     h.send(b"F ENABLE IMAP4rev2\r\n")
     sent = h.to_backend()
     assert sent.endswith(b" ENABLE\r\n"), sent  # RFC 5161 ignores what it does not know: so does the proxy
+
+
+# -- RFC 6855: APPEND's UTF8 (~{n}...) streamed to a backend that announced UTF8=ACCEPT ----------------
+
+UTF8_CAPS = [*DOVECOT_CAPS, "UTF8=ACCEPT"]
+
+
+def test_a_utf8_multiappend_is_streamed_to_a_backend_with_utf8_accept(bytewise):
+    """Dovecot 2.3 does not announce UTF8=ACCEPT (a scripted backend stands for one that does):
+    the wrapping is relayed around each literal8, a plain message between them, one command."""
+    h = SessionHarness(connector=FakeConnector(capabilities=UTF8_CAPS))
+    h.login()
+    h.send(b"e ENABLE UTF8=ACCEPT\r\n")
+    assert h.to_backend() == b"rp1 ENABLE UTF8=ACCEPT\r\n"
+    h.from_backend(b"* ENABLED UTF8=ACCEPT\r\nrp1 OK Enabled.\r\n")
+    h.to_client()
+    h.send(b"a1 APPEND INBOX (\\Seen) UTF8 (~{5+}\r\nh\xc3\xa9!!) {2+}\r\nhi UTF8 (~{3}\r\n", one_byte_at_a_time=bytewise)
+    assert h.to_client() == b"+ Ready for literal data\r\n"
+    h.send(b"abc)\r\n", one_byte_at_a_time=bytewise)
+    assert h.to_backend() == (b"rp2 APPEND INBOX (\\Seen) UTF8 (~{5+}\r\nh\xc3\xa9!!) {2+}\r\nhi UTF8 (~{3+}\r\nabc)\r\n")
+    h.from_backend(b"rp2 OK [APPENDUID 7 1:3] Append completed.\r\n")
+    assert h.to_client() == b"a1 OK [APPENDUID 7 1:3] Append completed.\r\n"
+
+
+def test_a_utf8_message_to_a_backend_without_utf8_accept_is_bad_and_nothing_is_appended():
+    """As such a backend answers it (Dovecot 2.3: BAD); the messages before it are cancelled with
+    RFC 3502's zero-length literal, the rest of the command is dropped unread."""
+    h = SessionHarness()
+    h.login()
+    h.send(b"a1 APPEND INBOX {5+}\r\nhello UTF8 (~{17+}\r\nx1 CREATE Smuggle) {3+}\r\nabc\r\na2 NOOP\r\n")
+    assert h.to_backend() == b"rp1 APPEND INBOX {5+}\r\nhello {0+}\r\n\r\nrp2 NOOP\r\n"  # nothing of the rest
+    h.from_backend(b"rp1 NO Zero-length literal\r\nrp2 OK NOOP completed.\r\n")
+    assert h.to_client() == (b"a1 BAD Invalid arguments: UTF8 message data (RFC 6855) is not taken by this mail server\r\n"
+                             b"a2 OK NOOP completed.\r\n")

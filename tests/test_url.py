@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from referral_proxy.imap import mutf7
-from referral_proxy.imap.url import imap_url, parse_imap_url
+from referral_proxy.imap.url import has_dot_segment, imap_url, parse_imap_url
 
 
 @pytest.mark.parametrize(
@@ -182,6 +182,7 @@ mailboxes = st.one_of(st.none(), st.text(min_size=1))
 @given(hosts, ports, users, mailboxes)
 def test_round_trip(host, port, user, mailbox):
     wire = None if mailbox is None else mutf7.encode(mailbox)
+    assume(wire is None or not has_dot_segment(wire))  # no URL for those (below)
     url = imap_url(host, port, user, wire)
     assert url.isascii() and url.isprintable()
     assert parse_imap_url(url) == (user, host, port, mailbox)
@@ -191,6 +192,7 @@ def test_round_trip(host, port, user, mailbox):
 def test_round_trip_of_raw_utf8_names(host, port, user, raw):
     # A name that is not modified UTF-7 goes out as its raw bytes; when those
     # are UTF-8 (a client that ignored RFC 3501), the URL still means them.
+    assume(not has_dot_segment(raw))
     url = imap_url(host, port, user, raw)
     try:
         expected = mutf7.decode(raw)
@@ -202,3 +204,44 @@ def test_round_trip_of_raw_utf8_names(host, port, user, raw):
                 parse_imap_url(url)
             return
     assert parse_imap_url(url) == (user, host, port, expected)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4, as written: what every resolution of a URL does to its path (5.2.2)."""
+    out: list[str] = []
+    while path:
+        if path.startswith(("../", "./")):
+            path = path[path.index("/") + 1:]
+        elif path.startswith("/./") or path == "/.":
+            path = "/" + path[3:]
+        elif path.startswith("/../") or path == "/..":
+            path = "/" + path[4:]
+            if out:
+                out.pop()
+        elif path in (".", ".."):
+            path = ""
+        else:
+            cut = path.find("/", 1)
+            cut = len(path) if cut < 0 else cut
+            out.append(path[:cut])
+            path = path[cut:]
+    return "".join(out)
+
+
+@pytest.mark.parametrize("mailbox", [b".", b"..", b"Shared/..", b"Shared/x/..", b"Shared/./x", b"../INBOX"])
+def test_a_name_with_a_dot_segment_has_no_url(mailbox):
+    """RFC 3986 5.2.2: a client resolving imap://h/Shared/x/.. gets imap://h/Shared/: it would
+    open, DELETE or APPEND to another mailbox than the one referred."""
+    assert has_dot_segment(mailbox)
+    path = "/" + mailbox.decode()
+    assert _remove_dot_segments(path) != path  # what a referral-aware client following it would open
+    with pytest.raises(ValueError):
+        imap_url("h", None, "u", mailbox)
+
+
+@pytest.mark.parametrize("mailbox", [b"a.", b".a", b"...", b"a..b", b"Shared/.x", b"x/a.b/y"])
+def test_dots_that_are_not_a_whole_segment_stay_in_the_url(mailbox):
+    assert not has_dot_segment(mailbox)
+    url = imap_url("h", None, "u", mailbox)
+    assert _remove_dot_segments("/" + mailbox.decode()) == "/" + mailbox.decode()
+    assert parse_imap_url(url)[3] == mailbox.decode()

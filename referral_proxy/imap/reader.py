@@ -139,6 +139,7 @@ class AppendMessage:
     flags: tuple[bytes, ...] | None
     date: bytes | None  # the date-time without its quotes
     literal: LiteralSpec
+    utf8: bool = False  # RFC 6855 ``UTF8 (~{n}...)``: the literal8 is wrapped so, and relayed so
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +178,7 @@ _IDLE, _COLLECT, _APPEND_MAILBOX, _APPEND_DATA, _APPEND_NEXT = range(5)
 
 _KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
 _ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){"]+')  # what Dovecot's parser reads as an atom
+_UTF8_OPEN = re.compile(rb"(?:\A| )UTF8 \(\Z", re.IGNORECASE)  # RFC 6855: append-data =/ "UTF8" SP "(" literal8 ")"
 
 
 class CommandReader:
@@ -203,6 +205,7 @@ class CommandReader:
         self._current: bytearray | None = None
         self._size = 0
         self._messages = 0
+        self._utf8 = False  # the message literal just read was a UTF8 one: its ")" comes next
 
     # -- input -------------------------------------------------------------------
 
@@ -249,7 +252,7 @@ class CommandReader:
         message literal being read and the command's final CRLF (one message a command, its literal
         and CRLF in one write): the events next_event gives for it (AppendData, AppendMessageEnd,
         AppendEnd) queued, without the framer. False, and nothing read, otherwise."""
-        if self._state != _APPEND_DATA or self._queue or len(data) < 3:
+        if self._state != _APPEND_DATA or self._queue or self._utf8 or len(data) < 3:  # (UTF8: a ")" is due)
             return False
         if not self._framer.literal_end(data):
             return False
@@ -450,6 +453,7 @@ class CommandReader:
         self._current = None
         self._size = 0
         self._messages = 0
+        self._utf8 = False
 
     # -- streamed APPEND -----------------------------------------------------------------
 
@@ -466,10 +470,11 @@ class CommandReader:
             self._framer.accept_literal()
             return _CONTINUE if line.literal.sync else None
         try:
-            tokens = parse_arguments([start.rest], [])
+            rest, utf8 = _utf8_open(start.rest, line.literal)
+            tokens = parse_arguments([rest], [])
             if not tokens or not isinstance(tokens[0], (Atom, String)):
                 raise ParseError("missing mailbox")
-            message = self._message(tokens[1:], line.literal, first=True)
+            message = self._message(tokens[1:], line.literal, first=True, utf8=utf8)
         except ParseError as e:
             return self._refuse(line.literal, start.tag, "BAD", f"Invalid arguments: {e}")
         return self._started(start, tokens[0].value, message, line.literal)
@@ -480,7 +485,8 @@ class CommandReader:
         mailbox = self._literals[0] if self._literals else b""
         self._literals = []
         try:
-            message = self._message(parse_arguments([line.data], []), line.literal, first=True)
+            data, utf8 = _utf8_open(line.data, line.literal)
+            message = self._message(parse_arguments([data], []), line.literal, first=True, utf8=utf8)
         except ParseError as e:
             return self._refuse(line.literal, start.tag, "BAD", f"Invalid arguments: {e}")
         return self._started(start, mailbox, message, line.literal)
@@ -497,11 +503,24 @@ class CommandReader:
         return AppendStart(start.tag, start.name, mailbox)
 
     def _append_next(self, line: Line) -> ReaderEvent:
-        if line.data == b"" and line.literal is None:
+        data = line.data
+        if self._utf8:  # RFC 6855: the ")" closing the UTF8 message's literal8
+            self._utf8 = False
+            if data[:1] != b")":
+                message: ReaderEvent = AppendAbort("BAD", "Invalid arguments: UTF8 message data not closed")
+                if line.literal is not None:
+                    self._framer.reject_literal()
+                self._reset_command()
+                return message
+            data = data[1:]
+        if line.literal is None and not data.strip(b" "):
+            # The command's end. Dovecot takes spaces before the final CRLF (``{3}abc \r\n``:
+            # OK, the message appended) as it skips them between any two arguments.
             self._reset_command()
             return _END
         try:
-            message = self._message(parse_arguments([line.data], []), line.literal, first=False)
+            data, utf8 = _utf8_open(data, line.literal)
+            message = self._message(parse_arguments([data], []), line.literal, first=False, utf8=utf8)
         except ParseError as e:
             message = AppendAbort("BAD", f"Invalid arguments: {e}")
         if isinstance(message, AppendAbort):
@@ -512,7 +531,7 @@ class CommandReader:
             self._deciding = True
         return message
 
-    def _message(self, tokens: list[Token], literal: LiteralSpec | None, *, first: bool) -> ReaderEvent:
+    def _message(self, tokens: list[Token], literal: LiteralSpec | None, *, first: bool, utf8: bool = False) -> ReaderEvent:
         """``[flag-list] [date-time] literal``: an AppendMessage, or an AppendAbort for a limit."""
         flags: tuple[bytes, ...] | None = None
         date: bytes | None = None
@@ -541,10 +560,21 @@ class CommandReader:
         if literal.size > limits.max_message:
             return AppendAbort("NO", f"[TOOBIG] Message too large (limit {limits.max_message} bytes); "
                                      "nothing was appended")
-        return AppendMessage(flags, date, literal)
+        self._utf8 = utf8
+        return AppendMessage(flags, date, literal, utf8)
 
 
 _NO_ARGUMENTS = Arguments((), ())
+
+
+def _utf8_open(data: bytes, literal: LiteralSpec | None) -> tuple[bytes, bool]:
+    """A message's arguments without RFC 6855's ``UTF8 (`` before its literal8, and whether it was there."""
+    found = _UTF8_OPEN.search(data) if literal is not None else None
+    if found is None:
+        return data, False
+    if not literal or not literal.binary:
+        raise ParseError("UTF8 message data must be a literal8")
+    return data[:found.start()], True
 
 
 def _flags(tok: Token) -> tuple[bytes, ...]:

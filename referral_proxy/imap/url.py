@@ -17,7 +17,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from . import mutf7
 
-__all__ = ["imap_url", "parse_imap_url"]
+__all__ = ["imap_url", "parse_imap_url", "has_dot_segment"]
 
 # quote() percent-encodes with upper-case hex and never encodes the unreserved
 # ALPHA / DIGIT / "-" / "." / "_" / "~"; these are the other characters RFC 5092
@@ -47,7 +47,8 @@ def imap_url(
     ``mailbox`` None gives the server URL of a login referral (RFC 2221). A
     name that is not valid modified UTF-7 has its raw bytes percent-encoded,
     so a referral is still possible for whatever the client typed.
-    ValueError for an empty user, mailbox or AUTH, a bad host or port.
+    ValueError for an empty user, mailbox or AUTH, a bad host or port, a name with a
+    ``.`` or ``..`` segment (has_dot_segment).
     """
     url = "imap://"
     if user is not None:
@@ -64,12 +65,22 @@ def imap_url(
     if mailbox is not None:
         if not mailbox:
             raise ValueError("mailbox name must not be empty")
+        if has_dot_segment(mailbox):
+            raise ValueError(f"a dot segment would resolve to another mailbox: {mailbox!r}")
         try:
             data = mutf7.decode(mailbox).encode("utf-8")
         except ValueError:
             data = bytes(mailbox)
         url += quote(data, safe=_BCHAR_SAFE)
     return url
+
+
+def has_dot_segment(mailbox: bytes) -> bool:
+    """True if a ``/``-separated segment of *mailbox* is ``.`` or ``..``: no URL carries such a
+    name, since resolving it (RFC 3986 5.2: remove_dot_segments, applied to every reference)
+    gives another path, ``imap://h/Shared/x/..`` is ``imap://h/Shared/``, and ``%2E`` is the
+    same as ``.`` once normalised (RFC 3986 6.2.2.2)."""
+    return any(segment in (b".", b"..") for segment in mailbox.split(b"/"))
 
 
 def _host(host: str) -> str:

@@ -1,0 +1,65 @@
+"""Subscriptions across a move: a mailbox RENAMEd to another server leaves the subscription list
+as Dovecot's own RENAME does (the old names stay subscribed, the new ones are not: RFC 3501 6.3.6,
+a server never removes a name from it unilaterally); a mailbox the administrator moves keeps
+its name and so its subscription, now kept by the backend that holds it."""
+
+from __future__ import annotations
+
+import pytest
+from movecheck import census, cli, judge, seed
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+MASTERS = {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}
+
+
+def _lsub(conn) -> set[str]:
+    typ, data = conn.lsub('""', "*")
+    assert typ == "OK", data
+    return {line.rsplit(b' "/" ', 1)[1].strip(b'"').decode() for line in data if line}
+
+
+def test_a_rename_across_servers_leaves_subscriptions_as_a_rename_on_one_server(fleet, proxy_factory):
+    proxy = proxy_factory(rules=[{"user": "carol", "mailbox": "Far*", "backend": "b2"}])
+    seed(fleet["b1"], "carol", "A", ["a-1@t", "a-2@t"])
+    seed(fleet["b1"], "carol", "A/k", ["k-1@t"])
+    seed(fleet["b1"], "carol", "L", ["l-1@t"])
+    seed(fleet["b1"], "carol", "L/k", [])
+    c = proxy.login("carol")
+    for name in ("A", "A/k", "L", "L/k"):
+        assert c.subscribe(name)[0] == "OK"
+    assert c.rename("L", "M")[0] == "OK"  # on b1, by Dovecot itself
+    typ, data = c.rename("A", "Far")  # b1 -> b2, by the proxy
+    assert typ == "OK", data
+    assert b"moved to another server" in data[0]
+    subs = _lsub(c)
+    assert {"L", "L/k"} <= subs and not {"M", "M/k"} & subs  # what Dovecot does
+    assert {"A", "A/k"} <= subs and not {"Far", "Far/k"} & subs  # the same across servers
+    counts, where = census(fleet, "carol")
+    assert judge(counts, ["a-1@t", "a-2@t", "k-1@t", "l-1@t"]) == ([], [])
+    assert where["k-1@t"][0] == ("b2", "Far/k")
+    c.logout()
+
+
+def test_a_mailbox_the_administrator_moves_stays_subscribed(fleet, proxy_factory):
+    proxy = proxy_factory({"backends": MASTERS})
+    seed(fleet["b1"], "carol", "Work", ["w-1@t"])
+    seed(fleet["b1"], "carol", "Work/Deep", ["d-1@t"])
+    seed(fleet["b1"], "carol", "Play", [])
+    c = proxy.login("carol")
+    for name in ("Work", "Work/Deep", "Play"):
+        assert c.subscribe(name)[0] == "OK"
+    c.logout()
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    c = proxy.login("carol")
+    assert {"Work", "Work/Deep", "Play"} <= _lsub(c)
+    c.logout()
+    with fleet["b1"].client("carol") as b1, fleet["b2"].client("carol") as b2:
+        assert not {"Work", "Work/Deep"} & _lsub(b1)  # each name subscribed where it lives
+        assert {"Work", "Work/Deep"} <= _lsub(b2)
+    counts, where = census(fleet, "carol")
+    assert judge(counts, ["w-1@t", "d-1@t"]) == ([], [])
+    assert where["d-1@t"][0] == ("b2", "Work/Deep")
