@@ -45,6 +45,9 @@ class Step(Enum):
     DELTA_COPYING = "delta-copying"  # mail that reached the source during the move: a batch being appended
     DELTA_COPIED = "delta-copied"  # that batch verified on the destination
     DRAINED = "drained"  # pair `at`'s source holds nothing uncopied; expunged, and deleted unless INBOX
+    DROPPING = "dropping"  # verified source UIDs (recorded) being moved to a private mailbox (drain.py)
+    DROPPED = "dropped"  # those that MOVE took recorded (settled): any other copied one gone was someone else's
+    TAKING_BACK = "taking-back"  # copies whose source someone else took away (recorded) being taken back
     # a cross-server MOVE of messages
     MOVE_APPENDING = "move-appending"  # the destination's UIDVALIDITY/UIDNEXT recorded; MULTIAPPEND sent
     MOVE_APPENDED = "move-appended"  # the copies are on the destination, verified; the source UIDs go next
@@ -87,10 +90,14 @@ TABLE: dict[Step, Rule] = {
     S.COMMITTED: _rule({S.PLANNED, S.CREATED, S.COPIED}, Recovery.FINISH),
     S.SUBSCRIBED: _rule({S.COMMITTED}, Recovery.FINISH),
     S.PLACED: _rule({S.SUBSCRIBED}, Recovery.FINISH),
-    S.ASIDE: _rule({S.PLACED, S.DELTA_COPIED, S.DRAINED}, Recovery.FINISH),
-    S.DELTA_COPYING: _rule({S.PLACED, S.ASIDE, S.DELTA_COPYING, S.DELTA_COPIED, S.DRAINED}, Recovery.FINISH),
+    S.ASIDE: _rule({S.PLACED, S.DELTA_COPIED, S.DRAINED, S.DROPPED, S.TAKING_BACK}, Recovery.FINISH),
+    S.DELTA_COPYING: _rule({S.PLACED, S.ASIDE, S.DELTA_COPYING, S.DELTA_COPIED, S.DRAINED, S.DROPPED, S.TAKING_BACK},
+                           Recovery.FINISH),
     S.DELTA_COPIED: _rule({S.DELTA_COPYING}, Recovery.FINISH),
-    S.DRAINED: _rule({S.PLACED, S.ASIDE, S.DELTA_COPIED, S.DRAINED}, Recovery.FINISH),
+    S.DRAINED: _rule({S.PLACED, S.ASIDE, S.DELTA_COPIED, S.DRAINED, S.DROPPED, S.TAKING_BACK}, Recovery.FINISH),
+    S.DROPPING: _rule({S.PLACED, S.ASIDE, S.DELTA_COPIED, S.DRAINED, S.DROPPED, S.TAKING_BACK}, Recovery.FINISH),
+    S.DROPPED: _rule({S.DROPPING}, Recovery.FINISH),
+    S.TAKING_BACK: _rule({S.PLACED, S.ASIDE, S.DELTA_COPIED, S.DRAINED, S.DROPPED, S.TAKING_BACK}, Recovery.FINISH),
     S.MOVE_APPENDING: _rule({S.RESERVED}, Recovery.FINISH_IF_COMMITTED),
     S.MOVE_APPENDED: _rule({S.MOVE_APPENDING}, Recovery.FINISH),
     S.MOVE_EXPUNGING: _rule({S.MOVE_APPENDED, S.MOVE_APPENDING}, Recovery.FINISH),  # APPENDING: recovery found the copies

@@ -15,7 +15,8 @@ A mailbox move, journaled step by step (journal.py has the table):
 5. Each source, deepest first, is RENAMEd to a private name on the source backend
    (deliveries to the old name now fail, and Dovecot's LDA/LMTP delivers to INBOX
    instead), what arrived meanwhile is copied and verified, exactly the verified
-   UIDs are expunged, and the private mailbox is deleted once it is seen empty.
+   UIDs are removed (drain.py: a copied one a client's command took away is taken back
+   from the destination), and the private mailbox is deleted once it is seen empty.
    INBOX is emptied in place in rounds, never deleted; its old backend is watched (oldhome.py).
 
 Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs
@@ -35,6 +36,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
+from .drain import highest_modseq, remove_verified, resume
 from .hierarchy import UNDER_ITSELF, refusal, under_itself
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
@@ -185,7 +187,7 @@ class Mover:
             raise TransferError(UNDER_ITSELF)
         data: dict[str, Any] = {"src": src_name, "dst": dst_name, "old": old, "new": new, "token": secrets.token_hex(4),
                 "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
-                "drained": []}
+                "drained": [], "settled": {}}  # settled: drain.py (an entry without it is an older version's)
         try:
             entry = await self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new, data["token"]), data)
         except InUse:
@@ -348,6 +350,7 @@ class Mover:
             if copied.uidvalidity != target.uidvalidity:
                 raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
             await verify_copies(dst, new, copied)
+            rec["modseq"] = await highest_modseq(dst, new)  # a copy changed past it was changed by a client
             del rec["hashes"]  # verified: the UIDs say it all from now on
             data["batches"].append(rec)
             data["pending"] = None
@@ -430,6 +433,7 @@ class Mover:
                 if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
                     await self.mailbox_map.unplace(self.user, o)
             await self.mailbox_map.step(entry, Step.PLACED)
+        await resume(self.mailbox_map, entry, src, dst, self._aside(data, "drop"))  # a removal a crash cut off
         for i in reversed(range(len(pairs))):
             if i not in data["drained"]:
                 await self._drain(entry, i, src, dst)
@@ -532,8 +536,8 @@ class Mover:
             if state.uidvalidity != data["validity"].get(str(i), state.uidvalidity):
                 raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
             present, _ = await search_uids(src, b"ALL")
-            copied = self._copied(entry, i)
-            await expunge_uids(src, [u for u in present if u in copied])
+            copied = self._copied(entry, i)  # removed, each told from a client's removal (drain.py)
+            await remove_verified(self.mailbox_map, entry, i, src, dst, box, self._aside(data, "drop"), present, copied)
             left = [u for u in present if u not in copied]
             await src.deselect()  # never CLOSE: it would expunge \Deleted mail that was not copied
             if not left:

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__, capabilities, listing, teardown
+from . import __version__, capabilities, listing, stayalive, teardown
 from .appends import Appends
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
@@ -335,17 +335,16 @@ class ClientSession(Protocol):
         def failed(f: Failure) -> None:
             if f.check(Refusing):
                 self.answer(tag, f.value.response)
-            elif f.check(BackendError):
+            elif f.check(BackendError, StoreUnavailable, LostEntry):  # (the map store gone mid-command: recovery finishes)
                 log.warn("session {id}: {why}", id=self.id, why=f.getErrorMessage())
-                self.tagged(tag, "NO", "[UNAVAILABLE] Mail server temporarily unavailable")
-            elif f.check(StoreUnavailable, LostEntry):  # the map store went away mid-command: recovery finishes it
-                log.warn("session {id}: {why}", id=self.id, why=f.getErrorMessage())
-                self.tagged(tag, "NO", UNAVAILABLE)
+                self.tagged(tag, "NO", "[UNAVAILABLE] Mail server temporarily unavailable" if f.check(BackendError)
+                            else UNAVAILABLE)
             else:
                 log.failure("session {id}: command failed", f, id=self.id)
                 self.tagged(tag, "NO", "[SERVERBUG] Internal proxy error")
 
-        defer.ensureDeferred(work).addErrback(failed).addBoth(lambda _: self.unblock(Block.TASK))
+        stayalive.during(self.ctx.reactor, self.send, lambda: self.phase is Phase.AUTHENTICATED,
+                         defer.ensureDeferred(work)).addErrback(failed).addBoth(lambda _: self.unblock(Block.TASK))
 
     def _text_line(self, line: TextLine) -> None:
         if not self.auth.sasl_response(line):

@@ -1,0 +1,266 @@
+"""Past a move's commit point: the source's verified messages removed, the drain's own removals told from a client's.
+
+A client's command already at the source backend when the move's reservation landed (a
+UID MOVE within that backend, an EXPUNGE: relayed an instant before, run late by a slow
+command, a lock wait, a stopped process) can still take a copied message away, at any
+moment until the drain removes it. Its copy kept at the destination, it would be there
+twice (moved), or come back (expunged). So (mover.Mover._empty calls remove_verified):
+
+* The drain removes the verified UIDs by ``UID MOVE`` to a private mailbox of its own, the
+  *drop* (``referral-proxy-aside-<token>/drop``, deleted after each use): Dovecot's COPYUID
+  names exactly the messages this MOVE took. A STORE \\Deleted + UID EXPUNGE cannot tell: a
+  client's MOVE between the two takes a \\Deleted message away, and the EXPUNGE's answer
+  is the same either way.
+* A copied UID gone from the source that the drain did not take (``settled`` lists those
+  it did) was someone else's: its copy is taken back from the destination (moved to a drop
+  there), unless a client moved it on there, or changed it (CONDSTORE: its MODSEQ past the
+  one recorded when its batch was verified), after the placement switched: then it is left
+  and logged, never lost.
+* Journaled before acting: ``dropping`` (the UIDs about to be moved to the drop), ``dropped``
+  (which were), ``taking-back`` (the copies about to be taken back, decided). Killed after
+  the drop's MOVE but before ``dropped``, recovery settles it by content (resume): the drop,
+  emptied before each use, holds only that MOVE's messages, and each vouches for one UID
+  gone whose copy has its sha256; the others gone were someone else's.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+from twisted.logger import Logger
+
+from .backend import BackendProtocol
+from .imap.command import ParseError
+from .imap.data import parse_status
+from .imap.uidset import expand_uid_set, uid_set
+from .journal import JournalEntry, Step
+from .mailops import (
+    TransferError,
+    exists,
+    expunge_uids,
+    finish_cut_delete,
+    name_arg,
+    open_mailbox,
+    run_ok,
+    search_uids,
+)
+from .routing import MailboxMap
+from .transfer import hash_messages, hashes_present
+
+__all__ = ["remove_verified", "resume", "settled", "highest_modseq"]
+
+log = Logger()
+
+ATTEMPTS = 5  # a removal refused because a message went meanwhile is tried again this often
+
+
+def settled(data: dict, i: int) -> set[int]:
+    """Source UIDs of pair *i* done with: removed by the drain, or someone else's (copy taken back or left)."""
+    return set(expand_uid_set(data.get("settled", {}).get(str(i), "")))
+
+
+def _settle(data: dict, i: int, uids: Sequence[int]) -> None:
+    if "settled" in data:  # else an older version's entry: it stays one (remove_verified)
+        data["settled"][str(i)] = uid_set(sorted(settled(data, i) | set(uids))).decode()
+
+
+def _copies(data: dict, i: int) -> dict[int, tuple[int, dict]]:
+    """Source UID -> (destination UID, its batch record) of pair *i*."""
+    out = {}
+    for rec in data["batches"]:
+        if rec["pair"] == i:
+            for s, d in zip(expand_uid_set(rec["src"]), expand_uid_set(rec["dst"]), strict=True):
+                out[s] = (d, rec)
+    return out
+
+
+async def remove_verified(journal: MailboxMap, entry: JournalEntry, i: int, src: BackendProtocol,
+                          dst: BackendProtocol, box: str, drop: str, present: Sequence[int], copied: set[int]) -> None:
+    """*box* selected read-write on *src*, holding *present*: remove those of them whose copy is
+    verified (*copied*); take back the copies of the copied UIDs someone else took away."""
+    data = entry.data
+    # An entry an older version wrote (recovered after an upgrade) does not say which UIDs its drain
+    # expunged: none is taken for someone else's (their copies are the only ones left).
+    theirs = sorted(copied - set(present) - settled(data, i)) if "settled" in data else []
+    mine = [u for u in present if u in copied]
+    for _attempt in range(ATTEMPTS):
+        if not mine:
+            break
+        await _fresh(src, drop)
+        data["dropping"] = {"pair": i, "box": box, "uids": uid_set(mine).decode()}
+        await journal.step(entry, Step.DROPPING)
+        moved = await _move_to(src, mine, drop)
+        still: list[int] = []
+        if moved is None:  # one went meanwhile (EXPUNGEISSUED): what the MOVE took, if any, is told by content
+            still, _ = await search_uids(src, b"UID " + uid_set(mine))
+            still = [u for u in still if u in set(mine)]
+            moved = set(await _in_drop(src, dst, data, i, [u for u in mine if u not in set(still)], drop))
+            await open_mailbox(src, box, readonly=False)
+        theirs += [u for u in mine if u not in moved and u not in set(still)]
+        await _dropped(journal, entry, i, sorted(moved))
+        await _gone(src, drop)
+        mine = still  # tried again
+    if mine:
+        raise TransferError(f"the source on {src.name} kept refusing to give up its copied messages; tried again later")
+    if theirs:
+        await _take_back(journal, entry, i, dst, sorted(theirs), drop)
+
+
+async def resume(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol,
+                 drop: str) -> None:
+    """Recovery: finish a removal a crash cut off (at ``dropping`` or ``taking-back``)."""
+    data = entry.data
+    if pending := data.get("dropping"):
+        i, mine = pending["pair"], expand_uid_set(pending["uids"])
+        present: list[int] = []
+        if await exists(src, pending["box"]):
+            state = await open_mailbox(src, pending["box"], readonly=True)
+            if state.uidvalidity != data["validity"].get(str(i), state.uidvalidity):
+                raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
+            present, _ = await search_uids(src, b"UID " + uid_set(mine))
+            await src.deselect()
+        gone = [u for u in mine if u not in set(present)]
+        await _dropped(journal, entry, i, await _in_drop(src, dst, data, i, gone, drop))
+    if data.get("taking"):
+        await _finish_taking(journal, entry, dst, drop)
+    await _gone(src, drop)  # settled: what a crash left in a drop is the copy of a message that is elsewhere
+    await _gone(dst, drop)
+
+
+async def _dropped(journal: MailboxMap, entry: JournalEntry, i: int, moved: Sequence[int]) -> None:
+    _settle(entry.data, i, moved)
+    entry.data["dropping"] = None
+    await journal.step(entry, Step.DROPPED)
+
+
+async def _in_drop(src: BackendProtocol, dst: BackendProtocol, data: dict, i: int, gone: list[int],
+                   drop: str) -> list[int]:
+    """Of source UIDs *gone*, those whose content the drop holds (the drain's MOVE took them)."""
+    if not gone or not await exists(src, drop):
+        return []
+    await open_mailbox(src, drop, readonly=True)
+    uids, _ = await search_uids(src, b"ALL")
+    there = collections.Counter(await hash_messages(src, uids))
+    await src.deselect()
+    copies = _copies(data, i)
+    new = data["pairs"][i][1]
+    hashes: dict[int, str] = {}
+    if await exists(dst, new):
+        state = await open_mailbox(dst, new, readonly=True)
+        known = [copies[s][0] for s in gone if s in copies and copies[s][1]["validity"] == state.uidvalidity]
+        hashes = await hashes_present(dst, known)
+        await dst.deselect()
+    ours = []
+    for s in gone:
+        h = hashes.get(copies[s][0]) if s in copies else None
+        if h is not None and there[h] > 0:
+            there[h] -= 1
+            ours.append(s)
+    return ours
+
+
+async def _take_back(journal: MailboxMap, entry: JournalEntry, i: int, dst: BackendProtocol, theirs: list[int],
+                     drop: str) -> None:
+    """Copies of source UIDs someone else took away: decided, journaled, then moved to a drop on *dst*."""
+    data = entry.data
+    new = data["pairs"][i][1]
+    copies = _copies(data, i)
+    take: list[int] = []
+    changed: list[int] = []
+    validity = None
+    if await exists(dst, new):
+        state = await open_mailbox(dst, new, readonly=True)
+        validity = state.uidvalidity
+        mine = [copies[s] for s in theirs if s in copies and copies[s][1]["validity"] == state.uidvalidity]
+        found, _ = await search_uids(dst, b"UID " + uid_set(d for d, _r in mine)) if mine else ([], [])
+        take = [d for d, _r in mine if d in set(found)]
+        if "CONDSTORE" in dst.capabilities:
+            for rec in {id(r): r for _d, r in mine if r.get("modseq") is not None}.values():
+                ds = [d for d, r in mine if r is rec and d in set(take)]
+                if ds:
+                    later, _ = await search_uids(dst, b"UID " + uid_set(ds) + b" MODSEQ %d" % (rec["modseq"] + 1))
+                    changed += [d for d in later if d in set(ds)]
+        await dst.deselect()
+    take = [d for d in take if d not in set(changed)]
+    _settle(data, i, theirs)
+    data["taking"] = {"pair": i, "uids": uid_set(sorted(take)).decode(), "validity": validity}
+    await journal.step(entry, Step.TAKING_BACK)
+    left = len(theirs) - len(take)
+    log.warn("move {id}: {n} message(s) left {box} on {b} after the move's commit point (a client's command under "
+             "way when the move began): {t} copy(ies) taken back from {d}, {left} left there (moved on or changed "
+             "by a client meanwhile{why})", id=entry.id, n=len(theirs), box=data["pairs"][i][0], b=data["src"],
+             t=len(take), d=dst.name, left=left, why=f": {len(changed)} changed" if changed else "")
+    await _finish_taking(journal, entry, dst, drop)
+
+
+async def _finish_taking(journal: MailboxMap, entry: JournalEntry, dst: BackendProtocol, drop: str) -> None:
+    data = entry.data
+    taking = data["taking"]
+    new = data["pairs"][taking["pair"]][1]
+    uids = expand_uid_set(taking["uids"])
+    if uids and await exists(dst, new):
+        await _fresh(dst, drop, keep=True)
+        # made anew by a client since (another UIDVALIDITY): these UIDs are not the copies
+        if (await open_mailbox(dst, new, readonly=False)).uidvalidity == taking["validity"]:
+            for _attempt in range(ATTEMPTS):  # one a client moved on meanwhile is not moved: left, never lost
+                if not uids or await _move_to(dst, uids, drop) is not None:
+                    break
+                uids = [u for u in (await search_uids(dst, b"UID " + uid_set(uids)))[0] if u in set(uids)]
+        await dst.deselect()
+        await _gone(dst, drop)
+    data["taking"] = None
+    await journal.record(entry)
+
+
+async def highest_modseq(conn: BackendProtocol, name: str) -> int | None:
+    """*name*'s HIGHESTMODSEQ (RFC 7162), None without CONDSTORE: a copy whose MODSEQ is past the one
+    its batch had when verified was changed by a client (mail is then never taken back)."""
+    if "CONDSTORE" not in conn.capabilities:
+        return None
+    result = await conn.command(b"STATUS " + name_arg(name) + b" (HIGHESTMODSEQ)")
+    for r in result.responses:
+        if r.start.name == "STATUS":
+            try:
+                return parse_status(*r.arguments).values.get(b"HIGHESTMODSEQ")
+            except ParseError:
+                return None
+    return None
+
+
+async def _move_to(conn: BackendProtocol, uids: Sequence[int], drop: str) -> set[int] | None:
+    """UID MOVE *uids* of the selected mailbox to *drop*: the UIDs it took (COPYUID's source set);
+    None if it was refused because one of them went meanwhile (EXPUNGEISSUED: it may have taken some).
+
+    A backend without MOVE and UIDPLUS: STORE \\Deleted and UID EXPUNGE, every one taken for the drain's."""
+    if "MOVE" not in conn.capabilities or "UIDPLUS" not in conn.capabilities:
+        await expunge_uids(conn, uids)
+        return set(uids)
+    result = await conn.command(b"UID MOVE " + uid_set(sorted(uids)) + b" " + name_arg(drop))
+    if not result.ok:
+        if result.start.code == "EXPUNGEISSUED":
+            return None
+        raise TransferError(f"MOVE failed on {conn.name}: {result.start.text.decode('utf-8', 'replace')}")
+    moved: set[int] = set()
+    for start in [r.start for r in result.responses] + [result.start]:
+        if start.code == "COPYUID":
+            parts = start.code_args.split()
+            if len(parts) == 3:
+                moved.update(expand_uid_set(parts[1].decode()))
+    return moved & set(uids)
+
+
+async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False) -> None:
+    """The drop, there and (unless *keep*) empty: what a past use left in it is no one's."""
+    if await exists(conn, drop):
+        if keep:
+            return
+        await _gone(conn, drop)
+    await run_ok(conn, b"CREATE " + name_arg(drop), "CREATE")
+
+
+async def _gone(conn: BackendProtocol, drop: str) -> None:
+    """Delete the drop (what is in it: the copies of messages that are elsewhere); one a killed
+    Dovecot half deleted is finished, or left if it refuses (mailops.finish_cut_delete)."""
+    if await exists(conn, drop) and not await finish_cut_delete(conn, drop):
+        await run_ok(conn, b"DELETE " + name_arg(drop), "DELETE")
