@@ -21,6 +21,13 @@ itself, proved in tests/test_plain.py). Two levels:
   completes its command from the bytes (relay.py swaps the tag back). After untagged
   responses with literals (a FETCH's bodies), the backend's framer passes those through
   first (``Framer.pass_through``, the long way's own step) and this completes the rest.
+* :func:`append_line`: a read that is exactly the APPEND line a client sends before a message's
+  synchronizing literal (``a APPEND INBOX (\\Seen) {310}``), arriving as for relay_plain, is read
+  by imap.reader.CommandReader.append_line (the same checks, no framer, no general parse) and its
+  command started as the long way starts it: routed by the same look-ups (appends.Appends.start:
+  reserved names, moves, the map, referrals), its message then decided by the session's pump;
+  a read that is exactly the rest of that message's literal and the command's CRLF is queued
+  as the reader's events for it (CommandReader.message_rest), not framed.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from .imap.command import _TAG as TAG
 from .imap.plain import PLAIN_GRAMMARS, plain_arguments
 from .imap.response import plain_completion, plain_untagged_lines
 
-__all__ = ["PLAIN_COMMANDS", "relay_plain", "completed_plain"]
+__all__ = ["PLAIN_COMMANDS", "relay_plain", "append_line", "completed_plain"]
 
 # The handlers that only relay: to the selected mailbox's backend (home if none), or home;
 # NOOP's after login is to_selected; mailboxes.change (STORE, EXPUNGE) relays unless a move holds
@@ -56,8 +63,9 @@ _FAST: dict[str, tuple[str, bool]] = {
     and (spec.name in PLAIN_COMMANDS or not spec.grammar.takes_arguments) and spec.states != PRE
 }
 
-# One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only.
-_LINE = re.compile(rb"(%s) ((?:UID )?[A-Z]+)(?: ([^\r\n]+))?\r\n" % TAG.pattern)
+# One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only. Possessive
+# runs: a read of 64 KiB without a space is refused at once, not after 64 Ki steps back (~4 ms).
+_LINE = re.compile(rb"(%s+) ((?:UID )?[A-Z]++)(?: ([^\r\n]++))?\r\n" % TAG.pattern)
 
 
 def relay_plain(session: Any, data: bytes) -> bool:
@@ -93,6 +101,26 @@ def relay_plain(session: Any, data: bytes) -> bool:
     relay.send_line(conn, tag, data[len(tag):])
     if relay.in_flight + len(session.appends.unanswered) >= most:
         session.block(Block.IN_FLIGHT)  # as the reader's loop would, before its next command
+    return True
+
+
+def append_line(session: Any, data: bytes) -> bool:
+    """Start the APPEND *data* is the line of (the session logged in: its caller checks), as the
+    reader's pump would with nothing else to read; or take *data* as the rest of a message and the
+    command's end (CommandReader.message_rest). False (nothing done) to take the long way. The
+    caller pumps the reader next (the message is decided there, or the rest's events handled)."""
+    if not data.endswith(b"}\r\n"):  # (no APPEND being read: at once)
+        return session.appends.current is not None and session.reader.message_rest(data)  # type: ignore[no-any-return]
+    if session.flow.blocked or session._pumping:
+        return False
+    appends = session.appends
+    if session.relay.in_flight + len(appends.unanswered) >= session.config.proxy.connections.max_commands_in_flight:
+        return False  # the pump reads nothing now
+    event = session.reader.append_line(data)
+    if event is None:
+        return False
+    session.ctx.observer.command_named(session, event.tag, "APPEND")
+    appends.start(event)
     return True
 
 

@@ -31,7 +31,7 @@ from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State, enabling
 from .context import ProxyContext
-from .fastpath import PLAIN_COMMANDS, relay_plain
+from .fastpath import PLAIN_COMMANDS, append_line, relay_plain
 from .flow import Block, ClientFlow
 from .idle import Idle
 from .imap.command import CommandStart, nil_or_list
@@ -72,8 +72,7 @@ CLOSE_GRACE = 30.0
 # thousands pipelined cannot keep others waiting past their share (50 such: a NOOP waits ~0.1 s).
 TURN = 16
 _COMMAND_STARTS = (Command, Refused, AppendStart)
-# Commands a client may send before it is logged in (it logs in within a handful; a flood, answered
-# by the proxy itself, costs CPU for nothing): then * BYE, as Dovecot's imap-login does.
+# Commands read before login (a client logs in within a handful; a flood costs CPU): then * BYE, as imap-login does.
 PRE_LOGIN_COMMANDS = 32
 
 
@@ -171,7 +170,8 @@ class ClientSession(Protocol):
         self.ctx.observer.client_in(self, data)
         if self.phase is _AUTHENTICATED and relay_plain(self, data):
             return
-        self.reader.receive_data(data)
+        if self.phase is not _AUTHENTICATED or not append_line(self, data):
+            self.reader.receive_data(data)
         self._pump()
         if self.reader.mid_command and not sending(self.transport):  # the rest may wait for our ACK (Nagle)
             quick_ack(self._socket)  # unless our "+" or answer, sent at the pass's end, carries it

@@ -375,6 +375,27 @@ class Framer:
         self._state = _LITERAL
         self._remaining = spec.size
 
+    def announced(self, spec: LiteralSpec) -> None:
+        """A whole first fragment announcing *spec* was read by the consumer itself, from bytes
+        never given to receive_data (the command reader's APPEND line): await the decision on
+        its literal as after that fragment's Line. Only between logical lines, nothing held."""
+        if not self.idle or self._auto:
+            raise RuntimeError("a fragment is read here already")
+        self._first = False
+        self._state = _PENDING
+        self._pending = spec
+
+    def literal_end(self, data: bytes) -> bool:
+        """*data* (instead of receive_data) taken if it is exactly the rest of the accepted literal
+        being delivered (one LiteralData: at most CHUNK_SIZE bytes) and the CRLF that ends its
+        logical line: the framer is then between logical lines, as after that LiteralData, the
+        LiteralEnd and the empty Line. False, and nothing taken, for any other bytes or state."""
+        if (self._state != _LITERAL or self._discard or self._buf or self._direct is not None
+                or self._remaining != len(data) - 2 or self._remaining > CHUNK_SIZE or not data.endswith(b"\r\n")):
+            return False
+        self._state, self._remaining, self._first = _LINE, 0, True
+        return True
+
     def reject_literal(self) -> None:
         """Refuse the announced literal and the rest of its command.
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .appendline import DATE_TIME, SYSTEM_FLAGS, append_line
 from .command import (
     Atom,
     CommandStart,
@@ -175,12 +176,9 @@ _END = AppendEnd()
 # Reader states.
 _IDLE, _COLLECT, _APPEND_MAILBOX, _APPEND_DATA, _APPEND_NEXT = range(5)
 
-_SYSTEM_FLAGS = frozenset({b"\\ANSWERED", b"\\FLAGGED", b"\\DELETED", b"\\SEEN", b"\\DRAFT"})
 _KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
 _ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){"]+')  # what Dovecot's parser reads as an atom
 _UTF8_OPEN = re.compile(rb"(?:\A| )UTF8 \(\Z", re.IGNORECASE)  # RFC 6855: append-data =/ "UTF8" SP "(" literal8 ")"
-_DATE_TIME = re.compile(rb"(?: ?[1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
-                        rb"[0-2][0-9]:[0-5][0-9]:[0-6][0-9] [+-][0-9]{4}", re.IGNORECASE)
 
 
 class CommandReader:
@@ -229,6 +227,38 @@ class CommandReader:
                 return out
             if self._queue:
                 return self._queue.pop(0)
+
+    def append_line(self, data: bytes) -> AppendStart | None:
+        """*data*, the whole of a read while :attr:`idle`, taken as an APPEND line of the form
+        clients send (imap.appendline) without the framer or the general parse: the AppendStart
+        next_event would return for it, its AppendMessage queued and the literal awaiting the
+        decision, as the long way leaves them. The caller admitted APPEND (STREAMED) itself.
+        None, and nothing read, for any other bytes."""
+        if not self.idle:  # (a literal's bytes are never matched)
+            return None
+        line = append_line(data, self.limits.max_line, self.limits.max_message)
+        if line is None or self.limits.max_append_messages < 1:
+            return None
+        self._framer.announced(line.literal)
+        self._start = CommandStart(line.tag, "APPEND", line.rest)
+        self._messages = 1
+        self._queue.append(AppendMessage(line.flags, line.date, line.literal))
+        self._deciding = True
+        self._state = _APPEND_NEXT
+        return AppendStart(line.tag, "APPEND", line.mailbox)
+
+    def message_rest(self, data: bytes) -> bool:
+        """*data*, the whole of a read, taken if it is exactly the rest (1 byte to a chunk) of the APPEND
+        message literal being read and the command's final CRLF (one message a command, its literal
+        and CRLF in one write): the events next_event gives for it (AppendData, AppendMessageEnd,
+        AppendEnd) queued, without the framer. False, and nothing read, otherwise."""
+        if self._state != _APPEND_DATA or self._queue or self._utf8 or len(data) < 3:  # (UTF8: a ")" is due)
+            return False
+        if not self._framer.literal_end(data):
+            return False
+        self._reset_command()
+        self._queue += (AppendData(data[:-2]), _MESSAGE_END, _END)
+        return True
 
     # -- the consumer's decisions -------------------------------------------------------
 
@@ -280,7 +310,7 @@ class CommandReader:
     @property
     def mid_command(self) -> bool:
         """True while the client is in the middle of a command (or more is buffered)."""
-        return self._state != _IDLE or self._framer.mid_line
+        return self._state != _IDLE or bool(self._queue) or self._framer.mid_line
 
     # -- framer events -----------------------------------------------------------------
 
@@ -512,7 +542,7 @@ class CommandReader:
         if isinstance(first_token, String) and not first_token.literal:
             date = first_token.value
             tokens.pop(0)
-            if _DATE_TIME.fullmatch(date) is None:
+            if DATE_TIME.fullmatch(date) is None:
                 raise ParseError("invalid date-time")
             if date[1:2] == b"-":  # "1-Jan-2020 ...": Dovecot takes it; relayed as RFC 3501's " 1-Jan-2020 ..."
                 date = b" " + date
@@ -556,7 +586,7 @@ def _flags(tok: Token) -> tuple[bytes, ...]:
             raise ParseError("invalid flag")
         value = item.value
         if value[:1] == b"\\":
-            if value.upper() not in _SYSTEM_FLAGS:
+            if value.upper() not in SYSTEM_FLAGS:
                 raise ParseError("invalid system flag")
         elif _ATOM.fullmatch(value) is None:  # "a{b": Dovecot's parser refuses it (BAD)
             raise ParseError("invalid keyword")
