@@ -7,7 +7,7 @@ moment until the drain removes it. Its copy kept at the destination, it would be
 twice (moved), or come back (expunged). So (mover.Mover._empty calls remove_verified):
 
 * The drain removes the verified UIDs by ``UID MOVE`` to a private mailbox of its own, the
-  *drop* (``referral-proxy-aside-<token>/drop``, deleted after each use): Dovecot's COPYUID
+  *drop* (``referral-proxy-aside-<token>/drop-<n>``, a new one for each use, deleted after it): Dovecot's COPYUID
   names exactly the messages this MOVE took. A STORE \\Deleted + UID EXPUNGE cannot tell: a
   client's MOVE between the two takes a \\Deleted message away, and the EXPUNGE's answer
   is the same either way.
@@ -40,6 +40,7 @@ from .mailops import (
     exists,
     expunge_uids,
     finish_cut_delete,
+    list_mailboxes,
     name_arg,
     open_mailbox,
     run_ok,
@@ -87,19 +88,20 @@ async def remove_verified(journal: MailboxMap, entry: JournalEntry, i: int, src:
     for _attempt in range(ATTEMPTS):
         if not mine:
             break
-        await _fresh(src, drop)
-        data["dropping"] = {"pair": i, "box": box, "uids": uid_set(mine).decode()}
+        this = _next_drop(data, drop)
+        data["dropping"] = {"pair": i, "box": box, "uids": uid_set(mine).decode(), "drop": this}
         await journal.step(entry, Step.DROPPING)
-        moved = await _move_to(src, mine, drop)
+        await _fresh(src, this, selected=box)
+        moved = await _move_to(src, mine, this)
         still: list[int] = []
         if moved is None:  # one went meanwhile (EXPUNGEISSUED): what the MOVE took, if any, is told by content
             still, _ = await search_uids(src, b"UID " + uid_set(mine))
             still = [u for u in still if u in set(mine)]
-            moved = set(await _in_drop(src, dst, data, i, [u for u in mine if u not in set(still)], drop))
+            moved = set(await _in_drop(src, dst, data, i, [u for u in mine if u not in set(still)], this))
             await open_mailbox(src, box, readonly=False)
         theirs += [u for u in mine if u not in moved and u not in set(still)]
         await _dropped(journal, entry, i, sorted(moved))
-        await _gone(src, drop)
+        await _gone(src, this, selected=box)
         mine = still  # tried again
     if mine:
         raise TransferError(f"the source on {src.name} kept refusing to give up its copied messages; tried again later")
@@ -121,11 +123,19 @@ async def resume(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol,
             present, _ = await search_uids(src, b"UID " + uid_set(mine))
             await src.deselect()
         gone = [u for u in mine if u not in set(present)]
-        await _dropped(journal, entry, i, await _in_drop(src, dst, data, i, gone, drop))
+        await _dropped(journal, entry, i, await _in_drop(src, dst, data, i, gone, pending.get("drop", drop)))
     if data.get("taking"):
         await _finish_taking(journal, entry, dst, drop)
-    await _gone(src, drop)  # settled: what a crash left in a drop is the copy of a message that is elsewhere
-    await _gone(dst, drop)
+    for conn in (src, dst):  # settled: what a crash left in a drop is the copy of a message that is elsewhere
+        for left in await list_mailboxes(conn, name_arg(drop + "*")):  # (a private name: no wildcard in it)
+            await _gone(conn, left.name.decode("ascii"))
+
+
+def _next_drop(data: dict, base: str) -> str:
+    """A drop name never used before in this move (journaled with the step that uses it): one a killed
+    Dovecot half deleted, and then refuses to delete or make again, never stops the drain."""
+    data["drops"] = data.get("drops", 0) + 1
+    return f"{base}-{data['drops']}"
 
 
 async def _dropped(journal: MailboxMap, entry: JournalEntry, i: int, moved: Sequence[int]) -> None:
@@ -184,7 +194,8 @@ async def _take_back(journal: MailboxMap, entry: JournalEntry, i: int, dst: Back
         await dst.deselect()
     take = [d for d in take if d not in set(changed)]
     _settle(data, i, theirs)
-    data["taking"] = {"pair": i, "uids": uid_set(sorted(take)).decode(), "validity": validity}
+    data["taking"] = {"pair": i, "uids": uid_set(sorted(take)).decode(), "validity": validity,
+                      "drop": _next_drop(data, drop)}
     await journal.step(entry, Step.TAKING_BACK)
     left = len(theirs) - len(take)
     log.warn("move {id}: {n} message(s) left {box} on {b} after the move's commit point (a client's command under "
@@ -197,6 +208,7 @@ async def _take_back(journal: MailboxMap, entry: JournalEntry, i: int, dst: Back
 async def _finish_taking(journal: MailboxMap, entry: JournalEntry, dst: BackendProtocol, drop: str) -> None:
     data = entry.data
     taking = data["taking"]
+    drop = taking.get("drop", drop)
     new = data["pairs"][taking["pair"]][1]
     uids = expand_uid_set(taking["uids"])
     if uids and await exists(dst, new):
@@ -250,17 +262,30 @@ async def _move_to(conn: BackendProtocol, uids: Sequence[int], drop: str) -> set
     return moved & set(uids)
 
 
-async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False) -> None:
+async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False, selected: str | None = None) -> None:
     """The drop, there and (unless *keep*) empty: what a past use left in it is no one's."""
     if await exists(conn, drop):
         if keep:
             return
-        await _gone(conn, drop)
+        await _gone(conn, drop, selected=selected)
     await run_ok(conn, b"CREATE " + name_arg(drop), "CREATE")
 
 
-async def _gone(conn: BackendProtocol, drop: str) -> None:
+async def _gone(conn: BackendProtocol, drop: str, *, selected: str | None = None) -> None:
     """Delete the drop (what is in it: the copies of messages that are elsewhere); one a killed
-    Dovecot half deleted is finished, or left if it refuses (mailops.finish_cut_delete)."""
-    if await exists(conn, drop) and not await finish_cut_delete(conn, drop):
-        await run_ok(conn, b"DELETE " + name_arg(drop), "DELETE")
+    Dovecot half deleted is finished, or left if it refuses (mailops.finish_cut_delete). One the
+    backend will not delete is emptied and left, logged: a drain is never stopped by it (the
+    move's names would stay reserved for good). *selected*: the mailbox to select again after."""
+    if not await exists(conn, drop) or await finish_cut_delete(conn, drop):
+        return
+    deleted = await conn.command(b"DELETE " + name_arg(drop))
+    if deleted.ok:
+        return
+    await open_mailbox(conn, drop, readonly=False)
+    uids, _ = await search_uids(conn, b"ALL")
+    await expunge_uids(conn, uids)
+    await conn.deselect()
+    if selected is not None:
+        await open_mailbox(conn, selected, readonly=False)
+    log.warn("{b}: {drop} could not be deleted ({why}): emptied and left (a private name, shown to no client)",
+             b=conn.name, drop=drop, why=deleted.start.text.decode("utf-8", "replace"))

@@ -78,3 +78,28 @@ def test_a_half_deleted_aside_dovecot_will_not_delete_is_left_and_the_move_goes_
     _exchange(conn, b"STATUS %s (MESSAGES)" % ASIDE.encode(), b"TAG " + HALF + b"\r\n")
     _exchange(conn, b"DELETE %s" % ASIDE.encode(), b"TAG NO Mailbox exists (0.001 + 0.000 secs).\r\n")
     assert _result(d) is True
+
+
+def test_a_drop_the_backend_will_not_delete_is_emptied_and_left_and_the_source_selected_again():
+    """drain.py's drop, settled, refused by DELETE (seen in the soak: a drop a SIGKILLed Dovecot half
+    deleted, 'Mailbox exists' to every DELETE and CREATE after): emptied, logged and left, the source
+    selected again, the drain goes on (each use of a drop has a name of its own: drain._next_drop).
+    Before, the DELETE's NO stopped the drain at every recovery and the move's names stayed reserved."""
+    from referral_proxy.drain import _gone, _next_drop
+
+    drop = "referral-proxy-aside-0123abcd/drop-1"
+    conn = _backend()
+    d = defer.ensureDeferred(_gone(conn, drop, selected="Work"))
+    _exchange(conn, b'LIST "" %s' % drop.encode(), b'* LIST () "/" %s\r\nTAG OK done\r\n' % drop.encode())
+    _exchange(conn, b"STATUS %s (MESSAGES)" % drop.encode(), b"* STATUS %s (MESSAGES 2)\r\nTAG OK done\r\n" % drop.encode())
+    _exchange(conn, b"DELETE %s" % drop.encode(), b"TAG NO Mailbox exists (0.001 + 0.000 secs).\r\n")
+    _exchange(conn, b"SELECT %s" % drop.encode(), b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] x\r\nTAG OK done\r\n")
+    _exchange(conn, b"UID SEARCH ALL", b"* SEARCH 3 4\r\nTAG OK done\r\n")
+    _exchange(conn, b"UID STORE 3:4 +FLAGS.SILENT (\\Deleted)", b"TAG OK done\r\n")
+    _exchange(conn, b"UID EXPUNGE 3:4", b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nTAG OK done\r\n")
+    _exchange(conn, b'EXAMINE "referral-proxy/no such mailbox"', b"TAG NO no such mailbox\r\n")
+    _exchange(conn, b"SELECT Work", b"* 5 EXISTS\r\n* OK [UIDVALIDITY 9] x\r\nTAG OK done\r\n")
+    assert _result(d) is None
+    data: dict = {}
+    assert [_next_drop(data, "b/drop") for _ in range(3)] == ["b/drop-1", "b/drop-2", "b/drop-3"]
+    assert data == {"drops": 3}  # journaled with the step that uses it

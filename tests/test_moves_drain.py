@@ -232,9 +232,12 @@ def test_a_drain_killed_after_its_removal_ran_before_it_was_journaled(proxy_fact
         (entry,) = now(store.journal())
     finally:
         now(store.close())
-    dropping, drop = entry.data["dropping"], f"referral-proxy-aside-{entry.data['token']}/drop"
+    dropping = entry.data["dropping"]
+    drop = dropping["drop"]
+    assert drop.startswith(f"referral-proxy-aside-{entry.data['token']}/drop-")
     _client_moves(fleet, "Work", work[1])
     with fleet["b1"].client("carol") as m:  # the killed proxy's own UID MOVE, sent before it died
+        assert m.create(f'"{drop}"')[0] == "OK"
         assert m.select(dropping["box"])[0] == "OK"
         assert m.uid("MOVE", dropping["uids"], f'"{drop}"')[0] == "OK"
     recovered = cli("recover", "--config", str(proxy.config_path))
@@ -291,3 +294,4 @@ def test_an_older_versions_entry_past_its_expunges_is_finished_without_taking_an
     where = _once(fleet, proxy, work)
     assert all(where[i] == [("b3", "Work")] for i in work), where
     assert _no_entries(proxy)
+
