@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.logger import Logger
@@ -90,6 +91,8 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
             raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
     keep = [s for s, _d in verified] + back
     present, _ = await search_uids(src, b"UID " + uid_set(sorted(keep))) if keep else ([], [])
+    if "dst_uids" not in data:  # copies found by content: one whose source is gone may be another's message
+        verified = await _ours_elsewhere(entry, mailbox_map, src, dst, connect, verified, present, sent)
     # Decided, and journaled before acting: a recovery cut off after the expunge must not find the
     # sources gone and take their copies back as if someone else had moved them (both gone).
     data["present"] = uid_set(present).decode()
@@ -99,6 +102,36 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))  # their source went elsewhere
     await mailbox_map.end_move(entry)
     return f"finished: {len(present)} message(s) removed from the source"
+
+
+async def _ours_elsewhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,
+                          connect: Connect | None, verified: list[tuple[int, int]], present: Sequence[int],
+                          sent: dict[int, str]) -> list[tuple[int, int]]:
+    """*verified* without the copies found by content whose source is gone and whose content is nowhere else.
+
+    The MULTIAPPEND's outcome unknown, a message of that content above the recorded UIDNEXT is taken
+    for its copy; but another client may have put it there itself -- moving the very source message
+    to the destination (seen in the soak: a MOVE cut off by a backend kill, then an RFC 3501 move of
+    the same message by another client, then recovery took that client's copy back: the message was
+    nowhere). Taken back, as a copy whose source went elsewhere, only if another message of that
+    content is somewhere the user sees (moved_on); else it is the message itself: it stays."""
+    gone = [(s, d) for s, d in verified if s not in set(present)]
+    if not gone:
+        return verified
+    await open_mailbox(dst, entry.data["dst_mailbox"], readonly=True)
+    infos, _ = await fetch_infos(dst, [d for _s, d in gone])
+    await dst.deselect()
+    by_uid = {i.uid: i for i in infos}
+    theirs = [replace(by_uid[d], uid=s) for s, d in gone if d in by_uid]
+    kept = collections.Counter(sent[s] for s, _d in verified)  # at the destination: each vouches for none
+    elsewhere = set(await _moved_on_anywhere(entry, mailbox_map, src, dst, connect, theirs, sent, kept))
+    if (await open_mailbox(src, entry.data["src_mailbox"], readonly=False)).uidvalidity != entry.data["src_validity"]:
+        raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
+    alone = [(s, d) for s, d in gone if s not in elsewhere]
+    if alone:
+        log.warn("recovery: {n} message(s) found by content on {b} whose source is gone and that are nowhere else: "
+                 "kept (maybe another client's own move of them)", n=len(alone), b=dst.name)
+    return [(s, d) for s, d in verified if (s, d) not in set(alone)]
 
 
 async def _made_anew(dst: BackendProtocol, data: dict) -> dict[int, int]:

@@ -620,6 +620,34 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
         assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Dest") if committed else ("b1", "Work")}
 
 
+
+def test_a_message_another_client_moved_to_the_destination_is_not_taken_for_the_killed_moves_copy(proxy_factory,
+                                                                                                  fleet):
+    """A MOVE of one message cut off with its MULTIAPPEND's outcome unknown (never committed, here);
+    before recovery another client moves that same message to the destination itself (appended
+    there, expunged at the source: an RFC 3501 move). Recovery finds a message of that content above
+    the recorded UIDNEXT and took it for its copy; the source gone, it took that "copy" back: the
+    message was nowhere (seen in the soak, seed 6043). Now a copy found by content is taken back
+    only if its content is somewhere else too."""
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    validity, uidnext = _state(fleet["b3"], "Shared/Dest")
+    data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "3",
+            "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
+            "hashes": _hashes(fleet["b1"], "Work", "3")}
+    journal_killed_move(proxy, data)
+    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "3")  # the other client's move, then its expunge
+    with fleet["b1"].client("carol") as m:
+        m.select("Work")
+        assert m.uid("STORE", "3", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+        assert m.uid("EXPUNGE", "3")[0] == "OK"
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+    assert census(fleet, "carol")[1][work[2]] == [("b3", "Shared/Dest")]
+
 def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
     from referral_proxy.journal import Reservation
 
