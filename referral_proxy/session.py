@@ -343,8 +343,8 @@ class ClientSession(Protocol):
                 log.failure("session {id}: command failed", f, id=self.id)
                 self.tagged(tag, "NO", "[SERVERBUG] Internal proxy error")
 
-        stayalive.during(self.ctx.reactor, self.send, lambda: self.phase is Phase.AUTHENTICATED,
-                         defer.ensureDeferred(work)).addErrback(failed).addBoth(lambda _: self.unblock(Block.TASK))
+        stayalive.during(self.ctx.reactor, self, defer.ensureDeferred(work)).addErrback(failed).addBoth(
+            lambda _: self.unblock(Block.TASK))
 
     def _text_line(self, line: TextLine) -> None:
         if not self.auth.sasl_response(line):

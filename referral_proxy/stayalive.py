@@ -9,7 +9,7 @@ sends this line during a long COPY or SEARCH once its client heard nothing for 1
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
 from typing import Any, TypeVar
 
 from twisted.internet import defer
@@ -22,18 +22,25 @@ SECONDS = 15.0
 T = TypeVar("T")
 
 
-def during(clock: Any, send: Callable[[bytes], None], due: Callable[[], bool], work: defer.Deferred[T]) -> defer.Deferred[T]:
-    """*work*, with :data:`LINE` sent every :data:`SECONDS` until it ends (while *due* says so)."""
+def during(clock: Any, session: Any, work: defer.Deferred[T]) -> defer.Deferred[T]:
+    """*work*, with :data:`LINE` sent to *session* every :data:`SECONDS` until it ends, while the
+    session is authenticated. The timer holds the session weakly: a session that ended while a
+    command of its own waited is still freed at once (teardown.py), and its timer stops."""
+    owner = weakref.ref(session)
     call: list[Any] = []
 
     def tick() -> None:
-        if due():
-            send(LINE)
+        session = owner()
+        if not call or session is None or session.phase.name == "LOGOUT":
+            return
+        if session.phase.name == "AUTHENTICATED":
+            session.send(LINE)
         call[0] = clock.callLater(SECONDS, tick)
 
     def ended(result: T) -> T:
         if call[0].active():
             call[0].cancel()
+        call.clear()
         return result
 
     call.append(clock.callLater(SECONDS, tick))

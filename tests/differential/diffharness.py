@@ -828,6 +828,13 @@ def _bye_too_many(direct: bytes, proxy: bytes, ctx: Context) -> bool:
     return direct.startswith(b"* BYE ") and b" BAD " in proxy
 
 
+def _modseq_known(proxy: bytes, ctx: Context) -> bool:
+    """``* OK [HIGHESTMODSEQ n]`` on SELECT of a mailbox the proxy moved: the mover asked its
+    HIGHESTMODSEQ (drain.py: a copy changed by a client is never taken back), and Dovecot keeps
+    modification sequences for a mailbox from then on."""
+    return proxy.startswith(b"* OK [HIGHESTMODSEQ ")
+
+
 DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
     Difference("greeting", "the greeting's text and its pre-login CAPABILITY",
                "the proxy greets with its own host name before any backend is chosen", pair=_greeting,
@@ -868,7 +875,7 @@ DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
                extra=_literal_lines_untagged),
     Difference("rename-across", "RENAME to a mailbox another backend owns: the text says what moved, "
                "the mailbox has a new UIDVALIDITY", "it is a new mailbox on the other backend", pair=_same_status,
-               uidvalidity=True, scope="split"),
+               uidvalidity=True, scope="split", extra=_modseq_known),
     Difference("move-across", "MOVE to a mailbox on another backend: the text of `* OK [COPYUID ...] Moved`",
                "the proxy carries out the move itself (FETCH, MULTIAPPEND, UID EXPUNGE) and says so in its own words",
                pair=_same_status, scope="split"),
