@@ -300,8 +300,11 @@ def _wait_for(predicate, timeout: float = 10.0) -> bool:
     return predicate()
 
 
-def test_client_drop_closes_backend_connection(proxy_factory, fleet):
-    proxy = proxy_factory()
+@pytest.mark.parametrize("keepalive", [0, 1])
+def test_client_drop_closes_backend_connection(proxy_factory, fleet, keepalive):
+    # keepalive 0: closed at once; 1: the clean ones are parked (keepalive.py) and logged out after
+    # 1 s. The default (10 s) would race this wait: it failed CI once that way (stop 23).
+    proxy = proxy_factory(backend_keepalive=keepalive)
     port = fleet["b1"].port
     clients = []
     for _ in range(5):
