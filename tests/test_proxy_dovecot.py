@@ -291,7 +291,7 @@ def _backend_connections(proxy_pid: int, port: int) -> int:
     )
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
