@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from referral_proxy.fleet import (
     DEFAULT_USERS,
@@ -35,6 +36,12 @@ from referral_proxy.fleet import (
     make_root,
 )
 from referral_proxy.testing.proxyproc import REPO_ROOT, ProxyProcess, StartError  # noqa: F401 (REPO_ROOT: for tests)
+
+# Hypothesis: no per-example deadline (default 200 ms) nor too_slow health check by default, as most
+# property tests here already say: both are timings, and a loaded CI machine stalls a process that
+# long now and then (test_mutf7, test_url, test_imap_data, test_framing: 160-200 s under load here).
+settings.register_profile("referral-proxy", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("referral-proxy")
 
 PROXY_START_TIMEOUT = 60.0  # a bound, not a measurement: 20 s ran out once under load (no stderr yet)
 
