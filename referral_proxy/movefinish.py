@@ -29,6 +29,7 @@ from .mailops import (
     list_mailboxes,
     open_mailbox,
     search_uids,
+    still_there,
 )
 from .routing import MailboxMap
 from .transfer import find_copies, hash_messages, hashes_present
@@ -207,8 +208,7 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
     """Of source *uids* whose copy left the destination before recovery, those whose same content
     (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
     the message is there once without them. Each newer message vouches for one source UID."""
-    still, _ = await search_uids(src, b"UID " + uid_set(sorted(uids)))
-    still = [u for u in still if u in set(uids)]
+    still = await still_there(src, uids)
     newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
     newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
     if not still or not newer:

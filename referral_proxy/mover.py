@@ -57,6 +57,7 @@ from .mailops import (
     run_ok,
     search_uids,
     status,
+    still_there,
     subscribed,
     subtree,
 )
@@ -418,7 +419,7 @@ class Mover:
         if await exists(src, box):
             state = await open_mailbox(src, box, readonly=True)
             if state.uidvalidity == entry.data["validity"].get(str(rec["pair"])):  # else each source is gone
-                present = set((await search_uids(src, b"UID " + uid_set(s for s, _d in pairs)))[0])
+                present = set(await still_there(src, [s for s, _d in pairs]))
             await src.deselect()
         sent = dict(zip(uids, rec["hashes"]))
         alone = set(await unvouched(self.mailbox_map, entry.user, src, box, dst, new, self.connect,

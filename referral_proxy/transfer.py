@@ -48,6 +48,7 @@ from .mailops import (
     run_ok,
     search_uids,
     status,
+    still_there,
 )
 from .routing import MailboxMap, normalize
 
@@ -505,7 +506,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         await open_mailbox(dst, dst_mailbox, readonly=False)
         await expunge_uids(dst, gone)
     await mailbox_map.end_move(entry)
-    moved = sum(i.size for i in infos if i.uid in set(present))
+    there = set(present)
+    moved = sum(i.size for i in infos if i.uid in there)
     return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
 
 
@@ -584,6 +586,5 @@ async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int
     """sha256 of those of *uids* still in the selected mailbox (recovery: some may be gone)."""
     if not uids:
         return {}
-    present, _ = await search_uids(conn, b"UID " + uid_set(sorted(uids)))
-    present = [u for u in present if u in set(uids)]
+    present = await still_there(conn, uids)
     return dict(zip(present, await hash_messages(conn, present)))
