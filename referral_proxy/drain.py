@@ -44,6 +44,7 @@ from .mailops import (
     name_arg,
     open_mailbox,
     run_ok,
+    same_mailbox,
     search_uids,
     still_there,
 )
@@ -215,8 +216,7 @@ async def _finish_taking(journal: MailboxMap, entry: JournalEntry, dst: BackendP
     uids = expand_uid_set(taking["uids"])
     if uids and await exists(dst, new):
         await _fresh(dst, drop, keep=True)
-        # made anew by a client since (another UIDVALIDITY): these UIDs are not the copies
-        if (await open_mailbox(dst, new, readonly=False)).uidvalidity == taking["validity"]:
+        if await same_mailbox(dst, new, taking["validity"]):
             for _attempt in range(ATTEMPTS):  # one a client moved on meanwhile is not moved: left, never lost
                 if not uids or await _move_to(dst, uids, drop) is not None:
                     break

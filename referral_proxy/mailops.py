@@ -23,9 +23,9 @@ from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
 __all__ = ["TransferError", "Vanished", "NoMasterUser", "MessageInfo", "MailboxState", "name_arg", "run_ok",
-           "list_mailboxes", "exists", "subtree", "status", "open_mailbox", "search_uids", "still_there", "named_uids",
-           "fetch_infos",
-           "expunge_uids", "subscribed", "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
+           "list_mailboxes", "exists", "subtree", "status", "open_mailbox", "same_mailbox", "search_uids", "still_there",
+           "named_uids", "fetch_infos", "expunge_uids", "subscribed", "delete_if_empty", "finish_cut_delete",
+           "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -150,6 +150,12 @@ async def open_mailbox(conn: BackendProtocol, name: str, *, readonly: bool) -> M
     if not validity:
         raise TransferError(f"{verb.strip().decode()} on {conn.name} gave no UIDVALIDITY")
     return MailboxState(validity, uidnext, messages)
+
+
+async def same_mailbox(conn: BackendProtocol, name: str, validity: int | None, *, readonly: bool = False) -> bool:
+    """Select *name*: is it still the mailbox whose UIDs were recorded (UIDVALIDITY *validity*)? One
+    deleted and made anew meanwhile holds other messages under the same UIDs: none is acted on."""
+    return (await open_mailbox(conn, name, readonly=readonly)).uidvalidity == validity
 
 
 async def search_uids(conn: BackendProtocol, criteria: bytes) -> tuple[list[int], list[bytes]]:

@@ -28,6 +28,7 @@ from .mailops import (
     fetch_infos,
     list_mailboxes,
     open_mailbox,
+    same_mailbox,
     search_uids,
     still_there,
 )
@@ -51,8 +52,7 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     if not await exists(src, data["src_mailbox"]):
         await mailbox_map.end_move(entry)
         return "source mailbox gone: nothing to remove"
-    state = await open_mailbox(src, data["src_mailbox"], readonly=False)
-    if state.uidvalidity != data["src_validity"]:
+    if not await same_mailbox(src, data["src_mailbox"], data["src_validity"]):
         await mailbox_map.end_move(entry)
         return "source mailbox replaced (UIDVALIDITY): nothing removed"
     if entry.step is Step.MOVE_EXPUNGING:  # which source UIDs go and which copies come back was decided
@@ -154,7 +154,7 @@ async def unvouched(mailbox_map: MailboxMap, user: str, src: BackendProtocol, sr
 
 async def _reselect_source(src: BackendProtocol, data: dict) -> None:
     """The source selected read-write again (moved_on looked at other mailboxes on its backend)."""
-    if (await open_mailbox(src, data["src_mailbox"], readonly=False)).uidvalidity != data["src_validity"]:
+    if not await same_mailbox(src, data["src_mailbox"], data["src_validity"]):
         raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
 
 
@@ -265,7 +265,6 @@ def _same_name(a: str, b: str) -> bool:
 
 async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:
     """Expunge copies whose source was moved or expunged by someone else while the MOVE ran."""
-    if uids and await exists(dst, data["dst_mailbox"]):
-        state = await open_mailbox(dst, data["dst_mailbox"], readonly=False)
-        if state.uidvalidity == data["dst_validity"]:
-            await expunge_uids(dst, uids)
+    box = data["dst_mailbox"]
+    if uids and await exists(dst, box) and await same_mailbox(dst, box, data["dst_validity"]):
+        await expunge_uids(dst, uids)

@@ -55,6 +55,7 @@ from .mailops import (
     name_arg,
     open_mailbox,
     run_ok,
+    same_mailbox,
     search_uids,
     status,
     still_there,
@@ -383,8 +384,7 @@ class Mover:
                     src = src or await self.connect(data["src"])
                     appended = [d for _s, d in await self._find_pending(entry, src, pairs[rec["pair"]][0], dst, rec)]
                 if appended and await exists(dst, new):
-                    state = await open_mailbox(dst, new, readonly=False)
-                    if state.uidvalidity == rec["validity"]:
+                    if await same_mailbox(dst, new, rec["validity"]):
                         await expunge_uids(dst, appended)
                     await dst.deselect()
             created = set(data["created"]) | ({data["at"]} if entry.step is Step.CREATING else set())
@@ -417,9 +417,8 @@ class Mover:
             return []
         present: set[int] = set()
         if await exists(src, box):
-            state = await open_mailbox(src, box, readonly=True)
-            if state.uidvalidity == entry.data["validity"].get(str(rec["pair"])):  # else each source is gone
-                present = set(await still_there(src, [s for s, _d in pairs]))
+            if await same_mailbox(src, box, entry.data["validity"].get(str(rec["pair"])), readonly=True):
+                present = set(await still_there(src, [s for s, _d in pairs]))  # else made anew: each one gone
             await src.deselect()
         sent = dict(zip(uids, rec["hashes"]))
         alone = set(await unvouched(self.mailbox_map, entry.user, src, box, dst, new, self.connect,

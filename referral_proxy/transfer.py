@@ -46,6 +46,7 @@ from .mailops import (
     named_uids,
     open_mailbox,
     run_ok,
+    same_mailbox,
     search_uids,
     status,
     still_there,
@@ -551,7 +552,7 @@ async def _carry_flags(dst: BackendProtocol, mailbox: str, validity: int, change
     removed)}, added and cleared, never replaced (a client may be flagging the copy already)."""
     if not changes:
         return
-    if (await open_mailbox(dst, mailbox, readonly=False)).uidvalidity != validity:
+    if not await same_mailbox(dst, mailbox, validity):
         return
     by_change: dict[tuple[str, bytes], list[int]] = collections.defaultdict(list)
     for uid, (added, removed) in changes.items():
