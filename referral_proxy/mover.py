@@ -21,7 +21,8 @@ A mailbox move, journaled step by step (journal.py has the table):
 
 Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs
 this move appended (recorded, or -- for a batch in flight -- found by content from
-the UIDNEXT recorded before it) are expunged, and the mailboxes it created are
+the UIDNEXT recorded before it; one whose source is gone only if its content is
+elsewhere too: movefinish.unvouched) are expunged, and the mailboxes it created are
 deleted only if nothing else is in them.
 """
 
