@@ -44,7 +44,9 @@ from .mailops import (
     name_arg,
     open_mailbox,
     run_ok,
+    same_mailbox,
     search_uids,
+    still_there,
 )
 from .routing import MailboxMap
 from .transfer import hash_messages, hashes_present
@@ -95,11 +97,10 @@ async def remove_verified(journal: MailboxMap, entry: JournalEntry, i: int, src:
         moved = await _move_to(src, mine, this)
         still: list[int] = []
         if moved is None:  # one went meanwhile (EXPUNGEISSUED): what the MOVE took, if any, is told by content
-            still, _ = await search_uids(src, b"UID " + uid_set(mine))
-            still = [u for u in still if u in set(mine)]
-            moved = set(await _in_drop(src, dst, data, i, [u for u in mine if u not in set(still)], this))
+            still = await still_there(src, mine)
+            moved = set(await _in_drop(src, dst, data, i, _without(mine, still), this))
             await open_mailbox(src, box, readonly=False)
-        theirs += [u for u in mine if u not in moved and u not in set(still)]
+        theirs += [u for u in _without(mine, still) if u not in moved]
         await _dropped(journal, entry, i, sorted(moved))
         await _gone(src, this, selected=box)
         mine = still  # tried again
@@ -122,7 +123,7 @@ async def resume(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol,
                 raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
             present, _ = await search_uids(src, b"UID " + uid_set(mine))
             await src.deselect()
-        gone = [u for u in mine if u not in set(present)]
+        gone = _without(mine, present)
         await _dropped(journal, entry, i, await _in_drop(src, dst, data, i, gone, pending.get("drop", drop)))
     if data.get("taking"):
         await _finish_taking(journal, entry, dst, drop)
@@ -184,15 +185,17 @@ async def _take_back(journal: MailboxMap, entry: JournalEntry, i: int, dst: Back
         validity = state.uidvalidity
         mine = [copies[s] for s in theirs if s in copies and copies[s][1]["validity"] == state.uidvalidity]
         found, _ = await search_uids(dst, b"UID " + uid_set(d for d, _r in mine)) if mine else ([], [])
-        take = [d for d, _r in mine if d in set(found)]
+        there = set(found)
+        take = [d for d, _r in mine if d in there]
         if "CONDSTORE" in dst.capabilities:
+            taken = set(take)
             for rec in {id(r): r for _d, r in mine if r.get("modseq") is not None}.values():
-                ds = [d for d, r in mine if r is rec and d in set(take)]
+                ds = {d for d, r in mine if r is rec and d in taken}
                 if ds:
-                    later, _ = await search_uids(dst, b"UID " + uid_set(ds) + b" MODSEQ %d" % (rec["modseq"] + 1))
-                    changed += [d for d in later if d in set(ds)]
+                    later, _ = await search_uids(dst, b"UID " + uid_set(sorted(ds)) + b" MODSEQ %d" % (rec["modseq"] + 1))
+                    changed += [d for d in later if d in ds]
         await dst.deselect()
-    take = [d for d in take if d not in set(changed)]
+    take = _without(take, changed)
     _settle(data, i, theirs)
     data["taking"] = {"pair": i, "uids": uid_set(sorted(take)).decode(), "validity": validity,
                       "drop": _next_drop(data, drop)}
@@ -213,16 +216,21 @@ async def _finish_taking(journal: MailboxMap, entry: JournalEntry, dst: BackendP
     uids = expand_uid_set(taking["uids"])
     if uids and await exists(dst, new):
         await _fresh(dst, drop, keep=True)
-        # made anew by a client since (another UIDVALIDITY): these UIDs are not the copies
-        if (await open_mailbox(dst, new, readonly=False)).uidvalidity == taking["validity"]:
+        if await same_mailbox(dst, new, taking["validity"]):
             for _attempt in range(ATTEMPTS):  # one a client moved on meanwhile is not moved: left, never lost
                 if not uids or await _move_to(dst, uids, drop) is not None:
                     break
-                uids = [u for u in (await search_uids(dst, b"UID " + uid_set(uids)))[0] if u in set(uids)]
+                uids = await still_there(dst, uids)
         await dst.deselect()
         await _gone(dst, drop)
     data["taking"] = None
     await journal.record(entry)
+
+
+def _without(uids: Sequence[int], these: Sequence[int]) -> list[int]:
+    """*uids* but *these*, in order (a set made once: thousands of UIDs)."""
+    gone = set(these)
+    return [u for u in uids if u not in gone]
 
 
 async def highest_modseq(conn: BackendProtocol, name: str) -> int | None:

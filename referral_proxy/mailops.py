@@ -23,8 +23,9 @@ from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
 __all__ = ["TransferError", "Vanished", "NoMasterUser", "MessageInfo", "MailboxState", "name_arg", "run_ok",
-           "list_mailboxes", "exists", "refused_target", "subtree", "status", "open_mailbox", "search_uids",
-           "named_uids", "fetch_infos", "expunge_uids", "subscribed", "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
+           "list_mailboxes", "exists", "refused_target", "subtree", "status", "open_mailbox", "same_mailbox",
+           "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids", "subscribed", "delete_if_empty",
+           "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -167,6 +168,12 @@ async def open_mailbox(conn: BackendProtocol, name: str, *, readonly: bool) -> M
     return MailboxState(validity, uidnext, messages)
 
 
+async def same_mailbox(conn: BackendProtocol, name: str, validity: int | None, *, readonly: bool = False) -> bool:
+    """Select *name*: is it still the mailbox whose UIDs were recorded (UIDVALIDITY *validity*)? One
+    deleted and made anew meanwhile holds other messages under the same UIDs: none is acted on."""
+    return (await open_mailbox(conn, name, readonly=readonly)).uidvalidity == validity
+
+
 async def search_uids(conn: BackendProtocol, criteria: bytes) -> tuple[list[int], list[bytes]]:
     """``UID SEARCH <criteria>`` in the selected mailbox: the UIDs ascending, and the other
     untagged responses (raw, for a client to see)."""
@@ -184,6 +191,16 @@ async def search_uids(conn: BackendProtocol, criteria: bytes) -> tuple[list[int]
         else:
             others.append(r.raw)
     return sorted(uids), others
+
+
+async def still_there(conn: BackendProtocol, uids: Sequence[int]) -> list[int]:
+    """Those of *uids* still in the selected mailbox, ascending (only those asked for: a UID set
+    ending past the last UID may name the last message)."""
+    if not uids:
+        return []
+    asked = set(uids)
+    found, _ = await search_uids(conn, b"UID " + uid_set(sorted(asked)))
+    return [u for u in found if u in asked]
 
 
 async def named_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tuple[list[int], list[bytes]]:

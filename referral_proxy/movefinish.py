@@ -28,7 +28,9 @@ from .mailops import (
     fetch_infos,
     list_mailboxes,
     open_mailbox,
+    same_mailbox,
     search_uids,
+    still_there,
 )
 from .routing import MailboxMap
 from .transfer import find_copies, hash_messages, hashes_present
@@ -36,7 +38,7 @@ from .transfer import find_copies, hash_messages, hashes_present
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 log = Logger()
 
-__all__ = ["finish_message_move", "came_back", "moved_on"]
+__all__ = ["finish_message_move", "came_back", "moved_on", "unvouched"]
 
 
 async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
@@ -50,8 +52,7 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     if not await exists(src, data["src_mailbox"]):
         await mailbox_map.end_move(entry)
         return "source mailbox gone: nothing to remove"
-    state = await open_mailbox(src, data["src_mailbox"], readonly=False)
-    if state.uidvalidity != data["src_validity"]:
+    if not await same_mailbox(src, data["src_mailbox"], data["src_validity"]):
         await mailbox_map.end_move(entry)
         return "source mailbox replaced (UIDVALIDITY): nothing removed"
     if entry.step is Step.MOVE_EXPUNGING:  # which source UIDs go and which copies come back was decided
@@ -86,9 +87,9 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     if rest := [s for s in gone if s not in back]:
         mine, _ = await fetch_infos(src, rest)
         kept = collections.Counter(sent[s] for s, _d in verified)  # still at the destination: found there
-        back += await _moved_on_anywhere(entry, mailbox_map, src, dst, connect, mine, sent, kept)
-        if (await open_mailbox(src, data["src_mailbox"], readonly=False)).uidvalidity != data["src_validity"]:
-            raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
+        back += await _moved_on_anywhere(mailbox_map, entry.user, src, data["src_mailbox"], dst, data["dst_mailbox"],
+                                         connect, mine, sent, kept)
+        await _reselect_source(src, data)
     keep = [s for s, _d in verified] + back
     present, _ = await search_uids(src, b"UID " + uid_set(sorted(keep))) if keep else ([], [])
     if "dst_uids" not in data:  # copies found by content: one whose source is gone may be another's message
@@ -107,31 +108,54 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
 async def _ours_elsewhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,
                           connect: Connect | None, verified: list[tuple[int, int]], present: Sequence[int],
                           sent: dict[int, str]) -> list[tuple[int, int]]:
-    """*verified* without the copies found by content whose source is gone and whose content is nowhere else.
+    """*verified* without the copies found by content whose source is gone and whose content is
+    nowhere else (unvouched: seen in the soak, seed 6043); the source selected read-write again."""
+    there = set(present)
+    gone = [(s, d) for s, d in verified if s not in there]
+    if not gone:
+        return verified
+    kept = collections.Counter(sent[s] for s, _d in verified)  # at the destination: each vouches for none
+    alone = set(await unvouched(mailbox_map, entry.user, src, entry.data["src_mailbox"], dst, entry.data["dst_mailbox"],
+                                connect, gone, sent, kept))
+    await _reselect_source(src, entry.data)
+    return [p for p in verified if p not in alone]
+
+
+async def unvouched(mailbox_map: MailboxMap, user: str, src: BackendProtocol, src_mailbox: str, dst: BackendProtocol,
+                    dst_mailbox: str, connect: Connect | None, gone: Sequence[tuple[int, int]], sent: dict[int, str],
+                    kept: collections.Counter[str]) -> list[tuple[int, int]]:
+    """Of the copies found by content whose source is gone, (source UID, destination UID) in *gone*,
+    those whose content is nowhere else the user sees: never to be taken for the move's own.
 
     The MULTIAPPEND's outcome unknown, a message of that content above the recorded UIDNEXT is taken
     for its copy; but another client may have put it there itself -- moving the very source message
     to the destination (seen in the soak: a MOVE cut off by a backend kill, then an RFC 3501 move of
     the same message by another client, then recovery took that client's copy back: the message was
     nowhere). Taken back, as a copy whose source went elsewhere, only if another message of that
-    content is somewhere the user sees (moved_on); else it is the message itself: it stays."""
-    gone = [(s, d) for s, d in verified if s not in set(present)]
+    content is somewhere the user sees (moved_on); else it is the message itself: it stays (at
+    worst twice, if the copy was the move's and the source then went elsewhere unseen). *sent*:
+    source UID -> sha256; *kept*: the hashes of the copies at the destination (each vouches for
+    none). Leaves nothing selected on *src* nor *dst*."""
     if not gone:
-        return verified
-    await open_mailbox(dst, entry.data["dst_mailbox"], readonly=True)
+        return []
+    await open_mailbox(dst, dst_mailbox, readonly=True)
     infos, _ = await fetch_infos(dst, [d for _s, d in gone])
     await dst.deselect()
     by_uid = {i.uid: i for i in infos}
     theirs = [replace(by_uid[d], uid=s) for s, d in gone if d in by_uid]
-    kept = collections.Counter(sent[s] for s, _d in verified)  # at the destination: each vouches for none
-    elsewhere = set(await _moved_on_anywhere(entry, mailbox_map, src, dst, connect, theirs, sent, kept))
-    if (await open_mailbox(src, entry.data["src_mailbox"], readonly=False)).uidvalidity != entry.data["src_validity"]:
-        raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
+    elsewhere = set(await _moved_on_anywhere(mailbox_map, user, src, src_mailbox, dst, dst_mailbox, connect, theirs,
+                                             sent, kept))
     alone = [(s, d) for s, d in gone if s not in elsewhere]
     if alone:
-        log.warn("recovery: {n} message(s) found by content on {b} whose source is gone and that are nowhere else: "
-                 "kept (maybe another client's own move of them)", n=len(alone), b=dst.name)
-    return [(s, d) for s, d in verified if (s, d) not in set(alone)]
+        log.warn("recovery: {n} message(s) found by content in {box} on {b} whose source is gone and that are nowhere "
+                 "else: kept (maybe another client's own move of them)", n=len(alone), box=dst_mailbox, b=dst.name)
+    return alone
+
+
+async def _reselect_source(src: BackendProtocol, data: dict) -> None:
+    """The source selected read-write again (moved_on looked at other mailboxes on its backend)."""
+    if not await same_mailbox(src, data["src_mailbox"], data["src_validity"]):
+        raise TransferError("the source mailbox was replaced during recovery (UIDVALIDITY changed)")
 
 
 async def _made_anew(dst: BackendProtocol, data: dict) -> dict[int, int]:
@@ -152,12 +176,15 @@ async def _made_anew(dst: BackendProtocol, data: dict) -> dict[int, int]:
     return {}
 
 
-async def _moved_on_anywhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,
-                             connect: Connect | None, mine: Sequence[MessageInfo], sent: dict[int, str],
+async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendProtocol, src_mailbox: str,
+                             dst: BackendProtocol, dst_mailbox: str, connect: Connect | None,
+                             mine: Sequence[MessageInfo], sent: dict[int, str],
                              kept: collections.Counter[str]) -> list[int]:
     """moved_on over the source's, the destination's and every other backend the user's mailboxes may
-    live on (a copy moved on by a cross-server MOVE of its own lands on a third one)."""
-    others = [b for b in mailbox_map.backends_for(entry.user) if b not in (src.name, dst.name)] if connect else []
+    live on (a copy moved on by a cross-server MOVE of its own lands on a third one). *kept*: copies
+    in *dst_mailbox*, which count only if the map sends that name to *dst* (else moved_on skips them;
+    a mailbox move's destination before its commit point)."""
+    others = [b for b in mailbox_map.backends_for(user) if b not in (src.name, dst.name)] if connect else []
     conns: list[BackendProtocol] = []
     try:
         for name in others:
@@ -168,9 +195,10 @@ async def _moved_on_anywhere(entry: JournalEntry, mailbox_map: MailboxMap, src: 
                 log.warn("recovery: a copy moved on to {backend} cannot be looked for ({why})", backend=name, why=str(e))
 
         def routed(backend: str, mailbox: str) -> bool:
-            return mailbox_map.lookup(entry.user, mailbox).primary == backend
+            return mailbox_map.lookup(user, mailbox).primary == backend
 
-        return await moved_on([dst, src, *conns], src, entry.data["src_mailbox"], mine, sent, kept, routed)
+        seen = kept if routed(dst.name, dst_mailbox) else collections.Counter()
+        return await moved_on([dst, src, *conns], src, src_mailbox, mine, sent, seen, routed)
     finally:
         for conn in conns:
             conn.logout()
@@ -180,8 +208,7 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
     """Of source *uids* whose copy left the destination before recovery, those whose same content
     (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
     the message is there once without them. Each newer message vouches for one source UID."""
-    still, _ = await search_uids(src, b"UID " + uid_set(sorted(uids)))
-    still = [u for u in still if u in set(uids)]
+    still = await still_there(src, uids)
     newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
     newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
     if not still or not newer:
@@ -238,7 +265,6 @@ def _same_name(a: str, b: str) -> bool:
 
 async def _take_back(dst: BackendProtocol, data: dict, uids: list[int]) -> None:
     """Expunge copies whose source was moved or expunged by someone else while the MOVE ran."""
-    if uids and await exists(dst, data["dst_mailbox"]):
-        state = await open_mailbox(dst, data["dst_mailbox"], readonly=False)
-        if state.uidvalidity == data["dst_validity"]:
-            await expunge_uids(dst, uids)
+    box = data["dst_mailbox"]
+    if uids and await exists(dst, box) and await same_mailbox(dst, box, data["dst_validity"]):
+        await expunge_uids(dst, uids)

@@ -21,12 +21,14 @@ A mailbox move, journaled step by step (journal.py has the table):
 
 Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs
 this move appended (recorded, or -- for a batch in flight -- found by content from
-the UIDNEXT recorded before it) are expunged, and the mailboxes it created are
+the UIDNEXT recorded before it; one whose source is gone only if its content is
+elsewhere too: movefinish.unvouched) are expunged, and the mailboxes it created are
 deleted only if nothing else is in them.
 """
 
 from __future__ import annotations
 
+import collections
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -54,11 +56,14 @@ from .mailops import (
     name_arg,
     open_mailbox,
     run_ok,
+    same_mailbox,
     search_uids,
     status,
+    still_there,
     subscribed,
     subtree,
 )
+from .movefinish import unvouched
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
 from .transfer import Progress, copy_stream, find_copies, verify_copies
@@ -370,17 +375,17 @@ class Mover:
             return
         pairs = data["pairs"]
         dst = await self.connect(data["dst"])
+        src: BackendProtocol | None = None
         try:
             records = list(data["batches"]) + ([data["pending"]] if data.get("pending") else [])
             for rec in records:
                 new = pairs[rec["pair"]][1]
-                if rec.get("dst"):
-                    appended = expand_uid_set(rec["dst"])
-                else:  # a batch in flight at the crash: did it commit? Look for it by content.
-                    appended = [d for _s, d in await self._find_pending(dst, new, rec)]
+                appended = expand_uid_set(rec["dst"]) if rec.get("dst") else []
+                if not rec.get("dst") and "hashes" in rec:  # a batch in flight at the crash: did it commit?
+                    src = src or await self.connect(data["src"])
+                    appended = [d for _s, d in await self._find_pending(entry, src, pairs[rec["pair"]][0], dst, rec)]
                 if appended and await exists(dst, new):
-                    state = await open_mailbox(dst, new, readonly=False)
-                    if state.uidvalidity == rec["validity"]:
+                    if await same_mailbox(dst, new, rec["validity"]):
                         await expunge_uids(dst, appended)
                     await dst.deselect()
             created = set(data["created"]) | ({data["at"]} if entry.step is Step.CREATING else set())
@@ -391,18 +396,36 @@ class Mover:
                              id=entry.id, name=name, b=dst.name)
         finally:
             dst.logout()
+            if src is not None:
+                src.logout()
         await self.mailbox_map.end_move(entry)
         log.info("move {id} of {user} ({old} -> {new}) rolled back", id=entry.id, user=self.user, old=data["old"],
                  new=data["new"])
 
-    async def _find_pending(self, dst: BackendProtocol, new: str, rec: dict) -> list[tuple[int, int]]:
-        """(source UID, destination UID) of the messages of an in-flight batch that the destination
-        holds: all if it committed, none if not (its hashes were journaled before its last byte)."""
+    async def _find_pending(self, entry: JournalEntry, src: BackendProtocol, box: str, dst: BackendProtocol,
+                            rec: dict) -> list[tuple[int, int]]:
+        """(source UID, destination UID) of the messages of an in-flight batch from *box* on *src* that
+        the destination holds: all if it committed, none if not (its hashes were journaled before its
+        last byte). A message found by content whose source is gone may be another client's own, moved
+        there by it: taken for the batch's only if its content is elsewhere too (movefinish.unvouched)."""
         if "hashes" not in rec:
             return []  # the MULTIAPPEND's last byte was never sent: nothing can have been saved
+        new = entry.data["pairs"][rec["pair"]][1]
         found = await find_copies(dst, new, rec["validity"], rec["uidnext"], rec["hashes"], clock=self.clock)
         uids = expand_uid_set(rec["src"])
-        return [(uids[i], uid) for i, uid in sorted(found.items())]
+        pairs = [(uids[i], uid) for i, uid in sorted(found.items())]
+        if not pairs:
+            return []
+        present: set[int] = set()
+        if await exists(src, box):
+            if await same_mailbox(src, box, entry.data["validity"].get(str(rec["pair"])), readonly=True):
+                present = set(await still_there(src, [s for s, _d in pairs]))  # else made anew: each one gone
+            await src.deselect()
+        sent = dict(zip(uids, rec["hashes"]))
+        alone = set(await unvouched(self.mailbox_map, entry.user, src, box, dst, new, self.connect,
+                                    [(s, d) for s, d in pairs if s not in present], sent,
+                                    collections.Counter(sent[s] for s, _d in pairs)))
+        return [p for p in pairs if p not in alone]
 
     # -- after the commit point: finish ------------------------------------------------------
 
@@ -527,7 +550,7 @@ class Mover:
         verified UIDs; until a round leaves nothing. The UIDs still left after the last round."""
         data = entry.data
         if data.get("pending") and data["pending"]["pair"] == i:
-            await self._settle(entry, dst)
+            await self._settle(entry, src, box, dst)
         left: list[int] = []
         for _round in range(DRAIN_ROUNDS):
             carried = await self._copy(entry, i, src, dst, box, delta=True)
@@ -550,11 +573,11 @@ class Mover:
         entry.data["drained"].append(i)
         await self.mailbox_map.step(entry, Step.DRAINED)
 
-    async def _settle(self, entry: JournalEntry, dst: BackendProtocol) -> None:
-        """A delta batch a crash interrupted: recorded if it committed (found by content), else dropped."""
+    async def _settle(self, entry: JournalEntry, src: BackendProtocol, box: str, dst: BackendProtocol) -> None:
+        """A delta batch from *box* a crash interrupted: recorded if it committed (found by content), else dropped."""
         data = entry.data
         rec = data["pending"]
-        found = await self._find_pending(dst, data["pairs"][rec["pair"]][1], rec)
+        found = await self._find_pending(entry, src, box, dst, rec)
         rec.pop("hashes", None)
         if found:  # what is there is recorded as copied; the rest is copied again
             rec["src"] = uid_set(s for s, _d in found).decode()

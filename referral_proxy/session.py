@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Coroutine, Sequence
-from enum import Enum
 from typing import Any
 
 from twisted.internet import defer
@@ -57,6 +56,7 @@ from .keepalive import taints
 from .mailboxes import MailboxCommands, Refusing
 from .netio import quick_ack, sending, tune_socket
 from .origin import peer_ip
+from .phase import Phase
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
@@ -74,14 +74,6 @@ TURN = 16
 _COMMAND_STARTS = (Command, Refused, AppendStart)
 # Commands read before login (a client logs in within a handful; a flood costs CPU): then * BYE, as imap-login does.
 PRE_LOGIN_COMMANDS = 32
-
-
-class Phase(Enum):
-    NOT_AUTHENTICATED = "not authenticated"
-    AUTHENTICATED = "authenticated"
-    LOGOUT = "logout"
-
-    __hash__ = object.__hash__  # identity, in C (see flow.Block)
 
 
 # Python 3.11's EnumType has a __getattr__ (each ``Phase.X`` ~110 ns): the hot paths use these.

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 from twisted.internet import defer
 
+from .phase import Phase
+
 __all__ = ["LINE", "SECONDS", "during"]
 
 LINE = b"* OK Hang in there..\r\n"
@@ -31,9 +33,9 @@ def during(clock: Any, session: Any, work: defer.Deferred[T]) -> defer.Deferred[
 
     def tick() -> None:
         session = owner()
-        if not call or session is None or session.phase.name == "LOGOUT":
+        if not call or session is None or session.phase is Phase.LOGOUT:
             return
-        if session.phase.name == "AUTHENTICATED":
+        if session.phase is Phase.AUTHENTICATED:
             session.send(LINE)
         call[0] = clock.callLater(SECONDS, tick)
 

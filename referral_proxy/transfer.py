@@ -47,8 +47,10 @@ from .mailops import (
     open_mailbox,
     refused_target,
     run_ok,
+    same_mailbox,
     search_uids,
     status,
+    still_there,
 )
 from .routing import MailboxMap, normalize
 
@@ -506,7 +508,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         await open_mailbox(dst, dst_mailbox, readonly=False)
         await expunge_uids(dst, gone)
     await mailbox_map.end_move(entry)
-    moved = sum(i.size for i in infos if i.uid in set(present))
+    there = set(present)
+    moved = sum(i.size for i in infos if i.uid in there)
     return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
 
 
@@ -550,7 +553,7 @@ async def _carry_flags(dst: BackendProtocol, mailbox: str, validity: int, change
     removed)}, added and cleared, never replaced (a client may be flagging the copy already)."""
     if not changes:
         return
-    if (await open_mailbox(dst, mailbox, readonly=False)).uidvalidity != validity:
+    if not await same_mailbox(dst, mailbox, validity):
         return
     by_change: dict[tuple[str, bytes], list[int]] = collections.defaultdict(list)
     for uid, (added, removed) in changes.items():
@@ -585,6 +588,5 @@ async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int
     """sha256 of those of *uids* still in the selected mailbox (recovery: some may be gone)."""
     if not uids:
         return {}
-    present, _ = await search_uids(conn, b"UID " + uid_set(sorted(uids)))
-    present = [u for u in present if u in set(uids)]
+    present = await still_there(conn, uids)
     return dict(zip(present, await hash_messages(conn, present)))

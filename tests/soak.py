@@ -12,7 +12,9 @@ empty, and every message is counted on every backend by its Message-Id:
 * lost: a message some backend acknowledged (seeded, delivered, APPENDed with OK, or an OK
   COPY's copy) that is found fewer times than it must be;
 * duplicated: found more times than the COPYs that may have made copies of it allow;
-* unreachable: found on a backend, but not through the proxy's LIST + EXAMINE.
+* unreachable: found on a backend, but not through the proxy's LIST + EXAMINE;
+* proxy faults: a line of a proxy's log (or recover's) saying the proxy failed itself (a
+  traceback, NO [SERVERBUG] to a client): a wrong answer, even with every message in place.
 
     python tests/soak.py --runs 20 --seed 1000 --seconds 30     # the long form
     python tests/soak.py --proxies 2 --store postgresql --admin # several proxies on one map store
@@ -27,6 +29,7 @@ import contextlib
 import imaplib
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -489,12 +492,24 @@ class Figures:
     messages: int
     recover_runs: int
     errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
+    faults: list = field(default_factory=list)  # the proxies' and recover's lines that say the proxy failed
 
     def line(self) -> str:
         ops = sum(n for k, n in self.ops.items() if not k.startswith("kill"))
         kills = sum(n for k, n in self.ops.items() if k.startswith("kill"))
         return (f"seed {self.seed}: {ops} operations, {kills} kills, {self.messages} messages counted; "
-                f"lost {len(self.lost)}, duplicated {len(self.duplicated)}, unreachable {len(self.unreachable)}")
+                f"lost {len(self.lost)}, duplicated {len(self.duplicated)}, unreachable {len(self.unreachable)}"
+                + (f", proxy faults {len(self.faults)}" if self.faults else ""))
+
+
+#: What the proxy logs when it failed rather than the mail or a backend: a wrong answer to a client.
+FAULT = re.compile(r"Traceback|Unhandled|#critical|\[SERVERBUG\]|command failed")
+
+
+def faults(workdir: Path) -> list[str]:
+    """The lines of the run's proxy logs (and recover's output) that say the proxy itself failed."""
+    return [f"{path.name}: {line.strip()}" for path in sorted(workdir.glob("*.log"))
+            for line in path.read_text(errors="replace").splitlines() if FAULT.search(line)]
 
 
 def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, backend_kills: bool = True,
@@ -583,7 +598,10 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
               f"{[(i, where.get(i), files[i]) for i in indexed[:5]]}", file=sys.stderr)
         duplicated = [i for i in duplicated if i not in indexed]
     unreachable = sorted(i for i in counts if any(r[i] != counts[i] for r in reaches))
-    figures = Figures(seed_, ledger.ops, lost, duplicated, unreachable, sum(counts.values()), runs, ledger.errors)
+    figures = Figures(seed_, ledger.ops, lost, duplicated, unreachable, sum(counts.values()), runs, ledger.errors,
+                      faults(workdir))
+    for line in figures.faults[:10]:
+        print(f"seed {seed_}: proxy fault: {line[:500]}", file=sys.stderr)
     if lost or duplicated or unreachable:
         detail = {i: (where.get(i), ledger.copies_acked[i], ledger.copies_maybe[i], i in ledger.must)
                   for i in (lost + duplicated + unreachable)[:10]}
@@ -686,7 +704,8 @@ def main() -> int:
             totals["duplicated"] += len(f.duplicated)
             totals["unreachable"] += len(f.unreachable)
             totals["messages"] += f.messages
-            bad += bool(f.lost or f.duplicated or f.unreachable)
+            totals["faults"] += len(f.faults)
+            bad += bool(f.lost or f.duplicated or f.unreachable or f.faults)
     finally:
         fleet.stop()
         if pg is not None:
@@ -695,7 +714,7 @@ def main() -> int:
     kills = sum(n for k, n in totals.items() if k.startswith("kill"))
     print(f"{args.runs} runs, {ops} operations, {kills} kills ({', '.join(f'{k}: {n}' for k, n in sorted(totals.items()) if k.startswith('kill'))}), "
           f"{totals['messages']} messages counted: lost {totals['lost']}, duplicated {totals['duplicated']}, "
-          f"unreachable {totals['unreachable']}")
+          f"unreachable {totals['unreachable']}, proxy faults {totals['faults']}")
     print("operations: " + ", ".join(f"{k} {n}" for k, n in sorted(totals.items()) if " " in k))
     return 1 if bad else 0
 
