@@ -45,6 +45,7 @@ from .mailops import (
     may_expunge,
     named_uids,
     open_mailbox,
+    refused_target,
     run_ok,
     same_mailbox,
     search_uids,
@@ -395,8 +396,8 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
         elif not allowed:  # Dovecot's own MOVE: NO, nothing copied
             outcome = CopyOutcome(untagged, "NO", "[NOPERM] Permission denied: the messages cannot be expunged "
                                                   "here (rights t and e needed); nothing was moved")
-        elif not await exists(dst, dst_name):
-            outcome = CopyOutcome(untagged, "NO", "[TRYCREATE] Mailbox doesn't exist")
+        elif (refused := await refused_target(dst, dst_name)) is not None:
+            outcome = CopyOutcome(untagged, "NO", refused)
         else:
             try:
                 infos, others = await fetch_infos(src, uids)
