@@ -23,9 +23,9 @@ from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
 __all__ = ["TransferError", "Vanished", "NoMasterUser", "MessageInfo", "MailboxState", "name_arg", "run_ok",
-           "list_mailboxes", "exists", "subtree", "status", "open_mailbox", "same_mailbox", "search_uids", "still_there",
-           "named_uids", "fetch_infos", "expunge_uids", "subscribed", "delete_if_empty", "finish_cut_delete",
-           "may_expunge", "myrights", "grants"]
+           "list_mailboxes", "exists", "refused_target", "subtree", "status", "open_mailbox", "same_mailbox",
+           "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids", "subscribed", "delete_if_empty",
+           "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -108,6 +108,22 @@ async def exists(conn: BackendProtocol, name: str) -> bool:
     """Is there a selectable mailbox of exactly this name?"""
     entries = await list_mailboxes(conn, b"*" if _wild(name) else name_arg(name))
     return any(e.selectable and _same(_text(e.name), name) for e in entries)
+
+
+async def refused_target(conn: BackendProtocol, name: str) -> str | None:
+    """None if *name* is a selectable mailbox on *conn*; else the answer (without ``NO``) a COPY or
+    MOVE to it gets: ``[TRYCREATE]`` for a mailbox that is not there, or the backend's own refusal
+    of a name no mailbox can have (Dovecot's "Mailbox name is not valid mUTF-7." for ``a&b`` or raw
+    8-bit bytes), which its own COPY gives; TRYCREATE there sent clients to a CREATE that fails."""
+    if await exists(conn, name):
+        return None
+    start = (await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)")).start
+    if start.status == "NO" and start.code not in _GONE_CODES and b"doesn't exist" not in start.text:
+        return completion_text(start)[3:]
+    return "[TRYCREATE] Mailbox doesn't exist"
+
+
+_GONE_CODES = frozenset({"NONEXISTENT", "TRYCREATE"})
 
 
 async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 
@@ -80,3 +81,21 @@ def wait_for(predicate, what: str, timeout: float = 30.0):
             return result
         assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
         time.sleep(0.05)
+
+
+def at_once(wires: list[Wire], scripts: list[bytes], tags: list[bytes]) -> list[bytes]:
+    """Write each script (whole lines) on its own connection at the same moment (a barrier); the
+    answer tagged with its tag (the script's last command's) of each."""
+    barrier, answers = threading.Barrier(len(wires)), [b""] * len(wires)
+
+    def side(i: int) -> None:
+        barrier.wait()
+        wires[i].send(scripts[i])
+        answers[i] = wires[i].until_tagged(tags[i])[-1]
+
+    sides = [threading.Thread(target=side, args=(i,)) for i in range(len(wires))]
+    for t in sides:
+        t.start()
+    for t in sides:
+        t.join(180)
+    return answers

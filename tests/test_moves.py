@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from imapwire import Wire
+from imapwire import Wire, at_once
 from movecheck import (
     Deliverer,
     census,
@@ -51,19 +51,8 @@ def _logged_in(proxy, user: str = "carol") -> Wire:
 
 def _at_once(wires: list[Wire], commands: list[bytes]) -> list[bytes]:
     """Send each command on its own connection at the same moment; each one's tagged answer."""
-    start = threading.Barrier(len(wires))
-    answers: list[bytes] = [b""] * len(wires)
-
-    def run(i: int) -> None:
-        start.wait()
-        answers[i] = wires[i].cmd(b"r%d" % i, commands[i])[-1]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(wires))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    return answers
+    tags = [b"r%d" % i for i in range(len(wires))]
+    return at_once(wires, [t + b" " + c + b"\r\n" for t, c in zip(tags, commands)], tags)
 
 
 _store = journal_store  # the proxy's map store (SQLite, or PostgreSQL with RP_TEST_STORE), as another process opens it
