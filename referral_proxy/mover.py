@@ -354,7 +354,9 @@ class Mover:
 
             copied = await copy_stream(src, batch, dst, _b(new), self.progress, before_commit=record)
             rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
-            if copied.uidvalidity != target.uidvalidity:
+            if copied.uidvalidity != target.uidvalidity:  # the copies are in the new one: the undo looks there
+                rec["validity"] = copied.uidvalidity
+                await self.mailbox_map.record(entry)
                 raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
             await verify_copies(dst, new, copied)
             rec["modseq"] = await highest_modseq(dst, new)  # a copy changed past it was changed by a client

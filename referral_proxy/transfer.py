@@ -448,7 +448,12 @@ async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str
 async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, src_mailbox: str,
                 infos: list[MessageInfo], dst: BackendProtocol, dst_mailbox: str, untagged: list[bytes]) -> CopyOutcome:
     src_state = await status(src, src_mailbox)
-    dst_state = await status(dst, dst_mailbox)
+    try:
+        dst_state = await status(dst, dst_mailbox)
+    except TransferError:  # deleted since refused_target found it: TRYCREATE, as Dovecot's MOVE says
+        if (refused := await refused_target(dst, dst_mailbox)) is None:
+            raise
+        raise TransferError("NO " + refused) from None
     uids = [i.uid for i in infos]
     entry.data.update({"src": src.name, "src_mailbox": src_mailbox, "src_validity": src_state.uidvalidity,
                        "src_uids": uid_set(uids).decode(), "dst": dst.name, "dst_mailbox": dst_mailbox,
