@@ -17,6 +17,11 @@ was selected, RFC 3691), whatever untagged responses of the old mailbox came bef
 being dropped. A parked connection that says anything at all, or closes, is dropped;
 at expiry it is logged out. Trade-off: a password changed on the backend still works
 through a connection parked with the old one until it expires (docs/design.md).
+
+A parked connection holds one of the user's slots on its backend (Dovecot's
+mail_max_userip_connections, 10 by default): a login of the user under another key (another
+password, client port, AUTHENTICATE with an authzid) refused ``NO [LIMIT]`` while some are
+parked gets them logged out and is tried again, as it would have succeeded without them.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .backend import BackendProtocol, Credentials, Tagged
+from .backend import AuthenticationFailed, BackendProtocol, Credentials, Tagged
 from .commands import CONDSTORE_WORDS
 from .config import BackendConfig
 from .flow import Block
@@ -59,6 +65,9 @@ _HARMLESS_AT_LOGOUT = _HARMLESS | {Block.TASK}
 
 PER_USER = 4  # connections parked per user (canonical login name), all backends and addresses
 IN_ALL = 500  # connections parked in one proxy process
+#: After a login refused [LIMIT] with the user's parked connections logged out: the waits before
+#: each new try (Dovecot counts a connection until its imap process has exited, after the LOGOUT).
+LIMIT_RETRIES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +137,33 @@ class KeepAlive:
         key = self.key(backend, creds, origin)
         if key is not None and (parked := self.take(key)) is not None:
             return parked
-        conn = await opener()
+        try:
+            conn = await opener()
+        except AuthenticationFailed as e:
+            if key is None or e.response.start.code != "LIMIT" or not self._drop_user(key):
+                raise
+            conn = await self._retry(opener)
         conn.reuse_key = key
         return conn
+
+    def _drop_user(self, key: ReuseKey) -> bool:
+        """Log out the connections parked for *key*'s user on its backend, whatever their key
+        (whether their client address counts as the same IP there is the backend's business)."""
+        mine = [conn for conn in self._timers if conn.reuse_key.backend == key.backend and conn.reuse_key.who == key.who]
+        for conn in mine:
+            self._drop(conn)
+        return bool(mine)
+
+    async def _retry(self, opener: Callable[[], Awaitable[BackendProtocol]]) -> BackendProtocol:
+        for wait in LIMIT_RETRIES[:-1]:
+            await task.deferLater(self._reactor, wait, lambda: None)
+            try:
+                return await opener()
+            except AuthenticationFailed as e:
+                if e.response.start.code != "LIMIT":
+                    raise
+        await task.deferLater(self._reactor, LIMIT_RETRIES[-1], lambda: None)
+        return await opener()  # its refusal, if any, is the login's
 
     def take(self, key: ReuseKey) -> BackendProtocol | None:
         """A parked connection logged in with exactly *key*, now the caller's alone; or None."""

@@ -197,3 +197,45 @@ def test_a_parked_connection_written_to_after_it_was_parked_is_not_reused():
     second_session(h)
     assert len(h.connector.backends) == 2
     assert conn.transport.disconnecting
+
+
+def _limited_login(parked_user: str | None) -> tuple[int, Any, Any, Any]:
+    """A login of alice under another key than her parked connection's (an authzid), refused
+    [LIMIT] once: how often it was tried, its Deferred, the harness, the parked connection."""
+    from twisted.internet import defer
+
+    from referral_proxy.backend import AuthenticationFailed, Tagged
+    from referral_proxy.imap.response import parse_response_start
+
+    raw = b"rp1 NO [LIMIT] Maximum number of connections from user+IP exceeded (mail_max_userip_connections=10)"
+    h, conn = harness(), None
+    if parked_user is not None:
+        conn = end_first_session(h)
+        conn.dataReceived(b"%s OK Unselect completed.\r\n" % unselect_tag(h))
+        conn.reuse_key = keepalive.ReuseKey(conn.config.name, conn.config.endpoint, parked_user, "secret", "", ())
+        assert len(h.context.keepalive) == 1
+        conn.transport.clear()
+    backend, creds, calls = h.context.config.backends["b1"], Credentials("alice", "secret", "alice"), []
+
+    async def opener() -> BackendProtocol:
+        calls.append(1)
+        if len(calls) == 1:
+            raise AuthenticationFailed(Tagged(parse_response_start(raw), raw))
+        return await FakeConnector.__call__(h.connector, backend, creds)
+
+    d = defer.ensureDeferred(h.context.keepalive.connect(backend, creds, None, opener))
+    h.reactor.advance(2)  # past every wait
+    return len(calls), d, h, conn
+
+
+def test_a_login_refused_limit_logs_out_the_users_parked_connections_and_tries_again():
+    tries, d, h, conn = _limited_login("alice")
+    assert tries == 2  # alice's own parked one logged out, the login tried again and taken
+    assert conn.transport.value().endswith(b" LOGOUT\r\n") and len(h.context.keepalive) == 0
+    assert d.result.reuse_key.authzid == "alice"
+    for parked_user in ("bob", None):  # nothing of alice's parked: her refusal as it came, bob's untouched
+        tries, d, h, _ = _limited_login(parked_user)
+        assert tries == 1
+        assert type(d.result.value).__name__ == "AuthenticationFailed"
+        d.addErrback(lambda _f: None)
+        assert len(h.context.keepalive) == (1 if parked_user else 0)

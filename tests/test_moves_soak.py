@@ -24,6 +24,7 @@ def test_soak_nothing_lost_nothing_duplicated(fleet, tmp_path, seed):
 def test_a_proxy_fault_in_a_log_is_found(tmp_path):
     (tmp_path / "proxy.log").write_text("... [referral_proxy.session#info] session 1 start\n"
                                         "... [referral_proxy.session#critical] session 2: command failed\n"
-                                        "... a NO [SERVERBUG] Internal proxy error\n")
+                                        "... a NO [SERVERBUG] Internal proxy error\n"
+                                        '... result=failed why="[SERVERBUG] Internal error occurred." (Dovecot\'s)\n')
     (tmp_path / "recover.log").write_text("recovery: carol: Work -> Proj (b1 -> b3), at drained: finished\n")
     assert [line.split(": ", 1)[0] for line in faults(tmp_path)] == ["proxy.log", "proxy.log"]
