@@ -584,7 +584,7 @@ class RecordingRelay:
                 out.append(f"#{number} {direction}: {line.decode('utf-8', 'replace')}")
         return "\n".join(out)
 
-    def wait_closed(self, timeout: float = 10.0) -> bool:
+    def wait_closed(self, timeout: float = 30.0) -> bool:
         """True once every connection so far has ended in both directions."""
         deadline = time.monotonic() + timeout
         for c in list(self.connections):

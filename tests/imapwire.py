@@ -10,7 +10,7 @@ import time
 class Wire:
     """Send raw bytes, read raw lines: nothing is interpreted or hidden."""
 
-    def __init__(self, host: str, port: int, timeout: float = 15.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 60.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         self.greeting = self.line()
@@ -54,7 +54,7 @@ class Wire:
         reply = self.cmd(b"L", b'LOGIN "%s" "%s"' % (user.encode(), password.encode()))
         assert reply[-1].startswith(b"L OK"), reply
 
-    def closed(self, timeout: float = 10.0) -> bool:
+    def closed(self, timeout: float = 30.0) -> bool:
         """True once the peer has closed the connection (rest of the data discarded)."""
         deadline = time.monotonic() + timeout
         self.sock.settimeout(0.5)

@@ -163,7 +163,7 @@ class Alpine:
                 self._waiting.add("create")
         self._waiting &= on_screen
 
-    def _wait_screen(self, predicate, what: str, timeout: float = 10.0) -> str:
+    def _wait_screen(self, predicate, what: str, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
             screen = self.screen()
@@ -173,7 +173,7 @@ class Alpine:
                 raise AssertionError(f"alpine: no {what} after {timeout}s\n{screen}")
             time.sleep(0.02)
 
-    def expect(self, pattern: str, timeout: float = 15.0) -> str:
+    def expect(self, pattern: str, timeout: float = 30.0) -> str:
         """Wait until *pattern* (a regex) is on the screen, answering alpine's
         questions meanwhile; the screen where it was found."""
         rx = re.compile(pattern)
@@ -191,7 +191,7 @@ class Alpine:
             self._answer(screen)
             time.sleep(0.03)
 
-    def quit(self, timeout: float = 15.0) -> str:
+    def quit(self, timeout: float = 30.0) -> str:
         """``q`` (quit-without-confirm): waits until alpine has exited; its last screen."""
         self.keys("q")
         deadline = time.monotonic() + timeout
@@ -264,7 +264,7 @@ class LogWatch:
         self.backend = backend
         self.offset = backend.log_path.stat().st_size if backend.log_path.exists() else 0
 
-    def tls_logins(self, user: str, expected: int, timeout: float = 5.0) -> int:
+    def tls_logins(self, user: str, expected: int, timeout: float = 30.0) -> int:
         rx = re.compile(rf"Login: user=<{user}>, method=\S+, rip=\S+, lip={re.escape(self.backend.host)}, "
                         rf"mpid=\d+, TLS")
         deadline = time.monotonic() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,9 @@ def test_bad_config_is_one_clear_line(tmp_path, edit, message, runner):
         cmd = [sys.executable, "-m", "twisted", "--", "--pidfile=", "-n", "referral-proxy", "--config", str(path)]
         cmd = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0]='twistd'; run()",
                "--pidfile=", "-n", "referral-proxy", "--config", str(path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    # this checkout's code, not whatever is installed (nothing, or another checkout's editable install)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr

@@ -505,7 +505,7 @@ def test_a_proxy_killed_mid_staging_leaves_only_a_staging_mailbox_that_recovery_
     """SIGKILL while two messages are staged (or right after the journal entry, before the
     CREATE): the target never shows a message, and ``recover`` or the next proxy's start-up
     deletes the staging mailbox the journal names (op "staging"), and nothing else."""
-    from movecheck import cli, faulty
+    from movecheck import cli, faulty, journal_empty
 
     from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -533,7 +533,10 @@ def test_a_proxy_killed_mid_staging_leaves_only_a_staging_mailbox_that_recovery_
     assert contents(backend, "alice", "Target") == []
     if how == "start-up":
         again = proxy_factory(config)  # the same store: its start-up recovery deletes it
-        _wait_for(lambda: _staged(backend, "alice") == {}, "the staging mailbox removed at start-up")
+        # ... then ends the entry (staging.drop_staging): stopped between the two (the DELETE seen, a
+        # loaded machine), it left the entry to the next `recover` below ('no staging mailbox was left')
+        _wait_for(lambda: _staged(backend, "alice") == {} and journal_empty(again),
+                  "the staging mailbox removed and its entry ended at start-up")
         again.stop()
     else:
         recovered = cli("recover", "--config", str(proxy.config_path))

@@ -291,7 +291,7 @@ def _backend_connections(proxy_pid: int, port: int) -> int:
     )
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -397,18 +397,21 @@ def test_runs_under_twistd_and_says_bye_on_sigterm(proxy_factory, fleet, tmp_pat
     import sys
 
     from referral_proxy.fleet import free_port
+    from referral_proxy.testing.proxyproc import REPO_ROOT
 
     # The same configuration the fixture writes, served by twistd through the plugin.
     reference = proxy_factory()
     port = free_port("127.0.0.1")
     config = tmp_path / "twistd.toml"
     config.write_text(reference.config_path.read_text().replace(f"tcp:{reference.port}:", f"tcp:{port}:"))
+    # PYTHONPATH: this checkout's plugin and package, not whatever is installed (nothing, or another
+    # checkout's editable install: 'Unknown command: referral-proxy' on a machine without this one's)
     twistd = subprocess.Popen(
         [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
          "-n", "--pidfile=", "--logfile=-", "referral-proxy", "--config", str(config)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
             try:
                 w = Wire("127.0.0.1", port)

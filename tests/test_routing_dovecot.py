@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 
 import pytest
 from conftest import dovecot_root
-from imapwire import Wire
+from imapwire import Wire, wait_for
 from referral_proxy.testing.dovecot import Dovecot
 
 EXTRA = """
@@ -152,9 +151,7 @@ def test_reload_adds_a_backend_and_a_rule_naming_it_together(proxy_factory, seed
     text = text.replace("[map]", f'[backends.r3]\nendpoint = "{r3.endpoint}"\nurl = "{r3.url}"\n\n[map]')
     proxy.config_path.write_text(text + '\n[[map.rules]]\nmailbox = "Shared/*"\nbackend = "r3"\n')
     proxy.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "reloaded" not in proxy.stderr_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: "reloaded" in proxy.stderr_text(), "the reload")  # 10 s, unchecked, were too few loaded
     # The session from before and a new one both see r3 now; nothing else changed.
     assert before.cmd(b"b", b"STATUS Shared/X (MESSAGES)")[0] == b"* STATUS Shared/X (MESSAGES 2)\r\n"
     assert before.cmd(b"c", b"SELECT Shared/X")[-1].startswith(b"c OK")

@@ -271,7 +271,11 @@ def test_a_move_does_not_wait_for_a_proxy_killed_on_this_host(proxy_factory, fle
     reply = on_b.cmd(b"r", b"RENAME Work Shared/Work")
     assert reply[-1].startswith(b"r OK"), reply
     on_b.close()
-    assert "had not read change" not in b.stderr_text(), b.stderr_text()[-3000:]
+    # A's row is not waited for. (B's own listener, or PostgreSQL, slower than SETTLE_SECONDS on a
+    # loaded machine may still be named in such a warning: that is not what this test is about.)
+    waited_for_a = [line for line in b.stderr_text().splitlines()
+                    if "had not read change" in line and f":{a.pid}:" in line]
+    assert waited_for_a == [], b.stderr_text()[-3000:]
     _exactly_once(fleet, [b], "carol", work)
 
 

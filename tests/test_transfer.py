@@ -17,6 +17,7 @@ from movecheck import cli, faulty, journal_empty, multiappend
 from procmem import reset_peak, rss
 from storehelp import now
 
+from referral_proxy import stayalive
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -216,7 +217,8 @@ def test_source_stopped_mid_move(proxy_factory, fleet, far):
     # The MOVE fails, then the session ends: the selected mailbox's server is gone.
     lines = [w.line()]
     while not lines[-1].startswith(b"* BYE"):
-        assert lines[-1].startswith(b"m NO "), lines
+        # (a MOVE past 15 s, on a loaded machine, has its client hear stayalive.LINE meanwhile)
+        assert lines[-1].startswith(b"m NO ") or lines[-1] == stayalive.LINE, lines
         lines.append(w.line())
     w.close()
     far.start()
@@ -239,7 +241,7 @@ def test_proxy_killed_at_each_journal_step_then_recover(proxy_factory, fleet, st
     w = Wire(proxy.host, proxy.port)
     w.login()
     w.send(b"r RENAME Projects Archive/Projects\r\n")
-    assert w.closed(15), "the proxy was not killed at " + step
+    assert w.closed(60), "the proxy was not killed at " + step
     proxy.process.wait(10)
     result = cli("recover", "--config", str(proxy.config_path))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -285,14 +287,14 @@ def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
     w = Wire(proxy.host, proxy.port)
     w.login()
     w.send(b"r RENAME Projects Archive/Projects\r\n")
-    assert w.closed(15)
+    assert w.closed(60)
     proxy.process.wait(10)
     # A new proxy on the same map store finishes the move by itself.
     restarted = subprocess.Popen([sys.executable, "-m", "referral_proxy", "--config", str(proxy.config_path)],
                                  stderr=subprocess.PIPE, text=True, cwd=proxy.config_path.parent,
                                  env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     try:
-        deadline = time.monotonic() + 20  # until the entry is gone (Projects empties when renamed aside: earlier)
+        deadline = time.monotonic() + 60  # until the entry is gone (Projects empties when renamed aside: earlier)
         while not journal_empty(proxy) and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
@@ -381,7 +383,7 @@ def test_mail_delivered_to_the_source_during_a_move_goes_along(proxy_factory, fl
     w = Wire(proxy.host, proxy.port)
     w.login()
     w.send(b"r RENAME Projects Archive/Projects\r\n")
-    assert w.closed(15)
+    assert w.closed(60)
     proxy.process.wait(10)
     # Deliveries straight to the old backend (LMTP, Sieve) after every message was copied.
     with fleet["b1"].client("alice") as m:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import imapclient
 import pytest
-from imapwire import Wire
+from imapwire import Wire, wait_for
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, free_port
 
@@ -134,7 +133,9 @@ def test_master_user_for_other_backends(proxy_factory, fleet):
     w.login()
     assert w.cmd(b"a", b"SELECT Shared/Projects")[-1].startswith(b"a OK")
     w.close()
-    assert "proxy-master" in fleet["b3"].log_text() or "master" in fleet["b3"].log_text().lower()
+    # Dovecot's log process writes the line a moment after the login's OK: waited for
+    wait_for(lambda: "proxy-master" in fleet["b3"].log_text() or "master" in fleet["b3"].log_text().lower(),
+             "the master login in b3's log")
     # A wrong master password proves the master user (not alice's own password) is what b3 sees.
     bad = {"backends": {"b3": {"master_user": MASTER_USER, "master_password": "wrong"}}}
     proxy = proxy_factory(bad, rules=RULES)
@@ -169,16 +170,13 @@ def test_map_set_and_sighup_reach_a_running_session(proxy_factory, fleet, tmp_pa
     text = proxy.config_path.read_text()
     proxy.config_path.write_text(text.replace('mailbox = "Shared/*"', 'mailbox = "Mov*"').replace('backend = "b3"', 'backend = "b2"', 1))
     os.kill(proxy.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while b"reloaded" not in proxy.stderr_text().encode() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: "reloaded" in proxy.stderr_text(), "the reload")  # 10 s, unchecked, were too few loaded
     assert w.cmd(b"d", b"STATUS Moved (MESSAGES)")[0] == b"* STATUS Moved (MESSAGES 1)\r\n"
     # A broken file is refused and the running rules stay.
     proxy.config_path.write_text("[proxy\n")
     os.kill(proxy.pid, signal.SIGHUP)
-    time.sleep(0.5)
+    wait_for(lambda: "reload refused" in proxy.stderr_text(), "the refusal")  # not a 0.5 s sleep on a guess
     assert w.cmd(b"e", b"STATUS Moved (MESSAGES)")[0] == b"* STATUS Moved (MESSAGES 1)\r\n"
-    assert "reload refused" in proxy.stderr_text()
     w.close()
 
 

@@ -266,7 +266,7 @@ class Dovecot:
     def pid(self) -> int | None:
         return self.process.pid if self.running else None
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Write the configuration, start Dovecot and wait for its greeting."""
         with self._lock:
             if self.running:
@@ -545,7 +545,7 @@ class Fleet:
             raise
         return fleet
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         for d in self.backends.values():
             d.start(timeout=timeout)
 

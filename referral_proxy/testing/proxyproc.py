@@ -101,7 +101,7 @@ class ProxyProcess:
         self.implicit_tls = implicit_tls  # the first listener is "ssl:"
         self.process: subprocess.Popen | None = None
 
-    def start(self, *, args: Sequence[str] = (), env: Mapping[str, str] | None = None, timeout: float = 20.0,
+    def start(self, *, args: Sequence[str] = (), env: Mapping[str, str] | None = None, timeout: float = 60.0,
               wait: bool = True, new_group: bool = False, tied_to_parent: bool = False,
               command: Sequence[str] | None = None, preexec: Callable[[], None] | None = None) -> None:
         """Start it; with *wait*, return once it greets (else StartError, the process killed).

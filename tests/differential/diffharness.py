@@ -982,7 +982,7 @@ def compare(conv: Conversation, mode: str, direct: list[Exchange], proxy: list[E
 # ------------------------------------------------------------------ stores
 
 
-def wait_sessions_gone(backend: Dovecot, user: str, timeout: float = 5.0) -> None:
+def wait_sessions_gone(backend: Dovecot, user: str, timeout: float = 30.0) -> None:
     """Until no imap process of *user* is left on *backend* (they write indexes when they end)."""
     deadline = time.monotonic() + timeout
     while backend.sessions(user) and time.monotonic() < deadline:
