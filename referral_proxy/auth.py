@@ -48,7 +48,9 @@ class LoginOutcome:
 def login_credentials(args: Arguments) -> Credentials:
     """``LOGIN user password`` (both astrings, already parsed)."""
     user, password = (t.value for t in args.tokens)  # type: ignore[union-attr]
-    return Credentials(user=user.decode("utf-8", "replace"), password=password.decode("utf-8", "replace"))
+    # The password byte for byte (surrogateescape; backend.py encodes it back so): a Latin-1 one works
+    # as directly, and two of them are never one keepalive key. The name is text for routing and logs.
+    return Credentials(user=user.decode("utf-8", "replace"), password=password.decode("utf-8", "surrogateescape"))
 
 
 class NotPlain(ValueError):

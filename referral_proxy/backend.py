@@ -584,7 +584,7 @@ async def _starttls(proto: BackendProtocol, config: BackendConfig) -> None:
 async def _login(proto: BackendProtocol, creds: Credentials) -> None:
     caps = proto.capabilities
     if "AUTH=PLAIN" in caps:
-        blob = base64.b64encode(b"\0".join(s.encode("utf-8") for s in (creds.authzid, creds.user, creds.password)))
+        blob = base64.b64encode(b"\0".join(s.encode("utf-8", "surrogateescape") for s in (creds.authzid, creds.user, creds.password)))
         if "SASL-IR" in caps:
             result = await proto.command(b"AUTHENTICATE PLAIN " + blob)
         else:
@@ -592,7 +592,7 @@ async def _login(proto: BackendProtocol, creds: Credentials) -> None:
     elif creds.authzid:
         raise BackendUnavailable(f"backend {proto.name} does not offer AUTH=PLAIN for a master-user login")
     else:
-        user, password = creds.user.encode("utf-8"), creds.password.encode("utf-8")
+        user, password = creds.user.encode("utf-8"), creds.password.encode("utf-8", "surrogateescape")
         if "LITERAL+" not in caps and (b"\r" in user + password or b"\n" in user + password or not (user + password).isascii()):
             raise BackendUnavailable(f"backend {proto.name} cannot take these credentials with LOGIN")
         result = await proto.command(b"LOGIN " + astring(user) + b" " + astring(password))

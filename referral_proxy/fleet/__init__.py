@@ -251,7 +251,8 @@ class Dovecot:
         auth_gid = pwd.getpwnam(INTERNAL_USER).pw_gid
         for path, entries in ((self.passwd_path, self.users),
                               (self.master_passwd_path, {MASTER_USER: MASTER_PASSWORD})):
-            path.write_text("".join(_passwd_line(u, p) for u, p in entries.items()))
+            path.write_text("".join(_passwd_line(u, p) for u, p in entries.items()),
+                            encoding="utf-8", errors="surrogateescape")  # a password of raw 8-bit bytes too
             os.chown(path, 0, auth_gid)
             os.chmod(path, 0o640)
         self.conf_path.write_text(config_text(self))
