@@ -162,6 +162,8 @@ def test_cross_server_copy_refusal_does_not_echo_a_forged_line():
     dst = h.backend
     assert dst is not src
     dst.dataReceived(b"rp1 OK listed\r\n")  # no LIST entry: the destination does not exist
+    assert h.to_client() == b""  # its STATUS tells a missing name from a refused one (mailops.refused_target)
+    dst.dataReceived(b"rp2 NO [NONEXISTENT] Mailbox doesn't exist: Shared/x\r\n")
     reply = h.to_client()
     assert reply.startswith(b"c NO [TRYCREATE] ") and reply.count(b"\r\n") == 1, reply
 
