@@ -1,7 +1,15 @@
 """Sessions whose user's home, or whose selected mailbox, a move took to another backend end with a BYE.
 
-A move to another server ends, at its source, the sessions that had a mailbox it renames
-selected (Dovecot: ``* BYE IMAP session state is inconsistent``). INBOX is never renamed: a
+A move to another server renames its source mailboxes aside on their backend. Dovecot ends a
+session that has one selected at its next command that finds the mailbox gone (``* BYE IMAP
+session state is inconsistent``); once another mailbox has that name there, it does not, and
+that session's Dovecot process then writes its stale index into the new mailbox (its log:
+"Corrupted transaction log ... indexid changed"; the new mailbox's other users are told
+"Mailbox was deleted under us", a move's MULTIAPPEND to it among them). A RENAME across
+leaves the old name routed where it was (by the rules), so the placements do not tell: a
+session whose selected mailbox a mailbox move's reservations (journal.py) hold ends too,
+whether or not the move is still on when the watch looks (MailboxMap.moves_since keeps the
+entries the process saw begin). INBOX is never renamed: a
 session IDLE in the old INBOX saw its messages expunged and then nothing, ever (new mail goes
 to the new home), and the session's home -- where LIST, NAMESPACE and referrals are decided --
 stayed the old one. So, as Dovecot's director kicks a user it moves, every process serving
@@ -18,7 +26,9 @@ from typing import Any
 from twisted.internet import task
 from twisted.logger import Logger
 
-from .routing import MailboxMap
+from .journal import Reservation, covers
+from .routing import MailboxMap, normalize
+from .staging import ASIDE_PREFIX
 
 __all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE"]
 
@@ -42,6 +52,32 @@ def moved(session: Any, mailbox_map: MailboxMap) -> str | None:
     return None
 
 
+_ASIDE = ASIDE_PREFIX.decode()
+
+
+def renames_aside(reservations: tuple[Reservation, ...]) -> bool:
+    """A mailbox move's (mover.py), which renames its sources aside: it holds a private aside name."""
+    return any(r.name is not None and r.name.startswith(_ASIDE) for r in reservations)
+
+
+Moves = list[tuple[int, str, tuple[Reservation, ...]]]  # (number, user, reservations): MailboxMap.moves_since
+
+
+def held_by(session: Any, moves: Moves, mailbox_map: MailboxMap) -> str | None:
+    """"selected mailbox" if one of *moves* that began after *session* selected its mailbox holds
+    it (one selected since, the new mailbox of a name, or a RENAME's own session's, is not stale)."""
+    mailbox, user = session.selected_mailbox, session.user
+    if mailbox is None or user is None or not moves:
+        return None
+    user, sep = mailbox_map.canonical(user), mailbox_map.separator
+    name = normalize(mailbox.decode("utf-8", "surrogateescape"), sep)
+    since = session.mailboxes.selected_since
+    for number, who, reservations in moves:
+        if number > since and who == user and any(not r.shared and covers(r, name, sep) for r in reservations):
+            return "selected mailbox"
+    return None
+
+
 def between_commands(session: Any) -> bool:
     """Nothing of *session*'s under way but an IDLE: a BYE now cuts no answer in two."""
     idle = session.idle.current
@@ -52,11 +88,14 @@ def between_commands(session: Any) -> bool:
 
 
 class RelocationWatch:
-    """Once a second: if the map changed, BYE the sessions that :func:`moved` names."""
+    """Once a second: if the map changed, or a mailbox move began, BYE the sessions that
+    :func:`moved` or :func:`held_by` names."""
 
     def __init__(self, reactor: Any, mailbox_map: MailboxMap, sessions: Iterable[Any]) -> None:
         self.map, self.sessions = mailbox_map, sessions
         self._seen = mailbox_map.changes
+        self._moves_seen, _ = mailbox_map.moves_since(0)
+        self._moves: Moves = []  # mailbox moves begun since the last look that waited for nobody
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
 
@@ -69,11 +108,13 @@ class RelocationWatch:
 
     def check(self) -> None:
         changes = self.map.changes
-        if changes == self._seen:
+        self._moves_seen, began = self.map.moves_since(self._moves_seen)
+        self._moves += [m for m in began if renames_aside(m[2])]
+        if changes == self._seen and not self._moves:
             return
         waiting = False
         for session in list(self.sessions):
-            what = moved(session, self.map)
+            what = moved(session, self.map) or held_by(session, self._moves, self.map)
             if what is None:
                 continue
             if not between_commands(session):
@@ -84,3 +125,4 @@ class RelocationWatch:
             session.shutdown(BYE)
         if not waiting:
             self._seen = changes
+            self._moves = []
