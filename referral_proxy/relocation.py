@@ -3,19 +3,21 @@
 A move to another server renames its source mailboxes aside on their backend. Dovecot ends a
 session that has one selected at its next command that finds the mailbox gone (``* BYE IMAP
 session state is inconsistent``); once another mailbox has that name there, it does not, and
-that session's Dovecot process then writes its stale index into the new mailbox (its log:
-"Corrupted transaction log ... indexid changed"; the new mailbox's other users are told
-"Mailbox was deleted under us", a move's MULTIAPPEND to it among them). A RENAME across
-leaves the old name routed where it was (by the rules), so the placements do not tell: a
-session whose selected mailbox a mailbox move's reservations (journal.py) hold ends too,
-whether or not the move is still on when the watch looks (MailboxMap.moves_since keeps the
-entries the process saw begin). INBOX is never renamed: a
-session IDLE in the old INBOX saw its messages expunged and then nothing, ever (new mail goes
-to the new home), and the session's home -- where LIST, NAMESPACE and referrals are decided --
-stayed the old one. So, as Dovecot's director kicks a user it moves, every process serving
-sessions looks at them once a second after the map changed: a session whose home or selected
-mailbox now lives on another backend gets ``* BYE`` and is closed, once it is between commands
-or IDLE (a command under way is waited for); its client logs in again, to the new place.
+that session's Dovecot process then writes its stale index into it (its log: "Corrupted
+transaction log ... indexid changed"; the new mailbox's other users are told "Mailbox was
+deleted under us", a move's MULTIAPPEND to it among them). A RENAME across leaves the old name
+routed where it was (by the rules), so the placements do not tell: a session whose selected
+mailbox a mailbox move's reservations (journal.py) hold ends too, whether or not the move is
+still on when the watch looks (MailboxMap.moves_since keeps the entries the process saw begin).
+
+INBOX is never renamed: a session IDLE in the old INBOX saw its messages expunged and then
+nothing, ever (new mail goes to the new home), and the session's home -- where LIST, NAMESPACE
+and referrals are decided -- stayed the old one. So, as Dovecot's director kicks a user it
+moves, every process serving sessions looks at them once a second after the map changed, and
+at once when it sees a mailbox move begin: a session whose home or selected mailbox now lives
+on another backend, or was taken by such a move, gets ``* BYE`` and is closed, once it is
+between commands or IDLE (a command under way is waited for); its client logs in again, to
+the new place.
 """
 
 from __future__ import annotations
@@ -98,6 +100,16 @@ class RelocationWatch:
         self._moves: Moves = []  # mailbox moves begun since the last look that waited for nobody
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
+        self._reactor, self._soon = reactor, None  # _soon: a look at the reactor's next turn (a move began)
+        if reactor is not None:
+            mailbox_map.on_move_begun = self._look_soon
+
+    def _look_soon(self) -> None:
+        """A move began (this process's, or seen in the store): look at the sessions at the reactor's
+        next turn, not inside the routing call that saw it, nor up to a second later (the move may
+        rename a selected mailbox aside in a fraction of one, and another be made under its name)."""
+        if self._loop.running and (self._soon is None or not self._soon.active()):
+            self._soon = self._reactor.callLater(0, self.check)
 
     def start(self) -> None:
         self._loop.start(CHECK_SECONDS, now=False)
@@ -105,6 +117,8 @@ class RelocationWatch:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
 
     def check(self) -> None:
         changes = self.map.changes

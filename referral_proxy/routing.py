@@ -141,6 +141,7 @@ class MailboxMap:
         # selected mailbox from, whether or not the move is still on when it looks (moves_since)
         self._began: collections.deque[tuple[int, str, tuple[Reservation, ...]]] = collections.deque(maxlen=MOVES_KEPT)
         self._began_count = 0
+        self.on_move_begun: Callable[[], None] | None = None  # relocation.py looks at the sessions at once
         self._renewal: task.LoopingCall | None = None
         self._working: set[int] = set()  # entries this process works on now: the only leases it renews
         first = self._store.poll()
@@ -189,6 +190,8 @@ class MailboxMap:
     def _began_entry(self, entry_id: int, user: str, reservations: tuple[Reservation, ...]) -> None:
         self._began_count += 1
         self._began.append((entry_id, user, reservations))
+        if self.on_move_begun is not None:
+            self.on_move_begun()
 
     @property
     def moves_begun(self) -> int:

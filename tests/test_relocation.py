@@ -15,6 +15,7 @@ import pytest
 from movecheck import cli, deliver, seed
 from test_moves import MASTERS, RULES, ids
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
 
 from referral_proxy.config import MapConfig
 from referral_proxy.journal import Reservation
@@ -185,3 +186,20 @@ def _run(coroutine):
     if isinstance(result[0], Exception) or hasattr(result[0], "raiseException"):
         result[0].raiseException()
     return result[0]
+
+
+def test_the_watch_looks_as_soon_as_a_move_begins_not_a_second_later():
+    """The move may rename the mailbox aside, and another move make one of that name, within the second."""
+    mailbox_map = MailboxMap(MapConfig(default="b1"), MemoryStore())
+    clock = Clock()
+    old = _session("b1", "b1", b"Proj")
+    watch = RelocationWatch(clock, mailbox_map, [old])
+    watch.start()
+    try:
+        _run(mailbox_map.begin_move("carol", "move", [Reservation("Proj"), Reservation("referral-proxy-aside-1"),
+                                                      Reservation("Shared/B")], {}))
+        assert old.told is None  # not inside the call that began it
+        clock.advance(0)
+        assert old.told == BYE
+    finally:
+        watch.stop()
