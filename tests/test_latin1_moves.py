@@ -126,10 +126,10 @@ def _uid(w: Wire, mid: str) -> bytes:
     return found[0].split()[2]
 
 
-def cli(*args: str):
+def cli(*args: str | bytes, env: dict[str, str] | None = None):
     """``referral-proxy ARGS`` as an administrator's UTF-8 terminal runs it (stdout strict UTF-8: the
     test machine's C.UTF-8 locale would make it surrogateescape and hide what a user's shell shows)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONIOENCODING="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8", **(env or {})}
     return subprocess.run([sys.executable, "-m", "referral_proxy", *args], capture_output=True, cwd=REPO,
                           env=env, timeout=180)
 
@@ -233,3 +233,45 @@ def test_a_latin1_user_through_every_journaled_operation(proxy_factory, latin1_f
     else:
         logins = re.findall(r'\] login session=\d+ user="([^"]*)"', proxy.stderr_text())
         assert "j\\udce9r" in logins and "j\\udce8r" in logins, logins
+
+
+@pytest.fixture(scope="module")
+def latin1_locale(tmp_path_factory):
+    """The environment of a shell in an ISO-8859-1 locale (built with localedef: none is installed here)."""
+    where = tmp_path_factory.mktemp("locale")
+    made = subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(where / "en_US.ISO-8859-1")],
+                          capture_output=True)
+    env = {"LOCPATH": str(where), "LC_ALL": "en_US.ISO-8859-1", "PYTHONIOENCODING": "iso8859-1"}
+    check = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"], env={**os.environ, **env},
+                           capture_output=True, text=True)
+    if check.stdout.strip() != "iso8859-1":
+        pytest.skip(f"no ISO-8859-1 locale could be made: {made.stderr[-300:]!r}")
+    return env
+
+
+def test_a_latin1_shell_names_the_user_by_the_bytes_it_passes(proxy_factory, latin1_fleet, tmp_path, latin1_locale):
+    """A shell in an ISO-8859-1 locale passes ``j\\xe9r`` as those bytes, as ``doveadm`` takes them; Python
+    decodes sys.argv by the locale ("j\u00e9r"), and the name was encoded back as UTF-8: ``map set`` placed
+    ``j\\xc3\\xa9r``, a user nobody is (j\\xe9r's mailbox stayed where it was), and ``move`` logged in as him."""
+    fleet = latin1_fleet
+    keep = _ids("keep", 3)
+    _seed(fleet["b1"], E, "Keep", keep)
+    _seed(fleet["b2"], E, "Placed", _ids("placed", 2))
+    config = {"backends": {name: {"endpoint": d.endpoint, "url": d.url, "tls": "none", "master_user": MASTER_USER,
+                                  "master_password": MASTER_PASSWORD} for name, d in fleet.items()},
+              "map": {"store": f"sqlite:{tmp_path / 'map.sqlite3'}"}}
+    proxy = proxy_factory(config, rules=RULES)
+    config_path = str(proxy.config_path)
+    placed = cli("map", "--config", config_path, "set", E, "Placed", "b2", env=latin1_locale)
+    assert placed.returncode == 0, placed.stdout + placed.stderr
+    assert placed.stdout == b"j\xe9r Placed -> b2\n"
+    moved = cli("move", "--config", config_path, E, "Keep", "b2", env=latin1_locale)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert moved.stdout.startswith(b"moved j\xe9r Keep from b1 to b2"), moved.stdout
+    shown = cli("map", "--config", config_path, "show", _raw(E))  # a UTF-8 shell: the same bytes, surrogateescaped
+    assert b"Placed -> b2" in shown.stdout and b"Keep -> b2" in shown.stdout, shown.stdout + shown.stderr
+    assert census(fleet, E) == {**{i: [("b2", "Keep")] for i in keep}, **{i: [("b2", "Placed")] for i in _ids("placed", 2)}}
+    w = _login(proxy, E)
+    assert b"* 2 EXISTS\r\n" in _ok(w, b"p", b"EXAMINE Placed")
+    assert b"* 3 EXISTS\r\n" in _ok(w, b"k", b"EXAMINE Keep")
+    w.close()
