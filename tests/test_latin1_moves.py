@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import dovecot_root
@@ -134,6 +135,14 @@ def cli(*args: str | bytes, env: dict[str, str] | None = None):
                           env=env, timeout=180)
 
 
+def parked(port: int) -> None:
+    """Until the proxy has a backend connection parked (its UNSELECT answered), polled."""
+    deadline = time.monotonic() + 60
+    while value(scrape(port), "referral_proxy_backend_parked") < 1:
+        assert time.monotonic() < deadline, "nothing parked"
+        time.sleep(0.02)
+
+
 def _ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}-{i}@t" for i in range(n)]
 
@@ -173,9 +182,15 @@ def test_a_latin1_user_through_every_journaled_operation(proxy_factory, latin1_f
     _ok(w, b"a", b"APPEND Staged/In {%d+}\r\n%s {%d+}\r\n%s" % (len(staged[0]), staged[0], len(staged[1]), staged[1]))
     _ok(w, b"z", b"LOGOUT")
     w.close()
-    w = _login(proxy, E)  # a parked connection, reused
+    w = _login(proxy, E)  # a session that taints nothing (RENAME, COPY, MOVE did): its connection is parked
+    _ok(w, b"n", b"NOOP")
+    _ok(w, b"z", b"LOGOUT")
+    w.close()
+    parked(metrics_port)
+    w = _login(proxy, E)  # and reused
     _ok(w, b"n", b"NOOP")
     w.close()
+    assert value(scrape(metrics_port), "referral_proxy_backend_reused_total") == 1
 
     config_path = str(proxy.config_path)
     moved = cli("move", "--config", config_path, _raw(E), "Keep", "b2")
