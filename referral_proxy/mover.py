@@ -350,7 +350,7 @@ class Mover:
 
             async def record(hashes: tuple[str, ...], rec: dict = rec) -> None:
                 rec["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
-                await self.mailbox_map.record(entry)
+                await self.mailbox_map.record_before_commit(entry)
 
             copied = await copy_stream(src, batch, dst, _b(new), self.progress, before_commit=record)
             rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
