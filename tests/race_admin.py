@@ -50,6 +50,25 @@ def _exact(fleet, proxy, user, must, may=()):
     return counts, where
 
 
+def _move_beside(proxy, w: Wire, client, stop: threading.Event, log: list) -> subprocess.CompletedProcess:
+    """`move carol Work b2` while *client()* runs in a thread on *w* (until the move is over)."""
+    def run() -> None:
+        try:
+            client()
+        except (ConnectionError, OSError) as e:
+            log.append(("closed", repr(e)))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    time.sleep(0.4)
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b2", timeout=300)
+    time.sleep(0.4)
+    stop.set()
+    t.join(60)
+    w.close()
+    return moved
+
+
 @pytest.mark.parametrize("what", ["Work", "*", "Work+*", "Work/c+Work", "INBOX+*"])
 @pytest.mark.parametrize("run", range(3))
 def test_two_admin_moves_of_the_same_mailbox_at_once(proxy_factory, fleet, what, run):
@@ -83,28 +102,18 @@ def test_admin_move_while_a_client_works_in_the_selected_mailbox(proxy_factory, 
 
     def client() -> None:
         k = 0
-        try:
-            while not stop.is_set():
-                k += 1
-                for tag, c in [(b"f%d" % k, b"UID STORE %d +FLAGS (\\Flagged)" % (k % 150 + 1)),
-                               (b"m%d" % k, b"UID MOVE %d Proj" % (k % 150 + 1)),
-                               (b"n%d" % k, b"NOOP")]:
-                    log.append((c, w.cmd(tag, c)[-1]))
-                mid = f"app-{k}@t"
-                data = body(mid)
-                w.send(b"a%d APPEND Work {%d+}\r\n" % (k, len(data)) + data + b"\r\n")
-                appended[mid] = w.until_tagged(b"a%d" % k)[-1]
-        except (ConnectionError, OSError) as e:
-            log.append(("closed", repr(e)))
+        while not stop.is_set():
+            k += 1
+            for tag, c in [(b"f%d" % k, b"UID STORE %d +FLAGS (\\Flagged)" % (k % 150 + 1)),
+                           (b"m%d" % k, b"UID MOVE %d Proj" % (k % 150 + 1)),
+                           (b"n%d" % k, b"NOOP")]:
+                log.append((c, w.cmd(tag, c)[-1]))
+            mid = f"app-{k}@t"
+            data = body(mid)
+            w.send(b"a%d APPEND Work {%d+}\r\n" % (k, len(data)) + data + b"\r\n")
+            appended[mid] = w.until_tagged(b"a%d" % k)[-1]
 
-    t = threading.Thread(target=client, daemon=True)
-    t.start()
-    time.sleep(0.5)
-    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b2", timeout=300)
-    time.sleep(0.5)
-    stop.set()
-    t.join(60)
-    w.close()
+    moved = _move_beside(proxy, w, client, stop, log)
     must = work + [m for m, a in appended.items() if b" OK" in a]
     _exact(fleet, proxy, "carol", must, may=list(appended))
     assert moved.returncode == 0, moved.stdout + moved.stderr
@@ -254,34 +263,23 @@ def test_admin_move_while_a_client_expunges_and_moves_across(proxy_factory, flee
 
     def client() -> None:
         k = 0
-        try:
-            while not stop.is_set():
-                k += 2
-                deleted.append(f"work-{k - 1}@t")
-                for tag, c in [(b"f%d" % k, b"UID STORE %d +FLAGS (\\Deleted)" % k),
-                               (b"e%d" % k, b"EXPUNGE"),
-                               (b"m%d" % k, b"UID MOVE %d Shared/X" % (k + 1)),
-                               (b"i%d" % k, b"IDLE")]:
-                    if c == b"IDLE":
-                        w.send(tag + b" IDLE\r\n")
-                        line = w.line()
-                        if line.startswith(b"+"):
-                            time.sleep(0.05)
-                            w.send(b"DONE\r\n")
-                            log.append((c, w.until_tagged(tag)[-1]))
-                        continue
-                    log.append((c, w.cmd(tag, c)[-1]))
-        except (ConnectionError, OSError) as e:
-            log.append(("closed", repr(e)))
+        while not stop.is_set():
+            k += 2
+            deleted.append(f"work-{k - 1}@t")
+            for tag, c in [(b"f%d" % k, b"UID STORE %d +FLAGS (\\Deleted)" % k),
+                           (b"e%d" % k, b"EXPUNGE"),
+                           (b"m%d" % k, b"UID MOVE %d Shared/X" % (k + 1)),
+                           (b"i%d" % k, b"IDLE")]:
+                if c == b"IDLE":
+                    w.send(tag + b" IDLE\r\n")
+                    if w.line().startswith(b"+"):
+                        time.sleep(0.05)
+                        w.send(b"DONE\r\n")
+                        log.append((c, w.until_tagged(tag)[-1]))
+                    continue
+                log.append((c, w.cmd(tag, c)[-1]))
 
-    t = threading.Thread(target=client, daemon=True)
-    t.start()
-    time.sleep(0.3)
-    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b2", timeout=300)
-    time.sleep(0.3)
-    stop.set()
-    t.join(60)
-    w.close()
+    moved = _move_beside(proxy, w, client, stop, log)
     rec = cli("recover", "--config", str(proxy.config_path))
     print(moved.returncode, moved.stderr[-300:], rec.stdout, log[-6:], len(log))
     may = [f"work-{k - 1}@t" for k in range(2, 2 * len(deleted) + 2, 2)]
@@ -326,47 +324,3 @@ def test_admin_move_overlapping_a_clients_rename(proxy_factory, fleet, rename, d
     print(answer, mover.returncode, out[1][-200:])
     deleted = b"DELETE" in rename and answer.startswith(b"r OK")
     _exact(fleet, proxy, "carol", [] if deleted else work)
-
-
-@pytest.mark.parametrize("step", ["delta-copying:2", "move-appending:2"])
-def test_a_stalled_owner_whose_lease_ran_out_resumes_after_recovery(proxy_factory, fleet, pg_dsn, tmp_path, step):
-    """PostgreSQL, lease 1 s: the proxy running RENAME Work Shared/W stalls (its reactor blocked) right
-    after journaling a batch's hashes, before its last byte; `recover` takes the entry over and
-    finishes or rolls back; then the stalled proxy goes on."""
-    from movecheck import deliver, faulty, wait_paused
-
-    work = ids("work", 30)
-    seed(fleet["b1"], "carol", "INBOX" if step.startswith("move") else "Work", work)
-    pause = tmp_path / "pause"
-    pause.mkdir()
-    points = ["placed:1", step] if step.startswith("delta") else [step]
-    opts = [x for p in points for x in ("--pause-at", p)]
-    a = proxy_factory({"backends": MASTERS, "map": {"store": pg_dsn, "lease_seconds": 1}},
-                      rules=[{"mailbox": "Shared/*", "backend": "b3"}], command=faulty(*opts, "--pause-dir", str(pause)))
-    w = Wire(a.host, a.port, timeout=120)
-    w.login("carol")
-    late = []
-    if step.startswith("delta"):
-        w.send(b"r RENAME Work Shared/W\r\n")
-        assert wait_paused(pause, "placed:1") == "placed:1"
-        late = ids("late", 5)
-        for m in late:
-            assert deliver(fleet["b1"], "carol", "Work", m) == "Work"
-        (pause / "resume").touch()
-    else:
-        seed(fleet["b3"], "carol", "Shared/W", [])
-        assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
-        w.send(b"r UID MOVE 1:* Shared/W\r\n")
-    assert wait_paused(pause, step) == step
-    time.sleep(3)  # the lease (1 s) runs out: the owner renews nothing while stalled
-    rec = cli("recover", "--config", str(a.config_path))
-    print(rec.stdout, rec.stderr[-500:])
-    (pause / "resume").touch()
-    answer = w.until_tagged(b"r")
-    time.sleep(3)
-    w.close()
-    rec2 = cli("recover", "--config", str(a.config_path))
-    print(answer[-1], rec2.stdout)
-    counts, where = census(fleet, "carol")
-    lost, dup = judge(counts, work + late)
-    assert (lost, dup) == ([], []), (lost, [(d, where[d]) for d in dup])

@@ -51,6 +51,23 @@ def _heard(w: Wire, tag: bytes, within: float) -> list[bytes]:
     return got
 
 
+def _bob_served(proxy) -> None:
+    """bob, whose mail is on b3, is served while the other backend hangs."""
+    other = Wire(proxy.host, proxy.port, timeout=20)
+    other.login("bob")
+    assert other.cmd(b"x", b"SELECT INBOX")[-1].startswith(b"x OK")
+    other.close()
+
+
+def _release(backend, group: int, after: str) -> None:
+    """The stopped backend goes on (cont), or is killed and started again (kill)."""
+    if after == "cont":
+        os.killpg(group, signal.SIGCONT)
+    else:
+        backend.kill()
+        backend.start()
+
+
 CASES = [(op, step, stopped, after) for op in OPS for step in STEPS[op] for stopped in ("b1", "b2")
          for after in ("cont", "kill")]
 
@@ -84,16 +101,9 @@ def test_a_backend_hangs_at_a_step_of_an_operation_across(proxy_factory, fleet, 
     try:
         heard = _heard(w, b"c", 17)
         assert heard, "the client heard nothing for 17 s"
-        other = Wire(proxy.host, proxy.port, timeout=20)  # bob lives on b3: served meanwhile
-        other.login("bob")
-        assert other.cmd(b"x", b"SELECT INBOX")[-1].startswith(b"x OK")
-        other.close()
+        _bob_served(proxy)
     finally:
-        if after == "cont":
-            os.killpg(group, signal.SIGCONT)
-        else:
-            backend.kill()
-            backend.start()
+        _release(backend, group, after)
     answer = heard if heard and heard[-1].startswith(b"c ") else _heard(w, b"c", 120)
     w.close()
     if after == "kill":
@@ -143,16 +153,9 @@ def test_a_backend_hangs_during_a_multiappend(proxy_factory, fleet, when, after)
         os.killpg(group, signal.SIGSTOP)
         w.send(b"\r\n")
     try:
-        other = Wire(proxy.host, proxy.port, timeout=20)
-        other.login("bob")
-        assert other.cmd(b"x", b"SELECT INBOX")[-1].startswith(b"x OK")
-        other.close()
+        _bob_served(proxy)
     finally:
-        if after == "cont":
-            os.killpg(group, signal.SIGCONT)
-        else:
-            fleet["b1"].kill()
-            fleet["b1"].start()
+        _release(fleet["b1"], group, after)
     if when == "after-first" and after == "cont":
         heard += _heard(w, b"a", 5)
         if heard and heard[-1].startswith(b"+"):
