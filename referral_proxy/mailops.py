@@ -23,7 +23,7 @@ from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
 __all__ = ["TransferError", "Vanished", "NoMasterUser", "MessageInfo", "MailboxState", "name_arg", "run_ok",
-           "list_mailboxes", "exists", "refused_target", "subtree", "status", "open_mailbox", "same_mailbox",
+           "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now", "open_mailbox", "same_mailbox",
            "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids", "subscribed", "delete_if_empty",
            "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
@@ -139,7 +139,11 @@ async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]
 
 
 async def status(conn: BackendProtocol, name: str) -> MailboxState:
-    """UIDVALIDITY, UIDNEXT and MESSAGES of a mailbox, without selecting it."""
+    """UIDVALIDITY, UIDNEXT and MESSAGES of a mailbox, without selecting it.
+
+    Of the mailbox selected on *conn*, Dovecot (2.3) answers from that session's view: the
+    UIDNEXT and MESSAGES of its last sync, and for one renamed away or deleted since, with
+    another made under its name, the OLD one's UIDVALIDITY (status_now() asks the mailbox)."""
     result = await run_ok(conn, b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)", "STATUS")
     for r in result.responses:
         if r.start.name == "STATUS":
@@ -149,6 +153,14 @@ async def status(conn: BackendProtocol, name: str) -> MailboxState:
             except (ParseError, KeyError):
                 break
     raise TransferError(f"STATUS failed on {conn.name}: no usable answer")
+
+
+async def status_now(conn: BackendProtocol, name: str) -> MailboxState:
+    """status() of the mailbox as it is now, on a connection of the proxy's own that may have one
+    selected (a transfer's, verify_copies): that is left first (UNSELECT; BAD if none, harmless).
+    UNSELECT, CLOSE, another SELECT or a fresh connection end Dovecot's view; NOOP does not."""
+    await conn.deselect()
+    return await status(conn, name)
 
 
 async def open_mailbox(conn: BackendProtocol, name: str, *, readonly: bool) -> MailboxState:
