@@ -197,7 +197,7 @@ class LoginPenalty:
         if cap <= 0:
             return
         self._expire(now, cap)
-        checksum = zlib.crc32(user.encode("utf-8", "replace"), zlib.crc32(password.encode("utf-8", "surrogateescape"))) or 1
+        checksum = zlib.crc32(user.encode("utf-8", "surrogateescape"), zlib.crc32(password.encode("utf-8", "surrogateescape"))) or 1
         for ident in _idents(ip, user):
             value = min(self._current(ident, now, cap) + 1, MAX_PENALTY)
             rec = self._record(ident, now)

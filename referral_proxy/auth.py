@@ -48,9 +48,14 @@ class LoginOutcome:
 def login_credentials(args: Arguments) -> Credentials:
     """``LOGIN user password`` (both astrings, already parsed)."""
     user, password = (t.value for t in args.tokens)  # type: ignore[union-attr]
-    # The password byte for byte (surrogateescape; backend.py encodes it back so): a Latin-1 one works
-    # as directly, and two of them are never one keepalive key. The name is text for routing and logs.
-    return Credentials(user=user.decode("utf-8", "replace"), password=password.decode("utf-8", "surrogateescape"))
+    return Credentials(user=_text(user), password=_text(password))
+
+
+def _text(data: bytes) -> str:
+    """A name or password byte for byte (surrogateescape; backend.py encodes it back so): a Latin-1
+    one works as directly, and two of them are never one user (map entry, penalty) nor one keepalive
+    key. ``replace`` made every one U+FFFD: a name Dovecot never saw, the same for ``j\\xe9r`` and ``j\\xe8r``."""
+    return data.decode("utf-8", "surrogateescape")
 
 
 class NotPlain(ValueError):
@@ -66,10 +71,9 @@ def sasl_plain(blob: bytes) -> Credentials:
         raise ParseError("Invalid SASL PLAIN response") from None
     try:
         authzid, authcid, password = decoded.split(b"\0")
-        return Credentials(user=authcid.decode("utf-8"), password=password.decode("utf-8"),
-                           authzid=authzid.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError too
+    except ValueError:
         raise NotPlain("Authentication failed.") from None
+    return Credentials(user=_text(authcid), password=_text(password), authzid=_text(authzid))
 
 
 async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> LoginOutcome:

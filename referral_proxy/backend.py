@@ -592,7 +592,7 @@ async def _login(proto: BackendProtocol, creds: Credentials) -> None:
     elif creds.authzid:
         raise BackendUnavailable(f"backend {proto.name} does not offer AUTH=PLAIN for a master-user login")
     else:
-        user, password = creds.user.encode("utf-8"), creds.password.encode("utf-8", "surrogateescape")
+        user, password = (s.encode("utf-8", "surrogateescape") for s in (creds.user, creds.password))
         if "LITERAL+" not in caps and (b"\r" in user + password or b"\n" in user + password or not (user + password).isascii()):
             raise BackendUnavailable(f"backend {proto.name} cannot take these credentials with LOGIN")
         result = await proto.command(b"LOGIN " + astring(user) + b" " + astring(password))

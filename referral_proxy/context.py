@@ -48,7 +48,8 @@ class ProxyContext:
     def __post_init__(self) -> None:
         if self.staging_journal is None:
             self.staging_journal = MapJournal(self.mailbox_map)
-        self.keepalive = KeepAlive(self.reactor, lambda: self.config.proxy.backend_keepalive)
+        self.keepalive = KeepAlive(self.reactor, lambda: self.config.proxy.backend_keepalive,
+                                   self.mailbox_map.canonical)
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -81,10 +81,6 @@ class ReuseKey:
     authzid: str
     origin: tuple[str, ...]  # what the ID before login said of the client (x-originating-ip ...)
 
-    @property
-    def who(self) -> str:
-        return (self.authzid or self.user).lower()
-
 
 def taints(name: str, args: Arguments) -> bool:
     """Whether a command leaves state on its backend connection that the proxy cannot undo
@@ -106,9 +102,13 @@ def _names_stateful(tokens: tuple[Token, ...]) -> bool:
 class KeepAlive:
     """The parked connections of one proxy process, per ReuseKey, most recent last."""
 
-    def __init__(self, reactor: Any, seconds: Callable[[], float]) -> None:
+    def __init__(self, reactor: Any, seconds: Callable[[], float], canonical: Callable[[str], str]) -> None:
         self._reactor = reactor
         self._seconds = seconds  # read at every use: a reload may change it
+        # The user as the map (and Dovecot's %Lu: ASCII letters only) names him. str.lower() made
+        # "JOSÉ" (Dovecot: josÉ) and "josé", or "\u212aarl" (Kelvin sign) and "karl", one user:
+        # one's [LIMIT] logged out the other's parked connections, and they shared PER_USER.
+        self._canonical = canonical
         self._parked: dict[ReuseKey, list[BackendProtocol]] = {}
         self._timers: dict[BackendProtocol, Any] = {}  # parked or being cleaned -> its expiry
         self._per_user: dict[str, int] = {}
@@ -163,7 +163,7 @@ class KeepAlive:
     def _drop_user(self, key: ReuseKey) -> bool:
         """Log out the connections parked for *key*'s user on its backend, whatever their key
         (whether their client address counts as the same IP there is the backend's business)."""
-        mine = [conn for conn in self._timers if conn.reuse_key.backend == key.backend and conn.reuse_key.who == key.who]
+        mine = [conn for conn in self._timers if conn.reuse_key.backend == key.backend and self._who(conn.reuse_key) == self._who(key)]
         for conn in mine:
             self._drop(conn)
         return bool(mine)
@@ -210,14 +210,18 @@ class KeepAlive:
                 and not conn.enabled and "UNSELECT" in conn.capabilities and conn._current is None
                 and conn._framer.idle and conn.on_continuation is None and conn.tap is None and conn.capture is None)
 
+    def _who(self, key: ReuseKey) -> str:
+        return self._canonical(key.authzid or key.user)
+
     def _room(self, key: ReuseKey) -> bool:
-        return len(self._timers) < IN_ALL and self._per_user.get(key.who, 0) < PER_USER
+        return len(self._timers) < IN_ALL and self._per_user.get(self._who(key), 0) < PER_USER
 
     def _clean_and_park(self, conn: BackendProtocol) -> None:
         key = conn.reuse_key
         assert key is not None
         conn.sink = self
-        self._per_user[key.who] = self._per_user.get(key.who, 0) + 1
+        who = self._who(key)
+        self._per_user[who] = self._per_user.get(who, 0) + 1
         self._timers[conn] = self._reactor.callLater(self._seconds(), self._expire, conn)
         self.parked_total += 1
         d = conn.command(b"UNSELECT")  # what came of the old mailbox before its answer is captured, dropped
@@ -262,11 +266,12 @@ class KeepAlive:
             return
         if timer.active():
             timer.cancel()
-        left = self._per_user.get(key.who, 1) - 1
+        who = self._who(key)
+        left = self._per_user.get(who, 1) - 1
         if left > 0:
-            self._per_user[key.who] = left
+            self._per_user[who] = left
         else:
-            self._per_user.pop(key.who, None)
+            self._per_user.pop(who, None)
         if not self._parked.get(key, True):
             del self._parked[key]
 

@@ -84,7 +84,10 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     verified = [(s, d) for s, d in pairs if copies.get(d) == sent[s]]
     gone = [s for s, d in pairs if d not in copies] if same_dst else []
     back = await came_back(src, gone, sent, max(src_uids)) if gone else []
-    if rest := [s for s in gone if s not in back]:
+    # A source a client moved or expunged too (seen in the soak, seed 11017: the owner dead, its copy
+    # and its source each moved on through another proxy): neither is the move's to remove.
+    unfound = [s for s in gone if s not in back]
+    if rest := await still_there(src, unfound):
         mine, _ = await fetch_infos(src, rest)
         kept = collections.Counter(sent[s] for s, _d in verified)  # still at the destination: found there
         back += await _moved_on_anywhere(mailbox_map, entry.user, src, data["src_mailbox"], dst, data["dst_mailbox"],
@@ -102,7 +105,8 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     await expunge_uids(src, present)
     await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))  # their source went elsewhere
     await mailbox_map.end_move(entry)
-    return f"finished: {len(present)} message(s) removed from the source"
+    left = f"; {len(unfound) - len(rest)} left where clients put them and their copies" if len(unfound) > len(rest) else ""
+    return f"finished: {len(present)} message(s) removed from the source{left}"
 
 
 async def _ours_elsewhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,

@@ -430,6 +430,7 @@ class ClientSession(Protocol):
         self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
         caps = " ".join(self._post_login_caps())
+        self.reader.literal8 = "BINARY" in caps.split()  # a literal8 APPEND message only if it is offered
         if answer:  # RFC 2221 OK [REFERRAL ...]: one response code only, so CAPABILITY goes untagged
             self.ctx.observer.login(self, user, conn.name, "referred", **details)
             self.send(b"* CAPABILITY %s\r\n" % caps.encode())

@@ -470,6 +470,32 @@ def test_a_killed_moves_copy_moved_on_before_recover_is_not_duplicated(proxy_fac
     assert _no_entries(proxy)
 
 
+def test_a_killed_moves_copy_and_source_both_moved_on_before_recover_are_left_and_the_entry_ends(proxy_factory, fleet):
+    """Killed after the destination committed; before recovery one client moves the copies on and
+    another moves the sources away (the soak, seed 11017: the move's proxy dead, both seen through
+    the other one). Recovery stopped at "message UID 1 vanished from the source", every time: the
+    entry stayed, pinning both mailboxes for good. Neither message is the move's to remove now (each
+    is where a client put it): left as they are, and the entry ends."""
+    work = ids("work", 4)
+    seed(fleet["b3"], "carol", "Shared/Next", [])
+    seed(fleet["b1"], "carol", "Kept", [])
+    proxy = _move_killed_after_the_commit(proxy_factory, fleet, work, b"1:2")
+    with fleet["b3"].client("carol") as m:
+        assert m.select("Shared/Dest")[1] == [b"2"]
+        assert m.uid("MOVE", "1:*", "Shared/Next")[0] == "OK"
+    with fleet["b1"].client("carol") as m:
+        m.select("Work")
+        assert m.uid("MOVE", "1", "Kept")[0] == "OK"  # work-0's source; work-1's stays in Work
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert "finished: 1 message(s) removed from the source; 1 left" in recovered.stdout, recovered.stdout
+    counts, where = census(fleet, "carol")
+    assert sorted(where["work-0@t"]) == [("b1", "Kept"), ("b3", "Shared/Next")]  # twice: each a client's
+    assert where["work-1@t"] == [("b3", "Shared/Next")]
+    assert {where[i][0] for i in work[2:]} == {("b1", "Work")}
+    assert _no_entries(proxy)
+
+
 def test_a_recovery_of_a_move_cut_off_after_its_expunge_keeps_the_copies(proxy_factory, fleet, tmp_path):
     """Recovering a killed MOVE to another server expunges the sources, then ends the entry. Cut
     off in between (seen in the soak, seed 7: the proxy stopped during its start-up recovery), the

@@ -365,3 +365,24 @@ def test_any_split_gives_the_same_events(commands, step):
         else:
             merged.append(e)
     assert merged == whole
+
+
+@pytest.mark.parametrize("data", [
+    b"a APPEND INBOX ~{5}\r\n",  # never answered "+"
+    b"a APPEND INBOX ~{5+}\r\nhello\r\n",  # drained, never a command
+    b"a APPEND {5+}\r\nINBOX (\\Seen) ~{5+}\r\nhello\r\n",
+    b"a APPEND INBOX {1+}\r\nx ~{5+}\r\nhello\r\n",  # the second message: the command aborted
+])
+def test_a_literal8_message_is_refused_where_binary_is_not_offered(data):
+    """RFC 3502's grammar has no literal8; RFC 3516 gives it to an APPEND only once BINARY is announced.
+    The session sets literal8 False where it is not (main appended such messages)."""
+    r = reader()
+    r.literal8 = False
+    assert r.append_line(data) is None  # nor does the quick way take it
+    out = events(r, data + b"n NOOP\r\n")
+    refusal = next(e for e in out if isinstance(e, (Refused, AppendAbort)))
+    assert (refusal.status, refusal.text) == ("BAD", "Invalid arguments: literal8 without BINARY"), out
+    assert not any(isinstance(e, AppendData) for e in out[out.index(refusal):]), out
+    assert out[-1].name == "NOOP", out
+    offered = events(reader(), data + b"n NOOP\r\n")  # where BINARY is offered: a message like any
+    assert any(isinstance(e, AppendMessage) and e.literal.binary for e in offered), offered

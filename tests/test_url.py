@@ -245,3 +245,11 @@ def test_dots_that_are_not_a_whole_segment_stay_in_the_url(mailbox):
     url = imap_url("h", None, "u", mailbox)
     assert _remove_dot_segments("/" + mailbox.decode()) == "/" + mailbox.decode()
     assert parse_imap_url(url)[3] == mailbox.decode()
+
+
+@pytest.mark.parametrize("user", ["j\udce9r", "\udcff", "caf\u00e9\udce9"])
+def test_a_login_name_that_is_not_utf8_round_trips_as_its_bytes(user):
+    # auth.py reads a LOGIN name of Latin-1 bytes as surrogateescape; its referral names those bytes.
+    url = imap_url("h", None, user, b"INBOX")
+    assert url.isascii() and ("%E9" in url or "%FF" in url), url
+    assert parse_imap_url(url)[0] == user

@@ -206,6 +206,9 @@ class CommandReader:
         self._size = 0
         self._messages = 0
         self._utf8 = False  # the message literal just read was a UTF8 one: its ")" comes next
+        # An APPEND message may be a literal8 ``~{n}`` (RFC 3516): the session says False when BINARY is
+        # not advertised (RFC 3502's grammar has none), and such a message is BAD, as an unknown syntax.
+        self.literal8 = True
 
     # -- input -------------------------------------------------------------------
 
@@ -237,7 +240,7 @@ class CommandReader:
         if not self.idle:  # (a literal's bytes are never matched)
             return None
         line = append_line(data, self.limits.max_line, self.limits.max_message)
-        if line is None or self.limits.max_append_messages < 1:
+        if line is None or self.limits.max_append_messages < 1 or (line.literal.binary and not self.literal8):
             return None
         self._framer.announced(line.literal)
         self._start = CommandStart(line.tag, "APPEND", line.rest)
@@ -550,6 +553,8 @@ class CommandReader:
             raise ParseError("unexpected message argument")
         if literal is None:
             raise ParseError("missing message literal")
+        if literal.binary and not utf8 and not self.literal8:  # (RFC 6855's UTF8 data is a literal8 by grammar)
+            raise ParseError("literal8 without BINARY")
         if unstorable:  # an atom to Dovecot's parser, not a keyword: it says NO once the syntax is checked
             return AppendAbort("NO", "[CANNOT] Invalid characters in keyword.")
         limits = self.limits

@@ -54,7 +54,7 @@ def imap_url(
     if user is not None:
         if not user or not auth:
             raise ValueError("user and AUTH type must not be empty")
-        url += quote(user.encode("utf-8"), safe=_ACHAR_SAFE)
+        url += quote(user.encode("utf-8", "surrogateescape"), safe=_ACHAR_SAFE)  # a non-UTF-8 login name too
         url += ";AUTH=" + quote(auth.encode("utf-8"), safe=_ACHAR_SAFE) + "@"
     url += _host(host)
     if port is not None:
@@ -102,9 +102,9 @@ def _host(host: str) -> str:
 def parse_imap_url(url: str) -> tuple[str | None, str, int | None, str | None]:
     """(user, host, port, mailbox) of an IMAP URL; ValueError if it is not one.
 
-    The user and the mailbox come back percent-decoded as Unicode (the mailbox
-    is not re-encoded to modified UTF-7: that is the caller's choice); user,
-    port and mailbox are None when absent. The scheme and ";AUTH=" match in any
+    The user and the mailbox come back percent-decoded as Unicode (a user's bytes that are not
+    UTF-8 as surrogateescape; the mailbox is not re-encoded to modified UTF-7: that is the
+    caller's choice); user, port and mailbox are None when absent. The scheme and ";AUTH=" match in any
     case, as in RFC 2193's examples ("IMAP://user;AUTH=*@SERVER2/REMOTE").
     """
     match = _URL.match(url)
@@ -132,7 +132,7 @@ def _parse_userinfo(userinfo: str) -> str | None:
             raise ValueError(f"invalid IMAP userinfo: {userinfo!r}")
         if not enc_user:
             return None
-    return _unquote(enc_user, _ACHARS, "user")
+    return _unquote(enc_user, _ACHARS, "user", "surrogateescape")
 
 
 def _parse_hostport(hostport: str) -> tuple[str, int | None]:
@@ -164,11 +164,12 @@ def _parse_hostport(hostport: str) -> tuple[str, int | None]:
     return host, port
 
 
-def _unquote(text: str, grammar: re.Pattern[str], what: str) -> str:
-    """Percent-decode ``text`` after checking it against ``grammar``; UTF-8 required."""
+def _unquote(text: str, grammar: re.Pattern[str], what: str, errors: str = "strict") -> str:
+    """Percent-decode ``text`` after checking it against ``grammar``; UTF-8 required, unless *errors*
+    says otherwise (a login name: its bytes as they were, surrogateescape, as auth.py reads LOGIN)."""
     if grammar.fullmatch(text) is None:
         raise ValueError(f"invalid {what} in IMAP URL: {text!r}")
     try:
-        return unquote_to_bytes(text).decode("utf-8")
+        return unquote_to_bytes(text).decode("utf-8", errors)
     except UnicodeDecodeError:
         raise ValueError(f"{what} in IMAP URL is not UTF-8: {text!r}") from None
