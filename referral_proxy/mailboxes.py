@@ -89,11 +89,12 @@ _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or re
 class MailboxCommands:
     """The mailbox-routed commands of one session."""
 
-    __slots__ = ("host", "examined")  # no per-instance dict
+    __slots__ = ("host", "examined", "selected_since")  # no per-instance dict
 
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
         self.examined = False  # the selected mailbox was opened with EXAMINE (read-only)
+        self.selected_since = 0  # mailbox moves begun before its SELECT (MailboxMap.moves_begun): relocation.py
 
     # -- routes and referrals ----------------------------------------------------------------
 
@@ -211,6 +212,7 @@ class MailboxCommands:
             return
         mailbox, route = target
         self.examined = cmd.name == "EXAMINE"
+        self.selected_since = host.mailbox_map.moves_begun
         refer = self.refers(route, mailbox)
         conn = pool.fast(route.primary)
         host.selected_mailbox = None if refer else mailbox

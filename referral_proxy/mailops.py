@@ -22,10 +22,10 @@ from .imap.response import ResponseStart, completion_text
 from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
-__all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState", "name_arg", "run_ok",
-           "list_mailboxes", "exists", "refused_target", "subtree", "status", "open_mailbox", "same_mailbox",
-           "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids", "subscribed", "delete_if_empty",
-           "finish_cut_delete", "may_expunge", "myrights", "grants"]
+__all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
+           "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
+           "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
+           "subscribed", "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -153,7 +153,11 @@ async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]
 
 
 async def status(conn: BackendProtocol, name: str) -> MailboxState:
-    """UIDVALIDITY, UIDNEXT and MESSAGES of a mailbox, without selecting it (MailboxGone: not there)."""
+    """UIDVALIDITY, UIDNEXT and MESSAGES of a mailbox, without selecting it (MailboxGone: not there).
+
+    Of the mailbox selected on *conn*, Dovecot (2.3) answers from that session's view: the
+    UIDNEXT and MESSAGES of its last sync, and for one renamed away or deleted since, with
+    another made under its name, the OLD one's UIDVALIDITY (status_now() asks the mailbox)."""
     result = await conn.command(b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)")
     if not result.ok:
         raise (MailboxGone if _gone(result.start) else TransferError)(_failed("STATUS", conn, result.start))
@@ -165,6 +169,14 @@ async def status(conn: BackendProtocol, name: str) -> MailboxState:
             except (ParseError, KeyError):
                 break
     raise TransferError(f"STATUS failed on {conn.name}: no usable answer")
+
+
+async def status_now(conn: BackendProtocol, name: str) -> MailboxState:
+    """status() of the mailbox as it is now, on a connection of the proxy's own that may have one
+    selected (a transfer's, verify_copies): that is left first (UNSELECT; BAD if none, harmless).
+    UNSELECT, CLOSE, another SELECT or a fresh connection end Dovecot's view; NOOP does not."""
+    await conn.deselect()
+    return await status(conn, name)
 
 
 async def open_mailbox(conn: BackendProtocol, name: str, *, readonly: bool) -> MailboxState:

@@ -59,6 +59,7 @@ from .mailops import (
     same_mailbox,
     search_uids,
     status,
+    status_now,
     still_there,
     subscribed,
     subtree,
@@ -340,7 +341,7 @@ class Mover:
         infos, _ = await fetch_infos(src, [u for u in uids if u not in done])
         if not infos:
             return 0
-        target = await status(dst, new)
+        target = await status_now(dst, new)  # dst may hold new selected (EXAMINEd by the last verification)
         lower = target.uidnext
         for batch in _batches(infos):
             rec = {"pair": i, "src": uid_set(info.uid for info in batch).decode(), "validity": target.uidvalidity,
@@ -359,7 +360,7 @@ class Mover:
                 await self.mailbox_map.record(entry)
                 raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
             await verify_copies(dst, new, copied)
-            rec["modseq"] = await highest_modseq(dst, new)  # a copy changed past it was changed by a client
+            rec["modseq"] = await highest_modseq(dst, new)  # the verified view's; a copy changed past it: by a client
             del rec["hashes"]  # verified: the UIDs say it all from now on
             data["batches"].append(rec)
             data["pending"] = None

@@ -1,13 +1,23 @@
 """Sessions whose user's home, or whose selected mailbox, a move took to another backend end with a BYE.
 
-A move to another server ends, at its source, the sessions that had a mailbox it renames
-selected (Dovecot: ``* BYE IMAP session state is inconsistent``). INBOX is never renamed: a
-session IDLE in the old INBOX saw its messages expunged and then nothing, ever (new mail goes
-to the new home), and the session's home -- where LIST, NAMESPACE and referrals are decided --
-stayed the old one. So, as Dovecot's director kicks a user it moves, every process serving
-sessions looks at them once a second after the map changed: a session whose home or selected
-mailbox now lives on another backend gets ``* BYE`` and is closed, once it is between commands
-or IDLE (a command under way is waited for); its client logs in again, to the new place.
+A move to another server renames its source mailboxes aside on their backend. Dovecot ends a
+session that has one selected at its next command that finds the mailbox gone (``* BYE IMAP
+session state is inconsistent``); once another mailbox has that name there, it does not, and
+that session's Dovecot process then writes its stale index into it (its log: "Corrupted
+transaction log ... indexid changed"; the new mailbox's other users are told "Mailbox was
+deleted under us", a move's MULTIAPPEND to it among them). A RENAME across leaves the old name
+routed where it was (by the rules), so the placements do not tell: a session whose selected
+mailbox a mailbox move's reservations (journal.py) hold ends too, whether or not the move is
+still on when the watch looks (MailboxMap.moves_since keeps the entries the process saw begin).
+
+INBOX is never renamed: a session IDLE in the old INBOX saw its messages expunged and then
+nothing, ever (new mail goes to the new home), and the session's home -- where LIST, NAMESPACE
+and referrals are decided -- stayed the old one. So, as Dovecot's director kicks a user it
+moves, every process serving sessions looks at them once a second after the map changed, and
+at once when it sees a mailbox move begin: a session whose home or selected mailbox now lives
+on another backend, or was taken by such a move, gets ``* BYE`` and is closed, once it is
+between commands or IDLE (a command under way is waited for); its client logs in again, to
+the new place.
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ from typing import Any
 from twisted.internet import task
 from twisted.logger import Logger
 
-from .routing import MailboxMap
+from .journal import Reservation, covers
+from .routing import MailboxMap, normalize
+from .staging import ASIDE_PREFIX
 
 __all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE"]
 
@@ -42,6 +54,32 @@ def moved(session: Any, mailbox_map: MailboxMap) -> str | None:
     return None
 
 
+_ASIDE = ASIDE_PREFIX.decode()
+
+
+def renames_aside(reservations: tuple[Reservation, ...]) -> bool:
+    """A mailbox move's (mover.py), which renames its sources aside: it holds a private aside name."""
+    return any(r.name is not None and r.name.startswith(_ASIDE) for r in reservations)
+
+
+Moves = list[tuple[int, str, tuple[Reservation, ...]]]  # (number, user, reservations): MailboxMap.moves_since
+
+
+def held_by(session: Any, moves: Moves, mailbox_map: MailboxMap) -> str | None:
+    """"selected mailbox" if one of *moves* that began after *session* selected its mailbox holds
+    it (one selected since, the new mailbox of a name, or a RENAME's own session's, is not stale)."""
+    mailbox, user = session.selected_mailbox, session.user
+    if mailbox is None or user is None or not moves:
+        return None
+    user, sep = mailbox_map.canonical(user), mailbox_map.separator
+    name = normalize(mailbox.decode("utf-8", "surrogateescape"), sep)
+    since = session.mailboxes.selected_since
+    for number, who, reservations in moves:
+        if number > since and who == user and any(not r.shared and covers(r, name, sep) for r in reservations):
+            return "selected mailbox"
+    return None
+
+
 def between_commands(session: Any) -> bool:
     """Nothing of *session*'s under way but an IDLE: a BYE now cuts no answer in two."""
     idle = session.idle.current
@@ -52,13 +90,26 @@ def between_commands(session: Any) -> bool:
 
 
 class RelocationWatch:
-    """Once a second: if the map changed, BYE the sessions that :func:`moved` names."""
+    """Once a second: if the map changed, or a mailbox move began, BYE the sessions that
+    :func:`moved` or :func:`held_by` names."""
 
     def __init__(self, reactor: Any, mailbox_map: MailboxMap, sessions: Iterable[Any]) -> None:
         self.map, self.sessions = mailbox_map, sessions
         self._seen = mailbox_map.changes
+        self._moves_seen, _ = mailbox_map.moves_since(0)
+        self._moves: Moves = []  # mailbox moves begun since the last look that waited for nobody
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
+        self._reactor, self._soon = reactor, None  # _soon: a look at the reactor's next turn (a move began)
+        if reactor is not None:
+            mailbox_map.on_move_begun = self._look_soon
+
+    def _look_soon(self) -> None:
+        """A move began (this process's, or seen in the store): look at the sessions at the reactor's
+        next turn, not inside the routing call that saw it, nor up to a second later (the move may
+        rename a selected mailbox aside in a fraction of one, and another be made under its name)."""
+        if self._loop.running and (self._soon is None or not self._soon.active()):
+            self._soon = self._reactor.callLater(0, self.check)
 
     def start(self) -> None:
         self._loop.start(CHECK_SECONDS, now=False)
@@ -66,14 +117,18 @@ class RelocationWatch:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
 
     def check(self) -> None:
         changes = self.map.changes
-        if changes == self._seen:
+        self._moves_seen, began = self.map.moves_since(self._moves_seen)
+        self._moves += [m for m in began if renames_aside(m[2])]
+        if changes == self._seen and not self._moves:
             return
         waiting = False
         for session in list(self.sessions):
-            what = moved(session, self.map)
+            what = moved(session, self.map) or held_by(session, self._moves, self.map)
             if what is None:
                 continue
             if not between_commands(session):
@@ -84,3 +139,4 @@ class RelocationWatch:
             session.shutdown(BYE)
         if not waiting:
             self._seen = changes
+            self._moves = []

@@ -9,6 +9,7 @@ method of MailboxMap: routing, placements, reservations and the journal agree.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ StepHook = Callable[[JournalEntry], None]
 # A private name (staging.is_private_name: under the aside prefix), never a client's mailbox: placed
 # with the backend whose INBOX a move took elsewhere, until a time (oldhome.py)
 OLD_HOME_PREFIX = "referral-proxy-aside-oldhome/"
+MOVES_KEPT = 256  # journal entries remembered as begun, per process (relocation.py looks once a second)
 OLD_HOME_WATCH = 3 * 24 * 3600  # seconds mail reaching an old home is carried (a weekend, and some)
 
 
@@ -135,6 +137,11 @@ class MailboxMap:
         self._placements: dict[tuple[str, str], tuple[str, ...]] = {}
         self._changes = 0
         self._held: dict[str, list[tuple[int, Reservation]]] = {}
+        # entries as first seen here, numbered: relocation.py ends the sessions a mailbox move takes a
+        # selected mailbox from, whether or not the move is still on when it looks (moves_since)
+        self._began: collections.deque[tuple[int, str, tuple[Reservation, ...]]] = collections.deque(maxlen=MOVES_KEPT)
+        self._began_count = 0
+        self.on_move_begun: Callable[[], None] | None = None  # relocation.py looks at the sessions at once
         self._renewal: task.LoopingCall | None = None
         self._working: set[int] = set()  # entries this process works on now: the only leases it renews
         first = self._store.poll()
@@ -174,7 +181,32 @@ class MailboxMap:
         held: dict[str, list[tuple[int, Reservation]]] = {}
         for entry_id, user, r in snapshot.reservations:
             held.setdefault(user, []).append((entry_id, r))
+        known = {i for entries in self._held.values() for i, _r in entries}
+        for user, entries in held.items():
+            for entry_id in dict.fromkeys(i for i, _r in entries if i not in known):
+                self._began_entry(entry_id, user, tuple(r for i, r in entries if i == entry_id))
         self._held = held
+
+    def _began_entry(self, entry_id: int, user: str, reservations: tuple[Reservation, ...]) -> None:
+        self._began_count += 1
+        self._began.append((entry_id, user, reservations))
+        if self.on_move_begun is not None:
+            self.on_move_begun()
+
+    @property
+    def moves_begun(self) -> int:
+        """How many journal entries this process saw begin (a session's SELECT notes it: relocation.py)."""
+        return self._began_count
+
+    def moves_since(self, seen: int) -> tuple[int, list[tuple[int, str, tuple[Reservation, ...]]]]:
+        """(count, [(number, user, reservations)]): the entries this process saw begin since it had
+        seen *seen* (at most MOVES_KEPT of them; numbered from 1), and the count to pass next time."""
+        self._refresh()
+        new = min(self._began_count - seen, len(self._began))
+        if new <= 0:
+            return self._began_count, []
+        return self._began_count, [(self._began_count - new + 1 + k, u, rs)
+                                   for k, (_i, u, rs) in enumerate(list(self._began)[len(self._began) - new:])]
 
     def _refresh(self) -> None:
         """Pick up placements and reservations written by another process (never waits)."""
@@ -321,6 +353,7 @@ class MailboxMap:
         entry_id = await self._store.begin_move(user, op, names, data, self._owner, self.separator)
         self._working.add(entry_id)
         self._held.setdefault(user, []).extend((entry_id, r) for r in names)
+        self._began_entry(entry_id, user, tuple(names))
         # Other proxies answer NO [INUSE] from their caches: the move reads nothing before they have it.
         await self._store.settle()
         entry = JournalEntry(entry_id, user, op, data, Step.RESERVED, self._owner)

@@ -449,7 +449,7 @@ async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str
 
 async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, src_mailbox: str,
                 infos: list[MessageInfo], dst: BackendProtocol, dst_mailbox: str, untagged: list[bytes]) -> CopyOutcome:
-    src_state = await status(src, src_mailbox)
+    src_state = await status(src, src_mailbox)  # selected here: the view's UIDVALIDITY, the one its UIDs are of
     try:
         dst_state = await status(dst, dst_mailbox)
     except MailboxGone:  # deleted since refused_target found it: TRYCREATE, as Dovecot's MOVE says

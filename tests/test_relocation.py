@@ -15,8 +15,10 @@ import pytest
 from movecheck import cli, deliver, seed
 from test_moves import MASTERS, RULES, ids
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
 
 from referral_proxy.config import MapConfig
+from referral_proxy.journal import Reservation
 from referral_proxy.relocation import BYE, RelocationWatch
 from referral_proxy.routing import MailboxMap
 from referral_proxy.store import MemoryStore
@@ -95,8 +97,9 @@ class _Session(SimpleNamespace):
 
 
 def _session(home: str, selected: str | None = None, mailbox: bytes | None = None, *, in_flight: int = 0,
-             idle: object = None) -> _Session:
+             idle: object = None, since: int = 0) -> _Session:
     return _Session(id=1, user="carol", home=home, selected=selected, selected_mailbox=mailbox, told=None,
+                    mailboxes=SimpleNamespace(selected_since=since),
                     idle=SimpleNamespace(current=idle), relay=SimpleNamespace(in_flight=in_flight),
                     flow=SimpleNamespace(blocked=()), reader=SimpleNamespace(between_commands=True),
                     appends=SimpleNamespace(unanswered=()))
@@ -123,3 +126,80 @@ def test_the_watch_waits_for_a_command_under_way_and_ignores_what_stays():
     watch.sessions = [again]
     watch.check()
     assert again.told is None  # nothing changed: nobody is looked at
+
+
+def test_a_session_with_a_mailbox_selected_that_a_rename_takes_across_is_told_bye(proxy_factory, fleet):
+    """A RENAME across leaves the old name where the rules route it (b1 again): the placements do not
+    tell. On main the session stayed, selected in a mailbox renamed aside and deleted on b1; its
+    Dovecot process then wrote its stale index into a new Work there ("indexid changed")."""
+    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    carol = socket.create_connection((proxy.host, proxy.port), timeout=30)
+    carol.sendall(b"a LOGIN carol secret\r\nb SELECT Work\r\n")  # selected, not IDLE: no command to notice anything
+    got = b""
+    while b"b OK" not in got:
+        chunk = carol.recv(65536)
+        assert chunk, got
+        got += chunk
+    other = _idle(proxy, "carol", b"INBOX")  # the same user, a mailbox that stays: untouched
+    renamer = socket.create_connection((proxy.host, proxy.port), timeout=60)  # then selects the new name: stays
+    renamer.sendall(b'a LOGIN carol secret\r\nb RENAME Work "Archive/W"\r\nc SELECT "Archive/W"\r\n')
+    assert BYE in _until_closed(carol)
+    renamer.sendall(b"d NOOP\r\ne LOGOUT\r\n")
+    other.sendall(b"DONE\r\nd NOOP\r\ne LOGOUT\r\n")
+    renamed, stayed = _until_closed(renamer), _until_closed(other)
+    assert b"b OK" in renamed and b"c OK" in renamed, renamed
+    for got in (renamed, stayed):
+        assert b"d OK" in got and BYE not in got, got
+
+
+def test_the_watch_ends_sessions_in_a_mailbox_a_move_held_even_if_it_ended_before_it_looked():
+    mailbox_map = MailboxMap(MapConfig(default="b1"), MemoryStore())
+    watch = RelocationWatch(None, mailbox_map, [])
+    old = _session("b1", "b1", b"Proj")  # the old Proj, renamed aside by the move
+    new = _session("b1", "b1", b"Shared/B")  # a stale one of the destination's name
+    child = _session("b1", "b1", b"Proj/c")
+    stays = _session("b1", "b1", b"Work")
+    busy = _session("b1", "b1", b"Proj", in_flight=1)
+    names = [Reservation("Proj"), Reservation("referral-proxy-aside-0a1b2c3d"), Reservation("Shared/B")]
+    entry = _run(mailbox_map.begin_move("carol", "move", names, {}))
+    _run(mailbox_map.end_move(entry))  # over (a second is long) before the watch looks: no placement changed
+    since = _session("b1", "b1", b"Shared/B", since=mailbox_map.moves_begun)  # selected the new one after it
+    watch.sessions = [old, new, child, stays, busy, since]
+    watch.check()
+    assert (old.told, new.told, child.told, stays.told, busy.told, since.told) == (BYE, BYE, BYE, None, None, None)
+    busy.relay.in_flight = 0
+    watch.check()  # left waiting: looked at again
+    assert busy.told == BYE
+    local = [Reservation("Work"), Reservation("Work2")]  # a RENAME on one backend (localrename.py): Dovecot's own
+    pinned = [Reservation("Work", False, True), Reservation("Archive/X", False, True)]  # a MOVE across pins them
+    for reservations in (local, pinned):
+        _run(mailbox_map.end_move(_run(mailbox_map.begin_move("carol", "x", reservations, {}))))
+    watch.check()
+    assert stays.told is None
+
+
+def _run(coroutine):
+    result = []
+    ensureDeferred(coroutine).addBoth(result.append)
+    assert result, "it waited"
+    if isinstance(result[0], Exception) or hasattr(result[0], "raiseException"):
+        result[0].raiseException()
+    return result[0]
+
+
+def test_the_watch_looks_as_soon_as_a_move_begins_not_a_second_later():
+    """The move may rename the mailbox aside, and another move make one of that name, within the second."""
+    mailbox_map = MailboxMap(MapConfig(default="b1"), MemoryStore())
+    clock = Clock()
+    old = _session("b1", "b1", b"Proj")
+    watch = RelocationWatch(clock, mailbox_map, [old])
+    watch.start()
+    try:
+        _run(mailbox_map.begin_move("carol", "move", [Reservation("Proj"), Reservation("referral-proxy-aside-1"),
+                                                      Reservation("Shared/B")], {}))
+        assert old.told is None  # not inside the call that began it
+        clock.advance(0)
+        assert old.told == BYE
+    finally:
+        watch.stop()
