@@ -147,7 +147,7 @@ class Mover:
             names = [e.name.decode("utf-8", "surrogateescape") for e in await list_mailboxes(src)
                      if e.selectable and not is_staging_name(e.name)]  # a staging mailbox is recovery's
         elif normalize(old, self.sep) == "INBOX":
-            return [("INBOX", new)]  # RFC 3501: INBOX's messages move, its children do not
+            return [("INBOX", normalize(new, self.sep))]  # RFC 3501: INBOX's messages move, its children do not
         else:
             names = await subtree(src, old, self.sep)
         pairs = []
@@ -351,7 +351,7 @@ class Mover:
 
             async def record(hashes: tuple[str, ...], rec: dict = rec) -> None:
                 rec["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
-                await self.mailbox_map.record(entry)
+                await self.mailbox_map.record_before_commit(entry)
 
             copied = await copy_stream(src, batch, dst, _b(new), self.progress, before_commit=record)
             rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
@@ -458,7 +458,7 @@ class Mover:
         if entry.step is Step.SUBSCRIBED:
             for o, n in pairs:
                 await self.mailbox_map.place(self.user, n, [data["dst"]])
-                if n == "INBOX":  # the user's home moved: what still reaches the old one is carried
+                if normalize(n, self.sep) == "INBOX":  # the home moved (`move carol inbox b2` too): the old one is watched
                     await self.mailbox_map.watch_old_home(self.user, data["src"], self.clock)
                 if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
                     await self.mailbox_map.unplace(self.user, o)

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from .config import MapConfig
 from .journal import (
     JournalEntry,
+    LostEntry,
     Reservation,
     Step,
     check_transition,
@@ -109,6 +110,7 @@ StepHook = Callable[[JournalEntry], None]
 # A private name (staging.is_private_name: under the aside prefix), never a client's mailbox: placed
 # with the backend whose INBOX a move took elsewhere, until a time (oldhome.py)
 OLD_HOME_PREFIX = "referral-proxy-aside-oldhome/"
+LEASE_MARGIN = 0.5  # a write that took longer than this share of the lease may have lost it (record_before_commit)
 MOVES_KEPT = 256  # journal entries remembered as begun, per process (relocation.py looks once a second)
 OLD_HOME_WATCH = 3 * 24 * 3600  # seconds mail reaching an old home is carried (a weekend, and some)
 
@@ -374,6 +376,18 @@ class MailboxMap:
         await self._store.journal_step(entry.id, entry.step, entry.data, entry.owner)
         if self.on_step is not None:
             self.on_step(entry)
+
+    async def record_before_commit(self, entry: JournalEntry) -> None:
+        """:meth:`record`, for a write that a backend's commit follows at once (a batch's hashes before
+        its last byte): LostEntry unless the write ended within half a lease of its start. A process
+        stalled past its lease (SIGSTOP, a VM paused) may have been taken over by recovery, which found
+        no such commit and went on: a commit now would be a second copy of the batch."""
+        started = time.monotonic()
+        await self.record(entry)
+        stalled = time.monotonic() - started
+        if self._store.leases and stalled > self._config.lease_seconds * LEASE_MARGIN:
+            raise LostEntry(f"journal entry {entry.id}: this process stalled {stalled:.1f} s, past half its "
+                            f"{self._config.lease_seconds:g} s lease; recovery may have taken it over")
 
     async def end_move(self, entry: JournalEntry) -> None:
         """The operation is over (done or undone): the entry and its reservations go together."""

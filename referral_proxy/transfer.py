@@ -34,7 +34,7 @@ from .imap.framing import Line, LiteralData, LiteralEnd
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
 from .imap.uidset import expand_uid_set, uid_set
-from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
+from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
     TRYCREATE,
     MailboxGone,
@@ -461,12 +461,12 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     await mailbox_map.step(entry, Step.MOVE_APPENDING)
     async def record(hashes: tuple[str, ...]) -> None:
         entry.data["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
-        await mailbox_map.record(entry)
+        await mailbox_map.record_before_commit(entry)
 
     try:
         copied = await copy_stream(src, infos, dst, dst_mailbox.encode("utf-8", "surrogateescape"),
                                    before_commit=record)
-    except CommitUnknown:
+    except (CommitUnknown, LostEntry):  # LostEntry: the entry is recovery's now, not ours to end
         raise
     except BaseException:
         await mailbox_map.end_move(entry)  # the MULTIAPPEND was refused or never completed: nothing saved
