@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 __all__ = ["Step", "Recovery", "Rule", "TABLE", "Reservation", "InUse", "StoreUnavailable", "LostEntry", "UNAVAILABLE",
-           "JournalEntry", "check_transition",
+           "TAKEN_OVER", "JournalEntry", "check_transition",
            "conflicts", "covers",
            "process_owner", "owner_gone"]
 
@@ -156,6 +156,8 @@ class StoreUnavailable(Exception):
 
 
 UNAVAILABLE = "[UNAVAILABLE] The mailbox map is unreachable; moves and renames across servers wait until it is back"
+TAKEN_OVER = ("[UNAVAILABLE] This proxy stalled past its lease and recovery took the operation over; "
+              "it is finished or undone there: look again shortly")
 
 
 class LostEntry(Exception):

@@ -26,7 +26,7 @@ parked gets them logged out and is tried again, as it would have succeeded witho
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,14 +137,28 @@ class KeepAlive:
         key = self.key(backend, creds, origin)
         if key is not None and (parked := self.take(key)) is not None:
             return parked
-        try:
-            conn = await opener()
-        except AuthenticationFailed as e:
-            if key is None or e.response.start.code != "LIMIT" or not self._drop_user(key):
-                raise
-            conn = await self._retry(opener)
+        conn = await self._open(key, opener)
         conn.reuse_key = key
         return conn
+
+    async def _open(self, key: ReuseKey | None, opener: Callable[[], Awaitable[BackendProtocol]]) -> BackendProtocol:
+        """*opener*'s connection. Its login refused [LIMIT] while the user has connections parked
+        on that backend: they are logged out, and the login is tried again after each wait of
+        LIMIT_RETRIES; the last refusal is the login's."""
+        waits: Iterator[float] | None = None
+        while True:
+            try:
+                return await opener()
+            except AuthenticationFailed as e:
+                if key is None or e.response.start.code != "LIMIT":
+                    raise
+                if waits is None:  # the first refusal
+                    if not self._drop_user(key):
+                        raise
+                    waits = iter(LIMIT_RETRIES)
+                if (wait := next(waits, None)) is None:
+                    raise
+            await task.deferLater(self._reactor, wait, lambda: None)
 
     def _drop_user(self, key: ReuseKey) -> bool:
         """Log out the connections parked for *key*'s user on its backend, whatever their key
@@ -153,17 +167,6 @@ class KeepAlive:
         for conn in mine:
             self._drop(conn)
         return bool(mine)
-
-    async def _retry(self, opener: Callable[[], Awaitable[BackendProtocol]]) -> BackendProtocol:
-        for wait in LIMIT_RETRIES[:-1]:
-            await task.deferLater(self._reactor, wait, lambda: None)
-            try:
-                return await opener()
-            except AuthenticationFailed as e:
-                if e.response.start.code != "LIMIT":
-                    raise
-        await task.deferLater(self._reactor, LIMIT_RETRIES[-1], lambda: None)
-        return await opener()  # its refusal, if any, is the login's
 
     def take(self, key: ReuseKey) -> BackendProtocol | None:
         """A parked connection logged in with exactly *key*, now the caller's alone; or None."""

@@ -22,10 +22,10 @@ from .imap.response import ResponseStart, completion_text
 from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
-__all__ = ["TransferError", "Vanished", "NoMasterUser", "MessageInfo", "MailboxState", "name_arg", "run_ok",
-           "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now", "open_mailbox", "same_mailbox",
-           "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids", "subscribed", "delete_if_empty",
-           "finish_cut_delete", "may_expunge", "myrights", "grants"]
+__all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
+           "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
+           "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
+           "subscribed", "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -40,6 +40,15 @@ class NoMasterUser(BackendError):
 
 class Vanished(TransferError):
     """A source message could not be read: another session expunged it meanwhile (nothing was saved)."""
+
+
+class MailboxGone(TransferError):
+    """STATUS said the mailbox is not there: deleted since it was found, for a COPY/MOVE's target
+    (transfer.py answers TRYCREATE, as the backend's own MOVE would)."""
+
+
+#: What a COPY or MOVE to a mailbox that is not there gets (without ``NO``), as Dovecot's own says.
+TRYCREATE = "[TRYCREATE] Mailbox doesn't exist"
 
 
 @dataclass(frozen=True)
@@ -118,12 +127,17 @@ async def refused_target(conn: BackendProtocol, name: str) -> str | None:
     if await exists(conn, name):
         return None
     start = (await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)")).start
-    if start.status == "NO" and start.code not in _GONE_CODES and b"doesn't exist" not in start.text:
+    if start.status == "NO" and not _gone(start):
         return completion_text(start)[3:]
-    return "[TRYCREATE] Mailbox doesn't exist"
+    return TRYCREATE
 
 
 _GONE_CODES = frozenset({"NONEXISTENT", "TRYCREATE"})
+
+
+def _gone(start: ResponseStart) -> bool:
+    """A NO that says the mailbox is not there (Dovecot: ``[NONEXISTENT] Mailbox doesn't exist``)."""
+    return start.status == "NO" and (start.code in _GONE_CODES or b"doesn't exist" in start.text)
 
 
 async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]:
@@ -139,12 +153,14 @@ async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]
 
 
 async def status(conn: BackendProtocol, name: str) -> MailboxState:
-    """UIDVALIDITY, UIDNEXT and MESSAGES of a mailbox, without selecting it.
+    """UIDVALIDITY, UIDNEXT and MESSAGES of a mailbox, without selecting it (MailboxGone: not there).
 
     Of the mailbox selected on *conn*, Dovecot (2.3) answers from that session's view: the
     UIDNEXT and MESSAGES of its last sync, and for one renamed away or deleted since, with
     another made under its name, the OLD one's UIDVALIDITY (status_now() asks the mailbox)."""
-    result = await run_ok(conn, b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)", "STATUS")
+    result = await conn.command(b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)")
+    if not result.ok:
+        raise (MailboxGone if _gone(result.start) else TransferError)(_failed("STATUS", conn, result.start))
     for r in result.responses:
         if r.start.name == "STATUS":
             try:

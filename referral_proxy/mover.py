@@ -384,7 +384,9 @@ class Mover:
             for rec in records:
                 new = pairs[rec["pair"]][1]
                 appended = expand_uid_set(rec["dst"]) if rec.get("dst") else []
-                if not rec.get("dst") and "hashes" in rec:  # a batch in flight at the crash: did it commit?
+                # A batch in flight at the crash: did it commit? Without hashes its last byte was never
+                # sent (_find_pending finds nothing): the source, perhaps what failed, is not asked.
+                if not rec.get("dst") and "hashes" in rec:
                     src = src or await self.connect(data["src"])
                     appended = [d for _s, d in await self._find_pending(entry, src, pairs[rec["pair"]][0], dst, rec)]
                 if appended and await exists(dst, new):

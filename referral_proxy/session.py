@@ -51,7 +51,7 @@ from .imap.reader import (
     TextLine,
 )
 from .imap.response import ResponseStart, completion_text
-from .journal import UNAVAILABLE, LostEntry, StoreUnavailable
+from .journal import TAKEN_OVER, UNAVAILABLE, LostEntry, StoreUnavailable
 from .keepalive import taints
 from .mailboxes import MailboxCommands, Refusing
 from .netio import quick_ack, sending, tune_socket
@@ -330,7 +330,7 @@ class ClientSession(Protocol):
             elif f.check(BackendError, StoreUnavailable, LostEntry):  # (the map store gone mid-command: recovery finishes)
                 log.warn("session {id}: {why}", id=self.id, why=f.getErrorMessage())
                 self.tagged(tag, "NO", "[UNAVAILABLE] Mail server temporarily unavailable" if f.check(BackendError)
-                            else UNAVAILABLE)
+                            else TAKEN_OVER if f.check(LostEntry) else UNAVAILABLE)
             else:
                 log.failure("session {id}: command failed", f, id=self.id)
                 self.tagged(tag, "NO", "[SERVERBUG] Internal proxy error")

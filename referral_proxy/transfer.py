@@ -36,6 +36,8 @@ from .imap.response import ResponseStart, completion_text
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
+    TRYCREATE,
+    MailboxGone,
     MessageInfo,
     TransferError,
     Vanished,
@@ -450,10 +452,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     src_state = await status(src, src_mailbox)  # selected here: the view's UIDVALIDITY, the one its UIDs are of
     try:
         dst_state = await status(dst, dst_mailbox)
-    except TransferError:  # deleted since refused_target found it: TRYCREATE, as Dovecot's MOVE says
-        if (refused := await refused_target(dst, dst_mailbox)) is None:
-            raise
-        raise TransferError("NO " + refused) from None
+    except MailboxGone:  # deleted since refused_target found it: TRYCREATE, as Dovecot's MOVE says
+        raise TransferError("NO " + TRYCREATE) from None
     uids = [i.uid for i in infos]
     entry.data.update({"src": src.name, "src_mailbox": src_mailbox, "src_validity": src_state.uidvalidity,
                        "src_uids": uid_set(uids).decode(), "dst": dst.name, "dst_mailbox": dst_mailbox,

@@ -8,7 +8,6 @@ import imaplib
 import socket
 import ssl
 import textwrap
-import time
 import tomllib
 
 import pytest
@@ -225,9 +224,8 @@ def test_kill_and_restart(fleet):
         conn = d.client("alice")
         assert conn.select("Survives")[0] == "OK"
         _logout(conn)
-        t = time.monotonic()
         d.stop()
-        assert time.monotonic() - t < 8
+        assert d.process.returncode == 0  # SIGTERM was enough: not killed at the stop's timeout
         assert not d.running and not d._group()
         d.stop()  # idempotent
     finally:

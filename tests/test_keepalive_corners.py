@@ -199,9 +199,9 @@ def test_a_parked_connection_written_to_after_it_was_parked_is_not_reused():
     assert conn.transport.disconnecting
 
 
-def _limited_login(parked_user: str | None) -> tuple[int, Any, Any, Any]:
+def _limited_login(parked_user: str | None, refusals: int = 1) -> tuple[int, Any, Any, Any]:
     """A login of alice under another key than her parked connection's (an authzid), refused
-    [LIMIT] once: how often it was tried, its Deferred, the harness, the parked connection."""
+    [LIMIT] *refusals* times: how often it was tried, its Deferred, the harness, the parked connection."""
     from twisted.internet import defer
 
     from referral_proxy.backend import AuthenticationFailed, Tagged
@@ -219,12 +219,12 @@ def _limited_login(parked_user: str | None) -> tuple[int, Any, Any, Any]:
 
     async def opener() -> BackendProtocol:
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) <= refusals:
             raise AuthenticationFailed(Tagged(parse_response_start(raw), raw))
         return await FakeConnector.__call__(h.connector, backend, creds)
 
     d = defer.ensureDeferred(h.context.keepalive.connect(backend, creds, None, opener))
-    h.reactor.advance(2)  # past every wait
+    h.reactor.pump([0.1] * 25)  # past every wait (each one scheduled as the one before ends)
     return len(calls), d, h, conn
 
 
@@ -239,3 +239,11 @@ def test_a_login_refused_limit_logs_out_the_users_parked_connections_and_tries_a
         assert type(d.result.value).__name__ == "AuthenticationFailed"
         d.addErrback(lambda _f: None)
         assert len(h.context.keepalive) == (1 if parked_user else 0)
+
+
+def test_a_login_refused_limit_at_every_try_gets_the_last_refusal():
+    tries, d, h, conn = _limited_login("alice", refusals=99)
+    assert tries == 1 + len(keepalive.LIMIT_RETRIES)  # once, then after each wait
+    assert type(d.result.value).__name__ == "AuthenticationFailed" and b"[LIMIT]" in d.result.value.response.raw
+    d.addErrback(lambda _f: None)
+    assert conn.transport.value().endswith(b" LOGOUT\r\n") and len(h.context.keepalive) == 0

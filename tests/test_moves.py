@@ -577,10 +577,21 @@ def _state(backend, mailbox: str) -> tuple[int, int]:
         return int(words[words.index("UIDVALIDITY") + 1]), int(words[words.index("UIDNEXT") + 1])
 
 
-@pytest.mark.parametrize("committed", [True, False])
-def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fleet, committed):
+def _rolled_back_by_recovery(proxy, data: dict) -> None:
+    """A whole-user move of carol's journaled at copying by a process now gone, then `recover`."""
     from referral_proxy.journal import Reservation, Step
 
+    store = _store(proxy)
+    entry = now(store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/"))
+    now(store.journal_step(entry, Step.COPYING, data, "gone.example:1:1"))
+    now(store.disown(entry, "gone.example:1:1"))  # its process is gone
+    now(store.close())
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fleet, committed):
     inbox, stray = ids("inbox", 10), ids("stray", 1)
     seed(fleet["b1"], "carol", "INBOX", inbox)
     seed(fleet["b2"], "carol", "INBOX", stray)
@@ -589,19 +600,34 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
     validity, uidnext = _state(fleet["b2"], "INBOX")
     if committed:
         _copy_directly(fleet, "b1", "INBOX", "b2", "INBOX", "1:10")
-    store = _store(proxy)
     data = {"src": "b1", "dst": "b2", "old": "*", "new": "*", "token": "t0", "pairs": [["INBOX", "INBOX"]],
             "created": [], "validity": {"0": _state(fleet["b1"], "INBOX")[0]}, "batches": [],
             "pending": {"pair": 0, "src": "1:10", "validity": validity, "uidnext": uidnext,
                         "hashes": _hashes(fleet["b1"], "INBOX", "1:10")}, "aside": [], "drained": []}
-    entry = now(store.begin_move("carol", "move", [Reservation(None)], data, "gone.example:1:1", "/"))
-    now(store.journal_step(entry, Step.COPYING, data, "gone.example:1:1"))
-    now(store.disown(entry, "gone.example:1:1"))  # its process is gone
-    now(store.close())
-    recovered = cli("recover", "--config", str(proxy.config_path))
-    assert "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
+    _rolled_back_by_recovery(proxy, data)
     assert census(fleet, "carol", [fleet["b2"]])[0] == before_b2  # exactly as it was: the stray, alone
     _exactly_once(fleet, proxy, "carol", inbox + stray, hidden=stray)
+
+
+def test_a_batch_whose_hashes_were_never_journaled_is_rolled_back_without_its_source(proxy_factory, fleet):
+    """A batch journaled in flight without its hashes never sent its MULTIAPPEND's last byte: nothing
+    to look for, so the roll-back asks nothing of the source (mover.roll_back's "hashes" guard). Its
+    source down -- as when it is what failed mid-copy -- the move is still rolled back, not left."""
+    from referral_proxy.fleet import free_port
+
+    port = free_port("127.0.0.1")  # nothing listens there
+    gone = {"endpoint": f"tcp:host=127.0.0.1:port={port}", "url": f"imap://127.0.0.1:{port}", "tls": "none",
+            "master_user": MASTER_USER, "master_password": MASTER_PASSWORD}
+    proxy = proxy_factory({**MASTERS, "backends": {**MASTERS["backends"], "b4": gone}}, rules=RULES)
+    seed(fleet["b2"], "carol", "Work", [])  # as the move created it
+    validity, uidnext = _state(fleet["b2"], "Work")
+    data = {"src": "b4", "dst": "b2", "old": "Work", "new": "Work", "token": "t0", "pairs": [["Work", "Work"]],
+            "created": [0], "validity": {"0": 1}, "batches": [],
+            "pending": {"pair": 0, "src": "1:3", "validity": validity, "uidnext": uidnext}, "aside": [], "drained": []}
+    _rolled_back_by_recovery(proxy, data)
+    with fleet["b2"].client("carol") as m:
+        assert [n for n in (m.list()[1] or []) if n and b"Work" in n] == []  # the mailbox it made: deleted
+    assert _no_entries(proxy)
 
 
 @pytest.mark.parametrize("committed", [True, False, "moved meanwhile"])
