@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "argv_name"]
+
+
+def argv_name(arg: str) -> str:
+    """A user or mailbox name from the command line as the bytes the shell passed (surrogateescape, as
+    auth.py reads LOGIN and the proxy keeps mailbox names: the wire's bytes), as doveadm takes a user.
+    Python decodes sys.argv by the locale: in an ISO-8859-1 one, ``j\\xe9r`` came as U+00E9 and was
+    written back as UTF-8 (``j\\xc3\\xa9r``, a user nobody is): ``map set`` placed his mailbox for no one,
+    ``move`` logged in as no one ("Authorization failed"). In a UTF-8 or C locale nothing changes."""
+    return os.fsencode(arg).decode("utf-8", "surrogateescape")
 
 
 def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | None = None) -> int:
@@ -40,6 +50,9 @@ def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | 
     recover = sub.add_parser("recover", help="finish or roll back moves a stopped proxy left half done")
     recover.add_argument("--config", "-c", dest="move_config", required=True)
     args = parser.parse_args(argv)
+    for name in ("user", "mailbox") if args.command in ("map", "move") else ():
+        if getattr(args, name, None) is not None:
+            setattr(args, name, argv_name(getattr(args, name)))
 
     if args.command in ("move", "recover"):
         from .movecli import run_move, run_recover

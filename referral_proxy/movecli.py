@@ -9,6 +9,7 @@ the move are logged to stderr.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +47,12 @@ def _run(main: Callable[[Any], Any]) -> int:
     from twisted.internet import reactor
 
     status = [1]
+    # A user's or mailbox's name from the command line that is not UTF-8 (a Latin-1 login name: its bytes
+    # surrogateescaped in sys.argv) is printed back as the same bytes. A UTF-8 terminal's strict stdout
+    # raised at the first print naming it: `move` and `recover` said they failed (exit 1) after their work
+    # was done, and `map show` showed nothing.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
                                      redirectStandardIO=False)
