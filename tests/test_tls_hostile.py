@@ -1,16 +1,22 @@
 """Hostile clients over TLS, the proxy in front of real Dovecot: a TLS handshake that never
 ends holds a connection no longer than the login timeout (the BYE it would be sent cannot
-leave before the handshake, so waiting CLOSE_GRACE for it only kept the slot).
+leave before the handshake, so waiting CLOSE_GRACE for it only kept the slot); behind a
+``haproxy:ssl:`` listener the PROXY header comes in clear text before TLS (as HAProxy sends
+it) and a client that does not read its 50 MB FETCH holds bounded memory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import select
 import socket
+import ssl
 import time
 
 import pytest
 from imapwire import wait_for
+from procmem import reset_peak, rss
 
 from referral_proxy.fleet import free_port, make_tls_material
 from referral_proxy.session import CLOSE_GRACE
@@ -62,3 +68,49 @@ def test_a_tls_handshake_that_never_ends_is_dropped_at_the_login_timeout(proxy_f
         for s in socks:
             s.close()
     wait_for(lambda: proxy.stderr_text().count("outcome=login_timeout") == 4, "four login timeouts logged")
+
+
+MiB = 1024 * 1024
+
+
+def test_behind_haproxy_ssl_the_header_comes_first_and_a_client_that_does_not_read_holds_little(
+        proxy_factory, clean_mail, client_tls):
+    """On main the header was wanted inside TLS (Twisted's layering): HAProxy's, in clear text,
+    failed the handshake; sent inside TLS, the session never registered its output's back-pressure
+    (the handshake's end was not passed through the header's wrapper) and the proxy held the
+    whole FETCH: +46 MiB resident for 50 MiB not read (0.05 MiB now)."""
+    body = (b"x" * 76 + b"\r\n") * (50 * MiB // 78)
+    message = b"From: a@example.test\r\nSubject: big\r\n\r\n" + body
+    direct = clean_mail["b1"].client("alice")
+    assert direct.append("INBOX", None, None, message)[0] == "OK"
+    direct.logout()
+    port = free_port("127.0.0.1")
+    listen = [f"tcp:{free_port('127.0.0.1')}:interface=127.0.0.1",
+              f"haproxy:ssl:{port}:interface=127.0.0.1:privateKey={client_tls.key}:certKey={client_tls.cert}"]
+    proxy = proxy_factory({"proxy": {"listen": listen}})
+    context = ssl.create_default_context(cafile=str(client_tls.ca_cert))
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    raw.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 993\r\n")
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    f = tls.makefile("rb")
+    assert f.readline().startswith(b"* OK [CAPABILITY ")
+    tls.sendall(b"l LOGIN alice secret\r\ne EXAMINE INBOX\r\n")
+    while not f.readline().startswith(b"e OK"):
+        pass
+    base, _ = rss(proxy.pid)
+    reset_peak(proxy.pid)
+    tls.sendall(b"f FETCH 1 BODY.PEEK[]\r\n")
+    # Another client is served meanwhile (it also lets the proxy fill every buffer it may).
+    for _ in range(3):
+        other = proxy.imaplib()
+        assert other.login("alice", "secret")[0] == "OK" and other.noop()[0] == "OK"
+        other.logout()
+        time.sleep(1)
+    _, peak = rss(proxy.pid)
+    assert peak - base < 16 * MiB, f"{(peak - base) / MiB:.1f} MiB held for a client that does not read"
+    assert f.readline() == b"* 1 FETCH (BODY[] {%d}\r\n" % len(message)
+    assert hashlib.sha256(f.read(len(message))).digest() == hashlib.sha256(message).digest()
+    assert f.readline() == b")\r\n" and f.readline().startswith(b"f OK")
+    tls.close()
+    assert re.search(r"session start session=\d+ client=192\.0\.2\.7:40000 ", proxy.stderr_text())
