@@ -24,10 +24,13 @@ SCRIPTS = {
                   b"* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR\r\n%(tag)s OK done\r\n"),
     "drops in the handshake": (b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n", b" OK Begin TLS\r\n"),
     "refuses STARTTLS": (b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n", b" NO not today\r\n"),
+    # tls = "implicit": what it reads is the ClientHello; it closes, or greets in clear text
+    "implicit, drops in the handshake": (None, b""),
+    "implicit, clear-text greeting": (None, b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"),
 }
 
 
-def scripted_backend(greeting: bytes, answer: bytes, received: list[bytes]) -> int:
+def scripted_backend(greeting: bytes | None, answer: bytes, received: list[bytes]) -> int:
     """A backend on 127.0.0.1 that greets, answers the first command, then reads (and keeps)
     whatever comes and closes after the first read (a handshake it cannot do)."""
     srv = socket.socket()
@@ -38,6 +41,10 @@ def scripted_backend(greeting: bytes, answer: bytes, received: list[bytes]) -> i
         while True:
             conn, _ = srv.accept()
             with conn:
+                if greeting is None:  # implicit TLS: the proxy speaks first
+                    received.append(conn.recv(65536))
+                    conn.sendall(answer)
+                    continue
                 conn.sendall(greeting)
                 f = conn.makefile("rb")
                 line = f.readline()
@@ -60,7 +67,7 @@ def test_a_backend_that_is_not_what_it_should_be_gets_no_login(proxy_factory, fl
     port = scripted_backend(*SCRIPTS[script], received)
     proxy = proxy_factory({"backends": {"b1": {
         "endpoint": f"tcp:host=127.0.0.1:port={port}", "url": f"imap://127.0.0.1:{port}",
-        "tls": "starttls", "ca": str(fleet.tls.ca_cert), "connect_timeout": 2}}})
+        "tls": "implicit" if script.startswith("implicit") else "starttls", "ca": str(fleet.tls.ca_cert), "connect_timeout": 2}}})
     w = Wire(proxy.host, proxy.port)
     assert w.cmd(b"a", b"LOGIN alice wrongpassword") == [b"a NO [UNAVAILABLE] Mail server temporarily unavailable\r\n"]
     w.close()

@@ -87,14 +87,17 @@ def test_behind_haproxy_ssl_the_header_comes_first_and_a_client_that_does_not_re
     port = free_port("127.0.0.1")
     listen = [f"tcp:{free_port('127.0.0.1')}:interface=127.0.0.1",
               f"haproxy:ssl:{port}:interface=127.0.0.1:privateKey={client_tls.key}:certKey={client_tls.cert}"]
-    proxy = proxy_factory({"proxy": {"listen": listen}})
+    proxy = proxy_factory({"proxy": {"listen": listen, "allow_plaintext_login": False,
+                                     "tls_cert": str(client_tls.cert), "tls_key": str(client_tls.key)}})
     context = ssl.create_default_context(cafile=str(client_tls.ca_cert))
     raw = socket.create_connection(("127.0.0.1", port))
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     raw.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 993\r\n")
     tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
     f = tls.makefile("rb")
-    assert f.readline().startswith(b"* OK [CAPABILITY ")
+    greeting = f.readline()
+    assert greeting.startswith(b"* OK [CAPABILITY ") and b"AUTH=PLAIN" in greeting
+    assert b"STARTTLS" not in greeting and b"LOGINDISABLED" not in greeting  # it is TLS already
     tls.sendall(b"l LOGIN alice secret\r\ne EXAMINE INBOX\r\n")
     while not f.readline().startswith(b"e OK"):
         pass
@@ -104,6 +107,7 @@ def test_behind_haproxy_ssl_the_header_comes_first_and_a_client_that_does_not_re
     # Another client is served meanwhile (it also lets the proxy fill every buffer it may).
     for _ in range(3):
         other = proxy.imaplib()
+        other.starttls(context)
         assert other.login("alice", "secret")[0] == "OK" and other.noop()[0] == "OK"
         other.logout()
         time.sleep(1)
