@@ -118,3 +118,46 @@ def test_behind_haproxy_ssl_the_header_comes_first_and_a_client_that_does_not_re
     assert f.readline() == b")\r\n" and f.readline().startswith(b"f OK")
     tls.close()
     assert re.search(r"session start session=\d+ client=192\.0\.2\.7:40000 ", proxy.stderr_text())
+
+
+def test_behind_haproxy_ssl_a_header_and_the_client_hello_in_one_write(proxy_factory, client_tls):
+    """What follows the header in the same read is the start of TLS, not IMAP."""
+    port = free_port("127.0.0.1")
+    listen = [f"tcp:{free_port('127.0.0.1')}:interface=127.0.0.1",
+              f"haproxy:ssl:{port}:interface=127.0.0.1:privateKey={client_tls.key}:certKey={client_tls.cert}"]
+    proxy = proxy_factory({"proxy": {"listen": listen}})
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=str(client_tls.ca_cert)).wrap_bio(incoming, outgoing,
+                                                                                server_hostname="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+
+    def exchange() -> None:
+        """Send what TLS has to send; read once, into TLS."""
+        out = outgoing.read()
+        if out:
+            sock.sendall(out)
+        data = sock.recv(65536)
+        assert data, "closed by the proxy"
+        incoming.write(data)
+
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock.sendall(b"PROXY TCP6 2001:db8::7 ::1 40000 993\r\n" + outgoing.read())  # one write
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            exchange()
+    tls.write(b"l LOGIN alice secret\r\n")
+    received = b""
+    while b"\r\nl " not in received:
+        exchange()
+        try:
+            while True:
+                received += tls.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+    assert received.startswith(b"* OK [CAPABILITY ") and b"\r\nl OK " in received
+    sock.close()
+    assert re.search(r"session start session=\d+ client=\[2001:db8::7\]:40000 ", proxy.stderr_text())
