@@ -161,3 +161,27 @@ def test_behind_haproxy_ssl_a_header_and_the_client_hello_in_one_write(proxy_fac
     assert received.startswith(b"* OK [CAPABILITY ") and b"\r\nl OK " in received
     sock.close()
     assert re.search(r"session start session=\d+ client=\[2001:db8::7\]:40000 ", proxy.stderr_text())
+
+
+@pytest.mark.parametrize("trusted,served", [(["127.0.0.0/8"], True), (["10.0.0.0/8"], False)])
+def test_haproxy_ssl_with_workers_and_trusted_networks(proxy_factory, client_tls, trusted, served):
+    """The workers' inherited listeners: TLS after the header there too, and a header only from
+    a peer in trusted_networks when it is set (closed without a word otherwise)."""
+    port = free_port("127.0.0.1")
+    listen = [f"tcp:{free_port('127.0.0.1')}:interface=127.0.0.1",
+              f"haproxy:ssl:{port}:interface=127.0.0.1:privateKey={client_tls.key}:certKey={client_tls.cert}"]
+    proxy = proxy_factory({"proxy": {"workers": 2, "trusted_networks": trusted, "listen": listen}})
+    context = ssl.create_default_context(cafile=str(client_tls.ca_cert))
+    for _ in range(4 if served else 1):  # whichever worker takes it
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        if not served:
+            assert still_open([raw], 10) == []
+            raw.close()
+            continue
+        raw.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 993\r\n")
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            f = tls.makefile("rb")
+            assert f.readline().startswith(b"* OK")
+            tls.sendall(b"l LOGIN alice secret\r\n")
+            assert f.readline().startswith(b"l OK")
+    assert "Traceback" not in proxy.stderr_text()
