@@ -428,6 +428,14 @@ class MailboxMap:
     async def entries(self) -> list[JournalEntry]:
         return await self._store.journal()
 
+    async def owners_gone(self) -> list[int]:
+        """The entries whose owner is known gone, a dead process on this host or a lease run out:
+        one read of the journal's owners (recovery's quick check). Entries nobody owns (given up
+        after a failure) are not listed: the sweep retries those, not every few seconds."""
+        gone: dict[str, bool] = {}
+        return [i for i, owner, expired in await self._store.journal_owners()
+                if owner is not None and (expired or gone.setdefault(owner, owner_gone(owner)))]
+
     def start_leases(self, clock: Any, every: float) -> None:
         """Renew this process's leases every *every* seconds (stores with leases; a no-op otherwise)."""
         if not self._store.leases or self._renewal is not None:
