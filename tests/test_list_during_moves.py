@@ -44,6 +44,7 @@ def views(old: str = "Work", new: str = "Shared/W") -> list[bytes]:
             b'LIST "" "Shared/*"', b'LSUB "" "*"', b'LSUB "" "%"', b'LIST (SUBSCRIBED) "" "*"',
             b'LIST "" "*" RETURN (SUBSCRIBED CHILDREN STATUS (MESSAGES))',
             b'LIST (SUBSCRIBED RECURSIVEMATCH) "" "*" RETURN (CHILDREN)', b'LIST "" "%" RETURN (CHILDREN)',
+            b'RLIST "" "*"', b'RLSUB "" "*"',
             b'STATUS "%s" (MESSAGES)' % o, b'STATUS "%s/c" (MESSAGES)' % o, b'STATUS "%s" (MESSAGES)' % n,
             b'STATUS "%s/c" (MESSAGES)' % n]
 
@@ -53,12 +54,18 @@ _TIMING = re.compile(rb" \([0-9.]+ \+ [0-9.]+(?: \+ [0-9.]+)? secs\)\.?")
 _MARKS = re.compile(rb"\\(?:Un)?[Mm]arked ?")
 
 
-def _view(w: Wire, commands: list[bytes] = VIEWS) -> dict[bytes, list[bytes]]:
+def _observer(proxy) -> tuple[Wire, Wire]:
+    """Two sessions: RLIST/RLSUB on the second (they make a session referral-aware: its LIST would
+    then ask its home backend only)."""
+    return _logged_in(proxy), _logged_in(proxy)
+
+
+def _view(ws: tuple[Wire, Wire], commands: list[bytes] = VIEWS) -> dict[bytes, list[bytes]]:
     """What each of *commands* answers now."""
     out = {}
     for i, command in enumerate(commands):
         tag = b"v%d" % i
-        lines = w.cmd(tag, command)
+        lines = ws[command.startswith(b"RL")].cmd(tag, command)
         done = _TIMING.sub(b"", lines[-1])  # Dovecot's "(0.001 + 0.000 secs)"
         if done.startswith(tag + b" OK"):
             done = tag + b" OK"
@@ -144,7 +151,7 @@ def test_a_rename_across_is_seen_whole_by_a_client_of_another_proxy_at_every_ste
         assert selected.closed(30)
 
     commands = views(old)
-    steps = _stepwise(_logged_in(moving), _logged_in(other), pause, b'RENAME "%s" "Shared/W"' % old.encode(),
+    steps = _stepwise(_logged_in(moving), _observer(other), pause, b'RENAME "%s" "Shared/W"' % old.encode(),
                       commands, told_bye)
     assert {s.split(":")[0] for s, _d in steps} >= {"created", "committed", "placed", "aside", "drained"}, steps
     bad = [(s, c) for s, d in steps for c, _seen, _want in d]
@@ -160,7 +167,7 @@ def test_an_admin_move_is_seen_whole_at_every_step(proxy_factory, fleet, tmp_pat
     pause = tmp_path / "pause"
     pause.mkdir()
     proxy = proxy_factory(MASTERS, rules=RULES)
-    observer = _logged_in(proxy)
+    observer = _observer(proxy)
     before = _view(observer)
     outcome: list = []
     mover = threading.Thread(target=lambda: outcome.append(cli(
@@ -190,7 +197,7 @@ def test_a_rename_across_of_many_messages_never_shows_both_names_to_a_looping_cl
     same proxy LISTs and STATUSes in a loop: every answer is the one from before or the one from after."""
     mail = _seed_work(fleet, 1200)
     proxy = proxy_factory(MASTERS, rules=RULES)
-    mover, observer = _logged_in(proxy), _logged_in(proxy)
+    mover, observer = _logged_in(proxy), _observer(proxy)
     before = _view(observer)
     answer: list = []
     thread = threading.Thread(target=lambda: answer.append(mover.cmd(b"r", b'RENAME Work "Shared/W"')))
@@ -209,3 +216,24 @@ def test_a_rename_across_of_many_messages_never_shows_both_names_to_a_looping_cl
         assert sides == sorted(sides), command
     counts, _where = census(fleet, "carol")
     assert judge(counts, mail) == ([], [])
+
+
+def test_a_rename_of_inbox_across_shows_the_new_mailbox_from_the_commit_point(proxy_factory, fleet, tmp_path):
+    """RENAME INBOX Shared/In (RFC 3501 6.3.5: INBOX's messages move, INBOX and its children stay),
+    stopped at every step: Shared/In is listed from the commit point on, never before; INBOX and
+    INBOX/Kid all along. (INBOX's STATUS counts its messages until they are drained: not asked.)"""
+    mail = ids("inbox", 12)
+    seed(fleet["b1"], "carol", "INBOX", mail, create=False)
+    seed(fleet["b1"], "carol", "INBOX/Kid", ["kid@t"])
+    shared = {**MASTERS, "map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}}
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    moving = proxy_factory(shared, rules=RULES, command=faulty(*EVERY_STEP, "--pause-dir", str(pause)))
+    other = proxy_factory(shared, rules=RULES)
+    commands = [c for c in views("INBOX", "Shared/In") if b"STATUS" not in c] + [b'STATUS "Shared/In" (MESSAGES)']
+    steps = _stepwise(_logged_in(moving), _observer(other), pause, b'RENAME INBOX "Shared/In"', commands)
+    assert {s.split(":")[0] for s, _d in steps} >= {"created", "committed", "placed", "drained"}, steps
+    assert [(s, c) for s, d in steps for c, _seen, _want in d] == [], _first(steps)
+    counts, where = census(fleet, "carol")
+    assert judge(counts, mail + ["kid@t"]) == ([], [])
+    assert {where[i][0] for i in mail} == {("b3", "Shared/In")}
