@@ -102,12 +102,13 @@ _NONEXISTENT = "Mailbox doesn't exist"  # Dovecot's STATUS of a missing name, an
 
 
 def status_during_move(host: Any, cmd: Command) -> bool:
-    """STATUS of a name a move holds (True: taken), answered as the view shows it, not ``NO [INUSE]``:
-    read-only, it changes nothing the move relies on. A held name no move carries (a RENAME on one
-    backend's, a move's before its plan is known) is asked where the map routes it."""
+    """STATUS of a name a mailbox move holds (True: taken), answered as the view shows it, not
+    ``NO [INUSE]``: read-only, it changes nothing the move relies on. A name the move holds but does
+    not carry (one before its plan is known) is asked where the map routes it."""
     mailbox = cmd.args.value(Slot.MAILBOX)
-    if cmd.name != "STATUS" or mailbox is None or host.pool is None:
-        return False
+    if cmd.name != "STATUS" or mailbox is None or host.pool is None or not host.mailbox_map.mailbox_moves(
+            host.user, mailbox.decode("utf-8", "surrogateescape")):
+        return False  # held by another operation (a RENAME on one backend, a staged APPEND): NO [INUSE]
 
     async def answer() -> None:
         sep = host.mailbox_map.separator

@@ -348,14 +348,19 @@ class MailboxMap:
         name = normalize(mailbox, self.separator)
         return any(not r.shared and covers(r, name, self.separator) for _i, r in self._held.get(self.canonical(user), ()))
 
-    def mailbox_moves(self, user: str) -> set[int]:
+    def mailbox_moves(self, user: str, mailbox: str | None = None) -> set[int]:
         """The journal entries of mailbox moves (mover.py: they hold a private aside name, or the
-        whole user) holding names of *user*'s now; from the snapshot, no I/O (moveview.py)."""
+        whole user) holding names of *user*'s now (*mailbox* among them, if given); from the
+        snapshot, no I/O (moveview.py)."""
         self._refresh()
         if not self._held:
             return set()
-        return {i for i, r in self._held.get(self.canonical(user), ())
-                if r.name is None or r.name.startswith(_ASIDE)}
+        held = self._held.get(self.canonical(user), ())
+        moves = {i for i, r in held if r.name is None or r.name.startswith(_ASIDE)}
+        if mailbox is None or not moves:
+            return moves
+        name = normalize(mailbox, self.separator)
+        return {i for i, r in held if i in moves and not r.shared and covers(r, name, self.separator)}
 
     async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict) -> JournalEntry:
         """Reserve the names and write the entry, in one store transaction; InUse if any is held."""

@@ -80,3 +80,15 @@ def test_a_rename_of_inbox_never_hides_inbox():
     m, _store = _map()
     _begin(m, "carol", [["INBOX", "Shared/In"]], Step.PLACED, "INBOX", "Shared/In")
     assert now(move_view(m, "carol")).shown == {"INBOX": "b1", "Shared/In": "b3"}
+
+
+def test_status_is_taken_only_for_a_name_a_mailbox_move_holds():
+    """mailbox_moves(user, name): a RENAME on one backend (op rename-local, no aside name) holds its
+    names too, and STATUS of them stays NO [INUSE] (tests/test_rfc2193.py)."""
+    m, _store = _map()
+    now(m.begin_move("carol", "rename-local", [Reservation("Local"), Reservation("Local2")], {}))
+    assert m.mailbox_moves("carol", "Local") == set()
+    entry = _begin(m, "carol", [["Work", "Shared/W"]], Step.COPIED, "Work", "Shared/W")
+    assert m.mailbox_moves("carol", "Local") == set()
+    assert m.mailbox_moves("carol", "Work/c") == m.mailbox_moves("carol", "Shared/W") == {entry.id}
+    assert m.mailbox_moves("carol", "Other") == set() and m.mailbox_moves("carol") == {entry.id}
