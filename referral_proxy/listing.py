@@ -205,18 +205,21 @@ def _owner(host: ListHost, name: str) -> str:
 
 
 async def _view(host: ListHost, backends: list[str], remote: bool, *,
-                subscriptions: bool = False) -> tuple[Callable[[str], str], list[str], list[str]]:
+                subscriptions: bool = False) -> tuple[Callable[[str], str], list[str], list[str] | None]:
     """The owner of each name as the moves in progress show it (moveview.py), the backends to
-    ask (with those showing a moved name, when every backend is asked), and the names hidden now."""
+    ask (with those showing a moved name, when every backend is asked), and the names hidden
+    now (None: no move of the user's is on)."""
     view = await move_view(host.mailbox_map, host.user, subscriptions=subscriptions)
     owner = view.owner(lambda n: _owner(host, n), host.mailbox_map.separator)
-    backends = list(dict.fromkeys(backends + view.backends)) if remote and view.shown else backends
+    if not view.shown:
+        return owner, backends, None
+    backends = list(dict.fromkeys(backends + view.backends)) if remote else backends
     return owner, backends, [name for name, backend in view.shown.items() if backend == HIDDEN]
 
 
 async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
                   backends: list[str], remote: bool) -> None:
-    owner, backends, _hidden = await _view(host, backends, remote, subscriptions=kind == "LSUB")
+    owner, backends, hidden = await _view(host, backends, remote, subscriptions=kind == "LSUB")
     entries = []
     for conn, r in await host.gather(backends, kind.encode() + b' "" "*"'):
         if r.start.name == kind:
@@ -225,7 +228,7 @@ async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, patte
                 entries.append(parse_list_entry(fragments, literals, conn.name))
             except ParseError:
                 log.warn("unparsable {kind} from {b}", kind=kind, b=conn.name)
-        elif not _names_private(r.raw):
+        elif not _names_private(r.raw) and not (hidden is not None and r.start.name == "NO"):  # as below
             host.write_from(conn, r.raw)
     separator = host.mailbox_map.separator
     merged = merge(entries, owner, separator, placeholders=(kind == "LIST"),
@@ -290,13 +293,15 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 continue
             if owner(mailbox.decode("utf-8", "surrogateescape")) == conn.name and not is_private_name(mailbox):
                 out.append(r.raw)
-        elif not _names_private(r.raw):
+        elif not _names_private(r.raw) and not (hidden is not None and r.start.name == "NO"):
+            # (a move on: Dovecot's "* NO Mailbox was deleted under us" for the STATUS of a source it
+            # renamed aside meanwhile, naming none; a warning, RFC 3501 7.1.2, about no name shown)
             out.append(r.raw)
     sep = host.mailbox_map.separator
     for name, i in parents.items():
         if name in seen:  # the owner said it
             out[i] = b""
-        elif (any(h.startswith(normalize(name, sep) + sep) for h in hidden)
+        elif (hidden and any(h.startswith(normalize(name, sep) + sep) for h in hidden)
               and normalize(name, sep) not in await _parents(host, backends, owner)):
             out[i] = b""  # the parent of names a move hides now (a RENAME's new ones before its commit point)
         elif await _exists(host, name, owner):  # there, but not selected (SUBSCRIBED): not \NonExistent

@@ -192,12 +192,19 @@ def test_an_admin_move_is_seen_whole_at_every_step(proxy_factory, fleet, tmp_pat
     assert {where[i][0][0] for i in mail} == {"b2"}
 
 
-def test_a_rename_across_of_many_messages_never_shows_both_names_to_a_looping_client(proxy_factory, fleet):
-    """Unstopped: a RENAME of 1200 messages (3 batches) through one proxy while a second session of the
-    same proxy LISTs and STATUSes in a loop: every answer is the one from before or the one from after."""
+@pytest.mark.parametrize("through", ["the same proxy", "another proxy on PostgreSQL"])
+def test_a_rename_across_of_many_messages_never_shows_both_names_to_a_looping_client(proxy_factory, fleet, request,
+                                                                                      through):
+    """Unstopped: a RENAME of 1200 messages (3 batches) through one proxy while a session of it (or of a
+    second proxy on the same PostgreSQL map) LISTs and STATUSes in a loop: every answer is the one
+    from before or the one from after, and once after, never before again."""
     mail = _seed_work(fleet, 1200)
-    proxy = proxy_factory(MASTERS, rules=RULES)
-    mover, observer = _logged_in(proxy), _observer(proxy)
+    if through == "the same proxy":
+        proxy = other = proxy_factory(MASTERS, rules=RULES)
+    else:
+        shared = {**MASTERS, "map": {"store": request.getfixturevalue("pg_dsn")}}
+        proxy, other = proxy_factory(shared, rules=RULES), proxy_factory(shared, rules=RULES)
+    mover, observer = _logged_in(proxy), _observer(other)
     before = _view(observer)
     answer: list = []
     thread = threading.Thread(target=lambda: answer.append(mover.cmd(b"r", b'RENAME Work "Shared/W"')))
