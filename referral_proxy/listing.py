@@ -204,24 +204,44 @@ def _owner(host: ListHost, name: str) -> str:
     return host.mailbox_map.lookup(host.user, name).primary
 
 
-async def _view(host: ListHost, backends: list[str], remote: bool, *,
-                subscriptions: bool = False) -> tuple[Callable[[str], str], list[str], list[str] | None]:
-    """The owner of each name as the moves in progress show it (moveview.py), the backends to
-    ask (with those showing a moved name, when every backend is asked), and the names hidden
-    now (None: no move of the user's is on)."""
+VIEW_ATTEMPTS = 4  # a LIST asked again while a move's view changed during it (moveview.py)
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """A command's answers from the backends, and the view of the moves they are to be seen by."""
+
+    owner: Callable[[str], str]  # a name's backend as the moves in progress show it
+    backends: list[str]  # those asked
+    hidden: list[str] | None  # the names a move hides now (None: no move of the user's is on)
+    answers: list[tuple[BackendProtocol, UntaggedResponse]]
+
+
+async def _gather(host: ListHost, backends: list[str], remote: bool, command: bytes, *,
+                  subscriptions: bool = False) -> _Gathered:
+    """*command* on *backends* (and, when every backend is asked, those showing a moved name),
+    between two looks at the moves' view (moveview.py): if it changed meanwhile (a move reached its
+    commit point, planned its names, ended), the backends may have answered from either side of
+    it, so they are asked again. With no move of the user's on, both looks are the snapshot's."""
+    sep = host.mailbox_map.separator
     view = await move_view(host.mailbox_map, host.user, subscriptions=subscriptions)
-    owner = view.owner(lambda n: _owner(host, n), host.mailbox_map.separator)
-    if not view.shown:
-        return owner, backends, None
-    backends = list(dict.fromkeys(backends + view.backends)) if remote else backends
-    return owner, backends, [name for name, backend in view.shown.items() if backend == HIDDEN]
+    for _attempt in range(VIEW_ATTEMPTS):
+        asked = list(dict.fromkeys(backends + view.backends)) if remote else backends
+        answers = await host.gather(asked, command)
+        again = await move_view(host.mailbox_map, host.user, subscriptions=subscriptions)
+        if again == view:
+            break
+        view = again
+    hidden = [name for name, backend in view.shown.items() if backend == HIDDEN] if view.shown else None
+    return _Gathered(view.owner(lambda n: _owner(host, n), sep), asked, hidden, answers)
 
 
 async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
                   backends: list[str], remote: bool) -> None:
-    owner, backends, hidden = await _view(host, backends, remote, subscriptions=kind == "LSUB")
+    got = await _gather(host, backends, remote, kind.encode() + b' "" "*"', subscriptions=kind == "LSUB")
+    owner, hidden = got.owner, got.hidden
     entries = []
-    for conn, r in await host.gather(backends, kind.encode() + b' "" "*"'):
+    for conn, r in got.answers:
         if r.start.name == kind:
             fragments, literals = r.arguments
             try:
@@ -247,12 +267,13 @@ _PER_MAILBOX = frozenset({"STATUS", "MYRIGHTS", "METADATA"})
 async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, backends: list[str],
                     remote_option: bool, remote: bool) -> None:
     """LIST-EXTENDED forms: the command, re-encoded, on every backend; each mailbox from its owner."""
-    owner, backends, hidden = await _view(host, backends, remote, subscriptions=kind == "LSUB")
     subscribed = b"SUBSCRIBED" in _selection(args)  # names, not mailboxes, are selected (RFC 5258 3.1)
     encoded = encode(args)
     text = kind.encode() + b" " + b"".join(
         f + b"{%d+}\r\n" % len(lit.value) + lit.value for f, lit in zip(encoded.fragments, encoded.literals)
     ) + encoded.fragments[-1]
+    got = await _gather(host, backends, remote, text, subscriptions=kind == "LSUB")
+    owner, backends, hidden = got.owner, got.backends, got.hidden
     out: list[bytes] = []
     seen: set[str] = set()
     # A \NonExistent parent (RFC 5258 3.4) said by a backend that holds its children but not the
@@ -260,7 +281,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     parents: dict[str, int] = {}
     child_flagged: dict[int, str] = {}  # an entry with \\HasChildren or \\HasNoChildren: its index, its name
     owned: dict[int, str] = {}  # every entry from its owner: its index, its name
-    for conn, r in await host.gather(backends, text):
+    for conn, r in got.answers:
         fragments, literals = r.arguments
         if r.start.name in ("LIST", "LSUB"):
             try:

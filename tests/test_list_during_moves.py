@@ -70,7 +70,10 @@ def _view(ws: tuple[Wire, Wire], commands: list[bytes] = VIEWS) -> dict[bytes, l
         if done.startswith(b" OK"):
             done = b" OK"
         # \\Marked (new mail since the last look, RFC 3501 7.2.2) is the backend's to change meanwhile
-        out[command] = sorted(_MARKS.sub(b"", line).replace(b" )", b")") for line in lines[:-1]) + [done]
+        # an untagged NO is a warning (RFC 3501 7.1.2): Dovecot's "* NO Mailbox was deleted under us" when
+        # a mailbox it listed is gone before its STATUS (the proxy drops it while it sees the move on)
+        out[command] = sorted(_MARKS.sub(b"", line).replace(b" )", b")") for line in lines[:-1]
+                              if not line.startswith(b"* NO ")) + [done]
     return out
 
 
