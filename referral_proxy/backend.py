@@ -542,7 +542,7 @@ async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Cr
     if before_login is not None:
         await before_login(proto)
     await _login(proto, credentials)
-    if not proto.capabilities or _has_pre_login_only(proto.capabilities):
+    if not proto.capabilities or not proto.capabilities.isdisjoint(("LOGINDISABLED", "STARTTLS")):  # pre-login ones
         await _ok(proto, b"CAPABILITY")
 
 
@@ -553,10 +553,6 @@ def _why(e: BaseException) -> str:
     if isinstance(e, BackendError) and cause is not None:
         text += f" ({_why(cause)})"
     return text
-
-
-def _has_pre_login_only(caps: frozenset[str]) -> bool:
-    return "LOGINDISABLED" in caps or "STARTTLS" in caps
 
 
 async def _ok(proto: BackendProtocol, text: bytes) -> Tagged:
@@ -572,6 +568,8 @@ async def _starttls(proto: BackendProtocol, config: BackendConfig) -> None:
     if "STARTTLS" not in proto.capabilities:
         raise BackendUnavailable(f"backend {config.name} does not offer STARTTLS")
     await _ok(proto, b"STARTTLS")
+    if proto._framer.buffered:  # read after the OK in clear text, then as if under TLS: injected (a forged login OK)
+        raise BackendUnavailable(f"backend {config.name} sent {proto._framer.buffered} bytes after its STARTTLS OK")
     proto.transport.startTLS(tls_options(config))
     proto.capabilities = frozenset()
     try:

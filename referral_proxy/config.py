@@ -116,6 +116,7 @@ class MapConfig:
     separator: str = "/"  # the backends' hierarchy separator, for patterns and listings
     username_format: str = "lower"  # how a login name becomes the map's user name (USERNAME_FORMATS)
     lease_seconds: float = 60.0  # PostgreSQL: a move whose owner stopped renewing this long is recovered elsewhere
+    recovery_check_seconds: float = 2.0  # how often a proxy looks for a move whose owner died (recovery.py)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
 
 
 def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfig]) -> MapConfig:
-    _only(raw, "map", {"default", "store", "rules", "separator", "username_format", "lease_seconds"})
+    _only(raw, "map", {"default", "store", "rules", "separator", "username_format", "lease_seconds",
+                     "recovery_check_seconds"})
     separator = _get(raw, "map", "separator", str, default="/")
     if len(separator) != 1:
         raise ConfigError("map.separator: must be one character")
@@ -316,6 +318,9 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
     lease_seconds = _get(raw, "map", "lease_seconds", (int, float), default=60)
     if not 1 <= lease_seconds <= 3600:
         raise ConfigError("map.lease_seconds: must be between 1 and 3600")
+    check_seconds = _get(raw, "map", "recovery_check_seconds", (int, float), default=2)
+    if not 0.1 <= check_seconds <= 3600:
+        raise ConfigError("map.recovery_check_seconds: must be between 0.1 and 3600")
     rules_raw = raw.get("rules", [])
     if not isinstance(rules_raw, list):
         raise ConfigError("map.rules: must be an array of tables ([[map.rules]])")
@@ -338,7 +343,8 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
             backends=names,
         ))
     return MapConfig(default=default, store=store, rules=tuple(rules), separator=separator,
-                     username_format=username_format, lease_seconds=float(lease_seconds))
+                     username_format=username_format, lease_seconds=float(lease_seconds),
+                     recovery_check_seconds=float(check_seconds))
 
 
 def _parse_log(raw: dict[str, Any]) -> LogConfig:

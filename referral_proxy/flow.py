@@ -248,7 +248,7 @@ class ClientFlow:
 
     __slots__ = (  # no per-instance dict: a proxy holds thousands of idle sessions
         "own", "blocked", "gate", "backends", "client_output", "out", "_write", "_pump", "_abort_timer",
-        "_registered",
+        "_registered", "handshaking",
     )
 
     def __init__(self, own: object, write: Callable[[bytes], None], pump: Callable[[], None]) -> None:
@@ -262,6 +262,9 @@ class ClientFlow:
         self._pump = pump
         self._abort_timer: Any = None
         self._registered = False  # client_output is the transport's producer
+        # A TLS handshake is under way (a TLS listener's, or after STARTTLS): nothing written
+        # reaches the client before it ends, so a BYE cannot be waited for (session.py aborts).
+        self.handshaking = False
 
     def connect(self, transport: Any, *, produce: bool = True) -> None:
         """The client connected: from now on its full output stops the commands (with
@@ -269,12 +272,15 @@ class ClientFlow:
         self.gate = ReadGate(transport)
         if produce:
             self.produce(transport)
+        else:
+            self.handshaking = True
 
     def produce(self, transport: Any) -> None:
         """Register the client's output as the transport's producer, once. A TLS transport
         pauses its producer while it buffers what is written before the handshake: the
         greeting would stop the reading, and with it the handshake (a TLS listener's
         session registers once the handshake is done)."""
+        self.handshaking = False
         if not self._registered:
             transport.registerProducer(self.client_output, True)
             self._registered = True

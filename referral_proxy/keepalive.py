@@ -163,7 +163,8 @@ class KeepAlive:
     def _drop_user(self, key: ReuseKey) -> bool:
         """Log out the connections parked for *key*'s user on its backend, whatever their key
         (whether their client address counts as the same IP there is the backend's business)."""
-        mine = [conn for conn in self._timers if conn.reuse_key.backend == key.backend and self._who(conn.reuse_key) == self._who(key)]
+        who = self._who(key)
+        mine = [conn for conn in self._timers if conn.reuse_key.backend == key.backend and self._who(conn.reuse_key) == who]
         for conn in mine:
             self._drop(conn)
         return bool(mine)

@@ -543,6 +543,12 @@ class PostgresStore:
         return [JournalEntry(int(i), _s(u), o, json.loads(d), _step(st), ow, c, lease_expired=bool(x))  # type: ignore[arg-type]
                 for i, u, o, d, st, c, ow, x in rows]
 
+    async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
+        def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute("SELECT id, owner, coalesce(lease_until < now(), false) FROM journal").fetchall()
+
+        return [(int(i), ow, bool(x)) for i, ow, x in await self._run(work)]
+
     async def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
         def work(conn: psycopg.Connection[Any]) -> None:
             conn.execute("INSERT INTO transfer_counts (kind, result, n, bytes) VALUES (%s, %s, 1, %s)"

@@ -105,20 +105,51 @@ async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connec
 
 
 class RecoverySweep:
-    """In a running proxy: recover at start-up, then every SWEEP_SECONDS while entries remain."""
+    """In a running proxy: recover at start-up, then every SWEEP_SECONDS while entries remain;
+    and sweep at once when the quick check (every ``[map].recovery_check_seconds``) finds an
+    entry whose owner is gone: until then the clients of the other proxies see a half-done
+    move (a MOVE's copies beside their sources: every message twice)."""
 
     def __init__(self, reactor: Any, config: Callable[[], Config], mailbox_map: MailboxMap) -> None:
         self.reactor, self.config, self.map = reactor, config, mailbox_map
         self._loop = task.LoopingCall(self._sweep)
         self._loop.clock = reactor
         self._running: defer.Deferred[None] | None = None
+        self._check_loop = task.LoopingCall(self._check)
+        self._check_loop.clock = reactor
+        self._checking = False
 
     def start(self) -> None:
         self._loop.start(SWEEP_SECONDS, now=True)
+        self._check_loop.start(self.config().map.recovery_check_seconds, now=False)
 
     def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+        for loop in (self._loop, self._check_loop):
+            if loop.running:
+                loop.stop()
+
+    def _check(self) -> None:
+        self._check_loop.interval = self.config().map.recovery_check_seconds  # a reload's, from the next tick
+        if self._running is not None or self._checking:
+            return
+        self._checking = True
+        checked = defer.ensureDeferred(self._look())
+        checked.addBoth(lambda _: setattr(self, "_checking", False))
+
+    async def _look(self) -> None:
+        """One read of the journal's owners, no backend reached: a sweep only if one is gone."""
+        try:
+            gone = await self.map.owners_gone()
+        except StoreUnavailable:
+            return  # the sweep says so (every SWEEP_SECONDS), not this check every few seconds
+        except Exception:
+            if self._loop.running:
+                log.failure("recovery check failed")
+            return
+        if gone and self._loop.running:
+            log.info("recovery: the owner of journal entries {ids} is gone; recovering them now",
+                     ids=", ".join(map(str, gone)))
+            self._sweep()
 
     def now(self) -> None:
         """Sweep at once, not at the next tick (a worker died: its moves have no owner now)."""

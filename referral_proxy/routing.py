@@ -140,8 +140,8 @@ class MailboxMap:
         self._placements: dict[tuple[str, str], tuple[str, ...]] = {}
         self._changes = 0
         self._held: dict[str, list[tuple[int, Reservation]]] = {}
-        # entries as first seen here, numbered: relocation.py ends the sessions a mailbox move takes a
-        # selected mailbox from, whether or not the move is still on when it looks (moves_since)
+        # entries as first seen here, (number from 1, user, reservations): relocation.py ends the sessions
+        # a mailbox move takes a selected mailbox from, whether or not the move is still on when it looks
         self._began: collections.deque[tuple[int, str, tuple[Reservation, ...]]] = collections.deque(maxlen=MOVES_KEPT)
         self._began_count = 0
         self.on_move_begun: Callable[[], None] | None = None  # relocation.py looks at the sessions at once
@@ -187,12 +187,12 @@ class MailboxMap:
         known = {i for entries in self._held.values() for i, _r in entries}
         for user, entries in held.items():
             for entry_id in dict.fromkeys(i for i, _r in entries if i not in known):
-                self._began_entry(entry_id, user, tuple(r for i, r in entries if i == entry_id))
+                self._began_entry(user, tuple(r for i, r in entries if i == entry_id))
         self._held = held
 
-    def _began_entry(self, entry_id: int, user: str, reservations: tuple[Reservation, ...]) -> None:
+    def _began_entry(self, user: str, reservations: tuple[Reservation, ...]) -> None:
         self._began_count += 1
-        self._began.append((entry_id, user, reservations))
+        self._began.append((self._began_count, user, reservations))
         if self.on_move_begun is not None:
             self.on_move_begun()
 
@@ -205,11 +205,7 @@ class MailboxMap:
         """(count, [(number, user, reservations)]): the entries this process saw begin since it had
         seen *seen* (at most MOVES_KEPT of them; numbered from 1), and the count to pass next time."""
         self._refresh()
-        new = min(self._began_count - seen, len(self._began))
-        if new <= 0:
-            return self._began_count, []
-        return self._began_count, [(self._began_count - new + 1 + k, u, rs)
-                                   for k, (_i, u, rs) in enumerate(list(self._began)[len(self._began) - new:])]
+        return self._began_count, [began for began in self._began if began[0] > seen]
 
     def _refresh(self) -> None:
         """Pick up placements and reservations written by another process (never waits)."""
@@ -370,7 +366,7 @@ class MailboxMap:
         entry_id = await self._store.begin_move(user, op, names, data, self._owner, self.separator)
         self._working.add(entry_id)
         self._held.setdefault(user, []).extend((entry_id, r) for r in names)
-        self._began_entry(entry_id, user, tuple(names))
+        self._began_entry(user, tuple(names))
         # Other proxies answer NO [INUSE] from their caches: the move reads nothing before they have it.
         await self._store.settle()
         entry = JournalEntry(entry_id, user, op, data, Step.RESERVED, self._owner)
@@ -446,6 +442,14 @@ class MailboxMap:
 
     async def entries(self) -> list[JournalEntry]:
         return await self._store.journal()
+
+    async def owners_gone(self) -> list[int]:
+        """The entries whose owner is known gone, a dead process on this host or a lease run out:
+        one read of the journal's owners (recovery's quick check). Entries nobody owns (given up
+        after a failure) are not listed: the sweep retries those, not every few seconds."""
+        gone: dict[str, bool] = {}
+        return [i for i, owner, expired in await self._store.journal_owners()
+                if owner is not None and (expired or gone.setdefault(owner, owner_gone(owner)))]
 
     def start_leases(self, clock: Any, every: float) -> None:
         """Renew this process's leases every *every* seconds (stores with leases; a no-op otherwise)."""

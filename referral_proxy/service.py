@@ -195,9 +195,11 @@ class ProxyService(MultiService):
         for i, spec in enumerate(() if self.is_master else config.proxy.listen):
             if self.role is not None:
                 fd, family = self.role.listeners[i]
-                endpoint = inherited_endpoint(reactor, spec, fd, family, config.proxy.login_timeout)
+                endpoint = inherited_endpoint(reactor, spec, fd, family, config.proxy.login_timeout,
+                                              config.proxy.trusted_networks)
             else:
-                endpoint = listen_endpoint(reactor, spec, config.proxy.login_timeout)
+                endpoint = listen_endpoint(reactor, spec, config.proxy.login_timeout,
+                                           trusted=config.proxy.trusted_networks)
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True  # a port in use stops start-up with that error
             svc.setName(spec)

@@ -419,6 +419,7 @@ class ClientSession(Protocol):
         # could be an injection: drop it (the same defence as Dovecot's and Postfix's).
         self.tagged(cmd.tag, "OK", "Begin TLS negotiation now.")
         self.reader = CommandReader(self.config.proxy.limits, self._admit, PLAIN_COMMANDS)
+        self.flow.handshaking = True  # until handshakeCompleted
         self.transport.startTLS(self.ctx.server_tls)
 
     def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol,
@@ -442,7 +443,7 @@ class ClientSession(Protocol):
         self._login_timer = None
         if self.phase is Phase.NOT_AUTHENTICATED:
             self.ctx.observer.timed_out(self)
-            if self.flow.output_backed_up:  # it reads nothing: a BYE would never leave
+            if self.flow.output_backed_up or self.flow.handshaking:  # a BYE would never leave
                 self.phase = Phase.LOGOUT
                 return self.flow.abort(self.transport)
             self.send(b"* BYE Autologout; no login in time\r\n")

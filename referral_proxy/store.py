@@ -85,6 +85,8 @@ class MapStore(Protocol):
     async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
         """Extend the lease of those of *entry_ids* that *owner* holds; how many (0 for stores without leases)."""
     async def journal(self) -> list[JournalEntry]: ...
+    async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
+        """(entry id, owner, its lease ran out) of every entry: one cheap read (recovery's quick check)."""
     async def settle(self) -> None:
         """Return once the other processes have (as good as surely) learnt of this one's last write."""
     async def count_transfer(self, kind: str, result: str, nbytes: int) -> None: ...
@@ -178,6 +180,9 @@ class MemoryStore:
     async def journal(self) -> list[JournalEntry]:
         return [JournalEntry(e.id, e.user, e.op, _copy(e.data), e.step, e.owner, e.created)
                 for e in self._journal.values()]
+
+    async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
+        return [(e.id, e.owner, False) for e in self._journal.values()]
 
     async def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
         n, total = self._counts.get((kind, result), (0, 0))
@@ -311,6 +316,9 @@ class SQLiteStore:
         rows = self._db.execute("SELECT id, user, op, data, step, created, owner FROM journal ORDER BY id")
         return [JournalEntry(i, _text(u), o, json.loads(d), _step(st), ow, c)  # type: ignore[arg-type]
                 for i, u, o, d, st, c, ow in rows]
+
+    async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
+        return [(int(i), ow, False) for i, ow in self._db.execute("SELECT id, owner FROM journal")]
 
     async def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
         with self._db:

@@ -121,15 +121,15 @@ class _TLSServer:
         return self.inner.listen(TLSMemoryBIOFactory(self.context, False, factory))
 
 
-def inherited_endpoint(reactor: Any, spec: str, fd: int, family: int, header_timeout: float) -> Any:
+def inherited_endpoint(reactor: Any, spec: str, fd: int, family: int, header_timeout: float,
+                       trusted: tuple[str, ...] = ()) -> Any:
     """The server endpoint of one ``[proxy] listen`` entry on the socket the master passed."""
     haproxy, inner = _inner(reactor, spec)
     endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, family)
-    if isinstance(inner, SSL4ServerEndpoint):
-        endpoint = _TLSServer(endpoint, inner._sslContextFactory)
-    if haproxy:
-        endpoint = listen_endpoint(reactor, spec, header_timeout, inner=endpoint)
-    return endpoint
+    tls = inner._sslContextFactory if isinstance(inner, SSL4ServerEndpoint) else None
+    if haproxy:  # haproxy:ssl: reads the header in clear text, then TLS (proxyproto.py)
+        return listen_endpoint(reactor, spec, header_timeout, inner=endpoint, tls=tls, trusted=trusted)
+    return endpoint if tls is None else _TLSServer(endpoint, tls)
 
 
 def metrics_listen(spec: str, index: int) -> str:

@@ -214,6 +214,12 @@ def cli(*args: str, timeout: float = 120.0, command: list[str] | None = None) ->
                           capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
+# Merged into the config of a proxy running beside a process the test kills mid-move (an admin `move`,
+# `recover`): its check (recovery.py, every 2 s) would take the killed move over at once; slowed,
+# the entry is left to the test's own `recover`, as it was before the check (the 30-s sweep aside).
+LEFT_TO_RECOVER = {"map": {"recovery_check_seconds": 3600}}
+
+
 def faulty(*options: str) -> list[str]:
     """The command prefix of tests/faultproxy.py with *options* (then ``--``)."""
     return [sys.executable, str(REPO / "tests" / "faultproxy.py"), *options, "--"]

@@ -131,3 +131,12 @@ def test_deploy_example_config_is_valid(tmp_path):
     assert config.proxy.allow_plaintext_login is False
     assert config.backends["mail2"].master_user == "proxy-master"
     assert MailboxMap(config.map).lookup("alice", "Shared/Team").backends == ("mail2",)
+
+
+def test_the_recovery_check_interval(tmp_path):
+    """[map] recovery_check_seconds: 2 by default; 0.1 to 3600 (a fraction of a second is allowed)."""
+    assert load_config(write(tmp_path, GOOD)).map.recovery_check_seconds == 2.0
+    edited = GOOD.replace('store = "sqlite:map.sqlite3"', 'store = "sqlite:map.sqlite3"\nrecovery_check_seconds = 0.5')
+    assert load_config(write(tmp_path, edited)).map.recovery_check_seconds == 0.5
+    with pytest.raises(ConfigError, match="map.recovery_check_seconds: must be between 0.1 and 3600"):
+        load_config(write(tmp_path, edited.replace("= 0.5", "= 0")))

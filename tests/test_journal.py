@@ -187,3 +187,44 @@ def test_a_reservation_holds_until_its_move_ends_and_no_longer():
     now(m.end_move(third))
     assert not m.reserved("carol", "Work")
     assert m.lookup("carol", "Anything").backends == ("b1",) and m.lookup("bob", "x").backends == ("b2",)
+
+
+def test_the_check_reads_owners_only_and_sweeps_only_when_one_is_gone(monkeypatch):
+    """Every check (here 2 s of a fake clock) reads the journal's owners, nothing else, while the owner
+    lives; the sweep (backends reached) runs at start-up and once an owner is found gone."""
+    from types import SimpleNamespace
+
+    from storehelp import now
+    from test_store_contract import _dead_owner
+    from twisted.internet import task
+
+    from referral_proxy import recovery
+    from referral_proxy.config import MapConfig
+    from referral_proxy.journal import Reservation
+    from referral_proxy.routing import MailboxMap, MemoryStore
+
+    sweeps, reads = [], []
+
+    async def recover_all(*_a, **_k) -> list[str]:
+        sweeps.append(1)
+        return []
+
+    monkeypatch.setattr(recovery, "recover_all", recover_all)
+    monkeypatch.setattr(recovery, "carry_old_homes", recover_all)
+    store, clock = MemoryStore(), task.Clock()
+    owners = store.journal_owners
+    monkeypatch.setattr(store, "journal_owners", lambda: reads.append(1) or owners())
+    monkeypatch.setattr(store, "journal", lambda: pytest.fail("the check reads the whole journal"))
+    config = MapConfig(default="b1", recovery_check_seconds=2)
+    m = MailboxMap(config, store)
+    sweep = recovery.RecoverySweep(clock, lambda: SimpleNamespace(map=config), m)
+    sweep.start()
+    assert len(sweeps) == 2  # start-up: recover_all and carry_old_homes
+    now(store.begin_move("carol", "move", [Reservation("Work")], {}, m.owner, "/"))  # this process: alive
+    for _ in range(5):
+        clock.advance(2)
+    assert (len(reads), len(sweeps)) == (5, 2)
+    now(store.begin_move("carol", "move", [Reservation("Other")], {}, _dead_owner(), "/"))
+    clock.advance(2)
+    assert (len(reads), len(sweeps)) == (6, 4)
+    sweep.stop()

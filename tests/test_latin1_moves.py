@@ -24,9 +24,9 @@ import sys
 import time
 
 import pytest
-from conftest import dovecot_root
 from imapwire import Wire
 from movecheck import REPO, _ids_in, _names, body, faulty, multiappend, quote
+from ownfleet import own_dovecots
 from test_ops_dovecot import scrape, value
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot, free_port
@@ -48,18 +48,10 @@ RULES = [{"mailbox": "Shared/*", "backend": "b3"}, {"mailbox": "Archive/*", "bac
 
 @pytest.fixture
 def latin1_fleet():
-    backends = {}
-    try:
-        for i, name in enumerate(("b1", "b2", "b3", "b4")):
-            extra = "auth_username_chars =\n" + (NO_MULTIAPPEND if name == "b4" else "")
-            d = Dovecot(f"latin1{name}", f"127.0.0.{40 + i}", dovecot_root() / f"latin1{name}", users=USERS,
-                        extra_config=extra)
-            d.start()
-            backends[name] = d
+    names = ("b1", "b2", "b3", "b4")
+    extra = {name: "auth_username_chars =\n" + (NO_MULTIAPPEND if name == "b4" else "") for name in names}
+    with own_dovecots("latin1", 40, names, USERS, extra) as backends:
         yield backends
-    finally:
-        for d in backends.values():
-            d.stop()
 
 
 def _master(d: Dovecot, user: bytes) -> imaplib.IMAP4:

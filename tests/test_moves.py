@@ -11,6 +11,7 @@ import threading
 import pytest
 from imapwire import Wire, at_once
 from movecheck import (
+    LEFT_TO_RECOVER,
     Deliverer,
     census,
     cli,
@@ -285,7 +286,7 @@ def test_whole_user_move_killed_recovered_and_retried_multiplies_nothing(proxy_f
     seed(fleet["b1"], "carol", "INBOX", inbox)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b2"], "carol", "INBOX", stray)
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
     before_b2, _ = census(fleet, "carol", [fleet["b2"]])
     config = str(proxy.config_path)
     if step.startswith("delta-copying"):  # something new to carry at the end: delivered while stopped
@@ -787,7 +788,7 @@ def test_a_source_set_aside_is_never_shown_nor_taken_from_a_client(proxy_factory
     work = ids("work", 6)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b1"], "carol", "Work/c", ids("workc", 2))
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
     config = str(proxy.config_path)
     killed = cli("move", "--config", config, "carol", "Work", "b3", command=faulty("--kill-at", "aside:1"))
     assert killed.returncode == -9, killed.stdout + killed.stderr

@@ -19,7 +19,7 @@ import sys
 import threading
 
 import pytest
-from movecheck import REPO, census, cli, faulty, journal_store, seed, start_paused, wait_paused
+from movecheck import LEFT_TO_RECOVER, REPO, census, cli, faulty, journal_store, seed, start_paused, wait_paused
 from storehelp import now
 from test_moves import MASTERS, RULES, _exactly_once, _no_entries, ids
 
@@ -195,7 +195,7 @@ def test_a_drain_killed_at_each_step_with_a_clients_move_is_recovered_once(proxy
     inbox, work = ids("inbox", 2), ids("work", 8)
     seed(fleet["b1"], "carol", "INBOX", inbox)
     seed(fleet["b1"], "carol", "Work", work)
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
     pause = tmp_path / "pause"
     pause.mkdir()
     proc = subprocess.Popen([*faulty("--pause-at", "committed:1", "--pause-dir", str(pause), "--kill-at", step),
@@ -223,7 +223,7 @@ def test_a_drain_killed_after_its_removal_ran_before_it_was_journaled(proxy_fact
     tells the drain's removals from the client's by content (what is in the private mailbox)."""
     work = ids("work", 6)
     seed(fleet["b1"], "carol", "Work", work)
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
     killed = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3",
                  command=faulty("--kill-at", "dropping:1"))
     assert killed.returncode == -9, killed.stdout + killed.stderr
@@ -278,7 +278,7 @@ def test_an_older_versions_entry_past_its_expunges_is_finished_without_taking_an
     recovered after an upgrade: the copies of the UIDs gone are the only ones left, never taken back."""
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
     killed = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3",
                  command=faulty("--kill-at", "aside:1"))  # the source emptied in place, then set aside
     assert killed.returncode == -9, killed.stdout + killed.stderr

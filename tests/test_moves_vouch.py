@@ -14,7 +14,7 @@ Judged by a census of the backends (movecheck.py).
 from __future__ import annotations
 
 import pytest
-from movecheck import census, cli, deliver, faulty, journal_store, seed
+from movecheck import LEFT_TO_RECOVER, census, cli, deliver, faulty, journal_store, seed
 from storehelp import now
 from test_moves import MASTERS, RULES, _copy_directly, _exactly_once, _hashes, _no_entries, _state, ids
 
@@ -86,7 +86,7 @@ def test_a_message_a_client_moved_to_the_destination_is_not_taken_for_the_delta_
     content, is not told from the client's own: it stays, never lost)."""
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
     config = str(proxy.config_path)
     killed = cli("move", "--config", config, "carol", "Work", "b3", command=faulty("--kill-at", "placed:1"))
     assert killed.returncode == -9, killed.stdout + killed.stderr

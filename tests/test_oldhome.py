@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from movecheck import Deliverer, body, census, cli, deliver, faulty, seed, start_paused, wait_paused
+from movecheck import LEFT_TO_RECOVER, Deliverer, body, census, cli, deliver, faulty, seed, start_paused, wait_paused
 from test_moves import MASTERS, RULES, _exactly_once, _no_entries, ids
 
 from referral_proxy.config import MapConfig
@@ -94,7 +94,7 @@ def test_moving_back_ends_the_watch_of_the_new_home_and_watches_the_other(proxy_
 def test_a_carry_killed_at_any_step_is_recovered_exactly_once(proxy_factory, fleet, step):
     inbox, late = ids("inbox", 10), ids("late", 30)
     seed(fleet["b1"], "carol", "INBOX", inbox)
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
     assert _move(proxy, "carol", "*", "b2").returncode == 0
     seed(fleet["b1"], "carol", "INBOX", late)  # delivered to the old home afterwards
     killed = cli("recover", "--config", str(proxy.config_path), command=faulty("--kill-at", step))

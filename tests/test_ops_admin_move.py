@@ -10,7 +10,8 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from movecheck import census, cli, faulty, judge, seed
+from conftest import deep_merge
+from movecheck import LEFT_TO_RECOVER, census, cli, faulty, judge, seed
 from storehelp import REACTOR, now
 from test_ops_dovecot import scrape, value
 
@@ -23,13 +24,13 @@ MASTERS = {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} f
 KINDS = ("copy", "move", "rename", "admin_move")
 
 
-def _proxies(proxy_factory, store: str, n: int = 2):
-    """*n* proxies on one map store, each with its /metrics port."""
+def _proxies(proxy_factory, store: str, n: int = 2, extra: dict | None = None):
+    """*n* proxies on one map store, each with its /metrics port (and *extra* merged into its config)."""
     out = []
     for _ in range(n):
         port = free_port()
-        proxy = proxy_factory({"backends": MASTERS, "map": {"store": store},
-                               "metrics": {"listen": f"tcp:{port}:interface=127.0.0.1"}})
+        proxy = proxy_factory(deep_merge({"backends": MASTERS, "map": {"store": store},
+                                          "metrics": {"listen": f"tcp:{port}:interface=127.0.0.1"}}, extra or {}))
         out.append((proxy, port))
     return out
 
@@ -114,7 +115,7 @@ def test_admin_moves_are_counted_once_in_every_proxys_metrics(proxy_factory, fle
 def test_a_move_killed_before_its_outcome_is_not_counted_by_recover(proxy_factory, fleet):
     """Recovery finishes (or undoes) a transfer that was already counted, or whose process died
     before it could be: it is not a transfer of its own, in no kind's counts."""
-    ((proxy, port),) = _proxies(proxy_factory, "sqlite:map.sqlite3", 1)
+    ((proxy, port),) = _proxies(proxy_factory, "sqlite:map.sqlite3", 1, LEFT_TO_RECOVER)
     work = [f"work-{i}@t" for i in range(4)]
     seed(fleet["b1"], "carol", "Work", work)
     killed = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3", command=faulty("--kill-at", "placed:1"))

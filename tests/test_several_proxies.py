@@ -44,6 +44,14 @@ def _entries(dsn: str) -> int:
         return int(row[0]) if row else -1
 
 
+def wait_journal_empty(dsn: str, limit: float = 180.0) -> float:
+    """Poll until the journal is empty (at most *limit* s, a bound for a hung run only): the seconds waited."""
+    started = time.monotonic()
+    while _entries(dsn) != 0 and time.monotonic() - started < limit:
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
 def _exactly_once(fleet, proxies, user: str, must) -> None:
     counts, where = census(fleet, user)
     lost, duplicated = judge(counts, must)
@@ -128,38 +136,56 @@ def test_the_same_mailbox_renamed_through_a_and_b_at_once_moves_once(proxy_facto
     assert _entries(pg_dsn) == 0
 
 
-def killed_mid_rename(proxy_factory, fleet, pg_dsn, step: str, n: int):
-    """Work (*n* messages) on b1; A SIGKILLed at *step* of RENAME Work Shared/Work, B running: (ids, A, B)."""
+def killed_mid_rename(proxy_factory, fleet, pg_dsn, step: str, n: int, b_checks: float | None = 3600):
+    """Work (*n* messages) on b1; A SIGKILLed at *step* of RENAME Work Shared/Work, B running: (ids, A, B).
+
+    B looks for dead owners every *b_checks* seconds (``[map].recovery_check_seconds``; None: the
+    default, 2 s): by default slowed, so that A's entry stays until the test recovers it."""
     work = ids("work", n)
     seed(fleet["b1"], "carol", "Work", work)
     a = proxy_factory(_config(pg_dsn), rules=RULES, command=faulty("--kill-at", step))
-    b = proxy_factory(_config(pg_dsn), rules=RULES)
+    b_config = _config(pg_dsn)
+    if b_checks is not None:
+        b_config["map"]["recovery_check_seconds"] = b_checks
+    b = proxy_factory(b_config, rules=RULES)
     on_a = _logged_in(a)
     on_a.send(b"r RENAME Work Shared/Work\r\n")
     assert on_a.closed(60), "proxy A was not killed at " + step
     a.process.wait(10)
-    assert _entries(pg_dsn) == 1  # A's entry, its names still reserved
+    if b_checks is not None:
+        assert _entries(pg_dsn) == 1  # A's entry, its names still reserved
     return work, a, b
 
 
+@pytest.mark.parametrize("by", ["the survivor's check", "recover"])
 @pytest.mark.parametrize("step", ["copied:1", "placed:1"])
-def test_a_killed_mid_move_is_recovered_from_b(proxy_factory, fleet, pg_dsn, step):
-    work, a, b = killed_mid_rename(proxy_factory, fleet, pg_dsn, step, 40)
-    on_b = _logged_in(b)
-    assert on_b.cmd(b"x", b"RENAME Work Shared/Other")[-1].startswith(b"x NO [INUSE]")  # B respects them
-    on_b.close()
-    # two recoverers at once (B's configuration): exactly one takes the move over
-    with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda _: cli("recover", "--config", str(b.config_path)), range(2)))
+def test_a_killed_mid_move_is_recovered_from_b(proxy_factory, fleet, pg_dsn, step, by):
+    """B, on A's host, takes A's move over within its check (2 s; on main only its 30-second
+    sweep did); with B's check slowed (config), `recover` does, one of two run at once."""
     outcome = "rolled back" if step == "copied:1" else "finished"
-    assert [r.returncode for r in runs] == [0, 0], [r.stdout + r.stderr for r in runs]
-    assert sorted(outcome in r.stdout for r in runs) == [False, True], [r.stdout for r in runs]
+    work, a, b = killed_mid_rename(proxy_factory, fleet, pg_dsn, step, 40, 3600 if by == "recover" else None)
+    if by == "recover":
+        on_b = _logged_in(b)
+        assert on_b.cmd(b"x", b"RENAME Work Shared/Other")[-1].startswith(b"x NO [INUSE]")  # B respects them
+        on_b.close()
+        # two recoverers at once (B's configuration): exactly one takes the move over
+        with ThreadPoolExecutor(2) as pool:
+            runs = list(pool.map(lambda _: cli("recover", "--config", str(b.config_path)), range(2)))
+        assert [r.returncode for r in runs] == [0, 0], [r.stdout + r.stderr for r in runs]
+        assert sorted(outcome in r.stdout for r in runs) == [False, True], [r.stdout for r in runs]
+    else:
+        wait_journal_empty(pg_dsn)
     assert _entries(pg_dsn) == 0
     counts, where = census(fleet, "carol")
     assert judge(counts, work) == ([], [])
     assert {where[i][0] for i in work} == {("b1", "Work") if step == "copied:1" else ("b3", "Shared/Work")}
     reached = through_proxy(b, "carol")
     assert [i for i in work if reached[i] != 1] == []
+    if by != "recover":
+        b.stop()  # its log whole (the outcome's line comes just after the entry is gone)
+        log = b.stderr_text()
+        assert "is gone; recovering them now" in log, log  # by B's check
+        assert [outcome in line for line in log.splitlines() if "recovery: carol: Work -> Shared/Work" in line] == [True]
 
 
 def test_postgresql_stopped_mid_session(proxy_factory, fleet, postgres, pg_dsn):

@@ -173,6 +173,7 @@ def test_a_live_owner_is_never_taken_over_but_a_lapsed_lease_is(make_store, kind
     entry = now(store.begin_move("carol", "move", [Reservation("Work")], {}, FAR, "/"))
     (seen,) = now(m.entries())
     assert not m.abandoned(seen) and not now(m.claim(seen))  # its owner renews: hands off
+    assert now(m.owners_gone()) == []  # (recovery's quick check: the same)
     for _ in range(100):
         if now(store.renew(FAR, [entry])) == 1:  # the owner renewing
             break
@@ -182,7 +183,7 @@ def test_a_live_owner_is_never_taken_over_but_a_lapsed_lease_is(make_store, kind
         if m.abandoned(seen):
             break
         time.sleep(0.01)
-    assert m.abandoned(seen) and now(m.claim(seen))
+    assert m.abandoned(seen) and now(m.owners_gone()) == [entry] and now(m.claim(seen))
     with pytest.raises(LostEntry):  # the old owner, back, cannot write its next step
         now(store.journal_step(entry, Step.PLANNED, {}, FAR))
 
@@ -393,3 +394,38 @@ def test_a_proxy_starting_as_another_begins_a_move_is_waited_for(pg_dsn):
         gate.set()
         now(a.close())
         now(b.close())
+
+
+def _dead_owner() -> str:
+    """The owner string of a process of this host that has ended (as journal.process_owner writes it)."""
+    import socket
+    import subprocess
+    import sys
+
+    from referral_proxy.journal import _start_time
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    owner = f"{socket.gethostname()}:{child.pid}:{_start_time(child.pid)}"
+    child.communicate(b"")
+    return owner
+
+
+def test_the_quick_check_lists_only_entries_whose_owner_is_gone(make_store):
+    """owners_gone (recovery's check every few seconds): a dead owner on this host, yes; a live one
+    (this process, another host's within its lease) or nobody (given up: the sweep's), no. And
+    several recoverers claiming the dead one at once: exactly one wins."""
+    store = make_store()
+    m = MailboxMap(CONFIG, store)
+    dead = _dead_owner()
+    ids = {owner: now(store.begin_move("carol", "move", [Reservation(f"W{i}")], {}, owner, "/"))
+           for i, owner in enumerate([dead, FAR, m.owner, "given up"])}
+    now(store.disown(ids["given up"], "given up"))
+    assert now(m.owners_gone()) == [ids[dead]]
+    maps = [MailboxMap(CONFIG, make_store()) for _ in range(4)]
+    from twisted.internet import defer
+
+    seen = [next(e for e in now(x.entries()) if e.id == ids[dead]) for x in maps]
+    won = REACTOR.wait(defer.gatherResults([defer.ensureDeferred(x.claim(e)) for x, e in zip(maps, seen)]))
+    assert sorted(won) == [False] * 3 + [True]
+    assert now(m.owners_gone()) == []  # its new owner lives
+

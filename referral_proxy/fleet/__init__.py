@@ -135,11 +135,11 @@ def _check_conf_path(path: Path) -> None:
                            f"any of \"'#{{}}$%\\<")
 
 
-def _passwd_line(user: str, password: str) -> str:
+def _passwd_line(user: str, password: str, fields: str = "") -> str:
     for ch in ":\n\r\0":
-        if ch in user or ch in password:
-            raise ValueError(f"user/password must not contain {ch!r} (passwd-file format)")
-    return f"{user}:{{PLAIN}}{password}::::::{USER_FIELDS.get(user, '')}\n"
+        if ch in user or ch in password or (ch != ":" and ch in fields):  # the fields are the line's last
+            raise ValueError(f"user/password/fields must not contain {ch!r} (passwd-file format)")
+    return f"{user}:{{PLAIN}}{password}::::::{fields}\n"
 
 
 _live: set[Dovecot] = set()  # started and not stopped: stopped at exit
@@ -167,7 +167,9 @@ class Dovecot:
     *die_with_parent*: the master gets SIGTERM if the thread that started it
     dies (PR_SET_PDEATHSIG), so an aborted test run leaves no Dovecot behind;
     pass False when starting from a short-lived thread.  *extra_config* is
-    appended to the generated dovecot.conf.
+    appended to the generated dovecot.conf.  *user_fields*: each user's userdb extra
+    fields (``userdb_quota_rule=*:messages=5``; default USER_FIELDS), changed on a
+    running instance by :meth:`set_user_fields` (read at each login).
     """
 
     def __init__(self, name: str, host: str, root: Path, *,
@@ -175,11 +177,13 @@ class Dovecot:
                  tls: TLSMaterial | None = None,
                  port: int | None = None, imaps_port: int | None = None,
                  die_with_parent: bool = True,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "",
+                 user_fields: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.host = host
         self.root = Path(root).absolute()
         self.users = dict(users)
+        self.user_fields = dict(USER_FIELDS if user_fields is None else user_fields)
         self.tls = tls
         self.port = port if port is not None else free_port(host)
         self.imaps_port: int | None = None
@@ -248,14 +252,31 @@ class Dovecot:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base_dir, 0o755)
         # passwd files are read by the auth process, which runs as `dovecot`
-        auth_gid = pwd.getpwnam(INTERNAL_USER).pw_gid
-        for path, entries in ((self.passwd_path, self.users),
-                              (self.master_passwd_path, {MASTER_USER: MASTER_PASSWORD})):
-            path.write_text("".join(_passwd_line(u, p) for u, p in entries.items()),
-                            encoding="utf-8", errors="surrogateescape")  # a password of raw 8-bit bytes too
-            os.chown(path, 0, auth_gid)
-            os.chmod(path, 0o640)
+        self._write_passwd(self.passwd_path, self.users, self.user_fields)
+        self._write_passwd(self.master_passwd_path, {MASTER_USER: MASTER_PASSWORD}, {})
         self.conf_path.write_text(config_text(self))
+
+    @staticmethod
+    def _write_passwd(path: Path, entries: Mapping[str, str], fields: Mapping[str, str]) -> None:
+        # read by the auth process, which runs as `dovecot`; replaced whole (a login never reads half)
+        auth_gid = pwd.getpwnam(INTERNAL_USER).pw_gid
+        tmp = path.with_name(path.name + ".new")
+        tmp.write_text("".join(_passwd_line(u, p, fields.get(u, "")) for u, p in entries.items()),
+                       encoding="utf-8", errors="surrogateescape")  # a password of raw 8-bit bytes too
+        os.chown(tmp, 0, auth_gid)
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+
+    def set_user_fields(self, user: str, fields: str) -> None:
+        """*user*'s userdb extra fields from the next login on: passwd-file is read again when it
+        changed, looked at once a second at most, so this returns when the next second began."""
+        before = self.passwd_path.stat()
+        self.user_fields[user] = fields
+        self._write_passwd(self.passwd_path, self.users, self.user_fields)
+        after = self.passwd_path.stat()
+        if after.st_size == before.st_size and int(after.st_mtime) <= int(before.st_mtime):
+            os.utime(self.passwd_path, (int(before.st_mtime) + 1, int(before.st_mtime) + 1))
+        time.sleep(1.0 - time.time() % 1.0 + 0.05)
 
     # -- life cycle
 
