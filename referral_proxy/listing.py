@@ -89,11 +89,14 @@ def merge(
                 parent = separator.join(parts[:i])
                 if parent and parent not in kept:
                     kept[parent] = ListEntry(placeholder, sep_b, parent.encode("utf-8", "surrogateescape"), owner(parent))
-    names = set(kept)
+    # every name with a mailbox under it, from each name's own parents: linear in the names (a
+    # startswith() of each name against every other was quadratic, 5.8 s for 2,000 mailboxes)
+    with_children = {separator.join(parts[:i]) for parts in (name.split(separator) for name in kept)
+                     for i in range(1, len(parts))}
     merged = []
     for name, e in kept.items():
         if any(f.upper() in _CHILD_FLAGS for f in e.flags):
-            has = any(other.startswith(name + separator) for other in names if other != name)
+            has = name in with_children
             flags = tuple(f for f in e.flags if f.upper() not in _CHILD_FLAGS)
             e = replace(e, flags=flags + ((b"\\HasChildren",) if has else (b"\\HasNoChildren",)))
         merged.append(e)
