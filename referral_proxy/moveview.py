@@ -119,8 +119,10 @@ def status_during_move(host: Any, cmd: Command) -> bool:
             backend = host.mailbox_map.lookup(host.user, name).primary
         if backend == HIDDEN:
             host.tagged(cmd.tag, "NO", f"{_NONEXISTENT}: {name}" if name.isprintable() else _NONEXISTENT)
+        elif host.mailboxes.refers(route := Route((backend,)), mailbox):  # referral-aware: as STATUS of it is
+            host.send(host.mailboxes.referral(cmd.tag, route, mailbox))
         else:
-            conn = await host.pool.ready_for(Route((backend,)))
+            conn = await host.pool.ready_for(route)
             host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
 
     host.run(cmd.tag, answer())
