@@ -74,6 +74,7 @@ from referral_proxy.mover import BATCH_MESSAGES  # noqa: E402
 BACKENDS = (("b1", "127.0.0.2"), ("b2", "127.0.0.3"))
 SOURCE = "Big"
 TARGET = "Archive/Big"
+FINISH_WAIT = 300.0  # seconds a move may go on finishing after its answer
 SCRATCH = "Scratch"  # on b2: the benchmark's own copies
 # the benchmark's own copies: name -> (one UID FETCH per message?, MULTIAPPENDs of BATCH_MESSAGES?)
 COPIES = {
@@ -497,6 +498,13 @@ class Bench:
         if (n, size) != (self.n, self.nbytes):
             raise ProtocolError(f"{what}: b2 {dst_name} holds {n} messages / {size} bytes, "
                                 f"expected {self.n} / {self.nbytes}")
+        # A big mailbox's answer may come before its source is emptied (mover.ANSWER_WITHIN past the
+        # commit point: the rest finishes behind): wait for that end, as the journal entry says
+        waited = time.monotonic()
+        while (self.c1.exists(src_name) or self.journal_entries()) and time.monotonic() - waited < FINISH_WAIT:
+            time.sleep(0.5)
+        if time.monotonic() - waited > 0.5:
+            log(f"{what}: finished {time.monotonic() - waited:.1f}s after the answer")
         if self.c1.exists(src_name):
             raise ProtocolError(f"{what}: b1 still has {src_name}")
         placed = self.placements()

@@ -21,8 +21,9 @@ from .imap.command import Atom, ParenList, ParseError, String, astring_value, pa
 from .imap.grammar import Arguments, Slot, encode
 from .imap.quoting import quoted
 from .listmatch import list_matcher
+from .moveview import HIDDEN, move_view
 from .routing import MailboxMap, normalize
-from .staging import is_private_name
+from .staging import ASIDE_PREFIX, STAGING_PREFIX, is_private_name
 
 __all__ = ["ListEntry", "ListHost", "list_command", "parse_list_entry", "merge", "select", "format_entry",
            "add_flag", "is_basic_list"]
@@ -88,11 +89,14 @@ def merge(
                 parent = separator.join(parts[:i])
                 if parent and parent not in kept:
                     kept[parent] = ListEntry(placeholder, sep_b, parent.encode("utf-8", "surrogateescape"), owner(parent))
-    names = set(kept)
+    # every name with a mailbox under it, from each name's own parents: linear in the names (a
+    # startswith() of each name against every other was quadratic, 5.8 s for 2,000 mailboxes)
+    with_children = {separator.join(parts[:i]) for parts in (name.split(separator) for name in kept)
+                     for i in range(1, len(parts))}
     merged = []
     for name, e in kept.items():
         if any(f.upper() in _CHILD_FLAGS for f in e.flags):
-            has = any(other.startswith(name + separator) for other in names if other != name)
+            has = name in with_children
             flags = tuple(f for f in e.flags if f.upper() not in _CHILD_FLAGS)
             e = replace(e, flags=flags + ((b"\\HasChildren",) if has else (b"\\HasNoChildren",)))
         merged.append(e)
@@ -186,9 +190,9 @@ def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None
         reference, pattern = (astring_value(a) for a in args.tokens)
         if pattern == b"":  # the hierarchy delimiter: any backend knows it
             return host.relay_to(tag, kind, args, host.home)
-        host.run(tag, _merged(host, tag, kind, reference, pattern, backends))
+        host.run(tag, _merged(host, tag, kind, reference, pattern, backends, remote))
     else:
-        host.run(tag, _filtered(host, tag, kind, args, backends, remote_option))
+        host.run(tag, _filtered(host, tag, kind, args, backends, remote_option, remote))
 
 
 def _selection(args: Arguments) -> set[bytes]:
@@ -203,20 +207,54 @@ def _owner(host: ListHost, name: str) -> str:
     return host.mailbox_map.lookup(host.user, name).primary
 
 
+VIEW_ATTEMPTS = 4  # a LIST asked again while a move's view changed during it (moveview.py)
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """A command's answers from the backends, and the view of the moves they are to be seen by."""
+
+    owner: Callable[[str], str]  # a name's backend as the moves in progress show it
+    backends: list[str]  # those asked
+    hidden: list[str] | None  # the names a move hides now (None: no move of the user's is on)
+    answers: list[tuple[BackendProtocol, UntaggedResponse]]
+
+
+async def _gather(host: ListHost, backends: list[str], remote: bool, command: bytes, *,
+                  subscriptions: bool = False) -> _Gathered:
+    """*command* on *backends* (and, when every backend is asked, those showing a moved name),
+    between two looks at the moves' view (moveview.py): if it changed meanwhile (a move reached its
+    commit point, planned its names, ended), the backends may have answered from either side of
+    it, so they are asked again. With no move of the user's on, both looks are the snapshot's."""
+    sep = host.mailbox_map.separator
+    view = await move_view(host.mailbox_map, host.user, subscriptions=subscriptions)
+    for _attempt in range(VIEW_ATTEMPTS):
+        asked = list(dict.fromkeys(backends + view.backends)) if remote else backends
+        answers = await host.gather(asked, command)
+        again = await move_view(host.mailbox_map, host.user, subscriptions=subscriptions)
+        if again == view:
+            break
+        view = again
+    hidden = [name for name, backend in view.shown.items() if backend == HIDDEN] if view.shown else None
+    return _Gathered(view.owner(lambda n: _owner(host, n), sep), asked, hidden, answers)
+
+
 async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
-                  backends: list[str]) -> None:
+                  backends: list[str], remote: bool) -> None:
+    got = await _gather(host, backends, remote, kind.encode() + b' "" "*"', subscriptions=kind == "LSUB")
+    owner, hidden = got.owner, got.hidden
     entries = []
-    for conn, r in await host.gather(backends, kind.encode() + b' "" "*"'):
+    for conn, r in got.answers:
         if r.start.name == kind:
             fragments, literals = r.arguments
             try:
                 entries.append(parse_list_entry(fragments, literals, conn.name))
             except ParseError:
                 log.warn("unparsable {kind} from {b}", kind=kind, b=conn.name)
-        else:
+        elif not _names_private(r.raw) and not (hidden is not None and r.start.name == "NO"):  # as below
             host.write_from(conn, r.raw)
     separator = host.mailbox_map.separator
-    merged = merge(entries, lambda n: _owner(host, n), separator, placeholders=(kind == "LIST"),
+    merged = merge(entries, owner, separator, placeholders=(kind == "LIST"),
                    list_flags=(kind == "LIST"))
     lsub_parents = kind == "LSUB" and b"%" in pattern
     out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator,
@@ -230,12 +268,15 @@ _PER_MAILBOX = frozenset({"STATUS", "MYRIGHTS", "METADATA"})
 
 
 async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, backends: list[str],
-                    remote_option: bool) -> None:
+                    remote_option: bool, remote: bool) -> None:
     """LIST-EXTENDED forms: the command, re-encoded, on every backend; each mailbox from its owner."""
+    subscribed = b"SUBSCRIBED" in _selection(args)  # names, not mailboxes, are selected (RFC 5258 3.1)
     encoded = encode(args)
     text = kind.encode() + b" " + b"".join(
         f + b"{%d+}\r\n" % len(lit.value) + lit.value for f, lit in zip(encoded.fragments, encoded.literals)
     ) + encoded.fragments[-1]
+    got = await _gather(host, backends, remote, text, subscriptions=kind == "LSUB")
+    owner, backends, hidden = got.owner, got.backends, got.hidden
     out: list[bytes] = []
     seen: set[str] = set()
     # A \NonExistent parent (RFC 5258 3.4) said by a backend that holds its children but not the
@@ -243,7 +284,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     parents: dict[str, int] = {}
     child_flagged: dict[int, str] = {}  # an entry with \\HasChildren or \\HasNoChildren: its index, its name
     owned: dict[int, str] = {}  # every entry from its owner: its index, its name
-    for conn, r in await host.gather(backends, text):
+    for conn, r in got.answers:
         fragments, literals = r.arguments
         if r.start.name in ("LIST", "LSUB"):
             try:
@@ -252,7 +293,12 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 continue
             if is_private_name(entry.name):
                 continue
-            if _owner(host, entry.text) != conn.name:
+            if owner(entry.text) == HIDDEN and _owner(host, entry.text) == conn.name and entry.text not in seen:
+                if subscribed and b"\\SUBSCRIBED" in (f.upper() for f in entry.flags):  # as Dovecot's after a RENAME
+                    seen.add(entry.text)
+                    out.append(_subscribed_only(r.raw))
+                continue
+            if owner(entry.text) != conn.name:
                 if _NONEXISTENT in (f.upper() for f in entry.flags) and entry.text not in parents:
                     parents[entry.text] = len(out)
                     out.append(r.raw)
@@ -269,40 +315,45 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 mailbox = astring_value(parse_arguments(fragments, literals)[0])
             except (ParseError, IndexError):
                 continue
-            if _owner(host, mailbox.decode("utf-8", "surrogateescape")) == conn.name and not is_private_name(mailbox):
+            if owner(mailbox.decode("utf-8", "surrogateescape")) == conn.name and not is_private_name(mailbox):
                 out.append(r.raw)
-        else:
+        elif not _names_private(r.raw) and not (hidden is not None and r.start.name == "NO"):
+            # (a move on: Dovecot's "* NO Mailbox was deleted under us" for the STATUS of a source it
+            # renamed aside meanwhile, naming none; a warning, RFC 3501 7.1.2, about no name shown)
             out.append(r.raw)
+    sep = host.mailbox_map.separator
     for name, i in parents.items():
         if name in seen:  # the owner said it
             out[i] = b""
-        elif await _exists(host, name):  # there, but not selected (SUBSCRIBED): not \NonExistent
+        elif (hidden and any(h.startswith(normalize(name, sep) + sep) for h in hidden)
+              and normalize(name, sep) not in await _parents(host, backends, owner)):
+            out[i] = b""  # the parent of names a move hides now (a RENAME's new ones before its commit point)
+        elif await _exists(host, name, owner):  # there, but not selected (SUBSCRIBED): not \NonExistent
             out[i] = _drop_flag(out[i], _NONEXISTENT)
     if child_flagged and len(backends) > 1:
         # Each backend knows only its own children (Shared on b1, Shared/Projects on b3): the
         # child flags said over every backend's mailboxes, as in the merged LIST.
-        with_children = await _parents(host, backends)
-        sep = host.mailbox_map.separator
+        with_children = await _parents(host, backends, owner)
         for i, name in child_flagged.items():
             flag = b"\\HasChildren" if normalize(name, sep) in with_children else b"\\HasNoChildren"
             out[i] = add_flag(_drop_flag(_drop_flag(out[i], b"\\HASCHILDREN"), b"\\HASNOCHILDREN"), flag)
     if owned and len(backends) > 1 and b"RECURSIVEMATCH" in _selection(args):
         # RFC 5258 3.5: CHILDINFO for a subscribed descendant, wherever it is kept
-        sep = host.mailbox_map.separator
-        with_subscribed = await _parents(host, backends, b'LSUB "" "*"')
+        with_subscribed = await _parents(host, backends, owner, b'LSUB "" "*"')
         for i, name in owned.items():
             if normalize(name, sep) in with_subscribed:
                 out[i] = _with_childinfo(out[i])
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
 
 
-async def _parents(host: ListHost, backends: list[str], command: bytes = b'LIST "" "*"') -> set[str]:
+async def _parents(host: ListHost, backends: list[str], owner: Callable[[str], str],
+                   command: bytes = b'LIST "" "*"') -> set[str]:
     """Every name (normalized) that has a mailbox (LSUB: a subscription) under it on the backend
     that owns that mailbox."""
     sep = host.mailbox_map.separator
     found: set[str] = set()
     for entry in await _listed(host, backends, command):
-        if is_private_name(entry.name) or _owner(host, entry.text) != entry.backend:
+        if is_private_name(entry.name) or owner(entry.text) != entry.backend:
             continue
         parts = normalize(entry.text, sep).split(sep)
         found.update(sep.join(parts[:i]) for i in range(1, len(parts)))
@@ -332,17 +383,36 @@ def _with_childinfo(raw: bytes) -> bytes:
     return raw[:-2] + b' (CHILDINFO ("SUBSCRIBED"))\r\n'
 
 
-async def _exists(host: ListHost, name: str) -> bool:
+async def _exists(host: ListHost, name: str, owner: Callable[[str], str]) -> bool:
     """Whether *name* is a mailbox (neither \\NonExistent nor \\Noselect) on the backend that owns it."""
     raw = name.encode("utf-8", "surrogateescape")
     try:
         arg = quoted(raw)
     except ValueError:
         arg = b"{%d+}\r\n" % len(raw) + raw
-    for entry in await _listed(host, [_owner(host, name)], b'LIST "" ' + arg):
+    backend = owner(name)
+    if not backend:
+        return False  # a name a move hides now (moveview.py)
+    for entry in await _listed(host, [backend], b'LIST "" ' + arg):
         if normalize(entry.text, host.mailbox_map.separator) == normalize(name, host.mailbox_map.separator):
             return not {f.upper() for f in entry.flags} & {_NONEXISTENT, b"\\NOSELECT"}
     return False
+
+
+def _names_private(raw: bytes) -> bool:
+    """An untagged response naming one of the proxy's private mailboxes: Dovecot's ``* NO Mailbox
+    doesn't exist: referral-proxy-aside-...`` for a LIST-STATUS of one a move deleted meanwhile."""
+    lowered = raw.lower()
+    return STAGING_PREFIX in lowered or ASIDE_PREFIX in lowered
+
+
+def _subscribed_only(raw: bytes) -> bytes:
+    """*raw* ``* LIST (...)`` of a subscribed name that is no mailbox now: ``(\\Subscribed \\NonExistent)``
+    (and ``\\HasNoChildren`` if child flags were asked for), as Dovecot lists the old name of a mailbox
+    renamed (its subscription stays: RFC 3501 6.3.6)."""
+    i, j = raw.index(b"("), raw.index(b")")
+    children = b"\\HasNoChildren " if _CHILD_FLAGS & {f.upper() for f in raw[i + 1:j].split()} else b""
+    return raw[:i] + b"(" + children + b"\\Subscribed \\NonExistent" + raw[j:]
 
 
 def _drop_flag(raw: bytes, flag: bytes) -> bytes:

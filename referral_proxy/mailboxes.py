@@ -27,6 +27,7 @@ from .imap.url import has_dot_segment
 from .localrename import rename_here
 from .mailops import TransferError
 from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
+from .moveview import status_during_move
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
@@ -194,6 +195,10 @@ class MailboxCommands:
 
     def by_mailbox(self, cmd: Command) -> None:
         """CREATE, DELETE, STATUS, SUBSCRIBE ...: to the backend that owns the mailbox."""
+        mailbox = cmd.args.value(Slot.MAILBOX)
+        if (cmd.name == "STATUS" and mailbox is not None and not is_private_name(mailbox) and self.moving(mailbox)
+                and status_during_move(self.host, cmd)):
+            return  # the old name before the move's commit point, the new one after (moveview.py)
         target = self._target(cmd, Slot.MAILBOX)
         if target is None:
             return

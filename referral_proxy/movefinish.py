@@ -86,7 +86,8 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     back = await came_back(src, gone, sent, max(src_uids)) if gone else []
     # A source a client moved or expunged too (seen in the soak, seed 11017: the owner dead, its copy
     # and its source each moved on through another proxy): neither is the move's to remove.
-    unfound = [s for s in gone if s not in back]
+    came = set(back)
+    unfound = [s for s in gone if s not in came]
     if rest := await still_there(src, unfound):
         mine, _ = await fetch_infos(src, rest)
         kept = collections.Counter(sent[s] for s, _d in verified)  # still at the destination: found there
@@ -100,7 +101,8 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     # Decided, and journaled before acting: a recovery cut off after the expunge must not find the
     # sources gone and take their copies back as if someone else had moved them (both gone).
     data["present"] = uid_set(present).decode()
-    data["vanished_dst"] = uid_set(d for s, d in verified if s not in present).decode()
+    there = set(present)  # sets: thousands of UIDs
+    data["vanished_dst"] = uid_set(d for s, d in verified if s not in there).decode()
     await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
     await expunge_uids(src, present)
     await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))  # their source went elsewhere

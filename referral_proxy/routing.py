@@ -109,7 +109,8 @@ StepHook = Callable[[JournalEntry], None]
 
 # A private name (staging.is_private_name: under the aside prefix), never a client's mailbox: placed
 # with the backend whose INBOX a move took elsewhere, until a time (oldhome.py)
-OLD_HOME_PREFIX = "referral-proxy-aside-oldhome/"
+_ASIDE = "referral-proxy-aside-"  # staging.ASIDE_PREFIX: a mailbox move reserves such a name (mover.py)
+OLD_HOME_PREFIX = _ASIDE + "oldhome/"
 LEASE_MARGIN = 0.5  # a write that took longer than this share of the lease may have lost it (record_before_commit)
 MOVES_KEPT = 256  # journal entries remembered as begun, per process (relocation.py looks once a second)
 OLD_HOME_WATCH = 3 * 24 * 3600  # seconds mail reaching an old home is carried (a weekend, and some)
@@ -347,6 +348,20 @@ class MailboxMap:
             return False
         name = normalize(mailbox, self.separator)
         return any(not r.shared and covers(r, name, self.separator) for _i, r in self._held.get(self.canonical(user), ()))
+
+    def mailbox_moves(self, user: str, mailbox: str | None = None) -> set[int]:
+        """The journal entries of mailbox moves (mover.py: they hold a private aside name, or the
+        whole user) holding names of *user*'s now (*mailbox* among them, if given); from the
+        snapshot, no I/O (moveview.py)."""
+        self._refresh()
+        if not self._held:
+            return set()
+        held = self._held.get(self.canonical(user), ())
+        moves = {i for i, r in held if r.name is None or r.name.startswith(_ASIDE)}
+        if mailbox is None or not moves:
+            return moves
+        name = normalize(mailbox, self.separator)
+        return {i for i, r in held if i in moves and not r.shared and covers(r, name, self.separator)}
 
     async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict) -> JournalEntry:
         """Reserve the names and write the entry, in one store transaction; InUse if any is held."""

@@ -490,7 +490,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             log.warn("MOVE: flags changed on {src} during the move not carried to {dst} ({why})",
                      src=src.name, dst=dst.name, why=str(e))
         entry.data["present"] = uid_set(present).decode()
-        entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in present).decode()
+        kept = set(present)  # a set: `in` the sorted list made this quadratic (20,000 UIDs: ~4 s of the loop)
+        entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in kept).decode()
         await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
         if present:
             copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "

@@ -231,6 +231,48 @@ def test_a_mailbox_a_move_holds_is_in_use_not_referred(proxy_factory, fleet):
         assert m.select("Shared/W")[0] == "OK"  # nothing renamed it
 
 
+def test_status_of_a_name_a_mailbox_move_carries_is_referred_where_the_view_shows_it(proxy_factory, fleet):
+    """STATUS of a name a mailbox move holds is answered from the move's view (moveview.py): for a
+    referral-aware session, the backend that shows the name is referred as STATUS of any of its
+    mailboxes is, not proxied (on the code before: proxied, OK, for a session that refers)."""
+    from storehelp import REACTOR, now
+
+    from referral_proxy.config import load_config
+    from referral_proxy.journal import Reservation, Step
+    from referral_proxy.routing import open_store
+
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/W")
+    with fleet["b1"].client("alice") as m:
+        m.create("Work")
+    proxy = proxy_factory(rules=RULES)
+    aware, plain = Wire(proxy.host, proxy.port), Wire(proxy.host, proxy.port)
+    aware.login()
+    plain.login()
+    aware.cmd(b"r", b'RLIST "" "*"')  # referral-aware from now on
+    store = open_store(load_config(proxy.config_path).map.store, REACTOR)
+    store.start()
+    names = [Reservation("Work", subtree=True), Reservation("Shared/W", subtree=True),
+             Reservation("referral-proxy-aside-test")]
+    data = {"src": "b1", "dst": "b3", "pairs": [["Work", "Shared/W"]]}
+    entry = now(store.begin_move("alice", "move", names, data, "x", "/"))
+    now(store.journal_step(entry, Step.COMMITTED, data, "x"))
+    now(store.settle())
+    try:
+        referred = aware.cmd(b"s", b"STATUS Shared/W (MESSAGES)")
+        assert referred[-1].startswith(b"s NO [REFERRAL imap://alice;AUTH=*@"), referred
+        assert b"Shared/W" in referred[-1] and fleet["b3"].host.encode() in referred[-1]
+        assert plain.cmd(b"s", b"STATUS Shared/W (MESSAGES)")[-1].startswith(b"s OK")  # proxied: b3's
+        for w in (aware, plain):  # the old name is no mailbox past the commit point
+            assert w.cmd(b"t", b"STATUS Work (MESSAGES)")[-1].startswith(b"t NO Mailbox doesn't exist")
+    finally:
+        now(store.end_move(entry))
+        now(store.settle())
+        now(store.close())
+    aware.close()
+    plain.close()
+
+
 # -- a referral-aware client following the URL lands on the mailbox it asked for ------------------
 
 _ODD = ["Shared/a%b", "Shared/a*b", 'Shared/q"x', "Shared/b\\s", "Shared/semi;UID=3", "Shared/q?x", "Shared/h#x",

@@ -1,0 +1,93 @@
+"""Costs that must grow linearly with a user's mailboxes, counted (never timed).
+
+A user with thousands of mailboxes (an administrator's real accounts) makes every
+per-LIST and per-move step that is quadratic in the mailboxes block the proxy's one
+event loop for seconds, for every other user too. Each test counts the calls a step
+makes (``sys.setprofile`` sees every C call: ``str.startswith`` and friends) for n and
+4n mailboxes and requires the count to grow no faster than the mailboxes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from referral_proxy.listing import ListEntry, merge
+from referral_proxy.proxyproto import BACKLOG, listen_endpoint
+
+
+def _c_calls(work: Callable[[], object]) -> int:
+    calls = 0
+
+    def profile(_frame: object, event: str, _arg: object) -> None:
+        nonlocal calls
+        if event == "c_call":
+            calls += 1
+
+    sys.setprofile(profile)
+    try:
+        work()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def _entries(n: int) -> list[ListEntry]:
+    """n mailboxes, ten under each of n/10 parents, spread over three backends (Dovecot's child flags)."""
+    return [ListEntry((b"\\HasNoChildren",), b"/", f"Folder{i // 10}/Sub{i}".encode(), f"b{i % 3}") for i in range(n)]
+
+
+def _owner(name: str) -> str:
+    digits = name.rsplit("Sub", 1)[-1].split("/")[0]
+    return f"b{int(digits) % 3}" if digits.isdigit() else "b0"
+
+
+def test_list_merge_is_linear_in_the_mailboxes() -> None:
+    """LIST "" * over 2,000 mailboxes took 5.8 s of the event loop in merge() (each name's
+    \\HasChildren found by a startswith() against every other name): 4x the mailboxes must
+    cost at most ~4x the calls, not 16x."""
+    small = _c_calls(lambda: merge(_entries(250), _owner, "/"))
+    large = _c_calls(lambda: merge(_entries(1000), _owner, "/"))
+    assert large < 5 * small, (small, large)
+
+
+def test_list_merge_child_flags_unchanged() -> None:
+    """The linear merge says the same child flags as before: a parent placeholder has children,
+    a leaf none, a name that is only a prefix of another (Sub1 vs Sub10) is no parent."""
+    prefix = [ListEntry((b"\\HasNoChildren",), b"/", b"Folder0/Sub10", "b1")]
+    merged = {e.name: e.flags for e in merge(_entries(30) + prefix, _owner, "/")}
+    assert merged[b"Folder0"] == (b"\\Noselect", b"\\HasChildren")
+    assert merged[b"Folder0/Sub1"] == (b"\\HasNoChildren",)
+    extra = [ListEntry((b"\\HasNoChildren",), b"/", b"Folder0/Sub1/Deep", "b1"),
+             ListEntry((b"\\HasChildren",), b"/", b"Lone", "b0")]
+    merged = {e.name: e.flags for e in merge(_entries(30) + prefix + extra, _owner, "/")}
+    assert merged[b"Folder0/Sub1"] == (b"\\HasChildren",)
+    assert merged[b"Folder0/Sub10"] == (b"\\HasNoChildren",)
+    assert merged[b"Lone"] == (b"\\HasNoChildren",)
+
+
+def _listened(spec: str) -> Any:
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    ports: list[Any] = []
+    listen_endpoint(reactor, spec, 5.0).listen(Factory()).addCallback(ports.append)
+    assert ports, "listening did not complete at once"
+    return ports[0]
+
+
+def test_client_listeners_queue_a_reconnect_storm() -> None:
+    """300 clients of one user connecting at once (a proxy restart, a network blip): with
+    Twisted's accept queue of 50 the kernel dropped handshakes, and 12 of 300 clients waited
+    for a greeting until their own timeout (bench/bench_sessions.py). Every client listener,
+    PROXY-protocol ones and the master's of ``workers`` too (workers.bind_listeners), is made
+    with a queue of BACKLOG; one that names its own backlog keeps it."""
+    for spec, want in (("tcp:0:interface=127.0.0.1", BACKLOG), ("haproxy:tcp:0:interface=127.0.0.1", BACKLOG),
+                       ("tcp:0:interface=127.0.0.1:backlog=7", 7)):
+        port = _listened(spec)
+        try:
+            assert port.backlog == want, spec  # what the port passed to listen(2)
+        finally:
+            port.stopListening()
+    assert BACKLOG >= 511
