@@ -283,7 +283,14 @@ class Mover:
                 conn.logout()
 
     async def _undo(self, entry: JournalEntry, why: BaseException) -> None:
-        """A failure before the commit point: roll back, or leave the entry to recovery."""
+        """A failure before the commit point: roll back, or leave the entry to recovery (the store's
+        failed write, COMMITTED among them, may yet land: a hung server; recovery reads what did)."""
+        if isinstance(why, StoreUnavailable):
+            self.left_to_recovery = True
+            await self.mailbox_map.disown(entry)
+            log.error("move {id} of {user}: the map store failed ({why}): left to recovery",
+                      id=entry.id, user=self.user, why=str(why))
+            return
         try:
             await self.roll_back(entry)
         except BaseException as e:

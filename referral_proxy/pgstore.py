@@ -19,7 +19,12 @@ How it keeps store.MapStore's contract:
   process; recovery takes an entry over only when the lease has run out (or its owner,
   on this host, is dead), by compare-and-set; each journal step is written only while
   the writer still owns the entry (LostEntry otherwise);
-* a connection error or timeout raises StoreUnavailable: nothing was written.
+* a connection error or timeout raises StoreUnavailable: nothing was written;
+* a server that answers nothing at all (SIGSTOPped, a frozen VM: the kernel keeps its sockets
+  open, so neither keepalives nor its own statement_timeout end the wait) is given up on after
+  CLIENT_DEADLINE: StoreUnavailable, and every statement fails at once until the listener hears
+  from it again. Such a write may still land when the server wakes: callers that would act on
+  "nothing was written" (a move's roll-back) leave the entry to recovery instead.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import make_conninfo
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -63,6 +69,7 @@ STATEMENT_TIMEOUT_MS = 10_000  # a statement (or a lock wait) longer than this f
 IDLE_CHECK_SECONDS = 1.0  # a pooled connection idle longer is checked (SELECT 1) before a write uses it
 HEALTH_SECONDS = 2.0
 SETTLE_SECONDS = 2.0  # a move's begin and end wait at most this long for every live proxy to have read them
+CLIENT_DEADLINE = CONNECT_TIMEOUT + STATEMENT_TIMEOUT_MS / 1000 + 2  # a statement's thread waited longer: hung
 LIVE_SECONDS = 3 * HEALTH_SECONDS  # a listener silent longer is taken for gone (settle does not wait for it)  # the listener checks its connection this often when nothing is notified
 _OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS} " \
            f"-c idle_in_transaction_session_timeout=60000"
@@ -213,6 +220,7 @@ class PostgresStore:
         self._listener: threading.Thread | None = None
         self._started = False
         self.available = True
+        self._hung = False  # a statement outlived CLIENT_DEADLINE: fail at once until the listener hears the server
         self.on_availability: Callable[[bool], None] | None = None  # called in the reactor thread
 
     # -- start-up and the listener ------------------------------------------------------------
@@ -284,7 +292,7 @@ class PostgresStore:
                 conn = psycopg.connect(_conninfo(self.dsn, "referral-proxy listener"), autocommit=True)
                 conn.execute(f"LISTEN {CHANNEL}")
                 self._read_and_tell(conn)  # after a reconnect: everything again
-                self._set_available(True)
+                self._answered()
                 delay = 0.2
                 while not self._stopping.is_set():
                     notified = False
@@ -296,6 +304,7 @@ class PostgresStore:
                         self._read_and_tell(conn)
                     else:
                         self._beat(conn)  # alive (and a server gone quiet is noticed)
+                    self._answered()
                 conn.execute("DELETE FROM listeners WHERE id = %s", (self._id,))
             except Exception as e:
                 if self._stopping.is_set():
@@ -310,6 +319,11 @@ class PostgresStore:
                         conn.close()
                     except Exception:
                         pass
+
+    def _answered(self) -> None:
+        """The server answered the listener: statements may be sent again."""
+        self._hung = False
+        self._set_available(True)
 
     def _stop_threads(self) -> None:
         self._stopping.set()
@@ -360,7 +374,16 @@ class PostgresStore:
     async def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         if not self._started:
             self.start_in_reactor()
-        return await deferToThreadPool(self._reactor, self._pool, self._in_thread, work)  # type: ignore[no-any-return]
+        if self._hung:
+            raise StoreUnavailable("PostgreSQL: not answering (a statement is still waiting for it)")
+        running = deferToThreadPool(self._reactor, self._pool, self._in_thread, work)
+        running.addTimeout(CLIENT_DEADLINE, self._reactor)
+        try:
+            return await running  # type: ignore[no-any-return]
+        except defer.TimeoutError:
+            self._hung = True
+            self._set_available(False)
+            raise StoreUnavailable(f"PostgreSQL: no answer in {CLIENT_DEADLINE:g} s (the server hangs)") from None
 
     def start_in_reactor(self) -> None:
         """The pool alone (a CLI that skipped start(): migrate, tests)."""

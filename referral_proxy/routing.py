@@ -311,6 +311,11 @@ class MailboxMap:
         user = self.canonical(user)
         return {m: b for (u, m), b in self._placements.items() if u == user and not m.startswith(OLD_HOME_PREFIX)}
 
+    def placed_on(self, backends: set[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+        """Every placement (old homes' records too) naming one of *backends*: (user, mailbox, its backends)."""
+        self._refresh()
+        return sorted((u, m, b) for (u, m), b in self._placements.items() if set(b) & backends)
+
     async def watch_old_home(self, user: str, backend: str, clock: Any = None) -> None:
         """*backend*'s INBOX is no longer *user*'s: watch it from now (*clock*'s, else the wall clock) for
         OLD_HOME_WATCH seconds (the new record written first, then older ones of that backend

@@ -29,6 +29,7 @@ from .observe import Observer
 from .origin import LoopGuard
 from .proxyproto import listen_endpoint
 from .recovery import RecoverySweep
+from .reloadguard import still_named
 from .relocation import RelocationWatch
 from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession
@@ -316,6 +317,24 @@ class ProxyService(MultiService):
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: {why}", why=str(e))
             return
+        removed = set(self.config.backends) - set(config.backends)
+        if removed:  # applied only once nothing in the map names them (reloadguard.py)
+            defer.ensureDeferred(self._reload_unless_named(path, config, removed))
+            return
+        self._apply(path, config)
+
+    async def _reload_unless_named(self, path: str, config: Config, removed: set[str]) -> None:
+        try:
+            named = await still_named(self.context.mailbox_map, removed)
+        except Exception as e:  # StoreUnavailable mostly: what names them cannot be known
+            named = [f"the journal cannot be read ({e})"]
+        if named:
+            log.error("reload refused, keeping the running configuration: backend(s) {b} removed but still named: "
+                      "{named}", b=", ".join(sorted(removed)), named="; ".join(named[:10]))
+            return
+        self._apply(path, config)
+
+    def _apply(self, path: str, config: Config) -> None:
         if config.proxy.listen != self.config.proxy.listen:
             log.warn("reload: [proxy] listen changes need a restart; still listening on {listen}",
                      listen=", ".join(self.config.proxy.listen))

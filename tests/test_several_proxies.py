@@ -44,6 +44,16 @@ def _entries(dsn: str) -> int:
         return int(row[0]) if row else -1
 
 
+def recover_until_empty(proxy, dsn: str) -> None:
+    """`recover` with *proxy*'s configuration until no journal entry is left (a lease must run out first)."""
+    for _ in range(300):
+        recovered = cli("recover", "--config", str(proxy.config_path))
+        if _entries(dsn) == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(recovered.stdout + recovered.stderr)
+
+
 def wait_journal_empty(dsn: str, limit: float = 180.0) -> float:
     """Poll until the journal is empty (at most *limit* s, a bound for a hung run only): the seconds waited."""
     started = time.monotonic()
@@ -260,12 +270,7 @@ def test_postgresql_stopped_in_the_middle_of_a_move(proxy_factory, fleet, postgr
         assert judge(counts, work)[0] == []  # nothing lost while the database is away
     finally:
         postgres.start()
-    for _ in range(300):  # the lease runs out (2 s); then B's side may take the move over
-        recovered = cli("recover", "--config", str(b.config_path))
-        if _entries(pg_dsn) == 0:
-            break
-        time.sleep(0.1)
-    assert _entries(pg_dsn) == 0, recovered.stdout + recovered.stderr
+    recover_until_empty(b, pg_dsn)  # once the lease (2 s) has run out B's side takes the move over
     counts, where = census(fleet, "carol")
     assert judge(counts, work) == ([], [])
     assert {where[i][0] for i in work} == {("b1", "Work")}

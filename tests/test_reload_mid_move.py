@@ -1,0 +1,85 @@
+"""SIGHUP while the map names a backend: the new file drops it (a RENAME across to it running, or a
+placement on it), or does not parse. Judged by a census of every backend and by what a client
+reaches through the proxy afterwards.
+
+Seen on main: a reload removing b3 while RENAME Work Shared/Work (to b3) ran was applied, the move
+finished onto b3 (``OK``), and Shared/Work answered ``NO [UNAVAILABLE]`` from then on: its 20
+messages on b3, placed there, out of the proxy's reach.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import pytest
+from imapwire import Wire
+from movecheck import census, faulty, judge, seed, wait_paused
+from test_ops_dovecot import wait_for
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}]
+MASTERS = {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}
+
+
+def _without(text: str, backend: str) -> str:
+    text = re.sub(r"\[backends\.%s\][^\[]*" % backend, "", text)
+    return re.sub(r"\[\[map\.rules\]\][^\[]*\"%s\"[^\[]*" % backend, "", text)
+
+
+def _reload(proxy, text: str, n: int) -> str:
+    """Write *text*, SIGHUP, wait for the *n*-th reload line (applied or refused): the log since."""
+    before = proxy.stderr_text()
+    proxy.config_path.write_text(text)
+    proxy.send_signal(signal.SIGHUP)
+    wait_for(lambda: proxy.stderr_text().count("reload") >= n, "the reload's line")
+    return proxy.stderr_text()[len(before):]
+
+
+def _status(proxy, user: str, name: bytes) -> bytes:
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login(user)
+    reply = w.cmd(b"s", b"STATUS " + name + b" (MESSAGES)")
+    w.close()
+    return reply[0]
+
+
+def test_a_reload_dropping_the_destination_of_a_running_rename_is_refused(proxy_factory, fleet, tmp_path):
+    work = [f"work-{i}@t" for i in range(20)]
+    seed(fleet["b1"], "carol", "Work", work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    a = proxy_factory({"backends": MASTERS}, rules=RULES,
+                      command=faulty("--pause-at", "copied:1", "--pause-dir", str(pause)))
+    w = Wire(a.host, a.port, timeout=120)
+    w.login("carol")
+    w.send(b"r RENAME Work Shared/Work\r\n")
+    assert wait_paused(pause, "copied:1") == "copied:1"
+    text = a.config_path.read_text()
+    a.config_path.write_text(_without(text, "b3"))
+    a.send_signal(signal.SIGHUP)  # taken when the process runs again, the move's entry still open
+    (pause / "resume").touch()
+    assert w.until_tagged(b"r")[-1].startswith(b"r OK")
+    w.close()
+    wait_for(lambda: "reload" in a.stderr_text(), "the reload's line")
+    log = a.stderr_text()
+    assert "reload refused" in log and "b3" in log, log[-2000:]
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work} == {("b3", "Shared/Work")}
+    assert _status(a, "carol", b"Shared/Work") == b"* STATUS Shared/Work (MESSAGES 20)\r\n"  # reached
+    # the placement on b3 keeps refusing it; a file that does not parse is refused too
+    assert "reload refused" in _reload(a, _without(text, "b3"), 2)
+    assert "reload refused" in _reload(a, text + "\n[map\n", 3)
+    assert _status(a, "carol", b"Shared/Work") == b"* STATUS Shared/Work (MESSAGES 20)\r\n"
+
+
+def test_a_reload_dropping_a_backend_nothing_names_is_applied(proxy_factory, fleet):
+    seed(fleet["b2"], "carol", "Far", ["far-0@t"])
+    a = proxy_factory({"backends": MASTERS}, rules=[*RULES, {"mailbox": "Far", "backend": "b2"}])
+    assert _status(a, "carol", b"Far") == b"* STATUS Far (MESSAGES 1)\r\n"
+    assert "reloaded" in _reload(a, _without(a.config_path.read_text(), "b2"), 1)
+    assert _status(a, "carol", b"Far").startswith(b"s NO")  # routed to b1 now, where there is no Far
