@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .certs import TLSMaterial, make_tls_material
 from .conf import INTERNAL_USER, LOGIN_USER, MAIL_USER, config_text
+from .passwd import write_passwd
 from .procs import cmdline, pdeathsig, process_group
 
 __all__ = [
@@ -133,13 +134,6 @@ def _check_conf_path(path: Path) -> None:
     if any(c in str(path) for c in ' \t\n"\'#{}$%\\<'):
         raise DovecotError(f"{path}: Dovecot instance paths must not contain spaces or "
                            f"any of \"'#{{}}$%\\<")
-
-
-def _passwd_line(user: str, password: str, fields: str = "") -> str:
-    for ch in ":\n\r\0":
-        if ch in user or ch in password or (ch != ":" and ch in fields):  # the fields are the line's last
-            raise ValueError(f"user/password/fields must not contain {ch!r} (passwd-file format)")
-    return f"{user}:{{PLAIN}}{password}::::::{fields}\n"
 
 
 _live: set[Dovecot] = set()  # started and not stopped: stopped at exit
@@ -252,27 +246,16 @@ class Dovecot:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base_dir, 0o755)
         # passwd files are read by the auth process, which runs as `dovecot`
-        self._write_passwd(self.passwd_path, self.users, self.user_fields)
-        self._write_passwd(self.master_passwd_path, {MASTER_USER: MASTER_PASSWORD}, {})
+        write_passwd(self.passwd_path, self.users, self.user_fields)
+        write_passwd(self.master_passwd_path, {MASTER_USER: MASTER_PASSWORD}, {})
         self.conf_path.write_text(config_text(self))
-
-    @staticmethod
-    def _write_passwd(path: Path, entries: Mapping[str, str], fields: Mapping[str, str]) -> None:
-        # read by the auth process, which runs as `dovecot`; replaced whole (a login never reads half)
-        auth_gid = pwd.getpwnam(INTERNAL_USER).pw_gid
-        tmp = path.with_name(path.name + ".new")
-        tmp.write_text("".join(_passwd_line(u, p, fields.get(u, "")) for u, p in entries.items()),
-                       encoding="utf-8", errors="surrogateescape")  # a password of raw 8-bit bytes too
-        os.chown(tmp, 0, auth_gid)
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
 
     def set_user_fields(self, user: str, fields: str) -> None:
         """*user*'s userdb extra fields from the next login on: passwd-file is read again when it
         changed, looked at once a second at most, so this returns when the next second began."""
         before = self.passwd_path.stat()
         self.user_fields[user] = fields
-        self._write_passwd(self.passwd_path, self.users, self.user_fields)
+        write_passwd(self.passwd_path, self.users, self.user_fields)
         after = self.passwd_path.stat()
         if after.st_size == before.st_size and int(after.st_mtime) <= int(before.st_mtime):
             os.utime(self.passwd_path, (int(before.st_mtime) + 1, int(before.st_mtime) + 1))
