@@ -166,6 +166,8 @@ class MailboxCommands:
             self.host.tagged(cmd.tag, "NO", _RESERVED)
             return None
         if self.moving(mailbox):
+            if cmd.name == "STATUS" and status_during_move(self.host, cmd):
+                return None  # the old name before the move's commit point, the new one after (moveview.py)
             self.host.tagged(cmd.tag, "NO", _INUSE)
             return None
         return mailbox, self.route_of(mailbox)
@@ -195,10 +197,6 @@ class MailboxCommands:
 
     def by_mailbox(self, cmd: Command) -> None:
         """CREATE, DELETE, STATUS, SUBSCRIBE ...: to the backend that owns the mailbox."""
-        mailbox = cmd.args.value(Slot.MAILBOX)
-        if (cmd.name == "STATUS" and mailbox is not None and not is_private_name(mailbox) and self.moving(mailbox)
-                and status_during_move(self.host, cmd)):
-            return  # the old name before the move's commit point, the new one after (moveview.py)
         target = self._target(cmd, Slot.MAILBOX)
         if target is None:
             return
