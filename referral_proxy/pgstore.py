@@ -542,6 +542,7 @@ class PostgresStore:
             return conn.execute("UPDATE journal SET owner = NULL, lease_until = NULL WHERE id = %s AND owner = %s",
                                 (entry_id, owner)).rowcount
 
+        self._deltas.forget(entry_id)  # whoever takes it next writes its first step whole
         return await self._run(work) == 1
 
     async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:

@@ -324,6 +324,7 @@ class SQLiteStore:
         return cur.rowcount == 1
 
     async def disown(self, entry_id: int, owner: str) -> bool:
+        self._deltas.forget(entry_id)  # whoever takes it next writes its first step whole
         with self._db:
             cur = self._db.execute("UPDATE journal SET owner = NULL WHERE id = ? AND owner = ?", (entry_id, owner))
         return cur.rowcount == 1
