@@ -27,7 +27,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .backend import BackendError, BackendProtocol, wire_tail
+from .acrossview import EXPUNGE_ISSUED, NOTHING_NAMED, moved_text
+from .backend import BackendError, BackendProtocol, Tagged, wire_tail
 from .imap.command import ParseError
 from .imap.data import parse_fetch, parse_uid_code
 from .imap.framing import Line, LiteralData, LiteralEnd
@@ -328,13 +329,12 @@ MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the s
 
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
                       mailbox: bytes, move: bool, *, mailbox_map: MailboxMap, user: str,
-                      source_mailbox: bytes, clock: Any = None,
-                      reconnect: Callable[[], Awaitable[BackendProtocol]] | None = None) -> CopyOutcome:
+                      source_mailbox: bytes, clock: Any = None) -> CopyOutcome:
     """COPY / MOVE from *source_mailbox*, selected on *src*, to *mailbox* on *dst* (a connection of its own).
 
-    A source message another session expunged while the messages were read aborts the MULTIAPPEND
-    (nothing saved); with *reconnect* (a new connection to the destination's backend) the rest are
-    then copied or moved once more, as Dovecot's own COPY/MOVE skips such a message.
+    A source message another session expunged, before the command or while the messages were read,
+    aborts the MULTIAPPEND (nothing saved) and the answer is Dovecot's own COPY/MOVE's: ``NO
+    [EXPUNGEISSUED]``, nothing copied or moved (acrossview.py).
 
     MOVE pins both mailboxes in the journal and waits its turn after any other cross-server
     MOVE from the same mailbox (two of them would each copy a message both name); then it
@@ -346,36 +346,21 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     """
     if move and "UIDPLUS" not in src.capabilities:
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
-    args = (mailbox, move, mailbox_map, user, source_mailbox, clock)
     seen: list[bytes] = []  # the source's untagged responses: the client sees them whatever the answer
     try:
-        try:
-            return await _copy_once(src, message_set, uid, dst, *args, seen=seen, first=True)
-        except _Again as again:  # nothing was saved: once more, with what is still there
-            if reconnect is None:
-                raise TransferError(str(again.why)) from None
-            fresh = await reconnect()
-            try:
-                return await _copy_once(src, uid_set(again.uids), True, fresh, *args, seen=seen, first=False)
-            finally:
-                fresh.logout()
+        return await _copy_once(src, message_set, uid, dst, mailbox, move, mailbox_map, user, source_mailbox, clock,
+                                seen=seen)
+    except Vanished:  # nothing was saved (see _copy_once)
+        return CopyOutcome(seen, "NO", EXPUNGE_ISSUED)
     except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
         text = str(e)
         status, _, rest = text.partition(" ")
         return CopyOutcome(seen, status, rest) if status in ("NO", "BAD") else CopyOutcome(seen, "NO", text)
 
 
-class _Again(Exception):
-    """A source message vanished while the messages were read: nothing was saved; *uids* were named."""
-
-    def __init__(self, uids: list[int], why: Vanished) -> None:
-        super().__init__("a source message vanished")
-        self.uids, self.why = uids, why
-
-
 async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol, mailbox: bytes,
                      move: bool, mailbox_map: MailboxMap, user: str, source_mailbox: bytes, clock: Any, *,
-                     seen: list[bytes], first: bool) -> CopyOutcome:
+                     seen: list[bytes]) -> CopyOutcome:
     """One attempt of copy_across; the source's untagged responses are collected in *seen* as they come."""
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
@@ -394,7 +379,7 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
             allowed, also = await may_expunge(src, src_name)
             untagged += also
         if not uids:
-            outcome = CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
+            outcome = CopyOutcome(untagged, "OK", NOTHING_NAMED)  # sequence sets past the end: BAD in named_uids
         elif not allowed:  # Dovecot's own MOVE: NO, nothing copied
             outcome = CopyOutcome(untagged, "NO", "[NOPERM] Permission denied: the messages cannot be expunged "
                                                   "here (rights t and e needed); nothing was moved")
@@ -407,12 +392,10 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
                 if entry is not None:
                     return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
                 copied = await copy_stream(src, infos, dst, mailbox)
-            except Vanished as e:
-                if not first:
-                    raise  # the second time: said as it is
+            except Vanished:
                 if entry is not None and not entry.ended:
                     await mailbox_map.end_move(entry)  # at reserved, or its MULTIAPPEND aborted: nothing saved
-                raise _Again(uids, e) from None
+                raise
             untagged += copied.others
             return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
                                                f"{uid_set(copied.uids).decode()}] Copy completed.",
@@ -481,6 +464,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:
+        expunged: Tagged | None = None  # our UID EXPUNGE's answer: its HIGHESTMODSEQ code is the MOVE's
         flags_now, others = await _mark_deleted(src, uids)
         untagged += others
         present = sorted(flags_now)
@@ -516,7 +500,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     await mailbox_map.end_move(entry)
     there = set(present)
     moved = sum(i.size for i in infos if i.uid in there)
-    return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
+    return CopyOutcome(untagged, "OK", moved_text(expunged.start if expunged is not None else None), moved)
 
 
 async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[dict[int, frozenset[bytes] | None], list[bytes]]:
