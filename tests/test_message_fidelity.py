@@ -197,8 +197,10 @@ def _nul_messages() -> list[tuple[list[bytes], bytes, bytes]]:
 
 def test_nul_bytes_stay_nul_bytes_across_servers(proxy_factory, ffleet):
     """Seen in round 10: a COPY across stored 0x80 for each NUL (read by BODY.PEEK[]). Now every way
-    across keeps the stored bytes; BODY[] (what the journal hashes) is the same on both sides too."""
-    msgs = _nul_messages()
+    across keeps the stored bytes (a 20 MB message too); BODY[] (what the journal hashes) is the same on
+    both sides too."""
+    big = b"Message-Id: <bignul@fid>\r\n\r\n" + b"".join(b"%07d\x00.......\x80........\r\n" % i for i in range(20 * 2**20 // 26))
+    msgs = [*_nul_messages(), ([b"\\Seen"], b"06-Jan-2020 00:00:00 +0000", big)]  # 20 MB, a NUL in each line
     for box in ("N1", "N2", "N3", "N4"):
         _put(ffleet["b1"], box, msgs)
     before, body = _binaries(ffleet["b1"], "N1"), snapshot(ffleet["b1"], "N1")
