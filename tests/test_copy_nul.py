@@ -3,7 +3,7 @@ produce on demand (scripted backends): the wire exactly, a BINARY FETCH refused,
 
 from __future__ import annotations
 
-from test_transfer_faults import _config, _take
+from test_transfer_faults import _across_of_one, _selected, _take
 
 from referral_proxy.testing.fakes import SessionHarness
 
@@ -12,20 +12,8 @@ DATE = b'"01-Jan-2020 10:00:00 +0000"'
 
 def _copy_read_once(body: bytes) -> tuple[SessionHarness, object, object]:
     """``UID COPY 4 Shared/X`` of a message whose BODY[] is *body*, up to its BODY[] sent to the destination."""
-    h = SessionHarness(_config())
-    h.login()
-    src = h.backend
-    h.send(b"s SELECT INBOX\r\n")
-    _take(src)
-    h.from_backend(b"* 1 EXISTS\r\nrp1 OK [READ-WRITE] Selected\r\n")
-    h.to_client()
-    h.send(b"c UID COPY 4 Shared/X\r\n")
-    assert _take(src) == b"rp2 UID SEARCH UID 4\r\n"
-    src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
-    dst = h.backend
-    _take(dst)
-    dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
-    src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE ' + DATE + b' RFC822.SIZE %d)\r\nrp3 OK\r\n' % len(body))
+    h, src = _selected(1)
+    dst = _across_of_one(h, src, b"c UID COPY 4 Shared/X", len(body))
     assert _take(src).endswith(b"rp4 UID FETCH 4 (UID BODY.PEEK[])\r\n")
     src.dataReceived(b"* 1 FETCH (UID 4 BODY[] {%d}\r\n" % len(body) + body + b")\r\nrp4 OK\r\n")
     sent = b"rp2 APPEND Shared/X () " + DATE + b" {%d+}\r\n" % len(body) + body
