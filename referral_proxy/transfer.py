@@ -6,7 +6,8 @@ to: fix the source UIDs, read FLAGS / INTERNALDATE / size, then stream each
 there), on a connection of the transfer's own, hashing each body (sha256) on its
 way through. Before a source message may be removed, its copy is read back from
 the destination by the UID APPENDUID gave and must hash the same: verification
-by content, never by count.
+by content, never by count. (The streaming itself, and messages holding NUL bytes, which
+go as literal8 read by ``BINARY.PEEK[]``: copystream.py.)
 
 A cross-server MOVE is journaled (journal.py: MOVE_APPENDING, MOVE_APPENDED) from
 before the destination's commit until the source's expunge, and pins its two
@@ -16,24 +17,18 @@ mailboxes, so ``recover`` can finish it after a crash.
 from __future__ import annotations
 
 import collections
-import hashlib
-import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet import task
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from .acrossview import EXPUNGE_ISSUED, NOTHING_NAMED, moved_text
-from .backend import BackendError, BackendProtocol, Tagged, wire_tail
+from .backend import BackendError, BackendProtocol, Tagged
+from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages
 from .imap.command import ParseError
-from .imap.data import parse_fetch, parse_uid_code
-from .imap.framing import Line, LiteralData, LiteralEnd
-from .imap.quoting import astring
-from .imap.response import ResponseStart, completion_text
+from .imap.data import parse_fetch
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
@@ -61,204 +56,6 @@ __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", 
            "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown"]
 
 log = Logger()
-
-
-@implementer(IPushProducer)
-class _Pause:
-    """The source's transport as the producer of the destination's: a slow destination pauses the source."""
-
-    def __init__(self, transport: object) -> None:
-        self._t = transport
-
-    def pauseProducing(self) -> None:
-        self._t.pauseProducing()  # type: ignore[attr-defined]
-
-    def resumeProducing(self) -> None:
-        if not getattr(self._t, "disconnected", False):
-            self._t.resumeProducing()  # type: ignore[attr-defined]
-
-    def stopProducing(self) -> None:
-        # The destination is gone (Twisted calls this on its connectionLost): a pause
-        # it held must not outlive it, or the source, and the client behind it, hang.
-        self.resumeProducing()
-
-
-@dataclass
-class Progress:
-    """Counts for progress reports: called after each message."""
-
-    messages: int = 0
-    bytes: int = 0
-    on_message: Callable[[Progress], None] | None = None
-
-    def add(self, size: int) -> None:
-        self.messages += 1
-        self.bytes += size
-        if self.on_message is not None:
-            self.on_message(self)
-
-
-@dataclass(frozen=True)
-class Copied:
-    """A committed MULTIAPPEND: where the messages went, and the sha256 of each body sent."""
-
-    uidvalidity: int
-    uids: tuple[int, ...]  # destination UIDs, in the order of the source messages
-    hashes: tuple[str, ...]
-    others: tuple[bytes, ...]  # other untagged responses the source sent meanwhile, raw, to relay
-
-
-class CommitUnknown(TransferError):
-    """The whole MULTIAPPEND was sent but its answer never came: it may have been saved."""
-
-
-_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
-
-
-class _Bodies:
-    """Reads the ``BODY[]`` literals of one ``UID FETCH`` as they stream, in the expected UID order.
-
-    *begin(uid, size)*, *chunk(data)* and *end()* see each body; every other untagged
-    response (a delivery's EXISTS, a flag update) is kept raw for the client."""
-
-    def __init__(self, conn: BackendProtocol, uids: Sequence[int], begin: Callable[[int, int], None],
-                 chunk: Callable[[bytes], None], end: Callable[[], None]) -> None:
-        self.conn, self.expected = conn, list(uids)
-        self.begin, self.chunk, self.end = begin, chunk, end
-        self.next = 0
-        self.in_body = False
-        self.error: str | None = None
-        self.other: list[bytes] | None = None
-        self.others: list[bytes] = []
-
-    def tap(self, start: ResponseStart | None, event: object) -> None:
-        if start is not None:
-            assert isinstance(event, Line)
-            if (start.name == "FETCH" and event.literal is not None
-                    and event.data.rstrip().upper().endswith(b"BODY[]") and self.error is None):
-                m = _UID.search(event.data)
-                uid = self.expected[self.next] if self.next < len(self.expected) else None
-                if uid is None or m is None or int(m.group(1)) != uid:
-                    self.error = f"unexpected message {m.group(1).decode() if m else '?'} from {self.conn.name}"
-                    self.other = []  # swallowed: it is not for the client either
-                    return
-                self.next += 1
-                self.in_body = True
-                self.begin(uid, event.literal.size)
-                return
-            self.other = [event.data + wire_tail(event)]  # not ours: for the client
-            if event.literal is None:
-                self._other_done()
-            return
-        if isinstance(event, LiteralData):
-            if self.in_body:
-                self.chunk(event.data)
-            elif self.other is not None:
-                self.other.append(event.data)
-        elif isinstance(event, LiteralEnd):
-            if self.in_body:
-                self.in_body = False
-                self.end()
-        elif isinstance(event, Line) and self.other is not None:
-            self.other.append(event.data + wire_tail(event))
-            if event.literal is None:
-                self._other_done()
-
-    def _other_done(self) -> None:
-        if self.other and self.error is None:
-            self.others.append(b"".join(self.other))
-        self.other = None
-
-    async def run(self) -> list[bytes]:
-        self.conn.tap = self.tap
-        try:
-            result = await self.conn.command(b"UID FETCH " + uid_set(self.expected) + b" (UID BODY.PEEK[])")
-        finally:
-            self.conn.tap = None
-        if self.error is not None:
-            raise TransferError(self.error)
-        if not result.ok or self.next != len(self.expected):
-            missing = self.expected[self.next] if self.next < len(self.expected) else "?"
-            raise TransferError(f"message UID {missing} could not be read from {self.conn.name}")
-        return self.others
-
-
-async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
-                      mailbox: bytes, progress: Progress | None = None,
-                      before_commit: Callable[[tuple[str, ...]], Awaitable[None]] | None = None) -> Copied:
-    """Append *infos*' messages (of the mailbox selected on *src*) to *mailbox* on *dst* in ONE
-    MULTIAPPEND, bodies streamed by one ``UID FETCH`` and hashed on the way. On any failure
-    the destination connection is aborted, so its MULTIAPPEND saves nothing.
-
-    *before_commit(hashes)* runs once every body is sent and before the command's last CRLF,
-    the byte that lets the backend commit: what it journals, a recovery can rely on."""
-    if not infos:
-        raise TransferError("nothing to copy")
-    if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
-        raise TransferError(f"backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
-    by_uid = {i.uid: i for i in infos}
-    hashes: list[str] = []
-    current: list = [None, None]  # hash object, info
-
-    def begin(uid: int, size: int) -> None:
-        info = by_uid[uid]
-        current[0], current[1] = hashlib.sha256(), info
-        dst.write(b" (%s) \"%s\" {%d+}\r\n" % (b" ".join(info.flags), info.internaldate, size))
-
-    def chunk(data: bytes) -> None:
-        current[0].update(data)
-        dst.write(data)
-
-    def end() -> None:
-        hashes.append(current[0].hexdigest())
-        if progress is not None:
-            progress.add(current[1].size)
-
-    ptag = dst.next_tag()
-    done: defer.Deferred[tuple[ResponseStart, bytes]] = defer.Deferred()
-    dst.expect(ptag, lambda start, raw: done.callback((start, raw)))
-    dst.transport.registerProducer(_Pause(src.transport), True)
-    try:
-        dst.write(ptag + b" APPEND " + astring(mailbox))
-        try:
-            others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
-        except TransferError as e:
-            if src.closed:
-                raise
-            raise Vanished(str(e)) from None  # expunged by another session after it was named
-        if before_commit is not None:
-            await before_commit(tuple(hashes))
-        dst.write(b"\r\n")
-        start, _raw = await done
-    except BaseException:
-        dst.transport.abortConnection()
-        raise
-    finally:
-        if not dst.closed:
-            dst.transport.unregisterProducer()
-    if start.tag is None:
-        raise CommitUnknown(f"backend {dst.name} closed the connection")
-    if start.status != "OK":
-        raise TransferError(completion_text(start))
-    try:
-        code = parse_uid_code(start.code, start.code_args)
-    except ParseError:
-        raise TransferError(f"backend {dst.name} gave no usable APPENDUID") from None
-    if len(code.uids) != len(infos):
-        raise TransferError(f"backend {dst.name} reported {len(code.uids)} new messages for {len(infos)}")
-    return Copied(code.uidvalidity, code.uids, tuple(hashes), tuple(others))
-
-
-async def hash_messages(conn: BackendProtocol, uids: Sequence[int]) -> list[str]:
-    """sha256 of each message of the selected mailbox, in the order of *uids*, streamed (never held)."""
-    if not uids:
-        return []
-    hashes: list[str] = []
-    h: list = [None]
-    await _Bodies(conn, sorted(uids), lambda _uid, _size: h.__setitem__(0, hashlib.sha256()),
-                  lambda data: h[0].update(data), lambda: hashes.append(h[0].hexdigest())).run()
-    by_uid = dict(zip(sorted(uids), hashes))
-    return [by_uid[u] for u in uids]
 
 
 async def verify_copies(dst: BackendProtocol, mailbox: str, copied: Copied) -> None:
