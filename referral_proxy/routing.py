@@ -10,6 +10,7 @@ method of MailboxMap: routing, placements, reservations and the journal agree.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .config import MapConfig
+from .imap import mutf7
 from .journal import (
     JournalEntry,
     LostEntry,
@@ -33,7 +35,7 @@ from .listmatch import wildcard_match
 from .store import MapStore, MemoryStore, Snapshot, SQLiteStore
 
 __all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches",
-           "normalize", "canonical_user", "StepHook", "OLD_HOME_PREFIX", "OLD_HOME_WATCH", "OldHome"]
+           "normalize", "rule_form", "canonical_user", "StepHook", "OLD_HOME_PREFIX", "OLD_HOME_WATCH", "OldHome"]
 
 log = Logger()
 
@@ -79,6 +81,20 @@ def normalize(mailbox: str, separator: str = "/") -> str:
     if head.upper() == "INBOX" and head.isascii():
         return "INBOX" + sep + tail
     return mailbox
+
+
+def rule_form(name: str) -> str:
+    """A name (or a rule's pattern) as it meets the map's rules: in Unicode. Rules are written in
+    UTF-8 in the TOML (or in modified UTF-7); clients send modified UTF-7, or UTF-8 once they
+    enabled UTF8=ACCEPT (RFC 6855). Compared as sent, a rule "Café/*" took a UTF-8 client's
+    "Café/x" to its backend and a modified UTF-7 client's "Caf&AOk-/x", the same mailbox, to the
+    default one. A name that is not valid modified UTF-7 ("R&D", raw 8-bit) is taken as it is."""
+    if "&" not in name:
+        return name
+    try:
+        return mutf7.decode(name.encode("ascii"))
+    except (UnicodeEncodeError, ValueError):
+        return name
 
 
 def pattern_matches(pattern: str, mailbox: str, separator: str = "/") -> bool:
@@ -171,8 +187,8 @@ class MailboxMap:
         """Swap in new rules (SIGHUP); placements are kept."""
         self._config = config
         self._default = Route((config.default,))  # one value, shared by every lookup the rules leave to it
-        self._rules = [(None if r.user is None else canonical_user(r.user, config.username_format), r)
-                       for r in config.rules]
+        self._rules = [(None if r.user is None else canonical_user(r.user, config.username_format),
+                        dataclasses.replace(r, mailbox=rule_form(r.mailbox))) for r in config.rules]
 
     def canonical(self, user: str) -> str:
         return canonical_user(user, self._config.username_format)
@@ -248,6 +264,7 @@ class MailboxMap:
 
     def _rule_route(self, user: str, mailbox: str) -> Route:
         """rule_route of a canonical user name and a normalized mailbox name."""
+        mailbox = rule_form(mailbox)
         for rule_user, rule in self._rules:
             if rule_user is not None and rule_user != user:
                 continue
@@ -283,6 +300,7 @@ class MailboxMap:
         user = self.canonical(user)
         prefix = normalize(mailbox, self.separator) + self.separator
         found = [b[0] for (u, m), b in self._placements.items() if u == user and m.startswith(prefix)]
+        prefix = rule_form(prefix)  # placements are names as sent; rules meet names in Unicode
         for rule_user, rule in self._rules:
             if rule_user is not None and rule_user != user:
                 continue
