@@ -51,16 +51,19 @@ class Route:
         return self.backends[0]
 
 
-def open_store(spec: str | None, reactor: Any = None, *, lease_seconds: float = 60.0) -> MapStore:
+def open_store(spec: str | None, reactor: Any = None, *, lease_seconds: float = 60.0,
+               serving: bool = False) -> MapStore:
     """Open the store named by ``[map].store`` (already made absolute by the config loader).
 
     A PostgreSQL store needs the *reactor* (its thread pool answers there); it is not
-    connected yet: ``await store.load()`` (or ``check()``) is the first to reach it."""
+    connected yet: ``await store.load()`` (or ``check()``) is the first to reach it.
+    *serving* (the proxy): an SQLite store waits for another process's lock on the reactor,
+    in slices, never blocking it (the admin commands block: nothing else runs there)."""
     if spec is None:
         return MemoryStore()
     scheme, _, rest = spec.partition(":")
     if scheme == "sqlite":
-        return SQLiteStore(rest)
+        return SQLiteStore(rest, reactor if serving else None)
     if scheme in ("postgresql", "postgres"):
         from .pgstore import PostgresStore  # psycopg only where it is used
 
@@ -163,6 +166,9 @@ class MailboxMap:
         self.on_move_begun: Callable[[], None] | None = None  # relocation.py looks at the sessions at once
         self._renewal: task.LoopingCall | None = None
         self._working: set[int] = set()  # entries this process works on now: the only leases it renews
+        # entries this process gave up on that the store did not let it disown (locked, unreachable):
+        # still under its name, yet nobody works on them; recovered here once the store is back
+        self._given_up: set[int] = set()
         first = self._store.poll()
         if first is not None:
             self._apply(first)
@@ -424,8 +430,16 @@ class MailboxMap:
                             f"{self._config.lease_seconds:g} s lease; recovery may have taken it over")
 
     async def end_move(self, entry: JournalEntry) -> None:
-        """The operation is over (done or undone): the entry and its reservations go together."""
-        await self._store.end_move(entry.id)
+        """The operation is over (done or undone): the entry and its reservations go together.
+
+        If the store fails, nobody works on the entry any more: given up, for recovery (renewed,
+        its lease would keep it held for good; without leases, it is recovered here)."""
+        try:
+            await self._store.end_move(entry.id)
+        except Exception:
+            self._working.discard(entry.id)
+            self._given_up.add(entry.id)
+            raise
         self._working.discard(entry.id)
         entry.ended = True
         held = self._held.get(entry.user)
@@ -438,14 +452,21 @@ class MailboxMap:
         await self._store.settle()  # the names are free for the client's next command, through any proxy
 
     def abandoned(self, entry: JournalEntry) -> bool:
-        """May recovery take *entry* over: nobody owns it, its owner (on this host) is dead, or its lease ran out."""
-        return owner_gone(entry.owner) or bool(entry.lease_expired)
+        """May recovery take *entry* over: nobody owns it, its owner (on this host) is dead, its lease
+        ran out, or this process gave it up without a lease to run out (it would be held for good)."""
+        return owner_gone(entry.owner) or bool(entry.lease_expired) or self._own_given_up(entry.id, entry.owner)
+
+    def _own_given_up(self, entry_id: int, owner: str | None) -> bool:
+        """A store without leases (SQLite): only a lease ends an owner's hold otherwise. A failed
+        write of this process's there did not land (one connection, in order): safe to take back."""
+        return not self._store.leases and owner == self._owner and entry_id in self._given_up
 
     async def claim(self, entry: JournalEntry) -> bool:
         """Take over an entry (recovery): only if its owner is still what we read, and gone."""
         if await self._store.claim(entry.id, self._owner, entry.owner, dead=owner_gone(entry.owner)):
             entry.owner = self._owner
             self._working.add(entry.id)
+            self._given_up.discard(entry.id)
             return True
         return False
 
@@ -460,8 +481,9 @@ class MailboxMap:
             if await self._store.disown(entry.id, self._owner):
                 entry.owner = None
         except Exception as e:
-            log.warn("could not give up journal entry {id} ({why}): recovery takes it once its lease runs out",
-                     id=entry.id, why=str(e))
+            self._given_up.add(entry.id)
+            log.warn("could not give up journal entry {id} ({why}): recovery takes it once the store answers "
+                     "(or its lease runs out)", id=entry.id, why=str(e))
 
     async def entries(self) -> list[JournalEntry]:
         return await self._store.journal()
@@ -472,7 +494,8 @@ class MailboxMap:
         after a failure) are not listed: the sweep retries those, not every few seconds."""
         gone: dict[str, bool] = {}
         return [i for i, owner, expired in await self._store.journal_owners()
-                if owner is not None and (expired or gone.setdefault(owner, owner_gone(owner)))]
+                if owner is not None and (expired or self._own_given_up(i, owner)
+                                          or gone.setdefault(owner, owner_gone(owner)))]
 
     def start_leases(self, clock: Any, every: float) -> None:
         """Renew this process's leases every *every* seconds (stores with leases; a no-op otherwise)."""
