@@ -6,6 +6,8 @@ MB (or --count messages of --mb MB in all) is appended directly to alice's INBOX
 ``UID MOVE`` of 1:* to ``Archive/Big`` (on b2). psutil samples the proxy's RSS every
 10 ms; the census checks b2 holds 2 x count messages and b1's INBOX none. The proxy's
 memory should stay flat (streamed), not grow by the message's size. See bench/README.md.
+``--nul``: each line holds a NUL (APPENDed as a literal8: copied by BINARY.PEEK[], copystream.py);
+``--dash``: an em dash (its 0x80 makes BODY[] suspect; BINARY.PEEK[] is read once and finds no NUL).
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ def main() -> int:
         assert h.proxy is not None and h.proxy.pid is not None
         ps = psutil.Process(h.proxy.pid)
         c1 = h.connect("b1", "b1")
-        line = b"x" * 998 + b"\r\n"
+        lead = b"\x00" if "--nul" in sys.argv else "\u2014".encode() if "--dash" in sys.argv else b""
+        line = lead + b"x" * (998 - len(lead)) + b"\r\n"
+        literal = b" ~{%d+}\r\n" if "--nul" in sys.argv else b" {%d+}\r\n"
         tag = c1.next_tag()
         c1.sock.sendall(tag + b" APPEND INBOX")
         for i in range(count):
             body = b"From: a@example.org\r\nSubject: big %d\r\n\r\n" % i + line * max(1, mb * 1000 // count)
-            c1.sock.sendall(b" {%d+}\r\n" % len(body) + body)
+            c1.sock.sendall(literal % len(body) + body)
         c1.sock.sendall(b"\r\n")
         c1.read_tagged(tag)
         c2 = h.connect("b2", "b2")
@@ -78,7 +82,8 @@ def main() -> int:
             log(f"{cmd.decode()}: {out[name]}")
         out["census_b2_sizes"] = {"n": len(sizes(c2, "Archive/Big"))}
         out["census_b1_inbox"] = {"n": len(sizes(c1, "INBOX"))}
-        print(json.dumps({"mb": mb, "count": count, **out}))
+        fill = "nul" if "--nul" in sys.argv else "dash" if "--dash" in sys.argv else "x"
+        print(json.dumps({"mb": mb, "count": count, "fill": fill, **out}))
     return 0
 
 

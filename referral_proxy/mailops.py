@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from .acrossview import SAVED
 from .backend import BackendError, BackendProtocol, Tagged
 from .imap.command import Atom, ParseError, String, parse_arguments
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
@@ -237,7 +238,7 @@ async def named_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tu
     (TransferError BAD), as the backend refuses that COPY (Dovecot: BAD Invalid messageset):
     ``UID SEARCH`` finds the messages that exist, and a MOVE 6:7 of six moved one, said OK."""
     uids, others = await search_uids(conn, (b"UID " if uid else b"") + message_set)
-    if not uid:
+    if not uid and message_set != SAVED:  # $ may name nothing: OK, as Dovecot answers (acrossview.py)
         size = sequence_set_size(message_set)  # None: with "*", which names the last message if any
         if (len(uids) < size) if size is not None else not uids:
             raise TransferError("BAD Invalid messageset: it names a message past the last one")

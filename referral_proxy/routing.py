@@ -10,6 +10,7 @@ method of MailboxMap: routing, placements, reservations and the journal agree.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .config import MapConfig
+from .imap import mutf7
 from .journal import (
     JournalEntry,
     LostEntry,
@@ -33,7 +35,7 @@ from .listmatch import wildcard_match
 from .store import MapStore, MemoryStore, Snapshot, SQLiteStore
 
 __all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches",
-           "normalize", "canonical_user", "StepHook", "OLD_HOME_PREFIX", "OLD_HOME_WATCH", "OldHome"]
+           "normalize", "rule_form", "canonical_user", "StepHook", "OLD_HOME_PREFIX", "OLD_HOME_WATCH", "OldHome"]
 
 log = Logger()
 
@@ -49,16 +51,19 @@ class Route:
         return self.backends[0]
 
 
-def open_store(spec: str | None, reactor: Any = None, *, lease_seconds: float = 60.0) -> MapStore:
+def open_store(spec: str | None, reactor: Any = None, *, lease_seconds: float = 60.0,
+               serving: bool = False) -> MapStore:
     """Open the store named by ``[map].store`` (already made absolute by the config loader).
 
     A PostgreSQL store needs the *reactor* (its thread pool answers there); it is not
-    connected yet: ``await store.load()`` (or ``check()``) is the first to reach it."""
+    connected yet: ``await store.load()`` (or ``check()``) is the first to reach it.
+    *serving* (the proxy): an SQLite store waits for another process's lock on the reactor,
+    in slices, never blocking it (the admin commands block: nothing else runs there)."""
     if spec is None:
         return MemoryStore()
     scheme, _, rest = spec.partition(":")
     if scheme == "sqlite":
-        return SQLiteStore(rest)
+        return SQLiteStore(rest, reactor if serving else None)
     if scheme in ("postgresql", "postgres"):
         from .pgstore import PostgresStore  # psycopg only where it is used
 
@@ -76,6 +81,20 @@ def normalize(mailbox: str, separator: str = "/") -> str:
     if head.upper() == "INBOX" and head.isascii():
         return "INBOX" + sep + tail
     return mailbox
+
+
+def rule_form(name: str) -> str:
+    """A name (or a rule's pattern) as it meets the map's rules: in Unicode. Rules are written in
+    UTF-8 in the TOML (or in modified UTF-7); clients send modified UTF-7, or UTF-8 once they
+    enabled UTF8=ACCEPT (RFC 6855). Compared as sent, a rule "Café/*" took a UTF-8 client's
+    "Café/x" to its backend and a modified UTF-7 client's "Caf&AOk-/x", the same mailbox, to the
+    default one. A name that is not valid modified UTF-7 ("R&D", raw 8-bit) is taken as it is."""
+    if "&" not in name:
+        return name
+    try:
+        return mutf7.decode(name.encode("ascii"))
+    except (UnicodeEncodeError, ValueError):
+        return name
 
 
 def pattern_matches(pattern: str, mailbox: str, separator: str = "/") -> bool:
@@ -147,6 +166,9 @@ class MailboxMap:
         self.on_move_begun: Callable[[], None] | None = None  # relocation.py looks at the sessions at once
         self._renewal: task.LoopingCall | None = None
         self._working: set[int] = set()  # entries this process works on now: the only leases it renews
+        # entries this process gave up on that the store did not let it disown (locked, unreachable):
+        # still under its name, yet nobody works on them; recovered here once the store is back
+        self._given_up: set[int] = set()
         first = self._store.poll()
         if first is not None:
             self._apply(first)
@@ -165,8 +187,8 @@ class MailboxMap:
         """Swap in new rules (SIGHUP); placements are kept."""
         self._config = config
         self._default = Route((config.default,))  # one value, shared by every lookup the rules leave to it
-        self._rules = [(None if r.user is None else canonical_user(r.user, config.username_format), r)
-                       for r in config.rules]
+        self._rules = [(None if r.user is None else canonical_user(r.user, config.username_format),
+                        dataclasses.replace(r, mailbox=rule_form(r.mailbox))) for r in config.rules]
 
     def canonical(self, user: str) -> str:
         return canonical_user(user, self._config.username_format)
@@ -242,6 +264,7 @@ class MailboxMap:
 
     def _rule_route(self, user: str, mailbox: str) -> Route:
         """rule_route of a canonical user name and a normalized mailbox name."""
+        mailbox = rule_form(mailbox)
         for rule_user, rule in self._rules:
             if rule_user is not None and rule_user != user:
                 continue
@@ -277,6 +300,7 @@ class MailboxMap:
         user = self.canonical(user)
         prefix = normalize(mailbox, self.separator) + self.separator
         found = [b[0] for (u, m), b in self._placements.items() if u == user and m.startswith(prefix)]
+        prefix = rule_form(prefix)  # placements are names as sent; rules meet names in Unicode
         for rule_user, rule in self._rules:
             if rule_user is not None and rule_user != user:
                 continue
@@ -406,8 +430,16 @@ class MailboxMap:
                             f"{self._config.lease_seconds:g} s lease; recovery may have taken it over")
 
     async def end_move(self, entry: JournalEntry) -> None:
-        """The operation is over (done or undone): the entry and its reservations go together."""
-        await self._store.end_move(entry.id)
+        """The operation is over (done or undone): the entry and its reservations go together.
+
+        If the store fails, nobody works on the entry any more: given up, for recovery (renewed,
+        its lease would keep it held for good; without leases, it is recovered here)."""
+        try:
+            await self._store.end_move(entry.id)
+        except Exception:
+            self._working.discard(entry.id)
+            self._given_up.add(entry.id)
+            raise
         self._working.discard(entry.id)
         entry.ended = True
         held = self._held.get(entry.user)
@@ -420,14 +452,21 @@ class MailboxMap:
         await self._store.settle()  # the names are free for the client's next command, through any proxy
 
     def abandoned(self, entry: JournalEntry) -> bool:
-        """May recovery take *entry* over: nobody owns it, its owner (on this host) is dead, or its lease ran out."""
-        return owner_gone(entry.owner) or bool(entry.lease_expired)
+        """May recovery take *entry* over: nobody owns it, its owner (on this host) is dead, its lease
+        ran out, or this process gave it up without a lease to run out (it would be held for good)."""
+        return owner_gone(entry.owner) or bool(entry.lease_expired) or self._own_given_up(entry.id, entry.owner)
+
+    def _own_given_up(self, entry_id: int, owner: str | None) -> bool:
+        """A store without leases (SQLite): only a lease ends an owner's hold otherwise. A failed
+        write of this process's there did not land (one connection, in order): safe to take back."""
+        return not self._store.leases and owner == self._owner and entry_id in self._given_up
 
     async def claim(self, entry: JournalEntry) -> bool:
         """Take over an entry (recovery): only if its owner is still what we read, and gone."""
         if await self._store.claim(entry.id, self._owner, entry.owner, dead=owner_gone(entry.owner)):
             entry.owner = self._owner
             self._working.add(entry.id)
+            self._given_up.discard(entry.id)
             return True
         return False
 
@@ -442,8 +481,9 @@ class MailboxMap:
             if await self._store.disown(entry.id, self._owner):
                 entry.owner = None
         except Exception as e:
-            log.warn("could not give up journal entry {id} ({why}): recovery takes it once its lease runs out",
-                     id=entry.id, why=str(e))
+            self._given_up.add(entry.id)
+            log.warn("could not give up journal entry {id} ({why}): recovery takes it once the store answers "
+                     "(or its lease runs out)", id=entry.id, why=str(e))
 
     async def entries(self) -> list[JournalEntry]:
         return await self._store.journal()
@@ -454,7 +494,8 @@ class MailboxMap:
         after a failure) are not listed: the sweep retries those, not every few seconds."""
         gone: dict[str, bool] = {}
         return [i for i, owner, expired in await self._store.journal_owners()
-                if owner is not None and (expired or gone.setdefault(owner, owner_gone(owner)))]
+                if owner is not None and (expired or self._own_given_up(i, owner)
+                                          or gone.setdefault(owner, owner_gone(owner)))]
 
     def start_leases(self, clock: Any, every: float) -> None:
         """Renew this process's leases every *every* seconds (stores with leases; a no-op otherwise)."""

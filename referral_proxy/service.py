@@ -150,8 +150,8 @@ class ProxyService(MultiService):
         self.workers: WorkerPool | None = None
         self._ports: list[Any] = []
         # on_step: called after each journal step (tests inject faults there; None in production)
-        self.mailbox_map = MailboxMap(config.map, open_store(config.map.store, reactor,
-                                                             lease_seconds=config.map.lease_seconds), on_step=on_step)
+        self.mailbox_map = MailboxMap(config.map, open_store(
+            config.map.store, reactor, lease_seconds=config.map.lease_seconds, serving=True), on_step=on_step)
         # Run by the master (or the only process): entries are claimed by owner, so a worker's
         # move is recovered once that worker is gone, never while it runs.
         self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded

@@ -12,13 +12,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, conflicts
+from twisted.internet import task
+
+from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts
 from .journalrows import Deltas, by_entry, read_step, rebuild, stored_step, write_step
+
+T = TypeVar("T")
 
 __all__ = ["Snapshot", "MapStore", "MemoryStore", "SQLiteStore", "SchemaError", "SCHEMA_VERSION", "TransferCounts",
            "sqlite_migrate"]
@@ -27,6 +31,13 @@ __all__ = ["Snapshot", "MapStore", "MemoryStore", "SQLiteStore", "SchemaError", 
 # PostgreSQL: map_state.schema_version). 2: the transfer counters (transfer_counts). 3: a journal
 # entry's steps as rows of what changed (journal_steps, journal.nsteps: journalrows.py).
 SCHEMA_VERSION = 3
+
+# SQLite: how long a write waits for another process's write lock (a `sqlite3` shell's BEGIN
+# EXCLUSIVE, a backup) before it fails with StoreUnavailable; a proxy waits in LOCK_TRY slices
+# between which its reactor runs (other sessions are served), LOCK_RETRY apart.
+LOCK_WAIT = 10.0
+LOCK_TRY = 0.02
+LOCK_RETRY = 0.05
 
 # (kind, result) -> (transfers, message bytes): counted in the store by processes other than
 # the proxies (the admin ``move``), read by every proxy's /metrics.
@@ -197,12 +208,19 @@ class SQLiteStore:
     entry and its reservations are written under ``BEGIN IMMEDIATE`` (SQLite's write
     lock), so two moves of overlapping names can never both begin. A local file: its
     coroutines never wait (each statement takes microseconds), and ``poll`` reads
-    SQLite's data_version to see another process's commits."""
+    SQLite's data_version to see another process's commits.
+
+    Another process may hold the write lock for long (``BEGIN EXCLUSIVE`` in a ``sqlite3``
+    shell): a write waits LOCK_WAIT at most, then raises StoreUnavailable. With a *clock* (the
+    proxy's reactor) it waits in LOCK_TRY slices on that clock, never blocking the reactor for
+    longer (seen: SQLite's own 10 s wait in the reactor thread held every session's NOOP 9 s);
+    without one (the admin commands) it blocks, as SQLite does."""
 
     leases = False
 
-    def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+    def __init__(self, path: str | Path, clock: Any = None) -> None:
+        self._clock = clock
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=LOCK_WAIT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._refusal: str | None = None
         try:
@@ -211,6 +229,21 @@ class SQLiteStore:
             self._refusal = str(e)  # start() says it; nothing is read or written
         self._version = -1
         self._deltas = Deltas()
+        if clock is not None:
+            self._db.execute(f"PRAGMA busy_timeout = {int(LOCK_TRY * 1000)}")
+
+    async def _locked(self, work: Callable[[], T]) -> T:
+        """*work()* (statements in this connection), tried again while another process holds the
+        lock, LOCK_WAIT at most; a failing database (locked past that, I/O error, disk full) is
+        StoreUnavailable, as an unreachable PostgreSQL is."""
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                return work()
+            except sqlite3.OperationalError as e:
+                if self._clock is None or not _busy(e) or time.monotonic() >= deadline:
+                    raise StoreUnavailable(f"SQLite map store: {e}") from None
+            await task.deferLater(self._clock, LOCK_RETRY, lambda: None)
 
     def _data_version(self) -> int:
         # Changes when ANOTHER connection commits (a local file read, microseconds).
@@ -232,54 +265,71 @@ class SQLiteStore:
             raise SchemaError(self._refusal)
 
     def poll(self) -> Snapshot | None:
-        if self._refusal is not None or self._data_version() == self._version:
+        if self._refusal is not None:
             return None
-        return self._read()
+        try:
+            if self._data_version() == self._version:
+                return None
+            return self._read()
+        except sqlite3.OperationalError as e:
+            if not _busy(e):
+                raise
+            return None  # routed from the cache until the lock is gone (a WAL reader seldom waits)
 
     async def load(self) -> Snapshot:
-        return self._read()
+        return await self._locked(self._read)
 
     async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO placements (user, mailbox, backends) VALUES (?, ?, ?)",
-                (_key(user), _key(mailbox), ",".join(backends)),
-            )
+        def work() -> None:
+            with self._db:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO placements (user, mailbox, backends) VALUES (?, ?, ?)",
+                    (_key(user), _key(mailbox), ",".join(backends)),
+                )
+
+        await self._locked(work)
 
     async def unset(self, user: str, mailbox: str) -> None:
-        with self._db:
-            self._db.execute("DELETE FROM placements WHERE user = ? AND mailbox = ?", (_key(user), _key(mailbox)))
+        def work() -> None:
+            with self._db:
+                self._db.execute("DELETE FROM placements WHERE user = ? AND mailbox = ?", (_key(user), _key(mailbox)))
+
+        await self._locked(work)
 
     async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, owner: str,
                          separator: str) -> int:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            rows = self._db.execute("SELECT name, subtree, shared FROM reservations WHERE user = ?", (_key(user),))
-            held = [Reservation(_name(n), bool(subtree), bool(shared)) for n, subtree, shared in rows.fetchall()]
-            clash = [h for h in held if any(conflicts(h, r, separator) for r in reservations)]
-            if clash:
-                raise InUse(clash)
-            text = json.dumps(data)
-            cur = self._db.execute(
-                "INSERT INTO journal (user, op, data, step, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
-                (_key(user), op, text, Step.RESERVED.value, time.time(), owner),
-            )
-            entry_id = int(cur.lastrowid)  # type: ignore[arg-type]
-            self._db.executemany(
-                "INSERT INTO reservations (entry, user, name, subtree, shared) VALUES (?, ?, ?, ?, ?)",
-                [(entry_id, _key(user), _blob(r.name), int(r.subtree), int(r.shared)) for r in reservations],
-            )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        def work() -> int:
+            self._db.execute("BEGIN IMMEDIATE")  # locked: raised before the transaction began
+            try:
+                rows = self._db.execute("SELECT name, subtree, shared FROM reservations WHERE user = ?", (_key(user),))
+                held = [Reservation(_name(n), bool(subtree), bool(shared)) for n, subtree, shared in rows.fetchall()]
+                clash = [h for h in held if any(conflicts(h, r, separator) for r in reservations)]
+                if clash:
+                    raise InUse(clash)
+                cur = self._db.execute(
+                    "INSERT INTO journal (user, op, data, step, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                    (_key(user), op, text, Step.RESERVED.value, time.time(), owner),
+                )
+                entry_id = int(cur.lastrowid)  # type: ignore[arg-type]
+                self._db.executemany(
+                    "INSERT INTO reservations (entry, user, name, subtree, shared) VALUES (?, ?, ?, ?, ?)",
+                    [(entry_id, _key(user), _blob(r.name), int(r.subtree), int(r.shared)) for r in reservations],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return entry_id
+
+        text = json.dumps(data)
+        entry_id = await self._locked(work)
         self._deltas.began(entry_id, text)
         return entry_id
 
     async def journal_step(self, entry_id: int, step: Step, data: dict, owner: str | None) -> None:
         """One transaction per step (owner checked, what changed added): a crash leaves the previous step or this one."""
         async def write(whole: bool, expected: int | None, text: str) -> int | None:
-            return self._write_step(entry_id, step, owner, whole, expected, text)
+            return await self._locked(lambda: self._write_step(entry_id, step, owner, whole, expected, text))
 
         if not await write_step(self._deltas, entry_id, data, write):
             raise LostEntry(f"journal entry {entry_id} is no longer ours")
@@ -307,27 +357,37 @@ class SQLiteStore:
         return int(rows[0][0])
 
     async def end_move(self, entry_id: int) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("DELETE FROM reservations WHERE entry = ?", (entry_id,))
-            self._db.execute("DELETE FROM journal_steps WHERE entry = ?", (entry_id,))
-            self._db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        def work() -> None:
+            self._db.execute("BEGIN IMMEDIATE")  # locked: raised before the transaction began
+            try:
+                self._db.execute("DELETE FROM reservations WHERE entry = ?", (entry_id,))
+                self._db.execute("DELETE FROM journal_steps WHERE entry = ?", (entry_id,))
+                self._db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+        await self._locked(work)
         self._deltas.forget(entry_id)
 
     async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool:
-        with self._db:
-            cur = self._db.execute("UPDATE journal SET owner = ? WHERE id = ? AND owner IS ?", (owner, entry_id, expected))
-        return cur.rowcount == 1
+        def work() -> bool:
+            with self._db:
+                cur = self._db.execute("UPDATE journal SET owner = ? WHERE id = ? AND owner IS ?", (owner, entry_id, expected))
+            return cur.rowcount == 1
+
+        return await self._locked(work)
 
     async def disown(self, entry_id: int, owner: str) -> bool:
         self._deltas.forget(entry_id)  # whoever takes it next writes its first step whole
-        with self._db:
-            cur = self._db.execute("UPDATE journal SET owner = NULL WHERE id = ? AND owner = ?", (entry_id, owner))
-        return cur.rowcount == 1
+
+        def work() -> bool:
+            with self._db:
+                cur = self._db.execute("UPDATE journal SET owner = NULL WHERE id = ? AND owner = ?", (entry_id, owner))
+            return cur.rowcount == 1
+
+        return await self._locked(work)
 
     async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
         return 0
@@ -336,28 +396,40 @@ class SQLiteStore:
         pass  # SQLite: another process reads the file at its next lookup
 
     async def journal(self) -> list[JournalEntry]:
-        self._db.execute("BEGIN")  # the entries and their rows as of one moment
-        try:
-            rows = self._db.execute("SELECT id, user, op, data, step, created, owner FROM journal ORDER BY id").fetchall()
-            steps = by_entry(self._db.execute("SELECT entry, whole, delta FROM journal_steps ORDER BY entry, seq"))
-        finally:
-            self._db.execute("COMMIT")
-        return [JournalEntry(i, _text(u), o, rebuild(d, steps.get(i, ())), read_step(st), ow, c)  # type: ignore[arg-type]
-                for i, u, o, d, st, c, ow in rows]
+        def work() -> list[JournalEntry]:
+            self._db.execute("BEGIN")  # the entries and their rows as of one moment
+            try:
+                rows = self._db.execute("SELECT id, user, op, data, step, created, owner FROM journal ORDER BY id").fetchall()
+                steps = by_entry(self._db.execute("SELECT entry, whole, delta FROM journal_steps ORDER BY entry, seq"))
+            finally:
+                self._db.execute("COMMIT")
+            return [JournalEntry(i, _text(u), o, rebuild(d, steps.get(i, ())), read_step(st), ow, c)  # type: ignore[arg-type]
+                    for i, u, o, d, st, c, ow in rows]
+
+        return await self._locked(work)
 
     async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
-        return [(int(i), ow, False) for i, ow in self._db.execute("SELECT id, owner FROM journal")]
+        def work() -> list[tuple[int, str | None, bool]]:
+            return [(int(i), ow, False) for i, ow in self._db.execute("SELECT id, owner FROM journal")]
+
+        return await self._locked(work)
 
     async def count_transfer(self, kind: str, result: str, nbytes: int) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT INTO transfer_counts (kind, result, n, bytes) VALUES (?, ?, 1, ?)"
-                " ON CONFLICT (kind, result) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes",
-                (kind, result, int(nbytes)))
+        def work() -> None:
+            with self._db:
+                self._db.execute(
+                    "INSERT INTO transfer_counts (kind, result, n, bytes) VALUES (?, ?, 1, ?)"
+                    " ON CONFLICT (kind, result) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes",
+                    (kind, result, int(nbytes)))
+
+        await self._locked(work)
 
     async def transfer_counts(self) -> TransferCounts:
-        rows = self._db.execute("SELECT kind, result, n, bytes FROM transfer_counts").fetchall()
-        return {(k, r): (int(n), int(b)) for k, r, n, b in rows}
+        def work() -> TransferCounts:
+            rows = self._db.execute("SELECT kind, result, n, bytes FROM transfer_counts").fetchall()
+            return {(k, r): (int(n), int(b)) for k, r, n, b in rows}
+
+        return await self._locked(work)
 
     async def close(self) -> None:
         self._db.close()
@@ -416,6 +488,11 @@ def sqlite_migrate(db: sqlite3.Connection) -> str:
     if version == SCHEMA_VERSION:
         return f"schema is up to date (version {SCHEMA_VERSION})"
     return f"schema {'created' if fresh else f'migrated from version {max(version, 1)}'} (version {SCHEMA_VERSION})"
+
+
+def _busy(e: sqlite3.OperationalError) -> bool:
+    """Another connection holds the lock (SQLITE_BUSY / SQLITE_LOCKED): worth waiting for."""
+    return getattr(e, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(e)
 
 
 def _user_version(db: sqlite3.Connection) -> int:

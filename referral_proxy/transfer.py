@@ -6,7 +6,8 @@ to: fix the source UIDs, read FLAGS / INTERNALDATE / size, then stream each
 there), on a connection of the transfer's own, hashing each body (sha256) on its
 way through. Before a source message may be removed, its copy is read back from
 the destination by the UID APPENDUID gave and must hash the same: verification
-by content, never by count.
+by content, never by count. (The streaming itself, and messages holding NUL bytes, which
+go as literal8 read by ``BINARY.PEEK[]``: copystream.py.)
 
 A cross-server MOVE is journaled (journal.py: MOVE_APPENDING, MOVE_APPENDED) from
 before the destination's commit until the source's expunge, and pins its two
@@ -16,23 +17,18 @@ mailboxes, so ``recover`` can finish it after a crash.
 from __future__ import annotations
 
 import collections
-import hashlib
-import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet import task
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from .backend import BackendError, BackendProtocol, wire_tail
+from .acrossview import EXPUNGE_ISSUED, NOTHING_NAMED, moved_text
+from .backend import BackendError, BackendProtocol, Tagged
+from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages
 from .imap.command import ParseError
-from .imap.data import parse_fetch, parse_uid_code
-from .imap.framing import Line, LiteralData, LiteralEnd
-from .imap.quoting import astring
-from .imap.response import ResponseStart, completion_text
+from .imap.data import parse_fetch
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
@@ -60,204 +56,6 @@ __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", 
            "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown"]
 
 log = Logger()
-
-
-@implementer(IPushProducer)
-class _Pause:
-    """The source's transport as the producer of the destination's: a slow destination pauses the source."""
-
-    def __init__(self, transport: object) -> None:
-        self._t = transport
-
-    def pauseProducing(self) -> None:
-        self._t.pauseProducing()  # type: ignore[attr-defined]
-
-    def resumeProducing(self) -> None:
-        if not getattr(self._t, "disconnected", False):
-            self._t.resumeProducing()  # type: ignore[attr-defined]
-
-    def stopProducing(self) -> None:
-        # The destination is gone (Twisted calls this on its connectionLost): a pause
-        # it held must not outlive it, or the source, and the client behind it, hang.
-        self.resumeProducing()
-
-
-@dataclass
-class Progress:
-    """Counts for progress reports: called after each message."""
-
-    messages: int = 0
-    bytes: int = 0
-    on_message: Callable[[Progress], None] | None = None
-
-    def add(self, size: int) -> None:
-        self.messages += 1
-        self.bytes += size
-        if self.on_message is not None:
-            self.on_message(self)
-
-
-@dataclass(frozen=True)
-class Copied:
-    """A committed MULTIAPPEND: where the messages went, and the sha256 of each body sent."""
-
-    uidvalidity: int
-    uids: tuple[int, ...]  # destination UIDs, in the order of the source messages
-    hashes: tuple[str, ...]
-    others: tuple[bytes, ...]  # other untagged responses the source sent meanwhile, raw, to relay
-
-
-class CommitUnknown(TransferError):
-    """The whole MULTIAPPEND was sent but its answer never came: it may have been saved."""
-
-
-_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
-
-
-class _Bodies:
-    """Reads the ``BODY[]`` literals of one ``UID FETCH`` as they stream, in the expected UID order.
-
-    *begin(uid, size)*, *chunk(data)* and *end()* see each body; every other untagged
-    response (a delivery's EXISTS, a flag update) is kept raw for the client."""
-
-    def __init__(self, conn: BackendProtocol, uids: Sequence[int], begin: Callable[[int, int], None],
-                 chunk: Callable[[bytes], None], end: Callable[[], None]) -> None:
-        self.conn, self.expected = conn, list(uids)
-        self.begin, self.chunk, self.end = begin, chunk, end
-        self.next = 0
-        self.in_body = False
-        self.error: str | None = None
-        self.other: list[bytes] | None = None
-        self.others: list[bytes] = []
-
-    def tap(self, start: ResponseStart | None, event: object) -> None:
-        if start is not None:
-            assert isinstance(event, Line)
-            if (start.name == "FETCH" and event.literal is not None
-                    and event.data.rstrip().upper().endswith(b"BODY[]") and self.error is None):
-                m = _UID.search(event.data)
-                uid = self.expected[self.next] if self.next < len(self.expected) else None
-                if uid is None or m is None or int(m.group(1)) != uid:
-                    self.error = f"unexpected message {m.group(1).decode() if m else '?'} from {self.conn.name}"
-                    self.other = []  # swallowed: it is not for the client either
-                    return
-                self.next += 1
-                self.in_body = True
-                self.begin(uid, event.literal.size)
-                return
-            self.other = [event.data + wire_tail(event)]  # not ours: for the client
-            if event.literal is None:
-                self._other_done()
-            return
-        if isinstance(event, LiteralData):
-            if self.in_body:
-                self.chunk(event.data)
-            elif self.other is not None:
-                self.other.append(event.data)
-        elif isinstance(event, LiteralEnd):
-            if self.in_body:
-                self.in_body = False
-                self.end()
-        elif isinstance(event, Line) and self.other is not None:
-            self.other.append(event.data + wire_tail(event))
-            if event.literal is None:
-                self._other_done()
-
-    def _other_done(self) -> None:
-        if self.other and self.error is None:
-            self.others.append(b"".join(self.other))
-        self.other = None
-
-    async def run(self) -> list[bytes]:
-        self.conn.tap = self.tap
-        try:
-            result = await self.conn.command(b"UID FETCH " + uid_set(self.expected) + b" (UID BODY.PEEK[])")
-        finally:
-            self.conn.tap = None
-        if self.error is not None:
-            raise TransferError(self.error)
-        if not result.ok or self.next != len(self.expected):
-            missing = self.expected[self.next] if self.next < len(self.expected) else "?"
-            raise TransferError(f"message UID {missing} could not be read from {self.conn.name}")
-        return self.others
-
-
-async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
-                      mailbox: bytes, progress: Progress | None = None,
-                      before_commit: Callable[[tuple[str, ...]], Awaitable[None]] | None = None) -> Copied:
-    """Append *infos*' messages (of the mailbox selected on *src*) to *mailbox* on *dst* in ONE
-    MULTIAPPEND, bodies streamed by one ``UID FETCH`` and hashed on the way. On any failure
-    the destination connection is aborted, so its MULTIAPPEND saves nothing.
-
-    *before_commit(hashes)* runs once every body is sent and before the command's last CRLF,
-    the byte that lets the backend commit: what it journals, a recovery can rely on."""
-    if not infos:
-        raise TransferError("nothing to copy")
-    if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
-        raise TransferError(f"backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
-    by_uid = {i.uid: i for i in infos}
-    hashes: list[str] = []
-    current: list = [None, None]  # hash object, info
-
-    def begin(uid: int, size: int) -> None:
-        info = by_uid[uid]
-        current[0], current[1] = hashlib.sha256(), info
-        dst.write(b" (%s) \"%s\" {%d+}\r\n" % (b" ".join(info.flags), info.internaldate, size))
-
-    def chunk(data: bytes) -> None:
-        current[0].update(data)
-        dst.write(data)
-
-    def end() -> None:
-        hashes.append(current[0].hexdigest())
-        if progress is not None:
-            progress.add(current[1].size)
-
-    ptag = dst.next_tag()
-    done: defer.Deferred[tuple[ResponseStart, bytes]] = defer.Deferred()
-    dst.expect(ptag, lambda start, raw: done.callback((start, raw)))
-    dst.transport.registerProducer(_Pause(src.transport), True)
-    try:
-        dst.write(ptag + b" APPEND " + astring(mailbox))
-        try:
-            others = await _Bodies(src, [i.uid for i in infos], begin, chunk, end).run()
-        except TransferError as e:
-            if src.closed:
-                raise
-            raise Vanished(str(e)) from None  # expunged by another session after it was named
-        if before_commit is not None:
-            await before_commit(tuple(hashes))
-        dst.write(b"\r\n")
-        start, _raw = await done
-    except BaseException:
-        dst.transport.abortConnection()
-        raise
-    finally:
-        if not dst.closed:
-            dst.transport.unregisterProducer()
-    if start.tag is None:
-        raise CommitUnknown(f"backend {dst.name} closed the connection")
-    if start.status != "OK":
-        raise TransferError(completion_text(start))
-    try:
-        code = parse_uid_code(start.code, start.code_args)
-    except ParseError:
-        raise TransferError(f"backend {dst.name} gave no usable APPENDUID") from None
-    if len(code.uids) != len(infos):
-        raise TransferError(f"backend {dst.name} reported {len(code.uids)} new messages for {len(infos)}")
-    return Copied(code.uidvalidity, code.uids, tuple(hashes), tuple(others))
-
-
-async def hash_messages(conn: BackendProtocol, uids: Sequence[int]) -> list[str]:
-    """sha256 of each message of the selected mailbox, in the order of *uids*, streamed (never held)."""
-    if not uids:
-        return []
-    hashes: list[str] = []
-    h: list = [None]
-    await _Bodies(conn, sorted(uids), lambda _uid, _size: h.__setitem__(0, hashlib.sha256()),
-                  lambda data: h[0].update(data), lambda: hashes.append(h[0].hexdigest())).run()
-    by_uid = dict(zip(sorted(uids), hashes))
-    return [by_uid[u] for u in uids]
 
 
 async def verify_copies(dst: BackendProtocol, mailbox: str, copied: Copied) -> None:
@@ -328,13 +126,12 @@ MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the s
 
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
                       mailbox: bytes, move: bool, *, mailbox_map: MailboxMap, user: str,
-                      source_mailbox: bytes, clock: Any = None,
-                      reconnect: Callable[[], Awaitable[BackendProtocol]] | None = None) -> CopyOutcome:
+                      source_mailbox: bytes, clock: Any = None) -> CopyOutcome:
     """COPY / MOVE from *source_mailbox*, selected on *src*, to *mailbox* on *dst* (a connection of its own).
 
-    A source message another session expunged while the messages were read aborts the MULTIAPPEND
-    (nothing saved); with *reconnect* (a new connection to the destination's backend) the rest are
-    then copied or moved once more, as Dovecot's own COPY/MOVE skips such a message.
+    A source message another session expunged, before the command or while the messages were read,
+    aborts the MULTIAPPEND (nothing saved) and the answer is Dovecot's own COPY/MOVE's: ``NO
+    [EXPUNGEISSUED]``, nothing copied or moved (acrossview.py).
 
     MOVE pins both mailboxes in the journal and waits its turn after any other cross-server
     MOVE from the same mailbox (two of them would each copy a message both name); then it
@@ -346,36 +143,21 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     """
     if move and "UIDPLUS" not in src.capabilities:
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
-    args = (mailbox, move, mailbox_map, user, source_mailbox, clock)
     seen: list[bytes] = []  # the source's untagged responses: the client sees them whatever the answer
     try:
-        try:
-            return await _copy_once(src, message_set, uid, dst, *args, seen=seen, first=True)
-        except _Again as again:  # nothing was saved: once more, with what is still there
-            if reconnect is None:
-                raise TransferError(str(again.why)) from None
-            fresh = await reconnect()
-            try:
-                return await _copy_once(src, uid_set(again.uids), True, fresh, *args, seen=seen, first=False)
-            finally:
-                fresh.logout()
+        return await _copy_once(src, message_set, uid, dst, mailbox, move, mailbox_map, user, source_mailbox, clock,
+                                seen=seen)
+    except Vanished:  # nothing was saved (see _copy_once)
+        return CopyOutcome(seen, "NO", EXPUNGE_ISSUED)
     except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
         text = str(e)
         status, _, rest = text.partition(" ")
         return CopyOutcome(seen, status, rest) if status in ("NO", "BAD") else CopyOutcome(seen, "NO", text)
 
 
-class _Again(Exception):
-    """A source message vanished while the messages were read: nothing was saved; *uids* were named."""
-
-    def __init__(self, uids: list[int], why: Vanished) -> None:
-        super().__init__("a source message vanished")
-        self.uids, self.why = uids, why
-
-
 async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol, mailbox: bytes,
                      move: bool, mailbox_map: MailboxMap, user: str, source_mailbox: bytes, clock: Any, *,
-                     seen: list[bytes], first: bool) -> CopyOutcome:
+                     seen: list[bytes]) -> CopyOutcome:
     """One attempt of copy_across; the source's untagged responses are collected in *seen* as they come."""
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
@@ -394,7 +176,7 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
             allowed, also = await may_expunge(src, src_name)
             untagged += also
         if not uids:
-            outcome = CopyOutcome(untagged, "OK" if uid else "NO", "No messages matched" if uid else "No such messages")
+            outcome = CopyOutcome(untagged, "OK", NOTHING_NAMED)  # sequence sets past the end: BAD in named_uids
         elif not allowed:  # Dovecot's own MOVE: NO, nothing copied
             outcome = CopyOutcome(untagged, "NO", "[NOPERM] Permission denied: the messages cannot be expunged "
                                                   "here (rights t and e needed); nothing was moved")
@@ -407,12 +189,10 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
                 if entry is not None:
                     return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
                 copied = await copy_stream(src, infos, dst, mailbox)
-            except Vanished as e:
-                if not first:
-                    raise  # the second time: said as it is
+            except Vanished:
                 if entry is not None and not entry.ended:
                     await mailbox_map.end_move(entry)  # at reserved, or its MULTIAPPEND aborted: nothing saved
-                raise _Again(uids, e) from None
+                raise
             untagged += copied.others
             return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
                                                f"{uid_set(copied.uids).decode()}] Copy completed.",
@@ -481,6 +261,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:
+        expunged: Tagged | None = None  # our UID EXPUNGE's answer: its HIGHESTMODSEQ code is the MOVE's
         flags_now, others = await _mark_deleted(src, uids)
         untagged += others
         present = sorted(flags_now)
@@ -516,7 +297,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     await mailbox_map.end_move(entry)
     there = set(present)
     moved = sum(i.size for i in infos if i.uid in there)
-    return CopyOutcome(untagged, "OK", "Move completed." if present else "No messages moved (they were gone).", moved)
+    return CopyOutcome(untagged, "OK", moved_text(expunged.start if expunged is not None else None), moved)
 
 
 async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[dict[int, frozenset[bytes] | None], list[bytes]]:

@@ -8,6 +8,8 @@ write of STEP (journal.Step values). ``--pause-at STEP[:N]`` (repeatable): there
 (holding the step name), then wait until DIR/resume appears (the whole process stops
 meanwhile, as a slow backend would stop it), remove it and go on. The hook is given to
 the production code as ``on_step`` (cli.main); nothing in the package reads this file.
+``--store-lock-wait S``: an SQLite map store waits S seconds (not store.LOCK_WAIT) for another
+process's lock before a write fails (tests hold the lock past it without waiting 10 s each).
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ def main() -> int:
     parser.add_argument("--kill-at")
     parser.add_argument("--pause-at", action="append", default=[])
     parser.add_argument("--pause-dir")
+    parser.add_argument("--store-lock-wait", type=float)
     opts = parser.parse_args(argv[:split])
+    if opts.store_lock_wait is not None:
+        from referral_proxy import store
+
+        store.LOCK_WAIT = opts.store_lock_wait
     from referral_proxy.cli import main as cli_main
 
     return cli_main(argv[split + 1:], on_step=make_hook(opts.kill_at, opts.pause_at, opts.pause_dir))

@@ -42,4 +42,5 @@ def own_proxy(proxy_factory, backends: Mapping[str, Dovecot], **kw):
     (a backend connection logged in before a quota changed would keep the old one)."""
     table = {n: {"endpoint": d.endpoint, "url": d.url, "tls": "none", "master_user": MASTER_USER,
                  "master_password": MASTER_PASSWORD} for n, d in backends.items()}
-    return proxy_factory({"backends": table, "map": {"default": "b1"}}, backend_keepalive=0, rules=RULES, **kw)
+    config = {"backends": table, "map": {"default": "b1", **kw.pop("map", {})}}  # map: more [map] settings
+    return proxy_factory(config, backend_keepalive=0, rules=RULES, **kw)

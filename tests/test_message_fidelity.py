@@ -10,12 +10,13 @@ on the backends before and after, message by message.
 
 from __future__ import annotations
 
+import collections
 import re
 
 import pytest
 from imapwire import Wire
-from movecheck import cli, journal_empty
-from ownfleet import own_dovecots, own_proxy
+from movecheck import LEFT_TO_RECOVER, cli, faulty, journal_empty
+from ownfleet import NO_MULTIAPPEND, own_dovecots, own_proxy
 
 from referral_proxy.fleet import Dovecot
 
@@ -144,24 +145,121 @@ def test_messages_arrive_whole_across_servers(proxy_factory, ffleet):
     assert not found, "\n".join(f"{k}: {v}" for k, v in found.items())
 
 
-def _binary(d: Dovecot, box: str) -> list[bytes]:
-    """``BINARY.PEEK[]`` of each message of *box*: the stored bytes, NULs included, of a message
-    without a Content-Transfer-Encoding to decode (``BODY[]`` shows each NUL as 0x80)."""
-    w = Wire(d.host, d.port, timeout=60)
+def _binaries(d: Dovecot, box: str) -> list[bytes]:
+    """``BINARY.PEEK[]`` of each message of *box*, in UID order: the stored bytes, NULs included, of a
+    message without a Content-Transfer-Encoding to decode (``BODY[]`` shows each NUL as 0x80)."""
+    w = Wire(d.host, d.port, timeout=120)
     w.login("alice", "secret")
     assert w.cmd(b"e", b"EXAMINE " + box.encode())[-1].startswith(b"e OK")
     w.send(b"f UID FETCH 1:* (BINARY.PEEK[])\r\n")
-    lines = w.until_tagged(b"f")
+    out = []
+    while not (line := w.line()).startswith(b"f "):
+        if m := re.search(rb"~?\{(\d+)\}\r\n$", line):
+            out.append(w.read_exact(int(m.group(1))))
     w.close()
-    assert lines[-1].startswith(b"f OK"), lines
-    return [b"".join(lines[:-1])]
+    assert line.startswith(b"f OK") or b"No messages" in line, line
+    return out
 
 
-@pytest.mark.xfail(strict=True, reason="the transfer reads BODY.PEEK[], where Dovecot sends each NUL as 0x80; "
-                                       "BINARY.PEEK[] would decode a base64 message: not mended (round 10)")
+def _boxes(d: Dovecot) -> list[str]:
+    w = Wire(d.host, d.port, timeout=60)
+    w.login("alice", "secret")
+    names = [re.search(rb' "/" "?([^"\r]*)"?\r\n', x).group(1).decode() for x in w.cmd(b"l", b'LIST "" "*"')[:-1]
+             if b"\\Noselect" not in x and b"\\NonExistent" not in x]
+    w.close()
+    return names
+
+
+def _census(backends) -> collections.Counter:
+    """Every message of alice on *backends*, by its stored bytes (BINARY.PEEK[])."""
+    return collections.Counter(m for d in backends for box in _boxes(d) for m in _binaries(d, box))
+
+
+MIXED = (b"Message-Id: <mixed@fid>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+         b"--XX\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nYQBiAGM=\r\n"
+         b"--XX\r\nContent-Type: application/octet-stream\r\n\r\nx\x00y\x00z\r\n--XX--\r\n")
+
+
+def _nul_messages() -> list[tuple[list[bytes], bytes, bytes]]:
+    """Messages holding NUL bytes (no Content-Transfer-Encoding; one with 8-bit headers, one declaring
+    ``binary``: BODY[] shows that one as base64), an 8-bit one whose BODY[] holds 0x80 without a NUL
+    (an em dash), a base64 one and a plain one around them."""
+    nul8 = "Message-Id: <nul8@fid>\r\nSubject: Grüße\r\n\r\nÀ\x00—\x00\x80\x00\r\n".encode()
+    declared = b"Message-Id: <declared@fid>\r\nContent-Transfer-Encoding: binary\r\n\r\np\x00q\r\n"
+    dash = "Message-Id: <dash@fid>\r\nSubject: a — b\r\n\r\nÀ la — carte\r\n".encode()
+    b64 = b"Message-Id: <b64@fid>\r\nContent-Transfer-Encoding: base64\r\n\r\nYQBiAGM=\r\n"
+    plain = b"Message-Id: <plain@fid>\r\n\r\nplain\r\n"
+    nuls = [m for m in _messages() if b"\x00" in m[2]]
+    return [([], b"01-Jan-2020 00:00:00 +0000", plain), *nuls, ([b"\\Seen"], b"02-Jan-2020 00:00:00 +0000", nul8),
+            ([], b"03-Jan-2020 00:00:00 +0000", dash), ([], b"04-Jan-2020 00:00:00 +0000", declared),
+            ([], b"05-Jan-2020 00:00:00 +0000", b64)]
+
+
 def test_nul_bytes_stay_nul_bytes_across_servers(proxy_factory, ffleet):
-    msgs = [m for m in _messages() if b"\x00" in m[2]]
-    _put(ffleet["b1"], "N", msgs)
-    assert b"a\x00b\x00\x00c" in _binary(ffleet["b1"], "N")[0]
-    _run(own_proxy(proxy_factory, ffleet), b"CREATE Q/N", b"SELECT N", b"UID COPY 1:* Q/N").close()
-    assert b"a\x00b\x00\x00c" in _binary(ffleet["b2"], "Q/N")[0]
+    """Seen in round 10: a COPY across stored 0x80 for each NUL (read by BODY.PEEK[]). Now every way
+    across keeps the stored bytes (a 20 MB message too); BODY[] (what the journal hashes) is the same on
+    both sides too."""
+    big = b"Message-Id: <bignul@fid>\r\n\r\n" + b"".join(b"%07d\x00.......\x80........\r\n" % i for i in range(20 * 2**20 // 26))
+    msgs = [*_nul_messages(), ([b"\\Seen"], b"06-Jan-2020 00:00:00 +0000", big)]  # 20 MB, a NUL in each line
+    for box in ("N1", "N2", "N3", "N4"):
+        _put(ffleet["b1"], box, msgs)
+    before, body = _binaries(ffleet["b1"], "N1"), snapshot(ffleet["b1"], "N1")
+    assert b"a\x00b\x00\x00c" in before[1] and len(before) == len(msgs)
+    proxy = own_proxy(proxy_factory, ffleet)
+    _run(proxy, b"CREATE Q/Copy", b"CREATE Q/Move", b"SELECT N1", b"UID COPY 1:* Q/Copy",
+         b"SELECT N2", b"UID MOVE 1:* Q/Move", b"UNSELECT", b"RENAME N3 Q/Renamed").close()
+    moved = cli("move", "--config", str(proxy.config_path), "alice", "N4", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    for box in ("Q/Copy", "Q/Move", "Q/Renamed", "N4"):
+        assert _binaries(ffleet["b2"], box) == before, box
+        assert snapshot(ffleet["b2"], box) == body, box
+    assert _binaries(ffleet["b1"], "N1") == before and journal_empty(proxy)
+
+
+@pytest.mark.parametrize("how, step", [("MOVE", "move-appending:1"), ("MOVE", "move-appending:2"),
+                                       ("MOVE", "move-appended:1"), ("MOVE", "move-expunging:1"),
+                                       ("move", "copying:1"), ("move", "copied:1"), ("move", "committed:1")])
+def test_nul_bytes_survive_a_killed_move_and_recover(proxy_factory, ffleet, how, step):
+    """Killed at each step with messages holding NULs in the batch, then ``recover``: every message
+    once, by its stored bytes, NULs intact (the journal's hashes are of BODY[], the same on both sides)."""
+    msgs = _nul_messages()
+    _put(ffleet["b1"], "K", msgs)
+    want = _census([ffleet["b1"]])
+    assert len(want) == len(msgs)
+    proxy = own_proxy(proxy_factory, ffleet, **({"command": faulty("--kill-at", step)} if how == "MOVE" else {}),
+                      map=LEFT_TO_RECOVER["map"])
+    if how == "MOVE":
+        w = _run(proxy, b"CREATE Q/K", b"SELECT K")
+        w.send(b"m UID MOVE 1:* Q/K\r\n")
+        assert w.closed(60), "the proxy was not killed at " + step
+        proxy.process.wait(10)
+    else:
+        killed = cli("move", "--config", str(proxy.config_path), "alice", "K", "b2", command=faulty("--kill-at", step))
+        assert killed.returncode != 0 and "killed at" in killed.stderr, killed.stdout + killed.stderr
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert _census(ffleet.values()) == want
+
+
+def test_a_destination_without_binary_gets_the_copy_it_can_hold(proxy_factory):
+    """b2 announces no BINARY: no literal8 is sent there; the copy is made as before (each NUL as 0x80)."""
+    caps = NO_MULTIAPPEND.replace("QUOTA BINARY", "QUOTA MULTIAPPEND")
+    with own_dovecots("fnb", 58, extra={"b2": caps}) as backends:
+        msgs = _nul_messages()
+        _put(backends["b1"], "N", msgs)
+        body = snapshot(backends["b1"], "N")
+        _run(own_proxy(proxy_factory, backends), b"CREATE Q/N", b"SELECT N", b"UID COPY 1:* Q/N").close()
+        assert snapshot(backends["b2"], "Q/N") == body
+        assert b"a\x80b\x80\x80c" in _binaries(backends["b2"], "Q/N")[1]
+
+
+@pytest.mark.xfail(strict=True, reason="BINARY[] decodes its base64 part and BODY[] shows its NULs as 0x80: "
+                                       "neither is the stored message; not mended (round 11)")
+def test_nul_bytes_beside_a_base64_part(proxy_factory, ffleet):
+    _put(ffleet["b1"], "M", [([], b"01-Jan-2020 00:00:00 +0000", MIXED)])
+    _run(own_proxy(proxy_factory, ffleet), b"CREATE Q/M", b"SELECT M", b"UID COPY 1:* Q/M").close()
+    stored = ffleet["b2"].client("alice")
+    with stored as m:
+        m.select("Q/M", readonly=True)
+        typ, data = m.uid("FETCH", "1", "(BINARY.PEEK[2])")
+    assert b"x\x00y\x00z" in data[0][1]

@@ -113,15 +113,23 @@ def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     assert now(h.context.mailbox_map.entries()) == []
 
 
-def _uid_move_of_one(h, src) -> object:
-    """``UID MOVE 4 Shared/X`` answered up to the body FETCH (journaled at MOVE_APPENDING); the destination."""
-    h.send(b"m UID MOVE 4 Shared/X\r\n")
+def _across_of_one(h, src, command: bytes, size: int = 3) -> object:
+    """*command* (``m UID MOVE 4 Shared/X``, ``c UID COPY ...``) answered up to the message's FLAGS,
+    INTERNALDATE and size (RFC822.SIZE *size*); the destination (the transfer's own connection)."""
+    h.send(command + b"\r\n")
     assert _take(src) == b"rp2 UID SEARCH UID 4\r\n"
     src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
     dst = h.backend
     _take(dst)
     dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
-    src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE 3)\r\nrp3 OK\r\n')
+    src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE %d)\r\n'
+                     b"rp3 OK\r\n" % size)
+    return dst
+
+
+def _uid_move_of_one(h, src) -> object:
+    """``UID MOVE 4 Shared/X`` answered up to the body FETCH (journaled at MOVE_APPENDING); the destination."""
+    dst = _across_of_one(h, src, b"m UID MOVE 4 Shared/X")
     src.dataReceived(b"* STATUS INBOX (UIDVALIDITY 3 UIDNEXT 9 MESSAGES 2)\r\nrp4 OK\r\n")
     dst.dataReceived(b"* STATUS Shared/X (UIDVALIDITY 9 UIDNEXT 5 MESSAGES 4)\r\nrp2 OK\r\n")
     assert _take(src).endswith(b"rp5 UID FETCH 4 (UID BODY.PEEK[])\r\n")

@@ -38,6 +38,7 @@ Corpus format (one file holds several conversations)::
                                  not offered one does not use it: see referral_proxy/commands.py)
     C: text                      one write; CRLF appended unless the text ends with "\\"
     X: append MAILBOX            a message delivered to MAILBOX by another session
+    X: expunge MAILBOX UIDS      those messages of MAILBOX expunged by another session (UID EXPUNGE)
     W: regex                     read until a response matches
 
 In ``C:`` text: ``\\r \\n \\t \\0 \\xHH`` escapes (any other backslash is sent as it
@@ -374,7 +375,7 @@ class Side:
     name: str  # "direct" or "proxy"
     host: str
     port: int
-    deliver: Callable[[str], None]
+    deliver: Callable[..., None]  # (mailbox): a delivery; (mailbox, uids): those UIDs expunged
     uidvalidity: dict[str, str]  # seeded mailbox -> its UIDVALIDITY here
 
 
@@ -484,9 +485,13 @@ def run(conv: Conversation, side: Side, user: str, password: str) -> list[Exchan
                 continue
             if step.kind == "X":
                 verb, _, arg = step.text.partition(" ")
-                if verb != "append":
+                if verb == "append":
+                    side.deliver(arg.strip())
+                elif verb == "expunge":
+                    mailbox, _, uids = arg.strip().rpartition(" ")
+                    side.deliver(mailbox, uids)
+                else:
                     raise ValueError(f"unknown action {step.text!r}")
-                side.deliver(arg.strip())
                 continue
             if step.kind == "W":
                 out.append(Exchange(b"", []))
@@ -1043,12 +1048,18 @@ class Snapshot:
                 subprocess.run(["cp", "-a", str(src), str(d)], check=True)
 
 
-def deliverer(backends: Callable[[str], Dovecot], user: str) -> Callable[[str], None]:
-    """``deliver(mailbox)``: :data:`DELIVERY` appended by a session of its own on the owner."""
-    def deliver(mailbox: str) -> None:
+def deliverer(backends: Callable[[str], Dovecot], user: str) -> Callable[..., None]:
+    """``deliver(mailbox)``: :data:`DELIVERY` appended by a session of its own on the owner;
+    ``deliver(mailbox, uids)``: those messages expunged by one (UID EXPUNGE, nothing else)."""
+    def deliver(mailbox: str, expunge: str | None = None) -> None:
         with backends(mailbox).client(user) as m:
-            typ, data = m.append(imap_quoted(mailbox), "()", f'"{DELIVERY_DATE}"', DELIVERY)
-            assert typ == "OK", data
+            if expunge is None:
+                typ, data = m.append(imap_quoted(mailbox), "()", f'"{DELIVERY_DATE}"', DELIVERY)
+                assert typ == "OK", data
+                return
+            assert m.select(imap_quoted(mailbox))[0] == "OK"
+            assert m.uid("STORE", expunge, "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+            assert m.uid("EXPUNGE", expunge)[0] == "OK"
     return deliver
 
 

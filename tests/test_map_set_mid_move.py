@@ -1,0 +1,54 @@
+"""`referral-proxy map set` / `unset` of a name a client's RENAME across holds, while it runs: refused
+(as the proxy answers a client's command on it NO [INUSE]); once the move is over it goes through.
+Judged by a census of the backends and by what a client reaches through the proxy.
+
+Seen on main (RENAME Work Shared/Work, b1 -> b3, 20 messages; `map set carol Shared/Work b2` at its
+'placed' step): the command said ``carol Shared/Work -> b2``, the RENAME answered OK, and the 20
+messages on b3 were out of the proxy's reach (its LIST showed Shared/Work from b2: empty, or none).
+At 'copied' the move's own placement overwrote the admin's without a word.
+"""
+
+from __future__ import annotations
+
+import pytest
+from imapwire import Wire
+from movecheck import census, cli, faulty, seed, through_proxy, wait_paused
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}]
+MASTERS = {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}
+
+
+@pytest.mark.parametrize("point", ["copied:1", "placed:1"])
+def test_map_set_of_a_name_a_rename_holds_is_refused(proxy_factory, fleet, tmp_path, point):
+    work = [f"work-{i}@t" for i in range(20)]
+    seed(fleet["b1"], "carol", "Work", work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proxy = proxy_factory({"backends": MASTERS}, rules=RULES,
+                          command=faulty("--pause-at", point, "--pause-dir", str(pause)))
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    w.send(b"c RENAME Work Shared/Work\r\n")
+    assert wait_paused(pause, point) == point
+    config = str(proxy.config_path)
+    try:
+        for args in (["set", "carol", "Shared/Work", "b2"], ["set", "carol", "Work", "b2"],
+                     ["unset", "carol", "Shared/Work"]):
+            refused = cli("map", "--config", config, *args)
+            assert refused.returncode == 1 and "held by a move" in refused.stderr, (args, refused)
+    finally:
+        (pause / "resume").touch()
+    assert w.until_tagged(b"c")[-1].startswith(b"c OK")
+    w.close()
+    counts, where = census(fleet, "carol")
+    assert {tuple(where[i]) for i in work} == {(("b3", "Shared/Work"),)}
+    reached = through_proxy(proxy, "carol")
+    assert [i for i in work if reached[i] != 1] == [], reached
+    done = cli("map", "--config", config, "show", "carol")
+    assert "moves in progress: none" in done.stdout, done.stdout
+    placed = cli("map", "--config", config, "set", "carol", "Archive", "b2")  # nothing held now: goes through
+    assert placed.returncode == 0, placed.stderr
