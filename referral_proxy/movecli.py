@@ -30,6 +30,7 @@ from .backend import BackendError
 from .config import Config, ConfigError, load_config
 from .imap.command import ParseError
 from .imap.data import parse_status
+from .journal import StoreUnavailable
 from .mailops import TransferError, name_arg
 from .mover import Connect, MoveIncomplete, Mover
 from .oldhome import carry_old_homes
@@ -186,6 +187,12 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
                                  "`referral-proxy recover` (or a running proxy): the source is untouched\n")
             else:
                 sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
+            return 1
+        except StoreUnavailable as e:  # stopped or hung mid-move: its journal entry says how far it went
+            await _count(mailbox_map, "failed", 0)
+            sys.stderr.write(f"\nreferral-proxy: move stopped, the map store failed: {e}\nrun `referral-proxy "
+                             "recover` (or a running proxy will) once the map store is back: it finishes or undoes "
+                             "the move\n")
             return 1
         except BaseException:
             await _count(mailbox_map, "failed", 0)  # anything else (the store lost mid-move...): said by _run

@@ -42,7 +42,6 @@ from psycopg.conninfo import make_conninfo
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from .journal import (
     InUse,
@@ -58,6 +57,7 @@ from .journal import (
 from .journalrows import Deltas, by_entry, read_step, rebuild, write_step
 from .pgjournal import read_journal, write_step_row
 from .store import SCHEMA_VERSION, SchemaError, Snapshot, TransferCounts
+from .storethreads import StorePool
 
 __all__ = ["PostgresStore", "SchemaError", "migrate", "SCHEMA_VERSION", "CHANNEL", "POOL_SIZE"]
 
@@ -207,7 +207,7 @@ class PostgresStore:
         self.dsn = dsn
         self.lease_seconds = float(lease_seconds)
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=0, maxthreads=pool_size, name="map-store")
+        self._pool = StorePool(minthreads=0, maxthreads=pool_size, name="map-store")
         self._idle: queue.LifoQueue[tuple[psycopg.Connection[Any], float]] = queue.LifoQueue()
         self._lock = threading.Lock()
         self._pending: Snapshot | None = None
@@ -327,8 +327,8 @@ class PostgresStore:
 
     def _stop_threads(self) -> None:
         self._stopping.set()
-        if self._pool.started:
-            self._pool.stop()
+        if self._pool.started:  # a statement a hung server holds is not waited for (storethreads.py)
+            self._pool.stop(0.0 if self._hung else CLIENT_DEADLINE)
         while True:
             try:
                 self._idle.get_nowait()[0].close()
