@@ -462,13 +462,24 @@ class MailboxMap:
         return not self._store.leases and owner == self._owner and entry_id in self._given_up
 
     async def claim(self, entry: JournalEntry) -> bool:
-        """Take over an entry (recovery): only if its owner is still what we read, and gone."""
-        if await self._store.claim(entry.id, self._owner, entry.owner, dead=owner_gone(entry.owner)):
-            entry.owner = self._owner
-            self._working.add(entry.id)
-            self._given_up.discard(entry.id)
-            return True
-        return False
+        """Take over an entry (recovery): only if its owner is still what we read, and gone; then
+        *entry* is read again: its owner may have written more steps after our read, before it died
+        (a sweep reads every entry, then recovers them one by one: seen, an admin ``move`` read at
+        copying, killed at committed while an earlier entry was recovered, then rolled back from the
+        stale read, its last batch unknown: the copies kept beside their sources)."""
+        if not await self._store.claim(entry.id, self._owner, entry.owner, dead=owner_gone(entry.owner)):
+            return False
+        entry.owner = self._owner
+        self._working.add(entry.id)
+        self._given_up.discard(entry.id)
+        try:
+            fresh = next((e for e in await self._store.journal() if e.id == entry.id), None)
+        except Exception:
+            await self.disown(entry)  # not recovered from a stale read: whoever comes next reads it
+            raise
+        if fresh is not None:  # ours now: nobody writes it any more
+            entry.step, entry.data = fresh.step, fresh.data
+        return True
 
     async def disown(self, entry: JournalEntry) -> None:
         """Leave an unfinished entry to whoever recovers next (this process gave up on it).

@@ -429,3 +429,21 @@ def test_the_quick_check_lists_only_entries_whose_owner_is_gone(make_store):
     assert sorted(won) == [False] * 3 + [True]
     assert now(m.owners_gone()) == []  # its new owner lives
 
+
+
+def test_a_claim_recovers_the_entry_as_its_owner_last_wrote_it(make_store):
+    """A sweep reads every entry, then recovers them one by one: an owner that wrote more steps
+    after that read, then died, is recovered from its last step, not the one read (soak seed
+    14616: an admin `move` read at copying and killed at committed while an earlier entry was
+    recovered was rolled back from the stale read; its last batch unknown, 26 copies stayed)."""
+    store = make_store()
+    m = MailboxMap(CONFIG, store)
+    owner = _dead_owner()  # (the store checks the owner's name only: its steps are written as if it ran)
+    entry = now(store.begin_move("carol", "move", [Reservation("Work")], {"batches": []}, owner, "/"))
+    now(store.journal_step(entry, Step.COPYING, {"batches": [], "pending": {"pair": 0}}, owner))
+    (seen,) = now(m.entries())  # the sweep's read
+    now(store.journal_step(entry, Step.COPIED, {"batches": [{"pair": 0, "dst": "1:3"}], "pending": None}, owner))
+    now(store.journal_step(entry, Step.COMMITTED, {"batches": [{"pair": 0, "dst": "1:3"}], "pending": None}, owner))
+    assert seen.step is Step.COPYING and m.abandoned(seen) and now(m.claim(seen))
+    assert seen.step is Step.COMMITTED and seen.data == {"batches": [{"pair": 0, "dst": "1:3"}], "pending": None}
+    assert seen.owner == m.owner
