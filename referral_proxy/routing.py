@@ -20,7 +20,6 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .config import MapConfig
-from .imap import mutf7
 from .journal import (
     JournalEntry,
     LostEntry,
@@ -31,7 +30,7 @@ from .journal import (
     owner_gone,
     process_owner,
 )
-from .listmatch import wildcard_match
+from .listmatch import unicode_name, wildcard_match
 from .store import MapStore, MemoryStore, Snapshot, SQLiteStore
 
 __all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches",
@@ -88,13 +87,9 @@ def rule_form(name: str) -> str:
     UTF-8 in the TOML (or in modified UTF-7); clients send modified UTF-7, or UTF-8 once they
     enabled UTF8=ACCEPT (RFC 6855). Compared as sent, a rule "Café/*" took a UTF-8 client's
     "Café/x" to its backend and a modified UTF-7 client's "Caf&AOk-/x", the same mailbox, to the
-    default one. A name that is not valid modified UTF-7 ("R&D", raw 8-bit) is taken as it is."""
-    if "&" not in name:
-        return name
-    try:
-        return mutf7.decode(name.encode("ascii"))
-    except (UnicodeEncodeError, ValueError):
-        return name
+    default one. A name that is not valid modified UTF-7 ("R&D", raw 8-bit) is taken as it is
+    (listmatch.unicode_name, which LIST matching uses: one reading of a name everywhere)."""
+    return unicode_name(name.encode("utf-8", "surrogateescape"))
 
 
 def pattern_matches(pattern: str, mailbox: str, separator: str = "/") -> bool:
