@@ -89,6 +89,8 @@ def rule_form(name: str) -> str:
     "Café/x" to its backend and a modified UTF-7 client's "Caf&AOk-/x", the same mailbox, to the
     default one. A name that is not valid modified UTF-7 ("R&D", raw 8-bit) is taken as it is
     (listmatch.unicode_name, which LIST matching uses: one reading of a name everywhere)."""
+    if "&" not in name:  # (every lookup comes here: no encoding for the names that cannot change)
+        return name
     return unicode_name(name.encode("utf-8", "surrogateescape"))
 
 

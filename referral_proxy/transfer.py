@@ -158,7 +158,8 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
 async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol, mailbox: bytes,
                      move: bool, mailbox_map: MailboxMap, user: str, source_mailbox: bytes, clock: Any, *,
                      seen: list[bytes]) -> CopyOutcome:
-    """One attempt of copy_across; the source's untagged responses are collected in *seen* as they come."""
+    """copy_across's work; the source's untagged responses are collected in *seen* as they come (the
+    client sees them whatever the answer, also when this raises)."""
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
     try:
