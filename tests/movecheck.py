@@ -212,7 +212,15 @@ def through_proxy(proxy, user: str) -> collections.Counter:
     m = proxy.login(user)
     try:
         for name in _names(m):
-            counts.update(_ids_in(m, name))
+            try:
+                counts.update(_ids_in(m, name))
+            except AssertionError as e:
+                # Listed, yet "doesn't exist": Dovecot's own list index after a RENAME of a mailbox whose
+                # child it could not rename (seen, soak seed 17023: ``rename(.Proj.c, .Work.c) failed:
+                # Directory not empty``, then Proj listed \HasChildren, EXAMINE "doesn't exist", direct
+                # too). Nothing is counted for it: mail of the census not reached is reported unreachable.
+                if "doesn't exist" not in str(e):
+                    raise
     finally:
         m.logout()
     return counts
