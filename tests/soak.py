@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from movecheck import REPO, body, census, cli, deliver_on, quote, seed, through_proxy  # noqa: E402
+from movecheck import REPO, body, census, cli, deliver_on, message_ids, quote, seed, through_proxy  # noqa: E402
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
 from referral_proxy.testing.proxyproc import ProxyProcess  # noqa: E402
@@ -220,9 +220,10 @@ class Client(threading.Thread):
         if not uids:
             return None
         uid = self.rng.choice(uids)
-        typ, data = m.uid("FETCH", uid, "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
-        header = b"".join(x[1] for x in data if isinstance(x, tuple))
-        mid = header.split(b"<", 1)[-1].split(b">", 1)[0].decode(errors="replace") if b"<" in header else "?"
+        try:
+            mid = (message_ids(m, uid.decode(), uid=True) or ["?"])[0]  # read from its file (see message_ids)
+        except AssertionError:  # the FETCH refused
+            mid = "?"
         return box, uid, mid
 
     def move(self, m: imaplib.IMAP4) -> None:
