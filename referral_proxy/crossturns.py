@@ -24,7 +24,7 @@ from twisted.internet import task
 from .routing import MailboxMap, normalize
 from .turns import Release, Turns
 
-__all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_environment", "mailbox_turn"]
+__all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_environment", "mailbox_turn", "mailbox_turns"]
 
 ENV = "REFERRAL_PROXY_TURNS"  # the directory of the lock files, set by the master for its workers
 POLL = 0.005  # seconds between tries while another worker holds the lock
@@ -98,3 +98,24 @@ async def mailbox_turn(ctx: Any, backend: str, user: str, mailbox: bytes) -> Rel
         release()
 
     return both
+
+
+async def mailbox_turns(ctx: Any, backend: str, user: str, mailboxes: list[bytes]) -> Release:
+    """The turns of several mailboxes (a RENAME's and its children's: Dovecot renames them along),
+    taken in one order (two RENAMEs wait for each other, never each for the other)."""
+    mailbox_map: MailboxMap = ctx.mailbox_map
+    names = sorted({normalize(m.decode("utf-8", "surrogateescape"), mailbox_map.separator): m
+                    for m in mailboxes}.items())
+    held: list[Release] = []
+
+    def release() -> None:
+        while held:
+            held.pop()()
+
+    try:
+        for _name, mailbox in names:
+            held.append(await mailbox_turn(ctx, backend, user, mailbox))
+    except BaseException:
+        release()
+        raise
+    return release

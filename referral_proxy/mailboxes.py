@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from . import referrals
 from .backend import BackendProtocol
 from .context import ProxyContext
-from .crossturns import mailbox_turn
+from .crossturns import mailbox_turn, mailbox_turns
 from .hierarchy import UNDER_ITSELF, under_itself
 from .imap import mutf7
 from .imap.grammar import Slot
@@ -26,7 +26,7 @@ from .imap.reader import Command
 from .imap.response import ResponseStart
 from .imap.url import has_dot_segment
 from .localrename import rename_here
-from .mailops import TransferError
+from .mailops import TransferError, subtree
 from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .moveview import status_during_move
 from .pool import BackendPool
@@ -393,9 +393,15 @@ class MailboxCommands:
         assert host.pool is not None
         conn = await host.pool.connection(route)
         await host.pool.quiet(None)
-        # after the MOVEs out of it under way (Dovecot's MOVE, renamed between its copy and its expunge,
-        # leaves the message in both), before those sent next (they find it gone): crossturns.py
-        release = await mailbox_turn(host.ctx, conn.name, host.user or "", old)
+        # after the MOVEs out of it (or a child) under way (Dovecot's MOVE, renamed between its copy and
+        # its expunge, leaves the message in both), before those sent next (they find it gone): crossturns.py
+        sep = host.mailbox_map.separator
+        try:
+            children = [c.encode("utf-8", "surrogateescape") for c in await subtree(conn, old.decode(
+                "utf-8", "surrogateescape"), sep)]
+        except TransferError:
+            children = []  # the backend refuses the name: its answer to the RENAME says why
+        release = await mailbox_turns(host.ctx, conn.name, host.user or "", [old, *children])
         try:
             outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
                                         new.decode("utf-8", "surrogateescape"), others=host.pool.fresh)
