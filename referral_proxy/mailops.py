@@ -26,7 +26,7 @@ from .routing import normalize
 __all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
+           "subscribed", "delete_if_empty", "put_back", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -344,7 +344,11 @@ async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separato
     to (a delivery racing the RENAME either lands before it, and is seen below, or
     fails); only that is checked and deleted. Not empty: renamed back, and False.
     *aside* is the same name at every attempt: one cut off between its RENAMEs (a kill, a
-    backend gone) left it, and it is settled first, or its mail would stay out of sight."""
+    backend gone) left it, and it is settled first, or its mail would stay out of sight.
+    Dovecot's RENAME carries the children along (*name*/c to *aside*/c): they are put back at
+    once, and first at the next attempt if one was cut off in between (seen in the soak: a
+    roll-back's aside took the client's own ``Work/c`` and its 59 messages out of sight)."""
+    await put_back(conn, aside, name, separator)
     if await exists(conn, aside):
         if not await _gone_if_empty(conn, aside, separator):
             await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
@@ -354,6 +358,7 @@ async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separato
         if not await exists(conn, name):
             return True  # nothing there (any more)
         raise TransferError(_failed("RENAME", conn, renamed.start))
+    await put_back(conn, aside, name, separator)
     if await _gone_if_empty(conn, aside, separator):
         return True
     await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
@@ -383,10 +388,36 @@ async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> b
     """DELETE the private *aside* if it holds no message and no child; True if deleted."""
     if await finish_cut_delete(conn, aside):
         return True
-    state = await open_mailbox(conn, aside, readonly=True)
+    try:
+        state = await open_mailbox(conn, aside, readonly=True)
+    except TransferError:
+        if _gone((await conn.command(b"STATUS " + name_arg(aside) + b" (MESSAGES)")).start):
+            return True  # DELETEd with a child under it: listed still, by Dovecot's list index, yet not there
+        raise
     await conn.deselect()
     children = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
     if state.messages == 0 and not children:
         await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
         return True
     return False
+
+
+async def put_back(conn: BackendProtocol, aside: str, name: str, separator: str) -> list[str]:
+    """Rename each mailbox under the private *aside* back under *name* (``aside/c`` to ``name/c``),
+    where a RENAME of *name* to *aside* took it: Dovecot's RENAME carries the children along. The
+    names put back, shallowest first (a RENAME carries its own children: those are not renamed
+    again). A placeholder (\\Noselect) is not there to rename: what is under it is listed itself."""
+    entries = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
+    moved: list[str] = []
+    for child in sorted({_text(e.name) for e in entries}, key=lambda n: (n.count(separator), n)):
+        if any(child.startswith(m + separator) for m in moved):
+            continue
+        back = name + child[len(aside):]
+        renamed = await conn.command(b"RENAME " + name_arg(child) + b" " + name_arg(back))
+        if renamed.ok:
+            log.info("{b}: {back} was carried under the private {aside} by a RENAME (to {child}); put back",
+                     b=conn.name, back=back, aside=aside, child=child)
+            moved.append(child)
+        elif not _gone(renamed.start):
+            raise TransferError(_failed("RENAME", conn, renamed.start) + f" (putting {back} back from {child})")
+    return moved

@@ -61,6 +61,7 @@ def test_a_roll_back_finds_its_aside_half_deleted_and_finishes():
     deleted again, then the name itself looked at (here: gone), not an endless 'NOT recovered'."""
     conn = _backend()
     d = defer.ensureDeferred(delete_if_empty(conn, "Proj", ASIDE, "/"))
+    _exchange(conn, b'LIST "" "%s/*"' % ASIDE.encode(), b"TAG OK\r\n")  # no child left under it
     _exchange(conn, b'LIST "" %s' % ASIDE.encode(), b'* LIST (\\HasNoChildren) "/" %s\r\nTAG OK\r\n' % ASIDE.encode())
     _exchange(conn, b"STATUS %s (MESSAGES)" % ASIDE.encode(), b"TAG " + HALF + b"\r\n")
     _exchange(conn, b"DELETE %s" % ASIDE.encode(), b"TAG OK Delete completed.\r\n")
