@@ -26,7 +26,7 @@ from .routing import normalize
 __all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "delete_if_empty", "put_back", "finish_cut_delete", "may_expunge", "myrights", "grants"]
+           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -400,6 +400,15 @@ async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> b
         await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
         return True
     return False
+
+
+async def aside_gone(conn: BackendProtocol, aside: str, name: str, separator: str) -> bool:
+    """A source renamed from *name* to the private *aside* (mover._drain): the children that RENAME
+    carried along put back first (put_back: before, a child made on the backend during the move was
+    left under the aside, out of every client's sight); True if *aside* is not there (any more), or
+    was half deleted by a killed Dovecot (finish_cut_delete): nothing left to empty."""
+    await put_back(conn, aside, name, separator)
+    return not await exists(conn, aside) or await finish_cut_delete(conn, aside)
 
 
 async def put_back(conn: BackendProtocol, aside: str, name: str, separator: str) -> list[str]:

@@ -118,3 +118,42 @@ def test_children_stranded_under_the_aside_by_a_cut_off_roll_back_are_put_back(p
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0 and "rolled back" in recovered.stdout, recovered.stdout + recovered.stderr
     _exactly_as_before(fleet, proxy, shared, child, late)
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_a_child_made_on_the_source_during_a_move_is_put_back_not_left_aside(proxy_factory, fleet, tmp_path, killed):
+    """Past the commit point each source is renamed aside to be emptied and deleted; Dovecot's RENAME
+    carries a child the move did not take (made straight on the backend meanwhile, as a delivery with
+    :create would) along. Before, it was left under the aside name ('kept on b1 under ...'): out of
+    every client's sight. It is put back as Work/new on b1, where the rules send it; *killed*: the
+    proxy killed right after that RENAME aside, recovery finishes the move."""
+    work, new = ids("work", 20), ids("new", 7)
+    seed(fleet["b1"], "carol", "Work", work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    options = ["--pause-at", "placed:1", "--pause-dir", str(pause)] + (["--kill-at", "aside:1"] if killed else [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty(*options))
+    w = _logged_in(proxy)
+    w.send(b"r RENAME Work Shared/W\r\n")
+    wait_paused(pause, "placed:1")
+    seed(fleet["b1"], "carol", "Work/new", new)
+    (pause / "resume").touch()
+    if killed:
+        assert w.closed(30), "the proxy was not killed at aside:1"
+        proxy.process.wait(10)
+        recovered = cli("recover", "--config", str(proxy.config_path))
+        assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+        proxy.start()
+    else:
+        reply = w.until_tagged(b"r")
+        assert reply[-1].startswith(b"r OK"), reply
+        w.close()
+    names = _names(fleet["b1"])
+    assert not [n for n in names if b"referral-proxy-aside-" in n], names
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work + new) == ([], [])
+    assert {where[i][0] for i in work} == {("b3", "Shared/W")}
+    assert {where[i][0] for i in new} == {("b1", "Work/new")}
+    reached = through_proxy(proxy, "carol")
+    assert [i for i in counts if reached[i] != 1] == []
+    assert _no_entries(proxy)
