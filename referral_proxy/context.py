@@ -18,6 +18,7 @@ from .keepalive import KeepAlive
 from .observe import Observer
 from .routing import MailboxMap
 from .staging import MapJournal, StagingJournal
+from .turns import Turns
 
 __all__ = ["Connect", "ConnectFor", "ProxyContext"]
 
@@ -43,6 +44,7 @@ class ProxyContext:
     connect_for: ConnectFor | None = None
     staging_journal: StagingJournal | None = None  # staging mailboxes (staging.py); None: the map store's journal
     keepalive: KeepAlive = field(init=False)  # backend connections parked between a user's sessions
+    move_turns: Turns = field(default_factory=Turns)  # relayed MOVEs of one mailbox, one at a time (turns.py)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:

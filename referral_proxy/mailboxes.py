@@ -30,7 +30,7 @@ from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .moveview import status_during_move
 from .pool import BackendPool
 from .relay import Relay
-from .routing import MailboxMap, Route
+from .routing import MailboxMap, Route, normalize
 from .staging import is_private_name
 from .transfer import CopyOutcome, copy_across
 
@@ -306,6 +306,8 @@ class MailboxCommands:
         mailbox, route = target
         source = host.selected
         if route.primary == source or source in route.backends or not self.renamable(mailbox):
+            if "MOVE" in cmd.name and host.selected_mailbox:
+                return host.run(cmd.tag, self._move_in_turn(cmd, source, host.selected_mailbox))
             return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
         if self.refers(route, mailbox):
             return host.send(self.referral(cmd.tag, route, mailbox))
@@ -316,6 +318,21 @@ class MailboxCommands:
         message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
         host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
                                                      src=source, dst=route.primary, mailbox=mailbox))
+
+    async def _move_in_turn(self, cmd: Command, source: str, selected: bytes) -> None:
+        """A MOVE relayed once no other session of this process has one of this mailbox under way
+        (turns.py: two at once can both take one message); input waits for its turn, not its end."""
+        host = self.host
+        assert host.pool is not None and host.user is not None
+        key = (source, host.mailbox_map.canonical(host.user),
+               normalize(selected.decode("utf-8", "surrogateescape"), host.mailbox_map.separator))
+        release = await host.ctx.move_turns.take(key)
+        try:
+            conn = await host.pool.ready_for(source)
+            host.relay.send(conn, cmd.tag, cmd.name, cmd.args, settled=release)
+        except BaseException:
+            release()
+            raise
 
     async def _copy_across(self, cmd: Command, message_set: bytes, mailbox: bytes, route: Route) -> CopyOutcome:
         host = self.host

@@ -30,6 +30,10 @@ __all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUse
 
 log = Logger()
 
+#: STATUS asked again this often while a new mailbox's UIDVALIDITY reads 0 (measured on Dovecot 2.3.19,
+#: three sessions opening a just-CREATEd mailbox at once: at most 13 more answers of 0 in 600 asks).
+UNSET_RETRIES = 100
+
 
 class TransferError(BackendError):
     """A mail operation stopped; str() is safe to show a client (no client bytes in it)."""
@@ -158,18 +162,32 @@ async def status(conn: BackendProtocol, name: str) -> MailboxState:
 
     Of the mailbox selected on *conn*, Dovecot (2.3) answers from that session's view: the
     UIDNEXT and MESSAGES of its last sync, and for one renamed away or deleted since, with
-    another made under its name, the OLD one's UIDVALIDITY (status_now() asks the mailbox)."""
-    result = await conn.command(b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)")
-    if not result.ok:
-        raise (MailboxGone if _gone(result.start) else TransferError)(_failed("STATUS", conn, result.start))
+    another made under its name, the OLD one's UIDVALIDITY (status_now() asks the mailbox).
+
+    Of a mailbox made a moment ago, Dovecot answers ``UIDVALIDITY 0`` while another session is
+    opening it for the first time (its index not written yet): asked again, up to UNSET_RETRIES
+    times, never taken for a UIDVALIDITY (a move compared it with its APPENDUID's: "replaced")."""
+    for _ in range(UNSET_RETRIES):
+        result = await conn.command(b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)")
+        if not result.ok:
+            raise (MailboxGone if _gone(result.start) else TransferError)(_failed("STATUS", conn, result.start))
+        state = _status_state(result)
+        if state is None:
+            raise TransferError(f"STATUS failed on {conn.name}: no usable answer")
+        if state.uidvalidity:
+            return state
+    raise TransferError(f"STATUS on {conn.name} gave UIDVALIDITY 0 {UNSET_RETRIES} times")
+
+
+def _status_state(result: Tagged) -> MailboxState | None:
     for r in result.responses:
         if r.start.name == "STATUS":
             try:
                 v = parse_status(*r.arguments).values
                 return MailboxState(v[b"UIDVALIDITY"], v[b"UIDNEXT"], v[b"MESSAGES"])
             except (ParseError, KeyError):
-                break
-    raise TransferError(f"STATUS failed on {conn.name}: no usable answer")
+                return None
+    return None
 
 
 async def status_now(conn: BackendProtocol, name: str) -> MailboxState:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import ConfigError, load_config
-from .journal import StoreUnavailable
+from .journal import InUse, Reservation, StoreUnavailable
 from .movecli import _run
 from .recovery import describe
 from .routing import MailboxMap, open_store
@@ -85,34 +86,50 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
         if unknown:
             sys.stderr.write(f"referral-proxy: map set: unknown backend {unknown[0]!r}\n")
             return 2
-        if _held(mailbox_map, args.user, args.mailbox, "set"):
+
+        async def place() -> int:
+            await mailbox_map.place(args.user, args.mailbox, args.backends)
+            return 0
+
+        if await _unless_held(mailbox_map, args.user, args.mailbox, "set", place):
             return 1
-        await mailbox_map.place(args.user, args.mailbox, args.backends)
         await mailbox_map.store.settle()  # the running proxies have it when this command returns
         print(f"{args.user} {args.mailbox} -> {', '.join(args.backends)}")
     elif args.map_command == "unset":
-        if _held(mailbox_map, args.user, args.mailbox, "unset"):
+        async def unplace() -> int:
+            if args.mailbox not in mailbox_map.placements(args.user):
+                sys.stderr.write(f"referral-proxy: map unset: {args.user} {args.mailbox} has no placement\n")
+                return 1
+            await mailbox_map.unplace(args.user, args.mailbox)
+            return 0
+
+        if await _unless_held(mailbox_map, args.user, args.mailbox, "unset", unplace):
             return 1
-        if args.mailbox not in mailbox_map.placements(args.user):
-            sys.stderr.write(f"referral-proxy: map unset: {args.user} {args.mailbox} has no placement\n")
-            return 1
-        await mailbox_map.unplace(args.user, args.mailbox)
         await mailbox_map.store.settle()
         print(f"{args.user} {args.mailbox}: placement removed -> "
               f"{', '.join(mailbox_map.lookup(args.user, args.mailbox).backends)}")
     return 0
 
 
-def _held(mailbox_map: MailboxMap, user: str, mailbox: str, command: str) -> bool:
-    """A name a running move holds is refused, as a client's command on it is (NO [INUSE]): the
-    move writes its own placements at its end, and one set meanwhile either was overwritten
-    or (set after the move placed the new name) sent the name where its mail is not (seen:
-    `map set carol Shared/Work b2` at a RENAME's 'placed' step left its 20 messages on b3 unreachable)."""
-    if not mailbox_map.reserved(user, mailbox):
-        return False
-    sys.stderr.write(f"referral-proxy: map {command}: {user} {mailbox} is held by a move in progress (`map show "
-                     f"{user}`); nothing changed: try again once it is over\n")
-    return True
+async def _unless_held(mailbox_map: MailboxMap, user: str, mailbox: str, command: str,
+                       change: Callable[[], Awaitable[int]]) -> int:
+    """*change()*, refused (1) while a running move holds the name, as a client's command on it is
+    (NO [INUSE]): the move writes its own placements at its end, and one set meanwhile either was
+    overwritten or (set after the move placed the new name) sent the name where its mail is not
+    (seen: `map set carol Shared/Work b2` at a RENAME's 'placed' step left its 20 messages on b3
+    unreachable). The name is reserved (shared: clients go on) in the store's one transaction that
+    checks it, for as long as the change: a move that begins between a check and the write cannot be."""
+    try:
+        entry = await mailbox_map.begin_move(user, "map", [Reservation(mailbox, subtree=False, shared=True)],
+                                             {"mailbox": mailbox, "command": command})
+    except InUse:
+        sys.stderr.write(f"referral-proxy: map {command}: {user} {mailbox} is held by a move in progress (`map "
+                         f"show {user}`); nothing changed: try again once it is over\n")
+        return 1
+    try:
+        return await change()
+    finally:
+        await mailbox_map.end_move(entry)
 
 
 async def show(mailbox_map: MailboxMap, config: Any, user: str) -> str:

@@ -51,6 +51,8 @@ def describe(entry: JournalEntry) -> str:
         what = f"MOVE {d.get('src_mailbox')} -> {d.get('dst_mailbox')} ({d.get('src')} -> {d.get('dst')})"
     elif entry.op == "staging":
         what = f"APPEND to {d.get('target')} staged in {d.get('mailbox')} on {d.get('backend')}"
+    elif entry.op == "map":
+        what = f"map {d.get('command')} of {d.get('mailbox')}"
     else:
         what = f"RENAME {d.get('old')} {d.get('new')} on {d.get('backend')}"
     return f"{entry.user}: {what}, at {entry.step.value if entry.step else 'an unknown step'}"

@@ -93,9 +93,11 @@ class Relay:
     def send(self, conn: BackendProtocol, tag: bytes, name: str, args: Arguments, *,
              after: Callable[[ResponseStart], None] | None = None,
              on_continuation: Callable[[bytes], None] | None = None,
-             answer: Callable[[ResponseStart, bytes], bytes] | None = None) -> None:
+             answer: Callable[[ResponseStart, bytes], bytes] | None = None,
+             settled: Callable[[], None] | None = None) -> None:
         """Relay a parsed command to *conn* under the proxy's tag. *after* sees its
-        completion; *answer* may replace the completion the client gets."""
+        completion; *answer* may replace the completion the client gets; *settled* is called
+        once it completed or its connection is gone (whichever comes)."""
         ptag = conn.next_tag()
         keep: bool | None = None
         cancels: list[bytes] = []
@@ -110,7 +112,7 @@ class Relay:
             tokens = self.client_tags_to_proxy(conn, args.tokens)
             cancels = [t.value for t in tokens if isinstance(t, String)]
             args = Arguments(tokens, args.slots)
-        op = _Op(self, conn, tag, ptag, after, keep, answer, cancels)
+        op = _Op(self, conn, tag, ptag, after, keep, answer, cancels, settled)
         self.in_flight += 1
         op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens or args.text else None,
                  on_continuation)
@@ -163,13 +165,15 @@ class Relay:
 class _Op:
     """One relayed command: its writing, and its completion or loss."""
 
-    __slots__ = ("relay", "conn", "tag", "ptag", "after", "keep", "answer", "cancels", "pending", "blocking")
+    __slots__ = ("relay", "conn", "tag", "ptag", "after", "keep", "answer", "cancels", "pending", "blocking",
+                 "settled")
 
     def __init__(self, relay: Relay, conn: BackendProtocol, tag: bytes, ptag: bytes,
                  after: Callable[[ResponseStart], None] | None, keep: bool | None,
-                 answer: Callable[[ResponseStart, bytes], bytes] | None, cancels: list[bytes]) -> None:
+                 answer: Callable[[ResponseStart, bytes], bytes] | None, cancels: list[bytes],
+                 settled: Callable[[], None] | None = None) -> None:
         self.relay, self.conn, self.tag, self.ptag, self.after, self.keep = relay, conn, tag, ptag, after, keep
-        self.answer, self.cancels = answer, cancels
+        self.answer, self.cancels, self.settled = answer, cancels, settled
         self.pending: list[tuple[bytes, String]] = []
         self.blocking = False
 
@@ -233,6 +237,8 @@ class _Op:
             self.after(start)
         if self.blocking:
             self._release()
+        if self.settled is not None:
+            self.settled()
         relay.host.relay_finished(conn)
 
     def lost(self, _reason: Failure) -> None:
@@ -240,6 +246,8 @@ class _Op:
         relay.in_flight -= 1
         relay.host.relay_lost(self.conn, self.tag)
         self._release()
+        if self.settled is not None:
+            self.settled()
         relay.host.relay_finished(self.conn)
 
 

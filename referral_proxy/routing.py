@@ -505,9 +505,11 @@ class MailboxMap:
                 if owner is not None and (expired or self._own_given_up(i, owner)
                                           or gone.setdefault(owner, owner_gone(owner)))]
 
-    def start_leases(self, clock: Any, every: float) -> None:
-        """Renew this process's leases every *every* seconds (stores with leases; a no-op otherwise)."""
-        if not self._store.leases or self._renewal is not None:
+    def start_leases(self, clock: Any, every: float, *, sweeps: bool = True) -> None:
+        """Every *every* seconds: renew this process's leases (stores with leases). Without leases an
+        owner alive holds its entries: a process that runs no recovery sweep of its own (a worker,
+        *sweeps* False) gives up again those a failed write left it owning, for its master's sweep."""
+        if self._renewal is not None or not (self._store.leases or not sweeps):
             return
         self._renewal = task.LoopingCall(lambda: defer.ensureDeferred(self._renew()))
         self._renewal.clock = clock
@@ -515,10 +517,15 @@ class MailboxMap:
 
     async def _renew(self) -> None:
         try:
-            if self._working:
+            if self._store.leases and self._working:
                 await self._store.renew(self._owner, sorted(self._working))
+            elif not self._store.leases:
+                for i in sorted(self._given_up):
+                    await self._store.disown(i, self._owner)  # False: ended or taken over since; either way done
+                    self._given_up.discard(i)
         except Exception as e:  # StoreUnavailable, mostly: the loop goes on
-            log.warn("map store: could not renew this process's move leases: {why}", why=str(e))
+            log.warn("map store: could not renew this process's move leases or give up its failed moves: {why}",
+                     why=str(e))
 
     async def close(self) -> None:
         if self._renewal is not None and self._renewal.running:

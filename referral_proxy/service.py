@@ -247,7 +247,7 @@ class ProxyService(MultiService):
         # The map first: a PostgreSQL store that is unreachable or has no (or an old) schema
         # stops start-up with one line (runner.py prints it) before anything listens.
         self.mailbox_map.start()
-        self.mailbox_map.start_leases(self.reactor, self.config.map.lease_seconds / 4)
+        self.mailbox_map.start_leases(self.reactor, self.config.map.lease_seconds / 4, sweeps=self.role is None)
         store = self.mailbox_map.store
         if hasattr(store, "on_availability"):
             store.on_availability = self.observer.map_store_available

@@ -52,3 +52,46 @@ def test_map_set_of_a_name_a_rename_holds_is_refused(proxy_factory, fleet, tmp_p
     assert "moves in progress: none" in done.stdout, done.stdout
     placed = cli("map", "--config", config, "set", "carol", "Archive", "b2")  # nothing held now: goes through
     assert placed.returncode == 0, placed.stderr
+
+
+@pytest.mark.parametrize("command", ["set", "unset"])
+def test_a_move_that_begins_while_map_set_writes_cannot_begin(tmp_path, command, capsys):
+    """The check and the write were two steps: a move that began between them (here: as the write is
+    about to go out) went on, and the admin's placement was overwritten or sent its name where its mail
+    is not. Now one of the two is refused: the move (InUse: the client's NO [INUSE], try again)."""
+    import argparse
+
+    from storehelp import now
+
+    from referral_proxy.config import parse_config
+    from referral_proxy.journal import InUse, Reservation
+    from referral_proxy.mapcli import _command
+    from referral_proxy.routing import MailboxMap
+    from referral_proxy.store import SQLiteStore
+
+    config = parse_config({
+        "proxy": {"listen": ["tcp:1143:interface=127.0.0.1"]},
+        "backends": {b: {"endpoint": "tcp:host=127.0.0.2:port=1", "url": "imap://127.0.0.2:1"} for b in ("b1", "b2")},
+        "map": {"default": "b1", "store": f"sqlite:{tmp_path / 'map.sqlite3'}"}}, base=tmp_path)
+    admin = MailboxMap(config.map, SQLiteStore(tmp_path / "map.sqlite3"))
+    proxy = MailboxMap(config.map, SQLiteStore(tmp_path / "map.sqlite3"))  # another process: a client's RENAME
+    admin.start()
+    proxy.start()
+    now(admin.place("carol", "Work", ("b2",)))
+    began: list = []
+    write = admin.place if command == "set" else admin.unplace
+
+    async def racing(*a) -> None:
+        try:
+            began.append(await proxy.begin_move("carol", "move", [Reservation("Work")], {}))
+        except InUse:
+            pass
+        await write(*a)
+
+    setattr(admin, "place" if command == "set" else "unplace", racing)
+    args = argparse.Namespace(map_command=command, user="carol", mailbox="Work", backends=["b2"])
+    status = now(_command(args, config, admin))
+    assert not (began and status == 0), "a move began on Work while `map %s` wrote it" % command
+    assert status == 0 and not began, capsys.readouterr()  # the map command was first: it goes through
+    entry = now(proxy.begin_move("carol", "move", [Reservation("Work")], {}))  # and holds nothing after
+    now(proxy.end_move(entry))
