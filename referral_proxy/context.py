@@ -14,6 +14,7 @@ from typing import Any
 from .admission import Admission
 from .backend import BackendProtocol, Credentials
 from .config import BackendConfig, Config
+from .crossturns import FileTurns
 from .keepalive import KeepAlive
 from .observe import Observer
 from .routing import MailboxMap
@@ -45,6 +46,7 @@ class ProxyContext:
     staging_journal: StagingJournal | None = None  # staging mailboxes (staging.py); None: the map store's journal
     keepalive: KeepAlive = field(init=False)  # backend connections parked between a user's sessions
     move_turns: Turns = field(default_factory=Turns)  # relayed MOVEs of one mailbox, one at a time (turns.py)
+    worker_turns: FileTurns | None = None  # the same between the workers of one master (crossturns.py)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:

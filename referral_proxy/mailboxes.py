@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from . import referrals
 from .backend import BackendProtocol
 from .context import ProxyContext
+from .crossturns import mailbox_turn, mailbox_turns
 from .hierarchy import UNDER_ITSELF, under_itself
 from .imap import mutf7
 from .imap.grammar import Slot
@@ -25,12 +26,12 @@ from .imap.reader import Command
 from .imap.response import ResponseStart
 from .imap.url import has_dot_segment
 from .localrename import rename_here
-from .mailops import TransferError
+from .mailops import TransferError, subtree
 from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .moveview import status_during_move
 from .pool import BackendPool
 from .relay import Relay
-from .routing import MailboxMap, Route, normalize
+from .routing import MailboxMap, Route
 from .staging import is_private_name
 from .transfer import CopyOutcome, copy_across
 
@@ -320,13 +321,11 @@ class MailboxCommands:
                                                      src=source, dst=route.primary, mailbox=mailbox))
 
     async def _move_in_turn(self, cmd: Command, source: str, selected: bytes) -> None:
-        """A MOVE relayed once no other session of this process has one of this mailbox under way
-        (turns.py: two at once can both take one message); input waits for its turn, not its end."""
+        """A MOVE relayed once no other session has one of this mailbox under way, nor a RENAME of it
+        (crossturns.py: two at once can both take one message); input waits for its turn, not its end."""
         host = self.host
         assert host.pool is not None and host.user is not None
-        key = (source, host.mailbox_map.canonical(host.user),
-               normalize(selected.decode("utf-8", "surrogateescape"), host.mailbox_map.separator))
-        release = await host.ctx.move_turns.take(key)
+        release = await mailbox_turn(host.ctx, source, host.user, selected)
         try:
             conn = await host.pool.ready_for(source)
             host.relay.send(conn, cmd.tag, cmd.name, cmd.args, settled=release)
@@ -394,8 +393,20 @@ class MailboxCommands:
         assert host.pool is not None
         conn = await host.pool.connection(route)
         await host.pool.quiet(None)
-        outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
-                                    new.decode("utf-8", "surrogateescape"), others=host.pool.fresh)
+        # after the MOVEs out of it (or a child) under way (Dovecot's MOVE, renamed between its copy and
+        # its expunge, leaves the message in both), before those sent next (they find it gone): crossturns.py
+        sep = host.mailbox_map.separator
+        try:
+            children = [c.encode("utf-8", "surrogateescape") for c in await subtree(conn, old.decode(
+                "utf-8", "surrogateescape"), sep)]
+        except TransferError:
+            children = []  # the backend refuses the name: its answer to the RENAME says why
+        release = await mailbox_turns(host.ctx, conn.name, host.user or "", [old, *children])
+        try:
+            outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
+                                        new.decode("utf-8", "surrogateescape"), others=host.pool.fresh)
+        finally:
+            release()
         for raw in outcome.untagged:
             host.write_from(conn, raw)
         host.answer(cmd.tag, outcome.completion)

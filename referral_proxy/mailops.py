@@ -26,7 +26,7 @@ from .routing import normalize
 __all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "delete_if_empty", "finish_cut_delete", "may_expunge", "myrights", "grants"]
+           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -362,7 +362,11 @@ async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separato
     to (a delivery racing the RENAME either lands before it, and is seen below, or
     fails); only that is checked and deleted. Not empty: renamed back, and False.
     *aside* is the same name at every attempt: one cut off between its RENAMEs (a kill, a
-    backend gone) left it, and it is settled first, or its mail would stay out of sight."""
+    backend gone) left it, and it is settled first, or its mail would stay out of sight.
+    Dovecot's RENAME carries the children along (*name*/c to *aside*/c): they are put back at
+    once, and first at the next attempt if one was cut off in between (seen in the soak: a
+    roll-back's aside took the client's own ``Work/c`` and its 59 messages out of sight)."""
+    await put_back(conn, aside, name, separator)
     if await exists(conn, aside):
         if not await _gone_if_empty(conn, aside, separator):
             await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
@@ -372,6 +376,7 @@ async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separato
         if not await exists(conn, name):
             return True  # nothing there (any more)
         raise TransferError(_failed("RENAME", conn, renamed.start))
+    await put_back(conn, aside, name, separator)
     if await _gone_if_empty(conn, aside, separator):
         return True
     await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
@@ -401,10 +406,51 @@ async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> b
     """DELETE the private *aside* if it holds no message and no child; True if deleted."""
     if await finish_cut_delete(conn, aside):
         return True
-    state = await open_mailbox(conn, aside, readonly=True)
+    try:
+        state = await open_mailbox(conn, aside, readonly=True)
+    except TransferError:
+        if await _missing(conn, aside):
+            return True
+        raise
     await conn.deselect()
     children = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
     if state.messages == 0 and not children:
         await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
         return True
     return False
+
+
+async def aside_gone(conn: BackendProtocol, aside: str, name: str, separator: str) -> bool:
+    """A source renamed from *name* to the private *aside* (mover._drain): the children that RENAME
+    carried along put back first (put_back: before, a child made on the backend during the move was
+    left under the aside, out of every client's sight); True if *aside* is not there (any more), or
+    was half deleted by a killed Dovecot (finish_cut_delete): nothing left to empty."""
+    await put_back(conn, aside, name, separator)
+    return not await exists(conn, aside) or await finish_cut_delete(conn, aside) or await _missing(conn, aside)
+
+
+async def _missing(conn: BackendProtocol, name: str) -> bool:
+    """Listed, yet not there: Dovecot lists a mailbox DELETEd with a child under it (to the session
+    that deleted it) and opens it no more (seen: recovery stuck on 'EXAMINE failed ... undo-0')."""
+    return _gone((await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)")).start)
+
+
+async def put_back(conn: BackendProtocol, aside: str, name: str, separator: str) -> list[str]:
+    """Rename each mailbox under the private *aside* back under *name* (``aside/c`` to ``name/c``),
+    where a RENAME of *name* to *aside* took it: Dovecot's RENAME carries the children along. The
+    names put back, shallowest first (a RENAME carries its own children: those are not renamed
+    again). A placeholder (\\Noselect) is not there to rename: what is under it is listed itself."""
+    entries = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
+    moved: list[str] = []
+    for child in sorted({_text(e.name) for e in entries}, key=lambda n: (n.count(separator), n)):
+        if any(child.startswith(m + separator) for m in moved):
+            continue
+        back = name + child[len(aside):]
+        renamed = await conn.command(b"RENAME " + name_arg(child) + b" " + name_arg(back))
+        if renamed.ok:
+            log.info("{b}: {back} was carried under the private {aside} by a RENAME (to {child}); put back",
+                     b=conn.name, back=back, aside=aside, child=child)
+            moved.append(child)
+        elif not _gone(renamed.start):
+            raise TransferError(_failed("RENAME", conn, renamed.start) + f" (putting {back} back from {child})")
+    return moved

@@ -45,11 +45,11 @@ from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreU
 from .mailops import (
     MessageInfo,
     TransferError,
+    aside_gone,
     delete_if_empty,
     exists,
     expunge_uids,
     fetch_infos,
-    finish_cut_delete,
     grants,
     list_mailboxes,
     myrights,
@@ -512,7 +512,7 @@ class Mover:
     async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                             aside: str) -> None:
         old = entry.data["pairs"][i][0]
-        if not await exists(src, aside) or await finish_cut_delete(src, aside):
+        if await aside_gone(src, aside, old, self.sep):
             return  # deleted just before a crash (or half: Dovecot killed mid-DELETE)
         if await self._empty(entry, i, src, dst, aside):
             log.error("move {id}: mail kept arriving in {box} on {b}: left there as {aside}", id=entry.id,

@@ -18,7 +18,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from . import netio
+from . import crossturns, netio
 from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
 from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
@@ -171,6 +171,7 @@ class ProxyService(MultiService):
             observer=self.observer,
             admission=self.admission,
             connect_for=self.connect_for,
+            worker_turns=crossturns.from_environment(reactor) if self.role is not None else None,
         )
         factory = self._factory = _SessionFactory(self.context)
         self.relocation = RelocationWatch(reactor, self.mailbox_map, self.context.sessions)

@@ -43,6 +43,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import crossturns
 from .config import ConfigError
 from .proxyproto import PREFIX as HAPROXY_PREFIX
 from .proxyproto import listen_endpoint
@@ -227,6 +228,7 @@ class WorkerPool:
         self.workers: dict[int, _Worker] = {}
         self._delay = dict.fromkeys(range(count), 0.0)
         self.stopping = False
+        self.turns_dir = crossturns.make_directory()  # the workers' MOVE turns (crossturns.py)
 
     def start(self) -> None:
         for index in range(self.count):
@@ -238,6 +240,7 @@ class WorkerPool:
         fds = ",".join(f"{FIRST_FD + i}/{family}" for i, (_fd, family) in enumerate(self._fds))
         env = dict(os.environ)
         env[ENV] = f"{index}:{self.count}:{fds}"
+        env[crossturns.ENV] = self.turns_dir
         package_root = str(Path(__file__).resolve().parent.parent)  # the code this master runs, also for its workers
         env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
@@ -305,6 +308,7 @@ class WorkerPool:
         def done(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
+            crossturns.remove_directory(self.turns_dir)
             return result
 
         return everyone.addBoth(done)

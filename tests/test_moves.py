@@ -824,17 +824,7 @@ def test_a_roll_back_cut_off_between_its_renames_is_finished_by_the_next(proxy_f
     (the delivered mail then out of every client's sight)."""
     shared = ids("shared", 5)
     seed(fleet["b3"], "carol", "Shared/X", shared)
-    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "created:1"))
-    w = _logged_in(proxy)
-    w.send(b"r RENAME Shared/X Proj\r\n")
-    assert w.closed(30), "the proxy was not killed with Proj created on b1"
-    proxy.process.wait(10)
-    store = _store(proxy)
-    try:
-        (entry,) = now(store.journal())
-    finally:
-        now(store.close())
-    aside = f"referral-proxy-aside-{entry.data['token']}/undo-0"
+    proxy, aside = rename_killed_at_created(proxy_factory, "Shared/X", "Proj")
     late = ids("late", 1)
     with fleet["b1"].client("carol") as m:
         if delivered:
@@ -872,3 +862,19 @@ def test_names_no_backend_accepts_get_its_answer_and_change_nothing(proxy_factor
     _exactly_once(fleet, proxy, "carol", work)
     assert census(fleet, "carol")[1][work[0]] == [("b1", "Work")]
     assert _no_entries(proxy)
+
+
+def rename_killed_at_created(proxy_factory, old: str, new: str) -> tuple[object, str]:
+    """carol's RENAME *old* (b3) *new* (b1) through a proxy killed once *new* is created on b1: the
+    proxy, and the private name its roll-back renames *new* to (``.../undo-0``)."""
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "created:1"))
+    w = _logged_in(proxy)
+    w.send(b"r RENAME %s %s\r\n" % (old.encode(), new.encode()))
+    assert w.closed(30), f"the proxy was not killed with {new} created on b1"
+    proxy.process.wait(10)
+    store = _store(proxy)
+    try:
+        (entry,) = now(store.journal())
+    finally:
+        now(store.close())
+    return proxy, f"referral-proxy-aside-{entry.data['token']}/undo-0"

@@ -1,0 +1,121 @@
+"""One relayed MOVE of a mailbox at a time across the workers of one master ([proxy] workers = N).
+
+turns.py orders the MOVEs of one process; two sessions on two workers MOVEing one message at once
+still both succeeded at Dovecot (the message in both destinations: 9 to 14 of 30 rounds,
+tests/test_move_workers_turn.py). The master makes a directory and names it to its workers
+(``ENV``); a worker holds an exclusive ``flock`` on a file named by the mailbox while its MOVE runs.
+The kernel drops a dead worker's locks, so a worker killed mid-MOVE holds nobody. Taken without
+blocking the reactor: tried again every few milliseconds while another worker holds it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import task
+
+from .routing import MailboxMap, normalize
+from .turns import Release, Turns
+
+__all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_environment", "mailbox_turn", "mailbox_turns"]
+
+ENV = "REFERRAL_PROXY_TURNS"  # the directory of the lock files, set by the master for its workers
+POLL = 0.005  # seconds between tries while another worker holds the lock
+
+
+def make_directory() -> str:
+    """The master's: a private directory its workers share (removed by remove_directory at its stop)."""
+    return tempfile.mkdtemp(prefix="referral-proxy-turns-")
+
+
+def remove_directory(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class FileTurns:
+    """An exclusive lock per key, between processes: ``take`` fires with the function that frees it."""
+
+    def __init__(self, directory: str | Path, reactor: Any) -> None:
+        self.directory, self.reactor = Path(directory), reactor
+
+    async def take(self, key: Hashable) -> Release:
+        name = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        fd = os.open(self.directory / name, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await task.deferLater(self.reactor, POLL, lambda: None)
+        except BaseException:  # cancelled (the session ended while it waited), or the directory is gone
+            os.close(fd)
+            raise
+        freed = False
+
+        def release() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                os.close(fd)  # (closing drops the flock)
+
+        return release
+
+
+def from_environment(reactor: Any) -> FileTurns | None:
+    """A worker's shared turns, if its master made them (None: a single process; turns.py suffices)."""
+    directory = os.environ.get(ENV)
+    return FileTurns(directory, reactor) if directory and os.path.isdir(directory) else None
+
+
+async def mailbox_turn(ctx: Any, backend: str, user: str, mailbox: bytes) -> Release:
+    """The turn of *mailbox* on *backend*: this process's (ctx.move_turns), then, under a master, the
+    workers' (ctx.worker_turns). Taken by a relayed MOVE out of the mailbox and by a RENAME of it on
+    one backend (Dovecot's MOVE copies, then expunges: a RENAME between left both copies)."""
+    mailbox_map: MailboxMap = ctx.mailbox_map
+    key = (backend, mailbox_map.canonical(user),
+           normalize(mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator))
+    turns: Turns = ctx.move_turns
+    release = await turns.take(key)
+    across: FileTurns | None = ctx.worker_turns
+    if across is None:
+        return release
+    try:
+        freed = await across.take(key)
+    except BaseException:
+        release()
+        raise
+
+    def both() -> None:
+        freed()
+        release()
+
+    return both
+
+
+async def mailbox_turns(ctx: Any, backend: str, user: str, mailboxes: list[bytes]) -> Release:
+    """The turns of several mailboxes (a RENAME's and its children's: Dovecot renames them along),
+    taken in one order (two RENAMEs wait for each other, never each for the other)."""
+    mailbox_map: MailboxMap = ctx.mailbox_map
+    names = sorted({normalize(m.decode("utf-8", "surrogateescape"), mailbox_map.separator): m
+                    for m in mailboxes}.items())
+    held: list[Release] = []
+
+    def release() -> None:
+        while held:
+            held.pop()()
+
+    try:
+        for _name, mailbox in names:
+            held.append(await mailbox_turn(ctx, backend, user, mailbox))
+    except BaseException:
+        release()
+        raise
+    return release
