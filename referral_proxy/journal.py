@@ -167,7 +167,7 @@ class LostEntry(Exception):
 
 @dataclass
 class JournalEntry:
-    """An operation in progress, as the store keeps it: *data* is JSON, rewritten at each step."""
+    """An operation in progress, as the store keeps it: *data* is JSON; each step writes what changed (journalrows.py)."""
 
     id: int
     user: str

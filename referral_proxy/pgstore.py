@@ -54,6 +54,8 @@ from .journal import (
     owner_gone,
     process_owner,
 )
+from .journalrows import Deltas, by_entry, read_step, rebuild, write_step
+from .pgjournal import read_journal, write_step_row
 from .store import SCHEMA_VERSION, SchemaError, Snapshot, TransferCounts
 from .storethreads import StorePool
 
@@ -89,6 +91,10 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS journal (id bigserial PRIMARY KEY, username bytea NOT NULL, op text NOT NULL,"
     " data text NOT NULL, step text NOT NULL, created double precision NOT NULL, owner text,"
     " lease_until timestamptz)",
+    # version 3: each step of an entry, what changed (or, whole, all of its data): journalrows.py
+    "ALTER TABLE journal ADD COLUMN IF NOT EXISTS nsteps bigint NOT NULL DEFAULT 0",
+    "CREATE TABLE IF NOT EXISTS journal_steps (entry bigint NOT NULL REFERENCES journal (id) ON DELETE CASCADE,"
+    " seq bigint NOT NULL, whole boolean NOT NULL, delta text NOT NULL, PRIMARY KEY (entry, seq))",
     "CREATE TABLE IF NOT EXISTS reservations (entry bigint NOT NULL REFERENCES journal (id) ON DELETE CASCADE,"
     " username bytea NOT NULL, name bytea, subtree boolean NOT NULL, shared boolean NOT NULL)",
     "CREATE INDEX IF NOT EXISTS reservations_user ON reservations (username)",
@@ -108,13 +114,6 @@ def _b(s: str | None) -> bytes | None:
 
 def _s(b: bytes | None) -> str | None:
     return None if b is None else bytes(b).decode("utf-8", "surrogateescape")
-
-
-def _step(value: str) -> Step | None:
-    try:
-        return Step(value)
-    except ValueError:
-        return None
 
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
@@ -222,6 +221,7 @@ class PostgresStore:
         self.available = True
         self._hung = False  # a statement outlived CLIENT_DEADLINE: fail at once until the listener hears the server
         self.on_availability: Callable[[bool], None] | None = None  # called in the reactor thread
+        self._deltas = Deltas()
 
     # -- start-up and the listener ------------------------------------------------------------
 
@@ -478,7 +478,7 @@ class PostgresStore:
 
     async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, owner: str,
                          separator: str) -> int:
-        lease = self.lease_seconds
+        lease, text = self.lease_seconds, json.dumps(data)
 
         def work(conn: psycopg.Connection[Any]) -> tuple[int, int]:
             change = _bump(conn)  # the row lock: every other begin/end waits until this one commits
@@ -491,7 +491,7 @@ class PostgresStore:
             row = conn.execute(
                 "INSERT INTO journal (username, op, data, step, created, owner, lease_until)"
                 " VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s)) RETURNING id",
-                (_b(user), op, json.dumps(data), Step.RESERVED.value, time.time(), owner, lease)).fetchone()
+                (_b(user), op, text, Step.RESERVED.value, time.time(), owner, lease)).fetchone()
             assert row is not None
             entry_id = int(row[0])
             with conn.cursor() as cur:
@@ -502,30 +502,27 @@ class PostgresStore:
 
         entry_id, change = await self._run(work)
         self._wrote(change)
+        self._deltas.began(entry_id, text)
         return entry_id
 
     async def journal_step(self, entry_id: int, step: Step, data: dict, owner: str | None) -> None:
         lease = self.lease_seconds
 
-        def work(conn: psycopg.Connection[Any]) -> int:
-            cur = conn.execute(
-                "UPDATE journal SET step = %s, data = %s,"
-                " lease_until = CASE WHEN owner IS NULL THEN NULL ELSE now() + make_interval(secs => %s) END"
-                " WHERE id = %s AND owner IS NOT DISTINCT FROM %s::text",
-                (step.value, json.dumps(data), lease, entry_id, owner))
-            return cur.rowcount
+        async def write(whole: bool, expected: int | None, text: str) -> int | None:
+            return await self._run(lambda conn: write_step_row(conn, entry_id, step, owner, lease, whole, expected, text))
 
-        if await self._run(work) != 1:
+        if not await write_step(self._deltas, entry_id, data, write):
             raise LostEntry(f"journal entry {entry_id} is no longer ours (taken over by recovery, or gone)")
 
     async def end_move(self, entry_id: int) -> None:
         def work(conn: psycopg.Connection[Any]) -> int:
             change = _bump(conn)
             conn.execute("DELETE FROM reservations WHERE entry = %s", (entry_id,))
-            conn.execute("DELETE FROM journal WHERE id = %s", (entry_id,))
+            conn.execute("DELETE FROM journal WHERE id = %s", (entry_id,))  # its journal_steps: ON DELETE CASCADE
             return change
 
         self._wrote(await self._run(work))
+        self._deltas.forget(entry_id)
 
     async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool:
         lease, free = self.lease_seconds, expected is None or dead
@@ -545,6 +542,7 @@ class PostgresStore:
             return conn.execute("UPDATE journal SET owner = NULL, lease_until = NULL WHERE id = %s AND owner = %s",
                                 (entry_id, owner)).rowcount
 
+        self._deltas.forget(entry_id)  # whoever takes it next writes its first step whole
         return await self._run(work) == 1
 
     async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
@@ -557,14 +555,10 @@ class PostgresStore:
         return await self._run(work)
 
     async def journal(self) -> list[JournalEntry]:
-        def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-            return conn.execute(
-                "SELECT id, username, op, data, step, created, owner,"
-                " coalesce(lease_until < now(), false) FROM journal ORDER BY id").fetchall()
-
-        rows = await self._run(work)
-        return [JournalEntry(int(i), _s(u), o, json.loads(d), _step(st), ow, c, lease_expired=bool(x))  # type: ignore[arg-type]
-                for i, u, o, d, st, c, ow, x in rows]
+        rows, steps = await self._run(read_journal)
+        found = by_entry(steps)  # type: ignore[arg-type]
+        return [JournalEntry(int(i), _s(u), o, rebuild(d, found.get(int(i), ())), read_step(st), ow, c,  # type: ignore[arg-type]
+                             lease_expired=bool(x)) for i, u, o, d, st, c, ow, x in rows]
 
     async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
         def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:

@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 from twisted.internet import task
 
 from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts
+from .journalrows import Deltas, by_entry, read_step, rebuild, stored_step, write_step
 
 T = TypeVar("T")
 
@@ -27,8 +28,9 @@ __all__ = ["Snapshot", "MapStore", "MemoryStore", "SQLiteStore", "SchemaError", 
            "sqlite_migrate"]
 
 # The map store's schema (SQLite: ``PRAGMA user_version``, 0 in files older than version 2;
-# PostgreSQL: map_state.schema_version). 2: the transfer counters (transfer_counts).
-SCHEMA_VERSION = 2
+# PostgreSQL: map_state.schema_version). 2: the transfer counters (transfer_counts). 3: a journal
+# entry's steps as rows of what changed (journal_steps, journal.nsteps: journalrows.py).
+SCHEMA_VERSION = 3
 
 # SQLite: how long a write waits for another process's write lock (a `sqlite3` shell's BEGIN
 # EXCLUSIVE, a backup) before it fails with StoreUnavailable; a proxy waits in LOCK_TRY slices
@@ -103,13 +105,6 @@ class MapStore(Protocol):
     async def count_transfer(self, kind: str, result: str, nbytes: int) -> None: ...
     async def transfer_counts(self) -> TransferCounts: ...
     async def close(self) -> None: ...
-
-
-def _step(value: str) -> Step | None:
-    try:
-        return Step(value)
-    except ValueError:
-        return None  # written by an older version: recovery reports it, never guesses
 
 
 def _copy(data: dict) -> dict:
@@ -233,6 +228,7 @@ class SQLiteStore:
         except SchemaError as e:
             self._refusal = str(e)  # start() says it; nothing is read or written
         self._version = -1
+        self._deltas = Deltas()
         if clock is not None:
             self._db.execute(f"PRAGMA busy_timeout = {int(LOCK_TRY * 1000)}")
 
@@ -312,7 +308,7 @@ class SQLiteStore:
                     raise InUse(clash)
                 cur = self._db.execute(
                     "INSERT INTO journal (user, op, data, step, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
-                    (_key(user), op, json.dumps(data), Step.RESERVED.value, time.time(), owner),
+                    (_key(user), op, text, Step.RESERVED.value, time.time(), owner),
                 )
                 entry_id = int(cur.lastrowid)  # type: ignore[arg-type]
                 self._db.executemany(
@@ -325,24 +321,47 @@ class SQLiteStore:
                 raise
             return entry_id
 
-        return await self._locked(work)
+        text = json.dumps(data)
+        entry_id = await self._locked(work)
+        self._deltas.began(entry_id, text)
+        return entry_id
 
     async def journal_step(self, entry_id: int, step: Step, data: dict, owner: str | None) -> None:
-        """One transaction per step: a crash leaves the previous step or this one, never half."""
-        def work() -> None:
-            with self._db:
-                cur = self._db.execute("UPDATE journal SET step = ?, data = ? WHERE id = ? AND owner IS ?",
-                                       (step.value, json.dumps(data), entry_id, owner))
-            if cur.rowcount != 1:
-                raise LostEntry(f"journal entry {entry_id} is no longer ours")
+        """One transaction per step (owner checked, what changed added): a crash leaves the previous step or this one."""
+        async def write(whole: bool, expected: int | None, text: str) -> int | None:
+            return await self._locked(lambda: self._write_step(entry_id, step, owner, whole, expected, text))
 
-        await self._locked(work)
+        if not await write_step(self._deltas, entry_id, data, write):
+            raise LostEntry(f"journal entry {entry_id} is no longer ours")
+
+    def _write_step(self, entry_id: int, step: Step, owner: str | None, whole: bool, expected: int | None,
+                    text: str) -> int | None:
+        """The step and its row (journalrows.py) in one transaction; the new seq, or None (nothing written)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self._db.execute(
+                "UPDATE journal SET step = ?, nsteps = nsteps + 1 WHERE id = ? AND owner IS ?"
+                " AND (? IS NULL OR nsteps = ?) RETURNING nsteps",
+                (stored_step(step), entry_id, owner, expected, expected)).fetchall()
+            if not rows:
+                self._db.execute("ROLLBACK")
+                return None
+            if whole:  # the rows before it are superseded
+                self._db.execute("DELETE FROM journal_steps WHERE entry = ?", (entry_id,))
+            self._db.execute("INSERT INTO journal_steps (entry, seq, whole, delta) VALUES (?, ?, ?, ?)",
+                             (entry_id, int(rows[0][0]), int(whole), text))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return int(rows[0][0])
 
     async def end_move(self, entry_id: int) -> None:
         def work() -> None:
             self._db.execute("BEGIN IMMEDIATE")  # locked: raised before the transaction began
             try:
                 self._db.execute("DELETE FROM reservations WHERE entry = ?", (entry_id,))
+                self._db.execute("DELETE FROM journal_steps WHERE entry = ?", (entry_id,))
                 self._db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -350,6 +369,7 @@ class SQLiteStore:
                 raise
 
         await self._locked(work)
+        self._deltas.forget(entry_id)
 
     async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool:
         def work() -> bool:
@@ -360,6 +380,8 @@ class SQLiteStore:
         return await self._locked(work)
 
     async def disown(self, entry_id: int, owner: str) -> bool:
+        self._deltas.forget(entry_id)  # whoever takes it next writes its first step whole
+
         def work() -> bool:
             with self._db:
                 cur = self._db.execute("UPDATE journal SET owner = NULL WHERE id = ? AND owner = ?", (entry_id, owner))
@@ -375,8 +397,13 @@ class SQLiteStore:
 
     async def journal(self) -> list[JournalEntry]:
         def work() -> list[JournalEntry]:
-            rows = self._db.execute("SELECT id, user, op, data, step, created, owner FROM journal ORDER BY id")
-            return [JournalEntry(i, _text(u), o, json.loads(d), _step(st), ow, c)  # type: ignore[arg-type]
+            self._db.execute("BEGIN")  # the entries and their rows as of one moment
+            try:
+                rows = self._db.execute("SELECT id, user, op, data, step, created, owner FROM journal ORDER BY id").fetchall()
+                steps = by_entry(self._db.execute("SELECT entry, whole, delta FROM journal_steps ORDER BY entry, seq"))
+            finally:
+                self._db.execute("COMMIT")
+            return [JournalEntry(i, _text(u), o, rebuild(d, steps.get(i, ())), read_step(st), ow, c)  # type: ignore[arg-type]
                     for i, u, o, d, st, c, ow in rows]
 
         return await self._locked(work)
@@ -413,7 +440,11 @@ _SQLITE_SCHEMA = [
     " user TEXT NOT NULL, mailbox TEXT NOT NULL, backends TEXT NOT NULL, PRIMARY KEY (user, mailbox))",
     "CREATE TABLE IF NOT EXISTS journal ("
     " id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, op TEXT NOT NULL,"
-    " data TEXT NOT NULL, step TEXT NOT NULL, created REAL NOT NULL, owner TEXT)",
+    " data TEXT NOT NULL, step TEXT NOT NULL, created REAL NOT NULL, owner TEXT, nsteps INTEGER NOT NULL DEFAULT 0)",
+    # version 3: each step of an entry, what changed (or, whole, all of its data): journalrows.py
+    "CREATE TABLE IF NOT EXISTS journal_steps ("
+    " entry INTEGER NOT NULL, seq INTEGER NOT NULL, whole INTEGER NOT NULL, delta TEXT NOT NULL,"
+    " PRIMARY KEY (entry, seq))",
     # name: the mailbox name's bytes (a client may send any), NULL: every mailbox
     "CREATE TABLE IF NOT EXISTS reservations ("
     " entry INTEGER NOT NULL, user TEXT NOT NULL, name BLOB, subtree INTEGER NOT NULL, shared INTEGER NOT NULL)",
@@ -444,6 +475,8 @@ def sqlite_migrate(db: sqlite3.Connection) -> str:
             columns = {row[1] for row in db.execute("PRAGMA table_info(journal)")}
             if "owner" not in columns:  # a journal written before moves had owners
                 db.execute("ALTER TABLE journal ADD COLUMN owner TEXT")
+            if "nsteps" not in columns:  # version 3; its entries' data is all in the row (no journal_steps)
+                db.execute("ALTER TABLE journal ADD COLUMN nsteps INTEGER NOT NULL DEFAULT 0")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:

@@ -15,7 +15,7 @@ from storehelp import REACTOR, now
 from referral_proxy.config import MapConfig, RuleConfig
 from referral_proxy.journal import InUse, LostEntry, Reservation, Step, StoreUnavailable
 from referral_proxy.routing import MailboxMap
-from referral_proxy.store import MemoryStore, SchemaError, SQLiteStore
+from referral_proxy.store import SCHEMA_VERSION, MemoryStore, SchemaError, SQLiteStore
 
 CONFIG = MapConfig(default="b1", rules=(RuleConfig("*", ("b2",), user="Bob"), RuleConfig("Shared/*", ("b3",))))
 FAR = "elsewhere.example:1:1"  # an owner on another host: never taken for dead by a pid check
@@ -286,7 +286,7 @@ def test_an_sqlite_map_file_of_the_previous_schema_opens_and_counts(tmp_path, ow
     assert _user_version(path) == 0
     store = SQLiteStore(path)
     store.start()
-    assert "migrated from version 1" in store.migrated and _user_version(path) == 2
+    assert "migrated from version 1" in store.migrated and _user_version(path) == SCHEMA_VERSION
     m = MailboxMap(CONFIG, store)
     m.start()
     assert m.lookup("carol", "Work").backends == ("b3",) and m.reserved("carol", "Work/Deep")
@@ -294,7 +294,7 @@ def test_an_sqlite_map_file_of_the_previous_schema_opens_and_counts(tmp_path, ow
     assert (entry.user, entry.step, entry.data) == ("carol", Step.PLANNED, {"old": "Work"})
     now(store.count_transfer("admin_move", "ok", 42))
     assert now(store.transfer_counts()) == {("admin_move", "ok"): (1, 42)}
-    assert SQLiteStore(path).migrated == "schema is up to date (version 2)"  # the next process: nothing to do
+    assert SQLiteStore(path).migrated == "schema is up to date (version 3)"  # the next process: nothing to do
     now(store.close())
 
 
@@ -333,7 +333,7 @@ def test_a_postgresql_database_of_the_previous_schema_is_refused_until_migrated(
     store = PostgresStore(dsn, REACTOR)
     with pytest.raises(SchemaError, match="version 1, older .*map --config FILE migrate"):
         store.start()
-    assert migrate(dsn) == "schema migrated from version 1 (version 2)"
+    assert migrate(dsn) == "schema migrated from version 1 (version 3)"
     store.start()
     assert MailboxMap(CONFIG, store).lookup("carol", "Work").backends == ("b3",)
     now(store.count_transfer("admin_move", "failed", 0))
@@ -350,17 +350,17 @@ def test_map_migrate_on_an_sqlite_file_says_what_it_did(tmp_path, capsys):
     config.write_text('[proxy]\nlisten = ["tcp:1143:interface=127.0.0.1"]\n[backends.b1]\nendpoint = "tcp:127.0.0.2:143"\n'
                       f'url = "imap://127.0.0.2"\n[map]\ndefault = "b1"\nstore = "sqlite:{path}"\n')
     assert main(["map", "--config", str(config), "migrate"]) == 0
-    assert capsys.readouterr().out == "schema migrated from version 1 (version 2)\n"
+    assert capsys.readouterr().out == "schema migrated from version 1 (version 3)\n"
     assert main(["map", "--config", str(config), "migrate"]) == 0
-    assert capsys.readouterr().out == "schema is up to date (version 2)\n"
+    assert capsys.readouterr().out == "schema is up to date (version 3)\n"
     import sqlite3
 
     db = sqlite3.connect(str(path))
-    db.execute("PRAGMA user_version = 3")
+    db.execute("PRAGMA user_version = 4")
     db.commit()
     db.close()
     assert main(["map", "--config", str(config), "migrate"]) == 1
-    assert "version 3, newer" in capsys.readouterr().err
+    assert "version 4, newer" in capsys.readouterr().err
 
 
 def test_a_proxy_starting_as_another_begins_a_move_is_waited_for(pg_dsn):
