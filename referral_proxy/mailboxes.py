@@ -322,9 +322,13 @@ class MailboxCommands:
 
     async def _move_in_turn(self, cmd: Command, source: str, selected: bytes) -> None:
         """A MOVE relayed once no other session has one of this mailbox under way, nor a RENAME of it
-        (crossturns.py: two at once can both take one message); input waits for its turn, not its end."""
+        (crossturns.py: two at once can both take one message); input waits for its turn, not its end.
+        The turn is taken once this session's commands before it are answered: its answer, the turn's
+        end, then comes right after Dovecot's, whether or not the client reads (a client that never read
+        its FETCH's answer held the turn, and another session's MOVE of the mailbox waited for ever)."""
         host = self.host
         assert host.pool is not None and host.user is not None
+        await host.pool.quiet(None)
         release = await mailbox_turn(host.ctx, source, host.user, selected)
         try:
             conn = await host.pool.ready_for(source)
