@@ -112,7 +112,7 @@ class Appends:
         route = host.append_target(event.tag, event.mailbox)
         if type(route) is bytes:
             host.reader.drop()  # refused before the client sends any message
-            return host.send(route)
+            return self.after_answers(route)  # in order: after the APPENDs before it
         assert isinstance(route, Route)
         pool = host.pool
         conn = pool.fast(route.primary)
