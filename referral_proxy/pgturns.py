@@ -29,17 +29,17 @@ __all__ = ["PgTurns", "lock_id"]
 
 log = Logger()
 
-NAMESPACE = 0x52505431  # "RPT1": the first key of our advisory locks, apart from other users of the database
 TRY_SECONDS = 1.0  # an attempt unanswered this long: the database is passed over
 PAUSE_SECONDS = 5.0  # ... and not asked again for this long
 POLL = 0.01  # seconds between attempts while another proxy holds the lock
-_TRY = "SELECT pg_try_advisory_lock(%s, %s)"
-_UNLOCK = "SELECT pg_advisory_unlock(%s, %s)"
+_TRY = "SELECT pg_try_advisory_lock(%s)"
+_UNLOCK = "SELECT pg_advisory_unlock(%s)"
 
 
 def lock_id(key: Hashable) -> int:
-    """The advisory lock's second key: 32 bits of the key's hash (a collision only orders two MOVEs)."""
-    return int.from_bytes(hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).digest()[:4], "big",
+    """The advisory lock's key: 64 bits of the key's hash (two RENAMEs' subtrees crossing on two
+    colliding pairs of names could wait for each other: 64 bits make that vanish)."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).digest()[:8], "big",
                           signed=True)
 
 
@@ -61,7 +61,7 @@ class PgTurns:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = _connect(self.dsn)
-            row = self._conn.execute(sql, (NAMESPACE, key)).fetchone()
+            row = self._conn.execute(sql, (key,)).fetchone()
         except psycopg.Error as e:
             if self._conn is not None:
                 self._conn.close()
