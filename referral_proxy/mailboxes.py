@@ -329,9 +329,13 @@ class MailboxCommands:
 
     async def _move_in_turn(self, cmd: Command, source: str, selected: bytes) -> None:
         """A MOVE relayed once no other session has one of this mailbox under way, nor a RENAME of it
-        (crossturns.py: two at once can both take one message); input waits for its turn, not its end."""
+        (crossturns.py: two at once can both take one message); input waits for its turn, not its end.
+        The turn is taken once no command of this session is in flight: one ahead of it (a FETCH of
+        bodies to a client that stopped reading) would hold the turn, and every other session's MOVE of
+        the mailbox, for as long as the client does not read (Dovecot runs the MOVE after it)."""
         host = self.host
         assert host.pool is not None and host.user is not None
+        await host.pool.quiet(None)
         release = await mailbox_turn(host.ctx, source, host.user, selected)
         try:
             conn = await host.pool.ready_for(source)
