@@ -19,6 +19,7 @@ from . import referrals
 from .backend import BackendProtocol
 from .context import ProxyContext
 from .crossturns import mailbox_turn, mailbox_turns
+from .flow import ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .imap import mutf7
 from .imap.grammar import Slot
@@ -60,6 +61,7 @@ class MailboxHost(Protocol):
     referral_aware: bool
     pool: BackendPool | None
     relay: Relay
+    flow: ClientFlow
 
     @property
     def config(self) -> Any: ...
@@ -336,6 +338,7 @@ class MailboxCommands:
         host = self.host
         assert host.pool is not None and host.user is not None
         await host.pool.quiet(None)
+        await host.flow.client_output.drained()  # (a FETCH's last bytes read with its completion)
         release = await mailbox_turn(host.ctx, source, host.user, selected)
         try:
             conn = await host.pool.ready_for(source)

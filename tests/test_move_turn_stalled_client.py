@@ -43,3 +43,4 @@ def test_a_move_behind_output_a_client_never_reads_holds_no_turn(proxy_factory, 
     counts, where = census(fleet, "carol")
     assert {i: where[i] for i in mail if counts[i] != 1} == {}
     assert where["stall-1@t"] == [("b1", "B")]  # the stalled session's MOVE never ran: nor directly
+
