@@ -102,6 +102,7 @@ class Appends:
         is answered, as a server that runs commands one after the other would."""
         if self.unanswered:
             self._after.append(line)
+            self.host.block(Block.HELD)  # no more commands read meanwhile: what is held stays this small
         else:
             self.host.send(line)
 
@@ -112,7 +113,7 @@ class Appends:
         route = host.append_target(event.tag, event.mailbox)
         if type(route) is bytes:
             host.reader.drop()  # refused before the client sends any message
-            return host.send(route)
+            return self.after_answers(route)  # in order: after the APPENDs before it
         assert isinstance(route, Route)
         pool = host.pool
         conn = pool.fast(route.primary)
@@ -187,6 +188,7 @@ class Appends:
         if not self.unanswered and self._after:
             lines, self._after = self._after, []
             self.host.send(b"".join(lines))
+            self.host.unblock(Block.HELD)
         self.backend_idle()
         self.host.command_done()
 

@@ -47,6 +47,7 @@ class ProxyContext:
     keepalive: KeepAlive = field(init=False)  # backend connections parked between a user's sessions
     move_turns: Turns = field(default_factory=Turns)  # relayed MOVEs of one mailbox, one at a time (turns.py)
     worker_turns: FileTurns | None = None  # the same between the workers of one master (crossturns.py)
+    proxy_turns: Any = None  # ... and between the proxies on one PostgreSQL map (pgturns.PgTurns)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:

@@ -11,20 +11,21 @@ blocking the reactor: tried again every few milliseconds while another worker ho
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import task
 
 from .routing import MailboxMap, normalize
-from .turns import Release, Turns
+from .turns import Release
 
-__all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_environment", "mailbox_turn", "mailbox_turns"]
+__all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_environment", "from_store", "mailbox_turn", "mailbox_turns"]
 
 ENV = "REFERRAL_PROXY_TURNS"  # the directory of the lock files, set by the master for its workers
 POLL = 0.005  # seconds between tries while another worker holds the lock
@@ -75,29 +76,43 @@ def from_environment(reactor: Any) -> FileTurns | None:
     return FileTurns(directory, reactor) if directory and os.path.isdir(directory) else None
 
 
+def from_store(spec: str | None, reactor: Any) -> Any:
+    """The turns between proxies on one PostgreSQL map (pgturns.PgTurns), or None (another store:
+    one host; a master's workers have crossturns)."""
+    if spec is None or spec.partition(":")[0] not in ("postgresql", "postgres"):
+        return None
+    from .pgturns import PgTurns  # psycopg only where it is used
+
+    return PgTurns(spec, reactor)
+
+
+async def _in_order(takes: Iterable[Callable[[], Awaitable[Release]]]) -> Release:
+    """Each turn after the one before; one release frees them all (the last first)."""
+    held: list[Release] = []
+
+    def release() -> None:
+        while held:
+            held.pop()()
+
+    try:
+        for take in takes:
+            held.append(await take())
+    except BaseException:  # cancelled (the session ended while it waited)
+        release()
+        raise
+    return release
+
+
 async def mailbox_turn(ctx: Any, backend: str, user: str, mailbox: bytes) -> Release:
     """The turn of *mailbox* on *backend*: this process's (ctx.move_turns), then, under a master, the
-    workers' (ctx.worker_turns). Taken by a relayed MOVE out of the mailbox and by a RENAME of it on
-    one backend (Dovecot's MOVE copies, then expunges: a RENAME between left both copies)."""
+    workers' (ctx.worker_turns), then that of the proxies on one PostgreSQL map (ctx.proxy_turns).
+    Taken by a relayed MOVE out of the mailbox and by a RENAME of it on one backend (Dovecot's MOVE
+    copies, then expunges: a RENAME between left both copies)."""
     mailbox_map: MailboxMap = ctx.mailbox_map
     key = (backend, mailbox_map.canonical(user),
            normalize(mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator))
-    turns: Turns = ctx.move_turns
-    release = await turns.take(key)
-    across: FileTurns | None = ctx.worker_turns
-    if across is None:
-        return release
-    try:
-        freed = await across.take(key)
-    except BaseException:
-        release()
-        raise
-
-    def both() -> None:
-        freed()
-        release()
-
-    return both
+    turns = [t for t in (ctx.move_turns, ctx.worker_turns, ctx.proxy_turns) if t is not None]
+    return await _in_order(functools.partial(t.take, key) for t in turns)
 
 
 async def mailbox_turns(ctx: Any, backend: str, user: str, mailboxes: list[bytes]) -> Release:
@@ -106,16 +121,4 @@ async def mailbox_turns(ctx: Any, backend: str, user: str, mailboxes: list[bytes
     mailbox_map: MailboxMap = ctx.mailbox_map
     names = sorted({normalize(m.decode("utf-8", "surrogateescape"), mailbox_map.separator): m
                     for m in mailboxes}.items())
-    held: list[Release] = []
-
-    def release() -> None:
-        while held:
-            held.pop()()
-
-    try:
-        for _name, mailbox in names:
-            held.append(await mailbox_turn(ctx, backend, user, mailbox))
-    except BaseException:
-        release()
-        raise
-    return release
+    return await _in_order(functools.partial(mailbox_turn, ctx, backend, user, m) for _name, m in names)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
@@ -36,6 +37,7 @@ class Block(Enum):
     IN_FLIGHT = "as many commands as allowed are waiting for their answers"
     IDLE_ENDING = "DONE went before the backend's +: the IDLE's own + and answer come first"
     TURN = "this session had its turn: the other connections ready go first"
+    HELD = "a refusal of the proxy's own waits for the APPENDs before it to be answered"
 
     # Members are singletons: hashed by identity in C, not by Enum's own __hash__ (a Python
     # call, hash(name), ~0.3 us): sets and frozensets of them are tested on every command.
@@ -144,12 +146,22 @@ class ClientOutput:
     """Registered on the client's transport when it connects: while the transport's
     buffer is over its size, no command is read (Block.OUTPUT) and every backend is paused."""
 
-    __slots__ = ("backends", "_flow", "paused")  # no per-instance dict
+    __slots__ = ("backends", "_flow", "paused", "_drained")  # no per-instance dict
 
     def __init__(self, backends: AllBackends, flow: ClientFlow) -> None:
         self.backends = backends
         self._flow = flow  # not two bound methods of it: less kept per session
         self.paused = False
+        self._drained: tuple[Deferred[None], ...] = ()
+
+    def drained(self) -> Deferred[None]:
+        """Fires once the client's output is not backed up (at once if it is not): a relayed MOVE
+        takes its turn then, its answer not left unread behind paused backends (mailboxes.py)."""
+        if not self.paused:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained += (d,)
+        return d
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -160,6 +172,10 @@ class ClientOutput:
         self.paused = False
         self.backends.resumeProducing()
         self._flow.unblock(Block.OUTPUT)
+        waiters, self._drained = self._drained, ()
+        for d in waiters:
+            if not d.called:  # (a cancelled one: its session ended)
+                d.callback(None)
 
     def stopProducing(self) -> None:
         pass

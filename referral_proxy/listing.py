@@ -256,7 +256,9 @@ async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, patte
     separator = host.mailbox_map.separator
     merged = merge(entries, owner, separator, placeholders=(kind == "LIST"),
                    list_flags=(kind == "LIST"))
-    lsub_parents = kind == "LSUB" and b"%" in pattern
+    # Dovecot brings a subscribed name's parent only when the pattern ends with "%" (RFC 3501 6.3.9's
+    # case, "%"): not for "%/Sub", "Sha%d" (each backend's own LSUB answers so, the merge as well).
+    lsub_parents = kind == "LSUB" and pattern.endswith(b"%")
     out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator,
                                                           lsub_parents=lsub_parents)]
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))

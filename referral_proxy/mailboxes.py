@@ -19,6 +19,7 @@ from . import referrals
 from .backend import BackendProtocol
 from .context import ProxyContext
 from .crossturns import mailbox_turn, mailbox_turns
+from .flow import ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .imap import mutf7
 from .imap.grammar import Slot
@@ -60,6 +61,7 @@ class MailboxHost(Protocol):
     referral_aware: bool
     pool: BackendPool | None
     relay: Relay
+    flow: ClientFlow
 
     @property
     def config(self) -> Any: ...
@@ -81,6 +83,8 @@ class MailboxHost(Protocol):
     def answer(self, tag: bytes, response: str) -> None:
         """``tag`` + a status response of the proxy's own or a backend's (``NO [CODE] text``)."""
 
+    def refuse(self, line: bytes) -> None:
+        """The proxy's own refusal of a command (a referral, NO): after the APPENDs before it."""
 
 _INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
 _READ_ONLY = ("[READ-ONLY] The mailbox was opened with EXAMINE: nothing was moved; SELECT it to move "
@@ -97,6 +101,11 @@ class MailboxCommands:
         self.host = host
         self.examined = False  # the selected mailbox was opened with EXAMINE (read-only)
         self.selected_since = 0  # mailbox moves begun before its SELECT (MailboxMap.moves_begun): relocation.py
+
+    def refuse_no(self, tag: bytes, text: str) -> None:
+        """``tag NO text``: the proxy's own refusal, answered after the APPENDs before it (RFC 3501
+        5.5: a client that pipelines reads the answers in its commands' order, as Dovecot gives them)."""
+        self.host.refuse(b"%s NO %s\r\n" % (tag, text.encode()))
 
     # -- routes and referrals ----------------------------------------------------------------
 
@@ -164,12 +173,12 @@ class MailboxCommands:
         if cmd.name == "CREATE":
             mailbox = self.created(mailbox)
         if is_private_name(mailbox):  # the proxy's own (append.py): never a client's
-            self.host.tagged(cmd.tag, "NO", _RESERVED)
+            self.refuse_no(cmd.tag, _RESERVED)
             return None
         if self.moving(mailbox):
             if cmd.name == "STATUS" and status_during_move(self.host, cmd):
                 return None  # the old name before the move's commit point, the new one after (moveview.py)
-            self.host.tagged(cmd.tag, "NO", _INUSE)
+            self.refuse_no(cmd.tag, _INUSE)
             return None
         return mailbox, self.route_of(mailbox)
 
@@ -203,7 +212,7 @@ class MailboxCommands:
             return
         mailbox, route = target
         if self.refers(route, mailbox):
-            return self.host.send(self.referral(cmd.tag, route, mailbox))
+            return self.host.refuse(self.referral(cmd.tag, route, mailbox))
         self.host.relay_cmd(cmd, route)
 
     def select(self, cmd: Command) -> None:
@@ -235,7 +244,7 @@ class MailboxCommands:
                 await self._unselect(old)
             if refer:
                 host.selected = None
-                return host.send(self.referral(cmd.tag, route, mailbox))
+                return host.refuse(self.referral(cmd.tag, route, mailbox))
             assert conn is not None
             await pool.prepare(conn)
             host.selected = conn.name
@@ -270,7 +279,7 @@ class MailboxCommands:
         host = self.host
         assert host.home is not None
         if self.selected_held():
-            return host.tagged(cmd.tag, "NO", _INUSE)
+            return self.refuse_no(cmd.tag, _INUSE)
         host.relay_cmd(cmd, host.selected or host.home)
 
     def close(self, cmd: Command) -> None:
@@ -278,7 +287,7 @@ class MailboxCommands:
         host = self.host
         assert host.home is not None
         if cmd.name == "CLOSE" and self.selected_held():  # it expunges (change above); UNSELECT does not
-            return host.tagged(cmd.tag, "NO", _INUSE)
+            return self.refuse_no(cmd.tag, _INUSE)
         target = host.selected or host.home
 
         def done(start: ResponseStart) -> None:
@@ -303,7 +312,7 @@ class MailboxCommands:
         if target is None:
             return
         if "MOVE" in cmd.name and host.selected_mailbox and self.moving(host.selected_mailbox):
-            return host.tagged(cmd.tag, "NO", _INUSE)  # a message moved out of a mailbox being moved: twice
+            return self.refuse_no(cmd.tag, _INUSE)  # a message moved out of a mailbox being moved: twice
         mailbox, route = target
         source = host.selected
         if route.primary == source or source in route.backends or not self.renamable(mailbox):
@@ -311,11 +320,11 @@ class MailboxCommands:
                 return host.run(cmd.tag, self._move_in_turn(cmd, source, host.selected_mailbox))
             return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
         if self.refers(route, mailbox):
-            return host.send(self.referral(cmd.tag, route, mailbox))
+            return host.refuse(self.referral(cmd.tag, route, mailbox))
         if "MOVE" in cmd.name and self.examined:
             # Its \Deleted would be ignored: the copies made, then taken back as "gone", and OK said
             # with nothing moved. Refused before anything is copied.
-            return host.tagged(cmd.tag, "NO", _READ_ONLY)
+            return self.refuse_no(cmd.tag, _READ_ONLY)
         message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
         host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
                                                      src=source, dst=route.primary, mailbox=mailbox))
@@ -323,12 +332,13 @@ class MailboxCommands:
     async def _move_in_turn(self, cmd: Command, source: str, selected: bytes) -> None:
         """A MOVE relayed once no other session has one of this mailbox under way, nor a RENAME of it
         (crossturns.py: two at once can both take one message); input waits for its turn, not its end.
-        The turn is taken once this session's commands before it are answered: its answer, the turn's
-        end, then comes right after Dovecot's, whether or not the client reads (a client that never read
-        its FETCH's answer held the turn, and another session's MOVE of the mailbox waited for ever)."""
+        The turn is taken once no command of this session is in flight: one ahead of it (a FETCH of
+        bodies to a client that stopped reading) would hold the turn, and every other session's MOVE of
+        the mailbox, for as long as the client does not read (Dovecot runs the MOVE after it)."""
         host = self.host
         assert host.pool is not None and host.user is not None
         await host.pool.quiet(None)
+        await host.flow.client_output.drained()  # (a FETCH's last bytes read with its completion)
         release = await mailbox_turn(host.ctx, source, host.user, selected)
         try:
             conn = await host.pool.ready_for(source)
@@ -368,18 +378,18 @@ class MailboxCommands:
         assert old is not None and new is not None and host.user is not None
         old, new = self.inbox_cased(old), self.inbox_cased(new)
         if is_private_name(old) or is_private_name(new):
-            return host.tagged(cmd.tag, "NO", _RESERVED)
+            return self.refuse_no(cmd.tag, _RESERVED)
         if under_itself(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                         host.mailbox_map.separator):
-            return host.tagged(cmd.tag, "NO", UNDER_ITSELF)  # as Dovecot, whichever backends own the names
+            return self.refuse_no(cmd.tag, UNDER_ITSELF)  # as Dovecot, whichever backends own the names
         for name in (old, new):  # before any referral: the client would rename it under the move
             if self.moving(name):
-                return host.tagged(cmd.tag, "NO", _INUSE)
+                return self.refuse_no(cmd.tag, _INUSE)
         old_route, new_route = self.route_of(old), self.route_of(new)
         if host.referral_aware and (self.refers(old_route, old) or self.refers(new_route, new)):
             urls = self._rename_pair(old, new, old_route, new_route)
             if urls is not None:
-                return host.send(referrals.referral(cmd.tag, urls))
+                return host.refuse(referrals.referral(cmd.tag, urls))
         if old_route.primary != new_route.primary and not (self.renamable(old) and self.renamable(new)):
             return host.relay_cmd(cmd, old_route)  # refused there, as directly (the old name checked first)
         if old_route.primary != new_route.primary and not (self.valid_name(old) and self.valid_name(new)):

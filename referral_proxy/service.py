@@ -172,6 +172,7 @@ class ProxyService(MultiService):
             admission=self.admission,
             connect_for=self.connect_for,
             worker_turns=crossturns.from_environment(reactor) if self.role is not None else None,
+            proxy_turns=crossturns.from_store(config.map.store, reactor),
         )
         factory = self._factory = _SessionFactory(self.context)
         self.relocation = RelocationWatch(reactor, self.mailbox_map, self.context.sessions)

@@ -235,6 +235,10 @@ class ClientSession(Protocol):
         """``tag`` followed by a whole status response text such as ``NO [INUSE] ...``."""
         self.send(b"%s %s\r\n" % (tag, safe_text(response).encode("utf-8")))
 
+    def refuse(self, line: bytes) -> None:
+        """The proxy's own refusal of a command: after the APPENDs before it are answered."""
+        self.appends.after_answers(line)
+
     # -- input ------------------------------------------------------------------------
 
     def block(self, reason: Block) -> None:

@@ -215,7 +215,7 @@ def test_messages_moved_across_into_a_mailbox_the_other_proxy_deletes(proxy_fact
     assert _entries(pg_dsn) == 0
 
 
-@pytest.mark.parametrize("target", [b"Archive/X"])  # (Proj, on b1 too: Dovecot's own MOVE copies twice)
+@pytest.mark.parametrize("target", [b"Archive/X", b"Proj"])  # (Proj on b1 too: the turns of pgturns.py)
 def test_the_same_message_moved_from_two_proxies_at_once(proxy_factory, fleet, pg_dsn, target):
     """Two sessions (one on each proxy) UID MOVE the same messages at the same instant, one by one."""
     work = ids("work", 40)

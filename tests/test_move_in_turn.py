@@ -75,6 +75,34 @@ def test_a_move_waits_for_the_mailbox_s_turn_and_pipelined_commands_after_it():
     assert not h.context.move_turns.busy(KEY)
 
 
+def test_a_move_behind_a_fetch_takes_its_turn_once_the_fetch_is_answered():
+    h = _selected()
+    h.send(b"f FETCH 1 BODY.PEEK[]\r\nm UID MOVE 7 Archive\r\n")
+    assert h.to_backend() == b"rp2 FETCH 1 BODY.PEEK[]\r\n"
+    assert not h.context.move_turns.busy(KEY)  # main: taken, and the MOVE sent behind the FETCH
+    h.from_backend(b"* 1 FETCH (BODY[] {1}\r\nx)\r\nrp2 OK done\r\n")
+    h.turns()
+    assert h.to_backend() == b"rp3 UID MOVE 7 Archive\r\n"
+    assert h.context.move_turns.busy(KEY)
+
+
+def test_a_move_takes_no_turn_while_the_client_does_not_read_what_it_was_sent():
+    h = _selected()
+    h.send(b"f FETCH 1 BODY.PEEK[]\r\nm UID MOVE 7 Archive\r\n")
+    h.to_backend()
+    output = h.session.flow.client_output
+    output.pauseProducing()  # the FETCH's last bytes overfilled the client's buffer, its completion read with them
+    h.from_backend(b"* 1 FETCH (BODY[] {1}\r\nx)\r\nrp2 OK done\r\n")
+    h.turns()
+    assert h.to_backend() == b"" and not h.context.move_turns.busy(KEY)  # its answer would stay unread
+    output.resumeProducing()
+    h.turns()
+    assert h.to_backend() == b"rp3 UID MOVE 7 Archive\r\n"
+    h.from_backend(b"rp3 OK Move completed\r\n")
+    assert b"m OK Move completed" in h.to_client()
+    assert not h.context.move_turns.busy(KEY)
+
+
 def test_a_backend_gone_mid_move_ends_its_turn():
     h = _selected()
     h.send(b"m UID MOVE 7 Archive\r\n")

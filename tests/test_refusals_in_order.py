@@ -1,0 +1,55 @@
+"""The proxy's own refusals of pipelined commands come after the answer of an APPEND before
+them, as Dovecot, which runs commands one after the other, answers them (docs/design.md:
+"holds the proxy's own refusals of later commands until the APPENDs before them are
+answered"). Before this, a referral (SELECT aside, after a wait), NO [CANNOT] for a reserved
+name, and a referred APPEND were sent at once: `b NO [REFERRAL ...]` before `a OK [APPENDUID ...]`."""
+
+from __future__ import annotations
+
+import pytest
+from imapwire import Wire
+from mailcheck import contents
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Shared/*", "backend": "b3"}]
+# A message the backend takes a while to store: the commands after it are read meanwhile.
+BIG = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 4000
+
+FOLLOWERS = [
+    b"b STATUS Shared/Projects (MESSAGES)\r\n",
+    b"b CREATE Shared/New\r\n",
+    b"b DELETE Shared/Projects\r\n",
+    b"b SUBSCRIBE Shared/Projects\r\n",
+    b"b RENAME Work Shared/Work\r\n",
+    b"b RENAME Shared/Projects Shared/P2\r\n",
+    b"b APPEND Shared/Projects {5+}\r\nhello\r\n",
+    b"b APPEND referral-proxy-staging-x {5+}\r\nhello\r\n",
+    b"b STATUS referral-proxy-staging-x (MESSAGES)\r\n",
+    b"b RENAME Work referral-proxy-aside-x\r\n",
+    b"b COPY 1 Shared/Projects\r\n",
+]
+
+
+def test_refusals_after_an_unanswered_append_come_after_its_answer(proxy_factory, fleet):
+    with fleet["b1"].client("alice") as m:
+        m.create("Work")
+        m.append("INBOX", "", None, b"Subject: one\r\n\r\none\r\n")
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/Projects")
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login()
+    assert w.cmd(b"r", b'RLIST "" "*"')[-1].startswith(b"r OK")  # referral-aware from now on
+    assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    wrong = []
+    for follower in FOLLOWERS:
+        w.send(b"a APPEND INBOX {%d+}\r\n%s\r\n" % (len(BIG), BIG) + follower + b"c NOOP\r\n")
+        tags = [line.split(b" ", 1)[0] for line in w.until_tagged(b"c") if not line.startswith(b"* ")]
+        if tags != [b"a", b"b", b"c"]:
+            wrong.append((follower.split(b"\r\n")[0], tags))
+    w.close()
+    assert wrong == []
+    # Nothing of the refused commands happened: b3 holds nothing, INBOX every big message once.
+    assert contents(fleet["b3"], "alice", "Shared/Projects") == []
+    assert len(contents(fleet["b1"], "alice", "INBOX")) == 1 + len(FOLLOWERS)
