@@ -83,13 +83,15 @@ def wait_for(predicate, what: str, timeout: float = 30.0):
         time.sleep(0.05)
 
 
-def at_once(wires: list[Wire], scripts: list[bytes], tags: list[bytes]) -> list[bytes]:
-    """Write each script (whole lines) on its own connection at the same moment (a barrier); the
-    answer tagged with its tag (the script's last command's) of each."""
+def at_once(wires: list[Wire], scripts: list[bytes], tags: list[bytes], delays: list[float] | None = None) -> list[bytes]:
+    """Write each script (whole lines) on its own connection at the same moment (a barrier; then
+    each its delay, if given); the answer tagged with its tag (the script's last command's) of each."""
     barrier, answers = threading.Barrier(len(wires)), [b""] * len(wires)
 
     def side(i: int) -> None:
         barrier.wait()
+        if delays and delays[i]:
+            time.sleep(delays[i])
         wires[i].send(scripts[i])
         answers[i] = wires[i].until_tagged(tags[i])[-1]
 

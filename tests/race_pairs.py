@@ -3,7 +3,8 @@ real Dovecot, many rounds; judged by a census of every backend: every message on
 
 Not collected (the attacks that held, kept to be run again: ``ROUNDS=60 python3 -m pytest
 tests/race_pairs.py -s``; each prints its census). The two that did not hold became
-test_move_workers_turn.py and test_rename_in_turn.py (``direct`` runs the latter straight on Dovecot)."""
+test_move_workers_turn.py and test_rename_in_turn.py (``direct`` runs the latter straight on Dovecot).
+Round 13's, against a RENAME across (children, its target, INBOX), are in race_pairs13.py."""
 
 from __future__ import annotations
 
