@@ -56,6 +56,7 @@ __all__ = ["remove_verified", "resume", "settled", "highest_modseq"]
 log = Logger()
 
 ATTEMPTS = 5  # a removal refused because a message went meanwhile is tried again this often
+MOVE_DEATHS = 2  # the drain's UID MOVE that took nothing this often (the backend died on it): UID EXPUNGE instead
 
 
 def settled(data: dict, i: int) -> set[int]:
@@ -91,10 +92,15 @@ async def remove_verified(journal: MailboxMap, entry: JournalEntry, i: int, src:
         if not mine:
             break
         this = _next_drop(data, drop)
-        data["dropping"] = {"pair": i, "box": box, "uids": uid_set(mine).decode(), "drop": this}
+        how = "move" if _can_move(src) and data.get("move_deaths", 0) < MOVE_DEATHS else "expunge"
+        if how == "expunge" and _can_move(src):
+            log.warn("move {id}: {b} closed the connection on the drain's UID MOVE {n} times (Dovecot 2.3.19 panics "
+                     "on a message its index damaged); its verified messages removed by UID STORE and UID EXPUNGE",
+                     id=entry.id, b=src.name, n=data["move_deaths"])
+        data["dropping"] = {"pair": i, "box": box, "uids": uid_set(mine).decode(), "drop": this, "how": how}
         await journal.step(entry, Step.DROPPING)
         await _fresh(src, this, selected=box)
-        moved = await _move_to(src, mine, this)
+        moved = await _move_to(src, mine, this) if how == "move" else await _expunged(src, mine)
         still: list[int] = []
         if moved is None:  # one went meanwhile (EXPUNGEISSUED): what the MOVE took, if any, is told by content
             still = await still_there(src, mine)
@@ -116,6 +122,7 @@ async def resume(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol,
     data = entry.data
     if pending := data.get("dropping"):
         i, mine = pending["pair"], expand_uid_set(pending["uids"])
+        expunging = pending.get("how") == "expunge"
         present: list[int] = []
         if await exists(src, pending["box"]):
             state = await open_mailbox(src, pending["box"], readonly=True)
@@ -124,7 +131,11 @@ async def resume(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol,
             present, _ = await search_uids(src, b"UID " + uid_set(mine))
             await src.deselect()
         gone = _without(mine, present)
-        await _dropped(journal, entry, i, await _in_drop(src, dst, data, i, gone, pending.get("drop", drop)))
+        if not expunging and not gone:  # the MOVE took nothing: cut off, or the backend died on it
+            data["move_deaths"] = data.get("move_deaths", 0) + 1
+        # expunged (no drop): every one gone is the drain's own, as _expunged counts them
+        await _dropped(journal, entry, i, gone if expunging else await _in_drop(src, dst, data, i, gone,
+                                                                                pending.get("drop", drop)))
     if data.get("taking"):
         await _finish_taking(journal, entry, dst, drop)
     for conn in (src, dst):  # settled: what a crash left in a drop is the copy of a message that is elsewhere
@@ -248,14 +259,24 @@ async def highest_modseq(conn: BackendProtocol, name: str) -> int | None:
     return None
 
 
+def _can_move(conn: BackendProtocol) -> bool:
+    return "MOVE" in conn.capabilities and "UIDPLUS" in conn.capabilities
+
+
+async def _expunged(conn: BackendProtocol, uids: Sequence[int]) -> set[int]:
+    """STORE \\Deleted and UID EXPUNGE *uids* of the selected mailbox: every one taken for the drain's
+    (a client's MOVE between the two could not be told; used only where the MOVE cannot be)."""
+    await expunge_uids(conn, uids)
+    return set(uids)
+
+
 async def _move_to(conn: BackendProtocol, uids: Sequence[int], drop: str) -> set[int] | None:
     """UID MOVE *uids* of the selected mailbox to *drop*: the UIDs it took (COPYUID's source set);
     None if it was refused because one of them went meanwhile (EXPUNGEISSUED: it may have taken some).
 
     A backend without MOVE and UIDPLUS: STORE \\Deleted and UID EXPUNGE, every one taken for the drain's."""
-    if "MOVE" not in conn.capabilities or "UIDPLUS" not in conn.capabilities:
-        await expunge_uids(conn, uids)
-        return set(uids)
+    if not _can_move(conn):
+        return await _expunged(conn, uids)
     result = await conn.command(b"UID MOVE " + uid_set(sorted(uids)) + b" " + name_arg(drop))
     if not result.ok:
         if result.start.code == "EXPUNGEISSUED":
