@@ -14,22 +14,26 @@ Release = Callable[[], None]
 
 
 class Turns:
-    """First come, first served per key (a Twisted DeferredLock each); a waiter cancelled (its session
-    gone) leaves the queue; a key's lock is dropped once nobody holds or waits for it."""
+    """First come, first served per key; a waiter cancelled (its session gone) is passed over."""
 
     def __init__(self) -> None:
-        self._locks: dict[Hashable, defer.DeferredLock] = {}
+        self._waiting: dict[Hashable, list[defer.Deferred[Release]]] = {}  # key present: its turn is taken
 
     def take(self, key: Hashable) -> defer.Deferred[Release]:
         """Fires with the function that ends this turn (once, from any path: it may be called again)."""
-        lock = self._locks.setdefault(key, defer.DeferredLock())
-        return lock.acquire().addCallback(lambda _: self._release(key, lock))
+        d: defer.Deferred[Release] = defer.Deferred()
+        queue = self._waiting.get(key)
+        if queue is None:
+            self._waiting[key] = []
+            d.callback(self._release(key))
+        else:
+            queue.append(d)
+        return d
 
     def busy(self, key: Hashable) -> bool:
-        lock = self._locks.get(key)
-        return lock is not None and lock.locked
+        return key in self._waiting
 
-    def _release(self, key: Hashable, lock: defer.DeferredLock) -> Release:
+    def _release(self, key: Hashable) -> Release:
         ended = False
 
         def release() -> None:
@@ -37,8 +41,12 @@ class Turns:
             if ended:
                 return
             ended = True
-            lock.release()
-            if not lock.locked:
-                del self._locks[key]
+            queue = self._waiting[key]
+            while queue:
+                nxt = queue.pop(0)
+                if not nxt.called:  # (a cancelled one has been called, with CancelledError)
+                    nxt.callback(self._release(key))
+                    return
+            del self._waiting[key]
 
         return release
