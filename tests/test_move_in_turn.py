@@ -128,3 +128,19 @@ def test_turns_come_in_order_and_pass_over_a_cancelled_waiter():
     assert len(got) == 2 and turns.busy("k")
     got[1]()
     assert not turns.busy("k")
+
+
+def test_a_turn_ended_as_soon_as_it_is_given_leaves_the_key_free():
+    """The next holder may end its turn inside the release that gives it (a session gone, a backend
+    lost): the release that gave it must still finish cleanly (soak seed 18364: a rewrite over
+    Twisted's DeferredLock raised KeyError there, inside a relayed MOVE's completion)."""
+    turns = Turns()
+    first = turns.take("k")
+    release = first.result
+    turns.take("k").addCallback(lambda end: end())  # ends its turn the moment it gets it
+    release()
+    assert not turns.busy("k")
+    again = turns.take("k")
+    assert again.called and turns.busy("k")
+    again.result()
+    assert not turns.busy("k")
