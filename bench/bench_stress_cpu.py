@@ -24,7 +24,6 @@ FILE`` (loadgen.py's ``--json`` output) gives each kind's share of the mix's ops
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import random
@@ -32,7 +31,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +46,8 @@ from _common import (  # noqa: E402
     install_signal_handlers,
     make_root,
 )
-from loadgen import FETCH2_FIELDS, FETCH_FIELDS, HEADER_FIELDS, Client, make_messages  # noqa: E402
+from bench_append_cpu import _counted  # noqa: E402
+from loadgen import FETCH2_FIELDS, Client, fetch_items, make_messages  # noqa: E402
 
 KINDS = ("SESSION", "LIST", "STATUS", "SELECT", "FETCH", "FETCH2", "STORE", "DELETE", "DEL1", "APPEND", "XCYCLE")
 MSGS = 30
@@ -63,15 +62,7 @@ class Gen(Client):
         self.messages = messages
 
     def fetch(self) -> bytes:
-        rng = self.rng
-        fields = []
-        for _ in range(rng.randrange(4) + 1):
-            if rng.randrange(4):
-                fields.append(rng.choice(FETCH_FIELDS))
-            else:
-                hdrs = " ".join(rng.choice(HEADER_FIELDS) for _ in range(rng.randrange(4) + 1))
-                fields.append(f"BODY.PEEK[HEADER.FIELDS ({hdrs})]")
-        return b"FETCH " + self._seqset(MSGS, MSGS) + b" (" + " ".join(fields).encode() + b")"
+        return b"FETCH " + self._seqset(MSGS, MSGS) + b" (" + fetch_items(self.rng) + b")"
 
     def fetch2(self) -> bytes:
         return b"FETCH %d (UID %s)" % (self.rng.randrange(MSGS) + 1, self.rng.choice(FETCH2_FIELDS).encode())
@@ -89,17 +80,6 @@ class Gen(Client):
 
     def append(self) -> bytes:
         return b'APPEND "INBOX"' + self._append_part()
-
-
-def _counted(pid: int, out: Path, label: str) -> int:
-    """Dump callgrind's counters (since the last zeroing) and read their total."""
-    subprocess.run(["callgrind_control", "-d", label, str(pid)], capture_output=True, check=True)
-    time.sleep(0.3)
-    dump = max(glob.glob(f"{out}*"), key=os.path.getmtime)
-    m = re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M)
-    if m is None:
-        raise SystemExit(f"no total in {dump}")
-    return int(m.group(1))
 
 
 def _zero(pid: int) -> None:

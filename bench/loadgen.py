@@ -71,6 +71,18 @@ from referral_proxy.imap.framing import NEED_DATA, Framer, Line, LineTooLong  # 
 MAILBOX = "INBOX"
 FETCH_FIELDS = ("UID", "FLAGS", "ENVELOPE", "INTERNALDATE", "BODY", "BODYSTRUCTURE", "RFC822.SIZE")
 HEADER_FIELDS = ("From", "To", "Cc", "Subject", "References", "In-Reply-To", "Message-ID", "Delivered-To")
+
+
+def fetch_items(rng: random.Random) -> bytes:
+    """The stress mix's FETCH items: 1-4 of FETCH_FIELDS, a quarter of them a HEADER.FIELDS of 1-4 headers."""
+    fields = []
+    for _ in range(rng.randrange(4) + 1):
+        if rng.randrange(4):
+            fields.append(rng.choice(FETCH_FIELDS))
+        else:
+            hdrs = " ".join(rng.choice(HEADER_FIELDS) for _ in range(rng.randrange(4) + 1))
+            fields.append(f"BODY.PEEK[HEADER.FIELDS ({hdrs})]")
+    return " ".join(fields).encode()
 FETCH2_FIELDS = ("BODY.PEEK[HEADER]", "RFC822.HEADER", "BODY.PEEK[]", "BODY.PEEK[1]", "BODY.PEEK[TEXT]")
 FLAGS = ("\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Label1", "$Label2", "$Label3", "$Label4", "$Label5")
 COMMANDS = ("LOGIN", "LIST", "STATUS", "SELECT", "FETCH", "FETCH2", "STORE", "DELETE", "EXPUNGE",
@@ -323,15 +335,8 @@ class Client:
                 self.command("LOGOUT", b"LOGOUT")
                 return
             if self.exists > 0:
-                fields = []
-                for _ in range(rng.randrange(4) + 1):
-                    if rng.randrange(4):
-                        fields.append(rng.choice(FETCH_FIELDS))
-                    else:
-                        hdrs = " ".join(rng.choice(HEADER_FIELDS) for _ in range(rng.randrange(4) + 1))
-                        fields.append(f"BODY.PEEK[HEADER.FIELDS ({hdrs})]")
                 seqs = self._seqset(min(self.exists, 100), self.exists)
-                self.command("FETCH", b"FETCH " + seqs + b" (" + " ".join(fields).encode() + b")")
+                self.command("FETCH", b"FETCH " + seqs + b" (" + fetch_items(rng) + b")")
             while self.exists > 0:
                 n = rng.randrange(self.exists) + 1
                 self.command("FETCH2", b"FETCH %d (UID %s)" % (n, rng.choice(FETCH2_FIELDS).encode()))
