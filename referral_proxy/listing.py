@@ -25,8 +25,8 @@ from .moveview import HIDDEN, move_view
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, STAGING_PREFIX, is_private_name
 
-__all__ = ["ListEntry", "ListHost", "list_command", "parse_list_entry", "merge", "select", "format_entry",
-           "add_flag", "is_basic_list"]
+__all__ = ["ListEntry", "ListHost", "list_command", "answer_merged", "parse_list_entry", "merge", "select",
+           "format_entry", "add_flag", "is_basic_list"]
 
 log = Logger()
 
@@ -242,9 +242,16 @@ async def _gather(host: ListHost, backends: list[str], remote: bool, command: by
 async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
                   backends: list[str], remote: bool) -> None:
     got = await _gather(host, backends, remote, kind.encode() + b' "" "*"', subscriptions=kind == "LSUB")
-    owner, hidden = got.owner, got.hidden
+    answer_merged(host, tag, kind, reference, pattern, got.answers, got.owner, got.hidden)
+
+
+def answer_merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
+                  answers: Iterable[tuple[BackendProtocol, UntaggedResponse]], owner: Callable[[str], str],
+                  hidden: list[str] | None) -> None:
+    """Answer a basic LIST/LSUB from the backends' answers to ``LIST "" "*"`` (``LSUB``): each name from
+    *owner*, placeholders, child flags, the client's reference and pattern (also fastnames.py's)."""
     entries = []
-    for conn, r in got.answers:
+    for conn, r in answers:
         if r.start.name == kind:
             fragments, literals = r.arguments
             try:
