@@ -10,6 +10,7 @@ session, through the narrow :class:`ListHost`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -47,8 +48,19 @@ class ListEntry:
         return self.name.decode("utf-8", "surrogateescape")
 
 
+# ``(\HasNoChildren) "/" INBOX``: atoms for flags, a plain quoted delimiter or NIL, an atom or an escape-free
+# quoted name and nothing after it, as Dovecot writes nearly every entry: what parse_arguments makes of it.
+_ATOM = rb'[^ ()"{\x00-\x1f\x7f\[\]]++'
+_PLAIN_ENTRY = re.compile(rb'\(((?:%s(?: %s)*+)?+)\) (?:"([^"\\\r\n\x00])"|NIL) (?:"([^"\\\r\n\x00]*+)"|(%s))'
+                          % (_ATOM, _ATOM, _ATOM))
+
+
 def parse_list_entry(fragments: Sequence[bytes], literals: Sequence[bytes], backend: str) -> ListEntry:
     """The arguments of ``* LIST (flags) "/" name`` (after the name LIST)."""
+    if not literals and (m := _PLAIN_ENTRY.fullmatch(fragments[0])) is not None:
+        flags, delimiter, quoted_name, atom_name = m.groups()
+        return ListEntry(tuple(flags.split(b" ")) if flags else (), delimiter,
+                         quoted_name if quoted_name is not None else atom_name, backend)
     args = parse_arguments(fragments, literals)
     if len(args) < 3 or not isinstance(args[0], ParenList):
         raise ParseError("malformed LIST response")
