@@ -87,3 +87,15 @@ def test_a_password_dovecot_cannot_read_is_not_the_backend_unavailable(proxy_fac
     w.login()
     assert w.cmd(b"s", b"STATUS INBOX (MESSAGES)")[-1].startswith(b"s OK")
     w.close()
+
+
+@pytest.mark.parametrize("initial", [b'"%s"' % PLAIN, b"{%d+}\r\n%s" % (len(PLAIN), PLAIN)])
+def test_an_initial_response_is_base64_not_a_string(initial):
+    h = SessionHarness()
+    h.to_client()
+    # RFC 4959: initial-resp = base64 / "=". Main took a quoted string or a literal and logged
+    # alice in; Dovecot answers BAD Invalid base64 data in initial response.
+    h.send(b"c AUTHENTICATE PLAIN %s\r\nd NOOP\r\n" % initial)
+    out = h.to_client()
+    assert out.startswith(b"c BAD Invalid arguments: ") and out.endswith(b"\r\nd OK NOOP completed.\r\n"), out
+    assert h.connector.credentials == []
