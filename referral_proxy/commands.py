@@ -84,7 +84,7 @@ _ROWS = [
     # -- not authenticated ------------------------------------------------------------
     _spec("STARTTLS", PRE, "", Routing.PROXY, handler="starttls"),
     _spec("LOGIN", PRE, "astring astring", Routing.PROXY, handler="auth.login"),
-    _spec("AUTHENTICATE", PRE, "atom astring?", Routing.PROXY, handler="auth.authenticate"),
+    _spec("AUTHENTICATE", PRE, "atom atom?", Routing.PROXY, handler="auth.authenticate"),
     # -- authenticated ----------------------------------------------------------------
     _spec("SELECT", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select"),
     _spec("EXAMINE", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select"),

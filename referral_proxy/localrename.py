@@ -8,9 +8,11 @@ elsewhere, or a child on another backend: hierarchy.py), and lets placements fol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .backend import BackendProtocol
 from .hierarchy import TAKEN, placed_elsewhere, refusal
+from .holds import begin_waiting
 from .imap.response import completion_text
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import TransferError, exists, name_arg, subtree
@@ -38,17 +40,19 @@ async def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, o
 
 
 async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,
-                      others: Connect) -> LocalRename:
+                      others: Connect, clock: Any = None) -> LocalRename:
     """RENAME on the backend that owns both names, holding both subtrees meanwhile.
 
     Refused before anything changes if a child would get a name the map sends to
     another backend (Dovecot renames children along: it would become unreachable), or if
-    a child lives on another backend (found over *others*: it would keep its old name)."""
+    a child lives on another backend (found over *others*: it would keep its old name). Names
+    held for a moment (another's check) are waited for over *clock* (holds.py)."""
     sep = mailbox_map.separator
     inbox = normalize(old, sep) == "INBOX"
     reservations = [Reservation(old, subtree=not inbox), Reservation(new)]
     try:
-        entry = await mailbox_map.begin_move(user, "rename-local", reservations, {"backend": conn.name, "old": old, "new": new})
+        entry = await begin_waiting(mailbox_map, user, "rename-local", reservations,
+                                    {"backend": conn.name, "old": old, "new": new}, clock)
     except InUse:
         return LocalRename((), "NO [INUSE] Mailbox is being moved or renamed by another command; try again shortly")
     except StoreUnavailable:

@@ -13,14 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import referrals
 from .backend import BackendProtocol
 from .context import ProxyContext
 from .crossturns import mailbox_turn, mailbox_turns
-from .flow import ClientFlow
+from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
+from .holds import wait_free
 from .imap import mutf7
 from .imap.grammar import Slot
 from .imap.reader import Command
@@ -166,8 +169,29 @@ class MailboxCommands:
         route = self.route_of(mailbox)
         return self.referral(tag, route, mailbox) if self.refers(route, mailbox) else route
 
-    def _target(self, cmd: Command, slot: Slot) -> tuple[bytes, Route] | None:
-        """The mailbox argument and its route, or None when a move holds it (answered INUSE)."""
+    def _when_free(self, cmd: Command, names: tuple[bytes, ...], again: Callable[[Command], None]) -> None:
+        """*cmd* met one of *names* held: *again* once they are free, if the holder was only a check
+        (holds.py: reading stops meanwhile, the commands after it wait); else NO [INUSE] as before."""
+        host = self.host
+        assert host.user is not None
+        host.flow.block(Block.HOLDS)
+
+        def then(free: bool) -> None:
+            if free and not any(self.moving(n) for n in names):
+                again(cmd)  # from the start: routes may have changed (a RENAME on one backend)
+            else:
+                self.refuse_no(cmd.tag, _INUSE)
+
+        def failed(f: Failure) -> None:
+            log.failure("session {id}: {name} failed", f, id=host.id, name=cmd.name)
+            host.tagged(cmd.tag, "NO", "[SERVERBUG] Internal proxy error")
+
+        waiting = defer.ensureDeferred(wait_free(host.mailbox_map, host.user, names, host.ctx.reactor))
+        waiting.addCallback(then).addErrback(failed).addBoth(lambda _: host.flow.unblock(Block.HOLDS))
+
+    def _target(self, cmd: Command, slot: Slot, again: Callable[[Command], None]) -> tuple[bytes, Route] | None:
+        """The mailbox argument and its route, or None when a move holds it (answered INUSE, or
+        *again* once a check holding it lets go)."""
         mailbox = cmd.args.value(slot)
         assert mailbox is not None  # the grammar has it
         if cmd.name == "CREATE":
@@ -178,7 +202,7 @@ class MailboxCommands:
         if self.moving(mailbox):
             if cmd.name == "STATUS" and status_during_move(self.host, cmd):
                 return None  # the old name before the move's commit point, the new one after (moveview.py)
-            self.refuse_no(cmd.tag, _INUSE)
+            self._when_free(cmd, (mailbox,), again)
             return None
         return mailbox, self.route_of(mailbox)
 
@@ -207,7 +231,7 @@ class MailboxCommands:
 
     def by_mailbox(self, cmd: Command) -> None:
         """CREATE, DELETE, STATUS, SUBSCRIBE ...: to the backend that owns the mailbox."""
-        target = self._target(cmd, Slot.MAILBOX)
+        target = self._target(cmd, Slot.MAILBOX, self.by_mailbox)
         if target is None:
             return
         mailbox, route = target
@@ -220,7 +244,7 @@ class MailboxCommands:
         host = self.host
         assert host.pool is not None
         pool = host.pool
-        target = self._target(cmd, Slot.MAILBOX)
+        target = self._target(cmd, Slot.MAILBOX, self.select)
         if target is None:
             return
         mailbox, route = target
@@ -308,7 +332,7 @@ class MailboxCommands:
         assert host.home is not None
         if host.selected is None:  # nothing selected: the backend says so, as it would directly
             return host.relay_cmd(cmd, host.home)
-        target = self._target(cmd, Slot.DEST)
+        target = self._target(cmd, Slot.DEST, self.copy)
         if target is None:
             return
         if "MOVE" in cmd.name and host.selected_mailbox and self.moving(host.selected_mailbox):
@@ -382,9 +406,8 @@ class MailboxCommands:
         if under_itself(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                         host.mailbox_map.separator):
             return self.refuse_no(cmd.tag, UNDER_ITSELF)  # as Dovecot, whichever backends own the names
-        for name in (old, new):  # before any referral: the client would rename it under the move
-            if self.moving(name):
-                return self.refuse_no(cmd.tag, _INUSE)
+        if self.moving(old) or self.moving(new):  # before any referral: the client would rename it under the move
+            return self._when_free(cmd, (old, new), self.rename)
         old_route, new_route = self.route_of(old), self.route_of(new)
         if host.referral_aware and (self.refers(old_route, old) or self.refers(new_route, new)):
             urls = self._rename_pair(old, new, old_route, new_route)
@@ -418,7 +441,8 @@ class MailboxCommands:
         release = await mailbox_turns(host.ctx, conn.name, host.user or "", [old, *children])
         try:
             outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
-                                        new.decode("utf-8", "surrogateescape"), others=host.pool.fresh)
+                                        new.decode("utf-8", "surrogateescape"), others=host.pool.fresh,
+                                        clock=host.ctx.reactor)
         finally:
             release()
         for raw in outcome.untagged:

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from .backend import BackendProtocol
 from .drain import highest_modseq, remove_verified, resume
 from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, refusal, under_itself
+from .holds import begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
@@ -159,11 +160,11 @@ class Mover:
         pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(self.sep), p[0]))
         return pairs
 
-    def _reservations(self, old: str, new: str, token: str) -> list[Reservation]:
+    def _reservations(self, data: dict) -> list[Reservation]:
         """The source and destination subtrees, and the private names the move renames sources to."""
-        if old == new == "*":  # a whole user; a client's RENAME "*" x is a mailbox named "*"
+        if (old := data["old"]) == (new := data["new"]) == "*":  # a whole user; a client's RENAME "*" x: a mailbox "*"
             return [Reservation(None)]
-        names = [Reservation(old, subtree=normalize(old, self.sep) != "INBOX"), Reservation(ASIDE + token)]
+        names = [Reservation(old, subtree=normalize(old, self.sep) != "INBOX"), Reservation(ASIDE + data["token"])]
         return names if new == old else names + [Reservation(new)]
 
     def _aside(self, data: dict, tag: str) -> str:
@@ -197,7 +198,7 @@ class Mover:
                 "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
                 "drained": [], "settled": {}}  # settled: drain.py (an entry without it is an older version's)
         try:
-            entry = await self.mailbox_map.begin_move(self.user, "move", self._reservations(old, new, data["token"]), data)
+            entry = await begin_waiting(self.mailbox_map, self.user, "move", self._reservations(data), data, self.clock)
         except InUse:
             raise TransferError("[INUSE] Mailbox is being moved or renamed by another command; try again shortly") from None
         except StoreUnavailable:

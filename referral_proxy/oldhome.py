@@ -34,8 +34,9 @@ class _Carry(Mover):
 
     old_home: str = ""  # the backend carried from
 
-    def _reservations(self, old: str, new: str, token: str) -> list[Reservation]:
-        return [Reservation("INBOX", shared=True), Reservation(OLD_HOME_PREFIX + self.old_home), Reservation(ASIDE + token)]
+    def _reservations(self, data: dict) -> list[Reservation]:
+        return [Reservation("INBOX", shared=True), Reservation(OLD_HOME_PREFIX + self.old_home),
+                Reservation(ASIDE + data["token"])]
 
 
 async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any) -> list[str]:

@@ -26,6 +26,7 @@ from .journal import (
     Reservation,
     Step,
     check_transition,
+    conflicts,
     covers,
     owner_gone,
     process_owner,
@@ -369,6 +370,14 @@ class MailboxMap:
             return False
         name = normalize(mailbox, self.separator)
         return any(not r.shared and covers(r, name, self.separator) for _i, r in self._held.get(self.canonical(user), ()))
+
+    def holders(self, user: str, wanted: Sequence[Reservation]) -> set[int]:
+        """The journal entries whose reservations (as this process last saw them) are in the way of *wanted*."""
+        self._refresh()
+        held = self._held.get(self.canonical(user), ()) if self._held else ()
+        names = [Reservation(None if r.name is None else normalize(r.name, self.separator), r.subtree, r.shared)
+                 for r in wanted]
+        return {i for i, r in held for w in names if conflicts(r, w, self.separator)}
 
     def mailbox_moves(self, user: str, mailbox: str | None = None) -> set[int]:
         """The journal entries of mailbox moves (mover.py: they hold a private aside name, or the

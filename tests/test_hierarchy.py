@@ -203,7 +203,8 @@ def test_a_proxy_killed_mid_rename_is_recovered_and_every_mailbox_reachable(prox
 
 def test_a_child_renamed_while_its_parents_rename_holds_the_names_waits_its_turn(proxy_factory, fleet, tmp_path):
     """The parent's RENAME holds its subtree from its first journal write: the child's RENAME sent
-    then gets NO [INUSE]; the parent's is then refused (its child is elsewhere), not half done."""
+    then waits for it (holds.py: the parent is at its check); the parent's is refused (its child is
+    elsewhere), not half done, and the child's runs after it (it got NO [INUSE] before holds.py)."""
     from movecheck import wait_paused
 
     mail = _carol(fleet)
@@ -216,12 +217,12 @@ def test_a_child_renamed_while_its_parents_rename_holds_the_names_waits_its_turn
     w2.send(b"c RENAME Archive/X Shared/Arch/X\r\n")  # read once the proxy goes on, the names still held
     (pause / "resume").touch()
     parent, child = w1.until_tagged(b"p")[-1], w2.until_tagged(b"c")[-1]
-    assert child.startswith(b"c NO [INUSE]"), child
+    assert child.startswith(b"c OK"), child
     assert parent.startswith(b"p " + ELSEWHERE), parent
     w1.close()
     w2.close()
     _exactly_once(fleet, proxy, "carol", _all(mail))
-    assert _where(fleet, mail) == UNCHANGED
+    assert _where(fleet, mail) == {**UNCHANGED, "Archive/X": {("b3", "Shared/Arch/X")}}
     assert _no_entries(proxy)
 
 

@@ -10,6 +10,8 @@ At 'copied' the move's own placement overwrote the admin's without a word.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from imapwire import Wire
 from movecheck import census, cli, faulty, seed, through_proxy, wait_paused
@@ -44,6 +46,12 @@ def test_map_set_of_a_name_a_rename_holds_is_refused(proxy_factory, fleet, tmp_p
         (pause / "resume").touch()
     assert w.until_tagged(b"c")[-1].startswith(b"c OK")
     w.close()
+    # OK may come ANSWER_WITHIN seconds past the commit point, the drain finishing behind (the pause
+    # above, three CLI runs on a loaded machine, can outlast it): the census once the move is over
+    deadline = time.monotonic() + 120
+    while "moves in progress: none" not in cli("map", "--config", config, "show", "carol").stdout:
+        assert time.monotonic() < deadline, "the move never finished"
+        time.sleep(0.5)
     counts, where = census(fleet, "carol")
     assert {tuple(where[i]) for i in work} == {(("b3", "Shared/Work"),)}
     reached = through_proxy(proxy, "carol")

@@ -794,6 +794,24 @@ def _literal_lines_untagged(proxy: bytes, ctx: Context) -> bool:
     return proxy.startswith(b"* BAD Error in IMAP tag")
 
 
+def _bracket_tagged(proxy: bytes) -> bool:
+    """The proxy's answer to a command whose tag holds ``]``: its completion or its ESEARCH."""
+    tag = proxy.split(b" ", 1)[0]
+    return b"]" in tag or re.match(rb'\* ESEARCH \(TAG "[^"]*\][^"]*"\)', proxy) is not None
+
+
+def _tag_bracket(direct: bytes, proxy: bytes, ctx: Context) -> bool:
+    return direct.startswith(b"* BAD Error in IMAP tag") and _bracket_tagged(proxy)
+
+
+def _tag_bracket_extra(proxy: bytes, ctx: Context) -> bool:
+    return _bracket_tagged(proxy)
+
+
+def _tag_bracket_missing(direct: bytes, ctx: Context) -> bool:
+    return direct.startswith(b"* BAD Error in IMAP tag") and re.search(rb"(?m)^\S*\]\S* ", ctx.sent) is not None
+
+
 def _anything(*_args) -> bool:
     return True
 
@@ -890,6 +908,11 @@ DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
     Difference("catenate-across", "CATENATE with a URL of a mailbox on another backend than the destination "
                "gets `NO [BADURL ...]`", "the destination's backend cannot read the other backend's mailbox",
                pair=_catenate_across, missing=_catenate_across_missing, scope="split"),
+    Difference("tag-bracket", "a command whose tag holds `]` is run and answered under that tag; Dovecot "
+               "answers `* BAD Error in IMAP tag` and runs nothing",
+               "RFC 3501 9 allows it (tag: any ASTRING-CHAR but `+`, and `]` is one); the proxy gives backends "
+               "its own tags and puts the client's back only on the completion and in ESEARCH's quoted "
+               "`(TAG \"...\")`", pair=_tag_bracket, extra=_tag_bracket_extra, missing=_tag_bracket_missing),
     Difference("refused-by-proxy", "a command the proxy refuses with BAD before any backend sees it where "
                "Dovecot runs it: arguments to a command that takes none (`NOOP now`, `LOGOUT later`), an escape "
                "RFC 3501 does not allow (`\"IN\\BOX\"`), a command the proxy does not relay (NOTIFY); a refused "
