@@ -61,6 +61,10 @@ COMMANDS = [
      b"* 30 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 1764500000] UIDs valid\r\n"
      b"* OK [UIDNEXT 31] Predicted next UID\r\n"
      b"rp%d OK [READ-WRITE] Select completed (0.001 + 0.000 secs).\r\n"),
+    # The stress mix's LIST and STATUS (one mailbox; fastnames.py): Dovecot's answers.
+    ("LIST", b'LIST "" *', b'* LIST (\\HasNoChildren) "/" INBOX\r\nrp%d OK List completed (0.001 + 0.000 secs).\r\n'),
+    ("STATUS", b'STATUS "INBOX" (MESSAGES UNSEEN RECENT)',
+     b"* STATUS INBOX (MESSAGES 30 RECENT 0 UNSEEN 30)\r\nrp%d OK Status completed (0.001 + 0.000 secs).\r\n"),
     # imaptest's STORE without .SILENT: 30 untagged FETCH lines and the completion in one read.
     ("STORE 30, 1 read", b"STORE 1:30 +FLAGS (\\Seen)",
      b"".join(b"* %d FETCH (FLAGS (\\Seen \\Deleted))\r\n" % i for i in range(1, 31)).replace(b"%", b"%%")

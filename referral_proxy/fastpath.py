@@ -33,6 +33,7 @@ itself, proved in tests/test_plain.py). Two levels:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from .commands import COMMANDS, CONDSTORE_WORDS, PRE
@@ -41,7 +42,7 @@ from .imap.command import _TAG as TAG
 from .imap.plain import PLAIN_GRAMMARS, plain_arguments
 from .imap.response import plain_completion, plain_untagged_lines
 
-__all__ = ["PLAIN_COMMANDS", "relay_plain", "append_line", "completed_plain"]
+__all__ = ["PLAIN_COMMANDS", "NAMED", "relay_plain", "relay_line", "append_line", "completed_plain"]
 
 # The handlers that only relay: to the selected mailbox's backend (home if none), or home;
 # NOOP's after login is to_selected; mailboxes.change (STORE, EXPUNGE) relays unless a move holds
@@ -63,6 +64,11 @@ _FAST: dict[str, tuple[str, bool]] = {
     and (spec.name in PLAIN_COMMANDS or not spec.grammar.takes_arguments) and spec.states != PRE
 }
 
+#: Commands whose plain line another module answers from the bytes when it can (fastnames.py: LIST,
+#: LSUB, STATUS), as handler(session, tag, name, arguments) -> False to take the long way. Filled
+#: by that module (it needs listing.py, which needs backend.py, which needs this module).
+NAMED: dict[str, Callable[[Any, bytes, str, bytes], bool]] = {}
+
 # One whole line: tag SP NAME [SP arguments] CRLF, nothing after it, upper-case names only. Possessive
 # runs: a read of 64 KiB without a space is refused at once, not after 64 Ki steps back (~4 ms).
 _LINE = re.compile(rb"(%s+) ((?:UID )?[A-Z]++)(?: ([^\r\n]++))?\r\n" % TAG.pattern)
@@ -79,7 +85,8 @@ def relay_plain(session: Any, data: bytes) -> bool:
     tag, name, rest = m.group(1), m.group(2).decode("ascii"), m.group(3)
     fast = _FAST.get(name)
     if fast is None:
-        return False
+        named = NAMED.get(name)
+        return named is not None and rest is not None and named(session, tag, name, rest)
     grammar, to_home = fast
     if rest is None:
         if grammar:
@@ -88,20 +95,27 @@ def relay_plain(session: Any, data: bytes) -> bool:
         return False
     if name in _CHANGES and session.mailboxes.selected_held():
         return False
-    relay, pool = session.relay, session.pool
     most = session.config.proxy.connections.max_commands_in_flight
-    if relay.in_flight + len(session.appends.unanswered) >= most:
+    if session.relay.in_flight + len(session.appends.unanswered) >= most:
         return False
-    conn = pool.fast(session.home if to_home else session.selected or session.home)
+    conn = session.pool.fast(session.home if to_home else session.selected or session.home)
     if conn is None:
         return False
+    relay_line(session, conn, tag, name, rest, data[len(tag):], most)
+    return True
+
+
+def relay_line(session: Any, conn: Any, tag: bytes, name: str, rest: bytes | None, tail: bytes, most: int) -> None:
+    """Relay the command *name* (its arguments *rest*, as read) to *conn* as *tail* (its canonical
+    line after the tag, CRLF included), as the long way would: counted, its keepalive taint noted;
+    *most*: the cap on commands in flight (relayed, and APPENDs unanswered), below it now."""
+    relay, pool = session.relay, session.pool
     if rest is not None and pool.reusable and CONDSTORE_WORDS.search(rest):  # never reused (keepalive.py)
         pool.reusable = False
     session.ctx.observer.command_named(session, tag, name)
-    relay.send_line(conn, tag, data[len(tag):])
+    relay.send_line(conn, tag, tail)
     if relay.in_flight + len(session.appends.unanswered) >= most:
         session.block(Block.IN_FLIGHT)  # as the reader's loop would, before its next command
-    return True
 
 
 def append_line(session: Any, data: bytes) -> bool:

@@ -10,6 +10,7 @@ session, through the narrow :class:`ListHost`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -25,8 +26,8 @@ from .moveview import HIDDEN, move_view
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, STAGING_PREFIX, is_private_name
 
-__all__ = ["ListEntry", "ListHost", "list_command", "parse_list_entry", "merge", "select", "format_entry",
-           "add_flag", "is_basic_list"]
+__all__ = ["ListEntry", "ListHost", "list_command", "answer_merged", "parse_list_entry", "merge", "select",
+           "format_entry", "add_flag", "is_basic_list"]
 
 log = Logger()
 
@@ -47,8 +48,19 @@ class ListEntry:
         return self.name.decode("utf-8", "surrogateescape")
 
 
+# ``(\HasNoChildren) "/" INBOX``: atoms for flags, a plain quoted delimiter or NIL, an atom or an escape-free
+# quoted name and nothing after it, as Dovecot writes nearly every entry: what parse_arguments makes of it.
+_ATOM = rb'[^ ()"{\x00-\x1f\x7f\[\]]++'
+_PLAIN_ENTRY = re.compile(rb'\(((?:%s(?: %s)*+)?+)\) (?:"([^"\\\r\n\x00])"|NIL) (?:"([^"\\\r\n\x00]*+)"|(%s))'
+                          % (_ATOM, _ATOM, _ATOM))
+
+
 def parse_list_entry(fragments: Sequence[bytes], literals: Sequence[bytes], backend: str) -> ListEntry:
     """The arguments of ``* LIST (flags) "/" name`` (after the name LIST)."""
+    if not literals and (m := _PLAIN_ENTRY.fullmatch(fragments[0])) is not None:
+        flags, delimiter, quoted_name, atom_name = m.groups()
+        return ListEntry(tuple(flags.split(b" ")) if flags else (), delimiter,
+                         quoted_name if quoted_name is not None else atom_name, backend)
     args = parse_arguments(fragments, literals)
     if len(args) < 3 or not isinstance(args[0], ParenList):
         raise ParseError("malformed LIST response")
@@ -242,9 +254,16 @@ async def _gather(host: ListHost, backends: list[str], remote: bool, command: by
 async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
                   backends: list[str], remote: bool) -> None:
     got = await _gather(host, backends, remote, kind.encode() + b' "" "*"', subscriptions=kind == "LSUB")
-    owner, hidden = got.owner, got.hidden
+    answer_merged(host, tag, kind, reference, pattern, got.answers, got.owner, got.hidden)
+
+
+def answer_merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
+                  answers: Iterable[tuple[BackendProtocol, UntaggedResponse]], owner: Callable[[str], str],
+                  hidden: list[str] | None) -> None:
+    """Answer a basic LIST/LSUB from the backends' answers to ``LIST "" "*"`` (``LSUB``): each name from
+    *owner*, placeholders, child flags, the client's reference and pattern (also fastnames.py's)."""
     entries = []
-    for conn, r in got.answers:
+    for conn, r in answers:
         if r.start.name == kind:
             fragments, literals = r.arguments
             try:

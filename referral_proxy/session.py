@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__, capabilities, listing, stayalive, teardown
+from . import __version__, capabilities, fastnames, listing, stayalive, teardown  # noqa: F401 (fastnames: fastpath.NAMED)
 from .appends import Appends
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse

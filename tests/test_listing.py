@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from referral_proxy.listing import ListEntry, select
 
 
@@ -35,3 +38,51 @@ def test_a_pattern_that_may_match_inbox_matches_its_letters_in_any_case():
     assert listed(b"inbox", b"/%") == [b"INBOX/x"]
     assert listed(b"", b"inbox/X") == []  # past INBOX the case counts
     assert listed(b"", b"w*") == []
+
+
+def _entry_the_long_way(fragment: bytes) -> ListEntry | str:
+    """parse_list_entry before its shortcut: the general parse (command.parse_arguments)."""
+    from referral_proxy.imap.command import Atom, ParenList, ParseError, parse_arguments
+
+    try:
+        args = parse_arguments([fragment], [])
+    except ParseError:
+        return "ParseError"
+    if len(args) < 3 or not isinstance(args[0], ParenList) or not hasattr(args[2], "value"):
+        return "ParseError"
+    delim = None if isinstance(args[1], Atom) and args[1].value.upper() == b"NIL" else args[1].value
+    return ListEntry(tuple(t.value for t in args[0].items if isinstance(t, Atom)), delim, args[2].value, "b1")
+
+
+_PIECES = st.sampled_from([b"(", b")", b" ", b'"', b"\\", b"/", b".", b"NIL", b"nil", b"\\HasChildren", b"\\Noselect",
+                           b"INBOX", b"a", b"%", b"*", b"{", b"}", b"[", b"]", b"\xc3\xa9", b"\x00", b"\r", b"3", b"~"])
+_TEXT = st.lists(_PIECES, max_size=6).map(b"".join)
+# (flags) delimiter name [rest]: each part now plain, now odd
+_SHAPED = st.tuples(st.lists(st.sampled_from([b"\\HasChildren", b"\\Marked", b"", b"(x)", b'"s"', b"a[b", b"{3}"]),
+                             max_size=3).map(b" ".join),
+                    st.sampled_from([b'"/"', b'"."', b"NIL", b"nil", b'"\\\\"', b'""', b'"\x00"', b'"ab"', b"/"]),
+                    st.one_of(_TEXT.map(lambda t: b'"' + t + b'"'), _TEXT),
+                    st.sampled_from([b"", b" ", b" x", b" (CHILDINFO (SUBSCRIBED))"])
+                    ).map(lambda p: b"(" + p[0] + b") " + p[1] + b" " + p[2] + p[3])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.lists(_PIECES, max_size=12).map(b"".join), _SHAPED))
+@example(b'(\\HasNoChildren) "/" INBOX')
+@example(b'() NIL "a b"')
+@example(b'(\\Noselect \\HasChildren) "." "50% off"')
+@example(b'(\\HasNoChildren) "/" a[b]')
+@example(b'() "/" "a\x00"')  # no NUL in a quoted string
+@example(b'({3}) "/" a')  # no "{" starts an atom
+@example(b'() "/" a b')  # more after the name: read in general
+def test_a_plain_entry_is_read_as_the_general_parse_reads_it(fragment):
+    """listing.parse_list_entry reads ``(flags) "/" name`` with one regex when it can: the same entry
+    as the general parse gives, or the same refusal."""
+    from referral_proxy.imap.command import ParseError
+    from referral_proxy.listing import parse_list_entry
+
+    try:
+        got: ListEntry | str = parse_list_entry([fragment], [], "b1")
+    except ParseError:
+        got = "ParseError"
+    assert got == _entry_the_long_way(fragment)
