@@ -870,8 +870,9 @@ DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
     Difference("literal-continuation", "the text of the continuation request for a synchronizing literal",
                "the proxy collects the command before relaying it and sends its own `+ Ready for literal data`",
                pair=_literal_continuation, default=True),
-    Difference("list-merge", "LIST/LSUB entries re-encoded: names quoted, attributes reordered, no "
-               "\\Marked/\\Unmarked hints; `LIST completed.`",
+    Difference("list-merge", "LIST/LSUB entries re-encoded: names quoted, attributes reordered, "
+               "\\Marked/\\Unmarked hints not compared (they change with every SELECT of the mailbox); "
+               "`LIST completed.`",
                "the proxy lists every backend with `LIST \"\" \"*\"` and formats the merged result itself, even "
                "when one backend holds everything", pair=_list_merge, default=True),
     Difference("own-text", "the human text of an answer the proxy gives itself (same tag, status and code)",
