@@ -35,6 +35,7 @@ from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .moveview import status_during_move
 from .pool import BackendPool
 from .relay import Relay
+from .renamecheck import refused_before
 from .routing import MailboxMap, Route
 from .staging import is_private_name
 from .transfer import CopyOutcome, copy_across
@@ -479,6 +480,8 @@ class MailboxCommands:
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
                       answer_within=ANSWER_WITHIN)
         try:
+            await refused_before(mover, text, new.decode("utf-8", "surrogateescape"), old_route.primary,
+                                 new_route.primary)  # a RENAME its checks refuse holds no name (BYEs no session)
             result = await mover.rename(text, new.decode("utf-8", "surrogateescape"),
                                         old_route.primary, new_route.primary)
         except MoveIncomplete as e:  # past its commit point: the mailbox is in its new place

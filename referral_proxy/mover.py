@@ -39,7 +39,7 @@ from twisted.logger import Logger
 
 from .backend import BackendProtocol
 from .drain import highest_modseq, remove_verified, resume
-from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, refusal, under_itself
+from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
 from .holds import begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
@@ -66,6 +66,7 @@ from .mailops import (
     subtree,
 )
 from .movefinish import unvouched
+from .renamecheck import checked
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
 from .transfer import Progress, copy_stream, find_copies, verify_copies
@@ -171,7 +172,7 @@ class Mover:
         """A private name on a backend, reserved with the move: no client of the proxy reaches it."""
         return ASIDE + data["token"] + self.sep + tag
 
-    async def _check(self, src: BackendProtocol, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None:
+    async def check(self, src: BackendProtocol, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None:
         if not pairs:
             raise TransferError("[NONEXISTENT] Mailbox doesn't exist")
         for o, n in pairs:  # each source is emptied (t, e), then renamed aside and deleted (x), as Dovecot's RENAME needs x
@@ -206,15 +207,7 @@ class Mover:
         conns: list[BackendProtocol] = []
         result = MoveResult()
         try:
-            src = await self.connect(src_name)
-            conns.append(src)
-            dst = await self.connect(dst_name)
-            conns.append(dst)
-            refused = await refusal(self.mailbox_map, self.user, old, src_name, self.connect) if new != old else None
-            if refused:
-                raise TransferError(refused)
-            pairs = await self.plan(src, old, new)
-            await self._check(src, dst, pairs)
+            src, dst, pairs = await checked(self, conns, old, new, src_name, dst_name)
             data["pairs"] = [list(p) for p in pairs]
             await self.mailbox_map.step(entry, Step.PLANNED)
             for i, (o, n) in enumerate(pairs):

@@ -1,0 +1,68 @@
+"""A RENAME across servers checked before it holds any name.
+
+A move's reservations (journal.py) take its names from the moment it begins, and every session
+that has one of them selected is ended with a BYE (relocation.py: the move may rename it aside
+within a fraction of a second). A RENAME that its own checks then refuse -- its source absent,
+its destination there -- ended those sessions all the same (helper attack14a: session b SELECTs
+Shared/B; session a's ``RENAME A Shared/B``, A absent, is answered NO [NONEXISTENT] and b's next
+command finds its connection closed), where Dovecot alone leaves b alone. Here the same checks
+run first, on connections of their own, before anything is reserved: a RENAME that fails them
+never begins. Mover.rename runs them again under its reservations (what changed in between).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from .backend import BackendProtocol
+from .hierarchy import refusal
+from .mailops import TransferError
+from .routing import MailboxMap
+
+__all__ = ["checked", "refused_before"]
+
+
+class Mover(Protocol):
+    """What of mover.Mover the checks use (mover.py imports this module)."""
+
+    mailbox_map: MailboxMap
+    user: str
+
+    @property
+    def connect(self) -> Callable[[str], Awaitable[BackendProtocol]]: ...
+
+    async def plan(self, src: BackendProtocol, old: str, new: str) -> list[tuple[str, str]]: ...
+
+    async def check(self, src: BackendProtocol, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None: ...
+
+
+async def checked(mover: Mover, conns: list[BackendProtocol], old: str, new: str, src_name: str,
+                  dst_name: str) -> tuple[BackendProtocol, BackendProtocol, list[tuple[str, str]]]:
+    """Connect to both backends (appended to *conns*), check the move: its (src, dst, pairs), or
+    TransferError saying why it is refused (a child elsewhere, the source absent, ...)."""
+    src = await mover.connect(src_name)
+    conns.append(src)
+    dst = await mover.connect(dst_name)
+    conns.append(dst)
+    refused = await refusal(mover.mailbox_map, mover.user, old, src_name, mover.connect) if new != old else None
+    if refused:
+        raise TransferError(refused)
+    pairs = await mover.plan(src, old, new)
+    await mover.check(src, dst, pairs)
+    return src, dst, pairs
+
+
+async def refused_before(mover: Mover, old: str, new: str, src_name: str, dst_name: str) -> None:
+    """Raise Mover.rename's TransferError if its checks fail now; anything else (a backend down)
+    is left for Mover.rename to meet and answer as it does."""
+    conns: list[BackendProtocol] = []
+    try:
+        await checked(mover, conns, old, new, src_name, dst_name)
+    except TransferError:
+        raise
+    except Exception:  # noqa: BLE001 -- the move itself meets it again, and says so
+        return
+    finally:
+        for conn in conns:
+            conn.logout()
