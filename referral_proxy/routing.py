@@ -155,6 +155,9 @@ class MailboxMap:
         self.on_step = on_step  # called after each journal write (tests inject faults here)
         self._owner = process_owner()
         self._placements: dict[tuple[str, str], tuple[str, ...]] = {}
+        # the same, by user: a LIST asks for one user's placements, which must not cost a walk of all
+        # users' (a fleet after a migration holds hundreds of thousands)
+        self._by_user: dict[str, dict[str, tuple[str, ...]]] = {}
         self._changes = 0
         self._held: dict[str, list[tuple[int, Reservation]]] = {}
         # entries as first seen here, (number from 1, user, reservations): relocation.py ends the sessions
@@ -200,7 +203,10 @@ class MailboxMap:
     def _apply(self, snapshot: Snapshot) -> None:
         if snapshot.placements != self._placements:
             self._changes += 1
-        self._placements = dict(snapshot.placements)
+            self._placements = dict(snapshot.placements)
+            self._by_user = {}
+            for (u, m), backends in self._placements.items():
+                self._by_user.setdefault(u, {})[m] = backends
         held: dict[str, list[tuple[int, Reservation]]] = {}
         for entry_id, user, r in snapshot.reservations:
             held.setdefault(user, []).append((entry_id, r))
@@ -275,8 +281,8 @@ class MailboxMap:
         self._refresh()
         user = self.canonical(user)
         found = [self.home(user).primary]
-        for (u, m), backends in self._placements.items():
-            if u == user and not m.startswith(OLD_HOME_PREFIX):
+        for m, backends in self._by_user.get(user, {}).items():
+            if not m.startswith(OLD_HOME_PREFIX):
                 found.append(backends[0])
         reaches_default = True
         for rule_user, rule in self._rules:
@@ -297,7 +303,7 @@ class MailboxMap:
         self._refresh()
         user = self.canonical(user)
         prefix = normalize(mailbox, self.separator) + self.separator
-        found = [b[0] for (u, m), b in self._placements.items() if u == user and m.startswith(prefix)]
+        found = [b[0] for m, b in self._by_user.get(user, {}).items() if m.startswith(prefix)]
         prefix = rule_form(prefix)  # placements are names as sent; rules meet names in Unicode
         for rule_user, rule in self._rules:
             if rule_user is not None and rule_user != user:
@@ -319,19 +325,25 @@ class MailboxMap:
         backends = tuple(backends)
         await self._store.set(user, mailbox, backends)
         self._placements[(user, mailbox)] = backends
+        self._by_user.setdefault(user, {})[mailbox] = backends
         self._changes += 1
 
     async def unplace(self, user: str, mailbox: str) -> None:
         user, mailbox = self.canonical(user), normalize(mailbox, self.separator)
         await self._store.unset(user, mailbox)
         self._placements.pop((user, mailbox), None)
+        mine = self._by_user.get(user)
+        if mine is not None:
+            mine.pop(mailbox, None)
+            if not mine:
+                del self._by_user[user]
         self._changes += 1
 
     def placements(self, user: str) -> dict[str, tuple[str, ...]]:
         """*user*'s mailboxes placed by name (not the old homes' records: :meth:`old_homes`)."""
         self._refresh()
         user = self.canonical(user)
-        return {m: b for (u, m), b in self._placements.items() if u == user and not m.startswith(OLD_HOME_PREFIX)}
+        return {m: b for m, b in self._by_user.get(user, {}).items() if not m.startswith(OLD_HOME_PREFIX)}
 
     def placed_on(self, backends: set[str]) -> list[tuple[str, str, tuple[str, ...]]]:
         """Every placement (old homes' records too) naming one of *backends*: (user, mailbox, its backends)."""
@@ -354,8 +366,9 @@ class MailboxMap:
         self._refresh()
         user = None if user is None else self.canonical(user)
         found = []
-        for (u, m), _b in self._placements.items():
-            if m.startswith(OLD_HOME_PREFIX) and (user is None or u == user):
+        named = self._placements if user is None else {(user, m): b for m, b in self._by_user.get(user, {}).items()}
+        for (u, m), _b in named.items():
+            if m.startswith(OLD_HOME_PREFIX):
                 backend, _, until = m[len(OLD_HOME_PREFIX):].rpartition("/")
                 if backend and until.isdigit():
                     found.append(OldHome(u, backend, int(until), m))

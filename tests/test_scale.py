@@ -9,28 +9,39 @@ makes (``sys.setprofile`` sees every C call: ``str.startswith`` and friends) for
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from referral_proxy.config import MapConfig, RuleConfig
 from referral_proxy.listing import ListEntry, merge
 from referral_proxy.proxyproto import BACKLOG, listen_endpoint
+from referral_proxy.routing import MailboxMap
 
 
-def _c_calls(work: Callable[[], object]) -> int:
-    calls = 0
+def _count(kind: str, work: Callable[[], object]) -> int:
+    """How many *kind* events *work* makes: "c_call" (every C call: str.startswith and friends,
+    seen by sys.setprofile) or "line" (Python lines, a loop's body once per pass: sys.settrace)."""
+    count = 0
 
-    def profile(_frame: object, event: str, _arg: object) -> None:
-        nonlocal calls
-        if event == "c_call":
-            calls += 1
+    def hook(_frame: Any, event: str, _arg: object) -> Any:
+        nonlocal count
+        if event == kind:
+            count += 1
+        return hook
 
-    sys.setprofile(profile)
+    setter = sys.setprofile if kind == "c_call" else sys.settrace
+    setter(hook)
     try:
         work()
     finally:
-        sys.setprofile(None)
-    return calls
+        setter(None)
+    return count
+
+
+def _c_calls(work: Callable[[], object]) -> int:
+    return _count("c_call", work)
 
 
 def _entries(n: int) -> list[ListEntry]:
@@ -91,3 +102,37 @@ def test_client_listeners_queue_a_reconnect_storm() -> None:
         finally:
             port.stopListening()
     assert BACKLOG >= 511
+
+
+def _lines(work: Callable[[], object]) -> int:
+    return _count("line", work)
+
+
+def _map_with_others(others: int) -> MailboxMap:
+    """carol with three placed mailboxes and an old home, beside *others* users' placements."""
+    mailbox_map = MailboxMap(MapConfig(default="b1", rules=(RuleConfig("Far*", ("b2",)),)))
+
+    async def fill() -> None:
+        for name, backend in (("Work", "b2"), ("Work/Sub", "b3"), ("Old", "b3")):
+            await mailbox_map.place("carol", name, [backend])
+        await mailbox_map.watch_old_home("carol", "b3")
+        for i in range(others):
+            await mailbox_map.place(f"user{i}", f"Box{i}", ["b2"])
+
+    asyncio.run(fill())
+    return mailbox_map
+
+
+def test_a_users_placements_do_not_cost_a_walk_of_everyones() -> None:
+    """Every LIST asks which backends may own the user's mailboxes: that walked every user's
+    placements (a fleet after a migration holds hundreds of thousands). 100x the other users'
+    placements must not cost more lines of Python for carol's questions."""
+    def ask(m: MailboxMap) -> None:
+        assert m.backends_for("carol") == ["b1", "b2", "b3"]
+        assert m.backends_under("carol", "Work") == ["b3", "b1"]
+        assert set(m.placements("carol")) == {"Work", "Work/Sub", "Old"}
+        assert [h.backend for h in m.old_homes("carol")] == ["b3"]
+
+    few, many = _map_with_others(20), _map_with_others(2000)
+    ask(few), ask(many)  # first calls fill caches (a user name's canonical form)
+    assert _lines(lambda: ask(many)) <= _lines(lambda: ask(few)) + 10
