@@ -130,6 +130,7 @@ _ASIDE = "referral-proxy-aside-"  # staging.ASIDE_PREFIX: a mailbox move reserve
 OLD_HOME_PREFIX = _ASIDE + "oldhome/"
 LEASE_MARGIN = 0.5  # a write that took longer than this share of the lease may have lost it (record_before_commit)
 MOVES_KEPT = 256  # journal entries remembered as begun, per process (relocation.py looks once a second)
+BACKENDS_KEPT = 10_000  # users whose backends_for is kept at once (cleared whole past it)
 OLD_HOME_WATCH = 3 * 24 * 3600  # seconds mail reaching an old home is carried (a weekend, and some)
 
 
@@ -159,6 +160,8 @@ class MailboxMap:
         # users' (a fleet after a migration holds hundreds of thousands)
         self._by_user: dict[str, dict[str, tuple[str, ...]]] = {}
         self._changes = 0
+        self._backends_known: dict[str, tuple[str, ...]] = {}  # backends_for, by user name as asked
+        self._backends_seen = -1  # the count of changes _backends_known was made at
         self._held: dict[str, list[tuple[int, Reservation]]] = {}
         # entries as first seen here, (number from 1, user, reservations): relocation.py ends the sessions
         # a mailbox move takes a selected mailbox from, whether or not the move is still on when it looks
@@ -186,6 +189,7 @@ class MailboxMap:
 
     def reconfigure(self, config: MapConfig) -> None:
         """Swap in new rules (SIGHUP); placements are kept."""
+        self._backends_seen = -1
         self._config = config
         self._default = Route((config.default,))  # one value, shared by every lookup the rules leave to it
         self._rules = [(None if r.user is None else canonical_user(r.user, config.username_format),
@@ -277,9 +281,19 @@ class MailboxMap:
         return self._default
 
     def backends_for(self, user: str) -> list[str]:
-        """Primary backends that may own any of *user*'s mailboxes, home first."""
+        """Primary backends that may own any of *user*'s mailboxes, home first (every LIST asks:
+        kept per user name until the placements or the rules change)."""
         self._refresh()
-        user = self.canonical(user)
+        if self._backends_seen != self._changes:
+            self._backends_seen, self._backends_known = self._changes, {}
+        found = self._backends_known.get(user)
+        if found is None:
+            if len(self._backends_known) >= BACKENDS_KEPT:
+                self._backends_known.clear()
+            found = self._backends_known[user] = self._backends_for(self.canonical(user))
+        return list(found)
+
+    def _backends_for(self, user: str) -> tuple[str, ...]:
         found = [self.home(user).primary]
         for m, backends in self._by_user.get(user, {}).items():
             if not m.startswith(OLD_HOME_PREFIX):
@@ -294,7 +308,7 @@ class MailboxMap:
                 break
         if reaches_default:
             found.append(self._config.default)
-        return list(dict.fromkeys(found))
+        return tuple(dict.fromkeys(found))
 
     def backends_under(self, user: str, mailbox: str) -> list[str]:
         """Primary backends that may own a mailbox inside *mailbox* (``mailbox/...``): those of the

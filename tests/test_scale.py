@@ -18,6 +18,7 @@ from referral_proxy.config import MapConfig, RuleConfig
 from referral_proxy.listing import ListEntry, merge
 from referral_proxy.proxyproto import BACKLOG, listen_endpoint
 from referral_proxy.routing import MailboxMap
+from referral_proxy.store import SQLiteStore
 
 
 def _count(kind: str, work: Callable[[], object]) -> int:
@@ -136,3 +137,24 @@ def test_a_users_placements_do_not_cost_a_walk_of_everyones() -> None:
     few, many = _map_with_others(20), _map_with_others(2000)
     ask(few), ask(many)  # first calls fill caches (a user name's canonical form)
     assert _lines(lambda: ask(many)) <= _lines(lambda: ask(few)) + 10
+
+
+def test_backends_for_follows_every_change_of_the_map(tmp_path) -> None:
+    """backends_for is kept per user: a placement made or dropped here, by another process on the
+    same store, or new rules (SIGHUP) must show at once (a stale answer hides mail from a LIST)."""
+    config = MapConfig(default="b1")
+    here = MailboxMap(config, SQLiteStore(tmp_path / "map.sqlite3"))
+    there = MailboxMap(config, SQLiteStore(tmp_path / "map.sqlite3"))
+    here.start(), there.start()
+    assert here.backends_for("Carol") == ["b1"]
+    asyncio.run(here.place("carol", "Work", ["b2"]))
+    assert here.backends_for("Carol") == ["b1", "b2"] == here.backends_for("carol")
+    asyncio.run(there.place("CAROL", "Far", ["b3"]))
+    assert here.backends_for("Carol") == ["b1", "b2", "b3"]
+    asyncio.run(there.unplace("carol", "Work"))
+    assert here.backends_for("Carol") == ["b1", "b3"]
+    here.reconfigure(MapConfig(default="b1", rules=(RuleConfig("*", ("b4",), user="carol"),)))
+    assert here.backends_for("Carol") == ["b4", "b3"]
+    answer = here.backends_for("Carol")
+    answer.append("mine")  # a caller's list is its own
+    assert here.backends_for("Carol") == ["b4", "b3"]
