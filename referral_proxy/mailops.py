@@ -9,8 +9,10 @@ it, bytes beyond ASCII kept with surrogateescape).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from twisted.logger import Logger
 
@@ -26,7 +28,7 @@ from .routing import normalize
 __all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants"]
+           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants", "saved_since"]
 
 log = Logger()
 
@@ -248,6 +250,45 @@ async def still_there(conn: BackendProtocol, uids: Sequence[int]) -> list[int]:
     asked = set(uids)
     found, _ = await search_uids(conn, b"UID " + uid_set(sorted(asked)))
     return [u for u in found if u in asked]
+
+
+async def saved_since(conn: BackendProtocol, uids: Sequence[int], since: float) -> list[int]:
+    """Those of *uids* (selected mailbox) saved to it at or after *since* (a Unix time), by their
+    SAVEDATE (RFC 8514: when appended, copied or moved there; to the second). A backend without
+    SAVEDATE, or a message without one (NIL), names none: what cannot be dated is not new."""
+    if not uids or "SAVEDATE" not in conn.capabilities:
+        return []
+    result = await run_ok(conn, b"UID FETCH " + uid_set(uids) + b" (UID SAVEDATE)", "FETCH")
+    found = []
+    for r in result.responses:
+        uid, date = _UID.search(r.raw), _SAVEDATE.search(r.raw)
+        if uid is None or date is None:
+            continue
+        when = _date_time(date.group(1))
+        if when is not None and when >= since:
+            found.append(int(uid.group(1)))
+    return sorted(found)
+
+
+_UID = re.compile(rb"[( ]UID (\d+)")
+_SAVEDATE = re.compile(rb'SAVEDATE "([^"]+)"')
+_DATE_TIME = re.compile(rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
+_MONTHS = {m: i for i, m in enumerate(b"JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), 1)}
+
+
+def _date_time(text: bytes) -> float | None:
+    """An IMAP date-time (``" 2-Dec-2026 13:38:09 +0000"``) as a Unix time; None if it is not one
+    (read by hand: strptime's month names follow the locale)."""
+    m = _DATE_TIME.match(text)
+    month = _MONTHS.get(m.group(2).upper()) if m else None
+    if m is None or month is None:
+        return None
+    d, _mon, y, hh, mm, ss, sign, zh, zm = m.groups()
+    offset = timedelta(hours=int(zh), minutes=int(zm)) * (1 if sign == b"+" else -1)
+    try:
+        return datetime(int(y), month, int(d), int(hh), int(mm), int(ss), tzinfo=timezone(offset)).timestamp()
+    except ValueError:
+        return None
 
 
 async def named_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tuple[list[int], list[bytes]]:

@@ -29,6 +29,7 @@ from .mailops import (
     list_mailboxes,
     open_mailbox,
     same_mailbox,
+    saved_since,
     search_uids,
     still_there,
 )
@@ -37,6 +38,10 @@ from .transfer import find_copies, hash_messages, hashes_present
 
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 log = Logger()
+
+#: Seconds before a move's beginning a copy saved elsewhere still counts as moved on by a client:
+#: SAVEDATE is to the second, and the backend's clock is not the proxy's.
+SAVEDATE_SLACK = 2.0
 
 __all__ = ["finish_message_move", "came_back", "moved_on", "unvouched"]
 
@@ -72,8 +77,15 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
         found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
                                   data["hashes"], clock=clock) or await _made_anew(dst, data)
         if not found:
+            moved = await _committed_then_moved_on(entry, mailbox_map, src, dst, connect, sent, src_uids)
+            if not moved:
+                await mailbox_map.end_move(entry)
+                return "the destination never committed: nothing moved"
+            data["present"], data["vanished_dst"] = uid_set(moved).decode(), ""
+            await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
+            await expunge_uids(src, moved)
             await mailbox_map.end_move(entry)
-            return "the destination never committed: nothing moved"
+            return f"finished: {len(moved)} message(s) removed from the source (their copies were moved on)"
         pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
     if not await exists(dst, data["dst_mailbox"]):
         await mailbox_map.end_move(entry)
@@ -109,6 +121,48 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     await mailbox_map.end_move(entry)
     left = f"; {len(unfound) - len(rest)} left where clients put them and their copies" if len(unfound) > len(rest) else ""
     return f"finished: {len(present)} message(s) removed from the source{left}"
+
+
+async def _committed_then_moved_on(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
+                                   dst: BackendProtocol, connect: Connect | None, sent: dict[int, str],
+                                   src_uids: Sequence[int]) -> list[int]:
+    """The MULTIAPPEND's outcome unknown and none of its copies above the recorded UIDNEXT: it never
+    committed, or it did and a client moved every copy on before recovery came (soak, seed 41049:
+    taken for "never committed", the source kept: the messages twice). It can have committed only if
+    the destination has, from that UIDNEXT, as many consecutive UIDs as it sent that no message holds
+    now (it saves all or nothing, on consecutive UIDs). Then a source message goes if its content was
+    saved somewhere the user sees since the move began (SAVEDATE, RFC 8514; a copy made before, a
+    client's own, vouches for nothing). Returns the source UIDs to expunge; the source selected again."""
+    data = entry.data
+    if not await _room_for_copies(dst, data, len(src_uids)):
+        return []
+    still = await still_there(src, src_uids)
+    mine, _ = await fetch_infos(src, still)
+    since = entry.created - SAVEDATE_SLACK
+    moved = await _moved_on_anywhere(mailbox_map, entry.user, src, data["src_mailbox"], dst, data["dst_mailbox"],
+                                     connect, mine, sent, collections.Counter(), saved_after=since)
+    await _reselect_source(src, data)
+    return sorted(moved)
+
+
+async def _room_for_copies(dst: BackendProtocol, data: dict, n: int) -> bool:
+    """Whether *n* consecutive UIDs from the recorded UIDNEXT up to the destination's UIDNEXT now are
+    free (saved and expunged since, or never given): room for a committed MULTIAPPEND's copies."""
+    if not n or not await exists(dst, data["dst_mailbox"]):
+        return False
+    state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
+    try:
+        if state.uidvalidity != data["dst_validity"]:
+            return False
+        held, _ = await search_uids(dst, b"UID %d:*" % data["dst_uidnext"])
+        taken, run = set(held), 0
+        for uid in range(data["dst_uidnext"], state.uidnext):
+            run = 0 if uid in taken else run + 1
+            if run >= n:
+                return True
+        return False
+    finally:
+        await dst.deselect()
 
 
 async def _ours_elsewhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,
@@ -185,7 +239,7 @@ async def _made_anew(dst: BackendProtocol, data: dict) -> dict[int, int]:
 async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendProtocol, src_mailbox: str,
                              dst: BackendProtocol, dst_mailbox: str, connect: Connect | None,
                              mine: Sequence[MessageInfo], sent: dict[int, str],
-                             kept: collections.Counter[str]) -> list[int]:
+                             kept: collections.Counter[str], saved_after: float | None = None) -> list[int]:
     """moved_on over the source's, the destination's and every other backend the user's mailboxes may
     live on (a copy moved on by a cross-server MOVE of its own lands on a third one). *kept*: copies
     in *dst_mailbox*, which count only if the map sends that name to *dst* (else moved_on skips them;
@@ -204,7 +258,7 @@ async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendPro
             return mailbox_map.lookup(user, mailbox).primary == backend
 
         seen = kept if routed(dst.name, dst_mailbox) else collections.Counter()
-        return await moved_on([dst, src, *conns], src, src_mailbox, mine, sent, seen, routed)
+        return await moved_on([dst, src, *conns], src, src_mailbox, mine, sent, seen, routed, saved_after)
     finally:
         for conn in conns:
             conn.logout()
@@ -228,14 +282,16 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
 
 async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_mailbox: str,
                    mine: Sequence[MessageInfo], sent: dict[int, str], kept: collections.Counter[str],
-                   routed: Callable[[str, str], bool] = lambda _backend, _name: True) -> list[int]:
+                   routed: Callable[[str, str], bool] = lambda _backend, _name: True,
+                   saved_after: float | None = None) -> list[int]:
     """Of source messages (*mine*) whose committed copy left the destination before recovery, those
     whose content (size, then sha256) is in some other mailbox of *conns*' backends (the source's,
     the destination's, and every other backend the user's mailboxes may live on), one that
     *routed(backend, name)* says the map sends there (a copy out of every client's sight vouches
     for nothing): a client moved the copy on, so the source's message goes (else it is there twice).
     A copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
-    *kept*: the hashes of the copies still at the destination (found there, they vouch for none)."""
+    *kept*: the hashes of the copies still at the destination (found there, they vouch for none).
+    *saved_after*: only messages saved to their mailbox since then count (mailops.saved_since)."""
     sizes = {i.size for i in mine}
     if not sizes:
         return []
@@ -248,6 +304,8 @@ async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_m
                 continue
             if (await open_mailbox(conn, name, readonly=True)).messages:
                 uids, _ = await search_uids(conn, b"LARGER %d SMALLER %d" % (min(sizes) - 1, max(sizes) + 1))
+                if saved_after is not None:
+                    uids = await saved_since(conn, uids, saved_after)
                 infos, _ = await fetch_infos(conn, uids)
                 found.update((await hashes_present(conn, [i.uid for i in infos if i.size in sizes])).values())
             await conn.deselect()

@@ -7,6 +7,7 @@ and by what a client of the proxy can reach, never by the proxy's own answers.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from imapwire import Wire, at_once
@@ -31,6 +32,7 @@ from movecheck import (
 )
 from storehelp import now
 
+from referral_proxy import movefinish
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -578,6 +580,15 @@ def _state(backend, mailbox: str) -> tuple[int, int]:
         return int(words[words.index("UIDVALIDITY") + 1]), int(words[words.index("UIDNEXT") + 1])
 
 
+def _killed_move_data(fleet, uids: str) -> dict:
+    """The journal data of a MOVE of Work's *uids* (b1) to Shared/Dest (b3) killed at move-appending,
+    its hashes journaled: the MULTIAPPEND's outcome unknown (movecheck.journal_killed_move)."""
+    validity, uidnext = _state(fleet["b3"], "Shared/Dest")
+    return {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": uids,
+            "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
+            "hashes": _hashes(fleet["b1"], "Work", uids)}
+
+
 def _rolled_back_by_recovery(proxy, data: dict) -> None:
     """A whole-user move of carol's journaled at copying by a process now gone, then `recover`."""
     from referral_proxy.journal import Reservation, Step
@@ -637,12 +648,9 @@ def test_a_move_in_flight_is_found_by_content_and_finished(proxy_factory, fleet,
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     proxy = proxy_factory(MASTERS, rules=RULES)
-    validity, uidnext = _state(fleet["b3"], "Shared/Dest")
+    data = _killed_move_data(fleet, "2:4")
     if committed:
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
-    data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "2:4",
-            "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
-            "hashes": _hashes(fleet["b1"], "Work", "2:4")}
     if committed == "moved meanwhile":  # another client moved one of them away before the crash
         with fleet["b1"].client("carol") as m:
             m.create("Other")
@@ -675,10 +683,7 @@ def test_a_message_another_client_moved_to_the_destination_is_not_taken_for_the_
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     proxy = proxy_factory(MASTERS, rules=RULES)
-    validity, uidnext = _state(fleet["b3"], "Shared/Dest")
-    data = {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": "3",
-            "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
-            "hashes": _hashes(fleet["b1"], "Work", "3")}
+    data = _killed_move_data(fleet, "3")
     journal_killed_move(proxy, data)
     _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "3")  # the other client's move, then its expunge
     with fleet["b1"].client("carol") as m:
@@ -689,6 +694,51 @@ def test_a_message_another_client_moved_to_the_destination_is_not_taken_for_the_
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
     assert census(fleet, "carol")[1][work[2]] == [("b3", "Shared/Dest")]
+
+
+@pytest.mark.parametrize("then", ["committed, moved on", "never committed, an old copy elsewhere"])
+def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along(proxy_factory, fleet, then):
+    """A MOVE cut off with its MULTIAPPEND's outcome unknown, which committed; before recovery another
+    client moves every copy on (Shared/Dest -> Shared/Other). Recovery found no copy by content above
+    the recorded UIDNEXT, said "never committed" and kept the sources: the messages twice (soak, seed
+    41049). Never committed, the destination's new UIDs taken and expunged by another client (room
+    for the copies) and a copy of work-2 saved elsewhere before the move began: the sources stay."""
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    seed(fleet["b3"], "carol", "Shared/Other", [])
+    if then != "committed, moved on":
+        _copy_directly(fleet, "b1", "Work", "b3", "Shared/Other", "3")  # the user's own, long before
+        time.sleep(movefinish.SAVEDATE_SLACK + 1.5)  # SAVEDATE is to the second
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    data = _killed_move_data(fleet, "2:4")
+    uidnext = data["dst_uidnext"]
+    journal_killed_move(proxy, data)
+    if then == "committed, moved on":
+        _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")  # what the MULTIAPPEND saved
+        moved_to = "Shared/Other"
+    else:
+        seed(fleet["b3"], "carol", "Shared/Dest", ids("passing", 3))  # another client's, expunged again
+        moved_to = "Shared/Gone"
+    with fleet["b3"].client("carol") as m:
+        m.create(quote(moved_to))
+        m.select(quote("Shared/Dest"))
+        assert m.uid("MOVE", f"{uidnext}:*", quote(moved_to))[0] == "OK"
+        if moved_to == "Shared/Gone":
+            assert m.delete(quote(moved_to))[0] == "OK"
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    if then == "committed, moved on":
+        assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
+        _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+        assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Other")}
+    else:
+        assert "never committed" in recovered.stdout, recovered.stdout
+        assert counts == {**{i: 1 for i in work + ids("there", 2)}, work[2]: 2}, where
+        assert sorted(where[work[2]]) == [("b1", "Work"), ("b3", "Shared/Other")]
+    assert _no_entries(proxy)
+
 
 def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
     from referral_proxy.journal import Reservation
