@@ -75,9 +75,19 @@ def held_by(session: Any, moves: Moves, mailbox_map: MailboxMap) -> str | None:
     name = normalize(mailbox.decode("utf-8", "surrogateescape"), sep)
     since = session.mailboxes.selected_since
     for number, who, reservations in moves:
-        if number > since and who == user and any(not r.shared and covers(r, name, sep) for r in reservations):
+        if number > since and who == user and any(not r.shared and covers(r, name, sep) and not kept_inbox(r, reservations)
+                                                  for r in reservations):
             return "selected mailbox"
     return None
+
+
+def kept_inbox(r: Reservation, reservations: tuple[Reservation, ...]) -> bool:
+    """*r* is INBOX held by a client's ``RENAME INBOX new`` (mover.py: INBOX alone, beside its aside name
+    and a new name): RFC 3501 6.3.5 moves INBOX's messages and leaves INBOX where it is, never set aside
+    nor given to another backend, so a session with it selected stays, and sees the messages expunged, as
+    from Dovecot. An admin ``move user INBOX b`` holds INBOX and its aside name only: the home moves."""
+    return r.name == "INBOX" and not r.subtree and any(
+        o.name is not None and o.name != "INBOX" and not o.name.startswith(_ASIDE) for o in reservations)
 
 
 def between_commands(session: Any) -> bool:
