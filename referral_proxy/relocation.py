@@ -31,8 +31,9 @@ from twisted.logger import Logger
 from .journal import Reservation, covers
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX
+from .store import SQLiteStore
 
-__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE"]
+__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within"]
 
 log = Logger()
 
@@ -88,6 +89,15 @@ def kept_inbox(r: Reservation, reservations: tuple[Reservation, ...]) -> bool:
     from Dovecot. An admin ``move user INBOX b`` holds INBOX and its aside name only: the home moves."""
     return r.name == "INBOX" and not r.subtree and any(
         o.name is not None and o.name != "INBOX" and not o.name.startswith(_ASIDE) for o in reservations)
+
+
+def seen_within(workers: int, store: object) -> float:
+    """Seconds a client's RENAME across waits, from its begin, before it sets a source aside (mover.py): the
+    other workers on an SQLite map read it only when they look (a lookup, or this watch once a second), so a
+    short move could begin and end unseen, and their sessions stay selected in a mailbox set aside, then made
+    anew under its name (Dovecot: NO [SERVERBUG], or the connection dropped). PostgreSQL's begin waits for
+    the others to have read it (settle); one process alone sees its own moves begin."""
+    return CHECK_SECONDS + 0.25 if workers > 1 and isinstance(store, SQLiteStore) else 0.0
 
 
 def between_commands(session: Any) -> bool:
