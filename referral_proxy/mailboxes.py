@@ -35,6 +35,7 @@ from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .moveview import status_during_move
 from .pool import BackendPool
 from .relay import Relay
+from .relocation import seen_within
 from .renamecheck import refused_before
 from .routing import MailboxMap, Route
 from .staging import is_private_name
@@ -478,7 +479,8 @@ class MailboxCommands:
                 "utf-8", "surrogateescape") + sep + "x", sep):  # it, or one under it
             raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
-                      answer_within=ANSWER_WITHIN)
+                      answer_within=ANSWER_WITHIN,
+                      seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store))
         try:
             await refused_before(mover, text, new.decode("utf-8", "surrogateescape"), old_route.primary,
                                  new_route.primary)  # a RENAME its checks refuse holds no name (BYEs no session)

@@ -134,6 +134,10 @@ class Mover:
     clock: Any = None  # IReactorTime, for the waits below (None: none)
     answer_within: float | None = None  # return this many seconds past the commit point, finishing behind (None: wait)
     left_to_recovery: bool = field(default=False, init=False)  # a failure whose roll-back failed too (journaled)
+    # seconds past its begin before which no source is set aside: the other processes on the store that see a
+    # move only when they look (relocation.seen_within) end their sessions that have one selected first
+    seen_by_others: float = 0.0
+    _began_at: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.user = self.mailbox_map.canonical(self.user)
@@ -204,6 +208,7 @@ class Mover:
             raise TransferError("[INUSE] Mailbox is being moved or renamed by another command; try again shortly") from None
         except StoreUnavailable:
             raise TransferError(UNAVAILABLE) from None
+        self._began_at = self.clock.seconds() if self.clock is not None else None
         conns: list[BackendProtocol] = []
         result = MoveResult()
         try:
@@ -491,6 +496,7 @@ class Mover:
                                  "moved to {dst}, carried there later: oldhome.py)", id=entry.id, b=src.name,
                                  n=len(left), dst=data["dst"])
                     return await self._drained(entry, i)
+                await self._seen()
                 await src.deselect()  # a mailbox selected on this connection cannot be renamed
                 await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
             elif old == "INBOX" or not await exists(src, aside):
@@ -502,6 +508,14 @@ class Mover:
         if old == data["pairs"][i][1]:  # moved, not renamed: the name is subscribed at its new backend now
             await src.command(b"UNSUBSCRIBE " + name_arg(old))
         await self._drained(entry, i)
+
+    async def _seen(self) -> None:
+        """Wait until seen_by_others seconds have passed since the move began (a source is set aside next)."""
+        if self._began_at is None or self.clock is None:
+            return
+        left = self._began_at + self.seen_by_others - self.clock.seconds()
+        if left > 0:
+            await task.deferLater(self.clock, left, lambda: None)
 
     async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                             aside: str) -> None:

@@ -31,8 +31,9 @@ from twisted.logger import Logger
 from .journal import Reservation, covers
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX
+from .store import SQLiteStore
 
-__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE"]
+__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within"]
 
 log = Logger()
 
@@ -75,9 +76,28 @@ def held_by(session: Any, moves: Moves, mailbox_map: MailboxMap) -> str | None:
     name = normalize(mailbox.decode("utf-8", "surrogateescape"), sep)
     since = session.mailboxes.selected_since
     for number, who, reservations in moves:
-        if number > since and who == user and any(not r.shared and covers(r, name, sep) for r in reservations):
+        if number > since and who == user and any(not r.shared and covers(r, name, sep) and not kept_inbox(r, reservations)
+                                                  for r in reservations):
             return "selected mailbox"
     return None
+
+
+def kept_inbox(r: Reservation, reservations: tuple[Reservation, ...]) -> bool:
+    """*r* is INBOX held by a client's ``RENAME INBOX new`` (mover.py: INBOX alone, beside its aside name
+    and a new name): RFC 3501 6.3.5 moves INBOX's messages and leaves INBOX where it is, never set aside
+    nor given to another backend, so a session with it selected stays, and sees the messages expunged, as
+    from Dovecot. An admin ``move user INBOX b`` holds INBOX and its aside name only: the home moves."""
+    return r.name == "INBOX" and not r.subtree and any(
+        o.name is not None and o.name != "INBOX" and not o.name.startswith(_ASIDE) for o in reservations)
+
+
+def seen_within(workers: int, store: object) -> float:
+    """Seconds a client's RENAME across waits, from its begin, before it sets a source aside (mover.py): the
+    other workers on an SQLite map read it only when they look (a lookup, or this watch once a second), so a
+    short move could begin and end unseen, and their sessions stay selected in a mailbox set aside, then made
+    anew under its name (Dovecot: NO [SERVERBUG], or the connection dropped). PostgreSQL's begin waits for
+    the others to have read it (settle); one process alone sees its own moves begin."""
+    return CHECK_SECONDS + 0.25 if workers > 1 and isinstance(store, SQLiteStore) else 0.0
 
 
 def between_commands(session: Any) -> bool:

@@ -17,8 +17,9 @@ from typing import Protocol
 
 from .backend import BackendProtocol
 from .hierarchy import refusal
+from .journal import Reservation
 from .mailops import TransferError
-from .routing import MailboxMap
+from .routing import MailboxMap, normalize
 
 __all__ = ["checked", "refused_before"]
 
@@ -55,11 +56,21 @@ async def checked(mover: Mover, conns: list[BackendProtocol], old: str, new: str
 
 async def refused_before(mover: Mover, old: str, new: str, src_name: str, dst_name: str) -> None:
     """Raise Mover.rename's TransferError if its checks fail now; anything else (a backend down)
-    is left for Mover.rename to meet and answer as it does."""
+    is left for Mover.rename to meet and answer as it does.
+
+    A refusal while another operation holds one of the names is not given: the checks may have
+    seen that operation half done (helper attack17: ``RENAME A FarB`` had created FarB on b2 and not
+    yet emptied A when ``RENAME FarB A`` looked, and got NO [ALREADYEXISTS], an answer Dovecot, one
+    RENAME after the other, never gives: NONEXISTENT before, OK after). Mover.rename then meets the
+    holder: NO [INUSE] at once for a move under way, or it waits for a brief one and checks again."""
     conns: list[BackendProtocol] = []
     try:
         await checked(mover, conns, old, new, src_name, dst_name)
     except TransferError:
+        sep = mover.mailbox_map.separator
+        if mover.mailbox_map.holders(mover.user, [Reservation(old, subtree=normalize(old, sep) != "INBOX"),
+                                                  Reservation(new)]):
+            return
         raise
     except Exception:  # noqa: BLE001 -- the move itself meets it again, and says so
         return

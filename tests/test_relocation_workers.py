@@ -1,0 +1,61 @@
+"""With ``[proxy] workers = 2`` a session whose selected mailbox a RENAME across (made through the
+other worker) takes is told BYE, as on one worker (relocation.py).
+
+On main (helper attack17): session b (worker 1) SELECTs Work; session a (worker 0) RENAMEs it to
+Far/W (``Far*`` on b2), then CREATEs Work and APPENDs to it. The move began and ended between two
+looks of worker 1 at the SQLite map (a lookup, or its watch once a second), so b was never told:
+its next UID STORE got ``NO [SERVERBUG] Internal error`` or its connection was dropped without a
+word (Dovecot: ``duplicate transaction log sequence``: b's process still had the old Work's index
+open in the new Work). The RENAME now sets no source aside before the other workers have looked
+(relocation.seen_within). Judged by b's answers and a census of every backend."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from imapwire import Wire
+from movecheck import census, seed
+from test_workers import one_on_each
+
+from referral_proxy.relocation import BYE
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+RULES = [{"mailbox": "Far*", "backend": "b2"}, {"mailbox": "Shared*", "backend": "b3"}]
+ROUNDS = 3
+
+
+def _rest(w: Wire) -> bytes:
+    """What *w* was sent and has not read, until the proxy closes it or says nothing for 2 s."""
+    got, w.buf = w.buf, b""
+    w.sock.settimeout(2)
+    try:
+        while chunk := w.sock.recv(65536):
+            got += chunk
+    except OSError:
+        pass
+    return got
+
+
+def test_a_session_on_the_other_worker_with_a_mailbox_a_rename_takes_across_is_told_bye(proxy_factory, fleet):
+    proxy = proxy_factory(rules=RULES, workers=2)
+    msg = b"Message-Id: <new-%d@t>\r\nSubject: x\r\n\r\nhello\r\n"
+    for i in range(ROUNDS):
+        seed(fleet["b1"], "carol", f"Work{i}", [f"w{i}-{k}@t" for k in range(3)])
+        a, b = one_on_each(proxy, proxy.pid, "carol").values()
+        assert b.cmd(b"s", b"SELECT Work%d" % i)[-1].startswith(b"s OK")
+        assert a.cmd(b"a", b"RENAME Work%d Far/W%d" % (i, i))[-1].startswith(b"a OK")
+        m = msg % i
+        a.send(b"c CREATE Work%d\r\nd APPEND Work%d {%d+}\r\n%s\r\n" % (i, i, len(m), m))
+        assert a.until_tagged(b"d")[-1].startswith(b"d OK")
+        time.sleep(1.5)  # past the watch's next look (relocation.CHECK_SECONDS)
+        b.send(b"x UID STORE 1:* +FLAGS (\\Deleted)\r\ny EXPUNGE\r\n")
+        said = _rest(b)
+        assert b"* BYE " + BYE in said and b"x " not in said, said  # told, before anything reached the new Work
+        a.close()
+        b.close()
+    _counts, where = census(fleet, "carol")
+    for i in range(ROUNDS):
+        assert where[f"new-{i}@t"] == [("b1", f"Work{i}")], where
+        assert all(where[f"w{i}-{k}@t"] == [("b2", f"Far/W{i}")] for k in range(3)), where
