@@ -37,6 +37,7 @@ decided in one place, :meth:`AppendCommand._settle`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -148,6 +149,10 @@ def _unknown_answer(tag: bytes) -> bytes:
             b"the messages may or may not be there\r\n" % tag)
 
 
+def _no_turn() -> None:
+    """The turn of an APPEND made without one (tests)."""
+
+
 @dataclass(eq=False)  # compared (and hashed) by identity: a session keeps the unanswered ones
 class AppendCommand:
     """One APPEND from the client, from its first message to the client's answer."""
@@ -172,6 +177,7 @@ class AppendCommand:
     held: bytes = b""  # the message's arguments, sent to the backend with its literal's first bytes
     sent_whole: bool = False  # PASS/SINGLE: the final CRLF went to the backend (it may commit from then on)
     closing: bytes = b""  # after the streaming literal: b")" of an RFC 6855 ``UTF8 (~{n}...)``
+    turn: Callable[[], None] = _no_turn  # ends the mailbox's turn this APPEND holds (appendturns.py)
 
     def __post_init__(self) -> None:
         if "MULTIAPPEND" in self.conn.capabilities:

@@ -46,28 +46,52 @@ class FileTurns:
     def __init__(self, directory: str | Path, reactor: Any) -> None:
         self.directory, self.reactor = Path(directory), reactor
 
-    async def take(self, key: Hashable) -> Release:
+    def _open(self, key: Hashable) -> int:
         name = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        fd = os.open(self.directory / name, os.O_CREAT | os.O_RDWR, 0o600)
+        return os.open(self.directory / name, os.O_CREAT | os.O_RDWR, 0o600)
+
+    async def take(self, key: Hashable, mode: int = fcntl.LOCK_EX) -> Release:
+        """The lock (exclusive; *mode* LOCK_SH: shared with other shared holders), once it is free."""
+        fd = self._open(key)
         try:
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     await task.deferLater(self.reactor, POLL, lambda: None)
         except BaseException:  # cancelled (the session ended while it waited), or the directory is gone
             os.close(fd)
             raise
-        freed = False
+        return _closer(fd)
 
-        def release() -> None:
-            nonlocal freed
-            if not freed:
-                freed = True
-                os.close(fd)  # (closing drops the flock)
+    def try_share(self, key: Hashable) -> Release | None:
+        """The lock held shared at once, or None while another process holds it exclusive."""
+        try:
+            fd = self._open(key)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return _closer(fd)
 
-        return release
+    async def share(self, key: Hashable) -> Release:
+        return await self.take(key, fcntl.LOCK_SH)
+
+
+def _closer(fd: int) -> Release:
+    freed = False
+
+    def release() -> None:
+        nonlocal freed
+        if not freed:
+            freed = True
+            os.close(fd)  # (closing drops the flock)
+
+    return release
 
 
 def from_environment(reactor: Any) -> FileTurns | None:
