@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 
 from .append import AppendCommand
-from .appendturns import HELD, Held, append_turn, try_append_turn
+from .appendturns import HELD, Held, append_turn, may_begin, nothing, worker_turn
 from .backend import BackendProtocol
 from .flow import Block
 from .imap.reader import (
@@ -121,8 +121,8 @@ class Appends:
             self.host.send(line)
 
     def start(self, event: AppendStart) -> None:
-        """Route an APPEND to its mailbox's backend, hold its turn there (appendturns.py: no RENAME of
-        it or a parent on that backend meanwhile) and start streaming it there."""
+        """Route an APPEND to its mailbox's backend and start streaming it there, unless a RENAME of
+        it (or a parent) there holds its turn (appendturns.py: then after that RENAME)."""
         host = self.host
         assert host.pool is not None
         route = host.mailboxes.append_target(event.tag, event.mailbox)
@@ -132,14 +132,37 @@ class Appends:
         if route is HELD:
             return host.run(event.tag, self._in_turn(event))
         assert isinstance(route, Route)
-        turn = try_append_turn(host.ctx, route.primary, host.user or "", event.mailbox)
-        if turn is None:  # a RENAME holds it, or waits for it
-            return host.run(event.tag, self._in_turn(event))
-        pool = host.pool
-        conn = pool.fast(route.primary)
+        ctx = host.ctx
+        turn: Release = nothing  # (nearly always: one process, no RENAME in it)
+        if ctx.move_turns.states or ctx.worker_turns is not None:
+            user = host.user or ""
+            got = worker_turn(ctx, route.primary, user, event.mailbox) if may_begin(
+                ctx, route.primary, user, event.mailbox) else None
+            if got is None:  # a RENAME holds it, or waits for it
+                return host.run(event.tag, self._in_turn(event))
+            turn = got
+        conn = host.pool.fast(route.primary)
         if conn is not None:
             return self._begin(event, conn, turn)
         host.run(event.tag, self._connected(event, route, turn))
+
+    async def _connection(self, route: Route, turn: Release) -> BackendProtocol:
+        """The route's connection; if none comes, the turn ends and the command is not read on."""
+        assert self.host.pool is not None
+        try:
+            return await self.host.pool.ready_for(route)
+        except BaseException:
+            turn()
+            self.host.reader.drop()
+            raise
+
+    async def _connected(self, event: AppendStart, route: Route, turn: Release) -> None:
+        host = self.host
+        conn = await self._connection(route, turn)
+        if not may_begin(host.ctx, route.primary, host.user or "", event.mailbox):  # a RENAME came meanwhile
+            turn()
+            return await self._in_turn(event)
+        self._begin(event, conn, turn)
 
     async def _in_turn(self, event: AppendStart) -> None:
         """The APPEND once the RENAME (or the check) holding its mailbox let go, routed again (the
@@ -157,21 +180,14 @@ class Appends:
                     return self.after_answers(refused)
                 continue
             assert isinstance(route, Route)
-            turn = await append_turn(host.ctx, route.primary, host.user or "", event.mailbox)
-            again = host.mailboxes.append_target(event.tag, event.mailbox)
-            if isinstance(again, Route) and again.primary == route.primary:
-                return await self._connected(event, again, turn)
-            turn()  # it moved meanwhile: from the start
-
-    async def _connected(self, event: AppendStart, route: Route, turn: Release) -> None:
-        assert self.host.pool is not None
-        try:
-            conn = await self.host.pool.ready_for(route)
-        except BaseException:
-            turn()
-            self.host.reader.drop()
-            raise
-        self._begin(event, conn, turn)
+            mine, theirs = await append_turn(host.ctx, route.primary, host.user or "", event.mailbox)
+            try:  # no RENAME of it here begins while this process's turn is held: until the APPEND has begun
+                again = host.mailboxes.append_target(event.tag, event.mailbox)
+                if isinstance(again, Route) and again.primary == route.primary:
+                    return self._begin(event, await self._connection(again, theirs), theirs)
+                theirs()  # it moved meanwhile: from the start
+            finally:
+                mine()
 
     def _begin(self, event: AppendStart, conn: BackendProtocol, turn: Release) -> None:
         self.current = AppendCommand(self, event.tag, conn, event.mailbox, turn=turn)
@@ -202,7 +218,7 @@ class Appends:
             if cmd.client_gone():
                 owned.append(cmd.conn)
             else:
-                cmd.turn()
+                cmd.end_turn()
         return owned
 
     # -- AppendHost ---------------------------------------------------------------------------
@@ -234,7 +250,8 @@ class Appends:
             self.current = None
 
     def append_answered(self, cmd: AppendCommand) -> None:
-        cmd.turn()
+        if cmd.turn is not nothing:
+            cmd.end_turn()
         self.unanswered.discard(cmd)
         if not self.unanswered and self._after:
             lines, self._after = self._after, []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
+from functools import partial
 
 from twisted.internet import defer
 
@@ -33,15 +34,21 @@ class Turns:
     """First come, first served per key; a waiter cancelled (its session gone) is passed over."""
 
     def __init__(self) -> None:
-        self._keys: dict[Hashable, _Key] = {}  # key present: its turn is held (or waited for)
+        self.states: dict[Hashable, _Key] = {}  # key present: its turn is held exclusive or waited for (or was)
+        self._shared: dict[Hashable, int] = {}  # shared holders of keys not in states
+
+    def _state(self, key: Hashable) -> _Key:
+        state = self.states.get(key)
+        if state is None:
+            state = self.states[key] = _Key()
+            state.shared = self._shared.pop(key, 0)
+        return state
 
     def take(self, key: Hashable) -> defer.Deferred[Release]:
         """The exclusive turn: fires with the function that ends it (once, from any path: it may be
         called again), once nobody holds the turn, shared or not, and those before have had it."""
         d: defer.Deferred[Release] = defer.Deferred()
-        state = self._keys.get(key)
-        if state is None:
-            state = self._keys[key] = _Key()
+        state = self._state(key)
         if state.exclusive or state.shared or state.queue:
             state.queue.append((d, True))
         else:
@@ -50,14 +57,33 @@ class Turns:
         return d
 
     def try_share(self, key: Hashable) -> Release | None:
-        """The turn held shared at once, or None while an exclusive holder holds or waits for it."""
-        state = self._keys.get(key)
+        """The turn held shared at once, or None while an exclusive holder holds or waits for it.
+        The hot path of every APPEND (appendturns.py): uncontended, a count in a dict, no object
+        but the release (which must be called once: the caller sees to it)."""
+        state = self.states.get(key)
         if state is None:
-            state = self._keys[key] = _Key()
-        elif state.exclusive or state.queue:
+            shared = self._shared
+            shared[key] = shared.get(key, 0) + 1
+            return partial(self._unshare, key)
+        if state.exclusive or state.queue:
             return None
         state.shared += 1
         return self._release(key, state, False)
+
+    def _unshare(self, key: Hashable) -> None:
+        """The end of a shared turn taken with nobody else interested (_shared): a RENAME that came
+        meanwhile moved the count into its key's state."""
+        state = self.states.get(key)
+        if state is None:
+            shared = self._shared
+            left = shared[key] - 1
+            if left:
+                shared[key] = left
+            else:
+                del shared[key]
+            return
+        state.shared -= 1
+        self._next(key, state)
 
     def share(self, key: Hashable) -> defer.Deferred[Release]:
         """The turn held shared, once the exclusive holders before it have had theirs."""
@@ -65,11 +91,11 @@ class Turns:
         if release is not None:
             return defer.succeed(release)
         d: defer.Deferred[Release] = defer.Deferred()
-        self._keys[key].queue.append((d, False))
+        self.states[key].queue.append((d, False))
         return d
 
     def busy(self, key: Hashable) -> bool:
-        return key in self._keys
+        return key in self.states or key in self._shared
 
     def _release(self, key: Hashable, state: _Key, exclusive: bool) -> Release:
         ended = False
@@ -103,5 +129,5 @@ class Turns:
             else:
                 state.shared += 1
             d.callback(self._release(key, state, exclusive))  # (it may end its turn at once: state is re-read)
-        if not (state.exclusive or state.shared or queue) and self._keys.get(key) is state:
-            del self._keys[key]
+        if not (state.exclusive or state.shared or queue) and self.states.get(key) is state:
+            del self.states[key]

@@ -22,7 +22,6 @@ def test_shared_turns_run_together_and_an_exclusive_one_waits_for_them_all():
     later: list = []
     turns.share("k").addCallback(later.append)
     first()
-    first()  # twice: nothing more
     assert got == []
     second()
     assert len(got) == 1 and later == []
