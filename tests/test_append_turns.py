@@ -78,3 +78,48 @@ def test_file_turns_shared_between_processes_exclusive_waits(tmp_path):
     again = b.try_share("k")
     assert again is not None
     again()
+
+
+# -- a session: the APPEND and the RENAME's turns (appendturns.py), scripted ---------------------------
+
+from referral_proxy.appendturns import rename_turns  # noqa: E402
+from referral_proxy.testing.fakes import SessionHarness  # noqa: E402
+
+
+def _renaming(h: SessionHarness, names: list[bytes]) -> list:
+    got: list = []
+    defer.ensureDeferred(rename_turns(h.context, "b1", "alice", names)).addCallback(got.append)
+    h.turns()
+    return got
+
+
+def test_an_append_arriving_during_a_rename_of_its_parent_waits_for_it():
+    h = SessionHarness()
+    h.login()
+    rename = _renaming(h, [b"INBOX/S", b"INBOX/S/x"])
+    assert len(rename) == 1  # no APPEND under way: at once
+    h.send(b"a APPEND inbox/S/x {3+}\r\nabc\r\n")  # INBOX in another case: the same mailbox
+    assert h.to_backend() == b""
+    rename[0]()
+    h.turns()
+    assert h.to_backend().endswith(b" APPEND inbox/S/x {3+}\r\nabc\r\n")  # routed again, sent as the client wrote it
+
+
+def test_a_rename_waits_for_the_appends_under_way_to_its_mailboxes_only():
+    h = SessionHarness()
+    h.login()
+    h.send(b"a APPEND A/B/x {3+}\r\nabc\r\n")
+    sent = h.to_backend()
+    ptag = sent.split(b" APPEND ")[0].rsplit(b"\n", 1)[-1]
+    assert len(_renaming(h, [b"C", b"C/x"])) == 1  # another subtree: not in its way
+    rename = _renaming(h, [b"A/B", b"A/B/x"])
+    assert rename == []
+    h.send(b"b APPEND A/B/x {3+}\r\ndef\r\n")  # after the RENAME, which waits
+    assert h.to_backend() == b""
+    h.from_backend(ptag + b" OK [APPENDUID 7 1] Append completed.\r\n")
+    assert h.to_client() == b"a OK [APPENDUID 7 1] Append completed.\r\n"
+    h.reactor.advance(0.01)
+    assert len(rename) == 1
+    rename[0]()
+    h.turns()
+    assert h.to_backend().endswith(b" APPEND A/B/x {3+}\r\ndef\r\n")
