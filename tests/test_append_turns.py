@@ -123,3 +123,23 @@ def test_a_rename_waits_for_the_appends_under_way_to_its_mailboxes_only():
     rename[0]()
     h.turns()
     assert h.to_backend().endswith(b" APPEND A/B/x {3+}\r\ndef\r\n")
+
+
+def test_shared_holders_in_one_process_hold_one_flock_until_the_last_lets_go(tmp_path):
+    clock = task.Clock()
+    here, there = FileTurns(tmp_path, clock), FileTurns(tmp_path, clock)
+    first, second = here.try_share("k"), here.try_share("k")
+    assert first is not None and second is not None
+    got: list = []
+    defer.ensureDeferred(there.take("k")).addCallback(got.append)
+    first()
+    clock.advance(0.01)
+    assert got == []  # the second still holds it
+    second()
+    clock.advance(0.01)
+    assert len(got) == 1
+    assert here.try_share("k") is None  # (its file kept open for the next try)
+    got[0]()
+    again = here.try_share("k")
+    assert again is not None
+    again()
