@@ -37,6 +37,7 @@ decided in one place, :meth:`AppendCommand._settle`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -46,6 +47,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .appendturns import nothing
 from .backend import BackendError, BackendProtocol, Tagged
 from .imap.command import ParseError
 from .imap.grammar import encode_quoted
@@ -172,6 +174,12 @@ class AppendCommand:
     held: bytes = b""  # the message's arguments, sent to the backend with its literal's first bytes
     sent_whole: bool = False  # PASS/SINGLE: the final CRLF went to the backend (it may commit from then on)
     closing: bytes = b""  # after the streaming literal: b")" of an RFC 6855 ``UTF8 (~{n}...)``
+    turn: Callable[[], None] = nothing  # ends the mailbox's turn this APPEND holds (appendturns.py)
+
+    def end_turn(self) -> None:
+        """The mailbox's turn ends (once, whichever path comes first: the answer, the client gone)."""
+        turn, self.turn = self.turn, nothing
+        turn()
 
     def __post_init__(self) -> None:
         if "MULTIAPPEND" in self.conn.capabilities:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from twisted.internet import defer
 
 from .append import AppendCommand
+from .appendturns import HELD, Held, append_turn, may_begin, nothing, worker_turn
 from .backend import BackendProtocol
 from .flow import Block
 from .imap.reader import (
@@ -30,8 +31,20 @@ from .lean import SmallSet
 from .pool import BackendPool
 from .routing import Route
 from .staging import StagingJournal
+from .turns import Release
 
 __all__ = ["Appends", "AppendsHost"]
+
+
+class AppendTargets(Protocol):
+    """Where APPENDs go (mailboxes.MailboxCommands)."""
+
+    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route | Held:
+        """The route of an APPEND to *mailbox*, or the answer refusing it before any message
+        (a referral), or HELD (a move or a RENAME holds it)."""
+
+    def append_held(self, tag: bytes, mailbox: bytes) -> defer.Deferred[bytes | None]:
+        """None once the holder of *mailbox* let go, if it was brief; else the answer (INUSE)."""
 
 
 class AppendsHost(Protocol):
@@ -57,9 +70,10 @@ class AppendsHost(Protocol):
 
     def dies_with(self, conn: BackendProtocol) -> bool: ...
 
-    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
-        """The route of an APPEND to *mailbox*, or the answer refusing it before any message
-        (INUSE, a referral)."""
+    ctx: Any  # the ProxyContext (its turns: appendturns.py)
+
+    @property
+    def mailboxes(self) -> AppendTargets: ...
 
     def block(self, reason: Block) -> None: ...
 
@@ -107,31 +121,76 @@ class Appends:
             self.host.send(line)
 
     def start(self, event: AppendStart) -> None:
-        """Route an APPEND to its mailbox's backend and start streaming it there."""
+        """Route an APPEND to its mailbox's backend and start streaming it there, unless a RENAME of
+        it (or a parent) there holds its turn (appendturns.py: then after that RENAME)."""
         host = self.host
         assert host.pool is not None
-        route = host.append_target(event.tag, event.mailbox)
+        route = host.mailboxes.append_target(event.tag, event.mailbox)
         if type(route) is bytes:
             host.reader.drop()  # refused before the client sends any message
             return self.after_answers(route)  # in order: after the APPENDs before it
+        if route is HELD:
+            return host.run(event.tag, self._in_turn(event))
         assert isinstance(route, Route)
-        pool = host.pool
-        conn = pool.fast(route.primary)
+        ctx = host.ctx
+        turn: Release = nothing  # (nearly always: one process, no RENAME in it)
+        if ctx.move_turns.states or ctx.worker_turns is not None:
+            user = host.user or ""
+            got = worker_turn(ctx, route.primary, user, event.mailbox) if may_begin(
+                ctx, route.primary, user, event.mailbox) else None
+            if got is None:  # a RENAME holds it, or waits for it
+                return host.run(event.tag, self._in_turn(event))
+            turn = got
+        conn = host.pool.fast(route.primary)
         if conn is not None:
-            return self._begin(event, conn)
+            return self._begin(event, conn, turn)
+        host.run(event.tag, self._connected(event, route, turn))
 
-        async def later() -> None:
-            try:
-                conn = await pool.ready_for(route)
-            except BaseException:
+    async def _connection(self, route: Route, turn: Release) -> BackendProtocol:
+        """The route's connection; if none comes, the turn ends and the command is not read on."""
+        assert self.host.pool is not None
+        try:
+            return await self.host.pool.ready_for(route)
+        except BaseException:
+            turn()
+            self.host.reader.drop()
+            raise
+
+    async def _connected(self, event: AppendStart, route: Route, turn: Release) -> None:
+        host = self.host
+        conn = await self._connection(route, turn)
+        if not may_begin(host.ctx, route.primary, host.user or "", event.mailbox):  # a RENAME came meanwhile
+            turn()
+            return await self._in_turn(event)
+        self._begin(event, conn, turn)
+
+    async def _in_turn(self, event: AppendStart) -> None:
+        """The APPEND once the RENAME (or the check) holding its mailbox let go, routed again (the
+        RENAME may have moved it: Dovecot's own TRYCREATE then); INUSE if a move holds it."""
+        host = self.host
+        while True:
+            route = host.mailboxes.append_target(event.tag, event.mailbox)
+            if type(route) is bytes:
                 host.reader.drop()
-                raise
-            self._begin(event, conn)
+                return self.after_answers(route)
+            if route is HELD:
+                refused = await host.mailboxes.append_held(event.tag, event.mailbox)
+                if refused is not None:
+                    host.reader.drop()
+                    return self.after_answers(refused)
+                continue
+            assert isinstance(route, Route)
+            mine, theirs = await append_turn(host.ctx, route.primary, host.user or "", event.mailbox)
+            try:  # no RENAME of it here begins while this process's turn is held: until the APPEND has begun
+                again = host.mailboxes.append_target(event.tag, event.mailbox)
+                if isinstance(again, Route) and again.primary == route.primary:
+                    return self._begin(event, await self._connection(again, theirs), theirs)
+                theirs()  # it moved meanwhile: from the start
+            finally:
+                mine()
 
-        host.run(event.tag, later())
-
-    def _begin(self, event: AppendStart, conn: BackendProtocol) -> None:
-        self.current = AppendCommand(self, event.tag, conn, event.mailbox)
+    def _begin(self, event: AppendStart, conn: BackendProtocol, turn: Release) -> None:
+        self.current = AppendCommand(self, event.tag, conn, event.mailbox, turn=turn)
         self.unanswered.add(self.current)
 
     def event(self, event: object) -> None:
@@ -152,8 +211,15 @@ class Appends:
             cmd.abort(event.status, event.text)
 
     def client_gone(self) -> list[BackendProtocol]:
-        """The client left: the connections that APPENDs now own (they close them themselves)."""
-        return [cmd.conn for cmd in list(self.unanswered) if cmd.client_gone()]
+        """The client left: the connections that APPENDs now own (they close them themselves). The
+        others' connections close, and their turns end."""
+        owned = []
+        for cmd in list(self.unanswered):
+            if cmd.client_gone():
+                owned.append(cmd.conn)
+            else:
+                cmd.end_turn()
+        return owned
 
     # -- AppendHost ---------------------------------------------------------------------------
 
@@ -184,6 +250,8 @@ class Appends:
             self.current = None
 
     def append_answered(self, cmd: AppendCommand) -> None:
+        if cmd.turn is not nothing:
+            cmd.end_turn()
         self.unanswered.discard(cmd)
         if not self.unanswered and self._after:
             lines, self._after = self._after, []

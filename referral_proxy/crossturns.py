@@ -29,6 +29,7 @@ __all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_envir
 
 ENV = "REFERRAL_PROXY_TURNS"  # the directory of the lock files, set by the master for its workers
 POLL = 0.005  # seconds between tries while another worker holds the lock
+IDLE_FILES = 64  # lock files of APPENDs' keys kept open, unlocked, for the next APPEND there
 
 
 def make_directory() -> str:
@@ -45,29 +46,77 @@ class FileTurns:
 
     def __init__(self, directory: str | Path, reactor: Any) -> None:
         self.directory, self.reactor = Path(directory), reactor
+        self._shared: dict[Hashable, list[int]] = {}  # key -> [its open file, shared holders here]
+        self._idle: dict[Hashable, int] = {}  # files of keys no one here holds, kept open
 
-    async def take(self, key: Hashable) -> Release:
+    def _open(self, key: Hashable) -> int:
         name = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        fd = os.open(self.directory / name, os.O_CREAT | os.O_RDWR, 0o600)
+        return os.open(self.directory / name, os.O_CREAT | os.O_RDWR, 0o600)
+
+    async def take(self, key: Hashable, mode: int = fcntl.LOCK_EX) -> Release:
+        """The lock (exclusive; *mode* LOCK_SH: shared with other shared holders), once it is free."""
+        fd = self._open(key)
         try:
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     await task.deferLater(self.reactor, POLL, lambda: None)
         except BaseException:  # cancelled (the session ended while it waited), or the directory is gone
             os.close(fd)
             raise
-        freed = False
+        return _closer(fd)
 
-        def release() -> None:
-            nonlocal freed
-            if not freed:
-                freed = True
-                os.close(fd)  # (closing drops the flock)
+    def try_share(self, key: Hashable) -> Release | None:
+        """The lock held shared at once, or None while another process holds it exclusive. Every
+        APPEND's, with workers: the shared holders of a key in this process hold one flock, on a
+        file kept open (IDLE_FILES of them once unlocked); its release is called once."""
+        held = self._shared.get(key)
+        if held is None:
+            fd = self._idle.pop(key, None)
+            if fd is None:
+                try:
+                    fd = self._open(key)
+                except OSError:
+                    return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                self._park(key, fd)
+                return None
+            held = self._shared[key] = [fd, 0]
+        held[1] += 1
+        return functools.partial(self._unshare, key)
 
-        return release
+    def _unshare(self, key: Hashable) -> None:
+        held = self._shared[key]
+        held[1] -= 1
+        if not held[1]:
+            del self._shared[key]
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            self._park(key, held[0])
+
+    def _park(self, key: Hashable, fd: int) -> None:
+        if len(self._idle) >= IDLE_FILES:
+            os.close(fd)
+        else:
+            self._idle[key] = fd
+
+    async def share(self, key: Hashable) -> Release:
+        return await self.take(key, fcntl.LOCK_SH)
+
+
+def _closer(fd: int) -> Release:
+    freed = False
+
+    def release() -> None:
+        nonlocal freed
+        if not freed:
+            freed = True
+            os.close(fd)  # (closing drops the flock)
+
+    return release
 
 
 def from_environment(reactor: Any) -> FileTurns | None:

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import referrals
+from .appendturns import HELD, Held, rename_turns
 from .backend import BackendProtocol
 from .context import ProxyContext
 from .crossturns import mailbox_turn, mailbox_turns
@@ -161,15 +162,24 @@ class MailboxCommands:
         mailbox = self.host.selected_mailbox
         return mailbox is not None and self.moving(mailbox)
 
-    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
+    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route | Held:
         """Where an APPEND to *mailbox* goes (its route, looked up once), or the answer
-        refusing it before any message is read (bytes)."""
+        refusing it before any message is read (bytes), or HELD (a move or RENAME holds it)."""
         if is_private_name(mailbox):
             return b"%s NO %s\r\n" % (tag, _RESERVED.encode())
         if self.moving(mailbox):
-            return b"%s NO %s\r\n" % (tag, _INUSE.encode())
+            return HELD
         route = self.route_of(mailbox)
         return self.referral(tag, route, mailbox) if self.refers(route, mailbox) else route
+
+    def append_held(self, tag: bytes, mailbox: bytes) -> defer.Deferred[bytes | None]:
+        """An APPEND to a mailbox held: None once the holder let go, if it was only a check or a RENAME on
+        one backend (holds.py: then routed again); else the answer ``NO [INUSE]``."""
+        host = self.host
+        assert host.user is not None
+        inuse = b"%s NO %s\r\n" % (tag, _INUSE.encode())
+        waiting = defer.ensureDeferred(wait_free(host.mailbox_map, host.user, [mailbox], host.ctx.reactor))
+        return waiting.addCallback(lambda free: None if free else inuse)
 
     def _when_free(self, cmd: Command, names: tuple[bytes, ...], again: Callable[[Command], None]) -> None:
         """*cmd* met one of *names* held: *again* once they are free, if the holder was only a check
@@ -440,7 +450,17 @@ class MailboxCommands:
                 "utf-8", "surrogateescape"), sep)]
         except TransferError:
             children = []  # the backend refuses the name: its answer to the RENAME says why
-        release = await mailbox_turns(host.ctx, conn.name, host.user or "", [old, *children])
+        moves = await mailbox_turns(host.ctx, conn.name, host.user or "", [old, *children])
+        try:  # ... and after the APPENDs to them under way (Dovecot answers one NO and keeps it: appendturns.py)
+            appends = await rename_turns(host.ctx, conn.name, host.user or "", [old, *children])
+        except BaseException:
+            moves()
+            raise
+
+        def release() -> None:
+            appends()
+            moves()
+
         try:
             outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
                                         new.decode("utf-8", "surrogateescape"), others=host.pool.fresh,

@@ -532,9 +532,6 @@ class ClientSession(Protocol):
     def cmd_append(self, cmd: Command, spec: CommandSpec) -> None:  # never collected: the reader streams it
         self.tagged(cmd.tag, "BAD", "APPEND is streamed")
 
-    def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route:
-        return self.mailboxes.append_target(tag, mailbox)
-
     # -- the backends' side (ResponseSink, RelayHost) --------------------------------------------
 
     def _attach(self, proto: BackendProtocol) -> None:

@@ -200,6 +200,9 @@ def test_a_target_a_move_holds_is_never_staged_into():
     h = _staging_harness()
     _now(h.context.mailbox_map.begin_move("alice", "move", [Reservation(None)], {}))  # a whole-user move begins
     h.send(b"a APPEND Box {3+}\r\nabc\r\n")
+    assert h.to_client() == b""  # at its check: waited for a moment (holds.py), as any command
+    for _ in range(100):
+        h.reactor.advance(0.1)
     assert h.to_client().startswith(b"a NO [INUSE] ")
     assert h.to_backend() == b""  # no STATUS, no staging mailbox
     assert _staging_entries(h) == []

@@ -1,0 +1,66 @@
+"""An APPEND to A/B/x while another session RENAMEs A/B (or A) within one backend (the proxy's
+rename-local, localrename.py). Dovecot 2.3.19 alone sometimes answers the APPEND "NO Mailbox was deleted
+under us" with the message saved under the new name (tests/dovecot_append_rename_race.py: 3 of 400
+rounds direct); the client APPENDs again: the message twice. Through the proxy the RENAME waits for the
+APPENDs in flight in its subtree, and an APPEND arriving meanwhile waits for the RENAME (appendturns.py).
+Judged per round by a census of the message's copies against the APPEND's answer: OK + present or
+NO + absent, never NO + present, never OK + absent, a MULTIAPPEND all or nothing."""
+
+from __future__ import annotations
+
+import pytest
+from dovecot_append_rename_race import run
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+ROUNDS = 60
+
+
+def _check(tally, bad) -> None:
+    assert not bad, f"{len(bad)} bad of {sum(tally.values())}: {dict(tally)} {bad[:5]}"
+
+
+@pytest.mark.parametrize("op", ["rename-parent", "rename-grand"])
+def test_an_append_racing_a_rename_of_its_parent_is_answered_true(proxy_factory, op):
+    proxy = proxy_factory()
+    _check(*run((proxy.host, proxy.port), "carol", ROUNDS, op, seed=17))
+
+
+@pytest.mark.parametrize("top", ["Q%*", 'Q"\\', "Q&AOk-"], ids=["wildcards", "quote-backslash", "mutf7"])
+def test_names_that_need_quoting_or_are_not_ascii(proxy_factory, top):
+    """(Raw 8-bit names: Dovecot 2.3.19 has no UTF8=ACCEPT and refuses them, "not valid mUTF-7".)"""
+    proxy = proxy_factory()
+    _check(*run((proxy.host, proxy.port), "carol", ROUNDS // 2, "rename-parent", top=top, seed=3))
+
+
+@pytest.mark.parametrize("appended_as", ["INBOX", "inbox", "InBoX"])
+def test_inbox_in_any_case(proxy_factory, appended_as):
+    """RENAME INBOX/S{i} P{i} while APPEND <appended_as>/S{i}/x: one mailbox, one turn."""
+    proxy = proxy_factory()
+    _check(*run((proxy.host, proxy.port), "carol", ROUNDS // 2, "rename-parent", top="INBOX",
+                appended_as=appended_as, seed=5))
+
+
+def test_a_multiappend_during_the_rename_is_all_or_nothing_and_answered_true(proxy_factory):
+    proxy = proxy_factory()
+    _check(*run((proxy.host, proxy.port), "carol", ROUNDS, "rename-parent", messages=3, seed=7))
+
+
+def test_two_workers(proxy_factory):
+    """[proxy] workers = 2: the appender and the renamer land on either worker (about half the rounds
+    on two): the turns between workers (crossturns.FileTurns, shared and exclusive flocks)."""
+    proxy = proxy_factory(workers=2)
+    _check(*run((proxy.host, proxy.port), "carol", ROUNDS * 2, "rename-parent", seed=11))
+
+
+@pytest.mark.xfail(strict=False, reason="between proxies on one PostgreSQL map an APPEND already under way at "
+                   "one proxy when another proxy's RENAME begins is not waited for (appendturns.py: no database "
+                   "round trip per APPEND); one arriving during it waits by the RENAME's reservation")
+def test_two_proxies_on_postgresql(proxy_factory, pg_dsn):
+    """The appender on one proxy, the renamer on the other: failed in 1 of 7 runs of 120 rounds
+    with the fix in one process (the window is narrow; it passes most runs)."""
+    from test_several_proxies import RULES, _config
+
+    proxies = [proxy_factory(_config(pg_dsn), rules=RULES) for _ in range(2)]
+    _check(*run((proxies[0].host, proxies[0].port), "carol", ROUNDS * 2, "rename-parent", seed=13,
+                other_addr=(proxies[1].host, proxies[1].port)))
