@@ -66,6 +66,7 @@ from .mailops import (
     subtree,
 )
 from .movefinish import unvouched
+from .relocation import seen_by_then
 from .renamecheck import checked
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
@@ -496,7 +497,7 @@ class Mover:
                                  "moved to {dst}, carried there later: oldhome.py)", id=entry.id, b=src.name,
                                  n=len(left), dst=data["dst"])
                     return await self._drained(entry, i)
-                await self._seen()
+                await seen_by_then(self.clock, self._began_at, self.seen_by_others)  # a source is set aside next
                 await src.deselect()  # a mailbox selected on this connection cannot be renamed
                 await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
             elif old == "INBOX" or not await exists(src, aside):
@@ -508,14 +509,6 @@ class Mover:
         if old == data["pairs"][i][1]:  # moved, not renamed: the name is subscribed at its new backend now
             await src.command(b"UNSUBSCRIBE " + name_arg(old))
         await self._drained(entry, i)
-
-    async def _seen(self) -> None:
-        """Wait until seen_by_others seconds have passed since the move began (a source is set aside next)."""
-        if self._began_at is None or self.clock is None:
-            return
-        left = self._began_at + self.seen_by_others - self.clock.seconds()
-        if left > 0:
-            await task.deferLater(self.clock, left, lambda: None)
 
     async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                             aside: str) -> None:

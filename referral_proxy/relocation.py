@@ -33,7 +33,7 @@ from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX
 from .store import SQLiteStore
 
-__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within"]
+__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within", "seen_by_then"]
 
 log = Logger()
 
@@ -98,6 +98,15 @@ def seen_within(workers: int, store: object) -> float:
     anew under its name (Dovecot: NO [SERVERBUG], or the connection dropped). PostgreSQL's begin waits for
     the others to have read it (settle); one process alone sees its own moves begin."""
     return CHECK_SECONDS + 0.25 if workers > 1 and isinstance(store, SQLiteStore) else 0.0
+
+
+async def seen_by_then(clock: Any, began_at: float | None, seconds: float) -> None:
+    """Wait until *seconds* (seen_within) have passed since a move began at *began_at* (clock's time)."""
+    if began_at is None or clock is None:
+        return
+    left = began_at + seconds - clock.seconds()
+    if left > 0:
+        await task.deferLater(clock, left, lambda: None)
 
 
 def between_commands(session: Any) -> bool:
