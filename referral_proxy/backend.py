@@ -31,6 +31,7 @@ from .imap.quoting import astring, capability_sets
 from .imap.response import ResponseStart, parse_response_start, plain_untagged
 from .lean import SmallSet
 from .netio import client_endpoint, connect_tcp, drop, quick_ack, tune_socket
+from .stall import Watch
 
 __all__ = [
     "BackendError", "BackendUnavailable", "NotConnected", "AuthenticationFailed", "BackendProtocol",
@@ -161,6 +162,8 @@ class BackendProtocol(Protocol):
         self._current_start: ResponseStart | None = None
         self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
         self.reuse_key: Any = None  # keepalive.ReuseKey: how it logged in, for a session's connection
+        self.clock: Any = None  # the reactor (open_connection): bounded internal commands (stall.py)
+        self.stalled = False  # cut by stall.py: owed an answer, sent nothing for answer_timeout
 
     # -- Twisted ------------------------------------------------------------
 
@@ -373,12 +376,14 @@ class BackendProtocol(Protocol):
             self.bytes_out += len(data)
             self.transport.write(data)
 
-    def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None) -> defer.Deferred[Tagged]:
+    def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None,
+                bounded: bool = False) -> defer.Deferred[Tagged]:
         """Send an internal command; fire with its Tagged completion (any status).
 
         Untagged responses received until then are captured whole in
         ``Tagged.responses`` (the caller relays what is not its own).
-        Only one internal command runs on a connection at a time.
+        Only one internal command runs on a connection at a time. *bounded*: a command that
+        only READS, cut after ``answer_timeout`` s of silence (stall.py says which may be).
         """
         if self.closed:
             return defer.fail(BackendUnavailable(f"backend {self.name} connection is closed"))
@@ -386,14 +391,22 @@ class BackendProtocol(Protocol):
         d: defer.Deferred[Tagged] = defer.Deferred()
         captured: list[UntaggedResponse] = []
         self.capture = captured
+        seconds = self.config.answer_timeout
+        watch = Watch(self.clock, self, seconds, text.split(b" ", 1)[0].decode("ascii", "replace")) \
+            if bounded and seconds and self.clock is not None else None
 
         def done(start: ResponseStart, raw: bytes) -> None:
             self.capture = None
+            if watch is not None:
+                watch.cancel()
             d.callback(Tagged(start, raw, tuple(captured)))
 
         def lost(_reason: Failure) -> None:
             self.capture = None
-            d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
+            if watch is not None:
+                watch.cancel()
+            why = f"no answer for {seconds:g}s" if self.stalled else "closed the connection"
+            d.errback(BackendUnavailable(f"backend {self.name} {why}"))
 
         self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
@@ -465,6 +478,7 @@ async def open_connection(reactor: Any, config: BackendConfig) -> tuple[BackendP
     fails the greeting with NotConnected. Anything else (implicit TLS) goes through its
     endpoint: NotConnected at once."""
     proto = BackendProtocol(config)
+    proto.clock = reactor
     if config.tls != "implicit":
         connector = connect_tcp(reactor, config.endpoint, proto, config.connect_timeout, proto.not_connected)
         if connector is not None:

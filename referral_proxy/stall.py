@@ -1,0 +1,117 @@
+"""A backend that owes the proxy an answer and sends nothing: its connection cut after ``answer_timeout``.
+
+Why: a backend STOPPED (SIGSTOP, a hung disk, a paused VM) while a command the proxy carries
+out itself waits on it (a merged LIST or LSUB, the reads of a COPY across servers) never
+answers; stayalive.py's ``* OK Hang in there..`` every 15 s then defeats the client's own
+timeout, and the client hangs for ever (helper attack14c on real Dovecot). A relayed command is
+not the proxy's to bound: the proxy sends nothing of its own meanwhile, the client's timeout works.
+
+What: :class:`Watch`, armed for ONE internal command (``BackendProtocol.command(...,
+bounded=True)``), looks every ``seconds / 4`` at the connection's byte counters (``bytes_in`` +
+``bytes_out``, kept anyway for the metrics: nothing is added to the read or write path). The clock
+restarts on any byte either way, and while the proxy itself does not read the connection
+(back-pressure: a client that does not read, a COPY's destination that is slow): a backend cannot
+send what nobody reads. After ``seconds`` with neither, the connection is aborted; the
+connection-lost paths answer the client (``NO [UNAVAILABLE]``) and the session goes on. The watch
+ends with its command (answer or loss). IDLE is never watched: it is relayed, never bounded.
+
+MAIL FIRST: where the timeout may cut. Cutting a connection is only safe where no commit can be
+in doubt: a stopped backend that already received a command which WRITES (APPEND, COPY, MOVE,
+EXPUNGE, STORE, CREATE, RENAME, DELETE, SUBSCRIBE) may carry it out when it resumes, after the
+proxy gave up and answered, rolled back or recovered: the message twice, or a source expunged
+while its only copy is the one in doubt. So only commands that READ are bounded:
+
+* merged LIST / LSUB (session.gather) and every listing read behind it;
+* a plain STATUS relayed to a backend other than the session's home (fastnames.py), while it
+  is the only command in flight on its connection (another may write);
+* STATUS, UID SEARCH, MYRIGHTS, LIST of a transfer's checks (mailops.py) and the source's
+  ``UID FETCH`` of a COPY/MOVE/RENAME across servers (copystream.py: a cut there is a lost
+  source connection, as a killed source is today: the transfer fails before its destination's
+  APPEND completes, whose literal is never finished, so nothing is committed there);
+* never the destination's APPEND (copystream.py's streamed MULTIAPPEND, a staged MULTIAPPEND,
+  appends.py), never COPY/MOVE/EXPUNGE/RENAME/DELETE/CREATE/UNSELECT: those keep today's
+  behaviour (wait, stayalive lines; the journal and recovery finish them once the backend is
+  back or restarted; tests/race_hang.py).
+
+A backend resumed after its cut finds its socket reset: it answers a read into nothing, which
+costs no mail (tests/test_stall.py: census after SIGCONT and after SIGKILL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+
+__all__ = ["Watch", "reading"]
+
+log = Logger()
+
+
+def reading(clock: Any, conn: Any) -> bool:
+    """Whether the reactor reads *conn*'s socket (not paused by the proxy: back-pressure).
+
+    The transport (TLS wraps TCP: its ``.transport``) is looked for among the reactor's
+    readers; a clock that has none (a test's) reads everything."""
+    readers = getattr(clock, "getReaders", None)
+    if readers is None:
+        return True
+    now = readers()
+    t = getattr(conn, "transport", None)
+    while t is not None:
+        if t in now:
+            return True
+        t = getattr(t, "transport", None)
+    return False
+
+
+class Watch:
+    """Aborts *conn* once it owes an answer and moved no byte for *seconds* while read."""
+
+    __slots__ = ("clock", "conn", "seconds", "what", "tag", "_reading", "_count", "_since", "_call")
+
+    def __init__(self, clock: Any, conn: Any, seconds: float, what: str, tag: bytes | None = None,
+                 is_reading: Callable[[Any, Any], bool] = reading) -> None:
+        """*tag*: the proxy's tag of a relayed read (a remote STATUS): the watch ends with it
+        (no cancel() needed), and never cuts while another command is in flight on *conn*
+        (it may write)."""
+        self.clock, self.conn, self.seconds, self.what, self.tag = clock, conn, seconds, what, tag
+        self._reading = is_reading
+        self._count = conn.bytes_in + conn.bytes_out
+        self._since = clock.seconds()
+        self._call: Any = clock.callLater(self._step(), self._tick)
+
+    def _step(self) -> float:
+        return max(0.05, self.seconds / 4)
+
+    def cancel(self) -> None:
+        """The command ended (its answer, or the connection's loss)."""
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    @property
+    def active(self) -> bool:
+        return self._call is not None
+
+    def _tick(self) -> None:
+        conn, now = self.conn, self.clock.seconds()
+        if self._call is None or conn.closed:
+            self._call = None
+            return
+        pending = conn._pending
+        if self.tag is not None and self.tag not in pending:
+            self._call = None
+            return
+        count = conn.bytes_in + conn.bytes_out
+        if count != self._count or len(pending) > 1 or not self._reading(self.clock, conn):
+            self._count, self._since = count, now
+        elif now - self._since >= self.seconds:
+            self._call = None
+            log.warn("backend {name}: no answer to {what} and not a byte for {s:g}s; connection cut",
+                     name=conn.name, what=self.what, s=self.seconds)
+            conn.stalled = True
+            conn.transport.abortConnection()
+            return
+        self._call = self.clock.callLater(self._step(), self._tick)
