@@ -24,10 +24,14 @@ while its only copy is the one in doubt. So only commands that READ are bounded:
 * merged LIST / LSUB (session.gather) and every listing read behind it;
 * a plain STATUS relayed to a backend other than the session's home (fastnames.py), while it
   is the only command in flight on its connection (another may write);
-* STATUS, UID SEARCH, MYRIGHTS, LIST of a transfer's checks (mailops.py) and the source's
-  ``UID FETCH`` of a COPY/MOVE/RENAME across servers (copystream.py: a cut there is a lost
-  source connection, as a killed source is today: the transfer fails before its destination's
-  APPEND completes, whose literal is never finished, so nothing is committed there);
+* STATUS, UID SEARCH, MYRIGHTS of a transfer's checks and verifications (mailops.py) and the
+  bodies' ``UID FETCH`` (copystream.py: the source's, streamed into the destination's
+  MULTIAPPEND, and the hashes read back). Internal commands on a connection run one at a time,
+  each awaited: when a read is cut, every write sent before it on that connection was answered,
+  so nothing is in doubt there. A cut source FETCH fails copy_stream, which aborts the
+  destination before the MULTIAPPEND's last CRLF: nothing is committed. For the operation, a
+  cut read is its connection lost, as when the backend is killed and restarted with its data;
+  every journal step of that path is proved by tests/race_hang.py (SIGKILL at each step);
 * never the destination's APPEND (copystream.py's streamed MULTIAPPEND, a staged MULTIAPPEND,
   appends.py), never COPY/MOVE/EXPUNGE/RENAME/DELETE/CREATE/UNSELECT: those keep today's
   behaviour (wait, stayalive lines; the journal and recovery finish them once the backend is
