@@ -78,11 +78,12 @@ def test_a_backend_hangs_at_a_step_of_an_operation_across(proxy_factory, fleet, 
 
 
 def hang_at(proxy_factory, fleet, tmp_path, op: str, step: str, stopped: str, after: str,
-            config=MASTERS, stopped_for: float = 17) -> list[bytes]:
+            config=MASTERS, stopped_for: float = 17, n: int = 30, size: int = 600) -> tuple[list[bytes], list[bytes]]:
     """*stopped* hangs at *step* of *op* for *stopped_for* s, then goes on (after="cont") or is
-    killed and restarted ("kill"); the census must be exact. What the client heard while stopped."""
-    work = ids("work", 30)
-    seed(fleet["b1"], "carol", "Work", work)
+    killed and restarted ("kill"); the census must be exact (*n* messages of *size* bytes moved).
+    What the client heard while the backend was stopped, and its answer."""
+    work = ids("work", n)
+    seed(fleet["b1"], "carol", "Work", work, size=size)
     seed(fleet["b2"], "carol", "Far", [])
     bobs = ids("bob", 2)
     seed(fleet["b3"], "bob", "INBOX", bobs)
@@ -135,7 +136,7 @@ def hang_at(proxy_factory, fleet, tmp_path, op: str, step: str, stopped: str, af
         assert (lost, dup) == ([], []), (answer[-3:], lost[:3], [(d, where[d]) for d in dup[:3]])
         reached = through_proxy(proxy, "carol")
         assert [i for i in counts if reached[i] != 1] == [], (answer[-3:], dict(where))
-    return heard
+    return heard, answer
 
 
 @pytest.mark.parametrize("when", ["after-first", "before-end"])

@@ -18,4 +18,4 @@ CONFIG = {"backends": {b: {**MASTERS["backends"][b], "answer_timeout": T} for b 
 
 @pytest.mark.parametrize("op,step,stopped,after", CASES)
 def test_a_backend_stopped_past_its_answer_timeout_at_a_step(proxy_factory, fleet, tmp_path, op, step, stopped, after):
-    print(op, step, stopped, after, hang_at(proxy_factory, fleet, tmp_path, op, step, stopped, after, CONFIG)[-3:])
+    print(op, step, stopped, after, hang_at(proxy_factory, fleet, tmp_path, op, step, stopped, after, CONFIG))
