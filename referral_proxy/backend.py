@@ -391,23 +391,17 @@ class BackendProtocol(Protocol):
         d: defer.Deferred[Tagged] = defer.Deferred()
         captured: list[UntaggedResponse] = []
         self.capture = captured
-        seconds = self.config.answer_timeout
-        watch = Watch(self.clock, self, seconds, text.split(b" ", 1)[0].decode("ascii", "replace")) \
-            if bounded and seconds and self.clock is not None else None
 
         def done(start: ResponseStart, raw: bytes) -> None:
             self.capture = None
-            if watch is not None:
-                watch.cancel()
             d.callback(Tagged(start, raw, tuple(captured)))
 
         def lost(_reason: Failure) -> None:
             self.capture = None
-            if watch is not None:
-                watch.cancel()
-            why = f"no answer for {seconds:g}s" if self.stalled else "closed the connection"
-            d.errback(BackendUnavailable(f"backend {self.name} {why}"))
+            d.errback(BackendUnavailable(f"backend {self.name} " + (Watch.why(self) if self.stalled else "closed the connection")))
 
+        if bounded and (watch := Watch.bounding(self, text)) is not None:
+            d.addBoth(watch.ended)
         self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
             self.on_continuation = on_continuation

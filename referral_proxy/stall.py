@@ -44,13 +44,14 @@ costs no mail (tests/test_stall.py: census after SIGCONT and after SIGKILL).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.logger import Logger
 
 __all__ = ["Watch", "reading"]
 
 log = Logger()
+T = TypeVar("T")
 
 
 def reading(clock: Any, conn: Any) -> bool:
@@ -86,6 +87,19 @@ class Watch:
         self._since = clock.seconds()
         self._call: Any = clock.callLater(self._step(), self._tick)
 
+    @classmethod
+    def bounding(cls, conn: Any, command: bytes) -> Watch | None:
+        """A watch of *conn* for its internal *command* (a read), unless ``answer_timeout = 0``."""
+        seconds = conn.config.answer_timeout
+        if not seconds or conn.clock is None:
+            return None
+        return cls(conn.clock, conn, seconds, command.split(b" ", 1)[0].decode("ascii", "replace"))
+
+    @staticmethod
+    def why(conn: Any) -> str:
+        """What a command of a connection cut by a watch is told."""
+        return f"sent no answer for {conn.config.answer_timeout:g}s"
+
     def _step(self) -> float:
         return max(0.05, self.seconds / 4)
 
@@ -94,6 +108,11 @@ class Watch:
         call, self._call = self._call, None
         if call is not None and call.active():
             call.cancel()
+
+    def ended(self, result: T) -> T:
+        """cancel(), as a callback of the command's Deferred."""
+        self.cancel()
+        return result
 
     @property
     def active(self) -> bool:

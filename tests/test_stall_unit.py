@@ -133,7 +133,7 @@ def test_a_bounded_command_fails_as_unavailable_and_an_unbounded_one_waits():
     run(clock, T)
     assert not errors
     run(clock, T / 2)
-    assert errors and errors[0].check(BackendUnavailable) and "no answer for 60s" in str(errors[0].value)
+    assert errors and errors[0].check(BackendUnavailable) and "sent no answer for 60s" in str(errors[0].value)
     assert proto.closed and clock.getDelayedCalls() == []
 
 
