@@ -12,8 +12,11 @@ bounded=True)``), looks every ``seconds / 4`` at the connection's byte counters 
 restarts on any byte either way, and while the proxy itself does not read the connection
 (back-pressure: a client that does not read, a COPY's destination that is slow): a backend cannot
 send what nobody reads. After ``seconds`` with neither, the connection is aborted; the
-connection-lost paths answer the client (``NO [UNAVAILABLE]``) and the session goes on. The watch
-ends with its command (answer or loss). IDLE is never watched: it is relayed, never bounded.
+connection-lost paths answer the client (``NO [UNAVAILABLE]``) and the session goes on (but for
+a cut of its home backend's own connection, a MOVE's source: the session ends as when that
+backend dies). Nothing is cut while another command is in flight on the connection (it may
+write). The watch ends with its command (answer or loss). IDLE is never watched: it is relayed,
+never bounded.
 
 MAIL FIRST: where the timeout may cut. Cutting a connection is only safe where no commit can be
 in doubt: a stopped backend that already received a command which WRITES (APPEND, COPY, MOVE,

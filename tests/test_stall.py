@@ -26,6 +26,8 @@ CONFIG = {"backends": {b: {"master_user": MASTER_USER, "master_password": MASTER
 RULES = [{"mailbox": "Far*", "backend": "b2"}, {"user": "bob", "mailbox": "*", "backend": "b3"}]
 COMMANDS = {"list": b'LIST "" "*"', "lsub": b'LSUB "" "*"', "status": b"STATUS Far (MESSAGES)",
             "copy": b"UID COPY 2:* Far"}
+# "copy" is answered on main too (~30 s): each transfer logs in to b2 anew, and connect_backend
+# bounds a login (3 x connect_timeout); the MOVE tests below are the transfer's cut read.
 WORK = [f"work-{i}@t" for i in range(10)]
 
 
