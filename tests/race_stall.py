@@ -3,7 +3,10 @@ with ``answer_timeout = 2`` (stall.py): the stopped backend stays stopped 17 s, 
 timeout, so wherever the step is a read the connection is cut and the client answered; then the
 backend resumes (SIGCONT: it finishes whatever it had) or is killed and restarted. Census exact
 either way: a cut read never costs or doubles a message. Not collected (slow):
-``python3 -m pytest tests/race_stall.py``."""
+``python3 -m pytest -s tests/race_stall.py`` (prints what each client heard while stopped). 44 of 44
+passed (11 min, 2026-12-02); answered NO [UNAVAILABLE] while stopped (a cut read): the MOVE at
+move-appending:1 and the COPY at start with b1, the source, stopped; every other case is a
+write or a new login and waits as on main (stayalive lines, then the journal finishes it)."""
 
 from __future__ import annotations
 
