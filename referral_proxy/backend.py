@@ -31,6 +31,7 @@ from .imap.quoting import astring, capability_sets
 from .imap.response import ResponseStart, parse_response_start, plain_untagged
 from .lean import SmallSet
 from .netio import client_endpoint, connect_tcp, drop, quick_ack, tune_socket
+from .stall import Watch
 
 __all__ = [
     "BackendError", "BackendUnavailable", "NotConnected", "AuthenticationFailed", "BackendProtocol",
@@ -161,6 +162,8 @@ class BackendProtocol(Protocol):
         self._current_start: ResponseStart | None = None
         self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
         self.reuse_key: Any = None  # keepalive.ReuseKey: how it logged in, for a session's connection
+        self.clock: Any = None  # the reactor (open_connection): bounded internal commands (stall.py)
+        self.stalled = False  # cut by stall.py: owed an answer, sent nothing for answer_timeout
 
     # -- Twisted ------------------------------------------------------------
 
@@ -373,12 +376,14 @@ class BackendProtocol(Protocol):
             self.bytes_out += len(data)
             self.transport.write(data)
 
-    def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None) -> defer.Deferred[Tagged]:
+    def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None,
+                bounded: bool = False) -> defer.Deferred[Tagged]:
         """Send an internal command; fire with its Tagged completion (any status).
 
         Untagged responses received until then are captured whole in
         ``Tagged.responses`` (the caller relays what is not its own).
-        Only one internal command runs on a connection at a time.
+        Only one internal command runs on a connection at a time. *bounded*: a command that
+        only READS, cut after ``answer_timeout`` s of silence (stall.py says which may be).
         """
         if self.closed:
             return defer.fail(BackendUnavailable(f"backend {self.name} connection is closed"))
@@ -393,8 +398,10 @@ class BackendProtocol(Protocol):
 
         def lost(_reason: Failure) -> None:
             self.capture = None
-            d.errback(BackendUnavailable(f"backend {self.name} closed the connection"))
+            d.errback(BackendUnavailable(f"backend {self.name} " + (Watch.why(self) if self.stalled else "closed the connection")))
 
+        if bounded and (watch := Watch.bounding(self, text)) is not None:
+            d.addBoth(watch.ended)
         self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
             self.on_continuation = on_continuation
@@ -465,6 +472,7 @@ async def open_connection(reactor: Any, config: BackendConfig) -> tuple[BackendP
     fails the greeting with NotConnected. Anything else (implicit TLS) goes through its
     endpoint: NotConnected at once."""
     proto = BackendProtocol(config)
+    proto.clock = reactor
     if config.tls != "implicit":
         connector = connect_tcp(reactor, config.endpoint, proto, config.connect_timeout, proto.not_connected)
         if connector is not None:

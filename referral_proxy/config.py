@@ -94,6 +94,7 @@ class BackendConfig:
     master_password: str | None = None
     login_referral: bool = False
     connect_timeout: float = 10.0
+    answer_timeout: float = 60.0  # seconds of silence after which a read the proxy waits on is cut (stall.py); 0 = never
 
     @property
     def url_host(self) -> str:
@@ -261,7 +262,7 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
         raise ConfigError(f"{where}: must be a table")
     _only(raw, where, {
         "endpoint", "url", "tls", "ca", "master_user", "master_password",
-        "login_referral", "connect_timeout",
+        "login_referral", "connect_timeout", "answer_timeout",
     })
     endpoint = _get(raw, where, "endpoint", str, required=True)
     url = _get(raw, where, "url", str, required=True)
@@ -280,6 +281,9 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
     if (master_user is None) != (master_password is None):
         raise ConfigError(f"{where}.master_user: master_user and master_password go together")
     timeout = _get(raw, where, "connect_timeout", (int, float), default=10.0)
+    answer = _get(raw, where, "answer_timeout", (int, float), default=60.0)
+    if isinstance(answer, bool) or not (answer == 0 or 0.1 <= answer <= 3600):
+        raise ConfigError(f"{where}.answer_timeout: must be seconds from 0.1 to 3600, or 0 (never)")
     return BackendConfig(
         name=name,
         endpoint=endpoint,
@@ -290,6 +294,7 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
         master_password=master_password,
         login_referral=_get(raw, where, "login_referral", bool, default=False),
         connect_timeout=float(timeout),
+        answer_timeout=float(answer),
     )
 
 

@@ -159,7 +159,8 @@ class _Bodies:
     async def run(self) -> list[bytes]:
         self.conn.tap = self.tap
         try:
-            result = await self.conn.command(b"UID FETCH " + uid_set(self.expected) + b" (UID " + self.item + b")")
+            result = await self.conn.command(b"UID FETCH " + uid_set(self.expected) + b" (UID " + self.item + b")",
+                                             bounded=True)  # a read (stall.py)
         finally:
             self.conn.tap = None
         if self.error is not None:

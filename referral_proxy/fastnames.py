@@ -38,6 +38,7 @@ from .imap.grammar import encode_astring
 from .imap.response import ResponseStart, completion_text
 from .listing import answer_merged
 from .staging import is_private_name
+from .stall import Watch
 
 __all__ = ["list_line", "status_line"]
 
@@ -120,6 +121,9 @@ def status_line(session: Any, tag: bytes, name: str, rest: bytes) -> bool:
     if conn is None or encoded is None:
         return False
     relay_line(session, conn, tag, name, rest, b" STATUS " + encoded + b" " + m.group(2) + b"\r\n", most)
+    if route.primary != session.home and conn.config.answer_timeout and len(conn._pending) == 1:
+        # A read on another backend: bounded, so one stalled server does not cost the whole session.
+        Watch(session.ctx.reactor, conn, conn.config.answer_timeout, "STATUS", next(iter(conn._pending)))
     return True
 
 

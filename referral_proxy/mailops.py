@@ -133,7 +133,7 @@ async def refused_target(conn: BackendProtocol, name: str) -> str | None:
     8-bit bytes), which its own COPY gives; TRYCREATE there sent clients to a CREATE that fails."""
     if await exists(conn, name):
         return None
-    start = (await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)")).start
+    start = (await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)", bounded=True)).start
     if start.status == "NO" and not _gone(start):
         return completion_text(start)[3:]
     return TRYCREATE
@@ -170,7 +170,7 @@ async def status(conn: BackendProtocol, name: str) -> MailboxState:
     opening it for the first time (its index not written yet): asked again, up to UNSET_RETRIES
     times, never taken for a UIDVALIDITY (a move compared it with its APPENDUID's: "replaced")."""
     for _ in range(UNSET_RETRIES):
-        result = await conn.command(b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)")
+        result = await conn.command(b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)", bounded=True)
         if not result.ok:
             raise (MailboxGone if _gone(result.start) else TransferError)(_failed("STATUS", conn, result.start))
         state = _status_state(result)
@@ -226,7 +226,7 @@ async def same_mailbox(conn: BackendProtocol, name: str, validity: int | None, *
 async def search_uids(conn: BackendProtocol, criteria: bytes) -> tuple[list[int], list[bytes]]:
     """``UID SEARCH <criteria>`` in the selected mailbox: the UIDs ascending, and the other
     untagged responses (raw, for a client to see)."""
-    result = await conn.command(b"UID SEARCH " + criteria)
+    result = await conn.command(b"UID SEARCH " + criteria, bounded=True)
     if not result.ok:
         raise TransferError(completion_text(result.start))
     uids: set[int] = set()
@@ -341,7 +341,7 @@ async def myrights(conn: BackendProtocol, name: str) -> tuple[str | None, list[b
     does not say (refused, unreadable); and the other untagged responses, raw."""
     if "ACL" not in conn.capabilities:
         return None, []
-    result = await conn.command(b"MYRIGHTS " + name_arg(name))
+    result = await conn.command(b"MYRIGHTS " + name_arg(name), bounded=True)
     rights, others = None, []
     for r in result.responses:
         if r.start.name != "MYRIGHTS":
@@ -473,7 +473,7 @@ async def aside_gone(conn: BackendProtocol, aside: str, name: str, separator: st
 async def _missing(conn: BackendProtocol, name: str) -> bool:
     """Listed, yet not there: Dovecot lists a mailbox DELETEd with a child under it (to the session
     that deleted it) and opens it no more (seen: recovery stuck on 'EXAMINE failed ... undo-0')."""
-    return _gone((await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)")).start)
+    return _gone((await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)", bounded=True)).start)
 
 
 async def put_back(conn: BackendProtocol, aside: str, name: str, separator: str) -> list[str]:

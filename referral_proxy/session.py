@@ -494,7 +494,7 @@ class ClientSession(Protocol):
         await self.pool.quiet(None)
         results: list[tuple[BackendProtocol, UntaggedResponse]] = []
         for conn in conns:
-            result = await conn.command(command)
+            result = await conn.command(command, bounded=True)  # a read: cut if it stalls (stall.py)
             if not result.ok:  # the backend's own answer, BAD or NO, as a direct client would get it
                 raise Refusing(completion_text(result.start))
             results.extend((conn, r) for r in result.responses)

@@ -140,3 +140,14 @@ def test_the_recovery_check_interval(tmp_path):
     assert load_config(write(tmp_path, edited)).map.recovery_check_seconds == 0.5
     with pytest.raises(ConfigError, match="map.recovery_check_seconds: must be between 0.1 and 3600"):
         load_config(write(tmp_path, edited.replace("= 0.5", "= 0")))
+
+
+def test_the_answer_timeout(tmp_path):
+    """[backends.X] answer_timeout (stall.py): 60 by default; 0 (never) or 0.1 to 3600."""
+    assert load_config(write(tmp_path, GOOD)).backends["b1"].answer_timeout == 60.0
+    edited = GOOD.replace('tls = "none"', 'tls = "none"\nanswer_timeout = 2.5')
+    assert load_config(write(tmp_path, edited)).backends["b1"].answer_timeout == 2.5
+    assert load_config(write(tmp_path, edited.replace("= 2.5", "= 0"))).backends["b1"].answer_timeout == 0.0
+    for bad in ("-1", "0.01", "7200", "true", '"60"'):
+        with pytest.raises(ConfigError, match="backends.b1.answer_timeout"):
+            load_config(write(tmp_path, edited.replace("= 2.5", "= " + bad)))
