@@ -23,10 +23,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from .crossturns import POLL, _in_order
 from .turns import Release
+
+#: Seconds a RENAME waits for the APPENDs under way to its mailboxes before it is refused NO [INUSE].
+APPEND_WAIT = 10.0
 
 __all__ = ["HELD", "Held", "may_begin", "worker_turn", "append_turn", "rename_turns", "nothing"]
 
@@ -99,9 +102,16 @@ def _under_way(ctx: Any, backend: str, user: str, names: set[bytes]) -> bool:
     return False
 
 
-async def rename_turns(ctx: Any, backend: str, user: str, mailboxes: Iterable[bytes]) -> Release:
+def rename_turns(ctx: Any, backend: str, user: str, mailboxes: Iterable[bytes]) -> defer.Deferred[Release]:
     """A RENAME's: every mailbox's turn exclusive, in one order, then the APPENDs to them under way in
-    this process ended (those of other workers hold their turns)."""
+    this process ended (those of other workers hold their turns). At most APPEND_WAIT seconds: an
+    APPEND whose client stopped in its literal would hold the RENAME, and every APPEND queued behind
+    it, for ever (defer.TimeoutError, nothing held)."""
+    turns = defer.Deferred.fromCoroutine(_rename_turns(ctx, backend, user, mailboxes))
+    return turns.addTimeout(APPEND_WAIT, ctx.reactor)
+
+
+async def _rename_turns(ctx: Any, backend: str, user: str, mailboxes: Iterable[bytes]) -> Release:
     sep = ctx.mailbox_map.separator.encode()
     names = {_name(m, sep) for m in mailboxes}
     keys = sorted(("APPEND", backend, user, n) for n in names)

@@ -47,6 +47,9 @@ __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
 log = Logger()
 
 
+APPENDING = "NO [INUSE] A message is being appended to this mailbox; try again shortly"
+
+
 class Refusing(Exception):
     """A command answered with a status response before (or instead of) reaching a backend."""
 
@@ -453,6 +456,9 @@ class MailboxCommands:
         moves = await mailbox_turns(host.ctx, conn.name, host.user or "", [old, *children])
         try:  # ... and after the APPENDs to them under way (Dovecot answers one NO and keeps it: appendturns.py)
             appends = await rename_turns(host.ctx, conn.name, host.user or "", [old, *children])
+        except defer.TimeoutError:  # an APPEND's client stopped mid-literal: not waited for for ever
+            moves()
+            raise Refusing(APPENDING) from None
         except BaseException:
             moves()
             raise

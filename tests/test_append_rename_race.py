@@ -64,3 +64,29 @@ def test_two_proxies_on_postgresql(proxy_factory, pg_dsn):
     proxies = [proxy_factory(_config(pg_dsn), rules=RULES) for _ in range(2)]
     _check(*run((proxies[0].host, proxies[0].port), "carol", ROUNDS * 2, "rename-parent", seed=13,
                 other_addr=(proxies[1].host, proxies[1].port)))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_rename_is_not_held_for_ever_by_an_append_whose_client_stopped(proxy_factory, fleet, workers):
+    """An APPEND whose client stops in the middle of its literal: a RENAME of its parent waited for it
+    for as long as that client stayed connected (and every APPEND queued behind the RENAME). Now it is
+    refused NO [INUSE] after APPEND_WAIT seconds; the APPEND, finished later, is saved once where it was
+    sent. (Two workers: the two sessions on one worker or each on its own.)"""
+    from imapwire import Wire
+    from movecheck import census, seed
+
+    seed(fleet["b1"], "carol", "A/B/x", [])
+    proxy = proxy_factory(workers=workers)
+    appender, renamer = Wire(proxy.host, proxy.port, timeout=60), Wire(proxy.host, proxy.port, timeout=60)
+    for w in (appender, renamer):
+        w.login("carol")
+    body = b"Message-Id: <stalled@t>\r\nSubject: stalled\r\n\r\nbody\r\n"
+    appender.send(b"a APPEND A/B/x {%d}\r\n" % len(body))
+    assert appender.line().startswith(b"+")
+    appender.send(body[:10])  # and stops
+    answer = renamer.cmd(b"r", b"RENAME A/B C")[-1]  # bound: the Wire's timeout (60 s); answered in ~10 s
+    appender.send(body[10:] + b"\r\n")
+    assert appender.until_tagged(b"a")[-1].startswith(b"a OK")
+    assert answer.startswith(b"r NO [INUSE]"), answer
+    counts, where = census(fleet, "carol")
+    assert counts.get("stalled@t") == 1 and where["stalled@t"] == [("b1", "A/B/x")], where

@@ -82,6 +82,7 @@ def test_file_turns_shared_between_processes_exclusive_waits(tmp_path):
 
 # -- a session: the APPEND and the RENAME's turns (appendturns.py), scripted ---------------------------
 
+from referral_proxy import appendturns  # noqa: E402
 from referral_proxy.appendturns import rename_turns  # noqa: E402
 from referral_proxy.testing.fakes import SessionHarness  # noqa: E402
 
@@ -123,6 +124,24 @@ def test_a_rename_waits_for_the_appends_under_way_to_its_mailboxes_only():
     rename[0]()
     h.turns()
     assert h.to_backend().endswith(b" APPEND A/B/x {3+}\r\ndef\r\n")
+
+
+def test_a_rename_gives_up_on_an_append_whose_client_stopped_in_its_literal():
+    """An APPEND whose client stopped in the middle of its literal held the RENAME of its parent, and
+    every APPEND queued behind that RENAME, for as long as the client stayed connected: now the RENAME
+    gives up after APPEND_WAIT seconds (mailboxes.py answers it NO [INUSE]) and holds nothing."""
+    h = SessionHarness()
+    h.login()
+    h.send(b"a APPEND A/B/x {10+}\r\nabc")  # and nothing more
+    assert b" APPEND A/B/x {10+}" in h.to_backend()
+    failed: list = []
+    rename_turns(h.context, "b1", "alice", [b"A/B", b"A/B/x"]).addErrback(failed.append)
+    h.reactor.advance(appendturns.APPEND_WAIT - 0.1)
+    assert failed == []
+    h.reactor.advance(0.2)
+    assert len(failed) == 1 and failed[0].check(defer.TimeoutError)
+    assert not h.context.move_turns.busy(("APPEND", "b1", "alice", b"A/B/x"))  # an APPEND after it is not held
+    assert appendturns.may_begin(h.context, "b1", "alice", b"A/B/x")
 
 
 def test_shared_holders_in_one_process_hold_one_flock_until_the_last_lets_go(tmp_path):
