@@ -86,7 +86,7 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
             await expunge_uids(src, moved)
             await mailbox_map.end_move(entry)
             return f"finished: {len(moved)} message(s) removed from the source (their copies were moved on)"
-        pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
+        pairs = [(src_uids[i], uid) for i, uid in sorted(_whole_run(found, len(src_uids)).items())]
     if not await exists(dst, data["dst_mailbox"]):
         await mailbox_map.end_move(entry)
         return "destination mailbox gone: the source is left as it is"
@@ -143,6 +143,19 @@ async def _committed_then_moved_on(entry: JournalEntry, mailbox_map: MailboxMap,
                                      connect, mine, sent, collections.Counter(), saved_after=since)
     await _reselect_source(src, data)
     return sorted(moved)
+
+
+def _whole_run(found: dict[int, int], n: int) -> dict[int, int]:
+    """*found* ({index: destination UID}, copies found by content) with the UIDs of the others of the
+    MULTIAPPEND's *n*: it saved all or nothing, on consecutive UIDs, so if what was found lies on one
+    such run, a copy not found was at its place in the run and left before recovery (a client moved
+    some copies on and not others, helper recovery17: the sources of those were never looked at and
+    stayed, the messages twice). Found on no single run: as found (not the move's, some of them)."""
+    starts = {uid - i for i, uid in found.items()}
+    if len(starts) != 1:
+        return found
+    start = starts.pop()
+    return {i: start + i for i in range(n)}
 
 
 async def _room_for_copies(dst: BackendProtocol, data: dict, n: int) -> bool:

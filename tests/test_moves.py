@@ -696,34 +696,38 @@ def test_a_message_another_client_moved_to_the_destination_is_not_taken_for_the_
     assert census(fleet, "carol")[1][work[2]] == [("b3", "Shared/Dest")]
 
 
-@pytest.mark.parametrize("then", ["committed, moved on", "never committed, an old copy elsewhere"])
+@pytest.mark.parametrize("then", ["committed, moved on", "committed, the middle one moved on",
+                                  "never committed, an old copy elsewhere"])
 def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along(proxy_factory, fleet, then):
     """A MOVE cut off with its MULTIAPPEND's outcome unknown, which committed; before recovery another
     client moves every copy on (Shared/Dest -> Shared/Other). Recovery found no copy by content above
     the recorded UIDNEXT, said "never committed" and kept the sources: the messages twice (soak, seed
-    41049). Never committed, the destination's new UIDs taken and expunged by another client (room
+    41049). Only the middle copy moved on (helper recovery17): the two left were found by content,
+    the middle one's source was never looked at and stayed: that message twice. Never committed, the destination's new UIDs taken and expunged by another client (room
     for the copies) and a copy of work-2 saved elsewhere before the move began: the sources stay."""
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     seed(fleet["b3"], "carol", "Shared/Other", [])
-    if then != "committed, moved on":
+    if not then.startswith("committed"):
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Other", "3")  # the user's own, long before
         time.sleep(movefinish.SAVEDATE_SLACK + 1.5)  # SAVEDATE is to the second
     proxy = proxy_factory(MASTERS, rules=RULES)
     data = _killed_move_data(fleet, "2:4")
     uidnext = data["dst_uidnext"]
     journal_killed_move(proxy, data)
-    if then == "committed, moved on":
+    moving = f"{uidnext}:*"
+    if then.startswith("committed"):
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")  # what the MULTIAPPEND saved
         moved_to = "Shared/Other"
+        moving = f"{uidnext + 1}" if "middle" in then else moving
     else:
         seed(fleet["b3"], "carol", "Shared/Dest", ids("passing", 3))  # another client's, expunged again
         moved_to = "Shared/Gone"
     with fleet["b3"].client("carol") as m:
         m.create(quote(moved_to))
         m.select(quote("Shared/Dest"))
-        assert m.uid("MOVE", f"{uidnext}:*", quote(moved_to))[0] == "OK"
+        assert m.uid("MOVE", moving, quote(moved_to))[0] == "OK"
         if moved_to == "Shared/Gone":
             assert m.delete(quote(moved_to))[0] == "OK"
     recovered = cli("recover", "--config", str(proxy.config_path))
@@ -733,6 +737,10 @@ def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along
         assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
         _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
         assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Other")}
+    elif then.startswith("committed"):
+        assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
+        _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+        assert [where[i][0] for i in work[1:4]] == [("b3", "Shared/Dest"), ("b3", "Shared/Other"), ("b3", "Shared/Dest")]
     else:
         assert "never committed" in recovered.stdout, recovered.stdout
         assert counts == {**{i: 1 for i in work + ids("there", 2)}, work[2]: 2}, where
