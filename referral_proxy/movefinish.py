@@ -27,6 +27,7 @@ from .mailops import (
     expunge_uids,
     fetch_infos,
     list_mailboxes,
+    named_by_validity,
     open_mailbox,
     same_mailbox,
     saved_since,
@@ -54,6 +55,8 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     *connect(backend)*: a new connection to another backend of the user's, to look for copies a
     client moved on there before recovery (see moved_on); without it only *src* and *dst* are searched."""
     data = entry.data
+    for conn, role in ((src, "src"), (dst, "dst")):
+        await _follow_rename(mailbox_map, entry.user, conn, data, role)
     if not await exists(src, data["src_mailbox"]):
         await mailbox_map.end_move(entry)
         return "source mailbox gone: nothing to remove"
@@ -143,6 +146,22 @@ async def _committed_then_moved_on(entry: JournalEntry, mailbox_map: MailboxMap,
                                      connect, mine, sent, collections.Counter(), saved_after=since)
     await _reselect_source(src, data)
     return sorted(moved)
+
+
+async def _follow_rename(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, data: dict, role: str) -> None:
+    """The move's source or destination (*role*: "src", "dst") renamed by a client before recovery
+    (straight on the backend; helper recovery17: "destination mailbox gone: the source is left",
+    the messages twice): gone under its name, or another there, the one mailbox with its UIDVALIDITY
+    on *conn* that the map sends there is taken for it, its new name recorded in *data*."""
+    name, validity = data[f"{role}_mailbox"], data[f"{role}_validity"]
+    if await exists(conn, name) and await same_mailbox(conn, name, validity, readonly=True):
+        await conn.deselect()
+        return
+    found = [n for n in await named_by_validity(conn, validity)
+             if not n.startswith("referral-proxy-") and mailbox_map.lookup(user, n).primary == conn.name]
+    if len(found) == 1:
+        log.info("recovery: {box} on {b} was renamed {new}: followed", box=name, b=conn.name, new=found[0])
+        data[f"{role}_mailbox"] = found[0]
 
 
 def _whole_run(found: dict[int, int], n: int) -> dict[int, int]:
