@@ -140,12 +140,13 @@ async def _committed_then_moved_on(entry: JournalEntry, mailbox_map: MailboxMap,
     if not await _room_for_copies(dst, data, len(src_uids)):
         return []
     still = await still_there(src, src_uids)
-    mine, _ = await fetch_infos(src, still)
     since = entry.created - SAVEDATE_SLACK
+    back = await came_back(src, still, sent, max(src_uids), saved_after=since)  # helper recovery17: moved back
+    mine, _ = await fetch_infos(src, [s for s in still if s not in set(back)])
     moved = await _moved_on_anywhere(mailbox_map, entry.user, src, data["src_mailbox"], dst, data["dst_mailbox"],
                                      connect, mine, sent, collections.Counter(), saved_after=since)
     await _reselect_source(src, data)
-    return sorted(moved)
+    return sorted(back + moved)
 
 
 async def _follow_rename(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, data: dict, role: str) -> None:
@@ -296,13 +297,17 @@ async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendPro
             conn.logout()
 
 
-async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int) -> list[int]:
+async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int,
+                    saved_after: float | None = None) -> list[int]:
     """Of source *uids* whose copy left the destination before recovery, those whose same content
     (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
-    the message is there once without them. Each newer message vouches for one source UID."""
+    the message is there once without them. Each newer message vouches for one source UID.
+    *saved_after*: only newer messages saved since then count (mailops.saved_since)."""
     still = await still_there(src, uids)
     newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
     newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
+    if saved_after is not None:
+        newer = await saved_since(src, newer, saved_after)
     if not still or not newer:
         return []
     mine, _ = await fetch_infos(src, still)

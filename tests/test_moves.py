@@ -718,14 +718,17 @@ def test_a_message_another_client_moved_to_the_destination_is_not_taken_for_the_
 
 
 @pytest.mark.parametrize("then", ["committed, moved on", "committed, the middle one moved on",
-                                  "never committed, an old copy elsewhere"])
+                                  "committed, moved back", "never committed, an old copy elsewhere"])
 def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along(proxy_factory, fleet, then):
     """A MOVE cut off with its MULTIAPPEND's outcome unknown, which committed; before recovery another
     client moves every copy on (Shared/Dest -> Shared/Other). Recovery found no copy by content above
     the recorded UIDNEXT, said "never committed" and kept the sources: the messages twice (soak, seed
     41049). Only the middle copy moved on (helper recovery17): the two left were found by content,
-    the middle one's source was never looked at and stayed: that message twice. Never committed, the destination's new UIDs taken and expunged by another client (room
-    for the copies) and a copy of work-2 saved elsewhere before the move began: the sources stay."""
+    the middle one's source was never looked at and stayed: that message twice. Every copy moved
+    back to the source (appended there, expunged from the destination): none found, so "never
+    committed", the sources kept beside their copies (helper recovery17). Never committed, the
+    destination's new UIDs taken and expunged by another client (room for the copies) and a copy
+    of work-2 saved elsewhere before the move began: the sources stay."""
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
@@ -742,13 +745,19 @@ def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")  # what the MULTIAPPEND saved
         moved_to = "Shared/Other"
         moving = f"{uidnext + 1}" if "middle" in then else moving
+        if "back" in then:  # as a client's move across does: append to the source, expunge
+            _copy_directly(fleet, "b3", "Shared/Dest", "b1", "Work", moving)
     else:
         seed(fleet["b3"], "carol", "Shared/Dest", ids("passing", 3))  # another client's, expunged again
         moved_to = "Shared/Gone"
     with fleet["b3"].client("carol") as m:
         m.create(quote(moved_to))
         m.select(quote("Shared/Dest"))
-        assert m.uid("MOVE", moving, quote(moved_to))[0] == "OK"
+        if "back" in then:
+            m.uid("STORE", moving, "+FLAGS.SILENT", "(\\Deleted)")
+            assert m.uid("EXPUNGE", moving)[0] == "OK"
+        else:
+            assert m.uid("MOVE", moving, quote(moved_to))[0] == "OK"
         if moved_to == "Shared/Gone":
             assert m.delete(quote(moved_to))[0] == "OK"
     recovered = cli("recover", "--config", str(proxy.config_path))
@@ -758,6 +767,10 @@ def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along
         assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
         _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
         assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Other")}
+    elif "back" in then:
+        assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
+        _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+        assert {where[i][0] for i in work} == {("b1", "Work")}
     elif then.startswith("committed"):
         assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
         _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
