@@ -89,7 +89,8 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
             await expunge_uids(src, moved)
             await mailbox_map.end_move(entry)
             return f"finished: {len(moved)} message(s) removed from the source (their copies were moved on)"
-        pairs = [(src_uids[i], uid) for i, uid in sorted(_whole_run(found, len(src_uids)).items())]
+        found = await _whole_run(dst, data, found)
+        pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
     if not await exists(dst, data["dst_mailbox"]):
         await mailbox_map.end_move(entry)
         return "destination mailbox gone: the source is left as it is"
@@ -165,17 +166,39 @@ async def _follow_rename(mailbox_map: MailboxMap, user: str, conn: BackendProtoc
         data[f"{role}_mailbox"] = found[0]
 
 
-def _whole_run(found: dict[int, int], n: int) -> dict[int, int]:
+async def _whole_run(dst: BackendProtocol, data: dict, found: dict[int, int]) -> dict[int, int]:
     """*found* ({index: destination UID}, copies found by content) with the UIDs of the others of the
-    MULTIAPPEND's *n*: it saved all or nothing, on consecutive UIDs, so if what was found lies on one
-    such run, a copy not found was at its place in the run and left before recovery (a client moved
-    some copies on and not others, helper recovery17: the sources of those were never looked at and
-    stayed, the messages twice). Found on no single run: as found (not the move's, some of them)."""
-    starts = {uid - i for i, uid in found.items()}
-    if len(starts) != 1:
+    MULTIAPPEND: it saved all or nothing, on consecutive UIDs, so a copy not found was at its place
+    in the run and left before recovery (a client moved some copies on and not others, helper
+    recovery17: the sources of those were never looked at and stayed, the messages twice). The run
+    is the one start from the recorded UIDNEXT on where each found copy's body is the one sent at
+    its place and every other place is free now (identical bodies: found copies may have been
+    matched to the wrong places). No such start, or more than one: as found."""
+    hashes, n = data["hashes"], len(data["hashes"])
+    if not found or len(found) == n:
         return found
-    start = starts.pop()
-    return {i: start + i for i in range(n)}
+    state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
+    held, _ = await search_uids(dst, b"UID %d:*" % data["dst_uidnext"])
+    await dst.deselect()
+    runs = [start for start in _run_starts(found, hashes)
+            if _run_fits(start, found, hashes, set(held), data["dst_uidnext"], state.uidnext)]
+    return {i: runs[0] + i for i in range(n)} if len(runs) == 1 else found
+
+
+def _run_starts(found: dict[int, int], hashes: Sequence[str]) -> set[int]:
+    """Every first UID a run could have for a found copy to be at a place of its body."""
+    return {uid - j for i, uid in found.items() for j, h in enumerate(hashes) if h == hashes[i]}
+
+
+def _run_fits(start: int, found: dict[int, int], hashes: Sequence[str], held: set[int], uidnext: int,
+              now_next: int) -> bool:
+    """Whether the run from *start* begins at or after the recorded UIDNEXT and ends before the one
+    now, holds each found copy at a place of its body, and every other place of it is free."""
+    n = len(hashes)
+    at = {uid: hashes[i] for i, uid in found.items()}
+    return (uidnext <= start and start + n <= now_next
+            and all(start <= uid < start + n and hashes[uid - start] == h for uid, h in at.items())
+            and all(start + j in at or start + j not in held for j in range(n)))
 
 
 async def _room_for_copies(dst: BackendProtocol, data: dict, n: int) -> bool:
