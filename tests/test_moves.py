@@ -784,6 +784,23 @@ def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along
     assert _no_entries(proxy)
 
 
+def _journaled_killed_move(proxy_factory, fleet, n: int, uids: str, *, copy: bool = False, also=()):
+    """Work (*n* messages, b1) and Shared/Dest (2, b3), *also* [(backend, mailbox)] made empty, a
+    proxy, and a MOVE of *uids* to Shared/Dest journaled as killed before its APPENDUID (*copy*:
+    its MULTIAPPEND committed). The proxy, the journal data, Work's ids."""
+    work = ids("work", n)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    for backend, box in also:
+        seed(fleet[backend], "carol", box, [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    data = _killed_move_data(fleet, uids)
+    journal_killed_move(proxy, data)
+    if copy:
+        _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", uids)
+    return proxy, data, work
+
+
 def test_a_killed_moves_copies_of_identical_bodies_one_moved_on_take_both_sources(proxy_factory, fleet):
     """Two source messages of the same body (the same sha256) in a MOVE cut off with its outcome
     unknown, committed; before recovery a client moves the first copy on and mail is delivered to
@@ -818,15 +835,8 @@ def test_a_killed_move_of_fifty_whose_copies_went_every_way_is_recovered_once_by
     backend, 10 on in the same one, flags 5, copies 5 (two of those then), and mail is delivered to
     the destination; `recover` then runs twice, one after the other or at once: every source goes,
     once (held in round 17; nothing ran two recoveries of one entry)."""
-    work = ids("work", 60)
-    seed(fleet["b1"], "carol", "Work", work)
-    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
-    seed(fleet["b2"], "carol", "Archive/X", [])
-    proxy = proxy_factory(MASTERS, rules=RULES)
-    data = _killed_move_data(fleet, "5:54")
+    proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 60, "5:54", copy=True, also=[("b2", "Archive/X")])
     u = data["dst_uidnext"]
-    journal_killed_move(proxy, data)
-    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "5:54")
     _copy_directly(fleet, "b3", "Shared/Dest", "b2", "Archive/X", f"{u}:{u + 9}")
     with fleet["b3"].client("carol") as m:
         m.create(quote("Shared/Y"))
@@ -857,14 +867,8 @@ def test_a_recovery_of_moved_on_copies_cut_off_at_its_expunge_is_finished_by_the
     """A killed MOVE (outcome unknown, committed) whose copies a client moved on: its recovery (the
     SAVEDATE path, 79beff0) killed at its own MOVE_EXPUNGING step; the next one finishes it, each
     message once, where the client put it (held in round 17; nothing covered this path)."""
-    work = ids("work", 5)
-    seed(fleet["b1"], "carol", "Work", work)
-    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
-    proxy = proxy_factory(MASTERS, rules=RULES)
-    data = _killed_move_data(fleet, "2:4")
+    proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 5, "2:4", copy=True)
     u = data["dst_uidnext"]
-    journal_killed_move(proxy, data)
-    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")
     with fleet["b3"].client("carol") as m:
         m.create(quote("Shared/Y"))
         m.select(quote("Shared/Dest"))
@@ -891,14 +895,8 @@ def test_a_body_the_user_saved_elsewhere_does_not_take_a_never_committed_moves_s
     """A MOVE of work-2 cut off before APPENDUID that never committed; the user saves the same body
     into Shared/Y itself, and a mail delivered to Shared/Dest is expunged (room for the copy). The
     source goes, taken for moved on: the user's own copy is the only one left (one, not two)."""
-    work = ids("work", 5)
-    seed(fleet["b1"], "carol", "Work", work)
-    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
-    seed(fleet["b3"], "carol", "Shared/Y", [])
-    proxy = proxy_factory(MASTERS, rules=RULES)
-    data = _killed_move_data(fleet, "3")
+    proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 5, "3", also=[("b3", "Shared/Y")])
     u = data["dst_uidnext"]
-    journal_killed_move(proxy, data)
     _copy_directly(fleet, "b1", "Work", "b3", "Shared/Y", "3")  # the user's own copy, after the move began
     deliver(fleet["b3"], "carol", "Shared/Dest", "passing@t")
     with fleet["b3"].client("carol") as m:
