@@ -475,23 +475,26 @@ def test_a_killed_moves_copy_moved_on_before_recover_is_not_duplicated(proxy_fac
     assert _no_entries(proxy)
 
 
-@pytest.mark.parametrize("renamed", ["destination", "source"])
+@pytest.mark.parametrize("renamed", ["destination", "destination, made again", "source"])
 def test_a_killed_moves_mailbox_renamed_before_recover_is_followed(proxy_factory, fleet, renamed):
     """Killed after the destination committed; before recovery a client straight on Dovecot renames
     the destination (or the source) mailbox. Recovery said "destination mailbox gone: the source is
     left as it is" (or "source mailbox gone"): the messages twice, in the source and in the renamed
     destination (helper recovery17). A renamed mailbox keeps its UIDVALIDITY, unique on its
-    backend: it is followed under its new name."""
+    backend: it is followed under its new name (not to one made again under the old name)."""
     work = ids("work", 4)
     proxy = _move_killed_after_the_commit(proxy_factory, fleet, work, b"1:2")
-    backend, old, new = ("b3", "Shared/Dest", "Shared/Moved") if renamed == "destination" else ("b1", "Work", "Work2")
+    backend, old, new = ("b3", "Shared/Dest", "Shared/Moved") if renamed != "source" else ("b1", "Work", "Work2")
     with fleet[backend].client("carol") as m:
         assert m.rename(quote(old), quote(new))[0] == "OK"
+        if "again" in renamed:  # and mail delivered to the new one: not the move's
+            assert m.create(quote(old))[0] == "OK"
+            assert deliver(fleet[backend], "carol", old, "new@t") == old
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
     counts, where = census(fleet, "carol")
-    assert judge(counts, work) == ([], []), where
-    dst, src = ("b3", new if renamed == "destination" else "Shared/Dest"), ("b1", new if renamed == "source" else "Work")
+    assert judge(counts, work + (["new@t"] if "again" in renamed else [])) == ([], []), where
+    dst, src = ("b3", "Shared/Dest" if renamed == "source" else new), ("b1", new if renamed == "source" else "Work")
     assert {where[i][0] for i in work[:2]} == {dst} and {where[i][0] for i in work[2:]} == {src}
     assert _no_entries(proxy)
 
