@@ -200,6 +200,22 @@ async def status_now(conn: BackendProtocol, name: str) -> MailboxState:
     return await status(conn, name)
 
 
+async def named_by_validity(conn: BackendProtocol, validity: int) -> list[str]:
+    """The names of the selectable mailboxes of *conn*'s user whose UIDVALIDITY is *validity* (at most
+    one: Dovecot gives each new mailbox of a user a UIDVALIDITY of its own and keeps it on RENAME)."""
+    await conn.deselect()
+    out = []
+    for entry in await list_mailboxes(conn):
+        name = entry.name.decode("utf-8", "surrogateescape")
+        if entry.selectable:
+            try:
+                if (await status(conn, name)).uidvalidity == validity:
+                    out.append(name)
+            except MailboxGone:
+                continue
+    return out
+
+
 async def open_mailbox(conn: BackendProtocol, name: str, *, readonly: bool) -> MailboxState:
     """SELECT (or EXAMINE) a mailbox; what it said about UIDs and messages."""
     verb = b"EXAMINE " if readonly else b"SELECT "

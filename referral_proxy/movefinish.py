@@ -27,6 +27,7 @@ from .mailops import (
     expunge_uids,
     fetch_infos,
     list_mailboxes,
+    named_by_validity,
     open_mailbox,
     same_mailbox,
     saved_since,
@@ -54,6 +55,8 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     *connect(backend)*: a new connection to another backend of the user's, to look for copies a
     client moved on there before recovery (see moved_on); without it only *src* and *dst* are searched."""
     data = entry.data
+    for conn, role in ((src, "src"), (dst, "dst")):
+        await _follow_rename(mailbox_map, entry.user, conn, data, role)
     if not await exists(src, data["src_mailbox"]):
         await mailbox_map.end_move(entry)
         return "source mailbox gone: nothing to remove"
@@ -86,6 +89,7 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
             await expunge_uids(src, moved)
             await mailbox_map.end_move(entry)
             return f"finished: {len(moved)} message(s) removed from the source (their copies were moved on)"
+        found = await _whole_run(dst, data, found)
         pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
     if not await exists(dst, data["dst_mailbox"]):
         await mailbox_map.end_move(entry)
@@ -137,12 +141,64 @@ async def _committed_then_moved_on(entry: JournalEntry, mailbox_map: MailboxMap,
     if not await _room_for_copies(dst, data, len(src_uids)):
         return []
     still = await still_there(src, src_uids)
-    mine, _ = await fetch_infos(src, still)
     since = entry.created - SAVEDATE_SLACK
+    back = await came_back(src, still, sent, max(src_uids), saved_after=since)  # helper recovery17: moved back
+    mine, _ = await fetch_infos(src, [s for s in still if s not in set(back)])
     moved = await _moved_on_anywhere(mailbox_map, entry.user, src, data["src_mailbox"], dst, data["dst_mailbox"],
                                      connect, mine, sent, collections.Counter(), saved_after=since)
     await _reselect_source(src, data)
-    return sorted(moved)
+    return sorted(back + moved)
+
+
+async def _follow_rename(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, data: dict, role: str) -> None:
+    """The move's source or destination (*role*: "src", "dst") renamed by a client before recovery
+    (straight on the backend; helper recovery17: "destination mailbox gone: the source is left",
+    the messages twice): gone under its name, or another there, the one mailbox with its UIDVALIDITY
+    on *conn* that the map sends there is taken for it, its new name recorded in *data*."""
+    name, validity = data[f"{role}_mailbox"], data[f"{role}_validity"]
+    if await exists(conn, name) and await same_mailbox(conn, name, validity, readonly=True):
+        await conn.deselect()
+        return
+    found = [n for n in await named_by_validity(conn, validity)
+             if not n.startswith("referral-proxy-") and mailbox_map.lookup(user, n).primary == conn.name]
+    if len(found) == 1:
+        log.info("recovery: {box} on {b} was renamed {new}: followed", box=name, b=conn.name, new=found[0])
+        data[f"{role}_mailbox"] = found[0]
+
+
+async def _whole_run(dst: BackendProtocol, data: dict, found: dict[int, int]) -> dict[int, int]:
+    """*found* ({index: destination UID}, copies found by content) with the UIDs of the others of the
+    MULTIAPPEND: it saved all or nothing, on consecutive UIDs, so a copy not found was at its place
+    in the run and left before recovery (a client moved some copies on and not others, helper
+    recovery17: the sources of those were never looked at and stayed, the messages twice). The run
+    is the one start from the recorded UIDNEXT on where each found copy's body is the one sent at
+    its place and every other place is free now (identical bodies: found copies may have been
+    matched to the wrong places). No such start, or more than one: as found."""
+    hashes, n = data["hashes"], len(data["hashes"])
+    if not found or len(found) == n:
+        return found
+    state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
+    held, _ = await search_uids(dst, b"UID %d:*" % data["dst_uidnext"])
+    await dst.deselect()
+    runs = [start for start in _run_starts(found, hashes)
+            if _run_fits(start, found, hashes, set(held), data["dst_uidnext"], state.uidnext)]
+    return {i: runs[0] + i for i in range(n)} if len(runs) == 1 else found
+
+
+def _run_starts(found: dict[int, int], hashes: Sequence[str]) -> set[int]:
+    """Every first UID a run could have for a found copy to be at a place of its body."""
+    return {uid - j for i, uid in found.items() for j, h in enumerate(hashes) if h == hashes[i]}
+
+
+def _run_fits(start: int, found: dict[int, int], hashes: Sequence[str], held: set[int], uidnext: int,
+              now_next: int) -> bool:
+    """Whether the run from *start* begins at or after the recorded UIDNEXT and ends before the one
+    now, holds each found copy at a place of its body, and every other place of it is free."""
+    n = len(hashes)
+    at = {uid: hashes[i] for i, uid in found.items()}
+    return (uidnext <= start and start + n <= now_next
+            and all(start <= uid < start + n and hashes[uid - start] == h for uid, h in at.items())
+            and all(start + j in at or start + j not in held for j in range(n)))
 
 
 async def _room_for_copies(dst: BackendProtocol, data: dict, n: int) -> bool:
@@ -264,13 +320,17 @@ async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendPro
             conn.logout()
 
 
-async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int) -> list[int]:
+async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int,
+                    saved_after: float | None = None) -> list[int]:
     """Of source *uids* whose copy left the destination before recovery, those whose same content
     (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
-    the message is there once without them. Each newer message vouches for one source UID."""
+    the message is there once without them. Each newer message vouches for one source UID.
+    *saved_after*: only newer messages saved since then count (mailops.saved_since)."""
     still = await still_there(src, uids)
     newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
     newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
+    if saved_after is not None:
+        newer = await saved_since(src, newer, saved_after)
     if not still or not newer:
         return []
     mine, _ = await fetch_infos(src, still)

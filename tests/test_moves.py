@@ -6,6 +6,8 @@ and by what a client of the proxy can reach, never by the proxy's own answers.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -473,6 +475,30 @@ def test_a_killed_moves_copy_moved_on_before_recover_is_not_duplicated(proxy_fac
     assert _no_entries(proxy)
 
 
+@pytest.mark.parametrize("renamed", ["destination", "destination, made again", "source"])
+def test_a_killed_moves_mailbox_renamed_before_recover_is_followed(proxy_factory, fleet, renamed):
+    """Killed after the destination committed; before recovery a client straight on Dovecot renames
+    the destination (or the source) mailbox. Recovery said "destination mailbox gone: the source is
+    left as it is" (or "source mailbox gone"): the messages twice, in the source and in the renamed
+    destination (helper recovery17). A renamed mailbox keeps its UIDVALIDITY, unique on its
+    backend: it is followed under its new name (not to one made again under the old name)."""
+    work = ids("work", 4)
+    proxy = _move_killed_after_the_commit(proxy_factory, fleet, work, b"1:2")
+    backend, old, new = ("b3", "Shared/Dest", "Shared/Moved") if renamed != "source" else ("b1", "Work", "Work2")
+    with fleet[backend].client("carol") as m:
+        assert m.rename(quote(old), quote(new))[0] == "OK"
+        if "again" in renamed:  # and mail delivered to the new one: not the move's
+            assert m.create(quote(old))[0] == "OK"
+            assert deliver(fleet[backend], "carol", old, "new@t") == old
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work + (["new@t"] if "again" in renamed else [])) == ([], []), where
+    dst, src = ("b3", "Shared/Dest" if renamed == "source" else new), ("b1", new if renamed == "source" else "Work")
+    assert {where[i][0] for i in work[:2]} == {dst} and {where[i][0] for i in work[2:]} == {src}
+    assert _no_entries(proxy)
+
+
 def test_a_killed_moves_copy_and_source_both_moved_on_before_recover_are_left_and_the_entry_ends(proxy_factory, fleet):
     """Killed after the destination committed; before recovery one client moves the copies on and
     another moves the sources away (the soak, seed 11017: the move's proxy dead, both seen through
@@ -696,34 +722,47 @@ def test_a_message_another_client_moved_to_the_destination_is_not_taken_for_the_
     assert census(fleet, "carol")[1][work[2]] == [("b3", "Shared/Dest")]
 
 
-@pytest.mark.parametrize("then", ["committed, moved on", "never committed, an old copy elsewhere"])
+@pytest.mark.parametrize("then", ["committed, moved on", "committed, the middle one moved on",
+                                  "committed, moved back", "never committed, an old copy elsewhere"])
 def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along(proxy_factory, fleet, then):
     """A MOVE cut off with its MULTIAPPEND's outcome unknown, which committed; before recovery another
     client moves every copy on (Shared/Dest -> Shared/Other). Recovery found no copy by content above
     the recorded UIDNEXT, said "never committed" and kept the sources: the messages twice (soak, seed
-    41049). Never committed, the destination's new UIDs taken and expunged by another client (room
-    for the copies) and a copy of work-2 saved elsewhere before the move began: the sources stay."""
+    41049). Only the middle copy moved on (helper recovery17): the two left were found by content,
+    the middle one's source was never looked at and stayed: that message twice. Every copy moved
+    back to the source (appended there, expunged from the destination): none found, so "never
+    committed", the sources kept beside their copies (helper recovery17). Never committed, the
+    destination's new UIDs taken and expunged by another client (room for the copies) and a copy
+    of work-2 saved elsewhere before the move began: the sources stay."""
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     seed(fleet["b3"], "carol", "Shared/Other", [])
-    if then != "committed, moved on":
+    if not then.startswith("committed"):
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Other", "3")  # the user's own, long before
         time.sleep(movefinish.SAVEDATE_SLACK + 1.5)  # SAVEDATE is to the second
     proxy = proxy_factory(MASTERS, rules=RULES)
     data = _killed_move_data(fleet, "2:4")
     uidnext = data["dst_uidnext"]
     journal_killed_move(proxy, data)
-    if then == "committed, moved on":
+    moving = f"{uidnext}:*"
+    if then.startswith("committed"):
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "2:4")  # what the MULTIAPPEND saved
         moved_to = "Shared/Other"
+        moving = f"{uidnext + 1}" if "middle" in then else moving
+        if "back" in then:  # as a client's move across does: append to the source, expunge
+            _copy_directly(fleet, "b3", "Shared/Dest", "b1", "Work", moving)
     else:
         seed(fleet["b3"], "carol", "Shared/Dest", ids("passing", 3))  # another client's, expunged again
         moved_to = "Shared/Gone"
     with fleet["b3"].client("carol") as m:
         m.create(quote(moved_to))
         m.select(quote("Shared/Dest"))
-        assert m.uid("MOVE", f"{uidnext}:*", quote(moved_to))[0] == "OK"
+        if "back" in then:
+            m.uid("STORE", moving, "+FLAGS.SILENT", "(\\Deleted)")
+            assert m.uid("EXPUNGE", moving)[0] == "OK"
+        else:
+            assert m.uid("MOVE", moving, quote(moved_to))[0] == "OK"
         if moved_to == "Shared/Gone":
             assert m.delete(quote(moved_to))[0] == "OK"
     recovered = cli("recover", "--config", str(proxy.config_path))
@@ -733,11 +772,143 @@ def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along
         assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
         _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
         assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Other")}
+    elif "back" in then:
+        assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
+        _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+        assert {where[i][0] for i in work} == {("b1", "Work")}
+    elif then.startswith("committed"):
+        assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
+        _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+        assert [where[i][0] for i in work[1:4]] == [("b3", "Shared/Dest"), ("b3", "Shared/Other"), ("b3", "Shared/Dest")]
     else:
         assert "never committed" in recovered.stdout, recovered.stdout
         assert counts == {**{i: 1 for i in work + ids("there", 2)}, work[2]: 2}, where
         assert sorted(where[work[2]]) == [("b1", "Work"), ("b3", "Shared/Other")]
     assert _no_entries(proxy)
+
+
+def _journaled_killed_move(proxy_factory, fleet, n: int, uids: str, *, copy: bool = False, also=()):
+    """Work (*n* messages, b1) and Shared/Dest (2, b3), *also* [(backend, mailbox)] made empty, a
+    proxy, and a MOVE of *uids* to Shared/Dest journaled as killed before its APPENDUID (*copy*:
+    its MULTIAPPEND committed). The proxy, the journal data, Work's ids."""
+    work = ids("work", n)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    for backend, box in also:
+        seed(fleet[backend], "carol", box, [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    data = _killed_move_data(fleet, uids)
+    journal_killed_move(proxy, data)
+    if copy:
+        _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", uids)
+    return proxy, data, work
+
+
+def test_a_killed_moves_copies_of_identical_bodies_one_moved_on_take_both_sources(proxy_factory, fleet):
+    """Two source messages of the same body (the same sha256) in a MOVE cut off with its outcome
+    unknown, committed; before recovery a client moves the first copy on and mail is delivered to
+    the destination. The copy left was matched to the first place of the run, the second place
+    inferred on the new mail's UID, and the second source stayed: three of that message (helper
+    recovery17). The run is now the one whose other places are free."""
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    _copy_directly(fleet, "b1", "Work", "b1", "Work", "3")  # uid 6: work-2 again
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    data = _killed_move_data(fleet, "3,6")
+    data["src_uids"] = "3,6"
+    u = data["dst_uidnext"]
+    journal_killed_move(proxy, data)
+    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "3,6")
+    with fleet["b3"].client("carol") as m:
+        m.create(quote("Shared/Y"))
+        m.select(quote("Shared/Dest"))
+        assert m.uid("MOVE", f"{u}", quote("Shared/Y"))[0] == "OK"
+    deliver(fleet["b3"], "carol", "Shared/Dest", "new@t")
+    assert cli("recover", "--config", str(proxy.config_path)).returncode == 0
+    counts, where = census(fleet, "carol")
+    assert counts["work-2@t"] == 2 and ("b1", "Work") not in where["work-2@t"], where["work-2@t"]
+    assert _no_entries(proxy)
+
+
+@pytest.mark.parametrize("twice", ["sequential", "at once"])
+def test_a_killed_move_of_fifty_whose_copies_went_every_way_is_recovered_once_by_two_recoveries(proxy_factory,
+                                                                                                   fleet, twice):
+    """50 messages, outcome unknown, committed; before recovery a client moves 10 copies to another
+    backend, 10 on in the same one, flags 5, copies 5 (two of those then), and mail is delivered to
+    the destination; `recover` then runs twice, one after the other or at once: every source goes,
+    once (held in round 17; nothing ran two recoveries of one entry)."""
+    proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 60, "5:54", copy=True, also=[("b2", "Archive/X")])
+    u = data["dst_uidnext"]
+    _copy_directly(fleet, "b3", "Shared/Dest", "b2", "Archive/X", f"{u}:{u + 9}")
+    with fleet["b3"].client("carol") as m:
+        m.create(quote("Shared/Y"))
+        m.select(quote("Shared/Dest"))
+        m.uid("STORE", f"{u}:{u + 9}", "+FLAGS.SILENT", "(\\Deleted)")
+        assert m.uid("EXPUNGE", f"{u}:{u + 9}")[0] == "OK"
+        assert m.uid("MOVE", f"{u + 10}:{u + 19}", quote("Shared/Y"))[0] == "OK"
+        m.uid("STORE", f"{u + 20}:{u + 24}", "+FLAGS", "(\\Flagged)")
+        assert m.uid("COPY", f"{u + 25}:{u + 29}", quote("Shared/Y"))[0] == "OK"
+    deliver(fleet["b3"], "carol", "Shared/Dest", "new@t")
+    if twice == "at once":
+        cmd = [sys.executable, "-m", "referral_proxy", "recover", "--config", str(proxy.config_path)]
+        ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        for p in ps:
+            assert p.communicate(timeout=300) is not None and p.returncode == 0
+    else:
+        for _ in range(2):
+            assert cli("recover", "--config", str(proxy.config_path)).returncode == 0
+    counts, where = census(fleet, "carol")
+    bad = {i: where[i] for i in work if counts[i] != (2 if i in work[29:34] else 1)}
+    assert not bad, bad
+    assert all(("b1", "Work") not in where[i] for i in work[4:54])
+    assert counts["new@t"] == 1
+    assert _no_entries(proxy)
+
+
+def test_a_recovery_of_moved_on_copies_cut_off_at_its_expunge_is_finished_by_the_next(proxy_factory, fleet, tmp_path):
+    """A killed MOVE (outcome unknown, committed) whose copies a client moved on: its recovery (the
+    SAVEDATE path, 79beff0) killed at its own MOVE_EXPUNGING step; the next one finishes it, each
+    message once, where the client put it (held in round 17; nothing covered this path)."""
+    proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 5, "2:4", copy=True)
+    u = data["dst_uidnext"]
+    with fleet["b3"].client("carol") as m:
+        m.create(quote("Shared/Y"))
+        m.select(quote("Shared/Dest"))
+        assert m.uid("MOVE", f"{u}:*", quote("Shared/Y"))[0] == "OK"
+    pause = tmp_path / "pause"
+    rec = start_paused(pause, "move-expunging:1", "recover", "--config", str(proxy.config_path))
+    try:
+        wait_paused(pause, "move-expunging:1")
+    finally:
+        rec.kill()
+        rec.wait(30)
+    assert cli("recover", "--config", str(proxy.config_path)).returncode == 0
+    counts, where = census(fleet, "carol")
+    assert all(counts[i] == 1 for i in work), where
+    assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Y")}
+    assert _no_entries(proxy)
+
+
+@pytest.mark.xfail(reason="helper recovery17, left: a MULTIAPPEND that never committed cannot be told from one whose "
+                   "copy a client moved on when the destination has room and the user saved the same body "
+                   "elsewhere since; INTERNALDATE (kept by the proxy's and Dovecot's moves) could tell them apart",
+                   strict=True)
+def test_a_body_the_user_saved_elsewhere_does_not_take_a_never_committed_moves_source(proxy_factory, fleet):
+    """A MOVE of work-2 cut off before APPENDUID that never committed; the user saves the same body
+    into Shared/Y itself, and a mail delivered to Shared/Dest is expunged (room for the copy). The
+    source goes, taken for moved on: the user's own copy is the only one left (one, not two)."""
+    proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 5, "3", also=[("b3", "Shared/Y")])
+    u = data["dst_uidnext"]
+    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Y", "3")  # the user's own copy, after the move began
+    deliver(fleet["b3"], "carol", "Shared/Dest", "passing@t")
+    with fleet["b3"].client("carol") as m:
+        m.select(quote("Shared/Dest"))
+        m.uid("STORE", f"{u}", "+FLAGS.SILENT", "(\\Deleted)")
+        m.uid("EXPUNGE", f"{u}")
+    assert cli("recover", "--config", str(proxy.config_path)).returncode == 0
+    counts, where = census(fleet, "carol")
+    assert counts["work-2@t"] == 2, where["work-2@t"]
 
 
 def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
