@@ -28,7 +28,8 @@ from .routing import normalize
 __all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants", "saved_since"]
+           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants", "saved_since",
+           "guids"]
 
 log = Logger()
 
@@ -286,7 +287,22 @@ async def saved_since(conn: BackendProtocol, uids: Sequence[int], since: float) 
     return sorted(found)
 
 
+async def guids(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, bytes]:
+    """Dovecot's X-GUID of each of *uids* (selected mailbox): its own COPY and MOVE keep a message's,
+    an APPEND gives a new one (measured on 2.3.19, maildir). A backend without it names none."""
+    if not uids:
+        return {}
+    result = await conn.command(b"UID FETCH " + uid_set(uids) + b" (UID X-GUID)", bounded=True)
+    found = {}
+    for r in result.responses if result.ok else ():
+        uid, guid = _UID.search(r.raw), _GUID.search(r.raw)
+        if uid is not None and guid is not None:
+            found[int(uid.group(1))] = guid.group(1).strip(b'"')
+    return found
+
+
 _UID = re.compile(rb"[( ]UID (\d+)")
+_GUID = re.compile(rb'[( ]X-GUID ("[^"]*"|[^\s()]+)')
 _SAVEDATE = re.compile(rb'SAVEDATE "([^"]+)"')
 _DATE_TIME = re.compile(rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
 _MONTHS = {m: i for i, m in enumerate(b"JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), 1)}

@@ -26,6 +26,7 @@ from .mailops import (
     exists,
     expunge_uids,
     fetch_infos,
+    guids,
     list_mailboxes,
     named_by_validity,
     open_mailbox,
@@ -136,16 +137,21 @@ async def _committed_then_moved_on(entry: JournalEntry, mailbox_map: MailboxMap,
     the destination has, from that UIDNEXT, as many consecutive UIDs as it sent that no message holds
     now (it saves all or nothing, on consecutive UIDs). Then a source message goes if its content was
     saved somewhere the user sees since the move began (SAVEDATE, RFC 8514; a copy made before, a
-    client's own, vouches for nothing). Returns the source UIDs to expunge; the source selected again."""
+    client's own, vouches for nothing), and is not a copy of the source message itself made on its
+    backend (soak seed 43154: a client's COPY of it within the source, 0.9 s after the MOVE's NO, was
+    taken for the move's copy moved back and the source expunged: once where the client had made it
+    twice). Dovecot's COPY and MOVE keep a message's X-GUID, the move's APPEND gives a new one.
+    Returns the source UIDs to expunge; the source selected again."""
     data = entry.data
     if not await _room_for_copies(dst, data, len(src_uids)):
         return []
     still = await still_there(src, src_uids)
     since = entry.created - SAVEDATE_SLACK
-    back = await came_back(src, still, sent, max(src_uids), saved_after=since)  # helper recovery17: moved back
+    itself = set((await guids(src, still)).values())  # a client's copy of a source message on its backend
+    back = await came_back(src, still, sent, max(src_uids), saved_after=since, not_guids=itself)  # moved back
     mine, _ = await fetch_infos(src, [s for s in still if s not in set(back)])
     moved = await _moved_on_anywhere(mailbox_map, entry.user, src, data["src_mailbox"], dst, data["dst_mailbox"],
-                                     connect, mine, sent, collections.Counter(), saved_after=since)
+                                     connect, mine, sent, collections.Counter(), saved_after=since, not_guids=itself)
     await _reselect_source(src, data)
     return sorted(back + moved)
 
@@ -295,7 +301,8 @@ async def _made_anew(dst: BackendProtocol, data: dict) -> dict[int, int]:
 async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendProtocol, src_mailbox: str,
                              dst: BackendProtocol, dst_mailbox: str, connect: Connect | None,
                              mine: Sequence[MessageInfo], sent: dict[int, str],
-                             kept: collections.Counter[str], saved_after: float | None = None) -> list[int]:
+                             kept: collections.Counter[str], saved_after: float | None = None,
+                             not_guids: set[bytes] | None = None) -> list[int]:
     """moved_on over the source's, the destination's and every other backend the user's mailboxes may
     live on (a copy moved on by a cross-server MOVE of its own lands on a third one). *kept*: copies
     in *dst_mailbox*, which count only if the map sends that name to *dst* (else moved_on skips them;
@@ -314,23 +321,25 @@ async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendPro
             return mailbox_map.lookup(user, mailbox).primary == backend
 
         seen = kept if routed(dst.name, dst_mailbox) else collections.Counter()
-        return await moved_on([dst, src, *conns], src, src_mailbox, mine, sent, seen, routed, saved_after)
+        return await moved_on([dst, src, *conns], src, src_mailbox, mine, sent, seen, routed, saved_after, not_guids)
     finally:
         for conn in conns:
             conn.logout()
 
 
 async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int,
-                    saved_after: float | None = None) -> list[int]:
+                    saved_after: float | None = None, not_guids: set[bytes] | None = None) -> list[int]:
     """Of source *uids* whose copy left the destination before recovery, those whose same content
     (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
     the message is there once without them. Each newer message vouches for one source UID.
-    *saved_after*: only newer messages saved since then count (mailops.saved_since)."""
+    *saved_after*: only newer messages saved since then count (mailops.saved_since); *not_guids*:
+    none with one of those X-GUIDs counts (mailops.guids: a copy of a source message itself)."""
     still = await still_there(src, uids)
     newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
     newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
     if saved_after is not None:
         newer = await saved_since(src, newer, saved_after)
+    newer = await _other_than(src, newer, not_guids)
     if not still or not newer:
         return []
     mine, _ = await fetch_infos(src, still)
@@ -343,7 +352,7 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
 async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_mailbox: str,
                    mine: Sequence[MessageInfo], sent: dict[int, str], kept: collections.Counter[str],
                    routed: Callable[[str, str], bool] = lambda _backend, _name: True,
-                   saved_after: float | None = None) -> list[int]:
+                   saved_after: float | None = None, not_guids: set[bytes] | None = None) -> list[int]:
     """Of source messages (*mine*) whose committed copy left the destination before recovery, those
     whose content (size, then sha256) is in some other mailbox of *conns*' backends (the source's,
     the destination's, and every other backend the user's mailboxes may live on), one that
@@ -351,7 +360,9 @@ async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_m
     for nothing): a client moved the copy on, so the source's message goes (else it is there twice).
     A copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
     *kept*: the hashes of the copies still at the destination (found there, they vouch for none).
-    *saved_after*: only messages saved to their mailbox since then count (mailops.saved_since)."""
+    *saved_after*: only messages saved to their mailbox since then count (mailops.saved_since);
+    *not_guids*: on the source's backend, none with one of those X-GUIDs counts (a copy of a source
+    message itself: Dovecot's COPY and MOVE keep it; X-GUIDs of other backends are theirs)."""
     sizes = {i.size for i in mine}
     if not sizes:
         return []
@@ -366,11 +377,21 @@ async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_m
                 uids, _ = await search_uids(conn, b"LARGER %d SMALLER %d" % (min(sizes) - 1, max(sizes) + 1))
                 if saved_after is not None:
                     uids = await saved_since(conn, uids, saved_after)
+                if conn is src:
+                    uids = await _other_than(conn, uids, not_guids)
                 infos, _ = await fetch_infos(conn, uids)
                 found.update((await hashes_present(conn, [i.uid for i in infos if i.size in sizes])).values())
             await conn.deselect()
     found.subtract(kept)
     return _vouched(mine, sent, found)
+
+
+async def _other_than(conn: BackendProtocol, uids: list[int], not_guids: set[bytes] | None) -> list[int]:
+    """Those of *uids* (selected on *conn*) whose X-GUID is none of *not_guids* (None: all of them)."""
+    if not not_guids or not uids:
+        return uids
+    have = await guids(conn, uids)
+    return [u for u in uids if have.get(u) not in not_guids]
 
 
 def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[str]) -> list[int]:
