@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from .acrossview import SAVED
 from .backend import BackendError, BackendProtocol, Tagged
-from .imap.command import Atom, ParseError, String, parse_arguments
+from .imap.command import Atom, ParseError, String, Token, parse_arguments
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
@@ -277,13 +277,10 @@ async def saved_since(conn: BackendProtocol, uids: Sequence[int], since: float) 
         return []
     result = await run_ok(conn, b"UID FETCH " + uid_set(uids) + b" (UID SAVEDATE)", "FETCH")
     found = []
-    for r in result.responses:
-        uid, date = _UID.search(r.raw), _SAVEDATE.search(r.raw)
-        if uid is None or date is None:
-            continue
-        when = _date_time(date.group(1))
+    for uid, date in _items(result, b"SAVEDATE"):
+        when = _date_time(date.value) if isinstance(date, String) else None
         if when is not None and when >= since:
-            found.append(int(uid.group(1)))
+            found.append(uid)
     return sorted(found)
 
 
@@ -293,17 +290,27 @@ async def guids(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, bytes]:
     if not uids:
         return {}
     result = await conn.command(b"UID FETCH " + uid_set(uids) + b" (UID X-GUID)", bounded=True)
-    found = {}
-    for r in result.responses if result.ok else ():
-        uid, guid = _UID.search(r.raw), _GUID.search(r.raw)
-        if uid is not None and guid is not None:
-            found[int(uid.group(1))] = guid.group(1).strip(b'"')
-    return found
+    if not result.ok:
+        return {}
+    return {uid: guid.value for uid, guid in _items(result, b"X-GUID") if isinstance(guid, (Atom, String))}
 
 
-_UID = re.compile(rb"[( ]UID (\d+)")
-_GUID = re.compile(rb'[( ]X-GUID ("[^"]*"|[^\s()]+)')
-_SAVEDATE = re.compile(rb'SAVEDATE "([^"]+)"')
+def _items(result: Tagged, name: bytes) -> list[tuple[int, Token]]:
+    """(UID, token of item *name*) of each FETCH response of *result* that has both."""
+    out = []
+    for r in result.responses:
+        if r.start.name != "FETCH":
+            continue
+        try:
+            data = parse_fetch(*r.arguments)
+            uid = data.uid
+        except ParseError:
+            continue
+        if uid is not None and name in data.items:
+            out.append((uid, data.items[name]))
+    return out
+
+
 _DATE_TIME = re.compile(rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
 _MONTHS = {m: i for i, m in enumerate(b"JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), 1)}
 
