@@ -228,7 +228,8 @@ class PostgresStore:
         # new to this listener; the listener says it has read that change only once confirm() is called
         self.on_new_entries: Callable[[int, list[tuple[int, str, Reservation]]], None] | None = None
         self._known: set[int] | None = None  # the entries the listener has read (None: nothing read yet)
-        self._unconfirmed: dict[int, float] = {}  # changes read, held back from `listeners` until confirmed: when
+        # changes read, not said read in `listeners` until confirmed: (the change said read before, since when)
+        self._unconfirmed: dict[int, tuple[int, float]] = {}
         self._deltas = Deltas()
 
     # -- start-up and the listener ------------------------------------------------------------
@@ -290,20 +291,20 @@ class PostgresStore:
         self._known = ids
         hook = self.on_new_entries
         if new and hook is not None:
-            with self._lock:
-                self._unconfirmed[change] = time.monotonic()
+            with self._lock:  # (a burst read at once: the entry began after the change read before, not at *change*)
+                self._unconfirmed[change] = (self._seen, time.monotonic())
         self._publish(change, snapshot)  # (before the hook: an APPEND begun from now on meets the reservation)
         if new and hook is not None:
             self._reactor.callFromThread(hook, change, new)
         self._beat(conn)
 
     def _said_seen(self) -> int:
-        """The change this proxy says it has read: the newest, or the last before one not yet confirmed."""
+        """The change this proxy says it has read: the newest, or the one read before a change not yet confirmed."""
         with self._lock:
             late = time.monotonic() - CONFIRM_LIMIT
-            for change in [c for c, since in self._unconfirmed.items() if since < late]:
+            for change in [c for c, (_before, since) in self._unconfirmed.items() if since < late]:
                 del self._unconfirmed[change]  # (a hook that never answered: nobody waits for ever)
-            return min(self._unconfirmed) - 1 if self._unconfirmed else self._seen
+            return min(before for before, _since in self._unconfirmed.values()) if self._unconfirmed else self._seen
 
     def confirm(self, change: int) -> None:
         """(The reactor thread's) *change* confirmed (proxyappends.py): said read in `listeners` now."""
