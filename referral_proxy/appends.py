@@ -159,7 +159,8 @@ class Appends:
     async def _connected(self, event: AppendStart, route: Route, turn: Release) -> None:
         host = self.host
         conn = await self._connection(route, turn)
-        if not may_begin(host.ctx, route.primary, host.user or "", event.mailbox):  # a RENAME came meanwhile
+        if not may_begin(host.ctx, route.primary, host.user or "", event.mailbox) or host.mailboxes.append_target(
+                event.tag, event.mailbox) is HELD:  # a RENAME came meanwhile (here; or at another proxy: proxyappends.py)
             turn()
             return await self._in_turn(event)
         self._begin(event, conn, turn)

@@ -13,9 +13,10 @@ Dovecot's own NO [TRYCREATE] at the old name).
 
 The hot path of every APPEND with no RENAME in the process: one look at the turns (empty); with
 workers, also a shared flock held until its answer (another worker's RENAME cannot see its sessions).
-Not between proxies on one PostgreSQL map: an advisory lock would cost every APPEND a round trip to
-the database; there an APPEND arriving during another proxy's RENAME waits for it by the RENAME's
-reservation (holds.py), one already under way when the RENAME starts is not waited for.
+Between proxies on one PostgreSQL map (an advisory lock would cost every APPEND a round trip to the
+database) an APPEND arriving during another proxy's RENAME waits for it by the RENAME's reservation
+(holds.py), and the RENAME waits for those already under way by the other proxies' confirmations
+of its reservation (proxyappends.py).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from .imap.response import completion_text
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import TransferError, exists, name_arg, subtree
 from .mover import Connect
+from .proxyappends import APPENDING, others_confirmed
 from .routing import MailboxMap, normalize
 
 __all__ = ["rename_here", "LocalRename", "reconcile_local"]
@@ -58,6 +59,9 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
     except StoreUnavailable:
         return LocalRename((), "NO " + UNAVAILABLE)
     try:
+        if not await others_confirmed(mailbox_map.store):  # another proxy's APPEND to them still under way
+            await mailbox_map.end_move(entry)
+            return LocalRename((), APPENDING)
         if not inbox:
             placed = mailbox_map.placements(user)
             try:

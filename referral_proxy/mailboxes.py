@@ -35,6 +35,7 @@ from .mailops import TransferError, subtree
 from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .moveview import status_during_move
 from .pool import BackendPool
+from .proxyappends import APPENDING
 from .relay import Relay
 from .relocation import seen_within
 from .renamecheck import refused_before
@@ -45,9 +46,6 @@ from .transfer import CopyOutcome, copy_across
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
 
 log = Logger()
-
-
-APPENDING = "NO [INUSE] A message is being appended to this mailbox; try again shortly"
 
 
 class Refusing(Exception):

@@ -14,7 +14,9 @@ How it keeps store.MapStore's contract:
   transaction; ``poll()`` hands the newest to the reactor thread without I/O, never one
   older than this process's own last write (its ``change``); it writes the change it
   has read in ``listeners`` (and a heartbeat every HEALTH_SECONDS), and ``settle()``
-  waits until every live listener has read this process's last write;
+  waits until every live listener has read this process's last write; a change that brings
+  journal entries new to a listener is said read only once its reactor confirms it (``on_new_entries``,
+  proxyappends.py: its APPENDs under way to their names answered), and ``confirmed()`` waits for that;
 * a move's owner holds a lease (``lease_until``, the database's clock), renewed by its
   process; recovery takes an entry over only when the lease has run out (or its owner,
   on this host, is dead), by compare-and-set; each journal step is written only while
@@ -72,6 +74,7 @@ IDLE_CHECK_SECONDS = 1.0  # a pooled connection idle longer is checked (SELECT 1
 HEALTH_SECONDS = 2.0
 SETTLE_SECONDS = 2.0  # a move's begin and end wait at most this long for every live proxy to have read them
 CLIENT_DEADLINE = CONNECT_TIMEOUT + STATEMENT_TIMEOUT_MS / 1000 + 2  # a statement's thread waited longer: hung
+CONFIRM_LIMIT = 15.0  # a change not confirmed this long (proxyappends.CONFIRM_WAIT: 12 s) is said read anyway
 LIVE_SECONDS = 3 * HEALTH_SECONDS  # a listener silent longer is taken for gone (settle does not wait for it)  # the listener checks its connection this often when nothing is notified
 _OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS} " \
            f"-c idle_in_transaction_session_timeout=60000"
@@ -221,6 +224,12 @@ class PostgresStore:
         self.available = True
         self._hung = False  # a statement outlived CLIENT_DEADLINE: fail at once until the listener hears the server
         self.on_availability: Callable[[bool], None] | None = None  # called in the reactor thread
+        # proxyappends.confirmer: called in the reactor thread with a change that brought journal entries
+        # new to this listener; the listener says it has read that change only once confirm() is called
+        self.on_new_entries: Callable[[int, list[tuple[int, str, Reservation]]], None] | None = None
+        self._known: set[int] | None = None  # the entries the listener has read (None: nothing read yet)
+        # changes read, not said read in `listeners` until confirmed: (the change said read before, since when)
+        self._unconfirmed: dict[int, tuple[int, float]] = {}
         self._deltas = Deltas()
 
     # -- start-up and the listener ------------------------------------------------------------
@@ -246,6 +255,7 @@ class PostgresStore:
             conn.close()
             raise
         self._release(conn)
+        self._known = {e for e, _u, _r in snapshot.reservations}
         self._publish(change, snapshot)
         self._started = True
         self._pool.start()
@@ -275,14 +285,42 @@ class PostgresStore:
 
     def _read_and_tell(self, conn: psycopg.Connection[Any]) -> None:
         change, snapshot = _read_snapshot(conn)
-        self._publish(change, snapshot)
+        ids = {e for e, _u, _r in snapshot.reservations}
+        new = [] if self._known is None else [  # (a shared one, a cross-server MOVE's, holds no APPEND back)
+            held for held in snapshot.reservations if held[0] not in self._known and not held[2].shared]
+        self._known = ids
+        hook = self.on_new_entries
+        if new and hook is not None:
+            with self._lock:  # (a burst read at once: the entry began after the change read before, not at *change*)
+                self._unconfirmed[change] = (self._seen, time.monotonic())
+        self._publish(change, snapshot)  # (before the hook: an APPEND begun from now on meets the reservation)
+        if new and hook is not None:
+            self._reactor.callFromThread(hook, change, new)
         self._beat(conn)
+
+    def _said_seen(self) -> int:
+        """The change this proxy says it has read: the newest, or the one read before a change not yet confirmed."""
+        with self._lock:
+            late = time.monotonic() - CONFIRM_LIMIT
+            for change in [c for c, (_before, since) in self._unconfirmed.items() if since < late]:
+                del self._unconfirmed[change]  # (a hook that never answered: nobody waits for ever)
+            return min(before for before, _since in self._unconfirmed.values()) if self._unconfirmed else self._seen
+
+    def confirm(self, change: int) -> None:
+        """(The reactor thread's) *change* confirmed (proxyappends.py): said read in `listeners` now."""
+        with self._lock:
+            self._unconfirmed.pop(change, None)
+        seen = self._said_seen()
+        running = defer.ensureDeferred(self._run(lambda conn: conn.execute(
+            "UPDATE listeners SET seen = greatest(seen, %s) WHERE id = %s", (seen, self._id))))
+        running.addErrback(lambda f: log.debug("map store: could not confirm change {c}: {why}", c=change,
+                                               why=f.getErrorMessage()))
 
     def _beat(self, conn: psycopg.Connection[Any]) -> None:
         """Say which change this proxy has read (settle() of every proxy waits for the live ones)."""
         conn.execute("INSERT INTO listeners (id, seen, beat) VALUES (%s, %s, clock_timestamp())"
-                     " ON CONFLICT (id) DO UPDATE SET seen = EXCLUDED.seen, beat = EXCLUDED.beat",
-                     (self._id, self._seen))
+                     " ON CONFLICT (id) DO UPDATE SET seen = greatest(listeners.seen, EXCLUDED.seen),"
+                     " beat = EXCLUDED.beat", (self._id, self._said_seen()))
 
     def _listen(self) -> None:
         delay = 0.2
@@ -407,11 +445,23 @@ class PostgresStore:
         A move's begin waits for this before it reads anything, and its end before its client
         is answered: the next command of any client, through any proxy, finds the names held,
         then free. A proxy cut from the database is not waited for (it routes from its cache)."""
+        behind = await self._behind(SETTLE_SECONDS)
+        if behind:
+            log.warn("map store: {n} proxy listener(s) had not read change {c} after {s}s: {ids}", n=len(behind),
+                     c=self._floor, s=SETTLE_SECONDS, ids=", ".join(behind))
+
+    async def confirmed(self, seconds: float) -> bool:
+        """Every live proxy has read and confirmed this process's last write within *seconds*
+        (proxyappends.py: a RENAME's reservation, once their APPENDs under way to its names are answered)."""
+        return not await self._behind(seconds)
+
+    async def _behind(self, seconds: float) -> list[str]:
+        """The ids of the live listeners that have not said they read this process's last write."""
         with self._lock:
             floor = self._floor
             if floor < 0 or not self.available or self._listener is None:
-                return
-        deadline = time.monotonic() + SETTLE_SECONDS
+                return []
+        deadline = time.monotonic() + seconds
 
         def wait_all(conn: psycopg.Connection[Any]) -> list[str]:
             while True:
@@ -428,13 +478,10 @@ class PostgresStore:
                 time.sleep(0.002)
 
         try:
-            behind = await self._run(wait_all)
+            return await self._run(wait_all)
         except Exception as e:
             log.warn("map store: could not check that the other proxies have change {c}: {why}", c=floor, why=str(e))
-            return
-        if behind:
-            log.warn("map store: {n} proxy listener(s) had not read change {c} after {s}s: {ids}", n=len(behind),
-                     c=floor, s=SETTLE_SECONDS, ids=", ".join(behind))
+            return []
 
     def poll(self) -> Snapshot | None:
         with self._lock:

@@ -18,7 +18,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from . import crossturns, netio
+from . import crossturns, netio, proxyappends
 from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
 from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
@@ -248,6 +248,8 @@ class ProxyService(MultiService):
         tune_gc()
         # The map first: a PostgreSQL store that is unreachable or has no (or an old) schema
         # stops start-up with one line (runner.py prints it) before anything listens.
+        if hasattr(self.mailbox_map.store, "on_new_entries"):  # a RENAME at another proxy waits for our APPENDs
+            self.mailbox_map.store.on_new_entries = proxyappends.confirmer(self.context, self.mailbox_map.store)
         self.mailbox_map.start()
         self.mailbox_map.start_leases(self.reactor, self.config.map.lease_seconds / 4, sweeps=self.role is None)
         store = self.mailbox_map.store

@@ -53,17 +53,39 @@ def test_two_workers(proxy_factory):
     _check(*run((proxy.host, proxy.port), "carol", ROUNDS * 2, "rename-parent", seed=11))
 
 
-@pytest.mark.xfail(strict=False, reason="between proxies on one PostgreSQL map an APPEND already under way at "
-                   "one proxy when another proxy's RENAME begins is not waited for (appendturns.py: no database "
-                   "round trip per APPEND); one arriving during it waits by the RENAME's reservation")
 def test_two_proxies_on_postgresql(proxy_factory, pg_dsn):
     """The appender on one proxy, the renamer on the other: failed in 1 of 7 runs of 120 rounds
-    with the fix in one process (the window is narrow; it passes most runs)."""
+    with the fix in one process only (the window is narrow; it passed most runs). The RENAME's
+    reservation now waits for the other proxy's APPENDs under way (proxyappends.py)."""
     from test_several_proxies import RULES, _config
 
     proxies = [proxy_factory(_config(pg_dsn), rules=RULES) for _ in range(2)]
     _check(*run((proxies[0].host, proxies[0].port), "carol", ROUNDS * 2, "rename-parent", seed=13,
                 other_addr=(proxies[1].host, proxies[1].port)))
+
+
+def _stalled_append_then_rename(fleet, appending, renaming) -> None:
+    """carol's APPEND to A/B/x through *appending* stops in the middle of its literal; RENAME A/B C
+    through *renaming*: NO [INUSE] in ~APPEND_WAIT seconds (bound: the Wire's 60 s). The APPEND, finished
+    then, is saved once where it was sent; the RENAME, sent again, is done (nothing was left held)."""
+    from imapwire import Wire
+    from movecheck import census, seed
+
+    seed(fleet["b1"], "carol", "A/B/x", [])
+    appender, renamer = Wire(appending.host, appending.port, timeout=60), Wire(renaming.host, renaming.port, timeout=60)
+    for w in (appender, renamer):
+        w.login("carol")
+    body = b"Message-Id: <stalled@t>\r\nSubject: stalled\r\n\r\nbody\r\n"
+    appender.send(b"a APPEND A/B/x {%d}\r\n" % len(body))
+    assert appender.line().startswith(b"+")
+    appender.send(body[:10])  # and stops
+    answer = renamer.cmd(b"r", b"RENAME A/B C")[-1]
+    appender.send(body[10:] + b"\r\n")
+    assert appender.until_tagged(b"a")[-1].startswith(b"a OK")
+    assert answer.startswith(b"r NO [INUSE]"), answer
+    counts, where = census(fleet, "carol")
+    assert counts.get("stalled@t") == 1 and where["stalled@t"] == [("b1", "A/B/x")], where
+    assert renamer.cmd(b"r", b"RENAME A/B C")[-1].startswith(b"r OK")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -72,21 +94,15 @@ def test_a_rename_is_not_held_for_ever_by_an_append_whose_client_stopped(proxy_f
     for as long as that client stayed connected (and every APPEND queued behind the RENAME). Now it is
     refused NO [INUSE] after APPEND_WAIT seconds; the APPEND, finished later, is saved once where it was
     sent. (Two workers: the two sessions on one worker or each on its own.)"""
-    from imapwire import Wire
-    from movecheck import census, seed
-
-    seed(fleet["b1"], "carol", "A/B/x", [])
     proxy = proxy_factory(workers=workers)
-    appender, renamer = Wire(proxy.host, proxy.port, timeout=60), Wire(proxy.host, proxy.port, timeout=60)
-    for w in (appender, renamer):
-        w.login("carol")
-    body = b"Message-Id: <stalled@t>\r\nSubject: stalled\r\n\r\nbody\r\n"
-    appender.send(b"a APPEND A/B/x {%d}\r\n" % len(body))
-    assert appender.line().startswith(b"+")
-    appender.send(body[:10])  # and stops
-    answer = renamer.cmd(b"r", b"RENAME A/B C")[-1]  # bound: the Wire's timeout (60 s); answered in ~10 s
-    appender.send(body[10:] + b"\r\n")
-    assert appender.until_tagged(b"a")[-1].startswith(b"a OK")
-    assert answer.startswith(b"r NO [INUSE]"), answer
-    counts, where = census(fleet, "carol")
-    assert counts.get("stalled@t") == 1 and where["stalled@t"] == [("b1", "A/B/x")], where
+    _stalled_append_then_rename(fleet, proxy, proxy)
+
+
+def test_a_rename_at_one_proxy_is_not_held_for_ever_by_an_append_at_another(proxy_factory, fleet, pg_dsn):
+    """Two proxies on one PostgreSQL map, the APPEND through the first: the RENAME at the second waits
+    for it (proxyappends.py), at most ~APPEND_WAIT seconds, then is refused holding nothing. (Before:
+    the RENAME went ahead, and Dovecot answered the APPEND "NO Mailbox was deleted under us".)"""
+    from test_several_proxies import RULES, _config
+
+    appending, renaming = (proxy_factory(_config(pg_dsn), rules=RULES) for _ in range(2))
+    _stalled_append_then_rename(fleet, appending, renaming)
