@@ -1,0 +1,177 @@
+"""Round 18 (attack18, not collected: ``python3 -m pytest tests/race_moves18.py``): attacks on
+cross-server message moves that held, judged by a census of the backends (every message once) and,
+where said, beside direct Dovecot.
+
+* a UID MOVE across killed at each journal step (4 of 4), from a login in capitals (CAROL), between
+  mailboxes whose names hold quote, backslash, %, * and mUTF-7, then `recover`;
+* UID MOVE 2:4 -> Shared/A (b3) on a proxy killed at move-appending:2 / move-appended:1 / not
+  killed, and UID MOVE 3:5 -> Archive/B (b2) on a second proxy sharing the store, at once (9 rounds);
+* a UID MOVE / COPY across of messages another session moved away, before a NOOP: the same status and
+  the same messages moved as Dovecot's own (2 of 2);
+* what a session on the source and one on the destination see of a MOVE across (the mover's
+  EXPUNGE/RECENT, NOOPs, FETCH FLAGS): the same untagged responses as Dovecot's own MOVE (1 of 1);
+* UID MOVE 1:* of 200 into Shared/A while another session RENAMEs Shared/A (on b3, across to b2, across
+  to b1), workers = 2, mail delivered to the source after (9 rounds).
+"""
+
+from __future__ import annotations
+
+import pytest
+from imapwire import Wire, at_once
+from movecheck import census, cli, deliver, faulty, judge, quote, seed
+from test_moves import MASTERS, RULES, _no_entries, ids
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+SRC = 'Wo"r\\k%*'
+DST = 'Shared/D*e%s"t\\&AOk-'
+
+
+def _q(name: str) -> bytes:
+    return quote(name).encode()
+
+
+@pytest.mark.parametrize("step", ["move-appending:1", "move-appending:2", "move-appended:1", "move-expunging:1"])
+def test_odd_names_killed_move(proxy_factory, fleet, step):
+    work = ids("work", 6)
+    seed(fleet["b1"], "carol", SRC, work)
+    seed(fleet["b3"], "carol", DST, ids("there", 2))
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", step))
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("CAROL")
+    assert w.cmd(b"s", b"SELECT " + _q(SRC))[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 2:5 " + _q(DST) + b"\r\n")
+    assert w.closed(30), "not killed at " + step
+    proxy.process.wait(10)
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work + ids("there", 2)) == ([], []), (where, recovered.stdout)
+    assert _no_entries(proxy), recovered.stdout
+
+
+@pytest.mark.parametrize("step", ["move-appending:2", "move-appended:1", None])
+@pytest.mark.parametrize("run", range(3))
+def test_two_moves_of_one_message_at_once_one_killed(proxy_factory, fleet, tmp_path, step, run):
+    """UID MOVE 2:4 Work -> Shared/A (b3) on a proxy killed at *step* (None: not killed) and UID MOVE
+    3:5 Work -> Archive/B (b2) on another sharing its store, at once; then `recover`: each once."""
+    work = ids("work", 6)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/A", [])
+    seed(fleet["b2"], "carol", "Archive/B", [])
+    store = tmp_path / "shared.sqlite3"
+    shared = {**MASTERS, "map": {"store": f"sqlite:{store}", "recovery_check_seconds": 3600}}
+    p1 = proxy_factory(shared, rules=RULES, **({"command": faulty("--kill-at", step)} if step else {}))
+    p2 = proxy_factory(shared, rules=RULES)
+    wires = []
+    for p in (p1, p2):
+        w = Wire(p.host, p.port, timeout=120)
+        w.login("Carol")
+        assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+        wires.append(w)
+    answers = at_once(wires, [b"a UID MOVE 2:4 Shared/A\r\n", b"b UID MOVE 3:5 Archive/B\r\n"], [b"a", b"b"])
+    if step and b"EXPUNGEISSUED" not in answers[0]:  # else it never reached the kill point
+        p1.process.wait(30)
+    recovered = cli("recover", "--config", str(p2.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], []), (where, answers, recovered.stdout)
+    assert not answers[1].startswith(b"b OK") or all(where[i][0][0] == "b2" for i in work[4:5]), (where, answers)
+    assert _no_entries(p2), recovered.stdout
+
+
+@pytest.mark.parametrize("verb", [b"MOVE", b"COPY"])
+def test_a_move_of_messages_another_session_moved_meanwhile_beside_dovecot(proxy_factory, fleet, verb):
+    """Session X selects Work; session Y moves 3:5 away; X, before any NOOP, UID MOVEs 2:4 across
+    (through the proxy, to Shared/A on b3) and, on direct Dovecot, to Other: the same status, the
+    same messages moved."""
+    work = ids("work", 6)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b1"], "carol", "Other", [])
+    seed(fleet["b1"], "carol", "Gone", [])
+    seed(fleet["b3"], "carol", "Shared/A", [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    x = Wire(proxy.host, proxy.port, timeout=120)
+    x.login("carol")
+    assert x.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    with fleet["b1"].client("carol") as m:
+        m.select("Work")
+        assert m.uid("MOVE", "3:5", "Gone")[0] == "OK"
+    via = x.cmd(b"m", b"UID " + verb + b" 2:4 Shared/A")
+    seed(fleet["b1"], "carol", "Work2", work)
+    with fleet["b1"].client("carol") as d, fleet["b1"].client("carol") as e:
+        d.select("Work2")
+        e.select("Work2")
+        assert e.uid("MOVE", "3:5", "Gone")[0] == "OK"
+        typ, data = d.uid(verb.decode(), "2:4", "Other")
+    counts, where = census(fleet, "carol")
+    moved_proxy = sorted(i for i in work if ("b3", "Shared/A") in where[i])
+    moved_direct = sorted(i for i in work if ("b1", "Other") in where[i])
+    assert (via[-1].split()[1].decode(), moved_proxy) == (typ, moved_direct), (via, typ, data, where)
+
+
+def _untagged(lines: list[bytes]) -> list[bytes]:
+    return [ln for ln in lines if ln.startswith(b"* ") and not ln.startswith(b"* OK")]
+
+
+def test_what_other_sessions_see_of_a_move_across_beside_dovecot(proxy_factory, fleet):
+    """B selected on the source, C on the destination (empty, selected before), while A UID MOVEs
+    2:3 across (Work -> Shared/A, b3); then B and C NOOP and C FETCHes FLAGS: the same untagged
+    responses as direct Dovecot's own MOVE between two mailboxes (Work2 -> Other on b1)."""
+    work = ids("work", 4)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/A", [])
+    seed(fleet["b1"], "carol", "Work2", work)
+    seed(fleet["b1"], "carol", "Other", [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+
+    def run(connect, src: bytes, dst: bytes) -> list[list[bytes]]:
+        a, b, c = connect(), connect(), connect()
+        for w, box in ((a, src), (b, src), (c, dst)):
+            assert w.cmd(b"s", b"SELECT " + box)[-1].startswith(b"s OK")
+        moved = a.cmd(b"m", b"UID MOVE 2:3 " + dst)
+        return [_untagged(moved) + moved[-1].split()[:2],
+                _untagged(b.cmd(b"n", b"NOOP")), _untagged(c.cmd(b"n", b"NOOP")),
+                _untagged(c.cmd(b"f", b"FETCH 1:* (FLAGS)")), _untagged(c.cmd(b"g", b"FETCH 1:* (FLAGS)"))]
+
+    def via_proxy() -> Wire:
+        w = Wire(proxy.host, proxy.port, timeout=120)
+        w.login("carol")
+        return w
+
+    def direct() -> Wire:
+        b1 = fleet["b1"]
+        w = Wire(b1.host, b1.port, timeout=120)
+        w.login("carol")
+        return w
+
+    got = run(via_proxy, b"Work", b"Shared/A")
+    want = run(direct, b"Work2", b"Other")
+    assert got == want
+
+
+@pytest.mark.parametrize("rename", [b"RENAME Shared/A Shared/B", b"RENAME Shared/A Archive/A", b"RENAME Shared/A Work/A"])
+@pytest.mark.parametrize("run", range(3))
+def test_a_move_across_while_its_destination_is_renamed(proxy_factory, fleet, rename, run):
+    """UID MOVE 1:200 Work -> Shared/A (b3) and a RENAME of Shared/A (on b3, across to b2, across to
+    b1) from another session at once, workers = 2: every message once, reachable; mail delivered to
+    Work meanwhile too."""
+    work = ids("work", 200)
+    seed(fleet["b1"], "carol", "Work", work, size=300)
+    seed(fleet["b3"], "carol", "Shared/A", ids("there", 3))
+    proxy = proxy_factory(MASTERS, rules=RULES, workers=2)
+    wires = []
+    for _ in range(2):
+        w = Wire(proxy.host, proxy.port, timeout=120)
+        w.login("CAROL")
+        wires.append(w)
+    assert wires[0].cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    delivered = []
+    answers = at_once(wires, [b"a UID MOVE 1:* Shared/A\r\n", b"b " + rename + b"\r\n"], [b"a", b"b"],
+                      delays=[0, 0.05 * run])
+    for k in range(3):
+        if deliver(fleet["b1"], "carol", "Work", f"late-{k}@t"):
+            delivered.append(f"late-{k}@t")
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work + ids("there", 3) + delivered) == ([], []), (answers, where)
+    assert _no_entries(proxy)
