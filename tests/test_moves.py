@@ -1131,3 +1131,24 @@ def rename_killed_at_created(proxy_factory, old: str, new: str) -> tuple[object,
     finally:
         now(store.close())
     return proxy, f"referral-proxy-aside-{entry.data['token']}/undo-0"
+
+
+def test_a_killed_moves_copies_moved_on_through_the_proxy_keep_their_date_and_take_their_sources(proxy_factory,
+                                                                                                  fleet):
+    """The SAVEDATE path matches INTERNALDATE too (attack18): a killed MOVE (outcome unknown,
+    committed) whose copies a client moves on through the proxy itself, across to b2 (an APPEND with
+    the copy's INTERNALDATE) and within b3: the sources go, each message once (held)."""
+    proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 6, "2:5", copy=True,
+                                               also=[("b2", "Archive/X"), ("b3", "Shared/Y")])
+    u = data["dst_uidnext"]
+    w = _logged_in(proxy, "Carol")
+    assert w.cmd(b"s", b"SELECT Shared/Dest")[-1].startswith(b"s OK")
+    assert w.cmd(b"m", b"UID MOVE %d:%d Archive/X" % (u, u + 1))[-1].startswith(b"m OK")
+    assert w.cmd(b"n", b"UID MOVE %d:* Shared/Y" % (u + 2))[-1].startswith(b"n OK")
+    w.cmd(b"l", b"LOGOUT")
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "4 message(s) removed" in recovered.stdout, recovered.stdout
+    _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+    counts, where = census(fleet, "carol")
+    assert [where[i][0] for i in work[1:5]] == [("b2", "Archive/X")] * 2 + [("b3", "Shared/Y")] * 2
+    assert _no_entries(proxy)
