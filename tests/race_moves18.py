@@ -11,7 +11,9 @@ where said, beside direct Dovecot.
 * what a session on the source and one on the destination see of a MOVE across (the mover's
   EXPUNGE/RECENT, NOOPs, FETCH FLAGS): the same untagged responses as Dovecot's own MOVE (1 of 1);
 * UID MOVE 1:* of 200 into Shared/A while another session RENAMEs Shared/A (on b3, across to b2, across
-  to b1), workers = 2, mail delivered to the source after (9 rounds).
+  to b1), workers = 2, mail delivered to the source after (9 rounds);
+* a UID MOVE of 1 and of 1000 killed at move-appended:1, its copies moved to b2 / copied back / expunged
+  by a client through a second proxy before `recover` (2 of 2).
 """
 
 from __future__ import annotations
@@ -175,3 +177,46 @@ def test_a_move_across_while_its_destination_is_renamed(proxy_factory, fleet, re
     counts, where = census(fleet, "carol")
     assert judge(counts, work + ids("there", 3) + delivered) == ([], []), (answers, where)
     assert _no_entries(proxy)
+
+
+@pytest.mark.parametrize("n", [1, 1000])
+def test_a_killed_move_of_n_whose_copies_a_client_moves_around_through_the_proxy(proxy_factory, fleet, tmp_path, n):
+    """UID MOVE 1:* of *n* Work -> Shared/Dest killed at move-appended:1; through a second proxy
+    sharing the store a client moves the first half of the copies to Archive/X (b2), copies one
+    back to Work (across), and one is expunged on b3; then `recover`: each message once, the one
+    copied back twice (the client made two), the expunged copy's source kept."""
+    work = ids("work", n)
+    seed(fleet["b1"], "carol", "Work", work, size=300)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    seed(fleet["b2"], "carol", "Archive/X", [])
+    shared = {**MASTERS, "map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}", "recovery_check_seconds": 3600}}
+    p1 = proxy_factory(shared, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    p2 = proxy_factory(shared, rules=RULES)
+    w = Wire(p1.host, p1.port, timeout=300)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:* Shared/Dest\r\n")
+    assert w.closed(120)
+    p1.process.wait(30)
+    half = max(1, n // 2)
+    c = Wire(p2.host, p2.port, timeout=300)
+    c.login("CAROL")
+    assert c.cmd(b"s", b"SELECT Shared/Dest")[-1].startswith(b"s OK")
+    assert c.cmd(b"m", b"UID MOVE 1:%d Archive/X" % half)[-1].startswith(b"m OK")
+    twice, expunged = [], []
+    if n > 1:
+        assert c.cmd(b"c", b"UID COPY %d Work" % (half + 2))[-1].startswith(b"c OK")
+        twice, expunged = [work[half + 1]], [work[half]]
+        with fleet["b3"].client("carol") as m:
+            m.select(quote("Shared/Dest"))
+            m.uid("STORE", f"{half + 1}", "+FLAGS.SILENT", "(\\Deleted)")
+            m.uid("EXPUNGE", f"{half + 1}")
+    c.cmd(b"l", b"LOGOUT")
+    recovered = cli("recover", "--config", str(p2.config_path), timeout=600)
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    bad = {i: where[i] for i in work if counts[i] != (2 if i in twice else 1)}
+    assert not bad, (bad, recovered.stdout)
+    assert all(where[i] == [("b1", "Work")] for i in expunged), recovered.stdout
+    assert {where[i][0] for i in work[:half]} == {("b2", "Archive/X")}
+    assert _no_entries(p2)
