@@ -13,7 +13,9 @@ where said, beside direct Dovecot.
 * UID MOVE 1:* of 200 into Shared/A while another session RENAMEs Shared/A (on b3, across to b2, across
   to b1), workers = 2, mail delivered to the source after (9 rounds);
 * a UID MOVE of 1 and of 1000 killed at move-appended:1, its copies moved to b2 / copied back / expunged
-  by a client through a second proxy before `recover` (2 of 2).
+  by a client through a second proxy before `recover` (2 of 2);
+* a UID MOVE of 200 into Shared/A while another session DELETEs and CREATEs it again, pipelined,
+  workers = 2 (4 rounds: OK three times, NO [TRYCREATE] once, as Dovecot; nothing twice, a NO moves none).
 """
 
 from __future__ import annotations
@@ -220,3 +222,31 @@ def test_a_killed_move_of_n_whose_copies_a_client_moves_around_through_the_proxy
     assert all(where[i] == [("b1", "Work")] for i in expunged), recovered.stdout
     assert {where[i][0] for i in work[:half]} == {("b2", "Archive/X")}
     assert _no_entries(p2)
+
+
+@pytest.mark.parametrize("run", range(4))
+def test_a_move_across_while_its_destination_is_deleted_and_made_again(proxy_factory, fleet, run):
+    """UID MOVE 1:* of 200 Work -> Shared/A (b3) while another session DELETEs Shared/A and CREATEs it
+    again (pipelined), mail delivered to Shared/A in between: nothing twice; a MOVE answered NO
+    leaves every message in Work; one answered OK may have lost them only to the DELETE after it."""
+    work = ids("work", 200)
+    seed(fleet["b1"], "carol", "Work", work, size=300)
+    seed(fleet["b3"], "carol", "Shared/A", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, workers=2)
+    wires = []
+    for _ in range(2):
+        w = Wire(proxy.host, proxy.port, timeout=120)
+        w.login("carol")
+        wires.append(w)
+    assert wires[0].cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    answers = at_once(wires, [b"a UID MOVE 1:* Shared/A\r\n", b"d DELETE Shared/A\r\nc CREATE Shared/A\r\n"],
+                      [b"a", b"c"], delays=[0, 0.03 * run])
+    late = [f"late-{k}@t" for k in range(2) if deliver(fleet["b3"], "carol", "Shared/A", f"late-{k}@t")]
+    counts, where = census(fleet, "carol")
+    lost, duplicated = judge(counts, late, work)
+    assert not lost and not duplicated, (answers, where)
+    if not answers[0].startswith(b"a OK"):
+        assert all(where[i] == [("b1", "Work")] for i in work), (answers, where)
+    else:  # all moved: in Shared/A, or deleted with it
+        assert all(("b1", "Work") not in where.get(i, []) for i in work), (answers, where)
+    assert _no_entries(proxy)
