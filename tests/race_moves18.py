@@ -15,7 +15,8 @@ where said, beside direct Dovecot.
 * a UID MOVE of 1 and of 1000 killed at move-appended:1, its copies moved to b2 / copied back / expunged
   by a client through a second proxy before `recover` (2 of 2);
 * a UID MOVE of 200 into Shared/A while another session DELETEs and CREATEs it again, pipelined,
-  workers = 2 (4 rounds: OK three times, NO [TRYCREATE] once, as Dovecot; nothing twice, a NO moves none).
+  workers = 2 (4 rounds: OK three times, NO [TRYCREATE] once, as Dovecot; nothing twice, a NO moves none);
+* UID MOVE 1:* Work -> Shared/A and 1:* Shared/A -> Work from two sessions at once, workers = 2 (5 rounds).
 """
 
 from __future__ import annotations
@@ -249,4 +250,25 @@ def test_a_move_across_while_its_destination_is_deleted_and_made_again(proxy_fac
         assert all(where[i] == [("b1", "Work")] for i in work), (answers, where)
     else:  # all moved: in Shared/A, or deleted with it
         assert all(("b1", "Work") not in where.get(i, []) for i in work), (answers, where)
+    assert _no_entries(proxy)
+
+
+@pytest.mark.parametrize("run", range(5))
+def test_moves_across_in_opposite_directions_at_once(proxy_factory, fleet, run):
+    """Session A UID MOVEs 1:* Work (b1) -> Shared/A (b3), session B 1:* Shared/A -> Work, at once,
+    workers = 2, logins in two cases: every message once (held)."""
+    work, there = ids("work", 40), ids("there", 40)
+    seed(fleet["b1"], "carol", "Work", work, size=300)
+    seed(fleet["b3"], "carol", "Shared/A", there, size=300)
+    proxy = proxy_factory(MASTERS, rules=RULES, workers=2)
+    wires = []
+    for user, box in (("carol", b"Work"), ("CAROL", b"Shared/A")):
+        w = Wire(proxy.host, proxy.port, timeout=120)
+        w.login(user)
+        assert w.cmd(b"s", b"SELECT " + box)[-1].startswith(b"s OK")
+        wires.append(w)
+    answers = at_once(wires, [b"a UID MOVE 1:* Shared/A\r\n", b"b UID MOVE 1:* Work\r\n"], [b"a", b"b"],
+                      delays=[0, 0.01 * run])
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work + there) == ([], []), (answers, where)
     assert _no_entries(proxy)
