@@ -16,14 +16,16 @@ where said, beside direct Dovecot.
   by a client through a second proxy before `recover` (2 of 2);
 * a UID MOVE of 200 into Shared/A while another session DELETEs and CREATEs it again, pipelined,
   workers = 2 (4 rounds: OK three times, NO [TRYCREATE] once, as Dovecot; nothing twice, a NO moves none);
-* UID MOVE 1:* Work -> Shared/A and 1:* Shared/A -> Work from two sessions at once, workers = 2 (5 rounds).
+* UID MOVE 1:* Work -> Shared/A and 1:* Shared/A -> Work from two sessions at once, workers = 2 (5 rounds);
+* a UID MOVE of 300 killed at move-appending:2 / move-appended:1 / move-expunging:1 while mail is
+  delivered to both ends until `recover` is done (3 of 3).
 """
 
 from __future__ import annotations
 
 import pytest
 from imapwire import Wire, at_once
-from movecheck import census, cli, deliver, faulty, judge, quote, seed
+from movecheck import Deliverer, census, cli, deliver, faulty, judge, quote, seed
 from test_moves import MASTERS, RULES, _no_entries, ids
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -271,4 +273,37 @@ def test_moves_across_in_opposite_directions_at_once(proxy_factory, fleet, run):
                       delays=[0, 0.01 * run])
     counts, where = census(fleet, "carol")
     assert judge(counts, work + there) == ([], []), (answers, where)
+    assert _no_entries(proxy)
+
+
+@pytest.mark.parametrize("step", ["move-appending:2", "move-appended:1", "move-expunging:1"])
+def test_a_killed_move_across_with_mail_delivered_to_both_ends_until_recovered(proxy_factory, fleet, step):
+    """UID MOVE 1:* of 300 Work -> Shared/Dest killed at *step* while mail is delivered to Work and to
+    Shared/Dest, and on through `recover`: every message once, the delivered ones where delivered."""
+    work = ids("work", 300)
+    seed(fleet["b1"], "carol", "Work", work, size=300)
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", step))
+    into_src = Deliverer(fleet["b1"], "carol", "Work", "src")
+    into_dst = Deliverer(fleet["b3"], "carol", "Shared/Dest", "dst")
+    into_src.start()
+    into_dst.start()
+    try:
+        w = Wire(proxy.host, proxy.port, timeout=120)
+        w.login("Carol")
+        assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+        w.send(b"m UID MOVE 1:300 Shared/Dest\r\n")
+        assert w.closed(60)
+        proxy.process.wait(30)
+        recovered = cli("recover", "--config", str(proxy.config_path))
+        assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    finally:
+        into_src.stop()
+        into_dst.stop()
+    counts, where = census(fleet, "carol")
+    live = into_src.acked + into_dst.acked
+    assert judge(counts, work + live, into_src.refused + into_dst.refused) == ([], []), recovered.stdout
+    assert all(where[i] == [("b1", "Work")] for i in into_src.acked)
+    assert all(where[i] == [("b3", "Shared/Dest")] for i in into_dst.acked)
+    assert len({where[i][0] for i in work}) == 1, recovered.stdout
     assert _no_entries(proxy)
