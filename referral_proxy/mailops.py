@@ -315,6 +315,12 @@ _DATE_TIME = re.compile(rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\
 _MONTHS = {m: i for i, m in enumerate(b"JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), 1)}
 
 
+def internal_time(info: MessageInfo) -> float | None:
+    """*info*'s INTERNALDATE as a Unix time (None if unreadable): Dovecot's COPY and MOVE keep it, and
+    so does the proxy's move across (copystream APPENDs with it); an APPEND without one, a delivery, get now."""
+    return _date_time(info.internaldate.strip(b'"'))
+
+
 def _date_time(text: bytes) -> float | None:
     """An IMAP date-time (``" 2-Dec-2026 13:38:09 +0000"``) as a Unix time; None if it is not one
     (read by hand: strptime's month names follow the locale)."""

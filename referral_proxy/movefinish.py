@@ -27,6 +27,7 @@ from .mailops import (
     expunge_uids,
     fetch_infos,
     guids,
+    internal_time,
     list_mailboxes,
     named_by_validity,
     open_mailbox,
@@ -140,7 +141,9 @@ async def _committed_then_moved_on(entry: JournalEntry, mailbox_map: MailboxMap,
     client's own, vouches for nothing), and is not a copy of the source message itself made on its
     backend (soak seed 43154: a client's COPY of it within the source, 0.9 s after the MOVE's NO, was
     taken for the move's copy moved back and the source expunged: once where the client had made it
-    twice). Dovecot's COPY and MOVE keep a message's X-GUID, the move's APPEND gives a new one.
+    twice). Dovecot's COPY and MOVE keep a message's X-GUID, the move's APPEND gives a new one; and
+    only a message of the source's INTERNALDATE counts (the move's copy has it; the same body
+    APPENDed or delivered anywhere since has its own: helper attack18, the source expunged).
     Returns the source UIDs to expunge; the source selected again."""
     data = entry.data
     if not await _room_for_copies(dst, data, len(src_uids)):
@@ -332,8 +335,10 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
     """Of source *uids* whose copy left the destination before recovery, those whose same content
     (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
     the message is there once without them. Each newer message vouches for one source UID.
-    *saved_after*: only newer messages saved since then count (mailops.saved_since); *not_guids*:
-    none with one of those X-GUIDs counts (mailops.guids: a copy of a source message itself)."""
+    *saved_after*: only newer messages saved since then count (mailops.saved_since), and only of the
+    source message's INTERNALDATE too (the move's copy keeps it; a duplicate delivered or APPENDed
+    since has its own: helper attack18); *not_guids*: none with one of those X-GUIDs counts
+    (mailops.guids: a copy of a source message itself)."""
     still = await still_there(src, uids)
     newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
     newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
@@ -343,10 +348,12 @@ async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, s
     if not still or not newer:
         return []
     mine, _ = await fetch_infos(src, still)
-    sizes = {i.size for i in mine}
+    sizes, dated = {i.size for i in mine}, saved_after is not None
     others, _ = await fetch_infos(src, newer)
-    found = collections.Counter((await hashes_present(src, [i.uid for i in others if i.size in sizes])).values())
-    return _vouched(mine, sent, found)
+    by_uid = {i.uid: i for i in others}
+    hashes = await hashes_present(src, [i.uid for i in others if i.size in sizes])
+    found = collections.Counter(_key(h, by_uid[u], dated) for u, h in hashes.items())
+    return _vouched(mine, sent, found, dated)
 
 
 async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_mailbox: str,
@@ -360,13 +367,14 @@ async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_m
     for nothing): a client moved the copy on, so the source's message goes (else it is there twice).
     A copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
     *kept*: the hashes of the copies still at the destination (found there, they vouch for none).
-    *saved_after*: only messages saved to their mailbox since then count (mailops.saved_since);
+    *saved_after*: only messages saved to their mailbox since then count (mailops.saved_since), of
+    the source message's INTERNALDATE too (see came_back);
     *not_guids*: on the source's backend, none with one of those X-GUIDs counts (a copy of a source
     message itself: Dovecot's COPY and MOVE keep it; X-GUIDs of other backends are theirs)."""
-    sizes = {i.size for i in mine}
+    sizes, dated = {i.size for i in mine}, saved_after is not None
     if not sizes:
         return []
-    found: collections.Counter[str] = collections.Counter()
+    found: collections.Counter[Any] = collections.Counter()
     for conn in conns:
         for entry in await list_mailboxes(conn):
             name = entry.name.decode("utf-8", "surrogateescape")
@@ -380,10 +388,12 @@ async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_m
                 if conn is src:
                     uids = await _other_than(conn, uids, not_guids)
                 infos, _ = await fetch_infos(conn, uids)
-                found.update((await hashes_present(conn, [i.uid for i in infos if i.size in sizes])).values())
+                by_uid = {i.uid: i for i in infos}
+                hashes = await hashes_present(conn, [i.uid for i in infos if i.size in sizes])
+                found.update(_key(h, by_uid[u], dated) for u, h in hashes.items())
             await conn.deselect()
     found.subtract(kept)
-    return _vouched(mine, sent, found)
+    return _vouched(mine, sent, found, dated)
 
 
 async def _other_than(conn: BackendProtocol, uids: list[int], not_guids: set[bytes] | None) -> list[int]:
@@ -394,12 +404,20 @@ async def _other_than(conn: BackendProtocol, uids: list[int], not_guids: set[byt
     return [u for u in uids if have.get(u) not in not_guids]
 
 
-def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[str]) -> list[int]:
-    """The UIDs of *mine* whose content (*sent*: uid -> sha256) *found* holds, each found copy vouching for one."""
+def _key(sha: str, info: MessageInfo, dated: bool) -> Any:
+    """What a found message is matched on: its sha256, and if *dated* its INTERNALDATE too."""
+    return (sha, internal_time(info)) if dated else sha
+
+
+def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[Any],
+             dated: bool = False) -> list[int]:
+    """The UIDs of *mine* whose content (*sent*: uid -> sha256; *dated*: and INTERNALDATE) *found*
+    holds, each found copy vouching for one."""
     out = []
     for info in mine:
-        if found[sent[info.uid]] > 0:
-            found[sent[info.uid]] -= 1
+        key = _key(sent[info.uid], info, dated)
+        if found[key] > 0:
+            found[key] -= 1
             out.append(info.uid)
     return out
 

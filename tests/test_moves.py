@@ -579,14 +579,18 @@ def test_a_killed_moves_copy_moved_back_before_recover_is_not_duplicated(proxy_f
 # -- the hard case: killed after the destination committed a MULTIAPPEND, before its APPENDUID was journaled ----------
 
 
-def _copy_directly(fleet, src: str, src_box: str, dst: str, dst_box: str, uids: str) -> None:
-    """What the proxy's MULTIAPPEND would have saved: the same bodies, in UID order, straight to *dst*."""
+def _copy_directly(fleet, src: str, src_box: str, dst: str, dst_box: str, uids: str, *, kept: bool = True) -> None:
+    """What the proxy's MULTIAPPEND would have saved: the same bodies, in UID order, straight to *dst*,
+    with their INTERNALDATE (copystream keeps it); *kept* False: without it, as a user's own APPEND."""
+    import re
+
     with fleet[src].client("carol") as m:
         m.select(quote(src_box), readonly=True)
-        typ, data = m.uid("FETCH", uids, "(BODY.PEEK[])")
-        bodies = [item[1] for item in data if isinstance(item, tuple)]
+        typ, data = m.uid("FETCH", uids, "(INTERNALDATE BODY.PEEK[])")
+        found = [(re.search(rb'INTERNALDATE ("[^"]*")', item[0]), item[1]) for item in data if isinstance(item, tuple)]
     with fleet[dst].client("carol") as m:
-        multiappend(m, [b"s APPEND " + quote(dst_box).encode()] + [b" () {%d+}\r\n" % len(b) + b for b in bodies])
+        multiappend(m, [b"s APPEND " + quote(dst_box).encode()] + [
+            b" ()" + (b" " + d.group(1) if kept and d else b"") + b" {%d+}\r\n" % len(b) + b for d, b in found])
 
 
 def _hashes(backend, mailbox: str, uids: str) -> list[str]:
@@ -890,27 +894,38 @@ def test_a_recovery_of_moved_on_copies_cut_off_at_its_expunge_is_finished_by_the
     assert _no_entries(proxy)
 
 
-APPENDED_ELSEWHERE = pytest.param(
-    "appended elsewhere", marks=pytest.mark.xfail(
-        reason="helper recovery17, left: a MULTIAPPEND that never committed cannot be told from one whose copy a "
-               "client moved on when the destination has room and the user APPENDed the same body elsewhere "
-               "since (a new X-GUID, as the move's copy has); INTERNALDATE is kept by every move", strict=True))
+COPIED_ACROSS = pytest.param(
+    "copied across through the proxy", marks=pytest.mark.xfail(
+        reason="helper attack18, left: the proxy's own COPY across (an APPEND with the source's INTERNALDATE, a new "
+               "X-GUID) of a never-committed MOVE's source, made before recovery while the destination has room, "
+               "looks like the move's copy moved on: the source goes, one where the client made two", strict=True))
 
 
 @pytest.mark.parametrize("own", ["copied within the source", "copied to another mailbox of its backend",
-                                 APPENDED_ELSEWHERE])
+                                 "appended elsewhere", "appended to the source", "appended on another backend",
+                                 COPIED_ACROSS])
 def test_a_clients_own_copy_does_not_take_a_never_committed_moves_source(proxy_factory, fleet, own):
     """A MOVE of work-2 cut off before APPENDUID that never committed; the user then copies work-2
     (COPY within Work: soak seed 43154, through the proxy 0.9 s after the MOVE's NO; or to Other on
-    b1), or APPENDs the same body to Shared/Y; a mail delivered to Shared/Dest is expunged (room for
-    the copy). Recovery took the user's copy for the move's moved back (or on) and expunged the
-    source: one work-2 where the user had made two. A copy Dovecot made keeps the X-GUID of the
-    message itself; the move's copy, APPENDed, has a new one."""
+    b1), or APPENDs the same body (to Shared/Y, to Work itself -- a duplicate delivery --, to
+    Archive/X on b2); a mail delivered to Shared/Dest is expunged (room for the copy). Recovery took
+    the user's copy for the move's moved back (or on) and expunged the source: one work-2 where the
+    user had made two. A copy Dovecot made keeps the X-GUID of the message itself; the move's copy,
+    APPENDed, has a new one, and the source's INTERNALDATE, which an APPEND without one does not
+    (helper attack18: the three APPENDs failed on main)."""
     proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 5, "3", also=[("b3", "Shared/Y"),
-                                                                                   ("b1", "Other")])
+                                                                                   ("b1", "Other"),
+                                                                                   ("b2", "Archive/X")])
     u = data["dst_uidnext"]
-    if own == "appended elsewhere":
-        _copy_directly(fleet, "b1", "Work", "b3", "Shared/Y", "3")  # the user's own copy, after the move began
+    if own.startswith("appended"):  # the user's own copy, after the move began
+        to = {"appended elsewhere": ("b3", "Shared/Y"), "appended to the source": ("b1", "Work"),
+              "appended on another backend": ("b2", "Archive/X")}[own]
+        _copy_directly(fleet, "b1", "Work", *to, "3", kept=False)
+    elif own == "copied across through the proxy":
+        w = _logged_in(proxy)
+        assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+        assert w.cmd(b"c", b"UID COPY 3 Archive/X")[-1].startswith(b"c OK")
+        w.cmd(b"l", b"LOGOUT")
     else:
         with fleet["b1"].client("carol") as m:
             m.select("Work")
@@ -1116,3 +1131,24 @@ def rename_killed_at_created(proxy_factory, old: str, new: str) -> tuple[object,
     finally:
         now(store.close())
     return proxy, f"referral-proxy-aside-{entry.data['token']}/undo-0"
+
+
+def test_a_killed_moves_copies_moved_on_through_the_proxy_keep_their_date_and_take_their_sources(proxy_factory,
+                                                                                                  fleet):
+    """The SAVEDATE path matches INTERNALDATE too (attack18): a killed MOVE (outcome unknown,
+    committed) whose copies a client moves on through the proxy itself, across to b2 (an APPEND with
+    the copy's INTERNALDATE) and within b3: the sources go, each message once (held)."""
+    proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 6, "2:5", copy=True,
+                                               also=[("b2", "Archive/X"), ("b3", "Shared/Y")])
+    u = data["dst_uidnext"]
+    w = _logged_in(proxy, "Carol")
+    assert w.cmd(b"s", b"SELECT Shared/Dest")[-1].startswith(b"s OK")
+    assert w.cmd(b"m", b"UID MOVE %d:%d Archive/X" % (u, u + 1))[-1].startswith(b"m OK")
+    assert w.cmd(b"n", b"UID MOVE %d:* Shared/Y" % (u + 2))[-1].startswith(b"n OK")
+    w.cmd(b"l", b"LOGOUT")
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "4 message(s) removed" in recovered.stdout, recovered.stdout
+    _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+    counts, where = census(fleet, "carol")
+    assert [where[i][0] for i in work[1:5]] == [("b2", "Archive/X")] * 2 + [("b3", "Shared/Y")] * 2
+    assert _no_entries(proxy)
