@@ -104,12 +104,16 @@ _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or re
 class MailboxCommands:
     """The mailbox-routed commands of one session."""
 
-    __slots__ = ("host", "examined", "selected_since")  # no per-instance dict
+    __slots__ = ("host", "examined", "selected_since", "selects")  # no per-instance dict
 
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
         self.examined = False  # the selected mailbox was opened with EXAMINE (read-only)
         self.selected_since = 0  # mailbox moves begun before its SELECT (MailboxMap.moves_begun): relocation.py
+        # SELECT/EXAMINEs dispatched so far: the answer of a CLOSE, or a SELECT's NO, pipelined before a
+        # later SELECT must not unselect the session that later SELECT selected (its backend would keep
+        # that mailbox selected unknown to the session: CHECK, EXPUNGE, FETCH of "no mailbox" ran there).
+        self.selects = 0
 
     def refuse_no(self, tag: bytes, text: str) -> None:
         """``tag NO text``: the proxy's own refusal, answered after the APPENDs before it (RFC 3501
@@ -265,6 +269,7 @@ class MailboxCommands:
         mailbox, route = target
         self.examined = cmd.name == "EXAMINE"
         self.selected_since = host.mailbox_map.moves_begun
+        self.selects += 1
         refer = self.refers(route, mailbox)
         conn = pool.fast(route.primary)
         host.selected_mailbox = None if refer else mailbox
@@ -293,8 +298,10 @@ class MailboxCommands:
         host.run(cmd.tag, switch())
 
     def _select_done(self, conn: BackendProtocol) -> Callable[[ResponseStart], None]:
+        selects = self.selects
+
         def done(start: ResponseStart) -> None:
-            if start.status == "NO" and self.host.selected == conn.name:
+            if start.status == "NO" and self.host.selected == conn.name and self.selects == selects:
                 self.host.selected = None
                 self.host.selected_mailbox = None
         return done
@@ -328,9 +335,10 @@ class MailboxCommands:
         if cmd.name == "CLOSE" and self.selected_held():  # it expunges (change above); UNSELECT does not
             return self.refuse_no(cmd.tag, _INUSE)
         target = host.selected or host.home
+        selects = self.selects
 
         def done(start: ResponseStart) -> None:
-            if start.status == "OK":
+            if start.status == "OK" and self.selects == selects:
                 host.selected = None
                 host.selected_mailbox = None
                 conn = host.pool.ready(target) if host.pool is not None else None
