@@ -102,12 +102,17 @@ _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or re
 class MailboxCommands:
     """The mailbox-routed commands of one session."""
 
-    __slots__ = ("host", "examined", "selected_since")  # no per-instance dict
+    __slots__ = ("host", "examined", "selected_since", "selects")  # no per-instance dict
 
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
         self.examined = False  # the selected mailbox was opened with EXAMINE (read-only)
         self.selected_since = 0  # mailbox moves begun before its SELECT (MailboxMap.moves_begun): relocation.py
+        # SELECT/EXAMINEs dispatched so far, per backend: the answer of a CLOSE, or a SELECT's NO,
+        # pipelined before a later SELECT sent to the same backend must not unselect the session (that
+        # backend would keep the later mailbox selected unknown to the session: CHECK, EXPUNGE, FETCH of
+        # "no mailbox" ran there); one before a SELECT elsewhere must (else that SELECT unselects again).
+        self.selects: dict[str, int] = {}
 
     def refuse_no(self, tag: bytes, text: str) -> None:
         """``tag NO text``: the proxy's own refusal, answered after the APPENDs before it (RFC 3501
@@ -263,6 +268,7 @@ class MailboxCommands:
         mailbox, route = target
         self.examined = cmd.name == "EXAMINE"
         self.selected_since = host.mailbox_map.moves_begun
+        self.selects[route.primary] = self.selects.get(route.primary, 0) + 1
         refer = self.refers(route, mailbox)
         conn = pool.fast(route.primary)
         host.selected_mailbox = None if refer else mailbox
@@ -291,8 +297,10 @@ class MailboxCommands:
         host.run(cmd.tag, switch())
 
     def _select_done(self, conn: BackendProtocol) -> Callable[[ResponseStart], None]:
+        selects = self.selects.get(conn.name, 0)
+
         def done(start: ResponseStart) -> None:
-            if start.status == "NO" and self.host.selected == conn.name:
+            if start.status == "NO" and self.host.selected == conn.name and self.selects.get(conn.name, 0) == selects:
                 self.host.selected = None
                 self.host.selected_mailbox = None
         return done
@@ -326,14 +334,17 @@ class MailboxCommands:
         if cmd.name == "CLOSE" and self.selected_held():  # it expunges (change above); UNSELECT does not
             return self.refuse_no(cmd.tag, _INUSE)
         target = host.selected or host.home
+        selects, everywhere = self.selects.get(target, 0), sum(self.selects.values())
 
         def done(start: ResponseStart) -> None:
-            if start.status == "OK":
-                host.selected = None
-                host.selected_mailbox = None
-                conn = host.pool.ready(target) if host.pool is not None else None
-                if conn is not None:
-                    host.relay.end_updates(conn)
+            if start.status != "OK" or self.selects.get(target, 0) != selects:
+                return  # a SELECT sent to that backend since: its mailbox is selected there
+            host.selected = None  # a SELECT elsewhere sent since (waiting for this answer) sets it again
+            if sum(self.selects.values()) == everywhere:
+                host.selected_mailbox = None  # else that SELECT's
+            conn = host.pool.ready(target) if host.pool is not None else None
+            if conn is not None:
+                host.relay.end_updates(conn)
 
         host.relay_cmd(cmd, target, done)
 

@@ -1,0 +1,71 @@
+"""hostile18: a client that half-closes (shutdown(SHUT_WR)) right after a command, after a
+literal's announcement, in the middle of a MULTIAPPEND: the proxy closes the connection (no
+hang), and the census of the backends is what direct Dovecot's is after the same bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+RULES = [{"mailbox": "Far*", "backend": "b2"}, {"mailbox": "Shared*", "backend": "b3"}]
+M1 = b"Message-Id: <h1@h18>\r\n\r\none\r\n"
+M2 = b"Message-Id: <h2@h18>\r\n\r\ntwo\r\n"
+
+CUTS = {
+    "after-append": b"a APPEND %(box)s {%(n1)d+}\r\n" + M1 + b"\r\n",
+    "after-multiappend": b"a APPEND %(box)s {%(n1)d+}\r\n" + M1 + b" {%(n2)d+}\r\n" + M2 + b"\r\n",
+    "after-announcement": b"a APPEND %(box)s {%(n1)d}\r\n",
+    "after-announcement-plus": b"a APPEND %(box)s {%(n1)d+}\r\n",
+    "mid-literal": b"a APPEND %(box)s {%(n1)d+}\r\n" + M1[:10],
+    "mid-multiappend": b"a APPEND %(box)s {%(n1)d+}\r\n" + M1 + b" {%(n2)d+}\r\n" + M2[:5],
+    "between-messages": b"a APPEND %(box)s {%(n1)d+}\r\n" + M1,
+    "no-crlf-at-end": b"a APPEND %(box)s {%(n1)d+}\r\n" + M1 + b" {%(n2)d+}\r\n" + M2,
+}
+
+
+def _run(host: str, port: int, user: str, data: bytes) -> tuple[bytes, bool]:
+    s = socket.create_connection((host, port), timeout=30)
+    s.sendall(b"L LOGIN %s secret\r\n" % user.encode() + data)
+    s.shutdown(socket.SHUT_WR)
+    out, closed = b"", False
+    try:
+        while True:
+            c = s.recv(65536)
+            if not c:
+                closed = True
+                break
+            out += c
+    except TimeoutError:
+        pass
+    s.close()
+    return out, closed
+
+
+def _count(fleet, backend: str, user: str, box: str) -> int:
+    with fleet[backend].client(user) as m:
+        typ, data = m.select(box, readonly=True)
+        return int(data[0]) if typ == "OK" else -1
+
+
+@pytest.mark.parametrize("box", ["INBOX", "Far"])
+def test_half_close_appends_as_dovecot_and_closes(fleet, clean_mail, proxy_factory, box):
+    proxy = proxy_factory(rules=RULES)
+    with fleet["b1"].client("bob") as m:
+        m.create("Far")
+    with fleet["b2"].client("carol") as m:
+        m.create("Far")
+    failures = []
+    for name, template in CUTS.items():
+        data = template % {b"box": box.encode(), b"n1": len(M1), b"n2": len(M2)}
+        before = (_count(fleet, "b1", "bob", box), _count(fleet, "b1" if box == "INBOX" else "b2", "carol", box))
+        d_out, d_closed = _run(fleet["b1"].host, fleet["b1"].port, "bob", data)
+        p_out, p_closed = _run(proxy.host, proxy.port, "carol", data)
+        time.sleep(0.3)
+        after = (_count(fleet, "b1", "bob", box), _count(fleet, "b1" if box == "INBOX" else "b2", "carol", box))
+        d_added, p_added = after[0] - before[0], after[1] - before[1]
+        if not p_closed or d_added != p_added:
+            failures.append((name, d_added, p_added, d_closed, p_closed, d_out[-80:], p_out[-80:]))
+    assert not failures
