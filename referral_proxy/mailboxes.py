@@ -20,15 +20,18 @@ from twisted.python.failure import Failure
 from . import referrals
 from .appendturns import HELD, Held, rename_turns
 from .backend import BackendProtocol
+from .commands import COMMANDS
 from .context import ProxyContext
 from .crossturns import mailbox_turn, mailbox_turns
 from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .holds import wait_free
 from .imap import mutf7
+from .imap.command import ParenList
 from .imap.grammar import Slot
 from .imap.reader import Command
 from .imap.response import ResponseStart
+from .imap.statusatt import status_list_problem
 from .imap.url import has_dot_segment
 from .localrename import rename_here
 from .mailops import TransferError, subtree
@@ -158,6 +161,18 @@ class MailboxCommands:
             return b"%s NO [CANNOT] This mailbox name cannot be referred to another server\r\n" % tag
         return referrals.referral(tag, urls)
 
+    def refer(self, cmd: Command, route: Route, mailbox: bytes) -> bytes:
+        """The proxy's answer to *cmd* for a mailbox it refers: the referral, or BAD for arguments the
+        remote server refuses as BAD (RFC 3501 7.1.5), which a client following the URL would only
+        meet there: a STATUS list that is none (statusatt.py; a sequence set is checked by the grammar)."""
+        if cmd.name == "STATUS":
+            items = cmd.args.tokens[-1]
+            caps = self.host.ctx.backend_caps.get(route.primary)
+            problem = status_list_problem(items, caps) if isinstance(items, ParenList) else "Invalid arguments"
+            if problem is not None:
+                return b"%s BAD %s\r\n" % (cmd.tag, problem.encode())
+        return self.referral(cmd.tag, route, mailbox)
+
     def moving(self, mailbox: bytes) -> bool:
         """A mailbox a move holds (mover.py, journal.py): NO [INUSE] until the move ends."""
         assert self.host.user is not None
@@ -253,8 +268,8 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
-        if self.refers(route, mailbox):
-            return self.host.refuse(self.referral(cmd.tag, route, mailbox))
+        if COMMANDS[cmd.name].referred and self.refers(route, mailbox):
+            return self.host.refuse(self.refer(cmd, route, mailbox))
         self.host.relay_cmd(cmd, route)
 
     def select(self, cmd: Command) -> None:
