@@ -141,8 +141,23 @@ def test_sequence_sets_as_rfc_3501_defines_them(value, ok):
     (b"(SIZE)", None, None), (b"(APPENDLIMIT)", frozenset({"APPENDLIMIT=1000"}), None),
     (b"(HIGHESTMODSEQ)", frozenset({"QRESYNC"}), None), (b"(DELETED)", frozenset({"CONDSTORE"}), "Invalid status item DELETED")])
 def test_status_lists_as_rfc_3501_and_the_announced_extensions_define_them(items, caps, problem):
-    from referral_proxy.imap.statusatt import status_list_problem
+    from referral_proxy.imap.referargs import status_list_problem
 
     (tok,) = tokens(items)
     assert isinstance(tok, ParenList)
     assert status_list_problem(tok, caps) == problem
+
+
+@pytest.mark.parametrize("params, caps, qresync, problem", [
+    (b"()", None, False, None), (b"(CONDSTORE)", frozenset({"CONDSTORE"}), False, None), (b"(condstore)", None, False, None),
+    (b"(CONDSTORE)", frozenset({"IMAP4REV1"}), False, "Unknown SELECT parameter CONDSTORE"),
+    (b"(QRESYNC (1 1))", None, False, "QRESYNC not enabled"), (b"(QRESYNC (1 1))", None, True, None),
+    (b"(QRESYNC (1 1 1:5 (1,3 2,9)))", None, True, None), (b"(QRESYNC)", None, True, "Invalid QRESYNC parameters"),
+    (b"(QRESYNC (0 1))", None, True, "Invalid QRESYNC parameters"), (b"(QRESYNC (1 1 1:*))", None, True, "Invalid QRESYNC parameters"),
+    (b'("CONDSTORE")', None, False, "SELECT options contain non-atoms"), (b"(BOGUS)", None, False, "Unknown SELECT parameter BOGUS"),
+    (b"(CONDSTORE 1)", None, False, "Unknown SELECT parameter 1")])
+def test_select_parameters_as_rfc_4466_and_7162_define_them(params, caps, qresync, problem):
+    from referral_proxy.imap.referargs import select_params_problem
+
+    (tok,) = tokens(params)
+    assert select_params_problem(tok, caps, qresync) == problem

@@ -33,13 +33,17 @@ _BAD = [b"STATUS Shared/X ()", b"STATUS Shared/X (BOGUS)", b'STATUS Shared/X ("M
         b"COPY 4294967296 Shared/X", b"UID COPY 1:4294967296 Shared/X",
         b"SETACL Shared/X alice lrz", b"SETMETADATA Shared/X (/private/comment)",
         b'SETMETADATA Shared/X (bogus "x")', b"GETMETADATA Shared/X bogus",
-        b"GETMETADATA (MAXSIZE x) Shared/X /private/comment"]
+        b"GETMETADATA (MAXSIZE x) Shared/X /private/comment",
+        # RFC 7162 3.2.5: QRESYNC before ENABLE QRESYNC MUST be BAD; RFC 4466 parameters the remote does not know
+        b"SELECT Shared/X (QRESYNC (1 1))", b"EXAMINE Shared/X (QRESYNC (1 1))", b"SELECT Shared/X (BOGUS)",
+        b"SELECT Shared/X (CONDSTORE 1)", b'SELECT Shared/X ("CONDSTORE")', b"EXAMINE Shared/X (CONDSTORE (1))"]
 
 #: Valid forms: still referred (the first group), or proxied as directly (ACL, METADATA, QUOTA).
 _REFERRED = [b"STATUS Shared/X (messages)", b"STATUS Shared/X (MESSAGES MESSAGES)", b"STATUS Shared/X (SIZE)",
              b"STATUS Shared/X (HIGHESTMODSEQ)", b"STATUS Shared/X (UNSEEN RECENT UIDNEXT UIDVALIDITY)",
              b"COPY 1 Shared/X", b"COPY 1:* Shared/X", b"COPY *:1 Shared/X", b"UID COPY 4294967295 Shared/X",
-             b"UID COPY 10,1:2 Shared/X", b"COPY 01 Shared/X", b"MOVE 1 Shared/X"]
+             b"UID COPY 10,1:2 Shared/X", b"COPY 01 Shared/X", b"MOVE 1 Shared/X", b"SELECT Shared/X (CONDSTORE)",
+             b"EXAMINE Shared/X (condstore)", b"SELECT Shared/X ()"]
 _PROXIED = [b"GETACL Shared/X", b"MYRIGHTS Shared/X", b"LISTRIGHTS Shared/X bob", b"SETACL Shared/X bob lr",
             b"DELETEACL Shared/X bob", b"GETQUOTAROOT Shared/X", b'SETMETADATA Shared/X (/private/comment "c")',
             b"GETMETADATA Shared/X /private/comment"]
@@ -49,9 +53,11 @@ def _status_word(line: bytes) -> bytes:
     return line.split()[1]
 
 
-def _answers(host: str, port: int, commands: list[bytes], aware: bool = True) -> list[bytes]:
+def _answers(host: str, port: int, commands: list[bytes], aware: bool = True, enable: bytes = b"") -> list[bytes]:
     w = Wire(host, port)
     w.login()
+    if enable:
+        assert w.cmd(b"e", b"ENABLE " + enable)[-1].startswith(b"e OK")
     if aware:
         w.send(b'r RLIST "" "*"\r\n')  # referral-aware through the proxy; BAD from Dovecot, ignored
         w.until_tagged(b"r")
@@ -84,6 +90,24 @@ def test_a_command_the_remote_answers_bad_is_bad_through_the_proxy_never_referre
     through = _answers(proxy.host, proxy.port, [command])[0]
     assert b"REFERRAL" not in through and _status_word(through) == b"BAD", (command, through)
     assert _census(fleet) == before
+
+
+def test_a_bad_select_leaves_the_selected_mailbox_selected_and_qresync_after_enable_is_referred(proxy_factory, fleet):
+    """A SELECT that is BAD unselects nothing (Dovecot parses before it closes); after ENABLE QRESYNC
+    the QRESYNC parameter is referred, malformed ones are BAD."""
+    _seed(fleet)
+    proxy = proxy_factory(rules=RULES)
+    plain = _answers(proxy.host, proxy.port, [b"SELECT Shared/X (QRESYNC (1 1))", b"FETCH 1 (FLAGS)"])
+    assert plain[0].startswith(b"t0 BAD") and plain[1].startswith(b"t1 OK"), plain  # INBOX still selected
+    bad = [b"SELECT Shared/X (QRESYNC)", b"SELECT Shared/X (QRESYNC ())", b"SELECT Shared/X (QRESYNC (1 x))",
+           b"SELECT Shared/X (QRESYNC (1 1 1:*))"]
+    direct = _answers(fleet["b3"].host, fleet["b3"].port, bad, enable=b"QRESYNC")
+    assert [_status_word(line) for line in direct] == [b"BAD"] * 4, direct
+    good = [b"SELECT Shared/X (QRESYNC (1 1))", b"SELECT Shared/X (QRESYNC (1 1 1:2 (1:2 1:2)))"]
+    through = _answers(proxy.host, proxy.port, [*bad, b"FETCH 1 (FLAGS)", *good], enable=b"QRESYNC")
+    assert [_status_word(line) for line in through[:5]] == [b"BAD", b"BAD", b"BAD", b"BAD", b"OK"], through
+    url = b"REFERRAL imap://alice;AUTH=*@%s:%d/Shared/X" % (fleet["b3"].host.encode(), fleet["b3"].port)
+    assert url in through[5] and url in through[6], through
 
 
 def test_the_valid_forms_are_referred_or_proxied_as_directly(proxy_factory, fleet):
