@@ -406,7 +406,8 @@ class MailboxCommands:
         try:
             outcome = await copy_across(src, message_set, cmd.name.startswith("UID "), dst, mailbox,
                                         "MOVE" in cmd.name, mailbox_map=host.mailbox_map, user=host.user or "",
-                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor)
+                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor,
+                                        ask=host.pool.ready(dst.name))
         except TransferError as e:
             text = str(e)
             raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
