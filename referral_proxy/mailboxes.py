@@ -297,12 +297,16 @@ class MailboxCommands:
         host.run(cmd.tag, switch())
 
     def _select_done(self, conn: BackendProtocol) -> Callable[[ResponseStart], None]:
-        selects = self.selects.get(conn.name, 0)
+        """A SELECT's NO unselects the session, as close() a CLOSE's OK: its backend only if no SELECT
+        was sent there since, the mailbox name only if none was sent anywhere since (a SELECT sent
+        elsewhere meanwhile set its own name, and sets its backend once this answer is in)."""
+        selects, everywhere = self.selects.get(conn.name, 0), sum(self.selects.values())
 
         def done(start: ResponseStart) -> None:
             if start.status == "NO" and self.host.selected == conn.name and self.selects.get(conn.name, 0) == selects:
                 self.host.selected = None
-                self.host.selected_mailbox = None
+                if sum(self.selects.values()) == everywhere:
+                    self.host.selected_mailbox = None
         return done
 
     async def _unselect(self, conn: BackendProtocol) -> None:
