@@ -31,6 +31,13 @@ SCRIPTS = {
     "two-no-then-far": [b"SELECT Nope", b"SELECT Far/nope", b"SELECT Far", b"MOVE 1 Work"],
     "no-home-then-far-then-no-far": [b"SELECT Nope", b"SELECT Far", b"SELECT Far/nope", b"MOVE 1 Work"],
     "no-home-then-far-expunge": [b"SELECT Nope", b"SELECT Far", b"STORE 1 +FLAGS.SILENT (\\Deleted)", b"EXPUNGE"],
+    "far-close-no-home-home-move": [b"SELECT Far", b"CLOSE", b"SELECT Nope", b"SELECT Work", b"MOVE 1 Far"],
+    "examine-no-then-far-move": [b"EXAMINE Nope", b"SELECT Far", b"MOVE 1 Work", b"STATUS Work (MESSAGES)"],
+    "no-far-unselect-far-move": [b"SELECT Work", b"SELECT Far/nope", b"UNSELECT", b"SELECT Far", b"MOVE 1 Work"],
+    "no-far-then-no-home": [b"SELECT Nope", b"SELECT Far", b"SELECT Nope2", b"MOVE 1 Work", b"CHECK"],
+    "far-then-no-home-move": [b"SELECT Far", b"SELECT Nope", b"MOVE 1 Work", b"EXPUNGE"],
+    "no-home-far-close-move": [b"SELECT Nope", b"SELECT Far", b"CLOSE", b"MOVE 1 Work"],
+    "no-home-far-no-far-y": [b"SELECT Nope", b"SELECT Far", b"SELECT Far/nope", b"SELECT Far/y", b"UID MOVE 1:* Work"],
 }
 
 
