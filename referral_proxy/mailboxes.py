@@ -515,15 +515,17 @@ class MailboxCommands:
         await host.pool.quiet(None)
         sep = host.mailbox_map.separator
         text = old.decode("utf-8", "surrogateescape")  # "inbox/sub" is INBOX/sub, selected in any case
-        if host.selected_mailbox is not None and under_itself(text, host.selected_mailbox.decode(
-                "utf-8", "surrogateescape") + sep + "x", sep):  # it, or one under it
-            raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
                       answer_within=ANSWER_WITHIN,
                       seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store))
         try:
             await refused_before(mover, text, new.decode("utf-8", "surrogateescape"), old_route.primary,
                                  new_route.primary)  # a RENAME its checks refuse holds no name (BYEs no session)
+            # ... and is refused for what Dovecot refuses it (ALREADYEXISTS ...) before it is for the
+            # mailbox selected (Dovecot renames a selected mailbox; a move across would BYE this session)
+            if host.selected_mailbox is not None and under_itself(text, host.selected_mailbox.decode(
+                    "utf-8", "surrogateescape") + sep + "x", sep):  # it, or one under it
+                raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
             result = await mover.rename(text, new.decode("utf-8", "surrogateescape"),
                                         old_route.primary, new_route.primary)
         except MoveIncomplete as e:  # past its commit point: the mailbox is in its new place
