@@ -121,9 +121,9 @@ def status_line(session: Any, tag: bytes, name: str, rest: bytes) -> bool:
     if conn is None or encoded is None:
         return False
     relay_line(session, conn, tag, name, rest, b" STATUS " + encoded + b" " + m.group(2) + b"\r\n", most)
-    if route.primary != session.home and conn.config.answer_timeout and len(conn._pending) == 1:
+    if route.primary != session.home and len(conn._pending) == 1:
         # A read on another backend: bounded, so one stalled server does not cost the whole session.
-        Watch(session.ctx.reactor, conn, conn.config.answer_timeout, "STATUS", next(iter(conn._pending)))
+        Watch.bounding(conn, b"STATUS", next(iter(conn._pending)))
     return True
 
 

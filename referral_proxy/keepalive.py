@@ -120,6 +120,12 @@ class KeepAlive:
     def __len__(self) -> int:
         return len(self._timers)
 
+    @property
+    def ready(self) -> int:
+        """Parked connections a login can take now (their UNSELECT answered; len() counts those
+        still being cleaned too)."""
+        return sum(len(conns) for conns in self._parked.values())
+
     # -- a login -------------------------------------------------------------------------
 
     def key(self, backend: BackendConfig, creds: Credentials, origin: Any) -> ReuseKey | None:

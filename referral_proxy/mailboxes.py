@@ -323,12 +323,16 @@ class MailboxCommands:
         host.run(cmd.tag, switch())
 
     def _select_done(self, conn: BackendProtocol) -> Callable[[ResponseStart], None]:
-        selects = self.selects.get(conn.name, 0)
+        """A SELECT's NO unselects the session, as close() a CLOSE's OK: its backend only if no SELECT
+        was sent there since, the mailbox name only if none was sent anywhere since (a SELECT sent
+        elsewhere meanwhile set its own name, and sets its backend once this answer is in)."""
+        selects, everywhere = self.selects.get(conn.name, 0), sum(self.selects.values())
 
         def done(start: ResponseStart) -> None:
             if start.status == "NO" and self.host.selected == conn.name and self.selects.get(conn.name, 0) == selects:
                 self.host.selected = None
-                self.host.selected_mailbox = None
+                if sum(self.selects.values()) == everywhere:
+                    self.host.selected_mailbox = None
         return done
 
     async def _unselect(self, conn: BackendProtocol) -> None:
@@ -432,7 +436,8 @@ class MailboxCommands:
         try:
             outcome = await copy_across(src, message_set, cmd.name.startswith("UID "), dst, mailbox,
                                         "MOVE" in cmd.name, mailbox_map=host.mailbox_map, user=host.user or "",
-                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor)
+                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor,
+                                        ask=host.pool.ready(dst.name))
         except TransferError as e:
             text = str(e)
             raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
@@ -536,15 +541,17 @@ class MailboxCommands:
         await host.pool.quiet(None)
         sep = host.mailbox_map.separator
         text = old.decode("utf-8", "surrogateescape")  # "inbox/sub" is INBOX/sub, selected in any case
-        if host.selected_mailbox is not None and under_itself(text, host.selected_mailbox.decode(
-                "utf-8", "surrogateescape") + sep + "x", sep):  # it, or one under it
-            raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
                       answer_within=ANSWER_WITHIN,
                       seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store))
         try:
             await refused_before(mover, text, new.decode("utf-8", "surrogateescape"), old_route.primary,
                                  new_route.primary)  # a RENAME its checks refuse holds no name (BYEs no session)
+            # ... and is refused for what Dovecot refuses it (ALREADYEXISTS ...) before it is for the
+            # mailbox selected (Dovecot renames a selected mailbox; a move across would BYE this session)
+            if host.selected_mailbox is not None and under_itself(text, host.selected_mailbox.decode(
+                    "utf-8", "surrogateescape") + sep + "x", sep):  # it, or one under it
+                raise Refusing("NO [INUSE] Close (or unselect) the mailbox before moving it to another server")
             result = await mover.rename(text, new.decode("utf-8", "surrogateescape"),
                                         old_route.primary, new_route.primary)
         except MoveIncomplete as e:  # past its commit point: the mailbox is in its new place

@@ -127,14 +127,20 @@ async def exists(conn: BackendProtocol, name: str) -> bool:
     return any(e.selectable and _same(_text(e.name), name) for e in entries)
 
 
-async def refused_target(conn: BackendProtocol, name: str) -> str | None:
+async def refused_target(conn: BackendProtocol, name: str, ask: BackendProtocol | None = None) -> str | None:
     """None if *name* is a selectable mailbox on *conn*; else the answer (without ``NO``) a COPY or
     MOVE to it gets: ``[TRYCREATE]`` for a mailbox that is not there, or the backend's own refusal
     of a name no mailbox can have (Dovecot's "Mailbox name is not valid mUTF-7." for ``a&b`` or raw
-    8-bit bytes), which its own COPY gives; TRYCREATE there sent clients to a CREATE that fails."""
+    8-bit bytes), which its own COPY gives; TRYCREATE there sent clients to a CREATE that fails.
+
+    The STATUS asking why goes to *ask* (the client's own session on that backend) when given:
+    Dovecot 2.3 answers a name too long for its file system (a component over 255 bytes: the ACL
+    plugin's open fails first) with its session's LAST storage error, ``[CANNOT] Mailbox name too
+    long`` after the client's CREATE of it, ``[SERVERBUG] BUG: Unknown internal error`` in a new
+    session; its own COPY would say what that session says."""
     if await exists(conn, name):
         return None
-    start = (await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)", bounded=True)).start
+    start = (await (ask or conn).command(b"STATUS " + name_arg(name) + b" (MESSAGES)", bounded=True)).start
     if start.status == "NO" and not _gone(start):
         return completion_text(start)[3:]
     return TRYCREATE

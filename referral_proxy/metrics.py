@@ -143,7 +143,7 @@ class ProxyCollector:
         if self.keepalive is not None:
             yield GaugeMetricFamily("referral_proxy_backend_parked",
                                     "Backend connections parked for their user's next login now (backend_keepalive; "
-                                    "counted in referral_proxy_backend_connections too).", value=len(self.keepalive))
+                                    "counted in referral_proxy_backend_connections too).", value=self.keepalive.ready)
             yield CounterMetricFamily("referral_proxy_backend_reused",
                                       "Logins that took a parked backend connection instead of logging in to the backend.",
                                       value=self.keepalive.reused)

@@ -187,7 +187,7 @@ class Mover:
             if normalize(n, self.sep) == "INBOX" and o != "INBOX":
                 raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
             if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
-                raise TransferError("[ALREADYEXISTS] Mailbox already exists")
+                raise TransferError("[ALREADYEXISTS] Target mailbox already exists.")  # Dovecot's words
             if o != n and placed_elsewhere(self.mailbox_map, self.user, n, dst.name):  # a child's new name
                 raise TransferError(TAKEN)
 

@@ -91,12 +91,12 @@ class Watch:
         self._call: Any = clock.callLater(self._step(), self._tick)
 
     @classmethod
-    def bounding(cls, conn: Any, command: bytes) -> Watch | None:
-        """A watch of *conn* for its internal *command* (a read), unless ``answer_timeout = 0``."""
+    def bounding(cls, conn: Any, command: bytes, tag: bytes | None = None) -> Watch | None:
+        """A watch of *conn* for its *command* (a read; *tag*: a relayed one's), unless ``answer_timeout = 0``."""
         seconds = conn.config.answer_timeout
         if not seconds or conn.clock is None:
             return None
-        return cls(conn.clock, conn, seconds, command.split(b" ", 1)[0].decode("ascii", "replace"))
+        return cls(conn.clock, conn, seconds, command.split(b" ", 1)[0].decode("ascii", "replace"), tag)
 
     @staticmethod
     def why(conn: Any) -> str:

@@ -126,7 +126,7 @@ MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the s
 
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
                       mailbox: bytes, move: bool, *, mailbox_map: MailboxMap, user: str,
-                      source_mailbox: bytes, clock: Any = None) -> CopyOutcome:
+                      source_mailbox: bytes, clock: Any = None, ask: BackendProtocol | None = None) -> CopyOutcome:
     """COPY / MOVE from *source_mailbox*, selected on *src*, to *mailbox* on *dst* (a connection of its own).
 
     A source message another session expunged, before the command or while the messages were read,
@@ -140,13 +140,16 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     there (a copy of one that someone else moved or expunged meanwhile is taken back). A
     crash anywhere in between is finished (or, if the destination never committed,
     released) by recovery.
+
+    *ask*: the session's own connection to *dst*'s backend, if it has one: a destination refused is
+    asked why there (mailops.refused_target).
     """
     if move and "UIDPLUS" not in src.capabilities:
         return CopyOutcome([], "NO", f"[CANNOT] Backend {src.name} has no UIDPLUS: it cannot remove exactly the moved messages")
     seen: list[bytes] = []  # the source's untagged responses: the client sees them whatever the answer
     try:
         return await _copy_once(src, message_set, uid, dst, mailbox, move, mailbox_map, user, source_mailbox, clock,
-                                seen=seen)
+                                seen=seen, ask=ask)
     except Vanished:  # nothing was saved (see _copy_once)
         return CopyOutcome(seen, "NO", EXPUNGE_ISSUED)
     except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
@@ -157,7 +160,7 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
 
 async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol, mailbox: bytes,
                      move: bool, mailbox_map: MailboxMap, user: str, source_mailbox: bytes, clock: Any, *,
-                     seen: list[bytes]) -> CopyOutcome:
+                     seen: list[bytes], ask: BackendProtocol | None = None) -> CopyOutcome:
     """copy_across's work; the source's untagged responses are collected in *seen* as they come (the
     client sees them whatever the answer, also when this raises)."""
     dst_name = mailbox.decode("utf-8", "surrogateescape")
@@ -181,7 +184,7 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
         elif not allowed:  # Dovecot's own MOVE: NO, nothing copied
             outcome = CopyOutcome(untagged, "NO", "[NOPERM] Permission denied: the messages cannot be expunged "
                                                   "here (rights t and e needed); nothing was moved")
-        elif (refused := await refused_target(dst, dst_name)) is not None:
+        elif (refused := await refused_target(dst, dst_name, ask)) is not None:
             outcome = CopyOutcome(untagged, "NO", refused)
         else:
             try:

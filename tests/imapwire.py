@@ -50,6 +50,19 @@ class Wire:
         self.send(tag + b" " + text + b"\r\n")
         return self.until_tagged(tag)
 
+    def pipelined(self, commands: list[bytes]) -> list[bytes]:
+        """*commands* (without tags) sent in ONE write, tagged c0, c1 ...; their tagged answers
+        in the order they come (untagged responses and continuations skipped)."""
+        tags = [b"c%d" % i for i in range(len(commands))]
+        self.send(b"".join(t + b" " + c + b"\r\n" for t, c in zip(tags, commands)))
+        out = []
+        for _ in tags:
+            line = self.line()
+            while line.startswith((b"*", b"+")):
+                line = self.line()
+            out.append(line)
+        return out
+
     def login(self, user: str = "alice", password: str = "secret") -> None:
         reply = self.cmd(b"L", b'LOGIN "%s" "%s"' % (user.encode(), password.encode()))
         assert reply[-1].startswith(b"L OK"), reply

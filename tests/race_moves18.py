@@ -157,6 +157,18 @@ def test_what_other_sessions_see_of_a_move_across_beside_dovecot(proxy_factory, 
     assert got == want
 
 
+def _two_sessions(proxy_factory, login):
+    """A proxy with workers = 2 and two sessions logged in as *login*, the first with Work selected."""
+    proxy = proxy_factory(MASTERS, rules=RULES, workers=2)
+    wires = []
+    for _ in range(2):
+        w = Wire(proxy.host, proxy.port, timeout=120)
+        w.login(login)
+        wires.append(w)
+    assert wires[0].cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    return proxy, wires
+
+
 @pytest.mark.parametrize("rename", [b"RENAME Shared/A Shared/B", b"RENAME Shared/A Archive/A", b"RENAME Shared/A Work/A"])
 @pytest.mark.parametrize("run", range(3))
 def test_a_move_across_while_its_destination_is_renamed(proxy_factory, fleet, rename, run):
@@ -166,13 +178,7 @@ def test_a_move_across_while_its_destination_is_renamed(proxy_factory, fleet, re
     work = ids("work", 200)
     seed(fleet["b1"], "carol", "Work", work, size=300)
     seed(fleet["b3"], "carol", "Shared/A", ids("there", 3))
-    proxy = proxy_factory(MASTERS, rules=RULES, workers=2)
-    wires = []
-    for _ in range(2):
-        w = Wire(proxy.host, proxy.port, timeout=120)
-        w.login("CAROL")
-        wires.append(w)
-    assert wires[0].cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    proxy, wires = _two_sessions(proxy_factory, "CAROL")
     delivered = []
     answers = at_once(wires, [b"a UID MOVE 1:* Shared/A\r\n", b"b " + rename + b"\r\n"], [b"a", b"b"],
                       delays=[0, 0.05 * run])
@@ -235,13 +241,7 @@ def test_a_move_across_while_its_destination_is_deleted_and_made_again(proxy_fac
     work = ids("work", 200)
     seed(fleet["b1"], "carol", "Work", work, size=300)
     seed(fleet["b3"], "carol", "Shared/A", [])
-    proxy = proxy_factory(MASTERS, rules=RULES, workers=2)
-    wires = []
-    for _ in range(2):
-        w = Wire(proxy.host, proxy.port, timeout=120)
-        w.login("carol")
-        wires.append(w)
-    assert wires[0].cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    proxy, wires = _two_sessions(proxy_factory, "carol")
     answers = at_once(wires, [b"a UID MOVE 1:* Shared/A\r\n", b"d DELETE Shared/A\r\nc CREATE Shared/A\r\n"],
                       [b"a", b"c"], delays=[0, 0.03 * run])
     late = [f"late-{k}@t" for k in range(2) if deliver(fleet["b3"], "carol", "Shared/A", f"late-{k}@t")]

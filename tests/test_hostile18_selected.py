@@ -30,15 +30,7 @@ def _prepare(fleet, user: str) -> None:
 def _answers(host: str, port: int, user: str) -> list[bytes]:
     w = Wire(host, port)
     w.login(user)
-    tags = [b"c%d" % i for i in range(len(SCRIPT))]
-    w.send(b"".join(t + b" " + c + b"\r\n" for t, c in zip(tags, SCRIPT)))
-    out = []
-    for _ in tags:  # tagged answers in the order they come
-        line = w.line()
-        while line.startswith((b"*", b"+")):
-            line = w.line()
-        out.append(b" ".join(line.split(b" ")[:2]))
-    return out
+    return [b" ".join(line.split(b" ")[:2]) for line in w.pipelined(SCRIPT)]  # in the order they come
 
 
 def test_pipelined_close_then_select_elsewhere_leaves_nothing_selected(fleet, clean_mail, proxy_factory):

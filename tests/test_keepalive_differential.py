@@ -17,7 +17,7 @@ import time
 import pytest
 from imapwire import Wire
 from movecheck import census, cli, seed
-from test_keepalive import metric
+from test_keepalive import metric, until_parked
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, free_port
 
@@ -143,6 +143,8 @@ def test_a_session_cut_mid_append_parks_nothing_and_one_appending_before_logout_
         assert any(x.startswith(b"A OK") for x in w.until_tagged(b"Z"))
     w.sock.close()  # a FIN behind what was written: the proxy reads it all, then the end
     until_no_session(proxy)
+    if parks:
+        until_parked(proxy, parks)  # its UNSELECT answered
     assert metric(proxy.metrics_port, "referral_proxy_backend_parked") == parks
     w = Wire(proxy.host, proxy.port)
     w.login()

@@ -140,3 +140,18 @@ def test_decode_pattern_refuses_what_dovecot_matches_as_bytes(pattern):
     with pytest.raises(ValueError):
         decode_pattern(pattern)
 
+
+
+@pytest.mark.parametrize("name, utf8, valid", [
+    (b"&AOkA6Q-", False, True),
+    (b"&AOk-&AOk-", False, False),  # Dovecot: "Mailbox name is not valid mUTF-7" in every command
+    (b"&AOk-&AOk-", True, False),
+    (b"Shared/&AOk-&AOk-", False, False),
+    (b"&AOk-/&AOk-", False, True),  # a separator between two shifts
+    (b"&-&AOk-", False, True),  # "&" written "&-", then a shift
+    (b"&AOk-&-", False, True),  # a shift, then "&"
+    (b"&AOk-a&AOk-", False, True),
+])
+def test_valid_name_refuses_a_shift_right_after_another(name, utf8, valid):
+    from referral_proxy.imap.mutf7 import valid_name
+    assert valid_name(name, utf8=utf8) is valid

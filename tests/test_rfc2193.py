@@ -112,6 +112,7 @@ def test_copy_with_nothing_selected_is_bad_as_with_dovecot(proxy_factory, fleet)
 
 _BAD_NAMES = [b'"Shared/&Jjo"', b'"Shared/Caf\xe9"', b'"Shared/Caf\xc3\xa9"', b'"Shared/&AOk"', b'"Shared/&AGE-"',
               b"{10+}\r\nShared/x\ry",
+              b'"Shared/&AOk-&AOk-"', b'"Shared/x&AOk-&AOk-y"',  # a shift right after another (answers19)
               # A "." or ".." segment: its URL resolves elsewhere (imap://h/Shared/x/.. is imap://h/Shared/)
               b'"Shared/x/.."', b'"Shared/./x"', b'"Shared/.."']
 

@@ -10,8 +10,9 @@ RFC 5092 URLs (which carry UTF-8) and to compare names from different sources.
 (8-bit or control bytes, a bad base64 run, a run that encodes printable
 ASCII, an unpaired surrogate) raises ValueError, so the caller can fall back
 to treating the name as opaque bytes. Two adjacent shifted runs
-("&AOk-&AOk-") are accepted: the RFC does not forbid them and some servers
-write them.
+("&AOk-&AOk-") are decoded: the RFC does not forbid them and some servers
+write them; but :func:`valid_name` refuses them, as Dovecot refuses such a
+name ("Mailbox name is not valid mUTF-7": an encoder writes "&AOkA6Q-").
 """
 
 from __future__ import annotations
@@ -105,11 +106,12 @@ def encode(name: str) -> bytes:
 
 
 def valid_name(name: bytes, *, utf8: bool = False) -> bool:
-    """A mailbox name a server takes: modified UTF-7, or, with *utf8* (a client that enabled
-    UTF8=ACCEPT, RFC 6855), UTF-8 without control characters nor "&" (which starts a shift)."""
+    """A mailbox name a server takes: modified UTF-7 with no shift right after another (Dovecot
+    refuses "&AOk-&AOk-" in every command), or, with *utf8* (a client that enabled UTF8=ACCEPT,
+    RFC 6855), UTF-8 without control characters nor "&" (which starts a shift)."""
     try:
         decode(name)
-        return True
+        return _ADJACENT_SHIFTS.search(name) is None
     except ValueError:
         pass
     if not utf8 or b"&" in name or any(c < 0x20 or c == 0x7F for c in name):
