@@ -64,6 +64,10 @@ class CommandSpec:
     handler: str  # what carries it out: "x" is ClientSession.cmd_x, "mailboxes.x" session.mailboxes.x
     tag_refs: bool = False  # its responses name its tag: ESEARCH (TAG "...") (RFC 4731, 5267)
     tag_args: bool = False  # its arguments are tags of earlier commands (CANCELUPDATE)
+    # RFC 2193 4.1-4.4 (and RFC 6851 for MOVE) name it: a referral-aware session is referred for a remote
+    # mailbox. Other commands on a remote mailbox (ACL, QUOTA, METADATA) are proxied to its backend, which
+    # answers them as directly (arguments the proxy does not check: SETACL's rights, METADATA entries).
+    referred: bool = False
 
 
 _DEFAULT_HANDLER = {Routing.HOME: "to_home", Routing.SELECTED: "to_selected", Routing.MAILBOX: "mailboxes.by_mailbox"}
@@ -86,17 +90,17 @@ _ROWS = [
     _spec("LOGIN", PRE, "astring astring", Routing.PROXY, handler="auth.login"),
     _spec("AUTHENTICATE", PRE, "atom atom?", Routing.PROXY, handler="auth.authenticate"),
     # -- authenticated ----------------------------------------------------------------
-    _spec("SELECT", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select"),
-    _spec("EXAMINE", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select"),
-    _spec("CREATE", AUTH, "mailbox list?", Routing.MAILBOX),  # the list: CREATE-SPECIAL-USE
-    _spec("DELETE", AUTH, "mailbox", Routing.MAILBOX),
-    _spec("RENAME", AUTH, "mailbox dest", Routing.EACH, handler="mailboxes.rename"),
-    _spec("SUBSCRIBE", AUTH, "mailbox", Routing.MAILBOX),
-    _spec("UNSUBSCRIBE", AUTH, "mailbox", Routing.MAILBOX),
+    _spec("SELECT", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select", referred=True),
+    _spec("EXAMINE", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select", referred=True),
+    _spec("CREATE", AUTH, "mailbox list?", Routing.MAILBOX, referred=True),  # the list: CREATE-SPECIAL-USE
+    _spec("DELETE", AUTH, "mailbox", Routing.MAILBOX, referred=True),
+    _spec("RENAME", AUTH, "mailbox dest", Routing.EACH, handler="mailboxes.rename", referred=True),
+    _spec("SUBSCRIBE", AUTH, "mailbox", Routing.MAILBOX, referred=True),
+    _spec("UNSUBSCRIBE", AUTH, "mailbox", Routing.MAILBOX, referred=True),
     _spec("LIST", AUTH, "list? reference pattern any*", Routing.MERGED, handler="list"),  # LIST-EXTENDED
     _spec("LSUB", AUTH, "reference pattern", Routing.MERGED, handler="list"),
-    _spec("STATUS", AUTH, "mailbox list", Routing.MAILBOX),
-    _spec("APPEND", AUTH, "mailbox any+", Routing.STREAMED, handler="append"),  # read by imap.reader
+    _spec("STATUS", AUTH, "mailbox list", Routing.MAILBOX, referred=True),
+    _spec("APPEND", AUTH, "mailbox any+", Routing.STREAMED, handler="append", referred=True),  # read by imap.reader
     _spec("RLIST", AUTH, "reference pattern", Routing.MERGED, "MAILBOX-REFERRALS", handler="list"),
     _spec("RLSUB", AUTH, "reference pattern", Routing.MERGED, "MAILBOX-REFERRALS", handler="list"),
     _spec("ENABLE", AUTH, "atom*", Routing.HOME, "ENABLE", handler="enable"),
@@ -124,10 +128,10 @@ _ROWS = [
     _spec("UID FETCH", SEL, "seqset any+", Routing.SELECTED),
     _spec("STORE", SEL, "seqset any+", Routing.SELECTED, handler="mailboxes.change"),
     _spec("UID STORE", SEL, "seqset any+", Routing.SELECTED, handler="mailboxes.change"),
-    _spec("COPY", SEL, "seqset dest", Routing.TRANSFER, handler="mailboxes.copy"),
-    _spec("UID COPY", SEL, "seqset dest", Routing.TRANSFER, handler="mailboxes.copy"),
-    _spec("MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="mailboxes.copy"),
-    _spec("UID MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="mailboxes.copy"),
+    _spec("COPY", SEL, "seqset dest", Routing.TRANSFER, handler="mailboxes.copy", referred=True),
+    _spec("UID COPY", SEL, "seqset dest", Routing.TRANSFER, handler="mailboxes.copy", referred=True),
+    _spec("MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="mailboxes.copy", referred=True),
+    _spec("UID MOVE", SEL, "seqset dest", Routing.TRANSFER, "MOVE", handler="mailboxes.copy", referred=True),
     _spec("SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
     _spec("UID SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
     _spec("THREAD", SEL, "astring astring any+", Routing.SELECTED, "THREAD="),

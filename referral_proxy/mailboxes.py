@@ -20,14 +20,17 @@ from twisted.python.failure import Failure
 from . import referrals
 from .appendturns import HELD, Held, rename_turns
 from .backend import BackendProtocol
+from .commands import COMMANDS
 from .context import ProxyContext
 from .crossturns import mailbox_turn, mailbox_turns
 from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .holds import wait_free
 from .imap import mutf7
+from .imap.command import ParenList
 from .imap.grammar import Slot
 from .imap.reader import Command
+from .imap.referargs import select_params_problem, status_list_problem
 from .imap.response import ResponseStart
 from .imap.url import has_dot_segment
 from .localrename import rename_here
@@ -158,6 +161,27 @@ class MailboxCommands:
             return b"%s NO [CANNOT] This mailbox name cannot be referred to another server\r\n" % tag
         return referrals.referral(tag, urls)
 
+    def refer(self, cmd: Command, route: Route, mailbox: bytes) -> bytes:
+        """The proxy's answer to *cmd* for a mailbox it refers: the referral, or BAD (bad_arguments)."""
+        bad = self.bad_arguments(cmd, route)
+        return bad if bad is not None else self.referral(cmd.tag, route, mailbox)
+
+    def bad_arguments(self, cmd: Command, route: Route) -> bytes | None:
+        """``tag BAD ...`` for arguments the remote server of *route* refuses as BAD (RFC 3501 7.1.5),
+        which a client following a referral would only meet there: a STATUS list, or SELECT/EXAMINE
+        parameters, it does not take (referargs.py; a sequence set is the grammar's); None if none."""
+        caps = self.host.ctx.backend_caps.get(route.primary)
+        problem = None
+        if cmd.name == "STATUS":
+            items = cmd.args.tokens[-1]
+            problem = status_list_problem(items, caps) if isinstance(items, ParenList) else "Invalid arguments"
+        elif cmd.name in ("SELECT", "EXAMINE") and len(cmd.args.tokens) > 1:
+            params = cmd.args.tokens[1]
+            pool = self.host.pool
+            qresync = pool is not None and b"QRESYNC" in pool.enabled
+            problem = select_params_problem(params, caps, qresync) if isinstance(params, ParenList) else "Invalid arguments"
+        return None if problem is None else b"%s BAD %s\r\n" % (cmd.tag, problem.encode())
+
     def moving(self, mailbox: bytes) -> bool:
         """A mailbox a move holds (mover.py, journal.py): NO [INUSE] until the move ends."""
         assert self.host.user is not None
@@ -253,8 +277,8 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
-        if self.refers(route, mailbox):
-            return self.host.refuse(self.referral(cmd.tag, route, mailbox))
+        if COMMANDS[cmd.name].referred and self.refers(route, mailbox):
+            return self.host.refuse(self.refer(cmd, route, mailbox))
         self.host.relay_cmd(cmd, route)
 
     def select(self, cmd: Command) -> None:
@@ -266,6 +290,8 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
+        if self.refers(route, mailbox) and (bad := self.bad_arguments(cmd, route)) is not None:
+            return host.refuse(bad)  # nothing unselected: the command is not valid (as Dovecot, which parses first)
         self.examined = cmd.name == "EXAMINE"
         self.selected_since = host.mailbox_map.moves_begun
         self.selects[route.primary] = self.selects.get(route.primary, 0) + 1

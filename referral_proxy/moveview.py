@@ -120,7 +120,7 @@ def status_during_move(host: Any, cmd: Command) -> bool:
         if backend == HIDDEN:
             host.tagged(cmd.tag, "NO", f"{_NONEXISTENT}: {name}" if name.isprintable() else _NONEXISTENT)
         elif host.mailboxes.refers(route := Route((backend,)), mailbox):  # referral-aware: as STATUS of it is
-            host.send(host.mailboxes.referral(cmd.tag, route, mailbox))
+            host.send(host.mailboxes.refer(cmd, route, mailbox))
         else:
             conn = await host.pool.ready_for(route)
             host.relay.send(conn, cmd.tag, cmd.name, cmd.args)

@@ -15,7 +15,7 @@ from .imap.url import imap_url
 from .origin import _is_loopback, _listen_addresses
 from .routing import Route
 
-__all__ = ["mailbox_urls", "login_url", "referral", "referable", "referable_members"]
+__all__ = ["mailbox_urls", "login_url", "login_referrals_apply", "referral", "referable", "referable_members"]
 
 _WILDCARD = ("", "0.0.0.0", "::")
 
@@ -63,6 +63,13 @@ def mailbox_urls(config: Config, route: Route, user: str, mailbox: bytes) -> lis
         host, port = _host_port(config.backends[name])
         urls.append(imap_url(host, port, user, mailbox))
     return urls
+
+
+def login_referrals_apply(config: Config) -> bool:
+    """RFC 2221 3: LOGIN-REFERRALS is announced when a login may be referred: ``login_referrals`` on
+    and a backend with ``login_referral`` that is not the proxy itself (auth.py refers to no other)."""
+    return config.proxy.login_referrals and any(
+        b.login_referral and referable(config, b) for b in config.backends.values())
 
 
 def login_url(config: Config, backend: BackendConfig, user: str) -> str:

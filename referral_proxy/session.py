@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__, capabilities, fastnames, listing, stayalive, teardown  # noqa: F401 (fastnames: fastpath.NAMED)
+from . import __version__, capabilities, fastnames, listing, referrals, stayalive, teardown  # noqa: F401 (fastnames: fastpath.NAMED)
 from .appends import Appends
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
@@ -351,7 +351,8 @@ class ClientSession(Protocol):
     def _pre_login_caps(self) -> list[str]:
         p = self.config.proxy
         return capabilities.pre_login(tls_available=self.ctx.server_tls is not None, tls_active=self._tls_active(),
-                                      plaintext_allowed=p.allow_plaintext_login, login_referrals=p.login_referrals,
+                                      plaintext_allowed=p.allow_plaintext_login,
+                                      login_referrals=referrals.login_referrals_apply(self.config),
                                       mailbox_referrals=p.referrals != "never")
 
     def _post_login_caps(self) -> list[str]:

@@ -116,3 +116,48 @@ def test_reused_client_text_is_exactly_the_canonical_encoding(pieces):
     except ParseError:
         return
     assert encode(args).text == encode(match(Grammar.parse("any*"), toks)).text
+
+
+@pytest.mark.parametrize("value, ok", [
+    (b"1", True), (b"01", True), (b"1:*", True), (b"*:1", True), (b"*", True), (b"$", True), (b"4294967295", True),
+    (b"10,1:2", True), (b"0", False), (b"00", False), (b"1:0", False), (b"0:*", False), (b"1,0", False),
+    (b"1**", False), (b"*1", False), (b"4294967296", False), (b"1:99999999999", False), (b"1:2:3", False),
+    (b"1,,2", False), (b",1", False), (b"1,", False), (b"", False)])
+def test_sequence_sets_as_rfc_3501_defines_them(value, ok):
+    """seq-number = nz-number / "*", a 32-bit number (referral19: "COPY 0 Shared/X" was referred)."""
+    from referral_proxy.imap.grammar import is_sequence_set
+    from referral_proxy.imap.plain import plain_arguments
+
+    assert is_sequence_set(value) is ok
+    if plain_arguments("seqset", value):  # the fast path never takes what the grammar refuses
+        assert ok
+
+
+@pytest.mark.parametrize("items, caps, problem", [
+    (b"(MESSAGES)", None, None), (b"(messages Unseen)", frozenset(), None), (b"(MESSAGES MESSAGES)", frozenset(), None),
+    (b"()", None, "Empty status list"), (b'("MESSAGES")', None, "Status list contains non-atoms"),
+    (b"(MESSAGES (UNSEEN))", None, "Status list contains non-atoms"), (b"(BOGUS)", None, "Invalid status item BOGUS"),
+    (b"(SIZE)", frozenset({"STATUS=SIZE"}), None), (b"(SIZE)", frozenset({"IMAP4REV1"}), "Invalid status item SIZE"),
+    (b"(SIZE)", None, None), (b"(APPENDLIMIT)", frozenset({"APPENDLIMIT=1000"}), None),
+    (b"(HIGHESTMODSEQ)", frozenset({"QRESYNC"}), None), (b"(DELETED)", frozenset({"CONDSTORE"}), "Invalid status item DELETED")])
+def test_status_lists_as_rfc_3501_and_the_announced_extensions_define_them(items, caps, problem):
+    from referral_proxy.imap.referargs import status_list_problem
+
+    (tok,) = tokens(items)
+    assert isinstance(tok, ParenList)
+    assert status_list_problem(tok, caps) == problem
+
+
+@pytest.mark.parametrize("params, caps, qresync, problem", [
+    (b"()", None, False, None), (b"(CONDSTORE)", frozenset({"CONDSTORE"}), False, None), (b"(condstore)", None, False, None),
+    (b"(CONDSTORE)", frozenset({"IMAP4REV1"}), False, "Unknown SELECT parameter CONDSTORE"),
+    (b"(QRESYNC (1 1))", None, False, "QRESYNC not enabled"), (b"(QRESYNC (1 1))", None, True, None),
+    (b"(QRESYNC (1 1 1:5 (1,3 2,9)))", None, True, None), (b"(QRESYNC)", None, True, "Invalid QRESYNC parameters"),
+    (b"(QRESYNC (0 1))", None, True, "Invalid QRESYNC parameters"), (b"(QRESYNC (1 1 1:*))", None, True, "Invalid QRESYNC parameters"),
+    (b'("CONDSTORE")', None, False, "SELECT options contain non-atoms"), (b"(BOGUS)", None, False, "Unknown SELECT parameter BOGUS"),
+    (b"(CONDSTORE 1)", None, False, "Unknown SELECT parameter 1")])
+def test_select_parameters_as_rfc_4466_and_7162_define_them(params, caps, qresync, problem):
+    from referral_proxy.imap.referargs import select_params_problem
+
+    (tok,) = tokens(params)
+    assert select_params_problem(tok, caps, qresync) == problem

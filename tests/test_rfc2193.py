@@ -196,6 +196,27 @@ def test_no_login_referral_to_the_proxy_itself(proxy_factory, fleet):
     w.close()
 
 
+@pytest.mark.parametrize("flagged, own_url, announced", [(False, False, False), (True, True, False), (True, False, True)])
+def test_login_referrals_is_announced_exactly_when_a_login_may_be_referred(proxy_factory, fleet, flagged, own_url,
+                                                                          announced):
+    """RFC 2221 3 (referral19): with ``login_referrals`` on but no backend to refer a login to (none has
+    ``login_referral``, or the one that has is the proxy itself), main announced LOGIN-REFERRALS in the
+    greeting and CAPABILITY all the same; no login was ever referred."""
+    config = proxy_factory.default_config(rules=[{"user": "bob", "mailbox": "*", "backend": "b2"}])
+    config["proxy"]["login_referrals"] = True
+    if flagged:
+        config["backends"]["b2"]["login_referral"] = True
+    if own_url:
+        config["backends"]["b2"]["url"] = "imap://127.0.0.1:%s" % config["proxy"]["listen"][0].split(":")[1]
+    proxy = proxy_factory(proxy_factory.toml(config))
+    w = Wire(proxy.host, proxy.port)
+    caps = w.cmd(b"c", b"CAPABILITY")[0]
+    assert (b"LOGIN-REFERRALS" in w.greeting, b" LOGIN-REFERRALS" in caps) == (announced, announced), (w.greeting, caps)
+    reply = w.cmd(b"l", b"LOGIN bob secret")
+    assert (b"[REFERRAL " in reply[-1]) == announced, reply
+    w.close()
+
+
 # -- a mailbox a move holds is never referred ---------------------------------------------------
 
 

@@ -18,7 +18,8 @@ from enum import Enum
 
 from .command import Atom, ParenList, ParseError, String, Token
 
-__all__ = ["Slot", "Grammar", "Arguments", "Encoded", "match", "encode", "encode_astring", "encode_quoted"]
+__all__ = ["Slot", "Grammar", "Arguments", "Encoded", "match", "encode", "encode_astring", "encode_quoted",
+           "is_sequence_set"]
 
 
 class Slot(Enum):
@@ -81,7 +82,12 @@ class Arguments:
         return [tok for tok, s in zip(self.tokens, self.slots) if s is slot]
 
 
-_SEQSET = re.compile(rb"\$|[0-9*]+(?::[0-9*]+)?(?:,[0-9*]+(?::[0-9*]+)?)*")
+# RFC 3501 sequence-set: seq-number = nz-number / "*", a number being 32 bits: "0", "00", "1**" and
+# 4294967296 are no sequence set (BAD, as from Dovecot; on main "COPY 0 Shared/X" was referred).
+# Leading zeros ("01") are taken, as Dovecot takes them.
+_SEQSET = re.compile(rb"\$|(?:[0-9]+|\*)(?::(?:[0-9]+|\*))?(?:,(?:[0-9]+|\*)(?::(?:[0-9]+|\*))?)*")
+_NUMBER = re.compile(rb"[0-9]+")
+_MAX_NUMBER = 0xFFFFFFFF
 _ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f-\xff()"]')  # 8-bit: a quoted string or a literal
 
 
@@ -97,10 +103,16 @@ def _fits(tok: Token, slot: Slot) -> bool:
     if slot is _ATOM_SLOT:
         return type(tok) is Atom
     if slot is _SEQSET_SLOT:
-        return type(tok) is Atom and _SEQSET.fullmatch(tok.value) is not None
+        return type(tok) is Atom and is_sequence_set(tok.value)
     if slot is _PATTERN and type(tok) is ParenList:
         return all(_is_astring(t) for t in tok.items)
     return _is_astring(tok)
+
+
+def is_sequence_set(value: bytes) -> bool:
+    """RFC 3501 ``sequence-set`` (every number from 1 to 2^32-1), or ``$`` (RFC 5182 SEARCHRES)."""
+    return (_SEQSET.fullmatch(value) is not None
+            and all(0 < int(n) <= _MAX_NUMBER for n in _NUMBER.findall(value)))
 
 
 def _is_astring(tok: Token) -> bool:

@@ -26,8 +26,9 @@ _LIST2 = rb"\((?:" + _ITEM + rb"(?: " + _ITEM + rb")*+)?+\)"
 _TOKEN = rb"(?:" + _ATOM + rb"|" + _QUOTED + rb"|" + _LIST2 + rb")"
 # One or more tokens, one space apart (the token pattern once: it is compiled at import).
 _TOKENS = re.compile(rb"(?:" + _TOKEN + rb"(?:\Z| (?!\Z)))++")
-# grammar.py's sequence set.
-_SEQSET = re.compile(rb"\$|[0-9*]++(?::[0-9*]++)?+(?:,[0-9*]++(?::[0-9*]++)?+)*+")
+# grammar.py's sequence set, numbers of at most nine digits (a longer one, or a zero, takes the long way).
+_NUM = rb"(?:0*+[1-9][0-9]{0,8}+|\*)"
+_SEQSET = re.compile(rb"\$|" + _NUM + rb"(?::" + _NUM + rb")?+(?:," + _NUM + rb"(?::" + _NUM + rb")?+)*+")
 
 #: Grammar texts (commands.py) whose arguments may skip the parse.
 PLAIN_GRAMMARS = frozenset({"seqset", "seqset any+", "any+"})
