@@ -4,7 +4,10 @@ transfer.py journals the MOVE (MOVE_APPENDING, MOVE_APPENDED, MOVE_EXPUNGING); h
 ``recover`` finishes it: the copies are found (recorded, or by content), verified, and
 exactly the source UIDs whose copy is verified are expunged. A copy another client moved
 away before recovery is looked for by content: back in the source (``came_back``), or in
-another mailbox (``moved_on``); what is found vouches for its source, which then goes.
+another mailbox (``moved_on``); what is found vouches for its source, which then goes -- only
+when the move is known to have committed (its APPENDUID recorded, or some of its copies found
+where it saved them): with the outcome unknown and no copy found, nothing ties a message found
+elsewhere to the move (``_never_committed_or_moved_on``), and the source stays.
 """
 
 from __future__ import annotations
@@ -26,13 +29,10 @@ from .mailops import (
     exists,
     expunge_uids,
     fetch_infos,
-    guids,
-    internal_time,
     list_mailboxes,
     named_by_validity,
     open_mailbox,
     same_mailbox,
-    saved_since,
     search_uids,
     still_there,
 )
@@ -41,10 +41,6 @@ from .transfer import find_copies, hash_messages, hashes_present
 
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 log = Logger()
-
-#: Seconds before a move's beginning a copy saved elsewhere still counts as moved on by a client:
-#: SAVEDATE is to the second, and the backend's clock is not the proxy's.
-SAVEDATE_SLACK = 2.0
 
 __all__ = ["finish_message_move", "came_back", "moved_on", "unvouched"]
 
@@ -81,16 +77,9 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     else:  # the journal does not know whether the MULTIAPPEND committed: look for the copies by content
         found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"],
                                   data["hashes"], clock=clock) or await _made_anew(dst, data)
-        if not found:
-            moved = await _committed_then_moved_on(entry, mailbox_map, src, dst, connect, sent, src_uids)
-            if not moved:
-                await mailbox_map.end_move(entry)
-                return "the destination never committed: nothing moved"
-            data["present"], data["vanished_dst"] = uid_set(moved).decode(), ""
-            await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
-            await expunge_uids(src, moved)
+        if not found:  # nothing ties a message found elsewhere to the move: the source stays
             await mailbox_map.end_move(entry)
-            return f"finished: {len(moved)} message(s) removed from the source (their copies were moved on)"
+            return _never_committed_or_moved_on(entry)
         found = await _whole_run(dst, data, found)
         pairs = [(src_uids[i], uid) for i, uid in sorted(found.items())]
     if not await exists(dst, data["dst_mailbox"]):
@@ -129,34 +118,21 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     return f"finished: {len(present)} message(s) removed from the source{left}"
 
 
-async def _committed_then_moved_on(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,
-                                   dst: BackendProtocol, connect: Connect | None, sent: dict[int, str],
-                                   src_uids: Sequence[int]) -> list[int]:
-    """The MULTIAPPEND's outcome unknown and none of its copies above the recorded UIDNEXT: it never
-    committed, or it did and a client moved every copy on before recovery came (soak, seed 41049:
-    taken for "never committed", the source kept: the messages twice). It can have committed only if
-    the destination has, from that UIDNEXT, as many consecutive UIDs as it sent that no message holds
-    now (it saves all or nothing, on consecutive UIDs). Then a source message goes if its content was
-    saved somewhere the user sees since the move began (SAVEDATE, RFC 8514; a copy made before, a
-    client's own, vouches for nothing), and is not a copy of the source message itself made on its
-    backend (soak seed 43154: a client's COPY of it within the source, 0.9 s after the MOVE's NO, was
-    taken for the move's copy moved back and the source expunged: once where the client had made it
-    twice). Dovecot's COPY and MOVE keep a message's X-GUID, the move's APPEND gives a new one; and
-    only a message of the source's INTERNALDATE counts (the move's copy has it; the same body
-    APPENDed or delivered anywhere since has its own: helper attack18, the source expunged).
-    Returns the source UIDs to expunge; the source selected again."""
-    data = entry.data
-    if not await _room_for_copies(dst, data, len(src_uids)):
-        return []
-    still = await still_there(src, src_uids)
-    since = entry.created - SAVEDATE_SLACK
-    itself = set((await guids(src, still)).values())  # a client's copy of a source message on its backend
-    back = await came_back(src, still, sent, max(src_uids), saved_after=since, not_guids=itself)  # moved back
-    mine, _ = await fetch_infos(src, [s for s in still if s not in set(back)])
-    moved = await _moved_on_anywhere(mailbox_map, entry.user, src, data["src_mailbox"], dst, data["dst_mailbox"],
-                                     connect, mine, sent, collections.Counter(), saved_after=since, not_guids=itself)
-    await _reselect_source(src, data)
-    return sorted(back + moved)
+def _never_committed_or_moved_on(entry: JournalEntry) -> str:
+    """The MULTIAPPEND's outcome unknown and none of its copies where it saved them: it never committed,
+    or it did and a client moved every copy on before recovery came (soak, seed 41049). The source
+    stays either way: at worst each message twice, never once where a client made two.
+
+    79beff0 told them apart by a guess: room at the destination for the copies, and the source's
+    content saved elsewhere since the move began (SAVEDATE), with its INTERNALDATE, under another
+    X-GUID. Any other instance of that content saved anew in that window passes it too, and the
+    source went: one where the user had made two (soak A, seed 49002: the user's own COPY of the
+    message RENAMEd across by another session, an APPEND with its INTERNALDATE; so does a MOVE
+    across through the proxy, and Dovecot's own MOVE, which gives a new SAVEDATE on 2.3.19; helper
+    attack18: a COPY across through the proxy). Nothing the backends keep ties a message to the
+    move's run once the copy left it (the move's APPEND gave it an X-GUID recorded nowhere)."""
+    return ("the destination never committed, or every copy was moved on before recovery (nothing ties one "
+            "found elsewhere to the move): nothing moved")
 
 
 async def _follow_rename(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, data: dict, role: str) -> None:
@@ -208,26 +184,6 @@ def _run_fits(start: int, found: dict[int, int], hashes: Sequence[str], held: se
     return (uidnext <= start and start + n <= now_next
             and all(start <= uid < start + n and hashes[uid - start] == h for uid, h in at.items())
             and all(start + j in at or start + j not in held for j in range(n)))
-
-
-async def _room_for_copies(dst: BackendProtocol, data: dict, n: int) -> bool:
-    """Whether *n* consecutive UIDs from the recorded UIDNEXT up to the destination's UIDNEXT now are
-    free (saved and expunged since, or never given): room for a committed MULTIAPPEND's copies."""
-    if not n or not await exists(dst, data["dst_mailbox"]):
-        return False
-    state = await open_mailbox(dst, data["dst_mailbox"], readonly=True)
-    try:
-        if state.uidvalidity != data["dst_validity"]:
-            return False
-        held, _ = await search_uids(dst, b"UID %d:*" % data["dst_uidnext"])
-        taken, run = set(held), 0
-        for uid in range(data["dst_uidnext"], state.uidnext):
-            run = 0 if uid in taken else run + 1
-            if run >= n:
-                return True
-        return False
-    finally:
-        await dst.deselect()
 
 
 async def _ours_elsewhere(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, dst: BackendProtocol,
@@ -304,8 +260,7 @@ async def _made_anew(dst: BackendProtocol, data: dict) -> dict[int, int]:
 async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendProtocol, src_mailbox: str,
                              dst: BackendProtocol, dst_mailbox: str, connect: Connect | None,
                              mine: Sequence[MessageInfo], sent: dict[int, str],
-                             kept: collections.Counter[str], saved_after: float | None = None,
-                             not_guids: set[bytes] | None = None) -> list[int]:
+                             kept: collections.Counter[str]) -> list[int]:
     """moved_on over the source's, the destination's and every other backend the user's mailboxes may
     live on (a copy moved on by a cross-server MOVE of its own lands on a third one). *kept*: copies
     in *dst_mailbox*, which count only if the map sends that name to *dst* (else moved_on skips them;
@@ -324,57 +279,42 @@ async def _moved_on_anywhere(mailbox_map: MailboxMap, user: str, src: BackendPro
             return mailbox_map.lookup(user, mailbox).primary == backend
 
         seen = kept if routed(dst.name, dst_mailbox) else collections.Counter()
-        return await moved_on([dst, src, *conns], src, src_mailbox, mine, sent, seen, routed, saved_after, not_guids)
+        return await moved_on([dst, src, *conns], src, src_mailbox, mine, sent, seen, routed)
     finally:
         for conn in conns:
             conn.logout()
 
 
-async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int,
-                    saved_after: float | None = None, not_guids: set[bytes] | None = None) -> list[int]:
+async def came_back(src: BackendProtocol, uids: Sequence[int], sent: dict[int, str], top: int) -> list[int]:
     """Of source *uids* whose copy left the destination before recovery, those whose same content
     (sha256) is in the source mailbox again as a newer message (a client moved the copy back):
-    the message is there once without them. Each newer message vouches for one source UID.
-    *saved_after*: only newer messages saved since then count (mailops.saved_since), and only of the
-    source message's INTERNALDATE too (the move's copy keeps it; a duplicate delivered or APPENDed
-    since has its own: helper attack18); *not_guids*: none with one of those X-GUIDs counts
-    (mailops.guids: a copy of a source message itself)."""
+    the message is there once without them. Each newer message vouches for one source UID."""
     still = await still_there(src, uids)
     newer, _ = await search_uids(src, b"UID %d:*" % (top + 1))
     newer = [u for u in newer if u > top]  # n:* names the last message even when n is beyond it
-    if saved_after is not None:
-        newer = await saved_since(src, newer, saved_after)
-    newer = await _other_than(src, newer, not_guids)
     if not still or not newer:
         return []
     mine, _ = await fetch_infos(src, still)
-    sizes, dated = {i.size for i in mine}, saved_after is not None
+    sizes = {i.size for i in mine}
     others, _ = await fetch_infos(src, newer)
-    by_uid = {i.uid: i for i in others}
     hashes = await hashes_present(src, [i.uid for i in others if i.size in sizes])
-    found = collections.Counter(_key(h, by_uid[u], dated) for u, h in hashes.items())
-    return _vouched(mine, sent, found, dated)
+    return _vouched(mine, sent, collections.Counter(hashes.values()))
 
 
 async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_mailbox: str,
                    mine: Sequence[MessageInfo], sent: dict[int, str], kept: collections.Counter[str],
-                   routed: Callable[[str, str], bool] = lambda _backend, _name: True,
-                   saved_after: float | None = None, not_guids: set[bytes] | None = None) -> list[int]:
+                   routed: Callable[[str, str], bool] = lambda _backend, _name: True) -> list[int]:
     """Of source messages (*mine*) whose committed copy left the destination before recovery, those
     whose content (size, then sha256) is in some other mailbox of *conns*' backends (the source's,
     the destination's, and every other backend the user's mailboxes may live on), one that
     *routed(backend, name)* says the map sends there (a copy out of every client's sight vouches
     for nothing): a client moved the copy on, so the source's message goes (else it is there twice).
     A copy found nowhere was expunged (or lost): its source stays. Each match vouches for one;
-    *kept*: the hashes of the copies still at the destination (found there, they vouch for none).
-    *saved_after*: only messages saved to their mailbox since then count (mailops.saved_since), of
-    the source message's INTERNALDATE too (see came_back);
-    *not_guids*: on the source's backend, none with one of those X-GUIDs counts (a copy of a source
-    message itself: Dovecot's COPY and MOVE keep it; X-GUIDs of other backends are theirs)."""
-    sizes, dated = {i.size for i in mine}, saved_after is not None
+    *kept*: the hashes of the copies still at the destination (found there, they vouch for none)."""
+    sizes = {i.size for i in mine}
     if not sizes:
         return []
-    found: collections.Counter[Any] = collections.Counter()
+    found: collections.Counter[str] = collections.Counter()
     for conn in conns:
         for entry in await list_mailboxes(conn):
             name = entry.name.decode("utf-8", "surrogateescape")
@@ -383,39 +323,20 @@ async def moved_on(conns: Sequence[BackendProtocol], src: BackendProtocol, src_m
                 continue
             if (await open_mailbox(conn, name, readonly=True)).messages:
                 uids, _ = await search_uids(conn, b"LARGER %d SMALLER %d" % (min(sizes) - 1, max(sizes) + 1))
-                if saved_after is not None:
-                    uids = await saved_since(conn, uids, saved_after)
-                if conn is src:
-                    uids = await _other_than(conn, uids, not_guids)
                 infos, _ = await fetch_infos(conn, uids)
-                by_uid = {i.uid: i for i in infos}
                 hashes = await hashes_present(conn, [i.uid for i in infos if i.size in sizes])
-                found.update(_key(h, by_uid[u], dated) for u, h in hashes.items())
+                found.update(hashes.values())
             await conn.deselect()
     found.subtract(kept)
-    return _vouched(mine, sent, found, dated)
+    return _vouched(mine, sent, found)
 
 
-async def _other_than(conn: BackendProtocol, uids: list[int], not_guids: set[bytes] | None) -> list[int]:
-    """Those of *uids* (selected on *conn*) whose X-GUID is none of *not_guids* (None: all of them)."""
-    if not not_guids or not uids:
-        return uids
-    have = await guids(conn, uids)
-    return [u for u in uids if have.get(u) not in not_guids]
-
-
-def _key(sha: str, info: MessageInfo, dated: bool) -> Any:
-    """What a found message is matched on: its sha256, and if *dated* its INTERNALDATE too."""
-    return (sha, internal_time(info)) if dated else sha
-
-
-def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[Any],
-             dated: bool = False) -> list[int]:
-    """The UIDs of *mine* whose content (*sent*: uid -> sha256; *dated*: and INTERNALDATE) *found*
-    holds, each found copy vouching for one."""
+def _vouched(mine: Sequence[MessageInfo], sent: dict[int, str], found: collections.Counter[str]) -> list[int]:
+    """The UIDs of *mine* whose content (*sent*: uid -> sha256) *found* holds, each found copy
+    vouching for one."""
     out = []
     for info in mine:
-        key = _key(sent[info.uid], info, dated)
+        key = sent[info.uid]
         if found[key] > 0:
             found[key] -= 1
             out.append(info.uid)

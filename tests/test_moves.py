@@ -34,7 +34,6 @@ from movecheck import (
 )
 from storehelp import now
 
-from referral_proxy import movefinish
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -730,21 +729,23 @@ def test_a_message_another_client_moved_to_the_destination_is_not_taken_for_the_
                                   "committed, moved back", "never committed, an old copy elsewhere"])
 def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along(proxy_factory, fleet, then):
     """A MOVE cut off with its MULTIAPPEND's outcome unknown, which committed; before recovery another
-    client moves every copy on (Shared/Dest -> Shared/Other). Recovery found no copy by content above
-    the recorded UIDNEXT, said "never committed" and kept the sources: the messages twice (soak, seed
-    41049). Only the middle copy moved on (helper recovery17): the two left were found by content,
-    the middle one's source was never looked at and stayed: that message twice. Every copy moved
-    back to the source (appended there, expunged from the destination): none found, so "never
-    committed", the sources kept beside their copies (helper recovery17). Never committed, the
-    destination's new UIDs taken and expunged by another client (room for the copies) and a copy
-    of work-2 saved elsewhere before the move began: the sources stay."""
+    client moves every copy on (Shared/Dest -> Shared/Other): no copy left where the move saved it,
+    so nothing ties the messages found elsewhere to the move; the sources stay, the messages twice
+    (soak, seed 41049). 79beff0 took them "once" by a SAVEDATE guess that any other instance of the
+    content re-saved meanwhile also passes (soak A, seed 49002: one where the user made two; see
+    test_another_instance_re_saved_before_recovery_does_not_take_a_killed_moves_source): in doubt,
+    twice, never once. So too every copy moved back to the source (appended there, expunged from
+    the destination). Only the middle copy moved on (helper recovery17): the two left are found
+    by content, which ties the run to the move, and the middle one's source goes too (once).
+    Never committed, the destination's new UIDs taken and expunged by another client and a copy of
+    work-2 saved elsewhere before the move began: the sources stay."""
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     seed(fleet["b3"], "carol", "Shared/Other", [])
     if not then.startswith("committed"):
         _copy_directly(fleet, "b1", "Work", "b3", "Shared/Other", "3")  # the user's own, long before
-        time.sleep(movefinish.SAVEDATE_SLACK + 1.5)  # SAVEDATE is to the second
+        time.sleep(3.5)  # well before the move began
     proxy = proxy_factory(MASTERS, rules=RULES)
     data = _killed_move_data(fleet, "2:4")
     uidnext = data["dst_uidnext"]
@@ -772,13 +773,13 @@ def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     counts, where = census(fleet, "carol")
-    if then == "committed, moved on":
-        assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
-        _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
-        assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Other")}
-    elif "back" in then:
-        assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
-        _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
+    if then == "committed, moved on":  # twice: the sources, and their copies where the client put them
+        assert "never committed, or every copy was moved on" in recovered.stdout, recovered.stdout
+        assert counts == {**{i: 1 for i in work + ids("there", 2)}, **{i: 2 for i in work[1:4]}}, where
+        assert all(sorted(where[i]) == [("b1", "Work"), ("b3", "Shared/Other")] for i in work[1:4]), where
+    elif "back" in then:  # twice, both in Work: the sources, and their copies moved back
+        assert "never committed, or every copy was moved on" in recovered.stdout, recovered.stdout
+        assert counts == {**{i: 1 for i in work + ids("there", 2)}, **{i: 2 for i in work[1:4]}}, where
         assert {where[i][0] for i in work} == {("b1", "Work")}
     elif then.startswith("committed"):
         assert "3 message(s) removed from the source" in recovered.stdout, recovered.stdout
@@ -871,15 +872,16 @@ def test_a_killed_move_of_fifty_whose_copies_went_every_way_is_recovered_once_by
 
 
 def test_a_recovery_of_moved_on_copies_cut_off_at_its_expunge_is_finished_by_the_next(proxy_factory, fleet, tmp_path):
-    """A killed MOVE (outcome unknown, committed) whose copies a client moved on: its recovery (the
-    SAVEDATE path, 79beff0) killed at its own MOVE_EXPUNGING step; the next one finishes it, each
-    message once, where the client put it (held in round 17; nothing covered this path)."""
+    """A killed MOVE (outcome unknown, committed) whose first two copies a client moved on (the third,
+    left, ties the run to the move): its recovery killed at its own MOVE_EXPUNGING step; the next one
+    finishes it, each message once, where the client put it (held in round 17; it covered the
+    SAVEDATE path, every copy moved on, until recovery19 dropped that guess)."""
     proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 5, "2:4", copy=True)
     u = data["dst_uidnext"]
     with fleet["b3"].client("carol") as m:
         m.create(quote("Shared/Y"))
         m.select(quote("Shared/Dest"))
-        assert m.uid("MOVE", f"{u}:*", quote("Shared/Y"))[0] == "OK"
+        assert m.uid("MOVE", f"{u}:{u + 1}", quote("Shared/Y"))[0] == "OK"
     pause = tmp_path / "pause"
     rec = start_paused(pause, "move-expunging:1", "recover", "--config", str(proxy.config_path))
     try:
@@ -890,20 +892,13 @@ def test_a_recovery_of_moved_on_copies_cut_off_at_its_expunge_is_finished_by_the
     assert cli("recover", "--config", str(proxy.config_path)).returncode == 0
     counts, where = census(fleet, "carol")
     assert all(counts[i] == 1 for i in work), where
-    assert {where[i][0] for i in work[1:4]} == {("b3", "Shared/Y")}
+    assert [where[i][0] for i in work[1:4]] == [("b3", "Shared/Y")] * 2 + [("b3", "Shared/Dest")]
     assert _no_entries(proxy)
-
-
-COPIED_ACROSS = pytest.param(
-    "copied across through the proxy", marks=pytest.mark.xfail(
-        reason="helper attack18, left: the proxy's own COPY across (an APPEND with the source's INTERNALDATE, a new "
-               "X-GUID) of a never-committed MOVE's source, made before recovery while the destination has room, "
-               "looks like the move's copy moved on: the source goes, one where the client made two", strict=True))
 
 
 @pytest.mark.parametrize("own", ["copied within the source", "copied to another mailbox of its backend",
                                  "appended elsewhere", "appended to the source", "appended on another backend",
-                                 COPIED_ACROSS])
+                                 "copied across through the proxy"])
 def test_a_clients_own_copy_does_not_take_a_never_committed_moves_source(proxy_factory, fleet, own):
     """A MOVE of work-2 cut off before APPENDUID that never committed; the user then copies work-2
     (COPY within Work: soak seed 43154, through the proxy 0.9 s after the MOVE's NO; or to Other on
@@ -939,6 +934,66 @@ def test_a_clients_own_copy_does_not_take_a_never_committed_moves_source(proxy_f
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     counts, where = census(fleet, "carol")
     assert counts["work-2@t"] == 2 and ("b1", "Work") in where["work-2@t"], (where["work-2@t"], recovered.stdout)
+    assert "never committed" in recovered.stdout, recovered.stdout
+    assert _no_entries(proxy)
+
+
+@pytest.mark.parametrize("then", ["renamed across through the proxy", "moved across through the proxy",
+                                  "moved within another backend", "moved within the source's backend"])
+def test_another_instance_re_saved_before_recovery_does_not_take_a_killed_moves_source(proxy_factory, fleet, then):
+    """Soak A, seed 49002: work-2 twice (the user's COPY of it, to Keep, within b1); a MOVE of the
+    one in Work to Shared/Dest (b3) cut off with its MULTIAPPEND's outcome unknown (never committed;
+    the destination's new UIDs taken and expunged by another client: room for the copy); before
+    recovery the OTHER instance is saved anew elsewhere: Keep RENAMEd across to Archive/Keep (b2)
+    through the proxy, or it is moved across through the proxy, or moved by Dovecot itself within
+    b2 (a copy kept there from before the move) or within b1. Each is saved since the move began,
+    with the source's INTERNALDATE and (but within b1) another X-GUID: recovery took it for the
+    move's copy moved on and expunged the source: work-2 once where the user made it twice."""
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    for backend, box in (("b1", "Other"), ("b2", "Archive/X")):
+        seed(fleet[backend], "carol", box, [])
+    with fleet["b1"].client("carol") as m:
+        m.create("Keep")
+        m.select("Work")
+        assert m.uid("COPY", "3", "Keep")[0] == "OK"  # the user's second instance, before the move
+    if then == "moved within another backend":  # the second instance on b2 (as a COPY across leaves it)
+        seed(fleet["b2"], "carol", "Archive/Keep", [])
+        _copy_directly(fleet, "b1", "Keep", "b2", "Archive/Keep", "1")
+        with fleet["b1"].client("carol") as m:
+            m.select("Keep")
+            m.uid("STORE", "1", "+FLAGS.SILENT", "(\\Deleted)")
+            assert m.uid("EXPUNGE", "1")[0] == "OK"
+    time.sleep(3.5)  # both instances saved well before the move began (main's filter: SAVEDATE, 2 s slack)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    data = _killed_move_data(fleet, "3")
+    u = data["dst_uidnext"]
+    journal_killed_move(proxy, data)
+    deliver(fleet["b3"], "carol", "Shared/Dest", "passing@t")  # another client's, expunged again
+    with fleet["b3"].client("carol") as m:
+        m.select(quote("Shared/Dest"))
+        m.uid("STORE", f"{u}", "+FLAGS.SILENT", "(\\Deleted)")
+        m.uid("EXPUNGE", f"{u}")
+    time.sleep(1.5)  # the other instance re-saved a second or more after the move began
+    if then.endswith("through the proxy"):
+        w = _logged_in(proxy)
+        if then.startswith("renamed"):
+            assert w.cmd(b"r", b"RENAME Keep Archive/Keep")[-1].startswith(b"r OK")
+        else:
+            assert w.cmd(b"s", b"SELECT Keep")[-1].startswith(b"s OK")
+            assert w.cmd(b"m", b"UID MOVE 1 Archive/X")[-1].startswith(b"m OK")
+        w.cmd(b"l", b"LOGOUT")
+    else:
+        b, box, to = ("b2", "Archive/Keep", "Archive/X") if "another" in then else ("b1", "Keep", "Other")
+        with fleet[b].client("carol") as m:
+            m.select(quote(box))
+            assert m.uid("MOVE", "1", quote(to))[0] == "OK"
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert counts["work-2@t"] == 2 and ("b1", "Work") in where["work-2@t"], (where["work-2@t"], recovered.stdout)
+    assert all(counts[i] == 1 for i in work if i != "work-2@t"), where
     assert "never committed" in recovered.stdout, recovered.stdout
     assert _no_entries(proxy)
 
@@ -1135,20 +1190,21 @@ def rename_killed_at_created(proxy_factory, old: str, new: str) -> tuple[object,
 
 def test_a_killed_moves_copies_moved_on_through_the_proxy_keep_their_date_and_take_their_sources(proxy_factory,
                                                                                                   fleet):
-    """The SAVEDATE path matches INTERNALDATE too (attack18): a killed MOVE (outcome unknown,
-    committed) whose copies a client moves on through the proxy itself, across to b2 (an APPEND with
-    the copy's INTERNALDATE) and within b3: the sources go, each message once (held)."""
+    """A killed MOVE (outcome unknown, committed) whose copies a client moves on through the proxy
+    itself, across to b2 (an APPEND with the copy's INTERNALDATE) and within b3, the last left where
+    the move saved it (it ties the run to the move): the sources go, each message once (held).
+    Every copy moved on, nothing ties them to the move: the sources stay (see the seed 41049 test)."""
     proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 6, "2:5", copy=True,
                                                also=[("b2", "Archive/X"), ("b3", "Shared/Y")])
     u = data["dst_uidnext"]
     w = _logged_in(proxy, "Carol")
     assert w.cmd(b"s", b"SELECT Shared/Dest")[-1].startswith(b"s OK")
     assert w.cmd(b"m", b"UID MOVE %d:%d Archive/X" % (u, u + 1))[-1].startswith(b"m OK")
-    assert w.cmd(b"n", b"UID MOVE %d:* Shared/Y" % (u + 2))[-1].startswith(b"n OK")
+    assert w.cmd(b"n", b"UID MOVE %d Shared/Y" % (u + 2))[-1].startswith(b"n OK")
     w.cmd(b"l", b"LOGOUT")
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0 and "4 message(s) removed" in recovered.stdout, recovered.stdout
     _exactly_once(fleet, proxy, "carol", work + ids("there", 2))
     counts, where = census(fleet, "carol")
-    assert [where[i][0] for i in work[1:5]] == [("b2", "Archive/X")] * 2 + [("b3", "Shared/Y")] * 2
+    assert [where[i][0] for i in work[1:5]] == [("b2", "Archive/X")] * 2 + [("b3", "Shared/Y"), ("b3", "Shared/Dest")]
     assert _no_entries(proxy)
