@@ -9,16 +9,14 @@ it, bytes beyond ASCII kept with surrogateescape).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 
 from twisted.logger import Logger
 
 from .acrossview import SAVED
 from .backend import BackendError, BackendProtocol, Tagged
-from .imap.command import Atom, ParseError, String, Token, parse_arguments
+from .imap.command import Atom, ParseError, String, parse_arguments
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
@@ -28,8 +26,7 @@ from .routing import normalize
 __all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants", "saved_since",
-           "guids"]
+           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -273,73 +270,6 @@ async def still_there(conn: BackendProtocol, uids: Sequence[int]) -> list[int]:
     asked = set(uids)
     found, _ = await search_uids(conn, b"UID " + uid_set(sorted(asked)))
     return [u for u in found if u in asked]
-
-
-async def saved_since(conn: BackendProtocol, uids: Sequence[int], since: float) -> list[int]:
-    """Those of *uids* (selected mailbox) saved to it at or after *since* (a Unix time), by their
-    SAVEDATE (RFC 8514: when appended, copied or moved there; to the second). A backend without
-    SAVEDATE, or a message without one (NIL), names none: what cannot be dated is not new."""
-    if not uids or "SAVEDATE" not in conn.capabilities:
-        return []
-    result = await run_ok(conn, b"UID FETCH " + uid_set(uids) + b" (UID SAVEDATE)", "FETCH")
-    found = []
-    for uid, date in _items(result, b"SAVEDATE"):
-        when = _date_time(date.value) if isinstance(date, String) else None
-        if when is not None and when >= since:
-            found.append(uid)
-    return sorted(found)
-
-
-async def guids(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, bytes]:
-    """Dovecot's X-GUID of each of *uids* (selected mailbox): its own COPY and MOVE keep a message's,
-    an APPEND gives a new one (measured on 2.3.19, maildir). A backend without it names none."""
-    if not uids:
-        return {}
-    result = await conn.command(b"UID FETCH " + uid_set(uids) + b" (UID X-GUID)", bounded=True)
-    if not result.ok:
-        return {}
-    return {uid: guid.value for uid, guid in _items(result, b"X-GUID") if isinstance(guid, (Atom, String))}
-
-
-def _items(result: Tagged, name: bytes) -> list[tuple[int, Token]]:
-    """(UID, token of item *name*) of each FETCH response of *result* that has both."""
-    out = []
-    for r in result.responses:
-        if r.start.name != "FETCH":
-            continue
-        try:
-            data = parse_fetch(*r.arguments)
-            uid = data.uid
-        except ParseError:
-            continue
-        if uid is not None and name in data.items:
-            out.append((uid, data.items[name]))
-    return out
-
-
-_DATE_TIME = re.compile(rb"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
-_MONTHS = {m: i for i, m in enumerate(b"JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), 1)}
-
-
-def internal_time(info: MessageInfo) -> float | None:
-    """*info*'s INTERNALDATE as a Unix time (None if unreadable): Dovecot's COPY and MOVE keep it, and
-    so does the proxy's move across (copystream APPENDs with it); an APPEND without one, a delivery, get now."""
-    return _date_time(info.internaldate.strip(b'"'))
-
-
-def _date_time(text: bytes) -> float | None:
-    """An IMAP date-time (``" 2-Dec-2026 13:38:09 +0000"``) as a Unix time; None if it is not one
-    (read by hand: strptime's month names follow the locale)."""
-    m = _DATE_TIME.match(text)
-    month = _MONTHS.get(m.group(2).upper()) if m else None
-    if m is None or month is None:
-        return None
-    d, _mon, y, hh, mm, ss, sign, zh, zm = m.groups()
-    offset = timedelta(hours=int(zh), minutes=int(zm)) * (1 if sign == b"+" else -1)
-    try:
-        return datetime(int(y), month, int(d), int(hh), int(mm), int(ss), tzinfo=timezone(offset)).timestamp()
-    except ValueError:
-        return None
 
 
 async def named_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tuple[list[int], list[bytes]]:
