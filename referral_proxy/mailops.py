@@ -24,7 +24,7 @@ from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
 __all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
-           "name_arg", "run_ok", "list_mailboxes", "exists", "refused_target", "subtree", "status", "status_now",
+           "name_arg", "run_ok", "list_mailboxes", "exists", "create", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
            "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants"]
 
@@ -122,6 +122,21 @@ async def exists(conn: BackendProtocol, name: str) -> bool:
     """Is there a selectable mailbox of exactly this name?"""
     entries = await list_mailboxes(conn, b"*" if _wild(name) else name_arg(name))
     return any(e.selectable and _same(_text(e.name), name) for e in entries)
+
+
+async def create(conn: BackendProtocol, name: str) -> None:
+    """CREATE *name*, which the caller found absent and holds reserved. Dovecot 2.3.19 (maildir, ACL)
+    answers some CREATEs ``NO [ALREADYEXISTS]`` although it made the mailbox, while other sessions of
+    the user LIST or MYRIGHTS (measured: 9 and 22 of 400 CREATEs of new names beside two such
+    sessions; a RENAME across answered NO: tests/test_rename_brief_hold.py). Found there right
+    after, empty, it is taken as made; anything else is the refusal."""
+    result = await conn.command(b"CREATE " + name_arg(name))
+    if result.ok:
+        return
+    if result.start.code == "ALREADYEXISTS" and await exists(conn, name) and (await status(conn, name)).messages == 0:
+        log.info("backend {b}: CREATE {name} refused as existing, and made: taken", b=conn.name, name=name)
+        return
+    raise TransferError(_failed("CREATE", conn, result.start))
 
 
 async def refused_target(conn: BackendProtocol, name: str, ask: BackendProtocol | None = None) -> str | None:

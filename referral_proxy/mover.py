@@ -47,6 +47,7 @@ from .mailops import (
     MessageInfo,
     TransferError,
     aside_gone,
+    create,
     delete_if_empty,
     exists,
     expunge_uids,
@@ -220,7 +221,7 @@ class Mover:
                 if normalize(n, self.sep) != "INBOX":
                     data["at"] = i
                     await self.mailbox_map.step(entry, Step.CREATING)
-                    await run_ok(dst, b"CREATE " + name_arg(n), "CREATE")
+                    await create(dst, n)
                     data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
                     await self.mailbox_map.step(entry, Step.CREATED)
                 result.messages += await self._copy(entry, i, src, dst, o, delta=False)
@@ -232,8 +233,7 @@ class Mover:
             await self._undo(entry, e)
             raise
         finishing = defer.ensureDeferred(self._finish_and_close(entry, conns))
-        result.mailboxes = len(pairs)
-        result.bytes = self.progress.bytes
+        result.mailboxes, result.bytes = len(pairs), self.progress.bytes
         try:
             await self._answer_when_due(finishing, result)
         except MoveIncomplete as e:
