@@ -40,7 +40,7 @@ from .moveview import status_during_move
 from .pool import BackendPool
 from .proxyappends import APPENDING
 from .relay import Relay
-from .relocation import seen_within
+from .relocation import seen_within, selected_elsewhere
 from .renamecheck import refused_before
 from .routing import MailboxMap, Route
 from .staging import is_private_name
@@ -188,9 +188,11 @@ class MailboxCommands:
         return self.host.mailbox_map.reserved(self.host.user, mailbox.decode("utf-8", "surrogateescape"))
 
     def selected_held(self) -> bool:
-        """The selected mailbox is held by a move to another server (or its parent's, or the user's)."""
+        """The selected mailbox is held by a move to another server (or its parent's, or the user's), or
+        such a move took it and ended before the relocation watch's BYE (soak seed 51255: an EXPUNGE then
+        relayed to the drained old INBOX left the moved copy, beside the client's COPY: twice)."""
         mailbox = self.host.selected_mailbox
-        return mailbox is not None and self.moving(mailbox)
+        return mailbox is not None and (self.moving(mailbox) or selected_elsewhere(self.host, self.host.mailbox_map))
 
     def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route | Held:
         """Where an APPEND to *mailbox* goes (its route, looked up once), or the answer
