@@ -33,7 +33,7 @@ from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX
 from .store import SQLiteStore
 
-__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within", "seen_by_then", "selected_elsewhere"]
+__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within", "seen_by_then"]
 
 log = Logger()
 
@@ -48,18 +48,11 @@ def moved(session: Any, mailbox_map: MailboxMap) -> str | None:
         return None
     if home not in mailbox_map.home(user).backends:
         return "home"
-    return "selected mailbox" if selected_elsewhere(session, mailbox_map) else None
-
-
-def selected_elsewhere(session: Any, mailbox_map: MailboxMap) -> bool:
-    """*session*'s selected mailbox lives on another backend now than the one it is selected on: a move
-    took it there (and may have ended: its reservations no longer refuse the session's changes). A STORE
-    or EXPUNGE relayed to the old place until this watch's BYE changed what the move drained, never the
-    copy at the new place: the message a client expunged stayed (mailboxes.Mailboxes.selected_held)."""
-    mailbox, where, user = session.selected_mailbox, session.selected, session.user
-    if mailbox is None or where is None or user is None:
-        return False
-    return where not in mailbox_map.lookup(user, mailbox.decode("utf-8", "surrogateescape")).backends
+    mailbox, where = session.selected_mailbox, session.selected
+    if mailbox is not None and where is not None:
+        if where not in mailbox_map.lookup(user, mailbox.decode("utf-8", "surrogateescape")).backends:
+            return "selected mailbox"
+    return None
 
 
 _ASIDE = ASIDE_PREFIX.decode()
