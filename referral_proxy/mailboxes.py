@@ -188,9 +188,22 @@ class MailboxCommands:
         return self.host.mailbox_map.reserved(self.host.user, mailbox.decode("utf-8", "surrogateescape"))
 
     def selected_held(self) -> bool:
-        """The selected mailbox is held by a move to another server (or its parent's, or the user's)."""
+        """The selected mailbox is held by a move to another server (or its parent's, or the user's), or
+        such a move took it and ended before the relocation watch's BYE (soak seed 51255: an EXPUNGE then
+        relayed to the drained old INBOX left the moved copy, beside the client's COPY: twice)."""
         mailbox = self.host.selected_mailbox
-        return mailbox is not None and self.moving(mailbox)
+        return mailbox is not None and (self.moving(mailbox) or self.selected_elsewhere(mailbox))
+
+    def selected_elsewhere(self, mailbox: bytes) -> bool:
+        """The selected *mailbox* lives on another backend now than the one it is selected on: a move
+        took it (and may have ended, its reservations gone) and the relocation watch has not yet ended
+        the session (relocation.py: once a second, between commands). A STORE or EXPUNGE relayed to the
+        old place changes what the move drained, never the copy at the new place."""
+        host = self.host
+        where = host.selected
+        if where is None or not mailbox or host.user is None or host.home is None:
+            return False
+        return where not in self.route_of(mailbox).backends
 
     def append_target(self, tag: bytes, mailbox: bytes) -> bytes | Route | Held:
         """Where an APPEND to *mailbox* goes (its route, looked up once), or the answer
