@@ -37,13 +37,13 @@ from .imap.uidset import expand_uid_set, uid_set
 from .journal import JournalEntry, Step
 from .mailops import (
     TransferError,
+    create,
     exists,
     expunge_uids,
     finish_cut_delete,
     list_mailboxes,
     name_arg,
     open_mailbox,
-    run_ok,
     same_mailbox,
     search_uids,
     still_there,
@@ -292,12 +292,14 @@ async def _move_to(conn: BackendProtocol, uids: Sequence[int], drop: str) -> set
 
 
 async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False, selected: str | None = None) -> None:
-    """The drop, there and (unless *keep*) empty: what a past use left in it is no one's."""
+    """The drop, there and (unless *keep*) empty: what a past use left in it is no one's. Its CREATE
+    Dovecot refuses as existing having made it (mailops.create) is taken: refused, the drain stopped
+    past the commit point, and recovery counted the drain's MOVE that never ran as one Dovecot died on."""
     if await exists(conn, drop):
         if keep:
             return
         await _gone(conn, drop, selected=selected)
-    await run_ok(conn, b"CREATE " + name_arg(drop), "CREATE")
+    await create(conn, drop)
 
 
 async def _gone(conn: BackendProtocol, drop: str, *, selected: str | None = None) -> None:
