@@ -131,7 +131,9 @@ async def resume(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol,
             present, _ = await search_uids(src, b"UID " + uid_set(mine))
             await src.deselect()
         gone = _without(mine, present)
-        if not expunging and not gone:  # the MOVE took nothing: cut off, or the backend died on it
+        # The MOVE took nothing: cut off, or the backend died on it; or it never ran, its drop not made
+        # (its CREATE refused, or the process killed first): then it is no death of the backend's.
+        if not expunging and not gone and await exists(src, pending.get("drop", drop)):
             data["move_deaths"] = data.get("move_deaths", 0) + 1
         # expunged (no drop): every one gone is the drain's own, as _expunged counts them
         await _dropped(journal, entry, i, gone if expunging else await _in_drop(src, dst, data, i, gone,

@@ -12,7 +12,7 @@ from twisted.internet import defer
 
 from referral_proxy.backend import BackendProtocol
 from referral_proxy.config import BackendConfig
-from referral_proxy.drain import remove_verified
+from referral_proxy.drain import remove_verified, resume
 from referral_proxy.journal import JournalEntry, Step
 from referral_proxy.mailops import TransferError, create
 from referral_proxy.testing.fakes import NoDelayTransport
@@ -107,3 +107,30 @@ def test_the_drains_drop_refused_as_existing_and_made_is_used():
     assert journal.steps == [Step.DROPPING, Step.DROPPED]
     assert entry.data["settled"] == {"0": "1:2"} and "move_deaths" not in entry.data
     assert src.transport.value() == b""
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_a_drain_cut_off_before_its_drop_was_made_counts_no_move_death(made):
+    """Recovery of a drain journaled ``dropping`` whose UIDs are all still in the source: the UID MOVE
+    took nothing. With its drop there, Dovecot may have died on it (counted: at MOVE_DEATHS the drain
+    expunges instead); without, the MOVE never ran (its drop's CREATE refused, the process killed
+    first): before, counted as a death too, so two refused drops cost the move its MOVE."""
+    src, journal = _mover_backend(), _Journal()
+    drop = b"referral-proxy-aside-0123abcd/drop"
+    entry = JournalEntry(1, "carol", "move", {"settled": {}, "pairs": [["Work", "Work"]], "src": "b1",
+                                              "validity": {"0": 7},
+                                              "dropping": {"pair": 0, "box": "Work", "uids": "1:2",
+                                                           "drop": DROP.decode(), "how": "move"}}, Step.DROPPING)
+    d = defer.ensureDeferred(resume(journal, entry, src, src, drop.decode()))  # type: ignore[arg-type]
+    _exchange(src, b'LIST "" Work', b'* LIST (\\HasNoChildren) "/" Work\r\nTAG OK List completed.\r\n')
+    _exchange(src, b"EXAMINE Work", b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] UIDs valid\r\n* OK [UIDNEXT 3] next\r\n"
+              b"TAG OK [READ-ONLY] Examine completed.\r\n")
+    _exchange(src, b"UID SEARCH UID 1:2", b"* SEARCH 1 2\r\nTAG OK Search completed.\r\n")
+    _exchange(src, b'EXAMINE "referral-proxy/no such mailbox"', b"TAG NO Mailbox doesn't exist\r\n")
+    _exchange(src, b'LIST "" ' + DROP, (b'* LIST (\\HasNoChildren) "/" ' + DROP + b"\r\n" if made else b"")
+              + b"TAG OK List completed.\r\n")
+    for _conn in range(2):  # src and dst (the same here): what a crash left under the drop's name
+        _exchange(src, b'LIST "" "' + drop + b'*"', b"TAG OK List completed.\r\n")
+    assert _result(d) is None
+    assert journal.steps == [Step.DROPPED]
+    assert entry.data.get("move_deaths", 0) == (1 if made else 0)
