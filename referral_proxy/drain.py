@@ -37,13 +37,13 @@ from .imap.uidset import expand_uid_set, uid_set
 from .journal import JournalEntry, Step
 from .mailops import (
     TransferError,
+    create,
     exists,
     expunge_uids,
     finish_cut_delete,
     list_mailboxes,
     name_arg,
     open_mailbox,
-    run_ok,
     same_mailbox,
     search_uids,
     still_there,
@@ -131,7 +131,9 @@ async def resume(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol,
             present, _ = await search_uids(src, b"UID " + uid_set(mine))
             await src.deselect()
         gone = _without(mine, present)
-        if not expunging and not gone:  # the MOVE took nothing: cut off, or the backend died on it
+        # The MOVE took nothing: cut off, or the backend died on it; or it never ran, its drop not made
+        # (its CREATE refused, or the process killed first): then it is no death of the backend's.
+        if not expunging and not gone and await exists(src, pending.get("drop", drop)):
             data["move_deaths"] = data.get("move_deaths", 0) + 1
         # expunged (no drop): every one gone is the drain's own, as _expunged counts them
         await _dropped(journal, entry, i, gone if expunging else await _in_drop(src, dst, data, i, gone,
@@ -292,12 +294,14 @@ async def _move_to(conn: BackendProtocol, uids: Sequence[int], drop: str) -> set
 
 
 async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False, selected: str | None = None) -> None:
-    """The drop, there and (unless *keep*) empty: what a past use left in it is no one's."""
+    """The drop, there and (unless *keep*) empty: what a past use left in it is no one's. Its CREATE
+    Dovecot refuses as existing having made it (mailops.create) is taken: refused, the drain stopped
+    past the commit point, and recovery counted the drain's MOVE that never ran as one Dovecot died on."""
     if await exists(conn, drop):
         if keep:
             return
         await _gone(conn, drop, selected=selected)
-    await run_ok(conn, b"CREATE " + name_arg(drop), "CREATE")
+    await create(conn, drop)
 
 
 async def _gone(conn: BackendProtocol, drop: str, *, selected: str | None = None) -> None:

@@ -19,6 +19,7 @@ import sys
 import threading
 
 import pytest
+from createrelay import Relay
 from movecheck import LEFT_TO_RECOVER, REPO, census, cli, faulty, journal_store, seed, start_paused, wait_paused
 from storehelp import now
 from test_moves import MASTERS, RULES, _exactly_once, _no_entries, ids
@@ -100,28 +101,15 @@ def test_a_message_expunged_in_the_source_after_the_commit_point_does_not_come_b
     assert where[work[0]] == [] and all(where[i] == [("b3", "Work")] for i in work[1:]), where
 
 
-class _Holder(threading.Thread):
+class _Holder(Relay):
     """A TCP relay in front of a backend that holds the first client line matching *pattern*
     until released (as a slow or stopped backend process would keep it): ``held`` is set then."""
 
     def __init__(self, host: str, port: int, pattern: bytes) -> None:
-        super().__init__(daemon=True)
-        self.target = (host, port)
+        super().__init__(host, port)
         self.pattern = re.compile(pattern)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.held, self.release = threading.Event(), threading.Event()
         self.line = b""
-
-    def run(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
         pending = b""
@@ -152,7 +140,7 @@ class _Holder(threading.Thread):
 
     def close(self) -> None:
         self.release.set()
-        self.listener.close()
+        super().close()
 
 
 @pytest.mark.parametrize("command", ["move", "expunge"])
