@@ -137,3 +137,24 @@ def test_proxy_rename_across_after_a_stalled_relayed_move_leaves_what_dovecot_al
     assert where["sub-2@t"] == [("b3", "Shared/50% off")] and where["in-1@t"] == [("b1", "INBOX")], where
     assert not os.listdir(Path(fleet["b1"].user_mail_dir("carol")) / "tmp")
     assert _no_entries(proxy)
+
+
+def test_a_client_still_there_is_told_by_dovecot_that_its_move_copied(proxy_factory, fleet):
+    """The proxy not killed: the stalled MOVE's client stays; the RENAME across runs meanwhile. The
+    same two copies, and the client sees why: Dovecot's ``* OK [COPYUID ...]`` then ``NO Mailbox
+    was deleted under us`` (the soak counts a possible copy for that answer: Ledger.dovecot_partial)."""
+    lock = _seed(fleet)
+    try:
+        proxy = proxy_factory(MASTERS, rules=RULES)
+        w = _stalled_move(proxy.host, proxy.port)
+        assert lock.stalled_move_linked()
+        r = Wire(proxy.host, proxy.port, timeout=120)
+        r.login("carol")
+        assert r.cmd(b"r", b'RENAME Inbox/Sub "Shared/50% off"')[-1].startswith(b"r OK")
+    finally:
+        assert lock.release()
+    answer = w.until_tagged(b"m")
+    assert any(b"[COPYUID " in line for line in answer) and b"deleted under us" in answer[-1], answer
+    counts, where = census(fleet, "carol")
+    assert sorted(where["sub-1@t"]) == [("b1", "INBOX"), ("b3", "Shared/50% off")], where
+    assert where["sub-2@t"] == [("b3", "Shared/50% off")] and where["in-1@t"] == [("b1", "INBOX")], where
