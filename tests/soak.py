@@ -58,6 +58,9 @@ ODD_TARGETS = ["inbox/Sub", "INBOX/Sub/x", "*", "Inbox/Sub/*", "Shared/*", "Shar
 ODD_ORIGINALS = {"INBOX/Sub": 12, "INBOX/Sub/k": 4, "*": 6}
 OPTIONS = {"odd_names": False, "admin": False, "multiappend": False, "proxies": 1, "workers": 1, "capitals": False}
 LOGINS = ["carol", "CAROL", "Carol"]  # --capitals: each session's login spelled one of these ways (one user)
+#: Seconds a Dovecot command may wait on a lock a SIGKILLed Dovecot left (its maildir uidlist lock goes
+#: stale after 120 s unchanged; seed 49164: a MOVE into b1's INBOX answered OK 121 s after b1's kill).
+LOCK_STALL = 125.0
 START_TIMEOUT = 90.0  # seconds a (re)started proxy may take to greet: a master and its workers under a loaded machine
 # (proxies are started tied to the soak: SIGTERM when it exits, however it ends)
 
@@ -97,13 +100,20 @@ class Ledger:
         with self.lock:
             self.ops[f"{kind} {outcome}"] += 1
 
-    def backend_died(self, mid: str, since: float, answered: bool = False) -> None:
+    def backend_died(self, mid: str, since: float, answered: bool = False, lost: bool = False) -> None:
         """A MOVE or COPY of *mid* that a backend kill may have overlapped: Dovecot's own MOVE/COPY
         is not crash-atomic (a maildir MOVE is a copy, then an expunge), so a second copy may exist.
         Judged at the end (:meth:`settle`): the client can see its connection drop before the
-        chaos thread has written its "KILL b" line."""
+        chaos thread has written its "KILL b" line.
+
+        *lost*: a MOVE whose answer never came (its connection cut: a proxy kill). A backend kill up
+        to :data:`LOCK_STALL` seconds BEFORE it counts too: Dovecot's MOVE waits that long on a lock
+        the killed Dovecot left in its destination, its file already linked there, and commits after
+        its client is gone; a RENAME of its source meanwhile (Dovecot's own, or the proxy's across)
+        keeps the source's copy too (seed 49164; tests/test_rename_move_stalled.py)."""
         with self.lock:
-            self.overlaps.append((mid, since, time.monotonic() + (0.0 if answered else 1.0)))
+            self.overlaps.append((mid, since - (LOCK_STALL if lost else 0.0),
+                                  time.monotonic() + (0.0 if answered else 1.0)))
 
     def dovecot_partial(self, mid: str, answer: list) -> None:
         """Dovecot's own NO to a same-backend COPY/MOVE whose selected source was renamed or deleted
@@ -235,11 +245,14 @@ class Client(threading.Thread):
         m.response("COPYUID")  # (forget any earlier one)
         self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}")
         since = time.monotonic()
-        typ = None
+        typ, lost = None, False
         try:
             typ, data = m.uid("MOVE", uid, quote(target))
+        except (imaplib.IMAP4.abort, OSError, EOFError):
+            lost = True  # its answer never came
+            raise
         finally:
-            self.ledger.backend_died(mid, since, answered=typ == "OK")
+            self.ledger.backend_died(mid, since, answered=typ == "OK", lost=lost)
         if typ != "OK":
             self.ledger.dovecot_partial(mid, data)
         self.ledger.note("move", typ)

@@ -28,3 +28,23 @@ def test_a_proxy_fault_in_a_log_is_found(tmp_path):
                                         '... result=failed why="[SERVERBUG] Internal error occurred." (Dovecot\'s)\n')
     (tmp_path / "recover.log").write_text("recovery: carol: Work -> Proj (b1 -> b3), at drained: finished\n")
     assert [line.split(": ", 1)[0] for line in faults(tmp_path)] == ["proxy.log", "proxy.log"]
+
+
+def test_a_move_whose_answer_was_lost_after_a_backend_kill_may_leave_a_second_copy():
+    """Seed 49164 (tests/test_rename_move_stalled.py): b1 killed; 0.7 s later a MOVE within b1 stalls
+    on the lock the kill left and its answer is lost (a proxy kill); it commits minutes later, after
+    a RENAME took its source elsewhere: two copies, Dovecot's. One answered, or with no backend kill
+    before it, is allowed none; nor one lost longer than LOCK_STALL after the kill."""
+    import time
+
+    from soak import LOCK_STALL, Ledger
+
+    ledger = Ledger()
+    killed = time.monotonic() - 300.0
+    ledger.history.append((killed, -1, "KILL b1"))
+    ledger.backend_died("stalled@t", killed + 0.7, lost=True)
+    ledger.backend_died("answered@t", killed + 0.7, answered=True)
+    ledger.backend_died("refused@t", killed + 0.7)  # answered NO
+    ledger.backend_died("late@t", killed + LOCK_STALL + 1.0, lost=True)
+    ledger.settle()
+    assert dict(ledger.copies_maybe) == {"stalled@t": 1}
