@@ -98,15 +98,22 @@ def test_proxy_relayed_rename_and_admin_moves_after_a_stalled_move_leave_what_do
 def test_the_soak_allows_the_runs_second_copy():
     """The judge on main since dup20a, fed seed 53157's own times (history.txt): KILL b1 at 41690.668,
     c1's MOVE of o-Work-39 sent at 41691.242 and its connection cut (a worker kill at 41692.267, the
-    proxy's at 41692.793; c1 back at 41693.749): one more copy allowed. main f159e89's judge (a kill
-    counted only from the MOVE's own start) allowed none: the run's verdict, "duplicated 1"."""
+    proxy's at 41692.793; c1 back at 41693.749): one more copy allowed, the census finding its copies
+    on b1, the backend killed. main f159e89's judge (a kill counted only from the MOVE's own start)
+    allowed none: the run's verdict, "duplicated 1". Narrowed: copies found only on other backends
+    than the one killed before the MOVE are allowed nothing (the stall is on the killed one's lock)."""
     import time
 
     from soak import Ledger
 
-    now = time.monotonic()
-    ledger = Ledger()
-    ledger.history.append((now - (41693.749 - 41690.668), -1, "KILL b1"))
-    ledger.backend_died("o-Work-39@soak", now - (41693.749 - 41691.242), lost=True)
-    ledger.settle()
-    assert dict(ledger.copies_maybe) == {"o-Work-39@soak": 1}
+    def judged(where: dict) -> dict:
+        now = time.monotonic()
+        ledger = Ledger()
+        ledger.history.append((now - (41693.749 - 41690.668), -1, "KILL b1"))
+        ledger.backend_died("o-Work-39@soak", now - (41693.749 - 41691.242), lost=True)
+        ledger.settle(where)
+        return dict(ledger.copies_maybe)
+
+    assert judged({"o-Work-39@soak": [("b1", "Work/c"), ("b1", "INBOX")]}) == {"o-Work-39@soak": 1}
+    assert judged({"o-Work-39@soak": [("b3", "Shared/B"), ("b1", "INBOX")]}) == {"o-Work-39@soak": 1}  # 49164's
+    assert judged({"o-Work-39@soak": [("b3", "Shared/B"), ("b2", "Archive")]}) == {}
