@@ -92,7 +92,7 @@ class Ledger:
     ops: collections.Counter = field(default_factory=collections.Counter)
     errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
     history: list = field(default_factory=list)  # (time, client, what) of every RENAME, MOVE and COPY
-    overlaps: list = field(default_factory=list)  # (message, start, end) of MOVEs/COPYs not answered OK
+    overlaps: list = field(default_factory=list)  # (message, start, end, lost) of MOVEs/COPYs not answered OK
     moved: list = field(default_factory=list)  # (message, start, end, client) of MOVEs answered OK
     lock: threading.Lock = field(default_factory=threading.Lock)
 
