@@ -92,7 +92,7 @@ class Ledger:
     ops: collections.Counter = field(default_factory=collections.Counter)
     errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
     history: list = field(default_factory=list)  # (time, client, what) of every RENAME, MOVE and COPY
-    overlaps: list = field(default_factory=list)  # (message, start, end) of MOVEs/COPYs not answered OK
+    overlaps: list = field(default_factory=list)  # (message, start, end, lost) of MOVEs/COPYs not answered OK
     moved: list = field(default_factory=list)  # (message, start, end, client) of MOVEs answered OK
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -110,10 +110,13 @@ class Ledger:
         to :data:`LOCK_STALL` seconds BEFORE it counts too: Dovecot's MOVE waits that long on a lock
         the killed Dovecot left in its destination, its file already linked there, and commits after
         its client is gone; a RENAME of its source meanwhile (Dovecot's own, or the proxy's across)
-        keeps the source's copy too (seed 49164; tests/test_rename_move_stalled.py)."""
+        keeps the source's copy too (seed 49164; tests/test_rename_move_stalled.py). Such a kill before
+        it counts only if the census finds a copy on the killed backend (:meth:`settle`): the stall is
+        on the destination's lock, on the backend the kill left it, where the late copy lands (seeds
+        49164: b1's INBOX, and 53157: b1's INBOX, its source renamed within b1 and moved out and back
+        by the admin meanwhile; tests/test_rename_move_stalled_within.py)."""
         with self.lock:
-            self.overlaps.append((mid, since - (LOCK_STALL if lost else 0.0),
-                                  time.monotonic() + (0.0 if answered else 1.0)))
+            self.overlaps.append((mid, since, time.monotonic() + (0.0 if answered else 1.0), lost))
 
     def dovecot_partial(self, mid: str, answer: list) -> None:
         """Dovecot's own NO to a same-backend COPY/MOVE whose selected source was renamed or deleted
@@ -127,10 +130,12 @@ class Ledger:
         with self.lock:
             self.moved.append((mid, since, time.monotonic(), client))
 
-    def settle(self) -> None:
+    def settle(self, where: dict | None = None) -> None:
         """Count a possible copy for each MOVE/COPY that a backend kill overlapped (one not answered
-        OK: up to 1 s after its end); and for two clients' MOVEs of one message at once, both answered
-        OK: Dovecot's own MOVE copies, then expunges, so a same-backend MOVE that had the message in
+        OK: up to 1 s after its end), or for a MOVE whose answer was lost, that a kill of a backend
+        where the census (*where*: message -> [(backend, mailbox)]) finds a copy preceded by up to
+        :data:`LOCK_STALL` (see :meth:`backend_died`); and for two clients' MOVEs of one message at
+        once, both answered OK: Dovecot's own MOVE copies, then expunges, so a same-backend MOVE that had the message in
         hand (seen: one waiting 110 s on a lock a killed Dovecot left) copies it even though the
         other MOVE took it meanwhile -- two copies, as two clients of Dovecot itself would leave."""
         with self.lock:
@@ -138,9 +143,11 @@ class Ledger:
                 if any(m == mid and w != who and s < end and start < e for m, s, e, w in self.moved[i + 1:]):
                     self.copies_maybe[mid] += 1
             self.moved.clear()
-            kills = [t for t, who, what in self.history if who == -1 and what.startswith("KILL b")]
-            for mid, since, ended in self.overlaps:
-                if any(since <= t <= ended for t in kills):
+            kills = [(t, what.split()[1]) for t, who, what in self.history if who == -1 and what.startswith("KILL b")]
+            for mid, since, ended, lost in self.overlaps:
+                held = None if where is None else {b for b, _ in where.get(mid, [])}
+                if any(since <= t <= ended or (lost and since - LOCK_STALL <= t < since and (held is None or b in held))
+                       for t, b in kills):
                     self.copies_maybe[mid] += 1
             self.overlaps.clear()
 
@@ -596,7 +603,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
     finally:
         for p in procs:
             p.stop()
-    ledger.settle()
+    ledger.settle(where)
     with ledger.lock:
         lost = sorted(i for i in ledger.must if counts[i] < 1 + ledger.copies_acked[i])
         duplicated = sorted(i for i, n in counts.items()

@@ -74,11 +74,11 @@ class HeldLock:
         return False
 
 
-def _stalled_move(host: str, port: int) -> Wire:
-    """A session that SELECTs INBOX/Sub and sends ``UID MOVE 1 INBOX`` (sub-1), not waiting for it."""
+def _stalled_move(host: str, port: int, source: bytes = b"INBOX/Sub") -> Wire:
+    """A session that SELECTs *source* and sends ``UID MOVE 1 INBOX`` (its first message), not waiting for it."""
     w = Wire(host, port, timeout=120)
     w.login("carol")
-    assert w.cmd(b"s", b"SELECT INBOX/Sub")[-1].startswith(b"s OK")
+    assert w.cmd(b"s", b"SELECT " + source)[-1].startswith(b"s OK")
     w.send(b"m UID MOVE 1 INBOX\r\n")
     return w
 
