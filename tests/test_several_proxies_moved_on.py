@@ -3,8 +3,11 @@ APPENDUID; before recovery a client of proxy B (same PostgreSQL map) moves the c
 seed 55095, dup21b).
 
 The soak: ``c2 MOVE o-INBOX-16 INBOX -> Archive/B`` (b1 -> b2) through proxy0, no answer (proxy0
-SIGKILLed 55 ms later); ``c0 MOVE o-INBOX-16 Archive/B -> INBOX/Sub/*`` (b2 -> b1) through proxy1,
-OK 0.2 s after the kill; proxy1's check took proxy0's entry over 3.5 s later ("the owner of journal
+SIGKILLed 55 ms later; b2's log: proxy0's connection "reset by peer (APPEND finished 0.007 secs
+ago) in=5124": the copy committed 7 ms before the kill, its APPENDUID never journaled);
+``c0 MOVE o-INBOX-16 Archive/B -> INBOX/Sub/*`` (b2 -> b1) through proxy1, OK 0.2 s after the
+kill (proxy1's RENAME Archive/B Shared/A 50 ms before it: NO [INUSE], the dead entry's names
+held; a MOVE of messages out of it is not held off by them); proxy1's check took proxy0's entry over 3.5 s later ("the owner of journal
 entries 35 is gone") and said "MOVE INBOX -> Archive/B (b1 -> b2), at move-appending: the destination
 never committed, or every copy was moved on before recovery (nothing ties one found elsewhere to the
 move): nothing moved". INBOX/Sub/* was then RENAMEd (on b1, Dovecot's own) to Work/c, then Shared:
