@@ -544,10 +544,16 @@ KEPT_IN_DOUBT = re.compile(r"MOVE (.+?) -> (.+?) \(\w+ -> \w+\), at move-appendi
                            r"committed, or every copy was moved on before recovery")
 
 
+#: recovery (movefinish._follow_rename): the move's mailbox renamed on its backend before it came, its line names the new one
+FOLLOWED = re.compile(r"recovery: (.+?) on \w+ was renamed (.+?): followed")
+
+
 def kept_in_doubt(workdir: Path) -> set:
-    """(source, destination) of every cross-server MOVE the run's recoveries left in doubt (Ledger.kept_in_doubt)."""
-    return {m.groups() for path in sorted(workdir.glob("*.log"))
-            for m in KEPT_IN_DOUBT.finditer(path.read_text(errors="replace"))}
+    """(source, destination) of every cross-server MOVE the run's recoveries left in doubt (Ledger.kept_in_doubt),
+    by the names the MOVE had (a mailbox a recovery followed to its new name: by its old one too)."""
+    texts = [path.read_text(errors="replace") for path in sorted(workdir.glob("*.log"))]
+    old = {new: was for text in texts for was, new in FOLLOWED.findall(text)}
+    return {(old.get(src, src), old.get(dst, dst)) for text in texts for src, dst in KEPT_IN_DOUBT.findall(text)}
 
 
 def faults(workdir: Path) -> list[str]:

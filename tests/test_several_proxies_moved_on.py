@@ -142,9 +142,14 @@ def test_the_soak_allows_a_second_copy_only_for_a_lost_move_a_recovery_left_in_d
     (tmp_path / "recover.log").write_text(
         "carol: MOVE Shared/50% off -> Proj (b3 -> b1), at move-appending: the destination never committed: "
         "nothing moved\n")
-    assert kept_in_doubt(tmp_path) == {("INBOX", "Archive/B")}
+    (tmp_path / "proxy0.log").write_text(
+        "... [referral_proxy.movefinish#info] recovery: Work on b1 was renamed Work/c: followed\n"
+        "... recovery: carol: MOVE Work/c -> Shared/* (b1 -> b3), at move-appending: the destination never "
+        "committed, or every copy was moved on before recovery (nothing ties one found elsewhere to the move): "
+        "nothing moved\n")
+    assert kept_in_doubt(tmp_path) == {("INBOX", "Archive/B"), ("Work", "Shared/*")}
     ledger = Ledger()
     ledger.lost_moves += [("o-INBOX-16@soak", "INBOX", "Archive/B"), ("other@t", "Archive/B", "INBOX"),
-                          ("never@t", "Shared/50% off", "Proj")]
+                          ("never@t", "Shared/50% off", "Proj"), ("renamed@t", "Work", "Shared/*")]
     ledger.kept_in_doubt(kept_in_doubt(tmp_path))
-    assert dict(ledger.copies_maybe) == {"o-INBOX-16@soak": 1}
+    assert dict(ledger.copies_maybe) == {"o-INBOX-16@soak": 1, "renamed@t": 1}
