@@ -94,6 +94,7 @@ class Ledger:
     history: list = field(default_factory=list)  # (time, client, what) of every RENAME, MOVE and COPY
     overlaps: list = field(default_factory=list)  # (message, start, end, lost) of MOVEs/COPYs not answered OK
     moved: list = field(default_factory=list)  # (message, start, end, client) of MOVEs answered OK
+    lost_moves: list = field(default_factory=list)  # (message, source, target) of MOVEs whose answer never came
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, kind: str, outcome: str) -> None:
@@ -125,6 +126,19 @@ class Ledger:
         if any(b"deleted under us" in a for a in answer if isinstance(a, bytes)):
             with self.lock:
                 self.copies_maybe[mid] += 1
+
+    def kept_in_doubt(self, kept: set) -> None:
+        """A MOVE whose answer never came (a proxy kill) between two mailboxes a recovery named in
+        *kept* (:func:`kept_in_doubt`): the MOVE across was journaled at move-appending, its copy's UIDs
+        unknown, and none was found where it saved them -- it never committed, or it did and a client
+        moved the copy on before recovery came. The source stays either way (movefinish: twice rather
+        than ever once where two were made), so a copy moved on may be a second one (seed 55095, two
+        proxies: the copy MOVEd on through the other proxy 0.2 s after the kill, 3.5 s before its
+        recovery; tests/test_several_proxies_moved_on.py)."""
+        with self.lock:
+            for mid, src, dst in self.lost_moves:
+                if (src, dst) in kept:
+                    self.copies_maybe[mid] += 1
 
     def moved_ok(self, mid: str, since: float, client: int) -> None:
         with self.lock:
@@ -260,6 +274,9 @@ class Client(threading.Thread):
             raise
         finally:
             self.ledger.backend_died(mid, since, answered=typ == "OK", lost=lost)
+            if lost:
+                with self.ledger.lock:
+                    self.ledger.lost_moves.append((mid, box, target))
         if typ != "OK":
             self.ledger.dovecot_partial(mid, data)
         self.ledger.note("move", typ)
@@ -528,6 +545,24 @@ FAULT = re.compile(r"Traceback|Unhandled|#critical|\[SERVERBUG\] (Internal proxy
 # (a backend's own [SERVERBUG], relayed, is Dovecot's: e.g. an APPEND into a mailbox deleted under it)
 
 
+#: A recovery's words (a proxy's log, `recover`'s output) for a cross-server MOVE it left as it was, in
+#: doubt (movefinish._never_committed_or_moved_on): recovery.describe's "MOVE src -> dst (b -> b)".
+KEPT_IN_DOUBT = re.compile(r"MOVE (.+?) -> (.+?) \(\w+ -> \w+\), at move-appending: the destination never "
+                           r"committed, or every copy was moved on before recovery")
+
+
+#: recovery (movefinish._follow_rename): the move's mailbox renamed on its backend before it came, its line names the new one
+FOLLOWED = re.compile(r"recovery: (.+?) on \w+ was renamed (.+?): followed")
+
+
+def kept_in_doubt(workdir: Path) -> set:
+    """(source, destination) of every cross-server MOVE the run's recoveries left in doubt (Ledger.kept_in_doubt),
+    by the names the MOVE had (a mailbox a recovery followed to its new name: by its old one too)."""
+    texts = [path.read_text(errors="replace") for path in sorted(workdir.glob("*.log"))]
+    old = {new: was for text in texts for was, new in FOLLOWED.findall(text)}
+    return {(old.get(src, src), old.get(dst, dst)) for text in texts for src, dst in KEPT_IN_DOUBT.findall(text)}
+
+
 def faults(workdir: Path) -> list[str]:
     """The lines of the run's proxy logs (and recover's output) that say the proxy itself failed."""
     return [f"{path.name}: {line.strip()}" for path in sorted(workdir.glob("*.log"))
@@ -604,6 +639,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         for p in procs:
             p.stop()
     ledger.settle(where)
+    ledger.kept_in_doubt(kept_in_doubt(workdir))
     with ledger.lock:
         lost = sorted(i for i in ledger.must if counts[i] < 1 + ledger.copies_acked[i])
         duplicated = sorted(i for i, n in counts.items()
