@@ -78,3 +78,31 @@ def test_a_copy_across_just_before_a_move_of_the_same_message_cut_off(proxy_fact
     counts, where = census(fleet, "carol")
     assert counts["work-2@t"] == 2 and ("b1", "Work") in where["work-2@t"], (where["work-2@t"], recovered.stdout)
     assert ("b2", "Archive/X") in where["work-2@t"], where["work-2@t"]
+
+
+@pytest.mark.xfail(strict=True, reason="loss21 (soak A, seed 53212): recovery's find_copies takes the user's COPY "
+                                       "across into the cut-off MOVE's destination (same bytes, above the journaled "
+                                       "UIDNEXT) for the MOVE's copy and expunges the source; a COPY across takes no "
+                                       "reservation, so nothing keeps it out while the dead MOVE's entry is open")
+def test_the_users_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_moves_copy(proxy_factory, fleet):
+    """Soak A, seed 53212: a MOVE of work-2 Work -> Shared/Dest cut off before its MULTIAPPEND committed
+    (the proxy killed; hashes journaled, outcome unknown); the user then COPYs work-2 to Shared/Dest
+    through the proxy: an APPEND of the same bytes, above the journaled UIDNEXT. Recovery's find_copies
+    took it for the MOVE's copy (in the soak: found at its second look, SETTLE seconds after the first,
+    the COPY having landed in between), verified it and expunged the source: work-2 once where the
+    user made two (the COPY was answered OK). The census must match what the client was told: a COPY
+    answered OK leaves work-2 twice, one of them in Work; a COPY refused (INUSE, the mend: a COPY
+    across waits for the MOVE lock of its source) leaves it once, in Work."""
+    from test_moves import _journaled_killed_move
+
+    proxy, _data, _work = _journaled_killed_move(proxy_factory, fleet, 5, "3")
+    w = _session(proxy)
+    answer = w.cmd(b"c", b"UID COPY 3 Shared/Dest")[-1]
+    w.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    made = 2 if answer.startswith(b"c OK") else 1
+    assert counts["work-2@t"] == made and ("b1", "Work") in where["work-2@t"], (answer, where["work-2@t"],
+                                                                               recovered.stdout)
+    assert _no_entries(proxy)
