@@ -106,3 +106,17 @@ def test_the_users_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_mo
     assert counts["work-2@t"] == made and ("b1", "Work") in where["work-2@t"], (answer, where["work-2@t"],
                                                                                recovered.stdout)
     assert _no_entries(proxy)
+
+
+def test_a_killed_moves_recovery_is_described_at_the_step_it_was_found_at(proxy_factory, fleet):
+    """Recovery found a MOVE at move-appending, its copies committed, and finished it; its line said
+    "at move-expunging" (describe() read the step recovery had stepped the entry to: soak A, seed
+    53212's log). It names the step found."""
+    from test_moves import _journaled_killed_move
+
+    proxy, _data, _work = _journaled_killed_move(proxy_factory, fleet, 5, "3", copy=True)
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert "at move-appending: finished" in recovered.stdout, recovered.stdout
+    counts, where = census(fleet, "carol")
+    assert counts["work-2@t"] == 1 and where["work-2@t"] == [("b3", "Shared/Dest")], where["work-2@t"]
