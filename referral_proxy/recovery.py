@@ -97,12 +97,13 @@ async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connec
     for entry in await mailbox_map.entries():
         if not mailbox_map.abandoned(entry) or not await mailbox_map.claim(entry):
             continue  # running in a live process, or another recoverer was first
+        found = describe(entry)  # the step it was found at: recovery steps the entry on as it goes
         try:
             outcome = await recover_entry(mailbox_map, entry, connector(entry.user), clock)
-            lines.append(f"{describe(entry)}: {outcome}")
+            lines.append(f"{found}: {outcome}")
         except Exception as e:
             await mailbox_map.disown(entry)
-            lines.append(f"{describe(entry)}: NOT recovered: {e}")
+            lines.append(f"{found}: NOT recovered: {e}")
     return lines
 
 

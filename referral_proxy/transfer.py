@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from .acrossview import EXPUNGE_ISSUED, NOTHING_NAMED, moved_text
 from .backend import BackendError, BackendProtocol, Tagged
 from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages
+from .copywait import wait_for_moves
 from .imap.command import ParseError
 from .imap.data import parse_fetch
 from .imap.uidset import expand_uid_set, uid_set
@@ -121,7 +122,9 @@ class CopyOutcome:
 
 SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to commit before it looks again
 MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see _hold)
-MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the same mailbox
+MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the same mailbox (a COPY across: copywait.py)
+COPY_IN_USE = ("[INUSE] Messages of a mailbox involved are being moved across servers (or a move cut off "
+               "awaits recovery); try again shortly")
 
 
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
@@ -140,6 +143,10 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     there (a copy of one that someone else moved or expunged meanwhile is taken back). A
     crash anywhere in between is finished (or, if the destination never committed,
     released) by recovery.
+
+    COPY first waits (up to MOVE_WAIT seconds, then ``NO [INUSE]``) until no MOVE across, under way or
+    cut off and awaiting recovery, holds its source or destination: its copy, the same bytes, would
+    be taken by that MOVE's recovery for the MOVE's own (copywait.py).
 
     *ask*: the session's own connection to *dst*'s backend, if it has one: a destination refused is
     asked why there (mailops.refused_target).
@@ -166,7 +173,12 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
     try:
-        entry = await _hold(mailbox_map, user, src_name, dst_name, clock) if move else None
+        if move:
+            entry = await _hold(mailbox_map, user, src_name, dst_name, clock)
+        else:  # its copy would look like an unfinished MOVE's own to that MOVE's recovery (copywait.py)
+            entry = None
+            if not await wait_for_moves(mailbox_map, user, [src_name, dst_name], clock, MOVE_WAIT):
+                return CopyOutcome(seen, "NO", COPY_IN_USE)
     except StoreUnavailable:
         return CopyOutcome(seen, "NO", UNAVAILABLE)
     if move and entry is None:

@@ -5,11 +5,12 @@ Real Dovecot; judged by a census of every backend by content."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
-from imapwire import Wire
-from movecheck import census, cli, deliver, journal_killed_move, quote, seed
+from imapwire import Wire, wait_for
+from movecheck import census, cli, deliver, faulty, journal_killed_move, quote, seed, wait_paused
 from test_moves import MASTERS, RULES, _killed_move_data, _no_entries, ids
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -56,14 +57,18 @@ def test_the_users_instance_brought_into_the_source_of_a_cut_off_move_takes_noth
     take it for the MOVE's copy moved back and expunge the older (copylock19: it did, with the guess)."""
     proxy, w = _cut_off_after_copy(proxy_factory, fleet, aged=True)
     assert w.cmd(b"x", b"SELECT Archive/X")[-1].startswith(b"x OK")
-    assert w.cmd(b"b", b"UID " + verb + b" 1 Work")[-1].startswith(b"b OK")
+    answer = w.cmd(b"b", b"UID " + verb + b" 1 Work")[-1]
+    # a COPY across waits for the cut-off MOVE of its destination (copywait.py): NO [INUSE] after
+    # MOVE_WAIT (or OK, the proxy's own sweep having recovered the MOVE meanwhile); a MOVE does not wait
+    assert answer.startswith(b"b OK") or (verb == b"COPY" and answer.startswith(b"b NO [INUSE]")), answer
+    done = answer.startswith(b"b OK")
     w.close()
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     counts, where = census(fleet, "carol")
-    made = 3 if verb == b"COPY" else 2  # a MOVE back: Archive/X's goes, Work's comes
-    assert counts["work-2@t"] == made, (where["work-2@t"], recovered.stdout)
-    assert where["work-2@t"].count(("b1", "Work")) == 2, where["work-2@t"]
+    made = (3 if verb == b"COPY" else 2) if done else 2  # a MOVE back: Archive/X's goes, Work's comes
+    assert counts["work-2@t"] == made, (answer, where["work-2@t"], recovered.stdout)
+    assert where["work-2@t"].count(("b1", "Work")) == (2 if done else 1), where["work-2@t"]
     assert _no_entries(proxy)
 
 
@@ -80,10 +85,6 @@ def test_a_copy_across_just_before_a_move_of_the_same_message_cut_off(proxy_fact
     assert ("b2", "Archive/X") in where["work-2@t"], where["work-2@t"]
 
 
-@pytest.mark.xfail(strict=True, reason="loss21 (soak A, seed 53212): recovery's find_copies takes the user's COPY "
-                                       "across into the cut-off MOVE's destination (same bytes, above the journaled "
-                                       "UIDNEXT) for the MOVE's copy and expunges the source; a COPY across takes no "
-                                       "reservation, so nothing keeps it out while the dead MOVE's entry is open")
 def test_the_users_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_moves_copy(proxy_factory, fleet):
     """Soak A, seed 53212: a MOVE of work-2 Work -> Shared/Dest cut off before its MULTIAPPEND committed
     (the proxy killed; hashes journaled, outcome unknown); the user then COPYs work-2 to Shared/Dest
@@ -92,7 +93,8 @@ def test_the_users_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_mo
     the COPY having landed in between), verified it and expunged the source: work-2 once where the
     user made two (the COPY was answered OK). The census must match what the client was told: a COPY
     answered OK leaves work-2 twice, one of them in Work; a COPY refused (INUSE, the mend: a COPY
-    across waits for the MOVE lock of its source) leaves it once, in Work."""
+    across waits, up to MOVE_WAIT, for a MOVE across holding its source or destination: copywait.py)
+    leaves it once, in Work."""
     from test_moves import _journaled_killed_move
 
     proxy, _data, _work = _journaled_killed_move(proxy_factory, fleet, 5, "3")
@@ -106,3 +108,95 @@ def test_the_users_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_mo
     assert counts["work-2@t"] == made and ("b1", "Work") in where["work-2@t"], (answer, where["work-2@t"],
                                                                                recovered.stdout)
     assert _no_entries(proxy)
+
+
+def _unanswered(w: Wire, tag: bytes, seconds: float) -> bool:
+    """No tagged answer to *tag* has come within *seconds* (lines read meanwhile are kept)."""
+    w.sock.settimeout(seconds)
+    try:
+        while True:
+            line = w.line()
+            if line.startswith(tag + b" "):
+                w.buf = line + w.buf  # until_tagged finds it again
+                return False
+    except TimeoutError:
+        return True
+    finally:
+        w.sock.settimeout(120)
+
+
+def test_the_users_copy_into_a_live_moves_destination_waits_and_survives_its_kill(proxy_factory, fleet, tmp_path):
+    """The soak's case with the MOVE's proxy alive: UID MOVE 3 Work -> Shared/Dest through p1, stopped
+    with its hashes journaled and its MULTIAPPEND's last byte unsent (move-appending:2); through p2
+    (same store) the user's UID COPY 3 Shared/Dest. On main the COPY was answered at once, its copy
+    above the journaled UIDNEXT; p1 killed, p2's recovery took it for the MOVE's copy and expunged
+    work-2 from Work. The COPY now waits for the MOVE's entry (its answer once p2's recovery has
+    released it, or NO [INUSE] after MOVE_WAIT and then sent again, as a client would): work-2 twice,
+    in Work and Shared/Dest."""
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    shared = dict(MASTERS) if os.environ.get("RP_TEST_STORE") == "postgresql" else \
+        {**MASTERS, "map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}}
+    p1 = proxy_factory(shared, rules=RULES, command=faulty("--pause-at", "move-appending:2", "--pause-dir", str(pause)))
+    p2 = proxy_factory(shared, rules=RULES)
+    mover, copier = _session(p1), _session(p2)
+    mover.send(b"m UID MOVE 3 Shared/Dest\r\n")
+    assert wait_paused(pause, "move-appending:2") == "move-appending:2"
+    copier.send(b"c UID COPY 3 Shared/Dest\r\n")
+    waited = _unanswered(copier, b"c", 1.5)
+    p1.process.kill()
+    p1.process.wait(30)
+    answer = copier.until_tagged(b"c")[-1]
+    if answer.startswith(b"c NO [INUSE]"):
+        wait_for(lambda: _no_entries(p2), "the move recovered", timeout=120)
+        answer = copier.cmd(b"c", b"UID COPY 3 Shared/Dest")[-1]
+    wait_for(lambda: _no_entries(p2), "the move recovered", timeout=120)
+    copier.close()
+    counts, where = census(fleet, "carol")
+    assert answer.startswith(b"c OK"), answer
+    assert counts["work-2@t"] == 2 and sorted(where["work-2@t"]) == [("b1", "Work"), ("b3", "Shared/Dest")], \
+        where["work-2@t"]
+    assert waited, "the COPY across did not wait for the MOVE holding its destination"
+
+
+def test_a_killed_moves_recovery_is_described_at_the_step_it_was_found_at(proxy_factory, fleet):
+    """Recovery found a MOVE at move-appending, its copies committed, and finished it; its line said
+    "at move-expunging" (describe() read the step recovery had stepped the entry to: soak A, seed
+    53212's log). It names the step found."""
+    from test_moves import _journaled_killed_move
+
+    proxy, _data, _work = _journaled_killed_move(proxy_factory, fleet, 5, "3", copy=True)
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    assert "at move-appending: finished" in recovered.stdout, recovered.stdout
+    counts, where = census(fleet, "carol")
+    assert counts["work-2@t"] == 1 and where["work-2@t"] == [("b3", "Shared/Dest")], where["work-2@t"]
+
+
+@pytest.mark.parametrize("other", ["staging", "map"])
+def test_only_a_moves_entry_holds_a_copy_across_back(other):
+    """copywait.moves_holding: a move-messages entry holding a COPY's source or destination (shared,
+    as a MOVE holds both) is in its way, whoever owns it; another op's shared hold of the same name
+    (an APPEND staged, `map set`) is not; a MOVE's entry gone, nothing is."""
+    from storehelp import now
+
+    from referral_proxy.config import MapConfig
+    from referral_proxy.copywait import moves_holding, wait_for_moves
+    from referral_proxy.journal import Reservation
+    from referral_proxy.routing import MailboxMap
+
+    m = MailboxMap(MapConfig(default="b1"))
+    held = [Reservation("Work", False, True), Reservation("Shared/Dest", False, True)]
+    now(m.begin_move("carol", other, held, {}))
+    assert now(moves_holding(m, "carol", ["Work", "Archive/X"])) == set()
+    move = now(m.begin_move("carol", "move-messages", held, {}))
+    for names in (["Work", "Archive/X"], ["Archive/X", "Shared/Dest"], ["Shared/Dest", "Work"]):
+        assert now(moves_holding(m, "carol", names)) == {move.id}, names
+    assert now(moves_holding(m, "carol", ["Archive/X", "Other"])) == set()
+    assert now(moves_holding(m, "dave", ["Work"])) == set()
+    assert not now(wait_for_moves(m, "carol", ["Shared/Dest"], None, 10.0))
+    now(m.end_move(move))
+    assert now(wait_for_moves(m, "carol", ["Work", "Shared/Dest"], None, 10.0))

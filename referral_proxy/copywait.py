@@ -1,0 +1,63 @@
+"""A COPY across waits for the MOVEs across of its mailboxes: their recovery cannot tell its copy from theirs.
+
+A COPY across servers is an APPEND of the source's bytes (and INTERNALDATE) on the destination.
+A MOVE across cut off before its outcome is known (journal step ``move-appending``, hashes
+journaled) is finished by recovery by content: a message of the same bytes in its destination
+above the journaled UIDNEXT is taken for the MOVE's copy (transfer.find_copies); once a copy of
+it has left the destination, one in another mailbox for that copy moved on, one newer in its
+source for that copy moved back (movefinish.moved_on, came_back); and the source is expunged. A COPY of that message made through the
+proxy while that MOVE's entry is open (its owner at work, dead, or recovery at its SETTLE wait)
+is such a message: soak A, seed 53212 lost one that way (the user's COPY Shared/A -> "50% off"
+landed in the second look of the recovery of a MOVE Shared/A -> "50% off" cut off before its
+commit, and the source went: once where the clients made two).
+
+So a COPY across first waits until no ``move-messages`` entry holds its source or its destination
+mailbox (both MOVE mailboxes are held, shared, for the entry's whole life), up to
+transfer.MOVE_WAIT seconds, then ``NO [INUSE]``. The check reads this process's cached view of
+the reservations (no I/O when nothing is held, i.e. nearly always) and the journal only when an
+entry holds one of the names, to see whether it is a MOVE's. It takes no lock of its own (branch
+``copylock19`` took one per COPY: a journal entry begun and ended, 8-20 ms a COPY, and a MOVE
+waited for it), so it leaves one race: a MOVE across of the same message that begins after this
+check and before the COPY's APPEND commits (a window as long as the COPY, milliseconds), and is
+then cut off before its own commit, can still take the COPY's copy (in its destination above its
+UIDNEXT; or back in its source, its own copy gone from the destination) for its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import task
+
+from .journal import Reservation
+from .routing import MailboxMap
+
+__all__ = ["MOVES", "moves_holding", "wait_for_moves"]
+
+MOVES = "move-messages"  # the journal op of a cross-server MOVE / UID MOVE (transfer._hold)
+_FIRST, _MOST = 0.02, 0.5
+
+
+async def moves_holding(mailbox_map: MailboxMap, user: str, mailboxes: Sequence[str]) -> set[int]:
+    """The open ``move-messages`` entries (live, dead-owned or being recovered) holding one of
+    *mailboxes*; the journal is read only if some entry holds one (StoreUnavailable then)."""
+    wanted = [Reservation(m, subtree=False, shared=False) for m in mailboxes]  # in the way of any holder
+    ids = mailbox_map.holders(user, wanted)
+    if not ids:
+        return set()
+    return {e.id for e in await mailbox_map.entries() if e.id in ids and e.op == MOVES}
+
+
+async def wait_for_moves(mailbox_map: MailboxMap, user: str, mailboxes: Sequence[str], clock: Any,
+                         seconds: float) -> bool:
+    """True once no MOVE across holds any of *mailboxes* (moves_holding); False if one still does
+    after *seconds* (at once without a clock)."""
+    delay, waited = _FIRST, 0.0
+    while await moves_holding(mailbox_map, user, mailboxes):
+        if clock is None or waited >= seconds:
+            return False
+        await task.deferLater(clock, delay, lambda: None)
+        waited += delay
+        delay = min(delay * 2, _MOST)
+    return True
