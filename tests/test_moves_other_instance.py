@@ -278,3 +278,31 @@ def test_another_sessions_move_of_a_cut_off_moves_source_message_makes_no_second
     assert counts["work-2@t"] == 1 and ("b1", "Work") not in where["work-2@t"], (answer, where["work-2@t"],
                                                                                recovered.stdout)
     assert _no_entries(proxy)
+
+
+def test_the_users_relayed_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_moves_copy(proxy_factory,
+                                                                                                 fleet):
+    """Soak A seed 53212's loss with the user's COPY relayed: a MOVE work-2 Work -> Shared/Dest (b3)
+    cut off before its MULTIAPPEND committed (outcome unknown); work-2 also in Shared/Other (b3, with
+    its INTERNALDATE, as a COPY across saves it); the user COPYs that one to Shared/Dest through the
+    proxy: within b3, relayed to Dovecot (same bytes, above the journaled UIDNEXT). Recovery took it
+    for the MOVE's copy and expunged Work's: twice where the user made three. The census matches the
+    answer: OK, three (one in Work); NO [INUSE] (the COPY waits for the MOVE across: copywait.py), two."""
+    from test_moves import _copy_directly
+
+    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    seed(fleet["b3"], "carol", "Shared/Other", [])
+    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Other", "3")
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
+    journal_killed_move(proxy, _killed_move_data(fleet, "3"))
+    w = _session(proxy, b"Shared/Other")
+    answer = w.cmd(b"c", b"UID COPY 1 Shared/Dest")[-1]
+    w.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    made = 3 if answer.startswith(b"c OK") else 2
+    assert counts["work-2@t"] == made and ("b1", "Work") in where["work-2@t"], (answer, where["work-2@t"],
+                                                                               recovered.stdout)
+    assert _no_entries(proxy)
