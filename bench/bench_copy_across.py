@@ -5,7 +5,8 @@ Two real Dovecots (b1 default, ``Archive/*`` on b2) and the proxy (SQLite map st
 ``--store DSN``); one 2 KB message in alice's INBOX on b1; then, through the proxy, --n times
 ``UID COPY 1 Archive/Small`` (across: since copyhold21 it first looks for a MOVE across holding its
 source or destination, in the cached reservations: copywait.py; branch copylock19 wrote a journal
-entry per COPY instead) and --n times ``UID COPY 1 Local`` (on b1: relayed, no journal),
+entry per COPY instead) and --n times ``UID COPY 1 Local`` (on b1: relayed, no journal; since dup22
+after the same cached check: a MOVE across from INBOX or into Local),
 one after the other, and direct ``UID COPY 1 Local`` on b1 for scale. The census checks b2 holds n.
 
     python3 bench/bench_copy_across.py --n 200

@@ -21,6 +21,19 @@ waited for it), so it leaves one race: a MOVE across of the same message that be
 check and before the COPY's APPEND commits (a window as long as the COPY, milliseconds), and is
 then cut off before its own commit, can still take the COPY's copy (in its destination above its
 UIDNEXT; or back in its source, its own copy gone from the destination) for its own.
+
+A COPY or MOVE relayed to the backend of both its mailboxes (Dovecot's own) waits the same way
+while a MOVE across is from its source (holds transfer.MOVE_LOCK + that name: only MOVEs across
+take it) or holds its destination (mailboxes.MailboxCommands.copy; :func:`held_by_any` first, no
+I/O while nothing is held). Out of a MOVE's destination it need not wait: recovery follows a copy
+moved on from there (movefinish.moved_on), as for a MOVE across out of it, which never waited. Soak A,
+seed 53171 duplicated a message a MOVE across cut off at ``move-expunging`` had copied and flagged
+\\Deleted in its source, not yet expunged. Another session's COPY of that source message (then
+STORE \\Deleted and EXPUNGE), or its MOVE, made a second instance, and recovery found nothing left
+in the source to remove: twice where two moves of one message make one. The soak's COPY went
+across (waits here since copywait); one relayed to the source's backend did the same. Left: a
+relayed COPY checked before a MOVE across of its message begins, and reaching Dovecot only after
+that MOVE flagged the source \\Deleted (behind commands of its session in flight ahead of it).
 """
 
 from __future__ import annotations
@@ -33,10 +46,16 @@ from twisted.internet import task
 from .journal import Reservation
 from .routing import MailboxMap
 
-__all__ = ["MOVES", "moves_holding", "wait_for_moves"]
+__all__ = ["MOVES", "held_by_any", "moves_holding", "wait_for_moves"]
 
 MOVES = "move-messages"  # the journal op of a cross-server MOVE / UID MOVE (transfer._hold)
 _FIRST, _MOST = 0.02, 0.5
+
+
+def held_by_any(mailbox_map: MailboxMap, user: str, mailboxes: Sequence[str]) -> bool:
+    """Some journal entry, of any op, holds one of *mailboxes* in this process's cached view of the
+    reservations (no I/O): only then may a MOVE across (:func:`moves_holding`) be in the way."""
+    return bool(mailbox_map.holders(user, [Reservation(m, subtree=False, shared=False) for m in mailboxes]))
 
 
 async def moves_holding(mailbox_map: MailboxMap, user: str, mailboxes: Sequence[str]) -> set[int]:

@@ -22,6 +22,7 @@ from .appendturns import HELD, Held, rename_turns
 from .backend import BackendProtocol
 from .commands import COMMANDS
 from .context import ProxyContext
+from .copywait import held_by_any, wait_for_moves
 from .crossturns import mailbox_turn, mailbox_turns
 from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
@@ -44,7 +45,7 @@ from .relocation import seen_within
 from .renamecheck import refused_before
 from .routing import MailboxMap, Route
 from .staging import is_private_name
-from .transfer import CopyOutcome, copy_across
+from .transfer import COPY_IN_USE, MOVE_LOCK, MOVE_WAIT, CopyOutcome, copy_across
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
 
@@ -407,6 +408,9 @@ class MailboxCommands:
         mailbox, route = target
         source = host.selected
         if route.primary == source or source in route.backends or not self.renamable(mailbox):
+            if (selected := host.selected_mailbox) and held_by_any(host.mailbox_map, host.user or "", names := [
+                    MOVE_LOCK + selected.decode("utf-8", "surrogateescape"), mailbox.decode("utf-8", "surrogateescape")]):
+                return host.run(cmd.tag, self._relay_after_moves(cmd, source, selected, names))
             if "MOVE" in cmd.name and host.selected_mailbox:
                 return host.run(cmd.tag, self._move_in_turn(cmd, source, host.selected_mailbox))
             return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
@@ -437,6 +441,18 @@ class MailboxCommands:
         except BaseException:
             release()
             raise
+
+    async def _relay_after_moves(self, cmd: Command, source: str, selected: bytes, names: list[str]) -> None:
+        """A COPY/MOVE within one backend relayed once no MOVE across is from its source (holds its
+        MOVE_LOCK) nor holds its destination (*names*), NO [INUSE] after MOVE_WAIT (copywait.py)."""
+        host = self.host
+        assert host.pool is not None and host.user is not None
+        if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor, MOVE_WAIT):
+            raise Refusing("NO " + COPY_IN_USE)
+        if "MOVE" in cmd.name:
+            return await self._move_in_turn(cmd, source, selected)
+        conn = await host.pool.ready_for(source)
+        host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
 
     async def _copy_across(self, cmd: Command, message_set: bytes, mailbox: bytes, route: Route) -> CopyOutcome:
         host = self.host

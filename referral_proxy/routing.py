@@ -402,6 +402,8 @@ class MailboxMap:
         """The journal entries whose reservations (as this process last saw them) are in the way of *wanted*."""
         self._refresh()
         held = self._held.get(self.canonical(user), ()) if self._held else ()
+        if not held:  # nearly always: no names to normalize
+            return set()
         names = [Reservation(None if r.name is None else normalize(r.name, self.separator), r.subtree, r.shared)
                  for r in wanted]
         return {i for i, r in held for w in names if conflicts(r, w, self.separator)}

@@ -10,7 +10,18 @@ import time
 
 import pytest
 from imapwire import Wire, wait_for
-from movecheck import census, cli, deliver, faulty, journal_killed_move, quote, seed, wait_paused
+from movecheck import (
+    LEFT_TO_RECOVER,
+    census,
+    cli,
+    deliver,
+    faulty,
+    journal_killed_move,
+    journal_store,
+    quote,
+    seed,
+    wait_paused,
+)
 from test_moves import MASTERS, RULES, _killed_move_data, _no_entries, ids
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -101,10 +112,16 @@ def test_the_users_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_mo
     w = _session(proxy)
     answer = w.cmd(b"c", b"UID COPY 3 Shared/Dest")[-1]
     w.close()
+    _recovered_as_answered(proxy, fleet, answer, 1)
+
+
+def _recovered_as_answered(proxy, fleet, answer: bytes, refused: int) -> None:
+    """`recover`, then the census: work-2 *refused* times if the user's COPY (*answer*) was refused,
+    once more if it was OK; one of them in Work (the cut-off MOVE never committed); no entry left."""
     recovered = cli("recover", "--config", str(proxy.config_path))
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     counts, where = census(fleet, "carol")
-    made = 2 if answer.startswith(b"c OK") else 1
+    made = refused + 1 if answer.startswith(b"c OK") else refused
     assert counts["work-2@t"] == made and ("b1", "Work") in where["work-2@t"], (answer, where["work-2@t"],
                                                                                recovered.stdout)
     assert _no_entries(proxy)
@@ -184,13 +201,15 @@ def test_only_a_moves_entry_holds_a_copy_across_back(other):
     from storehelp import now
 
     from referral_proxy.config import MapConfig
-    from referral_proxy.copywait import moves_holding, wait_for_moves
+    from referral_proxy.copywait import held_by_any, moves_holding, wait_for_moves
     from referral_proxy.journal import Reservation
     from referral_proxy.routing import MailboxMap
 
     m = MailboxMap(MapConfig(default="b1"))
     held = [Reservation("Work", False, True), Reservation("Shared/Dest", False, True)]
+    assert not held_by_any(m, "carol", ["Work", "Shared/Dest"])
     now(m.begin_move("carol", other, held, {}))
+    assert held_by_any(m, "carol", ["Other", "Work"]) and not held_by_any(m, "carol", ["Other", "Archive/X"])
     assert now(moves_holding(m, "carol", ["Work", "Archive/X"])) == set()
     move = now(m.begin_move("carol", "move-messages", held, {}))
     for names in (["Work", "Archive/X"], ["Archive/X", "Shared/Dest"], ["Shared/Dest", "Work"]):
@@ -200,3 +219,90 @@ def test_only_a_moves_entry_holds_a_copy_across_back(other):
     assert not now(wait_for_moves(m, "carol", ["Shared/Dest"], None, 10.0))
     now(m.end_move(move))
     assert now(wait_for_moves(m, "carol", ["Work", "Shared/Dest"], None, 10.0))
+
+
+def _cut_off_at_expunging(proxy_factory, fleet):
+    """Work (5, b1), Shared/Dest (2, b3), Archive/X (b2) and Other (b1) empty, a proxy whose own recovery
+    check is slowed (the entry is left to the test's `recover`), and a MOVE of UID 3 (work-2) Work ->
+    Shared/Dest journaled as a proxy killed at move-expunging leaves it: its copy committed (APPENDUID
+    recorded), the source flagged \\Deleted and not yet expunged, still visible in Work; its MOVE_LOCK
+    held, as transfer._hold holds it. The proxy."""
+    from storehelp import now
+    from test_moves import _copy_directly, _state
+
+    from referral_proxy.journal import Reservation, Step
+    from referral_proxy.transfer import MOVE_LOCK
+
+    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    seed(fleet["b2"], "carol", "Archive/X", [])
+    seed(fleet["b1"], "carol", "Other", [])
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
+    data = _killed_move_data(fleet, "3")
+    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "3")
+    with fleet["b1"].client("carol") as m:
+        m.select("Work")
+        m.uid("STORE", "3", "+FLAGS.SILENT", "(\\Deleted)")
+    assert _state(fleet["b3"], "Shared/Dest")[1] == data["dst_uidnext"] + 1
+    data.update(dst_uids=str(data["dst_uidnext"]), present="3", vanished_dst="")
+    store = journal_store(proxy)
+    try:
+        held = [Reservation("Work", False, True), Reservation("Shared/Dest", False, True),
+                Reservation(MOVE_LOCK + "Work", False)]
+        entry = now(store.begin_move("carol", "move-messages", held, data, None, "/"))
+        now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
+        now(store.journal_step(entry, Step.MOVE_APPENDED, data, None))
+        now(store.journal_step(entry, Step.MOVE_EXPUNGING, data, None))
+    finally:
+        now(store.close())
+    return proxy
+
+
+@pytest.mark.parametrize(("verb", "to"), [("OLDMOVE", "Archive/X"), ("MOVE", "Archive/X"),
+                                          ("OLDMOVE", "Other"), ("MOVE", "Other")])
+def test_another_sessions_move_of_a_cut_off_moves_source_message_makes_no_second(proxy_factory, fleet, verb, to):
+    """Soak A, seed 53171: a MOVE work-2 Work -> Shared/Dest cut off at move-expunging (its copy
+    committed, the source flagged \\Deleted, still there); before its recovery another session moves
+    the source message through the proxy: OLDMOVE (UID COPY, then UID STORE +FLAGS (\\Deleted) and
+    UID EXPUNGE if the COPY was OK) or UID MOVE, to Archive/X (b2: carried out by the proxy) or to
+    Other (b1, the source's backend: relayed to Dovecot). In the soak the COPY across found the
+    message and copied it, the session expunged it, and recovery "finished: 0 message(s) removed from
+    the source": work-2 twice, where two moves of one message make one. The census: once, not in Work."""
+    proxy = _cut_off_at_expunging(proxy_factory, fleet)
+    w = _session(proxy)
+    if verb == "MOVE":
+        answer = w.cmd(b"m", b"UID MOVE 3 " + to.encode())[-1]
+    else:
+        answer = w.cmd(b"c", b"UID COPY 3 " + to.encode())[-1]
+        if answer.startswith(b"c OK"):
+            assert w.cmd(b"d", b"UID STORE 3 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
+            assert w.cmd(b"e", b"UID EXPUNGE 3")[-1].startswith(b"e OK")
+    w.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert counts["work-2@t"] == 1 and ("b1", "Work") not in where["work-2@t"], (answer, where["work-2@t"],
+                                                                               recovered.stdout)
+    assert _no_entries(proxy)
+
+
+def test_the_users_relayed_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_moves_copy(proxy_factory,
+                                                                                                 fleet):
+    """Soak A seed 53212's loss with the user's COPY relayed: a MOVE work-2 Work -> Shared/Dest (b3)
+    cut off before its MULTIAPPEND committed (outcome unknown); work-2 also in Shared/Other (b3, with
+    its INTERNALDATE, as a COPY across saves it); the user COPYs that one to Shared/Dest through the
+    proxy: within b3, relayed to Dovecot (same bytes, above the journaled UIDNEXT). Recovery took it
+    for the MOVE's copy and expunged Work's: twice where the user made three. The census matches the
+    answer: OK, three (one in Work); NO [INUSE] (the COPY waits for the MOVE across: copywait.py), two."""
+    from test_moves import _copy_directly
+
+    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    seed(fleet["b3"], "carol", "Shared/Other", [])
+    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Other", "3")
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
+    journal_killed_move(proxy, _killed_move_data(fleet, "3"))
+    w = _session(proxy, b"Shared/Other")
+    answer = w.cmd(b"c", b"UID COPY 1 Shared/Dest")[-1]
+    w.close()
+    _recovered_as_answered(proxy, fleet, answer, 2)
