@@ -609,13 +609,13 @@ def _state(backend, mailbox: str) -> tuple[int, int]:
         return int(words[words.index("UIDVALIDITY") + 1]), int(words[words.index("UIDNEXT") + 1])
 
 
-def _killed_move_data(fleet, uids: str) -> dict:
-    """The journal data of a MOVE of Work's *uids* (b1) to Shared/Dest (b3) killed at move-appending,
+def _killed_move_data(fleet, uids: str, source: str = "Work") -> dict:
+    """The journal data of a MOVE of *source*'s *uids* (b1) to Shared/Dest (b3) killed at move-appending,
     its hashes journaled: the MULTIAPPEND's outcome unknown (movecheck.journal_killed_move)."""
     validity, uidnext = _state(fleet["b3"], "Shared/Dest")
-    return {"src": "b1", "src_mailbox": "Work", "src_validity": _state(fleet["b1"], "Work")[0], "src_uids": uids,
+    return {"src": "b1", "src_mailbox": source, "src_validity": _state(fleet["b1"], source)[0], "src_uids": uids,
             "dst": "b3", "dst_mailbox": "Shared/Dest", "dst_validity": validity, "dst_uidnext": uidnext,
-            "hashes": _hashes(fleet["b1"], "Work", uids)}
+            "hashes": _hashes(fleet["b1"], source, uids)}
 
 
 def _rolled_back_by_recovery(proxy, data: dict) -> None:

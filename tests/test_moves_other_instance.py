@@ -221,8 +221,8 @@ def test_only_a_moves_entry_holds_a_copy_across_back(other):
     assert now(wait_for_moves(m, "carol", ["Work", "Shared/Dest"], None, 10.0))
 
 
-def _cut_off_at_expunging(proxy_factory, fleet):
-    """Work (5, b1), Shared/Dest (2, b3), Archive/X (b2) and Other (b1) empty, a proxy whose own recovery
+def _cut_off_at_expunging(proxy_factory, fleet, source: str = "Work"):
+    """*source* (5, b1; Work unless said), Shared/Dest (2, b3), Archive/X (b2) and Other (b1) empty, a proxy whose own recovery
     check is slowed (the entry is left to the test's `recover`), and a MOVE of UID 3 (work-2) Work ->
     Shared/Dest journaled as a proxy killed at move-expunging leaves it: its copy committed (APPENDUID
     recorded), the source flagged \\Deleted and not yet expunged, still visible in Work; its MOVE_LOCK
@@ -233,22 +233,22 @@ def _cut_off_at_expunging(proxy_factory, fleet):
     from referral_proxy.journal import Reservation, Step
     from referral_proxy.transfer import MOVE_LOCK
 
-    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    seed(fleet["b1"], "carol", source, ids("work", 5))
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     seed(fleet["b2"], "carol", "Archive/X", [])
     seed(fleet["b1"], "carol", "Other", [])
     proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
-    data = _killed_move_data(fleet, "3")
-    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", "3")
+    data = _killed_move_data(fleet, "3", source)
+    _copy_directly(fleet, "b1", source, "b3", "Shared/Dest", "3")
     with fleet["b1"].client("carol") as m:
-        m.select("Work")
+        m.select(quote(source))
         m.uid("STORE", "3", "+FLAGS.SILENT", "(\\Deleted)")
     assert _state(fleet["b3"], "Shared/Dest")[1] == data["dst_uidnext"] + 1
     data.update(dst_uids=str(data["dst_uidnext"]), present="3", vanished_dst="")
     store = journal_store(proxy)
     try:
-        held = [Reservation("Work", False, True), Reservation("Shared/Dest", False, True),
-                Reservation(MOVE_LOCK + "Work", False)]
+        held = [Reservation(source, False, True), Reservation("Shared/Dest", False, True),
+                Reservation(MOVE_LOCK + source, False)]  # as transfer._hold: the source's name normalized
         entry = now(store.begin_move("carol", "move-messages", held, data, None, "/"))
         now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
         now(store.journal_step(entry, Step.MOVE_APPENDED, data, None))
@@ -283,6 +283,32 @@ def test_another_sessions_move_of_a_cut_off_moves_source_message_makes_no_second
     counts, where = census(fleet, "carol")
     assert counts["work-2@t"] == 1 and ("b1", "Work") not in where["work-2@t"], (answer, where["work-2@t"],
                                                                                recovered.stdout)
+    assert _no_entries(proxy)
+
+
+@pytest.mark.parametrize(("source", "selected"), [("INBOX", b"iNbOx"), ("INBOX/Sub", b"inbox/Sub")])
+@pytest.mark.parametrize("verb", ["OLDMOVE", "MOVE"])
+def test_a_cut_off_moves_source_selected_in_another_case_is_waited_for(proxy_factory, fleet, source, selected, verb):
+    """The relayed case above with the MOVE's source INBOX (or under it) and the other session's
+    SELECT naming it in another case (INBOX is case-insensitive, RFC 3501 5.1): its COPY/MOVE to
+    Other (b1, relayed) must wait for the cut-off MOVE as well. The MOVE holds the source's MOVE_LOCK
+    under the name normalized ("INBOX/Sub"); the relayed check asked for the name as selected
+    ("inbox/Sub"), found nothing held and copied the \\Deleted source: work-2 twice. Census: once."""
+    proxy = _cut_off_at_expunging(proxy_factory, fleet, source)
+    w = _session(proxy, selected)
+    if verb == "MOVE":
+        answer = w.cmd(b"m", b"UID MOVE 3 Other")[-1]
+    else:
+        answer = w.cmd(b"c", b"UID COPY 3 Other")[-1]
+        if answer.startswith(b"c OK"):
+            assert w.cmd(b"d", b"UID STORE 3 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
+            assert w.cmd(b"e", b"UID EXPUNGE 3")[-1].startswith(b"e OK")
+    w.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert counts["work-2@t"] == 1 and ("b1", source) not in where["work-2@t"], (answer, where["work-2@t"],
+                                                                              recovered.stdout)
     assert _no_entries(proxy)
 
 
