@@ -41,8 +41,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet import task
-
+from .backoff import pauses
 from .journal import Reservation
 from .routing import MailboxMap
 
@@ -52,17 +51,21 @@ MOVES = "move-messages"  # the journal op of a cross-server MOVE / UID MOVE (tra
 _FIRST, _MOST = 0.02, 0.5
 
 
+def _holders(mailbox_map: MailboxMap, user: str, mailboxes: Sequence[str]) -> set[int]:
+    """The entries holding one of *mailboxes*, in this process's cached view (no I/O)."""
+    return mailbox_map.holders(user, [Reservation(m, subtree=False, shared=False) for m in mailboxes])  # any holder
+
+
 def held_by_any(mailbox_map: MailboxMap, user: str, mailboxes: Sequence[str]) -> bool:
     """Some journal entry, of any op, holds one of *mailboxes* in this process's cached view of the
     reservations (no I/O): only then may a MOVE across (:func:`moves_holding`) be in the way."""
-    return bool(mailbox_map.holders(user, [Reservation(m, subtree=False, shared=False) for m in mailboxes]))
+    return bool(_holders(mailbox_map, user, mailboxes))
 
 
 async def moves_holding(mailbox_map: MailboxMap, user: str, mailboxes: Sequence[str]) -> set[int]:
     """The open ``move-messages`` entries (live, dead-owned or being recovered) holding one of
     *mailboxes*; the journal is read only if some entry holds one (StoreUnavailable then)."""
-    wanted = [Reservation(m, subtree=False, shared=False) for m in mailboxes]  # in the way of any holder
-    ids = mailbox_map.holders(user, wanted)
+    ids = _holders(mailbox_map, user, mailboxes)
     if not ids:
         return set()
     return {e.id for e in await mailbox_map.entries() if e.id in ids and e.op == MOVES}
@@ -72,11 +75,7 @@ async def wait_for_moves(mailbox_map: MailboxMap, user: str, mailboxes: Sequence
                          seconds: float) -> bool:
     """True once no MOVE across holds any of *mailboxes* (moves_holding); False if one still does
     after *seconds* (at once without a clock)."""
-    delay, waited = _FIRST, 0.0
-    while await moves_holding(mailbox_map, user, mailboxes):
-        if clock is None or waited >= seconds:
-            return False
-        await task.deferLater(clock, delay, lambda: None)
-        waited += delay
-        delay = min(delay * 2, _MOST)
-    return True
+    async for _ in pauses(clock, seconds, _FIRST, _MOST):
+        if not await moves_holding(mailbox_map, user, mailboxes):
+            return True
+    return False

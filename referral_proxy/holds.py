@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.internet import task
 
+from .backoff import pauses
 from .journal import InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .routing import MailboxMap
 
@@ -33,11 +34,10 @@ def _brief(entry: JournalEntry) -> bool:
 
 
 async def _free(mailbox_map: MailboxMap, user: str, wanted: Sequence[Reservation], clock: Any,
-                waited: float) -> float | None:
+                since: float) -> float | None:
     """The seconds waited in all once no holder of *wanted* is left in this process's view; None
-    as soon as one is a move under way, or once WAIT seconds have gone."""
-    delay = _FIRST
-    while True:
+    as soon as one is a move under way, or once WAIT seconds have gone (*since*: already waited)."""
+    async for waited in pauses(clock, WAIT, _FIRST, _MOST, since):
         ids = mailbox_map.holders(user, wanted)
         if not ids:
             return waited
@@ -49,9 +49,7 @@ async def _free(mailbox_map: MailboxMap, user: str, wanted: Sequence[Reservation
             return None
         if not all(_brief(entries[i]) for i in ids if i in entries):  # (one gone meanwhile: free soon)
             return None
-        await task.deferLater(clock, delay, lambda: None)
-        waited += delay
-        delay = min(delay * 2, _MOST)
+    return None
 
 
 async def wait_free(mailbox_map: MailboxMap, user: str, names: Sequence[bytes | str], clock: Any) -> bool:

@@ -43,9 +43,9 @@ from .proxyappends import APPENDING
 from .relay import Relay
 from .relocation import seen_within
 from .renamecheck import refused_before
-from .routing import MailboxMap, Route, normalize
+from .routing import MailboxMap, Route
 from .staging import is_private_name
-from .transfer import COPY_IN_USE, MOVE_LOCK, MOVE_WAIT, CopyOutcome, copy_across
+from .transfer import COPY_IN_USE, MOVE_WAIT, CopyOutcome, copy_across, move_lock
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
 
@@ -409,8 +409,8 @@ class MailboxCommands:
         source = host.selected
         if route.primary == source or source in route.backends or not self.renamable(mailbox):
             if (selected := host.selected_mailbox) and held_by_any(host.mailbox_map, host.user or "", names := [
-                    MOVE_LOCK + normalize(selected.decode("utf-8", "surrogateescape"), host.mailbox_map.separator),
-                    mailbox.decode("utf-8", "surrogateescape")]):  # (the lock's name as _hold takes it: INBOX in capitals)
+                    move_lock(selected.decode("utf-8", "surrogateescape"), host.mailbox_map.separator),
+                    mailbox.decode("utf-8", "surrogateescape")]):
                 return host.run(cmd.tag, self._relay_after_moves(cmd, source, selected, names))
             if "MOVE" in cmd.name and host.selected_mailbox:
                 return host.run(cmd.tag, self._move_in_turn(cmd, source, host.selected_mailbox))

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from .acrossview import EXPUNGE_ISSUED, NOTHING_NAMED, moved_text
 from .backend import BackendError, BackendProtocol, Tagged
+from .backoff import pauses
 from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages
 from .copywait import wait_for_moves
 from .imap.command import ParseError
@@ -121,7 +122,7 @@ class CopyOutcome:
 
 
 SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to commit before it looks again
-MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see _hold)
+MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see move_lock)
 MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the same mailbox (a COPY across: copywait.py)
 COPY_IN_USE = ("[INUSE] Messages of a mailbox involved are being moved across servers (or a move cut off "
                "awaits recovery); try again shortly")
@@ -225,22 +226,25 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
         raise
 
 
+def move_lock(mailbox: str, separator: str) -> str:
+    """The reservation name only cross-server MOVEs from *mailbox* take (_hold), INBOX in capitals
+    whatever the client's case: a relayed COPY/MOVE looks for it under the same spelling."""
+    return MOVE_LOCK + normalize(mailbox, separator)
+
+
 async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any) -> JournalEntry | None:
-    """Begin a MOVE's entry: its two mailboxes pinned, and the source's MOVE_LOCK name, which only
+    """Begin a MOVE's entry: its two mailboxes pinned, and the source's move_lock name, which only
     cross-server MOVEs take, held. Another MOVE from that mailbox holding it: wait (up to MOVE_WAIT
     seconds, if there is a clock). None: a move or RENAME holds one of the mailboxes (INUSE)."""
-    lock = Reservation(MOVE_LOCK + src_name, subtree=False)
+    lock = Reservation(move_lock(src_name, mailbox_map.separator), subtree=False)
     reservations = [Reservation(src_name, False, True), Reservation(dst_name, False, True), lock]
-    delay, waited = 0.02, 0.0
-    while True:
+    async for _ in pauses(clock, MOVE_WAIT, 0.02, 0.5):
         try:
             return await mailbox_map.begin_move(user, "move-messages", reservations, {})
         except InUse as e:
-            if clock is None or waited >= MOVE_WAIT or any(h.name != lock.name for h in e.held):
+            if any(h.name != lock.name for h in e.held):
                 return None
-        await task.deferLater(clock, delay, lambda: None)
-        waited += delay
-        delay = min(delay * 2, 0.5)
+    return None
 
 
 async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, src_mailbox: str,
