@@ -764,6 +764,8 @@ def main() -> int:
             print(f.line(), flush=True)
             if f.errors:  # the answers imaplib raised on (a BAD, an unexpected response): worth a look
                 print("  errors: " + "; ".join(f"{n}x {text}" for text, n in f.errors.most_common(8)), flush=True)
+            if f.answers.refusals:  # which refusals (of NO [INUSE]: a move's hold, a COPY's wait for one...)
+                print("  refused: " + f.answers.refused(), flush=True)
             totals.update(f.ops)
             answers.update(f.answers)
             totals["lost"] += len(f.lost)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 SLOW = 5.0  # seconds: a wait longer than this is counted (transfer.MOVE_WAIT is 10 s)
 #: The commands counted, in the order they are printed (OLDMOVE-*: the steps of a move the RFC 3501 way).
 COMMANDS = ("COPY", "MOVE", "OLDMOVE-COPY", "OLDMOVE-STORE", "OLDMOVE-EXPUNGE", "APPEND", "RENAME")
+REFUSAL = 90  # characters of a refusal's text kept (Answers.refusals)
+TIMINGS = re.compile(r" \([0-9.+ ]+ secs\)\.?$")  # Dovecot's, at the end of its answers' texts
 CUT = "cut"  # no answer: the connection dropped (a kill) before the tagged answer
 TIMEOUT = "timeout"  # no answer within the client's socket timeout
 
@@ -59,11 +61,15 @@ class Answers:
     counts: collections.Counter = field(default_factory=collections.Counter)
     longest: dict = field(default_factory=dict)  # command -> seconds
     slow: collections.Counter = field(default_factory=collections.Counter)  # command -> waits over SLOW
+    #: (command, the refusal's text) of NOs and BADs: which of the proxy's refusals it was (the run's log only)
+    refusals: collections.Counter = field(default_factory=collections.Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def record(self, command: str, result: str, waited: float) -> None:
+    def record(self, command: str, result: str, waited: float, text: str = "") -> None:
         with self.lock:
             self.counts[command, result] += 1
+            if text:
+                self.refusals[command, text] += 1
             self.longest[command] = max(self.longest.get(command, 0.0), waited)
             if waited > SLOW:
                 self.slow[command] += 1
@@ -74,9 +80,12 @@ class Answers:
         try:
             typ, data = call()
         except BaseException as e:
-            self.record(command, failure(e), time.monotonic() - since)
+            result = failure(e)
+            bad = re.sub(r"^.*? command error: BAD \[b?['\"](.*)['\"]\]$", r"\1", str(e))
+            self.record(command, result, time.monotonic() - since, _refusal("BAD", bad) if result == "BAD" else "")
             raise
-        self.record(command, outcome(typ, data), time.monotonic() - since)
+        text = next((d for d in data if isinstance(d, bytes)), b"").decode(errors="replace")
+        self.record(command, outcome(typ, data), time.monotonic() - since, _refusal("NO", text) if typ == "NO" else "")
         return typ, data
 
     def update(self, other: Answers) -> None:
@@ -84,8 +93,14 @@ class Answers:
         with self.lock:
             self.counts.update(other.counts)
             self.slow.update(other.slow)
+            self.refusals.update(other.refusals)
             for command, waited in other.longest.items():
                 self.longest[command] = max(self.longest.get(command, 0.0), waited)
+
+    def refused(self, most: int = 8) -> str:
+        """The commonest refusals: ``3x COPY NO [INUSE] Messages of a mailbox involved are ...; ...``."""
+        with self.lock:
+            return "; ".join(f"{n}x {command} {text}" for (command, text), n in self.refusals.most_common(most))
 
     def text(self) -> str:
         """``answers: COPY OK 49 NO[INUSE] 3 cut 1 (max 10.2 s, 2 over 5 s); MOVE ...``
@@ -97,6 +112,11 @@ class Answers:
                 groups.append(f"{command} " + " ".join(f"{r} {n}" for r, n in results)
                               + f" (max {self.longest.get(command, 0.0):.1f} s, {self.slow[command]} over {SLOW:g} s)")
         return "answers: " + ("; ".join(groups) if groups else "none")
+
+
+def _refusal(typ: str, text: str) -> str:
+    """``NO text``, short, without Dovecot's timings (" (0.001 + 0.000 secs).": one refusal, one text)."""
+    return (typ + " " + TIMINGS.sub("", text))[:REFUSAL]
 
 
 def _order(command: str) -> tuple[int, str]:

@@ -107,3 +107,5 @@ def test_dovecot_s_own_answers_are_counted_by_code(fleet, clean_mail):
         m.sock.close()
     assert dict(answers.counts) == {("COPY", "OK"): 1, ("COPY", "NO[TRYCREATE]"): 1, ("MOVE", "BAD"): 1,
                                     ("MOVE", "cut"): 1}
+    assert [(c, t.split("]")[0]) for c, t in answers.refusals] == [("COPY", "NO [TRYCREATE"), ("MOVE", "BAD Error in IMAP command UID MOVE: Invalid uidset")]
+    assert answers.refused().startswith("1x COPY NO [TRYCREATE] ")
