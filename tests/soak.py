@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from movecheck import REPO, body, census, cli, deliver_on, message_ids, quote, seed, through_proxy  # noqa: E402
+from soakanswers import Answers  # noqa: E402
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
 from referral_proxy.testing.proxyproc import ProxyProcess  # noqa: E402
@@ -95,6 +96,7 @@ class Ledger:
     overlaps: list = field(default_factory=list)  # (message, start, end, lost) of MOVEs/COPYs not answered OK
     moved: list = field(default_factory=list)  # (message, start, end, client) of MOVEs answered OK
     lost_moves: list = field(default_factory=list)  # (message, source, target) of MOVEs whose answer never came
+    answers: Answers = field(default_factory=Answers)  # what each COPY/MOVE/APPEND/RENAME was answered, and its wait
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, kind: str, outcome: str) -> None:
@@ -228,7 +230,7 @@ class Client(threading.Thread):
             old = self.rng.choice(["inbox", "Inbox", "iNBOX"]) + old[5:]
         self.ledger.tell(self.k, f"RENAME {old} {new}")
         try:
-            typ, data = m.rename(quote(old), quote(new))
+            typ, data = self.ledger.answers.ask("RENAME", lambda: m.rename(quote(old), quote(new)))
         except imaplib.IMAP4.abort:
             self.ledger.note("rename", "lost")
             self.ledger.tell(self.k, f"RENAME {old} {new}: lost")
@@ -268,7 +270,7 @@ class Client(threading.Thread):
         since = time.monotonic()
         typ, lost = None, False
         try:
-            typ, data = m.uid("MOVE", uid, quote(target))
+            typ, data = self.ledger.answers.ask("MOVE", lambda: m.uid("MOVE", uid, quote(target)))
         except (imaplib.IMAP4.abort, OSError, EOFError):
             lost = True  # its answer never came
             raise
@@ -285,13 +287,14 @@ class Client(threading.Thread):
         self.ledger.tell(self.k, f"MOVE {mid} {box} -> {target}: {typ} {data}")
         m.unselect()
 
-    def _copy(self, m: imaplib.IMAP4, uid: bytes, mid: str, target: str) -> tuple[str, list, bytes | None]:
+    def _copy(self, m: imaplib.IMAP4, uid: bytes, mid: str, target: str,
+              command: str = "COPY") -> tuple[str, list, bytes | None]:
         """UID COPY of one message, the ledger told what it may have left: a copy counted when
         answered OK with COPYUID (OK without: the UID was gone, moved meanwhile: nothing copied)."""
         m.response("COPYUID")  # (forget any earlier one)
         since = time.monotonic()
         try:
-            typ, data = m.uid("COPY", uid, quote(target))
+            typ, data = self.ledger.answers.ask(command, lambda: m.uid("COPY", uid, quote(target)))
         except (imaplib.IMAP4.abort, OSError):
             with self.ledger.lock:
                 self.ledger.copies_maybe[mid] += 1
@@ -326,14 +329,15 @@ class Client(threading.Thread):
         target = self.rng.choice([b for b in self._mailboxes(m) if b != box] or [box])
         self.ledger.tell(self.k, f"OLDMOVE {mid} {box} -> {target}")
         since = time.monotonic()
-        typ, data, copyuid = self._copy(m, uid, mid, target)
+        typ, data, copyuid = self._copy(m, uid, mid, target, "OLDMOVE-COPY")
         if typ != "OK" or not copyuid:
             self.ledger.note("oldmove", f"copy {typ}")
             return
         try:
-            typ, data = m.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
+            typ, data = self.ledger.answers.ask(
+                "OLDMOVE-STORE", lambda: m.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)"))
             if typ == "OK":
-                typ, data = m.uid("EXPUNGE", uid)
+                typ, data = self.ledger.answers.ask("OLDMOVE-EXPUNGE", lambda: m.uid("EXPUNGE", uid))
         except (imaplib.IMAP4.abort, OSError):
             with self.ledger.lock:  # the original may be gone, or not
                 self.ledger.copies_acked[mid] -= 1
@@ -354,7 +358,8 @@ class Client(threading.Thread):
         mid = f"c{self.k}-{self.n}@soak"
         box = self.rng.choice(self._mailboxes(m) or ["INBOX"])
         try:
-            typ, data = m.append(quote(box), None, None, body(mid, self.rng.choice([300, 3000, 30000])))
+            message = body(mid, self.rng.choice([300, 3000, 30000]))
+            typ, data = self.ledger.answers.ask("APPEND", lambda: m.append(quote(box), None, None, message))
         except (imaplib.IMAP4.abort, OSError):
             with self.ledger.lock:
                 self.ledger.may.add(mid)
@@ -375,8 +380,8 @@ class Client(threading.Thread):
             data = body(mid, self.rng.choice([300, 3000, 30000]))
             parts.append(b"{%d+}\r\n" % len(data) + data)
         try:
-            tag = m._command("APPEND", quote(box), b" ".join(parts))
-            typ, data = m._command_complete("APPEND", tag)
+            typ, data = self.ledger.answers.ask(
+                "APPEND", lambda: m._command_complete("APPEND", m._command("APPEND", quote(box), b" ".join(parts))))
         except (imaplib.IMAP4.abort, OSError):
             with self.ledger.lock:
                 self.ledger.may.update(mids)
@@ -531,13 +536,14 @@ class Figures:
     recover_runs: int
     errors: collections.Counter = field(default_factory=collections.Counter)  # what imaplib raised, by text
     faults: list = field(default_factory=list)  # the proxies' and recover's lines that say the proxy failed
+    answers: Answers = field(default_factory=Answers)  # the clients' commands by answer, and their waits
 
     def line(self) -> str:
         ops = sum(n for k, n in self.ops.items() if not k.startswith("kill"))
         kills = sum(n for k, n in self.ops.items() if k.startswith("kill"))
         return (f"seed {self.seed}: {ops} operations, {kills} kills, {self.messages} messages counted; "
                 f"lost {len(self.lost)}, duplicated {len(self.duplicated)}, unreachable {len(self.unreachable)}"
-                + (f", proxy faults {len(self.faults)}" if self.faults else ""))
+                + (f", proxy faults {len(self.faults)}" if self.faults else "") + f"; {self.answers.text()}")
 
 
 #: What the proxy logs when it failed rather than the mail or a backend: a wrong answer to a client.
@@ -657,7 +663,7 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
         duplicated = [i for i in duplicated if i not in indexed]
     unreachable = sorted(i for i in counts if any(r[i] != counts[i] for r in reaches))
     figures = Figures(seed_, ledger.ops, lost, duplicated, unreachable, sum(counts.values()), runs, ledger.errors,
-                      faults(workdir))
+                      faults(workdir), ledger.answers)
     for line in figures.faults[:10]:
         print(f"seed {seed_}: proxy fault: {line[:500]}", file=sys.stderr)
     if lost or duplicated or unreachable:
@@ -744,6 +750,7 @@ def main() -> int:
         pg.init()
         pg.start()
     totals = collections.Counter()
+    answers = Answers()
     bad = 0
     try:
         for i in range(args.runs):
@@ -757,7 +764,10 @@ def main() -> int:
             print(f.line(), flush=True)
             if f.errors:  # the answers imaplib raised on (a BAD, an unexpected response): worth a look
                 print("  errors: " + "; ".join(f"{n}x {text}" for text, n in f.errors.most_common(8)), flush=True)
+            if f.answers.refusals:  # which refusals (of NO [INUSE]: a move's hold, a COPY's wait for one...)
+                print("  refused: " + f.answers.refused(), flush=True)
             totals.update(f.ops)
+            answers.update(f.answers)
             totals["lost"] += len(f.lost)
             totals["duplicated"] += len(f.duplicated)
             totals["unreachable"] += len(f.unreachable)
@@ -772,7 +782,7 @@ def main() -> int:
     kills = sum(n for k, n in totals.items() if k.startswith("kill"))
     print(f"{args.runs} runs, {ops} operations, {kills} kills ({', '.join(f'{k}: {n}' for k, n in sorted(totals.items()) if k.startswith('kill'))}), "
           f"{totals['messages']} messages counted: lost {totals['lost']}, duplicated {totals['duplicated']}, "
-          f"unreachable {totals['unreachable']}, proxy faults {totals['faults']}")
+          f"unreachable {totals['unreachable']}, proxy faults {totals['faults']}; {answers.text()}")
     print("operations: " + ", ".join(f"{k} {n}" for k, n in sorted(totals.items()) if " " in k))
     return 1 if bad else 0
 
