@@ -247,6 +247,12 @@ class ClientSession(Protocol):
     def unblock(self, reason: Block) -> None:
         self.flow.unblock(reason)
 
+    def block_commands(self, reason: Block) -> None:
+        self.flow.block_commands(reason)
+
+    def pause_if_blocked(self, reason: Block) -> None:
+        self.flow.pause_if_blocked(reason)
+
     def _pump(self) -> None:
         if self._pumping:
             return
