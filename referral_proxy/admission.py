@@ -187,7 +187,7 @@ class LoginPenalty:
 
     def delay(self, ip: str, user: str, cap: float, now: float) -> float:
         """Seconds a login of *user* from *ip* waits before its credentials are checked."""
-        if cap <= 0:
+        if cap <= 0 or not self._records:  # no failure remembered (the usual case): no wait
             return 0.0
         self._expire(now, cap)
         return max(penalty_seconds(self._current(ident, now, cap), cap) for ident in _idents(ip, user))
@@ -212,8 +212,9 @@ class LoginPenalty:
 
     def succeeded(self, ip: str, user: str) -> None:
         """A login succeeded: both penalties are reset."""
-        for ident in _idents(ip, user):
-            self._records.pop(ident, None)
+        if self._records:
+            for ident in _idents(ip, user):
+                self._records.pop(ident, None)
 
     def _current(self, ident: str, now: float, cap: float) -> int:
         """The penalty now: as Dovecot lowers it, a step for each step's delay since the last raise."""

@@ -145,6 +145,11 @@ class AuthHost(Protocol):
 
     def unblock(self, reason: Block) -> None: ...
 
+    def block_commands(self, reason: Block) -> None:
+        """No command read meanwhile (the socket is still read until ``pause_if_blocked``)."""
+
+    def pause_if_blocked(self, reason: Block) -> None: ...
+
     def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol,
                   answer: str = "", **details: str) -> None:
         """The login succeeded on *conn*, the user's home backend (*answer*: an RFC 2221
@@ -203,9 +208,12 @@ class Authenticator:
     def _start(self, tag: bytes, creds: Credentials) -> None:
         if self.host.ctx.observer.refuses_login(self.host, tag, creds.authzid or creds.user):
             return  # a proxy loop: answered
-        self.host.block(Block.LOGIN)
+        # No command is read until the login ends; the socket is paused only if it has not ended
+        # when this call returns (a parked backend connection taken: it has).
+        self.host.block_commands(Block.LOGIN)
         d = defer.ensureDeferred(self._log_in(tag, creds))
         d.addErrback(lambda f: log.failure("session {id}: login crashed", f, id=self.host.id))
+        self.host.pause_if_blocked(Block.LOGIN)
 
     async def _log_in(self, tag: bytes, creds: Credentials) -> None:
         host = self.host

@@ -312,6 +312,17 @@ class ClientFlow:
         if self.gate is not None:
             self.gate.pause(reason)
 
+    def block_commands(self, reason: Block) -> None:
+        """Like block, but the socket is paused only by ``pause_if_blocked``: a hold that usually
+        ends within the call that began it (a login taking a parked backend connection) costs no
+        stopReading and startReading (two epoll_ctl calls)."""
+        self.blocked.add(reason)
+
+    def pause_if_blocked(self, reason: Block) -> None:
+        """The socket too, if *reason* still holds (the call that began it returns to the reactor)."""
+        if reason in self.blocked and self.gate is not None:
+            self.gate.pause(reason)
+
     def unblock(self, reason: Block) -> None:
         """*reason* is over: read on (the session's pump) if no other holds."""
         self.blocked.discard(reason)

@@ -195,10 +195,11 @@ class KeepAlive:
     def release(self, session: Any, by_logout: bool = False) -> None:
         """Park the clean backend connections of an ending *session* (taken out of its pool).
         *by_logout*: its LOGOUT, which may hold Block.TASK itself (it waited for quiet backends;
-        no other task runs meanwhile: a task holds the session's input)."""
+        no other task runs meanwhile: a task holds the session's input). Its pool empty (called again
+        when the connection closes after a LOGOUT that parked them): nothing to check."""
         pool = session.pool
         harmless = _HARMLESS_AT_LOGOUT if by_logout else _HARMLESS
-        if (pool is None or self._stopped or not pool.reusable or pool.enabled or self._seconds() <= 0
+        if (pool is None or not pool.conns or self._stopped or not pool.reusable or pool.enabled or self._seconds() <= 0
                 or session.reader.mid_command or session.relay.in_flight or session.appends.unanswered
                 or pool.busy or pool._waiters or pool._connecting  # a command may still go to any of them
                 or any(reason not in harmless for reason in session.flow.blocked)):  # a task or a login under way

@@ -128,7 +128,8 @@ class LogWriter:
         name, fields = self._fields(event, level)
         fmt = event.get("log_format")
         if type(fmt) is str and "{" not in fmt and "}" not in fmt:  # a fixed text: nothing to format
-            message = fmt.translate(_CONTROL)
+            # translate() looks each distinct character up (a KeyError each): printable ASCII has nothing to escape
+            message = fmt if fmt.isascii() and fmt.isprintable() else fmt.translate(_CONTROL)
         else:
             message = formatEvent(_safe_event(event)).translate(_CONTROL)
         failure = event.get("log_failure")
@@ -161,8 +162,8 @@ def _text(value: Any) -> str:
     kind = type(value)
     if kind is int or kind is float:
         return str(value)
-    if kind is str and _SIMPLE.fullmatch(value) is not None:
-        return value  # type: ignore[no-any-return]
+    if kind is str and ((value.isascii() and value.isalnum()) or _SIMPLE.fullmatch(value) is not None):
+        return value  # type: ignore[no-any-return]  # (ASCII letters and digits: plain, without the regex)
     return text_value(value)
 
 

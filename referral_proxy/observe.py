@@ -318,7 +318,7 @@ class Observer:
         if rec is None or self.guard is None:
             return False
         why = rec.origin.loop
-        if why is None:
+        if why is None and self.guard.any_self(session.config):
             home = [session.config.backends[n] for n in session.mailbox_map.home(user).backends
                     if n in session.config.backends]
             if home and all(self.guard.is_self(b) for b in home):

@@ -189,6 +189,7 @@ class LoopGuard:
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in self.config.proxy.trusted_networks]
         self._listening = [a for a in (_listen_addresses(s) for s in self.config.proxy.listen) if a is not None]
         self._self: dict[str, bool] = {}
+        self._any_self: tuple[Config | None, bool] = (None, False)  # (config asked of, its answer)
 
     def origin(self, transport: Any, session_number: int) -> Origin:
         """The Origin of a new connection, and whether its peer is a trusted upstream."""
@@ -236,6 +237,15 @@ class LoopGuard:
         known = self._self.get(backend.endpoint)
         if known is None:
             known = self._self[backend.endpoint] = self._is_self(backend.endpoint)
+        return known
+
+    def any_self(self, config: Config) -> bool:
+        """Whether some backend of *config* is one of this proxy's own listeners (asked at every
+        login: none, the usual answer, spares the login the lookup of the user's home)."""
+        asked, known = self._any_self
+        if asked is not config:
+            known = any(self.is_self(b) for b in config.backends.values())
+            self._any_self = (config, known)
         return known
 
     def _is_self(self, endpoint: str) -> bool:

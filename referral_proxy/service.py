@@ -26,7 +26,7 @@ from .context import ProxyContext
 from .health import HealthChecker
 from .metrics import StoreTotals, make_registry, metrics_site
 from .observe import Observer
-from .origin import LoopGuard
+from .origin import LoopGuard, id_command
 from .proxyproto import listen_endpoint
 from .recovery import RecoverySweep
 from .reloadguard import still_named
@@ -216,11 +216,14 @@ class ProxyService(MultiService):
         if self.guard.is_self(backend):
             raise BackendUnavailable(f"backend {backend.name} ({backend.endpoint}) is this proxy's own listener "
                                      "(proxy loop)")
-        id_line = self.observer.id_for_backend(session) if session is not None else None
+        # Built only for a new connection (a parked one taken has been told already): the
+        # session's Origin does not change once a login is under way (no ID read meanwhile).
+        origin = self.observer.origin(session) if session is not None else None
 
         async def before_login(proto: BackendProtocol) -> None:
-            if id_line is not None and "ID" in proto.capabilities:
-                proto.send_unanswered(id_line)  # its answer does not matter: the login goes right behind it
+            if origin is not None and "ID" in proto.capabilities:
+                # its answer does not matter: the login goes right behind it
+                proto.send_unanswered(id_command(origin))
 
         async def opened() -> BackendProtocol:
             try:
@@ -234,7 +237,7 @@ class ProxyService(MultiService):
         if session is None:  # the proxy's own (recovery, admin moves): never parked, never a parked one
             return await opened()
         # A session's: one parked by a session of exactly these credentials and client address, if any.
-        return await self.context.keepalive.connect(backend, credentials, self.observer.origin(session), opened)
+        return await self.context.keepalive.connect(backend, credentials, origin, opened)
 
     def setServiceParent(self, parent: Any) -> Any:
         result = super().setServiceParent(parent)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Coroutine, Sequence
+from functools import lru_cache
 from typing import Any
 
 from twisted.internet import defer
@@ -151,8 +152,7 @@ class ClientSession(Protocol):
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
         self.ctx.observer.session_started(self)
-        caps = " ".join(self._pre_login_caps())
-        self.send(b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), self.config.proxy.hostname.encode()))
+        self.send(self._greeting())
 
     def handshakeCompleted(self) -> None:
         if not self.closed:
@@ -246,6 +246,12 @@ class ClientSession(Protocol):
 
     def unblock(self, reason: Block) -> None:
         self.flow.unblock(reason)
+
+    def block_commands(self, reason: Block) -> None:
+        self.flow.block_commands(reason)
+
+    def pause_if_blocked(self, reason: Block) -> None:
+        self.flow.pause_if_blocked(reason)
 
     def _pump(self) -> None:
         if self._pumping:
@@ -348,6 +354,16 @@ class ClientSession(Protocol):
 
     # -- not authenticated ----------------------------------------------------------------
 
+    def _greeting(self) -> bytes:
+        """The greeting: made once per configuration and TLS state (every connection sends it)."""
+        config, tls = self.config, (self.ctx.server_tls is not None, self._tls_active())
+        kept_config, kept_tls, greeting = _GREETING
+        if kept_config is not config or kept_tls != tls:
+            caps = " ".join(self._pre_login_caps())
+            greeting = b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), config.proxy.hostname.encode())
+            _GREETING[:] = [config, tls, greeting]
+        return greeting  # type: ignore[no-any-return]
+
     def _pre_login_caps(self) -> list[str]:
         p = self.config.proxy
         return capabilities.pre_login(tls_available=self.ctx.server_tls is not None, tls_active=self._tls_active(),
@@ -355,14 +371,12 @@ class ClientSession(Protocol):
                                       login_referrals=referrals.login_referrals_apply(self.config),
                                       mailbox_referrals=p.referrals != "never")
 
-    def _post_login_caps(self) -> list[str]:
+    def _post_login_caps(self) -> tuple[str, ...]:
         conn = self.pool.ready(self.home or "") if self.pool is not None else None
-        caps = capabilities.post_login(conn.capability_names if conn is not None else (),
-                                       mailbox_referrals=self.config.proxy.referrals != "never")
         # A cross-server MOVE removes the source messages by UID: no MOVE if a backend lacks UIDPLUS.
-        if any("UIDPLUS" not in c for c in self.ctx.backend_caps.values()):
-            caps = [c for c in caps if c.upper() != "MOVE"]
-        return caps
+        return _caps_after_login(conn.capability_names if conn is not None else (),
+                                 self.config.proxy.referrals != "never",
+                                 all("UIDPLUS" in c for c in self.ctx.backend_caps.values()))
 
     def _tls_active(self) -> bool:
         return ISSLTransport.providedBy(self.transport)
@@ -435,14 +449,14 @@ class ClientSession(Protocol):
         self.phase = Phase.AUTHENTICATED
         self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
-        caps = " ".join(self._post_login_caps())
-        self.reader.literal8 = "BINARY" in caps.split()  # a literal8 APPEND message only if it is offered
+        caps, binary, logged_in = _login_answer(self._post_login_caps())
+        self.reader.literal8 = binary  # a literal8 APPEND message only if it is offered
         if answer:  # RFC 2221 OK [REFERRAL ...]: one response code only, so CAPABILITY goes untagged
             self.ctx.observer.login(self, user, conn.name, "referred", **details)
             self.send(b"* CAPABILITY %s\r\n" % caps.encode())
             return self.answer(tag, answer)
         self.ctx.observer.login(self, user, conn.name, "ok")
-        self.tagged(tag, "OK", f"[CAPABILITY {caps}] Logged in")
+        self.send(b"%s OK %s\r\n" % (tag, logged_in))  # tagged(tag, "OK", "[CAPABILITY ...] Logged in")
 
     def _login_timed_out(self) -> None:
         self._login_timer = None
@@ -578,6 +592,24 @@ class ClientSession(Protocol):
                 self.send(b"* BYE Mail server connection lost\r\n")
             self._logout_backends()
             self._close()
+
+
+# The last greeting made: (config, (TLS available, TLS active), its bytes).
+_GREETING: list[Any] = [None, None, b""]
+
+
+@lru_cache(maxsize=64)
+def _caps_after_login(backend_caps: tuple[str, ...], mailbox_referrals: bool, move_ok: bool) -> tuple[str, ...]:
+    """The capabilities announced after login (every login and CAPABILITY asks: kept per backend list)."""
+    caps = capabilities.post_login(backend_caps, mailbox_referrals=mailbox_referrals)
+    return tuple(caps if move_ok else [c for c in caps if c.upper() != "MOVE"])
+
+
+@lru_cache(maxsize=64)
+def _login_answer(caps: tuple[str, ...]) -> tuple[str, bool, bytes]:
+    """(the capabilities as one text, BINARY among them, the login's OK text as tagged() writes it)."""
+    text = " ".join(caps)
+    return text, "BINARY" in text.split(), safe_text(f"[CAPABILITY {text}] Logged in").encode("utf-8")
 
 
 _COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}

@@ -160,3 +160,20 @@ def test_twistd_writes_the_configured_json_log(tmp_path):
     assert any(e["event"] == "session_start" and e["client"].startswith("127.0.0.1:") for e in events), events
     assert any(e["event"] == "session_end" and e["outcome"] == "logout" for e in events), events
     assert not err.strip(), err
+
+
+def test_fixed_texts_and_plain_values_are_escaped_and_quoted_as_before_their_shortcuts():
+    """A message with no field to format skips the escaping only when it is printable ASCII, and a
+    value skips the plain-text regex only when it is ASCII letters and digits (logs.py's shortcuts)."""
+    from referral_proxy.logs import _text, text_value
+
+    w, out, _log = writer("text")
+    events = Logger(namespace="referral_proxy.events", observer=w)
+    for message in ("session start", "caf\u00e9 \x1b[2J\x7f end", "tab\there"):
+        events.emit(LogLevel.info, message, rp_event="x", rp_fields={"session": 1})
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("] session start session=1")
+    assert "] caf\u00e9 \\x1b[2J\\x7f end session=1" in lines[1] and "tab\\x09here" in lines[2]
+    for value in ("alice", "b1", "ok", "127.0.0.1:40000", "", "jos\u00e9", "\u216b", "\u0661\u0662", "a b", "x\ny", 'q"'):
+        assert _text(value) == text_value(value), value
+    assert _text("jos\u00e9") == '"jos\u00e9"' and _text("\u0661\u0662") == '"\u0661\u0662"'
