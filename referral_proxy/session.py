@@ -13,9 +13,7 @@ append.py), or answered here.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Coroutine, Sequence
-from functools import lru_cache
 from typing import Any
 
 from twisted.internet import defer
@@ -37,7 +35,7 @@ from .idle import Idle
 from .imap.command import CommandStart, nil_or_list
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
-from .imap.quoting import quoted
+from .imap.quoting import quoted, safe_text
 from .imap.reader import (
     NEED_DECISION,
     STREAMED,
@@ -80,12 +78,6 @@ PRE_LOGIN_COMMANDS = 32
 # Python 3.11's EnumType has a __getattr__ (each ``Phase.X`` ~110 ns): the hot paths use these.
 _NOT_AUTHENTICATED, _AUTHENTICATED, _LOGOUT = Phase.NOT_AUTHENTICATED, Phase.AUTHENTICATED, Phase.LOGOUT
 _IN_FLIGHT, _DECISION = Block.IN_FLIGHT, Block.DECISION
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def safe_text(text: str) -> str:
-    """A text the proxy writes itself: no CR, LF or other control character can forge a line."""
-    return _UNSAFE.sub("?", text)
 
 
 @implementer(IHandshakeListener)
@@ -152,7 +144,7 @@ class ClientSession(Protocol):
         self.ctx.sessions.add(self)
         self._login_timer = self.ctx.reactor.callLater(self.config.proxy.login_timeout, self._login_timed_out)
         self.ctx.observer.session_started(self)
-        self.send(self._greeting())
+        self.send(capabilities.greeting(self.config, self.ctx.server_tls is not None, self._tls_active()))
 
     def handshakeCompleted(self) -> None:
         if not self.closed:
@@ -354,29 +346,14 @@ class ClientSession(Protocol):
 
     # -- not authenticated ----------------------------------------------------------------
 
-    def _greeting(self) -> bytes:
-        """The greeting: made once per configuration and TLS state (every connection sends it)."""
-        config, tls = self.config, (self.ctx.server_tls is not None, self._tls_active())
-        kept_config, kept_tls, greeting = _GREETING
-        if kept_config is not config or kept_tls != tls:
-            caps = " ".join(self._pre_login_caps())
-            greeting = b"* OK [CAPABILITY %s] %s referral-proxy ready.\r\n" % (caps.encode(), config.proxy.hostname.encode())
-            _GREETING[:] = [config, tls, greeting]
-        return greeting  # type: ignore[no-any-return]
-
     def _pre_login_caps(self) -> list[str]:
-        p = self.config.proxy
-        return capabilities.pre_login(tls_available=self.ctx.server_tls is not None, tls_active=self._tls_active(),
-                                      plaintext_allowed=p.allow_plaintext_login,
-                                      login_referrals=referrals.login_referrals_apply(self.config),
-                                      mailbox_referrals=p.referrals != "never")
+        return capabilities.before_login(self.config, self.ctx.server_tls is not None, self._tls_active())
 
     def _post_login_caps(self) -> tuple[str, ...]:
         conn = self.pool.ready(self.home or "") if self.pool is not None else None
-        # A cross-server MOVE removes the source messages by UID: no MOVE if a backend lacks UIDPLUS.
-        return _caps_after_login(conn.capability_names if conn is not None else (),
-                                 self.config.proxy.referrals != "never",
-                                 all("UIDPLUS" in c for c in self.ctx.backend_caps.values()))
+        return capabilities.after_login(conn.capability_names if conn is not None else (),
+                                        self.config.proxy.referrals != "never",
+                                        all("UIDPLUS" in c for c in self.ctx.backend_caps.values()))
 
     def _tls_active(self) -> bool:
         return ISSLTransport.providedBy(self.transport)
@@ -449,7 +426,7 @@ class ClientSession(Protocol):
         self.phase = Phase.AUTHENTICATED
         self.referral_aware = self.config.proxy.referrals == "always"
         self._cancel_login_timer()
-        caps, binary, logged_in = _login_answer(self._post_login_caps())
+        caps, binary, logged_in = capabilities.login_answer(self._post_login_caps())
         self.reader.literal8 = binary  # a literal8 APPEND message only if it is offered
         if answer:  # RFC 2221 OK [REFERRAL ...]: one response code only, so CAPABILITY goes untagged
             self.ctx.observer.login(self, user, conn.name, "referred", **details)
@@ -592,24 +569,6 @@ class ClientSession(Protocol):
                 self.send(b"* BYE Mail server connection lost\r\n")
             self._logout_backends()
             self._close()
-
-
-# The last greeting made: (config, (TLS available, TLS active), its bytes).
-_GREETING: list[Any] = [None, None, b""]
-
-
-@lru_cache(maxsize=64)
-def _caps_after_login(backend_caps: tuple[str, ...], mailbox_referrals: bool, move_ok: bool) -> tuple[str, ...]:
-    """The capabilities announced after login (every login and CAPABILITY asks: kept per backend list)."""
-    caps = capabilities.post_login(backend_caps, mailbox_referrals=mailbox_referrals)
-    return tuple(caps if move_ok else [c for c in caps if c.upper() != "MOVE"])
-
-
-@lru_cache(maxsize=64)
-def _login_answer(caps: tuple[str, ...]) -> tuple[str, bool, bytes]:
-    """(the capabilities as one text, BINARY among them, the login's OK text as tagged() writes it)."""
-    text = " ".join(caps)
-    return text, "BINARY" in text.split(), safe_text(f"[CAPABILITY {text}] Logged in").encode("utf-8")
 
 
 _COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}

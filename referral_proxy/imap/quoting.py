@@ -1,16 +1,22 @@
-"""Encode values as IMAP atoms, quoted strings or literals, and read capability lists."""
+"""Encode values as IMAP atoms, quoted strings, literals or response text, and read capability lists."""
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
 
-__all__ = ["astring", "capability_sets", "capability_tokens", "quoted"]
+__all__ = ["astring", "capability_sets", "capability_tokens", "quoted", "safe_text"]
 
 # ATOM-CHAR: printable ASCII except atom-specials ( ) { SP % * " \ ].
 _ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
 # What a quoted string cannot carry: CR, LF, NUL and 8-bit bytes.
 _UNQUOTABLE = re.compile(rb"[\r\n\x00\x80-\xff]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def safe_text(text: str) -> str:
+    """A text the proxy writes itself: no CR, LF or other control character can forge a line."""
+    return _UNSAFE.sub("?", text)
 
 
 def quoted(value: bytes) -> bytes:
