@@ -31,9 +31,11 @@ seed 53171 duplicated a message a MOVE across cut off at ``move-expunging`` had 
 \\Deleted in its source, not yet expunged. Another session's COPY of that source message (then
 STORE \\Deleted and EXPUNGE), or its MOVE, made a second instance, and recovery found nothing left
 in the source to remove: twice where two moves of one message make one. The soak's COPY went
-across (waits here since copywait); one relayed to the source's backend did the same. Left: a
-relayed COPY checked before a MOVE across of its message begins, and reaching Dovecot only after
-that MOVE flagged the source \\Deleted (behind commands of its session in flight ahead of it).
+across (waits here since copywait); one relayed to the source's backend did the same. A relayed
+COPY is checked once no command of its session is in flight and then sent at once (a relayed MOVE
+once it has its turn): queued behind them at Dovecot it could run after a MOVE across begun
+meanwhile had copied and flagged its message (tests/test_copy_queued_behind.py). Left: Dovecot
+itself may hold a COPY sent at once (a mailbox lock), up to its mail_max_lock_timeout.
 """
 
 from __future__ import annotations

@@ -408,12 +408,14 @@ class MailboxCommands:
         mailbox, route = target
         source = host.selected
         if route.primary == source or source in route.backends or not self.renamable(mailbox):
-            if (selected := host.selected_mailbox) and held_by_any(host.mailbox_map, host.user or "", names := [
-                    move_lock(selected.decode("utf-8", "surrogateescape"), host.mailbox_map.separator),
-                    mailbox.decode("utf-8", "surrogateescape")]):
-                return host.run(cmd.tag, self._relay_after_moves(cmd, source, selected, names))
-            if "MOVE" in cmd.name and host.selected_mailbox:
-                return host.run(cmd.tag, self._move_in_turn(cmd, source, host.selected_mailbox))
+            if not (selected := host.selected_mailbox):
+                return host.relay_cmd(cmd, source)
+            names = [move_lock(selected.decode("utf-8", "surrogateescape"), host.mailbox_map.separator),
+                     mailbox.decode("utf-8", "surrogateescape")]  # MOVEs across from its source, into its destination
+            if "MOVE" in cmd.name:
+                return host.run(cmd.tag, self._move_in_turn(cmd, source, selected, names))
+            if (host.pool and host.pool.busy) or held_by_any(host.mailbox_map, host.user or "", names):  # (checked as it goes)
+                return host.run(cmd.tag, self._relay_after_moves(cmd, source, names))
             return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
         if self.refers(route, mailbox):
             return host.refuse(self.referral(cmd.tag, route, mailbox))
@@ -425,12 +427,13 @@ class MailboxCommands:
         host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
                                                      src=source, dst=route.primary, mailbox=mailbox))
 
-    async def _move_in_turn(self, cmd: Command, source: str, selected: bytes) -> None:
+    async def _move_in_turn(self, cmd: Command, source: str, selected: bytes, names: list[str]) -> None:
         """A MOVE relayed once no other session has one of this mailbox under way, nor a RENAME of it
         (crossturns.py: two at once can both take one message); input waits for its turn, not its end.
         The turn is taken once no command of this session is in flight: one ahead of it (a FETCH of
         bodies to a client that stopped reading) would hold the turn, and every other session's MOVE of
-        the mailbox, for as long as the client does not read (Dovecot runs the MOVE after it)."""
+        the mailbox, for as long as the client does not read (Dovecot runs the MOVE after it). Then as
+        _relay_after_moves."""
         host = self.host
         assert host.pool is not None and host.user is not None
         await host.pool.quiet(None)
@@ -438,21 +441,22 @@ class MailboxCommands:
         release = await mailbox_turn(host.ctx, source, host.user, selected)
         try:
             conn = await host.pool.ready_for(source)
+            if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor, MOVE_WAIT):
+                raise Refusing("NO " + COPY_IN_USE)
             host.relay.send(conn, cmd.tag, cmd.name, cmd.args, settled=release)
         except BaseException:
             release()
             raise
 
-    async def _relay_after_moves(self, cmd: Command, source: str, selected: bytes, names: list[str]) -> None:
-        """A COPY/MOVE within one backend relayed once no MOVE across is from its source (holds its
-        MOVE_LOCK) nor holds its destination (*names*), NO [INUSE] after MOVE_WAIT (copywait.py)."""
+    async def _relay_after_moves(self, cmd: Command, source: str, names: list[str]) -> None:
+        """A COPY within one backend relayed once the commands ahead of it are done and no MOVE across holds
+        *names* (its source's move_lock, its destination), then at once; NO [INUSE] after MOVE_WAIT (copywait.py)."""
         host = self.host
         assert host.pool is not None and host.user is not None
+        await host.pool.quiet(None)
+        conn = await host.pool.ready_for(source)
         if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor, MOVE_WAIT):
             raise Refusing("NO " + COPY_IN_USE)
-        if "MOVE" in cmd.name:
-            return await self._move_in_turn(cmd, source, selected)
-        conn = await host.pool.ready_for(source)
         host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
 
     async def _copy_across(self, cmd: Command, message_set: bytes, mailbox: bytes, route: Route) -> CopyOutcome:
