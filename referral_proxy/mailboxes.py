@@ -45,7 +45,7 @@ from .relocation import seen_within
 from .renamecheck import refused_before
 from .routing import MailboxMap, Route, normalize
 from .staging import is_private_name
-from .transfer import COPY_IN_USE, MOVE_LOCK, MOVE_WAIT, CopyOutcome, copy_across
+from .transfer import COPY_IN_USE, MOVE_LOCK, CopyOutcome, copy_across
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
 
@@ -445,10 +445,12 @@ class MailboxCommands:
 
     async def _relay_after_moves(self, cmd: Command, source: str, selected: bytes, names: list[str]) -> None:
         """A COPY/MOVE within one backend relayed once no MOVE across is from its source (holds its
-        MOVE_LOCK) nor holds its destination (*names*), NO [INUSE] after MOVE_WAIT (copywait.py)."""
+        MOVE_LOCK) nor holds its destination (*names*), NO [INUSE] after ``[map] move_wait_seconds``
+        (copywait.py)."""
         host = self.host
         assert host.pool is not None and host.user is not None
-        if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor, MOVE_WAIT):
+        if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor,
+                                    host.ctx.config.map.move_wait_seconds):
             raise Refusing("NO " + COPY_IN_USE)
         if "MOVE" in cmd.name:
             return await self._move_in_turn(cmd, source, selected)
@@ -467,6 +469,7 @@ class MailboxCommands:
             outcome = await copy_across(src, message_set, cmd.name.startswith("UID "), dst, mailbox,
                                         "MOVE" in cmd.name, mailbox_map=host.mailbox_map, user=host.user or "",
                                         source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor,
+                                        move_wait=host.ctx.config.map.move_wait_seconds,
                                         ask=host.pool.ready(dst.name))
         except TransferError as e:
             text = str(e)
