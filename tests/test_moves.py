@@ -1007,7 +1007,7 @@ def test_another_instance_re_saved_before_recovery_does_not_take_a_killed_moves_
 
 
 def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
-    from referral_proxy.journal import Reservation
+    from referral_proxy.journal import Reservation, Step
 
     work = ids("work", 3)
     seed(fleet["b1"], "carol", "Work", work)
@@ -1017,6 +1017,7 @@ def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, f
     assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # selected before the move began
     store = _store(proxy)
     entry = now(store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/"))
+    now(store.journal_step(entry, Step.COPYING, {}, "x"))  # under way: refused at once, not after holds.WAIT
     now(store.settle())  # as MailboxMap.begin_move does (PostgreSQL: the proxy has the reservation)
     for command in (b"UID MOVE 1 Other", b"MOVE 1 Shared/X", b"UID COPY 2 Shared/W"):
         assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command
