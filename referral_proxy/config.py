@@ -118,6 +118,7 @@ class MapConfig:
     username_format: str = "lower"  # how a login name becomes the map's user name (USERNAME_FORMATS)
     lease_seconds: float = 60.0  # PostgreSQL: a move whose owner stopped renewing this long is recovered elsewhere
     recovery_check_seconds: float = 2.0  # how often a proxy looks for a move whose owner died (recovery.py)
+    move_wait_seconds: float = 10.0  # how long a COPY/MOVE waits for a MOVE across in its way (copywait.py)
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,7 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
 
 def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfig]) -> MapConfig:
     _only(raw, "map", {"default", "store", "rules", "separator", "username_format", "lease_seconds",
-                     "recovery_check_seconds"})
+                     "recovery_check_seconds", "move_wait_seconds"})
     separator = _get(raw, "map", "separator", str, default="/")
     if len(separator) != 1:
         raise ConfigError("map.separator: must be one character")
@@ -326,6 +327,9 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
     check_seconds = _get(raw, "map", "recovery_check_seconds", (int, float), default=2)
     if not 0.1 <= check_seconds <= 3600:
         raise ConfigError("map.recovery_check_seconds: must be between 0.1 and 3600")
+    move_wait = _get(raw, "map", "move_wait_seconds", (int, float), default=10)
+    if not 0.1 <= move_wait <= 3600:
+        raise ConfigError("map.move_wait_seconds: must be between 0.1 and 3600")
     rules_raw = raw.get("rules", [])
     if not isinstance(rules_raw, list):
         raise ConfigError("map.rules: must be an array of tables ([[map.rules]])")
@@ -349,7 +353,7 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
         ))
     return MapConfig(default=default, store=store, rules=tuple(rules), separator=separator,
                      username_format=username_format, lease_seconds=float(lease_seconds),
-                     recovery_check_seconds=float(check_seconds))
+                     recovery_check_seconds=float(check_seconds), move_wait_seconds=float(move_wait))
 
 
 def _parse_log(raw: dict[str, Any]) -> LogConfig:

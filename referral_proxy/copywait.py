@@ -12,8 +12,8 @@ landed in the second look of the recovery of a MOVE Shared/A -> "50% off" cut of
 commit, and the source went: once where the clients made two).
 
 So a COPY across first waits until no ``move-messages`` entry holds its source or its destination
-mailbox (both MOVE mailboxes are held, shared, for the entry's whole life), up to
-transfer.MOVE_WAIT seconds, then ``NO [INUSE]``. The check reads this process's cached view of
+mailbox (both MOVE mailboxes are held, shared, for the entry's whole life), up to ``[map]
+move_wait_seconds`` (10 by default; the caller passes it), then ``NO [INUSE]``. The check reads this process's cached view of
 the reservations (no I/O when nothing is held, i.e. nearly always) and the journal only when an
 entry holds one of the names, to see whether it is a MOVE's. It takes no lock of its own (branch
 ``copylock19`` took one per COPY: a journal entry begun and ended, 8-20 ms a COPY, and a MOVE

@@ -45,7 +45,7 @@ from .relocation import seen_within
 from .renamecheck import refused_before
 from .routing import MailboxMap, Route
 from .staging import is_private_name
-from .transfer import COPY_IN_USE, MOVE_WAIT, CopyOutcome, copy_across, move_lock
+from .transfer import COPY_IN_USE, CopyOutcome, copy_across, move_lock
 
 __all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
 
@@ -420,8 +420,7 @@ class MailboxCommands:
         if self.refers(route, mailbox):
             return host.refuse(self.referral(cmd.tag, route, mailbox))
         if "MOVE" in cmd.name and self.examined:
-            # Its \Deleted would be ignored: the copies made, then taken back as "gone", and OK said
-            # with nothing moved. Refused before anything is copied.
+            # Its \Deleted would be ignored: copies made, taken back as "gone", OK with nothing moved.
             return self.refuse_no(cmd.tag, _READ_ONLY)
         message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
         host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
@@ -429,11 +428,9 @@ class MailboxCommands:
 
     async def _move_in_turn(self, cmd: Command, source: str, selected: bytes, names: list[str]) -> None:
         """A MOVE relayed once no other session has one of this mailbox under way, nor a RENAME of it
-        (crossturns.py: two at once can both take one message); input waits for its turn, not its end.
-        The turn is taken once no command of this session is in flight: one ahead of it (a FETCH of
-        bodies to a client that stopped reading) would hold the turn, and every other session's MOVE of
-        the mailbox, for as long as the client does not read (Dovecot runs the MOVE after it). Then as
-        _relay_after_moves."""
+        (crossturns.py: two at once can both take one message), then as _relay_after_moves. The turn is
+        taken once no command of this session is in flight: one ahead of it (a FETCH to a client that
+        stopped reading) would hold it, and every other session's MOVE of the mailbox, meanwhile."""
         host = self.host
         assert host.pool is not None and host.user is not None
         await host.pool.quiet(None)
@@ -441,7 +438,8 @@ class MailboxCommands:
         release = await mailbox_turn(host.ctx, source, host.user, selected)
         try:
             conn = await host.pool.ready_for(source)
-            if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor, MOVE_WAIT):
+            if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor,
+                                        host.ctx.config.map.move_wait_seconds):
                 raise Refusing("NO " + COPY_IN_USE)
             host.relay.send(conn, cmd.tag, cmd.name, cmd.args, settled=release)
         except BaseException:
@@ -450,12 +448,13 @@ class MailboxCommands:
 
     async def _relay_after_moves(self, cmd: Command, source: str, names: list[str]) -> None:
         """A COPY within one backend relayed once the commands ahead of it are done and no MOVE across holds
-        *names* (its source's move_lock, its destination), then at once; NO [INUSE] after MOVE_WAIT (copywait.py)."""
+        *names* (its source's move_lock, its destination), then at once; else NO [INUSE] (copywait.py)."""
         host = self.host
         assert host.pool is not None and host.user is not None
         await host.pool.quiet(None)
         conn = await host.pool.ready_for(source)
-        if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor, MOVE_WAIT):
+        if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor,
+                                    host.ctx.config.map.move_wait_seconds):
             raise Refusing("NO " + COPY_IN_USE)
         host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
 
@@ -471,6 +470,7 @@ class MailboxCommands:
             outcome = await copy_across(src, message_set, cmd.name.startswith("UID "), dst, mailbox,
                                         "MOVE" in cmd.name, mailbox_map=host.mailbox_map, user=host.user or "",
                                         source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor,
+                                        move_wait=host.ctx.config.map.move_wait_seconds,
                                         ask=host.pool.ready(dst.name))
         except TransferError as e:
             text = str(e)

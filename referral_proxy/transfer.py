@@ -123,14 +123,14 @@ class CopyOutcome:
 
 SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to commit before it looks again
 MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see move_lock)
-MOVE_WAIT = 10.0  # seconds a cross-server MOVE waits for another one from the same mailbox (a COPY across: copywait.py)
 COPY_IN_USE = ("[INUSE] Messages of a mailbox involved are being moved across servers (or a move cut off "
                "awaits recovery); try again shortly")
 
 
 async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol,
                       mailbox: bytes, move: bool, *, mailbox_map: MailboxMap, user: str,
-                      source_mailbox: bytes, clock: Any = None, ask: BackendProtocol | None = None) -> CopyOutcome:
+                      source_mailbox: bytes, clock: Any = None, move_wait: float,
+                      ask: BackendProtocol | None = None) -> CopyOutcome:
     """COPY / MOVE from *source_mailbox*, selected on *src*, to *mailbox* on *dst* (a connection of its own).
 
     A source message another session expunged, before the command or while the messages were read,
@@ -138,14 +138,15 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     [EXPUNGEISSUED]``, nothing copied or moved (acrossview.py).
 
     MOVE pins both mailboxes in the journal and waits its turn after any other cross-server
-    MOVE from the same mailbox (two of them would each copy a message both name); then it
+    MOVE from the same mailbox (two of them would each copy a message both name: up to *move_wait*
+    seconds, ``[map] move_wait_seconds``, then ``NO [INUSE]``); then it
     records the destination's UIDNEXT before its MULTIAPPEND, verifies every copy by
     content, records the new UIDs, and only then removes the source UIDs that are still
     there (a copy of one that someone else moved or expunged meanwhile is taken back). A
     crash anywhere in between is finished (or, if the destination never committed,
     released) by recovery.
 
-    COPY first waits (up to MOVE_WAIT seconds, then ``NO [INUSE]``) until no MOVE across, under way or
+    COPY first waits (up to *move_wait* seconds, then ``NO [INUSE]``) until no MOVE across, under way or
     cut off and awaiting recovery, holds its source or destination: its copy, the same bytes, would
     be taken by that MOVE's recovery for the MOVE's own (copywait.py).
 
@@ -157,7 +158,7 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     seen: list[bytes] = []  # the source's untagged responses: the client sees them whatever the answer
     try:
         return await _copy_once(src, message_set, uid, dst, mailbox, move, mailbox_map, user, source_mailbox, clock,
-                                seen=seen, ask=ask)
+                                seen=seen, move_wait=move_wait, ask=ask)
     except Vanished:  # nothing was saved (see _copy_once)
         return CopyOutcome(seen, "NO", EXPUNGE_ISSUED)
     except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
@@ -168,17 +169,17 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
 
 async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: BackendProtocol, mailbox: bytes,
                      move: bool, mailbox_map: MailboxMap, user: str, source_mailbox: bytes, clock: Any, *,
-                     seen: list[bytes], ask: BackendProtocol | None = None) -> CopyOutcome:
+                     seen: list[bytes], move_wait: float, ask: BackendProtocol | None = None) -> CopyOutcome:
     """copy_across's work; the source's untagged responses are collected in *seen* as they come (the
     client sees them whatever the answer, also when this raises)."""
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
     try:
         if move:
-            entry = await _hold(mailbox_map, user, src_name, dst_name, clock)
+            entry = await _hold(mailbox_map, user, src_name, dst_name, clock, move_wait)
         else:  # its copy would look like an unfinished MOVE's own to that MOVE's recovery (copywait.py)
             entry = None
-            if not await wait_for_moves(mailbox_map, user, [src_name, dst_name], clock, MOVE_WAIT):
+            if not await wait_for_moves(mailbox_map, user, [src_name, dst_name], clock, move_wait):
                 return CopyOutcome(seen, "NO", COPY_IN_USE)
     except StoreUnavailable:
         return CopyOutcome(seen, "NO", UNAVAILABLE)
@@ -232,13 +233,14 @@ def move_lock(mailbox: str, separator: str) -> str:
     return MOVE_LOCK + normalize(mailbox, separator)
 
 
-async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any) -> JournalEntry | None:
+async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any,
+                seconds: float) -> JournalEntry | None:
     """Begin a MOVE's entry: its two mailboxes pinned, and the source's move_lock name, which only
-    cross-server MOVEs take, held. Another MOVE from that mailbox holding it: wait (up to MOVE_WAIT
-    seconds, if there is a clock). None: a move or RENAME holds one of the mailboxes (INUSE)."""
+    cross-server MOVEs take, held. Another MOVE from that mailbox holding it: wait (up to *seconds*,
+    if there is a clock). None: a move or RENAME holds one of the mailboxes (INUSE)."""
     lock = Reservation(move_lock(src_name, mailbox_map.separator), subtree=False)
     reservations = [Reservation(src_name, False, True), Reservation(dst_name, False, True), lock]
-    async for _ in pauses(clock, MOVE_WAIT, 0.02, 0.5):
+    async for _ in pauses(clock, seconds, 0.02, 0.5):
         try:
             return await mailbox_map.begin_move(user, "move-messages", reservations, {})
         except InUse as e:

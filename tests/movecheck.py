@@ -248,6 +248,20 @@ def cli(*args: str, timeout: float = 120.0, command: list[str] | None = None) ->
 # the entry is left to the test's own `recover`, as it was before the check (the 30-s sweep aside).
 LEFT_TO_RECOVER = {"map": {"recovery_check_seconds": 3600}}
 
+# Merged into the config of a proxy whose test sends a COPY/MOVE that meets a MOVE across in its way
+# (cut off, left to recovery) to see what is refused or left: it waits [map] move_wait_seconds (10 s by
+# default) before NO [INUSE]; 1 s here (CI's time). A test of what the wait lets through keeps a long one.
+QUICK_REFUSAL = {"map": {"move_wait_seconds": 1}}
+
+
+def merged(*configs: dict) -> dict:
+    """Proxy config fragments (MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL ...) merged table by table."""
+    out: dict = {}
+    for config in configs:
+        for key, value in config.items():
+            out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
 
 def faulty(*options: str) -> list[str]:
     """The command prefix of tests/faultproxy.py with *options* (then ``--``)."""

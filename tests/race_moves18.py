@@ -218,7 +218,7 @@ def test_a_killed_move_of_n_whose_copies_a_client_moves_around_through_the_proxy
     twice, expunged = [], []
     if n > 1:
         copied = c.cmd(b"c", b"UID COPY %d Work" % (half + 2))[-1]
-        # NO [INUSE]: it waited MOVE_WAIT for the cut-off MOVE holding Work and Shared/Dest (copywait.py)
+        # NO [INUSE]: it waited move_wait_seconds for the cut-off MOVE holding Work and Shared/Dest (copywait.py)
         assert copied.startswith((b"c OK", b"c NO [INUSE]")), copied
         twice, expunged = ([work[half + 1]] if copied.startswith(b"c OK") else []), [work[half]]
         with fleet["b3"].client("carol") as m:

@@ -142,6 +142,20 @@ def test_the_recovery_check_interval(tmp_path):
         load_config(write(tmp_path, edited.replace("= 0.5", "= 0")))
 
 
+
+def test_the_move_wait(tmp_path):
+    """[map] move_wait_seconds (copywait.py, transfer._hold): 10 by default; 0.1 to 3600, a number."""
+    assert load_config(write(tmp_path, GOOD)).map.move_wait_seconds == 10.0
+    edited = GOOD.replace('store = "sqlite:map.sqlite3"', 'store = "sqlite:map.sqlite3"\nmove_wait_seconds = 1.5')
+    assert load_config(write(tmp_path, edited)).map.move_wait_seconds == 1.5
+    assert load_config(write(tmp_path, edited.replace("= 1.5", "= 3600"))).map.move_wait_seconds == 3600.0
+    for bad in ("0", "-1", "0.05", "3601", "inf", "nan"):
+        with pytest.raises(ConfigError, match="map.move_wait_seconds: must be between 0.1 and 3600"):
+            load_config(write(tmp_path, edited.replace("= 1.5", "= " + bad)))
+    for bad in ("true", '"10"'):
+        with pytest.raises(ConfigError, match="map.move_wait_seconds: wrong type"):
+            load_config(write(tmp_path, edited.replace("= 1.5", "= " + bad)))
+
 def test_the_answer_timeout(tmp_path):
     """[backends.X] answer_timeout (stall.py): 60 by default; 0 (never) or 0.1 to 3600."""
     assert load_config(write(tmp_path, GOOD)).backends["b1"].answer_timeout == 60.0

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from imapwire import Wire
-from movecheck import LEFT_TO_RECOVER, census, cli, journal_store, seed
+from movecheck import LEFT_TO_RECOVER, QUICK_REFUSAL, census, cli, journal_store, merged, seed
 from test_moves import MASTERS, RULES, _killed_move_data, _no_entries
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -58,7 +58,7 @@ def test_a_relayed_copy_behind_another_command_is_checked_when_it_goes_not_when_
     is stalled; then the lock goes and, if the second COPY was OK, the client flags and expunges UID 3
     (an OLDMOVE). Before: the second COPY, relayed at once, copied the flagged message (OK); after
     `recover` work-2 was in Shared/Dest and Other: twice. Now it waits for the COPY ahead of it, then
-    for the MOVE across (NO [INUSE] after MOVE_WAIT): once, not in Work. The same with `UID MOVE 3 Other`
+    for the MOVE across (NO [INUSE] after [map] move_wait_seconds): once, not in Work. The same with `UID MOVE 3 Other`
     instead of the OLDMOVE (before: checked when read, relayed once its turn came)."""
     from test_moves import ids
     from test_rename_move_stalled import HeldLock
@@ -67,7 +67,7 @@ def test_a_relayed_copy_behind_another_command_is_checked_when_it_goes_not_when_
     seed(fleet["b1"], "carol", "INBOX", [])
     seed(fleet["b1"], "carol", "Other", [])
     seed(fleet["b3"], "carol", "Shared/Dest", [])
-    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
+    proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL), rules=RULES)
     w = Wire(proxy.host, proxy.port, timeout=120)
     w.login("carol")
     assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")

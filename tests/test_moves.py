@@ -15,6 +15,7 @@ import pytest
 from imapwire import Wire, at_once
 from movecheck import (
     LEFT_TO_RECOVER,
+    QUICK_REFUSAL,
     Deliverer,
     census,
     cli,
@@ -25,6 +26,7 @@ from movecheck import (
     journal_killed_move,
     journal_store,
     judge,
+    merged,
     multiappend,
     quote,
     seed,
@@ -792,16 +794,16 @@ def test_a_killed_moves_copies_moved_on_before_recovery_take_their_sources_along
     assert _no_entries(proxy)
 
 
-def _journaled_killed_move(proxy_factory, fleet, n: int, uids: str, *, copy: bool = False, also=()):
+def _journaled_killed_move(proxy_factory, fleet, n: int, uids: str, *, copy: bool = False, also=(), config=MASTERS):
     """Work (*n* messages, b1) and Shared/Dest (2, b3), *also* [(backend, mailbox)] made empty, a
-    proxy, and a MOVE of *uids* to Shared/Dest journaled as killed before its APPENDUID (*copy*:
-    its MULTIAPPEND committed). The proxy, the journal data, Work's ids."""
+    proxy (of *config*), and a MOVE of *uids* to Shared/Dest journaled as killed before its APPENDUID
+    (*copy*: its MULTIAPPEND committed). The proxy, the journal data, Work's ids."""
     work = ids("work", n)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     for backend, box in also:
         seed(fleet[backend], "carol", box, [])
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory(config, rules=RULES)
     data = _killed_move_data(fleet, uids)
     journal_killed_move(proxy, data)
     if copy:
@@ -910,7 +912,8 @@ def test_a_clients_own_copy_does_not_take_a_never_committed_moves_source(proxy_f
     (helper attack18: the three APPENDs failed on main)."""
     proxy, data, work = _journaled_killed_move(proxy_factory, fleet, 5, "3", also=[("b3", "Shared/Y"),
                                                                                    ("b1", "Other"),
-                                                                                   ("b2", "Archive/X")])
+                                                                                   ("b2", "Archive/X")],
+                                               config=merged(MASTERS, QUICK_REFUSAL))  # the COPY across
     u = data["dst_uidnext"]
     made, sweep = 2, False
     if own.startswith("appended"):  # the user's own copy, after the move began
@@ -921,7 +924,7 @@ def test_a_clients_own_copy_does_not_take_a_never_committed_moves_source(proxy_f
         w = _logged_in(proxy)
         assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
         answer = w.cmd(b"c", b"UID COPY 3 Archive/X")[-1]
-        # it waits for the cut-off MOVE of its source (copywait.py): NO [INUSE] after MOVE_WAIT, or OK
+        # it waits for the cut-off MOVE of its source (copywait.py): NO [INUSE] after move_wait_seconds, or OK
         # if the proxy's own sweep (every 30 s) recovered the MOVE meanwhile
         assert answer.startswith((b"c OK", b"c NO [INUSE]")), answer
         made, sweep = (2, True) if answer.startswith(b"c OK") else (1, False)
@@ -1004,7 +1007,7 @@ def test_another_instance_re_saved_before_recovery_does_not_take_a_killed_moves_
 
 
 def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, fleet):
-    from referral_proxy.journal import Reservation
+    from referral_proxy.journal import Reservation, Step
 
     work = ids("work", 3)
     seed(fleet["b1"], "carol", "Work", work)
@@ -1014,6 +1017,7 @@ def test_moving_messages_out_of_a_mailbox_being_moved_is_in_use(proxy_factory, f
     assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")  # selected before the move began
     store = _store(proxy)
     entry = now(store.begin_move("carol", "move", [Reservation("Work"), Reservation("Shared/W")], {}, "x", "/"))
+    now(store.journal_step(entry, Step.COPYING, {}, "x"))  # under way: refused at once, not after holds.WAIT
     now(store.settle())  # as MailboxMap.begin_move does (PostgreSQL: the proxy has the reservation)
     for command in (b"UID MOVE 1 Other", b"MOVE 1 Shared/X", b"UID COPY 2 Shared/W"):
         assert w.cmd(b"m", command)[-1].startswith(b"m NO [INUSE]"), command

@@ -12,12 +12,14 @@ import pytest
 from imapwire import Wire, wait_for
 from movecheck import (
     LEFT_TO_RECOVER,
+    QUICK_REFUSAL,
     census,
     cli,
     deliver,
     faulty,
     journal_killed_move,
     journal_store,
+    merged,
     quote,
     seed,
     wait_paused,
@@ -45,7 +47,7 @@ def _cut_off_after_copy(proxy_factory, fleet, *, aged: bool):
     seed(fleet["b1"], "carol", "Work", ids("work", 5))
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     seed(fleet["b2"], "carol", "Archive/X", [])
-    proxy = proxy_factory(MASTERS, rules=RULES)
+    proxy = proxy_factory(merged(MASTERS, QUICK_REFUSAL), rules=RULES)
     w = _session(proxy)
     assert w.cmd(b"c", b"UID COPY 3 Archive/X")[-1].startswith(b"c OK")
     if aged:
@@ -70,7 +72,7 @@ def test_the_users_instance_brought_into_the_source_of_a_cut_off_move_takes_noth
     assert w.cmd(b"x", b"SELECT Archive/X")[-1].startswith(b"x OK")
     answer = w.cmd(b"b", b"UID " + verb + b" 1 Work")[-1]
     # a COPY across waits for the cut-off MOVE of its destination (copywait.py): NO [INUSE] after
-    # MOVE_WAIT (or OK, the proxy's own sweep having recovered the MOVE meanwhile); a MOVE does not wait
+    # move_wait_seconds (or OK, the proxy's own sweep having recovered the MOVE meanwhile); a MOVE does not wait
     assert answer.startswith(b"b OK") or (verb == b"COPY" and answer.startswith(b"b NO [INUSE]")), answer
     done = answer.startswith(b"b OK")
     w.close()
@@ -104,11 +106,11 @@ def test_the_users_copy_into_a_cut_off_moves_destination_is_not_taken_for_the_mo
     the COPY having landed in between), verified it and expunged the source: work-2 once where the
     user made two (the COPY was answered OK). The census must match what the client was told: a COPY
     answered OK leaves work-2 twice, one of them in Work; a COPY refused (INUSE, the mend: a COPY
-    across waits, up to MOVE_WAIT, for a MOVE across holding its source or destination: copywait.py)
-    leaves it once, in Work."""
+    across waits, up to move_wait_seconds, for a MOVE across holding its source or destination:
+    copywait.py) leaves it once, in Work."""
     from test_moves import _journaled_killed_move
 
-    proxy, _data, _work = _journaled_killed_move(proxy_factory, fleet, 5, "3")
+    proxy, _data, _work = _journaled_killed_move(proxy_factory, fleet, 5, "3", config=merged(MASTERS, QUICK_REFUSAL))
     w = _session(proxy)
     answer = w.cmd(b"c", b"UID COPY 3 Shared/Dest")[-1]
     w.close()
@@ -148,8 +150,9 @@ def test_the_users_copy_into_a_live_moves_destination_waits_and_survives_its_kil
     (same store) the user's UID COPY 3 Shared/Dest. On main the COPY was answered at once, its copy
     above the journaled UIDNEXT; p1 killed, p2's recovery took it for the MOVE's copy and expunged
     work-2 from Work. The COPY now waits for the MOVE's entry (its answer once p2's recovery has
-    released it, or NO [INUSE] after MOVE_WAIT and then sent again, as a client would): work-2 twice,
-    in Work and Shared/Dest."""
+    released it, or NO [INUSE] after move_wait_seconds and then sent again, as a client would): work-2
+    twice, in Work and Shared/Dest. The wait stays the default 10 s: it must outlast the kill and p2's
+    recovery for the COPY to be let through."""
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
@@ -178,6 +181,43 @@ def test_the_users_copy_into_a_live_moves_destination_waits_and_survives_its_kil
         where["work-2@t"]
     assert waited, "the COPY across did not wait for the MOVE holding its destination"
 
+
+
+def test_a_copy_across_waits_as_long_as_move_wait_seconds_says(proxy_factory, fleet, tmp_path):
+    """[map] move_wait_seconds is obeyed: a MOVE Work -> Shared/Dest cut off (outcome unknown, left to
+    recovery) holds the COPY's destination. Through a proxy with move_wait_seconds = 1 the user's UID
+    COPY 3 Shared/Dest is refused NO [INUSE] (nothing copied); through one with 120 (same store) it is
+    still unanswered 2 s later, and answered OK once the entry is ended (its holder released). The
+    census: work-2 twice, in Work and Shared/Dest."""
+    from storehelp import now
+
+    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
+    shared = merged(MASTERS, LEFT_TO_RECOVER)
+    if os.environ.get("RP_TEST_STORE") != "postgresql":
+        shared = merged(shared, {"map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}})
+    quick = proxy_factory(merged(shared, {"map": {"move_wait_seconds": 1}}), rules=RULES)
+    slow = proxy_factory(merged(shared, {"map": {"move_wait_seconds": 120}}), rules=RULES)
+    journal_killed_move(quick, _killed_move_data(fleet, "3"))
+    refused = _session(quick)
+    assert refused.cmd(b"c", b"UID COPY 3 Shared/Dest")[-1].startswith(b"c NO [INUSE]")
+    refused.close()
+    waiting = _session(slow)
+    waiting.send(b"c UID COPY 3 Shared/Dest\r\n")
+    assert _unanswered(waiting, b"c", 2.0), "the COPY did not wait move_wait_seconds = 120"
+    store = journal_store(slow)
+    try:
+        for entry in now(store.journal()):
+            now(store.end_move(entry.id))  # the holder released, as recovery of a never-committed MOVE does
+    finally:
+        now(store.close())
+    answer = waiting.until_tagged(b"c")[-1]
+    waiting.close()
+    assert answer.startswith(b"c OK"), answer
+    counts, where = census(fleet, "carol")
+    assert counts["work-2@t"] == 2 and sorted(where["work-2@t"]) == [("b1", "Work"), ("b3", "Shared/Dest")], \
+        where["work-2@t"]
+    assert _no_entries(slow)
 
 def test_a_killed_moves_recovery_is_described_at_the_step_it_was_found_at(proxy_factory, fleet):
     """Recovery found a MOVE at move-appending, its copies committed, and finished it; its line said
@@ -237,7 +277,7 @@ def _cut_off_at_expunging(proxy_factory, fleet, source: str = "Work"):
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     seed(fleet["b2"], "carol", "Archive/X", [])
     seed(fleet["b1"], "carol", "Other", [])
-    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
+    proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL), rules=RULES)
     data = _killed_move_data(fleet, "3", source)
     _copy_directly(fleet, "b1", source, "b3", "Shared/Dest", "3")
     with fleet["b1"].client("carol") as m:
@@ -307,7 +347,7 @@ def test_the_users_relayed_copy_into_a_cut_off_moves_destination_is_not_taken_fo
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     seed(fleet["b3"], "carol", "Shared/Other", [])
     _copy_directly(fleet, "b1", "Work", "b3", "Shared/Other", "3")
-    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
+    proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL), rules=RULES)
     journal_killed_move(proxy, _killed_move_data(fleet, "3"))
     w = _session(proxy, b"Shared/Other")
     answer = w.cmd(b"c", b"UID COPY 1 Shared/Dest")[-1]

@@ -16,7 +16,7 @@ from storehelp import REACTOR, now
 from test_ops_dovecot import scrape, value
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER, Dovecot, free_port
-from referral_proxy.journal import Reservation
+from referral_proxy.journal import Reservation, Step
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -97,6 +97,7 @@ def test_admin_moves_are_counted_once_in_every_proxys_metrics(proxy_factory, fle
     holder = open_store(shared_store, REACTOR)  # another move holds Work (as a proxy's RENAME would)
     holder.start()
     entry = now(holder.begin_move("carol", "move", [Reservation("Work")], {}, "elsewhere.example:1:1", "/"))
+    now(holder.journal_step(entry, Step.COPYING, {}, "elsewhere.example:1:1"))  # under way: no holds.WAIT
     try:
         busy = cli("move", "--config", str(a.config_path), "carol", "Work", "b1")
     finally:

@@ -227,7 +227,7 @@ def test_a_mailbox_a_move_holds_is_in_use_not_referred(proxy_factory, fleet):
     from storehelp import REACTOR, now
 
     from referral_proxy.config import load_config
-    from referral_proxy.journal import Reservation
+    from referral_proxy.journal import Reservation, Step
     from referral_proxy.routing import open_store
 
     with fleet["b3"].client("alice") as m:
@@ -239,6 +239,7 @@ def test_a_mailbox_a_move_holds_is_in_use_not_referred(proxy_factory, fleet):
     store = open_store(load_config(proxy.config_path).map.store, REACTOR)
     store.start()
     entry = now(store.begin_move("alice", "rename", [Reservation("Shared/W", subtree=True)], {}, "x", "/"))
+    now(store.journal_step(entry, Step.PLANNED, {}, "x"))  # under way: refused at once, not after holds.WAIT
     now(store.settle())
     for command in (b"RENAME Shared/W Shared/Z", b"RENAME Shared/W Local", b"RENAME Shared/Y Shared/W/kid",
                     b"SELECT Shared/W", b"STATUS Shared/W (MESSAGES)", b"DELETE Shared/W",

@@ -306,7 +306,9 @@ def test_interrupted_move_is_recovered_at_start_up(proxy_factory, fleet):
 
 
 def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
-    from referral_proxy.journal import Reservation
+    """A move under way (past its check: holds.py waits up to 3 s for a holder still at ``reserved``,
+    then refuses just the same) holds Work and Archive/Work: every command on them is NO [INUSE]."""
+    from referral_proxy.journal import Reservation, Step
     from referral_proxy.routing import SQLiteStore
 
     _seed(fleet["b1"], "Work", 1)
@@ -317,6 +319,7 @@ def test_mailbox_being_moved_is_in_use_for_other_sessions(proxy_factory, fleet):
     w.login()
     store = SQLiteStore(proxy.config_path.parent / "map.sqlite3")  # another process: as the admin move would
     entry = now(store.begin_move("alice", "move", [Reservation("Work"), Reservation("Archive/Work")], {}, "x", "/"))
+    now(store.journal_step(entry, Step.COPYING, {}, "x"))  # under way: refused at once, not after holds.WAIT
     for tag, command in [(b"a", b"SELECT Work"), (b"b", b"STATUS Archive/Work (MESSAGES)"), (b"c", b"DELETE Work"),
                          (b"f", b"CREATE Work/New"), (b"g", b"RENAME Other Archive/Work/x")]:
         assert w.cmd(tag, command) == [tag + b" NO [INUSE] Mailbox is being moved to another server; try again shortly\r\n"]
