@@ -16,38 +16,11 @@ import time
 
 import pytest
 from imapwire import Wire
-from movecheck import LEFT_TO_RECOVER, QUICK_REFUSAL, census, cli, journal_store, merged, seed
-from test_moves import MASTERS, RULES, _killed_move_data, _no_entries
+from movecheck import LEFT_TO_RECOVER, QUICK_REFUSAL, merged, seed
+from test_moves import MASTERS, RULES, _no_entries
+from test_moves_other_instance import finish_oldmove_then_recover, journal_cut_off_at_expunging
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
-
-
-def _journal_cut_off_at_expunging(proxy, fleet, uid: str) -> None:
-    """A MOVE of Work's *uid* (b1) to Shared/Dest (b3), as a proxy killed at move-expunging leaves it:
-    its copy committed, the source flagged \\Deleted and still there, its entry holding both mailboxes
-    and Work's move_lock (as transfer._hold takes them)."""
-    from storehelp import now
-    from test_moves import _copy_directly, _state
-
-    from referral_proxy.journal import Reservation, Step
-    from referral_proxy.transfer import move_lock
-
-    data = _killed_move_data(fleet, uid)
-    _copy_directly(fleet, "b1", "Work", "b3", "Shared/Dest", uid)
-    with fleet["b1"].client("carol") as m:
-        m.select("Work")
-        m.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
-    assert _state(fleet["b3"], "Shared/Dest")[1] == data["dst_uidnext"] + 1
-    data.update(dst_uids=str(data["dst_uidnext"]), present=uid, vanished_dst="")
-    store = journal_store(proxy)
-    try:
-        held = [Reservation("Work", False, True), Reservation("Shared/Dest", False, True),
-                Reservation(move_lock("Work", "/"), False)]
-        entry = now(store.begin_move("carol", "move-messages", held, data, None, "/"))
-        for step in (Step.MOVE_APPENDING, Step.MOVE_APPENDED, Step.MOVE_EXPUNGING):
-            now(store.journal_step(entry, step, data, None))
-    finally:
-        now(store.close())
 
 
 @pytest.mark.parametrize("verb", ["OLDMOVE", "MOVE"])
@@ -75,19 +48,13 @@ def test_a_relayed_copy_behind_another_command_is_checked_when_it_goes_not_when_
     try:
         w.send(b"a UID COPY 1 INBOX\r\nc UID %s 3 Other\r\n" % (b"MOVE" if verb == "MOVE" else b"COPY"))
         assert lock.stalled_move_linked()  # (the first COPY waits for INBOX's lock at Dovecot)
-        _journal_cut_off_at_expunging(proxy, fleet, "3")
+        journal_cut_off_at_expunging(proxy, fleet, "3")
         time.sleep(1.0)  # (the proxy's snapshot of the journal has polled it)
     finally:
         assert lock.release()
     assert w.until_tagged(b"a")[-1].startswith(b"a OK")
     answer = w.until_tagged(b"c")[-1]
-    if answer.startswith(b"c OK") and verb == "OLDMOVE":
-        assert w.cmd(b"d", b"UID STORE 3 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
-        assert w.cmd(b"e", b"UID EXPUNGE 3")[-1].startswith(b"e OK")
-    w.close()
-    recovered = cli("recover", "--config", str(proxy.config_path))
-    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
-    counts, where = census(fleet, "carol")
+    counts, where, _ = finish_oldmove_then_recover(proxy, fleet, w, answer if verb == "OLDMOVE" else b"")
     assert counts["work-2@t"] == 1 and ("b1", "Work") not in where["work-2@t"], (answer, where["work-2@t"])
     assert sorted(where["work-0@t"]) == [("b1", "INBOX"), ("b1", "Work")], where["work-0@t"]
     assert all(counts[m] == 1 for m in ("work-1@t", "work-3@t", "work-4@t")), counts

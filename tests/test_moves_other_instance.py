@@ -263,39 +263,56 @@ def test_only_a_moves_entry_holds_a_copy_across_back(other):
 
 def _cut_off_at_expunging(proxy_factory, fleet, source: str = "Work"):
     """*source* (5, b1; Work unless said), Shared/Dest (2, b3), Archive/X (b2) and Other (b1) empty, a proxy whose own recovery
-    check is slowed (the entry is left to the test's `recover`), and a MOVE of UID 3 (work-2) Work ->
-    Shared/Dest journaled as a proxy killed at move-expunging leaves it: its copy committed (APPENDUID
-    recorded), the source flagged \\Deleted and not yet expunged, still visible in Work; its MOVE_LOCK
-    held, as transfer._hold holds it. The proxy."""
-    from storehelp import now
-    from test_moves import _copy_directly, _state
-
-    from referral_proxy.journal import Reservation, Step
-    from referral_proxy.transfer import MOVE_LOCK
-
+    check is slowed (the entry is left to the test's `recover`), and a MOVE of UID 3 (work-2) cut off at
+    move-expunging (journal_cut_off_at_expunging). The proxy."""
     seed(fleet["b1"], "carol", source, ids("work", 5))
     seed(fleet["b3"], "carol", "Shared/Dest", ids("there", 2))
     seed(fleet["b2"], "carol", "Archive/X", [])
     seed(fleet["b1"], "carol", "Other", [])
     proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL), rules=RULES)
-    data = _killed_move_data(fleet, "3", source)
-    _copy_directly(fleet, "b1", source, "b3", "Shared/Dest", "3")
+    journal_cut_off_at_expunging(proxy, fleet, "3", source)
+    return proxy
+
+
+def journal_cut_off_at_expunging(proxy, fleet, uid: str, source: str = "Work") -> None:
+    """A MOVE of *source*'s *uid* (b1) to Shared/Dest (b3) journaled as a proxy killed at move-expunging
+    leaves it: its copy committed (APPENDUID recorded), the source flagged \\Deleted and not yet expunged,
+    still visible; its entry holding both mailboxes and the source's move_lock, as transfer._hold takes them."""
+    from storehelp import now
+    from test_moves import _copy_directly, _state
+
+    from referral_proxy.journal import Reservation, Step
+    from referral_proxy.transfer import move_lock
+
+    data = _killed_move_data(fleet, uid, source)
+    _copy_directly(fleet, "b1", source, "b3", "Shared/Dest", uid)
     with fleet["b1"].client("carol") as m:
         m.select(quote(source))
-        m.uid("STORE", "3", "+FLAGS.SILENT", "(\\Deleted)")
+        m.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
     assert _state(fleet["b3"], "Shared/Dest")[1] == data["dst_uidnext"] + 1
-    data.update(dst_uids=str(data["dst_uidnext"]), present="3", vanished_dst="")
+    data.update(dst_uids=str(data["dst_uidnext"]), present=uid, vanished_dst="")
     store = journal_store(proxy)
     try:
         held = [Reservation(source, False, True), Reservation("Shared/Dest", False, True),
-                Reservation(MOVE_LOCK + source, False)]  # as transfer._hold: the source's name normalized
+                Reservation(move_lock(source, "/"), False)]
         entry = now(store.begin_move("carol", "move-messages", held, data, None, "/"))
-        now(store.journal_step(entry, Step.MOVE_APPENDING, data, None))
-        now(store.journal_step(entry, Step.MOVE_APPENDED, data, None))
-        now(store.journal_step(entry, Step.MOVE_EXPUNGING, data, None))
+        for step in (Step.MOVE_APPENDING, Step.MOVE_APPENDED, Step.MOVE_EXPUNGING):
+            now(store.journal_step(entry, step, data, None))
     finally:
         now(store.close())
-    return proxy
+
+
+def finish_oldmove_then_recover(proxy, fleet, w, answer: bytes, tag: bytes = b"c"):
+    """An OLDMOVE's rest if its COPY (*tag*) was OK: UID STORE 3 +FLAGS (\\Deleted), UID EXPUNGE 3; then
+    the session closed, `recover` run: (census counts, where, recover's output)."""
+    if answer.startswith(tag + b" OK"):
+        assert w.cmd(b"d", b"UID STORE 3 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
+        assert w.cmd(b"e", b"UID EXPUNGE 3")[-1].startswith(b"e OK")
+    w.close()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    return counts, where, recovered.stdout
 
 
 @pytest.mark.parametrize(("verb", "to", "source", "selected"), [
@@ -321,15 +338,9 @@ def test_another_sessions_move_of_a_cut_off_moves_source_message_makes_no_second
         answer = w.cmd(b"m", b"UID MOVE 3 " + to.encode())[-1]
     else:
         answer = w.cmd(b"c", b"UID COPY 3 " + to.encode())[-1]
-        if answer.startswith(b"c OK"):
-            assert w.cmd(b"d", b"UID STORE 3 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
-            assert w.cmd(b"e", b"UID EXPUNGE 3")[-1].startswith(b"e OK")
-    w.close()
-    recovered = cli("recover", "--config", str(proxy.config_path))
-    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
-    counts, where = census(fleet, "carol")
+    counts, where, recovered = finish_oldmove_then_recover(proxy, fleet, w, answer)
     assert counts["work-2@t"] == 1 and ("b1", source) not in where["work-2@t"], (answer, where["work-2@t"],
-                                                                              recovered.stdout)
+                                                                              recovered)
     assert _no_entries(proxy)
 
 
