@@ -15,12 +15,15 @@ So a COPY across first waits until no ``move-messages`` entry holds its source o
 mailbox (both MOVE mailboxes are held, shared, for the entry's whole life), up to ``[map]
 move_wait_seconds`` (10 by default; the caller passes it), then ``NO [INUSE]``. The check reads this process's cached view of
 the reservations (no I/O when nothing is held, i.e. nearly always) and the journal only when an
-entry holds one of the names, to see whether it is a MOVE's. It takes no lock of its own (branch
-``copylock19`` took one per COPY: a journal entry begun and ended, 8-20 ms a COPY, and a MOVE
-waited for it), so it leaves one race: a MOVE across of the same message that begins after this
-check and before the COPY's APPEND commits (a window as long as the COPY, milliseconds), and is
-then cut off before its own commit, can still take the COPY's copy (in its destination above its
-UIDNEXT; or back in its source, its own copy gone from the destination) for its own.
+entry holds one of the names, to see whether it is a MOVE's. Then, until its copy has landed, the
+COPY holds an entry of its own (transfer._copying: op ``copy-messages``, both mailboxes' copy_lock
+names, shared; a begin and an end in the store) that a MOVE across of either mailbox waits for
+(transfer.move_reservations takes them exclusively). Without it a MOVE across of the same message
+begun after this check, before the COPY's APPEND committed (Dovecot holding it on the mailbox's
+lock: tests/test_copy_across_then_move.py), and cut off before its own commit, took the COPY's copy,
+above the UIDNEXT it had read, for its own and expunged the source: once where the clients made two.
+Two MOVEs across into one mailbox (or one's source the other's destination) wait for each other the
+same way: one's copy of a message both carry (a COPY made them two) would be the other's to recover.
 
 A COPY or MOVE relayed to the backend of both its mailboxes (Dovecot's own) waits the same way
 while a MOVE across is from its source (holds transfer.MOVE_LOCK + that name: only MOVEs across
@@ -35,7 +38,10 @@ across (waits here since copywait); one relayed to the source's backend did the 
 COPY is checked once no command of its session is in flight and then sent at once (a relayed MOVE
 once it has its turn): queued behind them at Dovecot it could run after a MOVE across begun
 meanwhile had copied and flagged its message (tests/test_copy_queued_behind.py). Left: Dovecot
-itself may hold a COPY sent at once (a mailbox lock), up to its mail_max_lock_timeout.
+itself may hold a COPY sent at once (a mailbox lock), up to its mail_max_lock_timeout; and a COPY or
+MOVE relayed within a MOVE across's destination's backend (or a client's APPEND of the same bytes)
+that lands there after that MOVE read its UIDNEXT is not kept from it (an entry per relayed COPY
+would cost a store write on every COPY to Trash).
 """
 
 from __future__ import annotations

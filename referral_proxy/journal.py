@@ -6,6 +6,8 @@ proxy killed at any point leaves an entry that ``recover`` can finish or undo:
 
 * a mailbox move (cross-server RENAME, the admin ``move``), op ``"move"``;
 * a cross-server MOVE / UID MOVE of messages, op ``"move-messages"``;
+* a cross-server COPY while its copy lands, op ``"copy-messages"`` (only to hold its names, at
+  ``reserved``: transfer._copying);
 * a RENAME on one backend, op ``"rename-local"`` (only to hold its names);
 * a MULTIAPPEND staged on a backend without MULTIAPPEND, op ``"staging"`` (staging.py):
   its private staging mailbox, which recovery deletes.

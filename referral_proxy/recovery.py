@@ -49,6 +49,8 @@ def describe(entry: JournalEntry) -> str:
         what = f"{d.get('old')} -> {d.get('new')} ({d.get('src')} -> {d.get('dst')})"
     elif entry.op == "move-messages":
         what = f"MOVE {d.get('src_mailbox')} -> {d.get('dst_mailbox')} ({d.get('src')} -> {d.get('dst')})"
+    elif entry.op == "copy-messages":
+        what = f"COPY {d.get('src_mailbox')} -> {d.get('dst_mailbox')} across servers"
     elif entry.op == "staging":
         what = f"APPEND to {d.get('target')} staged in {d.get('mailbox')} on {d.get('backend')}"
     elif entry.op == "map":

@@ -123,6 +123,8 @@ class CopyOutcome:
 
 SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to commit before it looks again
 MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see move_lock)
+COPY_LOCK = "\x00copying\x00"  # + a mailbox: the same kind of name (see copy_lock)
+COPIES = "copy-messages"  # the journal op of a COPY across while its copy lands (_copying)
 COPY_IN_USE = ("[INUSE] Messages of a mailbox involved are being moved across servers (or a move cut off "
                "awaits recovery); try again shortly")
 
@@ -138,7 +140,7 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     [EXPUNGEISSUED]``, nothing copied or moved (acrossview.py).
 
     MOVE pins both mailboxes in the journal and waits its turn after any other cross-server
-    MOVE from the same mailbox (two of them would each copy a message both name: up to *move_wait*
+    MOVE or COPY of either mailbox (move_reservations; two MOVEs from one mailbox would each copy a message both name: up to *move_wait*
     seconds, ``[map] move_wait_seconds``, then ``NO [INUSE]``); then it
     records the destination's UIDNEXT before its MULTIAPPEND, verifies every copy by
     content, records the new UIDs, and only then removes the source UIDs that are still
@@ -148,7 +150,10 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
 
     COPY first waits (up to *move_wait* seconds, then ``NO [INUSE]``) until no MOVE across, under way or
     cut off and awaiting recovery, holds its source or destination: its copy, the same bytes, would
-    be taken by that MOVE's recovery for the MOVE's own (copywait.py).
+    be taken by that MOVE's recovery for the MOVE's own (copywait.py). Then, until its copy has landed
+    (answered or failed), it holds an entry of its own (_copying) that keeps any MOVE across of its
+    source or destination from beginning: such a MOVE, cut off before its commit, would find this
+    copy above the UIDNEXT it read (tests/test_copy_across_then_move.py).
 
     *ask*: the session's own connection to *dst*'s backend, if it has one: a destination refused is
     asked why there (mailops.refused_target).
@@ -174,6 +179,7 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
     client sees them whatever the answer, also when this raises)."""
     dst_name = mailbox.decode("utf-8", "surrogateescape")
     src_name = normalize(source_mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
+    copying = None  # a COPY's own entry (_copying), while its copy lands
     try:
         if move:
             entry = await _hold(mailbox_map, user, src_name, dst_name, clock, move_wait)
@@ -181,6 +187,14 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
             entry = None
             if not await wait_for_moves(mailbox_map, user, [src_name, dst_name], clock, move_wait):
                 return CopyOutcome(seen, "NO", COPY_IN_USE)
+            try:
+                copying = await _copying(mailbox_map, user, src_name, dst_name, clock, move_wait,
+                                         {"src": src.name, "dst": dst.name})
+            except StoreUnavailable:
+                pass  # no MOVE across begins without the store either: on as when COPYs had no entry
+            else:
+                if copying is None:
+                    return CopyOutcome(seen, "NO", COPY_IN_USE)
     except StoreUnavailable:
         return CopyOutcome(seen, "NO", UNAVAILABLE)
     if move and entry is None:
@@ -225,6 +239,8 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
             else:
                 await mailbox_map.disown(entry)  # the copies may be there: recovery finishes or releases it
         raise
+    finally:
+        await _let_go(mailbox_map, copying)  # answered, or failed: the copy landed or never will from here
 
 
 def move_lock(mailbox: str, separator: str) -> str:
@@ -233,20 +249,70 @@ def move_lock(mailbox: str, separator: str) -> str:
     return MOVE_LOCK + normalize(mailbox, separator)
 
 
+def copy_lock(mailbox: str, separator: str) -> str:
+    """The reservation name a COPY across into or out of *mailbox* holds shared while its copy lands
+    (_copying), and a MOVE across of it exclusively (move_reservations): the MOVE waits for the COPY."""
+    return COPY_LOCK + normalize(mailbox, separator)
+
+
+def move_reservations(src_name: str, dst_name: str, separator: str) -> list[Reservation]:
+    """What a MOVE across holds for its entry's life: both mailboxes (shared: other commands go on),
+    the source's move_lock (one MOVE across from a mailbox at a time) and both copy_locks (no COPY
+    across of either lands meanwhile, nor another MOVE across of either: recovery tells a cut-off
+    MOVE's copies by content above the UIDNEXT it read, and would take theirs for its own)."""
+    locks = {copy_lock(src_name, separator), copy_lock(dst_name, separator)}
+    return ([Reservation(src_name, False, True), Reservation(dst_name, False, True),
+             Reservation(move_lock(src_name, separator), subtree=False)]
+            + [Reservation(name, subtree=False) for name in sorted(locks)])
+
+
+def _lock_names_only(e: InUse) -> bool:
+    """Only MOVEs' and COPYs' lock names in the way: they end within a command; wait for them."""
+    return all(h.name is not None and h.name.startswith((MOVE_LOCK, COPY_LOCK)) for h in e.held)
+
+
 async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any,
                 seconds: float) -> JournalEntry | None:
-    """Begin a MOVE's entry: its two mailboxes pinned, and the source's move_lock name, which only
-    cross-server MOVEs take, held. Another MOVE from that mailbox holding it: wait (up to *seconds*,
-    if there is a clock). None: a move or RENAME holds one of the mailboxes (INUSE)."""
-    lock = Reservation(move_lock(src_name, mailbox_map.separator), subtree=False)
-    reservations = [Reservation(src_name, False, True), Reservation(dst_name, False, True), lock]
+    """Begin a MOVE's entry (move_reservations). Another MOVE or COPY across in the way of its lock
+    names: wait (up to *seconds*, if there is a clock). None: a move or RENAME holds one of the
+    mailboxes, or the wait ran out (INUSE)."""
+    reservations = move_reservations(src_name, dst_name, mailbox_map.separator)
     async for _ in pauses(clock, seconds, 0.02, 0.5):
         try:
             return await mailbox_map.begin_move(user, "move-messages", reservations, {})
         except InUse as e:
-            if any(h.name != lock.name for h in e.held):
+            if not _lock_names_only(e):
                 return None
     return None
+
+
+async def _copying(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any,
+                   seconds: float, backends: dict[str, str]) -> JournalEntry | None:
+    """Begin a COPY across's entry (op ``copy-messages``, at ``reserved`` for its whole life: recovery
+    releases it): both copy_locks held shared until its copy has landed. A MOVE across in the way:
+    wait (up to *seconds*); None: still there, or a whole-user move holds everything (INUSE).
+    *backends*: {"src": .., "dst": ..}, in its data (a reload keeps a backend an entry names)."""
+    locks = {copy_lock(src_name, mailbox_map.separator), copy_lock(dst_name, mailbox_map.separator)}
+    reservations = [Reservation(name, subtree=False, shared=True) for name in sorted(locks)]
+    async for _ in pauses(clock, seconds, 0.02, 0.5):
+        try:
+            return await mailbox_map.begin_move(user, COPIES, reservations,
+                                                {"src_mailbox": src_name, "dst_mailbox": dst_name, **backends})
+        except InUse as e:
+            if not _lock_names_only(e):
+                return None
+    return None
+
+
+async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry | None) -> None:
+    """End a COPY's entry; a store failure is logged, not raised (the COPY's answer stands): the entry
+    is given up, for recovery to release."""
+    if entry is None or entry.ended:
+        return
+    try:
+        await mailbox_map.end_move(entry)
+    except Exception as e:
+        log.warn("COPY across: could not end journal entry {id} ({why}); recovery releases it", id=entry.id, why=str(e))
 
 
 async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, src_mailbox: str,
