@@ -422,8 +422,10 @@ class MailboxMap:
         name = normalize(mailbox, self.separator)
         return {i for i, r in held if i in moves and not r.shared and covers(r, name, self.separator)}
 
-    async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict) -> JournalEntry:
-        """Reserve the names and write the entry, in one store transaction; InUse if any is held."""
+    async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, *,
+                         settle: bool = True) -> JournalEntry:
+        """Reserve the names and write the entry, in one store transaction; InUse if any is held.
+        *settle* False: other proxies' caches need not have it first (names only begin_move checks)."""
         user = self.canonical(user)
         names = [Reservation(None if r.name is None else normalize(r.name, self.separator), r.subtree, r.shared)
                  for r in reservations]
@@ -431,8 +433,8 @@ class MailboxMap:
         self._working.add(entry_id)
         self._held.setdefault(user, []).extend((entry_id, r) for r in names)
         self._began_entry(user, tuple(names))
-        # Other proxies answer NO [INUSE] from their caches: the move reads nothing before they have it.
-        await self._store.settle()
+        if settle:  # other proxies answer NO [INUSE] from their caches: the move reads nothing before they have it
+            await self._store.settle()
         entry = JournalEntry(entry_id, user, op, data, Step.RESERVED, self._owner)
         if self.on_step is not None:
             self.on_step(entry)
@@ -464,7 +466,7 @@ class MailboxMap:
             raise LostEntry(f"journal entry {entry.id}: this process stalled {stalled:.1f} s, past half its "
                             f"{self._config.lease_seconds:g} s lease; recovery may have taken it over")
 
-    async def end_move(self, entry: JournalEntry) -> None:
+    async def end_move(self, entry: JournalEntry, *, settle: bool = True) -> None:
         """The operation is over (done or undone): the entry and its reservations go together.
 
         If the store fails, nobody works on the entry any more: given up, for recovery (renewed,
@@ -484,7 +486,8 @@ class MailboxMap:
                 self._held[entry.user] = rest
             else:  # none left: reserved() answers from the empty dict again
                 del self._held[entry.user]
-        await self._store.settle()  # the names are free for the client's next command, through any proxy
+        if settle:
+            await self._store.settle()  # the names are free for the client's next command, through any proxy
 
     def abandoned(self, entry: JournalEntry) -> bool:
         """May recovery take *entry* over: nobody owns it, its owner (on this host) is dead, its lease

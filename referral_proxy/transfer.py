@@ -296,8 +296,9 @@ async def _copying(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: 
     reservations = [Reservation(name, subtree=False, shared=True) for name in sorted(locks)]
     async for _ in pauses(clock, seconds, 0.02, 0.5):
         try:
-            return await mailbox_map.begin_move(user, COPIES, reservations,
-                                                {"src_mailbox": src_name, "dst_mailbox": dst_name, **backends})
+            return await mailbox_map.begin_move(user, COPIES, reservations,  # (no cache answers from its names)
+                                                {"src_mailbox": src_name, "dst_mailbox": dst_name, **backends},
+                                                settle=False)
         except InUse as e:
             if not _lock_names_only(e):
                 return None
@@ -310,7 +311,7 @@ async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry | None) -> None:
     if entry is None or entry.ended:
         return
     try:
-        await mailbox_map.end_move(entry)
+        await mailbox_map.end_move(entry, settle=False)
     except Exception as e:
         log.warn("COPY across: could not end journal entry {id} ({why}); recovery releases it", id=entry.id, why=str(e))
 
