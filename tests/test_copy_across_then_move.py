@@ -161,3 +161,36 @@ def test_copies_across_do_not_wait_for_each_other_and_a_move_waits_for_them():
     assert not clash(copy("Work", "Archive/X"), move_reservations("INBOX", "Other", "/"))
     # a RENAME's (exclusive, subtree) reservation of the mailboxes is not in a COPY's way
     assert not clash(copy("Shared/Dest", "Work"), [Reservation("Shared", subtree=True)])
+
+
+def test_a_copy_across_cut_off_by_a_kill_leaves_an_entry_recover_releases(proxy_factory, fleet):
+    """The COPY held at its commit as above, and its proxy SIGKILLed: its entry (op copy-messages, at
+    reserved) stays, its owner gone; `recover` releases it ("nothing was changed": whether the copy
+    landed is Dovecot's, once the lock goes) and a MOVE across of that mailbox then goes through."""
+    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL), rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    lock = _held_lock(fleet["b3"], "carol", ".Shared.Dest")
+    try:
+        w.send(b"c UID COPY 3 Shared/Dest\r\n")
+        assert lock.stalled_move_linked()
+        proxy.kill()
+        assert _journaled_ops(proxy) == ["copy-messages"]
+    finally:
+        assert lock.release()
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "COPY Work -> Shared/Dest" in recovered.stdout, recovered.stdout
+    assert "released" in recovered.stdout, recovered.stdout
+    assert _no_entries(proxy)
+    again = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL), rules=RULES)
+    m = Wire(again.host, again.port, timeout=120)
+    m.login("carol")
+    assert m.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    assert m.cmd(b"m", b"UID MOVE 4 Shared/Dest")[-1].startswith(b"m OK")
+    m.close()
+    counts, where = census(fleet, "carol")
+    assert where["work-3@t"] == [("b3", "Shared/Dest")], where["work-3@t"]
+    assert where["work-2@t"].count(("b1", "Work")) == 1 and counts["work-2@t"] in (1, 2), where["work-2@t"]
