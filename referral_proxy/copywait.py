@@ -22,7 +22,7 @@ names, shared; a begin and an end in the store) that a MOVE across of either mai
 begun after this check, before the COPY's APPEND committed (Dovecot holding it on the mailbox's
 lock: tests/test_copy_across_then_move.py), and cut off before its own commit, took the COPY's copy,
 above the UIDNEXT it had read, for its own and expunged the source: once where the clients made two.
-Two MOVEs across into one mailbox (or one's source the other's destination) wait for each other the
+Two MOVEs across into one mailbox (or from one: move_lock) wait for each other the
 same way: one's copy of a message both carry (a COPY made them two) would be the other's to recover.
 
 A COPY or MOVE relayed to the backend of both its mailboxes (Dovecot's own) waits the same way

@@ -249,21 +249,31 @@ def move_lock(mailbox: str, separator: str) -> str:
     return MOVE_LOCK + normalize(mailbox, separator)
 
 
-def copy_lock(mailbox: str, separator: str) -> str:
-    """The reservation name a COPY across into or out of *mailbox* holds shared while its copy lands
-    (_copying), and a MOVE across of it exclusively (move_reservations): the MOVE waits for the COPY."""
-    return COPY_LOCK + normalize(mailbox, separator)
+def copy_lock(mailbox: str, separator: str, role: str) -> str:
+    """A reservation name of *mailbox* (*role* "into" or "from") that COPYs across of it hold shared
+    while their copy lands (copy_reservations) and a MOVE across holds exclusively for its
+    destination ("into") and its source ("from") (move_reservations): the MOVE waits for the COPY."""
+    return f"{COPY_LOCK}{role}\x00{normalize(mailbox, separator)}"
+
+
+def copy_reservations(src_name: str, dst_name: str, separator: str) -> list[Reservation]:
+    """What a COPY across holds while its copy lands: both copy_locks of both mailboxes, shared (a
+    MOVE across into or out of either waits; other COPYs do not)."""
+    names = {copy_lock(m, separator, role) for m in (src_name, dst_name) for role in ("into", "from")}
+    return [Reservation(name, subtree=False, shared=True) for name in sorted(names)]
 
 
 def move_reservations(src_name: str, dst_name: str, separator: str) -> list[Reservation]:
     """What a MOVE across holds for its entry's life: both mailboxes (shared: other commands go on),
-    the source's move_lock (one MOVE across from a mailbox at a time) and both copy_locks (no COPY
-    across of either lands meanwhile, nor another MOVE across of either: recovery tells a cut-off
-    MOVE's copies by content above the UIDNEXT it read, and would take theirs for its own)."""
-    locks = {copy_lock(src_name, separator), copy_lock(dst_name, separator)}
-    return ([Reservation(src_name, False, True), Reservation(dst_name, False, True),
-             Reservation(move_lock(src_name, separator), subtree=False)]
-            + [Reservation(name, subtree=False) for name in sorted(locks)])
+    the source's move_lock (one MOVE across from a mailbox at a time), the destination's "into"
+    copy_lock (one MOVE across into a mailbox at a time) and the source's "from" one: no COPY across
+    of either mailbox lands meanwhile. Recovery tells a cut-off MOVE's copies by content above the
+    UIDNEXT it read and would take such a COPY's (or the other MOVE's) copy for its own. A MOVE out
+    of another's destination does not wait: recovery follows a copy moved on (movefinish.moved_on)."""
+    return [Reservation(src_name, False, True), Reservation(dst_name, False, True),
+            Reservation(move_lock(src_name, separator), subtree=False),
+            Reservation(copy_lock(dst_name, separator, "into"), subtree=False),
+            Reservation(copy_lock(src_name, separator, "from"), subtree=False)]
 
 
 def _lock_names_only(e: InUse) -> bool:
@@ -289,11 +299,10 @@ async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str
 async def _copying(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any,
                    seconds: float, backends: dict[str, str]) -> JournalEntry | None:
     """Begin a COPY across's entry (op ``copy-messages``, at ``reserved`` for its whole life: recovery
-    releases it): both copy_locks held shared until its copy has landed. A MOVE across in the way:
+    releases it): copy_reservations held until its copy has landed. A MOVE across in the way:
     wait (up to *seconds*); None: still there, or a whole-user move holds everything (INUSE).
     *backends*: {"src": .., "dst": ..}, in its data (a reload keeps a backend an entry names)."""
-    locks = {copy_lock(src_name, mailbox_map.separator), copy_lock(dst_name, mailbox_map.separator)}
-    reservations = [Reservation(name, subtree=False, shared=True) for name in sorted(locks)]
+    reservations = copy_reservations(src_name, dst_name, mailbox_map.separator)
     async for _ in pauses(clock, seconds, 0.02, 0.5):
         try:
             return await mailbox_map.begin_move(user, COPIES, reservations,  # (no cache answers from its names)

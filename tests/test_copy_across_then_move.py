@@ -7,7 +7,7 @@ begun meanwhile, took the destination's UIDNEXT before the COPY's copy landed an
 its own commit (journaled at move-appending, hashes recorded, outcome unknown). Recovery found the
 COPY's copy above that UIDNEXT, by content, took it for the MOVE's and expunged the source: work-2
 once where the COPY (answered OK) and a MOVE that never committed make two. Now a COPY across holds
-its mailboxes' copy_lock names (shared) until its copy has landed, and a MOVE across takes them
+its mailboxes' copy_lock names (shared) until its copy has landed, and a MOVE across takes its own
 exclusively (transfer.move_reservations): the MOVE waits for the COPY. Real Dovecot; census by content.
 """
 
@@ -130,12 +130,14 @@ def test_a_move_across_waits_for_a_copy_across_landing_in_its_destination(proxy_
 
 @pytest.mark.parametrize(("first", "second", "clash"), [
     (("Work", "Shared/Dest"), ("Other", "Shared/Dest"), True),   # two MOVEs into one mailbox
-    (("Work", "Shared/Dest"), ("Shared/Dest", "Other"), True),   # one's destination the other's source
+    (("Work", "Shared/Dest"), ("Work", "Other"), True),          # two MOVEs from one mailbox
+    (("Work", "Shared/Dest"), ("Shared/Dest", "Other"), False),  # out of another's destination: moved_on
     (("Work", "Shared/Dest"), ("INBOX", "Archive/X"), False),    # nothing in common
     (("inbox", "Shared/Dest"), ("INBOX", "Other"), True),         # INBOX in any case
 ])
 def test_which_moves_across_wait_for_each_other(first, second, clash):
-    """move_reservations: MOVEs across sharing a mailbox (either role) cannot hold their entries at once."""
+    """move_reservations: MOVEs across into one mailbox, or from one, cannot hold their entries at once;
+    a MOVE out of another's destination can (test_several_proxies_moved_on: recovery follows that copy)."""
     from referral_proxy.journal import conflicts
 
     a, b = move_reservations(*first, "/"), move_reservations(*second, "/")
@@ -146,10 +148,10 @@ def test_copies_across_do_not_wait_for_each_other_and_a_move_waits_for_them():
     """A COPY across's reservations (transfer._copying: copy_lock names, shared) clash with a MOVE
     across of either of its mailboxes, and with nothing of another COPY's."""
     from referral_proxy.journal import Reservation, conflicts
-    from referral_proxy.transfer import copy_lock
+    from referral_proxy.transfer import copy_reservations
 
     def copy(src, dst):
-        return [Reservation(copy_lock(m, "/"), subtree=False, shared=True) for m in (src, dst)]
+        return copy_reservations(src, dst, "/")
 
     def clash(a, b):
         return any(conflicts(x, y, "/") for x in a for y in b)
