@@ -57,6 +57,34 @@ def _journal_cut_off_move(proxy, data: dict) -> bool:
         now(store.close())
 
 
+def _session(proxy) -> Wire:
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    return w
+
+
+def _proxy_and_session(proxy_factory, fleet, wait: dict):
+    """Work (b1) with work-0..4, Shared/Dest (b3) empty; a proxy (*wait*: its move_wait_seconds) and a
+    session of carol's selecting Work."""
+    seed(fleet["b1"], "carol", "Work", ids("work", 5))
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, wait), rules=RULES)
+    return proxy, _session(proxy)
+
+
+def _copy_held(fleet, w: Wire):
+    """`c UID COPY 3 Shared/Dest` sent on *w* and held at its commit by Shared/Dest's lock (the lock)."""
+    lock = _held_lock(fleet["b3"], "carol", ".Shared.Dest")
+    try:
+        w.send(b"c UID COPY 3 Shared/Dest\r\n")
+        assert lock.stalled_move_linked()  # (the COPY's message waits in tmp/ for the lock)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def _journaled_ops(proxy) -> list[str]:
     store = journal_store(proxy)
     try:
@@ -71,16 +99,9 @@ def test_a_move_cut_off_while_a_copy_across_of_its_message_lands_takes_not_the_c
     UIDNEXT below the COPY's copy; `recover` took that copy for the MOVE's: work-2 once. Now it cannot
     begin until the COPY is answered; begun then (UIDNEXT above the copy) and cut off, recovery finds
     nothing of its own: work-2 twice, in Work and Shared/Dest."""
-    seed(fleet["b1"], "carol", "Work", ids("work", 5))
-    seed(fleet["b3"], "carol", "Shared/Dest", [])
-    proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL), rules=RULES)
-    w = Wire(proxy.host, proxy.port, timeout=120)
-    w.login("carol")
-    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
-    lock = _held_lock(fleet["b3"], "carol", ".Shared.Dest")
+    proxy, w = _proxy_and_session(proxy_factory, fleet, QUICK_REFUSAL)
+    lock = _copy_held(fleet, w)
     try:
-        w.send(b"c UID COPY 3 Shared/Dest\r\n")
-        assert lock.stalled_move_linked()  # (the COPY's message waits in tmp/ for the lock)
         began_during_copy = _journal_cut_off_move(proxy, _killed_move_data(fleet, "3"))
     finally:
         assert lock.release()
@@ -101,17 +122,10 @@ def test_a_move_across_waits_for_a_copy_across_landing_in_its_destination(proxy_
     """The same COPY held at its commit; another session's `UID MOVE 4 Shared/Dest` (work-3) waits for
     it (not journaled, its destination's UIDNEXT not read, while the COPY's entry is there), then moves: work-2 in Work and Shared/Dest, work-3 in
     Shared/Dest only; nothing left in the journal."""
-    seed(fleet["b1"], "carol", "Work", ids("work", 5))
-    seed(fleet["b3"], "carol", "Shared/Dest", [])
-    proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, {"map": {"move_wait_seconds": 120}}), rules=RULES)
-    w, mover = (Wire(proxy.host, proxy.port, timeout=120) for _ in range(2))
-    for session in (w, mover):
-        session.login("carol")
-        assert session.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
-    lock = _held_lock(fleet["b3"], "carol", ".Shared.Dest")
+    proxy, w = _proxy_and_session(proxy_factory, fleet, {"map": {"move_wait_seconds": 120}})
+    mover = _session(proxy)
+    lock = _copy_held(fleet, w)
     try:
-        w.send(b"c UID COPY 3 Shared/Dest\r\n")
-        assert lock.stalled_move_linked()
         mover.send(b"m UID MOVE 4 Shared/Dest\r\n")
         time.sleep(1.5)  # (before: the MOVE journaled at move-appending, its UIDNEXT read, held at the lock too)
         ops = _journaled_ops(proxy)
@@ -169,16 +183,9 @@ def test_a_copy_across_cut_off_by_a_kill_leaves_an_entry_recover_releases(proxy_
     """The COPY held at its commit as above, and its proxy SIGKILLed: its entry (op copy-messages, at
     reserved) stays, its owner gone; `recover` releases it ("nothing was changed": whether the copy
     landed is Dovecot's, once the lock goes) and a MOVE across of that mailbox then goes through."""
-    seed(fleet["b1"], "carol", "Work", ids("work", 5))
-    seed(fleet["b3"], "carol", "Shared/Dest", [])
-    proxy = proxy_factory(merged(MASTERS, LEFT_TO_RECOVER, QUICK_REFUSAL), rules=RULES)
-    w = Wire(proxy.host, proxy.port, timeout=120)
-    w.login("carol")
-    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
-    lock = _held_lock(fleet["b3"], "carol", ".Shared.Dest")
+    proxy, w = _proxy_and_session(proxy_factory, fleet, QUICK_REFUSAL)
+    lock = _copy_held(fleet, w)
     try:
-        w.send(b"c UID COPY 3 Shared/Dest\r\n")
-        assert lock.stalled_move_linked()
         proxy.kill()
         assert _journaled_ops(proxy) == ["copy-messages"]
     finally:
