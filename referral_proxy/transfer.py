@@ -281,37 +281,35 @@ def _lock_names_only(e: InUse) -> bool:
     return all(h.name is not None and h.name.startswith((MOVE_LOCK, COPY_LOCK)) for h in e.held)
 
 
-async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any,
-                seconds: float) -> JournalEntry | None:
-    """Begin a MOVE's entry (move_reservations). Another MOVE or COPY across in the way of its lock
-    names: wait (up to *seconds*, if there is a clock). None: a move or RENAME holds one of the
-    mailboxes, or the wait ran out (INUSE)."""
-    reservations = move_reservations(src_name, dst_name, mailbox_map.separator)
+async def _begin_waiting(mailbox_map: MailboxMap, user: str, op: str, reservations: list[Reservation], data: dict,
+                         clock: Any, seconds: float, *, settle: bool = True) -> JournalEntry | None:
+    """Begin an entry of *op*; while only MOVEs' and COPYs' lock names are in the way, wait (up to
+    *seconds*, if there is a clock). None: a move or RENAME holds a mailbox, or the wait ran out."""
     async for _ in pauses(clock, seconds, 0.02, 0.5):
         try:
-            return await mailbox_map.begin_move(user, "move-messages", reservations, {})
+            return await mailbox_map.begin_move(user, op, reservations, data, settle=settle)
         except InUse as e:
             if not _lock_names_only(e):
                 return None
     return None
+
+
+async def _hold(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any,
+                seconds: float) -> JournalEntry | None:
+    """Begin a MOVE's entry (move_reservations), waiting for the MOVEs and COPYs across in its way."""
+    return await _begin_waiting(mailbox_map, user, "move-messages",
+                                move_reservations(src_name, dst_name, mailbox_map.separator), {}, clock, seconds)
 
 
 async def _copying(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: str, clock: Any,
                    seconds: float, backends: dict[str, str]) -> JournalEntry | None:
     """Begin a COPY across's entry (op ``copy-messages``, at ``reserved`` for its whole life: recovery
-    releases it): copy_reservations held until its copy has landed. A MOVE across in the way:
-    wait (up to *seconds*); None: still there, or a whole-user move holds everything (INUSE).
-    *backends*: {"src": .., "dst": ..}, in its data (a reload keeps a backend an entry names)."""
-    reservations = copy_reservations(src_name, dst_name, mailbox_map.separator)
-    async for _ in pauses(clock, seconds, 0.02, 0.5):
-        try:
-            return await mailbox_map.begin_move(user, COPIES, reservations,  # (no cache answers from its names)
-                                                {"src_mailbox": src_name, "dst_mailbox": dst_name, **backends},
-                                                settle=False)
-        except InUse as e:
-            if not _lock_names_only(e):
-                return None
-    return None
+    releases it): copy_reservations held until its copy has landed, once no MOVE across is in their
+    way. *backends*: {"src": .., "dst": ..}, in its data (a reload keeps a backend an entry names).
+    No settle: only the store's own begin_move reads these names, no cache answers from them."""
+    return await _begin_waiting(mailbox_map, user, COPIES, copy_reservations(src_name, dst_name, mailbox_map.separator),
+                                {"src_mailbox": src_name, "dst_mailbox": dst_name, **backends}, clock, seconds,
+                                settle=False)
 
 
 async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry | None) -> None:
