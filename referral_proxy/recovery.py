@@ -24,6 +24,7 @@ from .mover import Connect, Mover
 from .oldhome import carry_old_homes
 from .routing import MailboxMap
 from .staging import drop_staging
+from .transfer import COPIES, SETTLE
 
 __all__ = ["NoMasterUser", "master_connector", "describe", "recover_entry", "recover_all", "RecoverySweep",
            "SWEEP_SECONDS"]
@@ -66,6 +67,8 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
         raise BackendError("written by another version of referral-proxy: not recovered")
     how = TABLE[entry.step].recovery
     if how is Recovery.RELEASE:
+        if entry.op == COPIES and clock is not None:  # its APPEND, held by Dovecot on a lock, may still commit:
+            await task.deferLater(clock, SETTLE, lambda: None)  # a MOVE begun at once would take that copy
         await mailbox_map.end_move(entry)
         return "released (nothing was changed)"
     if entry.op == "move":

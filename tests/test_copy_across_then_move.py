@@ -181,8 +181,8 @@ def test_copies_across_do_not_wait_for_each_other_and_a_move_waits_for_them():
 
 def test_a_copy_across_cut_off_by_a_kill_leaves_an_entry_recover_releases(proxy_factory, fleet):
     """The COPY held at its commit as above, and its proxy SIGKILLed: its entry (op copy-messages, at
-    reserved) stays, its owner gone; `recover` releases it ("nothing was changed": whether the copy
-    landed is Dovecot's, once the lock goes) and a MOVE across of that mailbox then goes through."""
+    reserved) stays, its owner gone; `recover` releases it, SETTLE seconds after its claim ("nothing
+    was changed": whether the copy landed is Dovecot's, once the lock goes) and a MOVE across of that mailbox then goes through."""
     proxy, w = _proxy_and_session(proxy_factory, fleet, QUICK_REFUSAL)
     lock = _copy_held(fleet, w)
     try:

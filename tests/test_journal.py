@@ -228,3 +228,30 @@ def test_the_check_reads_owners_only_and_sweeps_only_when_one_is_gone(monkeypatc
     clock.advance(2)
     assert (len(reads), len(sweeps)) == (6, 4)
     sweep.stop()
+
+
+def test_a_dead_copy_across_entry_is_released_only_after_its_append_could_settle():
+    """A COPY across whose proxy died may have left its APPEND held by Dovecot (a mailbox lock) that
+    still commits: recovery holds the entry's names SETTLE seconds (a fake clock) before releasing it,
+    so a MOVE across begun at once does not read the destination's UIDNEXT below that copy."""
+    from storehelp import now
+    from test_store_contract import _dead_owner
+    from twisted.internet import defer, task
+
+    from referral_proxy.recovery import recover_all
+    from referral_proxy.routing import MemoryStore
+    from referral_proxy.transfer import COPIES, SETTLE, copy_reservations, move_reservations
+
+    store, clock = MemoryStore(), task.Clock()
+    m = MailboxMap(MapConfig(default="b1"), store)
+    now(store.begin_move("carol", COPIES, copy_reservations("Work", "Dest", "/"),
+                         {"src_mailbox": "Work", "dst_mailbox": "Dest", "src": "b1", "dst": "b2"}, _dead_owner(), "/"))
+    done = defer.Deferred.fromCoroutine(recover_all(m, lambda user: lambda name: pytest.fail("connected"), clock))
+    clock.advance(SETTLE - 0.5)
+    assert not done.called
+    with pytest.raises(InUse):  # still held: a MOVE across into its destination waits
+        now(m.begin_move("carol", "move-messages", move_reservations("Other", "Dest", "/"), {}))
+    clock.advance(0.5)
+    lines = now(done)
+    assert len(lines) == 1 and "COPY Work -> Dest across servers, at reserved: released" in lines[0], lines
+    now(m.end_move(now(m.begin_move("carol", "move-messages", move_reservations("Other", "Dest", "/"), {}))))
