@@ -27,7 +27,7 @@ same way: one's copy of a message both carry (a COPY made them two) would be the
 
 A COPY or MOVE relayed to the backend of both its mailboxes (Dovecot's own) waits the same way
 while a MOVE across is from its source (holds transfer.MOVE_LOCK + that name: only MOVEs across
-take it) or holds its destination (mailboxes.MailboxCommands.copy; :func:`held_by_any` first, no
+take it) or holds its destination (copycommand.CopyCommands.copy; :func:`held_by_any` first, no
 I/O while nothing is held). Out of a MOVE's destination it need not wait: recovery follows a copy
 moved on from there (movefinish.moved_on), as for a MOVE across out of it, which never waited. Soak A,
 seed 53171 duplicated a message a MOVE across cut off at ``move-expunging`` had copied and flagged

@@ -157,7 +157,7 @@ class ClientOutput:
 
     def drained(self) -> Deferred[None]:
         """Fires once the client's output is not backed up (at once if it is not): a relayed MOVE
-        takes its turn then, its answer not left unread behind paused backends (mailboxes.py)."""
+        takes its turn then, its answer not left unread behind paused backends (copycommand.py)."""
         if not self.paused:
             return succeed(None)
         d: Deferred[None] = Deferred()

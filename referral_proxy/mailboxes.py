@@ -2,8 +2,8 @@
 
 CREATE, DELETE, STATUS, SUBSCRIBE, ACL, QUOTA and METADATA commands go to the
 backend that owns their mailbox; SELECT/EXAMINE move the selected state there;
-COPY/MOVE and RENAME are relayed when both mailboxes live on one backend and
-carried out by transfer.py when they do not. In a referral-aware session a
+RENAME is relayed when both names live on one backend and carried out by mover.py
+when they do not (COPY/MOVE: copycommand.py). In a referral-aware session a
 mailbox on another backend is answered with an RFC 2193 referral instead. The
 session is reached only through :class:`MailboxHost`.
 """
@@ -22,8 +22,7 @@ from .appendturns import HELD, Held, rename_turns
 from .backend import BackendProtocol
 from .commands import COMMANDS
 from .context import ProxyContext
-from .copywait import held_by_any, wait_for_moves
-from .crossturns import mailbox_turn, mailbox_turns
+from .crossturns import mailbox_turns
 from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .holds import wait_free
@@ -45,9 +44,8 @@ from .relocation import seen_within
 from .renamecheck import refused_before
 from .routing import MailboxMap, Route
 from .staging import is_private_name
-from .transfer import COPY_IN_USE, CopyOutcome, copy_across, move_lock
 
-__all__ = ["MailboxCommands", "MailboxHost", "Refusing"]
+__all__ = ["INUSE", "READ_ONLY", "MailboxCommands", "MailboxHost", "Refusing"]
 
 log = Logger()
 
@@ -97,8 +95,8 @@ class MailboxHost(Protocol):
     def refuse(self, line: bytes) -> None:
         """The proxy's own refusal of a command (a referral, NO): after the APPENDs before it."""
 
-_INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
-_READ_ONLY = ("[READ-ONLY] The mailbox was opened with EXAMINE: nothing was moved; SELECT it to move "
+INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
+READ_ONLY = ("[READ-ONLY] The mailbox was opened with EXAMINE: nothing was moved; SELECT it to move "
               "messages to another server")
 _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or referral-proxy-aside- are reserved"
 
@@ -221,7 +219,7 @@ class MailboxCommands:
         one backend (holds.py: then routed again); else the answer ``NO [INUSE]``."""
         host = self.host
         assert host.user is not None
-        inuse = b"%s NO %s\r\n" % (tag, _INUSE.encode())
+        inuse = b"%s NO %s\r\n" % (tag, INUSE.encode())
         waiting = defer.ensureDeferred(wait_free(host.mailbox_map, host.user, [mailbox], host.ctx.reactor))
         return waiting.addCallback(lambda free: None if free else inuse)
 
@@ -236,7 +234,7 @@ class MailboxCommands:
             if free and not any(self.moving(n) for n in names):
                 again(cmd)  # from the start: routes may have changed (a RENAME on one backend)
             else:
-                self.refuse_no(cmd.tag, _INUSE)
+                self.refuse_no(cmd.tag, INUSE)
 
         def failed(f: Failure) -> None:
             log.failure("session {id}: {name} failed", f, id=host.id, name=cmd.name)
@@ -245,7 +243,7 @@ class MailboxCommands:
         waiting = defer.ensureDeferred(wait_free(host.mailbox_map, host.user, names, host.ctx.reactor))
         waiting.addCallback(then).addErrback(failed).addBoth(lambda _: host.flow.unblock(Block.HOLDS))
 
-    def _target(self, cmd: Command, slot: Slot, again: Callable[[Command], None]) -> tuple[bytes, Route] | None:
+    def target(self, cmd: Command, slot: Slot, again: Callable[[Command], None]) -> tuple[bytes, Route] | None:
         """The mailbox argument and its route, or None when a move holds it (answered INUSE, or
         *again* once a check holding it lets go)."""
         mailbox = cmd.args.value(slot)
@@ -287,7 +285,7 @@ class MailboxCommands:
 
     def by_mailbox(self, cmd: Command) -> None:
         """CREATE, DELETE, STATUS, SUBSCRIBE ...: to the backend that owns the mailbox."""
-        target = self._target(cmd, Slot.MAILBOX, self.by_mailbox)
+        target = self.target(cmd, Slot.MAILBOX, self.by_mailbox)
         if target is None:
             return
         mailbox, route = target
@@ -300,7 +298,7 @@ class MailboxCommands:
         host = self.host
         assert host.pool is not None
         pool = host.pool
-        target = self._target(cmd, Slot.MAILBOX, self.select)
+        target = self.target(cmd, Slot.MAILBOX, self.select)
         if target is None:
             return
         mailbox, route = target
@@ -368,7 +366,7 @@ class MailboxCommands:
         host = self.host
         assert host.home is not None
         if self.selected_held():
-            return self.refuse_no(cmd.tag, _INUSE)
+            return self.refuse_no(cmd.tag, INUSE)
         host.relay_cmd(cmd, host.selected or host.home)
 
     def close(self, cmd: Command) -> None:
@@ -376,7 +374,7 @@ class MailboxCommands:
         host = self.host
         assert host.home is not None
         if cmd.name == "CLOSE" and self.selected_held():  # it expunges (change above); UNSELECT does not
-            return self.refuse_no(cmd.tag, _INUSE)
+            return self.refuse_no(cmd.tag, INUSE)
         target = host.selected or host.home
         selects, everywhere = self.selects.get(target, 0), sum(self.selects.values())
 
@@ -391,96 +389,6 @@ class MailboxCommands:
                 host.relay.end_updates(conn)
 
         host.relay_cmd(cmd, target, done)
-
-    # -- COPY / MOVE -------------------------------------------------------------------------------
-
-    def copy(self, cmd: Command) -> None:
-        """COPY / MOVE: relayed when the destination lives with the selected mailbox, else carried out here."""
-        host = self.host
-        assert host.home is not None
-        if host.selected is None:  # nothing selected: the backend says so, as it would directly
-            return host.relay_cmd(cmd, host.home)
-        target = self._target(cmd, Slot.DEST, self.copy)
-        if target is None:
-            return
-        if "MOVE" in cmd.name and host.selected_mailbox and self.moving(host.selected_mailbox):
-            return self.refuse_no(cmd.tag, _INUSE)  # a message moved out of a mailbox being moved: twice
-        mailbox, route = target
-        source = host.selected
-        if route.primary == source or source in route.backends or not self.renamable(mailbox):
-            if not (selected := host.selected_mailbox):
-                return host.relay_cmd(cmd, source)
-            names = [move_lock(selected.decode("utf-8", "surrogateescape"), host.mailbox_map.separator),
-                     mailbox.decode("utf-8", "surrogateescape")]  # MOVEs across from its source, into its destination
-            if "MOVE" in cmd.name:
-                return host.run(cmd.tag, self._move_in_turn(cmd, source, selected, names))
-            if (host.pool and host.pool.busy) or held_by_any(host.mailbox_map, host.user or "", names):  # (checked as it goes)
-                return host.run(cmd.tag, self._relay_after_moves(cmd, source, names))
-            return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
-        if self.refers(route, mailbox):
-            return host.refuse(self.referral(cmd.tag, route, mailbox))
-        if "MOVE" in cmd.name and self.examined:
-            # Its \Deleted would be ignored: copies made, taken back as "gone", OK with nothing moved.
-            return self.refuse_no(cmd.tag, _READ_ONLY)
-        message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
-        host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
-                                                     src=source, dst=route.primary, mailbox=mailbox))
-
-    async def _move_in_turn(self, cmd: Command, source: str, selected: bytes, names: list[str]) -> None:
-        """A MOVE relayed once no other session has one of this mailbox under way, nor a RENAME of it
-        (crossturns.py: two at once can both take one message), then as _relay_after_moves. The turn is
-        taken once no command of this session is in flight: one ahead of it (a FETCH to a client that
-        stopped reading) would hold it, and every other session's MOVE of the mailbox, meanwhile."""
-        host = self.host
-        assert host.pool is not None and host.user is not None
-        await host.pool.quiet(None)
-        await host.flow.client_output.drained()  # (a FETCH's last bytes read with its completion)
-        release = await mailbox_turn(host.ctx, source, host.user, selected)
-        try:
-            conn = await host.pool.ready_for(source)
-            if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor,
-                                        host.ctx.config.map.move_wait_seconds):
-                raise Refusing("NO " + COPY_IN_USE)
-            host.relay.send(conn, cmd.tag, cmd.name, cmd.args, settled=release)
-        except BaseException:
-            release()
-            raise
-
-    async def _relay_after_moves(self, cmd: Command, source: str, names: list[str]) -> None:
-        """A COPY within one backend relayed once the commands ahead of it are done and no MOVE across holds
-        *names* (its source's move_lock, its destination), then at once; else NO [INUSE] (copywait.py)."""
-        host = self.host
-        assert host.pool is not None and host.user is not None
-        await host.pool.quiet(None)
-        conn = await host.pool.ready_for(source)
-        if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor,
-                                    host.ctx.config.map.move_wait_seconds):
-            raise Refusing("NO " + COPY_IN_USE)
-        host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
-
-    async def _copy_across(self, cmd: Command, message_set: bytes, mailbox: bytes, route: Route) -> CopyOutcome:
-        host = self.host
-        assert host.pool is not None
-        src = host.pool.ready(host.selected) if host.selected else None
-        if src is None:
-            raise Refusing("BAD No mailbox selected")
-        await host.pool.quiet(None)
-        dst = await host.pool.fresh(route)
-        try:
-            outcome = await copy_across(src, message_set, cmd.name.startswith("UID "), dst, mailbox,
-                                        "MOVE" in cmd.name, mailbox_map=host.mailbox_map, user=host.user or "",
-                                        source_mailbox=host.selected_mailbox or b"", clock=host.ctx.reactor,
-                                        move_wait=host.ctx.config.map.move_wait_seconds,
-                                        ask=host.pool.ready(dst.name))
-        except TransferError as e:
-            text = str(e)
-            raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
-        finally:
-            dst.logout()
-        for raw in outcome.untagged:
-            host.write_from(src, raw)
-        host.tagged(cmd.tag, outcome.status, outcome.text)
-        return outcome
 
     # -- RENAME ------------------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ sees it. Before login the proxy answers everything itself (authentication is in
 auth.py). After login each command goes to the handler its table row names:
 relayed to the backend that owns its mailbox (connections in pool.py, the relay
 itself in relay.py), answered with an RFC 2193 referral in a referral-aware
-session (mailboxes.py), merged across backends (listing.py), streamed (APPEND,
-append.py), or answered here.
+session (mailboxes.py; COPY/MOVE: copycommand.py), merged across backends
+(listing.py), streamed (APPEND, append.py), or answered here.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State, enabling
 from .context import ProxyContext
+from .copycommand import CopyCommands
 from .fastpath import PLAIN_COMMANDS, append_line, relay_plain
 from .flow import Block, ClientFlow
 from .idle import Idle
@@ -117,6 +118,10 @@ class ClientSession(Protocol):
     @property
     def config(self) -> Any:
         return self.ctx.config  # read afresh: a reload swaps it
+
+    @property
+    def copies(self) -> CopyCommands:
+        return CopyCommands(self.mailboxes)  # stateless: made per COPY/MOVE, no memory per idle session
 
     @property
     def mailbox_map(self) -> MailboxMap:
@@ -571,7 +576,7 @@ class ClientSession(Protocol):
             self._close()
 
 
-_COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}
+_COLLABORATORS = {"mailboxes": MailboxCommands, "copies": CopyCommands, "auth": Authenticator}
 
 
 def _handler(name: str) -> Callable[[ClientSession, Command, CommandSpec], None]:

@@ -6,7 +6,7 @@ Dovecot ran it only after the command ahead. A MOVE across of the same message b
 (another session), cut off after it had copied the message and flagged it \\Deleted, then left that
 message to the COPY: an OLDMOVE (COPY, STORE \\Deleted, EXPUNGE) of it made a second instance, recovery
 found nothing left to expunge, and two moves of one message made two. Now a relayed COPY waits for
-the commands ahead of it, then is checked and sent at once (mailboxes._relay_after_moves; a relayed
+the commands ahead of it, then is checked and sent at once (copycommand.CopyCommands._relay_after_moves; a relayed
 MOVE is checked once it has its turn). Real Dovecot; a census by content.
 """
 

@@ -2,7 +2,7 @@
 hold the mailbox's MOVE turn (turns.py): every other session's MOVE of that mailbox waited for it
 for as long as that client stayed connected (Dovecot direct runs the other session's MOVE at once:
 it never reaches the stalled session's MOVE, which waits behind the FETCH's output). The MOVE now
-takes its turn once no command of its session is in flight (mailboxes._move_in_turn)."""
+takes its turn once no command of its session is in flight (copycommand.CopyCommands._move_in_turn)."""
 
 from __future__ import annotations
 
