@@ -57,7 +57,8 @@ TARGETS = ["Shared/A", "Shared/B", "Shared/Z", "Shared/Z/c", "Archive/A", "Archi
 # parents of the rules' subtrees (a child renamed into Shared/... lives elsewhere)
 ODD_TARGETS = ["inbox/Sub", "INBOX/Sub/x", "*", "Inbox/Sub/*", "Shared/*", "Shared", "Archive"]
 ODD_ORIGINALS = {"INBOX/Sub": 12, "INBOX/Sub/k": 4, "*": 6}
-OPTIONS = {"odd_names": False, "admin": False, "multiappend": False, "proxies": 1, "workers": 1, "capitals": False}
+OPTIONS = {"odd_names": False, "admin": False, "multiappend": False, "proxies": 1, "workers": 1, "capitals": False,
+           "kills": True}
 LOGINS = ["carol", "CAROL", "Carol"]  # --capitals: each session's login spelled one of these ways (one user)
 #: Seconds a Dovecot command may wait on a lock a SIGKILLed Dovecot left (its maildir uidlist lock goes
 #: stale after 120 s unchanged; seed 49164: a MOVE into b1's INBOX answered OK 121 s after b1's kill).
@@ -459,6 +460,7 @@ class Admin(threading.Thread):
             box = "*" if self.rng.random() < 0.15 else self.rng.choice(names)
             to = self.rng.choice(["b1", "b2", "b3"])
             kill_after = self.rng.uniform(0.0, 1.5) if self.rng.random() < 0.33 else None
+            kill_after = kill_after if OPTIONS["kills"] else None  # (drawn all the same: the seeds' runs unchanged)
             self.ledger.tell(-2, f"ADMIN MOVE {box} -> {to}" + (f" (kill at {kill_after:.2f} s)" if kill_after else ""))
             env = dict(os.environ, PYTHONPATH=str(REPO))
             user = self.rng.choice(LOGINS) if OPTIONS["capitals"] else USER
@@ -482,7 +484,10 @@ def chaos(fleet, proxies: list[ProxyProcess], rng: random.Random, ledger: Ledger
     and bring it back, until *until*.
 
     Runs in the caller's (main) thread: a Dovecot started from a thread that then ends would
-    be sent SIGTERM (its parent-death signal follows the thread that forked it)."""
+    be sent SIGTERM (its parent-death signal follows the thread that forked it). With --no-kills: none."""
+    if not OPTIONS["kills"]:  # only sessions against each other: every message's count is then exact
+        time.sleep(max(0.0, until - time.monotonic()))
+        return
     pick = random.Random(rng.random()) if len(proxies) > 1 or OPTIONS["workers"] > 1 else None
     while time.monotonic() + 0.5 < until:
         time.sleep(min(rng.uniform(0.5, 2.5), max(0.0, until - time.monotonic())))
@@ -728,6 +733,8 @@ def main() -> int:
     parser.add_argument("--proxies", type=int, default=1,
                         help="proxy processes on the one map store, each client session to one of them at random")
     parser.add_argument("--workers", type=int, default=1, help="[proxy] workers of each proxy")
+    parser.add_argument("--no-kills", action="store_true",
+                        help="no kills at all (proxies, workers, backends, admin moves): concurrent sessions only")
     parser.add_argument("--capitals", action="store_true",
                         help="sessions (and admin moves) name carol as carol, CAROL or Carol at random")
     args = parser.parse_args()
@@ -737,6 +744,7 @@ def main() -> int:
     OPTIONS["proxies"] = args.proxies
     OPTIONS["workers"] = args.workers
     OPTIONS["capitals"] = args.capitals
+    OPTIONS["kills"] = not args.no_kills
     from referral_proxy.fleet import Fleet, make_root
 
     root = make_root("rp-soak-")
