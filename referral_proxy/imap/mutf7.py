@@ -107,11 +107,11 @@ def encode(name: str) -> bytes:
 
 def valid_name(name: bytes, *, utf8: bool = False) -> bool:
     """A mailbox name a server takes: modified UTF-7 with no shift right after another (Dovecot
-    refuses "&AOk-&AOk-" in every command), or, with *utf8* (a client that enabled UTF8=ACCEPT,
-    RFC 6855), UTF-8 without control characters nor "&" (which starts a shift)."""
+    refuses "&AOk-&AOk-" in every command) and no shifted U+0000 ("&AAA-": Dovecot refuses it too, and
+    no client could send the name an IMAP URL would carry), or, with *utf8* (a client that enabled
+    UTF8=ACCEPT, RFC 6855), UTF-8 without control characters nor "&" (which starts a shift)."""
     try:
-        decode(name)
-        return _ADJACENT_SHIFTS.search(name) is None
+        return "\x00" not in decode(name) and _ADJACENT_SHIFTS.search(name) is None
     except ValueError:
         pass
     if not utf8 or b"&" in name or any(c < 0x20 or c == 0x7F for c in name):
