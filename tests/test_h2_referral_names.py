@@ -39,3 +39,29 @@ def test_a_shifted_nul_is_not_valid_mutf7_and_never_referred(proxy_factory, flee
     assert not any(b"REFERRAL" in line for line in through), through
     assert through[:5] == direct[:5]
     assert direct[0].startswith(b"s NO Mailbox name is not valid mUTF-7")
+
+
+def test_utf8_names_are_not_referred_when_enable_utf8_accept_enabled_nothing(proxy_factory, fleet):
+    """RFC 5161 3.1 / RFC 6855 3: ENABLE UTF8=ACCEPT to a server that does not announce UTF8=ACCEPT
+    (Dovecot 2.3, so neither does the proxy) enables nothing: no ``* ENABLED UTF8=ACCEPT``, and the
+    session stays a modified UTF-7 one; Dovecot then refuses a raw UTF-8 name ``NO Mailbox name is
+    not valid mUTF-7``. The proxy remembered the names the client asked for, not what was enabled,
+    and referred ``"Shared/Caf\\xc3\\xa9"`` to imap://.../Shared/Caf%C3%A9 (while the same UTF-8 name
+    of a local mailbox got Dovecot's NO)."""
+    proxy = proxy_factory(rules=RULES)
+    name = b'"Shared/Caf\xc3\xa9"'
+    commands = [(b"s", b"SELECT " + name), (b"t", b"STATUS %s (MESSAGES)" % name), (b"c", b"CREATE " + name),
+                (b"b", b"SUBSCRIBE " + name), (b"l", b'SELECT "Caf\xc3\xa9"')]
+    answers = []
+    for host, port in ((fleet["b3"].host, fleet["b3"].port), (proxy.host, proxy.port)):
+        w = Wire(host, port)
+        w.login()
+        enable = w.cmd(b"e", b"ENABLE UTF8=ACCEPT")
+        assert enable[-1].startswith(b"e OK") and not any(line.startswith(b"* ENABLED") for line in enable), enable
+        w.cmd(b"r", b'RLIST "" "*"')
+        answers.append([_same(w.cmd(tag, command)[-1]) for tag, command in commands])
+        w.close()
+    direct, through = answers
+    assert not any(b"REFERRAL" in line for line in through), through
+    assert through == direct
+    assert direct[0].startswith(b"s NO Mailbox name is not valid mUTF-7")
