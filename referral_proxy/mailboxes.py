@@ -143,11 +143,11 @@ class MailboxCommands:
         return self.valid_name(mailbox) and bool(referrals.referable_members(host.config, route))
 
     def valid_name(self, mailbox: bytes) -> bool:
-        """A name an IMAP URL can carry: modified UTF-7, or UTF-8 once the client enabled UTF8=ACCEPT,
-        with no ``.`` or ``..`` segment (a client resolving the URL would land elsewhere)."""
+        """A name an IMAP URL can carry: modified UTF-7, or UTF-8 once UTF8=ACCEPT is enabled (pool.py: asked
+        for and announced), with no ``.`` or ``..`` segment (a client resolving the URL would land elsewhere)."""
         pool = self.host.pool
-        return (mutf7.valid_name(mailbox, utf8=pool is not None and b"UTF8=ACCEPT" in pool.enabled)
-                and not has_dot_segment(mailbox))
+        utf8 = pool is not None and pool.enabled_where_announced(b"UTF8=ACCEPT", self.host.home or "")
+        return mutf7.valid_name(mailbox, utf8=utf8) and not has_dot_segment(mailbox)
 
     def referral(self, tag: bytes, route: Route, mailbox: bytes) -> bytes:
         host = self.host

@@ -143,6 +143,11 @@ class BackendPool:
             if name.upper() not in self.enabled:
                 self.enabled += (name.upper(),)
 
+    def enabled_where_announced(self, name: bytes, backend: str) -> bool:
+        """*name* ENABLEd by the client and announced by *backend*: else ENABLE enabled nothing there (RFC 5161
+        3.1: a server ignores a name it does not support; Dovecot 2.3 and UTF8=ACCEPT, then a UTF-8 name is NO)."""
+        return name in self.enabled and name.decode("ascii") in self.ctx.backend_caps.get(backend, frozenset())
+
     async def prepare(self, conn: BackendProtocol) -> None:
         """Replay what the client ENABLEd on a connection that has not seen it."""
         missing = [e for e in self.enabled if e not in conn.enabled]
