@@ -65,3 +65,34 @@ def test_utf8_names_are_not_referred_when_enable_utf8_accept_enabled_nothing(pro
     assert not any(b"REFERRAL" in line for line in through), through
     assert through == direct
     assert direct[0].startswith(b"s NO Mailbox name is not valid mUTF-7")
+
+
+def test_copy_naming_a_message_past_the_last_is_bad_not_referred(proxy_factory, fleet):
+    """RFC 3501 6.4.7 / 7.1.5: a COPY or MOVE whose sequence set names a message past the last is an
+    invalid command: Dovecot answers ``BAD Invalid messageset``, and so does the proxy to a client that
+    is not referral-aware (whatever backend holds the destination). To a referral-aware one it said
+    ``NO [REFERRAL ...]`` for a remote destination: a client following it meets the BAD on the FETCH
+    of the message that is not there. A valid set is still referred."""
+    with fleet["b1"].client("alice") as m:
+        m.append("INBOX", "", None, b"Subject: one\r\n\r\none\r\n")
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/X")
+    proxy = proxy_factory(rules=RULES)
+    invalid = [b"COPY 2 Shared/X", b"COPY 1:3 Shared/X", b"MOVE 5 Shared/X", b"COPY 1,7 Shared/X"]
+    for aware in (False, True):
+        w = Wire(proxy.host, proxy.port)
+        w.login()
+        if aware:
+            w.cmd(b"r", b'RLIST "" "*"')
+        assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        for command in invalid:
+            reply = w.cmd(b"k", command)
+            assert reply[-1].startswith(b"k BAD "), (aware, command, reply)
+        if aware:
+            assert w.cmd(b"v", b"COPY 1 Shared/X")[-1].startswith(b"v NO [REFERRAL imap://alice;AUTH=*@")
+        w.close()
+    direct = Wire(fleet["b1"].host, fleet["b1"].port)
+    direct.login()
+    direct.cmd(b"s", b"SELECT INBOX")
+    assert [direct.cmd(b"k", c)[-1][:6] for c in invalid] == [b"k BAD "] * len(invalid)
+    direct.close()
