@@ -7,12 +7,13 @@ referral-aware session whose destination lives elsewhere (an RFC 2193 referral i
 
 from __future__ import annotations
 
+from .acrossview import SAVED
 from .copywait import held_by_any, wait_for_moves
 from .crossturns import mailbox_turn
 from .imap.grammar import Slot
 from .imap.reader import Command
 from .mailboxes import INUSE, READ_ONLY, MailboxCommands, Refusing
-from .mailops import TransferError
+from .mailops import TransferError, named_uids
 from .routing import Route
 from .transfer import COPY_IN_USE, CopyOutcome, copy_across, move_lock
 
@@ -52,13 +53,30 @@ class CopyCommands:
                 return host.run(cmd.tag, self._relay_after_moves(cmd, source, names))
             return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
         if m.refers(route, mailbox):
-            return host.refuse(m.referral(cmd.tag, route, mailbox))
+            if cmd.name.startswith("UID ") or cmd.args.tokens[0].value == SAVED:  # type: ignore[union-attr]
+                return host.refuse(m.referral(cmd.tag, route, mailbox))
+            return host.run(cmd.tag, self._refer_checked(cmd, m.referral(cmd.tag, route, mailbox)))
         if "MOVE" in cmd.name and m.examined:
             # Its \Deleted would be ignored: copies made, taken back as "gone", OK with nothing moved.
             return m.refuse_no(cmd.tag, READ_ONLY)
         message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
         host.run(cmd.tag, host.ctx.observer.transfer(host, cmd.name, self._copy_across(cmd, message_set, mailbox, route),
                                                      src=source, dst=route.primary, mailbox=mailbox))
+
+    async def _refer_checked(self, cmd: Command, referral: bytes) -> None:
+        """A COPY/MOVE's referral (RFC 2193 4.4) once its sequence set names no message past the last: such a
+        set is an invalid command (RFC 3501 7.1.5), BAD as the selected backend and a COPY across answer it."""
+        host = self.host
+        assert host.pool is not None and host.selected is not None
+        await host.pool.quiet(None)
+        src = await host.pool.ready_for(host.selected)
+        try:
+            _uids, others = await named_uids(src, cmd.args.tokens[0].value, False)  # type: ignore[union-attr]
+        except TransferError as e:
+            raise Refusing(str(e)) from None
+        for raw in others:
+            host.write_from(src, raw)
+        host.refuse(referral)
 
     async def _move_in_turn(self, cmd: Command, source: str, selected: bytes, names: list[str]) -> None:
         """A MOVE relayed once no other session has one of this mailbox under way, nor a RENAME of it
