@@ -96,3 +96,33 @@ def test_copy_naming_a_message_past_the_last_is_bad_not_referred(proxy_factory, 
     direct.cmd(b"s", b"SELECT INBOX")
     assert [direct.cmd(b"k", c)[-1][:6] for c in invalid] == [b"k BAD "] * len(invalid)
     direct.close()
+
+
+@pytest.mark.parametrize("selected_before", [False, True])
+def test_copy_pipelined_after_a_failing_select_is_bad_not_referred(proxy_factory, fleet, selected_before):
+    """RFC 3501 5.5: a COPY pipelined after a SELECT depends on it; if that SELECT fails, nothing is selected
+    (6.3.1) and the COPY is ``BAD No mailbox selected``, as Dovecot answers it (and as the FETCH after it is
+    answered through the proxy). A referral-aware session was told ``NO [REFERRAL ...]`` for COPY/MOVE to a
+    remote mailbox, BEFORE the SELECT's own NO: the referral was decided while the SELECT was in flight."""
+    with fleet["b1"].client("alice") as m:
+        m.create("Work")
+        m.append("Work", "", None, b"Subject: one\r\n\r\none\r\n")
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/X")
+    proxy = proxy_factory(rules=RULES)
+    commands = [b"SELECT Nope", b"COPY 1 Shared/X", b"UID COPY 1 Shared/X", b"MOVE 1 Shared/X", b"UID MOVE 1 Shared/X",
+                b"FETCH 1 FLAGS", b"NOOP"]
+    answers = []
+    for host, port, dest in ((fleet["b1"].host, fleet["b1"].port, b"Work"), (proxy.host, proxy.port, b"Shared/X")):
+        w = Wire(host, port)
+        w.login()
+        w.send(b'r RLIST "" "*"\r\n')  # aware through the proxy; BAD from Dovecot
+        w.until_tagged(b"r")
+        if selected_before:
+            assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+        answers.append([_same(line) for line in w.pipelined([c.replace(b"Shared/X", dest) for c in commands])])
+        w.close()
+    direct, through = answers
+    assert [line.split(b" ", 1)[0] for line in through] == [b"c%d" % i for i in range(len(commands))], through
+    assert [line.split(b" ")[:2] for line in through] == [line.split(b" ")[:2] for line in direct], (direct, through)
+    assert direct[1].startswith(b"c1 BAD No mailbox selected")
