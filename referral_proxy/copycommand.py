@@ -53,8 +53,6 @@ class CopyCommands:
                 return host.run(cmd.tag, self._relay_after_moves(cmd, source, names))
             return host.relay_cmd(cmd, source)  # (a name no backend takes: refused there, as directly)
         if m.refers(route, mailbox):
-            if cmd.name.startswith("UID ") or cmd.args.tokens[0].value == SAVED:  # type: ignore[union-attr]
-                return host.refuse(m.referral(cmd.tag, route, mailbox))
             return host.run(cmd.tag, self._refer_checked(cmd, m.referral(cmd.tag, route, mailbox)))
         if "MOVE" in cmd.name and m.examined:
             # Its \Deleted would be ignored: copies made, taken back as "gone", OK with nothing moved.
@@ -64,18 +62,23 @@ class CopyCommands:
                                                      src=source, dst=route.primary, mailbox=mailbox))
 
     async def _refer_checked(self, cmd: Command, referral: bytes) -> None:
-        """A COPY/MOVE's referral (RFC 2193 4.4) once its sequence set names no message past the last: such a
-        set is an invalid command (RFC 3501 7.1.5), BAD as the selected backend and a COPY across answer it."""
+        """A COPY/MOVE's referral (RFC 2193 4.4) once the commands before it are answered (RFC 3501 5.5: a
+        pipelined SELECT that fails leaves nothing selected: BAD, as directly) and its sequence set names no
+        message past the last (an invalid command, 7.1.5: BAD as the selected backend and a COPY across say)."""
         host = self.host
-        assert host.pool is not None and host.selected is not None
+        assert host.pool is not None
         await host.pool.quiet(None)
-        src = await host.pool.ready_for(host.selected)
-        try:
-            _uids, others = await named_uids(src, cmd.args.tokens[0].value, False)  # type: ignore[union-attr]
-        except TransferError as e:
-            raise Refusing(str(e)) from None
-        for raw in others:
-            host.write_from(src, raw)
+        if host.selected is None:
+            raise Refusing("BAD No mailbox selected")
+        message_set = cmd.args.tokens[0].value  # type: ignore[union-attr]
+        if not cmd.name.startswith("UID ") and message_set != SAVED:
+            src = await host.pool.ready_for(host.selected)
+            try:
+                _uids, others = await named_uids(src, message_set, False)
+            except TransferError as e:
+                raise Refusing(str(e)) from None
+            for raw in others:
+                host.write_from(src, raw)
         host.refuse(referral)
 
     async def _move_in_turn(self, cmd: Command, source: str, selected: bytes, names: list[str]) -> None:
