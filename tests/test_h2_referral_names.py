@@ -126,3 +126,17 @@ def test_copy_pipelined_after_a_failing_select_is_bad_not_referred(proxy_factory
     assert [line.split(b" ", 1)[0] for line in through] == [b"c%d" % i for i in range(len(commands))], through
     assert [line.split(b" ")[:2] for line in through] == [line.split(b" ")[:2] for line in direct], (direct, through)
     assert direct[1].startswith(b"c1 BAD No mailbox selected")
+
+
+@pytest.mark.parametrize("command", [b'RLIST "" ("*")', b'RLIST "" ("Work" "Shared/*")', b'RLSUB "" ("*")'])
+def test_rlist_and_rlsub_take_one_pattern_not_a_list(proxy_factory, fleet, command):
+    """RFC 2193 6: ``rlist = "RLIST" SPACE mailbox SPACE list_mailbox`` (RLSUB the same): one pattern. A
+    parenthesized list of patterns (LIST-EXTENDED's, RFC 5258, for LIST only) is no RLIST/RLSUB argument:
+    BAD (RFC 3501 7.1.5), and the session stays usable. The proxy ran it as a LIST-EXTENDED on every backend."""
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    reply = w.cmd(b"x", command)
+    assert reply == [reply[-1]] and reply[-1].startswith(b"x BAD "), reply
+    assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+    w.close()
