@@ -193,6 +193,8 @@ class ListHost(Protocol):
 def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None:
     """LIST, LSUB, RLIST, RLSUB (and LIST-EXTENDED forms) for one session."""
     kind = "LSUB" if name in ("LSUB", "RLSUB") else "LIST"
+    if name in ("RLIST", "RLSUB") and not is_basic_list(args.tokens):  # RFC 2193 6: one list_mailbox, no list
+        return host.send(b"%s BAD Invalid arguments: %s takes one pattern\r\n" % (tag, name.encode()))
     remote_option = name == "LIST" and b"REMOTE" in _selection(args)
     if (name in ("RLIST", "RLSUB") or remote_option) and host.referrals_mode == "aware":
         host.referral_aware = True
