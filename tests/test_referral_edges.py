@@ -1,4 +1,4 @@
-"""Hostile names and RFC 2193 referrals (h2): what a referral-aware session is told about names a
+"""Hostile names and RFC 2193 referrals: what a referral-aware session is told about names a
 remote Dovecot refuses, compared with that Dovecot directly."""
 
 from __future__ import annotations

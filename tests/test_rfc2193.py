@@ -151,7 +151,7 @@ def test_utf8_names_are_valid_once_utf8_accept_is_enabled_where_the_home_backend
     """A UTF-8 name is one a client may send (and a referral carries, as UTF-8 in its URL) after ENABLE
     UTF8=ACCEPT, when the home backend announces UTF8=ACCEPT; where it does not (Dovecot 2.3, the test
     fleet) the ENABLE enabled nothing and such a name is proxied and refused there as directly
-    (test_h2_referral_names.py). The URL of a UTF-8 name is its UTF-8, percent-encoded."""
+    (test_referral_edges.py). The URL of a UTF-8 name is its UTF-8, percent-encoded."""
     from functools import partial
     from types import SimpleNamespace
 
