@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
@@ -23,6 +24,7 @@ from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors,
 from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
+from .flow import Block
 from .health import HealthChecker
 from .metrics import StoreTotals, make_registry, metrics_site
 from .observe import Observer
@@ -48,6 +50,16 @@ __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
 log = Logger()
 
 SHUTDOWN_GRACE = 5.0  # seconds clients get to receive their BYE at shutdown
+# Of it, seconds the answers of commands the backends have whole may take to come before the BYE.
+ANSWER_WAIT = 3.0
+
+
+def _owes_answer(session: Any) -> bool:
+    """A relayed command, or an APPEND whose last byte went to its backend (which commits it), is not
+    answered yet (an IDLE never is: its DONE would have to come from the client)."""
+    if session.closed or session.idle.current is not None:
+        return False
+    return bool(session.relay.in_flight) or any(cmd.input_over for cmd in session.appends.unanswered)
 
 
 def check_endpoints(config: Config, reactor: Any) -> None:
@@ -300,6 +312,13 @@ class ProxyService(MultiService):
         self.relocation.stop()
         self.context.keepalive.close()
         sessions = list(self.context.sessions)
+        # A client told BYE without the answer of a command its backend has whole (an APPEND saved, a
+        # COPY made) sends it again on its next connection: twice. Direct Dovecot answers it, then BYE.
+        for s in sessions:
+            s.block(Block.STOPPING)  # what a client is still sending is cut by the BYE: nothing of it saved
+        deadline = self.reactor.seconds() + ANSWER_WAIT
+        while any(_owes_answer(s) for s in sessions) and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.05, lambda: None)
         closed = [s.when_closed() for s in sessions]
         for session in sessions:
             session.shutdown()
