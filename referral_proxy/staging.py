@@ -121,18 +121,10 @@ async def drop_staging(mailbox_map: MailboxMap, entry: JournalEntry, conn: Backe
     return outcome
 
 
-# The longest atom or quoted string an APPEND's mailbox is written as; a longer name goes as a
-# literal. Quoted, every " and \\ of a name the client sent as a literal (up to max_literal) is
-# escaped: twice as long, over a backend's line (Dovecot: "BAD ... Too long argument" beyond 64 KiB,
-# after which it reads the message's LITERAL+ literal as commands). As a literal Dovecot refuses
-# such a name (NO) and drains the message, as it does for the client's own literal.
-QUOTED_NAME_MAX = 4096
-
-
 def mailbox_argument(conn: BackendProtocol, name: bytes) -> bytes | None:
     """*name* as a command argument the backend reads in one line (a literal only with LITERAL+)."""
     encoded = encode_astring(name)
-    if encoded is not None and len(encoded) <= QUOTED_NAME_MAX:
+    if encoded is not None:  # (a long quoted form is none: grammar.QUOTED_NAME_MAX)
         return encoded
     if "LITERAL+" not in conn.capabilities:
         return None

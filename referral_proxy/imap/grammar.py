@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .command import Atom, ParenList, ParseError, String, Token
+from .quoting import QUOTED_NAME_MAX
 
-__all__ = ["Slot", "Grammar", "Arguments", "Encoded", "match", "encode", "encode_astring", "encode_quoted",
+__all__ = ["Slot", "Grammar", "Arguments", "Encoded", "match", "encode", "encode_astring", "encode_quoted", "QUOTED_NAME_MAX",
            "is_sequence_set"]
 
 
@@ -187,11 +188,13 @@ def encode_quoted(value: bytes) -> bytes:
 
 
 def encode_astring(value: bytes) -> bytes | None:
-    """The canonical astring: an atom, else a quoted string; None if it needs a literal."""
+    """The canonical astring: an atom, else a quoted string of at most QUOTED_NAME_MAX bytes; None
+    if it needs a literal."""
     if _ATOM.fullmatch(value) is not None:
         return value
     if _UNQUOTABLE.search(value) is None and value.isascii():
-        return encode_quoted(value)
+        quoted = encode_quoted(value)
+        return quoted if len(quoted) <= QUOTED_NAME_MAX else None
     return None
 
 

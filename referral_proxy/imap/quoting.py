@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-__all__ = ["astring", "capability_sets", "capability_tokens", "quoted", "safe_text"]
+__all__ = ["QUOTED_NAME_MAX", "astring", "capability_sets", "capability_tokens", "quoted", "safe_text"]
 
 # ATOM-CHAR: printable ASCII except atom-specials ( ) { SP % * " \ ].
 _ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
@@ -26,12 +26,21 @@ def quoted(value: bytes) -> bytes:
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+#: The longest quoted string a name is written as; a longer one goes as a literal. Quoting doubles
+#: every " and \\ of a name the client sent as a literal: over a backend's line limit (Dovecot: 64 KiB,
+#: "BAD ... Too long argument"), after which Dovecot read the rest, a later literal's bytes too, as
+#: commands (a RENAME's second name, an APPEND's message: tests/test_long_quoted_names.py).
+QUOTED_NAME_MAX = 4096
+
+
 def astring(value: bytes) -> bytes:
-    """The shortest safe astring: an atom, else a quoted string, else a {n+} literal."""
+    """The shortest safe astring: an atom, else a quoted string (up to QUOTED_NAME_MAX), else a {n+} literal."""
     if _ATOM.fullmatch(value) is not None:
         return value
     if _UNQUOTABLE.search(value) is None:
-        return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        text = b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        if len(text) <= QUOTED_NAME_MAX:
+            return text
     return b"{%d+}\r\n" % len(value) + value
 
 

@@ -52,3 +52,31 @@ def test_a_long_escaped_name_never_runs_the_message_as_commands(proxy_factory, f
         for backend in fleet.backends.values():
             names = _names(backend, "alice")
             assert b"Injected" not in names and b"Injected2" not in names, (backend.name, host, names)
+
+
+INJECTED = b"\r\nx9 CREATE Injected\r\n"  # a second argument's literal: its bytes, run as a command, make a mailbox
+
+
+@pytest.mark.parametrize("command", [b"RENAME", b"LIST", b"STATUS"])
+def test_a_long_escaped_name_relayed_never_runs_a_later_literal_as_commands(proxy_factory, fleet, command):
+    """The same for a relayed command: ``RENAME {33000+}`` + 33000 ``"`` + `` {n+}`` + a second name
+    holding ``x9 CREATE Injected``; written again quoted (66002 bytes), Dovecot said BAD Too long
+    argument and ran the second literal's line: the mailbox Injected was made on b1. Now the name goes
+    as a literal (grammar.QUOTED_NAME_MAX): answered as directly, nothing made."""
+    proxy = proxy_factory()
+    name = b'"' * 33000
+    second = b" {%d+}\r\n" % len(INJECTED) + INJECTED
+    line = {b"RENAME": b"a RENAME {%d+}\r\n" % len(name) + name + second + b"\r\n",
+            b"LIST": b"a LIST {%d+}\r\n" % len(name) + name + second + b"\r\n",
+            b"STATUS": b"a STATUS {%d+}\r\n" % len(name) + name + b" (MESSAGES)\r\n"}[command]
+    answers = []
+    for host, port in ((fleet["b1"].host, fleet["b1"].port), (proxy.host, proxy.port)):
+        w = Wire(host, port, timeout=30)
+        w.login("alice")
+        w.send(line)
+        answers.append(w.until_tagged(b"a")[-1].split(b" ")[1])  # OK, NO or BAD
+        assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+        w.close()
+        for backend in fleet.backends.values():
+            assert b"Injected" not in _names(backend, "alice"), (backend.name, host, answers)
+    assert answers[0] == answers[1], answers  # as directly (a merged LIST words its OK its own way)
