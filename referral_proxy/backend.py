@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -325,13 +325,16 @@ class BackendProtocol(Protocol):
             self.transport.write(data)
 
     def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None,
-                bounded: bool = False) -> defer.Deferred[Tagged]:
+                bounded: bool = False, then: Sequence[bytes] = ()) -> defer.Deferred[Tagged]:
         """Send an internal command; fire with its Tagged completion (any status).
 
         Untagged responses received until then are captured whole in
         ``Tagged.responses`` (the caller relays what is not its own).
         Only one internal command runs on a connection at a time. *bounded*: a command that
         only READS, cut after ``answer_timeout`` s of silence (stall.py says which may be).
+        *then*: a command with synchronizing literals: *text* ends with the first one's ``{n}``,
+        each of *then* (a literal, what follows it, CRLF included) is written after a ``+`` only,
+        as a careful client does (a backend that refused the line early reads no literal as commands).
         """
         if self.closed:
             return defer.fail(BackendUnavailable(f"backend {self.name} connection is closed"))
@@ -340,8 +343,18 @@ class BackendProtocol(Protocol):
         captured: list[UntaggedResponse] = []
         self.capture = captured
 
+        pieces = list(then)
+
+        def next_piece(_text: bytes) -> None:
+            piece = pieces.pop(0)
+            if pieces:
+                self.on_continuation = next_piece
+            self.write(piece)
+
         def done(start: ResponseStart, raw: bytes) -> None:
             self.capture = None
+            if pieces and self.on_continuation is next_piece:  # refused before every literal went
+                self.on_continuation = None
             d.callback(Tagged(start, raw, tuple(captured)))
 
         def lost(_reason: Failure) -> None:
@@ -353,6 +366,8 @@ class BackendProtocol(Protocol):
         self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
             self.on_continuation = on_continuation
+        elif pieces:
+            self.on_continuation = next_piece
         self.write(tag + b" " + text + b"\r\n")
         return d
 

@@ -182,8 +182,10 @@ class ListHost(Protocol):
     def run(self, tag: bytes, work: Coroutine[Any, Any, None]) -> None:
         """Carry out *work* with the client's input paused; failures answered for *tag*."""
 
-    async def gather(self, backends: Sequence[str], command: bytes) -> list[tuple[BackendProtocol, UntaggedResponse]]:
-        """Run *command* on every backend, once all are quiet: their untagged responses."""
+    async def gather(self, backends: Sequence[str], command: bytes,
+                     then: Sequence[bytes] = ()) -> list[tuple[BackendProtocol, UntaggedResponse]]:
+        """Run *command* on every backend, once all are quiet: their untagged responses (*then*:
+        the command's synchronizing literals, as BackendProtocol.command takes them)."""
 
     def send(self, data: bytes) -> None: ...
 
@@ -235,7 +237,7 @@ class _Gathered:
 
 
 async def _gather(host: ListHost, backends: list[str], remote: bool, command: bytes, *,
-                  subscriptions: bool = False) -> _Gathered:
+                  subscriptions: bool = False, then: Sequence[bytes] = ()) -> _Gathered:
     """*command* on *backends* (and, when every backend is asked, those showing a moved name),
     between two looks at the moves' view (moveview.py): if it changed meanwhile (a move reached its
     commit point, planned its names, ended), the backends may have answered from either side of
@@ -244,7 +246,7 @@ async def _gather(host: ListHost, backends: list[str], remote: bool, command: by
     view = await move_view(host.mailbox_map, host.user, subscriptions=subscriptions)
     for _attempt in range(VIEW_ATTEMPTS):
         asked = list(dict.fromkeys(backends + view.backends)) if remote else backends
-        answers = await host.gather(asked, command)
+        answers = await host.gather(asked, command, then) if then else await host.gather(asked, command)
         again = await move_view(host.mailbox_map, host.user, subscriptions=subscriptions)
         if again == view:
             break
@@ -294,11 +296,15 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                     remote_option: bool, remote: bool) -> None:
     """LIST-EXTENDED forms: the command, re-encoded, on every backend; each mailbox from its owner."""
     subscribed = b"SUBSCRIBED" in _selection(args)  # names, not mailboxes, are selected (RFC 5258 3.1)
+    # Each literal synchronizing, its "+" awaited (as relay.py writes them): a backend that refuses
+    # the line before it (an 8-bit or "{" atom, a line over its limit once names are quoted) must
+    # not read a literal's bytes as commands (tests/test_list_extended_literals.py).
     encoded = encode(args)
-    text = kind.encode() + b" " + b"".join(
-        f + b"{%d+}\r\n" % len(lit.value) + lit.value for f, lit in zip(encoded.fragments, encoded.literals)
-    ) + encoded.fragments[-1]
-    got = await _gather(host, backends, remote, text, subscriptions=kind == "LSUB")
+    frags, lits = encoded.fragments, encoded.literals
+    text = kind.encode() + b" " + frags[0] + (_announce(lits[0]) if lits else b"")
+    then = [lit.value + frags[i + 1] + (_announce(lits[i + 1]) + b"\r\n" if i + 1 < len(lits) else b"\r\n")
+            for i, lit in enumerate(lits)]
+    got = await _gather(host, backends, remote, text, subscriptions=kind == "LSUB", then=then)
     owner, backends, hidden = got.owner, got.backends, got.hidden
     out: list[bytes] = []
     seen: set[str] = set()
@@ -443,3 +449,8 @@ def _drop_flag(raw: bytes, flag: bytes) -> bytes:
     i, j = raw.index(b"(") + 1, raw.index(b")")
     kept = [f for f in raw[i:j].split() if f.upper() != flag]
     return raw[:i] + b" ".join(kept) + raw[j:]
+
+
+def _announce(lit: String) -> bytes:
+    """A literal's synchronizing announcement, without its CRLF."""
+    return b"%s{%d}" % (b"~" if lit.binary else b"", len(lit.value))

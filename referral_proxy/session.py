@@ -484,14 +484,16 @@ class ClientSession(Protocol):
         assert self.home is not None
         self.relay_cmd(cmd, self.home)
 
-    async def gather(self, backends: Sequence[str], command: bytes) -> list[tuple[BackendProtocol, UntaggedResponse]]:
-        """Run *command* on every backend; their untagged answers (a refusal ends it)."""
+    async def gather(self, backends: Sequence[str], command: bytes,
+                     then: Sequence[bytes] = ()) -> list[tuple[BackendProtocol, UntaggedResponse]]:
+        """Run *command* on every backend (*then*: its literals, BackendProtocol.command); their
+        untagged answers (a refusal ends it)."""
         assert self.pool is not None
         conns = [await self.pool.connection(b) for b in backends]
         await self.pool.quiet(None)
         results: list[tuple[BackendProtocol, UntaggedResponse]] = []
         for conn in conns:
-            result = await conn.command(command, bounded=True)  # a read: cut if it stalls (stall.py)
+            result = await conn.command(command, bounded=True, then=then)  # a read: cut if it stalls (stall.py)
             if not result.ok:  # the backend's own answer, BAD or NO, as a direct client would get it
                 raise Refusing(completion_text(result.start))
             results.extend((conn, r) for r in result.responses)
