@@ -33,10 +33,11 @@ from .copycommand import CopyCommands
 from .fastpath import PLAIN_COMMANDS, append_line, relay_plain
 from .flow import Block, ClientFlow
 from .idle import Idle
-from .imap.command import CommandStart, nil_or_list
+from .imap.command import Atom, CommandStart, nil_or_list
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
 from .imap.quoting import quoted, safe_text
+from .imap.reader import _ATOM as _DOVECOT_ATOM  # what Dovecot's parser reads as an atom
 from .imap.reader import (
     NEED_DECISION,
     STREAMED,
@@ -507,6 +508,9 @@ class ClientSession(Protocol):
     def cmd_enable(self, cmd: Command, spec: CommandSpec) -> None:
         """ENABLE: relayed, and remembered for connections opened later."""
         assert self.pool is not None and self.home is not None
+        if any(isinstance(t, Atom) and _DOVECOT_ATOM.fullmatch(t.value) is None for t in cmd.args.tokens):
+            # as Dovecot refuses it (8-bit or "{" in an atom): never an OK for the names it does know
+            return self.tagged(cmd.tag, "BAD", "Invalid characters in atom")
         pool, target, cmd = self.pool, self.selected or self.home, enabling(cmd)  # what the proxy announces only
         pool.remember_enabled([t.value for t in cmd.args.tokens])  # type: ignore[union-attr]
 
