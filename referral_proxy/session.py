@@ -37,8 +37,8 @@ from .imap.command import Atom, CommandStart, nil_or_list
 from .imap.framing import NEED_DATA
 from .imap.grammar import Arguments, Grammar
 from .imap.quoting import quoted, safe_text
-from .imap.reader import _ATOM as _DOVECOT_ATOM  # what Dovecot's parser reads as an atom
 from .imap.reader import (
+    BACKEND_ATOM,
     NEED_DECISION,
     STREAMED,
     AppendStart,
@@ -508,7 +508,7 @@ class ClientSession(Protocol):
     def cmd_enable(self, cmd: Command, spec: CommandSpec) -> None:
         """ENABLE: relayed, and remembered for connections opened later."""
         assert self.pool is not None and self.home is not None
-        if any(isinstance(t, Atom) and _DOVECOT_ATOM.fullmatch(t.value) is None for t in cmd.args.tokens):
+        if any(isinstance(t, Atom) and BACKEND_ATOM.fullmatch(t.value) is None for t in cmd.args.tokens):
             # as Dovecot refuses it (8-bit or "{" in an atom): never an OK for the names it does know
             return self.tagged(cmd.tag, "BAD", "Invalid characters in atom")
         pool, target, cmd = self.pool, self.selected or self.home, enabling(cmd)  # what the proxy announces only

@@ -38,7 +38,7 @@ from .plain import plain_arguments
 __all__ = [
     "Limits", "CommandReader", "Refusal", "STREAMED", "NEED_DECISION", "Command", "Refused", "Continue",
     "TextLine", "Sentinel", "AppendStart", "AppendMessage", "AppendData", "AppendMessageEnd", "AppendEnd", "AppendAbort",
-    "Ended", "ReaderEvent",
+    "Ended", "ReaderEvent", "BACKEND_ATOM",
 ]
 
 KiB = 1024
@@ -177,7 +177,7 @@ _END = AppendEnd()
 _IDLE, _COLLECT, _APPEND_MAILBOX, _APPEND_DATA, _APPEND_NEXT = range(5)
 
 _KEYWORD = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
-_ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){"]+')  # what Dovecot's parser reads as an atom
+BACKEND_ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){"]+')  # what Dovecot's parser reads as an atom
 _UTF8_OPEN = re.compile(rb"(?:\A| )UTF8 \(\Z", re.IGNORECASE)  # RFC 6855: append-data =/ "UTF8" SP "(" literal8 ")"
 
 
@@ -593,7 +593,7 @@ def _flags(tok: Token) -> tuple[bytes, ...]:
         if value[:1] == b"\\":
             if value.upper() not in SYSTEM_FLAGS:
                 raise ParseError("invalid system flag")
-        elif _ATOM.fullmatch(value) is None:  # "a{b": Dovecot's parser refuses it (BAD)
+        elif BACKEND_ATOM.fullmatch(value) is None:  # "a{b": Dovecot's parser refuses it (BAD)
             raise ParseError("invalid keyword")
         out.append(value)
     return tuple(out)
