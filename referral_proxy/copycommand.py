@@ -96,6 +96,8 @@ class CopyCommands:
             if not await wait_for_moves(host.mailbox_map, host.user, names, host.ctx.reactor,
                                         host.ctx.config.map.move_wait_seconds):
                 raise Refusing("NO " + COPY_IN_USE)
+            if self.mailboxes.selected_held():  # a move of it began while this waited (soak C seed 70552)
+                raise Refusing("NO " + INUSE)
             host.relay.send(conn, cmd.tag, cmd.name, cmd.args, settled=release)
         except BaseException:
             release()

@@ -6,10 +6,15 @@ tests/test_move_workers_turn.py). The master makes a directory and names it to i
 (``ENV``); a worker holds an exclusive ``flock`` on a file named by the mailbox while its MOVE runs.
 The kernel drops a dead worker's locks, so a worker killed mid-MOVE holds nobody. Taken without
 blocking the reactor: tried again every few milliseconds while another worker holds it.
+
+A mailbox move (mover.py) takes the same turn of each source for its drain's MOVE and its RENAME
+aside, in a proxy, in ``referral-proxy move`` and in ``recover`` (Standalone): on a SQLite map the
+lock files live beside the map file (beside_store), on PostgreSQL they are its advisory locks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -23,9 +28,10 @@ from typing import Any
 from twisted.internet import task
 
 from .routing import MailboxMap, normalize
-from .turns import Release
+from .turns import Release, Turns
 
-__all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_environment", "from_store", "mailbox_turn", "mailbox_turns"]
+__all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_environment", "from_store", "beside_store",
+           "Standalone", "mover_turn", "mailbox_turn", "mailbox_turns"]
 
 ENV = "REFERRAL_PROXY_TURNS"  # the directory of the lock files, set by the master for its workers
 POLL = 0.005  # seconds between tries while another worker holds the lock
@@ -133,6 +139,41 @@ def from_store(spec: str | None, reactor: Any) -> Any:
     from .pgturns import PgTurns  # psycopg only where it is used
 
     return PgTurns(spec, reactor)
+
+
+def beside_store(spec: str | None, reactor: Any) -> FileTurns | None:
+    """The turns of every process on one SQLite map file (one host): lock files in ``FILE.turns/``
+    beside it, where the admin ``move`` and ``recover`` find them too (the workers' directory is
+    the master's own). None for another store (or one in memory)."""
+    if spec is None or not spec.startswith("sqlite:") or spec == "sqlite::memory:":
+        return None
+    directory = Path(spec.partition(":")[2] + ".turns")
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None  # (the store says why when it opens)
+    return FileTurns(directory, reactor)
+
+
+@dataclasses.dataclass
+class Standalone:
+    """The turns of a process that serves no session (``referral-proxy move``, ``recover``): the
+    running proxies' on the same map store, as a ProxyContext carries them."""
+
+    mailbox_map: MailboxMap
+    worker_turns: FileTurns | None
+    proxy_turns: Any
+    move_turns: Turns = dataclasses.field(default_factory=Turns)
+
+    @classmethod
+    def of(cls, mailbox_map: MailboxMap, spec: str | None, reactor: Any) -> Standalone:
+        return cls(mailbox_map, beside_store(spec, reactor), from_store(spec, reactor))
+
+
+def mover_turn(ctx: Any, user: str) -> Callable[[str, str], Awaitable[Release]]:
+    """What a mailbox move (mover.Mover.turn) takes of a source mailbox before its drain's MOVE and
+    its RENAME aside: a relayed MOVE's turn (mailbox_turn), so that one still at Dovecot ends first."""
+    return lambda backend, mailbox: mailbox_turn(ctx, backend, user, mailbox.encode("utf-8", "surrogateescape"))
 
 
 async def _in_order(takes: Iterable[Callable[[], Awaitable[Release]]]) -> Release:

@@ -51,7 +51,7 @@ from .mailops import (
 from .routing import MailboxMap
 from .transfer import hash_messages, hashes_present
 
-__all__ = ["remove_verified", "resume", "settled", "highest_modseq"]
+__all__ = ["remove_verified", "resume", "settled", "highest_modseq", "take_back_vanished", "copied_of"]
 
 log = Logger()
 
@@ -114,6 +114,43 @@ async def remove_verified(journal: MailboxMap, entry: JournalEntry, i: int, src:
         raise TransferError(f"the source on {src.name} kept refusing to give up its copied messages; tried again later")
     if theirs:
         await _take_back(journal, entry, i, dst, sorted(theirs), drop)
+
+
+async def take_back_vanished(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol) -> None:
+    """Before the commit point: a message copied from a source that has left it since -- a client's
+    command already on its way to the backend when the reservation landed (a MOVE, an EXPUNGE) --
+    is taken back from the destination; kept, it would be there twice (or, expunged, come back).
+    The destination first, then the journal: a crash between rolls back what is still recorded."""
+    data = entry.data
+    for i, (old, new) in enumerate(data["pairs"]):
+        copied = copied_of(entry, i)
+        if not copied:
+            continue
+        await open_mailbox(src, old, readonly=True)
+        present, _ = await search_uids(src, b"ALL")
+        await src.deselect()
+        gone = copied - set(present)
+        if not gone:
+            continue
+        back: list[int] = []
+        for rec in data["batches"]:
+            if rec["pair"] == i:  # source and destination UIDs, both ascending, in the same order
+                both = list(zip(expand_uid_set(rec["src"]), expand_uid_set(rec["dst"]), strict=True))
+                back += [d for s, d in both if s in gone]
+                rec["src"] = uid_set(s for s, _d in both if s not in gone).decode()
+                rec["dst"] = uid_set(d for s, d in both if s not in gone).decode()
+        await open_mailbox(dst, new, readonly=False)
+        await expunge_uids(dst, back)
+        await dst.deselect()  # never CLOSE
+        data["batches"] = [rec for rec in data["batches"] if rec["src"]]
+        await journal.record(entry)
+        log.warn("move {id}: {n} message(s) left {box} on {b} while it was copied (a command under way when "
+                 "the move began): their copies taken back", id=entry.id, n=len(back), box=old, b=src.name)
+
+
+def copied_of(entry: JournalEntry, i: int) -> set[int]:
+    """The source UIDs of pair *i* a mailbox move copied and verified."""
+    return {u for rec in entry.data["batches"] if rec["pair"] == i for u in expand_uid_set(rec["src"])}
 
 
 async def resume(journal: MailboxMap, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol,

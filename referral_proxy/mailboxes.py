@@ -22,7 +22,7 @@ from .appendturns import HELD, Held, rename_turns
 from .backend import BackendProtocol
 from .commands import COMMANDS
 from .context import ProxyContext
-from .crossturns import mailbox_turns
+from .crossturns import mailbox_turns, mover_turn
 from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .holds import wait_free
@@ -484,7 +484,7 @@ class MailboxCommands:
         sep = host.mailbox_map.separator
         text = old.decode("utf-8", "surrogateescape")  # "inbox/sub" is INBOX/sub, selected in any case
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
-                      answer_within=ANSWER_WITHIN,
+                      answer_within=ANSWER_WITHIN, turn=mover_turn(host.ctx, host.user),
                       seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store))
         try:
             await refused_before(mover, text, new.decode("utf-8", "surrogateescape"), old_route.primary,

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from .backend import BackendError
 from .config import Config, ConfigError, load_config
+from .crossturns import Standalone, mover_turn
 from .imap.command import ParseError
 from .imap.data import parse_status
 from .journal import StoreUnavailable
@@ -105,7 +106,7 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
         def connector(user: str) -> Connect:
             return master_connector(reactor, config, user)
 
-        lines = await recover_all(mailbox_map, connector, reactor)
+        lines = await recover_all(mailbox_map, connector, reactor, Standalone.of(mailbox_map, config.map.store, reactor))
         lines += await carry_old_homes(mailbox_map, connector, reactor)  # mail that reached an old INBOX since
         for line in lines:
             print(line, flush=True)
@@ -169,7 +170,8 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         if src_name == args.backend:
             print(f"{user} {args.mailbox} is on {args.backend} already")
             return 0  # nothing to carry: not a transfer, not counted
-        mover = Mover(mailbox_map, connect, user, clock=reactor)
+        mover = Mover(mailbox_map, connect, user, clock=reactor,
+                      turn=mover_turn(Standalone.of(mailbox_map, config.map.store, reactor), user))
         try:
             totals = await _totals(connect, src_name, mover, args.mailbox)
             mover.progress.on_message = ProgressBar(*totals)

@@ -29,6 +29,7 @@ deleted only if nothing else is in them.
 from __future__ import annotations
 
 import collections
+import functools
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
-from .drain import highest_modseq, remove_verified, resume
+from .drain import copied_of, highest_modseq, remove_verified, resume, take_back_vanished
 from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
 from .holds import begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
@@ -139,6 +140,9 @@ class Mover:
     # seconds past its begin before which no source is set aside: the other processes on the store that see a
     # move only when they look (relocation.seen_within) end their sessions that have one selected first
     seen_by_others: float = 0.0
+    # (backend, source) -> a relayed MOVE's turn of it, taken for the drain's MOVE and the RENAME aside
+    # (crossturns.mover_turn): a client's MOVE of a copied message still at Dovecot would also succeed
+    turn: Callable[[str, str], Awaitable[Callable[[], None]]] | None = None
     _began_at: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -225,7 +229,7 @@ class Mover:
                     data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
                     await self.mailbox_map.step(entry, Step.CREATED)
                 result.messages += await self._copy(entry, i, src, dst, o, delta=False)
-            await self._take_back_vanished(entry, src, dst)
+            await take_back_vanished(self.mailbox_map, entry, src, dst)
             await self.mailbox_map.step(entry, Step.COMMITTED)
         except BaseException as e:
             for conn in conns:
@@ -299,39 +303,8 @@ class Mover:
             log.error("move {id} of {user}: failed ({why}) and could not be rolled back now ({how}); "
                       "recovery will", id=entry.id, user=self.user, why=str(why), how=str(e))
 
-    async def _take_back_vanished(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol) -> None:
-        """Before the commit point: a message copied from a source that has left it since -- a client's
-        command already on its way to the backend when the reservation landed (a MOVE, an EXPUNGE) --
-        is taken back from the destination; kept, it would be there twice (or, expunged, come back).
-        The destination first, then the journal: a crash between rolls back what is still recorded."""
-        data = entry.data
-        for i, (old, new) in enumerate(data["pairs"]):
-            copied = self._copied(entry, i)
-            if not copied:
-                continue
-            await open_mailbox(src, old, readonly=True)
-            present, _ = await search_uids(src, b"ALL")
-            await src.deselect()
-            gone = copied - set(present)
-            if not gone:
-                continue
-            back: list[int] = []
-            for rec in data["batches"]:
-                if rec["pair"] == i:  # source and destination UIDs, both ascending, in the same order
-                    both = list(zip(expand_uid_set(rec["src"]), expand_uid_set(rec["dst"]), strict=True))
-                    back += [d for s, d in both if s in gone]
-                    rec["src"] = uid_set(s for s, _d in both if s not in gone).decode()
-                    rec["dst"] = uid_set(d for s, d in both if s not in gone).decode()
-            await open_mailbox(dst, new, readonly=False)
-            await expunge_uids(dst, back)
-            await dst.deselect()  # never CLOSE
-            data["batches"] = [rec for rec in data["batches"] if rec["src"]]
-            await self.mailbox_map.record(entry)
-            log.warn("move {id}: {n} message(s) left {box} on {b} while it was copied (a command under way when "
-                     "the move began): their copies taken back", id=entry.id, n=len(back), box=old, b=src.name)
-
     def _copied(self, entry: JournalEntry, i: int) -> set[int]:
-        return {u for rec in entry.data["batches"] if rec["pair"] == i for u in expand_uid_set(rec["src"])}
+        return copied_of(entry, i)
 
     async def _copy(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol, box: str,
                     *, delta: bool) -> int:
@@ -499,7 +472,8 @@ class Mover:
                     return await self._drained(entry, i)
                 await seen_by_then(self.clock, self._began_at, self.seen_by_others)  # a source is set aside next
                 await src.deselect()  # a mailbox selected on this connection cannot be renamed
-                await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
+                await self._in_turn(src.name, old, lambda: run_ok(
+                    src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME"))
             elif old == "INBOX" or not await exists(src, aside):
                 return await self._drained(entry, i)  # nothing left at the source
             data["aside"].append(i)
@@ -575,12 +549,21 @@ class Mover:
                 raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
             present, _ = await search_uids(src, b"ALL")
             copied = self._copied(entry, i)  # removed, each told from a client's removal (drain.py)
-            await remove_verified(self.mailbox_map, entry, i, src, dst, box, self._aside(data, "drop"), present, copied)
+            await self._in_turn(src.name, box, functools.partial(
+                remove_verified, self.mailbox_map, entry, i, src, dst, box, self._aside(data, "drop"), present, copied))
             left = [u for u in present if u not in copied]
             await src.deselect()  # never CLOSE: it would expunge \Deleted mail that was not copied
             if not left:
                 break
         return left
+
+    async def _in_turn(self, backend: str, box: str, work: Callable[[], Awaitable[Any]]) -> None:
+        release = await self.turn(backend, box) if self.turn is not None else None
+        try:
+            await work()
+        finally:
+            if release is not None:
+                release()
 
     async def _drained(self, entry: JournalEntry, i: int) -> None:
         entry.data["drained"].append(i)

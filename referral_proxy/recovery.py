@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
+from .crossturns import mover_turn
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .localrename import reconcile_local
 from .mailops import NoMasterUser
@@ -61,8 +62,10 @@ def describe(entry: JournalEntry) -> str:
     return f"{entry.user}: {what}, at {entry.step.value if entry.step else 'an unknown step'}"
 
 
-async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: Connect, clock: Any = None) -> str:
-    """Finish, roll back or release one claimed entry, as journal.TABLE says for its step."""
+async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: Connect, clock: Any = None,
+                        turns: Any = None) -> str:
+    """Finish, roll back or release one claimed entry, as journal.TABLE says for its step; *turns*: the
+    relayed MOVEs' (a ProxyContext, crossturns.Standalone) that a mailbox move takes (mover.Mover.turn)."""
     if entry.step is None:
         raise BackendError("written by another version of referral-proxy: not recovered")
     how = TABLE[entry.step].recovery
@@ -72,7 +75,8 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
         await mailbox_map.end_move(entry)
         return "released (nothing was changed)"
     if entry.op == "move":
-        mover = Mover(mailbox_map, connect, entry.user, clock=clock)
+        mover = Mover(mailbox_map, connect, entry.user, clock=clock,
+                      turn=None if turns is None else mover_turn(turns, entry.user))
         if how is Recovery.ROLL_BACK:
             await mover.roll_back(entry)
             return "rolled back"
@@ -93,7 +97,8 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
             conn.logout()
 
 
-async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any = None) -> list[str]:
+async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any = None,
+                      turns: Any = None) -> list[str]:
     """Every entry whose owner is gone: claimed, then recovered; one line per entry.
 
     *connector(user)* gives the connect function for that user's backends; *clock* lets
@@ -104,7 +109,7 @@ async def recover_all(mailbox_map: MailboxMap, connector: Callable[[str], Connec
             continue  # running in a live process, or another recoverer was first
         found = describe(entry)  # the step it was found at: recovery steps the entry on as it goes
         try:
-            outcome = await recover_entry(mailbox_map, entry, connector(entry.user), clock)
+            outcome = await recover_entry(mailbox_map, entry, connector(entry.user), clock, turns)
             lines.append(f"{found}: {outcome}")
         except Exception as e:
             await mailbox_map.disown(entry)
@@ -120,6 +125,7 @@ class RecoverySweep:
 
     def __init__(self, reactor: Any, config: Callable[[], Config], mailbox_map: MailboxMap) -> None:
         self.reactor, self.config, self.map = reactor, config, mailbox_map
+        self.turns: Any = None  # the proxy's relayed-MOVE turns (its ProxyContext), set once it is made
         self._loop = task.LoopingCall(self._sweep)
         self._loop.clock = reactor
         self._running: defer.Deferred[None] | None = None
@@ -178,7 +184,7 @@ class RecoverySweep:
             def connector(user: str) -> Connect:
                 return master_connector(self.reactor, config, user)
 
-            lines = await recover_all(self.map, connector, self.reactor)
+            lines = await recover_all(self.map, connector, self.reactor, self.turns)
             lines += await carry_old_homes(self.map, connector, self.reactor)
         except StoreUnavailable as e:
             log.warn("recovery: the map store is unreachable ({why}); trying again in {s}s", why=str(e),

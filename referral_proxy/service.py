@@ -183,9 +183,11 @@ class ProxyService(MultiService):
             observer=self.observer,
             admission=self.admission,
             connect_for=self.connect_for,
-            worker_turns=crossturns.from_environment(reactor) if self.role is not None else None,
+            worker_turns=crossturns.beside_store(config.map.store, reactor) or (
+                crossturns.from_environment(reactor) if self.role is not None else None),
             proxy_turns=crossturns.from_store(config.map.store, reactor),
         )
+        self.recovery.turns = self.context  # a move it finishes waits for a relayed MOVE of its source
         factory = self._factory = _SessionFactory(self.context)
         self.relocation = RelocationWatch(reactor, self.mailbox_map, self.context.sessions)
         self.health: HealthChecker | None = None
