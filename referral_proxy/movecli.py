@@ -106,8 +106,9 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
         def connector(user: str) -> Connect:
             return master_connector(reactor, config, user)
 
-        lines = await recover_all(mailbox_map, connector, reactor, Standalone.of(mailbox_map, config.map.store, reactor))
-        lines += await carry_old_homes(mailbox_map, connector, reactor)  # mail that reached an old INBOX since
+        turns = Standalone.of(mailbox_map, config.map.store, reactor)
+        lines = await recover_all(mailbox_map, connector, reactor, turns)
+        lines += await carry_old_homes(mailbox_map, connector, reactor, turns)  # mail that reached an old INBOX since
         for line in lines:
             print(line, flush=True)
         left = len(await mailbox_map.entries())

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .crossturns import mover_turn
 from .journal import Reservation, StoreUnavailable
 from .mailops import TransferError, status
 from .mover import ASIDE, Connect, Mover
@@ -39,9 +40,10 @@ class _Carry(Mover):
                 Reservation(ASIDE + data["token"])]
 
 
-async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any) -> list[str]:
+async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any,
+                          turns: Any = None) -> list[str]:
     """Carry what each watched old INBOX holds to the user's INBOX; drop records that expired or
-    whose backend is the home again. One line per carry or failure (a record's failure does
+    whose backend is the home again (*turns*: as recovery.recover_entry's). One line per carry or failure (a record's failure does
     not keep the others from being looked at)."""
     lines = []
     now = clock.seconds()
@@ -61,7 +63,8 @@ async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Co
                 conn.logout()
             if not waiting:
                 continue
-            carry = _Carry(mailbox_map, connect, old.user, clock=clock, old_home=old.backend)
+            carry = _Carry(mailbox_map, connect, old.user, clock=clock, old_home=old.backend,
+                           turn=None if turns is None else mover_turn(turns, old.user))
             result = await carry.rename("INBOX", "INBOX", old.backend, home)
         except StoreUnavailable:
             raise

@@ -185,7 +185,7 @@ class RecoverySweep:
                 return master_connector(self.reactor, config, user)
 
             lines = await recover_all(self.map, connector, self.reactor, self.turns)
-            lines += await carry_old_homes(self.map, connector, self.reactor)
+            lines += await carry_old_homes(self.map, connector, self.reactor, self.turns)
         except StoreUnavailable as e:
             log.warn("recovery: the map store is unreachable ({why}); trying again in {s}s", why=str(e),
                      s=SWEEP_SECONDS)
