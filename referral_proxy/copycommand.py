@@ -7,6 +7,8 @@ referral-aware session whose destination lives elsewhere (an RFC 2193 referral i
 
 from __future__ import annotations
 
+from twisted.logger import Logger
+
 from .acrossview import SAVED
 from .copywait import held_by_any, wait_for_moves
 from .crossturns import mailbox_turn
@@ -17,7 +19,16 @@ from .mailops import TransferError, named_uids
 from .routing import Route
 from .transfer import COPY_IN_USE, CopyOutcome, copy_across, move_lock
 
-__all__ = ["CopyCommands"]
+__all__ = ["CopyCommands", "STALLED_TURN"]
+
+# Seconds a relayed MOVE keeps its turn while its client reads nothing (its output backed up, so the
+# backend's answer, tagged OK and all, is left unread: flow.py): then its session is ended, and the
+# turn with it. A mailbox move of the mailbox waits for that turn (mover.Mover.turn): it waited for
+# as long as such a client stayed connected (tests/test_move_turn_unread_answer.py).
+STALLED_TURN = 10.0
+_LOOK = 1.0  # seconds between looks at the client's output meanwhile
+
+log = Logger()
 
 
 class CopyCommands:
@@ -98,10 +109,32 @@ class CopyCommands:
                 raise Refusing("NO " + COPY_IN_USE)
             if self.mailboxes.selected_held():  # a move of it began while this waited (soak C seed 70552)
                 raise Refusing("NO " + INUSE)
-            host.relay.send(conn, cmd.tag, cmd.name, cmd.args, settled=release)
+            answered = [False]
+
+            def settled() -> None:
+                answered[0] = True
+                release()
+
+            host.relay.send(conn, cmd.tag, cmd.name, cmd.args, settled=settled)
         except BaseException:
             release()
             raise
+        self._watch_output(conn, answered, 0.0)
+
+    def _watch_output(self, conn: object, answered: list[bool], stalled: float) -> None:
+        """While the MOVE holds its turn unanswered: a client whose output stays backed up for
+        STALLED_TURN seconds is cut off, and the MOVE's backend connection too (its turn ends)."""
+        host = self.host
+        if answered[0] or host.closed:
+            return
+        stalled = stalled + _LOOK if host.flow.client_output.paused else 0.0
+        if stalled >= STALLED_TURN:
+            log.warn("user {user}: a relayed MOVE's client read nothing of its answer for {s:g} s: session "
+                     "ended, its MOVE turn freed", user=host.user, s=stalled)
+            conn.transport.abortConnection()  # type: ignore[attr-defined]
+            host.transport.abortConnection()
+            return
+        host.ctx.reactor.callLater(_LOOK, self._watch_output, conn, answered, stalled)
 
     async def _relay_after_moves(self, cmd: Command, source: str, names: list[str]) -> None:
         """A COPY within one backend relayed once the commands ahead of it are done and no MOVE across holds
