@@ -7,6 +7,8 @@ referral-aware session whose destination lives elsewhere (an RFC 2193 referral i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.logger import Logger
 
 from .acrossview import SAVED
@@ -18,6 +20,9 @@ from .mailboxes import INUSE, READ_ONLY, MailboxCommands, Refusing
 from .mailops import TransferError, named_uids
 from .routing import Route
 from .transfer import COPY_IN_USE, CopyOutcome, copy_across, move_lock
+
+if TYPE_CHECKING:
+    from .backend import BackendProtocol
 
 __all__ = ["CopyCommands", "STALLED_TURN"]
 
@@ -119,22 +124,25 @@ class CopyCommands:
         except BaseException:
             release()
             raise
-        self._watch_output(conn, answered, 0.0)
+        self._watch_output(conn, answered, 0.0, host.flow.client_output.resumes)
 
-    def _watch_output(self, conn: object, answered: list[bool], stalled: float) -> None:
-        """While the MOVE holds its turn unanswered: a client whose output stays backed up for
-        STALLED_TURN seconds is cut off, and the MOVE's backend connection too (its turn ends)."""
+    def _watch_output(self, conn: BackendProtocol, answered: list[bool], stalled: float, resumes: int) -> None:
+        """While the MOVE holds its turn unanswered: a client whose output stays backed up, never once
+        drained meanwhile (a slow reader's is, now and then), for STALLED_TURN seconds is cut off, and
+        the MOVE's backend connection too (its turn ends)."""
         host = self.host
         if answered[0] or host.closed:
             return
-        stalled = stalled + _LOOK if host.flow.client_output.paused else 0.0
+        output = host.flow.client_output
+        stuck = output.paused and output.resumes == resumes
+        stalled = stalled + _LOOK if stuck else 0.0
         if stalled >= STALLED_TURN:
             log.warn("user {user}: a relayed MOVE's client read nothing of its answer for {s:g} s: session "
                      "ended, its MOVE turn freed", user=host.user, s=stalled)
-            conn.transport.abortConnection()  # type: ignore[attr-defined]
+            conn.transport.abortConnection()
             host.transport.abortConnection()
             return
-        host.ctx.reactor.callLater(_LOOK, self._watch_output, conn, answered, stalled)
+        host.ctx.reactor.callLater(_LOOK, self._watch_output, conn, answered, stalled, output.resumes)
 
     async def _relay_after_moves(self, cmd: Command, source: str, names: list[str]) -> None:
         """A COPY within one backend relayed once the commands ahead of it are done and no MOVE across holds

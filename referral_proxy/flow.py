@@ -148,12 +148,13 @@ class ClientOutput:
     """Registered on the client's transport when it connects: while the transport's
     buffer is over its size, no command is read (Block.OUTPUT) and every backend is paused."""
 
-    __slots__ = ("backends", "_flow", "paused", "_drained")  # no per-instance dict
+    __slots__ = ("backends", "_flow", "paused", "resumes", "_drained")  # no per-instance dict
 
     def __init__(self, backends: AllBackends, flow: ClientFlow) -> None:
         self.backends = backends
         self._flow = flow  # not two bound methods of it: less kept per session
         self.paused = False
+        self.resumes = 0  # times the client read enough to unblock: a slow reader's progress (copycommand.py)
         self._drained: tuple[Deferred[None], ...] = ()
 
     def drained(self) -> Deferred[None]:
@@ -172,6 +173,7 @@ class ClientOutput:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.resumes += 1
         self.backends.resumeProducing()
         self._flow.unblock(Block.OUTPUT)
         waiters, self._drained = self._drained, ()

@@ -71,6 +71,10 @@ class MailboxHost(Protocol):
     pool: BackendPool | None
     relay: Relay
     flow: ClientFlow
+    transport: Any  # the client's
+
+    @property
+    def closed(self) -> bool: ...  # the client connection is gone
 
     @property
     def config(self) -> Any: ...
