@@ -36,6 +36,7 @@ from .mailops import TransferError, name_arg
 from .mover import Connect, MoveIncomplete, Mover
 from .oldhome import carry_old_homes
 from .recovery import SWEEP_SECONDS, master_connector, recover_all
+from .relocation import seen_by_another_process
 from .routing import OLD_HOME_WATCH, MailboxMap, StepHook, normalize, open_store
 from .transfer import Progress
 
@@ -172,7 +173,8 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
             print(f"{user} {args.mailbox} is on {args.backend} already")
             return 0  # nothing to carry: not a transfer, not counted
         mover = Mover(mailbox_map, connect, user, clock=reactor,
-                      turn=mover_turn(Standalone.of(mailbox_map, config.map.store, reactor), user))
+                      turn=mover_turn(Standalone.of(mailbox_map, config.map.store, reactor), user),
+                      seen_by_others=seen_by_another_process(mailbox_map.store))
         try:
             totals = await _totals(connect, src_name, mover, args.mailbox)
             mover.progress.on_message = ProgressBar(*totals)

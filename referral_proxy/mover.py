@@ -137,8 +137,8 @@ class Mover:
     clock: Any = None  # IReactorTime, for the waits below (None: none)
     answer_within: float | None = None  # return this many seconds past the commit point, finishing behind (None: wait)
     left_to_recovery: bool = field(default=False, init=False)  # a failure whose roll-back failed too (journaled)
-    # seconds past its begin before which no source is set aside: the other processes on the store that see a
-    # move only when they look (relocation.seen_within) end their sessions that have one selected first
+    # seconds past its begin before which no source is drained nor set aside: the other processes on the store
+    # that see a move only when they look (relocation.seen_within) end their sessions that have one selected first
     seen_by_others: float = 0.0
     # (backend, source) -> a relayed MOVE's turn of it, taken for the drain's MOVE and the RENAME aside
     # (crossturns.mover_turn): a client's MOVE of a copied message still at Dovecot would also succeed
@@ -463,6 +463,9 @@ class Mover:
         aside = self._aside(data, str(i))
         if i not in data["aside"]:
             if await exists(src, old):
+                # the drain is the first change a session with the source selected could see (an EXPUNGE
+                # of mail that is not gone): the other processes end those sessions first
+                await seen_by_then(self.clock, self._began_at, self.seen_by_others)
                 left = await self._empty_until_quiet(entry, i, src, dst, old)
                 if old == "INBOX":
                     if left:

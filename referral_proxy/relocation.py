@@ -33,7 +33,7 @@ from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX
 from .store import SQLiteStore
 
-__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within", "seen_by_then"]
+__all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within", "seen_by_another_process", "seen_by_then"]
 
 log = Logger()
 
@@ -97,7 +97,16 @@ def seen_within(workers: int, store: object) -> float:
     short move could begin and end unseen, and their sessions stay selected in a mailbox set aside, then made
     anew under its name (Dovecot: NO [SERVERBUG], or the connection dropped). PostgreSQL's begin waits for
     the others to have read it (settle); one process alone sees its own moves begin."""
-    return CHECK_SECONDS + 0.25 if workers > 1 and isinstance(store, SQLiteStore) else 0.0
+    return seen_by_another_process(store) if workers > 1 else 0.0
+
+
+def seen_by_another_process(store: object) -> float:
+    """Seconds a move run by a process that serves no sessions (the admin ``move``) waits, from its begin,
+    before its drain changes a source: on an SQLite map the proxies see it begin only when they look (a
+    lookup, or this watch once a second), and a session IDLE in the source, not yet told BYE, heard every
+    message drained from it EXPUNGEd (while each is still in the mailbox, on its new backend). PostgreSQL's
+    begin waits for the others to have read it (settle)."""
+    return CHECK_SECONDS + 0.25 if isinstance(store, SQLiteStore) else 0.0
 
 
 async def seen_by_then(clock: Any, began_at: float | None, seconds: float) -> None:
