@@ -439,3 +439,29 @@ def test_a_client_that_never_reads_while_the_admin_moves_its_mailbox(proxy_facto
     time.sleep(1)
     counts, where = census(fleet, "carol")
     assert {i: where[i] for i in mail if counts[i] != 1} == {}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_short_admin_moves_under_an_idler_with_workers(proxy_factory, fleet, workers):
+    """test_idle_admin_move_no_expunge's rounds, with [proxy] workers = 2 too (each worker looks on its own)."""
+    from test_idle_admin_move_no_expunge import _idle
+
+    mail = ids("m", 3)
+    seed(fleet["b1"], "carol", "INBOX", mail)
+    proxy = proxy_factory(MASTERS, rules=RULES, workers=workers)
+    where, bad = "b1", []
+    for rnd in range(5):
+        to = "b2" if where == "b1" else "b1"
+        w, heard, t = _idle(proxy, b"INBOX")
+        moved = cli("move", "--config", str(proxy.config_path), "carol", "INBOX", to)
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        where = to
+        t.join(HANG)
+        w.close()
+        t.join(5)
+        assert any(line.startswith(b"* BYE") for line in heard), (rnd, heard)
+        if any(line.endswith(b" EXPUNGE\r\n") for line in heard):
+            bad.append((rnd, heard))
+        time.sleep(0.3 * (rnd % 3))
+    _exact(fleet, proxy, "carol", mail)
+    assert not bad, bad[:2]
