@@ -235,7 +235,7 @@ def test_idle_hears_appends_through_the_proxy_then_an_admin_move(proxy_factory, 
     for k in range(5):
         data = body(f"x-{k}@t")
         assert w.cmd(b"a", b"APPEND Work {%d+}\r\n" % len(data) + data)[-1].startswith(b"a OK")
-        assert idler.wait(lambda: idler.count == 6 + k, 10), (k, idler.lines)
+        assert idler.wait(lambda k=k: idler.count == 6 + k, 10), (k, idler.lines)
     moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3")
     assert moved.returncode == 0, moved.stderr
     assert idler.wait(lambda: idler.bye() is not None, HANG), idler.lines
@@ -347,7 +347,6 @@ def test_reload_during_an_admin_move(proxy_factory, fleet, change):
         proxy.config["map"]["rules"] = RULES[:1]
         _reload(proxy, RULES[:1], drop="b2")
     else:
-        from conftest import toml_dumps
         full = dict(proxy.config)
         full["backends"] = {**full["backends"], "b2": {"endpoint": fleet["b2"].endpoint, "url": fleet["b2"].url,
                                                        "tls": "none", "master_user": MASTER_USER,
