@@ -243,6 +243,24 @@ def cli(*args: str, timeout: float = 120.0, command: list[str] | None = None) ->
                           capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
+def admin_move(proxy, *args: str) -> subprocess.Popen:
+    """``referral-proxy move --config <proxy's config> ARGS`` started as a child process (not waited for)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "referral_proxy", "move", "--config", str(proxy.config_path), *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def exact(fleet, proxy, user: str, must, may=()) -> tuple[collections.Counter, dict]:
+    """The census: *must* once, *may* at most once, nothing else; every message reached through *proxy* once."""
+    counts, where = census(fleet, user)
+    lost, dup = judge(counts, must, may)
+    assert (lost, dup) == ([], []), (lost[:5], len(lost), [(d, where[d]) for d in dup[:5]], len(dup))
+    reached = through_proxy(proxy, user)
+    unreachable = [i for i in counts if reached[i] != 1]
+    assert not unreachable, [(i, where[i]) for i in unreachable[:5]]
+    return counts, where
+
+
 # Merged into the config of a proxy running beside a process the test kills mid-move (an admin `move`,
 # `recover`): its check (recovery.py, every 2 s) would take the killed move over at once; slowed,
 # the entry is left to the test's own `recover`, as it was before the check (the 30-s sweep aside).

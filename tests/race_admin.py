@@ -7,13 +7,12 @@ Judged only by a census of the backends (movecheck.py): every message once.
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from imapwire import Wire
-from movecheck import REPO, Deliverer, body, census, cli, judge, seed, through_proxy
+from movecheck import Deliverer, admin_move, body, census, cli, exact, seed
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -31,23 +30,6 @@ def _proxy(proxy_factory, store: str | None = None, **kw):
     if store:
         cfg["map"] = {"store": store}
     return proxy_factory(cfg, **kw)
-
-
-def _move_child(proxy, *args: str) -> subprocess.Popen:
-    import os
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "referral_proxy", "move", "--config", str(proxy.config_path), *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _exact(fleet, proxy, user, must, may=()):
-    counts, where = census(fleet, user)
-    lost, dup = judge(counts, must, may)
-    assert (lost, dup) == ([], []), (lost[:5], len(lost), [(d, where[d]) for d in dup[:5]], len(dup))
-    reached = through_proxy(proxy, user)
-    unreachable = [i for i in counts if reached[i] != 1]
-    assert not unreachable, [(i, where[i]) for i in unreachable[:5]]
-    return counts, where
 
 
 def _move_beside(proxy, w: Wire, client, stop: threading.Event, log: list) -> subprocess.CompletedProcess:
@@ -78,11 +60,11 @@ def test_two_admin_moves_of_the_same_mailbox_at_once(proxy_factory, fleet, what,
     seed(fleet["b1"], "carol", "Work/c", ids("child", 10))
     proxy = _proxy(proxy_factory)
     names = what.split("+") if "+" in what else [what, what]
-    children = [_move_child(proxy, "carol", n, b) for n, b in zip(names, ("b2", "b3"))]
+    children = [admin_move(proxy, "carol", n, b) for n, b in zip(names, ("b2", "b3"))]
     outs = [c.communicate(timeout=300) for c in children]
     codes = [c.returncode for c in children]
     assert 0 in codes, (codes, outs)  # both OK when one came after the other had ended
-    _exact(fleet, proxy, "carol", work + inbox + ids("child", 10))
+    exact(fleet, proxy, "carol", work + inbox + ids("child", 10))
 
 
 @pytest.mark.parametrize("run", range(3))
@@ -115,7 +97,7 @@ def test_admin_move_while_a_client_works_in_the_selected_mailbox(proxy_factory, 
 
     moved = _move_beside(proxy, w, client, stop, log)
     must = work + [m for m, a in appended.items() if b" OK" in a]
-    _exact(fleet, proxy, "carol", must, may=list(appended))
+    exact(fleet, proxy, "carol", must, may=list(appended))
     assert moved.returncode == 0, moved.stdout + moved.stderr
 
 
@@ -134,7 +116,7 @@ def test_admin_move_of_inbox_while_mail_is_delivered_to_it(proxy_factory, fleet,
     # mail delivered to the old INBOX after the move is carried by recover (old-home watch)
     rec = cli("recover", "--config", str(proxy.config_path))
     assert rec.returncode == 0, rec.stdout + rec.stderr
-    _exact(fleet, proxy, "carol", inbox + d.acked)
+    exact(fleet, proxy, "carol", inbox + d.acked)
 
 
 @pytest.mark.parametrize("rename", [b"RENAME Work Work2", b"RENAME Top Top2", b"RENAME Work Archive/W"])
@@ -147,12 +129,12 @@ def test_admin_move_while_a_client_renames(proxy_factory, fleet, rename, run):
     proxy = _proxy(proxy_factory, rules=[{"mailbox": "Archive/*", "backend": "b2"}])
     w = Wire(proxy.host, proxy.port, timeout=120)
     w.login("carol")
-    mover = _move_child(proxy, "carol", "Top/Work" if b"Top" in rename else "Work", "b3")
+    mover = admin_move(proxy, "carol", "Top/Work" if b"Top" in rename else "Work", "b3")
     time.sleep(0.2)
     answer = w.cmd(b"r", rename)[-1]
     out = mover.communicate(timeout=300)
     w.close()
-    _exact(fleet, proxy, "carol", work + ids("w2", 30))
+    exact(fleet, proxy, "carol", work + ids("w2", 30))
     print(answer, mover.returncode, out)
 
 
@@ -179,7 +161,7 @@ def test_a_client_renames_the_parent_at_each_step_of_an_admin_move(proxy_factory
     may = inbox if b"INBOX" in rename else []
     counts, where = census(fleet, "carol")
     print(answer, mover.returncode, out[0][-300:], {where[i][0] for i in work})
-    _exact(fleet, proxy, "carol", work + ids("top", 3) + ([] if b"DELETE" in rename and b" OK" in answer else []) + (
+    exact(fleet, proxy, "carol", work + ids("top", 3) + ([] if b"DELETE" in rename and b" OK" in answer else []) + (
         [] if may else inbox), may=may)
 
 
@@ -245,7 +227,7 @@ def test_a_multiappend_open_across_each_step_of_an_admin_move(proxy_factory, fle
     counts, where = census(fleet, "carol")
     print(answer, out, rec.stdout, {m: where.get(m) for m in ("ma-1@t", "ma-2@t")})
     ok = answer.startswith(b"a OK")
-    _exact(fleet, proxy, "carol", work + (["ma-1@t", "ma-2@t"] if ok else []))
+    exact(fleet, proxy, "carol", work + (["ma-1@t", "ma-2@t"] if ok else []))
 
 
 @pytest.mark.parametrize("run", range(4))
@@ -283,7 +265,7 @@ def test_admin_move_while_a_client_expunges_and_moves_across(proxy_factory, flee
     rec = cli("recover", "--config", str(proxy.config_path))
     print(moved.returncode, moved.stderr[-300:], rec.stdout, log[-6:], len(log))
     may = [f"work-{k - 1}@t" for k in range(2, 2 * len(deleted) + 2, 2)]
-    _exact(fleet, proxy, "carol", [i for i in work if i not in may], may=may)
+    exact(fleet, proxy, "carol", [i for i in work if i not in may], may=may)
 
 
 @pytest.mark.parametrize("step", ["copying:2", "copied:1", "placed:1", "aside:1"])
@@ -305,7 +287,7 @@ def test_two_recoverers_while_a_move_runs(proxy_factory, fleet, tmp_path, step):
     print([r.stdout for r in runs], out[-200:])
     assert mover.returncode == 0
     assert all("1 entry left" in r.stdout for r in runs), [r.stdout + r.stderr for r in runs]
-    _exact(fleet, proxy, "carol", work)
+    exact(fleet, proxy, "carol", work)
 
 
 @pytest.mark.parametrize("rename", [b"RENAME Work Archive/W", b"RENAME Work Work2", b"DELETE Work"])
@@ -316,11 +298,11 @@ def test_admin_move_overlapping_a_clients_rename(proxy_factory, fleet, rename, d
     proxy = _proxy(proxy_factory, rules=[{"mailbox": "Archive/*", "backend": "b2"}])
     w = Wire(proxy.host, proxy.port, timeout=120)
     w.login("carol")
-    mover = _move_child(proxy, "carol", "Work", "b3")
+    mover = admin_move(proxy, "carol", "Work", "b3")
     time.sleep(delay)
     answer = w.cmd(b"r", rename)[-1]
     out = mover.communicate(timeout=300)
     w.close()
     print(answer, mover.returncode, out[1][-200:])
     deleted = b"DELETE" in rename and answer.startswith(b"r OK")
-    _exact(fleet, proxy, "carol", [] if deleted else work)
+    exact(fleet, proxy, "carol", [] if deleted else work)

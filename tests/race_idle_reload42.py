@@ -10,17 +10,14 @@ still in its mailbox (moved under the same name to another backend) -- never by 
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from imapwire import Wire
-from movecheck import REPO, body, census, cli, judge, seed, through_proxy
+from movecheck import admin_move, body, census, cli, exact, judge, seed
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -33,22 +30,6 @@ HANG = 15.0  # seconds: a bound on a hang, never a measure
 
 def ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}-{i}@t" for i in range(n)]
-
-
-def _move_child(proxy, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "referral_proxy", "move", "--config", str(proxy.config_path), *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _exact(fleet, proxy, user, must, may=()):
-    counts, where = census(fleet, user)
-    lost, dup = judge(counts, must, may)
-    assert (lost, dup) == ([], []), (lost[:5], len(lost), [(d, where[d]) for d in dup[:5]], len(dup))
-    reached = through_proxy(proxy, user)
-    unreachable = [i for i in counts if reached[i] != 1]
-    assert not unreachable, [(i, where[i]) for i in unreachable[:5]]
-    return counts, where
 
 
 class Idler:
@@ -168,7 +149,7 @@ def test_idle_while_the_admin_moves_its_mailbox(proxy_factory, fleet, box, done,
     if not appends:
         app.start()
     time.sleep(0.3)
-    mover = _move_child(proxy, "carol", box, "b2")
+    mover = admin_move(proxy, "carol", box, "b2")
     if done == "pipelined":
         time.sleep(0.4 + 0.2 * run)
         try:
@@ -193,7 +174,7 @@ def test_idle_while_the_admin_moves_its_mailbox(proxy_factory, fleet, box, done,
     assert idler.expunged == 0, ("the idler heard its mail expunged", idler.expunged,
                                  [ln for _, ln in idler.lines if b"EXPUNGE" in ln][:5], idler.bye())
     idler.close()
-    _exact(fleet, proxy, "carol", mail + _ok(answers), may=_unsure(answers))
+    exact(fleet, proxy, "carol", mail + _ok(answers), may=_unsure(answers))
     assert app.is_alive() is False
 
 
@@ -222,7 +203,7 @@ def test_idle_while_another_session_renames_its_mailbox_across(proxy_factory, fl
     assert not idler.errors, idler.errors
     w.close()
     idler.close()
-    _exact(fleet, proxy, "carol", mail + _ok(answers), may=_unsure(answers))
+    exact(fleet, proxy, "carol", mail + _ok(answers), may=_unsure(answers))
 
 
 def test_idle_hears_appends_through_the_proxy_then_an_admin_move(proxy_factory, fleet):
@@ -242,7 +223,7 @@ def test_idle_hears_appends_through_the_proxy_then_an_admin_move(proxy_factory, 
     assert not idler.errors and idler.expunged == 0, (idler.errors, idler.lines)
     w.close()
     idler.close()
-    _exact(fleet, proxy, "carol", ids("m", 5) + ids("x", 5))
+    exact(fleet, proxy, "carol", ids("m", 5) + ids("x", 5))
 
 
 # -- 2. SIGHUP in the middle of things --------------------------------------------------------------------
@@ -339,7 +320,7 @@ def test_reload_during_an_admin_move(proxy_factory, fleet, change):
         cfg = {"backends": {**MASTERS["backends"], "b2": None}}
     proxy = proxy_factory(cfg, rules=RULES if change != "add" else RULES[:1])
     idler = Idler(proxy, b"Shared/X")
-    mover = _move_child(proxy, "carol", "Work", "b3")
+    mover = admin_move(proxy, "carol", "Work", "b3")
     time.sleep(0.5)
     if change == "rules":
         _reload(proxy, MOVED_RULES)
@@ -462,5 +443,5 @@ def test_short_admin_moves_under_an_idler_with_workers(proxy_factory, fleet, wor
         if any(line.endswith(b" EXPUNGE\r\n") for line in heard):
             bad.append((rnd, heard))
         time.sleep(0.3 * (rnd % 3))
-    _exact(fleet, proxy, "carol", mail)
+    exact(fleet, proxy, "carol", mail)
     assert not bad, bad[:2]

@@ -19,14 +19,13 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from imapwire import Wire
-from movecheck import REPO, census, journal_empty, judge, quote, seed
+from movecheck import admin_move, census, journal_empty, judge, quote, seed
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -41,13 +40,6 @@ TIMINGS: list[tuple[str, float]] = []
 
 def ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}-{i}@t" for i in range(n)]
-
-
-def _admin_move(config_path, user: str, mailbox: str, backend: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "referral_proxy", "move", "--config", str(config_path),
-                             user, mailbox, backend], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 class Locker(threading.Thread):
@@ -121,7 +113,7 @@ def _round(proxy, fleet, r: int, box: str, how: str, rng: random.Random, mover_p
     started = time.monotonic()
     target = "INBOX" if box.upper() == "INBOX" else (box if how == "admin" else f"Shared/W-{r}")
     if how == "admin":
-        child = _admin_move((mover_proxy or proxy).config_path, "carol", box, "b3")
+        child = admin_move(mover_proxy or proxy, "carol", box, "b3")
         try:
             out, err = child.communicate(timeout=180)
         except subprocess.TimeoutExpired:
@@ -234,7 +226,7 @@ def test_a_relayed_move_whose_answer_is_never_read_does_not_hang_a_move(proxy_fa
     time.sleep(2)
     started = time.monotonic()
     if how == "admin":
-        child = _admin_move(proxy.config_path, "carol", "Work", "b3")
+        child = admin_move(proxy, "carol", "Work", "b3")
         try:
             out, err = child.communicate(timeout=60)
             outcome = f"rc={child.returncode} {out[-200:]} {err[-300:]}"

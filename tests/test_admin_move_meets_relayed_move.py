@@ -14,16 +14,13 @@ at Dovecot, then finds the message gone and takes its copy back from b3 (drain.p
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from imapwire import Wire
-from movecheck import REPO, census, seed
+from movecheck import admin_move, census, seed
 from test_moves import MASTERS, RULES, _no_entries
 from test_rename_move_stalled import HeldLock
 
@@ -41,13 +38,6 @@ class HeldBoxLock(HeldLock):
         self.path.write_text(f"{self.holder.pid}:{socket.gethostname()}")
 
 
-def _admin_move(proxy, user: str, mailbox: str, backend: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "referral_proxy", "move", "--config", str(proxy.config_path),
-                             user, mailbox, backend], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.parametrize("source", ["INBOX", "Work"])
 def test_an_admin_move_waits_for_a_relayed_move_out_of_its_source_still_at_dovecot(proxy_factory, fleet, source):
     """INBOX (drained in place) and Work (drained, then renamed aside): the message moved once."""
@@ -62,7 +52,7 @@ def test_an_admin_move_waits_for_a_relayed_move_out_of_its_source_still_at_dovec
         assert w.cmd(b"s", b"SELECT " + source.encode())[-1].startswith(b"s OK")
         w.send(b"m UID MOVE 1 Proj\r\n")
         assert lock.stalled_move_linked(), "the MOVE did not reach Dovecot"
-        mover = _admin_move(proxy, "carol", source, "b3")
+        mover = admin_move(proxy, "carol", source, "b3")
         time.sleep(4)  # the move copies and drains meanwhile (it took 0.6 s in the soak)
     finally:
         assert lock.release()
@@ -93,7 +83,7 @@ def test_a_relayed_move_waiting_for_its_turn_when_an_admin_move_begins_is_refuse
         assert lock.stalled_move_linked(), "the MOVE did not reach Dovecot"
         second.send(b"m UID MOVE 2 Proj\r\n")  # waits for the first's turn, in the proxy
         time.sleep(0.5)
-        mover = _admin_move(proxy, "carol", "INBOX", "b3")
+        mover = admin_move(proxy, "carol", "INBOX", "b3")
         time.sleep(4)
     finally:
         assert lock.release()

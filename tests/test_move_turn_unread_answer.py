@@ -19,8 +19,7 @@ import time
 
 import pytest
 from imapwire import Wire
-from movecheck import census, judge, seed
-from test_admin_move_meets_relayed_move import _admin_move
+from movecheck import admin_move, census, judge, seed
 from test_moves import MASTERS, RULES
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -63,7 +62,7 @@ def test_an_admin_move_does_not_wait_for_a_move_whose_answer_its_client_never_re
     mail, proxy, stalled = _big_answer_move(proxy_factory, fleet, 4000, _stalled_reader)  # and never read again
     time.sleep(2)  # (Dovecot has run it: its answer waits, unread)
     started = time.monotonic()
-    mover = _admin_move(proxy, "carol", "Work", "b3")
+    mover = admin_move(proxy, "carol", "Work", "b3")
     try:
         out, err = mover.communicate(timeout=BOUND)
         took = time.monotonic() - started
