@@ -9,6 +9,7 @@ it, bytes beyond ASCII kept with surrogateescape).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,16 +18,17 @@ from twisted.logger import Logger
 from .acrossview import SAVED
 from .backend import BackendError, BackendProtocol, Tagged
 from .imap.command import Atom, ParseError, String, parse_arguments
-from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
+from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status, parse_uid_code
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
 from .imap.uidset import sequence_set_size, uid_set
 from .routing import normalize
 
-__all__ = ["TransferError", "Vanished", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
+__all__ = ["TransferError", "Vanished", "NotReadAgain", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "create", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "may_expunge", "myrights", "grants"]
+           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "hidden_messages", "drop_marks",
+           "may_expunge", "myrights", "grants"]
 
 log = Logger()
 
@@ -45,6 +47,10 @@ class NoMasterUser(BackendError):
 
 class Vanished(TransferError):
     """A source message could not be read: another session expunged it meanwhile (nothing was saved)."""
+
+
+class NotReadAgain(TransferError):
+    """The backend refused what would make it read a private mailbox whole (hidden_messages): at quota."""
 
 
 class MailboxGone(TransferError):
@@ -439,6 +445,58 @@ async def finish_cut_delete(conn: BackendProtocol, aside: str) -> bool:
     return True
 
 
+def _mark(box: str) -> bytes:
+    """What hidden_messages() saves into *box*, twice, and expunges at once; its header names *box*
+    (a digest), so that drop_marks() finds exactly these, and no mail of the user's."""
+    return b"X-Referral-Proxy-Rescan: %s\r\nSubject: a private mailbox read again before it is deleted\r\n\r\n.\r\n" % (
+        _mark_token(box))
+
+
+def _mark_token(box: str) -> bytes:
+    return hashlib.sha256(box.encode("utf-8", "surrogateescape")).hexdigest()[:32].encode()
+
+
+async def hidden_messages(conn: BackendProtocol, box: str) -> int:
+    """Make Dovecot read the private *box*'s maildir whole, before a DELETE trusts it empty; how
+    many messages it holds then (they were out of sight until now).
+
+    Dovecot trusts its index while new/ and cur/ keep the mtimes it recorded: message files that
+    no uidlist record names (a process rewrote the uidlist while another session's RENAME moved
+    the directory: soak C 72556, 68001) stay invisible, and a DELETE removes them with the mailbox.
+    A message saved into each directory (no flags: new/; flagged: cur/) changes both mtimes, and
+    the next SELECT (a full read) reads both again; the two marks are expunged at once (ones a
+    crash left in between: drop_marks)."""
+    mark = _mark(box)
+    saved = await conn.command(b"APPEND " + name_arg(box) + b" {%d}" % len(mark),
+                               then=[mark + b" (\\Seen \\Deleted) {%d}\r\n" % len(mark), mark + b"\r\n"])
+    if not saved.ok:
+        raise NotReadAgain(_failed("APPEND", conn, saved.start))
+    try:
+        marks = parse_uid_code(saved.start.code, saved.start.code_args)
+    except ParseError:
+        raise TransferError(f"APPEND on {conn.name} gave no APPENDUID") from None
+    try:
+        if (await open_mailbox(conn, box, readonly=False)).uidvalidity != marks.uidvalidity:
+            raise TransferError(f"{box} on {conn.name} was replaced while it was read again")
+        await expunge_uids(conn, marks.uids)
+        present, _ = await search_uids(conn, b"ALL")
+    finally:
+        await conn.deselect()  # never CLOSE: it would expunge \Deleted mail
+    return len(present)
+
+
+async def drop_marks(conn: BackendProtocol, box: str) -> int:
+    """Expunge what a crash left of hidden_messages()'s marks in the private *box* (else copied to
+    the user's mailbox as mail); how many."""
+    await open_mailbox(conn, box, readonly=False)
+    try:
+        marks, _ = await search_uids(conn, b"HEADER X-Referral-Proxy-Rescan " + _mark_token(box))
+        await expunge_uids(conn, marks)
+    finally:
+        await conn.deselect()
+    return len(marks)
+
+
 async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> bool:
     """DELETE the private *aside* if it holds no message and no child; True if deleted."""
     if await finish_cut_delete(conn, aside):
@@ -451,10 +509,16 @@ async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> b
         raise
     await conn.deselect()
     children = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
-    if state.messages == 0 and not children:
-        await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
-        return True
-    return False
+    if children or (state.messages and state.messages > await drop_marks(conn, aside)):
+        return False
+    try:
+        if await hidden_messages(conn, aside):
+            return False
+    except NotReadAgain as e:
+        log.warn("{b}: {aside} is not deleted, nor put back: {why}", b=conn.name, aside=aside, why=str(e))
+        return False
+    await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
+    return True
 
 
 async def aside_gone(conn: BackendProtocol, aside: str, name: str, separator: str) -> bool:

@@ -2,28 +2,26 @@
 
 A mailbox move, journaled step by step (journal.py has the table):
 
-1. Reserve the source and destination subtrees with the journal entry, in one store
-   transaction, before reading anything (``NO [INUSE]`` for anyone else meanwhile).
-2. Plan: the mailbox and its children that the source owns, by exact name and prefix
-   (a name is never a LIST pattern); a destination name that exists refuses the move.
-3. Create each destination mailbox (journaled before and after), copy its messages in
-   bounded MULTIAPPEND batches, each verified by content (sha256 streamed through,
-   compared with the copy read back by its APPENDUID) before it is journaled.
-4. COMMITTED: every first-pass message is verified. From here on the move is only
-   ever finished, never undone: subscriptions, then placements (the map now routes
-   the new names to the destination).
-5. Each source, deepest first, is RENAMEd to a private name on the source backend
-   (deliveries to the old name now fail, and Dovecot's LDA/LMTP delivers to INBOX
-   instead), what arrived meanwhile is copied and verified, exactly the verified
-   UIDs are removed (drain.py: a copied one a client's command took away is taken back
-   from the destination), and the private mailbox is deleted once it is seen empty.
+1. Reserve the source and destination subtrees with the journal entry, in one store transaction,
+   before reading anything (``NO [INUSE]`` for anyone else meanwhile).
+2. Plan: the mailbox and its children that the source owns, by exact name and prefix (a name
+   is never a LIST pattern); a destination name that exists refuses the move.
+3. Create each destination mailbox (journaled before and after), copy its messages in bounded MULTIAPPEND
+   batches, each verified by content (sha256 streamed through, compared with the copy read back by its
+   APPENDUID) before it is journaled.
+4. COMMITTED: every first-pass message is verified. From here on the move is only ever finished, never undone:
+   subscriptions, then placements (the map now routes the new names to the destination).
+5. Each source, deepest first, is RENAMEd to a private name on the source backend (deliveries
+   to the old name now fail, and Dovecot's LDA/LMTP delivers to INBOX instead), what arrived
+   meanwhile is copied and verified, exactly the verified UIDs are removed (drain.py: a copied
+   one a client's command took away is taken back from the destination), and the private
+   mailbox is deleted once it is seen empty, also read whole again (mailops.hidden_messages).
    INBOX is emptied in place in rounds, never deleted; its old backend is watched (oldhome.py).
 
-Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs
-this move appended (recorded, or -- for a batch in flight -- found by content from
-the UIDNEXT recorded before it; one whose source is gone only if its content is
-elsewhere too: movefinish.unvouched) are expunged, and the mailboxes it created are
-deleted only if nothing else is in them.
+Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs this move
+appended (recorded, or -- for a batch in flight -- found by content from the UIDNEXT recorded
+before it; one whose source is gone only if its content is elsewhere too: movefinish.unvouched)
+are expunged, and the mailboxes it created are deleted only if nothing else is in them.
 """
 
 from __future__ import annotations
@@ -46,14 +44,17 @@ from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
     MessageInfo,
+    NotReadAgain,
     TransferError,
     aside_gone,
     create,
     delete_if_empty,
+    drop_marks,
     exists,
     expunge_uids,
     fetch_infos,
     grants,
+    hidden_messages,
     list_mailboxes,
     myrights,
     name_arg,
@@ -492,14 +493,27 @@ class Mover:
         old = entry.data["pairs"][i][0]
         if await aside_gone(src, aside, old, self.sep):
             return  # deleted just before a crash (or half: Dovecot killed mid-DELETE)
-        if await self._empty(entry, i, src, dst, aside):
-            log.error("move {id}: mail kept arriving in {box} on {b}: left there as {aside}", id=entry.id,
-                      box=old, b=src.name, aside=aside)
-        elif await list_mailboxes(src, name_arg(aside + self.sep + "*")):
-            log.error("move {id}: mailboxes appeared under {box} during the move: kept on {b} under {aside}",
-                      id=entry.id, box=old, b=src.name, aside=aside)
+        await drop_marks(src, aside)  # a crash cut hidden_messages() off: not the user's mail
+        for _look in range(DRAIN_ROUNDS):
+            if await self._empty(entry, i, src, dst, aside):
+                return log.error("move {id}: mail kept arriving in {box} on {b}: left there as {aside}", id=entry.id,
+                                 box=old, b=src.name, aside=aside)
+            if await list_mailboxes(src, name_arg(aside + self.sep + "*")):
+                return log.error("move {id}: mailboxes appeared under {box} during the move: kept on {b} under {aside}",
+                                 id=entry.id, box=old, b=src.name, aside=aside)
+            try:
+                hidden = await hidden_messages(src, aside)  # seen empty: is it, read whole again?
+            except NotReadAgain as e:
+                return log.error("move {id}: {box} on {b} could not be read whole again ({why}): left there as {aside}",
+                                 id=entry.id, box=old, b=src.name, why=str(e), aside=aside)
+            if not hidden:
+                break
+            log.warn("move {id}: {n} message(s) of {box} on {b} out of Dovecot's sight until now", id=entry.id, n=hidden,
+                     box=old, b=src.name)
         else:
-            await run_ok(src, b"DELETE " + name_arg(aside), "DELETE")  # a private name, seen empty just now
+            return log.error("move {id}: {box} on {b} kept showing unseen mail: left as {aside}", id=entry.id, box=old,
+                             b=src.name, aside=aside)
+        await run_ok(src, b"DELETE " + name_arg(aside), "DELETE")  # a private name, seen empty, read whole again
 
     async def _bounded(self, conn: BackendProtocol, work: Coroutine[Any, Any, None]) -> None:
         """*work* on *conn*, given up after ASIDE_TIMEOUT seconds (with a clock): the connection is

@@ -19,8 +19,23 @@ from pathlib import Path
 
 import pytest
 from imapwire import Wire
-from movecheck import _message_files, admin_move, body, exact, seed
+from movecheck import (
+    LEFT_TO_RECOVER,
+    _message_files,
+    _names,
+    admin_move,
+    body,
+    cli,
+    exact,
+    faulty,
+    quote,
+    seed,
+    start_paused,
+    wait_paused,
+)
 from test_moves import MASTERS, RULES
+
+from referral_proxy.mailops import _mark
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -71,3 +86,42 @@ def test_a_file_the_index_does_not_know_is_moved_too(proxy_factory, fleet, how):
         assert done.returncode == 0, (out, err)
     exact(fleet, proxy, "carol", HIDDEN)
     assert _message_files(fleet["b1"], "carol") == 0  # nothing left behind on b1, out of sight
+
+
+def test_marks_a_crash_left_in_the_aside_are_not_carried(proxy_factory, fleet):
+    """A move killed while its two marks (hidden_messages) were in the aside: recovery drops them
+    (drop_marks) rather than carrying them into the user's mailbox as mail; the user's mail goes."""
+    seed(fleet["b1"], "carol", "Work", ["w-0@t", "w-1@t"])
+    proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
+    killed = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3",
+                 command=faulty("--kill-at", "aside:1"))  # emptied in place, then set aside
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    with fleet["b1"].client("carol") as m:
+        (aside,) = [n for n in _names(m) if n.startswith("referral-proxy-aside-") and "/drop" not in n]
+        for flags in ("", "(\\Seen \\Deleted)"):
+            assert m.append(aside, flags or None, None, _mark(aside))[0] == "OK"
+        assert m.append(aside, None, None, body("late@t"))[0] == "OK"  # and mail that came late
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+    exact(fleet, proxy, "carol", ["w-0@t", "w-1@t", "late@t"])
+    assert _message_files(fleet["b1"], "carol") == 0
+
+
+def test_an_aside_the_backend_will_not_take_marks_into_is_left_not_deleted_blind(proxy_factory, fleet, tmp_path):
+    """The marks refused (here: the aside's insert right taken away; at quota alike): the move ends,
+    its mail at the destination once, and the aside is left (logged), never DELETEd unread."""
+    seed(fleet["b1"], "carol", "Work", ["w-0@t", "w-1@t"])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    pause = tmp_path / "pause"
+    proc = start_paused(pause, "aside:1", "move", "--config", str(proxy.config_path), "carol", "Work", "b3")
+    wait_paused(pause, "aside")
+    with fleet["b1"].client("carol") as m:
+        (aside,) = [n for n in _names(m) if n.startswith("referral-proxy-aside-") and "/drop" not in n]
+        assert m._simple_command("SETACL", quote(aside), "carol", "lrwstekxa")[0] == "OK"
+    (pause / "resume").touch()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert b"could not be read whole again" in out, out
+    exact(fleet, proxy, "carol", ["w-0@t", "w-1@t"])
+    with fleet["b1"].client("carol") as m:
+        assert aside in _names(m)
