@@ -467,18 +467,26 @@ async def hidden_messages(conn: BackendProtocol, box: str) -> int:
     the next SELECT (a full read) reads both again; the two marks are expunged at once (ones a
     crash left in between: drop_marks)."""
     mark = _mark(box)
-    saved = await conn.command(b"APPEND " + name_arg(box) + b" {%d}" % len(mark),
-                               then=[mark + b" (\\Seen \\Deleted) {%d}\r\n" % len(mark), mark + b"\r\n"])
-    if not saved.ok:
-        raise NotReadAgain(_failed("APPEND", conn, saved.start))
+    if "MULTIAPPEND" in conn.capabilities:
+        sent = [(b" {%d}" % len(mark), [mark + b" (\\Seen \\Deleted) {%d}\r\n" % len(mark), mark + b"\r\n"])]
+    else:
+        sent = [(b" {%d}" % len(mark), [mark + b"\r\n"]), (b" (\\Seen \\Deleted) {%d}" % len(mark), [mark + b"\r\n"])]
+    marks: list[int] = []
+    validity = set()
+    for first, then in sent:
+        saved = await conn.command(b"APPEND " + name_arg(box) + first, then=then)
+        if not saved.ok:
+            raise NotReadAgain(_failed("APPEND", conn, saved.start))
+        try:
+            code = parse_uid_code(saved.start.code, saved.start.code_args)
+        except ParseError:
+            raise TransferError(f"APPEND on {conn.name} gave no APPENDUID") from None
+        marks += code.uids
+        validity.add(code.uidvalidity)
     try:
-        marks = parse_uid_code(saved.start.code, saved.start.code_args)
-    except ParseError:
-        raise TransferError(f"APPEND on {conn.name} gave no APPENDUID") from None
-    try:
-        if (await open_mailbox(conn, box, readonly=False)).uidvalidity != marks.uidvalidity:
+        if {(await open_mailbox(conn, box, readonly=False)).uidvalidity} != validity:
             raise TransferError(f"{box} on {conn.name} was replaced while it was read again")
-        await expunge_uids(conn, marks.uids)
+        await expunge_uids(conn, marks)
         present, _ = await search_uids(conn, b"ALL")
     finally:
         await conn.deselect()  # never CLOSE: it would expunge \Deleted mail

@@ -3,11 +3,12 @@ only when killed between marking the index deleted and removing the files, as th
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet import defer
 
 from referral_proxy.backend import BackendProtocol
 from referral_proxy.config import BackendConfig
-from referral_proxy.mailops import delete_if_empty, finish_cut_delete
+from referral_proxy.mailops import NotReadAgain, _mark, delete_if_empty, finish_cut_delete, hidden_messages
 from referral_proxy.testing.fakes import NoDelayTransport
 
 ASIDE = "referral-proxy-aside-0123abcd/undo-0"
@@ -121,3 +122,55 @@ def test_an_aside_listed_but_not_there_is_not_an_endless_examine_failure():
     _exchange(conn, b"RENAME Work %s" % ASIDE.encode(), b"TAG NO [NONEXISTENT] Mailbox doesn't exist: Work\r\n")
     _exchange(conn, b'LIST "" Work', b"TAG OK\r\n")
     assert _result(d) is True
+
+
+def _scripted(caps: bytes) -> BackendProtocol:
+    conn = BackendProtocol(BackendConfig(name="b1", endpoint="tcp:host=127.0.0.2:port=1", url="imap://127.0.0.2"))
+    conn.makeConnection(NoDelayTransport())
+    conn.dataReceived(b"* OK [CAPABILITY " + caps + b"] ready\r\n")
+    return conn
+
+
+def _appended(conn: BackendProtocol, first: bytes, bodies: list[bytes], answer: bytes) -> None:
+    """An APPEND whose line ends in *first*: each literal after a ``+`` only (as a careful client)."""
+    sent = conn.transport.value()
+    conn.transport.clear()
+    tag, _, text = sent.partition(b" ")
+    assert text == b"APPEND " + ASIDE.encode() + first + b"\r\n", sent
+    for body in bodies:
+        conn.dataReceived(b"+ OK\r\n")
+        assert conn.transport.value() == body, conn.transport.value()
+        conn.transport.clear()
+    conn.dataReceived(tag + b" " + answer + b"\r\n")
+
+
+@pytest.mark.parametrize("multiappend", [True, False])
+def test_hidden_messages_saves_two_marks_reads_the_mailbox_and_expunges_them(multiappend):
+    """Both marks (new/ and cur/) in one MULTIAPPEND, or in two APPENDs on a backend without it."""
+    conn = _scripted(b"IMAP4rev1 LITERAL+ UIDPLUS UNSELECT" + (b" MULTIAPPEND" if multiappend else b""))
+    mark = _mark(ASIDE)
+    size = b"{%d}" % len(mark)
+    d = defer.ensureDeferred(hidden_messages(conn, ASIDE))
+    if multiappend:
+        _appended(conn, b" " + size, [mark + b" (\\Seen \\Deleted) " + size + b"\r\n", mark + b"\r\n"],
+                  b"OK [APPENDUID 7 5:6] Append completed.")
+    else:
+        _appended(conn, b" " + size, [mark + b"\r\n"], b"OK [APPENDUID 7 5] Append completed.")
+        _appended(conn, b" (\\Seen \\Deleted) " + size, [mark + b"\r\n"], b"OK [APPENDUID 7 6] Append completed.")
+    _exchange(conn, b"SELECT " + ASIDE.encode(), b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\nTAG OK selected\r\n")
+    _exchange(conn, b"UID STORE 5:6 +FLAGS.SILENT (\\Deleted)", b"TAG OK stored\r\n")
+    _exchange(conn, b"UID EXPUNGE 5:6", b"* 2 EXPUNGE\r\n* 2 EXPUNGE\r\nTAG OK expunged\r\n")
+    _exchange(conn, b"UID SEARCH ALL", b"* SEARCH 3\r\nTAG OK searched\r\n")  # one Dovecot had lost
+    _exchange(conn, b"UNSELECT", b"TAG OK\r\n")
+    assert _result(d) == 1
+
+
+def test_marks_refused_say_so_and_nothing_is_selected():
+    conn = _scripted(b"IMAP4rev1 LITERAL+ UIDPLUS UNSELECT MULTIAPPEND")
+    d = defer.ensureDeferred(hidden_messages(conn, ASIDE))
+    sent = conn.transport.value()
+    conn.transport.clear()
+    conn.dataReceived(sent.partition(b" ")[0] + b" NO [OVERQUOTA] Quota exceeded (mailbox for user is full)\r\n")
+    with pytest.raises(NotReadAgain):
+        _result(d)
+    assert conn.transport.value() == b""
