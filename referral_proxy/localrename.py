@@ -23,6 +23,21 @@ from .routing import MailboxMap, normalize
 __all__ = ["rename_here", "LocalRename", "reconcile_local"]
 
 
+#: A child whose new name is taken: Dovecot would answer OK and leave that child behind (soak C 76056).
+CHILD_TARGET_TAKEN = "[ALREADYEXISTS] A mailbox under the new name already exists"
+
+
+async def _child_target_taken(conn: BackendProtocol, old: str, new: str, children: list[str], sep: str) -> bool:
+    """A child of *old* whose name under *new* is a mailbox on *conn* already. Dovecot's RENAME renames
+    each child's directory and, one failing ("Directory not empty"), leaves it and still says OK."""
+    taken = {normalize(n, sep) for n in await subtree(conn, new, sep)}
+    return any(normalize(new + child[len(old):], sep) in taken for child in children if not _same_name(child, old, sep))
+
+
+def _same_name(a: str, b: str, sep: str) -> bool:
+    return normalize(a, sep) == normalize(b, sep)
+
+
 @dataclass(frozen=True)
 class LocalRename:
     """What the backend said to a RENAME (its untagged responses raw, its completion without tag)."""
@@ -77,6 +92,8 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
                     await mailbox_map.end_move(entry)
                     return LocalRename((), "NO " + TAKEN)
             refused = await refusal(mailbox_map, user, old, conn.name, others)
+            if not refused and children and await _child_target_taken(conn, old, new, children, sep):
+                refused = "NO " + CHILD_TARGET_TAKEN
             if refused:
                 await mailbox_map.end_move(entry)
                 return LocalRename((), refused)

@@ -31,6 +31,6 @@ def test_a_rename_whose_child_would_land_on_an_existing_mailbox_is_refused(proxy
     assert answer.startswith(b"r NO [ALREADYEXISTS]"), answer
     listed = b"".join(w.cmd(b"l", b'LIST "" "*"'))
     w.close()
-    assert b'"/" %s/c\r\n' % old.encode() in listed and b'"/" %s/c\r\n' % new.encode() in listed, listed
+    assert b'"/" "%s/c"\r\n' % old.encode() in listed and b'"/" "%s/c"\r\n' % new.encode() in listed, listed
     counts, where_ = exact(fleet, proxy, "carol", ["old@t", "old-c@t", "new-c@t"])
     assert where_["old-c@t"] == [(backend, old + "/c")], where_
