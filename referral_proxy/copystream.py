@@ -40,7 +40,11 @@ from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
 from .mailops import MessageInfo, TransferError, Vanished
 
-__all__ = ["Progress", "Copied", "CommitUnknown", "copy_stream", "hash_messages"]
+__all__ = ["Progress", "Copied", "CommitUnknown", "copy_stream", "hash_messages", "batches", "BATCH_MESSAGES",
+           "BATCH_BYTES"]
+
+BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
+BATCH_BYTES = 256 * 1024 * 1024
 
 log = Logger()
 
@@ -169,6 +173,19 @@ class _Bodies:
             missing = self.expected[self.next] if self.next < len(self.expected) else "?"
             raise TransferError(f"message UID {missing} could not be read from {self.conn.name}")
         return self.others
+
+
+def batches(infos: Sequence[MessageInfo]) -> list[list[MessageInfo]]:
+    """*infos* in MULTIAPPENDs of at most BATCH_MESSAGES messages and BATCH_BYTES bytes (one at least)."""
+    out: list[list[MessageInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if out[-1] and (len(out[-1]) >= BATCH_MESSAGES or size + info.size > BATCH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(info)
+        size += info.size
+    return out if out[0] else []
 
 
 async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,

@@ -37,13 +37,13 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
+from .copystream import BATCH_BYTES, BATCH_MESSAGES, batches
 from .drain import copied_of, highest_modseq, remove_verified, resume, take_back_vanished
 from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
 from .holds import begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
-    MessageInfo,
     NotReadAgain,
     TransferError,
     aside_gone,
@@ -79,8 +79,6 @@ __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "BATCH_MESSAGES",
 
 log = Logger()
 
-BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
-BATCH_BYTES = 256 * 1024 * 1024
 ANSWER_WITHIN = 10.0  # seconds a client waits past the commit point before it is answered
 QUIET = 0.3  # seconds without a new message in a source before it is renamed aside
 QUIET_BUDGET = 15.0  # seconds spent waiting for that quiet at most (then it is renamed anyway)
@@ -109,22 +107,6 @@ class MoveResult:
     messages: int = 0
     bytes: int = 0
     pending: bool = False  # committed; the old mailboxes are still being emptied (in the background)
-
-
-def _b(name: str) -> bytes:
-    return name.encode("utf-8", "surrogateescape")
-
-
-def _batches(infos: list[MessageInfo]) -> list[list[MessageInfo]]:
-    out: list[list[MessageInfo]] = [[]]
-    size = 0
-    for info in infos:
-        if out[-1] and (len(out[-1]) >= BATCH_MESSAGES or size + info.size > BATCH_BYTES):
-            out.append([])
-            size = 0
-        out[-1].append(info)
-        size += info.size
-    return out if out[0] else []
 
 
 @dataclass
@@ -304,9 +286,6 @@ class Mover:
             log.error("move {id} of {user}: failed ({why}) and could not be rolled back now ({how}); "
                       "recovery will", id=entry.id, user=self.user, why=str(why), how=str(e))
 
-    def _copied(self, entry: JournalEntry, i: int) -> set[int]:
-        return copied_of(entry, i)
-
     async def _copy(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol, box: str,
                     *, delta: bool) -> int:
         """Copy every message of *box* on *src* not copied yet to pair *i*'s destination, in verified batches."""
@@ -318,13 +297,13 @@ class Mover:
         if known != state.uidvalidity:
             raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
         uids, _ = await search_uids(src, b"ALL")
-        done = self._copied(entry, i)
+        done = copied_of(entry, i)
         infos, _ = await fetch_infos(src, [u for u in uids if u not in done])
         if not infos:
             return 0
         target = await status_now(dst, new)  # dst may hold new selected (EXAMINEd by the last verification)
         lower = target.uidnext
-        for batch in _batches(infos):
+        for batch in batches(infos):
             rec = {"pair": i, "src": uid_set(info.uid for info in batch).decode(), "validity": target.uidvalidity,
                    "uidnext": lower}
             data["pending"] = rec
@@ -334,7 +313,7 @@ class Mover:
                 rec["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
                 await self.mailbox_map.record_before_commit(entry)
 
-            copied = await copy_stream(src, batch, dst, _b(new), self.progress, before_commit=record)
+            copied = await copy_stream(src, batch, dst, new.encode("utf-8", "surrogateescape"), self.progress, before_commit=record)
             rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
             if copied.uidvalidity != target.uidvalidity:  # the copies are in the new one: the undo looks there
                 rec["validity"] = copied.uidvalidity
@@ -565,7 +544,7 @@ class Mover:
             if state.uidvalidity != data["validity"].get(str(i), state.uidvalidity):
                 raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
             present, _ = await search_uids(src, b"ALL")
-            copied = self._copied(entry, i)  # removed, each told from a client's removal (drain.py)
+            copied = copied_of(entry, i)  # removed, each told from a client's removal (drain.py)
             await self._in_turn(src.name, box, functools.partial(
                 remove_verified, self.mailbox_map, entry, i, src, dst, box, self._aside(data, "drop"), present, copied))
             left = [u for u in present if u not in copied]
