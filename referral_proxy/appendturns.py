@@ -21,18 +21,19 @@ of its reservation (proxyappends.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, task
 
-from .crossturns import POLL, _in_order
+from .crossturns import POLL, _in_order, mailbox_turn, mailbox_turns
 from .turns import Release
 
 #: Seconds a RENAME waits for the APPENDs under way to its mailboxes before it is refused NO [INUSE].
 APPEND_WAIT = 10.0
 
-__all__ = ["HELD", "Held", "may_begin", "worker_turn", "append_turn", "rename_turns", "nothing"]
+__all__ = ["HELD", "Held", "may_begin", "worker_turn", "append_turn", "rename_turns", "nothing", "MoverTurn", "mover_turn"]
 
 
 class Held:
@@ -129,3 +130,38 @@ async def _rename_turns(ctx: Any, backend: str, user: str, mailboxes: Iterable[b
         release()
         raise
     return release
+
+
+@dataclass(frozen=True)
+class MoverTurn:
+    """What a mailbox move (mover.Mover.turn) takes of a source: before its drain's MOVE, a relayed
+    MOVE's turn (crossturns.mailbox_turn: one still at Dovecot ends first); before its RENAME aside,
+    that of the source and its children and the APPENDs' to them, as a client's RENAME on one backend
+    (an APPEND under way was answered "NO Mailbox was deleted under us", soak C seed 75536)."""
+
+    ctx: Any
+    user: str
+
+    def __call__(self, backend: str, mailbox: str) -> Awaitable[Release]:
+        return mailbox_turn(self.ctx, backend, self.user, mailbox.encode("utf-8", "surrogateescape"))
+
+    async def renaming(self, backend: str, mailboxes: list[str]) -> Release:
+        """The turns of *mailboxes* (a source and its children), once the APPENDs under way to them in
+        this process are answered: defer.TimeoutError after APPEND_WAIT seconds, nothing held."""
+        names = [m.encode("utf-8", "surrogateescape") for m in mailboxes]
+        moves = await mailbox_turns(self.ctx, backend, self.user, names)
+        try:
+            appends = await rename_turns(self.ctx, backend, self.ctx.mailbox_map.canonical(self.user), names)
+        except BaseException:
+            moves()
+            raise
+
+        def release() -> None:
+            appends()
+            moves()
+        return release
+
+
+def mover_turn(ctx: Any, user: str) -> MoverTurn:
+    """A mailbox move's turns in *ctx* (a ProxyContext, or crossturns.Standalone), for *user*."""
+    return MoverTurn(ctx, user)

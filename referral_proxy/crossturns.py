@@ -8,7 +8,7 @@ The kernel drops a dead worker's locks, so a worker killed mid-MOVE holds nobody
 blocking the reactor: tried again every few milliseconds while another worker holds it.
 
 A mailbox move (mover.py) takes the same turn of each source for its drain's MOVE and its RENAME
-aside, in a proxy, in ``referral-proxy move`` and in ``recover`` (Standalone): on a SQLite map the
+aside (appendturns.mover_turn), in a proxy, in ``referral-proxy move`` and in ``recover`` (Standalone): on a SQLite map the
 lock files live beside the map file (beside_store), on PostgreSQL they are its advisory locks.
 """
 
@@ -31,7 +31,7 @@ from .routing import MailboxMap, normalize
 from .turns import Release, Turns
 
 __all__ = ["ENV", "FileTurns", "make_directory", "remove_directory", "from_environment", "from_store", "beside_store",
-           "Standalone", "mover_turn", "mailbox_turn", "mailbox_turns"]
+           "Standalone", "mailbox_turn", "mailbox_turns"]
 
 ENV = "REFERRAL_PROXY_TURNS"  # the directory of the lock files, set by the master for its workers
 POLL = 0.005  # seconds between tries while another worker holds the lock
@@ -164,16 +164,12 @@ class Standalone:
     worker_turns: FileTurns | None
     proxy_turns: Any
     move_turns: Turns = dataclasses.field(default_factory=Turns)
+    reactor: Any = None
+    sessions: tuple[Any, ...] = ()  # none: no APPEND of this process is ever under way
 
     @classmethod
     def of(cls, mailbox_map: MailboxMap, spec: str | None, reactor: Any) -> Standalone:
-        return cls(mailbox_map, beside_store(spec, reactor), from_store(spec, reactor))
-
-
-def mover_turn(ctx: Any, user: str) -> Callable[[str, str], Awaitable[Release]]:
-    """What a mailbox move (mover.Mover.turn) takes of a source mailbox before its drain's MOVE and
-    its RENAME aside: a relayed MOVE's turn (mailbox_turn), so that one still at Dovecot ends first."""
-    return lambda backend, mailbox: mailbox_turn(ctx, backend, user, mailbox.encode("utf-8", "surrogateescape"))
+        return cls(mailbox_map, beside_store(spec, reactor), from_store(spec, reactor), reactor=reactor)
 
 
 async def _in_order(takes: Iterable[Callable[[], Awaitable[Release]]]) -> Release:

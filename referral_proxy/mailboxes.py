@@ -18,11 +18,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import referrals
-from .appendturns import HELD, Held, rename_turns
+from .appendturns import HELD, Held, mover_turn
 from .backend import BackendProtocol
 from .commands import COMMANDS
 from .context import ProxyContext
-from .crossturns import mailbox_turns, mover_turn
 from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .holds import wait_free
@@ -433,28 +432,18 @@ class MailboxCommands:
         await host.pool.quiet(None)
         # after the MOVEs out of it (or a child) under way (Dovecot's MOVE, renamed between its copy and
         # its expunge, leaves the message in both), before those sent next (they find it gone): crossturns.py
-        sep = host.mailbox_map.separator
+        # ... and after the APPENDs to them under way (Dovecot answers one NO and keeps it: appendturns.py)
+        text = old.decode("utf-8", "surrogateescape")
         try:
-            children = [c.encode("utf-8", "surrogateescape") for c in await subtree(conn, old.decode(
-                "utf-8", "surrogateescape"), sep)]
+            children = await subtree(conn, text, host.mailbox_map.separator)
         except TransferError:
             children = []  # the backend refuses the name: its answer to the RENAME says why
-        moves = await mailbox_turns(host.ctx, conn.name, host.user or "", [old, *children])
-        try:  # ... and after the APPENDs to them under way (Dovecot answers one NO and keeps it: appendturns.py)
-            appends = await rename_turns(host.ctx, conn.name, host.user or "", [old, *children])
-        except defer.TimeoutError:  # an APPEND's client stopped mid-literal: not waited for for ever
-            moves()
-            raise Refusing(APPENDING) from None
-        except BaseException:
-            moves()
-            raise
-
-        def release() -> None:
-            appends()
-            moves()
-
         try:
-            outcome = await rename_here(host.mailbox_map, host.user or "", conn, old.decode("utf-8", "surrogateescape"),
+            release = await mover_turn(host.ctx, host.user or "").renaming(conn.name, [text, *children])
+        except defer.TimeoutError:  # an APPEND's client stopped mid-literal: not waited for for ever
+            raise Refusing(APPENDING) from None
+        try:
+            outcome = await rename_here(host.mailbox_map, host.user or "", conn, text,
                                         new.decode("utf-8", "surrogateescape"), others=host.pool.fresh,
                                         clock=host.ctx.reactor)
         finally:

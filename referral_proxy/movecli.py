@@ -26,9 +26,10 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
+from .appendturns import mover_turn
 from .backend import BackendError
 from .config import Config, ConfigError, load_config
-from .crossturns import Standalone, mover_turn
+from .crossturns import Standalone
 from .imap.command import ParseError
 from .imap.data import parse_status
 from .journal import StoreUnavailable

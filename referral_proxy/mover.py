@@ -36,6 +36,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from .appendturns import MoverTurn
 from .backend import BackendProtocol
 from .copystream import BATCH_BYTES, BATCH_MESSAGES, batches
 from .drain import copied_of, highest_modseq, remove_verified, resume, take_back_vanished
@@ -123,9 +124,9 @@ class Mover:
     # seconds past its begin before which no source is drained nor set aside: the other processes on the store
     # that see a move only when they look (relocation.seen_within) end their sessions that have one selected first
     seen_by_others: float = 0.0
-    # (backend, source) -> a relayed MOVE's turn of it, taken for the drain's MOVE and the RENAME aside
-    # (crossturns.mover_turn): a client's MOVE of a copied message still at Dovecot would also succeed
-    turn: Callable[[str, str], Awaitable[Callable[[], None]]] | None = None
+    # the turns of a source taken for the drain's MOVE and the RENAME aside (appendturns.MoverTurn): a
+    # client's MOVE of a copied message, or APPEND, still at Dovecot would also succeed, or be refused
+    turn: MoverTurn | None = None
     _began_at: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -455,8 +456,7 @@ class Mover:
                     return await self._drained(entry, i)
                 await seen_by_then(self.clock, self._began_at, self.seen_by_others)  # a source is set aside next
                 await src.deselect()  # a mailbox selected on this connection cannot be renamed
-                await self._in_turn(src.name, old, lambda: run_ok(
-                    src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME"))
+                await self._set_aside(src, old, aside)
             elif old == "INBOX" or not await exists(src, aside):
                 return await self._drained(entry, i)  # nothing left at the source
             data["aside"].append(i)
@@ -466,6 +466,20 @@ class Mover:
         if old == data["pairs"][i][1]:  # moved, not renamed: the name is subscribed at its new backend now
             await src.command(b"UNSUBSCRIBE " + name_arg(old))
         await self._drained(entry, i)
+
+    async def _set_aside(self, src: BackendProtocol, old: str, aside: str) -> None:
+        """RENAME *old* (its children along) to *aside* in their turns (appendturns.MoverTurn.renaming)."""
+        release = None
+        if self.turn is not None:
+            try:
+                release = await self.turn.renaming(src.name, [old, *await subtree(src, old, self.sep)])
+            except defer.TimeoutError:
+                raise TransferError(f"an APPEND to {old} on {src.name} stayed under way; tried again later") from None
+        try:
+            await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
+        finally:
+            if release is not None:
+                release()
 
     async def _delete_aside(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol,
                             aside: str) -> None:

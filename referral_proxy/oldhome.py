@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .crossturns import mover_turn
+from .appendturns import mover_turn
 from .journal import Reservation, StoreUnavailable
 from .mailops import TransferError, status
 from .mover import ASIDE, Connect, Mover

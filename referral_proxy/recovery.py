@@ -14,9 +14,9 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from .appendturns import mover_turn
 from .backend import BackendError, BackendProtocol, Credentials, connect_backend
 from .config import Config
-from .crossturns import mover_turn
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .localrename import reconcile_local
 from .mailops import NoMasterUser

@@ -1,6 +1,6 @@
 """Round h41 (not collected: ``python3 -m pytest -q -p no:cacheprovider tests/race_turns41.py``): a mailbox
 move takes the relayed MOVE turn of each source around its drain's UID MOVE and its RENAME aside
-(mover.Mover._in_turn, crossturns.mover_turn). Attacked with real Dovecot through the proxy, judged
+(mover.Mover._in_turn, appendturns.mover_turn). Attacked with real Dovecot through the proxy, judged
 only by a census of the backends (movecheck.census: every message exactly once) and by timings
 (a move longer than SLOW seconds is a finding).
 
