@@ -1,8 +1,10 @@
 """RFC 3502: a MULTIAPPEND is atomic, all messages or none, also when a second session, through
 the proxy, moves its target to another server (a RENAME across backends), or renames another
 server's mailbox onto the target's name, between two of its messages. Judged by a census of every
-backend (by Message-Id), never by the answer: the five new messages are each there once if the
-APPEND was answered OK, nowhere if NO, and the target's old messages are each there once.
+backend (by Message-Id), never by the answer, once the move has ended: the five new messages are
+each there once if the APPEND was answered OK, nowhere if NO, and the target's old messages are each
+there once. (The move's RENAME aside waits for the APPEND under way, appendturns.MoverTurn: it
+carries the five after the RENAME's answer.)
 test_multiappend_rfc.py's target deleted or renamed covers the same with the second session
 straight on the backend, within it."""
 
@@ -13,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from imapwire import Wire
-from movecheck import body, census, seed
+from movecheck import body, census, journal_empty, seed
 from test_multiappend_rfc import _limited
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
@@ -75,6 +77,10 @@ def test_a_target_moved_across_servers_mid_multiappend_gets_all_or_none(proxy_fa
     assert appender.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
     appender.close()
     mover.close()
+    deadline = time.monotonic() + 60  # the move, answered, may still be carrying what the APPEND saved
+    while not journal_empty(proxy):
+        assert time.monotonic() < deadline, "the move never ended"
+        time.sleep(0.2)
     every = {**fleet.backends, "h": home} if staging else fleet.backends  # (b1 is home: counted once)
     counts, where = census(SimpleNamespace(backends=every), "carol")
     appended = [counts[mid] for mid in NEW]
