@@ -113,6 +113,29 @@ def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     assert now(h.context.mailbox_map.entries()) == []
 
 
+def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recovery():
+    """Soak C seed 76065: Dovecot answered the MOVE's ``UID EXPUNGE 52`` OK and kept UID 52 (\\Deleted,
+    2 s later still there; cause in Dovecot not found): the client told OK, the message twice. The
+    MOVE now looks: one still there is handled as an EXPUNGE that failed (NO, left to recovery)."""
+    h, src = _selected(1)
+    dst = _uid_move_of_one(h, src)
+    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
+    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
+    assert _take(src).endswith(b"rp6 UID STORE 4 +FLAGS (\\Deleted)\r\n")
+    src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID EXPUNGE 4\r\n"
+    src.dataReceived(b"rp7 OK Expunge completed.\r\n")  # and no EXPUNGE: 4 is still there
+    assert _take(src) == b"rp8 UID SEARCH UID 4\r\n"
+    src.dataReceived(b"* SEARCH 4\r\nrp8 OK\r\n")
+    assert _take(src) == b"rp9 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
+    src.dataReceived(b"rp9 OK\r\n")
+    assert h.to_client().endswith(b"m NO [COPYUID 9 4 5] The messages were copied; removing them from the source "
+                                  b"failed and will be retried\r\n")
+    (entry,) = now(h.context.mailbox_map.entries())  # left, unowned, for recovery to finish
+    assert entry.owner is None and entry.step.value == "move-expunging" and entry.data["present"] == "4"
+
+
 def _across_of_one(h, src, command: bytes, size: int = 3) -> object:
     """*command* (``m UID MOVE 4 Shared/X``, ``c UID COPY ...``) answered up to the message's FLAGS,
     INTERNALDATE and size (RFC822.SIZE *size*); the destination (the transfer's own connection)."""
