@@ -376,6 +376,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
             expunged = await run_ok(src, b"UID EXPUNGE " + uid_set(present), "UID EXPUNGE")
             untagged += [r.raw for r in expunged.responses]
+            if kept_there := await still_there(src, present):  # OK, yet kept (soak C 76065): its copy is a second
+                raise BackendError(f"UID EXPUNGE answered OK, yet {uid_set(kept_there).decode()} still there")
     except BackendError as e:
         not_deleted = [i.uid for i in infos if b"\\DELETED" not in {f.upper() for f in i.flags}]
         if not_deleted and not src.closed:
