@@ -671,12 +671,12 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
                       faults(workdir), ledger.answers)
     for line in figures.faults[:10]:
         print(f"seed {seed_}: proxy fault: {line[:500]}", file=sys.stderr)
+    with open(workdir / "history.txt", "w") as f:  # always: a run kept for a slow or refused answer needs it too
+        f.writelines(f"{t} c{k} {what}\n" for t, k, what in ledger.history)
     if lost or duplicated or unreachable:
         detail = {i: (where.get(i), ledger.copies_acked[i], ledger.copies_maybe[i], i in ledger.must)
                   for i in (lost + duplicated + unreachable)[:10]}
         print(f"seed {seed_}: details {detail}; recover: {done.stdout[-2000:]}", file=sys.stderr)
-        with open(workdir / "history.txt", "w") as f:
-            f.writelines(f"{t} c{k} {what}\n" for t, k, what in ledger.history)
         print(f"seed {seed_}: history in {workdir / 'history.txt'}, proxy logs {names} in {workdir}, "
               f"recover's output in {workdir / 'recover.log'}", file=sys.stderr)
     return figures
