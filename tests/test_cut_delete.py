@@ -174,3 +174,18 @@ def test_marks_refused_say_so_and_nothing_is_selected():
     with pytest.raises(NotReadAgain):
         _result(d)
     assert conn.transport.value() == b""
+
+
+def test_an_expunge_answered_ok_that_kept_a_message_fails_as_a_no_would():
+    """Soak C seed 76065: Dovecot answered UID EXPUNGE OK and kept the message (\\Deleted, still there
+    2 s later). Every removal of exactly these UIDs (a roll-back's, a take-back's, recovery's, the
+    drain's) now looks after it: one still there fails it, and the step is tried again later."""
+    from referral_proxy.mailops import TransferError, expunge_uids
+
+    conn = _backend()
+    d = defer.ensureDeferred(expunge_uids(conn, [52, 53]))
+    _exchange(conn, b"UID STORE 52:53 +FLAGS.SILENT (\\Deleted)", b"TAG OK done\r\n")
+    _exchange(conn, b"UID EXPUNGE 52:53", b"* 4 EXPUNGE\r\nTAG OK Expunge completed.\r\n")
+    _exchange(conn, b"UID SEARCH UID 52:53", b"* SEARCH 52\r\nTAG OK done\r\n")
+    with pytest.raises(TransferError, match="52 still there"):
+        _result(d)
