@@ -99,6 +99,7 @@ def test_a_drop_the_backend_will_not_delete_is_emptied_and_left_and_the_source_s
     _exchange(conn, b"UID SEARCH ALL", b"* SEARCH 3 4\r\nTAG OK done\r\n")
     _exchange(conn, b"UID STORE 3:4 +FLAGS.SILENT (\\Deleted)", b"TAG OK done\r\n")
     _exchange(conn, b"UID EXPUNGE 3:4", b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nTAG OK done\r\n")
+    _exchange(conn, b"UID SEARCH UID 3:4", b"* SEARCH\r\nTAG OK done\r\n")  # gone, both
     _exchange(conn, b'EXAMINE "referral-proxy/no such mailbox"', b"TAG NO no such mailbox\r\n")
     _exchange(conn, b"SELECT Work", b"* 5 EXISTS\r\n* OK [UIDVALIDITY 9] x\r\nTAG OK done\r\n")
     assert _result(d) is None
@@ -160,6 +161,7 @@ def test_hidden_messages_saves_two_marks_reads_the_mailbox_and_expunges_them(mul
     _exchange(conn, b"SELECT " + ASIDE.encode(), b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\nTAG OK selected\r\n")
     _exchange(conn, b"UID STORE 5:6 +FLAGS.SILENT (\\Deleted)", b"TAG OK stored\r\n")
     _exchange(conn, b"UID EXPUNGE 5:6", b"* 2 EXPUNGE\r\n* 2 EXPUNGE\r\nTAG OK expunged\r\n")
+    _exchange(conn, b"UID SEARCH UID 5:6", b"* SEARCH\r\nTAG OK searched\r\n")
     _exchange(conn, b"UID SEARCH ALL", b"* SEARCH 3\r\nTAG OK searched\r\n")  # one Dovecot had lost
     _exchange(conn, b"UNSELECT", b"TAG OK\r\n")
     assert _result(d) == 1

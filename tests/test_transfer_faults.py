@@ -108,6 +108,8 @@ def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     dst.dataReceived(b"rp7 OK\r\n")
     assert _take(dst) == b"rp8 UID EXPUNGE 5\r\n"
     dst.dataReceived(b"* 5 EXPUNGE\r\nrp8 OK\r\n")
+    assert _take(dst) == b"rp9 UID SEARCH UID 5\r\n"  # gone? (mailops.expunge_uids looks)
+    dst.dataReceived(b"* SEARCH\r\nrp9 OK\r\n")
     assert h.to_client() == b"* 1 EXPUNGE\r\nm OK No messages moved (they were gone).\r\n"
     assert _take(src) == b""
     assert now(h.context.mailbox_map.entries()) == []
