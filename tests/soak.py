@@ -189,6 +189,7 @@ class Client(threading.Thread):
             port = self.ports[0] if len(self.ports) == 1 else self.pick.choice(self.ports)
             m = imaplib.IMAP4("127.0.0.1", port, timeout=60)
             m.login(self.pick.choice(LOGINS) if OPTIONS["capitals"] else USER, "secret")
+            self.ledger.tell(self.k, f"CONNECTED to the proxy on port {port}")  # whose logs tell its commands
             self.m = m
         return self.m
 
