@@ -8,18 +8,15 @@ that big FETCH literals stream through without being parsed or held whole.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,15 +25,15 @@ from .config import BackendConfig
 from .fastpath import completed_plain
 from .imap.command import ParseError
 from .imap.framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd
-from .imap.quoting import astring, capability_sets
+from .imap.quoting import capability_sets
 from .imap.response import ResponseStart, parse_response_start, plain_untagged
 from .lean import SmallSet
-from .netio import client_endpoint, connect_tcp, drop, quick_ack, tune_socket
+from .netio import quick_ack, tune_socket
 from .stall import Watch
 
 __all__ = [
     "BackendError", "BackendUnavailable", "NotConnected", "AuthenticationFailed", "BackendProtocol",
-    "Credentials", "ResponseSink", "Tagged", "connect_backend", "open_connection"
+    "Credentials", "ResponseSink", "Tagged",
 ]
 
 log = Logger()
@@ -45,9 +42,6 @@ log = Logger()
 # has to fit in memory: a SEARCH answer of a mailbox with millions of messages
 # is the longest thing a backend sends without a literal.
 BACKEND_MAX_LINE = 64 * 1024 * 1024
-# Greeting, STARTTLS and login together may take this many connect_timeouts
-# (a refused login alone costs Dovecot's auth delay, up to a few seconds).
-LOGIN_TIMEOUT_FACTOR = 3
 
 
 class ResponseSink(TypingProtocol):
@@ -417,153 +411,5 @@ def wire_tail(line: Line) -> bytes:
     return line.literal.announce() + b"\r\n" if line.literal is not None else b"\r\n"
 
 
-# -- connecting and logging in ----------------------------------------------------
-
-
-def tls_options(config: BackendConfig):  # -> IOpenSSLClientConnectionCreator
-    """Certificate checks against the backend url's host with the configured CA."""
-    trust = Certificate.loadPEM(config.ca.read_bytes()) if config.ca is not None else platformTrust()
-    return optionsForClientTLS(config.url_host, trustRoot=trust)
-
-
-BeforeLogin = Callable[[BackendProtocol], Awaitable[None]]
-
-async def open_connection(reactor: Any, config: BackendConfig) -> tuple[BackendProtocol, Any]:
-    """A connection to *config*'s backend, its greeting not read yet: (protocol, connector).
-
-    Plain TCP goes through the reactor's own connect (netio.connect_tcp); its failure
-    fails the greeting with NotConnected. Anything else (implicit TLS) goes through its
-    endpoint: NotConnected at once."""
-    proto = BackendProtocol(config)
-    proto.clock = reactor
-    if config.tls != "implicit":
-        connector = connect_tcp(reactor, config.endpoint, proto, config.connect_timeout, proto.not_connected)
-        if connector is not None:
-            return proto, connector
-    endpoint = client_endpoint(reactor, config.endpoint)
-    if config.tls == "implicit":
-        endpoint = wrapClientTLS(tls_options(config), endpoint)
-    try:
-        factory = Factory.forProtocol(lambda: proto)
-        factory.noisy = False
-        d = endpoint.connect(factory)
-        d.addTimeout(config.connect_timeout, reactor)
-        return await d, None
-    except Exception as e:
-        raise NotConnected(_why(e)) from e
-
-
-async def connect_backend(reactor: Any, config: BackendConfig, credentials: Credentials,
-                          before_login: BeforeLogin | None = None) -> BackendProtocol:
-    """Connect, secure, log in: a BackendProtocol ready to relay, or a BackendError.
-
-    *before_login* runs on the secured connection just before the login (the ID that
-    tells the backend who the client is). The whole conversation is bounded: a backend that
-    accepts but never answers must not hold the client's LOGIN (or SELECT) forever; at the
-    limit the connection is dropped, which fails whatever the conversation awaits."""
-    try:
-        proto, connector = await open_connection(reactor, config)
-    except NotConnected as e:
-        log.warn("backend {name}: cannot connect: {why}", name=config.name, why=str(e))
-        raise BackendUnavailable(f"backend {config.name} unreachable") from e
-    limit, late = LOGIN_TIMEOUT_FACTOR * config.connect_timeout, []
-
-    def too_late() -> None:
-        late.append(True)
-        drop(proto, connector)
-
-    timer = reactor.callLater(limit, too_late)
-    try:
-        await _set_up(proto, config, credentials, before_login)
-        return proto
-    except AuthenticationFailed:
-        proto.logout()
-        raise
-    except BackendError as e:  # NotConnected too: a failed greeting
-        refused = isinstance(e, NotConnected)
-        why = f"no answer within {limit:g}s" if late else f"cannot connect: {e}" if refused else str(e)
-        log.warn("backend {name}: {why}", name=config.name, why=why)
-        drop(proto, connector)
-        if late or refused:
-            raise BackendUnavailable(f"backend {config.name} unreachable" if refused else why) from e
-        raise
-    except Exception as e:
-        log.warn("backend {name}: {why}", name=config.name, why=_why(e))
-        drop(proto, connector)
-        raise BackendUnavailable(f"backend {config.name} unavailable") from e
-    finally:
-        if timer.active():
-            timer.cancel()
-
-
 class NotConnected(BackendUnavailable):
     """The connection to the backend could not be made (str: why)."""
-
-
-async def _set_up(proto: BackendProtocol, config: BackendConfig, credentials: Credentials,
-                  before_login: BeforeLogin | None = None) -> None:
-    """Greeting, STARTTLS, capabilities, (ID), login."""
-    greeting = await proto.greeting
-    if greeting.status != "OK":
-        raise BackendUnavailable(f"backend {config.name} greeted with {greeting.status}")
-    if config.tls == "starttls":
-        await _starttls(proto, config)
-    if not proto.capabilities:
-        await _ok(proto, b"CAPABILITY")
-    if before_login is not None:
-        await before_login(proto)
-    await _login(proto, credentials)
-    if not proto.capabilities or not proto.capabilities.isdisjoint(("LOGINDISABLED", "STARTTLS")):  # pre-login ones
-        await _ok(proto, b"CAPABILITY")
-
-
-def _why(e: BaseException) -> str:
-    """A readable reason, including the TLS verification error behind a lost connection."""
-    cause = e.__cause__ or e.__context__
-    text = str(e) or type(e).__name__
-    if isinstance(e, BackendError) and cause is not None:
-        text += f" ({_why(cause)})"
-    return text
-
-
-async def _ok(proto: BackendProtocol, text: bytes) -> Tagged:
-    result = await proto.command(text)
-    if not result.ok:
-        raise BackendUnavailable(f"backend {proto.name}: {text.decode()} failed: {result.start.text.decode('utf-8', 'replace')}")
-    return result
-
-
-async def _starttls(proto: BackendProtocol, config: BackendConfig) -> None:
-    if "STARTTLS" not in proto.capabilities:
-        await _ok(proto, b"CAPABILITY")
-    if "STARTTLS" not in proto.capabilities:
-        raise BackendUnavailable(f"backend {config.name} does not offer STARTTLS")
-    await _ok(proto, b"STARTTLS")
-    if proto._framer.buffered:  # read after the OK in clear text, then as if under TLS: injected (a forged login OK)
-        raise BackendUnavailable(f"backend {config.name} sent {proto._framer.buffered} bytes after its STARTTLS OK")
-    proto.transport.startTLS(tls_options(config))
-    proto.capabilities = frozenset()
-    try:
-        await _ok(proto, b"CAPABILITY")  # the first exchange under TLS: a failed verification shows here
-    except BackendUnavailable:
-        why = proto.lost_reason.getErrorMessage() if proto.lost_reason is not None else "no answer"
-        raise BackendUnavailable(f"backend {config.name}: TLS handshake or certificate verification failed: {why}") from None
-
-
-async def _login(proto: BackendProtocol, creds: Credentials) -> None:
-    caps = proto.capabilities
-    if "AUTH=PLAIN" in caps:
-        blob = base64.b64encode(b"\0".join(s.encode("utf-8", "surrogateescape") for s in (creds.authzid, creds.user, creds.password)))
-        if "SASL-IR" in caps:
-            result = await proto.command(b"AUTHENTICATE PLAIN " + blob)
-        else:
-            result = await proto.command(b"AUTHENTICATE PLAIN", on_continuation=lambda _text: proto.write(blob + b"\r\n"))
-    elif creds.authzid:
-        raise BackendUnavailable(f"backend {proto.name} does not offer AUTH=PLAIN for a master-user login")
-    else:
-        user, password = (s.encode("utf-8", "surrogateescape") for s in (creds.user, creds.password))
-        if "LITERAL+" not in caps and (b"\r" in user + password or b"\n" in user + password or not (user + password).isascii()):
-            raise BackendUnavailable(f"backend {proto.name} cannot take these credentials with LOGIN")
-        result = await proto.command(b"LOGIN " + astring(user) + b" " + astring(password))
-    if not result.ok:
-        raise AuthenticationFailed(result)

@@ -16,7 +16,8 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .backend import NotConnected, open_connection
+from .backend import NotConnected
+from .backendlogin import open_connection
 from .config import BackendConfig
 from .netio import drop
 

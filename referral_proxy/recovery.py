@@ -15,7 +15,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .appendturns import mover_turn
-from .backend import BackendError, BackendProtocol, Credentials, connect_backend
+from .backend import BackendError, BackendProtocol, Credentials
+from .backendlogin import connect_backend
 from .config import Config
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .localrename import reconcile_local

@@ -21,7 +21,8 @@ from twisted.python.components import Componentized
 
 from . import crossturns, netio, proxyappends
 from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
-from .backend import BackendProtocol, BackendUnavailable, Credentials, connect_backend
+from .backend import BackendProtocol, BackendUnavailable, Credentials
+from .backendlogin import connect_backend
 from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
 from .flow import Block

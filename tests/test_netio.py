@@ -301,7 +301,8 @@ def _backend(port: int, timeout: float):
 def _outcome(reactor: Any, config: Any) -> Any:
     from twisted.internet import defer
 
-    from referral_proxy.backend import Credentials, connect_backend
+    from referral_proxy.backend import Credentials
+    from referral_proxy.backendlogin import connect_backend
 
     d = defer.ensureDeferred(connect_backend(reactor, config, Credentials("u", "p")))
     result: list[Any] = []
@@ -311,7 +312,8 @@ def _outcome(reactor: Any, config: Any) -> Any:
 
 
 def test_a_backend_that_accepts_and_never_greets_is_dropped_at_the_limit() -> None:
-    from referral_proxy.backend import LOGIN_TIMEOUT_FACTOR, BackendUnavailable
+    from referral_proxy.backend import BackendUnavailable
+    from referral_proxy.backendlogin import LOGIN_TIMEOUT_FACTOR
 
     reactor = EPollReactor()
     netio.install(reactor)
