@@ -28,6 +28,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 from .crossturns import POLL, _in_order, mailbox_turn, mailbox_turns
+from .renamehold import hold_others
 from .turns import Release
 
 #: Seconds a RENAME waits for the APPENDs under way to its mailboxes before it is refused NO [INUSE].
@@ -145,20 +146,25 @@ class MoverTurn:
     def __call__(self, backend: str, mailbox: str) -> Awaitable[Release]:
         return mailbox_turn(self.ctx, backend, self.user, mailbox.encode("utf-8", "surrogateescape"))
 
-    async def renaming(self, backend: str, mailboxes: list[str]) -> Release:
+    async def renaming(self, backend: str, mailboxes: list[str], own: Any = None) -> Release:
         """The turns of *mailboxes* (a source and its children), once the APPENDs under way to them in
-        this process are answered: defer.TimeoutError after APPEND_WAIT seconds, nothing held."""
+        this process are answered: defer.TimeoutError after APPEND_WAIT seconds, nothing held. Then
+        the user's other sessions' connections to *backend* (but *own*, the RENAME's) held back once
+        quiet (renamehold.py: Dovecot moves a uidlist lock along with the directory)."""
         names = [m.encode("utf-8", "surrogateescape") for m in mailboxes]
+        user = self.ctx.mailbox_map.canonical(self.user)
         moves = await mailbox_turns(self.ctx, backend, self.user, names)
-        try:
-            appends = await rename_turns(self.ctx, backend, self.ctx.mailbox_map.canonical(self.user), names)
-        except BaseException:
-            moves()
-            raise
+        held: list[Release] = [moves]
 
         def release() -> None:
-            appends()
-            moves()
+            while held:
+                held.pop()()
+        try:
+            held.append(await rename_turns(self.ctx, backend, user, names))
+            held.append(await hold_others(self.ctx, backend, user, own))
+        except BaseException:
+            release()
+            raise
         return release
 
 

@@ -106,6 +106,9 @@ class BackendProtocol(Protocol):
         self.reuse_key: Any = None  # keepalive.ReuseKey: how it logged in, for a session's connection
         self.clock: Any = None  # the reactor (open_connection): bounded internal commands (stall.py)
         self.stalled = False  # cut by stall.py: owed an answer, sent nothing for answer_timeout
+        self._holding = False  # another session's RENAME holds it back (renamehold.py) from the next command:
+        self._held: list[bytes] | None = None  # ... what was written since, and the tags of those commands
+        self._held_tags: list[bytes] = []
 
     # -- Twisted ------------------------------------------------------------
 
@@ -306,6 +309,8 @@ class BackendProtocol(Protocol):
         on a connection already closed (nothing would ever call back)."""
         if self.closed:
             raise BackendUnavailable(f"backend {self.name} closed the connection")
+        if self._holding:
+            self._hold(tag)
         self._pending[tag] = _Pending(on_done, on_lost)
 
     @property
@@ -315,8 +320,45 @@ class BackendProtocol(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed:
+            if self._held is not None:
+                self._held.append(data)
+                return
             self.bytes_out += len(data)
             self.transport.write(data)
+
+    # -- held back while another session's RENAME runs (renamehold.py) ----------------------
+
+    def hold_writes(self) -> None:
+        """Hold back the next command begun here, and all written after it, until release_writes
+        (what is written for the commands in flight, a literal's rest, a DONE, goes on)."""
+        self._holding = True
+
+    def _hold(self, tag: bytes) -> None:
+        if self._held is None:
+            self._held = []
+            producer = getattr(self.transport, "producer", None)
+            if producer is not None:  # the client's reading: what it sends waits with the command
+                producer.pauseProducing()
+        self._held_tags.append(tag)
+
+    def release_writes(self) -> None:
+        """What was held back goes out, in order."""
+        self._holding = False
+        held, self._held, self._held_tags = self._held, None, []
+        if held is None or self.closed:
+            return
+        producer = getattr(self.transport, "producer", None)
+        if producer is not None:
+            producer.resumeProducing()
+        for data in held:
+            self.write(data)
+
+    def tags_in_flight(self) -> frozenset[bytes]:
+        """The commands sent and not answered yet (not those held back)."""
+        return frozenset(self._pending).difference(self._held_tags)
+
+    def still_in_flight(self, tags: frozenset[bytes]) -> bool:
+        return any(tag in self._pending for tag in tags)
 
     def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None,
                 bounded: bool = False, then: Sequence[bytes] = ()) -> defer.Deferred[Tagged]:
@@ -357,6 +399,8 @@ class BackendProtocol(Protocol):
 
         if bounded and (watch := Watch.bounding(self, text)) is not None:
             d.addBoth(watch.ended)
+        if self._holding:
+            self._hold(tag)
         self._pending[tag] = _Pending(done, lost)
         if on_continuation is not None:
             self.on_continuation = on_continuation
@@ -377,6 +421,8 @@ class BackendProtocol(Protocol):
         if self.closed:
             return
         tag = self.next_tag()
+        if self._holding:
+            self._hold(tag)
         self._pending[tag] = _Pending(_ignore, _ignore)
         self.write(tag + b" " + text + b"\r\n")
 

@@ -17,6 +17,7 @@ from .config import BackendConfig, Config
 from .crossturns import FileTurns
 from .keepalive import KeepAlive
 from .observe import Observer
+from .renamehold import RenameHold
 from .routing import MailboxMap
 from .staging import MapJournal, StagingJournal
 from .turns import Turns
@@ -48,6 +49,7 @@ class ProxyContext:
     move_turns: Turns = field(default_factory=Turns)  # relayed MOVEs of one mailbox, one at a time (turns.py)
     worker_turns: FileTurns | None = None  # the same between the workers of one master (crossturns.py)
     proxy_turns: Any = None  # ... and between the proxies on one PostgreSQL map (pgturns.PgTurns)
+    rename_holds: dict[tuple[str, str], RenameHold] = field(default_factory=dict)  # renamehold.py
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:

@@ -439,7 +439,7 @@ class MailboxCommands:
         except TransferError:
             children = []  # the backend refuses the name: its answer to the RENAME says why
         try:
-            release = await mover_turn(host.ctx, host.user or "").renaming(conn.name, [text, *children])
+            release = await mover_turn(host.ctx, host.user or "").renaming(conn.name, [text, *children], conn)
         except defer.TimeoutError:  # an APPEND's client stopped mid-literal: not waited for for ever
             raise Refusing(APPENDING) from None
         try:

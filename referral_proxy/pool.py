@@ -86,6 +86,9 @@ class BackendPool:
         self.conns[conn.name] = conn
         self.ctx.backend_caps[conn.name] = conn.capabilities
         self._attach(conn)
+        holds = self.ctx.rename_holds
+        if holds and (hold := holds.get((conn.name, self.user))) is not None:  # a RENAME there waits (renamehold.py)
+            hold.add(conn)
 
     def ready(self, name: str) -> BackendProtocol | None:
         """The open connection to *name*, if there is one."""

@@ -1,0 +1,109 @@
+"""A RENAME on one backend runs while the user's other sessions of this process have no command in
+flight there, and sends none there until it is answered.
+
+Dovecot 2.3.19 moves a dovecot-uidlist dotlock along with the directory a RENAME moves: a STATUS,
+SELECT or COPY into the mailbox that holds that lock when the RENAME comes leaves it under the new
+name, naming an imap process that lives on, which Dovecot never overrides: every sync of the renamed
+mailbox then waits the lock timeout (~122 s) and fails NO [SERVERBUG] (tests/dovecot_stale_lock_rename.py,
+direct: 4 to 7 of 30 racing rounds by command; soak C 68001, 72556, 75512, 77022). So the RENAME (and a
+move's RENAME aside: appendturns.MoverTurn.renaming) first holds back the next command begun on each of
+those sessions' connections to its backend (BackendProtocol.hold_writes: it and all written after it
+wait, its client's reading paused), then waits for the commands they have in flight to be answered
+(at most QUIET_WAIT seconds, then it goes on: a slow command elsewhere is no reason to refuse it; an
+IDLE is not waited for, nothing else runs beside it), and lets them go once it is answered. One
+RENAME of a user on a backend holds at a time: two would hold each other's RENAME back.
+
+Sessions of other workers or other proxies on one PostgreSQL map are not seen: there the race remains
+(docs/design.md, hierarchy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import task
+from twisted.logger import Logger
+
+from .turns import Release
+
+__all__ = ["QUIET_WAIT", "POLL", "RenameHold", "hold_others"]
+
+log = Logger()
+
+#: Seconds a RENAME waits for the other sessions' commands in flight before it goes on regardless.
+QUIET_WAIT = 10.0
+POLL = 0.005  # seconds between looks at what is still in flight
+
+
+@dataclass
+class RenameHold:
+    """The RENAME holding one (backend, user) (one at a time): the connections it holds back."""
+
+    conns: set[Any] = field(default_factory=set)
+
+    def add(self, conn: Any) -> None:
+        """Hold *conn* back too (one connected while the RENAME waits: BackendPool.add)."""
+        if conn not in self.conns:
+            self.conns.add(conn)
+            conn.hold_writes()
+
+
+def _sessions(ctx: Any, user: str) -> list[Any]:
+    return [s for s in getattr(ctx, "sessions", ()) if s.user == user and s.pool is not None]
+
+
+def _idling_on(session: Any, conn: Any) -> bool:
+    idling = getattr(getattr(session, "idle", None), "current", None)
+    return idling is not None and idling.conn is conn
+
+
+async def hold_others(ctx: Any, backend: str, user: str, own: Any = None) -> Release:
+    """Hold back the connections to *backend* of *user*'s sessions in *ctx* (but *own*, the one the
+    RENAME goes on), once the commands they have in flight are answered (or QUIET_WAIT passed)."""
+    holds: dict[tuple[str, str], RenameHold] | None = getattr(ctx, "rename_holds", None)
+    if holds is None or not _sessions(ctx, user):
+        return _nothing
+    key = (backend, user)
+    # One at a time: two holding each other's RENAME back would wait for ever (soak C 80001: 420 s).
+    turn = await ctx.move_turns.take(("HOLD", backend, user))
+    hold = holds[key] = RenameHold()
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        if holds.get(key) is hold:
+            del holds[key]
+        for conn in hold.conns:
+            conn.release_writes()
+        turn()
+
+    waits: list[tuple[Any, frozenset[bytes]]] = []
+    for session in _sessions(ctx, user):
+        conn = session.pool.conns.get(backend)
+        if conn is None or conn is own or conn.closed:
+            continue
+        hold.add(conn)
+        if not _idling_on(session, conn):
+            waits.append((conn, conn.tags_in_flight()))
+    # (a held command's own answer_timeout runs meanwhile: stall.py must not cut it for the wait)
+    limit = min([QUIET_WAIT] + [c.config.answer_timeout / 2 for c in hold.conns if c.config.answer_timeout])
+    try:
+        began = ctx.reactor.seconds()
+        while any(not conn.closed and conn.still_in_flight(tags) for conn, tags in waits):
+            if ctx.reactor.seconds() - began >= limit:
+                log.warn("RENAME on {backend} for {user}: another session's command still in flight after "
+                         "{secs} s; renaming regardless", backend=backend, user=user, secs=limit)
+                break
+            await task.deferLater(ctx.reactor, POLL, lambda: None)
+    except BaseException:
+        release()
+        raise
+    return release
+
+
+def _nothing() -> None:
+    """Nothing held (no other session of the user in this process)."""

@@ -1,0 +1,196 @@
+"""renamehold.py without a backend: what a RENAME's hold holds back, what it waits for, and for how long.
+
+The race it prevents, with real Dovecot: tests/test_rename_stale_lock.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from referral_proxy import renamehold
+from referral_proxy.backend import BackendProtocol
+from referral_proxy.config import BackendConfig
+from referral_proxy.renamehold import QUIET_WAIT, hold_others
+from referral_proxy.turns import Turns
+
+
+class _Producer:
+    def __init__(self) -> None:
+        self.paused = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.paused -= 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _backend(name: str = "b1") -> tuple[BackendProtocol, _Producer]:
+    conn = BackendProtocol(BackendConfig(name=name, endpoint="tcp:host=127.0.0.2:port=1", url="imap://127.0.0.2"))
+    conn.makeConnection(StringTransport())
+    conn.dataReceived(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n")
+    producer = _Producer()
+    conn.transport.registerProducer(producer, True)
+    return conn, producer
+
+
+def _sent(conn: BackendProtocol) -> bytes:
+    out = conn.transport.value()
+    conn.transport.clear()
+    return out
+
+
+def test_the_next_command_and_all_after_it_wait_while_what_is_in_flight_goes_on():
+    conn, producer = _backend()
+    appending = conn.command(b"APPEND X {5}", then=[b"hello\r\n"])
+    assert _sent(conn) == b"rp1 APPEND X {5}\r\n"
+    conn.hold_writes()
+    in_flight = conn.tags_in_flight()
+    assert in_flight == {b"rp1"}
+    conn.dataReceived(b"+ go\r\n")  # the command in flight: its literal goes, held or not
+    assert _sent(conn) == b"hello\r\n" and producer.paused == 0
+    status = conn.command(b"STATUS X (MESSAGES)")  # begun while held: it and what follows wait
+    conn.write(b"anything after it\r\n")
+    assert _sent(conn) == b"" and producer.paused == 1  # the client's reading paused with it
+    assert conn.tags_in_flight() == {b"rp1"} and conn.still_in_flight(in_flight)
+    conn.dataReceived(b"rp1 OK [APPENDUID 1 1] done\r\n")
+    assert appending.called and not conn.still_in_flight(in_flight)
+    conn.release_writes()
+    assert _sent(conn) == b"rp2 STATUS X (MESSAGES)\r\nanything after it\r\n" and producer.paused == 0
+    conn.dataReceived(b"* STATUS X (MESSAGES 1)\r\nrp2 OK done\r\n")
+    assert status.called
+    conn.command(b"NOOP")  # released: nothing held any more
+    assert _sent(conn) == b"rp3 NOOP\r\n"
+
+
+def test_a_hold_with_nothing_begun_releases_nothing_and_pauses_nothing():
+    conn, producer = _backend()
+    conn.hold_writes()
+    conn.write(b"DONE\r\n")  # an IDLE's end is no command begun
+    assert _sent(conn) == b"DONE\r\n"
+    conn.release_writes()
+    assert producer.paused == 0 and _sent(conn) == b""
+
+
+def _session(user: str, conns: dict[str, BackendProtocol], idling: BackendProtocol | None = None) -> SimpleNamespace:
+    return SimpleNamespace(user=user, pool=SimpleNamespace(conns=conns),
+                           idle=SimpleNamespace(current=None if idling is None else SimpleNamespace(conn=idling)))
+
+
+def _ctx(clock: Clock, *sessions: SimpleNamespace) -> SimpleNamespace:
+    return SimpleNamespace(reactor=clock, sessions=list(sessions), rename_holds={}, move_turns=Turns())
+
+
+def _fired(d: defer.Deferred) -> list:
+    out: list = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_a_rename_waits_for_the_other_sessions_commands_in_flight_on_its_backend_only():
+    clock = Clock()
+    own, _ = _backend()
+    busy, _ = _backend()
+    idle, _ = _backend()
+    elsewhere, _ = _backend("b2")
+    stranger, _ = _backend()
+    for conn, text in ((own, b"NOOP"), (busy, b"STATUS X (MESSAGES)"), (elsewhere, b"NOOP"), (stranger, b"NOOP")):
+        conn.command(text)
+    idle.write(b"rp1 IDLE\r\n")
+    idle.expect(b"rp1", lambda *_: None)
+    ctx = _ctx(clock, _session("carol", {"b1": own}), _session("carol", {"b1": busy, "b2": elsewhere}),
+               _session("carol", {"b1": idle}, idling=idle), _session("dave", {"b1": stranger}))
+    held = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol", own)))
+    clock.advance(1)
+    assert not held  # the STATUS on b1 of carol's other session: not answered yet
+    assert ctx.rename_holds[("b1", "carol")].conns == {busy, idle}
+    busy.dataReceived(b"rp1 OK done\r\n")
+    clock.advance(renamehold.POLL)
+    assert len(held) == 1 and callable(held[0])  # the IDLE is not waited for, nor b2, nor dave
+    busy.command(b"SELECT X")
+    assert _sent(busy) == b"rp1 STATUS X (MESSAGES)\r\n"  # (sent before the hold) and not the SELECT
+    own.command(b"RENAME X Y")
+    assert _sent(own).endswith(b"RENAME X Y\r\n")  # the RENAME's own connection is not held
+    held[0]()
+    assert _sent(busy) == b"rp2 SELECT X\r\n" and ctx.rename_holds == {}
+
+
+def test_a_command_still_in_flight_after_quiet_wait_is_renamed_past():
+    clock = Clock()
+    other, _ = _backend()
+    other.command(b"FETCH 1:* BODY.PEEK[]")
+    ctx = _ctx(clock, _session("carol", {"b1": other}))
+    held = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol")))
+    clock.advance(QUIET_WAIT - 1)
+    assert not held
+    clock.advance(2)
+    assert held and callable(held[0])
+    held[0]()
+    held[0]()  # once, from any path
+    assert ctx.rename_holds == {}
+
+
+def test_two_renames_on_one_backend_hold_one_after_the_other_each_sending_its_own():
+    """Each holding the other's connection, neither RENAME would ever be sent (soak C 80001: 420 s)."""
+    clock = Clock()
+    one, _ = _backend()
+    two, _ = _backend()
+    ctx = _ctx(clock, _session("carol", {"b1": one}), _session("carol", {"b1": two}))
+    first = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol", one)))
+    second = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol", two)))
+    assert first and not second  # the second waits for the first's RENAME
+    one.command(b"RENAME A B")
+    two.command(b"STATUS X (MESSAGES)")
+    assert _sent(one) == b"rp1 RENAME A B\r\n" and _sent(two) == b""
+    one.dataReceived(b"rp1 OK done\r\n")
+    first[0]()
+    assert second and _sent(two) == b"rp1 STATUS X (MESSAGES)\r\n"  # the first's hold let go...
+    two.dataReceived(b"rp1 OK done\r\n")
+    clock.advance(renamehold.POLL)
+    two.command(b"RENAME C D")  # ... and the second's RENAME goes on its own connection
+    one.command(b"NOOP")
+    assert _sent(two) == b"rp2 RENAME C D\r\n" and _sent(one) == b""
+    second[0]()
+    assert _sent(one) == b"rp2 NOOP\r\n" and ctx.rename_holds == {}
+
+
+def test_a_connection_made_while_a_rename_holds_is_held_too():
+    clock = Clock()
+    other, _ = _backend()
+    ctx = _ctx(clock, _session("carol", {"b1": other}))
+    held = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol")))
+    late, _ = _backend()
+    ctx.rename_holds[("b1", "carol")].add(late)  # as BackendPool.add does
+    late.command(b"STATUS X (MESSAGES)")
+    assert _sent(late) == b""
+    held[0]()
+    assert _sent(late) == b"rp1 STATUS X (MESSAGES)\r\n" and ctx.rename_holds == {}
+
+
+def test_the_wait_is_shorter_than_half_the_answer_timeout_of_what_it_holds():
+    clock = Clock()
+    other = BackendProtocol(BackendConfig(name="b1", endpoint="tcp:host=127.0.0.2:port=1", url="imap://127.0.0.2",
+                                          answer_timeout=4.0))
+    other.makeConnection(StringTransport())
+    other.command(b"FETCH 1:* BODY.PEEK[]")
+    ctx = _ctx(clock, _session("carol", {"b1": other}))
+    held = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol")))
+    clock.advance(1.9)
+    assert not held
+    clock.advance(0.2)
+    assert held
+
+
+def test_nothing_held_without_another_session_of_the_user():
+    clock = Clock()
+    ctx = _ctx(clock)
+    held = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol")))
+    assert held and ctx.rename_holds == {}
+    standalone = SimpleNamespace(reactor=clock, sessions=())  # referral-proxy move, recover
+    assert _fired(defer.ensureDeferred(hold_others(standalone, "b1", "carol")))
