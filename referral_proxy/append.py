@@ -176,6 +176,11 @@ class AppendCommand:
     closing: bytes = b""  # after the streaming literal: b")" of an RFC 6855 ``UTF8 (~{n}...)``
     turn: Callable[[], None] = nothing  # ends the mailbox's turn this APPEND holds (appendturns.py)
 
+    @property
+    def held_back(self) -> bool:
+        """Not sent, nor to be until a RENAME there is answered (renamehold.py): no race with it."""
+        return self.conn.held_back(self.parts[0].ptag if self.parts else None)
+
     def end_turn(self) -> None:
         """The mailbox's turn ends (once, whichever path comes first: the answer, the client gone)."""
         turn, self.turn = self.turn, nothing

@@ -360,6 +360,10 @@ class BackendProtocol(Protocol):
     def still_in_flight(self, tags: frozenset[bytes]) -> bool:
         return any(tag in self._pending for tag in tags)
 
+    def held_back(self, tag: bytes | None) -> bool:
+        """The command *tag* is held back (None: one not begun yet would be)."""
+        return self._holding and (tag is None or tag in self._held_tags)
+
     def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None,
                 bounded: bool = False, then: Sequence[bytes] = ()) -> defer.Deferred[Tagged]:
         """Send an internal command; fire with its Tagged completion (any status).

@@ -58,6 +58,8 @@ def _under_way(ctx: Any, entries: Entries) -> bool:
         if appends is None or not appends.unanswered or session.user not in users:
             continue
         for cmd in list(appends.unanswered):
+            if cmd.held_back:  # held by this process's RENAME, which waits for this confirmation
+                continue
             name = normalize(cmd.mailbox.decode("utf-8", "surrogateescape"), sep)
             if any(user == session.user and covers(r, name, sep) for user, r in held):
                 return True

@@ -10,9 +10,11 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from referral_proxy import renamehold
+from referral_proxy import proxyappends, renamehold
+from referral_proxy.append import AppendCommand, _Part
 from referral_proxy.backend import BackendProtocol
 from referral_proxy.config import BackendConfig
+from referral_proxy.journal import Reservation
 from referral_proxy.renamehold import QUIET_WAIT, hold_others
 from referral_proxy.turns import Turns
 
@@ -194,3 +196,29 @@ def test_nothing_held_without_another_session_of_the_user():
     assert held and ctx.rename_holds == {}
     standalone = SimpleNamespace(reactor=clock, sessions=())  # referral-proxy move, recover
     assert _fired(defer.ensureDeferred(hold_others(standalone, "b1", "carol")))
+
+
+def test_an_append_held_back_by_this_process_s_rename_is_not_under_way_for_its_confirmation():
+    """The RENAME waits for every proxy's confirmation of its reservation, its own proxy's too, and that
+    waits for the APPENDs under way to its names: one the RENAME holds back would hold it for RENAME_WAIT
+    and have it refused (soak C 80132: RENAME Shared/* Shared/A NO [INUSE] after 10 s, the APPEND to Shared/A
+    answered just after)."""
+    conn, _ = _backend()
+    conn.capabilities = frozenset({"MULTIAPPEND"})
+    cmd = AppendCommand(SimpleNamespace(no_staging=()), b"a", conn, b"Shared/A")
+    session = SimpleNamespace(user="carol", appends=SimpleNamespace(unanswered={cmd}))
+    ctx = SimpleNamespace(mailbox_map=SimpleNamespace(separator="/"), sessions=[session])
+    entries = [(7, "carol", Reservation("Shared/A"))]
+    assert not cmd.held_back and proxyappends._under_way(ctx, entries)  # begun: its first message may come now
+    conn.hold_writes()
+    assert cmd.held_back and not proxyappends._under_way(ctx, entries)  # its APPEND line would be held back
+    conn.command(b"APPEND Shared/A {3}")
+    cmd.parts.append(_Part(b"rp1"))
+    assert cmd.held_back and not proxyappends._under_way(ctx, entries)
+    conn.release_writes()
+    assert not cmd.held_back and proxyappends._under_way(ctx, entries)
+    sent_first, _ = _backend()
+    sent_first.command(b"APPEND Shared/A {3}")
+    sent_first.hold_writes()
+    cmd.conn, cmd.parts = sent_first, [_Part(b"rp1")]
+    assert not cmd.held_back and proxyappends._under_way(ctx, entries)  # at Dovecot before the hold: under way
