@@ -146,26 +146,26 @@ class MoverTurn:
     def __call__(self, backend: str, mailbox: str) -> Awaitable[Release]:
         return mailbox_turn(self.ctx, backend, self.user, mailbox.encode("utf-8", "surrogateescape"))
 
-    async def renaming(self, backend: str, mailboxes: list[str], own: Any = None) -> Release:
+    async def renaming(self, backend: str, mailboxes: list[str]) -> Release:
         """The turns of *mailboxes* (a source and its children), once the APPENDs under way to them in
-        this process are answered: defer.TimeoutError after APPEND_WAIT seconds, nothing held. Then
-        the user's other sessions' connections to *backend* (but *own*, the RENAME's) held back once
-        quiet (renamehold.py: Dovecot moves a uidlist lock along with the directory)."""
+        this process are answered: defer.TimeoutError after APPEND_WAIT seconds, nothing held."""
         names = [m.encode("utf-8", "surrogateescape") for m in mailboxes]
-        user = self.ctx.mailbox_map.canonical(self.user)
         moves = await mailbox_turns(self.ctx, backend, self.user, names)
-        held: list[Release] = [moves]
+        try:
+            appends = await rename_turns(self.ctx, backend, self.ctx.mailbox_map.canonical(self.user), names)
+        except BaseException:
+            moves()
+            raise
 
         def release() -> None:
-            while held:
-                held.pop()()
-        try:
-            held.append(await rename_turns(self.ctx, backend, user, names))
-            held.append(await hold_others(self.ctx, backend, user, own))
-        except BaseException:
-            release()
-            raise
+            appends()
+            moves()
         return release
+
+    def quiet(self, backend: str, own: Any = None) -> Awaitable[Release]:
+        """Right before the RENAME itself: the user's other sessions' connections to *backend* (but
+        *own*, the RENAME's) quiet and held back until it is answered (renamehold.py)."""
+        return hold_others(self.ctx, backend, self.ctx.mailbox_map.canonical(self.user), own)
 
 
 def mover_turn(ctx: Any, user: str) -> MoverTurn:

@@ -7,6 +7,7 @@ elsewhere, or a child on another backend: hierarchy.py), and lets placements fol
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from .mailops import TransferError, exists, name_arg, subtree
 from .mover import Connect
 from .proxyappends import APPENDING, others_confirmed
 from .routing import MailboxMap, normalize
+from .turns import Release
 
 __all__ = ["rename_here", "LocalRename", "reconcile_local"]
 
@@ -56,7 +58,8 @@ async def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, o
 
 
 async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,
-                      others: Connect, clock: Any = None) -> LocalRename:
+                      others: Connect, clock: Any = None,
+                      quiet: Callable[[], Awaitable[Release]] | None = None) -> LocalRename:
     """RENAME on the backend that owns both names, holding both subtrees meanwhile.
 
     Refused before anything changes if a child would get a name the map sends to
@@ -98,7 +101,12 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
                 await mailbox_map.end_move(entry)
                 return LocalRename((), refused)
         await mailbox_map.step(entry, Step.RENAMING)
-        result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
+        release = await quiet() if quiet is not None else None  # the others' commands there (renamehold.py)
+        try:
+            result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
+        finally:
+            if release is not None:
+                release()
         if result.ok and not inbox:
             await _follow_placements(mailbox_map, user, conn.name, old, new)
         await mailbox_map.end_move(entry)

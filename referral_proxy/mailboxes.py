@@ -439,13 +439,14 @@ class MailboxCommands:
         except TransferError:
             children = []  # the backend refuses the name: its answer to the RENAME says why
         try:
-            release = await mover_turn(host.ctx, host.user or "").renaming(conn.name, [text, *children], conn)
+            turn = mover_turn(host.ctx, host.user or "")
+            release = await turn.renaming(conn.name, [text, *children])
         except defer.TimeoutError:  # an APPEND's client stopped mid-literal: not waited for for ever
             raise Refusing(APPENDING) from None
         try:
             outcome = await rename_here(host.mailbox_map, host.user or "", conn, text,
                                         new.decode("utf-8", "surrogateescape"), others=host.pool.fresh,
-                                        clock=host.ctx.reactor)
+                                        clock=host.ctx.reactor, quiet=lambda: turn.quiet(conn.name, conn))
         finally:
             release()
         for raw in outcome.untagged:

@@ -476,7 +476,12 @@ class Mover:
             except defer.TimeoutError:
                 raise TransferError(f"an APPEND to {old} on {src.name} stayed under way; tried again later") from None
         try:
-            await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
+            quiet = await self.turn.quiet(src.name) if self.turn is not None else None  # renamehold.py
+            try:
+                await run_ok(src, b"RENAME " + name_arg(old) + b" " + name_arg(aside), "RENAME")
+            finally:
+                if quiet is not None:
+                    quiet()
         finally:
             if release is not None:
                 release()

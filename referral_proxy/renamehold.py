@@ -5,9 +5,10 @@ Dovecot 2.3.19 moves a dovecot-uidlist dotlock along with the directory a RENAME
 SELECT or COPY into the mailbox that holds that lock when the RENAME comes leaves it under the new
 name, naming an imap process that lives on, which Dovecot never overrides: every sync of the renamed
 mailbox then waits the lock timeout (~122 s) and fails NO [SERVERBUG] (tests/dovecot_stale_lock_rename.py,
-direct: 4 to 7 of 30 racing rounds by command; soak C 68001, 72556, 75512, 77022). So the RENAME (and a
-move's RENAME aside: appendturns.MoverTurn.renaming) first holds back the next command begun on each of
-those sessions' connections to its backend (BackendProtocol.hold_writes: it and all written after it
+direct: 4 to 7 of 30 racing rounds by command; soak C 68001, 72556, 75512, 77022). So right before
+its RENAME command (after its turns, reservation, checks and the other proxies' confirmations: held no
+longer than the command needs), a RENAME on one backend or a move's RENAME aside (appendturns.MoverTurn.quiet)
+holds back the next command begun on each of those sessions' connections to its backend (BackendProtocol.hold_writes: it and all written after it
 wait, its client's reading paused), then waits for the commands they have in flight to be answered
 (at most QUIET_WAIT seconds, then it goes on: a slow command elsewhere is no reason to refuse it; an
 IDLE is not waited for, nothing else runs beside it), and lets them go once it is answered. One
