@@ -1,4 +1,4 @@
-"""A RENAME X -> Y that moves another session's dovecot-uidlist dotlock along: the lock then sits in
+r"""A RENAME X -> Y that moves another session's dovecot-uidlist dotlock along: the lock then sits in
 .Y/dovecot-uidlist.lock naming a LIVE imap process, which Dovecot never overrides (file-dotlock.c
 check_lock: "process exists, don't override"), so every sync of Y that must lock its uidlist waits
 the lock timeout (122 s), then fails NO [SERVERBUG] or goes on without it (an EXAMINE answers OK

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dovecot_stale_lock_rename import alive
 from imapwire import Wire
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -108,14 +109,6 @@ class Maildir:
             return int((self.dir(box) / "dovecot-uidlist.lock").read_text().split(":")[0])
         except (OSError, ValueError):
             return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def seconds(answer: bytes) -> float | None:
