@@ -7,13 +7,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from referral_proxy import proxyappends, renamehold
 from referral_proxy.append import AppendCommand, _Part
 from referral_proxy.backend import BackendProtocol
 from referral_proxy.config import BackendConfig
+from referral_proxy.flow import PeerPause, ReadGate
 from referral_proxy.journal import Reservation
 from referral_proxy.renamehold import QUIET_WAIT, hold_others
 from referral_proxy.turns import Turns
@@ -222,3 +225,63 @@ def test_an_append_held_back_by_this_process_s_rename_is_not_under_way_for_its_c
     sent_first.hold_writes()
     cmd.conn, cmd.parts = sent_first, [_Part(b"rp1")]
     assert not cmd.held_back and proxyappends._under_way(ctx, entries)  # at Dovecot before the hold: under way
+
+
+class _Client:
+    """The client's transport as the session's ReadGate sees it: is its reading paused?"""
+
+    disconnected = disconnecting = False
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def pauseProducing(self) -> None:
+        self.reading = False
+
+    def resumeProducing(self) -> None:
+        self.reading = True
+
+
+def _gated() -> tuple[BackendProtocol, PeerPause, _Client]:
+    """A backend connection registered, as flow.attach does, with its client's ReadGate as producer."""
+    client = _Client()
+    conn = BackendProtocol(BackendConfig(name="b1", endpoint="tcp:host=127.0.0.2:port=1", url="imap://127.0.0.2"))
+    conn.makeConnection(StringTransport())
+    conn.dataReceived(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n")
+    peer = PeerPause(ReadGate(client), "backend:b1")
+    conn.transport.registerProducer(peer, True)
+    return conn, peer, client
+
+
+def test_the_backend_draining_does_not_let_a_held_session_s_client_read_on():
+    """The hold pauses the client for a reason of its own: the backend's buffer draining meanwhile (Twisted
+    resumes the producer it paused) must not let the client's next commands pile up in memory, held."""
+    conn, peer, client = _gated()
+    peer.pauseProducing()  # Twisted: the backend's send buffer is full
+    conn.hold_writes()
+    conn.command(b"STATUS X (MESSAGES)")
+    assert not client.reading
+    peer.resumeProducing()  # Twisted: it drained
+    assert not client.reading  # still held
+    conn.release_writes()
+    assert client.reading and _sent(conn) == b"rp1 STATUS X (MESSAGES)\r\n"
+    conn.hold_writes()
+    conn.command(b"NOOP")
+    peer.pauseProducing()
+    conn.release_writes()
+    assert not client.reading  # the back-pressure's own pause outlives the hold
+    peer.resumeProducing()
+    assert client.reading
+
+
+def test_a_held_connection_lost_lets_its_client_read_again_and_answers_what_it_held():
+    conn, peer, client = _gated()
+    conn.hold_writes()
+    status = _fired(conn.command(b"STATUS X (MESSAGES)"))
+    assert not client.reading
+    conn.transport.producer = None  # Twisted's connectionLost: the producer stopped, then forgotten
+    peer.stopProducing()
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert client.reading and status and isinstance(status[0], Failure)
+    conn.release_writes()  # the RENAME's answer, later: nothing to send, nothing to resume twice
+    assert client.reading and _sent(conn) == b""
