@@ -338,7 +338,7 @@ class BackendProtocol(Protocol):
             self._held = []
             producer = getattr(self.transport, "producer", None)
             if producer is not None:  # the client's reading: what it sends waits with the command
-                producer.pauseProducing()
+                getattr(producer, "hold", producer.pauseProducing)()  # (flow.PeerPause: a reason of its own)
         self._held_tags.append(tag)
 
     def release_writes(self) -> None:
@@ -349,7 +349,7 @@ class BackendProtocol(Protocol):
             return
         producer = getattr(self.transport, "producer", None)
         if producer is not None:
-            producer.resumeProducing()
+            getattr(producer, "unhold", producer.resumeProducing)()
         for data in held:
             self.write(data)
 

@@ -99,8 +99,17 @@ class PeerPause:
         self._gate.resume(self._reason)
 
     def stopProducing(self) -> None:
-        # The backend connection is gone: its back-pressure on the client goes with it.
+        # The backend connection is gone: its back-pressure on the client goes with it, and its hold.
         self._gate.resume(self._reason)
+        self._gate.resume((self._reason, "held"))
+
+    def hold(self) -> None:
+        """Another session's RENAME holds this connection's next command back (renamehold.py): the client
+        waits with it, for a reason of its own that the backend's buffer draining meanwhile does not lift."""
+        self._gate.pause((self._reason, "held"))
+
+    def unhold(self) -> None:
+        self._gate.resume((self._reason, "held"))
 
 
 @implementer(IPushProducer)
