@@ -159,8 +159,8 @@ def test_which_moves_across_wait_for_each_other(first, second, clash):
 
 
 def test_copies_across_do_not_wait_for_each_other_and_a_move_waits_for_them():
-    """A COPY across's reservations (transfer._copying: copy_lock names, shared) clash with a MOVE
-    across of either of its mailboxes, and with nothing of another COPY's."""
+    """A COPY across's reservations (transfer._copying: copy_lock names and its mailboxes, shared) clash
+    with a MOVE across of either of its mailboxes and a RENAME of either, and with nothing of another COPY's."""
     from referral_proxy.journal import Reservation, conflicts
     from referral_proxy.transfer import copy_reservations
 
@@ -175,8 +175,11 @@ def test_copies_across_do_not_wait_for_each_other_and_a_move_waits_for_them():
     assert clash(copy("Shared/Dest", "Other"), move_reservations("Work", "Shared/Dest", "/"))
     assert clash(copy("Work", "Archive/X"), move_reservations("Work", "Other", "/"))
     assert not clash(copy("Work", "Archive/X"), move_reservations("INBOX", "Other", "/"))
-    # a RENAME's (exclusive, subtree) reservation of the mailboxes is not in a COPY's way
-    assert not clash(copy("Shared/Dest", "Work"), [Reservation("Shared", subtree=True)])
+    # a RENAME's (exclusive, subtree) reservation of either mailbox or a parent is in a COPY's way, both
+    # ways: it renamed the destination under the COPY's MULTIAPPEND (test_rename_during_copy_across.py)
+    assert clash(copy("Shared/Dest", "Work"), [Reservation("Shared", subtree=True)])
+    assert clash(copy("Shared/Dest", "Work"), [Reservation("Work")])
+    assert not clash(copy("Shared/Dest", "Work"), [Reservation("Workshop"), Reservation("Shared/Destiny")])
 
 
 def test_a_copy_across_cut_off_by_a_kill_leaves_an_entry_recover_releases(proxy_factory, fleet):
