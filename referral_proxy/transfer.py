@@ -257,10 +257,17 @@ def copy_lock(mailbox: str, separator: str, role: str) -> str:
 
 
 def copy_reservations(src_name: str, dst_name: str, separator: str) -> list[Reservation]:
-    """What a COPY across holds while its copy lands: both copy_locks of both mailboxes, shared (a
-    MOVE across into or out of either waits; other COPYs do not)."""
+    """What a COPY across holds while its copy lands: both copy_locks of both mailboxes (a MOVE across
+    into or out of either waits; other COPYs do not), and both mailboxes, as a MOVE across does: a
+    RENAME of either (or of a parent) waits, or is refused. All shared: other commands go on.
+
+    Without the mailboxes, a RENAME on one backend ran while the COPY's MULTIAPPEND was saving: Dovecot
+    answered the COPY "NO Mailbox was deleted under us", its uidlist lock went along to the new name,
+    and the next writer there gave one UID to two messages (soak C 85057: a MOVE across into the
+    renamed mailbox failed its verification, and its recovery kept the message twice)."""
     names = {copy_lock(m, separator, role) for m in (src_name, dst_name) for role in ("into", "from")}
-    return [Reservation(name, subtree=False, shared=True) for name in sorted(names)]
+    return ([Reservation(name, subtree=False, shared=True) for name in sorted(names)]
+            + [Reservation(m, subtree=False, shared=True) for m in sorted({src_name, normalize(dst_name, separator)})])
 
 
 def move_reservations(src_name: str, dst_name: str, separator: str) -> list[Reservation]:
