@@ -64,3 +64,39 @@ def test_an_expunge_in_the_old_inbox_after_a_whole_user_move_is_not_lost_to_a_se
     else:  # refused (or the session ended first): the original stays, beside the COPY's
         assert counts["in-0@t"] == 2, (dict(where), lines)
     assert all(counts[m] == 1 for m in inbox[1:]), dict(where)
+
+
+def test_an_expunge_in_a_mailbox_another_session_renamed_across_is_refused(proxy_factory, fleet):
+    """The same after another session's RENAME across of the selected mailbox (soak C seed 85027: an OLDMOVE
+    out of INBOX/Sub/x, its COPY under way while another session RENAMEd INBOX/Sub/x to Proj on another
+    backend, then STORE and EXPUNGE answered OK by the drained old place: the message twice). The old name
+    stays routed where it was (the rules), so the map does not tell: the move that took it does."""
+    work = ids("w", 3)
+    seed(fleet["b1"], "carol", "Work", work)
+    seed(fleet["b3"], "carol", "Shared/x", [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    assert w.cmd(b"a", b"LOGIN carol secret")[-1].startswith(b"a OK")
+    assert w.cmd(b"b", b"SELECT Work")[-1].startswith(b"b OK")
+    found = w.cmd(b"c", b'UID SEARCH HEADER Message-ID "<w-0@t>"')
+    uid = int(re.search(rb"\* SEARCH (\d+)", b"".join(found)).group(1))
+    copied = w.cmd(b"d", b"UID COPY %d Shared/x" % uid)  # across: b1 -> b3
+    assert copied[-1].startswith(b"d OK"), copied
+    w.send(b"h UID SEARCH TEXT {3}\r\n")  # held: the session is under way until the literal comes
+    assert w.line().startswith(b"+"), "no continuation for the literal"
+    r = Wire(proxy.host, proxy.port, timeout=120)
+    assert r.cmd(b"a", b"LOGIN carol secret")[-1].startswith(b"a OK")
+    renamed = r.cmd(b"r", b'RENAME Work "Archive/W"')  # across: b1 -> b2 (Archive/*); "Work" stays b1's
+    assert renamed[-1].startswith(b"r OK"), renamed
+    made = r.cmd(b"n", b"CREATE Work")  # a new Work where the old one was: Dovecot's session goes on in it
+    assert made[-1].startswith(b"n OK"), made
+    w.send(b"zzz\r\ns UID STORE %d +FLAGS.SILENT (\\Deleted)\r\ne UID EXPUNGE %d\r\n" % (uid, uid))
+    answers, lines = _answers(w, [b"h", b"s", b"e"])
+    w.sock.close()
+    counts, where = census(fleet, "carol")
+    # The proxy's own refusal, not whatever Dovecot's session, stale in the new Work, says (here NO
+    # [SERVERBUG] to the STORE and OK to the EXPUNGE; in the soak OK to both)
+    assert any(line.startswith(b"s NO [INUSE]") for line in lines), lines
+    assert any(line.startswith(b"e NO [INUSE]") for line in lines), lines
+    assert counts["w-0@t"] == 2, (dict(where), lines)  # refused: the original stays, beside the COPY's
+    assert all(counts[m] == 1 for m in work[1:]), dict(where)
