@@ -39,7 +39,7 @@ from .moveview import status_during_move
 from .pool import BackendPool
 from .proxyappends import APPENDING
 from .relay import Relay
-from .relocation import seen_within
+from .relocation import held_by, renames_aside, seen_within
 from .renamecheck import refused_before
 from .routing import MailboxMap, Route
 from .staging import is_private_name
@@ -194,7 +194,19 @@ class MailboxCommands:
         such a move took it and ended before the relocation watch's BYE (soak seed 51255: an EXPUNGE then
         relayed to the drained old INBOX left the moved copy, beside the client's COPY: twice)."""
         mailbox = self.host.selected_mailbox
-        return mailbox is not None and (self.moving(mailbox) or self.selected_elsewhere(mailbox))
+        return mailbox is not None and (self.moving(mailbox) or self.selected_elsewhere(mailbox)
+                                        or self.taken_since_selected())
+
+    def taken_since_selected(self) -> bool:
+        """A mailbox move begun after this SELECT held the selected mailbox, ended or not (relocation.held_by:
+        the watch's BYE is on its way). A RENAME across leaves the old name routed where it was, so
+        selected_elsewhere does not see it: a STORE and EXPUNGE relayed there (soak C seed 85027, an
+        OLDMOVE's, both answered OK) left the moved copy beside the client's COPY: twice."""
+        mailbox_map = self.host.mailbox_map
+        if mailbox_map.moves_begun <= self.selected_since:  # nearly always: an int compared, nothing read
+            return False
+        _seen, began = mailbox_map.moves_since(self.selected_since)
+        return held_by(self.host, [m for m in began if renames_aside(m[2])], mailbox_map) is not None
 
     def selected_elsewhere(self, mailbox: bytes) -> bool:
         """The selected *mailbox* lives on another backend now than the one it is selected on: a move
