@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, faulty, judge, seed
+from movecheck import census, cli, faulty, judge, seed, wait_paused
 from test_moves import _logged_in, ids
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
@@ -247,3 +247,36 @@ def test_a_rename_of_inbox_across_shows_the_new_mailbox_from_the_commit_point(pr
     counts, where = census(fleet, "carol")
     assert judge(counts, mail + ["kid@t"]) == ([], [])
     assert {where[i][0] for i in mail} == {("b3", "Shared/In")}
+
+
+def test_a_status_of_a_renames_new_name_waits_for_its_plan(proxy_factory, fleet, tmp_path):
+    """STATUS of a RENAME across's new name while the move is at its check (step `reserved`: which names it
+    carries not journaled yet), through a second proxy. Routed by the map then, it reached the destination
+    the move made a moment later and said ``MESSAGES 0``, neither before nor after (CI, the looping test
+    above through PostgreSQL). It waits for the plan, then answers as the move shows the name."""
+    mail = _seed_work(fleet)
+    shared = {**MASTERS, "map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}}
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    moving = proxy_factory(shared, rules=RULES, command=faulty("--pause-at", "reserved:1", "--pause-dir", str(pause)))
+    other = proxy_factory(shared, rules=RULES)
+    mover, observer = _logged_in(moving), _logged_in(other)
+    answer: list = []
+    thread = threading.Thread(target=lambda: answer.append(mover.cmd(b"r", b'RENAME Work "Shared/W"')))
+    thread.start()
+    try:
+        assert wait_paused(pause, "reserved").startswith("reserved")
+        observer.cmd(b"n", b"NOOP")  # (the second proxy looks at the map: it sees the move begun)
+        observer.send(b's STATUS "Shared/W" (MESSAGES)\r\n')
+        observer.sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):  # no answer while the move's plan is not known
+            observer.line()
+    finally:
+        observer.sock.settimeout(120)
+        (pause / "resume").touch()
+        thread.join(120)
+    status = observer.until_tagged(b"s")
+    assert answer and answer[0][-1].startswith(b"r OK"), answer
+    assert status[-1].startswith(b"s NO") or status[0] == b"* STATUS Shared/W (MESSAGES 20)\r\n", status
+    counts, _where = census(fleet, "carol")
+    assert judge(counts, mail) == ([], [])
