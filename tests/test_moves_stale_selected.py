@@ -37,6 +37,21 @@ def _answers(w: Wire, tags: list[bytes]) -> tuple[dict[bytes, bytes], list[bytes
     return got, lines
 
 
+def _copied_across_and_held(proxy, mailbox: bytes, message_id: bytes) -> tuple[Wire, int]:
+    """A session selected in *mailbox* that copied *message_id* across to Shared/x (b3), then kept under
+    way by a command whose literal it holds back (the relocation watch waits for it): (session, UID)."""
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    assert w.cmd(b"a", b"LOGIN carol secret")[-1].startswith(b"a OK")
+    assert w.cmd(b"b", b"SELECT " + mailbox)[-1].startswith(b"b OK")
+    found = w.cmd(b"c", b'UID SEARCH HEADER Message-ID "<' + message_id + b'>"')
+    uid = int(re.search(rb"\* SEARCH (\d+)", b"".join(found)).group(1))
+    copied = w.cmd(b"d", b"UID COPY %d Shared/x" % uid)  # across: b1 -> b3
+    assert copied[-1].startswith(b"d OK"), copied
+    w.send(b"h UID SEARCH TEXT {3}\r\n")  # held: the session is under way until the literal comes
+    assert w.line().startswith(b"+"), "no continuation for the literal"
+    return w, uid
+
+
 @pytest.mark.parametrize("what", ["*", "INBOX"])
 def test_an_expunge_in_the_old_inbox_after_a_whole_user_move_is_not_lost_to_a_second_copy(proxy_factory, fleet,
                                                                                            what):
@@ -44,15 +59,7 @@ def test_an_expunge_in_the_old_inbox_after_a_whole_user_move_is_not_lost_to_a_se
     seed(fleet["b1"], "carol", "INBOX", inbox)
     seed(fleet["b3"], "carol", "Shared/x", [])  # the rules' place of Shared/*: no whole-user move takes it
     proxy = proxy_factory(MASTERS, rules=RULES)
-    w = Wire(proxy.host, proxy.port, timeout=120)
-    assert w.cmd(b"a", b"LOGIN carol secret")[-1].startswith(b"a OK")
-    assert w.cmd(b"b", b"SELECT INBOX")[-1].startswith(b"b OK")
-    found = w.cmd(b"c", b'UID SEARCH HEADER Message-ID "<in-0@t>"')
-    uid = int(re.search(rb"\* SEARCH (\d+)", b"".join(found)).group(1))
-    copied = w.cmd(b"d", b"UID COPY %d Shared/x" % uid)  # across: b1 -> b3
-    assert copied[-1].startswith(b"d OK"), copied
-    w.send(b"h UID SEARCH TEXT {3}\r\n")  # held: the session is under way until the literal comes
-    assert w.line().startswith(b"+"), "no continuation for the literal"
+    w, uid = _copied_across_and_held(proxy, b"INBOX", b"in-0@t")
     moved = cli("move", "--config", str(proxy.config_path), "carol", what, "b2")
     assert moved.returncode == 0, moved.stdout + moved.stderr
     w.send(b"zzz\r\ns UID STORE %d +FLAGS.SILENT (\\Deleted)\r\ne UID EXPUNGE %d\r\n" % (uid, uid))
@@ -75,15 +82,7 @@ def test_an_expunge_in_a_mailbox_another_session_renamed_across_is_refused(proxy
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b3"], "carol", "Shared/x", [])
     proxy = proxy_factory(MASTERS, rules=RULES)
-    w = Wire(proxy.host, proxy.port, timeout=120)
-    assert w.cmd(b"a", b"LOGIN carol secret")[-1].startswith(b"a OK")
-    assert w.cmd(b"b", b"SELECT Work")[-1].startswith(b"b OK")
-    found = w.cmd(b"c", b'UID SEARCH HEADER Message-ID "<w-0@t>"')
-    uid = int(re.search(rb"\* SEARCH (\d+)", b"".join(found)).group(1))
-    copied = w.cmd(b"d", b"UID COPY %d Shared/x" % uid)  # across: b1 -> b3
-    assert copied[-1].startswith(b"d OK"), copied
-    w.send(b"h UID SEARCH TEXT {3}\r\n")  # held: the session is under way until the literal comes
-    assert w.line().startswith(b"+"), "no continuation for the literal"
+    w, uid = _copied_across_and_held(proxy, b"Work", b"w-0@t")
     r = Wire(proxy.host, proxy.port, timeout=120)
     assert r.cmd(b"a", b"LOGIN carol secret")[-1].startswith(b"a OK")
     renamed = r.cmd(b"r", b'RENAME Work "Archive/W"')  # across: b1 -> b2 (Archive/*); "Work" stays b1's
