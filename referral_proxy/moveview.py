@@ -70,16 +70,19 @@ class MoveView:
 NOTHING = MoveView()
 
 
-async def move_view(mailbox_map: MailboxMap, user: str, *, subscriptions: bool = False) -> MoveView:
-    """The view of *user*'s names that mailbox moves carry now (LSUB's with *subscriptions*)."""
+async def move_view(mailbox_map: MailboxMap, user: str, *, subscriptions: bool = False,
+                    entries: list[JournalEntry] | None = None) -> MoveView:
+    """The view of *user*'s names that mailbox moves carry now (LSUB's with *subscriptions*); *entries*:
+    the journal just read by the caller (not read again)."""
     held = mailbox_map.mailbox_moves(user)
     if not held:
         return NOTHING  # no store read: the map's snapshot says no move holds anything of the user's
-    try:
-        entries = await mailbox_map.entries()
-    except StoreUnavailable as e:
-        log.warn("LIST during a move: the journal is unreachable ({why}); names shown as routed", why=str(e))
-        return NOTHING
+    if entries is None:
+        try:
+            entries = await mailbox_map.entries()
+        except StoreUnavailable as e:
+            log.warn("LIST during a move: the journal is unreachable ({why}); names shown as routed", why=str(e))
+            return NOTHING
     shown: dict[str, str] = {}
     for entry in entries:
         if entry.id in held and entry.op == "move" and entry.step is not None:
@@ -112,17 +115,22 @@ async def _planned_view(host: Any, name: str) -> MoveView:
     destination just made, empty: ``MESSAGES 0``, neither before (no such mailbox) nor after (CI, the
     looping client of test_list_during_moves through a second proxy). Past PLAN_WAIT: as routed."""
     mailbox_map, waited = host.mailbox_map, 0.0
+    entries = None  # the journal as last read here: move_view need not read it again
     while waited < PLAN_WAIT:
         held = mailbox_map.mailbox_moves(host.user, name)
-        try:
-            unplanned = bool(held) and any(e.id in held and e.step is Step.RESERVED for e in await mailbox_map.entries())
-        except StoreUnavailable:
+        if not held:
             break
-        if not unplanned:
+        try:
+            entries = await mailbox_map.entries()
+        except StoreUnavailable:
+            entries = None
+            break
+        if not any(e.id in held and e.step is Step.RESERVED for e in entries):
             break
         await task.deferLater(host.ctx.reactor, _PLAN_POLL, lambda: None)
         waited += _PLAN_POLL
-    return await move_view(mailbox_map, host.user)
+        entries = None
+    return await move_view(mailbox_map, host.user, entries=entries)
 
 
 def status_during_move(host: Any, cmd: Command) -> bool:
