@@ -165,6 +165,18 @@ def probe(proxy, box: str) -> float | str:
 
 @pytest.mark.parametrize("op", list(OPS))
 def test_a_rename_leaves_no_live_lock_of_another_sessions_command(proxy_factory, fleet, op):
+    _race_rounds(proxy_factory, fleet, op)
+
+
+@pytest.mark.parametrize("op", ["status", "select"])
+def test_a_rename_at_another_proxy_leaves_no_live_lock(proxy_factory, fleet, op, pg_dsn):
+    """A through one proxy, B's RENAME through another on the same PostgreSQL map: the other proxy
+    holds its sessions' commands there while the RENAME runs (proxyappends.py, renamehold.py)."""
+    _race_rounds(proxy_factory, fleet, op, pg_dsn)
+
+
+def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None) -> None:
+    """The rounds of the module's docstring; with *dsn*, B on a second proxy sharing that map."""
     began = time.monotonic()
     backend = fleet["b1"]
     mail = Maildir(backend)
@@ -172,11 +184,15 @@ def test_a_rename_leaves_no_live_lock_of_another_sessions_command(proxy_factory,
     name = op.replace("-", "")  # mailboxes named after the op: statusX0, statusY0, ...
     # every mailbox of the user on b1: the RENAME is one backend's; more sessions of one user than
     # the default limits let log in at once (every A stays connected while the probes log in)
-    proxy = proxy_factory(rules=[{"user": USER, "mailbox": "*", "backend": "b1"}],
+    config = None if dsn is None else {"map": {"store": dsn}}
+    proxy = proxy_factory(config, rules=[{"user": USER, "mailbox": "*", "backend": "b1"}],
                           max_connections_per_user=200, max_unauthenticated_per_ip=100)
+    renaming = proxy if dsn is None else proxy_factory(
+        config, rules=[{"user": USER, "mailbox": "*", "backend": "b1"}],
+        max_connections_per_user=200, max_unauthenticated_per_ip=100)
     ctl = Wire(backend.host, backend.port, timeout=60)  # straight to the backend: the setup
     ctl.login(USER, backend.password(USER))
-    b = Wire(proxy.host, proxy.port, timeout=200)
+    b = Wire(renaming.host, renaming.port, timeout=200)
     b.login(USER)
     keep: list[Wire] = []  # every A stays connected: its imap process lives on
 
