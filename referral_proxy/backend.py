@@ -106,9 +106,10 @@ class BackendProtocol(Protocol):
         self.reuse_key: Any = None  # keepalive.ReuseKey: how it logged in, for a session's connection
         self.clock: Any = None  # the reactor (open_connection): bounded internal commands (stall.py)
         self.stalled = False  # cut by stall.py: owed an answer, sent nothing for answer_timeout
-        self._holding = False  # another session's RENAME holds it back (renamehold.py) from the next command:
+        self._holding = 0  # RENAMEs (here or at another proxy) holding it back (renamehold.py) from the next command:
         self._held: list[bytes] | None = None  # ... what was written since, and the tags of those commands
         self._held_tags: list[bytes] = []
+        self.renaming = 0  # a RENAME of this process runs here: another proxy's RENAME does not hold it
 
     # -- Twisted ------------------------------------------------------------
 
@@ -330,8 +331,9 @@ class BackendProtocol(Protocol):
 
     def hold_writes(self) -> None:
         """Hold back the next command begun here, and all written after it, until release_writes
-        (what is written for the commands in flight, a literal's rest, a DONE, goes on)."""
-        self._holding = True
+        (what is written for the commands in flight, a literal's rest, a DONE, goes on). Counted: two
+        RENAMEs may hold one connection; it goes on once both let go."""
+        self._holding += 1
 
     def _hold(self, tag: bytes) -> None:
         if self._held is None:
@@ -342,8 +344,10 @@ class BackendProtocol(Protocol):
         self._held_tags.append(tag)
 
     def release_writes(self) -> None:
-        """What was held back goes out, in order."""
-        self._holding = False
+        """What was held back goes out, in order (once every hold has let go)."""
+        self._holding = max(0, self._holding - 1)
+        if self._holding:
+            return
         held, self._held, self._held_tags = self._held, None, []
         if held is None or self.closed:
             return
@@ -362,7 +366,7 @@ class BackendProtocol(Protocol):
 
     def held_back(self, tag: bytes | None) -> bool:
         """The command *tag* is held back (None: one not begun yet would be)."""
-        return self._holding and (tag is None or tag in self._held_tags)
+        return bool(self._holding) and (tag is None or tag in self._held_tags)
 
     def command(self, text: bytes, *, on_continuation: Callable[[bytes], None] | None = None,
                 bounded: bool = False, then: Sequence[bytes] = ()) -> defer.Deferred[Tagged]:

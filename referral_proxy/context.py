@@ -50,6 +50,7 @@ class ProxyContext:
     worker_turns: FileTurns | None = None  # the same between the workers of one master (crossturns.py)
     proxy_turns: Any = None  # ... and between the proxies on one PostgreSQL map (pgturns.PgTurns)
     rename_holds: dict[tuple[str, str], RenameHold] = field(default_factory=dict)  # renamehold.py
+    remote_holds: dict[tuple[str, str], list[RenameHold]] = field(default_factory=dict)  # (another proxy's RENAME)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:

@@ -65,7 +65,18 @@ async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol,
     Refused before anything changes if a child would get a name the map sends to
     another backend (Dovecot renames children along: it would become unreachable), or if
     a child lives on another backend (found over *others*: it would keep its old name). Names
-    held for a moment (another's check) are waited for over *clock* (holds.py)."""
+    held for a moment (another's check) are waited for over *clock* (holds.py). Another proxy's
+    RENAME does not hold *conn* back meanwhile (renamehold.hold_for_another): from before this one's
+    entry exists, so that of two proxies renaming at once, one always goes on."""
+    conn.renaming += 1
+    try:
+        return await _rename_here(mailbox_map, user, conn, old, new, others, clock, quiet)
+    finally:
+        conn.renaming -= 1
+
+
+async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,
+                       others: Connect, clock: Any, quiet: Callable[[], Awaitable[Release]] | None) -> LocalRename:
     sep = mailbox_map.separator
     inbox = normalize(old, sep) == "INBOX"
     reservations = [Reservation(old, subtree=not inbox), Reservation(new)]

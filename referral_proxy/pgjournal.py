@@ -5,6 +5,8 @@ checks the owner (and the seq the delta follows) and renews the lease, in one tr
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from typing import Any
 
 import psycopg
@@ -12,7 +14,7 @@ import psycopg
 from .journal import Step
 from .journalrows import stored_step
 
-__all__ = ["write_step_row", "read_journal"]
+__all__ = ["write_step_row", "read_journal", "local_renames"]
 
 
 def write_step_row(conn: psycopg.Connection[Any], entry_id: int, step: Step, owner: str | None, lease: float,
@@ -40,3 +42,12 @@ def read_journal(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], 
     entries = conn.execute("SELECT id, username, op, data, step, created, owner, coalesce(lease_until < now(), false)"
                            " FROM journal ORDER BY id").fetchall()
     return entries, conn.execute("SELECT entry, whole, delta FROM journal_steps ORDER BY entry, seq").fetchall()
+
+
+def local_renames(conn: psycopg.Connection[Any], ids: Collection[int], mine: str) -> dict[int, str]:
+    """Of the entries *ids*, the RENAMEs on one backend (``rename-local``) of another process than
+    *mine* (an owner, journal.process_owner): each one's backend."""
+    rows = conn.execute("SELECT id, data FROM journal WHERE op = 'rename-local' AND id = ANY(%s)"
+                        " AND owner IS DISTINCT FROM %s", (list(ids), mine)).fetchall()
+    found = {int(i): json.loads(data).get("backend") for i, data in rows}
+    return {i: backend for i, backend in found.items() if isinstance(backend, str)}

@@ -57,7 +57,7 @@ from .journal import (
     process_owner,
 )
 from .journalrows import Deltas, by_entry, read_step, rebuild, write_step
-from .pgjournal import read_journal, write_step_row
+from .pgjournal import local_renames, read_journal, write_step_row
 from .pgschema import SCHEMA, check_schema, schema_version
 from .store import SCHEMA_VERSION, SchemaError, Snapshot, TransferCounts
 from .storethreads import StorePool
@@ -184,7 +184,7 @@ class PostgresStore:
         self.on_availability: Callable[[bool], None] | None = None  # called in the reactor thread
         # proxyappends.confirmer: called in the reactor thread with a change that brought journal entries
         # new to this listener; the listener says it has read that change only once confirm() is called
-        self.on_new_entries: Callable[[int, list[tuple[int, str, Reservation]]], None] | None = None
+        self.on_new_entries: Callable[[int, list[tuple[int, str, Reservation]], dict[int, str]], None] | None = None
         self._known: set[int] | None = None  # the entries the listener has read (None: nothing read yet)
         # changes read, not said read in `listeners` until confirmed: (the change said read before, since when)
         self._unconfirmed: dict[int, tuple[int, float]] = {}
@@ -252,8 +252,9 @@ class PostgresStore:
             with self._lock:  # (a burst read at once: the entry began after the change read before, not at *change*)
                 self._unconfirmed[change] = (self._seen, time.monotonic())
         self._publish(change, snapshot)  # (before the hook: an APPEND begun from now on meets the reservation)
-        if new and hook is not None:
-            self._reactor.callFromThread(hook, change, new)
+        if new and hook is not None:  # (with the RENAMEs on one backend among them: renamehold.hold_for_another)
+            mine = self._id.rpartition("/")[0]  # (this process's own RENAME holds its sessions itself)
+            self._reactor.callFromThread(hook, change, new, local_renames(conn, [e for e, _u, _r in new], mine))
         self._beat(conn)
 
     def _said_seen(self) -> int:

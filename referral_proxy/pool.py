@@ -89,6 +89,8 @@ class BackendPool:
         holds = self.ctx.rename_holds
         if holds and (hold := holds.get((conn.name, self.user))) is not None:  # a RENAME there waits (renamehold.py)
             hold.add(conn)
+        for hold in getattr(self.ctx, "remote_holds", {}).get((conn.name, self.user), ()):  # ... one at another proxy
+            hold.add(conn)
 
     def ready(self, name: str) -> BackendProtocol | None:
         """The open connection to *name*, if there is one."""

@@ -17,11 +17,15 @@ whose client stopped mid-literal: the RENAME gave up before, NO [INUSE] holding 
 RENAME on one backend (localrename.py) waits, after its reservation, until every live proxy has
 confirmed, at most RENAME_WAIT seconds, then is refused NO [INUSE]. A proxy cut from the
 database stops beating and is not waited for (pgstore.LIVE_SECONDS): nobody hangs on it.
+
+Before confirming a RENAME on one backend of another process, a proxy also holds its own sessions'
+connections of that user to that backend (renamehold.hold_for_another) until that entry ends:
+Dovecot's RENAME would carry along a uidlist lock one of their commands holds (renamehold.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet import defer, task
@@ -29,7 +33,9 @@ from twisted.logger import Logger
 
 from .appendturns import APPEND_WAIT
 from .journal import Reservation, covers
+from .renamehold import REMOTE_HOLD, hold_for_another
 from .routing import normalize
+from .turns import Release
 
 __all__ = ["APPENDING", "CONFIRM_WAIT", "RENAME_WAIT", "POLL", "confirmer", "others_confirmed"]
 
@@ -72,9 +78,14 @@ def _still_held(ctx: Any, entries: Entries) -> bool:
     return any(ids & ctx.mailbox_map.holders(u, [Reservation(None)]) for u in users)
 
 
-async def _confirm(ctx: Any, store: Any, change: int, entries: Entries) -> None:
+async def _confirm(ctx: Any, store: Any, change: int, entries: Entries, renames: Mapping[int, str]) -> None:
     waited = 0.0
+    holds: list[tuple[Entries, Release]] = []
     try:
+        for entry_id, backend in renames.items():  # another proxy's RENAME on one backend (renamehold.py)
+            mine = [e for e in entries if e[0] == entry_id]
+            if mine:
+                holds.append((mine, await hold_for_another(ctx, backend, mine[0][1])))
         while waited < CONFIRM_WAIT and _under_way(ctx, entries) and _still_held(ctx, entries):
             await task.deferLater(ctx.reactor, POLL, lambda: None)
             waited += POLL
@@ -83,13 +94,30 @@ async def _confirm(ctx: Any, store: Any, change: int, entries: Entries) -> None:
             log.info("map change {c} confirmed after {w:.3f} s of APPENDs under way to its new entries' names",
                      c=change, w=waited)
         store.confirm(change)
+    for held, release in holds:
+        defer.ensureDeferred(_release_once_ended(ctx, held, release))
 
 
-def confirmer(ctx: Any, store: Any) -> Callable[[int, Entries], None]:
-    """The hook pgstore's listener calls (in the reactor) with a change that brought new entries."""
+async def _release_once_ended(ctx: Any, entries: Entries, release: Release) -> None:
+    """Hold until the other proxy's RENAME entry ends (at most REMOTE_HOLD), then let go."""
+    try:
+        began = ctx.reactor.seconds()
+        while _still_held(ctx, entries):
+            if ctx.reactor.seconds() - began >= REMOTE_HOLD:
+                log.warn("another proxy's RENAME (journal entry {e}) not over after {s} s; its user's sessions "
+                         "here go on", e=entries[0][0], s=REMOTE_HOLD)
+                break
+            await task.deferLater(ctx.reactor, POLL, lambda: None)
+    finally:
+        release()
 
-    def new_entries(change: int, entries: Entries) -> None:
-        d = defer.ensureDeferred(_confirm(ctx, store, change, entries))
+
+def confirmer(ctx: Any, store: Any) -> Callable[[int, Entries, Mapping[int, str]], None]:
+    """The hook pgstore's listener calls (in the reactor) with a change that brought new entries, and
+    which of them are RENAMEs on one backend (entry id: that backend)."""
+
+    def new_entries(change: int, entries: Entries, renames: Mapping[int, str] | None = None) -> None:
+        d = defer.ensureDeferred(_confirm(ctx, store, change, entries, renames or {}))
         d.addErrback(lambda f: log.failure("confirming change {c}", f, c=change))
 
     return new_entries

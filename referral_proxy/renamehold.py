@@ -14,12 +14,18 @@ wait, its client's reading paused), then waits for the commands they have in fli
 IDLE is not waited for, nothing else runs beside it), and lets them go once it is answered. One
 RENAME of a user on a backend holds at a time: two would hold each other's RENAME back.
 
-Sessions of other workers or other proxies on one PostgreSQL map are not seen: there the race remains
-(docs/design.md, hierarchy).
+Between proxies (or workers) on one PostgreSQL map, each other proxy's listener reads the RENAME's
+journal entry (``rename-local``) as it begins and, before it says so (proxyappends.py: the RENAME waits
+for every proxy's word), holds its own sessions' connections of that user to that backend the same way
+(:func:`hold_for_another`, at most REMOTE_QUIET for their commands in flight) until the entry ends
+(at most REMOTE_HOLD). A connection a RENAME of that proxy runs on is passed by (two proxies renaming
+at once would hold each other's); a connection two RENAMEs hold goes on when both let go. Workers on
+one SQLite map are not seen: there the race remains (docs/design.md, hierarchy).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +34,19 @@ from twisted.logger import Logger
 
 from .turns import Release
 
-__all__ = ["QUIET_WAIT", "POLL", "RenameHold", "hold_others"]
+__all__ = ["QUIET_WAIT", "REMOTE_QUIET", "REMOTE_HOLD", "POLL", "RenameHold", "hold_others", "hold_for_another"]
 
 log = Logger()
 
 #: Seconds a RENAME waits for the other sessions' commands in flight before it goes on regardless.
 QUIET_WAIT = 10.0
 POLL = 0.005  # seconds between looks at what is still in flight
+#: Seconds a hold for another proxy's RENAME waits for commands in flight before that proxy is told it
+#: may go on (below proxyappends.RENAME_WAIT, after which that RENAME is refused).
+REMOTE_QUIET = 3.0
+#: Seconds at most a hold for another proxy's RENAME lasts (that proxy died mid-RENAME: its entry stays
+#: until recovery; the RENAME itself takes milliseconds).
+REMOTE_HOLD = 10.0
 
 
 @dataclass
@@ -69,6 +81,38 @@ async def hold_others(ctx: Any, backend: str, user: str, own: Any = None) -> Rel
     # One at a time: two holding each other's RENAME back would wait for ever (soak C 80001: 420 s).
     turn = await ctx.move_turns.take(("HOLD", backend, user))
     hold = holds[key] = RenameHold()
+
+    def forget() -> None:
+        if holds.get(key) is hold:
+            del holds[key]
+        turn()
+
+    return await _quiet(ctx, hold, backend, user, lambda conn: conn is own, QUIET_WAIT, forget)
+
+
+async def hold_for_another(ctx: Any, backend: str, user: str) -> Release:
+    """Another proxy's RENAME on *backend* for *user* (its entry read by this one's listener,
+    proxyappends.py): hold back this process's sessions' connections there (not one a RENAME of this
+    process runs on: two proxies renaming would hold each other's) once their commands in flight are
+    answered (or REMOTE_QUIET passed: that RENAME is refused if not confirmed in time)."""
+    if not _sessions(ctx, user):
+        return _nothing
+    key = (backend, user)
+    hold = RenameHold()
+    ctx.remote_holds.setdefault(key, []).append(hold)
+
+    def forget() -> None:
+        held = ctx.remote_holds.get(key, [])
+        if hold in held:
+            held.remove(hold)
+        if not held:
+            ctx.remote_holds.pop(key, None)
+
+    return await _quiet(ctx, hold, backend, user, lambda conn: conn.renaming > 0, REMOTE_QUIET, forget)
+
+
+async def _quiet(ctx: Any, hold: RenameHold, backend: str, user: str, exempt: Callable[[Any], bool],
+                 wait: float, forget: Callable[[], None]) -> Release:
     released = False
 
     def release() -> None:
@@ -76,22 +120,20 @@ async def hold_others(ctx: Any, backend: str, user: str, own: Any = None) -> Rel
         if released:
             return
         released = True
-        if holds.get(key) is hold:
-            del holds[key]
+        forget()
         for conn in hold.conns:
             conn.release_writes()
-        turn()
 
     waits: list[tuple[Any, frozenset[bytes]]] = []
     for session in _sessions(ctx, user):
         conn = session.pool.conns.get(backend)
-        if conn is None or conn is own or conn.closed:
+        if conn is None or conn.closed or exempt(conn):
             continue
         hold.add(conn)
         if not _idling_on(session, conn):
             waits.append((conn, conn.tags_in_flight()))
     # (a held command's own answer_timeout runs meanwhile: stall.py must not cut it for the wait)
-    limit = min([QUIET_WAIT] + [c.config.answer_timeout / 2 for c in hold.conns if c.config.answer_timeout])
+    limit = min([wait] + [c.config.answer_timeout / 2 for c in hold.conns if c.config.answer_timeout])
     try:
         began = ctx.reactor.seconds()
         while any(not conn.closed and conn.still_in_flight(tags) for conn, tags in waits):

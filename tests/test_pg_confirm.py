@@ -41,13 +41,15 @@ async def _pause():
 
 def test_a_reservation_is_confirmed_only_once_the_other_proxy_says_so(pg_dsn):
     heard = []
-    a, b = _stores(pg_dsn, lambda change, entries: heard.append((change, entries)))
+    a, b = _stores(pg_dsn, lambda change, entries, renames: heard.append((change, entries, renames)))
     try:
-        now(a.begin_move("carol", "rename-local", [Reservation("A/B"), Reservation("C")], {}, FAR, "/"))
+        entry = now(a.begin_move("carol", "rename-local", [Reservation("A/B"), Reservation("C")], {"backend": "b2"},
+                                 FAR, "/"))
         assert not now(a.confirmed(1.0))  # b read it (its hook was called), b did not confirm
         _until(lambda: heard)
-        (change, entries), = heard
+        (change, entries, renames), = heard
         assert sorted(r.name for _e, _u, r in entries) == ["A/B", "C"] and {u for _e, u, _r in entries} == {"carol"}
+        assert renames == {entry: "b2"}  # a RENAME on one backend: b holds its sessions there (renamehold.py)
         b.confirm(change)
         assert now(a.confirmed(10.0))
         now(a.set("carol", "X", ("b2",)))  # a later change, no new entry: read and said at once
@@ -59,7 +61,7 @@ def test_a_reservation_is_confirmed_only_once_the_other_proxy_says_so(pg_dsn):
 
 def test_a_shared_reservation_or_a_proxy_without_the_hook_is_not_waited_for(pg_dsn):
     heard = []
-    a, b = _stores(pg_dsn, lambda change, entries: heard.append(change))
+    a, b = _stores(pg_dsn, lambda change, entries, renames: heard.append(change))
     try:
         now(a.begin_move("carol", "move", [Reservation("A", subtree=False, shared=True)], {}, FAR, "/"))
         assert now(a.confirmed(5.0)) and not heard  # a cross-server MOVE's pins hold no APPEND back

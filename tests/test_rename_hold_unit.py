@@ -18,7 +18,7 @@ from referral_proxy.backend import BackendProtocol
 from referral_proxy.config import BackendConfig
 from referral_proxy.flow import PeerPause, ReadGate
 from referral_proxy.journal import Reservation
-from referral_proxy.renamehold import QUIET_WAIT, hold_others
+from referral_proxy.renamehold import QUIET_WAIT, REMOTE_HOLD, REMOTE_QUIET, hold_for_another, hold_others
 from referral_proxy.turns import Turns
 
 
@@ -89,7 +89,7 @@ def _session(user: str, conns: dict[str, BackendProtocol], idling: BackendProtoc
 
 
 def _ctx(clock: Clock, *sessions: SimpleNamespace) -> SimpleNamespace:
-    return SimpleNamespace(reactor=clock, sessions=list(sessions), rename_holds={}, move_turns=Turns())
+    return SimpleNamespace(reactor=clock, sessions=list(sessions), rename_holds={}, remote_holds={}, move_turns=Turns())
 
 
 def _fired(d: defer.Deferred) -> list:
@@ -285,3 +285,66 @@ def test_a_held_connection_lost_lets_its_client_read_again_and_answers_what_it_h
     assert client.reading and status and isinstance(status[0], Failure)
     conn.release_writes()  # the RENAME's answer, later: nothing to send, nothing to resume twice
     assert client.reading and _sent(conn) == b""
+
+
+def test_two_holds_on_one_connection_let_it_go_only_once_both_have():
+    """A RENAME here and another proxy's both hold one connection: the first to end must not let go."""
+    conn, producer = _backend()
+    conn.hold_writes()
+    conn.hold_writes()
+    conn.command(b"STATUS X (MESSAGES)")
+    conn.release_writes()
+    assert _sent(conn) == b"" and producer.paused == 1 and conn.held_back(None)
+    conn.release_writes()
+    assert _sent(conn) == b"rp1 STATUS X (MESSAGES)\r\n" and producer.paused == 0 and not conn.held_back(None)
+
+
+def test_another_proxys_rename_holds_every_session_there_but_one_renaming_here():
+    """Two proxies renaming at once for one user on one backend would each hold the connection the
+    other's RENAME goes on (its checks, then the RENAME): the one a RENAME of this process runs on is
+    passed by; what the others have in flight is waited for REMOTE_QUIET at most."""
+    clock = Clock()
+    renaming, _ = _backend()
+    renaming.renaming = 1
+    busy, _ = _backend()
+    busy.command(b"FETCH 1:* BODY.PEEK[]")
+    _sent(busy)
+    ctx = _ctx(clock, _session("carol", {"b1": renaming}), _session("carol", {"b1": busy}))
+    held = _fired(defer.ensureDeferred(hold_for_another(ctx, "b1", "carol")))
+    assert ctx.remote_holds[("b1", "carol")][0].conns == {busy}
+    renaming.command(b"LIST \"\" \"X/*\"")
+    assert _sent(renaming).endswith(b"X/*\"\r\n")  # this process's own RENAME goes on
+    clock.advance(REMOTE_QUIET - 0.5)
+    assert not held
+    clock.advance(1)
+    assert held and callable(held[0])  # the FETCH still in flight: the other proxy may go on now
+    busy.command(b"NOOP")
+    assert _sent(busy) == b""
+    held[0]()
+    assert _sent(busy) == b"rp2 NOOP\r\n" and ctx.remote_holds == {}
+
+
+def test_a_hold_for_another_proxy_ends_with_its_entry_or_after_remote_hold():
+    clock = Clock()
+    conn, _ = _backend()
+    holders = {7}
+    mailbox_map = SimpleNamespace(holders=lambda user, reservations: set(holders), separator="/")
+    ctx = _ctx(clock, _session("carol", {"b1": conn}))
+    ctx.mailbox_map = mailbox_map
+    confirmed: list[int] = []
+    store = SimpleNamespace(confirm=confirmed.append)
+    entries = [(7, "carol", Reservation("X"))]
+    proxyappends.confirmer(ctx, store)(41, entries, {7: "b1"})
+    clock.advance(renamehold.POLL)
+    assert confirmed == [41] and conn.held_back(None)  # said read, and held while the entry lasts
+    clock.advance(1)
+    assert conn.held_back(None)
+    holders.clear()  # the other proxy's RENAME ended
+    clock.advance(renamehold.POLL)
+    assert not conn.held_back(None) and ctx.remote_holds == {}
+    holders.add(8)
+    proxyappends.confirmer(ctx, store)(42, [(8, "carol", Reservation("Y"))], {8: "b1"})
+    clock.advance(renamehold.POLL)
+    assert confirmed == [41, 42] and conn.held_back(None)
+    clock.advance(REMOTE_HOLD + 1)  # that proxy died mid-RENAME: its entry waits for recovery; not us
+    assert not conn.held_back(None)

@@ -5,6 +5,8 @@ then names that session's imap process, which lives on, and Dovecot never overri
 is alive: every sync of Y that must lock its uidlist (new mail in it) waits ~122 s and fails
 (tests/dovecot_stale_lock_rename.py, direct; docs/design.md, "Not ordered, known and not mended").
 The RENAME should wait until the user's other sessions have no command in flight on that backend.
+Also with B's RENAME through another proxy on the same PostgreSQL map (status and select): before
+renamehold.hold_for_another, 10 of 16 STATUS rounds left the lock STALE there (their EXAMINE blocked).
 
 Per round, as that script's run_race: X{i} made straight on the backend (Op.synced messages, their
 UIDs assigned), Op.new more dropped as files in its new/ just before; A, a new session through the
