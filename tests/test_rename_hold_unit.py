@@ -348,3 +348,27 @@ def test_a_hold_for_another_proxy_ends_with_its_entry_or_after_remote_hold():
     assert confirmed == [41, 42] and conn.held_back(None)
     clock.advance(REMOTE_HOLD + 1)  # that proxy died mid-RENAME: its entry waits for recovery; not us
     assert not conn.held_back(None)
+
+
+def test_a_hold_taken_before_another_one_failed_is_still_let_go(monkeypatch):
+    """Two RENAMEs of other proxies in one change, the second hold failing: the first is not kept for ever."""
+    clock = Clock()
+    conn, _ = _backend()
+    ctx = _ctx(clock, _session("carol", {"b1": conn}))
+    ctx.mailbox_map = SimpleNamespace(holders=lambda user, reservations: set(), separator="/")
+    real = proxyappends.hold_for_another
+    calls = []
+
+    async def flaky(ctx, backend, user):
+        calls.append(backend)
+        if len(calls) == 2:
+            raise RuntimeError("the second hold fails")
+        return await real(ctx, backend, user)
+
+    monkeypatch.setattr(proxyappends, "hold_for_another", flaky)
+    confirmed: list[int] = []
+    entries = [(7, "carol", Reservation("X")), (8, "carol", Reservation("Y"))]
+    proxyappends.confirmer(ctx, SimpleNamespace(confirm=confirmed.append))(5, entries, {7: "b1", 8: "b1"})
+    assert calls == ["b1", "b1"] and confirmed == [5]
+    clock.advance(renamehold.POLL)
+    assert not conn.held_back(None) and ctx.remote_holds == {}
