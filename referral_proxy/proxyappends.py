@@ -94,8 +94,9 @@ async def _confirm(ctx: Any, store: Any, change: int, entries: Entries, renames:
             log.info("map change {c} confirmed after {w:.3f} s of APPENDs under way to its new entries' names",
                      c=change, w=waited)
         store.confirm(change)
-    for held, release in holds:
-        defer.ensureDeferred(_release_once_ended(ctx, held, release))
+        for held, release in holds:  # (also those taken before a failure: never held for ever)
+            d = defer.ensureDeferred(_release_once_ended(ctx, held, release))
+            d.addErrback(lambda f: log.failure("letting go of a hold for another proxy's RENAME", f))
 
 
 async def _release_once_ended(ctx: Any, entries: Entries, release: Release) -> None:
