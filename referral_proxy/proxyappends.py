@@ -117,8 +117,8 @@ def confirmer(ctx: Any, store: Any) -> Callable[[int, Entries, Mapping[int, str]
     """The hook pgstore's listener calls (in the reactor) with a change that brought new entries, and
     which of them are RENAMEs on one backend (entry id: that backend)."""
 
-    def new_entries(change: int, entries: Entries, renames: Mapping[int, str] | None = None) -> None:
-        d = defer.ensureDeferred(_confirm(ctx, store, change, entries, renames or {}))
+    def new_entries(change: int, entries: Entries, renames: Mapping[int, str]) -> None:
+        d = defer.ensureDeferred(_confirm(ctx, store, change, entries, renames))
         d.addErrback(lambda f: log.failure("confirming change {c}", f, c=change))
 
     return new_entries
