@@ -6,7 +6,8 @@ is alive: every sync of Y that must lock its uidlist (new mail in it) waits ~122
 (tests/dovecot_stale_lock_rename.py, direct; docs/design.md, "Not ordered, known and not mended").
 The RENAME should wait until the user's other sessions have no command in flight on that backend.
 Also with B's RENAME through another proxy on the same PostgreSQL map (status and select): before
-renamehold.hold_for_another, 10 of 16 STATUS rounds left the lock STALE there (their EXAMINE blocked).
+renamehold.hold_for_another, 10 of 16 STATUS rounds left the lock STALE there (their EXAMINE blocked);
+and with A and B on the two workers of one master on a SQLite map (workerholds.py).
 
 Per round, as that script's run_race: X{i} made straight on the backend (Op.synced messages, their
 UIDs assigned), Op.new more dropped as files in its new/ just before; A, a new session through the
@@ -50,7 +51,9 @@ from pathlib import Path
 
 import pytest
 from dovecot_stale_lock_rename import alive
-from imapwire import Wire
+from imapwire import Wire, wait_for
+from test_workers import holder as worker_of
+from test_workers import workers_of
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -177,8 +180,16 @@ def test_a_rename_at_another_proxy_leaves_no_live_lock(proxy_factory, fleet, op,
     _race_rounds(proxy_factory, fleet, op, pg_dsn)
 
 
-def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None) -> None:
-    """The rounds of the module's docstring; with *dsn*, B on a second proxy sharing that map."""
+@pytest.mark.parametrize("op", ["status", "select"])
+def test_a_rename_at_another_worker_leaves_no_live_lock(proxy_factory, fleet, op):
+    """A on one worker of a master, B's RENAME on the other ([proxy] workers = 2, a SQLite map): the
+    master relays the RENAME's hold to the other worker (workerholds.py)."""
+    _race_rounds(proxy_factory, fleet, op, workers=2)
+
+
+def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None, workers: int = 1) -> None:
+    """The rounds of the module's docstring; with *dsn*, B on a second proxy sharing that map; with
+    *workers*, A and B on two different workers of one proxy."""
     began = time.monotonic()
     backend = fleet["b1"]
     mail = Maildir(backend)
@@ -188,14 +199,20 @@ def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None) -> None:
     # the default limits let log in at once (every A stays connected while the probes log in)
     config = None if dsn is None else {"map": {"store": dsn}}
     proxy = proxy_factory(config, rules=[{"user": USER, "mailbox": "*", "backend": "b1"}],
-                          max_connections_per_user=200, max_unauthenticated_per_ip=100)
+                          max_connections_per_user=200, max_unauthenticated_per_ip=100,
+                          **({"workers": workers} if workers > 1 else {}))
     renaming = proxy if dsn is None else proxy_factory(
         config, rules=[{"user": USER, "mailbox": "*", "backend": "b1"}],
         max_connections_per_user=200, max_unauthenticated_per_ip=100)
     ctl = Wire(backend.host, backend.port, timeout=60)  # straight to the backend: the setup
     ctl.login(USER, backend.password(USER))
+    pids: list[int] = []
+    if workers > 1:
+        pids = [p.pid for p in wait_for(lambda: len(workers_of(proxy.pid)) == workers and workers_of(proxy.pid),
+                                        f"{workers} workers")]
     b = Wire(renaming.host, renaming.port, timeout=200)
     b.login(USER)
+    b_worker = worker_of(pids, b) if pids else None
     keep: list[Wire] = []  # every A stays connected: its imap process lives on
 
     def uids(box: str) -> None:  # the messages in *box*'s new/ get their UIDs
@@ -212,9 +229,15 @@ def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None) -> None:
     def session_a() -> tuple[Wire, int | None]:
         """A new session through the proxy selected INBOX, and its imap process on b1."""
         before = set(backend.sessions(USER))
-        a = Wire(proxy.host, proxy.port, timeout=200)
+        for _ in range(100):  # with workers, on another worker than B's
+            a = Wire(proxy.host, proxy.port, timeout=200)
+            a.login(USER)
+            if not pids or worker_of(pids, a) not in (b_worker, None):
+                break
+            a.close()
+        else:
+            raise AssertionError(f"no connection landed on a worker other than B's {b_worker} of {pids}")
         keep.append(a)
-        a.login(USER)
         assert a.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
         new = set(backend.sessions(USER)) - before
         return a, (new.pop() if len(new) == 1 else None)
