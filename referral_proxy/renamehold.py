@@ -19,8 +19,8 @@ journal entry (``rename-local``) as it begins and, before it says so (proxyappen
 for every proxy's word), holds its own sessions' connections of that user to that backend the same way
 (:func:`hold_for_another`, at most REMOTE_QUIET for their commands in flight) until the entry ends
 (at most REMOTE_HOLD). A connection a RENAME of that proxy runs on is passed by (two proxies renaming
-at once would hold each other's); a connection two RENAMEs hold goes on when both let go. Workers on
-one SQLite map are not seen: there the race remains (docs/design.md, hierarchy).
+at once would hold each other's); a connection two RENAMEs hold goes on when both let go. The workers
+of one master are asked through it (workerholds.py), on any map store.
 """
 
 from __future__ import annotations
@@ -73,7 +73,26 @@ def _idling_on(session: Any, conn: Any) -> bool:
 
 async def hold_others(ctx: Any, backend: str, user: str, own: Any = None) -> Release:
     """Hold back the connections to *backend* of *user*'s sessions in *ctx* (but *own*, the one the
-    RENAME goes on), once the commands they have in flight are answered (or QUIET_WAIT passed)."""
+    RENAME goes on), once the commands they have in flight are answered (or QUIET_WAIT passed);
+    then, in a worker, those of the other workers of its master (workerholds.py)."""
+    mine = await _hold_here(ctx, backend, user, own)
+    workers = getattr(ctx, "worker_holds", None)
+    if workers is None:
+        return mine
+    try:
+        theirs = await workers.hold(backend, user)
+    except BaseException:
+        mine()
+        raise
+
+    def release() -> None:
+        theirs()
+        mine()
+
+    return release
+
+
+async def _hold_here(ctx: Any, backend: str, user: str, own: Any) -> Release:
     holds: dict[tuple[str, str], RenameHold] | None = getattr(ctx, "rename_holds", None)
     if holds is None or not _sessions(ctx, user):
         return _nothing

@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from . import crossturns, netio, proxyappends
+from . import crossturns, netio, proxyappends, workerholds
 from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
 from .backend import BackendProtocol, BackendUnavailable, Credentials
 from .backendlogin import connect_backend
@@ -289,7 +289,8 @@ class ProxyService(MultiService):
             log.info("referral-proxy listening on {listen} with {n} workers", listen=", ".join(self.config.proxy.listen),
                      n=self.config.proxy.workers)
         elif self.role is not None:
-            watch_master(self.reactor, self._master_gone)
+            holds = self.context.worker_holds = workerholds.from_environment(self.context)
+            watch_master(self.reactor, self._master_gone, on_data=holds.received if holds is not None else None)
             log.info("worker {index} of {n} serving {listen}", index=self.role.index, n=self.role.count,
                      listen=", ".join(self.config.proxy.listen))
             return  # moves are recovered by the master alone

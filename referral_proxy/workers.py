@@ -15,7 +15,8 @@ proxies: placements, move reservations and the journal. The master alone recover
 moves (at start-up and on its sweep, so also those of a worker that died), forwards
 SIGHUP (each worker re-reads the file) and SIGTERM (each says BYE to its clients),
 starts a worker again when one dies, and writes the workers' log lines to its own
-log. A worker stops when its master is gone (its stdin, a pipe from the master, ends).
+log. A worker stops when its master is gone (its stdin, a pipe from the master, ends). Over that
+pipe and one back the master relays a RENAME's hold to the other workers (workerholds.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from . import crossturns
 from .config import ConfigError
 from .proxyproto import PREFIX as HAPROXY_PREFIX
 from .proxyproto import listen_endpoint
+from .workerholds import CHANNEL_ENV, HoldRelay
 
 __all__ = ["ENV", "WorkerRole", "worker_role", "WorkerPool", "bind_listeners", "inherited_endpoint",
            "watch_master", "metrics_listen"]
@@ -149,11 +151,12 @@ def metrics_listen(spec: str, index: int) -> str:
 
 
 class _MasterWatch(abstract.FileDescriptor):
-    """A worker's end of the pipe from its master: when it ends, the master is gone."""
+    """A worker's end of the pipe from its master: what the master says (workerholds.py); when it
+    ends, the master is gone."""
 
-    def __init__(self, reactor: Any, fd: int, on_gone: Any) -> None:
+    def __init__(self, reactor: Any, fd: int, on_gone: Any, on_data: Callable[[bytes], None] | None) -> None:
         super().__init__(reactor)
-        self._fd, self._on_gone = fd, on_gone
+        self._fd, self._on_gone, self._on_data = fd, on_gone, on_data
         self.connected = 1
 
     def fileno(self) -> int:
@@ -166,6 +169,8 @@ class _MasterWatch(abstract.FileDescriptor):
             return None
         except OSError:
             data = b""
+        if data and self._on_data is not None:
+            self._on_data(data)
         return None if data else error.ConnectionDone()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -173,10 +178,11 @@ class _MasterWatch(abstract.FileDescriptor):
         self._on_gone()
 
 
-def watch_master(reactor: Any, on_gone: Any, fd: int = 0) -> None:
-    """Call *on_gone* once the master that started this worker has exited."""
+def watch_master(reactor: Any, on_gone: Any, fd: int = 0, on_data: Callable[[bytes], None] | None = None) -> None:
+    """Call *on_gone* once the master that started this worker has exited (*on_data* with what it
+    writes meanwhile)."""
     os.set_blocking(fd, False)
-    reactor.addReader(_MasterWatch(reactor, fd, on_gone))
+    reactor.addReader(_MasterWatch(reactor, fd, on_gone, on_data))
 
 
 class _Worker(ProcessProtocol):
@@ -195,6 +201,9 @@ class _Worker(ProcessProtocol):
         self.pid = self.transport.pid
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == self.pool.channel_fd:
+            self.pool.relay.received(self.index, data)
+            return
         text = self._partial.get(fd, b"") + data
         lines, _, rest = text.rpartition(b"\n")
         self._partial[fd] = rest
@@ -229,6 +238,8 @@ class WorkerPool:
         self._delay = dict.fromkeys(range(count), 0.0)
         self.stopping = False
         self.turns_dir = crossturns.make_directory()  # the workers' MOVE turns (crossturns.py)
+        self.channel_fd = FIRST_FD + len(self._fds)  # a worker's lines to the master (workerholds.py)
+        self.relay = HoldRelay(self._send, lambda: list(self.workers))
 
     def start(self) -> None:
         for index in range(self.count):
@@ -246,15 +257,19 @@ class WorkerPool:
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for i, (fd, _family) in enumerate(self._fds):
             child_fds[FIRST_FD + i] = fd
+        child_fds[self.channel_fd] = "r"
+        env[CHANNEL_ENV] = str(self.channel_fd)
         worker = _Worker(self, index)
         argv = [sys.executable, "-m", "referral_proxy", "--config", self.config_path]
         self.reactor.spawnProcess(worker, sys.executable, argv, env=env, childFDs=child_fds)
         self.workers[index] = worker
+        self.relay.started(index)
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+            self.relay.ended(worker.index)
         if self.stopping:
             return
         if self.on_death is not None:
@@ -266,6 +281,15 @@ class WorkerPool:
         log.warn("worker {index} (pid {pid}) ended after {lived:.1f}s: {why}; starting it again in {delay}s",
                  index=worker.index, pid=worker.pid, lived=lived, why=reason.getErrorMessage(), delay=delay)
         self.reactor.callLater(delay, self._spawn, worker.index)
+
+    def _send(self, index: int, line: bytes) -> None:
+        """A line to worker *index* (over its stdin)."""
+        worker = self.workers.get(index)
+        if worker is not None:
+            try:
+                worker.transport.writeToChild(0, line)
+            except (KeyError, OSError):
+                pass  # (its stdin already closed: it is ending)
 
     def write_log(self, data: bytes) -> None:
         """Whole lines a worker wrote (already formatted by its own log writer)."""
