@@ -3,28 +3,57 @@ once (disjoint names), while sessions at both STATUS the other's mailboxes: ever
 sessions there for the other's RENAME (renamehold.hold_for_another), but never the connection its own
 RENAME goes on, so neither waits for the other until the hold's bound (REMOTE_HOLD, logged). Every
 RENAME answered OK, every STATUS answered, no hold ended by its bound, and the backend holds exactly
-the new names."""
+the new names. The same with the two workers of one master on a SQLite map (workerholds.py)."""
 
 from __future__ import annotations
 
 import threading
 
-from imapwire import Wire
+import pytest
+from imapwire import Wire, wait_for
+from test_workers import holder as worker_of
+from test_workers import workers_of
 
 USER = "alice"
 ROUNDS = 20
 RULES = [{"user": USER, "mailbox": "*", "backend": "b1"}]
 
 
-def _session(proxy) -> Wire:
-    w = Wire(proxy.host, proxy.port, timeout=60)  # a hold for ever would end the test here
-    w.login(USER)
-    return w
+def _session(proxy, worker: int | None = None, pids: list[int] | None = None) -> Wire:
+    """A session through *proxy* (with *worker*: on that one of its workers *pids*)."""
+    for _ in range(200):
+        w = Wire(proxy.host, proxy.port, timeout=60)  # a hold for ever would end the test here
+        w.login(USER)
+        if worker is None or worker_of(pids, w) == pids[worker]:
+            return w
+        w.close()
+    raise AssertionError(f"no connection landed on worker {worker} of {pids}")
 
 
-def test_two_proxies_renaming_at_once_both_go_on(proxy_factory, fleet, pg_dsn, clean_mail):
+class _Worker:
+    """One worker of a master, as the place a side's sessions go."""
+
+    def __init__(self, proxy, index: int, pids: list[int]) -> None:
+        self.proxy, self.index, self.pids = proxy, index, pids
+
+    def session(self) -> Wire:
+        return _session(self.proxy, self.index, self.pids)
+
+
+@pytest.mark.parametrize("where", ["proxies", "workers"])
+def test_two_proxies_renaming_at_once_both_go_on(proxy_factory, fleet, clean_mail, request, where):
+    """*where*: two proxies on one PostgreSQL map, or the two workers of one master on a SQLite map
+    (the master relays each one's hold to the other: workerholds.py)."""
     backend = fleet["b1"]
-    proxies = [proxy_factory({"map": {"store": pg_dsn}}, rules=RULES) for _ in range(2)]
+    if where == "proxies":
+        dsn = request.getfixturevalue("pg_dsn")
+        proxies = [proxy_factory({"map": {"store": dsn}}, rules=RULES) for _ in range(2)]
+        places = proxies
+    else:
+        proxies = [proxy_factory(rules=RULES, workers=2)]
+        pids = [p.pid for p in wait_for(lambda: len(workers_of(proxies[0].pid)) == 2 and workers_of(proxies[0].pid),
+                                        "2 workers")]
+        places = [_Worker(proxies[0], i, pids) for i in range(2)]
     ctl = Wire(backend.host, backend.port, timeout=60)
     ctl.login(USER, backend.password(USER))
     for side in "AB":
@@ -36,7 +65,7 @@ def test_two_proxies_renaming_at_once_both_go_on(proxy_factory, fleet, pg_dsn, c
 
     def renamer(side: str, proxy) -> None:
         try:
-            w = _session(proxy)
+            w = proxy.session() if isinstance(proxy, _Worker) else _session(proxy)
             for i in range(ROUNDS):
                 answers[side].append(w.cmd(b"r", b"RENAME %s%d %sx%d" % (side.encode(), i, side.encode(), i))[-1])
         except Exception as e:  # noqa: BLE001 - reported below
@@ -44,7 +73,7 @@ def test_two_proxies_renaming_at_once_both_go_on(proxy_factory, fleet, pg_dsn, c
 
     def looker(side: str, proxy) -> None:  # STATUS of the mailboxes the other proxy renames
         try:
-            w = _session(proxy)
+            w = proxy.session() if isinstance(proxy, _Worker) else _session(proxy)
             i = 0
             while not done.is_set():
                 answers["status" + side].append(w.cmd(b"s", b"STATUS %s%d (MESSAGES)" % (side.encode(), i % ROUNDS))[-1])
@@ -52,10 +81,10 @@ def test_two_proxies_renaming_at_once_both_go_on(proxy_factory, fleet, pg_dsn, c
         except Exception as e:  # noqa: BLE001
             errors.append(f"status {side}: {e!r}")
 
-    renamers = [threading.Thread(target=renamer, args=("A", proxies[0])),
-                threading.Thread(target=renamer, args=("B", proxies[1]))]
-    lookers = [threading.Thread(target=looker, args=("B", proxies[0])),
-               threading.Thread(target=looker, args=("A", proxies[1]))]
+    renamers = [threading.Thread(target=renamer, args=("A", places[0])),
+                threading.Thread(target=renamer, args=("B", places[1]))]
+    lookers = [threading.Thread(target=looker, args=("B", places[0])),
+               threading.Thread(target=looker, args=("A", places[1]))]
     for t in lookers + renamers:
         t.start()
     for t in renamers:
@@ -69,6 +98,7 @@ def test_two_proxies_renaming_at_once_both_go_on(proxy_factory, fleet, pg_dsn, c
         assert answers["status" + side] and all(a.startswith((b"s OK", b"s NO")) for a in answers["status" + side])
     for proxy in proxies:  # a hold let go only by its bound: the two RENAMEs held each other
         assert "not over after" not in proxy.stderr_text()
+        assert "did not all hold" not in proxy.stderr_text()  # (workers: the master's go came in time)
     listed = b"".join(ctl.cmd(b"l", b'LIST "" "*"'))
     for side in "AB":
         for i in range(ROUNDS):
