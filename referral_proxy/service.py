@@ -285,6 +285,7 @@ class ProxyService(MultiService):
             assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
             self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
                                       self.log_stream, on_death=self.recovery.now)
+            self.context.worker_holds = self.workers.holds_for(self.context)  # (a move it recovers)
             self.workers.start()
             log.info("referral-proxy listening on {listen} with {n} workers", listen=", ".join(self.config.proxy.listen),
                      n=self.config.proxy.workers)

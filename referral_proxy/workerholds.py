@@ -14,7 +14,8 @@ worker, each holds its sessions' connections of that user to that backend
 says so; the master says "go" to the asker once every live worker has (one that dies meanwhile is
 not waited for). The RENAME waits for that at most ASK_WAIT, then goes on regardless (logged). Its
 end is relayed the same way; a hold lasts at most REMOTE_HOLD (the master relays the end of a
-worker that died, a worker started meanwhile is told the holds under way).
+worker that died, a worker started meanwhile is told the holds under way). A move the master
+recovers (its RENAME aside) asks the workers the same way, at the master's own relay.
 
 One JSON object per line: the master's over each worker's stdin (whose end also tells a worker its
 master is gone), the workers' over a pipe of their own (``CHANNEL_ENV`` names its descriptor).
@@ -35,7 +36,7 @@ from twisted.logger import Logger
 from .renamehold import REMOTE_HOLD, REMOTE_QUIET, hold_for_another
 from .turns import Release
 
-__all__ = ["CHANNEL_ENV", "ASK_WAIT", "HoldRelay", "WorkerHolds", "from_environment"]
+__all__ = ["CHANNEL_ENV", "ASK_WAIT", "MASTER", "HoldRelay", "WorkerHolds", "from_environment"]
 
 log = Logger()
 
@@ -43,6 +44,7 @@ CHANNEL_ENV = "REFERRAL_PROXY_CHANNEL"  # the descriptor a worker writes its lin
 #: Seconds a RENAME waits for the other workers' holds (each waits REMOTE_QUIET at most).
 ASK_WAIT = REMOTE_QUIET + 2.0
 MAX_LINE = 64 * 1024  # a longer line is not one of ours: dropped
+MASTER = -1  # the master's own index at its relay: a move it recovers asks the workers too
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -102,7 +104,7 @@ class HoldRelay:
             backend, user = str(message.get("backend")), str(message.get("user"))
             self.active[ref] = (backend, user)
             others = self.waiting[ref] = set(self.live()) - {index}
-            for other in others:
+            for other in sorted(others):  # (a copy: an answer may come back within send)
                 self.send(other, encode({"hold": list(ref), "backend": backend, "user": user}))
             self._maybe_go(ref)
         elif "held" in message:
@@ -131,8 +133,9 @@ class HoldRelay:
         for ref in [r for r in self.active if r[0] == index]:
             self._end(ref)
         for ref in list(self.waiting):
-            self.waiting[ref].discard(index)
-            self._maybe_go(ref)
+            if ref in self.waiting:
+                self.waiting[ref].discard(index)
+                self._maybe_go(ref)
 
 
 class WorkerHolds:

@@ -48,7 +48,7 @@ from . import crossturns
 from .config import ConfigError
 from .proxyproto import PREFIX as HAPROXY_PREFIX
 from .proxyproto import listen_endpoint
-from .workerholds import CHANNEL_ENV, HoldRelay
+from .workerholds import CHANNEL_ENV, MASTER, HoldRelay, WorkerHolds
 
 __all__ = ["ENV", "WorkerRole", "worker_role", "WorkerPool", "bind_listeners", "inherited_endpoint",
            "watch_master", "metrics_listen"]
@@ -240,6 +240,7 @@ class WorkerPool:
         self.turns_dir = crossturns.make_directory()  # the workers' MOVE turns (crossturns.py)
         self.channel_fd = FIRST_FD + len(self._fds)  # a worker's lines to the master (workerholds.py)
         self.relay = HoldRelay(self._send, lambda: list(self.workers))
+        self.own_holds: WorkerHolds | None = None  # the master's own asks (holds_for)
 
     def start(self) -> None:
         for index in range(self.count):
@@ -282,8 +283,17 @@ class WorkerPool:
                  index=worker.index, pid=worker.pid, lived=lived, why=reason.getErrorMessage(), delay=delay)
         self.reactor.callLater(delay, self._spawn, worker.index)
 
+    def holds_for(self, ctx: Any) -> WorkerHolds:
+        """The master's side of a RENAME it runs (a move it recovers): every worker holds for it."""
+        self.own_holds = WorkerHolds(ctx, lambda line: self.relay.received(MASTER, line))
+        return self.own_holds
+
     def _send(self, index: int, line: bytes) -> None:
         """A line to worker *index* (over its stdin)."""
+        if index == MASTER:
+            if self.own_holds is not None:
+                self.own_holds.received(line)
+            return
         worker = self.workers.get(index)
         if worker is not None:
             try:

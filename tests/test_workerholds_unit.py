@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 
 from referral_proxy import renamehold
 from referral_proxy.renamehold import REMOTE_HOLD, REMOTE_QUIET, hold_others
-from referral_proxy.workerholds import ASK_WAIT, HoldRelay, WorkerHolds, encode
+from referral_proxy.workerholds import ASK_WAIT, MASTER, HoldRelay, WorkerHolds, encode
 
 
 class _Master:
@@ -22,7 +22,7 @@ class _Master:
 
     def __init__(self, live: set[int]) -> None:
         self.live = live
-        self.to: dict[int, list[dict]] = {i: [] for i in range(4)}
+        self.to: dict[int, list[dict]] = {i: [] for i in range(MASTER, 4)}
         self.workers: dict[int, WorkerHolds] = {}
         self.relay = HoldRelay(self._send, lambda: sorted(self.live))
 
@@ -129,6 +129,30 @@ def test_a_rename_holds_the_other_workers_sessions_of_its_user_on_its_backend_un
     assert _sent(other_backend) == b"rp2 NOOP\r\n" and _sent(stranger) == b"rp2 NOOP\r\n"
     held[0]()
     assert _sent(busy) == b"rp2 NOOP\r\n" and there.remote_holds == {}
+
+
+def test_a_move_the_master_recovers_holds_every_workers_sessions_for_its_rename_aside():
+    clock = Clock()
+    busy, _ = _backend()
+    idle, _ = _backend()
+    busy.command(b"STATUS X (MESSAGES)")
+    _sent(busy)
+    workers = [_ctx(clock, _session("carol", {"b1": busy})), _ctx(clock, _session("carol", {"b1": idle}))]
+    m, _ = _wired(clock, *workers)
+    master = _ctx(clock)  # no session of its own
+    master.worker_holds = m.workers[MASTER] = WorkerHolds(master, lambda line: m.relay.received(MASTER, line))
+    held = _fired(defer.ensureDeferred(hold_others(master, "b1", "carol")))
+    clock.advance(1)
+    assert not held  # worker 0's STATUS is in flight
+    busy.dataReceived(b"rp1 OK done\r\n")
+    clock.advance(renamehold.POLL)
+    assert len(held) == 1
+    for conn in (busy, idle):
+        conn.command(b"NOOP")
+        assert _sent(conn) == b""
+    held[0]()
+    assert _sent(busy) == b"rp2 NOOP\r\n" and _sent(idle) == b"rp1 NOOP\r\n"
+    assert m.relay.active == {} and all(w.remote_holds == {} for w in workers)
 
 
 def test_the_rename_goes_on_after_ask_wait_without_an_answer_and_ends_once():
