@@ -96,7 +96,10 @@ class HoldRelay:
 
     def received(self, index: int, data: bytes) -> None:
         for message in self._lines.setdefault(index, _Lines()).feed(data):
-            self._message(index, message)
+            try:
+                self._message(index, message)
+            except (KeyError, IndexError, TypeError, ValueError):
+                log.warn("worker channel: a malformed message from worker {i}: {m!r}", i=index, m=message)
 
     def _message(self, index: int, message: dict[str, Any]) -> None:
         if "hold" in message:
@@ -184,16 +187,22 @@ class WorkerHolds:
     def received(self, data: bytes) -> None:
         """Bytes from the master."""
         for message in self._lines.feed(data):
-            if "go" in message:
-                went = self._go.get(str(message["go"]))
-                if went is not None and not went.called:
-                    went.callback(True)
-            elif "hold" in message:
-                ref = (int(message["hold"][0]), str(message["hold"][1]))
-                d = defer.ensureDeferred(self._hold_for(ref, str(message.get("backend")), str(message.get("user"))))
-                d.addErrback(lambda f: log.failure("holding for another worker's RENAME", f))
-            elif "end" in message:
-                self._end((int(message["end"][0]), str(message["end"][1])))
+            try:
+                self._message(message)
+            except (KeyError, IndexError, TypeError, ValueError):
+                log.warn("worker channel: a malformed message from the master: {m!r}", m=message)
+
+    def _message(self, message: dict[str, Any]) -> None:
+        if "go" in message:
+            went = self._go.get(str(message["go"]))
+            if went is not None and not went.called:
+                went.callback(True)
+        elif "hold" in message:
+            ref = (int(message["hold"][0]), str(message["hold"][1]))
+            d = defer.ensureDeferred(self._hold_for(ref, str(message.get("backend")), str(message.get("user"))))
+            d.addErrback(lambda f: log.failure("holding for another worker's RENAME", f))
+        elif "end" in message:
+            self._end((int(message["end"][0]), str(message["end"][1])))
 
     async def _hold_for(self, ref: Ref, backend: str, user: str) -> None:
         if ref in self._holding:

@@ -88,10 +88,13 @@ def test_lines_in_pieces_odd_names_and_garbage():
     m = _Master({0, 1})
     user = "car\"ol\r\n%*\\\udcff\u00e9"  # a login's 8-bit byte (surrogateescape), CR LF, wildcards
     line = encode({"hold": "9.1", "backend": "b1", "user": user})
-    stream = b"not json\n" + line + b"[1, 2]\n"
+    stream = b"not json\n" + b'{"held": 5}\n{"end": null}\n' + line + b"[1, 2]\n"
     for i in range(len(stream)):
         m.relay.received(0, stream[i:i + 1])
     assert m.said(1) == [{"hold": [0, "9.1"], "backend": "b1", "user": user}]
+    holds = WorkerHolds(_ctx(Clock()), lambda line: None)
+    holds.received(b'{"hold": [1]}\n{"end": 3}\n{"go": []}\n')  # logged, nothing else
+    assert holds._holding == {}
 
 
 def _wired(clock: Clock, *ctxs) -> tuple[_Master, list[WorkerHolds]]:
