@@ -78,6 +78,11 @@ class _Lines:
 Ref = tuple[int, str]  # (the asking worker's index, its id for the hold)
 
 
+def _ref(value: Any) -> Ref:
+    """A hold's reference as a message carries it: [index, id]."""
+    return int(value[0]), str(value[1])
+
+
 class HoldRelay:
     """The master's side: a worker's RENAME is held by every other live worker before it goes on."""
 
@@ -111,8 +116,7 @@ class HoldRelay:
                 self.send(other, encode({"hold": list(ref), "backend": backend, "user": user}))
             self._maybe_go(ref)
         elif "held" in message:
-            held = message["held"]
-            ref = (int(held[0]), str(held[1]))
+            ref = _ref(message["held"])
             if ref in self.waiting:
                 self.waiting[ref].discard(index)
                 self._maybe_go(ref)
@@ -198,11 +202,11 @@ class WorkerHolds:
             if went is not None and not went.called:
                 went.callback(True)
         elif "hold" in message:
-            ref = (int(message["hold"][0]), str(message["hold"][1]))
+            ref = _ref(message["hold"])
             d = defer.ensureDeferred(self._hold_for(ref, str(message.get("backend")), str(message.get("user"))))
             d.addErrback(lambda f: log.failure("holding for another worker's RENAME", f))
         elif "end" in message:
-            self._end((int(message["end"][0]), str(message["end"][1])))
+            self._end(_ref(message["end"]))
 
     async def _hold_for(self, ref: Ref, backend: str, user: str) -> None:
         if ref in self._holding:
