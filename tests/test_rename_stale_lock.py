@@ -181,6 +181,13 @@ def test_a_rename_at_another_proxy_leaves_no_live_lock(proxy_factory, fleet, op,
 
 
 @pytest.mark.parametrize("op", ["status", "select"])
+def test_a_rename_at_another_proxy_on_one_sqlite_file_leaves_no_live_lock(proxy_factory, fleet, op, tmp_path):
+    """A through one proxy, B's RENAME through another, separate proxy on the same SQLite map file
+    (not one master's workers): the proxies beside one file hold for each other too."""
+    _race_rounds(proxy_factory, fleet, op, f"sqlite:{tmp_path / 'shared.sqlite3'}")
+
+
+@pytest.mark.parametrize("op", ["status", "select"])
 def test_a_rename_at_another_worker_leaves_no_live_lock(proxy_factory, fleet, op):
     """A on one worker of a master, B's RENAME on the other ([proxy] workers = 2, a SQLite map): the
     master relays the RENAME's hold to the other worker (workerholds.py)."""
