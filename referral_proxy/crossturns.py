@@ -27,6 +27,7 @@ from typing import Any
 
 from twisted.internet import task
 
+from . import peerholds
 from .routing import MailboxMap, normalize
 from .turns import Release, Turns
 
@@ -166,10 +167,13 @@ class Standalone:
     move_turns: Turns = dataclasses.field(default_factory=Turns)
     reactor: Any = None
     sessions: tuple[Any, ...] = ()  # none: no APPEND of this process is ever under way
+    worker_holds: Any = None  # its RENAME aside holds the proxies' sessions on the SQLite map file (peerholds.py)
 
     @classmethod
     def of(cls, mailbox_map: MailboxMap, spec: str | None, reactor: Any) -> Standalone:
-        return cls(mailbox_map, beside_store(spec, reactor), from_store(spec, reactor), reactor=reactor)
+        key = peerholds.key_of(spec)
+        return cls(mailbox_map, beside_store(spec, reactor), from_store(spec, reactor), reactor=reactor,
+                   worker_holds=peerholds.PeerHolds(key, reactor) if key else None)
 
 
 async def _in_order(takes: Iterable[Callable[[], Awaitable[Release]]]) -> Release:

@@ -13,13 +13,14 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from . import crossturns, netio, proxyappends, workerholds
+from . import crossturns, netio, peerholds, proxyappends, workerholds
 from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
 from .backend import BackendProtocol, BackendUnavailable, Credentials
 from .backendlogin import connect_backend
@@ -34,6 +35,7 @@ from .proxyproto import listen_endpoint
 from .recovery import RecoverySweep
 from .reloadguard import still_named
 from .relocation import RelocationWatch
+from .renamehold import hold_for_another
 from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession
 from .workers import (
@@ -162,6 +164,7 @@ class ProxyService(MultiService):
         self.is_master = config.proxy.workers > 1 and self.role is None
         self.workers: WorkerPool | None = None
         self._ports: list[Any] = []
+        self._peer_port: Any = None  # the other proxies on the SQLite map file ask holds here (peerholds.py)
         # on_step: called after each journal step (tests inject faults there; None in production)
         self.mailbox_map = MailboxMap(config.map, open_store(
             config.map.store, reactor, lease_seconds=config.map.lease_seconds, serving=True), on_step=on_step)
@@ -285,7 +288,11 @@ class ProxyService(MultiService):
             assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
             self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
                                       self.log_stream, on_death=self.recovery.now)
-            self.context.worker_holds = self.workers.holds_for(self.context)  # (a move it recovers)
+            key = peerholds.key_of(self.config.map.store)
+            peers = peerholds.PeerHolds(key, self.reactor) if key else None
+            self.context.worker_holds = self.workers.holds_for(self.context, peers)  # (a move it recovers)
+            if key and self.workers.peer_holds is not None:
+                self._listen_peers(key, self.workers.peer_holds.hold)
             self.workers.start()
             log.info("referral-proxy listening on {listen} with {n} workers", listen=", ".join(self.config.proxy.listen),
                      n=self.config.proxy.workers)
@@ -297,6 +304,10 @@ class ProxyService(MultiService):
             return  # moves are recovered by the master alone
         else:
             log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
+            key = peerholds.key_of(self.config.map.store)
+            if key:
+                self.context.worker_holds = peerholds.PeerHolds(key, self.reactor)
+                self._listen_peers(key, lambda backend, user: hold_for_another(self.context, backend, user))
         # Moves a stopped proxy (or a dead worker) left half done are finished or rolled back
         # now, and any given up on later are retried periodically (recovery.SWEEP_SECONDS).
         self.recovery.start()
@@ -335,7 +346,15 @@ class ProxyService(MultiService):
             except defer.TimeoutError:
                 log.warn("{n} client connection(s) still open after {s}s; closing anyway", n=len(self.context.sessions),
                          s=SHUTDOWN_GRACE)
+        if self._peer_port is not None:
+            yield self._peer_port.stopListening()
         yield defer.ensureDeferred(self.mailbox_map.close())
+
+    def _listen_peers(self, key: str, hold_here: Any) -> None:
+        try:
+            self._peer_port = peerholds.listen(key, self.reactor, hold_here)
+        except CannotListenError as e:  # (only RENAMEs of the other proxies on the map file miss it)
+            log.warn("the socket other proxies on the map file ask RENAME holds on: {why}", why=str(e))
 
     def reload(self, path: str | None = None) -> None:
         """SIGHUP: read the file again; backends and map rules change together, for new

@@ -27,7 +27,7 @@ import itertools
 import json
 import os
 import select
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from twisted.internet import defer
@@ -36,7 +36,8 @@ from twisted.logger import Logger
 from .renamehold import REMOTE_HOLD, REMOTE_QUIET, hold_for_another
 from .turns import Release
 
-__all__ = ["CHANNEL_ENV", "ASK_WAIT", "MASTER", "HoldRelay", "WorkerHolds", "from_environment"]
+__all__ = ["CHANNEL_ENV", "ASK_WAIT", "MASTER", "PEER", "Lines", "encode", "HoldRelay", "WorkerHolds",
+           "from_environment"]
 
 log = Logger()
 
@@ -45,6 +46,8 @@ CHANNEL_ENV = "REFERRAL_PROXY_CHANNEL"  # the descriptor a worker writes its lin
 ASK_WAIT = REMOTE_QUIET + 2.0
 MAX_LINE = 64 * 1024  # a longer line is not one of ours: dropped
 MASTER = -1  # the master's own index at its relay: a move it recovers asks the workers too
+PEER = -2  # the index of the holds the master serves for other proxies' RENAMEs (peerholds.py): never asked back
+_PEERS = -3  # (in a hold's waiting set: the other proxies on the map file, asked by the relay)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -52,10 +55,11 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, ensure_ascii=True).encode("ascii") + b"\n"
 
 
-class _Lines:
-    """Whole lines out of a byte stream."""
+class Lines:
+    """Whole lines out of a byte stream (*what* names it in the log)."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "worker channel") -> None:
+        self.what = what
         self._partial = b""
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
@@ -68,7 +72,7 @@ class _Lines:
             try:
                 message = json.loads(line)
             except ValueError:
-                log.warn("worker channel: not a message: {line!r}", line=line[:200])
+                log.warn("{what}: not a message: {line!r}", what=self.what, line=line[:200])
                 continue
             if isinstance(message, dict):
                 out.append(message)
@@ -86,21 +90,24 @@ def _ref(value: Any) -> Ref:
 class HoldRelay:
     """The master's side: a worker's RENAME is held by every other live worker before it goes on."""
 
-    def __init__(self, send: Callable[[int, bytes], None], live: Callable[[], Iterable[int]]) -> None:
+    def __init__(self, send: Callable[[int, bytes], None], live: Callable[[], Iterable[int]],
+                 peers: Callable[[str, str], Coroutine[Any, Any, Release]] | None = None) -> None:
         self.send, self.live = send, live  # send(worker index, line); the indices of the live workers
+        self.peers = peers  # the other proxies on a SQLite map file hold too (peerholds.PeerHolds.hold)
         self.active: dict[Ref, tuple[str, str]] = {}  # hold -> (backend, user), until its end
-        self.waiting: dict[Ref, set[int]] = {}  # hold -> the workers yet to say they hold
-        self._lines: dict[int, _Lines] = {}
+        self.waiting: dict[Ref, set[int]] = {}  # hold -> the workers (and _PEERS) yet to say they hold
+        self._peer_releases: dict[Ref, Release] = {}
+        self._lines: dict[int, Lines] = {}
 
     def started(self, index: int) -> None:
         """A worker (re)started: the holds under way hold it too (it says so; nobody waits for it)."""
-        self._lines[index] = _Lines()
+        self._lines[index] = Lines()
         for ref, (backend, user) in self.active.items():
             if ref[0] != index:
                 self.send(index, encode({"hold": list(ref), "backend": backend, "user": user}))
 
     def received(self, index: int, data: bytes) -> None:
-        for message in self._lines.setdefault(index, _Lines()).feed(data):
+        for message in self._lines.setdefault(index, Lines()).feed(data):
             try:
                 self._message(index, message)
             except (KeyError, IndexError, TypeError, ValueError):
@@ -111,9 +118,13 @@ class HoldRelay:
             ref = (index, str(message["hold"]))
             backend, user = str(message.get("backend")), str(message.get("user"))
             self.active[ref] = (backend, user)
-            others = self.waiting[ref] = set(self.live()) - {index}
+            others = set(self.live()) - {index}
+            asks_peers = self.peers is not None and index != PEER
+            self.waiting[ref] = others | ({_PEERS} if asks_peers else set())
             for other in sorted(others):  # (a copy: an answer may come back within send)
                 self.send(other, encode({"hold": list(ref), "backend": backend, "user": user}))
+            if asks_peers:
+                self._ask_peers(ref, backend, user)
             self._maybe_go(ref)
         elif "held" in message:
             ref = _ref(message["held"])
@@ -123,6 +134,25 @@ class HoldRelay:
         elif "end" in message:
             self._end((index, str(message["end"])))
 
+    def _ask_peers(self, ref: Ref, backend: str, user: str) -> None:
+        assert self.peers is not None
+        d: defer.Deferred[Any] = defer.ensureDeferred(self.peers(backend, user))
+
+        def held(release: Release) -> None:
+            if ref in self.active:
+                self._peer_releases[ref] = release
+            else:  # ended meanwhile
+                release()
+
+        def answered(_: object) -> None:
+            if ref in self.waiting:
+                self.waiting[ref].discard(_PEERS)
+                self._maybe_go(ref)
+
+        d.addCallback(held)
+        d.addErrback(lambda f: log.failure("asking the other proxies to hold", f))
+        d.addCallback(answered)
+
     def _maybe_go(self, ref: Ref) -> None:
         if ref in self.waiting and not self.waiting[ref]:
             del self.waiting[ref]
@@ -130,6 +160,9 @@ class HoldRelay:
 
     def _end(self, ref: Ref) -> None:
         self.waiting.pop(ref, None)
+        release = self._peer_releases.pop(ref, None)
+        if release is not None:
+            release()
         if self.active.pop(ref, None) is not None:
             for other in set(self.live()) - {ref[0]}:
                 self.send(other, encode({"end": list(ref)}))
@@ -153,7 +186,7 @@ class WorkerHolds:
         self._ids = (f"{os.getpid()}.{n}" for n in itertools.count(1))  # never reused by a restarted worker
         self._go: dict[str, defer.Deferred[bool]] = {}
         self._holding: dict[Ref, Release | None] = {}  # another worker's RENAME: its release (None: being held)
-        self._lines = _Lines()
+        self._lines = Lines()
 
     async def hold(self, backend: str, user: str) -> Release:
         """The other workers' sessions of *user* hold their connections to *backend* (or ASK_WAIT

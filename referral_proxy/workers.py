@@ -48,7 +48,7 @@ from . import crossturns
 from .config import ConfigError
 from .proxyproto import PREFIX as HAPROXY_PREFIX
 from .proxyproto import listen_endpoint
-from .workerholds import CHANNEL_ENV, MASTER, HoldRelay, WorkerHolds
+from .workerholds import CHANNEL_ENV, MASTER, PEER, HoldRelay, WorkerHolds
 
 __all__ = ["ENV", "WorkerRole", "worker_role", "WorkerPool", "bind_listeners", "inherited_endpoint",
            "watch_master", "metrics_listen"]
@@ -241,6 +241,7 @@ class WorkerPool:
         self.channel_fd = FIRST_FD + len(self._fds)  # a worker's lines to the master (workerholds.py)
         self.relay = HoldRelay(self._send, lambda: list(self.workers))
         self.own_holds: WorkerHolds | None = None  # the master's own asks (holds_for)
+        self.peer_holds: WorkerHolds | None = None  # the holds it serves for other proxies' RENAMEs (peerholds.py)
 
     def start(self) -> None:
         for index in range(self.count):
@@ -283,16 +284,22 @@ class WorkerPool:
                  index=worker.index, pid=worker.pid, lived=lived, why=reason.getErrorMessage(), delay=delay)
         self.reactor.callLater(delay, self._spawn, worker.index)
 
-    def holds_for(self, ctx: Any) -> WorkerHolds:
-        """The master's side of a RENAME it runs (a move it recovers): every worker holds for it."""
+    def holds_for(self, ctx: Any, peers: Any = None) -> WorkerHolds:
+        """The master's side of a RENAME it runs (a move it recovers): every worker holds for it; with
+        *peers* (peerholds.PeerHolds), the other proxies on the SQLite map file too, for the workers'
+        RENAMEs as well, and ``peer_holds`` holds the workers for theirs."""
+        if peers is not None:
+            self.relay.peers = peers.hold
         self.own_holds = WorkerHolds(ctx, lambda line: self.relay.received(MASTER, line))
+        self.peer_holds = WorkerHolds(ctx, lambda line: self.relay.received(PEER, line))
         return self.own_holds
 
     def _send(self, index: int, line: bytes) -> None:
         """A line to worker *index* (over its stdin)."""
-        if index == MASTER:
-            if self.own_holds is not None:
-                self.own_holds.received(line)
+        if index in (MASTER, PEER):
+            holds = self.own_holds if index == MASTER else self.peer_holds
+            if holds is not None:
+                holds.received(line)
             return
         worker = self.workers.get(index)
         if worker is not None:
