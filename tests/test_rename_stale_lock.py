@@ -183,8 +183,19 @@ def test_a_rename_at_another_proxy_leaves_no_live_lock(proxy_factory, fleet, op,
 @pytest.mark.parametrize("op", ["status", "select"])
 def test_a_rename_at_another_proxy_on_one_sqlite_file_leaves_no_live_lock(proxy_factory, fleet, op, tmp_path):
     """A through one proxy, B's RENAME through another, separate proxy on the same SQLite map file
-    (not one master's workers): the proxies beside one file hold for each other too."""
+    (not one master's workers): the proxies beside one file hold for each other too (peerholds.py)."""
     _race_rounds(proxy_factory, fleet, op, f"sqlite:{tmp_path / 'shared.sqlite3'}")
+
+
+@pytest.mark.parametrize("side", ["held-by-workers", "renamed-at-a-worker"])
+def test_a_rename_between_a_master_and_another_proxy_on_one_sqlite_file(proxy_factory, fleet, side, tmp_path):
+    """The same, one of the two proxies with two workers: the master holds its workers for the other
+    proxy's RENAME (A on a worker), or relays its worker's RENAME to the other proxy (B on a worker)."""
+    dsn = f"sqlite:{tmp_path / 'shared.sqlite3'}"
+    if side == "held-by-workers":
+        _race_rounds(proxy_factory, fleet, "status", dsn, workers=2)
+    else:
+        _race_rounds(proxy_factory, fleet, "status", dsn, renaming_workers=2)
 
 
 @pytest.mark.parametrize("op", ["status", "select"])
@@ -194,9 +205,11 @@ def test_a_rename_at_another_worker_leaves_no_live_lock(proxy_factory, fleet, op
     _race_rounds(proxy_factory, fleet, op, workers=2)
 
 
-def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None, workers: int = 1) -> None:
-    """The rounds of the module's docstring; with *dsn*, B on a second proxy sharing that map; with
-    *workers*, A and B on two different workers of one proxy."""
+def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None, workers: int = 1,
+                 renaming_workers: int = 1) -> None:
+    """The rounds of the module's docstring; with *dsn*, B on a second proxy sharing that map (of
+    *renaming_workers* workers); with *workers*, A's proxy has that many (A and B on two different
+    workers when both are on it)."""
     began = time.monotonic()
     backend = fleet["b1"]
     mail = Maildir(backend)
@@ -210,7 +223,8 @@ def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None, workers:
                           **({"workers": workers} if workers > 1 else {}))
     renaming = proxy if dsn is None else proxy_factory(
         config, rules=[{"user": USER, "mailbox": "*", "backend": "b1"}],
-        max_connections_per_user=200, max_unauthenticated_per_ip=100)
+        max_connections_per_user=200, max_unauthenticated_per_ip=100,
+        **({"workers": renaming_workers} if renaming_workers > 1 else {}))
     ctl = Wire(backend.host, backend.port, timeout=60)  # straight to the backend: the setup
     ctl.login(USER, backend.password(USER))
     pids: list[int] = []

@@ -40,13 +40,14 @@ class _Worker:
         return _session(self.proxy, self.index, self.pids)
 
 
-@pytest.mark.parametrize("where", ["proxies", "workers"])
-def test_two_proxies_renaming_at_once_both_go_on(proxy_factory, fleet, clean_mail, request, where):
+@pytest.mark.parametrize("where", ["proxies", "workers", "sqlite-proxies"])
+def test_two_proxies_renaming_at_once_both_go_on(proxy_factory, fleet, clean_mail, request, tmp_path, where):
     """*where*: two proxies on one PostgreSQL map, or the two workers of one master on a SQLite map
-    (the master relays each one's hold to the other: workerholds.py)."""
+    (the master relays each one's hold to the other: workerholds.py), or two separate proxies on one
+    SQLite map file (each asks the other over its socket: peerholds.py)."""
     backend = fleet["b1"]
-    if where == "proxies":
-        dsn = request.getfixturevalue("pg_dsn")
+    if where in ("proxies", "sqlite-proxies"):
+        dsn = request.getfixturevalue("pg_dsn") if where == "proxies" else f"sqlite:{tmp_path / 'shared.sqlite3'}"
         proxies = [proxy_factory({"map": {"store": dsn}}, rules=RULES) for _ in range(2)]
         places = proxies
     else:
