@@ -2,7 +2,10 @@
 Dovecot 2.3.19.1 answers NO [TRYCREATE], except on a connection that has that mailbox SELECTED,
 which answers NO [SERVERBUG] ("open(.X/tmp/...) failed: No such file or directory" in its log),
 nothing saved either way. The soak's APPEND NO [SERVERBUG] answers (3 in 51 runs of soak C, each
-0-30 ms after another session's RENAME of the name appended to) are this, relayed as it is.
+0-30 ms after another session's RENAME of the name appended to) are this, relayed as it is. The same
+when another mailbox has been renamed to the name meanwhile (``selected-it-replaced``: "Transaction
+log .../.X/dovecot.index.log: duplicate transaction log sequence (2)" in its log here; "Corrupted
+transaction log file ... indexid changed" when the mailbox renamed in has a longer history, soak G 97101).
 
 Not collected (a fact about the backend): ``python3 tests/dovecot_append_selected_renamed.py``;
 Dovecot on $HOST (default 127.0.0.27; 127.0.0.20-30 only). Prints one line per case, e.g.
@@ -25,7 +28,8 @@ from referral_proxy.fleet import Dovecot, make_root  # noqa: E402
 
 MESSAGE = b"From: a@example.org\r\nSubject: selected-renamed\r\n\r\nbody\r\n"
 # case: what session A did with X before B renames it
-CASES = ("fresh", "appended-to-it", "status-of-it", "selected-it", "selected-inbox", "child-appended-to")
+CASES = ("fresh", "appended-to-it", "status-of-it", "selected-it", "selected-inbox", "child-appended-to",
+         "selected-it-replaced")
 
 
 def main() -> int:
@@ -52,11 +56,14 @@ def main() -> int:
                 append(a, target)
             elif case == "status-of-it":
                 a.cmd(b"s", b"STATUS " + x + b" (MESSAGES)")
-            elif case == "selected-it":
+            elif case in ("selected-it", "selected-it-replaced"):
                 a.cmd(b"s", b"SELECT " + x)
             elif case == "selected-inbox":
                 a.cmd(b"s", b"SELECT INBOX")
             renamed = b.cmd(b"r", b"RENAME %s %s" % (x, y))[-1].strip()
+            if case == "selected-it-replaced":  # another mailbox takes the name
+                b.cmd(b"z", b"CREATE Z" + x)
+                renamed += b" / " + b.cmd(b"r", b"RENAME Z%s %s" % (x, x))[-1].strip()
             answer = append(a, target)
             moved = y + target[len(x):]
             count = b.cmd(b"t", b"STATUS " + moved + b" (MESSAGES)")
