@@ -38,12 +38,24 @@ def _rest(w: Wire) -> bytes:
     return got
 
 
-def test_a_session_on_the_other_worker_with_a_mailbox_a_rename_takes_across_is_told_bye(proxy_factory, fleet):
-    proxy = proxy_factory(rules=RULES, workers=2)
+@pytest.mark.parametrize("where", ["workers", "sqlite-proxies"])
+def test_a_session_on_the_other_worker_with_a_mailbox_a_rename_takes_across_is_told_bye(proxy_factory, fleet,
+                                                                                       tmp_path, where):
+    """*where*: the two workers of one master, or two separate proxies on one SQLite map file."""
+    if where == "workers":
+        proxy = proxy_factory(rules=RULES, workers=2)
+    else:
+        config = {"map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}}
+        proxy, other = proxy_factory(config, rules=RULES), proxy_factory(config, rules=RULES)
     msg = b"Message-Id: <new-%d@t>\r\nSubject: x\r\n\r\nhello\r\n"
     for i in range(ROUNDS):
         seed(fleet["b1"], "carol", f"Work{i}", [f"w{i}-{k}@t" for k in range(3)])
-        a, b = one_on_each(proxy, proxy.pid, "carol").values()
+        if where == "workers":
+            a, b = one_on_each(proxy, proxy.pid, "carol").values()
+        else:
+            a, b = Wire(proxy.host, proxy.port, timeout=30), Wire(other.host, other.port, timeout=30)
+            a.login("carol")
+            b.login("carol")
         assert b.cmd(b"s", b"SELECT Work%d" % i)[-1].startswith(b"s OK")
         assert a.cmd(b"a", b"RENAME Work%d Far/W%d" % (i, i))[-1].startswith(b"a OK")
         m = msg % i
