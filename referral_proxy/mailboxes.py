@@ -491,7 +491,8 @@ class MailboxCommands:
         text = old.decode("utf-8", "surrogateescape")  # "inbox/sub" is INBOX/sub, selected in any case
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
                       answer_within=ANSWER_WITHIN, turn=mover_turn(host.ctx, host.user),
-                      seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store))
+                      seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store,
+                                                 host.ctx.config.map.store))
         try:
             await refused_before(mover, text, new.decode("utf-8", "surrogateescape"), old_route.primary,
                                  new_route.primary)  # a RENAME its checks refuse holds no name (BYEs no session)

@@ -22,12 +22,14 @@ the new place.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import task
 from twisted.logger import Logger
 
+from . import peerholds
 from .journal import Reservation, covers
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX
@@ -91,13 +93,16 @@ def kept_inbox(r: Reservation, reservations: tuple[Reservation, ...]) -> bool:
         o.name is not None and o.name != "INBOX" and not o.name.startswith(_ASIDE) for o in reservations)
 
 
-def seen_within(workers: int, store: object) -> float:
+def seen_within(workers: int, store: object, spec: str | None = None) -> float:
     """Seconds a client's RENAME across waits, from its begin, before it sets a source aside (mover.py): the
-    other workers on an SQLite map read it only when they look (a lookup, or this watch once a second), so a
-    short move could begin and end unseen, and their sessions stay selected in a mailbox set aside, then made
-    anew under its name (Dovecot: NO [SERVERBUG], or the connection dropped). PostgreSQL's begin waits for
-    the others to have read it (settle); one process alone sees its own moves begin."""
-    return seen_by_another_process(store) if workers > 1 else 0.0
+    other workers on an SQLite map, and the other proxies on the same map file *spec* (peerholds.listening),
+    read it only when they look (a lookup, or this watch once a second), so a short move could begin and end
+    unseen, and their sessions stay selected in a mailbox set aside, then made anew under its name (Dovecot:
+    NO [SERVERBUG], or the connection dropped). PostgreSQL's begin waits for the others to have read it
+    (settle); one process alone sees its own moves begin."""
+    key = peerholds.key_of(spec) if workers <= 1 else None
+    others = workers > 1 or (key is not None and bool(peerholds.listening(key, os.getpid())))
+    return seen_by_another_process(store) if others else 0.0
 
 
 def seen_by_another_process(store: object) -> float:
