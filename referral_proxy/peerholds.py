@@ -97,6 +97,31 @@ class _Ask(protocol.Protocol):
         if not self.held.called:
             self.held.callback(False)
 
+    def end(self) -> None:
+        """The hold ends: the other proxy hears it now (shut down here, not at the reactor's next turn: this
+        process may stall right after, a journal write on a slow disk, and hold its sessions meanwhile)."""
+        if self.transport is None:
+            return
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.transport.loseConnection()
+
+
+class _Once(protocol.Factory):
+    """One connection's factory (quiet: one per asked proxy and RENAME)."""
+
+    noisy = False
+
+    def __init__(self, proto: protocol.Protocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        return self.proto
+
 
 class PeerHolds:
     """A RENAME's side: the other proxies on the map file hold their sessions of its user."""
@@ -113,7 +138,7 @@ class PeerHolds:
             return _nothing
         line = encode({"hold": next(self._ids), "backend": backend, "user": user})
         asks = [_Ask(line) for _ in peers]
-        connects = [endpoints.connectProtocol(endpoints.UNIXClientEndpoint(self.reactor, peer, timeout=ASK_WAIT), ask)
+        connects = [endpoints.UNIXClientEndpoint(self.reactor, peer, timeout=ASK_WAIT).connect(_Once(ask))
                     for peer, ask in zip(peers, asks)]
         for connect, ask in zip(connects, asks):
             connect.addErrback(lambda _f, ask=ask: ask.gone())  # (refused: it died meanwhile)
@@ -121,8 +146,7 @@ class PeerHolds:
         def release() -> None:
             for connect, ask in zip(connects, asks):
                 connect.cancel()
-                if ask.transport is not None:
-                    ask.transport.loseConnection()
+                ask.end()
 
         done: defer.Deferred[None] = defer.Deferred()
         answers: list[bool] = []
@@ -224,6 +248,16 @@ class _Serve(protocol.Protocol):
 
 def listen(key: str, reactor: Any, hold_here: HoldHere) -> Any:
     """This proxy's socket for the others' RENAMEs (the listening port: stopListening at the end)."""
-    factory = protocol.Factory.forProtocol(lambda: _Serve(hold_here, reactor))
-    factory.noisy = False
-    return reactor.listenUNIX(address(key, os.getpid()), factory)
+    return reactor.listenUNIX(address(key, os.getpid()), RenameHoldsFactory(hold_here, reactor))
+
+
+class RenameHoldsFactory(protocol.Factory):
+    """The other proxies' RENAMEs, one connection each (named in the log line of its socket)."""
+
+    noisy = False
+
+    def __init__(self, hold_here: HoldHere, reactor: Any) -> None:
+        self.hold_here, self.reactor = hold_here, reactor
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        return _Serve(self.hold_here, self.reactor)

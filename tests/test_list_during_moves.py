@@ -156,7 +156,7 @@ def test_a_rename_across_is_seen_whole_by_a_client_of_another_proxy_at_every_ste
     commands = views(old)
     steps = _stepwise(_logged_in(moving), _observer(other), pause, b'RENAME "%s" "Shared/W"' % old.encode(),
                       commands, told_bye)
-    assert {s.split(":")[0] for s, _d in steps} >= {"created", "committed", "placed", "aside", "drained"}, steps
+    assert {s.split(":")[0] for s, _d in steps} >= {"created", "committed", "placed", "aside", "drained"}, " ".join(s for s, _d in steps)
     bad = [(s, c) for s, d in steps for c, _seen, _want in d]
     assert bad == [], _first(steps)
     counts, where = census(fleet, "carol")

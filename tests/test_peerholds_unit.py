@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
@@ -242,3 +243,21 @@ def test_a_rename_ended_before_the_other_proxies_held_lets_them_go_when_they_do(
     relay.ended(0)  # its worker died
     peers.grant()
     assert peers.released == [("b1", "carol")] and relay.active == {} and relay.waiting == {}
+
+
+def test_the_end_is_heard_at_once_even_if_this_process_stalls_before_the_reactor_turns():
+    """A release shuts the socket down itself: the other proxy reads the end without this reactor running
+    again (tests/test_list_during_moves.py's stepwise proxy stops the whole process at a journal step)."""
+    mine, theirs = socket.socketpair()
+    try:
+        ask = peerholds._Ask(b"")
+        transport = StringTransport()
+        transport.socket = mine  # type: ignore[attr-defined]
+        ask.makeConnection(transport)
+        ask.end()
+        theirs.settimeout(1)
+        assert theirs.recv(10) == b""  # EOF, now
+        assert transport.disconnecting
+    finally:
+        mine.close()
+        theirs.close()
