@@ -13,7 +13,7 @@ limit). A RENAME finds the others' in /proc/net/unix (:func:`listening`), connec
 one JSON line; each holds its sessions (a master: its workers', through its relay) and answers
 "held". The RENAME waits for every answer at most workerholds.ASK_WAIT, then goes on regardless
 (logged). Closing the connection ends the hold (a killed RENAME's process ends it too); a hold lasts
-at most REMOTE_HOLD. Only processes of the same user id (or root) are served (SO_PEERCRED).
+at most REMOTE_HOLD. Only processes of the same user id (or root) are served or asked (SO_PEERCRED).
 """
 
 from __future__ import annotations
@@ -73,6 +73,18 @@ def listening(key: str, own: int, table: str | Path = UNIX_TABLE) -> list[str]:
     return sorted(found)
 
 
+def _trusted(transport: Any) -> bool:
+    """The process at the other end runs as this one's user, or as root (SO_PEERCRED; True without a socket)."""
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return True
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid in (0, os.getuid()):
+        return True
+    log.warn("peer hold: the other end runs as user id {uid}: not one of ours", uid=uid)
+    return False
+
+
 class _Ask(protocol.Protocol):
     """One other proxy asked to hold: ``held`` fires True once it says so, False if it goes away first."""
 
@@ -84,6 +96,10 @@ class _Ask(protocol.Protocol):
         self._lines = Lines("peer hold")
 
     def connectionMade(self) -> None:
+        if not _trusted(self.transport):  # (another user's socket under our name: not waited for)
+            self.transport.loseConnection()
+            self.gone()
+            return
         self.transport.write(self.line)
 
     def dataReceived(self, data: bytes) -> None:
@@ -158,6 +174,7 @@ class PeerHolds:
 
         for ask in asks:
             ask.held.addCallback(answered)
+
         def give_up() -> None:
             if not done.called:
                 done.callback(None)
@@ -197,14 +214,9 @@ class _Serve(protocol.Protocol):
         self._bound: Any = None
 
     def connectionMade(self) -> None:
-        sock = getattr(self.transport, "socket", None)
-        if sock is not None:
-            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                  struct.calcsize("3i")))
-            if uid not in (0, os.getuid()):
-                log.warn("peer hold: a connection of user id {uid} refused", uid=uid)
-                self.transport.loseConnection()
-                self._gone = True
+        if not _trusted(self.transport):
+            self.transport.loseConnection()
+            self._gone = True
 
     def dataReceived(self, data: bytes) -> None:
         for message in self._lines.feed(data):

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -261,3 +262,41 @@ def test_the_end_is_heard_at_once_even_if_this_process_stalls_before_the_reactor
     finally:
         mine.close()
         theirs.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+def test_only_processes_of_this_user_or_root_are_served_or_asked():
+    """A process of another user on the abstract socket (it has no file permissions) is neither served
+    nor waited for."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"\0{peerholds.PREFIX}-test/{os.getpid()}")
+    server.listen(2)
+    children = []
+    try:
+        for uid in (0, 65534):
+            pid = os.fork()
+            if pid == 0:  # the child: connect as *uid*, wait to be closed
+                try:
+                    os.setuid(uid)
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    c.connect(server.getsockname())
+                    c.recv(1)
+                finally:
+                    os._exit(0)
+            children.append(pid)
+            conn, _ = server.accept()
+            with conn:
+                transport = StringTransport()
+                transport.socket = conn  # type: ignore[attr-defined]
+                serve = _Serve(lambda b, u: defer.succeed(lambda: None), Clock())
+                serve.makeConnection(transport)
+                assert transport.disconnecting is (uid != 0), uid
+                ask = peerholds._Ask(b"line\n")
+                transport = StringTransport()
+                transport.socket = conn  # type: ignore[attr-defined]
+                ask.makeConnection(transport)
+                assert ask.held.called is (uid != 0) and transport.value() == (b"" if uid else b"line\n"), uid
+    finally:
+        server.close()
+        for pid in children:
+            os.waitpid(pid, 0)
