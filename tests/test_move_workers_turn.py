@@ -26,6 +26,20 @@ def test_two_workers_moving_one_message_at_once_leave_it_once(proxy_factory, fle
     race_one_message_each_round(fleet, sessions, mail)
 
 
+def test_two_proxies_on_one_sqlite_file_moving_one_message_at_once_leave_it_once(proxy_factory, fleet, tmp_path):
+    """The same through two separate proxies on one SQLite map file: they take the turns in the lock
+    files beside it (crossturns.beside_store)."""
+    mail = [f"proxies-{i}@t" for i in range(ROUNDS)]
+    seed(fleet["b1"], "carol", "Work", mail)
+    for box in ("A", "B"):
+        seed(fleet["b1"], "carol", box, [])
+    config = {"map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}}
+    sessions = [Wire(p.host, p.port, timeout=30) for p in (proxy_factory(config), proxy_factory(config))]
+    for w in sessions:
+        w.login("carol")
+    race_one_message_each_round(fleet, sessions, mail)
+
+
 def race_one_message_each_round(fleet, sessions: list[Wire], mail: list[str]) -> None:
     """Round i: both sessions (Work selected on b1) `UID MOVE i` at once, to A and to B; then a census:
     every message once."""
