@@ -171,9 +171,9 @@ class Standalone:
 
     @classmethod
     def of(cls, mailbox_map: MailboxMap, spec: str | None, reactor: Any) -> Standalone:
-        key = peerholds.key_of(spec)
+        where = peerholds.map_file(spec)
         return cls(mailbox_map, beside_store(spec, reactor), from_store(spec, reactor), reactor=reactor,
-                   worker_holds=peerholds.PeerHolds(key, reactor) if key else None)
+                   worker_holds=peerholds.PeerHolds(where, reactor) if where else None)
 
 
 async def _in_order(takes: Iterable[Callable[[], Awaitable[Release]]]) -> Release:

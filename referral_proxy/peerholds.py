@@ -13,7 +13,8 @@ limit). A RENAME finds the others' in /proc/net/unix (:func:`listening`), connec
 one JSON line; each holds its sessions (a master: its workers', through its relay) and answers
 "held". The RENAME waits for every answer at most workerholds.ASK_WAIT, then goes on regardless
 (logged). Closing the connection ends the hold (a killed RENAME's process ends it too); a hold lasts
-at most REMOTE_HOLD. Only processes of the same user id (or root) are served or asked (SO_PEERCRED).
+at most REMOTE_HOLD. Only processes of root, this process's user or the map file's owner are served
+or asked (SO_PEERCRED: an abstract socket has no file permissions).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from .renamehold import REMOTE_HOLD
 from .turns import Release
 from .workerholds import ASK_WAIT, Lines, encode
 
-__all__ = ["PREFIX", "key_of", "address", "listening", "PeerHolds", "listen"]
+__all__ = ["PREFIX", "MapFile", "map_file", "address", "listening", "PeerHolds", "listen"]
 
 log = Logger()
 
@@ -43,12 +45,26 @@ UNIX_TABLE = "/proc/net/unix"
 HoldHere = Callable[[str, str], Awaitable[Release]]
 
 
-def key_of(spec: str | None) -> str | None:
-    """The name the proxies on one SQLite map file share (its real path, hashed); None for another store."""
+@dataclass(frozen=True)
+class MapFile:
+    """The SQLite map file proxies share: the name their sockets bear, and the user ids trusted at the other
+    end of one (root, this process's, the file's owner: a proxy run as the mail user, `move` run as root)."""
+
+    key: str
+    uids: frozenset[int]
+
+
+def map_file(spec: str | None) -> MapFile | None:
+    """The map file of the store *spec* (its real path, hashed); None for another store."""
     if spec is None or not spec.startswith("sqlite:") or spec == "sqlite::memory:":
         return None
     path = os.path.realpath(spec.partition(":")[2])
-    return hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    uids = {0, os.getuid()}
+    try:
+        uids.add(os.stat(path).st_uid)
+    except OSError:
+        pass  # (not made yet: this process makes it)
+    return MapFile(hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:24], frozenset(uids))
 
 
 def address(key: str, pid: int) -> str:
@@ -73,13 +89,13 @@ def listening(key: str, own: int, table: str | Path = UNIX_TABLE) -> list[str]:
     return sorted(found)
 
 
-def _trusted(transport: Any) -> bool:
-    """The process at the other end runs as this one's user, or as root (SO_PEERCRED; True without a socket)."""
+def _trusted(transport: Any, uids: frozenset[int]) -> bool:
+    """The process at the other end runs as one of *uids* (SO_PEERCRED; True without a socket)."""
     sock = getattr(transport, "socket", None)
     if sock is None:
         return True
     _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    if uid in (0, os.getuid()):
+    if uid in uids:
         return True
     log.warn("peer hold: the other end runs as user id {uid}: not one of ours", uid=uid)
     return False
@@ -90,13 +106,13 @@ class _Ask(protocol.Protocol):
 
     transport: Any  # (a Twisted transport: zope interfaces, which mypy cannot follow)
 
-    def __init__(self, line: bytes) -> None:
-        self.line = line
+    def __init__(self, line: bytes, uids: frozenset[int]) -> None:
+        self.line, self.uids = line, uids
         self.held: defer.Deferred[bool] = defer.Deferred()
         self._lines = Lines("peer hold")
 
     def connectionMade(self) -> None:
-        if not _trusted(self.transport):  # (another user's socket under our name: not waited for)
+        if not _trusted(self.transport, self.uids):  # (another user's socket under our name: not waited for)
             self.transport.loseConnection()
             self.gone()
             return
@@ -142,18 +158,18 @@ class _Once(protocol.Factory):
 class PeerHolds:
     """A RENAME's side: the other proxies on the map file hold their sessions of its user."""
 
-    def __init__(self, key: str, reactor: Any, table: str | Path = UNIX_TABLE) -> None:
-        self.key, self.reactor, self.table = key, reactor, table
+    def __init__(self, where: MapFile, reactor: Any, table: str | Path = UNIX_TABLE) -> None:
+        self.where, self.reactor, self.table = where, reactor, table
         self._ids = (f"{os.getpid()}.{n}" for n in itertools.count(1))
 
     async def hold(self, backend: str, user: str) -> Release:
         """Every other proxy's sessions of *user* hold their connections to *backend* (or ASK_WAIT
         passed); the release lets them go."""
-        peers = listening(self.key, os.getpid(), self.table)
+        peers = listening(self.where.key, os.getpid(), self.table)
         if not peers:
             return _nothing
         line = encode({"hold": next(self._ids), "backend": backend, "user": user})
-        asks = [_Ask(line) for _ in peers]
+        asks = [_Ask(line, self.where.uids) for _ in peers]
         connects = [endpoints.UNIXClientEndpoint(self.reactor, peer, timeout=ASK_WAIT).connect(_Once(ask))
                     for peer, ask in zip(peers, asks)]
         for connect, ask in zip(connects, asks):
@@ -206,15 +222,15 @@ class _Serve(protocol.Protocol):
 
     transport: Any
 
-    def __init__(self, hold_here: HoldHere, reactor: Any) -> None:
-        self.hold_here, self.reactor = hold_here, reactor
+    def __init__(self, hold_here: HoldHere, reactor: Any, uids: frozenset[int]) -> None:
+        self.hold_here, self.reactor, self.uids = hold_here, reactor, uids
         self._lines = Lines("peer hold")
         self._asked = self._gone = False
         self._release: Release | None = None
         self._bound: Any = None
 
     def connectionMade(self) -> None:
-        if not _trusted(self.transport):
+        if not _trusted(self.transport, self.uids):
             self.transport.loseConnection()
             self._gone = True
 
@@ -258,9 +274,9 @@ class _Serve(protocol.Protocol):
         self._end()
 
 
-def listen(key: str, reactor: Any, hold_here: HoldHere) -> Any:
+def listen(where: MapFile, reactor: Any, hold_here: HoldHere) -> Any:
     """This proxy's socket for the others' RENAMEs (the listening port: stopListening at the end)."""
-    return reactor.listenUNIX(address(key, os.getpid()), RenameHoldsFactory(hold_here, reactor))
+    return reactor.listenUNIX(address(where.key, os.getpid()), RenameHoldsFactory(hold_here, reactor, where.uids))
 
 
 class RenameHoldsFactory(protocol.Factory):
@@ -268,8 +284,8 @@ class RenameHoldsFactory(protocol.Factory):
 
     noisy = False
 
-    def __init__(self, hold_here: HoldHere, reactor: Any) -> None:
-        self.hold_here, self.reactor = hold_here, reactor
+    def __init__(self, hold_here: HoldHere, reactor: Any, uids: frozenset[int]) -> None:
+        self.hold_here, self.reactor, self.uids = hold_here, reactor, uids
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
-        return _Serve(self.hold_here, self.reactor)
+        return _Serve(self.hold_here, self.reactor, self.uids)

@@ -100,8 +100,8 @@ def seen_within(workers: int, store: object, spec: str | None = None) -> float:
     unseen, and their sessions stay selected in a mailbox set aside, then made anew under its name (Dovecot:
     NO [SERVERBUG], or the connection dropped). PostgreSQL's begin waits for the others to have read it
     (settle); one process alone sees its own moves begin."""
-    key = peerholds.key_of(spec) if workers <= 1 else None
-    others = workers > 1 or (key is not None and bool(peerholds.listening(key, os.getpid())))
+    where = peerholds.map_file(spec) if workers <= 1 else None
+    others = workers > 1 or (where is not None and bool(peerholds.listening(where.key, os.getpid())))
     return seen_by_another_process(store) if others else 0.0
 
 

@@ -288,11 +288,11 @@ class ProxyService(MultiService):
             assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
             self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
                                       self.log_stream, on_death=self.recovery.now)
-            key = peerholds.key_of(self.config.map.store)
-            peers = peerholds.PeerHolds(key, self.reactor) if key else None
+            where = peerholds.map_file(self.config.map.store)
+            peers = peerholds.PeerHolds(where, self.reactor) if where else None
             self.context.worker_holds = self.workers.holds_for(self.context, peers)  # (a move it recovers)
-            if key and self.workers.peer_holds is not None:
-                self._listen_peers(key, self.workers.peer_holds.hold)
+            if where and self.workers.peer_holds is not None:
+                self._listen_peers(where, self.workers.peer_holds.hold)
             self.workers.start()
             log.info("referral-proxy listening on {listen} with {n} workers", listen=", ".join(self.config.proxy.listen),
                      n=self.config.proxy.workers)
@@ -304,10 +304,10 @@ class ProxyService(MultiService):
             return  # moves are recovered by the master alone
         else:
             log.info("referral-proxy listening on {listen}", listen=", ".join(self.config.proxy.listen))
-            key = peerholds.key_of(self.config.map.store)
-            if key:
-                self.context.worker_holds = peerholds.PeerHolds(key, self.reactor)
-                self._listen_peers(key, lambda backend, user: hold_for_another(self.context, backend, user))
+            where = peerholds.map_file(self.config.map.store)
+            if where:
+                self.context.worker_holds = peerholds.PeerHolds(where, self.reactor)
+                self._listen_peers(where, lambda backend, user: hold_for_another(self.context, backend, user))
         # Moves a stopped proxy (or a dead worker) left half done are finished or rolled back
         # now, and any given up on later are retried periodically (recovery.SWEEP_SECONDS).
         self.recovery.start()
@@ -350,9 +350,9 @@ class ProxyService(MultiService):
             yield self._peer_port.stopListening()
         yield defer.ensureDeferred(self.mailbox_map.close())
 
-    def _listen_peers(self, key: str, hold_here: Any) -> None:
+    def _listen_peers(self, where: peerholds.MapFile, hold_here: Any) -> None:
         try:
-            self._peer_port = peerholds.listen(key, self.reactor, hold_here)
+            self._peer_port = peerholds.listen(where, self.reactor, hold_here)
         except CannotListenError as e:  # (only RENAMEs of the other proxies on the map file miss it)
             log.warn("the socket other proxies on the map file ask RENAME holds on: {why}", why=str(e))
 

@@ -19,11 +19,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from referral_proxy import peerholds
-from referral_proxy.peerholds import PeerHolds, _Serve, address, key_of, listening
+from referral_proxy.peerholds import MapFile, PeerHolds, _Serve, address, listening, map_file
 from referral_proxy.renamehold import REMOTE_HOLD
 from referral_proxy.workerholds import ASK_WAIT, MASTER, PEER, HoldRelay, encode
 
 KEY = "0123456789abcdef01234567"
+OURS = frozenset({0, os.getuid()})
+WHERE = MapFile(KEY, OURS)
 HEAD = "Num       RefCount Protocol Flags    Type St Inode Path\n"
 
 
@@ -50,13 +52,17 @@ def test_the_other_proxies_on_the_map_file_are_found_listening(tmp_path):
     assert listening(KEY, me, tmp_path / "missing") == []
 
 
-def test_one_key_per_map_file_whatever_path_names_it(tmp_path):
+def test_one_key_per_map_file_whatever_path_names_it_and_its_owner_trusted(tmp_path):
     (tmp_path / "map.sqlite3").write_bytes(b"")
     (tmp_path / "link.sqlite3").symlink_to(tmp_path / "map.sqlite3")
-    one = key_of(f"sqlite:{tmp_path / 'map.sqlite3'}")
-    assert one is not None and one == key_of(f"sqlite:{tmp_path / 'link.sqlite3'}")
-    assert one != key_of(f"sqlite:{tmp_path / 'other.sqlite3'}")
-    assert key_of("sqlite::memory:") is None and key_of("postgresql://p@db/map") is None and key_of(None) is None
+    if os.getuid() == 0:
+        os.chown(tmp_path / "map.sqlite3", 4321, -1)
+    one = map_file(f"sqlite:{tmp_path / 'map.sqlite3'}")
+    assert one is not None and one == map_file(f"sqlite:{tmp_path / 'link.sqlite3'}")
+    assert one.uids == OURS | ({4321} if os.getuid() == 0 else set())  # (a proxy run as the mail user, `move` as root)
+    other = map_file(f"sqlite:{tmp_path / 'other.sqlite3'}")  # not made yet
+    assert other is not None and other.key != one.key and other.uids == OURS
+    assert map_file("sqlite::memory:") is None and map_file("postgresql://p@db/map") is None and map_file(None) is None
 
 
 class _Here:
@@ -77,7 +83,7 @@ class _Here:
 
 
 def _served(here: _Here, clock: Clock) -> tuple[_Serve, StringTransport]:
-    serve = _Serve(here.hold_here, clock)
+    serve = _Serve(here.hold_here, clock, OURS)
     transport = StringTransport()
     serve.makeConnection(transport)  # (a StringTransport has no socket: no SO_PEERCRED to look at)
     return serve, transport
@@ -152,7 +158,7 @@ def _table(tmp_path, *pids: int):
 
 def test_a_rename_goes_on_once_every_other_proxy_holds_or_is_gone(tmp_path):
     reactor = MemoryReactorClock()
-    peers = PeerHolds(KEY, reactor, _table(tmp_path, 101, 202, 303))
+    peers = PeerHolds(WHERE, reactor, _table(tmp_path, 101, 202, 303))
     d = defer.ensureDeferred(peers.hold("b1", ODD_USER))
     assert [a for a, *_ in reactor.unixClients] == [address(KEY, p) for p in (101, 202, 303)]
     one, t1 = _connect(reactor, 0)
@@ -172,7 +178,7 @@ def test_a_rename_goes_on_once_every_other_proxy_holds_or_is_gone(tmp_path):
 
 def test_a_rename_waits_ask_wait_at_most_and_its_release_ends_the_late_hold(tmp_path):
     reactor = MemoryReactorClock()
-    peers = PeerHolds(KEY, reactor, _table(tmp_path, 101))
+    peers = PeerHolds(WHERE, reactor, _table(tmp_path, 101))
     d = defer.ensureDeferred(peers.hold("b1", "carol"))
     proto, transport = _connect(reactor, 0)
     reactor.advance(ASK_WAIT - 0.1)
@@ -187,7 +193,7 @@ def test_a_rename_waits_ask_wait_at_most_and_its_release_ends_the_late_hold(tmp_
 
 def test_no_other_proxy_no_connection(tmp_path):
     reactor = MemoryReactorClock()
-    d = defer.ensureDeferred(PeerHolds(KEY, reactor, _table(tmp_path, os.getpid())).hold("b1", "carol"))
+    d = defer.ensureDeferred(PeerHolds(WHERE, reactor, _table(tmp_path, os.getpid())).hold("b1", "carol"))
     assert d.called and reactor.unixClients == []
 
 
@@ -251,7 +257,7 @@ def test_the_end_is_heard_at_once_even_if_this_process_stalls_before_the_reactor
     again (tests/test_list_during_moves.py's stepwise proxy stops the whole process at a journal step)."""
     mine, theirs = socket.socketpair()
     try:
-        ask = peerholds._Ask(b"")
+        ask = peerholds._Ask(b"", OURS)
         transport = StringTransport()
         transport.socket = mine  # type: ignore[attr-defined]
         ask.makeConnection(transport)
@@ -266,8 +272,8 @@ def test_the_end_is_heard_at_once_even_if_this_process_stalls_before_the_reactor
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
 def test_only_processes_of_this_user_or_root_are_served_or_asked():
-    """A process of another user on the abstract socket (it has no file permissions) is neither served
-    nor waited for."""
+    """A process of another user (not root, this one's, the map file's owner) on the abstract socket (it
+    has no file permissions) is neither served nor waited for."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(f"\0{peerholds.PREFIX}-test/{os.getpid()}")
     server.listen(2)
@@ -288,10 +294,10 @@ def test_only_processes_of_this_user_or_root_are_served_or_asked():
             with conn:
                 transport = StringTransport()
                 transport.socket = conn  # type: ignore[attr-defined]
-                serve = _Serve(lambda b, u: defer.succeed(lambda: None), Clock())
+                serve = _Serve(lambda b, u: defer.succeed(lambda: None), Clock(), OURS)
                 serve.makeConnection(transport)
                 assert transport.disconnecting is (uid != 0), uid
-                ask = peerholds._Ask(b"line\n")
+                ask = peerholds._Ask(b"line\n", OURS)
                 transport = StringTransport()
                 transport.socket = conn  # type: ignore[attr-defined]
                 ask.makeConnection(transport)
