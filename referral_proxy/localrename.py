@@ -48,13 +48,24 @@ class LocalRename:
     completion: str
 
 
-async def _follow_placements(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> None:
-    """Placements of the renamed mailboxes (those on *backend*) now belong to the new names."""
+def _placements_to_follow(mailbox_map: MailboxMap, user: str, backend: str, old: str, new: str) -> list[list[Any]]:
+    """[old name, new name, backends] of each placement of the mailboxes the RENAME takes (those on *backend*):
+    journaled before the RENAME, so that a recovery carries out the same list (a kill amid it leaves some
+    old names unplaced, which the map then no longer tells apart)."""
     sep, old, new = mailbox_map.separator, normalize(old, mailbox_map.separator), normalize(new, mailbox_map.separator)
-    for name, backends in mailbox_map.placements(user).items():
-        if backends[0] == backend and (name == old or name.startswith(old + sep)):
+    return [[name, new + name[len(old):], list(backends)] for name, backends in mailbox_map.placements(user).items()
+            if backends[0] == backend and (name == old or name.startswith(old + sep))]
+
+
+async def _follow_placements(mailbox_map: MailboxMap, user: str, follow: list[list[Any]]) -> None:
+    """The placements of *follow* now belong to the new names: every new one placed before any old one goes
+    (a name may be both, renaming into its own parent), so that doing it again finishes it."""
+    for _old, name, backends in follow:
+        await mailbox_map.place(user, name, backends)
+    new = {name for _old, name, _backends in follow}
+    for name, _new, _backends in follow:
+        if name not in new:
             await mailbox_map.unplace(user, name)
-            await mailbox_map.place(user, new + name[len(old):], backends)
 
 
 async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,
@@ -111,6 +122,8 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
             if refused:
                 await mailbox_map.end_move(entry)
                 return LocalRename((), refused)
+        if not inbox:
+            entry.data["follow"] = _placements_to_follow(mailbox_map, user, conn.name, old, new)
         await mailbox_map.step(entry, Step.RENAMING)
         release = await quiet() if quiet is not None else None  # the others' commands there (renamehold.py)
         try:
@@ -119,7 +132,7 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
             if release is not None:
                 release()
         if result.ok and not inbox:
-            await _follow_placements(mailbox_map, user, conn.name, old, new)
+            await _follow_placements(mailbox_map, user, entry.data["follow"])
         await mailbox_map.end_move(entry)
         return LocalRename(tuple(r.raw for r in result.responses), completion_text(result.start))
     except BaseException:
@@ -136,7 +149,9 @@ async def reconcile_local(mailbox_map: MailboxMap, entry: JournalEntry, conn: Ba
     data = entry.data
     renamed = not await exists(conn, data["old"]) and await exists(conn, data["new"])
     if renamed and normalize(data["old"], mailbox_map.separator) != "INBOX":
-        await _follow_placements(mailbox_map, entry.user, data["backend"], data["old"], data["new"])
+        follow = data.get("follow")  # (none in an entry an older version left: the map is read as it is)
+        await _follow_placements(mailbox_map, entry.user, follow if follow is not None else _placements_to_follow(
+            mailbox_map, entry.user, data["backend"], data["old"], data["new"]))
     await mailbox_map.end_move(entry)
     return "renamed: placements follow" if renamed else "not renamed: nothing to do"
 
