@@ -186,13 +186,14 @@ def appenduid_from_copyuid(start: ResponseStart) -> bytes | None:
     return b"APPENDUID " + start.code_args.split(b" ", 1)[0] + b" " + m.group(2)
 
 
-def probe_answer(tag: bytes, status: Tagged, name: bytes) -> bytes:
+def probe_answer(tag: bytes, status: Tagged, name: bytes, utf8: bool = False) -> bytes:
     """The answer to an APPEND whose target the ``STATUS`` probe did not find, as the backend
     would give it for the APPEND itself: RFC 3502 asks for TRYCREATE unless the mailbox
     certainly cannot be created. Dovecot says NONEXISTENT for a missing one; a NO without a
-    code is taken for one too, unless *name* is not a valid name (then creation would fail)."""
+    code is taken for one too, unless *name* is not a valid name (then creation would fail;
+    an 8-bit name is valid only once *utf8*: UTF8=ACCEPT enabled on that connection)."""
     start = status.start
-    missing = start.code in ("NONEXISTENT", "TRYCREATE") or (start.code is None and mutf7.valid_name(name, utf8=True))
+    missing = start.code in ("NONEXISTENT", "TRYCREATE") or (start.code is None and mutf7.valid_name(name, utf8=utf8))
     if start.status == "NO" and missing:
         return b"%s NO [TRYCREATE] %s\r\n" % (tag, start.text or b"Mailbox does not exist")
     return b"%s %s\r\n" % (tag, completion_text(start).encode("utf-8", "replace"))
@@ -267,7 +268,7 @@ class Staging:
             if r.start.name != "STATUS":
                 host.write_from(conn, r.raw)
         if not status.ok:
-            return probe_answer(tag, status, self.target)
+            return probe_answer(tag, status, self.target, b"UTF8=ACCEPT" in conn.enabled)
         if not self.staged:
             log.warn("no staging mailbox on {b}: {why}; one message per APPEND there", b=conn.name,
                      why=created.start.text)

@@ -459,7 +459,7 @@ def test_staging_near_the_quota_moves_where_it_can(proxy_factory, no_multiappend
         assert not any(STAGING_PREFIX in name for name in _mailboxes(backend, "quota"))
 
 
-_NAMES = [b'"a%b"', b'"a*b"', b'"Caf\xe9"', b'"&Jjo"', b'"a\\"q"', b'"back\\\\slash"', b"{3+}\r\nx\ry", b'""']
+_NAMES = [b'"a%b"', b'"a*b"', b'"Caf\xe9"', b'"S/\xc3\xa9"', b'"&Jjo"', b'"a\\"q"', b'"back\\\\slash"', b"{3+}\r\nx\ry", b'""']
 
 
 @pytest.mark.parametrize("staging", [False, True], ids=["multiappend", "staging"])
