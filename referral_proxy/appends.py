@@ -270,6 +270,10 @@ class Appends:
             return None
         return t.room
 
+    def forget_taker(self) -> None:
+        """This session DELETEs or RENAMEs a mailbox: its next APPEND asks the backend before any data."""
+        self._taker = None
+
     def took(self, backend: str, mailbox: bytes, room: tuple[int | None, int | None] | None) -> None:
         if room is not None:
             self._taker = Taker(backend, mailbox, room, self._clock.seconds() + TAKER_SECONDS)

@@ -201,7 +201,7 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     if not infos:
         raise TransferError("nothing to copy")
     if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
-        raise TransferError(f"backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
+        raise TransferError(f"[CANNOT] Backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
     binary = "BINARY" in src.capabilities and "BINARY" in dst.capabilities
     plan: frozenset[int] = frozenset()  # UIDs read by BINARY.PEEK[] and sent as literal8
     while True:

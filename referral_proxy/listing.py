@@ -208,7 +208,8 @@ def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None
             return host.relay_to(tag, kind, args, host.home)
         host.run(tag, _merged(host, tag, kind, reference, pattern, backends, remote))
     else:
-        host.run(tag, _filtered(host, tag, kind, args, backends, remote_option, remote))
+        # \Remote only where a mailbox can be remote: none with referrals = "never" (RFC 5258 3.1: REMOTE ignored)
+        host.run(tag, _filtered(host, tag, kind, args, backends, remote_option and host.referrals_mode != "never", remote))
 
 
 def _selection(args: Arguments) -> set[bytes]:

@@ -297,6 +297,8 @@ class ClientSession(Protocol):
         if isinstance(event, Command):
             if self.pool is not None and self.pool.reusable and taints(event.name, event.args):  # keepalive.py
                 self.pool.reusable = False
+            if event.name in ("DELETE", "RENAME"):  # the mailbox that took this session's last APPEND may be gone
+                self.appends.forget_taker()
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
         elif isinstance(event, Refused):
             line = b"%s %s %s\r\n" % (event.tag, event.status.encode(), safe_text(event.text).encode("utf-8"))
