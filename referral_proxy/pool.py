@@ -50,7 +50,7 @@ class BackendPool:
     """Connections per backend for one user, with the ENABLEd extensions replayed."""
 
     __slots__ = (  # no per-instance dict: a proxy holds thousands of idle sessions
-        "ctx", "_connect", "user", "_credentials", "_id", "_attach", "conns", "enabled", "closed", "_connecting",
+        "ctx", "_connect", "user", "_credentials", "_id", "_attach", "conns", "enabled", "replayed", "closed", "_connecting",
         "_waiters", "reusable",
     )
 
@@ -64,6 +64,7 @@ class BackendPool:
         self._attach = attach  # wires a new connection to the session (sink, back-pressure)
         self.conns: dict[str, BackendProtocol] = {}
         self.enabled: tuple[bytes, ...] = ()  # what the client ENABLEd, in order
+        self.replayed: tuple[bytes, ...] = ()  # of those, what a backend answered OK: replayed on the others
         self.closed = False
         self._connecting: dict[str, defer.Deferred[BackendProtocol]] = {}
         self._waiters: tuple[tuple[BackendProtocol | None, defer.Deferred[None]], ...] = ()  # mostly none
@@ -148,6 +149,14 @@ class BackendPool:
             if name.upper() not in self.enabled:
                 self.enabled += (name.upper(),)
 
+    def confirm_enabled(self, names: Sequence[bytes]) -> tuple[bytes, ...]:
+        """The client's ENABLE of *names* was answered OK: replayed from now on (returned: all that is). Not
+        before: a replay pipelined behind that ENABLE would capture its ``* ENABLED`` (the client's answer)."""
+        for name in names:
+            if name.upper() not in self.replayed:
+                self.replayed += (name.upper(),)
+        return self.replayed
+
     def enabled_where_announced(self, name: bytes, backend: str) -> bool:
         """*name* ENABLEd by the client and announced by *backend*: else ENABLE enabled nothing there (RFC 5161
         3.1: a server ignores a name it does not support; Dovecot 2.3 and UTF8=ACCEPT, then a UTF-8 name is NO)."""
@@ -155,7 +164,7 @@ class BackendPool:
 
     async def prepare(self, conn: BackendProtocol) -> None:
         """Replay what the client ENABLEd on a connection that has not seen it."""
-        missing = [e for e in self.enabled if e not in conn.enabled]
+        missing = [e for e in self.replayed if e not in conn.enabled]
         if missing:
             await conn.command(b"ENABLE " + b" ".join(missing))
             conn.enabled.update(missing)
@@ -168,7 +177,7 @@ class BackendPool:
         for other in self.conns.values():
             if other is not conn and other.busy:
                 return None
-        if self.enabled and any(e not in conn.enabled for e in self.enabled):
+        if self.replayed and any(e not in conn.enabled for e in self.replayed):
             return None
         return conn
 

@@ -519,7 +519,7 @@ class ClientSession(Protocol):
         def done(start: ResponseStart) -> None:
             conn = pool.ready(target)
             if start.status == "OK" and conn is not None:
-                conn.enabled.update(pool.enabled)
+                conn.enabled.update(pool.confirm_enabled([t.value for t in cmd.args.tokens]))  # type: ignore[union-attr]
 
         conn = pool.ready(target)
         if conn is not None and not pool.busy_except(conn):  # as it is: not replayed first

@@ -336,6 +336,28 @@ def test_enable_relays_only_what_the_proxy_announces():
     assert sent.endswith(b" ENABLE\r\n"), sent  # RFC 5161 ignores what it does not know: so does the proxy
 
 
+@pytest.mark.parametrize("after", [b"b NOOP\r\n", b"b FETCH 1 (UID MODSEQ)\r\n", b"b NAMESPACE\r\n", b"b ID NIL\r\n"])
+def test_a_command_pipelined_after_enable_leaves_its_enabled_line_to_the_client(bytewise, after):
+    """Probe C (this stop): ``a ENABLE CONDSTORE`` and ``b NOOP`` in one write lost ``* ENABLED``: the
+    NOOP went after a replay of the ENABLE (remembered before it was answered), whose capture took the
+    ENABLE's untagged lines. Replayed only once answered OK; the NOOP follows the ENABLE as it is."""
+    h = SessionHarness()
+    h.login()
+    h.send(b"s SELECT INBOX\r\n")
+    h.from_backend(b"* 3 EXISTS\r\n" + h.to_backend().split()[0] + b" OK [READ-WRITE] Selected.\r\n")
+    h.to_client()
+    h.send(b"a ENABLE CONDSTORE\r\n" + after, one_byte_at_a_time=bytewise)
+    sent = h.to_backend()
+    assert sent.count(b" ENABLE ") == 1 and sent.endswith(after[1:]), sent
+    first, second = (line.split()[0] for line in sent.splitlines())
+    h.from_backend(b"* OK [HIGHESTMODSEQ 6] Highest\r\n* ENABLED CONDSTORE\r\n" + first + b" OK Enabled.\r\n")
+    h.from_backend(second + b" OK Done.\r\n")
+    assert h.to_client() == (b"* OK [HIGHESTMODSEQ 6] Highest\r\n* ENABLED CONDSTORE\r\na OK Enabled.\r\n"
+                             b"b OK Done.\r\n")
+    h.send(b"c NOOP\r\n")
+    assert h.to_backend().endswith(b" NOOP\r\n")  # enabled there: nothing replayed
+
+
 # -- RFC 6855: APPEND's UTF8 (~{n}...) streamed to a backend that announced UTF8=ACCEPT ----------------
 
 UTF8_CAPS = [*DOVECOT_CAPS, "UTF8=ACCEPT"]
