@@ -32,6 +32,7 @@ from .context import ProxyContext
 from .copycommand import CopyCommands
 from .fastpath import PLAIN_COMMANDS, append_line, relay_plain
 from .flow import Block, ClientFlow
+from .halfclose import HalfClose
 from .idle import Idle
 from .imap.command import Atom, CommandStart, nil_or_list
 from .imap.framing import NEED_DATA
@@ -83,7 +84,7 @@ _IN_FLIGHT, _DECISION = Block.IN_FLIGHT, Block.DECISION
 
 
 @implementer(IHandshakeListener)
-class ClientSession(Protocol):
+class ClientSession(HalfClose, Protocol):
     """The server side of one client connection."""
 
     # Connected: a TCP (or TLS) transport. Twisted declares it with zope interfaces,

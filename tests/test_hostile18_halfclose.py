@@ -69,3 +69,28 @@ def test_half_close_appends_as_dovecot_and_closes(fleet, clean_mail, proxy_facto
         if not p_closed or d_added != p_added:
             failures.append((name, d_added, p_added, d_closed, p_closed, d_out[-80:], p_out[-80:]))
     assert not failures
+
+
+# -- whole commands before the half-close are answered (helper probe C, this stop) ------------------
+
+WHOLE = (b"a NOOP\r\nb APPEND %(box)s {%(n1)d+}\r\n" + M1 + b"\r\nc STATUS INBOX (MESSAGES)\r\n"
+         b"d SELECT %(box)s\r\ne FETCH 1:* (FLAGS)\r\n")
+
+
+@pytest.mark.parametrize("box", ["INBOX", "Far"])
+def test_whole_commands_sent_before_a_half_close_are_answered_then_the_connection_closes(
+        fleet, clean_mail, proxy_factory, box):
+    """On 9008653 the end of input closed the session at once: no answer at all, yet the APPEND was
+    saved (a client told nothing sends it again). Direct Dovecot answers each, then closes."""
+    proxy = proxy_factory(rules=RULES)
+    with fleet["b1" if box == "INBOX" else "b2"].client("carol") as m:
+        if box != "INBOX":
+            m.create(box)
+    data = WHOLE % {b"box": box.encode(), b"n1": len(M1)}
+    for round_ in range(3):
+        before = _count(fleet, "b1" if box == "INBOX" else "b2", "carol", box)
+        out, closed = _run(proxy.host, proxy.port, "carol", data)
+        tagged = [line.split(b" ", 2)[:2] for line in out.split(b"\r\n") if line[:2] in (b"a ", b"b ", b"c ", b"d ", b"e ")]
+        assert tagged == [[t, b"OK"] for t in (b"a", b"b", b"c", b"d", b"e")], (round_, out)
+        assert b"* %d EXISTS" % (before + 1) in out and closed, (round_, out)
+        assert _count(fleet, "b1" if box == "INBOX" else "b2", "carol", box) == before + 1

@@ -1,0 +1,56 @@
+"""A client that half-closes (``shutdown(SHUT_WR)``, ``nc -N``, a script piping commands) gets the answers
+of the commands it sent whole, then the connection closes: as Dovecot answers what it read before the end
+of its input. Without this, Twisted took the end of input for the end of the connection: an APPEND the
+backend saved went unanswered, and a client told nothing sends it again (twice).
+
+A command the end of input cut (half a line, half a literal, an IDLE never DONE) ends the session at once,
+as before: nothing of it runs, and what is in flight is answered only if it already was."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
+
+from .phase import Phase
+
+__all__ = ["HalfClose", "POLL_SECONDS"]
+
+POLL_SECONDS = 0.05  # how often a half-closed session looks whether all is answered
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfClose:
+    """Mixed into the client session (session.py): Twisted's half-close interface."""
+
+    input_ended = False  # (a read resumed after the end is told again: looked at once)
+
+    def readConnectionLost(self) -> None:
+        session: Any = self
+        if session.phase is Phase.LOGOUT or self.input_ended:
+            return
+        self.input_ended = True
+        poll: LoopingCall = LoopingCall(_answered_or_cut, session, lambda: poll.stop())
+        poll.clock = session.ctx.reactor
+        poll.start(POLL_SECONDS, now=True)
+
+    def writeConnectionLost(self) -> None:
+        pass  # never: the proxy does not half-close its side
+
+
+def _answered_or_cut(session: Any, stop: Any) -> None:
+    """Close once nothing sent whole is left unanswered; at once if what is left can never end."""
+    if session.phase is Phase.LOGOUT or session.transport is None or getattr(session.transport, "disconnected", False):
+        return stop()
+    current = session.appends.current
+    if (session.idle.current is not None or (current is not None and not current.input_over)
+            or session.flow.output_backed_up):
+        stop()  # an IDLE never DONE, a message never whole, a client not reading: the connection ends
+        return session.transport.loseConnection()
+    session._pump()  # commands read whole and not dispatched yet (a turn given to others)
+    if session.relay.in_flight or session.appends.unanswered or session.flow.blocked:
+        return None  # answers still to come (a command of the proxy's own holds the input meanwhile)
+    stop()
+    session._close()  # (what is left in the reader is half a command: dropped, as Dovecot drops it)
