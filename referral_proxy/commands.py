@@ -136,7 +136,7 @@ _ROWS = [
     _spec("UID SORT", SEL, "any+", Routing.SELECTED, "SORT", tag_refs=True),
     _spec("THREAD", SEL, "astring astring any+", Routing.SELECTED, "THREAD="),
     _spec("UID THREAD", SEL, "astring astring any+", Routing.SELECTED, "THREAD="),
-    _spec("CANCELUPDATE", SEL, "astring+", Routing.SELECTED, "CONTEXT=SEARCH", handler="cancel_update",
+    _spec("CANCELUPDATE", SEL, "quoted+", Routing.SELECTED, "CONTEXT=SEARCH", handler="cancel_update",
           tag_args=True),
 ]
 

@@ -72,12 +72,20 @@ class _Refs:
     """The proxy's tags on one connection whose responses name them, with the client's tags."""
 
     live: OrderedDict[bytes, bytes] = field(default_factory=OrderedDict)  # proxy tag -> client tag
+    updates: set[bytes] = field(default_factory=set)  # of those, the ones whose updates go on (UPDATE)
 
     def proxy_tag(self, client_tag: bytes) -> bytes | None:
+        for ptag in self.updates:  # (one at most per client tag: a second is refused, as Dovecot refuses it)
+            if self.live.get(ptag) == client_tag:
+                return ptag
         for ptag, ctag in reversed(self.live.items()):
             if ctag == client_tag:
                 return ptag
         return None
+
+    def forget(self, ptag: bytes) -> None:
+        self.live.pop(ptag, None)
+        self.updates.discard(ptag)
 
 
 class Relay:
@@ -104,10 +112,14 @@ class Relay:
         spec = COMMANDS.get(name)
         if spec is not None and spec.tag_refs and _returns(args):  # ESEARCH / ESORT: (TAG "...")
             refs = self._refs.setdefault(conn, _Refs())
-            refs.live[ptag] = tag
             keep = wants_updates(args)
+            if keep and any(refs.live.get(p) == tag for p in refs.updates):  # its updates would go on after a CANCELUPDATE
+                return self.host.send(b"%s BAD Duplicate search update tag\r\n" % tag)
+            refs.live[ptag] = tag
+            if keep:
+                refs.updates.add(ptag)
             while len(refs.live) > MAX_UPDATES:
-                refs.live.popitem(last=False)
+                refs.forget(next(iter(refs.live)))
         elif spec is not None and spec.tag_args:  # CANCELUPDATE "tag" ...: the proxy's tags
             tokens = self.client_tags_to_proxy(conn, args.tokens)
             cancels = [t.value for t in tokens if isinstance(t, String)]
@@ -148,7 +160,7 @@ class Relay:
         refs = self._refs.get(conn)
         if refs is not None:
             for ptag in ptags:
-                refs.live.pop(ptag, None)
+                refs.forget(ptag)
 
     def end_updates(self, conn: BackendProtocol) -> None:
         """The mailbox of *conn* changed: its updates are over (RFC 5267)."""
@@ -159,7 +171,7 @@ class Relay:
             return
         refs = self._refs.get(conn)
         if refs is not None:
-            refs.live.pop(ptag, None)
+            refs.forget(ptag)
 
 
 class _Op:

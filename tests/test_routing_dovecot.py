@@ -125,6 +125,26 @@ def test_esearch_and_context_updates_carry_the_clients_tags(proxy_factory, seede
     w.close()
 
 
+def test_a_second_update_search_of_one_tag_is_refused_and_a_cancel_ends_the_updates(proxy_factory, seeded):
+    """Probe C (this stop): two ``SEARCH RETURN (UPDATE ...)`` tagged t1 both ran (each under its own proxy
+    tag), and after ``CANCELUPDATE "t1"`` (which cancelled one) the other's ADDTO still came. Dovecot refuses
+    the second (BAD); so does the proxy. And RFC 5267's tags are quoted strings: an atom is BAD, as with Dovecot."""
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"s", b"SELECT Shared/X")[-1].startswith(b"s OK")
+    w.send(b"t1 SEARCH RETURN (UPDATE COUNT) ALL\r\nt1 SEARCH RETURN (UPDATE MIN) ALL\r\n")
+    answers = [w.until_tagged(b"t1")[-1], w.until_tagged(b"t1")[-1]]
+    assert sorted(a.split(b" ")[1] for a in answers) == [b"BAD", b"OK"], answers
+    assert w.cmd(b"u", b"CANCELUPDATE t1")[-1].startswith(b"u BAD "), "an atom, not a quoted tag"
+    assert w.cmd(b"c", b'CANCELUPDATE "t1"')[-1].startswith(b"c OK")
+    with seeded["r3"].client("alice") as m:
+        m.append("Shared/X", "", None, b"Subject: new\r\n\r\nnew\r\n")
+    reply = w.cmd(b"n", b"NOOP")
+    assert not [line for line in reply if b"ESEARCH" in line], reply
+    w.close()
+
+
 def test_searchres_dollar_goes_to_the_backend_that_holds_the_result(proxy_factory, seeded):
     proxy = _proxy(proxy_factory, seeded)
     w = Wire(proxy.host, proxy.port)

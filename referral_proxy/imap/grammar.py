@@ -32,6 +32,7 @@ class Slot(Enum):
     PATTERN = "pattern"  # a LIST pattern, or a list of them (LIST-EXTENDED)
     SEQSET = "seqset"  # a sequence set, or "$" (SEARCHRES)
     ASTRING = "astring"  # any other string: charset, user, rights, tag ...
+    QUOTED = "quoted"  # a quoted string, never a literal nor an atom (CANCELUPDATE's tags, RFC 5267)
     ATOM = "atom"
     LIST = "list"  # a parenthesized list
     ANY = "any"
@@ -94,6 +95,7 @@ _ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f-\xff()"]')  # 8-bit: a quoted s
 
 # Enum members are slow to look up on their class: the slots as module constants.
 _ANY, _LIST, _ATOM_SLOT, _SEQSET_SLOT, _PATTERN = Slot.ANY, Slot.LIST, Slot.ATOM, Slot.SEQSET, Slot.PATTERN
+_QUOTED = Slot.QUOTED
 
 
 def _fits(tok: Token, slot: Slot) -> bool:
@@ -105,6 +107,8 @@ def _fits(tok: Token, slot: Slot) -> bool:
         return type(tok) is Atom
     if slot is _SEQSET_SLOT:
         return type(tok) is Atom and is_sequence_set(tok.value)
+    if slot is _QUOTED:
+        return type(tok) is String and not tok.literal
     if slot is _PATTERN and type(tok) is ParenList:
         return all(_is_astring(t) for t in tok.items)
     return _is_astring(tok)
