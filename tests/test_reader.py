@@ -247,6 +247,15 @@ def test_append_keyword_dovecot_reads_but_refuses_is_answered_no_before_its_lite
     assert out[0].status == "BAD"  # the syntax is checked first, as Dovecot does
 
 
+@pytest.mark.parametrize("announce", [b"{3+}\r\nabc\r\n", b"{3}\r\n"], ids=["literal+", "sync"])
+def test_append_to_an_8bit_atom_is_bad_before_its_literal_as_every_command(announce):
+    """Probe C (this stop): answered NO by the backend (``Mailbox name is not valid mUTF-7``) where every
+    other command, and Dovecot for APPEND too, answers BAD (8-bit data in an atom)."""
+    out = events(reader(), b"a APPEND W\xc3\xa9 " + announce + b"n NOOP\r\n")
+    assert out[0] == Refused(b"a", "BAD", "Invalid arguments: invalid mailbox argument")
+    assert [e.name for e in out[1:]] == ["NOOP"]
+
+
 def test_append_mailbox_as_a_literal():
     r = reader()
     assert events(r, b"a APPEND {6}\r\n") == [Continue()]

@@ -15,12 +15,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeGuard
 
 from .command import Atom, ParenList, ParseError, String, Token
 from .quoting import QUOTED_NAME_MAX
 
 __all__ = ["Slot", "Grammar", "Arguments", "Encoded", "match", "encode", "encode_astring", "encode_quoted", "QUOTED_NAME_MAX",
-           "is_sequence_set"]
+           "is_sequence_set", "is_astring"]
 
 
 class Slot(Enum):
@@ -110,8 +111,8 @@ def _fits(tok: Token, slot: Slot) -> bool:
     if slot is _QUOTED:
         return type(tok) is String and not tok.literal
     if slot is _PATTERN and type(tok) is ParenList:
-        return all(_is_astring(t) for t in tok.items)
-    return _is_astring(tok)
+        return all(is_astring(t) for t in tok.items)
+    return is_astring(tok)
 
 
 def is_sequence_set(value: bytes) -> bool:
@@ -120,7 +121,8 @@ def is_sequence_set(value: bytes) -> bool:
             and all(0 < int(n) <= _MAX_NUMBER for n in _NUMBER.findall(value)))
 
 
-def _is_astring(tok: Token) -> bool:
+def is_astring(tok: Token) -> TypeGuard[Atom | String]:
+    """An astring argument as the proxy takes one (a name it routes by: APPEND's too)."""
     if isinstance(tok, String):
         # No NUL: RFC 3501 allows none in a literal, and Dovecot acts on a name only up to its first
         # NUL ("Proj<NUL>x" is "Proj"), which the proxy would have routed as another name.
