@@ -80,6 +80,7 @@ class Progress:
     messages: int = 0
     bytes: int = 0
     on_message: Callable[[Progress], None] | None = None
+    carried: int = 0  # of a move: messages that reached a source during it, carried at its end
 
     def add(self, size: int) -> None:
         self.messages += 1

@@ -228,7 +228,7 @@ class Mover:
             result.pending = True
             e.result = result
             raise
-        result.bytes = self.progress.bytes  # with what the end carried, if it is over
+        result.messages, result.bytes = result.messages + self.progress.carried, self.progress.bytes  # with the end's
         return result
 
     async def _answer_when_due(self, finishing: defer.Deferred, result: MoveResult) -> None:
@@ -557,6 +557,7 @@ class Mover:
         for _round in range(DRAIN_ROUNDS):
             carried = await self._copy(entry, i, src, dst, box, delta=True)
             if carried:
+                self.progress.carried += carried
                 log.info("move {id}: carried {n} message(s) that reached {box} during the move", id=entry.id,
                          n=carried, box=data["pairs"][i][0])
             state = await open_mailbox(src, box, readonly=False)
