@@ -135,6 +135,8 @@ class ProgressBar:
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
+        # mail delivered to a source during the move is carried too: the totals grow with it ("157/76", ETA -2 s)
+        self.total_messages, self.total_bytes = max(self.total_messages, p.messages), max(self.total_bytes, p.bytes)
         if p.messages != self.total_messages and now - self._last < (0.1 if self.tty else 5.0):
             return
         self._last = now
