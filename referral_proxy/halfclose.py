@@ -4,7 +4,8 @@ of its input. Without this, Twisted took the end of input for the end of the con
 backend saved went unanswered, and a client told nothing sends it again (twice).
 
 A command the end of input cut (half a line, half a literal, an IDLE never DONE) ends the session at once,
-as before: nothing of it runs, and what is in flight is answered only if it already was."""
+as before: nothing of it runs, and what is in flight is answered only if it already was; so does a client
+that has not read its answers after MAX_WAIT."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from zope.interface import implementer
 
 from .phase import Phase
 
-__all__ = ["HalfClose", "POLL_SECONDS"]
+__all__ = ["HalfClose", "POLL_SECONDS", "MAX_WAIT"]
 
 POLL_SECONDS = 0.05  # how often a half-closed session looks whether all is answered
+MAX_WAIT = 900.0  # seconds it waits at most (a RENAME across may take minutes: then it is cut, as before)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -32,7 +34,8 @@ class HalfClose:
         if session.phase is Phase.LOGOUT or self.input_ended:
             return
         self.input_ended = True
-        poll: LoopingCall = LoopingCall(_answered_or_cut, session, lambda: poll.stop())
+        until = session.ctx.reactor.seconds() + MAX_WAIT
+        poll: LoopingCall = LoopingCall(_answered_or_cut, session, lambda: poll.stop(), until)
         poll.clock = session.ctx.reactor
         poll.start(POLL_SECONDS, now=True)
 
@@ -40,17 +43,15 @@ class HalfClose:
         pass  # never: the proxy does not half-close its side
 
 
-def _answered_or_cut(session: Any, stop: Any) -> None:
+def _answered_or_cut(session: Any, stop: Any, until: float) -> None:
     """Close once nothing sent whole is left unanswered; at once if what is left can never end."""
     if session.phase is Phase.LOGOUT or session.transport is None or getattr(session.transport, "disconnected", False):
         return stop()
-    current = session.appends.current
-    if (session.idle.current is not None or (current is not None and not current.input_over)
-            or session.flow.output_backed_up):
-        stop()  # an IDLE never DONE, a message never whole, a client not reading: the connection ends
-        return session.transport.loseConnection()
     session._pump()  # commands read whole and not dispatched yet (a turn given to others)
-    if session.relay.in_flight or session.appends.unanswered or session.flow.blocked:
+    flow = session.flow
+    cut = (not flow.blocked and session.reader.starved) or session.ctx.reactor.seconds() > until
+    # (cut: half a command, a message, an IDLE never DONE: its rest never comes; or no end after MAX_WAIT)
+    if not cut and (session.relay.in_flight or session.appends.unanswered or flow.blocked):
         return None  # answers still to come (a command of the proxy's own holds the input meanwhile)
     stop()
-    session._close()  # (what is left in the reader is half a command: dropped, as Dovecot drops it)
+    session._close()  # (the session's end aborts what is cut: nothing of it is saved)

@@ -35,14 +35,11 @@ from .framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralE
 from .grammar import Arguments, Grammar, is_astring, match
 from .plain import plain_arguments
 
-__all__ = [
-    "Limits", "CommandReader", "Refusal", "STREAMED", "NEED_DECISION", "Command", "Refused", "Continue",
-    "TextLine", "Sentinel", "AppendStart", "AppendMessage", "AppendData", "AppendMessageEnd", "AppendEnd", "AppendAbort",
-    "Ended", "ReaderEvent", "BACKEND_ATOM",
-]
+__all__ = ["Limits", "CommandReader", "Refusal", "STREAMED", "NEED_DECISION", "Command", "Refused", "Continue", "TextLine",
+           "Sentinel", "AppendStart", "AppendMessage", "AppendData", "AppendMessageEnd", "AppendEnd", "AppendAbort", "Ended",
+           "ReaderEvent", "BACKEND_ATOM"]
 
-KiB = 1024
-MiB = 1024 * KiB
+KiB, MiB = 1024, 1024 * 1024
 
 
 #: Collected commands whose arguments may hold a literal8 (``~{n}``): SETMETADATA's values (RFC 5464).
@@ -309,6 +306,10 @@ class CommandReader:
     @property
     def buffered(self) -> int:
         return self._framer.buffered
+
+    @property
+    def starved(self) -> bool:  # (read once the events are drained) it needs bytes the client has not sent yet
+        return not self._queue and not self._deciding and (self._state != _IDLE or self._line_mode or self._framer.mid_line)
 
     @property
     def mid_command(self) -> bool:
