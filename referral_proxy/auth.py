@@ -91,7 +91,7 @@ def sasl_plain(blob: bytes) -> Credentials:
 
 async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> LoginOutcome:
     """Log in to the user's home backend (replicas in order) with the client's credentials."""
-    user = ctx.mailbox_map.canonical(creds.authzid or creds.user)  # routing, placements, INUSE, logs: one name
+    user = ctx.mailbox_map.login_user(creds.authzid or creds.user)  # routing, placements, INUSE, logs: one name
     route = ctx.mailbox_map.home(user)
     if plain_length(creds) > MAX_PLAIN_BASE64:  # no backend reads them: a failed login, not one unavailable
         return LoginOutcome(user, None, "NO [AUTHENTICATIONFAILED] Credentials too long", "failed", route.primary,

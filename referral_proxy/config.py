@@ -116,6 +116,7 @@ class MapConfig:
     rules: tuple[RuleConfig, ...] = ()
     separator: str = "/"  # the backends' hierarchy separator, for patterns and listings
     username_format: str = "lower"  # how a login name becomes the map's user name (USERNAME_FORMATS)
+    master_user_separator: str = ""  # Dovecot's auth_master_user_separator: "bob*admin" logs in as bob, routed as bob
     lease_seconds: float = 60.0  # PostgreSQL: a move whose owner stopped renewing this long is recovered elsewhere
     recovery_check_seconds: float = 2.0  # how often a proxy looks for a move whose owner died (recovery.py)
     move_wait_seconds: float = 10.0  # how long a COPY/MOVE waits for a MOVE across in its way (copywait.py)
@@ -300,14 +301,17 @@ def _parse_backend(name: str, raw: Any, base: Path) -> BackendConfig:
 
 
 def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfig]) -> MapConfig:
-    _only(raw, "map", {"default", "store", "rules", "separator", "username_format", "lease_seconds",
-                     "recovery_check_seconds", "move_wait_seconds"})
+    _only(raw, "map", {"default", "store", "rules", "separator", "username_format", "master_user_separator",
+                     "lease_seconds", "recovery_check_seconds", "move_wait_seconds"})
     separator = _get(raw, "map", "separator", str, default="/")
     if len(separator) != 1:
         raise ConfigError("map.separator: must be one character")
     username_format = _get(raw, "map", "username_format", str, default="lower")
     if username_format not in USERNAME_FORMATS:
         raise ConfigError(f"map.username_format: must be one of {', '.join(USERNAME_FORMATS)}, not {username_format!r}")
+    master_separator = _get(raw, "map", "master_user_separator", str, default="")
+    if len(master_separator) > 1 or master_separator.isalnum() or master_separator.isspace():
+        raise ConfigError("map.master_user_separator: one character that is not a letter, digit or space (or \"\": none)")
     default = _get(raw, "map", "default", str, required=True)
     if default not in backends:
         raise ConfigError(f"map.default: unknown backend {default!r}")
@@ -352,7 +356,8 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
             backends=names,
         ))
     return MapConfig(default=default, store=store, rules=tuple(rules), separator=separator,
-                     username_format=username_format, lease_seconds=float(lease_seconds),
+                     username_format=username_format, master_user_separator=master_separator,
+                     lease_seconds=float(lease_seconds),
                      recovery_check_seconds=float(check_seconds), move_wait_seconds=float(move_wait))
 
 

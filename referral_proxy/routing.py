@@ -198,6 +198,12 @@ class MailboxMap:
     def canonical(self, user: str) -> str:
         return canonical_user(user, self._config.username_format)
 
+    def login_user(self, login: str) -> str:
+        """The user a login name logs in as: ``bob*admin`` is bob with ``master_user_separator = "*"`` (a Dovecot
+        master user's login; the backend checks it), routed, held and logged as bob."""
+        separator = self._config.master_user_separator
+        return self.canonical(login.partition(separator)[0] if separator and separator in login else login)
+
     @property
     def changes(self) -> int:
         """A count of the placements' changes seen (the store's, picked up now, and this process's own)."""
