@@ -406,17 +406,24 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
 
 
 async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[dict[int, frozenset[bytes] | None], list[bytes]]:
-    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are still there, each with its
-    flags now (None: not said), and the other untagged responses, raw. Dovecot's answer names each
-    message whose flags changed, so not one that was \\Deleted already: those are asked for again."""
-    result = await run_ok(src, b"UID STORE " + uid_set(uids) + b" +FLAGS (\\Deleted)", "STORE")
+    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are moved (still there, each with its
+    flags now, None: not said), and the other untagged responses, raw. Dovecot's answer names each
+    message whose flags changed, so not one that was \\Deleted already: those are asked for again.
+
+    Which were there is asked right before the STORE: one there then and gone after it was taken by another
+    session's EXPUNGE, of the \\Deleted this STORE set: it is moved (its copy kept; probe F: 3 of 40 lost
+    when it was taken back). One gone before was moved or expunged by someone else: its copy goes back."""
+    there: dict[int, frozenset[bytes] | None] = {}
+    others = _fetched((await src.command(b"UID FETCH " + uid_set(uids) + b" (UID)")).responses, set(uids), there)
+    result = await run_ok(src, b"UID STORE " + uid_set(sorted(there)) + b" +FLAGS (\\Deleted)", "STORE") if there else None
     present: dict[int, frozenset[bytes] | None] = {}
-    others = _fetched(result.responses, set(uids), present)
-    if quiet := [u for u in uids if u not in present]:
+    others += _fetched(result.responses, set(there), present) if result is not None else []
+    if quiet := [u for u in there if u not in present]:
         others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
                            set(quiet), present)
     # One still without the flag (the STORE ignored: no right to set it) cannot be expunged: its copy goes back.
-    return {u: f for u, f in present.items() if f is None or b"\\DELETED" in {_flag_key(x) for x in f}}, others
+    moved = {u: f for u, f in present.items() if f is None or b"\\DELETED" in {_flag_key(x) for x in f}}
+    return {**moved, **{u: None for u in there if u not in present}}, others
 
 
 def _fetched(responses: Sequence[Any], wanted: set[int], present: dict[int, frozenset[bytes] | None]) -> list[bytes]:

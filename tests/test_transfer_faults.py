@@ -76,14 +76,16 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\n* 6 FETCH (UID 6 BODY[] {2}\r\nde)\r\nrp5 OK\r\n")
     assert now(h.context.mailbox_map.entries())[0].step.value == "move-appended"
     # Only now the source: exactly these UIDs, those that are still there.
-    assert _take(src) == b"rp6 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
-    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID)\r\n"  # which are there right before the flag
+    src.dataReceived(b"* 1 FETCH (UID 7)\r\n* 2 FETCH (UID 8)\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp7 OK\r\n")
     assert now(h.context.mailbox_map.entries())[0].data["present"] == "7:8"
-    assert _take(src) == b"rp7 UID EXPUNGE 7:8\r\n"
-    src.dataReceived(b"rp7 NO [SERVERBUG] Expunge failed\r\n")
+    assert _take(src) == b"rp8 UID EXPUNGE 7:8\r\n"
+    src.dataReceived(b"rp8 NO [SERVERBUG] Expunge failed\r\n")
     # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
-    assert _take(src) == b"rp8 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
-    src.dataReceived(b"rp8 OK\r\n")
+    assert _take(src) == b"rp9 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
+    src.dataReceived(b"rp9 OK\r\n")
     assert h.to_client() == (b"* 3 EXISTS\r\n* OK [COPYUID 9 7:8 5:6] Moved\r\n"
                              b"m NO [COPYUID 9 7:8 5:6] The messages were copied; removing them from the source "
                              b"failed and will be retried\r\n")
@@ -97,11 +99,8 @@ def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
     dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
-    assert _take(src).endswith(b"rp6 UID STORE 4 +FLAGS (\\Deleted)\r\n")
-    src.dataReceived(b"* 1 EXPUNGE\r\nrp6 OK\r\n")  # another session moved it away meanwhile
-    # Not named by the STORE: it may have been \Deleted already (Dovecot names no unchanged message)
-    assert _take(src) == b"rp7 UID FETCH 4 (UID FLAGS)\r\n"
-    src.dataReceived(b"rp7 OK\r\n")
+    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID)\r\n")
+    src.dataReceived(b"* 1 EXPUNGE\r\nrp6 OK\r\n")  # another session moved it away meanwhile: before any flag
     assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")  # so this copy would be a second one
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
     assert _take(dst) == b"rp7 UID STORE 5 +FLAGS.SILENT (\\Deleted)\r\n"
@@ -115,6 +114,31 @@ def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     assert now(h.context.mailbox_map.entries()) == []
 
 
+def test_a_source_another_session_expunges_right_after_the_moves_flag_is_moved_not_taken_back():
+    """Probe F (this stop): another session's plain EXPUNGE in a loop (a client that expunges on delete) took
+    the message in the instant after the MOVE's STORE flagged it \\Deleted, before Dovecot named it in the
+    STORE's answer; the MOVE took it for one someone else had moved away and took its copy back: in neither
+    mailbox (3 of 40 lost). There right before the STORE, gone after it: it is moved, its copy kept."""
+    h, src = _selected(1)
+    dst = _uid_move_of_one(h, src)
+    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
+    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
+    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID)\r\n")
+    src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 EXPUNGE\r\nrp7 OK\r\n")  # the other session's EXPUNGE, of our flag
+    assert _take(src) == b"rp8 UID FETCH 4 (UID FLAGS)\r\n"
+    src.dataReceived(b"rp8 OK\r\n")
+    assert _take(src) == b"rp9 UID EXPUNGE 4\r\n"
+    src.dataReceived(b"rp9 OK\r\n")
+    assert _take(src) == b"rp10 UID SEARCH UID 4\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp10 OK\r\n")
+    assert b"EXPUNGE" not in _take(dst)  # the copy stays: it is the message now
+    assert h.to_client().endswith(b"* 1 EXPUNGE\r\n* OK [COPYUID 9 4 5] Moved\r\nm OK Move completed.\r\n")
+    assert now(h.context.mailbox_map.entries()) == []
+
+
 def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recovery():
     """Soak C seed 76065: Dovecot answered the MOVE's ``UID EXPUNGE 52`` OK and kept UID 52 (\\Deleted,
     2 s later still there; cause in Dovecot not found): the client told OK, the message twice. The
@@ -124,14 +148,16 @@ def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recov
     dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
     dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
-    assert _take(src).endswith(b"rp6 UID STORE 4 +FLAGS (\\Deleted)\r\n")
-    src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp6 OK\r\n")
-    assert _take(src) == b"rp7 UID EXPUNGE 4\r\n"
-    src.dataReceived(b"rp7 OK Expunge completed.\r\n")  # and no EXPUNGE: 4 is still there
-    assert _take(src) == b"rp8 UID SEARCH UID 4\r\n"
-    src.dataReceived(b"* SEARCH 4\r\nrp8 OK\r\n")
-    assert _take(src) == b"rp9 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
-    src.dataReceived(b"rp9 OK\r\n")
+    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID)\r\n")
+    src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp7 OK\r\n")
+    assert _take(src) == b"rp8 UID EXPUNGE 4\r\n"
+    src.dataReceived(b"rp8 OK Expunge completed.\r\n")  # and no EXPUNGE: 4 is still there
+    assert _take(src) == b"rp9 UID SEARCH UID 4\r\n"
+    src.dataReceived(b"* SEARCH 4\r\nrp9 OK\r\n")
+    assert _take(src) == b"rp10 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
+    src.dataReceived(b"rp10 OK\r\n")
     assert h.to_client().endswith(b"m NO [COPYUID 9 4 5] The messages were copied; removing them from the source "
                                   b"failed and will be retried\r\n")
     (entry,) = now(h.context.mailbox_map.entries())  # left, unowned, for recovery to finish
