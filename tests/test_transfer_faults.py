@@ -95,11 +95,7 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
 
 def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     h, src = _selected(1)
-    dst = _uid_move_of_one(h, src)
-    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
-    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
-    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
-    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID)\r\n")
+    dst = _copied_of_one(h, src)
     src.dataReceived(b"* 1 EXPUNGE\r\nrp6 OK\r\n")  # another session moved it away meanwhile: before any flag
     assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")  # so this copy would be a second one
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
@@ -120,11 +116,7 @@ def test_a_source_another_session_expunges_right_after_the_moves_flag_is_moved_n
     STORE's answer; the MOVE took it for one someone else had moved away and took its copy back: in neither
     mailbox (3 of 40 lost). There right before the STORE, gone after it: it is moved, its copy kept."""
     h, src = _selected(1)
-    dst = _uid_move_of_one(h, src)
-    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
-    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
-    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
-    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID)\r\n")
+    dst = _copied_of_one(h, src)
     src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 EXPUNGE\r\nrp7 OK\r\n")  # the other session's EXPUNGE, of our flag
@@ -144,11 +136,7 @@ def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recov
     2 s later still there; cause in Dovecot not found): the client told OK, the message twice. The
     MOVE now looks: one still there is handled as an EXPUNGE that failed (NO, left to recovery)."""
     h, src = _selected(1)
-    dst = _uid_move_of_one(h, src)
-    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
-    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
-    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
-    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID)\r\n")
+    _copied_of_one(h, src)
     src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp7 OK\r\n")
@@ -175,6 +163,17 @@ def _across_of_one(h, src, command: bytes, size: int = 3) -> object:
     dst.dataReceived(b'* LIST () "/" Shared/X\r\nrp1 OK\r\n')
     src.dataReceived(b'* 1 FETCH (UID 4 FLAGS () INTERNALDATE "01-Jan-2020 10:00:00 +0000" RFC822.SIZE %d)\r\n'
                      b"rp3 OK\r\n" % size)
+    return dst
+
+
+def _copied_of_one(h, src) -> object:
+    """``UID MOVE 4 Shared/X`` answered up to its copy's verification; the source is asked next which of its
+    UIDs are there (before its STORE); the destination."""
+    dst = _uid_move_of_one(h, src)
+    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
+    dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
+    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID)\r\n")
     return dst
 
 
