@@ -346,6 +346,11 @@ class ProxyService(MultiService):
             except defer.TimeoutError:
                 log.warn("{n} client connection(s) still open after {s}s; closing anyway", n=len(self.context.sessions),
                          s=SHUTDOWN_GRACE)
+        # A staged MULTIAPPEND the stop cut deletes its staging mailbox over a connection of its own
+        # (staging.Staging.cleanup): left for the next start's recovery if the store closed first.
+        journal, deadline = self.context.staging_journal, self.reactor.seconds() + SHUTDOWN_GRACE
+        while journal is not None and journal.open and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.05, lambda: None)
         if self._peer_port is not None:
             yield self._peer_port.stopListening()
         yield defer.ensureDeferred(self.mailbox_map.close())

@@ -76,6 +76,10 @@ class StagingJournal(Protocol):
     async def give_up(self, entry: object) -> None:
         """This process could not remove it: leave it to recovery."""
 
+    @property
+    def open(self) -> int:
+        """Staging mailboxes begun and neither ended nor given up (a stopping proxy waits for them)."""
+
 
 class MapJournal:
     """Staging mailboxes in the map store's journal (op ``"staging"``, journal.Step.STAGING),
@@ -83,6 +87,11 @@ class MapJournal:
 
     def __init__(self, mailbox_map: MailboxMap) -> None:
         self.map = mailbox_map
+        self._open: set[int] = set()  # ids of the entries begun here and not settled yet
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
 
     async def begin(self, user: str, backend: str, name: bytes, target: bytes) -> JournalEntry:
         box = target.decode("utf-8", "surrogateescape")
@@ -93,13 +102,16 @@ class MapJournal:
         except BaseException:
             await self.map.end_move(entry)
             raise
+        self._open.add(id(entry))
         return entry
 
     async def end(self, entry: object) -> None:
+        self._open.discard(id(entry))
         if isinstance(entry, JournalEntry) and not entry.ended:
             await self.map.end_move(entry)
 
     async def give_up(self, entry: object) -> None:
+        self._open.discard(id(entry))
         if isinstance(entry, JournalEntry) and not entry.ended:
             await self.map.disown(entry)
 

@@ -11,6 +11,9 @@ Q/*, b3 .72 with S/* and no MULTIAPPEND). Found by this stop's hostile probe A, 
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 from imapwire import Wire
 from movecheck import census
@@ -91,3 +94,26 @@ def test_never_mode_marks_no_mailbox_remote(proxy_factory, codes_fleet):
     assert not [x for x in listed.values() if b"\\Remote" in x], lines
     assert w.cmd(b"s", b"SELECT Q/x")[-1].startswith(b"s OK")  # served here, not referred
     w.close()
+
+
+@pytest.mark.parametrize("cut", ["mid-literal", "between-messages"])
+def test_a_staged_multiappend_cut_by_sigterm_leaves_no_staging_mailbox(proxy_factory, codes_fleet, cut):
+    """A graceful stop during a staged MULTIAPPEND (b3 has no MULTIAPPEND): nothing reaches the target, and
+    the staging mailbox is gone when the proxy has exited (it was left until a proxy started again)."""
+    _reset(codes_fleet)
+    proxy = own_proxy(proxy_factory, codes_fleet)
+    w = _login(proxy)
+    assert w.cmd(b"c", b"CREATE S/t")[-1].startswith(b"c OK")
+    first = b"Subject: one\r\nMessage-Id: <stage-1@t>\r\n\r\nhello\r\n"
+    second = b"x" * (50_000 if cut == "mid-literal" else 100_000)  # of 100,000: cut in it, or after it
+    w.send(b"a APPEND S/t {%d+}\r\n" % len(first) + first + b" {100000+}\r\n" + second)
+    time.sleep(1.0)  # the staging mailbox made, the first message in it
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(30) == 0
+    w.close()
+    with codes_fleet["b3"].client("alice") as m:
+        typ, data = m.list('""', "*")
+    names = [x.rsplit(b" ", 1)[1].strip(b'"') for x in data if x]
+    assert not [n for n in names if n.lower().startswith(b"referral-proxy-")], names
+    counts, where = census(None, "alice", codes_fleet.values())
+    assert dict(counts) == {}, dict(where)
