@@ -84,13 +84,20 @@ def merge(
     *list_flags*: LIST's, not LSUB's); fix child flags. The proxy's staging mailboxes
     (staging.py) are never shown."""
     kept: dict[str, ListEntry] = {}
+    held: dict[str, ListEntry] = {}  # LSUB: a subscription only a backend not owning the name keeps
     for e in entries:
         if is_private_name(e.name):
             continue
         name = normalize(e.text, separator)
-        if owner(name) != e.backend or name in kept:
+        if owner(name) != e.backend:
+            if not list_flags:
+                held.setdefault(name, e)
             continue
-        kept[name] = e
+        kept.setdefault(name, e)
+    # A subscription is a name kept where it was made (RFC 3501 6.3.6): one whose route changed since
+    # (a RENAME of a moved mailbox unplaced it) is still the user's; UNSUBSCRIBE reaches every backend.
+    for name, e in held.items():
+        kept.setdefault(name, e)
     if placeholders:
         sep_b = separator.encode()
         # LIST placeholders take child flags (recomputed below); LSUB's carry none, as Dovecot's

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from . import referrals
 from .appendturns import HELD, Held, mover_turn
 from .backend import BackendProtocol
+from .backendtypes import BackendError
 from .commands import COMMANDS
 from .context import ProxyContext
 from .flow import Block, ClientFlow
@@ -28,6 +29,7 @@ from .holds import wait_free
 from .imap import mutf7
 from .imap.command import ParenList
 from .imap.grammar import Slot
+from .imap.quoting import astring
 from .imap.reader import Command
 from .imap.referargs import select_params_problem, status_list_problem
 from .imap.response import ResponseStart
@@ -306,7 +308,26 @@ class MailboxCommands:
         mailbox, route = target
         if COMMANDS[cmd.name].referred and self.refers(route, mailbox):
             return self.host.refuse(self.refer(cmd, route, mailbox))
+        if cmd.name == "UNSUBSCRIBE" and (others := [b for b in self.host.mailbox_map.backends_for(self.host.user or "")
+                                                     if b not in route.backends]):
+            return self.host.run(cmd.tag, self._unsubscribe_everywhere(cmd, route, mailbox, others))
         self.host.relay_cmd(cmd, route)
+
+    async def _unsubscribe_everywhere(self, cmd: Command, route: Route, mailbox: bytes, others: list[str]) -> None:
+        """A subscription stays on the backend that took it when its name's route changes (LSUB shows it
+        from there: listing.merge): removed from each of the user's backends, the owner's answer the client's."""
+        pool = self.host.pool
+        assert pool is not None
+        for name in others:
+            try:
+                conn = await pool.connection(name)
+                await pool.quiet(None)
+                await pool.prepare(conn)  # (UTF8=ACCEPT replayed: the name as the client wrote it)
+                await conn.command(b"UNSUBSCRIBE " + astring(mailbox), bounded=True)
+            except BackendError as e:  # a backend down keeps it: shown again once it is back
+                log.warn("UNSUBSCRIBE {box} on {b}: {why}", box=mailbox, b=name, why=str(e))
+        conn = await pool.ready_for(route)
+        self.host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
 
     def select(self, cmd: Command) -> None:
         """SELECT / EXAMINE: the selected state moves to the mailbox's backend."""

@@ -63,3 +63,32 @@ def test_a_mailbox_the_administrator_moves_stays_subscribed(fleet, proxy_factory
     counts, where = census(fleet, "carol")
     assert judge(counts, ["w-1@t", "d-1@t"]) == ([], [])
     assert where["d-1@t"][0] == ("b2", "Work/Deep")
+
+
+@pytest.mark.parametrize("to", ["Proj/Work", "Far"], ids=["on-its-backend", "across"])
+def test_a_moved_mailbox_renamed_later_keeps_its_old_name_subscribed_and_unsubscribable(fleet, proxy_factory, to):
+    """Work moved to b2 by the administrator, then RENAMEd by the client: the old name's placement goes
+    (it routes to b1 again), its subscription stays on b2, as Dovecot keeps it. LSUB showed it no more,
+    and UNSUBSCRIBE (to b1) left it there, shown by LIST (SUBSCRIBED) for good (hostile probe 3, F1)."""
+    rules = [{"user": "carol", "mailbox": "Proj/*", "backend": "b2"}, {"user": "carol", "mailbox": "Far", "backend": "b3"}]
+    proxy = proxy_factory({"backends": MASTERS}, rules=rules)
+    seed(fleet["b1"], "carol", "Work", ["w-1@t"])
+    c = proxy.login("carol")
+    assert c.subscribe("Work")[0] == "OK"
+    c.logout()
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    c = proxy.login("carol")
+    assert c.rename("Work", to)[0] == "OK"
+    assert "Work" in _lsub(c)  # as one Dovecot: the old name stays subscribed (RFC 3501 6.3.6)
+    assert c.unsubscribe("Work")[0] == "OK"
+    assert "Work" not in _lsub(c)
+    c._simple_command("LIST", "(SUBSCRIBED)", '""', '"*"')
+    data = c.untagged_responses.pop("LIST", [])
+    assert not [x for x in data if x and x.endswith(b" Work")], data
+    c.logout()
+    for d in fleet.backends.values():
+        with d.client("carol") as m:
+            assert "Work" not in _lsub(m), d.name
+    counts, where = census(fleet, "carol")
+    assert judge(counts, ["w-1@t"]) == ([], [])
