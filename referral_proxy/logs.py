@@ -27,8 +27,12 @@ __all__ = ["LogWriter", "text_value"]
 
 _LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3, "critical": 4}
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+# C1 controls and Unicode's own line breaks: str.splitlines() and many log tools end a line at U+0085,
+# U+2028, U+2029; written as JSON's \\uXXXX (valid inside the JSON line's strings, plain text in a text line)
+_UNICODE_BREAKS = {c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x2028, 0x2029)}
 _CONTEXT_KEYS = ("session", "user", "client", "backend")
 _SIMPLE = re.compile(r"[a-zA-Z0-9.:\-_/\[\]@+,*%&]+")
+_SPACE = re.compile(r"\s")
 
 
 def _name(data: bytes) -> str:
@@ -68,9 +72,10 @@ def text_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _safe_event(event: dict[str, Any]) -> dict[str, Any]:
+def _safe_event(event: dict[str, Any], quote_fields: bool = False) -> dict[str, Any]:
     """A copy whose bytes are decoded names and whose strings have no control characters,
-    for formatting the message."""
+    for formatting the message; *quote_fields* (text lines): a value holding a space and "=" (a
+    mailbox named ``x user=root result=ok``) JSON-quoted, never read as the line's own key=value pairs."""
     out = dict(event)
     for key, value in event.items():
         if key.startswith("log_") or key in ("rp_fields", "rp_event", "format"):
@@ -78,7 +83,10 @@ def _safe_event(event: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, (bytes, bytearray)):
             value = _name(bytes(value))
         if isinstance(value, str):
-            out[key] = value.translate(_CONTROL)
+            value = value.translate(_CONTROL)
+            if quote_fields and "=" in value and _SPACE.search(value) is not None:
+                value = json.dumps(value, ensure_ascii=False)
+            out[key] = value
     return out
 
 
@@ -102,7 +110,7 @@ class LogWriter:
             # lone surrogates (names decoded with surrogateescape) written as \udcXX, not lost
             line = self._line(event, level)
             if not line.isascii():
-                line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+                line = line.translate(_UNICODE_BREAKS).encode("utf-8", "backslashreplace").decode("utf-8")
         except Exception as e:  # a log line must never take the proxy down
             line = json.dumps({"level": "error", "message": f"unformattable log event: {type(e).__name__}"})
         try:
@@ -131,7 +139,7 @@ class LogWriter:
             # translate() looks each distinct character up (a KeyError each): printable ASCII has nothing to escape
             message = fmt if fmt.isascii() and fmt.isprintable() else fmt.translate(_CONTROL)
         else:
-            message = formatEvent(_safe_event(event)).translate(_CONTROL)
+            message = formatEvent(_safe_event(event, not self.json)).translate(_CONTROL)
         failure = event.get("log_failure")
         when = event.get("log_time") or self.clock()
         if self.json:

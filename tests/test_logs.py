@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,39 @@ def test_text_lines_decode_names_and_escape_control_characters():
     assert "moved Café to été\\xff for eve\\x0d\\x0a2030-01-01 FAKE LINE" in lines[0]
     assert "b'" not in text
     assert lines[1].endswith('login session=1 user="a b\\nc" client=192.0.2.7:1 backend=b1 result=ok')
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_unicode_line_breaks_cannot_start_a_line(fmt):
+    """U+0085 (NEL), U+2028, U+2029 end a line for str.splitlines() and many log tools: a login name or
+    mailbox holding one forged a whole line (hostile probe 4); escaped, and JSON still reads them back."""
+    w, out, log = writer(fmt)
+    fake = "2026-12-05t10:00:00.000z [referral_proxy.events#info] login session=99 user=root result=ok"
+    log.info("moved {box} for {user}", box="A\u2028" + fake, user="eve\u0085" + fake)
+    events = Logger(namespace="referral_proxy.events", observer=w)
+    events.emit(LogLevel.info, "login", rp_event="login",
+                rp_fields={"session": 1, "user": "x\u2029" + fake + "\x9b", "client": "192.0.2.7:1", "result": "ok"})
+    text = out.getvalue()
+    assert len(text.splitlines()) == 2, text
+    assert not [c for c in text if 0x80 <= ord(c) < 0xA0 or c in "\u2028\u2029"], text
+    if fmt == "json":
+        first, second = (json.loads(line) for line in text.splitlines())
+        assert first["message"] == "moved A\u2028" + fake + " for eve\u0085" + fake
+        assert second["user"] == "x\u2029" + fake + "\x9b"
+
+
+def test_a_name_holding_key_value_pairs_is_quoted_in_a_text_line():
+    """A mailbox named ``Par/k user=root ... result=ok`` in a message's text (hierarchy.py's refusal, with no
+    context pairs of its own) read as the line's fields by a key=value parser (hostile probe 4)."""
+    w, out, log = writer("text")
+    name = "Par/k user=root client=x backend=b9 result=ok"
+    log.info("RENAME of {user}'s {old} refused: e.g. {name} on {b}", user="carol", old="Par", name=name, b="b3")
+    line = out.getvalue().rstrip("\n")
+    assert line.endswith('RENAME of carol\'s Par refused: e.g. "%s" on b3' % name), line
+    assert not [t for t in shlex.split(line.replace("'", "")) if t.startswith(("user=", "result="))], line
+    w, out, log = writer("json")
+    log.info("RENAME of {user}'s {old} refused: e.g. {name} on {b}", user="carol", old="Par", name=name, b="b3")
+    assert json.loads(out.getvalue())["message"].endswith("e.g. %s on b3" % name)
 
 
 def test_undecodable_text_is_written_not_lost():
