@@ -74,6 +74,7 @@ class HealthChecker:
         self._loop = LoopingCall(self.check_all)
         self._loop.clock = reactor
         self._running: defer.Deferred[None] | None = None
+        self._again = False  # backends changed during a round: another at its end
 
     def start(self) -> None:
         self._loop.start(self.interval, now=True).addErrback(lambda f: log.failure("health checks stopped", f))
@@ -82,14 +83,29 @@ class HealthChecker:
         if self._loop.running:
             self._loop.stop()
 
+    def reload(self, backends: dict[str, BackendConfig]) -> None:
+        """SIGHUP: the new backends; one added, or whose endpoint changed, is "not checked yet" until a
+        round (now, or right after the one under way) has checked it."""
+        for name in list(self.state):
+            if name not in backends or backends[name] != self.backends.get(name):
+                del self.state[name]
+        self.backends = backends
+        if self._running is not None:
+            self._again = True
+        elif self._loop.running:
+            self.check_all()
+
     def check_all(self) -> defer.Deferred[None] | None:
         """One round (skipped while the last one is still running)."""
         if self._running is not None:
             return None
+        self._again = False
         d = defer.DeferredList([defer.ensureDeferred(self._check(n, b)) for n, b in self.backends.items()])
 
         def done(_: object) -> None:
             self._running = None
+            if self._again:
+                self.check_all()
 
         d.addBoth(done)
         self._running = d
@@ -97,6 +113,8 @@ class HealthChecker:
 
     async def _check(self, name: str, backend: BackendConfig) -> None:
         why = await check_greeting(self.reactor, backend)
+        if self.backends.get(name) != backend:  # removed or changed by a reload meanwhile: not its state
+            return
         before = self.state.get(name)
         self.state[name] = BackendHealth(why is None, why or "greeted", self.wall_clock())
         if why is not None and (before is None or before.ok):

@@ -6,6 +6,7 @@ the CLI and the tests all start.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from typing import Any
 
@@ -373,19 +374,23 @@ class ProxyService(MultiService):
             log.error("reload refused, keeping the running configuration: {why}", why=str(e))
             return
         removed = set(self.config.backends) - set(config.backends)
-        if removed:  # applied only once nothing in the map names them (reloadguard.py)
-            defer.ensureDeferred(self._reload_unless_named(path, config, removed))
+        repointed = {b for b in set(self.config.backends) & set(config.backends)
+                     if self.config.backends[b].endpoint != config.backends[b].endpoint}
+        if removed or repointed:  # applied only once nothing in the map names them (reloadguard.py)
+            defer.ensureDeferred(self._reload_unless_named(path, config, removed, repointed))
             return
         self._apply(path, config)
 
-    async def _reload_unless_named(self, path: str, config: Config, removed: set[str]) -> None:
+    async def _reload_unless_named(self, path: str, config: Config, removed: set[str], repointed: set[str]) -> None:
         try:
-            named = await still_named(self.context.mailbox_map, removed)
+            named = await still_named(self.context.mailbox_map, removed, repointed)
         except Exception as e:  # StoreUnavailable mostly: what names them cannot be known
             named = [f"the journal cannot be read ({e})"]
         if named:
-            log.error("reload refused, keeping the running configuration: backend(s) {b} removed but still named: "
-                      "{named}", b=", ".join(sorted(removed)), named="; ".join(named[:10]))
+            log.error("reload refused, keeping the running configuration: backend(s) {b} still named: {named}",
+                      b=", ".join([f"{b} removed" for b in sorted(removed)] + [f"{b} with a new endpoint"
+                                                                            for b in sorted(repointed)]),
+                      named="; ".join(named[:10]))
             return
         self._apply(path, config)
 
@@ -395,8 +400,16 @@ class ProxyService(MultiService):
                      listen=", ".join(self.config.proxy.listen))
         if config.proxy.workers != self.config.proxy.workers and (self.is_master or self.role is not None):
             log.warn("reload: [proxy] workers changes need a restart; still {n}", n=self.config.proxy.workers)
+        for what, now, then in (("[log]", config.log, self.config.log), ("[metrics]", config.metrics, self.config.metrics),
+                                 ("[map] store", config.map.store, self.config.map.store)):
+            if now != then:  # read once, at start-up: the running values are kept
+                log.warn("reload: {what} changes need a restart; still {then}", what=what, then=str(then))
+        config = dataclasses.replace(config, log=self.config.log, metrics=self.config.metrics,
+                                     map=dataclasses.replace(config.map, store=self.config.map.store))
         self.context.reload(config)
         self.config = config
+        if self.health is not None:
+            self.health.reload(config.backends)
         if self.workers is not None:
             self.workers.reload()  # each worker reads the file again itself
             log.info("reloaded map rules from {path}; workers told to reload", path=path)

@@ -8,6 +8,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import signal
 import socket
 import struct
 import time
@@ -211,6 +212,37 @@ def test_health_flips_when_a_backend_stops(proxy_factory, spare_backend):
     spare_backend.start()
     wait_for(lambda: health()[0] == 200, "/health to recover")
     assert value(scrape(metrics_port), "referral_proxy_backend_up", backend="spare") == 1
+
+
+def test_health_follows_a_reload(proxy_factory, spare_backend):
+    """/health and backend_up checked the start-up backends for good: a reload pointing spare at a dead port
+    kept saying "spare: ok" while logins routed there failed (hostile probe 4); added and removed ones too."""
+    metrics_port = free_port()
+    proxy = proxy_factory({
+        "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1", "health_interval": 3600},
+        "backends": {"spare": {"endpoint": spare_backend.endpoint, "url": spare_backend.url}},
+    })
+
+    def health() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health", timeout=10) as r:
+                return r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.read().decode()
+
+    wait_for(lambda: "spare: ok (greeted)" in health(), "spare checked")
+    text = proxy.config_path.read_text()
+    dead = f"tcp:host=127.0.0.6:port={free_port('127.0.0.6')}"
+    proxy.config_path.write_text(text.replace(spare_backend.endpoint, dead))
+    proxy.send_signal(signal.SIGHUP)  # the next round would be an hour away: the reload checks at once
+    body = wait_for(lambda: "spare: DOWN" in (h := health()) and h, "spare DOWN after the reload")
+    assert body.splitlines()[0] == "unhealthy" and "b1: ok (greeted)" in body, body
+    assert value(scrape(metrics_port), "referral_proxy_backend_up", backend="spare") == 0
+    proxy.config_path.write_text(re.sub(r"\[backends\.spare\][^\[]*", "", text))
+    proxy.send_signal(signal.SIGHUP)
+    body = wait_for(lambda: "spare" not in (h := health()) and h, "spare gone from /health")
+    assert body.splitlines()[0] == "ok", body
+    assert not [k for k in scrape(metrics_port) if k[0] == "referral_proxy_backend_up" and ("backend", "spare") in k[1]]
 
 
 def test_proxy_v2_client_address_in_the_json_log_and_in_dovecots_log(proxy_factory, fleet):

@@ -77,9 +77,68 @@ def test_a_reload_dropping_the_destination_of_a_running_rename_is_refused(proxy_
     assert _status(a, "carol", b"Shared/Work") == b"* STATUS Shared/Work (MESSAGES 20)\r\n"
 
 
+def test_a_reload_repointing_the_destination_of_a_running_rename_is_refused_until_it_ends(proxy_factory, fleet,
+                                                                                           tmp_path):
+    """b3's endpoint pointed at b2's Dovecot mid-move: a recovery would have rolled back (or finished) on
+    the wrong server (hostile probe 4: copies left twice on the real b3, another mailbox's UIDs expunged).
+    Refused while the entry is open; applied once it has ended (a placement survives a new address)."""
+    work = [f"work-{i}@t" for i in range(20)]
+    seed(fleet["b1"], "carol", "Work", work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    a = proxy_factory({"backends": MASTERS}, rules=RULES,
+                      command=faulty("--pause-at", "copied:1", "--pause-dir", str(pause)))
+    w = Wire(a.host, a.port, timeout=120)
+    w.login("carol")
+    w.send(b"r RENAME Work Shared/Work\r\n")
+    assert wait_paused(pause, "copied:1") == "copied:1"
+    text = a.config_path.read_text()
+    repointed = text.replace(fleet["b3"].endpoint, fleet["b2"].endpoint)
+    assert repointed != text
+    a.config_path.write_text(repointed)
+    a.send_signal(signal.SIGHUP)  # taken when the process runs again, the move's entry still open
+    (pause / "resume").touch()
+    assert w.until_tagged(b"r")[-1].startswith(b"r OK")
+    w.close()
+    wait_for(lambda: "reload" in a.stderr_text(), "the reload's line")
+    log = a.stderr_text()
+    assert "reload refused" in log and "b3 with a new endpoint" in log, log[-2000:]
+    assert _status(a, "carol", b"Shared/Work") == b"* STATUS Shared/Work (MESSAGES 20)\r\n"  # still the real b3
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    assert {where[i][0] for i in work} == {("b3", "Shared/Work")}
+    assert "reloaded" in _reload(a, repointed, 2)  # nothing in progress names b3 now
+    assert _status(a, "carol", b"Shared/Work").startswith(b"s NO")  # b2's Dovecot has no Shared/Work
+
+
 def test_a_reload_dropping_a_backend_nothing_names_is_applied(proxy_factory, fleet):
     seed(fleet["b2"], "carol", "Far", ["far-0@t"])
     a = proxy_factory({"backends": MASTERS}, rules=[*RULES, {"mailbox": "Far", "backend": "b2"}])
     assert _status(a, "carol", b"Far") == b"* STATUS Far (MESSAGES 1)\r\n"
     assert "reloaded" in _reload(a, _without(a.config_path.read_text(), "b2"), 1)
     assert _status(a, "carol", b"Far").startswith(b"s NO")  # routed to b1 now, where there is no Far
+
+
+def test_a_reload_says_which_changes_need_a_restart(proxy_factory, fleet):
+    """[log], [metrics] and [map] store are read once: a reload changing them said "reloaded" and went on
+    with the old ones, silently (hostile probe 4). Each is named, and kept as it runs."""
+    a = proxy_factory({"backends": MASTERS}, rules=RULES)
+    text = a.config_path.read_text()
+    assert "[log]" not in text and "[metrics]" not in text
+    changed = text + '\n[log]\nformat = "json"\nlevel = "warn"\n'
+
+    def reload(text: str) -> str:
+        before = a.stderr_text()
+        n = before.count("reloaded backends")
+        a.config_path.write_text(text)
+        a.send_signal(signal.SIGHUP)
+        wait_for(lambda: a.stderr_text().count("reloaded backends") > n, "the reload's line")
+        return a.stderr_text()[len(before):]
+
+    log = reload(changed)
+    assert "[log] changes need a restart" in log and "reloaded" in log, log
+    log = reload(changed + "\n")  # still the running [log]: said again
+    assert "[log] changes need a restart" in log, log
+    log = reload(text.replace("map.sqlite3", "other.sqlite3"))
+    assert "[map] store changes need a restart" in log, log
+    assert _status(a, "carol", b"INBOX").startswith(b"* STATUS INBOX")
