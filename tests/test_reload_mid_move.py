@@ -47,7 +47,9 @@ def _status(proxy, user: str, name: bytes) -> bytes:
     return reply[0]
 
 
-def test_a_reload_dropping_the_destination_of_a_running_rename_is_refused(proxy_factory, fleet, tmp_path):
+def _reloaded_mid_rename(proxy_factory, fleet, tmp_path, change) -> tuple:
+    """RENAME Work Shared/Work (20 messages, b1 -> b3) paused after its first copy, the file changed by
+    *change* (its text -> the new one) and SIGHUP sent, then resumed and answered OK: (proxy, text, work)."""
     work = [f"work-{i}@t" for i in range(20)]
     seed(fleet["b1"], "carol", "Work", work)
     pause = tmp_path / "pause"
@@ -59,12 +61,17 @@ def test_a_reload_dropping_the_destination_of_a_running_rename_is_refused(proxy_
     w.send(b"r RENAME Work Shared/Work\r\n")
     assert wait_paused(pause, "copied:1") == "copied:1"
     text = a.config_path.read_text()
-    a.config_path.write_text(_without(text, "b3"))
+    a.config_path.write_text(change(text))
     a.send_signal(signal.SIGHUP)  # taken when the process runs again, the move's entry still open
     (pause / "resume").touch()
     assert w.until_tagged(b"r")[-1].startswith(b"r OK")
     w.close()
     wait_for(lambda: "reload" in a.stderr_text(), "the reload's line")
+    return a, text, work
+
+
+def test_a_reload_dropping_the_destination_of_a_running_rename_is_refused(proxy_factory, fleet, tmp_path):
+    a, text, work = _reloaded_mid_rename(proxy_factory, fleet, tmp_path, lambda text: _without(text, "b3"))
     log = a.stderr_text()
     assert "reload refused" in log and "b3" in log, log[-2000:]
     counts, where = census(fleet, "carol")
@@ -82,25 +89,15 @@ def test_a_reload_repointing_the_destination_of_a_running_rename_is_refused_unti
     """b3's endpoint pointed at b2's Dovecot mid-move: a recovery would have rolled back (or finished) on
     the wrong server (hostile probe 4: copies left twice on the real b3, another mailbox's UIDs expunged).
     Refused while the entry is open; applied once it has ended (a placement survives a new address)."""
-    work = [f"work-{i}@t" for i in range(20)]
-    seed(fleet["b1"], "carol", "Work", work)
-    pause = tmp_path / "pause"
-    pause.mkdir()
-    a = proxy_factory({"backends": MASTERS}, rules=RULES,
-                      command=faulty("--pause-at", "copied:1", "--pause-dir", str(pause)))
-    w = Wire(a.host, a.port, timeout=120)
-    w.login("carol")
-    w.send(b"r RENAME Work Shared/Work\r\n")
-    assert wait_paused(pause, "copied:1") == "copied:1"
-    text = a.config_path.read_text()
-    repointed = text.replace(fleet["b3"].endpoint, fleet["b2"].endpoint)
-    assert repointed != text
-    a.config_path.write_text(repointed)
-    a.send_signal(signal.SIGHUP)  # taken when the process runs again, the move's entry still open
-    (pause / "resume").touch()
-    assert w.until_tagged(b"r")[-1].startswith(b"r OK")
-    w.close()
-    wait_for(lambda: "reload" in a.stderr_text(), "the reload's line")
+    repointed = ""
+
+    def repoint(text: str) -> str:
+        nonlocal repointed
+        repointed = text.replace(fleet["b3"].endpoint, fleet["b2"].endpoint)
+        assert repointed != text
+        return repointed
+
+    a, text, work = _reloaded_mid_rename(proxy_factory, fleet, tmp_path, repoint)
     log = a.stderr_text()
     assert "reload refused" in log and "b3 with a new endpoint" in log, log[-2000:]
     assert _status(a, "carol", b"Shared/Work") == b"* STATUS Shared/Work (MESSAGES 20)\r\n"  # still the real b3
