@@ -396,7 +396,8 @@ class Mover:
     # -- after the commit point: finish ------------------------------------------------------
 
     async def finish(self, entry: JournalEntry) -> None:
-        """Recovery: finish a committed move on fresh connections."""
+        """Recovery: finish a committed move on fresh connections; its drain waits seen_by_others from now."""
+        self._began_at = self.clock.seconds() if self._began_at is None and self.clock is not None else self._began_at
         src = await self.connect(entry.data["src"])
         try:
             dst = await self.connect(entry.data["dst"])

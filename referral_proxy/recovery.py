@@ -24,6 +24,7 @@ from .mailops import NoMasterUser
 from .movefinish import finish_message_move
 from .mover import Connect, Mover
 from .oldhome import carry_old_homes
+from .relocation import seen_by_another_process
 from .routing import MailboxMap
 from .staging import drop_staging
 from .transfer import COPIES, SETTLE
@@ -76,8 +77,10 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
         await mailbox_map.end_move(entry)
         return "released (nothing was changed)"
     if entry.op == "move":
-        mover = Mover(mailbox_map, connect, entry.user, clock=clock,
-                      turn=None if turns is None else mover_turn(turns, entry.user))
+        # the sessions of other processes selected in a source are told BYE before the drain's EXPUNGEs: the
+        # move's own process, killed, no longer says it; they look once a second (relocation.py)
+        mover = Mover(mailbox_map, connect, entry.user, clock=clock, seen_by_others=seen_by_another_process(
+            mailbox_map.store), turn=None if turns is None else mover_turn(turns, entry.user))
         if how is Recovery.ROLL_BACK:
             await mover.roll_back(entry)
             return "rolled back"

@@ -11,11 +11,15 @@ open in the new Work). The RENAME now sets no source aside before the other work
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
 import time
 
 import pytest
-from imapwire import Wire
+from imapwire import Wire, wait_for
 from movecheck import census, seed
+from test_workers import MOVES as MASTERS
 from test_workers import one_on_each
 
 from referral_proxy.relocation import BYE
@@ -26,10 +30,17 @@ RULES = [{"mailbox": "Far*", "backend": "b2"}, {"mailbox": "Shared*", "backend":
 ROUNDS = 3
 
 
-def _rest(w: Wire) -> bytes:
-    """What *w* was sent and has not read, until the proxy closes it or says nothing for 2 s."""
+def _step(proxy) -> str | None:
+    """The step of the (one) journal entry of the proxy's SQLite map (``placed@rows``), None if there is none."""
+    with sqlite3.connect(proxy.config_path.parent / "map.sqlite3") as db:
+        row = db.execute("SELECT step FROM journal").fetchone()
+    return row[0] if row else None
+
+
+def _rest(w: Wire, quiet: float = 2) -> bytes:
+    """What *w* was sent and has not read, until the proxy closes it or says nothing for *quiet* s."""
     got, w.buf = w.buf, b""
-    w.sock.settimeout(2)
+    w.sock.settimeout(quiet)
     try:
         while chunk := w.sock.recv(65536):
             got += chunk
@@ -71,3 +82,29 @@ def test_a_session_on_the_other_worker_with_a_mailbox_a_rename_takes_across_is_t
     for i in range(ROUNDS):
         assert where[f"new-{i}@t"] == [("b1", f"Work{i}")], where
         assert all(where[f"w{i}-{k}@t"] == [("b2", f"Far/W{i}")] for k in range(3)), where
+
+
+def test_an_idler_on_the_other_worker_hears_no_expunge_when_the_master_finishes_a_killed_workers_rename(
+        proxy_factory, fleet):
+    """Worker a RENAMEs Work across and is SIGKILLed past the commit point, in its wait for the other workers
+    to have looked (relocation.seen_within): the master's recovery drained the source at once, and the idler
+    on worker b heard ``* n EXPUNGE`` for every message (all still there, in Shared/Work) before its BYE
+    (hostile probe 2). The recovery waits as the move would have (relocation.seen_by_another_process)."""
+    mail = [f"w-{k}@t" for k in range(40)]
+    seed(fleet["b1"], "carol", "Work", mail)
+    proxy = proxy_factory(MASTERS, rules=[{"mailbox": "Shared/*", "backend": "b3"}], workers=2)
+    (pid_a, a), (_pid_b, b) = one_on_each(proxy, proxy.pid, "carol").items()
+    assert b.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    b.send(b"i IDLE\r\n")
+    assert b.line().startswith(b"+ ")
+    a.send(b"r RENAME Work Shared/Work\r\n")
+    deadline = time.monotonic() + 60
+    while (_step(proxy) or "").partition("@")[0] not in ("committed", "subscribed", "placed"):  # past the commit
+        assert time.monotonic() < deadline, _step(proxy)
+        time.sleep(0.002)
+    os.kill(pid_a, signal.SIGKILL)
+    said = _rest(b, 6)
+    assert b"* BYE " + BYE in said and b" EXPUNGE\r\n" not in said, said
+    wait_for(lambda: _step(proxy) is None, "the master finished the move", timeout=60)
+    counts, where = census(fleet, "carol")
+    assert all(where[m] == [("b3", "Shared/Work")] for m in mail), where
