@@ -88,9 +88,9 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-async def run_ok(conn: BackendProtocol, command: bytes, what: str) -> Tagged:
-    """Run *command*; its result if OK, else TransferError naming *what* and the backend."""
-    result = await conn.command(command)
+async def run_ok(conn: BackendProtocol, command: bytes, what: str, *, bounded: bool = False) -> Tagged:
+    """Run *command* (*bounded*: a read, cut by stall.py); its result if OK, else TransferError naming *what* and the backend."""
+    result = await conn.command(command, bounded=bounded)
     if not result.ok:
         raise TransferError(_failed(what, conn, result.start))
     return result
@@ -244,7 +244,7 @@ async def named_by_validity(conn: BackendProtocol, validity: int) -> list[str]:
 async def open_mailbox(conn: BackendProtocol, name: str, *, readonly: bool) -> MailboxState:
     """SELECT (or EXAMINE) a mailbox; what it said about UIDs and messages."""
     verb = b"EXAMINE " if readonly else b"SELECT "
-    result = await run_ok(conn, verb + name_arg(name), verb.strip().decode())
+    result = await run_ok(conn, verb + name_arg(name), verb.strip().decode(), bounded=readonly)  # EXAMINE reads
     validity = uidnext = messages = 0
     for r in result.responses:
         if r.start.name == "EXISTS" and r.start.number is not None:

@@ -25,7 +25,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 from .acrossview import EXPUNGE_ISSUED, NOTHING_NAMED, moved_text
-from .backend import BackendError, BackendProtocol, Tagged
+from .backend import BackendError, BackendProtocol, BackendUnavailable, Tagged
 from .backoff import pauses
 from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages
 from .copywait import wait_for_moves
@@ -360,7 +360,15 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     # Committed (APPENDUID): journaled before anything can fail, or a copy another client moves on
     # before our verification reads it would be "never committed" to recovery, its source kept (twice)
     await mailbox_map.record(entry)
-    await verify_copies(dst, dst_mailbox, copied)
+    try:
+        await verify_copies(dst, dst_mailbox, copied)
+    except BackendUnavailable as e:  # committed, not checked (the destination stopped or went): recovery finds
+        await mailbox_map.disown(entry)  # the copies by content and finishes the move; the client is told so
+        log.error("MOVE: copied to {dst}, which failed before the copies were checked ({why}); recovery will "
+                  "finish it", dst=dst.name, why=str(e))
+        return CopyOutcome(untagged, "NO", "[UNAVAILABLE] The messages were copied, but the server holding the "
+                                           "copies stopped answering before they were checked; the move will be "
+                                           "completed once it answers", 0)
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from storehelp import now
+from twisted.python.failure import Failure
 
 from referral_proxy.config import parse_config
 from referral_proxy.referrals import referable
@@ -200,6 +201,22 @@ def test_a_copy_that_reads_back_differently_is_not_removed_from_the_source():
     assert entry.step.value == "move-appending" and entry.owner is None  # recovery decides, by content
 
 
+def test_a_destination_lost_before_the_copies_are_checked_is_said_and_left_to_recovery():
+    """Committed (APPENDUID), then the destination goes during the check: the source is not touched, the
+    entry is recovery's (it finds the copies by content and finishes), and the NO says the messages were
+    copied (hostile probe 5: a bare "temporarily unavailable", then the move carried out behind it)."""
+    h, src = _selected(1)
+    dst = _uid_move_of_one(h, src)
+    dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
+    _take(src)
+    dst.connectionLost(Failure(ConnectionError("destination gone")))  # its EXAMINE unanswered
+    answer = h.to_client()
+    assert answer.startswith(b"m NO [UNAVAILABLE] The messages were copied") and b"will be completed" in answer, answer
+    assert _take(src) == b""  # no STORE, no EXPUNGE on the source
+    (entry,) = now(h.context.mailbox_map.entries())
+    assert entry.step.value == "move-appending" and entry.owner is None and entry.data["dst_uids"] == "5"
+
+
 def test_destination_refusal_aborts_its_connection_and_touches_no_source_message():
     h, src = _selected(1)
     dst = _uid_move_of_one(h, src)
@@ -228,8 +245,6 @@ def test_no_referral_to_the_proxy_itself():
 
 
 def test_destination_lost_while_it_holds_the_source_paused_does_not_hang_the_client():
-    from twisted.python.failure import Failure
-
     h, src = _selected(1)
     h.send(b"c COPY 1 Shared/X\r\n")
     src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
@@ -260,8 +275,6 @@ def test_a_lost_backend_releases_the_back_pressure_it_put_on_the_client():
 
 
 def test_destination_lost_before_the_append_starts_gets_an_answer():
-    from twisted.python.failure import Failure
-
     h, src = _selected(1)
     h.send(b"c COPY 1 Shared/X\r\n")
     src.dataReceived(b"* SEARCH 4\r\nrp2 OK\r\n")
