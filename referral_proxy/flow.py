@@ -205,6 +205,9 @@ def _resume_transport(source: object) -> None:
         source.transport.resumeProducing()  # type: ignore[attr-defined]
 
 
+_CUT = object()  # the owner of a response its source never finished: nothing is written after it
+
+
 class Output:
     """Serializes what several sources write to the client, a whole response at a time.
 
@@ -261,13 +264,16 @@ class Output:
         """Whether *source* is held because its output waits in the queue."""
         return source in self._paused
 
-    def abandon(self, source: object) -> None:
-        """*source* is gone mid-response: let the others through."""
+    def abandon(self, source: object) -> bool:
+        """*source* is gone: let the others through. True if it was mid-response (a FETCH literal): the client
+        would read whatever came next as the rest of it, so nothing ever is (session.py closes the connection)."""
         if self._owner is source:
-            self._owner = None
+            self._owner = _CUT
+            return True
         self._queue = [item for item in self._queue if item[0] is not source]
         self._paused.discard(source)
         self._flush()
+        return False
 
 
 class ClientFlow:
@@ -363,11 +369,11 @@ class ClientFlow:
         assert self.gate is not None
         proto.transport.registerProducer(PeerPause(self.gate, f"backend:{proto.name}"), True)
 
-    def detach(self, proto: Any) -> None:
-        """A backend connection is gone (mid-response too): the others' output goes on."""
+    def detach(self, proto: Any) -> bool:
+        """A backend connection is gone: the others' output goes on, unless it was mid-response (True)."""
         self.backends.transports.discard(proto.transport)
         self.backends.held.discard(proto.transport)
-        self.out.abandon(proto)
+        return self.out.abandon(proto)
 
     def close(self, transport: Any, reactor: Any, grace: float) -> None:
         """Close once what was written is out; abort if that takes over *grace* seconds

@@ -572,14 +572,14 @@ class ClientSession(HalfClose, Protocol):
             self.pool.forget(backend)
         self.relay.end_updates(backend)
         told = backend in self._byes and not self.flow.out.holds(backend)  # its BYE written, not queued
-        self.flow.detach(backend)
+        cut = self.flow.detach(backend)  # mid-response (a literal): nothing more is written, the session ends
         if self.phase is Phase.LOGOUT:
             return
         log.warn("session {id}: backend {name} connection lost: {why}", id=self.id, name=backend.name,
                  why=reason.getErrorMessage())
         self.idle.lost(backend)
-        if self.dies_with(backend):
-            if not told:
+        if self.dies_with(backend) or cut:
+            if not (told or cut):
                 self.send(b"* BYE Mail server connection lost\r\n")
             self._logout_backends()
             self._close()
