@@ -220,7 +220,8 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
                 untagged += others
                 if entry is not None:
                     return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
-                copied = await copy_stream(src, infos, dst, mailbox)
+                copied = await copy_stream(src, infos, dst, mailbox, before_commit=None if copying is None else (
+                    lambda _hashes: mailbox_map.record_before_commit(copying)))  # still ours: not released meanwhile
             except Vanished:
                 if entry is not None and not entry.ended:
                     await mailbox_map.end_move(entry)  # at reserved, or its MULTIAPPEND aborted: nothing saved

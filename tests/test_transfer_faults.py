@@ -285,3 +285,21 @@ def test_destination_lost_before_the_append_starts_gets_an_answer():
     assert h.to_client() == b"c NO [UNAVAILABLE] Mail server temporarily unavailable\r\n"
     h.send(b"n NOOP\r\n")
     assert src.transport.value().endswith(b" NOOP\r\n")
+
+
+def test_a_copy_whose_entry_was_released_meanwhile_commits_nothing():
+    """A COPY across whose process stalled past its lease: another proxy's recovery released its entry (and
+    a MOVE of the same messages may have run since, and been recovered by content: hostile probe 1 lost a
+    copy that way). Before the MULTIAPPEND's last byte the entry is checked, as a MOVE's batch is: nothing is
+    committed, the client is told."""
+    h, src = _selected(1)
+    dst = _across_of_one(h, src, b"c UID COPY 4 Shared/X")
+    (entry,) = now(h.context.mailbox_map.entries())
+    assert entry.op == "copy-messages"
+    now(h.context.mailbox_map._store.end_move(entry.id))  # released by another process
+    assert _take(src).endswith(b"UID FETCH 4 (UID BODY.PEEK[])\r\n")
+    src.dataReceived(b"* 1 FETCH (UID 4 BODY[] {3}\r\nabc)\r\nrp4 OK\r\n")
+    sent = _take(dst)
+    assert b"abc" in sent and not sent.endswith(b"abc\r\n"), sent  # the command's last CRLF never sent
+    answer = h.to_client()
+    assert answer.startswith(b"c NO "), answer
