@@ -227,6 +227,15 @@ def _selection(args: Arguments) -> set[bytes]:
     return {t.value.upper() for t in options[0].items if isinstance(t, Atom)}
 
 
+def _returned(args: Arguments) -> set[bytes]:
+    """The LIST-EXTENDED return options (RFC 5258 ``RETURN (...)``), upper-cased."""
+    tokens = list(args.tokens)
+    for token, after in zip(tokens, tokens[1:]):
+        if isinstance(token, Atom) and token.value.upper() == b"RETURN" and isinstance(after, ParenList):
+            return {t.value.upper() for t in after.items if isinstance(t, Atom)}
+    return set()
+
+
 def _owner(host: ListHost, name: str) -> str:
     return host.mailbox_map.lookup(host.user, name).primary
 
@@ -367,6 +376,13 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             out[i] = b""  # the parent of names a move hides now (a RENAME's new ones before its commit point)
         elif await _exists(host, name, owner):  # there, but not selected (SUBSCRIBED): not \NonExistent
             out[i] = _drop_flag(out[i], _NONEXISTENT)
+    if b"SUBSCRIBED" in _returned(args) and (bare := {name: i for name, i in parents.items()
+                                                    if out[i] and b"\\SUBSCRIBED" not in out[i].upper()}):
+        # RETURN (SUBSCRIBED): a \NonExistent parent said by its child's backend, subscribed where its name is kept
+        kept = {normalize(e.text, sep) for e in await _listed(host, backends, b'LSUB "" "*"')}
+        for name, i in bare.items():
+            if normalize(name, sep) in kept:
+                out[i] = add_flag(out[i], b"\\Subscribed")
     if child_flagged and len(backends) > 1:
         # Each backend knows only its own children (Shared on b1, Shared/Projects on b3): the
         # child flags said over every backend's mailboxes, as in the merged LIST.

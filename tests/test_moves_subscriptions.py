@@ -92,3 +92,20 @@ def test_a_moved_mailbox_renamed_later_keeps_its_old_name_subscribed_and_unsubsc
             assert "Work" not in _lsub(m), d.name
     counts, where = census(fleet, "carol")
     assert judge(counts, ["w-1@t"]) == ([], [])
+
+
+@pytest.mark.parametrize("pattern", ['"*"', '"%"'])
+def test_a_subscribed_parent_that_is_no_mailbox_keeps_subscribed_when_its_child_lives_elsewhere(fleet, proxy_factory,
+                                                                                             pattern):
+    """Box subscribed on b1, renamed away (its subscription stays), Box/kid made on b3: ``RETURN (SUBSCRIBED)``
+    showed Box ``(\\NonExistent)`` from b3, which holds no subscription to it; Dovecot, holding all of them,
+    says ``(\\NonExistent \\Subscribed)`` (hostile probe 3, F3)."""
+    proxy = proxy_factory(rules=[{"user": "carol", "mailbox": "Box/*", "backend": "b3"}])
+    c = proxy.login("carol")
+    for command in (("create", "Box"), ("subscribe", "Box"), ("rename", "Box", "Tmp"), ("create", "Box/kid")):
+        assert getattr(c, command[0])(*command[1:])[0] == "OK", command
+    c._simple_command("LIST", '""', pattern, "RETURN", "(SUBSCRIBED)")
+    data = c.untagged_responses.pop("LIST", [])
+    box = [x for x in data if x and x.endswith(b'"/" Box')]
+    assert len(box) == 1 and b"\\Subscribed" in box[0] and b"\\NonExistent" in box[0], data
+    c.logout()
