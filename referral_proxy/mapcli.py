@@ -86,6 +86,9 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
         if unknown:
             sys.stderr.write(f"referral-proxy: map set: unknown backend {unknown[0]!r}\n")
             return 2
+        if not args.mailbox or any(c in args.mailbox for c in "\r\n\0"):  # no client could ever name it
+            sys.stderr.write(f"referral-proxy: map set: not a mailbox name: {args.mailbox!r}\n")
+            return 2
 
         async def place() -> int:
             await mailbox_map.place(args.user, args.mailbox, args.backends)

@@ -103,3 +103,14 @@ def test_a_move_that_begins_while_map_set_writes_cannot_begin(tmp_path, command,
     assert status == 0 and not began, capsys.readouterr()  # the map command was first: it goes through
     entry = now(proxy.begin_move("carol", "move", [Reservation("Work")], {}))  # and holds nothing after
     now(proxy.end_move(entry))
+
+
+@pytest.mark.parametrize("name", ["", "Work\r\nFAKE", "A\nB"], ids=["empty", "crlf", "lf"])
+def test_map_set_of_a_name_no_client_can_send_is_refused(proxy_factory, name):
+    """An empty name, or one holding CR, LF or NUL (no IMAP client can name it; `map show` printed it raw):
+    refused, nothing written (hostile probe 4)."""
+    proxy = proxy_factory(rules=RULES)
+    done = cli("map", "--config", str(proxy.config_path), "set", "carol", name, "b2")
+    assert done.returncode == 2 and "not a mailbox name" in done.stderr, (done.stdout, done.stderr)
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
+    assert shown.returncode == 0 and "-> b2" not in shown.stdout and "b2 (placed" not in shown.stdout, shown.stdout
