@@ -20,6 +20,7 @@ from twisted.internet import task
 
 from .backoff import pauses
 from .journal import InUse, JournalEntry, Reservation, Step, StoreUnavailable
+from .proxyappends import APPENDING, others_confirmed
 from .routing import MailboxMap
 
 __all__ = ["WAIT", "begin_waiting", "wait_free"]
@@ -60,10 +61,28 @@ async def wait_free(mailbox_map: MailboxMap, user: str, names: Sequence[bytes | 
     return await _free(mailbox_map, user, wanted, clock, 0.0) is not None
 
 
+class Appending(InUse):
+    """Another proxy's APPEND to a RENAME's names stayed under way (proxyappends.others_confirmed); str():
+    the client's answer text."""
+
+    def __str__(self) -> str:
+        return APPENDING[3:]
+
+
 async def begin_waiting(mailbox_map: MailboxMap, user: str, op: str, reservations: Sequence[Reservation],
-                        data: dict, clock: Any) -> JournalEntry:
+                        data: dict, clock: Any, *, appends: bool = False) -> JournalEntry:
     """``MailboxMap.begin_move``, waiting out holders that let go within moments (InUse after
-    WAIT seconds, or at once if a holder is a move under way, or without a clock)."""
+    WAIT seconds, or at once if a holder is a move under way, or without a clock); *appends* (a RENAME
+    across): then until the other proxies' APPENDs under way to those names are answered, else Appending."""
+    entry = await _begin_waiting(mailbox_map, user, op, reservations, data, clock)
+    if appends and not await others_confirmed(mailbox_map.store):
+        await mailbox_map.end_move(entry)
+        raise Appending(list(reservations))
+    return entry
+
+
+async def _begin_waiting(mailbox_map: MailboxMap, user: str, op: str, reservations: Sequence[Reservation],
+                         data: dict, clock: Any) -> JournalEntry:
     waited = 0.0
     while True:
         try:

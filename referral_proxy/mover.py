@@ -41,7 +41,7 @@ from .backend import BackendProtocol
 from .copystream import BATCH_BYTES, BATCH_MESSAGES, batches
 from .drain import copied_of, highest_modseq, remove_verified, resume, take_back_vanished
 from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
-from .holds import begin_waiting
+from .holds import Appending, begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
@@ -84,8 +84,7 @@ ANSWER_WITHIN = 10.0  # seconds a client waits past the commit point before it i
 QUIET = 0.3  # seconds without a new message in a source before it is renamed aside
 QUIET_BUDGET = 15.0  # seconds spent waiting for that quiet at most (then it is renamed anyway)
 # INBOX's (never renamed): what still comes is carried by the old-home watch (oldhome.py), while a
-# whole-user move holding every name of the user's (NO [INUSE]) should not last longer for it
-INBOX_QUIET_BUDGET = 3.0
+INBOX_QUIET_BUDGET = 3.0  # whole-user move holding every name of the user's (NO [INUSE]) should not last longer
 ASIDE_TIMEOUT = 30.0  # seconds the renamed source may take to be emptied and deleted
 DRAIN_ROUNDS = 10  # INBOX: rounds of "copy what is new, expunge what is verified" before giving up
 ASIDE = ASIDE_PREFIX.decode()  # staging.is_private_name: never listed to a client nor taken from one
@@ -183,17 +182,18 @@ class Mover:
     # -- the move ------------------------------------------------------------------------
 
     async def rename(self, old: str, new: str, src_name: str, dst_name: str) -> MoveResult:
-        """Move *old* (and its children) on *src_name* to *new* on *dst_name*.
-
-        A RENAME (*new* not *old*) with a child on another backend is refused before anything
-        changes (hierarchy.py), as is one under its own subtree."""
+        """Move *old* (its children along) on *src_name* to *new* on *dst_name*; a RENAME with a child on
+        another backend, or under its own subtree, is refused before anything changes (hierarchy.py)."""
         if new != old and under_itself(old, new, self.sep):
             raise TransferError(UNDER_ITSELF)
         data: dict[str, Any] = {"src": src_name, "dst": dst_name, "old": old, "new": new, "token": secrets.token_hex(4),
                 "pairs": [], "created": [], "validity": {}, "batches": [], "pending": None, "aside": [],
                 "drained": [], "settled": {}}  # settled: drain.py (an entry without it is an older version's)
         try:
-            entry = await begin_waiting(self.mailbox_map, self.user, "move", self._reservations(data), data, self.clock)
+            entry = await begin_waiting(self.mailbox_map, self.user, "move", self._reservations(data), data, self.clock,
+                                        appends=True)
+        except Appending as e:  # at another proxy on PostgreSQL (proxyappends.py); here: appendturns.py
+            raise TransferError(str(e)) from None
         except InUse:
             raise TransferError("[INUSE] Mailbox is being moved or renamed by another command; try again shortly") from None
         except StoreUnavailable:

@@ -64,8 +64,8 @@ def test_two_proxies_on_postgresql(proxy_factory, pg_dsn):
                 other_addr=(proxies[1].host, proxies[1].port)))
 
 
-def _stalled_append_then_rename(fleet, appending, renaming) -> None:
-    """carol's APPEND to A/B/x through *appending* stops in the middle of its literal; RENAME A/B C
+def _stalled_append_then_rename(fleet, appending, renaming, to: bytes = b"C") -> None:
+    """carol's APPEND to A/B/x through *appending* stops in the middle of its literal; RENAME A/B *to*
     through *renaming*: NO [INUSE] in ~APPEND_WAIT seconds (bound: the Wire's 60 s). The APPEND, finished
     then, is saved once where it was sent; the RENAME, sent again, is done (nothing was left held)."""
     from imapwire import Wire
@@ -79,13 +79,13 @@ def _stalled_append_then_rename(fleet, appending, renaming) -> None:
     appender.send(b"a APPEND A/B/x {%d}\r\n" % len(body))
     assert appender.line().startswith(b"+")
     appender.send(body[:10])  # and stops
-    answer = renamer.cmd(b"r", b"RENAME A/B C")[-1]
+    answer = renamer.cmd(b"r", b"RENAME A/B " + to)[-1]
     appender.send(body[10:] + b"\r\n")
     assert appender.until_tagged(b"a")[-1].startswith(b"a OK")
     assert answer.startswith(b"r NO [INUSE]"), answer
     counts, where = census(fleet, "carol")
     assert counts.get("stalled@t") == 1 and where["stalled@t"] == [("b1", "A/B/x")], where
-    assert renamer.cmd(b"r", b"RENAME A/B C")[-1].startswith(b"r OK")
+    assert renamer.cmd(b"r", b"RENAME A/B " + to)[-1].startswith(b"r OK")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -98,11 +98,13 @@ def test_a_rename_is_not_held_for_ever_by_an_append_whose_client_stopped(proxy_f
     _stalled_append_then_rename(fleet, proxy, proxy)
 
 
-def test_a_rename_at_one_proxy_is_not_held_for_ever_by_an_append_at_another(proxy_factory, fleet, pg_dsn):
+@pytest.mark.parametrize("to", [b"C", b"Shared/C"], ids=["on-its-backend", "across"])
+def test_a_rename_at_one_proxy_is_not_held_for_ever_by_an_append_at_another(proxy_factory, fleet, pg_dsn, to):
     """Two proxies on one PostgreSQL map, the APPEND through the first: the RENAME at the second waits
     for it (proxyappends.py), at most ~APPEND_WAIT seconds, then is refused holding nothing. (Before:
-    the RENAME went ahead, and Dovecot answered the APPEND "NO Mailbox was deleted under us".)"""
+    the RENAME went ahead, and Dovecot answered the APPEND "NO Mailbox was deleted under us"; across
+    backends, until this stop, the APPEND got NO [SERVERBUG] once the source was set aside: hostile probe 1.)"""
     from test_several_proxies import RULES, _config
 
     appending, renaming = (proxy_factory(_config(pg_dsn), rules=RULES) for _ in range(2))
-    _stalled_append_then_rename(fleet, appending, renaming)
+    _stalled_append_then_rename(fleet, appending, renaming, to)
