@@ -13,12 +13,12 @@ from typing import Any
 
 from .backend import BackendProtocol
 from .hierarchy import TAKEN, placed_elsewhere, refusal
-from .holds import begin_waiting
+from .holds import Appending, begin_waiting
 from .imap.response import completion_text
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
 from .mailops import TransferError, exists, name_arg, subtree
 from .mover import Connect
-from .proxyappends import APPENDING, others_confirmed
+from .proxyappends import APPENDING
 from .routing import MailboxMap, normalize
 from .turns import Release
 
@@ -93,15 +93,14 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
     reservations = [Reservation(old, subtree=not inbox), Reservation(new)]
     try:
         entry = await begin_waiting(mailbox_map, user, "rename-local", reservations,
-                                    {"backend": conn.name, "old": old, "new": new}, clock)
+                                    {"backend": conn.name, "old": old, "new": new}, clock, appends=True)
+    except Appending:  # another proxy's APPEND to them still under way (proxyappends.py)
+        return LocalRename((), APPENDING)
     except InUse:
         return LocalRename((), "NO [INUSE] Mailbox is being moved or renamed by another command; try again shortly")
     except StoreUnavailable:
         return LocalRename((), "NO " + UNAVAILABLE)
     try:
-        if not await others_confirmed(mailbox_map.store):  # another proxy's APPEND to them still under way
-            await mailbox_map.end_move(entry)
-            return LocalRename((), APPENDING)
         if not inbox:
             placed = mailbox_map.placements(user)
             try:

@@ -333,9 +333,7 @@ class ProxyService(MultiService):
         # COPY made) sends it again on its next connection: twice. Direct Dovecot answers it, then BYE.
         for s in sessions:
             s.block(Block.STOPPING)  # what a client is still sending is cut by the BYE: nothing of it saved
-        deadline = self.reactor.seconds() + ANSWER_WAIT
-        while any(_owes_answer(s) for s in sessions) and self.reactor.seconds() < deadline:
-            yield deferLater(self.reactor, 0.05, lambda: None)
+        yield self._until(lambda: not any(_owes_answer(s) for s in sessions), ANSWER_WAIT)
         closed = [s.when_closed() for s in sessions]
         for session in sessions:
             session.shutdown()
@@ -349,12 +347,18 @@ class ProxyService(MultiService):
                          s=SHUTDOWN_GRACE)
         # A staged MULTIAPPEND the stop cut deletes its staging mailbox over a connection of its own
         # (staging.Staging.cleanup): left for the next start's recovery if the store closed first.
-        journal, deadline = self.context.staging_journal, self.reactor.seconds() + SHUTDOWN_GRACE
-        while journal is not None and journal.open and self.reactor.seconds() < deadline:
-            yield deferLater(self.reactor, 0.05, lambda: None)
+        journal = self.context.staging_journal
+        yield self._until(lambda: journal is None or not journal.open, SHUTDOWN_GRACE)
         if self._peer_port is not None:
             yield self._peer_port.stopListening()
         yield defer.ensureDeferred(self.mailbox_map.close())
+
+    @defer.inlineCallbacks
+    def _until(self, done: Any, seconds: float):  # type: ignore[no-untyped-def]
+        """Fires once *done()* is true, looked at every 50 ms, or after *seconds* (a stop waits no longer)."""
+        deadline = self.reactor.seconds() + seconds
+        while not done() and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.05, lambda: None)
 
     def _listen_peers(self, where: peerholds.MapFile, hold_here: Any) -> None:
         try:
