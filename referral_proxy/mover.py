@@ -43,7 +43,7 @@ from .drain import copied_of, highest_modseq, remove_verified, resume, take_back
 from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
 from .holds import Appending, begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
-from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
+from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
     NotReadAgain,
     TransferError,
@@ -237,19 +237,15 @@ class Mover:
             await finishing
         else:  # a client waits for the answer: past the commit point it need not wait long
             waiter: defer.Deferred[object] = defer.Deferred()
-            def expire() -> None:
-                if not waiter.called:
-                    waiter.callback(None)
-
-            timer = self.clock.callLater(self.answer_within, expire)
 
             def settled(outcome: object) -> None:
                 if timer.active():
                     timer.cancel()
                 if not waiter.called:
-                    waiter.callback(outcome)  # a Failure fails the waiter: it is raised below
+                    waiter.callback(outcome)  # None: time is up; a Failure fails the waiter: it is raised below
                 # else: answered already; a failure was logged and the entry left to recovery
 
+            timer = self.clock.callLater(self.answer_within, settled, None)
             finishing.addBoth(settled)
             result.pending = await waiter is None
 
@@ -280,7 +276,10 @@ class Mover:
                       id=entry.id, user=self.user, why=str(why))
             return
         try:
+            await self.mailbox_map.record(entry)  # still ours? (stalled past its lease: recovery undid it)
             await self.roll_back(entry)
+        except LostEntry:
+            raise  # the client is told recovery took it over, not this process's next failure
         except BaseException as e:
             self.left_to_recovery = True
             await self.mailbox_map.disown(entry)

@@ -25,19 +25,26 @@ from test_several_proxies import _config, ids
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
 
+def _stalling(proxy_factory, fleet, pg_dsn, tmp_path, mailbox: str, work: list[str], points: list[str]):
+    """carol's *work* in *mailbox* on b1; a proxy (lease 1 s, Shared/* on b3) pausing at *points*."""
+    seed(fleet["b1"], "carol", mailbox, work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    config = _config(pg_dsn)
+    config["map"]["lease_seconds"] = 1
+    a = proxy_factory(config, rules=[{"mailbox": "Shared/*", "backend": "b3"}],
+                      command=faulty(*[x for p in points for x in ("--pause-at", p)], "--pause-dir", str(pause)))
+    return a, pause
+
+
 @pytest.mark.parametrize("step", ["delta-copying:2", "move-appending:2"])
 def test_a_stalled_owner_taken_over_by_recovery_commits_no_second_copy(proxy_factory, fleet, pg_dsn, tmp_path, step):
     """delta-copying:2: RENAME Work Shared/W carrying 5 messages delivered after its commit point;
     move-appending:2: UID MOVE 1:* Shared/W out of INBOX. Each stalls 3 s after its hashes' write."""
     work = ids("work", 30)
-    seed(fleet["b1"], "carol", "INBOX" if step.startswith("move") else "Work", work)
-    pause = tmp_path / "pause"
-    pause.mkdir()
     points = ["placed:1", step] if step.startswith("delta") else [step]
-    config = _config(pg_dsn)
-    config["map"]["lease_seconds"] = 1
-    a = proxy_factory(config, rules=[{"mailbox": "Shared/*", "backend": "b3"}],
-                      command=faulty(*[x for p in points for x in ("--pause-at", p)], "--pause-dir", str(pause)))
+    a, pause = _stalling(proxy_factory, fleet, pg_dsn, tmp_path, "INBOX" if step.startswith("move") else "Work",
+                         work, points)
     w = Wire(a.host, a.port, timeout=120)
     w.login("carol")
     late: list[str] = []
@@ -68,3 +75,28 @@ def test_a_stalled_owner_taken_over_by_recovery_commits_no_second_copy(proxy_fac
     counts, where = census(fleet, "carol")
     lost, duplicated = judge(counts, work + late)
     assert (lost, duplicated) == ([], []), (answer, taken.stdout, lost, [(d, where[d]) for d in duplicated[:5]])
+
+
+def test_a_stalled_rename_rolled_back_by_recovery_is_told_so(proxy_factory, fleet, pg_dsn, tmp_path):
+    """RENAME Work Shared/W stalls 3 s past its lease right after creating Shared/W on b3; `recover`
+    rolls it back (Shared/W deleted). Resumed, the proxy's next step fails on the missing Shared/W:
+    the client was told that failure ("STATUS failed on b3: Mailbox doesn't exist") and the stalled
+    process undid once more what was no longer its own. Now it checks the entry is still its own
+    before undoing, and says recovery took the operation over."""
+    work = ids("work", 10)
+    a, pause = _stalling(proxy_factory, fleet, pg_dsn, tmp_path, "Work", work, ["created:1"])
+    w = Wire(a.host, a.port, timeout=120)
+    w.login("carol")
+    w.send(b"r RENAME Work Shared/W\r\n")
+    assert wait_paused(pause, "created:1") == "created:1"
+    time.sleep(3)  # not a measurement: three leases of 1 s run out while the owner is stalled
+    taken = cli("recover", "--config", str(a.config_path))
+    assert taken.returncode == 0 and "carol" in taken.stdout, taken.stdout + taken.stderr
+    (pause / "resume").touch()
+    answer = w.until_tagged(b"r")[-1]
+    assert answer.startswith(b"r NO [UNAVAILABLE]") and b"recovery took the operation over" in answer, answer
+    assert w.cmd(b"l", b'LIST "" "*"')[-1].startswith(b"l OK")
+    w.close()
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], []), where
+    assert {m for i in work for m in where[i]} == {("b1", "Work")}, dict(where)  # rolled back: all in Work
