@@ -48,7 +48,6 @@ from .mailops import (
     NotReadAgain,
     TransferError,
     aside_gone,
-    create,
     delete_if_empty,
     drop_marks,
     exists,
@@ -75,6 +74,7 @@ from .renamecheck import checked
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
 from .transfer import Progress, copy_stream, find_copies, verify_copies
+from .validity import create_unlike, refuse_same_inbox
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "BATCH_MESSAGES", "BATCH_BYTES"]
 
@@ -174,6 +174,8 @@ class Mover:
                                     "there (rights x, t and e needed); nothing was moved")
             if normalize(n, self.sep) == "INBOX" and o != "INBOX":
                 raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
+            if normalize(n, self.sep) == "INBOX":  # its messages would be renumbered under the UIDVALIDITY kept
+                await refuse_same_inbox(src, dst, self.clock)
             if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
                 raise TransferError("[ALREADYEXISTS] Target mailbox already exists.")  # Dovecot's words
             if o != n and placed_elsewhere(self.mailbox_map, self.user, n, dst.name):  # a child's new name
@@ -209,7 +211,7 @@ class Mover:
                 if normalize(n, self.sep) != "INBOX":
                     data["at"] = i
                     await self.mailbox_map.step(entry, Step.CREATING)
-                    await create(dst, n)
+                    await create_unlike(src, o, dst, n)
                     data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
                     await self.mailbox_map.step(entry, Step.CREATED)
                 result.messages += await self._copy(entry, i, src, dst, o, delta=False)
@@ -587,8 +589,7 @@ class Mover:
 
     async def _settle(self, entry: JournalEntry, src: BackendProtocol, box: str, dst: BackendProtocol) -> None:
         """A delta batch from *box* a crash interrupted: recorded if it committed (found by content), else dropped."""
-        data = entry.data
-        rec = data["pending"]
+        data, rec = entry.data, entry.data["pending"]
         found = await self._find_pending(entry, src, box, dst, rec)
         rec.pop("hashes", None)
         if found:  # what is there is recorded as copied; the rest is copied again

@@ -1,0 +1,97 @@
+"""A mailbox moved to another server never keeps its UIDVALIDITY while its messages get new UIDs
+(RFC 3501 2.3.1.1: UIDs are not reassigned under one UIDVALIDITY), against real Dovecot.
+
+Dovecot gives a new mailbox the current second as its UIDVALIDITY: INBOX made on two backends in
+the same second (a new user's first merged LIST-STATUS opens INBOX on every backend) shares one.
+`move carol '*' b2` then appended u1 u3 u4 u5 (UIDs 1 3 4 5) into b2's INBOX as UIDs 1 2 3 4 under
+the same UIDVALIDITY, and a client deleting u3 by its cached UID 3 deleted u4 (probe 2 of stop 47).
+validity.py: an INBOX onto one of the same UIDVALIDITY is refused before anything moves; a created
+destination that got the source's is made again.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+from imapwire import Wire
+from movecheck import census, cli, faulty, judge, seed, wait_paused
+from test_several_proxies import ids
+
+from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+MASTERS = {"backends": {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}}
+
+
+def _doveadm_validity(backend, user: str, mailbox: str, value: int) -> None:
+    done = subprocess.run(["doveadm", "-c", str(backend.conf_path), "mailbox", "update", "-u", user,
+                           "--uid-validity", str(value), mailbox], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def _validity(backend, user: str, mailbox: str) -> int:
+    with backend.client(user) as m:
+        typ, data = m.status(mailbox, "(UIDVALIDITY)")
+    assert typ == "OK", data
+    return int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1))
+
+
+def test_an_inbox_moved_onto_an_inbox_of_the_same_uidvalidity_is_refused(proxy_factory, fleet):
+    mail = ids("u", 5)
+    seed(fleet["b1"], "carol", "INBOX", mail)
+    with fleet["b1"].client("carol") as m:  # a gap: u1 is UID 2 ... as after a delete long ago
+        m.select("INBOX")
+        m.uid("STORE", "1", "+FLAGS", r"(\Deleted)")
+        m.expunge()
+    mine = _validity(fleet["b1"], "carol", "INBOX")
+    _validity(fleet["b2"], "carol", "INBOX")  # there, made by a look
+    _doveadm_validity(fleet["b2"], "carol", "INBOX", mine)
+    proxy = proxy_factory(MASTERS)
+    for what in ("INBOX", "*"):
+        moved = cli("move", "--config", str(proxy.config_path), "carol", what, "b2")
+        assert moved.returncode != 0 and "UIDVALIDITY" in moved.stdout + moved.stderr, moved.stdout + moved.stderr
+        counts, where = census(fleet, "carol")
+        assert judge(counts, mail[1:]) == ([], []) and {where[i][0] for i in mail[1:]} == {("b1", "INBOX")}
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("carol")
+    assert b"UIDVALIDITY %d]" % mine in b"".join(w.cmd(b"s", b"SELECT INBOX"))  # still b1's INBOX
+    w.close()
+    _doveadm_validity(fleet["b2"], "carol", "INBOX", mine + 7)  # what the operator is told to do
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, mail[1:]) == ([], []) and {where[i][0] for i in mail[1:]} == {("b2", "INBOX")}
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("carol")
+    assert b"UIDVALIDITY %d]" % (mine + 7) in b"".join(w.cmd(b"s", b"SELECT INBOX"))
+    w.close()
+
+
+def test_a_mailbox_created_for_a_rename_across_in_its_sources_second_is_made_again(proxy_factory, fleet, tmp_path):
+    """Work on b1 is given a UIDVALIDITY two seconds ahead; the RENAME, paused before its CREATE on
+    b3, goes on in that very second: Dovecot gives Shared/W the same one (every run here, without
+    validity.py). Now Shared/W is made again and has one of its own."""
+    mail = ids("w", 4)
+    seed(fleet["b1"], "carol", "Work", mail)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proxy = proxy_factory(MASTERS, rules=[{"mailbox": "Shared/*", "backend": "b3"}],
+                          command=faulty("--pause-at", "creating:1", "--pause-dir", str(pause)))
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    w.send(b"r RENAME Work Shared/W\r\n")
+    assert wait_paused(pause, "creating:1") == "creating:1"
+    target = int(time.time()) + 2
+    _doveadm_validity(fleet["b1"], "carol", "Work", target)
+    while time.time() < target:  # not a measurement: the CREATE is to land in the second `target`
+        time.sleep(0.005)
+    (pause / "resume").touch()
+    assert w.until_tagged(b"r")[-1].startswith(b"r OK"), "rename"
+    w.close()
+    assert _validity(fleet["b3"], "carol", "Shared/W") != target
+    counts, where = census(fleet, "carol")
+    assert judge(counts, mail) == ([], []) and {where[i][0] for i in mail} == {("b3", "Shared/W")}
