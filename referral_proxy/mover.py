@@ -38,6 +38,7 @@ from twisted.logger import Logger
 
 from .appendturns import MoverTurn
 from .backend import BackendProtocol
+from .boxattrs import carry_attributes
 from .copystream import BATCH_BYTES, BATCH_MESSAGES, batches
 from .drain import copied_of, highest_modseq, remove_verified, resume, take_back_vanished
 from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
@@ -214,6 +215,7 @@ class Mover:
                     await create_unlike(src, o, dst, n)
                     data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
                     await self.mailbox_map.step(entry, Step.CREATED)
+                await carry_attributes(src, o, dst, n, self.user)  # its ACL, METADATA (boxattrs.py)
                 result.messages += await self._copy(entry, i, src, dst, o, delta=False)
             await take_back_vanished(self.mailbox_map, entry, src, dst)
             await self.mailbox_map.step(entry, Step.COMMITTED)
@@ -258,10 +260,9 @@ class Mover:
             return True
         except BaseException as e:
             await self.mailbox_map.disown(entry)
-            data = entry.data
             log.error("move {id} of {user} {old} -> {new}: committed, but finishing failed: {why}; "
-                      "recovery will finish it", id=entry.id, user=self.user, old=data["old"], new=data["new"],
-                      why=str(e))
+                      "recovery will finish it", id=entry.id, user=self.user, old=entry.data["old"],
+                      new=entry.data["new"], why=str(e))
             raise MoveIncomplete(f"the mailboxes are in their new place; emptying the old ones failed ({e}) "
                                  "and will be finished by recovery") from e
         finally:
@@ -576,12 +577,11 @@ class Mover:
         return left
 
     async def _in_turn(self, backend: str, box: str, work: Callable[[], Awaitable[Any]]) -> None:
-        release = await self.turn(backend, box) if self.turn is not None else None
+        release = await self.turn(backend, box) if self.turn is not None else (lambda: None)
         try:
             await work()
         finally:
-            if release is not None:
-                release()
+            release()
 
     async def _drained(self, entry: JournalEntry, i: int) -> None:
         entry.data["drained"].append(i)
