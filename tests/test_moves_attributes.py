@@ -33,16 +33,21 @@ def _attributes(backend, box: bytes) -> bytes:
     return got
 
 
+def _shared_and_noted(backend) -> None:
+    """carol's Proj granted to bob and dave, with a private and a shared comment."""
+    w = _direct(backend)
+    for tag, command in ((b"s", b"SETACL Proj bob lrs"), (b"t", b"SETACL Proj dave lr")):
+        assert w.cmd(tag, command)[-1].startswith(tag + b" OK")
+    w.send(b'm SETMETADATA Proj (/private/comment "keep-me" /shared/comment {%d+}\r\n%s)\r\n' % (len(ODD), ODD))
+    assert w.until_tagged(b"m")[-1].startswith(b"m OK")
+    w.close()
+
+
 @pytest.mark.parametrize("how", ["rename", "admin-move"])
 def test_a_mailbox_moved_across_keeps_its_acl_and_metadata(proxy_factory, fleet, how):
     mail = ids("p", 3)
     seed(fleet["b1"], "carol", "Proj", mail)
-    w = _direct(fleet["b1"])
-    assert w.cmd(b"s", b"SETACL Proj bob lrs")[-1].startswith(b"s OK")
-    assert w.cmd(b"t", b"SETACL Proj dave lr")[-1].startswith(b"t OK")
-    w.send(b'm SETMETADATA Proj (/private/comment "keep-me" /shared/comment {%d+}\r\n%s)\r\n' % (len(ODD), ODD))
-    assert w.until_tagged(b"m")[-1].startswith(b"m OK")
-    w.close()
+    _shared_and_noted(fleet["b1"])
     before = _attributes(fleet["b1"], b"Proj")
     assert b"bob lrs" in before and b"keep-me" in before and ODD in before, before
     proxy = proxy_factory(MASTERS, rules=[{"mailbox": "Shared/*", "backend": "b3"}])
