@@ -308,6 +308,10 @@ class MailboxCommands:
         mailbox, route = target
         if COMMANDS[cmd.name].referred and self.refers(route, mailbox):
             return self.host.refuse(self.refer(cmd, route, mailbox))
+        if (cmd.name == "GETMETADATA" and (b"*" in mailbox or b"%" in mailbox)
+                and len(self.host.mailbox_map.backends_for(self.host.user or "")) > 1):
+            return self.host.refuse(b"%s NO [CANNOT] GETMETADATA takes one mailbox name here (RFC 5464): a pattern "
+                                    b"would match one server's mailboxes only\r\n" % cmd.tag)  # Dovecot's extension
         if cmd.name == "UNSUBSCRIBE" and (others := [b for b in self.host.mailbox_map.backends_for(self.host.user or "")
                                                      if b not in route.backends]):
             return self.host.run(cmd.tag, self._unsubscribe_everywhere(cmd, route, mailbox, others))

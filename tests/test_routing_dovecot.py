@@ -107,6 +107,21 @@ def test_mailbox_commands_go_where_the_mailbox_is_while_another_backend_is_selec
     assert b"stray on r1" in _comment(seeded["r1"])
 
 
+def test_getmetadata_of_a_pattern_over_several_servers_is_refused(proxy_factory, seeded):
+    """Dovecot answers GETMETADATA "*" for every mailbox the pattern matches (an extension of RFC 5464);
+    relayed to the home backend it left out Shared/X on r3 and showed what r1 holds of names the map
+    sends elsewhere (probe 2 of stop 47). A user over several backends is told NO; a name is relayed."""
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    for tag, pattern in ((b"a", b'"*"'), (b"b", b"Shared/%"), (b"c", b'"*X"')):
+        reply = w.cmd(tag, b"GETMETADATA " + pattern + b" /private/comment")
+        assert reply == [tag + b" NO [CANNOT] GETMETADATA takes one mailbox name here (RFC 5464): a pattern would "
+                         b"match one server's mailboxes only\r\n"], reply
+    reply = w.cmd(b"d", b"GETMETADATA Shared/X /private/comment")
+    assert b"on r3" in b"".join(reply) and reply[-1].startswith(b"d OK"), reply
+
+
 def test_esearch_and_context_updates_carry_the_clients_tags(proxy_factory, seeded):
     proxy = _proxy(proxy_factory, seeded)
     w = Wire(proxy.host, proxy.port)
