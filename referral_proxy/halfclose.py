@@ -3,9 +3,11 @@ of the commands it sent whole, then the connection closes: as Dovecot answers wh
 of its input. Without this, Twisted took the end of input for the end of the connection: an APPEND the
 backend saved went unanswered, and a client told nothing sends it again (twice).
 
-A command the end of input cut (half a line, half a literal, an IDLE never DONE) ends the session at once,
-as before: nothing of it runs, and what is in flight is answered only if it already was; so does a client
-that has not read its answers after MAX_WAIT."""
+A command the end of input cut is never run: one the proxy was still reading whole (half a line, half a
+literal of a CREATE) waits, unsent, while the commands before it are answered (`printf 'a NOOP\r\nb APPEND
+...\r\nc LOGOUT' | nc -N`: the APPEND saved, and answered); one a backend has begun (an APPEND's message
+cut, an IDLE never DONE, a SASL exchange) ends the session at once, as does a client that has not read its
+answers after MAX_WAIT: what is in flight is answered only if it already was."""
 
 from __future__ import annotations
 
@@ -49,8 +51,11 @@ def _answered_or_cut(session: Any, stop: Any, until: float) -> None:
         return stop()
     session._pump()  # commands read whole and not dispatched yet (a turn given to others)
     flow = session.flow
-    cut = (not flow.blocked and session.reader.starved) or session.ctx.reactor.seconds() > until
-    # (cut: half a command, a message, an IDLE never DONE: its rest never comes; or no end after MAX_WAIT)
+    reader = session.reader
+    cut = ((not flow.blocked and reader.starved and (reader.streaming or reader.expecting_line))
+           or session.ctx.reactor.seconds() > until)
+    # (cut: a message, an IDLE never DONE, a SASL response: a backend waits for its rest; or no end after
+    # MAX_WAIT. Half a command still being read is not: nothing of it was sent; those before it are answered.)
     if not cut and (session.relay.in_flight or session.appends.unanswered or flow.blocked):
         return None  # answers still to come (a command of the proxy's own holds the input meanwhile)
     stop()

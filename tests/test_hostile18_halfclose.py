@@ -94,3 +94,23 @@ def test_whole_commands_sent_before_a_half_close_are_answered_then_the_connectio
         assert tagged == [[t, b"OK"] for t in (b"a", b"b", b"c", b"d", b"e")], (round_, out)
         assert b"* %d EXISTS" % (before + 1) in out and closed, (round_, out)
         assert _count(fleet, "b1" if box == "INBOX" else "b2", "carol", box) == before + 1
+
+
+CUT_TAILS = {"line": b"c LOGOUT", "literal": b"c CREATE {5+}\r\nab", "announced": b"c CREATE {5}\r\n"}
+
+
+@pytest.mark.parametrize("tail", sorted(CUT_TAILS))
+def test_whole_commands_before_a_cut_last_command_are_answered(fleet, clean_mail, proxy_factory, tail):
+    """`printf 'a NOOP\\r\\nb APPEND ...\\r\\nc LOGOUT' | nc -N`: the last command has no CRLF. Direct
+    Dovecot answers a and b (the message saved), runs nothing of c, and closes; the proxy closed at
+    once: the APPEND saved and never answered (probe 1 of stop 47), a client told nothing sends it again."""
+    proxy = proxy_factory(rules=RULES)
+    data = b"a NOOP\r\nb APPEND INBOX {%d+}\r\n" % len(M1) + M1 + b"\r\n" + CUT_TAILS[tail]
+    for round_ in range(3):
+        before = _count(fleet, "b1", "carol", "INBOX")
+        out, closed = _run(proxy.host, proxy.port, "carol", data)
+        tagged = [line.split(b" ", 2)[:2] for line in out.split(b"\r\n") if line[:2] in (b"a ", b"b ", b"c ")]
+        assert tagged == [[b"a", b"OK"], [b"b", b"OK"]] and closed, (round_, out)
+        assert _count(fleet, "b1", "carol", "INBOX") == before + 1
+    with fleet["b1"].client("carol") as m:
+        assert m.list()[1] == [b'(\\HasNoChildren) "/" INBOX']  # nothing of c ran
