@@ -27,7 +27,7 @@ from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, STAGING_PREFIX, is_private_name
 
 __all__ = ["ListEntry", "ListHost", "list_command", "answer_merged", "parse_list_entry", "merge", "select",
-           "format_entry", "add_flag", "is_basic_list"]
+           "format_entry", "add_flag", "is_basic_list", "command_pieces"]
 
 log = Logger()
 
@@ -316,11 +316,7 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     # Each literal synchronizing, its "+" awaited (as relay.py writes them): a backend that refuses
     # the line before it (an 8-bit or "{" atom, a line over its limit once names are quoted) must
     # not read a literal's bytes as commands (tests/test_list_extended_literals.py).
-    encoded = encode(args)
-    frags, lits = encoded.fragments, encoded.literals
-    text = kind.encode() + b" " + frags[0] + (_announce(lits[0]) if lits else b"")
-    then = [lit.value + frags[i + 1] + (_announce(lits[i + 1]) + b"\r\n" if i + 1 < len(lits) else b"\r\n")
-            for i, lit in enumerate(lits)]
+    text, then = command_pieces(kind, args)
     got = await _gather(host, backends, remote, text, subscriptions=kind == "LSUB", then=then)
     owner, backends, hidden = got.owner, got.backends, got.hidden
     out: list[bytes] = []
@@ -397,6 +393,15 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             if normalize(name, sep) in with_subscribed:
                 out[i] = _with_childinfo(out[i])
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
+
+
+def command_pieces(kind: str, args: Arguments) -> tuple[bytes, list[bytes]]:
+    """The command line up to its first literal's announcement, and each literal with what follows."""
+    encoded = encode(args)
+    frags, lits = encoded.fragments, encoded.literals
+    text = kind.encode() + b" " + frags[0] + (_announce(lits[0]) if lits else b"")
+    return text, [lit.value + frags[i + 1] + (_announce(lits[i + 1]) + b"\r\n" if i + 1 < len(lits) else b"\r\n")
+                  for i, lit in enumerate(lits)]
 
 
 async def _parents(host: ListHost, backends: list[str], owner: Callable[[str], str],

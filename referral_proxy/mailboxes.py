@@ -10,7 +10,7 @@ session is reached only through :class:`MailboxHost`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from . import referrals
 from .appendturns import HELD, Held, mover_turn
-from .backend import BackendProtocol
+from .backend import BackendProtocol, UntaggedResponse
 from .backendtypes import BackendError
 from .commands import COMMANDS
 from .context import ProxyContext
@@ -27,13 +27,14 @@ from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .holds import wait_free
 from .imap import mutf7
-from .imap.command import ParenList
+from .imap.command import ParenList, ParseError, astring_value, parse_arguments
 from .imap.grammar import Slot
 from .imap.quoting import astring
 from .imap.reader import Command
 from .imap.referargs import select_params_problem, status_list_problem
 from .imap.response import ResponseStart
 from .imap.url import has_dot_segment
+from .listing import command_pieces
 from .localrename import rename_here
 from .mailops import TransferError, subtree
 from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
@@ -99,6 +100,9 @@ class MailboxHost(Protocol):
 
     def refuse(self, line: bytes) -> None:
         """The proxy's own refusal of a command (a referral, NO): after the APPENDs before it."""
+
+    async def gather(self, backends: Sequence[str], command: bytes,
+                     then: Sequence[bytes] = ()) -> list[tuple[BackendProtocol, UntaggedResponse]]: ...
 
 INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
 READ_ONLY = ("[READ-ONLY] The mailbox was opened with EXAMINE: nothing was moved; SELECT it to move "
@@ -309,13 +313,28 @@ class MailboxCommands:
         if COMMANDS[cmd.name].referred and self.refers(route, mailbox):
             return self.host.refuse(self.refer(cmd, route, mailbox))
         if (cmd.name == "GETMETADATA" and (b"*" in mailbox or b"%" in mailbox)
-                and len(self.host.mailbox_map.backends_for(self.host.user or "")) > 1):
-            return self.host.refuse(b"%s NO [CANNOT] GETMETADATA takes one mailbox name here (RFC 5464): a pattern "
-                                    b"would match one server's mailboxes only\r\n" % cmd.tag)  # Dovecot's extension
+                and len(backends := self.host.mailbox_map.backends_for(self.host.user or "")) > 1):
+            return self.host.run(cmd.tag, self._metadata_of_pattern(cmd, backends))
         if cmd.name == "UNSUBSCRIBE" and (others := [b for b in self.host.mailbox_map.backends_for(self.host.user or "")
                                                      if b not in route.backends]):
             return self.host.run(cmd.tag, self._unsubscribe_everywhere(cmd, route, mailbox, others))
         self.host.relay_cmd(cmd, route)
+
+    async def _metadata_of_pattern(self, cmd: Command, backends: list[str]) -> None:
+        """Dovecot's GETMETADATA of a mailbox pattern (beyond RFC 5464), over each backend of the user: a
+        mailbox's entries from its owner only (never a stray copy elsewhere, nor a private name)."""
+        text, then = command_pieces("GETMETADATA", cmd.args)
+        out = []
+        for conn, r in await self.host.gather(backends, text, then):
+            if r.start.name == "METADATA":
+                try:
+                    name = astring_value(parse_arguments(*r.arguments)[0])
+                except (ParseError, IndexError):
+                    continue
+                if is_private_name(name) or self.route_of(name).primary != conn.name:
+                    continue
+            out.append(r.raw)
+        self.host.send(b"".join(out) + b"%s OK Getmetadata completed.\r\n" % cmd.tag)
 
     async def _unsubscribe_everywhere(self, cmd: Command, route: Route, mailbox: bytes, others: list[str]) -> None:
         """A subscription stays on the backend that took it when its name's route changes (LSUB shows it
