@@ -42,15 +42,17 @@ async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, ne
 
 
 async def refuse_same_inbox(src: BackendProtocol, dst: BackendProtocol, clock: Any) -> None:
-    """INBOX moved into INBOX: TransferError if the two share a UIDVALIDITY. A source INBOX made
-    this second is first let age (*clock*: IReactorTime), so that a destination made by this very
-    look does not get the same one."""
-    mine = (await status(src, "INBOX")).uidvalidity
-    if clock is not None and 0 < (wait := mine + 1 - time.time()) <= 2:
+    """INBOX moved into INBOX: TransferError if the two share a UIDVALIDITY, unless every message
+    keeps its UID (the destination never used, the source's UIDs 1 to n). A source INBOX made this
+    second is first let age (*clock*: IReactorTime): a destination made by this look differs."""
+    mine = await status(src, "INBOX")
+    if clock is not None and 0 < (wait := mine.uidvalidity + 1 - time.time()) <= 2:
         await task.deferLater(clock, wait)
-    if (await status(dst, "INBOX")).uidvalidity == mine:
+    theirs = await status(dst, "INBOX")
+    same_uids = theirs.messages == 0 and theirs.uidnext == 1 and mine.uidnext == mine.messages + 1
+    if theirs.uidvalidity == mine.uidvalidity and not same_uids:
         raise TransferError(
-            f"[CANNOT] INBOX on {dst.name} has the UIDVALIDITY of INBOX on {src.name} ({mine}): moved, its "
+            f"[CANNOT] INBOX on {dst.name} has the UIDVALIDITY of INBOX on {src.name} ({mine.uidvalidity}): moved, its "
             "messages would get new UIDs under it and clients would act on the wrong ones by their cached UIDs "
             f"(RFC 3501 2.3.1.1). Give INBOX on {dst.name} a new one first (doveadm mailbox update "
             "--uid-validity); nothing was moved")

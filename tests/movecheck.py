@@ -66,6 +66,28 @@ def multiappend(m: imaplib.IMAP4, parts: list[bytes]) -> None:
             return
 
 
+def set_validity(backend: Dovecot, user: str, mailbox: str, value: int) -> None:
+    """Give *mailbox* of *user* on *backend* the UIDVALIDITY *value* (doveadm, as an operator would)."""
+    done = subprocess.run(["doveadm", "-c", str(backend.conf_path), "mailbox", "update", "-u", user,
+                           "--uid-validity", str(value), mailbox], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def validity_of(backend: Dovecot, user: str, mailbox: str) -> int:
+    with backend.client(user) as m:
+        typ, data = m.status(quote(mailbox), "(UIDVALIDITY)")
+    assert typ == "OK", data
+    return int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1))
+
+
+def inbox_apart(src: Dovecot, dst: Dovecot, user: str) -> None:
+    """*dst*'s INBOX of *user* given a UIDVALIDITY other than *src*'s if a test made both in one second
+    (INBOXes made apart have their own): a move of INBOX into one of the same is refused (validity.py)."""
+    mine = validity_of(src, user, "INBOX")
+    if validity_of(dst, user, "INBOX") == mine:
+        set_validity(dst, user, "INBOX", mine + 1000)
+
+
 def deliver(backend: Dovecot, user: str, mailbox: str, mid: str) -> str | None:
     """One message straight to the backend, as LDA would: into *mailbox*, or INBOX if it is
     missing. Where it was acknowledged, or None (refused: not delivered, may not count)."""

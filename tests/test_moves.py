@@ -22,6 +22,7 @@ from movecheck import (
     deliver,
     deliver_on,
     faulty,
+    inbox_apart,
     journal_empty,
     journal_killed_move,
     journal_store,
@@ -276,6 +277,7 @@ def test_whole_user_move_into_a_backend_that_already_has_mail(proxy_factory, fle
     seed(fleet["b1"], "carol", "INBOX", inbox)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b2"], "carol", "INBOX", stray)
+    inbox_apart(fleet["b1"], fleet["b2"], "carol")  # made in one second: a move into it is refused
     proxy = proxy_factory(MASTERS, rules=RULES)
     result = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -291,6 +293,7 @@ def test_whole_user_move_killed_recovered_and_retried_multiplies_nothing(proxy_f
     seed(fleet["b1"], "carol", "INBOX", inbox)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b2"], "carol", "INBOX", stray)
+    inbox_apart(fleet["b1"], fleet["b2"], "carol")  # made in one second: a move into it is refused
     proxy = proxy_factory({**MASTERS, **LEFT_TO_RECOVER}, rules=RULES)
     before_b2, _ = census(fleet, "carol", [fleet["b2"]])
     config = str(proxy.config_path)
@@ -638,6 +641,7 @@ def test_a_batch_in_flight_is_found_by_content_and_rolled_back(proxy_factory, fl
     inbox, stray = ids("inbox", 10), ids("stray", 1)
     seed(fleet["b1"], "carol", "INBOX", inbox)
     seed(fleet["b2"], "carol", "INBOX", stray)
+    inbox_apart(fleet["b1"], fleet["b2"], "carol")  # made in one second: a move into it is refused
     proxy = proxy_factory(MASTERS, rules=RULES)
     before_b2, _ = census(fleet, "carol", [fleet["b2"]])
     validity, uidnext = _state(fleet["b2"], "INBOX")

@@ -12,12 +12,11 @@ destination that got the source's is made again.
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, faulty, judge, seed, wait_paused
+from movecheck import census, cli, faulty, judge, seed, set_validity, validity_of, wait_paused
 from test_several_proxies import ids
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
@@ -27,19 +26,6 @@ pytestmark = pytest.mark.usefixtures("clean_mail")
 MASTERS = {"backends": {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}}
 
 
-def _doveadm_validity(backend, user: str, mailbox: str, value: int) -> None:
-    done = subprocess.run(["doveadm", "-c", str(backend.conf_path), "mailbox", "update", "-u", user,
-                           "--uid-validity", str(value), mailbox], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-
-
-def _validity(backend, user: str, mailbox: str) -> int:
-    with backend.client(user) as m:
-        typ, data = m.status(mailbox, "(UIDVALIDITY)")
-    assert typ == "OK", data
-    return int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1))
-
-
 def test_an_inbox_moved_onto_an_inbox_of_the_same_uidvalidity_is_refused(proxy_factory, fleet):
     mail = ids("u", 5)
     seed(fleet["b1"], "carol", "INBOX", mail)
@@ -47,9 +33,9 @@ def test_an_inbox_moved_onto_an_inbox_of_the_same_uidvalidity_is_refused(proxy_f
         m.select("INBOX")
         m.uid("STORE", "1", "+FLAGS", r"(\Deleted)")
         m.expunge()
-    mine = _validity(fleet["b1"], "carol", "INBOX")
-    _validity(fleet["b2"], "carol", "INBOX")  # there, made by a look
-    _doveadm_validity(fleet["b2"], "carol", "INBOX", mine)
+    mine = validity_of(fleet["b1"], "carol", "INBOX")
+    validity_of(fleet["b2"], "carol", "INBOX")  # there, made by a look
+    set_validity(fleet["b2"], "carol", "INBOX", mine)
     proxy = proxy_factory(MASTERS)
     for what in ("INBOX", "*"):
         moved = cli("move", "--config", str(proxy.config_path), "carol", what, "b2")
@@ -60,7 +46,7 @@ def test_an_inbox_moved_onto_an_inbox_of_the_same_uidvalidity_is_refused(proxy_f
     w.login("carol")
     assert b"UIDVALIDITY %d]" % mine in b"".join(w.cmd(b"s", b"SELECT INBOX"))  # still b1's INBOX
     w.close()
-    _doveadm_validity(fleet["b2"], "carol", "INBOX", mine + 7)  # what the operator is told to do
+    set_validity(fleet["b2"], "carol", "INBOX", mine + 7)  # what the operator is told to do
     moved = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
     assert moved.returncode == 0, moved.stdout + moved.stderr
     counts, where = census(fleet, "carol")
@@ -86,12 +72,36 @@ def test_a_mailbox_created_for_a_rename_across_in_its_sources_second_is_made_aga
     w.send(b"r RENAME Work Shared/W\r\n")
     assert wait_paused(pause, "creating:1") == "creating:1"
     target = int(time.time()) + 2
-    _doveadm_validity(fleet["b1"], "carol", "Work", target)
+    set_validity(fleet["b1"], "carol", "Work", target)
     while time.time() < target:  # not a measurement: the CREATE is to land in the second `target`
         time.sleep(0.005)
     (pause / "resume").touch()
     assert w.until_tagged(b"r")[-1].startswith(b"r OK"), "rename"
     w.close()
-    assert _validity(fleet["b3"], "carol", "Shared/W") != target
+    assert validity_of(fleet["b3"], "carol", "Shared/W") != target
     counts, where = census(fleet, "carol")
     assert judge(counts, mail) == ([], []) and {where[i][0] for i in mail} == {("b3", "Shared/W")}
+
+
+def test_an_inbox_whose_messages_keep_their_uids_moves_onto_one_of_the_same_uidvalidity(proxy_factory, fleet):
+    """UIDs 1 to 5 into a never used INBOX (UIDNEXT 1): each message keeps its UID, nothing a client
+    cached is wrong; refusing would stop the move of every user made on two backends at once."""
+    mail = ids("k", 5)
+    seed(fleet["b1"], "carol", "INBOX", mail)
+    mine = validity_of(fleet["b1"], "carol", "INBOX")
+    validity_of(fleet["b2"], "carol", "INBOX")
+    set_validity(fleet["b2"], "carol", "INBOX", mine)
+    before = _uids(fleet["b1"])
+    proxy = proxy_factory(MASTERS)
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert _uids(fleet["b2"]) == before and validity_of(fleet["b2"], "carol", "INBOX") == mine
+
+
+def _uids(backend) -> dict[bytes, int]:
+    """Message-Id -> UID in carol's INBOX."""
+    with backend.client("carol") as m:
+        m.select("INBOX", readonly=True)
+        typ, data = m.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+    return {re.search(rb"<([^>]+)>", part[1]).group(1): int(re.search(rb"UID (\d+)", part[0]).group(1))
+            for part in data if isinstance(part, tuple)}
