@@ -84,7 +84,8 @@ def test_each_destination_refused_as_existing_and_made_is_taken(fleet, relayed, 
         moved = cli("move", "--config", str(proxy.config_path), "carol", what, "b3")
         assert moved.returncode == 0, moved.stdout + moved.stderr
         new = "Work"
-    assert sorted(relay.refused) == sorted([new.encode(), new.encode() + b"/Sub"]), relay.refused
+    # (each at least once: one made within its source's second is made again, validity.py, and refused again)
+    assert sorted(set(relay.refused)) == sorted([new.encode(), new.encode() + b"/Sub"]), relay.refused
     _exactly_once(fleet, proxy, "carol", inbox + work + child)
     where = census(fleet, "carol")[1]
     assert all(where[i] == [("b3", new)] for i in work) and all(where[i] == [("b3", new + "/Sub")] for i in child)
