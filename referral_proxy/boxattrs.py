@@ -11,6 +11,8 @@ the mail comes first.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
@@ -50,11 +52,15 @@ async def _read(conn: BackendProtocol, command: bytes, kind: str) -> list[tuple[
             args = parse_arguments(*r.arguments)
         except ParseError:
             continue
-        rest = list(args[1].items) if kind == "METADATA" and len(args) == 2 and isinstance(args[1], ParenList) \
-            else args[1:]
-        pairs += [(k.value, v.value) for k, v in zip(rest[::2], rest[1::2])
-                  if isinstance(k, (Atom, String)) and isinstance(v, String | Atom) and not (isinstance(v, Atom) and v.value.upper() == b"NIL")]
+        listed = kind == "METADATA" and len(args) == 2 and isinstance(args[1], ParenList)
+        rest = list(args[1].items) if listed else args[1:]  # type: ignore[union-attr]  # (listed: a ParenList)
+        pairs += [(k.value, v.value) for k, v in zip(rest[::2], rest[1::2]) if _string(k) and _string(v)]
     return pairs
+
+
+def _string(token: object) -> TypeGuard[Atom | String]:
+    """An atom or a string, but NIL (an entry that is not there)."""
+    return isinstance(token, String) or (isinstance(token, Atom) and token.value.upper() != b"NIL")
 
 
 async def _set(conn: BackendProtocol, command: bytes, box: str) -> None:
