@@ -49,31 +49,39 @@ def remove_directory(path: str) -> None:
 
 
 class FileTurns:
-    """An exclusive lock per key, between processes: ``take`` fires with the function that frees it."""
+    """An exclusive lock per key, between processes: ``take`` fires with the function that frees it.
+
+    A key's file is removed by the last holder (under LOCK_EX, checked to be still the one its name
+    gives): the directory holds the files of keys held now and of at most IDLE_FILES more a
+    process keeps open, never one per mailbox ever used. So a lock is only had once the file
+    locked is still the one the name gives (removed meanwhile: a new one is opened and locked)."""
 
     def __init__(self, directory: str | Path, reactor: Any) -> None:
         self.directory, self.reactor = Path(directory), reactor
         self._shared: dict[Hashable, list[int]] = {}  # key -> [its open file, shared holders here]
         self._idle: dict[Hashable, int] = {}  # files of keys no one here holds, kept open
 
-    def _open(self, key: Hashable) -> int:
-        name = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        return os.open(self.directory / name, os.O_CREAT | os.O_RDWR, 0o600)
+    def _path(self, key: Hashable) -> Path:
+        return self.directory / hashlib.sha256(repr(key).encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
     async def take(self, key: Hashable, mode: int = fcntl.LOCK_EX) -> Release:
         """The lock (exclusive; *mode* LOCK_SH: shared with other shared holders), once it is free."""
-        fd = self._open(key)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await task.deferLater(self.reactor, POLL, lambda: None)
-        except BaseException:  # cancelled (the session ended while it waited), or the directory is gone
-            os.close(fd)
-            raise
-        return _closer(fd)
+        path = self._path(key)
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await task.deferLater(self.reactor, POLL, lambda: None)
+                if _current(fd, path):
+                    return _closer(fd, path)
+            except BaseException:  # cancelled (the session ended while it waited), or the directory is gone
+                os.close(fd)
+                raise
+            os.close(fd)  # its last holder removed it meanwhile: the name's new file is the lock
 
     def try_share(self, key: Hashable) -> Release | None:
         """The lock held shared at once, or None while another process holds it exclusive. Every
@@ -81,16 +89,22 @@ class FileTurns:
         file kept open (IDLE_FILES of them once unlocked); its release is called once."""
         held = self._shared.get(key)
         if held is None:
+            path = self._path(key)
             fd = self._idle.pop(key, None)
-            if fd is None:
+            for _ in range(3):
                 try:
-                    fd = self._open(key)
+                    if fd is None:
+                        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except OSError:
+                    if fd is not None:
+                        self._park(key, fd)
                     return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                self._park(key, fd)
+                if _current(fd, path):
+                    break
+                os.close(fd)  # removed by its last holder elsewhere since it was parked here
+                fd = None
+            else:
                 return None
             held = self._shared[key] = [fd, 0]
         held[1] += 1
@@ -105,8 +119,10 @@ class FileTurns:
             self._park(key, held[0])
 
     def _park(self, key: Hashable, fd: int) -> None:
+        """Keep an unlocked file open for the next APPEND there; past IDLE_FILES, close it (and
+        remove it if nobody holds it)."""
         if len(self._idle) >= IDLE_FILES:
-            os.close(fd)
+            _drop(fd, self._path(key))
         else:
             self._idle[key] = fd
 
@@ -114,14 +130,35 @@ class FileTurns:
         return await self.take(key, fcntl.LOCK_SH)
 
 
-def _closer(fd: int) -> Release:
+def _current(fd: int, path: Path) -> bool:
+    """*fd* is the file *path* names (not one its last holder removed)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _drop(fd: int, path: Path) -> None:
+    """Close *fd*, first removing its file if nobody else holds it (LOCK_EX had at once) and the name
+    still gives it: a holder elsewhere keeps it, and the next one to let go removes it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _current(fd, path):
+            os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)  # (closing drops the flock)
+
+
+def _closer(fd: int, path: Path) -> Release:
     freed = False
 
     def release() -> None:
         nonlocal freed
         if not freed:
             freed = True
-            os.close(fd)  # (closing drops the flock)
+            _drop(fd, path)
 
     return release
 

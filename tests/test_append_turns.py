@@ -162,3 +162,70 @@ def test_shared_holders_in_one_process_hold_one_flock_until_the_last_lets_go(tmp
     again = here.try_share("k")
     assert again is not None
     again()
+
+
+# -- the lock files: removed by their last holder, exclusion kept while they come and go ----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from referral_proxy import crossturns  # noqa: E402
+
+_STEP = st.tuples(st.integers(0, 2), st.sampled_from("kl"), st.sampled_from(["ex", "sh", "try", "end"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(_STEP, max_size=40))
+def test_file_turns_keep_exclusion_while_their_files_are_removed_and_made_again(tmp_path_factory, steps):
+    """Three "processes" (each its own open files) taking, sharing and ending turns of two keys in any
+    order: an exclusive holder is never beside another holder, whoever removed or re-made the file."""
+    where, clock = tmp_path_factory.mktemp("turns"), task.Clock()
+    procs = [FileTurns(where, clock) for _ in range(3)]
+    granted: list[tuple[str, str, object]] = []  # (key, kind, release)
+
+    def check() -> None:
+        for key in "kl":
+            kinds = [kind for k, kind, _r in granted if k == key]
+            assert "ex" not in kinds or len(kinds) == 1, kinds
+
+    for proc, key, kind in steps:
+        if kind == "end":
+            mine = [g for g in granted if g[0] == key]
+            if mine:
+                granted.remove(mine[0])
+                mine[0][2]()
+        elif kind == "try":
+            release = procs[proc].try_share(key)
+            if release is not None:
+                granted.append((key, "sh", release))
+        else:
+            d = defer.ensureDeferred(procs[proc].take(key, fcntl.LOCK_EX if kind == "ex" else fcntl.LOCK_SH))
+            d.addCallback(lambda release, key=key, kind=kind: granted.append((key, kind, release)))
+            d.addErrback(lambda _f: None)
+        clock.advance(0.01)
+        check()
+    while granted:  # the waiters get their turns as the holders end theirs
+        granted.pop(0)[2]()
+        clock.advance(0.01)
+        check()
+    for _ in range(10):  # (a waiter let in at the very end)
+        clock.advance(0.01)
+        while granted:
+            granted.pop(0)[2]()
+    parked = sum(len(p._idle) for p in procs)
+    assert len(list(where.iterdir())) <= parked  # no file left but those kept open for the next APPEND
+
+
+def test_file_turns_leave_no_file_per_mailbox_ever_used(tmp_path):
+    """2,000 keys appended to and renamed once each: the directory keeps at most the IDLE_FILES files
+    a process holds open for the next APPEND (probe 5, stop 47: one file per mailbox ever used)."""
+    clock = task.Clock()
+    here, there = FileTurns(tmp_path, clock), FileTurns(tmp_path, clock)
+    for n in range(2000):
+        key = ("b1", "alice", f"box{n}")
+        release = here.try_share(key)
+        assert release is not None
+        release()
+        defer.ensureDeferred(there.take(key)).addCallback(lambda end: end())
+        clock.advance(0.01)
+    assert len(list(tmp_path.iterdir())) <= crossturns.IDLE_FILES
