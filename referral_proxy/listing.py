@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.logger import Logger
@@ -117,7 +117,8 @@ def merge(
         if any(f.upper() in _CHILD_FLAGS for f in e.flags):
             has = name in with_children
             flags = tuple(f for f in e.flags if f.upper() not in _CHILD_FLAGS)
-            e = replace(e, flags=flags + ((b"\\HasChildren",) if has else (b"\\HasNoChildren",)))
+            e = ListEntry(flags + ((b"\\HasChildren",) if has else (b"\\HasNoChildren",)), e.delimiter, e.name,
+                          e.backend)  # (not dataclasses.replace: a sixth of a 3,000-mailbox merge)
         merged.append(e)
     return merged
 
@@ -269,7 +270,7 @@ async def _gather(host: ListHost, backends: list[str], remote: bool, command: by
             break
         view = again
     hidden = [name for name, backend in view.shown.items() if backend == HIDDEN] if view.shown else None
-    return _Gathered(view.owner(lambda n: _owner(host, n), sep), asked, hidden, answers)
+    return _Gathered(view.owner(host.mailbox_map.router(host.user), sep), asked, hidden, answers)
 
 
 async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,

@@ -193,7 +193,8 @@ class MailboxMap:
         self._config = config
         self._default = Route((config.default,))  # one value, shared by every lookup the rules leave to it
         self._rules = [(None if r.user is None else canonical_user(r.user, config.username_format),
-                        dataclasses.replace(r, mailbox=rule_form(r.mailbox))) for r in config.rules]
+                        dataclasses.replace(r, mailbox=normalize(rule_form(r.mailbox), config.separator)))
+                       for r in config.rules]  # (each pattern as _rule_route meets it: worked out once)
 
     def canonical(self, user: str) -> str:
         return canonical_user(user, self._config.username_format)
@@ -272,17 +273,36 @@ class MailboxMap:
             return Route(placed)
         return self._rule_route(user, mailbox)
 
+    def router(self, user: str) -> Callable[[str], str]:
+        """*user*'s names to their primary backend, for the many names of one answer (a merged LIST):
+        the store polled once, each name worked out once (a lookup per name polled SQLite each time
+        and matched every rule again: most of a 3,000-mailbox LIST's 0.1 s of the event loop)."""
+        self._refresh()
+        user = self.canonical(user)
+        placements, sep, memo = self._placements, self.separator, {}
+
+        def primary(mailbox: str) -> str:
+            found = memo.get(mailbox)
+            if found is None:
+                name = normalize(mailbox, sep)
+                placed = placements.get((user, name))
+                found = memo[mailbox] = placed[0] if placed else self._rule_route(user, name).primary
+            return found
+
+        return primary
+
     def rule_route(self, user: str, mailbox: str) -> Route:
         """Where the rules and the default (not the placements) send a mailbox."""
         return self._rule_route(self.canonical(user), normalize(mailbox, self.separator))
 
     def _rule_route(self, user: str, mailbox: str) -> Route:
         """rule_route of a canonical user name and a normalized mailbox name."""
-        mailbox = rule_form(mailbox)
+        sep = self.separator
+        mailbox = normalize(rule_form(mailbox), sep)  # (pattern_matches' forms, each worked out once)
         for rule_user, rule in self._rules:
             if rule_user is not None and rule_user != user:
                 continue
-            if rule.mailbox == "*" or pattern_matches(rule.mailbox, mailbox, self.separator):
+            if rule.mailbox == "*" or wildcard_match(rule.mailbox, mailbox, sep):
                 return Route(rule.backends)
         return self._default
 
