@@ -21,7 +21,7 @@ from .imap.command import Atom, ParseError, String, parse_arguments
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status, parse_uid_code
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
-from .imap.uidset import sequence_set_size, uid_set
+from .imap.uidset import highest_number, sequence_set_size, uid_set
 from .routing import normalize
 
 __all__ = ["TransferError", "Vanished", "NotReadAgain", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
@@ -184,7 +184,7 @@ async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]
     return sorted(found, key=lambda n: (n.count(separator), n))
 
 
-async def status(conn: BackendProtocol, name: str) -> MailboxState:
+async def status(conn: BackendProtocol, name: str, others: list[bytes] | None = None) -> MailboxState:
     """UIDVALIDITY, UIDNEXT and MESSAGES of a mailbox, without selecting it (MailboxGone: not there).
 
     Of the mailbox selected on *conn*, Dovecot (2.3) answers from that session's view: the
@@ -193,9 +193,14 @@ async def status(conn: BackendProtocol, name: str) -> MailboxState:
 
     Of a mailbox made a moment ago, Dovecot answers ``UIDVALIDITY 0`` while another session is
     opening it for the first time (its index not written yet): asked again, up to UNSET_RETRIES
-    times, never taken for a UIDVALIDITY (a move compared it with its APPENDUID's: "replaced")."""
+    times, never taken for a UIDVALIDITY (a move compared it with its APPENDUID's: "replaced").
+
+    *others*: where the other untagged responses go, raw (on a client's selected mailbox: an EXPUNGE
+    or EXISTS the client must see, or its message numbers go out of step)."""
     for _ in range(UNSET_RETRIES):
         result = await conn.command(b"STATUS " + name_arg(name) + b" (UIDVALIDITY UIDNEXT MESSAGES)", bounded=True)
+        if others is not None:
+            others += [r.raw for r in result.responses if r.start.name != "STATUS"]
         if not result.ok:
             raise (MailboxGone if _gone(result.start) else TransferError)(_failed("STATUS", conn, result.start))
         state = _status_state(result)
@@ -283,13 +288,15 @@ async def search_uids(conn: BackendProtocol, criteria: bytes) -> tuple[list[int]
     return sorted(uids), others
 
 
-async def still_there(conn: BackendProtocol, uids: Sequence[int]) -> list[int]:
+async def still_there(conn: BackendProtocol, uids: Sequence[int], others: list[bytes] | None = None) -> list[int]:
     """Those of *uids* still in the selected mailbox, ascending (only those asked for: a UID set
-    ending past the last UID may name the last message)."""
+    ending past the last UID may name the last message); the other untagged responses to *others*."""
     if not uids:
         return []
     asked = set(uids)
-    found, _ = await search_uids(conn, b"UID " + uid_set(sorted(asked)))
+    found, also = await search_uids(conn, b"UID " + uid_set(sorted(asked)))
+    if others is not None:
+        others += also
     return [u for u in found if u in asked]
 
 
@@ -302,8 +309,17 @@ async def named_uids(conn: BackendProtocol, message_set: bytes, uid: bool) -> tu
     if not uid and message_set != SAVED:  # $ may name nothing: OK, as Dovecot answers (acrossview.py)
         size = sequence_set_size(message_set)  # None: with "*", which names the last message if any
         if (len(uids) < size) if size is not None else not uids:
-            raise TransferError("BAD Invalid messageset: it names a message past the last one")
+            raise TransferError(PAST_THE_LAST)
+        if size is None and (top := highest_number(message_set)) is not None and top > 1:
+            # "9,*" of 5 messages: 9 names none (Dovecot 2.3.19's own COPY 9,* panics its process)
+            there, also = await search_uids(conn, b"%d" % top)
+            others += also
+            if not there:
+                raise TransferError(PAST_THE_LAST)
     return uids, others
+
+
+PAST_THE_LAST = "BAD Invalid messageset: it names a message past the last one"
 
 
 async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[MessageInfo], list[bytes]]:

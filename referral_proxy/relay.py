@@ -30,6 +30,7 @@ from .imap.response import ResponseStart, replace_tag_references
 __all__ = ["Relay", "RelayHost", "wants_updates"]
 
 MAX_UPDATES = 64  # live CONTEXT=SEARCH/SORT updates remembered per connection
+_TAG_NAMING = (b"* ESEARCH ", b"* NO [NOUPDATE", b"* OK [NOUPDATE")  # responses naming a command by its tag
 _NO_CANCELS: list[bytes] = []  # never changed: _Op only reads it
 
 
@@ -146,6 +147,13 @@ class Relay:
         if refs is None or not refs.live:
             return data
         return replace_tag_references(data, refs.live)
+
+    def captured(self, conn: object, data: bytes) -> bytes:
+        """A whole response a command of the proxy's own brought (a transfer's FETCH, STORE, EXPUNGE): an
+        ESEARCH update in it names the client's tag, as a relayed one does (RFC 5267; probe 2, stop 48)."""
+        if data.startswith(_TAG_NAMING):
+            return self.translate(conn, data)  # type: ignore[arg-type]
+        return data
 
     def client_tags_to_proxy(self, conn: BackendProtocol, tokens: tuple[Token, ...]) -> tuple[Token, ...]:
         """CANCELUPDATE's arguments: the client's tags as the proxy's tags on *conn*."""

@@ -224,8 +224,8 @@ class ClientSession(HalfClose, Protocol):
         self.flow.out.write(self, data)
 
     def write_from(self, source: object, data: bytes, end: bool = True) -> None:
-        """A relayed response (or part of one), kept whole on the client's connection."""
-        self.flow.out.write(source, data, end)
+        """A relayed response (or part of one), kept whole on the client's connection (relay.captured)."""
+        self.flow.out.write(source, self.relay.captured(source, data) if end else data, end)
 
     def tagged(self, tag: bytes, status: str, text: str) -> None:
         self.send(b"%s %s %s\r\n" % (tag, status.encode(), safe_text(text).encode("utf-8")))

@@ -333,7 +333,7 @@ async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry | None) -> None:
 
 async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, src_mailbox: str,
                 infos: list[MessageInfo], dst: BackendProtocol, dst_mailbox: str, untagged: list[bytes]) -> CopyOutcome:
-    src_state = await status(src, src_mailbox)  # selected here: the view's UIDVALIDITY, the one its UIDs are of
+    src_state = await status(src, src_mailbox, untagged)  # selected here: the view's UIDVALIDITY, its UIDs' one
     try:
         dst_state = await status(dst, dst_mailbox)
     except MailboxGone:  # deleted since refused_target found it: TRYCREATE, as Dovecot's MOVE says
@@ -392,12 +392,13 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
             expunged = await run_ok(src, b"UID EXPUNGE " + uid_set(present), "UID EXPUNGE")
             untagged += [r.raw for r in expunged.responses]
-            if kept_there := await still_there(src, present):  # OK, yet kept (soak C 76065): its copy is a second
+            if kept_there := await still_there(src, present, untagged):  # OK, yet kept (soak C 76065): its copy is a second
                 raise BackendError(f"UID EXPUNGE answered OK, yet {uid_set(kept_there).decode()} still there")
     except BackendError as e:
         not_deleted = [i.uid for i in infos if b"\\DELETED" not in {f.upper() for f in i.flags}]
         if not_deleted and not src.closed:
-            await src.command(b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)")
+            restored = await src.command(b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)")
+            untagged += [r.raw for r in restored.responses]  # an EXPUNGE of another session's among them
         await mailbox_map.disown(entry)
         log.error("MOVE: copied to {dst} but not yet removed from {src} ({why}); recovery will finish it",
                   dst=dst.name, src=src.name, why=str(e))

@@ -106,3 +106,9 @@ def test_sequence_set_size_counts_distinct_numbers_and_knows_nothing_of_star():
     assert [sequence_set_size(s) for s in (b"1", b"1:5,3:7", b"9:6", b"1,1", b"1:2,8:9,3")] == [1, 7, 4, 1, 5]
     assert sequence_set_size(b"*") is None and sequence_set_size(b"6:*") is None
     assert sequence_set_size(b"1:4294967295") == 4294967295  # counted, never expanded
+
+
+def test_highest_number_beside_a_star_not_inside_a_range_to_it():
+    from referral_proxy.imap.uidset import highest_number
+    sets = [b"9,*", b"*,9", b"2,7,*", b"3:5,*", b"2:*,1", b"1:*,9", b"6:*", b"*", b"*:4,9", b"x,*", b"1:2:3"]
+    assert [highest_number(s) for s in sets] == [9, 9, 7, 5, 1, None, None, None, None, None, None]

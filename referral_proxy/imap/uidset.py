@@ -57,6 +57,24 @@ def expand_uid_set(data: bytes | str, limit: int = MAX_EXPANDED) -> list[int]:
     return out
 
 
+def highest_number(data: bytes) -> int | None:
+    """The largest number a sequence set writes out beside a ``*``, not inside a range to it
+    (``b"9,*"``: 9, ``b"2,7,*"``: 7; ``b"1:*,9"``: None, as Dovecot takes ``1:*`` for every number
+    from 1 up); None too if it writes none or is not a sequence set."""
+    numbers, open_from = [], None
+    for part in data.split(b","):
+        ends = part.split(b":")
+        if len(ends) > 2 or not all(e.isdigit() or e == b"*" for e in ends):
+            return None
+        if b"*" in ends and len(ends) == 2:
+            low = min((int(e) for e in ends if e != b"*"), default=1)
+            open_from = low if open_from is None else min(open_from, low)
+        else:
+            numbers += [int(e) for e in ends if e != b"*"]
+    outside = [n for n in numbers if open_from is None or n < open_from]
+    return max(outside, default=None)
+
+
 def sequence_set_size(data: bytes) -> int | None:
     """How many distinct numbers a sequence set names (``b"1:5,3:7"``: 7, ``b"9:6"``: 4); None
     when it has ``*`` (or is not a set of numbers), whose extent only the server knows."""
