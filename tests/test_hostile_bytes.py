@@ -42,3 +42,40 @@ def test_a_synchronizing_literal_of_2_64_bytes_is_refused_before_it_is_sent(comm
     assert h.to_client().startswith(b"a NO [TOOBIG] ")
     h.send(b"b NOOP\r\n")
     assert h.to_backend() == b"rp1 NOOP\r\n"
+
+
+# -- a name whose modified UTF-7 stands for CR LF (probe 5, stop 48) ------------------------------------
+
+from referral_proxy.imap import mutf7  # noqa: E402
+
+_FORGING = mutf7.encode("Shared/k\r\nrp6 OK forged")  # Dovecot echoed it decoded: "NO ... k<CR><LF>rp6 OK forged"
+
+
+@pytest.mark.parametrize("command", [b"SELECT %s", b"EXAMINE %s", b"STATUS %s (MESSAGES)", b"SUBSCRIBE %s",
+                                     b"UNSUBSCRIBE %s", b"CREATE %s", b"DELETE %s", b"RENAME %s Other",
+                                     b"RENAME Other %s", b"APPEND %s {1+}\r\nx", b"SELECT {%d+}\r\n%s"])
+def test_a_name_shifting_a_control_character_is_refused_before_any_backend_sees_it(command):
+    h = SessionHarness()
+    h.login()
+    named = command % ((len(_FORGING), _FORGING) if b"{%d+}" in command else (b'"' + _FORGING + b'"',))
+    h.send(b"a " + named + b"\r\nb NOOP\r\n")
+    out = h.to_client()
+    assert out.startswith(b"a BAD "), out
+    assert h.to_backend() == b"rp1 NOOP\r\n"  # (only the NOOP after it)
+
+
+def test_a_copy_into_a_name_shifting_a_control_character_is_refused():
+    h = SessionHarness()
+    h.login()
+    h.send(b"s SELECT INBOX\r\n")
+    h.from_backend(b"* 1 EXISTS\r\n" + h.to_backend().split(b" ")[0] + b" OK [READ-WRITE] selected\r\n")
+    h.to_client()
+    for verb in (b"COPY", b"MOVE", b"UID COPY", b"UID MOVE"):
+        h.send(b'c %s 1 "%s"\r\n' % (verb, _FORGING))
+        assert h.to_client().startswith(b"c BAD "), verb
+    assert h.to_backend() == b""
+
+
+def test_shifts_a_control_reads_every_run_leniently():
+    assert [mutf7.shifts_a_control(n) for n in (b"&AA0ACg-", b"&AAA-", b"&AAk", b"x&AH8-y", _FORGING)] == [True] * 5
+    assert not any(mutf7.shifts_a_control(n) for n in (b"Caf&AOk-", b"&-", b"R&D", b"&2D3eAA-", b"&", b"&AIU-"))

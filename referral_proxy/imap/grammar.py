@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TypeGuard
 
+from . import mutf7
 from .command import Atom, ParenList, ParseError, String, Token
 from .quoting import QUOTED_NAME_MAX
 
 __all__ = ["Slot", "Grammar", "Arguments", "Encoded", "match", "encode", "encode_astring", "encode_quoted", "QUOTED_NAME_MAX",
-           "is_sequence_set", "is_astring"]
+           "is_sequence_set", "is_astring", "is_mailbox"]
 
 
 class Slot(Enum):
@@ -96,7 +97,7 @@ _ASTRING_ATOM_BAD = re.compile(rb'[\x00-\x20\x7f-\xff()"]')  # 8-bit: a quoted s
 
 # Enum members are slow to look up on their class: the slots as module constants.
 _ANY, _LIST, _ATOM_SLOT, _SEQSET_SLOT, _PATTERN = Slot.ANY, Slot.LIST, Slot.ATOM, Slot.SEQSET, Slot.PATTERN
-_QUOTED = Slot.QUOTED
+_QUOTED, _MAILBOX, _DEST = Slot.QUOTED, Slot.MAILBOX, Slot.DEST
 
 
 def _fits(tok: Token, slot: Slot) -> bool:
@@ -112,7 +113,15 @@ def _fits(tok: Token, slot: Slot) -> bool:
         return type(tok) is String and not tok.literal
     if slot is _PATTERN and type(tok) is ParenList:
         return all(is_astring(t) for t in tok.items)
+    if slot is _MAILBOX or slot is _DEST:
+        return is_mailbox(tok)
     return is_astring(tok)
+
+
+def is_mailbox(tok: Token) -> TypeGuard[Atom | String]:
+    """An astring a backend may be asked about as a mailbox name: none whose modified UTF-7 stands for
+    a control character (mutf7.shifts_a_control: Dovecot would echo it, decoded, in a response)."""
+    return is_astring(tok) and not mutf7.shifts_a_control(tok.value)
 
 
 def is_sequence_set(value: bytes) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import re
 
-__all__ = ["decode", "decode_pattern", "encode", "valid_name"]
+__all__ = ["decode", "decode_pattern", "encode", "valid_name", "shifts_a_control"]
 
 _AMP = 0x26
 _DASH = 0x2D
@@ -79,6 +79,25 @@ def _decode_shift(run: bytes, offset: int) -> str:
     if _PRINTABLE.search(text) is not None:
         raise ValueError(f"shift at offset {offset} encodes printable ASCII")
     return text
+
+
+_SHIFTED = re.compile(rb"&([A-Za-z0-9+,]+)-?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def shifts_a_control(name: bytes) -> bool:
+    """Does a shifted run of *name* stand for a control character (CR, LF, NUL ...), read as leniently as
+    any server might? Dovecot 2.3 echoes a name it cannot find, decoded, in its NO text: a shifted
+    CR LF ends that line there and what follows reads as a completion (probe 5, stop 48)."""
+    if b"&" not in name:
+        return False
+    for m in _SHIFTED.finditer(name):
+        run = m.group(1).replace(b",", b"/")
+        run = run[: len(run) - (len(run) % 4 == 1)]  # (a lone last character carries no whole byte)
+        data = base64.b64decode(run + b"=" * (-len(run) % 4))
+        if _CONTROL.search(data[: len(data) // 2 * 2].decode("utf-16-be", "replace")):
+            return True
+    return False
 
 
 def decode_pattern(pattern: bytes) -> str:

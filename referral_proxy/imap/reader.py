@@ -32,7 +32,7 @@ from .command import (
     tag_of,
 )
 from .framing import NEED_DATA, Framer, Line, LineTooLong, LiteralData, LiteralEnd, LiteralSpec, NeedData, Overrun
-from .grammar import Arguments, Grammar, is_astring, match
+from .grammar import Arguments, Grammar, is_mailbox, match
 from .plain import plain_arguments
 
 __all__ = ["Limits", "CommandReader", "Refusal", "STREAMED", "NEED_DECISION", "Command", "Refused", "Continue", "TextLine",
@@ -476,7 +476,7 @@ class CommandReader:
         try:
             rest, utf8 = _utf8_open(start.rest, line.literal)
             tokens = parse_arguments([rest], [])
-            if not tokens or not is_astring(tokens[0]):  # (an 8-bit atom too: BAD, as Dovecot answers it)
+            if not tokens or not is_mailbox(tokens[0]):  # (an 8-bit atom too: BAD, as Dovecot answers it)
                 raise ParseError("invalid mailbox argument" if tokens else "missing mailbox")
             message = self._message(tokens[1:], line.literal, first=True, utf8=utf8)
         except ParseError as e:
