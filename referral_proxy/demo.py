@@ -49,6 +49,7 @@ master_password = "{master_password}"
 [map]
 default = "b1"
 store = "sqlite:map.sqlite3"
+master_user_separator = "*"  # as the demo Dovecots' auth_master_user_separator: "bob*proxy-master" is bob
 
 [[map.rules]]            # every user's Shared/* lives on b3
 mailbox = "Shared/*"

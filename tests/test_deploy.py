@@ -4,6 +4,7 @@ No Docker engine is needed: the files are read, not run."""
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import re
 import shlex
@@ -102,6 +103,11 @@ def test_compose_proxy_config_loads_and_matches_the_backends():
     assert any(ipaddress.ip_address(proxy_ip) in ipaddress.ip_network(n) for n in trusted)
     subnet = compose()["networks"]["imap"]["ipam"]["config"][0]["subnet"]
     assert ipaddress.ip_address(proxy_ip) in ipaddress.ip_network(subnet)
+    # A master login "bob*admin" is routed as bob: the proxy splits it where Dovecot does (probe 5, stop 48:
+    # unset, it went to the default backend as a user "bob*admin", and its mail into bob's INBOX there).
+    separator = re.search(r"^auth_master_user_separator = (\S+)$", conf, re.M).group(1)
+    assert config.map.master_user_separator == separator
+    assert m.home(m.login_user("bob*admin")).backends == ("dovecot2",)
 
 
 def test_dovecot_config_is_valid_for_doveconf():
@@ -130,3 +136,12 @@ def test_systemd_unit_names_what_the_project_installs():
 def test_dockerignore_keeps_the_build_context_small():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".git" in ignored and ".venv" in ignored
+
+
+def test_the_demo_splits_a_master_login_where_its_dovecots_do():
+    """The demo's config names the fleet's auth_master_user_separator (probe 5, stop 48)."""
+    from referral_proxy import demo
+    from referral_proxy.fleet import conf
+
+    dovecot = re.search(r"^auth_master_user_separator = (\S+)$", inspect.getsource(conf), re.M).group(1)
+    assert re.search(r'^master_user_separator = "(.)"', demo.DEMO_CONFIG, re.M).group(1) == dovecot
