@@ -7,7 +7,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["main", "argv_name"]
+from .imap import mutf7
+
+__all__ = ["main", "argv_name", "imap_name"]
 
 
 def argv_name(arg: str) -> str:
@@ -17,6 +19,22 @@ def argv_name(arg: str) -> str:
     written back as UTF-8 (``j\\xc3\\xa9r``, a user nobody is): ``map set`` placed his mailbox for no one,
     ``move`` logged in as no one ("Authorization failed"). In a UTF-8 or C locale nothing changes."""
     return os.fsencode(arg).decode("utf-8", "surrogateescape")
+
+
+def imap_name(name: str) -> str:
+    """A mailbox name typed by an operator as IMAP clients send it: kept if it is modified UTF-7
+    already ("Caf&AOk-"), else encoded ("Café", "R&D": "Caf&AOk-", "R&-D"); Dovecot 2.3 knows a
+    mailbox by that form only, and a placement of "Café" matched no client's name (probe 5, stop 48).
+    A name that is neither (bytes that are not UTF-8) is kept as typed."""
+    try:
+        mutf7.decode(name.encode("ascii"))
+        return name
+    except (UnicodeEncodeError, ValueError):
+        pass
+    try:
+        return mutf7.encode(name).decode("ascii")
+    except (UnicodeEncodeError, ValueError):
+        return name
 
 
 def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | None = None) -> int:
@@ -53,6 +71,8 @@ def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | 
     for name in ("user", "mailbox") if args.command in ("map", "move") else ():
         if getattr(args, name, None) is not None:
             setattr(args, name, argv_name(getattr(args, name)))
+    if getattr(args, "mailbox", None) is not None and args.command in ("map", "move"):
+        args.mailbox = imap_name(args.mailbox)
 
     if args.command in ("move", "recover"):
         from .movecli import run_move, run_recover

@@ -1,0 +1,41 @@
+"""An operator's mailbox name reaches the map in the form IMAP clients send it (cli.imap_name).
+
+Probe 5 of stop 48: ``map set alice Café b3`` printed ``alice Café -> b3`` and placed a name no client
+sends (Dovecot 2.3 knows the mailbox as ``Caf&AOk-``, the modified UTF-7 every client writes): an
+APPEND to it still went to b1, and the placement added b3 to every LIST of alice's. Now the name is
+stored as clients send it, as the rules already compare names (routing.rule_form).
+"""
+
+from __future__ import annotations
+
+import pytest
+from imapwire import Wire
+from movecheck import census, cli
+
+from referral_proxy.cli import imap_name
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+
+def test_imap_name_keeps_modified_utf7_and_encodes_the_rest():
+    typed = ["Café", "Caf&AOk-", "R&D", "R&-D", "INBOX", "Shared/x", "*", "Шаблоны/Sub", "j\udce9r"]
+    assert [imap_name(n) for n in typed] == ["Caf&AOk-", "Caf&AOk-", "R&-D", "R&-D", "INBOX", "Shared/x", "*",
+                                             "&BCgEMAQxBDsEPgQ9BEs-/Sub", "j\udce9r"]
+
+
+def test_map_set_of_a_unicode_name_places_the_mailbox_clients_name(proxy_factory, fleet):
+    proxy = proxy_factory()
+    config = str(proxy.config_path)
+    done = cli("map", "--config", config, "set", "alice", "Café", "b3")
+    assert done.returncode == 0 and "Caf&AOk-" in done.stdout, (done.stdout, done.stderr)
+    assert "Caf&AOk- -> b3" in cli("map", "--config", config, "show", "alice").stdout
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("alice")
+    assert w.cmd(b"c", b"CREATE Caf&AOk-")[-1].startswith(b"c OK")
+    message = b"Message-Id: <cafe-1@t>\r\nSubject: cafe\r\n\r\nbody\r\n"
+    assert w.cmd(b"a", b"APPEND Caf&AOk- {%d+}\r\n" % len(message) + message)[-1].startswith(b"a OK")
+    _counts, where = census(fleet, "alice")
+    assert where["cafe-1@t"] == [("b3", "Caf&AOk-")]
+    gone = cli("map", "--config", config, "unset", "alice", "Café")
+    assert gone.returncode == 0, gone.stderr
+    assert "Caf&AOk-" not in cli("map", "--config", config, "show", "alice").stdout
