@@ -212,9 +212,12 @@ def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None
     backends = host.mailbox_map.backends_for(host.user) if remote else [host.home]
     if is_basic_list(args.tokens):
         reference, pattern = (astring_value(a) for a in args.tokens)
-        if pattern == b"":  # the hierarchy delimiter: any backend knows it
+        parents = True
+        if pattern == b"" and kind == "LSUB" and reference:  # Dovecot matches the reference then, no parent
+            reference, pattern, parents = b"", reference, False  # added: LSUB "%" "" (probe 5, stop 48)
+        elif pattern == b"":  # the hierarchy delimiter: any backend knows it
             return host.relay_to(tag, kind, args, host.home)
-        host.run(tag, _merged(host, tag, kind, reference, pattern, backends, remote))
+        host.run(tag, _merged(host, tag, kind, reference, pattern, backends, remote, parents))
     else:
         # \Remote only where a mailbox can be remote: none with referrals = "never" (RFC 5258 3.1: REMOTE ignored)
         host.run(tag, _filtered(host, tag, kind, args, backends, remote_option and host.referrals_mode != "never", remote))
@@ -274,14 +277,14 @@ async def _gather(host: ListHost, backends: list[str], remote: bool, command: by
 
 
 async def _merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
-                  backends: list[str], remote: bool) -> None:
+                  backends: list[str], remote: bool, parents: bool) -> None:
     got = await _gather(host, backends, remote, kind.encode() + b' "" "*"', subscriptions=kind == "LSUB")
-    answer_merged(host, tag, kind, reference, pattern, got.answers, got.owner, got.hidden)
+    answer_merged(host, tag, kind, reference, pattern, got.answers, got.owner, got.hidden, parents=parents)
 
 
 def answer_merged(host: ListHost, tag: bytes, kind: str, reference: bytes, pattern: bytes,
                   answers: Iterable[tuple[BackendProtocol, UntaggedResponse]], owner: Callable[[str], str],
-                  hidden: list[str] | None) -> None:
+                  hidden: list[str] | None, *, parents: bool = True) -> None:
     """Answer a basic LIST/LSUB from the backends' answers to ``LIST "" "*"`` (``LSUB``): each name from
     *owner*, placeholders, child flags, the client's reference and pattern (also fastnames.py's)."""
     entries = []
@@ -299,7 +302,7 @@ def answer_merged(host: ListHost, tag: bytes, kind: str, reference: bytes, patte
                    list_flags=(kind == "LIST"))
     # Dovecot brings a subscribed name's parent only when the pattern ends with "%" (RFC 3501 6.3.9's
     # case, "%"): not for "%/Sub", "Sha%d" (each backend's own LSUB answers so, the merge as well).
-    lsub_parents = kind == "LSUB" and pattern.endswith(b"%")
+    lsub_parents = parents and kind == "LSUB" and pattern.endswith(b"%")
     out = [format_entry(kind.encode(), e) for e in select(merged, reference, pattern, separator,
                                                           lsub_parents=lsub_parents)]
     host.send(b"".join(out) + b"%s OK %s completed.\r\n" % (tag, kind.encode()))
