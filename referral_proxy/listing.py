@@ -85,6 +85,7 @@ def merge(
     (staging.py) are never shown."""
     kept: dict[str, ListEntry] = {}
     held: dict[str, ListEntry] = {}  # LSUB: a subscription only a backend not owning the name keeps
+    strays: list[tuple[str, str]] = []  # LIST: (backend, name) of a mailbox hidden there (not its owner)
     for e in entries:
         if is_private_name(e.name):
             continue
@@ -92,6 +93,8 @@ def merge(
         if owner(name) != e.backend:
             if not list_flags:
                 held.setdefault(name, e)
+            else:
+                strays.append((e.backend, name))
             continue
         kept.setdefault(name, e)
     # A subscription is a name kept where it was made (RFC 3501 6.3.6): one whose route changed since
@@ -112,6 +115,8 @@ def merge(
     # startswith() of each name against every other was quadratic, 5.8 s for 2,000 mailboxes)
     with_children = {separator.join(parts[:i]) for parts in (name.split(separator) for name in kept)
                      for i in range(1, len(parts))}
+    if strays:  # a \Noselect parent a backend shows only for a child hidden there: no mailbox to the client
+        _drop_hollow_parents(kept, with_children, strays, separator)  # (Dovecot lists none without a child)
     merged = []
     for name, e in kept.items():
         if any(f.upper() in _CHILD_FLAGS for f in e.flags):
@@ -121,6 +126,19 @@ def merge(
                           e.backend)  # (not dataclasses.replace: a sixth of a 3,000-mailbox merge)
         merged.append(e)
     return merged
+
+
+def _drop_hollow_parents(kept: dict[str, ListEntry], with_children: set[str], strays: list[tuple[str, str]],
+                         separator: str) -> None:
+    """Remove from *kept* each ``\\Noselect`` name with no child kept whose backend holds a hidden one (a
+    RENAME across set the source aside and put back a child the map sends elsewhere: its parent came
+    back as ``\\Noselect``, and stayed listed after the RENAME; probe 1, stop 48)."""
+    above = {(backend, separator.join(parts[:i])) for backend, name in strays
+             for parts in (name.split(separator),) for i in range(1, len(parts))}
+    for name, e in list(kept.items()):
+        if (name not in with_children and (e.backend, name) in above
+                and any(f.upper() == b"\\NOSELECT" for f in e.flags)):
+            del kept[name]
 
 
 def select(entries: Iterable[ListEntry], reference: bytes, pattern: bytes, separator: str, *,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from referral_proxy.listing import ListEntry, select
+from referral_proxy.listing import ListEntry, merge, select
 
 
 def test_list_patterns_match_a_names_characters_not_its_modified_utf7():
@@ -86,3 +86,18 @@ def test_a_plain_entry_is_read_as_the_general_parse_reads_it(fragment):
     except ParseError:
         got = "ParseError"
     assert got == _entry_the_long_way(fragment)
+
+
+def test_a_noselect_parent_shown_only_for_a_child_hidden_there_is_not_listed():
+    """b1 lists Work as \\Noselect for its Work/c, a stray the map sends to b2 (a RENAME across of Work put
+    it back): the client has no Work (probe 1, stop 48). A \\Noselect parent with a child kept stays."""
+    owner = {"Work": "b1", "Work/c": "b2", "Proj": "b1", "Proj/a": "b2", "Proj/b": "b1", "Tmp": "b1"}.get
+    entries = [ListEntry((b"\\Noselect", b"\\HasChildren"), b"/", b"Work", "b1"),
+               ListEntry((b"\\HasNoChildren",), b"/", b"Work/c", "b1"),
+               ListEntry((b"\\Noselect", b"\\HasChildren"), b"/", b"Proj", "b1"),
+               ListEntry((b"\\HasNoChildren",), b"/", b"Proj/a", "b1"),
+               ListEntry((b"\\HasNoChildren",), b"/", b"Proj/b", "b1"),
+               ListEntry((b"\\Noselect", b"\\HasNoChildren"), b"/", b"Tmp", "b1")]
+    listed = {e.name: e.flags for e in merge(entries, owner, "/")}
+    assert listed == {b"Proj": (b"\\Noselect", b"\\HasChildren"), b"Proj/b": (b"\\HasNoChildren",),
+                      b"Tmp": (b"\\Noselect", b"\\HasNoChildren")}
