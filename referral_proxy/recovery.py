@@ -51,6 +51,8 @@ def describe(entry: JournalEntry) -> str:
     d = entry.data
     if entry.op == "move":
         what = f"{d.get('old')} -> {d.get('new')} ({d.get('src')} -> {d.get('dst')})"
+    elif entry.op == "move-messages" and "src_mailbox" not in d:  # cut off before it read its mailboxes
+        what = "MOVE across, before it sent anything"
     elif entry.op == "move-messages":
         what = f"MOVE {d.get('src_mailbox')} -> {d.get('dst_mailbox')} ({d.get('src')} -> {d.get('dst')})"
     elif entry.op == "copy-messages":

@@ -255,3 +255,16 @@ def test_a_dead_copy_across_entry_is_released_only_after_its_append_could_settle
     lines = now(done)
     assert len(lines) == 1 and "COPY Work -> Dest across servers, at reserved: released" in lines[0], lines
     now(m.end_move(now(m.begin_move("carol", "move-messages", move_reservations("Other", "Dest", "/"), {}))))
+
+
+def test_a_move_cut_off_before_it_read_its_mailboxes_is_described_so():
+    """Not "MOVE None -> None (None -> None)" (probe 4, stop 48: a MOVE across killed right after its
+    entry was written, released by recovery)."""
+    from referral_proxy.journal import JournalEntry, Step
+    from referral_proxy.recovery import describe
+
+    bare = JournalEntry(7, "alice", "move-messages", {}, Step.RESERVED)
+    assert describe(bare) == "alice: MOVE across, before it sent anything, at reserved"
+    named = JournalEntry(8, "alice", "move-messages", {"src_mailbox": "Work", "dst_mailbox": "Shared/P", "src": "b1",
+                                                       "dst": "b3"}, Step.MOVE_APPENDING)
+    assert describe(named) == "alice: MOVE Work -> Shared/P (b1 -> b3), at move-appending"
