@@ -25,7 +25,10 @@ def imap_name(name: str) -> str:
     """A mailbox name typed by an operator as IMAP clients send it: kept if it is modified UTF-7
     already ("Caf&AOk-"), else encoded ("Café", "R&D": "Caf&AOk-", "R&-D"); Dovecot 2.3 knows a
     mailbox by that form only, and a placement of "Café" matched no client's name (probe 5, stop 48).
-    A name that is neither (bytes that are not UTF-8) is kept as typed."""
+    A name that is neither (bytes that are not UTF-8), or holds a control character (refused later:
+    no client can name it), is kept as typed."""
+    if any(c < " " or c == "\x7f" for c in name):
+        return name
     try:
         mutf7.decode(name.encode("ascii"))
         return name

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import ConfigError, load_config
+from .imap.mutf7 import shifts_a_control
 from .journal import InUse, Reservation, StoreUnavailable
 from .movecli import _run
 from .recovery import describe
@@ -86,7 +87,8 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
         if unknown:
             sys.stderr.write(f"referral-proxy: map set: unknown backend {unknown[0]!r}\n")
             return 2
-        if not args.mailbox or any(c in args.mailbox for c in "\r\n\0"):  # no client could ever name it
+        if not args.mailbox or any(c in args.mailbox for c in "\r\n\0") or shifts_a_control(
+                args.mailbox.encode("utf-8", "surrogateescape")):  # no client could ever name it (grammar.is_mailbox)
             sys.stderr.write(f"referral-proxy: map set: not a mailbox name: {args.mailbox!r}\n")
             return 2
 

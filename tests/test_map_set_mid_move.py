@@ -105,7 +105,7 @@ def test_a_move_that_begins_while_map_set_writes_cannot_begin(tmp_path, command,
     now(proxy.end_move(entry))
 
 
-@pytest.mark.parametrize("name", ["", "Work\r\nFAKE", "A\nB"], ids=["empty", "crlf", "lf"])
+@pytest.mark.parametrize("name", ["", "Work\r\nFAKE", "A\nB", "Work&AA0ACg-FAKE"], ids=["empty", "crlf", "lf", "shifted"])
 def test_map_set_of_a_name_no_client_can_send_is_refused(proxy_factory, name):
     """An empty name, or one holding CR, LF or NUL (no IMAP client can name it; `map show` printed it raw):
     refused, nothing written (hostile probe 4)."""
