@@ -43,6 +43,21 @@ def _shared_and_noted(backend) -> None:
     w.close()
 
 
+def _moved_to_b3(proxy_factory, how: str) -> bytes:
+    """carol's Proj on b1 moved to b3 (with its children) by a client's RENAME to Shared/Proj, or by the
+    admin `move`; its name there."""
+    proxy = proxy_factory(MASTERS, rules=[{"mailbox": "Shared/*", "backend": "b3"}])
+    if how == "admin-move":
+        moved = cli("move", "--config", str(proxy.config_path), "carol", "Proj", "b3")
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        return b"Proj"
+    c = Wire(proxy.host, proxy.port, timeout=120)
+    c.login("carol")
+    assert c.cmd(b"r", b"RENAME Proj Shared/Proj")[-1].startswith(b"r OK")
+    c.close()
+    return b"Shared/Proj"
+
+
 @pytest.mark.parametrize("how", ["rename", "admin-move"])
 def test_a_mailbox_moved_across_keeps_its_acl_and_metadata(proxy_factory, fleet, how):
     mail = ids("p", 3)
@@ -50,17 +65,7 @@ def test_a_mailbox_moved_across_keeps_its_acl_and_metadata(proxy_factory, fleet,
     _shared_and_noted(fleet["b1"])
     before = _attributes(fleet["b1"], b"Proj")
     assert b"bob lrs" in before and b"keep-me" in before and ODD in before, before
-    proxy = proxy_factory(MASTERS, rules=[{"mailbox": "Shared/*", "backend": "b3"}])
-    if how == "rename":
-        c = Wire(proxy.host, proxy.port, timeout=120)
-        c.login("carol")
-        assert c.cmd(b"r", b"RENAME Proj Shared/Proj")[-1].startswith(b"r OK")
-        c.close()
-        where, box = ("b3", "Shared/Proj")
-    else:
-        moved = cli("move", "--config", str(proxy.config_path), "carol", "Proj", "b3")
-        assert moved.returncode == 0, moved.stdout + moved.stderr
-        where, box = ("b3", "Proj")
+    where, box = "b3", _moved_to_b3(proxy_factory, how).decode()
     after = _attributes(fleet[where], box.encode())
     assert b"bob lrs" in after and b"dave lr" in after, after
     assert b"keep-me" in after and ODD in after, after
@@ -95,17 +100,7 @@ def test_a_moved_mailbox_has_its_own_acl_only_and_keeps_a_nil_string(proxy_facto
         assert w.cmd(tag, command)[-1].startswith(tag + b" OK")
     assert w.cmd(b"x", b"DELETE Proj")[-1].startswith(b"x OK")  # (an admin move makes it again: no inheritance)
     w.close()
-    proxy = proxy_factory(MASTERS, rules=[{"mailbox": "Shared/*", "backend": "b3"}])
-    if how == "rename":
-        c = Wire(proxy.host, proxy.port, timeout=120)
-        c.login("carol")
-        assert c.cmd(b"r", b"RENAME Proj Shared/Proj")[-1].startswith(b"r OK")
-        c.close()
-        box = b"Shared/Proj"
-    else:
-        moved = cli("move", "--config", str(proxy.config_path), "carol", "Proj", "b3")
-        assert moved.returncode == 0, moved.stdout + moved.stderr
-        box = b"Proj"
+    box = _moved_to_b3(proxy_factory, how)
     assert _acl(fleet["b3"], box) == {b"bob": b"lrs"}
     assert _acl(fleet["b3"], box + b"/sub") == {b"alice": b"lr"}
     w = _direct(fleet["b3"])
