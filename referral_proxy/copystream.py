@@ -121,18 +121,21 @@ class _Bodies:
         self.in_body = False
         self.error: str | None = None
         self.other: list[bytes] | None = None
+        self.dropping = False  # self.other is a body of ours after an error: read, not kept
         self.others: list[bytes] = []
 
     def tap(self, start: ResponseStart | None, event: object) -> None:
         if start is not None:
             assert isinstance(event, Line)
-            if (start.name == "FETCH" and event.literal is not None
-                    and event.data.rstrip().upper().endswith(self.answer) and self.error is None):
+            if start.name == "FETCH" and event.literal is not None and event.data.rstrip().upper().endswith(self.answer):
+                if self.error is not None:  # a body of ours after the error: not for the client either
+                    self.other, self.dropping = [], True
+                    return
                 m = _UID.search(event.data)
                 uid = self.expected[self.next] if self.next < len(self.expected) else None
                 if uid is None or m is None or int(m.group(1)) != uid:
                     self.error = f"unexpected message {m.group(1).decode() if m else '?'} from {self.conn.name}"
-                    self.other = []  # swallowed: it is not for the client either
+                    self.other, self.dropping = [], True  # swallowed: it is not for the client either
                     return
                 self.next += 1
                 self.in_body = True
@@ -157,9 +160,9 @@ class _Bodies:
                 self._other_done()
 
     def _other_done(self) -> None:
-        if self.other and self.error is None:
+        if self.other and not self.dropping:  # (an EXPUNGE after the error too: told, probe 6 of stop 48)
             self.others.append(b"".join(self.other))
-        self.other = None
+        self.other, self.dropping = None, False
 
     async def run(self) -> list[bytes]:
         self.conn.tap = self.tap
@@ -169,10 +172,10 @@ class _Bodies:
         finally:
             self.conn.tap = None
         if self.error is not None:
-            raise TransferError(self.error)
+            raise TransferError(self.error).carrying(self.others)
         if not result.ok or self.next != len(self.expected):
             missing = self.expected[self.next] if self.next < len(self.expected) else "?"
-            raise TransferError(f"message UID {missing} could not be read from {self.conn.name}")
+            raise TransferError(f"message UID {missing} could not be read from {self.conn.name}").carrying(self.others)
         return self.others
 
 
@@ -220,7 +223,7 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
             except TransferError as e:
                 if src.closed:
                     raise
-                raise Vanished(str(e)) from None  # expunged by another session after it was named
+                raise Vanished(str(e)).carrying(e.others) from None  # expunged by another session after it was named
             if plan and not sent.plan:
                 dst.write(CANCEL)
                 start, _raw = await done
@@ -281,7 +284,11 @@ class _Sending:
             else:
                 runs.append((item, [info.uid]))
         for item, uids in runs:
-            others += await _Bodies(src, uids, self.begin, self.chunk, self.end, item).run()
+            try:
+                others += await _Bodies(src, uids, self.begin, self.chunk, self.end, item).run()
+            except TransferError as e:
+                e.carrying(others)  # (the runs before it brought these)
+                raise
         return others
 
     def begin(self, uid: int, size: int) -> None:
@@ -331,9 +338,10 @@ async def _nul_messages(conn: BackendProtocol, suspects: dict[int, str], others:
     for group in [uids] if len(uids) == 1 else [uids, *([u] for u in uids)]:
         try:
             others += await _Bodies(conn, group, begin, chunk, end, BINARY).run()
-        except TransferError:
+        except TransferError as e:
             if conn.closed:
                 raise
+            others += e.others
             continue
         if group is uids:
             break

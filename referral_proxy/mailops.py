@@ -38,7 +38,16 @@ UNSET_RETRIES = 100
 
 
 class TransferError(BackendError):
-    """A mail operation stopped; str() is safe to show a client (no client bytes in it)."""
+    """A mail operation stopped; str() is safe to show a client (no client bytes in it). *others*: the
+    untagged responses of the client's selected mailbox its commands had brought and not handed on
+    (an EXPUNGE among them: the client must still be told, or its message numbers drift)."""
+
+    others: tuple[bytes, ...] = ()
+
+    def carrying(self, others: Sequence[bytes]) -> TransferError:
+        """This error, with *others* before those it carried already."""
+        self.others = tuple(others) + self.others
+        return self
 
 
 class NoMasterUser(BackendError):
@@ -343,7 +352,7 @@ async def fetch_infos(conn: BackendProtocol, uids: Sequence[int]) -> tuple[list[
         infos[uid] = MessageInfo(uid, flags, date, size)
     missing = [u for u in uids if u not in infos]
     if missing:
-        raise Vanished(f"message UID {missing[0]} vanished from the source")
+        raise Vanished(f"message UID {missing[0]} vanished from the source").carrying(others)
     return [infos[u] for u in uids], others
 
 

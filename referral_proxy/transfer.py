@@ -164,9 +164,10 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
     try:
         return await _copy_once(src, message_set, uid, dst, mailbox, move, mailbox_map, user, source_mailbox, clock,
                                 seen=seen, move_wait=move_wait, ask=ask)
-    except Vanished:  # nothing was saved (see _copy_once)
-        return CopyOutcome(seen, "NO", EXPUNGE_ISSUED)
+    except Vanished as e:  # nothing was saved (see _copy_once)
+        return CopyOutcome(seen + list(e.others), "NO", EXPUNGE_ISSUED)  # (the EXPUNGE that made it, say)
     except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
+        seen += e.others
         text = str(e)
         status, _, rest = text.partition(" ")
         return CopyOutcome(seen, status, rest) if status in ("NO", "BAD") else CopyOutcome(seen, "NO", text)

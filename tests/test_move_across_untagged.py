@@ -40,6 +40,27 @@ def test_status_and_still_there_keep_the_other_untagged_responses():
     assert others == [b"* 3 EXPUNGE\r\n", b"* 4 EXISTS\r\n", b"* 2 EXPUNGE\r\n"]
 
 
+def test_an_expunge_after_a_body_fetch_went_wrong_is_kept_for_the_client():
+    """Probe 6 of stop 48: another session expunged UID 2 while a COPY across read the bodies: Dovecot
+    sent UID 3's body where UID 2's was expected, then ``* 2 EXPUNGE``; the read failed (the COPY answers
+    NO [EXPUNGEISSUED]) and dropped the EXPUNGE: the client's message numbers drifted, and its next
+    STORE by number flagged the wrong message. The error carries it now; the stray body is not relayed."""
+    from referral_proxy.copystream import _Bodies
+    from referral_proxy.mailops import TransferError
+
+    conn = _backend()
+    bodies: list[int] = []
+    d = defer.ensureDeferred(_Bodies(conn, [1, 2, 3], lambda uid, _size: bodies.append(uid), lambda _data: None,
+                                     lambda: None).run())
+    _exchange(conn, b"UID FETCH 1:3 (UID BODY.PEEK[])",
+              b"* 1 FETCH (UID 1 BODY[] {3}\r\nabc)\r\n* 3 FETCH (UID 3 BODY[] {3}\r\nxyz)\r\n"
+              b"* 2 EXPUNGE\r\n* 2 FETCH (FLAGS (\\Seen))\r\nTAG OK done\r\n")
+    with pytest.raises(TransferError) as e:
+        _result(d)
+    assert bodies == [1]
+    assert e.value.others == (b"* 2 EXPUNGE\r\n", b"* 2 FETCH (FLAGS (\\Seen))\r\n")
+
+
 class _View:
     """The client's message numbers -> UIDs, from the untagged responses it was given only."""
 
