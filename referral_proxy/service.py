@@ -211,6 +211,10 @@ class ProxyService(MultiService):
             if self.guard.is_self(backend):
                 log.warn("backend {name} ({endpoint}) is one of this proxy's own listeners: logins routed to it "
                          "are refused (proxy loop)", name=name, endpoint=backend.endpoint)
+            if backend.master_user is None and len(config.backends) > 1 and self.role is None:  # (probe 6, stop 48)
+                log.warn("backend {name} has no master_user: a COPY/MOVE/RENAME across servers cut off there (a "
+                         "crash, a backend failure) cannot be recovered, and its mailboxes stay held (NO [INUSE]) "
+                         "until one is set", name=name)
         self.listeners = []
         if self.role is not None and len(self.role.listeners) != len(config.proxy.listen):
             raise RuntimeError("[proxy] listen changed since the master started: restart the service")

@@ -371,6 +371,13 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         return CopyOutcome(untagged, "NO", "[UNAVAILABLE] The messages were copied, but the server holding the "
                                            "copies stopped answering before they were checked; the move will be "
                                            "completed once it answers", 0)
+    except TransferError as e:  # a copy gone or changed there (another session's expunge) before it was read
+        await mailbox_map.disown(entry)  # recovery finishes the move or keeps the source (movefinish.py)
+        log.warn("MOVE: copied to {dst}, but the copies could not be checked ({why}); recovery will finish it",
+                 dst=dst.name, why=str(e))
+        return CopyOutcome(untagged, "NO", "The messages were copied, but a copy was changed or removed by another "
+                                           "session before it was checked; nothing was removed from the source yet, "
+                                           "and the move will be completed or the source kept", 0)
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:
