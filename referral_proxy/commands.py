@@ -17,12 +17,12 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from functools import lru_cache
 
-from .imap.command import Atom
+from .imap.command import Atom, ParenList
 from .imap.grammar import Arguments, Grammar
 from .imap.reader import Command
 
 __all__ = ["State", "Routing", "CommandSpec", "COMMANDS", "Capability", "CAPABILITIES", "NOT_RELAYED",
-           "PROXY_OWN", "relayable", "post_login_capabilities", "enabling"]
+           "PROXY_OWN", "relayable", "post_login_capabilities", "enabling", "enables_condstore", "CONDSTORE_ATOMS"]
 
 
 class State(Enum):
@@ -146,6 +146,20 @@ COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in _ROWS}
 #: STATUS (HIGHESTMODSEQ), FETCH/SEARCH MODSEQ, FETCH CHANGEDSINCE, STORE UNCHANGEDSINCE) or QRESYNC,
 #: anywhere in a command's arguments (a match in a string too: keepalive.py only loses a reuse).
 CONDSTORE_WORDS = re.compile(rb"(?i)modseq|changedsince|condstore|qresync")
+#: Those words as a command's own atoms (not inside a string): the command enables CONDSTORE for the rest
+#: of the session (RFC 7162 3.1), on every backend of it (pool.condstore_used). On a plain line, and as a token.
+CONDSTORE_ATOMS = re.compile(rb"(?i)(?<![^ (])(?:highestmodseq|modseq|changedsince|unchangedsince|condstore)(?![^ )])")
+
+
+def enables_condstore(tokens: Iterable[object]) -> bool:
+    """Does a command with these argument tokens enable CONDSTORE (SELECT (CONDSTORE), STATUS (HIGHESTMODSEQ),
+    FETCH (MODSEQ), CHANGEDSINCE, UNCHANGEDSINCE, SEARCH MODSEQ)? Atoms only: a string may say anything."""
+    for tok in tokens:
+        if type(tok) is Atom and CONDSTORE_ATOMS.fullmatch(tok.value) is not None:
+            return True
+        if isinstance(tok, ParenList) and enables_condstore(tok.items):
+            return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .backend import AuthenticationFailed, BackendError, BackendProtocol, BackendUnavailable, Credentials
+from .commands import enables_condstore
 from .config import BackendConfig
 from .context import Connect, ProxyContext
+from .imap.grammar import Arguments
+from .keepalive import taints
 from .routing import Route
 
 __all__ = ["BackendPool", "connect_first"]
@@ -156,6 +159,21 @@ class BackendPool:
             if name.upper() not in self.replayed:
                 self.replayed += (name.upper(),)
         return self.replayed
+
+    def note(self, name: str, args: Arguments) -> None:
+        """A command about to be relayed: one that leaves state the proxy cannot undo ends the connections'
+        reuse (keepalive.taints); one that enables CONDSTORE enables it on them all (condstore_used)."""
+        if self.reusable and taints(name, args):
+            self.reusable = False
+        if b"CONDSTORE" not in self.replayed and enables_condstore(args.tokens):
+            self.condstore_used()
+
+    def condstore_used(self) -> None:
+        """A command enabled CONDSTORE on its backend without an ENABLE (RFC 7162 3.1: for the rest of the
+        session): replayed on every connection, as an ENABLE is. Without it, a SELECT on another backend
+        gave no HIGHESTMODSEQ and its FETCHes no MODSEQ (probe 6, stop 48)."""
+        if b"CONDSTORE" not in self.replayed:
+            self.replayed += (b"CONDSTORE",)
 
     def enabled_where_announced(self, name: bytes, backend: str) -> bool:
         """*name* ENABLEd by the client and announced by *backend*: else ENABLE enabled nothing there (RFC 5161

@@ -54,7 +54,6 @@ from .imap.reader import (
 )
 from .imap.response import ResponseStart, completion_text
 from .journal import TAKEN_OVER, UNAVAILABLE, LostEntry, StoreUnavailable
-from .keepalive import taints
 from .mailboxes import MailboxCommands, Refusing
 from .netio import quick_ack, sending, tune_socket
 from .origin import peer_ip
@@ -296,8 +295,8 @@ class ClientSession(HalfClose, Protocol):
                 self.send(b"* BYE Too many commands before login\r\n")
                 return self._close()
         if isinstance(event, Command):
-            if self.pool is not None and self.pool.reusable and taints(event.name, event.args):  # keepalive.py
-                self.pool.reusable = False
+            if self.pool is not None:  # what it leaves on its connection: no reuse, CONDSTORE everywhere
+                self.pool.note(event.name, event.args)
             if event.name in ("DELETE", "RENAME"):  # the mailbox that took this session's last APPEND may be gone
                 self.appends.forget_taker()
             _DISPATCH[event.name](self, event, COMMANDS[event.name])

@@ -164,3 +164,23 @@ def test_a_number_past_the_last_beside_a_star_is_refused_whole(proxy_factory, fl
         assert answer.startswith(b"c BAD" if copied is None else b"c OK"), (verb, answer)
     counts, _where = census(fleet, "carol")
     assert counts == collections.Counter(ids("s", 5) + [f"s-{i}@t" for i in copied or []])
+
+
+@pytest.mark.parametrize("enabler", [b"FETCH 1 (MODSEQ)", b"STATUS Work (HIGHESTMODSEQ)", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1)",
+                                     b"SEARCH MODSEQ 1", None])
+def test_condstore_enabled_by_a_command_holds_on_every_backend_of_the_session(proxy_factory, fleet, enabler):
+    """RFC 7162 3.1: a command using CONDSTORE enables it for the rest of the session; a SELECT on another
+    backend then says HIGHESTMODSEQ and a flag change's FETCH its MODSEQ, as one Dovecot does (probe 6,
+    stop 48: only an explicit ENABLE was carried). Without such a command: neither (the control)."""
+    proxy = proxy_factory(rules=RULES)
+    seed(fleet["b1"], "carol", "Work", ids("w", 1))
+    seed(fleet["b3"], "carol", "Shared/P", ids("p", 1))
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("carol")
+    w.cmd(b"s", b"SELECT Work")
+    if enabler is not None:
+        assert w.cmd(b"e", enabler)[-1].startswith(b"e OK")
+    selected = b"".join(w.cmd(b"t", b"SELECT Shared/P"))
+    stored = b"".join(w.cmd(b"f", b"STORE 1 +FLAGS (\\Flagged)"))
+    assert (b"[HIGHESTMODSEQ " in selected, b"MODSEQ (" in stored) == ((True, True) if enabler else (False, False)), (
+        selected, stored)
