@@ -103,7 +103,7 @@ def test_a_destination_taken_as_made_is_deleted_at_roll_back_only_if_empty(fleet
     config = str(proxy.config_path)
     killed = cli("move", "--config", config, "carol", "Work", "b3", command=faulty("--kill-at", "created:1"))
     assert killed.returncode == -9, killed.stdout + killed.stderr
-    assert relay.refused == [b"Work"]
+    assert set(relay.refused) == {b"Work"}  # (twice when b3's Work was made in b1's second: validity.py)
     stray = ["stray@t"] if foreign else []
     if foreign:
         assert deliver(fleet["b3"], "carol", "Work", "stray@t") == "Work"
