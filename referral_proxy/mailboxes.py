@@ -46,6 +46,7 @@ from .relocation import held_by, renames_aside, seen_within
 from .renamecheck import refused_before
 from .routing import MailboxMap, Route
 from .staging import is_private_name
+from .stall import Watch
 
 __all__ = ["INUSE", "READ_ONLY", "MailboxCommands", "MailboxHost", "Refusing"]
 
@@ -318,7 +319,20 @@ class MailboxCommands:
         if cmd.name == "UNSUBSCRIBE" and (others := [b for b in self.host.mailbox_map.backends_for(self.host.user or "")
                                                      if b not in route.backends]):
             return self.host.run(cmd.tag, self._unsubscribe_everywhere(cmd, route, mailbox, others))
+        pool = self.host.pool
+        if cmd.name == "STATUS" and route.primary != self.host.home and pool is not None and pool.fast(route.primary) is None:
+            return self.host.run(cmd.tag, self._bounded_read(cmd, route))  # (else fastnames.status_line's way)
         self.host.relay_cmd(cmd, route)
+
+    async def _bounded_read(self, cmd: Command, route: Route) -> None:
+        """A STATUS on another backend whose connection is not ready (the session's first command there):
+        bounded by its answer_timeout as the fast path's is (stall.py). Unbounded, a backend that took the
+        login and then stalled held the client for good (probe 3, stop 48)."""
+        assert self.host.pool is not None
+        conn = await self.host.pool.ready_for(route)
+        self.host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
+        if len(conn._pending) == 1:
+            Watch.bounding(conn, b"STATUS", next(iter(conn._pending)))
 
     async def _metadata_of_pattern(self, cmd: Command, backends: list[str]) -> None:
         """Dovecot's GETMETADATA of a mailbox pattern (beyond RFC 5464), over each backend of the user: a

@@ -117,7 +117,7 @@ def _wild(name: str) -> bool:
 
 async def list_mailboxes(conn: BackendProtocol, pattern: bytes = b"*") -> list[ListData]:
     """``LIST "" <pattern>``: every entry, placeholders included (see ListData.selectable)."""
-    result = await run_ok(conn, b'LIST "" ' + pattern, "LIST")
+    result = await run_ok(conn, b'LIST "" ' + pattern, "LIST", bounded=True)  # a read: answer_timeout (stall.py)
     out = []
     for r in result.responses:
         if r.start.name == "LIST":
