@@ -16,9 +16,9 @@ from typing import Any
 from .config import ConfigError, load_config
 from .imap.mutf7 import shifts_a_control
 from .journal import InUse, Reservation, StoreUnavailable
-from .movecli import _run
+from .movecli import _run, missing_store
 from .recovery import describe
-from .routing import MailboxMap, open_store
+from .routing import MailboxMap, normalize, open_store
 from .store import SQLiteStore
 
 __all__ = ["run_map"]
@@ -35,6 +35,9 @@ def run_map(args: argparse.Namespace) -> int:
         return 2
     if args.map_command == "migrate":
         return _migrate(config.map.store)
+    if (why := missing_store(config.map.store)) is not None:
+        sys.stderr.write(f"referral-proxy: map: {why}\n")
+        return 2
     store = open_store(config.map.store, lease_seconds=config.map.lease_seconds)
     mailbox_map = MailboxMap(config.map, store)
     try:
@@ -102,7 +105,7 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
         print(f"{args.user} {args.mailbox} -> {', '.join(args.backends)}")
     elif args.map_command == "unset":
         async def unplace() -> int:
-            if args.mailbox not in mailbox_map.placements(args.user):
+            if normalize(args.mailbox, mailbox_map.separator) not in mailbox_map.placements(args.user):  # inbox: INBOX
                 sys.stderr.write(f"referral-proxy: map unset: {args.user} {args.mailbox} has no placement\n")
                 return 1
             await mailbox_map.unplace(args.user, args.mailbox)

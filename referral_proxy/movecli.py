@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +79,17 @@ def _run(main: Callable[[Any], Any]) -> int:
     return status[0]
 
 
+def missing_store(spec: str) -> str | None:
+    """Why an admin command must not run on *spec*: an SQLite map file that is not there is no running
+    proxy's (a copy of the config elsewhere, a relative path: `move` moved the mail and wrote where it
+    went into a new, empty file no proxy reads, and the user's mailbox was gone; probe 3, stop 48)."""
+    if not spec.startswith("sqlite:") or spec == "sqlite::memory:" or os.path.exists(spec.partition(":")[2]):
+        return None
+    return (f"the map store {spec.partition(':')[2]} does not exist: no proxy uses it (is this the running "
+            "proxy's configuration file, where its relative paths start?); nothing done. A new map is made by "
+            "starting the proxy, or `referral-proxy map --config FILE migrate`")
+
+
 def _load(path: str, on_step: StepHook | None) -> tuple[Config, MailboxMap] | None:
     try:
         config = load_config(path)
@@ -86,6 +98,9 @@ def _load(path: str, on_step: StepHook | None) -> tuple[Config, MailboxMap] | No
         return None
     if config.map.store is None:
         sys.stderr.write("referral-proxy: [map].store is not set: moves need a journal\n")
+        return None
+    if (why := missing_store(config.map.store)) is not None:
+        sys.stderr.write(f"referral-proxy: {why}\n")
         return None
     mailbox_map = MailboxMap(config.map, open_store(config.map.store, lease_seconds=config.map.lease_seconds),
                              on_step=on_step)

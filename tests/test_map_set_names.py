@@ -39,3 +39,31 @@ def test_map_set_of_a_unicode_name_places_the_mailbox_clients_name(proxy_factory
     gone = cli("map", "--config", config, "unset", "alice", "Café")
     assert gone.returncode == 0, gone.stderr
     assert "Caf&AOk-" not in cli("map", "--config", config, "show", "alice").stdout
+
+
+def test_admin_commands_on_a_map_file_that_is_not_there_do_nothing(proxy_factory, tmp_path):
+    """A copy of the proxy's config elsewhere (store = "sqlite:map.sqlite3", relative to the file): `move`
+    moved the mail and recorded it in a new, empty map no proxy reads, and the user's mailbox was gone
+    (probe 3, stop 48). Now each command names the missing file and does nothing; `map migrate` makes it."""
+    proxy = proxy_factory()
+    if '"sqlite:map.sqlite3"' not in proxy.config_path.read_text():
+        pytest.skip("a PostgreSQL map (RP_TEST_STORE): a copy of the config names the same database")
+    copy = tmp_path / "elsewhere" / "proxy.toml"
+    copy.parent.mkdir()
+    copy.write_text(proxy.config_path.read_text())
+    for args in (["move", "--config", str(copy), "alice", "Projects", "b3"], ["recover", "--config", str(copy)],
+                 ["map", "--config", str(copy), "set", "alice", "Projects", "b3"],
+                 ["map", "--config", str(copy), "show", "alice"]):
+        done = cli(*args)
+        assert done.returncode != 0 and "does not exist: no proxy uses it" in done.stderr, (args, done.stderr)
+    assert not (copy.parent / "map.sqlite3").exists()
+    assert cli("map", "--config", str(copy), "migrate").returncode == 0
+    assert (copy.parent / "map.sqlite3").exists()
+
+
+def test_map_unset_of_inbox_in_any_case_removes_the_placement_set(proxy_factory):
+    """`map set alice inbox b2` stored INBOX; `map unset alice inbox` said it had no placement (probe 3)."""
+    config = str(proxy_factory().config_path)
+    assert cli("map", "--config", config, "set", "alice", "inbox", "b2").returncode == 0
+    gone = cli("map", "--config", config, "unset", "alice", "inbox")
+    assert gone.returncode == 0 and "placement removed" in gone.stdout, gone.stdout + gone.stderr
