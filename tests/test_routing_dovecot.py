@@ -200,6 +200,7 @@ def test_reload_adds_a_backend_and_a_rule_naming_it_together(proxy_factory, seed
     before.close()
     after.close()
     assert "Traceback" not in proxy.stderr_text()
+    assert "the map rules changed; no mail moves with them" in proxy.stderr_text()  # (probe 3, stop 48)
 
 
 def test_smuggled_commands_never_run_on_a_backend(proxy_factory, seeded):
