@@ -34,7 +34,7 @@ from .crossturns import Standalone
 from .imap.command import ParseError
 from .imap.data import parse_status
 from .journal import StoreUnavailable
-from .mailops import TransferError, name_arg
+from .mailops import TransferError, exists, name_arg
 from .mover import Connect, MoveIncomplete, Mover
 from .oldhome import carry_old_homes
 from .recovery import SWEEP_SECONDS, master_connector, recover_all
@@ -175,6 +175,9 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         sys.stderr.write(f"referral-proxy: move: unknown backend {args.backend!r}\n")
         return 2
     user = mailbox_map.canonical(args.user)
+    if args.mailbox != "*" and args.mailbox.endswith(mailbox_map.separator):  # ("Projects/" routed as another name)
+        sys.stderr.write(f"referral-proxy: move: {args.mailbox!r} ends with the separator: no mailbox is named so\n")
+        return 2
 
     async def main(reactor: Any) -> int:
         mailbox_map.start_leases(reactor, config.map.lease_seconds / 4)
@@ -188,6 +191,16 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         # "*" moves a whole user: every mailbox of the user's home backend, INBOX first.
         src_name = mailbox_map.lookup(user, "INBOX" if args.mailbox == "*" else args.mailbox).primary
         if src_name == args.backend:
+            if args.mailbox != "*":  # there, or nowhere (probe 3, stop 48: "already there" of a mailbox none has)
+                conn = await connect(src_name)
+                try:
+                    there = await exists(conn, args.mailbox)
+                finally:
+                    conn.logout()
+                if not there:
+                    sys.stderr.write(f"referral-proxy: move: [NONEXISTENT] {user} has no mailbox {args.mailbox} "
+                                     f"on {src_name}, where the map puts it\n")
+                    return 1
             print(f"{user} {args.mailbox} is on {args.backend} already")
             return 0  # nothing to carry: not a transfer, not counted
         mover = Mover(mailbox_map, connect, user, clock=reactor,

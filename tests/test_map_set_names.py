@@ -67,3 +67,17 @@ def test_map_unset_of_inbox_in_any_case_removes_the_placement_set(proxy_factory)
     assert cli("map", "--config", config, "set", "alice", "inbox", "b2").returncode == 0
     gone = cli("map", "--config", config, "unset", "alice", "inbox")
     assert gone.returncode == 0 and "placement removed" in gone.stdout, gone.stdout + gone.stderr
+
+
+def test_move_of_a_mailbox_nowhere_or_named_with_a_trailing_separator_is_refused(proxy_factory):
+    """`move alice Nope b1` (b1 her home) said "is on b1 already", rc 0, for a mailbox she has nowhere;
+    `move alice Projects/ b1` with Projects on b3 said the same and moved nothing (probe 3, stop 48)."""
+    from test_moves import MASTERS
+
+    config = str(proxy_factory(MASTERS).config_path)
+    nowhere = cli("move", "--config", config, "alice", "Nope", "b1")
+    assert nowhere.returncode == 1 and "[NONEXISTENT]" in nowhere.stderr, nowhere.stdout + nowhere.stderr
+    trailing = cli("move", "--config", config, "alice", "Projects/", "b1")
+    assert trailing.returncode == 2 and "ends with the separator" in trailing.stderr, trailing.stderr
+    here = cli("move", "--config", config, "alice", "INBOX", "b1")
+    assert here.returncode == 0 and "already" in here.stdout, here.stdout + here.stderr
