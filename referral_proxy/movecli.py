@@ -47,6 +47,30 @@ __all__ = ["run_move", "run_recover"]
 log = Logger()
 
 
+class _Unbroken:
+    """A stream whose reader went away (``move ... | true``, a wrapper that died) takes writes and drops
+    them: a progress line raising BrokenPipeError made the move fail midway, and the report of that
+    failure raised again before reactor.stop(): the command never exited (probe 8, stop 48)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _run(main: Callable[[Any], Any]) -> int:
     """Run ``await main(reactor) -> exit status`` on the reactor, and return the status."""
     from twisted.internet import reactor
@@ -58,6 +82,7 @@ def _run(main: Callable[[Any], Any]) -> int:
     # was done, and `map show` showed nothing.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
+    sys.stdout, sys.stderr = _Unbroken(sys.stdout), _Unbroken(sys.stderr)  # type: ignore[assignment]
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
                                      redirectStandardIO=False)
@@ -142,7 +167,8 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
 class ProgressBar:
     """Messages and bytes, rate and ETA on one line (a tty) or every few seconds (a log)."""
 
-    def __init__(self, total_messages: int, total_bytes: int, out: TextIO = sys.stderr) -> None:
+    def __init__(self, total_messages: int, total_bytes: int, out: TextIO | None = None) -> None:
+        out = out if out is not None else sys.stderr  # (looked up now: _run's, which a closed pipe does not break)
         self.total_messages, self.total_bytes, self.out = total_messages, total_bytes, out
         self.start = time.monotonic()
         self._last = 0.0

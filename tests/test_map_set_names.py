@@ -81,3 +81,29 @@ def test_move_of_a_mailbox_nowhere_or_named_with_a_trailing_separator_is_refused
     assert trailing.returncode == 2 and "ends with the separator" in trailing.stderr, trailing.stderr
     here = cli("move", "--config", config, "alice", "INBOX", "b1")
     assert here.returncode == 0 and "already" in here.stdout, here.stdout + here.stderr
+
+
+def test_a_move_whose_output_pipe_is_closed_still_moves_and_exits(proxy_factory, fleet):
+    """`move ... 2>&1 | true`: the first progress line raised BrokenPipeError, the move failed midway and
+    the report of it raised again before the reactor stopped: the command never exited (probe 8, stop 48)."""
+    import os
+    import subprocess
+    import sys
+
+    from movecheck import REPO, seed
+    from test_moves import MASTERS
+
+    mail = [f"pipe-{i}@t" for i in range(20)]
+    seed(fleet["b1"], "alice", "Work", mail, size=20000)
+    proxy = proxy_factory(MASTERS)
+    read, write = os.pipe()
+    os.close(read)  # nobody will read what it says
+    try:
+        done = subprocess.run([sys.executable, "-m", "referral_proxy", "move", "--config", str(proxy.config_path),
+                               "alice", "Work", "b3"], stdout=write, stderr=write, cwd=REPO, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        os.close(write)
+    assert done.returncode == 0
+    counts, where = census(fleet, "alice")
+    assert all(counts[i] == 1 and where[i] == [("b3", "Work")] for i in mail), where
