@@ -129,6 +129,14 @@ class FileTurns:
     async def share(self, key: Hashable) -> Release:
         return await self.take(key, fcntl.LOCK_SH)
 
+    def close(self) -> None:
+        """At the process's stop: the files kept open for the next APPEND are let go, each removed if
+        nobody else holds it (else the directory kept IDLE_FILES more after every restart; probe 8,
+        stop 48). A turn still held keeps its file until its holder ends it."""
+        idle, self._idle = self._idle, {}
+        for key, fd in idle.items():
+            _drop(fd, self._path(key))
+
 
 def _current(fd: int, path: Path) -> bool:
     """*fd* is the file *path* names (not one its last holder removed)."""

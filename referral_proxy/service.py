@@ -355,6 +355,8 @@ class ProxyService(MultiService):
         yield self._until(lambda: journal is None or not journal.open, SHUTDOWN_GRACE)
         if self._peer_port is not None:
             yield self._peer_port.stopListening()
+        if self.context.worker_turns is not None:
+            self.context.worker_turns.close()  # (its lock files kept open for APPENDs: removed if free)
         yield defer.ensureDeferred(self.mailbox_map.close())
 
     @defer.inlineCallbacks

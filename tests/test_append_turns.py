@@ -229,3 +229,21 @@ def test_file_turns_leave_no_file_per_mailbox_ever_used(tmp_path):
         defer.ensureDeferred(there.take(key)).addCallback(lambda end: end())
         clock.advance(0.01)
     assert len(list(tmp_path.iterdir())) <= crossturns.IDLE_FILES
+
+
+def test_file_turns_closed_at_stop_leave_no_file_behind(tmp_path):
+    """Each process kept its last IDLE_FILES APPEND keys' files open and left them at exit: 64 more after
+    every restart (probe 8, stop 48). close() lets them go; a file another process holds stays."""
+    clock = task.Clock()
+    here, there = FileTurns(tmp_path, clock), FileTurns(tmp_path, clock)
+    for n in range(crossturns.IDLE_FILES + 6):
+        release = here.try_share(("b1", "alice", f"box{n}"))
+        assert release is not None
+        release()
+    held = there.try_share(("b1", "alice", "box0"))
+    assert held is not None and len(list(tmp_path.iterdir())) >= crossturns.IDLE_FILES
+    here.close()
+    assert len(list(tmp_path.iterdir())) == 1  # box0's: held by the other process
+    held()
+    there.close()
+    assert list(tmp_path.iterdir()) == []
