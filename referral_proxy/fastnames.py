@@ -35,7 +35,7 @@ from .commands import CONDSTORE_WORDS
 from .fastpath import NAMED, relay_line
 from .flow import Block
 from .imap.grammar import encode_astring
-from .imap.mutf7 import shifts_a_control
+from .imap.mutf7 import shifts_a_line_break
 from .imap.response import ResponseStart, completion_text
 from .listing import answer_merged
 from .staging import is_private_name
@@ -112,7 +112,7 @@ def status_line(session: Any, tag: bytes, name: str, rest: bytes) -> bool:
         return False
     mailbox = _value(m.group(1))
     mailboxes = session.mailboxes
-    if is_private_name(mailbox) or mailboxes.moving(mailbox) or shifts_a_control(mailbox):  # NO or BAD: the long way
+    if is_private_name(mailbox) or mailboxes.moving(mailbox) or shifts_a_line_break(mailbox):  # NO or BAD: the long way
         return False
     route = mailboxes.route_of(mailbox)
     if mailboxes.refers(route, mailbox):

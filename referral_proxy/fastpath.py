@@ -112,8 +112,8 @@ def relay_line(session: Any, conn: Any, tag: bytes, name: str, rest: bytes | Non
     relay, pool = session.relay, session.pool
     if rest is not None and pool.reusable and CONDSTORE_WORDS.search(rest):  # never reused (keepalive.py)
         pool.reusable = False
-    if rest is not None and b"CONDSTORE" not in pool.replayed and CONDSTORE_ATOMS.search(rest):
-        pool.condstore_used()  # (FETCH 1 (MODSEQ): on every backend from now on)
+    if rest is not None and b"CONDSTORE" not in conn.enabled and CONDSTORE_ATOMS.search(rest):
+        pool.condstore_used(conn)  # (FETCH 1 (MODSEQ): on every backend from now on)
     session.ctx.observer.command_named(session, tag, name)
     relay.send_line(conn, tag, tail)
     if relay.in_flight + len(session.appends.unanswered) >= most:

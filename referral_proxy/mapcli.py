@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import ConfigError, load_config
-from .imap.mutf7 import shifts_a_control
+from .imap.mutf7 import shifts_a_line_break
 from .journal import InUse, Reservation, StoreUnavailable
 from .movecli import _run, missing_store
 from .recovery import describe
@@ -90,7 +90,7 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
         if unknown:
             sys.stderr.write(f"referral-proxy: map set: unknown backend {unknown[0]!r}\n")
             return 2
-        if not args.mailbox or any(c in args.mailbox for c in "\r\n\0") or shifts_a_control(
+        if not args.mailbox or any(c in args.mailbox for c in "\r\n\0") or shifts_a_line_break(
                 args.mailbox.encode("utf-8", "surrogateescape")):  # no client could ever name it (grammar.is_mailbox)
             sys.stderr.write(f"referral-proxy: map set: not a mailbox name: {args.mailbox!r}\n")
             return 2

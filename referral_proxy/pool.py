@@ -15,7 +15,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .backend import AuthenticationFailed, BackendError, BackendProtocol, BackendUnavailable, Credentials
-from .commands import enables_condstore
 from .config import BackendConfig
 from .context import Connect, ProxyContext
 from .imap.grammar import Arguments
@@ -162,16 +161,15 @@ class BackendPool:
 
     def note(self, name: str, args: Arguments) -> None:
         """A command about to be relayed: one that leaves state the proxy cannot undo ends the connections'
-        reuse (keepalive.taints); one that enables CONDSTORE enables it on them all (condstore_used)."""
+        reuse (keepalive.taints)."""
         if self.reusable and taints(name, args):
             self.reusable = False
-        if b"CONDSTORE" not in self.replayed and enables_condstore(args.tokens):
-            self.condstore_used()
 
-    def condstore_used(self) -> None:
-        """A command enabled CONDSTORE on its backend without an ENABLE (RFC 7162 3.1: for the rest of the
-        session): replayed on every connection, as an ENABLE is. Without it, a SELECT on another backend
-        gave no HIGHESTMODSEQ and its FETCHes no MODSEQ (probe 6, stop 48)."""
+    def condstore_used(self, conn: BackendProtocol) -> None:
+        """A command relayed to *conn* enabled CONDSTORE there without an ENABLE (RFC 7162 3.1: for the rest
+        of the session): replayed on every other connection, as an ENABLE is. Without it, a SELECT on
+        another backend gave no HIGHESTMODSEQ and its FETCHes no MODSEQ (probe 6, stop 48)."""
+        conn.enabled.add(b"CONDSTORE")  # (there already: no ENABLE replayed before its next command)
         if b"CONDSTORE" not in self.replayed:
             self.replayed += (b"CONDSTORE",)
 

@@ -21,7 +21,7 @@ from typing import Protocol
 from twisted.python.failure import Failure
 
 from .backend import BackendProtocol
-from .commands import COMMANDS
+from .commands import COMMANDS, enables_condstore
 from .flow import Block
 from .imap.command import Atom, ParenList, String, Token
 from .imap.grammar import Arguments, Encoded, encode
@@ -110,6 +110,10 @@ class Relay:
         ptag = conn.next_tag()
         keep: bool | None = None
         cancels: list[bytes] = []
+        if name != "ENABLE" and b"CONDSTORE" not in conn.enabled and enables_condstore(args.tokens):
+            pool = getattr(self.host, "pool", None)  # (a session's: its other backends enable it too)
+            if pool is not None:
+                pool.condstore_used(conn)
         spec = COMMANDS.get(name)
         if spec is not None and spec.tag_refs and _returns(args):  # ESEARCH / ESORT: (TAG "...")
             refs = self._refs.setdefault(conn, _Refs())

@@ -120,8 +120,8 @@ def _fits(tok: Token, slot: Slot) -> bool:
 
 def is_mailbox(tok: Token) -> TypeGuard[Atom | String]:
     """An astring a backend may be asked about as a mailbox name: none whose modified UTF-7 stands for
-    a control character (mutf7.shifts_a_control: Dovecot would echo it, decoded, in a response)."""
-    return is_astring(tok) and not mutf7.shifts_a_control(tok.value)
+    CR or LF (mutf7.shifts_a_line_break: Dovecot would echo it, decoded, in a response)."""
+    return is_astring(tok) and not mutf7.shifts_a_line_break(tok.value)
 
 
 def is_sequence_set(value: bytes) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import re
 
-__all__ = ["decode", "decode_pattern", "encode", "valid_name", "shifts_a_control"]
+__all__ = ["decode", "decode_pattern", "encode", "valid_name", "shifts_a_line_break"]
 
 _AMP = 0x26
 _DASH = 0x2D
@@ -82,20 +82,20 @@ def _decode_shift(run: bytes, offset: int) -> str:
 
 
 _SHIFTED = re.compile(rb"&([A-Za-z0-9+,]+)-?")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_LINE_BREAK = re.compile(r"[\r\n]")
 
 
-def shifts_a_control(name: bytes) -> bool:
-    """Does a shifted run of *name* stand for a control character (CR, LF, NUL ...), read as leniently as
-    any server might? Dovecot 2.3 echoes a name it cannot find, decoded, in its NO text: a shifted
-    CR LF ends that line there and what follows reads as a completion (probe 5, stop 48)."""
+def shifts_a_line_break(name: bytes) -> bool:
+    """Does a shifted run of *name* stand for CR or LF, read as leniently as any server might? Dovecot 2.3
+    echoes a name it cannot find, decoded, in its NO text: a shifted CR LF ends that line there and what
+    follows reads as a completion (probe 5, stop 48). (A shifted NUL Dovecot refuses itself, unechoed.)"""
     if b"&" not in name:
         return False
     for m in _SHIFTED.finditer(name):
         run = m.group(1).replace(b",", b"/")
         run = run[: len(run) - (len(run) % 4 == 1)]  # (a lone last character carries no whole byte)
         data = base64.b64decode(run + b"=" * (-len(run) % 4))
-        if _CONTROL.search(data[: len(data) // 2 * 2].decode("utf-16-be", "replace")):
+        if _LINE_BREAK.search(data[: len(data) // 2 * 2].decode("utf-16-be", "replace")):
             return True
     return False
 
