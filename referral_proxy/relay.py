@@ -26,6 +26,7 @@ from .flow import Block
 from .imap.command import Atom, ParenList, String, Token
 from .imap.grammar import Arguments, Encoded, encode
 from .imap.response import ResponseStart, replace_tag_references
+from .pool import BackendPool
 
 __all__ = ["Relay", "RelayHost", "wants_updates"]
 
@@ -36,6 +37,8 @@ _NO_CANCELS: list[bytes] = []  # never changed: _Op only reads it
 
 class RelayHost(Protocol):
     """What the relay needs of its session."""
+
+    pool: BackendPool | None  # its backend connections (a command enabling CONDSTORE enables it on the others)
 
     def write_from(self, source: object, data: bytes, end: bool = True) -> None:
         """Write a response (or part of one) of *source* to the client, in order."""
@@ -111,9 +114,8 @@ class Relay:
         keep: bool | None = None
         cancels: list[bytes] = []
         if name != "ENABLE" and b"CONDSTORE" not in conn.enabled and enables_condstore(args.tokens):
-            pool = getattr(self.host, "pool", None)  # (a session's: its other backends enable it too)
-            if pool is not None:
-                pool.condstore_used(conn)
+            if self.host.pool is not None:
+                self.host.pool.condstore_used(conn)
         spec = COMMANDS.get(name)
         if spec is not None and spec.tag_refs and _returns(args):  # ESEARCH / ESORT: (TAG "...")
             refs = self._refs.setdefault(conn, _Refs())
