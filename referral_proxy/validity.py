@@ -5,8 +5,13 @@ mailbox the current second as its UIDVALIDITY, so two made in the same second on
 one: a user's INBOX on every backend, opened by a new user's first merged LIST-STATUS (probe 2 of
 stop 47), or a mailbox made and moved at once. Moved there, its messages were renumbered under the
 UIDVALIDITY clients had cached, and a client deleting u3 by its cached UID deleted u4. A created
-destination sharing the source's UIDVALIDITY is created again (Dovecot gives the next one); an
-INBOX, which cannot be, refuses the move before anything is copied.
+destination whose UIDVALIDITY is not above the source's is created again (Dovecot gives the next one);
+an INBOX, which cannot be, refuses the move before anything is copied if the two are the same.
+
+Above, not only other: each move raises it, so a mailbox never comes back to any it had before. Dovecot
+numbers a user's new mailboxes from a counter per backend (the current second, or the last + 1), which
+a user's CREATEs drive ahead of the clock: b3 -> b1 -> b2 gave the mailbox b3's UIDVALIDITY again with
+its messages renumbered (probe 3 of stop 49).
 """
 
 from __future__ import annotations
@@ -21,24 +26,25 @@ from .mailops import TransferError, create, name_arg, run_ok, status
 
 __all__ = ["create_unlike", "refuse_same_inbox"]
 
-RECREATES = 3  # Dovecot gives a mailbox made again the last UIDVALIDITY + 1: once is enough
+RECREATES = 300  # Dovecot gives a mailbox made again the last UIDVALIDITY + 1: the gap is crossed one at a time
 
 
 async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, new: str) -> None:
-    """CREATE *new* on *dst* (found absent, reserved by the move) with a UIDVALIDITY other than
-    *old*'s on *src*; TransferError if it cannot be (the move's roll-back deletes it if empty)."""
-    unlike = (await status(src, old)).uidvalidity
+    """CREATE *new* on *dst* (found absent, reserved by the move) with a UIDVALIDITY above *old*'s on
+    *src*; TransferError if it cannot be (the move's roll-back deletes it if empty)."""
+    below = (await status(src, old)).uidvalidity
     await create(dst, new)
     for _ in range(RECREATES):
         made = await status(dst, new)
-        if made.uidvalidity != unlike:
+        if made.uidvalidity > below:
             return
-        if made.messages:  # not only the move's any more: left to the roll-back, which keeps it
+        if made.messages or below - made.uidvalidity >= RECREATES:  # (messages: not only the move's, kept)
             break
         await run_ok(dst, b"DELETE " + name_arg(new), "DELETE")
         await create(dst, new)
-    raise TransferError(f"[CANNOT] {new} on {dst.name} kept the UIDVALIDITY of {old} on {src.name} ({unlike}); "
-                        "nothing was moved")
+    raise TransferError(f"[CANNOT] {new} on {dst.name} got the UIDVALIDITY {made.uidvalidity}, not above that of "
+                        f"{old} on {src.name} ({below}): a client's cached UIDs could name other messages "
+                        "(RFC 3501 2.3.1.1); nothing was moved")
 
 
 async def refuse_same_inbox(src: BackendProtocol, dst: BackendProtocol, clock: Any) -> None:

@@ -105,3 +105,29 @@ def _uids(backend) -> dict[bytes, int]:
         typ, data = m.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
     return {re.search(rb"<([^>]+)>", part[1]).group(1): int(re.search(rb"UID (\d+)", part[0]).group(1))
             for part in data if isinstance(part, tuple)}
+
+
+def test_each_move_raises_the_uidvalidity_so_a_mailbox_never_comes_back_to_one_it_had(proxy_factory, fleet):
+    """Dovecot numbers new mailboxes from a counter per backend, which a user's CREATEs drive ahead of the
+    clock: Box moved b3 -> b1 -> b2 came back to b3's UIDVALIDITY, its messages renumbered under it (probe 3
+    of stop 49). Here b3's is 40 s ahead: the destination Dovecot gives (the clock's) is below it, and taken
+    on the old code; now it is made again until above, each hop."""
+    mail = ids("h", 4)
+    seed(fleet["b3"], "carol", "Box", ["gone@t", *mail])
+    with fleet["b3"].client("carol") as m:  # a gap: the messages' UIDs 2..5 would become 1..4 anywhere else
+        m.select("Box")
+        m.uid("STORE", "1", "+FLAGS", r"(\Deleted)")
+        m.expunge()
+    ahead = int(time.time()) + 40
+    set_validity(fleet["b3"], "carol", "Box", ahead)
+    proxy = proxy_factory(MASTERS)
+    placed = cli("map", "--config", str(proxy.config_path), "set", "carol", "Box", "b3")
+    assert placed.returncode == 0, placed.stderr
+    seen = [ahead]
+    for to in ("b1", "b2"):
+        done = cli("move", "--config", str(proxy.config_path), "carol", "Box", to)
+        assert done.returncode == 0, done.stdout + done.stderr
+        seen.append(validity_of(fleet[to], "carol", "Box"))
+        assert seen[-1] > seen[-2], f"Box's UIDVALIDITY went {seen}: not raised by the move to {to}"
+    counts, where = census(fleet, "carol")
+    assert judge(counts, mail) == ([], []) and {where[i][0] for i in mail} == {("b2", "Box")}
