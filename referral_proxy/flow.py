@@ -256,6 +256,11 @@ class Output:
                 self._release(source)
 
     @property
+    def between_responses(self) -> bool:
+        """Nothing is in the middle of a response or waits: a line of the proxy's own goes out whole now."""
+        return self._owner is None and not self._queue
+
+    @property
     def queued(self) -> int:
         """Writes waiting for another source's response to end."""
         return len(self._queue)

@@ -95,12 +95,13 @@ class _Refs:
 class Relay:
     """The relaying side of one session."""
 
-    __slots__ = ("host", "_refs", "in_flight")  # no per-instance dict
+    __slots__ = ("host", "_refs", "in_flight", "answered")  # no per-instance dict
 
     def __init__(self, host: RelayHost) -> None:
         self.host = host
         self._refs: dict[BackendProtocol, _Refs] = {}
         self.in_flight = 0  # commands sent and not completed (the session caps them)
+        self.answered = 0  # completions relayed so far (stayalive.Waiting: has a waiting session heard any?)
 
     def send(self, conn: BackendProtocol, tag: bytes, name: str, args: Arguments, *,
              after: Callable[[ResponseStart], None] | None = None,
@@ -247,6 +248,7 @@ class _Op:
     def done(self, start: ResponseStart, raw: bytes) -> None:
         relay, conn = self.relay, self.conn
         relay.in_flight -= 1
+        relay.answered += 1
         if self.blocking:  # refused before all literals were sent
             conn.on_continuation = None
         data = self.tag + raw[len(self.ptag):]  # raw starts with the proxy's tag: its completion was found by it

@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from . import crossturns, netio, peerholds, proxyappends, workerholds
+from . import crossturns, netio, peerholds, proxyappends, stayalive, workerholds
 from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
 from .backend import BackendProtocol, BackendUnavailable, Credentials
 from .backendlogin import connect_backend
@@ -195,6 +195,7 @@ class ProxyService(MultiService):
         self.recovery.turns = self.context  # a move it finishes waits for a relayed MOVE of its source
         factory = self._factory = _SessionFactory(self.context)
         self.relocation = RelocationWatch(reactor, self.mailbox_map, self.context.sessions)
+        self.waiting = stayalive.Waiting(reactor, self.context.sessions)  # a client gone during a stall is seen
         self.health: HealthChecker | None = None
         if config.metrics.listen is not None and not self.is_master:
             self.health = HealthChecker(reactor, config.backends, config.metrics.health_interval)
@@ -288,6 +289,7 @@ class ProxyService(MultiService):
         super().startService()
         if self.health is not None:
             self.health.start()
+        self.waiting.start()
         self.relocation.start()  # every process with sessions: those whose mail moved away end
         if self.is_master:
             assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
@@ -331,6 +333,7 @@ class ProxyService(MultiService):
         yield super().stopService()
         self.recovery.stop()
         self.relocation.stop()
+        self.waiting.stop()
         self.context.keepalive.close()
         sessions = list(self.context.sessions)
         # A client told BYE without the answer of a command its backend has whole (an APPEND saved, a

@@ -5,18 +5,25 @@ hears nothing until the answer, which may be minutes away. Clients give up on a 
 connection (Thunderbird after 100 s) and may send the COPY again: the mail twice. Dovecot
 sends this line during a long COPY or SEARCH once its client heard nothing for 15 s
 (MAIL_STORAGE_STAYALIVE_SECS); the proxy does the same, to authenticated sessions only.
+
+:class:`Waiting` sends it too to a session whose relayed commands (IDLE apart) got no answer for
+15 s: a backend that stalls. Else a client gone meanwhile was never seen to go (the proxy reads
+no more of it, or takes its end of input for a half-close and waits for the answers), and its
+session held its place under max_connections_per_user as long as the stall (probe 8, stop 48).
+Writing to a closed connection fails, and the session ends.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from .phase import Phase
 
-__all__ = ["LINE", "SECONDS", "during"]
+__all__ = ["LINE", "SECONDS", "Waiting", "during"]
 
 LINE = b"* OK Hang in there..\r\n"
 SECONDS = 15.0
@@ -47,3 +54,42 @@ def during(clock: Any, session: Any, work: defer.Deferred[T]) -> defer.Deferred[
 
     call.append(clock.callLater(SECONDS, tick))
     return work.addBoth(ended)
+
+
+def _waiting_on(session: Any) -> tuple[int, int] | None:
+    """What a session waits on, if it waits for a relayed answer: changes when one comes."""
+    if session.phase is not Phase.AUTHENTICATED or session.idle.current is not None:
+        return None
+    relay, unanswered = session.relay, session.appends.unanswered
+    if not (relay.in_flight or unanswered):
+        return None
+    return relay.answered, id(unanswered[0]) if unanswered else 0
+
+
+class Waiting:
+    """Every :data:`SECONDS`, :data:`LINE` to each session that waited the whole time for a relayed
+    answer, between two responses (one of a backend is never cut) and if it reads what it is sent."""
+
+    def __init__(self, reactor: Any, sessions: Iterable[Any]) -> None:
+        self.sessions = sessions
+        self._seen: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        self._loop.start(SECONDS, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> None:
+        seen, self._seen = self._seen, weakref.WeakKeyDictionary()
+        for session in list(self.sessions):
+            mark = _waiting_on(session)
+            if mark is None:
+                continue
+            self._seen[session] = mark
+            flow = session.flow
+            if seen.get(session) == mark and flow.out.between_responses and not flow.output_backed_up:
+                session.send(LINE)
