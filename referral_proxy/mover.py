@@ -75,7 +75,7 @@ from .renamecheck import checked
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
 from .transfer import Progress, copy_stream, find_copies, verify_copies
-from .validity import create_unlike, refuse_same_inbox
+from .validity import create_unlike, kept_uids, refuse_same_inbox
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "BATCH_MESSAGES", "BATCH_BYTES"]
 
@@ -94,10 +94,8 @@ Connect = Callable[[str], Awaitable[BackendProtocol]]
 
 
 class MoveIncomplete(TransferError):
-    """Past the commit point the move could not finish now; its entry stays for recovery.
-
-    The new mailboxes hold every message already: this is not a failure to report as one.
-    *result*: what was moved (``pending`` set)."""
+    """Past the commit point the move could not finish now; its entry stays for recovery. The new mailboxes
+    hold every message already: not a failure to report as one. *result*: what was moved (``pending`` set)."""
 
     result: MoveResult | None = None
 
@@ -128,6 +126,7 @@ class Mover:
     # client's MOVE of a copied message, or APPEND, still at Dovecot would also succeed, or be refused
     turn: MoverTurn | None = None
     _began_at: float | None = field(default=None, init=False)
+    same_inbox: bool = field(default=False, init=False)  # INBOX into one of its UIDVALIDITY (validity.kept_uids)
 
     def __post_init__(self) -> None:
         self.user = self.mailbox_map.canonical(self.user)
@@ -176,7 +175,7 @@ class Mover:
             if normalize(n, self.sep) == "INBOX" and o != "INBOX":
                 raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
             if normalize(n, self.sep) == "INBOX":  # its messages would be renumbered under the UIDVALIDITY kept
-                await refuse_same_inbox(src, dst, self.clock)
+                self.same_inbox = await refuse_same_inbox(src, dst, self.clock)
             if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
                 raise TransferError("[ALREADYEXISTS] Target mailbox already exists.")  # Dovecot's words
             if o != n and placed_elsewhere(self.mailbox_map, self.user, n, dst.name):  # a child's new name
@@ -322,6 +321,7 @@ class Mover:
                 rec["validity"] = copied.uidvalidity
                 await self.mailbox_map.record(entry)
                 raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
+            kept_uids(self.same_inbox and not delta, [info.uid for info in batch], copied.uids, dst.name)
             await verify_copies(dst, new, copied)
             rec["modseq"] = await highest_modseq(dst, new)  # the verified view's; a copy changed past it: by a client
             del rec["hashes"]  # verified: the UIDs say it all from now on

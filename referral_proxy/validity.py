@@ -17,6 +17,7 @@ its messages renumbered (probe 3 of stop 49).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import task
@@ -24,7 +25,7 @@ from twisted.internet import task
 from .backend import BackendProtocol
 from .mailops import TransferError, create, name_arg, run_ok, status
 
-__all__ = ["create_unlike", "refuse_same_inbox"]
+__all__ = ["create_unlike", "kept_uids", "refuse_same_inbox"]
 
 RECREATES = 300  # Dovecot gives a mailbox made again the last UIDVALIDITY + 1: the gap is crossed one at a time
 
@@ -47,10 +48,11 @@ async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, ne
                         "(RFC 3501 2.3.1.1); nothing was moved")
 
 
-async def refuse_same_inbox(src: BackendProtocol, dst: BackendProtocol, clock: Any) -> None:
+async def refuse_same_inbox(src: BackendProtocol, dst: BackendProtocol, clock: Any) -> bool:
     """INBOX moved into INBOX: TransferError if the two share a UIDVALIDITY, unless every message
-    keeps its UID (the destination never used, the source's UIDs 1 to n). A source INBOX made this
-    second is first let age (*clock*: IReactorTime): a destination made by this look differs."""
+    keeps its UID (the destination never used, the source's UIDs 1 to n; True: kept_uids checks each
+    copy). A source INBOX made this second is first let age (*clock*: IReactorTime): a destination
+    made by this look differs."""
     mine = await status(src, "INBOX")
     if clock is not None and 0 < (wait := mine.uidvalidity + 1 - time.time()) <= 2:
         await task.deferLater(clock, wait)
@@ -62,3 +64,14 @@ async def refuse_same_inbox(src: BackendProtocol, dst: BackendProtocol, clock: A
             "messages would get new UIDs under it and clients would act on the wrong ones by their cached UIDs "
             f"(RFC 3501 2.3.1.1). Give INBOX on {dst.name} a new one first (doveadm mailbox update "
             "--uid-validity); nothing was moved")
+    return theirs.uidvalidity == mine.uidvalidity
+
+
+def kept_uids(same: bool, uids: list[int], copied: Iterable[int], there: str) -> None:
+    """With *same* (refuse_same_inbox let INBOX into one of its UIDVALIDITY), each copy must have its
+    source's UID: a message delivered there meanwhile took one, and the rest would be renumbered under
+    it (probe 6 of stop 49). TransferError then: the move rolls back, its copies removed."""
+    if same and list(copied) != uids:
+        raise TransferError(f"[CANNOT] a message reached INBOX on {there} during the move: the copies would not keep "
+                            "their UIDs under the UIDVALIDITY the two INBOXes share (RFC 3501 2.3.1.1). Give INBOX "
+                            f"on {there} a new one first (doveadm mailbox update --uid-validity); nothing was moved")

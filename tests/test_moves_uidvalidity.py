@@ -16,7 +16,7 @@ import time
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, faulty, judge, seed, set_validity, validity_of, wait_paused
+from movecheck import census, cli, faulty, judge, seed, set_validity, start_paused, validity_of, wait_paused
 from test_several_proxies import ids
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
@@ -131,3 +131,27 @@ def test_each_move_raises_the_uidvalidity_so_a_mailbox_never_comes_back_to_one_i
         assert seen[-1] > seen[-2], f"Box's UIDVALIDITY went {seen}: not raised by the move to {to}"
     counts, where = census(fleet, "carol")
     assert judge(counts, mail) == ([], []) and {where[i][0] for i in mail} == {("b2", "Box")}
+
+
+def test_a_delivery_to_the_destination_inbox_during_a_move_onto_its_uidvalidity_rolls_the_move_back(
+        proxy_factory, fleet, tmp_path):
+    """INBOX onto one of its UIDVALIDITY, moved because each copy keeps its UID: a message delivered there
+    after the first batch took UID 501, and the next 20 copies were renumbered under the UIDVALIDITY kept;
+    a client deleting by its cached UIDs deleted the wrong ones (probe 6 of stop 49). Now each batch's
+    copies are checked to have their sources' UIDs: the move is refused and rolled back."""
+    mail = ids("d", 520)  # two batches (copystream.BATCH_MESSAGES = 500)
+    seed(fleet["b1"], "carol", "INBOX", mail)
+    mine = validity_of(fleet["b1"], "carol", "INBOX")
+    validity_of(fleet["b2"], "carol", "INBOX")
+    set_validity(fleet["b2"], "carol", "INBOX", mine)
+    proxy = proxy_factory(MASTERS)
+    pause = tmp_path / "pause"
+    mover = start_paused(pause, "copied:1", "move", "--config", str(proxy.config_path), "carol", "*", "b2")
+    assert wait_paused(pause, "copied:1") == "copied:1"
+    seed(fleet["b2"], "carol", "INBOX", ["late@t"])  # the MTA delivers to the new home already
+    (pause / "resume").touch()
+    said = b"".join(part or b"" for part in mover.communicate(timeout=300)).decode()
+    assert mover.returncode != 0 and "UIDs" in said, said
+    counts, where = census(fleet, "carol")
+    assert judge(counts, [*mail, "late@t"]) == ([], [])
+    assert {where[i][0] for i in mail} == {("b1", "INBOX")} and where["late@t"][0] == ("b2", "INBOX")
