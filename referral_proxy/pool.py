@@ -53,17 +53,19 @@ class BackendPool:
 
     __slots__ = (  # no per-instance dict: a proxy holds thousands of idle sessions
         "ctx", "_connect", "user", "_credentials", "_id", "_attach", "conns", "enabled", "replayed", "closed", "_connecting",
-        "_waiters", "reusable",
+        "_waiters", "reusable", "_tell",
     )
 
     def __init__(self, ctx: ProxyContext, connect: Connect, user: str, credentials: Credentials, session_id: int,
-                 attach: Callable[[BackendProtocol], None]) -> None:
+                 attach: Callable[[BackendProtocol], None], tell: Callable[[BackendProtocol, bytes], None] | None = None
+                 ) -> None:
         self.ctx = ctx
         self._connect = connect
         self.user = user
         self._credentials = credentials
         self._id = session_id
         self._attach = attach  # wires a new connection to the session (sink, back-pressure)
+        self._tell = tell  # writes to the client what a replayed ENABLE brings of its selected mailbox
         self.conns: dict[str, BackendProtocol] = {}
         self.enabled: tuple[bytes, ...] = ()  # what the client ENABLEd, in order
         self.replayed: tuple[bytes, ...] = ()  # of those, what a backend answered OK: replayed on the others
@@ -182,8 +184,12 @@ class BackendPool:
         """Replay what the client ENABLEd on a connection that has not seen it."""
         missing = [e for e in self.replayed if e not in conn.enabled]
         if missing:
-            await conn.command(b"ENABLE " + b" ".join(missing))
+            done = await conn.command(b"ENABLE " + b" ".join(missing))
             conn.enabled.update(missing)
+            if (tell := self._tell) is not None:  # (RFC 7162 3.1: CONDSTORE enabled by a command to another
+                for r in done.responses:  # backend while a mailbox is selected: its HIGHESTMODSEQ; probe 1, stop 49)
+                    if r.start.name != "ENABLED":  # of the selected mailbox: only its connection has one
+                        tell(conn, r.raw)
 
     def fast(self, name: str) -> BackendProtocol | None:
         """The connection to relay to at once, if nothing has to happen first."""

@@ -429,7 +429,7 @@ class ClientSession(HalfClose, Protocol):
     def logged_in(self, tag: bytes, user: str, credentials: Credentials, conn: BackendProtocol,
                   answer: str = "", **details: str) -> None:
         self.user, self.home = user, conn.name
-        self.pool = BackendPool(self.ctx, self.connect, user, credentials, self.id, self._attach)
+        self.pool = BackendPool(self.ctx, self.connect, user, credentials, self.id, self._attach, self.write_from)
         self.pool.add(conn)
         self.phase = Phase.AUTHENTICATED
         self.referral_aware = self.config.proxy.referrals == "always"

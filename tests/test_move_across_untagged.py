@@ -184,3 +184,20 @@ def test_condstore_enabled_by_a_command_holds_on_every_backend_of_the_session(pr
     stored = b"".join(w.cmd(b"f", b"STORE 1 +FLAGS (\\Flagged)"))
     assert (b"[HIGHESTMODSEQ " in selected, b"MODSEQ (" in stored) == ((True, True) if enabler else (False, False)), (
         selected, stored)
+
+
+def test_condstore_enabled_by_a_command_to_another_backend_tells_the_selected_mailboxs_highestmodseq(
+        proxy_factory, fleet):
+    """RFC 7162 3.1: CONDSTORE enabled while a mailbox is selected: Dovecot says * OK [HIGHESTMODSEQ n] of it.
+    Enabled by a STATUS of a mailbox on another backend, the proxy's ENABLE to the selected one brought it and
+    dropped it: the client never had its starting HIGHESTMODSEQ (probe 1 of stop 49). Now it is told, with
+    the next command there at the latest (before any MODSEQ of that mailbox)."""
+    proxy = proxy_factory(rules=RULES)
+    seed(fleet["b1"], "carol", "Work", ids("w", 1))
+    seed(fleet["b3"], "carol", "Shared/P", ids("p", 1))
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("carol")
+    w.cmd(b"s", b"SELECT Shared/P")
+    told = b"".join(w.cmd(b"e", b"STATUS Work (HIGHESTMODSEQ)") + w.cmd(b"n", b"NOOP"))
+    assert re.search(rb"\* OK \[HIGHESTMODSEQ \d+\]", told), told
+    assert told.count(b"[HIGHESTMODSEQ") == 1, told
