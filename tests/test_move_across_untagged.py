@@ -166,18 +166,24 @@ def test_a_number_past_the_last_beside_a_star_is_refused_whole(proxy_factory, fl
     assert counts == collections.Counter(ids("s", 5) + [f"s-{i}@t" for i in copied or []])
 
 
+def _selected(proxy_factory, fleet, mailbox: bytes) -> Wire:
+    """carol logged in with *mailbox* selected: Work on b1, Shared/P on b3, a message in each."""
+    proxy = proxy_factory(rules=RULES)
+    seed(fleet["b1"], "carol", "Work", ids("w", 1))
+    seed(fleet["b3"], "carol", "Shared/P", ids("p", 1))
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("carol")
+    w.cmd(b"s", b"SELECT " + mailbox)
+    return w
+
+
 @pytest.mark.parametrize("enabler", [b"FETCH 1 (MODSEQ)", b"STATUS Work (HIGHESTMODSEQ)", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1)",
                                      b"SEARCH MODSEQ 1", None])
 def test_condstore_enabled_by_a_command_holds_on_every_backend_of_the_session(proxy_factory, fleet, enabler):
     """RFC 7162 3.1: a command using CONDSTORE enables it for the rest of the session; a SELECT on another
     backend then says HIGHESTMODSEQ and a flag change's FETCH its MODSEQ, as one Dovecot does (probe 6,
     stop 48: only an explicit ENABLE was carried). Without such a command: neither (the control)."""
-    proxy = proxy_factory(rules=RULES)
-    seed(fleet["b1"], "carol", "Work", ids("w", 1))
-    seed(fleet["b3"], "carol", "Shared/P", ids("p", 1))
-    w = Wire(proxy.host, proxy.port, timeout=60)
-    w.login("carol")
-    w.cmd(b"s", b"SELECT Work")
+    w = _selected(proxy_factory, fleet, b"Work")
     if enabler is not None:
         assert w.cmd(b"e", enabler)[-1].startswith(b"e OK")
     selected = b"".join(w.cmd(b"t", b"SELECT Shared/P"))
@@ -192,12 +198,7 @@ def test_condstore_enabled_by_a_command_to_another_backend_tells_the_selected_ma
     Enabled by a STATUS of a mailbox on another backend, the proxy's ENABLE to the selected one brought it and
     dropped it: the client never had its starting HIGHESTMODSEQ (probe 1 of stop 49). Now it is told, with
     the next command there at the latest (before any MODSEQ of that mailbox)."""
-    proxy = proxy_factory(rules=RULES)
-    seed(fleet["b1"], "carol", "Work", ids("w", 1))
-    seed(fleet["b3"], "carol", "Shared/P", ids("p", 1))
-    w = Wire(proxy.host, proxy.port, timeout=60)
-    w.login("carol")
-    w.cmd(b"s", b"SELECT Shared/P")
+    w = _selected(proxy_factory, fleet, b"Shared/P")
     told = b"".join(w.cmd(b"e", b"STATUS Work (HIGHESTMODSEQ)") + w.cmd(b"n", b"NOOP"))
     assert re.search(rb"\* OK \[HIGHESTMODSEQ \d+\]", told), told
     assert told.count(b"[HIGHESTMODSEQ") == 1, told
