@@ -114,7 +114,7 @@ async def log_in(ctx: ProxyContext, connect: Connect, creds: Credentials) -> Log
         # RFC 2221 4: a tagged NO would say this server holds no mailbox the user can reach,
         # which is false (the proxy serves every one of them); a tagged OK says the user's
         # mailboxes are elsewhere and logs the user in all the same. The credentials were good.
-        url = referrals.login_url(ctx.config, backend, user)
+        url = referrals.login_url(ctx.config, backend, referrals.url_user(ctx.config, creds, user))
         return LoginOutcome(user, conn, f"OK [REFERRAL {url}] Logged in; your mail server is {backend.url_host}",
                             "referred", conn.name, {"url": url})
     return LoginOutcome(user, conn, backend=conn.name)

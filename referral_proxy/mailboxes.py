@@ -159,11 +159,16 @@ class MailboxCommands:
         utf8 = pool is not None and pool.enabled_where_announced(b"UTF8=ACCEPT", self.host.home or "")
         return mutf7.valid_name(mailbox, utf8=utf8) and not has_dot_segment(mailbox)
 
+    def _url_user(self) -> str:
+        host = self.host
+        assert host.user is not None
+        return referrals.url_user(host.config, host.pool.login if host.pool is not None else None, host.user)
+
     def referral(self, tag: bytes, route: Route, mailbox: bytes) -> bytes:
         host = self.host
         assert host.user is not None
         try:
-            urls = referrals.mailbox_urls(host.config, route, host.user, mailbox)
+            urls = referrals.mailbox_urls(host.config, route, self._url_user(), mailbox)
         except (ValueError, KeyError):
             urls = []
         if not urls:
@@ -531,8 +536,8 @@ class MailboxCommands:
         if not (self.valid_name(old) and self.valid_name(new)):
             return None
         try:
-            old_urls = referrals.mailbox_urls(host.config, old_route, host.user, old)
-            new_urls = referrals.mailbox_urls(host.config, new_route, host.user, new)
+            old_urls = referrals.mailbox_urls(host.config, old_route, self._url_user(), old)
+            new_urls = referrals.mailbox_urls(host.config, new_route, self._url_user(), new)
         except (ValueError, KeyError):
             return None
         if not old_urls or not new_urls:

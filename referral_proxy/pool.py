@@ -76,6 +76,11 @@ class BackendPool:
 
     # -- connections ----------------------------------------------------------------
 
+    @property
+    def login(self) -> Credentials:
+        """The client's own credentials (referrals.url_user)."""
+        return self._credentials
+
     def credentials_for(self, backend: BackendConfig) -> Credentials:
         """The user's own credentials, or the backend's master user acting as the user."""
         if backend.master_user is not None and backend.master_password is not None:

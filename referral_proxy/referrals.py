@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from .backend import Credentials
 from .config import BackendConfig, Config
 from .imap.url import imap_url
 from .origin import _is_loopback, _listen_addresses
@@ -70,6 +71,15 @@ def login_referrals_apply(config: Config) -> bool:
     and a backend with ``login_referral`` that is not the proxy itself (auth.py refers to no other)."""
     return config.proxy.login_referrals and any(
         b.login_referral and referable(config, b) for b in config.backends.values())
+
+
+def url_user(config: Config, login: Credentials | None, user: str) -> str:
+    """The user a referral URL names: with a master user's LOGIN (``bob*admin``), *user* and that master part, as
+    the client can follow it with the password it gave; else *user* (probe 3 of stop 49: it named bob)."""
+    separator = config.map.master_user_separator
+    if login is not None and not login.authzid and separator and separator in login.user:
+        return user + separator + login.user.partition(separator)[2]
+    return user
 
 
 def login_url(config: Config, backend: BackendConfig, user: str) -> str:

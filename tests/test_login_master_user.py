@@ -7,6 +7,7 @@ appended there went where bob never sees it. Judged by a census of the backends.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from mailcheck import contents
 
 from referral_proxy.config import ConfigError, parse_config
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
+from referral_proxy.imap.url import parse_imap_url
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -49,3 +51,25 @@ def test_a_separator_that_could_be_part_of_a_name_is_refused(separator):
             f'url = "imap://127.0.0.1/"\n[map]\ndefault = "b1"\nmaster_user_separator = "{separator}"\n')
     with pytest.raises(ConfigError, match="master_user_separator"):
         parse_config(tomllib.loads(text), base=Path("/tmp"))
+
+
+@pytest.mark.parametrize("login", [b"bob*%s" % MASTER_USER.encode(), b"BOB*%s" % MASTER_USER.encode()])
+def test_a_master_users_referral_names_a_login_the_client_can_follow_with_its_password(proxy_factory, fleet, login):
+    """RFC 2193: the client follows a referral's URL with the password it gave. A master login's named bob,
+    whose password the client does not have (probe 3 of stop 49): it names bob and the master part now."""
+    with fleet["b3"].client("bob") as m:
+        m.create("Shared/box")
+    proxy = proxy_factory({"map": {"master_user_separator": "*"}}, rules=[{"mailbox": "Shared/*", "backend": "b3"}],
+                          referrals="always")
+    w = Wire(proxy.host, proxy.port)
+    assert w.cmd(b"L", b'LOGIN "%s" "%s"' % (login, MASTER_PASSWORD.encode()))[-1].startswith(b"L OK")
+    answer = w.cmd(b"s", b"SELECT Shared/box")[-1]
+    w.close()
+    m = re.search(rb"\[REFERRAL ([^\] ]+)\]", answer)
+    assert m, answer
+    user, host, port, mailbox = parse_imap_url(m.group(1).decode("ascii"))
+    assert (user, mailbox, (host, port)) == (f"bob*{MASTER_USER}", "Shared/box", (fleet["b3"].host, fleet["b3"].port))
+    there = Wire(host, port)
+    assert there.cmd(b"L", b'LOGIN "%s" "%s"' % (user.encode(), MASTER_PASSWORD.encode()))[-1].startswith(b"L OK")
+    assert there.cmd(b"s", b"SELECT " + mailbox.encode())[-1].startswith(b"s OK")
+    there.close()
