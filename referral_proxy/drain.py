@@ -32,7 +32,7 @@ from twisted.logger import Logger
 
 from .backend import BackendProtocol
 from .imap.command import ParseError
-from .imap.data import parse_status
+from .imap.data import parse_fetch, parse_status
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import JournalEntry, Step
 from .mailops import (
@@ -100,12 +100,16 @@ async def remove_verified(journal: MailboxMap, entry: JournalEntry, i: int, src:
         data["dropping"] = {"pair": i, "box": box, "uids": uid_set(mine).decode(), "drop": this, "how": how}
         await journal.step(entry, Step.DROPPING)
         await _fresh(src, this, selected=box)
-        moved = await _move_to(src, mine, this) if how == "move" else await _expunged(src, mine)
+        taken = await _move_to(src, mine, this) if how == "move" else await _expunged(src, mine)
         still: list[int] = []
-        if moved is None:  # one went meanwhile (EXPUNGEISSUED): what the MOVE took, if any, is told by content
+        if taken is None:  # one went meanwhile (EXPUNGEISSUED): what the MOVE took, if any, is told by content
             still = await still_there(src, mine)
             moved = set(await _in_drop(src, dst, data, i, _without(mine, still), this))
             await open_mailbox(src, box, readonly=False)
+        else:
+            moved = set(taken)
+            if how == "move":
+                await _late_flags(src, dst, data, i, box, this, taken)
         theirs += [u for u in _without(mine, still) if u not in moved]
         await _dropped(journal, entry, i, sorted(moved))
         await _gone(src, this, selected=box)
@@ -302,16 +306,16 @@ def _can_move(conn: BackendProtocol) -> bool:
     return "MOVE" in conn.capabilities and "UIDPLUS" in conn.capabilities
 
 
-async def _expunged(conn: BackendProtocol, uids: Sequence[int]) -> set[int]:
+async def _expunged(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, int]:
     """STORE \\Deleted and UID EXPUNGE *uids* of the selected mailbox: every one taken for the drain's
     (a client's MOVE between the two could not be told; used only where the MOVE cannot be)."""
     await expunge_uids(conn, uids)
-    return set(uids)
+    return dict.fromkeys(uids, 0)
 
 
-async def _move_to(conn: BackendProtocol, uids: Sequence[int], drop: str) -> set[int] | None:
-    """UID MOVE *uids* of the selected mailbox to *drop*: the UIDs it took (COPYUID's source set);
-    None if it was refused because one of them went meanwhile (EXPUNGEISSUED: it may have taken some).
+async def _move_to(conn: BackendProtocol, uids: Sequence[int], drop: str) -> dict[int, int] | None:
+    """UID MOVE *uids* of the selected mailbox to *drop*: the UIDs it took, each to its UID in *drop*
+    (COPYUID); None if it was refused because one of them went meanwhile (EXPUNGEISSUED: it may have taken some).
 
     A backend without MOVE and UIDPLUS: STORE \\Deleted and UID EXPUNGE, every one taken for the drain's."""
     if not _can_move(conn):
@@ -321,13 +325,60 @@ async def _move_to(conn: BackendProtocol, uids: Sequence[int], drop: str) -> set
         if result.start.code == "EXPUNGEISSUED":
             return None
         raise TransferError(f"MOVE failed on {conn.name}: {result.start.text.decode('utf-8', 'replace')}")
-    moved: set[int] = set()
+    moved: dict[int, int] = {}
     for start in [r.start for r in result.responses] + [result.start]:
         if start.code == "COPYUID":
             parts = start.code_args.split()
             if len(parts) == 3:
-                moved.update(expand_uid_set(parts[1].decode()))
-    return moved & set(uids)
+                moved.update(zip(expand_uid_set(parts[1].decode()), expand_uid_set(parts[2].decode()), strict=False))
+    wanted = set(uids)
+    return {u: there for u, there in moved.items() if u in wanted}
+
+
+async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, i: int, box: str, drop: str,
+                      taken: dict[int, int]) -> None:
+    """Flags a STORE gave a source message after it was copied (a client's, under way when the move began and
+    run late: answered OK, then lost with the source; probe 6 of stop 49), set on its copy: read in the drop,
+    which holds the messages as the drain took them, unless a client changed the copy since (STORE
+    UNCHANGEDSINCE the MODSEQ its batch had when verified, RFC 7162). *src* is left with *box* selected."""
+    copies = {s: (c, rec["modseq"]) for s, (c, rec) in _copies(data, i).items() if s in taken and rec.get("modseq")}
+    if not copies or "CONDSTORE" not in dst.capabilities:
+        return
+    await open_mailbox(src, drop, readonly=True)
+    final = await _flags_of(src, [taken[s] for s in copies])
+    await open_mailbox(src, box, readonly=False)
+    await open_mailbox(dst, data["pairs"][i][1], readonly=False)
+    now = await _flags_of(dst, [c for c, _m in copies.values()])
+    stores: dict[tuple[frozenset[bytes], int], list[int]] = collections.defaultdict(list)
+    for s, (copy, modseq) in copies.items():
+        flags, there = final.get(taken[s]), now.get(copy)
+        if flags is not None and there is not None and {_key(f) for f in flags} != {_key(f) for f in there}:
+            stores[(flags, modseq)].append(copy)
+    for (flags, modseq), uids in stores.items():
+        await dst.command(b"UID STORE %s (UNCHANGEDSINCE %d) FLAGS.SILENT (%s)" % (uid_set(uids), modseq, b" ".join(sorted(flags))))
+        log.info("{b}: flags set on {n} message(s) of {box} after they were copied carried to their copies",
+                 b=src.name, n=len(uids), box=box)
+    await dst.deselect()
+
+
+async def _flags_of(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, frozenset[bytes]]:
+    """UID -> FLAGS (\\Recent apart) of *uids* of the mailbox selected on *conn*."""
+    if not uids:
+        return {}
+    out = {}
+    for r in (await conn.command(b"UID FETCH " + uid_set(sorted(uids)) + b" (UID FLAGS)")).responses:
+        if r.start.name == "FETCH":
+            try:
+                data = parse_fetch(*r.arguments)
+            except ParseError:
+                continue
+            if data.uid is not None and data.flags is not None:
+                out[data.uid] = frozenset(data.flags)
+    return out
+
+
+def _key(flag: bytes) -> bytes:
+    return flag.upper() if flag.startswith(b"\\") else flag
 
 
 async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False, selected: str | None = None) -> None:

@@ -317,6 +317,13 @@ def start_paused(pause: Path, point: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def move_paused(proxy, pause: Path, point: str, user: str, mailbox: str, to: str) -> subprocess.Popen:
+    """The admin ``move`` of *user*'s *mailbox* to *to*, stopped at journal step *point* (taken)."""
+    mover = start_paused(pause, point, "move", "--config", str(proxy.config_path), user, mailbox, to)
+    assert wait_paused(pause, point) == point
+    return mover
+
+
 def wait_paused(pause: Path, what: str) -> str:
     """Wait until a faultproxy.py --pause-at point is reached (DIR/paused), take it, say which."""
     deadline = time.monotonic() + 60

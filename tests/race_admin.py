@@ -272,14 +272,13 @@ def test_admin_move_while_a_client_expunges_and_moves_across(proxy_factory, flee
 def test_two_recoverers_while_a_move_runs(proxy_factory, fleet, tmp_path, step):
     from concurrent.futures import ThreadPoolExecutor
 
-    from movecheck import start_paused, wait_paused
+    from movecheck import move_paused
 
     work = ids("work", 40)
     seed(fleet["b1"], "carol", "Work", work)
     proxy = _proxy(proxy_factory)
     pause = tmp_path / "pause"
-    mover = start_paused(pause, step, "move", "--config", str(proxy.config_path), "carol", "Work", "b3")
-    assert wait_paused(pause, step) == step
+    mover = move_paused(proxy, pause, step, "carol", "Work", "b3")
     with ThreadPoolExecutor(2) as pool:
         runs = list(pool.map(lambda _: cli("recover", "--config", str(proxy.config_path)), range(2)))
     (pause / "resume").touch()
