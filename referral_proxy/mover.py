@@ -321,7 +321,7 @@ class Mover:
                 rec["validity"] = copied.uidvalidity
                 await self.mailbox_map.record(entry)
                 raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
-            kept_uids(self.same_inbox and not delta, [info.uid for info in batch], copied.uids, dst.name)
+            await kept_uids(self.same_inbox and not delta, src, dst, [info.uid for info in batch], copied.uids)
             await verify_copies(dst, new, copied)
             rec["modseq"] = await highest_modseq(dst, new)  # the verified view's; a copy changed past it: by a client
             del rec["hashes"]  # verified: the UIDs say it all from now on

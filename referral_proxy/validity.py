@@ -17,13 +17,15 @@ its messages renumbered (probe 3 of stop 49).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import task
 
 from .backend import BackendProtocol
-from .mailops import TransferError, create, name_arg, run_ok, status
+from .drain import highest_modseq
+from .mailops import TransferError, create, name_arg, open_mailbox, run_ok, status
+from .staging import run_captured
 
 __all__ = ["create_unlike", "kept_uids", "refuse_same_inbox"]
 
@@ -67,11 +69,41 @@ async def refuse_same_inbox(src: BackendProtocol, dst: BackendProtocol, clock: A
     return theirs.uidvalidity == mine.uidvalidity
 
 
-def kept_uids(same: bool, uids: list[int], copied: Iterable[int], there: str) -> None:
+async def kept_uids(same: bool, src: BackendProtocol, dst: BackendProtocol, uids: list[int], copied: Sequence[int]) -> None:
     """With *same* (refuse_same_inbox let INBOX into one of its UIDVALIDITY), each copy must have its
     source's UID: a message delivered there meanwhile took one, and the rest would be renumbered under
-    it (probe 6 of stop 49). TransferError then: the move rolls back, its copies removed."""
-    if same and list(copied) != uids:
-        raise TransferError(f"[CANNOT] a message reached INBOX on {there} during the move: the copies would not keep "
-                            "their UIDs under the UIDVALIDITY the two INBOXes share (RFC 3501 2.3.1.1). Give INBOX "
-                            f"on {there} a new one first (doveadm mailbox update --uid-validity); nothing was moved")
+    it (probe 6 of stop 49). TransferError then: the move rolls back, its copies removed. Nor may
+    HIGHESTMODSEQ go back under the UIDVALIDITY kept (RFC 7162 3.1.2.1: a client's CHANGEDSINCE its
+    cached one missed every change until then; probe 6): the destination's is raised to the source's."""
+    if not same:
+        return
+    if list(copied) != uids:
+        raise TransferError(f"[CANNOT] a message reached INBOX on {dst.name} during the move: the copies would not "
+                            "keep their UIDs under the UIDVALIDITY the two INBOXes share (RFC 3501 2.3.1.1). Give "
+                            f"INBOX on {dst.name} a new one first (doveadm mailbox update --uid-validity); nothing "
+                            "was moved")
+    want, have = await highest_modseq(src, "INBOX"), await highest_modseq(dst, "INBOX")
+    if want is None or have is None or have >= want:
+        return
+    if want - have > MAX_RAISE:
+        raise TransferError(f"[CANNOT] INBOX on {dst.name} shares the UIDVALIDITY of INBOX on {src.name}, whose "
+                            f"HIGHESTMODSEQ ({want}) is too far above its own to be reached; give it a new "
+                            "UIDVALIDITY first (doveadm mailbox update --uid-validity); nothing was moved")
+    await _raise_modseq(dst, copied[0], want - have)
+
+
+MAX_RAISE = 2_000_000  # flag changes made to raise a HIGHESTMODSEQ (pipelined: about 20 s of one Dovecot)
+AT_ONCE = 500  # flag changes written in one go
+
+
+async def _raise_modseq(dst: BackendProtocol, uid: int, by: int) -> None:
+    """INBOX's HIGHESTMODSEQ on *dst* raised *by* at least: a system flag of message *uid* (a copy of the
+    move's, the INBOX used by no client yet) set and cleared, each change one MODSEQ (Dovecot)."""
+    await open_mailbox(dst, "INBOX", readonly=False)
+    result = await dst.command(b"UID FETCH %d (FLAGS)" % uid)
+    has = b" ".join(r.raw for r in result.responses).upper()
+    flag = next((f for f in (b"\\FLAGGED", b"\\DRAFT", b"\\ANSWERED") if f not in has), b"\\FLAGGED")
+    pair = [b"UID STORE %d %sFLAGS.SILENT (%s)" % (uid, sign, flag) for sign in ((b"+", b"-") if flag not in has else (b"-", b"+"))]
+    for _ in range(0, by + 1, AT_ONCE):
+        await run_captured(dst, pair * (AT_ONCE // 2))
+    await dst.deselect()

@@ -85,17 +85,31 @@ def test_a_mailbox_created_for_a_rename_across_in_its_sources_second_is_made_aga
 
 def test_an_inbox_whose_messages_keep_their_uids_moves_onto_one_of_the_same_uidvalidity(proxy_factory, fleet):
     """UIDs 1 to 5 into a never used INBOX (UIDNEXT 1): each message keeps its UID, nothing a client
-    cached is wrong; refusing would stop the move of every user made on two backends at once."""
+    cached is wrong; refusing would stop the move of every user made on two backends at once. Its
+    HIGHESTMODSEQ is raised to the source's (probe 6 of stop 49: 46 there, 3 here after the move)."""
     mail = ids("k", 5)
     seed(fleet["b1"], "carol", "INBOX", mail)
+    with fleet["b1"].client("carol") as m:  # 40 flag changes: HIGHESTMODSEQ past what 5 copies give
+        m.select("INBOX")
+        for i in range(20):
+            m.store(str(i % 5 + 1), "+FLAGS", r"(\Answered)")
+            m.store(str(i % 5 + 1), "-FLAGS", r"(\Answered)")
     mine = validity_of(fleet["b1"], "carol", "INBOX")
     validity_of(fleet["b2"], "carol", "INBOX")
     set_validity(fleet["b2"], "carol", "INBOX", mine)
-    before = _uids(fleet["b1"])
+    before, cached = _uids(fleet["b1"]), _highest_modseq(fleet["b1"])
     proxy = proxy_factory(MASTERS)
     moved = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert _uids(fleet["b2"]) == before and validity_of(fleet["b2"], "carol", "INBOX") == mine
+    # RFC 7162: not lower under the UIDVALIDITY kept, or a client's CHANGEDSINCE its cached one misses changes
+    assert _highest_modseq(fleet["b2"]) >= cached, (cached, _highest_modseq(fleet["b2"]))
+
+
+def _highest_modseq(backend) -> int:
+    with backend.client("carol") as m:
+        typ, data = m.status("INBOX", "(HIGHESTMODSEQ)")
+    return int(re.search(rb"HIGHESTMODSEQ (\d+)", data[0]).group(1))
 
 
 def _uids(backend) -> dict[bytes, int]:
