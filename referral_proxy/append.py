@@ -107,6 +107,9 @@ class AppendHost(StagingHost, Protocol):
     def write_from(self, source: object, data: bytes, end: bool = True) -> None:
         """The answer, in order with what *source* relays."""
 
+    def after_answers(self, line: bytes) -> None:
+        """An answer of the proxy's own, once the APPENDs before it are answered."""
+
     def append_input_over(self, cmd: AppendCommand) -> None:
         """The client has sent all of *cmd*, or the rest will be dropped."""
 
@@ -489,7 +492,9 @@ class AppendCommand:
         if self.state is _ANSWERED:
             return
         self.state = _ANSWERED
-        if data:
+        if data and not self.parts:  # the proxy's own, nothing sent: after the APPENDs before it (probe 2, stop 49)
+            self.host.after_answers(data)
+        elif data:
             self.host.write_from(self.conn, data)
         if not keep_held:
             self._release_input()

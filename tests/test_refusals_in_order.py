@@ -28,6 +28,9 @@ FOLLOWERS = [
     b"b STATUS referral-proxy-staging-x (MESSAGES)\r\n",
     b"b RENAME Work referral-proxy-aside-x\r\n",
     b"b COPY 1 Shared/Projects\r\n",
+    b"b APPEND Work {0+}\r\n\r\n",  # the proxy's own answers of an APPEND it sends nothing of (probe 2, stop 49)
+    b"b APPEND Work (\\Seen) {0+}\r\n\r\n",
+    b"b APPEND INBOX UTF8 (~{5+}\r\nhello)\r\n",
 ]
 
 
