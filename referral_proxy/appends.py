@@ -9,6 +9,7 @@ APPENDs before them are answered.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,7 +34,7 @@ from .routing import Route
 from .staging import StagingJournal
 from .turns import Release
 
-__all__ = ["Appends", "AppendsHost"]
+__all__ = ["Appends", "AppendsHost", "forget_takers"]
 
 
 class AppendTargets(Protocol):
@@ -93,6 +94,14 @@ class Taker:
 
 
 TAKER_SECONDS = 10.0  # how long a target that took messages is trusted to take the next
+
+
+def forget_takers(sessions: Iterable[Any], user: str | None) -> None:
+    """A session of *user* DELETEs or RENAMEs a mailbox: no session of the user's here gives its own ``+`` to an
+    APPEND there (another's did: ``+``, 200 KB taken, then NO [TRYCREATE]; probe 2 of stop 49)."""
+    for session in sessions:
+        if session.user == user:
+            session.appends.forget_taker()
 
 
 class Appends:
@@ -271,7 +280,7 @@ class Appends:
         return t.room
 
     def forget_taker(self) -> None:
-        """This session DELETEs or RENAMEs a mailbox: its next APPEND asks the backend before any data."""
+        """A session of the user DELETEs or RENAMEs a mailbox: the next APPEND asks the backend before any data."""
         self._taker = None
 
     def took(self, backend: str, mailbox: bytes, room: tuple[int | None, int | None] | None) -> None:

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import __version__, capabilities, fastnames, listing, referrals, stayalive, teardown  # noqa: F401 (fastnames: fastpath.NAMED)
-from .appends import Appends
+from .appends import Appends, forget_takers
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
 from .commands import COMMANDS, PRE, CommandSpec, Routing, State, enabling
@@ -297,8 +297,8 @@ class ClientSession(HalfClose, Protocol):
         if isinstance(event, Command):
             if self.pool is not None:  # what it leaves on its connection: no reuse, CONDSTORE everywhere
                 self.pool.note(event.name, event.args)
-            if event.name in ("DELETE", "RENAME"):  # the mailbox that took this session's last APPEND may be gone
-                self.appends.forget_taker()
+            if event.name in ("DELETE", "RENAME"):  # the mailbox that took a session's last APPEND may be gone
+                forget_takers(self.ctx.sessions, self.user)
             _DISPATCH[event.name](self, event, COMMANDS[event.name])
         elif isinstance(event, Refused):
             line = b"%s %s %s\r\n" % (event.tag, event.status.encode(), safe_text(event.text).encode("utf-8"))

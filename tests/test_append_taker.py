@@ -103,3 +103,23 @@ def test_another_session_filling_the_quota_midway_refuses_after_the_body_and_not
     assert sorted(s[3] for s in saved) == sorted([_digest(first), _digest(filler)])
     with backend.client("quota") as m:
         assert all(b"Smuggled" not in line for line in m.list()[1])
+
+
+@pytest.mark.parametrize("verb", [b"DELETE T", b"RENAME T T2"])
+def test_another_session_deleting_the_mailbox_makes_the_next_append_ask_before_its_body(proxy_factory, fleet, verb):
+    """The proxy said "+" to an APPEND to T, which had taken this session's message a moment ago, after
+    another session deleted T: 200 KB taken, then NO [TRYCREATE]; Dovecot refuses before the body (probe
+    2 of stop 49). A DELETE or RENAME by any session of the user's now makes the next APPEND ask first."""
+    with fleet["b1"].client("alice") as m:
+        m.create("T")
+    proxy = proxy_factory()
+    a, b = Wire(proxy.host, proxy.port), Wire(proxy.host, proxy.port)
+    a.login()
+    b.login()
+    assert _append(a, b"a", b"T", b"Subject: one\r\n\r\none\r\n").startswith(b"a OK [APPENDUID ")
+    assert b.cmd(b"b", verb)[-1].startswith(b"b OK")
+    a.send(b"c APPEND T {200030}\r\n")
+    assert a.line().startswith(b"c NO [TRYCREATE]")  # not "+": nothing of the body asked for
+    assert a.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+    a.close()
+    b.close()
