@@ -20,8 +20,11 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from twisted.internet import defer, task
+from twisted.logger import Logger
 
 from .phase import Phase
+
+log = Logger()
 
 __all__ = ["LINE", "SECONDS", "Waiting", "during"]
 
@@ -63,7 +66,7 @@ def _waiting_on(session: Any) -> tuple[int, int] | None:
     relay, unanswered = session.relay, session.appends.unanswered
     if not (relay.in_flight or unanswered):
         return None
-    return relay.answered, id(unanswered[0]) if unanswered else 0
+    return relay.answered, sum(map(id, unanswered))  # (an APPEND answered, another begun: another sum)
 
 
 class Waiting:
@@ -86,10 +89,13 @@ class Waiting:
     def check(self) -> None:
         seen, self._seen = self._seen, weakref.WeakKeyDictionary()
         for session in list(self.sessions):
-            mark = _waiting_on(session)
-            if mark is None:
-                continue
-            self._seen[session] = mark
-            flow = session.flow
-            if seen.get(session) == mark and flow.out.between_responses and not flow.output_backed_up:
-                session.send(LINE)
+            try:
+                mark = _waiting_on(session)
+                if mark is None:
+                    continue
+                self._seen[session] = mark
+                flow = session.flow
+                if seen.get(session) == mark and flow.out.between_responses and not flow.output_backed_up:
+                    session.send(LINE)
+            except Exception:  # one session's trouble stops neither the others' nor the next look
+                log.failure("stayalive: session {id}", id=getattr(session, "id", None))
