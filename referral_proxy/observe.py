@@ -197,6 +197,11 @@ class Observer:
             rec.bytes_in += n
             self.bytes_client_in += n
 
+    def written_to(self, session: Any) -> int:
+        """The bytes written to *session*'s client so far (stayalive.Waiting: has it heard anything?)."""
+        rec = self._live.get(session)
+        return 0 if rec is None else rec.bytes_out
+
     def client_out(self, session: Any, data: bytes) -> None:
         """Everything written to the client: counted, and the completion of a command
         found (the last line of a write that ends a response)."""

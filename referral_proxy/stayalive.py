@@ -59,23 +59,25 @@ def during(clock: Any, session: Any, work: defer.Deferred[T]) -> defer.Deferred[
     return work.addBoth(ended)
 
 
-def _waiting_on(session: Any) -> tuple[int, int] | None:
-    """What a session waits on, if it waits for a relayed answer: changes when one comes."""
+def _waiting_on(session: Any) -> tuple[int, int, int] | None:
+    """What a session waits on, if it waits for a relayed answer: changes when one comes, or anything
+    is written to its client (a long FETCH streaming: no line needed)."""
     if session.phase is not Phase.AUTHENTICATED or session.idle.current is not None:
         return None
     relay, unanswered = session.relay, session.appends.unanswered
     if not (relay.in_flight or unanswered):
         return None
-    return relay.answered, sum(map(id, unanswered))  # (an APPEND answered, another begun: another sum)
+    written = session.ctx.observer.written_to(session)
+    return relay.answered, sum(map(id, unanswered)), written  # (an APPEND answered, another begun: another sum)
 
 
 class Waiting:
     """Every :data:`SECONDS`, :data:`LINE` to each session that waited the whole time for a relayed
-    answer, between two responses (one of a backend is never cut) and if it reads what it is sent."""
+    answer and heard nothing, between two responses (one of a backend is never cut) and if it reads."""
 
     def __init__(self, reactor: Any, sessions: Iterable[Any]) -> None:
         self.sessions = sessions
-        self._seen: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
+        self._seen: weakref.WeakKeyDictionary[Any, tuple[int, int, int]] = weakref.WeakKeyDictionary()
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
 
@@ -97,5 +99,7 @@ class Waiting:
                 flow = session.flow
                 if seen.get(session) == mark and flow.out.between_responses and not flow.output_backed_up:
                     session.send(LINE)
+                    a, b, written = mark
+                    self._seen[session] = (a, b, written + len(LINE))  # (its own line is not news from the backend)
             except Exception:  # one session's trouble stops neither the others' nor the next look
                 log.failure("stayalive: session {id}", id=getattr(session, "id", None))

@@ -27,9 +27,12 @@ class _Session:
         for append in appends:
             self.appends.unanswered.add(append)
         self.flow = _Obj(out=_Obj(between_responses=between), output_backed_up=backed_up)
+        self.written = 0
+        self.ctx = _Obj(observer=_Obj(written_to=lambda session: session.written))
 
     def send(self, data: bytes) -> None:
         self.sent.append(data)
+        self.written += len(data)
 
 
 def _looks(sessions, n: int) -> Clock:
@@ -62,6 +65,18 @@ def test_an_answer_between_two_looks_means_no_line():
     assert s.sent == []
     clock.advance(SECONDS)
     assert s.sent == [LINE]
+    watch.stop()
+
+
+def test_a_session_being_written_to_gets_no_line():
+    s = _Session(in_flight=1)  # a long FETCH streaming its answer
+    clock = Clock()
+    watch = Waiting(clock, [s])
+    watch.start()
+    for _ in range(3):
+        s.written += 4096
+        clock.advance(SECONDS)
+    assert s.sent == []
     watch.stop()
 
 
