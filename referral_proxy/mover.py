@@ -122,11 +122,10 @@ class Mover:
     # seconds past its begin before which no source is drained nor set aside: the other processes on the store
     # that see a move only when they look (relocation.seen_within) end their sessions that have one selected first
     seen_by_others: float = 0.0
-    # the turns of a source taken for the drain's MOVE and the RENAME aside (appendturns.MoverTurn): a
-    # client's MOVE of a copied message, or APPEND, still at Dovecot would also succeed, or be refused
-    turn: MoverTurn | None = None
+    turn: MoverTurn | None = None  # a source's turns for the drain's MOVE and RENAME aside (appendturns.MoverTurn)
     _began_at: float | None = field(default=None, init=False)
     same_inbox: bool = field(default=False, init=False)  # INBOX into one of its UIDVALIDITY (validity.kept_uids)
+    inbox_seen: bool = True  # clients saw the source INBOX (an old home's none: its UIDs may change, any UIDVALIDITY)
 
     def __post_init__(self) -> None:
         self.user = self.mailbox_map.canonical(self.user)
@@ -174,7 +173,7 @@ class Mover:
                                     "there (rights x, t and e needed); nothing was moved")
             if normalize(n, self.sep) == "INBOX" and o != "INBOX":
                 raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
-            if normalize(n, self.sep) == "INBOX":  # its messages would be renumbered under the UIDVALIDITY kept
+            if normalize(n, self.sep) == "INBOX" and self.inbox_seen:  # renumbered under the UIDVALIDITY kept?
                 self.same_inbox = await refuse_same_inbox(src, dst, self.clock)
             if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
                 raise TransferError("[ALREADYEXISTS] Target mailbox already exists.")  # Dovecot's words

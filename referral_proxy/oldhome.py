@@ -34,6 +34,9 @@ class _Carry(Mover):
     home take turns by a private name of their own."""
 
     old_home: str = ""  # the backend carried from
+    # No client saw its messages there: taken as deliveries by an INBOX of its UIDVALIDITY too (the home's, when the
+    # move let INBOX onto one; refused, they stayed where no client sees them: soak seed 7001, stop 49)
+    inbox_seen: bool = False
 
     def _reservations(self, data: dict) -> list[Reservation]:
         return [Reservation("INBOX", shared=True), Reservation(OLD_HOME_PREFIX + self.old_home),
