@@ -347,13 +347,15 @@ async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, i:
     await open_mailbox(src, drop, readonly=True)
     final = await _flags_of(src, [taken[s] for s in copies])
     await open_mailbox(src, box, readonly=False)
-    await open_mailbox(dst, data["pairs"][i][1], readonly=False)
+    await open_mailbox(dst, data["pairs"][i][1], readonly=True)  # (EXAMINE: the copies stay \Recent for the client)
     now = await _flags_of(dst, [c for c, _m in copies.values()])
     stores: dict[tuple[frozenset[bytes], int], list[int]] = collections.defaultdict(list)
     for s, (copy, modseq) in copies.items():
         flags, there = final.get(taken[s]), now.get(copy)
         if flags is not None and there is not None and {_key(f) for f in flags} != {_key(f) for f in there}:
             stores[(flags, modseq)].append(copy)
+    if stores:
+        await open_mailbox(dst, data["pairs"][i][1], readonly=False)
     for (flags, modseq), uids in stores.items():
         await dst.command(b"UID STORE %s (UNCHANGEDSINCE %d) FLAGS.SILENT (%s)" % (uid_set(uids), modseq, b" ".join(sorted(flags))))
         log.info("{b}: flags set on {n} message(s) of {box} after they were copied carried to their copies",
