@@ -341,7 +341,8 @@ async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, i:
     run late: answered OK, then lost with the source; probe 6 of stop 49), set on its copy: read in the drop,
     which holds the messages as the drain took them, unless a client changed the copy since (STORE
     UNCHANGEDSINCE the MODSEQ its batch had when verified, RFC 7162). *src* is left with *box* selected."""
-    copies = {s: (c, rec["modseq"]) for s, (c, rec) in _copies(data, i).items() if s in taken and rec.get("modseq")}
+    copies = {s: (c, rec["modseq"]) for s, (c, rec) in (_copies(data, i) if data.get("batches") else {}).items()
+              if s in taken and rec.get("modseq")}
     if not copies or "CONDSTORE" not in dst.capabilities:
         return
     await open_mailbox(src, drop, readonly=True)
