@@ -32,7 +32,7 @@ from twisted.logger import Logger
 
 from .backend import BackendProtocol
 from .imap.command import ParseError
-from .imap.data import parse_fetch, parse_status
+from .imap.data import parse_status
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import JournalEntry, Step
 from .mailops import (
@@ -49,7 +49,7 @@ from .mailops import (
     still_there,
 )
 from .routing import MailboxMap
-from .transfer import hash_messages, hashes_present
+from .transfer import flag_key, flags_of, hash_messages, hashes_present
 
 __all__ = ["remove_verified", "resume", "settled", "highest_modseq", "take_back_vanished", "copied_of"]
 
@@ -346,14 +346,14 @@ async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, i:
     if not copies or "CONDSTORE" not in dst.capabilities:
         return
     await open_mailbox(src, drop, readonly=True)
-    final = await _flags_of(src, [taken[s] for s in copies])
+    final = await flags_of(src, [taken[s] for s in copies])
     await open_mailbox(src, box, readonly=False)
     await open_mailbox(dst, data["pairs"][i][1], readonly=True)  # (EXAMINE: the copies stay \Recent for the client)
-    now = await _flags_of(dst, [c for c, _m in copies.values()])
+    now = await flags_of(dst, [c for c, _m in copies.values()])
     stores: dict[tuple[frozenset[bytes], int], list[int]] = collections.defaultdict(list)
     for s, (copy, modseq) in copies.items():
         flags, there = final.get(taken[s]), now.get(copy)
-        if flags is not None and there is not None and {_key(f) for f in flags} != {_key(f) for f in there}:
+        if flags is not None and there is not None and {flag_key(f) for f in flags} != {flag_key(f) for f in there}:
             stores[(flags, modseq)].append(copy)
     if stores:
         await open_mailbox(dst, data["pairs"][i][1], readonly=False)
@@ -362,26 +362,6 @@ async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, i:
         log.info("{b}: flags set on {n} message(s) of {box} after they were copied carried to their copies",
                  b=src.name, n=len(uids), box=box)
     await dst.deselect()
-
-
-async def _flags_of(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, frozenset[bytes]]:
-    """UID -> FLAGS (\\Recent apart) of *uids* of the mailbox selected on *conn*."""
-    if not uids:
-        return {}
-    out = {}
-    for r in (await conn.command(b"UID FETCH " + uid_set(sorted(uids)) + b" (UID FLAGS)")).responses:
-        if r.start.name == "FETCH":
-            try:
-                data = parse_fetch(*r.arguments)
-            except ParseError:
-                continue
-            if data.uid is not None and data.flags is not None:
-                out[data.uid] = frozenset(data.flags)
-    return out
-
-
-def _key(flag: bytes) -> bytes:
-    return flag.upper() if flag.startswith(b"\\") else flag
 
 
 async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False, selected: str | None = None) -> None:

@@ -536,8 +536,9 @@ class MailboxCommands:
         if not (self.valid_name(old) and self.valid_name(new)):
             return None
         try:
-            old_urls = referrals.mailbox_urls(host.config, old_route, self._url_user(), old)
-            new_urls = referrals.mailbox_urls(host.config, new_route, self._url_user(), new)
+            user = self._url_user()
+            old_urls = referrals.mailbox_urls(host.config, old_route, user, old)
+            new_urls = referrals.mailbox_urls(host.config, new_route, user, new)
         except (ValueError, KeyError):
             return None
         if not old_urls or not new_urls:

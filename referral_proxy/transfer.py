@@ -55,7 +55,7 @@ from .mailops import (
 from .routing import MailboxMap, normalize
 
 __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", "hash_messages", "verify_copies",
-           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown"]
+           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown", "flag_key", "flags_of"]
 
 log = Logger()
 
@@ -440,7 +440,7 @@ async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[dict
         others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
                            set(quiet), present)
     # One still without the flag (the STORE ignored: no right to set it) cannot be expunged: its copy goes back.
-    moved = {u: f for u, f in present.items() if f is None or b"\\DELETED" in {_flag_key(x) for x in f}}
+    moved = {u: f for u, f in present.items() if f is None or b"\\DELETED" in {flag_key(x) for x in f}}
     return {**moved, **{u: None for u in there if u not in present}}, others
 
 
@@ -461,8 +461,18 @@ def _fetched(responses: Sequence[Any], wanted: set[int], present: dict[int, froz
     return others
 
 
-def _flag_key(flag: bytes) -> bytes:
+def flag_key(flag: bytes) -> bytes:
+    """A flag as compared: system flags in any case, keywords as written."""
     return flag.upper() if flag.startswith(b"\\") else flag
+
+
+async def flags_of(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, frozenset[bytes]]:
+    """UID -> FLAGS (\\Recent apart) of those of *uids* still in the mailbox selected on *conn*."""
+    if not uids:
+        return {}
+    present: dict[int, frozenset[bytes] | None] = {}
+    _fetched((await conn.command(b"UID FETCH " + uid_set(sorted(uids)) + b" (UID FLAGS)")).responses, set(uids), present)
+    return {u: f for u, f in present.items() if f is not None}
 
 
 async def _carry_flags(dst: BackendProtocol, mailbox: str, validity: int, changes: dict[int, tuple[set[bytes], set[bytes]]]) -> None:
@@ -492,8 +502,8 @@ def _changes(infos: Sequence[MessageInfo], now: dict[int, frozenset[bytes] | Non
         if flags is None:
             continue
         ignore = {b"\\DELETED", b"\\RECENT"}
-        before = {_flag_key(f): f for f in info.flags if _flag_key(f) not in ignore}
-        after = {_flag_key(f): f for f in flags if _flag_key(f) not in ignore}
+        before = {flag_key(f): f for f in info.flags if flag_key(f) not in ignore}
+        after = {flag_key(f): f for f in flags if flag_key(f) not in ignore}
         added = {after[k] for k in after.keys() - before.keys()}
         removed = {before[k] for k in before.keys() - after.keys()}
         if added or removed:

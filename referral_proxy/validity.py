@@ -26,6 +26,7 @@ from .backend import BackendProtocol
 from .drain import highest_modseq
 from .mailops import TransferError, create, name_arg, open_mailbox, run_ok, status
 from .staging import run_captured
+from .transfer import flag_key, flags_of
 
 __all__ = ["create_unlike", "kept_uids", "refuse_same_inbox"]
 
@@ -100,8 +101,7 @@ async def _raise_modseq(dst: BackendProtocol, uid: int, by: int) -> None:
     """INBOX's HIGHESTMODSEQ on *dst* raised *by* at least: a system flag of message *uid* (a copy of the
     move's, the INBOX used by no client yet) set and cleared, each change one MODSEQ (Dovecot)."""
     await open_mailbox(dst, "INBOX", readonly=False)
-    result = await dst.command(b"UID FETCH %d (FLAGS)" % uid)
-    has = b" ".join(r.raw for r in result.responses).upper()
+    has = {flag_key(f) for f in (await flags_of(dst, [uid])).get(uid, ())}
     flag = next((f for f in (b"\\FLAGGED", b"\\DRAFT", b"\\ANSWERED") if f not in has), b"\\FLAGGED")
     pair = [b"UID STORE %d %sFLAGS.SILENT (%s)" % (uid, sign, flag) for sign in ((b"+", b"-") if flag not in has else (b"-", b"+"))]
     for _ in range(0, by + 1, AT_ONCE):
