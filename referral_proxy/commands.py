@@ -90,8 +90,8 @@ _ROWS = [
     _spec("LOGIN", PRE, "astring astring", Routing.PROXY, handler="auth.login"),
     _spec("AUTHENTICATE", PRE, "atom atom?", Routing.PROXY, handler="auth.authenticate"),
     # -- authenticated ----------------------------------------------------------------
-    _spec("SELECT", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select", referred=True),
-    _spec("EXAMINE", AUTH, "mailbox list?", Routing.MAILBOX, handler="mailboxes.select", referred=True),
+    _spec("SELECT", AUTH, "mailbox list?", Routing.MAILBOX, handler="selection.select", referred=True),
+    _spec("EXAMINE", AUTH, "mailbox list?", Routing.MAILBOX, handler="selection.select", referred=True),
     _spec("CREATE", AUTH, "mailbox list?", Routing.MAILBOX, referred=True),  # the list: CREATE-SPECIAL-USE
     _spec("DELETE", AUTH, "mailbox", Routing.MAILBOX, referred=True),
     _spec("RENAME", AUTH, "mailbox dest", Routing.EACH, handler="mailboxes.rename", referred=True),
@@ -118,8 +118,8 @@ _ROWS = [
     _spec("SETMETADATA", AUTH, "mailbox list", Routing.MAILBOX, "METADATA"),
     # -- selected ----------------------------------------------------------------------
     _spec("CHECK", SEL, "", Routing.SELECTED),
-    _spec("CLOSE", SEL, "", Routing.SELECTED, handler="mailboxes.close"),
-    _spec("UNSELECT", SEL, "", Routing.SELECTED, "UNSELECT", handler="mailboxes.close"),
+    _spec("CLOSE", SEL, "", Routing.SELECTED, handler="selection.close"),
+    _spec("UNSELECT", SEL, "", Routing.SELECTED, "UNSELECT", handler="selection.close"),
     _spec("EXPUNGE", SEL, "", Routing.SELECTED, handler="mailboxes.change"),
     _spec("UID EXPUNGE", SEL, "seqset", Routing.SELECTED, "UIDPLUS", handler="mailboxes.change"),
     _spec("SEARCH", SEL, "any+", Routing.SELECTED, tag_refs=True),

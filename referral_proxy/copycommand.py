@@ -19,6 +19,7 @@ from .imap.reader import Command
 from .mailboxes import INUSE, READ_ONLY, MailboxCommands, Refusing
 from .mailops import TransferError, named_uids
 from .routing import Route
+from .selection import SelectCommands
 from .transfer import COPY_IN_USE, CopyOutcome, copy_across, move_lock
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class CopyCommands:
         """COPY / MOVE: relayed when the destination lives with the selected mailbox, else carried out here."""
         host, m = self.host, self.mailboxes
         assert host.home is not None
+        if not SelectCommands(m).settled(cmd, self.copy):  # (its state: what a SELECT/CLOSE in flight leaves)
+            return
         if host.selected is None:  # nothing selected: the backend says so, as it would directly
             return host.relay_cmd(cmd, host.home)
         target = m.target(cmd, Slot.DEST, self.copy)

@@ -39,6 +39,7 @@ class Block(Enum):
     TURN = "this session had its turn: the other connections ready go first"
     HELD = "a refusal of the proxy's own waits for the APPENDs before it to be answered"
     HOLDS = "a RENAME waits a moment for names another operation's check holds (holds.py)"
+    SETTLING = "a command the proxy carries out on the selected mailbox waits for the SELECT/CLOSEs before it"
     STOPPING = "the proxy stops: what the backends have whole is answered first, nothing more is read"
 
     # Members are singletons: hashed by identity in C, not by Enum's own __hash__ (a Python

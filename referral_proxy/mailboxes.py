@@ -114,7 +114,7 @@ _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or re
 class MailboxCommands:
     """The mailbox-routed commands of one session."""
 
-    __slots__ = ("host", "examined", "selected_since", "selects")  # no per-instance dict
+    __slots__ = ("host", "examined", "selected_since", "selects", "unsettled")  # no per-instance dict
 
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
@@ -125,6 +125,7 @@ class MailboxCommands:
         # backend would keep the later mailbox selected unknown to the session: CHECK, EXPUNGE, FETCH of
         # "no mailbox" ran there); one before a SELECT elsewhere must (else that SELECT unselects again).
         self.selects: dict[str, int] = {}
+        self.unsettled = 0  # SELECT/EXAMINE/CLOSE/UNSELECTs relayed, not answered yet (selection.settled)
 
     def refuse_no(self, tag: bytes, text: str) -> None:
         """``tag NO text``: the proxy's own refusal, answered after the APPENDs before it (RFC 3501
@@ -250,9 +251,10 @@ class MailboxCommands:
         waiting = defer.ensureDeferred(wait_free(host.mailbox_map, host.user, [mailbox], host.ctx.reactor))
         return waiting.addCallback(lambda free: None if free else inuse)
 
-    def _when_free(self, cmd: Command, names: tuple[bytes, ...], again: Callable[[Command], None]) -> None:
+    def _when_free(self, cmd: Command, names: tuple[bytes, ...], again: Callable[[Command], None],
+                   refuse: Callable[[bytes, str], None] | None = None) -> None:
         """*cmd* met one of *names* held: *again* once they are free, if the holder was only a check
-        (holds.py: reading stops meanwhile, the commands after it wait); else NO [INUSE] as before."""
+        (holds.py: reading stops meanwhile, the commands after it wait); else NO [INUSE] (by *refuse*)."""
         host = self.host
         assert host.user is not None
         host.flow.block(Block.HOLDS)
@@ -261,7 +263,7 @@ class MailboxCommands:
             if free and not any(self.moving(n) for n in names):
                 again(cmd)  # from the start: routes may have changed (a RENAME on one backend)
             else:
-                self.refuse_no(cmd.tag, INUSE)
+                (refuse or self.refuse_no)(cmd.tag, INUSE)
 
         def failed(f: Failure) -> None:
             log.failure("session {id}: {name} failed", f, id=host.id, name=cmd.name)
@@ -270,20 +272,21 @@ class MailboxCommands:
         waiting = defer.ensureDeferred(wait_free(host.mailbox_map, host.user, names, host.ctx.reactor))
         waiting.addCallback(then).addErrback(failed).addBoth(lambda _: host.flow.unblock(Block.HOLDS))
 
-    def target(self, cmd: Command, slot: Slot, again: Callable[[Command], None]) -> tuple[bytes, Route] | None:
+    def target(self, cmd: Command, slot: Slot, again: Callable[[Command], None],
+               refuse: Callable[[bytes, str], None] | None = None) -> tuple[bytes, Route] | None:
         """The mailbox argument and its route, or None when a move holds it (answered INUSE, or
-        *again* once a check holding it lets go)."""
+        *again* once a check holding it lets go) or it is the proxy's own (*refuse*: how it says NO)."""
         mailbox = cmd.args.value(slot)
         assert mailbox is not None  # the grammar has it
         if cmd.name == "CREATE":
             mailbox = self.created(mailbox)
         if is_private_name(mailbox):  # the proxy's own (append.py): never a client's
-            self.refuse_no(cmd.tag, _RESERVED)
+            (refuse or self.refuse_no)(cmd.tag, _RESERVED)
             return None
         if self.moving(mailbox):
             if cmd.name == "STATUS" and status_during_move(self.host, cmd):
                 return None  # the old name before the move's commit point, the new one after (moveview.py)
-            self._when_free(cmd, (mailbox,), again)
+            self._when_free(cmd, (mailbox,), again, refuse)
             return None
         return mailbox, self.route_of(mailbox)
 
@@ -371,72 +374,6 @@ class MailboxCommands:
         conn = await pool.ready_for(route)
         self.host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
 
-    def select(self, cmd: Command) -> None:
-        """SELECT / EXAMINE: the selected state moves to the mailbox's backend."""
-        host = self.host
-        assert host.pool is not None
-        pool = host.pool
-        target = self.target(cmd, Slot.MAILBOX, self.select)
-        if target is None:
-            return
-        mailbox, route = target
-        if self.refers(route, mailbox) and (bad := self.bad_arguments(cmd, route)) is not None:
-            return host.refuse(bad)  # nothing unselected: the command is not valid (as Dovecot, which parses first)
-        self.examined = cmd.name == "EXAMINE"
-        self.selected_since = host.mailbox_map.moves_begun
-        self.selects[route.primary] = self.selects.get(route.primary, 0) + 1
-        refer = self.refers(route, mailbox)
-        conn = pool.fast(route.primary)
-        host.selected_mailbox = None if refer else mailbox
-        if not refer and conn is not None and host.selected in (None, conn.name):
-            host.selected = conn.name
-            host.relay.end_updates(conn)
-            host.relay.send(conn, cmd.tag, cmd.name, cmd.args, after=self._select_done(conn))
-            return
-
-        async def switch() -> None:
-            conn = None if refer else await pool.connection(route)
-            await pool.quiet(None)
-            old = pool.ready(host.selected) if host.selected else None
-            if old is not None and old is not conn:
-                # A failed or referred SELECT leaves no mailbox selected (RFC 3501 6.3.1).
-                await self._unselect(old)
-            if refer:
-                host.selected = None
-                return host.refuse(self.referral(cmd.tag, route, mailbox))
-            assert conn is not None
-            await pool.prepare(conn)
-            host.selected = conn.name
-            host.relay.end_updates(conn)
-            host.relay.send(conn, cmd.tag, cmd.name, cmd.args, after=self._select_done(conn))
-
-        host.run(cmd.tag, switch())
-
-    def _select_done(self, conn: BackendProtocol) -> Callable[[ResponseStart], None]:
-        """A SELECT's NO unselects the session, as close() a CLOSE's OK: its backend only if no SELECT
-        was sent there since, the mailbox name only if none was sent anywhere since (a SELECT sent
-        elsewhere meanwhile set its own name, and sets its backend once this answer is in)."""
-        selects, everywhere = self.selects.get(conn.name, 0), sum(self.selects.values())
-
-        def done(start: ResponseStart) -> None:
-            if start.status == "NO" and self.host.selected == conn.name and self.selects.get(conn.name, 0) == selects:
-                self.host.selected = None
-                if sum(self.selects.values()) == everywhere:
-                    self.host.selected_mailbox = None
-        return done
-
-    async def _unselect(self, conn: BackendProtocol) -> None:
-        """Leave the mailbox selected on *conn* without expunging it (never CLOSE), and say
-        ``[CLOSED]`` as Dovecot does on every SELECT/EXAMINE over another mailbox (RFC 7162 3.2.11)."""
-        host = self.host
-        assert host.pool is not None
-        host.relay.end_updates(conn)
-        result = await conn.deselect()
-        for r in result.responses:
-            if r.start.code != "CLOSED":
-                host.write_from(conn, r.raw)
-        host.send(b"* OK [CLOSED] Previous mailbox closed.\r\n")
-
     def change(self, cmd: Command) -> None:
         """STORE, EXPUNGE, UID EXPUNGE: relayed where the mailbox is selected; NO [INUSE] while a move
         to another server holds it, since what they changed in the copy being moved would be lost at
@@ -446,29 +383,6 @@ class MailboxCommands:
         if self.selected_held():
             return self.refuse_no(cmd.tag, INUSE)
         host.relay_cmd(cmd, host.selected or host.home)
-
-    def close(self, cmd: Command) -> None:
-        """CLOSE / UNSELECT: relayed where the mailbox is selected; the session is unselected after."""
-        host = self.host
-        assert host.home is not None
-        if cmd.name == "CLOSE" and self.selected_held():  # it expunges (change above); UNSELECT does not
-            return self.refuse_no(cmd.tag, INUSE)
-        target = host.selected or host.home
-        selects, everywhere = self.selects.get(target, 0), sum(self.selects.values())
-
-        def done(start: ResponseStart) -> None:
-            if start.status != "OK" or self.selects.get(target, 0) != selects:
-                return  # a SELECT sent to that backend since: its mailbox is selected there
-            host.selected = None  # a SELECT elsewhere sent since (waiting for this answer) sets it again
-            if sum(self.selects.values()) == everywhere:
-                host.selected_mailbox = None  # else that SELECT's
-            conn = host.pool.ready(target) if host.pool is not None else None
-            if conn is not None:
-                host.relay.end_updates(conn)
-
-        host.relay_cmd(cmd, target, done)
-
-    # -- RENAME ------------------------------------------------------------------------------------
 
     def rename(self, cmd: Command) -> None:
         """RENAME on one backend is relayed (placements follow); across backends the proxy moves it."""

@@ -61,6 +61,7 @@ from .phase import Phase
 from .pool import BackendPool
 from .relay import Relay
 from .routing import MailboxMap, Route
+from .selection import SelectCommands
 
 __all__ = ["ProxyContext", "ClientSession", "Phase"]
 
@@ -119,10 +120,6 @@ class ClientSession(HalfClose, Protocol):
     @property
     def config(self) -> Any:
         return self.ctx.config  # read afresh: a reload swaps it
-
-    @property
-    def copies(self) -> CopyCommands:
-        return CopyCommands(self.mailboxes)  # stateless: made per COPY/MOVE, no memory per idle session
 
     @property
     def mailbox_map(self) -> MailboxMap:
@@ -584,7 +581,8 @@ class ClientSession(HalfClose, Protocol):
             self._close()
 
 
-_COLLABORATORS = {"mailboxes": MailboxCommands, "copies": CopyCommands, "auth": Authenticator}
+_COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}
+_STATELESS = {"copies": CopyCommands, "selection": SelectCommands}  # made per command: no memory per idle session
 
 
 def _handler(name: str) -> Callable[[ClientSession, Command, CommandSpec], None]:
@@ -592,7 +590,10 @@ def _handler(name: str) -> Callable[[ClientSession, Command, CommandSpec], None]
     owner, _, method = name.rpartition(".")
     if not owner:
         return getattr(ClientSession, "cmd_" + method)  # type: ignore[no-any-return]
-    getattr(_COLLABORATORS[owner], method)  # a missing one fails at import, not at run time
+    if (made := _STATELESS.get(owner)) is not None:
+        run = getattr(made, method)  # a missing one fails at import, not at run time
+        return lambda session, cmd, spec: run(made(session.mailboxes), cmd)  # type: ignore[no-any-return]
+    getattr(_COLLABORATORS[owner], method)
     return lambda session, cmd, spec: getattr(getattr(session, owner), method)(cmd)
 
 
