@@ -188,7 +188,12 @@ class MailboxMap:
         self._apply(await self._store.load())
 
     def reconfigure(self, config: MapConfig) -> None:
-        """Swap in new rules (SIGHUP); placements are kept."""
+        """Swap in new rules (SIGHUP); placements are kept. Rules that changed count as a change of the map: the
+        relocation watch ends the sessions whose home or selected mailbox they route elsewhere (probe r2, stop 50:
+        kept where it was, its STORE and EXPUNGE were refused NO [INUSE] for as long as the session lasted)."""
+        old = getattr(self, "_config", None)
+        if old is not None and (old.rules, old.default) != (config.rules, config.default):
+            self._changes += 1
         self._backends_seen = -1
         self._config = config
         self._default = Route((config.default,))  # one value, shared by every lookup the rules leave to it

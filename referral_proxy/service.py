@@ -421,8 +421,8 @@ class ProxyService(MultiService):
                                      map=dataclasses.replace(config.map, store=self.config.map.store))
         if (config.map.rules, config.map.default) != (self.config.map.rules, self.config.map.default) and self.role is None:
             log.warn("reload: the map rules changed; no mail moves with them: a mailbox now routed elsewhere looks "
-                     "empty or gone until its mail is moved (`referral-proxy move`), and sessions open now keep a "
-                     "selected mailbox where it was")  # (probe 3, stop 48)
+                     "empty or gone until its mail is moved (`referral-proxy move`); sessions whose home or selected "
+                     "mailbox they route elsewhere are told BYE")  # (probe 3, stop 48)
         self.context.reload(config)
         self.config = config
         if self.health is not None:

@@ -203,6 +203,25 @@ def test_reload_adds_a_backend_and_a_rule_naming_it_together(proxy_factory, seed
     assert "the map rules changed; no mail moves with them" in proxy.stderr_text()  # (probe 3, stop 48)
 
 
+def test_a_reload_that_routes_a_selected_mailbox_elsewhere_ends_that_session_only(proxy_factory, seeded):
+    """Probe r2 (stop 50): the rule of a selected mailbox re-pointed by a reload: its STORE and EXPUNGE were
+    refused NO [INUSE] "being moved" for as long as the session lasted (nothing was moved). The session is told
+    BYE, as after a move; one whose selected mailbox stays where it was goes on."""
+    proxy = _proxy(proxy_factory, seeded)
+    moved, stays = Wire(proxy.host, proxy.port), Wire(proxy.host, proxy.port)
+    moved.login()
+    stays.login()
+    assert moved.cmd(b"a", b"SELECT Shared/X")[-1].startswith(b"a OK")
+    assert stays.cmd(b"a", b"SELECT INBOX")[-1].startswith(b"a OK")
+    text = proxy.config_path.read_text()
+    proxy.config_path.write_text(text.replace('backend = "r3"', 'backend = "r1"'))
+    proxy.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in proxy.stderr_text(), "the reload")
+    assert moved.closed(), "the session whose selected mailbox the rules took elsewhere was not ended"
+    assert stays.cmd(b"b", b"STORE 1 +FLAGS (\\Flagged)")[-1].startswith(b"b OK")
+    stays.close()
+
+
 def test_smuggled_commands_never_run_on_a_backend(proxy_factory, seeded):
     proxy = _proxy(proxy_factory, seeded)
     w = Wire(proxy.host, proxy.port)
