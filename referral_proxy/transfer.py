@@ -125,6 +125,10 @@ SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to c
 MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see move_lock)
 COPY_LOCK = "\x00copying\x00"  # + a mailbox: the same kind of name (see copy_lock)
 COPIES = "copy-messages"  # the journal op of a COPY across while its copy lands (_copying)
+MARK_TRIES = 3  # a MOVE across flags its sources \Deleted (and expunges them) at most this often, another session
+#                 clearing the flag meanwhile (a client's flag resync): then nothing is moved, NO [INUSE]
+UNMARKED = ("[INUSE] Another session kept clearing the messages' \\Deleted flag while they were moved; nothing "
+            "was moved (try again)")
 COPY_IN_USE = ("[INUSE] Messages of a mailbox involved are being moved across servers (or a move cut off "
                "awaits recovery); try again shortly")
 
@@ -382,8 +386,10 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     copy_of = dict(zip(uids, copied.uids))
     try:
         expunged: Tagged | None = None  # our UID EXPUNGE's answer: its HIGHESTMODSEQ code is the MOVE's
-        flags_now, others = await _mark_deleted(src, uids)
+        flags_now, others, unmarked = await _mark_deleted(src, uids)
         untagged += others
+        if unmarked:  # (probe r3: taken as "no right", copies taken back, OK with those never moved)
+            return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copied.uids, untagged)
         present = sorted(flags_now)
         try:  # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
             await _carry_flags(dst, dst_mailbox, copied.uidvalidity, _changes(infos, flags_now, copy_of))
@@ -398,9 +404,12 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "
                        f"{uid_set(copy_of[u] for u in present).decode()}]")
             untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
-            expunged = await run_ok(src, b"UID EXPUNGE " + uid_set(present), "UID EXPUNGE")
-            untagged += [r.raw for r in expunged.responses]
-            if kept_there := await still_there(src, present, untagged):  # OK, yet kept (soak C 76065): its copy is a second
+            kept_there = present
+            for _ in range(MARK_TRIES):  # OK, yet kept (soak C 76065; another session cleared \Deleted before it)
+                expunged = await _expunge_marked(src, kept_there, untagged)
+                if not (kept_there := await still_there(src, kept_there, untagged)):
+                    break
+            if kept_there:  # its copy is a second: recovery decides
                 raise BackendError(f"UID EXPUNGE answered OK, yet {uid_set(kept_there).decode()} still there")
     except BackendError as e:
         not_deleted = [i.uid for i in infos if b"\\DELETED" not in {f.upper() for f in i.flags}]
@@ -423,25 +432,70 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     return CopyOutcome(untagged, "OK", moved_text(expunged.start if expunged is not None else None), moved)
 
 
-async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]) -> tuple[dict[int, frozenset[bytes] | None], list[bytes]]:
+async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]
+                        ) -> tuple[dict[int, frozenset[bytes] | None], list[bytes], list[int]]:
     """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are moved (still there, each with its
-    flags now, None: not said), and the other untagged responses, raw. Dovecot's answer names each
-    message whose flags changed, so not one that was \\Deleted already: those are asked for again.
+    flags now, None: not said), the other untagged responses, raw, and the UIDs still without the flag.
+    Dovecot's answer names each message whose flags changed, so not one that was \\Deleted already: those
+    are asked for again. One another session cleared the flag of meanwhile is flagged again, MARK_TRIES in all.
 
     Which were there is asked right before the STORE: one there then and gone after it was taken by another
     session's EXPUNGE, of the \\Deleted this STORE set: it is moved (its copy kept; probe F: 3 of 40 lost
     when it was taken back). One gone before was moved or expunged by someone else: its copy goes back."""
     there: dict[int, frozenset[bytes] | None] = {}
     others = _fetched((await src.command(b"UID FETCH " + uid_set(uids) + b" (UID)")).responses, set(uids), there)
-    result = await run_ok(src, b"UID STORE " + uid_set(sorted(there)) + b" +FLAGS (\\Deleted)", "STORE") if there else None
     present: dict[int, frozenset[bytes] | None] = {}
-    others += _fetched(result.responses, set(there), present) if result is not None else []
-    if quiet := [u for u in there if u not in present]:
-        others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
-                           set(quiet), present)
-    # One still without the flag (the STORE ignored: no right to set it) cannot be expunged: its copy goes back.
-    moved = {u: f for u, f in present.items() if f is None or b"\\DELETED" in {flag_key(x) for x in f}}
-    return {**moved, **{u: None for u in there if u not in present}}, others
+    todo = sorted(there)
+    for _ in range(MARK_TRIES):
+        if not todo:
+            break
+        result = await run_ok(src, b"UID STORE " + uid_set(todo) + b" +FLAGS (\\Deleted)", "STORE")
+        now: dict[int, frozenset[bytes] | None] = {}
+        others += _fetched(result.responses, set(todo), now)
+        if quiet := [u for u in todo if u not in now]:
+            others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
+                               set(quiet), now)
+        present.update({u: now.get(u) for u in todo})  # gone since the first look: taken by an EXPUNGE, moved
+        todo = [u for u, f in now.items() if f is not None and b"\\DELETED" not in {flag_key(x) for x in f}]
+    unmarked = set(todo)
+    return {u: f for u, f in present.items() if u not in unmarked}, others, todo
+
+
+async def _expunge_marked(src: BackendProtocol, uids: Sequence[int], untagged: list[bytes]) -> Tagged:
+    """``UID STORE uids +FLAGS.SILENT (\\Deleted)`` and ``UID EXPUNGE uids`` in one write: another session's
+    flag change (a client's resync clearing \\Deleted: probe r3) can come only between the two in the backend,
+    not within a round trip. The EXPUNGE's answer; every untagged response to *untagged*."""
+    marking = src.command(b"UID STORE " + uid_set(uids) + b" +FLAGS.SILENT (\\Deleted)")
+    expunging = src.command(b"UID EXPUNGE " + uid_set(uids))
+    try:
+        marked = await marking
+    except BaseException:
+        expunging.addErrback(lambda _f: None)  # the connection's end, said by the first
+        raise
+    expunged = await expunging
+    untagged += [r.raw for r in (*marked.responses, *expunged.responses)]
+    for result, what in ((marked, "STORE"), (expunged, "UID EXPUNGE")):
+        if not result.ok:
+            raise TransferError(f"{what} failed on {src.name}: {result.start.text.decode('utf-8', 'replace')}")
+    return expunged
+
+
+async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, infos: list[MessageInfo],
+                   dst: BackendProtocol, dst_mailbox: str, copies: Sequence[int], untagged: list[bytes]) -> CopyOutcome:
+    """A MOVE across whose sources could not all be flagged \\Deleted: none moved. The flag this move set is
+    cleared first, then the decision journaled (nothing to expunge, every copy back), then the copies taken
+    back: a recovery after any step leaves each message once (before the journal write it finishes the move)."""
+    if not_deleted := [i.uid for i in infos if b"\\DELETED" not in {flag_key(f) for f in i.flags}]:
+        restored = await run_ok(src, b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)", "STORE")
+        untagged += [r.raw for r in restored.responses]
+    entry.data["present"], entry.data["vanished_dst"] = "", uid_set(copies).decode()
+    await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
+    await open_mailbox(dst, dst_mailbox, readonly=False)
+    await expunge_uids(dst, copies)
+    await mailbox_map.end_move(entry)
+    log.warn("MOVE: {src}'s messages were not all flagged \\Deleted after {n} tries (another session clearing it): "
+             "nothing moved, the copies on {dst} taken back", src=src.name, n=MARK_TRIES, dst=dst.name)
+    return CopyOutcome(untagged, "NO", UNMARKED, 0)
 
 
 def _fetched(responses: Sequence[Any], wanted: set[int], present: dict[int, frozenset[bytes] | None]) -> list[bytes]:

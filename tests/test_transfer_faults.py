@@ -84,11 +84,12 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp7 OK\r\n")
     assert now(h.context.mailbox_map.entries())[0].data["present"] == "7:8"
-    assert _take(src) == b"rp8 UID EXPUNGE 7:8\r\n"
-    src.dataReceived(b"rp8 NO [SERVERBUG] Expunge failed\r\n")
+    # Flagged again with the UID EXPUNGE, in one write (a session clearing \Deleted between: probe r3, stop 50).
+    assert _take(src) == b"rp8 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\nrp9 UID EXPUNGE 7:8\r\n"
+    src.dataReceived(b"rp8 OK\r\nrp9 NO [SERVERBUG] Expunge failed\r\n")
     # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
-    assert _take(src) == b"rp9 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
-    src.dataReceived(b"rp9 OK\r\n")
+    assert _take(src) == b"rp10 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
+    src.dataReceived(b"rp10 OK\r\n")
     assert h.to_client() == (b"* 3 EXISTS\r\n* OK [COPYUID 9 7:8 5:6] Moved\r\n"
                              b"m NO [COPYUID 9 7:8 5:6] The messages were copied; removing them from the source "
                              b"failed and will be retried\r\n")
@@ -100,15 +101,30 @@ def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     h, src = _selected(1)
     dst = _copied_of_one(h, src)
     src.dataReceived(b"* 1 EXPUNGE\r\nrp6 OK\r\n")  # another session moved it away meanwhile: before any flag
-    assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")  # so this copy would be a second one
-    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
-    assert _take(dst) == b"rp7 UID STORE 5 +FLAGS.SILENT (\\Deleted)\r\n"
-    dst.dataReceived(b"rp7 OK\r\n")
-    assert _take(dst) == b"rp8 UID EXPUNGE 5\r\n"
-    dst.dataReceived(b"* 5 EXPUNGE\r\nrp8 OK\r\n")
-    assert _take(dst) == b"rp9 UID SEARCH UID 5\r\n"  # gone? (mailops.expunge_uids looks)
-    dst.dataReceived(b"* SEARCH\r\nrp9 OK\r\n")
+    _copy_taken_back(dst)  # it would be a second one
     assert h.to_client() == b"* 1 EXPUNGE\r\nm OK No messages moved (they were gone).\r\n"
+    assert _take(src) == b""
+    assert now(h.context.mailbox_map.entries()) == []
+
+
+def test_a_source_whose_deleted_flag_another_session_keeps_clearing_is_not_moved_and_said_so():
+    """Probe r3 (stop 50): a STORE that took the MOVE's \\Deleted away again (a client's flag resync) was read
+    as "no right to set it": copy taken back, ``OK No messages moved (they were gone)`` with the message still
+    in the source. It is flagged again, MARK_TRIES times; then nothing moves: the flag is cleared, the
+    decision journaled, the copy taken back, and the client told NO [INUSE]."""
+    h, src = _selected(1)
+    dst = _copied_of_one(h, src)
+    src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
+    for tag in (7, 8, 9):
+        assert _take(src) == b"rp%d UID STORE 4 +FLAGS (\\Deleted)\r\n" % tag
+        src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Seen))\r\nrp%d OK\r\n" % tag)  # cleared by the other
+    assert _take(src) == b"rp10 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
+    src.dataReceived(b"rp10 OK\r\n")
+    (entry,) = now(h.context.mailbox_map.entries())  # decided before any copy goes: nothing to expunge
+    assert entry.step.value == "move-expunging" and (entry.data["present"], entry.data["vanished_dst"]) == ("", "5")
+    _copy_taken_back(dst)
+    assert h.to_client().endswith(b"m NO [INUSE] Another session kept clearing the messages' \\Deleted flag while "
+                                  b"they were moved; nothing was moved (try again)\r\n")
     assert _take(src) == b""
     assert now(h.context.mailbox_map.entries()) == []
 
@@ -125,10 +141,10 @@ def test_a_source_another_session_expunges_right_after_the_moves_flag_is_moved_n
     src.dataReceived(b"* 1 EXPUNGE\r\nrp7 OK\r\n")  # the other session's EXPUNGE, of our flag
     assert _take(src) == b"rp8 UID FETCH 4 (UID FLAGS)\r\n"
     src.dataReceived(b"rp8 OK\r\n")
-    assert _take(src) == b"rp9 UID EXPUNGE 4\r\n"
-    src.dataReceived(b"rp9 OK\r\n")
-    assert _take(src) == b"rp10 UID SEARCH UID 4\r\n"
-    src.dataReceived(b"* SEARCH\r\nrp10 OK\r\n")
+    assert _take(src) == b"rp9 UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\nrp10 UID EXPUNGE 4\r\n"
+    src.dataReceived(b"rp9 OK\r\nrp10 OK\r\n")
+    assert _take(src) == b"rp11 UID SEARCH UID 4\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp11 OK\r\n")
     assert b"EXPUNGE" not in _take(dst)  # the copy stays: it is the message now
     assert h.to_client().endswith(b"* 1 EXPUNGE\r\n* OK [COPYUID 9 4 5] Moved\r\nm OK Move completed.\r\n")
     assert now(h.context.mailbox_map.entries()) == []
@@ -137,22 +153,37 @@ def test_a_source_another_session_expunges_right_after_the_moves_flag_is_moved_n
 def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recovery():
     """Soak C seed 76065: Dovecot answered the MOVE's ``UID EXPUNGE 52`` OK and kept UID 52 (\\Deleted,
     2 s later still there; cause in Dovecot not found): the client told OK, the message twice. The
-    MOVE now looks: one still there is handled as an EXPUNGE that failed (NO, left to recovery)."""
+    MOVE now looks: one still there is flagged and expunged again (another session may have cleared its
+    \\Deleted: probe r3, stop 50), transfer.MARK_TRIES times in all, then handled as an EXPUNGE that
+    failed (NO, left to recovery)."""
     h, src = _selected(1)
     _copied_of_one(h, src)
     src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp7 OK\r\n")
-    assert _take(src) == b"rp8 UID EXPUNGE 4\r\n"
-    src.dataReceived(b"rp8 OK Expunge completed.\r\n")  # and no EXPUNGE: 4 is still there
-    assert _take(src) == b"rp9 UID SEARCH UID 4\r\n"
-    src.dataReceived(b"* SEARCH 4\r\nrp9 OK\r\n")
-    assert _take(src) == b"rp10 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
-    src.dataReceived(b"rp10 OK\r\n")
+    for tag in (8, 11, 14):
+        assert _take(src) == b"rp%d UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\nrp%d UID EXPUNGE 4\r\n" % (tag, tag + 1)
+        src.dataReceived(b"rp%d OK\r\nrp%d OK Expunge completed.\r\n" % (tag, tag + 1))  # and no EXPUNGE: 4 is there
+        assert _take(src) == b"rp%d UID SEARCH UID 4\r\n" % (tag + 2)
+        src.dataReceived(b"* SEARCH 4\r\nrp%d OK\r\n" % (tag + 2))
+    assert _take(src) == b"rp17 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
+    src.dataReceived(b"rp17 OK\r\n")
     assert h.to_client().endswith(b"m NO [COPYUID 9 4 5] The messages were copied; removing them from the source "
                                   b"failed and will be retried\r\n")
     (entry,) = now(h.context.mailbox_map.entries())  # left, unowned, for recovery to finish
     assert entry.owner is None and entry.step.value == "move-expunging" and entry.data["present"] == "4"
+
+
+def _copy_taken_back(dst) -> None:
+    """The destination (copy UID 5 in Shared/X) selected and the copy expunged (mailops.expunge_uids: and looked for)."""
+    assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
+    assert _take(dst) == b"rp7 UID STORE 5 +FLAGS.SILENT (\\Deleted)\r\n"
+    dst.dataReceived(b"rp7 OK\r\n")
+    assert _take(dst) == b"rp8 UID EXPUNGE 5\r\n"
+    dst.dataReceived(b"* 5 EXPUNGE\r\nrp8 OK\r\n")
+    assert _take(dst) == b"rp9 UID SEARCH UID 5\r\n"
+    dst.dataReceived(b"* SEARCH\r\nrp9 OK\r\n")
 
 
 def _across_of_one(h, src, command: bytes, size: int = 3) -> object:
