@@ -24,6 +24,7 @@ from twisted.internet import task
 
 from .backend import BackendProtocol
 from .drain import highest_modseq
+from .imap.uidset import uid_set
 from .mailops import TransferError, create, name_arg, open_mailbox, run_ok, status
 from .staging import run_captured
 from .transfer import flag_key, flags_of
@@ -75,7 +76,8 @@ async def kept_uids(same: bool, src: BackendProtocol, dst: BackendProtocol, uids
     source's UID: a message delivered there meanwhile took one, and the rest would be renumbered under
     it (probe 6 of stop 49). TransferError then: the move rolls back, its copies removed. Nor may
     HIGHESTMODSEQ go back under the UIDVALIDITY kept (RFC 7162 3.1.2.1: a client's CHANGEDSINCE its
-    cached one missed every change until then; probe 6): the destination's is raised to the source's."""
+    cached one missed every change until then; probe 6): the destination's is raised to the source's,
+    and each copy given a MODSEQ above it (_touch)."""
     if not same:
         return
     if list(copied) != uids:
@@ -84,13 +86,17 @@ async def kept_uids(same: bool, src: BackendProtocol, dst: BackendProtocol, uids
                             f"INBOX on {dst.name} a new one first (doveadm mailbox update --uid-validity); nothing "
                             "was moved")
     want, have = await highest_modseq(src, "INBOX"), await highest_modseq(dst, "INBOX")
-    if want is None or have is None or have >= want:
+    if want is None or have is None:
         return
     if want - have > MAX_RAISE:
         raise TransferError(f"[CANNOT] INBOX on {dst.name} shares the UIDVALIDITY of INBOX on {src.name}, whose "
                             f"HIGHESTMODSEQ ({want}) is too far above its own to be reached; give it a new "
                             "UIDVALIDITY first (doveadm mailbox update --uid-validity); nothing was moved")
-    await _raise_modseq(dst, copied[0], want - have)
+    await open_mailbox(dst, "INBOX", readonly=False)
+    if have < want:
+        await _raise_modseq(dst, copied[0], want - have)
+    await _touch(dst, list(copied))
+    await dst.deselect()
 
 
 MAX_RAISE = 2_000_000  # flag changes made to raise a HIGHESTMODSEQ (pipelined: about 20 s of one Dovecot)
@@ -98,12 +104,26 @@ AT_ONCE = 500  # flag changes written in one go
 
 
 async def _raise_modseq(dst: BackendProtocol, uid: int, by: int) -> None:
-    """INBOX's HIGHESTMODSEQ on *dst* raised *by* at least: a system flag of message *uid* (a copy of the
-    move's, the INBOX used by no client yet) set and cleared, each change one MODSEQ (Dovecot)."""
-    await open_mailbox(dst, "INBOX", readonly=False)
+    """INBOX's HIGHESTMODSEQ on *dst* (selected) raised *by* at least: a system flag of message *uid* (a copy
+    of the move's, the INBOX used by no client yet) set and cleared, each change one MODSEQ (Dovecot)."""
     has = {flag_key(f) for f in (await flags_of(dst, [uid])).get(uid, ())}
     flag = next((f for f in (b"\\FLAGGED", b"\\DRAFT", b"\\ANSWERED") if f not in has), b"\\FLAGGED")
     pair = [b"UID STORE %d %sFLAGS.SILENT (%s)" % (uid, sign, flag) for sign in ((b"+", b"-") if flag not in has else (b"-", b"+"))]
     for _ in range(0, by + 1, AT_ONCE):
         await run_captured(dst, pair * (AT_ONCE // 2))
-    await dst.deselect()
+
+
+async def _touch(dst: BackendProtocol, uids: list[int]) -> None:
+    """Each of *uids* (copies in INBOX, selected on *dst*) given a MODSEQ above HIGHESTMODSEQ now: \\Flagged set
+    and cleared (cleared and set where it is), flags as they were. A client's CHANGEDSINCE its cached value,
+    under the UIDVALIDITY kept, then reports every copy (probe r3, stop 50: the copies kept the MODSEQs of
+    their APPEND, below it, and a flag changed at the source before the move was never reported)."""
+    flagged = {u for u, flags in (await flags_of(dst, uids)).items() if b"\\FLAGGED" in {flag_key(f) for f in flags}}
+    lines = []
+    for group, signs in (([u for u in uids if u not in flagged], (b"+", b"-")), (sorted(flagged), (b"-", b"+"))):
+        if group:
+            lines += [b"UID STORE %s %sFLAGS.SILENT (\\Flagged)" % (uid_set(group), sign) for sign in signs]
+    if lines:
+        for result in await run_captured(dst, lines):
+            if not result.ok:
+                raise TransferError(f"[CANNOT] the copies' MODSEQs could not be raised on {dst.name}; nothing was moved")

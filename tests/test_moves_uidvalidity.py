@@ -86,7 +86,9 @@ def test_a_mailbox_created_for_a_rename_across_in_its_sources_second_is_made_aga
 def test_an_inbox_whose_messages_keep_their_uids_moves_onto_one_of_the_same_uidvalidity(proxy_factory, fleet):
     """UIDs 1 to 5 into a never used INBOX (UIDNEXT 1): each message keeps its UID, nothing a client
     cached is wrong; refusing would stop the move of every user made on two backends at once. Its
-    HIGHESTMODSEQ is raised to the source's (probe 6 of stop 49: 46 there, 3 here after the move)."""
+    HIGHESTMODSEQ is raised to the source's (probe 6 of stop 49: 46 there, 3 here after the move), and every
+    copy's MODSEQ above it: a flag changed after a client cached HIGHESTMODSEQ is reported to its CHANGEDSINCE
+    (probe r3, stop 50: the copies kept their APPEND's MODSEQs, below; only the copy the raise used came)."""
     mail = ids("k", 5)
     seed(fleet["b1"], "carol", "INBOX", mail)
     with fleet["b1"].client("carol") as m:  # 40 flag changes: HIGHESTMODSEQ past what 5 copies give
@@ -98,12 +100,20 @@ def test_an_inbox_whose_messages_keep_their_uids_moves_onto_one_of_the_same_uidv
     validity_of(fleet["b2"], "carol", "INBOX")
     set_validity(fleet["b2"], "carol", "INBOX", mine)
     before, cached = _uids(fleet["b1"]), _highest_modseq(fleet["b1"])
+    with fleet["b1"].client("carol") as m:  # after the client cached it: another session's change
+        m.select("INBOX")
+        m.uid("STORE", "3", "+FLAGS", r"(\Seen $Changed)")
     proxy = proxy_factory(MASTERS)
     moved = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert _uids(fleet["b2"]) == before and validity_of(fleet["b2"], "carol", "INBOX") == mine
     # RFC 7162: not lower under the UIDVALIDITY kept, or a client's CHANGEDSINCE its cached one misses changes
     assert _highest_modseq(fleet["b2"]) >= cached, (cached, _highest_modseq(fleet["b2"]))
+    with fleet["b2"].client("carol") as m:
+        m.select("INBOX", readonly=True)
+        typ, data = m.uid("FETCH", "1:*", "(FLAGS)", "(CHANGEDSINCE %d)" % cached)
+    changed = {int(re.search(rb"UID (\d+)", d).group(1)): d for d in data if isinstance(d, bytes)}
+    assert 3 in changed and b"$Changed" in changed[3], data
 
 
 def _highest_modseq(backend) -> int:
