@@ -172,7 +172,7 @@ class Mover:
                 raise TransferError("[NOPERM] Permission denied: a mailbox to move cannot be emptied and deleted "
                                     "there (rights x, t and e needed); nothing was moved")
             if normalize(n, self.sep) == "INBOX" and o != "INBOX":
-                raise TransferError("[CANNOT] Cannot rename a mailbox to INBOX")
+                raise TransferError("[ALREADYEXISTS] Target mailbox already exists.")  # as Dovecot (probe r1)
             if normalize(n, self.sep) == "INBOX" and self.inbox_seen:  # renumbered under the UIDVALIDITY kept?
                 self.same_inbox = await refuse_same_inbox(src, dst, self.clock)
             if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
