@@ -416,12 +416,18 @@ class ProxyService(MultiService):
                      listen=", ".join(self.config.proxy.listen))
         if config.proxy.workers != self.config.proxy.workers and (self.is_master or self.role is not None):
             log.warn("reload: [proxy] workers changes need a restart; still {n}", n=self.config.proxy.workers)
+        old_map = self.config.map
         for what, now, then in (("[log]", config.log, self.config.log), ("[metrics]", config.metrics, self.config.metrics),
-                                 ("[map] store", config.map.store, self.config.map.store)):
+                                 ("[map] store", config.map.store, old_map.store),
+                                 # placements, holds and journal entries are keyed by the user and mailbox names these
+                                 # make: changed under them, they would name other users and mailboxes (probe r2)
+                                 ("[map] username_format", config.map.username_format, old_map.username_format),
+                                 ("[map] separator", config.map.separator, old_map.separator)):
             if now != then:  # read once, at start-up: the running values are kept
                 log.warn("reload: {what} changes need a restart; still {then}", what=what, then=str(then))
         config = dataclasses.replace(config, log=self.config.log, metrics=self.config.metrics,
-                                     map=dataclasses.replace(config.map, store=self.config.map.store))
+                                     map=dataclasses.replace(config.map, store=old_map.store, separator=old_map.separator,
+                                                             username_format=old_map.username_format))
         if (config.map.rules, config.map.default) != (self.config.map.rules, self.config.map.default) and self.role is None:
             log.warn("reload: the map rules changed; no mail moves with them: a mailbox now routed elsewhere looks "
                      "empty or gone until its mail is moved (`referral-proxy move`); sessions whose home or selected "

@@ -139,3 +139,8 @@ def test_a_reload_says_which_changes_need_a_restart(proxy_factory, fleet):
     log = reload(text.replace("map.sqlite3", "other.sqlite3"))
     assert "[map] store changes need a restart" in log, log
     assert _status(a, "carol", b"INBOX").startswith(b"* STATUS INBOX")
+    # Placements and journal entries are keyed by the names these make (probe r2, stop 50: applied silently,
+    # LOGIN Alice became another user, without Alice's placements)
+    log = reload(text.replace("[map]\n", '[map]\nusername_format = "as-is"\nseparator = "."\n', 1))
+    assert "[map] username_format changes need a restart" in log and "[map] separator changes need a restart" in log, log
+    assert _status(a, "Carol", b"INBOX").startswith(b"* STATUS INBOX")
