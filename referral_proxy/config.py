@@ -6,6 +6,7 @@ can print a single clear line and exit non-zero instead of a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import tomllib
@@ -146,20 +147,24 @@ class Config:
     path: Path | None = None
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    text: str = field(default="", compare=False, repr=False)  # the file as read: what a worker started later runs
 
 
-def load_config(path: str | Path, *, check_endpoints: Callable[[Config], None] | None = None) -> Config:
-    """Read and validate the TOML file at *path*; relative paths inside are relative to it."""
+def load_config(path: str | Path, *, check_endpoints: Callable[[Config], None] | None = None,
+                text: str | None = None) -> Config:
+    """Read and validate the TOML file at *path* (or *text*, as read from it before); relative paths
+    inside are relative to it."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8") if text is None else text
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    config = parse_config(raw, base=path.resolve().parent, path=path)
+    config = dataclasses.replace(parse_config(raw, base=path.resolve().parent, path=path), text=text)
     if check_endpoints is not None:
         check_endpoints(config)
     return config

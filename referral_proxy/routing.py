@@ -1,11 +1,9 @@
 """The mailbox map: which backend(s) own a user's mailbox, and the moves that hold names.
 
-Order of authority: a placement written at run time (a moved mailbox) > the first
-matching ``[[map.rules]]`` entry > ``[map].default``. Placements, the move journal
-and its reservations live in a store (store.py, pgstore.py; opened by open_store below) mirrored in
-memory, so a lookup never waits on I/O; writes are coroutines. User names are canonical (``[map].username_format``) in every
-method of MailboxMap: routing, placements, reservations and the journal agree.
-"""
+Order of authority: a placement written at run time (a moved mailbox) > the first matching ``[[map.rules]]``
+entry > ``[map].default``. Placements, the move journal and its reservations live in a store (store.py, pgstore.py;
+open_store below) mirrored in memory, so a lookup never waits on I/O; writes are coroutines. User names are canonical
+(``[map].username_format``) everywhere in MailboxMap: routing, placements, reservations and the journal agree."""
 
 from __future__ import annotations
 
@@ -145,10 +143,8 @@ class OldHome:
 
 
 class MailboxMap:
-    """lookup(user, mailbox) -> Route, from placements, rules and the default; and the moves' entries.
-
-    Lookups read the in-memory snapshot (the store's newest, polled without I/O); every
-    write goes to the store first (a coroutine) and then into the snapshot."""
+    """lookup(user, mailbox) -> Route, from placements, rules and the default; and the moves' entries. Lookups
+    read the in-memory snapshot (the store's newest, polled without I/O); a write goes to the store, then to it."""
 
     def __init__(self, config: MapConfig, store: MapStore | None = None, *, on_step: StepHook | None = None) -> None:
         self.separator = config.separator
@@ -188,11 +184,9 @@ class MailboxMap:
         self._apply(await self._store.load())
 
     def reconfigure(self, config: MapConfig) -> None:
-        """Swap in new rules (SIGHUP); placements are kept. Rules that changed count as a change of the map: the
-        relocation watch ends the sessions whose home or selected mailbox they route elsewhere (probe r2, stop 50:
-        kept where it was, its STORE and EXPUNGE were refused NO [INUSE] for as long as the session lasted)."""
-        old = getattr(self, "_config", None)
-        if old is not None and (old.rules, old.default) != (config.rules, config.default):
+        """Swap in new rules (SIGHUP); placements are kept. New rules are a change: relocation.py ends the sessions
+        they take a home or selected mailbox from (probe r2: its STORE/EXPUNGE were NO [INUSE] for good)."""
+        if (old := getattr(self, "_config", None)) is not None and (old.rules, old.default) != (config.rules, config.default):
             self._changes += 1
         self._backends_seen = -1
         self._config = config

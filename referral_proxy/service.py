@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -40,6 +41,7 @@ from .renamehold import hold_for_another
 from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession
 from .workers import (
+    ACCEPTED,
     WorkerPool,
     bind_listeners,
     check_shareable,
@@ -93,8 +95,11 @@ def check_endpoints(config: Config, reactor: Any) -> None:
 
 
 def load_and_check(path: str, reactor: Any) -> Config:
-    """Load the file and check its endpoints: a Config, or one ConfigError."""
-    return load_config(path, check_endpoints=lambda c: check_endpoints(c, reactor))
+    """Load the file and check its endpoints: a Config, or one ConfigError. A worker's first load takes the
+    text its master runs (workers.ACCEPTED), not the file: one the master refused to reload is not run by a
+    worker it starts again (probe r2, stop 50: a worker killed and restarted ran without a backend)."""
+    text = os.environ.pop(ACCEPTED, None)
+    return load_config(path, check_endpoints=lambda c: check_endpoints(c, reactor), text=text)
 
 
 def server_tls_options(config: Config) -> Any:
@@ -294,7 +299,7 @@ class ProxyService(MultiService):
         if self.is_master:
             assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
             self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
-                                      self.log_stream, on_death=self.recovery.now)
+                                      self.log_stream, on_death=self.recovery.now, accepted=lambda: self.config.text)
             where = peerholds.map_file(self.config.map.store)
             peers = peerholds.PeerHolds(where, self.reactor) if where else None
             self.context.worker_holds = self.workers.holds_for(self.context, peers)  # (a move it recovers)

@@ -144,3 +144,27 @@ def test_a_reload_says_which_changes_need_a_restart(proxy_factory, fleet):
     log = reload(text.replace("[map]\n", '[map]\nusername_format = "as-is"\nseparator = "."\n', 1))
     assert "[map] username_format changes need a restart" in log and "[map] separator changes need a restart" in log, log
     assert _status(a, "Carol", b"INBOX").startswith(b"* STATUS INBOX")
+
+
+def test_a_worker_started_again_after_a_refused_reload_runs_what_its_master_runs(proxy_factory, fleet):
+    """Probe r2 (stop 50): a reload refused (b3 still named by a placement) left the file on disk; a worker
+    killed and started again read it and ran without b3: its sessions got NO [UNAVAILABLE] for Shared/Work
+    (9 of 20 logins), its master and the other worker with b3. It runs its master's configuration now."""
+    import os
+    import time
+
+    work = [f"w-{i}@t" for i in range(5)]
+    seed(fleet["b1"], "carol", "Work", work)
+    a = proxy_factory({"backends": MASTERS, "proxy": {"workers": 2}}, rules=RULES)
+    w = Wire(a.host, a.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"r", b"RENAME Work Shared/Work")[-1].startswith(b"r OK")  # placed on b3
+    w.close()
+    assert "reload refused" in _reload(a, _without(a.config_path.read_text(), "b3"), 1)
+    pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", a.stderr_text())]
+    assert len(pids) == 2, a.stderr_text()[-2000:]
+    os.kill(pids[0], signal.SIGKILL)  # as the OOM killer would
+    wait_for(lambda: len(re.findall(r"worker \d started", a.stderr_text())) == 3, "the worker started again")
+    time.sleep(1)  # (it listens once started)
+    answers = {_status(a, "carol", b"Shared/Work") for _ in range(12)}
+    assert answers == {b"* STATUS Shared/Work (MESSAGES 5)\r\n"}, answers
