@@ -40,7 +40,9 @@ SWEEP_SECONDS = 30.0  # how often a running proxy looks for entries nobody is fi
 def master_connector(reactor: Any, config: Config, user: str) -> Connect:
     """connect(backend name) -> a new connection logged in as *user* through the master user."""
     async def connect(name: str) -> BackendProtocol:
-        cfg = config.backends[name]
+        if (cfg := config.backends.get(name)) is None:  # (probe r2: said as "NOT recovered: 'b3'")
+            raise NoMasterUser(f"backend {name} is not in the configuration: a move naming it cannot be recovered "
+                               "until it is put back")
         if cfg.master_user is None or cfg.master_password is None:
             raise NoMasterUser(f"backend {name} has no master_user: moves and their recovery need one")
         return await connect_backend(reactor, cfg, Credentials(cfg.master_user, cfg.master_password, authzid=user))
