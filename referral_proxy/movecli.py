@@ -87,18 +87,30 @@ def _run(main: Callable[[Any], Any]) -> int:
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
                                      redirectStandardIO=False)
 
+    finished = [False]
+
     def start() -> None:
         d = defer.ensureDeferred(main(reactor))
 
         def done(result: object) -> None:
+            finished[0] = True
             if isinstance(result, Failure):
                 sys.stderr.write(f"referral-proxy: {result.getErrorMessage()}\n")
             else:
                 status[0] = int(result or 0)
-            reactor.stop()
+            if reactor.running:  # (Ctrl-C stopped it already: ReactorNotRunning)
+                reactor.stop()
 
         d.addBoth(done)
 
+    def interrupted() -> None:
+        """Ctrl-C (SIGINT, SIGTERM) before the command finished: exit 1 said in words (probe r2: silent)."""
+        if not finished[0]:
+            sys.stderr.write("\nreferral-proxy: interrupted before it finished; a move under way is left in the "
+                             "map's journal: `referral-proxy recover` (or a running proxy, once the move's lease "
+                             "ends) finishes or undoes it\n")
+
+    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
     reactor.callWhenRunning(start)
     reactor.run()
     return status[0]
