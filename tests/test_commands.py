@@ -5,7 +5,7 @@ from __future__ import annotations
 from referral_proxy.capabilities import post_login
 from referral_proxy.commands import CAPABILITIES, COMMANDS, NOT_RELAYED, PROXY_OWN, Routing, State, relayable
 from referral_proxy.imap.grammar import Slot
-from referral_proxy.session import _COLLABORATORS, _DISPATCH, ClientSession
+from referral_proxy.session import _COLLABORATORS, _DISPATCH, _STATELESS, ClientSession
 
 DOVECOT_2_3 = (
     "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES THREAD=REFS "
@@ -48,7 +48,8 @@ def test_every_command_has_a_handler_and_states():
     assert set(_DISPATCH) == set(COMMANDS)
     for spec in COMMANDS.values():
         owner, _, method = spec.handler.rpartition(".")
-        assert callable(getattr(_COLLABORATORS[owner], method) if owner else getattr(ClientSession, "cmd_" + method))
+        owners = {**_COLLABORATORS, **_STATELESS}  # (stateless ones made per command: copies, selection)
+        assert callable(getattr(owners[owner], method) if owner else getattr(ClientSession, "cmd_" + method))
         assert spec.states
         if spec.routing is not Routing.PROXY:
             assert spec.states != {State.NOT_AUTHENTICATED}, spec
