@@ -45,16 +45,18 @@ class _Carry(Mover):
 
 async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Connect], clock: Any,
                           turns: Any = None) -> list[str]:
-    """Carry what each watched old INBOX holds to the user's INBOX; drop records that expired or
-    whose backend is the home again (*turns*: as recovery.recover_entry's). One line per carry or failure (a record's failure does
-    not keep the others from being looked at)."""
+    """Carry what each watched old INBOX holds to the user's INBOX; drop records whose backend is the home
+    again, and those expired once their INBOX is empty (probe r5: dropped with mail waiting, an over-quota home
+    refusing it, and no word of it; now said at each sweep until carried) (*turns*: as recovery.recover_entry's).
+    One line per carry or failure (a record's failure does not keep the others from being looked at)."""
     lines = []
     now = clock.seconds()
     for old in mailbox_map.old_homes():
         home = mailbox_map.home(old.user).primary
-        if old.until <= now or home == old.backend:
+        if home == old.backend:
             await mailbox_map.unplace(old.user, old.record)
             continue
+        expired = old.until <= now
         if mailbox_map.reserved(old.user, "INBOX"):
             continue  # a move holds it (perhaps the one that wrote the record): the next sweep
         connect = connector(old.user)
@@ -65,7 +67,12 @@ async def carry_old_homes(mailbox_map: MailboxMap, connector: Callable[[str], Co
             finally:
                 conn.logout()
             if not waiting:
+                if expired:  # (nothing waits: the watch ends)
+                    await mailbox_map.unplace(old.user, old.record)
                 continue
+            if expired:
+                lines.append(f"{old.user}: the watch of the old INBOX on {old.backend} is over, yet {waiting} "
+                             f"message(s) wait there: still carried to {home}, until none is left")
             carry = _Carry(mailbox_map, connect, old.user, clock=clock, old_home=old.backend,
                            turn=None if turns is None else mover_turn(turns, old.user))
             result = await carry.rename("INBOX", "INBOX", old.backend, home)

@@ -198,3 +198,37 @@ def test_mail_reaching_the_old_home_is_carried_into_an_inbox_of_its_uidvalidity(
     _exactly_once(fleet, proxy, "carol", inbox + late)
     counts, where = census(fleet, "carol")
     assert {where[i][0] for i in inbox + late} == {("b2", "INBOX")} and validity_of(fleet["b2"], "carol", "INBOX") == mine
+
+
+def test_an_expired_watch_with_mail_still_waiting_goes_on_until_it_is_carried(proxy_factory, fleet):
+    """Probe r5 (stop 50): the record of a watched old INBOX was dropped at its expiry with mail still there (the
+    new home over quota refused it for hours): that mail stayed where no client reaches it, and nothing said so.
+    The watch goes on, said at each sweep, until the old INBOX is empty; then it ends."""
+    from storehelp import REACTOR, now
+
+    from referral_proxy.config import load_config
+    from referral_proxy.routing import open_store
+
+    seed(fleet["b1"], "carol", "INBOX", ids("in", 3))
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    assert _move(proxy, "carol", "*", "b2").returncode == 0
+    late = ids("late", 2)
+    for i in late:
+        deliver(fleet["b1"], "carol", "INBOX", i)
+    config = load_config(proxy.config_path)
+    mailbox_map = MailboxMap(config.map, open_store(config.map.store, REACTOR))
+    mailbox_map.start()
+    (old,) = mailbox_map.old_homes("carol")
+    now(mailbox_map.place("carol", f"{OLD_HOME_PREFIX}b1/{int(time.time()) - 10}", ["b1"]))  # expired 10 s ago
+    now(mailbox_map.unplace("carol", old.record))
+    now(mailbox_map.close())
+    out = _recover(proxy)
+    assert "the watch of the old INBOX on b1 is over, yet 2 message(s) wait there" in out, out
+    assert "carried 2 message(s) delivered to the old INBOX on b1 to b2" in out, out
+    counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in late} == {("b2", "INBOX")} and all(counts[i] == 1 for i in late)
+    assert _recover(proxy).strip() == "nothing to recover"  # emptied: the expired record ended (a carry watches anew)
+    mailbox_map = MailboxMap(config.map, open_store(config.map.store, REACTOR))
+    mailbox_map.start()
+    assert [h.until > time.time() for h in mailbox_map.old_homes("carol")] == [True]
+    now(mailbox_map.close())
