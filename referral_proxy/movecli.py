@@ -34,7 +34,7 @@ from .crossturns import Standalone
 from .imap.command import ParseError
 from .imap.data import parse_status
 from .journal import StoreUnavailable
-from .mailops import TransferError, exists, name_arg
+from .mailops import TransferError, exists, name_arg, status
 from .mover import Connect, MoveIncomplete, Mover
 from .oldhome import carry_old_homes
 from .recovery import SWEEP_SECONDS, master_connector, recover_all
@@ -240,6 +240,8 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
                                      f"on {src_name}, where the map puts it\n")
                     return 1
             print(f"{user} {args.mailbox} is on {args.backend} already")
+            if args.mailbox == "*":
+                await _stranded(connect, [b for b in config.backends if b != src_name], user, src_name)
             return 0  # nothing to carry: not a transfer, not counted
         mover = Mover(mailbox_map, connect, user, clock=reactor,
                       turn=mover_turn(Standalone.of(mailbox_map, config.map.store, reactor), user),
@@ -298,6 +300,26 @@ async def _count(mailbox_map: MailboxMap, result: str, nbytes: int) -> None:
     except Exception as e:
         log.warn("the move ({result}) could not be counted in the map store's admin_move metrics: {why}",
                  result=result, why=str(e) or type(e).__name__)
+
+
+async def _stranded(connect: Connect, others: list[str], user: str, home: str) -> None:
+    """Say which other backends' INBOX of *user* holds mail the map no longer routes to (probe r2: a rule pointed
+    at *home* before the mail was moved, then `move USER '*' home` said "already" and nothing more)."""
+    for name in others:
+        try:
+            conn = await connect(name)
+        except BackendError:
+            continue  # (no master_user there, or away: nothing known)
+        try:
+            held = (await status(conn, "INBOX")).messages
+        except (BackendError, TransferError):
+            held = 0
+        finally:
+            conn.logout()
+        if held:
+            sys.stderr.write(f"referral-proxy: move: note: {user}'s INBOX on {name} holds {held} message(s), which no "
+                             f"client reaches while the map routes INBOX to {home} (a rule changed before the mail "
+                             f"was moved?): point the rule back at {name}, move, then change the rule\n")
 
 
 async def _totals(connect: Connect, src_name: str, mover: Mover, mailbox: str) -> tuple[int, int]:
