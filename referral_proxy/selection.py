@@ -93,8 +93,8 @@ class SelectCommands:
         NO, ``UID STORE 1 +FLAGS (\\Deleted)`` and ``UID EXPUNGE 1`` took INBOX's message 1)."""
         host, m = self.host, self.mailboxes
         m.examined = False
-        if host.selected is None and not m.unsettled:
-            host.selected_mailbox = None
+        if host.selected is None and not m.unsettled and not host.relay.in_flight:  # (else after their answers:
+            host.selected_mailbox = None  # probe s1, a NOOP; UID EXPUNGE; SELECT reserved: its NO came first)
             return m.refuse_no(tag, text)
 
         async def leave() -> None:
@@ -176,6 +176,9 @@ class SelectCommands:
 
         def go(_: object) -> None:
             m.unsettled = 0
+            if host.selected is not None and host.pool is not None and host.pool.ready(host.selected) is None:
+                # its backend went before they were answered: what they left is not known (probe s1)
+                return host.answer(cmd.tag, "NO [UNAVAILABLE] Mail server temporarily unavailable")
             then(cmd)
 
         def failed(f: Failure) -> None:

@@ -35,6 +35,9 @@ SCRIPTS = {
     "examine-unselect-move-across": [b"EXAMINE Work", b"UNSELECT", b"MOVE 1 Far", b"NOOP"],
     "failed-examine-move-across": [b"SELECT Far", b"EXAMINE Nope", b"UID MOVE 1 Work", b"COPY 1 Work"],
     "far-close-copy-across": [b"SELECT Far", b"CLOSE", b"COPY 1 Work", b"SELECT Work", b"UID MOVE 2 Far"],
+    # nothing selected, commands in flight: the refusal after their answers (probe s1: it came first)
+    "in-flight-then-reserved": [b"NOOP", b"UID EXPUNGE 1:3", b"STORE 1 +FLAGS (\\Seen)",
+                                b"EXAMINE referral-proxy-staging-x", b"NOOP"],
 }
 
 
@@ -81,3 +84,38 @@ def test_a_select_refused_by_the_proxy_leaves_nothing_selected(fleet, clean_mail
         now(store.close())
     assert proxied == direct  # in command order, as Dovecot answers them
     assert _census(fleet, "carol") == _census(fleet, "bob")
+
+
+def test_a_copy_across_waiting_on_a_close_whose_backend_died_is_not_answered_from_before(fleet, clean_mail,
+                                                                                          proxy_factory, spare_backend):
+    """Probe s1 (stop 50): Far selected on a backend that stops; ``EXAMINE Far; CLOSE; UID MOVE 1 Work`` in one
+    write, then the backend killed: the MOVE, waiting for the two, was answered NO [READ-ONLY] (the EXAMINE's
+    state, never confirmed) before the BYE. Its state is not known: NO [UNAVAILABLE], or nothing before the BYE."""
+    import os
+    import signal
+    import time
+
+    far = {"endpoint": spare_backend.endpoint, "url": spare_backend.url,
+           "master_user": MASTER_USER, "master_password": MASTER_PASSWORD}
+    proxy = proxy_factory({"backends": {"b4": far}}, rules=[{"mailbox": "Far*", "backend": "b4"}])
+    with spare_backend.client("carol") as m:
+        m.create("Far")
+        m.append("Far", None, None, b"Message-Id: <far@sr>\r\n\r\nx\r\n")
+    p = Wire(proxy.host, proxy.port)
+    p.login("carol")
+    assert p.cmd(b"s", b"SELECT Far")[-1].startswith(b"s OK")
+    os.killpg(spare_backend.pid, signal.SIGSTOP)  # (its master leads its process group: every imap process)
+    try:
+        p.send(b"c0 EXAMINE Far\r\nc1 CLOSE\r\nc2 UID MOVE 1 Work\r\nc3 NOOP\r\n")
+        time.sleep(1)
+    finally:
+        spare_backend.kill()
+        spare_backend.start()
+    answers = []
+    try:
+        while not (line := p.line()).startswith(b"* BYE"):
+            answers.append(line)
+    except OSError:  # (closed: ConnectionError)
+        pass
+    p.close()
+    assert not any(a.startswith(b"c2 NO [READ-ONLY]") or a.startswith(b"c2 OK") for a in answers), answers
