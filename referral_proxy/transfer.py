@@ -126,9 +126,9 @@ MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox 
 COPY_LOCK = "\x00copying\x00"  # + a mailbox: the same kind of name (see copy_lock)
 COPIES = "copy-messages"  # the journal op of a COPY across while its copy lands (_copying)
 MARK_TRIES = 3  # a MOVE across flags its sources \Deleted (and expunges them) at most this often, another session
-#                 clearing the flag meanwhile (a client's flag resync): then nothing is moved, NO [INUSE]
-UNMARKED = ("[INUSE] Another session kept clearing the messages' \\Deleted flag while they were moved; nothing "
-            "was moved (try again)")
+#                 clearing the flag meanwhile (a client's flag resync): those still there are not moved, NO [INUSE]
+UNMARKED = ("[INUSE] Another session kept clearing the messages' \\Deleted flag while they were moved; those "
+            "still in the mailbox were not moved (try again)")
 COPY_IN_USE = ("[INUSE] Messages of a mailbox involved are being moved across servers (or a move cut off "
                "awaits recovery); try again shortly")
 
@@ -389,7 +389,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         flags_now, others, unmarked = await _mark_deleted(src, uids)
         untagged += others
         if unmarked:  # (probe r3: taken as "no right", copies taken back, OK with those never moved)
-            return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copied.uids, untagged)
+            return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copy_of, set(flags_now), untagged)
         present = sorted(flags_now)
         try:  # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
             await _carry_flags(dst, dst_mailbox, copied.uidvalidity, _changes(infos, flags_now, copy_of))
@@ -481,17 +481,23 @@ async def _expunge_marked(src: BackendProtocol, uids: Sequence[int], untagged: l
 
 
 async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, infos: list[MessageInfo],
-                   dst: BackendProtocol, dst_mailbox: str, copies: Sequence[int], untagged: list[bytes]) -> CopyOutcome:
-    """A MOVE across whose sources could not all be flagged \\Deleted: none moved. The flag this move set is
-    cleared first, then the decision journaled (nothing to expunge, every copy back), then the copies taken
+                   dst: BackendProtocol, dst_mailbox: str, copy_of: dict[int, int], flagged: set[int],
+                   untagged: list[bytes]) -> CopyOutcome:
+    """A MOVE across whose sources could not all be flagged \\Deleted: those still in the source are not moved.
+    The flag this move set is cleared first; a source gone since this move flagged it (*flagged*: another
+    session's EXPUNGE took it on that flag) is moved, its copy kept (probe s2: taken back too, in neither
+    mailbox). Then the decision is journaled (nothing to expunge, the other copies back) and those copies taken
     back: a recovery after any step leaves each message once (before the journal write it finishes the move)."""
     if not_deleted := [i.uid for i in infos if b"\\DELETED" not in {flag_key(f) for f in i.flags}]:
         restored = await run_ok(src, b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)", "STORE")
         untagged += [r.raw for r in restored.responses]
-    entry.data["present"], entry.data["vanished_dst"] = "", uid_set(copies).decode()
+    there = set(await still_there(src, sorted(copy_of), untagged))
+    back = [copy_of[u] for u in sorted(copy_of) if u in there or u not in flagged]
+    entry.data["present"], entry.data["vanished_dst"] = "", uid_set(back).decode()
     await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
-    await open_mailbox(dst, dst_mailbox, readonly=False)
-    await expunge_uids(dst, copies)
+    if back:
+        await open_mailbox(dst, dst_mailbox, readonly=False)
+        await expunge_uids(dst, back)
     await mailbox_map.end_move(entry)
     log.warn("MOVE: {src}'s messages were not all flagged \\Deleted after {n} tries (another session clearing it): "
              "nothing moved, the copies on {dst} taken back", src=src.name, n=MARK_TRIES, dst=dst.name)

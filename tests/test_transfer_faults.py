@@ -43,8 +43,9 @@ def _take(conn) -> bytes:
     return data
 
 
-def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags():
-    h, src = _selected(2)
+def _two_copied(h, src) -> object:
+    """``MOVE 1:2 Shared/X`` of UIDs 7 (\\Seen) and 8 (\\Deleted $Work) answered up to the copies' check (5, 6);
+    the source is asked next which are there; the destination."""
     h.send(b"m MOVE 1:2 Shared/X\r\n")
     assert _take(src) == b"rp2 UID SEARCH 1:2\r\n"
     src.dataReceived(b"* SEARCH 7 8\r\nrp2 OK\r\n")
@@ -78,6 +79,12 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     assert _take(dst) == b"rp5 UID FETCH 5:6 (UID BODY.PEEK[])\r\n"
     dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\n* 6 FETCH (UID 6 BODY[] {2}\r\nde)\r\nrp5 OK\r\n")
     assert now(h.context.mailbox_map.entries())[0].step.value == "move-appended"
+    return dst
+
+
+def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags():
+    h, src = _selected(2)
+    _two_copied(h, src)
     # Only now the source: exactly these UIDs, those that are still there.
     assert _take(src) == b"rp6 UID FETCH 7:8 (UID)\r\n"  # which are there right before the flag
     src.dataReceived(b"* 1 FETCH (UID 7)\r\n* 2 FETCH (UID 8)\r\nrp6 OK\r\n")
@@ -120,12 +127,40 @@ def test_a_source_whose_deleted_flag_another_session_keeps_clearing_is_not_moved
         src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Seen))\r\nrp%d OK\r\n" % tag)  # cleared by the other
     assert _take(src) == b"rp10 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
     src.dataReceived(b"rp10 OK\r\n")
+    assert _take(src) == b"rp11 UID SEARCH UID 4\r\n"  # still there: its copy goes back
+    src.dataReceived(b"* SEARCH 4\r\nrp11 OK\r\n")
     (entry,) = now(h.context.mailbox_map.entries())  # decided before any copy goes: nothing to expunge
     assert entry.step.value == "move-expunging" and (entry.data["present"], entry.data["vanished_dst"]) == ("", "5")
     _copy_taken_back(dst)
     assert h.to_client().endswith(b"m NO [INUSE] Another session kept clearing the messages' \\Deleted flag while "
-                                  b"they were moved; nothing was moved (try again)\r\n")
+                                  b"they were moved; those still in the mailbox were not moved (try again)\r\n")
     assert _take(src) == b""
+    assert now(h.context.mailbox_map.entries()) == []
+
+
+def test_a_source_expunged_on_the_moves_flag_keeps_its_copy_when_the_others_are_not_moved():
+    """Probe s2 (stop 50): 7 taken by another session's EXPUNGE on the flag this MOVE set (moved: its copy is
+    the message now), 8's flag kept being cleared (not moved): every copy was taken back, 7 in neither mailbox."""
+    h, src = _selected(2)
+    dst = _two_copied(h, src)
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7)\r\n* 2 FETCH (UID 8)\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 EXPUNGE\r\n* 1 FETCH (UID 8 FLAGS ($Work))\r\nrp7 OK\r\n")
+    assert _take(src) == b"rp8 UID FETCH 7 (UID FLAGS)\r\n"  # not named by the STORE: gone since (moved)
+    src.dataReceived(b"rp8 OK\r\n")
+    for tag in (9, 10):
+        assert _take(src) == b"rp%d UID STORE 8 +FLAGS (\\Deleted)\r\n" % tag
+        src.dataReceived(b"* 1 FETCH (UID 8 FLAGS ($Work))\r\nrp%d OK\r\n" % tag)
+    assert _take(src) == b"rp11 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"  # 8 was \\Deleted before the MOVE
+    src.dataReceived(b"rp11 OK\r\n")
+    assert _take(src) == b"rp12 UID SEARCH UID 7:8\r\n"
+    src.dataReceived(b"* SEARCH 8\r\nrp12 OK\r\n")
+    (entry,) = now(h.context.mailbox_map.entries())
+    assert (entry.data["present"], entry.data["vanished_dst"]) == ("", "6")  # 5 (7's copy) stays
+    _copy_taken_back(dst, 6)
+    out = h.to_client()
+    assert out.startswith(b"* 3 EXISTS\r\n* 1 EXPUNGE\r\n") and out.endswith(b"still in the mailbox were not moved (try again)\r\n"), out
     assert now(h.context.mailbox_map.entries()) == []
 
 
@@ -174,15 +209,15 @@ def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recov
     assert entry.owner is None and entry.step.value == "move-expunging" and entry.data["present"] == "4"
 
 
-def _copy_taken_back(dst) -> None:
-    """The destination (copy UID 5 in Shared/X) selected and the copy expunged (mailops.expunge_uids: and looked for)."""
+def _copy_taken_back(dst, uid: int = 5) -> None:
+    """The destination (copy *uid* in Shared/X) selected and the copy expunged (mailops.expunge_uids: and looked for)."""
     assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
-    assert _take(dst) == b"rp7 UID STORE 5 +FLAGS.SILENT (\\Deleted)\r\n"
+    assert _take(dst) == b"rp7 UID STORE %d +FLAGS.SILENT (\\Deleted)\r\n" % uid
     dst.dataReceived(b"rp7 OK\r\n")
-    assert _take(dst) == b"rp8 UID EXPUNGE 5\r\n"
-    dst.dataReceived(b"* 5 EXPUNGE\r\nrp8 OK\r\n")
-    assert _take(dst) == b"rp9 UID SEARCH UID 5\r\n"
+    assert _take(dst) == b"rp8 UID EXPUNGE %d\r\n" % uid
+    dst.dataReceived(b"* %d EXPUNGE\r\nrp8 OK\r\n" % uid)
+    assert _take(dst) == b"rp9 UID SEARCH UID %d\r\n" % uid
     dst.dataReceived(b"* SEARCH\r\nrp9 OK\r\n")
 
 
