@@ -240,8 +240,9 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
                                      f"on {src_name}, where the map puts it\n")
                     return 1
             print(f"{user} {args.mailbox} is on {args.backend} already")
-            if args.mailbox == "*":
-                await _stranded(connect, [b for b in config.backends if b != src_name], user, src_name)
+            if args.mailbox == "*" and await _stranded(connect, [b for b in config.backends if b != src_name], user,
+                                                         src_name):
+                return 1  # what the operator meant (the user's mail on that backend) is not so
             return 0  # nothing to carry: not a transfer, not counted
         mover = Mover(mailbox_map, connect, user, clock=reactor,
                       turn=mover_turn(Standalone.of(mailbox_map, config.map.store, reactor), user),
@@ -302,9 +303,10 @@ async def _count(mailbox_map: MailboxMap, result: str, nbytes: int) -> None:
                  result=result, why=str(e) or type(e).__name__)
 
 
-async def _stranded(connect: Connect, others: list[str], user: str, home: str) -> None:
+async def _stranded(connect: Connect, others: list[str], user: str, home: str) -> bool:
     """Say which other backends' INBOX of *user* holds mail the map no longer routes to (probe r2: a rule pointed
-    at *home* before the mail was moved, then `move USER '*' home` said "already" and nothing more)."""
+    at *home* before the mail was moved, then `move USER '*' home` said "already" and nothing more); True if any."""
+    found = False
     for name in others:
         try:
             conn = await connect(name)
@@ -320,6 +322,8 @@ async def _stranded(connect: Connect, others: list[str], user: str, home: str) -
             sys.stderr.write(f"referral-proxy: move: note: {user}'s INBOX on {name} holds {held} message(s), which no "
                              f"client reaches while the map routes INBOX to {home} (a rule changed before the mail "
                              f"was moved?): point the rule back at {name}, move, then change the rule\n")
+            found = True
+    return found
 
 
 async def _totals(connect: Connect, src_name: str, mover: Mover, mailbox: str) -> tuple[int, int]:

@@ -28,7 +28,7 @@ def test_an_interrupted_move_says_what_is_left_and_to_whom(proxy_factory, fleet,
 
 def test_a_whole_user_move_to_where_a_rule_already_points_names_the_mail_left_behind(proxy_factory, fleet, clean_mail):
     """Probe r2 (stop 50): the default re-pointed at b2 before carol's mail was moved, then `move carol '*' b2`
-    said "on b2 already" and exited 0, her mail on b1 out of every client's reach, not a word of it."""
+    said "on b2 already" and exited 0, her mail on b1 out of every client's reach, not a word of it: now named, exit 1."""
     from movecheck import cli
 
     seed(fleet["b1"], "carol", "INBOX", ids("left", 4))
@@ -37,5 +37,5 @@ def test_a_whole_user_move_to_where_a_rule_already_points_names_the_mail_left_be
     assert 'default = "b1"' in text
     proxy.config_path.write_text(text.replace('default = "b1"', 'default = "b2"'))
     moved = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
-    assert moved.returncode == 0 and "is on b2 already" in moved.stdout, moved.stdout + moved.stderr
+    assert moved.returncode == 1 and "is on b2 already" in moved.stdout, moved.stdout + moved.stderr
     assert "carol's INBOX on b1 holds 4 message(s), which no client reaches" in moved.stderr, moved.stderr
