@@ -412,9 +412,9 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             if kept_there:  # its copy is a second: recovery decides
                 raise BackendError(f"UID EXPUNGE answered OK, yet {uid_set(kept_there).decode()} still there")
     except BackendError as e:
-        not_deleted = [i.uid for i in infos if b"\\DELETED" not in {f.upper() for f in i.flags}]
+        not_deleted = _flagged_by_move(infos)
         if not_deleted and not src.closed:
-            restored = await src.command(b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)")
+            restored = await src.command(_UNFLAG % uid_set(not_deleted))
             untagged += [r.raw for r in restored.responses]  # an EXPUNGE of another session's among them
         await mailbox_map.disown(entry)
         log.error("MOVE: copied to {dst} but not yet removed from {src} ({why}); recovery will finish it",
@@ -480,6 +480,14 @@ async def _expunge_marked(src: BackendProtocol, uids: Sequence[int], untagged: l
     return expunged
 
 
+_UNFLAG = b"UID STORE %s -FLAGS.SILENT (\\Deleted)"  # a source that stays: the flag the MOVE set, taken back
+
+
+def _flagged_by_move(infos: list[MessageInfo]) -> list[int]:
+    """The sources this MOVE flags \\Deleted (they were not before it): the ones whose flag goes back if they stay."""
+    return [i.uid for i in infos if b"\\DELETED" not in {flag_key(f) for f in i.flags}]
+
+
 async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, infos: list[MessageInfo],
                    dst: BackendProtocol, dst_mailbox: str, copy_of: dict[int, int], flagged: set[int],
                    untagged: list[bytes]) -> CopyOutcome:
@@ -488,8 +496,8 @@ async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendPro
     session's EXPUNGE took it on that flag) is moved, its copy kept (probe s2: taken back too, in neither
     mailbox). Then the decision is journaled (nothing to expunge, the other copies back) and those copies taken
     back: a recovery after any step leaves each message once (before the journal write it finishes the move)."""
-    if not_deleted := [i.uid for i in infos if b"\\DELETED" not in {flag_key(f) for f in i.flags}]:
-        restored = await run_ok(src, b"UID STORE " + uid_set(not_deleted) + b" -FLAGS.SILENT (\\Deleted)", "STORE")
+    if not_deleted := _flagged_by_move(infos):
+        restored = await run_ok(src, _UNFLAG % uid_set(not_deleted), "STORE")
         untagged += [r.raw for r in restored.responses]
     there = set(await still_there(src, sorted(copy_of), untagged))
     back = [copy_of[u] for u in sorted(copy_of) if u in there or u not in flagged]
