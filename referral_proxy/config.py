@@ -355,6 +355,8 @@ def _parse_map(raw: dict[str, Any], base: Path, backends: dict[str, BackendConfi
         for n in names:
             if n not in backends:
                 raise ConfigError(f"{where}.backend: unknown backend {n!r}")
+        if len(set(names)) < len(names):  # a replica named twice is no second copy: a typo
+            raise ConfigError(f"{where}.backend: a backend is named twice in {list(names)}")
         rules.append(RuleConfig(
             user=_get(r, where, "user", str, default=None),
             mailbox=_get(r, where, "mailbox", str, default="*"),

@@ -90,6 +90,9 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
         if unknown:
             sys.stderr.write(f"referral-proxy: map set: unknown backend {unknown[0]!r}\n")
             return 2
+        if len(set(args.backends)) < len(args.backends):  # as a rule's list (config.py): a typo, no replica
+            sys.stderr.write(f"referral-proxy: map set: a backend is named twice: {' '.join(args.backends)}\n")
+            return 2
         if not args.mailbox or any(c in args.mailbox for c in "\r\n\0") or shifts_a_line_break(
                 args.mailbox.encode("utf-8", "surrogateescape")):  # no client could ever name it (grammar.is_mailbox)
             sys.stderr.write(f"referral-proxy: map set: not a mailbox name: {args.mailbox!r}\n")

@@ -79,6 +79,8 @@ def test_good_config_and_map(tmp_path):
     (lambda t: t.replace('hostname =', 'hostnam ='), "proxy.hostnam: unknown key"),
     (lambda t: t.replace('default = "b1"', 'default = "b9"'), "map.default: unknown backend 'b9'"),
     (lambda t: t.replace('backend = "b3"', 'backend = "nope"'), "map.rules[0].backend: unknown backend 'nope'"),
+    (lambda t: t.replace('backend = "b3"', 'backend = ["b3", "b2", "b3"]'),
+     "map.rules[0].backend: a backend is named twice in ['b3', 'b2', 'b3']"),
     (lambda t: t.replace('url = "imap://127.0.0.2:1143"\n', ''), "backends.b1.url: missing"),
     (lambda t: t.replace('tls = "none"', 'tls = "maybe"'), "backends.b1.tls: must be one of"),
     (lambda t: t.replace('referrals = "aware"', 'referrals = 3'), "proxy.referrals: wrong type int"),

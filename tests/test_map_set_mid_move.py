@@ -114,3 +114,13 @@ def test_map_set_of_a_name_no_client_can_send_is_refused(proxy_factory, name):
     assert done.returncode == 2 and "not a mailbox name" in done.stderr, (done.stdout, done.stderr)
     shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
     assert shown.returncode == 0 and "-> b2" not in shown.stdout and "b2 (placed" not in shown.stdout, shown.stdout
+
+
+def test_map_set_naming_a_backend_twice_is_refused(proxy_factory):
+    """`map set carol Work b2 b2`: a replica named twice is no second copy (a typo, as in a rule's list):
+    refused, nothing written (stop 50 found it stored as two replicas)."""
+    proxy = proxy_factory(rules=RULES)
+    done = cli("map", "--config", str(proxy.config_path), "set", "carol", "Work", "b2", "b2")
+    assert done.returncode == 2 and "a backend is named twice: b2 b2" in done.stderr, (done.stdout, done.stderr)
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
+    assert shown.returncode == 0 and "Work -> b2" not in shown.stdout, shown.stdout
