@@ -106,6 +106,9 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
             return 1
         await mailbox_map.store.settle()  # the running proxies have it when this command returns
         print(f"{args.user} {args.mailbox} -> {', '.join(args.backends)}")
+        if any(c in args.mailbox for c in "*%"):  # a legal name, but an operator may have meant a rule
+            sys.stderr.write(f"referral-proxy: map set: note: {args.mailbox!r} was placed as one mailbox's name, "
+                             f"not as a pattern (patterns are [[map.rules]] in the configuration)\n")
     elif args.map_command == "unset":
         async def unplace() -> int:
             if normalize(args.mailbox, mailbox_map.separator) not in mailbox_map.placements(args.user):  # inbox: INBOX

@@ -124,3 +124,15 @@ def test_map_set_naming_a_backend_twice_is_refused(proxy_factory):
     assert done.returncode == 2 and "a backend is named twice: b2 b2" in done.stderr, (done.stdout, done.stderr)
     shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
     assert shown.returncode == 0 and "Work -> b2" not in shown.stdout, shown.stdout
+
+
+def test_map_set_of_a_name_with_a_wildcard_says_it_is_no_pattern(proxy_factory):
+    """`map set carol 'Pro*' b2` places the mailbox named Pro* (legal, a client can create it), and says that
+    it is not a pattern: an operator who meant one learns it at once, not from mail gone missing."""
+    proxy = proxy_factory(rules=RULES)
+    done = cli("map", "--config", str(proxy.config_path), "set", "carol", "Pro*", "b2")
+    assert done.returncode == 0 and "not as a pattern" in done.stderr, (done.stdout, done.stderr)
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
+    assert "Pro* -> b2" in shown.stdout, shown.stdout
+    done = cli("map", "--config", str(proxy.config_path), "set", "carol", "Projects", "b2")
+    assert done.returncode == 0 and "pattern" not in done.stderr, (done.stdout, done.stderr)
