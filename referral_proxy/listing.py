@@ -363,9 +363,11 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                     out.append(_subscribed_only(r.raw))
                 continue
             if owner(entry.text) != conn.name:
-                if _NONEXISTENT in (f.upper() for f in entry.flags) and entry.text not in parents:
+                flags = {f.upper() for f in entry.flags}
+                if entry.text not in parents and (_NONEXISTENT in flags or subscribed and b"\\SUBSCRIBED" in flags):
+                    # (a subscription kept where its name no longer routes: a name, as LSUB lists it, merge())
                     parents[entry.text] = len(out)
-                    out.append(r.raw)
+                    out.append(r.raw if _NONEXISTENT in flags else _subscribed_only(r.raw))
                 continue
             if entry.text in seen:
                 continue
@@ -394,9 +396,11 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             out[i] = b""  # the parent of names a move hides now (a RENAME's new ones before its commit point)
         elif await _exists(host, name, owner):  # there, but not selected (SUBSCRIBED): not \NonExistent
             out[i] = _drop_flag(out[i], _NONEXISTENT)
-    if b"SUBSCRIBED" in _returned(args) and (bare := {name: i for name, i in parents.items()
+    listed = {**parents, **({n: i for i, n in owned.items()} if len(backends) > 1 else {})}
+    if b"SUBSCRIBED" in _returned(args) and (bare := {name: i for name, i in listed.items()
                                                     if out[i] and b"\\SUBSCRIBED" not in out[i].upper()}):
-        # RETURN (SUBSCRIBED): a \NonExistent parent said by its child's backend, subscribed where its name is kept
+        # RETURN (SUBSCRIBED): a \NonExistent parent said by its child's backend, or a mailbox whose
+        # subscription another backend keeps (its route changed since), subscribed where its name is kept
         kept = {normalize(e.text, sep) for e in await _listed(host, backends, b'LSUB "" "*"')}
         for name, i in bare.items():
             if normalize(name, sep) in kept:

@@ -319,13 +319,16 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
+        others = ([b for b in self.host.mailbox_map.backends_for(self.host.user or "") if b not in route.backends]
+                  if cmd.name == "UNSUBSCRIBE" else [])
         if COMMANDS[cmd.name].referred and self.refers(route, mailbox):
+            if others:  # the owner's is the referred server's to remove; one kept elsewhere, ours
+                return self.host.run(cmd.tag, self._unsubscribe_everywhere(cmd, route, mailbox, others, refer=True))
             return self.host.refuse(self.refer(cmd, route, mailbox))
         if (cmd.name == "GETMETADATA" and (b"*" in mailbox or b"%" in mailbox)
                 and len(backends := self.host.mailbox_map.backends_for(self.host.user or "")) > 1):
             return self.host.run(cmd.tag, self._metadata_of_pattern(cmd, backends))
-        if cmd.name == "UNSUBSCRIBE" and (others := [b for b in self.host.mailbox_map.backends_for(self.host.user or "")
-                                                     if b not in route.backends]):
+        if others:
             return self.host.run(cmd.tag, self._unsubscribe_everywhere(cmd, route, mailbox, others))
         pool = self.host.pool
         if cmd.name == "STATUS" and route.primary != self.host.home and pool is not None and pool.fast(route.primary) is None:
@@ -358,9 +361,11 @@ class MailboxCommands:
             out.append(r.raw)
         self.host.send(b"".join(out) + b"%s OK Getmetadata completed.\r\n" % cmd.tag)
 
-    async def _unsubscribe_everywhere(self, cmd: Command, route: Route, mailbox: bytes, others: list[str]) -> None:
+    async def _unsubscribe_everywhere(self, cmd: Command, route: Route, mailbox: bytes, others: list[str],
+                                      refer: bool = False) -> None:
         """A subscription stays on the backend that took it when its name's route changes (LSUB shows it
-        from there: listing.merge): removed from each of the user's backends, the owner's answer the client's."""
+        from there: listing.merge): removed from each of the user's backends, the owner's answer the client's
+        (*refer*: the referral, the owner's subscription the referred server's to remove; else none could)."""
         pool = self.host.pool
         assert pool is not None
         for name in others:
@@ -371,6 +376,9 @@ class MailboxCommands:
                 await conn.command(b"UNSUBSCRIBE " + astring(mailbox), bounded=True)
             except BackendError as e:  # a backend down keeps it: shown again once it is back
                 log.warn("UNSUBSCRIBE {box} on {b}: {why}", box=mailbox, b=name, why=str(e))
+        if refer:  # after every answer before it (a backend that failed above was never waited for)
+            await pool.quiet(None)
+            return self.host.refuse(self.refer(cmd, route, mailbox))
         conn = await pool.ready_for(route)
         self.host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
 

@@ -5,6 +5,8 @@ its name and so its subscription, now kept by the backend that holds it."""
 
 from __future__ import annotations
 
+import imaplib
+
 import pytest
 from movecheck import census, cli, judge, seed
 
@@ -109,3 +111,68 @@ def test_a_subscribed_parent_that_is_no_mailbox_keeps_subscribed_when_its_child_
     box = [x for x in data if x and x.endswith(b'"/" Box')]
     assert len(box) == 1 and b"\\Subscribed" in box[0] and b"\\NonExistent" in box[0], data
     c.logout()
+
+
+def _stray_subscriptions(fleet) -> None:
+    """On b1, which the rule Shared/* no longer routes them to: a subscription to Shared/Old (its mailbox
+    gone) and a stray mailbox Shared/Stray, subscribed, as a rule changed by a reload leaves them."""
+    with fleet["b1"].client("carol") as b1:
+        for command in (("create", "Shared/Old"), ("subscribe", "Shared/Old"), ("delete", "Shared/Old"),
+                        ("create", "Shared/Stray"), ("subscribe", "Shared/Stray")):
+            assert getattr(b1, command[0])(*command[1:])[0] == "OK", command
+    with fleet["b3"].client("carol") as b3:  # one the owner holds, subscribed only on b1
+        assert b3.create("Shared/Both")[0] == "OK"
+    with fleet["b1"].client("carol") as b1:  # (Dovecot subscribes only a mailbox it has)
+        for command in (("create", "Shared/Both"), ("subscribe", "Shared/Both"), ("delete", "Shared/Both")):
+            assert getattr(b1, command[0])(*command[1:])[0] == "OK", command
+
+
+def _rlsub(c) -> set[str]:
+    imaplib.Commands.setdefault("RLSUB", ("AUTH", "SELECTED"))
+    typ, data = c._simple_command("RLSUB", '""', '"*"')
+    assert typ == "OK", data
+    return {x.rsplit(b' "/" ', 1)[1].strip(b'"').decode() for x in c.untagged_responses.pop("LSUB", []) if x}
+
+
+def _list(c, *args) -> dict[str, bytes]:
+    c._simple_command("LIST", *args)
+    return {x.rsplit(b' "/" ', 1)[1].strip(b'"').decode(): x for x in c.untagged_responses.pop("LIST", []) if x}
+
+
+def test_a_subscription_kept_where_its_name_no_longer_routes_is_listed_by_every_form(fleet, proxy_factory):
+    """LSUB lists a subscription kept on a backend that does not own the name (merge()); LIST (SUBSCRIBED)
+    and RETURN (SUBSCRIBED) left it out (RFC 5258 3: the same names; probe t6 of stop 51). One Dovecot
+    holding them all says (\\Subscribed \\NonExistent) for the two the owner lacks, (\\Subscribed) for the other."""
+    proxy = proxy_factory(rules=[{"mailbox": "Shared/*", "backend": "b3"}])
+    _stray_subscriptions(fleet)
+    c = proxy.login("carol")
+    assert {"Shared/Old", "Shared/Stray", "Shared/Both"} <= _lsub(c)
+    for selection in ("(SUBSCRIBED)", "(SUBSCRIBED RECURSIVEMATCH)"):
+        got = _list(c, selection, '""', '"*"')
+        for name in ("Shared/Old", "Shared/Stray"):
+            assert name in got and b"\\Subscribed" in got[name] and b"\\NonExistent" in got[name], (selection, got)
+        assert b"\\Subscribed" in got["Shared/Both"] and b"\\NonExistent" not in got["Shared/Both"], got
+    got = _list(c, '""', '"*"', "RETURN", "(SUBSCRIBED)")
+    assert b"\\Subscribed" in got["Shared/Both"] and "Shared/Stray" not in got, got  # a stray is no mailbox
+    c.logout()
+
+
+@pytest.mark.parametrize("mode", ["aware", "always"])
+def test_a_referred_unsubscribe_removes_the_subscription_kept_elsewhere(fleet, proxy_factory, mode):
+    """A referral-aware client's UNSUBSCRIBE of such a name was referred to the owner, which had none: RLSUB
+    went on listing it for good (probe t6 of stop 51). The proxy now removes the copies kept on the user's
+    other backends before it refers; the client following the referral removes the owner's."""
+    proxy = proxy_factory({"proxy": {"referrals": mode}}, rules=[{"mailbox": "Shared/*", "backend": "b3"}])
+    _stray_subscriptions(fleet)
+    c = proxy.login("carol")
+    assert {"Shared/Old", "Shared/Stray", "Shared/Both"} <= _rlsub(c)  # ("aware": referral-aware from here)
+    for name in ("Shared/Old", "Shared/Stray", "Shared/Both"):
+        typ, data = c.unsubscribe(name)
+        assert typ == "NO" and b"[REFERRAL imap://" in data[0], data
+        with fleet["b3"].client("carol") as b3:  # the client follows it
+            b3.unsubscribe(name)
+    assert not {n for n in _rlsub(c) if n.startswith("Shared/")}
+    c.logout()
+    for d in fleet.backends.values():
+        with d.client("carol") as m:
+            assert not {n for n in _lsub(m) if n.startswith("Shared/")}, d.name
