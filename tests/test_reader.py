@@ -346,6 +346,22 @@ def test_line_mode_reads_one_line_as_text():
     assert out[0] == TextLine(b"x3 NOOP ", clean=False) and out[1].name == "NOOP"
 
 
+@pytest.mark.parametrize("ending", [b"DONE {16+}", b"X ~{8+}", b"X {99999999+}", b"abc {3}"])
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byte-by-byte"])
+def test_line_mode_takes_a_literal_announcement_as_text(ending, bytewise):
+    """The line that ends IDLE, or a SASL response, is text to a server: "DONE {16+}" then "c NOOP" is a BAD
+    and a NOOP to Dovecot. The reader took its {16+} for a literal and swallowed the next 16 bytes (with
+    {99999999+}, every command after: the client waited for good; probe t2 of stop 51)."""
+    r = reader()
+    r.expect_line()
+    data = ending + b"\r\nc NOOP\r\nd NOOP\r\ne NOOP\r\n"
+    out = [] if bytewise else events(r, data)
+    for i in range(len(data) if bytewise else 0):
+        out += events(r, data[i:i + 1])
+    assert isinstance(out[0], TextLine) and not out[0].clean, out
+    assert [(e.tag, e.name) for e in out[1:]] == [(b"c", "NOOP"), (b"d", "NOOP"), (b"e", "NOOP")], out
+
+
 def test_reader_never_raises_while_a_decision_is_pending():
     r = reader()
     out = events(r, b"b APPEND INBOX {5}\r\n", accept=False)

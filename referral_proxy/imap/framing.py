@@ -411,6 +411,13 @@ class Framer:
             self._remaining = spec.size
             self._discard = True
 
+    def not_a_literal(self) -> None:
+        """Take the announcement ending this line as its text (a line read whole, IDLE's DONE or a SASL
+        response, where a server takes no literal): the next bytes begin a new logical line."""
+        self._take_pending()
+        self._state = _LINE
+        self._first = True
+
     def discard_line(self) -> None:
         """Silently drop the rest of the current logical line (literals included).
 

@@ -119,7 +119,7 @@ class TextLine:
     """A line read in line mode (a SASL response, the DONE of IDLE)."""
 
     data: bytes
-    clean: bool  # False if it announced a literal (dropped) or was too long
+    clean: bool  # False if it ended in a literal's announcement (taken as text) or was too long
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,8 +365,8 @@ class CommandReader:
     def _first_line(self, line: Line) -> ReaderEvent | None:
         if self._line_mode:
             self._line_mode = False
-            if line.literal is not None:
-                self._framer.reject_literal()
+            if line.literal is not None:  # text, as a server reads it ("DONE {16+}": BAD, what follows read)
+                self._framer.not_a_literal()
             return TextLine(line.data, clean=line.literal is None)
         try:
             start = parse_command_start(line.data)
