@@ -72,6 +72,7 @@ class AppendsHost(Protocol):
     def dies_with(self, conn: BackendProtocol) -> bool: ...
 
     ctx: Any  # the ProxyContext (its turns: appendturns.py)
+    relay: Any  # the session's Relay: its commands in flight, whose answers the proxy's refusals wait for
 
     @property
     def mailboxes(self) -> AppendTargets: ...
@@ -121,13 +122,21 @@ class Appends:
         self.no_staging: SmallSet = SmallSet()  # backends that refused a staging mailbox: one message per APPEND there
 
     def after_answers(self, line: bytes) -> None:
-        """Send *line* (the proxy's refusal of a command read after an APPEND) once every APPEND
-        is answered, as a server that runs commands one after the other would."""
-        if self.unanswered:
+        """Send *line* (the proxy's refusal of a command) once every APPEND and relayed command before it
+        is answered, as a server that runs commands one after the other would (``a SELECT INBOX``, ``b IDLE
+        foo``: b's BAD came before a's answer; probe t2 of stop 51)."""
+        if self.unanswered or self.host.relay.in_flight or self._after:
             self._after.append(line)
             self.host.block(Block.HELD)  # no more commands read meanwhile: what is held stays this small
         else:
             self.host.send(line)
+
+    def answered_one(self) -> None:
+        """A command before the held refusals has its answer: they go once none is unanswered."""
+        if self._after and not self.unanswered and not self.host.relay.in_flight:
+            lines, self._after = self._after, []
+            self.host.send(b"".join(lines))
+            self.host.unblock(Block.HELD)
 
     def start(self, event: AppendStart) -> None:
         """Route an APPEND to its mailbox's backend and start streaming it there, unless a RENAME of
@@ -263,10 +272,7 @@ class Appends:
         if cmd.turn is not nothing:
             cmd.end_turn()
         self.unanswered.discard(cmd)
-        if not self.unanswered and self._after:
-            lines, self._after = self._after, []
-            self.host.send(b"".join(lines))
-            self.host.unblock(Block.HELD)
+        self.answered_one()
         self.backend_idle()
         self.host.command_done()
 

@@ -1,14 +1,12 @@
 """One client's IMAP session: the state machine and the dispatch of every command.
 
-Bytes from the client go through the codec's CommandReader, which applies every
-client limit and admits each command by the declared table (commands.py): allowed
-in this state, parsed against its grammar, or refused with BAD before any backend
-sees it. Before login the proxy answers everything itself (authentication is in
-auth.py). After login each command goes to the handler its table row names:
-relayed to the backend that owns its mailbox (connections in pool.py, the relay
-itself in relay.py), answered with an RFC 2193 referral in a referral-aware
-session (mailboxes.py; COPY/MOVE: copycommand.py), merged across backends
-(listing.py), streamed (APPEND, append.py), or answered here.
+Bytes from the client go through the codec's CommandReader, which applies every client limit and admits each
+command by the declared table (commands.py): allowed in this state, parsed against its grammar, or refused with
+BAD before any backend sees it. Before login the proxy answers everything itself (authentication is in auth.py).
+After login each command goes to the handler its table row names: relayed to the backend that owns its mailbox
+(connections in pool.py, the relay itself in relay.py), answered with an RFC 2193 referral in a referral-aware
+session (mailboxes.py; COPY/MOVE: copycommand.py), merged across backends (listing.py), streamed (APPEND,
+append.py), or answered here.
 """
 
 from __future__ import annotations
@@ -556,6 +554,7 @@ class ClientSession(HalfClose, Protocol):
     def relay_finished(self, conn: BackendProtocol) -> None:
         if self.pool is not None:
             self.pool.check_quiet()
+        self.appends.answered_one()
         self.command_done()
 
     def relay_lost(self, conn: BackendProtocol, tag: bytes) -> None:

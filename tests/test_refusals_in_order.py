@@ -56,3 +56,41 @@ def test_refusals_after_an_unanswered_append_come_after_its_answer(proxy_factory
     # Nothing of the refused commands happened: b3 holds nothing, INBOX every big message once.
     assert contents(fleet["b3"], "alice", "Shared/Projects") == []
     assert len(contents(fleet["b1"], "alice", "INBOX")) == 1 + len(FOLLOWERS)
+
+
+ORDERED = {  # written after "a SELECT INBOX\r\nb IDLE\r\n" and its "+"
+    "after-done": (b"DONE\r\nc ID NIL\r\nd BOGUS\r\ne NOOP\r\n", [b"b", b"c", b"d", b"e"]),
+    "bad-done": (b"NOTDONE\r\nabc\r\nc NOOP\r\n", [b"b", b"abc", b"c"]),
+}
+
+
+def _tags(w: Wire, last: bytes) -> list[bytes]:
+    tags = []
+    while not tags or tags[-1] != last:
+        line = w.line()
+        if not line.startswith((b"*", b"+")):
+            tags.append(line.split(b" ", 1)[0])
+    return tags
+
+
+@pytest.mark.parametrize("case", ORDERED)
+def test_refusals_after_a_relayed_command_come_after_its_answer(proxy_factory, fleet, case):
+    """The proxy's own BAD of a command pipelined after a relayed one (IDLE, then an unknown command) came
+    first: `d BAD Unknown command` before IDLE's `b OK Idle completed` (probe t2 of stop 51). Dovecot answers
+    in order; so does the proxy now. And `a SELECT INBOX`, `b IDLE foo` (refused by the proxy): a before b."""
+    data, order = ORDERED[case]
+    proxy = proxy_factory()
+    for host, port in ((fleet["b1"].host, fleet["b1"].port), (proxy.host, proxy.port)):
+        w = Wire(host, port, timeout=30)
+        w.login()
+        w.send(b"a SELECT INBOX\r\nb IDLE\r\n")
+        while not w.line().startswith(b"+"):
+            pass
+        w.send(data)
+        assert _tags(w, order[-1]) == order, (host, case)
+        w.close()
+    w = Wire(proxy.host, proxy.port, timeout=30)
+    w.login()
+    w.send(b"a SELECT INBOX\r\nb IDLE foo\r\nc NOOP\r\n")
+    assert _tags(w, b"c") == [b"a", b"b", b"c"]
+    w.close()
