@@ -21,6 +21,7 @@ message (and every message of a backend without BINARY) is sent as before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,9 +39,9 @@ from .imap.framing import Line, LiteralData, LiteralEnd
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
-from .mailops import MessageInfo, TransferError, Vanished
+from .mailops import MessageInfo, TransferError, Vanished, fetch_infos, still_there
 
-__all__ = ["Progress", "Copied", "CommitUnknown", "copy_stream", "hash_messages", "batches", "BATCH_MESSAGES",
+__all__ = ["Progress", "Copied", "CommitUnknown", "copy_stream", "copy_surviving", "surviving", "hash_messages", "batches", "BATCH_MESSAGES",
            "BATCH_BYTES"]
 
 BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
@@ -214,6 +215,7 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
         done: defer.Deferred[tuple[ResponseStart, bytes]] = defer.Deferred()
         dst.expect(ptag, _answer(done))
         dst.transport.registerProducer(_Pause(src.transport), True)
+        cancelled = False  # refused whole at a message's end: nothing saved, the connection still good
         try:
             dst.write(ptag + b" APPEND " + astring(mailbox))
             try:
@@ -223,12 +225,11 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
             except TransferError as e:
                 if src.closed:
                     raise
-                raise Vanished(str(e)).carrying(e.others) from None  # expunged by another session after it was named
+                vanished = Vanished(str(e)).carrying(e.others)  # expunged by another session after it was named
+                cancelled = await _cancel(dst, done)
+                raise vanished from None
             if plan and not sent.plan:
-                dst.write(CANCEL)
-                start, _raw = await done
-                if start.tag is None or start.status == "OK":
-                    raise TransferError(f"backend {dst.name} did not refuse a cancelled MULTIAPPEND")
+                await _cancel(dst, done)
                 log.info("{n} message(s) holding NUL bytes sent again as literal8 to {dst}", n=len(plan), dst=dst.name)
                 continue
             if before_commit is not None:
@@ -236,7 +237,8 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
             dst.write(b"\r\n")
             start, _raw = await done
         except BaseException:
-            dst.transport.abortConnection()
+            if not cancelled:
+                dst.transport.abortConnection()
             raise
         finally:
             if not dst.closed:
@@ -253,6 +255,54 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     if len(code.uids) != len(infos):
         raise TransferError(f"backend {dst.name} reported {len(code.uids)} new messages for {len(infos)}")
     return Copied(code.uidvalidity, code.uids, tuple(sent.hashes), tuple(others))
+
+
+async def _cancel(dst: BackendProtocol, done: defer.Deferred[tuple[ResponseStart, bytes]]) -> bool:
+    """Refuse the open MULTIAPPEND whole, between two messages (the source's FETCH ended on one: no literal
+    is cut): True once the backend said so; TransferError (the connection is then aborted) if it did not."""
+    if done.called:  # answered before its end: what it took of the rest is not known
+        raise TransferError(f"backend {dst.name} answered a MULTIAPPEND before its end")
+    dst.write(CANCEL)
+    start, _raw = await done
+    if start.tag is None or start.status == "OK":
+        raise TransferError(f"backend {dst.name} did not refuse a cancelled MULTIAPPEND")
+    return True
+
+
+async def copy_surviving(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol, mailbox: bytes,
+                         progress: Progress | None,
+                         before_commit: Callable[[Sequence[MessageInfo], tuple[str, ...]], Awaitable[None]],
+                         ) -> tuple[Copied | None, list[MessageInfo]]:
+    """copy_stream of *infos*, again without those another session expunged meanwhile (a move's batch: probe t3
+    of stop 51 had a RENAME across of 1,200 messages rolled back whole, "unexpected message 703", for three
+    expunged before their batch): (the copy, its messages), (None, []) if none is left. Vanished is raised
+    only when none vanished (a message that cannot be read); *before_commit(infos, hashes)*: of this try."""
+    while True:
+        counted = (progress.messages, progress.bytes) if progress is not None else None
+        try:
+            return await copy_stream(src, infos, dst, mailbox, progress, functools.partial(before_commit, infos)), list(infos)
+        except Vanished:
+            if progress is not None and counted is not None:
+                progress.messages, progress.bytes = counted  # (counted again as this try sends them)
+            left = await surviving(src, [i.uid for i in infos])
+            if len(left) == len(infos) or dst.closed:
+                raise
+            if not (infos := left):
+                return None, []
+
+
+async def surviving(src: BackendProtocol, uids: Sequence[int]) -> list[MessageInfo]:
+    """fetch_infos of those of *uids* still in the mailbox selected on *src*, another session expunging some
+    meanwhile; Vanished if one that a SEARCH finds the FETCH does not (it cannot be read)."""
+    left = await still_there(src, uids)
+    while True:
+        try:
+            return (await fetch_infos(src, left))[0]
+        except Vanished:
+            again = await still_there(src, left)
+            if len(again) == len(left):
+                raise
+            left = again
 
 
 def _answer(done: defer.Deferred[tuple[ResponseStart, bytes]]) -> Callable[[ResponseStart, bytes], None]:

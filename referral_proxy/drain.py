@@ -31,8 +31,6 @@ from collections.abc import Sequence
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
-from .imap.command import ParseError
-from .imap.data import parse_status
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import JournalEntry, Step
 from .mailops import (
@@ -51,7 +49,7 @@ from .mailops import (
 from .routing import MailboxMap
 from .transfer import flag_key, flags_of, hash_messages, hashes_present
 
-__all__ = ["remove_verified", "resume", "settled", "highest_modseq", "take_back_vanished", "copied_of"]
+__all__ = ["remove_verified", "resume", "settled", "take_back_vanished", "copied_of"]
 
 log = Logger()
 
@@ -285,21 +283,6 @@ def _without(uids: Sequence[int], these: Sequence[int]) -> list[int]:
     """*uids* but *these*, in order (a set made once: thousands of UIDs)."""
     gone = set(these)
     return [u for u in uids if u not in gone]
-
-
-async def highest_modseq(conn: BackendProtocol, name: str) -> int | None:
-    """*name*'s HIGHESTMODSEQ (RFC 7162), None without CONDSTORE: a copy whose MODSEQ is past the one
-    its batch had when verified was changed by a client (mail is then never taken back)."""
-    if "CONDSTORE" not in conn.capabilities:
-        return None
-    result = await conn.command(b"STATUS " + name_arg(name) + b" (HIGHESTMODSEQ)")
-    for r in result.responses:
-        if r.start.name == "STATUS":
-            try:
-                return parse_status(*r.arguments).values.get(b"HIGHESTMODSEQ")
-            except ParseError:
-                return None
-    return None
 
 
 def _can_move(conn: BackendProtocol) -> bool:

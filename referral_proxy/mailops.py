@@ -28,7 +28,7 @@ __all__ = ["TransferError", "Vanished", "NotReadAgain", "MailboxGone", "TRYCREAT
            "name_arg", "run_ok", "list_mailboxes", "exists", "create", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
            "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "hidden_messages", "drop_marks",
-           "may_expunge", "myrights", "grants"]
+           "may_expunge", "myrights", "grants", "highest_modseq"]
 
 log = Logger()
 
@@ -38,9 +38,8 @@ UNSET_RETRIES = 100
 
 
 class TransferError(BackendError):
-    """A mail operation stopped; str() is safe to show a client (no client bytes in it). *others*: the
-    untagged responses of the client's selected mailbox its commands had brought and not handed on
-    (an EXPUNGE among them: the client must still be told, or its message numbers drift)."""
+    """A mail operation stopped; str() is safe to show a client (no client bytes in it). *others*: untagged
+    responses of the client's selected mailbox not handed on yet (an EXPUNGE: told, or its numbers drift)."""
 
     others: tuple[bytes, ...] = ()
 
@@ -140,11 +139,9 @@ async def exists(conn: BackendProtocol, name: str) -> bool:
 
 
 async def create(conn: BackendProtocol, name: str) -> None:
-    """CREATE *name*, which the caller found absent and holds reserved. Dovecot 2.3.19 (maildir, ACL)
-    answers some CREATEs ``NO [ALREADYEXISTS]`` although it made the mailbox, while other sessions of
-    the user LIST or MYRIGHTS (measured: 9 and 22 of 400 CREATEs of new names beside two such
-    sessions; a RENAME across answered NO: tests/test_rename_brief_hold.py). Found there right
-    after, empty, it is taken as made; anything else is the refusal."""
+    """CREATE *name*, found absent and reserved. Dovecot 2.3.19 answers some ``NO [ALREADYEXISTS]`` having made
+    it, while the user's other sessions LIST or MYRIGHTS (9 and 22 of 400 beside two: tests/test_rename_brief_hold.py):
+    found there right after, empty, it is taken as made; anything else is the refusal."""
     result = await conn.command(b"CREATE " + name_arg(name))
     if result.ok:
         return
@@ -155,16 +152,12 @@ async def create(conn: BackendProtocol, name: str) -> None:
 
 
 async def refused_target(conn: BackendProtocol, name: str, ask: BackendProtocol | None = None) -> str | None:
-    """None if *name* is a selectable mailbox on *conn*; else the answer (without ``NO``) a COPY or
-    MOVE to it gets: ``[TRYCREATE]`` for a mailbox that is not there, or the backend's own refusal
-    of a name no mailbox can have (Dovecot's "Mailbox name is not valid mUTF-7." for ``a&b`` or raw
-    8-bit bytes), which its own COPY gives; TRYCREATE there sent clients to a CREATE that fails.
-
-    The STATUS asking why goes to *ask* (the client's own session on that backend) when given:
-    Dovecot 2.3 answers a name too long for its file system (a component over 255 bytes: the ACL
-    plugin's open fails first) with its session's LAST storage error, ``[CANNOT] Mailbox name too
-    long`` after the client's CREATE of it, ``[SERVERBUG] BUG: Unknown internal error`` in a new
-    session; its own COPY would say what that session says."""
+    """None if *name* is a selectable mailbox on *conn*; else the answer (without ``NO``) a COPY or MOVE to it
+    gets: ``[TRYCREATE]`` if it is not there, or the backend's own refusal of a name no mailbox can have
+    (Dovecot's "Mailbox name is not valid mUTF-7." for ``a&b``), as its own COPY says (TRYCREATE there sent
+    clients to a CREATE that fails). Asked of *ask*, the client's own session there, when given: Dovecot 2.3
+    answers a name too long for its file system with that session's LAST storage error (``[CANNOT] Mailbox
+    name too long`` after the client's CREATE of it, ``[SERVERBUG]`` in a new session)."""
     if await exists(conn, name):
         return None
     start = (await (ask or conn).command(b"STATUS " + name_arg(name) + b" (MESSAGES)", bounded=True)).start
@@ -276,6 +269,20 @@ async def same_mailbox(conn: BackendProtocol, name: str, validity: int | None, *
     """Select *name*: is it still the mailbox whose UIDs were recorded (UIDVALIDITY *validity*)? One
     deleted and made anew meanwhile holds other messages under the same UIDs: none is acted on."""
     return (await open_mailbox(conn, name, readonly=readonly)).uidvalidity == validity
+
+
+async def highest_modseq(conn: BackendProtocol, name: str) -> int | None:
+    """*name*'s HIGHESTMODSEQ (RFC 7162), None without CONDSTORE: a copy whose MODSEQ is past the one its
+    batch had when verified was changed by a client (never taken back, nor given its source's late flags)."""
+    if "CONDSTORE" not in conn.capabilities:
+        return None
+    for r in (await conn.command(b"STATUS " + name_arg(name) + b" (HIGHESTMODSEQ)")).responses:
+        if r.start.name == "STATUS":
+            try:
+                return parse_status(*r.arguments).values.get(b"HIGHESTMODSEQ")
+            except ParseError:
+                break
+    return None
 
 
 async def search_uids(conn: BackendProtocol, criteria: bytes) -> tuple[list[int], list[bytes]]:

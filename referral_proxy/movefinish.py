@@ -37,7 +37,7 @@ from .mailops import (
     still_there,
 )
 from .routing import MailboxMap
-from .transfer import find_copies, hash_messages, hashes_present
+from .transfer import find_copies, flag_key, flags_of, hash_messages, hashes_present
 
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 log = Logger()
@@ -105,10 +105,11 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     present, _ = await search_uids(src, b"UID " + uid_set(sorted(keep))) if keep else ([], [])
     if "dst_uids" not in data:  # copies found by content: one whose source is gone may be another's message
         verified = await _ours_elsewhere(entry, mailbox_map, src, dst, connect, verified, present, sent)
+    there = set(present)  # sets: thousands of UIDs
+    await _late_flags(src, dst, data, [(s, d) for s, d in verified if s in there])
     # Decided, and journaled before acting: a recovery cut off after the expunge must not find the
     # sources gone and take their copies back as if someone else had moved them (both gone).
     data["present"] = uid_set(present).decode()
-    there = set(present)  # sets: thousands of UIDs
     data["vanished_dst"] = uid_set(d for s, d in verified if s not in there).decode()
     await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
     await expunge_uids(src, present)
@@ -116,6 +117,36 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     await mailbox_map.end_move(entry)
     left = f"; {len(unfound) - len(rest)} left where clients put them and their copies" if len(unfound) > len(rest) else ""
     return f"finished: {len(present)} message(s) removed from the source{left}"
+
+
+async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, pairs: list[tuple[int, int]]) -> None:
+    """Flags a client set or cleared on a source after it was copied, onto its copy, as the MOVE itself
+    carries them when it marks the sources (transfer._carry_flags); recovery dropped them (probe t3 of
+    stop 51: keywords, \\Flagged lost, \\Seen back). Only on a copy no client changed since it was verified
+    (STORE UNCHANGEDSINCE the MODSEQ then, RFC 7162: before, Dovecot counts no MODSEQ at all). \\Deleted
+    is only cleared (a source's may be the move's own mark, set before it was cut off; a client un-deleting
+    a source is carried, or the copy is expunged by the next EXPUNGE). *src*: selected."""
+    unchanged = data.get("dst_modseq")
+    if not pairs or not unchanged or "CONDSTORE" not in dst.capabilities:
+        return  # (a move cut off before its copies were verified: nothing is known of a client's changes)
+    final = await flags_of(src, [s for s, _d in pairs])
+    await open_mailbox(dst, data["dst_mailbox"], readonly=True)  # (EXAMINE: the copies stay \\Recent for a client)
+    now = await flags_of(dst, [d for _s, d in pairs])
+    stores: dict[frozenset[bytes], list[int]] = collections.defaultdict(list)
+    for s, d in pairs:
+        flags, there = final.get(s), now.get(d)
+        if flags is None or there is None:
+            continue
+        kept = {f for f in there if flag_key(f) == b"\\DELETED"} if any(flag_key(f) == b"\\DELETED" for f in flags) else set()
+        want = frozenset(f for f in flags if flag_key(f) != b"\\DELETED") | kept
+        if {flag_key(f) for f in want} != {flag_key(f) for f in there}:
+            stores[want].append(d)
+    if stores:
+        await open_mailbox(dst, data["dst_mailbox"], readonly=False)
+    for want, uids in stores.items():
+        await dst.command(b"UID STORE %s (UNCHANGEDSINCE %d) FLAGS.SILENT (%s)" % (uid_set(uids), unchanged, b" ".join(sorted(want))))
+        log.info("{b}: flags changed on {n} source message(s) after they were copied carried to their copies",
+                 b=src.name, n=len(uids))
 
 
 def _never_committed_or_moved_on(entry: JournalEntry) -> str:

@@ -2,26 +2,22 @@
 
 A mailbox move, journaled step by step (journal.py has the table):
 
-1. Reserve the source and destination subtrees with the journal entry, in one store transaction,
-   before reading anything (``NO [INUSE]`` for anyone else meanwhile).
-2. Plan: the mailbox and its children that the source owns, by exact name and prefix (a name
-   is never a LIST pattern); a destination name that exists refuses the move.
-3. Create each destination mailbox (journaled before and after), copy its messages in bounded MULTIAPPEND
-   batches, each verified by content (sha256 streamed through, compared with the copy read back by its
-   APPENDUID) before it is journaled.
+1. Reserve the source and destination subtrees with the journal entry, in one store transaction, before reading
+   anything (``NO [INUSE]`` for anyone else meanwhile).
+2. Plan: the mailbox and its children that the source owns, by exact name and prefix (a name is never a LIST
+   pattern); a destination name that exists refuses the move.
+3. Create each destination mailbox (journaled before and after), copy its messages in bounded MULTIAPPEND batches,
+   each verified by content (sha256 streamed, compared with the copy its APPENDUID names) before it is journaled.
 4. COMMITTED: every first-pass message is verified. From here on the move is only ever finished, never undone:
    subscriptions, then placements (the map now routes the new names to the destination).
-5. Each source, deepest first, is RENAMEd to a private name on the source backend (deliveries
-   to the old name now fail, and Dovecot's LDA/LMTP delivers to INBOX instead), what arrived
-   meanwhile is copied and verified, exactly the verified UIDs are removed (drain.py: a copied
-   one a client's command took away is taken back from the destination), and the private
-   mailbox is deleted once it is seen empty, also read whole again (mailops.hidden_messages).
-   INBOX is emptied in place in rounds, never deleted; its old backend is watched (oldhome.py).
+5. Each source, deepest first, is RENAMEd to a private name (a delivery to the old name goes to INBOX), what arrived
+   meanwhile is copied and verified, exactly the verified UIDs are removed (drain.py: a copy whose source a client
+   took away is taken back), and the private mailbox is deleted once seen empty, also read whole again
+   (mailops.hidden_messages). INBOX is emptied in place in rounds, never deleted; its old backend is watched.
 
-Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs this move
-appended (recorded, or -- for a batch in flight -- found by content from the UIDNEXT recorded
-before it; one whose source is gone only if its content is elsewhere too: movefinish.unvouched)
-are expunged, and the mailboxes it created are deleted only if nothing else is in them.
+Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs this move appended (recorded, or
+for a batch in flight found by content above the UIDNEXT recorded before it; one whose source is gone only if its
+content is elsewhere too: movefinish.unvouched) are expunged, and mailboxes it created deleted if nothing is in them.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ from __future__ import annotations
 import collections
 import functools
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,13 +35,14 @@ from twisted.logger import Logger
 from .appendturns import MoverTurn
 from .backend import BackendProtocol
 from .boxattrs import carry_attributes
-from .copystream import BATCH_BYTES, BATCH_MESSAGES, batches
-from .drain import copied_of, highest_modseq, remove_verified, resume, take_back_vanished
+from .copystream import BATCH_BYTES, BATCH_MESSAGES, batches, copy_surviving, surviving
+from .drain import copied_of, remove_verified, resume, take_back_vanished
 from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
 from .holds import Appending, begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
+    MessageInfo,
     NotReadAgain,
     TransferError,
     aside_gone,
@@ -53,9 +50,9 @@ from .mailops import (
     drop_marks,
     exists,
     expunge_uids,
-    fetch_infos,
     grants,
     hidden_messages,
+    highest_modseq,
     list_mailboxes,
     myrights,
     name_arg,
@@ -74,7 +71,7 @@ from .relocation import seen_by_then
 from .renamecheck import checked
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
-from .transfer import Progress, copy_stream, find_copies, verify_copies
+from .transfer import Progress, find_copies, verify_copies
 from .validity import create_unlike, kept_uids, refuse_same_inbox
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "BATCH_MESSAGES", "BATCH_BYTES"]
@@ -299,7 +296,7 @@ class Mover:
             raise TransferError("a source mailbox was replaced during the move (UIDVALIDITY changed)")
         uids, _ = await search_uids(src, b"ALL")
         done = copied_of(entry, i)
-        infos, _ = await fetch_infos(src, [u for u in uids if u not in done])
+        infos, moved = await surviving(src, [u for u in uids if u not in done]), 0
         if not infos:
             return 0
         target = await status_now(dst, new)  # dst may hold new selected (EXAMINEd by the last verification)
@@ -310,11 +307,14 @@ class Mover:
             data["pending"] = rec
             await self.mailbox_map.step(entry, Step.DELTA_COPYING if delta else Step.COPYING)
 
-            async def record(hashes: tuple[str, ...], rec: dict = rec) -> None:
-                rec["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
-                await self.mailbox_map.record_before_commit(entry)
+            async def record(batch: Sequence[MessageInfo], hashes: tuple[str, ...], rec: dict = rec) -> None:
+                rec["src"], rec["hashes"] = uid_set(info.uid for info in batch).decode(), list(hashes)  # before the last
+                await self.mailbox_map.record_before_commit(entry)  # byte: a recovery finds the copies by them
 
-            copied = await copy_stream(src, batch, dst, new.encode("utf-8", "surrogateescape"), self.progress, before_commit=record)
+            copied, batch = await copy_surviving(src, batch, dst, new.encode("utf-8", "surrogateescape"), self.progress, record)
+            if copied is None:  # each expunged by another session meanwhile
+                continue
+            moved += len(batch)
             rec["dst"] = uid_set(copied.uids).decode()  # known here: an undo in this process removes them
             if copied.uidvalidity != target.uidvalidity:  # the copies are in the new one: the undo looks there
                 rec["validity"] = copied.uidvalidity
@@ -328,7 +328,8 @@ class Mover:
             data["pending"] = None
             await self.mailbox_map.step(entry, Step.DELTA_COPIED if delta else Step.COPIED)
             lower = max(copied.uids) + 1
-        return len(infos)
+        data["pending"] = None  # (a batch all expunged left its own)
+        return moved
 
     # -- before the commit point: roll back ------------------------------------------------------
 

@@ -42,6 +42,7 @@ from .mailops import (
     exists,
     expunge_uids,
     fetch_infos,
+    highest_modseq,
     may_expunge,
     named_uids,
     open_mailbox,
@@ -382,6 +383,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         return CopyOutcome(untagged, "NO", "The messages were copied, but a copy was changed or removed by another "
                                            "session before it was checked; nothing was removed from the source yet, "
                                            "and the move will be completed or the source kept", 0)
+    entry.data["dst_modseq"] = await highest_modseq(dst, dst_mailbox)  # a copy changed past it: by a client
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:

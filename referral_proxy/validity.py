@@ -23,9 +23,8 @@ from typing import Any
 from twisted.internet import task
 
 from .backend import BackendProtocol
-from .drain import highest_modseq
 from .imap.uidset import uid_set
-from .mailops import TransferError, create, name_arg, open_mailbox, run_ok, status
+from .mailops import TransferError, create, highest_modseq, name_arg, open_mailbox, run_ok, status
 from .staging import run_captured
 from .transfer import flag_key, flags_of
 

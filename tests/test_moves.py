@@ -6,6 +6,7 @@ and by what a client of the proxy can reach, never by the proxy's own answers.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -446,6 +447,93 @@ def _move_killed_after_the_commit(proxy_factory, fleet, work: list[str], uids: b
     assert w.closed(30), "the proxy was not killed at move-appended"
     proxy.process.wait(10)
     return proxy
+
+
+@pytest.mark.parametrize("how", ["admin move", "RENAME across"])
+def test_messages_expunged_between_a_moves_batches_are_left_out_and_the_move_finishes(proxy_factory, fleet, tmp_path,
+                                                                                   how):
+    """Another session expunges 3 copied messages and 3 of the next batch, not yet read, between two batches
+    of a move (Dovecot's own RENAME succeeds whatever others expunge): the move was rolled back whole, "NO
+    unexpected message 503 from b1" (probe t3 of stop 51), and a busy mailbox could never be moved. Now the
+    batch's MULTIAPPEND is refused whole and sent again without them; the copies of the 3 copied go back."""
+    mail = ids("batch", 520)  # two batches (copystream.BATCH_MESSAGES = 500)
+    seed(fleet["b1"], "carol", "Work", mail)
+    pause = tmp_path / "pause"
+    if how == "admin move":
+        proxy = proxy_factory(MASTERS, rules=RULES)
+        mover = start_paused(pause, "copied:1", "move", "--config", str(proxy.config_path), "carol", "Work", "b2")
+    else:
+        proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--pause-at", "copied:1", "--pause-dir", str(pause)))
+        pause.mkdir()
+        w = _logged_in(proxy)
+        w.send(b"r RENAME Work Archive/Work\r\n")
+    assert wait_paused(pause, "copied:1") == "copied:1"
+    with fleet["b1"].client("carol") as m:
+        assert m.select("Work")[0] == "OK"
+        assert m.uid("STORE", "1:3,503:505", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+        assert m.expunge()[0] == "OK"
+    (pause / "resume").touch()
+    if how == "admin move":
+        said = b"".join(part or b"" for part in mover.communicate(timeout=300)).decode()
+        assert mover.returncode == 0, said
+        to = ("b2", "Work")
+    else:
+        answer = w.until_tagged(b"r")
+        assert answer[-1].startswith(b"r OK"), answer
+        to = ("b2", "Archive/Work")
+    gone = [mail[i] for i in (0, 1, 2, 502, 503, 504)]
+    counts, where = census(fleet, "carol")
+    assert judge(counts, [i for i in mail if i not in gone]) == ([], [])
+    assert {where[i][0] for i in mail if i not in gone} == {to}
+    assert _no_entries(proxy)
+
+
+def _flags_by_id(m, mailbox: str) -> dict[str, set[str]]:
+    assert m.select(quote(mailbox), readonly=True)[0] == "OK"
+    typ, data = m.uid("FETCH", "1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+    out = {}
+    for item in data:
+        if isinstance(item, tuple):
+            flags = re.search(rb"FLAGS \(([^)]*)\)", item[0]).group(1).decode().split()
+            out[re.search(rb"<([^>]+)>", item[1]).group(1).decode()] = {f for f in flags if f != "\\Recent"}
+    return out
+
+
+def test_flags_changed_on_a_killed_moves_sources_before_recover_reach_their_copies(proxy_factory, fleet):
+    """Killed at move-appended, sources' flags changed before recovery (probe t3 of stop 51: keywords and
+    \\Flagged lost, \\Seen back, an un-deleted message still \\Deleted at the destination, expunged by the
+    next EXPUNGE). Recovery carries them as the MOVE does, but not onto a copy a client changed meanwhile."""
+    work = ids("late", 6)  # seeded: 1, 4 \Seen; 3, 6 \Flagged $Work; 2, 5 none
+    seed(fleet["b1"], "carol", "Work", work)
+    with fleet["b1"].client("carol") as m:
+        assert m.select("Work")[0] == "OK"
+        assert m.uid("STORE", "5", "+FLAGS", "(\\Deleted)")[0] == "OK"
+    seed(fleet["b3"], "carol", "Shared/Dest", [])
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    w = _logged_in(proxy)
+    assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
+    w.send(b"m UID MOVE 1:* Shared/Dest\r\n")
+    assert w.closed(30), "the proxy was not killed at move-appended"
+    proxy.process.wait(10)
+    with fleet["b1"].client("carol") as m:
+        assert m.select("Work")[0] == "OK"
+        for uids, change, flags in (("1", "-FLAGS", "(\\Seen)"), ("2", "+FLAGS", "(\\Answered kwlate)"),
+                                    ("3", "-FLAGS", "(\\Flagged)"), ("5", "-FLAGS", "(\\Deleted)"),
+                                    ("4", "-FLAGS", "(\\Seen)")):
+            assert m.uid("STORE", uids, change, flags)[0] == "OK"
+    with fleet["b3"].client("carol") as m:  # a client's change on the copy of 4: the copy's flags are its own now
+        assert m.select(quote("Shared/Dest"))[0] == "OK"
+        typ, data = m.uid("SEARCH", "HEADER", "Message-Id", work[3])
+        assert m.uid("STORE", data[0].decode(), "+FLAGS", "(\\Answered)")[0] == "OK"
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "finished" in recovered.stdout, recovered.stdout + recovered.stderr
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], [])
+    with fleet["b3"].client("carol") as m:
+        got = _flags_by_id(m, "Shared/Dest")
+    assert got == {work[0]: set(), work[1]: {"\\Answered", "kwlate"}, work[2]: {"$Work"},
+                   work[3]: {"\\Seen", "\\Answered"}, work[4]: set(), work[5]: {"\\Flagged", "$Work"}}, got
+    assert _no_entries(proxy)
 
 
 @pytest.mark.parametrize("then", ["moved on", "moved to a third backend", "expunged"])
