@@ -37,7 +37,7 @@ from .mailops import (
     still_there,
 )
 from .routing import MailboxMap
-from .transfer import find_copies, flag_key, flags_of, hash_messages, hashes_present
+from .transfer import carry_flags, find_copies, flag_key, flags_of, hash_messages, hashes_present
 
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 log = Logger()
@@ -120,33 +120,28 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
 
 
 async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, pairs: list[tuple[int, int]]) -> None:
-    """Flags a client set or cleared on a source after it was copied, onto its copy, as the MOVE itself
-    carries them when it marks the sources (transfer._carry_flags); recovery dropped them (probe t3 of
-    stop 51: keywords, \\Flagged lost, \\Seen back). Only on a copy no client changed since it was verified
-    (STORE UNCHANGEDSINCE the MODSEQ then, RFC 7162: before, Dovecot counts no MODSEQ at all). \\Deleted
-    is only cleared (a source's may be the move's own mark, set before it was cut off; a client un-deleting
-    a source is carried, or the copy is expunged by the next EXPUNGE). *src*: selected."""
-    unchanged = data.get("dst_modseq")
-    if not pairs or not unchanged or "CONDSTORE" not in dst.capabilities:
-        return  # (a move cut off before its copies were verified: nothing is known of a client's changes)
-    final = await flags_of(src, [s for s, _d in pairs])
-    await open_mailbox(dst, data["dst_mailbox"], readonly=True)  # (EXAMINE: the copies stay \\Recent for a client)
-    now = await flags_of(dst, [d for _s, d in pairs])
-    stores: dict[frozenset[bytes], list[int]] = collections.defaultdict(list)
+    """Flags a client set or cleared on a source after it was copied (journaled as copied), onto its copy, added
+    and cleared, never replaced, as the MOVE itself carries them (transfer.carry_flags); recovery dropped them
+    (probe t3 of stop 51: keywords, \\Flagged lost, \\Seen back). \\Deleted only cleared: the move may have set
+    the source's before it was cut off, a client un-deleting it is carried. *src*: with the source selected."""
+    if not pairs or "src_flags" not in data:  # (an entry of an older version)
+        return
+    before = dict(zip(expand_uid_set(data["src_uids"]), data["src_flags"]))
+    now = await flags_of(src, [s for s, _d in pairs])
+    changes: dict[int, tuple[set[bytes], set[bytes]]] = {}
     for s, d in pairs:
-        flags, there = final.get(s), now.get(d)
-        if flags is None or there is None:
+        if (after := now.get(s)) is None or (was := before.get(s)) is None:
             continue
-        kept = {f for f in there if flag_key(f) == b"\\DELETED"} if any(flag_key(f) == b"\\DELETED" for f in flags) else set()
-        want = frozenset(f for f in flags if flag_key(f) != b"\\DELETED") | kept
-        if {flag_key(f) for f in want} != {flag_key(f) for f in there}:
-            stores[want].append(d)
-    if stores:
-        await open_mailbox(dst, data["dst_mailbox"], readonly=False)
-    for want, uids in stores.items():
-        await dst.command(b"UID STORE %s (UNCHANGEDSINCE %d) FLAGS.SILENT (%s)" % (uid_set(uids), unchanged, b" ".join(sorted(want))))
+        had = {flag_key(f): f for f in was.encode("utf-8", "surrogateescape").split()}
+        has = {flag_key(f): f for f in after}
+        added = {has[k] for k in has.keys() - had.keys() if k not in (b"\\DELETED", b"\\RECENT")}
+        removed = {had[k] for k in had.keys() - has.keys() if k != b"\\RECENT"}
+        if added or removed:
+            changes[d] = (added, removed)
+    await carry_flags(dst, data["dst_mailbox"], data["dst_validity"], changes)
+    if changes:
         log.info("{b}: flags changed on {n} source message(s) after they were copied carried to their copies",
-                 b=src.name, n=len(uids))
+                 b=src.name, n=len(changes))
 
 
 def _never_committed_or_moved_on(entry: JournalEntry) -> str:

@@ -42,7 +42,6 @@ from .mailops import (
     exists,
     expunge_uids,
     fetch_infos,
-    highest_modseq,
     may_expunge,
     named_uids,
     open_mailbox,
@@ -56,7 +55,7 @@ from .mailops import (
 from .routing import MailboxMap, normalize
 
 __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", "hash_messages", "verify_copies",
-           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown", "flag_key", "flags_of"]
+           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown", "flag_key", "flags_of", "carry_flags"]
 
 log = Logger()
 
@@ -347,7 +346,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     uids = [i.uid for i in infos]
     entry.data.update({"src": src.name, "src_mailbox": src_mailbox, "src_validity": src_state.uidvalidity,
                        "src_uids": uid_set(uids).decode(), "dst": dst.name, "dst_mailbox": dst_mailbox,
-                       "dst_validity": dst_state.uidvalidity, "dst_uidnext": dst_state.uidnext})
+                       "dst_validity": dst_state.uidvalidity, "dst_uidnext": dst_state.uidnext,
+                       "src_flags": [b" ".join(i.flags).decode("utf-8", "surrogateescape") for i in infos]})
     await mailbox_map.step(entry, Step.MOVE_APPENDING)
     async def record(hashes: tuple[str, ...]) -> None:
         entry.data["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
@@ -383,7 +383,6 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         return CopyOutcome(untagged, "NO", "The messages were copied, but a copy was changed or removed by another "
                                            "session before it was checked; nothing was removed from the source yet, "
                                            "and the move will be completed or the source kept", 0)
-    entry.data["dst_modseq"] = await highest_modseq(dst, dst_mailbox)  # a copy changed past it: by a client
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
     try:
@@ -394,7 +393,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copy_of, set(flags_now), untagged)
         present = sorted(flags_now)
         try:  # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
-            await _carry_flags(dst, dst_mailbox, copied.uidvalidity, _changes(infos, flags_now, copy_of))
+            await carry_flags(dst, dst_mailbox, copied.uidvalidity, _changes(infos, flags_now, copy_of))
         except BackendError as e:
             log.warn("MOVE: flags changed on {src} during the move not carried to {dst} ({why})",
                      src=src.name, dst=dst.name, why=str(e))
@@ -545,7 +544,7 @@ async def flags_of(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, froz
     return {u: f for u, f in present.items() if f is not None}
 
 
-async def _carry_flags(dst: BackendProtocol, mailbox: str, validity: int, changes: dict[int, tuple[set[bytes], set[bytes]]]) -> None:
+async def carry_flags(dst: BackendProtocol, mailbox: str, validity: int, changes: dict[int, tuple[set[bytes], set[bytes]]]) -> None:
     """Flags set or cleared on the source while the MOVE ran, onto the copies: {copy UID: (added,
     removed)}, added and cleared, never replaced (a client may be flagging the copy already)."""
     if not changes:
