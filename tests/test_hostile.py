@@ -91,10 +91,13 @@ def test_idle_reads_only_done_and_what_follows_is_the_next_command():
 
 def test_anything_but_done_during_idle_ends_it_and_never_reaches_the_backend():
     h = _idling()
+    # The line is text, as Dovecot reads it (its {3+} no literal: probe t2 of stop 51); "abc" is the next line
     h.send(b"S1 CREATE Shared/Ghost {3+}\r\nabc\r\nn NOOP\r\n")
-    assert h.to_backend() == b"rp1 IDLE\r\nDONE\r\nrp2 NOOP\r\n"
-    h.from_backend(b"rp1 OK Idle completed.\r\nrp2 OK NOOP completed.\r\n")
-    assert h.to_client() == b"i BAD Expected DONE.\r\nn OK NOOP completed.\r\n"
+    assert h.to_backend() == b"rp1 IDLE\r\nDONE\r\n"
+    h.from_backend(b"rp1 OK Idle completed.\r\n")
+    assert h.to_backend() == b"rp2 NOOP\r\n"  # after abc's BAD, which waited for the IDLE's answer
+    h.from_backend(b"rp2 OK NOOP completed.\r\n")
+    assert h.to_client() == b"i BAD Expected DONE.\r\nabc BAD Invalid command: missing command name\r\nn OK NOOP completed.\r\n"
 
 
 def test_idle_refused_at_once_leaves_no_line_mode_behind():
