@@ -109,6 +109,9 @@ INUSE = "[INUSE] Mailbox is being moved to another server; try again shortly"
 READ_ONLY = ("[READ-ONLY] The mailbox was opened with EXAMINE: nothing was moved; SELECT it to move "
               "messages to another server")
 _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or referral-proxy-aside- are reserved"
+#: CREATE and RENAME while the map store is unavailable: the map held may be stale (another proxy moved the name's
+#: mailbox meanwhile; made where the stale map says, it is a stray no client sees once the map is read again)
+UNMADE = "[UNAVAILABLE] The mailbox map is unreachable; mailboxes are created and renamed once it is back"
 
 
 class MailboxCommands:
@@ -319,6 +322,8 @@ class MailboxCommands:
         if target is None:
             return
         mailbox, route = target
+        if cmd.name == "CREATE" and not self.host.mailbox_map.available:
+            return self.refuse_no(cmd.tag, UNMADE)
         others = ([b for b in self.host.mailbox_map.backends_for(self.host.user or "") if b not in route.backends]
                   if cmd.name == "UNSUBSCRIBE" else [])
         if COMMANDS[cmd.name].referred and self.refers(route, mailbox):
@@ -400,6 +405,8 @@ class MailboxCommands:
         old, new = self.inbox_cased(old), self.inbox_cased(new)
         if is_private_name(old) or is_private_name(new):
             return self.refuse_no(cmd.tag, _RESERVED)
+        if not host.mailbox_map.available:
+            return self.refuse_no(cmd.tag, UNMADE)
         if under_itself(old.decode("utf-8", "surrogateescape"), new.decode("utf-8", "surrogateescape"),
                         host.mailbox_map.separator):
             return self.refuse_no(cmd.tag, UNDER_ITSELF)  # as Dovecot, whichever backends own the names

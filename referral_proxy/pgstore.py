@@ -2,31 +2,27 @@
 
 How it keeps store.MapStore's contract:
 
-* the reactor never waits: every statement runs in a bounded thread pool (POOL_SIZE
-  threads, each with its own connection) through ``deferToThreadPool``, with a connect
-  timeout, a statement and lock timeout, and TCP keepalives;
-* every write that changes what routing reads (placements, a move's begin and end)
-  updates the one row of ``map_state`` (its ``change`` counter, which also serializes
-  those writes: two overlapping moves can never both begin) and sends ``NOTIFY
-  referral_proxy_map`` in the same transaction;
-* a listener thread, on its own connection, LISTENs, and on each notification (and
-  after each reconnect) re-reads placements and reservations in one REPEATABLE READ
-  transaction; ``poll()`` hands the newest to the reactor thread without I/O, never one
-  older than this process's own last write (its ``change``); it writes the change it
-  has read in ``listeners`` (and a heartbeat every HEALTH_SECONDS), and ``settle()``
-  waits until every live listener has read this process's last write; a change that brings
-  journal entries new to a listener is said read only once its reactor confirms it (``on_new_entries``,
-  proxyappends.py: its APPENDs under way to their names answered), and ``confirmed()`` waits for that;
-* a move's owner holds a lease (``lease_until``, the database's clock), renewed by its
-  process; recovery takes an entry over only when the lease has run out (or its owner,
-  on this host, is dead), by compare-and-set; each journal step is written only while
-  the writer still owns the entry (LostEntry otherwise);
+* the reactor never waits: every statement runs in a bounded thread pool (POOL_SIZE threads, each with its own
+  connection) through ``deferToThreadPool``, with a connect timeout, a statement and lock timeout, and TCP
+  keepalives;
+* every write that changes what routing reads (placements, a move's begin and end) updates the one row of
+  ``map_state`` (its ``change`` counter, which also serializes those writes: two overlapping moves can never both
+  begin) and sends ``NOTIFY referral_proxy_map`` in the same transaction;
+* a listener thread, on its own connection, LISTENs, and on each notification (and after each reconnect) re-reads
+  placements and reservations in one REPEATABLE READ transaction; ``poll()`` hands the newest to the reactor thread
+  without I/O, never one older than this process's own last write (its ``change``); it writes the change it has read
+  in ``listeners`` (and a heartbeat every HEALTH_SECONDS), and ``settle()`` waits until every live listener has read
+  this process's last write; a change that brings journal entries new to a listener is said read only once its
+  reactor confirms it (``on_new_entries``, proxyappends.py: its APPENDs under way to their names answered), and
+  ``confirmed()`` waits for that;
+* a move's owner holds a lease (``lease_until``, the database's clock), renewed by its process; recovery takes an
+  entry over only when the lease has run out (or its owner, on this host, is dead), by compare-and-set; each journal
+  step is written only while the writer still owns the entry (LostEntry otherwise);
 * a connection error or timeout raises StoreUnavailable: nothing was written;
-* a server that answers nothing at all (SIGSTOPped, a frozen VM: the kernel keeps its sockets
-  open, so neither keepalives nor its own statement_timeout end the wait) is given up on after
-  CLIENT_DEADLINE: StoreUnavailable, and every statement fails at once until the listener hears
-  from it again. Such a write may still land when the server wakes: callers that would act on
-  "nothing was written" (a move's roll-back) leave the entry to recovery instead.
+* a server that answers nothing at all (SIGSTOPped, a frozen VM: the kernel keeps its sockets open, so neither
+  keepalives nor its own statement_timeout end the wait) is given up on after CLIENT_DEADLINE: StoreUnavailable, and
+  every statement fails at once until the listener hears from it again. Such a write may still land when the server
+  wakes: callers that would act on "nothing was written" (a move's roll-back) leave the entry to recovery instead.
 """
 
 from __future__ import annotations
@@ -73,12 +69,12 @@ CONNECT_TIMEOUT = 5  # seconds
 STATEMENT_TIMEOUT_MS = 10_000  # a statement (or a lock wait) longer than this fails: StoreUnavailable
 IDLE_CHECK_SECONDS = 1.0  # a pooled connection idle longer is checked (SELECT 1) before a write uses it
 HEALTH_SECONDS = 2.0
-SETTLE_SECONDS = 2.0  # a move's begin and end wait at most this long for every live proxy to have read them
+FENCE_SECONDS = 4.0  # a listener that heard nothing from the server this long: its map may be stale (_watch)
 CLIENT_DEADLINE = CONNECT_TIMEOUT + STATEMENT_TIMEOUT_MS / 1000 + 2  # a statement's thread waited longer: hung
 CONFIRM_LIMIT = 15.0  # a change not confirmed this long (proxyappends.CONFIRM_WAIT: 12 s) is said read anyway
-LIVE_SECONDS = 3 * HEALTH_SECONDS  # a listener silent longer is taken for gone (settle does not wait for it)  # the listener checks its connection this often when nothing is notified
-_OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS} " \
-           f"-c idle_in_transaction_session_timeout=60000"
+LIVE_SECONDS = 3 * HEALTH_SECONDS  # a listener silent longer is taken for gone (settle does not wait for it)
+SETTLE_SECONDS = LIVE_SECONDS + HEALTH_SECONDS  # a stalled listener is gone by then, its proxy making no name
+_OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout=60000"
 
 
 def _conninfo(dsn: str, name: str) -> str:
@@ -180,6 +176,7 @@ class PostgresStore:
         self._listener: threading.Thread | None = None
         self._started = False
         self.available = True
+        self._heard = time.monotonic()  # when the listener last heard the server (_watch)
         self._hung = False  # a statement outlived CLIENT_DEADLINE: fail at once until the listener hears the server
         self.on_availability: Callable[[bool], None] | None = None  # called in the reactor thread
         # proxyappends.confirmer: called in the reactor thread with a change that brought journal entries
@@ -220,6 +217,16 @@ class PostgresStore:
         self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
         self._listener = threading.Thread(target=self._listen, name="map-store-listener", daemon=True)
         self._listener.start()
+        self._heard = time.monotonic()
+        threading.Thread(target=self._watch, name="map-store-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        """A listener stalled (a half-open socket, a frozen server process: probe t5 of stop 51) hears no change and
+        says nothing: after FENCE_SECONDS unheard the store is unavailable (no name made: routing.available) until
+        the listener has read the map again, before LIVE_SECONDS (no settle() goes on without it by then)."""
+        while not self._stopping.wait(FENCE_SECONDS / 8):
+            if self.available and time.monotonic() - self._heard > FENCE_SECONDS:
+                self._set_available(False)
 
     def _publish(self, change: int, snapshot: Snapshot) -> None:
         with self._lock:
@@ -319,6 +326,7 @@ class PostgresStore:
 
     def _answered(self) -> None:
         """The server answered the listener: statements may be sent again."""
+        self._heard = time.monotonic()
         self._hung = False
         self._set_available(True)
 
@@ -331,8 +339,6 @@ class PostgresStore:
                 self._idle.get_nowait()[0].close()
             except queue.Empty:
                 break
-
-    # -- running statements ----------------------------------------------------------------------
 
     def _checked_out(self) -> psycopg.Connection[Any]:
         """An idle connection that still answers (one idle a while is asked first: a server
@@ -395,15 +401,11 @@ class PostgresStore:
             if self._pending_change < self._floor:
                 self._pending = None
 
-    # -- the contract -------------------------------------------------------------------------
-
     async def settle(self) -> None:
-        """Wait (SETTLE_SECONDS at most) until every live proxy's listener has read this process's
-        last write (live: it said so in ``listeners`` within LIVE_SECONDS). Never raises.
-
-        A move's begin waits for this before it reads anything, and its end before its client
-        is answered: the next command of any client, through any proxy, finds the names held,
-        then free. A proxy cut from the database is not waited for (it routes from its cache)."""
+        """Wait (SETTLE_SECONDS at most) until every live proxy's listener (in ``listeners`` within LIVE_SECONDS)
+        has read this process's last write; never raises. A move's begin waits before it reads anything, its end
+        before its client is answered: any client's next command, through any proxy, finds the names held, then
+        free. A proxy cut from the database is not waited for: it routes from its cache, and makes no name (_watch)."""
         behind = await self._behind(SETTLE_SECONDS)
         if behind:
             log.warn("map store: {n} proxy listener(s) had not read change {c} after {s}s: {ids}", n=len(behind),

@@ -255,7 +255,7 @@ class MailboxMap:
 
     @property
     def available(self) -> bool:
-        """False while the store is unreachable (routing goes on from the snapshot)."""
+        """False while the store is unreachable: routing goes on from the snapshot, no name is made (mailboxes.UNMADE)."""
         return bool(getattr(self._store, "available", True))
 
     @property

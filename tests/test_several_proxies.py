@@ -336,3 +336,50 @@ def test_a_rename_never_takes_over_the_name_of_a_mailbox_placed_elsewhere(proxy_
     assert {where[i][0] for i in far} == {("b2", "Shared/Z/c")}
     _exactly_once(fleet, [a, b], "carol", work + child + far)
     assert _entries(pg_dsn) == 0
+
+
+def _listener_backends(dsn: str) -> set[int]:
+    """The server processes of every proxy's listener connection (pg_stat_activity)."""
+    with psycopg.connect(dsn) as conn:
+        return {int(r[0]) for r in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'referral-proxy listener'").fetchall()}
+
+
+def test_a_proxy_whose_listener_stalls_makes_no_mailbox_from_its_stale_map(proxy_factory, fleet, pg_dsn):
+    """B's listener connection stalls (its server process SIGSTOPped: a half-open socket, a frozen process)
+    while `move carol Work b2` runs: B heard nothing, said nothing, and routed Work to b1; its client's
+    APPEND got TRYCREATE, CREATE made Work on b1, five APPENDs were answered OK there, and once B read the
+    map again they were in a stray no client reaches (probe t5 of stop 51). Now B says the store is
+    unreachable after pgstore.FENCE_SECONDS and makes no name meanwhile; the move waits for B's listener
+    (pgstore.SETTLE_SECONDS) until B either read it or has stopped making names."""
+    import os
+    import signal
+
+    work = ids("work", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    a = proxy_factory(_config(pg_dsn), rules=RULES)
+    before = _listener_backends(pg_dsn)
+    b = proxy_factory(_config(pg_dsn), rules=RULES)
+    wait_for(lambda: _listener_backends(pg_dsn) - before, 10)
+    stalled = sorted(_listener_backends(pg_dsn) - before)
+    on_b = _logged_in(b)
+    for pid in stalled:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        moved = cli("move", "--config", str(a.config_path), "carol", "Work", "b2")
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        appended = on_b.cmd(b"a", b"APPEND Work {12+}\r\nSubject: x\r\n")
+        assert appended[-1].startswith(b"a NO [TRYCREATE]"), appended  # gone from b1, B still routes it there
+        created = on_b.cmd(b"c", b"CREATE Work")
+        assert created[-1].startswith(b"c NO [UNAVAILABLE]"), created
+        assert "map store: PostgreSQL unreachable" in b.stderr_text()
+    finally:
+        for pid in stalled:
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while b"* 5 EXISTS" not in b"".join(reply := on_b.cmd(b"s", b"SELECT Work")):
+        assert time.monotonic() < deadline, reply  # B has read the map again: Work is on b2
+        time.sleep(0.2)
+    on_b.close()
+    _exactly_once(fleet, [a, b], "carol", work)
+    assert {where[0] for where in census(fleet, "carol")[1].values()} == {("b2", "Work")}
