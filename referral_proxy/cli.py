@@ -68,6 +68,8 @@ def main(argv: Sequence[str] | None = None, *, on_step: Callable[[Any], None] | 
     move.add_argument("user")
     move.add_argument("mailbox", help='the mailbox (its children go along), or "*" for every mailbox of the user')
     move.add_argument("backend")
+    move.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                      help="while another move or a client's RENAME holds a name, try again this long (default 60)")
     recover = sub.add_parser("recover", help="finish or roll back moves a stopped proxy left half done")
     recover.add_argument("--config", "-c", dest="move_config", required=True)
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -204,6 +204,8 @@ class ProgressBar:
         self.out.flush()
 
 
+BUSY_RETRY = 0.2  # seconds between tries while a client's RENAME across or another move holds a name (--wait)
+
 def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> int:
     loaded = _load(args.move_config, on_step)
     if loaded is None:
@@ -244,36 +246,23 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
                                                          src_name):
                 return 1  # what the operator meant (the user's mail on that backend) is not so
             return 0  # nothing to carry: not a transfer, not counted
-        mover = Mover(mailbox_map, connect, user, clock=reactor,
-                      turn=mover_turn(Standalone.of(mailbox_map, config.map.store, reactor), user),
-                      seen_by_others=seen_by_another_process(mailbox_map.store))
-        try:
-            totals = await _totals(connect, src_name, mover, args.mailbox)
-            mover.progress.on_message = ProgressBar(*totals)
-            started = time.monotonic()
-            result = await mover.rename(args.mailbox, args.mailbox, src_name, args.backend)
-        except MoveIncomplete as e:
-            await _count(mailbox_map, "ok", mover.progress.bytes)  # committed: the mail is in its new place
-            sys.stderr.write(f"\nreferral-proxy: move committed but not finished: {e}\n"
-                             "run `referral-proxy recover` (or a running proxy will) to finish it\n")
-            return 1
-        except (TransferError, BackendError) as e:
-            await _count(mailbox_map, "failed", 0)
-            if mover.left_to_recovery:
-                sys.stderr.write(f"\nreferral-proxy: move failed: {e}; its roll-back failed too and is left to "
-                                 "`referral-proxy recover` (or a running proxy): the source is untouched\n")
-            else:
-                sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
-            return 1
-        except StoreUnavailable as e:  # stopped or hung mid-move: its journal entry says how far it went
-            await _count(mailbox_map, "failed", 0)
-            sys.stderr.write(f"\nreferral-proxy: move stopped, the map store failed: {e}\nrun `referral-proxy "
-                             "recover` (or a running proxy will) once the map store is back: it finishes or undoes "
-                             "the move\n")
-            return 1
-        except BaseException:
-            await _count(mailbox_map, "failed", 0)  # anything else (the store lost mid-move...): said by _run
-            raise
+        busy_until = time.monotonic() + args.wait
+        while True:
+            mover = Mover(mailbox_map, connect, user, clock=reactor,
+                          turn=mover_turn(Standalone.of(mailbox_map, config.map.store, reactor), user),
+                          seen_by_others=seen_by_another_process(mailbox_map.store))
+            try:
+                totals = await _totals(connect, src_name, mover, args.mailbox)
+                mover.progress.on_message = ProgressBar(*totals)
+                started = time.monotonic()
+                result = await mover.rename(args.mailbox, args.mailbox, src_name, args.backend)
+                break
+            except TransferError as e:  # a name held by a client's RENAME across or another move: begun, nothing
+                if not str(e).startswith("[INUSE]") or mover.left_to_recovery or time.monotonic() > busy_until:
+                    return await _failed(mailbox_map, mover, e)  # (probe t1: a user's RENAMEs starved every try)
+                await task.deferLater(reactor, BUSY_RETRY, lambda: None)
+            except BaseException as e:
+                return await _failed(mailbox_map, mover, e)
         await _count(mailbox_map, "ok", result.bytes)
         elapsed = time.monotonic() - started
         sys.stderr.write("\n")
@@ -290,6 +279,29 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         return 0
 
     return _run(main)
+
+
+async def _failed(mailbox_map: MailboxMap, mover: Mover, e: BaseException) -> int:
+    """The move's failure, said and counted: 1 (anything unforeseen is raised, said by _run)."""
+    if isinstance(e, MoveIncomplete):
+        await _count(mailbox_map, "ok", mover.progress.bytes)  # committed: the mail is in its new place
+        sys.stderr.write(f"\nreferral-proxy: move committed but not finished: {e}\n"
+                         "run `referral-proxy recover` (or a running proxy will) to finish it\n")
+        return 1
+    await _count(mailbox_map, "failed", 0)
+    if isinstance(e, (TransferError, BackendError)):
+        if mover.left_to_recovery:
+            sys.stderr.write(f"\nreferral-proxy: move failed: {e}; its roll-back failed too and is left to "
+                             "`referral-proxy recover` (or a running proxy): the source is untouched\n")
+        else:
+            sys.stderr.write(f"\nreferral-proxy: move failed, nothing changed: {e}\n")
+        return 1
+    if isinstance(e, StoreUnavailable):  # stopped or hung mid-move: its journal entry says how far it went
+        sys.stderr.write(f"\nreferral-proxy: move stopped, the map store failed: {e}\nrun `referral-proxy "
+                         "recover` (or a running proxy will) once the map store is back: it finishes or undoes "
+                         "the move\n")
+        return 1
+    raise e  # anything else (the store lost mid-move...): said by _run
 
 
 async def _count(mailbox_map: MailboxMap, result: str, nbytes: int) -> None:

@@ -11,7 +11,7 @@ import sqlite3
 
 import pytest
 from conftest import deep_merge
-from movecheck import LEFT_TO_RECOVER, census, cli, faulty, judge, seed
+from movecheck import LEFT_TO_RECOVER, census, cli, faulty, judge, seed, start_paused
 from storehelp import REACTOR, now
 from test_ops_dovecot import scrape, value
 
@@ -99,7 +99,7 @@ def test_admin_moves_are_counted_once_in_every_proxys_metrics(proxy_factory, fle
     entry = now(holder.begin_move("carol", "move", [Reservation("Work")], {}, "elsewhere.example:1:1", "/"))
     now(holder.journal_step(entry, Step.COPYING, {}, "elsewhere.example:1:1"))  # under way: no holds.WAIT
     try:
-        busy = cli("move", "--config", str(a.config_path), "carol", "Work", "b1")
+        busy = cli("move", "--config", str(a.config_path), "--wait", "0.5", "carol", "Work", "b1")
     finally:
         now(holder.end_move(entry))
         now(holder.close())
@@ -147,3 +147,29 @@ def test_a_move_whose_count_cannot_be_written_still_moves_and_says_so(proxy_fact
     assert judge(counts, work) == ([], []) and {where[i][0] for i in work} == {("b2", "Work")}
     t = _transfers(port)  # nothing counted, and the scrape still answers
     assert (t[("admin_move", "ok")], t["admin_move"]) == (0, 0)
+
+
+def test_a_move_waits_its_turn_while_a_name_is_held(proxy_factory, fleet, tmp_path):
+    """A user whose clients RENAME across back to back held a name at every try: `move carol '*' b2` failed
+    at once with [INUSE], 10 tries of 10 (probe t1 of stop 51). It now tries again for --wait seconds (60 by
+    default): here another move holds Work for 1.5 s, and the admin move goes through after it."""
+    import time
+
+    work = [f"w-{i}@t" for i in range(5)]
+    seed(fleet["b1"], "carol", "Work", work)
+    store = f"sqlite:{tmp_path / 'map.sqlite3'}"
+    (a, _port), = _proxies(proxy_factory, store, n=1)
+    from referral_proxy.routing import open_store
+
+    holder = open_store(store, REACTOR)
+    holder.start()
+    entry = now(holder.begin_move("carol", "move", [Reservation("Work")], {}, "elsewhere.example:1:1", "/"))
+    now(holder.journal_step(entry, Step.COPYING, {}, "elsewhere.example:1:1"))  # under way: refused at once
+    mover = start_paused(tmp_path / "none", "never:1", "move", "--config", str(a.config_path), "carol", "Work", "b2")
+    time.sleep(1.5)  # its first tries meet the hold
+    now(holder.end_move(entry))
+    now(holder.close())
+    out = mover.communicate(timeout=120)[0].decode()
+    assert mover.returncode == 0 and "moved carol Work" in out, out
+    counts, where = census(fleet, "carol")
+    assert judge(counts, work) == ([], []) and {where[i][0] for i in work} == {("b2", "Work")}
