@@ -179,3 +179,19 @@ def test_a_delivery_to_the_destination_inbox_during_a_move_onto_its_uidvalidity_
     counts, where = census(fleet, "carol")
     assert judge(counts, [*mail, "late@t"]) == ([], [])
     assert {where[i][0] for i in mail} == {("b1", "INBOX")} and where["late@t"][0] == ("b2", "INBOX")
+
+
+def test_a_source_uidvalidity_minutes_ahead_of_the_clock_is_crossed(proxy_factory, fleet):
+    """A user's folder churn (CREATE, DELETE) puts a backend's UIDVALIDITY counter ahead of the clock: 350 of them,
+    ~347 s ahead, and `move` was refused, [CANNOT] ... not above, at every try until the clock caught up
+    (probe t1 of stop 51: the recreations were capped at 300). Here 400 s ahead: moved, its UIDVALIDITY above."""
+    mail = ids("ahead", 3)
+    seed(fleet["b1"], "carol", "Box", mail)
+    ahead = int(time.time()) + 400
+    set_validity(fleet["b1"], "carol", "Box", ahead)
+    proxy = proxy_factory(MASTERS)
+    done = cli("move", "--config", str(proxy.config_path), "carol", "Box", "b2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert validity_of(fleet["b2"], "carol", "Box") > ahead
+    counts, where = census(fleet, "carol")
+    assert judge(counts, mail) == ([], []) and {where[i][0] for i in mail} == {("b2", "Box")}
