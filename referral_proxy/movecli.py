@@ -37,7 +37,7 @@ from .journal import StoreUnavailable
 from .mailops import TransferError, exists, name_arg, status
 from .mover import Connect, MoveIncomplete, Mover
 from .oldhome import carry_old_homes
-from .recovery import SWEEP_SECONDS, master_connector, recover_all
+from .recovery import SWEEP_SECONDS, describe, master_connector, recover_all
 from .relocation import seen_by_another_process
 from .routing import OLD_HOME_WATCH, MailboxMap, StepHook, normalize, open_store
 from .transfer import Progress
@@ -165,12 +165,18 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
         lines += await carry_old_homes(mailbox_map, connector, reactor, turns)  # mail that reached an old INBOX since
         for line in lines:
             print(line, flush=True)
-        left = len(await mailbox_map.entries())
+        left = await mailbox_map.entries()
         await mailbox_map.close()
         if not lines and not left:
             print("nothing to recover")
         elif left:
-            print(f"{left} entr{'y' if left == 1 else 'ies'} left in the journal (running elsewhere, or not recovered)")
+            print(f"{len(left)} entr{'y' if len(left) == 1 else 'ies'} left in the journal (running elsewhere, or "
+                  "not recovered):")
+            for e in left:  # (probe t5: an owner alive that gave its move up holds it until its lease runs out)
+                held = f"held by {e.owner}" + (" (running)" if e.lease_expired is None else  # (no leases: SQLite)
+                                               f" until its lease ({config.map.lease_seconds:g} s, renewed while it "
+                                               "works) runs out")
+                print(f"  {describe(e)}: " + (held if e.owner else "nobody's: the sweep retries it"))
         return 1 if any("NOT recovered" in line for line in lines) else 0
 
     return _run(main)

@@ -167,6 +167,9 @@ def test_a_move_waits_its_turn_while_a_name_is_held(proxy_factory, fleet, tmp_pa
     now(holder.journal_step(entry, Step.COPYING, {}, "elsewhere.example:1:1"))  # under way: refused at once
     mover = start_paused(tmp_path / "none", "never:1", "move", "--config", str(a.config_path), "carol", "Work", "b2")
     time.sleep(1.5)  # its first tries meet the hold
+    held = cli("recover", "--config", str(a.config_path))  # and `recover` says who holds it
+    assert "left in the journal" in held.stdout, held.stdout
+    assert "held by elsewhere.example:1:1" in held.stdout, held.stdout
     now(holder.end_move(entry))
     now(holder.close())
     out = mover.communicate(timeout=120)[0].decode()
