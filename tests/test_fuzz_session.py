@@ -28,6 +28,7 @@ def test_mutated_sessions_are_answered_or_end_with_a_clean_bye(proxy_factory, fl
     assert [(f.index, f.verdict, f.detail) for f in stats.failures] == []
     assert problems == []
     assert stats.verdicts.get("answered", 0) > STREAMS // 2  # most streams reach their sentinel
+    assert stats.verdicts.get("backend-serverbug", 0) <= 3, stats.verdicts  # Dovecot's own, under the churn: rare
     # Bounded: what thousands of sessions leave behind is not kept (a closed backend
     # connection per logged-in session was, 9 KB each, until the fuzzer showed it). The
     # first streams warm the process up (allocator arenas, caches, young objects that the
