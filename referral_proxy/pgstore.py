@@ -73,7 +73,8 @@ FENCE_SECONDS = 4.0  # a listener that heard nothing from the server this long: 
 CLIENT_DEADLINE = CONNECT_TIMEOUT + STATEMENT_TIMEOUT_MS / 1000 + 2  # a statement's thread waited longer: hung
 CONFIRM_LIMIT = 15.0  # a change not confirmed this long (proxyappends.CONFIRM_WAIT: 12 s) is said read anyway
 LIVE_SECONDS = 3 * HEALTH_SECONDS  # a listener silent longer is taken for gone (settle does not wait for it)
-SETTLE_SECONDS = LIVE_SECONDS + HEALTH_SECONDS  # a stalled listener is gone by then, its proxy making no name
+SETTLE_SECONDS = 2.0  # a move's begin and end wait at most this long for every live proxy to have read them
+QUIET_BEAT = HEALTH_SECONDS + 1.0  # ... and longer (LIVE_SECONDS) for one that has not beaten this long: stalled
 _OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout=60000"
 
 
@@ -402,11 +403,10 @@ class PostgresStore:
                 self._pending = None
 
     async def settle(self) -> None:
-        """Wait (SETTLE_SECONDS at most) until every live proxy's listener (in ``listeners`` within LIVE_SECONDS)
-        has read this process's last write; never raises. A move's begin waits before it reads anything, its end
-        before its client is answered: any client's next command, through any proxy, finds the names held, then
-        free. A proxy cut from the database is not waited for: it routes from its cache, and makes no name (_watch)."""
-        behind = await self._behind(SETTLE_SECONDS)
+        """Wait (SETTLE_SECONDS; a stalled one until it is not live) until every live proxy's listener has read this
+        process's last write; never raises. A move's begin waits before it reads anything, its end before its client
+        is answered: any client's next command, through any proxy, finds the names held, then free."""
+        behind = await self._behind(SETTLE_SECONDS, stalled=LIVE_SECONDS)
         if behind:
             log.warn("map store: {n} proxy listener(s) had not read change {c} after {s}s: {ids}", n=len(behind),
                      c=self._floor, s=SETTLE_SECONDS, ids=", ".join(behind))
@@ -416,8 +416,10 @@ class PostgresStore:
         (proxyappends.py: a RENAME's reservation, once their APPENDs under way to its names are answered)."""
         return not await self._behind(seconds)
 
-    async def _behind(self, seconds: float) -> list[str]:
-        """The ids of the live listeners that have not said they read this process's last write."""
+    async def _behind(self, seconds: float, stalled: float = 0.0) -> list[str]:
+        """The ids of the live listeners that have not said they read this process's last write, after *seconds*;
+        up to *stalled* more while one of them has not beaten lately (stalled: waited for until it is no longer live,
+        its proxy making no name by then, _watch; one that beats and stays behind holds a confirmation back)."""
         with self._lock:
             floor = self._floor
             if floor < 0 or not self.available or self._listener is None:
@@ -427,14 +429,14 @@ class PostgresStore:
         def wait_all(conn: psycopg.Connection[Any]) -> list[str]:
             while True:
                 rows = conn.execute(
-                    "SELECT id FROM listeners WHERE seen < %s"
-                    " AND beat > clock_timestamp() - make_interval(secs => %s)", (floor, LIVE_SECONDS)).fetchall()
-                behind = [str(r[0]) for r in rows]
-                gone = [i for i in behind if _listener_gone(i)]
+                    "SELECT id, beat > clock_timestamp() - make_interval(secs => %s) FROM listeners WHERE seen < %s"
+                    " AND beat > clock_timestamp() - make_interval(secs => %s)", (QUIET_BEAT, floor, LIVE_SECONDS)).fetchall()
+                gone = [str(r[0]) for r in rows if _listener_gone(str(r[0]))]
                 if gone:  # a proxy killed on this host: nobody to wait for (its row would count as live for seconds)
                     conn.execute("DELETE FROM listeners WHERE id = ANY(%s)", (gone,))
-                    behind = [i for i in behind if i not in gone]
-                if not behind or time.monotonic() > deadline:
+                behind, quiet = [str(r[0]) for r in rows if str(r[0]) not in gone], any(not r[1] for r in rows)
+                late = time.monotonic() - deadline
+                if not behind or late > stalled or (late > 0 and not quiet):
                     return behind
                 time.sleep(0.002)
 

@@ -42,7 +42,7 @@ __all__ = ["APPENDING", "CONFIRM_WAIT", "RENAME_WAIT", "POLL", "confirmer", "oth
 log = Logger()
 
 POLL = 0.005  # seconds between looks at the APPENDs under way
-SETTLE_SECONDS = 2.0  # begin_move's settle, but for a stalled listener's (pgstore.SETTLE_SECONDS bounds that)
+SETTLE_SECONDS = 2.0  # pgstore.SETTLE_SECONDS (not imported: psycopg only where it is used)
 RENAME_WAIT = APPEND_WAIT - SETTLE_SECONDS  # after begin_move's own settle: ~APPEND_WAIT in all
 CONFIRM_WAIT = APPEND_WAIT + 2.0  # later than any RENAME waits: it has given up (and let go) by then
 
