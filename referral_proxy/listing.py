@@ -215,6 +215,9 @@ class ListHost(Protocol):
 
     def send(self, data: bytes) -> None: ...
 
+    def refuse(self, line: bytes) -> None:
+        """The proxy's own refusal: after the answers of the commands before it (appends.after_answers)."""
+
     def write_from(self, source: object, data: bytes, end: bool = True) -> None: ...
 
 
@@ -222,7 +225,7 @@ def list_command(host: ListHost, tag: bytes, name: str, args: Arguments) -> None
     """LIST, LSUB, RLIST, RLSUB (and LIST-EXTENDED forms) for one session."""
     kind = "LSUB" if name in ("LSUB", "RLSUB") else "LIST"
     if name in ("RLIST", "RLSUB") and not is_basic_list(args.tokens):  # RFC 2193 6: one list_mailbox, no list
-        return host.send(b"%s BAD Invalid arguments: %s takes one pattern\r\n" % (tag, name.encode()))
+        return host.refuse(b"%s BAD Invalid arguments: %s takes one pattern\r\n" % (tag, name.encode()))
     remote_option = name == "LIST" and b"REMOTE" in _selection(args)
     if (name in ("RLIST", "RLSUB") or remote_option) and host.referrals_mode == "aware":
         host.referral_aware = True

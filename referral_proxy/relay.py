@@ -20,7 +20,7 @@ from typing import Protocol
 
 from twisted.python.failure import Failure
 
-from .backend import BackendProtocol
+from .backend import BackendProtocol, BackendUnavailable
 from .commands import COMMANDS, enables_condstore
 from .flow import Block
 from .imap.command import Atom, ParenList, String, Token
@@ -45,6 +45,9 @@ class RelayHost(Protocol):
 
     def send(self, data: bytes) -> None:
         """Write a response of the proxy's own."""
+
+    def refuse(self, line: bytes) -> None:
+        """The proxy's own refusal of a command: after the answers of the commands before it."""
 
     def block(self, reason: Block) -> None: ...
 
@@ -122,7 +125,7 @@ class Relay:
             refs = self._refs.setdefault(conn, _Refs())
             keep = wants_updates(args)
             if keep and any(refs.live.get(p) == tag for p in refs.updates):  # its updates would go on after a CANCELUPDATE
-                return self.host.send(b"%s BAD Duplicate search update tag\r\n" % tag)
+                return self.host.refuse(b"%s BAD Duplicate search update tag\r\n" % tag)
             refs.live[ptag] = tag
             if keep:
                 refs.updates.add(ptag)
@@ -134,16 +137,20 @@ class Relay:
             args = Arguments(tokens, args.slots)
         op = _Op(self, conn, tag, ptag, after, keep, answer, cancels, settled)
         self.in_flight += 1
-        op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens or args.text else None,
-                 on_continuation)
+        try:
+            op.start(ptag + b" " + name.encode("ascii"), encode(args) if args.tokens or args.text else None,
+                     on_continuation)
+        except BackendUnavailable:  # its connection went meanwhile: never sent, never answered from there (the
+            self.in_flight -= 1     # count held the proxy's refusals after it for good: probe u1 of stop 51)
+            raise
 
     def send_line(self, conn: BackendProtocol, tag: bytes, tail: bytes) -> None:
         """Relay a plain command line (fastpath.py) under the proxy's tag: *tail* is the
         client's line after its tag, CRLF included, already its canonical encoding."""
         ptag = conn.next_tag()
         op = _Op(self, conn, tag, ptag, None, None, None, _NO_CANCELS)
+        conn.expect(ptag, op.done, op.lost)  # (BackendUnavailable: not counted)
         self.in_flight += 1
-        conn.expect(ptag, op.done, op.lost)
         conn.write(ptag + tail)
 
     # -- tags inside responses -------------------------------------------------------------

@@ -507,7 +507,7 @@ class ClientSession(HalfClose, Protocol):
         assert self.pool is not None and self.home is not None
         if any(isinstance(t, Atom) and BACKEND_ATOM.fullmatch(t.value) is None for t in cmd.args.tokens):
             # as Dovecot refuses it (8-bit or "{" in an atom): never an OK for the names it does know
-            return self.tagged(cmd.tag, "BAD", "Invalid characters in atom")
+            return self.refuse(b"%s BAD Invalid characters in atom\r\n" % cmd.tag)  # (in order: refuse)
         pool, target, cmd = self.pool, self.selected or self.home, enabling(cmd)  # what the proxy announces only
         pool.remember_enabled([t.value for t in cmd.args.tokens])  # type: ignore[union-attr]
 

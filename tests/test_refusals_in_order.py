@@ -89,8 +89,31 @@ def test_refusals_after_a_relayed_command_come_after_its_answer(proxy_factory, f
         w.send(data)
         assert _tags(w, order[-1]) == order, (host, case)
         w.close()
-    w = Wire(proxy.host, proxy.port, timeout=30)
-    w.login()
-    w.send(b"a SELECT INBOX\r\nb IDLE foo\r\nc NOOP\r\n")
-    assert _tags(w, b"c") == [b"a", b"b", b"c"]
-    w.close()
+    for bad in (b"IDLE foo", b"ENABLE a{b", b'RLIST "" (x y)'):  # refused by the proxy (the last two: probe u1)
+        w = Wire(proxy.host, proxy.port, timeout=30)
+        w.login()
+        w.send(b"a SELECT INBOX\r\nb " + bad + b"\r\nc NOOP\r\n")
+        assert _tags(w, b"c") == [b"a", b"b", b"c"], bad
+        w.close()
+
+
+def test_a_command_whose_connection_went_before_it_was_sent_holds_no_refusal_back():
+    """A command relayed once the other backends are quiet (pool.ready_for), whose own backend connection closed
+    meanwhile, is answered NO [UNAVAILABLE] and never sent; it stayed counted in flight, and every refusal of
+    the proxy's own after it was held for good, the reading stopped (probe u1 of stop 51: a hang since ac369b9)."""
+    from referral_proxy.backend import BackendUnavailable
+    from referral_proxy.imap.grammar import Arguments
+    from referral_proxy.testing.fakes import SessionHarness
+
+    h = SessionHarness()
+    h.login()
+    conn = h.backend
+    conn.closed = True  # (as its connectionLost leaves it)
+    relay = h.session.relay
+    with pytest.raises(BackendUnavailable):
+        relay.send(conn, b"e", "NOOP", Arguments((), ()))
+    with pytest.raises(BackendUnavailable):
+        relay.send_line(conn, b"f", b"NOOP\r\n")
+    assert relay.in_flight == 0
+    h.session.appends.after_answers(b"g BAD Unknown command BOGUS\r\n")
+    assert h.to_client().endswith(b"g BAD Unknown command BOGUS\r\n")
