@@ -100,7 +100,8 @@ class Idle:
         if idle is None or idle.done_sent:
             return False
         idle.done_sent = True
-        idle.bad = not (line.clean and line.data.split(b"\0", 1)[0].upper() == b"DONE")  # Dovecot reads up to a NUL
+        upto_nul = line.data.split(b"\0", 1)  # Dovecot reads up to a NUL ("DONE\0{5+}" is DONE, "DONE{5+}" is not)
+        idle.bad = not (upto_nul[0].upper() == b"DONE" and (line.clean or len(upto_nul) > 1))
         idle.conn.write(b"DONE\r\n")
         if not idle.continued:
             idle.holding = True

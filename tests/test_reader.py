@@ -362,6 +362,22 @@ def test_line_mode_takes_a_literal_announcement_as_text(ending, bytewise):
     assert [(e.tag, e.name) for e in out[1:]] == [(b"c", "NOOP"), (b"d", "NOOP"), (b"e", "NOOP")], out
 
 
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byte-by-byte"])
+def test_line_mode_drops_a_too_long_text_line_to_its_own_end(bytewise):
+    """The same over max_line: dropped to its CRLF, its {20+} no literal (probe u1 of stop 51: the 20 bytes after
+    it and the rest of that line were dropped too, the commands there never answered)."""
+    r = reader(max_line=100)
+    r.expect_line()
+    data = b"X" * 300 + b" {20+}\r\nc NOOP\r\nd NOOP\r\n"
+    out = [] if bytewise else events(r, data)
+    for i in range(len(data) if bytewise else 0):
+        out += events(r, data[i:i + 1])
+    assert out[0] == TextLine(b"", clean=False), out
+    assert [(e.tag, e.name) for e in out[1:]] == [(b"c", "NOOP"), (b"d", "NOOP")], out
+    out = events(r, b"e APPEND INBOX" + b"x" * 300 + b" {3+}\r\nabc\r\nf NOOP\r\n")  # a command's: its literal dropped
+    assert [getattr(e, "tag", None) for e in out][-1] == b"f", out
+
+
 def test_reader_never_raises_while_a_decision_is_pending():
     r = reader()
     out = events(r, b"b APPEND INBOX {5}\r\n", accept=False)

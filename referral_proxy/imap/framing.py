@@ -179,6 +179,7 @@ class Framer:
         "_state",
         "_first",
         "_discard",
+        "_text",
         "_scan",
         "_pending",
         "_remaining",
@@ -198,6 +199,8 @@ class Framer:
         self._first = True
         # Whether the current logical line is being dropped silently.
         self._discard = False
+        # Whether the line dropped is text (not_a_literal): an announcement at its end is no literal.
+        self._text = False
         # Bytes of _buf already searched for LF in vain (so feeding byte by byte is linear).
         self._scan = 0
         self._pending: LiteralSpec | None = None
@@ -324,7 +327,7 @@ class Framer:
                 spec, _ = self._announcement(i - 1 if i and buf[i - 1] == _CR else i)
                 del buf[: i + 1]
                 self._scan = 0
-                if spec is not None and not spec.sync:
+                if spec is not None and not spec.sync and not self._text:
                     self._state = _LITERAL
                     self._remaining = spec.size
                     self._dropped += 1
@@ -333,7 +336,7 @@ class Framer:
                         return Overrun(self._max_dropped)
                 else:
                     # Line end, or a sync literal the peer waits in vain to send.
-                    self._discard = False
+                    self._discard = self._text = False
                     self._first = True
                     self._dropped = 0
                 continue
@@ -417,6 +420,10 @@ class Framer:
         self._take_pending()
         self._state = _LINE
         self._first = True
+
+    def text_too_long(self) -> None:
+        """The line over max_line being dropped is text (not_a_literal): dropped to its own end, whatever it ends in."""
+        self._text = True
 
     def discard_line(self) -> None:
         """Silently drop the rest of the current logical line (literals included).

@@ -1,15 +1,13 @@
 """Client commands out of a byte stream (sans-I/O): framer events in, whole commands out.
 
-:class:`CommandReader` sits on the :class:`~.framing.Framer` and enforces EVERY limit
-a client is held to (:class:`Limits`), in one place. Each command is *admitted* by a
-callback (the session's state and command table): collected whole and parsed
-(:class:`Command`), refused at its first line (:class:`Refused`, its literal never
-read), or streamed (APPEND: :class:`AppendStart`, then per message an
-:class:`AppendMessage` whose literal the consumer accepts or drops, its
-:class:`AppendData` chunks, :class:`AppendMessageEnd`; :class:`AppendEnd` or
-:class:`AppendAbort` last). A sync literal the reader takes itself yields
-:class:`Continue` (the consumer writes ``+``). While a message literal waits for a
-decision, next_event() returns :data:`NEED_DECISION`: nothing is read meanwhile.
+:class:`CommandReader` sits on the :class:`~.framing.Framer` and enforces EVERY limit a client is held to
+(:class:`Limits`), in one place. Each command is *admitted* by a callback (the session's state and command table):
+collected whole and parsed (:class:`Command`), refused at its first line (:class:`Refused`, its literal never read),
+or streamed (APPEND: :class:`AppendStart`, then per message an :class:`AppendMessage` whose literal the consumer
+accepts or drops, its :class:`AppendData` chunks, :class:`AppendMessageEnd`; :class:`AppendEnd` or
+:class:`AppendAbort` last). A sync literal the reader takes itself yields :class:`Continue` (the consumer writes
+``+``). While a message literal waits for a decision, next_event() returns :data:`NEED_DECISION`: nothing is read
+meanwhile.
 """
 
 from __future__ import annotations
@@ -352,6 +350,7 @@ class CommandReader:
         text = f"Command line too long (limit {event.limit} bytes)"
         if self._line_mode and event.first:
             self._line_mode = False
+            self._framer.text_too_long()  # (ending in "{20+}": probe u1 of stop 51, as not_a_literal)
             return TextLine(b"", clean=False)
         state, start = self._state, self._start
         self._reset_command()
