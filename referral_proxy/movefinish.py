@@ -63,6 +63,10 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
         return "source mailbox replaced (UIDVALIDITY): nothing removed"
     if entry.step is Step.MOVE_EXPUNGING:  # which source UIDs go and which copies come back was decided
         present, _ = await search_uids(src, b"UID " + data["present"].encode()) if data["present"] else ([], [])
+        if "dst_uids" in data:  # (probe u2 of stop 51: changed on the sources since the MOVE marked them, lost)
+            copy_of = dict(zip(expand_uid_set(data["src_uids"]), expand_uid_set(data["dst_uids"])))
+            await _late_flags(src, dst, data, [(u, copy_of[u]) for u in present if u in copy_of])
+            await mailbox_map.record(entry)
         await expunge_uids(src, present)
         await _take_back(dst, data, expand_uid_set(data["vanished_dst"]))
         await mailbox_map.end_move(entry)
@@ -123,7 +127,8 @@ async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, pa
     """Flags a client set or cleared on a source after it was copied (journaled as copied), onto its copy, added
     and cleared, never replaced, as the MOVE itself carries them (transfer.carry_flags); recovery dropped them
     (probe t3 of stop 51: keywords, \\Flagged lost, \\Seen back). \\Deleted only cleared: the move may have set
-    the source's before it was cut off, a client un-deleting it is carried. *src*: with the source selected."""
+    the source's before it was cut off, a client un-deleting it is carried. *src*: with the source selected.
+    *data*'s flags are then the copies' (journaled by the caller): a later recovery carries only what came after."""
     if not pairs or "src_flags" not in data:  # (an entry of an older version)
         return
     before = dict(zip(expand_uid_set(data["src_uids"]), data["src_flags"]))
@@ -139,6 +144,8 @@ async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, pa
         if added or removed:
             changes[d] = (added, removed)
     await carry_flags(dst, data["dst_mailbox"], data["dst_validity"], changes)
+    done = {s: b" ".join(sorted(f)).decode("utf-8", "surrogateescape") for s, f in now.items()}
+    data["src_flags"] = [done.get(u, was) for u, was in zip(expand_uid_set(data["src_uids"]), data["src_flags"])]
     if changes:
         log.info("{b}: flags changed on {n} source message(s) after they were copied carried to their copies",
                  b=src.name, n=len(changes))

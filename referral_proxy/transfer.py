@@ -398,6 +398,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             log.warn("MOVE: flags changed on {src} during the move not carried to {dst} ({why})",
                      src=src.name, dst=dst.name, why=str(e))
         entry.data["present"] = uid_set(present).decode()
+        marked = {u: b" ".join(sorted(f)).decode("utf-8", "surrogateescape") for u, f in flags_now.items() if f is not None}
+        entry.data["src_flags"] = [marked.get(u, was) for u, was in zip(uids, entry.data["src_flags"])]  # as carried
         kept = set(present)  # a set: `in` the sorted list made this quadratic (20,000 UIDs: ~4 s of the loop)
         entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in kept).decode()
         await mailbox_map.step(entry, Step.MOVE_EXPUNGING)

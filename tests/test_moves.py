@@ -499,7 +499,8 @@ def _flags_by_id(m, mailbox: str) -> dict[str, set[str]]:
     return out
 
 
-def test_flags_changed_on_a_killed_moves_sources_before_recover_reach_their_copies(proxy_factory, fleet):
+@pytest.mark.parametrize("step", ["move-appended:1", "move-expunging:1"])
+def test_flags_changed_on_a_killed_moves_sources_before_recover_reach_their_copies(proxy_factory, fleet, step):
     """Killed at move-appended, sources' flags changed before recovery (probe t3 of stop 51: keywords and
     \\Flagged lost, \\Seen back, an un-deleted message still \\Deleted at the destination, expunged by the
     next EXPUNGE). Recovery carries them as the MOVE does: added and cleared, a client's own change on a copy kept."""
@@ -509,11 +510,11 @@ def test_flags_changed_on_a_killed_moves_sources_before_recover_reach_their_copi
         assert m.select("Work")[0] == "OK"
         assert m.uid("STORE", "5", "+FLAGS", "(\\Deleted)")[0] == "OK"
     seed(fleet["b3"], "carol", "Shared/Dest", [])
-    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--kill-at", step))  # (move-expunging: probe u2)
     w = _logged_in(proxy)
     assert w.cmd(b"s", b"SELECT Work")[-1].startswith(b"s OK")
     w.send(b"m UID MOVE 1:* Shared/Dest\r\n")
-    assert w.closed(30), "the proxy was not killed at move-appended"
+    assert w.closed(30), "the proxy was not killed at " + step
     proxy.process.wait(10)
     with fleet["b1"].client("carol") as m:
         assert m.select("Work")[0] == "OK"
