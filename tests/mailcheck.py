@@ -10,10 +10,11 @@ import time
 from referral_proxy.fleet import Dovecot
 
 
-def contents(backend: Dovecot, user: str, mailbox: str) -> list[tuple[int, frozenset, float, str]]:
+def contents(backend: Dovecot, user: str, mailbox: str, timeout: float | None = None) -> list[tuple[int, frozenset, float, str]]:
     """(uid, flags without \\Recent, internal date as a timestamp, sha256 of the body) per
-    message, in UID order; [] for an empty or missing mailbox."""
-    with backend.client(user) as m:
+    message, in UID order; [] for an empty or missing mailbox. *timeout*: of a backend just
+    restarted after a SIGKILL (a lock the killed process left may hold its SELECT a while)."""
+    with (backend.client(user) if timeout is None else backend.client(user, timeout=timeout)) as m:
         typ, data = m.select(f'"{mailbox}"', readonly=True)
         if typ != "OK" or data == [b"0"]:
             return []

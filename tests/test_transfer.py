@@ -199,7 +199,7 @@ def test_destination_stopped_mid_copy(proxy_factory, fleet, far):
     assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")  # the session goes on
     w.close()
     far.start()
-    assert _contents(far, "Far/Dest") == []
+    assert contents(far, "alice", "Far/Dest", timeout=300) == []  # (timed out at 30 s once, CI of stop 51)
     assert _contents(fleet["b1"], "Work") == before
 
 
