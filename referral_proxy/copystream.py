@@ -282,7 +282,7 @@ async def copy_surviving(src: BackendProtocol, infos: Sequence[MessageInfo], dst
         try:
             return await copy_stream(src, infos, dst, mailbox, progress, functools.partial(before_commit, infos)), list(infos)
         except Vanished:
-            if progress is not None and counted is not None:
+            if progress is not None and counted:
                 progress.messages, progress.bytes = counted  # (counted again as this try sends them)
             left = await surviving(src, [i.uid for i in infos])
             if len(left) == len(infos) or dst.closed:

@@ -37,7 +37,7 @@ from .mailops import (
     still_there,
 )
 from .routing import MailboxMap
-from .transfer import carry_flags, find_copies, flag_key, flags_of, hash_messages, hashes_present
+from .transfer import carry_flags, find_copies, flag_changes, flags_of, flags_text, hash_messages, hashes_present
 
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 log = Logger()
@@ -131,21 +131,12 @@ async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, pa
     *data*'s flags are then the copies' (journaled by the caller): a later recovery carries only what came after."""
     if not pairs or "src_flags" not in data:  # (an entry of an older version)
         return
-    before = dict(zip(expand_uid_set(data["src_uids"]), data["src_flags"]))
+    uids = expand_uid_set(data["src_uids"])
+    was = {u: f.encode("utf-8", "surrogateescape").split() for u, f in zip(uids, data["src_flags"])}
     now = await flags_of(src, [s for s, _d in pairs])
-    changes: dict[int, tuple[set[bytes], set[bytes]]] = {}
-    for s, d in pairs:
-        if (after := now.get(s)) is None or (was := before.get(s)) is None:
-            continue
-        had = {flag_key(f): f for f in was.encode("utf-8", "surrogateescape").split()}
-        has = {flag_key(f): f for f in after}
-        added = {has[k] for k in has.keys() - had.keys() if k not in (b"\\DELETED", b"\\RECENT")}
-        removed = {had[k] for k in had.keys() - has.keys() if k != b"\\RECENT"}
-        if added or removed:
-            changes[d] = (added, removed)
+    changes = flag_changes(was, dict(now), dict(pairs), deleted_cleared=True)
     await carry_flags(dst, data["dst_mailbox"], data["dst_validity"], changes)
-    done = {s: b" ".join(sorted(f)).decode("utf-8", "surrogateescape") for s, f in now.items()}
-    data["src_flags"] = [done.get(u, was) for u, was in zip(expand_uid_set(data["src_uids"]), data["src_flags"])]
+    data["src_flags"] = [flags_text(sorted(now[u])) if u in now else f for u, f in zip(uids, data["src_flags"])]
     if changes:
         log.info("{b}: flags changed on {n} source message(s) after they were copied carried to their copies",
                  b=src.name, n=len(changes))

@@ -17,7 +17,7 @@ mailboxes, so ``recover`` can finish it after a crash.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,8 @@ from .mailops import (
 from .routing import MailboxMap, normalize
 
 __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", "hash_messages", "verify_copies",
-           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown", "flag_key", "flags_of", "carry_flags"]
+           "find_copies", "hashes_present", "copy_across", "CopyOutcome", "CommitUnknown", "flag_key", "flags_of", "carry_flags",
+           "flag_changes", "flags_text"]
 
 log = Logger()
 
@@ -347,7 +348,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     entry.data.update({"src": src.name, "src_mailbox": src_mailbox, "src_validity": src_state.uidvalidity,
                        "src_uids": uid_set(uids).decode(), "dst": dst.name, "dst_mailbox": dst_mailbox,
                        "dst_validity": dst_state.uidvalidity, "dst_uidnext": dst_state.uidnext,
-                       "src_flags": [b" ".join(i.flags).decode("utf-8", "surrogateescape") for i in infos]})
+                       "src_flags": [flags_text(i.flags) for i in infos]})
     await mailbox_map.step(entry, Step.MOVE_APPENDING)
     async def record(hashes: tuple[str, ...]) -> None:
         entry.data["hashes"] = list(hashes)  # before the last byte: a recovery finds the copies by them
@@ -393,12 +394,12 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copy_of, set(flags_now), untagged)
         present = sorted(flags_now)
         try:  # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
-            await carry_flags(dst, dst_mailbox, copied.uidvalidity, _changes(infos, flags_now, copy_of))
+            await carry_flags(dst, dst_mailbox, copied.uidvalidity, flag_changes({i.uid: i.flags for i in infos}, flags_now, copy_of))
         except BackendError as e:
             log.warn("MOVE: flags changed on {src} during the move not carried to {dst} ({why})",
                      src=src.name, dst=dst.name, why=str(e))
         entry.data["present"] = uid_set(present).decode()
-        marked = {u: b" ".join(sorted(f)).decode("utf-8", "surrogateescape") for u, f in flags_now.items() if f is not None}
+        marked = {u: flags_text(sorted(f)) for u, f in flags_now.items() if f is not None}
         entry.data["src_flags"] = [marked.get(u, was) for u, was in zip(uids, entry.data["src_flags"])]  # as carried
         kept = set(present)  # a set: `in` the sorted list made this quadratic (20,000 UIDs: ~4 s of the loop)
         entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in kept).decode()
@@ -563,23 +564,27 @@ async def carry_flags(dst: BackendProtocol, mailbox: str, validity: int, changes
         await run_ok(dst, b"UID STORE " + uid_set(uids) + b" " + sign.encode() + b"FLAGS.SILENT (" + flags + b")", "STORE")
 
 
-def _changes(infos: Sequence[MessageInfo], now: dict[int, frozenset[bytes] | None],
-             copy_of: dict[int, int]) -> dict[int, tuple[set[bytes], set[bytes]]]:
-    """{copy UID: (flags added, flags cleared)} of each source message whose flags changed since they
-    were read and copied (\\Deleted as copied: this MOVE set it; \\Recent is no flag to set)."""
+def flag_changes(was: dict[int, Iterable[bytes]], now: dict[int, frozenset[bytes] | None], copy_of: dict[int, int],
+                 *, deleted_cleared: bool = False) -> dict[int, tuple[set[bytes], set[bytes]]]:
+    """{copy UID: (flags added, flags cleared)} of each source message whose flags changed since *was* (as copied,
+    or as last carried). \\Deleted is this MOVE's own mark: never added, cleared only with *deleted_cleared*
+    (recovery: a client's un-delete); \\Recent is no flag to set."""
     out = {}
-    for info in infos:
-        flags = now.get(info.uid)
-        if flags is None:
+    for uid, flags in now.items():
+        if flags is None or (before := was.get(uid)) is None:
             continue
-        ignore = {b"\\DELETED", b"\\RECENT"}
-        before = {flag_key(f): f for f in info.flags if flag_key(f) not in ignore}
-        after = {flag_key(f): f for f in flags if flag_key(f) not in ignore}
-        added = {after[k] for k in after.keys() - before.keys()}
-        removed = {before[k] for k in before.keys() - after.keys()}
+        had = {flag_key(f): f for f in before if flag_key(f) != b"\\RECENT"}
+        has = {flag_key(f): f for f in flags if flag_key(f) != b"\\RECENT"}
+        added = {has[k] for k in has.keys() - had.keys() if k != b"\\DELETED"}
+        removed = {had[k] for k in had.keys() - has.keys() if deleted_cleared or k != b"\\DELETED"}
         if added or removed:
-            out[copy_of[info.uid]] = (added, removed)
+            out[copy_of[uid]] = (added, removed)
     return out
+
+
+def flags_text(flags: Iterable[bytes]) -> str:
+    """Flags as a journal entry keeps them (one string, as IMAP writes them)."""
+    return b" ".join(flags).decode("utf-8", "surrogateescape")
 
 
 async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, str]:
