@@ -396,13 +396,15 @@ class BackendProtocol(Protocol):
             self.write(piece)
 
         def done(start: ResponseStart, raw: bytes) -> None:
-            self.capture = None
+            if self.capture is captured:  # else a command pipelined after this one captures (expunge_uids)
+                self.capture = None
             if pieces and self.on_continuation is next_piece:  # refused before every literal went
                 self.on_continuation = None
             d.callback(Tagged(start, raw, tuple(captured)))
 
         def lost(_reason: Failure) -> None:
-            self.capture = None
+            if self.capture is captured:
+                self.capture = None
             d.errback(BackendUnavailable(f"backend {self.name} " + (Watch.why(self) if self.stalled else "closed the connection")))
 
         if bounded and (watch := Watch.bounding(self, text)) is not None:

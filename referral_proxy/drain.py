@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from twisted.logger import Logger
 
+from .aside import finish_cut_delete
 from .backend import BackendProtocol
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import JournalEntry, Step
@@ -38,7 +39,6 @@ from .mailops import (
     create,
     exists,
     expunge_uids,
-    finish_cut_delete,
     list_mailboxes,
     name_arg,
     open_mailbox,
@@ -360,7 +360,7 @@ async def _fresh(conn: BackendProtocol, drop: str, *, keep: bool = False, select
 
 async def _gone(conn: BackendProtocol, drop: str, *, selected: str | None = None) -> None:
     """Delete the drop (what is in it: the copies of messages that are elsewhere); one a killed
-    Dovecot half deleted is finished, or left if it refuses (mailops.finish_cut_delete). One the
+    Dovecot half deleted is finished, or left if it refuses (aside.finish_cut_delete). One the
     backend will not delete is emptied and left, logged: a drain is never stopped by it (the
     move's names would stay reserved for good). *selected*: the mailbox to select again after."""
     if not await exists(conn, drop) or await finish_cut_delete(conn, drop):

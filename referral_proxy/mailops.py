@@ -9,7 +9,6 @@ it, bytes beyond ASCII kept with surrogateescape).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from twisted.logger import Logger
 from .acrossview import SAVED
 from .backend import BackendError, BackendProtocol, Tagged
 from .imap.command import Atom, ParseError, String, parse_arguments
-from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status, parse_uid_code
+from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
 from .imap.uidset import highest_number, sequence_set_size, uid_set
@@ -27,14 +26,14 @@ from .routing import normalize
 __all__ = ["TransferError", "Vanished", "NotReadAgain", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "create", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "delete_if_empty", "put_back", "aside_gone", "finish_cut_delete", "hidden_messages", "drop_marks",
-           "may_expunge", "myrights", "grants", "highest_modseq"]
+           "subscribed", "may_expunge", "myrights", "grants", "highest_modseq"]
 
 log = Logger()
 
 #: STATUS asked again this often while a new mailbox's UIDVALIDITY reads 0 (measured on Dovecot 2.3.19,
 #: three sessions opening a just-CREATEd mailbox at once: at most 13 more answers of 0 in 600 asks).
 UNSET_RETRIES = 100
+EXPUNGE_TRIES = 3  # expunge_uids() flags and expunges messages at most this often (see there)
 
 
 class TransferError(BackendError):
@@ -406,18 +405,32 @@ def grants(conn: BackendProtocol, rights: str | None, needed: str) -> bool:
     return True
 
 
-async def expunge_uids(conn: BackendProtocol, uids: Sequence[int]) -> list[bytes]:
-    """Remove exactly these messages of the selected mailbox (never a plain EXPUNGE, never CLOSE);
-    the untagged responses, raw. Looked at after: one still there fails it as a NO would (Dovecot
-    once answered a UID EXPUNGE OK and kept the message, soak C seed 76065)."""
-    if not uids:
-        return []
-    uids_b = uid_set(sorted(uids))
-    stored = await run_ok(conn, b"UID STORE " + uids_b + b" +FLAGS.SILENT (\\Deleted)", "STORE")
-    expunged = await run_ok(conn, b"UID EXPUNGE " + uids_b, "UID EXPUNGE")
-    if kept := await still_there(conn, uids):
-        raise TransferError(f"UID EXPUNGE on {conn.name} answered OK, yet {uid_set(kept).decode()} still there")
-    return [r.raw for r in stored.responses] + [r.raw for r in expunged.responses]
+async def expunge_uids(conn: BackendProtocol, uids: Sequence[int], untagged: list[bytes] | None = None) -> Tagged | None:
+    """Remove exactly these messages of the selected mailbox (never a plain EXPUNGE, never CLOSE): flagged and
+    expunged in one write, then looked for. One still there (a client cleared \\Deleted between the two, or
+    Dovecot kept it: soak C 76065) is done again, EXPUNGE_TRIES in all, then TransferError. The last EXPUNGE's
+    answer; the untagged responses, raw, to *untagged*."""
+    raw: list[bytes] = [] if untagged is None else untagged
+    left, expunged = sorted(uids), None
+    for _ in range(EXPUNGE_TRIES):
+        if not left:
+            return expunged
+        marking = conn.command(b"UID STORE " + uid_set(left) + b" +FLAGS.SILENT (\\Deleted)")
+        expunging = conn.command(b"UID EXPUNGE " + uid_set(left))
+        try:
+            marked = await marking
+        except BaseException:
+            expunging.addErrback(lambda _f: None)  # the connection's end, said by the first
+            raise
+        expunged = await expunging
+        raw += [r.raw for r in (*marked.responses, *expunged.responses)]
+        for result, what in ((marked, "STORE"), (expunged, "UID EXPUNGE")):
+            if not result.ok:
+                raise TransferError(_failed(what, conn, result.start))
+        left = await still_there(conn, left, raw)
+    if left:
+        raise TransferError(f"UID EXPUNGE on {conn.name} answered OK, yet {uid_set(left).decode()} still there")
+    return expunged
 
 
 async def subscribed(conn: BackendProtocol) -> set[str]:
@@ -430,171 +443,3 @@ async def subscribed(conn: BackendProtocol) -> set[str]:
             except ParseError:
                 continue
     return names
-
-
-async def delete_if_empty(conn: BackendProtocol, name: str, aside: str, separator: str) -> bool:
-    """Delete *name* only if it holds no message and no child; True if it is gone.
-
-    Dovecot's DELETE expunges whatever the mailbox holds, also mail delivered a moment
-    after we looked. So the mailbox is first renamed to *aside*, a name nobody delivers
-    to (a delivery racing the RENAME either lands before it, and is seen below, or
-    fails); only that is checked and deleted. Not empty: renamed back, and False.
-    *aside* is the same name at every attempt: one cut off between its RENAMEs (a kill, a
-    backend gone) left it, and it is settled first, or its mail would stay out of sight.
-    Dovecot's RENAME carries the children along (*name*/c to *aside*/c): they are put back at
-    once, and first at the next attempt if one was cut off in between (seen in the soak: a
-    roll-back's aside took the client's own ``Work/c`` and its 59 messages out of sight)."""
-    await put_back(conn, aside, name, separator)
-    if await exists(conn, aside):
-        if not await _gone_if_empty(conn, aside, separator):
-            await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
-            return False
-    renamed = await conn.command(b"RENAME " + name_arg(name) + b" " + name_arg(aside))
-    if not renamed.ok:
-        if not await exists(conn, name):
-            return True  # nothing there (any more)
-        raise TransferError(_failed("RENAME", conn, renamed.start))
-    await put_back(conn, aside, name, separator)
-    if await _gone_if_empty(conn, aside, separator):
-        return True
-    await run_ok(conn, b"RENAME " + name_arg(aside) + b" " + name_arg(name), "RENAME")
-    return False
-
-
-async def finish_cut_delete(conn: BackendProtocol, aside: str) -> bool:
-    """DELETE again a private *aside* whose DELETE a killed Dovecot cut off; True if it was one.
-
-    Dovecot marks the mailbox's index deleted, then removes its files: killed in between, it
-    lists the mailbox but opens it no more ("Mailbox was deleted under us"), forever. Only the
-    mover deletes an aside, and only once it saw it empty: finishing that DELETE is safe. A
-    Dovecot that refuses that DELETE too (seen: "Mailbox exists", until it was restarted) holds
-    nothing there for anyone: the aside is left, said in the log, rather than the move kept
-    from ending (its reservations would keep the user's names in use)."""
-    answer = await conn.command(b"STATUS " + name_arg(aside) + b" (MESSAGES)")
-    if answer.ok or b"deleted under us" not in answer.start.text:
-        return False
-    deleted = await conn.command(b"DELETE " + name_arg(aside))
-    if not deleted.ok:
-        log.warn("{b}: {aside} was half deleted by a killed Dovecot and cannot be deleted now ({why}); "
-                 "it holds no mail and is left as it is", b=conn.name, aside=aside, why=_failed("DELETE", conn, deleted.start))
-    return True
-
-
-def _mark(box: str) -> bytes:
-    """What hidden_messages() saves into *box*, twice, and expunges at once; its header names *box*
-    (a digest), so that drop_marks() finds exactly these, and no mail of the user's."""
-    return b"X-Referral-Proxy-Rescan: %s\r\nSubject: a private mailbox read again before it is deleted\r\n\r\n.\r\n" % (
-        _mark_token(box))
-
-
-def _mark_token(box: str) -> bytes:
-    return hashlib.sha256(box.encode("utf-8", "surrogateescape")).hexdigest()[:32].encode()
-
-
-async def hidden_messages(conn: BackendProtocol, box: str) -> int:
-    """Make Dovecot read the private *box*'s maildir whole, before a DELETE trusts it empty; how
-    many messages it holds then (they were out of sight until now).
-
-    Dovecot trusts its index while new/ and cur/ keep the mtimes it recorded: message files that
-    no uidlist record names (a process rewrote the uidlist while another session's RENAME moved
-    the directory: soak C 72556, 68001) stay invisible, and a DELETE removes them with the mailbox.
-    A message saved into each directory (no flags: new/; flagged: cur/) changes both mtimes, and
-    the next SELECT (a full read) reads both again; the two marks are expunged at once (ones a
-    crash left in between: drop_marks)."""
-    mark = _mark(box)
-    if "MULTIAPPEND" in conn.capabilities:
-        sent = [(b" {%d}" % len(mark), [mark + b" (\\Seen \\Deleted) {%d}\r\n" % len(mark), mark + b"\r\n"])]
-    else:
-        sent = [(b" {%d}" % len(mark), [mark + b"\r\n"]), (b" (\\Seen \\Deleted) {%d}" % len(mark), [mark + b"\r\n"])]
-    marks: list[int] = []
-    validity = set()
-    for first, then in sent:
-        saved = await conn.command(b"APPEND " + name_arg(box) + first, then=then)
-        if not saved.ok:
-            raise NotReadAgain(_failed("APPEND", conn, saved.start))
-        try:
-            code = parse_uid_code(saved.start.code, saved.start.code_args)
-        except ParseError:
-            raise TransferError(f"APPEND on {conn.name} gave no APPENDUID") from None
-        marks += code.uids
-        validity.add(code.uidvalidity)
-    try:
-        if {(await open_mailbox(conn, box, readonly=False)).uidvalidity} != validity:
-            raise TransferError(f"{box} on {conn.name} was replaced while it was read again")
-        await expunge_uids(conn, marks)
-        present, _ = await search_uids(conn, b"ALL")
-    finally:
-        await conn.deselect()  # never CLOSE: it would expunge \Deleted mail
-    return len(present)
-
-
-async def drop_marks(conn: BackendProtocol, box: str) -> int:
-    """Expunge what a crash left of hidden_messages()'s marks in the private *box* (else copied to
-    the user's mailbox as mail); how many."""
-    await open_mailbox(conn, box, readonly=False)
-    try:
-        marks, _ = await search_uids(conn, b"HEADER X-Referral-Proxy-Rescan " + _mark_token(box))
-        await expunge_uids(conn, marks)
-    finally:
-        await conn.deselect()
-    return len(marks)
-
-
-async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> bool:
-    """DELETE the private *aside* if it holds no message and no child; True if deleted."""
-    if await finish_cut_delete(conn, aside):
-        return True
-    try:
-        state = await open_mailbox(conn, aside, readonly=True)
-    except TransferError:
-        if await _missing(conn, aside):
-            return True
-        raise
-    await conn.deselect()
-    children = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
-    if children or (state.messages and state.messages > await drop_marks(conn, aside)):
-        return False
-    try:
-        if await hidden_messages(conn, aside):
-            return False
-    except NotReadAgain as e:
-        log.warn("{b}: {aside} is not deleted, nor put back: {why}", b=conn.name, aside=aside, why=str(e))
-        return False
-    await run_ok(conn, b"DELETE " + name_arg(aside), "DELETE")
-    return True
-
-
-async def aside_gone(conn: BackendProtocol, aside: str, name: str, separator: str) -> bool:
-    """A source renamed from *name* to the private *aside* (mover._drain): the children that RENAME
-    carried along put back first (put_back: before, a child made on the backend during the move was
-    left under the aside, out of every client's sight); True if *aside* is not there (any more), or
-    was half deleted by a killed Dovecot (finish_cut_delete): nothing left to empty."""
-    await put_back(conn, aside, name, separator)
-    return not await exists(conn, aside) or await finish_cut_delete(conn, aside) or await _missing(conn, aside)
-
-
-async def _missing(conn: BackendProtocol, name: str) -> bool:
-    """Listed, yet not there: Dovecot lists a mailbox DELETEd with a child under it (to the session
-    that deleted it) and opens it no more (seen: recovery stuck on 'EXAMINE failed ... undo-0')."""
-    return _gone((await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)", bounded=True)).start)
-
-
-async def put_back(conn: BackendProtocol, aside: str, name: str, separator: str) -> list[str]:
-    """Rename each mailbox under the private *aside* back under *name* (``aside/c`` to ``name/c``),
-    where a RENAME of *name* to *aside* took it: Dovecot's RENAME carries the children along. The
-    names put back, shallowest first (a RENAME carries its own children: those are not renamed
-    again). A placeholder (\\Noselect) is not there to rename: what is under it is listed itself."""
-    entries = await list_mailboxes(conn, name_arg(aside + separator + "*"))  # aside: our name, no wildcard
-    moved: list[str] = []
-    for child in sorted({_text(e.name) for e in entries}, key=lambda n: (n.count(separator), n)):
-        if any(child.startswith(m + separator) for m in moved):
-            continue
-        back = name + child[len(aside):]
-        renamed = await conn.command(b"RENAME " + name_arg(child) + b" " + name_arg(back))
-        if renamed.ok:
-            log.info("{b}: {back} was carried under the private {aside} by a RENAME (to {child}); put back",
-                     b=conn.name, back=back, aside=aside, child=child)
-            moved.append(child)
-        elif not _gone(renamed.start):
-            raise TransferError(_failed("RENAME", conn, renamed.start) + f" (putting {back} back from {child})")
-    return moved

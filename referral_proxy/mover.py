@@ -13,7 +13,7 @@ A mailbox move, journaled step by step (journal.py has the table):
 5. Each source, deepest first, is RENAMEd to a private name (a delivery to the old name goes to INBOX), what arrived
    meanwhile is copied and verified, exactly the verified UIDs are removed (drain.py: a copy whose source a client
    took away is taken back), and the private mailbox is deleted once seen empty, also read whole again
-   (mailops.hidden_messages). INBOX is emptied in place in rounds, never deleted; its old backend is watched.
+   (aside.hidden_messages). INBOX is emptied in place in rounds, never deleted; its old backend is watched.
 
 Before COMMITTED a failure or a crash is rolled back: exactly the destination UIDs this move appended (recorded, or
 for a batch in flight found by content above the UIDNEXT recorded before it; one whose source is gone only if its
@@ -33,6 +33,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .appendturns import MoverTurn
+from .aside import aside_gone, delete_if_empty, drop_marks, hidden_messages
 from .backend import BackendProtocol
 from .boxattrs import carry_attributes
 from .copystream import BATCH_BYTES, BATCH_MESSAGES, batches, copy_surviving, surviving
@@ -45,13 +46,9 @@ from .mailops import (
     MessageInfo,
     NotReadAgain,
     TransferError,
-    aside_gone,
-    delete_if_empty,
-    drop_marks,
     exists,
     expunge_uids,
     grants,
-    hidden_messages,
     highest_modseq,
     list_mailboxes,
     myrights,

@@ -408,13 +408,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "
                        f"{uid_set(copy_of[u] for u in present).decode()}]")
             untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
-            kept_there = present
-            for _ in range(MARK_TRIES):  # OK, yet kept (soak C 76065; another session cleared \Deleted before it)
-                expunged = await _expunge_marked(src, kept_there, untagged)
-                if not (kept_there := await still_there(src, kept_there, untagged)):
-                    break
-            if kept_there:  # its copy is a second: recovery decides
-                raise BackendError(f"UID EXPUNGE answered OK, yet {uid_set(kept_there).decode()} still there")
+            expunged = await expunge_uids(src, present, untagged)  # one kept raises: its copy is a second, recovery decides
     except BackendError as e:
         not_deleted = _flagged_by_move(infos)
         if not_deleted and not src.closed:
@@ -463,25 +457,6 @@ async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]
         todo = [u for u, f in now.items() if f is not None and b"\\DELETED" not in {flag_key(x) for x in f}]
     unmarked = set(todo)
     return {u: f for u, f in present.items() if u not in unmarked}, others, todo
-
-
-async def _expunge_marked(src: BackendProtocol, uids: Sequence[int], untagged: list[bytes]) -> Tagged:
-    """``UID STORE uids +FLAGS.SILENT (\\Deleted)`` and ``UID EXPUNGE uids`` in one write: another session's
-    flag change (a client's resync clearing \\Deleted: probe r3) can come only between the two in the backend,
-    not within a round trip. The EXPUNGE's answer; every untagged response to *untagged*."""
-    marking = src.command(b"UID STORE " + uid_set(uids) + b" +FLAGS.SILENT (\\Deleted)")
-    expunging = src.command(b"UID EXPUNGE " + uid_set(uids))
-    try:
-        marked = await marking
-    except BaseException:
-        expunging.addErrback(lambda _f: None)  # the connection's end, said by the first
-        raise
-    expunged = await expunging
-    untagged += [r.raw for r in (*marked.responses, *expunged.responses)]
-    for result, what in ((marked, "STORE"), (expunged, "UID EXPUNGE")):
-        if not result.ok:
-            raise TransferError(f"{what} failed on {src.name}: {result.start.text.decode('utf-8', 'replace')}")
-    return expunged
 
 
 _UNFLAG = b"UID STORE %s -FLAGS.SILENT (\\Deleted)"  # a source that stays: the flag the MOVE set, taken back

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from twisted.internet import defer
 
+from referral_proxy.aside import _mark, delete_if_empty, finish_cut_delete, hidden_messages
 from referral_proxy.backend import BackendProtocol
 from referral_proxy.config import BackendConfig
-from referral_proxy.mailops import NotReadAgain, _mark, delete_if_empty, finish_cut_delete, hidden_messages
+from referral_proxy.mailops import NotReadAgain
 from referral_proxy.testing.fakes import NoDelayTransport
 
 ASIDE = "referral-proxy-aside-0123abcd/undo-0"
@@ -29,6 +30,17 @@ def _exchange(conn: BackendProtocol, expect: bytes, answer: bytes) -> None:
     tag, _, text = sent.partition(b" ")
     assert text == expect + b"\r\n", sent
     conn.dataReceived(answer.replace(b"TAG ", tag + b" "))
+
+
+def _expunging(conn: BackendProtocol, uids: bytes, untagged: bytes, still: bytes = b"") -> None:
+    """mailops.expunge_uids' round: the STORE and the UID EXPUNGE of *uids* in one write, answered (the
+    EXPUNGE with *untagged*); then its look for them, answered with *still* (UIDs still there)."""
+    sent = conn.transport.value()
+    conn.transport.clear()
+    (t1, store), (t2, expunge) = (line.split(b" ", 1) for line in sent.split(b"\r\n")[:-1])
+    assert (store, expunge) == (b"UID STORE " + uids + b" +FLAGS.SILENT (\\Deleted)", b"UID EXPUNGE " + uids), sent
+    conn.dataReceived(t1 + b" OK done\r\n" + untagged + t2 + b" OK Expunge completed.\r\n")
+    _exchange(conn, b"UID SEARCH UID " + uids, b"* SEARCH" + (b" " + still if still else b"") + b"\r\nTAG OK done\r\n")
 
 
 def _result(d: defer.Deferred) -> object:
@@ -97,9 +109,7 @@ def test_a_drop_the_backend_will_not_delete_is_emptied_and_left_and_the_source_s
     _exchange(conn, b"DELETE %s" % drop.encode(), b"TAG NO Mailbox exists (0.001 + 0.000 secs).\r\n")
     _exchange(conn, b"SELECT %s" % drop.encode(), b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] x\r\nTAG OK done\r\n")
     _exchange(conn, b"UID SEARCH ALL", b"* SEARCH 3 4\r\nTAG OK done\r\n")
-    _exchange(conn, b"UID STORE 3:4 +FLAGS.SILENT (\\Deleted)", b"TAG OK done\r\n")
-    _exchange(conn, b"UID EXPUNGE 3:4", b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nTAG OK done\r\n")
-    _exchange(conn, b"UID SEARCH UID 3:4", b"* SEARCH\r\nTAG OK done\r\n")  # gone, both
+    _expunging(conn, b"3:4", b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\n")  # gone, both
     _exchange(conn, b'EXAMINE "referral-proxy/no such mailbox"', b"TAG NO no such mailbox\r\n")
     _exchange(conn, b"SELECT Work", b"* 5 EXISTS\r\n* OK [UIDVALIDITY 9] x\r\nTAG OK done\r\n")
     assert _result(d) is None
@@ -159,9 +169,7 @@ def test_hidden_messages_saves_two_marks_reads_the_mailbox_and_expunges_them(mul
         _appended(conn, b" " + size, [mark + b"\r\n"], b"OK [APPENDUID 7 5] Append completed.")
         _appended(conn, b" (\\Seen \\Deleted) " + size, [mark + b"\r\n"], b"OK [APPENDUID 7 6] Append completed.")
     _exchange(conn, b"SELECT " + ASIDE.encode(), b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\nTAG OK selected\r\n")
-    _exchange(conn, b"UID STORE 5:6 +FLAGS.SILENT (\\Deleted)", b"TAG OK stored\r\n")
-    _exchange(conn, b"UID EXPUNGE 5:6", b"* 2 EXPUNGE\r\n* 2 EXPUNGE\r\nTAG OK expunged\r\n")
-    _exchange(conn, b"UID SEARCH UID 5:6", b"* SEARCH\r\nTAG OK searched\r\n")
+    _expunging(conn, b"5:6", b"* 2 EXPUNGE\r\n* 2 EXPUNGE\r\n")
     _exchange(conn, b"UID SEARCH ALL", b"* SEARCH 3\r\nTAG OK searched\r\n")  # one Dovecot had lost
     _exchange(conn, b"UNSELECT", b"TAG OK\r\n")
     assert _result(d) == 1
@@ -181,13 +189,30 @@ def test_marks_refused_say_so_and_nothing_is_selected():
 def test_an_expunge_answered_ok_that_kept_a_message_fails_as_a_no_would():
     """Soak C seed 76065: Dovecot answered UID EXPUNGE OK and kept the message (\\Deleted, still there
     2 s later). Every removal of exactly these UIDs (a roll-back's, a take-back's, recovery's, the
-    drain's) now looks after it: one still there fails it, and the step is tried again later."""
-    from referral_proxy.mailops import TransferError, expunge_uids
+    drain's) now looks after it: one still there is done again, EXPUNGE_TRIES in all, then fails it,
+    and the step is tried again later."""
+    from referral_proxy.mailops import EXPUNGE_TRIES, TransferError, expunge_uids
 
     conn = _backend()
     d = defer.ensureDeferred(expunge_uids(conn, [52, 53]))
-    _exchange(conn, b"UID STORE 52:53 +FLAGS.SILENT (\\Deleted)", b"TAG OK done\r\n")
-    _exchange(conn, b"UID EXPUNGE 52:53", b"* 4 EXPUNGE\r\nTAG OK Expunge completed.\r\n")
-    _exchange(conn, b"UID SEARCH UID 52:53", b"* SEARCH 52\r\nTAG OK done\r\n")
+    _expunging(conn, b"52:53", b"* 4 EXPUNGE\r\n", still=b"52")
+    for _ in range(EXPUNGE_TRIES - 1):
+        _expunging(conn, b"52", b"", still=b"52")
     with pytest.raises(TransferError, match="52 still there"):
         _result(d)
+
+
+def test_a_message_whose_deleted_flag_a_client_cleared_meanwhile_is_flagged_and_expunged_again():
+    """Stop 51's note: a recovery finishing a MOVE (and every other removal by UID) failed whenever a
+    client cleared \\Deleted on a source between the STORE and the UID EXPUNGE (a client looping
+    -FLAGS \\Deleted stalled it for good). The two go in one write now, and one kept is done again."""
+    from referral_proxy.mailops import expunge_uids
+
+    conn = _backend()
+    untagged: list[bytes] = []
+    d = defer.ensureDeferred(expunge_uids(conn, [7, 8, 9], untagged))
+    _expunging(conn, b"7:9", b"* 1 EXPUNGE\r\n* 1 FETCH (UID 8 FLAGS ())\r\n* 2 EXPUNGE\r\n", still=b"8")
+    _expunging(conn, b"8", b"* 1 EXPUNGE\r\n")
+    assert _result(d).ok
+    assert untagged == [b"* 1 EXPUNGE\r\n", b"* 1 FETCH (UID 8 FLAGS ())\r\n", b"* 2 EXPUNGE\r\n", b"* 1 EXPUNGE\r\n"]
+    assert conn.transport.value() == b""

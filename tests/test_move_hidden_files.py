@@ -35,7 +35,7 @@ from movecheck import (
 )
 from test_moves import MASTERS, RULES
 
-from referral_proxy.mailops import _mark
+from referral_proxy.aside import _mark
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 

@@ -213,10 +213,8 @@ def _copy_taken_back(dst, uid: int = 5) -> None:
     """The destination (copy *uid* in Shared/X) selected and the copy expunged (mailops.expunge_uids: and looked for)."""
     assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
-    assert _take(dst) == b"rp7 UID STORE %d +FLAGS.SILENT (\\Deleted)\r\n" % uid
-    dst.dataReceived(b"rp7 OK\r\n")
-    assert _take(dst) == b"rp8 UID EXPUNGE %d\r\n" % uid
-    dst.dataReceived(b"* %d EXPUNGE\r\nrp8 OK\r\n" % uid)
+    assert _take(dst) == b"rp7 UID STORE %d +FLAGS.SILENT (\\Deleted)\r\nrp8 UID EXPUNGE %d\r\n" % (uid, uid)
+    dst.dataReceived(b"rp7 OK\r\n* %d EXPUNGE\r\nrp8 OK\r\n" % uid)
     assert _take(dst) == b"rp9 UID SEARCH UID %d\r\n" % uid
     dst.dataReceived(b"* SEARCH\r\nrp9 OK\r\n")
 
