@@ -134,7 +134,7 @@ async def _late_flags(src: BackendProtocol, dst: BackendProtocol, data: dict, pa
     uids = expand_uid_set(data["src_uids"])
     was = {u: f.encode("utf-8", "surrogateescape").split() for u, f in zip(uids, data["src_flags"])}
     now = await flags_of(src, [s for s, _d in pairs])
-    changes = flag_changes(was, dict(now), dict(pairs), deleted_cleared=True)
+    changes = flag_changes(was, dict(now), dict(pairs))
     await carry_flags(dst, data["dst_mailbox"], data["dst_validity"], changes)
     data["src_flags"] = [flags_text(sorted(now[u])) if u in now else f for u, f in zip(uids, data["src_flags"])]
     if changes:

@@ -433,7 +433,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
 async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]
                         ) -> tuple[dict[int, frozenset[bytes] | None], list[bytes], list[int]]:
     """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are moved (still there, each with its
-    flags now, None: not said), the other untagged responses, raw, and the UIDs still without the flag.
+    flags as before this mark, None: not said), the other untagged responses, raw, and the UIDs still without the flag.
     Dovecot's answer names each message whose flags changed, so not one that was \\Deleted already: those
     are asked for again. One another session cleared the flag of meanwhile is flagged again, MARK_TRIES in all.
 
@@ -448,15 +448,22 @@ async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]
         if not todo:
             break
         result = await run_ok(src, b"UID STORE " + uid_set(todo) + b" +FLAGS (\\Deleted)", "STORE")
-        now: dict[int, frozenset[bytes] | None] = {}
-        others += _fetched(result.responses, set(todo), now)
+        said: dict[int, frozenset[bytes] | None] = {}
+        others += _fetched(result.responses, set(todo), said)
+        now = dict(said)
         if quiet := [u for u in todo if u not in now]:
             others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
                                set(quiet), now)
-        present.update({u: now.get(u) for u in todo})  # gone since the first look: taken by an EXPUNGE, moved
+        # gone since the first look: taken by an EXPUNGE, moved. One this STORE changed had no \Deleted before it
+        present.update({u: _unmarked(now.get(u)) if u in said else now.get(u) for u in todo})
         todo = [u for u, f in now.items() if f is not None and b"\\DELETED" not in {flag_key(x) for x in f}]
     unmarked = set(todo)
     return {u: f for u, f in present.items() if u not in unmarked}, others, todo
+
+
+def _unmarked(flags: frozenset[bytes] | None) -> frozenset[bytes] | None:
+    """Flags the MOVE's STORE changed, without the \\Deleted it added (a client's un-delete is carried)."""
+    return None if flags is None else frozenset(f for f in flags if flag_key(f) != b"\\DELETED")
 
 
 _UNFLAG = b"UID STORE %s -FLAGS.SILENT (\\Deleted)"  # a source that stays: the flag the MOVE set, taken back
@@ -539,11 +546,11 @@ async def carry_flags(dst: BackendProtocol, mailbox: str, validity: int, changes
         await run_ok(dst, b"UID STORE " + uid_set(uids) + b" " + sign.encode() + b"FLAGS.SILENT (" + flags + b")", "STORE")
 
 
-def flag_changes(was: dict[int, Iterable[bytes]], now: dict[int, frozenset[bytes] | None], copy_of: dict[int, int],
-                 *, deleted_cleared: bool = False) -> dict[int, tuple[set[bytes], set[bytes]]]:
+def flag_changes(was: dict[int, Iterable[bytes]], now: dict[int, frozenset[bytes] | None], copy_of: dict[int, int]
+                 ) -> dict[int, tuple[set[bytes], set[bytes]]]:
     """{copy UID: (flags added, flags cleared)} of each source message whose flags changed since *was* (as copied,
-    or as last carried). \\Deleted is this MOVE's own mark: never added, cleared only with *deleted_cleared*
-    (recovery: a client's un-delete); \\Recent is no flag to set."""
+    or as last carried). \\Deleted may be this MOVE's own mark: never added, but cleared (a client's un-delete;
+    *now* holds a source's flags as before the MOVE marked it); \\Recent is no flag to set."""
     out = {}
     for uid, flags in now.items():
         if flags is None or (before := was.get(uid)) is None:
@@ -551,7 +558,7 @@ def flag_changes(was: dict[int, Iterable[bytes]], now: dict[int, frozenset[bytes
         had = {flag_key(f): f for f in before if flag_key(f) != b"\\RECENT"}
         has = {flag_key(f): f for f in flags if flag_key(f) != b"\\RECENT"}
         added = {has[k] for k in has.keys() - had.keys() if k != b"\\DELETED"}
-        removed = {had[k] for k in had.keys() - has.keys() if deleted_cleared or k != b"\\DELETED"}
+        removed = {had[k] for k in had.keys() - has.keys()}
         if added or removed:
             out[copy_of[uid]] = (added, removed)
     return out

@@ -387,3 +387,27 @@ def test_a_backend_without_master_user_is_warned_of_at_start(proxy_factory):
         time.sleep(0.1)
     warned = re.findall(r"backend (\w+) has no master_user", proxy.stderr_text())
     assert sorted(warned) == ["b2", "b3"], proxy.stderr_text()[-2000:]
+
+
+def test_a_deleted_flag_a_client_cleared_on_a_source_during_the_move_is_cleared_on_its_copy():
+    """Stop 51's note: UID 8 was copied \\Deleted; a client un-deleted it while the MOVE ran, and the MOVE's own
+    STORE set the flag again (Dovecot names 8 in the STORE's answer: its flags changed, so it had no \\Deleted
+    just before). The copy kept \\Deleted, for the next EXPUNGE there to take: the client's un-delete lost.
+    A source the MOVE's STORE changed is carried as it was before that STORE; 7 keeps its \\Seen carried."""
+    h, src = _selected(2)
+    dst = _two_copied(h, src)
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7)\r\n* 2 FETCH (UID 8)\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\n"
+                     b"rp7 OK\r\n")
+    assert _take(dst) == b"rp6 SELECT Shared/X\r\n"  # the changes go to the copies, before the sources leave
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
+    assert _take(dst) == b"rp7 UID STORE 6 -FLAGS.SILENT (\\Deleted)\r\n"
+    dst.dataReceived(b"rp7 OK\r\n")
+    assert _take(src) == b"rp8 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\nrp9 UID EXPUNGE 7:8\r\n"
+    src.dataReceived(b"rp8 OK\r\n* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nrp9 OK\r\n")
+    assert _take(src) == b"rp10 UID SEARCH UID 7:8\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp10 OK\r\n")
+    assert h.to_client().endswith(b"m OK Move completed.\r\n")
+    assert now(h.context.mailbox_map.entries()) == []
