@@ -35,7 +35,7 @@ from .commands import CONDSTORE_WORDS
 from .fastpath import NAMED, relay_line
 from .flow import Block
 from .imap.grammar import encode_astring
-from .imap.mutf7 import shifts_a_line_break
+from .imap.mutf7 import shifts_a_line_break, spare_bits_set
 from .imap.response import ResponseStart, completion_text
 from .listing import answer_merged
 from .staging import is_private_name
@@ -69,7 +69,7 @@ def list_line(session: Any, tag: bytes, name: str, rest: bytes) -> bool:
         return False
     pattern = _value(m.group(2))
     pool, home, user = session.pool, session.home, session.user
-    if (not pattern or pool.busy or session.relay.in_flight or session.appends.unanswered
+    if (not pattern or spare_bits_set(rest) or pool.busy or session.relay.in_flight or session.appends.unanswered
             or session.mailbox_map.mailbox_moves(user) or session.mailbox_map.backends_for(user) != [home]):
         return False
     conn = pool.ready(home)
@@ -112,7 +112,8 @@ def status_line(session: Any, tag: bytes, name: str, rest: bytes) -> bool:
         return False
     mailbox = _value(m.group(1))
     mailboxes = session.mailboxes
-    if is_private_name(mailbox) or mailboxes.moving(mailbox) or shifts_a_line_break(mailbox):  # NO or BAD: the long way
+    if (is_private_name(mailbox) or mailboxes.moving(mailbox) or shifts_a_line_break(mailbox)
+            or spare_bits_set(mailbox)):  # NO or BAD: the long way
         return False
     route = mailboxes.route_of(mailbox)
     if mailboxes.refers(route, mailbox):

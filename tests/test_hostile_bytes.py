@@ -80,3 +80,42 @@ def test_shifts_a_line_break_reads_every_run_leniently():
     assert [mutf7.shifts_a_line_break(n) for n in (b"&AA0ACg-", b"&AA0-", b"x&AAo", b"&AGEACg-", _FORGING)] == [True] * 5
     assert not any(mutf7.shifts_a_line_break(n) for n in (b"Caf&AOk-", b"&-", b"R&D", b"&2D3eAA-", b"&", b"&AIU-",
                                                            b"&AAA-", b"&AAk-"))  # (NUL: Dovecot refuses it unechoed)
+
+
+# -- a name Dovecot reads as another spelling of one mailbox (probe v1, stop 52) ----------------------------
+
+_SPARE = b"&AMl-quipe/x"  # "&AMk-quipe/x" (Équipe/x) with non-zero spare bits: Dovecot 2.3 opens that mailbox
+
+
+def test_spare_bits_are_found_in_every_shifted_run():
+    assert [mutf7.spare_bits_set(n) for n in (_SPARE, b"&ANx-ber", b"a/&AOkA6R-", b"x&AMl")] == [True] * 4
+    assert not any(mutf7.spare_bits_set(n) for n in (b"&AMk-quipe/x", b"&ANw-ber", b"&AOkA6Q-", b"R&D", b"&-",
+                                                     b"&2D3eAA-", b"Caf&AOk-", b"plain"))
+
+
+@pytest.mark.parametrize("command", [b"SELECT %s", b"STATUS %s (MESSAGES)", b"CREATE %s", b"DELETE %s",
+                                     b"RENAME Work %s", b"RENAME %s Work", b"APPEND %s {1+}\r\nx", b"SUBSCRIBE %s",
+                                     b'LIST "" %s', b'LIST %s "*"', b'LIST "" (INBOX %s)', b'LSUB "" %s',
+                                     b'RLIST "" %s'])
+def test_a_name_with_spare_bits_is_refused_before_any_backend_sees_it(command):
+    """Dovecot ignores the spare bits: "&AMl-quipe/x" is its Équipe/x, while the map routed it by its bytes,
+    so the rule for "Équipe/*" missed it: STATUS said NO where the mailbox was, a CREATE made a second one
+    elsewhere, and a RENAME to it was OK'd and put the mailbox where no client saw it."""
+    h = SessionHarness()
+    h.login()
+    h.send(b"a " + command % (b'"' + _SPARE + b'"',) + b"\r\nb NOOP\r\n")
+    out = h.to_client()
+    assert out.startswith(b"a BAD "), out
+    assert h.to_backend() == b"rp1 NOOP\r\n"  # (only the NOOP after it)
+
+
+def test_a_copy_into_a_name_with_spare_bits_is_refused():
+    h = SessionHarness()
+    h.login()
+    h.send(b"s SELECT INBOX\r\n")
+    h.from_backend(b"* 1 EXISTS\r\n" + h.to_backend().split(b" ")[0] + b" OK [READ-WRITE] selected\r\n")
+    h.to_client()
+    for verb in (b"COPY", b"MOVE", b"UID COPY", b"UID MOVE"):
+        h.send(b'c %s 1 "%s"\r\n' % (verb, _SPARE))
+        assert h.to_client().startswith(b"c BAD "), verb
+    assert h.to_backend() == b""

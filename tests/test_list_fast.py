@@ -29,10 +29,10 @@ PATTERNS = [(b'""', b"*"), (b'""', b"%"), (b'""', b'"*"'), (b'""', b"INBOX"), (b
             (b'""', b"Ghost"), (b'""', b"Ghost/%"), (b'""', b"Deep/%"), (b'""', b"Deep/%/%"), (b"Work/", b"%"),
             (b'"INBOX/"', b"%"), (b'""', b"inbox/%"), (b'""', b"Work/*"), (b'""', b"a*b"), (b'""', b"Nothing*"),
             (b"Work", b'"/*"'), (b'""', b"%a%"), (b'""', b"*/"), (b'""', b"Only/%"),
-            (b'""', b"Shared*")]
+            (b'""', b"Shared*"), (b'""', b"Caf&AOl-*"), (b"Caf&AOl-", b"%")]  # (spare bits: BAD, both ways)
 STATUS_OF = [b"INBOX", b"inbox", b"Work", b'"Work/Archive"', b'"50% off"', b'"q\\"uote"', b'"back\\\\slash"',
              b"Caf&AOk-", b"inbox/lower", b"INBOX/Kid", b"Ghost", b"Nothing", b"referral-proxy-aside-77",
-             b"referral-proxy-staging-0123abcd", b"Work/referral-proxy-aside-in", b'""', b"Shared/Docs"]
+             b"referral-proxy-staging-0123abcd", b"Work/referral-proxy-aside-in", b'""', b"Shared/Docs", b"Caf&AOl-"]
 
 
 _TIMES = re.compile(rb" \([0-9.+ ]+ secs\)")  # Dovecot's timings in a completion

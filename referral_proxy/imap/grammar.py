@@ -111,8 +111,9 @@ def _fits(tok: Token, slot: Slot) -> bool:
         return type(tok) is Atom and is_sequence_set(tok.value)
     if slot is _QUOTED:
         return type(tok) is String and not tok.literal
-    if slot is _PATTERN and type(tok) is ParenList:
-        return all(is_astring(t) for t in tok.items)
+    if slot is _PATTERN or slot is Slot.REFERENCE:  # (no name Dovecot reads as another: is_mailbox)
+        items = tok.items if type(tok) is ParenList else (tok,)
+        return all(is_astring(t) and not mutf7.spare_bits_set(t.value) for t in items)
     if slot is _MAILBOX or slot is _DEST:
         return is_mailbox(tok)
     return is_astring(tok)
@@ -120,8 +121,9 @@ def _fits(tok: Token, slot: Slot) -> bool:
 
 def is_mailbox(tok: Token) -> TypeGuard[Atom | String]:
     """An astring a backend may be asked about as a mailbox name: none whose modified UTF-7 stands for
-    CR or LF (mutf7.shifts_a_line_break: Dovecot would echo it, decoded, in a response)."""
-    return is_astring(tok) and not mutf7.shifts_a_line_break(tok.value)
+    CR or LF (mutf7.shifts_a_line_break: Dovecot would echo it, decoded, in a response), nor one Dovecot
+    reads as another spelling of a name (mutf7.spare_bits_set: the map routes by the spelling)."""
+    return is_astring(tok) and not mutf7.shifts_a_line_break(tok.value) and not mutf7.spare_bits_set(tok.value)
 
 
 def is_sequence_set(value: bytes) -> bool:
