@@ -16,7 +16,7 @@ from typing import Any
 from .config import ConfigError, load_config
 from .imap.mutf7 import shifts_a_line_break
 from .journal import InUse, Reservation, StoreUnavailable
-from .movecli import _run, missing_store
+from .movecli import _run, missing_store, unnamable
 from .recovery import describe
 from .routing import MailboxMap, normalize, open_store
 from .store import SQLiteStore
@@ -93,9 +93,12 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
         if len(set(args.backends)) < len(args.backends):  # as a rule's list (config.py): a typo, no replica
             sys.stderr.write(f"referral-proxy: map set: a backend is named twice: {' '.join(args.backends)}\n")
             return 2
-        if not args.mailbox or any(c in args.mailbox for c in "\r\n\0") or shifts_a_line_break(
-                args.mailbox.encode("utf-8", "surrogateescape")):  # no client could ever name it (grammar.is_mailbox)
+        named = args.mailbox.encode("utf-8", "surrogateescape")  # no client could ever name it (grammar.is_mailbox)
+        if not args.mailbox or any(c in args.mailbox for c in "\r\n\0") or shifts_a_line_break(named):
             sys.stderr.write(f"referral-proxy: map set: not a mailbox name: {args.mailbox!r}\n")
+            return 2
+        if why := unnamable(args.mailbox, mailbox_map.separator):
+            sys.stderr.write(f"referral-proxy: map set: {args.mailbox!r} {why}: no mailbox is named so\n")
             return 2
 
         async def place() -> int:

@@ -210,6 +210,17 @@ class ProgressBar:
         self.out.flush()
 
 
+def unnamable(name: str, separator: str) -> str | None:
+    """Why no mailbox has *name* (Dovecot refuses it or strips it to another name: "Projects/" routed as
+    another name, probe v1 of stop 52), or None."""
+    levels = name.split(separator)
+    if "" in levels:
+        return "begins or ends with the separator, or has it twice" if len(levels) > 1 else "is empty"
+    if any(level in (".", "..") for level in levels) or name.startswith("~"):
+        return "has a '.' or '..' level or begins with '~'"
+    return None
+
+
 BUSY_RETRY = 0.2  # seconds between tries while a client's RENAME across or another move holds a name (--wait)
 
 def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> int:
@@ -221,8 +232,8 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         sys.stderr.write(f"referral-proxy: move: unknown backend {args.backend!r}\n")
         return 2
     user = mailbox_map.canonical(args.user)
-    if args.mailbox != "*" and args.mailbox.endswith(mailbox_map.separator):  # ("Projects/" routed as another name)
-        sys.stderr.write(f"referral-proxy: move: {args.mailbox!r} ends with the separator: no mailbox is named so\n")
+    if args.mailbox != "*" and (why := unnamable(args.mailbox, mailbox_map.separator)):
+        sys.stderr.write(f"referral-proxy: move: {args.mailbox!r} {why}: no mailbox is named so\n")
         return 2
 
     async def main(reactor: Any) -> int:

@@ -69,6 +69,18 @@ def test_map_unset_of_inbox_in_any_case_removes_the_placement_set(proxy_factory)
     assert gone.returncode == 0 and "placement removed" in gone.stdout, gone.stdout + gone.stderr
 
 
+@pytest.mark.parametrize("name", ["Proj/", "Proj//x", "/Proj", "Proj/./x", "Proj/..", "~Proj"])
+def test_map_set_of_a_name_dovecot_refuses_or_strips_is_refused(proxy_factory, name):
+    """`map set carol Proj/ b2` (as shell completion writes it) placed a name no mailbox has: Dovecot strips
+    the separator (CREATE "Proj/" makes Proj) or refuses the name; the operator's `map show` listed a
+    placement that routed nothing (probe v1, stop 52). Refused, nothing written."""
+    config = str(proxy_factory().config_path)
+    done = cli("map", "--config", config, "set", "carol", name, "b2")
+    assert done.returncode == 2 and "no mailbox is named so" in done.stderr, (done.stdout, done.stderr)
+    shown = cli("map", "--config", config, "show", "carol")
+    assert shown.returncode == 0 and "b2 (placed" not in shown.stdout, shown.stdout
+
+
 def test_move_of_a_mailbox_nowhere_or_named_with_a_trailing_separator_is_refused(proxy_factory):
     """`move alice Nope b1` (b1 her home) said "is on b1 already", rc 0, for a mailbox she has nowhere;
     `move alice Projects/ b1` with Projects on b3 said the same and moved nothing (probe 3, stop 48)."""
