@@ -30,7 +30,7 @@ from .pool import BackendPool
 
 __all__ = ["Relay", "RelayHost", "wants_updates"]
 
-MAX_UPDATES = 64  # live CONTEXT=SEARCH/SORT updates remembered per connection
+MAX_UPDATES = 64  # live CONTEXT=SEARCH/SORT updates per connection; one more is refused NO [NOUPDATE]
 _TAG_NAMING = (b"* ESEARCH ", b"* NO [NOUPDATE", b"* OK [NOUPDATE")  # responses naming a command by its tag
 _NO_CANCELS: list[bytes] = []  # never changed: _Op only reads it
 
@@ -126,11 +126,12 @@ class Relay:
             keep = wants_updates(args)
             if keep and any(refs.live.get(p) == tag for p in refs.updates):  # its updates would go on after a CANCELUPDATE
                 return self.host.refuse(b"%s BAD Duplicate search update tag\r\n" % tag)
+            if keep and len(refs.updates) >= MAX_UPDATES:  # (one forgotten went on naming the proxy's tag: probe v4)
+                return self.host.refuse(b'%s NO [NOUPDATE "%s"] Too many searches with updates; CANCELUPDATE one first\r\n'
+                                        % (tag, tag))  # (a tag holds no '"' nor '\\': RFC 3501 9)
             refs.live[ptag] = tag
             if keep:
                 refs.updates.add(ptag)
-            while len(refs.live) > MAX_UPDATES:
-                refs.forget(next(iter(refs.live)))
         elif spec is not None and spec.tag_args:  # CANCELUPDATE "tag" ...: the proxy's tags
             tokens = self.client_tags_to_proxy(conn, args.tokens)
             cancels = [t.value for t in tokens if isinstance(t, String)]

@@ -215,6 +215,33 @@ def test_esearch_tags_are_the_clients_both_ways():
     assert h.to_client() == b"a4 OK cancelled\r\n"
 
 
+
+def test_a_search_with_updates_past_the_limit_is_refused_and_the_others_keep_the_clients_tags():
+    """Probe v4 (stop 52): after 70 ``RETURN (UPDATE)`` searches the proxy forgot the six oldest: their updates
+    came as ``(TAG "rp4")``, the proxy's own tag, and ``CANCELUPDATE "u0"`` went to Dovecot as it was (NO
+    Unknown tag): u0's updates never stopped. One past relay.MAX_UPDATES is refused now (RFC 5267 NOUPDATE)."""
+    from referral_proxy.relay import MAX_UPDATES
+
+    h = SessionHarness()
+    h.login()
+    h.send(b"s SELECT INBOX\r\n")
+    h.from_backend(h.to_backend().split(b" ")[0] + b" OK selected\r\n")
+    for i in range(MAX_UPDATES + 1):
+        h.send(b"u%d UID SEARCH RETURN (UPDATE) SEEN\r\n" % i)
+        ptag = h.to_backend().split(b" ")[0]
+        if i < MAX_UPDATES:
+            h.from_backend(b"%s OK done\r\n" % ptag)
+    out = h.to_client()
+    assert out.endswith(b'u%d OK done\r\nu%d NO [NOUPDATE "u%d"] Too many searches with updates; CANCELUPDATE one '
+                        b"first\r\n" % (MAX_UPDATES - 1, MAX_UPDATES, MAX_UPDATES)), out[-200:]
+    assert ptag == b""  # the refused one never went
+    h.send(b"n NOOP\r\n")
+    h.from_backend(b'* ESEARCH (TAG "rp2") UID ADDTO (0 3)\r\n' + h.to_backend().split(b" ")[0] + b" OK\r\n")
+    assert h.to_client() == b'* ESEARCH (TAG "u0") UID ADDTO (0 3)\r\nn OK\r\n'  # the first still the client's
+    h.send(b'c CANCELUPDATE "u0"\r\n')
+    assert h.to_backend().endswith(b'CANCELUPDATE "rp2"\r\n')
+
+
 # -- literals in every position, toward backends with and without LITERAL+ ---------------------
 
 _value = st.one_of(st.binary(max_size=8), st.sampled_from([b"", b"\r\n", b"\x00", b"a\r\nb NOOP\r\n", b"}"]))
