@@ -266,9 +266,10 @@ class LoopGuard:
 
 
 def _valid_ip(text: str) -> bool:
+    """A plain IP address: no scope id ("fe80::1%x", as proxyproto._ip)."""
     try:
         ipaddress.ip_address(text)
-        return True
+        return "%" not in text
     except ValueError:
         return False
 

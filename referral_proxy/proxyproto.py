@@ -49,8 +49,8 @@ def _ip(raw: bytes | str, version: int) -> str:
         ip = ipaddress.ip_address(raw.decode("ascii") if isinstance(raw, bytes) else raw)
     except (UnicodeDecodeError, ValueError):
         raise InvalidProxyHeader() from None
-    if ip.version != version:
-        raise InvalidProxyHeader()
+    if ip.version != version or "%" in str(ip):  # a scope id ("fe80::1%<any bytes>", probe v6 of stop 52): no
+        raise InvalidProxyHeader()              # client's address, and x-originating-ip Dovecot cannot read
     return str(ip)
 
 

@@ -62,6 +62,8 @@ def test_trusted_upstream_sets_the_client_and_session_id():
     # garbage is ignored, not believed
     guard.received_id(origin, {"x-originating-ip": "not an ip", "x-session-id": "bad id\x00", "x-proxy-ttl": "x"})
     assert origin.client == "[2001:db8::5]:993" and origin.session_id == "upstream-42" and origin.ttl == 3
+    guard.received_id(origin, {"x-originating-ip": "fe80::1%\x1b[31mx"})  # a scope id: no address Dovecot reads
+    assert origin.client == "[2001:db8::5]:993" and origin.session_id == "upstream-42" and origin.ttl == 3
     guard.received_id(origin, {"x-session-id": "forged\n"})  # a trailing LF ($ would let it through)
     assert origin.session_id == "upstream-42"
 

@@ -67,6 +67,11 @@ REFUSED = {
     "v1 IPv4 in TCP6": b"PROXY TCP6 192.0.2.7 ::1 40000 143\r\n",
     "v1 escape in address": b"PROXY TCP4 1.2.3.4\x1b[31m 127.0.0.1 40000 143\r\n",
     "v1 8-bit address": b"PROXY TCP4 1.2.3.\xff 127.0.0.1 40000 143\r\n",
+    # a scope id is any bytes but % and space (ipaddress takes it): the client's address, and x-originating-ip
+    # to Dovecot, which cannot read it and blames the proxy's address (probe v6, stop 52)
+    "v1 scope id with an escape": b'PROXY TCP6 fe80::1%\x1b[31mEVIL"\\x ::1 4000 143\r\n',
+    "v1 scope id": b"PROXY TCP6 fe80::1%eth0 ::1 4000 143\r\n",
+    "v1 scope id on the destination": b"PROXY TCP6 2001:db8::7 fe80::1%1 4000 143\r\n",
     "v1 oversize in one piece": b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143 " + b"A" * 3000 + b"\r\n",
     "v1 LF alone": b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\n",
     "v1 missing ports": b"PROXY TCP4 192.0.2.7 127.0.0.1\r\n",
