@@ -496,3 +496,19 @@ def test_the_penalty_counts_the_maps_user_name(username_format, same):
     penalty, now = h.context.admission.penalty, h.reactor.seconds()
     assert penalty.delay(elsewhere, "alice", 15, now) == (4.0 if same else 0.0)
     assert penalty.delay(elsewhere, "ALICE", 15, now) == (0.0 if same else 4.0)
+
+
+@pytest.mark.parametrize("login,owner", [('"bob*bob"', "bob"), ('"alice*admin"', "admin"), ('"BOB*Bob"', "bob"),
+                                         ("bob", "bob")])
+def test_the_penalty_counts_the_user_whose_password_is_tried(login, owner):
+    """Probe v6 (stop 52): ``LOGIN "bob*bob" guess`` tries bob's own password (Dovecot: a master login as
+    oneself), but the penalty was keyed "bob*bob": a botnet got twice the guesses at bob's; and every
+    ``user*admin`` had its own key for guesses at the master user admin's password."""
+    config = minimal_config(login_penalty=15)
+    config = replace(config, map=replace(config.map, master_user_separator="*"))
+    h = SessionHarness(config, connector=FakeConnector(refuse=True))
+    h.to_client()
+    h.send(b"a LOGIN %s wrong\r\n" % login.encode())
+    assert h.to_client() == b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    penalty, now = h.context.admission.penalty, h.reactor.seconds()
+    assert penalty.delay("203.0.113.9", owner, 15, now) == 4.0  # from anywhere: the user's penalty
