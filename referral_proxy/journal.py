@@ -29,7 +29,7 @@ from enum import Enum
 __all__ = ["Step", "Recovery", "Rule", "TABLE", "Reservation", "InUse", "StoreUnavailable", "LostEntry", "UNAVAILABLE",
            "TAKEN_OVER", "JournalEntry", "check_transition",
            "conflicts", "covers",
-           "process_owner", "owner_gone"]
+           "process_owner", "owner_gone", "pid_namespace"]
 
 
 class Step(Enum):
@@ -191,22 +191,33 @@ def _start_time(pid: int) -> str:
         return "?"
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace (Linux): a pid means a process only within it."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "?"
+
+
 def process_owner() -> str:
-    """``host:pid:start``: who runs an entry (a move in this process)."""
+    """``host:pid:start:pidns``: who runs an entry (a move in this process)."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}:{pid_namespace()}"
 
 
 def owner_gone(owner: str | None) -> bool:
     """True if the process that owned an entry no longer runs (on this host): it may be recovered.
 
-    An owner on another host is never taken for gone by this test (a shared store across
-    hosts has leases: JournalEntry.lease_expired)."""
+    An owner on another host, or in another PID namespace (a container with the host's network and
+    name: its pid is none or another process here; probe v5 of stop 52, its live RENAME recovered
+    under it, mail lost), is never taken for gone by this test: a shared store across hosts has
+    leases (JournalEntry.lease_expired), the SQLite file its owners' locks (store.LifeLocks)."""
     if owner is None:
         return True
     host, _, rest = owner.partition(":")
-    pid_s, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid_s.isdigit():
+    pid_s, _, rest = rest.partition(":")
+    start, _, namespace = rest.partition(":")  # (no namespace: written by an older version, on this host's)
+    if host != socket.gethostname() or not pid_s.isdigit() or namespace not in ("", pid_namespace()):
         return False
     pid = int(pid_s)
     try:

@@ -173,9 +173,10 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
             print(f"{len(left)} entr{'y' if len(left) == 1 else 'ies'} left in the journal (running elsewhere, or "
                   "not recovered):")
             for e in left:  # (probe t5: an owner alive that gave its move up holds it until its lease runs out)
-                held = f"held by {e.owner}" + (" (running)" if e.lease_expired is None else  # (no leases: SQLite)
-                                               f" until its lease ({config.map.lease_seconds:g} s, renewed while it "
-                                               "works) runs out")
+                held = f"held by {e.owner}" + (
+                    " (no longer running: the next recovery takes it)" if e.lease_expired and not mailbox_map.store.leases
+                    else " (running)" if e.lease_expired is None else  # (no leases: SQLite)
+                    f" until its lease ({config.map.lease_seconds:g} s, renewed while it works) runs out")
                 print(f"  {describe(e)}: " + (held if e.owner else "nobody's: the sweep retries it"))
         return 1 if any("NOT recovered" in line for line in lines) else 0
 

@@ -19,8 +19,9 @@ from typing import Any, Protocol, TypeVar
 
 from twisted.internet import task
 
-from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts
+from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts, process_owner
 from .journalrows import Deltas, by_entry, read_step, rebuild, stored_step, write_step
+from .lifelock import LifeLocks
 
 T = TypeVar("T")
 
@@ -231,6 +232,19 @@ class SQLiteStore:
         self._deltas = Deltas()
         if clock is not None:
             self._db.execute(f"PRAGMA busy_timeout = {int(LOCK_TRY * 1000)}")
+        self._life: LifeLocks | None = None  # whose entries' owners still run (lifelock.py); None: only pids tell
+        if self._refusal is None and str(path) != ":memory:" and not str(path).startswith("file:"):
+            try:
+                life, self._me = LifeLocks(path), process_owner()
+                life.hold(self._me)
+                life.sweep({o for (o,) in self._db.execute("SELECT DISTINCT owner FROM journal WHERE owner IS NOT NULL")})
+                self._life = life
+            except (OSError, sqlite3.Error):
+                pass  # (a directory it may not write: owners are known by their pids only, as before)
+
+    def _gone(self, owner: str | None) -> bool | None:
+        """An owner whose lock says it stopped running (as a lease run out); None: no lock to tell."""
+        return True if owner is not None and self._life is not None and self._life.dead(owner) else None
 
     async def _locked(self, work: Callable[[], T]) -> T:
         """*work()* (statements in this connection), tried again while another process holds the
@@ -403,14 +417,14 @@ class SQLiteStore:
                 steps = by_entry(self._db.execute("SELECT entry, whole, delta FROM journal_steps ORDER BY entry, seq"))
             finally:
                 self._db.execute("COMMIT")
-            return [JournalEntry(i, _text(u), o, rebuild(d, steps.get(i, ())), read_step(st), ow, c)  # type: ignore[arg-type]
-                    for i, u, o, d, st, c, ow in rows]
+            return [JournalEntry(i, _text(u), o, rebuild(d, steps.get(i, ())), read_step(st), ow, c,  # type: ignore[arg-type]
+                                 lease_expired=self._gone(ow)) for i, u, o, d, st, c, ow in rows]
 
         return await self._locked(work)
 
     async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
         def work() -> list[tuple[int, str | None, bool]]:
-            return [(int(i), ow, False) for i, ow in self._db.execute("SELECT id, owner FROM journal")]
+            return [(int(i), ow, bool(self._gone(ow))) for i, ow in self._db.execute("SELECT id, owner FROM journal")]
 
         return await self._locked(work)
 
@@ -433,6 +447,9 @@ class SQLiteStore:
 
     async def close(self) -> None:
         self._db.close()
+        if self._life is not None:
+            self._life.release(self._me)
+            self._life = None
 
 
 _SQLITE_SCHEMA = [

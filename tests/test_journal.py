@@ -138,6 +138,10 @@ def test_owner_gone():
     assert owner_gone(f"{host}:{child.pid}:123")
     assert not owner_gone(f"elsewhere.example:{child.pid}:123")  # another host: never taken for gone
     assert owner_gone(f"{host}:{os.getpid()}:not-my-start-time")  # a reused pid is not its owner
+    namespace = me.split(":")[3]
+    assert owner_gone(f"{host}:{child.pid}:123:{namespace}")
+    # another PID namespace (a container with the host's name and network): its pid means nothing here
+    assert not owner_gone(f"{host}:{child.pid}:123:{int(namespace) + 1}")
 
 
 def test_the_design_document_shows_the_table():
