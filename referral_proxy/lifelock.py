@@ -29,7 +29,7 @@ class LifeLocks:
     """The owners' lock files of one map file."""
 
     def __init__(self, map_path: str | Path) -> None:
-        self.directory = Path(str(map_path) + ".owners")
+        self.directory = Path(os.path.realpath(map_path) + ".owners")  # one for every spelling of the path
 
     def hold(self, owner: str) -> None:
         """Take *owner*'s lock (this process's) for as long as it runs; once per process and map.

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from storehelp import now
+from test_journal import CONFIG
 
 from referral_proxy.journal import owner_gone
 from referral_proxy.lifelock import LifeLocks
 from referral_proxy.routing import MailboxMap, SQLiteStore
-from test_journal import CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,3 +107,16 @@ def test_the_locks_of_dead_owners_without_entries_are_swept(tmp_path):
     assert locks.dead(owner)
     locks.sweep(set())
     assert not locks.dead(owner) and len(list(locks.directory.iterdir())) == 1  # only this process's own
+
+
+def test_every_spelling_of_the_map_path_shares_the_owners_locks(tmp_path):
+    """Two proxies naming one file by a symlink and by its path (peerholds.py resolves it so too)."""
+    path = tmp_path / "map.sqlite3"
+    SQLiteStore(path)
+    (tmp_path / "link.sqlite3").symlink_to(path)
+    child, owner = _owner(tmp_path / "link.sqlite3", hostname="linked-host")
+    try:
+        assert not LifeLocks(path).dead(owner)
+    finally:
+        _kill(child)
+    assert LifeLocks(path).dead(owner)
