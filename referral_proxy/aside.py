@@ -22,6 +22,7 @@ from .mailops import (
     exists,
     expunge_uids,
     list_mailboxes,
+    missing,
     name_arg,
     open_mailbox,
     run_ok,
@@ -88,7 +89,7 @@ async def _gone_if_empty(conn: BackendProtocol, aside: str, separator: str) -> b
     try:
         state = await open_mailbox(conn, aside, readonly=True)
     except TransferError:
-        if await _missing(conn, aside):
+        if await missing(conn, aside):
             return True
         raise
     await conn.deselect()
@@ -111,13 +112,7 @@ async def aside_gone(conn: BackendProtocol, aside: str, name: str, separator: st
     left under the aside, out of every client's sight); True if *aside* is not there (any more), or
     was half deleted by a killed Dovecot (finish_cut_delete): nothing left to empty."""
     await put_back(conn, aside, name, separator)
-    return not await exists(conn, aside) or await finish_cut_delete(conn, aside) or await _missing(conn, aside)
-
-
-async def _missing(conn: BackendProtocol, name: str) -> bool:
-    """Listed, yet not there: Dovecot lists a mailbox DELETEd with a child under it (to the session
-    that deleted it) and opens it no more (seen: recovery stuck on 'EXAMINE failed ... undo-0')."""
-    return _gone((await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)", bounded=True)).start)
+    return not await exists(conn, aside) or await finish_cut_delete(conn, aside) or await missing(conn, aside)
 
 
 async def put_back(conn: BackendProtocol, aside: str, name: str, separator: str) -> list[str]:

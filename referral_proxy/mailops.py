@@ -26,7 +26,7 @@ from .routing import normalize
 __all__ = ["TransferError", "Vanished", "NotReadAgain", "MailboxGone", "TRYCREATE", "NoMasterUser", "MessageInfo", "MailboxState",
            "name_arg", "run_ok", "list_mailboxes", "exists", "create", "refused_target", "subtree", "status", "status_now",
            "open_mailbox", "same_mailbox", "search_uids", "still_there", "named_uids", "fetch_infos", "expunge_uids",
-           "subscribed", "may_expunge", "myrights", "grants", "highest_modseq"]
+           "subscribed", "may_expunge", "missing", "myrights", "grants", "highest_modseq"]
 
 log = Logger()
 
@@ -171,6 +171,13 @@ _GONE_CODES = frozenset({"NONEXISTENT", "TRYCREATE"})
 def _gone(start: ResponseStart) -> bool:
     """A NO that says the mailbox is not there (Dovecot: ``[NONEXISTENT] Mailbox doesn't exist``)."""
     return start.status == "NO" and (start.code in _GONE_CODES or b"doesn't exist" in start.text)
+
+
+async def missing(conn: BackendProtocol, name: str) -> bool:
+    """Listed, yet not there: Dovecot lists a mailbox DELETEd while it had children (without \\Noselect,
+    to every session) and opens it no more (seen: recovery stuck on 'EXAMINE failed ... undo-0'; a RENAME
+    across of a tree holding one refused, probe v2 of stop 52)."""
+    return _gone((await conn.command(b"STATUS " + name_arg(name) + b" (MESSAGES)", bounded=True)).start)
 
 
 async def subtree(conn: BackendProtocol, name: str, separator: str) -> list[str]:

@@ -51,6 +51,7 @@ from .mailops import (
     grants,
     highest_modseq,
     list_mailboxes,
+    missing,
     myrights,
     name_arg,
     open_mailbox,
@@ -142,6 +143,8 @@ class Mover:
         for name in names:
             if self.mailbox_map.lookup(self.user, name).primary != src.name:
                 continue  # a child placed elsewhere: an admin move leaves it (a RENAME was refused: hierarchy.py)
+            if await missing(src, name):  # a parent DELETEd with children, listed still: only its children move
+                continue
             name = normalize(name, self.sep)
             pairs.append((name, name if old == new == "*" else normalize(new + name[len(old):], self.sep)))
         pairs.sort(key=lambda p: (p[0] != "INBOX", p[0].count(self.sep), p[0]))
