@@ -140,6 +140,7 @@ class RecoverySweep:
         self._check_loop = task.LoopingCall(self._check)
         self._check_loop.clock = reactor
         self._checking = False
+        self._unowned: set[int] = set()  # entries nobody owned at the last check
 
     def start(self) -> None:
         self._loop.start(SWEEP_SECONDS, now=True)
@@ -159,9 +160,15 @@ class RecoverySweep:
         checked.addBoth(lambda _: setattr(self, "_checking", False))
 
     async def _look(self) -> None:
-        """One read of the journal's owners, no backend reached: a sweep only if one is gone."""
+        """One read of the journal's owners, no backend reached: a sweep only if one is gone, or an owner
+        gave an entry up since the last check (a MOVE across whose destination mailbox was deleted under it
+        held its source [INUSE] until the 30-second sweep: probe v2 of stop 52); one that stays unowned
+        (recovery failed: a backend down) waits for the sweep."""
         try:
             gone = await self.map.owners_gone()
+            unowned = {i for i, owner, _expired in await self.map.store.journal_owners() if owner is None}
+            gone += sorted(unowned - self._unowned)
+            self._unowned = unowned
         except StoreUnavailable:
             return  # the sweep says so (every SWEEP_SECONDS), not this check every few seconds
         except Exception:
@@ -169,7 +176,7 @@ class RecoverySweep:
                 log.failure("recovery check failed")
             return
         if gone and self._loop.running:
-            log.info("recovery: the owner of journal entries {ids} is gone; recovering them now",
+            log.info("recovery: the owner of journal entries {ids} is gone or gave them up; recovering them now",
                      ids=", ".join(map(str, gone)))
             self._sweep()
 

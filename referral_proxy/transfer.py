@@ -374,9 +374,10 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         await mailbox_map.disown(entry)  # the copies by content and finishes the move; the client is told so
         log.error("MOVE: copied to {dst}, which failed before the copies were checked ({why}); recovery will "
                   "finish it", dst=dst.name, why=str(e))
-        return CopyOutcome(untagged, "NO", "[UNAVAILABLE] The messages were copied, but the server holding the "
-                                           "copies stopped answering before they were checked; the move will be "
-                                           "completed once it answers", 0)
+        return CopyOutcome(untagged, "NO", "[UNAVAILABLE] The messages were copied, but the connection to the "
+                                           "server holding the copies ended before they were checked (stopped, "
+                                           "or the mailbox deleted); the move will be completed, or the source "
+                                           "kept", 0)
     except TransferError as e:  # a copy gone or changed there (another session's expunge) before it was read
         await mailbox_map.disown(entry)  # recovery finishes the move or keeps the source (movefinish.py)
         log.warn("MOVE: copied to {dst}, but the copies could not be checked ({why}); recovery will finish it",
