@@ -438,32 +438,39 @@ async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]
     Dovecot's answer names each message whose flags changed, so not one that was \\Deleted already: those
     are asked for again. One another session cleared the flag of meanwhile is flagged again, MARK_TRIES in all.
 
-    Which were there is asked right before the STORE: one there then and gone after it was taken by another
-    session's EXPUNGE, of the \\Deleted this STORE set: it is moved (its copy kept; probe F: 3 of 40 lost
-    when it was taken back). One gone before was moved or expunged by someone else: its copy goes back."""
+    Which were there, and their flags, is asked right before the STORE: one there then and gone after it was
+    taken by another session's EXPUNGE, of the \\Deleted this STORE set: it is moved (its copy kept; probe F: 3 of
+    40 lost when it was taken back). One gone before was moved or expunged by someone else: its copy goes back.
+    One without \\Deleted then has its flags carried without the mark (a client's un-delete reaches the copy);
+    the STORE's answer cannot tell: it names too what other sessions changed (probe w4 of stop 52)."""
     there: dict[int, frozenset[bytes] | None] = {}
-    others = _fetched((await src.command(b"UID FETCH " + uid_set(uids) + b" (UID)")).responses, set(uids), there)
+    others = _fetched((await src.command(b"UID FETCH " + uid_set(uids) + b" (UID FLAGS)")).responses, set(uids), there)
+    unflagged = {u for u, f in there.items() if f is not None and not _deleted(f)}  # the mark to come is the MOVE's
     present: dict[int, frozenset[bytes] | None] = {}
     todo = sorted(there)
     for _ in range(MARK_TRIES):
         if not todo:
             break
         result = await run_ok(src, b"UID STORE " + uid_set(todo) + b" +FLAGS (\\Deleted)", "STORE")
-        said: dict[int, frozenset[bytes] | None] = {}
-        others += _fetched(result.responses, set(todo), said)
-        now = dict(said)
+        now: dict[int, frozenset[bytes] | None] = {}
+        others += _fetched(result.responses, set(todo), now)
         if quiet := [u for u in todo if u not in now]:
             others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
                                set(quiet), now)
-        # gone since the first look: taken by an EXPUNGE, moved. One this STORE changed had no \Deleted before it
-        present.update({u: _unmarked(now.get(u)) if u in said else now.get(u) for u in todo})
-        todo = [u for u, f in now.items() if f is not None and b"\\DELETED" not in {flag_key(x) for x in f}]
+        # gone since the first look: taken by an EXPUNGE, moved
+        present.update({u: _unmarked(now.get(u)) if u in unflagged else now.get(u) for u in todo})
+        todo = [u for u, f in now.items() if f is not None and not _deleted(f)]
+        unflagged.update(todo)  # a client cleared the mark meanwhile: the next is the MOVE's again
     unmarked = set(todo)
     return {u: f for u, f in present.items() if u not in unmarked}, others, todo
 
 
+def _deleted(flags: frozenset[bytes]) -> bool:
+    return b"\\DELETED" in {flag_key(x) for x in flags}
+
+
 def _unmarked(flags: frozenset[bytes] | None) -> frozenset[bytes] | None:
-    """Flags the MOVE's STORE changed, without the \\Deleted it added (a client's un-delete is carried)."""
+    """Flags as the MOVE's STORE left them, without the \\Deleted it added (a client's un-delete is carried)."""
     return None if flags is None else frozenset(f for f in flags if flag_key(f) != b"\\DELETED")
 
 

@@ -86,8 +86,8 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     h, src = _selected(2)
     _two_copied(h, src)
     # Only now the source: exactly these UIDs, those that are still there.
-    assert _take(src) == b"rp6 UID FETCH 7:8 (UID)\r\n"  # which are there right before the flag
-    src.dataReceived(b"* 1 FETCH (UID 7)\r\n* 2 FETCH (UID 8)\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID FLAGS)\r\n"  # which are there right before the flag, and how
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\nrp7 OK\r\n")  # 8 unchanged: \\Deleted already
     assert _take(src) == b"rp8 UID FETCH 8 (UID FLAGS)\r\n"
@@ -123,7 +123,7 @@ def test_a_source_whose_deleted_flag_another_session_keeps_clearing_is_not_moved
     decision journaled, the copy taken back, and the client told NO [INUSE]."""
     h, src = _selected(1)
     dst = _copied_of_one(h, src)
-    src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
+    src.dataReceived(b"* 1 FETCH (UID 4 FLAGS ())\r\nrp6 OK\r\n")
     for tag in (7, 8, 9):
         assert _take(src) == b"rp%d UID STORE 4 +FLAGS (\\Deleted)\r\n" % tag
         src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Seen))\r\nrp%d OK\r\n" % tag)  # cleared by the other
@@ -145,8 +145,8 @@ def test_a_source_expunged_on_the_moves_flag_keeps_its_copy_when_the_others_are_
     the message now), 8's flag kept being cleared (not moved): every copy was taken back, 7 in neither mailbox."""
     h, src = _selected(2)
     dst = _two_copied(h, src)
-    assert _take(src) == b"rp6 UID FETCH 7:8 (UID)\r\n"
-    src.dataReceived(b"* 1 FETCH (UID 7)\r\n* 2 FETCH (UID 8)\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID FLAGS)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 EXPUNGE\r\n* 1 FETCH (UID 8 FLAGS ($Work))\r\nrp7 OK\r\n")
     assert _take(src) == b"rp8 UID FETCH 7 (UID FLAGS)\r\n"  # not named by the STORE: gone since (moved)
@@ -173,7 +173,7 @@ def test_a_source_another_session_expunges_right_after_the_moves_flag_is_moved_n
     mailbox (3 of 40 lost). There right before the STORE, gone after it: it is moved, its copy kept."""
     h, src = _selected(1)
     dst = _copied_of_one(h, src)
-    src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
+    src.dataReceived(b"* 1 FETCH (UID 4 FLAGS ())\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 EXPUNGE\r\nrp7 OK\r\n")  # the other session's EXPUNGE, of our flag
     assert _take(src) == b"rp8 UID FETCH 4 (UID FLAGS)\r\n"
@@ -195,7 +195,7 @@ def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recov
     failed (NO, left to recovery)."""
     h, src = _selected(1)
     _copied_of_one(h, src)
-    src.dataReceived(b"* 1 FETCH (UID 4)\r\nrp6 OK\r\n")
+    src.dataReceived(b"* 1 FETCH (UID 4 FLAGS ())\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp7 OK\r\n")
     for tag in (8, 11, 14):
@@ -242,7 +242,7 @@ def _copied_of_one(h, src) -> object:
     dst.dataReceived(b"rp3 OK [APPENDUID 9 5] Append completed.\r\n")
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp4 OK [READ-ONLY] Examined\r\n")
     dst.dataReceived(b"* 5 FETCH (UID 5 BODY[] {3}\r\nabc)\r\nrp5 OK\r\n")
-    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID)\r\n")
+    assert _take(src).endswith(b"rp6 UID FETCH 4 (UID FLAGS)\r\n")
     return dst
 
 
@@ -393,13 +393,12 @@ def test_a_backend_without_master_user_is_warned_of_at_start(proxy_factory):
 
 def test_a_deleted_flag_a_client_cleared_on_a_source_during_the_move_is_cleared_on_its_copy():
     """Stop 51's note: UID 8 was copied \\Deleted; a client un-deleted it while the MOVE ran, and the MOVE's own
-    STORE set the flag again (Dovecot names 8 in the STORE's answer: its flags changed, so it had no \\Deleted
-    just before). The copy kept \\Deleted, for the next EXPUNGE there to take: the client's un-delete lost.
-    A source the MOVE's STORE changed is carried as it was before that STORE; 7 keeps its \\Seen carried."""
+    STORE set the flag again. The copy kept \\Deleted, for the next EXPUNGE there to take: the client's
+    un-delete lost. A source without \\Deleted right before the MOVE's STORE is carried as it was then."""
     h, src = _selected(2)
     dst = _two_copied(h, src)
-    assert _take(src) == b"rp6 UID FETCH 7:8 (UID)\r\n"
-    src.dataReceived(b"* 1 FETCH (UID 7)\r\n* 2 FETCH (UID 8)\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID FLAGS)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n* 2 FETCH (UID 8 FLAGS ($Work))\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\n"
                      b"rp7 OK\r\n")
@@ -413,3 +412,21 @@ def test_a_deleted_flag_a_client_cleared_on_a_source_during_the_move_is_cleared_
     src.dataReceived(b"* SEARCH\r\nrp10 OK\r\n")
     assert h.to_client().endswith(b"m OK Move completed.\r\n")
     assert now(h.context.mailbox_map.entries()) == []
+
+
+def test_a_flag_another_session_changed_on_a_deleted_source_during_the_move_keeps_the_copys_deleted():
+    """Probe w4 (stop 52), on 364cfb8: Dovecot's answer to the MOVE's STORE names too a message whose flags
+    another session changed ($K added to 8, \\Deleted since before the MOVE); taken for one the STORE
+    changed, its copy lost \\Deleted: a message the user deleted came back (3-5 rounds of 6)."""
+    h, src = _selected(2)
+    dst = _two_copied(h, src)
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID FLAGS)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work $K))\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work $K))\r\n"
+                     b"rp7 OK\r\n")
+    assert _take(dst) == b"rp6 SELECT Shared/X\r\n"
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
+    assert _take(dst) == b"rp7 UID STORE 6 +FLAGS.SILENT ($K)\r\n"  # the keyword reaches the copy; \\Deleted stays
+    dst.dataReceived(b"rp7 OK\r\n")
+    assert _take(dst) == b""
