@@ -104,6 +104,7 @@ class BackendProtocol(Protocol):
         self._current_start: ResponseStart | None = None
         self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
         self.reuse_key: Any = None  # keepalive.ReuseKey: how it logged in, for a session's connection
+        self.logged_in_at = 0.0  # when (the reactor's clock): keepalive reuses it that long only
         self.clock: Any = None  # the reactor (open_connection): bounded internal commands (stall.py)
         self.stalled = False  # cut by stall.py: owed an answer, sent nothing for answer_timeout
         self._holding = 0  # RENAMEs (here or at another proxy) holding it back (renamehold.py) from the next command:

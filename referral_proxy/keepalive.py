@@ -15,8 +15,9 @@ CONDSTORE/QRESYNC/MODSEQ, which enable CONDSTORE for good), nothing in flight or
 read on either side, and the backend then answered UNSELECT (OK, or BAD: no mailbox
 was selected, RFC 3691), whatever untagged responses of the old mailbox came before
 being dropped. A parked connection that says anything at all, or closes, is dropped;
-at expiry it is logged out. Trade-off: a password changed on the backend still works
-through a connection parked with the old one until it expires (docs/design.md).
+at expiry, ``backend_keepalive`` seconds after its login, it is logged out. Trade-off: a
+password changed on the backend still works through a connection logged in with the old
+one until then (docs/design.md), as with Dovecot's auth cache of that TTL.
 
 A parked connection holds one of the user's slots on its backend (Dovecot's
 mail_max_userip_connections, 10 by default): a login of the user under another key (another
@@ -76,6 +77,8 @@ class ReuseKey:
 
     backend: str
     endpoint: str
+    tls: str  # and how it is secured: a reload that turns TLS on reuses no cleartext one (probe w1, stop 52)
+    ca: str
     user: str  # the login name exactly as the backend was given it
     password: str = field(repr=False)
     authzid: str
@@ -134,7 +137,8 @@ class KeepAlive:
             return None
         said = (() if origin is None else
                 (origin.client_ip, origin.local_ip, str(origin.local_port), str(origin.ttl)))
-        return ReuseKey(backend.name, backend.endpoint, creds.user, creds.password, creds.authzid, said)
+        return ReuseKey(backend.name, backend.endpoint, backend.tls, str(backend.ca or ""), creds.user, creds.password,
+                        creds.authzid, said)
 
     async def connect(self, backend: BackendConfig, creds: Credentials, origin: Any,
                       opener: Callable[[], Awaitable[BackendProtocol]]) -> BackendProtocol:
@@ -144,7 +148,7 @@ class KeepAlive:
         if key is not None and (parked := self.take(key)) is not None:
             return parked
         conn = await self._open(key, opener)
-        conn.reuse_key = key
+        conn.reuse_key, conn.logged_in_at = key, self._reactor.seconds()
         return conn
 
     async def _open(self, key: ReuseKey | None, opener: Callable[[], Awaitable[BackendProtocol]]) -> BackendProtocol:
@@ -205,7 +209,8 @@ class KeepAlive:
                 or any(reason not in harmless for reason in session.flow.blocked)):  # a task or a login under way
             return
         for name, conn in list(pool.conns.items()):
-            if self._clean(conn) and not session.flow.out.holds(conn) and self._room(conn.reuse_key):
+            if (self._clean(conn) and not session.flow.out.holds(conn) and self._room(conn.reuse_key)
+                    and self._left(conn) > 0):
                 del pool.conns[name]
                 session.flow.detach(conn)
                 conn.transport.unregisterProducer()
@@ -217,6 +222,13 @@ class KeepAlive:
         return (conn.reuse_key is not None and not conn.closed and not conn.bye_received and not conn.busy
                 and not conn.enabled and "UNSELECT" in conn.capabilities and conn._current is None
                 and conn._framer.idle and conn.on_continuation is None and conn.tap is None and conn.capture is None)
+
+    def _left(self, conn: BackendProtocol) -> float:
+        """Seconds *conn* may still be reused: backend_keepalive from its login, not from its last session.
+        The backend checked the credentials then; a password changed since, an account disabled, a quota
+        raised, kept working, or kept the old value, for a user who logged in again every few seconds, for
+        good (probe w1, stop 52)."""
+        return conn.logged_in_at + self._seconds() - self._reactor.seconds()
 
     def _who(self, key: ReuseKey) -> str:
         return self._canonical(key.authzid or key.user)
@@ -230,7 +242,7 @@ class KeepAlive:
         conn.sink = self
         who = self._who(key)
         self._per_user[who] = self._per_user.get(who, 0) + 1
-        self._timers[conn] = self._reactor.callLater(self._seconds(), self._expire, conn)
+        self._timers[conn] = self._reactor.callLater(min(self._seconds(), self._left(conn)), self._expire, conn)
         self.parked_total += 1
         d = conn.command(b"UNSELECT")  # what came of the old mailbox before its answer is captured, dropped
         d.addCallbacks(lambda result: self._unselected(conn, result), lambda _f: self._drop(conn))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from referral_proxy import keepalive
@@ -215,7 +216,7 @@ def _limited_login(parked_user: str | None, refusals: int = 1) -> tuple[int, Any
     if parked_user is not None:
         conn = end_first_session(h)
         conn.dataReceived(b"%s OK Unselect completed.\r\n" % unselect_tag(h))
-        conn.reuse_key = keepalive.ReuseKey(conn.config.name, conn.config.endpoint, parked_user, "secret", "", ())
+        conn.reuse_key = keepalive.ReuseKey(conn.config.name, conn.config.endpoint, "none", "", parked_user, "secret", "", ())
         assert len(h.context.keepalive) == 1
         conn.transport.clear()
     backend, creds, calls = h.context.config.backends["b1"], Credentials("alice", "secret", "alice"), []
@@ -250,3 +251,48 @@ def test_a_login_refused_limit_at_every_try_gets_the_last_refusal():
     assert type(d.result.value).__name__ == "AuthenticationFailed" and b"[LIMIT]" in d.result.value.response.raw
     d.addErrback(lambda _f: None)
     assert conn.transport.value().endswith(b" LOGOUT\r\n") and len(h.context.keepalive) == 0
+
+
+def _ended_after(h: SessionHarness, seconds: float) -> BackendProtocol:
+    """The first session's connection, its session ended *seconds* after its login, UNSELECT answered."""
+    h.login()
+    h.reactor.advance(seconds)
+    h.send(b"Z LOGOUT\r\n")
+    assert h.to_client().endswith(b"Z OK Logout completed.\r\n")
+    conn = h.backend
+    if len(h.context.keepalive):
+        conn.dataReceived(b"%s OK Unselect completed.\r\n" % unselect_tag(h))
+    return conn
+
+
+def test_a_connection_is_reused_only_within_backend_keepalive_of_its_login():
+    """Probe w1 (stop 52): each session that took a parked connection parked it again for another
+    backend_keepalive seconds: a user who logged in every 1.5 s (keepalive 3) kept logging in with a
+    password changed on the backend 21 s before, for good, and saw a quota raised never. The backend
+    checked the credentials at the connection's login: it is reused backend_keepalive seconds from then."""
+    h = harness()  # backend_keepalive = 10
+    conn = _ended_after(h, 8)
+    assert len(h.context.keepalive) == 1  # parked for the 2 s left
+    h.reactor.advance(2.5)
+    assert conn.transport.disconnecting and len(h.context.keepalive) == 0
+    second_session(h)
+    assert len(h.connector.backends) == 2  # a login of its own
+
+
+def test_a_connection_older_than_backend_keepalive_is_not_parked():
+    h = harness()
+    conn = _ended_after(h, 11)
+    assert len(h.context.keepalive) == 0 and conn.transport.disconnecting
+
+
+def test_a_reload_that_secures_a_backend_reuses_no_connection_made_without_tls():
+    """Probe w1 (stop 52): the key held the endpoint but not tls nor ca: after a reload to tls = "starttls" every
+    login for as long as the user kept polling ran on the parked cleartext connection."""
+    from dataclasses import replace
+
+    h = harness()
+    plain = h.context.config.backends["b1"]
+    creds = Credentials("alice", "secret")
+    keys = [h.context.keepalive.key(b, creds, None) for b in (plain, replace(plain, tls="starttls"),
+                                                              replace(plain, tls="starttls", ca=Path("ca.pem")))]
+    assert len(set(keys)) == 3
