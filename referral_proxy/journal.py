@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from . import lifelock
+
 __all__ = ["Step", "Recovery", "Rule", "TABLE", "Reservation", "InUse", "StoreUnavailable", "LostEntry", "UNAVAILABLE",
            "TAKEN_OVER", "JournalEntry", "check_transition",
            "conflicts", "covers",
@@ -199,10 +201,17 @@ def pid_namespace() -> str:
         return "?"
 
 
+_OWNER: dict[int, str] = {}  # pid -> its owner id (worked out once per process: a fork, twistd's daemon, has its own)
+
+
 def process_owner() -> str:
-    """``host:pid:start:pidns``: who runs an entry (a move in this process)."""
+    """``host:pid:start:pidns``: who runs an entry (a move in this process). Asked each time, never kept
+    from before a fork: twistd made the service, then forked its daemon, whose entries named the
+    launcher's pid, dead: its own recovery took its live moves over, mail lost (probe w2, stop 52)."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}:{pid_namespace()}"
+    if (owner := _OWNER.get(pid)) is None:
+        owner = _OWNER[pid] = f"{socket.gethostname()}:{pid}:{_start_time(pid)}:{pid_namespace()}"
+    return owner
 
 
 def owner_gone(owner: str | None) -> bool:
@@ -217,6 +226,8 @@ def owner_gone(owner: str | None) -> bool:
     host, _, rest = owner.partition(":")
     pid_s, _, rest = rest.partition(":")
     start, _, namespace = rest.partition(":")  # (no namespace: written by an older version, on this host's)
+    if (alive := lifelock.alive(owner)) is not None:  # its lock says, wherever it ran on this machine
+        return not alive
     if host != socket.gethostname() or not pid_s.isdigit() or namespace not in ("", pid_namespace()):
         return False
     pid = int(pid_s)
@@ -226,4 +237,5 @@ def owner_gone(owner: str | None) -> bool:
         return True
     except PermissionError:
         pass
-    return start not in ("?", _start_time(pid))
+    now = _start_time(pid)  # ("?": /proc unreadable, hidepid: a pid that runs is not taken for a reused one)
+    return "?" not in (start, now) and start != now

@@ -16,9 +16,20 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["LifeLocks"]
+__all__ = ["LifeLocks", "alive"]
 
 _HELD: dict[tuple[str, str], list[int]] = {}  # (directory, owner) -> [the descriptor holding the lock, its holders]
+
+
+def alive(owner: str) -> bool | None:
+    """Whether *owner* runs, by its lock in one of the owners' directories this process uses; None: it has
+    no file there (another store, an older version: its pid is looked at)."""
+    for directory in {d for d, _ in _HELD}:
+        try:
+            return not LifeLocks._unlocked(Path(directory) / _name(owner))
+        except OSError:
+            continue
+    return None
 
 
 def _name(owner: str) -> str:

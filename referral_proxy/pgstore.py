@@ -191,10 +191,10 @@ class PostgresStore:
     # -- start-up and the listener ------------------------------------------------------------
 
     def start(self) -> None:
-        """Before serving (blocking, the reactor not yet needed): connect, check the schema,
-        read everything, start the listener and the pool. StoreUnavailable / SchemaError say why not."""
+        """Before serving (blocking): connect, check the schema, read all, start the listener and the pool."""
         if self._started:
             return
+        self._id = f"{process_owner()}/{secrets.token_hex(4)}"  # (anew: a fork's, twistd's daemon, is another)
         conn = _connect(self.dsn)
         try:
             check_schema(conn)

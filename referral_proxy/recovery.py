@@ -165,8 +165,8 @@ class RecoverySweep:
         held its source [INUSE] until the 30-second sweep: probe v2 of stop 52); one that stays unowned
         (recovery failed: a backend down) waits for the sweep."""
         try:
-            gone = await self.map.owners_gone()
-            unowned = {i for i, owner, _expired in await self.map.store.journal_owners() if owner is None}
+            unowned: set[int] = set()
+            gone = await self.map.owners_gone(unowned)
             gone += sorted(unowned - self._unowned)
             self._unowned = unowned
         except StoreUnavailable:

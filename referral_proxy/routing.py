@@ -150,7 +150,6 @@ class MailboxMap:
         self.separator = config.separator
         self._store: MapStore = store if store is not None else MemoryStore()
         self.on_step = on_step  # called after each journal write (tests inject faults here)
-        self._owner = process_owner()
         self._placements: dict[tuple[str, str], tuple[str, ...]] = {}
         # the same, by user: a LIST asks for one user's placements, which must not cost a walk of all
         # users' (a fleet after a migration holds hundreds of thousands)
@@ -260,7 +259,7 @@ class MailboxMap:
 
     @property
     def owner(self) -> str:
-        return self._owner
+        return process_owner()  # (never kept from before a fork: twistd's daemon is another process)
 
     # -- routing --------------------------------------------------------------------
 
@@ -454,13 +453,13 @@ class MailboxMap:
         user = self.canonical(user)
         names = [Reservation(None if r.name is None else normalize(r.name, self.separator), r.subtree, r.shared)
                  for r in reservations]
-        entry_id = await self._store.begin_move(user, op, names, data, self._owner, self.separator)
+        entry_id = await self._store.begin_move(user, op, names, data, self.owner, self.separator)
         self._working.add(entry_id)
         self._held.setdefault(user, []).extend((entry_id, r) for r in names)
         self._began_entry(user, tuple(names))
         if settle:  # other proxies answer NO [INUSE] from their caches: the move reads nothing before they have it
             await self._store.settle()
-        entry = JournalEntry(entry_id, user, op, data, Step.RESERVED, self._owner)
+        entry = JournalEntry(entry_id, user, op, data, Step.RESERVED, self.owner)
         if self.on_step is not None:
             self.on_step(entry)
         return entry
@@ -522,7 +521,7 @@ class MailboxMap:
     def _own_given_up(self, entry_id: int, owner: str | None) -> bool:
         """A store without leases (SQLite): only a lease ends an owner's hold otherwise. A failed
         write of this process's there did not land (one connection, in order): safe to take back."""
-        return not self._store.leases and owner == self._owner and entry_id in self._given_up
+        return not self._store.leases and owner == self.owner and entry_id in self._given_up
 
     async def claim(self, entry: JournalEntry) -> bool:
         """Take over an entry (recovery): only if its owner is still what we read, and gone; then
@@ -530,9 +529,9 @@ class MailboxMap:
         (a sweep reads every entry, then recovers them one by one: seen, an admin ``move`` read at
         copying, killed at committed while an earlier entry was recovered, then rolled back from the
         stale read, its last batch unknown: the copies kept beside their sources)."""
-        if not await self._store.claim(entry.id, self._owner, entry.owner, dead=owner_gone(entry.owner)):
+        if not await self._store.claim(entry.id, self.owner, entry.owner, dead=owner_gone(entry.owner)):
             return False
-        entry.owner = self._owner
+        entry.owner = self.owner
         self._working.add(entry.id)
         self._given_up.discard(entry.id)
         try:
@@ -552,7 +551,7 @@ class MailboxMap:
         (this process stops renewing it either way)."""
         self._working.discard(entry.id)
         try:
-            if await self._store.disown(entry.id, self._owner):
+            if await self._store.disown(entry.id, self.owner):
                 entry.owner = None
         except Exception as e:
             self._given_up.add(entry.id)
@@ -562,14 +561,15 @@ class MailboxMap:
     async def entries(self) -> list[JournalEntry]:
         return await self._store.journal()
 
-    async def owners_gone(self) -> list[int]:
-        """The entries whose owner is known gone, a dead process on this host or a lease run out:
-        one read of the journal's owners (recovery's quick check). Entries nobody owns (given up
-        after a failure) are not listed: the sweep retries those, not every few seconds."""
+    async def owners_gone(self, unowned: set[int] | None = None) -> list[int]:
+        """The entries whose owner is known gone, a dead process on this host or a lease run out: one read
+        of the journal's owners (recovery's quick check). Those nobody owns go to *unowned*, not here."""
         gone: dict[str, bool] = {}
-        return [i for i, owner, expired in await self._store.journal_owners()
-                if owner is not None and (expired or self._own_given_up(i, owner)
-                                          or gone.setdefault(owner, owner_gone(owner)))]
+        rows = await self._store.journal_owners()
+        if unowned is not None:
+            unowned.update(i for i, owner, _expired in rows if owner is None)
+        return [i for i, owner, expired in rows if owner is not None and (
+            expired or self._own_given_up(i, owner) or gone.setdefault(owner, owner_gone(owner)))]
 
     def start_leases(self, clock: Any, every: float, *, sweeps: bool = True) -> None:
         """Every *every* seconds: renew this process's leases (stores with leases). Without leases an
@@ -584,10 +584,10 @@ class MailboxMap:
     async def _renew(self) -> None:
         try:
             if self._store.leases and self._working:
-                await self._store.renew(self._owner, sorted(self._working))
+                await self._store.renew(self.owner, sorted(self._working))
             elif not self._store.leases:
                 for i in sorted(self._given_up):
-                    await self._store.disown(i, self._owner)  # False: ended or taken over since; either way done
+                    await self._store.disown(i, self.owner)  # False: ended or taken over since; either way done
                     self._given_up.discard(i)
         except Exception as e:  # StoreUnavailable, mostly: the loop goes on
             log.warn("map store: could not renew this process's move leases or give up its failed moves: {why}",

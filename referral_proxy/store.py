@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet import task
+from twisted.logger import Logger
 
 from .journal import InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable, conflicts, process_owner
 from .journalrows import Deltas, by_entry, read_step, rebuild, stored_step, write_step
@@ -58,6 +59,9 @@ class Snapshot:
 
     placements: dict[tuple[str, str], tuple[str, ...]]
     reservations: tuple[tuple[int, str, Reservation], ...]
+
+
+log = Logger()
 
 
 class MapStore(Protocol):
@@ -220,7 +224,7 @@ class SQLiteStore:
     leases = False
 
     def __init__(self, path: str | Path, clock: Any = None) -> None:
-        self._clock = clock
+        self._clock, self._path = clock, path
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=LOCK_WAIT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._refusal: str | None = None
@@ -233,14 +237,30 @@ class SQLiteStore:
         if clock is not None:
             self._db.execute(f"PRAGMA busy_timeout = {int(LOCK_TRY * 1000)}")
         self._life: LifeLocks | None = None  # whose entries' owners still run (lifelock.py); None: only pids tell
+        self._held_as: set[str] = set()  # the owner ids this store took the lock of (a fork's is another)
         if self._refusal is None and str(path) != ":memory:" and not str(path).startswith("file:"):
             try:
-                life, self._me = LifeLocks(path), process_owner()
-                life.hold(self._me)
+                life = LifeLocks(path)
                 life.sweep({o for (o,) in self._db.execute("SELECT DISTINCT owner FROM journal WHERE owner IS NOT NULL")})
                 self._life = life
-            except (OSError, sqlite3.Error):
-                pass  # (a directory it may not write: owners are known by their pids only, as before)
+            except (OSError, sqlite3.Error) as e:
+                self._no_lock(e)
+            self._hold()
+
+    def _hold(self) -> None:
+        """This process's lock, taken before anything it writes may name it (again after a fork: twistd)."""
+        if self._life is not None and (me := process_owner()) not in self._held_as:
+            try:
+                self._life.hold(me)
+            except OSError as e:
+                return self._no_lock(e)
+            self._held_as.add(me)
+
+    def _no_lock(self, e: Exception) -> None:
+        log.warn("SQLite map store: no lock of this process's in {d} ({why}): its moves are known by their pid only, "
+                 "and one of another container or host name is never taken for dead", d=str(self._path) + ".owners",
+                 why=str(e))
+        self._life = None
 
     def _gone(self, owner: str | None) -> bool | None:
         """An owner whose lock says it stopped running (as a lease run out); None: no lock to tell."""
@@ -251,6 +271,7 @@ class SQLiteStore:
         lock, LOCK_WAIT at most; a failing database (locked past that, I/O error, disk full) is
         StoreUnavailable, as an unreachable PostgreSQL is."""
         deadline = time.monotonic() + LOCK_WAIT
+        self._hold()
         while True:
             try:
                 return work()
@@ -448,7 +469,8 @@ class SQLiteStore:
     async def close(self) -> None:
         self._db.close()
         if self._life is not None:
-            self._life.release(self._me)
+            for me in self._held_as:
+                self._life.release(me)
             self._life = None
 
 
