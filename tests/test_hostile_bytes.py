@@ -88,9 +88,9 @@ _SPARE = b"&AMl-quipe/x"  # "&AMk-quipe/x" (Équipe/x) with non-zero spare bits:
 
 
 def test_spare_bits_are_found_in_every_shifted_run():
-    assert [mutf7.spare_bits_set(n) for n in (_SPARE, b"&ANx-ber", b"a/&AOkA6R-", b"x&AMl")] == [True] * 4
+    assert [mutf7.spare_bits_set(n) for n in (_SPARE, b"&ANx-ber", b"a/&AOkA6R-", b"x&AMl-y")] == [True] * 4
     assert not any(mutf7.spare_bits_set(n) for n in (b"&AMk-quipe/x", b"&ANw-ber", b"&AOkA6Q-", b"R&D", b"&-",
-                                                     b"&2D3eAA-", b"Caf&AOk-", b"plain"))
+                                                     b"&2D3eAA-", b"Caf&AOk-", b"plain", b"x&AMl"))  # (unterminated)
 
 
 @pytest.mark.parametrize("command", [b"SELECT %s", b"STATUS %s (MESSAGES)", b"CREATE %s", b"DELETE %s",

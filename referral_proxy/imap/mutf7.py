@@ -106,6 +106,8 @@ def spare_bits_set(name: bytes) -> bool:
     (probe v1, stop 52: the mail split over two backends). An encoder never writes them."""
     for m in _SHIFTED.finditer(name):
         run = m.group(1)
+        if not m.group(0).endswith(b"-"):
+            continue  # an unterminated shift: no name to Dovecot either
         spare = _SPARE_BITS.get(len(run) % 8, 0)
         if spare and _ALPHABET.index(run[-1]) & ((1 << spare) - 1):
             return True
