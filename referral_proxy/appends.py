@@ -33,6 +33,7 @@ from .pool import BackendPool
 from .routing import Route
 from .staging import StagingJournal
 from .turns import Release
+from .unread import cut_if_unread
 
 __all__ = ["Appends", "AppendsHost", "forget_takers"]
 
@@ -73,6 +74,7 @@ class AppendsHost(Protocol):
 
     ctx: Any  # the ProxyContext (its turns: appendturns.py)
     relay: Any  # the session's Relay: its commands in flight, whose answers the proxy's refusals wait for
+    flow: Any  # its SessionFlow: whether its client reads (unread.py)
 
     @property
     def mailboxes(self) -> AppendTargets: ...
@@ -209,8 +211,10 @@ class Appends:
                 mine()
 
     def _begin(self, event: AppendStart, conn: BackendProtocol, turn: Release) -> None:
-        self.current = AppendCommand(self, event.tag, conn, event.mailbox, turn=turn)
-        self.unanswered.add(self.current)
+        cmd = self.current = AppendCommand(self, event.tag, conn, event.mailbox, turn=turn)
+        self.unanswered.add(cmd)
+        cut_if_unread(self.host, conn, lambda: cmd.turn is nothing, "APPEND", 0.0,
+                      self.host.flow.client_output.resumes)  # (its turn held behind an answer never read)
 
     def event(self, event: object) -> None:
         """A reader event of the APPEND being read."""

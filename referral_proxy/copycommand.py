@@ -21,18 +21,12 @@ from .mailops import TransferError, named_uids
 from .routing import Route
 from .selection import SelectCommands
 from .transfer import COPY_IN_USE, CopyOutcome, copy_across, move_lock
+from .unread import cut_if_unread
 
 if TYPE_CHECKING:
-    from .backend import BackendProtocol
+    pass
 
-__all__ = ["CopyCommands", "STALLED_TURN"]
-
-# Seconds a relayed MOVE keeps its turn while its client reads nothing (its output backed up, so the
-# backend's answer, tagged OK and all, is left unread: flow.py): then its session is ended, and the
-# turn with it. A mailbox move of the mailbox waits for that turn (mover.Mover.turn): it waited for
-# as long as such a client stayed connected (tests/test_move_turn_unread_answer.py).
-STALLED_TURN = 10.0
-_LOOK = 1.0  # seconds between looks at the client's output meanwhile
+__all__ = ["CopyCommands"]
 
 log = Logger()
 
@@ -127,25 +121,7 @@ class CopyCommands:
         except BaseException:
             release()
             raise
-        self._watch_output(conn, answered, 0.0, host.flow.client_output.resumes)
-
-    def _watch_output(self, conn: BackendProtocol, answered: list[bool], stalled: float, resumes: int) -> None:
-        """While the MOVE holds its turn unanswered: a client whose output stays backed up, never once
-        drained meanwhile (a slow reader's is, now and then), for STALLED_TURN seconds is cut off, and
-        the MOVE's backend connection too (its turn ends)."""
-        host = self.host
-        if answered[0] or host.closed:
-            return
-        output = host.flow.client_output
-        stuck = output.paused and output.resumes == resumes
-        stalled = stalled + _LOOK if stuck else 0.0
-        if stalled >= STALLED_TURN:
-            log.warn("user {user}: a relayed MOVE's client read nothing of its answer for {s:g} s: session "
-                     "ended, its MOVE turn freed", user=host.user, s=stalled)
-            conn.transport.abortConnection()
-            host.transport.abortConnection()
-            return
-        host.ctx.reactor.callLater(_LOOK, self._watch_output, conn, answered, stalled, output.resumes)
+        cut_if_unread(host, conn, lambda: answered[0], "MOVE", 0.0, host.flow.client_output.resumes)
 
     async def _relay_after_moves(self, cmd: Command, source: str, names: list[str]) -> None:
         """A COPY within one backend relayed once the commands ahead of it are done and no MOVE across holds
