@@ -132,9 +132,12 @@ def _same(a: str, b: str, separator: str = "/") -> bool:
 
 
 async def exists(conn: BackendProtocol, name: str) -> bool:
-    """Is there a selectable mailbox of exactly this name?"""
+    """Is there a selectable mailbox of exactly this name? Not one Dovecot lists yet says does not exist (a
+    parent DELETEd with children: a move onto it was refused ALREADYEXISTS, recovery of one whose source or
+    destination became one failed at every sweep, its names [INUSE] for good: probe w5 of stop 52)."""
     entries = await list_mailboxes(conn, b"*" if _wild(name) else name_arg(name))
-    return any(e.selectable and _same(_text(e.name), name) for e in entries)
+    found = [e for e in entries if e.selectable and _same(_text(e.name), name)]
+    return bool(found) and not (found[0].has(b"\\HasChildren") and await missing(conn, name))  # (one has children)
 
 
 async def create(conn: BackendProtocol, name: str) -> None:

@@ -46,3 +46,43 @@ def test_the_admin_move_of_a_user_with_a_deleted_parent_moves_the_rest(proxy_fac
     counts, where = census(fleet, "carol")
     assert all(n == 1 for n in counts.values()) and len(counts) == 2, where
     assert where["Proj-qy@t"] == [("b2", "Proj/Q/y")] and where["Proj-top@t"] == [("b2", "Proj")]
+
+
+def test_a_rename_across_onto_a_deleted_parent_is_made_there(proxy_factory, fleet):
+    """Probe w5 (stop 52): RENAME Work Shared/P, where Shared/P on b3 was DELETEd with a child: Dovecot's RENAME
+    on one server does it; the proxy answered NO [ALREADYEXISTS] (mailops.exists took the listed name)."""
+    proxy = proxy_factory({**MASTERS}, rules=RULES)
+    seed(fleet["b1"], "carol", "Work", ["work@t"])
+    seed(fleet["b3"], "carol", "Shared/P", [])
+    seed(fleet["b3"], "carol", "Shared/P/c", ["c@t"])
+    with fleet["b3"].client("carol") as m:
+        assert m.delete("Shared/P")[0] == "OK"
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"r", b"RENAME Work Shared/P")[-1].startswith(b"r OK")
+    counts, where = census(fleet, "carol")
+    assert where == {"work@t": [("b3", "Shared/P")], "c@t": [("b3", "Shared/P/c")]}, where
+
+
+def test_a_killed_move_whose_destination_became_a_deleted_parent_is_recovered(proxy_factory, fleet):
+    """Probe w5 (stop 52): a MOVE across killed once its copies were recorded; then its destination, which has a
+    child, was DELETEd at Dovecot: listed still, no mailbox. Recovery took it for there, its EXAMINE failed at
+    every sweep, and the source stayed NO [INUSE] for good. It counts as gone now: the source is left."""
+    from movecheck import faulty
+
+    seed(fleet["b1"], "carol", "Src", ["m0@t", "m1@t"])
+    seed(fleet["b3"], "carol", "Shared/D", [])
+    seed(fleet["b3"], "carol", "Shared/D/c", [])
+    proxy = proxy_factory({**MASTERS}, rules=RULES, command=faulty("--kill-at", "move-appended:1"))
+    w = Wire(proxy.host, proxy.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT Src")[-1].startswith(b"s OK")
+    w.send(b"m MOVE 1:* Shared/D\r\n")
+    assert w.closed(60), "the proxy was not killed at move-appended"
+    proxy.process.wait(10)
+    with fleet["b3"].client("carol") as m:
+        assert m.delete("Shared/D")[0] == "OK"  # (and the copies with it)
+    done = cli("recover", "--config", str(proxy.config_path))
+    assert done.returncode == 0 and "destination mailbox gone" in done.stdout, done.stdout + done.stderr
+    counts, where = census(fleet, "carol")
+    assert where == {"m0@t": [("b1", "Src")], "m1@t": [("b1", "Src")]}, where
