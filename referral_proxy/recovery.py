@@ -140,7 +140,7 @@ class RecoverySweep:
         self._check_loop = task.LoopingCall(self._check)
         self._check_loop.clock = reactor
         self._checking = False
-        self._unowned: set[int] = set()  # entries nobody owned at the last check
+        mailbox_map.on_given_up = self._given_up
 
     def start(self) -> None:
         self._loop.start(SWEEP_SECONDS, now=True)
@@ -160,15 +160,9 @@ class RecoverySweep:
         checked.addBoth(lambda _: setattr(self, "_checking", False))
 
     async def _look(self) -> None:
-        """One read of the journal's owners, no backend reached: a sweep only if one is gone, or an owner
-        gave an entry up since the last check (a MOVE across whose destination mailbox was deleted under it
-        held its source [INUSE] until the 30-second sweep: probe v2 of stop 52); one that stays unowned
-        (recovery failed: a backend down) waits for the sweep."""
+        """One read of the journal's owners, no backend reached: a sweep only if one is gone."""
         try:
-            unowned: set[int] = set()
-            gone = await self.map.owners_gone(unowned)
-            gone += sorted(unowned - self._unowned)
-            self._unowned = unowned
+            gone = await self.map.owners_gone()
         except StoreUnavailable:
             return  # the sweep says so (every SWEEP_SECONDS), not this check every few seconds
         except Exception:
@@ -176,9 +170,16 @@ class RecoverySweep:
                 log.failure("recovery check failed")
             return
         if gone and self._loop.running:
-            log.info("recovery: the owner of journal entries {ids} is gone or gave them up; recovering them now",
+            log.info("recovery: the owner of journal entries {ids} is gone; recovering them now",
                      ids=", ".join(map(str, gone)))
             self._sweep()
+
+    def _given_up(self) -> None:
+        """This process gave an entry up (a MOVE across whose destination mailbox was deleted under it): swept at
+        the next check's time, not in 30 s, its names [INUSE] meanwhile (probe v2 of stop 52). One given up by
+        a worker waits for the sweep; one that stays unowned (its recovery failed: a backend down) too."""
+        if self._loop.running:
+            self.reactor.callLater(self.config().map.recovery_check_seconds, self.now)
 
     def now(self) -> None:
         """Sweep at once, not at the next tick (a worker died: its moves have no owner now)."""

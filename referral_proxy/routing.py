@@ -150,6 +150,7 @@ class MailboxMap:
         self.separator = config.separator
         self._store: MapStore = store if store is not None else MemoryStore()
         self.on_step = on_step  # called after each journal write (tests inject faults here)
+        self.on_given_up: Callable[[], None] | None = None  # an entry disowned (recovery.RecoverySweep: soon)
         self._placements: dict[tuple[str, str], tuple[str, ...]] = {}
         # the same, by user: a LIST asks for one user's placements, which must not cost a walk of all
         # users' (a fleet after a migration holds hundreds of thousands)
@@ -544,15 +545,15 @@ class MailboxMap:
         return True
 
     async def disown(self, entry: JournalEntry) -> None:
-        """Leave an unfinished entry to whoever recovers next (this process gave up on it).
-
-        Never raises: called on the way out of a failure (the store may be the failure);
-        an entry that could not be disowned is recovered once its owner's lease runs out
-        (this process stops renewing it either way)."""
+        """Leave an unfinished entry to whoever recovers next (this process gave up on it: on_given_up is told).
+        Never raises: called on the way out of a failure (the store may be the failure); an entry that could not
+        be disowned is recovered once its owner's lease runs out (this process stops renewing it either way)."""
         self._working.discard(entry.id)
         try:
             if await self._store.disown(entry.id, self.owner):
                 entry.owner = None
+                if self.on_given_up is not None:
+                    self.on_given_up()
         except Exception as e:
             self._given_up.add(entry.id)
             log.warn("could not give up journal entry {id} ({why}): recovery takes it once the store answers "
@@ -561,14 +562,12 @@ class MailboxMap:
     async def entries(self) -> list[JournalEntry]:
         return await self._store.journal()
 
-    async def owners_gone(self, unowned: set[int] | None = None) -> list[int]:
+    async def owners_gone(self) -> list[int]:
         """The entries whose owner is known gone, a dead process on this host or a lease run out: one read
-        of the journal's owners (recovery's quick check). Those nobody owns go to *unowned*, not here."""
+        of the journal's owners (recovery's quick check). Entries nobody owns (given up after a failure)
+        are not listed: the sweep retries those (and RecoverySweep._given_up this process's own)."""
         gone: dict[str, bool] = {}
-        rows = await self._store.journal_owners()
-        if unowned is not None:
-            unowned.update(i for i, owner, _expired in rows if owner is None)
-        return [i for i, owner, expired in rows if owner is not None and (
+        return [i for i, owner, expired in await self._store.journal_owners() if owner is not None and (
             expired or self._own_given_up(i, owner) or gone.setdefault(owner, owner_gone(owner)))]
 
     def start_leases(self, clock: Any, every: float, *, sweeps: bool = True) -> None:

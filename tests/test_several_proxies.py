@@ -194,7 +194,7 @@ def test_a_killed_mid_move_is_recovered_from_b(proxy_factory, fleet, pg_dsn, ste
     if by != "recover":
         b.stop()  # its log whole (the outcome's line comes just after the entry is gone)
         log = b.stderr_text()
-        assert "is gone or gave them up; recovering them now" in log, log  # by B's check
+        assert "is gone; recovering them now" in log, log  # by B's check
         assert [outcome in line for line in log.splitlines() if "recovery: carol: Work -> Shared/Work" in line] == [True]
 
 

@@ -26,7 +26,7 @@ KILLS = {
     "copied:1": (b"RENAME Work Shared/Work", ("b1", "Work")),  # a batch copied, not committed: rolled back
     "committed:1": (b"RENAME Work Shared/Work", ("b3", "Shared/Work")),  # every message verified: finished
 }
-GONE = "is gone or gave them up; recovering them now"  # the survivor's check found the dead owner (recovery.py)
+GONE = "is gone; recovering them now"  # the survivor's check found the dead owner (recovery.py)
 
 
 def _checking(dsn: str, seconds: float | None = None) -> dict:
