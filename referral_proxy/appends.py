@@ -213,8 +213,7 @@ class Appends:
     def _begin(self, event: AppendStart, conn: BackendProtocol, turn: Release) -> None:
         cmd = self.current = AppendCommand(self, event.tag, conn, event.mailbox, turn=turn)
         self.unanswered.add(cmd)
-        cut_if_unread(self.host, conn, lambda: cmd.turn is nothing, "APPEND", 0.0,
-                      self.host.flow.client_output.resumes)  # (its turn held behind an answer never read)
+        cut_if_unread(self.host, conn, lambda: cmd.turn is nothing, "APPEND")  # (a turn held behind an unread answer)
 
     def event(self, event: object) -> None:
         """A reader event of the APPEND being read."""

@@ -121,7 +121,7 @@ class CopyCommands:
         except BaseException:
             release()
             raise
-        cut_if_unread(host, conn, lambda: answered[0], "MOVE", 0.0, host.flow.client_output.resumes)
+        cut_if_unread(host, conn, lambda: answered[0], "MOVE")
 
     async def _relay_after_moves(self, cmd: Command, source: str, names: list[str]) -> None:
         """A COPY within one backend relayed once the commands ahead of it are done and no MOVE across holds

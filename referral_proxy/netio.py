@@ -18,8 +18,11 @@ TCP_NODELAY and keepalive on a new connection, :func:`quick_ack` acknowledges at
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
+import struct
 import sys
+import termios
 from typing import Any
 
 from twisted.internet import abstract, tcp
@@ -381,3 +384,14 @@ def drop(proto: Any, connector: Any) -> None:
             connector.stopConnecting()
         except Exception:  # already connected or failed meanwhile
             pass
+
+
+def queued_input(sock: socket.socket | None) -> int:
+    """Bytes the peer sent that wait, unread, in the kernel (0 if unknown): a client still sending while the
+    proxy, its output backed up, reads nothing of it (unread.py)."""
+    if sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0

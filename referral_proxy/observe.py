@@ -202,6 +202,11 @@ class Observer:
         rec = self._live.get(session)
         return 0 if rec is None else rec.bytes_out
 
+    def read_from(self, session: Any) -> int:
+        """The bytes read from *session*'s client so far (unread.py: is it still sending?)."""
+        rec = self._live.get(session)
+        return 0 if rec is None else rec.bytes_in
+
     def client_out(self, session: Any, data: bytes) -> None:
         """Everything written to the client: counted, and the completion of a command
         found (the last line of a write that ends a response)."""

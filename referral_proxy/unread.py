@@ -18,6 +18,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
+from .netio import queued_input
 
 __all__ = ["STALLED_TURN", "cut_if_unread"]
 
@@ -28,17 +29,19 @@ _LOOK = 1.0  # seconds between looks at the client's output meanwhile
 
 
 def cut_if_unread(host: Any, conn: BackendProtocol, answered: Callable[[], bool], what: str,
-                  stalled: float = 0.0, resumes: int | None = None) -> None:
-    """Watch *host*'s client output while *answered()* is False (a command on *conn* holding a turn)."""
+                  stalled: float = 0.0, seen: tuple[int, int] | None = None) -> None:
+    """Watch *host*'s client while *answered()* is False (a command on *conn* holding a turn): its output backed
+    up, never drained, and nothing more arriving from it either, read or waiting in the kernel (one still
+    sending an APPEND's literal, to read after it: probe x2 of stop 52, cut mid-upload) for STALLED_TURN s."""
     if answered() or host.closed:
         return
     output = host.flow.client_output
-    stuck = resumes is not None and output.paused and output.resumes == resumes
-    stalled = stalled + _LOOK if stuck else 0.0
+    now = (output.resumes, host.ctx.observer.read_from(host) + queued_input(getattr(host, "_socket", None)))
+    stalled = stalled + _LOOK if seen is not None and output.paused and now == seen else 0.0
     if stalled >= STALLED_TURN:
         log.warn("user {user}: a relayed {what}'s client read nothing for {s:g} s: session ended, its turn freed",
                  user=host.user, what=what, s=stalled)
         conn.transport.abortConnection()
         host.transport.abortConnection()
         return
-    host.ctx.reactor.callLater(_LOOK, cut_if_unread, host, conn, answered, what, stalled, output.resumes)
+    host.ctx.reactor.callLater(_LOOK, cut_if_unread, host, conn, answered, what, stalled, now)

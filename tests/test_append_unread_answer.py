@@ -50,3 +50,26 @@ def test_a_rename_across_does_not_wait_for_good_on_an_append_its_client_never_re
     counts, where = census(fleet, "carol")
     assert judge(counts, inbox + ["w-0@t"]) == ([], []), where
     assert counts["appended@t"] <= 1 and {where[i][0] for i in ["w-0@t"]} == {("b3", "Shared/Work")}
+
+
+def test_a_client_still_sending_its_appends_literal_is_not_cut_off(proxy_factory, fleet):
+    """Probe x2 (stop 52): the watch looked at the client's output only: a client that read nothing while it
+    uploaded an APPEND's 300 KB literal over 15 s (its answers read after the last byte, as direct Dovecot
+    serves it) was reset at 10 s. Bytes still arriving from it count as a client at work."""
+    seed(fleet["b1"], "carol", "INBOX", [f"in-{i}@t" for i in range(40)], size=200_000)
+    seed(fleet["b1"], "carol", "Work", [])
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    client = _stalled_reader(proxy.host, proxy.port)
+    client.login("carol")
+    assert client.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    body = b"Message-Id: <uploaded@t>\r\nSubject: x\r\n\r\n" + b"y" * 299_000 + b"\r\n"
+    client.send(b"f0 FETCH 1:* BODY[]\r\nf1 FETCH 1:* BODY[]\r\na1 APPEND Work {%d+}\r\n" % len(body))
+    chunks = [body[i:i + 20_000] for i in range(0, len(body), 20_000)]
+    for chunk in chunks:  # 15 s of uploading, reading nothing
+        client.send(chunk)
+        time.sleep(1)
+    client.send(b"\r\n")
+    assert client.until_tagged(b"a1")[-1].startswith(b"a1 OK")
+    client.close()
+    counts, where = census(fleet, "carol")
+    assert counts["uploaded@t"] == 1, where.get("uploaded@t")
