@@ -18,7 +18,7 @@ from .imap.grammar import Slot
 from .imap.reader import Command
 from .mailboxes import INUSE, READ_ONLY, MailboxCommands, Refusing
 from .mailops import TransferError, named_uids
-from .routing import Route
+from .routing import Route, normalize
 from .selection import SelectCommands
 from .transfer import COPY_IN_USE, CopyOutcome, copy_across, move_lock
 from .unread import cut_if_unread
@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 __all__ = ["CopyCommands"]
 
 log = Logger()
+
+
+#: Dovecot 2.3.19 answers a MOVE into the selected mailbox itself whose set names a message another session
+#: expunged NO [EXPUNGEISSUED], having expunged the others without copying them: lost (probe x4, stop 52).
+TO_ITSELF = "[CANNOT] Messages are not moved into the mailbox they are in; COPY them there instead"
 
 
 class CopyCommands:
@@ -58,6 +63,9 @@ class CopyCommands:
         if route.primary == source or source in route.backends or not m.renamable(mailbox):
             if not (selected := host.selected_mailbox):
                 return host.relay_cmd(cmd, source)
+            sep, text = host.mailbox_map.separator, (lambda b: b.decode("utf-8", "surrogateescape"))
+            if "MOVE" in cmd.name and normalize(text(mailbox), sep) == normalize(text(selected), sep):
+                return m.refuse_no(cmd.tag, TO_ITSELF)
             names = [move_lock(selected.decode("utf-8", "surrogateescape"), host.mailbox_map.separator),
                      mailbox.decode("utf-8", "surrogateescape")]  # MOVEs across from its source, into its destination
             if "MOVE" in cmd.name:
