@@ -186,8 +186,8 @@ class KeepAlive:
             conn = conns.pop()
             sent = self._sent.get(conn)
             self._forget(conn, key)
-            if conn.closed or conn.bye_received or conn.busy or conn.bytes_out != sent:
-                conn.logout()
+            if conn.closed or conn.bye_received or conn.busy or conn.bytes_out != sent or self._left(conn) <= 0:
+                conn.logout()  # (too old for backend_keepalive as reloaded since it was parked: probe x1, stop 52)
                 continue
             conn.sink = None
             self.reused += 1

@@ -9,9 +9,12 @@ proxy keeps a ``Snapshot`` in memory and ``poll()`` hands it the newest one a st
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +209,11 @@ class MemoryStore:
         pass
 
 
+def _unfork(store: weakref.ref[SQLiteStore]) -> None:
+    if (alive := store()) is not None:
+        alive._unfork()
+
+
 class SQLiteStore:
     """Placements, journal and reservations in an SQLite file; every write is one transaction.
 
@@ -225,17 +233,14 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path, clock: Any = None) -> None:
         self._clock, self._path = clock, path
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=LOCK_WAIT)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._conn: sqlite3.Connection | None = None
+        os.register_at_fork(before=functools.partial(_unfork, weakref.ref(self)))
+        self._connect()
         self._refusal: str | None = None
         try:
             self.migrated = sqlite_migrate(self._db)  # a file of an older version is brought up to date here
         except SchemaError as e:
             self._refusal = str(e)  # start() says it; nothing is read or written
-        self._version = -1
-        self._deltas = Deltas()
-        if clock is not None:
-            self._db.execute(f"PRAGMA busy_timeout = {int(LOCK_TRY * 1000)}")
         self._life: LifeLocks | None = None  # whose entries' owners still run (lifelock.py); None: only pids tell
         self._held_as: set[str] = set()  # the owner ids this store took the lock of (a fork's is another)
         if self._refusal is None and str(path) != ":memory:" and not str(path).startswith("file:"):
@@ -246,6 +251,32 @@ class SQLiteStore:
             except (OSError, sqlite3.Error) as e:
                 self._no_lock(e)
             self._hold()
+
+    def _connect(self) -> None:
+        """A connection of this process's own: SQLite's must not cross a fork (twistd makes the service, then forks
+        its daemon: its connection held none of SQLite's locks, the next process to close the file removed the
+        WAL under it, and its writes went into a deleted file: moves no longer exclusive, mail split and out of
+        sight, probe x1 of stop 52). So it is closed before any fork (os.register_at_fork), and opened again
+        by whichever process uses it next; closing one inherited would let SQLite remove the WAL."""
+        self._pid = os.getpid()
+        self._conn = sqlite3.connect(str(self._path), isolation_level=None, timeout=LOCK_WAIT)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        if self._clock is not None:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(LOCK_TRY * 1000)}")
+        self._version = -1  # (read everything again: the other connection's data_version says nothing here)
+        self._deltas = Deltas()
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            self._connect()
+        assert self._conn is not None
+        return self._conn
+
+    def _unfork(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
 
     def _hold(self) -> None:
         """This process's lock, taken before anything it writes may name it (again after a fork: twistd)."""
@@ -467,7 +498,9 @@ class SQLiteStore:
         return await self._locked(work)
 
     async def close(self) -> None:
-        self._db.close()
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
         if self._life is not None:
             for me in self._held_as:
                 self._life.release(me)

@@ -296,3 +296,18 @@ def test_a_reload_that_secures_a_backend_reuses_no_connection_made_without_tls()
     keys = [h.context.keepalive.key(b, creds, None) for b in (plain, replace(plain, tls="starttls"),
                                                               replace(plain, tls="starttls", ca=Path("ca.pem")))]
     assert len(set(keys)) == 3
+
+
+def test_a_reload_that_shortens_backend_keepalive_applies_to_connections_parked_before_it():
+    """Probe x1 (stop 52): parked with backend_keepalive = 60, then reloaded to 1: 3.5 s after its login the
+    connection still took a login with a password the backend had refused since (its timer set at parking)."""
+    from dataclasses import replace
+
+    h = harness()  # backend_keepalive = 10
+    conn = _ended_after(h, 1)
+    assert len(h.context.keepalive) == 1
+    config = h.context.config
+    h.context.config = replace(config, proxy=replace(config.proxy, backend_keepalive=2))
+    h.reactor.advance(1.5)  # 2.5 s after its login: older than 2
+    second_session(h)
+    assert len(h.connector.backends) == 2 and conn.transport.disconnecting

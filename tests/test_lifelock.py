@@ -157,3 +157,50 @@ def test_a_daemon_forked_after_the_map_was_made_owns_its_moves_itself(tmp_path):
         child.wait()
     time.sleep(0.1)
     assert m.abandoned(_entry(m))
+
+
+DAEMON_WAITS = """
+import os, sys, time
+from referral_proxy.config import MapConfig
+from referral_proxy.journal import Reservation
+from referral_proxy.routing import MailboxMap, SQLiteStore
+m = MailboxMap(MapConfig(default="b1"), SQLiteStore(sys.argv[1]))
+if os.fork():
+    os._exit(0)  # the launcher
+print("ready", flush=True)
+sys.stdin.readline()
+c = m.begin_move("carol", "move", [Reservation("Work")], {})
+try:
+    c.send(None)
+except StopIteration:
+    pass
+print(os.getpid(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_daemon_forked_after_the_map_was_opened_writes_where_the_others_read(tmp_path):
+    """Probe x1 (stop 52), LOST MAIL: under twistd without -n the SQLite connection was opened in makeService and
+    used by the forked daemon; SQLite's locks were the launcher's and went with it. The next process to open and
+    close the map (`map show`) removed the WAL under the daemon, whose writes then went into a deleted file: its
+    RENAMEs no longer held their names against the admin `move` (both committed, mail split, 284-329 messages out
+    of reach), its placements unseen. The store opens its own connection in a forked process."""
+    import sqlite3
+
+    path = tmp_path / "map.sqlite3"
+    child = subprocess.Popen([sys.executable, "-c", DAEMON_WAITS, str(path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert child.stdout.readline().strip() == "ready"
+    other = sqlite3.connect(str(path))  # `map show`, say: opened and closed while the daemon is idle
+    other.execute("SELECT count(*) FROM journal").fetchone()
+    other.close()
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    pid = int(child.stdout.readline())
+    try:
+        reader = SQLiteStore(path)
+        assert [e.user for e in now(reader.journal())] == ["carol"]  # the daemon's entry, seen by another process
+        now(reader.close())
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        child.wait()
