@@ -162,6 +162,8 @@ def _play(host: str, port: int, user: str, data: bytes, per_byte: bool) -> tuple
             bye = True
         if line[:1] not in (b"*", b"+") and b" " in line:
             tag, status = line.split(b" ")[:2]
+            if b" NO [CANNOT] Messages are not moved into the mailbox they are in" in line:
+                status = b"OK"  # a MOVE into the selected mailbox: refused (README move-to-itself); its mail stays
             if tag != b"L":
                 answers.append((tag, status))
             if bye:

@@ -831,6 +831,19 @@ def _refused_tags(ctx: Context) -> set[bytes]:
     return {m.group(1) for r in ctx.proxy for m in [_OWN_REFUSAL.match(r)] if m}
 
 
+_TO_ITSELF = b" NO [CANNOT] Messages are not moved into the mailbox they are in"
+
+
+def _move_to_itself(direct: bytes, proxy: bytes, ctx: Context) -> bool:
+    """Dovecot's completion of a MOVE into the selected mailbox, the proxy's refusal of it (same tag)."""
+    return _TO_ITSELF in proxy and direct.split(b" ", 1)[0] == proxy.split(b" ", 1)[0]
+
+
+def _after_move_to_itself(direct: bytes, ctx: Context) -> bool:
+    """What Dovecot said of such a MOVE before its completion ([COPYUID], EXPUNGE): nothing moved here."""
+    return direct.startswith(b"* ") and any(_TO_ITSELF in line for line in ctx.proxy)
+
+
 def _own_refusal(direct: bytes, proxy: bytes, ctx: Context) -> bool:
     m = _OWN_REFUSAL.match(proxy)
     return m is not None and direct.split(b" ", 1)[0] in (m.group(1), b"*", b"+")
@@ -914,6 +927,10 @@ DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
                "RFC 3501 9 allows it (tag: any ASTRING-CHAR but `+`, and `]` is one); the proxy gives backends "
                "its own tags and puts the client's back only on the completion and in ESEARCH's quoted "
                "`(TAG \"...\")`", pair=_tag_bracket, extra=_tag_bracket_extra, missing=_tag_bracket_missing),
+    Difference("move-to-itself", "a MOVE into the selected mailbox itself gets `NO [CANNOT]` (a COPY there is "
+               "relayed)", "Dovecot 2.3.19 answers one whose set names a message another session expunged meanwhile "
+               "`NO [EXPUNGEISSUED]`, having expunged the other messages without copying them: lost",
+               pair=_move_to_itself, missing=_after_move_to_itself),
     Difference("refused-by-proxy", "a command the proxy refuses with BAD before any backend sees it where "
                "Dovecot runs it: arguments to a command that takes none (`NOOP now`, `LOGOUT later`), an escape "
                "RFC 3501 does not allow (`\"IN\\BOX\"`), a command the proxy does not relay (NOTIFY); a refused "
