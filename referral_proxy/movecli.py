@@ -33,7 +33,7 @@ from .config import Config, ConfigError, load_config
 from .crossturns import Standalone
 from .imap.command import ParseError
 from .imap.data import parse_status
-from .journal import StoreUnavailable
+from .journal import StoreUnavailable, owner_gone
 from .mailops import TransferError, exists, name_arg, status
 from .mover import Connect, MoveIncomplete, Mover
 from .oldhome import carry_old_homes
@@ -174,7 +174,7 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
                   "not recovered):")
             for e in left:  # (probe t5: an owner alive that gave its move up holds it until its lease runs out)
                 held = f"held by {e.owner}" + (
-                    " (no longer running: the next recovery takes it)" if e.lease_expired and not mailbox_map.store.leases
+                    " (no longer running: the next recovery takes it)" if owner_gone(e.owner)
                     else " (running)" if e.lease_expired is None else  # (no leases: SQLite)
                     f" until its lease ({config.map.lease_seconds:g} s, renewed while it works) runs out")
                 print(f"  {describe(e)}: " + (held if e.owner else "nobody's: the sweep retries it"))

@@ -293,10 +293,6 @@ class SQLiteStore:
                  why=str(e))
         self._life = None
 
-    def _gone(self, owner: str | None) -> bool | None:
-        """An owner whose lock says it stopped running (as a lease run out); None: no lock to tell."""
-        return True if owner is not None and self._life is not None and self._life.dead(owner) else None
-
     async def _locked(self, work: Callable[[], T]) -> T:
         """*work()* (statements in this connection), tried again while another process holds the
         lock, LOCK_WAIT at most; a failing database (locked past that, I/O error, disk full) is
@@ -469,14 +465,14 @@ class SQLiteStore:
                 steps = by_entry(self._db.execute("SELECT entry, whole, delta FROM journal_steps ORDER BY entry, seq"))
             finally:
                 self._db.execute("COMMIT")
-            return [JournalEntry(i, _text(u), o, rebuild(d, steps.get(i, ())), read_step(st), ow, c,  # type: ignore[arg-type]
-                                 lease_expired=self._gone(ow)) for i, u, o, d, st, c, ow in rows]
+            return [JournalEntry(i, _text(u), o, rebuild(d, steps.get(i, ())), read_step(st), ow, c)  # type: ignore[arg-type]
+                    for i, u, o, d, st, c, ow in rows]
 
         return await self._locked(work)
 
     async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
         def work() -> list[tuple[int, str | None, bool]]:
-            return [(int(i), ow, bool(self._gone(ow))) for i, ow in self._db.execute("SELECT id, owner FROM journal")]
+            return [(int(i), ow, False) for i, ow in self._db.execute("SELECT id, owner FROM journal")]
 
         return await self._locked(work)
 
