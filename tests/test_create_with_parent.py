@@ -1,0 +1,105 @@
+"""A mailbox CREATEd inside one a move placed goes with its parent (creating.py).
+
+Placements are per name. After ``move carol Projects b2``, a ``CREATE Projects/New`` went where the
+rules (the default, b1) send ``Projects/New``: the tree lay over two servers and its next RENAME was
+refused ``[CANNOT] A mailbox inside lives on another server`` (probe v2 of stop 52). Judged by what
+each backend holds (a census by content) and by what a client reaches through the proxy.
+"""
+
+from __future__ import annotations
+
+import pytest
+from imapwire import Wire
+from movecheck import census, cli, quote, seed
+from test_moves import MASTERS, RULES, _exactly_once, _logged_in, _no_entries, ids
+
+pytestmark = pytest.mark.usefixtures("clean_mail")
+
+
+def _names(backend, user: str = "carol") -> set[str]:
+    with backend.client(user) as m:
+        typ, data = m.list()
+    assert typ == "OK", data
+    out = set()
+    for line in data:
+        raw = line if isinstance(line, bytes) else line[0] + line[1]
+        name = raw.split(b') "/" ', 1)[1].decode()
+        out.add(name[1:-1].replace('\\"', '"').replace("\\\\", "\\") if name.startswith('"') else name)
+    return out
+
+
+def _moved(proxy, fleet, parent: str) -> tuple[list[str], list[str]]:
+    mail, kid = ids("proj", 3), ids("kid", 2)
+    seed(fleet["b1"], "carol", parent, mail)
+    seed(fleet["b1"], "carol", parent + "/Kid", kid)
+    moved = cli("move", "--config", str(proxy.config_path), "carol", parent, "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    return mail, kid
+
+
+def _append(w: Wire, mailbox: str, mid: str) -> list[bytes]:
+    data = b"From: t@example.test\r\nMessage-ID: <%s>\r\nSubject: new\r\n\r\nbody of %s\r\n" % (mid.encode(), mid.encode())
+    return w.cmd(b"a", b"APPEND " + quote(mailbox).encode() + b" {%d+}\r\n" % len(data) + data)
+
+
+@pytest.mark.parametrize("parent", ["Projects", 'q"uo\\te %*'])
+def test_a_mailbox_created_inside_a_moved_one_goes_with_it_and_the_tree_renames_whole(proxy_factory, fleet, parent):
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    mail, kid = _moved(proxy, fleet, parent)
+    w = _logged_in(proxy)
+    for name in (parent + "/New", parent + "/Kid/Deep", parent + "/New/"):
+        reply = w.cmd(b"c", b"CREATE " + quote(name).encode())
+        assert reply[-1].startswith(b"c OK" if not name.endswith("/New/") else b"c NO [ALREADYEXISTS]"), (name, reply)
+    assert _append(w, parent + "/New", "new-0@t")[-1].startswith(b"a OK")
+    assert _append(w, parent + "/Kid/Deep", "deep-0@t")[-1].startswith(b"a OK")
+    b1, b2 = _names(fleet["b1"]), _names(fleet["b2"])
+    assert {parent + "/New", parent + "/Kid/Deep"} <= b2 and not {parent + "/New", parent + "/Kid/Deep"} & b1, (b1, b2)
+    # The whole tree on b2: its RENAME to a name of b1 (the default) moves it all, nothing left behind.
+    reply = w.cmd(b"r", b"RENAME " + quote(parent).encode() + b" Done")
+    assert reply[-1].startswith(b"r OK"), reply
+    w.close()
+    _exactly_once(fleet, proxy, "carol", mail + kid + ["new-0@t", "deep-0@t"])
+    _counts, where = census(fleet, "carol")
+    assert where["new-0@t"] == [("b1", "Done/New")] and where["deep-0@t"] == [("b1", "Done/Kid/Deep")], dict(where)
+    assert _no_entries(proxy)
+
+
+def test_a_name_already_where_the_rules_send_it_stays_there(proxy_factory, fleet):
+    """A child made on the rules' backend before (by an older version, or directly) is not shadowed by a new
+    empty one beside the moved parent: its CREATE is answered by the backend that has it."""
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    _moved(proxy, fleet, "Projects")
+    seed(fleet["b1"], "carol", "Projects/Old", ["old-0@t"])
+    w = _logged_in(proxy)
+    reply = w.cmd(b"c", b"CREATE Projects/Old")
+    assert reply[-1].startswith(b"c NO [ALREADYEXISTS]"), reply
+    assert "Projects/Old" not in _names(fleet["b2"])
+    reply = w.cmd(b"s", b"SELECT Projects/Old")
+    assert b"* 1 EXISTS\r\n" in reply and reply[-1].startswith(b"s OK"), reply
+    w.close()
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
+    assert "Projects/Old ->" not in shown.stdout and "Projects/Kid -> b2" in shown.stdout, shown.stdout + shown.stderr
+
+
+def test_a_referral_aware_client_is_sent_to_the_parent_s_server_and_the_name_stays_there(proxy_factory, fleet):
+    proxy = proxy_factory({**MASTERS, "proxy": {"referrals": "always"}}, rules=RULES)
+    _moved(proxy, fleet, "Projects")
+    w = _logged_in(proxy)
+    reply = w.cmd(b"c", b"CREATE Projects/Ref")
+    host_port = fleet["b2"].url.removeprefix("imap://").encode()
+    assert reply[-1].startswith(b"c NO [REFERRAL imap://carol;AUTH=*@" + host_port + b"/Projects/Ref] "), reply
+    w.close()
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
+    assert "Projects/Ref -> b2" in shown.stdout, shown.stdout + shown.stderr
+
+
+def test_a_create_the_parent_s_server_refuses_is_answered_as_there_and_the_session_goes_on(proxy_factory, fleet):
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    _moved(proxy, fleet, "Projects")
+    w = _logged_in(proxy)
+    reply = w.cmd(b"c", b"CREATE Projects/" + b"x" * 300)  # longer than a file name may be
+    assert reply[-1].startswith(b"c NO [CANNOT] Mailbox name too long"), reply
+    assert w.cmd(b"n", b"NOOP")[-1].startswith(b"n OK")
+    assert w.cmd(b"d", b"CREATE Projects/Fine")[-1].startswith(b"d OK")
+    w.close()
+    assert "Projects/Fine" in _names(fleet["b2"]) and "Projects/Fine" not in _names(fleet["b1"])
