@@ -61,10 +61,10 @@ from .mailops import (
     status,
     status_now,
     still_there,
-    subscribed,
     subtree,
 )
 from .movefinish import unvouched
+from .movesubs import carry_subscriptions
 from .relocation import seen_by_then
 from .renamecheck import checked
 from .routing import MailboxMap, normalize
@@ -414,10 +414,7 @@ class Mover:
         data = entry.data
         pairs = [tuple(p) for p in data["pairs"]]
         if entry.step is Step.COMMITTED:
-            subs = await subscribed(src)  # a name moved keeps its subscription; a renamed one's stays (RFC 3501 6.3.6)
-            for o, n in pairs:
-                if o == n and o in subs:
-                    await run_ok(dst, b"SUBSCRIBE " + name_arg(n), "SUBSCRIBE")
+            await carry_subscriptions(self.mailbox_map, self.user, src, dst, pairs)
             await self.mailbox_map.step(entry, Step.SUBSCRIBED)
         if entry.step is Step.SUBSCRIBED:
             for o, n in pairs:

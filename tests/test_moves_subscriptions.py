@@ -176,3 +176,37 @@ def test_a_referred_unsubscribe_removes_the_subscription_kept_elsewhere(fleet, p
     for d in fleet.backends.values():
         with d.client("carol") as m:
             assert not {n for n in _lsub(m) if n.startswith("Shared/")}, d.name
+
+
+def test_a_renamed_name_s_subscription_stays_in_sight_when_its_backend_holds_nothing_else(
+        fleet, proxy_factory):
+    """Work (+Work/Deep) subscribed, moved to b2 by the administrator, RENAMEd back to b1 (the default): the
+    old names stay subscribed (RFC 3501 6.3.6), kept on b2 they were out of every LSUB's sight (b2 held
+    nothing else of carol's), UNSUBSCRIBE said OK and left them, and they came back with her next mailbox
+    on b2 (probe y1 of stop 53: movesubs.py)."""
+    proxy = proxy_factory({"backends": MASTERS})
+    seed(fleet["b1"], "carol", "Work", ["w-1@t"])
+    seed(fleet["b1"], "carol", "Work/Deep", ["d-1@t"])
+    seed(fleet["b1"], "carol", "Misc", ["m-1@t"])
+    c = proxy.login("carol")
+    for name in ("Work", "Work/Deep"):
+        assert c.subscribe(name)[0] == "OK"
+    c.logout()
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    c = proxy.login("carol")
+    assert c.rename("Work", "Other")[0] == "OK"
+    assert {"Work", "Work/Deep"} <= _lsub(c) and not {"Other", "Other/Deep"} & _lsub(c)  # as one Dovecot
+    assert c.unsubscribe("Work")[0] == "OK"
+    assert "Work" not in _lsub(c) and "Work/Deep" in _lsub(c)
+    c.logout()
+    for d in fleet.backends.values():
+        with d.client("carol") as m:
+            assert "Work" not in _lsub(m), d.name
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Misc", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    c = proxy.login("carol")
+    assert "Work" not in _lsub(c) and "Work/Deep" in _lsub(c)
+    c.logout()
+    counts, _where = census(fleet, "carol")
+    assert judge(counts, ["w-1@t", "d-1@t", "m-1@t"]) == ([], [])
