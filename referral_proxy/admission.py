@@ -85,8 +85,9 @@ class _Connection:
 class Admission:
     """The connection counts of one process, and its login penalty."""
 
-    def __init__(self, fd_sessions: int | None = None) -> None:
+    def __init__(self, fd_sessions: int | None = None, fd_parked: int | None = None) -> None:
         self.fd_sessions = fd_sessions  # the most sessions the descriptors allow (None: no bound known)
+        self.fd_parked = fd_parked  # ... and backend connections parked between sessions (keepalive.py)
         self.penalty = LoginPenalty()
         self._live: dict[object, _Connection] = {}
         self._per_ip: dict[str, int] = {}

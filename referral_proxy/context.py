@@ -58,7 +58,7 @@ class ProxyContext:
         if self.staging_journal is None:
             self.staging_journal = MapJournal(self.mailbox_map)
         self.keepalive = KeepAlive(self.reactor, lambda: self.config.proxy.backend_keepalive,
-                                   self.mailbox_map.login_user)
+                                   self.mailbox_map.login_user, in_all=self.admission.fd_parked)
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -31,7 +31,11 @@ def run(config_path: str, *, on_step: Callable[[Any], None] | None = None) -> in
         return 2
     writer = LogWriter(config.log, sys.stderr)
     globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
-    service = ProxyService(config, reactor, on_step=on_step)
+    try:
+        service = ProxyService(config, reactor, on_step=on_step)
+    except ConfigError as e:  # the map store cannot be opened
+        sys.stderr.write(f"referral-proxy: configuration error: {e}\n")
+        return 2
     service.log_stream = sys.stderr
     writer.context = service.observer.context
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import sqlite3
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -30,6 +31,7 @@ from .config import BackendConfig, Config, ConfigError, load_config
 from .context import ProxyContext
 from .flow import Block
 from .health import HealthChecker
+from .keepalive import IN_ALL
 from .metrics import StoreTotals, make_registry, metrics_site
 from .observe import Observer
 from .origin import LoopGuard, id_command
@@ -127,9 +129,12 @@ def tune_gc() -> None:
 def admission_for(config: Config) -> Admission:
     """The process's Admission, its sessions bounded by the file descriptors it may open
     (the soft limit is raised first as far as the hard one allows)."""
-    wanted = config.proxy.connections.max_connections * FDS_PER_SESSION + FD_RESERVE
+    wanted = config.proxy.connections.max_connections * FDS_PER_SESSION + FD_RESERVE + IN_ALL
     fds = file_descriptors(wanted)
-    admission = Admission(sessions_for(fds))
+    # Parked backend connections hold descriptors too (a reload may turn backend_keepalive on): left out,
+    # a full set of them made accept() fail, clients closed without a greeting (probe y5 of stop 53).
+    parked = min(IN_ALL, fds // 4)
+    admission = Admission(sessions_for(fds - parked), fd_parked=parked)
     if admission.max_connections(config.proxy.connections) < config.proxy.connections.max_connections:
         log.warn("max_connections {configured} lowered to {allowed}: this process may open {fds} file descriptors "
                  "(ulimit -n), {per} per session and a reserve", configured=config.proxy.connections.max_connections,
@@ -172,8 +177,11 @@ class ProxyService(MultiService):
         self._ports: list[Any] = []
         self._peer_port: Any = None  # the other proxies on the SQLite map file ask holds here (peerholds.py)
         # on_step: called after each journal step (tests inject faults there; None in production)
-        self.mailbox_map = MailboxMap(config.map, open_store(
-            config.map.store, reactor, lease_seconds=config.map.lease_seconds, serving=True), on_step=on_step)
+        try:
+            store = open_store(config.map.store, reactor, lease_seconds=config.map.lease_seconds, serving=True)
+        except (OSError, sqlite3.Error) as e:  # one line, not a traceback (probe y5 of stop 53: a directory not writable)
+            raise ConfigError(f"map.store: cannot open {config.map.store}: {e}") from None
+        self.mailbox_map = MailboxMap(config.map, store, on_step=on_step)
         # Run by the master (or the only process): entries are claimed by owner, so a worker's
         # move is recovered once that worker is gone, never while it runs.
         self.recovery = RecoverySweep(reactor, lambda: self.config, self.mailbox_map)  # the config as reloaded

@@ -35,7 +35,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> ProxyService:
     from twisted.internet import reactor
 
-    service = ProxyService(options.config, reactor)
+    try:
+        service = ProxyService(options.config, reactor)
+    except ConfigError as e:  # the map store cannot be opened
+        sys.stderr.write(f"referral-proxy: configuration error: {e}\n")
+        raise SystemExit(2) from None
     install_sighup(reactor, service)
     stream = _twistd_log_stream(getattr(options, "parent", None))
     if stream is not None:

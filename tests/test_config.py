@@ -90,6 +90,9 @@ def test_good_config_and_map(tmp_path):
     (lambda t: t.replace('"tcp:1143:interface=127.0.0.1"', '"tcp:notaport"'), "proxy.listen[0]: bad endpoint 'tcp:notaport'"),
     (lambda t: t.replace("[proxy]", "[proxy]\ntls_cert = \"missing.pem\"\ntls_key = \"missing.key\""), "proxy.tls_cert: no such file"),
     (lambda t: t.replace("[proxy]\n", "[proxy\n"), "not valid TOML"),
+    # a map file where none can be made (its folder is a file; or not writable: probe y5 of stop 53, a traceback)
+    (lambda t: t.replace('store = "sqlite:map.sqlite3"', 'store = "sqlite:proxy.toml/map.sqlite3"'),
+     "map.store: cannot open sqlite:"),
 ])
 @pytest.mark.parametrize("runner", ["cli", "twistd"])
 def test_bad_config_is_one_clear_line(tmp_path, edit, message, runner):

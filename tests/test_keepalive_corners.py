@@ -5,6 +5,7 @@ closes, the old mailbox's news arriving before UNSELECT's answer, expiry, the bo
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,21 @@ def test_a_reload_that_shortens_backend_keepalive_applies_to_connections_parked_
     h.reactor.advance(1.5)  # 2.5 s after its login: older than 2
     second_session(h)
     assert len(h.connector.backends) == 2 and conn.transport.disconnecting
+
+
+def test_a_parked_connection_closed_by_its_backend_before_the_loop_read_it_is_not_reused():
+    """Dovecot's process killed right before the next login: its close waits unread in the socket while
+    the login takes the connection, which answered OK, then BYE (probe y5 of stop 53). Peeked at: dropped."""
+    for closed in (False, True):
+        h = harness()
+        conn = end_first_session(h)
+        conn.dataReceived(b"%s OK Unselect completed.\r\n" % unselect_tag(h))
+        ours, theirs = socket.socketpair()
+        conn.transport.getHandle = lambda ours=ours: ours
+        if closed:
+            theirs.close()
+        s, t = second_session(h)
+        assert len(h.connector.backends) == (2 if closed else 1), closed
+        assert t.value().startswith(b"L OK")
+        ours.close()
+        theirs.close()

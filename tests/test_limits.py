@@ -512,3 +512,22 @@ def test_the_penalty_counts_the_user_whose_password_is_tried(login, owner):
     assert h.to_client() == b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
     penalty, now = h.context.admission.penalty, h.reactor.seconds()
     assert penalty.delay("203.0.113.9", owner, 15, now) == 4.0  # from anywhere: the user's penalty
+
+
+def test_parked_backend_connections_are_fitted_to_the_descriptors_too(monkeypatch):
+    """Left out, 180 parked connections under ulimit -n 256 made accept() fail (EMFILE): 55 of 85 clients
+    closed without a greeting, well under max_connections as lowered (probe y5 of stop 53)."""
+    from referral_proxy import service
+    from referral_proxy.testing.fakes import minimal_config
+
+    monkeypatch.setattr(service, "file_descriptors", lambda wanted: 256)
+    a = service.admission_for(minimal_config())
+    assert a.fd_parked == 64 and a.fd_sessions == sessions_for(256 - 64)
+    assert a.fd_sessions * 2 + a.fd_parked <= 256 - 32  # (a reserve kept besides)
+    from referral_proxy.context import ProxyContext
+    from referral_proxy.testing.fakes import SessionHarness
+    h = SessionHarness(minimal_config())
+    assert h.context.keepalive.in_all == 500  # no bound known: keepalive.IN_ALL
+    ctx = ProxyContext(**{**{f: getattr(h.context, f) for f in ("config", "reactor", "mailbox_map", "connect")},
+                          "admission": a})
+    assert ctx.keepalive.in_all == 64
