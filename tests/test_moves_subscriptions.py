@@ -6,9 +6,11 @@ its name and so its subscription, now kept by the backend that holds it."""
 from __future__ import annotations
 
 import imaplib
+import signal
+import time
 
 import pytest
-from movecheck import census, cli, judge, seed
+from movecheck import census, cli, inbox_apart, judge, seed
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 
@@ -210,3 +212,38 @@ def test_a_renamed_name_s_subscription_stays_in_sight_when_its_backend_holds_not
     c.logout()
     counts, _where = census(fleet, "carol")
     assert judge(counts, ["w-1@t", "d-1@t", "m-1@t"]) == ([], [])
+
+
+def test_a_user_moved_whole_keeps_subscriptions_of_names_that_are_no_mailboxes(fleet, proxy_factory):
+    """Gone subscribed, then DELETEd (Dovecot keeps the subscription); `move carol '*' b2`, then the default
+    pointed at b2 as the command says: b1 held nothing else of carol's, LSUB lost Gone and UNSUBSCRIBE
+    could not reach it (probe y1 of stop 53: movesubs.py)."""
+    proxy = proxy_factory({"backends": MASTERS})
+    seed(fleet["b1"], "carol", "INBOX", ["i-1@t"])
+    seed(fleet["b1"], "carol", "Lists", ["l-1@t"])
+    seed(fleet["b1"], "carol", "Gone", [])
+    c = proxy.login("carol")
+    for name in ("INBOX", "Lists", "Gone"):
+        assert c.subscribe(name)[0] == "OK"
+    assert c.delete("Gone")[0] == "OK"
+    before = _lsub(c)
+    assert {"INBOX", "Lists", "Gone"} <= before
+    c.logout()
+    inbox_apart(fleet["b1"], fleet["b2"], "carol")
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "*", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    proxy.config_path.write_text(proxy.config_path.read_text().replace('default = "b1"', 'default = "b2"'))
+    proxy.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "Gone" not in (after := _lsub(c := proxy.login("carol"))) and time.monotonic() < deadline:
+        c.logout()
+        time.sleep(0.2)
+    assert after == before
+    assert c.unsubscribe("Gone")[0] == "OK"
+    assert "Gone" not in _lsub(c)
+    c.logout()
+    for d in fleet.backends.values():
+        with d.client("carol") as m:
+            assert "Gone" not in _lsub(m), d.name
+    counts, _where = census(fleet, "carol")
+    assert judge(counts, ["i-1@t", "l-1@t"]) == ([], [])
