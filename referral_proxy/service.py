@@ -137,8 +137,9 @@ def admission_for(config: Config) -> Admission:
     admission = Admission(sessions_for(fds - parked), fd_parked=parked)
     if admission.max_connections(config.proxy.connections) < config.proxy.connections.max_connections:
         log.warn("max_connections {configured} lowered to {allowed}: this process may open {fds} file descriptors "
-                 "(ulimit -n), {per} per session and a reserve", configured=config.proxy.connections.max_connections,
-                 allowed=admission.fd_sessions, fds=fds, per=FDS_PER_SESSION)
+                 "(ulimit -n), {per} per session, {parked} for backend connections parked between sessions and a reserve",
+                 configured=config.proxy.connections.max_connections, allowed=admission.fd_sessions, fds=fds,
+                 per=FDS_PER_SESSION, parked=parked)
     return admission
 
 
