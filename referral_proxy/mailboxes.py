@@ -325,10 +325,9 @@ class MailboxCommands:
         mailbox, route = target
         if cmd.name == "CREATE" and not self.host.mailbox_map.available:
             return self.refuse_no(cmd.tag, UNMADE)
-        if (cmd.name == "CREATE" and self.valid_name(mailbox)
-                and (kin := kin_route(self.host.mailbox_map, self.host.user or "", mailbox, route)) is not None):
-            return self.host.run(cmd.tag, create_with_kin(  # with its moved parent
-                self.host, cmd, mailbox, route, kin, lambda r, m: self.refer(cmd, r, m) if self.refers(r, m) else None))
+        if (cmd.name == "CREATE" and self.valid_name(mailbox) and not self.host.referral_aware
+                and kin_route(self.host.mailbox_map, self.host.user or "", mailbox, route) is not None):
+            return self.host.run(cmd.tag, create_with_kin(self.host, cmd, mailbox, route, self.moving, INUSE))
         others = ([b for b in self.host.mailbox_map.backends_for(self.host.user or "") if b not in route.backends]
                   if cmd.name == "UNSUBSCRIBE" else [])
         if COMMANDS[cmd.name].referred and self.refers(route, mailbox):

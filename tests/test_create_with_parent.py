@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, quote, seed
+from movecheck import census, cli, inbox_apart, quote, seed
 from test_moves import MASTERS, RULES, _exactly_once, _logged_in, _no_entries, ids
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -81,16 +81,37 @@ def test_a_name_already_where_the_rules_send_it_stays_there(proxy_factory, fleet
     assert "Projects/Old ->" not in shown.stdout and "Projects/Kid -> b2" in shown.stdout, shown.stdout + shown.stderr
 
 
-def test_a_referral_aware_client_is_sent_to_the_parent_s_server_and_the_name_stays_there(proxy_factory, fleet):
+def test_a_referral_aware_client_s_create_goes_where_the_rules_send_it_and_places_nothing(proxy_factory, fleet):
+    """A placement made for a referral the client may never follow pulled later CREATEs of the name away from a
+    parent moved back (probe z1 of stop 53): such a client is proxied or referred by the rules, as before."""
     proxy = proxy_factory({**MASTERS, "proxy": {"referrals": "always"}}, rules=RULES)
     _moved(proxy, fleet, "Projects")
     w = _logged_in(proxy)
     reply = w.cmd(b"c", b"CREATE Projects/Ref")
-    host_port = fleet["b2"].url.removeprefix("imap://").encode()
-    assert reply[-1].startswith(b"c NO [REFERRAL imap://carol;AUTH=*@" + host_port + b"/Projects/Ref] "), reply
+    assert reply[-1].startswith(b"c OK"), reply  # b1, the home: proxied
     w.close()
+    assert "Projects/Ref" in _names(fleet["b1"])
     shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
-    assert "Projects/Ref -> b2" in shown.stdout, shown.stdout + shown.stderr
+    assert "Projects/Ref ->" not in shown.stdout and "Projects/Kid -> b2" in shown.stdout, shown.stdout + shown.stderr
+
+
+def test_only_the_direct_parent_counts_and_never_inbox(proxy_factory, fleet):
+    """After `move carol INBOX b2` (its children stay), INBOX/Old/Kid went to b2 with INBOX, away from INBOX/Old
+    on b1, whose RENAME was then refused [CANNOT] (probe z1 of stop 53)."""
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    seed(fleet["b1"], "carol", "INBOX", ids("inbox", 2))
+    seed(fleet["b1"], "carol", "INBOX/Old", ids("old", 2))
+    inbox_apart(fleet["b1"], fleet["b2"], "carol")
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "INBOX", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    w = _logged_in(proxy)
+    for name in (b"INBOX/Old/Kid", b"INBOX/New"):
+        assert w.cmd(b"c", b"CREATE " + name)[-1].startswith(b"c OK")
+    assert {"INBOX/Old/Kid", "INBOX/New"} <= _names(fleet["b1"])
+    assert _append(w, "INBOX/Old/Kid", "kid-0@t")[-1].startswith(b"a OK")
+    assert w.cmd(b"r", b"RENAME INBOX/Old Done")[-1].startswith(b"r OK")
+    w.close()
+    _exactly_once(fleet, proxy, "carol", ids("inbox", 2) + ids("old", 2) + ["kid-0@t"])
 
 
 def test_a_create_the_parent_s_server_refuses_is_answered_as_there_and_the_session_goes_on(proxy_factory, fleet):
@@ -103,3 +124,5 @@ def test_a_create_the_parent_s_server_refuses_is_answered_as_there_and_the_sessi
     assert w.cmd(b"d", b"CREATE Projects/Fine")[-1].startswith(b"d OK")
     w.close()
     assert "Projects/Fine" in _names(fleet["b2"]) and "Projects/Fine" not in _names(fleet["b1"])
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol")  # the refused one placed nowhere
+    assert "xxxxx" not in shown.stdout and "Projects/Fine -> b2" in shown.stdout, shown.stdout + shown.stderr
