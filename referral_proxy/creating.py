@@ -15,11 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .backend import BackendProtocol
 from .imap.reader import Command
 from .imap.response import completion_text
+from .journal import InUse, JournalEntry, Reservation
 from .listing import command_pieces
 from .mailops import exists
 from .routing import MailboxMap, Route, normalize
+
+CREATE_OP = "create"  # the journal's op of a CREATE holding its parent (recovery.py)
 
 
 def kin_route(mailbox_map: MailboxMap, user: str, mailbox: bytes, route: Route) -> Route | None:
@@ -41,27 +45,55 @@ async def create_with_kin(host: Any, cmd: Command, mailbox: bytes, route: Route,
                           moving: Callable[[bytes], bool], inuse: str) -> None:
     """Created on the parent's backend, then placed there (before the client hears OK); where the rules send it
     when one is there already (that backend answers ALREADYEXISTS, as directly). *host* is the session
-    (mailboxes.MailboxHost); *moving*: a name a move holds (answered *inuse*). The parent is looked at again after each wait (a
-    move of it meanwhile: probe z1). A crash between the CREATE and its placement leaves the mailbox out of
-    sight until the user's next CREATE of it (sent there again, ALREADYEXISTS, placed)."""
+    (mailboxes.MailboxHost); *moving*: a name a move holds (answered *inuse*).
+
+    The parent's subtree is reserved, shared, meanwhile (journal op "create", as `map set` reserves its name): a
+    move of it cannot begin while the CREATE is on its way (one that did carried the new child aside and back,
+    and mail delivered to it then went to that backend's INBOX: probe z2 of stop 53), and one under way refuses
+    it (NO [INUSE]). A crash between the CREATE and its placement is recovered: the mailbox there is placed."""
     pool, mailbox_map, user = host.pool, host.mailbox_map, host.user
     assert pool is not None and user is not None
     text = mailbox.decode("utf-8", "surrogateescape")
     conn = await pool.ready_for(route)
     if await exists(conn, text):
         return host.relay.send(conn, cmd.tag, cmd.name, cmd.args)
-    parent = mailbox.rpartition(mailbox_map.separator.encode())[0]
+    parent = text.rpartition(mailbox_map.separator)[0]
     kin = kin_route(mailbox_map, user, mailbox, route)
-    if moving(mailbox) or moving(parent):
+    if moving(mailbox):
         return host.answer(cmd.tag, "NO " + inuse)
-    if kin is None:  # moved meanwhile, or placed: where the map sends it now
-        there = await pool.ready_for(mailbox_map.lookup(user, text))
-        return host.relay.send(there, cmd.tag, cmd.name, cmd.args)
-    there = await pool.ready_for(kin)
-    text_part, then = command_pieces("CREATE", cmd.args)  # the client's argument (Dovecot refuses some forms)
-    result = await there.command(text_part, then=then)
-    if result.ok or (result.start.code == "ALREADYEXISTS" and await exists(there, text)):
-        await mailbox_map.place(user, text, kin.backends)
+    if kin is None:  # the parent moved meanwhile: where the map sends it now
+        return host.relay.send(await pool.ready_for(mailbox_map.lookup(user, text)), cmd.tag, cmd.name, cmd.args)
+    try:
+        entry = await mailbox_map.begin_move(user, CREATE_OP, [Reservation(parent, subtree=True, shared=True)],
+                                             {"mailbox": text, "backend": kin.primary}, settle=False)
+    except InUse:
+        return host.answer(cmd.tag, "NO " + inuse)
+    try:
+        if kin_route(mailbox_map, user, mailbox, route) != kin:  # a move of the parent ended meanwhile
+            await mailbox_map.end_move(entry)
+            return host.relay.send(await pool.ready_for(mailbox_map.lookup(user, text)), cmd.tag, cmd.name, cmd.args)
+        there = await pool.ready_for(kin)
+        text_part, then = command_pieces("CREATE", cmd.args)  # the client's argument (Dovecot refuses some forms)
+        result = await there.command(text_part, then=then)
+        if result.ok or (result.start.code == "ALREADYEXISTS" and await exists(there, text)):
+            await mailbox_map.place(user, text, kin.backends)
+    except BaseException:
+        if not entry.ended:
+            await mailbox_map.disown(entry)  # recovery places what was made
+        raise
+    await mailbox_map.end_move(entry)
     for r in result.responses:
         host.write_from(there, r.raw)
     host.answer(cmd.tag, completion_text(result.start))
+
+
+async def reconcile_create(mailbox_map: MailboxMap, entry: JournalEntry, conn: BackendProtocol) -> str:
+    """Recovery of a CREATE cut off before its placement: the mailbox made on the parent's backend is placed."""
+    name = entry.data.get("mailbox")
+    if name is not None and entry.data.get("backend") == conn.name and mailbox_map.lookup(entry.user, name).primary != conn.name \
+            and await exists(conn, name):
+        await mailbox_map.place(entry.user, name, [conn.name])
+        await mailbox_map.end_move(entry)
+        return f"placed {name} on {conn.name}, where it was created"
+    await mailbox_map.end_move(entry)
+    return "released (nothing to place)"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, inbox_apart, quote, seed
+from movecheck import census, cli, faulty, inbox_apart, journal_store, quote, seed, wait_paused
+from storehelp import now
 from test_moves import MASTERS, RULES, _exactly_once, _logged_in, _no_entries, ids
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -126,3 +127,61 @@ def test_a_create_the_parent_s_server_refuses_is_answered_as_there_and_the_sessi
     assert "Projects/Fine" in _names(fleet["b2"]) and "Projects/Fine" not in _names(fleet["b1"])
     shown = cli("map", "--config", str(proxy.config_path), "show", "carol")  # the refused one placed nowhere
     assert "xxxxx" not in shown.stdout and "Projects/Fine -> b2" in shown.stdout, shown.stdout + shown.stderr
+
+
+def _journal_create(store, owner) -> None:
+    """A CREATE's entry as creating.py writes it (the parent reserved, shared), owned by *owner* (None: cut off)."""
+    from storehelp import now
+
+    from referral_proxy.journal import Reservation
+
+    now(store.begin_move("carol", "create", [Reservation("Projects", True, True)],
+                         {"mailbox": "Projects/Orphan", "backend": "b2"}, owner, "/"))
+
+
+def test_a_create_cut_off_before_its_placement_is_placed_by_recovery(proxy_factory, fleet):
+    """Killed between the CREATE on the parent's backend and its placement: the new mailbox was out of sight,
+    and once the parent moved on, for good (a later move of it refused ALREADYEXISTS: probe z2 of stop 53)."""
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    _moved(proxy, fleet, "Projects")
+    seed(fleet["b2"], "carol", "Projects/Orphan", ["orphan-0@t"])  # made there; the proxy died before placing it
+    store = journal_store(proxy)
+    try:
+        _journal_create(store, None)
+    finally:
+        now(store.close())
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    assert recovered.returncode == 0 and "placed Projects/Orphan on b2" in recovered.stdout + recovered.stderr, (
+        recovered.stdout + recovered.stderr)
+    w = _logged_in(proxy)
+    reply = w.cmd(b"s", b"SELECT Projects/Orphan")
+    assert b"* 1 EXISTS\r\n" in reply and reply[-1].startswith(b"s OK"), reply
+    w.close()
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Projects", "b1")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    _counts, where = census(fleet, "carol")
+    assert where["orphan-0@t"] == [("b1", "Projects/Orphan")], dict(where)
+
+
+def test_a_move_of_the_parent_waits_for_a_create_under_way(proxy_factory, fleet, tmp_path):
+    """A move that began while a CREATE was on its way carried the new child aside and back; mail delivered to
+    it meanwhile went to that backend's INBOX, out of sight (probe z2 of stop 53). The CREATE holds the parent
+    (shared: the mailbox is read and written as ever) from before it is sent until it is placed."""
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proxy = proxy_factory(MASTERS, rules=RULES, command=faulty("--pause-at", "reserved:1", "--pause-dir", str(pause)))
+    mail, kid = _moved(proxy, fleet, "Projects")
+    w = _logged_in(proxy)
+    w.send(b"c CREATE Projects/New\r\n")
+    assert wait_paused(pause, "reserved:1") == "reserved:1"  # the proxy stopped there, its CREATE's hold written
+    held = cli("move", "--config", str(proxy.config_path), "--wait", "1", "carol", "Projects", "b1")
+    assert held.returncode != 0 and "nothing changed" in held.stdout + held.stderr, held.stdout + held.stderr
+    (pause / "resume").touch()
+    assert w.until_tagged(b"c")[-1].startswith(b"c OK")
+    assert _append(w, "Projects/New", "new-0@t")[-1].startswith(b"a OK")
+    w.close()
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Projects", "b1")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    _exactly_once(fleet, proxy, "carol", mail + kid + ["new-0@t"])
+    _counts, where = census(fleet, "carol")
+    assert where["new-0@t"] == [("b1", "Projects/New")], dict(where)
