@@ -103,6 +103,7 @@ class BackendProtocol(Protocol):
         self._current_tagged: list[bytes] = []
         self._current_start: ResponseStart | None = None
         self.bytes_in = self.bytes_out = 0  # IMAP bytes each way (metrics)
+        self.reused_at: tuple[int, int] | None = None  # (bytes_in, bytes_out) when keepalive handed it over
         self.reuse_key: Any = None  # keepalive.ReuseKey: how it logged in, for a session's connection
         self.logged_in_at = 0.0  # when (the reactor's clock): keepalive reuses it that long only
         self.clock: Any = None  # the reactor (open_connection): bounded internal commands (stall.py)

@@ -194,9 +194,16 @@ class KeepAlive:
                 conn.logout()  # (too old for backend_keepalive as reloaded since it was parked: probe x1, stop 52)
                 continue
             conn.sink = None
+            conn.reused_at = (conn.bytes_in, conn.bytes_out)  # session.backend_lost: found dead before any use?
             self.reused += 1
             return conn
         return None
+
+    @staticmethod
+    def unused(conn: BackendProtocol) -> bool:
+        """Whether *conn*, taken for a session, has neither sent nor heard a byte since: lost so (its Dovecot killed
+        after take()'s look), it may be forgotten as if never taken (probe y5 F2: OK to the LOGIN, then BYE)."""
+        return conn.reused_at == (conn.bytes_in, conn.bytes_out)
 
     # -- a session's end -------------------------------------------------------------------
 

@@ -548,8 +548,9 @@ class ClientSession(HalfClose, Protocol):
         self.flow.out.write(backend, data, end)
 
     def dies_with(self, conn: BackendProtocol) -> bool:
-        """Losing the home backend or the one holding the selected mailbox ends the session."""
-        return conn.name in (self.home, self.selected)
+        """Losing the home backend or the one holding the selected mailbox ends the session; not a kept connection
+        found dead before its first use (keepalive.unused): the next command opens a new one."""
+        return conn.name == self.selected or (conn.name == self.home and not self.ctx.keepalive.unused(conn))
 
     def relay_finished(self, conn: BackendProtocol) -> None:
         if self.pool is not None:

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
 from referral_proxy import keepalive
 from referral_proxy.backend import BackendProtocol, Credentials
 from referral_proxy.config import BackendConfig
@@ -330,3 +333,34 @@ def test_a_parked_connection_closed_by_its_backend_before_the_loop_read_it_is_no
         assert t.value().startswith(b"L OK")
         ours.close()
         theirs.close()
+
+
+def test_a_taken_connection_lost_before_its_first_use_is_replaced_without_a_bye():
+    """Its Dovecot killed after take()'s look (probe y5 F2, the window left): the close comes after LOGIN OK.
+    Nothing was sent or heard on it since: the session goes on, its next command on a new connection. Once
+    used, losing it ends the session as before."""
+    for used in (False, True):
+        h = harness()
+        conn = end_first_session(h)
+        conn.dataReceived(b"%s OK Unselect completed.\r\n" % unselect_tag(h))
+        s, t = second_session(h)
+        assert len(h.connector.backends) == 1 and t.value().startswith(b"L OK")
+        t.clear()
+        if used:
+            s.dataReceived(b"N NOOP\r\n")
+            h.turns()
+        conn.transport.loseConnection()
+        conn.connectionLost(Failure(ConnectionDone()))
+        h.turns()
+        if used:
+            assert t.value() == b"* BYE Mail server connection lost\r\n", t.value()
+            continue
+        assert t.value() == b"" and not t.disconnecting
+        s.dataReceived(b"S SELECT INBOX\r\n")
+        h.turns()
+        assert len(h.connector.backends) == 2
+        fresh = h.connector.backends[-1]
+        tag = re.search(rb"(rp\d+) SELECT INBOX\r\n", fresh.transport.value()).group(1)
+        fresh.dataReceived(b"* 3 EXISTS\r\n%s OK [READ-WRITE] Select completed.\r\n" % tag)
+        h.turns()
+        assert t.value().endswith(b"S OK [READ-WRITE] Select completed.\r\n"), t.value()
