@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from .acrossview import SAVED
-from .backend import BackendError, BackendProtocol, Tagged
+from .backend import BackendError, BackendProtocol, Tagged, UntaggedResponse
 from .imap.command import Atom, ParseError, String, parse_arguments
 from .imap.data import ListData, parse_fetch, parse_list, parse_search, parse_status
 from .imap.quoting import astring
@@ -415,25 +415,31 @@ def grants(conn: BackendProtocol, rights: str | None, needed: str) -> bool:
     return True
 
 
-async def expunge_uids(conn: BackendProtocol, uids: Sequence[int], untagged: list[bytes] | None = None) -> Tagged | None:
+async def expunge_uids(conn: BackendProtocol, uids: Sequence[int], untagged: list[bytes] | None = None,
+                       flags: dict[int, frozenset[bytes] | None] | None = None) -> Tagged | None:
     """Remove exactly these messages of the selected mailbox (never a plain EXPUNGE, never CLOSE): flagged and
     expunged in one write, then looked for. One still there (a client cleared \\Deleted between the two, or
     Dovecot kept it: soak C 76065) is done again, EXPUNGE_TRIES in all, then TransferError. The last EXPUNGE's
-    answer; the untagged responses, raw, to *untagged*."""
+    answer; the untagged responses, raw, to *untagged*. *flags*: each one's flags, read in that first write
+    (a MOVE across carries what another session changed until then: probe a3)."""
     raw: list[bytes] = [] if untagged is None else untagged
     left, expunged = sorted(uids), None
     for _ in range(EXPUNGE_TRIES):
         if not left:
             return expunged
+        reading = [conn.command(b"UID FETCH " + uid_set(left) + b" (UID FLAGS)")] if flags is not None else []
         marking = conn.command(b"UID STORE " + uid_set(left) + b" +FLAGS.SILENT (\\Deleted)")
         expunging = conn.command(b"UID EXPUNGE " + uid_set(left))
         try:
             marked = await marking
         except BaseException:
-            expunging.addErrback(lambda _f: None)  # the connection's end, said by the first
+            for d in (*reading, expunging):
+                d.addErrback(lambda _f: None)  # the connection's end, said by the first
             raise
         expunged = await expunging
-        raw += [r.raw for r in (*marked.responses, *expunged.responses)]
+        got = [r for d in reading for r in (await d).responses] + [*marked.responses, *expunged.responses]
+        raw += [r.raw for r in got if flags is None or not _flags_into(r, flags, set(left))]
+        flags = None  # (the first write's only)
         for result, what in ((marked, "STORE"), (expunged, "UID EXPUNGE")):
             if not result.ok:
                 raise TransferError(_failed(what, conn, result.start))
@@ -441,6 +447,20 @@ async def expunge_uids(conn: BackendProtocol, uids: Sequence[int], untagged: lis
     if left:
         raise TransferError(f"UID EXPUNGE on {conn.name} answered OK, yet {uid_set(left).decode()} still there")
     return expunged
+
+
+def _flags_into(r: UntaggedResponse, flags: dict[int, frozenset[bytes] | None], wanted: set[int]) -> bool:
+    """Whether *r* is a FETCH of the FLAGS of one of the *wanted* UIDs, put into *flags* (the later wins)."""
+    if r.start.name != "FETCH":
+        return False
+    try:
+        data = parse_fetch(*r.arguments)
+    except ParseError:
+        return False
+    if data.uid not in wanted or data.flags is None:
+        return False
+    flags[data.uid] = frozenset(data.flags)
+    return True
 
 
 async def subscribed(conn: BackendProtocol) -> set[str]:

@@ -394,11 +394,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         if unmarked:  # (probe r3: taken as "no right", copies taken back, OK with those never moved)
             return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copy_of, set(flags_now), untagged)
         present = sorted(flags_now)
-        try:  # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
-            await carry_flags(dst, dst_mailbox, copied.uidvalidity, flag_changes({i.uid: i.flags for i in infos}, flags_now, copy_of))
-        except BackendError as e:
-            log.warn("MOVE: flags changed on {src} during the move not carried to {dst} ({why})",
-                     src=src.name, dst=dst.name, why=str(e))
+        # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
+        await _carry(dst, dst_mailbox, copied.uidvalidity, flag_changes({i.uid: i.flags for i in infos}, flags_now, copy_of), src)
         entry.data["present"] = uid_set(present).decode()
         marked = {u: flags_text(sorted(f)) for u, f in flags_now.items() if f is not None}
         entry.data["src_flags"] = [marked.get(u, was) for u, was in zip(uids, entry.data["src_flags"])]  # as carried
@@ -409,7 +406,9 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "
                        f"{uid_set(copy_of[u] for u in present).decode()}]")
             untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
-            expunged = await expunge_uids(src, present, untagged)  # one kept raises: its copy is a second, recovery decides
+            last: dict[int, frozenset[bytes] | None] = {}  # their flags as they went: a later change carried too
+            expunged = await expunge_uids(src, present, untagged, last)  # one kept raises: its copy is a second
+            await _carry(dst, dst_mailbox, copied.uidvalidity, flag_changes(flags_now, last, copy_of), src)
     except BackendError as e:
         not_deleted = _flagged_by_move(infos)
         if not_deleted and not src.closed:
@@ -429,6 +428,15 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     there = set(present)
     moved = sum(i.size for i in infos if i.uid in there)
     return CopyOutcome(untagged, "OK", moved_text(expunged.start if expunged is not None else None), moved)
+
+
+async def _carry(dst: BackendProtocol, mailbox: str, validity: int, changes: dict[int, tuple[set[bytes], set[bytes]]],
+                 src: BackendProtocol) -> None:
+    try:
+        await carry_flags(dst, mailbox, validity, changes)
+    except BackendError as e:
+        log.warn("MOVE: flags changed on {src} during the move not carried to {dst} ({why})", src=src.name, dst=dst.name,
+                 why=str(e))
 
 
 async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]

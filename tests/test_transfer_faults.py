@@ -82,6 +82,17 @@ def _two_copied(h, src) -> object:
     return dst
 
 
+_BOTH_DELETED = b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\n"
+
+
+def _expunge_write(src, tag: int, flags: bytes, answer: bytes) -> None:
+    """UIDs 7:8 read (their flags, *flags* answers), flagged and expunged in one write, tags *tag* to *tag* + 2;
+    *answer*: the UID EXPUNGE's answer (its tag as %d)."""
+    assert _take(src) == (b"rp%d UID FETCH 7:8 (UID FLAGS)\r\nrp%d UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\n"
+                          b"rp%d UID EXPUNGE 7:8\r\n" % (tag, tag + 1, tag + 2))
+    src.dataReceived(flags + b"rp%d OK\r\nrp%d OK\r\n" % (tag, tag + 1) + answer % (tag + 2))
+
+
 def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags():
     h, src = _selected(2)
     _two_copied(h, src)
@@ -94,11 +105,11 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     src.dataReceived(b"* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp8 OK\r\n")
     assert now(h.context.mailbox_map.entries())[0].data["present"] == "7:8"
     # Flagged again with the UID EXPUNGE, in one write (a session clearing \Deleted between: probe r3, stop 50).
-    assert _take(src) == b"rp9 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\nrp10 UID EXPUNGE 7:8\r\n"
-    src.dataReceived(b"rp9 OK\r\nrp10 NO [SERVERBUG] Expunge failed\r\n")
+    # (their flags read in that write too: a change another session made until then reaches the copies)
+    _expunge_write(src, 9, _BOTH_DELETED, b"rp%d NO [SERVERBUG] Expunge failed\r\n")
     # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
-    assert _take(src) == b"rp11 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
-    src.dataReceived(b"rp11 OK\r\n")
+    assert _take(src) == b"rp12 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
+    src.dataReceived(b"rp12 OK\r\n")
     assert h.to_client() == (b"* 3 EXISTS\r\n* OK [COPYUID 9 7:8 5:6] Moved\r\n"
                              b"m NO [COPYUID 9 7:8 5:6] The messages were copied; removing them from the source "
                              b"failed and will be retried\r\n")
@@ -178,10 +189,10 @@ def test_a_source_another_session_expunges_right_after_the_moves_flag_is_moved_n
     src.dataReceived(b"* 1 EXPUNGE\r\nrp7 OK\r\n")  # the other session's EXPUNGE, of our flag
     assert _take(src) == b"rp8 UID FETCH 4 (UID FLAGS)\r\n"
     src.dataReceived(b"rp8 OK\r\n")
-    assert _take(src) == b"rp9 UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\nrp10 UID EXPUNGE 4\r\n"
-    src.dataReceived(b"rp9 OK\r\nrp10 OK\r\n")
-    assert _take(src) == b"rp11 UID SEARCH UID 4\r\n"
-    src.dataReceived(b"* SEARCH\r\nrp11 OK\r\n")
+    assert _take(src) == b"rp9 UID FETCH 4 (UID FLAGS)\r\nrp10 UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\nrp11 UID EXPUNGE 4\r\n"
+    src.dataReceived(b"rp9 OK\r\nrp10 OK\r\nrp11 OK\r\n")
+    assert _take(src) == b"rp12 UID SEARCH UID 4\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp12 OK\r\n")
     assert b"EXPUNGE" not in _take(dst)  # the copy stays: it is the message now
     assert h.to_client().endswith(b"* 1 EXPUNGE\r\n* OK [COPYUID 9 4 5] Moved\r\nm OK Move completed.\r\n")
     assert now(h.context.mailbox_map.entries()) == []
@@ -198,13 +209,16 @@ def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recov
     src.dataReceived(b"* 1 FETCH (UID 4 FLAGS ())\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp7 OK\r\n")
-    for tag in (8, 11, 14):
-        assert _take(src) == b"rp%d UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\nrp%d UID EXPUNGE 4\r\n" % (tag, tag + 1)
+    for tag in (9, 12, 15):  # (the first write reads the flags too)
+        fetch = b"rp8 UID FETCH 4 (UID FLAGS)\r\n" if tag == 9 else b""
+        assert _take(src) == fetch + b"rp%d UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\nrp%d UID EXPUNGE 4\r\n" % (tag, tag + 1)
+        if fetch:
+            src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp8 OK\r\n")
         src.dataReceived(b"rp%d OK\r\nrp%d OK Expunge completed.\r\n" % (tag, tag + 1))  # and no EXPUNGE: 4 is there
         assert _take(src) == b"rp%d UID SEARCH UID 4\r\n" % (tag + 2)
         src.dataReceived(b"* SEARCH 4\r\nrp%d OK\r\n" % (tag + 2))
-    assert _take(src) == b"rp17 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
-    src.dataReceived(b"rp17 OK\r\n")
+    assert _take(src) == b"rp18 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
+    src.dataReceived(b"rp18 OK\r\n")
     assert h.to_client().endswith(b"m NO [COPYUID 9 4 5] The messages were copied; removing them from the source "
                                   b"failed and will be retried\r\n")
     (entry,) = now(h.context.mailbox_map.entries())  # left, unowned, for recovery to finish
@@ -406,10 +420,9 @@ def test_a_deleted_flag_a_client_cleared_on_a_source_during_the_move_is_cleared_
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
     assert _take(dst) == b"rp7 UID STORE 6 -FLAGS.SILENT (\\Deleted)\r\n"
     dst.dataReceived(b"rp7 OK\r\n")
-    assert _take(src) == b"rp8 UID STORE 7:8 +FLAGS.SILENT (\\Deleted)\r\nrp9 UID EXPUNGE 7:8\r\n"
-    src.dataReceived(b"rp8 OK\r\n* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nrp9 OK\r\n")
-    assert _take(src) == b"rp10 UID SEARCH UID 7:8\r\n"
-    src.dataReceived(b"* SEARCH\r\nrp10 OK\r\n")
+    _expunge_write(src, 8, _BOTH_DELETED, b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nrp%d OK\r\n")
+    assert _take(src) == b"rp11 UID SEARCH UID 7:8\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp11 OK\r\n")
     assert h.to_client().endswith(b"m OK Move completed.\r\n")
     assert now(h.context.mailbox_map.entries()) == []
 
@@ -430,3 +443,32 @@ def test_a_flag_another_session_changed_on_a_deleted_source_during_the_move_keep
     assert _take(dst) == b"rp7 UID STORE 6 +FLAGS.SILENT ($K)\r\n"  # the keyword reaches the copy; \\Deleted stays
     dst.dataReceived(b"rp7 OK\r\n")
     assert _take(dst) == b""
+
+
+def test_a_flag_another_session_changes_after_the_moves_mark_reaches_the_copy():
+    """Probe a3 (stop 54): a STORE of another session answered between the MOVE's mark and its UID EXPUNGE
+    (40-150 ms: the journal step, the first carry) went with the source (11-38 of 150 moved messages). The
+    flags are read again in the expunge's own write; what changed since the first carry reaches the copies."""
+    h, src = _selected(2)
+    dst = _two_copied(h, src)
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID FLAGS)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\nrp7 OK\r\n")
+    assert _take(src) == b"rp8 UID FETCH 8 (UID FLAGS)\r\n"
+    src.dataReceived(b"* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp8 OK\r\n")
+    assert _take(dst) == b""  # nothing changed so far
+    # another session flagged 7 and took $Work from 8 since the mark
+    _expunge_write(src, 9, b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Flagged \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted))\r\n",
+                   b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nrp%d OK\r\n")
+    assert _take(src) == b"rp12 UID SEARCH UID 7:8\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp12 OK\r\n")
+    assert _take(dst) == b"rp6 SELECT Shared/X\r\n"
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
+    assert _take(dst) == b"rp7 UID STORE 5 +FLAGS.SILENT (\\Flagged)\r\n"
+    dst.dataReceived(b"rp7 OK\r\n")
+    assert _take(dst) == b"rp8 UID STORE 6 -FLAGS.SILENT ($Work)\r\n"
+    dst.dataReceived(b"rp8 OK\r\n")
+    out = h.to_client()
+    assert out.endswith(b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nm OK Move completed.\r\n") and b"FETCH" not in out, out
+    assert now(h.context.mailbox_map.entries()) == []
