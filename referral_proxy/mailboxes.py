@@ -24,6 +24,7 @@ from .backendtypes import BackendError
 from .commands import COMMANDS
 from .context import ProxyContext
 from .creating import create_with_kin, kin_route
+from .deleting import delete_placed, placed_itself
 from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
 from .holds import wait_free
@@ -37,7 +38,7 @@ from .imap.response import ResponseStart
 from .imap.url import has_dot_segment
 from .listing import command_pieces
 from .localrename import rename_here
-from .mailops import TransferError, subtree
+from .mailops import TransferError, exists, subtree
 from .mover import ANSWER_WITHIN, MoveIncomplete, Mover, MoveResult
 from .moveview import status_during_move
 from .pool import BackendPool
@@ -339,6 +340,8 @@ class MailboxCommands:
             return self.host.run(cmd.tag, self._metadata_of_pattern(cmd, backends))
         if others:
             return self.host.run(cmd.tag, self._unsubscribe_everywhere(cmd, route, mailbox, others))
+        if cmd.name == "DELETE" and placed_itself(self.host.mailbox_map, self.host.user or "", mailbox):
+            return self.host.run(cmd.tag, delete_placed(self.host, cmd, mailbox, route, INUSE))
         pool = self.host.pool
         if cmd.name == "STATUS" and route.primary != self.host.home and pool is not None and pool.fast(route.primary) is None:
             return self.host.run(cmd.tag, self._bounded_read(cmd, route))  # (else fastnames.status_line's way)
@@ -417,6 +420,10 @@ class MailboxCommands:
         if self.moving(old) or self.moving(new):  # before any referral: the client would rename it under the move
             return self._when_free(cmd, (old, new), self.rename)
         old_route, new_route = self.route_of(old), self.route_of(new)
+        rules = None  # into a mailbox a move placed on another backend than the rules say: with it (creating.py)
+        if not host.referral_aware and self.valid_name(new) and (kin := kin_route(
+                host.mailbox_map, host.user, new, new_route)) is not None and kin.primary != old_route.primary:
+            rules, new_route = new_route, kin  # (probe a1 of stop 54: the tree split, its next RENAME refused)
         if host.referral_aware and (self.refers(old_route, old) or self.refers(new_route, new)):
             urls = self._rename_pair(old, new, old_route, new_route)
             if urls is not None:
@@ -428,7 +435,7 @@ class MailboxCommands:
             return host.relay_cmd(cmd, old_route if not self.valid_name(old) else new_route)
         if old_route.primary != new_route.primary:
             return host.run(cmd.tag, host.ctx.observer.transfer(
-                host, "rename", self._rename_across(cmd, old, new, old_route, new_route),
+                host, "rename", self._rename_across(cmd, old, new, old_route, new_route, rules),
                 src=old_route.primary, dst=new_route.primary, mailbox=old, to=new))
         host.run(cmd.tag, self._rename_here(cmd, old, new, old_route))
 
@@ -479,8 +486,9 @@ class MailboxCommands:
         return [old_urls[0], new_urls[0]]
 
     async def _rename_across(self, cmd: Command, old: bytes, new: bytes, old_route: Route,
-                             new_route: Route) -> MoveResult:
-        """RENAME to a name another backend owns: the journaled move of mover.Mover."""
+                             new_route: Route, rules: Route | None = None) -> MoveResult:
+        """RENAME to a name another backend owns: the journaled move of mover.Mover. *rules*: where the rules
+        send *new*, its parent's backend taken instead; one there already is not shadowed (ALREADYEXISTS)."""
         host = self.host
         assert host.user is not None and host.pool is not None
         await host.pool.quiet(None)
@@ -491,6 +499,8 @@ class MailboxCommands:
                       seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store,
                                                  host.ctx.config.map.store))
         try:
+            if rules is not None and await exists(await host.pool.ready_for(rules), new.decode("utf-8", "surrogateescape")):
+                raise Refusing("NO [ALREADYEXISTS] Mailbox already exists")
             await refused_before(mover, text, new.decode("utf-8", "surrogateescape"), old_route.primary,
                                  new_route.primary)  # a RENAME its checks refuse holds no name (BYEs no session)
             # ... and is refused for what Dovecot refuses it (ALREADYEXISTS ...) before it is for the

@@ -19,6 +19,7 @@ from .backend import BackendError, BackendProtocol, Credentials
 from .backendlogin import connect_backend
 from .config import Config
 from .creating import CREATE_OP, reconcile_create
+from .deleting import DELETE_OP, reconcile_delete
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .localrename import reconcile_local
 from .mailops import NoMasterUser
@@ -62,8 +63,8 @@ def describe(entry: JournalEntry) -> str:
         what = f"COPY {d.get('src_mailbox')} -> {d.get('dst_mailbox')} across servers"
     elif entry.op == "staging":
         what = f"APPEND to {d.get('target')} staged in {d.get('mailbox')} on {d.get('backend')}"
-    elif entry.op == CREATE_OP:
-        what = f"CREATE {d.get('mailbox')} on {d.get('backend')}"
+    elif entry.op in (CREATE_OP, DELETE_OP):
+        what = f"{entry.op.upper()} {d.get('mailbox')} on {d.get('backend')}"
     elif entry.op == "map":
         what = f"map {d.get('command')} of {d.get('mailbox')}"
     else:
@@ -78,10 +79,10 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
     if entry.step is None:
         raise BackendError("written by another version of referral-proxy: not recovered")
     how = TABLE[entry.step].recovery
-    if entry.op == CREATE_OP:  # a CREATE cut off before its placement (creating.py)
+    if entry.op in (CREATE_OP, DELETE_OP):  # cut off before its placement was made (creating.py) or removed
         conn = await connect(entry.data["backend"])
         try:
-            return await reconcile_create(mailbox_map, entry, conn)
+            return await (reconcile_create if entry.op == CREATE_OP else reconcile_delete)(mailbox_map, entry, conn)
         finally:
             conn.logout()
     if how is Recovery.RELEASE:

@@ -185,3 +185,91 @@ def test_a_move_of_the_parent_waits_for_a_create_under_way(proxy_factory, fleet,
     _exactly_once(fleet, proxy, "carol", mail + kid + ["new-0@t"])
     _counts, where = census(fleet, "carol")
     assert where["new-0@t"] == [("b1", "Projects/New")], dict(where)
+
+
+def _placements(proxy) -> str:
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    return shown.stdout
+
+
+def test_a_deleted_child_s_placement_goes_with_it_and_its_next_create_follows_the_parent(proxy_factory, fleet):
+    """Probe a1 of stop 54: Projects/New, made beside the moved parent (placed on b2), then DELETEd, kept its
+    placement; the parent moved back, a new Projects/New went to b2 again: the tree split, RENAME [CANNOT]."""
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    mail, kid = _moved(proxy, fleet, "Projects")
+    w = _logged_in(proxy)
+    assert w.cmd(b"c", b"CREATE Projects/New")[-1].startswith(b"c OK")
+    assert "Projects/New" in _placements(proxy)
+    reply = w.cmd(b"d", b"DELETE Projects/New")
+    assert reply[-1].startswith(b"d OK"), reply
+    assert "Projects/New" not in _placements(proxy) and "Projects/New" not in _names(fleet["b2"])
+    # a parent deleted while a child remains (Dovecot keeps its name) keeps its placement
+    reply = w.cmd(b"d", b"DELETE Projects")
+    assert reply[-1].startswith(b"d OK"), reply
+    assert "Projects/Kid" in _names(fleet["b2"]) and "Projects " in _placements(proxy)
+    assert w.cmd(b"c", b"CREATE Projects")[-1].startswith(b"c OK")
+    assert _append(w, "Projects", "again-0@t")[-1].startswith(b"a OK")
+    w.close()
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Projects", "b1")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    w = _logged_in(proxy)
+    assert w.cmd(b"c", b"CREATE Projects/New")[-1].startswith(b"c OK")
+    assert _append(w, "Projects/New", "new-0@t")[-1].startswith(b"a OK")
+    reply = w.cmd(b"r", b"RENAME Projects Done")
+    assert reply[-1].startswith(b"r OK"), reply
+    w.close()
+    _exactly_once(fleet, proxy, "carol", kid + ["again-0@t", "new-0@t"])
+    _counts, where = census(fleet, "carol")
+    assert where["new-0@t"] == [("b1", "Done/New")] and where["again-0@t"] == [("b1", "Done")], dict(where)
+    assert not set(mail) & set(where)  # deleted with Projects, by the client
+    assert _no_entries(proxy)
+
+
+def test_a_rename_into_a_moved_parent_goes_with_it_unless_the_name_is_where_the_rules_send_it(proxy_factory, fleet):
+    """Probe a1 of stop 54: RENAME Loose Projects/Loose (Loose on b1, Projects moved to b2) renamed on b1: the
+    tree split. It goes across to the parent's backend now; a name already on the rules' backend is not shadowed."""
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    mail, kid = _moved(proxy, fleet, "Projects")
+    seed(fleet["b1"], "carol", "Loose", ["loose-0@t"])
+    seed(fleet["b1"], "carol", "Taken", ["taken-0@t"])
+    seed(fleet["b1"], "carol", "Projects/Taken", ["there-0@t"])  # made directly where the rules send the name
+    w = _logged_in(proxy)
+    reply = w.cmd(b"r", b"RENAME Taken Projects/Taken")
+    assert reply[-1].startswith(b"r NO [ALREADYEXISTS]"), reply
+    reply = w.cmd(b"r", b"RENAME Loose Projects/Loose")
+    assert reply[-1].startswith(b"r OK"), reply
+    assert "Projects/Loose" in _names(fleet["b2"]) and "Loose" not in _names(fleet["b1"])
+    with fleet["b1"].client("carol") as m:  # (it splits the tree itself: the next RENAME would be refused)
+        assert m.delete("Projects/Taken")[0] == "OK"
+    reply = w.cmd(b"r", b"RENAME Projects Done")
+    assert reply[-1].startswith(b"r OK"), reply
+    w.close()
+    _exactly_once(fleet, proxy, "carol", mail + kid + ["loose-0@t", "taken-0@t"])
+    _counts, where = census(fleet, "carol")
+    assert where["loose-0@t"] == [("b1", "Done/Loose")] and where["taken-0@t"] == [("b1", "Taken")], dict(where)
+    assert _no_entries(proxy)
+
+
+def test_a_delete_cut_off_before_its_placement_went_is_unplaced_by_recovery(proxy_factory, fleet):
+    """Killed between the DELETE and the placement's removal: recovery removes it if the mailbox is gone there,
+    and keeps it if it is still there."""
+    from referral_proxy.journal import Reservation
+
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    _moved(proxy, fleet, "Projects")
+    store = journal_store(proxy)
+    try:
+        for name in ("Projects/Gone", "Projects/Kid"):
+            if name.endswith("Gone"):
+                now(store.set("carol", name, ("b2",)))
+            now(store.begin_move("carol", "delete", [Reservation(name, False)], {"mailbox": name, "backend": "b2"},
+                                 None, "/"))
+    finally:
+        now(store.close())
+    recovered = cli("recover", "--config", str(proxy.config_path))
+    out = recovered.stdout + recovered.stderr
+    assert recovered.returncode == 0 and "unplaced Projects/Gone, deleted from b2" in out, out
+    shown = _placements(proxy)
+    assert "Projects/Gone" not in shown and "Projects/Kid" in shown, shown
+    assert _no_entries(proxy)

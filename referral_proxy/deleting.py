@@ -1,0 +1,72 @@
+"""DELETE of a mailbox with a placement of its own: the placement goes with the mailbox.
+
+A placement says where a mailbox a move (or `map set`) put lives. Kept after the mailbox was deleted, it sent
+a later CREATE of the name back to that backend, away from its parent once the parent had moved back: the tree
+split, its next RENAME refused [CANNOT] (probe a1 of stop 54). The DELETE holds the name (journal op
+"delete") until the placement is gone, so that no CREATE of it, by this session or another, lands on the old
+backend in between and then loses its way. A name still there after the DELETE (Dovecot keeps a deleted
+parent whose children remain) keeps its placement, as do INBOX and a referral-aware session's names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import BackendProtocol
+from .imap.reader import Command
+from .imap.response import completion_text
+from .journal import InUse, JournalEntry, Reservation
+from .listing import command_pieces
+from .mailops import subtree
+from .routing import MailboxMap, Route, normalize
+
+DELETE_OP = "delete"  # the journal's op of a DELETE holding its placed name (recovery.py)
+
+
+def placed_itself(mailbox_map: MailboxMap, user: str, mailbox: bytes) -> bool:
+    """Whether *mailbox* (not INBOX) has a placement of its own."""
+    name = normalize(mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
+    return name != "INBOX" and name in mailbox_map.placements(user)
+
+
+async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, inuse: str) -> None:
+    """The client's DELETE sent to *route* with the name reserved; its placement removed once it is gone
+    there. *host* is the session (mailboxes.MailboxHost); *inuse*: the answer while a move holds the name."""
+    pool, mailbox_map, user = host.pool, host.mailbox_map, host.user
+    assert pool is not None and user is not None
+    name = normalize(mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
+    try:
+        entry = await mailbox_map.begin_move(user, DELETE_OP, [Reservation(name, subtree=False)],
+                                             {"mailbox": name, "backend": route.primary}, settle=False)
+    except InUse:
+        return host.answer(cmd.tag, "NO " + inuse)
+    try:
+        conn = await pool.ready_for(route)
+        text, then = command_pieces("DELETE", cmd.args)  # the client's argument, as it wrote it
+        result = await conn.command(text, then=then)
+        if result.ok:
+            await _unplace_if_gone(mailbox_map, user, name, conn)
+    except BaseException:
+        if not entry.ended:
+            await mailbox_map.disown(entry)  # recovery looks again
+        raise
+    await mailbox_map.end_move(entry)
+    for r in result.responses:
+        host.write_from(conn, r.raw)
+    host.answer(cmd.tag, completion_text(result.start))
+
+
+async def _unplace_if_gone(mailbox_map: MailboxMap, user: str, name: str, conn: BackendProtocol) -> bool:
+    if mailbox_map.placements(user).get(name, ("",))[0] != conn.name or await subtree(conn, name, mailbox_map.separator):
+        return False
+    await mailbox_map.unplace(user, name)
+    return True
+
+
+async def reconcile_delete(mailbox_map: MailboxMap, entry: JournalEntry, conn: BackendProtocol) -> str:
+    """Recovery of a DELETE cut off before its placement went: removed if the mailbox is gone there."""
+    name = entry.data.get("mailbox")
+    gone = name is not None and entry.data.get("backend") == conn.name and await _unplace_if_gone(
+        mailbox_map, entry.user, name, conn)
+    await mailbox_map.end_move(entry)
+    return f"unplaced {name}, deleted from {conn.name}" if gone else "released (nothing to unplace)"
