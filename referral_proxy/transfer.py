@@ -29,8 +29,6 @@ from .backend import BackendError, BackendProtocol, BackendUnavailable, Tagged
 from .backoff import pauses
 from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages
 from .copywait import wait_for_moves
-from .imap.command import ParseError
-from .imap.data import parse_fetch
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
 from .mailops import (
@@ -52,6 +50,7 @@ from .mailops import (
     status,
     still_there,
 )
+from .marking import MARK_TRIES, fetched_flags, flag_key, mark_deleted
 from .routing import MailboxMap, normalize
 
 __all__ = ["TransferError", "MessageInfo", "Copied", "Progress", "copy_stream", "hash_messages", "verify_copies",
@@ -126,8 +125,6 @@ SETTLE = 5.0  # seconds recovery gives a dead connection's last MULTIAPPEND to c
 MOVE_LOCK = "\x00moving-from\x00"  # + a mailbox: a reservation name no mailbox can have (see move_lock)
 COPY_LOCK = "\x00copying\x00"  # + a mailbox: the same kind of name (see copy_lock)
 COPIES = "copy-messages"  # the journal op of a COPY across while its copy lands (_copying)
-MARK_TRIES = 3  # a MOVE across flags its sources \Deleted (and expunges them) at most this often, another session
-#                 clearing the flag meanwhile (a client's flag resync): those still there are not moved, NO [INUSE]
 UNMARKED = ("[INUSE] Another session kept clearing the messages' \\Deleted flag while they were moved; those "
             "still in the mailbox were not moved (try again)")
 COPY_IN_USE = ("[INUSE] Messages of a mailbox involved are being moved across servers (or a move cut off "
@@ -389,13 +386,14 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     copy_of = dict(zip(uids, copied.uids))
     try:
         expunged: Tagged | None = None  # our UID EXPUNGE's answer: its HIGHESTMODSEQ code is the MOVE's
-        flags_now, others, unmarked = await _mark_deleted(src, uids)
+        flags_now, others, unmarked = await mark_deleted(src, uids)
         untagged += others
         if unmarked:  # (probe r3: taken as "no right", copies taken back, OK with those never moved)
             return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copy_of, set(flags_now), untagged)
         present = sorted(flags_now)
         # as the messages leave the source: a STORE, or a FETCH's \Seen, of another session meanwhile
-        await _carry(dst, dst_mailbox, copied.uidvalidity, flag_changes({i.uid: i.flags for i in infos}, flags_now, copy_of), src)
+        changed = flag_changes({i.uid: i.flags for i in infos}, flags_now, copy_of, deleted=True)
+        await _carry(dst, dst_mailbox, copied.uidvalidity, changed, src)
         entry.data["present"] = uid_set(present).decode()
         marked = {u: flags_text(sorted(f)) for u, f in flags_now.items() if f is not None}
         entry.data["src_flags"] = [marked.get(u, was) for u, was in zip(uids, entry.data["src_flags"])]  # as carried
@@ -439,49 +437,6 @@ async def _carry(dst: BackendProtocol, mailbox: str, validity: int, changes: dic
                  why=str(e))
 
 
-async def _mark_deleted(src: BackendProtocol, uids: Sequence[int]
-                        ) -> tuple[dict[int, frozenset[bytes] | None], list[bytes], list[int]]:
-    """``UID STORE uids +FLAGS (\\Deleted)``, not silent: the UIDs that are moved (still there, each with its
-    flags as before this mark, None: not said), the other untagged responses, raw, and the UIDs still without the flag.
-    Dovecot's answer names each message whose flags changed, so not one that was \\Deleted already: those
-    are asked for again. One another session cleared the flag of meanwhile is flagged again, MARK_TRIES in all.
-
-    Which were there, and their flags, is asked right before the STORE: one there then and gone after it was
-    taken by another session's EXPUNGE, of the \\Deleted this STORE set: it is moved (its copy kept; probe F: 3 of
-    40 lost when it was taken back). One gone before was moved or expunged by someone else: its copy goes back.
-    One without \\Deleted then has its flags carried without the mark (a client's un-delete reaches the copy);
-    the STORE's answer cannot tell: it names too what other sessions changed (probe w4 of stop 52)."""
-    there: dict[int, frozenset[bytes] | None] = {}
-    others = _fetched((await src.command(b"UID FETCH " + uid_set(uids) + b" (UID FLAGS)")).responses, set(uids), there)
-    unflagged = {u for u, f in there.items() if f is not None and not _deleted(f)}  # the mark to come is the MOVE's
-    present: dict[int, frozenset[bytes] | None] = {}
-    todo = sorted(there)
-    for _ in range(MARK_TRIES):
-        if not todo:
-            break
-        result = await run_ok(src, b"UID STORE " + uid_set(todo) + b" +FLAGS (\\Deleted)", "STORE")
-        now: dict[int, frozenset[bytes] | None] = {}
-        others += _fetched(result.responses, set(todo), now)
-        if quiet := [u for u in todo if u not in now]:
-            others += _fetched((await src.command(b"UID FETCH " + uid_set(quiet) + b" (UID FLAGS)")).responses,
-                               set(quiet), now)
-        # gone since the first look: taken by an EXPUNGE, moved
-        present.update({u: _unmarked(now.get(u)) if u in unflagged else now.get(u) for u in todo})
-        todo = [u for u, f in now.items() if f is not None and not _deleted(f)]
-        unflagged.update(todo)  # a client cleared the mark meanwhile: the next is the MOVE's again
-    unmarked = set(todo)
-    return {u: f for u, f in present.items() if u not in unmarked}, others, todo
-
-
-def _deleted(flags: frozenset[bytes]) -> bool:
-    return b"\\DELETED" in {flag_key(x) for x in flags}
-
-
-def _unmarked(flags: frozenset[bytes] | None) -> frozenset[bytes] | None:
-    """Flags as the MOVE's STORE left them, without the \\Deleted it added (a client's un-delete is carried)."""
-    return None if flags is None else frozenset(f for f in flags if flag_key(f) != b"\\DELETED")
-
-
 _UNFLAG = b"UID STORE %s -FLAGS.SILENT (\\Deleted)"  # a source that stays: the flag the MOVE set, taken back
 
 
@@ -514,34 +469,12 @@ async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendPro
     return CopyOutcome(untagged, "NO", UNMARKED, 0)
 
 
-def _fetched(responses: Sequence[Any], wanted: set[int], present: dict[int, frozenset[bytes] | None]) -> list[bytes]:
-    """Into *present*: the *wanted* UIDs FETCH responses name, with their flags; the other responses, raw."""
-    others = []
-    for r in responses:
-        data = None
-        if r.start.name == "FETCH":
-            try:
-                data = parse_fetch(*r.arguments)
-            except ParseError:
-                data = None
-        if data is not None and data.uid in wanted:
-            present[data.uid] = None if data.flags is None else frozenset(data.flags)
-        else:
-            others.append(r.raw)
-    return others
-
-
-def flag_key(flag: bytes) -> bytes:
-    """A flag as compared: system flags in any case, keywords as written."""
-    return flag.upper() if flag.startswith(b"\\") else flag
-
-
 async def flags_of(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, frozenset[bytes]]:
     """UID -> FLAGS (\\Recent apart) of those of *uids* still in the mailbox selected on *conn*."""
     if not uids:
         return {}
     present: dict[int, frozenset[bytes] | None] = {}
-    _fetched((await conn.command(b"UID FETCH " + uid_set(sorted(uids)) + b" (UID FLAGS)")).responses, set(uids), present)
+    fetched_flags((await conn.command(b"UID FETCH " + uid_set(sorted(uids)) + b" (UID FLAGS)")).responses, set(uids), present)
     return {u: f for u, f in present.items() if f is not None}
 
 
@@ -562,18 +495,19 @@ async def carry_flags(dst: BackendProtocol, mailbox: str, validity: int, changes
         await run_ok(dst, b"UID STORE " + uid_set(uids) + b" " + sign.encode() + b"FLAGS.SILENT (" + flags + b")", "STORE")
 
 
-def flag_changes(was: dict[int, Iterable[bytes]], now: dict[int, frozenset[bytes] | None], copy_of: dict[int, int]
-                 ) -> dict[int, tuple[set[bytes], set[bytes]]]:
+def flag_changes(was: dict[int, Iterable[bytes]], now: dict[int, frozenset[bytes] | None], copy_of: dict[int, int],
+                 *, deleted: bool = False) -> dict[int, tuple[set[bytes], set[bytes]]]:
     """{copy UID: (flags added, flags cleared)} of each source message whose flags changed since *was* (as copied,
-    or as last carried). \\Deleted may be this MOVE's own mark: never added, but cleared (a client's un-delete;
-    *now* holds a source's flags as before the MOVE marked it); \\Recent is no flag to set."""
+    or as last carried). \\Deleted may be this MOVE's own mark: cleared (a client's un-delete), added only when
+    *deleted* says *now* holds the flags as before the MOVE marked them (a client's, then: probe b2 of stop 54);
+    \\Recent is no flag to set."""
     out = {}
     for uid, flags in now.items():
         if flags is None or (before := was.get(uid)) is None:
             continue
         had = {flag_key(f): f for f in before if flag_key(f) != b"\\RECENT"}
         has = {flag_key(f): f for f in flags if flag_key(f) != b"\\RECENT"}
-        added = {has[k] for k in has.keys() - had.keys() if k != b"\\DELETED"}
+        added = {has[k] for k in has.keys() - had.keys() if deleted or k != b"\\DELETED"}
         removed = {had[k] for k in had.keys() - has.keys()}
         if added or removed:
             out[copy_of[uid]] = (added, removed)

@@ -121,6 +121,8 @@ def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
     h, src = _selected(1)
     dst = _copied_of_one(h, src)
     src.dataReceived(b"* 1 EXPUNGE\r\nrp6 OK\r\n")  # another session moved it away meanwhile: before any flag
+    assert _take(src) == b"rp7 UID FETCH 4 (UID FLAGS)\r\n"  # (asked again once told: probe b2 of stop 54)
+    src.dataReceived(b"rp7 OK\r\n")
     _copy_taken_back(dst)  # it would be a second one
     assert h.to_client() == b"* 1 EXPUNGE\r\nm OK No messages moved (they were gone).\r\n"
     assert _take(src) == b""
@@ -162,13 +164,15 @@ def test_a_source_expunged_on_the_moves_flag_keeps_its_copy_when_the_others_are_
     src.dataReceived(b"* 1 EXPUNGE\r\n* 1 FETCH (UID 8 FLAGS ($Work))\r\nrp7 OK\r\n")
     assert _take(src) == b"rp8 UID FETCH 7 (UID FLAGS)\r\n"  # not named by the STORE: gone since (moved)
     src.dataReceived(b"rp8 OK\r\n")
-    for tag in (9, 10):
+    assert _take(src) == b"rp9 UID FETCH 7:8 (UID FLAGS)\r\n"  # an EXPUNGE was said: which are still there
+    src.dataReceived(b"* 1 FETCH (UID 8 FLAGS ($Work))\r\nrp9 OK\r\n")
+    for tag in (10, 11):
         assert _take(src) == b"rp%d UID STORE 8 +FLAGS (\\Deleted)\r\n" % tag
         src.dataReceived(b"* 1 FETCH (UID 8 FLAGS ($Work))\r\nrp%d OK\r\n" % tag)
-    assert _take(src) == b"rp11 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"  # 8 was \\Deleted before the MOVE
-    src.dataReceived(b"rp11 OK\r\n")
-    assert _take(src) == b"rp12 UID SEARCH UID 7:8\r\n"
-    src.dataReceived(b"* SEARCH 8\r\nrp12 OK\r\n")
+    assert _take(src) == b"rp12 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"  # 8 was \\Deleted before the MOVE
+    src.dataReceived(b"rp12 OK\r\n")
+    assert _take(src) == b"rp13 UID SEARCH UID 7:8\r\n"
+    src.dataReceived(b"* SEARCH 8\r\nrp13 OK\r\n")
     (entry,) = now(h.context.mailbox_map.entries())
     assert (entry.data["present"], entry.data["vanished_dst"]) == ("", "6")  # 5 (7's copy) stays
     _copy_taken_back(dst, 6)
@@ -189,10 +193,12 @@ def test_a_source_another_session_expunges_right_after_the_moves_flag_is_moved_n
     src.dataReceived(b"* 1 EXPUNGE\r\nrp7 OK\r\n")  # the other session's EXPUNGE, of our flag
     assert _take(src) == b"rp8 UID FETCH 4 (UID FLAGS)\r\n"
     src.dataReceived(b"rp8 OK\r\n")
-    assert _take(src) == b"rp9 UID FETCH 4 (UID FLAGS)\r\nrp10 UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\nrp11 UID EXPUNGE 4\r\n"
-    src.dataReceived(b"rp9 OK\r\nrp10 OK\r\nrp11 OK\r\n")
-    assert _take(src) == b"rp12 UID SEARCH UID 4\r\n"
-    src.dataReceived(b"* SEARCH\r\nrp12 OK\r\n")
+    assert _take(src) == b"rp9 UID FETCH 4 (UID FLAGS)\r\n"  # an EXPUNGE was said: which are still there
+    src.dataReceived(b"rp9 OK\r\n")
+    assert _take(src) == b"rp10 UID FETCH 4 (UID FLAGS)\r\nrp11 UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\nrp12 UID EXPUNGE 4\r\n"
+    src.dataReceived(b"rp10 OK\r\nrp11 OK\r\nrp12 OK\r\n")
+    assert _take(src) == b"rp13 UID SEARCH UID 4\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp13 OK\r\n")
     assert b"EXPUNGE" not in _take(dst)  # the copy stays: it is the message now
     assert h.to_client().endswith(b"* 1 EXPUNGE\r\n* OK [COPYUID 9 4 5] Moved\r\nm OK Move completed.\r\n")
     assert now(h.context.mailbox_map.entries()) == []
@@ -471,4 +477,49 @@ def test_a_flag_another_session_changes_after_the_moves_mark_reaches_the_copy():
     dst.dataReceived(b"rp8 OK\r\n")
     out = h.to_client()
     assert out.endswith(b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nm OK Move completed.\r\n") and b"FETCH" not in out, out
+    assert now(h.context.mailbox_map.entries()) == []
+
+
+def test_a_source_another_session_expunged_before_the_mark_is_not_moved_though_dovecot_still_fetched_it():
+    """Probe b2 of stop 54: a session not yet told of another's EXPUNGE still gets FETCH data for the message,
+    then the EXPUNGE. Taken for there, then gone after the MOVE's STORE ("taken by an EXPUNGE of our mark"), it
+    counted as moved and its copy stayed: 30 of 30 messages a user expunged came back at the destination."""
+    h, src = _selected(2)
+    dst = _two_copied(h, src)
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID FLAGS)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\n"
+                     b"* 2 EXPUNGE\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID FETCH 7:8 (UID FLAGS)\r\n"  # asked again, now told
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\nrp7 OK\r\n")
+    assert _take(src) == b"rp8 UID STORE 7 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\nrp8 OK\r\n")
+    assert _take(src) == b"rp9 UID FETCH 7 (UID FLAGS)\r\nrp10 UID STORE 7 +FLAGS.SILENT (\\Deleted)\r\nrp11 UID EXPUNGE 7\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\nrp9 OK\r\nrp10 OK\r\n* 1 EXPUNGE\r\nrp11 OK\r\n")
+    assert _take(src) == b"rp12 UID SEARCH UID 7\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp12 OK\r\n")
+    _copy_taken_back(dst, 6)  # 8's copy: the user expunged 8
+    out = h.to_client()
+    assert out.endswith(b"* 2 EXPUNGE\r\n* OK [COPYUID 9 7 5] Moved\r\n* 1 EXPUNGE\r\nm OK Move completed.\r\n"), out
+    assert now(h.context.mailbox_map.entries()) == []
+
+
+def test_a_deleted_flag_another_session_set_during_the_move_reaches_the_copy():
+    """Probe b2 of stop 54: the client's \\Deleted, set after the copy and before the MOVE's mark, was taken for
+    the MOVE's own and not carried: a message the user deleted arrived undeleted (Dovecot's MOVE keeps it)."""
+    h, src = _selected(2)
+    dst = _two_copied(h, src)
+    assert _take(src) == b"rp6 UID FETCH 7:8 (UID FLAGS)\r\n"
+    src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
+    assert _take(src) == b"rp7 UID STORE 7:8 +FLAGS (\\Deleted)\r\n"
+    src.dataReceived(b"rp7 OK\r\n")  # both \Deleted already: not named
+    assert _take(src) == b"rp8 UID FETCH 7:8 (UID FLAGS)\r\n"
+    src.dataReceived(_BOTH_DELETED + b"rp8 OK\r\n")
+    assert _take(dst) == b"rp6 SELECT Shared/X\r\n"
+    dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
+    assert _take(dst) == b"rp7 UID STORE 5 +FLAGS.SILENT (\\Deleted)\r\n"
+    dst.dataReceived(b"rp7 OK\r\n")
+    _expunge_write(src, 9, _BOTH_DELETED, b"* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nrp%d OK\r\n")
+    assert _take(src) == b"rp12 UID SEARCH UID 7:8\r\n"
+    src.dataReceived(b"* SEARCH\r\nrp12 OK\r\n")
+    assert h.to_client().endswith(b"m OK Move completed.\r\n")
     assert now(h.context.mailbox_map.entries()) == []
