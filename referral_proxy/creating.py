@@ -41,6 +41,18 @@ def kin_route(mailbox_map: MailboxMap, user: str, mailbox: bytes, route: Route) 
     return Route(backends)
 
 
+def rename_kin(mailbox_map: MailboxMap, user: str, old: bytes, new: bytes, old_route: Route, new_route: Route
+               ) -> Route | None:
+    """kin_route of a RENAME's new name, when the RENAME can take it there: across, or on that backend already
+    with a placement of its own, which follows it (localrename.py); else None (probes a1, b1 of stop 54: the
+    new name went where the rules send it, the tree split, its next RENAME refused [CANNOT])."""
+    kin = kin_route(mailbox_map, user, new, new_route)
+    if kin is None or kin.primary != old_route.primary:
+        return kin
+    placed = normalize(old.decode("utf-8", "surrogateescape"), mailbox_map.separator) in mailbox_map.placements(user)
+    return kin if placed else None
+
+
 async def create_with_kin(host: Any, cmd: Command, mailbox: bytes, route: Route,
                           moving: Callable[[bytes], bool], inuse: str) -> None:
     """Created on the parent's backend, then placed there (before the client hears OK); where the rules send it

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import task
+from twisted.logger import Logger
+
 from .backend import BackendProtocol
 from .imap.reader import Command
 from .imap.response import completion_text
 from .journal import InUse, JournalEntry, Reservation
 from .listing import command_pieces
 from .mailops import subtree
+from .relocation import seen_within
 from .routing import MailboxMap, Route, normalize
 
+log = Logger()
+
 DELETE_OP = "delete"  # the journal's op of a DELETE holding its placed name (recovery.py)
+LANDING = 0.25  # seconds a command another proxy relayed before it saw the DELETE's hold is given to land
 
 
 def placed_itself(mailbox_map: MailboxMap, user: str, mailbox: bytes) -> bool:
@@ -35,25 +42,46 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
     pool, mailbox_map, user = host.pool, host.mailbox_map, host.user
     assert pool is not None and user is not None
     name = normalize(mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
-    try:
-        entry = await mailbox_map.begin_move(user, DELETE_OP, [Reservation(name, subtree=False)],
-                                             {"mailbox": name, "backend": route.primary}, settle=False)
+    try:  # settled: every proxy refuses the name before the DELETE goes (probe b1: a CREATE through another
+        entry = await mailbox_map.begin_move(user, DELETE_OP, [Reservation(name, subtree=False)],  # proxy landed
+                                             {"mailbox": name, "backend": route.primary})  # between, then unplaced)
     except InUse:
         return host.answer(cmd.tag, "NO " + inuse)
-    try:
+    try:  # a CREATE another process routed before it saw the hold lands first (probe b1 of stop 54: 1-2 in 25 out of
+        ctx, spec = host.ctx, host.ctx.config.map.store or ""  # reach): other workers on SQLite look only now and then
+        wait = seen_within(ctx.config.proxy.workers, mailbox_map.store, spec) or (LANDING if spec.startswith("postg") else 0)
+        if wait > 0:  # (PostgreSQL: the others have it, a command they sent before may still be on its way)
+            await task.deferLater(ctx.reactor, wait, lambda: None)
         conn = await pool.ready_for(route)
         text, then = command_pieces("DELETE", cmd.args)  # the client's argument, as it wrote it
         result = await conn.command(text, then=then)
-        if result.ok:
-            await _unplace_if_gone(mailbox_map, user, name, conn)
     except BaseException:
-        if not entry.ended:
-            await mailbox_map.disown(entry)  # recovery looks again
+        await mailbox_map.disown(entry)  # recovery looks
         raise
-    await mailbox_map.end_move(entry)
     for r in result.responses:
         host.write_from(conn, r.raw)
-    host.answer(cmd.tag, completion_text(result.start))
+    host.answer(cmd.tag, completion_text(result.start))  # now: Dovecot's BYE after it (the mailbox selected)
+    try:  # ... ends this connection: looked at through a new one (its BYE reaches the client, probe b1 of stop 54)
+        if result.ok:
+            selected = host.selected_mailbox
+            gone = selected is not None and normalize(selected.decode("utf-8", "surrogateescape"), mailbox_map.separator) == name
+            there = await pool.fresh(route) if gone else conn
+            try:
+                await _unplace_if_gone(mailbox_map, user, name, there)
+            finally:
+                if there is not conn:
+                    there.logout()
+        await mailbox_map.end_move(entry)
+    except Exception as e:  # (answered already: nothing more may reach the client)
+        log.info("DELETE {name}: its placement left to recovery ({why})", name=name, why=str(e))
+        await _let_go(mailbox_map, entry)
+
+
+async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry) -> None:
+    try:
+        await mailbox_map.disown(entry)
+    except Exception as e:  # the map store gone too: its sweep finds the entry once this process holds it no more
+        log.warn("DELETE {name}: entry not released ({why})", name=entry.data.get("mailbox"), why=str(e))
 
 
 async def _unplace_if_gone(mailbox_map: MailboxMap, user: str, name: str, conn: BackendProtocol) -> bool:

@@ -23,7 +23,7 @@ from .backend import BackendProtocol, UntaggedResponse
 from .backendtypes import BackendError
 from .commands import COMMANDS
 from .context import ProxyContext
-from .creating import create_with_kin, kin_route
+from .creating import create_with_kin, kin_route, rename_kin
 from .deleting import delete_placed, placed_itself
 from .flow import Block, ClientFlow
 from .hierarchy import UNDER_ITSELF, under_itself
@@ -421,9 +421,9 @@ class MailboxCommands:
             return self._when_free(cmd, (old, new), self.rename)
         old_route, new_route = self.route_of(old), self.route_of(new)
         rules = None  # into a mailbox a move placed on another backend than the rules say: with it (creating.py)
-        if not host.referral_aware and self.valid_name(new) and (kin := kin_route(
-                host.mailbox_map, host.user, new, new_route)) is not None and kin.primary != old_route.primary:
-            rules, new_route = new_route, kin  # (probe a1 of stop 54: the tree split, its next RENAME refused)
+        if not host.referral_aware and self.valid_name(new) and (
+                kin := rename_kin(host.mailbox_map, host.user, old, new, old_route, new_route)) is not None:
+            rules, new_route = new_route, kin
         if host.referral_aware and (self.refers(old_route, old) or self.refers(new_route, new)):
             urls = self._rename_pair(old, new, old_route, new_route)
             if urls is not None:
@@ -437,12 +437,13 @@ class MailboxCommands:
             return host.run(cmd.tag, host.ctx.observer.transfer(
                 host, "rename", self._rename_across(cmd, old, new, old_route, new_route, rules),
                 src=old_route.primary, dst=new_route.primary, mailbox=old, to=new))
-        host.run(cmd.tag, self._rename_here(cmd, old, new, old_route))
+        host.run(cmd.tag, self._rename_here(cmd, old, new, old_route, rules))
 
-    async def _rename_here(self, cmd: Command, old: bytes, new: bytes, route: Route) -> None:
+    async def _rename_here(self, cmd: Command, old: bytes, new: bytes, route: Route, rules: Route | None) -> None:
         """RENAME on one backend: localrename.rename_here holds both names meanwhile and lets placements follow."""
         host = self.host
         assert host.pool is not None
+        await self._not_shadowing(rules, new)
         conn = await host.pool.connection(route)
         await host.pool.quiet(None)
         # after the MOVEs out of it (or a child) under way (Dovecot's MOVE, renamed between its copy and
@@ -467,6 +468,12 @@ class MailboxCommands:
         for raw in outcome.untagged:
             host.write_from(conn, raw)
         host.answer(cmd.tag, outcome.completion)
+
+    async def _not_shadowing(self, rules: Route | None, new: bytes) -> None:
+        """A RENAME's new name taken to its parent's backend: not one already where the rules send it."""
+        if rules is not None and self.host.pool is not None and await exists(await self.host.pool.ready_for(rules),
+                                                                              new.decode("utf-8", "surrogateescape")):
+            raise Refusing("NO [ALREADYEXISTS] Mailbox already exists")
 
     def _rename_pair(self, old: bytes, new: bytes, old_route: Route, new_route: Route) -> list[str] | None:
         """RFC 2193 4.3: the pair of urls (where the mailbox is, where it would go), or None when
@@ -499,8 +506,7 @@ class MailboxCommands:
                       seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store,
                                                  host.ctx.config.map.store))
         try:
-            if rules is not None and await exists(await host.pool.ready_for(rules), new.decode("utf-8", "surrogateescape")):
-                raise Refusing("NO [ALREADYEXISTS] Mailbox already exists")
+            await self._not_shadowing(rules, new)
             await refused_before(mover, text, new.decode("utf-8", "surrogateescape"), old_route.primary,
                                  new_route.primary)  # a RENAME its checks refuse holds no name (BYEs no session)
             # ... and is refused for what Dovecot refuses it (ALREADYEXISTS ...) before it is for the

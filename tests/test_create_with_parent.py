@@ -273,3 +273,44 @@ def test_a_delete_cut_off_before_its_placement_went_is_unplaced_by_recovery(prox
     shown = _placements(proxy)
     assert "Projects/Gone" not in shown and "Projects/Kid" in shown, shown
     assert _no_entries(proxy)
+
+
+def test_a_rename_into_a_moved_parent_of_a_mailbox_moved_beside_it_stays_there(proxy_factory, fleet):
+    """Probe b1 of stop 54: Loose2 moved to b2 beside Projects; RENAME Loose2 Projects/Loose2 went across to b1
+    (where the rules send the new name): the tree split. It is renamed on b2, its placement following it."""
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    mail, kid = _moved(proxy, fleet, "Projects")
+    seed(fleet["b1"], "carol", "Loose2", ["loose2-0@t"])
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Loose2", "b2")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    w = _logged_in(proxy)
+    reply = w.cmd(b"r", b"RENAME Loose2 Projects/Loose2")
+    assert reply[-1].startswith(b"r OK") and b"another server" not in reply[-1], reply
+    assert "Projects/Loose2" in _names(fleet["b2"]) and "Projects/Loose2" in _placements(proxy)
+    reply = w.cmd(b"r", b"RENAME Projects Done")
+    assert reply[-1].startswith(b"r OK"), reply
+    w.close()
+    _exactly_once(fleet, proxy, "carol", mail + kid + ["loose2-0@t"])
+    _counts, where = census(fleet, "carol")
+    assert where["loose2-0@t"] == [("b1", "Done/Loose2")], dict(where)
+
+
+def test_a_delete_of_the_selected_placed_mailbox_is_answered_as_dovecot_answers_it(proxy_factory, fleet):
+    """Probe b1 of stop 54: the placement's check went on the connection Dovecot ends after deleting the selected
+    mailbox: the client heard NO [UNAVAILABLE] for a DELETE that was done. Now Dovecot's OK and BYE."""
+    import time
+
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    _moved(proxy, fleet, "Projects")
+    w = _logged_in(proxy)
+    assert w.cmd(b"c", b"CREATE Projects/Sel")[-1].startswith(b"c OK")
+    assert w.cmd(b"s", b"SELECT Projects/Sel")[-1].startswith(b"s OK")
+    w.send(b"d DELETE Projects/Sel\r\n")
+    assert w.line().startswith(b"d OK"), "DELETE"
+    assert w.line().startswith(b"* BYE Selected mailbox was deleted")
+    w.close()
+    deadline = time.monotonic() + 10
+    while "Projects/Sel" in _placements(proxy) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "Projects/Sel" not in _placements(proxy) and "Projects/Sel" not in _names(fleet["b2"])
+    assert _no_entries(proxy)
