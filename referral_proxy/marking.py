@@ -75,7 +75,8 @@ async def _flags_now(src: BackendProtocol, uids: Sequence[int], into: dict[int, 
 
 
 def _expunges(raws: Sequence[bytes]) -> bool:
-    return any(raw.endswith(b" EXPUNGE\r\n") and raw.startswith(b"* ") for raw in raws)
+    """Whether another session's expunge was told (EXPUNGE; VANISHED once QRESYNC is enabled, RFC 7162)."""
+    return any(raw.startswith(b"* ") and (raw.endswith(b" EXPUNGE\r\n") or raw.startswith(b"* VANISHED ")) for raw in raws)
 
 
 def _deleted(flags: frozenset[bytes]) -> bool:
