@@ -64,8 +64,9 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
     try:  # ... ends this connection: looked at through a new one (its BYE reaches the client, probe b1 of stop 54)
         if result.ok:
             selected = host.selected_mailbox
-            gone = selected is not None and normalize(selected.decode("utf-8", "surrogateescape"), mailbox_map.separator) == name
-            there = await pool.fresh(route) if gone else conn
+            was_selected = selected is not None and normalize(selected.decode("utf-8", "surrogateescape"),
+                                                              mailbox_map.separator) == name
+            there = await pool.fresh(route) if was_selected else conn
             try:
                 await _unplace_if_gone(mailbox_map, user, name, there)
             finally:
