@@ -29,6 +29,7 @@ __all__ = [
     "ProxyConfig",
     "RuleConfig",
     "MapConfig",
+    "keep_restart_only",
     "load_config",
     "parse_config",
 ]
@@ -168,6 +169,17 @@ def load_config(path: str | Path, *, check_endpoints: Callable[[Config], None] |
     if check_endpoints is not None:
         check_endpoints(config)
     return config
+
+
+def keep_restart_only(config: Config, running: Config) -> Config:
+    """*config* with *running*'s values of what is read at start-up only (README: `listen`, `workers`, `[log]`,
+    `[metrics]`, the map's `store`, `username_format`, `separator`): what a reload, or a worker started after
+    one, runs (probe c3 of stop 55: a worker restarted after a reload opened the new file's store)."""
+    return dataclasses.replace(
+        config, log=running.log, metrics=running.metrics,
+        proxy=dataclasses.replace(config.proxy, listen=running.proxy.listen, workers=running.proxy.workers),
+        map=dataclasses.replace(config.map, store=running.map.store, separator=running.map.separator,
+                                username_format=running.map.username_format))
 
 
 def parse_config(raw: dict[str, Any], *, base: Path, path: Path | None = None) -> Config:

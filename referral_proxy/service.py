@@ -6,7 +6,6 @@ the CLI and the tests all start.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import sqlite3
@@ -27,7 +26,7 @@ from . import crossturns, netio, peerholds, proxyappends, stayalive, workerholds
 from .admission import FD_RESERVE, FDS_PER_SESSION, Admission, file_descriptors, sessions_for
 from .backend import BackendProtocol, BackendUnavailable, Credentials
 from .backendlogin import connect_backend
-from .config import BackendConfig, Config, ConfigError, load_config
+from .config import BackendConfig, Config, ConfigError, keep_restart_only, load_config
 from .context import ProxyContext
 from .flow import Block
 from .health import HealthChecker
@@ -44,6 +43,7 @@ from .routing import MailboxMap, StepHook, open_store
 from .session import ClientSession
 from .workers import (
     ACCEPTED,
+    STARTED,
     WorkerPool,
     bind_listeners,
     check_shareable,
@@ -100,8 +100,13 @@ def load_and_check(path: str, reactor: Any) -> Config:
     """Load the file and check its endpoints: a Config, or one ConfigError. A worker's first load takes the
     text its master runs (workers.ACCEPTED), not the file: one the master refused to reload is not run by a
     worker it starts again (probe r2, stop 50: a worker killed and restarted ran without a backend)."""
-    text = os.environ.pop(ACCEPTED, None)
-    return load_config(path, check_endpoints=lambda c: check_endpoints(c, reactor), text=text)
+    text, started = os.environ.pop(ACCEPTED, None), os.environ.pop(STARTED, None)
+    if started is None:
+        return load_config(path, check_endpoints=lambda c: check_endpoints(c, reactor), text=text)
+    # ... with the master's values of what a reload does not change (a reload it accepted may name others)
+    running = load_config(path, text=started)
+    return keep_restart_only(load_config(path, text=text, check_endpoints=lambda c: check_endpoints(
+        keep_restart_only(c, running), reactor)), running)
 
 
 def server_tls_options(config: Config) -> Any:
@@ -308,7 +313,8 @@ class ProxyService(MultiService):
         if self.is_master:
             assert self.config.path is not None, "workers need the configuration file (they read it themselves)"
             self.workers = WorkerPool(self.reactor, str(self.config.path), self.config.proxy.workers, self._ports,
-                                      self.log_stream, on_death=self.recovery.now, accepted=lambda: self.config.text)
+                                      self.log_stream, on_death=self.recovery.now, accepted=lambda: self.config.text,
+                                      started=self.config.text)
             where = peerholds.map_file(self.config.map.store)
             peers = peerholds.PeerHolds(where, self.reactor) if where else None
             self.context.worker_holds = self.workers.holds_for(self.context, peers)  # (a move it recovers)
@@ -439,9 +445,7 @@ class ProxyService(MultiService):
                                  ("[map] separator", config.map.separator, old_map.separator)):
             if now != then:  # read once, at start-up: the running values are kept
                 log.warn("reload: {what} changes need a restart; still {then}", what=what, then=str(then))
-        config = dataclasses.replace(config, log=self.config.log, metrics=self.config.metrics,
-                                     map=dataclasses.replace(config.map, store=old_map.store, separator=old_map.separator,
-                                                             username_format=old_map.username_format))
+        config = keep_restart_only(config, self.config)
         if (config.map.rules, config.map.default) != (self.config.map.rules, self.config.map.default) and self.role is None:
             log.warn("reload: the map rules changed; no mail moves with them: a mailbox now routed elsewhere looks "
                      "empty or gone until its mail is moved (`referral-proxy move`); sessions whose home or selected "

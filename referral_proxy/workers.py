@@ -50,12 +50,13 @@ from .proxyproto import PREFIX as HAPROXY_PREFIX
 from .proxyproto import listen_endpoint
 from .workerholds import CHANNEL_ENV, MASTER, PEER, HoldRelay, WorkerHolds
 
-__all__ = ["ACCEPTED", "ENV", "WorkerRole", "worker_role", "WorkerPool", "bind_listeners", "inherited_endpoint",
+__all__ = ["ACCEPTED", "STARTED", "ENV", "WorkerRole", "worker_role", "WorkerPool", "bind_listeners", "inherited_endpoint",
            "watch_master", "metrics_listen"]
 
 log = Logger()
 
 ACCEPTED = "REFERRAL_PROXY_ACCEPTED_CONFIG"  # the master's running configuration text, for a worker's first load
+STARTED = "REFERRAL_PROXY_STARTED_CONFIG"  # the text the master started with: its start-up-only values
 ENV = "REFERRAL_PROXY_WORKER"  # "index:count:fd/family,fd/family,...": set by the master for its workers
 FIRST_FD = 3  # the listening sockets' descriptors in a worker, in [proxy] listen order
 STOP_GRACE = 15.0  # seconds workers get to say BYE and exit before they are killed
@@ -230,9 +231,11 @@ class WorkerPool:
     """The master's side: starts N workers on the shared sockets, restarts, signals, stops them."""
 
     def __init__(self, reactor: Any, config_path: str, count: int, ports: list[Any], log_stream: IO[str] | None,
-                 on_death: Callable[[], None] | None = None, accepted: Callable[[], str] | None = None) -> None:
+                 on_death: Callable[[], None] | None = None, accepted: Callable[[], str] | None = None,
+                 started: str = "") -> None:
         self.reactor, self.config_path, self.count = reactor, config_path, count
         self.accepted = accepted  # the configuration text the master runs now: a worker started runs it too
+        self.started = started  # ... with the values of this one read at start-up only (config.keep_restart_only)
         self.on_death = on_death  # called when a worker ended unasked (the master recovers its moves)
         self.log_stream = log_stream  # None: twistd logs (syslog ...): the lines go through the logger
         self._fds = [(port.fileno(), port.socket.family) for port in ports]
@@ -265,6 +268,8 @@ class WorkerPool:
         env[CHANNEL_ENV] = str(self.channel_fd)
         if self.accepted is not None and (text := self.accepted()):
             env[ACCEPTED] = text
+        if self.started:
+            env[STARTED] = self.started
         worker = _Worker(self, index)
         argv = [sys.executable, "-m", "referral_proxy", "--config", self.config_path]
         self.reactor.spawnProcess(worker, sys.executable, argv, env=env, childFDs=child_fds)

@@ -168,3 +168,39 @@ def test_a_worker_started_again_after_a_refused_reload_runs_what_its_master_runs
     time.sleep(1)  # (it listens once started)
     answers = {_status(a, "carol", b"Shared/Work") for _ in range(12)}
     assert answers == {b"* STATUS Shared/Work (MESSAGES 5)\r\n"}, answers
+
+
+def test_a_worker_started_again_after_a_reload_keeps_what_is_read_at_start_up_only(proxy_factory, fleet):
+    """Probe c3 (stop 55): a reload naming another [map] store and another listen was warned "still ..." yet
+    kept as the running text; workers killed and started again opened the other store (Shared/Work's
+    placement not in it: NO, 8 of 8 logins, its 5 messages out of reach) or, listen changed, refused to
+    start (a client connected and got no greeting). A second reload back warned of a change that was none."""
+    import os
+    import time
+
+    seed(fleet["b1"], "carol", "Work", [f"w-{i}@t" for i in range(5)])
+    a = proxy_factory({"backends": MASTERS, "proxy": {"workers": 2}}, rules=RULES)
+    w = Wire(a.host, a.port, timeout=120)
+    w.login("carol")
+    assert w.cmd(b"r", b"RENAME Work Shared/Work")[-1].startswith(b"r OK")  # placed on b3
+    w.close()
+    text = a.config_path.read_text()
+    listen = re.search(r'"tcp:(\d+):interface=127\.0\.0\.1"', text)
+    assert listen is not None and "map.sqlite3" in text and "workers = 2" in text, text
+    other = f'"tcp:{int(listen.group(1)) + 1}:interface=127.0.0.1"'
+    changed = (text.replace("map.sqlite3", "other.sqlite3").replace("workers = 2", "workers = 3")
+               .replace(listen.group(0), f"{listen.group(0)}, {other}"))
+    log = _reload(a, changed, 1)
+    assert "[map] store changes need a restart" in log and "listen changes need a restart" in log, log
+    pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", a.stderr_text())]
+    assert len(pids) == 2, a.stderr_text()[-2000:]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+    wait_for(lambda: len(re.findall(r"worker \d started", a.stderr_text())) >= 4, "the workers started again")
+    time.sleep(1)  # (they listen once started)
+    answers = {_status(a, "carol", b"Shared/Work") for _ in range(8)}
+    assert answers == {b"* STATUS Shared/Work (MESSAGES 5)\r\n"}, answers
+    assert "listen changed since the master started" not in a.stderr_text()
+    assert not (a.config_path.parent / "other.sqlite3").exists()
+    log = _reload(a, text, 2)  # the file as it started: nothing to warn of
+    assert "need a restart" not in log, log
