@@ -180,6 +180,7 @@ class ProxyService(MultiService):
         self.role = worker_role()  # set when a master started this process
         self.is_master = config.proxy.workers > 1 and self.role is None
         self.workers: WorkerPool | None = None
+        self._reloads = 0  # SIGHUPs taken: one whose check of the map ends after a later one's does not apply
         self._ports: list[Any] = []
         self._peer_port: Any = None  # the other proxies on the SQLite map file ask holds here (peerholds.py)
         # on_step: called after each journal step (tests inject faults there; None in production)
@@ -412,16 +413,21 @@ class ProxyService(MultiService):
         removed = set(self.config.backends) - set(config.backends)
         repointed = {b for b in set(self.config.backends) & set(config.backends)
                      if self.config.backends[b].endpoint != config.backends[b].endpoint}
+        self._reloads += 1
         if removed or repointed:  # applied only once nothing in the map names them (reloadguard.py)
             defer.ensureDeferred(self._reload_unless_named(path, config, removed, repointed))
             return
         self._apply(path, config)
 
     async def _reload_unless_named(self, path: str, config: Config, removed: set[str], repointed: set[str]) -> None:
+        reload = self._reloads
         try:
             named = await still_named(self.context.mailbox_map, removed, repointed)
         except Exception as e:  # StoreUnavailable mostly: what names them cannot be known
             named = [f"the journal cannot be read ({e})"]
+        if reload != self._reloads:  # a later SIGHUP's file came meanwhile: this older one would undo it (probe c3)
+            log.warn("reload of {path} dropped: a later one came while the map was being checked", path=path)
+            return
         if named:
             log.error("reload refused, keeping the running configuration: backend(s) {b} still named: {named}",
                       b=", ".join([f"{b} removed" for b in sorted(removed)] + [f"{b} with a new endpoint"

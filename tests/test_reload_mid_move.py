@@ -204,3 +204,33 @@ def test_a_worker_started_again_after_a_reload_keeps_what_is_read_at_start_up_on
     assert not (a.config_path.parent / "other.sqlite3").exists()
     log = _reload(a, text, 2)  # the file as it started: nothing to warn of
     assert "need a restart" not in log, log
+
+
+def test_a_reload_whose_map_check_ends_after_a_later_reload_does_not_undo_it(monkeypatch):
+    """Probe c3 (stop 55): a reload dropping a backend is applied once the map (PostgreSQL: asynchronously) says
+    nothing names it; a second SIGHUP applied meanwhile was then undone by the first, older file."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    from referral_proxy import service
+
+    checked: defer.Deferred[list[str]] = defer.Deferred()
+
+    async def still_named(mailbox_map, removed, repointed):
+        return await checked
+
+    monkeypatch.setattr(service, "still_named", still_named)
+    proxy = service.ProxyService.__new__(service.ProxyService)
+    applied: list[str] = []
+    proxy._reloads, proxy.context = 1, SimpleNamespace(mailbox_map=None)
+    proxy._apply = lambda path, config: applied.append(path)
+    done = defer.ensureDeferred(proxy._reload_unless_named("first", None, {"b4"}, set()))
+    proxy._reloads += 1  # the second SIGHUP, applied at once
+    checked.callback([])
+    assert done.called and applied == []
+    checked2: defer.Deferred[list[str]] = defer.Deferred()
+    checked = checked2
+    done = defer.ensureDeferred(proxy._reload_unless_named("alone", None, {"b4"}, set()))
+    checked2.callback([])
+    assert done.called and applied == ["alone"]
