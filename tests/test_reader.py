@@ -201,6 +201,14 @@ def test_a_literal8_is_a_setmetadata_value():  # RFC 5464: value = nstring / lit
     assert cmd.name == "SETMETADATA" and encode(cmd.args).literals[0].binary  # relayed as a literal8
 
 
+def test_a_literal8_as_setmetadatas_mailbox_is_refused():
+    """Probe c2 (stop 55): the whole SETMETADATA was let take literal8, its name too: run as SETMETADATA Work
+    where Dovecot answers BAD "literal8 not allowed here" (a name holds no literal8 anywhere: grammar.is_astring)."""
+    out = events(reader(), b's SETMETADATA ~{4+}\r\nWork (/private/comment "x")\r\nn NOOP\r\n')
+    assert isinstance(out[0], Refused) and out[0].status == "BAD", out
+    assert [e.name for e in out[1:]] == ["NOOP"]
+
+
 def test_deep_nesting_is_refused():
     (ev,) = events(reader(), b"f FETCH 1 " + b"(" * 100 + b")" * 100 + b"\r\n")
     assert isinstance(ev, Refused) and "nested" in ev.text

@@ -137,7 +137,9 @@ def is_astring(tok: Token) -> TypeGuard[Atom | String]:
     if isinstance(tok, String):
         # No NUL: RFC 3501 allows none in a literal, and Dovecot acts on a name only up to its first
         # NUL ("Proj<NUL>x" is "Proj"), which the proxy would have routed as another name.
-        return not tok.literal or b"\x00" not in tok.value  # (a quoted string holds none)
+        # Nor a literal8: RFC 3516 gives it to messages (and RFC 5464 to SETMETADATA's values), never to a
+        # name (Dovecot: BAD; the proxy ran a SETMETADATA ~{4}Work ...: probe c2 of stop 55).
+        return not tok.binary and (not tok.literal or b"\x00" not in tok.value)  # (a quoted string holds none)
     # An atom may not carry what a section "[...]" lets through (spaces, parentheses, quotes).
     return isinstance(tok, Atom) and _ASTRING_ATOM_BAD.search(tok.value) is None
 
