@@ -194,7 +194,9 @@ class LoopGuard:
     def origin(self, transport: Any, session_number: int) -> Origin:
         """The Origin of a new connection, and whether its peer is a trusted upstream."""
         origin = Origin.of(transport, f"rp{self.instance}-{session_number}", self.config.proxy.proxy_ttl)
-        origin.trusted = self.trusts(origin.client_ip)
+        # behind a balancer's header that named no client, the peer is the balancer: trusted, yet not the
+        # one speaking, whose ID would then say any address it likes (probe d2 of stop 55)
+        origin.trusted = self.trusts(origin.client_ip) and not getattr(transport, "client_unknown", False)
         return origin
 
     def trusts(self, ip: str) -> bool:

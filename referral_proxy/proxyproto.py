@@ -167,6 +167,13 @@ class HeaderFirstProtocol(HAProxyProtocolWrapper):
             else:
                 self.wrappedProtocol.dataReceived(remaining)
 
+    @property
+    def client_unknown(self) -> bool:
+        """The header named no client (UNKNOWN, LOCAL, UNSPEC, UNIX): the addresses are the balancer's own,
+        which is not the client (its trust is not the client's: origin.LoopGuard.origin)."""
+        info = self._proxyInfo
+        return info is None or info.source is None
+
     def handshakeCompleted(self) -> None:
         if self._connected and IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()

@@ -174,3 +174,19 @@ def test_starttls_on_a_proxied_connection_is_seen_as_tls():
     assert not ISSLTransport.providedBy(proto)
     proto.startTLS("options")
     assert transport.tls == "options" and ISSLTransport.providedBy(proto)
+
+
+def test_a_client_behind_a_header_that_names_none_is_not_the_trusted_balancer():
+    """Probe d2 (stop 55): PROXY UNKNOWN (or a v2 LOCAL/UNIX header) from a trusted balancer left the
+    balancer's address as the client's, and its trust: the client's ID then chose the address Dovecot
+    logged and penalised. A header naming the client gives that client's trust, as before."""
+    guard = LoopGuard(config(trusted=["10.0.0.0/8"]))
+    for header, trusted, client in ((b"PROXY UNKNOWN\r\n", False, "10.0.0.1"),
+                                    (b"PROXY TCP4 10.1.2.3 127.0.0.1 4000 1143\r\n", True, "10.1.2.3"),
+                                    (b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 1143\r\n", False, "192.0.2.7")):
+        proto, _transport, _made, _ = proxied_session()
+        proto.dataReceived(header)
+        origin = guard.origin(proto, 1)
+        assert (origin.trusted, origin.client_ip) == (trusted, client), header
+        guard.received_id(origin, {"x-originating-ip": "203.0.113.11"})
+        assert origin.client_ip == ("203.0.113.11" if trusted else client), header
