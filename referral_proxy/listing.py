@@ -367,10 +367,17 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 continue
             if owner(entry.text) != conn.name:
                 flags = {f.upper() for f in entry.flags}
-                if entry.text not in parents and (_NONEXISTENT in flags or subscribed and b"\\SUBSCRIBED" in flags):
-                    # (a subscription kept where its name no longer routes: a name, as LSUB lists it, merge())
+                if entry.text not in parents and (_NONEXISTENT in flags or subscribed and (
+                        b"\\SUBSCRIBED" in flags or _CHILDINFO in r.raw.upper())):
+                    # (a subscription kept where its name no longer routes: a name, as LSUB lists it, merge();
+                    # or one under it, RECURSIVEMATCH: the owner, a move's destination, may not know it: probe d1)
                     parents[entry.text] = len(out)
-                    out.append(r.raw if _NONEXISTENT in flags else _subscribed_only(r.raw))
+                    if _NONEXISTENT in flags or b"\\SUBSCRIBED" not in flags:
+                        if flags & _CHILD_FLAGS:  # this backend's children only: said over all of them below
+                            child_flagged[len(out)] = entry.text
+                        out.append(r.raw)
+                    else:
+                        out.append(_subscribed_only(r.raw))
                 continue
             if entry.text in seen:
                 continue
@@ -399,6 +406,8 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
             out[i] = b""  # the parent of names a move hides now (a RENAME's new ones before its commit point)
         elif await _exists(host, name, owner):  # there, but not selected (SUBSCRIBED): not \NonExistent
             out[i] = _drop_flag(out[i], _NONEXISTENT)
+        elif _NONEXISTENT not in out[i].upper():  # a mailbox where its name no longer routes: not the name's
+            out[i] = add_flag(out[i], b"\\NonExistent")
     listed = {**parents, **({n: i for i, n in owned.items()} if len(backends) > 1 else {})}
     if b"SUBSCRIBED" in _returned(args) and (bare := {name: i for name, i in listed.items()
                                                     if out[i] and b"\\SUBSCRIBED" not in out[i].upper()}):
@@ -413,8 +422,10 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
         # child flags said over every backend's mailboxes, as in the merged LIST.
         with_children = await _parents(host, backends, owner)
         for i, name in child_flagged.items():
+            if not out[i]:  # (a parent's line the owner's replaced)
+                continue
             flag = b"\\HasChildren" if normalize(name, sep) in with_children else b"\\HasNoChildren"
-            out[i] = add_flag(_drop_flag(_drop_flag(out[i], b"\\HASCHILDREN"), b"\\HASNOCHILDREN"), flag)
+            out[i] = _child_flag(out[i], flag)
     if owned and len(backends) > 1 and b"RECURSIVEMATCH" in _selection(args):
         # RFC 5258 3.5: CHILDINFO for a subscribed descendant, wherever it is kept
         with_subscribed = await _parents(host, backends, owner, b'LSUB "" "*"')
@@ -495,11 +506,21 @@ def _names_private(raw: bytes) -> bool:
 
 def _subscribed_only(raw: bytes) -> bytes:
     """*raw* ``* LIST (...)`` of a subscribed name that is no mailbox now: ``(\\Subscribed \\NonExistent)``
-    (and ``\\HasNoChildren`` if child flags were asked for), as Dovecot lists the old name of a mailbox
+    (then ``\\HasNoChildren`` if child flags were asked for), as Dovecot lists the old name of a mailbox
     renamed (its subscription stays: RFC 3501 6.3.6)."""
     i, j = raw.index(b"("), raw.index(b")")
-    children = b"\\HasNoChildren " if _CHILD_FLAGS & {f.upper() for f in raw[i + 1:j].split()} else b""
-    return raw[:i] + b"(" + children + b"\\Subscribed \\NonExistent" + raw[j:]
+    children = b" \\HasNoChildren" if _CHILD_FLAGS & {f.upper() for f in raw[i + 1:j].split()} else b""
+    return raw[:i] + b"(\\Subscribed \\NonExistent" + children + raw[j:]  # (Dovecot's order)
+
+
+def _child_flag(raw: bytes, flag: bytes) -> bytes:
+    """*raw* ``* LIST (...)`` with *flag* for its child flag, where that was (Dovecot's order of attributes)."""
+    i, j = raw.index(b"(") + 1, raw.index(b")")
+    flags = raw[i:j].split()
+    at = next((k for k, f in enumerate(flags) if f.upper() in _CHILD_FLAGS), None)
+    if at is None:
+        return add_flag(raw, flag)
+    return raw[:i] + b" ".join([*flags[:at], flag, *flags[at + 1:]]) + raw[j:]
 
 
 def _drop_flag(raw: bytes, flag: bytes) -> bytes:

@@ -167,11 +167,43 @@ def test_an_admin_move_is_seen_whole_at_every_step(proxy_factory, fleet, tmp_pat
     """``referral-proxy move carol Work b2`` stopped at every step: one name, from one backend or the other,
     its subscription with it."""
     mail = _seed_work(fleet)
+    before, seen, after = _admin_move_stepwise(proxy_factory, tmp_path, VIEWS)
+    # the names and flags are the same; the STATUS counts too: every view the same, before, during and after
+    assert before == after
+    assert [(s, _differences(v, before, after, False)) for s, v in seen if _differences(v, before, after, False)] == []
+    counts, where = census(fleet, "carol")
+    assert judge(counts, mail) == ([], [])
+    assert {where[i][0][0] for i in mail} == {"b2"}
+
+
+def test_an_admin_move_keeps_listing_a_parent_whose_subscribed_child_is_gone(proxy_factory, fleet, tmp_path):
+    """Probe d1 (stop 55): Work/gone subscribed, then renamed away (Dovecot keeps the subscription): LIST
+    (SUBSCRIBED RECURSIVEMATCH) lists Work with CHILDINFO. During a move of Work the line was missing (past
+    the commit point: the destination knows no subscribed child; the source's line, not the owner's, dropped)."""
+    mail = _seed_work(fleet)
+    with fleet["b1"].client("carol") as m:
+        m.unsubscribe("Work")
+        m.unsubscribe("Work/c")
+        m.create("Work/gone")
+        m.subscribe("Work/gone")
+        m.rename("Work/gone", "Elsewhere")
+    commands = [b'LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"', b'LIST (SUBSCRIBED RECURSIVEMATCH) "" "%" RETURN (CHILDREN)']
+    before, seen, after = _admin_move_stepwise(proxy_factory, tmp_path, commands)
+    assert any(b'Work (CHILDINFO ("SUBSCRIBED"))' in line for line in before[commands[0]]), before
+    assert before == after
+    assert [(s, _differences(v, before, after, False)) for s, v in seen if _differences(v, before, after, False)] == []
+    assert len(seen) > 5
+    counts, _where = census(fleet, "carol")
+    assert judge(counts, mail) == ([], [])
+
+
+def _admin_move_stepwise(proxy_factory, tmp_path, commands: list[bytes]) -> tuple[dict, list, dict]:
+    """``move carol Work b2`` stopped at every step: the views of *commands* before, at each step, after."""
     pause = tmp_path / "pause"
     pause.mkdir()
     proxy = proxy_factory(MASTERS, rules=RULES)
     observer = _observer(proxy)
-    before = _view(observer)
+    before = _view(observer, commands)
     outcome: list = []
     mover = threading.Thread(target=lambda: outcome.append(cli(
         "move", "--config", str(proxy.config_path), "carol", "Work", "b2",
@@ -182,17 +214,11 @@ def test_an_admin_move_is_seen_whole_at_every_step(proxy_factory, fleet, tmp_pat
         if (pause / "paused").exists():
             step = (pause / "paused").read_text()
             (pause / "paused").unlink()
-            seen.append((step, _view(observer)))
+            seen.append((step, _view(observer, commands)))
             (pause / "resume").touch()
         mover.join(0.01)
     assert outcome[0].returncode == 0, outcome[0].stdout + outcome[0].stderr
-    after = _view(observer)
-    # the names and flags are the same; the STATUS counts too: every view the same, before, during and after
-    assert before == after
-    assert [(s, _differences(v, before, after, False)) for s, v in seen if _differences(v, before, after, False)] == []
-    counts, where = census(fleet, "carol")
-    assert judge(counts, mail) == ([], [])
-    assert {where[i][0][0] for i in mail} == {"b2"}
+    return before, seen, _view(observer, commands)
 
 
 @pytest.mark.parametrize("through", ["the same proxy", "another proxy on PostgreSQL"])
