@@ -104,9 +104,9 @@ def load_and_check(path: str, reactor: Any) -> Config:
     if started is None:
         return load_config(path, check_endpoints=lambda c: check_endpoints(c, reactor), text=text)
     # ... with the master's values of what a reload does not change (a reload it accepted may name others)
-    running = load_config(path, text=started)
-    return keep_restart_only(load_config(path, text=text, check_endpoints=lambda c: check_endpoints(
-        keep_restart_only(c, running), reactor)), running)
+    config = keep_restart_only(load_config(path, text=text), load_config(path, text=started))
+    check_endpoints(config, reactor)
+    return config
 
 
 def server_tls_options(config: Config) -> Any:
