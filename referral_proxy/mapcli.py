@@ -16,7 +16,7 @@ from typing import Any
 from .config import ConfigError, load_config
 from .imap.mutf7 import shifts_a_line_break
 from .journal import InUse, Reservation, StoreUnavailable
-from .movecli import _run, missing_store, unnamable
+from .movecli import _run, master_login, missing_store, unnamable
 from .recovery import describe
 from .routing import MailboxMap, normalize, open_store
 from .store import SQLiteStore
@@ -37,6 +37,9 @@ def run_map(args: argparse.Namespace) -> int:
         return _migrate(config.map.store)
     if (why := missing_store(config.map.store)) is not None:
         sys.stderr.write(f"referral-proxy: map: {why}\n")
+        return 2
+    if (why := master_login(args.user, config.map.master_user_separator)) is not None:
+        sys.stderr.write(f"referral-proxy: map {args.map_command}: {args.user!r} {why}\n")
         return 2
     store = open_store(config.map.store, lease_seconds=config.map.lease_seconds)
     mailbox_map = MailboxMap(config.map, store)

@@ -222,6 +222,15 @@ def unnamable(name: str, separator: str) -> str | None:
     return None
 
 
+def master_login(user: str, master_separator: str) -> str | None:
+    """Why *user* names no user (a master user's login form, ``alice*admin``: routed as alice, so a placement
+    for it would be no one's; probe e3 of stop 56), or None."""
+    if master_separator and master_separator in user:
+        return (f"is a master user's login (master_user_separator {master_separator!r}), not a user: "
+                f"name the user, {user.partition(master_separator)[0]!r}")
+    return None
+
+
 BUSY_RETRY = 0.2  # seconds between tries while a client's RENAME across or another move holds a name (--wait)
 
 def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> int:
@@ -233,6 +242,9 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
         sys.stderr.write(f"referral-proxy: move: unknown backend {args.backend!r}\n")
         return 2
     user = mailbox_map.canonical(args.user)
+    if (why := master_login(user, config.map.master_user_separator)) is not None:
+        sys.stderr.write(f"referral-proxy: move: {args.user!r} {why}\n")
+        return 2
     if args.mailbox != "*" and (why := unnamable(args.mailbox, mailbox_map.separator)):
         sys.stderr.write(f"referral-proxy: move: {args.mailbox!r} {why}: no mailbox is named so\n")
         return 2

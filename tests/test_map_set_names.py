@@ -119,3 +119,21 @@ def test_a_move_whose_output_pipe_is_closed_still_moves_and_exits(proxy_factory,
     assert done.returncode == 0
     counts, where = census(fleet, "alice")
     assert all(counts[i] == 1 and where[i] == [("b3", "Work")] for i in mail), where
+
+
+def test_admin_commands_refuse_a_master_users_login_form(proxy_factory):
+    """`map set alice*proxy-master Zed b3` placed Zed for a user nobody logs in as: that login is alice's
+    (master_user_separator), her CREATE Zed went to b1, `map show` listed a second user (probe e3, stop 56).
+    Each admin command taking a user refuses the form and names the user; nothing is written."""
+    config = str(proxy_factory({"map": {"master_user_separator": "*"}}).config_path)
+    for args in (["map", "--config", config, "set", "alice*proxy-master", "Zed", "b3"],
+                 ["map", "--config", config, "show", "ALICE*proxy-master"],
+                 ["map", "--config", config, "unset", "alice*x", "Zed"],
+                 ["move", "--config", config, "alice*proxy-master", "Zed", "b3"]):
+        done = cli(*args)
+        assert done.returncode == 2 and "master user's login" in done.stderr and "'alice'" in done.stderr.lower(), (
+            args, done.stdout, done.stderr)
+    shown = cli("map", "--config", config, "show", "alice")
+    assert shown.returncode == 0 and "Zed" not in shown.stdout, shown.stdout
+    placed = cli("map", "--config", config, "set", "alice", "Zed", "b3")
+    assert placed.returncode == 0 and "alice Zed -> b3" in placed.stdout, (placed.stdout, placed.stderr)
