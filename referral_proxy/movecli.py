@@ -258,26 +258,13 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
 
     async def _move(reactor: Any) -> int:
         connect = master_connector(reactor, config, user)
-        # "*" moves a whole user: every mailbox of the user's home backend, INBOX first.
-        src_name = mailbox_map.lookup(user, "INBOX" if args.mailbox == "*" else args.mailbox).primary
-        if src_name == args.backend:
-            if args.mailbox != "*":  # there, or nowhere (probe 3, stop 48: "already there" of a mailbox none has)
-                conn = await connect(src_name)
-                try:
-                    there = await exists(conn, args.mailbox)
-                finally:
-                    conn.logout()
-                if not there:
-                    sys.stderr.write(f"referral-proxy: move: [NONEXISTENT] {user} has no mailbox {args.mailbox} "
-                                     f"on {src_name}, where the map puts it\n")
-                    return 1
-            print(f"{user} {args.mailbox} is on {args.backend} already")
-            if args.mailbox == "*" and await _stranded(connect, [b for b in config.backends if b != src_name], user,
-                                                         src_name):
-                return 1  # what the operator meant (the user's mail on that backend) is not so
-            return 0  # nothing to carry: not a transfer, not counted
         busy_until = time.monotonic() + args.wait
         while True:
+            # "*" moves a whole user: every mailbox of the user's home backend, INBOX first. Looked up at each
+            # try: a move that held the name may have taken it elsewhere (Mover.rename checks it once held)
+            src_name = mailbox_map.lookup(user, "INBOX" if args.mailbox == "*" else args.mailbox).primary
+            if src_name == args.backend:
+                return await _there_already(connect, src_name)
             mover = Mover(mailbox_map, connect, user, clock=reactor,
                           turn=mover_turn(Standalone.of(mailbox_map, config.map.store, reactor), user),
                           seen_by_others=seen_by_another_process(mailbox_map.store))
@@ -307,6 +294,24 @@ def run_move(args: argparse.Namespace, *, on_step: StepHook | None = None) -> in
             print(f"mail still delivered to {user}'s INBOX on {src_name} is carried to {args.backend} for "
                   f"{OLD_HOME_WATCH // 3600} h (by every running proxy, within {SWEEP_SECONDS:.0f} s, and by `recover`)")
         return 0
+
+    async def _there_already(connect: Connect, src_name: str) -> int:
+        """The map puts the mailbox on the destination already: 0 if it is there (nothing to carry), else 1."""
+        if args.mailbox != "*":  # there, or nowhere (probe 3, stop 48: "already there" of a mailbox none has)
+            conn = await connect(src_name)
+            try:
+                there = await exists(conn, args.mailbox)
+            finally:
+                conn.logout()
+            if not there:
+                sys.stderr.write(f"referral-proxy: move: [NONEXISTENT] {user} has no mailbox {args.mailbox} "
+                                 f"on {src_name}, where the map puts it\n")
+                return 1
+        print(f"{user} {args.mailbox} is on {args.backend} already")
+        if args.mailbox == "*" and await _stranded(connect, [b for b in config.backends if b != src_name], user,
+                                                     src_name):
+            return 1  # what the operator meant (the user's mail on that backend) is not so
+        return 0  # nothing to carry: not a transfer, not counted
 
     return _run(main)
 

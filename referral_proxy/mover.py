@@ -121,6 +121,7 @@ class Mover:
     _began_at: float | None = field(default=None, init=False)
     same_inbox: bool = field(default=False, init=False)  # INBOX into one of its UIDVALIDITY (validity.kept_uids)
     inbox_seen: bool = True  # clients saw the source INBOX (an old home's none: its UIDs may change, any UIDVALIDITY)
+    routed: bool = True  # the source is where the map sends the name (renamecheck.checked); an old home's is not
 
     def __post_init__(self) -> None:
         self.user = self.mailbox_map.canonical(self.user)
@@ -419,10 +420,10 @@ class Mover:
         if entry.step is Step.SUBSCRIBED:
             for o, n in pairs:
                 await self.mailbox_map.place(self.user, n, [data["dst"]])
-                if normalize(n, self.sep) == "INBOX":  # the home moved (`move carol inbox b2` too): the old one is watched
-                    await self.mailbox_map.watch_old_home(self.user, data["src"], self.clock)
                 if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
                     await self.mailbox_map.unplace(self.user, o)
+            if data["src"] not in self.mailbox_map.home(self.user).backends:  # the home moved (`move carol inbox b2`
+                await self.mailbox_map.watch_old_home(self.user, data["src"], self.clock)  # too), or see oldhome.py
             await self.mailbox_map.step(entry, Step.PLACED)
         await resume(self.mailbox_map, entry, src, dst, self._aside(data, "drop"))  # a removal a crash cut off
         for i in reversed(range(len(pairs))):

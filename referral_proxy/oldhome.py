@@ -4,6 +4,9 @@ Delivery agents (LMTP, LDA, Sieve) are not the proxy's: until the administrator 
 at the new home -- and for any delivery racing the move's last round -- mail keeps reaching the
 old backend's INBOX, where no client of the proxy would ever see it. So a move that takes INBOX
 to another backend leaves a record in the map (a private placement, routing.OLD_HOME_PREFIX),
+as does one that takes a mailbox from a backend that is not the home (a delivery still sent to
+the moved name there goes to that backend's INBOX: dovecot-lda's "Mailbox doesn't exist"; probe
+e4 of stop 56),
 and every running proxy's recovery sweep (and ``referral-proxy recover``) carries whatever that
 INBOX holds to the user's INBOX, as a journaled move: exactly once, crash-safe, for
 routing.OLD_HOME_WATCH seconds (MailboxMap.watch_old_home writes the record).
@@ -37,6 +40,7 @@ class _Carry(Mover):
     # No client saw its messages there: taken as deliveries by an INBOX of its UIDVALIDITY too (the home's, when the
     # move let INBOX onto one; refused, they stayed where no client sees them: soak seed 7001, stop 49)
     inbox_seen: bool = False
+    routed: bool = False  # the map sends INBOX to the home, not here
 
     def _reservations(self, data: dict) -> list[Reservation]:
         return [Reservation("INBOX", shared=True), Reservation(OLD_HOME_PREFIX + self.old_home),

@@ -12,7 +12,7 @@ import psycopg
 
 from .store import SCHEMA_VERSION, SchemaError
 
-__all__ = ["SCHEMA", "schema_version", "check_schema"]
+__all__ = ["SCHEMA", "schema_version", "check_schema", "migrate_on"]
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS map_state (one boolean PRIMARY KEY DEFAULT true CHECK (one),"
@@ -58,3 +58,18 @@ def check_schema(conn: psycopg.Connection[Any]) -> None:
     if version > SCHEMA_VERSION:
         raise SchemaError(f"the PostgreSQL map store's schema is version {version}, newer than this "
                           f"referral-proxy's ({SCHEMA_VERSION}): upgrade referral-proxy")
+
+
+def migrate_on(conn: psycopg.Connection[Any]) -> int | None:
+    """Create the tables or bring them to SCHEMA_VERSION, in one transaction (pgstore.migrate); the version before."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(7118511)")  # two migrations at once wait for each other
+        before = schema_version(conn)
+        if before is not None and before > SCHEMA_VERSION:
+            raise SchemaError(f"the database's schema is version {before}, newer than this referral-proxy "
+                              f"({SCHEMA_VERSION})")
+        for statement in SCHEMA:
+            conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("INSERT INTO map_state (schema_version) VALUES (%s) ON CONFLICT (one) DO UPDATE"
+                     " SET schema_version = EXCLUDED.schema_version", (SCHEMA_VERSION,))
+    return before

@@ -54,7 +54,7 @@ from .journal import (
 )
 from .journalrows import Deltas, by_entry, read_step, rebuild, write_step
 from .pgjournal import local_renames, read_journal, write_step_row
-from .pgschema import SCHEMA, check_schema, schema_version
+from .pgschema import check_schema, migrate_on
 from .store import SCHEMA_VERSION, SchemaError, Snapshot, TransferCounts
 from .storethreads import StorePool
 
@@ -110,16 +110,7 @@ def migrate(dsn: str) -> str:
     """Create or bring the schema to SCHEMA_VERSION (idempotent); what was done, one line."""
     conn = _connect(dsn)
     try:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(7118511)")  # two migrations at once wait for each other
-            before = schema_version(conn)
-            if before is not None and before > SCHEMA_VERSION:
-                raise SchemaError(f"the database's schema is version {before}, newer than this referral-proxy "
-                                  f"({SCHEMA_VERSION})")
-            for statement in SCHEMA:
-                conn.execute(statement)  # type: ignore[arg-type]
-            conn.execute("INSERT INTO map_state (schema_version) VALUES (%s) ON CONFLICT (one) DO UPDATE"
-                         " SET schema_version = EXCLUDED.schema_version", (SCHEMA_VERSION,))
+        before = migrate_on(conn)
     finally:
         conn.close()
     if before == SCHEMA_VERSION:
@@ -130,10 +121,14 @@ def migrate(dsn: str) -> str:
 def _read_snapshot(conn: psycopg.Connection[Any]) -> tuple[int, Snapshot]:
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        row = conn.execute("SELECT change FROM map_state").fetchone()
-        change = int(row[0]) if row else 0
-        placements = conn.execute("SELECT username, mailbox, backends FROM placements").fetchall()
-        held = conn.execute("SELECT entry, username, name, subtree, shared FROM reservations").fetchall()
+        return _snapshot_rows(conn)
+
+
+def _snapshot_rows(conn: psycopg.Connection[Any]) -> tuple[int, Snapshot]:
+    row = conn.execute("SELECT change FROM map_state").fetchone()
+    change = int(row[0]) if row else 0
+    placements = conn.execute("SELECT username, mailbox, backends FROM placements").fetchall()
+    held = conn.execute("SELECT entry, username, name, subtree, shared FROM reservations").fetchall()
     return change, Snapshot(
         {(_s(u), _s(m)): tuple(b.split(",")) for u, m, b in placements},  # type: ignore[misc]
         tuple((int(e), _s(u), Reservation(_s(n), bool(st), bool(sh))) for e, u, n, st, sh in held),  # type: ignore[misc]
@@ -454,19 +449,18 @@ class PostgresStore:
     async def load(self) -> Snapshot:
         def work(conn: psycopg.Connection[Any]) -> tuple[int, Snapshot]:
             check_schema(conn)
-            row = conn.execute("SELECT change FROM map_state").fetchone()
-            placements = conn.execute("SELECT username, mailbox, backends FROM placements").fetchall()
-            held = conn.execute("SELECT entry, username, name, subtree, shared FROM reservations").fetchall()
-            return int(row[0]) if row else 0, Snapshot(
-                {(_s(u), _s(m)): tuple(b.split(",")) for u, m, b in placements},  # type: ignore[misc]
-                tuple((int(e), _s(u), Reservation(_s(n), bool(st), bool(sh)))  # type: ignore[misc]
-                      for e, u, n, st, sh in held))
+            return _snapshot_rows(conn)
 
         change, snapshot = await self._run(work)
         self._wrote(change)
         with self._lock:
             self._pending = None
         return snapshot
+
+    async def placement(self, user: str, mailbox: str) -> tuple[str, ...] | None:
+        row = await self._run(lambda conn: conn.execute("SELECT backends FROM placements WHERE username = %s AND "
+                                                        "mailbox = %s", (_b(user), _b(mailbox))).fetchone())
+        return None if row is None else tuple(row[0].split(","))
 
     async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
         def work(conn: psycopg.Connection[Any]) -> int:

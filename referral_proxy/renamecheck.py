@@ -29,6 +29,7 @@ class Mover(Protocol):
 
     mailbox_map: MailboxMap
     user: str
+    routed: bool  # the source is where the map sends the name (an old home's INBOX is not: oldhome.py)
 
     @property
     def connect(self) -> Callable[[str], Awaitable[BackendProtocol]]: ...
@@ -41,7 +42,12 @@ class Mover(Protocol):
 async def checked(mover: Mover, conns: list[BackendProtocol], old: str, new: str, src_name: str,
                   dst_name: str) -> tuple[BackendProtocol, BackendProtocol, list[tuple[str, str]]]:
     """Connect to both backends (appended to *conns*), check the move: its (src, dst, pairs), or
-    TransferError saying why it is refused (a child elsewhere, the source absent, ...)."""
+    TransferError saying why it is refused (a child elsewhere, the source absent, moved meanwhile, ...)."""
+    looked = "INBOX" if old == new == "*" else old  # (a whole user: from the home)
+    if mover.routed and (now := (await mover.mailbox_map.lookup_now(mover.user, looked)).primary) != src_name:
+        # A move that held the name meanwhile took it elsewhere: two `move alice INBOX` at once carried an empty
+        # INBOX from the first one's source, stranding the mail it had moved (probe e4 of stop 56)
+        raise TransferError(f"[INUSE] Mailbox was moved from {src_name} to {now} meanwhile; try again")
     src = await mover.connect(src_name)
     conns.append(src)
     dst = await mover.connect(dst_name)

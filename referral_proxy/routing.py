@@ -103,9 +103,7 @@ def _may_match_under(pattern: str, prefix: str) -> bool:
     """May the LIST-style *pattern* match some name beginning with *prefix*? (Its text before
     the first wildcard and *prefix* agree; without a wildcard, it begins with *prefix*.)"""
     cut = min((i for i in (pattern.find("*"), pattern.find("%")) if i >= 0), default=-1)
-    if cut < 0:
-        return pattern.startswith(prefix)
-    return pattern[:cut].startswith(prefix) or prefix.startswith(pattern[:cut])
+    return pattern.startswith(prefix) if cut < 0 else (pattern[:cut].startswith(prefix) or prefix.startswith(pattern[:cut]))
 
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
@@ -245,8 +243,7 @@ class MailboxMap:
 
     def _refresh(self) -> None:
         """Pick up placements and reservations written by another process (never waits)."""
-        snapshot = self._store.poll()
-        if snapshot is not None:
+        if (snapshot := self._store.poll()) is not None:
             self._apply(snapshot)
 
     @property
@@ -268,9 +265,13 @@ class MailboxMap:
         self._refresh()
         user, mailbox = self.canonical(user), normalize(mailbox, self.separator)
         placed = self._placements.get((user, mailbox))
-        if placed:
-            return Route(placed)
-        return self._rule_route(user, mailbox)
+        return Route(placed) if placed else self._rule_route(user, mailbox)
+
+    async def lookup_now(self, user: str, mailbox: str) -> Route:
+        """:meth:`lookup` from the store, not the cache a poll filled (another proxy's move just ended)."""
+        user, mailbox = self.canonical(user), normalize(mailbox, self.separator)
+        placed = await self._store.placement(user, mailbox)
+        return Route(placed) if placed else self._rule_route(user, mailbox)
 
     def router(self, user: str) -> Callable[[str], str]:
         """*user*'s names to their primary backend, for the many names of one answer (a merged LIST):

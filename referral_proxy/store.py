@@ -95,6 +95,9 @@ class MapStore(Protocol):
     def poll(self) -> Snapshot | None:
         """The newest state if it changed since the last load/poll (None: unchanged)."""
     async def load(self) -> Snapshot: ...
+    async def placement(self, user: str, mailbox: str) -> tuple[str, ...] | None:
+        """One placement as the store has it now, not as a poll last saw it (a move that ended a moment ago
+        at another proxy: mover.Mover.rename looks once it holds the name)."""
     async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None: ...
     async def unset(self, user: str, mailbox: str) -> None: ...
     async def begin_move(self, user: str, op: str, reservations: Sequence[Reservation], data: dict, owner: str,
@@ -143,6 +146,9 @@ class MemoryStore:
 
     async def load(self) -> Snapshot:
         return self._snapshot()
+
+    async def placement(self, user: str, mailbox: str) -> tuple[str, ...] | None:
+        return self._rows.get((user, mailbox))
 
     async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
         self._rows[(user, mailbox)] = tuple(backends)
@@ -340,6 +346,11 @@ class SQLiteStore:
 
     async def load(self) -> Snapshot:
         return await self._locked(self._read)
+
+    async def placement(self, user: str, mailbox: str) -> tuple[str, ...] | None:
+        row = await self._locked(lambda: self._db.execute("SELECT backends FROM placements WHERE user = ? AND "
+                                                          "mailbox = ?", (_key(user), _key(mailbox))).fetchone())
+        return None if row is None else tuple(row[0].split(","))
 
     async def set(self, user: str, mailbox: str, backends: tuple[str, ...]) -> None:
         def work() -> None:

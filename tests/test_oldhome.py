@@ -10,7 +10,19 @@ from __future__ import annotations
 import time
 
 import pytest
-from movecheck import LEFT_TO_RECOVER, Deliverer, body, census, cli, deliver, faulty, seed, start_paused, wait_paused
+from movecheck import (
+    LEFT_TO_RECOVER,
+    Deliverer,
+    admin_move,
+    body,
+    census,
+    cli,
+    deliver,
+    faulty,
+    seed,
+    start_paused,
+    wait_paused,
+)
 from test_moves import MASTERS, RULES, _exactly_once, _no_entries, ids
 
 from referral_proxy.config import MapConfig
@@ -147,6 +159,61 @@ def test_renaming_inbox_across_servers_does_not_watch_it(proxy_factory, fleet):
     assert deliver(fleet["b1"], "carol", "INBOX", "new@t") == "INBOX"
     assert _recover(proxy).strip() == "nothing to recover"
     assert census(fleet, "carol")[1]["new@t"] == [("b1", "INBOX")]
+
+
+@pytest.mark.parametrize("how", ["move", "rename"])
+def test_a_delivery_to_a_folder_moved_off_a_backend_that_is_not_the_home_is_carried(proxy_factory, fleet, how):
+    """Archive/2020 lives on b2 (a rule), carol's home is b1. Moved away (admin `move` to b3, or a client's
+    RENAME across to b1), a delivery agent still sending to Archive/2020 on b2 saves to b2's INBOX (LDA's
+    "Mailbox doesn't exist"), which no client of the proxy sees: left there for good (probe e4 of stop 56).
+    b2 is watched as an old home now: that mail is carried to carol's INBOX, once."""
+    archive = ids("archive", 20)
+    seed(fleet["b2"], "carol", "Archive/2020", archive)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    if how == "move":
+        moved = _move(proxy, "carol", "Archive/2020", "b3")
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        new = "Archive/2020"
+    else:
+        m = proxy.login("carol")
+        typ, data = m.rename("Archive/2020", "Kept2020")
+        m.logout()
+        assert typ == "OK", data
+        new = "Kept2020"
+    late = [f"late-{i}@t" for i in range(3)]  # a stale lookup: the MTA still delivers the folder to b2
+    assert [deliver(fleet["b2"], "carol", "Archive/2020", i) for i in late] == ["INBOX"] * 3
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol").stdout
+    assert "old home b2" in shown, shown
+    assert "delivered to the old INBOX on b2 to b1" in _recover(proxy)
+    _exactly_once(fleet, proxy, "carol", archive + late)
+    _counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in late} == {("b1", "INBOX")}
+    assert {where[i][0][1] for i in archive} == {new}
+
+
+def test_a_move_waiting_for_another_move_of_inbox_carries_it_from_where_that_one_took_it(proxy_factory, fleet,
+                                                                                      tmp_path):
+    """`move carol INBOX b2` and `move carol INBOX b3` at once: the second waited for the first, then carried
+    an empty INBOX from b1 (looked up before it waited) to b3 and made b3 the home; the 150 messages the first
+    had moved stayed in b2's INBOX, out of reach, watched by nothing (probe e4 of stop 56). The second now
+    looks again once the first is done: it carries them from b2."""
+    inbox = ids("inbox", 150)
+    seed(fleet["b1"], "carol", "INBOX", inbox)
+    proxy = proxy_factory(MASTERS, rules=RULES)
+    pause = tmp_path / "pause"
+    first = start_paused(pause, "planned", "move", "--config", str(proxy.config_path), "carol", "INBOX", "b2")
+    assert wait_paused(pause, "planned") == "planned:1"
+    second = admin_move(proxy, "carol", "INBOX", "b3")
+    time.sleep(3)  # it has looked up INBOX (on b1 still) and waits for the first
+    (pause / "resume").touch()
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0 and "from b2 to b3" in out, out + err
+    _recover(proxy)
+    _exactly_once(fleet, proxy, "carol", inbox)
+    _counts, where = census(fleet, "carol")
+    assert {where[i][0] for i in inbox} == {("b3", "INBOX")}
 
 
 # -- the records, in memory ----------------------------------------------------------------------

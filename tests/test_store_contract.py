@@ -447,3 +447,16 @@ def test_a_claim_recovers_the_entry_as_its_owner_last_wrote_it(make_store):
     assert seen.step is Step.COPYING and m.abandoned(seen) and now(m.claim(seen))
     assert seen.step is Step.COMMITTED and seen.data == {"batches": [{"pair": 0, "dst": "1:3"}], "pending": None}
     assert seen.owner == m.owner
+
+
+def test_placement_is_read_from_the_store_not_from_what_a_poll_saw(make_store):
+    """lookup_now: another process's placement is seen at once, before any poll picked it up (a move that
+    waited for another's names looks where that one took them: mover.Mover.rename)."""
+    mine, theirs = MailboxMap(CONFIG, make_store()), MailboxMap(CONFIG, make_store())
+    assert now(mine.lookup_now("carol", "INBOX")).backends == ("b1",)
+    now(theirs.place("Carol", "inbox", ["b3", "b2"]))
+    assert now(mine.store.placement("carol", "INBOX")) == ("b3", "b2")
+    assert now(mine.lookup_now("CAROL", "inbox")).backends == ("b3", "b2")
+    assert now(mine.lookup_now("bob", "Shared/x")).backends == ("b2",)  # rules for what is not placed
+    now(theirs.unplace("carol", "INBOX"))
+    assert now(mine.lookup_now("carol", "INBOX")).backends == ("b1",)
