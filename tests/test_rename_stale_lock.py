@@ -214,7 +214,9 @@ def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None, workers:
     backend = fleet["b1"]
     mail = Maildir(backend)
     spec = OPS[op]
-    name = op.replace("-", "")  # mailboxes named after the op: statusX0, statusY0, ...
+    # mailboxes named after the op and this run: statusa3f1X0, statusa3f1Y0, ... (a name of an earlier
+    # test's may be back on disk: CI saw CREATE selectX8 answered [ALREADYEXISTS] after reset_mail)
+    name = op.replace("-", "") + os.urandom(2).hex()
     # every mailbox of the user on b1: the RENAME is one backend's; more sessions of one user than
     # the default limits let log in at once (every A stays connected while the probes log in)
     config = None if dsn is None else {"map": {"store": dsn}}
@@ -242,7 +244,7 @@ def _race_rounds(proxy_factory, fleet, op: str, dsn: str | None = None, workers:
 
     def prepared(x: str) -> str:
         created = ctl.cmd(b"c", b"CREATE " + x.encode())[-1]
-        assert created.startswith(b"c OK"), (created, sorted(p.name for p in mail.root.iterdir()))
+        assert created.startswith(b"c OK"), (created, str(sorted(p.name for p in mail.root.iterdir())))
         mail.drop(x, spec.synced)
         uids(x)
         return x
