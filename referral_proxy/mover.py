@@ -208,7 +208,7 @@ class Mover:
                 if normalize(n, self.sep) != "INBOX":
                     data["at"] = i
                     await self.mailbox_map.step(entry, Step.CREATING)
-                    await create_unlike(src, o, dst, n)
+                    await create_unlike(src, o, dst, n, self._aside(data, f"new-{i}"))
                     data["created"].append(i)  # journaled only once it exists: a roll-back deletes only ours
                     await self.mailbox_map.step(entry, Step.CREATED)
                 await carry_attributes(src, o, dst, n, self.user)  # its ACL, METADATA (boxattrs.py)

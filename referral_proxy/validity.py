@@ -36,19 +36,28 @@ __all__ = ["create_unlike", "kept_uids", "refuse_same_inbox"]
 RECREATES = 3600
 
 
-async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, new: str) -> None:
+async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, new: str, aside: str) -> None:
     """CREATE *new* on *dst* (found absent, reserved by the move) with a UIDVALIDITY above *old*'s on
-    *src*; TransferError if it cannot be (the move's roll-back deletes it if empty)."""
+    *src*; TransferError if it cannot be (the move's roll-back deletes it if empty).
+
+    Made, and made again, under *aside* (a private name of the move's), then renamed to *new* (Dovecot's
+    RENAME keeps the UIDVALIDITY): a delivery agent may write to *new* as soon as it exists, and a DELETE
+    of it to make it again took such a message (probe g1 of stop 57: soak seed 9210, one message lost)."""
     below = (await status(src, old)).uidvalidity
-    await create(dst, new)
     for _ in range(RECREATES):
-        made = await status(dst, new)
+        await create(dst, aside)
+        made = await status(dst, aside)
         if made.uidvalidity > below:
-            return
-        if made.messages or below - made.uidvalidity >= RECREATES:  # (messages: not only the move's, kept)
+            renamed = await dst.command(b"RENAME " + name_arg(aside) + b" " + name_arg(new))
+            if renamed.ok:
+                return
+            await run_ok(dst, b"DELETE " + name_arg(aside), "DELETE")  # private, and seen empty
+            raise TransferError(f"[ALREADYEXISTS] {new} on {dst.name} was made by another meanwhile; nothing was moved")
+        if made.messages:  # (nobody delivers to a private name: were one there, it is not deleted)
             break
-        await run_ok(dst, b"DELETE " + name_arg(new), "DELETE")
-        await create(dst, new)
+        await run_ok(dst, b"DELETE " + name_arg(aside), "DELETE")  # private, and seen empty
+        if below - made.uidvalidity >= RECREATES:
+            break
     ahead = f"; {src.name}'s counter is {below - int(time.time())} s ahead of the clock: try again then" if (
         below > time.time()) else ""
     raise TransferError(f"[CANNOT] {new} on {dst.name} got the UIDVALIDITY {made.uidvalidity}, not above that of "

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, faulty, judge, seed, set_validity, start_paused, validity_of, wait_paused
+from movecheck import Deliverer, census, cli, faulty, judge, seed, set_validity, start_paused, validity_of, wait_paused
 from test_several_proxies import ids
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
@@ -195,3 +195,36 @@ def test_a_source_uidvalidity_minutes_ahead_of_the_clock_is_crossed(proxy_factor
     assert validity_of(fleet["b2"], "carol", "Box") > ahead
     counts, where = census(fleet, "carol")
     assert judge(counts, mail) == ([], []) and {where[i][0] for i in mail} == {("b2", "Box")}
+
+
+def test_mail_delivered_to_a_destination_being_made_again_is_never_deleted(proxy_factory, fleet):
+    """A RENAME across whose new mailbox must be made again (its UIDVALIDITY not above the source's) while a
+    delivery agent writes straight to that name on the destination: the old code DELETEd and CREATEd the
+    name itself, and Dovecot's DELETE took a message delivered between its STATUS and the DELETE (soak seed
+    9210, probe g1 of stop 57: 1-2 rounds of 10 lost mail). Now it is made again under a private name only."""
+    proxy = proxy_factory(MASTERS, rules=[{"mailbox": "Shared/*", "backend": "b3"}])
+    lost, answers = [], []
+    for r in range(6):
+        src, dst = f"Shared/Src{r}", f"Dst{r}"
+        with fleet["b3"].client("carol") as m:  # b3's counter well ahead of b1's: many remakes
+            for _ in range(40):
+                m.create("churn")
+                m.delete("churn")
+        seed(fleet["b3"], "carol", src, [f"s{r}-{i}@v" for i in range(3)])
+        agents = [Deliverer(fleet["b1"], "carol", dst, f"r{r}a{k}") for k in range(3)]
+        for a in agents:
+            a.start()
+        time.sleep(0.3)
+        w = Wire(proxy.host, proxy.port, timeout=300)
+        w.login("carol")
+        began = time.monotonic()
+        answers.append(w.cmd(b"r", b'RENAME "%s" "%s"' % (src.encode(), dst.encode()))[-1])
+        print(f"round {r}: {time.monotonic() - began:.1f}s {answers[-1]!r}")
+        w.close()
+        for a in agents:
+            a.stop()
+        counts, where = census(fleet, "carol")
+        lost += [(i, r) for a in agents for i in a.acked if counts[i] != 1]
+        lost += [(f"s{r}-{i}@v", where.get(f"s{r}-{i}@v")) for i in range(3) if counts[f"s{r}-{i}@v"] != 1]
+    assert not lost, (lost[:10], answers)
+    assert all(a.startswith(b"r OK") for a in answers), answers
