@@ -70,7 +70,7 @@ from .renamecheck import checked
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
 from .transfer import Progress, find_copies, verify_copies
-from .validity import create_unlike, kept_uids, refuse_same_inbox
+from .validity import create_unlike, drop_made, kept_uids, refuse_same_inbox
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "BATCH_MESSAGES", "BATCH_BYTES"]
 
@@ -358,6 +358,8 @@ class Mover:
                         await expunge_uids(dst, appended)
                     await dst.deselect()
             created = set(data["created"]) | ({data["at"]} if entry.step is Step.CREATING else set())
+            if entry.step is Step.CREATING:  # cut off while made under its private name (validity.create_unlike)
+                await drop_made(dst, self._aside(data, f"new-{data['at']}"))
             for i in sorted(created, reverse=True):  # children first
                 name = pairs[i][1]
                 if not await delete_if_empty(dst, name, self._aside(data, f"undo-{i}"), self.sep):

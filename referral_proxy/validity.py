@@ -24,11 +24,11 @@ from twisted.internet import task
 
 from .backend import BackendProtocol
 from .imap.uidset import uid_set
-from .mailops import TransferError, create, highest_modseq, name_arg, open_mailbox, run_ok, status
+from .mailops import TransferError, _failed, create, exists, highest_modseq, name_arg, open_mailbox, run_ok, status
 from .staging import run_captured
 from .transfer import flag_key, flags_of
 
-__all__ = ["create_unlike", "kept_uids", "refuse_same_inbox"]
+__all__ = ["create_unlike", "drop_made", "kept_uids", "refuse_same_inbox"]
 
 # Dovecot gives a mailbox made again its last UIDVALIDITY + 1: the gap is crossed one at a time (DELETE, CREATE,
 # STATUS: ~1.5 ms each locally); a user's folder churn puts a backend's counter that far ahead of the clock
@@ -48,14 +48,10 @@ async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, ne
         await create(dst, aside)
         made = await status(dst, aside)
         if made.uidvalidity > below:
-            renamed = await dst.command(b"RENAME " + name_arg(aside) + b" " + name_arg(new))
-            if renamed.ok:
-                return
-            await run_ok(dst, b"DELETE " + name_arg(aside), "DELETE")  # private, and seen empty
-            raise TransferError(f"[ALREADYEXISTS] {new} on {dst.name} was made by another meanwhile; nothing was moved")
+            return await _rename_into_place(dst, aside, new, made.uidvalidity)
         if made.messages:  # (nobody delivers to a private name: were one there, it is not deleted)
             break
-        await run_ok(dst, b"DELETE " + name_arg(aside), "DELETE")  # private, and seen empty
+        await drop_made(dst, aside)
         if below - made.uidvalidity >= RECREATES:
             break
     ahead = f"; {src.name}'s counter is {below - int(time.time())} s ahead of the clock: try again then" if (
@@ -63,6 +59,27 @@ async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, ne
     raise TransferError(f"[CANNOT] {new} on {dst.name} got the UIDVALIDITY {made.uidvalidity}, not above that of "
                         f"{old} on {src.name} ({below}): a client's cached UIDs could name other messages "
                         f"(RFC 3501 2.3.1.1); nothing was moved{ahead}")
+
+
+async def _rename_into_place(dst: BackendProtocol, aside: str, new: str, uidvalidity: int) -> None:
+    """RENAME *aside* to *new*. Refused ``[ALREADYEXISTS]`` and done all the same (*new* there with *aside*'s
+    UIDVALIDITY, *aside* gone), as Dovecot 2.3.19 does to some CREATEs (mailops.create), it is taken as done;
+    refused, the private *aside* is dropped and the backend's answer is the move's."""
+    renamed = await dst.command(b"RENAME " + name_arg(aside) + b" " + name_arg(new))
+    if renamed.ok:
+        return
+    if renamed.start.code == "ALREADYEXISTS" and not await exists(dst, aside) and await exists(dst, new) and (
+            await status(dst, new)).uidvalidity == uidvalidity:
+        return
+    await drop_made(dst, aside)
+    raise TransferError(_failed("RENAME", dst, renamed.start) + "; nothing was moved")
+
+
+async def drop_made(dst: BackendProtocol, aside: str) -> None:
+    """DELETE the private *aside* a move made (create_unlike) if it is there and empty: nobody delivers
+    to it, but were a message found there, it is kept (the move's roll-back, cut off mid-way, comes here too)."""
+    if await exists(dst, aside) and (await status(dst, aside)).messages == 0:
+        await run_ok(dst, b"DELETE " + name_arg(aside), "DELETE")
 
 
 async def refuse_same_inbox(src: BackendProtocol, dst: BackendProtocol, clock: Any) -> bool:

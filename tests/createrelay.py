@@ -48,14 +48,16 @@ class Relay(threading.Thread):
 
 
 class RefusingRelay(Relay):
-    """``refused``: the names whose CREATE it answered NO (having let the backend make them)."""
+    """``refused``: the names whose CREATE it answered NO (having let the backend make them); the
+    arguments, for another *command* (a RENAME: ``old new``, done by the backend, answered NO)."""
 
-    def __init__(self, host: str, port: int, pattern: bytes) -> None:
+    def __init__(self, host: str, port: int, pattern: bytes, command: bytes = b"CREATE") -> None:
         super().__init__(host, port)
-        self.pattern = re.compile(rb"^(\S+) CREATE (" + pattern + rb")$", re.IGNORECASE)
+        self.pattern = re.compile(rb"^(\S+) " + command + rb" (" + pattern + rb")$", re.IGNORECASE)
         self.refused: list[bytes] = []
         self.lock = threading.Lock()
         self.tags: dict[tuple[int, bytes], bytes] = {}  # (the backend socket's fd, tag) -> name: CREATEs to refuse
+        self.cuts = 0  # so many matching commands are not passed on: the connection is closed (a backend gone)
 
     def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
         (self._up if up else self._down)(src, dst)
@@ -69,6 +71,10 @@ class RefusingRelay(Relay):
                 for line in lines:
                     if m := self.pattern.match(line):
                         with self.lock:
+                            if self.cuts:  # the connection cut instead: the backend never sees the command
+                                self.cuts -= 1
+                                self.refused.append(m.group(2))
+                                return
                             self.tags[dst.fileno(), m.group(1)] = m.group(2)
                     dst.sendall(line + b"\r\n")
         except OSError:

@@ -4,13 +4,16 @@ then answers one: ``NO [ALREADYEXISTS]``, the mailbox made (createrelay.py, in f
 * the drain's drop (drain.py, past the commit point, on the source): before, `move` stopped with
   "committed but not finished" and recovery counted a MOVE death that never was;
 * each destination mailbox of an admin move (a subtree, a whole user) and of a client's RENAME across
-  (mover.py, mailops.create since f159e89: before it, the move was rolled back, answered NO);
+  (mover.py, mailops.create since f159e89: before it, the move was rolled back, answered NO), made under
+  a private name and renamed into place (validity.create_unlike): its CREATE or its RENAME so answered;
 * the roll-back of a move whose destination was taken as made: deleted only if it is still empty.
 
 Judged by a census of the backends.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from createrelay import RefusingRelay
@@ -20,7 +23,7 @@ from test_moves import MASTERS, RULES, _exactly_once, _no_entries, ids
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
 DROPS = rb"referral-proxy-aside-\S+/drop-\d+"
-NOT_PRIVATE = rb'(?!"?referral-proxy-)[^\r\n]+'
+MADE = rb'"?referral-proxy-aside-[^/\s]+/new-\d+"?'  # each destination is made under such a name (validity.py)
 
 
 @pytest.fixture
@@ -29,9 +32,9 @@ def relayed(fleet, proxy_factory):
     (the config every `move` and `recover` here uses) reaching *backend* through it; closed at the end."""
     relays: list[RefusingRelay] = []
 
-    def start(backend: str, pattern: bytes, extra: dict | None = None):
+    def start(backend: str, pattern: bytes, extra: dict | None = None, command: bytes = b"CREATE"):
         b = fleet[backend]
-        relay = RefusingRelay(b.host, b.port, pattern)
+        relay = RefusingRelay(b.host, b.port, pattern, command)
         relay.start()
         relays.append(relay)
         backends = {k: dict(v) for k, v in MASTERS["backends"].items()}
@@ -65,13 +68,22 @@ def test_the_drains_drop_refused_as_existing_and_made_finishes_the_move(fleet, r
     assert _no_entries(proxy)
 
 
+def _made(names: list[bytes]) -> set[bytes]:
+    """The private names, made and refused, each once whatever it was made again (validity.py)."""
+    assert all(re.fullmatch(MADE, n) for n in names), names
+    return set(names)
+
+
+@pytest.mark.parametrize("command", [b"CREATE", b"RENAME"])
 @pytest.mark.parametrize("what", ["Work", "*", "rename"])
-def test_each_destination_refused_as_existing_and_made_is_taken(fleet, relayed, what):
+def test_each_destination_refused_as_existing_and_made_is_taken(fleet, relayed, what, command):
+    """Each destination is made under a private name, then renamed into place (validity.create_unlike):
+    either refused as existing yet done is taken."""
     inbox, work, child = ids("inbox", 3), ids("work", 6), ids("child", 4)
     seed(fleet["b1"], "carol", "INBOX", inbox)
     seed(fleet["b1"], "carol", "Work", work)
     seed(fleet["b1"], "carol", "Work/Sub", child)
-    relay, proxy = relayed("b3", NOT_PRIVATE)
+    relay, proxy = relayed("b3", MADE + (rb" [^\r\n]+" if command == b"RENAME" else b""), None, command)
     if what == "rename":  # a client's RENAME across (Shared/* is on b3)
         m = proxy.login("carol")
         try:
@@ -84,12 +96,16 @@ def test_each_destination_refused_as_existing_and_made_is_taken(fleet, relayed, 
         moved = cli("move", "--config", str(proxy.config_path), "carol", what, "b3")
         assert moved.returncode == 0, moved.stdout + moved.stderr
         new = "Work"
-    # (each at least once: one made within its source's second is made again, validity.py, and refused again)
-    assert sorted(set(relay.refused)) == sorted([new.encode(), new.encode() + b"/Sub"]), relay.refused
+    if command == b"RENAME":
+        assert sorted(r.split(b" ", 1)[1].strip(b'"') for r in relay.refused) == [new.encode(), new.encode() + b"/Sub"]
+        assert len(_made([r.split(b" ", 1)[0] for r in relay.refused])) == 2
+    else:
+        assert len(_made(relay.refused)) == 2, relay.refused
     _exactly_once(fleet, proxy, "carol", inbox + work + child)
     where = census(fleet, "carol")[1]
     assert all(where[i] == [("b3", new)] for i in work) and all(where[i] == [("b3", new + "/Sub")] for i in child)
     assert all(where[i] == [("b3" if what == "*" else "b1", "INBOX")] for i in inbox), where
+    assert not [n for n in _names(fleet["b3"]) if n.startswith("referral-proxy-")], _names(fleet["b3"])
 
 
 @pytest.mark.parametrize("foreign", [False, True])
@@ -99,11 +115,11 @@ def test_a_destination_taken_as_made_is_deleted_at_roll_back_only_if_empty(fleet
     is kept with that mail."""
     work = ids("work", 5)
     seed(fleet["b1"], "carol", "Work", work)
-    relay, proxy = relayed("b3", NOT_PRIVATE, LEFT_TO_RECOVER)
+    relay, proxy = relayed("b3", MADE, LEFT_TO_RECOVER)
     config = str(proxy.config_path)
     killed = cli("move", "--config", config, "carol", "Work", "b3", command=faulty("--kill-at", "created:1"))
     assert killed.returncode == -9, killed.stdout + killed.stderr
-    assert set(relay.refused) == {b"Work"}  # (twice when b3's Work was made in b1's second: validity.py)
+    assert len(_made(relay.refused)) == 1, relay.refused
     stray = ["stray@t"] if foreign else []
     if foreign:
         assert deliver(fleet["b3"], "carol", "Work", "stray@t") == "Work"
@@ -114,4 +130,19 @@ def test_a_destination_taken_as_made_is_deleted_at_roll_back_only_if_empty(fleet
     assert ("Work" in _names(fleet["b3"])) is foreign
     if foreign:
         assert where["stray@t"] == [("b3", "Work")]
+    assert _no_entries(proxy)
+
+
+def test_a_move_cut_off_before_its_destination_is_renamed_into_place_leaves_no_private_mailbox(fleet, relayed):
+    """The connection to the destination cut before the RENAME of the private name made (validity.py)
+    into place: the roll-back deletes that name too (it was left, empty, on the backend)."""
+    work = ids("work", 4)
+    seed(fleet["b1"], "carol", "Work", work)
+    relay, proxy = relayed("b3", MADE + rb" [^\r\n]+", None, b"RENAME")
+    relay.cuts = 1
+    moved = cli("move", "--config", str(proxy.config_path), "carol", "Work", "b3")
+    assert relay.refused and moved.returncode != 0, moved.stdout + moved.stderr
+    where = census(fleet, "carol")[1]
+    assert all(where[i] == [("b1", "Work")] for i in work) and len(where) == len(work), where
+    assert not [n for n in _names(fleet["b3"]) if n.startswith("referral-proxy-") or n == "Work"], _names(fleet["b3"])
     assert _no_entries(proxy)
