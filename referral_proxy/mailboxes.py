@@ -160,10 +160,11 @@ class MailboxCommands:
 
     def valid_name(self, mailbox: bytes) -> bool:
         """A name an IMAP URL can carry: modified UTF-7, or UTF-8 once UTF8=ACCEPT is enabled (pool.py: asked
-        for and announced), with no ``.`` or ``..`` segment (a client resolving the URL would land elsewhere)."""
+        for and announced), with no ``.`` or ``..`` segment (a client resolving the URL would land elsewhere), and
+        no empty level (``Shared//x``, ``Shared/x/``: Dovecot answers ``NO [CANNOT] Invalid mailbox name``, probe g3)."""
         pool = self.host.pool
         utf8 = pool is not None and pool.enabled_where_announced(b"UTF8=ACCEPT", self.host.home or "")
-        return mutf7.valid_name(mailbox, utf8=utf8) and not has_dot_segment(mailbox)
+        return mutf7.valid_name(mailbox, utf8=utf8) and not has_dot_segment(mailbox) and self.renamable(mailbox)
 
     def _url_user(self) -> str:
         host = self.host

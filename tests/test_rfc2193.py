@@ -114,7 +114,8 @@ _BAD_NAMES = [b'"Shared/&Jjo"', b'"Shared/Caf\xe9"', b'"Shared/Caf\xc3\xa9"', b'
               b"{10+}\r\nShared/x\ry",
               b'"Shared/&AOk-&AOk-"', b'"Shared/x&AOk-&AOk-y"',  # a shift right after another (answers19)
               # A "." or ".." segment: its URL resolves elsewhere (imap://h/Shared/x/.. is imap://h/Shared/)
-              b'"Shared/x/.."', b'"Shared/./x"', b'"Shared/.."']
+              b'"Shared/x/.."', b'"Shared/./x"', b'"Shared/.."',
+              b'"Shared//x"', b'"Shared/x//"']  # an empty level: Dovecot's "Has adjacent hierarchy separators"
 
 
 def _commands(name: bytes) -> list[tuple[bytes, bytes]]:
@@ -124,27 +125,41 @@ def _commands(name: bytes) -> list[tuple[bytes, bytes]]:
             (b"i", b"SELECT INBOX"), (b"k", b"COPY 1 " + name)]
 
 
+def _direct_and_through(fleet, proxy, commands: list[tuple[bytes, bytes]]) -> list[list[bytes]]:
+    """The last line of each of *commands* sent in a referral-aware session (after RLIST) straight to b3,
+    and through *proxy*."""
+    answers = []
+    for host, port in ((fleet["b3"].host, fleet["b3"].port), (proxy.host, proxy.port)):
+        w = Wire(host, port)
+        w.login()
+        w.cmd(b"r", b'RLIST "" "*"')
+        answers.append([_same(w.cmd(tag, command)[-1]) for tag, command in commands])
+        w.close()
+    return answers
+
+
 @pytest.mark.parametrize("name", _BAD_NAMES)
 def test_invalid_names_are_refused_as_dovecot_refuses_them_never_referred(proxy_factory, fleet, name):
     for backend in ("b1", "b3"):
         with fleet[backend].client("alice") as m:
             m.create("Work")
             m.append("INBOX", "", None, b"Subject: one\r\n\r\none\r\n")
-    proxy = proxy_factory(rules=RULES)
-    answers = []
-    for host, port in ((fleet["b3"].host, fleet["b3"].port), (proxy.host, proxy.port)):
-        w = Wire(host, port)
-        w.login()
-        w.cmd(b"r", b'RLIST "" "*"')
-        answers.append([_same(w.cmd(tag, command)[-1]) for tag, command in _commands(name)])
-        w.close()
-    direct, through = answers
+    direct, through = _direct_and_through(fleet, proxy_factory(rules=RULES), _commands(name))
     assert not any(b"REFERRAL" in line for line in through), through
     for d, t in zip(direct, through):
         if t.startswith((b"i ", b"k ")):
             assert t.split()[:2] == d.split()[:2], (d, t)  # SELECT INBOX; the COPY is the proxy's own
         else:
             assert t == d, (d, t)
+
+
+def test_a_name_ending_with_the_separator_is_not_referred_where_only_create_takes_it(proxy_factory, fleet):
+    """``Shared/x/``: CREATE takes it (RFC 3501 6.3.3: it makes Shared/x), every other command of Dovecot's
+    refuses it (``Ends with hierarchy separator``): proxied and so refused, never referred (probe g3)."""
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/x")
+    direct, through = _direct_and_through(fleet, proxy_factory(rules=RULES), _commands(b'"Shared/x/"')[:3])
+    assert direct == through and all(b"Ends with hierarchy separator" in line for line in direct), (direct, through)
 
 
 def test_utf8_names_are_valid_once_utf8_accept_is_enabled_where_the_home_backend_announces_it():
@@ -163,7 +178,8 @@ def test_utf8_names_are_valid_once_utf8_accept_is_enabled_where_the_home_backend
         ctx = SimpleNamespace(backend_caps={"b1": frozenset({"IMAP4REV1"} | ({"UTF8=ACCEPT"} if announced else set()))})
         pool = SimpleNamespace(enabled=(b"UTF8=ACCEPT",) if enabled else (), ctx=ctx)
         pool.enabled_where_announced = partial(BackendPool.enabled_where_announced, pool)
-        commands = MailboxCommands(SimpleNamespace(home="b1", pool=pool, ctx=ctx))  # type: ignore[arg-type]
+        host = SimpleNamespace(home="b1", pool=pool, ctx=ctx, mailbox_map=SimpleNamespace(separator="/"))
+        commands = MailboxCommands(host)  # type: ignore[arg-type]
         assert commands.valid_name("Shared/Café".encode()) is valid
         assert commands.valid_name(b"Shared/Caf&AOk-")
     assert parse_imap_url(imap_url("h", None, "alice", "Shared/Café".encode()))[3] == "Shared/Café"
