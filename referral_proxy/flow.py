@@ -40,7 +40,7 @@ class Block(Enum):
     HELD = "a refusal of the proxy's own waits for the APPENDs before it to be answered"
     HOLDS = "a RENAME waits a moment for names another operation's check holds (holds.py)"
     SETTLING = "a command the proxy carries out on the selected mailbox waits for the SELECT/CLOSEs before it"
-    STOPPING = "the proxy stops: what the backends have whole is answered first, nothing more is read"
+    STOPPING = "the session ends (the proxy stops, its selected backend went): what others have whole is answered first"
 
     # Members are singletons: hashed by identity in C, not by Enum's own __hash__ (a Python
     # call, hash(name), ~0.3 us): sets and frozensets of them are tested on every command.

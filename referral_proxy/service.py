@@ -31,6 +31,7 @@ from .context import ProxyContext
 from .flow import Block
 from .health import HealthChecker
 from .keepalive import IN_ALL
+from .lastanswers import ANSWER_WAIT, owes_answer
 from .metrics import StoreTotals, make_registry, metrics_site
 from .observe import Observer
 from .origin import LoopGuard, id_command
@@ -57,17 +58,7 @@ __all__ = ["ProxyService", "check_endpoints", "load_and_check"]
 
 log = Logger()
 
-SHUTDOWN_GRACE = 5.0  # seconds clients get to receive their BYE at shutdown
-# Of it, seconds the answers of commands the backends have whole may take to come before the BYE.
-ANSWER_WAIT = 3.0
-
-
-def _owes_answer(session: Any) -> bool:
-    """A relayed command, or an APPEND whose last byte went to its backend (which commits it), is not
-    answered yet (an IDLE never is: its DONE would have to come from the client)."""
-    if session.closed or session.idle.current is not None:
-        return False
-    return bool(session.relay.in_flight) or any(cmd.input_over for cmd in session.appends.unanswered)
+SHUTDOWN_GRACE = 5.0  # seconds clients get to receive their BYE at shutdown (of it, lastanswers.ANSWER_WAIT)
 
 
 def check_endpoints(config: Config, reactor: Any) -> None:
@@ -361,7 +352,7 @@ class ProxyService(MultiService):
         # COPY made) sends it again on its next connection: twice. Direct Dovecot answers it, then BYE.
         for s in sessions:
             s.block(Block.STOPPING)  # what a client is still sending is cut by the BYE: nothing of it saved
-        yield self._until(lambda: not any(_owes_answer(s) for s in sessions), ANSWER_WAIT)
+        yield self._until(lambda: not any(owes_answer(s) for s in sessions), ANSWER_WAIT)
         closed = [s.when_closed() for s in sessions]
         for session in sessions:
             session.shutdown()

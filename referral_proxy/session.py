@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__, capabilities, fastnames, listing, referrals, stayalive, teardown  # noqa: F401 (fastnames: fastpath.NAMED)
+from . import __version__, capabilities, fastnames, lastanswers, listing, referrals, stayalive, teardown  # noqa: F401 (fastnames: fastpath.NAMED)
 from .appends import Appends, forget_takers
 from .auth import Authenticator
 from .backend import BackendError, BackendProtocol, Credentials, UntaggedResponse
@@ -192,9 +192,13 @@ class ClientSession(HalfClose, Protocol):
         """The proxy is stopping (or the user's mail moved: relocation.py): tell the client, log its backends out."""
         if self.phase is not Phase.LOGOUT:
             self.flow.unqueued()
-            self.send(b"* BYE " + why + b"\r\n")
-            self._logout_backends()
-            self._close()
+            self.end(b"* BYE " + why + b"\r\n")
+
+    def end(self, bye: bytes | None) -> None:
+        """*bye* (if any) to the client, the backends logged out, the client's connection closed once that is out."""
+        self.send(bye) if bye is not None else None
+        self._logout_backends()
+        self._close()
 
     def _logout_backends(self, park: str = "") -> None:
         if self.pool is not None:
@@ -286,9 +290,8 @@ class ClientSession(HalfClose, Protocol):
     def _event(self, event: object) -> None:
         if self.phase is _NOT_AUTHENTICATED and isinstance(event, (Command, Refused)):
             self._before_login += 1
-            if self._before_login > PRE_LOGIN_COMMANDS:
-                self.send(b"* BYE Too many commands before login\r\n")
-                return self._close()
+            if self._before_login > PRE_LOGIN_COMMANDS:  # (no backend yet)
+                return self.end(b"* BYE Too many commands before login\r\n")
         if isinstance(event, Command):
             if self.pool is not None:  # what it leaves on its connection: no reuse, CONDSTORE everywhere
                 self.pool.note(event.name, event.args)
@@ -305,9 +308,7 @@ class ClientSession(HalfClose, Protocol):
         elif isinstance(event, TextLine):
             self._text_line(event)
         elif isinstance(event, Ended):
-            self.send(b"* BYE " + event.text.encode("ascii") + b"\r\n")
-            self._logout_backends()
-            self._close()
+            self.end(b"* BYE " + event.text.encode("ascii") + b"\r\n")
         else:
             self.appends.event(event)
 
@@ -574,11 +575,10 @@ class ClientSession(HalfClose, Protocol):
         log.warn("session {id}: backend {name} connection lost: {why}", id=self.id, name=backend.name,
                  why=reason.getErrorMessage())
         self.idle.lost(backend)
-        if self.dies_with(backend) or cut:
-            if not (told or cut):
-                self.send(b"* BYE Mail server connection lost\r\n")
-            self._logout_backends()
-            self._close()
+        if cut:  # nothing more can be written
+            self.end(None)
+        elif self.dies_with(backend):  # what the others have whole is answered first (lastanswers.py)
+            lastanswers.end_after_answers(self, self.ctx.reactor, None if told else b"* BYE Mail server connection lost\r\n")
 
 
 _COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}

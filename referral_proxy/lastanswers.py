@@ -1,0 +1,46 @@
+"""A session that ends answers first what its other backends have whole.
+
+A client told BYE without the answer of a command a backend has whole (an APPEND saved, a COPY
+made) sends it again on its next connection: twice. So before the proxy stops (service.py) and
+before a session ends with its home or selected backend (session.backend_lost: ``DELETE`` of the
+selected mailbox, where Dovecot says BYE), the commands already relayed to the OTHER backends are
+answered as they are, a few seconds at most, and nothing more is read from the client (RFC 3501
+5.5 lets a server run pipelined commands at once; Dovecot alone runs none after its BYE: probe f1
+of stop 57, an APPEND stored and answered "may or may not be there").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .flow import Block
+
+__all__ = ["ANSWER_WAIT", "owes_answer", "end_after_answers"]
+
+ANSWER_WAIT = 3.0  # seconds the answers of commands under way are waited for before a BYE
+_LOOK = 0.05
+
+
+def owes_answer(session: Any) -> bool:
+    """A relayed command, or an APPEND whose last byte went to its backend (which commits it), is not
+    answered yet (an IDLE never is: its DONE would have to come from the client)."""
+    if session.closed or session.idle.current is not None:
+        return False
+    return bool(session.relay.in_flight) or any(cmd.input_over for cmd in session.appends.unanswered)
+
+
+def end_after_answers(session: Any, reactor: Any, bye: bytes | None) -> None:
+    """End *session* once it owes no answer (or after ANSWER_WAIT): *bye* (None: its backend's own BYE was
+    relayed), its backends logged out, the client's connection closed once that is out."""
+    session.block(Block.STOPPING)
+    deadline = reactor.seconds() + ANSWER_WAIT
+
+    def look() -> None:
+        if session.closed:  # the client went, or another end came first
+            return
+        if owes_answer(session) and reactor.seconds() < deadline:
+            reactor.callLater(_LOOK, look)
+            return
+        session.end(bye)
+
+    look()
