@@ -41,7 +41,7 @@ from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
 from .mailops import MessageInfo, TransferError, Vanished, fetch_infos, still_there
 
-__all__ = ["Progress", "Copied", "CommitUnknown", "copy_stream", "copy_surviving", "surviving", "hash_messages", "batches", "BATCH_MESSAGES",
+__all__ = ["Progress", "Copied", "CommitUnknown", "atomic_target", "copy_stream", "copy_surviving", "surviving", "hash_messages", "batches", "BATCH_MESSAGES",
            "BATCH_BYTES"]
 
 BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
@@ -193,6 +193,13 @@ def batches(infos: Sequence[MessageInfo]) -> list[list[MessageInfo]]:
     return out if out[0] else []
 
 
+def atomic_target(dst: BackendProtocol) -> None:
+    """TransferError unless *dst* takes several messages in one APPEND: a copy's batch is one MULTIAPPEND,
+    which its recovery finds whole or not at all (README: such a backend is refused as a target)."""
+    if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
+        raise TransferError(f"[CANNOT] Backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
+
+
 async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
                       mailbox: bytes, progress: Progress | None = None,
                       before_commit: Callable[[tuple[str, ...]], Awaitable[None]] | None = None) -> Copied:
@@ -205,8 +212,7 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     holding NUL bytes are sent again as literal8 first (see the module's docstring)."""
     if not infos:
         raise TransferError("nothing to copy")
-    if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
-        raise TransferError(f"[CANNOT] Backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
+    atomic_target(dst)
     binary = "BINARY" in src.capabilities and "BINARY" in dst.capabilities
     plan: frozenset[int] = frozenset()  # UIDs read by BINARY.PEEK[] and sent as literal8
     while True:

@@ -36,7 +36,7 @@ from .appendturns import MoverTurn
 from .aside import aside_gone, delete_if_empty, drop_marks, hidden_messages
 from .backend import BackendProtocol
 from .boxattrs import carry_attributes
-from .copystream import BATCH_BYTES, BATCH_MESSAGES, batches, copy_surviving, surviving
+from .copystream import BATCH_BYTES, BATCH_MESSAGES, atomic_target, batches, copy_surviving, surviving
 from .drain import copied_of, remove_verified, resume, take_back_vanished
 from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
 from .holds import Appending, begin_waiting
@@ -165,16 +165,16 @@ class Mover:
     async def check(self, src: BackendProtocol, dst: BackendProtocol, pairs: list[tuple[str, str]]) -> None:
         if not pairs:
             raise TransferError("[NONEXISTENT] Mailbox doesn't exist")
+        atomic_target(dst)  # even an empty mailbox: mail delivered during the move is carried after (probe g2)
         for o, n in pairs:  # each source is emptied (t, e), then renamed aside and deleted (x), as Dovecot's RENAME needs x
             if not grants(src, (await myrights(src, o))[0], "te" if o == "INBOX" else "xte"):
                 raise TransferError("[NOPERM] Permission denied: a mailbox to move cannot be emptied and deleted "
                                     "there (rights x, t and e needed); nothing was moved")
-            if normalize(n, self.sep) == "INBOX" and o != "INBOX":
-                raise TransferError("[ALREADYEXISTS] Target mailbox already exists.")  # as Dovecot (probe r1)
-            if normalize(n, self.sep) == "INBOX" and self.inbox_seen:  # renumbered under the UIDVALIDITY kept?
-                self.same_inbox = await refuse_same_inbox(src, dst, self.clock)
-            if normalize(n, self.sep) != "INBOX" and await exists(dst, n):
+            inbox = normalize(n, self.sep) == "INBOX"
+            if o != "INBOX" if inbox else await exists(dst, n):  # (into INBOX: as Dovecot, probe r1)
                 raise TransferError("[ALREADYEXISTS] Target mailbox already exists.")  # Dovecot's words
+            if inbox and self.inbox_seen:  # renumbered under the UIDVALIDITY kept?
+                self.same_inbox = await refuse_same_inbox(src, dst, self.clock)
             if o != n and placed_elsewhere(self.mailbox_map, self.user, n, dst.name):  # a child's new name
                 raise TransferError(TAKEN)
 

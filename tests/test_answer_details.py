@@ -16,7 +16,7 @@ import time
 
 import pytest
 from imapwire import Wire
-from movecheck import census
+from movecheck import census, cli
 from ownfleet import own_dovecots, own_proxy
 
 
@@ -56,6 +56,30 @@ def test_copy_move_rename_into_a_backend_without_multiappend_are_cannot(proxy_fa
     w.close()
     counts, where = census(None, "alice", codes_fleet.values())
     assert dict(counts) == {"keep-1@t": 1} and [box for _b, box in where["keep-1@t"]] == ["Src"], (counts, where)
+
+
+def test_an_empty_mailbox_is_not_moved_to_a_backend_without_multiappend_either(proxy_factory, codes_fleet):
+    """Probe g2: a RENAME across of an EMPTY mailbox to b3 was taken, while another session's APPEND to it
+    was under way; the message, answered OK, was left in the move's private mailbox on b1 for good (the
+    drain carries late mail in one MULTIAPPEND, which b3 cannot take) and recovery failed every 2 s. Now
+    refused up front as with messages in it (README), the admin `move` too; the APPEND lands in the mailbox."""
+    _reset(codes_fleet)
+    proxy = own_proxy(proxy_factory, codes_fleet)
+    w, other = _login(proxy), _login(proxy)
+    msg = b"Subject: late\r\nMessage-Id: <late-1@t>\r\n\r\nlate\r\n"
+    assert w.cmd(b"c", b"CREATE Empty")[-1].startswith(b"c OK")
+    other.send(b"a APPEND Empty {%d+}\r\n" % len(msg) + msg)  # its last CRLF withheld: under way
+    time.sleep(0.5)
+    answer = w.cmd(b"r", b"RENAME Empty S/e")[-1]
+    other.send(b"\r\n")
+    assert other.until_tagged(b"a")[-1].startswith(b"a OK"), answer
+    assert answer.startswith(b"r NO [CANNOT] "), answer
+    moved = cli("move", "--config", str(proxy.config_path), "alice", "Empty", "b3")
+    assert moved.returncode != 0 and "[CANNOT]" in moved.stdout + moved.stderr, moved.stdout + moved.stderr
+    w.close()
+    other.close()
+    counts, where = census(None, "alice", codes_fleet.values())
+    assert dict(counts) == {"late-1@t": 1} and where["late-1@t"] == [("codesb1", "Empty")], (counts, where)
 
 
 @pytest.mark.parametrize("unmake", [b"DELETE E20", b"RENAME E20 E21"], ids=["delete", "rename"])
