@@ -196,7 +196,8 @@ class ClientSession(HalfClose, Protocol):
 
     def end(self, bye: bytes | None) -> None:
         """*bye* (if any) to the client, the backends logged out, the client's connection closed once that is out."""
-        self.send(bye) if bye is not None else None
+        if bye is not None:
+            self.send(bye)
         self._logout_backends()
         self._close()
 
@@ -485,8 +486,7 @@ class ClientSession(HalfClose, Protocol):
 
     async def gather(self, backends: Sequence[str], command: bytes,
                      then: Sequence[bytes] = ()) -> list[tuple[BackendProtocol, UntaggedResponse]]:
-        """Run *command* on every backend (*then*: its literals, BackendProtocol.command); their
-        untagged answers (a refusal ends it)."""
+        """Run *command* on every backend (*then*: its literals); their untagged answers (a refusal ends it)."""
         assert self.pool is not None
         conns = [await self.pool.connection(b) for b in backends]
         await self.pool.quiet(None)

@@ -19,10 +19,6 @@ pytestmark = pytest.mark.usefixtures("clean_mail")
 RULES = [{"mailbox": "Far*", "backend": "b2"}]
 
 
-def _address(proxy) -> tuple[str, int]:
-    return proxy.host, proxy.port
-
-
 def _rest(w: Wire, seconds: float = 30) -> list[bytes]:
     """Every line until the proxy closes the connection (*seconds* at most: then the lines so far, and a note)."""
     lines: list[bytes] = []
@@ -39,7 +35,8 @@ def _rest(w: Wire, seconds: float = 30) -> list[bytes]:
 def test_an_append_at_another_backend_is_answered_truly_before_the_session_ends(proxy_factory, fleet, round_):
     seed(fleet["b1"], "alice", "Work", ["w@last"])
     seed(fleet["b2"], "alice", "Far", [])
-    w = Wire(*_address(proxy_factory(rules=RULES)), timeout=30)
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port, timeout=30)
     w.login()
     assert w.cmd(b"s", b"STATUS Far (MESSAGES)")[-1].startswith(b"s OK")  # b2's connection there: p3 goes at once
     body = b"Message-Id: <far-%d@last>\r\nSubject: far\r\n\r\n" % round_ + b"x" * 20000 + b"\r\n"
