@@ -308,8 +308,8 @@ class ClientSession(HalfClose, Protocol):
             self.appends.start(event)
         elif isinstance(event, TextLine):
             self._text_line(event)
-        elif isinstance(event, Ended):
-            self.end(b"* BYE " + event.text.encode("ascii") + b"\r\n")
+        elif isinstance(event, Ended):  # (a MULTIAPPEND cancelled by its last message first has its answer)
+            lastanswers.end_after_answers(self, self.ctx.reactor, b"* BYE " + event.text.encode("ascii") + b"\r\n")
         else:
             self.appends.event(event)
 

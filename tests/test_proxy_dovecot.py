@@ -240,6 +240,27 @@ def test_oversized_line_and_literals_leave_the_session_usable(proxy_factory):
     w.close()
 
 
+@pytest.mark.parametrize("script", [
+    b"a APPEND INBOX {99999999999999999999+}\r\n%s\r\nz NOOP\r\n",
+    b"a APPEND INBOX {%d+}\r\n%s {99999999999999999999+}\r\nxx\r\nz NOOP\r\n",  # the 2nd message of a MULTIAPPEND
+], ids=["first", "second"])
+def test_a_literal_plus_larger_than_any_command_ends_the_session_with_nothing_appended(proxy_factory, fleet, script):
+    """Its announced bytes were dropped for ever (RFC 7888 lets a server drain them): every command after them
+    with them, and the client waited for good; Dovecot says BYE (probe g2 of stop 57). The MULTIAPPEND's first
+    message, already at the backend, is cancelled there and the command answered before the BYE."""
+    message = _msg("never-appended-g2f2")
+    proxy = proxy_factory(max_message=5000)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    w.send(script % (len(message), message) if b"%d" in script else script % message)
+    assert [w.line(), w.line()] == [b"a NO [TOOBIG] Message too large (limit 5000 bytes); nothing was appended\r\n",
+                                    b"* BYE Literal too large to skip (limit 1048576 bytes)\r\n"]
+    assert w.closed()
+    with fleet["b1"].client("alice") as direct:
+        direct.select("INBOX", readonly=True)
+        assert direct.search(None, "HEADER", "Subject", "never-appended-g2f2") == ("OK", [b""])
+
+
 def test_append_sync_literal_waits_for_backend_trycreate(proxy_factory):
     """A large synchronizing APPEND literal is announced to Dovecot first: its TRYCREATE arrives before the data."""
     proxy = proxy_factory()

@@ -152,6 +152,39 @@ def test_a_refused_commands_rest_is_not_dropped_for_ever():
     assert [e.name for e in events(r)] == ["NOOP"]
 
 
+_SKIP = {"max_line": 80, "max_literal": 64, "max_command": 2000, "max_message": 100}  # a refused literal: 2000 skipped
+
+
+@pytest.mark.parametrize("data, refusal", [
+    (b"a APPEND INBOX {99999999999999999999+}\r\nxx\r\n", "NO [TOOBIG] Message too large (limit 100 bytes); nothing was appended"),
+    (b"c CREATE {2001+}\r\n" + b"x" * 2001 + b"\r\n", "NO [TOOBIG] Literal too large (limit 64 bytes)"),
+    (b"s SEARCH TEXT " + b"x" * 100 + b" {2001+}\r\n", "BAD Command line too long (limit 80 bytes)"),
+    (b"s SEARCH TEXT {60+}\r\n" + b"y" * 60 + b" TEXT {2001+}\r\n", "NO [TOOBIG] Literal too large (limit 64 bytes)"),
+    (b"a APPEND INBOX {1+}\r\nx {2001+}\r\n", "NO [TOOBIG] Message too large (limit 100 bytes); nothing was appended"),
+], ids=["append", "create", "long-line", "second-literal", "second-message"])
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byte-by-byte"])
+def test_a_refused_literal_larger_than_any_command_may_send_ends_the_reader(data, refusal, bytewise):
+    """`APPEND INBOX {99999999999999999999+}` was refused and its announced bytes dropped for ever, every
+    command after them with them: the client waited for good (probe g2 of stop 57). Past what any
+    command may send (max_message or max_command), the refusal is followed by the end, as Dovecot's BYE."""
+    r = reader(**_SKIP)
+    data += b"n NOOP\r\n"
+    out = [] if bytewise else events(r, data)
+    for i in range(len(data) if bytewise else 0):
+        out += events(r, data[i:i + 1])
+    answers = [e for e in out if isinstance(e, (Refused, AppendAbort, Ended, Command))]
+    answers = answers[:answers.index(Ended("Literal too large to skip (limit 2000 bytes)")) + 1]  # (nothing is read after)
+    assert [f"{e.status} {e.text}" if isinstance(e, (Refused, AppendAbort)) else e for e in answers] == [
+        refusal, Ended("Literal too large to skip (limit 2000 bytes)")], out
+
+
+@pytest.mark.parametrize("head", [b"c CREATE {2000+}\r\n", b"a APPEND INBOX {2000+}\r\n", b"a APPEND INBOX {1+}\r\nx {2000+}\r\n",
+                                  b"s SEARCH TEXT " + b"x" * 100 + b" {2000+}\r\n"])
+def test_a_refused_literal_no_larger_than_a_command_may_send_is_skipped(head):
+    out = events(reader(**_SKIP), head + b"y" * 2000 + b"\r\nn NOOP\r\n")
+    assert isinstance(out[-2], (Refused, AppendAbort)) and out[-1].name == "NOOP", out
+
+
 def test_collected_bytes_are_bounded_and_drained():
     r = reader(max_literal=100, max_command=250)
     out = events(r, b"s SEARCH TEXT {90+}\r\n" + b"x" * 90 + b" TEXT {90+}\r\n" + b"y" * 90

@@ -131,11 +131,14 @@ class LineTooLong:
 
 @dataclass(frozen=True, slots=True)
 class Overrun:
-    """A logical line being dropped went on for more than max_dropped fragments (a refused
-    command's endless ``{0+}`` literals: each costs the reader a line's work for nothing)."""
+    """Dropping a refused logical line would go on past anything a command may send: more than
+    max_dropped fragments (endless ``{0+}`` literals, each a line's work for nothing), or a
+    non-synchronizing literal over max_skipped bytes (``{99999999999999999999+}``, never all sent)."""
 
-    fragments: int
-    """The max_dropped in force."""
+    limit: int
+    """The max_dropped (fragments) or max_skipped (bytes) in force."""
+    literal: bool = False
+    """True for a literal over max_skipped; False for too many fragments."""
 
 
 Event = Line | LiteralData | LiteralEnd | LineTooLong | Overrun
@@ -169,7 +172,8 @@ class Framer:
     accepted without accept_literal(); otherwise the consumer must call
     accept_literal() or reject_literal() after each Line announcing one. With
     ``max_dropped``, a logical line being dropped that goes on for more fragments
-    gives an Overrun event (dropping is silent and would otherwise never end).
+    gives an Overrun event (dropping is silent and would otherwise never end); with
+    ``max_skipped``, so does a non-synchronizing literal to drop of more bytes.
     """
 
     __slots__ = (
@@ -186,9 +190,11 @@ class Framer:
         "_direct",
         "_max_dropped",
         "_dropped",
+        "_max_skipped",
     )
 
-    def __init__(self, max_line: int = 65536, *, auto_accept: bool = False, max_dropped: int | None = None) -> None:
+    def __init__(self, max_line: int = 65536, *, auto_accept: bool = False, max_dropped: int | None = None,
+                 max_skipped: int | None = None) -> None:
         if max_line < 1:
             raise ValueError("max_line must be positive")
         self._buf = bytearray()
@@ -211,6 +217,7 @@ class Framer:
         # Fragments of the logical line being dropped; over max_dropped: an Overrun event.
         self._max_dropped = max_dropped
         self._dropped = 0
+        self._max_skipped = max_skipped
 
     # -- input ---------------------------------------------------------------
 
@@ -291,6 +298,9 @@ class Framer:
                     self._remaining = remaining - len(direct)
                     return LiteralData(direct)
                 if remaining:
+                    if self._discard and self._max_skipped is not None and remaining > self._max_skipped:
+                        self._remaining = 0  # (the peer is told BYE: nothing after this is read)
+                        return Overrun(self._max_skipped, literal=True)
                     n = len(buf)
                     if not n:
                         return NEED_DATA
@@ -482,7 +492,7 @@ class Framer:
         buf = self._buf
         if end and buf[end - 1] == _RBRACE:
             m = _ANNOUNCE.search(buf, max(0, end - _ANNOUNCE_WINDOW), end)
-            if m is None and end > _ANNOUNCE_WINDOW and (48 <= buf[end - 2] <= 57 or buf[end - 2] == 43):
+            if m is None and end > 1 and (48 <= buf[end - 2] <= 57 or buf[end - 2] == 43):
                 m = self._long_announcement(end)  # 20 digits or more: a literal no limit takes, not text
             if m is not None:
                 spec = LiteralSpec(int(m.group(2)), not m.group(3), bool(m.group(1)))

@@ -6,8 +6,7 @@ collected whole and parsed (:class:`Command`), refused at its first line (:class
 or streamed (APPEND: :class:`AppendStart`, then per message an :class:`AppendMessage` whose literal the consumer
 accepts or drops, its :class:`AppendData` chunks, :class:`AppendMessageEnd`; :class:`AppendEnd` or
 :class:`AppendAbort` last). A sync literal the reader takes itself yields :class:`Continue` (the consumer writes
-``+``). While a message literal waits for a decision, next_event() returns :data:`NEED_DECISION`: nothing is read
-meanwhile.
+``+``). While a message literal waits for a decision, next_event() returns :data:`NEED_DECISION` (reading nothing).
 """
 
 from __future__ import annotations
@@ -102,7 +101,8 @@ class Refused:
 @dataclass(frozen=True, slots=True)
 class Ended:
     """Nothing more is read: a refused command's rest went on past what any command may hold
-    (``{0+}`` after ``{0+}``, dropped unread for ever). The session says ``* BYE text``."""
+    (``{0+}`` after ``{0+}``, or a ``{n+}`` literal over what any command may send, dropped unread
+    for ever). The session says ``* BYE text``."""
 
     text: str
 
@@ -185,9 +185,9 @@ class CommandReader:
         # Commands whose arguments nothing reads but the relay: a plain line (imap.plain)
         # is passed on as it is, unparsed (Arguments with its text and no tokens).
         self._plain = plain
-        # A refused command's rest is dropped unread, but not for more fragments than an
-        # accepted one may have (a literal each, a message each for a MULTIAPPEND).
-        self._framer = Framer(limits.max_line, max_dropped=max(limits.max_literals, limits.max_append_messages) + 1)
+        # A refused command's rest is dropped unread, but no further than an accepted one may go (framing.Overrun).
+        self._framer = Framer(limits.max_line, max_dropped=max(limits.max_literals, limits.max_append_messages) + 1,
+                             max_skipped=max(limits.max_message, limits.max_command))
         self._queue: list[ReaderEvent] = []  # at most an APPEND's first message (a deque is 760 bytes)
         self._state = _IDLE
         self._line_mode = False
@@ -343,7 +343,8 @@ class CommandReader:
                 self._current = None
             return None
         if isinstance(event, Overrun):
-            return Ended(f"Too long command (more than {event.fragments} parts)")
+            return Ended(f"Literal too large to skip (limit {event.limit} bytes)" if event.literal
+                         else f"Too long command (more than {event.limit} parts)")
         return self._too_long(event)
 
     def _too_long(self, event: LineTooLong) -> ReaderEvent:
