@@ -384,6 +384,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
                                            "and the move will be completed or the source kept", 0)
     await mailbox_map.step(entry, Step.MOVE_APPENDED)
     copy_of = dict(zip(uids, copied.uids))
+    present, said = None, None  # those flagged \Deleted by this move; where the COPYUID line went in *untagged*
     try:
         expunged: Tagged | None = None  # our UID EXPUNGE's answer: its HIGHESTMODSEQ code is the MOVE's
         flags_now, others, unmarked = await mark_deleted(src, uids)
@@ -403,11 +404,20 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         if present:
             copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "
                        f"{uid_set(copy_of[u] for u in present).decode()}]")
+            said = len(untagged)
             untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
             last: dict[int, frozenset[bytes] | None] = {}  # their flags as they went: a later change carried too
             expunged = await expunge_uids(src, present, untagged, last)  # one kept raises: its copy is a second
             await _carry(dst, dst_mailbox, copied.uidvalidity, flag_changes(flags_now, last, copy_of), src)
     except BackendError as e:
+        if isinstance(e, TransferError) and present is not None and not (src.closed or dst.closed):
+            # Sources kept: another session cleared \Deleted again and again (EXPUNGE_TRIES). Said here, not
+            # left to recovery (which needs master users): those kept stay, their copies taken back.
+            try:
+                return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copy_of, set(present), untagged,
+                                      (said, copied.uidvalidity), f"{e}; those still in the source were not moved")
+            except BackendError as again:
+                e = again
         not_deleted = _flagged_by_move(infos)
         if not_deleted and not src.closed:
             restored = await src.command(_UNFLAG % uid_set(not_deleted))
@@ -447,26 +457,40 @@ def _flagged_by_move(infos: list[MessageInfo]) -> list[int]:
 
 async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, infos: list[MessageInfo],
                    dst: BackendProtocol, dst_mailbox: str, copy_of: dict[int, int], flagged: set[int],
-                   untagged: list[bytes]) -> CopyOutcome:
+                   untagged: list[bytes], copyuid: tuple[int | None, int] | None = None, why: str = "") -> CopyOutcome:
     """A MOVE across whose sources could not all be flagged \\Deleted: those still in the source are not moved.
     The flag this move set is cleared first; a source gone since this move flagged it (*flagged*: another
     session's EXPUNGE took it on that flag) is moved, its copy kept (probe s2: taken back too, in neither
     mailbox). Then the decision is journaled (nothing to expunge, the other copies back) and those copies taken
-    back: a recovery after any step leaves each message once (before the journal write it finishes the move)."""
+    back: a recovery after any step leaves each message once (before the journal write it finishes the move).
+    *copyuid*, *why*: an expunge kept some (*why*, said to the client); where the COPYUID said before it is
+    in *untagged*, and the copies' UIDVALIDITY: it then names those moved after all, or goes."""
     if not_deleted := _flagged_by_move(infos):
         restored = await run_ok(src, _UNFLAG % uid_set(not_deleted), "STORE")
         untagged += [r.raw for r in restored.responses]
     there = set(await still_there(src, sorted(copy_of), untagged))
     back = [copy_of[u] for u in sorted(copy_of) if u in there or u not in flagged]
+    moved = [u for u in sorted(copy_of) if u not in there and u in flagged]
+    if copyuid is not None and copyuid[0] is not None:
+        if moved:
+            line = f"* OK [COPYUID {copyuid[1]} {uid_set(moved).decode()} {uid_set(copy_of[u] for u in moved).decode()}]"
+            untagged[copyuid[0]] = line.encode() + b" Moved\r\n"
+        else:
+            del untagged[copyuid[0]]
     entry.data["present"], entry.data["vanished_dst"] = "", uid_set(back).decode()
-    await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
+    if entry.step is Step.MOVE_EXPUNGING:  # (an expunge kept some: the decision is written again)
+        await mailbox_map.record(entry)
+    else:
+        await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
     if back:
         await open_mailbox(dst, dst_mailbox, readonly=False)
         await expunge_uids(dst, back)
     await mailbox_map.end_move(entry)
-    log.warn("MOVE: {src}'s messages were not all flagged \\Deleted after {n} tries (another session clearing it): "
-             "nothing moved, the copies on {dst} taken back", src=src.name, n=MARK_TRIES, dst=dst.name)
-    return CopyOutcome(untagged, "NO", UNMARKED, 0)
+    log.warn("MOVE: {why}: those still on {src} not moved, their copies on {dst} taken back", src=src.name,
+             dst=dst.name, why=why or f"not all flagged \\Deleted after {MARK_TRIES} tries (another session clearing it)")
+    went = set(moved)
+    size = sum(i.size for i in infos if i.uid in went)
+    return CopyOutcome(untagged, "NO", UNMARKED if not why else why if why.startswith("[") else f"[INUSE] {why}", size)
 
 
 async def flags_of(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, frozenset[bytes]]:

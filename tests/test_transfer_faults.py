@@ -93,9 +93,11 @@ def _expunge_write(src, tag: int, flags: bytes, answer: bytes) -> None:
     src.dataReceived(flags + b"rp%d OK\r\nrp%d OK\r\n" % (tag, tag + 1) + answer % (tag + 2))
 
 
-def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags():
+def test_move_whose_source_expunge_fails_takes_its_copies_back_and_restores_flags():
+    """The source's UID EXPUNGE refused: its flags restored, the copies taken back, the client told Dovecot's
+    reason (before, the copies were left for recovery to finish the move: never without master users)."""
     h, src = _selected(2)
-    _two_copied(h, src)
+    dst = _two_copied(h, src)
     # Only now the source: exactly these UIDs, those that are still there.
     assert _take(src) == b"rp6 UID FETCH 7:8 (UID FLAGS)\r\n"  # which are there right before the flag, and how
     src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen))\r\n* 2 FETCH (UID 8 FLAGS (\\Deleted $Work))\r\nrp6 OK\r\n")
@@ -110,11 +112,14 @@ def test_move_whose_source_expunge_fails_leaves_both_copies_and_restores_flags()
     # Message 7 was not \Deleted before the MOVE: its flag is restored; 8 keeps its own.
     assert _take(src) == b"rp12 UID STORE 7 -FLAGS.SILENT (\\Deleted)\r\n"
     src.dataReceived(b"rp12 OK\r\n")
-    assert h.to_client() == (b"* 3 EXISTS\r\n* OK [COPYUID 9 7:8 5:6] Moved\r\n"
-                             b"m NO [COPYUID 9 7:8 5:6] The messages were copied; removing them from the source "
-                             b"failed and will be retried\r\n")
-    (entry,) = now(h.context.mailbox_map.entries())  # left, unowned, for recovery to finish
-    assert entry.owner is None and entry.step.value == "move-expunging" and entry.data["dst_uids"] == "5:6"
+    assert _take(src) == b"rp13 UID SEARCH UID 7:8\r\n"  # which stayed: both
+    src.dataReceived(b"* SEARCH 7 8\r\nrp13 OK\r\n")
+    (entry,) = now(h.context.mailbox_map.entries())  # the decision journaled first: nothing to expunge, copies back
+    assert entry.step.value == "move-expunging" and (entry.data["present"], entry.data["vanished_dst"]) == ("", "5:6")
+    _copy_taken_back(dst, b"5:6")
+    assert h.to_client() == (b"* 3 EXISTS\r\nm NO [SERVERBUG] UID EXPUNGE failed on b1: Expunge failed; those still "
+                             b"in the source were not moved\r\n")
+    assert now(h.context.mailbox_map.entries()) == []
 
 
 def test_a_copy_whose_source_vanished_meanwhile_is_taken_back():
@@ -175,7 +180,7 @@ def test_a_source_expunged_on_the_moves_flag_keeps_its_copy_when_the_others_are_
     src.dataReceived(b"* SEARCH 8\r\nrp13 OK\r\n")
     (entry,) = now(h.context.mailbox_map.entries())
     assert (entry.data["present"], entry.data["vanished_dst"]) == ("", "6")  # 5 (7's copy) stays
-    _copy_taken_back(dst, 6)
+    _copy_taken_back(dst, b"6")
     out = h.to_client()
     assert out.startswith(b"* 3 EXISTS\r\n* 1 EXPUNGE\r\n") and out.endswith(b"still in the mailbox were not moved (try again)\r\n"), out
     assert now(h.context.mailbox_map.entries()) == []
@@ -204,14 +209,14 @@ def test_a_source_another_session_expunges_right_after_the_moves_flag_is_moved_n
     assert now(h.context.mailbox_map.entries()) == []
 
 
-def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recovery():
+def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_stays_and_its_copy_goes_back():
     """Soak C seed 76065: Dovecot answered the MOVE's ``UID EXPUNGE 52`` OK and kept UID 52 (\\Deleted,
     2 s later still there; cause in Dovecot not found): the client told OK, the message twice. The
     MOVE now looks: one still there is flagged and expunged again (another session may have cleared its
-    \\Deleted: probe r3, stop 50), transfer.MARK_TRIES times in all, then handled as an EXPUNGE that
-    failed (NO, left to recovery)."""
+    \\Deleted: probe r3, stop 50), transfer.MARK_TRIES times in all; then it stays, its copy taken back
+    (before: left to recovery, never finished without master users), and the client is told NO."""
     h, src = _selected(1)
-    _copied_of_one(h, src)
+    dst = _copied_of_one(h, src)
     src.dataReceived(b"* 1 FETCH (UID 4 FLAGS ())\r\nrp6 OK\r\n")
     assert _take(src) == b"rp7 UID STORE 4 +FLAGS (\\Deleted)\r\n"
     src.dataReceived(b"* 1 FETCH (UID 4 FLAGS (\\Deleted))\r\nrp7 OK\r\n")
@@ -225,19 +230,23 @@ def test_a_source_message_dovecot_kept_after_its_uid_expunge_ok_is_left_to_recov
         src.dataReceived(b"* SEARCH 4\r\nrp%d OK\r\n" % (tag + 2))
     assert _take(src) == b"rp18 UID STORE 4 -FLAGS.SILENT (\\Deleted)\r\n"  # not \\Deleted before the MOVE
     src.dataReceived(b"rp18 OK\r\n")
-    assert h.to_client().endswith(b"m NO [COPYUID 9 4 5] The messages were copied; removing them from the source "
-                                  b"failed and will be retried\r\n")
-    (entry,) = now(h.context.mailbox_map.entries())  # left, unowned, for recovery to finish
-    assert entry.owner is None and entry.step.value == "move-expunging" and entry.data["present"] == "4"
+    assert _take(src) == b"rp19 UID SEARCH UID 4\r\n"
+    src.dataReceived(b"* SEARCH 4\r\nrp19 OK\r\n")
+    _copy_taken_back(dst)
+    out = h.to_client()
+    assert b"COPYUID" not in out, out  # nothing moved
+    assert out.endswith(b"m NO [INUSE] UID EXPUNGE on b1 answered OK, yet 4 still there; those still in the source "
+                        b"were not moved\r\n"), out
+    assert now(h.context.mailbox_map.entries()) == []
 
 
-def _copy_taken_back(dst, uid: int = 5) -> None:
-    """The destination (copy *uid* in Shared/X) selected and the copy expunged (mailops.expunge_uids: and looked for)."""
+def _copy_taken_back(dst, uids: bytes = b"5") -> None:
+    """The destination (copies *uids* in Shared/X) selected and the copies expunged (mailops.expunge_uids: and looked for)."""
     assert _take(dst).endswith(b"rp6 SELECT Shared/X\r\n")
     dst.dataReceived(b"* OK [UIDVALIDITY 9] UIDs valid\r\nrp6 OK [READ-WRITE] Selected\r\n")
-    assert _take(dst) == b"rp7 UID STORE %d +FLAGS.SILENT (\\Deleted)\r\nrp8 UID EXPUNGE %d\r\n" % (uid, uid)
-    dst.dataReceived(b"rp7 OK\r\n* %d EXPUNGE\r\nrp8 OK\r\n" % uid)
-    assert _take(dst) == b"rp9 UID SEARCH UID %d\r\n" % uid
+    assert _take(dst) == b"rp7 UID STORE %s +FLAGS.SILENT (\\Deleted)\r\nrp8 UID EXPUNGE %s\r\n" % (uids, uids)
+    dst.dataReceived(b"rp7 OK\r\n* 1 EXPUNGE\r\nrp8 OK\r\n")
+    assert _take(dst) == b"rp9 UID SEARCH UID %s\r\n" % uids
     dst.dataReceived(b"* SEARCH\r\nrp9 OK\r\n")
 
 
@@ -498,7 +507,7 @@ def test_a_source_another_session_expunged_before_the_mark_is_not_moved_though_d
     src.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen \\Deleted))\r\nrp9 OK\r\nrp10 OK\r\n* 1 EXPUNGE\r\nrp11 OK\r\n")
     assert _take(src) == b"rp12 UID SEARCH UID 7\r\n"
     src.dataReceived(b"* SEARCH\r\nrp12 OK\r\n")
-    _copy_taken_back(dst, 6)  # 8's copy: the user expunged 8
+    _copy_taken_back(dst, b"6")  # 8's copy: the user expunged 8
     out = h.to_client()
     assert out.endswith(told + b"* OK [COPYUID 9 7 5] Moved\r\n* 1 EXPUNGE\r\nm OK Move completed.\r\n"), out
     assert now(h.context.mailbox_map.entries()) == []
