@@ -94,6 +94,12 @@ async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src:
     copies = await hashes_present(dst, [d for _s, d in pairs]) if same_dst else {}
     verified = [(s, d) for s, d in pairs if copies.get(d) == sent[s]]
     gone = [s for s, d in pairs if d not in copies] if same_dst else []
+    if data.get("told") == "NO" and same_dst and not gone:  # the client heard NO: the source stays, copies go back
+        data["present"], data["vanished_dst"] = "", uid_set(d for _s, d in verified).decode()
+        await mailbox_map.step(entry, Step.MOVE_EXPUNGING)  # (a copy moved on by a client meanwhile: finished)
+        await _take_back(dst, data, [d for _s, d in verified])
+        await mailbox_map.end_move(entry)
+        return f"undone, as the client was told: {len(verified)} copies taken back, the source kept"
     back = await came_back(src, gone, sent, max(src_uids)) if gone else []
     # A source a client moved or expunged too (seen in the soak, seed 11017: the owner dead, its copy
     # and its source each moved on through another proxy): neither is the move's to remove.

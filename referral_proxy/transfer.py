@@ -354,7 +354,9 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     try:
         copied = await copy_stream(src, infos, dst, dst_mailbox.encode("utf-8", "surrogateescape"),
                                    before_commit=record)
-    except (CommitUnknown, LostEntry):  # LostEntry: the entry is recovery's now, not ours to end
+    except CommitUnknown as e:  # the destination went as it took them: saved or not, unknown
+        raise TransferError("NO " + await _told_no(entry, mailbox_map, f"{e} as it took the messages")) from None
+    except LostEntry:  # the entry is recovery's now, not ours to end
         raise
     except BaseException:
         await mailbox_map.end_move(entry)  # the MULTIAPPEND was refused or never completed: nothing saved
@@ -367,14 +369,12 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     await mailbox_map.record(entry)
     try:
         await verify_copies(dst, dst_mailbox, copied)
-    except BackendUnavailable as e:  # committed, not checked (the destination stopped or went): recovery finds
-        await mailbox_map.disown(entry)  # the copies by content and finishes the move; the client is told so
-        log.error("MOVE: copied to {dst}, which failed before the copies were checked ({why}); recovery will "
-                  "finish it", dst=dst.name, why=str(e))
-        return CopyOutcome(untagged, "NO", "[UNAVAILABLE] The messages were copied, but the connection to the "
-                                           "server holding the copies ended before they were checked (stopped, "
-                                           "or the mailbox deleted); the move will be completed, or the source "
-                                           "kept", 0)
+    except BackendUnavailable as e:  # committed, not checked (the destination stopped or went)
+        text = await _told_no(entry, mailbox_map, f"the connection to {dst.name} ended before the copies were checked")
+        await mailbox_map.disown(entry)  # recovery takes the copies back (or finishes the move: _told_no)
+        log.error("MOVE: copied to {dst}, which failed before the copies were checked ({why}); left to recovery",
+                  dst=dst.name, why=str(e))
+        return CopyOutcome(untagged, "NO", text, 0)
     except TransferError as e:  # a copy gone or changed there (another session's expunge) before it was read
         await mailbox_map.disown(entry)  # recovery finishes the move or keeps the source (movefinish.py)
         log.warn("MOVE: copied to {dst}, but the copies could not be checked ({why}); recovery will finish it",
@@ -436,6 +436,19 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     there = set(present)
     moved = sum(i.size for i in infos if i.uid in there)
     return CopyOutcome(untagged, "OK", moved_text(expunged.start if expunged is not None else None), moved)
+
+
+async def _told_no(entry: JournalEntry, mailbox_map: MailboxMap, why: str) -> str:
+    """The text of a NO about to be said of a MOVE whose copies may be at the destination. That NO is recorded
+    first: recovery then takes the copies back, the source staying as NO says (it finished the move, the client
+    told NO: probe h1 of stop 58). Unrecorded (the store failing too), the text says the move may be finished."""
+    entry.data["told"] = "NO"
+    why = why[:1].upper() + why[1:]
+    try:
+        await mailbox_map.record(entry)
+    except Exception:
+        return f"[UNAVAILABLE] {why}: they may have been copied; the move will be completed, or the source kept"
+    return f"[UNAVAILABLE] {why}: nothing was moved (any copies saved there are taken back)"
 
 
 async def _carry(dst: BackendProtocol, mailbox: str, validity: int, changes: dict[int, tuple[set[bytes], set[bytes]]],
