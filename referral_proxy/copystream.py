@@ -193,11 +193,15 @@ def batches(infos: Sequence[MessageInfo]) -> list[list[MessageInfo]]:
     return out if out[0] else []
 
 
-def atomic_target(dst: BackendProtocol) -> None:
+def atomic_target(dst: BackendProtocol, messages: int | None = None) -> None:
     """TransferError unless *dst* takes several messages in one APPEND: a copy's batch is one MULTIAPPEND,
-    which its recovery finds whole or not at all (README: such a backend is refused as a target)."""
-    if "MULTIAPPEND" not in dst.capabilities or "LITERAL+" not in dst.capabilities:
-        raise TransferError(f"[CANNOT] Backend {dst.name} cannot take several messages atomically (no MULTIAPPEND/LITERAL+)")
+    which its recovery finds whole or not at all (README: such a backend is refused as a target). One
+    message (*messages* 1) is one APPEND anywhere: only LITERAL+, to stream it, is needed then."""
+    caps = dst.capabilities
+    if "LITERAL+" not in caps or messages != 1 and "MULTIAPPEND" not in caps:
+        missing = "/".join(c for c in ("MULTIAPPEND", "LITERAL+") if c not in caps)
+        raise TransferError(f"[CANNOT] Backend {dst.name} cannot take several messages atomically (no {missing})"
+                            if messages != 1 else f"[CANNOT] Backend {dst.name} cannot take a streamed message (no {missing})")
 
 
 async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: BackendProtocol,
@@ -212,7 +216,7 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     holding NUL bytes are sent again as literal8 first (see the module's docstring)."""
     if not infos:
         raise TransferError("nothing to copy")
-    atomic_target(dst)
+    atomic_target(dst, len(infos))
     binary = "BINARY" in src.capabilities and "BINARY" in dst.capabilities
     plan: frozenset[int] = frozenset()  # UIDs read by BINARY.PEEK[] and sent as literal8
     while True:

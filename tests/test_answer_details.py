@@ -2,7 +2,7 @@
 Q/*, b3 .72 with S/* and no MULTIAPPEND). Found by this stop's hostile probe A, each failing on 9008653:
 
 * a COPY, MOVE or RENAME into a backend without MULTIAPPEND is refused ``NO [CANNOT]``, as the README says
-  (the refusal had no code), and nothing moves;
+  (the refusal had no code), and nothing moves; a COPY or MOVE of one message is carried out;
 * an APPEND to a mailbox this session DELETEd (or RENAMEd away) since it took the session's last message is
   refused before its literal, as directly: the proxy's own ``+`` (appends.Taker) had the client upload the
   whole message for a NO [TRYCREATE] after it;
@@ -41,21 +41,26 @@ def test_copy_move_rename_into_a_backend_without_multiappend_are_cannot(proxy_fa
     _reset(codes_fleet)
     proxy = own_proxy(proxy_factory, codes_fleet)
     w = _login(proxy)
-    msg = b"Subject: keep\r\nMessage-Id: <keep-1@t>\r\n\r\nkeep me\r\n"
     assert w.cmd(b"c1", b"CREATE Src")[-1].startswith(b"c1 OK")
     assert w.cmd(b"c2", b"CREATE S/dst")[-1].startswith(b"c2 OK")
-    w.send(b"a APPEND Src {%d+}\r\n" % len(msg) + msg + b"\r\n")
-    assert w.until_tagged(b"a")[-1].startswith(b"a OK")
+    for i in (1, 2):
+        msg = b"Subject: keep\r\nMessage-Id: <keep-%d@t>\r\n\r\nkeep me\r\n" % i
+        w.send(b"a APPEND Src {%d+}\r\n" % len(msg) + msg + b"\r\n")
+        assert w.until_tagged(b"a")[-1].startswith(b"a OK")
     assert w.cmd(b"s", b"SELECT Src")[-1].startswith(b"s OK")
-    for tag, command in ((b"e", b"COPY 1 S/dst"), (b"f", b"MOVE 1 S/dst"), (b"g", b"UID MOVE 1:* S/dst")):
+    for tag, command in ((b"e", b"COPY 1:2 S/dst"), (b"f", b"MOVE 1:* S/dst"), (b"g", b"UID MOVE 1:* S/dst")):
         answer = w.cmd(tag, command)[-1]
         assert answer.startswith(tag + b" NO [CANNOT] "), answer
+    # One message is one APPEND, atomic anywhere: copied and moved (probe h1 of stop 58: refused too)
+    assert w.cmd(b"x", b"COPY 1 S/dst")[-1].startswith(b"x OK [COPYUID "), "COPY of one"
+    assert w.cmd(b"y", b"UID MOVE 2 S/dst")[-1].startswith(b"y OK"), "MOVE of one"
     assert w.cmd(b"u", b"UNSELECT")[-1].startswith(b"u OK")
     answer = w.cmd(b"h", b"RENAME Src S/new")[-1]
     assert answer.startswith(b"h NO [CANNOT] "), answer
     w.close()
     counts, where = census(None, "alice", codes_fleet.values())
-    assert dict(counts) == {"keep-1@t": 1} and [box for _b, box in where["keep-1@t"]] == ["Src"], (counts, where)
+    assert dict(counts) == {"keep-1@t": 2, "keep-2@t": 1}, counts
+    assert sorted(box for _b, box in where["keep-1@t"]) == ["S/dst", "Src"] and [box for _b, box in where["keep-2@t"]] == ["S/dst"], where
 
 
 def test_an_empty_mailbox_is_not_moved_to_a_backend_without_multiappend_either(proxy_factory, codes_fleet):
