@@ -42,7 +42,20 @@ from .transfer import carry_flags, find_copies, flag_changes, flags_of, flags_te
 Connect = Callable[[str], Awaitable[BackendProtocol]]
 log = Logger()
 
-__all__ = ["finish_message_move", "came_back", "moved_on", "unvouched"]
+__all__ = ["finish_message_move", "undo_copy", "came_back", "moved_on", "unvouched"]
+
+
+async def undo_copy(entry: JournalEntry, mailbox_map: MailboxMap, dst: BackendProtocol, clock: Any = None) -> str:
+    """Recovery of a COPY across told NO while its MULTIAPPEND may have committed (transfer._told_no): its
+    copies, found by content above the UIDNEXT it recorded, are taken back, as NO says; the entry ends."""
+    data = entry.data
+    found = await find_copies(dst, data["dst_mailbox"], data["dst_validity"], data["dst_uidnext"], data["hashes"],
+                              clock=clock)
+    if found:
+        await open_mailbox(dst, data["dst_mailbox"], readonly=False)
+        await expunge_uids(dst, sorted(found.values()))
+    await mailbox_map.end_move(entry)
+    return f"undone, as the client was told: {len(found)} copies taken back"
 
 
 async def finish_message_move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol,

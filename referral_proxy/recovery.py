@@ -23,7 +23,7 @@ from .deleting import DELETE_OP, reconcile_delete
 from .journal import TABLE, JournalEntry, Recovery, StoreUnavailable
 from .localrename import reconcile_local
 from .mailops import NoMasterUser
-from .movefinish import finish_message_move
+from .movefinish import finish_message_move, undo_copy
 from .mover import Connect, Mover
 from .oldhome import carry_old_homes
 from .relocation import seen_by_another_process
@@ -83,6 +83,16 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
         conn = await connect(entry.data["backend"])
         try:
             return await (reconcile_create if entry.op == CREATE_OP else reconcile_delete)(mailbox_map, entry, conn)
+        finally:
+            conn.logout()
+    if entry.op == COPIES and entry.data.get("told") == "NO" and "hashes" in entry.data:  # (transfer._told_no)
+        try:
+            conn = await connect(entry.data["dst"])
+        except NoMasterUser as e:  # released: kept, it would hold both mailboxes from MOVEs for good
+            await mailbox_map.end_move(entry)
+            return f"released, its copies (if saved) left where they are: {e}"
+        try:
+            return await undo_copy(entry, mailbox_map, conn, clock)
         finally:
             conn.logout()
     if how is Recovery.RELEASE:

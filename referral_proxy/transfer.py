@@ -35,6 +35,7 @@ from .mailops import (
     TRYCREATE,
     MailboxGone,
     MessageInfo,
+    NoMasterUser,
     TransferError,
     Vanished,
     exists,
@@ -223,12 +224,21 @@ async def _copy_once(src: BackendProtocol, message_set: bytes, uid: bool, dst: B
                 untagged += others
                 if entry is not None:
                     return await _move(entry, mailbox_map, src, src_name, infos, dst, dst_name, untagged)
+                if copying is not None and dst.config.master_user is not None:  # (recovery logs in with it)
+                    await _copies_land(copying, dst, dst_name)  # where its copies land: taken back if told NO
                 copied = await copy_stream(src, infos, dst, mailbox, before_commit=None if copying is None else (
-                    lambda _hashes: mailbox_map.record_before_commit(copying)))  # still ours: not released meanwhile
+                    lambda hashes: _copy_commits(mailbox_map, copying, hashes)))  # still ours: not released meanwhile
             except Vanished:
                 if entry is not None and not entry.ended:
                     await mailbox_map.end_move(entry)  # at reserved, or its MULTIAPPEND aborted: nothing saved
                 raise
+            except CommitUnknown as e:  # (a MOVE's is said in _move) the destination went as it took them
+                if copying is None:
+                    raise
+                text = await _told_no(copying, mailbox_map, f"{e} as it took the messages", "copied", by=[dst])
+                await mailbox_map.disown(copying)  # recovery's now: it takes the copies back (movefinish.undo_copy)
+                copying = None
+                raise TransferError("NO " + text) from None
             untagged += copied.others
             return CopyOutcome(untagged, "OK", f"[COPYUID {copied.uidvalidity} {uid_set(uids).decode()} "
                                                f"{uid_set(copied.uids).decode()}] Copy completed.",
@@ -323,6 +333,23 @@ async def _copying(mailbox_map: MailboxMap, user: str, src_name: str, dst_name: 
                                 settle=False)
 
 
+async def _copies_land(entry: JournalEntry, dst: BackendProtocol, mailbox: str) -> None:
+    """Into a COPY's entry: the destination's UIDVALIDITY and UIDNEXT before its MULTIAPPEND."""
+    try:
+        state = await status(dst, mailbox)
+    except MailboxGone:  # deleted since refused_target found it: TRYCREATE, as Dovecot's COPY says
+        raise TransferError("NO " + TRYCREATE) from None
+    except TransferError:  # (UIDVALIDITY 0: being opened for the first time, or locked) not undone then: said so
+        return
+    entry.data.update({"dst_validity": state.uidvalidity, "dst_uidnext": state.uidnext})
+
+
+async def _copy_commits(mailbox_map: MailboxMap, entry: JournalEntry, hashes: tuple[str, ...]) -> None:
+    """A COPY's last byte is next: its bodies' hashes written first (record_before_commit)."""
+    entry.data["hashes"] = list(hashes)
+    await mailbox_map.record_before_commit(entry)
+
+
 async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry | None) -> None:
     """End a COPY's entry; a store failure is logged, not raised (the COPY's answer stands): the entry
     is given up, for recovery to release."""
@@ -355,7 +382,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         copied = await copy_stream(src, infos, dst, dst_mailbox.encode("utf-8", "surrogateescape"),
                                    before_commit=record)
     except CommitUnknown as e:  # the destination went as it took them: saved or not, unknown
-        raise TransferError("NO " + await _told_no(entry, mailbox_map, f"{e} as it took the messages")) from None
+        text = await _told_no(entry, mailbox_map, f"{e} as it took the messages", by=[src, dst])
+        raise TransferError("NO " + text) from None
     except LostEntry:  # the entry is recovery's now, not ours to end
         raise
     except BaseException:
@@ -370,7 +398,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     try:
         await verify_copies(dst, dst_mailbox, copied)
     except BackendUnavailable as e:  # committed, not checked (the destination stopped or went)
-        text = await _told_no(entry, mailbox_map, f"the connection to {dst.name} ended before the copies were checked")
+        text = await _told_no(entry, mailbox_map, f"the connection to {dst.name} ended before the copies were checked",
+                              by=[src, dst])
         await mailbox_map.disown(entry)  # recovery takes the copies back (or finishes the move: _told_no)
         log.error("MOVE: copied to {dst}, which failed before the copies were checked ({why}); left to recovery",
                   dst=dst.name, why=str(e))
@@ -438,17 +467,23 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     return CopyOutcome(untagged, "OK", moved_text(expunged.start if expunged is not None else None), moved)
 
 
-async def _told_no(entry: JournalEntry, mailbox_map: MailboxMap, why: str) -> str:
-    """The text of a NO about to be said of a MOVE whose copies may be at the destination. That NO is recorded
-    first: recovery then takes the copies back, the source staying as NO says (it finished the move, the client
-    told NO: probe h1 of stop 58). Unrecorded (the store failing too), the text says the move may be finished."""
+async def _told_no(entry: JournalEntry, mailbox_map: MailboxMap, why: str, done: str = "moved", *,
+                   by: Sequence[BackendProtocol]) -> str:
+    """The text of a NO about to be said of a MOVE (COPY: *done* "copied") whose copies may be at the
+    destination. That NO is recorded first: recovery then takes the copies back, the source staying as NO
+    says (it finished the move, the client told NO: probe h1 of stop 58). Unrecorded (the store failing
+    too) or not to be undone (a backend recovery logs in to, *by*, without a master user; no UIDNEXT to
+    find the copies above), the text says what may be."""
     entry.data["told"] = "NO"
     why = why[:1].upper() + why[1:]
     try:
+        if any(conn.config.master_user is None for conn in by) or "dst_uidnext" not in entry.data:
+            raise NoMasterUser(entry.id)  # recovery cannot log in (README), or find the copies
         await mailbox_map.record(entry)
     except Exception:
-        return f"[UNAVAILABLE] {why}: they may have been copied; the move will be completed, or the source kept"
-    return f"[UNAVAILABLE] {why}: nothing was moved (any copies saved there are taken back)"
+        return f"[UNAVAILABLE] {why}: they may have been copied" + (
+            "; the move will be completed, or the source kept" if done == "moved" else "")
+    return f"[UNAVAILABLE] {why}: nothing was {done} (any copies saved there are taken back)"
 
 
 async def _carry(dst: BackendProtocol, mailbox: str, validity: int, changes: dict[int, tuple[set[bytes], set[bytes]]],

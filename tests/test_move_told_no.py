@@ -1,4 +1,4 @@
-"""A MOVE across answered NO while its copies may be at the destination is undone, not finished.
+"""A MOVE (or COPY) across answered NO while its copies may be at the destination is undone, not finished.
 
 Probe h1 (stop 58): the destination Dovecot killed right after its MULTIAPPEND saved the copies; the client
 heard ``NO backend b2 closed the connection`` (or ``NO [UNAVAILABLE] ... the move will be completed, or the
@@ -48,11 +48,12 @@ class CuttingRelay(Relay):
             _close(src, dst)
 
 
-@pytest.mark.parametrize("pattern, up", [
-    (b"OK [APPENDUID ", False),  # saved, the answer never heard: the commit unknown (copystream.CommitUnknown)
-    (b"EXAMINE Shared/Dst", True),  # saved and answered, gone before the copies were checked
-], ids=["commit-unheard", "before-the-check"])
-def test_a_move_answered_no_leaves_the_messages_in_the_source_only(fleet, proxy_factory, pattern, up):
+@pytest.mark.parametrize("command, pattern, up", [
+    (b"UID MOVE", b"OK [APPENDUID ", False),  # saved, the answer never heard: the commit unknown (CommitUnknown)
+    (b"UID MOVE", b"EXAMINE Shared/Dst", True),  # saved and answered, gone before the copies were checked
+    (b"UID COPY", b"OK [APPENDUID ", False),  # a COPY so told: its copies taken back too (movefinish.undo_copy)
+], ids=["commit-unheard", "before-the-check", "copy-commit-unheard"])
+def test_a_move_answered_no_leaves_the_messages_in_the_source_only(fleet, proxy_factory, command, pattern, up):
     ids = [f"told-no-{i}@t" for i in range(6)]
     seed(fleet["b1"], "carol", "Src", ids, size=4000)
     with fleet["b3"].client("carol") as m:
@@ -67,9 +68,10 @@ def test_a_move_answered_no_leaves_the_messages_in_the_source_only(fleet, proxy_
         w = Wire(proxy.host, proxy.port)
         w.login("carol")
         w.cmd(b"s", b"SELECT Src")
-        reply = w.cmd(b"m", b"UID MOVE 1:* Shared/Dst")
+        reply = w.cmd(b"m", command + b" 1:* Shared/Dst")
         assert relay.cut.is_set(), reply
-        assert reply[-1].startswith(b"m NO [UNAVAILABLE] ") and b"nothing was moved" in reply[-1], reply
+        done = b"moved" if b"MOVE" in command else b"copied"
+        assert reply[-1].startswith(b"m NO [UNAVAILABLE] ") and b"nothing was " + done in reply[-1], reply
         assert not [line for line in reply if line.endswith(b" EXPUNGE\r\n")], reply
         deadline = time.monotonic() + 60  # the proxy's own recovery, every few seconds
         while True:
@@ -81,6 +83,32 @@ def test_a_move_answered_no_leaves_the_messages_in_the_source_only(fleet, proxy_
         assert left == {}, left
         assert journal_empty(proxy)
         assert w.cmd(b"n", b"UID SEARCH ALL")[0] == b"* SEARCH 1 2 3 4 5 6\r\n"  # the session's view, as it was told
+        w.close()
+    finally:
+        relay.close()
+
+
+def test_without_master_users_the_no_says_the_messages_may_have_been_copied(fleet, proxy_factory):
+    """Recovery cannot log in to take copies back without master users (README): the NO does not promise it."""
+    ids = [f"told-maybe-{i}@t" for i in range(3)]
+    seed(fleet["b1"], "carol", "Src", ids, size=4000)
+    with fleet["b3"].client("carol") as m:
+        m.create("Shared/Dst")
+    b3 = fleet["b3"]
+    relay = CuttingRelay(b3.host, b3.port, b"OK [APPENDUID ", False)
+    relay.start()
+    try:
+        proxy = proxy_factory({"backends": {"b3": {"endpoint": relay.endpoint()}}}, rules=RULES)
+        w = Wire(proxy.host, proxy.port)
+        w.login("carol")
+        w.cmd(b"s", b"SELECT Src")
+        for tag, command in ((b"c", b"UID COPY 1:* Shared/Dst"), (b"m", b"UID MOVE 1:* Shared/Dst")):
+            relay.cut.clear()
+            reply = w.cmd(tag, command)
+            assert relay.cut.is_set(), reply
+            assert reply[-1].startswith(tag + b" NO [UNAVAILABLE] ") and b"they may have been copied" in reply[-1], reply
+            assert b"taken back" not in reply[-1], reply
+        assert census(fleet, "carol")[1][ids[0]][0] == ("b1", "Src")  # (the source untouched: no EXPUNGE said)
         w.close()
     finally:
         relay.close()
