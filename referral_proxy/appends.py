@@ -9,7 +9,7 @@ APPENDs before them are answered.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,7 +120,9 @@ class Appends:
         self._taker: Taker | None = None  # the last target that took this session's messages
         self.current: AppendCommand | None = None
         self.unanswered: SmallSet = SmallSet()
-        self._after: list[bytes] = []  # the proxy's own refusals of later commands, held until those are answered
+        # the proxy's own refusals of later commands, and (a Deferred) its own command waiting its turn (in_turn),
+        # held until those before are answered
+        self._after: list[bytes | defer.Deferred[None]] = []
         self.no_staging: SmallSet = SmallSet()  # backends that refused a staging mailbox: one message per APPEND there
 
     def after_answers(self, line: bytes) -> None:
@@ -133,12 +135,32 @@ class Appends:
         else:
             self.host.send(line)
 
+    async def in_turn(self, work: Coroutine[Any, Any, None]) -> None:
+        """*work*, a command the proxy carries out itself, once every APPEND and relayed command before it is
+        answered: what it says comes after their answers, as from a server running commands one after the other
+        (a STATUS answered from a move's view came before the answer of a relayed STATUS sent before it: probe h3
+        of stop 58). Nothing is read meanwhile (session.run)."""
+        if self.unanswered or self.host.relay.in_flight or self._after:
+            turn: defer.Deferred[None] = defer.Deferred()
+            self._after.append(turn)
+            try:
+                await turn
+            except BaseException:  # (the session gone first: never run)
+                work.close()
+                raise
+        await work
+
     def answered_one(self) -> None:
-        """A command before the held refusals has its answer: they go once none is unanswered."""
+        """A command before the held refusals (or a command waiting its turn) has its answer: they go once none is
+        unanswered."""
         if self._after and not self.unanswered and not self.host.relay.in_flight:
-            lines, self._after = self._after, []
-            self.host.send(b"".join(lines))
+            held, self._after = self._after, []
+            if lines := [h for h in held if isinstance(h, bytes)]:
+                self.host.send(b"".join(lines))
             self.host.unblock(Block.HELD)
+            for h in held:
+                if not isinstance(h, bytes):
+                    h.callback(None)
 
     def start(self, event: AppendStart) -> None:
         """Route an APPEND to its mailbox's backend and start streaming it there, unless a RENAME of

@@ -342,8 +342,8 @@ class ClientSession(HalfClose, Protocol):
                 log.failure("session {id}: command failed", f, id=self.id)
                 self.tagged(tag, "NO", "[SERVERBUG] Internal proxy error")
 
-        stayalive.during(self.ctx.reactor, self, defer.ensureDeferred(work)).addErrback(failed).addBoth(
-            lambda _: self.unblock(Block.TASK))
+        stayalive.during(self.ctx.reactor, self, defer.ensureDeferred(self.appends.in_turn(work))).addErrback(
+            failed).addBoth(lambda _: self.unblock(Block.TASK))
 
     def _text_line(self, line: TextLine) -> None:
         if not self.auth.sasl_response(line):

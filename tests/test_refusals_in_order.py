@@ -6,9 +6,14 @@ name, and a referred APPEND were sent at once: `b NO [REFERRAL ...]` before `a O
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
+from createrelay import Relay, _close
 from imapwire import Wire
 from mailcheck import contents
+from test_moves import MASTERS
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -117,3 +122,57 @@ def test_a_command_whose_connection_went_before_it_was_sent_holds_no_refusal_bac
     assert relay.in_flight == 0
     h.session.appends.after_answers(b"g BAD Unknown command BOGUS\r\n")
     assert h.to_client().endswith(b"g BAD Unknown command BOGUS\r\n")
+
+
+class SlowStatus(Relay):
+    """In front of a Dovecot: a response chunk holding the STATUS of Shared/Projects is passed on 1.5 s late."""
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not up and b"* STATUS Shared/Projects " in data:
+                    time.sleep(1.5)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(src, dst)
+
+
+OWN = [  # commands the proxy carries out itself (session.run), pipelined after a relayed one not answered yet
+    b"b RENAME Work Archive/Work\r\n",
+    b"b UID COPY 1 Archive/X\r\n",
+    b"b RENAME Work Work2\r\n",
+]
+
+
+@pytest.mark.parametrize("follower", OWN, ids=["rename-across", "copy-across", "rename-here"])
+def test_what_the_proxy_carries_out_itself_is_answered_after_the_relayed_command_before_it(
+        proxy_factory, fleet, follower):
+    """Probe h3 of stop 58: ``x STATUS S/o`` (relayed) then ``y STATUS Rbig`` (answered from a move's view)
+    in one write: y's answer came first. Now a command the proxy carries out itself waits for the answers
+    of the commands before it (appends.in_turn), as Dovecot, running them one after the other, answers."""
+    with fleet["b1"].client("alice") as m:
+        m.create("Work")
+        m.append("INBOX", "", None, b"Subject: one\r\n\r\none\r\n")
+    with fleet["b2"].client("alice") as m:
+        m.create("Archive/X")
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/Projects")
+    b3 = fleet["b3"]
+    relay = SlowStatus(b3.host, b3.port)
+    relay.start()
+    try:
+        backends = {b: dict(MASTERS["backends"][b]) for b in ("b1", "b2", "b3")}
+        backends["b3"]["endpoint"] = relay.endpoint()
+        proxy = proxy_factory({"backends": backends}, rules=RULES + [{"mailbox": "Archive/*", "backend": "b2"}])
+        w = Wire(proxy.host, proxy.port, timeout=60)
+        w.login()
+        assert w.cmd(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        w.send(b"a STATUS Shared/Projects (MESSAGES)\r\n" + follower + b"c NOOP\r\n")
+        tags = [line.split(b" ", 1)[0] for line in w.until_tagged(b"c") if not line.startswith(b"* ")]
+        w.close()
+    finally:
+        relay.close()
+    assert tags == [b"a", b"b", b"c"], tags
+

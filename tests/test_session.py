@@ -74,6 +74,28 @@ def test_capability_after_login_waits_for_earlier_commands():
     assert out.endswith(b"a2 OK Capability completed.\r\n")
 
 
+def test_what_the_proxy_carries_out_itself_waits_for_the_answers_before_it():
+    """A command of the proxy's own (session.run) says nothing until the relayed command before it is answered
+    (probe h3 of stop 58: ``y NO Mailbox doesn't exist`` of a STATUS answered from a move's view came before
+    the relayed ``x STATUS`` sent before it); a refusal read meanwhile waits behind it."""
+    h = SessionHarness()
+    h.login()
+    h.send(b"a1 NOOP\r\n")
+    assert h.to_backend() == b"rp1 NOOP\r\n"
+    ran = []
+
+    async def work() -> None:
+        ran.append(True)
+        h.session.tagged(b"a2", "NO", "mine")
+
+    h.session.run(b"a2", work())
+    assert ran == [] and h.to_client() == b""  # not even begun
+    h.from_backend(b"rp1 OK NOOP completed.\r\n")
+    assert ran == [True] and h.to_client() == b"a1 OK NOOP completed.\r\na2 NO mine\r\n"
+    h.send(b"a3 NOOP\r\n")  # read again once it is done
+    assert h.to_backend() == b"rp2 NOOP\r\n"
+
+
 def test_collected_literal_to_backend_with_literal_plus():
     """Synchronizing even so: a backend that refuses what comes before the literal (its
     tokenizer stricter than the proxy's grammar) must never read the literal as commands."""
