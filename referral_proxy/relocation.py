@@ -44,10 +44,16 @@ BYE = b"Your mail moved to another server, please log in again"
 
 
 def moved(session: Any, mailbox_map: MailboxMap) -> str | None:
-    """What of *session* lives elsewhere now ("home", "selected mailbox"), or None."""
+    """What of *session* lives elsewhere now ("home", "selected mailbox", a server a reload gave another
+    endpoint: its connection there reaches the old one, probe h3 of stop 58), or None."""
     user, home = session.user, session.home
     if user is None or home is None:
         return None
+    if session.pool is not None:
+        backends = session.config.backends
+        for conn in session.pool.conns.values():
+            if (now := backends.get(conn.name)) is not None and now.endpoint != conn.config.endpoint:
+                return f"server {conn.name}"
     if home not in mailbox_map.home(user).backends:
         return "home"
     mailbox, where = session.selected_mailbox, session.selected
@@ -133,8 +139,8 @@ def between_commands(session: Any) -> bool:
 
 
 class RelocationWatch:
-    """Once a second: if the map changed, or a mailbox move began, BYE the sessions that
-    :func:`moved` or :func:`held_by` names."""
+    """Once a second: if the map changed, a mailbox move began or a reload gave a backend another endpoint,
+    BYE the sessions that :func:`moved` or :func:`held_by` names."""
 
     def __init__(self, reactor: Any, mailbox_map: MailboxMap, sessions: Iterable[Any]) -> None:
         self.map, self.sessions = mailbox_map, sessions
@@ -156,6 +162,10 @@ class RelocationWatch:
 
     def start(self) -> None:
         self._loop.start(CHECK_SECONDS, now=False)
+
+    def reloaded(self) -> None:
+        """A reload gave a backend another endpoint: the sessions are looked at (moved) at the next tick."""
+        self._seen = -1
 
     def stop(self) -> None:
         if self._loop.running:

@@ -392,7 +392,8 @@ class ProxyService(MultiService):
 
     def reload(self, path: str | None = None) -> None:
         """SIGHUP: read the file again; backends and map rules change together, for new
-        commands of every session (its own connections stay). A bad file changes nothing."""
+        commands of every session (its own connections stay, but one to a backend given another
+        endpoint ends the session: relocation.moved). A bad file changes nothing."""
         path = path or (str(self.config.path) if self.config.path else None)
         if path is None:
             return
@@ -443,6 +444,8 @@ class ProxyService(MultiService):
             if now != then:  # read once, at start-up: the running values are kept
                 log.warn("reload: {what} changes need a restart; still {then}", what=what, then=str(then))
         config = keep_restart_only(config, self.config)
+        if any(b in config.backends and config.backends[b].endpoint != c.endpoint for b, c in self.config.backends.items()):
+            self.relocation.reloaded()  # sessions connected to an old endpoint are told BYE (relocation.moved)
         if (config.map.rules, config.map.default) != (self.config.map.rules, self.config.map.default) and self.role is None:
             log.warn("reload: the map rules changed; no mail moves with them: a mailbox now routed elsewhere looks "
                      "empty or gone until its mail is moved (`referral-proxy move`); sessions whose home or selected "

@@ -102,7 +102,7 @@ def _session(home: str, selected: str | None = None, mailbox: bytes | None = Non
                     mailboxes=SimpleNamespace(selected_since=since),
                     idle=SimpleNamespace(current=idle), relay=SimpleNamespace(in_flight=in_flight),
                     flow=SimpleNamespace(blocked=()), reader=SimpleNamespace(between_commands=True),
-                    appends=SimpleNamespace(unanswered=()))
+                    appends=SimpleNamespace(unanswered=()), pool=None)
 
 
 def test_the_watch_waits_for_a_command_under_way_and_ignores_what_stays():
