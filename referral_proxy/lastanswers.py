@@ -22,11 +22,13 @@ _LOOK = 0.05
 
 
 def owes_answer(session: Any) -> bool:
-    """A relayed command, or an APPEND whose last byte went to its backend (which commits it), is not
+    """A relayed command, an APPEND whose last byte went to its backend (which commits it), or a command the
+    proxy carries out itself (a COPY across: its answer came after the BYE, probe h3 of stop 58) is not
     answered yet (an IDLE never is: its DONE would have to come from the client)."""
     if session.closed or session.idle.current is not None:
         return False
-    return bool(session.relay.in_flight) or any(cmd.input_over for cmd in session.appends.unanswered)
+    return (bool(session.relay.in_flight) or Block.TASK in session.flow.blocked
+            or any(cmd.input_over for cmd in session.appends.unanswered))
 
 
 def end_after_answers(session: Any, reactor: Any, bye: bytes | None) -> None:

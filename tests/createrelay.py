@@ -1,5 +1,5 @@
-"""TCP relays in front of a real Dovecot for tests: Relay (the base, also test_moves_drain's holder) and
-RefusingRelay, which answers some CREATEs as Dovecot 2.3.19 now and then does.
+"""TCP relays in front of a real Dovecot for tests: Relay (the base, also test_moves_drain's holder), SlowRelay
+(some answers late) and RefusingRelay, which answers some CREATEs as Dovecot 2.3.19 now and then does.
 
 Dovecot 2.3.19 (maildir, ACL plugin) answers a CREATE of a new name ``NO [ALREADYEXISTS] Mailbox
 already exists`` and yet makes the mailbox, while other sessions of the same user LIST or MYRIGHTS
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 
 REFUSED = b"NO [ALREADYEXISTS] Mailbox already exists (0.004 + 0.000 + 0.003 secs)."
 
@@ -45,6 +46,25 @@ class Relay(threading.Thread):
 
     def close(self) -> None:
         self.listener.close()
+
+
+class SlowRelay(Relay):
+    """Relays as it is, each response chunk holding *pattern* passed on *seconds* late (a backend slow to answer)."""
+
+    def __init__(self, host: str, port: int, pattern: bytes, seconds: float) -> None:
+        super().__init__(host, port)
+        self.pattern, self.seconds = pattern, seconds
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not up and self.pattern in data:
+                    time.sleep(self.seconds)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(src, dst)
 
 
 class RefusingRelay(Relay):

@@ -6,11 +6,8 @@ name, and a referred APPEND were sent at once: `b NO [REFERRAL ...]` before `a O
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
-from createrelay import Relay, _close
+from createrelay import SlowRelay
 from imapwire import Wire
 from mailcheck import contents
 from test_moves import MASTERS
@@ -124,21 +121,6 @@ def test_a_command_whose_connection_went_before_it_was_sent_holds_no_refusal_bac
     assert h.to_client().endswith(b"g BAD Unknown command BOGUS\r\n")
 
 
-class SlowStatus(Relay):
-    """In front of a Dovecot: a response chunk holding the STATUS of Shared/Projects is passed on 1.5 s late."""
-
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if not up and b"* STATUS Shared/Projects " in data:
-                    time.sleep(1.5)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _close(src, dst)
-
-
 OWN = [  # commands the proxy carries out itself (session.run), pipelined after a relayed one not answered yet
     b"b RENAME Work Archive/Work\r\n",
     b"b UID COPY 1 Archive/X\r\n",
@@ -160,7 +142,7 @@ def test_what_the_proxy_carries_out_itself_is_answered_after_the_relayed_command
     with fleet["b3"].client("alice") as m:
         m.create("Shared/Projects")
     b3 = fleet["b3"]
-    relay = SlowStatus(b3.host, b3.port)
+    relay = SlowRelay(b3.host, b3.port, b"* STATUS Shared/Projects ", 1.5)
     relay.start()
     try:
         backends = {b: dict(MASTERS["backends"][b]) for b in ("b1", "b2", "b3")}

@@ -12,8 +12,9 @@ import signal
 import time
 
 import pytest
+from createrelay import SlowRelay
 from imapwire import Wire
-from movecheck import body, census
+from movecheck import body, census, seed
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -48,3 +49,40 @@ def test_an_append_sent_whole_before_sigterm_is_answered_before_the_bye(proxy_fa
     else:
         assert saved == [0, 0], dict(where)
         assert not answers or not answers[0].startswith(b"a OK"), answers
+
+
+def test_a_copy_across_under_way_at_sigterm_is_answered_before_the_bye_and_nothing_after_it(proxy_factory, fleet):
+    """Probe h3 of stop 58: the stop waited for relayed commands and APPENDs, not for a command the proxy
+    carries out itself: a COPY across under way was cut, and its answer (NO [UNAVAILABLE], or a MOVE's
+    "will be retried" that recovery then finished) came AFTER ``* BYE Server shutting down``, where Dovecot
+    writes nothing. Now such a command is waited for as the others (3 s at most), and nothing follows a BYE."""
+    ids = [f"stopcopy-{i}@t" for i in range(3)]
+    seed(fleet["b1"], "carol", "Src", ids)
+    with fleet["b3"].client("carol") as m:
+        m.create("Shared/Dst")
+    b3 = fleet["b3"]
+    relay = SlowRelay(b3.host, b3.port, b"OK [APPENDUID ", 1.0)  # the copy lands; its answer is a second late
+    relay.start()
+    try:
+        proxy = proxy_factory({"backends": {"b3": {"endpoint": relay.endpoint()}}},
+                              rules=[{"mailbox": "Shared/*", "backend": "b3"}])
+        w = Wire(proxy.host, proxy.port, timeout=60)
+        w.login("carol")
+        assert w.cmd(b"s", b"SELECT Src")[-1].startswith(b"s OK")
+        w.send(b"t UID COPY 1:* Shared/Dst\r\n")
+        time.sleep(0.4)
+        proxy.process.send_signal(signal.SIGTERM)
+        lines = []
+        try:
+            while True:
+                lines.append(w.line())
+        except (ConnectionError, OSError):
+            pass
+        w.close()
+        proxy.process.wait(30)
+    finally:
+        relay.close()
+    said = [line[:40] for line in lines if not line.startswith(b"* OK Hang")]
+    assert len(said) == 2 and said[0].startswith(b"t OK [COPYUID ") and said[1].startswith(b"* BYE "), said
+    where = census(fleet, "carol")[1]
+    assert all(sorted(where[i]) == [("b1", "Src"), ("b3", "Shared/Dst")] for i in ids), dict(where)
