@@ -28,6 +28,17 @@ class Wire:
         line, _, self.buf = self.buf.partition(b"\r\n")
         return line + b"\r\n"
 
+    def lines_until(self, *stop: type[BaseException]) -> list[bytes]:
+        """Every line received until reading the next raises one of *stop* (the peer closed: ConnectionError,
+        OSError; nothing more for now, under a short timeout: TimeoutError)."""
+        lines = []
+        try:
+            while True:
+                lines.append(self.line())
+        except stop:
+            pass
+        return lines
+
     def read_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
             chunk = self.sock.recv(max(65536, n - len(self.buf)))

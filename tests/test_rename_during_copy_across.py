@@ -31,12 +31,8 @@ pytestmark = pytest.mark.usefixtures("clean_mail")
 def _ready(w: Wire) -> list[bytes]:
     """The lines *w* has received by now (a short look: nothing waited for)."""
     w.sock.settimeout(0.3)
-    lines = []
     try:
-        while True:
-            lines.append(w.line())
-    except (TimeoutError, BlockingIOError):
-        pass
+        lines = w.lines_until(TimeoutError, BlockingIOError)
     finally:
         w.sock.settimeout(120)
     w.buf = b"".join(lines) + w.buf  # (given back: until_tagged reads them again)

@@ -21,6 +21,13 @@ pytestmark = pytest.mark.usefixtures("clean_mail")
 SIZE = 30_000_000  # Dovecot takes a moment to save it: the stop comes before its answer
 
 
+def _to_the_end(w: Wire) -> list[bytes]:
+    """Every line *w* receives until the proxy closes the connection."""
+    lines = w.lines_until(ConnectionError, OSError)
+    w.close()
+    return lines
+
+
 @pytest.mark.parametrize("run", range(2))
 def test_an_append_sent_whole_before_sigterm_is_answered_before_the_bye(proxy_factory, fleet, run):
     proxy = proxy_factory()
@@ -31,13 +38,7 @@ def test_an_append_sent_whole_before_sigterm_is_answered_before_the_bye(proxy_fa
     time.sleep(1.5)  # both literals on their way to the backend
     w.send(b"\r\n")  # the command's end: from now on the backend may commit it
     proxy.process.send_signal(signal.SIGTERM)
-    lines = []
-    try:
-        while True:
-            lines.append(w.line())
-    except (ConnectionError, OSError):
-        pass
-    w.close()
+    lines = _to_the_end(w)
     proxy.process.wait(30)
     counts, where = census(fleet, "carol")
     saved = [counts["stop-1@t"], counts["stop-2@t"]]
@@ -72,13 +73,7 @@ def test_a_copy_across_under_way_at_sigterm_is_answered_before_the_bye_and_nothi
         w.send(b"t UID COPY 1:* Shared/Dst\r\n")
         time.sleep(0.4)
         proxy.process.send_signal(signal.SIGTERM)
-        lines = []
-        try:
-            while True:
-                lines.append(w.line())
-        except (ConnectionError, OSError):
-            pass
-        w.close()
+        lines = _to_the_end(w)
         proxy.process.wait(30)
     finally:
         relay.close()
