@@ -22,7 +22,7 @@ def run(config_path: str, *, on_step: Callable[[Any], None] | None = None) -> in
     from twisted.internet import reactor
 
     from .service import ProxyService, load_and_check
-    from .tap import install_sighup
+    from .tap import install_sighup, install_stop_once
 
     try:
         config = load_and_check(config_path, reactor)
@@ -44,6 +44,7 @@ def run(config_path: str, *, on_step: Callable[[Any], None] | None = None) -> in
         sys.stderr.write(f"referral-proxy: cannot start: {e}\n")
         return 1
     install_sighup(reactor, service)
+    install_stop_once(reactor)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return 0

@@ -6,6 +6,7 @@ import signal
 import sys
 from typing import IO, Any
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 from twisted.python.logfile import LogFile
 
@@ -66,3 +67,19 @@ def install_sighup(reactor, service: ProxyService) -> None:
     """Reload the map rules on SIGHUP, from the reactor thread."""
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload))
+
+
+def install_stop_once(reactor) -> None:
+    """Once the reactor runs (its own handlers installed): SIGTERM/SIGINT stop it, a second one while it stops
+    does nothing (Twisted's raised ReactorNotRunning, logged as a critical error: probe h3 of stop 58)."""
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def install() -> None:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: reactor.callFromThread(stop))
+
+    reactor.callWhenRunning(install)

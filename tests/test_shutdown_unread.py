@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 
 from imapwire import Wire
 
@@ -34,3 +35,23 @@ def test_sigterm_with_a_client_that_reads_nothing_names_it_without_a_traceback(f
     log = proxy.stderr_text()
     assert "Unhandled error in Deferred" not in log and "Traceback" not in log, log[-3000:]
     assert "1 client connection(s) still open after" in log, log[-3000:]
+
+
+def test_a_second_sigterm_while_stopping_logs_no_error(fleet, clean_mail, proxy_factory):
+    """Probe h3 of stop 58: a second SIGTERM 5-15 ms after the first logged ``[twisted.internet.base#critical]
+    ... ReactorNotRunning`` with a traceback (4 of 12): Twisted's handler stopped the reactor twice. (Later,
+    once Twisted has put the default handlers back, a second SIGTERM ends the process: not looked at here.)"""
+    logs = []
+    for delay in (0.0, 0.002, 0.005):
+        proxy = proxy_factory()
+        c = Wire(proxy.host, proxy.port)
+        c.login()  # a session to say BYE to: the stop takes a moment
+        proxy.send_signal(signal.SIGTERM)
+        time.sleep(delay)
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.process is not None
+        proxy.process.wait(60)
+        c.close()
+        logs.append(proxy.stderr_text())
+    bad = [log[-2000:] for log in logs if "ReactorNotRunning" in log or "Traceback" in log or "#critical" in log]
+    assert bad == [], bad
