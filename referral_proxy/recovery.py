@@ -99,6 +99,8 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
         if entry.op == COPIES and clock is not None:  # its APPEND, held by Dovecot on a lock, may still commit:
             await task.deferLater(clock, SETTLE, lambda: None)  # a MOVE begun at once would take that copy
         await mailbox_map.end_move(entry)
+        if entry.op == COPIES and "hashes" in entry.data:  # its last byte went: the copies may be there (probe i1)
+            return "released (a COPY never answered: any copies it saved stay where they are)"
         return "released (nothing was changed)"
     if entry.op == "move":
         # the sessions of other processes selected in a source are told BYE before the drain's EXPUNGEs: the

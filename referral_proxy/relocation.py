@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from . import peerholds
 from .journal import Reservation, covers
+from .lastanswers import end_after_answers
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX
 from .store import SQLiteStore
@@ -164,8 +165,14 @@ class RelocationWatch:
         self._loop.start(CHECK_SECONDS, now=False)
 
     def reloaded(self) -> None:
-        """A reload gave a backend another endpoint: the sessions are looked at (moved) at the next tick."""
-        self._seen = -1
+        """A reload gave a backend another endpoint: a session connected to the old one reads no further command
+        and ends (BYE) once what it owes is answered, now, not at the next tick (probe i1 of stop 58: APPENDs
+        in the second before it were saved on the old server)."""
+        for session in list(self.sessions):
+            if (what := moved(session, self.map)) is not None and what.startswith("server "):
+                log.info("session {id}: {user}'s {what} has another endpoint: BYE", id=session.id, user=session.user,
+                         what=what)
+                end_after_answers(session, self._reactor, b"* BYE " + BYE + b"\r\n")
 
     def stop(self) -> None:
         if self._loop.running:

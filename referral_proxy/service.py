@@ -444,14 +444,16 @@ class ProxyService(MultiService):
             if now != then:  # read once, at start-up: the running values are kept
                 log.warn("reload: {what} changes need a restart; still {then}", what=what, then=str(then))
         config = keep_restart_only(config, self.config)
-        if any(b in config.backends and config.backends[b].endpoint != c.endpoint for b, c in self.config.backends.items()):
-            self.relocation.reloaded()  # sessions connected to an old endpoint are told BYE (relocation.moved)
         if (config.map.rules, config.map.default) != (self.config.map.rules, self.config.map.default) and self.role is None:
             log.warn("reload: the map rules changed; no mail moves with them: a mailbox now routed elsewhere looks "
                      "empty or gone until its mail is moved (`referral-proxy move`); sessions whose home or selected "
                      "mailbox they route elsewhere are told BYE")  # (probe 3, stop 48)
+        repointed = any(b in config.backends and config.backends[b].endpoint != c.endpoint
+                        for b, c in self.config.backends.items())
         self.context.reload(config)
         self.config = config
+        if repointed:
+            self.relocation.reloaded()  # sessions connected to an old endpoint are told BYE (relocation.moved)
         if self.health is not None:
             self.health.reload(config.backends)
         if self.workers is not None:

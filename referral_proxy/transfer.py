@@ -35,7 +35,6 @@ from .mailops import (
     TRYCREATE,
     MailboxGone,
     MessageInfo,
-    NoMasterUser,
     TransferError,
     Vanished,
     exists,
@@ -476,11 +475,13 @@ async def _told_no(entry: JournalEntry, mailbox_map: MailboxMap, why: str, done:
     find the copies above), the text says what may be."""
     entry.data["told"] = "NO"
     why = why[:1].upper() + why[1:]
+    if any(conn.config.master_user is None for conn in by) or "dst_uidnext" not in entry.data:
+        # recovery cannot log in (README) or find the copies: nothing will remove the source or the copies
+        return f"[UNAVAILABLE] {why}: they may have been copied all the same" + (
+            "; the source is kept" if done == "moved" else "")
     try:
-        if any(conn.config.master_user is None for conn in by) or "dst_uidnext" not in entry.data:
-            raise NoMasterUser(entry.id)  # recovery cannot log in (README), or find the copies
         await mailbox_map.record(entry)
-    except Exception:
+    except Exception:  # the store failing too: recovery finishes the move (or releases the COPY) as before
         return f"[UNAVAILABLE] {why}: they may have been copied" + (
             "; the move will be completed, or the source kept" if done == "moved" else "")
     return f"[UNAVAILABLE] {why}: nothing was {done} (any copies saved there are taken back)"

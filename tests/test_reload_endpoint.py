@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from imapwire import Wire
+from imapwire import Wire, wait_for
 from mailcheck import contents
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -38,6 +38,9 @@ def test_sessions_on_a_repointed_backend_are_told_bye_and_new_mail_reaches_the_n
     proxy.config_path.write_text(text.replace(fleet["b3"].endpoint, spare_backend.endpoint)
                                  .replace(fleet["b3"].url, spare_backend.url))
     proxy.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded backends and map rules" in proxy.stderr_text(), "the reload", timeout=15)
+    # at once (probe i1: in the second before the watch's next look, this APPEND was saved on the OLD server)
+    asked.send(b"a APPEND Shared/X {%d+}\r\n" % len(MSG) + MSG + b"\r\n")
     for w in (selected, asked):  # their connections reach the old server: told to log in again
         assert w.line().startswith(b"* BYE "), "no BYE"
         assert w.closed(timeout=10)

@@ -314,7 +314,7 @@ def test_a_destination_lost_before_the_copies_are_checked_is_said_and_left_to_re
     # (no master users here: recovery cannot take the copies back, so the NO promises nothing; with them:
     # test_move_told_no.py)
     assert answer == (b"m NO [UNAVAILABLE] The connection to b2 ended before the copies were checked: they may have "
-                      b"been copied; the move will be completed, or the source kept\r\n"), answer
+                      b"been copied all the same; the source is kept\r\n"), answer
     assert _take(src) == b""  # no STORE, no EXPUNGE on the source
     (entry,) = now(h.context.mailbox_map.entries())
     assert entry.step.value == "move-appending" and entry.owner is None and entry.data["dst_uids"] == "5"
