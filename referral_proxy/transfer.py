@@ -430,10 +430,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
         entry.data["vanished_dst"] = uid_set(copy_of[u] for u in uids if u not in kept).decode()
         await mailbox_map.step(entry, Step.MOVE_EXPUNGING)
         if present:
-            copyuid = (f"[COPYUID {copied.uidvalidity} {uid_set(present).decode()} "
-                       f"{uid_set(copy_of[u] for u in present).decode()}]")
             said = len(untagged)
-            untagged.append(b"* OK " + copyuid.encode() + b" Moved\r\n")  # RFC 6851: before the EXPUNGEs
+            untagged.append(_said_moved(copied.uidvalidity, present, copy_of))  # RFC 6851: before the EXPUNGEs
             last: dict[int, frozenset[bytes] | None] = {}  # their flags as they went: a later change carried too
             expunged = await expunge_uids(src, present, untagged, last)  # one kept raises: its copy is a second
             await _carry(dst, dst_mailbox, copied.uidvalidity, flag_changes(flags_now, last, copy_of), src)
@@ -443,7 +441,8 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
             # left to recovery (which needs master users): those kept stay, their copies taken back.
             try:
                 return await _unmoved(entry, mailbox_map, src, infos, dst, dst_mailbox, copy_of, set(present), untagged,
-                                      (said, copied.uidvalidity), f"{e}; those still in the source were not moved")
+                                      None if said is None else (said, copied.uidvalidity),
+                                      f"{e}; those still in the source were not moved")
             except BackendError as again:
                 e = again
         not_deleted = _flagged_by_move(infos)
@@ -499,6 +498,11 @@ async def _carry(dst: BackendProtocol, mailbox: str, validity: int, changes: dic
 _UNFLAG = b"UID STORE %s -FLAGS.SILENT (\\Deleted)"  # a source that stays: the flag the MOVE set, taken back
 
 
+def _said_moved(validity: int, uids: Sequence[int], copy_of: dict[int, int]) -> bytes:
+    """RFC 6851's untagged ``* OK [COPYUID ...] Moved`` of *uids*, said before their EXPUNGEs."""
+    return b"* OK [COPYUID %d %s %s] Moved\r\n" % (validity, uid_set(uids), uid_set(copy_of[u] for u in uids))
+
+
 def _flagged_by_move(infos: list[MessageInfo]) -> list[int]:
     """The sources this MOVE flags \\Deleted (they were not before it): the ones whose flag goes back if they stay."""
     return [i.uid for i in infos if b"\\DELETED" not in {flag_key(f) for f in i.flags}]
@@ -506,7 +510,7 @@ def _flagged_by_move(infos: list[MessageInfo]) -> list[int]:
 
 async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtocol, infos: list[MessageInfo],
                    dst: BackendProtocol, dst_mailbox: str, copy_of: dict[int, int], flagged: set[int],
-                   untagged: list[bytes], copyuid: tuple[int | None, int] | None = None, why: str = "") -> CopyOutcome:
+                   untagged: list[bytes], copyuid: tuple[int, int] | None = None, why: str = "") -> CopyOutcome:
     """A MOVE across whose sources could not all be flagged \\Deleted: those still in the source are not moved.
     The flag this move set is cleared first; a source gone since this move flagged it (*flagged*: another
     session's EXPUNGE took it on that flag) is moved, its copy kept (probe s2: taken back too, in neither
@@ -520,10 +524,9 @@ async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendPro
     there = set(await still_there(src, sorted(copy_of), untagged))
     back = [copy_of[u] for u in sorted(copy_of) if u in there or u not in flagged]
     moved = [u for u in sorted(copy_of) if u not in there and u in flagged]
-    if copyuid is not None and copyuid[0] is not None:
+    if copyuid is not None:
         if moved:
-            line = f"* OK [COPYUID {copyuid[1]} {uid_set(moved).decode()} {uid_set(copy_of[u] for u in moved).decode()}]"
-            untagged[copyuid[0]] = line.encode() + b" Moved\r\n"
+            untagged[copyuid[0]] = _said_moved(copyuid[1], moved, copy_of)
         else:
             del untagged[copyuid[0]]
     entry.data["present"], entry.data["vanished_dst"] = "", uid_set(back).decode()
