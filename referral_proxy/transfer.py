@@ -467,11 +467,9 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
 
 async def _told_no(entry: JournalEntry, mailbox_map: MailboxMap, why: str, done: str = "moved", *,
                    by: Sequence[BackendProtocol]) -> str:
-    """The text of a NO about to be said of a MOVE (COPY: *done* "copied") whose copies may be at the
-    destination. That NO is recorded first: recovery then takes the copies back, the source staying as NO
-    says (it finished the move, the client told NO: probe h1 of stop 58). Unrecorded (the store failing
-    too) or not to be undone (a backend recovery logs in to, *by*, without a master user; no UIDNEXT to
-    find the copies above), the text says what may be."""
+    """The text of a NO about to be said of a MOVE (COPY: *done* "copied") whose copies may be at the destination,
+    recorded first: recovery then takes the copies back, as NO says (probe h1 of stop 58). Not to be undone (*by*
+    without a master user; no UIDNEXT to find them above) or unrecorded, the text says what may be."""
     entry.data["told"] = "NO"
     why = why[:1].upper() + why[1:]
     if any(conn.config.master_user is None for conn in by) or "dst_uidnext" not in entry.data:
@@ -524,11 +522,8 @@ async def _unmoved(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendPro
     there = set(await still_there(src, sorted(copy_of), untagged))
     back = [copy_of[u] for u in sorted(copy_of) if u in there or u not in flagged]
     moved = [u for u in sorted(copy_of) if u not in there and u in flagged]
-    if copyuid is not None:
-        if moved:
-            untagged[copyuid[0]] = _said_moved(copyuid[1], moved, copy_of)
-        else:
-            del untagged[copyuid[0]]
+    if copyuid is not None:  # (the COPYUID said before the expunge: of those moved after all, or gone)
+        untagged[copyuid[0]:copyuid[0] + 1] = [_said_moved(copyuid[1], moved, copy_of)] if moved else []
     entry.data["present"], entry.data["vanished_dst"] = "", uid_set(back).decode()
     if entry.step is Step.MOVE_EXPUNGING:  # (an expunge kept some: the decision is written again)
         await mailbox_map.record(entry)
