@@ -22,9 +22,10 @@ __all__ = ["DATE_TIME", "SYSTEM_FLAGS", "AppendLine", "append_line"]
 
 #: The system flags a message may be appended with (``\Recent`` is the server's).
 SYSTEM_FLAGS = frozenset({b"\\ANSWERED", b"\\FLAGGED", b"\\DELETED", b"\\SEEN", b"\\DRAFT"})
-#: RFC 3501's date-time, and the day without its space (Dovecot takes it too).
+#: RFC 3501's date-time (``time = 2DIGIT ":" 2DIGIT ":" 2DIGIT``: 30:00:00 is syntax Dovecot takes, so not BAD
+#: here; probe j3 F1), and the day without its space (Dovecot takes it too).
 DATE_TIME = re.compile(rb"(?: ?[1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
-                       rb"[0-2][0-9]:[0-5][0-9]:[0-6][0-9] [+-][0-9]{4}", re.IGNORECASE)
+                       rb"[0-9]{2}:[0-9]{2}:[0-9]{2} [+-][0-9]{4}", re.IGNORECASE)
 
 # Possessive runs: a read of 64 KiB without a space is refused at once, not after 64 Ki steps back.
 _PLAIN = rb"[A-Za-z0-9.:,$<>+_\-!#&'/=?@^~|]++"
