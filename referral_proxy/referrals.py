@@ -28,8 +28,11 @@ def _host_port(backend: BackendConfig) -> tuple[str, int | None]:
 
 def referable(config: Config, backend: BackendConfig) -> bool:
     """False when the backend's url reaches one of the proxy's own listeners (``haproxy:``
-    ones too): a client following the referral would come back here, a loop."""
+    ones too): a client following the referral would come back here, a loop. False for an
+    IPv6 address too: its URL's ``]`` would end the ``[REFERRAL ...]`` code (RFC 3501 resp-text-code)."""
     host, port = _host_port(backend)
+    if ":" in host:
+        return False
     port = port or 143
     own_names = {config.proxy.hostname.lower()}
     for spec in config.proxy.listen:

@@ -12,7 +12,7 @@ from imapwire import Wire
 
 from referral_proxy.config import parse_config
 from referral_proxy.imap.url import parse_imap_url
-from referral_proxy.referrals import mailbox_urls, referable
+from referral_proxy.referrals import login_referrals_apply, mailbox_urls, referable
 from referral_proxy.routing import Route
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
@@ -50,6 +50,20 @@ def test_a_url_that_reaches_a_listener_of_the_proxy_is_never_referred_to(listen,
     for members in (("self", "b3"), ("b3", "self"), ("self", "b3", "self")):
         assert mailbox_urls(config, Route(members), "alice", b"Loop/Box") == ["imap://alice;AUTH=*@10.9.9.9:143/Loop/Box"]
     assert mailbox_urls(config, Route(("self",)), "alice", b"Loop/Box") == []
+
+
+@pytest.mark.parametrize("url", ["imap://[::1]:1143", "imap://[2001:db8::7]"])
+def test_a_backend_at_an_ipv6_address_is_never_referred_to(url):
+    """Its URL's "]" would end the [REFERRAL ...] code (RFC 3501 resp-text-code): proxied instead (probe j3 F2)."""
+    raw = {"proxy": {"listen": ["tcp:1143:interface=127.0.0.1"], "hostname": "proxy.test", "login_referrals": True},
+           "backends": {"v6": {"endpoint": "tcp:host=127.0.0.9:port=1143", "url": url, "login_referral": True},
+                        "b3": {"endpoint": "tcp:host=127.0.0.9:port=1143", "url": "imap://10.9.9.9:143"}},
+           "map": {"default": "v6"}}
+    config = parse_config(raw, base=Path("/tmp"))
+    assert not referable(config, config.backends["v6"])
+    assert mailbox_urls(config, Route(("v6", "b3")), "alice", b"S/x") == ["imap://alice;AUTH=*@10.9.9.9:143/S/x"]
+    assert mailbox_urls(config, Route(("v6",)), "alice", b"S/x") == []
+    assert not login_referrals_apply(config)
 
 
 def _loop_proxy(proxy_factory, fleet, members: list[str]):
