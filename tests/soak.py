@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from movecheck import REPO, body, census, cli, deliver_on, message_ids, quote, seed, through_proxy  # noqa: E402
-from soakanswers import Answers  # noqa: E402
+from soakanswers import Answers, long_waits  # noqa: E402
 
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER  # noqa: E402
 from referral_proxy.testing.proxyproc import ProxyProcess  # noqa: E402
@@ -672,6 +672,8 @@ def one_run(fleet, workdir: Path, seed_: int, seconds: float, clients: int = 3, 
                       faults(workdir), ledger.answers)
     for line in figures.faults[:10]:
         print(f"seed {seed_}: proxy fault: {line[:500]}", file=sys.stderr)
+    for line in long_waits(ledger.history, 30.0, LOCK_STALL):
+        print(f"seed {seed_}: long wait: {line}", file=sys.stderr)
     with open(workdir / "history.txt", "w") as f:  # always: a run kept for a slow or refused answer needs it too
         f.writelines(f"{t} c{k} {what}\n" for t, k, what in ledger.history)
     if lost or duplicated or unreachable:

@@ -147,3 +147,28 @@ def parse(line: str) -> Answers:
         answers.longest[command] = float(group["max"])
         answers.slow[command] += int(group["slow"])
     return answers
+
+
+ANSWER = re.compile(r"(.*?): (?:OK|NO|BAD|cut|connection|error|lost|timeout)")
+
+
+def long_waits(history: list, limit: float, stall: float) -> list[str]:
+    """The requests of the soak's history (time, client, what) answered more than *limit* seconds after they were
+    sent, each with the backends SIGKILLed in the *stall* seconds before it: a Dovecot waiting on a lock a killed
+    Dovecot left (up to ~120 s) explains such a wait; one with no kill before it is the proxy's to explain."""
+    pending: dict = {}
+    kills = [(t, what.split()[1]) for t, who, what in history if who == -1 and what.startswith("KILL b")]
+    out = []
+    for t, who, what in history:
+        if who == -1:
+            continue
+        answered = ANSWER.match(what)
+        if answered is None or who not in pending:
+            pending[who] = (t, what)
+            continue
+        start, request = pending.pop(who)
+        if t - start > limit:
+            near = ", ".join(f"{b} {t0 - start:+.1f} s" for t0, b in kills if start - stall <= t0 <= t) or "none"
+            out.append(f"c{who} {request[:120]!r} waited {t - start:.1f} s ({what[len(answered[1]) + 2:][:60]}); "
+                       f"backend kills around it: {near}")
+    return out

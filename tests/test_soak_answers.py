@@ -9,7 +9,7 @@ import socket
 
 import pytest
 from movecheck import quote, seed
-from soakanswers import SLOW, Answers, outcome, parse
+from soakanswers import SLOW, Answers, long_waits, outcome, parse
 from soaktotals import totals
 
 
@@ -109,3 +109,14 @@ def test_dovecot_s_own_answers_are_counted_by_code(fleet, clean_mail):
                                     ("MOVE", "cut"): 1}
     assert [(c, t.split("]")[0]) for c, t in answers.refusals] == [("COPY", "NO [TRYCREATE"), ("MOVE", "BAD Error in IMAP command UID MOVE: Invalid uidset")]
     assert answers.refused().startswith("1x COPY NO [TRYCREATE] ")
+
+
+def test_long_waits_names_each_with_the_backend_kills_before_it():
+    """A soak's summary says which answer took long and whether a killed Dovecot's lock explains it."""
+    history = [(100.0, -1, "KILL b3"), (102.5, 4, "MOVE m1 INBOX/Sub -> Shared"), (103.0, 1, "APPEND ['a'] -> INBOX"),
+               (103.1, 1, "APPEND ['a'] -> INBOX: OK [None]"), (120.0, -1, "KILL proxy0"),
+               (208.9, 4, "MOVE m1 INBOX/Sub -> Shared: OK [None]"), (300.0, 2, "RENAME A B"),
+               (340.0, 2, "RENAME A B: NO [b'[INUSE] try again']")]
+    assert long_waits(history, 30.0, 125.0) == [
+        "c4 'MOVE m1 INBOX/Sub -> Shared' waited 106.4 s (OK [None]); backend kills around it: b3 -2.5 s",
+        "c2 'RENAME A B' waited 40.0 s (NO [b'[INUSE] try again']); backend kills around it: none"]
