@@ -844,6 +844,14 @@ def _after_move_to_itself(direct: bytes, ctx: Context) -> bool:
     return direct.startswith(b"* ") and any(_TO_ITSELF in line for line in ctx.proxy)
 
 
+_SELECTED_AWAY = b" NO [INUSE] Close (or unselect) the mailbox before moving it to another server"
+
+
+def _rename_selected(direct: bytes, proxy: bytes, ctx: Context) -> bool:
+    """Dovecot's completion of a RENAME of the selected mailbox, the proxy's refusal to move it across (same tag)."""
+    return _SELECTED_AWAY in proxy and direct.split(b" ", 1)[0] == proxy.split(b" ", 1)[0]
+
+
 def _own_refusal(direct: bytes, proxy: bytes, ctx: Context) -> bool:
     m = _OWN_REFUSAL.match(proxy)
     return m is not None and direct.split(b" ", 1)[0] in (m.group(1), b"*", b"+")
@@ -927,6 +935,11 @@ DIFFERENCES: dict[str, Difference] = {d.id: d for d in (
                "RFC 3501 9 allows it (tag: any ASTRING-CHAR but `+`, and `]` is one); the proxy gives backends "
                "its own tags and puts the client's back only on the completion and in ESEARCH's quoted "
                "`(TAG \"...\")`", pair=_tag_bracket, extra=_tag_bracket_extra, missing=_tag_bracket_missing),
+    Difference("rename-selected-across", "a RENAME of the selected (or examined) mailbox to a name another "
+               "backend owns gets `NO [INUSE] Close (or unselect) the mailbox before moving it to another server`",
+               "the session's selected state (its UIDs, UIDVALIDITY, sequence numbers) cannot follow the messages "
+               "to a new mailbox on another server; within one backend it is relayed", pair=_rename_selected,
+               scope="split"),
     Difference("move-to-itself", "a MOVE into the selected mailbox itself gets `NO [CANNOT]` (a COPY there is "
                "relayed)", "Dovecot 2.3.19 answers one whose set names a message another session expunged meanwhile "
                "`NO [EXPUNGEISSUED]`, having expunged the other messages without copying them: lost",
