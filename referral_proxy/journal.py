@@ -159,7 +159,8 @@ class StoreUnavailable(Exception):
     Routing goes on from the cache; moves and ``map set`` are refused until it is back."""
 
 
-UNAVAILABLE = "[UNAVAILABLE] The mailbox map is unreachable; moves and renames across servers wait until it is back"
+#: Any command that must write the map (a move, a RENAME or CREATE or DELETE that places or unplaces): probe j1 F3.
+UNAVAILABLE = "[UNAVAILABLE] The mailbox map is unreachable; commands that change where mailboxes live wait until it is back"
 TAKEN_OVER = ("[UNAVAILABLE] This proxy stalled past its lease and recovery took the operation over; "
               "it is finished or undone there: look again shortly")
 
