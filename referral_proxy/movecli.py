@@ -172,11 +172,13 @@ def run_recover(args: argparse.Namespace, *, on_step: StepHook | None = None) ->
         elif left:
             print(f"{len(left)} entr{'y' if len(left) == 1 else 'ies'} left in the journal (running elsewhere, or "
                   "not recovered):")
-            for e in left:  # (probe t5: an owner alive that gave its move up holds it until its lease runs out)
+            for e in left:  # (probe t5: an owner alive that gave its move up holds it until its lease runs out;
+                # probe j1 F2: mostly it is a live proxy recovering it, which the old text did not say)
                 held = f"held by {e.owner}" + (
                     " (no longer running: the next recovery takes it)" if owner_gone(e.owner)
                     else " (running)" if e.lease_expired is None else  # (no leases: SQLite)
-                    f" until its lease ({config.map.lease_seconds:g} s, renewed while it works) runs out")
+                    f", a live process: it finishes the entry, or its lease lapses {config.map.lease_seconds:g} s"
+                    " after its last renewal and the next recovery takes it")
                 print(f"  {describe(e)}: " + (held if e.owner else "nobody's: the sweep retries it"))
         return 1 if any("NOT recovered" in line for line in lines) else 0
 
