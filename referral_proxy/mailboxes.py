@@ -36,6 +36,7 @@ from .imap.reader import Command
 from .imap.referargs import select_params_problem, status_list_problem
 from .imap.response import ResponseStart
 from .imap.url import has_dot_segment
+from .lastanswers import Hurry
 from .listing import command_pieces
 from .localrename import rename_here
 from .mailops import TransferError, exists, subtree
@@ -119,7 +120,7 @@ UNMADE = "[UNAVAILABLE] The mailbox map is unreachable; mailboxes are created an
 class MailboxCommands:
     """The mailbox-routed commands of one session."""
 
-    __slots__ = ("host", "examined", "selected_since", "selects", "unsettled")  # no per-instance dict
+    __slots__ = ("host", "examined", "selected_since", "selects", "unsettled", "hurry")  # no per-instance dict
 
     def __init__(self, host: MailboxHost) -> None:
         self.host = host
@@ -131,6 +132,7 @@ class MailboxCommands:
         # "no mailbox" ran there); one before a SELECT elsewhere must (else that SELECT unselects again).
         self.selects: dict[str, int] = {}
         self.unsettled = 0  # SELECT/EXAMINE/CLOSE/UNSELECTs relayed, not answered yet (selection.settled)
+        self.hurry: Hurry | None = None  # the answer clock of a RENAME across under way (lastanswers.hurry)
 
     def refuse_no(self, tag: bytes, text: str) -> None:
         """``tag NO text``: the proxy's own refusal, answered after the APPENDs before it (RFC 3501
@@ -502,8 +504,9 @@ class MailboxCommands:
         await host.pool.quiet(None)
         sep = host.mailbox_map.separator
         text = old.decode("utf-8", "surrogateescape")  # "inbox/sub" is INBOX/sub, selected in any case
+        self.hurry = Hurry(host.ctx.reactor)  # a stop or an ending session answers it at once past its commit
         mover = Mover(host.mailbox_map, host.pool.fresh, host.user, clock=host.ctx.reactor,
-                      answer_within=ANSWER_WITHIN, turn=mover_turn(host.ctx, host.user),
+                      answer_within=ANSWER_WITHIN, answer_clock=self.hurry, turn=mover_turn(host.ctx, host.user),
                       seen_by_others=seen_within(host.ctx.config.proxy.workers, host.mailbox_map.store,
                                                  host.ctx.config.map.store))
         try:
@@ -523,6 +526,8 @@ class MailboxCommands:
         except TransferError as e:
             text = str(e)
             raise Refusing(text if text.startswith(("NO ", "BAD ")) else "NO " + text) from None
+        finally:
+            self.hurry = None
         host.tagged(cmd.tag, "OK", f"Rename completed ({result.mailboxes} mailbox(es), "
                                    f"{result.messages} message(s) moved to another server"
                                    f"{'; the old mailbox is still being emptied' if result.pending else ''}).")

@@ -113,6 +113,7 @@ class Mover:
     progress: Progress = field(default_factory=Progress)
     clock: Any = None  # IReactorTime, for the waits below (None: none)
     answer_within: float | None = None  # return this many seconds past the commit point, finishing behind (None: wait)
+    answer_clock: Any = None  # the clock of that wait alone (lastanswers.Hurry: a stop answers at once), else clock
     left_to_recovery: bool = field(default=False, init=False)  # a failure whose roll-back failed too (journaled)
     # seconds past its begin before which no source is drained nor set aside: the other processes on the store
     # that see a move only when they look (relocation.seen_within) end their sessions that have one selected first
@@ -245,7 +246,7 @@ class Mover:
                     waiter.callback(outcome)  # None: time is up; a Failure fails the waiter: it is raised below
                 # else: answered already; a failure was logged and the entry left to recovery
 
-            timer = self.clock.callLater(self.answer_within, settled, None)
+            timer = (self.answer_clock or self.clock).callLater(self.answer_within, settled, None)
             finishing.addBoth(settled)
             result.pending = await waiter is None
 
@@ -517,8 +518,7 @@ class Mover:
         await run_ok(src, b"DELETE " + name_arg(aside), "DELETE")  # a private name, seen empty, read whole again
 
     async def _bounded(self, conn: BackendProtocol, work: Coroutine[Any, Any, None]) -> None:
-        """*work* on *conn*, given up after ASIDE_TIMEOUT seconds (with a clock): the connection is
-        dropped, and a TransferError leaves the move to recovery (its sweep tries again)."""
+        """*work*, given up after ASIDE_TIMEOUT s (with a clock): *conn* dropped, a TransferError for recovery."""
         d = defer.ensureDeferred(work)
 
         def given_up(_result: object, _timeout: float) -> None:

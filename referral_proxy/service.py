@@ -31,7 +31,7 @@ from .context import ProxyContext
 from .flow import Block
 from .health import HealthChecker
 from .keepalive import IN_ALL
-from .lastanswers import ANSWER_WAIT, owes_answer
+from .lastanswers import ANSWER_WAIT, hurry, owes_answer
 from .metrics import StoreTotals, make_registry, metrics_site
 from .observe import Observer
 from .origin import LoopGuard, id_command
@@ -352,6 +352,7 @@ class ProxyService(MultiService):
         # COPY made) sends it again on its next connection: twice. Direct Dovecot answers it, then BYE.
         for s in sessions:
             s.block(Block.STOPPING)  # what a client is still sending is cut by the BYE: nothing of it saved
+            hurry(s)  # a RENAME across past its commit point is answered now (recovery finishes what is left)
         yield self._until(lambda: not any(owes_answer(s) for s in sessions), ANSWER_WAIT)
         closed = [s.when_closed() for s in sessions]
         for session in sessions:

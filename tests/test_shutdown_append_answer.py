@@ -81,3 +81,42 @@ def test_a_copy_across_under_way_at_sigterm_is_answered_before_the_bye_and_nothi
     assert len(said) == 2 and said[0].startswith(b"t OK [COPYUID ") and said[1].startswith(b"* BYE "), said
     where = census(fleet, "carol")[1]
     assert all(sorted(where[i]) == [("b1", "Src"), ("b3", "Shared/Dst")] for i in ids), dict(where)
+
+
+def test_a_rename_across_past_its_commit_at_sigterm_is_answered_ok_before_the_bye(proxy_factory, fleet):
+    """Probe j1 of stop 59: a RENAME across still finishing (the source set aside, emptied) when the proxy stopped
+    got only ``* BYE``: the client never heard that its mailbox was renamed, which it was (recovery finished it).
+    Past its commit point the move is the client's whatever comes; a stop now answers it at once, as the proxy
+    does after ANSWER_WITHIN anyway: ``OK ... the old mailbox is still being emptied``, then BYE."""
+    ids = [f"stoprename-{i}@t" for i in range(3)]
+    seed(fleet["b1"], "carol", "Src", ids)
+    b1 = fleet["b1"]
+    relay = SlowRelay(b1.host, b1.port, b"OK Rename completed", 8.0)  # the source's RENAME aside: slow to answer
+    relay.start()
+    try:
+        proxy = proxy_factory({"backends": {"b1": {"endpoint": relay.endpoint()}}},
+                              rules=[{"mailbox": "Shared/*", "backend": "b3"}])
+        w = Wire(proxy.host, proxy.port, timeout=60)
+        w.login("carol")
+        w.send(b"t RENAME Src Shared/Dst\r\n")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(("b3", "Shared/Dst") not in census(fleet, "carol")[1][i]
+                                                  for i in ids):
+            time.sleep(0.05)
+        time.sleep(1.0)  # copied, verified, committed: the source's RENAME aside waits for its answer
+        proxy.process.send_signal(signal.SIGTERM)
+        lines = _to_the_end(w)
+        proxy.process.wait(30)
+        said = [line[:80] for line in lines if not line.startswith(b"* OK Hang")]
+        assert len(said) == 2 and said[0].startswith(b"t OK Rename completed (1 mailbox(es), 3 message(s)") \
+            and b"still being emptied" in lines[0] and said[1].startswith(b"* BYE "), said
+        proxy.start()  # its start-up recovery finishes the move
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            where = census(fleet, "carol")[1]
+            if all(sorted(where[i]) == [("b3", "Shared/Dst")] for i in ids):
+                break
+            time.sleep(0.5)
+        assert all(sorted(where[i]) == [("b3", "Shared/Dst")] for i in ids), dict(where)
+    finally:
+        relay.close()
