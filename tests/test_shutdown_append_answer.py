@@ -52,6 +52,19 @@ def test_an_append_sent_whole_before_sigterm_is_answered_before_the_bye(proxy_fa
         assert not answers or not answers[0].startswith(b"a OK"), answers
 
 
+def _behind_slow(proxy_factory, fleet, name: str, pattern: bytes, seconds: float):
+    """A relay holding *name*'s answers with *pattern* *seconds* late, a proxy (Shared/* on b3) reaching *name*
+    through it, and a client logged in as carol."""
+    backend = fleet[name]
+    relay = SlowRelay(backend.host, backend.port, pattern, seconds)
+    relay.start()
+    proxy = proxy_factory({"backends": {name: {"endpoint": relay.endpoint()}}},
+                          rules=[{"mailbox": "Shared/*", "backend": "b3"}])
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("carol")
+    return relay, proxy, w
+
+
 def test_a_copy_across_under_way_at_sigterm_is_answered_before_the_bye_and_nothing_after_it(proxy_factory, fleet):
     """Probe h3 of stop 58: the stop waited for relayed commands and APPENDs, not for a command the proxy
     carries out itself: a COPY across under way was cut, and its answer (NO [UNAVAILABLE], or a MOVE's
@@ -61,14 +74,8 @@ def test_a_copy_across_under_way_at_sigterm_is_answered_before_the_bye_and_nothi
     seed(fleet["b1"], "carol", "Src", ids)
     with fleet["b3"].client("carol") as m:
         m.create("Shared/Dst")
-    b3 = fleet["b3"]
-    relay = SlowRelay(b3.host, b3.port, b"OK [APPENDUID ", 1.0)  # the copy lands; its answer is a second late
-    relay.start()
+    relay, proxy, w = _behind_slow(proxy_factory, fleet, "b3", b"OK [APPENDUID ", 1.0)  # the copy's answer: late
     try:
-        proxy = proxy_factory({"backends": {"b3": {"endpoint": relay.endpoint()}}},
-                              rules=[{"mailbox": "Shared/*", "backend": "b3"}])
-        w = Wire(proxy.host, proxy.port, timeout=60)
-        w.login("carol")
         assert w.cmd(b"s", b"SELECT Src")[-1].startswith(b"s OK")
         w.send(b"t UID COPY 1:* Shared/Dst\r\n")
         time.sleep(0.4)
@@ -90,14 +97,8 @@ def test_a_rename_across_past_its_commit_at_sigterm_is_answered_ok_before_the_by
     does after ANSWER_WITHIN anyway: ``OK ... the old mailbox is still being emptied``, then BYE."""
     ids = [f"stoprename-{i}@t" for i in range(3)]
     seed(fleet["b1"], "carol", "Src", ids)
-    b1 = fleet["b1"]
-    relay = SlowRelay(b1.host, b1.port, b"OK Rename completed", 8.0)  # the source's RENAME aside: slow to answer
-    relay.start()
+    relay, proxy, w = _behind_slow(proxy_factory, fleet, "b1", b"OK Rename completed", 8.0)  # the RENAME aside
     try:
-        proxy = proxy_factory({"backends": {"b1": {"endpoint": relay.endpoint()}}},
-                              rules=[{"mailbox": "Shared/*", "backend": "b3"}])
-        w = Wire(proxy.host, proxy.port, timeout=60)
-        w.login("carol")
         w.send(b"t RENAME Src Shared/Dst\r\n")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(("b3", "Shared/Dst") not in census(fleet, "carol")[1][i]
