@@ -377,9 +377,9 @@ class AppendCommand:
             self.host.append_input_over(self)
 
     def _stop_reading(self) -> None:
-        if not self.input_over:
+        if not self.input_over:  # input held first (STAGE): the drop reads on at once, and must not run the next
+            self._input_over()  # command before this one's answer is queued (probe j2 of stop 59: NOOP's came first)
             self.host.drop_command()
-            self._input_over()
 
     def _cancel(self, answer: bytes) -> None:
         """Nothing of the command may be saved; the client gets *answer*."""

@@ -63,3 +63,25 @@ def test_a_rename_pipelined_after_a_refused_staged_multiappend_renames_the_empty
     assert contents(no_multiappend, "alice", "Other") == []
     with no_multiappend.client("alice") as m:
         assert not any(b"Box" in line or b"referral-proxy" in line for line in m.list()[1]), m.list()
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_a_refused_staged_append_is_answered_before_commands_sent_after_it_to_other_backends(
+        proxy_factory, fleet, no_multiappend, run):
+    """Probe j2 of stop 59: ``a APPEND S/none {n+}`` (S/* on a backend without MULTIAPPEND, S/none missing) then
+    ``b NOOP`` and ``c CREATE S/none`` in one write: b and c were answered before a's NO [TRYCREATE] (20 of 20),
+    the client reading CREATE OK, then TRYCREATE for the same name. Dovecot alone answers a, b, c."""
+    no_multiappend.reset_mail("alice")
+    proxy = proxy_factory({"backends": {"x": {"endpoint": no_multiappend.endpoint, "url": no_multiappend.url}}},
+                          rules=[{"mailbox": "S/*", "backend": "x"}])
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    m = MESSAGES[0]
+    w.send(b"a APPEND S/none {%d+}\r\n%s\r\nb NOOP\r\nc CREATE S/none\r\nd APPEND S/none (\\Seen) {%d+}\r\n%s"
+           b" {%d+}\r\n%s\r\ne NOOP\r\n" % (len(m), m, len(m), m, len(m), m))
+    lines = w.until_tagged(b"e")
+    tagged = [line[:2] + line.split(b" ")[1] + (b" " + line.split(b" ")[2][:10] if line[2:4] == b"NO" else b"")
+              for line in lines if line[:2] in (b"a ", b"b ", b"c ", b"d ", b"e ")]
+    assert tagged == [b"a NO [TRYCREATE", b"b OK", b"c OK", b"d OK", b"e OK"], lines
+    w.close()
+    assert len(contents(no_multiappend, "alice", "S/none")) == 2
