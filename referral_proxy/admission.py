@@ -193,14 +193,16 @@ class LoginPenalty:
         self._expire(now, cap)
         return max(penalty_seconds(self._current(ident, now, cap), cap) for ident in _idents(ip, user))
 
-    def failed(self, ip: str, user: str, password: str, cap: float, now: float) -> None:
-        """A login failed (wrong credentials): both penalties rise, unless it was the same password again."""
+    def failed(self, ip: str, user: str, password: str, cap: float, now: float, asked: float | None = None) -> None:
+        """A login failed (wrong credentials): both penalties rise, unless it was the same password again. From
+        their value when its delay was *asked* (Dovecot's ``last_penalty + 1``): reckoned after the wait, the wait
+        itself had lowered them, and a guesser's 15 s fell back to 4 s (probe j2 of stop 59)."""
         if cap <= 0:
             return
         self._expire(now, cap)
         checksum = zlib.crc32(user.encode("utf-8", "surrogateescape"), zlib.crc32(password.encode("utf-8", "surrogateescape"))) or 1
         for ident in _idents(ip, user):
-            value = min(self._current(ident, now, cap) + 1, MAX_PENALTY)
+            value = min(self._current(ident, now if asked is None else min(asked, now), cap) + 1, MAX_PENALTY)
             rec = self._record(ident, now)
             if checksum in rec.checksums:  # the same wrong password again: no higher
                 rec.checksums.remove(checksum)

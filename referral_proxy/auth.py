@@ -229,7 +229,8 @@ class Authenticator:
         limits = ctx.config.proxy.connections
         penalty, clock = ctx.admission.penalty, ctx.reactor.seconds
         ip, who = self._client_ip(), password_owner(ctx, creds.user)
-        delay = penalty.delay(ip, who, limits.login_penalty, clock())
+        asked = clock()
+        delay = penalty.delay(ip, who, limits.login_penalty, asked)
         if delay > 0:
             ctx.observer.login_delayed(host, creds.user, delay)
             await task.deferLater(ctx.reactor, delay)
@@ -237,7 +238,7 @@ class Authenticator:
                 return
         outcome = await log_in(ctx, host.connect, creds)
         if outcome.result == "failed":
-            penalty.failed(ip, who, creds.password, limits.login_penalty, clock())
+            penalty.failed(ip, who, creds.password, limits.login_penalty, clock(), asked)
         elif outcome.result in ("ok", "referred"):
             penalty.succeeded(ip, who)
         conn = outcome.conn

@@ -324,6 +324,20 @@ def test_the_penalty_grows_like_dovecots_and_falls_with_time():
     assert len(slow) == 0  # ... forgotten 14 s + the cap after their last change
 
 
+def test_a_guesser_waiting_out_each_delay_stays_at_the_cap():
+    """Probe j2 of stop 59: pipelined wrong LOGINs waited 0.5, 4.5, 8.5, 15.5, then 4.5 s again: the failure after a
+    15 s wait was counted from the penalty as the wait had lowered it. Dovecot raises the one it looked up."""
+    p, cap, now = LoginPenalty(), 15.0, 1000.0
+    waits = []
+    for i in range(7):
+        asked = now
+        waits.append(p.delay("192.0.2.1", "alice", cap, asked))
+        now = asked + waits[-1] + 0.01  # the credentials checked once the wait is over: wrong
+        p.failed("192.0.2.1", "alice", f"guess{i}", cap, now, asked)
+    assert waits == [0.0, 4.0, 8.0, 15.0, 15.0, 15.0, 15.0]
+    assert p.delay("192.0.2.1", "bob", cap, now + 14.9) == 15.0 and p.delay("192.0.2.1", "bob", cap, now + 15) == 0.0
+
+
 def test_the_same_wrong_password_again_does_not_raise_the_penalty():
     p, now = LoginPenalty(), 50.0
     for _ in range(5):
