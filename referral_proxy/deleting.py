@@ -16,6 +16,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
+from .holds import begin_waiting
 from .imap.reader import Command
 from .imap.response import completion_text
 from .journal import InUse, JournalEntry, Reservation
@@ -42,11 +43,15 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
     pool, mailbox_map, user = host.pool, host.mailbox_map, host.user
     assert pool is not None and user is not None
     name = normalize(mailbox.decode("utf-8", "surrogateescape"), mailbox_map.separator)
-    try:  # settled: every proxy refuses the name before the DELETE goes (probe b1: a CREATE through another
-        entry = await mailbox_map.begin_move(user, DELETE_OP, [Reservation(name, subtree=False)],  # proxy landed
-                                             {"mailbox": name, "backend": route.primary})  # between, then unplaced)
+    try:  # settled: every proxy refuses the name before the DELETE goes (probe b1: a CREATE through another proxy
+        # landed between, then unplaced); another DELETE or CREATE of it waited out, as one server runs them one after
+        # the other (probe j4 of stop 59: the second of two DELETEs was told "being moved", Dovecot: NONEXISTENT)
+        entry = await begin_waiting(mailbox_map, user, DELETE_OP, [Reservation(name, subtree=False)],
+                                    {"mailbox": name, "backend": route.primary}, host.ctx.reactor)
     except InUse:
         return host.answer(cmd.tag, "NO " + inuse)
+    if (now := mailbox_map.lookup(user, name)).primary != route.primary:  # unplaced meanwhile: where it goes now
+        route, entry.data["backend"] = now, now.primary
     try:  # a CREATE another process routed before it saw the hold lands first (probe b1 of stop 54: 1-2 in 25 out of
         ctx, spec = host.ctx, host.ctx.config.map.store or ""  # reach): other workers on SQLite look only now and then
         wait = seen_within(ctx.config.proxy.workers, mailbox_map.store, spec) or (LANDING if spec.startswith("postg") else 0)

@@ -8,6 +8,8 @@ each backend holds (a census by content) and by what a client reaches through th
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from imapwire import Wire
 from movecheck import census, cli, faulty, inbox_apart, journal_store, quote, seed, wait_paused
@@ -314,3 +316,34 @@ def test_a_delete_of_the_selected_placed_mailbox_is_answered_as_dovecot_answers_
         time.sleep(0.1)
     assert "Projects/Sel" not in _placements(proxy) and "Projects/Sel" not in _names(fleet["b2"])
     assert _no_entries(proxy)
+
+
+def test_a_second_delete_of_a_name_a_delete_holds_waits_for_it_and_is_answered_as_dovecot(
+        proxy_factory, fleet, tmp_path):
+    """Probe j4 of stop 59: two DELETEs of a placed Projects/New at once: the second was told ``NO [INUSE] Mailbox
+    is being moved to another server`` though nothing moved; Dovecot runs one after the other (NONEXISTENT for the
+    second). A DELETE's hold lasts moments: now waited out. Proxy A stops right after its DELETE's hold is written;
+    proxy B (the same map store) sends the second."""
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    store = {"map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}}
+    a = proxy_factory({**MASTERS, **store}, rules=RULES,
+                      command=faulty("--pause-at", "reserved:1", "--pause-dir", str(pause)))
+    b = proxy_factory({**MASTERS, **store}, rules=RULES)
+    _moved(a, fleet, "Projects")
+    wa, wb = _logged_in(a), _logged_in(b)
+    assert wb.cmd(b"c", b"CREATE Projects/New")[-1].startswith(b"c OK")  # placed (B knows it: its own)
+    assert "Projects/New" in _placements(a)
+    time.sleep(1.0)  # A has read the placement (SQLite: another process's writes are read now and then)
+    wa.send(b"d DELETE Projects/New\r\n")
+    assert wait_paused(pause, "reserved:1") == "reserved:1"  # A holds the name and stops there
+    wb.send(b"e DELETE Projects/New\r\n")
+    time.sleep(1.0)  # B waits for A's hold (old code: NO [INUSE] at once)
+    (pause / "resume").touch()
+    assert wa.until_tagged(b"d")[-1].startswith(b"d OK")
+    answer = wb.until_tagged(b"e")[-1]
+    assert answer.startswith(b"e NO [NONEXISTENT]"), answer
+    wa.close()
+    wb.close()
+    assert not [line for line in _placements(a).splitlines() if line.split()[:1] == ["Projects/New"]], _placements(a)
+    assert _no_entries(a)
