@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .backend import BackendProtocol
+from .holds import begin_waiting
 from .imap.reader import Command
 from .imap.response import completion_text
 from .journal import InUse, JournalEntry, Reservation
@@ -75,9 +76,9 @@ async def create_with_kin(host: Any, cmd: Command, mailbox: bytes, route: Route,
         return host.answer(cmd.tag, "NO " + inuse)
     if kin is None:  # the parent moved meanwhile: where the map sends it now
         return host.relay.send(await pool.ready_for(mailbox_map.lookup(user, text)), cmd.tag, cmd.name, cmd.args)
-    try:
-        entry = await mailbox_map.begin_move(user, CREATE_OP, [Reservation(parent, subtree=True, shared=True)],
-                                             {"mailbox": text, "backend": kin.primary}, settle=False)
+    try:  # a DELETE (or CREATE) of the parent under way waited out, then routed again below (probe j4 of stop 59)
+        entry = await begin_waiting(mailbox_map, user, CREATE_OP, [Reservation(parent, subtree=True, shared=True)],
+                                    {"mailbox": text, "backend": kin.primary}, host.ctx.reactor, settle=False)
     except InUse:
         return host.answer(cmd.tag, "NO " + inuse)
     try:

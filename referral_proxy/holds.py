@@ -70,11 +70,11 @@ class Appending(InUse):
 
 
 async def begin_waiting(mailbox_map: MailboxMap, user: str, op: str, reservations: Sequence[Reservation],
-                        data: dict, clock: Any, *, appends: bool = False) -> JournalEntry:
+                        data: dict, clock: Any, *, appends: bool = False, settle: bool = True) -> JournalEntry:
     """``MailboxMap.begin_move``, waiting out holders that let go within moments (InUse after
     WAIT seconds, or at once if a holder is a move under way, or without a clock); *appends* (a RENAME
     across): then until the other proxies' APPENDs under way to those names are answered, else Appending."""
-    entry = await _begin_waiting(mailbox_map, user, op, reservations, data, clock)
+    entry = await _begin_waiting(mailbox_map, user, op, reservations, data, clock, settle)
     if appends and not await others_confirmed(mailbox_map.store):
         await mailbox_map.end_move(entry)
         raise Appending(list(reservations))
@@ -82,11 +82,11 @@ async def begin_waiting(mailbox_map: MailboxMap, user: str, op: str, reservation
 
 
 async def _begin_waiting(mailbox_map: MailboxMap, user: str, op: str, reservations: Sequence[Reservation],
-                         data: dict, clock: Any) -> JournalEntry:
+                         data: dict, clock: Any, settle: bool) -> JournalEntry:
     waited = 0.0
     while True:
         try:
-            return await mailbox_map.begin_move(user, op, reservations, data)
+            return await mailbox_map.begin_move(user, op, reservations, data, settle=settle)
         except InUse:
             if clock is None or waited >= WAIT:
                 raise

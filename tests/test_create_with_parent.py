@@ -318,12 +318,14 @@ def test_a_delete_of_the_selected_placed_mailbox_is_answered_as_dovecot_answers_
     assert _no_entries(proxy)
 
 
-def test_a_second_delete_of_a_name_a_delete_holds_waits_for_it_and_is_answered_as_dovecot(
-        proxy_factory, fleet, tmp_path):
-    """Probe j4 of stop 59: two DELETEs of a placed Projects/New at once: the second was told ``NO [INUSE] Mailbox
-    is being moved to another server`` though nothing moved; Dovecot runs one after the other (NONEXISTENT for the
-    second). A DELETE's hold lasts moments: now waited out. Proxy A stops right after its DELETE's hold is written;
-    proxy B (the same map store) sends the second."""
+@pytest.mark.parametrize("second", ["DELETE Projects/New", "CREATE Projects/New/Sub"])
+def test_a_second_command_on_a_name_a_delete_holds_waits_for_it_and_is_answered_as_dovecot(
+        proxy_factory, fleet, tmp_path, second):
+    """Probe j4 of stop 59: two DELETEs of a placed Projects/New at once, or a CREATE inside it meanwhile: the
+    second was told ``NO [INUSE] Mailbox is being moved to another server`` though nothing moved; Dovecot runs one
+    after the other (NONEXISTENT for the second DELETE; the CREATE made). A DELETE's hold lasts moments: now waited
+    out, then routed again. Proxy A stops right after its DELETE's hold is written; proxy B (the same map store)
+    sends the second."""
     pause = tmp_path / "pause"
     pause.mkdir()
     store = {"map": {"store": f"sqlite:{tmp_path / 'shared.sqlite3'}"}}
@@ -337,12 +339,16 @@ def test_a_second_delete_of_a_name_a_delete_holds_waits_for_it_and_is_answered_a
     time.sleep(1.0)  # A has read the placement (SQLite: another process's writes are read now and then)
     wa.send(b"d DELETE Projects/New\r\n")
     assert wait_paused(pause, "reserved:1") == "reserved:1"  # A holds the name and stops there
-    wb.send(b"e DELETE Projects/New\r\n")
+    wb.send(b"e " + second.encode() + b"\r\n")
     time.sleep(1.0)  # B waits for A's hold (old code: NO [INUSE] at once)
     (pause / "resume").touch()
     assert wa.until_tagged(b"d")[-1].startswith(b"d OK")
     answer = wb.until_tagged(b"e")[-1]
-    assert answer.startswith(b"e NO [NONEXISTENT]"), answer
+    if second.startswith("DELETE"):
+        assert answer.startswith(b"e NO [NONEXISTENT]"), answer
+    else:  # where the rules send it, its parent's placement gone with the DELETE (kin_route: the direct parent)
+        assert answer.startswith(b"e OK"), answer
+        assert "Projects/New/Sub" in _names(fleet["b1"]), (_names(fleet["b1"]), _names(fleet["b2"]))
     wa.close()
     wb.close()
     assert not [line for line in _placements(a).splitlines() if line.split()[:1] == ["Projects/New"]], _placements(a)
