@@ -266,6 +266,9 @@ def test_append_streams_each_message_and_asks_before_each_literal():
     (b"07-feb-1994 22:43:04 -0800", b"07-feb-1994 22:43:04 -0800"),
     (b"01-Jan-2020 30:00:00 +0000", b"01-Jan-2020 30:00:00 +0000"),  # RFC 3501's time is 2DIGIT each (probe j3 F1)
     (b"01-Jan-2020 99:99:99 +9999", b"01-Jan-2020 99:99:99 +9999"),
+    (b"99-Dec-2020 10:00:00 +0000", b"99-Dec-2020 10:00:00 +0000"),  # date-day-fixed: 2DIGIT (probe j5 F1)
+    (b"0-Jan-2020 10:00:00 +0000", b" 0-Jan-2020 10:00:00 +0000"),
+    (b" 07-Jan-2020 10:00:00 +0000", b" 07-Jan-2020 10:00:00 +0000"),  # Dovecot's imap_parse_date takes it
 ])
 def test_append_date_as_dovecot_takes_it_relayed_as_rfc_3501_writes_it(date, relayed):
     out = events(reader(), b'a APPEND INBOX "%s" {5}\r\n' % date, accept=False)

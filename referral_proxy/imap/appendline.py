@@ -22,9 +22,10 @@ __all__ = ["DATE_TIME", "SYSTEM_FLAGS", "AppendLine", "append_line"]
 
 #: The system flags a message may be appended with (``\Recent`` is the server's).
 SYSTEM_FLAGS = frozenset({b"\\ANSWERED", b"\\FLAGGED", b"\\DELETED", b"\\SEEN", b"\\DRAFT"})
-#: RFC 3501's date-time (``time = 2DIGIT ":" 2DIGIT ":" 2DIGIT``: 30:00:00 is syntax Dovecot takes, so not BAD
-#: here; probe j3 F1), and the day without its space (Dovecot takes it too).
-DATE_TIME = re.compile(rb"(?: ?[1-9]|[0-3][0-9])-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
+#: RFC 3501's date-time (``date-day-fixed = (SP DIGIT) / 2DIGIT``, ``time = 2DIGIT ":" 2DIGIT ":" 2DIGIT``: 99-Dec
+#: and 30:00:00 are syntax Dovecot takes, so not BAD here; probes j3 F1, j5 F1), and as Dovecot's imap_parse_date
+#: one digit without its space, or a space before two. Never more than Dovecot takes: its BAD runs a LITERAL+ body.
+DATE_TIME = re.compile(rb" ?[0-9]{1,2}-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-[0-9]{4} "
                        rb"[0-9]{2}:[0-9]{2}:[0-9]{2} [+-][0-9]{4}", re.IGNORECASE)
 
 # Possessive runs: a read of 64 KiB without a space is refused at once, not after 64 Ki steps back.
