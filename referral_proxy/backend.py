@@ -87,6 +87,7 @@ class BackendProtocol(Protocol):
         self.sink: ResponseSink | None = None
         self.on_continuation: Callable[[bytes], None] | None = None
         self.closed = self.bye_received = False
+        self.bye = b""  # the BYE line it sent, if any
         self.enabled: SmallSet = SmallSet()  # extensions ENABLEd on this connection
         self.lost_reason: Failure | None = None
         self._socket: socket.socket | None = None
@@ -244,6 +245,8 @@ class BackendProtocol(Protocol):
         # untagged
         if start.status == "BYE":
             self.bye_received = True
+            if line.literal is None:  # its reason, for a session ending with this connection (session.backend_lost)
+                self.bye = line.data + wire_tail(line)
         if start.name == "CAPABILITY":
             self._set_capabilities(start.rest)
         elif start.code == "CAPABILITY":

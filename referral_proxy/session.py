@@ -549,8 +549,7 @@ class ClientSession(HalfClose, Protocol):
         self.flow.out.write(backend, data, end)
 
     def dies_with(self, conn: BackendProtocol) -> bool:
-        """Losing the home backend or the one holding the selected mailbox ends the session; not a kept connection
-        found dead before its first use (keepalive.unused): the next command opens a new one."""
+        """Losing the home or selected mailbox's backend ends the session; not a parked one dead unused (keepalive)."""
         return conn.name == self.selected or (conn.name == self.home and not self.ctx.keepalive.unused(conn))
 
     def relay_finished(self, conn: BackendProtocol) -> None:
@@ -578,7 +577,8 @@ class ClientSession(HalfClose, Protocol):
         if cut:  # nothing more can be written
             self.end(None)
         elif self.dies_with(backend):  # what the others have whole is answered first (lastanswers.py)
-            lastanswers.end_after_answers(self, self.ctx.reactor, None if told else b"* BYE Mail server connection lost\r\n")
+            # its BYE, if one came (queued, captured by a staged APPEND's STATUS: dropped), says why (probe j5 of stop 59)
+            lastanswers.end_after_answers(self, self.ctx.reactor, None if told else backend.bye or b"* BYE Mail server connection lost\r\n")
 
 
 _COLLABORATORS = {"mailboxes": MailboxCommands, "auth": Authenticator}

@@ -85,3 +85,26 @@ def test_a_refused_staged_append_is_answered_before_commands_sent_after_it_to_ot
     assert tagged == [b"a NO [TRYCREATE", b"b OK", b"c OK", b"d OK", b"e OK"], lines
     w.close()
     assert len(contents(no_multiappend, "alice", "S/none")) == 2
+
+
+def test_the_selected_mailbox_deleted_behind_a_staged_append_ends_with_dovecots_own_bye(
+        proxy_factory, fleet, no_multiappend):
+    """Probe j5 of stop 59: ``SELECT S/a``, a staged APPEND to it, ``DELETE S/a``, another APPEND, ``NOOP`` in one
+    write: Dovecot says ``* BYE Selected mailbox was deleted, have to disconnect.``; through the proxy that BYE, queued
+    behind the APPEND's answer, was dropped with the connection and the client read "Mail server connection lost"."""
+    no_multiappend.reset_mail("alice")
+    with no_multiappend.client("alice") as m:
+        m.create("S/a")
+    proxy = proxy_factory({"backends": {"x": {"endpoint": no_multiappend.endpoint, "url": no_multiappend.url}}},
+                          rules=[{"mailbox": "S/*", "backend": "x"}])
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    m = MESSAGES[0]
+    w.send(b"s SELECT S/a\r\na APPEND S/a {%d+}\r\n%s\r\nb DELETE S/a\r\nc APPEND S/a {%d+}\r\n%s\r\nd NOOP\r\n"
+           % (len(m), m, len(m), m))
+    lines = w.lines_until(ConnectionError, OSError)
+    w.close()
+    byes = [line for line in lines if line.startswith(b"* BYE")]
+    assert byes and byes[-1].startswith(b"* BYE Selected mailbox was deleted"), [line[:60] for line in lines]
+    with no_multiappend.client("alice") as m:
+        assert not any(b"S/a" in line or b"referral-proxy" in line for line in m.list()[1]), m.list()
