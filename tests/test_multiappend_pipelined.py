@@ -65,17 +65,26 @@ def test_a_rename_pipelined_after_a_refused_staged_multiappend_renames_the_empty
         assert not any(b"Box" in line or b"referral-proxy" in line for line in m.list()[1]), m.list()
 
 
+def _beside_b1(proxy_factory, backend: Dovecot, *made: str) -> Wire:
+    """A session of a proxy whose S/* lives on *backend* (no MULTIAPPEND), the rest on b1; *made* created there."""
+    backend.reset_mail("alice")
+    with backend.client("alice") as m:
+        for name in made:
+            m.create(name)
+    proxy = proxy_factory({"backends": {"x": {"endpoint": backend.endpoint, "url": backend.url}}},
+                          rules=[{"mailbox": "S/*", "backend": "x"}])
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    return w
+
+
 @pytest.mark.parametrize("run", range(3))
 def test_a_refused_staged_append_is_answered_before_commands_sent_after_it_to_other_backends(
         proxy_factory, fleet, no_multiappend, run):
     """Probe j2 of stop 59: ``a APPEND S/none {n+}`` (S/* on a backend without MULTIAPPEND, S/none missing) then
     ``b NOOP`` and ``c CREATE S/none`` in one write: b and c were answered before a's NO [TRYCREATE] (20 of 20),
     the client reading CREATE OK, then TRYCREATE for the same name. Dovecot alone answers a, b, c."""
-    no_multiappend.reset_mail("alice")
-    proxy = proxy_factory({"backends": {"x": {"endpoint": no_multiappend.endpoint, "url": no_multiappend.url}}},
-                          rules=[{"mailbox": "S/*", "backend": "x"}])
-    w = Wire(proxy.host, proxy.port)
-    w.login()
+    w = _beside_b1(proxy_factory, no_multiappend)
     m = MESSAGES[0]
     w.send(b"a APPEND S/none {%d+}\r\n%s\r\nb NOOP\r\nc CREATE S/none\r\nd APPEND S/none (\\Seen) {%d+}\r\n%s"
            b" {%d+}\r\n%s\r\ne NOOP\r\n" % (len(m), m, len(m), m, len(m), m))
@@ -92,13 +101,7 @@ def test_the_selected_mailbox_deleted_behind_a_staged_append_ends_with_dovecots_
     """Probe j5 of stop 59: ``SELECT S/a``, a staged APPEND to it, ``DELETE S/a``, another APPEND, ``NOOP`` in one
     write: Dovecot says ``* BYE Selected mailbox was deleted, have to disconnect.``; through the proxy that BYE, queued
     behind the APPEND's answer, was dropped with the connection and the client read "Mail server connection lost"."""
-    no_multiappend.reset_mail("alice")
-    with no_multiappend.client("alice") as m:
-        m.create("S/a")
-    proxy = proxy_factory({"backends": {"x": {"endpoint": no_multiappend.endpoint, "url": no_multiappend.url}}},
-                          rules=[{"mailbox": "S/*", "backend": "x"}])
-    w = Wire(proxy.host, proxy.port)
-    w.login()
+    w = _beside_b1(proxy_factory, no_multiappend, "S/a")
     m = MESSAGES[0]
     w.send(b"s SELECT S/a\r\na APPEND S/a {%d+}\r\n%s\r\nb DELETE S/a\r\nc APPEND S/a {%d+}\r\n%s\r\nd NOOP\r\n"
            % (len(m), m, len(m), m))
