@@ -516,9 +516,10 @@ class MailboxMap:
             await self._store.settle()  # the names are free for the client's next command, through any proxy
 
     def abandoned(self, entry: JournalEntry) -> bool:
-        """May recovery take *entry* over: nobody owns it, its owner (on this host) is dead, its lease
-        ran out, or this process gave it up without a lease to run out (it would be held for good)."""
-        return owner_gone(entry.owner) or bool(entry.lease_expired) or self._own_given_up(entry.id, entry.owner)
+        """May recovery take *entry* over: unowned, its owner dead or its lease run out, or given up here without a
+        lease; never one this process still works on (its lease ran out while the store was away: CI of 69b8dd2)."""
+        return (owner_gone(entry.owner) or bool(entry.lease_expired) or self._own_given_up(entry.id, entry.owner)) \
+            and not (entry.owner == self.owner and entry.id in self._working)
 
     def _own_given_up(self, entry_id: int, owner: str | None) -> bool:
         """A store without leases (SQLite): only a lease ends an owner's hold otherwise. A failed
@@ -564,17 +565,16 @@ class MailboxMap:
         return await self._store.journal()
 
     async def owners_gone(self) -> list[int]:
-        """The entries whose owner is known gone, a dead process on this host or a lease run out: one read
-        of the journal's owners (recovery's quick check). Entries nobody owns (given up after a failure)
-        are not listed: the sweep retries those (and RecoverySweep._given_up this process's own)."""
+        """The entries whose owner is known gone (dead here, or its lease run out): one read, recovery's quick check.
+        Unowned ones (given up) are the sweep's to retry (and RecoverySweep._given_up this process's own)."""
         gone: dict[str, bool] = {}
         return [i for i, owner, expired in await self._store.journal_owners() if owner is not None and (
-            expired or self._own_given_up(i, owner) or gone.setdefault(owner, owner_gone(owner)))]
+            expired or self._own_given_up(i, owner) or gone.setdefault(owner, owner_gone(owner)))
+            and not (owner == self.owner and i in self._working)]  # (abandoned: never this process's own at work)
 
     def start_leases(self, clock: Any, every: float, *, sweeps: bool = True) -> None:
-        """Every *every* seconds: renew this process's leases (stores with leases). Without leases an
-        owner alive holds its entries: a process that runs no recovery sweep of its own (a worker,
-        *sweeps* False) gives up again those a failed write left it owning, for its master's sweep."""
+        """Every *every* seconds: renew this process's leases (stores with leases). Without leases a process with no
+        sweep of its own (a worker, *sweeps* False) gives up again those a failed write left it owning."""
         if self._renewal is not None or not (self._store.leases or not sweeps):
             return
         self._renewal = task.LoopingCall(lambda: defer.ensureDeferred(self._renew()))
