@@ -12,7 +12,7 @@ append.py), or answered here.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
@@ -108,9 +108,7 @@ class ClientSession(HalfClose, Protocol):
         self.idle = Idle(self)
         self.reader = CommandReader(context.config.proxy.limits, self._admit, PLAIN_COMMANDS)
         self.flow = ClientFlow(self, self._transport_write, self._pump)
-        self._pumping = False
-        self._login_timer: Any = None
-        self._socket: Any = None
+        self._pumping, self._login_timer, self._socket = False, cast(Any, None), cast(Any, None)  # a timer, a socket
         self._closed_waiters: tuple[defer.Deferred[None], ...] = ()  # rare: no list kept per session
         self._byes: tuple[BackendProtocol, ...] = ()  # backends whose own BYE the client was sent (few)
         self._before_login = 0  # commands read before the login
@@ -181,11 +179,10 @@ class ClientSession(HalfClose, Protocol):
 
     def when_closed(self) -> defer.Deferred[None]:
         """Fires once the client's connection is gone (what was written is flushed)."""
-        d: defer.Deferred[None] = defer.Deferred()
         if self.transport is None or getattr(self.transport, "disconnected", False):
-            d.callback(None)
-        else:
-            self._closed_waiters += (d,)
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters += (d,)
         return d
 
     def shutdown(self, why: bytes = b"Server shutting down") -> None:
@@ -545,6 +542,8 @@ class ClientSession(HalfClose, Protocol):
             if start.name == "ESEARCH" or start.code == "NOUPDATE":
                 data = self.relay.translate(backend, data)
             elif start.status == "BYE":
+                if end and self.phase is not Phase.LOGOUT and self.dies_with(backend):  # the session ends with it:
+                    return self.block(Block.STOPPING)  # no more read; it comes last (backend_lost: probe j6 of stop 59)
                 self._byes += (backend,)  # the client has its reason (a BYE captured by a transfer is not)
         self.flow.out.write(backend, data, end)
 
