@@ -42,9 +42,6 @@ class Hurry:
         self.reactor, self.hurried = reactor, False
         self.calls: list[Any] = []
 
-    def seconds(self) -> float:
-        return float(self.reactor.seconds())
-
     def callLater(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
         call = self.reactor.callLater(0 if self.hurried else delay, f, *args, **kwargs)
         self.calls.append(call)
