@@ -17,8 +17,9 @@ from .config import ConfigError, load_config
 from .imap.mutf7 import shifts_a_line_break
 from .journal import InUse, Reservation, StoreUnavailable
 from .movecli import _run, master_login, missing_store, unnamable
+from .openstore import open_store
 from .recovery import describe
-from .routing import MailboxMap, normalize, open_store
+from .routing import MailboxMap, normalize
 from .store import SQLiteStore
 
 __all__ = ["run_map"]

@@ -37,9 +37,10 @@ from .journal import StoreUnavailable, owner_gone
 from .mailops import TransferError, exists, name_arg, status
 from .mover import Connect, MoveIncomplete, Mover
 from .oldhome import carry_old_homes
+from .openstore import open_store
 from .recovery import SWEEP_SECONDS, describe, master_connector, recover_all
 from .relocation import seen_by_another_process
-from .routing import OLD_HOME_WATCH, MailboxMap, StepHook, normalize, open_store
+from .routing import OLD_HOME_WATCH, MailboxMap, StepHook, normalize
 from .transfer import Progress
 
 __all__ = ["run_move", "run_recover"]

@@ -32,7 +32,7 @@ from .journal import (
 from .listmatch import unicode_name, wildcard_match
 from .store import MapStore, MemoryStore, Snapshot, SQLiteStore
 
-__all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "open_store", "pattern_matches",
+__all__ = ["Route", "MailboxMap", "MapStore", "SQLiteStore", "MemoryStore", "pattern_matches",
            "normalize", "rule_form", "canonical_user", "StepHook", "OLD_HOME_PREFIX", "OLD_HOME_WATCH", "OldHome"]
 
 log = Logger()
@@ -47,29 +47,6 @@ class Route:
     @property
     def primary(self) -> str:
         return self.backends[0]
-
-
-def open_store(spec: str | None, reactor: Any = None, *, lease_seconds: float = 60.0,
-               serving: bool = False) -> MapStore:
-    """Open the store named by ``[map].store`` (already made absolute by the config loader).
-
-    A PostgreSQL store needs the *reactor* (its thread pool answers there); it is not
-    connected yet: ``await store.load()`` (or ``check()``) is the first to reach it.
-    *serving* (the proxy): an SQLite store waits for another process's lock on the reactor,
-    in slices, never blocking it (the admin commands block: nothing else runs there)."""
-    if spec is None:
-        return MemoryStore()
-    scheme, _, rest = spec.partition(":")
-    if scheme == "sqlite":
-        return SQLiteStore(rest, reactor if serving else None)
-    if scheme in ("postgresql", "postgres"):
-        from .pgstore import PostgresStore  # psycopg only where it is used
-
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
-        return PostgresStore(spec, reactor, lease_seconds=lease_seconds)
-    raise ValueError(f"unknown store {spec!r}")
 
 
 def normalize(mailbox: str, separator: str = "/") -> str:

@@ -34,13 +34,14 @@ from .keepalive import IN_ALL
 from .lastanswers import ANSWER_WAIT, hurry, owes_answer
 from .metrics import StoreTotals, make_registry, metrics_site
 from .observe import Observer
+from .openstore import open_store
 from .origin import LoopGuard, id_command
 from .proxyproto import listen_endpoint
 from .recovery import RecoverySweep
 from .reloadguard import still_named
 from .relocation import RelocationWatch
 from .renamehold import hold_for_another
-from .routing import MailboxMap, StepHook, open_store
+from .routing import MailboxMap, StepHook
 from .session import ClientSession
 from .workers import (
     ACCEPTED,

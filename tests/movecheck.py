@@ -340,7 +340,7 @@ def journal_store(proxy):
     from storehelp import REACTOR
 
     from referral_proxy.config import load_config
-    from referral_proxy.routing import open_store
+    from referral_proxy.openstore import open_store
 
     store = open_store(load_config(proxy.config_path).map.store, REACTOR)
     store.start()

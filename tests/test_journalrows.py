@@ -17,7 +17,7 @@ from referral_proxy.config import load_config
 from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 from referral_proxy.journal import LostEntry, Reservation, Step
 from referral_proxy.journalrows import apply, diff
-from referral_proxy.routing import open_store
+from referral_proxy.openstore import open_store
 from referral_proxy.store import SQLiteStore
 
 FAR = "elsewhere.example:1:1"

@@ -274,7 +274,7 @@ def test_an_expired_watch_with_mail_still_waiting_goes_on_until_it_is_carried(pr
     from storehelp import REACTOR, now
 
     from referral_proxy.config import load_config
-    from referral_proxy.routing import open_store
+    from referral_proxy.openstore import open_store
 
     seed(fleet["b1"], "carol", "INBOX", ids("in", 3))
     proxy = proxy_factory(MASTERS, rules=RULES)

@@ -92,7 +92,7 @@ def test_admin_moves_are_counted_once_in_every_proxys_metrics(proxy_factory, fle
     seed(fleet["b3"], "carol", "Work", [])  # the destination has a Work already: refused before any copy
     exists = cli("move", "--config", str(a.config_path), "carol", "Work", "b3")
     assert exists.returncode == 1 and "ALREADYEXISTS" in exists.stderr, exists.stderr
-    from referral_proxy.routing import open_store
+    from referral_proxy.openstore import open_store
 
     holder = open_store(shared_store, REACTOR)  # another move holds Work (as a proxy's RENAME would)
     holder.start()
@@ -159,7 +159,7 @@ def test_a_move_waits_its_turn_while_a_name_is_held(proxy_factory, fleet, tmp_pa
     seed(fleet["b1"], "carol", "Work", work)
     store = f"sqlite:{tmp_path / 'map.sqlite3'}"
     (a, _port), = _proxies(proxy_factory, store, n=1)
-    from referral_proxy.routing import open_store
+    from referral_proxy.openstore import open_store
 
     holder = open_store(store, REACTOR)
     holder.start()

@@ -267,7 +267,7 @@ def test_a_mailbox_a_move_holds_is_in_use_not_referred(proxy_factory, fleet):
 
     from referral_proxy.config import load_config
     from referral_proxy.journal import Reservation, Step
-    from referral_proxy.routing import open_store
+    from referral_proxy.openstore import open_store
 
     with fleet["b3"].client("alice") as m:
         m.create("Shared/W")
@@ -301,7 +301,7 @@ def test_status_of_a_name_a_mailbox_move_carries_is_referred_where_the_view_show
 
     from referral_proxy.config import load_config
     from referral_proxy.journal import Reservation, Step
-    from referral_proxy.routing import open_store
+    from referral_proxy.openstore import open_store
 
     with fleet["b3"].client("alice") as m:
         m.create("Shared/W")

@@ -54,7 +54,7 @@ def test_a_select_refused_by_the_proxy_leaves_nothing_selected(fleet, clean_mail
 
     from referral_proxy.config import load_config
     from referral_proxy.journal import Reservation, Step
-    from referral_proxy.routing import open_store
+    from referral_proxy.openstore import open_store
 
     script = SCRIPTS[name]
     gone = {"endpoint": spare_backend.endpoint, "url": spare_backend.url,
