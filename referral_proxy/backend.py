@@ -77,6 +77,10 @@ class BackendProtocol(Protocol):
     # Connected: a TCP (or TLS) transport. Twisted declares it with zope interfaces,
     # which mypy cannot follow without a plugin; what is used of it is plain.
     transport: Any
+    # A move's own connection (fencing.Fences.guard): asked before each command; a Deferred holds it (and all
+    # after it) until this process proved the move's entry its own; failed, the connection is cut (fenced_out).
+    fence: Callable[[], defer.Deferred[None] | None] | None = None
+    fenced_out: BaseException | None = None  # (class defaults: no room taken in a session's connections)
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
@@ -410,10 +414,13 @@ class BackendProtocol(Protocol):
         def lost(_reason: Failure) -> None:
             if self.capture is captured:
                 self.capture = None
-            d.errback(BackendUnavailable(f"backend {self.name} " + (Watch.why(self) if self.stalled else "closed the connection")))
+            d.errback(self.fenced_out or BackendUnavailable(
+                f"backend {self.name} " + (Watch.why(self) if self.stalled else "closed the connection")))
 
         if bounded and (watch := Watch.bounding(self, text)) is not None:
             d.addBoth(watch.ended)
+        if self.fence is not None:
+            self._fenced(self.fence())
         if self._holding:
             self._hold(tag)
         self._pending[tag] = _Pending(done, lost)
@@ -423,6 +430,18 @@ class BackendProtocol(Protocol):
             self.on_continuation = next_piece
         self.write(tag + b" " + text + b"\r\n")
         return d
+
+    def _fenced(self, proving: defer.Deferred[None] | None) -> None:
+        """Hold this command and the rest back until *proving* fires; if it fails, none of them goes out."""
+        if proving is None:
+            return
+        self.hold_writes()
+
+        def cut(failure: Failure) -> None:
+            self.fenced_out = failure.value
+            self.transport.abortConnection()
+
+        proving.addCallbacks(lambda _: self.release_writes(), cut)
 
     def not_connected(self, why: str) -> None:
         """The connection could not be made: the greeting awaited fails."""

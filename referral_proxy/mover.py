@@ -203,6 +203,8 @@ class Mover:
         result = MoveResult()
         try:
             src, dst, pairs = await checked(self, conns, old, new, src_name, dst_name)
+            for conn in conns:  # its commands go out only while the entry is surely ours (fencing.py)
+                self.mailbox_map.fences.guard(conn, entry)
             data["pairs"] = [list(p) for p in pairs]
             await self.mailbox_map.step(entry, Step.PLANNED)
             for i, (o, n) in enumerate(pairs):
@@ -289,8 +291,7 @@ class Mover:
     async def _copy(self, entry: JournalEntry, i: int, src: BackendProtocol, dst: BackendProtocol, box: str,
                     *, delta: bool) -> int:
         """Copy every message of *box* on *src* not copied yet to pair *i*'s destination, in verified batches."""
-        data = entry.data
-        new = data["pairs"][i][1]
+        data, new = entry.data, entry.data["pairs"][i][1]
         state = await open_mailbox(src, box, readonly=True)
         known = data["validity"].setdefault(str(i), state.uidvalidity)
         data.setdefault("uidnext", {}).setdefault(str(i), state.uidnext)  # no delivery since: no need to wait
@@ -341,8 +342,8 @@ class Mover:
         if entry.step in (Step.RESERVED, Step.PLANNED):
             await self.mailbox_map.end_move(entry)
             return
-        pairs = data["pairs"]
-        dst = await self.connect(data["dst"])
+        pairs, connect = data["pairs"], self.mailbox_map.fences.guarding(self.connect, entry)
+        dst = await connect(data["dst"])
         src: BackendProtocol | None = None
         try:
             records = list(data["batches"]) + ([data["pending"]] if data.get("pending") else [])
@@ -352,7 +353,7 @@ class Mover:
                 # A batch in flight at the crash: did it commit? Without hashes its last byte was never
                 # sent (_find_pending finds nothing): the source, perhaps what failed, is not asked.
                 if not rec.get("dst") and "hashes" in rec:
-                    src = src or await self.connect(data["src"])
+                    src = src or await connect(data["src"])
                     appended = [d for _s, d in await self._find_pending(entry, src, pairs[rec["pair"]][0], dst, rec)]
                 if appended and await exists(dst, new):
                     if await same_mailbox(dst, new, rec["validity"]):
@@ -404,15 +405,14 @@ class Mover:
     async def finish(self, entry: JournalEntry) -> None:
         """Recovery: finish a committed move on fresh connections; its drain waits seen_by_others from now."""
         self._began_at = self.clock.seconds() if self._began_at is None and self.clock is not None else self._began_at
-        src = await self.connect(entry.data["src"])
+        connect = self.mailbox_map.fences.guarding(self.connect, entry)  # (fencing.py)
+        conns = [await connect(entry.data["src"])]
         try:
-            dst = await self.connect(entry.data["dst"])
-            try:
-                await self._finish(entry, src, dst)
-            finally:
-                dst.logout()
+            conns.append(await connect(entry.data["dst"]))
+            await self._finish(entry, *conns)
         finally:
-            src.logout()
+            for conn in conns:
+                conn.logout()
 
     async def _finish(self, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol) -> None:
         data = entry.data

@@ -549,12 +549,13 @@ class PostgresStore:
         self._deltas.forget(entry_id)  # whoever takes it next writes its first step whole
         return await self._run(work) == 1
 
-    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> list[int]:
         lease, ids = self.lease_seconds, list(entry_ids)
 
-        def work(conn: psycopg.Connection[Any]) -> int:
-            return conn.execute("UPDATE journal SET lease_until = now() + make_interval(secs => %s)"
-                                " WHERE owner = %s AND id = ANY(%s)", (lease, owner, ids)).rowcount
+        def work(conn: psycopg.Connection[Any]) -> list[int]:
+            return [i for (i,) in conn.execute("UPDATE journal SET lease_until = now() + make_interval(secs => %s)"
+                                               " WHERE owner = %s AND id = ANY(%s) RETURNING id",
+                                               (lease, owner, ids)).fetchall()]
 
         return await self._run(work)
 

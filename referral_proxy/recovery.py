@@ -78,7 +78,7 @@ async def recover_entry(mailbox_map: MailboxMap, entry: JournalEntry, connect: C
     relayed MOVEs' (a ProxyContext, crossturns.Standalone) that a mailbox move takes (mover.Mover.turn)."""
     if entry.step is None:
         raise BackendError("written by another version of referral-proxy: not recovered")
-    how = TABLE[entry.step].recovery
+    how, connect = TABLE[entry.step].recovery, mailbox_map.fences.guarding(connect, entry)  # (fencing.py)
     if entry.op in (CREATE_OP, DELETE_OP):  # cut off before its placement was made (creating.py) or removed
         conn = await connect(entry.data["backend"])
         try:

@@ -18,6 +18,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .config import MapConfig
+from .fencing import Fences
 from .journal import (
     JournalEntry,
     LostEntry,
@@ -144,6 +145,7 @@ class MailboxMap:
         # entries this process gave up on that the store did not let it disown (locked, unreachable):
         # still under its name, yet nobody works on them; recovered here once the store is back
         self._given_up: set[int] = set()
+        self.fences = Fences(self._store, lambda: self.owner)  # when each lease was last renewed (fencing.py)
         first = self._store.poll()
         if first is not None:
             self._apply(first)
@@ -432,8 +434,10 @@ class MailboxMap:
         user = self.canonical(user)
         names = [Reservation(None if r.name is None else normalize(r.name, self.separator), r.subtree, r.shared)
                  for r in reservations]
+        sent = self.fences.sending()
         entry_id = await self._store.begin_move(user, op, names, data, self.owner, self.separator)
         self._working.add(entry_id)
+        self.fences.renewed([entry_id], sent)
         self._held.setdefault(user, []).extend((entry_id, r) for r in names)
         self._began_entry(user, tuple(names))
         if settle:  # other proxies answer NO [INUSE] from their caches: the move reads nothing before they have it
@@ -446,16 +450,24 @@ class MailboxMap:
     async def step(self, entry: JournalEntry, step: Step) -> None:
         """Record that *entry* reached *step* (its data as it is now), durably, then tell the hook."""
         check_transition(entry.step, step)
+        sent = self.fences.sending()
         await self._store.journal_step(entry.id, step, entry.data, entry.owner)
+        self._written(entry, sent)
         entry.step = step
         if self.on_step is not None:
             self.on_step(entry)
 
     async def record(self, entry: JournalEntry) -> None:
         """Write *entry*'s data as it is now, at the step it is at (more of that step is known)."""
+        sent = self.fences.sending()
         await self._store.journal_step(entry.id, entry.step, entry.data, entry.owner)
+        self._written(entry, sent)
         if self.on_step is not None:
             self.on_step(entry)
+
+    def _written(self, entry: JournalEntry, sent: float) -> None:
+        if entry.owner == self.owner:  # (a journal write of an owned entry renews its lease: pgjournal.py)
+            self.fences.renewed([entry.id], sent)
 
     async def record_before_commit(self, entry: JournalEntry) -> None:
         """:meth:`record`, for a write that a backend's commit follows at once (a batch's hashes before
@@ -478,9 +490,11 @@ class MailboxMap:
             await self._store.end_move(entry.id)
         except Exception:
             self._working.discard(entry.id)
+            self.fences.forget(entry.id)
             self._given_up.add(entry.id)
             raise
         self._working.discard(entry.id)
+        self.fences.forget(entry.id)
         entry.ended = True
         held = self._held.get(entry.user)
         if held:
@@ -509,8 +523,10 @@ class MailboxMap:
         (a sweep reads every entry, then recovers them one by one: seen, an admin ``move`` read at
         copying, killed at committed while an earlier entry was recovered, then rolled back from the
         stale read, its last batch unknown: the copies kept beside their sources)."""
+        sent = self.fences.sending()
         if not await self._store.claim(entry.id, self.owner, entry.owner, dead=owner_gone(entry.owner)):
             return False
+        self.fences.renewed([entry.id], sent)
         entry.owner = self.owner
         self._working.add(entry.id)
         self._given_up.discard(entry.id)
@@ -528,6 +544,7 @@ class MailboxMap:
         Never raises: called on the way out of a failure (the store may be the failure); an entry that could not
         be disowned is recovered once its owner's lease runs out (this process stops renewing it either way)."""
         self._working.discard(entry.id)
+        self.fences.forget(entry.id)
         try:
             if await self._store.disown(entry.id, self.owner):
                 entry.owner = None
@@ -561,7 +578,8 @@ class MailboxMap:
     async def _renew(self) -> None:
         try:
             if self._store.leases and self._working:
-                await self._store.renew(self.owner, sorted(self._working))
+                sent = self.fences.sending()
+                self.fences.renewed(await self._store.renew(self.owner, sorted(self._working)), sent)
             elif not self._store.leases:
                 for i in sorted(self._given_up):
                     await self._store.disown(i, self.owner)  # False: ended or taken over since; either way done

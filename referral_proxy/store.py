@@ -106,8 +106,8 @@ class MapStore(Protocol):
     async def end_move(self, entry_id: int) -> None: ...
     async def claim(self, entry_id: int, owner: str, expected: str | None, dead: bool = False) -> bool: ...
     async def disown(self, entry_id: int, owner: str) -> bool: ...
-    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
-        """Extend the lease of those of *entry_ids* that *owner* holds; how many (0 for stores without leases)."""
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> list[int]:
+        """Extend the lease of those of *entry_ids* that *owner* holds; their ids (none for stores without leases)."""
     async def journal(self) -> list[JournalEntry]: ...
     async def journal_owners(self) -> list[tuple[int, str | None, bool]]:
         """(entry id, owner, its lease ran out) of every entry: one cheap read (recovery's quick check)."""
@@ -191,8 +191,8 @@ class MemoryStore:
         entry.owner = None
         return True
 
-    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
-        return 0
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> list[int]:
+        return []
 
     async def settle(self) -> None:
         pass  # SQLite: another process reads the file at its next lookup
@@ -462,8 +462,8 @@ class SQLiteStore:
 
         return await self._locked(work)
 
-    async def renew(self, owner: str, entry_ids: Sequence[int]) -> int:
-        return 0
+    async def renew(self, owner: str, entry_ids: Sequence[int]) -> list[int]:
+        return []
 
     async def settle(self) -> None:
         pass  # SQLite: another process reads the file at its next lookup

@@ -175,7 +175,7 @@ def test_a_live_owner_is_never_taken_over_but_a_lapsed_lease_is(make_store, kind
     assert not m.abandoned(seen) and not now(m.claim(seen))  # its owner renews: hands off
     assert now(m.owners_gone()) == []  # (recovery's quick check: the same)
     for _ in range(100):
-        if now(store.renew(FAR, [entry])) == 1:  # the owner renewing
+        if now(store.renew(FAR, [entry])) == [entry]:  # the owner renewing
             break
     deadline = time.monotonic() + 30  # the owner stops renewing (a dead host): its lease runs out
     while time.monotonic() < deadline:
