@@ -53,7 +53,7 @@ class BackendPool:
 
     __slots__ = (  # no per-instance dict: a proxy holds thousands of idle sessions
         "ctx", "_connect", "user", "_credentials", "_id", "_attach", "conns", "enabled", "replayed", "closed", "_connecting",
-        "_waiters", "reusable", "_tell",
+        "_waiters", "reusable", "_tell", "gone",
     )
 
     def __init__(self, ctx: ProxyContext, connect: Connect, user: str, credentials: Credentials, session_id: int,
@@ -73,6 +73,7 @@ class BackendPool:
         self._connecting: dict[str, defer.Deferred[BackendProtocol]] = {}
         self._waiters: tuple[tuple[BackendProtocol | None, defer.Deferred[None]], ...] = ()  # mostly none
         self.reusable = True  # no command left state keepalive.py cannot undo on these connections
+        self.gone: tuple[str, ...] = ()  # backends the session ends with (forget): never connected to again
 
     # -- connections ----------------------------------------------------------------
 
@@ -120,6 +121,8 @@ class BackendPool:
         conn = self.ready(name)
         if conn is not None:
             return conn
+        if name in self.gone:
+            raise BackendUnavailable(f"backend {name} connection lost")
         if name not in self._connecting:
             self._connecting[name] = defer.ensureDeferred(self.open(name))
         try:
@@ -139,9 +142,14 @@ class BackendPool:
         names = (route,) if isinstance(route, str) else route.backends
         return await connect_first(names, self.open)
 
-    def forget(self, conn: BackendProtocol) -> None:
+    def forget(self, conn: BackendProtocol, *, for_good: bool = False) -> None:
+        """*conn* is lost. *for_good*: the session ends with it (its home's or selected mailbox's backend); a command
+        already waiting for that backend fails, never sent on a new connection without the session's selection
+        (probe k2: a UID MOVE waiting for its turn, the backend restarted, got Dovecot's BAD No mailbox selected)."""
         if self.conns.get(conn.name) is conn:
             del self.conns[conn.name]
+        if for_good:
+            self.gone += (conn.name,)
         self.check_quiet()
 
     def logout_all(self) -> None:

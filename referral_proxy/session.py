@@ -564,7 +564,7 @@ class ClientSession(HalfClose, Protocol):
 
     def backend_lost(self, backend: BackendProtocol, reason: Failure) -> None:
         if self.pool is not None:
-            self.pool.forget(backend)
+            self.pool.forget(backend, for_good=self.dies_with(backend))
         self.relay.end_updates(backend)
         told = backend in self._byes and not self.flow.out.holds(backend)  # its BYE written, not queued
         cut = self.flow.detach(backend)  # mid-response (a literal): nothing more is written, the session ends
