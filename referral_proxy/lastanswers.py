@@ -15,7 +15,7 @@ from typing import Any
 
 from .flow import Block
 
-__all__ = ["ANSWER_WAIT", "owes_answer", "end_after_answers", "Hurry", "hurry"]
+__all__ = ["ANSWER_WAIT", "owes_answer", "end_after_answers", "held_bye", "Hurry", "hurry"]
 
 ANSWER_WAIT = 3.0  # seconds the answers of commands under way are waited for before a BYE
 _LOOK = 0.05
@@ -59,6 +59,14 @@ def hurry(session: Any) -> None:
     clock = session.mailboxes.hurry
     if clock is not None:
         clock.hurry()
+
+
+def held_bye(session: Any, backend: Any, reactor: Any) -> None:
+    """A BYE from the backend *session* ends with is held: nothing more is read, and backend_lost ends the session
+    with that BYE, last (probe j6 of stop 59). A backend that keeps the connection open after its BYE (Dovecot
+    never does) is closed after ANSWER_WAIT, else the client would wait for good."""
+    session.block(Block.STOPPING)
+    reactor.callLater(ANSWER_WAIT, lambda: None if backend.closed else backend.transport.loseConnection())
 
 
 def end_after_answers(session: Any, reactor: Any, bye: bytes | None) -> None:

@@ -543,7 +543,7 @@ class ClientSession(HalfClose, Protocol):
                 data = self.relay.translate(backend, data)
             elif start.status == "BYE":
                 if end and self.phase is not Phase.LOGOUT and self.dies_with(backend):  # the session ends with it:
-                    return self.block(Block.STOPPING)  # no more read; it comes last (backend_lost: probe j6 of stop 59)
+                    return lastanswers.held_bye(self, backend, self.ctx.reactor)  # no more read; it comes last
                 self._byes += (backend,)  # the client has its reason (a BYE captured by a transfer is not)
         self.flow.out.write(backend, data, end)
 
