@@ -510,7 +510,11 @@ class MailboxMap:
         """May recovery take *entry* over: unowned, its owner dead or its lease run out, or given up here without a
         lease; never one this process still works on (its lease ran out while the store was away: CI of 69b8dd2)."""
         return (owner_gone(entry.owner) or bool(entry.lease_expired) or self._own_given_up(entry.id, entry.owner)) \
-            and not (entry.owner == self.owner and entry.id in self._working)
+            and not self._at_work(entry.id, entry.owner)
+
+    def _at_work(self, entry_id: int, owner: str | None) -> bool:
+        """This process works on the entry: never taken over by its own recovery, whatever its lease says."""
+        return owner == self.owner and entry_id in self._working
 
     def _own_given_up(self, entry_id: int, owner: str | None) -> bool:
         """A store without leases (SQLite): only a lease ends an owner's hold otherwise. A failed
@@ -564,7 +568,7 @@ class MailboxMap:
         gone: dict[str, bool] = {}
         return [i for i, owner, expired in await self._store.journal_owners() if owner is not None and (
             expired or self._own_given_up(i, owner) or gone.setdefault(owner, owner_gone(owner)))
-            and not (owner == self.owner and i in self._working)]  # (abandoned: never this process's own at work)
+            and not self._at_work(i, owner)]
 
     def start_leases(self, clock: Any, every: float, *, sweeps: bool = True) -> None:
         """Every *every* seconds: renew this process's leases (stores with leases). Without leases a process with no
