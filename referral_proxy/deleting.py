@@ -59,6 +59,7 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
             await task.deferLater(ctx.reactor, wait, lambda: None)
         conn = await pool.ready_for(route)
         text, then = command_pieces("DELETE", cmd.args)  # the client's argument, as it wrote it
+        await mailbox_map.fences.proven(entry)  # not if recovery took it over meanwhile (fencing.py)
         result = await conn.command(text, then=then)
     except BaseException:
         await mailbox_map.disown(entry)  # recovery looks

@@ -57,6 +57,11 @@ class Fences:
             return None
         return defer.ensureDeferred(self._renew(entry))
 
+    async def proven(self, entry: JournalEntry) -> None:
+        """Return once *entry* is surely this process's (at once while its lease is fresh); LostEntry if not."""
+        if (proving := self.check(entry)) is not None:
+            await proving
+
     async def _renew(self, entry: JournalEntry) -> None:
         sent = self._clock()
         if entry.id not in await self._store.renew(self._owner(), [entry.id]):

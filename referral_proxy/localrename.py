@@ -129,6 +129,7 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
         await mailbox_map.step(entry, Step.RENAMING)
         release = await quiet() if quiet is not None else None  # the others' commands there (renamehold.py)
         try:
+            await mailbox_map.fences.proven(entry)  # not if recovery took it over meanwhile (fencing.py)
             result = await conn.command(b"RENAME " + name_arg(old) + b" " + name_arg(new))
         finally:
             if release is not None:

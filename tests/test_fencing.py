@@ -89,7 +89,10 @@ def test_a_taken_over_entry_sends_nothing_more_and_says_why(maps):
     entry = now(a.begin_move("carol", "move", [Reservation("Work")], {}))
     conn = _backend()
     a.fences.guard(conn, entry)
+    now(a.fences.proven(entry))  # fresh: at once (a local RENAME's or a DELETE's own check before it is sent)
     _take_over(b, entry.id)
+    with pytest.raises(LostEntry):
+        now(a.fences.proven(entry))
     answer = conn.command(b'DELETE "Work"')
     conn.command(b"EXPUNGE")
     _pump_until(lambda: conn.fenced_out is not None)
