@@ -30,7 +30,8 @@ from .backoff import pauses
 from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages
 from .copywait import wait_for_moves
 from .imap.uidset import expand_uid_set, uid_set
-from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
+from .journal import TAKEN_OVER, UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
+from .latecommit import record_committed
 from .mailops import (
     TRYCREATE,
     MailboxGone,
@@ -168,6 +169,8 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
                                 seen=seen, move_wait=move_wait, ask=ask)
     except Vanished as e:  # nothing was saved (see _copy_once)
         return CopyOutcome(seen + list(e.others), "NO", EXPUNGE_ISSUED)  # (the EXPUNGE that made it, say)
+    except LostEntry:  # recovery took it over: the source's untagged responses still reach the client
+        return CopyOutcome(seen, "NO", TAKEN_OVER)
     except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
         seen += e.others
         text = str(e)
@@ -350,8 +353,7 @@ async def _copy_commits(mailbox_map: MailboxMap, entry: JournalEntry, hashes: tu
 
 
 async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry | None) -> None:
-    """End a COPY's entry; a store failure is logged, not raised (the COPY's answer stands): the entry
-    is given up, for recovery to release."""
+    """End a COPY's entry; a store failure is logged, not raised (the COPY's answer stands): recovery releases it."""
     if entry is None or entry.ended:
         return
     try:
@@ -393,7 +395,7 @@ async def _move(entry: JournalEntry, mailbox_map: MailboxMap, src: BackendProtoc
     entry.data["dst_validity"] = copied.uidvalidity  # the copies' (a destination made anew meanwhile has another)
     # Committed (APPENDUID): journaled before anything can fail, or a copy another client moves on
     # before our verification reads it would be "never committed" to recovery, its source kept (twice)
-    await mailbox_map.record(entry)
+    await record_committed(mailbox_map, entry, src, dst, dst_mailbox, uids, copied, untagged)  # (taken over: latecommit)
     try:
         await verify_copies(dst, dst_mailbox, copied)
     except BackendUnavailable as e:  # committed, not checked (the destination stopped or went)
