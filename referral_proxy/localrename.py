@@ -19,6 +19,7 @@ from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreU
 from .mailops import TransferError, exists, name_arg, subtree
 from .mover import Connect
 from .proxyappends import APPENDING
+from .renamecheck import moved_meanwhile
 from .routing import MailboxMap, normalize
 from .turns import Release
 
@@ -101,9 +102,10 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
     except StoreUnavailable:
         return LocalRename((), "NO " + UNAVAILABLE)
     try:
-        if conn.name not in (await mailbox_map.lookup_now(user, old)).backends:  # a move took it away meanwhile
+        if conn.name not in (now := await mailbox_map.lookup_now(user, old)).backends:  # a move took it away meanwhile
             await mailbox_map.end_move(entry)  # (RENAME INBOX there would carry an old home's late mail: probe e4)
-            return LocalRename((), "NO [INUSE] Mailbox was moved to another server meanwhile; try again")
+            return LocalRename((), "NO " + await moved_meanwhile(
+                others, old, now.primary, "[INUSE] Mailbox was moved to another server meanwhile; try again"))
         if not inbox:
             placed = mailbox_map.placements(user)
             try:

@@ -18,7 +18,7 @@ from typing import Protocol
 from .backend import BackendProtocol
 from .hierarchy import refusal
 from .journal import Reservation
-from .mailops import TransferError
+from .mailops import TransferError, exists
 from .routing import MailboxMap, normalize
 
 __all__ = ["checked", "refused_before"]
@@ -47,7 +47,8 @@ async def checked(mover: Mover, conns: list[BackendProtocol], old: str, new: str
     if mover.routed and (now := (await mover.mailbox_map.lookup_now(mover.user, looked)).primary) != src_name:
         # A move that held the name meanwhile took it elsewhere: two `move alice INBOX` at once carried an empty
         # INBOX from the first one's source, stranding the mail it had moved (probe e4 of stop 56)
-        raise TransferError(f"[INUSE] Mailbox was moved from {src_name} to {now} meanwhile; try again")
+        raise TransferError(await moved_meanwhile(mover.connect, looked, now,
+                                                  f"[INUSE] Mailbox was moved from {src_name} to {now} meanwhile; try again"))
     src = await mover.connect(src_name)
     conns.append(src)
     dst = await mover.connect(dst_name)
@@ -58,6 +59,22 @@ async def checked(mover: Mover, conns: list[BackendProtocol], old: str, new: str
     pairs = await mover.plan(src, old, new)
     await mover.check(src, dst, pairs)
     return src, dst, pairs
+
+
+async def moved_meanwhile(connect: Callable[[str], Awaitable[BackendProtocol]], name: str, backend: str,
+                          moved: str) -> str:
+    """The answer to a RENAME whose name the map sends elsewhere since it was routed: *moved* if *backend* (where
+    it goes now) has it, else Dovecot's own NONEXISTENT: another RENAME or a DELETE won (probe k3 of stop 59: the
+    loser of two RENAMEs was told the mailbox had moved to another server; Dovecot: NONEXISTENT)."""
+    conn = await connect(backend)
+    try:
+        there = await exists(conn, name)
+    finally:
+        conn.logout()
+    if there:
+        return moved
+    printable = name.isascii() and name.isprintable()  # (named as Dovecot does, unless the name cannot be written)
+    return "[NONEXISTENT] Mailbox doesn't exist" + (f": {name}" if printable else "")
 
 
 async def refused_before(mover: Mover, old: str, new: str, src_name: str, dst_name: str) -> None:
