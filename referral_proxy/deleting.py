@@ -55,7 +55,9 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
     try:  # a CREATE another process routed before it saw the hold lands first (probe b1 of stop 54: 1-2 in 25 out of
         ctx, spec = host.ctx, host.ctx.config.map.store or ""  # reach): other workers on SQLite look only now and then
         wait = seen_within(ctx.config.proxy.workers, mailbox_map.store, spec) or (LANDING if spec.startswith("postg") else 0)
-        if wait > 0:  # (PostgreSQL: the others have it, a command they sent before may still be on its way)
+        if wait > 0 and placed_itself(mailbox_map, user, mailbox):  # (PostgreSQL: the others have it, a command they
+            # sent before may still be on its way); unplaced meanwhile by another DELETE: no placement of ours to land
+            # before, and four DELETEs at once waited in a row past holds.WAIT (probe k3 of stop 59: INUSE)
             await task.deferLater(ctx.reactor, wait, lambda: None)
         conn = await pool.ready_for(route)
         text, then = command_pieces("DELETE", cmd.args)  # the client's argument, as it wrote it
