@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 
 from .acrossview import SAVED
+from .backendtypes import BackendUnavailable
 from .copywait import held_by_any, wait_for_moves
 from .crossturns import mailbox_turn
 from .imap.grammar import Slot
@@ -146,9 +147,10 @@ class CopyCommands:
     async def _copy_across(self, cmd: Command, message_set: bytes, mailbox: bytes, route: Route) -> CopyOutcome:
         host = self.host
         assert host.pool is not None
-        src = host.pool.ready(host.selected) if host.selected else None
-        if src is None:
+        if not host.selected:
             raise Refusing("BAD No mailbox selected")
+        if (src := host.pool.ready(host.selected)) is None:  # its backend went since the COPY was read (the session
+            raise BackendUnavailable(f"backend {host.selected} connection lost")  # ends with it; probe k4: not BAD)
         await host.pool.quiet(None)
         dst = await host.pool.fresh(route)
         try:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import signal
 import time
 
 import pytest
 from imapwire import Wire
 from movecheck import census, judge, seed
+from test_store_hung import _signal
 
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
@@ -55,3 +57,36 @@ def test_a_move_waiting_for_its_turn_is_not_sent_to_the_restarted_backend(proxy_
     counts, where = census(fleet, "carol")
     assert judge(counts, ["k2-a", "k2-b"]) == ([], [])
     assert {m for i in ("k2-a", "k2-b") for m in where[i]} == {("b1", "X")}, dict(where)
+
+
+def test_a_copy_across_read_before_the_selected_backend_died_is_not_answered_bad(proxy_factory, fleet):
+    """Probe k4 of stop 59 (5 of 20 by timing; here lined up): a UID COPY to another backend, read before the
+    selected mailbox's backend was SIGKILLed, its task begun after (behind an APPEND whose answer was slow):
+    the selected connection gone, it was answered `BAD No mailbox selected`; now NO [UNAVAILABLE]."""
+    seed(fleet["b1"], "carol", "X", ["k4-a"])
+    seed(fleet["b2"], "carol", "Q/T", [])
+    proxy = proxy_factory(rules=[{"mailbox": "Q/*", "backend": "b2"}])
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("carol")
+    assert w.cmd(b"s", b"SELECT X")[-1].startswith(b"s OK")
+    assert w.cmd(b"t", b"STATUS Q/T (MESSAGES)")[-1].startswith(b"t OK")  # the session's b2 connection
+    slow = fleet["b2"].sessions("carol")
+    message = b"Message-ID: <k4-b>\r\nSubject: k4\r\n\r\nbody\r\n"
+    _signal(slow, signal.SIGSTOP)  # the APPEND's answer waits: the COPY's task begins after it
+    try:
+        w.send(b"a APPEND Q/T {%d+}\r\n%s\r\nc UID COPY 1 Q/T\r\n" % (len(message), message))
+        time.sleep(0.3)  # not a measurement: both read
+        fleet["b1"].kill()
+        try:
+            time.sleep(0.3)
+        finally:
+            fleet["b1"].start()
+    finally:
+        _signal(slow, signal.SIGCONT)
+    answer = w.until_tagged(b"c")
+    assert b"a OK" in b"".join(answer), answer  # the APPEND to b2 is answered, before the BYE
+    assert answer[-1].startswith(b"c NO [UNAVAILABLE]"), answer  # main: c BAD No mailbox selected
+    assert w.line().startswith(b"* BYE")
+    w.close()
+    counts, where = census(fleet, "carol")
+    assert judge(counts, ["k4-a", "k4-b"]) == ([], []), dict(where)
