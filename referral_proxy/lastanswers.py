@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
+
 from .flow import Block
 
-__all__ = ["ANSWER_WAIT", "owes_answer", "end_after_answers", "held_bye", "Hurry", "hurry"]
+__all__ = ["ANSWER_WAIT", "owes_answer", "end_after_answers", "held_bye", "Hurry", "hurry", "when_due"]
 
 ANSWER_WAIT = 3.0  # seconds the answers of commands under way are waited for before a BYE
 _LOOK = 0.05
@@ -85,3 +87,23 @@ def end_after_answers(session: Any, reactor: Any, bye: bytes | None) -> None:
         session.end(bye)
 
     look()
+
+
+async def when_due(finishing: defer.Deferred[Any], clock: Any, within: float | None) -> bool:
+    """Wait for *finishing*, or (with a clock and *within*) at most *within* seconds: True if it still runs then (a
+    RENAME across past its commit point, answered OK "still being emptied", mover.Mover.rename); its failure raised."""
+    if clock is None or within is None:
+        await finishing
+        return False
+    waiter: defer.Deferred[object] = defer.Deferred()
+
+    def settled(outcome: object) -> None:
+        if timer.active():
+            timer.cancel()
+        if not waiter.called:
+            waiter.callback(outcome)  # None: time is up; a Failure fails the waiter: it is raised below
+        # else: answered already; a failure was logged and the entry left to recovery
+
+    timer = clock.callLater(within, settled, None)
+    finishing.addBoth(settled)
+    return await waiter is None

@@ -42,6 +42,7 @@ from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
 from .holds import Appending, begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
+from .lastanswers import when_due
 from .mailops import (
     MessageInfo,
     NotReadAgain,
@@ -226,31 +227,14 @@ class Mover:
         finishing = defer.ensureDeferred(self._finish_and_close(entry, conns))
         result.mailboxes, result.bytes = len(pairs), self.progress.bytes
         try:
-            await self._answer_when_due(finishing, result)
+            clock = None if self.clock is None else self.answer_clock or self.clock
+            result.pending = await when_due(finishing, clock, self.answer_within)  # past the commit point: not long
         except MoveIncomplete as e:
             result.pending = True
             e.result = result
             raise
         result.messages, result.bytes = result.messages + self.progress.carried, self.progress.bytes  # with the end's
         return result
-
-    async def _answer_when_due(self, finishing: defer.Deferred, result: MoveResult) -> None:
-        """Wait for the end of the move, or (with answer_within) at most that long: pending then."""
-        if self.clock is None or self.answer_within is None:
-            await finishing
-        else:  # a client waits for the answer: past the commit point it need not wait long
-            waiter: defer.Deferred[object] = defer.Deferred()
-
-            def settled(outcome: object) -> None:
-                if timer.active():
-                    timer.cancel()
-                if not waiter.called:
-                    waiter.callback(outcome)  # None: time is up; a Failure fails the waiter: it is raised below
-                # else: answered already; a failure was logged and the entry left to recovery
-
-            timer = (self.answer_clock or self.clock).callLater(self.answer_within, settled, None)
-            finishing.addBoth(settled)
-            result.pending = await waiter is None
 
     async def _finish_and_close(self, entry: JournalEntry, conns: list[BackendProtocol]) -> bool:
         """Past the commit point: finish on the move's connections; a failure leaves the entry to recovery."""
