@@ -41,7 +41,7 @@ from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
 from .mailops import MessageInfo, TransferError, Vanished, fetch_infos, still_there
 
-__all__ = ["Progress", "Copied", "CommitUnknown", "atomic_target", "copy_stream", "copy_surviving", "surviving", "hash_messages", "batches", "BATCH_MESSAGES",
+__all__ = ["Progress", "Copied", "CommitUnknown", "atomic_target", "copy_stream", "copy_surviving", "surviving", "hash_messages", "hashes_present", "batches", "BATCH_MESSAGES",
            "BATCH_BYTES"]
 
 BATCH_MESSAGES = 500  # messages per MULTIAPPEND when a whole mailbox moves
@@ -418,3 +418,11 @@ async def hash_messages(conn: BackendProtocol, uids: Sequence[int]) -> list[str]
                   lambda data: h[0].update(data), lambda: hashes.append(h[0].hexdigest())).run()
     by_uid = dict(zip(sorted(uids), hashes))
     return [by_uid[u] for u in uids]
+
+
+async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, str]:
+    """sha256 of those of *uids* still in the selected mailbox (recovery: some may be gone)."""
+    if not uids:
+        return {}
+    present = await still_there(conn, uids)
+    return dict(zip(present, await hash_messages(conn, present)))

@@ -12,19 +12,20 @@ A source gone means recovery found the copies and finished the move (or a client
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
 from .backoff import pauses
-from .copystream import Copied
+from .copystream import Copied, hashes_present
 from .journal import JournalEntry, LostEntry
-from .mailops import expunge_uids, open_mailbox, still_there
+from .mailops import exists, expunge_uids, open_mailbox, search_uids, still_there
 from .routing import MailboxMap
 
-__all__ = ["record_committed", "ENDED_WAIT"]
+__all__ = ["record_committed", "take_back_doubled", "ENDED_WAIT"]
 
 log = Logger()
 
@@ -77,3 +78,60 @@ async def _ended(mailbox_map: MailboxMap, entry_id: int, clock: Any) -> bool:
         if all(e.id != entry_id for e in await mailbox_map.entries()):
             return True
     return False
+
+
+async def take_back_doubled(mailbox_map: MailboxMap, entry: JournalEntry, connect: Callable[[str], Awaitable[BackendProtocol]],
+                            box: str, validity: int | None, src_uids: Sequence[int], new: str, copied: Copied,
+                            lower: int, clock: Any) -> None:
+    """A batch of a mailbox move (mover.py: *src_uids* of *box* on the source, UIDVALIDITY *validity*) that committed
+    in *new* at the destination (UIDs from *lower*) after recovery took the move over. Recovery found nothing of it:
+    it copied those messages again (past the commit point) or rolled back, keeping the sources. Once it has ended
+    the entry, each of our copies whose content is in *new* again (a copy of recovery's, from *lower* on) or still in
+    its source is taken back; one with neither stays (recovery found the batch after all, or a client took its
+    source). Fresh connections: the move's own are fenced off (fencing.py); their views may be stale besides."""
+    try:
+        await _take_back_doubled(mailbox_map, entry, connect, box, validity, src_uids, new, copied, lower, clock)
+    except Exception as e:  # (the LostEntry is the move's outcome either way)
+        log.error("move {id}: a batch committed after recovery took it over; looking for second copies failed "
+                  "({why}): some may be in {box} twice", id=entry.id, why=str(e), box=new)
+
+
+async def _take_back_doubled(mailbox_map: MailboxMap, entry: JournalEntry,
+                             connect: Callable[[str], Awaitable[BackendProtocol]], box: str, validity: int | None,
+                             src_uids: Sequence[int], new: str, copied: Copied, lower: int, clock: Any) -> None:
+    if not await _ended(mailbox_map, entry.id, clock):
+        return log.error("move {id}: a batch committed after recovery took it over, which has not ended it in {s:g} s: "
+                         "left to it", id=entry.id, s=ENDED_WAIT)
+    spare = await _kept_sources(connect, entry.data["src"], box, validity, src_uids)
+    dst = await connect(entry.data["dst"])
+    try:
+        if (await open_mailbox(dst, new, readonly=False)).uidvalidity != copied.uidvalidity:
+            return log.error("move {id}: {box} was made anew since a batch committed there late: left", id=entry.id, box=new)
+        ours = dict(zip(copied.uids, copied.hashes))
+        found = {u for u in (await search_uids(dst, b"UID %d:*" % lower))[0] if u >= lower}
+        spare.update((await hashes_present(dst, sorted(found.difference(ours)))).values())
+        doubled = []
+        for uid in sorted(found.intersection(ours)):
+            if spare[ours[uid]] > 0:
+                spare[ours[uid]] -= 1
+                doubled.append(uid)
+        if doubled:
+            await expunge_uids(dst, doubled)
+            log.warn("move {id}: a batch committed after recovery took it over: {n} second copies in {box} taken back",
+                     id=entry.id, n=len(doubled), box=new)
+    finally:
+        dst.logout()
+
+
+async def _kept_sources(connect: Callable[[str], Awaitable[BackendProtocol]], backend: str, box: str,
+                        validity: int | None, uids: Sequence[int]) -> collections.Counter[str]:
+    """The contents of those of *uids* still in *box* (the same mailbox: *validity*): a roll-back kept them."""
+    src = await connect(backend)
+    try:
+        if not await exists(src, box):
+            return collections.Counter()
+        if (await open_mailbox(src, box, readonly=True)).uidvalidity != validity:
+            return collections.Counter()
+        return collections.Counter((await hashes_present(src, list(uids))).values())
+    finally:
+        src.logout()

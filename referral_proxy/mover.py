@@ -43,6 +43,7 @@ from .holds import Appending, begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
 from .lastanswers import when_due
+from .latecommit import take_back_doubled
 from .mailops import (
     MessageInfo,
     NotReadAgain,
@@ -307,13 +308,18 @@ class Mover:
                 rec["validity"] = copied.uidvalidity
                 await self.mailbox_map.record(entry)
                 raise TransferError("a destination mailbox was replaced during the move (UIDVALIDITY changed)")
-            await kept_uids(self.same_inbox and not delta, src, dst, [info.uid for info in batch], copied.uids)
-            await verify_copies(dst, new, copied)
-            rec["modseq"] = await highest_modseq(dst, new)  # the verified view's; a copy changed past it: by a client
-            del rec["hashes"]  # verified: the UIDs say it all from now on
-            data["batches"].append(rec)
-            data["pending"] = None
-            await self.mailbox_map.step(entry, Step.DELTA_COPIED if delta else Step.COPIED)
+            try:
+                await kept_uids(self.same_inbox and not delta, src, dst, [info.uid for info in batch], copied.uids)
+                await verify_copies(dst, new, copied)
+                rec["modseq"] = await highest_modseq(dst, new)  # the verified view's; changed past it: by a client
+                del rec["hashes"]  # verified: the UIDs say it all from now on
+                data["batches"].append(rec)
+                data["pending"] = None
+                await self.mailbox_map.step(entry, Step.DELTA_COPIED if delta else Step.COPIED)
+            except LostEntry:  # committed after recovery took the move over and found nothing of it (probe k1)
+                await take_back_doubled(self.mailbox_map, entry, self.connect, box, known,
+                                        [info.uid for info in batch], new, copied, lower, self.clock)
+                raise
             lower = max(copied.uids) + 1
         data["pending"] = None  # (a batch all expunged left its own)
         return moved

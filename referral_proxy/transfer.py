@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from .acrossview import EXPUNGE_ISSUED, NOTHING_NAMED, moved_text
 from .backend import BackendError, BackendProtocol, BackendUnavailable, Tagged
 from .backoff import pauses
-from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages
+from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messages, hashes_present
 from .copywait import wait_for_moves
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import TAKEN_OVER, UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
@@ -590,11 +590,3 @@ def flag_changes(was: dict[int, Iterable[bytes]], now: dict[int, frozenset[bytes
 def flags_text(flags: Iterable[bytes]) -> str:
     """Flags as a journal entry keeps them (one string, as IMAP writes them)."""
     return b" ".join(flags).decode("utf-8", "surrogateescape")
-
-
-async def hashes_present(conn: BackendProtocol, uids: Sequence[int]) -> dict[int, str]:
-    """sha256 of those of *uids* still in the selected mailbox (recovery: some may be gone)."""
-    if not uids:
-        return {}
-    present = await still_there(conn, uids)
-    return dict(zip(present, await hash_messages(conn, present)))

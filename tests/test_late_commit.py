@@ -18,7 +18,7 @@ import time
 
 import pytest
 from imapwire import Wire
-from movecheck import census, cli, faulty, judge, seed, wait_paused
+from movecheck import census, cli, deliver, faulty, judge, seed, wait_paused
 from test_several_proxies import _config, ids, recover_until_empty
 from test_store_hung import _signal
 
@@ -70,3 +70,49 @@ def test_copies_committed_after_recovery_kept_the_sources_are_taken_back(proxy_f
     assert judge(counts, work) == ([], []), (taken.stdout, {i: where[i] for i in work[:3]})
     kept = ("b1", "Work") if late else ("b3", "Shared/W")  # recovery kept the sources, or finished the move
     assert {m for i in work for m in where[i]} == {kept}, taken.stdout
+
+
+def test_a_rename_across_whose_late_batch_commits_after_recovery_copied_it_again(proxy_factory, fleet, pg_dsn,
+                                                                                  tmp_path):
+    """RENAME Work Shared/W past its commit point carries 5 messages delivered meanwhile (a delta batch). Its
+    last byte waits in the destination's stopped imap process; the proxy stops past its lease; `recover` finishes
+    the move: it finds nothing of that batch, copies the 5 again and drains the source. Then the batch commits:
+    main kept the 5 twice in Shared/W (5 of 5); now the proxy takes its second copies back once the entry ended."""
+    work, late = ids("work", 20), ids("late", 5)
+    seed(fleet["b1"], "carol", "Work", work)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    config = _config(pg_dsn)
+    config["map"]["lease_seconds"] = 1
+    a = proxy_factory(config, rules=[{"mailbox": "Shared/*", "backend": "b3"}],
+                      command=faulty("--pause-at", "placed:1", "--pause-at", "delta-copying:2", "--pause-dir", str(pause)))
+    w = Wire(a.host, a.port, timeout=180)
+    w.login("carol")
+    w.send(b"r RENAME Work Shared/W\r\n")
+    assert wait_paused(pause, "placed:1") == "placed:1"  # past the commit point
+    assert [deliver(fleet["b1"], "carol", "Work", m) for m in late] == ["Work"] * 5
+    (pause / "resume").touch()
+    assert wait_paused(pause, "delta-copying:2") == "delta-copying:2"  # the late batch's hashes are written
+    stalled = fleet["b3"].sessions("carol")
+    _signal(stalled, signal.SIGSTOP)
+    try:
+        (pause / "resume").touch()
+        time.sleep(0.5)  # not a measurement: the proxy writes the batch's last byte
+        os.kill(a.process.pid, signal.SIGSTOP)
+        time.sleep(3)  # not a measurement: three leases of 1 s run out
+        taken = cli("recover", "--config", str(a.config_path))
+        assert taken.returncode == 0 and "finished" in taken.stdout, taken.stdout + taken.stderr
+    finally:
+        _signal(stalled, signal.SIGCONT)
+        time.sleep(0.5)
+        os.kill(a.process.pid, signal.SIGCONT)
+    assert w.until_tagged(b"r")[-1].startswith(b"r OK")  # answered at the commit point's wait, as before
+    w.close()
+    recover_until_empty(a, pg_dsn)
+    for _ in range(300):  # the proxy's own taking back (once it saw the entry end) is over
+        counts, where = census(fleet, "carol")
+        if judge(counts, work + late) == ([], []):
+            break
+        time.sleep(0.1)
+    assert judge(counts, work + late) == ([], []), {i: where[i] for i in late}
+    assert {m for i in work + late for m in where[i]} == {("b3", "Shared/W")}
