@@ -21,56 +21,71 @@ from twisted.logger import Logger
 from .backend import BackendProtocol
 from .backoff import pauses
 from .copystream import Copied, hashes_present
+from .imap.uidset import uid_set
 from .journal import JournalEntry, LostEntry
 from .mailops import exists, expunge_uids, open_mailbox, search_uids, still_there
 from .routing import MailboxMap
 
-__all__ = ["record_committed", "take_back_doubled", "ENDED_WAIT"]
+__all__ = ["record_committed", "take_back_doubled", "MovedAfterAll", "ENDED_WAIT"]
 
 log = Logger()
 
 ENDED_WAIT = 120.0  # seconds the taker is given to end the entry (its search waits transfer.SETTLE, and more)
 
 
+class MovedAfterAll(LostEntry):
+    """Recovery finished the MOVE (its sources gone, the copies kept): the client hears it moved (probe k1 F2: it was
+    told NO, then recovery moved it), its COPYUID said before the EXPUNGEs."""
+
+
 async def record_committed(mailbox_map: MailboxMap, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol,
                            dst_mailbox: str, uids: Sequence[int], copied: Copied, untagged: list[bytes]) -> None:
     """``mailbox_map.record(entry)`` right after the copies committed; LostEntry (raised on) once the copies of
-    the sources recovery kept are taken back (none if it never ends the entry within ENDED_WAIT). *untagged*: the
-    source's untagged responses meanwhile (for the client)."""
+    the sources recovery kept are taken back (none if it never ends the entry within ENDED_WAIT); MovedAfterAll if
+    none was kept. *untagged*: the source's untagged responses meanwhile (for the client)."""
     try:
         await mailbox_map.record(entry)
     except LostEntry:
+        moved = False
         try:
-            await _take_back_late(mailbox_map, entry, src, dst, dst_mailbox, uids, copied, untagged)
+            moved = await _take_back_late(mailbox_map, entry, src, dst, dst_mailbox, uids, copied, untagged)
         except Exception as e:  # (the LostEntry is the answer's reason either way)
             log.error("MOVE {id}: committed after recovery took it over; taking back the copies of the sources it "
                       "kept failed ({why}): they may be in both mailboxes", id=entry.id, why=str(e))
+        if moved:
+            raise MovedAfterAll(f"journal entry {entry.id}: finished by recovery") from None
         raise
 
 
 async def _take_back_late(mailbox_map: MailboxMap, entry: JournalEntry, src: BackendProtocol, dst: BackendProtocol,
-                          dst_mailbox: str, uids: Sequence[int], copied: Copied, untagged: list[bytes]) -> None:
+                          dst_mailbox: str, uids: Sequence[int], copied: Copied, untagged: list[bytes]) -> bool:
+    """True: every source was gone (recovery moved them, or a client took them): the copies stay."""
     if not await _ended(mailbox_map, entry.id, dst.clock):
-        return log.error("MOVE {id}: committed after recovery took it over, which has not ended it in {s:g} s: its "
-                         "copies are left to it", id=entry.id, s=ENDED_WAIT)
+        log.error("MOVE {id}: committed after recovery took it over, which has not ended it in {s:g} s: its "
+                  "copies are left to it", id=entry.id, s=ENDED_WAIT)
+        return False
     # src: the session's connection, the source selected. Its view may still hold what recovery expunged (a UID
     # SEARCH found all 40 "there": taken back, lost): a NOOP brings it up to date (its EXPUNGEs are the client's)
-    synced = await src.command(b"NOOP")
+    said, synced = len(untagged), await src.command(b"NOOP")
     untagged += [r.raw for r in synced.responses]
     if not synced.ok:
-        return log.error("MOVE {id}: committed after recovery took it over; the source could not be looked at ({why}): "
-                         "its copies are left", id=entry.id, why=synced.raw.decode("utf-8", "replace").strip())
+        log.error("MOVE {id}: committed after recovery took it over; the source could not be looked at ({why}): its "
+                  "copies are left", id=entry.id, why=synced.raw.decode("utf-8", "replace").strip())
+        return False
     kept = await still_there(src, list(uids), untagged)
-    if not kept:
-        return
+    if not kept:  # RFC 6851: the COPYUID before the EXPUNGEs (the NOOP's)
+        untagged.insert(said, b"* OK [COPYUID %d %s %s] Moved\r\n" % (copied.uidvalidity, uid_set(uids), uid_set(copied.uids)))
+        return True
     copy_of = dict(zip(uids, copied.uids))
     state = await open_mailbox(dst, dst_mailbox, readonly=False)
     if state.uidvalidity != copied.uidvalidity:
-        return log.error("MOVE {id}: committed after recovery took it over; {box} was made anew since: {n} copies "
-                         "left", id=entry.id, box=dst_mailbox, n=len(kept))
+        log.error("MOVE {id}: committed after recovery took it over; {box} was made anew since: {n} copies left",
+                  id=entry.id, box=dst_mailbox, n=len(kept))
+        return False
     await expunge_uids(dst, [copy_of[u] for u in kept])
     log.warn("MOVE {id}: committed after recovery took it over and kept the sources: {n} copies taken back",
              id=entry.id, n=len(kept))
+    return False
 
 
 async def _ended(mailbox_map: MailboxMap, entry_id: int, clock: Any) -> bool:

@@ -31,7 +31,7 @@ from .copystream import CommitUnknown, Copied, Progress, copy_stream, hash_messa
 from .copywait import wait_for_moves
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import TAKEN_OVER, UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
-from .latecommit import record_committed
+from .latecommit import MovedAfterAll, record_committed
 from .mailops import (
     TRYCREATE,
     MailboxGone,
@@ -169,6 +169,8 @@ async def copy_across(src: BackendProtocol, message_set: bytes, uid: bool, dst: 
                                 seen=seen, move_wait=move_wait, ask=ask)
     except Vanished as e:  # nothing was saved (see _copy_once)
         return CopyOutcome(seen + list(e.others), "NO", EXPUNGE_ISSUED)  # (the EXPUNGE that made it, say)
+    except MovedAfterAll:  # recovery finished it while this proxy was cut off (its COPYUID and EXPUNGEs in *seen*)
+        return CopyOutcome(seen, "OK", "Move completed (by recovery, while this proxy was cut off)")
     except LostEntry:  # recovery took it over: the source's untagged responses still reach the client
         return CopyOutcome(seen, "NO", TAKEN_OVER)
     except TransferError as e:  # an EXPUNGE among them, unseen, would shift the client's message numbers
