@@ -18,6 +18,7 @@ from typing import Protocol
 from .backend import BackendProtocol
 from .hierarchy import refusal
 from .journal import Reservation
+from .listmatch import unicode_name
 from .mailops import TransferError, exists
 from .routing import MailboxMap, normalize
 
@@ -73,8 +74,8 @@ async def moved_meanwhile(connect: Callable[[str], Awaitable[BackendProtocol]], 
         conn.logout()
     if there:
         return moved
-    printable = name.isascii() and name.isprintable()  # (named as Dovecot does, unless the name cannot be written)
-    return "[NONEXISTENT] Mailbox doesn't exist" + (f": {name}" if printable else "")
+    shown = unicode_name(name.encode("utf-8", "surrogateescape"))  # as Dovecot names it: decoded (probe k5 F4)
+    return "[NONEXISTENT] Mailbox doesn't exist" + (f": {shown}" if shown.isprintable() else "")
 
 
 async def refused_before(mover: Mover, old: str, new: str, src_name: str, dst_name: str) -> None:

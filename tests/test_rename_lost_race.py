@@ -25,15 +25,18 @@ from referral_proxy.fleet import MASTER_PASSWORD, MASTER_USER
 pytestmark = pytest.mark.usefixtures("clean_mail")
 
 
-@pytest.mark.parametrize("first, second", [(b"RENAME Box Q/Box", b"RENAME Box Q/Box2"), (b"DELETE Box", b"RENAME Box Q/Box")],
-                         ids=["rename-rename", "delete-rename"])
-def test_the_loser_of_a_race_for_a_placed_mailbox_gets_nonexistent(proxy_factory, fleet, first, second):
+@pytest.mark.parametrize("box, first, second", [
+    ("Box", b"RENAME Box Q/Box", b"RENAME Box Q/Box2"),
+    ("Box", b"DELETE Box", b"RENAME Box Q/Box"),
+    ("Caf&AOk-", b"RENAME Caf&AOk- Q/Box", b"RENAME Caf&AOk- Q/Box2"),  # named as Dovecot names it: decoded
+], ids=["rename-rename", "delete-rename", "rename-rename-mutf7"])
+def test_the_loser_of_a_race_for_a_placed_mailbox_gets_nonexistent(proxy_factory, fleet, box, first, second):
     if os.environ.get("RP_TEST_STORE") == "postgresql":
         pytest.skip("the race is lined up through the SQLite map's write lock")
-    seed(fleet["b1"], "carol", "Box", ["k3-a", "k3-b"])
+    seed(fleet["b1"], "carol", box, ["k3-a", "k3-b"])
     masters = {b: {"master_user": MASTER_USER, "master_password": MASTER_PASSWORD} for b in ("b1", "b2", "b3")}
     proxy = proxy_factory({"backends": masters}, rules=[{"mailbox": "Q/*", "backend": "b2"}])
-    moved = cli("move", "--config", str(proxy.config_path), "carol", "Box", "b2", timeout=300)
+    moved = cli("move", "--config", str(proxy.config_path), "carol", box, "b2", timeout=300)
     assert moved.returncode == 0, moved.stdout + moved.stderr
     wires = [Wire(proxy.host, proxy.port, timeout=60) for _ in range(2)]
     for w in wires:
@@ -60,6 +63,8 @@ def test_the_loser_of_a_race_for_a_placed_mailbox_gets_nonexistent(proxy_factory
     assert len(won) == 1, answers
     lost = answers[1 - won[0]]
     assert lost.startswith(b"x%d NO [NONEXISTENT]" % (1 - won[0])), answers  # main: NO [INUSE] ... moved meanwhile
+    if box != "Box":
+        assert lost.rstrip().endswith(": Caf\xc3\xa9".encode("latin-1")), lost
     for w in wires:
         w.close()
     counts, where = census(fleet, "carol")
