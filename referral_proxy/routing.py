@@ -450,22 +450,20 @@ class MailboxMap:
     async def step(self, entry: JournalEntry, step: Step) -> None:
         """Record that *entry* reached *step* (its data as it is now), durably, then tell the hook."""
         check_transition(entry.step, step)
-        sent = self.fences.sending()
-        await self._store.journal_step(entry.id, step, entry.data, entry.owner)
-        self._written(entry, sent)
+        await self._write(entry, step)
         entry.step = step
         if self.on_step is not None:
             self.on_step(entry)
 
     async def record(self, entry: JournalEntry) -> None:
         """Write *entry*'s data as it is now, at the step it is at (more of that step is known)."""
-        sent = self.fences.sending()
-        await self._store.journal_step(entry.id, entry.step, entry.data, entry.owner)
-        self._written(entry, sent)
+        await self._write(entry, entry.step)
         if self.on_step is not None:
             self.on_step(entry)
 
-    def _written(self, entry: JournalEntry, sent: float) -> None:
+    async def _write(self, entry: JournalEntry, step: Step | None) -> None:
+        sent = self.fences.sending()
+        await self._store.journal_step(entry.id, step, entry.data, entry.owner)
         if entry.owner == self.owner:  # (a journal write of an owned entry renews its lease: pgjournal.py)
             self.fences.renewed([entry.id], sent)
 
