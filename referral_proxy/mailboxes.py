@@ -114,6 +114,7 @@ READ_ONLY = ("[READ-ONLY] The mailbox was opened with EXAMINE: nothing was moved
 _RESERVED = "[CANNOT] Mailbox names beginning with referral-proxy-staging- or referral-proxy-aside- are reserved"
 #: CREATE and RENAME while the map store is unavailable: the map held may be stale (another proxy moved the name's
 #: mailbox meanwhile; made where the stale map says, it is a stray no client sees once the map is read again)
+_RETAKEN = 10  # times a command waits for a name's brief holders when another takes it as the last lets go
 UNMADE = "[UNAVAILABLE] The mailbox map is unreachable; mailboxes are created and renamed once it is back"
 
 
@@ -267,8 +268,17 @@ class MailboxCommands:
         assert host.user is not None
         host.flow.block(Block.HOLDS)
 
-        def then(free: bool) -> None:
-            if free and not any(self.moving(n) for n in names):
+        async def free() -> bool:
+            for _ in range(_RETAKEN):  # another process took a name between wait_free's look and ours: its hold
+                # is waited for too (one of nine DELETEs of a placed mailbox at once was told INUSE, in CI)
+                if not await wait_free(host.mailbox_map, host.user or "", names, host.ctx.reactor):
+                    return False
+                if not any(self.moving(n) for n in names):
+                    return True
+            return False
+
+        def then(is_free: bool) -> None:
+            if is_free:
                 again(cmd)  # from the start: routes may have changed (a RENAME on one backend)
             else:
                 (refuse or self.refuse_no)(cmd.tag, INUSE)
@@ -277,7 +287,7 @@ class MailboxCommands:
             log.failure("session {id}: {name} failed", f, id=host.id, name=cmd.name)
             host.tagged(cmd.tag, "NO", "[SERVERBUG] Internal proxy error")
 
-        waiting = defer.ensureDeferred(wait_free(host.mailbox_map, host.user, names, host.ctx.reactor))
+        waiting = defer.ensureDeferred(free())
         waiting.addCallback(then).addErrback(failed).addBoth(lambda _: host.flow.unblock(Block.HOLDS))
 
     def target(self, cmd: Command, slot: Slot, again: Callable[[Command], None],
