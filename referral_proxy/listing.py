@@ -316,7 +316,7 @@ def answer_merged(host: ListHost, tag: bytes, kind: str, reference: bytes, patte
                 entries.append(parse_list_entry(fragments, literals, conn.name))
             except ParseError:
                 log.warn("unparsable {kind} from {b}", kind=kind, b=conn.name)
-        elif not _names_private(r.raw) and not (hidden is not None and r.start.name == "NO"):  # as below
+        elif not _names_private(r.raw) and not (hidden is not None and r.start.status == "NO"):  # as below
             host.write_from(conn, r.raw)
     separator = host.mailbox_map.separator
     merged = merge(entries, owner, separator, placeholders=(kind == "LIST"),
@@ -351,6 +351,8 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     parents: dict[str, int] = {}
     child_flagged: dict[int, str] = {}  # an entry with \\HasChildren or \\HasNoChildren: its index, its name
     owned: dict[int, str] = {}  # every entry from its owner: its index, its name
+    strays: dict[str, bytes] = {}  # a mailbox kept where its name does not route: its name, its line
+    unowned = _unowned(got.answers, owner)  # (Dovecot says a STATUS's NO before its mailbox's LIST line)
     for conn, r in got.answers:
         fragments, literals = r.arguments
         if r.start.name in ("LIST", "LSUB"):
@@ -378,6 +380,8 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                         out.append(r.raw)
                     else:
                         out.append(_subscribed_only(r.raw))
+                elif not subscribed and _NONEXISTENT not in flags:
+                    strays.setdefault(entry.text, r.raw)
                 continue
             if entry.text in seen:
                 continue
@@ -393,11 +397,20 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                 continue
             if owner(mailbox.decode("utf-8", "surrogateescape")) == conn.name and not is_private_name(mailbox):
                 out.append(r.raw)
-        elif not _names_private(r.raw) and not (hidden is not None and r.start.name == "NO"):
+        elif not _names_private(r.raw) and not (hidden is not None and r.start.status == "NO") and not (
+                r.start.status == "NO" and _names_one_of(r.raw, unowned.get(conn.name, ()))):
             # (a move on: Dovecot's "* NO Mailbox was deleted under us" for the STATUS of a source it
-            # renamed aside meanwhile, naming none; a warning, RFC 3501 7.1.2, about no name shown)
+            # renamed aside meanwhile, naming none; a warning, RFC 3501 7.1.2, about no name shown; nor the
+            # "* NO Mailbox doesn't exist: Shared" of a line left out: probe l2 F2)
             out.append(r.raw)
     sep = host.mailbox_map.separator
+    if strays.keys() - seen - parents.keys():  # a stray parent (Dovecot's DELETE of a parent keeps its node):
+        # its children's node all the same, \NonExistent as one server lists it; it was left out (probe l2 F1)
+        with_children = await _parents(host, backends, owner)
+        for name, raw in strays.items():
+            if name not in seen and name not in parents and normalize(name, sep) in with_children:
+                parents[name] = len(out)
+                out.append(_nonexistent(raw, b"CHILDREN" in _returned(args)))
     for name, i in parents.items():
         if name in seen:  # the owner said it
             out[i] = b""
@@ -502,6 +515,32 @@ def _names_private(raw: bytes) -> bool:
     doesn't exist: referral-proxy-aside-...`` for a LIST-STATUS of one a move deleted meanwhile."""
     lowered = raw.lower()
     return STAGING_PREFIX in lowered or ASIDE_PREFIX in lowered
+
+
+def _nonexistent(raw: bytes, children: bool) -> bytes:
+    """*raw* ``* LIST (...)`` as the node of mailboxes under it: ``(\\NonExistent \\HasChildren)`` (Dovecot's)."""
+    i, j = raw.index(b"("), raw.index(b")")
+    return raw[:i] + b"(\\NonExistent" + b" \\HasChildren" * children + raw[j:]
+
+
+def _unowned(answers: Iterable[tuple[BackendProtocol, UntaggedResponse]], owner: Callable[[str], str]) -> dict[str, set[bytes]]:
+    """By backend: the names of its ``* LIST`` lines that name mailboxes another backend owns."""
+    found: dict[str, set[bytes]] = {}
+    for conn, r in answers:
+        if r.start.name == "LIST":
+            try:
+                entry = parse_list_entry(*r.arguments, conn.name)
+            except ParseError:
+                continue
+            if owner(entry.text) != conn.name:
+                found.setdefault(conn.name, set()).add(entry.name)
+    return found
+
+
+def _names_one_of(raw: bytes, names: Iterable[bytes]) -> bool:
+    """An untagged NO whose text ends with one of *names* (Dovecot's ``Mailbox doesn't exist: Shared``)."""
+    text = raw.rstrip(b"\r\n")
+    return any(text.endswith(b": " + n) or text.endswith(b': "' + n + b'"') for n in names)
 
 
 def _subscribed_only(raw: bytes) -> bytes:

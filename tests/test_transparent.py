@@ -211,3 +211,34 @@ def test_list_extended_parent_of_remote_mailboxes(proxy_factory, fleet):
     assert b'* LIST () "/" Shared (CHILDINFO ("SUBSCRIBED"))\r\n' in w.cmd(
         b"a4", b'LIST (SUBSCRIBED RECURSIVEMATCH) "" %')
     w.close()
+
+
+@pytest.mark.parametrize("stray", ["made", "deleted-parent"])
+def test_list_extended_parent_kept_as_a_stray_where_its_children_are(proxy_factory, fleet, stray):
+    """Shared routes to b1 (no Shared there); b3, holding Shared/Projects, also has a Shared of its own: made there
+    directly, or CREATEd and DELETEd (Dovecot keeps a deleted parent's node, listed without \\Noselect). The
+    extended LIST left Shared out altogether (b3's line hidden as a stray, nothing in its place), and passed on b3's
+    `* NO Mailbox doesn't exist: Shared` for a name it had left out (probe l2 F1, F2). One Dovecot holding the whole
+    tree lists `(\\NonExistent \\HasChildren) "/" Shared` and says no NO."""
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/Projects")
+        m.create("Shared")
+        if stray == "deleted-parent":
+            m.delete("Shared")
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    said = w.cmd(b"a1", b'LIST "" "%" RETURN (CHILDREN)')
+    assert said.count(b'* LIST (\\NonExistent \\HasChildren) "/" Shared\r\n') == 1, said  # main: no Shared
+    said = w.cmd(b"a2", b'LIST () "" "%"')
+    assert b'* LIST (\\NonExistent) "/" Shared\r\n' in said, said
+    said = w.cmd(b"a3", b'LIST "" "%" RETURN (STATUS (MESSAGES))')
+    assert b'* LIST (\\NonExistent) "/" Shared\r\n' in said and not [x for x in said if x.startswith(b"* NO")], said
+    said = w.cmd(b"a4", b'LIST "" "*" RETURN (CHILDREN)')  # every name once
+    names = [x.rsplit(b" ", 1)[1] for x in said if x.startswith(b"* LIST")]
+    assert sorted(names) == [b"INBOX\r\n", b"Shared\r\n", b"Shared/Projects\r\n"], said
+    with fleet["b3"].client("alice") as m:  # a stray with no child anywhere is no node: left out as before
+        m.delete("Shared/Projects")
+    said = w.cmd(b"a5", b'LIST "" "%" RETURN (CHILDREN)')
+    assert not [x for x in said if x.endswith(b" Shared\r\n")], said
+    w.close()
