@@ -104,8 +104,8 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
     try:
         if conn.name not in (now := await mailbox_map.lookup_now(user, old)).backends:  # a move took it away meanwhile
             await mailbox_map.end_move(entry)  # (RENAME INBOX there would carry an old home's late mail: probe e4)
-            return LocalRename((), "NO " + await moved_meanwhile(
-                others, old, now.primary, "[INUSE] Mailbox was moved to another server meanwhile; try again"))
+            return LocalRename((), "NO " + await moved_meanwhile(others, mailbox_map, user, old, now.primary,
+                                                                 "[INUSE] Mailbox was moved to another server meanwhile; try again"))
         if not inbox:
             placed = mailbox_map.placements(user)
             try:

@@ -48,7 +48,7 @@ async def checked(mover: Mover, conns: list[BackendProtocol], old: str, new: str
     if mover.routed and (now := (await mover.mailbox_map.lookup_now(mover.user, looked)).primary) != src_name:
         # A move that held the name meanwhile took it elsewhere: two `move alice INBOX` at once carried an empty
         # INBOX from the first one's source, stranding the mail it had moved (probe e4 of stop 56)
-        raise TransferError(await moved_meanwhile(mover.connect, looked, now,
+        raise TransferError(await moved_meanwhile(mover.connect, mover.mailbox_map, mover.user, looked, now,
                                                   f"[INUSE] Mailbox was moved from {src_name} to {now} meanwhile; try again"))
     src = await mover.connect(src_name)
     conns.append(src)
@@ -62,20 +62,34 @@ async def checked(mover: Mover, conns: list[BackendProtocol], old: str, new: str
     return src, dst, pairs
 
 
-async def moved_meanwhile(connect: Callable[[str], Awaitable[BackendProtocol]], name: str, backend: str,
-                          moved: str) -> str:
-    """The answer to a RENAME whose name the map sends elsewhere since it was routed: *moved* if *backend* (where
-    it goes now) has it, else Dovecot's own NONEXISTENT: another RENAME or a DELETE won (probe k3 of stop 59: the
-    loser of two RENAMEs was told the mailbox had moved to another server; Dovecot: NONEXISTENT)."""
-    conn = await connect(backend)
-    try:
-        there = await exists(conn, name)
-    finally:
-        conn.logout()
+async def moved_meanwhile(connect: Callable[[str], Awaitable[BackendProtocol]], mailbox_map: MailboxMap, user: str,
+                          name: str, backend: str, moved: str) -> str:
+    """The answer to a RENAME whose name the map sends elsewhere since it was routed: *moved* if a move placed it on
+    *backend* (where it goes now), which has it; else Dovecot's own NONEXISTENT: another RENAME or a DELETE won
+    (probe k3 of stop 59: the loser of two RENAMEs was told the mailbox had moved to another server), also when
+    a mailbox of that name was made anew where the rules send it (probe l5 F1: DELETE and CREATE pipelined)."""
+    if not _placed_on(mailbox_map, user, name, backend):
+        there = False
+    else:
+        conn = await connect(backend)
+        try:
+            there = await exists(conn, name)
+        finally:
+            conn.logout()
     if there:
         return moved
     shown = unicode_name(name.encode("utf-8", "surrogateescape"))  # as Dovecot names it: decoded (probe k5 F4)
     return "[NONEXISTENT] Mailbox doesn't exist" + (f": {shown}" if shown.isprintable() else "")
+
+
+def _placed_on(mailbox_map: MailboxMap, user: str, name: str, backend: str) -> bool:
+    """*name* goes to *backend* by a placement (its own or its nearest placed parent's): a move put it there."""
+    sep, placed = mailbox_map.separator, mailbox_map.placements(user)
+    parts = normalize(name, sep).split(sep)
+    for i in range(len(parts), 0, -1):
+        if (backends := placed.get(sep.join(parts[:i]))) is not None:
+            return backends[:1] == (backend,)
+    return False
 
 
 async def refused_before(mover: Mover, old: str, new: str, src_name: str, dst_name: str) -> None:
