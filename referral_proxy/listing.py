@@ -374,9 +374,9 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
                     # (a subscription kept where its name no longer routes: a name, as LSUB lists it, merge();
                     # or one under it, RECURSIVEMATCH: the owner, a move's destination, may not know it: probe d1)
                     parents[entry.text] = len(out)
+                    if flags & _CHILD_FLAGS:  # this backend's children only: said over all of them below (a
+                        child_flagged[len(out)] = entry.text  # subscribed stray's too: probe l5 F2, \\HasNoChildren)
                     if _NONEXISTENT in flags or b"\\SUBSCRIBED" not in flags:
-                        if flags & _CHILD_FLAGS:  # this backend's children only: said over all of them below
-                            child_flagged[len(out)] = entry.text
                         out.append(r.raw)
                     else:
                         out.append(_subscribed_only(r.raw))

@@ -242,3 +242,19 @@ def test_list_extended_parent_kept_as_a_stray_where_its_children_are(proxy_facto
     said = w.cmd(b"a5", b'LIST "" "%" RETURN (CHILDREN)')
     assert not [x for x in said if x.endswith(b" Shared\r\n")], said
     w.close()
+
+
+def test_list_subscribed_stray_parent_gets_its_children_from_every_backend(proxy_factory, fleet):
+    """Shared made and subscribed on b3 (it routes to b1), Shared/Projects there too: LIST (SUBSCRIBED) showed it
+    `(\\Subscribed \\NonExistent \\HasNoChildren)`, a child flag that contradicts the session's own LIST (probe l5
+    F2); one Dovecot with the whole tree: \\HasChildren."""
+    with fleet["b3"].client("alice") as m:
+        m.create("Shared/Projects")
+        m.create("Shared")
+        m.subscribe("Shared")
+    proxy = proxy_factory(rules=RULES)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    said = w.cmd(b"a1", b'LIST (SUBSCRIBED) "" "%" RETURN (CHILDREN)')
+    assert b'* LIST (\\Subscribed \\NonExistent \\HasChildren) "/" Shared\r\n' in said, said  # main: \HasNoChildren
+    w.close()
