@@ -186,15 +186,26 @@ class Relay:
                 refs.forget(ptag)
 
     def end_updates(self, conn: BackendProtocol) -> None:
-        """The mailbox of *conn* changed: its updates are over (RFC 5267)."""
-        self._refs.pop(conn, None)
+        """The mailbox of *conn* changes: its updates are over (RFC 5267); a search still unanswered keeps its tag
+        until it is (probe l4 F1: `SEARCH RETURN (COUNT) ALL` then SELECT, pipelined: `(TAG "rp4")` reached the client)."""
+        refs = self._refs.get(conn)
+        if refs is None:
+            return
+        for ptag in list(refs.live):
+            if conn.still_in_flight(frozenset((ptag,))):
+                refs.updates.discard(ptag)  # answered still, updated no more
+            else:
+                refs.forget(ptag)
+        if not refs.live:
+            del self._refs[conn]
 
     def _completed(self, conn: BackendProtocol, ptag: bytes, keep: bool | None, ok: bool) -> None:
-        if keep is None or (keep and ok):
-            return
         refs = self._refs.get(conn)
-        if refs is not None:
-            refs.forget(ptag)
+        if keep is None or refs is None or (keep and ok and ptag in refs.updates):
+            return
+        refs.forget(ptag)
+        if not refs.live:
+            del self._refs[conn]
 
 
 class _Op:

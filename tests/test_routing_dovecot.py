@@ -143,6 +143,27 @@ def test_esearch_and_context_updates_carry_the_clients_tags(proxy_factory, seede
     w.close()
 
 
+def test_a_search_pipelined_before_a_select_of_the_same_backend_names_the_clients_tag(proxy_factory, seeded):
+    """Probe l4 F1 (10 of 10): `SEARCH RETURN (COUNT) ALL` then SELECT (or EXAMINE) in one write: the SELECT, sent
+    at once, ended the connection's tag references while the search was unanswered: `(TAG "rp4")` reached the
+    client (RFC 4731: it matches results to commands by that tag). An update search's updates end at the SELECT."""
+    proxy = _proxy(proxy_factory, seeded)
+    w = Wire(proxy.host, proxy.port)
+    w.login()
+    assert w.cmd(b"s", b"SELECT Shared/X")[-1].startswith(b"s OK")
+    for verb in (b"SELECT", b"EXAMINE"):
+        w.send(b"b SEARCH RETURN (COUNT) ALL\r\nu UID SEARCH RETURN (UPDATE MIN) ALL\r\nc " + verb + b" Shared/X\r\n")
+        said = w.until_tagged(b"b") + w.until_tagged(b"u") + w.until_tagged(b"c")
+        esearch = [line for line in said if line.startswith(b"* ESEARCH")]
+        assert esearch == [b'* ESEARCH (TAG "b") COUNT 2\r\n', b'* ESEARCH (TAG "u") UID MIN 1\r\n'], said  # main: rpN
+    with seeded["r3"].client("alice") as m:
+        m.append("Shared/X", "", None, b"Subject: new\r\n\r\nnew\r\n")
+    reply = w.cmd(b"n", b"NOOP")
+    assert not [line for line in reply if b"ESEARCH" in line], reply  # the SELECT ended u's updates
+    assert w.cmd(b"a", b"SEARCH RETURN (UPDATE COUNT) ALL")[0] == b'* ESEARCH (TAG "a") COUNT 3\r\n'
+    w.close()
+
+
 def test_a_second_update_search_of_one_tag_is_refused_and_a_cancel_ends_the_updates(proxy_factory, seeded):
     """Probe C (this stop): two ``SEARCH RETURN (UPDATE ...)`` tagged t1 both ran (each under its own proxy
     tag), and after ``CANCELUPDATE "t1"`` (which cancelled one) the other's ADDTO still came. Dovecot refuses
