@@ -34,7 +34,7 @@ from twisted.logger import Logger
 
 from .turns import Release
 
-__all__ = ["QUIET_WAIT", "REMOTE_QUIET", "REMOTE_HOLD", "POLL", "RenameHold", "hold_others", "hold_for_another"]
+__all__ = ["QUIET_WAIT", "REMOTE_QUIET", "REMOTE_HOLD", "HOLD_MAX", "POLL", "RenameHold", "hold_others", "hold_for_another"]
 
 log = Logger()
 
@@ -47,6 +47,10 @@ REMOTE_QUIET = 3.0
 #: Seconds at most a hold for another proxy's RENAME lasts (that proxy died mid-RENAME: its entry stays
 #: until recovery; the RENAME itself takes milliseconds).
 REMOTE_HOLD = 10.0
+#: Seconds after which any hold lets go by itself, its RENAME answered or not: the RENAME takes milliseconds
+#: on Dovecot, and a hold kept (a release never reached) held every connection of the user to that backend in
+#: the process, new ones too, for good (probe l3 F1: a worker answered none of a user's commands any more).
+HOLD_MAX = 120.0
 
 
 @dataclass
@@ -139,9 +143,18 @@ async def _quiet(ctx: Any, hold: RenameHold, backend: str, user: str, exempt: Ca
         if released:
             return
         released = True
+        if bound.active():
+            bound.cancel()
         forget()
         for conn in hold.conns:
             conn.release_writes()
+
+    def overdue() -> None:
+        log.error("a RENAME's hold of {user}'s connections to {backend} not let go after {s:g} s: let go now",
+                  user=user, backend=backend, s=HOLD_MAX)
+        release()
+
+    bound = ctx.reactor.callLater(HOLD_MAX, overdue)
 
     waits: list[tuple[Any, frozenset[bytes]]] = []
     for session in _sessions(ctx, user):

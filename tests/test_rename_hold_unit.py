@@ -372,3 +372,27 @@ def test_a_hold_taken_before_another_one_failed_is_still_let_go(monkeypatch):
     assert calls == ["b1", "b1"] and confirmed == [5]
     clock.advance(renamehold.POLL)
     assert not conn.held_back(None) and ctx.remote_holds == {}
+
+
+def test_a_hold_never_let_go_lets_go_by_itself_after_hold_max():
+    """Probe l3 F1: a worker stopped answering one user's commands for good (4 of 19 rounds), new sessions too,
+    the proxy sending their backend nothing: a hold kept, as a release never reached would keep it, holds every
+    connection of the user to that backend in the process, those made later too. Now it ends after HOLD_MAX."""
+    clock = Clock()
+    other, _ = _backend()
+    ctx = _ctx(clock, _session("carol", {"b1": other}))
+    held = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol")))
+    assert held and callable(held[0])  # (its release is never called)
+    later, _ = _backend()
+    ctx.rename_holds[("b1", "carol")].add(later)  # a session that logged in since (BackendPool.add)
+    other.command(b"NOOP")
+    later.command(b"NOOP")
+    clock.advance(renamehold.HOLD_MAX - 1)
+    assert _sent(other) == _sent(later) == b""
+    clock.advance(1)
+    assert _sent(other) == _sent(later) == b"rp1 NOOP\r\n" and ctx.rename_holds == {}
+    other.dataReceived(b"rp1 OK done\r\n")
+    turn = _fired(defer.ensureDeferred(hold_others(ctx, "b1", "carol")))  # the next RENAME's turn is free too
+    assert turn and callable(turn[0])
+    held[0]()  # late: nothing more
+    turn[0]()
