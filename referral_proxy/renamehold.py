@@ -53,15 +53,16 @@ REMOTE_HOLD = 10.0
 HOLD_MAX = 120.0
 
 
-@dataclass
-class RenameHold:
+@dataclass(eq=False)  # one hold is itself only: two holding the same connections were equal, and letting go of
+class RenameHold:  # one removed the other from ctx.remote_holds, leaving a let-go hold there (probe l3 F1, l6)
     """The RENAME holding one (backend, user) (one at a time): the connections it holds back."""
 
     conns: set[Any] = field(default_factory=set)
+    over: bool = False  # let go: holds nothing more, whatever still finds it
 
     def add(self, conn: Any) -> None:
         """Hold *conn* back too (one connected while the RENAME waits: BackendPool.add)."""
-        if conn not in self.conns:
+        if conn not in self.conns and not self.over:
             self.conns.add(conn)
             conn.hold_writes()
 
@@ -142,7 +143,7 @@ async def _quiet(ctx: Any, hold: RenameHold, backend: str, user: str, exempt: Ca
         nonlocal released
         if released:
             return
-        released = True
+        released = hold.over = True
         if bound.active():
             bound.cancel()
         forget()

@@ -396,3 +396,28 @@ def test_a_hold_never_let_go_lets_go_by_itself_after_hold_max():
     assert turn and callable(turn[0])
     held[0]()  # late: nothing more
     turn[0]()
+
+
+def test_two_holds_for_other_renames_let_go_in_either_order_leave_nothing_held():
+    """Probe l3 F1, found by l6: two holds for other workers' or proxies' RENAMEs of one (backend, user) at once hold
+    the same connections, and RenameHold, a dataclass, compared equal by them: letting go of the second removed the
+    FIRST from ctx.remote_holds, so the second, let go, stayed there; every connection made after (BackendPool.add)
+    was held by it for good (its HOLD_MAX timer cancelled at its release): the worker answered none of the user's
+    commands to that backend any more, new sessions' too."""
+    clock = Clock()
+    conn, _ = _backend()
+    ctx = _ctx(clock, _session("dave", {"b1": conn}))
+    first = _fired(defer.ensureDeferred(hold_for_another(ctx, "b1", "dave")))
+    second = _fired(defer.ensureDeferred(hold_for_another(ctx, "b1", "dave")))
+    second[0]()  # the second lets go first
+    later, _ = _backend()
+    for hold in ctx.remote_holds.get(("b1", "dave"), ()):  # a session that logs in now (BackendPool.add)
+        hold.add(later)
+    first[0]()
+    assert ctx.remote_holds == {}  # main: the let-go second hold, for good
+    newest, _ = _backend()
+    for hold in ctx.remote_holds.get(("b1", "dave"), ()):
+        hold.add(newest)
+    for c in (conn, later, newest):
+        c.command(b"NOOP")
+        assert _sent(c) == b"rp1 NOOP\r\n"
