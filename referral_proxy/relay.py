@@ -13,6 +13,7 @@ too, including CONTEXT=SEARCH updates that arrive long after their command.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ __all__ = ["Relay", "RelayHost", "wants_updates"]
 
 MAX_UPDATES = 64  # live CONTEXT=SEARCH/SORT updates per connection; one more is refused NO [NOUPDATE]
 _TAG_NAMING = (b"* ESEARCH ", b"* NO [NOUPDATE", b"* OK [NOUPDATE")  # responses naming a command by its tag
+# A private name (staging.py's prefixes) in a backend's refusal: Dovecot's SELECT of a mailbox while a move renames
+# another aside said "Mailbox doesn't exist: referral-proxy-aside-1b574d03" (probe l3): the name is left out
+_PRIVATE_NAMED = re.compile(rb': "?referral-proxy-(?:aside|staging)-[^\s()"]*"?', re.IGNORECASE)
 _NO_CANCELS: list[bytes] = []  # never changed: _Op only reads it
 
 
@@ -279,6 +283,8 @@ class _Op:
             relay.cancel_updates(conn, self.cancels)
         if self.answer is not None:
             data = self.answer(start, data)
+        if start.status == "NO" and b"referral-proxy-" in data:
+            data = _PRIVATE_NAMED.sub(b"", data)
         relay.host.write_from(conn, data)
         if self.after is not None:
             self.after(start)

@@ -419,3 +419,18 @@ def test_a_utf8_message_to_a_backend_without_utf8_accept_is_bad_and_nothing_is_a
     h.from_backend(b"rp1 NO Zero-length literal\r\nrp2 OK NOOP completed.\r\n")
     assert h.to_client() == (b"a1 BAD Invalid arguments: UTF8 message data (RFC 6855) is not taken by this mail server\r\n"
                              b"a2 OK NOOP completed.\r\n")
+
+
+def test_a_refusal_naming_a_private_mailbox_leaves_the_name_out():
+    """Probe l3: Dovecot's SELECT of one mailbox, while a move renamed another aside, said `NO Mailbox doesn't exist:
+    referral-proxy-aside-1b574d03` (its list index mid-rename): the proxy's private name reached the client."""
+    h = SessionHarness()
+    h.login()
+    said = []
+    for tag, line, named in ((b"s", b'SELECT "Sh\\"q"', b"referral-proxy-aside-1b574d03"), (b"t", b"STATUS Work (MESSAGES)", b"Work")):
+        h.send(tag + b" " + line + b"\r\n")
+        ptag = h.to_backend().split(b" ")[0]
+        h.from_backend(ptag + b" NO Mailbox doesn't exist: " + named + b" (0.001 + 0.000 secs).\r\n")
+        said.append(h.to_client())
+    assert said == [b"s NO Mailbox doesn't exist (0.001 + 0.000 secs).\r\n",
+                    b"t NO Mailbox doesn't exist: Work (0.001 + 0.000 secs).\r\n"]  # a name of the client's: kept
