@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from twisted.logger import Logger
 
 from .backend import BackendProtocol
-from .mailops import TransferError, subtree
+from .mailops import TransferError, exists, subtree
 from .routing import MailboxMap, normalize
 
 __all__ = ["UNDER_ITSELF", "ELSEWHERE", "TAKEN", "under_itself", "placed_elsewhere", "members_elsewhere", "refusal"]
@@ -41,6 +41,21 @@ def placed_elsewhere(mailbox_map: MailboxMap, user: str, name: str, backend: str
     with its mail, then reachable by nobody."""
     placed = mailbox_map.placements(user).get(normalize(name, mailbox_map.separator))
     return placed is not None and placed[0] != backend
+
+
+async def kept_where_routed(mailbox_map: MailboxMap, user: str, name: str, here: str,
+                            connect: Callable[[str], Awaitable[BackendProtocol]]) -> bool:
+    """Is *name* a mailbox on the backend the map sends it to now, not *here*? A RENAME giving that name to a
+    child on *here* places it there, over that mailbox: hidden, its mail reachable by nobody (probe l7 of stop 60:
+    `R/c/f` made on the default backend, `R` placed elsewhere, then a RENAME of a parent with a child `f` to `R/c`)."""
+    backend = mailbox_map.lookup(user, name).primary
+    if backend == here:
+        return False
+    conn = await connect(backend)
+    try:
+        return await exists(conn, name)
+    finally:
+        conn.logout()
 
 
 async def members_elsewhere(mailbox_map: MailboxMap, user: str, old: str, here: str,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import BackendProtocol
-from .hierarchy import TAKEN, placed_elsewhere, refusal
+from .hierarchy import TAKEN, kept_where_routed, placed_elsewhere, refusal
 from .holds import Appending, begin_waiting
 from .imap.response import completion_text
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
@@ -117,7 +117,8 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
                     continue  # a stray copy the map hides: it stays hidden
                 target = new + child[len(old):]
                 if ((normalize(child, sep) not in placed and mailbox_map.lookup(user, target).primary != conn.name)
-                        or placed_elsewhere(mailbox_map, user, target, conn.name)):  # (its placement would follow)
+                        or placed_elsewhere(mailbox_map, user, target, conn.name)  # (its placement would follow)
+                        or await kept_where_routed(mailbox_map, user, target, conn.name, others)):  # (over that one)
                     await mailbox_map.end_move(entry)
                     return LocalRename((), "NO " + TAKEN)
             refused = await refusal(mailbox_map, user, old, conn.name, others)

@@ -38,7 +38,7 @@ from .backend import BackendProtocol
 from .boxattrs import carry_attributes
 from .copystream import BATCH_BYTES, BATCH_MESSAGES, atomic_target, batches, copy_surviving, surviving
 from .drain import copied_of, remove_verified, resume, take_back_vanished
-from .hierarchy import TAKEN, UNDER_ITSELF, placed_elsewhere, under_itself
+from .hierarchy import TAKEN, UNDER_ITSELF, kept_where_routed, placed_elsewhere, under_itself
 from .holds import Appending, begin_waiting
 from .imap.uidset import expand_uid_set, uid_set
 from .journal import UNAVAILABLE, InUse, JournalEntry, LostEntry, Reservation, Step, StoreUnavailable
@@ -178,7 +178,8 @@ class Mover:
                 raise TransferError("[ALREADYEXISTS] Target mailbox already exists.")  # Dovecot's words
             if inbox and self.inbox_seen:  # renumbered under the UIDVALIDITY kept?
                 self.same_inbox = await refuse_same_inbox(src, dst, self.clock)
-            if o != n and placed_elsewhere(self.mailbox_map, self.user, n, dst.name):  # a child's new name
+            if o != n and (placed_elsewhere(self.mailbox_map, self.user, n, dst.name)  # a child's new name
+                           or await kept_where_routed(self.mailbox_map, self.user, n, dst.name, self.connect)):
                 raise TransferError(TAKEN)
 
     # -- the move ------------------------------------------------------------------------
