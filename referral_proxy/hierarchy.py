@@ -19,7 +19,8 @@ from .backend import BackendProtocol
 from .mailops import TransferError, exists, subtree
 from .routing import MailboxMap, normalize
 
-__all__ = ["UNDER_ITSELF", "ELSEWHERE", "TAKEN", "under_itself", "placed_elsewhere", "members_elsewhere", "refusal"]
+__all__ = ["UNDER_ITSELF", "ELSEWHERE", "TAKEN", "under_itself", "placed_elsewhere", "kept_where_routed", "exists_on",
+           "members_elsewhere", "refusal"]
 
 UNDER_ITSELF = "Can't rename mailbox under its own child."  # Dovecot's words, to the period (no response code)
 ELSEWHERE = "[CANNOT] A mailbox inside lives on another server; rename or move it first"
@@ -49,8 +50,11 @@ async def kept_where_routed(mailbox_map: MailboxMap, user: str, name: str, here:
     child on *here* places it there, over that mailbox: hidden, its mail reachable by nobody (probe l7 of stop 60:
     `R/c/f` made on the default backend, `R` placed elsewhere, then a RENAME of a parent with a child `f` to `R/c`)."""
     backend = mailbox_map.lookup(user, name).primary
-    if backend == here:
-        return False
+    return backend != here and await exists_on(connect, backend, name)
+
+
+async def exists_on(connect: Callable[[str], Awaitable[BackendProtocol]], backend: str, name: str) -> bool:
+    """mailops.exists over a connection of its own to *backend*, logged out after."""
     conn = await connect(backend)
     try:
         return await exists(conn, name)

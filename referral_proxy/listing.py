@@ -352,7 +352,8 @@ async def _filtered(host: ListHost, tag: bytes, kind: str, args: Arguments, back
     child_flagged: dict[int, str] = {}  # an entry with \\HasChildren or \\HasNoChildren: its index, its name
     owned: dict[int, str] = {}  # every entry from its owner: its index, its name
     strays: dict[str, bytes] = {}  # a mailbox kept where its name does not route: its name, its line
-    unowned = _unowned(got.answers, owner)  # (Dovecot says a STATUS's NO before its mailbox's LIST line)
+    # (a pre-pass, only with an untagged NO to judge: Dovecot says a STATUS's NO before its mailbox's LIST line)
+    unowned = _unowned(got.answers, owner) if any(r.start.status == "NO" for _c, r in got.answers) else {}
     for conn, r in got.answers:
         fragments, literals = r.arguments
         if r.start.name in ("LIST", "LSUB"):

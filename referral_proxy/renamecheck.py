@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from .backend import BackendProtocol
-from .hierarchy import refusal
+from .hierarchy import exists_on, refusal
 from .journal import Reservation
 from .listmatch import unicode_name
-from .mailops import TransferError, exists
+from .mailops import TransferError
 from .routing import MailboxMap, normalize
 
 __all__ = ["checked", "refused_before"]
@@ -68,28 +68,11 @@ async def moved_meanwhile(connect: Callable[[str], Awaitable[BackendProtocol]], 
     *backend* (where it goes now), which has it; else Dovecot's own NONEXISTENT: another RENAME or a DELETE won
     (probe k3 of stop 59: the loser of two RENAMEs was told the mailbox had moved to another server), also when
     a mailbox of that name was made anew where the rules send it (probe l5 F1: DELETE and CREATE pipelined)."""
-    if not _placed_on(mailbox_map, user, name, backend):
-        there = False
-    else:
-        conn = await connect(backend)
-        try:
-            there = await exists(conn, name)
-        finally:
-            conn.logout()
-    if there:
+    placed = mailbox_map.placements(user).get(normalize(name, mailbox_map.separator))
+    if placed is not None and placed[0] == backend and await exists_on(connect, backend, name):
         return moved
     shown = unicode_name(name.encode("utf-8", "surrogateescape"))  # as Dovecot names it: decoded (probe k5 F4)
     return "[NONEXISTENT] Mailbox doesn't exist" + (f": {shown}" if shown.isprintable() else "")
-
-
-def _placed_on(mailbox_map: MailboxMap, user: str, name: str, backend: str) -> bool:
-    """*name* goes to *backend* by a placement (its own or its nearest placed parent's): a move put it there."""
-    sep, placed = mailbox_map.separator, mailbox_map.placements(user)
-    parts = normalize(name, sep).split(sep)
-    for i in range(len(parts), 0, -1):
-        if (backends := placed.get(sep.join(parts[:i]))) is not None:
-            return backends[:1] == (backend,)
-    return False
 
 
 async def refused_before(mover: Mover, old: str, new: str, src_name: str, dst_name: str) -> None:
