@@ -431,8 +431,9 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((f"dovecot {name} log", text[-6000:]))
     for i, proxy in enumerate(getattr(item, "_rp_proxies", []) or [], 1):
         text = proxy.stderr_text()
-        if text.strip():
-            report.sections.append((f"proxy {i} stderr", text[-8000:]))
+        p = proxy.process
+        state = "not started" if p is None else "running" if p.poll() is None else f"exited {p.returncode}"
+        report.sections.append((f"proxy {i} stderr ({state})", text[-8000:] if text.strip() else "(empty)"))
 
 
 @pytest.fixture

@@ -342,3 +342,44 @@ def test_proxy_factory_raw_text(proxy_factory, stub_env):
     text = f'[proxy]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n[backends]\n'
     proxy = proxy_factory(text, env=stub_env)
     assert proxy.port == port and proxy.config_path.read_text() == text
+
+
+def test_a_greeting_from_another_process_is_not_ours(tmp_path):
+    """Two test processes may be handed the same free port; the first to listen greets the other's
+    start-up check. The proxy that was waited for had not bound yet (its stderr empty) and the test then
+    talked to a stranger that closed on LOGIN (CI, stop 60). Only a listener of the process itself counts."""
+    import socketserver
+    import subprocess
+    import sys
+    import threading
+
+    from referral_proxy.fleet import free_port
+    from referral_proxy.testing.proxyproc import StartError, wait_greeting
+
+    class Greet(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"* OK stranger\r\n")
+
+    stranger = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Greet)
+    port = stranger.server_address[1]
+    threading.Thread(target=stranger.serve_forever, daemon=True).start()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(StartError, match="from another process listening there"):
+            wait_greeting("127.0.0.1", port, sleeper, "the sleeper", lambda: "", 1.0)
+        wait_greeting("127.0.0.1", port, None, "anyone", lambda: "", 5.0)  # no process named: any greeting
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        stranger.shutdown()
+        stranger.server_close()
+    own = free_port("127.0.0.1")
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import socket\n"
+        f"s = socket.create_server(('127.0.0.1', {own}))\n"
+        "while True:\n    c, _ = s.accept(); c.sendall(b'* OK own\\r\\n'); c.close()\n")])
+    try:
+        wait_greeting("127.0.0.1", own, server, "the server", lambda: "", 30.0)
+    finally:
+        server.kill()
+        server.wait()

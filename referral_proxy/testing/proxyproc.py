@@ -62,15 +62,33 @@ def wait_greeting(host: str, port: int, proc: subprocess.Popen | None, what: str
                     if not chunk:
                         break
                     data += chunk
-            if data.startswith(b"* OK"):
+            if data.startswith(b"* OK") and (proc is None or _listener_is(proc.pid, port)):
                 return
-            last = data
+            last = data if not data.startswith(b"* OK") else f"{data!r}, from another process listening there"
         except OSError as e:
             last = e
         if time.monotonic() > deadline:
             raise StartError(f"{what} did not greet with '* OK' on {host}:{port} within {timeout}s "
                              f"(last: {last!r}){diagnostics()}")
         time.sleep(0.05)
+
+
+def _listener_is(pid: int, port: int) -> bool:
+    """Whether the socket listening on *port* is *pid*'s or one of its children's. A greeting alone
+    does not say: another test's server may hold the port (picked free by both) while ours starts."""
+    try:
+        import psutil
+    except ImportError:
+        return True  # (cannot tell: take the greeting as ours)
+    try:
+        root = psutil.Process(pid)
+        for p in (root, *root.children(recursive=True)):
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+                    return True
+    except psutil.Error:
+        return False  # (gone meanwhile: the next look says why)
+    return False
 
 
 def _preexec(tied_to_parent: bool, preexec: Callable[[], None] | None) -> Callable[[], None] | None:
