@@ -39,7 +39,7 @@ from .imap.framing import Line, LiteralData, LiteralEnd
 from .imap.quoting import astring
 from .imap.response import ResponseStart, completion_text
 from .imap.uidset import uid_set
-from .mailops import MessageInfo, TransferError, Vanished, fetch_infos, still_there
+from .mailops import TRYCREATE, MessageInfo, TransferError, Vanished, exists, fetch_infos, still_there
 
 __all__ = ["Progress", "Copied", "CommitUnknown", "atomic_target", "copy_stream", "copy_surviving", "surviving", "hash_messages", "hashes_present", "batches", "BATCH_MESSAGES",
            "BATCH_BYTES"]
@@ -257,6 +257,8 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     if start.tag is None:
         raise CommitUnknown(f"backend {dst.name} closed the connection")
     if start.status != "OK":
+        if start.code in _UNSAID and await _deleted_meanwhile(dst, mailbox):
+            raise TransferError(TRYCREATE)  # Dovecot's COPY/MOVE into a missing mailbox (probe m1 of stop 61)
         raise TransferError(completion_text(start))
     try:
         code = parse_uid_code(start.code, start.code_args)
@@ -265,6 +267,19 @@ async def copy_stream(src: BackendProtocol, infos: Sequence[MessageInfo], dst: B
     if len(code.uids) != len(infos):
         raise TransferError(f"backend {dst.name} reported {len(code.uids)} new messages for {len(infos)}")
     return Copied(code.uidvalidity, code.uids, tuple(sent.hashes), tuple(others))
+
+
+#: Refusals that do not say why: Dovecot's answer to a MULTIAPPEND whose mailbox another session DELETEd
+#: meanwhile is ``NO [SERVERBUG] Internal error occurred...`` (its unlink of a temporary file failed).
+_UNSAID = (None, "SERVERBUG", "NONEXISTENT")
+
+
+async def _deleted_meanwhile(dst: BackendProtocol, mailbox: bytes) -> bool:
+    """Whether *mailbox* is gone from *dst* now (asked on the connection still open; unknown: not gone)."""
+    try:
+        return not dst.closed and not await exists(dst, mailbox.decode("utf-8", "surrogateescape"))
+    except Exception:
+        return False
 
 
 async def _cancel(dst: BackendProtocol, done: defer.Deferred[tuple[ResponseStart, bytes]]) -> bool:

@@ -536,3 +536,21 @@ def test_a_deleted_flag_another_session_set_during_the_move_reaches_the_copy():
     src.dataReceived(b"* SEARCH\r\nrp12 OK\r\n")
     assert h.to_client().endswith(b"m OK Move completed.\r\n")
     assert now(h.context.mailbox_map.entries()) == []
+
+
+@pytest.mark.parametrize("still_there", [False, True])
+def test_a_destination_deleted_during_the_move_is_trycreate(still_there):
+    """Another session DELETEs the destination while the MULTIAPPEND is sent: Dovecot refuses it ``NO
+    [SERVERBUG] Internal error occurred`` (probe m1 of stop 61, 3 of 9 rounds), which the client was told.
+    Asked on the same connection and found gone, the answer is Dovecot's own MOVE's into a missing mailbox;
+    still there, the backend's refusal stands. Nothing moved either way."""
+    h, src = _selected(1)
+    dst = _uid_move_of_one(h, src)
+    _take(dst)
+    dst.dataReceived(b"rp3 NO [SERVERBUG] Internal error occurred. Refer to server log for more information.\r\n")
+    assert _take(dst) == b'rp4 LIST "" Shared/X\r\n'
+    dst.dataReceived((b'* LIST () "/" Shared/X\r\n' if still_there else b"") + b"rp4 OK List completed.\r\n")
+    assert h.to_client() == (b"m NO [SERVERBUG] Internal error occurred. Refer to server log for more information.\r\n"
+                             if still_there else b"m NO [TRYCREATE] Mailbox doesn't exist\r\n")
+    assert _take(src) == b""  # no STORE, no EXPUNGE on the source
+    assert now(h.context.mailbox_map.entries()) == []
