@@ -105,6 +105,8 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
             sys.stderr.write(f"referral-proxy: map set: {args.mailbox!r} {why}: no mailbox is named so\n")
             return 2
 
+        before = mailbox_map.lookup(args.user, args.mailbox).backends
+
         async def place() -> int:
             await mailbox_map.place(args.user, args.mailbox, args.backends)
             return 0
@@ -113,6 +115,10 @@ async def _command(args: argparse.Namespace, config: Any, mailbox_map: MailboxMa
             return 1
         await mailbox_map.store.settle()  # the running proxies have it when this command returns
         print(f"{args.user} {args.mailbox} -> {', '.join(args.backends)}")
+        if list(before) != list(args.backends):  # probe m4 of stop 61: mail on the old backend hidden, not a word
+            sys.stderr.write(f"referral-proxy: map set: note: no mail moves with a placement: whatever {args.mailbox!r} "
+                             f"holds on {', '.join(before)} is out of clients' reach while the name routes to "
+                             f"{', '.join(args.backends)} (`referral-proxy move` moves a mailbox with its mail)\n")
         if any(c in args.mailbox for c in "*%"):  # a legal name, but an operator may have meant a rule
             sys.stderr.write(f"referral-proxy: map set: note: {args.mailbox!r} was placed as one mailbox's name, "
                              f"not as a pattern (patterns are [[map.rules]] in the configuration)\n")
@@ -166,7 +172,10 @@ async def show(mailbox_map: MailboxMap, config: Any, user: str) -> str:
         lines.append(f"  {r.mailbox} -> {', '.join(r.backends)}" + ("" if r.user is None else f"   (user {r.user})"))
     lines.append(f"default -> {config.map.default}")
     lines.append(f"backends holding mail: {', '.join(mailbox_map.backends_for(user))}")
-    for old in mailbox_map.old_homes(user):  # oldhome.py
+    home = mailbox_map.home(user).backends
+    for old in mailbox_map.old_homes(user):  # oldhome.py (the home itself again: dropped at the next sweep)
+        if old.backend in home:
+            continue
         lines.append(f"old home {old.backend}: mail delivered to its INBOX is carried to the home until "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(old.until))}")
     moves = [e for e in await mailbox_map.entries() if e.user == user]

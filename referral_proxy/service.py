@@ -462,7 +462,8 @@ class ProxyService(MultiService):
             self.workers.reload()  # each worker reads the file again itself
             log.info("reloaded map rules from {path}; workers told to reload", path=path)
             return
-        log.info("reloaded backends and map rules from {path}", path=path)
+        log.info("reloaded backends and map rules from {path}; [proxy] limits and referrals apply to new sessions",
+                 path=path)
 
     def _master_gone(self) -> None:
         if not self.running:  # this worker is stopping anyway (the reactor drops every reader)

@@ -28,6 +28,9 @@ def test_map_set_of_a_unicode_name_places_the_mailbox_clients_name(proxy_factory
     config = str(proxy.config_path)
     done = cli("map", "--config", config, "set", "alice", "Café", "b3")
     assert done.returncode == 0 and "Caf&AOk-" in done.stdout, (done.stdout, done.stderr)
+    assert "no mail moves with a placement: whatever 'Caf&AOk-' holds on b1 is out of clients' reach" in done.stderr
+    again = cli("map", "--config", config, "set", "alice", "Café", "b3")
+    assert again.returncode == 0 and "no mail moves" not in again.stderr, again.stderr  # (routed there already)
     assert "Caf&AOk- -> b3" in cli("map", "--config", config, "show", "alice").stdout
     w = Wire(proxy.host, proxy.port, timeout=60)
     w.login("alice")

@@ -93,6 +93,8 @@ def test_moving_back_ends_the_watch_of_the_new_home_and_watches_the_other(proxy_
     proxy = proxy_factory(MASTERS, rules=RULES)
     assert _move(proxy, "carol", "*", "b2").returncode == 0
     assert _move(proxy, "carol", "*", "b1").returncode == 0
+    shown = cli("map", "--config", str(proxy.config_path), "show", "carol").stdout
+    assert "old home b1" not in shown, shown  # the home is never shown as its own old home (probe m4 of stop 61)
     _recover(proxy)  # drops b1's record: b1 is the home again
     shown = cli("map", "--config", str(proxy.config_path), "show", "carol").stdout
     assert "old home b2" in shown and "old home b1" not in shown, shown
