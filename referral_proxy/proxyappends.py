@@ -82,6 +82,10 @@ async def _confirm(ctx: Any, store: Any, change: int, entries: Entries, renames:
     waited = 0.0
     holds: list[tuple[Entries, Release]] = []
     try:
+        # Sessions selected in (or homed on) what the new entries move are told BYE now, before this proxy says it
+        # has read them: the move's drain waits for that (settle), and a session IDLE there heard every message
+        # drained EXPUNGEd, then BYE at the watch's next tick (probe m6 of stop 61)
+        ctx.look_at_sessions()
         for entry_id, backend in renames.items():  # another proxy's RENAME on one backend (renamehold.py)
             mine = [e for e in entries if e[0] == entry_id]
             if mine:

@@ -207,6 +207,7 @@ class ProxyService(MultiService):
         self.recovery.turns = self.context  # a move it finishes waits for a relayed MOVE of its source
         factory = self._factory = _SessionFactory(self.context)
         self.relocation = RelocationWatch(reactor, self.mailbox_map, self.context.sessions)
+        self.context.look_at_sessions = self.relocation.check  # (before a move's new entry is confirmed: proxyappends)
         self.waiting = stayalive.Waiting(reactor, self.context.sessions)  # a client gone during a stall is seen
         self.health: HealthChecker | None = None
         if config.metrics.listen is not None and not self.is_master:

@@ -6,6 +6,9 @@ when Dovecot says so). Seen (tests/race_idle_reload42.py, round 42): ``* 3 EXPUN
 `move` process (another process on the SQLite map) drained INBOX before the proxy's watch, which
 looks once a second (relocation.CHECK_SECONDS), had seen it begin; it never waited for it.
 
+On a PostgreSQL map (CI runs this file on one too) the move waits until every proxy has read its entry, and
+each said so before its sessions had been looked at (probe m6 of stop 61: 2 of 6 idlers heard it here).
+
 Timing-dependent by nature (the watch's tick against a short move): several short moves, each must
 hold. Judged by the idler's own wire and a census of the backends."""
 
