@@ -21,9 +21,10 @@ from .imap.reader import Command
 from .imap.response import completion_text
 from .journal import InUse, JournalEntry, Reservation
 from .listing import command_pieces
-from .mailops import subtree
+from .mailops import TransferError, status, subtree
 from .relocation import seen_within
 from .routing import MailboxMap, Route, normalize
+from .validity import returns_past
 
 log = Logger()
 
@@ -60,6 +61,7 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
             # before, and four DELETEs at once waited in a row past holds.WAIT (probe k3 of stop 59: INUSE)
             await task.deferLater(ctx.reactor, wait, lambda: None)
         conn = await pool.ready_for(route)
+        validity = await _validity(mailbox_map, user, name, conn)
         text, then = command_pieces("DELETE", cmd.args)  # the client's argument, as it wrote it
         await mailbox_map.fences.proven(entry)  # not if recovery took it over meanwhile (fencing.py)
         result = await conn.command(text, then=then)
@@ -76,10 +78,12 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
                                                               mailbox_map.separator) == name
             there = await pool.fresh(route) if was_selected else conn
             try:
-                await _unplace_if_gone(mailbox_map, user, name, there)
+                gone = await _unplace_if_gone(mailbox_map, user, name, there)
             finally:
                 if there is not conn:
                     there.logout()
+            if gone:  # made again, where the name goes now: never under the UIDVALIDITY it had
+                await returns_past(name, validity, conn.name, mailbox_map.lookup(user, name).primary, pool.fresh)
         await mailbox_map.end_move(entry)
     except Exception as e:  # (answered already: nothing more may reach the client)
         log.info("DELETE {name}: its placement left to recovery ({why})", name=name, why=str(e))
@@ -91,6 +95,16 @@ async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry) -> None:
         await mailbox_map.disown(entry)
     except Exception as e:  # the map store gone too: its sweep finds the entry once this process holds it no more
         log.warn("DELETE {name}: entry not released ({why})", name=entry.data.get("mailbox"), why=str(e))
+
+
+async def _validity(mailbox_map: MailboxMap, user: str, name: str, conn: BackendProtocol) -> int | None:
+    """*name*'s UIDVALIDITY on *conn*, if its placement's end sends the name to another backend (None: not)."""
+    if mailbox_map.rule_route(user, name).primary == conn.name:
+        return None
+    try:
+        return (await status(conn, name)).uidvalidity
+    except TransferError:  # (not there: Dovecot's DELETE answers for itself)
+        return None
 
 
 async def _unplace_if_gone(mailbox_map: MailboxMap, user: str, name: str, conn: BackendProtocol) -> bool:

@@ -16,12 +16,13 @@ from .hierarchy import TAKEN, kept_where_routed, placed_elsewhere, refusal
 from .holds import Appending, begin_waiting
 from .imap.response import completion_text
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
-from .mailops import TransferError, exists, name_arg, subtree
+from .mailops import TransferError, exists, name_arg, status, subtree
 from .mover import Connect
 from .proxyappends import APPENDING
 from .renamecheck import moved_meanwhile
 from .routing import MailboxMap, normalize
 from .turns import Release
+from .validity import returns_past
 
 __all__ = ["rename_here", "LocalRename", "reconcile_local"]
 
@@ -67,6 +68,22 @@ async def _follow_placements(mailbox_map: MailboxMap, user: str, follow: list[li
     for name, _new, _backends in follow:
         if name not in new:
             await mailbox_map.unplace(user, name)
+
+
+async def _old_names_past(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, follow: list[list[Any]],
+                          others: Connect) -> None:
+    """An old name whose placement followed the mailbox routes elsewhere now: made there, never with the
+    UIDVALIDITY it had here (the renamed mailbox's: Dovecot's RENAME keeps it)."""
+    new = {name for _old, name, _backends in follow}
+    for old, name, _backends in follow:
+        there = mailbox_map.lookup(user, old).primary
+        if old in new or there == conn.name:
+            continue
+        try:
+            validity = (await status(conn, name)).uidvalidity
+        except TransferError:
+            continue
+        await returns_past(old, validity, conn.name, there, others)
 
 
 async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,
@@ -139,6 +156,7 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
                 release()
         if result.ok and not inbox:
             await _follow_placements(mailbox_map, user, entry.data["follow"])
+            await _old_names_past(mailbox_map, user, conn, entry.data["follow"], others)
         await mailbox_map.end_move(entry)
         return LocalRename(tuple(r.raw for r in result.responses), completion_text(result.start))
     except BaseException:

@@ -72,7 +72,7 @@ from .renamecheck import checked
 from .routing import MailboxMap, normalize
 from .staging import ASIDE_PREFIX, is_staging_name
 from .transfer import Progress, find_copies, verify_copies
-from .validity import create_unlike, drop_made, kept_uids, refuse_same_inbox
+from .validity import create_unlike, drop_made, kept_uids, refuse_same_inbox, returns_past
 
 __all__ = ["Mover", "MoveResult", "MoveIncomplete", "Connect", "BATCH_MESSAGES", "BATCH_BYTES"]
 
@@ -416,6 +416,10 @@ class Mover:
                 await self.mailbox_map.place(self.user, n, [data["dst"]])
                 if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
                     await self.mailbox_map.unplace(self.user, o)
+            for i, (o, n) in enumerate(pairs):  # an old name routed elsewhere now: made there, never with its old UIDVALIDITY
+                if o not in (n, "INBOX"):
+                    await returns_past(o, data["validity"].get(str(i)), data["src"],
+                                       self.mailbox_map.lookup(self.user, o).primary, self.connect)
             if data["src"] not in self.mailbox_map.home(self.user).backends:  # the home moved (`move carol inbox b2`
                 await self.mailbox_map.watch_old_home(self.user, data["src"], self.clock)  # too), or see oldhome.py
             await self.mailbox_map.step(entry, Step.PLACED)

@@ -16,19 +16,23 @@ its messages renumbered (probe 3 of stop 49).
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.internet import task
+from twisted.logger import Logger
 
 from .backend import BackendProtocol
 from .imap.uidset import uid_set
 from .mailops import TransferError, _failed, create, exists, highest_modseq, name_arg, open_mailbox, run_ok, status
-from .staging import run_captured
+from .staging import ASIDE_PREFIX, run_captured
 from .transfer import flag_key, flags_of
 
-__all__ = ["create_unlike", "drop_made", "kept_uids", "refuse_same_inbox"]
+__all__ = ["create_unlike", "drop_made", "kept_uids", "refuse_same_inbox", "counter_past", "returns_past"]
+
+log = Logger()
 
 # Dovecot gives a mailbox made again its last UIDVALIDITY + 1: the gap is crossed one at a time (DELETE, CREATE,
 # STATUS: ~1.5 ms each locally); a user's folder churn puts a backend's counter that far ahead of the clock
@@ -59,6 +63,44 @@ async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, ne
     raise TransferError(f"[CANNOT] {new} on {dst.name} got the UIDVALIDITY {made.uidvalidity}, not above that of "
                         f"{old} on {src.name} ({below}): a client's cached UIDs could name other messages "
                         f"(RFC 3501 2.3.1.1); nothing was moved{ahead}")
+
+
+async def counter_past(conn: BackendProtocol, floor: int) -> bool:
+    """The user's next new mailbox on *conn*'s backend gets a UIDVALIDITY above *floor*: a private mailbox made
+    and dropped until it got *floor* or more (Dovecot numbers the next from the last). False if it cannot be."""
+    aside = ASIDE_PREFIX.decode() + secrets.token_hex(8) + "-validity"
+    for _ in range(RECREATES):
+        await create(conn, aside)
+        made = (await status(conn, aside)).uidvalidity
+        await drop_made(conn, aside)
+        if made >= floor:
+            return True
+        if floor - made >= RECREATES:
+            break
+    return False
+
+
+async def returns_past(name: str, floor: int | None, here: str, there: str,
+                       connect: Callable[[str], Awaitable[BackendProtocol]]) -> None:
+    """*name*, which had the UIDVALIDITY *floor* on *here*, is routed to *there* from now on (its placement
+    gone: a DELETE, a RENAME away): made there again, it must not get *floor* back, or a client's cached
+    UIDs name other messages under it (RFC 3501 2.3.1.1; probe m6 of stop 61: moved to b3 by the admin,
+    DELETEd and CREATEd on b1, whose counter gave it b3's value). Logged, not raised, if it cannot be."""
+    if floor is None or there == here:
+        return  # (on *here* again: its own counter is past *floor*)
+    try:
+        conn = await connect(there)
+        try:
+            done = await counter_past(conn, floor)
+        finally:
+            conn.logout()
+    except Exception as e:
+        done, why = False, str(e)
+    else:
+        why = f"its counter is {floor - int(time.time())} s ahead of the clock"
+    if not done:
+        log.warn("{name} (UIDVALIDITY {v} on {here}) routes to {there} now, whose next new mailbox may get that "
+                 "UIDVALIDITY again ({why})", name=name, v=floor, here=here, there=there, why=why)
 
 
 async def _rename_into_place(dst: BackendProtocol, aside: str, new: str, uidvalidity: int) -> None:

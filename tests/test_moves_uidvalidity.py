@@ -228,3 +228,33 @@ def test_mail_delivered_to_a_destination_being_made_again_is_never_deleted(proxy
         lost += [(f"s{r}-{i}@v", where.get(f"s{r}-{i}@v")) for i in range(3) if counts[f"s{r}-{i}@v"] != 1]
     assert not lost, (lost[:10], answers)
     assert all(a.startswith(b"r OK") for a in answers), answers
+
+
+@pytest.mark.parametrize("away", [b"DELETE Work", b"RENAME Work Q/W", b"RENAME Work S/W"],
+                         ids=["deleted", "renamed-across", "renamed-on-b3"])
+def test_a_name_made_again_where_it_routes_now_never_gets_back_its_old_uidvalidity(proxy_factory, fleet, away):
+    """Work placed on b3 (a move, or `map set`), then DELETEd or RENAMEd away: its placement goes and the name
+    routes to b1 again. CREATE Work there got b1's next UIDVALIDITY, which was the one Work had on b3 (b1's
+    counter driven ahead by a sync client's folders): a client resyncing with its cached UIDVALIDITY took
+    the new Work's messages for the old ones, QRESYNC saying nothing changed (probe m6 of stop 61, 3 of 3).
+    Now b1's counter is put past it when the name leaves b3."""
+    with fleet["b1"].client("carol") as m:  # 40 folders in a second: b1 numbers the next from the last
+        for i in range(40):
+            m.create(f"F{i}")
+    taken = validity_of(fleet["b1"], "carol", "F39") + 1  # b1's next
+    proxy = proxy_factory(MASTERS, rules=[{"mailbox": "Q/*", "backend": "b2"}, {"mailbox": "S/*", "backend": "b3"}])
+    placed = cli("map", "--config", str(proxy.config_path), "set", "carol", "Work", "b3")
+    assert placed.returncode == 0, placed.stderr
+    seed(fleet["b3"], "carol", "Work", ["old-1@t"])
+    set_validity(fleet["b3"], "carol", "Work", taken)
+    w = Wire(proxy.host, proxy.port, timeout=60)
+    w.login("carol")
+    assert w.cmd(b"a", away)[-1].startswith(b"a OK")
+    assert w.cmd(b"c", b"CREATE Work")[-1].startswith(b"c OK")
+    status = b"".join(w.cmd(b"s", b"STATUS Work (UIDVALIDITY)"))
+    w.close()
+    now = validity_of(fleet["b1"], "carol", "Work")  # made where the name routes now
+    assert b"UIDVALIDITY %d)" % now in status and now > taken, (now, taken, status)
+    kept = [] if away.startswith(b"DELETE") else ["old-1@t"]
+    counts, where = census(fleet, "carol")
+    assert judge(counts, kept) == ([], []) and all(where[i] != [("b1", "Work")] for i in kept), where
