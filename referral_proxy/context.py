@@ -52,7 +52,7 @@ class ProxyContext:
     rename_holds: dict[tuple[str, str], RenameHold] = field(default_factory=dict)  # renamehold.py
     remote_holds: dict[tuple[str, str], list[RenameHold]] = field(default_factory=dict)  # (another proxy's RENAME)
     worker_holds: Any = None  # a worker's channel to its master: the other workers hold too (workerholds.WorkerHolds)
-    look_at_sessions: Callable[[], None] = lambda: None  # relocation.RelocationWatch.check: BYE those whose mail moves
+    look_at_sessions: Callable[[], bool] = lambda: False  # relocation.RelocationWatch.check: BYE those whose mail moves
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:

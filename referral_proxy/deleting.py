@@ -61,7 +61,10 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
             # before, and four DELETEs at once waited in a row past holds.WAIT (probe k3 of stop 59: INUSE)
             await task.deferLater(ctx.reactor, wait, lambda: None)
         conn = await pool.ready_for(route)
-        validity = await _validity(mailbox_map, user, name, conn)
+        # made again where its rules send it once the placement goes: never under its UIDVALIDITY (before the DELETE:
+        # a delivery creating it, or recovery after a crash, would not wait for that; probe m7 of stop 61)
+        await returns_past(name, await _validity(mailbox_map, user, name, conn), conn.name,
+                           mailbox_map.rule_route(user, name).primary, pool.fresh)
         text, then = command_pieces("DELETE", cmd.args)  # the client's argument, as it wrote it
         await mailbox_map.fences.proven(entry)  # not if recovery took it over meanwhile (fencing.py)
         result = await conn.command(text, then=then)
@@ -78,12 +81,10 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
                                                               mailbox_map.separator) == name
             there = await pool.fresh(route) if was_selected else conn
             try:
-                gone = await _unplace_if_gone(mailbox_map, user, name, there)
+                await _unplace_if_gone(mailbox_map, user, name, there)
             finally:
                 if there is not conn:
                     there.logout()
-            if gone:  # made again, where the name goes now: never under the UIDVALIDITY it had
-                await returns_past(name, validity, conn.name, mailbox_map.lookup(user, name).primary, pool.fresh)
         await mailbox_map.end_move(entry)
     except Exception as e:  # (answered already: nothing more may reach the client)
         log.info("DELETE {name}: its placement left to recovery ({why})", name=name, why=str(e))

@@ -72,15 +72,15 @@ async def _follow_placements(mailbox_map: MailboxMap, user: str, follow: list[li
 
 async def _old_names_past(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, follow: list[list[Any]],
                           others: Connect) -> None:
-    """An old name whose placement followed the mailbox routes elsewhere now: made there, never with the
-    UIDVALIDITY it had here (the renamed mailbox's: Dovecot's RENAME keeps it)."""
+    """An old name whose placement will follow the mailbox routes elsewhere then: made there, never with the
+    UIDVALIDITY it has here (before the RENAME: recovery finishing a RENAME cut off would not see to it)."""
     new = {name for _old, name, _backends in follow}
-    for old, name, _backends in follow:
-        there = mailbox_map.lookup(user, old).primary
+    for old, _name, _backends in follow:
+        there = mailbox_map.rule_route(user, old).primary
         if old in new or there == conn.name:
             continue
         try:
-            validity = (await status(conn, name)).uidvalidity
+            validity = (await status(conn, old)).uidvalidity
         except TransferError:
             continue
         await returns_past(old, validity, conn.name, there, others)
@@ -146,6 +146,7 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
                 return LocalRename((), refused)
         if not inbox:
             entry.data["follow"] = _placements_to_follow(mailbox_map, user, conn.name, old, new)
+            await _old_names_past(mailbox_map, user, conn, entry.data["follow"], others)
         await mailbox_map.step(entry, Step.RENAMING)
         release = await quiet() if quiet is not None else None  # the others' commands there (renamehold.py)
         try:
@@ -156,7 +157,6 @@ async def _rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol
                 release()
         if result.ok and not inbox:
             await _follow_placements(mailbox_map, user, entry.data["follow"])
-            await _old_names_past(mailbox_map, user, conn, entry.data["follow"], others)
         await mailbox_map.end_move(entry)
         return LocalRename(tuple(r.raw for r in result.responses), completion_text(result.start))
     except BaseException:

@@ -412,14 +412,14 @@ class Mover:
             await carry_subscriptions(self.mailbox_map, self.user, src, dst, pairs)
             await self.mailbox_map.step(entry, Step.SUBSCRIBED)
         if entry.step is Step.SUBSCRIBED:
+            for i, (o, n) in enumerate(pairs):  # an old name routed elsewhere unplaced: made there, never with its UIDVALIDITY
+                if o not in (n, "INBOX"):
+                    await returns_past(o, data["validity"].get(str(i)), data["src"],
+                                       self.mailbox_map.rule_route(self.user, o).primary, self.connect)
             for o, n in pairs:
                 await self.mailbox_map.place(self.user, n, [data["dst"]])
                 if o not in (n, "INBOX") and normalize(o, self.sep) in self.mailbox_map.placements(self.user):
                     await self.mailbox_map.unplace(self.user, o)
-            for i, (o, n) in enumerate(pairs):  # an old name routed elsewhere now: made there, never with its old UIDVALIDITY
-                if o not in (n, "INBOX"):
-                    await returns_past(o, data["validity"].get(str(i)), data["src"],
-                                       self.mailbox_map.lookup(self.user, o).primary, self.connect)
             if data["src"] not in self.mailbox_map.home(self.user).backends:  # the home moved (`move carol inbox b2`
                 await self.mailbox_map.watch_old_home(self.user, data["src"], self.clock)  # too), or see oldhome.py
             await self.mailbox_map.step(entry, Step.PLACED)

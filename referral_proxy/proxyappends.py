@@ -45,6 +45,7 @@ POLL = 0.005  # seconds between looks at the APPENDs under way
 SETTLE_SECONDS = 2.0  # pgstore.SETTLE_SECONDS (not imported: psycopg only where it is used)
 RENAME_WAIT = APPEND_WAIT - SETTLE_SECONDS  # after begin_move's own settle: ~APPEND_WAIT in all
 CONFIRM_WAIT = APPEND_WAIT + 2.0  # later than any RENAME waits: it has given up (and let go) by then
+BYE_WAIT, BYE_POLL = 1.0, 0.01  # how long, how often a session in a moving mailbox is looked at before confirming
 
 #: A RENAME refused while an APPEND to its mailboxes stays under way (here or at another proxy).
 APPENDING = "NO [INUSE] A message is being appended to this mailbox; try again shortly"
@@ -84,8 +85,12 @@ async def _confirm(ctx: Any, store: Any, change: int, entries: Entries, renames:
     try:
         # Sessions selected in (or homed on) what the new entries move are told BYE now, before this proxy says it
         # has read them: the move's drain waits for that (settle), and a session IDLE there heard every message
-        # drained EXPUNGEd, then BYE at the watch's next tick (probe m6 of stop 61)
-        ctx.look_at_sessions()
+        # drained EXPUNGEd, then BYE at the watch's next tick (probe m6 of stop 61); one in the middle of a command
+        # is looked at again until it is between two, for up to BYE_WAIT (probe m7: a client polling NOOPs)
+        looked = 0.0
+        while ctx.look_at_sessions() and looked < BYE_WAIT:
+            await task.deferLater(ctx.reactor, BYE_POLL, lambda: None)
+            looked += BYE_POLL
         for entry_id, backend in renames.items():  # another proxy's RENAME on one backend (renamehold.py)
             mine = [e for e in entries if e[0] == entry_id]
             if mine:

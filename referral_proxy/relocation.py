@@ -41,6 +41,9 @@ __all__ = ["RelocationWatch", "CHECK_SECONDS", "BYE", "seen_within", "seen_by_an
 log = Logger()
 
 CHECK_SECONDS = 1.0
+# A session to end that is in the middle of a command is looked at again this often (not a tick later: a move's
+# drain may EXPUNGE meanwhile, probe m7 of stop 61), for this long; then at each tick
+AGAIN_SECONDS, AGAIN_FOR = 0.02, 2.0
 BYE = b"Your mail moved to another server, please log in again"
 
 
@@ -151,6 +154,7 @@ class RelocationWatch:
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
         self._reactor, self._soon = reactor, None  # _soon: a look at the reactor's next turn (a move began)
+        self._waiting_since: float | None = None  # since when a session to end has been mid-command
         if reactor is not None:
             mailbox_map.on_move_begun = self._look_soon
 
@@ -180,12 +184,13 @@ class RelocationWatch:
         if self._soon is not None and self._soon.active():
             self._soon.cancel()
 
-    def check(self) -> None:
+    def check(self) -> bool:
+        """Look now; True while a session it must end is in the middle of a command (BYE'd after it)."""
         changes = self.map.changes
         self._moves_seen, began = self.map.moves_since(self._moves_seen)
         self._moves += [m for m in began if renames_aside(m[2])]
         if changes == self._seen and not self._moves:
-            return
+            return False
         waiting = False
         for session in list(self.sessions):
             what = moved(session, self.map) or held_by(session, self._moves, self.map)
@@ -198,5 +203,10 @@ class RelocationWatch:
                      what=what)
             session.shutdown(BYE)
         if not waiting:
-            self._seen = changes
-            self._moves = []
+            self._seen, self._moves, self._waiting_since = changes, [], None
+        elif self._reactor is not None and self._loop.running:
+            now = self._reactor.seconds()
+            self._waiting_since = now if self._waiting_since is None else self._waiting_since
+            if now - self._waiting_since < AGAIN_FOR and (self._soon is None or not self._soon.active()):
+                self._soon = self._reactor.callLater(AGAIN_SECONDS, self.check)
+        return waiting

@@ -38,6 +38,7 @@ log = Logger()
 # STATUS: ~1.5 ms each locally); a user's folder churn puts a backend's counter that far ahead of the clock
 # (probe t1 of stop 51: 350 CREATEs and DELETEs, ~347 s; 300 here refused the move until the clock caught up)
 RECREATES = 3600
+MADE_AT_ONCE = 200  # private mailboxes made (pipelined) in one go by counter_past
 
 
 async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, new: str, aside: str) -> None:
@@ -66,24 +67,33 @@ async def create_unlike(src: BackendProtocol, old: str, dst: BackendProtocol, ne
 
 
 async def counter_past(conn: BackendProtocol, floor: int) -> bool:
-    """The user's next new mailbox on *conn*'s backend gets a UIDVALIDITY above *floor*: a private mailbox made
-    and dropped until it got *floor* or more (Dovecot numbers the next from the last). False if it cannot be."""
-    aside = ASIDE_PREFIX.decode() + secrets.token_hex(8) + "-validity"
-    for _ in range(RECREATES):
-        await create(conn, aside)
-        made = (await status(conn, aside)).uidvalidity
-        await drop_made(conn, aside)
-        if made >= floor:
-            return True
-        if floor - made >= RECREATES:
-            break
-    return False
+    """The user's next new mailbox on *conn*'s backend gets a UIDVALIDITY above *floor*: private mailboxes made
+    and dropped until the last got *floor* or more (Dovecot numbers the next from the last), many at once
+    when the counter is far behind (one at a time took 49 s for a gap of 3,000: probe m7 of stop 61).
+    False if it cannot be."""
+    base = ASIDE_PREFIX.decode() + secrets.token_hex(8) + "-validity-"
+    made, tried = await _made(conn, [base + "0"]), 1
+    while 0 < made < floor and tried < RECREATES:
+        names = [base + str(i) for i in range(min(MADE_AT_ONCE, floor - made, RECREATES - tried))]
+        made, tried = await _made(conn, names), tried + len(names)
+    return made >= floor
+
+
+async def _made(conn: BackendProtocol, names: list[str]) -> int:
+    """Make *names* (pipelined), read the last one's UIDVALIDITY, drop them all (0: not made)."""
+    await run_captured(conn, [b"CREATE " + name_arg(n) for n in names])
+    try:
+        return (await status(conn, names[-1])).uidvalidity
+    except TransferError:
+        return 0
+    finally:
+        await run_captured(conn, [b"DELETE " + name_arg(n) for n in names])
 
 
 async def returns_past(name: str, floor: int | None, here: str, there: str,
                        connect: Callable[[str], Awaitable[BackendProtocol]]) -> None:
-    """*name*, which had the UIDVALIDITY *floor* on *here*, is routed to *there* from now on (its placement
-    gone: a DELETE, a RENAME away): made there again, it must not get *floor* back, or a client's cached
+    """*name*, which had the UIDVALIDITY *floor* on *here*, is routed to *there* once its placement goes (a
+    DELETE, a RENAME away; called before either is sent, while the name is held): made there again, it must not get *floor* back, or a client's cached
     UIDs name other messages under it (RFC 3501 2.3.1.1; probe m6 of stop 61: moved to b3 by the admin,
     DELETEd and CREATEd on b1, whose counter gave it b3's value). Logged, not raised, if it cannot be."""
     if floor is None or there == here:
