@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -89,7 +90,8 @@ def _session(user: str, conns: dict[str, BackendProtocol], idling: BackendProtoc
 
 
 def _ctx(clock: Clock, *sessions: SimpleNamespace) -> SimpleNamespace:
-    return SimpleNamespace(reactor=clock, sessions=list(sessions), rename_holds={}, remote_holds={}, move_turns=Turns())
+    return SimpleNamespace(reactor=clock, sessions=list(sessions), rename_holds={}, remote_holds={}, move_turns=Turns(),
+                           look_at_sessions=lambda: False)
 
 
 def _fired(d: defer.Deferred) -> list:
@@ -421,3 +423,26 @@ def test_two_holds_for_other_renames_let_go_in_either_order_leave_nothing_held()
     for c in (conn, later, newest):
         c.command(b"NOOP")
         assert _sent(c) == b"rp1 NOOP\r\n"
+
+
+@pytest.mark.parametrize("mid_command_for", [3, 1000])
+def test_a_new_entry_is_confirmed_once_the_sessions_it_moves_are_between_commands(mid_command_for):
+    """A move's drain waits until every proxy has confirmed its entry: a session to end that is in the middle of a
+    command when the entry is read is looked at again, and the confirmation waits (up to BYE_WAIT) until it is not:
+    a client polling NOOPs heard the drain's EXPUNGEs before its BYE (probe m7 of stop 61, 15 of 84)."""
+    clock = Clock()
+    looks: list[float] = []
+
+    def look() -> bool:
+        looks.append(clock.seconds())
+        return len(looks) <= mid_command_for  # True: a session it must end is mid-command
+
+    ctx = _ctx(clock)
+    ctx.look_at_sessions = look
+    ctx.mailbox_map = SimpleNamespace(holders=lambda user, reservations: set(), separator="/")
+    confirmed: list[int] = []
+    proxyappends.confirmer(ctx, SimpleNamespace(confirm=confirmed.append))(9, [(7, "carol", Reservation("X"))], {})
+    assert confirmed == []
+    clock.pump([proxyappends.BYE_POLL] * 200)
+    assert confirmed == [9]
+    assert len(looks) == (4 if mid_command_for == 3 else round(proxyappends.BYE_WAIT / proxyappends.BYE_POLL) + 1)
