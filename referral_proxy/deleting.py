@@ -21,10 +21,10 @@ from .imap.reader import Command
 from .imap.response import completion_text
 from .journal import InUse, JournalEntry, Reservation
 from .listing import command_pieces
-from .mailops import TransferError, status, subtree
+from .mailops import subtree
 from .relocation import seen_within
 from .routing import MailboxMap, Route, normalize
-from .validity import returns_past
+from .validity import returns_past_of
 
 log = Logger()
 
@@ -63,8 +63,7 @@ async def delete_placed(host: Any, cmd: Command, mailbox: bytes, route: Route, i
         conn = await pool.ready_for(route)
         # made again where its rules send it once the placement goes: never under its UIDVALIDITY (before the DELETE:
         # a delivery creating it, or recovery after a crash, would not wait for that; probe m7 of stop 61)
-        await returns_past(name, await _validity(mailbox_map, user, name, conn), conn.name,
-                           mailbox_map.rule_route(user, name).primary, pool.fresh)
+        await returns_past_of(conn, name, mailbox_map.rule_route(user, name).primary, pool.fresh)
         text, then = command_pieces("DELETE", cmd.args)  # the client's argument, as it wrote it
         await mailbox_map.fences.proven(entry)  # not if recovery took it over meanwhile (fencing.py)
         result = await conn.command(text, then=then)
@@ -96,16 +95,6 @@ async def _let_go(mailbox_map: MailboxMap, entry: JournalEntry) -> None:
         await mailbox_map.disown(entry)
     except Exception as e:  # the map store gone too: its sweep finds the entry once this process holds it no more
         log.warn("DELETE {name}: entry not released ({why})", name=entry.data.get("mailbox"), why=str(e))
-
-
-async def _validity(mailbox_map: MailboxMap, user: str, name: str, conn: BackendProtocol) -> int | None:
-    """*name*'s UIDVALIDITY on *conn*, if its placement's end sends the name to another backend (None: not)."""
-    if mailbox_map.rule_route(user, name).primary == conn.name:
-        return None
-    try:
-        return (await status(conn, name)).uidvalidity
-    except TransferError:  # (not there: Dovecot's DELETE answers for itself)
-        return None
 
 
 async def _unplace_if_gone(mailbox_map: MailboxMap, user: str, name: str, conn: BackendProtocol) -> bool:

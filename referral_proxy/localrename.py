@@ -16,13 +16,13 @@ from .hierarchy import TAKEN, kept_where_routed, placed_elsewhere, refusal
 from .holds import Appending, begin_waiting
 from .imap.response import completion_text
 from .journal import UNAVAILABLE, InUse, JournalEntry, Reservation, Step, StoreUnavailable
-from .mailops import TransferError, exists, name_arg, status, subtree
+from .mailops import TransferError, exists, name_arg, subtree
 from .mover import Connect
 from .proxyappends import APPENDING
 from .renamecheck import moved_meanwhile
 from .routing import MailboxMap, normalize
 from .turns import Release
-from .validity import returns_past
+from .validity import returns_past_of
 
 __all__ = ["rename_here", "LocalRename", "reconcile_local"]
 
@@ -75,15 +75,8 @@ async def _old_names_past(mailbox_map: MailboxMap, user: str, conn: BackendProto
     """An old name whose placement will follow the mailbox routes elsewhere then: made there, never with the
     UIDVALIDITY it has here (before the RENAME: recovery finishing a RENAME cut off would not see to it)."""
     new = {name for _old, name, _backends in follow}
-    for old, _name, _backends in follow:
-        there = mailbox_map.rule_route(user, old).primary
-        if old in new or there == conn.name:
-            continue
-        try:
-            validity = (await status(conn, old)).uidvalidity
-        except TransferError:
-            continue
-        await returns_past(old, validity, conn.name, there, others)
+    for old in (old for old, _name, _backends in follow if old not in new):
+        await returns_past_of(conn, old, mailbox_map.rule_route(user, old).primary, others)
 
 
 async def rename_here(mailbox_map: MailboxMap, user: str, conn: BackendProtocol, old: str, new: str,

@@ -30,7 +30,7 @@ from .mailops import TransferError, _failed, create, exists, highest_modseq, nam
 from .staging import ASIDE_PREFIX, run_captured
 from .transfer import flag_key, flags_of
 
-__all__ = ["create_unlike", "drop_made", "kept_uids", "refuse_same_inbox", "counter_past", "returns_past"]
+__all__ = ["create_unlike", "drop_made", "kept_uids", "refuse_same_inbox", "counter_past", "returns_past", "returns_past_of"]
 
 log = Logger()
 
@@ -93,8 +93,8 @@ async def _made(conn: BackendProtocol, names: list[str]) -> int:
 async def returns_past(name: str, floor: int | None, here: str, there: str,
                        connect: Callable[[str], Awaitable[BackendProtocol]]) -> None:
     """*name*, which had the UIDVALIDITY *floor* on *here*, is routed to *there* once its placement goes (a
-    DELETE, a RENAME away; called before either is sent, while the name is held): made there again, it must not get *floor* back, or a client's cached
-    UIDs name other messages under it (RFC 3501 2.3.1.1; probe m6 of stop 61: moved to b3 by the admin,
+    DELETE, a RENAME away; called before either is sent, while the name is held): made there again, it must
+    not get *floor* back, or a client's cached UIDs name other messages under it (RFC 3501 2.3.1.1; probe m6 of stop 61: moved to b3 by the admin,
     DELETEd and CREATEd on b1, whose counter gave it b3's value). Logged, not raised, if it cannot be."""
     if floor is None or there == here:
         return  # (on *here* again: its own counter is past *floor*)
@@ -111,6 +111,19 @@ async def returns_past(name: str, floor: int | None, here: str, there: str,
     if not done:
         log.warn("{name} (UIDVALIDITY {v} on {here}) routes to {there} now, whose next new mailbox may get that "
                  "UIDVALIDITY again ({why})", name=name, v=floor, here=here, there=there, why=why)
+
+
+async def returns_past_of(conn: BackendProtocol, name: str, there: str,
+                          connect: Callable[[str], Awaitable[BackendProtocol]]) -> None:
+    """returns_past with *name*'s UIDVALIDITY read on *conn* (its backend, before the command that takes it
+    away); nothing to do if *name* is not there (the command's own answer says so)."""
+    if there == conn.name:
+        return
+    try:
+        floor = (await status(conn, name)).uidvalidity
+    except TransferError:
+        return
+    await returns_past(name, floor, conn.name, there, connect)
 
 
 async def _rename_into_place(dst: BackendProtocol, aside: str, new: str, uidvalidity: int) -> None:
